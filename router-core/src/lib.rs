@@ -1,0 +1,1 @@
+//! poolgate routing core.

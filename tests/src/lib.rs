@@ -1,0 +1,1 @@
+//! Test harness for poolgate end-to-end tests.
