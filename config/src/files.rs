@@ -1,0 +1,276 @@
+//! Filesystem checks: files the operator supplies must exist and be readable; secrets must not be
+//! readable by group or others. Files the gateway generates may be missing.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+
+use crate::enums::Provider;
+use crate::error::ValidationError;
+use crate::model::{Config, starts_with_tilde};
+use crate::validate::Report;
+
+/// What to say when a file is missing; `None` when the gateway creates it.
+type WhenMissing = Option<String>;
+
+impl Config {
+    /// Checks the files the configuration names (run by [`crate::load`] after parsing; call it
+    /// again after changing paths). Returns every problem found.
+    ///
+    /// * must exist and be readable: `tls.cert`, `tls.key`, `admin.token_file`,
+    ///   `ssh.backend_host_ca`, `pool.azure.client_secret_file`, and `ssh.backend_known_hosts`
+    ///   unless `ssh.backend_host_ca` is set;
+    /// * may be missing (generated on first start), readable when present: `ssh.host_keys`,
+    ///   `ssh.user_ca_key`, `http.cookie_secret_file`;
+    /// * secrets (`tls.key`, `admin.token_file`, host keys, `ssh.user_ca_key`,
+    ///   `http.cookie_secret_file`, `pool.azure.client_secret_file`) must not be accessible by
+    ///   group or others (Unix);
+    /// * `pool.exec` programs written as paths must exist and be executable.
+    pub fn check_files(&self) -> Vec<ValidationError> {
+        let mut r = Report::default();
+        if let Some(tls) = &self.tls {
+            if check(
+                &mut r,
+                "tls.cert",
+                &tls.cert,
+                Some("create it, or point tls.cert at your PEM certificate chain".into()),
+                false,
+            ) {
+                expect_pem(&mut r, "tls.cert", &tls.cert, "CERTIFICATE-----");
+            }
+            if check(
+                &mut r,
+                "tls.key",
+                &tls.key,
+                Some("point tls.key at the certificate's PEM private key".into()),
+                true,
+            ) {
+                expect_pem(&mut r, "tls.key", &tls.key, "PRIVATE KEY-----");
+            }
+        }
+        if let Some(token) = &self.admin.token_file {
+            let hint = format!(
+                "create it: head -c 32 /dev/urandom | base64 > {0} && chmod 600 {0}",
+                token.display()
+            );
+            if check(&mut r, "admin.token_file", token, Some(hint), true)
+                && read(token).is_some_and(|t| t.trim().is_empty())
+            {
+                r.err(
+                    "admin.token_file",
+                    format!(
+                        "{} is empty (put a long random token in it)",
+                        token.display()
+                    ),
+                );
+            }
+        }
+        self.check_ssh_files(&mut r);
+        check(
+            &mut r,
+            "http.cookie_secret_file",
+            &self.http.cookie_secret_file,
+            None,
+            true,
+        );
+        if let Some(secret) = self
+            .pool
+            .azure
+            .as_ref()
+            .and_then(|a| a.client_secret_file.as_ref())
+        {
+            check(
+                &mut r,
+                "pool.azure.client_secret_file",
+                secret,
+                Some("put the service principal's client secret in it".into()),
+                true,
+            );
+        }
+        if let Some(exec) = &self.pool.exec {
+            let commands = std::iter::once(("list", Some(&exec.list)))
+                .chain(exec.optional_commands())
+                .filter_map(|(name, argv)| Some((name, argv?.first()?)));
+            for (name, program) in commands {
+                if program.contains('/') {
+                    executable(&mut r, &format!("pool.exec.{name}[0]"), Path::new(program));
+                }
+            }
+        }
+        r.0
+    }
+
+    fn check_ssh_files(&self, r: &mut Report) {
+        let s = &self.ssh;
+        for (i, key) in s.host_keys.iter().enumerate() {
+            check(r, &format!("ssh.host_keys[{i}]"), key, None, true);
+        }
+        check(r, "ssh.user_ca_key", &s.user_ca_key, None, true);
+        if let Some(ca) = &s.backend_host_ca {
+            let hint = "point it at the public key of the CA that signs the VMs' host keys";
+            if check(r, "ssh.backend_host_ca", ca, Some(hint.into()), false)
+                && read(ca).is_some_and(|t| t.contains("PRIVATE KEY"))
+            {
+                r.err(
+                    "ssh.backend_host_ca",
+                    format!(
+                        "{} is a private key (give the CA's public key, usually the .pub file)",
+                        ca.display()
+                    ),
+                );
+            }
+        }
+        if let Some(known) = &s.backend_known_hosts {
+            let required = s.backend_host_ca.is_none();
+            let hint = format!(
+                "create it with: ssh-keyscan {} >> {}; or set ssh.backend_host_ca",
+                self.keyscan_targets(),
+                known.display()
+            );
+            if check(
+                r,
+                "ssh.backend_known_hosts",
+                known,
+                required.then_some(hint),
+                false,
+            ) && required
+                && read(known).is_some_and(|t| {
+                    t.lines()
+                        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+                })
+            {
+                r.err(
+                    "ssh.backend_known_hosts",
+                    format!(
+                        "{0} has no host keys, so no VM could be verified (add them: ssh-keyscan {1} >> {0})",
+                        known.display(),
+                        self.keyscan_targets()
+                    ),
+                );
+            }
+        }
+    }
+
+    /// `ssh-keyscan` arguments for the static backends, or a placeholder.
+    fn keyscan_targets(&self) -> String {
+        let backends = &self.pool.backends;
+        match backends.first() {
+            Some(first)
+                if self.pool.provider == Provider::Static
+                    && backends.iter().all(|b| b.ssh_port == first.ssh_port) =>
+            {
+                let hosts: Vec<&str> = backends.iter().map(|b| b.host.as_str()).collect();
+                format!("-p {} {}", first.ssh_port, hosts.join(" "))
+            }
+            _ => "-p 22 VM_HOST".to_owned(),
+        }
+    }
+}
+
+fn read(path: &Path) -> Option<String> {
+    fs::read(path)
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+fn expect_pem(r: &mut Report, key: &str, path: &Path, block: &str) {
+    if read(path).is_some_and(|t| !t.contains("-----BEGIN ") || !t.contains(block)) {
+        r.err(
+            key,
+            format!(
+                "{} is not a PEM file with a \"-----BEGIN ...{block}\" block",
+                path.display()
+            ),
+        );
+    }
+}
+
+/// Checks one file; true when it exists, is a file and could be opened (so its content may be
+/// checked further). Empty and `~` paths are reported by validation and skipped here.
+fn check(r: &mut Report, key: &str, path: &Path, when_missing: WhenMissing, secret: bool) -> bool {
+    if path.as_os_str().is_empty() || starts_with_tilde(path) {
+        return false;
+    }
+    let shown = path.display();
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(hint) = when_missing {
+                r.err(key, format!("{shown} does not exist ({hint})"));
+            }
+            return false;
+        }
+        Err(e) => {
+            r.err(
+                key,
+                format!("cannot access {shown}: {e} (check the permissions of its directories)"),
+            );
+            return false;
+        }
+    };
+    if meta.is_dir() {
+        r.err(
+            key,
+            format!("{shown} is a directory (point {key} at a file)"),
+        );
+        return false;
+    }
+    if let Err(e) = fs::File::open(path) {
+        r.err(
+            key,
+            format!("cannot read {shown}: {e} (let the user poolgate runs as read it)"),
+        );
+        return false;
+    }
+    if secret {
+        too_open(r, key, path, &meta);
+    }
+    true
+}
+
+#[cfg(unix)]
+fn too_open(r: &mut Report, key: &str, path: &Path, meta: &fs::Metadata) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        r.err(
+            key,
+            format!(
+                "{0} has permissions {mode:04o}, too open for a secret (run: chmod 600 {0})",
+                path.display()
+            ),
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn too_open(_: &mut Report, _: &str, _: &Path, _: &fs::Metadata) {}
+
+fn executable(r: &mut Report, key: &str, path: &Path) {
+    let shown = path.display();
+    match fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => r.err(
+            key,
+            format!("{shown} does not exist (install it, or give the right path)"),
+        ),
+        Err(e) => r.err(key, format!("cannot access {shown}: {e}")),
+        Ok(meta) if !meta.is_file() => r.err(key, format!("{shown} is not a file")),
+        Ok(meta) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                if meta.permissions().mode() & 0o111 == 0 {
+                    r.err(
+                        key,
+                        format!("{shown} is not executable (run: chmod +x {shown})"),
+                    );
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = meta;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,210 @@
+//! Unix-only: the checks exercise file modes.
+#![cfg(unix)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::enums::{Credential, Provider};
+use crate::model::{Azure, Backend, Config, Exec, Tls};
+
+fn write(path: &Path, text: &str, mode: u32) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, text).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A static config in `dir` with a known_hosts file and nothing else.
+fn config_in(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.pool.backends = vec![Backend {
+        name: "dsvm-1".into(),
+        host: "10.0.0.4".into(),
+        ..Backend::default()
+    }];
+    c.resolve_paths(dir);
+    write(
+        &dir.join("keys/backend_known_hosts"),
+        "10.0.0.4 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n",
+        0o644,
+    );
+    c
+}
+
+fn messages(c: &Config) -> Vec<String> {
+    c.check_files().iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn generated_files_may_be_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config_in(dir.path());
+    assert_eq!(messages(&c), Vec::<String>::new());
+}
+
+#[test]
+fn secret_with_open_permissions_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config_in(dir.path());
+    let ca = dir.path().join("keys/user_ca");
+    write(&ca, "-----BEGIN OPENSSH PRIVATE KEY-----\n", 0o644);
+    assert_eq!(
+        messages(&c),
+        vec![format!(
+            "ssh.user_ca_key: {0} has permissions 0644, too open for a secret (run: chmod 600 {0})",
+            ca.display()
+        )]
+    );
+    fs::set_permissions(&ca, fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(messages(&c), Vec::<String>::new());
+    let secret = dir.path().join("keys/cookie_secret");
+    write(&secret, "s3cret", 0o640);
+    let errs = messages(&c);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("http.cookie_secret_file: "),
+        "{errs:#?}"
+    );
+    assert!(errs[0].contains("has permissions 0640"), "{errs:#?}");
+}
+
+#[test]
+fn operator_supplied_files_must_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    fs::remove_file(dir.path().join("keys/backend_known_hosts")).unwrap();
+    c.tls = Some(Tls {
+        cert: dir.path().join("tls/cert.pem"),
+        key: dir.path().join("tls/key.pem"),
+    });
+    c.admin.token_file = Some(dir.path().join("keys/admin_token"));
+    c.pool.azure = Some(Azure {
+        credential: Credential::ClientSecret,
+        client_secret_file: Some(dir.path().join("keys/azure_secret")),
+        ..Azure::default()
+    });
+    let errs = c.check_files();
+    let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec![
+            "tls.cert",
+            "tls.key",
+            "admin.token_file",
+            "ssh.backend_known_hosts",
+            "pool.azure.client_secret_file"
+        ],
+        "{errs:#?}"
+    );
+    let known = dir.path().join("keys/backend_known_hosts");
+    assert_eq!(
+        errs[3].message,
+        format!(
+            "{0} does not exist (create it with: ssh-keyscan -p 22 10.0.0.4 >> {0}; or set ssh.backend_host_ca)",
+            known.display()
+        )
+    );
+    assert!(
+        errs.iter().all(|e| e.message.contains(" does not exist (")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn known_hosts_may_be_missing_with_a_host_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    fs::remove_file(dir.path().join("keys/backend_known_hosts")).unwrap();
+    let ca = dir.path().join("keys/host_ca.pub");
+    c.ssh.backend_host_ca = Some(ca.clone());
+    let errs = messages(&c);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("ssh.backend_host_ca: "), "{errs:#?}");
+    write(
+        &ca,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ca\n",
+        0o644,
+    );
+    assert_eq!(messages(&c), Vec::<String>::new());
+    write(&ca, "-----BEGIN OPENSSH PRIVATE KEY-----\n", 0o600);
+    assert!(messages(&c)[0].contains("is a private key"));
+}
+
+#[test]
+fn content_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    write(
+        &dir.path().join("keys/backend_known_hosts"),
+        "# nothing yet\n\n",
+        0o644,
+    );
+    let token = dir.path().join("keys/admin_token");
+    write(&token, "\n", 0o600);
+    c.admin.token_file = Some(token);
+    let cert = dir.path().join("tls/cert.pem");
+    let key = dir.path().join("tls/key.pem");
+    write(&cert, "not pem", 0o644);
+    write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nMII\n-----END PRIVATE KEY-----\n",
+        0o600,
+    );
+    c.tls = Some(Tls { cert, key });
+    let errs = c.check_files();
+    let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec!["tls.cert", "admin.token_file", "ssh.backend_known_hosts"],
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn directory_instead_of_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    c.ssh.host_keys = vec![dir.path().to_path_buf()];
+    let errs = messages(&c);
+    assert_eq!(
+        errs,
+        vec![format!(
+            "ssh.host_keys[0]: {} is a directory (point ssh.host_keys[0] at a file)",
+            dir.path().display()
+        )]
+    );
+}
+
+#[test]
+fn exec_programs_given_as_paths_must_be_executable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    c.pool.backends.clear();
+    c.pool.provider = Provider::Exec;
+    let script = dir.path().join("list-vms");
+    write(&script, "#!/bin/sh\n", 0o644);
+    c.pool.exec = Some(Exec {
+        list: vec![script.display().to_string()],
+        start: Some(vec!["pool-vms".into(), "start".into()]),
+        stop: Some(vec![dir.path().join("nope").display().to_string()]),
+        ..Exec::default()
+    });
+    let errs = messages(&c);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].starts_with("pool.exec.list[0]: ") && errs[0].contains("is not executable"));
+    assert!(errs[1].starts_with("pool.exec.stop[0]: ") && errs[1].contains("does not exist"));
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(messages(&c).len(), 1);
+}
+
+#[test]
+fn empty_and_tilde_paths_are_left_to_validation() {
+    // Paths validation rejects are skipped here rather than reported twice.
+    let mut c = Config::default();
+    c.ssh.user_ca_key = PathBuf::from("~/ca");
+    c.ssh.backend_known_hosts = None;
+    c.ssh.backend_host_ca = Some(PathBuf::new());
+    c.ssh.host_keys = vec![PathBuf::from("/nonexistent/poolgate/host_key")];
+    c.http.cookie_secret_file = PathBuf::from("/nonexistent/poolgate/cookie");
+    assert_eq!(messages(&c), Vec::<String>::new());
+}

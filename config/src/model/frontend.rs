@@ -1,0 +1,255 @@
+//! Listener, SSH, HTTP, routing and health sections.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::enums::{Affinity, BackendScheme, PasswordAuth};
+use crate::serde_util::{duration, opt_duration, opt_port, opt_socket_addr, socket_addr};
+
+/// `[listen]`: the addresses poolgate accepts connections on.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Listen {
+    /// SSH front door. Default `0.0.0.0:2222`.
+    #[serde(deserialize_with = "socket_addr")]
+    pub ssh: SocketAddr,
+    /// Plain HTTP; redirects to HTTPS when `[tls]` is set. Default `0.0.0.0:8080`.
+    #[serde(deserialize_with = "socket_addr")]
+    pub http: SocketAddr,
+    /// HTTPS; needs `[tls]`. Default unset.
+    #[serde(
+        deserialize_with = "opt_socket_addr",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub https: Option<SocketAddr>,
+    /// Admin API, `/metrics`, `/status`. Default `127.0.0.1:9090`.
+    #[serde(deserialize_with = "socket_addr")]
+    pub admin: SocketAddr,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            ssh: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 2222)),
+            http: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8080)),
+            https: None,
+            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
+        }
+    }
+}
+
+/// `[gateway]`: process-wide behaviour.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct GatewaySection {
+    /// On SIGTERM, open sessions may run this long before they are closed. Default `10m`.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+/// `[admin]`: the admin API.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Admin {
+    /// File holding the bearer token required by `/api/v1` (unset: no token, loopback only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[tls]`: certificate for the HTTPS listener.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Tls {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// `[ssh]`: the SSH front door and how the gateway logs in to VMs.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Ssh {
+    /// Host keys the gateway shows; generated on first start when missing.
+    pub host_keys: Vec<PathBuf>,
+    /// Path template of each user's `authorized_keys`; must contain `{user}`.
+    pub authorized_keys: String,
+    /// CA key that signs the short-lived certificates used to log in to VMs; generated when missing.
+    pub user_ca_key: PathBuf,
+    /// known_hosts file with the VMs' host keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_known_hosts: Option<PathBuf>,
+    /// Public key of a CA that signs the VMs' host keys (alternative to `backend_known_hosts`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_host_ca: Option<PathBuf>,
+    /// Password logins: `off` or `passthrough` (relayed to the VM).
+    pub password_auth: PasswordAuth,
+    /// Allow `ssh -L` / `ssh -R` (opened by the VM's sshd, never by the gateway).
+    pub port_forwarding: bool,
+    /// Allow `ssh -A`.
+    pub agent_forwarding: bool,
+    /// Connections still authenticating, at most.
+    pub max_unauthenticated: u32,
+    /// Time allowed to authenticate.
+    #[serde(with = "duration")]
+    pub login_grace: Duration,
+    /// Validity of the certificates the gateway signs for VM logins (at most 24h).
+    #[serde(with = "duration")]
+    pub cert_validity: Duration,
+    /// Time allowed to connect to a VM's sshd.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Text shown to clients before authentication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub banner: Option<String>,
+    /// Close connections with no channel traffic for this long (unset: never).
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for Ssh {
+    fn default() -> Self {
+        Self {
+            host_keys: vec![PathBuf::from("keys/ssh_host_ed25519_key")],
+            authorized_keys: "/home/{user}/.ssh/authorized_keys".to_owned(),
+            user_ca_key: PathBuf::from("keys/user_ca"),
+            backend_known_hosts: Some(PathBuf::from("keys/backend_known_hosts")),
+            backend_host_ca: None,
+            password_auth: PasswordAuth::Off,
+            port_forwarding: true,
+            agent_forwarding: true,
+            max_unauthenticated: 256,
+            login_grace: Duration::from_secs(30),
+            cert_validity: Duration::from_secs(5 * 60),
+            connect_timeout: Duration::from_secs(10),
+            banner: None,
+            idle_timeout: None,
+        }
+    }
+}
+
+/// `[http]`: the HTTP(S) proxy to JupyterHub on the VMs.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Http {
+    /// Name of the cookie that pins a browser to a VM.
+    pub cookie_name: String,
+    /// Secret that signs the cookie (HMAC); generated when missing.
+    pub cookie_secret_file: PathBuf,
+    /// A browser session counts as active while its cookie was seen within this time.
+    #[serde(with = "duration")]
+    pub session_idle: Duration,
+    /// Scheme used to reach the VMs: `http` or `https`.
+    pub backend_scheme: BackendScheme,
+    /// Time allowed to connect to a VM.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Time a VM may take to send response headers.
+    #[serde(with = "duration")]
+    pub response_header_timeout: Duration,
+    /// Close idle client keep-alive connections after this long.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Largest request header block accepted, in bytes (at least 8192).
+    pub max_header_bytes: usize,
+    /// Longest request URI accepted, in bytes.
+    pub max_uri_bytes: usize,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self {
+            cookie_name: "poolgate_vm".to_owned(),
+            cookie_secret_file: PathBuf::from("keys/cookie_secret"),
+            session_idle: Duration::from_secs(30 * 60),
+            backend_scheme: BackendScheme::Http,
+            connect_timeout: Duration::from_secs(10),
+            response_header_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(5 * 60),
+            max_header_bytes: 65536,
+            max_uri_bytes: 8192,
+        }
+    }
+}
+
+/// `[routing]`: how a VM is chosen for a new session.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Routing {
+    /// `user`: follow the user's existing sessions; `none`: always least-loaded.
+    pub affinity: Affinity,
+    /// How long a user stays tied to a VM after their last session ends.
+    #[serde(with = "duration")]
+    pub affinity_ttl: Duration,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            affinity: Affinity::User,
+            affinity_ttl: Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+/// `[health]`: active probes of each VM.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Health {
+    /// Time between probes of one VM.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// Time one probe may take (at most `interval`).
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive successes before a VM is marked up.
+    pub rise: u32,
+    /// Consecutive failures before a VM is marked down.
+    pub fall: u32,
+    /// Path probed on the VM's HTTP port.
+    pub http_path: String,
+    /// Probe the SSH port (banner exchange).
+    pub ssh: bool,
+    /// Probe `http_path`.
+    pub http: bool,
+    /// Port of a Prometheus exporter on the VMs to read load from (unset: don't).
+    #[serde(
+        default,
+        deserialize_with = "opt_port",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub load_metrics_port: Option<u16>,
+    /// Path of that exporter.
+    pub load_metrics_path: String,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            rise: 2,
+            fall: 3,
+            http_path: "/hub/health".to_owned(),
+            ssh: true,
+            http: true,
+            load_metrics_port: None,
+            load_metrics_path: "/metrics".to_owned(),
+        }
+    }
+}

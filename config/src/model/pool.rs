@@ -1,0 +1,190 @@
+//! `[pool]`: where VMs come from.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::enums::{Credential, Orchestration, Provider};
+use crate::serde_util::{duration, port};
+
+/// `[pool]`: the provider and its settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Pool {
+    /// `static`, `azure-vmss`, `exec` or `demo`.
+    pub provider: Provider,
+    /// `[[pool.backends]]`: the VMs of the `static` provider.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<Backend>,
+    /// `[pool.azure]`: settings of the `azure-vmss` provider.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub azure: Option<Azure>,
+    /// `[pool.exec]`: settings of the `exec` provider.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exec: Option<Exec>,
+}
+
+/// One `[[pool.backends]]` entry: a VM of the static pool.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Backend {
+    /// Unique VM name (letters, digits, `.`, `_`, `-`); shown in metrics and the admin API.
+    pub name: String,
+    /// Host name or IP address, without port.
+    pub host: String,
+    /// The VM's sshd port.
+    #[serde(deserialize_with = "port")]
+    pub ssh_port: u16,
+    /// The VM's JupyterHub port.
+    #[serde(deserialize_with = "port")]
+    pub http_port: u16,
+    /// Relative capacity: load is divided by this.
+    pub weight: u32,
+    /// Sessions this VM accepts at most.
+    pub max_sessions: u32,
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            host: String::new(),
+            ssh_port: 22,
+            http_port: 8000,
+            weight: 1,
+            max_sessions: 10,
+        }
+    }
+}
+
+/// `[pool.azure]`: an Azure VM Scale Set reached through ARM.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Azure {
+    /// Subscription id of the scale set.
+    pub subscription_id: String,
+    /// Resource group of the scale set.
+    pub resource_group: String,
+    /// Scale set name.
+    pub scale_set: String,
+    /// `managed-identity`, `client-secret` or `azure-cli`.
+    pub credential: Credential,
+    /// Entra tenant (required for `client-secret`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    /// Application (client) id: the service principal for `client-secret`, or a user-assigned
+    /// managed identity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// File holding the client secret (required for `client-secret`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    /// ARM base URL (sovereign clouds, tests).
+    pub arm_endpoint: String,
+    /// ARM `api-version` for Microsoft.Compute.
+    pub api_version: String,
+    /// The scale set's orchestration mode: `uniform` or `flexible`.
+    pub orchestration: Orchestration,
+    /// Time between instance listings.
+    #[serde(with = "duration")]
+    pub poll_interval: Duration,
+    /// sshd port on every instance.
+    #[serde(deserialize_with = "port")]
+    pub ssh_port: u16,
+    /// JupyterHub port on every instance.
+    #[serde(deserialize_with = "port")]
+    pub http_port: u16,
+    /// Weight of every instance.
+    pub weight: u32,
+    /// Session cap of every instance.
+    pub max_sessions: u32,
+}
+
+impl Default for Azure {
+    fn default() -> Self {
+        Self {
+            subscription_id: String::new(),
+            resource_group: String::new(),
+            scale_set: String::new(),
+            credential: Credential::ManagedIdentity,
+            tenant_id: None,
+            client_id: None,
+            client_secret_file: None,
+            arm_endpoint: "https://management.azure.com".to_owned(),
+            api_version: "2024-07-01".to_owned(),
+            orchestration: Orchestration::Uniform,
+            poll_interval: Duration::from_secs(15),
+            ssh_port: 22,
+            http_port: 8000,
+            weight: 1,
+            max_sessions: 10,
+        }
+    }
+}
+
+/// `[pool.exec]`: VMs listed and managed by operator commands (argv arrays, no shell).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Exec {
+    /// Prints the pool's VMs.
+    pub list: Vec<String>,
+    /// Starts a stopped VM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start: Option<Vec<String>>,
+    /// Stops (deallocates) a VM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Vec<String>>,
+    /// Creates a VM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub create: Option<Vec<String>>,
+    /// Deletes a VM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delete: Option<Vec<String>>,
+    /// Time one command may run before it is killed.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Time between runs of `list`.
+    #[serde(with = "duration")]
+    pub poll_interval: Duration,
+    /// sshd port on every VM.
+    #[serde(deserialize_with = "port")]
+    pub ssh_port: u16,
+    /// JupyterHub port on every VM.
+    #[serde(deserialize_with = "port")]
+    pub http_port: u16,
+    /// Weight of every VM.
+    pub weight: u32,
+    /// Session cap of every VM.
+    pub max_sessions: u32,
+}
+
+impl Default for Exec {
+    fn default() -> Self {
+        Self {
+            list: Vec::new(),
+            start: None,
+            stop: None,
+            create: None,
+            delete: None,
+            timeout: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(15),
+            ssh_port: 22,
+            http_port: 8000,
+            weight: 1,
+            max_sessions: 10,
+        }
+    }
+}
+
+impl Exec {
+    /// The optional commands with their key names, in documentation order.
+    pub fn optional_commands(&self) -> [(&'static str, Option<&Vec<String>>); 4] {
+        [
+            ("start", self.start.as_ref()),
+            ("stop", self.stop.as_ref()),
+            ("create", self.create.as_ref()),
+            ("delete", self.delete.as_ref()),
+        ]
+    }
+}

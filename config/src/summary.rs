@@ -1,0 +1,114 @@
+//! A short human summary for `poolgate check-config`.
+
+use std::fmt::Write as _;
+
+use crate::enums::Provider;
+use crate::model::Config;
+use crate::serde_util::format_duration;
+
+/// Backends listed by name before the summary says "and N more".
+const LISTED_VMS: usize = 8;
+
+impl Config {
+    /// A few lines saying what this configuration does: listeners, provider and its VMs or
+    /// scale set, and whether the autoscaler runs.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let l = &self.listen;
+        let _ = write!(out, "listen: ssh {}, http {}", l.ssh, l.http);
+        if let Some(https) = l.https {
+            let _ = write!(out, ", https {https}");
+        }
+        let _ = writeln!(out, ", admin {}", l.admin);
+        let _ = writeln!(out, "pool: {}", self.pool_summary());
+        let a = &self.autoscale;
+        if a.enabled {
+            let _ = write!(
+                out,
+                "autoscale: on ({}-{} VMs, {} sessions per VM, {} spare, scale in after {}",
+                a.min_vms,
+                a.max_vms,
+                a.sessions_per_vm,
+                a.spare_vms,
+                format_duration(a.scale_in_after)
+            );
+            if a.min_vms == 0 {
+                let _ = write!(
+                    out,
+                    ", to zero after {}",
+                    format_duration(a.scale_to_zero_after)
+                );
+            }
+            let _ = writeln!(out, ")");
+        } else {
+            let _ = writeln!(out, "autoscale: off");
+        }
+        out
+    }
+
+    fn pool_summary(&self) -> String {
+        let p = &self.pool;
+        match p.provider {
+            Provider::Static => {
+                let n = p.backends.len();
+                let mut s = format!("static, {n} VM{}", if n == 1 { "" } else { "s" });
+                let listed: Vec<String> = p
+                    .backends
+                    .iter()
+                    .take(LISTED_VMS)
+                    .map(|b| format!("{} ({})", b.name, b.host))
+                    .collect();
+                if !listed.is_empty() {
+                    let _ = write!(s, ": {}", listed.join(", "));
+                }
+                if n > LISTED_VMS {
+                    let _ = write!(s, " and {} more", n - LISTED_VMS);
+                }
+                s
+            }
+            Provider::AzureVmss => match &p.azure {
+                Some(az) => format!(
+                    "azure-vmss, scale set {} in resource group {} (subscription {}, credential {})",
+                    az.scale_set, az.resource_group, az.subscription_id, az.credential
+                ),
+                None => "azure-vmss (no [pool.azure] section)".to_owned(),
+            },
+            Provider::Exec => match &p.exec {
+                Some(ex) => format!("exec, VMs listed by: {}", ex.list.join(" ")),
+                None => "exec (no [pool.exec] section)".to_owned(),
+            },
+            Provider::Demo => "demo (in-process demo VMs)".to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::{Backend, Config};
+
+    #[test]
+    fn summary_names_listeners_pool_and_autoscale() {
+        let mut c = Config::default();
+        c.pool.backends = (1..=10)
+            .map(|i| Backend {
+                name: format!("dsvm-{i}"),
+                host: format!("10.0.0.{i}"),
+                ..Backend::default()
+            })
+            .collect();
+        let s = c.summary();
+        assert!(
+            s.contains("listen: ssh 0.0.0.0:2222, http 0.0.0.0:8080, admin 127.0.0.1:9090"),
+            "{s}"
+        );
+        assert!(
+            s.contains("pool: static, 10 VMs: dsvm-1 (10.0.0.1), "),
+            "{s}"
+        );
+        assert!(s.contains(" and 2 more"), "{s}");
+        assert!(s.contains("autoscale: off"), "{s}");
+        c.autoscale.enabled = true;
+        assert!(c.summary().contains("autoscale: on (0-10 VMs, 4 sessions per VM, 1 spare, scale in after 15m, to zero after 30m)"));
+        assert_eq!(c.summary().lines().count(), 3);
+    }
+}

@@ -1,0 +1,321 @@
+//! Checks of `[pool]` and `[autoscale]`.
+
+use std::net::SocketAddr;
+
+use super::Report;
+use crate::enums::{Credential, Provider};
+use crate::model::{Backend, Config};
+
+/// Per-VM settings shared by backends, `[pool.azure]` and `[pool.exec]`.
+fn vm_settings(r: &mut Report, prefix: &str, ssh_port: u16, http_port: u16, weight: u32, max: u32) {
+    r.port(&format!("{prefix}.ssh_port"), ssh_port);
+    r.port(&format!("{prefix}.http_port"), http_port);
+    r.at_least_one(
+        &format!("{prefix}.weight"),
+        weight.into(),
+        "load is divided by the weight",
+    );
+    r.at_least_one(
+        &format!("{prefix}.max_sessions"),
+        max.into(),
+        "a VM that takes no sessions is useless; drain it instead",
+    );
+}
+
+fn valid_vm_name(name: &str) -> bool {
+    name.chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn backend(r: &mut Report, i: usize, b: &Backend, all: &[Backend]) {
+    let prefix = format!("pool.backends[{i}]");
+    if b.name.is_empty() {
+        r.err(
+            format!("{prefix}.name"),
+            "missing (every backend needs a unique name, e.g. \"dsvm-1\")",
+        );
+    } else if !valid_vm_name(&b.name) {
+        r.err(
+            format!("{prefix}.name"),
+            format!(
+                "\"{}\" may only contain letters, digits, '.', '_' and '-'",
+                b.name
+            ),
+        );
+    } else if let Some(first) = all[..i].iter().position(|o| o.name == b.name) {
+        r.err(
+            format!("{prefix}.name"),
+            format!(
+                "duplicate VM name \"{}\" (also pool.backends[{first}])",
+                b.name
+            ),
+        );
+    }
+    let host = b.host.trim();
+    if host.is_empty() {
+        r.err(
+            format!("{prefix}.host"),
+            "missing (the VM's host name or IP address)",
+        );
+    } else if host.contains("://") || host.contains('/') || host.contains(char::is_whitespace) {
+        r.err(
+            format!("{prefix}.host"),
+            format!(
+                "\"{}\" must be a bare host name or IP address (no scheme, path or spaces)",
+                b.host
+            ),
+        );
+    } else if host.parse::<SocketAddr>().is_ok()
+        || host.rsplit_once(':').is_some_and(|(h, p)| {
+            !h.contains(':') && !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit())
+        })
+    {
+        r.err(
+            format!("{prefix}.host"),
+            format!(
+                "\"{}\" includes a port (put it in ssh_port / http_port instead)",
+                b.host
+            ),
+        );
+    } else if let Some(first) = all[..i].iter().position(|o| {
+        o.host.trim() == host && o.ssh_port == b.ssh_port && o.http_port == b.http_port
+    }) {
+        r.err(
+            format!("{prefix}.host"),
+            format!(
+                "{host} with the same ports is already pool.backends[{first}] (\"{}\") (one entry per VM)",
+                all[first].name
+            ),
+        );
+    }
+    vm_settings(
+        r,
+        &prefix,
+        b.ssh_port,
+        b.http_port,
+        b.weight,
+        b.max_sessions,
+    );
+}
+
+fn argv(r: &mut Report, key: &str, command: &[String], example: &str) {
+    match command.first() {
+        None => r.err(
+            key,
+            format!("must not be empty (an argv array, e.g. {example})"),
+        ),
+        Some(program) if program.trim().is_empty() => r.err(
+            format!("{key}[0]"),
+            format!("the program to run must not be empty (e.g. {example})"),
+        ),
+        Some(_) => {}
+    }
+}
+
+pub(super) fn pool(c: &Config, provider_known: bool, r: &mut Report) {
+    let p = &c.pool;
+    for (i, b) in p.backends.iter().enumerate() {
+        backend(r, i, b, &p.backends);
+    }
+    if let Some(az) = &p.azure {
+        for (key, value, what) in [
+            (
+                "subscription_id",
+                &az.subscription_id,
+                "the subscription that holds the scale set",
+            ),
+            (
+                "resource_group",
+                &az.resource_group,
+                "the resource group of the scale set",
+            ),
+            ("scale_set", &az.scale_set, "the scale set's name"),
+        ] {
+            if value.trim().is_empty() {
+                r.err(format!("pool.azure.{key}"), format!("must be set ({what})"));
+            }
+        }
+        if az.credential == Credential::ClientSecret {
+            for (key, missing) in [
+                (
+                    "tenant_id",
+                    az.tenant_id.as_deref().is_none_or(|s| s.trim().is_empty()),
+                ),
+                (
+                    "client_id",
+                    az.client_id.as_deref().is_none_or(|s| s.trim().is_empty()),
+                ),
+                ("client_secret_file", az.client_secret_file.is_none()),
+            ] {
+                if missing {
+                    r.err(
+                        format!("pool.azure.{key}"),
+                        "required when credential = \"client-secret\" (set it, or use credential = \"managed-identity\")",
+                    );
+                }
+            }
+        }
+        if let Some(secret) = &az.client_secret_file {
+            r.path("pool.azure.client_secret_file", secret);
+        }
+        if !(az.arm_endpoint.starts_with("https://") || az.arm_endpoint.starts_with("http://")) {
+            r.err(
+                "pool.azure.arm_endpoint",
+                format!(
+                    "\"{}\" must be an http(s) URL (the default is \"https://management.azure.com\")",
+                    az.arm_endpoint
+                ),
+            );
+        }
+        if az.api_version.trim().is_empty() {
+            r.err(
+                "pool.azure.api_version",
+                "must not be empty (the default is \"2024-07-01\")",
+            );
+        }
+        r.positive("pool.azure.poll_interval", az.poll_interval);
+        vm_settings(
+            r,
+            "pool.azure",
+            az.ssh_port,
+            az.http_port,
+            az.weight,
+            az.max_sessions,
+        );
+    }
+    if let Some(ex) = &p.exec {
+        argv(
+            r,
+            "pool.exec.list",
+            &ex.list,
+            r#"["/usr/local/bin/pool-vms", "list"]"#,
+        );
+        for (name, command) in ex.optional_commands() {
+            if let Some(command) = command {
+                argv(
+                    r,
+                    &format!("pool.exec.{name}"),
+                    command,
+                    r#"["/usr/local/bin/pool-vms", "start"]"#,
+                );
+            }
+        }
+        for (a, b) in [("create", "delete"), ("start", "stop")] {
+            let commands = ex.optional_commands();
+            let has = |n: &str| commands.iter().any(|(k, v)| *k == n && v.is_some());
+            if has(a) != has(b) {
+                let (set, unset) = if has(a) { (a, b) } else { (b, a) };
+                r.err(
+                    format!("pool.exec.{unset}"),
+                    format!("must be set together with pool.exec.{set} (set both, or neither)"),
+                );
+            }
+        }
+        r.positive("pool.exec.timeout", ex.timeout);
+        r.positive("pool.exec.poll_interval", ex.poll_interval);
+        vm_settings(
+            r,
+            "pool.exec",
+            ex.ssh_port,
+            ex.http_port,
+            ex.weight,
+            ex.max_sessions,
+        );
+    }
+    if !provider_known {
+        return;
+    }
+    let provider = p.provider;
+    match provider {
+        Provider::Static if p.backends.is_empty() => r.err(
+            "pool.backends",
+            "the static provider needs at least one [[pool.backends]] entry (add one per VM, or choose another pool.provider)",
+        ),
+        Provider::AzureVmss if p.azure.is_none() => r.err(
+            "pool.azure",
+            "provider \"azure-vmss\" needs a [pool.azure] section (with subscription_id, resource_group and scale_set)",
+        ),
+        Provider::Exec if p.exec.is_none() => r.err(
+            "pool.exec",
+            "provider \"exec\" needs a [pool.exec] section (with at least the list command)",
+        ),
+        _ => {}
+    }
+    if provider != Provider::Static && !p.backends.is_empty() {
+        r.err(
+            "pool.backends",
+            format!(
+                "[[pool.backends]] is only used by the static provider, but pool.provider is \"{provider}\" (remove the backends, or set pool.provider = \"static\")"
+            ),
+        );
+    }
+    if provider != Provider::AzureVmss && p.azure.is_some() {
+        r.err(
+            "pool.azure",
+            format!(
+                "[pool.azure] is only used by the azure-vmss provider, but pool.provider is \"{provider}\" (remove [pool.azure], or set pool.provider = \"azure-vmss\")"
+            ),
+        );
+    }
+    if provider != Provider::Exec && p.exec.is_some() {
+        r.err(
+            "pool.exec",
+            format!(
+                "[pool.exec] is only used by the exec provider, but pool.provider is \"{provider}\" (remove [pool.exec], or set pool.provider = \"exec\")"
+            ),
+        );
+    }
+}
+
+pub(super) fn autoscale(c: &Config, provider_known: bool, r: &mut Report) {
+    let a = &c.autoscale;
+    if a.min_vms > a.max_vms {
+        r.err(
+            "autoscale.min_vms",
+            format!(
+                "{} is more than autoscale.max_vms ({}) (lower min_vms or raise max_vms)",
+                a.min_vms, a.max_vms
+            ),
+        );
+    }
+    r.at_least_one(
+        "autoscale.max_vms",
+        a.max_vms.into(),
+        "the largest pool the autoscaler may build",
+    );
+    r.at_least_one(
+        "autoscale.sessions_per_vm",
+        a.sessions_per_vm.into(),
+        "the target load per VM",
+    );
+    r.positive("autoscale.tick", a.tick);
+    r.positive("autoscale.scale_in_after", a.scale_in_after);
+    if a.min_vms == 0 {
+        r.positive("autoscale.scale_to_zero_after", a.scale_to_zero_after);
+    }
+    if a.wake_on_connect {
+        r.positive("autoscale.hold_connect_for", a.hold_connect_for);
+    }
+    if !provider_known || !a.enabled {
+        return;
+    }
+    match c.pool.provider {
+        Provider::Static => r.err(
+            "autoscale.enabled",
+            "the static provider cannot scale (set pool.provider to \"azure-vmss\", \"exec\" or \"demo\", or enabled = false)",
+        ),
+        Provider::Exec => {
+            if let Some(ex) = &c.pool.exec {
+                let can_create = ex.create.is_some() && ex.delete.is_some();
+                let can_start = ex.start.is_some() && ex.stop.is_some();
+                if !can_create && !can_start {
+                    r.err(
+                        "autoscale.enabled",
+                        "the exec provider can only scale with pool.exec.create and pool.exec.delete, or pool.exec.start and pool.exec.stop (set them, or enabled = false)",
+                    );
+                }
+            }
+        }
+        Provider::AzureVmss | Provider::Demo => {}
+    }
+}

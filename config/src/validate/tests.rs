@@ -1,0 +1,322 @@
+use std::time::Duration;
+
+use crate::enums::{Credential, Provider};
+use crate::model::{Azure, Backend, Config, Exec, Tls};
+
+fn backend(name: &str, host: &str) -> Backend {
+    Backend {
+        name: name.into(),
+        host: host.into(),
+        ..Backend::default()
+    }
+}
+
+/// A valid static configuration.
+fn valid() -> Config {
+    let mut c = Config::default();
+    c.pool.backends = vec![backend("dsvm-1", "10.0.0.4"), backend("dsvm-2", "10.0.0.5")];
+    c
+}
+
+fn messages(c: &Config) -> Vec<String> {
+    c.validate().iter().map(ToString::to_string).collect()
+}
+
+fn has(c: &Config, expected: &str) {
+    let errs = messages(c);
+    assert!(
+        errs.iter().any(|e| e == expected),
+        "{expected:?} not in {errs:#?}"
+    );
+}
+
+fn has_key(c: &Config, key: &str) {
+    let errs = c.validate();
+    assert!(
+        errs.iter().any(|e| e.key == key),
+        "no error for {key} in {errs:#?}"
+    );
+}
+
+#[test]
+fn valid_static_config_has_no_errors() {
+    assert_eq!(messages(&valid()), Vec::<String>::new());
+}
+
+#[test]
+fn default_config_only_lacks_backends() {
+    assert_eq!(
+        messages(&Config::default()),
+        vec![
+            "pool.backends: the static provider needs at least one [[pool.backends]] entry (add one per VM, or choose another pool.provider)"
+        ]
+    );
+}
+
+#[test]
+fn several_independent_mistakes_are_all_reported() {
+    let mut c = valid();
+    c.pool.backends.push(backend("dsvm-1", "10.0.0.6"));
+    c.pool.backends[1].ssh_port = 0;
+    c.pool.backends[0].weight = 0;
+    c.autoscale.min_vms = 5;
+    c.autoscale.max_vms = 3;
+    c.listen.https = Some(([0, 0, 0, 0], 8443).into());
+    c.health.rise = 0;
+    c.health.timeout = Duration::from_secs(10);
+    c.http.cookie_name = "pool gate".into();
+    c.ssh.authorized_keys = "/home/alice/.ssh/authorized_keys".into();
+    let errs = messages(&c);
+    for expected in [
+        "pool.backends[1].ssh_port: must be between 1 and 65535",
+        "pool.backends[0].weight: must be at least 1 (load is divided by the weight)",
+        "pool.backends[2].name: duplicate VM name \"dsvm-1\" (also pool.backends[0])",
+        "autoscale.min_vms: 5 is more than autoscale.max_vms (3) (lower min_vms or raise max_vms)",
+        "listen.https: HTTPS needs a [tls] section with cert and key (add [tls], or remove listen.https)",
+        "health.rise: must be at least 1 (successful probes before a VM is up)",
+        "health.timeout: 10s is longer than health.interval (5s) (make the timeout at most the interval)",
+    ] {
+        assert!(
+            errs.iter().any(|e| e == expected),
+            "{expected:?} not in {errs:#?}"
+        );
+    }
+    has_key(&c, "http.cookie_name");
+    has_key(&c, "ssh.authorized_keys");
+    assert_eq!(errs.len(), 9, "{errs:#?}");
+}
+
+#[test]
+fn static_provider_cannot_autoscale() {
+    let mut c = valid();
+    c.autoscale.enabled = true;
+    has(
+        &c,
+        "autoscale.enabled: the static provider cannot scale (set pool.provider to \"azure-vmss\", \"exec\" or \"demo\", or enabled = false)",
+    );
+}
+
+#[test]
+fn backend_names_and_hosts() {
+    let mut c = valid();
+    c.pool.backends = vec![
+        backend("", "10.0.0.1"),
+        backend("bad name!", "10.0.0.2"),
+        backend("ok", ""),
+        backend("url", "http://10.0.0.3"),
+        backend("port", "10.0.0.4:22"),
+        backend("v6", "fd00::1"),
+        backend("dup-host", "fd00::1"),
+    ];
+    has_key(&c, "pool.backends[0].name");
+    has(
+        &c,
+        "pool.backends[1].name: \"bad name!\" may only contain letters, digits, '.', '_' and '-'",
+    );
+    has_key(&c, "pool.backends[2].host");
+    has_key(&c, "pool.backends[3].host");
+    has(
+        &c,
+        "pool.backends[4].host: \"10.0.0.4:22\" includes a port (put it in ssh_port / http_port instead)",
+    );
+    has_key(&c, "pool.backends[6].host");
+    assert!(
+        !c.validate()
+            .iter()
+            .any(|e| e.key == "pool.backends[5].host")
+    );
+}
+
+#[test]
+fn backends_with_another_provider() {
+    let mut c = valid();
+    c.pool.provider = Provider::Demo;
+    has_key(&c, "pool.backends");
+    c.pool.backends.clear();
+    assert_eq!(messages(&c), Vec::<String>::new());
+}
+
+#[test]
+fn azure_rules() {
+    let mut c = Config::default();
+    c.pool.provider = Provider::AzureVmss;
+    has(
+        &c,
+        "pool.azure: provider \"azure-vmss\" needs a [pool.azure] section (with subscription_id, resource_group and scale_set)",
+    );
+    c.pool.azure = Some(Azure {
+        credential: Credential::ClientSecret,
+        ssh_port: 0,
+        arm_endpoint: "management.azure.com".into(),
+        ..Azure::default()
+    });
+    for key in [
+        "pool.azure.subscription_id",
+        "pool.azure.resource_group",
+        "pool.azure.scale_set",
+        "pool.azure.tenant_id",
+        "pool.azure.client_id",
+        "pool.azure.client_secret_file",
+        "pool.azure.ssh_port",
+        "pool.azure.arm_endpoint",
+    ] {
+        has_key(&c, key);
+    }
+    c.pool.azure = Some(Azure {
+        subscription_id: "00000000-0000-0000-0000-000000000000".into(),
+        resource_group: "rg".into(),
+        scale_set: "vmss".into(),
+        ..Azure::default()
+    });
+    c.autoscale.enabled = true;
+    assert_eq!(messages(&c), Vec::<String>::new());
+}
+
+#[test]
+fn exec_rules() {
+    let mut c = Config::default();
+    c.pool.provider = Provider::Exec;
+    has_key(&c, "pool.exec");
+    c.pool.exec = Some(Exec {
+        start: Some(vec![]),
+        create: Some(vec!["".into()]),
+        ..Exec::default()
+    });
+    c.autoscale.enabled = true;
+    has_key(&c, "pool.exec.list");
+    has_key(&c, "pool.exec.start");
+    has_key(&c, "pool.exec.create[0]");
+    has(
+        &c,
+        "pool.exec.stop: must be set together with pool.exec.start (set both, or neither)",
+    );
+    has_key(&c, "pool.exec.delete");
+    c.pool.exec = Some(Exec {
+        list: vec!["pool-vms".into(), "list".into()],
+        ..Exec::default()
+    });
+    has_key(&c, "autoscale.enabled");
+    c.autoscale.enabled = false;
+    assert_eq!(messages(&c), Vec::<String>::new());
+}
+
+#[test]
+fn provider_sections_must_match() {
+    let mut c = valid();
+    c.pool.exec = Some(Exec {
+        list: vec!["x".into()],
+        ..Exec::default()
+    });
+    has_key(&c, "pool.exec");
+}
+
+#[test]
+fn zero_durations_where_meaningless() {
+    let mut c = valid();
+    c.health.interval = Duration::ZERO;
+    c.ssh.login_grace = Duration::ZERO;
+    c.ssh.cert_validity = Duration::ZERO;
+    c.http.session_idle = Duration::ZERO;
+    c.autoscale.tick = Duration::ZERO;
+    c.ssh.idle_timeout = Some(Duration::ZERO);
+    for key in [
+        "health.interval",
+        "ssh.login_grace",
+        "ssh.cert_validity",
+        "http.session_idle",
+        "autoscale.tick",
+        "ssh.idle_timeout",
+    ] {
+        has_key(&c, key);
+    }
+    let mut c = valid();
+    c.ssh.cert_validity = Duration::from_secs(25 * 3600);
+    has(
+        &c,
+        "ssh.cert_validity: 1day 1h is longer than 24h (backend certificates are meant to be short-lived; the default is 5m)",
+    );
+}
+
+#[test]
+fn ssh_rules() {
+    let mut c = valid();
+    c.ssh.backend_known_hosts = None;
+    has(
+        &c,
+        "ssh.backend_known_hosts: neither ssh.backend_known_hosts nor ssh.backend_host_ca is set, so no VM host key could be verified (set one of them)",
+    );
+    c.ssh.backend_host_ca = Some("keys/host_ca.pub".into());
+    assert_eq!(messages(&c), Vec::<String>::new());
+    c.ssh.max_unauthenticated = 0;
+    c.ssh.host_keys = vec![];
+    c.ssh.user_ca_key = "~/ca".into();
+    has_key(&c, "ssh.max_unauthenticated");
+    has_key(&c, "ssh.host_keys");
+    has_key(&c, "ssh.user_ca_key");
+}
+
+#[test]
+fn listeners_and_admin() {
+    let mut c = valid();
+    c.listen.http = ([127, 0, 0, 1], 2222).into();
+    has(
+        &c,
+        "listen.http: 127.0.0.1:2222 collides with listen.ssh (0.0.0.0:2222) (give each listener its own port)",
+    );
+    let mut c = valid();
+    c.listen.ssh = ([127, 0, 0, 1], 0).into();
+    c.listen.http = ([127, 0, 0, 1], 0).into();
+    c.listen.admin = ([127, 0, 0, 1], 0).into();
+    assert_eq!(
+        messages(&c),
+        Vec::<String>::new(),
+        "port 0 means any free port"
+    );
+    c.listen.admin = ([0, 0, 0, 0], 9090).into();
+    has_key(&c, "admin.token_file");
+    c.admin.token_file = Some("/etc/poolgate/token".into());
+    assert_eq!(messages(&c), Vec::<String>::new());
+    c.tls = Some(Tls::default());
+    has(
+        &c,
+        "tls.cert: must be set (path of the PEM certificate chain)",
+    );
+    has_key(&c, "tls.key");
+}
+
+#[test]
+fn health_and_http_rules() {
+    let mut c = valid();
+    c.health.http_path = "hub/health".into();
+    c.health.fall = 0;
+    c.health.load_metrics_port = Some(0);
+    c.http.max_header_bytes = 1024;
+    has(
+        &c,
+        "health.http_path: \"hub/health\" must start with '/' (e.g. \"/hub/health\")",
+    );
+    has_key(&c, "health.fall");
+    has(&c, "health.load_metrics_port: must be between 1 and 65535");
+    has_key(&c, "http.max_header_bytes");
+}
+
+#[test]
+fn autoscale_limits() {
+    let mut c = Config::default();
+    c.pool.provider = Provider::Demo;
+    c.autoscale.enabled = true;
+    c.autoscale.max_vms = 0;
+    c.autoscale.sessions_per_vm = 0;
+    has_key(&c, "autoscale.max_vms");
+    has_key(&c, "autoscale.sessions_per_vm");
+}
+
+#[test]
+fn cookie_tokens() {
+    use super::is_cookie_token;
+    assert!(is_cookie_token("poolgate_vm"));
+    assert!(is_cookie_token("__Host-pg"));
+    for bad in ["", "a b", "a;b", "a=b", "é"] {
+        assert!(!is_cookie_token(bad), "{bad:?}");
+    }
+}
