@@ -1,0 +1,2 @@
+//! Placeholder, replaced by the router benchmarks.
+fn main() {}

@@ -1,0 +1,334 @@
+//! The pool: the current [`Snapshot`] behind an [`ArcSwap`], the writers
+//! that publish new snapshots, and session placement.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use crate::clock::Clock;
+use crate::health::Health;
+use crate::http::HttpSessions;
+use crate::select::{self, NoVm, PickRequest};
+use crate::session::{PoolShared, SessionGuard, SessionInfo};
+use crate::snapshot::Snapshot;
+use crate::store::{InMemoryStore, SessionStore};
+use crate::vm::{Lifecycle, Vm, VmShared, VmSpec, VmStatus};
+
+/// Routing parameters (the gateway maps `[routing]` and `[http]` to these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutingPolicy {
+    /// Send a user back to the VM of their latest session (`affinity = "user"`).
+    pub user_affinity: bool,
+    /// How long affinity outlives a user's last session.
+    pub affinity_ttl: Duration,
+    /// How long an HTTP browser session counts as load after its last request.
+    pub http_session_idle: Duration,
+}
+
+impl Default for RoutingPolicy {
+    /// User affinity on, 12 h affinity TTL, 30 min HTTP idle (the config
+    /// defaults).
+    fn default() -> Self {
+        Self {
+            user_affinity: true,
+            affinity_ttl: Duration::from_secs(12 * 3600),
+            http_session_idle: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// State only writers touch, behind the writer mutex.
+#[derive(Default)]
+struct Writer {
+    generation: u64,
+    /// Counters of removed VMs that still had live sessions, reused if a VM
+    /// of the same name comes back before they drain.
+    retired: HashMap<String, Arc<VmShared>>,
+}
+
+/// A pool of VMs and the sessions placed on them. `Send + Sync`; share it
+/// with an `Arc`.
+///
+/// Readers ([`Pool::pick`], [`Pool::acquire`], [`Pool::snapshot`]) load the
+/// current snapshot without locking. Writers (VM set and status changes)
+/// serialise on a mutex, build a new snapshot and swap it in atomically;
+/// they never wait for readers.
+pub struct Pool {
+    policy: RoutingPolicy,
+    epoch: Instant,
+    current: ArcSwap<Snapshot>,
+    writer: Mutex<Writer>,
+    pub(crate) shared: Arc<PoolShared>,
+    pub(crate) http: HttpSessions,
+}
+
+impl Pool {
+    /// An empty pool using an [`InMemoryStore`] for affinity.
+    pub fn new(policy: RoutingPolicy, clock: Arc<dyn Clock>) -> Self {
+        Self::with_store(policy, clock, Arc::new(InMemoryStore::new()))
+    }
+
+    /// An empty pool using `store` for affinity.
+    pub fn with_store(
+        policy: RoutingPolicy,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn SessionStore>,
+    ) -> Self {
+        Self {
+            policy,
+            epoch: clock.now(),
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            writer: Mutex::new(Writer::default()),
+            shared: Arc::new(PoolShared::new(clock, store)),
+            http: HttpSessions::default(),
+        }
+    }
+
+    /// The routing parameters.
+    pub fn policy(&self) -> RoutingPolicy {
+        self.policy
+    }
+
+    /// The pool's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.shared.clock
+    }
+
+    /// The affinity store.
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.shared.store
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        // Writers leave no broken invariant behind if they panic: the
+        // snapshot is only ever replaced whole.
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replaces the set of VMs.
+    ///
+    /// VMs that stay (by name) keep their status and live counters, with the
+    /// new spec. New VMs start `Lifecycle::Running` + `Health::Unknown` (state
+    /// `starting`) until probed. Removed VMs disappear from selection at once;
+    /// their live guards keep working and still count, and if a VM of the
+    /// same name returns before they drop it gets the same counters back.
+    /// With duplicate names the first spec wins. Publishes a new snapshot only
+    /// if something changed.
+    pub fn set_vms(&self, specs: Vec<VmSpec>) {
+        let mut w = self.lock_writer();
+        let old = self.current.load_full();
+        let now = self.shared.clock.now();
+
+        let mut specs = specs;
+        specs.sort_by(|a, b| a.name.cmp(&b.name)); // stable: first duplicate stays first
+        specs.dedup_by(|later, first| later.name == first.name);
+
+        let unchanged =
+            specs.len() == old.len() && specs.iter().zip(old.vms()).all(|(s, vm)| s == vm.spec());
+        if unchanged {
+            return;
+        }
+
+        let mut vms = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let vm = match old.get(&spec.name) {
+                Some(vm) if *vm.spec() == spec => vm.clone(),
+                Some(vm) => Arc::new(Vm::new(
+                    Arc::new(spec),
+                    vm.status(),
+                    vm.state_since(),
+                    vm.shared().clone(),
+                )),
+                None => {
+                    let shared = w
+                        .retired
+                        .remove(&spec.name)
+                        .unwrap_or_else(|| Arc::new(VmShared::new(self.epoch, now)));
+                    Arc::new(Vm::new(Arc::new(spec), VmStatus::default(), now, shared))
+                }
+            };
+            vms.push(vm);
+        }
+        for vm in old.vms() {
+            let kept = vms.binary_search_by(|v| v.name().cmp(vm.name())).is_ok();
+            if !kept && vm.total_sessions() > 0 {
+                w.retired.insert(vm.name().to_owned(), vm.shared().clone());
+            }
+        }
+        w.retired.retain(|_, shared| shared.total() > 0);
+        self.publish(&mut w, vms);
+    }
+
+    fn publish(&self, w: &mut Writer, vms: Vec<Arc<Vm>>) {
+        w.generation += 1;
+        self.current
+            .store(Arc::new(Snapshot::build(vms, w.generation)));
+    }
+
+    /// Applies `change` to one VM's status; publishes a new snapshot if the
+    /// status changed. Returns false if the VM is unknown.
+    fn update_status(&self, name: &str, change: impl FnOnce(&mut VmStatus)) -> bool {
+        let mut w = self.lock_writer();
+        let old = self.current.load_full();
+        let Ok(index) = old.vms().binary_search_by(|v| v.name().cmp(name)) else {
+            return false;
+        };
+        let vm = &old.vms()[index];
+        let mut status = vm.status();
+        change(&mut status);
+        if status == vm.status() {
+            return true;
+        }
+        let since = if status.state() == vm.state() {
+            vm.state_since()
+        } else {
+            self.shared.clock.now()
+        };
+        let replacement = Arc::new(Vm::new(
+            vm.spec_arc().clone(),
+            status,
+            since,
+            vm.shared().clone(),
+        ));
+        let mut vms = old.vms().to_vec();
+        vms[index] = replacement;
+        self.publish(&mut w, vms);
+        true
+    }
+
+    /// Sets a VM's whole status. Returns false if the VM is unknown.
+    pub fn set_status(&self, vm: &str, status: VmStatus) -> bool {
+        self.update_status(vm, |s| *s = status)
+    }
+
+    /// Sets what the provider says about a VM. Returns false if unknown.
+    pub fn set_lifecycle(&self, vm: &str, lifecycle: Lifecycle) -> bool {
+        self.update_status(vm, |s| s.lifecycle = lifecycle)
+    }
+
+    /// Sets what the probes say about a VM (feed it
+    /// [`Transition::to`](crate::health::Transition::to)). Returns false if
+    /// unknown.
+    pub fn set_health(&self, vm: &str, health: Health) -> bool {
+        self.update_status(vm, |s| s.health = health)
+    }
+
+    /// Stops new sessions on a VM; existing ones (and browsers pinned to it,
+    /// see [`PickRequest::keep_draining`]) carry on. Returns false if unknown.
+    pub fn drain(&self, vm: &str) -> bool {
+        self.update_status(vm, |s| s.draining = true)
+    }
+
+    /// Lets a drained VM take new sessions again. Returns false if unknown.
+    pub fn undrain(&self, vm: &str) -> bool {
+        self.update_status(vm, |s| s.draining = false)
+    }
+
+    /// Sets a VM's load hint (`node_load1 / cpus`), used only to break ties
+    /// between equally loaded VMs (lower first; VMs without a hint last).
+    /// Non-finite values clear it. Lock-free; publishes no snapshot. Returns
+    /// false if the VM is unknown.
+    pub fn set_load_hint(&self, vm: &str, hint: Option<f64>) -> bool {
+        match self.current.load().get(vm) {
+            Some(vm) => {
+                vm.shared().set_load_hint(hint);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The user's affinity VM, looked up only when it could matter (user
+    /// affinity on, a user, and no eligible pinned VM).
+    fn affinity(&self, snap: &Snapshot, req: &PickRequest<'_>) -> Option<Arc<str>> {
+        let user = req.user.filter(|_| self.policy.user_affinity)?;
+        let pinned_ok = req
+            .pinned_vm
+            .and_then(|p| snap.get(p))
+            .is_some_and(|vm| req.admits(vm, true));
+        if pinned_ok {
+            return None;
+        }
+        self.shared
+            .store
+            .affinity(user, self.shared.clock.now(), self.policy.affinity_ttl)
+    }
+
+    /// The VM a new session would go to now, without counting a session
+    /// (see [`Pool::acquire`] for the order).
+    pub fn pick(&self, req: &PickRequest<'_>) -> Result<Arc<Vm>, NoVm> {
+        let snap = self.current.load();
+        let affinity = self.affinity(&snap, req);
+        match select::choose(&snap, req, affinity.as_deref()) {
+            Some(vm) => Ok(vm.clone()),
+            None => Err(NoVm::tally(&snap, req)),
+        }
+    }
+
+    /// Places a new session and counts it until the guard drops.
+    ///
+    /// Order: `pinned_vm` if eligible; else, with user affinity on, the
+    /// user's affinity VM if eligible; else the least-loaded eligible VM by
+    /// `sessions / weight`, ties broken by load hint, then name. Eligible
+    /// means healthy (running, probed up, not draining; a draining pinned VM
+    /// is accepted with [`PickRequest::keep_draining`]), below its session
+    /// limit and not in [`PickRequest::exclude`]. The session is counted with
+    /// a compare-exchange against `max_sessions`, so the limit holds under
+    /// any concurrency; if the chosen VM fills up meanwhile, the next best is
+    /// tried.
+    pub fn acquire(&self, req: &PickRequest<'_>) -> Result<SessionGuard, NoVm> {
+        let snap = self.current.load();
+        // Each failed attempt means a VM filled up under us; bounded anyway.
+        for _ in 0..=snap.len() {
+            // Looked up per attempt: a pinned VM that just filled up makes
+            // the affinity VM relevant again.
+            let affinity = self.affinity(&snap, req);
+            let Some(vm) = select::choose(&snap, req, affinity.as_deref()) else {
+                break;
+            };
+            if vm.shared().try_reserve(vm.spec().capacity(), req.protocol) {
+                return Ok(self.shared.guard(vm.clone(), req.protocol, req.user));
+            }
+        }
+        Err(NoVm::tally(&snap, req))
+    }
+
+    /// Live sessions (SSH and HTTP, including those on VMs that left the
+    /// pool), by id.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut out: Vec<SessionInfo> = self
+            .shared
+            .registry
+            .iter()
+            .map(|e| e.value().info())
+            .collect();
+        out.sort_by_key(|s| s.id);
+        out
+    }
+
+    /// Number of live sessions (SSH and HTTP).
+    pub fn session_count(&self) -> usize {
+        self.shared.registry.len()
+    }
+
+    /// Drops HTTP browser sessions idle longer than
+    /// [`RoutingPolicy::http_session_idle`] and affinity entries older than
+    /// [`RoutingPolicy::affinity_ttl`]; returns how many of both expired.
+    /// Call it periodically.
+    pub fn expire_idle(&self) -> usize {
+        let now = self.shared.clock.now();
+        let http = self.http.expire(now, self.policy.http_session_idle);
+        http + self.shared.store.expire(now, self.policy.affinity_ttl)
+    }
+}
+
+#[cfg(test)]
+#[path = "pool_tests.rs"]
+mod tests;

@@ -1,0 +1,357 @@
+//! Unit tests of [`Pool`]: exact, deterministic sequences.
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::vm::{Protocol, VmState};
+
+const TTL: Duration = Duration::from_secs(3600);
+
+fn policy() -> RoutingPolicy {
+    RoutingPolicy {
+        user_affinity: true,
+        affinity_ttl: TTL,
+        http_session_idle: Duration::from_secs(1800),
+    }
+}
+
+fn spec(name: &str, weight: u32, max: u32) -> VmSpec {
+    VmSpec {
+        weight,
+        max_sessions: max,
+        ..VmSpec::new(name, "127.0.0.1")
+    }
+}
+
+/// A pool of healthy VMs `(name, weight, max_sessions)`.
+fn pool(vms: &[(&str, u32, u32)]) -> (Pool, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new());
+    let pool = Pool::new(policy(), clock.clone());
+    pool.set_vms(vms.iter().map(|(n, w, m)| spec(n, *w, *m)).collect());
+    for (n, _, _) in vms {
+        assert!(pool.set_health(n, Health::Up));
+    }
+    (pool, clock)
+}
+
+fn ssh() -> PickRequest<'static> {
+    PickRequest::new(Protocol::Ssh)
+}
+
+fn name(r: Result<SessionGuard, NoVm>) -> String {
+    match r {
+        Ok(g) => {
+            let n = g.vm_name().to_owned();
+            std::mem::forget(g); // keep it counted
+            n
+        }
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+#[test]
+fn new_vms_wait_for_their_first_probe() {
+    let clock = Arc::new(ManualClock::new());
+    let pool = Pool::new(policy(), clock);
+    let err = pool.acquire(&ssh()).map(|_| ()).unwrap_err();
+    assert_eq!(err.to_string(), "the pool has no VMs");
+    pool.set_vms(vec![spec("a", 1, 5)]);
+    let snap = pool.snapshot();
+    assert_eq!(snap.get("a").map(|v| v.state()), Some(VmState::Starting));
+    let err = pool.acquire(&ssh()).map(|_| ()).unwrap_err();
+    assert_eq!(err.starting, 1);
+    assert!(pool.set_health("a", Health::Up));
+    assert_eq!(name(pool.acquire(&ssh())), "a");
+}
+
+#[test]
+fn least_loaded_by_weight_with_name_tie_break() {
+    let (pool, _) = pool(&[("c", 1, 100), ("a", 1, 100), ("b", 2, 100)]);
+    let got: Vec<String> = (0..8).map(|_| name(pool.acquire(&ssh()))).collect();
+    assert_eq!(got, ["a", "b", "c", "b", "a", "b", "c", "b"]);
+}
+
+#[test]
+fn load_hint_breaks_ties_before_name() {
+    let (pool, _) = pool(&[("a", 1, 9), ("b", 1, 9), ("c", 1, 9)]);
+    assert!(pool.set_load_hint("b", Some(0.1)));
+    assert!(pool.set_load_hint("c", Some(0.5)));
+    assert!(!pool.set_load_hint("zz", Some(0.5)));
+    // a has no hint: ranks last among equals.
+    assert_eq!(name(pool.acquire(&ssh())), "b");
+    assert_eq!(name(pool.acquire(&ssh())), "c");
+    assert_eq!(name(pool.acquire(&ssh())), "a");
+    // Load still comes first: everyone at 1, hints decide again.
+    assert_eq!(name(pool.acquire(&ssh())), "b");
+    pool.set_load_hint("b", None);
+    pool.set_load_hint("c", Some(f64::NAN)); // cleared
+    assert_eq!(name(pool.acquire(&ssh())), "a");
+}
+
+#[test]
+fn never_picks_unavailable_vms() {
+    let (pool, _) = pool(&[
+        ("a", 1, 9),
+        ("b", 1, 9),
+        ("c", 1, 9),
+        ("d", 1, 9),
+        ("e", 1, 1),
+    ]);
+    pool.set_health("a", Health::Down);
+    pool.drain("b");
+    pool.set_lifecycle("c", Lifecycle::Stopping);
+    assert_eq!(name(pool.acquire(&ssh())), "d");
+    assert_eq!(name(pool.acquire(&ssh())), "e");
+    assert_eq!(name(pool.acquire(&ssh())), "d");
+    pool.set_lifecycle("d", Lifecycle::Starting);
+    let err = pool.acquire(&ssh()).map(|_| ()).unwrap_err();
+    assert_eq!(
+        err,
+        NoVm {
+            total: 5,
+            unhealthy: 1,
+            draining: 1,
+            full: 1,
+            starting: 1,
+            stopped: 1,
+            excluded: 0,
+        }
+    );
+    assert!(pool.undrain("b"));
+    assert_eq!(name(pool.acquire(&ssh())), "b");
+    assert!(!pool.drain("nope"));
+}
+
+#[test]
+fn max_sessions_and_weight_zero() {
+    let (pool, _) = pool(&[("a", 1, 2), ("z", 0, 9)]);
+    let g1 = pool.acquire(&ssh());
+    let g2 = pool.acquire(&ssh());
+    assert!(g1.is_ok() && g2.is_ok());
+    let err = pool.acquire(&ssh()).map(|_| ()).unwrap_err();
+    assert_eq!((err.full, err.total), (2, 2));
+    drop(g1);
+    assert_eq!(name(pool.acquire(&ssh())), "a");
+}
+
+#[test]
+fn pinned_vm_first_while_eligible() {
+    let (pool, _) = pool(&[("a", 1, 2), ("b", 1, 9)]);
+    let req = PickRequest::new(Protocol::Http).pinned("b", false);
+    assert_eq!(name(pool.acquire(&ssh())), "a");
+    assert_eq!(name(pool.acquire(&req)), "b");
+    assert_eq!(name(pool.acquire(&req)), "b"); // b is more loaded, still pinned
+    pool.drain("b");
+    assert_eq!(name(pool.acquire(&req)), "a"); // draining: re-pick
+    let keep = PickRequest::new(Protocol::Http).pinned("b", true);
+    assert_eq!(name(pool.acquire(&keep)), "b"); // unless already pinned there
+    pool.set_health("b", Health::Down);
+    // a is full now, b down: not even pinned browsers (b counts as
+    // draining, which takes precedence over unhealthy).
+    let err = pool.acquire(&keep).map(|_| ()).unwrap_err();
+    assert_eq!((err.full, err.draining, err.unhealthy), (1, 1, 0));
+    let unknown = PickRequest::new(Protocol::Http).pinned("gone", true);
+    assert!(pool.acquire(&unknown).is_err());
+}
+
+#[test]
+fn user_affinity_while_eligible_then_ttl() {
+    let (pool, _) = pool(&[("a", 1, 2), ("b", 1, 9), ("c", 1, 9)]);
+    let ann = ssh().user("ann");
+    let g = pool.acquire(&ann).ok();
+    assert_eq!(g.as_ref().map(|g| g.vm_name()), Some("a"));
+    assert_eq!(name(pool.acquire(&ssh())), "b");
+    assert_eq!(name(pool.acquire(&ssh())), "c");
+    // ann goes back to a although others are as loaded.
+    assert_eq!(name(pool.acquire(&ann)), "a");
+    // a is full now: least loaded elsewhere, and affinity follows.
+    assert_eq!(name(pool.acquire(&ann)), "b");
+    assert_eq!(name(pool.acquire(&ann)), "b");
+    drop(g);
+}
+
+#[test]
+fn affinity_holds_within_ttl_after_last_session() {
+    let (pool, clock) = pool(&[("a", 1, 9), ("b", 1, 9)]);
+    let ann = ssh().user("ann");
+    drop(pool.acquire(&ann)); // ann on a, then gone
+    clock.advance(TTL);
+    assert_eq!(name(pool.acquire(&ssh())), "a"); // a: 1, b: 0
+    assert_eq!(name(pool.acquire(&ann)), "a");
+}
+
+#[test]
+fn affinity_expires_after_ttl() {
+    let (pool, clock) = pool(&[("a", 1, 9), ("b", 1, 9)]);
+    let bob = ssh().user("bob");
+    drop(pool.acquire(&bob)); // bob on a, then gone
+    let _x = pool.acquire(&ssh()); // a: 1
+    clock.advance(TTL + Duration::from_secs(1));
+    assert_eq!(name(pool.acquire(&bob)), "b");
+    // expire_idle forgets users past the TTL (none now: bob is live).
+    assert_eq!(pool.expire_idle(), 0);
+}
+
+#[test]
+fn affinity_off_means_least_loaded() {
+    let clock = Arc::new(ManualClock::new());
+    let pool = Pool::new(
+        RoutingPolicy {
+            user_affinity: false,
+            ..policy()
+        },
+        clock,
+    );
+    pool.set_vms(vec![spec("a", 1, 9), spec("b", 1, 9)]);
+    pool.set_health("a", Health::Up);
+    pool.set_health("b", Health::Up);
+    let ann = ssh().user("ann");
+    assert_eq!(name(pool.acquire(&ann)), "a");
+    assert_eq!(name(pool.acquire(&ann)), "b");
+}
+
+#[test]
+fn exclude_skips_tried_vms() {
+    let (pool, _) = pool(&[("a", 1, 9), ("b", 1, 9)]);
+    let tried = vec!["a".to_owned()];
+    assert_eq!(name(pool.acquire(&ssh().excluding(&tried))), "b");
+    let both = vec!["a".to_owned(), "b".to_owned()];
+    let err = pool
+        .acquire(&ssh().excluding(&both))
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.excluded, 2);
+    assert!(err.to_string().ends_with("2 already tried"));
+    // Excluded beats pinned and affinity too.
+    let req = ssh().user("ann").pinned("a", true).excluding(&tried);
+    assert_eq!(name(pool.acquire(&req)), "b");
+}
+
+#[test]
+fn guards_count_per_protocol_and_record_idle_since() {
+    let (pool, clock) = pool(&[("a", 1, 9)]);
+    let t0 = clock.now();
+    let s = pool.acquire(&ssh().user("ann")).ok();
+    let h = pool.acquire(&PickRequest::new(Protocol::Http)).ok();
+    let snap = pool.snapshot();
+    let a = snap.get("a").cloned();
+    let Some(a) = a else { panic!("a missing") };
+    assert_eq!(
+        (a.sessions(Protocol::Ssh), a.sessions(Protocol::Http)),
+        (1, 1)
+    );
+    assert_eq!(a.total_sessions(), 2);
+    assert_eq!(a.idle_since(), None);
+    let sessions = pool.sessions();
+    assert_eq!(sessions.len(), 2);
+    assert_eq!(sessions[0].user.as_deref(), Some("ann"));
+    assert_eq!(sessions[0].vm, "a");
+    if let Some(s) = &s {
+        s.add_bytes_up(5);
+        s.add_bytes_down(7);
+    }
+    assert_eq!(pool.sessions()[0].bytes_down, 7);
+    clock.advance(Duration::from_secs(10));
+    drop(s);
+    assert_eq!(a.idle_since(), None);
+    clock.advance(Duration::from_secs(10));
+    drop(h);
+    assert_eq!(a.idle_since(), Some(t0 + Duration::from_secs(20)));
+    assert_eq!(a.total_sessions(), 0);
+    assert_eq!(pool.session_count(), 0);
+}
+
+#[test]
+fn set_vms_keeps_status_and_counters_of_staying_vms() {
+    let (pool, _) = pool(&[("a", 1, 9), ("b", 1, 9)]);
+    pool.drain("b");
+    let g = pool.acquire(&ssh()).ok();
+    let gen1 = pool.snapshot().generation();
+    // Same set: no new snapshot.
+    pool.set_vms(vec![spec("b", 1, 9), spec("a", 1, 9)]);
+    assert_eq!(pool.snapshot().generation(), gen1);
+    // a changes spec, b stays, c joins.
+    pool.set_vms(vec![spec("a", 3, 9), spec("b", 1, 9), spec("c", 1, 9)]);
+    let snap = pool.snapshot();
+    assert_eq!(snap.generation(), gen1 + 1);
+    let names: Vec<&str> = snap.vms().iter().map(|v| v.name()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    let a = snap
+        .get("a")
+        .map(|v| (v.spec().weight, v.total_sessions(), v.state()));
+    assert_eq!(a, Some((3, 1, VmState::Healthy)));
+    assert_eq!(snap.get("b").map(|v| v.state()), Some(VmState::Draining));
+    assert_eq!(snap.get("c").map(|v| v.state()), Some(VmState::Starting));
+    drop(g);
+    assert_eq!(snap.get("a").map(|v| v.total_sessions()), Some(0));
+}
+
+#[test]
+fn removed_vm_guards_keep_counting_and_come_back() {
+    let (pool, _) = pool(&[("a", 1, 1), ("b", 1, 9)]);
+    let g = pool.acquire(&ssh()).ok();
+    assert_eq!(g.as_ref().map(|g| g.vm_name()), Some("a"));
+    pool.set_vms(vec![spec("b", 1, 9)]);
+    assert!(pool.snapshot().get("a").is_none());
+    assert_eq!(pool.sessions().len(), 1);
+    assert_eq!(
+        g.as_ref().map(|g| g.spec().host.as_str()),
+        Some("127.0.0.1")
+    );
+    // a returns while the guard lives: same counters, so it is full.
+    pool.set_vms(vec![spec("a", 1, 1), spec("b", 1, 9)]);
+    pool.set_health("a", Health::Up);
+    let a = pool.snapshot().get("a").map(|v| v.total_sessions());
+    assert_eq!(a, Some(1));
+    assert_eq!(name(pool.acquire(&ssh())), "b");
+    drop(g);
+    assert_eq!(
+        pool.snapshot().get("a").map(|v| v.total_sessions()),
+        Some(0)
+    );
+}
+
+#[test]
+fn duplicate_names_first_wins() {
+    let (pool, _) = pool(&[]);
+    pool.set_vms(vec![spec("a", 1, 9), spec("a", 5, 9)]);
+    let snap = pool.snapshot();
+    assert_eq!(snap.len(), 1);
+    assert_eq!(snap.get("a").map(|v| v.spec().weight), Some(1));
+}
+
+#[test]
+fn status_changes_publish_only_on_change() {
+    let (pool, clock) = pool(&[("a", 1, 9)]);
+    let g0 = pool.snapshot().generation();
+    let since0 = pool.snapshot().get("a").map(|v| v.state_since());
+    assert!(pool.set_health("a", Health::Up));
+    assert_eq!(pool.snapshot().generation(), g0);
+    clock.advance(Duration::from_secs(3));
+    assert!(pool.drain("a"));
+    let snap = pool.snapshot();
+    assert_eq!(snap.generation(), g0 + 1);
+    assert_ne!(snap.get("a").map(|v| v.state_since()), since0);
+    assert_eq!(snap.count_in(VmState::Draining), 1);
+    assert!(!pool.set_lifecycle("zz", Lifecycle::Stopped));
+    let st = VmStatus {
+        lifecycle: Lifecycle::Running,
+        health: Health::Up,
+        draining: false,
+    };
+    assert!(pool.set_status("a", st));
+    assert_eq!(
+        pool.snapshot().get("a").map(|v| v.state()),
+        Some(VmState::Healthy)
+    );
+}
+
+#[test]
+fn pick_does_not_count() {
+    let (pool, _) = pool(&[("a", 1, 9), ("b", 1, 9)]);
+    let vm = pool.pick(&ssh()).map(|v| v.name().to_owned());
+    assert_eq!(vm.as_deref(), Ok("a"));
+    assert_eq!(pool.snapshot().total_sessions(), 0);
+    assert_eq!(name(pool.acquire(&ssh())), "a");
+    let vm = pool.pick(&ssh()).map(|v| v.name().to_owned());
+    assert_eq!(vm.as_deref(), Ok("b"));
+}

@@ -1,0 +1,250 @@
+//! Session accounting: a [`SessionGuard`] counts one live session on a VM
+//! for as long as it exists.
+
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+
+use crate::clock::Clock;
+use crate::store::SessionStore;
+use crate::vm::{Protocol, Vm, VmSpec};
+
+/// Hasher for sequential session ids: one multiply (Fibonacci hashing) so
+/// both the low bits (buckets) and the high bits (DashMap shards) spread.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// Live sessions by id.
+pub(crate) type Registry = DashMap<u64, Arc<SessionShared>, BuildHasherDefault<IdHasher>>;
+
+/// What guards need from their pool, kept alive by the guards themselves.
+pub(crate) struct PoolShared {
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) store: Arc<dyn SessionStore>,
+    pub(crate) registry: Registry,
+    next_id: AtomicU64,
+}
+
+impl PoolShared {
+    pub(crate) fn new(clock: Arc<dyn Clock>, store: Arc<dyn SessionStore>) -> Self {
+        Self {
+            clock,
+            store,
+            registry: Registry::default(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Wraps a slot already reserved on `vm` (see `VmShared::try_reserve`)
+    /// into a guard and registers the session.
+    pub(crate) fn guard(
+        self: &Arc<Self>,
+        vm: Arc<Vm>,
+        protocol: Protocol,
+        user: Option<&str>,
+    ) -> SessionGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(user) = user {
+            self.store
+                .session_started(user, vm.name(), self.clock.now());
+        }
+        let session = Arc::new(SessionShared {
+            id,
+            vm,
+            protocol,
+            user: user.map(Box::from),
+            started: self.clock.wall(),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+        });
+        self.registry.insert(id, session.clone());
+        SessionGuard {
+            pool: self.clone(),
+            session,
+        }
+    }
+}
+
+/// One live session, shared by its guard and the registry.
+#[derive(Debug)]
+pub(crate) struct SessionShared {
+    id: u64,
+    vm: Arc<Vm>,
+    protocol: Protocol,
+    user: Option<Box<str>>,
+    started: SystemTime,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+}
+
+impl SessionShared {
+    pub(crate) fn info(&self) -> SessionInfo {
+        SessionInfo {
+            id: self.id,
+            user: self.user.as_deref().map(str::to_owned),
+            vm: self.vm.name().to_owned(),
+            protocol: self.protocol,
+            started: self.started,
+            bytes_up: self.bytes_up.load(Ordering::Relaxed),
+            bytes_down: self.bytes_down.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A live session as listed by [`Pool::sessions`](crate::Pool::sessions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Unique (per pool) session id, increasing.
+    pub id: u64,
+    /// The user, when known.
+    pub user: Option<String>,
+    /// The VM the session is on.
+    pub vm: String,
+    /// SSH or HTTP.
+    pub protocol: Protocol,
+    /// When the session started (wall clock).
+    pub started: SystemTime,
+    /// Bytes from client to VM so far.
+    pub bytes_up: u64,
+    /// Bytes from VM to client so far.
+    pub bytes_down: u64,
+}
+
+/// Counts one session on one VM while it lives.
+///
+/// Created by [`Pool::acquire`](crate::Pool::acquire) (and held internally for
+/// HTTP browser sessions). Dropping it uncounts the session, records when
+/// the VM became idle if it was the last one, and tells the
+/// [`SessionStore`] when the user was last seen. A guard keeps working after
+/// its VM leaves the pool.
+pub struct SessionGuard {
+    pool: Arc<PoolShared>,
+    session: Arc<SessionShared>,
+}
+
+impl std::fmt::Debug for SessionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionGuard")
+            .field("id", &self.session.id)
+            .field("vm", &self.session.vm.name())
+            .field("protocol", &self.session.protocol)
+            .field("user", &self.session.user)
+            .finish()
+    }
+}
+
+impl SessionGuard {
+    /// The session id (as in [`SessionInfo::id`]).
+    pub fn id(&self) -> u64 {
+        self.session.id
+    }
+
+    /// The VM, as of the snapshot the session was placed from (its counters
+    /// are live).
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.session.vm
+    }
+
+    /// The VM's name.
+    pub fn vm_name(&self) -> &str {
+        self.session.vm.name()
+    }
+
+    /// The VM's spec when the session was placed (host and ports to dial).
+    pub fn spec(&self) -> &VmSpec {
+        self.session.vm.spec()
+    }
+
+    /// SSH or HTTP.
+    pub fn protocol(&self) -> Protocol {
+        self.session.protocol
+    }
+
+    /// The user, when known.
+    pub fn user(&self) -> Option<&str> {
+        self.session.user.as_deref()
+    }
+
+    /// When the session started (wall clock).
+    pub fn started(&self) -> SystemTime {
+        self.session.started
+    }
+
+    /// Adds `n` bytes sent from the client to the VM.
+    pub fn add_bytes_up(&self, n: u64) {
+        self.session.bytes_up.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds `n` bytes sent from the VM to the client.
+    pub fn add_bytes_down(&self, n: u64) {
+        self.session.bytes_down.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes from client to VM so far.
+    pub fn bytes_up(&self) -> u64 {
+        self.session.bytes_up.load(Ordering::Relaxed)
+    }
+
+    /// Bytes from VM to client so far.
+    pub fn bytes_down(&self) -> u64 {
+        self.session.bytes_down.load(Ordering::Relaxed)
+    }
+
+    /// A snapshot of this session as listed by the pool.
+    pub fn info(&self) -> SessionInfo {
+        self.session.info()
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let s = &self.session;
+        let last = s.vm.shared().release(s.protocol);
+        self.pool.registry.remove(&s.id);
+        if last || s.user.is_some() {
+            let now = self.pool.clock.now();
+            if last {
+                s.vm.shared().mark_idle(now);
+            }
+            if let Some(user) = &s.user {
+                self.pool.store.session_ended(user, s.vm.name(), now);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hash::BuildHasher;
+
+    #[test]
+    fn id_hasher_spreads_sequential_ids_over_high_bits() {
+        let b = BuildHasherDefault::<IdHasher>::default();
+        let mut tops = std::collections::HashSet::new();
+        for id in 1..=64u64 {
+            // DashMap picks the shard from the bits just below the top 7.
+            tops.insert((b.hash_one(id) << 7) >> 59);
+        }
+        assert!(tops.len() >= 16, "only {} shards used", tops.len());
+    }
+}

@@ -1,0 +1,105 @@
+//! Immutable views of the pool, swapped atomically by the [`Pool`](crate::Pool).
+
+use std::sync::Arc;
+
+use crate::vm::{Protocol, Vm, VmShared, VmState};
+
+/// A VM that took new sessions when the snapshot was built (state healthy,
+/// capacity above zero), laid out compactly for the least-loaded scan.
+#[derive(Debug)]
+pub(crate) struct Candidate {
+    /// Index into [`Snapshot::vms`].
+    pub(crate) index: usize,
+    pub(crate) weight: u32,
+    pub(crate) capacity: u32,
+    pub(crate) shared: Arc<VmShared>,
+}
+
+/// The pool at one point in time: every VM, sorted by name.
+///
+/// Specs and statuses in a snapshot never change; session counts, load hints
+/// and `idle_since` are live (shared with newer snapshots). A new snapshot
+/// with a higher [`generation`](Snapshot::generation) is published whenever a
+/// VM is added, removed, updated or changes status.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    vms: Vec<Arc<Vm>>,
+    generation: u64,
+    candidates: Vec<Candidate>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot; `vms` must be sorted by name without duplicates.
+    pub(crate) fn build(vms: Vec<Arc<Vm>>, generation: u64) -> Self {
+        debug_assert!(vms.windows(2).all(|w| w[0].name() < w[1].name()));
+        let candidates = vms
+            .iter()
+            .enumerate()
+            .filter(|(_, vm)| vm.status().accepts_new() && vm.spec().capacity() > 0)
+            .map(|(index, vm)| Candidate {
+                index,
+                weight: vm.spec().weight,
+                capacity: vm.spec().capacity(),
+                shared: vm.shared().clone(),
+            })
+            .collect();
+        Self {
+            vms,
+            generation,
+            candidates,
+        }
+    }
+
+    /// Every VM, sorted by name.
+    pub fn vms(&self) -> &[Arc<Vm>] {
+        &self.vms
+    }
+
+    /// Incremented on every published change (0 for the empty initial pool).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Number of VMs.
+    pub fn len(&self) -> usize {
+        self.vms.len()
+    }
+
+    /// Whether the pool has no VM.
+    pub fn is_empty(&self) -> bool {
+        self.vms.is_empty()
+    }
+
+    /// The VM called `name` (binary search).
+    pub fn get(&self, name: &str) -> Option<&Arc<Vm>> {
+        self.vms
+            .binary_search_by(|vm| vm.name().cmp(name))
+            .ok()
+            .map(|i| &self.vms[i])
+    }
+
+    /// VMs in `state`.
+    pub fn count_in(&self, state: VmState) -> usize {
+        self.vms.iter().filter(|vm| vm.state() == state).count()
+    }
+
+    /// Live sessions of `protocol` over all VMs in this snapshot.
+    pub fn sessions(&self, protocol: Protocol) -> u64 {
+        self.vms
+            .iter()
+            .map(|vm| u64::from(vm.sessions(protocol)))
+            .sum()
+    }
+
+    /// Live sessions over all VMs in this snapshot.
+    pub fn total_sessions(&self) -> u64 {
+        self.vms
+            .iter()
+            .map(|vm| u64::from(vm.total_sessions()))
+            .sum()
+    }
+
+    pub(crate) fn candidates(&self) -> &[Candidate] {
+        &self.candidates
+    }
+}

@@ -1,0 +1,489 @@
+//! The VM model: what a pool member is ([`VmSpec`]), what the provider and the
+//! probes say about it ([`VmStatus`]), and its live load (shared atomics).
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::health::Health;
+
+/// The protocol a session arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// An SSH connection (shell, exec, sftp, forwarding, ...).
+    Ssh,
+    /// A browser session on the VM's web side (JupyterHub).
+    Http,
+}
+
+impl Protocol {
+    /// Both protocols, in a fixed order.
+    pub const ALL: [Protocol; 2] = [Protocol::Ssh, Protocol::Http];
+
+    /// `"ssh"` or `"http"` (the `protocol` metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Ssh => "ssh",
+            Protocol::Http => "http",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Protocol::Ssh => 0,
+            Protocol::Http => 1,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the provider says about a VM's machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Lifecycle {
+    /// Booting or being created.
+    Starting,
+    /// Up as far as the provider knows.
+    #[default]
+    Running,
+    /// Being stopped, deallocated or deleted.
+    Stopping,
+    /// Not running.
+    Stopped,
+}
+
+impl Lifecycle {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Starting => "starting",
+            Lifecycle::Running => "running",
+            Lifecycle::Stopping => "stopping",
+            Lifecycle::Stopped => "stopped",
+        }
+    }
+}
+
+/// The public state of a VM (the `state` label of `poolgate_vm_state` and
+/// `poolgate_pool_vms`), derived from [`VmStatus`] by precedence:
+/// stopped > draining > unhealthy > starting > healthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VmState {
+    /// Lifecycle `Starting`, or health not known yet.
+    Starting,
+    /// Running, probes pass, not draining.
+    Healthy,
+    /// Probes fail.
+    Unhealthy,
+    /// Keeps its sessions, takes no new ones.
+    Draining,
+    /// Lifecycle `Stopping` or `Stopped`.
+    Stopped,
+}
+
+impl VmState {
+    /// Every state, in a fixed order (for exporting one gauge per state).
+    pub const ALL: [VmState; 5] = [
+        VmState::Starting,
+        VmState::Healthy,
+        VmState::Unhealthy,
+        VmState::Draining,
+        VmState::Stopped,
+    ];
+
+    /// Lowercase name: `"starting"`, `"healthy"`, `"unhealthy"`, `"draining"`
+    /// or `"stopped"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Starting => "starting",
+            VmState::Healthy => "healthy",
+            VmState::Unhealthy => "unhealthy",
+            VmState::Draining => "draining",
+            VmState::Stopped => "stopped",
+        }
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A pool member as configured or discovered.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VmSpec {
+    /// Unique name within the pool (the `vm` metric label).
+    pub name: String,
+    /// Address the gateway connects to (IP or DNS name).
+    pub host: String,
+    /// Port of the VM's sshd.
+    pub ssh_port: u16,
+    /// Port of the VM's web side (JupyterHub).
+    pub http_port: u16,
+    /// Relative capacity: load is `sessions / weight`. A weight of 0 means the
+    /// VM takes no new sessions (it counts as "at its session limit").
+    pub weight: u32,
+    /// Cap on live sessions (SSH + active HTTP). 0 means no new sessions.
+    pub max_sessions: u32,
+}
+
+impl VmSpec {
+    /// A spec with weight 1 and a cap of 10 sessions, ports 22 and 8000.
+    pub fn new(name: impl Into<String>, host: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            host: host.into(),
+            ssh_port: 22,
+            http_port: 8000,
+            weight: 1,
+            max_sessions: 10,
+        }
+    }
+
+    /// How many sessions the VM may hold: `max_sessions`, or 0 when the
+    /// weight is 0.
+    pub fn capacity(&self) -> u32 {
+        if self.weight == 0 {
+            0
+        } else {
+            self.max_sessions
+        }
+    }
+}
+
+/// Everything known about a VM besides its spec and load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VmStatus {
+    /// What the provider says.
+    pub lifecycle: Lifecycle,
+    /// What the probes say.
+    pub health: Health,
+    /// Set by an operator (or the autoscaler) to stop new sessions.
+    pub draining: bool,
+}
+
+impl VmStatus {
+    /// The public state, by precedence stopped > draining > unhealthy >
+    /// starting > healthy.
+    pub fn state(&self) -> VmState {
+        match (self.lifecycle, self.draining, self.health) {
+            (Lifecycle::Stopping | Lifecycle::Stopped, _, _) => VmState::Stopped,
+            (_, true, _) => VmState::Draining,
+            (_, false, Health::Down) => VmState::Unhealthy,
+            (Lifecycle::Starting, false, _) | (_, false, Health::Unknown) => VmState::Starting,
+            (Lifecycle::Running, false, Health::Up) => VmState::Healthy,
+        }
+    }
+
+    /// Whether the machine can serve traffic at all: running and probed up.
+    /// Existing sessions (and browsers pinned to a draining VM) only need this.
+    pub fn serving(&self) -> bool {
+        self.lifecycle == Lifecycle::Running && self.health == Health::Up
+    }
+
+    /// Whether the VM takes new sessions, capacity aside: serving and not
+    /// draining (that is, state `healthy`).
+    pub fn accepts_new(&self) -> bool {
+        self.serving() && !self.draining
+    }
+}
+
+/// Marker for "no load hint" in the atomic (a NaN bit pattern).
+const NO_HINT: u64 = u64::MAX;
+
+/// Live per-VM counters, shared by every snapshot's copy of the VM and by
+/// every session guard on it.
+#[derive(Debug)]
+pub(crate) struct VmShared {
+    total: AtomicU32,
+    per_protocol: [AtomicU32; 2],
+    load_hint: AtomicU64,
+    /// Nanoseconds after `epoch` when the total last dropped to zero.
+    idle_since: AtomicU64,
+    epoch: Instant,
+}
+
+impl VmShared {
+    /// Fresh counters for a VM that appears at `now`; `epoch` is the pool's
+    /// time origin.
+    pub(crate) fn new(epoch: Instant, now: Instant) -> Self {
+        Self {
+            total: AtomicU32::new(0),
+            per_protocol: [AtomicU32::new(0), AtomicU32::new(0)],
+            load_hint: AtomicU64::new(NO_HINT),
+            idle_since: AtomicU64::new(nanos_since(epoch, now)),
+            epoch,
+        }
+    }
+
+    /// Live sessions (all protocols).
+    #[inline]
+    pub(crate) fn total(&self) -> u32 {
+        self.total.load(Ordering::Acquire)
+    }
+
+    /// Counts one session of `protocol` unless the total is already at `cap`.
+    /// The check and the increment are one compare-exchange, so concurrent
+    /// callers can never push the total past `cap`.
+    #[inline]
+    pub(crate) fn try_reserve(&self, cap: u32, protocol: Protocol) -> bool {
+        let mut cur = self.total.load(Ordering::Acquire);
+        loop {
+            if cur >= cap {
+                return false;
+            }
+            match self.total.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
+        }
+        self.per_protocol[protocol.index()].fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Uncounts one session of `protocol`; returns true when that was the
+    /// last session (the caller then calls [`VmShared::mark_idle`]).
+    #[inline]
+    pub(crate) fn release(&self, protocol: Protocol) -> bool {
+        self.per_protocol[protocol.index()].fetch_sub(1, Ordering::AcqRel);
+        self.total.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    /// Records that the VM became idle at `now`. Keeps the latest such time,
+    /// so racing releases can only make the VM look idle for less long.
+    pub(crate) fn mark_idle(&self, now: Instant) {
+        self.idle_since
+            .fetch_max(nanos_since(self.epoch, now), Ordering::AcqRel);
+    }
+
+    #[inline]
+    pub(crate) fn load_hint(&self) -> Option<f64> {
+        match self.load_hint.load(Ordering::Relaxed) {
+            NO_HINT => None,
+            bits => Some(f64::from_bits(bits)),
+        }
+    }
+
+    pub(crate) fn set_load_hint(&self, hint: Option<f64>) {
+        let bits = match hint {
+            Some(h) if h.is_finite() => h.to_bits(),
+            _ => NO_HINT,
+        };
+        self.load_hint.store(bits, Ordering::Relaxed);
+    }
+}
+
+fn nanos_since(epoch: Instant, t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One VM as seen in a [`Snapshot`](crate::Snapshot).
+///
+/// The spec and status are frozen in this snapshot; the session counters,
+/// the load hint and `idle_since` are live atomics shared with every other
+/// snapshot's copy of the same VM.
+#[derive(Debug)]
+pub struct Vm {
+    spec: Arc<VmSpec>,
+    status: VmStatus,
+    state_since: Instant,
+    shared: Arc<VmShared>,
+}
+
+impl Vm {
+    pub(crate) fn new(
+        spec: Arc<VmSpec>,
+        status: VmStatus,
+        state_since: Instant,
+        shared: Arc<VmShared>,
+    ) -> Self {
+        Self {
+            spec,
+            status,
+            state_since,
+            shared,
+        }
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// The VM's spec as of this snapshot.
+    pub fn spec(&self) -> &VmSpec {
+        &self.spec
+    }
+
+    pub(crate) fn spec_arc(&self) -> &Arc<VmSpec> {
+        &self.spec
+    }
+
+    /// Lifecycle, health and draining flag as of this snapshot.
+    pub fn status(&self) -> VmStatus {
+        self.status
+    }
+
+    /// The public state as of this snapshot.
+    pub fn state(&self) -> VmState {
+        self.status.state()
+    }
+
+    /// When [`Vm::state`] last changed (or the VM joined the pool).
+    pub fn state_since(&self) -> Instant {
+        self.state_since
+    }
+
+    /// Live sessions of one protocol.
+    pub fn sessions(&self, protocol: Protocol) -> u32 {
+        self.shared.per_protocol[protocol.index()].load(Ordering::Acquire)
+    }
+
+    /// Live sessions of all protocols (what `max_sessions` caps).
+    pub fn total_sessions(&self) -> u32 {
+        self.shared.total()
+    }
+
+    /// Whether the VM holds as many sessions as it may
+    /// ([`VmSpec::capacity`]).
+    pub fn is_full(&self) -> bool {
+        self.shared.total() >= self.spec.capacity()
+    }
+
+    /// Whether a new session may be placed here now: state healthy and not
+    /// full.
+    pub fn accepts_new_sessions(&self) -> bool {
+        self.status.accepts_new() && !self.is_full()
+    }
+
+    /// Weighted load `total_sessions / weight`, for display (selection
+    /// compares exact integers instead). Infinite when the weight is 0.
+    pub fn load(&self) -> f64 {
+        f64::from(self.total_sessions()) / f64::from(self.spec.weight)
+    }
+
+    /// The last load hint given by [`Pool::set_load_hint`](crate::Pool::set_load_hint).
+    pub fn load_hint(&self) -> Option<f64> {
+        self.shared.load_hint()
+    }
+
+    /// When the VM last became idle (its session count dropped to zero, or it
+    /// joined the pool), or `None` while it has sessions. For the autoscaler.
+    pub fn idle_since(&self) -> Option<Instant> {
+        if self.shared.total() > 0 {
+            return None;
+        }
+        let nanos = self.shared.idle_since.load(Ordering::Acquire);
+        Some(self.shared.epoch + Duration::from_nanos(nanos))
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(lifecycle: Lifecycle, health: Health, draining: bool) -> VmStatus {
+        VmStatus {
+            lifecycle,
+            health,
+            draining,
+        }
+    }
+
+    #[test]
+    fn state_precedence() {
+        use Health::*;
+        use Lifecycle::*;
+        assert_eq!(status(Stopped, Up, true).state(), VmState::Stopped);
+        assert_eq!(status(Stopping, Down, false).state(), VmState::Stopped);
+        assert_eq!(status(Running, Down, true).state(), VmState::Draining);
+        assert_eq!(status(Starting, Down, false).state(), VmState::Unhealthy);
+        assert_eq!(status(Starting, Up, false).state(), VmState::Starting);
+        assert_eq!(status(Running, Unknown, false).state(), VmState::Starting);
+        assert_eq!(status(Running, Up, false).state(), VmState::Healthy);
+    }
+
+    #[test]
+    fn accepts_new_only_when_healthy() {
+        for lifecycle in [
+            Lifecycle::Starting,
+            Lifecycle::Running,
+            Lifecycle::Stopping,
+            Lifecycle::Stopped,
+        ] {
+            for health in [Health::Unknown, Health::Up, Health::Down] {
+                for draining in [false, true] {
+                    let s = status(lifecycle, health, draining);
+                    assert_eq!(s.accepts_new(), s.state() == VmState::Healthy, "{s:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reserve_respects_cap_and_counts_per_protocol() {
+        let now = Instant::now();
+        let s = VmShared::new(now, now);
+        assert!(s.try_reserve(2, Protocol::Ssh));
+        assert!(s.try_reserve(2, Protocol::Http));
+        assert!(!s.try_reserve(2, Protocol::Ssh));
+        assert_eq!(s.total(), 2);
+        assert_eq!(s.per_protocol[0].load(Ordering::Relaxed), 1);
+        assert!(!s.release(Protocol::Ssh));
+        assert!(s.release(Protocol::Http));
+        assert_eq!(s.total(), 0);
+    }
+
+    #[test]
+    fn idle_since_keeps_latest() {
+        let t0 = Instant::now();
+        let s = Arc::new(VmShared::new(t0, t0));
+        let vm = Vm::new(
+            Arc::new(VmSpec::new("a", "h")),
+            VmStatus::default(),
+            t0,
+            s.clone(),
+        );
+        assert_eq!(vm.idle_since(), Some(t0));
+        s.try_reserve(1, Protocol::Ssh);
+        assert_eq!(vm.idle_since(), None);
+        s.release(Protocol::Ssh);
+        s.mark_idle(t0 + Duration::from_secs(9));
+        s.mark_idle(t0 + Duration::from_secs(5));
+        assert_eq!(vm.idle_since(), Some(t0 + Duration::from_secs(9)));
+    }
+
+    #[test]
+    fn load_hint_roundtrip() {
+        let t0 = Instant::now();
+        let s = VmShared::new(t0, t0);
+        assert_eq!(s.load_hint(), None);
+        s.set_load_hint(Some(0.25));
+        assert_eq!(s.load_hint(), Some(0.25));
+        s.set_load_hint(Some(f64::NAN));
+        assert_eq!(s.load_hint(), None);
+    }
+
+    #[test]
+    fn weight_zero_has_no_capacity() {
+        let mut spec = VmSpec::new("a", "h");
+        assert_eq!(spec.capacity(), 10);
+        spec.weight = 0;
+        assert_eq!(spec.capacity(), 0);
+    }
+}
