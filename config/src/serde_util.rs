@@ -12,8 +12,18 @@ const DURATION_HINT: &str = r#"write it like "30s", "15m" or "1h 30m""#;
 
 /// Parses a human duration such as `"5s"`, `"15m"` or `"1h 30m"`.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("invalid duration \"{text}\": {e} ({DURATION_HINT})"))
+    use humantime::DurationError as E;
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        let why = match e {
+            E::UnknownUnit { unit, .. } => format!(
+                "unknown unit \"{unit}\" (units: ms, s, m, h, d; also sec, min, hours, days, weeks)"
+            ),
+            E::NumberExpected(_) => "every unit needs a number before it".to_owned(),
+            E::Empty => "it is empty".to_owned(),
+            other => other.to_string(),
+        };
+        format!("invalid duration \"{text}\": {why} ({DURATION_HINT})")
+    })
 }
 
 /// Formats a duration the way [`parse_duration`] reads it back (`"1m 30s"`).
@@ -159,6 +169,11 @@ mod tests {
             "{err}"
         );
         assert!(parse_duration("5").is_err());
+        assert_eq!(
+            parse_duration("5 parsecs").unwrap_err(),
+            "invalid duration \"5 parsecs\": unknown unit \"parsecs\" (units: ms, s, m, h, d; also sec, min, hours, days, weeks) (write it like \"30s\", \"15m\" or \"1h 30m\")"
+        );
+        assert!(parse_duration("").unwrap_err().contains("it is empty"));
     }
 
     #[test]
