@@ -101,12 +101,17 @@ fn unknown_key(path: &[Seg]) -> ValidationError {
     ValidationError::new(render(path), format!("unknown key ({hint})"))
 }
 
+/// Bound on repair rounds; far more than there are keys.
+const MAX_ROUNDS: usize = 10_000;
+
 /// Parses `text` (read from `file`, used only in error messages).
 pub(crate) fn deserialize(text: &str, file: &Path) -> Result<Outcome, ConfigError> {
     let mut doc =
         DeTable::parse(text).map_err(|e| parse_error(file, text, e.span(), e.message()))?;
     let mut errors = Vec::new();
     let mut dropped = Vec::new();
+    let mut patched: Vec<Vec<Seg>> = Vec::new();
+    let mut rounds = 0;
     loop {
         let mut ignored = Vec::new();
         let result: Result<Config, toml::de::Error> =
@@ -125,14 +130,28 @@ pub(crate) fn deserialize(text: &str, file: &Path) -> Result<Outcome, ConfigErro
             }
             Err(error) => error,
         };
-        // Find the value the error is about, report it by key, drop it and try again. Every
-        // round removes a value, so this ends.
+        // Find the value the error is about, report it by key, drop it and try again. A wrong
+        // array item is replaced by an empty table or string (at most once per path), so the
+        // indexes of the items after it stay those of the file.
         let path = error.span().and_then(|span| locate(&doc, &span));
+        rounds += 1;
         match path {
-            Some(path) if !path.is_empty() && remove(doc.get_mut(), &path) => {
+            Some(path) if !path.is_empty() && rounds <= MAX_ROUNDS => {
                 let key = render(&path);
-                errors.push(ValidationError::new(&key, tidy(error.message())));
+                let message = with_hint(&key, tidy(error.message()));
+                let placeholder = if patched.contains(&path) {
+                    None
+                } else if message.ends_with("expected a table") {
+                    Some(DeValue::Table(DeTable::new()))
+                } else {
+                    Some(DeValue::String("".into()))
+                };
+                if !remove(doc.get_mut(), &path, placeholder) {
+                    return Err(parse_error(file, text, error.span(), error.message()));
+                }
+                errors.push(ValidationError::new(&key, message));
                 dropped.push(key);
+                patched.push(path);
             }
             _ => return Err(parse_error(file, text, error.span(), error.message())),
         }
@@ -190,33 +209,40 @@ fn locate(doc: &toml::Spanned<DeTable<'_>>, span: &Range<usize>) -> Option<Vec<S
     best.map(|(_, path)| path)
 }
 
-/// Removes the value at `path`; false when there is none.
-fn remove(table: &mut DeTable<'_>, path: &[Seg]) -> bool {
+/// Removes the value at `path`, or, for an array item, replaces it with `placeholder` when
+/// given; false when there is no such value.
+fn remove(table: &mut DeTable<'_>, path: &[Seg], placeholder: Option<DeValue<'static>>) -> bool {
     match path {
         [Seg::Key(k)] => table.remove(k.as_str()).is_some(),
         [Seg::Key(k), rest @ ..] => table
             .get_mut(k.as_str())
-            .is_some_and(|v| remove_in(v.get_mut(), rest)),
+            .is_some_and(|v| remove_in(v.get_mut(), rest, placeholder)),
         _ => false,
     }
 }
 
-fn remove_in(value: &mut DeValue<'_>, path: &[Seg]) -> bool {
+fn remove_in(value: &mut DeValue<'_>, path: &[Seg], placeholder: Option<DeValue<'static>>) -> bool {
     match (value, path) {
-        (DeValue::Table(t), _) => remove(t, path),
+        (DeValue::Table(t), _) => remove(t, path, placeholder),
         (DeValue::Array(items), [Seg::Index(i)]) if *i < items.len() => {
-            let mut kept = DeArray::new();
-            for (j, item) in items.iter().enumerate() {
-                if j != *i {
-                    kept.push(item.clone());
+            if let Some(placeholder) = placeholder {
+                if let Some(item) = items.get_mut(*i) {
+                    *item.get_mut() = placeholder;
                 }
+            } else {
+                let mut kept = DeArray::new();
+                for (j, item) in items.iter().enumerate() {
+                    if j != *i {
+                        kept.push(item.clone());
+                    }
+                }
+                *items = kept;
             }
-            *items = kept;
             true
         }
         (DeValue::Array(items), [Seg::Index(i), rest @ ..]) => items
             .get_mut(*i)
-            .is_some_and(|v| remove_in(v.get_mut(), rest)),
+            .is_some_and(|v| remove_in(v.get_mut(), rest, placeholder)),
         _ => false,
     }
 }
@@ -241,6 +267,20 @@ fn tidy(message: &str) -> String {
         m = m.replace(from, to);
     }
     m
+}
+
+/// Adds what to write for keys whose shape is easy to get wrong.
+fn with_hint(key: &str, message: String) -> String {
+    if !message.ends_with("expected an array") {
+        return message;
+    }
+    if key.starts_with("pool.exec.") {
+        format!("{message} (write the command as an argv array, e.g. [\"pool-vms\", \"list\"])")
+    } else if key == "ssh.host_keys" {
+        format!("{message} (e.g. [\"keys/ssh_host_ed25519_key\"])")
+    } else {
+        message
+    }
 }
 
 /// A [`ConfigError::Parse`] at the byte offset `span.start` of `text`.
@@ -414,16 +454,27 @@ ssh_port = 70000
         );
         assert!(
             errs.iter()
-                .any(|e| e.starts_with("ssh.host_keys: ") && e.ends_with("expected an array")),
+                .any(|e| e == "ssh.host_keys: invalid type: string \"k\", expected an array (e.g. [\"keys/ssh_host_ed25519_key\"])"),
             "{errs:#?}"
         );
     }
 
     #[test]
-    fn bad_array_item_is_reported_by_index() {
-        let errs = errors("[ssh]\nhost_keys = [\"a\", 5]\n");
-        assert_eq!(errs.len(), 1, "{errs:#?}");
-        assert!(errs[0].starts_with("ssh.host_keys[1]: "), "{errs:#?}");
+    fn bad_array_items_keep_their_index() {
+        let errs = errors("[ssh]\nhost_keys = [\"a\", 5, 6]\n");
+        let keys: Vec<&str> = errs.iter().map(|e| e.split(':').next().unwrap()).collect();
+        assert_eq!(keys, ["ssh.host_keys[1]", "ssh.host_keys[2]"], "{errs:#?}");
+        let errs = errors(
+            "[pool]\nbackends = [1, { name = \"a\", host = \"h\", weight = -1, nmae = 2 }]\n",
+        );
+        assert_eq!(
+            errs,
+            [
+                "pool.backends[0]: invalid type: integer `1`, expected a table",
+                "pool.backends[1].weight: invalid value: integer `-1`, expected a whole number from 0 to 4294967295",
+                "pool.backends[1].nmae: unknown key (did you mean \"name\"?)",
+            ]
+        );
     }
 
     #[test]
