@@ -100,11 +100,11 @@ impl Visitor<'_> for PortVisitor {
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<u16, E> {
-        u16::try_from(v).map_err(|_| E::custom(format!("{PORT_RANGE} (got {v})")))
+        u16::try_from(v).map_err(|_| E::custom(PORT_RANGE))
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<u16, E> {
-        u16::try_from(v).map_err(|_| E::custom(format!("{PORT_RANGE} (got {v})")))
+        u16::try_from(v).map_err(|_| E::custom(PORT_RANGE))
     }
 }
 
