@@ -144,7 +144,9 @@ mod tests {
             &["poolgate", "status"],
             &["poolgate", "drain", "dsvm-1"],
             &["poolgate", "undrain", "dsvm-1", "--admin", "127.0.0.1:9999"],
-            &["poolgate", "simulate", "--trace", "t.csv", "--format", "json"],
+            &[
+                "poolgate", "simulate", "--trace", "t.csv", "--format", "json",
+            ],
             &["poolgate", "--log-format", "json", "status"],
         ] {
             Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));

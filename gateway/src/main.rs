@@ -1,6 +1,6 @@
 //! `poolgate`: SSH/HTTP session-routing gateway for shared pools of data-science VMs.
 
-mod cli;
+use gateway::{app, cli};
 
 use std::process::ExitCode;
 
@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format, &cli.log);
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::Run { config } => run(&config),
         other => not_implemented(&other),
     }
 }
@@ -48,6 +49,45 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         }
         Err(other) => {
             println!("{other}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match poolgate_config::load(path) {
+        Ok(config) => config,
+        Err(poolgate_config::ConfigError::Invalid(errors)) => {
+            for error in &errors {
+                eprintln!("{error}");
+            }
+            eprintln!(
+                "{}: {} error(s); not starting",
+                path.display(),
+                errors.len()
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(other) => {
+            eprintln!("{other}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("poolgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(app::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("poolgate: {e:#}");
             ExitCode::FAILURE
         }
     }

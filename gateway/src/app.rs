@@ -1,0 +1,171 @@
+//! `poolgate run`: builds the gateway from a validated configuration and runs it until SIGTERM or
+//! Ctrl-C.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use poolgate_config::{Affinity, Config, PasswordAuth};
+use router_core::{HealthPolicy, Pool, RoutingPolicy, SystemClock, VmSpec};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::health::{HealthChecker, HealthSettings};
+use crate::ssh::keys::{self, UserCa};
+use crate::ssh::known_hosts::HostKeyPolicy;
+use crate::ssh::{SshGateway, SshGatewayParts, SshSettings, UserAuth};
+
+/// The running gateway's shared parts.
+pub struct Gateway {
+    /// The pool.
+    pub pool: Arc<Pool>,
+    /// Health state.
+    pub health: Arc<HealthChecker>,
+    /// SSH frontend.
+    pub ssh: Arc<SshGateway>,
+}
+
+/// Maps `[routing]` and `[http]` to router-core's policy.
+pub fn routing_policy(config: &Config) -> RoutingPolicy {
+    RoutingPolicy {
+        user_affinity: config.routing.affinity == Affinity::User,
+        affinity_ttl: config.routing.affinity_ttl,
+        http_session_idle: config.http.session_idle,
+    }
+}
+
+/// VMs of a static pool.
+pub fn static_vms(config: &Config) -> Vec<VmSpec> {
+    config
+        .pool
+        .backends
+        .iter()
+        .map(|b| VmSpec {
+            name: b.name.clone(),
+            host: b.host.clone(),
+            ssh_port: b.ssh_port,
+            http_port: b.http_port,
+            weight: b.weight,
+            max_sessions: b.max_sessions,
+        })
+        .collect()
+}
+
+/// The user CA's public line, for operators (`check-config`, start-up log).
+pub fn user_ca(config: &Config) -> anyhow::Result<UserCa> {
+    let (key, generated) = keys::load_or_generate(&config.ssh.user_ca_key, "poolgate user CA")
+        .context("ssh.user_ca_key")?;
+    let ca = UserCa::new(key, config.ssh.cert_validity);
+    if generated {
+        tracing::info!(path = %config.ssh.user_ca_key.display(), "generated a new user CA key");
+    }
+    Ok(ca)
+}
+
+/// Builds the gateway's parts (keys, pool, health, SSH frontend) from a configuration.
+pub fn build(config: &Config) -> anyhow::Result<Gateway> {
+    let mut host_keys = Vec::new();
+    for path in &config.ssh.host_keys {
+        let (key, generated) =
+            keys::load_or_generate(path, "poolgate host key").context("ssh.host_keys")?;
+        if generated {
+            tracing::info!(path = %path.display(), "generated a new SSH host key");
+        }
+        host_keys.push(key);
+    }
+    let ca = user_ca(config)?;
+    tracing::info!(
+        ca = %ca.public_line(),
+        "VMs must trust this user CA: put the line in /etc/ssh/poolgate_user_ca.pub and add \
+         `TrustedUserCAKeys /etc/ssh/poolgate_user_ca.pub` to sshd_config"
+    );
+    let host_policy = match (&config.ssh.backend_host_ca, &config.ssh.backend_known_hosts) {
+        (Some(ca), _) => HostKeyPolicy::from_host_ca(ca).context("ssh.backend_host_ca")?,
+        (None, Some(known)) => {
+            HostKeyPolicy::from_known_hosts(known).context("ssh.backend_known_hosts")?
+        }
+        (None, None) => anyhow::bail!("ssh: set backend_known_hosts or backend_host_ca"),
+    };
+
+    let pool = Arc::new(Pool::new(routing_policy(config), Arc::new(SystemClock)));
+    pool.set_vms(static_vms(config));
+
+    let health = HealthChecker::new(
+        pool.clone(),
+        HealthSettings {
+            interval: config.health.interval,
+            timeout: config.health.timeout,
+            policy: HealthPolicy {
+                rise: config.health.rise,
+                fall: config.health.fall,
+            },
+            ssh: config.health.ssh,
+            http: config.health.http,
+            http_path: config.health.http_path.clone(),
+        },
+    );
+    let health_for_ssh = health.clone();
+    let ssh = SshGateway::new(SshGatewayParts {
+        host_keys,
+        settings: SshSettings {
+            port_forwarding: config.ssh.port_forwarding,
+            agent_forwarding: config.ssh.agent_forwarding,
+            password_passthrough: config.ssh.password_auth == PasswordAuth::Passthrough,
+            connect_timeout: config.ssh.connect_timeout,
+            login_grace: config.ssh.login_grace,
+            max_unauthenticated: config.ssh.max_unauthenticated as usize,
+            banner: config.ssh.banner.clone(),
+            idle_timeout: config.ssh.idle_timeout,
+        },
+        user_auth: UserAuth::AuthorizedKeys(config.ssh.authorized_keys.clone()),
+        ca,
+        host_policy,
+        pool: pool.clone(),
+        on_vm_failure: Arc::new(move |vm| health_for_ssh.report_failure(vm, "connection failed")),
+        on_auth_failure: Arc::new(|method, peer| {
+            tracing::info!(%method, client = %peer, "authentication failed");
+        }),
+    });
+    Ok(Gateway { pool, health, ssh })
+}
+
+/// Runs the gateway until a shutdown signal.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let gateway = build(&config)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let ssh_listener = TcpListener::bind(config.listen.ssh)
+        .await
+        .with_context(|| format!("listen.ssh: cannot listen on {}", config.listen.ssh))?;
+    tracing::info!(addr = %ssh_listener.local_addr()?, "SSH listener ready");
+
+    let health = tokio::spawn(gateway.health.clone().run(shutdown_rx.clone()));
+    let ssh = tokio::spawn(gateway.ssh.clone().serve(ssh_listener, shutdown_rx.clone()));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    let _ = ssh.await;
+    let _ = health.await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

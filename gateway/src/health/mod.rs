@@ -1,0 +1,283 @@
+//! Active and passive health checks of pool VMs.
+//!
+//! Each VM is probed every `health.interval` (with a random offset so many VMs are not probed at
+//! once): SSH by reading the server's `SSH-2.0-` banner, HTTP by a `GET health.http_path` that must
+//! answer 2xx. Results feed router-core's rise/fall state machine; a failed connection from a real
+//! session counts as a failed probe at once ([`HealthChecker::report_failure`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use router_core::{Health, HealthPolicy, HealthTracker, Lifecycle, Pool, Transition};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// Probe settings (from `[health]`).
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    /// Time between probes of one VM.
+    pub interval: Duration,
+    /// Deadline of one probe.
+    pub timeout: Duration,
+    /// Rise/fall thresholds.
+    pub policy: HealthPolicy,
+    /// Probe sshd.
+    pub ssh: bool,
+    /// Probe the web side.
+    pub http: bool,
+    /// Path of the HTTP probe.
+    pub http_path: String,
+}
+
+/// Result of one probe round of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeResult {
+    /// All enabled probes passed.
+    Ok,
+    /// A probe failed (why).
+    Failed(String),
+}
+
+/// Health state of every VM, fed by probes and by real sessions.
+pub struct HealthChecker {
+    pool: Arc<Pool>,
+    settings: HealthSettings,
+    trackers: Mutex<HashMap<String, HealthTracker>>,
+}
+
+impl std::fmt::Debug for HealthChecker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthChecker")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HealthChecker {
+    /// A checker for `pool`.
+    pub fn new(pool: Arc<Pool>, settings: HealthSettings) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            settings,
+            trackers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Feeds one result for `vm`; applies and logs a state change.
+    pub fn observe(&self, vm: &str, result: &ProbeResult) -> Option<Transition> {
+        let now = self.pool.clock().now();
+        let ok = *result == ProbeResult::Ok;
+        let transition = {
+            let mut trackers = self.trackers.lock().ok()?;
+            let tracker = trackers
+                .entry(vm.to_string())
+                .or_insert_with(|| HealthTracker::new(self.settings.policy));
+            tracker.observe(ok, now)
+        };
+        if let Some(t) = transition {
+            self.pool.set_health(vm, t.to);
+            match (t.to, result) {
+                (Health::Up, _) => tracing::info!(%vm, from = %t.from, "VM is up"),
+                (_, ProbeResult::Failed(reason)) => {
+                    tracing::warn!(%vm, from = %t.from, %reason, "VM is down; no new sessions go there")
+                }
+                (_, ProbeResult::Ok) => {}
+            }
+        }
+        transition
+    }
+
+    /// A real session failed to connect to `vm`: counts as a failed probe now.
+    pub fn report_failure(&self, vm: &str, reason: &str) {
+        self.observe(
+            vm,
+            &ProbeResult::Failed(format!("session connect failed: {reason}")),
+        );
+    }
+
+    /// Recent results of `vm`, oldest first, with their age.
+    pub fn history(&self, vm: &str) -> Vec<(Duration, bool)> {
+        let now = self.pool.clock().now();
+        self.trackers
+            .lock()
+            .ok()
+            .and_then(|t| {
+                t.get(vm).map(|tr| {
+                    tr.history()
+                        .map(|(at, ok)| (now.saturating_duration_since(at), ok))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    /// Probes one VM once.
+    pub async fn probe(&self, host: &str, ssh_port: u16, http_port: u16) -> ProbeResult {
+        if self.settings.ssh
+            && let Err(reason) = probe_ssh(host, ssh_port, self.settings.timeout).await
+        {
+            return ProbeResult::Failed(reason);
+        }
+        if self.settings.http
+            && let Err(reason) = probe_http(
+                host,
+                http_port,
+                &self.settings.http_path,
+                self.settings.timeout,
+            )
+            .await
+        {
+            return ProbeResult::Failed(reason);
+        }
+        ProbeResult::Ok
+    }
+
+    /// Probes every running VM every interval until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut probing: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(250).min(self.settings.interval));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => if *shutdown.borrow() { break },
+            }
+            // One probe loop per VM; started for new VMs, stopped for removed ones.
+            let snapshot = self.pool.snapshot();
+            probing.retain(|name, task| {
+                let keep = snapshot.get(name).is_some() && !task.is_finished();
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for vm in snapshot.vms() {
+                let name = vm.spec().name.clone();
+                if probing.contains_key(&name) {
+                    continue;
+                }
+                let checker = self.clone();
+                probing.insert(name.clone(), tokio::spawn(checker.probe_loop(name)));
+            }
+        }
+        for (_, task) in probing {
+            task.abort();
+        }
+    }
+
+    async fn probe_loop(self: Arc<Self>, name: String) {
+        // Spread probes over the interval: a random first offset, then a fixed period.
+        let offset = self.settings.interval.mul_f64(rand::random::<f64>() * 0.5);
+        let mut first = true;
+        loop {
+            let wait = if first {
+                offset
+            } else {
+                self.settings.interval
+            };
+            first = false;
+            tokio::time::sleep(wait).await;
+            let snapshot = self.pool.snapshot();
+            let Some(vm) = snapshot.get(&name) else {
+                return;
+            };
+            if matches!(
+                vm.status().lifecycle,
+                Lifecycle::Stopped | Lifecycle::Stopping
+            ) {
+                continue;
+            }
+            let spec = vm.spec().clone();
+            drop(snapshot);
+            let result = self.probe(&spec.host, spec.ssh_port, spec.http_port).await;
+            self.observe(&name, &result);
+        }
+    }
+}
+
+/// TCP connect and read an `SSH-2.0-` identification line within `timeout`.
+pub async fn probe_ssh(host: &str, port: u16, timeout: Duration) -> Result<(), String> {
+    let attempt = async {
+        let mut stream = TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("ssh {host}:{port}: {e}"))?;
+        let mut buf = [0u8; 256];
+        let mut len = 0;
+        // Servers may send other lines before the identification (RFC 4253 §4.2).
+        loop {
+            let n = stream
+                .read(&mut buf[len..])
+                .await
+                .map_err(|e| format!("ssh {host}:{port}: {e}"))?;
+            if n == 0 {
+                return Err(format!("ssh {host}:{port}: closed before the SSH banner"));
+            }
+            len += n;
+            let text = String::from_utf8_lossy(&buf[..len]);
+            if text
+                .lines()
+                .any(|l| l.starts_with("SSH-2.0-") || l.starts_with("SSH-1.99-"))
+            {
+                let _ = stream.write_all(b"SSH-2.0-poolgate_probe\r\n").await;
+                return Ok(());
+            }
+            if len == buf.len() {
+                return Err(format!("ssh {host}:{port}: no SSH banner"));
+            }
+        }
+    };
+    tokio::time::timeout(timeout, attempt).await.map_err(|_| {
+        format!(
+            "ssh {host}:{port}: no banner within {}",
+            humantime::format_duration(timeout)
+        )
+    })?
+}
+
+/// `GET path` over HTTP/1.1, expecting a 2xx status line within `timeout`.
+pub async fn probe_http(
+    host: &str,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let attempt = async {
+        let mut stream = TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("http {host}:{port}: {e}"))?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: poolgate-health\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("http {host}:{port}: {e}"))?;
+        let mut buf = [0u8; 64];
+        let mut len = 0;
+        while len < 12 {
+            let n = stream
+                .read(&mut buf[len..])
+                .await
+                .map_err(|e| format!("http {host}:{port}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            len += n;
+        }
+        let head = String::from_utf8_lossy(&buf[..len]);
+        let status = head.split_whitespace().nth(1).unwrap_or("");
+        if head.starts_with("HTTP/1.") && status.starts_with('2') && status.len() == 3 {
+            Ok(())
+        } else {
+            Err(format!("http {host}:{port}{path}: status {status:?}"))
+        }
+    };
+    tokio::time::timeout(timeout, attempt).await.map_err(|_| {
+        format!(
+            "http {host}:{port}{path}: no answer within {}",
+            humantime::format_duration(timeout)
+        )
+    })?
+}

@@ -1,0 +1,9 @@
+//! poolgate's gateway: SSH and HTTP frontends, health checks, admin API, autoscaler driver.
+//!
+//! The binary `poolgate` (`main.rs`) is a thin CLI over this library; tests drive the library
+//! in-process as well as the binary.
+
+pub mod app;
+pub mod cli;
+pub mod health;
+pub mod ssh;

@@ -1,0 +1,281 @@
+//! Key material: the gateway's SSH host keys, the user CA that signs short-lived backend
+//! certificates, and helpers that create secret files with mode 0600.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use russh::keys::ssh_key::certificate::{Builder, CertType};
+use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey, PublicKey};
+
+/// Errors while loading or creating key material.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// A key file exists but is not an OpenSSH private key.
+    #[error(
+        "{path}: not an OpenSSH private key ({message}); remove it to have a new one generated"
+    )]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A key file is readable by group or others.
+    #[error(
+        "{path}: permissions {mode:04o} are too open for a private key (run: chmod 600 {path})"
+    )]
+    TooOpen {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Signing a certificate failed.
+    #[error("signing a certificate for {user}: {message}")]
+    Sign {
+        /// The user the certificate was for.
+        user: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
+    move |source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Refuses secret files that group or others may read.
+pub fn check_secret_permissions(path: &Path) -> Result<(), KeyError> {
+    let mode = fs::metadata(path)
+        .map_err(io_err(path))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::TooOpen {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Writes `contents` to a new file created with mode 0600 (parent directories 0700), atomically:
+/// the data goes to a temporary file in the same directory that is then renamed into place.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    file.write_all(contents).map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Loads an OpenSSH private key, or generates an Ed25519 one (mode 0600) when the file is missing.
+/// Returns the key and whether it was generated.
+pub fn load_or_generate(path: &Path, comment: &str) -> Result<(PrivateKey, bool), KeyError> {
+    if path.exists() {
+        check_secret_permissions(path)?;
+        let text = fs::read_to_string(path).map_err(io_err(path))?;
+        let key = PrivateKey::from_openssh(text.as_bytes()).map_err(|e| KeyError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        return Ok((key, false));
+    }
+    let mut key =
+        PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).map_err(|e| KeyError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    key.set_comment(comment);
+    let pem = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| KeyError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    write_secret_file(path, pem.as_bytes())?;
+    // The public half next to it, as ssh-keygen does (not secret).
+    let public = key.public_key().to_openssh().unwrap_or_default();
+    let pub_path = path.with_extension(match path.extension() {
+        Some(ext) => format!("{}.pub", ext.to_string_lossy()),
+        None => "pub".to_string(),
+    });
+    let _ = fs::write(&pub_path, format!("{public}\n"));
+    Ok((key, true))
+}
+
+/// The certificate authority whose certificates pool VMs accept (`TrustedUserCAKeys`).
+#[derive(Debug)]
+pub struct UserCa {
+    key: PrivateKey,
+    validity: Duration,
+}
+
+/// What a signed certificate is for: written to the VM's auth log through the key id.
+#[derive(Debug, Clone)]
+pub struct CertRequest<'a> {
+    /// Login name on the VM; the certificate's only principal.
+    pub user: &'a str,
+    /// Session identifier, shown in the VM's auth log.
+    pub session: u64,
+    /// Client address, shown in the VM's auth log.
+    pub client: &'a str,
+    /// Allow `-L`/`-R` forwarding on the VM.
+    pub port_forwarding: bool,
+    /// Allow `-A` agent forwarding on the VM.
+    pub agent_forwarding: bool,
+}
+
+impl UserCa {
+    /// Wraps a CA private key; certificates are valid for `validity`.
+    pub fn new(key: PrivateKey, validity: Duration) -> Self {
+        Self { key, validity }
+    }
+
+    /// The CA public key in OpenSSH format, for the VMs' `TrustedUserCAKeys` file.
+    pub fn public_line(&self) -> String {
+        self.key.public_key().to_openssh().unwrap_or_default()
+    }
+
+    /// Signs a user certificate for `session_key` with the request's user as only principal.
+    /// Valid from one minute ago (clock skew) for the configured validity.
+    pub fn sign(
+        &self,
+        session_key: &PublicKey,
+        req: &CertRequest<'_>,
+    ) -> Result<Certificate, KeyError> {
+        let sign_err = |e: russh::keys::ssh_key::Error| KeyError::Sign {
+            user: req.user.to_string(),
+            message: e.to_string(),
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let valid_after = now.saturating_sub(60);
+        let valid_before = now + self.validity.as_secs().max(60);
+        let mut nonce = [0u8; 32];
+        rand::fill(&mut nonce);
+        let mut builder = Builder::new(
+            nonce.to_vec(),
+            session_key.key_data().clone(),
+            valid_after,
+            valid_before,
+        )
+        .map_err(sign_err)?;
+        builder
+            .cert_type(CertType::User)
+            .map_err(sign_err)?
+            .serial(req.session)
+            .map_err(sign_err)?
+            .key_id(format!(
+                "poolgate session={} user={} client={}",
+                req.session, req.user, req.client
+            ))
+            .map_err(sign_err)?
+            .valid_principal(req.user)
+            .map_err(sign_err)?
+            .extension("permit-pty", "")
+            .map_err(sign_err)?;
+        if req.port_forwarding {
+            builder
+                .extension("permit-port-forwarding", "")
+                .map_err(sign_err)?;
+        }
+        if req.agent_forwarding {
+            builder
+                .extension("permit-agent-forwarding", "")
+                .map_err(sign_err)?;
+        }
+        builder.sign(&self.key).map_err(sign_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_key_is_0600_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/host_key");
+        let (key, generated) = load_or_generate(&path, "test").unwrap();
+        assert!(generated);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (again, generated) = load_or_generate(&path, "test").unwrap();
+        assert!(!generated);
+        assert_eq!(key.public_key(), again.public_key());
+        assert!(path.with_extension("pub").exists());
+    }
+
+    #[test]
+    fn open_permissions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        load_or_generate(&path, "t").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load_or_generate(&path, "t").unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn certificate_names_user_and_session() {
+        let ca = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let ca = UserCa::new(ca, Duration::from_secs(300));
+        let session_key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let cert = ca
+            .sign(
+                session_key.public_key(),
+                &CertRequest {
+                    user: "alice",
+                    session: 42,
+                    client: "127.0.0.1:5555",
+                    port_forwarding: false,
+                    agent_forwarding: true,
+                },
+            )
+            .unwrap();
+        assert_eq!(cert.valid_principals(), ["alice".to_string()]);
+        assert!(cert.key_id().contains("session=42"));
+        assert!(cert.extensions().contains_key("permit-agent-forwarding"));
+        assert!(!cert.extensions().contains_key("permit-port-forwarding"));
+        let ca_fp = ca.key.public_key().fingerprint(Default::default());
+        cert.validate_at(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            [&ca_fp],
+        )
+        .unwrap();
+    }
+}

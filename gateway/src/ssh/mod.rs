@@ -1,0 +1,267 @@
+//! SSH frontend: terminates users' SSH on one stable host key and relays each connection to a
+//! pool VM (see `front` for the handler, `backend` for the VM leg, `relay` for channels).
+
+pub mod authorized_keys;
+pub mod backend;
+pub mod front;
+pub mod keys;
+pub mod known_hosts;
+pub mod relay;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use router_core::Pool;
+use russh::keys::ssh_key::PrivateKey;
+use russh::{MethodKind, MethodSet, cipher, kex, server};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use self::front::Front;
+use self::keys::UserCa;
+use self::known_hosts::HostKeyPolicy;
+
+/// How users authenticate to the gateway.
+#[derive(Debug, Clone)]
+pub enum UserAuth {
+    /// OpenSSH authorized_keys files from a path template (`{user}` substituted).
+    AuthorizedKeys(String),
+    /// Any public key (the demo only).
+    AnyKey,
+}
+
+/// SSH settings taken from `[ssh]`.
+#[derive(Debug, Clone)]
+pub struct SshSettings {
+    /// `ssh.port_forwarding`.
+    pub port_forwarding: bool,
+    /// `ssh.agent_forwarding`.
+    pub agent_forwarding: bool,
+    /// `ssh.password_auth = "passthrough"`.
+    pub password_passthrough: bool,
+    /// `ssh.connect_timeout`: TCP connect, handshake and login towards a VM.
+    pub connect_timeout: Duration,
+    /// `ssh.login_grace`: time a user has to authenticate.
+    pub login_grace: Duration,
+    /// `ssh.max_unauthenticated`.
+    pub max_unauthenticated: usize,
+    /// `ssh.banner`.
+    pub banner: Option<String>,
+    /// `ssh.idle_timeout`.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Called with a VM's name when a real session could not connect to it (passive health check).
+pub type FailureHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Called with the auth method and client address on every failed authentication.
+pub type AuthFailureHook = Arc<dyn Fn(&str, SocketAddr) + Send + Sync>;
+
+/// Everything the SSH frontend shares between connections.
+pub struct SshGateway {
+    server_config: Arc<server::Config>,
+    pub(crate) settings: SshSettings,
+    pub(crate) user_auth: UserAuth,
+    pub(crate) ca: UserCa,
+    pub(crate) host_policy: Arc<HostKeyPolicy>,
+    pub(crate) client_config: Arc<russh::client::Config>,
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) on_vm_failure: FailureHook,
+    on_auth_failure: AuthFailureHook,
+    pub(crate) window_size: u32,
+    unauthenticated: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for SshGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshGateway")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Inputs of [`SshGateway::new`].
+pub struct SshGatewayParts {
+    /// Host keys shown to users.
+    pub host_keys: Vec<PrivateKey>,
+    /// Settings.
+    pub settings: SshSettings,
+    /// User authentication.
+    pub user_auth: UserAuth,
+    /// Certificate authority for the VM leg.
+    pub ca: UserCa,
+    /// VM host-key trust.
+    pub host_policy: HostKeyPolicy,
+    /// The pool.
+    pub pool: Arc<Pool>,
+    /// Passive health feedback.
+    pub on_vm_failure: FailureHook,
+    /// Failed-authentication feedback (metrics).
+    pub on_auth_failure: AuthFailureHook,
+}
+
+/// Server-side russh configuration (see FIELD-NOTES: nodelay, immediate first rejection,
+/// AES-GCM offered, ML-KEM hybrid first).
+fn server_config(host_keys: Vec<PrivateKey>, settings: &SshSettings) -> server::Config {
+    let preferred = russh::Preferred {
+        kex: std::borrow::Cow::Owned(vec![
+            kex::MLKEM768X25519_SHA256,
+            kex::CURVE25519,
+            kex::CURVE25519_PRE_RFC_8731,
+            kex::DH_GEX_SHA256,
+            kex::DH_G16_SHA512,
+            kex::DH_G14_SHA256,
+            kex::EXTENSION_SUPPORT_AS_SERVER,
+            kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+        ]),
+        cipher: std::borrow::Cow::Owned(vec![
+            cipher::CHACHA20_POLY1305,
+            cipher::AES_128_GCM,
+            cipher::AES_256_GCM,
+            cipher::AES_128_CTR,
+            cipher::AES_192_CTR,
+            cipher::AES_256_CTR,
+        ]),
+        ..Default::default()
+    };
+    let mut methods = MethodSet::empty();
+    methods.push(MethodKind::PublicKey);
+    if settings.password_passthrough {
+        methods.push(MethodKind::Password);
+    }
+    server::Config {
+        server_id: russh::SshId::Standard(
+            format!("SSH-2.0-poolgate_{}", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        methods,
+        auth_rejection_time: Duration::from_secs(1),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: host_keys,
+        // Small per-channel queue: user data beyond it waits in the buffers of `relay`, counted.
+        channel_buffer_size: 8,
+        preferred,
+        max_auth_attempts: 6,
+        inactivity_timeout: settings.idle_timeout,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 4,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+impl SshGateway {
+    /// Builds the frontend.
+    pub fn new(parts: SshGatewayParts) -> Arc<Self> {
+        let server_config = server_config(parts.host_keys, &parts.settings);
+        let window_size = server_config.window_size;
+        let client_config = backend::client_config(parts.host_policy.wants_certificates());
+        Arc::new(Self {
+            unauthenticated: Arc::new(Semaphore::new(parts.settings.max_unauthenticated.max(1))),
+            server_config: Arc::new(server_config),
+            settings: parts.settings,
+            user_auth: parts.user_auth,
+            ca: parts.ca,
+            host_policy: Arc::new(parts.host_policy),
+            client_config: Arc::new(client_config),
+            pool: parts.pool,
+            on_vm_failure: parts.on_vm_failure,
+            on_auth_failure: parts.on_auth_failure,
+            window_size,
+        })
+    }
+
+    pub(crate) fn auth_failed(&self, method: &str, peer: SocketAddr) {
+        (self.on_auth_failure)(method, peer);
+    }
+
+    /// Accepts connections until `shutdown` turns true.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "SSH accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Ok(permit) = self.unauthenticated.clone().try_acquire_owned() else {
+                tracing::warn!(client = %peer, limit = self.settings.max_unauthenticated,
+                    "too many connections still authenticating (ssh.max_unauthenticated); dropping");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let gw = self.clone();
+            tokio::spawn(async move {
+                gw.handle_connection(stream, peer, permit).await;
+            });
+        }
+    }
+
+    async fn handle_connection(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let (authed_tx, mut authed_rx) = watch::channel(false);
+        let handler = Front::new(self.clone(), peer, permit, authed_tx);
+        let grace = self.settings.login_grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        let session = match tokio::time::timeout(
+            grace,
+            server::run_stream(self.server_config.clone(), stream, handler),
+        )
+        .await
+        {
+            Ok(Ok(session)) => session,
+            Ok(Err(e)) => {
+                tracing::debug!(client = %peer, error = %e, "SSH handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(client = %peer, "no SSH handshake within ssh.login_grace; closed");
+                return;
+            }
+        };
+        let handle = session.handle();
+        tokio::pin!(session);
+        let grace_timer = tokio::time::sleep_until(deadline);
+        tokio::pin!(grace_timer);
+        let result = loop {
+            tokio::select! {
+                r = &mut session => break r,
+                _ = &mut grace_timer, if !*authed_rx.borrow() => {
+                    tracing::info!(client = %peer, "not authenticated within ssh.login_grace; disconnecting");
+                    let _ = handle
+                        .disconnect(russh::Disconnect::ByApplication, "login grace time exceeded".into(), "en".into())
+                        .await;
+                    break Ok(());
+                }
+                changed = authed_rx.changed(), if !*authed_rx.borrow() => {
+                    if changed.is_err() {
+                        // The handler is gone; the session future finishes next.
+                        break (&mut session).await;
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(client = %peer, error = %e, "SSH connection ended with an error");
+        }
+    }
+}
