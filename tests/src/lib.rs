@@ -9,19 +9,47 @@
 //! Missing tools follow one rule ([`require_tool`], [`require_tools!`]): under CI (`CI=true`)
 //! they fail the test with what to install; elsewhere the test is skipped with a loud message.
 //!
+//! ```no_run
+//! use poolgate_tests::*;
+//! use std::time::Duration;
+//!
+//! require_tools!("sshd", "ssh", "ssh-keygen");
+//! require_root!();
+//! let users = TestUsers::ensure(1);
+//! let ca = UserCa::generate();
+//! let vm = SshdVm::builder("vm-a").trusted_user_ca_keys(ca.public_key_path()).start();
+//! let key = UserKey::generate("pgtest1");
+//! ca.sign(&key, &users.user(1).name, Duration::from_secs(600));
+//! let known_hosts = KnownHosts::new();
+//! known_hosts.add_vm(&vm);
+//! let out = SshClient::new(&users.user(1).name, vm.port(), known_hosts.path())
+//!     .user_key(&key)
+//!     .run("echo $POOLGATE_VM");
+//! assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vm-a");
+//! ```
 
 // This crate exists only to serve tests: a failed setup step should abort the test at once with
 // the `expect` message, which is exactly what a panic does. The workspace-wide ban on
 // `unwrap`/`expect` protects the gateway's request paths, not a test harness.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod agent;
+mod client;
+mod keys;
 mod ports;
 mod process;
+mod sshd;
 mod tools;
+mod users;
 
+pub use agent::SshAgent;
+pub use client::{KnownHosts, SshClient, known_hosts_line};
+pub use keys::{UserCa, UserKey, generate_ed25519};
 pub use ports::{free_port, wait_for_port, wait_for_port_closed, wait_for_ssh_banner};
 pub use process::{
     TimedOut, kill_tree, run_with_input, run_with_timeout, try_run_with_timeout, wait_for_exit,
     wait_until,
 };
+pub use sshd::{SshdVm, SshdVmBuilder};
 pub use tools::{find_tool, in_ci, install_hint, require_root, require_tool, tool};
+pub use users::{TestUser, TestUsers, test_user_name};
