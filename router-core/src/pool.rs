@@ -43,8 +43,8 @@ impl Default for RoutingPolicy {
 #[derive(Default)]
 struct Writer {
     generation: u64,
-    /// Counters of removed VMs that still had live sessions, reused if a VM
-    /// of the same name comes back before they drain.
+    /// Counters of removed VMs that may still be in use, reused if a VM of
+    /// the same name comes back.
     retired: HashMap<String, Arc<VmShared>>,
 }
 
@@ -118,7 +118,8 @@ impl Pool {
     /// new spec. New VMs start `Lifecycle::Running` + `Health::Unknown` (state
     /// `starting`) until probed. Removed VMs disappear from selection at once;
     /// their live guards keep working and still count, and if a VM of the
-    /// same name returns before they drop it gets the same counters back.
+    /// same name returns while any of them lives it gets the same counters
+    /// back (so its `max_sessions` still covers them).
     /// With duplicate names the first spec wins. Publishes a new snapshot only
     /// if something changed.
     pub fn set_vms(&self, specs: Vec<VmSpec>) {
@@ -158,12 +159,16 @@ impl Pool {
         }
         for vm in old.vms() {
             let kept = vms.binary_search_by(|v| v.name().cmp(vm.name())).is_ok();
-            if !kept && vm.total_sessions() > 0 {
+            if !kept {
                 w.retired.insert(vm.name().to_owned(), vm.shared().clone());
             }
         }
-        w.retired.retain(|_, shared| shared.total() > 0);
         self.publish(&mut w, vms);
+        drop(old);
+        // Counters still reachable (from a guard, or from an older snapshot a
+        // reader may be placing a session from) are kept, so a returning VM
+        // can never be counted twice; unreachable ones are forgotten.
+        w.retired.retain(|_, shared| Arc::strong_count(shared) > 1);
     }
 
     fn publish(&self, w: &mut Writer, vms: Vec<Arc<Vm>>) {
@@ -282,7 +287,9 @@ impl Pool {
     /// limit and not in [`PickRequest::exclude`]. The session is counted with
     /// a compare-exchange against `max_sessions`, so the limit holds under
     /// any concurrency; if the chosen VM fills up meanwhile, the next best is
-    /// tried.
+    /// tried. Status changes are seen from the next call on (a call already
+    /// running when a VM starts draining may still place one session there,
+    /// as with any snapshot design).
     pub fn acquire(&self, req: &PickRequest<'_>) -> Result<SessionGuard, NoVm> {
         let snap = self.current.load();
         // Each failed attempt means a VM filled up under us; bounded anyway.

@@ -130,6 +130,8 @@ pub struct VmSpec {
     /// VM takes no new sessions (it counts as "at its session limit").
     pub weight: u32,
     /// Cap on live sessions (SSH + active HTTP). 0 means no new sessions.
+    /// Lowering it ends no session: the VM just takes no new ones until it
+    /// is below the new cap.
     pub max_sessions: u32,
 }
 
