@@ -281,10 +281,15 @@ impl SshdVm {
 
     /// True while the sshd listener runs.
     pub fn is_running(&mut self) -> bool {
-        match &mut self.child {
-            Some(child) => child.try_wait().expect("try_wait sshd").is_none(),
-            None => false,
+        let Some(child) = &mut self.child else {
+            return false;
+        };
+        if child.try_wait().expect("try_wait sshd").is_none() {
+            return true;
         }
+        // Reaped: forget the pid so stop()/drop never signal a reused one.
+        self.child = None;
+        false
     }
 
     /// Kills sshd and every session under it, like a VM going down; waits until the port
