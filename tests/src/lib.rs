@@ -35,6 +35,7 @@
 
 mod agent;
 mod client;
+mod gateway;
 mod keys;
 mod ports;
 mod process;
@@ -44,6 +45,7 @@ mod users;
 
 pub use agent::SshAgent;
 pub use client::{KnownHosts, SshClient, known_hosts_line};
+pub use gateway::{GatewayProcess, GatewayProcessBuilder, poolgate_bin, workspace_dir};
 pub use keys::{UserCa, UserKey, generate_ed25519};
 pub use ports::{free_port, wait_for_port, wait_for_port_closed, wait_for_ssh_banner};
 pub use process::{

@@ -71,6 +71,11 @@ pub fn wait_for_ssh_banner(addr: SocketAddr, timeout: Duration) -> String {
 
 const CONNECT: Duration = Duration::from_millis(500);
 
+/// One attempt: does `addr` accept a TCP connection (within 500 ms)?
+pub(crate) fn accepts(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, CONNECT).is_ok()
+}
+
 /// One attempt: connect and read lines until an `SSH-2.0-` one, giving up at `deadline`.
 pub(crate) fn read_banner(addr: SocketAddr, deadline: Instant) -> Result<String, String> {
     let stream = TcpStream::connect_timeout(&addr, CONNECT).map_err(|e| format!("connect: {e}"))?;

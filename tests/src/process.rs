@@ -180,6 +180,11 @@ pub fn kill_tree(root: u32) {
     }
 }
 
+/// Sends `signal` to `pid`, ignoring "no such process".
+pub(crate) fn signal(pid: u32, signal: Signal) {
+    let _ = kill(Pid::from_raw(pid as i32), signal);
+}
+
 /// `root` and its descendants, from the parent links in `/proc/*/stat`.
 fn tree(root: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
