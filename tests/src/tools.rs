@@ -89,7 +89,11 @@ pub fn tool(name: &str) -> PathBuf {
 
 /// Panics under CI, else prints a loud SKIPPED line.
 fn missing(msg: &str) {
-    if in_ci() {
+    missing_with(in_ci(), msg);
+}
+
+fn missing_with(ci: bool, msg: &str) {
+    if ci {
         panic!("{msg}. CI=true, so this is a failure, not a skip.");
     }
     eprintln!();
@@ -140,5 +144,16 @@ mod tests {
         assert!(find_tool("sh").is_some());
         assert!(find_tool("poolgate-no-such-tool").is_none());
         assert!(install_hint("/usr/sbin/sshd").contains("openssh-server"));
+    }
+
+    #[test]
+    fn outside_ci_a_missing_tool_is_a_loud_skip() {
+        missing_with(false, "`x` is not installed");
+    }
+
+    #[test]
+    #[should_panic(expected = "CI=true, so this is a failure, not a skip")]
+    fn under_ci_a_missing_tool_fails() {
+        missing_with(true, "`x` is not installed");
     }
 }
