@@ -38,6 +38,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         Ok(config) => {
             println!("{}: ok", file.display());
             print!("{}", config.summary());
+            print_user_ca(&config);
             ExitCode::SUCCESS
         }
         Err(poolgate_config::ConfigError::Invalid(errors)) => {
@@ -51,6 +52,25 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             println!("{other}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Shows the public half of the user CA that VMs must trust (without creating anything).
+fn print_user_ca(config: &poolgate_config::Config) {
+    let path = &config.ssh.user_ca_key;
+    if !path.exists() {
+        println!(
+            "user CA: {} does not exist yet; `poolgate run` generates it and logs its public key",
+            path.display()
+        );
+        return;
+    }
+    match app::user_ca(config) {
+        Ok(ca) => {
+            println!("user CA (put in the VMs' TrustedUserCAKeys file):");
+            println!("{}", ca.public_line());
+        }
+        Err(e) => println!("ssh.user_ca_key: {e:#}"),
     }
 }
 

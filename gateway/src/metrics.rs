@@ -1,0 +1,321 @@
+//! Prometheus metrics (prefix `poolgate_`), names and labels as DESIGN.md lists them.
+//!
+//! Counters and histograms are updated where things happen. Gauges that describe the pool
+//! (`sessions_active`, `vm_up`, `vm_state`, `pool_vms`) are recomputed from the pool snapshot at
+//! every scrape, so they always match reality.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use router_core::{Pool, Protocol, VmState};
+
+/// Every metric the gateway exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `poolgate_sessions_active{protocol,vm}`.
+    pub sessions_active: IntGaugeVec,
+    /// `poolgate_sessions_total{protocol,vm,outcome}`.
+    pub sessions_total: IntCounterVec,
+    /// `poolgate_vm_up{vm}`.
+    pub vm_up: IntGaugeVec,
+    /// `poolgate_vm_state{vm,state}`.
+    pub vm_state: IntGaugeVec,
+    /// `poolgate_bytes_total{protocol,vm,direction}`.
+    pub bytes_total: IntCounterVec,
+    /// `poolgate_connect_seconds{protocol}`.
+    pub connect_seconds: HistogramVec,
+    /// `poolgate_auth_failures_total{method}`.
+    pub auth_failures_total: IntCounterVec,
+    /// `poolgate_http_requests_total{vm,code}`.
+    pub http_requests_total: IntCounterVec,
+    /// `poolgate_autoscale_desired_vms`.
+    pub autoscale_desired_vms: IntGauge,
+    /// `poolgate_autoscale_actions_total{action}`.
+    pub autoscale_actions_total: IntCounterVec,
+    /// `poolgate_pool_vms{state}`.
+    pub pool_vms: IntGaugeVec,
+    /// `poolgate_sessions_waiting{protocol}`: connections held while the pool wakes.
+    pub sessions_waiting: IntGaugeVec,
+    /// `poolgate_vm_load_hint{vm}`: node_load1 per CPU scraped from the VM, when configured.
+    pub vm_load_hint: GaugeVec,
+}
+
+/// Outcome label values of `sessions_total`.
+pub mod outcome {
+    /// Session ran and ended.
+    pub const OK: &str = "ok";
+    /// The VM could not be reached or refused the session.
+    pub const VM_FAILED: &str = "vm_failed";
+    /// No VM could take the session.
+    pub const NO_VM: &str = "no_vm";
+}
+
+/// Latency buckets of `connect_seconds`: 5 ms … 5 min (a VM boot while the pool wakes).
+const CONNECT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+impl Metrics {
+    /// Creates and registers every metric (and process metrics on Linux).
+    pub fn new() -> Self {
+        let registry =
+            Registry::new_custom(Some("poolgate".into()), None).unwrap_or_else(|_| Registry::new());
+        macro_rules! reg {
+            ($metric:expr) => {{
+                let m = $metric.expect("static metric definition is valid");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric names are unique");
+                m
+            }};
+        }
+        let metrics = Self {
+            sessions_active: reg!(IntGaugeVec::new(
+                Opts::new("sessions_active", "Sessions open now, by protocol and VM."),
+                &["protocol", "vm"]
+            )),
+            sessions_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "sessions_total",
+                    "Sessions started, by protocol, VM and outcome (ok, vm_failed, no_vm)."
+                ),
+                &["protocol", "vm", "outcome"]
+            )),
+            vm_up: reg!(IntGaugeVec::new(
+                Opts::new("vm_up", "1 when the VM passes its health checks, else 0."),
+                &["vm"]
+            )),
+            vm_state: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "vm_state",
+                    "1 for the VM's current state (starting, healthy, unhealthy, draining, stopped), 0 for the others."
+                ),
+                &["vm", "state"]
+            )),
+            bytes_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "bytes_total",
+                    "Bytes relayed, by protocol, VM and direction (up = user to VM, down = VM to user)."
+                ),
+                &["protocol", "vm", "direction"]
+            )),
+            connect_seconds: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "connect_seconds",
+                    "Time from accepting a connection to the VM being ready for it."
+                )
+                .buckets(CONNECT_BUCKETS.to_vec()),
+                &["protocol"]
+            )),
+            auth_failures_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "auth_failures_total",
+                    "Failed user authentications, by method."
+                ),
+                &["method"]
+            )),
+            http_requests_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "http_requests_total",
+                    "HTTP requests proxied, by VM and status code."
+                ),
+                &["vm", "code"]
+            )),
+            autoscale_desired_vms: reg!(IntGauge::new(
+                "autoscale_desired_vms",
+                "Running VMs the autoscaler aims for."
+            )),
+            autoscale_actions_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "autoscale_actions_total",
+                    "Autoscaler actions applied, by action (start, create, drain, undrain, stop, delete, error)."
+                ),
+                &["action"]
+            )),
+            pool_vms: reg!(IntGaugeVec::new(
+                Opts::new("pool_vms", "VMs in the pool, by state."),
+                &["state"]
+            )),
+            sessions_waiting: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "sessions_waiting",
+                    "Connections held while the pool wakes up, by protocol."
+                ),
+                &["protocol"]
+            )),
+            vm_load_hint: reg!(GaugeVec::new(
+                Opts::new(
+                    "vm_load_hint",
+                    "node_load1 per CPU scraped from the VM (tie-breaker between equally loaded VMs)."
+                ),
+                &["vm"]
+            )),
+            registry: registry.clone(),
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = registry.register(Box::new(process));
+        }
+        for protocol in [Protocol::Ssh, Protocol::Http] {
+            metrics
+                .connect_seconds
+                .with_label_values(&[protocol.as_str()]);
+            metrics
+                .sessions_waiting
+                .with_label_values(&[protocol.as_str()]);
+        }
+        metrics
+    }
+
+    /// Records a session start decision.
+    pub fn session_started(&self, protocol: Protocol, vm: &str, outcome: &str, connect: Duration) {
+        self.sessions_total
+            .with_label_values(&[protocol.as_str(), vm, outcome])
+            .inc();
+        if outcome == outcome::OK {
+            self.connect_seconds
+                .with_label_values(&[protocol.as_str()])
+                .observe(connect.as_secs_f64());
+        }
+    }
+
+    /// Adds relayed bytes.
+    pub fn bytes(&self, protocol: Protocol, vm: &str, up: u64, down: u64) {
+        if up > 0 {
+            self.bytes_total
+                .with_label_values(&[protocol.as_str(), vm, "up"])
+                .inc_by(up);
+        }
+        if down > 0 {
+            self.bytes_total
+                .with_label_values(&[protocol.as_str(), vm, "down"])
+                .inc_by(down);
+        }
+    }
+
+    /// Counts a failed authentication.
+    pub fn auth_failed(&self, method: &str) {
+        self.auth_failures_total.with_label_values(&[method]).inc();
+    }
+
+    /// Refreshes the pool gauges from `pool` and renders the text exposition format.
+    pub fn render(&self, pool: &Pool) -> String {
+        self.refresh_pool(pool);
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    fn refresh_pool(&self, pool: &Pool) {
+        let snapshot = pool.snapshot();
+        self.sessions_active.reset();
+        self.vm_up.reset();
+        self.vm_state.reset();
+        for vm in snapshot.vms() {
+            let name = vm.spec().name.as_str();
+            for protocol in [Protocol::Ssh, Protocol::Http] {
+                self.sessions_active
+                    .with_label_values(&[protocol.as_str(), name])
+                    .set(i64::try_from(vm.sessions(protocol)).unwrap_or(i64::MAX));
+            }
+            let state = vm.state();
+            self.vm_up
+                .with_label_values(&[name])
+                .set(i64::from(vm.status().health == router_core::Health::Up));
+            for s in ALL_STATES {
+                self.vm_state
+                    .with_label_values(&[name, s.as_str()])
+                    .set(i64::from(s == state));
+            }
+        }
+        for s in ALL_STATES {
+            self.pool_vms
+                .with_label_values(&[s.as_str()])
+                .set(i64::try_from(snapshot.count_in(s)).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const ALL_STATES: [VmState; 5] = [
+    VmState::Starting,
+    VmState::Healthy,
+    VmState::Unhealthy,
+    VmState::Draining,
+    VmState::Stopped,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use router_core::{Health, PickRequest, RoutingPolicy, SystemClock, VmSpec};
+    use std::sync::Arc;
+
+    #[test]
+    fn every_design_metric_is_exported_with_help() {
+        let metrics = Metrics::new();
+        let pool = Pool::new(RoutingPolicy::default(), Arc::new(SystemClock));
+        pool.set_vms(vec![VmSpec::new("vm-a", "127.0.0.1")]);
+        pool.set_health("vm-a", Health::Up);
+        let guard = pool.acquire(&PickRequest::new(Protocol::Ssh)).unwrap();
+        metrics.session_started(
+            Protocol::Ssh,
+            "vm-a",
+            outcome::OK,
+            Duration::from_millis(20),
+        );
+        metrics.bytes(Protocol::Ssh, "vm-a", 10, 20);
+        metrics.auth_failed("publickey");
+        metrics
+            .http_requests_total
+            .with_label_values(&["vm-a", "200"])
+            .inc();
+        metrics
+            .autoscale_actions_total
+            .with_label_values(&["start"])
+            .inc();
+        let text = metrics.render(&pool);
+        for name in [
+            "poolgate_sessions_active",
+            "poolgate_sessions_total",
+            "poolgate_vm_up",
+            "poolgate_vm_state",
+            "poolgate_bytes_total",
+            "poolgate_connect_seconds",
+            "poolgate_auth_failures_total",
+            "poolgate_http_requests_total",
+            "poolgate_autoscale_desired_vms",
+            "poolgate_autoscale_actions_total",
+            "poolgate_pool_vms",
+        ] {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} missing:\n{text}"
+            );
+        }
+        assert!(
+            text.contains("poolgate_sessions_active{protocol=\"ssh\",vm=\"vm-a\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("poolgate_vm_state{state=\"healthy\",vm=\"vm-a\"} 1"),
+            "{text}"
+        );
+        drop(guard);
+        let text = metrics.render(&pool);
+        assert!(
+            text.contains("poolgate_sessions_active{protocol=\"ssh\",vm=\"vm-a\"} 0"),
+            "{text}"
+        );
+    }
+}
