@@ -221,7 +221,7 @@ impl Metrics {
             for protocol in [Protocol::Ssh, Protocol::Http] {
                 self.sessions_active
                     .with_label_values(&[protocol.as_str(), name])
-                    .set(i64::try_from(vm.sessions(protocol)).unwrap_or(i64::MAX));
+                    .set(i64::from(vm.sessions(protocol)));
             }
             let state = vm.state();
             self.vm_up
