@@ -10,6 +10,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::health::{HealthChecker, HealthSettings};
+use crate::http::HttpParts;
+use crate::metrics::Metrics;
 use crate::ssh::keys::{self, UserCa};
 use crate::ssh::known_hosts::HostKeyPolicy;
 use crate::ssh::{SshGateway, SshGatewayParts, SshSettings, UserAuth};
@@ -22,6 +24,8 @@ pub struct Gateway {
     pub health: Arc<HealthChecker>,
     /// SSH frontend.
     pub ssh: Arc<SshGateway>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Maps `[routing]` and `[http]` to router-core's policy.
@@ -103,7 +107,9 @@ pub fn build(config: &Config) -> anyhow::Result<Gateway> {
             http_path: config.health.http_path.clone(),
         },
     );
+    let metrics = Arc::new(Metrics::new());
     let health_for_ssh = health.clone();
+    let metrics_for_ssh = metrics.clone();
     let ssh = SshGateway::new(SshGatewayParts {
         host_keys,
         settings: SshSettings {
@@ -121,11 +127,18 @@ pub fn build(config: &Config) -> anyhow::Result<Gateway> {
         host_policy,
         pool: pool.clone(),
         on_vm_failure: Arc::new(move |vm| health_for_ssh.report_failure(vm, "connection failed")),
-        on_auth_failure: Arc::new(|method, peer| {
+        on_auth_failure: Arc::new(move |method, peer| {
+            metrics_for_ssh.auth_failed(method);
             tracing::info!(%method, client = %peer, "authentication failed");
         }),
+        metrics: metrics.clone(),
     });
-    Ok(Gateway { pool, health, ssh })
+    Ok(Gateway {
+        pool,
+        health,
+        ssh,
+        metrics,
+    })
 }
 
 /// Runs the gateway until a shutdown signal.
@@ -138,13 +151,42 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("listen.ssh: cannot listen on {}", config.listen.ssh))?;
     tracing::info!(addr = %ssh_listener.local_addr()?, "SSH listener ready");
 
+    let http_listener = TcpListener::bind(config.listen.http)
+        .await
+        .with_context(|| format!("listen.http: cannot listen on {}", config.listen.http))?;
+    let https_listener = match config.listen.https {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listen.https: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
     let health = tokio::spawn(gateway.health.clone().run(shutdown_rx.clone()));
+    let health_for_http = gateway.health.clone();
+    let http = tokio::spawn(crate::http::serve(
+        HttpParts {
+            config: config.clone(),
+            pool: gateway.pool.clone(),
+            metrics: gateway.metrics.clone(),
+            on_vm_failure: Arc::new(move |vm| {
+                health_for_http.report_failure(vm, "HTTP request failed")
+            }),
+        },
+        http_listener,
+        https_listener,
+        shutdown_rx.clone(),
+    ));
     let ssh = tokio::spawn(gateway.ssh.clone().serve(ssh_listener, shutdown_rx.clone()));
 
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let _ = ssh.await;
+    match http.await {
+        Ok(Err(e)) => tracing::error!("HTTP frontend: {e:#}"),
+        Ok(Ok(())) | Err(_) => {}
+    }
     let _ = health.await;
     Ok(())
 }

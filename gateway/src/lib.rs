@@ -6,5 +6,6 @@
 pub mod app;
 pub mod cli;
 pub mod health;
+pub mod http;
 pub mod metrics;
 pub mod ssh;

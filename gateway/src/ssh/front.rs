@@ -20,6 +20,7 @@ use super::backend::{self, BackendError, BackendHandler, Credential, Target, VmC
 use super::keys::CertRequest;
 use super::relay::{self, FlowControl, UserSide};
 use super::{SshGateway, UserAuth};
+use crate::metrics::outcome;
 
 /// Per-connection handler.
 pub struct Front {
@@ -34,6 +35,7 @@ pub struct Front {
     flow: Arc<FlowControl>,
     unauthenticated: Option<OwnedSemaphorePermit>,
     authenticated: watch::Sender<bool>,
+    accepted: Instant,
 }
 
 impl Front {
@@ -57,6 +59,7 @@ impl Front {
             flow: Arc::new(FlowControl::default()),
             unauthenticated: Some(permit),
             authenticated,
+            accepted: Instant::now(),
         }
     }
 
@@ -97,6 +100,12 @@ impl Front {
             let guard = match self.gw.pool.acquire(&request) {
                 Ok(guard) => guard,
                 Err(no_vm) => {
+                    self.gw.metrics.session_started(
+                        Protocol::Ssh,
+                        "none",
+                        outcome::NO_VM,
+                        started.elapsed(),
+                    );
                     let mut message = no_vm.to_string();
                     if let Some(e) = &last {
                         message = format!("{message} (last attempt: {e})");
@@ -135,6 +144,12 @@ impl Front {
             .await
             {
                 Ok(backend) => {
+                    self.gw.metrics.session_started(
+                        Protocol::Ssh,
+                        &spec.name,
+                        outcome::OK,
+                        self.accepted.elapsed(),
+                    );
                     tracing::info!(
                         %user, vm = %spec.name, session = guard.id(),
                         connect_ms = started.elapsed().as_millis() as u64,
@@ -149,6 +164,12 @@ impl Front {
                     return Err(OpenError::PasswordRefused);
                 }
                 Err(e) => {
+                    self.gw.metrics.session_started(
+                        Protocol::Ssh,
+                        &spec.name,
+                        outcome::VM_FAILED,
+                        started.elapsed(),
+                    );
                     tracing::warn!(%user, vm = %spec.name, error = %e, "VM connection failed; trying the next VM");
                     if e.is_outage() {
                         (self.gw.on_vm_failure)(&spec.name);
@@ -255,6 +276,16 @@ impl server::Handler for Front {
             client: self.peer,
             started: Instant::now(),
             exit: Mutex::new(None),
+            bytes_up: self.gw.metrics.bytes_total.with_label_values(&[
+                "ssh",
+                guard.vm_name(),
+                "up",
+            ]),
+            bytes_down: self.gw.metrics.bytes_total.with_label_values(&[
+                "ssh",
+                guard.vm_name(),
+                "down",
+            ]),
         });
         self.link = Some(link.clone());
         if let Some(incoming) = self.incoming.take() {
@@ -483,6 +514,8 @@ pub struct Link {
     client: SocketAddr,
     started: Instant,
     exit: Mutex<Option<String>>,
+    bytes_up: prometheus::IntCounter,
+    bytes_down: prometheus::IntCounter,
 }
 
 impl UserSide for Link {
@@ -514,9 +547,11 @@ impl UserSide for Link {
     fn bytes(&self, up: u64, down: u64) {
         if up > 0 {
             self.guard.add_bytes_up(up);
+            self.bytes_up.inc_by(up);
         }
         if down > 0 {
             self.guard.add_bytes_down(down);
+            self.bytes_down.inc_by(down);
         }
     }
 

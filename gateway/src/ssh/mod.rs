@@ -69,6 +69,7 @@ pub struct SshGateway {
     pub(crate) pool: Arc<Pool>,
     pub(crate) on_vm_failure: FailureHook,
     on_auth_failure: AuthFailureHook,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) window_size: u32,
     unauthenticated: Arc<Semaphore>,
 }
@@ -99,6 +100,8 @@ pub struct SshGatewayParts {
     pub on_vm_failure: FailureHook,
     /// Failed-authentication feedback (metrics).
     pub on_auth_failure: AuthFailureHook,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Server-side russh configuration (see FIELD-NOTES: nodelay, immediate first rejection,
@@ -167,6 +170,7 @@ impl SshGateway {
             pool: parts.pool,
             on_vm_failure: parts.on_vm_failure,
             on_auth_failure: parts.on_auth_failure,
+            metrics: parts.metrics,
             window_size,
         })
     }
