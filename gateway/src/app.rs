@@ -183,9 +183,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let _ = ssh.await;
-    match http.await {
-        Ok(Err(e)) => tracing::error!("HTTP frontend: {e:#}"),
-        Ok(Ok(())) | Err(_) => {}
+    if let Ok(Err(e)) = http.await {
+        tracing::error!("HTTP frontend: {e:#}");
     }
     let _ = health.await;
     Ok(())
