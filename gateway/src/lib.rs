@@ -3,6 +3,7 @@
 //! The binary `poolgate` (`main.rs`) is a thin CLI over this library; tests drive the library
 //! in-process as well as the binary.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod health;

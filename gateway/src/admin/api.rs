@@ -1,0 +1,371 @@
+//! The admin API as plain functions of (method, path, credentials) → reply, so it is tested
+//! without sockets; `server` puts it on the admin listener.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use router_core::{Pool, Protocol};
+use serde::Serialize;
+
+use crate::health::HealthChecker;
+use crate::metrics::Metrics;
+
+use super::status_page;
+
+/// The autoscaler as the admin API and status page show it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AutoscaleView {
+    /// Whether autoscaling is on.
+    pub enabled: bool,
+    /// Running VMs aimed for.
+    pub desired_vms: u32,
+    /// `min_vms`..`max_vms`.
+    pub min_vms: u32,
+    /// Upper bound.
+    pub max_vms: u32,
+    /// Connections waiting for a VM.
+    pub waiting: u32,
+    /// The last decision, in words.
+    pub last_decision: Option<String>,
+}
+
+/// Source of [`AutoscaleView`] (the autoscaler driver implements it).
+pub trait AutoscaleStatus: Send + Sync {
+    /// The current view.
+    fn view(&self) -> AutoscaleView;
+}
+
+/// Everything the admin endpoints read.
+pub struct AdminState {
+    /// The pool.
+    pub pool: Arc<Pool>,
+    /// Health history.
+    pub health: Arc<HealthChecker>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Bearer token required on `/api/v1` when set.
+    pub token: Option<String>,
+    /// Autoscaler, when there is one.
+    pub autoscale: Option<Arc<dyn AutoscaleStatus>>,
+}
+
+/// An HTTP reply, transport-agnostic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// `Content-Type`.
+    pub content_type: &'static str,
+    /// Body.
+    pub body: String,
+}
+
+impl Reply {
+    fn json(status: u16, value: &impl Serialize) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body: serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".into()),
+        }
+    }
+
+    fn error(status: u16, message: &str) -> Self {
+        Self::json(status, &serde_json::json!({ "error": message }))
+    }
+}
+
+/// One VM in `GET /api/v1/vms`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct VmView {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub host: String,
+    /// sshd port.
+    pub ssh_port: u16,
+    /// Web port.
+    pub http_port: u16,
+    /// Routing weight.
+    pub weight: u32,
+    /// Session cap.
+    pub max_sessions: u32,
+    /// starting | healthy | unhealthy | draining | stopped.
+    pub state: String,
+    /// unknown | up | down.
+    pub health: String,
+    /// What the provider says: starting | running | stopping | stopped.
+    pub lifecycle: String,
+    /// Drained by an operator or the autoscaler.
+    pub draining: bool,
+    /// Live sessions by protocol.
+    pub sessions: SessionCounts,
+    /// node_load1 per CPU, when scraped.
+    pub load_hint: Option<f64>,
+    /// Seconds since the VM last had no session, when idle.
+    pub idle_seconds: Option<f64>,
+    /// Recent probe results, oldest first.
+    pub health_history: Vec<Probe>,
+}
+
+/// Sessions by protocol.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SessionCounts {
+    /// SSH connections.
+    pub ssh: u32,
+    /// Active browser sessions.
+    pub http: u32,
+    /// Both.
+    pub total: u32,
+}
+
+/// One probe result.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
+pub struct Probe {
+    /// How long ago.
+    pub age_seconds: f64,
+    /// Passed.
+    pub ok: bool,
+}
+
+/// One session in `GET /api/v1/sessions`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SessionView {
+    /// Session id.
+    pub id: u64,
+    /// User, when known.
+    pub user: Option<String>,
+    /// VM.
+    pub vm: String,
+    /// ssh | http.
+    pub protocol: String,
+    /// Start, seconds since the Unix epoch.
+    pub started_unix: u64,
+    /// User → VM bytes.
+    pub bytes_up: u64,
+    /// VM → user bytes.
+    pub bytes_down: u64,
+}
+
+/// The VMs as the API shows them.
+pub fn vms(state: &AdminState) -> Vec<VmView> {
+    let snapshot = state.pool.snapshot();
+    let now = state.pool.clock().now();
+    snapshot
+        .vms()
+        .iter()
+        .map(|vm| {
+            let spec = vm.spec();
+            let status = vm.status();
+            let (ssh, http) = (vm.sessions(Protocol::Ssh), vm.sessions(Protocol::Http));
+            VmView {
+                name: spec.name.clone(),
+                host: spec.host.clone(),
+                ssh_port: spec.ssh_port,
+                http_port: spec.http_port,
+                weight: spec.weight,
+                max_sessions: spec.max_sessions,
+                state: vm.state().as_str().to_string(),
+                health: status.health.as_str().to_string(),
+                lifecycle: status.lifecycle.as_str().to_string(),
+                draining: status.draining,
+                sessions: SessionCounts {
+                    ssh,
+                    http,
+                    total: ssh + http,
+                },
+                load_hint: vm.load_hint(),
+                idle_seconds: vm
+                    .idle_since()
+                    .map(|since| now.saturating_duration_since(since).as_secs_f64()),
+                health_history: state
+                    .health
+                    .history(&spec.name)
+                    .into_iter()
+                    .map(|(age, ok)| Probe {
+                        age_seconds: age.as_secs_f64(),
+                        ok,
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// The live sessions as the API shows them.
+pub fn sessions(state: &AdminState) -> Vec<SessionView> {
+    let mut list: Vec<SessionView> = state
+        .pool
+        .sessions()
+        .into_iter()
+        .map(|s| SessionView {
+            id: s.id,
+            user: s.user,
+            vm: s.vm,
+            protocol: s.protocol.as_str().to_string(),
+            started_unix: s
+                .started
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default(),
+            bytes_up: s.bytes_up,
+            bytes_down: s.bytes_down,
+        })
+        .collect();
+    list.sort_by_key(|s| s.id);
+    list
+}
+
+fn authorized(state: &AdminState, authorization: Option<&str>) -> bool {
+    let Some(token) = &state.token else {
+        return true;
+    };
+    let Some(given) = authorization.and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    // Constant-time comparison: the token is a secret.
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Answers one admin request.
+pub fn handle(state: &AdminState, method: &str, path: &str, authorization: Option<&str>) -> Reply {
+    let path = path.split('?').next().unwrap_or(path);
+    match (method, path) {
+        ("GET" | "HEAD", "/healthz") => Reply {
+            status: 200,
+            content_type: "text/plain; charset=utf-8",
+            body: "ok\n".into(),
+        },
+        ("GET" | "HEAD", "/metrics") => Reply {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: state.metrics.render(&state.pool),
+        },
+        ("GET" | "HEAD", "/status" | "/") => Reply {
+            status: 200,
+            content_type: "text/html; charset=utf-8",
+            body: status_page::render(
+                &vms(state),
+                &sessions(state),
+                state.autoscale.as_ref().map(|a| a.view()),
+                SystemTime::now(),
+            ),
+        },
+        (_, p) if p.starts_with("/api/") => {
+            if !authorized(state, authorization) {
+                return Reply::error(401, "a valid bearer token is required (admin.token_file)");
+            }
+            api(state, method, p)
+        }
+        _ => Reply::error(404, "not found; try /status, /metrics, /healthz or /api/v1/vms"),
+    }
+}
+
+fn api(state: &AdminState, method: &str, path: &str) -> Reply {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match (method, segments.as_slice()) {
+        ("GET", ["api", "v1", "vms"]) => Reply::json(200, &vms(state)),
+        ("GET", ["api", "v1", "sessions"]) => Reply::json(200, &sessions(state)),
+        ("GET", ["api", "v1", "vms", name]) => match vms(state).into_iter().find(|v| v.name == *name) {
+            Some(vm) => Reply::json(200, &vm),
+            None => Reply::error(404, &format!("no VM named {name:?}")),
+        },
+        ("POST", ["api", "v1", "vms", name, action @ ("drain" | "undrain")]) => {
+            let done = if *action == "drain" {
+                state.pool.drain(name)
+            } else {
+                state.pool.undrain(name)
+            };
+            if !done {
+                return Reply::error(404, &format!("no VM named {name:?}"));
+            }
+            tracing::info!(vm = %name, %action, "admin API");
+            match vms(state).into_iter().find(|v| v.name == *name) {
+                Some(vm) => Reply::json(200, &vm),
+                None => Reply::error(404, &format!("no VM named {name:?}")),
+            }
+        }
+        (_, ["api", "v1", "vms", _, "drain" | "undrain"]) => Reply::error(405, "use POST"),
+        _ => Reply::error(404, "unknown API path; see /api/v1/vms and /api/v1/sessions"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::HealthSettings;
+    use router_core::{Health, HealthPolicy, PickRequest, RoutingPolicy, SystemClock, VmSpec};
+    use std::time::Duration;
+
+    fn state(token: Option<&str>) -> AdminState {
+        let pool = Arc::new(Pool::new(RoutingPolicy::default(), Arc::new(SystemClock)));
+        pool.set_vms(vec![VmSpec::new("vm-a", "10.0.0.4"), VmSpec::new("vm-b", "10.0.0.5")]);
+        pool.set_health("vm-a", Health::Up);
+        pool.set_health("vm-b", Health::Up);
+        let health = HealthChecker::new(
+            pool.clone(),
+            HealthSettings {
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+                policy: HealthPolicy::default(),
+                ssh: true,
+                http: false,
+                http_path: "/".into(),
+            },
+        );
+        AdminState {
+            pool,
+            health,
+            metrics: Arc::new(Metrics::new()),
+            token: token.map(str::to_string),
+            autoscale: None,
+        }
+    }
+
+    #[test]
+    fn token_is_required_when_configured() {
+        let s = state(Some("s3cret"));
+        assert_eq!(handle(&s, "GET", "/api/v1/vms", None).status, 401);
+        assert_eq!(handle(&s, "GET", "/api/v1/vms", Some("Bearer wrong")).status, 401);
+        assert_eq!(handle(&s, "GET", "/api/v1/vms", Some("Bearer s3cret")).status, 200);
+        assert_eq!(handle(&s, "GET", "/healthz", None).status, 200);
+    }
+
+    #[test]
+    fn drain_and_undrain() {
+        let s = state(None);
+        let r = handle(&s, "POST", "/api/v1/vms/vm-a/drain", None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let vm: VmView = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(vm.state, "draining");
+        // No new session goes to a drained VM.
+        for _ in 0..3 {
+            let g = s.pool.acquire(&PickRequest::new(Protocol::Ssh)).unwrap();
+            assert_eq!(g.vm_name(), "vm-b");
+            std::mem::forget(g);
+        }
+        let r = handle(&s, "POST", "/api/v1/vms/vm-a/undrain", None);
+        let vm: VmView = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(vm.state, "healthy");
+        assert_eq!(handle(&s, "POST", "/api/v1/vms/nope/drain", None).status, 404);
+        assert_eq!(handle(&s, "GET", "/api/v1/vms/vm-a/drain", None).status, 405);
+    }
+
+    #[test]
+    fn vms_and_sessions_list_live_state() {
+        let s = state(None);
+        let guard = s.pool.acquire(&PickRequest::new(Protocol::Ssh).user("alice")).unwrap();
+        guard.add_bytes_up(5);
+        let list: Vec<VmView> = serde_json::from_str(&handle(&s, "GET", "/api/v1/vms", None).body).unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list.iter().map(|v| v.sessions.ssh).sum::<u32>(), 1);
+        let sessions: Vec<SessionView> =
+            serde_json::from_str(&handle(&s, "GET", "/api/v1/sessions", None).body).unwrap();
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].user.as_deref(), Some("alice"));
+        assert_eq!(sessions[0].bytes_up, 5);
+        assert_eq!(sessions[0].protocol, "ssh");
+        let page = handle(&s, "GET", "/status", None);
+        assert!(page.body.contains("vm-a") && page.body.contains("<html"));
+    }
+}

@@ -1,0 +1,6 @@
+//! Admin listener: `/metrics`, `/healthz`, `/status` and the JSON API under `/api/v1`.
+
+pub mod api;
+pub mod status_page;
+
+pub use api::{AdminState, AutoscaleStatus, AutoscaleView, Reply};

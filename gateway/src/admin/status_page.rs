@@ -1,0 +1,168 @@
+//! `GET /status`: the pool at a glance, one self-refreshing HTML page with no external assets.
+
+use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::api::{AutoscaleView, SessionView, VmView};
+
+/// Escapes text for HTML element content and attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+const STYLE: &str = r#"
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;background:#f6f7f9}
+h1{font-size:20px;margin:0 0 4px} .sub{color:#667;margin-bottom:18px}
+.totals{display:flex;gap:12px;margin-bottom:18px;flex-wrap:wrap}
+.card{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:10px 14px;min-width:110px}
+.card b{display:block;font-size:22px}
+table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #dde1e7;border-radius:8px}
+th,td{text-align:left;padding:8px 10px;border-bottom:1px solid #eef0f3;vertical-align:middle}
+th{font-weight:600;color:#556;background:#fafbfc}
+.state{padding:2px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff}
+.healthy{background:#2e9d5b}.starting{background:#d79b00}.unhealthy{background:#d64545}
+.draining{background:#6f6fd6}.stopped{background:#8a919c}
+.bar{position:relative;width:160px;height:14px;background:#eef0f3;border-radius:7px;overflow:hidden;display:inline-block;vertical-align:middle}
+.bar span{position:absolute;top:0;height:100%}
+.bar .ssh{background:#3a78d6}.bar .http{background:#e08a2e}
+.tl{display:inline-flex;gap:2px;vertical-align:middle}.tl i{width:6px;height:14px;border-radius:1px;display:inline-block}
+.ok{background:#2e9d5b}.bad{background:#d64545}
+.legend span{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 4px 0 10px}
+.muted{color:#889}
+"#;
+
+/// Renders the page.
+pub fn render(
+    vms: &[VmView],
+    sessions: &[SessionView],
+    autoscale: Option<AutoscaleView>,
+    now: SystemTime,
+) -> String {
+    let mut html = String::with_capacity(8 * 1024);
+    let ssh: u32 = vms.iter().map(|v| v.sessions.ssh).sum();
+    let http: u32 = vms.iter().map(|v| v.sessions.http).sum();
+    let healthy = vms.iter().filter(|v| v.state == "healthy").count();
+    let stamp = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(d.as_secs())).to_string())
+        .unwrap_or_default();
+    let _ = write!(
+        html,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"5\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <title>poolgate — pool status</title><style>{STYLE}</style></head><body>\
+         <h1>poolgate — pool status</h1><div class=\"sub\">{stamp} · refreshes every 5 s</div>\
+         <div class=\"totals\">\
+         <div class=\"card\"><b>{}</b>VMs</div>\
+         <div class=\"card\"><b>{healthy}</b>healthy</div>\
+         <div class=\"card\"><b>{ssh}</b>SSH sessions</div>\
+         <div class=\"card\"><b>{http}</b>browser sessions</div>",
+        vms.len()
+    );
+    match &autoscale {
+        Some(a) if a.enabled => {
+            let _ = write!(
+                html,
+                "<div class=\"card\"><b>{}</b>autoscaler aims for ({}–{})</div>\
+                 <div class=\"card\"><b>{}</b>waiting for a VM</div>",
+                a.desired_vms, a.min_vms, a.max_vms, a.waiting
+            );
+        }
+        _ => html.push_str("<div class=\"card\"><b>off</b>autoscaler</div>"),
+    }
+    html.push_str("</div>");
+    if let Some(decision) = autoscale.as_ref().and_then(|a| a.last_decision.as_ref()) {
+        let _ = write!(html, "<p class=\"muted\">Last autoscaler decision: {}</p>", escape(decision));
+    }
+
+    html.push_str(
+        "<table><tr><th>VM</th><th>state</th><th>load</th><th>sessions</th><th>recent health</th><th>address</th></tr>",
+    );
+    if vms.is_empty() {
+        html.push_str("<tr><td colspan=\"6\" class=\"muted\">The pool has no VMs.</td></tr>");
+    }
+    for vm in vms {
+        let cap = f64::from(vm.max_sessions.max(1));
+        let ssh_w = (f64::from(vm.sessions.ssh) / cap * 100.0).min(100.0);
+        let http_w = (f64::from(vm.sessions.http) / cap * 100.0).min(100.0 - ssh_w);
+        let _ = write!(
+            html,
+            "<tr><td><b>{name}</b></td><td><span class=\"state {state}\">{state}</span></td>\
+             <td><span class=\"bar\" title=\"{total} of {max}\"><span class=\"ssh\" style=\"left:0;width:{ssh_w:.1}%\"></span>\
+             <span class=\"http\" style=\"left:{ssh_w:.1}%;width:{http_w:.1}%\"></span></span> {total}/{max}</td>\
+             <td>{ssh} ssh · {http} http</td><td><span class=\"tl\">",
+            name = escape(&vm.name),
+            state = escape(&vm.state),
+            total = vm.sessions.total,
+            max = vm.max_sessions,
+            ssh = vm.sessions.ssh,
+            http = vm.sessions.http,
+        );
+        for probe in vm.health_history.iter().rev().take(24).rev() {
+            let _ = write!(
+                html,
+                "<i class=\"{}\" title=\"{:.0} s ago\"></i>",
+                if probe.ok { "ok" } else { "bad" },
+                probe.age_seconds
+            );
+        }
+        let _ = write!(
+            html,
+            "</span></td><td class=\"muted\">{}:{} / :{}</td></tr>",
+            escape(&vm.host),
+            vm.ssh_port,
+            vm.http_port
+        );
+    }
+    html.push_str("</table>");
+    html.push_str(
+        "<p class=\"legend muted\">load:<span class=\"ssh\" style=\"background:#3a78d6\"></span>SSH\
+         <span style=\"background:#e08a2e\"></span>browser · health:<span class=\"ok\"></span>probe passed\
+         <span class=\"bad\"></span>probe failed</p>",
+    );
+
+    let _ = write!(html, "<h2 style=\"font-size:16px\">Sessions ({})</h2>", sessions.len());
+    if !sessions.is_empty() {
+        html.push_str("<table><tr><th>id</th><th>user</th><th>VM</th><th>protocol</th><th>bytes up / down</th></tr>");
+        for s in sessions.iter().take(200) {
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td></tr>",
+                s.id,
+                escape(s.user.as_deref().unwrap_or("-")),
+                escape(&s.vm),
+                escape(&s.protocol),
+                s.bytes_up,
+                s.bytes_down
+            );
+        }
+        html.push_str("</table>");
+    }
+    html.push_str("<p class=\"muted\">JSON: <a href=\"/api/v1/vms\">/api/v1/vms</a> · <a href=\"/api/v1/sessions\">/api/v1/sessions</a> · <a href=\"/metrics\">/metrics</a></p></body></html>");
+    html
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_and_renders_without_external_assets() {
+        let page = render(&[], &[], None, SystemTime::now());
+        assert!(page.contains("The pool has no VMs"));
+        assert!(!page.contains("http://") && !page.contains("https://"));
+        assert_eq!(escape("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+    }
+}
