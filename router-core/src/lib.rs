@@ -35,6 +35,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod clock;
 pub mod health;
 mod http;
@@ -53,3 +55,20 @@ pub use session::{SessionGuard, SessionInfo};
 pub use snapshot::Snapshot;
 pub use store::{InMemoryStore, SessionStore};
 pub use vm::{Lifecycle, Protocol, Vm, VmSpec, VmState, VmStatus};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shareable<T: Send + Sync>() {}
+
+    #[test]
+    fn core_types_are_send_and_sync() {
+        shareable::<Pool>();
+        shareable::<Snapshot>();
+        shareable::<SessionGuard>();
+        shareable::<NoVm>();
+        shareable::<InMemoryStore>();
+        shareable::<ManualClock>();
+    }
+}

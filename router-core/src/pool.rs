@@ -148,10 +148,9 @@ impl Pool {
                     vm.shared().clone(),
                 )),
                 None => {
-                    let shared = w
-                        .retired
-                        .remove(&spec.name)
-                        .unwrap_or_else(|| Arc::new(VmShared::new(self.epoch, now)));
+                    let shared = w.retired.remove(&spec.name).unwrap_or_else(|| {
+                        Arc::new(VmShared::new(self.shared.clone(), self.epoch, now))
+                    });
                     Arc::new(Vm::new(Arc::new(spec), VmStatus::default(), now, shared))
                 }
             };
@@ -308,7 +307,7 @@ impl Pool {
     }
 
     /// Live sessions (SSH and HTTP, including those on VMs that left the
-    /// pool), by id.
+    /// pool), oldest first.
     pub fn sessions(&self) -> Vec<SessionInfo> {
         let mut out: Vec<SessionInfo> = self
             .shared
@@ -316,7 +315,7 @@ impl Pool {
             .iter()
             .map(|e| e.value().info())
             .collect();
-        out.sort_by_key(|s| s.id);
+        out.sort_by_key(|s| (s.started, s.id));
         out
     }
 

@@ -33,6 +33,32 @@ impl Hasher for IdHasher {
     }
 }
 
+/// Session ids are handed out to each thread in blocks of this many, so
+/// threads placing sessions at the same time do not contend on one counter.
+const ID_BLOCK: u64 = 32;
+
+/// The next unhanded block of ids (process-wide, so ids are unique across
+/// pools too).
+static NEXT_ID_BLOCK: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's current block: next id and end (exclusive).
+    static ID_RANGE: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// A new session id: unique in the process, increasing per thread.
+fn next_session_id() -> u64 {
+    ID_RANGE.with(|range| {
+        let (mut next, mut end) = range.get();
+        if next == end {
+            next = NEXT_ID_BLOCK.fetch_add(ID_BLOCK, Ordering::Relaxed);
+            end = next + ID_BLOCK;
+        }
+        range.set((next + 1, end));
+        next
+    })
+}
+
 /// Live sessions by id.
 pub(crate) type Registry = DashMap<u64, Arc<SessionShared>, BuildHasherDefault<IdHasher>>;
 
@@ -41,7 +67,6 @@ pub(crate) struct PoolShared {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) store: Arc<dyn SessionStore>,
     pub(crate) registry: Registry,
-    next_id: AtomicU64,
 }
 
 impl PoolShared {
@@ -50,19 +75,18 @@ impl PoolShared {
             clock,
             store,
             registry: Registry::default(),
-            next_id: AtomicU64::new(1),
         }
     }
 
     /// Wraps a slot already reserved on `vm` (see `VmShared::try_reserve`)
     /// into a guard and registers the session.
     pub(crate) fn guard(
-        self: &Arc<Self>,
+        &self,
         vm: Arc<Vm>,
         protocol: Protocol,
         user: Option<&str>,
     ) -> SessionGuard {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = next_session_id();
         if let Some(user) = user {
             self.store
                 .session_started(user, vm.name(), self.clock.now());
@@ -77,10 +101,7 @@ impl PoolShared {
             bytes_down: AtomicU64::new(0),
         });
         self.registry.insert(id, session.clone());
-        SessionGuard {
-            pool: self.clone(),
-            session,
-        }
+        SessionGuard { session }
     }
 }
 
@@ -113,7 +134,8 @@ impl SessionShared {
 /// A live session as listed by [`Pool::sessions`](crate::Pool::sessions).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
-    /// Unique (per pool) session id, increasing.
+    /// Session id, unique in the process. Ids increase per thread (they are
+    /// handed out in small per-thread blocks), not strictly in start order.
     pub id: u64,
     /// The user, when known.
     pub user: Option<String>,
@@ -137,7 +159,7 @@ pub struct SessionInfo {
 /// [`SessionStore`] when the user was last seen. A guard keeps working after
 /// its VM leaves the pool.
 pub struct SessionGuard {
-    pool: Arc<PoolShared>,
+    // The pool is reached through the VM (see `VmShared::pool`).
     session: Arc<SessionShared>,
 }
 
@@ -218,15 +240,17 @@ impl SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         let s = &self.session;
-        let last = s.vm.shared().release(s.protocol);
-        self.pool.registry.remove(&s.id);
+        let vm = s.vm.shared();
+        let pool = vm.pool();
+        let last = vm.release(s.protocol);
+        pool.registry.remove(&s.id);
         if last || s.user.is_some() {
-            let now = self.pool.clock.now();
+            let now = pool.clock.now();
             if last {
-                s.vm.shared().mark_idle(now);
+                vm.mark_idle(now);
             }
             if let Some(user) = &s.user {
-                self.pool.store.session_ended(user, s.vm.name(), now);
+                pool.store.session_ended(user, s.vm.name(), now);
             }
         }
     }
@@ -235,7 +259,26 @@ impl Drop for SessionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
     use std::hash::BuildHasher;
+
+    #[test]
+    fn ids_are_unique_across_threads() {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| (0..1000).map(|_| next_session_id()).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut all = HashSet::new();
+        for h in handles {
+            let ids = h.join().unwrap_or_default();
+            assert!(ids.windows(2).all(|w| w[0] < w[1]));
+            for id in ids {
+                assert!(id > 0 && all.insert(id), "duplicate id {id}");
+            }
+        }
+        assert_eq!(all.len(), 4000);
+    }
 
     #[test]
     fn id_hasher_spreads_sequential_ids_over_high_bits() {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::health::Health;
+use crate::session::PoolShared;
 
 /// The protocol a session arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -200,8 +201,9 @@ impl VmStatus {
 const NO_HINT: u64 = u64::MAX;
 
 /// Live per-VM counters, shared by every snapshot's copy of the VM and by
-/// every session guard on it.
-#[derive(Debug)]
+/// every session guard on it. Cache-line aligned so that sessions on
+/// different VMs never contend on one line.
+#[repr(align(64))]
 pub(crate) struct VmShared {
     total: AtomicU32,
     per_protocol: [AtomicU32; 2],
@@ -209,19 +211,38 @@ pub(crate) struct VmShared {
     /// Nanoseconds after `epoch` when the total last dropped to zero.
     idle_since: AtomicU64,
     epoch: Instant,
+    /// What this VM's guards report to when they drop. Reached through the
+    /// VM so that guards do not each touch one shared reference count.
+    pool: Arc<PoolShared>,
+}
+
+impl fmt::Debug for VmShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VmShared")
+            .field("total", &self.total)
+            .field("per_protocol", &self.per_protocol)
+            .field("load_hint", &self.load_hint())
+            .finish_non_exhaustive()
+    }
 }
 
 impl VmShared {
-    /// Fresh counters for a VM that appears at `now`; `epoch` is the pool's
-    /// time origin.
-    pub(crate) fn new(epoch: Instant, now: Instant) -> Self {
+    /// Fresh counters for a VM of `pool` that appears at `now`; `epoch` is
+    /// the pool's time origin.
+    pub(crate) fn new(pool: Arc<PoolShared>, epoch: Instant, now: Instant) -> Self {
         Self {
             total: AtomicU32::new(0),
             per_protocol: [AtomicU32::new(0), AtomicU32::new(0)],
             load_hint: AtomicU64::new(NO_HINT),
             idle_since: AtomicU64::new(nanos_since(epoch, now)),
             epoch,
+            pool,
         }
+    }
+
+    /// The pool this VM belongs to.
+    pub(crate) fn pool(&self) -> &Arc<PoolShared> {
+        &self.pool
     }
 
     /// Live sessions (all protocols).
@@ -296,6 +317,7 @@ fn nanos_since(epoch: Instant, t: Instant) -> u64 {
 /// the load hint and `idle_since` are live atomics shared with every other
 /// snapshot's copy of the same VM.
 #[derive(Debug)]
+#[repr(align(64))] // each guard touches its VM's reference count
 pub struct Vm {
     spec: Arc<VmSpec>,
     status: VmStatus,
@@ -372,6 +394,9 @@ impl Vm {
     /// Weighted load `total_sessions / weight`, for display (selection
     /// compares exact integers instead). Infinite when the weight is 0.
     pub fn load(&self) -> f64 {
+        if self.spec.weight == 0 {
+            return f64::INFINITY;
+        }
         f64::from(self.total_sessions()) / f64::from(self.spec.weight)
     }
 
@@ -398,6 +423,13 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::InMemoryStore;
+
+    fn shared(t0: Instant) -> VmShared {
+        let pool = PoolShared::new(Arc::new(ManualClock::new()), Arc::new(InMemoryStore::new()));
+        VmShared::new(Arc::new(pool), t0, t0)
+    }
 
     fn status(lifecycle: Lifecycle, health: Health, draining: bool) -> VmStatus {
         VmStatus {
@@ -440,7 +472,7 @@ mod tests {
     #[test]
     fn reserve_respects_cap_and_counts_per_protocol() {
         let now = Instant::now();
-        let s = VmShared::new(now, now);
+        let s = shared(now);
         assert!(s.try_reserve(2, Protocol::Ssh));
         assert!(s.try_reserve(2, Protocol::Http));
         assert!(!s.try_reserve(2, Protocol::Ssh));
@@ -454,7 +486,7 @@ mod tests {
     #[test]
     fn idle_since_keeps_latest() {
         let t0 = Instant::now();
-        let s = Arc::new(VmShared::new(t0, t0));
+        let s = Arc::new(shared(t0));
         let vm = Vm::new(
             Arc::new(VmSpec::new("a", "h")),
             VmStatus::default(),
@@ -473,7 +505,7 @@ mod tests {
     #[test]
     fn load_hint_roundtrip() {
         let t0 = Instant::now();
-        let s = VmShared::new(t0, t0);
+        let s = shared(t0);
         assert_eq!(s.load_hint(), None);
         s.set_load_hint(Some(0.25));
         assert_eq!(s.load_hint(), Some(0.25));
@@ -487,5 +519,14 @@ mod tests {
         assert_eq!(spec.capacity(), 10);
         spec.weight = 0;
         assert_eq!(spec.capacity(), 0);
+        let t0 = Instant::now();
+        let vm = Vm::new(
+            Arc::new(spec),
+            VmStatus::default(),
+            t0,
+            Arc::new(shared(t0)),
+        );
+        assert_eq!(vm.load(), f64::INFINITY);
+        assert!(vm.is_full());
     }
 }
