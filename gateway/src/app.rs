@@ -9,6 +9,7 @@ use router_core::{HealthPolicy, Pool, RoutingPolicy, SystemClock, VmSpec};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admin::AdminState;
 use crate::health::{HealthChecker, HealthSettings};
 use crate::http::HttpParts;
 use crate::metrics::Metrics;
@@ -162,6 +163,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let admin_listener = TcpListener::bind(config.listen.admin)
+        .await
+        .with_context(|| format!("listen.admin: cannot listen on {}", config.listen.admin))?;
+    let token = match &config.admin.token_file {
+        Some(path) => Some(
+            crate::admin::client::read_token(path)
+                .map_err(|e| anyhow::anyhow!("admin.token_file: {e}"))?,
+        ),
+        None => None,
+    };
+    tracing::info!(addr = %admin_listener.local_addr()?, token = token.is_some(), "admin listener ready (/status, /metrics, /api/v1)");
+    let admin_state = Arc::new(AdminState {
+        pool: gateway.pool.clone(),
+        health: gateway.health.clone(),
+        metrics: gateway.metrics.clone(),
+        token,
+        autoscale: None,
+    });
+    let admin = tokio::spawn(crate::admin::server::serve(
+        admin_state,
+        admin_listener,
+        shutdown_rx.clone(),
+    ));
     let health = tokio::spawn(gateway.health.clone().run(shutdown_rx.clone()));
     let health_for_http = gateway.health.clone();
     let http = tokio::spawn(crate::http::serve(
@@ -187,6 +211,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::error!("HTTP frontend: {e:#}");
     }
     let _ = health.await;
+    let _ = admin.await;
     Ok(())
 }
 

@@ -15,6 +15,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Run { config } => run(&config),
+        Command::Status(admin) => admin_command(&admin, None),
+        Command::Drain { vm, admin } => admin_command(&admin, Some((vm, true))),
+        Command::Undrain { vm, admin } => admin_command(&admin, Some((vm, false))),
         other => not_implemented(&other),
     }
 }
@@ -108,6 +111,60 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("poolgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `status`, `drain VM`, `undrain VM`: calls the admin API of a running gateway.
+fn admin_command(args: &cli::AdminArgs, drain: Option<(String, bool)>) -> ExitCode {
+    use gateway::admin::client;
+    let token = match &args.token_file {
+        Some(path) => match client::read_token(path) {
+            Ok(token) => Some(token),
+            Err(e) => {
+                eprintln!("poolgate: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("poolgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match drain {
+            None => client::vms(args.admin, token.as_deref())
+                .await
+                .map(|vms| client::table(&vms)),
+            Some((vm, drain)) => client::set_drain(args.admin, token.as_deref(), &vm, drain)
+                .await
+                .map(|v| {
+                    if drain {
+                        format!(
+                            "{}: draining — open sessions continue, no new sessions go there\n",
+                            v.name
+                        )
+                    } else {
+                        format!("{}: {} — takes new sessions again\n", v.name, v.state)
+                    }
+                }),
+        }
+    });
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("poolgate: {e}");
             ExitCode::FAILURE
         }
     }

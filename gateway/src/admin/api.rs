@@ -257,7 +257,10 @@ pub fn handle(state: &AdminState, method: &str, path: &str, authorization: Optio
             }
             api(state, method, p)
         }
-        _ => Reply::error(404, "not found; try /status, /metrics, /healthz or /api/v1/vms"),
+        _ => Reply::error(
+            404,
+            "not found; try /status, /metrics, /healthz or /api/v1/vms",
+        ),
     }
 }
 
@@ -266,10 +269,12 @@ fn api(state: &AdminState, method: &str, path: &str) -> Reply {
     match (method, segments.as_slice()) {
         ("GET", ["api", "v1", "vms"]) => Reply::json(200, &vms(state)),
         ("GET", ["api", "v1", "sessions"]) => Reply::json(200, &sessions(state)),
-        ("GET", ["api", "v1", "vms", name]) => match vms(state).into_iter().find(|v| v.name == *name) {
-            Some(vm) => Reply::json(200, &vm),
-            None => Reply::error(404, &format!("no VM named {name:?}")),
-        },
+        ("GET", ["api", "v1", "vms", name]) => {
+            match vms(state).into_iter().find(|v| v.name == *name) {
+                Some(vm) => Reply::json(200, &vm),
+                None => Reply::error(404, &format!("no VM named {name:?}")),
+            }
+        }
         ("POST", ["api", "v1", "vms", name, action @ ("drain" | "undrain")]) => {
             let done = if *action == "drain" {
                 state.pool.drain(name)
@@ -286,7 +291,10 @@ fn api(state: &AdminState, method: &str, path: &str) -> Reply {
             }
         }
         (_, ["api", "v1", "vms", _, "drain" | "undrain"]) => Reply::error(405, "use POST"),
-        _ => Reply::error(404, "unknown API path; see /api/v1/vms and /api/v1/sessions"),
+        _ => Reply::error(
+            404,
+            "unknown API path; see /api/v1/vms and /api/v1/sessions",
+        ),
     }
 }
 
@@ -299,7 +307,10 @@ mod tests {
 
     fn state(token: Option<&str>) -> AdminState {
         let pool = Arc::new(Pool::new(RoutingPolicy::default(), Arc::new(SystemClock)));
-        pool.set_vms(vec![VmSpec::new("vm-a", "10.0.0.4"), VmSpec::new("vm-b", "10.0.0.5")]);
+        pool.set_vms(vec![
+            VmSpec::new("vm-a", "10.0.0.4"),
+            VmSpec::new("vm-b", "10.0.0.5"),
+        ]);
         pool.set_health("vm-a", Health::Up);
         pool.set_health("vm-b", Health::Up);
         let health = HealthChecker::new(
@@ -326,8 +337,14 @@ mod tests {
     fn token_is_required_when_configured() {
         let s = state(Some("s3cret"));
         assert_eq!(handle(&s, "GET", "/api/v1/vms", None).status, 401);
-        assert_eq!(handle(&s, "GET", "/api/v1/vms", Some("Bearer wrong")).status, 401);
-        assert_eq!(handle(&s, "GET", "/api/v1/vms", Some("Bearer s3cret")).status, 200);
+        assert_eq!(
+            handle(&s, "GET", "/api/v1/vms", Some("Bearer wrong")).status,
+            401
+        );
+        assert_eq!(
+            handle(&s, "GET", "/api/v1/vms", Some("Bearer s3cret")).status,
+            200
+        );
         assert_eq!(handle(&s, "GET", "/healthz", None).status, 200);
     }
 
@@ -347,16 +364,26 @@ mod tests {
         let r = handle(&s, "POST", "/api/v1/vms/vm-a/undrain", None);
         let vm: VmView = serde_json::from_str(&r.body).unwrap();
         assert_eq!(vm.state, "healthy");
-        assert_eq!(handle(&s, "POST", "/api/v1/vms/nope/drain", None).status, 404);
-        assert_eq!(handle(&s, "GET", "/api/v1/vms/vm-a/drain", None).status, 405);
+        assert_eq!(
+            handle(&s, "POST", "/api/v1/vms/nope/drain", None).status,
+            404
+        );
+        assert_eq!(
+            handle(&s, "GET", "/api/v1/vms/vm-a/drain", None).status,
+            405
+        );
     }
 
     #[test]
     fn vms_and_sessions_list_live_state() {
         let s = state(None);
-        let guard = s.pool.acquire(&PickRequest::new(Protocol::Ssh).user("alice")).unwrap();
+        let guard = s
+            .pool
+            .acquire(&PickRequest::new(Protocol::Ssh).user("alice"))
+            .unwrap();
         guard.add_bytes_up(5);
-        let list: Vec<VmView> = serde_json::from_str(&handle(&s, "GET", "/api/v1/vms", None).body).unwrap();
+        let list: Vec<VmView> =
+            serde_json::from_str(&handle(&s, "GET", "/api/v1/vms", None).body).unwrap();
         assert_eq!(list.len(), 2);
         assert_eq!(list.iter().map(|v| v.sessions.ssh).sum::<u32>(), 1);
         let sessions: Vec<SessionView> =

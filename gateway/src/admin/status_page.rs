@@ -55,7 +55,12 @@ pub fn render(
     let healthy = vms.iter().filter(|v| v.state == "healthy").count();
     let stamp = now
         .duration_since(UNIX_EPOCH)
-        .map(|d| humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(d.as_secs())).to_string())
+        .map(|d| {
+            humantime::format_rfc3339_seconds(
+                UNIX_EPOCH + std::time::Duration::from_secs(d.as_secs()),
+            )
+            .to_string()
+        })
         .unwrap_or_default();
     let _ = write!(
         html,
@@ -84,7 +89,11 @@ pub fn render(
     }
     html.push_str("</div>");
     if let Some(decision) = autoscale.as_ref().and_then(|a| a.last_decision.as_ref()) {
-        let _ = write!(html, "<p class=\"muted\">Last autoscaler decision: {}</p>", escape(decision));
+        let _ = write!(
+            html,
+            "<p class=\"muted\">Last autoscaler decision: {}</p>",
+            escape(decision)
+        );
     }
 
     html.push_str(
@@ -133,7 +142,11 @@ pub fn render(
          <span class=\"bad\"></span>probe failed</p>",
     );
 
-    let _ = write!(html, "<h2 style=\"font-size:16px\">Sessions ({})</h2>", sessions.len());
+    let _ = write!(
+        html,
+        "<h2 style=\"font-size:16px\">Sessions ({})</h2>",
+        sessions.len()
+    );
     if !sessions.is_empty() {
         html.push_str("<table><tr><th>id</th><th>user</th><th>VM</th><th>protocol</th><th>bytes up / down</th></tr>");
         for s in sessions.iter().take(200) {
@@ -163,6 +176,9 @@ mod tests {
         let page = render(&[], &[], None, SystemTime::now());
         assert!(page.contains("The pool has no VMs"));
         assert!(!page.contains("http://") && !page.contains("https://"));
-        assert_eq!(escape("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            escape("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
     }
 }
