@@ -106,6 +106,10 @@ pub fn build(config: &Config) -> anyhow::Result<Gateway> {
             ssh: config.health.ssh,
             http: config.health.http,
             http_path: config.health.http_path.clone(),
+            load_metrics: config
+                .health
+                .load_metrics_port
+                .map(|port| (port, config.health.load_metrics_path.clone())),
         },
     );
     let metrics = Arc::new(Metrics::new());

@@ -216,8 +216,12 @@ impl Metrics {
         self.sessions_active.reset();
         self.vm_up.reset();
         self.vm_state.reset();
+        self.vm_load_hint.reset();
         for vm in snapshot.vms() {
             let name = vm.spec().name.as_str();
+            if let Some(hint) = vm.load_hint() {
+                self.vm_load_hint.with_label_values(&[name]).set(hint);
+            }
             for protocol in [Protocol::Ssh, Protocol::Http] {
                 self.sessions_active
                     .with_label_values(&[protocol.as_str(), name])

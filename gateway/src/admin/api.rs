@@ -322,6 +322,7 @@ mod tests {
                 ssh: true,
                 http: false,
                 http_path: "/".into(),
+                load_metrics: None,
             },
         );
         AdminState {

@@ -29,6 +29,8 @@ pub struct HealthSettings {
     pub http: bool,
     /// Path of the HTTP probe.
     pub http_path: String,
+    /// node_exporter port and path to scrape `node_load1` from, when configured.
+    pub load_metrics: Option<(u16, String)>,
 }
 
 /// Result of one probe round of a VM.
@@ -193,6 +195,13 @@ impl HealthChecker {
             drop(snapshot);
             let result = self.probe(&spec.host, spec.ssh_port, spec.http_port).await;
             self.observe(&name, &result);
+            if let Some((port, path)) = &self.settings.load_metrics {
+                let hint = scrape_load(&spec.host, *port, path, self.settings.timeout).await;
+                if let Err(e) = &hint {
+                    tracing::debug!(vm = %name, error = %e, "load metrics scrape failed");
+                }
+                self.pool.set_load_hint(&name, hint.ok());
+            }
         }
     }
 }
@@ -280,4 +289,98 @@ pub async fn probe_http(
             humantime::format_duration(timeout)
         )
     })?
+}
+
+/// Scrapes node_exporter text metrics and returns `node_load1` divided by the number of CPUs
+/// (counted from `node_cpu_seconds_total{cpu="N",mode="idle"}`).
+pub async fn scrape_load(
+    host: &str,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> Result<f64, String> {
+    let fetch = async {
+        let mut stream = TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("{host}:{port}: {e}"))?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: poolgate-load\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("{host}:{port}: {e}"))?;
+        let mut body = Vec::new();
+        // node_exporter pages are ~100 KiB; cap what we read.
+        (&mut stream)
+            .take(4 << 20)
+            .read_to_end(&mut body)
+            .await
+            .map_err(|e| format!("{host}:{port}: {e}"))?;
+        Ok::<_, String>(String::from_utf8_lossy(&body).into_owned())
+    };
+    let text = tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| format!("{host}:{port}{path}: no answer in time"))??;
+    parse_load(&text).ok_or_else(|| format!("{host}:{port}{path}: no node_load1 in the answer"))
+}
+
+/// `node_load1 / cpus` from node_exporter's text format (headers before the body are ignored).
+pub fn parse_load(text: &str) -> Option<f64> {
+    let mut load = None;
+    let mut cpus = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("node_load1 ") {
+            load = rest
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0);
+        } else if line.starts_with("node_cpu_seconds_total{") && line.contains("mode=\"idle\"") {
+            if let Some(cpu) = line
+                .split("cpu=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+            {
+                cpus.insert(cpu.to_string());
+            }
+        }
+    }
+    let cpus = cpus.len().max(1) as f64;
+    load.map(|l| l / cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_node_exporter_load() {
+        let text = "HTTP/1.1 200 OK\r\n\r\n# HELP node_load1 1m load average.\n# TYPE node_load1 gauge\nnode_load1 3\n\
+                    node_cpu_seconds_total{cpu=\"0\",mode=\"idle\"} 1\nnode_cpu_seconds_total{cpu=\"0\",mode=\"user\"} 1\n\
+                    node_cpu_seconds_total{cpu=\"1\",mode=\"idle\"} 1\n";
+        assert_eq!(parse_load(text), Some(1.5));
+        assert_eq!(parse_load("node_load1 NaN\n"), None);
+        assert_eq!(parse_load("garbage"), None);
+    }
+
+    #[tokio::test]
+    async fn ssh_probe_reads_a_banner_and_fails_on_silence() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut a, _) = listener.accept().await.unwrap();
+            a.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await.unwrap();
+            let (_b, _) = listener.accept().await.unwrap();
+            // Second connection: never answers.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        assert_eq!(
+            probe_ssh("127.0.0.1", addr.port(), Duration::from_secs(2)).await,
+            Ok(())
+        );
+        let silent = probe_ssh("127.0.0.1", addr.port(), Duration::from_millis(200)).await;
+        assert!(silent.unwrap_err().contains("no banner"));
+        server.abort();
+    }
 }
