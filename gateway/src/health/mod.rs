@@ -336,14 +336,14 @@ pub fn parse_load(text: &str) -> Option<f64> {
                 .parse::<f64>()
                 .ok()
                 .filter(|v| v.is_finite() && *v >= 0.0);
-        } else if line.starts_with("node_cpu_seconds_total{") && line.contains("mode=\"idle\"") {
-            if let Some(cpu) = line
+        } else if line.starts_with("node_cpu_seconds_total{")
+            && line.contains("mode=\"idle\"")
+            && let Some(cpu) = line
                 .split("cpu=\"")
                 .nth(1)
                 .and_then(|r| r.split('"').next())
-            {
-                cpus.insert(cpu.to_string());
-            }
+        {
+            cpus.insert(cpu.to_string());
         }
     }
     let cpus = cpus.len().max(1) as f64;
