@@ -37,6 +37,7 @@
 
 #![warn(missing_docs)]
 
+pub mod autoscale;
 pub mod clock;
 pub mod health;
 mod http;

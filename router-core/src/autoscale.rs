@@ -1,0 +1,427 @@
+//! Session-aware autoscale policy: pure, fed an observation of the pool and `now`, returning
+//! actions with reasons. The gateway's driver applies them through a provider.
+//!
+//! Rules:
+//! * While anyone uses the pool, aim for `ceil((sessions + waiting) / sessions_per_vm) +
+//!   spare_vms` running VMs, kept within `min_vms..=max_vms`. With nobody on it, keep
+//!   `spare_vms` until the whole pool has been idle for `scale_to_zero_after`, then `min_vms`.
+//! * Scale out at once when the aim exceeds the VMs running or starting: first undrain VMs the
+//!   autoscaler itself was draining, then start more. A waiting session with no VM running or
+//!   starting always starts one (below `max_vms`).
+//! * Scale in one step per tick, only VMs with **zero sessions** idle for `scale_in_after`, and not
+//!   within `cooldown` of a scale-out: drain first, remove on a later tick once the drained VM is
+//!   still empty. Never remove a VM with sessions; never touch VMs an operator drained.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use crate::vm::Lifecycle;
+
+/// The `[autoscale]` numbers the policy needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoscaleConfig {
+    /// Fewest VMs kept running.
+    pub min_vms: u32,
+    /// Most VMs ever running or starting.
+    pub max_vms: u32,
+    /// Sessions one VM is meant to carry.
+    pub sessions_per_vm: u32,
+    /// Extra running VMs kept while the pool is in use.
+    pub spare_vms: u32,
+    /// A VM with no session for this long may be scaled in.
+    pub scale_in_after: Duration,
+    /// With the whole pool idle this long, go down to `min_vms`.
+    pub scale_to_zero_after: Duration,
+    /// No scale-in this soon after a scale-out (hysteresis).
+    pub cooldown: Duration,
+}
+
+/// One VM as the policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmObservation {
+    /// Name.
+    pub name: String,
+    /// Provider lifecycle.
+    pub lifecycle: Lifecycle,
+    /// Draining (by anyone).
+    pub draining: bool,
+    /// Live sessions (all protocols).
+    pub sessions: u32,
+    /// Since when it has had no session (`None` while it has sessions).
+    pub idle_since: Option<Instant>,
+}
+
+/// Input of one decision.
+#[derive(Debug, Clone)]
+pub struct Observation<'a> {
+    /// Every VM the provider knows.
+    pub vms: &'a [VmObservation],
+    /// Connections waiting for a VM (wake-on-connect).
+    pub waiting: u32,
+    /// Now.
+    pub now: Instant,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start (or create) this many VMs.
+    Start(u32),
+    /// Stop sending new sessions to this VM.
+    Drain(String),
+    /// Take it back into service.
+    Undrain(String),
+    /// Stop or delete this exact VM (it has no sessions).
+    Remove(String),
+}
+
+/// The policy's answer for one tick.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Decision {
+    /// Running VMs aimed for.
+    pub desired: u32,
+    /// Actions with the reason for each.
+    pub actions: Vec<(Action, String)>,
+}
+
+/// The policy with its memory (cooldowns, what it drained, pool idle time).
+#[derive(Debug, Clone)]
+pub struct Autoscaler {
+    config: AutoscaleConfig,
+    last_scale_out: Option<Instant>,
+    pool_idle_since: Option<Instant>,
+    drained_by_us: BTreeSet<String>,
+}
+
+impl Autoscaler {
+    /// A policy with no history.
+    pub fn new(config: AutoscaleConfig) -> Self {
+        Self {
+            config,
+            last_scale_out: None,
+            pool_idle_since: None,
+            drained_by_us: BTreeSet::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> AutoscaleConfig {
+        self.config
+    }
+
+    /// VMs this policy drained and has not removed or undrained yet.
+    pub fn draining(&self) -> impl Iterator<Item = &str> {
+        self.drained_by_us.iter().map(String::as_str)
+    }
+
+    /// The running-VM aim for a given demand, within bounds.
+    pub fn aim(&self, demand: u32) -> u32 {
+        let c = &self.config;
+        let per_vm = c.sessions_per_vm.max(1);
+        let aim = if demand > 0 {
+            demand.div_ceil(per_vm).saturating_add(c.spare_vms)
+        } else {
+            c.spare_vms
+        };
+        aim.clamp(c.min_vms, c.max_vms.max(c.min_vms))
+    }
+
+    /// Decides what to do now.
+    pub fn decide(&mut self, obs: &Observation<'_>) -> Decision {
+        let c = self.config;
+        let now = obs.now;
+        // Forget VMs that vanished or stopped.
+        self.drained_by_us.retain(|name| {
+            obs.vms
+                .iter()
+                .any(|v| &v.name == name && v.draining && is_alive(v.lifecycle))
+        });
+
+        let sessions: u32 = obs.vms.iter().map(|v| v.sessions).sum();
+        let demand = sessions.saturating_add(obs.waiting);
+        if demand > 0 {
+            self.pool_idle_since = None;
+        } else if self.pool_idle_since.is_none() {
+            self.pool_idle_since = Some(now);
+        }
+        let pool_idle_for = self
+            .pool_idle_since
+            .map(|since| now.saturating_duration_since(since))
+            .unwrap_or_default();
+
+        let mut desired = self.aim(demand);
+        if demand == 0 && pool_idle_for >= c.scale_to_zero_after {
+            desired = c.min_vms;
+        }
+
+        let alive: Vec<&VmObservation> = obs.vms.iter().filter(|v| is_alive(v.lifecycle)).collect();
+        let serving = alive.iter().filter(|v| !v.draining).count() as u32;
+        let starting = alive
+            .iter()
+            .filter(|v| v.lifecycle == Lifecycle::Starting)
+            .count() as u32;
+        let mut decision = Decision {
+            desired,
+            actions: Vec::new(),
+        };
+
+        // Scale out.
+        let mut missing = desired.saturating_sub(serving);
+        if obs.waiting > 0 && serving == 0 && starting == 0 {
+            missing = missing.max(1);
+        }
+        if missing > 0 {
+            let ours: Vec<String> = self
+                .drained_by_us
+                .iter()
+                .take(missing as usize)
+                .cloned()
+                .collect();
+            for name in ours {
+                self.drained_by_us.remove(&name);
+                decision.actions.push((
+                    Action::Undrain(name),
+                    format!("needed again: aim is {desired} serving VMs, {serving} serving"),
+                ));
+                missing -= 1;
+            }
+            let room = c.max_vms.saturating_sub(alive.len() as u32);
+            let start = missing.min(room);
+            if start > 0 {
+                let why = if obs.waiting > 0 {
+                    format!(
+                        "{} session(s) waiting; aim is {desired} serving VMs, {serving} serving",
+                        obs.waiting
+                    )
+                } else {
+                    format!("{sessions} sessions need {desired} serving VMs, {serving} serving")
+                };
+                decision.actions.push((Action::Start(start), why));
+            }
+            if !decision.actions.is_empty() {
+                self.last_scale_out = Some(now);
+            }
+            return decision;
+        }
+
+        // Remove drained VMs that stayed empty.
+        for vm in alive
+            .iter()
+            .filter(|v| self.drained_by_us.contains(&v.name))
+        {
+            if vm.sessions == 0 {
+                decision.actions.push((
+                    Action::Remove(vm.name.clone()),
+                    "drained and still without sessions".to_string(),
+                ));
+            }
+        }
+        for (action, _) in &decision.actions {
+            if let Action::Remove(name) = action {
+                self.drained_by_us.remove(name);
+            }
+        }
+
+        // Scale in, one VM per tick.
+        let in_cooldown = self
+            .last_scale_out
+            .is_some_and(|at| now.saturating_duration_since(at) < c.cooldown);
+        if serving > desired && !in_cooldown {
+            let candidate = alive
+                .iter()
+                .filter(|v| !v.draining && v.lifecycle == Lifecycle::Running && v.sessions == 0)
+                .filter_map(|v| {
+                    let idle = now.saturating_duration_since(v.idle_since?);
+                    (idle >= c.scale_in_after
+                        || (desired < serving && pool_idle_for >= c.scale_to_zero_after))
+                        .then_some((idle, v))
+                })
+                // Longest idle first, then by name for determinism.
+                .max_by(|(ia, a), (ib, b)| ia.cmp(ib).then_with(|| b.name.cmp(&a.name)));
+            if let Some((idle, vm)) = candidate {
+                self.drained_by_us.insert(vm.name.clone());
+                decision.actions.push((
+                    Action::Drain(vm.name.clone()),
+                    format!(
+                        "no session for {}s; {serving} serving VMs, aim is {desired}",
+                        idle.as_secs()
+                    ),
+                ));
+            }
+        }
+        decision
+    }
+}
+
+fn is_alive(lifecycle: Lifecycle) -> bool {
+    matches!(lifecycle, Lifecycle::Starting | Lifecycle::Running)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AutoscaleConfig {
+        AutoscaleConfig {
+            min_vms: 0,
+            max_vms: 5,
+            sessions_per_vm: 4,
+            spare_vms: 1,
+            scale_in_after: Duration::from_secs(900),
+            scale_to_zero_after: Duration::from_secs(1800),
+            cooldown: Duration::from_secs(120),
+        }
+    }
+
+    fn vm(name: &str, sessions: u32, idle_since: Option<Instant>) -> VmObservation {
+        VmObservation {
+            name: name.into(),
+            lifecycle: Lifecycle::Running,
+            draining: false,
+            sessions,
+            idle_since,
+        }
+    }
+
+    #[test]
+    fn waiting_session_on_empty_pool_starts_a_vm() {
+        let mut a = Autoscaler::new(config());
+        let now = Instant::now();
+        let d = a.decide(&Observation {
+            vms: &[],
+            waiting: 1,
+            now,
+        });
+        assert_eq!(d.desired, 2);
+        assert_eq!(d.actions[0].0, Action::Start(2));
+    }
+
+    #[test]
+    fn aims_for_sessions_plus_spare() {
+        let mut a = Autoscaler::new(config());
+        let now = Instant::now();
+        let vms = [vm("a", 4, None), vm("b", 3, None)];
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now,
+        });
+        assert_eq!(d.desired, 3);
+        assert_eq!(d.actions, vec![(Action::Start(1), d.actions[0].1.clone())]);
+    }
+
+    #[test]
+    fn drains_then_removes_only_idle_vms_and_undrains_when_needed() {
+        let mut a = Autoscaler::new(config());
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(1000);
+        let mut vms = vec![vm("a", 1, None), vm("b", 0, Some(t0)), vm("c", 0, Some(t0))];
+        // aim = ceil(1/4)+1 = 2; 3 serving; b and c idle 1000 s > 900 s: drain one (c? longest idle tie → by name, "b").
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: later,
+        });
+        assert_eq!(d.actions.len(), 1);
+        assert_eq!(d.actions[0].0, Action::Drain("b".into()));
+        vms[1].draining = true;
+        // Next tick: b is still empty: remove it.
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: later + Duration::from_secs(10),
+        });
+        assert_eq!(d.actions[0].0, Action::Remove("b".into()));
+
+        // Demand comes back while c is draining: undrain instead of starting.
+        let mut a = Autoscaler::new(config());
+        let mut vms = vec![vm("a", 1, None), vm("c", 0, Some(t0))];
+        vms.push(vm("d", 0, Some(t0)));
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: later,
+        });
+        let Action::Drain(name) = &d.actions[0].0 else {
+            panic!("{d:?}")
+        };
+        let drained = name.clone();
+        for v in &mut vms {
+            if v.name == drained {
+                v.draining = true;
+            }
+        }
+        vms[0].sessions = 5; // aim = ceil(5/4)+1 = 3 > 2 serving
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: later + Duration::from_secs(5),
+        });
+        assert_eq!(d.actions[0].0, Action::Undrain(drained));
+    }
+
+    #[test]
+    fn never_drains_a_vm_with_sessions_or_within_cooldown() {
+        let mut a = Autoscaler::new(config());
+        let t0 = Instant::now();
+        let vms = [vm("a", 0, None), vm("b", 0, None)];
+        // Scale out happened just now (waiting).
+        let _ = a.decide(&Observation {
+            vms: &[],
+            waiting: 1,
+            now: t0,
+        });
+        let busy = [vm("a", 2, None), vm("b", 1, None), vm("c", 1, None)];
+        let d = a.decide(&Observation {
+            vms: &busy,
+            waiting: 0,
+            now: t0 + Duration::from_secs(5000),
+        });
+        assert!(
+            d.actions
+                .iter()
+                .all(|(a, _)| !matches!(a, Action::Drain(_) | Action::Remove(_)))
+        );
+        let _ = vms;
+    }
+
+    #[test]
+    fn scales_to_zero_after_the_pool_is_idle() {
+        let mut a = Autoscaler::new(config());
+        let t0 = Instant::now();
+        let vms = [vm("a", 0, Some(t0))];
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: t0,
+        });
+        assert_eq!(
+            d.desired, 1,
+            "spare VM kept while the pool is recently idle"
+        );
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: t0 + Duration::from_secs(1801),
+        });
+        assert_eq!(d.desired, 0);
+        assert_eq!(d.actions[0].0, Action::Drain("a".into()));
+    }
+
+    #[test]
+    fn never_exceeds_max_vms() {
+        let mut a = Autoscaler::new(config());
+        let vms: Vec<_> = (0..5).map(|i| vm(&format!("v{i}"), 4, None)).collect();
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 10,
+            now: Instant::now(),
+        });
+        assert!(
+            d.actions
+                .iter()
+                .all(|(a, _)| !matches!(a, Action::Start(_))),
+            "{d:?}"
+        );
+    }
+}
