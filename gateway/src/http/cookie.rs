@@ -206,7 +206,11 @@ mod tests {
         let other = CookieSigner::new(b"another key, same length, 32 b!!", DAY);
         assert!(other.verify(&v, 1000).is_none());
         // Tampered VM name (MAC no longer matches).
-        let forged = v.replacen(&BASE64URL_NOPAD.encode(b"a"), &BASE64URL_NOPAD.encode(b"b"), 1);
+        let forged = v.replacen(
+            &BASE64URL_NOPAD.encode(b"a"),
+            &BASE64URL_NOPAD.encode(b"b"),
+            1,
+        );
         assert_ne!(forged, v);
         assert!(s.verify(&forged, 1000).is_none());
         // Too old, from the future.
@@ -239,7 +243,10 @@ mod tests {
             hyper::header::COOKIE,
             "_xsrf=abc; poolgate_vm=v1".parse().expect("header"),
         );
-        h.append(hyper::header::COOKIE, "poolgate_vm=v2".parse().expect("header"));
+        h.append(
+            hyper::header::COOKIE,
+            "poolgate_vm=v2".parse().expect("header"),
+        );
         assert_eq!(find_cookie(&h, "poolgate_vm"), Some("v1"));
         assert_eq!(find_cookie(&h, "_xsrf"), Some("abc"));
         assert_eq!(find_cookie(&h, "nope"), None);

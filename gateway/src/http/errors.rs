@@ -62,7 +62,10 @@ impl GatewayError {
 
     fn detail(&self) -> String {
         match self {
-            Self::NoVm { reason, retry_after } => format!(
+            Self::NoVm {
+                reason,
+                retry_after,
+            } => format!(
                 "{reason}. This page reloads by itself in {} seconds.",
                 retry_after.as_secs()
             ),
@@ -197,7 +200,10 @@ mod tests {
         assert_eq!(resp.status(), 503);
         assert_eq!(resp.headers()[header::RETRY_AFTER], "10");
         let body = text(resp).await;
-        assert!(body.contains("http-equiv=\"refresh\" content=\"10\""), "{body}");
+        assert!(
+            body.contains("http-equiv=\"refresh\" content=\"10\""),
+            "{body}"
+        );
         assert!(body.contains("the pool is starting"), "{body}");
 
         let resp = e.response(&accept("application/json"));

@@ -1,15 +1,68 @@
 //! HTTP(S) frontend for JupyterHub pools: TLS termination, signed sticky sessions, websockets.
-//! (Being built: see issue 4.)
+//!
+//! - [`Frontend`]: the request handler, built by a constructor so tests drive it without a
+//!   socket ([`Frontend::handle`]); `proxy.rs` holds the routing and forwarding.
+//! - [`serve`]: the listeners (`listen.http`, `listen.https`), connection limits and timeouts.
+//! - `cookie.rs` (HMAC sticky cookie), `headers.rs` (forwarding and hop-by-hop headers),
+//!   `tls.rs` (rustls config with a reloadable certificate), `errors.rs` (error pages),
+//!   `upgrade.rs` (websocket relay).
 
+mod body;
+pub mod cookie;
+pub mod errors;
+pub mod headers;
+mod proxy;
+pub mod tls;
+mod upgrade;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use poolgate_config::Config;
 use router_core::Pool;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
 
 use crate::metrics::Metrics;
 use crate::ssh::FailureHook;
+
+pub use body::ConnTracker;
+pub use cookie::CookieSigner;
+pub use proxy::{ConnInfo, Frontend, FrontendSettings};
+
+/// Errors carried by response and request bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response the frontend produces (streamed from the VM, or a page).
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A complete body.
+pub fn full(data: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(data.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
 
 /// What the HTTP frontend needs from the rest of the gateway.
 pub struct HttpParts {
@@ -23,6 +76,11 @@ pub struct HttpParts {
     pub on_vm_failure: FailureHook,
 }
 
+/// How often the TLS certificate files are checked for renewal.
+const CERT_RELOAD_EVERY: Duration = Duration::from_secs(30);
+/// Time allowed for a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Serves `listen.http` (and `listen.https` when `[tls]` is set) until `shutdown` turns true.
 pub async fn serve(
     parts: HttpParts,
@@ -30,11 +88,318 @@ pub async fn serve(
     https: Option<TcpListener>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let _ = (parts, http, https);
-    while !*shutdown.borrow() {
-        if shutdown.changed().await.is_err() {
-            break;
-        }
+    let config = &parts.config;
+    let (signer, generated) = CookieSigner::load_or_generate(
+        &config.http.cookie_secret_file,
+        config.routing.affinity_ttl,
+    )
+    .context("http.cookie_secret_file")?;
+    if generated {
+        tracing::info!(path = %config.http.cookie_secret_file.display(), "generated a new cookie secret");
     }
+    let tls = match (&config.tls, &https) {
+        (Some(tls), Some(_)) => {
+            let certs = tls::CertReloader::load(&tls.cert, &tls.key)?;
+            let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(certs.clone())?));
+            Some((acceptor, certs))
+        }
+        _ => None,
+    };
+    let https_port = https
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.port());
+    let frontend = Frontend::new(
+        FrontendSettings::from_config(config),
+        parts.pool.clone(),
+        parts.metrics.clone(),
+        parts.on_vm_failure.clone(),
+        signer,
+    );
+    let builder = Arc::new(connection_builder(config));
+    let idle_timeout = config.http.idle_timeout;
+
+    let mut tasks = JoinSet::new();
+    // Browser sessions stop counting as load after `session_idle` without a request.
+    {
+        let pool = parts.pool.clone();
+        let every =
+            (config.http.session_idle / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let mut shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { pool.expire_idle(); }
+                    r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { break },
+                }
+            }
+        });
+    }
+    if let Some((_, certs)) = &tls {
+        let certs = certs.clone();
+        let mut shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(CERT_RELOAD_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => match certs.reload_if_changed() {
+                        Ok(true) => tracing::info!("TLS certificate reloaded"),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
+                    },
+                    r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { break },
+                }
+            }
+        });
+    }
+
+    let redirect_to = if tls.is_some() { https_port } else { None };
+    tracing::info!(
+        addr = %http.local_addr()?,
+        mode = if redirect_to.is_some() { "redirect to https" } else { "proxy" },
+        "HTTP listener ready"
+    );
+    if let Some(l) = &https {
+        tracing::info!(addr = %l.local_addr()?, "HTTPS listener ready");
+    }
+    let plain = Listener {
+        listener: http,
+        tls: None,
+        redirect_to,
+    };
+    let secure = match (https, tls) {
+        (Some(listener), Some((acceptor, _))) => Some(Listener {
+            listener,
+            tls: Some(acceptor),
+            redirect_to: None,
+        }),
+        _ => None,
+    };
+    let mut conns = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = plain.listener.accept() => a.map(|a| (a, &plain)),
+            a = accept_opt(secure.as_ref()) => a,
+            r = shutdown.changed() => {
+                if r.is_err() || *shutdown.borrow() { break }
+                continue;
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let ((stream, peer), listener) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("HTTP accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+        let info = ConnInfo {
+            client: peer,
+            https: listener.tls.is_some(),
+            port: local_port,
+        };
+        let frontend = frontend.clone();
+        let builder = builder.clone();
+        let shutdown = shutdown.clone();
+        let tls = listener.tls.clone();
+        let redirect_to = listener.redirect_to;
+        let span = tracing::info_span!("http", client.addr = %peer);
+        conns.spawn(
+            async move {
+                match tls {
+                    Some(acceptor) => {
+                        let stream = match tokio::time::timeout(
+                            TLS_HANDSHAKE_TIMEOUT,
+                            acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!("TLS handshake failed: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!("TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        serve_connection(
+                            stream,
+                            frontend,
+                            info,
+                            None,
+                            &builder,
+                            idle_timeout,
+                            shutdown,
+                        )
+                        .await;
+                    }
+                    None => {
+                        serve_connection(
+                            stream,
+                            frontend,
+                            info,
+                            redirect_to,
+                            &builder,
+                            idle_timeout,
+                            shutdown,
+                        )
+                        .await
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+    drop(plain);
+    drop(secure);
+    // Open connections were told to finish (see serve_connection); give them the grace time.
+    let grace = config.gateway.shutdown_grace;
+    let _ = tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
+    conns.abort_all();
+    tasks.abort_all();
     Ok(())
 }
+
+struct Listener {
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    /// Plain listener while TLS is configured: redirect to this HTTPS port.
+    redirect_to: Option<u16>,
+}
+
+async fn accept_opt(
+    l: Option<&Listener>,
+) -> std::io::Result<((tokio::net::TcpStream, SocketAddr), &Listener)> {
+    match l {
+        Some(l) => l.listener.accept().await.map(|a| (a, l)),
+        None => std::future::pending().await,
+    }
+}
+
+/// The hyper connection builder with `[http]` limits: header block size, header read timeout,
+/// HTTP/2 header list size, keep-alive pings.
+pub fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    let max_header = config.http.max_header_bytes.max(8192);
+    b.http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        // Also closes keep-alive connections that send no new request within this time.
+        .header_read_timeout(config.http.idle_timeout)
+        .max_buf_size(max_header);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(256));
+    b
+}
+
+/// Serves one client connection (plain or TLS) until it closes, it is idle for `idle_timeout`
+/// or the gateway shuts down.
+async fn serve_connection<I>(
+    io: I,
+    frontend: Frontend,
+    info: ConnInfo,
+    redirect_to: Option<u16>,
+    builder: &auto::Builder<TokioExecutor>,
+    idle_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let tracker = ConnTracker::new();
+    let svc_tracker = tracker.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let frontend = frontend.clone();
+        let active = svc_tracker.begin();
+        async move {
+            let resp = match redirect_to {
+                Some(port) => redirect_to_https(&req, port),
+                None => frontend.handle(req, info).await,
+            };
+            Ok::<_, Infallible>(active.attach(resp))
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let check_every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
+    let mut tick = tokio::time::interval(check_every);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!("connection ended: {e}");
+                }
+                return;
+            }
+            _ = tick.tick(), if !closing => {
+                if tracker.idle_for().is_some_and(|d| d >= idle_timeout) {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            r = shutdown.changed(), if !closing => {
+                if r.is_err() || *shutdown.borrow() {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// `listen.http` while TLS is configured: a 308 to the same path on the HTTPS port.
+fn redirect_to_https<B>(req: &Request<B>, https_port: u16) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .map(strip_port);
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        return errors::GatewayError::Refused {
+            status: StatusCode::BAD_REQUEST,
+            detail: "a Host header is required".into(),
+        }
+        .response(req.headers());
+    };
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{port}{path}");
+    let mut resp = Response::new(full(format!("Moved to {location}\n")));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
+    }
+    resp
+}
+
+/// `host` without a `:port` suffix (keeps IPv6 brackets).
+fn strip_port(host: &str) -> &str {
+    if let Some(end) = host.strip_prefix('[').and_then(|h| h.find(']')) {
+        return &host[..end + 2];
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests;

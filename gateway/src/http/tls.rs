@@ -33,7 +33,12 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKe
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("tls.cert: cannot read {}", cert.display()))?
         .collect::<Result<_, _>>()
-        .with_context(|| format!("tls.cert: {} is not a PEM certificate chain", cert.display()))?;
+        .with_context(|| {
+            format!(
+                "tls.cert: {} is not a PEM certificate chain",
+                cert.display()
+            )
+        })?;
     if chain.is_empty() {
         anyhow::bail!(
             "tls.cert: {} holds no CERTIFICATE block (expected a PEM certificate chain)",
@@ -135,7 +140,10 @@ mod tests {
         let first = r.current.load_full();
         assert!(!r.reload_if_changed().expect("unchanged"));
         let config = server_config(r.clone()).expect("config");
-        assert_eq!(config.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(
+            config.alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
 
         // A renewed pair replaces the old one.
         let (cert2, key2) = write_pair(dir.path(), "b.test");
@@ -159,7 +167,10 @@ mod tests {
         // Mismatched key and certificate.
         let (_, other_key) = write_pair(dir.path(), "c.test");
         let (cert3, _) = write_pair(dir.path(), "d.test");
-        let err = format!("{:#}", load_certified_key(&cert3, &other_key).expect_err("mismatch"));
+        let err = format!(
+            "{:#}",
+            load_certified_key(&cert3, &other_key).expect_err("mismatch")
+        );
         assert!(err.contains("does not belong"), "{err}");
     }
 }

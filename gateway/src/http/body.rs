@@ -1,0 +1,284 @@
+//! Body wrappers: byte counting with an end hook, the retry hand-off for request bodies, and
+//! per-connection in-flight tracking (for the idle timeout).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::Response;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+
+use super::{Body, BoxError};
+
+/// Called once when an [`Observed`] body is dropped, with the data bytes that passed.
+pub type EndHook = Box<dyn FnOnce(u64) + Send>;
+
+/// Passes a body through, counting data bytes; runs its hook when dropped (body finished,
+/// client gone, or response discarded).
+pub struct Observed {
+    inner: Body,
+    bytes: u64,
+    counter: Option<Arc<AtomicU64>>,
+    on_end: Option<EndHook>,
+}
+
+impl Observed {
+    /// Wraps `inner`; `on_end` gets the byte count.
+    pub fn new(inner: Body, on_end: EndHook) -> Self {
+        Self {
+            inner,
+            bytes: 0,
+            counter: None,
+            on_end: Some(on_end),
+        }
+    }
+
+    /// Wraps `inner`, adding its bytes to `counter` as they pass.
+    pub fn counting(inner: Body, counter: Arc<AtomicU64>) -> Self {
+        Self {
+            inner,
+            bytes: 0,
+            counter: Some(counter),
+            on_end: None,
+        }
+    }
+
+    /// Boxes it.
+    pub fn boxed(self) -> Body {
+        BodyExt::boxed_unsync(self)
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if let Some(hook) = self.on_end.take() {
+            hook(self.bytes);
+        }
+    }
+}
+
+impl HttpBody for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let n = data.len() as u64;
+            this.bytes += n;
+            if let Some(c) = &this.counter {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Where a request body waits until the upstream connection polls it. If connecting to the VM
+/// fails, the body was never polled and [`Handoff::take_back`] returns it for the next VM.
+pub type Slot = Arc<Mutex<Option<Body>>>;
+
+/// A request body sent to a VM through a [`Slot`].
+pub struct Handoff {
+    slot: Slot,
+    body: Option<Body>,
+    hint: SizeHint,
+    end: bool,
+}
+
+impl Handoff {
+    /// Puts `body` in a fresh slot; returns the slot and the body to send.
+    pub fn new(body: Body) -> (Slot, Self) {
+        let hint = body.size_hint();
+        let end = body.is_end_stream();
+        let slot = Arc::new(Mutex::new(Some(body)));
+        (
+            slot.clone(),
+            Self {
+                slot,
+                body: None,
+                hint,
+                end,
+            },
+        )
+    }
+
+    /// The body, if the upstream connection never started reading it.
+    pub fn take_back(slot: &Slot) -> Option<Body> {
+        slot.lock().ok().and_then(|mut s| s.take())
+    }
+}
+
+impl HttpBody for Handoff {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.body.is_none() {
+            this.body = this.slot.lock().ok().and_then(|mut s| s.take());
+        }
+        match &mut this.body {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.body {
+            Some(b) => b.is_end_stream(),
+            None => self.end,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.body {
+            Some(b) => b.size_hint(),
+            None => self.hint.clone(),
+        }
+    }
+}
+
+/// Requests in flight on one client connection, and since when it has had none.
+#[derive(Debug, Clone)]
+pub struct ConnTracker {
+    inner: Arc<TrackerInner>,
+}
+
+#[derive(Debug)]
+struct TrackerInner {
+    active: AtomicUsize,
+    /// Milliseconds after `epoch` when the last request finished.
+    idle_since: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for ConnTracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConnTracker {
+    /// A connection with no request yet (idle from now).
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(TrackerInner {
+                active: AtomicUsize::new(0),
+                idle_since: AtomicU64::new(0),
+                epoch: Instant::now(),
+            }),
+        }
+    }
+
+    /// A request starts; it ends when the returned guard (or the response it is attached to)
+    /// is dropped.
+    pub fn begin(&self) -> Active {
+        self.inner.active.fetch_add(1, Ordering::AcqRel);
+        Active {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// How long the connection has had no request in flight; `None` while one is.
+    pub fn idle_for(&self) -> Option<Duration> {
+        if self.inner.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.inner.idle_since.load(Ordering::Acquire));
+        Some(self.inner.epoch.elapsed().saturating_sub(since))
+    }
+}
+
+/// One request in flight.
+#[derive(Debug)]
+pub struct Active {
+    inner: Arc<TrackerInner>,
+}
+
+impl Active {
+    /// Keeps the request in flight until `resp`'s body is finished or dropped.
+    pub fn attach(self, resp: Response<Body>) -> Response<Body> {
+        resp.map(|b| Observed::new(b, Box::new(move |_| drop(self))).boxed())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.inner.idle_since.store(ms, Ordering::Release);
+        self.inner.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::full;
+
+    #[tokio::test]
+    async fn observed_counts_and_reports_once() {
+        let seen = Arc::new(AtomicU64::new(u64::MAX));
+        let s = seen.clone();
+        let body = Observed::new(
+            full("hello"),
+            Box::new(move |n| s.store(n, Ordering::SeqCst)),
+        );
+        let bytes = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        assert_eq!(&bytes[..], b"hello");
+        assert_eq!(seen.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn handoff_returns_an_unread_body() {
+        let (slot, sent) = Handoff::new(full("abc"));
+        assert_eq!(sent.size_hint().exact(), Some(3));
+        drop(sent); // the connection failed before reading it
+        let back = Handoff::take_back(&slot).expect("still there");
+        let (slot, sent) = Handoff::new(back);
+        let bytes = sent
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        assert_eq!(&bytes[..], b"abc");
+        assert!(Handoff::take_back(&slot).is_none());
+    }
+
+    #[test]
+    fn tracker_is_idle_only_without_requests() {
+        let t = ConnTracker::new();
+        assert!(t.idle_for().is_some());
+        let a = t.begin();
+        assert!(t.idle_for().is_none());
+        let resp = a.attach(Response::new(full("x")));
+        assert!(t.idle_for().is_none());
+        drop(resp);
+        assert!(t.idle_for().is_some_and(|d| d < Duration::from_secs(5)));
+    }
+}

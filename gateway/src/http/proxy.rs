@@ -1,0 +1,543 @@
+//! The request handler: check the request, read the sticky cookie, pick the VM, forward with
+//! streamed bodies (or relay an upgrade), retry another VM when one cannot be reached, set or
+//! rewrite the cookie, count and log.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Body as HttpBody;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use poolgate_config::Config;
+use router_core::{NoVm, PickRequest, Pool, Protocol, Vm};
+
+use super::body::{Handoff, Observed};
+use super::cookie::{CookieSigner, Pin, find_cookie, set_cookie_header};
+use super::errors::GatewayError;
+use super::headers::{Forwarding, set_forwarding, strip_hop_by_hop, wants_upgrade};
+use super::upgrade::{self, UpgradeError};
+use super::{Body, BoxError, empty};
+use crate::metrics::{Metrics, outcome};
+use crate::ssh::FailureHook;
+
+/// Frontend settings (from `[http]`).
+#[derive(Debug, Clone)]
+pub struct FrontendSettings {
+    /// Name of the sticky cookie.
+    pub cookie_name: String,
+    /// Time allowed to connect to a VM.
+    pub connect_timeout: Duration,
+    /// Time a VM may take to send response headers.
+    pub response_header_timeout: Duration,
+    /// Longest request target accepted.
+    pub max_uri_bytes: usize,
+    /// `Retry-After` (and page refresh) of the 503 page.
+    pub retry_after: Duration,
+    /// VMs tried for one request when they cannot be reached.
+    pub max_attempts: usize,
+    /// Idle upstream keep-alive connections are closed after this long.
+    pub upstream_idle: Duration,
+}
+
+impl FrontendSettings {
+    /// Settings from a validated configuration.
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            cookie_name: c.http.cookie_name.clone(),
+            connect_timeout: c.http.connect_timeout,
+            response_header_timeout: c.http.response_header_timeout,
+            max_uri_bytes: c.http.max_uri_bytes,
+            retry_after: Duration::from_secs(10),
+            max_attempts: 3,
+            upstream_idle: Duration::from_secs(90),
+        }
+    }
+}
+
+/// The client connection a request came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// Arrived over TLS.
+    pub https: bool,
+    /// The gateway port the client connected to.
+    pub port: u16,
+}
+
+/// The HTTP frontend: routes and forwards requests to pool VMs. Cheap to clone.
+#[derive(Clone)]
+pub struct Frontend {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frontend")
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    settings: FrontendSettings,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    on_vm_failure: FailureHook,
+    signer: CookieSigner,
+    /// Pooled keep-alive connections, per VM (pool key: VM address).
+    client: Client<HttpConnector, Handoff>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `host:port` for a URI authority (IPv6 literals bracketed).
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// How one attempt on one VM ended, when it did not produce a response.
+enum Attempt {
+    /// Could not connect: try another VM (the body is back when it was never read).
+    Unreachable(String, Option<Body>),
+    /// Gave up with this error.
+    Fail(GatewayError),
+}
+
+impl Frontend {
+    /// A frontend over `pool`.
+    pub fn new(
+        settings: FrontendSettings,
+        pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
+        on_vm_failure: FailureHook,
+        signer: CookieSigner,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(settings.upstream_idle)
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                pool,
+                metrics,
+                on_vm_failure,
+                signer,
+                client,
+            }),
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.inner.pool
+    }
+
+    /// Handles one request from a client connection; never fails (errors become pages).
+    pub async fn handle<B>(&self, req: Request<B>, conn: ConnInfo) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let (resp, vm) = self.proxy(req, conn).await;
+        let status = resp.status().as_u16();
+        let vm_label = vm.as_deref().unwrap_or("none");
+        self.inner
+            .metrics
+            .http_requests_total
+            .with_label_values(&[vm_label, &status.to_string()])
+            .inc();
+        tracing::info!(
+            target: "poolgate::http::access",
+            %method,
+            path = %path,
+            status,
+            vm = vm_label,
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            client = %conn.client,
+            "request"
+        );
+        resp
+    }
+
+    /// Refuses what must never be forwarded.
+    fn check<B>(&self, req: &Request<B>) -> Result<(), GatewayError> {
+        if req.method() == Method::CONNECT {
+            return Err(GatewayError::Refused {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                detail: "CONNECT is not supported: poolgate only forwards to pool VMs".into(),
+            });
+        }
+        let h1 = req.version() < Version::HTTP_2;
+        if h1 && (req.uri().scheme().is_some() || req.uri().authority().is_some()) {
+            return Err(GatewayError::Refused {
+                status: StatusCode::BAD_REQUEST,
+                detail: "absolute-form request targets are refused: poolgate is not a \
+                         forward proxy and only forwards to pool VMs"
+                    .into(),
+            });
+        }
+        let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        if target > self.inner.settings.max_uri_bytes {
+            return Err(GatewayError::Refused {
+                status: StatusCode::URI_TOO_LONG,
+                detail: format!(
+                    "the request target is {target} bytes; at most {} are accepted",
+                    self.inner.settings.max_uri_bytes
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn route(&self, pin: Option<&Pin>, tried: &[String]) -> Result<Arc<Vm>, NoVm> {
+        let req = PickRequest::new(Protocol::Http).excluding(tried);
+        match pin {
+            // A browser already pinned: keep it there (even while that VM drains), and count
+            // its session as load.
+            Some(p) => self
+                .inner
+                .pool
+                .http_route(&p.session, &req.pinned(&p.vm, true)),
+            // No (valid) cookie yet: choose without counting; the session counts once the
+            // cookie comes back.
+            None => self.inner.pool.pick(&req),
+        }
+    }
+
+    async fn proxy<B>(
+        &self,
+        mut req: Request<B>,
+        conn: ConnInfo,
+    ) -> (Response<Body>, Option<String>)
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if let Err(e) = self.check(&req) {
+            return (e.response(req.headers()), None);
+        }
+        let inner = &self.inner;
+        let is_upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
+        let mut client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
+        let now = unix_now();
+        let pin = find_cookie(req.headers(), &inner.settings.cookie_name)
+            .and_then(|v| inner.signer.verify(v, now));
+        let previous_vm = pin
+            .as_ref()
+            .and_then(|p| inner.pool.http_session_vm(&p.session));
+        let (parts, body) = req.into_parts();
+        let up_bytes = Arc::new(AtomicU64::new(0));
+        let mut body = Some(
+            Observed::counting(body.map_err(Into::into).boxed_unsync(), up_bytes.clone()).boxed(),
+        );
+        let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+        let fwd = Forwarding {
+            client: conn.client,
+            https: conn.https,
+            port: conn.port,
+        };
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+
+        let mut tried: Vec<String> = Vec::new();
+        let mut last_failure: Option<GatewayError> = None;
+        loop {
+            let vm = match self.route(pin.as_ref(), &tried) {
+                Ok(vm) => vm,
+                Err(no_vm) => {
+                    let err = last_failure.unwrap_or_else(|| {
+                        inner.metrics.session_started(
+                            Protocol::Http,
+                            "none",
+                            outcome::NO_VM,
+                            Duration::ZERO,
+                        );
+                        GatewayError::NoVm {
+                            reason: no_vm.to_string(),
+                            retry_after: inner.settings.retry_after,
+                        }
+                    });
+                    return (err.response(&parts.headers), None);
+                }
+            };
+            let name = vm.name().to_owned();
+            let spec = vm.spec();
+            let authority = authority(&spec.host, spec.http_port);
+
+            // The request as the VM sees it: same method, target, Host and end-to-end headers.
+            let mut headers = parts.headers.clone();
+            strip_hop_by_hop(&mut headers);
+            set_forwarding(&mut headers, &fwd, host.as_deref());
+            if !headers.contains_key(header::HOST)
+                && let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+            {
+                headers.insert(header::HOST, h);
+            }
+            join_cookie_crumbs(&mut headers);
+
+            let attempt = if let (Some(on_client), Some(proto)) =
+                (client_upgrade.take(), upgrade_proto.clone())
+            {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(header::UPGRADE, proto.clone());
+                let mut up = Request::new(empty());
+                *up.method_mut() = parts.method.clone();
+                *up.headers_mut() = headers;
+                *up.version_mut() = Version::HTTP_11;
+                match pq.parse::<Uri>() {
+                    Ok(u) => *up.uri_mut() = u,
+                    Err(_) => return (bad_target(&parts.headers), None),
+                }
+                let metrics = inner.metrics.clone();
+                let pool = inner.pool.clone();
+                let sid = pin.as_ref().map(|p| p.session.clone());
+                let vm_name = name.clone();
+                let on_done = move |up: u64, down: u64| {
+                    metrics.bytes(Protocol::Http, &vm_name, up, down);
+                    if let Some(sid) = sid {
+                        pool.http_add_bytes(&sid, up, down);
+                    }
+                };
+                let started = Instant::now();
+                match upgrade::forward(
+                    &authority,
+                    up,
+                    on_client,
+                    inner.settings.connect_timeout,
+                    inner.settings.response_header_timeout,
+                    on_done,
+                )
+                .await
+                {
+                    Ok(resp) => Ok((resp.map(|b| b.map_err(Into::into).boxed_unsync()), started)),
+                    Err(UpgradeError::Connect(detail, on_client)) => {
+                        client_upgrade = Some(on_client);
+                        Err(Attempt::Unreachable(detail, None))
+                    }
+                    Err(UpgradeError::Timeout) => Err(Attempt::Fail(GatewayError::Timeout {
+                        vm: name.clone(),
+                        after: inner.settings.response_header_timeout,
+                    })),
+                    Err(UpgradeError::Failed(detail)) => {
+                        Err(Attempt::Fail(GatewayError::VmFailed {
+                            vm: name.clone(),
+                            detail,
+                        }))
+                    }
+                }
+            } else {
+                let uri = match format!("http://{authority}{pq}").parse::<Uri>() {
+                    Ok(u) => u,
+                    Err(_) => return (bad_target(&parts.headers), None),
+                };
+                let (slot, handoff) = Handoff::new(body.take().unwrap_or_else(empty));
+                let mut up = Request::new(handoff);
+                *up.method_mut() = parts.method.clone();
+                *up.uri_mut() = uri;
+                *up.headers_mut() = headers;
+                *up.version_mut() = Version::HTTP_11;
+                let started = Instant::now();
+                match tokio::time::timeout(
+                    inner.settings.response_header_timeout,
+                    inner.client.request(up),
+                )
+                .await
+                {
+                    Ok(Ok(resp)) => {
+                        Ok((resp.map(|b| b.map_err(Into::into).boxed_unsync()), started))
+                    }
+                    Ok(Err(e)) if e.is_connect() => Err(Attempt::Unreachable(
+                        error_chain(&e),
+                        Handoff::take_back(&slot),
+                    )),
+                    Ok(Err(e)) => Err(Attempt::Fail(GatewayError::VmFailed {
+                        vm: name.clone(),
+                        detail: error_chain(&e),
+                    })),
+                    Err(_) => Err(Attempt::Fail(GatewayError::Timeout {
+                        vm: name.clone(),
+                        after: inner.settings.response_header_timeout,
+                    })),
+                }
+            };
+
+            let (resp, started) = match attempt {
+                Ok(r) => r,
+                Err(Attempt::Fail(e)) => {
+                    tracing::warn!(vm = %name, "HTTP request failed: {}", e.status());
+                    inner.metrics.session_started(
+                        Protocol::Http,
+                        &name,
+                        outcome::VM_FAILED,
+                        Duration::ZERO,
+                    );
+                    return (e.response(&parts.headers), Some(name));
+                }
+                Err(Attempt::Unreachable(detail, returned)) => {
+                    tracing::warn!(vm = %name, "cannot reach VM: {detail}; trying another");
+                    (inner.on_vm_failure)(&name);
+                    inner.metrics.session_started(
+                        Protocol::Http,
+                        &name,
+                        outcome::VM_FAILED,
+                        Duration::ZERO,
+                    );
+                    let failure = GatewayError::VmFailed {
+                        vm: name.clone(),
+                        detail,
+                    };
+                    tried.push(name);
+                    // A body already partly sent cannot be replayed.
+                    let replayable = returned.is_some() || is_upgrade;
+                    if !replayable || tried.len() >= inner.settings.max_attempts {
+                        return (failure.response(&parts.headers), tried.pop());
+                    }
+                    body = returned;
+                    last_failure = Some(failure);
+                    continue;
+                }
+            };
+            inner
+                .metrics
+                .connect_seconds
+                .with_label_values(&[Protocol::Http.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+            if pin.is_some() && previous_vm.as_deref() != Some(name.as_str()) {
+                inner.metrics.session_started(
+                    Protocol::Http,
+                    &name,
+                    outcome::OK,
+                    started.elapsed(),
+                );
+            }
+            return (
+                self.finish(resp, &name, pin.as_ref(), now, conn, &up_bytes),
+                Some(name),
+            );
+        }
+    }
+
+    /// Response headers as the client sees them, the sticky cookie, and byte accounting.
+    fn finish(
+        &self,
+        resp: Response<Body>,
+        vm: &str,
+        pin: Option<&Pin>,
+        now: u64,
+        conn: ConnInfo,
+        up_bytes: &Arc<AtomicU64>,
+    ) -> Response<Body> {
+        let inner = &self.inner;
+        let (mut parts, body) = resp.into_parts();
+        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(&mut parts.headers);
+        }
+        let rewrite = match pin {
+            None => true,
+            Some(p) => p.vm != vm || inner.signer.wants_refresh(p, now),
+        };
+        if rewrite {
+            let sid = pin.map_or_else(CookieSigner::new_session_id, |p| p.session.clone());
+            let value = inner.signer.sign(vm, &sid, now);
+            let cookie = set_cookie_header(
+                &inner.settings.cookie_name,
+                &value,
+                inner.signer.max_age(),
+                conn.https,
+            );
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                parts.headers.append(header::SET_COOKIE, v);
+            }
+        }
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            // Bytes of the upgraded stream are counted by the relay.
+            return Response::from_parts(parts, body);
+        }
+        let metrics = inner.metrics.clone();
+        let pool = inner.pool.clone();
+        let vm = vm.to_owned();
+        let sid = pin.map(|p| p.session.clone());
+        let up_bytes = up_bytes.clone();
+        let body = Observed::new(
+            body,
+            Box::new(move |down| {
+                let up = up_bytes.load(Ordering::Relaxed);
+                metrics.bytes(Protocol::Http, &vm, up, down);
+                if let Some(sid) = sid {
+                    pool.http_add_bytes(&sid, up, down);
+                }
+            }),
+        )
+        .boxed();
+        Response::from_parts(parts, body)
+    }
+}
+
+fn bad_target(headers: &hyper::HeaderMap) -> Response<Body> {
+    GatewayError::Refused {
+        status: StatusCode::BAD_REQUEST,
+        detail: "the request target is not a valid path".into(),
+    }
+    .response(headers)
+}
+
+/// HTTP/2 clients may split `Cookie` into several fields; HTTP/1.1 wants one (RFC 9113 §8.2.3).
+fn join_cookie_crumbs(headers: &mut hyper::HeaderMap) {
+    let crumbs: Vec<&str> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if crumbs.len() > 1
+        && let Ok(v) = HeaderValue::from_str(&crumbs.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// An error and its sources on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}

@@ -1,0 +1,513 @@
+//! In-process tests of the frontend: the service is driven directly (no client socket) against
+//! tiny upstream servers bound to 127.0.0.1:0; the upgrade test uses one real listener.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::TokioIo;
+use router_core::{Health, Pool, RoutingPolicy, SystemClock, VmSpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::*;
+
+const COOKIE: &str = "poolgate_vm";
+
+/// An upstream "VM": answers with its name and what it received; `/slow` never answers,
+/// `/upgrade` switches to an echo protocol.
+struct Upstream {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn upstream(name: &'static str) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        // Connections live in this set: aborting the task closes them all (a stopped VM).
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            conns.spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| answer(name, req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, task }
+}
+
+async fn answer(
+    name: &'static str,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    match req.uri().path() {
+        "/slow" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        "/upgrade" => {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(up) = on.await {
+                    let mut io = TokioIo::new(up);
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = io.read(&mut buf).await {
+                        if io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            let mut resp = Response::new(Full::new(Bytes::new()));
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            resp.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("echo"));
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            return Ok(resp);
+        }
+        _ => {}
+    }
+    let headers: HashMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_owned()))
+        .collect();
+    let method = req.method().to_string();
+    let uri = req.uri().to_string();
+    let body = req.into_body().collect().await?.to_bytes();
+    let json = serde_json::json!({
+        "vm": name, "method": method, "uri": uri, "headers": headers, "body_len": body.len(),
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(json.to_string())));
+    resp.headers_mut()
+        .insert("keep-alive", HeaderValue::from_static("timeout=5"));
+    Ok(resp)
+}
+
+struct Fixture {
+    frontend: Frontend,
+    pool: Arc<Pool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    _ups: Vec<Upstream>,
+}
+
+async fn fixture(names: &[&'static str], header_timeout: Duration) -> Fixture {
+    let pool = Arc::new(Pool::new(RoutingPolicy::default(), Arc::new(SystemClock)));
+    let mut specs = Vec::new();
+    let mut ups = Vec::new();
+    for name in names {
+        let up = upstream(name).await;
+        specs.push(VmSpec {
+            http_port: up.addr.port(),
+            ..VmSpec::new(*name, "127.0.0.1")
+        });
+        ups.push(up);
+    }
+    pool.set_vms(specs);
+    for name in names {
+        pool.set_health(name, Health::Up);
+    }
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let f = failures.clone();
+    let settings = FrontendSettings {
+        cookie_name: COOKIE.into(),
+        connect_timeout: Duration::from_secs(2),
+        response_header_timeout: header_timeout,
+        max_uri_bytes: 1024,
+        retry_after: Duration::from_secs(7),
+        max_attempts: 3,
+        upstream_idle: Duration::from_secs(30),
+    };
+    let frontend = Frontend::new(
+        settings,
+        pool.clone(),
+        Arc::new(crate::metrics::Metrics::new()),
+        Arc::new(move |vm: &str| f.lock().expect("lock").push(vm.to_owned())),
+        CookieSigner::new(
+            b"test key test key test key test!",
+            Duration::from_secs(3600),
+        ),
+    );
+    Fixture {
+        frontend,
+        pool,
+        failures,
+        _ups: ups,
+    }
+}
+
+fn conn() -> ConnInfo {
+    ConnInfo {
+        client: "192.0.2.7:40000".parse().expect("addr"),
+        https: true,
+        port: 8443,
+    }
+}
+
+fn get(path: &str, cookie: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .uri(path)
+        .header(header::HOST, "hub.example:8443");
+    if let Some(c) = cookie {
+        b = b.header(header::COOKIE, format!("_xsrf=x; {COOKIE}={c}"));
+    }
+    b.body(Full::new(Bytes::new())).expect("request")
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: hyper::HeaderMap,
+    json: serde_json::Value,
+    text: String,
+}
+
+impl Answer {
+    fn vm(&self) -> &str {
+        self.json["vm"].as_str().unwrap_or("")
+    }
+    fn header(&self, name: &str) -> &str {
+        self.json["headers"][name].as_str().unwrap_or("")
+    }
+    /// The value of our Set-Cookie, if any.
+    fn cookie(&self) -> Option<String> {
+        self.headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|v| v.strip_prefix(&format!("{COOKIE}=")))
+            .and_then(|v| v.split(';').next())
+            .map(str::to_owned)
+    }
+}
+
+async fn send<B>(f: &Fixture, req: Request<B>) -> Answer
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let resp = f.frontend.handle(req, conn()).await;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    Answer {
+        status,
+        headers,
+        json,
+        text,
+    }
+}
+
+#[tokio::test]
+async fn first_response_pins_and_the_session_counts_once_the_cookie_returns() {
+    let f = fixture(&["vm-a", "vm-b"], Duration::from_secs(5)).await;
+    let first = send(&f, get("/hub/login?next=%2F", None)).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    let cookie = first.cookie().expect("first response sets the cookie");
+    let set = first.headers[header::SET_COOKIE].to_str().unwrap_or("");
+    assert!(
+        set.contains("Path=/") && set.contains("HttpOnly") && set.contains("SameSite=Lax"),
+        "{set}"
+    );
+    assert!(set.contains("Secure"), "{set}");
+    // No cookie yet: no load counted.
+    assert_eq!(f.pool.http_session_count(), 0);
+    let vm = first.vm().to_owned();
+    for _ in 0..5 {
+        let again = send(&f, get("/hub/api/user", Some(&cookie))).await;
+        assert_eq!(again.vm(), vm);
+        assert!(
+            again.cookie().is_none(),
+            "cookie is only set when it changes"
+        );
+    }
+    assert_eq!(f.pool.http_session_count(), 1);
+    // A forged cookie is ignored and replaced.
+    let forged = cookie.replace(|c: char| c.is_ascii_digit(), "9");
+    let r = send(&f, get("/", Some(&forged))).await;
+    assert!(r.cookie().is_some_and(|c| c != forged));
+    // The forged cookie opened no session.
+    assert_eq!(f.pool.http_session_count(), 1);
+}
+
+#[tokio::test]
+async fn headers_are_forwarded_as_jupyter_needs_them() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/hub/api/users/ann/server?x=1")
+        .header(header::HOST, "hub.example:8443")
+        .header(header::ORIGIN, "https://hub.example:8443")
+        .header("sec-fetch-site", "same-origin")
+        .header("sec-fetch-mode", "cors")
+        .header("x-xsrftoken", "tok")
+        .header(header::COOKIE, "_xsrf=tok")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-scheme", "http")
+        .header(header::CONNECTION, "keep-alive, x-hop")
+        .header("x-hop", "1")
+        .header("proxy-authorization", "Basic Zm9v")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .expect("request");
+    let r = send(&f, req).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["uri"], "/hub/api/users/ann/server?x=1");
+    assert_eq!(r.json["method"], "POST");
+    assert_eq!(r.json["body_len"], 2);
+    assert_eq!(r.header("host"), "hub.example:8443");
+    assert_eq!(r.header("origin"), "https://hub.example:8443");
+    assert_eq!(r.header("sec-fetch-site"), "same-origin");
+    assert_eq!(r.header("sec-fetch-mode"), "cors");
+    assert_eq!(r.header("x-xsrftoken"), "tok");
+    assert_eq!(r.header("cookie"), "_xsrf=tok");
+    assert_eq!(r.header("x-forwarded-for"), "192.0.2.7");
+    assert_eq!(r.header("x-forwarded-proto"), "https");
+    assert_eq!(r.header("x-forwarded-host"), "hub.example:8443");
+    assert_eq!(r.header("x-forwarded-port"), "8443");
+    assert_eq!(
+        r.header("forwarded"),
+        "for=192.0.2.7;proto=https;host=\"hub.example:8443\""
+    );
+    assert_eq!(r.header("x-scheme"), "");
+    assert_eq!(r.header("x-hop"), "");
+    assert_eq!(r.header("proxy-authorization"), "");
+    // Hop-by-hop headers of the response are not passed back either.
+    assert!(r.headers.get("keep-alive").is_none());
+}
+
+#[tokio::test]
+async fn a_large_body_streams_through() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let (tx, body) =
+        futures::channel::mpsc::channel::<Result<hyper::body::Frame<Bytes>, BoxError>>(4);
+    let body = http_body_util::StreamBody::new(body);
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri("/api/contents/big.bin")
+        .header(header::HOST, "hub.example")
+        .body(body)
+        .expect("request");
+    let sender = tokio::spawn(async move {
+        use futures::SinkExt;
+        let mut tx = tx;
+        let chunk = Bytes::from(vec![7u8; 1 << 20]);
+        for _ in 0..20 {
+            if tx
+                .send(Ok(hyper::body::Frame::data(chunk.clone())))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let r = send(&f, req).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["body_len"], 20 << 20);
+    sender.await.expect("sender");
+}
+
+#[tokio::test]
+async fn a_stopped_pinned_vm_moves_the_browser_and_rewrites_the_cookie() {
+    let mut f = fixture(&["vm-a", "vm-b"], Duration::from_secs(5)).await;
+    let first = send(&f, get("/", None)).await;
+    let cookie = first.cookie().expect("cookie");
+    let pinned = first.vm().to_owned();
+    send(&f, get("/", Some(&cookie))).await;
+    // Stop the pinned VM's web server.
+    let idx = if pinned == "vm-a" { 0 } else { 1 };
+    let mut stopped = f._ups.remove(idx);
+    stopped.task.abort();
+    let _ = (&mut stopped.task).await;
+    drop(stopped);
+    let r = send(&f, get("/tree", Some(&cookie))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_ne!(r.vm(), pinned);
+    let rewritten = r.cookie().expect("cookie rewritten");
+    assert_ne!(rewritten, cookie);
+    assert_eq!(*f.failures.lock().expect("lock"), [pinned.clone()]);
+    // The new cookie keeps the browser on the new VM.
+    let again = send(&f, get("/", Some(&rewritten))).await;
+    assert_eq!(again.vm(), r.vm());
+    assert_eq!(f.pool.http_session_count(), 1);
+}
+
+#[tokio::test]
+async fn a_draining_vm_keeps_its_pinned_browsers_but_gets_no_new_ones() {
+    let f = fixture(&["vm-a", "vm-b"], Duration::from_secs(5)).await;
+    let first = send(&f, get("/", None)).await;
+    let cookie = first.cookie().expect("cookie");
+    let pinned = first.vm().to_owned();
+    f.pool.drain(&pinned);
+    let kept = send(&f, get("/", Some(&cookie))).await;
+    assert_eq!(kept.vm(), pinned);
+    let new = send(&f, get("/", None)).await;
+    assert_ne!(new.vm(), pinned);
+}
+
+#[tokio::test]
+async fn no_vm_is_a_503_with_retry_after_html_or_json() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    f.pool.set_health("vm-a", Health::Unknown);
+    let r = send(&f, get("/hub/", None)).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers[header::RETRY_AFTER], "7");
+    assert!(r.text.contains("the pool is starting"), "{}", r.text);
+    assert!(r.text.contains("http-equiv=\"refresh\""), "{}", r.text);
+    let mut req = get("/hub/api/user", None);
+    req.headers_mut()
+        .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    let r = send(&f, req).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json["status"], 503);
+}
+
+#[tokio::test]
+async fn an_unreachable_vm_is_a_502_and_a_slow_one_a_504() {
+    let mut f = fixture(&["vm-a"], Duration::from_millis(300)).await;
+    let r = send(&f, get("/slow", None)).await;
+    assert_eq!(r.status, 504, "{}", r.text);
+    let mut up = f._ups.remove(0);
+    up.task.abort();
+    let _ = (&mut up.task).await;
+    let r = send(&f, get("/", None)).await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert_eq!(*f.failures.lock().expect("lock"), ["vm-a"]);
+}
+
+#[tokio::test]
+async fn connect_absolute_form_and_long_targets_are_refused() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let connect = Request::builder()
+        .method(Method::CONNECT)
+        .uri("evil.example:443")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    assert_eq!(send(&f, connect).await.status, 405);
+    let absolute = Request::builder()
+        .uri("http://169.254.169.254/latest/meta-data")
+        .version(Version::HTTP_11)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    assert_eq!(send(&f, absolute).await.status, 400);
+    let long = get(&format!("/{}", "a".repeat(2000)), None);
+    assert_eq!(send(&f, long).await.status, 414);
+    // HTTP/2 requests carry scheme and authority: those are fine.
+    let h2 = Request::builder()
+        .uri("https://hub.example/hub/")
+        .version(Version::HTTP_2)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let r = send(&f, h2).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("host"), "hub.example");
+    assert_eq!(r.json["uri"], "/hub/");
+}
+
+#[tokio::test]
+async fn upgrades_are_relayed_both_ways_over_a_real_connection() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let frontend = f.frontend.clone();
+    let server = tokio::spawn(async move {
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let info = ConnInfo {
+            client: peer,
+            https: false,
+            port: addr.port(),
+        };
+        let config = poolgate_config::Config::default();
+        let builder = connection_builder(&config);
+        let (_tx, rx) = watch::channel(false);
+        serve_connection(
+            stream,
+            frontend,
+            info,
+            None,
+            &builder,
+            Duration::from_secs(60),
+            rx,
+        )
+        .await;
+    });
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        b"GET /upgrade HTTP/1.1\r\nHost: hub.example\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).await.expect("read");
+        assert_eq!(n, 1, "closed early: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    assert!(head.contains("set-cookie: poolgate_vm="), "{head}");
+    let payload = vec![42u8; 256 * 1024];
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await.expect("write");
+        w
+    });
+    let mut got = vec![0u8; 256 * 1024];
+    r.read_exact(&mut got).await.expect("echoed");
+    assert!(got.iter().all(|b| *b == 42));
+    drop(writer.await);
+    drop(r);
+    server.abort();
+}
+
+#[test]
+fn plain_http_redirects_to_https_when_tls_is_on() {
+    let req = Request::builder()
+        .uri("/hub/login?next=%2Fhub%2F")
+        .header(header::HOST, "hub.example:8080")
+        .body(())
+        .expect("request");
+    let resp = redirect_to_https(&req, 8443);
+    assert_eq!(resp.status(), 308);
+    assert_eq!(
+        resp.headers()[header::LOCATION],
+        "https://hub.example:8443/hub/login?next=%2Fhub%2F"
+    );
+    let resp = redirect_to_https(&req, 443);
+    assert_eq!(
+        resp.headers()[header::LOCATION],
+        "https://hub.example/hub/login?next=%2Fhub%2F"
+    );
+    assert_eq!(strip_port("[::1]:8080"), "[::1]");
+    assert_eq!(strip_port("[::1]"), "[::1]");
+    let no_host = Request::builder().uri("/").body(()).expect("request");
+    assert_eq!(redirect_to_https(&no_host, 443).status(), 400);
+}

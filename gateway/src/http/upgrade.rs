@@ -1,0 +1,94 @@
+//! HTTP/1.1 upgrades (websockets: kernel channels, terminals): the upgrade request goes to the
+//! VM on a dedicated connection; on `101 Switching Protocols` both upgraded streams are relayed
+//! with `copy_bidirectional` (back-pressured both ways, bounded buffers).
+
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use super::Body;
+
+/// Why an upgrade request got no response from the VM.
+pub(super) enum UpgradeError {
+    /// Connecting failed; the client's upgrade handle is returned to try another VM.
+    Connect(String, OnUpgrade),
+    /// No response headers within the timeout.
+    Timeout,
+    /// The VM failed after the connection was made.
+    Failed(String),
+}
+
+/// Sends the upgrade request `req` (origin-form target, `Connection: upgrade` kept) to
+/// `authority` and, on `101`, relays the upgraded streams in a background task that calls
+/// `on_done(up, down)` with the byte counts when either side closes.
+pub(super) async fn forward(
+    authority: &str,
+    req: Request<Body>,
+    client: OnUpgrade,
+    connect_timeout: Duration,
+    header_timeout: Duration,
+    on_done: impl FnOnce(u64, u64) + Send + 'static,
+) -> Result<Response<Incoming>, UpgradeError> {
+    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(authority)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(UpgradeError::Connect(
+                format!("connect {authority}: {e}"),
+                client,
+            ));
+        }
+        Err(_) => {
+            return Err(UpgradeError::Connect(
+                format!(
+                    "connect {authority}: no answer within {}",
+                    humantime::format_duration(connect_timeout)
+                ),
+                client,
+            ));
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| UpgradeError::Failed(e.to_string()))?;
+    tokio::spawn(
+        async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("upstream upgrade connection: {e}");
+            }
+        }
+        .in_current_span(),
+    );
+    let mut resp = match tokio::time::timeout(header_timeout, sender.send_request(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(UpgradeError::Failed(e.to_string())),
+        Err(_) => return Err(UpgradeError::Timeout),
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(
+            async move {
+                let (c, u) = match tokio::join!(client, upstream) {
+                    (Ok(c), Ok(u)) => (c, u),
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::debug!("upgrade not completed: {e}");
+                        return;
+                    }
+                };
+                let mut c = TokioIo::new(c);
+                let mut u = TokioIo::new(u);
+                match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    Ok((up, down)) => on_done(up, down),
+                    Err(e) => tracing::debug!("upgraded stream ended: {e}"),
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    Ok(resp)
+}
