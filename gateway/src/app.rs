@@ -4,12 +4,18 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use poolgate_config::{Affinity, Config, PasswordAuth};
+use std::time::Duration;
+
+use poolgate_config::{Affinity, Config, PasswordAuth, Provider as ProviderKind};
+use router_core::autoscale::AutoscaleConfig;
 use router_core::{HealthPolicy, Pool, RoutingPolicy, SystemClock, VmSpec};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::AdminState;
+use crate::autoscale::providers::exec::{ExecProvider, ExecSettings};
+use crate::autoscale::providers::{Provider, StaticProvider};
+use crate::autoscale::{Driver, DriverSettings};
 use crate::health::{HealthChecker, HealthSettings};
 use crate::http::HttpParts;
 use crate::metrics::Metrics;
@@ -27,6 +33,8 @@ pub struct Gateway {
     pub ssh: Arc<SshGateway>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Autoscaler driver (also keeps dynamic pools in sync with their provider).
+    pub driver: Arc<Driver>,
 }
 
 /// Maps `[routing]` and `[http]` to router-core's policy.
@@ -92,7 +100,6 @@ pub fn build(config: &Config) -> anyhow::Result<Gateway> {
     };
 
     let pool = Arc::new(Pool::new(routing_policy(config), Arc::new(SystemClock)));
-    pool.set_vms(static_vms(config));
 
     let health = HealthChecker::new(
         pool.clone(),
@@ -113,6 +120,13 @@ pub fn build(config: &Config) -> anyhow::Result<Gateway> {
         },
     );
     let metrics = Arc::new(Metrics::new());
+    let provider = provider(config)?;
+    let driver = Driver::new(
+        pool.clone(),
+        provider,
+        driver_settings(config),
+        metrics.clone(),
+    );
     let health_for_ssh = health.clone();
     let metrics_for_ssh = metrics.clone();
     let ssh = SshGateway::new(SshGatewayParts {
@@ -137,19 +151,88 @@ pub fn build(config: &Config) -> anyhow::Result<Gateway> {
             tracing::info!(%method, client = %peer, "authentication failed");
         }),
         metrics: metrics.clone(),
+        wake: Some(driver.clone()),
     });
     Ok(Gateway {
         pool,
         health,
         ssh,
         metrics,
+        driver,
     })
+}
+
+/// The provider named by `pool.provider`.
+pub fn provider(config: &Config) -> anyhow::Result<Arc<dyn Provider>> {
+    Ok(match config.pool.provider {
+        ProviderKind::Static => Arc::new(StaticProvider::new(static_vms(config))),
+        ProviderKind::Exec => {
+            let exec = config
+                .pool
+                .exec
+                .as_ref()
+                .context("pool.exec: required by provider = \"exec\"")?;
+            Arc::new(ExecProvider::new(ExecSettings {
+                list: exec.list.clone(),
+                start: exec.start.clone(),
+                stop: exec.stop.clone(),
+                create: exec.create.clone(),
+                delete: exec.delete.clone(),
+                timeout: exec.timeout,
+                defaults: VmSpec {
+                    name: String::new(),
+                    host: String::new(),
+                    ssh_port: exec.ssh_port,
+                    http_port: exec.http_port,
+                    weight: exec.weight,
+                    max_sessions: exec.max_sessions,
+                },
+            }))
+        }
+        ProviderKind::AzureVmss => {
+            anyhow::bail!("pool.provider = \"azure-vmss\" is not available in this build yet")
+        }
+        ProviderKind::Demo => {
+            anyhow::bail!("pool.provider = \"demo\" is only available through `poolgate demo`")
+        }
+    })
+}
+
+/// Maps `[autoscale]` to the driver's settings.
+pub fn driver_settings(config: &Config) -> DriverSettings {
+    let a = &config.autoscale;
+    let poll_interval = match (&config.pool.exec, &config.pool.azure) {
+        (Some(exec), _) if config.pool.provider == ProviderKind::Exec => exec.poll_interval,
+        (_, Some(azure)) if config.pool.provider == ProviderKind::AzureVmss => azure.poll_interval,
+        _ => Duration::from_secs(30),
+    };
+    DriverSettings {
+        enabled: a.enabled,
+        policy: AutoscaleConfig {
+            min_vms: a.min_vms,
+            max_vms: a.max_vms,
+            sessions_per_vm: a.sessions_per_vm,
+            spare_vms: a.spare_vms,
+            scale_in_after: a.scale_in_after,
+            scale_to_zero_after: a.scale_to_zero_after,
+            cooldown: a.cooldown,
+        },
+        tick: a.tick,
+        poll_interval,
+        wake_on_connect: a.wake_on_connect,
+        hold_connect_for: a.hold_connect_for,
+        boot_estimate: a.boot_estimate,
+    }
 }
 
 /// Runs the gateway until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let gateway = build(&config)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Know the pool before taking connections.
+    if let Err(e) = gateway.driver.sync().await {
+        tracing::warn!(error = %e, "initial provider listing failed; retrying in the background");
+    }
 
     let ssh_listener = TcpListener::bind(config.listen.ssh)
         .await
@@ -183,7 +266,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         health: gateway.health.clone(),
         metrics: gateway.metrics.clone(),
         token,
-        autoscale: None,
+        autoscale: Some(gateway.driver.clone()),
     });
     let admin = tokio::spawn(crate::admin::server::serve(
         admin_state,
@@ -191,6 +274,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     ));
     let health = tokio::spawn(gateway.health.clone().run(shutdown_rx.clone()));
+    let driver = tokio::spawn(gateway.driver.clone().run(shutdown_rx.clone()));
     let health_for_http = gateway.health.clone();
     let http = tokio::spawn(crate::http::serve(
         HttpParts {
@@ -216,6 +300,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _ = health.await;
     let _ = admin.await;
+    let _ = driver.await;
     Ok(())
 }
 

@@ -4,6 +4,8 @@ use gateway::{app, cli};
 
 use std::process::ExitCode;
 
+use std::io::Write;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -20,6 +22,13 @@ fn main() -> ExitCode {
         Command::Undrain { vm, admin } => admin_command(&admin, Some((vm, false))),
         other => not_implemented(&other),
     }
+}
+
+/// Prints to stdout, ignoring a closed pipe (`poolgate status | head`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
@@ -39,20 +48,20 @@ fn init_tracing(format: LogFormat, filter: &str) {
 fn check_config(file: &std::path::Path) -> ExitCode {
     match poolgate_config::load(file) {
         Ok(config) => {
-            println!("{}: ok", file.display());
-            print!("{}", config.summary());
+            out!("{}: ok", file.display());
+            let _ = write!(std::io::stdout(), "{}", config.summary());
             print_user_ca(&config);
             ExitCode::SUCCESS
         }
         Err(poolgate_config::ConfigError::Invalid(errors)) => {
             for error in &errors {
-                println!("{error}");
+                out!("{error}");
             }
             eprintln!("{}: {} error(s)", file.display(), errors.len());
             ExitCode::FAILURE
         }
         Err(other) => {
-            println!("{other}");
+            out!("{other}");
             ExitCode::FAILURE
         }
     }
@@ -62,7 +71,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
 fn print_user_ca(config: &poolgate_config::Config) {
     let path = &config.ssh.user_ca_key;
     if !path.exists() {
-        println!(
+        out!(
             "user CA: {} does not exist yet; `poolgate run` generates it and logs its public key",
             path.display()
         );
@@ -70,10 +79,10 @@ fn print_user_ca(config: &poolgate_config::Config) {
     }
     match app::user_ca(config) {
         Ok(ca) => {
-            println!("user CA (put in the VMs' TrustedUserCAKeys file):");
-            println!("{}", ca.public_line());
+            out!("user CA (put in the VMs' TrustedUserCAKeys file):");
+            out!("{}", ca.public_line());
         }
-        Err(e) => println!("ssh.user_ca_key: {e:#}"),
+        Err(e) => out!("ssh.user_ca_key: {e:#}"),
     }
 }
 
@@ -160,7 +169,7 @@ fn admin_command(args: &cli::AdminArgs, drain: Option<(String, bool)>) -> ExitCo
     });
     match result {
         Ok(text) => {
-            print!("{text}");
+            let _ = write!(std::io::stdout(), "{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {

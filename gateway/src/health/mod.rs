@@ -91,6 +91,14 @@ impl HealthChecker {
         transition
     }
 
+    /// Forgets `vm`'s probe history and marks its health unknown (it was stopped).
+    pub fn forget(&self, vm: &str) {
+        if let Ok(mut trackers) = self.trackers.lock() {
+            trackers.remove(vm);
+        }
+        self.pool.set_health(vm, Health::Unknown);
+    }
+
     /// A real session failed to connect to `vm`: counts as a failed probe now.
     pub fn report_failure(&self, vm: &str, reason: &str) {
         self.observe(
@@ -189,6 +197,10 @@ impl HealthChecker {
                 vm.status().lifecycle,
                 Lifecycle::Stopped | Lifecycle::Stopping
             ) {
+                // A stopped VM's health is unknown: when it starts again, its first probe decides.
+                if vm.status().health != Health::Unknown {
+                    self.forget(&name);
+                }
                 continue;
             }
             let spec = vm.spec().clone();

@@ -28,10 +28,10 @@ pub struct Front {
     peer: SocketAddr,
     user: Option<String>,
     perms: KeyPermissions,
-    backend: Option<Arc<russh::client::Handle<BackendHandler>>>,
-    incoming: Option<tokio::sync::mpsc::UnboundedReceiver<VmChannel>>,
-    guard: Option<Arc<SessionGuard>>,
-    link: Option<Arc<Link>>,
+    /// A VM connection made during password authentication, finished in `auth_succeeded`.
+    pending: Option<Connected>,
+    /// The VM side of this connection as channel tasks see it.
+    conn: watch::Sender<Conn>,
     flow: Arc<FlowControl>,
     unauthenticated: Option<OwnedSemaphorePermit>,
     authenticated: watch::Sender<bool>,
@@ -52,10 +52,8 @@ impl Front {
             peer,
             user: None,
             perms: KeyPermissions::ALL,
-            backend: None,
-            incoming: None,
-            guard: None,
-            link: None,
+            pending: None,
+            conn: watch::Sender::new(Conn::None),
             flow: Arc::new(FlowControl::default()),
             unauthenticated: Some(permit),
             authenticated,
@@ -90,94 +88,21 @@ impl Front {
         }
     }
 
-    /// Picks a VM and connects to it, trying each eligible VM at most once.
-    async fn open_backend(&mut self, user: &str, password: Option<&str>) -> Result<(), OpenError> {
-        let mut tried: Vec<String> = Vec::new();
-        let mut last: Option<BackendError> = None;
-        let started = Instant::now();
-        loop {
-            let request = PickRequest::new(Protocol::Ssh).user(user).excluding(&tried);
-            let guard = match self.gw.pool.acquire(&request) {
-                Ok(guard) => guard,
-                Err(no_vm) => {
-                    self.gw.metrics.session_started(
-                        Protocol::Ssh,
-                        "none",
-                        outcome::NO_VM,
-                        started.elapsed(),
-                    );
-                    let mut message = no_vm.to_string();
-                    if let Some(e) = &last {
-                        message = format!("{message} (last attempt: {e})");
-                    }
-                    return Err(OpenError::NoVm(message));
-                }
-            };
-            let spec = guard.spec().clone();
-            let client = self.peer.to_string();
-            let credential = match password {
-                Some(p) => Credential::Password(p),
-                None => Credential::Certificate {
-                    ca: &self.gw.ca,
-                    request: CertRequest {
-                        user,
-                        session: guard.id(),
-                        client: &client,
-                        port_forwarding: self.port_forwarding(),
-                        agent_forwarding: self.agent_forwarding(),
-                    },
-                },
-            };
-            let target = Target {
-                vm: &spec.name,
-                host: &spec.host,
-                port: spec.ssh_port,
-                user,
-            };
-            match backend::connect(
-                &target,
-                credential,
-                self.gw.host_policy.clone(),
-                self.gw.client_config.clone(),
-                self.gw.settings.connect_timeout,
-            )
-            .await
-            {
-                Ok(backend) => {
-                    self.gw.metrics.session_started(
-                        Protocol::Ssh,
-                        &spec.name,
-                        outcome::OK,
-                        self.accepted.elapsed(),
-                    );
-                    tracing::info!(
-                        %user, vm = %spec.name, session = guard.id(),
-                        connect_ms = started.elapsed().as_millis() as u64,
-                        "session routed"
-                    );
-                    self.backend = Some(Arc::new(backend.handle));
-                    self.incoming = Some(backend.incoming);
-                    self.guard = Some(Arc::new(guard));
-                    return Ok(());
-                }
-                Err(BackendError::AuthRefused { .. }) if password.is_some() => {
-                    return Err(OpenError::PasswordRefused);
-                }
-                Err(e) => {
-                    self.gw.metrics.session_started(
-                        Protocol::Ssh,
-                        &spec.name,
-                        outcome::VM_FAILED,
-                        started.elapsed(),
-                    );
-                    tracing::warn!(%user, vm = %spec.name, error = %e, "VM connection failed; trying the next VM");
-                    if e.is_outage() {
-                        (self.gw.on_vm_failure)(&spec.name);
-                    }
-                    tried.push(spec.name.clone());
-                    last = Some(e);
-                }
-            }
+    fn current_backend(&self) -> Option<Arc<russh::client::Handle<BackendHandler>>> {
+        match &*self.conn.borrow() {
+            Conn::Ready(ready) => Some(ready.backend.clone()),
+            _ => None,
+        }
+    }
+
+    fn who<'a>(&'a self, user: &'a str) -> Who<'a> {
+        Who {
+            gw: &self.gw,
+            user,
+            peer: self.peer,
+            port_forwarding: self.port_forwarding(),
+            agent_forwarding: self.agent_forwarding(),
+            accepted: self.accepted,
         }
     }
 
@@ -191,6 +116,190 @@ impl Front {
 enum OpenError {
     NoVm(String),
     PasswordRefused,
+}
+
+/// An authenticated VM connection with the session's load guard.
+struct Connected {
+    backend: Arc<russh::client::Handle<BackendHandler>>,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<VmChannel>,
+    guard: Arc<SessionGuard>,
+}
+
+/// The VM side of a user connection.
+#[derive(Clone)]
+enum Conn {
+    /// Not authenticated yet.
+    None,
+    /// Waiting for the pool to wake up.
+    Waking,
+    /// Connected.
+    Ready(Arc<Ready>),
+    /// No VM could be had (message for the user).
+    Failed(Arc<str>),
+}
+
+/// What channels need once connected.
+struct Ready {
+    backend: Arc<russh::client::Handle<BackendHandler>>,
+    link: Arc<Link>,
+}
+
+/// Who is connecting, for [`connect_vm`].
+struct Who<'a> {
+    gw: &'a SshGateway,
+    user: &'a str,
+    peer: SocketAddr,
+    port_forwarding: bool,
+    agent_forwarding: bool,
+    accepted: Instant,
+}
+
+/// Picks a VM and connects to it, trying each eligible VM at most once.
+async fn connect_vm(who: &Who<'_>, password: Option<&str>) -> Result<Connected, OpenError> {
+    let gw = who.gw;
+    let user = who.user;
+    let mut tried: Vec<String> = Vec::new();
+    let mut last: Option<BackendError> = None;
+    let started = Instant::now();
+    loop {
+        let request = PickRequest::new(Protocol::Ssh).user(user).excluding(&tried);
+        let guard = match gw.pool.acquire(&request) {
+            Ok(guard) => guard,
+            Err(no_vm) => {
+                gw.metrics.session_started(
+                    Protocol::Ssh,
+                    "none",
+                    outcome::NO_VM,
+                    started.elapsed(),
+                );
+                let mut message = no_vm.to_string();
+                if let Some(e) = &last {
+                    message = format!("{message} (last attempt: {e})");
+                }
+                return Err(OpenError::NoVm(message));
+            }
+        };
+        let spec = guard.spec().clone();
+        let client = who.peer.to_string();
+        let credential = match password {
+            Some(p) => Credential::Password(p),
+            None => Credential::Certificate {
+                ca: &gw.ca,
+                request: CertRequest {
+                    user,
+                    session: guard.id(),
+                    client: &client,
+                    port_forwarding: who.port_forwarding,
+                    agent_forwarding: who.agent_forwarding,
+                },
+            },
+        };
+        let target = Target {
+            vm: &spec.name,
+            host: &spec.host,
+            port: spec.ssh_port,
+            user,
+        };
+        match backend::connect(
+            &target,
+            credential,
+            gw.host_policy.clone(),
+            gw.client_config.clone(),
+            gw.settings.connect_timeout,
+        )
+        .await
+        {
+            Ok(backend) => {
+                gw.metrics.session_started(
+                    Protocol::Ssh,
+                    &spec.name,
+                    outcome::OK,
+                    who.accepted.elapsed(),
+                );
+                tracing::info!(
+                    %user, vm = %spec.name, session = guard.id(),
+                    connect_ms = started.elapsed().as_millis() as u64,
+                    "session routed"
+                );
+                return Ok(Connected {
+                    backend: Arc::new(backend.handle),
+                    incoming: backend.incoming,
+                    guard: Arc::new(guard),
+                });
+            }
+            Err(BackendError::AuthRefused { .. }) if password.is_some() => {
+                return Err(OpenError::PasswordRefused);
+            }
+            Err(e) => {
+                gw.metrics.session_started(
+                    Protocol::Ssh,
+                    &spec.name,
+                    outcome::VM_FAILED,
+                    started.elapsed(),
+                );
+                tracing::warn!(%user, vm = %spec.name, error = %e, "VM connection failed; trying the next VM");
+                if e.is_outage() {
+                    (gw.on_vm_failure)(&spec.name);
+                }
+                tried.push(spec.name.clone());
+                last = Some(e);
+            }
+        }
+    }
+}
+
+/// Turns a VM connection into the state channels use, and starts accepting the VM's own
+/// channel opens (`-R`, `-A`).
+fn make_ready(
+    who: &Who<'_>,
+    connected: Connected,
+    handle: server::Handle,
+    flow: Arc<FlowControl>,
+) -> Arc<Ready> {
+    let gw = who.gw;
+    let guard = connected.guard;
+    let link = Arc::new(Link {
+        handle: handle.clone(),
+        guard: guard.clone(),
+        user: who.user.to_string(),
+        client: who.peer,
+        started: Instant::now(),
+        exit: Mutex::new(None),
+        bytes_up: gw
+            .metrics
+            .bytes_total
+            .with_label_values(&["ssh", guard.vm_name(), "up"]),
+        bytes_down: gw
+            .metrics
+            .bytes_total
+            .with_label_values(&["ssh", guard.vm_name(), "down"]),
+    });
+    tokio::spawn(accept_vm_channels(
+        connected.incoming,
+        handle,
+        link.clone(),
+        flow,
+        who.agent_forwarding,
+        who.port_forwarding,
+    ));
+    Arc::new(Ready {
+        backend: connected.backend,
+        link,
+    })
+}
+
+/// Waits until the connection is ready (or failed). Tells the user on `notice` while waiting.
+async fn ready_or_failed(mut conn: watch::Receiver<Conn>) -> Result<Arc<Ready>, Arc<str>> {
+    loop {
+        match &*conn.borrow_and_update() {
+            Conn::Ready(ready) => return Ok(ready.clone()),
+            Conn::Failed(message) => return Err(message.clone()),
+            Conn::None | Conn::Waking => {}
+        }
+        if conn.changed().await.is_err() {
+            return Err("the connection closed".into());
+        }
+    }
 }
 
 impl server::Handler for Front {
@@ -235,8 +344,9 @@ impl server::Handler for Front {
             self.gw.auth_failed("password", self.peer);
             return Ok(reject(&self.gw));
         }
-        match self.open_backend(user, Some(password)).await {
-            Ok(()) => {
+        match connect_vm(&self.who(user), Some(password)).await {
+            Ok(connected) => {
+                self.pending = Some(connected);
                 self.authenticated(user);
                 Ok(Auth::Accept)
             }
@@ -255,50 +365,77 @@ impl server::Handler for Front {
         let Some(user) = self.user.clone() else {
             return Ok(());
         };
-        if self.backend.is_none()
-            && let Err(OpenError::NoVm(message)) = self.open_backend(&user, None).await
-        {
-            tracing::warn!(%user, client = %self.peer, %message, "no VM for session");
-            session.disconnect(
-                russh::Disconnect::ServiceNotAvailable,
-                &format!("poolgate: {message}. Please try again in a minute."),
-                "en",
-            )?;
-            return Ok(());
-        }
-        let (Some(guard), Some(backend)) = (self.guard.clone(), self.backend.clone()) else {
-            return Ok(());
+        let (agent, forwarding) = (self.agent_forwarding(), self.port_forwarding());
+        let connected = match self.pending.take() {
+            Some(connected) => Ok(connected),
+            None => connect_vm(&self.who(&user), None).await,
         };
-        let link = Arc::new(Link {
-            handle: session.handle(),
-            guard: guard.clone(),
-            user: user.clone(),
-            client: self.peer,
-            started: Instant::now(),
-            exit: Mutex::new(None),
-            bytes_up: self.gw.metrics.bytes_total.with_label_values(&[
-                "ssh",
-                guard.vm_name(),
-                "up",
-            ]),
-            bytes_down: self.gw.metrics.bytes_total.with_label_values(&[
-                "ssh",
-                guard.vm_name(),
-                "down",
-            ]),
-        });
-        self.link = Some(link.clone());
-        if let Some(incoming) = self.incoming.take() {
-            tokio::spawn(accept_vm_channels(
-                incoming,
-                session.handle(),
-                link,
-                self.flow.clone(),
-                self.agent_forwarding(),
-                self.port_forwarding(),
-            ));
+        match connected {
+            Ok(connected) => {
+                let ready = make_ready(
+                    &self.who(&user),
+                    connected,
+                    session.handle(),
+                    self.flow.clone(),
+                );
+                self.conn.send_replace(Conn::Ready(ready));
+            }
+            Err(OpenError::NoVm(message)) => match self
+                .gw
+                .wake
+                .clone()
+                .filter(|d| d.wakes_on_connect())
+            {
+                Some(driver) => {
+                    tracing::info!(%user, client = %self.peer, %message, "no VM yet; holding the connection while the pool wakes");
+                    self.conn.send_replace(Conn::Waking);
+                    let conn = self.conn.clone();
+                    let gw = self.gw.clone();
+                    let (peer, accepted, flow, handle) = (
+                        self.peer,
+                        self.accepted,
+                        self.flow.clone(),
+                        session.handle(),
+                    );
+                    tokio::spawn(async move {
+                        let woke = driver.wait_for_vm(Protocol::Ssh).await;
+                        let who = Who {
+                            gw: &gw,
+                            user: &user,
+                            peer,
+                            port_forwarding: forwarding,
+                            agent_forwarding: agent,
+                            accepted,
+                        };
+                        let outcome = if woke {
+                            connect_vm(&who, None).await
+                        } else {
+                            Err(OpenError::NoVm(format!(
+                                "no VM came up within {}",
+                                humantime::format_duration(driver.hold_for())
+                            )))
+                        };
+                        let state = match outcome {
+                            Ok(connected) => Conn::Ready(make_ready(&who, connected, handle, flow)),
+                            Err(OpenError::NoVm(m)) => Conn::Failed(m.into()),
+                            Err(OpenError::PasswordRefused) => Conn::Failed("login refused".into()),
+                        };
+                        conn.send_replace(state);
+                    });
+                }
+                None => {
+                    tracing::warn!(%user, client = %self.peer, %message, "no VM for session");
+                    session.disconnect(
+                        russh::Disconnect::ServiceNotAvailable,
+                        &format!("poolgate: {message}. Please try again in a minute."),
+                        "en",
+                    )?;
+                }
+            },
+            Err(OpenError::PasswordRefused) => {
+                session.disconnect(russh::Disconnect::ByApplication, "login refused", "en")?;
+            }
         }
-        let _ = backend;
         Ok(())
     }
 
@@ -308,19 +445,60 @@ impl server::Handler for Front {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let (Some(backend), Some(link)) = (self.backend.clone(), self.link.clone()) else {
+        let conn = self.conn.subscribe();
+        if matches!(&*conn.borrow(), Conn::None | Conn::Failed(_)) {
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
             return Ok(());
-        };
+        }
         let flow = self.flow.clone();
         let agent = self.agent_forwarding();
+        let notice = self
+            .gw
+            .wake
+            .as_ref()
+            .map(|d| d.boot_estimate())
+            .unwrap_or_default();
         tokio::spawn(async move {
-            match backend.channel_open_session().await {
+            let waking = matches!(&*conn.borrow(), Conn::Waking);
+            if waking {
+                // Accept now so the user sees why nothing happens yet.
+                reply.accept().await;
+                let _ = channel
+                    .extended_data(
+                        1,
+                        format!(
+                            "poolgate: starting a VM for you (about {} s)…\r\n",
+                            notice.as_secs()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                match ready_or_failed(conn).await {
+                    Ok(ready) => match ready.backend.channel_open_session().await {
+                        Ok(vm) => {
+                            let _ = channel
+                                .extended_data(1, &b"poolgate: your VM is ready.\r\n"[..])
+                                .await;
+                            relay::relay(channel, vm, flow, ready.link.clone(), true, agent).await;
+                        }
+                        Err(e) => {
+                            fail_channel(channel, &format!("the VM refused the session: {e}")).await
+                        }
+                    },
+                    Err(message) => fail_channel(channel, &message).await,
+                }
+                return;
+            }
+            let Ok(ready) = ready_or_failed(conn).await else {
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return;
+            };
+            match ready.backend.channel_open_session().await {
                 Ok(vm) => {
                     reply.accept().await;
-                    relay::relay(channel, vm, flow, link, true, agent).await;
+                    relay::relay(channel, vm, flow, ready.link.clone(), true, agent).await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "VM refused a session channel");
@@ -341,11 +519,8 @@ impl server::Handler for Front {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let (Some(backend), Some(link), true) = (
-            self.backend.clone(),
-            self.link.clone(),
-            self.port_forwarding(),
-        ) else {
+        let conn = self.conn.subscribe();
+        if !self.port_forwarding() || matches!(&*conn.borrow(), Conn::None | Conn::Failed(_)) {
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -354,6 +529,11 @@ impl server::Handler for Front {
         let flow = self.flow.clone();
         let (host, origin) = (host_to_connect.to_string(), originator_address.to_string());
         tokio::spawn(async move {
+            let Ok(ready) = ready_or_failed(conn).await else {
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return;
+            };
+            let (backend, link) = (ready.backend.clone(), ready.link.clone());
             // The VM's sshd opens the TCP connection, never the gateway.
             match backend
                 .channel_open_direct_tcpip(host.clone(), port_to_connect, origin, originator_port)
@@ -378,7 +558,7 @@ impl server::Handler for Front {
         port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let (Some(backend), true) = (self.backend.clone(), self.port_forwarding()) else {
+        let (Some(backend), true) = (self.current_backend(), self.port_forwarding()) else {
             return Ok(false);
         };
         let request = backend.tcpip_forward(address.to_string(), *port);
@@ -403,7 +583,7 @@ impl server::Handler for Front {
         port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let Some(backend) = self.backend.clone() else {
+        let Some(backend) = self.current_backend() else {
             return Ok(false);
         };
         let request = backend.cancel_tcpip_forward(address.to_string(), port);
@@ -428,7 +608,7 @@ impl server::Handler for Front {
 
 impl Drop for Front {
     fn drop(&mut self) {
-        if let Some(backend) = self.backend.take() {
+        if let Some(backend) = self.current_backend() {
             tokio::spawn(async move {
                 let _ = backend
                     .disconnect(russh::Disconnect::ByApplication, "user disconnected", "en")
@@ -588,4 +768,17 @@ impl Drop for Link {
             "ssh session ended"
         );
     }
+}
+
+/// Tells the user why a held session cannot go on, and ends it.
+async fn fail_channel(channel: Channel<Msg>, message: &str) {
+    let _ = channel
+        .extended_data(
+            1,
+            format!("poolgate: {message}. Please try again later.\r\n").as_bytes(),
+        )
+        .await;
+    let _ = channel.exit_status(1).await;
+    let _ = channel.eof().await;
+    let _ = channel.close().await;
 }

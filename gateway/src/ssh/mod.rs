@@ -70,6 +70,7 @@ pub struct SshGateway {
     pub(crate) on_vm_failure: FailureHook,
     on_auth_failure: AuthFailureHook,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) wake: Option<Arc<crate::autoscale::Driver>>,
     pub(crate) window_size: u32,
     unauthenticated: Arc<Semaphore>,
 }
@@ -102,6 +103,8 @@ pub struct SshGatewayParts {
     pub on_auth_failure: AuthFailureHook,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Autoscaler to wake when no VM can take a session (wake-on-connect).
+    pub wake: Option<Arc<crate::autoscale::Driver>>,
 }
 
 /// Server-side russh configuration (see FIELD-NOTES: nodelay, immediate first rejection,
@@ -171,6 +174,7 @@ impl SshGateway {
             on_vm_failure: parts.on_vm_failure,
             on_auth_failure: parts.on_auth_failure,
             metrics: parts.metrics,
+            wake: parts.wake,
             window_size,
         })
     }

@@ -1,0 +1,334 @@
+//! Autoscaler driver: keeps the pool in sync with the provider, runs router-core's policy every
+//! `autoscale.tick` (or at once when a connection waits), applies its actions and explains them.
+
+pub mod providers;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use router_core::autoscale::{Action, AutoscaleConfig, Autoscaler, Observation, VmObservation};
+use router_core::{Lifecycle, Pool};
+use tokio::sync::{Notify, watch};
+
+use self::providers::{Provider, ProviderError};
+use crate::admin::{AutoscaleStatus, AutoscaleView};
+use crate::metrics::Metrics;
+
+/// Driver settings.
+#[derive(Debug, Clone)]
+pub struct DriverSettings {
+    /// Run the policy at all (`autoscale.enabled`).
+    pub enabled: bool,
+    /// Policy numbers.
+    pub policy: AutoscaleConfig,
+    /// Time between decisions.
+    pub tick: Duration,
+    /// Time between provider listings.
+    pub poll_interval: Duration,
+    /// Hold connections while the pool wakes.
+    pub wake_on_connect: bool,
+    /// How long to hold them.
+    pub hold_connect_for: Duration,
+    /// Typical VM boot time (shown to waiting users).
+    pub boot_estimate: Duration,
+}
+
+/// The autoscaler driver.
+pub struct Driver {
+    pool: Arc<Pool>,
+    provider: Arc<dyn Provider>,
+    settings: DriverSettings,
+    policy: Mutex<Autoscaler>,
+    metrics: Arc<Metrics>,
+    waiting: AtomicU32,
+    poke: Notify,
+    view: Mutex<AutoscaleView>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("provider", &self.provider.name())
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Driver {
+    /// A driver for `pool` over `provider`.
+    pub fn new(
+        pool: Arc<Pool>,
+        provider: Arc<dyn Provider>,
+        settings: DriverSettings,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let enabled = settings.enabled && provider.capabilities().can_scale();
+        if settings.enabled && !enabled {
+            tracing::warn!(
+                provider = provider.name(),
+                "autoscale.enabled, but the provider cannot start or create VMs; autoscaling is off"
+            );
+        }
+        let view = AutoscaleView {
+            enabled,
+            min_vms: settings.policy.min_vms,
+            max_vms: settings.policy.max_vms,
+            ..Default::default()
+        };
+        Arc::new(Self {
+            policy: Mutex::new(Autoscaler::new(settings.policy)),
+            settings: DriverSettings {
+                enabled,
+                ..settings
+            },
+            pool,
+            provider,
+            metrics,
+            waiting: AtomicU32::new(0),
+            poke: Notify::new(),
+            view: Mutex::new(view),
+        })
+    }
+
+    /// Whether connections should be held while the pool wakes.
+    pub fn wakes_on_connect(&self) -> bool {
+        self.settings.enabled && self.settings.wake_on_connect
+    }
+
+    /// Typical boot time.
+    pub fn boot_estimate(&self) -> Duration {
+        self.settings.boot_estimate
+    }
+
+    /// How long connections are held.
+    pub fn hold_for(&self) -> Duration {
+        self.settings.hold_connect_for
+    }
+
+    /// Registers a waiting connection and wakes the policy; the registration lasts as long as the
+    /// returned guard.
+    pub fn wait_guard(self: &Arc<Self>, protocol: router_core::Protocol) -> WaitGuard {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.metrics
+            .sessions_waiting
+            .with_label_values(&[protocol.as_str()])
+            .inc();
+        self.poke.notify_one();
+        WaitGuard {
+            driver: self.clone(),
+            protocol,
+        }
+    }
+
+    /// Waits until some VM takes new sessions, up to `hold_connect_for`. True when one does.
+    pub async fn wait_for_vm(self: &Arc<Self>, protocol: router_core::Protocol) -> bool {
+        let _guard = self.wait_guard(protocol);
+        let deadline = tokio::time::Instant::now() + self.settings.hold_connect_for;
+        loop {
+            if self
+                .pool
+                .snapshot()
+                .vms()
+                .iter()
+                .any(|vm| vm.accepts_new_sessions())
+            {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            // VM boots take tens of seconds; checking twice a second costs nothing.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Lists the provider's VMs into the pool.
+    pub async fn sync(&self) -> Result<(), ProviderError> {
+        let listed = self.provider.list().await?;
+        let specs = listed.iter().map(|vm| vm.spec.clone()).collect();
+        self.pool.set_vms(specs);
+        let snapshot = self.pool.snapshot();
+        for vm in &listed {
+            let current = snapshot.get(&vm.spec.name).map(|v| v.status().lifecycle);
+            // A VM we asked to stop stays "stopping" until the provider says it stopped.
+            let keep_stopping =
+                current == Some(Lifecycle::Stopping) && vm.lifecycle == Lifecycle::Running;
+            if current != Some(vm.lifecycle) && !keep_stopping {
+                self.pool.set_lifecycle(&vm.spec.name, vm.lifecycle);
+                tracing::info!(vm = %vm.spec.name, lifecycle = vm.lifecycle.as_str(), provider = self.provider.name(), "VM lifecycle");
+            }
+        }
+        Ok(())
+    }
+
+    /// One policy decision, applied.
+    pub async fn tick(&self) {
+        let snapshot = self.pool.snapshot();
+        let vms: Vec<VmObservation> = snapshot
+            .vms()
+            .iter()
+            .map(|vm| {
+                let status = vm.status();
+                VmObservation {
+                    name: vm.spec().name.clone(),
+                    lifecycle: status.lifecycle,
+                    draining: status.draining,
+                    sessions: vm.total_sessions(),
+                    idle_since: vm.idle_since(),
+                }
+            })
+            .collect();
+        let waiting = self.waiting.load(Ordering::Acquire);
+        let decision = match self.policy.lock() {
+            Ok(mut policy) => policy.decide(&Observation {
+                vms: &vms,
+                waiting,
+                now: self.pool.clock().now(),
+            }),
+            Err(_) => return,
+        };
+        self.metrics
+            .autoscale_desired_vms
+            .set(i64::from(decision.desired));
+        let mut last = None;
+        for (action, reason) in decision.actions {
+            let label = self.apply(&action, &vms).await;
+            tracing::info!(action = ?action, %reason, result = label, "autoscaler");
+            self.metrics
+                .autoscale_actions_total
+                .with_label_values(&[label])
+                .inc();
+            last = Some(format!("{action:?}: {reason}"));
+        }
+        if let Ok(mut view) = self.view.lock() {
+            view.desired_vms = decision.desired;
+            view.waiting = waiting;
+            if last.is_some() {
+                view.last_decision = last;
+            }
+        }
+    }
+
+    async fn apply(&self, action: &Action, vms: &[VmObservation]) -> &'static str {
+        let caps = self.provider.capabilities();
+        let result = match action {
+            Action::Drain(vm) => {
+                self.pool.drain(vm);
+                Ok("drain")
+            }
+            Action::Undrain(vm) => {
+                self.pool.undrain(vm);
+                Ok("undrain")
+            }
+            Action::Start(count) => {
+                let mut stopped: Vec<String> = vms
+                    .iter()
+                    .filter(|v| v.lifecycle == Lifecycle::Stopped)
+                    .map(|v| v.name.clone())
+                    .collect();
+                stopped.truncate(*count as usize);
+                let mut result = Ok("start");
+                if !stopped.is_empty() && caps.start_stop {
+                    for vm in &stopped {
+                        self.pool.undrain(vm);
+                        self.pool.set_lifecycle(vm, Lifecycle::Starting);
+                    }
+                    result = self.provider.start(&stopped).await.map(|()| "start");
+                }
+                let still = count.saturating_sub(if caps.start_stop {
+                    stopped.len() as u32
+                } else {
+                    0
+                });
+                if still > 0 && caps.create_delete && result.is_ok() {
+                    result = self.provider.create(still).await.map(|()| "create");
+                }
+                result
+            }
+            Action::Remove(vm) => {
+                self.pool.set_lifecycle(vm, Lifecycle::Stopping);
+                let names = [vm.clone()];
+                if caps.start_stop {
+                    self.provider.stop(&names).await.map(|()| "stop")
+                } else {
+                    self.provider.delete(&names).await.map(|()| "delete")
+                }
+            }
+        };
+        match result {
+            Ok(label) => {
+                // Pick up the provider's view of what just changed.
+                if matches!(action, Action::Start(_) | Action::Remove(_))
+                    && let Err(e) = self.sync().await
+                {
+                    tracing::warn!(error = %e, "provider listing after an action failed");
+                }
+                label
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "autoscaler action failed");
+                if let Action::Remove(vm) = action {
+                    // Still there: make it serve again rather than leave it in limbo.
+                    self.pool.set_lifecycle(vm, Lifecycle::Running);
+                    self.pool.undrain(vm);
+                }
+                "error"
+            }
+        }
+    }
+
+    /// Syncs and decides every tick (at once when poked) until shutdown.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut last_sync: Option<tokio::time::Instant> = None;
+        loop {
+            let due = last_sync.is_none_or(|at| at.elapsed() >= self.settings.poll_interval);
+            if due {
+                match self.sync().await {
+                    Ok(()) => last_sync = Some(tokio::time::Instant::now()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "provider listing failed; keeping the last known pool");
+                        self.metrics
+                            .autoscale_actions_total
+                            .with_label_values(&["error"])
+                            .inc();
+                        last_sync = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+            if self.settings.enabled {
+                self.tick().await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.tick.min(self.settings.poll_interval)) => {}
+                _ = self.poke.notified() => {}
+                _ = shutdown.changed() => if *shutdown.borrow() { return },
+            }
+        }
+    }
+}
+
+impl AutoscaleStatus for Driver {
+    fn view(&self) -> AutoscaleView {
+        let mut view = self.view.lock().map(|v| v.clone()).unwrap_or_default();
+        view.waiting = self.waiting.load(Ordering::Acquire);
+        view
+    }
+}
+
+/// A connection counted as waiting for a VM.
+pub struct WaitGuard {
+    driver: Arc<Driver>,
+    protocol: router_core::Protocol,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        self.driver.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.driver
+            .metrics
+            .sessions_waiting
+            .with_label_values(&[self.protocol.as_str()])
+            .dec();
+    }
+}

@@ -1,0 +1,301 @@
+//! `exec`: VMs listed and managed by operator commands, for on-premises pools.
+//!
+//! Contract (documented in README "Autoscaling"):
+//! * `list` prints JSON on stdout: `{"vms": [{"name": "vm-1", "host": "10.0.0.4",
+//!   "state": "running"}]}` (or just the array). `state` is one of `running`, `starting`,
+//!   `stopping`, `stopped`. Optional per VM: `ssh_port`, `http_port`, `weight`, `max_sessions`
+//!   (defaults from `[pool.exec]`).
+//! * `start`, `stop`, `delete` get the VM names as extra arguments; `create` gets the count.
+//! * Exit status 0 means done; anything else is an error whose stderr is logged. A command
+//!   running longer than `timeout` is killed. Commands run without a shell.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use router_core::{Lifecycle, VmSpec};
+use serde::Deserialize;
+use tokio::process::Command;
+
+use super::{Capabilities, Provider, ProviderError, ProviderVm};
+
+/// Settings of the exec provider (from `[pool.exec]`).
+#[derive(Debug, Clone)]
+pub struct ExecSettings {
+    /// `list` argv.
+    pub list: Vec<String>,
+    /// `start` argv.
+    pub start: Option<Vec<String>>,
+    /// `stop` argv.
+    pub stop: Option<Vec<String>>,
+    /// `create` argv.
+    pub create: Option<Vec<String>>,
+    /// `delete` argv.
+    pub delete: Option<Vec<String>>,
+    /// Per-command deadline.
+    pub timeout: Duration,
+    /// Defaults for VMs that don't say.
+    pub defaults: VmSpec,
+}
+
+/// The exec provider.
+#[derive(Debug, Clone)]
+pub struct ExecProvider {
+    settings: ExecSettings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ListOutput {
+    Wrapped { vms: Vec<ListedVm> },
+    Bare(Vec<ListedVm>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListedVm {
+    name: String,
+    host: String,
+    state: String,
+    ssh_port: Option<u16>,
+    http_port: Option<u16>,
+    weight: Option<u32>,
+    max_sessions: Option<u32>,
+}
+
+impl ExecProvider {
+    /// A provider running the configured commands.
+    pub fn new(settings: ExecSettings) -> Self {
+        Self { settings }
+    }
+
+    fn error(operation: &str, message: impl Into<String>) -> ProviderError {
+        ProviderError {
+            provider: "exec",
+            operation: operation.to_string(),
+            message: message.into(),
+        }
+    }
+
+    async fn run(
+        &self,
+        operation: &str,
+        argv: &[String],
+        extra: &[String],
+    ) -> Result<String, ProviderError> {
+        let Some((program, args)) = argv.split_first() else {
+            return Err(Self::error(
+                operation,
+                format!("pool.exec.{operation} is not set"),
+            ));
+        };
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = command
+            .spawn()
+            .map_err(|e| Self::error(operation, format!("cannot run {program}: {e}")))?;
+        let output = tokio::time::timeout(self.settings.timeout, child.wait_with_output())
+            .await
+            .map_err(|_| {
+                Self::error(
+                    operation,
+                    format!(
+                        "{program} did not finish within {} (pool.exec.timeout); killed",
+                        humantime::format_duration(self.settings.timeout)
+                    ),
+                )
+            })?
+            .map_err(|e| Self::error(operation, format!("{program}: {e}")))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: String = stderr
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join(" | ");
+            return Err(Self::error(
+                operation,
+                format!("{program} exited with {}: {tail}", output.status),
+            ));
+        }
+        String::from_utf8(output.stdout).map_err(|_| Self::error(operation, "output is not UTF-8"))
+    }
+
+    /// Parses the `list` command's output.
+    pub fn parse_list(&self, text: &str) -> Result<Vec<ProviderVm>, ProviderError> {
+        let parsed: ListOutput = serde_json::from_str(text).map_err(|e| {
+            Self::error(
+                "list",
+                format!("output is not the documented JSON ({e}); expected {{\"vms\": [{{\"name\", \"host\", \"state\"}}]}}"),
+            )
+        })?;
+        let listed = match parsed {
+            ListOutput::Wrapped { vms } | ListOutput::Bare(vms) => vms,
+        };
+        let d = &self.settings.defaults;
+        listed
+            .into_iter()
+            .map(|vm| {
+                let lifecycle = match vm.state.as_str() {
+                    "running" => Lifecycle::Running,
+                    "starting" => Lifecycle::Starting,
+                    "stopping" => Lifecycle::Stopping,
+                    "stopped" | "deallocated" => Lifecycle::Stopped,
+                    other => {
+                        return Err(Self::error(
+                            "list",
+                            format!("VM {:?} has unknown state {other:?} (running, starting, stopping, stopped)", vm.name),
+                        ));
+                    }
+                };
+                if vm.name.is_empty() || vm.host.is_empty() {
+                    return Err(Self::error("list", "every VM needs a name and a host"));
+                }
+                Ok(ProviderVm {
+                    spec: VmSpec {
+                        name: vm.name,
+                        host: vm.host,
+                        ssh_port: vm.ssh_port.unwrap_or(d.ssh_port),
+                        http_port: vm.http_port.unwrap_or(d.http_port),
+                        weight: vm.weight.unwrap_or(d.weight),
+                        max_sessions: vm.max_sessions.unwrap_or(d.max_sessions),
+                    },
+                    lifecycle,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Provider for ExecProvider {
+    fn name(&self) -> &'static str {
+        "exec"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            start_stop: self.settings.start.is_some() && self.settings.stop.is_some(),
+            create_delete: self.settings.create.is_some() && self.settings.delete.is_some(),
+        }
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<ProviderVm>, ProviderError>> {
+        Box::pin(async move {
+            let text = self.run("list", &self.settings.list, &[]).await?;
+            self.parse_list(&text)
+        })
+    }
+
+    fn start<'a>(&'a self, vms: &'a [String]) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            let argv = self.settings.start.clone().unwrap_or_default();
+            self.run("start", &argv, vms).await.map(drop)
+        })
+    }
+
+    fn stop<'a>(&'a self, vms: &'a [String]) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            let argv = self.settings.stop.clone().unwrap_or_default();
+            self.run("stop", &argv, vms).await.map(drop)
+        })
+    }
+
+    fn create(&self, count: u32) -> BoxFuture<'_, Result<(), ProviderError>> {
+        Box::pin(async move {
+            let argv = self.settings.create.clone().unwrap_or_default();
+            self.run("create", &argv, &[count.to_string()])
+                .await
+                .map(drop)
+        })
+    }
+
+    fn delete<'a>(&'a self, vms: &'a [String]) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            let argv = self.settings.delete.clone().unwrap_or_default();
+            self.run("delete", &argv, vms).await.map(drop)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(list: &[&str]) -> ExecProvider {
+        ExecProvider::new(ExecSettings {
+            list: list.iter().map(|s| s.to_string()).collect(),
+            start: Some(vec!["true".into()]),
+            stop: Some(vec!["false".into()]),
+            create: None,
+            delete: None,
+            timeout: Duration::from_millis(500),
+            defaults: VmSpec::new("default", "0.0.0.0"),
+        })
+    }
+
+    #[tokio::test]
+    async fn lists_parses_and_reports_errors() {
+        let p = provider(&[
+            "sh",
+            "-c",
+            r#"echo '{"vms":[{"name":"a","host":"127.0.0.1","state":"running","ssh_port":2201},{"name":"b","host":"127.0.0.1","state":"stopped"}]}'"#,
+        ]);
+        let vms = p.list().await.unwrap();
+        assert_eq!(vms.len(), 2);
+        assert_eq!(vms[0].spec.ssh_port, 2201);
+        assert_eq!(vms[1].lifecycle, Lifecycle::Stopped);
+        assert!(p.capabilities().start_stop && !p.capabilities().create_delete);
+        p.start(&["b".into()]).await.unwrap();
+        let err = p.stop(&["a".into()]).await.unwrap_err();
+        assert!(err.to_string().contains("exited with"), "{err}");
+
+        let bad = provider(&["sh", "-c", "echo not-json"]);
+        assert!(
+            bad.list()
+                .await
+                .unwrap_err()
+                .message
+                .contains("documented JSON")
+        );
+        let bad_state = provider(&[
+            "sh",
+            "-c",
+            r#"echo '[{"name":"a","host":"h","state":"exploded"}]'"#,
+        ]);
+        assert!(
+            bad_state
+                .list()
+                .await
+                .unwrap_err()
+                .message
+                .contains("unknown state")
+        );
+        let slow = provider(&["sleep", "5"]);
+        assert!(
+            slow.list()
+                .await
+                .unwrap_err()
+                .message
+                .contains("did not finish")
+        );
+        let missing = provider(&["/nonexistent/program"]);
+        assert!(
+            missing
+                .list()
+                .await
+                .unwrap_err()
+                .message
+                .contains("cannot run")
+        );
+    }
+}
