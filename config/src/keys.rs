@@ -67,6 +67,7 @@ fn fully_populated() -> Config {
         tenant_id: Some("t".into()),
         client_id: Some("c".into()),
         client_secret_file: Some("keys/azure_secret".into()),
+        identity_endpoint: Some("http://127.0.0.1:50342/metadata/identity/oauth2/token".into()),
         ..Azure::default()
     });
     let argv = || Some(vec!["true".to_owned()]);

@@ -82,6 +82,10 @@ pub struct Azure {
     pub client_secret_file: Option<PathBuf>,
     /// ARM base URL (sovereign clouds, tests).
     pub arm_endpoint: String,
+    /// Managed-identity token endpoint to call instead of the VM's IMDS
+    /// (`http://169.254.169.254/metadata/identity/oauth2/token`): proxies, tests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_endpoint: Option<String>,
     /// ARM `api-version` for Microsoft.Compute.
     pub api_version: String,
     /// The scale set's orchestration mode: `uniform` or `flexible`.
@@ -112,6 +116,7 @@ impl Default for Azure {
             client_id: None,
             client_secret_file: None,
             arm_endpoint: "https://management.azure.com".to_owned(),
+            identity_endpoint: None,
             api_version: "2024-07-01".to_owned(),
             orchestration: Orchestration::Uniform,
             poll_interval: Duration::from_secs(15),

@@ -167,6 +167,16 @@ pub(super) fn pool(c: &Config, provider_known: bool, r: &mut Report) {
                 ),
             );
         }
+        if let Some(endpoint) = &az.identity_endpoint
+            && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
+        {
+            r.err(
+                "pool.azure.identity_endpoint",
+                format!(
+                    "\"{endpoint}\" must be an http(s) URL (leave it unset to use the VM's instance metadata service)"
+                ),
+            );
+        }
         if az.api_version.trim().is_empty() {
             r.err(
                 "pool.azure.api_version",
