@@ -292,9 +292,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ssh = tokio::spawn(gateway.ssh.clone().serve(ssh_listener, shutdown_rx.clone()));
 
     shutdown_signal().await;
-    tracing::info!("shutting down");
+    let grace = config.gateway.shutdown_grace;
+    tracing::info!(
+        open_ssh = gateway.ssh.live_connections(),
+        grace = %humantime::format_duration(grace),
+        "shutting down: no new connections; open sessions may run until they end or the grace time passes (signal again to stop now)"
+    );
     let _ = shutdown_tx.send(true);
     let _ = ssh.await;
+    let deadline = tokio::time::Instant::now() + grace;
+    let forced = shutdown_signal();
+    tokio::pin!(forced);
+    while gateway.ssh.live_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = &mut forced => {
+                tracing::info!("second signal: closing open sessions now");
+                break;
+            }
+        }
+    }
+    let left = gateway.ssh.live_connections();
+    if left > 0 {
+        tracing::info!(open_ssh = left, "closing the remaining sessions");
+        gateway
+            .ssh
+            .disconnect_all("poolgate is shutting down; please reconnect in a moment")
+            .await;
+    }
     if let Ok(Err(e)) = http.await {
         tracing::error!("HTTP frontend: {e:#}");
     }

@@ -73,6 +73,9 @@ pub struct SshGateway {
     pub(crate) wake: Option<Arc<crate::autoscale::Driver>>,
     pub(crate) window_size: u32,
     unauthenticated: Arc<Semaphore>,
+    /// Open user connections, for graceful shutdown.
+    connections: dashmap::DashMap<u64, server::Handle>,
+    next_connection: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for SshGateway {
@@ -176,7 +179,29 @@ impl SshGateway {
             metrics: parts.metrics,
             wake: parts.wake,
             window_size,
+            connections: dashmap::DashMap::new(),
+            next_connection: std::sync::atomic::AtomicU64::new(1),
         })
+    }
+
+    /// User connections currently open.
+    pub fn live_connections(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Disconnects every open user connection with `message` (end of a graceful shutdown).
+    pub async fn disconnect_all(&self, message: &str) {
+        let handles: Vec<server::Handle> =
+            self.connections.iter().map(|e| e.value().clone()).collect();
+        for handle in handles {
+            let _ = handle
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    message.into(),
+                    "en".into(),
+                )
+                .await;
+        }
     }
 
     pub(crate) fn auth_failed(&self, method: &str, peer: SocketAddr) {
@@ -247,6 +272,14 @@ impl SshGateway {
             }
         };
         let handle = session.handle();
+        let id = self
+            .next_connection
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.connections.insert(id, handle.clone());
+        // Unregisters however this function ends.
+        let _registered = scopeguard(|| {
+            self.connections.remove(&id);
+        });
         tokio::pin!(session);
         let grace_timer = tokio::time::sleep_until(deadline);
         tokio::pin!(grace_timer);
@@ -272,4 +305,17 @@ impl SshGateway {
             tracing::debug!(client = %peer, error = %e, "SSH connection ended with an error");
         }
     }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
