@@ -36,6 +36,7 @@
 mod agent;
 mod client;
 mod gateway;
+pub mod jupyter;
 mod keys;
 mod ports;
 mod process;
