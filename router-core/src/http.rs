@@ -82,7 +82,7 @@ impl Pool {
         {
             return false;
         }
-        let guard = self.shared.guard(target.clone(), Protocol::Http, user);
+        let guard = self.shared.guard(target.clone(), Protocol::Http, user, now);
         self.http.insert(session_key, guard, now);
         true
     }

@@ -39,6 +39,7 @@
 
 pub mod autoscale;
 pub mod clock;
+mod hash;
 pub mod health;
 mod http;
 mod pool;

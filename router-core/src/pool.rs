@@ -12,7 +12,7 @@ use crate::health::Health;
 use crate::http::HttpSessions;
 use crate::select::{self, NoVm, PickRequest};
 use crate::session::{PoolShared, SessionGuard, SessionInfo};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{NameIndex, Snapshot};
 use crate::store::{InMemoryStore, SessionStore};
 use crate::vm::{Lifecycle, Vm, VmShared, VmSpec, VmStatus};
 
@@ -162,7 +162,7 @@ impl Pool {
                 w.retired.insert(vm.name().to_owned(), vm.shared().clone());
             }
         }
-        self.publish(&mut w, vms);
+        self.publish(&mut w, vms, None);
         drop(old);
         // Counters still reachable (from a guard, or from an older snapshot a
         // reader may be placing a session from) are kept, so a returning VM
@@ -170,10 +170,10 @@ impl Pool {
         w.retired.retain(|_, shared| Arc::strong_count(shared) > 1);
     }
 
-    fn publish(&self, w: &mut Writer, vms: Vec<Arc<Vm>>) {
+    fn publish(&self, w: &mut Writer, vms: Vec<Arc<Vm>>, index: Option<Arc<NameIndex>>) {
         w.generation += 1;
         self.current
-            .store(Arc::new(Snapshot::build(vms, w.generation)));
+            .store(Arc::new(Snapshot::build(vms, w.generation, index)));
     }
 
     /// Applies `change` to one VM's status; publishes a new snapshot if the
@@ -181,7 +181,7 @@ impl Pool {
     fn update_status(&self, name: &str, change: impl FnOnce(&mut VmStatus)) -> bool {
         let mut w = self.lock_writer();
         let old = self.current.load_full();
-        let Ok(index) = old.vms().binary_search_by(|v| v.name().cmp(name)) else {
+        let Some(index) = old.position(name) else {
             return false;
         };
         let vm = &old.vms()[index];
@@ -203,7 +203,7 @@ impl Pool {
         ));
         let mut vms = old.vms().to_vec();
         vms[index] = replacement;
-        self.publish(&mut w, vms);
+        self.publish(&mut w, vms, Some(old.index().clone()));
         true
     }
 
@@ -251,26 +251,31 @@ impl Pool {
 
     /// The user's affinity VM, looked up only when it could matter (user
     /// affinity on, a user, and no eligible pinned VM).
-    fn affinity(&self, snap: &Snapshot, req: &PickRequest<'_>) -> Option<Arc<str>> {
-        let user = req.user.filter(|_| self.policy.user_affinity)?;
-        let pinned_ok = req
-            .pinned_vm
-            .and_then(|p| snap.get(p))
-            .is_some_and(|vm| req.admits(vm, true));
-        if pinned_ok {
-            return None;
-        }
-        self.shared
-            .store
-            .affinity(user, self.shared.clock.now(), self.policy.affinity_ttl)
+    /// One choice from `snap` (see [`Pool::acquire`] for the order).
+    /// `pinned` is `req.pinned_vm` already looked up; the affinity store is
+    /// consulted only when the pinned VM does not take the session.
+    fn choose<'s>(
+        &self,
+        snap: &'s Snapshot,
+        req: &PickRequest<'_>,
+        pinned: Option<&'s Arc<Vm>>,
+        now: Instant,
+    ) -> Option<&'s Arc<Vm>> {
+        select::choose(snap, req, pinned, || {
+            let user = req.user.filter(|_| self.policy.user_affinity)?;
+            self.shared
+                .store
+                .affinity(user, now, self.policy.affinity_ttl)
+        })
     }
 
     /// The VM a new session would go to now, without counting a session
     /// (see [`Pool::acquire`] for the order).
     pub fn pick(&self, req: &PickRequest<'_>) -> Result<Arc<Vm>, NoVm> {
         let snap = self.current.load();
-        let affinity = self.affinity(&snap, req);
-        match select::choose(&snap, req, affinity.as_deref()) {
+        let pinned = req.pinned_vm.and_then(|p| snap.get(p));
+        let now = self.shared.clock.now();
+        match self.choose(&snap, req, pinned, now) {
             Some(vm) => Ok(vm.clone()),
             None => Err(NoVm::tally(&snap, req)),
         }
@@ -291,16 +296,15 @@ impl Pool {
     /// as with any snapshot design).
     pub fn acquire(&self, req: &PickRequest<'_>) -> Result<SessionGuard, NoVm> {
         let snap = self.current.load();
+        let pinned = req.pinned_vm.and_then(|p| snap.get(p));
+        let now = self.shared.clock.now();
         // Each failed attempt means a VM filled up under us; bounded anyway.
         for _ in 0..=snap.len() {
-            // Looked up per attempt: a pinned VM that just filled up makes
-            // the affinity VM relevant again.
-            let affinity = self.affinity(&snap, req);
-            let Some(vm) = select::choose(&snap, req, affinity.as_deref()) else {
+            let Some(vm) = self.choose(&snap, req, pinned, now) else {
                 break;
             };
             if vm.shared().try_reserve(vm.spec().capacity(), req.protocol) {
-                return Ok(self.shared.guard(vm.clone(), req.protocol, req.user));
+                return Ok(self.shared.guard(vm.clone(), req.protocol, req.user, now));
             }
         }
         Err(NoVm::tally(&snap, req))
@@ -309,11 +313,13 @@ impl Pool {
     /// Live sessions (SSH and HTTP, including those on VMs that left the
     /// pool), oldest first.
     pub fn sessions(&self) -> Vec<SessionInfo> {
+        let clock = &self.shared.clock;
+        let (now, wall) = (clock.now(), clock.wall());
         let mut out: Vec<SessionInfo> = self
             .shared
             .registry
             .iter()
-            .map(|e| e.value().info())
+            .map(|e| e.value().info(now, wall))
             .collect();
         out.sort_by_key(|s| (s.started, s.id));
         out

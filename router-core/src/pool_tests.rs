@@ -230,6 +230,7 @@ fn exclude_skips_tried_vms() {
 fn guards_count_per_protocol_and_record_idle_since() {
     let (pool, clock) = pool(&[("a", 1, 9)]);
     let t0 = clock.now();
+    let w0 = clock.wall();
     let s = pool.acquire(&ssh().user("ann")).ok();
     let h = pool.acquire(&PickRequest::new(Protocol::Http)).ok();
     let snap = pool.snapshot();
@@ -251,6 +252,11 @@ fn guards_count_per_protocol_and_record_idle_since() {
     }
     assert_eq!(pool.sessions()[0].bytes_down, 7);
     clock.advance(Duration::from_secs(10));
+    assert_eq!(pool.sessions()[0].started, w0);
+    assert_eq!(
+        s.as_ref().map(|s| (s.started(), s.started_at())),
+        Some((w0, t0))
+    );
     drop(s);
     assert_eq!(a.idle_since(), None);
     clock.advance(Duration::from_secs(10));

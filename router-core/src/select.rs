@@ -205,22 +205,20 @@ pub(crate) fn least_loaded<'s>(
     best.map(|(i, _, _)| &snapshot.vms()[cands[i].index])
 }
 
-/// The VM a new session should go to: pinned, else affinity, else least
-/// loaded. `affinity` is the user's affinity VM, already looked up.
+/// The VM a new session should go to: pinned (already looked up), else the
+/// user's affinity VM (`affinity` is called only if the pinned VM does not
+/// take the session), else least loaded.
 pub(crate) fn choose<'s>(
     snapshot: &'s Snapshot,
     req: &PickRequest<'_>,
-    affinity: Option<&str>,
+    pinned: Option<&'s Arc<Vm>>,
+    affinity: impl FnOnce() -> Option<Arc<str>>,
 ) -> Option<&'s Arc<Vm>> {
-    if let Some(vm) = req
-        .pinned_vm
-        .and_then(|p| snapshot.get(p))
-        .filter(|vm| req.admits(vm, true))
-    {
+    if let Some(vm) = pinned.filter(|vm| req.admits(vm, true)) {
         return Some(vm);
     }
-    if let Some(vm) = affinity
-        .and_then(|a| snapshot.get(a))
+    if let Some(vm) = affinity()
+        .and_then(|a| snapshot.get(&a))
         .filter(|vm| req.admits(vm, false))
     {
         return Some(vm);

@@ -1,37 +1,16 @@
 //! Session accounting: a [`SessionGuard`] counts one live session on a VM
 //! for as long as it exists.
 
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use dashmap::DashMap;
 
 use crate::clock::Clock;
+use crate::hash::FastBuild;
 use crate::store::SessionStore;
 use crate::vm::{Protocol, Vm, VmSpec};
-
-/// Hasher for sequential session ids: one multiply (Fibonacci hashing) so
-/// both the low bits (buckets) and the high bits (DashMap shards) spread.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
 
 /// Session ids are handed out to each thread in blocks of this many, so
 /// threads placing sessions at the same time do not contend on one counter.
@@ -59,8 +38,12 @@ fn next_session_id() -> u64 {
     })
 }
 
+/// Shards of the concurrent maps on the session path: enough that threads
+/// placing sessions at the same time rarely meet on one shard lock.
+pub(crate) const SHARDS: usize = 64;
+
 /// Live sessions by id.
-pub(crate) type Registry = DashMap<u64, Arc<SessionShared>, BuildHasherDefault<IdHasher>>;
+pub(crate) type Registry = DashMap<u64, Arc<SessionShared>, FastBuild>;
 
 /// What guards need from their pool, kept alive by the guards themselves.
 pub(crate) struct PoolShared {
@@ -74,7 +57,7 @@ impl PoolShared {
         Self {
             clock,
             store,
-            registry: Registry::default(),
+            registry: Registry::with_hasher_and_shard_amount(FastBuild::default(), SHARDS),
         }
     }
 
@@ -85,18 +68,18 @@ impl PoolShared {
         vm: Arc<Vm>,
         protocol: Protocol,
         user: Option<&str>,
+        now: Instant,
     ) -> SessionGuard {
         let id = next_session_id();
         if let Some(user) = user {
-            self.store
-                .session_started(user, vm.name(), self.clock.now());
+            self.store.session_started(user, vm.name(), now);
         }
         let session = Arc::new(SessionShared {
             id,
             vm,
             protocol,
             user: user.map(Box::from),
-            started: self.clock.wall(),
+            started: now,
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
         });
@@ -112,19 +95,27 @@ pub(crate) struct SessionShared {
     vm: Arc<Vm>,
     protocol: Protocol,
     user: Option<Box<str>>,
-    started: SystemTime,
+    /// Monotonic start; shown as wall time by subtracting the session's age
+    /// from the wall clock (one clock read per session, not two).
+    started: Instant,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
 }
 
 impl SessionShared {
-    pub(crate) fn info(&self) -> SessionInfo {
+    /// Wall-clock start, given the clock's current `now` and `wall`.
+    fn started_wall(&self, now: Instant, wall: SystemTime) -> SystemTime {
+        let age = now.saturating_duration_since(self.started);
+        wall.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    pub(crate) fn info(&self, now: Instant, wall: SystemTime) -> SessionInfo {
         SessionInfo {
             id: self.id,
             user: self.user.as_deref().map(str::to_owned),
             vm: self.vm.name().to_owned(),
             protocol: self.protocol,
-            started: self.started,
+            started: self.started_wall(now, wall),
             bytes_up: self.bytes_up.load(Ordering::Relaxed),
             bytes_down: self.bytes_down.load(Ordering::Relaxed),
         }
@@ -206,9 +197,15 @@ impl SessionGuard {
         self.session.user.as_deref()
     }
 
+    /// When the session started (monotonic clock of the pool).
+    pub fn started_at(&self) -> Instant {
+        self.session.started
+    }
+
     /// When the session started (wall clock).
     pub fn started(&self) -> SystemTime {
-        self.session.started
+        let clock = &self.session.vm.shared().pool().clock;
+        self.session.started_wall(clock.now(), clock.wall())
     }
 
     /// Adds `n` bytes sent from the client to the VM.
@@ -233,7 +230,8 @@ impl SessionGuard {
 
     /// A snapshot of this session as listed by the pool.
     pub fn info(&self) -> SessionInfo {
-        self.session.info()
+        let clock = &self.session.vm.shared().pool().clock;
+        self.session.info(clock.now(), clock.wall())
     }
 }
 
@@ -260,7 +258,6 @@ impl Drop for SessionGuard {
 mod tests {
     use super::*;
     use std::collections::HashSet;
-    use std::hash::BuildHasher;
 
     #[test]
     fn ids_are_unique_across_threads() {
@@ -278,16 +275,5 @@ mod tests {
             }
         }
         assert_eq!(all.len(), 4000);
-    }
-
-    #[test]
-    fn id_hasher_spreads_sequential_ids_over_high_bits() {
-        let b = BuildHasherDefault::<IdHasher>::default();
-        let mut tops = std::collections::HashSet::new();
-        for id in 1..=64u64 {
-            // DashMap picks the shard from the bits just below the top 7.
-            tops.insert((b.hash_one(id) << 7) >> 59);
-        }
-        assert!(tops.len() >= 16, "only {} shards used", tops.len());
     }
 }

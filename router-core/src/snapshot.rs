@@ -1,8 +1,14 @@
 //! Immutable views of the pool, swapped atomically by the [`Pool`](crate::Pool).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::hash::FastBuild;
 use crate::vm::{Protocol, Vm, VmShared, VmState};
+
+/// VM name -> index into [`Snapshot::vms`]. Shared between snapshots that
+/// hold the same names (status changes do not rebuild it).
+pub(crate) type NameIndex = HashMap<Box<str>, usize, FastBuild>;
 
 /// A VM that took new sessions when the snapshot was built (state healthy,
 /// capacity above zero), laid out compactly for the least-loaded scan.
@@ -26,12 +32,23 @@ pub struct Snapshot {
     vms: Vec<Arc<Vm>>,
     generation: u64,
     candidates: Vec<Candidate>,
+    index: Arc<NameIndex>,
 }
 
 impl Snapshot {
     /// Builds a snapshot; `vms` must be sorted by name without duplicates.
-    pub(crate) fn build(vms: Vec<Arc<Vm>>, generation: u64) -> Self {
+    /// `index` is reused when given (it must map exactly these names).
+    pub(crate) fn build(vms: Vec<Arc<Vm>>, generation: u64, index: Option<Arc<NameIndex>>) -> Self {
         debug_assert!(vms.windows(2).all(|w| w[0].name() < w[1].name()));
+        let index = index.unwrap_or_else(|| {
+            Arc::new(
+                vms.iter()
+                    .enumerate()
+                    .map(|(i, vm)| (Box::from(vm.name()), i))
+                    .collect(),
+            )
+        });
+        debug_assert_eq!(index.len(), vms.len());
         let candidates = vms
             .iter()
             .enumerate()
@@ -47,7 +64,12 @@ impl Snapshot {
             vms,
             generation,
             candidates,
+            index,
         }
+    }
+
+    pub(crate) fn index(&self) -> &Arc<NameIndex> {
+        &self.index
     }
 
     /// Every VM, sorted by name.
@@ -70,12 +92,14 @@ impl Snapshot {
         self.vms.is_empty()
     }
 
-    /// The VM called `name` (binary search).
+    /// The VM called `name` (one hash lookup).
     pub fn get(&self, name: &str) -> Option<&Arc<Vm>> {
-        self.vms
-            .binary_search_by(|vm| vm.name().cmp(name))
-            .ok()
-            .map(|i| &self.vms[i])
+        self.index.get(name).and_then(|&i| self.vms.get(i))
+    }
+
+    /// The position of the VM called `name` in [`Snapshot::vms`].
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
     }
 
     /// VMs in `state`.

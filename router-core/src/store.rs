@@ -43,9 +43,17 @@ impl UserEntry {
 
 /// The default [`SessionStore`]: a concurrent map `user -> (vm, live sessions,
 /// last seen)` in this process.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct InMemoryStore {
     users: DashMap<String, UserEntry>,
+}
+
+impl Default for InMemoryStore {
+    fn default() -> Self {
+        Self {
+            users: DashMap::with_shard_amount(crate::session::SHARDS),
+        }
+    }
 }
 
 impl InMemoryStore {
