@@ -37,6 +37,19 @@ pub struct Gateway {
     pub driver: Arc<Driver>,
 }
 
+impl Gateway {
+    /// A second handle on the same parts.
+    pub fn clone_parts(&self) -> Gateway {
+        Gateway {
+            pool: self.pool.clone(),
+            health: self.health.clone(),
+            ssh: self.ssh.clone(),
+            metrics: self.metrics.clone(),
+            driver: self.driver.clone(),
+        }
+    }
+}
+
 /// Maps `[routing]` and `[http]` to router-core's policy.
 pub fn routing_policy(config: &Config) -> RoutingPolicy {
     RoutingPolicy {
@@ -74,8 +87,37 @@ pub fn user_ca(config: &Config) -> anyhow::Result<UserCa> {
     Ok(ca)
 }
 
+/// What a caller can supply in code instead of from the configuration (`poolgate demo`: its
+/// in-process provider, any-key user auth, a fast provider poll).
+#[derive(Default)]
+pub struct Overrides {
+    /// The provider, instead of the one `pool.provider` names.
+    pub provider: Option<Arc<dyn Provider>>,
+    /// User authentication, instead of `ssh.authorized_keys`.
+    pub user_auth: Option<UserAuth>,
+    /// Time between provider listings, instead of the provider section's `poll_interval`.
+    pub poll_interval: Option<Duration>,
+    /// Called once every listener is bound, before connections are served.
+    pub on_ready: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overrides")
+            .field("provider", &self.provider.as_ref().map(|p| p.name()))
+            .field("user_auth", &self.user_auth)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Builds the gateway's parts (keys, pool, health, SSH frontend) from a configuration.
 pub fn build(config: &Config) -> anyhow::Result<Gateway> {
+    build_with(config, &Overrides::default())
+}
+
+/// [`build`], with parts supplied in code.
+pub fn build_with(config: &Config, overrides: &Overrides) -> anyhow::Result<Gateway> {
     let mut host_keys = Vec::new();
     for path in &config.ssh.host_keys {
         let (key, generated) =
@@ -91,42 +133,21 @@ pub fn build(config: &Config) -> anyhow::Result<Gateway> {
         "VMs must trust this user CA: put the line in /etc/ssh/poolgate_user_ca.pub and add \
          `TrustedUserCAKeys /etc/ssh/poolgate_user_ca.pub` to sshd_config"
     );
-    let host_policy = match (&config.ssh.backend_host_ca, &config.ssh.backend_known_hosts) {
-        (Some(ca), _) => HostKeyPolicy::from_host_ca(ca).context("ssh.backend_host_ca")?,
-        (None, Some(known)) => {
-            HostKeyPolicy::from_known_hosts(known).context("ssh.backend_known_hosts")?
-        }
-        (None, None) => anyhow::bail!("ssh: set backend_known_hosts or backend_host_ca"),
-    };
+    let host_policy = host_policy(config)?;
 
     let pool = Arc::new(Pool::new(routing_policy(config), Arc::new(SystemClock)));
 
-    let health = HealthChecker::new(
-        pool.clone(),
-        HealthSettings {
-            interval: config.health.interval,
-            timeout: config.health.timeout,
-            policy: HealthPolicy {
-                rise: config.health.rise,
-                fall: config.health.fall,
-            },
-            ssh: config.health.ssh,
-            http: config.health.http,
-            http_path: config.health.http_path.clone(),
-            load_metrics: config
-                .health
-                .load_metrics_port
-                .map(|port| (port, config.health.load_metrics_path.clone())),
-        },
-    );
+    let health = HealthChecker::new(pool.clone(), health_settings(config));
     let metrics = Arc::new(Metrics::new());
-    let provider = provider(config)?;
-    let driver = Driver::new(
-        pool.clone(),
-        provider,
-        driver_settings(config),
-        metrics.clone(),
-    );
+    let provider = match &overrides.provider {
+        Some(provider) => provider.clone(),
+        None => provider(config)?,
+    };
+    let mut driver_settings = driver_settings(config);
+    if let Some(poll) = overrides.poll_interval {
+        driver_settings.poll_interval = poll;
+    }
+    let driver = Driver::new(pool.clone(), provider, driver_settings, metrics.clone());
     let health_for_ssh = health.clone();
     let metrics_for_ssh = metrics.clone();
     let ssh = SshGateway::new(SshGatewayParts {
@@ -141,7 +162,10 @@ pub fn build(config: &Config) -> anyhow::Result<Gateway> {
             banner: config.ssh.banner.clone(),
             idle_timeout: config.ssh.idle_timeout,
         },
-        user_auth: UserAuth::AuthorizedKeys(config.ssh.authorized_keys.clone()),
+        user_auth: overrides
+            .user_auth
+            .clone()
+            .unwrap_or_else(|| UserAuth::AuthorizedKeys(config.ssh.authorized_keys.clone())),
         ca,
         host_policy,
         pool: pool.clone(),
@@ -190,12 +214,105 @@ pub fn provider(config: &Config) -> anyhow::Result<Arc<dyn Provider>> {
             }))
         }
         ProviderKind::AzureVmss => {
-            anyhow::bail!("pool.provider = \"azure-vmss\" is not available in this build yet")
+            let azure = config
+                .pool
+                .azure
+                .as_ref()
+                .context("pool.azure: required by provider = \"azure-vmss\"")?;
+            Arc::new(
+                crate::autoscale::providers::azure::AzureProvider::from_config(azure)
+                    .map_err(|e| anyhow::anyhow!("pool.azure: {e}"))?,
+            )
         }
         ProviderKind::Demo => {
             anyhow::bail!("pool.provider = \"demo\" is only available through `poolgate demo`")
         }
     })
+}
+
+/// Maps `[health]` to the checker's settings.
+pub fn health_settings(config: &Config) -> HealthSettings {
+    HealthSettings {
+        interval: config.health.interval,
+        timeout: config.health.timeout,
+        policy: HealthPolicy {
+            rise: config.health.rise,
+            fall: config.health.fall,
+        },
+        ssh: config.health.ssh,
+        http: config.health.http,
+        http_path: config.health.http_path.clone(),
+        load_metrics: config
+            .health
+            .load_metrics_port
+            .map(|port| (port, config.health.load_metrics_path.clone())),
+    }
+}
+
+/// The VM host-key trust from `[ssh]`.
+pub fn host_policy(config: &Config) -> anyhow::Result<HostKeyPolicy> {
+    Ok(
+        match (&config.ssh.backend_host_ca, &config.ssh.backend_known_hosts) {
+            (Some(ca), _) => HostKeyPolicy::from_host_ca(ca).context("ssh.backend_host_ca")?,
+            (None, Some(known)) => {
+                HostKeyPolicy::from_known_hosts(known).context("ssh.backend_known_hosts")?
+            }
+            (None, None) => anyhow::bail!("ssh: set backend_known_hosts or backend_host_ca"),
+        },
+    )
+}
+
+/// Re-reads the configuration file and applies what can change without dropping sessions: the
+/// pool (static backends), VM host keys (known_hosts / host CA), health settings. Authorized
+/// keys and the TLS certificate are re-read on use. An invalid file changes nothing.
+pub async fn reload(
+    path: &std::path::Path,
+    running: &Config,
+    gateway: &Gateway,
+) -> anyhow::Result<()> {
+    let config = match poolgate_config::load(path) {
+        Ok(config) => config,
+        Err(poolgate_config::ConfigError::Invalid(errors)) => {
+            for error in &errors {
+                tracing::error!(%error, "reload: invalid configuration");
+            }
+            anyhow::bail!(
+                "{}: {} error(s); keeping the running configuration",
+                path.display(),
+                errors.len()
+            );
+        }
+        Err(other) => anyhow::bail!("{other}; keeping the running configuration"),
+    };
+    let policy = host_policy(&config)?;
+    let provider = provider(&config)?;
+    gateway.ssh.set_host_policy(policy);
+    gateway.health.set_settings(health_settings(&config));
+    if config.pool != running.pool {
+        gateway.driver.set_provider(provider);
+        if let Err(e) = gateway.driver.sync().await {
+            tracing::warn!(error = %e, "reload: listing the new pool failed");
+        }
+    }
+    for (what, changed) in [
+        ("listen", config.listen != running.listen),
+        (
+            "ssh host keys / user CA",
+            config.ssh.host_keys != running.ssh.host_keys
+                || config.ssh.user_ca_key != running.ssh.user_ca_key,
+        ),
+        ("routing", config.routing != running.routing),
+        ("autoscale", config.autoscale != running.autoscale),
+    ] {
+        if changed {
+            tracing::warn!(
+                section = what,
+                "reload: this change takes effect at the next restart"
+            );
+        }
+    }
+    tracing::info!(path = %path.display(), vms = gateway.pool.snapshot().len(), "configuration reloaded");
+    Ok(())
 }
 
 /// Maps `[autoscale]` to the driver's settings.
@@ -227,7 +344,28 @@ pub fn driver_settings(config: &Config) -> DriverSettings {
 
 /// Runs the gateway until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let gateway = build(&config)?;
+    run_reloadable(config, None).await
+}
+
+/// Runs the gateway until a shutdown signal; SIGHUP re-reads `config_path` when given.
+pub async fn run_reloadable(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    serve(config, config_path, Overrides::default()).await
+}
+
+/// Runs the gateway with parts supplied in code (`poolgate demo`) until a shutdown signal.
+pub async fn run_with(config: Config, overrides: Overrides) -> anyhow::Result<()> {
+    serve(config, None, overrides).await
+}
+
+async fn serve(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+    mut overrides: Overrides,
+) -> anyhow::Result<()> {
+    let gateway = build_with(&config, &overrides)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Know the pool before taking connections.
     if let Err(e) = gateway.driver.sync().await {
@@ -290,8 +428,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     ));
     let ssh = tokio::spawn(gateway.ssh.clone().serve(ssh_listener, shutdown_rx.clone()));
+    if let Some(on_ready) = overrides.on_ready.take() {
+        on_ready();
+    }
 
+    let reloader = config_path.map(|path| {
+        let gateway = gateway.clone_parts();
+        let running = config.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            let mut running = running;
+            while hup.recv().await.is_some() {
+                tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
+                match reload(&path, &running, &gateway).await {
+                    Ok(()) => {
+                        if let Ok(config) = poolgate_config::load(&path) {
+                            running = config;
+                        }
+                    }
+                    Err(e) => tracing::error!("reload failed: {e:#}"),
+                }
+            }
+        })
+    });
     shutdown_signal().await;
+    if let Some(task) = reloader {
+        task.abort();
+    }
     let grace = config.gateway.shutdown_grace;
     tracing::info!(
         open_ssh = gateway.ssh.live_connections(),

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Command::Status(admin) => admin_command(&admin, None),
         Command::Drain { vm, admin } => admin_command(&admin, Some((vm, true))),
         Command::Undrain { vm, admin } => admin_command(&admin, Some((vm, false))),
+        Command::Demo(args) => demo(&args),
         other => not_implemented(&other),
     }
 }
@@ -115,11 +116,46 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(app::run(config)) {
+    match runtime.block_on(app::run_reloadable(config, Some(path.to_path_buf()))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("poolgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `demo`: the gateway in front of an in-process demo pool, on 127.0.0.1.
+fn demo(args: &cli::DemoArgs) -> ExitCode {
+    let options = gateway::demo::setup::DemoOptions {
+        ssh_port: args.ssh_port,
+        http_port: args.http_port,
+        admin_port: args.admin_port,
+        min_vms: args.min_vms,
+        max_vms: args.max_vms,
+        boot_delay: args.boot_delay,
+        scale_in_after: args.scale_in_after,
+        scale_to_zero_after: args.scale_to_zero_after,
+        state_dir: args.state_dir.clone(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("poolgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(gateway::demo::setup::run(options));
+    // Session programs still running are killed with their tasks.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("poolgate demo: {e:#}");
             ExitCode::FAILURE
         }
     }

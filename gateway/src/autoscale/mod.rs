@@ -37,7 +37,7 @@ pub struct DriverSettings {
 /// The autoscaler driver.
 pub struct Driver {
     pool: Arc<Pool>,
-    provider: Arc<dyn Provider>,
+    provider: std::sync::RwLock<Arc<dyn Provider>>,
     settings: DriverSettings,
     policy: Mutex<Autoscaler>,
     metrics: Arc<Metrics>,
@@ -49,7 +49,7 @@ pub struct Driver {
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Driver")
-            .field("provider", &self.provider.name())
+            .field("provider", &self.provider().name())
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
@@ -83,12 +83,27 @@ impl Driver {
                 ..settings
             },
             pool,
-            provider,
+            provider: std::sync::RwLock::new(provider),
             metrics,
             waiting: AtomicU32::new(0),
             poke: Notify::new(),
             view: Mutex::new(view),
         })
+    }
+
+    /// The provider in force.
+    pub fn provider(&self) -> Arc<dyn Provider> {
+        match self.provider.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the provider (config reload of a static pool, for instance).
+    pub fn set_provider(&self, provider: Arc<dyn Provider>) {
+        if let Ok(mut current) = self.provider.write() {
+            *current = provider;
+        }
     }
 
     /// Whether connections should be held while the pool wakes.
@@ -145,7 +160,8 @@ impl Driver {
 
     /// Lists the provider's VMs into the pool.
     pub async fn sync(&self) -> Result<(), ProviderError> {
-        let listed = self.provider.list().await?;
+        let provider = self.provider();
+        let listed = provider.list().await?;
         let specs = listed.iter().map(|vm| vm.spec.clone()).collect();
         self.pool.set_vms(specs);
         let snapshot = self.pool.snapshot();
@@ -156,7 +172,7 @@ impl Driver {
                 current == Some(Lifecycle::Stopping) && vm.lifecycle == Lifecycle::Running;
             if current != Some(vm.lifecycle) && !keep_stopping {
                 self.pool.set_lifecycle(&vm.spec.name, vm.lifecycle);
-                tracing::info!(vm = %vm.spec.name, lifecycle = vm.lifecycle.as_str(), provider = self.provider.name(), "VM lifecycle");
+                tracing::info!(vm = %vm.spec.name, lifecycle = vm.lifecycle.as_str(), provider = provider.name(), "VM lifecycle");
             }
         }
         Ok(())
@@ -211,7 +227,8 @@ impl Driver {
     }
 
     async fn apply(&self, action: &Action, vms: &[VmObservation]) -> &'static str {
-        let caps = self.provider.capabilities();
+        let provider = self.provider();
+        let caps = provider.capabilities();
         let result = match action {
             Action::Drain(vm) => {
                 self.pool.drain(vm);
@@ -234,7 +251,7 @@ impl Driver {
                         self.pool.undrain(vm);
                         self.pool.set_lifecycle(vm, Lifecycle::Starting);
                     }
-                    result = self.provider.start(&stopped).await.map(|()| "start");
+                    result = provider.start(&stopped).await.map(|()| "start");
                 }
                 let still = count.saturating_sub(if caps.start_stop {
                     stopped.len() as u32
@@ -242,7 +259,7 @@ impl Driver {
                     0
                 });
                 if still > 0 && caps.create_delete && result.is_ok() {
-                    result = self.provider.create(still).await.map(|()| "create");
+                    result = provider.create(still).await.map(|()| "create");
                 }
                 result
             }
@@ -250,9 +267,9 @@ impl Driver {
                 self.pool.set_lifecycle(vm, Lifecycle::Stopping);
                 let names = [vm.clone()];
                 if caps.start_stop {
-                    self.provider.stop(&names).await.map(|()| "stop")
+                    provider.stop(&names).await.map(|()| "stop")
                 } else {
-                    self.provider.delete(&names).await.map(|()| "delete")
+                    provider.delete(&names).await.map(|()| "delete")
                 }
             }
         };

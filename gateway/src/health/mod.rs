@@ -45,14 +45,14 @@ pub enum ProbeResult {
 /// Health state of every VM, fed by probes and by real sessions.
 pub struct HealthChecker {
     pool: Arc<Pool>,
-    settings: HealthSettings,
+    settings: std::sync::RwLock<HealthSettings>,
     trackers: Mutex<HashMap<String, HealthTracker>>,
 }
 
 impl std::fmt::Debug for HealthChecker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HealthChecker")
-            .field("settings", &self.settings)
+            .field("settings", &self.settings())
             .finish_non_exhaustive()
     }
 }
@@ -62,9 +62,29 @@ impl HealthChecker {
     pub fn new(pool: Arc<Pool>, settings: HealthSettings) -> Arc<Self> {
         Arc::new(Self {
             pool,
-            settings,
+            settings: std::sync::RwLock::new(settings),
             trackers: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The current settings.
+    pub fn settings(&self) -> HealthSettings {
+        match self.settings.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the settings (config reload); thresholds apply to the next results.
+    pub fn set_settings(&self, settings: HealthSettings) {
+        if let Ok(mut trackers) = self.trackers.lock() {
+            for tracker in trackers.values_mut() {
+                tracker.set_policy(settings.policy);
+            }
+        }
+        if let Ok(mut current) = self.settings.write() {
+            *current = settings;
+        }
     }
 
     /// Feeds one result for `vm`; applies and logs a state change.
@@ -75,7 +95,7 @@ impl HealthChecker {
             let mut trackers = self.trackers.lock().ok()?;
             let tracker = trackers
                 .entry(vm.to_string())
-                .or_insert_with(|| HealthTracker::new(self.settings.policy));
+                .or_insert_with(|| HealthTracker::new(self.settings().policy));
             tracker.observe(ok, now)
         };
         if let Some(t) = transition {
@@ -125,19 +145,15 @@ impl HealthChecker {
 
     /// Probes one VM once.
     pub async fn probe(&self, host: &str, ssh_port: u16, http_port: u16) -> ProbeResult {
-        if self.settings.ssh
-            && let Err(reason) = probe_ssh(host, ssh_port, self.settings.timeout).await
+        let settings = self.settings();
+        if settings.ssh
+            && let Err(reason) = probe_ssh(host, ssh_port, settings.timeout).await
         {
             return ProbeResult::Failed(reason);
         }
-        if self.settings.http
-            && let Err(reason) = probe_http(
-                host,
-                http_port,
-                &self.settings.http_path,
-                self.settings.timeout,
-            )
-            .await
+        if settings.http
+            && let Err(reason) =
+                probe_http(host, http_port, &settings.http_path, settings.timeout).await
         {
             return ProbeResult::Failed(reason);
         }
@@ -148,7 +164,7 @@ impl HealthChecker {
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut probing: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
         let mut tick =
-            tokio::time::interval(Duration::from_millis(250).min(self.settings.interval));
+            tokio::time::interval(Duration::from_millis(250).min(self.settings().interval));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -179,13 +195,16 @@ impl HealthChecker {
 
     async fn probe_loop(self: Arc<Self>, name: String) {
         // Spread probes over the interval: a random first offset, then a fixed period.
-        let offset = self.settings.interval.mul_f64(rand::random::<f64>() * 0.5);
+        let offset = self
+            .settings()
+            .interval
+            .mul_f64(rand::random::<f64>() * 0.5);
         let mut first = true;
         loop {
             let wait = if first {
                 offset
             } else {
-                self.settings.interval
+                self.settings().interval
             };
             first = false;
             tokio::time::sleep(wait).await;
@@ -207,8 +226,9 @@ impl HealthChecker {
             drop(snapshot);
             let result = self.probe(&spec.host, spec.ssh_port, spec.http_port).await;
             self.observe(&name, &result);
-            if let Some((port, path)) = &self.settings.load_metrics {
-                let hint = scrape_load(&spec.host, *port, path, self.settings.timeout).await;
+            let settings = self.settings();
+            if let Some((port, path)) = &settings.load_metrics {
+                let hint = scrape_load(&spec.host, *port, path, settings.timeout).await;
                 if let Err(e) = &hint {
                     tracing::debug!(vm = %name, error = %e, "load metrics scrape failed");
                 }

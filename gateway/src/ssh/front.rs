@@ -203,7 +203,7 @@ async fn connect_vm(who: &Who<'_>, password: Option<&str>) -> Result<Connected, 
         match backend::connect(
             &target,
             credential,
-            gw.host_policy.clone(),
+            gw.host_policy(),
             gw.client_config.clone(),
             gw.settings.connect_timeout,
         )

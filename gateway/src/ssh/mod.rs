@@ -64,7 +64,7 @@ pub struct SshGateway {
     pub(crate) settings: SshSettings,
     pub(crate) user_auth: UserAuth,
     pub(crate) ca: UserCa,
-    pub(crate) host_policy: Arc<HostKeyPolicy>,
+    host_policy: std::sync::RwLock<Arc<HostKeyPolicy>>,
     pub(crate) client_config: Arc<russh::client::Config>,
     pub(crate) pool: Arc<Pool>,
     pub(crate) on_vm_failure: FailureHook,
@@ -171,7 +171,7 @@ impl SshGateway {
             settings: parts.settings,
             user_auth: parts.user_auth,
             ca: parts.ca,
-            host_policy: Arc::new(parts.host_policy),
+            host_policy: std::sync::RwLock::new(Arc::new(parts.host_policy)),
             client_config: Arc::new(client_config),
             pool: parts.pool,
             on_vm_failure: parts.on_vm_failure,
@@ -182,6 +182,21 @@ impl SshGateway {
             connections: dashmap::DashMap::new(),
             next_connection: std::sync::atomic::AtomicU64::new(1),
         })
+    }
+
+    /// The VM host-key trust in force.
+    pub fn host_policy(&self) -> Arc<HostKeyPolicy> {
+        match self.host_policy.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the VM host-key trust (config reload: new VMs in known_hosts).
+    pub fn set_host_policy(&self, policy: HostKeyPolicy) {
+        if let Ok(mut current) = self.host_policy.write() {
+            *current = Arc::new(policy);
+        }
     }
 
     /// User connections currently open.
