@@ -282,7 +282,23 @@ impl Drop for JupyterHubVm {
                 .rev()
                 .collect::<Vec<_>>()
                 .join("\n");
-            eprintln!("--- jupyterhub {} log (tail) ---\n{tail}\n---", self.name);
+            // The whole log is kept as a test artifact (the temp dir goes away).
+            let kept = workspace_dir().join("tests/artifacts/logs");
+            let path = kept.join(format!(
+                "jupyterhub-{}-{}.log",
+                self.name,
+                std::process::id()
+            ));
+            let saved = std::fs::create_dir_all(&kept).and_then(|_| std::fs::write(&path, &log));
+            eprintln!(
+                "--- jupyterhub {} log (tail; whole log: {}) ---\n{tail}\n---",
+                self.name,
+                if saved.is_ok() {
+                    path.display().to_string()
+                } else {
+                    "not saved".into()
+                }
+            );
         }
     }
 }
