@@ -83,9 +83,22 @@ pub struct DemoArgs {
     /// Fewest demo VMs kept running.
     #[arg(long, default_value_t = 0)]
     pub min_vms: u32,
-    /// Most demo VMs the autoscaler may start.
-    #[arg(long, default_value_t = 3)]
+    /// Most demo VMs the autoscaler may start (the demo pool has this many VMs).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub max_vms: u32,
+    /// Time a starting demo VM takes to boot.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, hide = true)]
+    pub boot_delay: std::time::Duration,
+    /// A demo VM idle this long is drained and stopped.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, hide = true)]
+    pub scale_in_after: std::time::Duration,
+    /// The whole pool idle this long: down to --min-vms.
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration, hide = true)]
+    pub scale_to_zero_after: std::time::Duration,
+    /// Directory for the demo's keys [default: $XDG_STATE_HOME/poolgate-demo or
+    /// ~/.local/state/poolgate-demo].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// How to reach the admin API.
@@ -141,6 +154,16 @@ mod tests {
             &["poolgate", "run", "--config", "x.toml"][..],
             &["poolgate", "check-config", "x.toml"],
             &["poolgate", "demo", "--max-vms", "2"],
+            &[
+                "poolgate",
+                "demo",
+                "--ssh-port",
+                "2022",
+                "--scale-in-after",
+                "5s",
+                "--boot-delay",
+                "500ms",
+            ],
             &["poolgate", "status"],
             &["poolgate", "drain", "dsvm-1"],
             &["poolgate", "undrain", "dsvm-1", "--admin", "127.0.0.1:9999"],

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod app;
 pub mod autoscale;
 pub mod cli;
+pub mod demo;
 pub mod health;
 pub mod http;
 pub mod metrics;

@@ -1,0 +1,195 @@
+//! `poolgate demo`: an in-process pool of demo VMs behind the real gateway.
+//!
+//! A demo VM is what a pool VM looks like from the gateway, served from inside this process on
+//! 127.0.0.1: an SSH server (`ssh`, russh) with its own host key and a host certificate from the
+//! demo host CA, which accepts the gateway's user certificates (principal = login) and the
+//! password `demo`, runs a real shell in a pty as the current OS user, exec, sftp (through
+//! OpenSSH's `sftp-server` when installed) and `ssh -L` to 127.0.0.1; and a web server (`web`)
+//! with a page naming the VM, `/hub/health` and a websocket echo at `/ws`.
+//!
+//! `setup` builds the gateway configuration for `poolgate demo` (no file) and its state dir;
+//! the `demo` provider (`autoscale::providers::demo`) starts and stops these VMs.
+
+mod process;
+pub mod setup;
+mod ssh;
+mod web;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use russh::keys::ssh_key::certificate::{Builder, CertType};
+use russh::keys::ssh_key::{Algorithm, PrivateKey, PublicKey};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// What every demo VM shares: whom to trust, how to sign its host key, how to run shells.
+#[derive(Debug)]
+pub struct DemoVmSettings {
+    /// The gateway's user CA: certificates it signs log users in (principal = login name).
+    pub user_ca: PublicKey,
+    /// Signs each VM's host key (the gateway trusts its public half as `backend_host_ca`).
+    pub host_ca: PrivateKey,
+    /// How shells are started.
+    pub shell: ShellSettings,
+}
+
+/// The OS account shells run as (always the account running poolgate) and its shell.
+#[derive(Debug, Clone)]
+pub struct ShellSettings {
+    /// Login shell (`/etc/passwd`, else `$SHELL`, else `/bin/sh`).
+    pub program: PathBuf,
+    /// Home directory (working directory of sessions).
+    pub home: PathBuf,
+    /// OS user name.
+    pub user: String,
+    /// A bash rc file that loads the user's usual rc files and then names the VM in `PS1`;
+    /// used when the shell is bash.
+    pub bash_rc: Option<PathBuf>,
+    /// OpenSSH's `sftp-server`, when installed.
+    pub sftp_server: Option<PathBuf>,
+}
+
+/// Why a demo VM could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoVmError {
+    /// A listener could not be opened.
+    #[error("demo VM {vm}: cannot listen on 127.0.0.1: {source}")]
+    Listen {
+        /// VM name.
+        vm: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The host key or its certificate could not be made.
+    #[error("demo VM {vm}: host key: {message}")]
+    HostKey {
+        /// VM name.
+        vm: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// A running demo VM. Dropping it stops it: its listeners close, its SSH connections end and the
+/// processes of their sessions are killed.
+#[derive(Debug)]
+pub struct DemoVm {
+    name: String,
+    ssh_addr: SocketAddr,
+    http_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl DemoVm {
+    /// Starts VM `name` on 127.0.0.1, on the preferred ports when free (else on any free port).
+    pub async fn start(
+        name: &str,
+        preferred: (u16, u16),
+        settings: Arc<DemoVmSettings>,
+    ) -> Result<Self, DemoVmError> {
+        let ssh_listener = bind(name, preferred.0).await?;
+        let http_listener = bind(name, preferred.1).await?;
+        let local = |l: &TcpListener| {
+            l.local_addr().map_err(|source| DemoVmError::Listen {
+                vm: name.to_string(),
+                source,
+            })
+        };
+        let ssh_addr = local(&ssh_listener)?;
+        let http_addr = local(&http_listener)?;
+        let host_key = host_key(name, &settings.host_ca)?;
+        let vm: Arc<str> = Arc::from(name);
+        let ssh_task = tokio::spawn(ssh::serve(
+            ssh_listener,
+            ssh::VmContext {
+                name: vm.clone(),
+                settings: settings.clone(),
+            },
+            host_key,
+        ));
+        let web_task = tokio::spawn(web::serve(http_listener, vm));
+        tracing::info!(vm = name, ssh = %ssh_addr, http = %http_addr, "demo VM started");
+        Ok(Self {
+            name: name.to_string(),
+            ssh_addr,
+            http_addr,
+            tasks: vec![ssh_task, web_task],
+        })
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// SSH address.
+    pub fn ssh_addr(&self) -> SocketAddr {
+        self.ssh_addr
+    }
+
+    /// HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+}
+
+impl Drop for DemoVm {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        tracing::info!(vm = %self.name, "demo VM stopped");
+    }
+}
+
+async fn bind(vm: &str, preferred: u16) -> Result<TcpListener, DemoVmError> {
+    if preferred != 0
+        && let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, preferred)).await
+    {
+        return Ok(listener);
+    }
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .map_err(|source| DemoVmError::Listen {
+            vm: vm.to_string(),
+            source,
+        })
+}
+
+/// A fresh Ed25519 host key and its host certificate for `127.0.0.1`, signed by the demo host CA
+/// (valid from a minute ago for 30 days).
+fn host_key(
+    vm: &str,
+    ca: &PrivateKey,
+) -> Result<(PrivateKey, russh::keys::ssh_key::Certificate), DemoVmError> {
+    let err = |e: russh::keys::ssh_key::Error| DemoVmError::HostKey {
+        vm: vm.to_string(),
+        message: e.to_string(),
+    };
+    let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).map_err(err)?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let mut nonce = [0u8; 32];
+    rand::fill(&mut nonce);
+    let mut builder = Builder::new(
+        nonce.to_vec(),
+        key.public_key().key_data().clone(),
+        now.saturating_sub(60),
+        now + Duration::from_secs(30 * 24 * 3600).as_secs(),
+    )
+    .map_err(err)?;
+    builder
+        .cert_type(CertType::Host)
+        .map_err(err)?
+        .key_id(format!("poolgate demo VM {vm}"))
+        .map_err(err)?
+        .valid_principal("127.0.0.1")
+        .map_err(err)?;
+    let cert = builder.sign(ca).map_err(err)?;
+    Ok((key, cert))
+}
