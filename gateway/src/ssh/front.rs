@@ -36,6 +36,8 @@ pub struct Front {
     unauthenticated: Option<OwnedSemaphorePermit>,
     authenticated: watch::Sender<bool>,
     accepted: Instant,
+    /// The client tried at least one login method.
+    tried: bool,
 }
 
 impl Front {
@@ -58,6 +60,7 @@ impl Front {
             unauthenticated: Some(permit),
             authenticated,
             accepted: Instant::now(),
+            tried: false,
         }
     }
 
@@ -107,6 +110,7 @@ impl Front {
     }
 
     fn authenticated(&mut self, user: &str) {
+        self.gw.penalties.success(self.peer.ip());
         self.user = Some(user.to_string());
         self.unauthenticated = None;
         let _ = self.authenticated.send(true);
@@ -314,6 +318,7 @@ impl server::Handler for Front {
         user: &str,
         offer: server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        self.tried = true;
         Ok(match self.check_key(user, offer.public_key) {
             Some(_) => Auth::Accept,
             None => reject(&self.gw),
@@ -339,6 +344,7 @@ impl server::Handler for Front {
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        self.tried = true;
         if !self.gw.settings.password_passthrough || !super::authorized_keys::valid_user_name(user)
         {
             self.gw.auth_failed("password", self.peer);
@@ -352,6 +358,7 @@ impl server::Handler for Front {
             }
             Err(OpenError::PasswordRefused) => {
                 self.gw.auth_failed("password", self.peer);
+                self.gw.login_failed(self.peer);
                 Ok(reject(&self.gw))
             }
             Err(OpenError::NoVm(message)) => {
@@ -608,6 +615,9 @@ impl server::Handler for Front {
 
 impl Drop for Front {
     fn drop(&mut self) {
+        if self.tried && self.user.is_none() {
+            self.gw.login_failed(self.peer);
+        }
         if let Some(backend) = self.current_backend() {
             tokio::spawn(async move {
                 let _ = backend

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod front;
 pub mod keys;
 pub mod known_hosts;
+pub mod penalty;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -76,6 +77,8 @@ pub struct SshGateway {
     /// Open user connections, for graceful shutdown.
     connections: dashmap::DashMap<u64, server::Handle>,
     next_connection: std::sync::atomic::AtomicU64,
+    /// Back-off for addresses that keep failing to log in.
+    pub(crate) penalties: penalty::Penalties,
 }
 
 impl std::fmt::Debug for SshGateway {
@@ -181,6 +184,7 @@ impl SshGateway {
             window_size,
             connections: dashmap::DashMap::new(),
             next_connection: std::sync::atomic::AtomicU64::new(1),
+            penalties: penalty::Penalties::default(),
         })
     }
 
@@ -223,12 +227,24 @@ impl SshGateway {
         (self.on_auth_failure)(method, peer);
     }
 
+    /// A connection ended without logging in after trying: counts towards the address's penalty.
+    pub(crate) fn login_failed(&self, peer: SocketAddr) {
+        if let Some(penalty) = self.penalties.failure(peer.ip(), std::time::Instant::now()) {
+            tracing::warn!(
+                client = %peer.ip(),
+                penalty_s = penalty.as_secs(),
+                "too many failed logins from this address; refusing its connections for a while"
+            );
+        }
+    }
+
     /// Accepts connections until `shutdown` turns true.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let mut count: u32 = 0;
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -247,6 +263,15 @@ impl SshGateway {
                     continue;
                 }
             };
+            count = count.wrapping_add(1);
+            let now = std::time::Instant::now();
+            if count.is_multiple_of(256) {
+                self.penalties.expire(now);
+            }
+            if let Some(left) = self.penalties.blocked_for(peer.ip(), now) {
+                tracing::debug!(client = %peer, left_s = left.as_secs(), "address in the login penalty box; dropped");
+                continue;
+            }
             let Ok(permit) = self.unauthenticated.clone().try_acquire_owned() else {
                 tracing::warn!(client = %peer, limit = self.settings.max_unauthenticated,
                     "too many connections still authenticating (ssh.max_unauthenticated); dropping");

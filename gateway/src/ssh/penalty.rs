@@ -1,0 +1,159 @@
+//! Per-source-address back-off against password and key guessing.
+//!
+//! Each connection that ends without logging in after trying (and each refused password) counts
+//! as a failure for its source address. More than [`Penalties::threshold`] failures within
+//! [`Penalties::window`] put the address in the penalty box: its new connections are dropped at
+//! accept for a penalty that starts at [`Penalties::base`] and doubles with each further offence,
+//! up to [`Penalties::max`]. A successful login clears the address's record.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    failures: u32,
+    window_start: Instant,
+    offences: u32,
+    blocked_until: Option<Instant>,
+}
+
+/// The penalty box.
+#[derive(Debug)]
+pub struct Penalties {
+    records: DashMap<IpAddr, Record>,
+    /// Failures tolerated per window.
+    pub threshold: u32,
+    /// The counting window.
+    pub window: Duration,
+    /// First penalty.
+    pub base: Duration,
+    /// Longest penalty.
+    pub max: Duration,
+}
+
+impl Default for Penalties {
+    fn default() -> Self {
+        Self::new(
+            10,
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+            Duration::from_secs(600),
+        )
+    }
+}
+
+impl Penalties {
+    /// A penalty box with these limits.
+    pub fn new(threshold: u32, window: Duration, base: Duration, max: Duration) -> Self {
+        Self {
+            records: DashMap::new(),
+            threshold,
+            window,
+            base,
+            max,
+        }
+    }
+
+    /// How long `ip` is still blocked, if it is.
+    pub fn blocked_for(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let record = self.records.get(&ip)?;
+        let until = record.blocked_until?;
+        (until > now).then(|| until - now)
+    }
+
+    /// Records a failure; returns the penalty when this failure starts one.
+    pub fn failure(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let mut record = self.records.entry(ip).or_insert(Record {
+            failures: 0,
+            window_start: now,
+            offences: 0,
+            blocked_until: None,
+        });
+        if now.saturating_duration_since(record.window_start) > self.window {
+            record.failures = 0;
+            record.window_start = now;
+        }
+        record.failures += 1;
+        if record.failures <= self.threshold {
+            return None;
+        }
+        let penalty = self
+            .base
+            .saturating_mul(1u32 << record.offences.min(16))
+            .min(self.max);
+        record.offences += 1;
+        record.failures = 0;
+        record.window_start = now;
+        record.blocked_until = Some(now + penalty);
+        Some(penalty)
+    }
+
+    /// A successful login: forget the address.
+    pub fn success(&self, ip: IpAddr) {
+        self.records.remove(&ip);
+    }
+
+    /// Drops records that can no longer matter (call now and then).
+    pub fn expire(&self, now: Instant) {
+        self.records.retain(|_, r| {
+            r.blocked_until.is_some_and(|until| until > now)
+                || now.saturating_duration_since(r.window_start) <= self.window
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_after_threshold_and_doubles() {
+        let p = Penalties::new(
+            3,
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            Duration::from_secs(25),
+        );
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(p.failure(ip, t0), None);
+        }
+        assert_eq!(p.failure(ip, t0), Some(Duration::from_secs(10)));
+        assert_eq!(
+            p.blocked_for(ip, t0 + Duration::from_secs(4)),
+            Some(Duration::from_secs(6))
+        );
+        assert_eq!(p.blocked_for(ip, t0 + Duration::from_secs(11)), None);
+        let t1 = t0 + Duration::from_secs(11);
+        for _ in 0..3 {
+            p.failure(ip, t1);
+        }
+        assert_eq!(p.failure(ip, t1), Some(Duration::from_secs(20)));
+        for _ in 0..3 {
+            p.failure(ip, t1);
+        }
+        assert_eq!(p.failure(ip, t1), Some(Duration::from_secs(25)), "capped");
+        p.success(ip);
+        assert_eq!(p.blocked_for(ip, t1), None);
+    }
+
+    #[test]
+    fn failures_outside_the_window_do_not_add_up() {
+        let p = Penalties::new(
+            2,
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+        );
+        let ip: IpAddr = "192.0.2.2".parse().unwrap();
+        let t0 = Instant::now();
+        for i in 0..10 {
+            assert_eq!(p.failure(ip, t0 + Duration::from_secs(11 * i)), None);
+        }
+        p.expire(t0 + Duration::from_secs(500));
+        assert!(p.records.is_empty());
+    }
+}
