@@ -64,6 +64,18 @@ pub struct Pool {
     pub(crate) http: HttpSessions,
 }
 
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let snap = self.current.load();
+        f.debug_struct("Pool")
+            .field("policy", &self.policy)
+            .field("generation", &snap.generation())
+            .field("vms", &snap.len())
+            .field("sessions", &self.session_count())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Pool {
     /// An empty pool using an [`InMemoryStore`] for affinity.
     pub fn new(policy: RoutingPolicy, clock: Arc<dyn Clock>) -> Self {
