@@ -1,0 +1,371 @@
+//! `poolgate demo` end to end: the binary runs as a process with no config, and real OpenSSH
+//! clients and HTTP clients use it as README's quickstart says. A first login to the empty pool
+//! is held while a demo VM boots; exec returns its exit status; `ssh -tt` gets a pty; password
+//! `demo` works; sftp works; the admin listener answers; the web page and websocket echo come
+//! through the gateway's HTTP listener; once everyone leaves the VM drains and stops; Ctrl-C
+//! stops everything.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use poolgate_tests::*;
+use tempfile::TempDir;
+
+/// A running `poolgate demo` with its own ports and state dir; killed on drop.
+struct Demo {
+    child: Option<Child>,
+    dir: TempDir,
+    ssh: u16,
+    http: u16,
+    admin: u16,
+}
+
+impl Demo {
+    fn start(extra: &[&str]) -> Demo {
+        let dir = tempfile::Builder::new()
+            .prefix("poolgate-demo-")
+            .tempdir()
+            .expect("temp dir");
+        let (ssh, http, admin) = (free_port(), free_port(), free_port());
+        let log = std::fs::File::create(dir.path().join("demo.log")).expect("log file");
+        let child = Command::new(poolgate_bin())
+            .arg("demo")
+            .args(["--ssh-port", &ssh.to_string()])
+            .args(["--http-port", &http.to_string()])
+            .args(["--admin-port", &admin.to_string()])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(extra)
+            .env_remove("POOLGATE_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn poolgate demo");
+        let demo = Demo {
+            child: Some(child),
+            dir,
+            ssh,
+            http,
+            admin,
+        };
+        for port in [ssh, http, admin] {
+            wait_for_port(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_secs(20),
+            );
+        }
+        demo
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("demo.log")).unwrap_or_default()
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Trusts the gateway's host key (from the state dir) for its SSH port.
+    fn known_hosts(&self) -> KnownHosts {
+        let line = std::fs::read_to_string(self.state_dir().join("ssh_host_ed25519_key.pub"))
+            .expect("gateway host key .pub");
+        let hosts = KnownHosts::new();
+        hosts.add_host_key(self.ssh, line.trim());
+        hosts
+    }
+
+    fn vms(&self) -> serde_json::Value {
+        let body = http_get(self.admin, "/api/v1/vms").1;
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/api/v1/vms: {e}: {body}"))
+    }
+
+    fn lifecycles(&self) -> Vec<(String, String)> {
+        self.vms()
+            .as_array()
+            .expect("array of VMs")
+            .iter()
+            .map(|v| {
+                (
+                    v["name"].as_str().unwrap_or("").to_string(),
+                    v["lifecycle"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- poolgate demo log ---\n{}--- end ---", self.log());
+        }
+        if let Some(mut child) = self.child.take() {
+            kill_tree(child.id());
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1:port; returns status and body.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write request");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// An SSH_ASKPASS program that answers `demo`.
+fn askpass(dir: &Path) -> PathBuf {
+    let path = dir.join("askpass");
+    std::fs::write(&path, "#!/bin/sh\necho demo\n").expect("write askpass");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+#[test]
+fn demo_wakes_a_vm_for_the_first_login_serves_ssh_and_stops_when_everyone_leaves() {
+    require_tools!("ssh", "ssh-keygen", "sftp");
+    let started = Instant::now();
+    let demo = Demo::start(&[
+        "--min-vms",
+        "0",
+        "--max-vms",
+        "2",
+        "--boot-delay",
+        "2s",
+        "--scale-in-after",
+        "3s",
+        "--scale-to-zero-after",
+        "4s",
+    ]);
+    assert!(
+        demo.log().contains(&format!("ssh -p {} ", demo.ssh)),
+        "what to try is printed:\n{}",
+        demo.log()
+    );
+    assert!(
+        demo.lifecycles().iter().all(|(_, l)| l == "stopped"),
+        "{:?}",
+        demo.lifecycles()
+    );
+
+    // Any key: a fresh one. The first login waits for a VM to boot.
+    let key = UserKey::generate("demo-user");
+    let hosts = demo.known_hosts();
+    let user = "alice";
+    let ssh = SshClient::new(user, demo.ssh, hosts.path())
+        .identity(key.private_key_path())
+        .option("LogLevel=INFO")
+        .timeout(Duration::from_secs(40));
+    let out = ssh.run("echo vm=$POOLGATE_VM; exit 3");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "exit status comes back: {out:?}"
+    );
+    assert!(stdout(&out).contains("vm=demo-1"), "{out:?}");
+    assert!(stderr(&out).contains("starting a VM"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("poolgate demo"),
+        "banner: {}",
+        stderr(&out)
+    );
+    eprintln!("first login (VM boot included): {:?}", started.elapsed());
+
+    // A pty with `ssh -tt`.
+    let out = run_with_timeout(
+        &mut ssh.ssh_command(&["-tt"], Some("tty; echo term=$TERM")),
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("/dev/pts/"), "{}", stdout(&out));
+
+    // Password `demo` through passthrough, with SSH_ASKPASS.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cmd = SshClient::new("bob", demo.ssh, hosts.path())
+        .option("BatchMode=no")
+        .option("PubkeyAuthentication=no")
+        .option("PreferredAuthentications=password")
+        .command("echo pw=$POOLGATE_VM");
+    cmd.env("SSH_ASKPASS", askpass(dir.path()))
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .env("DISPLAY", "none");
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(20));
+    assert!(out.status.success(), "password login: {out:?}");
+    assert!(stdout(&out).contains("pw=demo-"), "{out:?}");
+
+    // A wrong password is refused.
+    std::fs::write(dir.path().join("askpass"), "#!/bin/sh\necho wrong\n").expect("write");
+    let mut cmd = SshClient::new("bob", demo.ssh, hosts.path())
+        .option("BatchMode=no")
+        .option("PubkeyAuthentication=no")
+        .option("PreferredAuthentications=password")
+        .option("NumberOfPasswordPrompts=1")
+        .command("true");
+    cmd.env("SSH_ASKPASS", dir.path().join("askpass"))
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .env("DISPLAY", "none");
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(20));
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "wrong password refused: {out:?}"
+    );
+
+    // sftp (served by OpenSSH's sftp-server on the demo VM).
+    let batch = dir.path().join("batch");
+    let local = dir.path().join("up.txt");
+    std::fs::write(&local, "sftp through poolgate demo\n").expect("write");
+    let remote = dir.path().join("down.txt");
+    std::fs::write(
+        &batch,
+        format!("put {} {}\n", local.display(), remote.display()),
+    )
+    .expect("write batch");
+    let out = run_with_timeout(&mut ssh.sftp_batch(&batch), Duration::from_secs(20));
+    assert!(out.status.success(), "sftp: {out:?}");
+    assert_eq!(
+        std::fs::read_to_string(&remote).unwrap_or_default(),
+        "sftp through poolgate demo\n"
+    );
+
+    // The admin listener: status page, metrics, API.
+    let (code, page) = http_get(demo.admin, "/status");
+    assert_eq!(code, 200);
+    assert!(page.contains("demo-1"), "{page}");
+    let (code, metrics) = http_get(demo.admin, "/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("poolgate_sessions_total"), "{metrics}");
+    assert!(
+        demo.lifecycles()
+            .contains(&("demo-1".to_string(), "running".to_string()))
+    );
+
+    // Everyone has left: the VM drains and stops.
+    let left = Instant::now();
+    wait_until(Duration::from_secs(30), "every demo VM stopped", || {
+        demo.lifecycles().iter().all(|(_, l)| l == "stopped")
+    });
+    eprintln!("scale-in after everyone left: {:?}", left.elapsed());
+    let log = demo.log();
+    assert!(log.contains("Drain(\"demo-1\")"), "{log}");
+    assert!(log.contains("demo VM stopped"), "{log}");
+    eprintln!("whole journey: {:?}", started.elapsed());
+}
+
+#[test]
+fn demo_serves_the_vm_page_and_websocket_echo_through_the_gateway() {
+    let demo = Demo::start(&["--min-vms", "1", "--max-vms", "1", "--boot-delay", "0s"]);
+    let mut last = (0, String::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        last = http_get(demo.http, "/");
+        if last.0 == 200 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(last.0, 200, "GET / through the gateway: {last:?}");
+    assert!(last.1.contains("demo VM"), "{}", last.1);
+    assert!(last.1.contains("demo-1"), "{}", last.1);
+
+    // Websocket echo through the gateway's HTTP listener.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let echoed = runtime.block_on(async {
+        use futures_util::{SinkExt, StreamExt};
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", demo.http))
+            .await
+            .expect("connect");
+        let url = format!("ws://127.0.0.1:{}/ws", demo.http);
+        let (mut ws, _) = tokio_tungstenite::client_async(url, tcp)
+            .await
+            .expect("websocket handshake through the gateway");
+        ws.send(tokio_tungstenite::tungstenite::Message::text("ping demo"))
+            .await
+            .expect("send");
+        let reply = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("echo within 10 s")
+            .expect("a message")
+            .expect("no error");
+        reply.into_text().map(|t| t.to_string()).unwrap_or_default()
+    });
+    assert_eq!(echoed, "ping demo");
+}
+
+#[test]
+fn demo_stops_cleanly_on_ctrl_c() {
+    let mut demo = Demo::start(&["--min-vms", "1", "--max-vms", "1", "--boot-delay", "0s"]);
+    wait_until(Duration::from_secs(20), "demo-1 running", || {
+        demo.lifecycles()
+            .contains(&("demo-1".to_string(), "running".to_string()))
+    });
+    let vm_ssh = demo.vms()[0]["ssh_port"].as_u64().expect("ssh_port") as u16;
+    let mut child = demo.child.take().expect("running");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).expect("SIGINT");
+    let status = wait_for_exit(
+        &mut child,
+        Duration::from_secs(15),
+        "poolgate demo after Ctrl-C",
+    );
+    assert!(status.success(), "{status}\n{}", demo.log());
+    for port in [demo.ssh, demo.http, demo.admin, vm_ssh] {
+        assert!(
+            TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still open after Ctrl-C"
+        );
+    }
+}
+
+#[test]
+fn demo_says_which_flag_to_change_when_a_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = run_with_timeout(
+        Command::new(poolgate_bin())
+            .args(["demo", "--ssh-port", &free_port().to_string()])
+            .args(["--http-port", &port.to_string()])
+            .args(["--admin-port", &free_port().to_string()])
+            .arg("--state-dir")
+            .arg(dir.path()),
+        Duration::from_secs(20),
+    );
+    assert!(!out.status.success(), "{out:?}");
+    assert!(stderr(&out).contains("--http-port"), "{}", stderr(&out));
+}
