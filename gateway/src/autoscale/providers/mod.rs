@@ -1,6 +1,7 @@
 //! Where VMs come from and how they are started and removed: `static`, `exec`, `azure-vmss`,
 //! `demo`.
 
+pub mod azure;
 pub mod demo;
 pub mod exec;
 

@@ -1,0 +1,534 @@
+//! A small ARM REST client: bearer tokens, 429/503 with `Retry-After`, paging by `nextLink`,
+//! long-running operations (`Azure-AsyncOperation`, else `Location`), and ARM errors turned into
+//! messages that say what to do.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::{Method, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::token::TokenSource;
+use crate::autoscale::providers::ProviderError;
+
+/// The hyper client shared by ARM calls and token requests.
+pub type HyperClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Largest ARM response we read (a page of 1000 instances with instance views is ~2 MiB).
+const MAX_RESPONSE: usize = 32 << 20;
+/// Pages of a listing we follow at most.
+const MAX_PAGES: usize = 100;
+
+/// A client that speaks http and https (the system's CA certificates, aws-lc-rs).
+pub fn http_client() -> Result<HyperClient, ProviderError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    if added == 0 {
+        tracing::warn!(
+            "no CA certificates found; https to ARM will fail (install ca-certificates)"
+        );
+    }
+    let config = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::aws_lc_rs::default_provider().into(),
+    )
+    .with_safe_default_protocol_versions()
+    .map_err(|e| error("setup", format!("TLS client: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector))
+}
+
+/// Timing of retries and long-running operations.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Retries of a throttled (429) or unavailable (503) call before giving up.
+    pub max_retries: u32,
+    /// Wait when a throttled response has no usable `Retry-After`.
+    pub default_retry_after: Duration,
+    /// Longest wait we accept from `Retry-After`.
+    pub max_retry_after: Duration,
+    /// Time between polls of a long-running operation when ARM does not say.
+    pub poll_every: Duration,
+    /// Give up waiting for a long-running operation after this long.
+    pub operation_deadline: Duration,
+    /// One HTTP exchange may take this long.
+    pub request_timeout: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            max_retries: 4,
+            default_retry_after: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(120),
+            // Per-scale-set read budgets are small (FIELD-NOTES): ~5 s between polls.
+            poll_every: Duration::from_secs(5),
+            operation_deadline: Duration::from_secs(30 * 60),
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A response with a success (2xx) status.
+#[derive(Debug)]
+pub struct ArmResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// The ARM client of one scale set.
+#[derive(Debug, Clone)]
+pub struct Arm {
+    http: HyperClient,
+    tokens: TokenSource,
+    endpoint: String,
+    authority: String,
+    /// "scale set rg/name in subscription s", for messages.
+    target: String,
+    pub tuning: Tuning,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    error: Option<ErrorDetail>,
+    code: Option<String>,
+    message: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorDetail {
+    code: Option<String>,
+    message: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Page<T> {
+    #[serde(default = "Vec::new")]
+    value: Vec<T>,
+    #[serde(rename = "nextLink")]
+    next_link: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OperationStatus {
+    status: Option<String>,
+    error: Option<ErrorDetail>,
+}
+
+pub(super) fn error(operation: &str, message: impl Into<String>) -> ProviderError {
+    ProviderError {
+        provider: "azure-vmss",
+        operation: operation.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Seconds from a `Retry-After` header (delta-seconds; an HTTP date counts as absent).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(hyper::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+fn authority_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split(['/', '?']).next().unwrap_or_default()
+}
+
+impl Arm {
+    /// A client for `endpoint` (no trailing slash needed).
+    pub fn new(
+        http: HyperClient,
+        tokens: TokenSource,
+        endpoint: &str,
+        target: String,
+        tuning: Tuning,
+    ) -> Self {
+        let endpoint = endpoint.trim_end_matches('/').to_owned();
+        let authority = authority_of(&endpoint).to_ascii_lowercase();
+        Self {
+            http,
+            tokens,
+            endpoint,
+            authority,
+            target,
+            tuning,
+        }
+    }
+
+    /// The full URL for a path (starting with `/`) or an absolute URL ARM handed us, which must
+    /// point at the same host: the bearer token goes nowhere else.
+    fn url(&self, operation: &str, path_or_url: &str) -> Result<String, ProviderError> {
+        if path_or_url.starts_with('/') {
+            return Ok(format!("{}{path_or_url}", self.endpoint));
+        }
+        if authority_of(path_or_url).eq_ignore_ascii_case(&self.authority)
+            && (path_or_url.starts_with("https://") || path_or_url.starts_with("http://"))
+        {
+            return Ok(path_or_url.to_owned());
+        }
+        Err(error(
+            operation,
+            format!(
+                "ARM pointed to {path_or_url:?}, which is not on {}; not following it",
+                self.endpoint
+            ),
+        ))
+    }
+
+    /// Sends one call, retrying 429 and 503 as `Retry-After` says (bounded), and returns the
+    /// response whatever its status.
+    async fn send(
+        &self,
+        operation: &str,
+        method: Method,
+        path_or_url: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ProviderError> {
+        let url = self.url(operation, path_or_url)?;
+        let payload =
+            match body {
+                Some(value) => Bytes::from(serde_json::to_vec(value).map_err(|e| {
+                    error(operation, format!("cannot encode the request body: {e}"))
+                })?),
+                None => Bytes::new(),
+            };
+        let mut attempt = 0;
+        loop {
+            let token = self.tokens.bearer().await?;
+            let mut builder = hyper::Request::builder()
+                .method(method.clone())
+                .uri(&url)
+                .header(hyper::header::ACCEPT, "application/json")
+                .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+            if body.is_some() {
+                builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+            }
+            let request = builder
+                .body(Full::new(payload.clone()))
+                .map_err(|e| error(operation, format!("bad request URL {url:?}: {e}")))?;
+            let exchange = async {
+                let response = self.http.request(request).await.map_err(|e| {
+                    error(
+                        operation,
+                        format!("cannot reach ARM at {}: {e}", self.endpoint),
+                    )
+                })?;
+                let (parts, body) = response.into_parts();
+                let bytes = Limited::new(body, MAX_RESPONSE)
+                    .collect()
+                    .await
+                    .map_err(|e| error(operation, format!("reading ARM's response: {e}")))?
+                    .to_bytes();
+                Ok::<_, ProviderError>((parts.status, parts.headers, bytes))
+            };
+            let (status, headers, bytes) =
+                tokio::time::timeout(self.tuning.request_timeout, exchange)
+                    .await
+                    .map_err(|_| {
+                        error(
+                            operation,
+                            format!(
+                                "ARM did not answer within {}",
+                                humantime::format_duration(self.tuning.request_timeout)
+                            ),
+                        )
+                    })??;
+            let retryable = matches!(
+                status,
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+            );
+            if !retryable {
+                return Ok((status, headers, bytes));
+            }
+            if attempt >= self.tuning.max_retries {
+                let (code, message) = error_text(&bytes);
+                return Err(error(
+                    operation,
+                    format!(
+                        "ARM answered {status} ({code}: {message}) {} times; giving up for now. \
+                         The scale set's request budget is shared by everything that manages it: \
+                         raise pool.azure.poll_interval and check for other tools polling {}",
+                        attempt + 1,
+                        self.target
+                    ),
+                ));
+            }
+            let wait = retry_after(&headers)
+                .unwrap_or(self.tuning.default_retry_after)
+                .min(self.tuning.max_retry_after);
+            tracing::info!(%operation, %status, wait = %humantime::format_duration(wait), "ARM throttled the call; retrying after Retry-After");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    /// One call that must succeed (2xx).
+    pub async fn call(
+        &self,
+        operation: &str,
+        method: Method,
+        path_or_url: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<ArmResponse, ProviderError> {
+        let (status, headers, body) = self.send(operation, method, path_or_url, body).await?;
+        if status.is_success() {
+            Ok(ArmResponse {
+                status,
+                headers,
+                body,
+            })
+        } else {
+            Err(self.failure(operation, status, &body))
+        }
+    }
+
+    /// GET and decode.
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        operation: &str,
+        path: &str,
+    ) -> Result<T, ProviderError> {
+        let response = self.call(operation, Method::GET, path, None).await?;
+        decode(operation, &response.body)
+    }
+
+    /// GET a listing and every further page (`nextLink`).
+    pub async fn get_pages<T: DeserializeOwned>(
+        &self,
+        operation: &str,
+        path: &str,
+    ) -> Result<Vec<T>, ProviderError> {
+        let mut items = Vec::new();
+        let mut next = Some(path.to_owned());
+        let mut pages = 0;
+        while let Some(url) = next.take() {
+            pages += 1;
+            if pages > MAX_PAGES {
+                return Err(error(
+                    operation,
+                    format!("more than {MAX_PAGES} pages; is ARM looping on nextLink?"),
+                ));
+            }
+            let page: Page<T> = self.get_json(operation, &url).await?;
+            items.extend(page.value);
+            next = page.next_link.filter(|l| !l.is_empty());
+        }
+        Ok(items)
+    }
+
+    /// Starts a long-running operation and waits until it ends.
+    pub async fn long_running(
+        &self,
+        operation: &str,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(), ProviderError> {
+        let response = self.call(operation, method, path, body).await?;
+        self.wait(operation, &response).await
+    }
+
+    /// Follows `Azure-AsyncOperation` (status document) or else `Location` (202 until done) of
+    /// a response; a response with neither is already done.
+    pub async fn wait(&self, operation: &str, response: &ArmResponse) -> Result<(), ProviderError> {
+        let header = |name: &str| {
+            response
+                .headers
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let deadline = tokio::time::Instant::now() + self.tuning.operation_deadline;
+        let mut wait = retry_after(&response.headers).unwrap_or(self.tuning.poll_every);
+        if let Some(url) = header("azure-asyncoperation") {
+            loop {
+                self.sleep_until_next_poll(operation, wait, deadline)
+                    .await?;
+                let (status, headers, body) = self.send(operation, Method::GET, &url, None).await?;
+                if !status.is_success() {
+                    return Err(self.failure(operation, status, &body));
+                }
+                let doc: OperationStatus = decode(operation, &body)?;
+                match doc.status.as_deref().unwrap_or_default() {
+                    s if s.eq_ignore_ascii_case("Succeeded") => return Ok(()),
+                    s if s.eq_ignore_ascii_case("Failed") || s.eq_ignore_ascii_case("Canceled") => {
+                        let (code, message) = doc
+                            .error
+                            .map(|e| (e.code.unwrap_or_default(), e.message.unwrap_or_default()))
+                            .unwrap_or_default();
+                        return Err(error(
+                            operation,
+                            format!(
+                                "the Azure operation ended {s}: {code}: {message} (see the scale set's activity log)"
+                            ),
+                        ));
+                    }
+                    _ => wait = retry_after(&headers).unwrap_or(self.tuning.poll_every),
+                }
+            }
+        }
+        if response.status == StatusCode::ACCEPTED
+            && let Some(url) = header("location")
+        {
+            loop {
+                self.sleep_until_next_poll(operation, wait, deadline)
+                    .await?;
+                let (status, headers, body) = self.send(operation, Method::GET, &url, None).await?;
+                match status {
+                    StatusCode::ACCEPTED => {
+                        wait = retry_after(&headers).unwrap_or(self.tuning.poll_every);
+                    }
+                    s if s.is_success() => return Ok(()),
+                    s => return Err(self.failure(operation, s, &body)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn sleep_until_next_poll(
+        &self,
+        operation: &str,
+        wait: Duration,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ProviderError> {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(error(
+                operation,
+                format!(
+                    "still running in Azure after {}; poolgate stopped waiting (the operation may still finish: see the scale set's activity log)",
+                    humantime::format_duration(self.tuning.operation_deadline)
+                ),
+            ));
+        }
+        tokio::time::sleep(wait.min(self.tuning.max_retry_after)).await;
+        Ok(())
+    }
+
+    /// An error for a non-2xx ARM response, with ARM's code and what to do.
+    pub fn failure(&self, operation: &str, status: StatusCode, body: &[u8]) -> ProviderError {
+        let (code, message) = error_text(body);
+        let advice = match status {
+            StatusCode::UNAUTHORIZED => format!(
+                "ARM did not accept the token; check that the credential belongs to the tenant of {}",
+                self.target
+            ),
+            StatusCode::FORBIDDEN => format!(
+                "the gateway's identity needs the 'Virtual Machine Contributor' role on {} \
+                 (az role assignment create --assignee <principalId> --role \"Virtual Machine Contributor\" --scope <scale set id>)",
+                self.target
+            ),
+            StatusCode::NOT_FOUND => format!(
+                "not found: check pool.azure.subscription_id, resource_group and scale_set ({}), and pool.azure.orchestration",
+                self.target
+            ),
+            StatusCode::CONFLICT => {
+                "another operation on the scale set is in progress; poolgate will try again on a later tick".to_owned()
+            }
+            s if s.is_server_error() => "ARM failed; poolgate will try again on a later tick".to_owned(),
+            _ => "ARM refused the request".to_owned(),
+        };
+        error(operation, format!("{status} {code}: {message} — {advice}"))
+    }
+}
+
+/// ARM's error code and message from an error body (either `{"error":{…}}` or bare).
+fn error_text(body: &[u8]) -> (String, String) {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(parsed) => {
+            let (code, message) = match parsed.error {
+                Some(detail) => (detail.code, detail.message),
+                None => (parsed.code, parsed.message),
+            };
+            (
+                code.unwrap_or_else(|| "NoCode".to_owned()),
+                message.unwrap_or_default(),
+            )
+        }
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let short: String = text.chars().take(200).collect();
+            ("NoCode".to_owned(), short)
+        }
+    }
+}
+
+/// Decodes a JSON body, naming the call when it does not parse.
+pub fn decode<T: DeserializeOwned>(operation: &str, body: &[u8]) -> Result<T, ProviderError> {
+    serde_json::from_slice(body).map_err(|e| {
+        error(
+            operation,
+            format!("ARM's response is not the documented JSON: {e}"),
+        )
+    })
+}
+
+/// Percent-encodes a query value.
+pub fn encode_query(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_and_headers() {
+        assert_eq!(
+            error_text(br#"{"error":{"code":"AuthorizationFailed","message":"no"}}"#),
+            ("AuthorizationFailed".to_owned(), "no".to_owned())
+        );
+        assert_eq!(
+            error_text(br#"{"code":"Conflict","message":"busy"}"#),
+            ("Conflict".to_owned(), "busy".to_owned())
+        );
+        assert_eq!(error_text(b"<html>").0, "NoCode");
+        let mut headers = HeaderMap::new();
+        headers.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static(" 7 "));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert(
+            hyper::header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&headers), None);
+        assert_eq!(
+            authority_of("https://management.azure.com/x?y"),
+            "management.azure.com"
+        );
+        assert_eq!(authority_of("http://127.0.0.1:9/"), "127.0.0.1:9");
+        assert_eq!(
+            encode_query("virtualMachineScaleSet/id eq '/s/x'"),
+            "virtualMachineScaleSet/id%20eq%20%27/s/x%27"
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! The parts of ARM's JSON the provider reads. Every field is optional: a response that lacks
+//! one yields a VM we skip or a state we guess conservatively, never a panic.
+
+use std::collections::HashMap;
+
+use router_core::Lifecycle;
+use serde::Deserialize;
+
+/// `GET {vmss}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ScaleSet {
+    pub sku: Option<Sku>,
+    pub properties: ScaleSetProperties,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Sku {
+    pub capacity: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ScaleSetProperties {
+    pub overprovision: Option<bool>,
+}
+
+/// One element of `GET {vmss}/virtualMachines?$expand=instanceView` (Uniform).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Instance {
+    #[serde(rename = "instanceId")]
+    pub instance_id: Option<String>,
+    pub name: Option<String>,
+    pub id: Option<String>,
+    pub properties: VmProperties,
+}
+
+/// One element of `GET …/Microsoft.Compute/virtualMachines?$filter=…&$expand=instanceView`
+/// (Flexible).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct VirtualMachine {
+    pub name: Option<String>,
+    pub id: Option<String>,
+    pub properties: VmProperties,
+}
+
+impl VirtualMachine {
+    /// Whether the VM is a member of the scale set with this resource id.
+    pub fn belongs_to(&self, scale_set_id: &str) -> bool {
+        self.properties
+            .virtual_machine_scale_set
+            .as_ref()
+            .and_then(|r| r.id.as_deref())
+            .is_some_and(|id| id.eq_ignore_ascii_case(scale_set_id))
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct VmProperties {
+    #[serde(rename = "provisioningState")]
+    pub provisioning_state: Option<String>,
+    #[serde(rename = "instanceView")]
+    pub instance_view: Option<InstanceView>,
+    #[serde(rename = "protectionPolicy")]
+    pub protection_policy: Option<ProtectionPolicy>,
+    #[serde(rename = "virtualMachineScaleSet")]
+    pub virtual_machine_scale_set: Option<SubResource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct InstanceView {
+    pub statuses: Vec<Status>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Status {
+    pub code: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ProtectionPolicy {
+    #[serde(rename = "protectFromScaleIn")]
+    pub protect_from_scale_in: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct SubResource {
+    pub id: Option<String>,
+}
+
+impl VmProperties {
+    fn status(&self, prefix: &str) -> Option<String> {
+        self.instance_view
+            .as_ref()?
+            .statuses
+            .iter()
+            .filter_map(|s| s.code.as_deref())
+            .find_map(|code| code.strip_prefix(prefix))
+            .map(str::to_ascii_lowercase)
+    }
+
+    /// The VM's lifecycle from `PowerState/*` (else `provisioningState`). A running VM without
+    /// a private IP yet counts as starting.
+    pub fn lifecycle(&self, has_ip: bool) -> Lifecycle {
+        let provisioning = self
+            .provisioning_state
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .or_else(|| self.status("ProvisioningState/"))
+            .unwrap_or_default();
+        if provisioning == "deleting" {
+            return Lifecycle::Stopping;
+        }
+        match self.status("PowerState/").as_deref() {
+            Some("running") if has_ip => Lifecycle::Running,
+            Some("running" | "starting") => Lifecycle::Starting,
+            Some("stopping" | "deallocating") => Lifecycle::Stopping,
+            Some("stopped" | "deallocated") => Lifecycle::Stopped,
+            // No power state yet: being created (or an unknown state): not ready for sessions.
+            _ => Lifecycle::Starting,
+        }
+    }
+
+    /// `protectionPolicy.protectFromScaleIn` (absent = not protected).
+    pub fn protected_from_scale_in(&self) -> Option<bool> {
+        Some(
+            self.protection_policy
+                .as_ref()
+                .and_then(|p| p.protect_from_scale_in)
+                .unwrap_or(false),
+        )
+    }
+}
+
+/// One NIC of a listing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Nic {
+    pub properties: NicProperties,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct NicProperties {
+    pub primary: Option<bool>,
+    #[serde(rename = "virtualMachine")]
+    pub virtual_machine: Option<SubResource>,
+    #[serde(rename = "ipConfigurations")]
+    pub ip_configurations: Vec<IpConfiguration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct IpConfiguration {
+    pub properties: IpConfigurationProperties,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct IpConfigurationProperties {
+    pub primary: Option<bool>,
+    #[serde(rename = "privateIPAddress")]
+    pub private_ip_address: Option<String>,
+}
+
+/// Lower-cased VM resource id → private IP of its primary NIC's primary IP configuration (or
+/// the first one there is).
+pub fn private_ips(nics: &[Nic]) -> HashMap<String, String> {
+    let mut out: HashMap<String, (bool, String)> = HashMap::new();
+    for nic in nics {
+        let Some(vm) = nic
+            .properties
+            .virtual_machine
+            .as_ref()
+            .and_then(|r| r.id.as_deref())
+        else {
+            continue;
+        };
+        let configs = &nic.properties.ip_configurations;
+        let chosen = configs
+            .iter()
+            .find(|c| c.properties.primary == Some(true))
+            .or_else(|| configs.first())
+            .and_then(|c| c.properties.private_ip_address.clone())
+            .filter(|ip| !ip.is_empty());
+        let Some(ip) = chosen else { continue };
+        let primary = nic.properties.primary.unwrap_or(false);
+        let key = vm.to_ascii_lowercase();
+        match out.get(&key) {
+            Some((true, _)) => {}
+            _ => {
+                out.insert(key, (primary, ip));
+            }
+        }
+    }
+    out.into_iter().map(|(k, (_, ip))| (k, ip)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(provisioning: &str, power: Option<&str>) -> VmProperties {
+        let mut statuses = vec![Status {
+            code: Some(format!("ProvisioningState/{provisioning}")),
+        }];
+        if let Some(p) = power {
+            statuses.push(Status {
+                code: Some(format!("PowerState/{p}")),
+            });
+        }
+        VmProperties {
+            provisioning_state: Some(provisioning.to_owned()),
+            instance_view: Some(InstanceView { statuses }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn power_states_map_to_lifecycles() {
+        assert_eq!(
+            props("Succeeded", Some("running")).lifecycle(true),
+            Lifecycle::Running
+        );
+        assert_eq!(
+            props("Succeeded", Some("running")).lifecycle(false),
+            Lifecycle::Starting
+        );
+        assert_eq!(
+            props("Updating", Some("starting")).lifecycle(true),
+            Lifecycle::Starting
+        );
+        assert_eq!(
+            props("Succeeded", Some("deallocated")).lifecycle(true),
+            Lifecycle::Stopped
+        );
+        assert_eq!(
+            props("Succeeded", Some("stopped")).lifecycle(true),
+            Lifecycle::Stopped
+        );
+        assert_eq!(
+            props("Updating", Some("deallocating")).lifecycle(true),
+            Lifecycle::Stopping
+        );
+        assert_eq!(
+            props("Deleting", Some("running")).lifecycle(true),
+            Lifecycle::Stopping
+        );
+        assert_eq!(
+            props("Creating", None).lifecycle(false),
+            Lifecycle::Starting
+        );
+        assert_eq!(
+            VmProperties::default().lifecycle(false),
+            Lifecycle::Starting
+        );
+    }
+
+    #[test]
+    fn nics_give_private_ips_by_vm_id() {
+        let nics: Vec<Nic> = serde_json::from_str(
+            r#"[
+              {"properties":{"primary":true,"virtualMachine":{"id":"/S/VM/3"},
+                "ipConfigurations":[{"properties":{"primary":false,"privateIPAddress":"10.0.1.9"}},
+                                    {"properties":{"primary":true,"privateIPAddress":"10.0.0.7"}}]}},
+              {"properties":{"primary":false,"virtualMachine":{"id":"/s/vm/3"},
+                "ipConfigurations":[{"properties":{"privateIPAddress":"10.9.9.9"}}]}},
+              {"properties":{"ipConfigurations":[{"properties":{"privateIPAddress":"10.0.0.8"}}]}},
+              {"unexpected": 1}
+            ]"#,
+        )
+        .unwrap_or_default();
+        let ips = private_ips(&nics);
+        assert_eq!(ips.get("/s/vm/3").map(String::as_str), Some("10.0.0.7"));
+        assert_eq!(ips.len(), 1);
+    }
+}

@@ -1,0 +1,504 @@
+//! The provider against the in-process fake ARM server and token endpoint (127.0.0.1 only).
+//! Time is tokio's paused clock: `Retry-After` and operation polls cost no real time.
+
+use std::time::Duration;
+
+use poolgate_config::{Azure, Orchestration};
+use router_core::Lifecycle;
+use serde_json::json;
+
+use super::arm::Tuning;
+use super::fake::{FakeArm, Logged, RG, SUB, TOKEN_PATH, VMSS, vmss_path};
+use super::{AzureProvider, Provider};
+
+fn config(fake: &FakeArm, orchestration: Orchestration) -> Azure {
+    Azure {
+        subscription_id: SUB.into(),
+        resource_group: RG.into(),
+        scale_set: VMSS.into(),
+        arm_endpoint: fake.url(),
+        identity_endpoint: Some(format!("{}{TOKEN_PATH}", fake.url())),
+        orchestration,
+        ..Azure::default()
+    }
+}
+
+fn provider(fake: &FakeArm) -> AzureProvider {
+    provider_with(fake, Orchestration::Uniform)
+}
+
+fn provider_with(fake: &FakeArm, orchestration: Orchestration) -> AzureProvider {
+    let tuning = Tuning {
+        // Under the paused clock a short timeout could fire while a loopback read is pending.
+        request_timeout: Duration::from_secs(24 * 3600),
+        ..Tuning::default()
+    };
+    AzureProvider::with_tuning(&config(fake, orchestration), tuning).expect("provider")
+}
+
+fn summary(log: &[Logged]) -> Vec<String> {
+    log.iter()
+        .map(|l| {
+            let path = l
+                .path
+                .strip_prefix(&vmss_path())
+                .map(|rest| format!("{{vmss}}{rest}"))
+                .unwrap_or_else(|| l.path.clone());
+            let path = if path.contains("/operations/") {
+                "{operation}".to_owned()
+            } else {
+                path
+            };
+            format!("{} {path}", l.method)
+        })
+        .collect()
+}
+
+fn names_and_states(vms: &[super::ProviderVm]) -> Vec<(String, String, Lifecycle)> {
+    vms.iter()
+        .map(|v| (v.spec.name.clone(), v.spec.host.clone(), v.lifecycle))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn discovery_lists_instances_with_private_ips_and_power_states() {
+    let fake = FakeArm::start(4, |s| {
+        s.page_size = 2;
+        if let Some(i) = s.instances.get_mut(&1) {
+            i.power = "deallocated".into();
+        }
+        if let Some(i) = s.instances.get_mut(&2) {
+            i.power = "starting".into();
+            i.provisioning = "Updating".into();
+        }
+        if let Some(i) = s.instances.get_mut(&3) {
+            // Being created: no power state, no NIC yet.
+            i.power = String::new();
+            i.provisioning = "Creating".into();
+            i.ip = String::new();
+        }
+    })
+    .await;
+    let p = provider(&fake);
+    assert_eq!(p.name(), "azure-vmss");
+    assert!(p.capabilities().start_stop && p.capabilities().create_delete);
+    let vms = p.list().await.expect("list");
+    assert_eq!(
+        names_and_states(&vms),
+        vec![
+            ("dsvm_0".into(), "10.0.0.4".into(), Lifecycle::Running),
+            ("dsvm_1".into(), "10.0.0.5".into(), Lifecycle::Stopped),
+            ("dsvm_2".into(), "10.0.0.6".into(), Lifecycle::Starting),
+            ("dsvm_3".into(), String::new(), Lifecycle::Starting),
+        ]
+    );
+    assert!(
+        vms.iter()
+            .all(|v| v.spec.ssh_port == 22 && v.spec.http_port == 8000)
+    );
+    let s = fake.state();
+    let log = s.arm_log();
+    assert_eq!(
+        summary(&log),
+        vec![
+            "GET {vmss}/virtualMachines",
+            "GET {vmss}/virtualMachines",
+            "GET {vmss}/networkInterfaces"
+        ]
+    );
+    assert_eq!(
+        log[0].query.get("$expand").map(String::as_str),
+        Some("instanceView")
+    );
+    assert_eq!(
+        log[0].query.get("api-version").map(String::as_str),
+        Some("2024-07-01")
+    );
+    assert_eq!(
+        log[1].query.get("$skiptoken").map(String::as_str),
+        Some("2")
+    );
+    assert_eq!(
+        log[2].query.get("api-version").map(String::as_str),
+        Some("2018-10-01")
+    );
+    assert!(
+        log.iter()
+            .all(|l| l.auth.as_deref() == Some("Bearer tok-1"))
+    );
+    assert_eq!(s.token_requests(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn scale_out_raises_capacity_and_new_instances_appear_after_the_operation() {
+    let fake = FakeArm::start(2, |s| s.polls_per_op = 3).await;
+    let p = provider(&fake);
+    assert_eq!(p.list().await.expect("list").len(), 2);
+    let before = fake.state().arm_log().len();
+    p.create(2).await.expect("create");
+    {
+        let s = fake.state();
+        let log = s.arm_log();
+        let log = &log[before..];
+        assert_eq!(
+            summary(log),
+            vec![
+                "GET {vmss}",
+                "PATCH {vmss}",
+                "GET {operation}",
+                "GET {operation}",
+                "GET {operation}"
+            ]
+        );
+        assert_eq!(log[1].body, Some(json!({"sku": {"capacity": 4}})));
+        assert_eq!(s.capacity, 4);
+    }
+    let vms = p.list().await.expect("list");
+    assert_eq!(
+        names_and_states(&vms)[2..],
+        [
+            ("dsvm_2".into(), "10.0.0.6".into(), Lifecycle::Running),
+            ("dsvm_3".into(), "10.0.0.7".into(), Lifecycle::Running),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn scale_in_deletes_exactly_the_idle_instance_and_never_lowers_capacity() {
+    let fake = FakeArm::start(3, |_| {}).await;
+    let p = provider(&fake);
+    p.list().await.expect("list");
+    // The driver drained dsvm_1 and saw it idle; now it is removed by its instance id.
+    p.delete(&["dsvm_1".to_owned()]).await.expect("delete");
+    let vms = p.list().await.expect("list");
+    assert_eq!(
+        vms.iter().map(|v| v.spec.name.as_str()).collect::<Vec<_>>(),
+        ["dsvm_0", "dsvm_2"]
+    );
+    let s = fake.state();
+    let log = s.arm_log();
+    let deletes: Vec<&Logged> = log
+        .iter()
+        .filter(|l| l.method == "POST" && l.path.ends_with("/delete"))
+        .collect();
+    assert_eq!(deletes.len(), 1);
+    assert_eq!(deletes[0].path, format!("{}/delete", vmss_path()));
+    assert_eq!(deletes[0].body, Some(json!({"instanceIds": ["1"]})));
+    assert!(
+        !log.iter().any(|l| l.method == "PATCH"),
+        "capacity must never be lowered: {:?}",
+        summary(&log)
+    );
+    assert_eq!(s.capacity, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_and_deallocate_specific_instances() {
+    let fake = FakeArm::start(3, |s| {
+        if let Some(i) = s.instances.get_mut(&2) {
+            i.power = "deallocated".into();
+        }
+    })
+    .await;
+    let p = provider(&fake);
+    p.list().await.expect("list");
+    p.stop(&["dsvm_0".to_owned()]).await.expect("deallocate");
+    p.start(&["dsvm_2".to_owned()]).await.expect("start");
+    let vms = p.list().await.expect("list");
+    assert_eq!(
+        vms.iter().map(|v| v.lifecycle).collect::<Vec<_>>(),
+        [Lifecycle::Stopped, Lifecycle::Running, Lifecycle::Running]
+    );
+    let s = fake.state();
+    let posts: Vec<(String, Option<serde_json::Value>)> = s
+        .arm_log()
+        .into_iter()
+        .filter(|l| l.method == "POST")
+        .map(|l| (l.path, l.body))
+        .collect();
+    assert_eq!(
+        posts,
+        vec![
+            (
+                format!("{}/deallocate", vmss_path()),
+                Some(json!({"instanceIds": ["0"]}))
+            ),
+            (
+                format!("{}/start", vmss_path()),
+                Some(json!({"instanceIds": ["2"]}))
+            ),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_call_is_retried_after_retry_after() {
+    let fake = FakeArm::start(1, |s| s.throttle_next = 1).await;
+    let p = provider(&fake);
+    let t0 = tokio::time::Instant::now();
+    assert_eq!(p.list().await.expect("list after one 429").len(), 1);
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 honoured"
+    );
+    {
+        let s = fake.state();
+        assert_eq!(
+            summary(&s.arm_log()),
+            vec![
+                "GET {vmss}/virtualMachines",
+                "GET {vmss}/virtualMachines",
+                "GET {vmss}/networkInterfaces"
+            ]
+        );
+    }
+    // Throttled for good: bounded retries, then a clear error.
+    fake.state().throttle_next = 100;
+    let before = fake.state().arm_log().len();
+    let err = p.list().await.expect_err("still throttled");
+    assert!(err.message.contains("429"), "{err}");
+    assert!(err.message.contains("giving up"), "{err}");
+    assert!(err.message.contains("pool.azure.poll_interval"), "{err}");
+    assert_eq!(
+        fake.state().arm_log().len() - before,
+        5,
+        "1 try + 4 retries"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_operation_is_polled_until_it_succeeds() {
+    let fake = FakeArm::start(1, |s| s.polls_per_op = 3).await;
+    let p = provider(&fake);
+    p.list().await.expect("list");
+    let before = fake.state().arm_log().len();
+    let t0 = tokio::time::Instant::now();
+    p.stop(&["dsvm_0".to_owned()]).await.expect("deallocate");
+    {
+        let s = fake.state();
+        let log = s.arm_log();
+        assert_eq!(
+            summary(&log[before..]),
+            vec![
+                "POST {vmss}/deallocate",
+                "GET {operation}",
+                "GET {operation}",
+                "GET {operation}"
+            ]
+        );
+        assert_eq!(
+            s.instances.get(&0).map(|i| i.power.as_str()),
+            Some("deallocated")
+        );
+    }
+    // Polls honour the operation's Retry-After (1 s), not the 5 s default.
+    assert_eq!(t0.elapsed(), Duration::from_secs(3));
+
+    // Operations that only give a Location: 202 until done.
+    fake.state().location_only = true;
+    let before = fake.state().arm_log().len();
+    p.start(&["dsvm_0".to_owned()]).await.expect("start");
+    let s = fake.state();
+    let log = s.arm_log();
+    let polls: Vec<&Logged> = log[before..]
+        .iter()
+        .filter(|l| l.path.contains("/operations/"))
+        .collect();
+    assert_eq!(polls.len(), 3);
+    assert!(polls.iter().all(|l| l.query.contains_key("monitor")));
+    assert_eq!(
+        s.instances.get(&0).map(|i| i.power.as_str()),
+        Some("running")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_are_cached_and_fetched_again_when_they_near_expiry() {
+    // Long-lived tokens: one token request for several calls.
+    let fake = FakeArm::start(1, |s| s.token_lifetime = 3600).await;
+    let p = provider(&fake);
+    p.list().await.expect("list");
+    p.list().await.expect("list");
+    assert_eq!(fake.state().token_requests(), 1);
+
+    // Short-lived tokens (inside azure_identity's 5-minute refresh margin) count as expired:
+    // every ARM call fetches a new one, and ARM sees the new token.
+    let fake = FakeArm::start(1, |s| s.token_lifetime = 120).await;
+    let p = provider(&fake);
+    p.list().await.expect("list");
+    assert_eq!(fake.state().token_requests(), 2, "one per ARM call");
+    p.list().await.expect("list");
+    let s = fake.state();
+    assert_eq!(s.token_requests(), 4);
+    let auths: Vec<String> = s.arm_log().iter().filter_map(|l| l.auth.clone()).collect();
+    assert_eq!(
+        auths,
+        [
+            "Bearer tok-1",
+            "Bearer tok-2",
+            "Bearer tok-3",
+            "Bearer tok-4"
+        ]
+    );
+    let token_queries: Vec<&Logged> = s.log.iter().filter(|l| l.path == TOKEN_PATH).collect();
+    assert!(token_queries.iter().all(|l| {
+        l.query.get("resource").map(String::as_str) == Some("https://management.azure.com")
+    }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn arm_errors_say_what_to_do() {
+    let fake = FakeArm::start(2, |s| {
+        s.fail_next = Some((
+            403,
+            "AuthorizationFailed",
+            "The client 'x' does not have authorization to perform action 'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read'.",
+        ))
+    })
+    .await;
+    let p = provider(&fake);
+    let err = p.list().await.expect_err("forbidden");
+    assert!(err.message.contains("AuthorizationFailed"), "{err}");
+    assert!(err.message.contains("Virtual Machine Contributor"), "{err}");
+
+    fake.state().fail_next = Some((404, "ResourceNotFound", "not found"));
+    let err = p.list().await.expect_err("not found");
+    assert!(
+        err.message.contains("check pool.azure.subscription_id"),
+        "{err}"
+    );
+
+    let err = p
+        .delete(&["dsvm_9".to_owned()])
+        .await
+        .expect_err("unknown VM");
+    assert!(err.message.contains("no instance named dsvm_9"), "{err}");
+    assert!(
+        !fake.state().arm_log().iter().any(|l| l.method == "POST"),
+        "nothing deleted for an unknown name"
+    );
+
+    // An operation that ends Failed is an error naming ARM's code.
+    fake.state().op_failure = Some((
+        "AllocationFailed",
+        "Allocation failed. We do not have sufficient capacity for the requested VM size.",
+    ));
+    let err = p.create(1).await.expect_err("allocation failed");
+    assert!(
+        err.message.contains("ended Failed: AllocationFailed"),
+        "{err}"
+    );
+    assert_eq!(fake.state().capacity, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn protect_from_scale_in_is_set_on_the_instance_model() {
+    let fake = FakeArm::start(2, |s| s.polls_per_op = 1).await;
+    let p = provider(&fake);
+    p.list().await.expect("list");
+    p.protect(&[("dsvm_1".to_owned(), true), ("dsvm_0".to_owned(), false)])
+        .await
+        .expect("protect");
+    let s = fake.state();
+    let log = s.arm_log();
+    let puts: Vec<&Logged> = log.iter().filter(|l| l.method == "PUT").collect();
+    // dsvm_0 is already unprotected: no write spent on it.
+    assert_eq!(puts.len(), 1);
+    assert_eq!(puts[0].path, format!("{}/virtualMachines/1", vmss_path()));
+    let body = puts[0].body.clone().unwrap_or_default();
+    assert_eq!(
+        body.pointer("/properties/protectionPolicy/protectFromScaleIn"),
+        Some(&json!(true))
+    );
+    assert!(body.pointer("/properties/instanceView").is_none());
+    assert!(s.instances.get(&1).is_some_and(|i| i.protect));
+}
+
+#[tokio::test(start_paused = true)]
+async fn flexible_lists_by_scale_set_filter_and_acts_per_vm_name() {
+    let fake = FakeArm::start(3, |s| s.flexible = true).await;
+    let p = provider_with(&fake, Orchestration::Flexible);
+    let vms = p.list().await.expect("list");
+    assert_eq!(
+        names_and_states(&vms),
+        vec![
+            (
+                "dsvm_00000000".into(),
+                "10.0.0.4".into(),
+                Lifecycle::Running
+            ),
+            (
+                "dsvm_00000001".into(),
+                "10.0.0.5".into(),
+                Lifecycle::Running
+            ),
+            (
+                "dsvm_00000002".into(),
+                "10.0.0.6".into(),
+                Lifecycle::Running
+            ),
+        ]
+    );
+    p.stop(&["dsvm_00000001".to_owned()])
+        .await
+        .expect("deallocate");
+    p.start(&["dsvm_00000001".to_owned()]).await.expect("start");
+    p.delete(&["dsvm_00000002".to_owned()])
+        .await
+        .expect("delete");
+    p.create(1).await.expect("create");
+    let vms = p.list().await.expect("list");
+    assert_eq!(
+        vms.iter().map(|v| v.spec.name.as_str()).collect::<Vec<_>>(),
+        ["dsvm_00000000", "dsvm_00000001", "dsvm_00000003"]
+    );
+    let s = fake.state();
+    let writes: Vec<String> = summary(&s.arm_log())
+        .into_iter()
+        .filter(|l| !l.starts_with("GET"))
+        .collect();
+    let vm = format!(
+        "/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachines"
+    );
+    assert_eq!(
+        writes,
+        vec![
+            format!("POST {vm}/dsvm_00000001/deallocate"),
+            format!("POST {vm}/dsvm_00000001/start"),
+            format!("DELETE {vm}/dsvm_00000002"),
+            "PATCH {vmss}".to_owned(),
+        ]
+    );
+    let log = s.arm_log();
+    let patch = log.iter().find(|l| l.method == "PATCH");
+    assert_eq!(
+        patch.and_then(|l| l.body.clone()),
+        Some(json!({"sku": {"capacity": 3}})),
+        "capacity raised from 2 (after the delete) to 3"
+    );
+}
+
+#[test]
+fn provider_is_built_from_the_config() {
+    let mut config = poolgate_config::Config::default();
+    config.pool.provider = poolgate_config::Provider::AzureVmss;
+    config.pool.azure = Some(Azure {
+        subscription_id: SUB.into(),
+        resource_group: RG.into(),
+        scale_set: VMSS.into(),
+        identity_endpoint: Some("http://127.0.0.1:9/metadata/identity/oauth2/token".into()),
+        ..Azure::default()
+    });
+    let provider = crate::app::provider(&config).expect("azure provider");
+    assert_eq!(provider.name(), "azure-vmss");
+    config.pool.azure = Some(Azure {
+        scale_set: "bad/name".into(),
+        ..config.pool.azure.clone().unwrap_or_default()
+    });
+    let err = crate::app::provider(&config).err().map(|e| e.to_string());
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("pool.azure.scale_set")),
+        "{err:?}"
+    );
+}
