@@ -108,6 +108,17 @@ fn admin_api_and_cli_need_the_bearer_token_from_admin_token_file() {
     let out = pool.cli(&["undrain", "vm-a", "--token-file", file]);
     assert_ok(&out, "poolgate undrain --token-file");
     assert_eq!(pool.vm_state("vm-a"), "healthy");
+
+    // Mistakes get clear answers, not a 200 or a hang.
+    let auth = [("Authorization", bearer.as_str())];
+    let r = http_request(pool.admin, "POST", "/api/v1/vms/no-such-vm/drain", &auth);
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains("no-such-vm"), "{}", r.body);
+    let r = http_request(pool.admin, "GET", "/api/v1/vms/vm-a/drain", &auth);
+    assert_eq!(r.status, 405, "{}", r.body);
+    let out = pool.cli(&["drain", "no-such-vm", "--token-file", file]);
+    assert!(!out.status.success(), "drain of an unknown VM succeeded");
+    assert!(stderr(&out).contains("no-such-vm"), "{}", stderr(&out));
     eprintln!("token test: {:?}", started.elapsed());
 }
 

@@ -160,6 +160,7 @@ fn admin_metrics_pass_promtool_and_match_the_sessions_open_on_each_vm() {
         s.end();
     }
     drop(killed);
+    let ended = Instant::now();
     let mut last = String::new();
     let zero = poll(Duration::from_secs(10), || {
         last = pool.metrics();
@@ -168,6 +169,7 @@ fn admin_metrics_pass_promtool_and_match_the_sessions_open_on_each_vm() {
             .all(|vm| ssh_active(&last, vm) == Some(0.0))
     });
     assert!(zero, "sessions_active did not return to 0:\n{last}");
+    eprintln!("sessions_active back to 0 in {:?}", ended.elapsed());
     promtool_check(&last, "admin_metrics_idle.prom");
     assert_counters_monotonic(&live, &last, "live → idle scrape");
     let total = sample(
