@@ -6,8 +6,9 @@
 //!   spare_vms` running VMs, kept within `min_vms..=max_vms`. With nobody on it, keep
 //!   `spare_vms` until the whole pool has been idle for `scale_to_zero_after`, then `min_vms`.
 //! * Scale out at once when the aim exceeds the VMs running or starting: first undrain VMs the
-//!   autoscaler itself was draining, then start more. A waiting session with no VM running or
-//!   starting always starts one (below `max_vms`).
+//!   autoscaler itself was draining, then start more. A waiting session with no VM starting
+//!   always undrains or starts one (below `max_vms`), even when the aim is met: it waits
+//!   because the VMs serving are full or unhealthy.
 //! * Scale in one step per tick, only VMs with **zero sessions** idle for `scale_in_after`, and not
 //!   within `cooldown` of a scale-out: drain first, remove on a later tick once the drained VM is
 //!   still empty. Never remove a VM with sessions; never touch VMs an operator drained.
@@ -167,7 +168,9 @@ impl Autoscaler {
 
         // Scale out.
         let mut missing = desired.saturating_sub(serving);
-        if obs.waiting > 0 && serving == 0 && starting == 0 {
+        // A session waits only when no serving VM takes it (all full, unhealthy or none at
+        // all): whatever the aim says, capacity must grow unless a VM is already on its way.
+        if obs.waiting > 0 && starting == 0 {
             missing = missing.max(1);
         }
         if missing > 0 {
@@ -294,6 +297,23 @@ mod tests {
         });
         assert_eq!(d.desired, 2);
         assert_eq!(d.actions[0].0, Action::Start(2));
+    }
+
+    #[test]
+    fn waiting_session_with_full_vms_starts_one_even_when_the_aim_is_met() {
+        let mut a = Autoscaler::new(AutoscaleConfig {
+            spare_vms: 0,
+            ..config()
+        });
+        // One VM, full at a cap below sessions_per_vm: the aim (1) is met, yet a user waits.
+        let vms = [vm("a", 2, None)];
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 1,
+            now: Instant::now(),
+        });
+        assert_eq!(d.desired, 1);
+        assert_eq!(d.actions[0].0, Action::Start(1), "{d:?}");
     }
 
     #[test]
