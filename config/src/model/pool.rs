@@ -90,6 +90,9 @@ pub struct Azure {
     pub api_version: String,
     /// The scale set's orchestration mode: `uniform` or `flexible`.
     pub orchestration: Orchestration,
+    /// Scale in by deallocating idle instances (kept, started again on demand); `false` deletes
+    /// them by exact instance id (ephemeral OS disks cannot be deallocated).
+    pub deallocate_idle: bool,
     /// Time between instance listings.
     #[serde(with = "duration")]
     pub poll_interval: Duration,
@@ -119,6 +122,7 @@ impl Default for Azure {
             identity_endpoint: None,
             api_version: "2024-07-01".to_owned(),
             orchestration: Orchestration::Uniform,
+            deallocate_idle: true,
             poll_interval: Duration::from_secs(15),
             ssh_port: 22,
             http_port: 8000,

@@ -11,8 +11,9 @@
 //! | delete exact VMs | `POST {vmss}/delete {"instanceIds":[…]}` | `DELETE {vm}` per VM |
 //! | protect from scale-in | `GET` + `PUT {vmss}/virtualMachines/{id}` with `protectionPolicy` | not supported (logged) |
 //!
-//! Capacity is only ever raised: VMs leave by deleting their exact instance ids, never by
-//! lowering `sku.capacity` (Azure would pick the victims). A VM's pool name is the instance
+//! Capacity is only ever raised: VMs leave by being deallocated (`pool.azure.deallocate_idle`,
+//! the default) or deleted by their exact instance ids, never by lowering `sku.capacity` (Azure
+//! would pick the victims). A VM's pool name is the instance
 //! name (`dsvm_3` in Uniform, the VM name in Flexible); calls map names back to instance ids.
 
 pub mod arm;
@@ -56,6 +57,7 @@ pub struct AzureProvider {
     arm: Arm,
     api_version: String,
     orchestration: Orchestration,
+    deallocate_idle: bool,
     subscription: String,
     resource_group: String,
     scale_set: String,
@@ -110,6 +112,7 @@ impl AzureProvider {
             arm: Arm::new(http, tokens, &config.arm_endpoint, target, tuning),
             api_version: config.api_version.clone(),
             orchestration: config.orchestration,
+            deallocate_idle: config.deallocate_idle,
             subscription: config.subscription_id.clone(),
             resource_group: config.resource_group.clone(),
             scale_set: config.scale_set.clone(),
@@ -465,8 +468,9 @@ impl Provider for AzureProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
+        // The driver removes idle VMs by stopping them when it can, else by deleting them.
         Capabilities {
-            start_stop: true,
+            start_stop: self.deallocate_idle,
             create_delete: true,
         }
     }

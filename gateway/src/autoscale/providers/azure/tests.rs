@@ -1,15 +1,19 @@
 //! The provider against the in-process fake ARM server and token endpoint (127.0.0.1 only).
 //! Time is tokio's paused clock: `Retry-After` and operation polls cost no real time.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use poolgate_config::{Azure, Orchestration};
-use router_core::Lifecycle;
+use router_core::autoscale::AutoscaleConfig;
+use router_core::{Lifecycle, ManualClock, Pool, RoutingPolicy};
 use serde_json::json;
 
 use super::arm::Tuning;
 use super::fake::{FakeArm, Logged, RG, SUB, TOKEN_PATH, VMSS, vmss_path};
 use super::{AzureProvider, Provider};
+use crate::autoscale::{Driver, DriverSettings};
+use crate::metrics::Metrics;
 
 fn config(fake: &FakeArm, orchestration: Orchestration) -> Azure {
     Azure {
@@ -500,5 +504,121 @@ fn provider_is_built_from_the_config() {
         err.as_deref()
             .is_some_and(|e| e.contains("pool.azure.scale_set")),
         "{err:?}"
+    );
+}
+
+/// The real driver and policy over the provider: three idle VMs, aim one.
+async fn driver_over(
+    fake: &FakeArm,
+    deallocate_idle: bool,
+) -> (Arc<Driver>, Arc<Pool>, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new());
+    let pool = Arc::new(Pool::new(RoutingPolicy::default(), clock.clone()));
+    let tuning = Tuning {
+        request_timeout: Duration::from_secs(24 * 3600),
+        ..Tuning::default()
+    };
+    let config = Azure {
+        deallocate_idle,
+        ..config(fake, Orchestration::Uniform)
+    };
+    let provider = Arc::new(AzureProvider::with_tuning(&config, tuning).expect("provider"));
+    let settings = DriverSettings {
+        enabled: true,
+        policy: AutoscaleConfig {
+            min_vms: 0,
+            max_vms: 5,
+            sessions_per_vm: 4,
+            spare_vms: 1,
+            scale_in_after: Duration::from_secs(15 * 60),
+            scale_to_zero_after: Duration::from_secs(24 * 3600),
+            cooldown: Duration::ZERO,
+        },
+        tick: Duration::from_secs(5),
+        poll_interval: Duration::from_secs(15),
+        wake_on_connect: true,
+        hold_connect_for: Duration::from_secs(300),
+        boot_estimate: Duration::from_secs(60),
+    };
+    let driver = Driver::new(pool.clone(), provider, settings, Arc::new(Metrics::new()));
+    driver.sync().await.expect("sync");
+    (driver, pool, clock)
+}
+
+fn draining(pool: &Pool, name: &str) -> bool {
+    pool.snapshot()
+        .get(name)
+        .is_some_and(|vm| vm.status().draining)
+}
+
+#[tokio::test(start_paused = true)]
+async fn driver_drains_then_deletes_exactly_the_idle_instance() {
+    let fake = FakeArm::start(3, |s| s.polls_per_op = 2).await;
+    let (driver, pool, clock) = driver_over(&fake, false).await;
+    assert_eq!(pool.snapshot().vms().len(), 3);
+    clock.advance(Duration::from_secs(16 * 60));
+    driver.tick().await;
+    assert!(draining(&pool, "dsvm_0"), "drained first");
+    assert!(!fake.state().arm_log().iter().any(|l| l.method != "GET"));
+    driver.tick().await;
+    let s = fake.state();
+    let log = s.arm_log();
+    let writes: Vec<&Logged> = log.iter().filter(|l| l.method != "GET").collect();
+    assert_eq!(writes.len(), 1, "{:?}", summary(&log));
+    assert_eq!(writes[0].path, format!("{}/delete", vmss_path()));
+    assert_eq!(writes[0].body, Some(json!({"instanceIds": ["0"]})));
+    assert!(
+        !log.iter().any(|l| l.method == "PATCH"),
+        "capacity never lowered"
+    );
+    assert_eq!(s.capacity, 2);
+    assert!(!s.instances.contains_key(&0));
+    drop(s);
+    assert!(
+        pool.snapshot().get("dsvm_0").is_none(),
+        "gone from the pool"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn driver_deallocates_idle_instances_and_starts_them_again_on_demand() {
+    let fake = FakeArm::start(2, |s| s.polls_per_op = 2).await;
+    let (driver, pool, clock) = driver_over(&fake, true).await;
+    clock.advance(Duration::from_secs(16 * 60));
+    driver.tick().await;
+    driver.tick().await;
+    {
+        let s = fake.state();
+        let writes: Vec<Logged> = s
+            .arm_log()
+            .into_iter()
+            .filter(|l| l.method != "GET")
+            .collect();
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].path, format!("{}/deallocate", vmss_path()));
+        assert_eq!(writes[0].body, Some(json!({"instanceIds": ["0"]})));
+        assert_eq!(s.capacity, 2, "a deallocated instance keeps its place");
+    }
+    assert_eq!(
+        pool.snapshot()
+            .get("dsvm_0")
+            .map(|vm| vm.status().lifecycle),
+        Some(Lifecycle::Stopped)
+    );
+    // Someone connects while one VM serves and it is full: the stopped VM is started, not created.
+    let _waiting = driver.wait_guard(router_core::Protocol::Ssh);
+    driver.tick().await;
+    let s = fake.state();
+    let writes: Vec<Logged> = s
+        .arm_log()
+        .into_iter()
+        .filter(|l| l.method != "GET")
+        .collect();
+    assert_eq!(writes.len(), 2, "{:?}", summary(&s.arm_log()));
+    assert_eq!(writes[1].path, format!("{}/start", vmss_path()));
+    assert_eq!(writes[1].body, Some(json!({"instanceIds": ["0"]})));
+    assert_eq!(
+        s.instances.get(&0).map(|i| i.power.as_str()),
+        Some("running")
     );
 }
