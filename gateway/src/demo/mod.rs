@@ -13,6 +13,8 @@
 mod process;
 pub mod setup;
 mod ssh;
+#[cfg(test)]
+mod tests;
 mod web;
 
 use std::net::{Ipv4Addr, SocketAddr};
