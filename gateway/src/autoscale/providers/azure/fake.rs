@@ -77,6 +77,8 @@ pub struct State {
     pub tokens_issued: Vec<String>,
     /// Instances per page of the instance listing.
     pub page_size: usize,
+    /// Point `nextLink` at another host (ARM never does; the provider must not follow it).
+    pub foreign_next_link: bool,
     pub log: Vec<Logged>,
     ops: HashMap<String, Op>,
     next_op: u32,
@@ -102,6 +104,7 @@ impl State {
             token_lifetime: 3600,
             tokens_issued: Vec::new(),
             page_size: 100,
+            foreign_next_link: false,
             log: Vec::new(),
             ops: HashMap::new(),
             next_op: 0,
@@ -675,9 +678,13 @@ fn route(
                 let page: Vec<Value> = all.iter().skip(skip).take(s.page_size).cloned().collect();
                 let mut answer = json!({"value": page});
                 if skip + s.page_size < all.len() {
+                    let host = if s.foreign_next_link {
+                        "http://203.0.113.7".to_owned()
+                    } else {
+                        s.addr.clone()
+                    };
                     answer["nextLink"] = json!(format!(
-                        "{}{vmss}/virtualMachines?$expand=instanceView&api-version={}&$skiptoken={}",
-                        s.addr,
+                        "{host}{vmss}/virtualMachines?$expand=instanceView&api-version={}&$skiptoken={}",
                         query.get("api-version").cloned().unwrap_or_default(),
                         skip + s.page_size
                     ));

@@ -382,6 +382,13 @@ async fn arm_errors_say_what_to_do() {
         "nothing deleted for an unknown name"
     );
 
+    // A nextLink to another host is not followed: the bearer token goes to ARM only.
+    fake.state().page_size = 1;
+    fake.state().foreign_next_link = true;
+    let err = p.list().await.expect_err("foreign nextLink");
+    assert!(err.message.contains("not following it"), "{err}");
+    fake.state().page_size = 100;
+
     // An operation that ends Failed is an error naming ARM's code.
     fake.state().op_failure = Some((
         "AllocationFailed",
