@@ -1,0 +1,387 @@
+//! An in-process fake of the ARM endpoints the provider uses, plus a managed-identity token
+//! endpoint, on 127.0.0.1:0. It keeps a little scale-set state, answers in the documented JSON
+//! shapes, runs long operations over several polls, and logs every request for assertions.
+
+mod shapes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub const SUB: &str = "00000000-0000-0000-0000-000000000001";
+pub const RG: &str = "rg-pool";
+pub const VMSS: &str = "dsvm";
+pub const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
+
+/// One VM of the fake scale set.
+#[derive(Debug, Clone)]
+pub struct Inst {
+    pub power: String,
+    pub provisioning: String,
+    pub protect: bool,
+    pub ip: String,
+}
+
+/// One request the fake saw.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub method: String,
+    pub path: String,
+    pub query: HashMap<String, String>,
+    pub body: Option<Value>,
+    pub auth: Option<String>,
+}
+
+#[derive(Debug)]
+pub(super) enum Effect {
+    Capacity(u32),
+    Power(Vec<u32>, &'static str),
+    Delete(Vec<u32>),
+    Nothing,
+}
+
+#[derive(Debug)]
+pub(super) struct Op {
+    pub(super) polls_left: u32,
+    pub(super) effect: Option<Effect>,
+}
+
+/// The fake's state; tests set it up and inspect it.
+#[derive(Debug)]
+pub struct State {
+    pub flexible: bool,
+    pub capacity: u32,
+    pub next_id: u32,
+    pub instances: BTreeMap<u32, Inst>,
+    /// Polls an operation takes (it succeeds on this poll).
+    pub polls_per_op: u32,
+    /// Answer long operations with `Location` only (no `Azure-AsyncOperation`).
+    pub location_only: bool,
+    /// The next this-many ARM requests get 429 with `Retry-After: 1`.
+    pub throttle_next: u32,
+    /// The next ARM request fails with this status, code and message.
+    pub fail_next: Option<(u16, &'static str, &'static str)>,
+    /// Long operations end `Failed` with this code and message.
+    pub op_failure: Option<(&'static str, &'static str)>,
+    /// Lifetime of issued tokens, in seconds.
+    pub token_lifetime: u64,
+    pub tokens_issued: Vec<String>,
+    /// Instances per page of the instance listing.
+    pub page_size: usize,
+    /// Point `nextLink` at another host (ARM never does; the provider must not follow it).
+    pub foreign_next_link: bool,
+    pub log: Vec<Logged>,
+    pub(super) ops: HashMap<String, Op>,
+    pub(super) next_op: u32,
+    pub(super) addr: String,
+}
+
+impl State {
+    fn new(count: u32) -> Self {
+        let mut instances = BTreeMap::new();
+        for id in 0..count {
+            instances.insert(id, running(id));
+        }
+        Self {
+            flexible: false,
+            capacity: count,
+            next_id: count,
+            instances,
+            polls_per_op: 2,
+            location_only: false,
+            throttle_next: 0,
+            fail_next: None,
+            op_failure: None,
+            token_lifetime: 3600,
+            tokens_issued: Vec::new(),
+            page_size: 100,
+            foreign_next_link: false,
+            log: Vec::new(),
+            ops: HashMap::new(),
+            next_op: 0,
+            addr: String::new(),
+        }
+    }
+
+    /// ARM requests (not token requests) in order.
+    pub fn arm_log(&self) -> Vec<Logged> {
+        self.log
+            .iter()
+            .filter(|l| l.path != TOKEN_PATH)
+            .cloned()
+            .collect()
+    }
+
+    /// Number of token requests.
+    pub fn token_requests(&self) -> usize {
+        self.log.iter().filter(|l| l.path == TOKEN_PATH).count()
+    }
+}
+
+pub(super) fn running(id: u32) -> Inst {
+    Inst {
+        power: "running".into(),
+        provisioning: "Succeeded".into(),
+        protect: false,
+        ip: format!("10.0.0.{}", id + 4),
+    }
+}
+
+/// The running fake.
+pub struct FakeArm {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeArm {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn vmss_path() -> String {
+    format!(
+        "/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachineScaleSets/{VMSS}"
+    )
+}
+
+pub(super) fn group_path() -> String {
+    format!("/subscriptions/{SUB}/resourceGroups/{RG}")
+}
+
+pub(super) fn flex_name(id: u32) -> String {
+    format!("{VMSS}_{id:08x}")
+}
+
+pub(super) fn flex_id(name: &str) -> Option<u32> {
+    u32::from_str_radix(name.strip_prefix(&format!("{VMSS}_"))?, 16).ok()
+}
+
+impl FakeArm {
+    /// A fake scale set with `count` running instances, adjusted by `setup`.
+    pub async fn start(count: u32, setup: impl FnOnce(&mut State)) -> Self {
+        let mut state = State::new(count);
+        setup(&mut state);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        state.addr = format!("http://{addr}");
+        let state = Arc::new(Mutex::new(state));
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("fake state")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    Err(_) => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_map(query: &str) -> HashMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+pub(super) fn reply(status: u16, body: Value, headers: &[(&str, String)]) -> Response<Full<Bytes>> {
+    let mut builder = Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/json; charset=utf-8");
+    for (name, value) in headers {
+        builder = builder.header(*name, value);
+    }
+    let bytes = if body.is_null() {
+        Bytes::new()
+    } else {
+        Bytes::from(body.to_string())
+    };
+    builder
+        .body(Full::new(bytes))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+pub(super) fn arm_error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
+    reply(
+        status,
+        json!({"error": {"code": code, "message": message}}),
+        &[],
+    )
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let query = query_map(req.uri().query().unwrap_or(""));
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let metadata = req
+        .headers()
+        .get("metadata")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body: Option<Value> = serde_json::from_slice(&body).ok();
+    let Ok(mut s) = state.lock() else {
+        return arm_error(500, "FakePoisoned", "fake state poisoned");
+    };
+    s.log.push(Logged {
+        method: method.clone(),
+        path: path.clone(),
+        query: query.clone(),
+        body: body.clone(),
+        auth: auth.clone(),
+    });
+    if path == TOKEN_PATH {
+        return token(&mut s, &query, metadata.as_deref());
+    }
+    let valid = auth
+        .as_deref()
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .is_some_and(|t| s.tokens_issued.iter().any(|i| i == t));
+    if !valid {
+        return arm_error(
+            401,
+            "InvalidAuthenticationToken",
+            "The access token is invalid.",
+        );
+    }
+    if s.throttle_next > 0 {
+        s.throttle_next -= 1;
+        return reply(
+            429,
+            json!({"error": {"code": "TooManyRequests", "message": "The request is being throttled as the limit has been reached for operation group 'VMScaleSetBatchedVMRequests2Min'."}}),
+            &[("retry-after", "1".into())],
+        );
+    }
+    if let Some((status, code, message)) = s.fail_next.take() {
+        return arm_error(status, code, message);
+    }
+    if path.contains("/operations/") {
+        return shapes::poll(&mut s, &path);
+    }
+    if query.get("api-version").is_none_or(String::is_empty) {
+        return arm_error(
+            400,
+            "MissingApiVersionParameter",
+            "The api-version query parameter (?api-version=) is required for all requests.",
+        );
+    }
+    shapes::route(&mut s, &method, &path, &query, body.as_ref())
+}
+
+fn token(
+    s: &mut State,
+    query: &HashMap<String, String>,
+    metadata: Option<&str>,
+) -> Response<Full<Bytes>> {
+    if metadata != Some("true")
+        || query.get("resource").map(String::as_str) != Some("https://management.azure.com")
+        || query.get("api-version").is_none()
+    {
+        return reply(
+            400,
+            json!({"error": "invalid_request", "error_description": "Required metadata header not specified"}),
+            &[],
+        );
+    }
+    let token = format!("tok-{}", s.tokens_issued.len() + 1);
+    s.tokens_issued.push(token.clone());
+    let expires_on = now() + s.token_lifetime;
+    reply(
+        200,
+        json!({
+            "access_token": token,
+            "client_id": "11111111-1111-1111-1111-111111111111",
+            "expires_in": s.token_lifetime.to_string(),
+            "expires_on": expires_on.to_string(),
+            "ext_expires_in": s.token_lifetime.to_string(),
+            "not_before": now().to_string(),
+            "resource": "https://management.azure.com",
+            "token_type": "Bearer"
+        }),
+        &[],
+    )
+}
