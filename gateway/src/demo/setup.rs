@@ -77,11 +77,28 @@ pub fn default_state_dir() -> anyhow::Result<PathBuf> {
     Ok(home.join(".local/state/poolgate-demo"))
 }
 
-/// Creates `dir` (and parents) and makes it 0700.
+/// Creates `dir` (and parents) with mode 0700, or checks that an existing one is private (it is
+/// never chmod-ed: `--state-dir /tmp` must not lock others out of /tmp).
 fn private_dir(dir: &Path) -> anyhow::Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("chmod 700 {}", dir.display()))?;
+    if !dir.exists() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 700 {}", dir.display()))?;
+        return Ok(());
+    }
+    let mode = fs::metadata(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "{} holds the demo's private keys but others can read it (mode {:04o}): \
+             run `chmod 700 {}` or pick another --state-dir",
+            dir.display(),
+            mode & 0o7777,
+            dir.display()
+        );
+    }
     Ok(())
 }
 
@@ -385,6 +402,21 @@ mod tests {
                 .as_deref()
                 .is_some_and(|b| b.contains("Not for production"))
         );
+    }
+
+    #[test]
+    fn state_dir_is_created_private_and_an_open_one_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("a/b");
+        private_dir(&dir).unwrap();
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        private_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let err = private_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("chmod 700"), "{err}");
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755, "an existing directory is left alone");
     }
 
     #[test]
