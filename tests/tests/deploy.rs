@@ -1,0 +1,1308 @@
+//! Offline checks of everything under `deploy/`: the ARM template and its parameters, the
+//! cloud-init files (YAML, the scripts they install through `shellcheck`, the sshd fragments
+//! through `sshd -t`, the gateway config through `poolgate check-config`), the systemd unit
+//! (`systemd-analyze verify` plus the directives the gateway relies on), the Prometheus scrape
+//! config and alert rules (`promtool check config`, `check rules`, `test rules`), and the
+//! Grafana dashboard — whose every `poolgate_*` name, like those of the alert rules, must be
+//! exported by a live gateway's `/metrics`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use poolgate_tests::*;
+use serde_json::{Value, json};
+
+const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn deploy_dir() -> PathBuf {
+    workspace_dir().join("deploy")
+}
+
+fn read(rel: &str) -> String {
+    let path = deploy_dir().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+fn json(rel: &str) -> Value {
+    serde_json::from_str(&read(rel)).unwrap_or_else(|e| panic!("deploy/{rel} is not JSON: {e}"))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}",
+        out.status,
+        text(out)
+    );
+}
+
+/// A Python that can `import yaml`: the test venv's, the one on PATH, or Debian's. None (after
+/// a loud skip, or a panic under CI) when there is none.
+fn python_with_yaml() -> Option<PathBuf> {
+    let venv = std::env::var_os("POOLGATE_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join(".venv"))
+        .join("bin/python3");
+    let candidates = [
+        venv,
+        PathBuf::from("python3"),
+        PathBuf::from("/usr/bin/python3"),
+    ];
+    for candidate in candidates {
+        let Some(python) = find_tool(&candidate.to_string_lossy()) else {
+            continue;
+        };
+        let ok = try_run_with_timeout(
+            Command::new(&python).args(["-c", "import yaml"]),
+            None,
+            TOOL_TIMEOUT,
+        )
+        .is_ok_and(|out| out.status.success());
+        if ok {
+            return Some(python);
+        }
+    }
+    let msg = "no python3 with PyYAML (apt-get install python3-yaml, or pip install pyyaml in \
+               the test venv)";
+    assert!(
+        !in_ci(),
+        "{msg}. CI=true, so this is a failure, not a skip."
+    );
+    eprintln!("\n******** SKIPPED: {msg}. (Under CI=true this fails the test.) ********\n");
+    None
+}
+
+/// Parses a YAML file with PyYAML (safe_load) and returns it as JSON.
+fn yaml(python: &Path, path: &Path) -> Value {
+    let script = "import json, sys, yaml\n\
+                  json.dump(yaml.safe_load(open(sys.argv[1], encoding='utf-8')), sys.stdout)";
+    let out = run_with_timeout(
+        Command::new(python).args(["-c", script]).arg(path),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, &format!("YAML parse of {}", path.display()));
+    serde_json::from_slice(&out.stdout).expect("PyYAML output is JSON")
+}
+
+const CLOUD_INIT: [&str; 2] = ["cloud-init/pool-vm.yaml", "cloud-init/gateway.yaml"];
+
+/// `write_files` of a cloud-init file: path → entry.
+fn write_files(doc: &Value) -> BTreeMap<String, Value> {
+    doc["write_files"]
+        .as_array()
+        .expect("write_files is a list")
+        .iter()
+        .map(|entry| {
+            let path = entry["path"]
+                .as_str()
+                .expect("write_files entry has a path");
+            (path.to_string(), entry.clone())
+        })
+        .collect()
+}
+
+fn content<'a>(files: &'a BTreeMap<String, Value>, path: &str) -> &'a str {
+    files
+        .get(path)
+        .unwrap_or_else(|| panic!("cloud-init writes no {path}"))["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{path} has no text content"))
+}
+
+/// `__NAME__` placeholders in `text`.
+fn placeholders(text: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("__") {
+        let after = &rest[start + 2..];
+        let len = after
+            .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(after.len());
+        let name = &after[..len];
+        if let Some(inner) = name.strip_suffix("__").filter(|n| !n.is_empty()) {
+            if !inner.starts_with('_') && !inner.ends_with('_') {
+                found.insert(format!("__{inner}__"));
+            }
+            rest = &after[len..];
+        } else {
+            rest = after;
+        }
+    }
+    found
+}
+
+/// Every `poolgate_…` metric name in `text` (not a prefix of a longer word, not a recording
+/// rule `poolgate:…`).
+fn poolgate_names(text: &str) -> BTreeSet<String> {
+    let bytes = text.as_bytes();
+    let mut names = BTreeSet::new();
+    let mut from = 0;
+    while let Some(pos) = text[from..].find("poolgate_") {
+        let start = from + pos;
+        let boundary = start == 0 || {
+            let c = bytes[start - 1];
+            !(c.is_ascii_alphanumeric() || c == b'_' || c == b':')
+        };
+        let end = start
+            + text[start..]
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(text.len() - start);
+        if boundary && end > start + "poolgate_".len() {
+            names.insert(text[start..end].to_string());
+        }
+        from = end.max(start + 1);
+    }
+    names
+}
+
+/// Every string inside a JSON value.
+fn strings(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(items) => items.iter().for_each(|v| strings(v, out)),
+        Value::Object(map) => map.values().for_each(|v| strings(v, out)),
+        _ => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ARM template
+
+fn resources_of<'a>(template: &'a Value, kind: &str) -> Vec<&'a Value> {
+    template["resources"]
+        .as_array()
+        .expect("resources is a list")
+        .iter()
+        .filter(|r| r["type"].as_str() == Some(kind))
+        .collect()
+}
+
+fn one<'a>(template: &'a Value, kind: &str) -> &'a Value {
+    let found = resources_of(template, kind);
+    assert_eq!(found.len(), 1, "expected one {kind}, found {}", found.len());
+    found[0]
+}
+
+/// The names `fun('name')` refers to in the template's expressions.
+fn references(template: &Value, fun: &str) -> BTreeSet<String> {
+    let mut all = Vec::new();
+    strings(template, &mut all);
+    let needle = format!("{fun}('");
+    let mut names = BTreeSet::new();
+    for s in all.iter().filter(|s| s.starts_with('[')) {
+        let mut rest = s.as_str();
+        while let Some(pos) = rest.find(&needle) {
+            let after = &rest[pos + needle.len()..];
+            let end = after.find('\'').expect("closing quote");
+            names.insert(after[..end].to_string());
+            rest = &after[end..];
+        }
+    }
+    names
+}
+
+/// An ARM expression string: `[` … `]` with balanced parentheses and brackets outside
+/// single-quoted literals (where `''` is an escaped quote).
+fn check_expression(expr: &str) -> Result<(), String> {
+    let inner = expr
+        .strip_prefix('[')
+        .and_then(|e| e.strip_suffix(']'))
+        .ok_or("does not end with ]")?;
+    let (mut depth, mut quoted) = (Vec::new(), false);
+    let mut chars = inner.chars().peekable();
+    while let Some(c) = chars.next() {
+        if quoted {
+            if c == '\'' {
+                if chars.peek() == Some(&'\'') {
+                    chars.next();
+                } else {
+                    quoted = false;
+                }
+            }
+            continue;
+        }
+        match c {
+            '\'' => quoted = true,
+            '(' | '[' => depth.push(c),
+            ')' => (depth.pop() == Some('('))
+                .then_some(())
+                .ok_or("unbalanced )")?,
+            ']' => (depth.pop() == Some('['))
+                .then_some(())
+                .ok_or("unbalanced ]")?,
+            _ => {}
+        }
+    }
+    if quoted {
+        return Err("unterminated string literal".into());
+    }
+    if !depth.is_empty() {
+        return Err(format!("unclosed {depth:?}"));
+    }
+    Ok(())
+}
+
+#[test]
+fn arm_template_and_parameters_parse_and_have_the_required_resources() {
+    let template = json("azure/azuredeploy.json");
+    let example = json("azure/azuredeploy.parameters.example.json");
+    assert!(
+        template["$schema"]
+            .as_str()
+            .unwrap()
+            .contains("deploymentTemplate.json"),
+        "not an ARM deployment template"
+    );
+
+    // Expressions are well-formed and name only declared parameters and variables; every
+    // parameter is used.
+    let mut all = Vec::new();
+    strings(&template, &mut all);
+    for s in all
+        .iter()
+        .filter(|s| s.starts_with('[') && !s.starts_with("[["))
+    {
+        check_expression(s).unwrap_or_else(|e| panic!("bad ARM expression {s:?}: {e}"));
+    }
+    let params: BTreeSet<String> = template["parameters"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let vars: BTreeSet<String> = template["variables"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let used_params = references(&template, "parameters");
+    let used_vars = references(&template, "variables");
+    assert!(
+        used_params.is_subset(&params),
+        "undeclared parameters: {:?}",
+        used_params.difference(&params).collect::<Vec<_>>()
+    );
+    assert!(
+        used_vars.is_subset(&vars),
+        "undeclared variables: {:?}",
+        used_vars.difference(&vars).collect::<Vec<_>>()
+    );
+    assert_eq!(used_params, params, "every parameter is used");
+
+    // The example gives only declared parameters and every one without a default.
+    let given: BTreeSet<String> = example["parameters"]
+        .as_object()
+        .expect("parameters example has parameters")
+        .keys()
+        .cloned()
+        .collect();
+    assert!(
+        given.is_subset(&params),
+        "example sets unknown parameters: {:?}",
+        given.difference(&params).collect::<Vec<_>>()
+    );
+    for (name, decl) in template["parameters"].as_object().unwrap() {
+        if decl.get("defaultValue").is_none() {
+            assert!(given.contains(name), "example lacks required {name}");
+        }
+        assert!(
+            decl["metadata"]["description"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty()),
+            "parameter {name} has no description"
+        );
+    }
+
+    // The scale set: Uniform, overprovision off, private NICs, cloud-init as customData.
+    let vmss = one(&template, "Microsoft.Compute/virtualMachineScaleSets");
+    assert_eq!(vmss["properties"]["orchestrationMode"], "Uniform");
+    assert_eq!(vmss["properties"]["overprovision"], Value::Bool(false));
+    let profile = &vmss["properties"]["virtualMachineProfile"];
+    assert!(
+        !profile.to_string().contains("publicIPAddressConfiguration"),
+        "pool VMs must not get public addresses"
+    );
+    assert_eq!(
+        profile["storageProfile"]["imageReference"],
+        "[parameters('poolImage')]"
+    );
+    let default_image = &template["parameters"]["poolImage"]["defaultValue"];
+    assert_eq!(
+        default_image["publisher"], "microsoft-dsvm",
+        "pool image: Data Science VM"
+    );
+    assert!(
+        default_image["offer"]
+            .as_str()
+            .unwrap()
+            .starts_with("ubuntu"),
+        "Ubuntu DSVM"
+    );
+
+    // No Azure autoscale setting anywhere: poolgate owns the capacity.
+    let mut kinds = Vec::new();
+    strings(&template["resources"], &mut kinds);
+    assert!(
+        !kinds.iter().any(|s| s
+            .to_ascii_lowercase()
+            .contains("microsoft.insights/autoscalesettings")),
+        "the template must not create an Azure autoscale setting"
+    );
+
+    // The gateway VM has a managed identity, and that identity a role on the scale set.
+    let gateway = one(&template, "Microsoft.Compute/virtualMachines");
+    let identity = gateway["identity"]["type"].as_str().unwrap_or_default();
+    assert!(
+        identity.contains("SystemAssigned")
+            || !resources_of(
+                &template,
+                "Microsoft.ManagedIdentity/userAssignedIdentities"
+            )
+            .is_empty(),
+        "gateway VM has no managed identity: {identity:?}"
+    );
+    let role = one(&template, "Microsoft.Authorization/roleAssignments");
+    let scope = role["scope"].as_str().expect("role assignment has a scope");
+    assert!(
+        scope.contains("Microsoft.Compute/virtualMachineScaleSets/"),
+        "role assignment scoped to the scale set, not {scope}"
+    );
+    let props = &role["properties"];
+    // Virtual Machine Contributor, written inline or through a variable.
+    let role_id = props["roleDefinitionId"].as_str().unwrap();
+    let vm_contributor = "9980e02c-c2be-4d73-94e8-173b1dc7cf3c";
+    assert!(
+        role_id.contains(vm_contributor)
+            || references(&json!({ "r": role_id }), "variables")
+                .iter()
+                .any(|v| template["variables"][v] == vm_contributor),
+        "role is Virtual Machine Contributor: {role_id}"
+    );
+    let principal = props["principalId"].as_str().unwrap();
+    assert!(
+        principal.contains("gatewayVmName") && principal.contains("identity.principalId"),
+        "role for the gateway VM's identity: {principal}"
+    );
+    assert_eq!(props["principalType"], "ServicePrincipal");
+
+    // Azure Files: a storage account and the share.
+    one(&template, "Microsoft.Storage/storageAccounts");
+    let shares = resources_of(
+        &template,
+        "Microsoft.Storage/storageAccounts/fileServices/shares",
+    );
+    assert!(
+        shares.iter().any(|s| s["name"]
+            .as_str()
+            .unwrap()
+            .contains("parameters('shareName')")),
+        "the team's file share"
+    );
+
+    // NSGs: public ports only on the gateway subnet; the pool subnet only from the gateway;
+    // everything else denied.
+    let nsgs = resources_of(&template, "Microsoft.Network/networkSecurityGroups");
+    assert_eq!(nsgs.len(), 2, "one NSG for the gateway, one for the pool");
+    let mut public_ports = BTreeSet::new();
+    for nsg in &nsgs {
+        let name = nsg["name"].as_str().unwrap();
+        let rules = nsg["properties"]["securityRules"].as_array().unwrap();
+        let is_gateway = name.contains("gatewayNsgName");
+        let is_pool = name.contains("poolNsgName");
+        assert!(is_gateway || is_pool, "unexpected NSG {name}");
+        let last = rules
+            .iter()
+            .max_by_key(|r| r["properties"]["priority"].as_u64().unwrap())
+            .unwrap();
+        assert_eq!(
+            last["properties"]["access"], "Deny",
+            "{name} ends in deny-all"
+        );
+        assert_eq!(last["properties"]["sourceAddressPrefix"], "*");
+        assert_eq!(last["properties"]["destinationPortRange"], "*");
+        for rule in rules {
+            let p = &rule["properties"];
+            if p["access"] != "Allow" {
+                continue;
+            }
+            assert_eq!(p["direction"], "Inbound", "{rule}");
+            let source = p["sourceAddressPrefix"].as_str().unwrap();
+            let dest = p["destinationAddressPrefix"].as_str().unwrap();
+            let port = p["destinationPortRange"].as_str().unwrap();
+            assert_ne!(port, "*", "an allow rule opens one port: {rule}");
+            if is_gateway {
+                assert_eq!(dest, "[parameters('gatewaySubnetPrefix')]", "{rule}");
+                assert!(
+                    source == "[parameters('userSourcePrefix')]"
+                        || source == "[parameters('adminSourcePrefix')]",
+                    "{rule}"
+                );
+                if source == "[parameters('userSourcePrefix')]" {
+                    public_ports.insert(port.to_string());
+                }
+            } else {
+                assert_eq!(
+                    source, "[parameters('gatewaySubnetPrefix')]",
+                    "pool VMs are reached only from the gateway: {rule}"
+                );
+                assert_eq!(dest, "[parameters('poolSubnetPrefix')]", "{rule}");
+                assert!(["22", "8000"].contains(&port), "{rule}");
+            }
+        }
+    }
+    assert!(
+        public_ports.contains("22") && public_ports.contains("443"),
+        "users reach the gateway's SSH and HTTPS: {public_ports:?}"
+    );
+    // The NSGs are attached to the subnets, and only the gateway NIC has a public address.
+    let vnet = one(&template, "Microsoft.Network/virtualNetworks").to_string();
+    assert!(vnet.contains("gatewayNsgName") && vnet.contains("poolNsgName"));
+    for nic in resources_of(&template, "Microsoft.Network/networkInterfaces") {
+        assert!(nic["name"].as_str().unwrap().contains("gatewayNicName"));
+    }
+
+    // The cloud-init files are embedded verbatim (deploy/azure/embed-cloud-init.sh), and every
+    // placeholder in them is replaced in the customData expression — and nothing else.
+    for (var, file, custom) in [
+        (
+            "poolCloudInit",
+            "cloud-init/pool-vm.yaml",
+            &profile["osProfile"]["customData"],
+        ),
+        (
+            "gatewayCloudInit",
+            "cloud-init/gateway.yaml",
+            &gateway["properties"]["osProfile"]["customData"],
+        ),
+    ] {
+        let embedded = template["variables"][var].as_str().unwrap();
+        assert!(
+            embedded == read(file),
+            "azuredeploy.json holds an old copy of deploy/{file}: run deploy/azure/embed-cloud-init.sh"
+        );
+        let custom = custom.as_str().unwrap();
+        assert!(
+            custom.starts_with("[base64(") && custom.contains(&format!("variables('{var}')")),
+            "{custom}"
+        );
+        let in_file = placeholders(embedded);
+        let replaced = placeholders(custom);
+        assert_eq!(
+            in_file, replaced,
+            "placeholders of deploy/{file} vs those replaced in its customData"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// cloud-init
+
+#[test]
+fn cloud_init_files_parse_and_do_what_the_pool_needs() {
+    let Some(python) = python_with_yaml() else {
+        return;
+    };
+    for rel in CLOUD_INIT {
+        let raw = read(rel);
+        assert!(
+            raw.starts_with("#cloud-config\n"),
+            "deploy/{rel} must start with #cloud-config"
+        );
+        let doc = yaml(&python, &deploy_dir().join(rel));
+        assert!(doc.is_object(), "deploy/{rel} is a mapping");
+        for (path, entry) in write_files(&doc) {
+            assert!(path.starts_with('/'), "{rel}: {path}");
+            let mode = entry["permissions"].as_str().unwrap_or_default();
+            assert!(
+                mode.len() == 4 && mode.starts_with('0'),
+                "{rel}: {path}: permissions as a quoted octal string, got {mode:?}"
+            );
+            if path.starts_with("/etc/smbcredentials/") || path.contains("/keys/") {
+                assert_eq!(mode, "0600", "{rel}: secret {path} must be 0600");
+            }
+        }
+        if let Some(cloud_init) = find_tool("cloud-init") {
+            let out = run_with_timeout(
+                Command::new(cloud_init)
+                    .args(["schema", "--config-file"])
+                    .arg(deploy_dir().join(rel)),
+                TOOL_TIMEOUT,
+            );
+            assert_success(&out, &format!("cloud-init schema {rel}"));
+        }
+    }
+
+    // Pool VM: the share at boot like the DSVM pool guide, the gateway CA, host keys, JupyterHub.
+    let pool = write_files(&yaml(&python, &deploy_dir().join(CLOUD_INIT[0])));
+    let cred = pool
+        .keys()
+        .find(|p| p.starts_with("/etc/smbcredentials/"))
+        .expect("a credentials file");
+    assert_eq!(
+        content(&pool, cred),
+        "username=__STORAGE_ACCOUNT__\npassword=__STORAGE_KEY__\n"
+    );
+    let mount = content(&pool, "/usr/local/sbin/poolgate-mount-share");
+    for needle in [
+        "/etc/fstab",
+        "credentials=${cred}",
+        "chmod 600",
+        "notebooks/remote",
+        "cifs",
+    ] {
+        assert!(mount.contains(needle), "mount script lacks {needle:?}");
+    }
+    let sshd = content(&pool, "/etc/ssh/sshd_config.d/50-poolgate.conf");
+    assert!(sshd.contains("TrustedUserCAKeys /etc/ssh/poolgate_user_ca.pub"));
+    assert_eq!(
+        content(&pool, "/etc/ssh/poolgate_user_ca.pub"),
+        "__USER_CA_PUBLIC_KEY__\n"
+    );
+    assert!(content(&pool, "/usr/local/sbin/poolgate-publish-hostkeys").contains("hostkeys"));
+    assert!(content(&pool, "/etc/poolgate/jupyterhub_config.py").contains("\"http://:8000\""));
+    let pool_runcmd =
+        serde_json::to_string(&yaml(&python, &deploy_dir().join(CLOUD_INIT[0]))["runcmd"]).unwrap();
+    for unit in ["poolgate-share.service", "poolgate-jupyterhub.service"] {
+        assert!(pool_runcmd.contains(unit), "runcmd enables {unit}");
+    }
+
+    // Gateway VM: the unit is deploy/systemd/poolgate.service verbatim.
+    let gateway = write_files(&yaml(&python, &deploy_dir().join(CLOUD_INIT[1])));
+    assert_eq!(
+        content(&gateway, "/etc/systemd/system/poolgate.service"),
+        read("systemd/poolgate.service"),
+        "gateway.yaml must embed deploy/systemd/poolgate.service unchanged (run deploy/azure/embed-cloud-init.sh)"
+    );
+    let config = content(&gateway, "/etc/poolgate/poolgate.toml");
+    for needle in [
+        "provider = \"azure-vmss\"",
+        "credential = \"managed-identity\"",
+        "subscription_id = \"__SUBSCRIPTION_ID__\"",
+        "resource_group = \"__RESOURCE_GROUP__\"",
+        "scale_set = \"__SCALE_SET__\"",
+    ] {
+        assert!(config.contains(needle), "gateway config lacks {needle}");
+    }
+}
+
+/// The gateway config cloud-init writes, with placeholders filled in and its absolute paths
+/// moved into `root`, passes `poolgate check-config`.
+#[test]
+fn gateway_config_written_by_cloud_init_passes_check_config() {
+    require_tools!("ssh-keygen", "openssl");
+    let Some(python) = python_with_yaml() else {
+        return;
+    };
+    let files = write_files(&yaml(&python, &deploy_dir().join(CLOUD_INIT[1])));
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let etc = root.join("etc/poolgate");
+    let state = root.join("var/lib/poolgate/keys");
+    std::fs::create_dir_all(etc.join("tls")).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let config = content(&files, "/etc/poolgate/poolgate.toml")
+        .replace("/etc/poolgate/", &format!("{}/", etc.display()))
+        .replace(
+            "/var/lib/poolgate/",
+            &format!("{}/", root.join("var/lib/poolgate").display()),
+        )
+        .replace(
+            "__SUBSCRIPTION_ID__",
+            "00000000-0000-0000-0000-000000000000",
+        )
+        .replace("__RESOURCE_GROUP__", "rg-poolgate")
+        .replace("__SCALE_SET__", "poolgate-pool")
+        .replace("__MIN_VMS__", "0")
+        .replace("__MAX_VMS__", "10");
+    assert!(placeholders(&config).is_empty(), "{config}");
+    let config_path = etc.join("poolgate.toml");
+    std::fs::write(&config_path, &config).unwrap();
+
+    // What the gateway's first boot creates: a self-signed certificate (same openssl command
+    // as poolgate-gateway-setup), the user CA, and backend_known_hosts with the placeholder.
+    let out = run_with_timeout(
+        Command::new(tool("openssl"))
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "30", "-subj", "/CN=pool.example.org"])
+            .args(["-addext", "subjectAltName=DNS:pool.example.org", "-keyout"])
+            .arg(etc.join("tls/key.pem"))
+            .arg("-out")
+            .arg(etc.join("tls/cert.pem")),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "openssl req");
+    std::fs::set_permissions(
+        etc.join("tls/key.pem"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    generate_ed25519(&state.join("user_ca"), "poolgate-user-ca");
+    let host = root.join("host_key");
+    generate_ed25519(&host, "vm");
+    let host_pub = std::fs::read_to_string(host.with_extension("pub")).unwrap();
+    let mut fields = host_pub.split_whitespace();
+    let (kind, blob) = (fields.next().unwrap(), fields.next().unwrap());
+    std::fs::write(
+        state.join("backend_known_hosts"),
+        format!("poolgate-placeholder.invalid {kind} {blob}\n10.40.1.4 {kind} {blob}\n"),
+    )
+    .unwrap();
+
+    let out = run_with_timeout(
+        Command::new(poolgate_bin())
+            .arg("check-config")
+            .arg(&config_path),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "poolgate check-config on the gateway.yaml config");
+}
+
+#[test]
+fn shellcheck_passes_on_every_shell_script_under_deploy() {
+    require_tools!("shellcheck");
+    let Some(python) = python_with_yaml() else {
+        return;
+    };
+    let extracted = tempfile::tempdir().unwrap();
+    let mut scripts: Vec<(String, PathBuf)> = Vec::new();
+
+    // Files in deploy/ that are shell scripts (by extension or shebang).
+    let mut stack = vec![deploy_dir()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let head = std::fs::read(&path).unwrap_or_default();
+            let first = head.split(|b| *b == b'\n').next().unwrap_or_default();
+            let shebang = first.starts_with(b"#!") && {
+                let line = String::from_utf8_lossy(first);
+                line.ends_with("sh") || line.contains("bash") || line.contains("/sh ")
+            };
+            if shebang || path.extension().is_some_and(|e| e == "sh") {
+                let name = path
+                    .strip_prefix(workspace_dir())
+                    .unwrap()
+                    .display()
+                    .to_string();
+                scripts.push((name, path));
+            }
+        }
+    }
+    // Scripts that cloud-init writes (write_files with a shell shebang).
+    for rel in CLOUD_INIT {
+        for (path, entry) in write_files(&yaml(&python, &deploy_dir().join(rel))) {
+            let Some(body) = entry["content"].as_str() else {
+                continue;
+            };
+            let first = body.lines().next().unwrap_or_default();
+            if first.starts_with("#!") && (first.ends_with("sh") || first.contains("bash")) {
+                let file = extracted.path().join(format!(
+                    "{}{}",
+                    rel.replace('/', "_"),
+                    path.replace('/', "_")
+                ));
+                std::fs::write(&file, body).unwrap();
+                scripts.push((format!("deploy/{rel}: {path}"), file));
+            }
+        }
+    }
+    assert!(
+        scripts.len() >= 8,
+        "expected the embed script and the cloud-init scripts, found {scripts:?}"
+    );
+    let mut failures = Vec::new();
+    for (name, path) in &scripts {
+        let out = run_with_timeout(
+            Command::new(tool("shellcheck"))
+                .args(["--severity=style", "--external-sources"])
+                .arg(path),
+            TOOL_TIMEOUT,
+        );
+        if !out.status.success() {
+            failures.push(format!("--- {name}\n{}", text(&out)));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "shellcheck found problems:\n{}",
+        failures.join("\n")
+    );
+    eprintln!("shellcheck: {} scripts clean", scripts.len());
+}
+
+#[test]
+fn sshd_accepts_the_sshd_config_fragments_cloud_init_writes() {
+    require_tools!("sshd", "ssh-keygen");
+    let Some(python) = python_with_yaml() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let host_key = dir.path().join("host_ed25519");
+    generate_ed25519(&host_key, "sshd-t");
+    let ca = dir.path().join("user_ca");
+    generate_ed25519(&ca, "ca");
+    let minimal = format!("HostKey {}\nPidFile none\nUsePAM no\n", host_key.display());
+    let sshd_t = |name: &str, body: &str| -> Output {
+        let file = dir.path().join(name);
+        std::fs::write(&file, format!("{minimal}{body}")).unwrap();
+        run_with_timeout(
+            Command::new(tool("sshd")).arg("-t").arg("-f").arg(&file),
+            TOOL_TIMEOUT,
+        )
+    };
+    // The check itself works: a bad option fails.
+    let bad = sshd_t("bad_config", "NoSuchOption yes\n");
+    assert!(!bad.status.success(), "sshd -t accepted garbage");
+
+    let mut checked = 0;
+    for rel in CLOUD_INIT {
+        for (path, entry) in write_files(&yaml(&python, &deploy_dir().join(rel))) {
+            if !path.starts_with("/etc/ssh/sshd_config.d/") {
+                continue;
+            }
+            let fragment = entry["content"].as_str().unwrap();
+            let out = sshd_t("sshd_config", fragment);
+            assert_success(&out, &format!("sshd -t on {rel}: {path}"));
+            // The CA line works with a real key in the place cloud-init puts it.
+            let with_real_ca = fragment.replace(
+                "/etc/ssh/poolgate_user_ca.pub",
+                &ca.with_extension("pub").display().to_string(),
+            );
+            let out = sshd_t("sshd_config_ca", &with_real_ca);
+            assert_success(
+                &out,
+                &format!("sshd -t on {rel}: {path} with a real CA key"),
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(
+        checked, 2,
+        "the pool VM's and the gateway VM's sshd fragments"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// systemd
+
+/// `[Service]` settings of a unit file: key → values in order.
+fn unit_settings(unit: &str) -> BTreeMap<String, Vec<String>> {
+    let mut settings: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in unit.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with('[') {
+            continue;
+        }
+        let (key, value) = line.split_once('=').expect("key=value");
+        settings
+            .entry(key.trim().to_string())
+            .or_default()
+            .push(value.trim().to_string());
+    }
+    settings
+}
+
+/// `10m`, `11min`, `600s`, `1h` → seconds.
+fn seconds(value: &str) -> u64 {
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (n, unit) = value.split_at(split);
+    let n: u64 = n.parse().unwrap_or_else(|_| panic!("duration {value:?}"));
+    n * match unit {
+        "" | "s" | "sec" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        _ => panic!("unit of {value:?}"),
+    }
+}
+
+#[test]
+fn systemd_unit_has_the_hardening_reload_and_drain_the_gateway_needs() {
+    let unit = read("systemd/poolgate.service");
+    let s = unit_settings(&unit);
+    let get = |key: &str| -> String {
+        s.get(key)
+            .unwrap_or_else(|| panic!("poolgate.service has no {key}="))
+            .join(" ")
+    };
+    assert_eq!(get("NoNewPrivileges"), "yes");
+    assert_eq!(get("ProtectSystem"), "strict");
+    assert_eq!(get("AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
+    assert_eq!(get("CapabilityBoundingSet"), "CAP_NET_BIND_SERVICE");
+    assert_eq!(get("ExecReload"), "/bin/kill -HUP $MAINPID");
+    let state = get("StateDirectory");
+    assert!(
+        state.split_whitespace().any(|d| d == "poolgate")
+            && state.split_whitespace().any(|d| d == "poolgate/keys"),
+        "StateDirectory={state}"
+    );
+    assert_eq!(get("ConfigurationDirectory"), "poolgate");
+    assert!(get("ExecStart").contains("run --config /etc/poolgate/poolgate.toml"));
+    assert_eq!(get("KillSignal"), "SIGTERM");
+    assert!(s.contains_key("User"), "runs as its own user");
+
+    // TimeoutStopSec covers the drain: the gateway config's shutdown_grace plus a margin.
+    let Some(python) = python_with_yaml() else {
+        return;
+    };
+    let files = write_files(&yaml(&python, &deploy_dir().join(CLOUD_INIT[1])));
+    let config = content(&files, "/etc/poolgate/poolgate.toml");
+    let grace = config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("shutdown_grace = "))
+        .expect("gateway config sets shutdown_grace")
+        .trim_matches('"');
+    let stop = seconds(&get("TimeoutStopSec"));
+    assert!(
+        stop > seconds(grace) && stop <= seconds(grace) + 300,
+        "TimeoutStopSec={stop}s should be a little above shutdown_grace={grace}"
+    );
+
+    // systemd's own verdict, with the binary path pointed at the one under test.
+    let Some(analyze) = find_tool("systemd-analyze") else {
+        eprintln!("systemd-analyze not installed: structural checks only");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("poolgate.service");
+    std::fs::write(
+        &copy,
+        unit.replace(
+            "/usr/local/bin/poolgate",
+            &poolgate_bin().display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = run_with_timeout(Command::new(analyze).arg("verify").arg(&copy), TOOL_TIMEOUT);
+    let said = text(&out);
+    // It exits 0 even for settings it ignores, so any line about our file is a failure.
+    assert!(
+        out.status.success() && !said.contains("poolgate.service"),
+        "systemd-analyze verify poolgate.service:\n{said}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus
+
+#[test]
+fn prometheus_rules_and_scrape_config_pass_promtool() {
+    require_tools!("promtool");
+    let prom = deploy_dir().join("prometheus");
+    let out = run_with_timeout(
+        Command::new(tool("promtool"))
+            .args(["check", "rules"])
+            .arg(prom.join("poolgate-rules.yml")),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "promtool check rules");
+    let out = run_with_timeout(
+        Command::new(tool("promtool"))
+            .args(["test", "rules", "poolgate-rules.test.yml"])
+            .current_dir(&prom),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "promtool test rules");
+
+    // The scrape config names the rules at their installed path; check a copy pointing here.
+    let config = read("prometheus/prometheus.yml");
+    assert!(config.contains("/etc/prometheus/poolgate-rules.yml"));
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &copy,
+        config.replace(
+            "/etc/prometheus/poolgate-rules.yml",
+            &prom.join("poolgate-rules.yml").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = run_with_timeout(
+        Command::new(tool("promtool"))
+            .args(["check", "config"])
+            .arg(&copy),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "promtool check config");
+
+    // The TLS-expiry alerts read the blackbox job the scrape config defines, with a module
+    // blackbox.yml defines as a TLS probe.
+    let rules = read("prometheus/poolgate-rules.yml");
+    assert!(rules.contains("probe_ssl_earliest_cert_expiry{job=\"poolgate-tls\"}"));
+    assert!(config.contains("job_name: poolgate-tls") && config.contains("module: [poolgate_tls]"));
+    let Some(python) = python_with_yaml() else {
+        return;
+    };
+    let blackbox = yaml(&python, &prom.join("blackbox.yml"));
+    let module = &blackbox["modules"]["poolgate_tls"];
+    assert_eq!(module["prober"], "tcp");
+    assert_eq!(module["tcp"]["tls"], Value::Bool(true));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grafana
+
+/// PromQL expressions of the dashboard's panels (targets) and template variables.
+fn dashboard_exprs(dashboard: &Value) -> Vec<String> {
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        let nested = panel["panels"].as_array().cloned().unwrap_or_default();
+        for p in std::iter::once(panel).chain(nested.iter()) {
+            for target in p["targets"].as_array().into_iter().flatten() {
+                if let Some(expr) = target["expr"].as_str() {
+                    exprs.push(expr.to_string());
+                }
+            }
+        }
+    }
+    exprs
+}
+
+#[test]
+fn grafana_dashboard_parses_and_its_queries_are_valid_promql() {
+    let dashboard = json("grafana/poolgate-dashboard.json");
+    assert!(dashboard["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(dashboard["uid"].as_str().is_some_and(|t| !t.is_empty()));
+    let exprs = dashboard_exprs(&dashboard);
+    assert!(exprs.len() >= 15, "{exprs:?}");
+    let all = exprs.join("\n");
+    // What the issue asks the dashboard to show.
+    for metric in [
+        "poolgate_sessions_active",
+        "poolgate_vm_up",
+        "poolgate_connect_seconds_bucket",
+        "poolgate_autoscale_desired_vms",
+        "poolgate_pool_vms",
+        "poolgate_sessions_waiting",
+    ] {
+        assert!(all.contains(metric), "dashboard does not show {metric}");
+    }
+    assert!(
+        all.contains("by (vm, protocol)"),
+        "sessions per VM and protocol"
+    );
+
+    // promtool parses every expression (as recording rules) once Grafana's variables are filled.
+    require_tools!("promtool");
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, expr) in exprs.iter().enumerate() {
+        let expr = expr
+            .replace("$__rate_interval", "5m")
+            .replace("$__interval", "1m")
+            .replace("$instance", ".*");
+        assert!(!expr.contains('$'), "unhandled variable in {expr}");
+        let quoted = serde_json::to_string(&expr).unwrap();
+        rules.push_str(&format!(
+            "      - record: dashboard:expr_{i}\n        expr: {quoted}\n"
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&file, &rules).unwrap();
+    let out = run_with_timeout(
+        Command::new(tool("promtool"))
+            .args(["check", "rules"])
+            .arg(&file),
+        TOOL_TIMEOUT,
+    );
+    assert_success(
+        &out,
+        &format!("promtool check rules on the dashboard's queries\n{rules}"),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metric names against a live gateway
+
+/// A stand-in for a pool VM's web side on 127.0.0.1: node_exporter text on `/metrics`, a tiny
+/// page everywhere else. Serves until the test process exits.
+fn spawn_vm_web() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let request = String::from_utf8_lossy(&head);
+                let body = if request.starts_with("GET /metrics ") {
+                    "node_load1 0.5\nnode_cpu_seconds_total{cpu=\"0\",mode=\"idle\"} 1\n\
+                     node_cpu_seconds_total{cpu=\"1\",mode=\"idle\"} 1\n"
+                } else {
+                    "hello from the VM\n"
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    port
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    http_request(addr, "GET", path)
+}
+
+fn http_request(addr: SocketAddr, method: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: deploy-test\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+}
+
+/// Metric names a `/metrics` scrape exposes; histogram families also under their base name.
+fn exported_names(scrape: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in scrape.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = rest.split_whitespace().next() {
+                names.insert(name.to_string());
+            }
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            let name = &line[..end];
+            names.insert(name.to_string());
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if let Some(base) = name.strip_suffix(suffix)
+                    && scrape.contains(&format!("# TYPE {base} histogram"))
+                {
+                    names.insert(base.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn dashboard_and_alert_rules_use_only_metrics_a_live_gateway_exports() {
+    require_tools!("ssh", "ssh-keygen");
+    let dashboard = read("grafana/poolgate-dashboard.json");
+    let rules = read("prometheus/poolgate-rules.yml");
+    let wanted: BTreeMap<String, &str> = poolgate_names(&dashboard)
+        .into_iter()
+        .map(|n| (n, "dashboard"))
+        .chain(
+            poolgate_names(&rules)
+                .into_iter()
+                .map(|n| (n, "alert rules")),
+        )
+        .collect();
+    assert!(wanted.len() >= 10, "{wanted:?}");
+
+    // A gateway whose families all have samples: labelled metrics appear in /metrics only
+    // after their first event. One VM (the web stand-in; no sshd needed with ssh probes off),
+    // load read from its "node_exporter", an exec provider whose `create` fails so the
+    // autoscaler records errors, then one proxied request and one failed SSH login.
+    let web = spawn_vm_web();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("vm_host_key");
+    generate_ed25519(&key, "vm");
+    let host_pub = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    std::fs::write(
+        dir.path().join("backend_known_hosts"),
+        format!("[127.0.0.1]:{web} {host_pub}"),
+    )
+    .unwrap();
+    let (ssh, http, admin) = (free_port(), free_port(), free_port());
+    let list = format!(
+        r#"{{"vms":[{{"name":"vm-1","host":"127.0.0.1","state":"running","ssh_port":{web},"http_port":{web}}}]}}"#
+    );
+    let config = format!(
+        r#"[listen]
+ssh = "127.0.0.1:{ssh}"
+http = "127.0.0.1:{http}"
+admin = "127.0.0.1:{admin}"
+
+[ssh]
+backend_known_hosts = "backend_known_hosts"
+authorized_keys = "authorized_keys/{{user}}"
+password_auth = "passthrough"
+
+[health]
+ssh = false
+http = false
+interval = "1s"
+timeout = "1s"
+load_metrics_port = {web}
+
+[pool]
+provider = "exec"
+
+[pool.exec]
+list = ["sh", "-c", {list_arg}]
+create = ["false"]
+delete = ["false"]
+poll_interval = "1s"
+
+[autoscale]
+enabled = true
+min_vms = 2
+max_vms = 3
+tick = "1s"
+cooldown = "0s"
+wake_on_connect = false
+"#,
+        list_arg = serde_json::to_string(&format!("echo '{list}'")).unwrap(),
+    );
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let http_addr = SocketAddr::from(([127, 0, 0, 1], http));
+    let gateway = GatewayProcess::builder(&config)
+        .dir(dir.path())
+        .wait_for(SocketAddr::from(([127, 0, 0, 1], ssh)))
+        .wait_for(http_addr)
+        .wait_for(admin_addr)
+        .start();
+
+    // One failed login. A rejected public-key offer is not counted by the gateway (only a
+    // signed attempt is), so this is a password attempt — with a user name the gateway refuses
+    // before trying any VM (`+` is not allowed), answered by an askpass program.
+    let askpass = dir.path().join("askpass");
+    std::fs::write(&askpass, "#!/bin/sh\necho not-the-password\n").unwrap();
+    std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = run_with_timeout(
+        Command::new(tool("ssh"))
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args([
+                "-o",
+                "PreferredAuthentications=password",
+                "-o",
+                "PubkeyAuthentication=no",
+            ])
+            .args(["-o", "NumberOfPasswordPrompts=1", "-o", "ConnectTimeout=10"])
+            .args(["-p", &ssh.to_string(), "pg+nobody@127.0.0.1", "true"]),
+        TOOL_TIMEOUT,
+    );
+    assert!(
+        !out.status.success(),
+        "that login should fail:\n{}",
+        text(&out)
+    );
+
+    // Proxied requests until the VM is picked up and answers, then one with the VM drained
+    // (no VM for a new browser session).
+    wait_until(
+        Duration::from_secs(30),
+        "a request proxied to the VM",
+        || http_get(http_addr, "/hub/health").contains("hello from the VM"),
+    );
+    let drained = http_request(admin_addr, "POST", "/api/v1/vms/vm-1/drain");
+    assert!(drained.starts_with("HTTP/1.1 200"), "{drained}");
+    let refused = http_get(http_addr, "/hub/health");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    let undrained = http_request(admin_addr, "POST", "/api/v1/vms/vm-1/undrain");
+    assert!(undrained.starts_with("HTTP/1.1 200"), "{undrained}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut missing: Vec<String>;
+    let mut scrape;
+    loop {
+        let _ = http_get(http_addr, "/hub/health");
+        scrape = http_get(admin_addr, "/metrics");
+        let exported = exported_names(&scrape);
+        missing = wanted
+            .keys()
+            .filter(|n| !exported.contains(*n))
+            .cloned()
+            .collect();
+        if missing.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        missing.is_empty(),
+        "names used in deploy/ that a live gateway does not export: {}\n--- /metrics ---\n{scrape}\n--- log ---\n{}",
+        missing
+            .iter()
+            .map(|n| format!("{n} ({})", wanted[n]))
+            .collect::<Vec<_>>()
+            .join(", "),
+        gateway.log_text()
+    );
+    eprintln!(
+        "deploy/ uses {} poolgate metric names, all exported",
+        wanted.len()
+    );
+}
+
+#[test]
+fn name_scanners_find_what_they_should() {
+    let names = poolgate_names(
+        "rate(poolgate_x_total[5m]) poolgate:recorded poolgate_* xpoolgate_no {poolgate_y}",
+    );
+    assert_eq!(
+        names.into_iter().collect::<Vec<_>>(),
+        ["poolgate_x_total", "poolgate_y"]
+    );
+    assert_eq!(
+        placeholders("a __ONE__ b __TWO_2__ c ___ d __x__ __")
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["__ONE__", "__TWO_2__"]
+    );
+    assert!(check_expression("[concat('a(', parameters('b'))]").is_ok());
+    assert!(check_expression("[concat('it''s', parameters('b')]").is_err());
+    assert_eq!(seconds("11min"), 660);
+    assert_eq!(seconds("10m"), 600);
+    let scrape = "# TYPE poolgate_c histogram\npoolgate_c_bucket{le=\"1\"} 0\npoolgate_g 1\n";
+    let names = exported_names(scrape);
+    assert!(names.contains("poolgate_c") && names.contains("poolgate_g"));
+}
