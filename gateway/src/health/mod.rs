@@ -146,18 +146,25 @@ impl HealthChecker {
     /// Probes one VM once.
     pub async fn probe(&self, host: &str, ssh_port: u16, http_port: u16) -> ProbeResult {
         let settings = self.settings();
-        if settings.ssh
-            && let Err(reason) = probe_ssh(host, ssh_port, settings.timeout).await
-        {
-            return ProbeResult::Failed(reason);
-        }
-        if settings.http
-            && let Err(reason) =
+        // Both probes run at once, so a round takes at most one timeout.
+        let ssh = async {
+            if settings.ssh {
+                probe_ssh(host, ssh_port, settings.timeout).await
+            } else {
+                Ok(())
+            }
+        };
+        let http = async {
+            if settings.http {
                 probe_http(host, http_port, &settings.http_path, settings.timeout).await
-        {
-            return ProbeResult::Failed(reason);
+            } else {
+                Ok(())
+            }
+        };
+        match tokio::join!(ssh, http) {
+            (Err(reason), _) | (Ok(()), Err(reason)) => ProbeResult::Failed(reason),
+            (Ok(()), Ok(())) => ProbeResult::Ok,
         }
-        ProbeResult::Ok
     }
 
     /// Probes every running VM every interval until `shutdown` turns true.
@@ -199,15 +206,16 @@ impl HealthChecker {
             .settings()
             .interval
             .mul_f64(rand::random::<f64>() * 0.5);
-        let mut first = true;
+        // Probes start on a fixed cadence, whatever each one takes (a hung VM costs one
+        // timeout, not interval + timeout per probe).
+        let mut next = tokio::time::Instant::now() + offset;
         loop {
-            let wait = if first {
-                offset
-            } else {
-                self.settings().interval
-            };
-            first = false;
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep_until(next).await;
+            let now = tokio::time::Instant::now();
+            next += self.settings().interval;
+            if next <= now {
+                next = now + self.settings().interval;
+            }
             let snapshot = self.pool.snapshot();
             let Some(vm) = snapshot.get(&name) else {
                 return;
@@ -227,12 +235,20 @@ impl HealthChecker {
             let result = self.probe(&spec.host, spec.ssh_port, spec.http_port).await;
             self.observe(&name, &result);
             let settings = self.settings();
-            if let Some((port, path)) = &settings.load_metrics {
-                let hint = scrape_load(&spec.host, *port, path, settings.timeout).await;
-                if let Err(e) = &hint {
-                    tracing::debug!(vm = %name, error = %e, "load metrics scrape failed");
-                }
-                self.pool.set_load_hint(&name, hint.ok());
+            if let Some((port, path)) = settings.load_metrics {
+                let (pool, name, host, timeout) = (
+                    self.pool.clone(),
+                    name.clone(),
+                    spec.host.clone(),
+                    settings.timeout,
+                );
+                tokio::spawn(async move {
+                    let hint = scrape_load(&host, port, &path, timeout).await;
+                    if let Err(e) = &hint {
+                        tracing::debug!(vm = %name, error = %e, "load metrics scrape failed");
+                    }
+                    pool.set_load_hint(&name, hint.ok());
+                });
             }
         }
     }
