@@ -56,14 +56,23 @@ try {
   await page.click('.jp-LauncherCard[data-category="Notebook"]');
   const editor = page.locator('.jp-Notebook .jp-Cell .cm-content').first();
   await editor.waitFor({ timeout: 60_000 });
-  // Wait for the kernel to be ready before running.
-  await page.waitForSelector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', { timeout: 90_000 }).catch(() => {});
+  // The kernel starts (and its websocket connects through the gateway) before we run anything.
+  step('wait for the kernel');
+  await page.getByText(/\| Idle/).first().waitFor({ timeout: 120_000 });
   step('run 1+1');
   await editor.click();
   await page.keyboard.type('1+1');
+  await page.waitForFunction(
+    () => document.querySelector('.jp-Notebook .jp-Cell .cm-content')?.textContent?.includes('1+1'),
+    null, { timeout: 30_000 });
   await page.keyboard.press('Shift+Enter');
   const output = page.locator('.jp-OutputArea-output').first();
-  await output.waitFor({ timeout: 90_000 });
+  try {
+    await output.waitFor({ timeout: 60_000 });
+  } catch (e) {
+    const status = await page.locator('.jp-StatusBar-Widget').allInnerTexts().catch(() => []);
+    throw new Error(`no output after 60 s; status bar: ${JSON.stringify(status)}; ${e.message}`);
+  }
   const text = (await output.innerText()).trim();
   await page.screenshot({ path: a.screenshot, fullPage: false });
   console.log(`RESULT ${text}`);

@@ -89,6 +89,13 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let config = &parts.config;
+    if config.http.backend_scheme == poolgate_config::BackendScheme::Https {
+        // Refuse rather than silently speak plain HTTP to VMs that expect TLS.
+        anyhow::bail!(
+            "http.backend_scheme = \"https\" is not supported yet: the gateway reaches VMs over \
+             plain HTTP on their private network; set backend_scheme = \"http\""
+        );
+    }
     let (signer, generated) = CookieSigner::load_or_generate(
         &config.http.cookie_secret_file,
         config.routing.affinity_ttl,

@@ -511,3 +511,72 @@ fn plain_http_redirects_to_https_when_tls_is_on() {
     let no_host = Request::builder().uri("/").body(()).expect("request");
     assert_eq!(redirect_to_https(&no_host, 443).status(), 400);
 }
+
+/// Serves connections of `frontend` on a real 127.0.0.1 listener with `config`'s limits and
+/// `idle` as the idle timeout.
+async fn listen(
+    frontend: Frontend,
+    config: poolgate_config::Config,
+    idle: Duration,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let builder = Arc::new(connection_builder(&config));
+        let (_tx, rx) = watch::channel(false);
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((stream, peer)) = listener.accept().await {
+            let info = ConnInfo {
+                client: peer,
+                https: false,
+                port: addr.port(),
+            };
+            let (frontend, builder, rx) = (frontend.clone(), builder.clone(), rx.clone());
+            conns.spawn(async move {
+                serve_connection(stream, frontend, info, None, &builder, idle, rx).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_and_idle_connections_are_closed() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let mut config = poolgate_config::Config::default();
+    config.http.max_header_bytes = 16 * 1024;
+    config.http.idle_timeout = Duration::from_millis(300);
+    let (addr, server) = listen(f.frontend.clone(), config, Duration::from_millis(300)).await;
+
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let big = "x".repeat(40 * 1024);
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: hub.example\r\nX-Big: {big}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut resp)).await;
+    let head = String::from_utf8_lossy(&resp);
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+
+    // A keep-alive connection left idle is closed by the gateway.
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: hub.example\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf).await.expect("response");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connection still open after 5 s");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    server.abort();
+}
