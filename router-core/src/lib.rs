@@ -45,6 +45,7 @@ mod http;
 mod pool;
 mod select;
 mod session;
+pub mod sim;
 mod snapshot;
 pub mod store;
 pub mod vm;
