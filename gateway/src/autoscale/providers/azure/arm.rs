@@ -42,12 +42,17 @@ pub fn http_client() -> Result<HyperClient, ProviderError> {
     .map_err(|e| error("setup", format!("TLS client: {e}")))?
     .with_root_certificates(roots)
     .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    // A token endpoint that does not exist (IMDS off Azure) must fail fast, not after the
+    // kernel's SYN retries.
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(config)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .build();
+        .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .build(connector))
@@ -216,7 +221,7 @@ impl Arm {
             };
         let mut attempt = 0;
         loop {
-            let token = self.tokens.bearer().await?;
+            let token = self.tokens.bearer(self.tuning.request_timeout).await?;
             let mut builder = hyper::Request::builder()
                 .method(method.clone())
                 .uri(&url)

@@ -629,3 +629,31 @@ async fn driver_deallocates_idle_instances_and_starts_them_again_on_demand() {
         Some("running")
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn unreachable_token_endpoint_is_a_clear_error() {
+    let fake = FakeArm::start(1, |_| {}).await;
+    let closed = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        listener.local_addr().expect("addr")
+    };
+    let config = Azure {
+        identity_endpoint: Some(format!("http://{closed}{TOKEN_PATH}")),
+        ..config(&fake, Orchestration::Uniform)
+    };
+    let p = AzureProvider::with_tuning(&config, Tuning::default()).expect("provider");
+    let err = p.list().await.expect_err("no token");
+    assert_eq!(err.operation, "token");
+    // azure_identity retries IMDS for up to 72 s; the provider stops waiting after a minute.
+    assert!(err.message.contains("no ARM token within 1m"), "{err}");
+    assert!(
+        err.message.contains("is a managed identity assigned"),
+        "{err}"
+    );
+    assert!(
+        fake.state().arm_log().is_empty(),
+        "no ARM call without a token"
+    );
+}

@@ -137,23 +137,41 @@ impl TokenSource {
         })
     }
 
-    /// A bearer token (cached by the credential until shortly before it expires).
-    pub async fn bearer(&self) -> Result<String, ProviderError> {
-        let token = self
-            .credential
-            .get_token(&[self.scope.as_str()], None)
+    /// What to check when this credential yields no token.
+    fn hint(&self) -> &'static str {
+        match self.kind {
+            "managed identity" => {
+                "is a managed identity assigned to the gateway VM (and, for a user-assigned one, is pool.azure.client_id its client id)?"
+            }
+            "client secret" => {
+                "check pool.azure.tenant_id, client_id and the secret in client_secret_file (it may have expired)"
+            }
+            _ => "run `az login` as the user running poolgate",
+        }
+    }
+
+    /// A bearer token (cached by the credential until shortly before it expires), waiting at
+    /// most `within`.
+    pub async fn bearer(&self, within: std::time::Duration) -> Result<String, ProviderError> {
+        let scopes = [self.scope.as_str()];
+        let fetch = self.credential.get_token(&scopes, None);
+        let token = tokio::time::timeout(within, fetch)
             .await
+            .map_err(|_| {
+                token_error(
+                    self.kind,
+                    format!(
+                        "no ARM token within {}; {}",
+                        humantime::format_duration(within),
+                        self.hint()
+                    ),
+                )
+            })?
             .map_err(|e| {
-                let hint = match self.kind {
-                    "managed identity" => {
-                        "is a managed identity assigned to the gateway VM (and, for a user-assigned one, is pool.azure.client_id its client id)?"
-                    }
-                    "client secret" => {
-                        "check pool.azure.tenant_id, client_id and the secret in client_secret_file (it may have expired)"
-                    }
-                    _ => "run `az login` as the user running poolgate",
-                };
-                token_error(self.kind, format!("cannot get an ARM token: {e}; {hint}"))
+                token_error(
+                    self.kind,
+                    format!("cannot get an ARM token: {e}; {}", self.hint()),
+                )
             })?;
         Ok(token.token.secret().to_owned())
     }
