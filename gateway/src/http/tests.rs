@@ -351,7 +351,7 @@ async fn a_stopped_pinned_vm_moves_the_browser_and_rewrites_the_cookie() {
     assert_ne!(r.vm(), pinned);
     let rewritten = r.cookie().expect("cookie rewritten");
     assert_ne!(rewritten, cookie);
-    assert_eq!(*f.failures.lock().expect("lock"), [pinned.clone()]);
+    assert_eq!(*f.failures.lock().expect("lock"), [pinned]);
     // The new cookie keeps the browser on the new VM.
     let again = send(&f, get("/", Some(&rewritten))).await;
     assert_eq!(again.vm(), r.vm());
