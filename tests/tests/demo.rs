@@ -170,11 +170,10 @@ fn demo_wakes_a_vm_for_the_first_login_serves_ssh_and_stops_when_everyone_leaves
         "--scale-to-zero-after",
         "4s",
     ]);
-    assert!(
-        demo.log().contains(&format!("ssh -p {} ", demo.ssh)),
-        "what to try is printed:\n{}",
-        demo.log()
-    );
+    let try_line = format!("ssh -p {} ", demo.ssh);
+    wait_until(Duration::from_secs(10), "what to try printed", || {
+        demo.log().contains(&try_line)
+    });
     assert!(
         demo.lifecycles().iter().all(|(_, l)| l == "stopped"),
         "{:?}",
@@ -363,7 +362,7 @@ fn demo_says_which_flag_to_change_when_a_port_is_taken() {
             .args(["--http-port", &port.to_string()])
             .args(["--admin-port", &free_port().to_string()])
             .arg("--state-dir")
-            .arg(dir.path()),
+            .arg(dir.path().join("state")),
         Duration::from_secs(20),
     );
     assert!(!out.status.success(), "{out:?}");
