@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::health::Health;
@@ -27,13 +27,6 @@ impl Protocol {
         match self {
             Protocol::Ssh => "ssh",
             Protocol::Http => "http",
-        }
-    }
-
-    fn index(self) -> usize {
-        match self {
-            Protocol::Ssh => 0,
-            Protocol::Http => 1,
         }
     }
 }
@@ -205,8 +198,10 @@ const NO_HINT: u64 = u64::MAX;
 /// different VMs never contend on one line.
 #[repr(align(64))]
 pub(crate) struct VmShared {
-    total: AtomicU32,
-    per_protocol: [AtomicU32; 2],
+    /// Live sessions per protocol, packed in one word (SSH in the low half,
+    /// HTTP in the high half) so that a placement or a release is a single
+    /// atomic operation and the total is always consistent.
+    counts: AtomicU64,
     load_hint: AtomicU64,
     /// Nanoseconds after `epoch` when the total last dropped to zero.
     idle_since: AtomicU64,
@@ -219,8 +214,8 @@ pub(crate) struct VmShared {
 impl fmt::Debug for VmShared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VmShared")
-            .field("total", &self.total)
-            .field("per_protocol", &self.per_protocol)
+            .field("ssh", &self.sessions(Protocol::Ssh))
+            .field("http", &self.sessions(Protocol::Http))
             .field("load_hint", &self.load_hint())
             .finish_non_exhaustive()
     }
@@ -231,8 +226,7 @@ impl VmShared {
     /// the pool's time origin.
     pub(crate) fn new(pool: Arc<PoolShared>, epoch: Instant, now: Instant) -> Self {
         Self {
-            total: AtomicU32::new(0),
-            per_protocol: [AtomicU32::new(0), AtomicU32::new(0)],
+            counts: AtomicU64::new(0),
             load_hint: AtomicU64::new(NO_HINT),
             idle_since: AtomicU64::new(nanos_since(epoch, now)),
             epoch,
@@ -248,7 +242,14 @@ impl VmShared {
     /// Live sessions (all protocols).
     #[inline]
     pub(crate) fn total(&self) -> u32 {
-        self.total.load(Ordering::Acquire)
+        total_of(self.counts.load(Ordering::Acquire))
+    }
+
+    /// Live sessions of one protocol.
+    #[inline]
+    pub(crate) fn sessions(&self, protocol: Protocol) -> u32 {
+        let counts = self.counts.load(Ordering::Acquire);
+        (counts >> shift(protocol)) as u32
     }
 
     /// Counts one session of `protocol` unless the total is already at `cap`.
@@ -256,31 +257,32 @@ impl VmShared {
     /// callers can never push the total past `cap`.
     #[inline]
     pub(crate) fn try_reserve(&self, cap: u32, protocol: Protocol) -> bool {
-        let mut cur = self.total.load(Ordering::Acquire);
+        let unit = 1u64 << shift(protocol);
+        let mut cur = self.counts.load(Ordering::Acquire);
         loop {
-            if cur >= cap {
+            if total_of(cur) >= cap {
                 return false;
             }
-            match self.total.compare_exchange_weak(
+            match self.counts.compare_exchange_weak(
                 cur,
-                cur + 1,
+                cur + unit,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => break,
+                Ok(_) => return true,
                 Err(actual) => cur = actual,
             }
         }
-        self.per_protocol[protocol.index()].fetch_add(1, Ordering::AcqRel);
-        true
     }
 
     /// Uncounts one session of `protocol`; returns true when that was the
     /// last session (the caller then calls [`VmShared::mark_idle`]).
     #[inline]
     pub(crate) fn release(&self, protocol: Protocol) -> bool {
-        self.per_protocol[protocol.index()].fetch_sub(1, Ordering::AcqRel);
-        self.total.fetch_sub(1, Ordering::AcqRel) == 1
+        let prev = self
+            .counts
+            .fetch_sub(1u64 << shift(protocol), Ordering::AcqRel);
+        total_of(prev) == 1
     }
 
     /// Records that the VM became idle at `now`. Keeps the latest such time,
@@ -305,6 +307,22 @@ impl VmShared {
         };
         self.load_hint.store(bits, Ordering::Relaxed);
     }
+}
+
+/// Bit offset of `protocol`'s count in the packed counts word.
+#[inline]
+fn shift(protocol: Protocol) -> u32 {
+    match protocol {
+        Protocol::Ssh => 0,
+        Protocol::Http => 32,
+    }
+}
+
+/// Total sessions in a packed counts word (each half is below `u32::MAX`
+/// because the total is capped by a `u32`).
+#[inline]
+fn total_of(counts: u64) -> u32 {
+    (counts as u32).saturating_add((counts >> 32) as u32)
 }
 
 fn nanos_since(epoch: Instant, t: Instant) -> u64 {
@@ -371,7 +389,7 @@ impl Vm {
 
     /// Live sessions of one protocol.
     pub fn sessions(&self, protocol: Protocol) -> u32 {
-        self.shared.per_protocol[protocol.index()].load(Ordering::Acquire)
+        self.shared.sessions(protocol)
     }
 
     /// Live sessions of all protocols (what `max_sessions` caps).
@@ -477,7 +495,8 @@ mod tests {
         assert!(s.try_reserve(2, Protocol::Http));
         assert!(!s.try_reserve(2, Protocol::Ssh));
         assert_eq!(s.total(), 2);
-        assert_eq!(s.per_protocol[0].load(Ordering::Relaxed), 1);
+        assert_eq!(s.sessions(Protocol::Ssh), 1);
+        assert_eq!(s.sessions(Protocol::Http), 1);
         assert!(!s.release(Protocol::Ssh));
         assert!(s.release(Protocol::Http));
         assert_eq!(s.total(), 0);
