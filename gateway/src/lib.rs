@@ -11,4 +11,5 @@ pub mod demo;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod simulate;
 pub mod ssh;

@@ -21,7 +21,7 @@ fn main() -> ExitCode {
         Command::Drain { vm, admin } => admin_command(&admin, Some((vm, true))),
         Command::Undrain { vm, admin } => admin_command(&admin, Some((vm, false))),
         Command::Demo(args) => demo(&args),
-        other => not_implemented(&other),
+        Command::Simulate(args) => simulate(&args),
     }
 }
 
@@ -161,6 +161,20 @@ fn demo(args: &cli::DemoArgs) -> ExitCode {
     }
 }
 
+/// `simulate`: replays a trace through the autoscale policy and the baselines.
+fn simulate(args: &cli::SimulateArgs) -> ExitCode {
+    match gateway::simulate::run(args) {
+        Ok(text) => {
+            let _ = write!(std::io::stdout(), "{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("poolgate simulate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `status`, `drain VM`, `undrain VM`: calls the admin API of a running gateway.
 fn admin_command(args: &cli::AdminArgs, drain: Option<(String, bool)>) -> ExitCode {
     use gateway::admin::client;
@@ -213,18 +227,4 @@ fn admin_command(args: &cli::AdminArgs, drain: Option<(String, bool)>) -> ExitCo
             ExitCode::FAILURE
         }
     }
-}
-
-fn not_implemented(command: &Command) -> ExitCode {
-    let name = match command {
-        Command::Run { .. } => "run",
-        Command::CheckConfig { .. } => "check-config",
-        Command::Demo(_) => "demo",
-        Command::Status(_) => "status",
-        Command::Drain { .. } => "drain",
-        Command::Undrain { .. } => "undrain",
-        Command::Simulate(_) => "simulate",
-    };
-    eprintln!("poolgate {name}: not implemented yet");
-    ExitCode::from(2)
 }

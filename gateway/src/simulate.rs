@@ -1,0 +1,264 @@
+//! `poolgate simulate`: replays a session trace through the autoscale policy and two baselines
+//! (router-core's [`sim`](router_core::sim)) and renders the comparison as a table or JSON.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use poolgate_config::{Config, ConfigError, Provider};
+use router_core::autoscale::AutoscaleConfig;
+use router_core::sim::{self, Comparison, Report, SimParams};
+use serde::Serialize;
+
+use crate::cli::{OutputFormat, SimulateArgs};
+
+/// Why a simulation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    /// The trace file could not be read.
+    #[error("cannot read the trace {path}: {source}")]
+    ReadTrace {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The trace is malformed.
+    #[error("{path}: {source}")]
+    Trace {
+        /// The file.
+        path: String,
+        /// Line and problem.
+        source: sim::TraceError,
+    },
+    /// The configuration file is unusable (every problem, one a line).
+    #[error("{0}")]
+    Config(String),
+    /// `--boot-seconds` is out of range.
+    #[error("--boot-seconds {0} is more than a day ({max}); give a realistic boot time", max = sim::MAX_BOOT_SECONDS)]
+    Boot(u64),
+}
+
+/// Runs `poolgate simulate` and returns what to print.
+pub fn run(args: &SimulateArgs) -> Result<String, SimulateError> {
+    let config = match &args.config {
+        Some(path) => load_config(path)?,
+        None => Config::default(),
+    };
+    if args.boot_seconds > sim::MAX_BOOT_SECONDS {
+        return Err(SimulateError::Boot(args.boot_seconds));
+    }
+    let path = args.trace.display().to_string();
+    let text = std::fs::read_to_string(&args.trace).map_err(|source| SimulateError::ReadTrace {
+        path: path.clone(),
+        source,
+    })?;
+    let trace = sim::parse_trace(&text).map_err(|source| SimulateError::Trace {
+        path: path.clone(),
+        source,
+    })?;
+    let params = params(&config, args.boot_seconds);
+    let comparison = sim::compare(&trace, &params);
+    Ok(match args.format {
+        OutputFormat::Json => json(&comparison),
+        OutputFormat::Text => text_table(&path, &params, &comparison),
+    })
+}
+
+fn load_config(path: &Path) -> Result<Config, SimulateError> {
+    poolgate_config::load(path).map_err(|e| match e {
+        ConfigError::Invalid(errors) => SimulateError::Config(
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .chain([format!("{}: {} error(s)", path.display(), errors.len())])
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        other => SimulateError::Config(other.to_string()),
+    })
+}
+
+/// The simulation parameters for a configuration: its `[autoscale]` numbers and tick, and the
+/// per-VM session cap its provider section sets (`max_sessions`); twice `sessions_per_vm` when
+/// it sets none (no `[pool.azure]`/`[pool.exec]`, no static backends, or the demo pool).
+pub fn params(config: &Config, boot_seconds: u64) -> SimParams {
+    let a = &config.autoscale;
+    let autoscale = AutoscaleConfig {
+        min_vms: a.min_vms,
+        max_vms: a.max_vms,
+        sessions_per_vm: a.sessions_per_vm,
+        spare_vms: a.spare_vms,
+        scale_in_after: a.scale_in_after,
+        scale_to_zero_after: a.scale_to_zero_after,
+        cooldown: a.cooldown,
+    };
+    let mut params = SimParams::new(autoscale, Duration::from_secs(boot_seconds));
+    params.tick = a.tick;
+    let pool = &config.pool;
+    let cap = match pool.provider {
+        Provider::AzureVmss => pool.azure.as_ref().map(|az| az.max_sessions),
+        Provider::Exec => pool.exec.as_ref().map(|ex| ex.max_sessions),
+        Provider::Static => pool.backends.iter().map(|b| b.max_sessions).min(),
+        Provider::Demo => None,
+    };
+    if let Some(cap) = cap {
+        params.max_sessions = cap.max(1);
+    }
+    params
+}
+
+#[derive(Serialize)]
+struct JsonReport {
+    vm_hours: f64,
+    killed_sessions: u64,
+    wait_p50_s: f64,
+    wait_p95_s: f64,
+    peak_vms: u32,
+}
+
+impl From<&Report> for JsonReport {
+    fn from(r: &Report) -> Self {
+        Self {
+            vm_hours: (r.vm_hours * 100.0).round() / 100.0,
+            killed_sessions: r.killed_sessions,
+            wait_p50_s: r.wait_p50_s,
+            wait_p95_s: r.wait_p95_s,
+            peak_vms: r.peak_vms,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonComparison {
+    policy: JsonReport,
+    always_on: JsonReport,
+    cpu_threshold: JsonReport,
+}
+
+/// One JSON object keyed `policy`, `always_on`, `cpu_threshold`, with a newline.
+pub fn json(c: &Comparison) -> String {
+    let out = JsonComparison {
+        policy: (&c.policy).into(),
+        always_on: (&c.always_on).into(),
+        cpu_threshold: (&c.cpu_threshold).into(),
+    };
+    // Plain numbers and strings: serializing cannot fail.
+    let mut text = serde_json::to_string_pretty(&out).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// A table of the three strategies, with the parameters used.
+pub fn text_table(trace: &str, p: &SimParams, c: &Comparison) -> String {
+    let a = &p.autoscale;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "trace {trace}: {} sessions over {:.1} h",
+        c.sessions,
+        c.horizon_s as f64 / 3600.0
+    );
+    let _ = writeln!(
+        out,
+        "VMs boot in {} s; {}-{} VMs, {} sessions per VM (cap {}), {} spare, scale in after {}, to zero after {}, cooldown {}, tick {}",
+        p.boot.as_secs(),
+        a.min_vms,
+        a.max_vms,
+        a.sessions_per_vm,
+        p.max_sessions,
+        a.spare_vms,
+        humantime::format_duration(a.scale_in_after),
+        humantime::format_duration(a.scale_to_zero_after),
+        humantime::format_duration(a.cooldown),
+        humantime::format_duration(p.tick),
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<15} {:>9} {:>7} {:>9} {:>9} {:>9} {:>7} {:>8}",
+        "strategy", "VM-hours", "killed", "wait p50", "wait p95", "wait max", "waited", "peak VMs"
+    );
+    for (name, r) in [
+        ("policy", &c.policy),
+        ("always-on", &c.always_on),
+        ("cpu-threshold", &c.cpu_threshold),
+    ] {
+        let _ = writeln!(
+            out,
+            "{:<15} {:>9.1} {:>7} {:>7} s {:>7} s {:>7} s {:>7} {:>8}",
+            name,
+            r.vm_hours,
+            r.killed_sessions,
+            r.wait_p50_s,
+            r.wait_p95_s,
+            r.wait_max_s,
+            r.waited_sessions,
+            r.peak_vms
+        );
+    }
+    for (name, r) in [
+        ("policy", &c.policy),
+        ("always-on", &c.always_on),
+        ("cpu-threshold", &c.cpu_threshold),
+    ] {
+        if r.unserved_sessions > 0 {
+            let _ = writeln!(
+                out,
+                "{name}: {} session(s) never found a VM (the pool could not grow)",
+                r.unserved_sessions
+            );
+        }
+    }
+    if c.always_on.vm_hours > 0.0 {
+        let _ = writeln!(
+            out,
+            "\npolicy uses {:.0} % of always-on's VM-hours and {:.0} % of cpu-threshold's",
+            100.0 * c.policy.vm_hours / c.always_on.vm_hours,
+            100.0 * c.policy.vm_hours / c.cpu_threshold.vm_hours.max(f64::MIN_POSITIVE),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_comes_from_the_provider_section_or_defaults_to_twice_the_target() {
+        let mut config = Config::default();
+        assert_eq!(params(&config, 90).max_sessions, 8);
+        config.pool.provider = Provider::Exec;
+        config.pool.exec = Some(poolgate_config::Exec {
+            max_sessions: 6,
+            ..Default::default()
+        });
+        let p = params(&config, 30);
+        assert_eq!((p.max_sessions, p.boot.as_secs()), (6, 30));
+        assert_eq!(p.tick, config.autoscale.tick);
+    }
+
+    #[test]
+    fn json_has_exactly_the_documented_keys() {
+        let c = sim::compare(&[], &params(&Config::default(), 90));
+        let v: serde_json::Value = serde_json::from_str(&json(&c)).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys.len(), 3);
+        for k in ["policy", "always_on", "cpu_threshold"] {
+            let r = v[k].as_object().unwrap();
+            let mut fields: Vec<&str> = r.keys().map(String::as_str).collect();
+            fields.sort_unstable();
+            assert_eq!(
+                fields,
+                [
+                    "killed_sessions",
+                    "peak_vms",
+                    "vm_hours",
+                    "wait_p50_s",
+                    "wait_p95_s"
+                ]
+            );
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! `poolgate simulate` as users run it: the real binary on the committed sample week
+//! (benches/traces/sample-week.csv, made by `gen_trace`), JSON shape and the targets —
+//! the policy kills no session, uses at most half the VM-hours of always-on, and its p95 wait
+//! is within one boot time. Also: bad input fails with the line and no panic.
+
+use std::process::Command;
+use std::time::Duration;
+
+use poolgate_tests::*;
+
+const BOOT_SECONDS: f64 = 90.0;
+
+fn simulate(args: &[&str]) -> std::process::Output {
+    run_with_timeout(
+        Command::new(poolgate_bin())
+            .arg("simulate")
+            .args(args)
+            .current_dir(workspace_dir()),
+        Duration::from_secs(120),
+    )
+}
+
+#[test]
+fn sample_week_json_has_the_documented_shape_and_meets_the_targets() {
+    let out = simulate(&[
+        "--trace",
+        "benches/traces/sample-week.csv",
+        "--format",
+        "json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "simulate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    let top = v.as_object().expect("an object");
+    let mut keys: Vec<&str> = top.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["always_on", "cpu_threshold", "policy"], "{stdout}");
+    for (name, report) in top {
+        let fields = report.as_object().expect("each strategy is an object");
+        let mut names: Vec<&str> = fields.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "killed_sessions",
+                "peak_vms",
+                "vm_hours",
+                "wait_p50_s",
+                "wait_p95_s"
+            ],
+            "{name}"
+        );
+        assert!(
+            report["vm_hours"].as_f64().is_some_and(|h| h > 0.0),
+            "{name}"
+        );
+        assert!(report["killed_sessions"].is_u64(), "{name}");
+        assert!(
+            report["peak_vms"].as_u64().is_some_and(|p| p >= 1),
+            "{name}"
+        );
+        let p50 = report["wait_p50_s"].as_f64().expect("p50 is a number");
+        let p95 = report["wait_p95_s"].as_f64().expect("p95 is a number");
+        assert!(0.0 <= p50 && p50 <= p95, "{name}: {p50} {p95}");
+    }
+    let policy = &v["policy"];
+    let always_on = &v["always_on"];
+    assert_eq!(policy["killed_sessions"], 0, "{stdout}");
+    let (hours, always_hours) = (
+        policy["vm_hours"].as_f64().unwrap(),
+        always_on["vm_hours"].as_f64().unwrap(),
+    );
+    assert!(
+        hours <= always_hours / 2.0,
+        "policy {hours} VM-hours vs always-on {always_hours}"
+    );
+    assert!(
+        policy["wait_p95_s"].as_f64().unwrap() <= BOOT_SECONDS,
+        "{stdout}"
+    );
+    // Defaults: max_vms = 10, never exceeded; always-on runs all of them.
+    assert!(policy["peak_vms"].as_u64().unwrap() <= 10);
+    assert_eq!(always_on["peak_vms"], 10);
+    assert_eq!(always_on["killed_sessions"], 0);
+}
+
+#[test]
+fn text_output_compares_the_three_strategies() {
+    let out = simulate(&["--trace", "benches/traces/sample-week.csv"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "policy",
+        "always-on",
+        "cpu-threshold",
+        "VM-hours",
+        "wait p95",
+    ] {
+        assert!(text.contains(needle), "{needle} missing:\n{text}");
+    }
+}
+
+#[test]
+fn a_bad_trace_fails_with_its_line_and_a_missing_one_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "user,protocol,start_s,end_s\nann,ssh,10,20\nbob,ssh,30\n",
+    )
+    .unwrap();
+    let out = simulate(&["--trace", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("line 3"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let out = simulate(&["--trace", "no/such/trace.csv"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no/such/trace.csv"), "{stderr}");
+}
