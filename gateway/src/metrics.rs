@@ -34,6 +34,8 @@ pub struct Metrics {
     pub http_requests_total: IntCounterVec,
     /// `poolgate_autoscale_desired_vms`.
     pub autoscale_desired_vms: IntGauge,
+    /// `poolgate_autoscale_max_vms`: the configured `autoscale.max_vms` (for "pool at max" alerts).
+    pub autoscale_max_vms: IntGauge,
     /// `poolgate_autoscale_actions_total{action}`.
     pub autoscale_actions_total: IntCounterVec,
     /// `poolgate_pool_vms{state}`.
@@ -129,6 +131,10 @@ impl Metrics {
                 "autoscale_desired_vms",
                 "Running VMs the autoscaler aims for."
             )),
+            autoscale_max_vms: reg!(IntGauge::new(
+                "autoscale_max_vms",
+                "The configured autoscale.max_vms (0 when autoscaling is off)."
+            )),
             autoscale_actions_total: reg!(IntCounterVec::new(
                 Opts::new(
                     "autoscale_actions_total",
@@ -160,6 +166,14 @@ impl Metrics {
         {
             let process = prometheus::process_collector::ProcessCollector::for_self();
             let _ = registry.register(Box::new(process));
+        }
+        for method in ["publickey", "password"] {
+            metrics.auth_failures_total.with_label_values(&[method]);
+        }
+        for action in [
+            "start", "create", "drain", "undrain", "stop", "delete", "error",
+        ] {
+            metrics.autoscale_actions_total.with_label_values(&[action]);
         }
         for protocol in [Protocol::Ssh, Protocol::Http] {
             metrics
@@ -203,12 +217,54 @@ impl Metrics {
         self.auth_failures_total.with_label_values(&[method]).inc();
     }
 
-    /// Refreshes the pool gauges from `pool` and renders the text exposition format.
+    /// Refreshes the pool gauges from `pool` and renders the text exposition format. Metrics
+    /// with no sample yet (a labelled counter before its first event) still get their HELP and
+    /// TYPE lines, so every documented name is always visible.
     pub fn render(&self, pool: &Pool) -> String {
         self.refresh_pool(pool);
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8(out).unwrap_or_default()
+        let mut text = String::from_utf8(out).unwrap_or_default();
+        for collector in self.descriptors() {
+            for desc in collector {
+                // The registry adds the prefix when gathering.
+                let name = format!("poolgate_{}", desc.fq_name);
+                if !text.contains(&format!("# TYPE {name} ")) {
+                    let kind = if name.ends_with("_total") {
+                        "counter"
+                    } else if name.ends_with("_seconds") {
+                        "histogram"
+                    } else {
+                        "gauge"
+                    };
+                    text.push_str(&format!(
+                        "# HELP {name} {}\n# TYPE {name} {kind}\n",
+                        desc.help.replace('\\', "\\\\").replace('\n', "\\n")
+                    ));
+                }
+            }
+        }
+        text
+    }
+
+    fn descriptors(&self) -> Vec<Vec<&prometheus::core::Desc>> {
+        use prometheus::core::Collector;
+        vec![
+            self.sessions_active.desc(),
+            self.sessions_total.desc(),
+            self.vm_up.desc(),
+            self.vm_state.desc(),
+            self.bytes_total.desc(),
+            self.connect_seconds.desc(),
+            self.auth_failures_total.desc(),
+            self.http_requests_total.desc(),
+            self.autoscale_desired_vms.desc(),
+            self.autoscale_max_vms.desc(),
+            self.autoscale_actions_total.desc(),
+            self.pool_vms.desc(),
+            self.sessions_waiting.desc(),
+            self.vm_load_hint.desc(),
+        ]
     }
 
     fn refresh_pool(&self, pool: &Pool) {
@@ -264,6 +320,27 @@ mod tests {
     use super::*;
     use router_core::{Health, PickRequest, RoutingPolicy, SystemClock, VmSpec};
     use std::sync::Arc;
+
+    #[test]
+    fn metrics_without_samples_still_have_help_and_type() {
+        let metrics = Metrics::new();
+        let pool = Pool::new(RoutingPolicy::default(), Arc::new(SystemClock));
+        let text = metrics.render(&pool);
+        for name in [
+            "poolgate_http_requests_total",
+            "poolgate_bytes_total",
+            "poolgate_sessions_total",
+            "poolgate_auth_failures_total",
+            "poolgate_autoscale_actions_total",
+        ] {
+            assert!(text.contains(&format!("# HELP {name} ")), "{name}:\n{text}");
+            assert!(
+                text.contains(&format!("# TYPE {name} counter")),
+                "{name}:\n{text}"
+            );
+        }
+        assert!(text.contains("poolgate_auth_failures_total{method=\"publickey\"} 0"));
+    }
 
     #[test]
     fn every_design_metric_is_exported_with_help() {

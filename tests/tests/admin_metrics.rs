@@ -181,9 +181,6 @@ fn admin_metrics_pass_promtool_and_match_the_sessions_open_on_each_vm() {
 }
 
 #[test]
-#[ignore = "gateway bug: poolgate_auth_failures_total, poolgate_http_requests_total and \
-            poolgate_autoscale_actions_total are absent from /metrics (no HELP/TYPE, no sample) \
-            until their first event: labelled vectors are exported only once a child exists"]
 fn admin_metrics_export_every_design_md_metric_with_a_help_line() {
     require_tools!("sshd", "ssh", "ssh-keygen", "promtool");
     require_root!();

@@ -76,6 +76,11 @@ impl Driver {
             max_vms: settings.policy.max_vms,
             ..Default::default()
         };
+        metrics.autoscale_max_vms.set(if enabled {
+            i64::from(settings.policy.max_vms)
+        } else {
+            0
+        });
         Arc::new(Self {
             policy: Mutex::new(Autoscaler::new(settings.policy)),
             settings: DriverSettings {

@@ -321,7 +321,11 @@ impl server::Handler for Front {
         self.tried = true;
         Ok(match self.check_key(user, offer.public_key) {
             Some(_) => Auth::Accept,
-            None => reject(&self.gw),
+            None => {
+                tracing::info!(%user, client = %self.peer, "public key not accepted");
+                self.gw.auth_failed("publickey", self.peer);
+                reject(&self.gw)
+            }
         })
     }
 
