@@ -271,10 +271,11 @@ impl Pool {
         snap: &'s Snapshot,
         req: &PickRequest<'_>,
         pinned: Option<&'s Arc<Vm>>,
-        now: Instant,
+        now: Option<Instant>,
     ) -> Option<&'s Arc<Vm>> {
         select::choose(snap, req, pinned, || {
             let user = req.user.filter(|_| self.policy.user_affinity)?;
+            let now = now.unwrap_or_else(|| self.shared.clock.now());
             self.shared
                 .store
                 .affinity(user, now, self.policy.affinity_ttl)
@@ -286,8 +287,8 @@ impl Pool {
     pub fn pick(&self, req: &PickRequest<'_>) -> Result<Arc<Vm>, NoVm> {
         let snap = self.current.load();
         let pinned = req.pinned_vm.and_then(|p| snap.get(p));
-        let now = self.shared.clock.now();
-        match self.choose(&snap, req, pinned, now) {
+        // The clock is read only if the affinity store is consulted.
+        match self.choose(&snap, req, pinned, None) {
             Some(vm) => Ok(vm.clone()),
             None => Err(NoVm::tally(&snap, req)),
         }
@@ -312,7 +313,7 @@ impl Pool {
         let now = self.shared.clock.now();
         // Each failed attempt means a VM filled up under us; bounded anyway.
         for _ in 0..=snap.len() {
-            let Some(vm) = self.choose(&snap, req, pinned, now) else {
+            let Some(vm) = self.choose(&snap, req, pinned, Some(now)) else {
                 break;
             };
             if vm.shared().try_reserve(vm.spec().capacity(), req.protocol) {
