@@ -345,3 +345,36 @@ proptest! {
         );
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The simulator with the real policy on random traces: no session is ever killed, the pool
+    /// never exceeds `max_vms`, every session lands, and while the pool has room to grow no
+    /// session waits longer than a boot plus a tick.
+    #[test]
+    fn simulated_policy_never_kills_and_stays_within_max_vms(
+        config in config(),
+        boot in 0u64..300,
+        sessions in prop::collection::vec((0u64..20_000, 0u64..8_000, 0usize..6), 0..60),
+    ) {
+        use router_core::sim::{self, SimParams, Strategy, TraceSession};
+        let trace: Vec<TraceSession> = sessions
+            .iter()
+            .map(|&(start, length, user)| TraceSession {
+                user: format!("u{user}"),
+                protocol: router_core::Protocol::Ssh,
+                start_s: start,
+                end_s: start + length,
+            })
+            .collect();
+        // A cap big enough that max_vms VMs always hold everyone: then waits come from boots only.
+        let mut params = SimParams::new(config, Duration::from_secs(boot));
+        params.max_sessions = 60;
+        let r = sim::run(Strategy::Policy, &trace, &params);
+        prop_assert_eq!(r.killed_sessions, 0, "{:?}", r);
+        prop_assert!(r.peak_vms <= config.max_vms, "{:?}", r);
+        prop_assert_eq!(r.unserved_sessions, 0, "{:?}", r);
+        prop_assert!(r.wait_max_s <= (boot + 10) as f64, "{:?}", r);
+    }
+}
