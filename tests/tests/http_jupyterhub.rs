@@ -94,62 +94,6 @@ async fn log_in_and_spawn(b: &Browser, user: &str) {
     assert!(r.text().contains("JupyterLab"), "not JupyterLab: {path}");
 }
 
-/// Runs `code` in a new kernel over the kernel websocket; returns the `text/plain` result.
-async fn execute(b: &Browser, user: &str, code: &str) -> String {
-    let r = b
-        .api(
-            "POST",
-            &format!("/user/{user}/api/kernels"),
-            Some(&json!({"name": "python3"})),
-        )
-        .await;
-    assert_eq!(r.status, 201, "start kernel: {}", r.text());
-    let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
-    let session = "poolgate-test-session";
-    let mut ws = b
-        .websocket(&format!(
-            "/user/{user}/api/kernels/{kernel}/channels?session_id={session}"
-        ))
-        .await;
-    let msg_id = "poolgate-exec-1";
-    let request = json!({
-        "header": {"msg_id": msg_id, "username": user, "session": session,
-                   "msg_type": "execute_request", "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "buffers": [], "channel": "shell",
-        "content": {"code": code, "silent": false, "store_history": true,
-                    "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
-    });
-    ws_send(&mut ws, request.to_string()).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut result = None;
-    let mut replied = false;
-    while result.is_none() || !replied {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let text = tokio::time::timeout(left, ws_next_text(&mut ws))
-            .await
-            .expect("kernel answered within 60 s")
-            .expect("kernel websocket open");
-        let msg: serde_json::Value = serde_json::from_str(&text).expect("kernel message JSON");
-        if msg["parent_header"]["msg_id"] != msg_id {
-            continue;
-        }
-        match msg["header"]["msg_type"].as_str() {
-            Some("execute_result") => {
-                result = msg["content"]["data"]["text/plain"]
-                    .as_str()
-                    .map(str::to_owned)
-            }
-            Some("execute_reply") => {
-                assert_eq!(msg["content"]["status"], "ok", "{msg}");
-                replied = true;
-            }
-            Some("error") => panic!("kernel error: {msg}"),
-            _ => {}
-        }
-    }
-    result.unwrap_or_default()
-}
-
 /// Opens a terminal and echoes through its websocket.
 async fn terminal_echo(b: &Browser, user: &str) {
     let r = b
@@ -222,7 +166,7 @@ async fn jupyterhub_pool_through_the_gateway() {
         started.elapsed()
     );
 
-    assert_eq!(execute(&b, USER, "1+1").await, "2");
+    assert_eq!(execute(&b, &format!("/user/{USER}"), "1+1").await, "2");
     terminal_echo(&b, USER).await;
 
     // XSRF: the same POST without the token is refused by the single-user server, with it
