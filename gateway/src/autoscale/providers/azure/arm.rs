@@ -25,7 +25,7 @@ const MAX_RESPONSE: usize = 32 << 20;
 /// Pages of a listing we follow at most.
 const MAX_PAGES: usize = 100;
 
-/// A client that speaks http and https (the system's CA certificates, aws-lc-rs).
+/// A client that speaks http and https, trusting the system's CA certificates.
 pub fn http_client() -> Result<HyperClient, ProviderError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
@@ -35,6 +35,11 @@ pub fn http_client() -> Result<HyperClient, ProviderError> {
             "no CA certificates found; https to ARM will fail (install ca-certificates)"
         );
     }
+    http_client_trusting(roots)
+}
+
+/// A client that speaks http and https (h2 or http/1.1 by ALPN, aws-lc-rs), trusting `roots`.
+pub fn http_client_trusting(roots: rustls::RootCertStore) -> Result<HyperClient, ProviderError> {
     let config = rustls::ClientConfig::builder_with_provider(
         rustls::crypto::aws_lc_rs::default_provider().into(),
     )
@@ -71,8 +76,9 @@ pub struct Tuning {
     pub poll_every: Duration,
     /// Give up waiting for a long-running operation after this long.
     pub operation_deadline: Duration,
-    /// One HTTP exchange may take this long.
-    pub request_timeout: Duration,
+    /// One HTTP exchange (and one token fetch) may take this long; `None`: no limit (tests on
+    /// tokio's paused clock, where an idle runtime would jump straight to the deadline).
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for Tuning {
@@ -84,7 +90,7 @@ impl Default for Tuning {
             // Per-scale-set read budgets are small (FIELD-NOTES): ~5 s between polls.
             poll_every: Duration::from_secs(5),
             operation_deadline: Duration::from_secs(30 * 60),
-            request_timeout: Duration::from_secs(60),
+            request_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -248,18 +254,18 @@ impl Arm {
                     .to_bytes();
                 Ok::<_, ProviderError>((parts.status, parts.headers, bytes))
             };
-            let (status, headers, bytes) =
-                tokio::time::timeout(self.tuning.request_timeout, exchange)
-                    .await
-                    .map_err(|_| {
-                        error(
-                            operation,
-                            format!(
-                                "ARM did not answer within {}",
-                                humantime::format_duration(self.tuning.request_timeout)
-                            ),
-                        )
-                    })??;
+            let (status, headers, bytes) = match self.tuning.request_timeout {
+                None => exchange.await?,
+                Some(limit) => tokio::time::timeout(limit, exchange).await.map_err(|_| {
+                    error(
+                        operation,
+                        format!(
+                            "ARM did not answer within {}",
+                            humantime::format_duration(limit)
+                        ),
+                    )
+                })??,
+            };
             let retryable = matches!(
                 status,
                 StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE

@@ -90,6 +90,15 @@ impl AzureProvider {
 
     /// A provider with explicit retry and polling timing.
     pub fn with_tuning(config: &Azure, tuning: Tuning) -> Result<Self, ProviderError> {
+        Self::with_client(config, tuning, arm::http_client()?)
+    }
+
+    /// A provider sending its requests (ARM and tokens) through `http`.
+    pub fn with_client(
+        config: &Azure,
+        tuning: Tuning,
+        http: HyperClient,
+    ) -> Result<Self, ProviderError> {
         for (key, value) in [
             ("subscription_id", &config.subscription_id),
             ("resource_group", &config.resource_group),
@@ -102,7 +111,6 @@ impl AzureProvider {
                 ));
             }
         }
-        let http: HyperClient = arm::http_client()?;
         let tokens = TokenSource::from_config(config, http.clone())?;
         let target = format!(
             "scale set {} in resource group {} (subscription {})",

@@ -33,8 +33,8 @@ fn provider(fake: &FakeArm) -> AzureProvider {
 
 fn provider_with(fake: &FakeArm, orchestration: Orchestration) -> AzureProvider {
     let tuning = Tuning {
-        // Under the paused clock a short timeout could fire while a loopback read is pending.
-        request_timeout: Duration::from_secs(24 * 3600),
+        // Under the paused clock a request timeout would fire whenever the runtime idles on I/O.
+        request_timeout: None,
         ..Tuning::default()
     };
     AzureProvider::with_tuning(&config(fake, orchestration), tuning).expect("provider")
@@ -522,7 +522,7 @@ async fn driver_over(
     let clock = Arc::new(ManualClock::new());
     let pool = Arc::new(Pool::new(RoutingPolicy::default(), clock.clone()));
     let tuning = Tuning {
-        request_timeout: Duration::from_secs(24 * 3600),
+        request_timeout: None,
         ..Tuning::default()
     };
     let config = Azure {
@@ -655,5 +655,38 @@ async fn unreachable_token_endpoint_is_a_clear_error() {
     assert!(
         fake.state().arm_log().is_empty(),
         "no ARM call without a token"
+    );
+}
+
+// Real clock here: under the paused clock, an idle runtime waiting on the h2 connection task
+// would jump straight to the request timeout. No sleeps happen in this test.
+#[tokio::test]
+async fn https_with_alpn_to_a_trusted_server() {
+    let (fake, cert) = FakeArm::start_tls(2, |_| {}).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).expect("root");
+    let http = super::arm::http_client_trusting(roots).expect("client");
+    let p = AzureProvider::with_client(
+        &config(&fake, Orchestration::Uniform),
+        Tuning::default(),
+        http,
+    )
+    .expect("provider");
+    let vms = p.list().await.expect("list over https");
+    assert_eq!(vms.len(), 2);
+    let s = fake.state();
+    assert_eq!(s.arm_log().len(), 2);
+    assert!(
+        s.log.iter().all(|l| l.version == "HTTP/2.0"),
+        "h2 negotiated by ALPN: {:?}",
+        s.log.iter().map(|l| &l.version).collect::<Vec<_>>()
+    );
+    // Over https the token scope follows the endpoint (sovereign clouds).
+    let token = s.log.iter().find(|l| l.path == TOKEN_PATH);
+    assert_eq!(
+        token
+            .and_then(|l| l.query.get("resource"))
+            .map(String::as_str),
+        Some(fake.url().as_str())
     );
 }

@@ -151,28 +151,32 @@ impl TokenSource {
     }
 
     /// A bearer token (cached by the credential until shortly before it expires), waiting at
-    /// most `within`.
-    pub async fn bearer(&self, within: std::time::Duration) -> Result<String, ProviderError> {
+    /// most `within` (`None`: as long as the credential takes).
+    pub async fn bearer(
+        &self,
+        within: Option<std::time::Duration>,
+    ) -> Result<String, ProviderError> {
         let scopes = [self.scope.as_str()];
         let fetch = self.credential.get_token(&scopes, None);
-        let token = tokio::time::timeout(within, fetch)
-            .await
-            .map_err(|_| {
+        let result = match within {
+            None => fetch.await,
+            Some(limit) => tokio::time::timeout(limit, fetch).await.map_err(|_| {
                 token_error(
                     self.kind,
                     format!(
                         "no ARM token within {}; {}",
-                        humantime::format_duration(within),
+                        humantime::format_duration(limit),
                         self.hint()
                     ),
                 )
-            })?
-            .map_err(|e| {
-                token_error(
-                    self.kind,
-                    format!("cannot get an ARM token: {e}; {}", self.hint()),
-                )
-            })?;
+            })?,
+        };
+        let token = result.map_err(|e| {
+            token_error(
+                self.kind,
+                format!("cannot get an ARM token: {e}; {}", self.hint()),
+            )
+        })?;
         Ok(token.token.secret().to_owned())
     }
 }

@@ -6,7 +6,6 @@ mod shapes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -41,6 +40,8 @@ pub struct Logged {
     pub query: HashMap<String, String>,
     pub body: Option<Value>,
     pub auth: Option<String>,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
 }
 
 #[derive(Debug)]
@@ -140,7 +141,7 @@ pub(super) fn running(id: u32) -> Inst {
 
 /// The running fake.
 pub struct FakeArm {
-    pub addr: SocketAddr,
+    base: String,
     state: Arc<Mutex<State>>,
     task: JoinHandle<()>,
 }
@@ -170,13 +171,48 @@ pub(super) fn flex_id(name: &str) -> Option<u32> {
 }
 
 impl FakeArm {
-    /// A fake scale set with `count` running instances, adjusted by `setup`.
+    /// A fake scale set with `count` running instances, adjusted by `setup`, on plain http.
     pub async fn start(count: u32, setup: impl FnOnce(&mut State)) -> Self {
+        Self::serve(count, setup, None).await
+    }
+
+    /// The same over TLS (h2 or http/1.1 by ALPN) with a fresh self-signed certificate for
+    /// `localhost`, returned so the client can trust it.
+    pub async fn start_tls(
+        count: u32,
+        setup: impl FnOnce(&mut State),
+    ) -> (Self, rustls::pki_types::CertificateDer<'static>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
+        let cert = ck.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der())
+            .expect("key");
+        let mut config = rustls::ServerConfig::builder_with_provider(
+            rustls::crypto::aws_lc_rs::default_provider().into(),
+        )
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .expect("server config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        (Self::serve(count, setup, Some(acceptor)).await, cert)
+    }
+
+    async fn serve(
+        count: u32,
+        setup: impl FnOnce(&mut State),
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         let mut state = State::new(count);
         setup(&mut state);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        state.addr = format!("http://{addr}");
+        state.addr = match tls {
+            Some(_) => format!("https://localhost:{}", addr.port()),
+            None => format!("http://{addr}"),
+        };
+        let base = state.addr.clone();
         let state = Arc::new(Mutex::new(state));
         let shared = state.clone();
         let task = tokio::spawn(async move {
@@ -185,26 +221,39 @@ impl FakeArm {
                     return;
                 };
                 let state = shared.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let state = state.clone();
                         async move { Ok::<_, Infallible>(handle(&state, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let server = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ =
+                                    server.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = server.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
         });
-        Self { addr, state, task }
+        Self { base, state, task }
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("fake state")
     }
 
+    /// `http://127.0.0.1:port` or `https://localhost:port`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.base.clone()
     }
 }
 
@@ -285,6 +334,7 @@ fn now() -> u64 {
 
 async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_owned();
+    let version = format!("{:?}", req.version());
     let path = req.uri().path().to_owned();
     let query = query_map(req.uri().query().unwrap_or(""));
     let auth = req
@@ -313,6 +363,7 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
         query: query.clone(),
         body: body.clone(),
         auth: auth.clone(),
+        version,
     });
     if path == TOKEN_PATH {
         return token(&mut s, &query, metadata.as_deref());
@@ -358,7 +409,10 @@ fn token(
     metadata: Option<&str>,
 ) -> Response<Full<Bytes>> {
     if metadata != Some("true")
-        || query.get("resource").map(String::as_str) != Some("https://management.azure.com")
+        || !query.get("resource").is_some_and(|r| {
+            // The public cloud's ARM, or (over TLS) this server standing in for another cloud.
+            r == "https://management.azure.com" || *r == s.addr
+        })
         || query.get("api-version").is_none()
     {
         return reply(
