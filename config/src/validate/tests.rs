@@ -148,6 +148,7 @@ fn azure_rules() {
         credential: Credential::ClientSecret,
         ssh_port: 0,
         arm_endpoint: "management.azure.com".into(),
+        identity_endpoint: Some("169.254.169.254/metadata/identity/oauth2/token".into()),
         ..Azure::default()
     });
     for key in [
@@ -159,6 +160,7 @@ fn azure_rules() {
         "pool.azure.client_secret_file",
         "pool.azure.ssh_port",
         "pool.azure.arm_endpoint",
+        "pool.azure.identity_endpoint",
     ] {
         has_key(&c, key);
     }
