@@ -422,6 +422,7 @@ async fn serve(
             on_vm_failure: Arc::new(move |vm| {
                 health_for_http.report_failure(vm, "HTTP request failed")
             }),
+            wake: Some(gateway.driver.clone()),
         },
         http_listener,
         https_listener,

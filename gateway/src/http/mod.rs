@@ -74,6 +74,9 @@ pub struct HttpParts {
     pub metrics: Arc<Metrics>,
     /// Passive health feedback: a request could not reach the VM.
     pub on_vm_failure: FailureHook,
+    /// Autoscaler to wake when no VM can take a request (wake-on-connect): the 503 page then
+    /// keeps the browser retrying while the pool starts.
+    pub wake: Option<Arc<crate::autoscale::Driver>>,
 }
 
 /// How often the TLS certificate files are checked for renewal.
@@ -122,7 +125,8 @@ pub async fn serve(
         parts.metrics.clone(),
         parts.on_vm_failure.clone(),
         signer,
-    );
+    )
+    .with_wake(parts.wake.clone());
     let builder = Arc::new(connection_builder(config));
     let idle_timeout = config.http.idle_timeout;
 

@@ -24,6 +24,7 @@ use super::errors::GatewayError;
 use super::headers::{Forwarding, set_forwarding, strip_hop_by_hop, wants_upgrade};
 use super::upgrade::{self, UpgradeError};
 use super::{Body, BoxError, empty};
+use crate::autoscale::Driver;
 use crate::metrics::{Metrics, outcome};
 use crate::ssh::FailureHook;
 
@@ -94,6 +95,8 @@ struct Inner {
     signer: CookieSigner,
     /// Pooled keep-alive connections, per VM (pool key: VM address).
     client: Client<HttpConnector, Handoff>,
+    /// Autoscaler woken when no VM can take a request.
+    wake: Option<Arc<Driver>>,
 }
 
 fn unix_now() -> u64 {
@@ -146,8 +149,33 @@ impl Frontend {
                 on_vm_failure,
                 signer,
                 client,
+                wake: None,
             }),
         }
+    }
+
+    /// Wakes `driver`'s pool when no VM can take a request (if it wakes on connect). Call
+    /// before the frontend is cloned.
+    pub fn with_wake(mut self, driver: Option<Arc<Driver>>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.wake = driver;
+        }
+        self
+    }
+
+    /// No VM for a request: tell the autoscaler someone is waiting. The 503 page refreshes every
+    /// `retry_after`, so the registration is held a little longer than that; every refresh
+    /// renews it, and it lapses once browsers stop asking.
+    fn wake_pool(&self) {
+        let Some(driver) = self.inner.wake.as_ref().filter(|d| d.wakes_on_connect()) else {
+            return;
+        };
+        let guard = driver.wait_guard(Protocol::Http);
+        let hold = self.inner.settings.retry_after * 2;
+        tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            drop(guard);
+        });
     }
 
     /// The pool.
@@ -280,6 +308,9 @@ impl Frontend {
             let vm = match self.route(pin.as_ref(), &tried) {
                 Ok(vm) => vm,
                 Err(no_vm) => {
+                    if last_failure.is_none() {
+                        self.wake_pool();
+                    }
                     let err = last_failure.unwrap_or_else(|| {
                         inner.metrics.session_started(
                             Protocol::Http,
