@@ -44,6 +44,8 @@ pub struct Driver {
     waiting: AtomicU32,
     poke: Notify,
     view: Mutex<AutoscaleView>,
+    /// Scale-in protection last set per VM (VMs with sessions are protected).
+    protected: Mutex<std::collections::HashMap<String, bool>>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -93,6 +95,7 @@ impl Driver {
             waiting: AtomicU32::new(0),
             poke: Notify::new(),
             view: Mutex::new(view),
+            protected: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -200,6 +203,7 @@ impl Driver {
                 }
             })
             .collect();
+        self.protect_busy(&vms).await;
         let waiting = self.waiting.load(Ordering::Acquire);
         let decision = match self.policy.lock() {
             Ok(mut policy) => policy.decide(&Observation {
@@ -228,6 +232,32 @@ impl Driver {
             if last.is_some() {
                 view.last_decision = last;
             }
+        }
+    }
+
+    /// Tells the provider which VMs have sessions, so the platform's own scale-in spares them
+    /// (Azure `protectFromScaleIn`). Only changes are sent.
+    async fn protect_busy(&self, vms: &[VmObservation]) {
+        let changes: Vec<(String, bool)> = match self.protected.lock() {
+            Ok(known) => vms
+                .iter()
+                .filter(|v| v.lifecycle == Lifecycle::Running)
+                .map(|v| (v.name.clone(), v.sessions > 0))
+                .filter(|(name, busy)| known.get(name).copied().unwrap_or(false) != *busy)
+                .collect(),
+            Err(_) => return,
+        };
+        if changes.is_empty() {
+            return;
+        }
+        match self.provider().protect(&changes).await {
+            Ok(()) => {
+                if let Ok(mut known) = self.protected.lock() {
+                    known.retain(|name, _| vms.iter().any(|v| &v.name == name));
+                    known.extend(changes);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "setting scale-in protection failed; will retry"),
         }
     }
 
