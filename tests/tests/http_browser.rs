@@ -77,6 +77,13 @@ fn chromium_logs_in_opens_jupyterlab_and_runs_a_cell() {
         .filter_map(|v| v.split_whitespace().next())
         .collect();
     assert_eq!(vms.len(), 1, "the browser's requests went to {vms:?}");
+    // Chromium chose HTTP/2 (ALPN) for pages and API calls, and HTTP/1.1 for websockets.
+    let access = |needle: &str| {
+        log.lines()
+            .any(|l| l.contains("poolgate::http::access") && l.contains(needle))
+    };
+    assert!(access("proto=HTTP/2.0"), "no HTTP/2 request in:\n{log}");
+    assert!(access("status=101"), "no websocket upgrade in:\n{log}");
     eprintln!(
         "browser journey in {:?}; screenshot {}",
         started.elapsed(),

@@ -192,6 +192,7 @@ impl Frontend {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        let version = req.version();
         let (resp, vm) = self.proxy(req, conn).await;
         let status = resp.status().as_u16();
         let vm_label = vm.as_deref().unwrap_or("none");
@@ -208,6 +209,7 @@ impl Frontend {
             vm = vm_label,
             ms = started.elapsed().as_secs_f64() * 1000.0,
             client = %conn.client,
+            proto = ?version,
             "request"
         );
         resp
