@@ -1,9 +1,9 @@
 //! `poolgate demo` end to end: the binary runs as a process with no config, and real OpenSSH
 //! clients and HTTP clients use it as README's quickstart says. A first login to the empty pool
 //! is held while a demo VM boots; exec returns its exit status; `ssh -tt` gets a pty; password
-//! `demo` works; sftp works; the admin listener answers; the web page and websocket echo come
-//! through the gateway's HTTP listener; once everyone leaves the VM drains and stops; Ctrl-C
-//! stops everything.
+//! `demo` works; sftp works; the admin listener answers; a browser's first request wakes the
+//! pool too, then the web page and websocket echo come through the gateway's HTTP listener; once
+//! everyone leaves the VM drains and stops; Ctrl-C stops everything.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -299,8 +299,11 @@ fn demo_wakes_a_vm_for_the_first_login_serves_ssh_and_stops_when_everyone_leaves
 }
 
 #[test]
-fn demo_serves_the_vm_page_and_websocket_echo_through_the_gateway() {
-    let demo = Demo::start(&["--min-vms", "1", "--max-vms", "1", "--boot-delay", "0s"]);
+fn demo_wakes_a_vm_for_a_browser_then_serves_its_page_and_websocket_echo() {
+    // An empty pool: the browser's first request wakes it (503 "starting" page, then the VM).
+    let demo = Demo::start(&["--min-vms", "0", "--max-vms", "1", "--boot-delay", "1s"]);
+    let first = http_get(demo.http, "/");
+    assert_eq!(first.0, 503, "{first:?}");
     let mut last = (0, String::new());
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {

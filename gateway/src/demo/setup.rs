@@ -301,8 +301,7 @@ pub fn instructions(options: &DemoOptions, user: &str, state_dir: &Path) -> Stri
          Try:\n\
          \x20 ssh -p {ssh} {user}@127.0.0.1            any key works, or password: demo\n\
          \x20 ssh -p {ssh} {user}@127.0.0.1 'echo $POOLGATE_VM'\n\
-         \x20 http://127.0.0.1:{http}/                 a page from the VM you are pinned to (a VM\n\
-         \x20                                          must be running: ssh first, or --min-vms 1)\n\
+         \x20 http://127.0.0.1:{http}/                 a page from the VM you are pinned to\n\
          \x20 http://127.0.0.1:{admin}/status           the pool at a glance\n\
          \x20 http://127.0.0.1:{admin}/metrics          Prometheus metrics\n\
          \x20 poolgate status --admin 127.0.0.1:{admin}\n\
