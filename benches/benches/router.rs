@@ -7,7 +7,8 @@
 //!   guards as fast as they can, over 100 VMs: `least_loaded` (full pick,
 //!   64 users per thread with affinity) and `pinned` (each thread's browser
 //!   pinned to its own VM: guard accounting alone). Time is per iteration,
-//!   in which each thread does one acquire + drop.
+//!   in which each thread does one acquire + drop (so two sessions placed
+//!   and released per iteration).
 //!
 //! Run: `cargo bench -p poolgate-benches --bench router` (short measurement
 //! times are set below; criterion's `--measurement-time` etc. override them).
@@ -17,7 +18,9 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{
+    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
 use poolgate_benches::{NaivePool, fixture, poolgate_pool};
 use router_core::{PickRequest, Protocol};
 
@@ -88,6 +91,14 @@ fn two_threads(iters: u64, op: &(dyn Fn(usize, u64) + Sync)) -> Duration {
 fn churn_2_threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("churn_2_threads");
     group.throughput(Throughput::Elements(2));
+    // Waking two threads costs up to milliseconds on a busy machine: make
+    // every sample long enough (flat sampling, >= 100 ms each) that this
+    // never dominates.
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(10);
     let vms = fixture(100);
     let (pool, _held) = poolgate_pool(&vms);
     let naive = NaivePool::new(&vms);

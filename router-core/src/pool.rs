@@ -272,14 +272,16 @@ impl Pool {
         req: &PickRequest<'_>,
         pinned: Option<&'s Arc<Vm>>,
         now: Option<Instant>,
+        check_capacity: bool,
     ) -> Option<&'s Arc<Vm>> {
-        select::choose(snap, req, pinned, || {
+        let affinity = || {
             let user = req.user.filter(|_| self.policy.user_affinity)?;
             let now = now.unwrap_or_else(|| self.shared.clock.now());
             self.shared
                 .store
                 .affinity(user, now, self.policy.affinity_ttl)
-        })
+        };
+        select::choose(snap, req, pinned, affinity, check_capacity)
     }
 
     /// The VM a new session would go to now, without counting a session
@@ -288,7 +290,7 @@ impl Pool {
         let snap = self.current.load();
         let pinned = req.pinned_vm.and_then(|p| snap.get(p));
         // The clock is read only if the affinity store is consulted.
-        match self.choose(&snap, req, pinned, None) {
+        match self.choose(&snap, req, pinned, None, true) {
             Some(vm) => Ok(vm.clone()),
             None => Err(NoVm::tally(&snap, req)),
         }
@@ -312,8 +314,9 @@ impl Pool {
         let pinned = req.pinned_vm.and_then(|p| snap.get(p));
         let now = self.shared.clock.now();
         // Each failed attempt means a VM filled up under us; bounded anyway.
-        for _ in 0..=snap.len() {
-            let Some(vm) = self.choose(&snap, req, pinned, Some(now)) else {
+        // The first attempt leaves the capacity check to the reservation.
+        for attempt in 0..=snap.len() + 1 {
+            let Some(vm) = self.choose(&snap, req, pinned, Some(now), attempt > 0) else {
                 break;
             };
             if vm.shared().try_reserve(vm.spec().capacity(), req.protocol) {

@@ -67,9 +67,17 @@ impl<'a> PickRequest<'a> {
     /// Whether `vm` may take this new session as its pinned VM (`pinned`) or
     /// otherwise.
     pub(crate) fn admits(&self, vm: &Vm, pinned: bool) -> bool {
+        self.admits_ignoring_capacity(vm, pinned) && !vm.is_full()
+    }
+
+    /// [`PickRequest::admits`] without the capacity check, for callers that
+    /// reserve a slot next anyway (the reservation checks capacity
+    /// atomically, and skipping the extra read saves a cache-line transfer
+    /// on busy VMs).
+    pub(crate) fn admits_ignoring_capacity(&self, vm: &Vm, pinned: bool) -> bool {
         let status = vm.status();
         let state_ok = status.accepts_new() || (pinned && self.keep_draining && status.serving());
-        state_ok && !vm.is_full() && !self.excludes(vm.name())
+        state_ok && !self.excludes(vm.name())
     }
 }
 
@@ -207,19 +215,29 @@ pub(crate) fn least_loaded<'s>(
 
 /// The VM a new session should go to: pinned (already looked up), else the
 /// user's affinity VM (`affinity` is called only if the pinned VM does not
-/// take the session), else least loaded.
+/// take the session), else least loaded. With `check_capacity` false, a full
+/// pinned or affinity VM may be returned: the caller's reservation then
+/// fails and it asks again with `check_capacity` true.
 pub(crate) fn choose<'s>(
     snapshot: &'s Snapshot,
     req: &PickRequest<'_>,
     pinned: Option<&'s Arc<Vm>>,
     affinity: impl FnOnce() -> Option<Arc<str>>,
+    check_capacity: bool,
 ) -> Option<&'s Arc<Vm>> {
-    if let Some(vm) = pinned.filter(|vm| req.admits(vm, true)) {
+    let admits = |vm: &Vm, pinned: bool| {
+        if check_capacity {
+            req.admits(vm, pinned)
+        } else {
+            req.admits_ignoring_capacity(vm, pinned)
+        }
+    };
+    if let Some(vm) = pinned.filter(|vm| admits(vm, true)) {
         return Some(vm);
     }
     if let Some(vm) = affinity()
         .and_then(|a| snapshot.get(&a))
-        .filter(|vm| req.admits(vm, false))
+        .filter(|vm| admits(vm, false))
     {
         return Some(vm);
     }
