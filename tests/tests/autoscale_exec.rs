@@ -22,10 +22,10 @@ struct KillPidFile(PathBuf);
 
 impl Drop for KillPidFile {
     fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(&self.0) {
-            if let Ok(pid) = pid.trim().parse::<u32>() {
-                kill_tree(pid);
-            }
+        if let Ok(pid) = std::fs::read_to_string(&self.0)
+            && let Ok(pid) = pid.trim().parse::<u32>()
+        {
+            kill_tree(pid);
         }
     }
 }
