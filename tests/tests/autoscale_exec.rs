@@ -183,8 +183,8 @@ fn exec_provider_wakes_a_stopped_vm_for_ssh_and_stops_it_only_when_idle() {
         "idle VM stopped {:?} after the last session",
         left.elapsed()
     );
-    let log = gateway.log_text();
-    assert!(log.contains("Drain(\"vm-a\")"), "{log}");
-    assert!(log.contains("result=\"stop\""), "{log}");
+    // The decision lines are logged once each action has been applied.
+    gateway.wait_for_log("action=Drain(\"vm-a\")", Duration::from_secs(5));
+    gateway.wait_for_log("result=\"stop\"", Duration::from_secs(5));
     assert!(!pid_file.exists(), "the stop script removes the pid file");
 }

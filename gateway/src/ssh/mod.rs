@@ -3,6 +3,7 @@
 
 pub mod authorized_keys;
 pub mod backend;
+mod connect;
 pub mod front;
 pub mod keys;
 pub mod known_hosts;

@@ -1,0 +1,353 @@
+//! Connecting a user's session to a VM — picking the VM (each eligible one at most once) and
+//! logging in to it — and the per-connection state that channel tasks wait on, including while
+//! the pool wakes up. Also the [`Link`] relays use to reach the user, which writes the session's
+//! audit line when it goes.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use router_core::{PickRequest, Protocol, SessionGuard};
+use russh::server;
+use russh::{ChannelId, ChannelOpenFailure, Sig};
+use tokio::sync::watch;
+
+use super::SshGateway;
+use super::backend::{self, BackendError, BackendHandler, Credential, Target, VmChannel};
+use super::keys::CertRequest;
+use super::relay::{self, FlowControl, UserSide};
+use crate::metrics::outcome;
+
+pub(crate) enum OpenError {
+    NoVm(String),
+    PasswordRefused,
+}
+
+/// An authenticated VM connection with the session's load guard.
+pub(crate) struct Connected {
+    backend: Arc<russh::client::Handle<BackendHandler>>,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<VmChannel>,
+    guard: Arc<SessionGuard>,
+}
+
+/// The VM side of a user connection.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    /// Not authenticated yet.
+    None,
+    /// Waiting for the pool to wake up.
+    Waking,
+    /// Connected.
+    Ready(Arc<Ready>),
+    /// No VM could be had (message for the user).
+    Failed(Arc<str>),
+}
+
+/// What channels need once connected.
+pub(crate) struct Ready {
+    pub(crate) backend: Arc<russh::client::Handle<BackendHandler>>,
+    pub(crate) link: Arc<Link>,
+}
+
+/// Who is connecting, for [`connect_vm`].
+pub(crate) struct Who<'a> {
+    pub(crate) gw: &'a SshGateway,
+    pub(crate) user: &'a str,
+    pub(crate) peer: SocketAddr,
+    pub(crate) port_forwarding: bool,
+    pub(crate) agent_forwarding: bool,
+    pub(crate) accepted: Instant,
+}
+
+/// Picks a VM and connects to it, trying each eligible VM at most once.
+pub(crate) async fn connect_vm(
+    who: &Who<'_>,
+    password: Option<&str>,
+) -> Result<Connected, OpenError> {
+    let gw = who.gw;
+    let user = who.user;
+    let mut tried: Vec<String> = Vec::new();
+    let mut last: Option<BackendError> = None;
+    let started = Instant::now();
+    loop {
+        let request = PickRequest::new(Protocol::Ssh).user(user).excluding(&tried);
+        let guard = match gw.pool.acquire(&request) {
+            Ok(guard) => guard,
+            Err(no_vm) => {
+                gw.metrics.session_started(
+                    Protocol::Ssh,
+                    "none",
+                    outcome::NO_VM,
+                    started.elapsed(),
+                );
+                let mut message = no_vm.to_string();
+                if let Some(e) = &last {
+                    message = format!("{message} (last attempt: {e})");
+                }
+                return Err(OpenError::NoVm(message));
+            }
+        };
+        let spec = guard.spec().clone();
+        let client = who.peer.to_string();
+        let credential = match password {
+            Some(p) => Credential::Password(p),
+            None => Credential::Certificate {
+                ca: &gw.ca,
+                request: CertRequest {
+                    user,
+                    session: guard.id(),
+                    client: &client,
+                    port_forwarding: who.port_forwarding,
+                    agent_forwarding: who.agent_forwarding,
+                },
+            },
+        };
+        let target = Target {
+            vm: &spec.name,
+            host: &spec.host,
+            port: spec.ssh_port,
+            user,
+        };
+        match backend::connect(
+            &target,
+            credential,
+            gw.host_policy(),
+            gw.client_config.clone(),
+            gw.settings.connect_timeout,
+        )
+        .await
+        {
+            Ok(backend) => {
+                gw.metrics.session_started(
+                    Protocol::Ssh,
+                    &spec.name,
+                    outcome::OK,
+                    who.accepted.elapsed(),
+                );
+                tracing::info!(
+                    %user, vm = %spec.name, session = guard.id(),
+                    connect_ms = started.elapsed().as_millis() as u64,
+                    "session routed"
+                );
+                return Ok(Connected {
+                    backend: Arc::new(backend.handle),
+                    incoming: backend.incoming,
+                    guard: Arc::new(guard),
+                });
+            }
+            Err(BackendError::AuthRefused { .. }) if password.is_some() => {
+                return Err(OpenError::PasswordRefused);
+            }
+            Err(e) => {
+                gw.metrics.session_started(
+                    Protocol::Ssh,
+                    &spec.name,
+                    outcome::VM_FAILED,
+                    started.elapsed(),
+                );
+                tracing::warn!(%user, vm = %spec.name, error = %e, "VM connection failed; trying the next VM");
+                if e.is_outage() {
+                    (gw.on_vm_failure)(&spec.name);
+                }
+                tried.push(spec.name.clone());
+                last = Some(e);
+            }
+        }
+    }
+}
+
+/// Turns a VM connection into the state channels use, and starts accepting the VM's own
+/// channel opens (`-R`, `-A`).
+pub(crate) fn make_ready(
+    who: &Who<'_>,
+    connected: Connected,
+    handle: server::Handle,
+    flow: Arc<FlowControl>,
+) -> Arc<Ready> {
+    let gw = who.gw;
+    let guard = connected.guard;
+    let link = Arc::new(Link {
+        handle: handle.clone(),
+        guard: guard.clone(),
+        user: who.user.to_string(),
+        client: who.peer,
+        started: Instant::now(),
+        exit: Mutex::new(None),
+        bytes_up: gw
+            .metrics
+            .bytes_total
+            .with_label_values(&["ssh", guard.vm_name(), "up"]),
+        bytes_down: gw
+            .metrics
+            .bytes_total
+            .with_label_values(&["ssh", guard.vm_name(), "down"]),
+    });
+    tokio::spawn(accept_vm_channels(
+        connected.incoming,
+        handle,
+        link.clone(),
+        flow,
+        who.agent_forwarding,
+        who.port_forwarding,
+    ));
+    Arc::new(Ready {
+        backend: connected.backend,
+        link,
+    })
+}
+
+/// Waits until the connection is ready (or failed). Tells the user on `notice` while waiting.
+pub(crate) async fn ready_or_failed(
+    mut conn: watch::Receiver<Conn>,
+) -> Result<Arc<Ready>, Arc<str>> {
+    loop {
+        match &*conn.borrow_and_update() {
+            Conn::Ready(ready) => return Ok(ready.clone()),
+            Conn::Failed(message) => return Err(message.clone()),
+            Conn::None | Conn::Waking => {}
+        }
+        if conn.changed().await.is_err() {
+            return Err("the connection closed".into());
+        }
+    }
+}
+
+/// Accepts channels the VM opens towards the user: `-R` forwards and agent requests.
+async fn accept_vm_channels(
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<VmChannel>,
+    handle: server::Handle,
+    link: Arc<Link>,
+    flow: Arc<FlowControl>,
+    agent_allowed: bool,
+    forwarding_allowed: bool,
+) {
+    while let Some(request) = incoming.recv().await {
+        let (handle, link, flow) = (handle.clone(), link.clone(), flow.clone());
+        tokio::spawn(async move {
+            match request {
+                VmChannel::Forwarded {
+                    channel,
+                    connected_address,
+                    connected_port,
+                    originator_address,
+                    originator_port,
+                    reply,
+                } if forwarding_allowed => {
+                    match handle
+                        .channel_open_forwarded_tcpip(
+                            connected_address,
+                            connected_port,
+                            originator_address,
+                            originator_port,
+                        )
+                        .await
+                    {
+                        Ok(user) => {
+                            reply.accept().await;
+                            relay::relay(user, channel, flow, link, false, false).await;
+                        }
+                        Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+                    }
+                }
+                VmChannel::Agent { channel, reply } if agent_allowed => {
+                    match handle.channel_open_agent().await {
+                        Ok(user) => {
+                            reply.accept().await;
+                            relay::relay(user, channel, flow, link, false, false).await;
+                        }
+                        Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+                    }
+                }
+                VmChannel::Forwarded { reply, .. } | VmChannel::Agent { reply, .. } => {
+                    reply
+                        .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                        .await;
+                }
+            }
+        });
+    }
+}
+
+/// What relays need of the user connection, and the session's audit record.
+pub struct Link {
+    handle: server::Handle,
+    guard: Arc<SessionGuard>,
+    user: String,
+    client: SocketAddr,
+    started: Instant,
+    exit: Mutex<Option<String>>,
+    bytes_up: prometheus::IntCounter,
+    bytes_down: prometheus::IntCounter,
+}
+
+impl UserSide for Link {
+    async fn reply(&self, channel: ChannelId, success: bool) {
+        let _ = if success {
+            self.handle.channel_success(channel).await
+        } else {
+            self.handle.channel_failure(channel).await
+        };
+    }
+
+    async fn exit_status(&self, channel: ChannelId, status: u32) {
+        let _ = self.handle.exit_status_request(channel, status).await;
+    }
+
+    async fn exit_signal(
+        &self,
+        channel: ChannelId,
+        signal: Sig,
+        core_dumped: bool,
+        message: String,
+    ) {
+        let _ = self
+            .handle
+            .exit_signal_request(channel, signal, core_dumped, message, "en".into())
+            .await;
+    }
+
+    fn bytes(&self, up: u64, down: u64) {
+        if up > 0 {
+            self.guard.add_bytes_up(up);
+            self.bytes_up.inc_by(up);
+        }
+        if down > 0 {
+            self.guard.add_bytes_down(down);
+            self.bytes_down.inc_by(down);
+        }
+    }
+
+    fn exited(&self, status: Option<u32>, signal: Option<String>) {
+        let text = match (status, signal) {
+            (_, Some(sig)) => format!("signal {sig}"),
+            (Some(code), None) => code.to_string(),
+            (None, None) => return,
+        };
+        if let Ok(mut exit) = self.exit.lock() {
+            *exit = Some(text);
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let exit = self
+            .exit
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .unwrap_or_else(|| "-".into());
+        tracing::info!(
+            target: "poolgate::audit",
+            user = %self.user,
+            client = %self.client,
+            vm = %self.guard.vm_name(),
+            session = self.guard.id(),
+            duration_s = self.started.elapsed().as_secs_f64(),
+            bytes_up = self.guard.bytes_up(),
+            bytes_down = self.guard.bytes_down(),
+            exit = %exit,
+            "ssh session ended"
+        );
+    }
+}
