@@ -80,8 +80,8 @@ fn six_users_spread_two_per_vm_over_three_vms() {
         let user = pool.user(i + 1);
         assert!(
             log.lines().any(|l| l.contains("session routed")
-                && l.contains(&format!("user={user} "))
-                && l.contains(&format!("vm={} ", session.vm))),
+                && has_field(l, "user", &user)
+                && has_field(l, "vm", &session.vm)),
             "no \"session routed\" line for {user} on {}:\n{log}",
             session.vm
         );
@@ -131,10 +131,8 @@ fn a_key_not_in_authorized_keys_is_refused() {
     assert_eq!(lands_on(&pool.client(1)), "vm-a");
 }
 
+/// Refused keys are visible to operators: a log line and `poolgate_auth_failures_total`.
 #[test]
-#[ignore = "gateway bug: a key refused at the offer stage (what OpenSSH does with a key not in \
-            authorized_keys) is neither logged as \"authentication failed\" nor counted in \
-            poolgate_auth_failures_total: only a signed attempt with an unlisted key would be"]
 fn a_refused_key_counts_as_an_authentication_failure() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
@@ -208,7 +206,7 @@ fn a_vm_with_an_unknown_host_key_is_refused_and_the_user_lands_elsewhere() {
     assert!(
         refusals
             .iter()
-            .all(|l| l.contains("vm=vm-a ") && l.contains(&fp)),
+            .all(|l| has_field(l, "vm", "vm-a") && l.contains(&fp)),
         "the refusal must name vm-a and its fingerprint {fp}: {refusals:#?}"
     );
     // The gateway never authenticated to the untrusted VM.
@@ -223,7 +221,7 @@ fn a_vm_with_an_unknown_host_key_is_refused_and_the_user_lands_elsewhere() {
 fn up_lines(pool: &Pool, vm: &str) -> usize {
     pool.log()
         .lines()
-        .filter(|l| l.contains("VM is up") && l.contains(&format!("vm={vm} ")))
+        .filter(|l| l.contains("VM is up") && has_field(l, "vm", vm))
         .count()
 }
 
@@ -299,4 +297,29 @@ fn with_every_vm_down_the_client_is_told_no_vm_is_available() {
             >= 2,
         "{log}"
     );
+}
+
+#[test]
+#[ignore = "gateway bug: the \"no VM is available\" disconnect text contains an em dash (U+2014); \
+            OpenSSH prints disconnect reasons through strnvis, so every user sees \
+            `2 VMs \\342\\200\\224 2 unhealthy`: the text sent to SSH clients must be ASCII"]
+fn the_no_vm_message_reads_cleanly_in_openssh() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let mut pool = Pool::builder()
+        .vm("vm-a")
+        .users(1)
+        .health_option("fall = 1")
+        .start();
+    pool.vm_mut("vm-a").stop();
+    wait_for_vm_down(&pool.gateway, "vm-a", OPEN);
+    let out = pool.client(1).run("true");
+    let err = stderr(&out);
+    assert!(err.contains("no VM is available right now"), "{err:?}");
+    // OpenSSH shows any byte outside printable ASCII as a backslash and three octal digits.
+    let escaped = err
+        .as_bytes()
+        .windows(4)
+        .any(|w| w[0] == b'\\' && w[1..].iter().all(u8::is_ascii_digit));
+    assert!(!escaped, "the client shows escape codes: {err:?}");
 }

@@ -68,7 +68,7 @@ fn exec_shows_the_vm_and_exit_codes_match_a_direct_connection() {
     assert!(
         ended
             .iter()
-            .any(|l| l.contains("exit=3") && l.contains("vm=vm-a")),
+            .any(|l| has_field(l, "exit", "3") && has_field(l, "vm", "vm-a")),
         "{ended:#?}"
     );
     assert!(
@@ -78,9 +78,7 @@ fn exec_shows_the_vm_and_exit_codes_match_a_direct_connection() {
         "{ended:#?}"
     );
     assert!(
-        ended
-            .iter()
-            .all(|l| l.contains(&format!("user={}", pool.user(1)))),
+        ended.iter().all(|l| has_field(l, "user", &pool.user(1))),
         "{ended:#?}"
     );
     eprintln!("exec and exit codes: {:?}", started.elapsed());

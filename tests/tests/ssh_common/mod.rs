@@ -350,13 +350,18 @@ pub fn wait_for_vm_down(gateway: &GatewayProcess, vm: &str, timeout: Duration) {
     wait_for_health_line(gateway, vm, "VM is down", timeout);
 }
 
+/// Whether a log line has the structured field `name=value` (exactly that value).
+pub fn has_field(line: &str, name: &str, value: &str) -> bool {
+    let field = format!("{name}={value}");
+    line.split_whitespace().any(|word| word == field)
+}
+
 fn wait_for_health_line(gateway: &GatewayProcess, vm: &str, what: &str, timeout: Duration) {
-    let field = format!("vm={vm} ");
     let deadline = Instant::now() + timeout;
     loop {
         let seen = strip_ansi(&gateway.log_text())
             .lines()
-            .any(|l| l.contains(what) && l.contains(&field));
+            .any(|l| l.contains(what) && has_field(l, "vm", vm));
         if seen {
             return;
         }
