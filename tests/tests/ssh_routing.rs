@@ -300,9 +300,6 @@ fn with_every_vm_down_the_client_is_told_no_vm_is_available() {
 }
 
 #[test]
-#[ignore = "gateway bug: the \"no VM is available\" disconnect text contains an em dash (U+2014); \
-            OpenSSH prints disconnect reasons through strnvis, so every user sees \
-            `2 VMs \\342\\200\\224 2 unhealthy`: the text sent to SSH clients must be ASCII"]
 fn the_no_vm_message_reads_cleanly_in_openssh() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();

@@ -188,10 +188,6 @@ fn interactive_shell_without_a_command() {
 /// without waiting for the exit status (a plain `ssh` waits for the server's close instead); a
 /// server must still send `exit-status` before its own CHANNEL_CLOSE (RFC 4254 §5.3 and §6.10).
 #[test]
-#[ignore = "gateway bug: through the gateway a multiplexed session loses its exit status when \
-            the command closes stdout/stderr before it exits (VM EOF relayed, client CLOSE \
-            answered at once by russh, the VM's exit-status then dropped): ssh exits 255 \
-            instead of the command's code"]
 fn exit_status_reaches_a_multiplexing_client_that_closes_after_eof() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();

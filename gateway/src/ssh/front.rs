@@ -248,7 +248,9 @@ impl server::Handler for Front {
                     tracing::warn!(%user, client = %self.peer, %message, "no VM for session");
                     session.disconnect(
                         russh::Disconnect::ServiceNotAvailable,
-                        &format!("poolgate: {message}. Please try again in a minute."),
+                        &ascii(&format!(
+                            "poolgate: {message}. Please try again in a minute."
+                        )),
                         "en",
                     )?;
                 }
@@ -290,7 +292,7 @@ impl server::Handler for Front {
                     .extended_data(
                         1,
                         format!(
-                            "poolgate: starting a VM for you (about {} s)…\r\n",
+                            "poolgate: starting a VM for you (about {} s)...\r\n",
                             notice.as_secs()
                         )
                         .as_bytes(),
@@ -459,10 +461,42 @@ async fn fail_channel(channel: Channel<Msg>, message: &str) {
     let _ = channel
         .extended_data(
             1,
-            format!("poolgate: {message}. Please try again later.\r\n").as_bytes(),
+            ascii(&format!("poolgate: {message}. Please try again later.\r\n")).as_bytes(),
         )
         .await;
     let _ = channel.exit_status(1).await;
     let _ = channel.eof().await;
     let _ = channel.close().await;
+}
+
+/// Text for SSH clients, which print anything but printable ASCII as octal escapes (OpenSSH runs
+/// disconnect reasons through strnvis): typographic dashes and ellipses become ASCII, anything
+/// else outside ASCII becomes `?`.
+pub(crate) fn ascii(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\u{2013}' | '\u{2014}' => out.push('-'),
+            '\u{2026}' => out.push_str("..."),
+            '\u{2018}' | '\u{2019}' => out.push('\''),
+            '\u{201c}' | '\u{201d}' => out.push('"'),
+            c if c.is_ascii() => out.push(c),
+            _ => out.push('?'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn messages_for_ssh_clients_are_ascii() {
+        let text = super::ascii(
+            "no VM is available right now: 2 VMs \u{2014} 2 unhealthy\u{2026} caf\u{e9}",
+        );
+        assert_eq!(
+            text,
+            "no VM is available right now: 2 VMs - 2 unhealthy... caf?"
+        );
+    }
 }

@@ -269,6 +269,7 @@ pub async fn relay<U, S, C>(
         async move {
             let mut exit_status = None;
             let mut exit_signal = None;
+            let mut held_eof = false;
             while let Some(msg) = vm_rx.wait().await {
                 match msg {
                     ChannelMsg::Data { data } => {
@@ -291,6 +292,16 @@ pub async fn relay<U, S, C>(
                         }
                         side.bytes(0, n);
                     }
+                    // On a session channel the VM's EOF is held back until its exit status (or
+                    // close) arrives: a client that has seen EOF both ways may close the channel
+                    // at once (OpenSSH's ControlMaster does), russh answers that close
+                    // immediately, and an exit status arriving later would be lost. sshd itself
+                    // keeps the channel until the command has exited.
+                    ChannelMsg::Eof
+                        if session_channel && exit_status.is_none() && exit_signal.is_none() =>
+                    {
+                        held_eof = true;
+                    }
                     ChannelMsg::Eof => {
                         let _ = user_tx.eof().await;
                     }
@@ -299,6 +310,9 @@ pub async fn relay<U, S, C>(
                     ChannelMsg::ExitStatus { exit_status: s } => {
                         exit_status = Some(s);
                         side.exit_status(user_id, s).await;
+                        if std::mem::take(&mut held_eof) {
+                            let _ = user_tx.eof().await;
+                        }
                     }
                     ChannelMsg::ExitSignal {
                         signal_name,
@@ -309,10 +323,16 @@ pub async fn relay<U, S, C>(
                         exit_signal = Some(format!("{signal_name:?}"));
                         side.exit_signal(user_id, signal_name, core_dumped, error_message)
                             .await;
+                        if std::mem::take(&mut held_eof) {
+                            let _ = user_tx.eof().await;
+                        }
                     }
                     ChannelMsg::Close => break,
                     _ => {}
                 }
+            }
+            if held_eof {
+                let _ = user_tx.eof().await;
             }
             if session_channel {
                 side.exited(exit_status, exit_signal);
