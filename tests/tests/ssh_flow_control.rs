@@ -349,18 +349,10 @@ fn a_stopped_reader_keeps_gateway_memory_bounded_and_the_stream_intact() {
     );
 }
 
-/// Exit status of a multiplexed `ssh` whose data was verified separately. Through the gateway a
-/// multiplexed session can lose its exit status when the VM's EOF overtakes it (a known gateway
-/// bug, see `ssh_session::exit_status_reaches_a_multiplexing_client_that_closes_after_eof`):
-/// accept 255 then, loudly, so this test stays about flow control.
+/// Exit status of a multiplexed `ssh` whose data was verified separately: it must be the
+/// command's (the gateway holds the VM's EOF until the exit status, see
+/// `ssh_session::exit_status_reaches_a_multiplexing_client_that_closes_after_eof`).
 fn check_multiplexed_exit(status: std::process::ExitStatus, stderr_text: &str, what: &str) {
-    if status.code() == Some(255) && stderr_text.trim().is_empty() {
-        eprintln!(
-            "WARNING: {what}: exit status lost (255, data intact) — known gateway bug, see \
-             ssh_session::exit_status_reaches_a_multiplexing_client_that_closes_after_eof"
-        );
-        return;
-    }
     assert!(status.success(), "{what}: {status}: {stderr_text}");
 }
 
