@@ -11,8 +11,10 @@ use poolgate_tests::*;
 
 const RISE: u32 = 2;
 const FALL: u32 = 3;
-/// Timer and scheduling slack for the hung-VM case, whose worst case is the bound itself.
-const HUNG_SLACK: Duration = Duration::from_millis(150);
+/// Timer and scheduling slack for the hung-VM case, whose worst case is the bound itself. The
+/// measurement itself (two clocks: ours, and the probe ages the API reports) and tokio timers on
+/// a loaded 2-CPU CI machine (tests run in parallel) can add a few hundred milliseconds.
+const HUNG_SLACK: Duration = Duration::from_millis(400);
 
 #[test]
 fn admin_shows_a_vm_whose_sshd_dies_down_in_time_and_back_after_rise_probes() {
