@@ -32,6 +32,23 @@ macro_rules! out {
     }};
 }
 
+/// The async runtime (multi-threaded for the gateway, single-threaded for CLI calls); `None`
+/// after telling the user why it could not start.
+fn runtime(multi_thread: bool) -> Option<tokio::runtime::Runtime> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    match builder.enable_all().build() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("poolgate: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
 fn init_tracing(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("poolgate: invalid --log filter {filter:?} ({e}); using \"info\"");
@@ -106,15 +123,8 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("poolgate: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(true) else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(app::run_reloadable(config, Some(path.to_path_buf()))) {
         Ok(()) => ExitCode::SUCCESS,
@@ -139,15 +149,8 @@ fn demo(args: &cli::DemoArgs) -> ExitCode {
         scale_to_zero_after: args.scale_to_zero_after,
         state_dir: args.state_dir.clone(),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("poolgate: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(true) else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(gateway::demo::setup::run(options));
     // Session programs still running are killed with their tasks.
@@ -188,15 +191,8 @@ fn admin_command(args: &cli::AdminArgs, drain: Option<(String, bool)>) -> ExitCo
         },
         None => None,
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("poolgate: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(false) else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async {
         match drain {
