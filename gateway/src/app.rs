@@ -315,6 +315,20 @@ pub async fn reload(
     Ok(())
 }
 
+/// The policy numbers of `[autoscale]` (the driver and the simulator use the same mapping).
+pub fn autoscale_config(config: &Config) -> AutoscaleConfig {
+    let a = &config.autoscale;
+    AutoscaleConfig {
+        min_vms: a.min_vms,
+        max_vms: a.max_vms,
+        sessions_per_vm: a.sessions_per_vm,
+        spare_vms: a.spare_vms,
+        scale_in_after: a.scale_in_after,
+        scale_to_zero_after: a.scale_to_zero_after,
+        cooldown: a.cooldown,
+    }
+}
+
 /// Maps `[autoscale]` to the driver's settings.
 pub fn driver_settings(config: &Config) -> DriverSettings {
     let a = &config.autoscale;
@@ -325,15 +339,7 @@ pub fn driver_settings(config: &Config) -> DriverSettings {
     };
     DriverSettings {
         enabled: a.enabled,
-        policy: AutoscaleConfig {
-            min_vms: a.min_vms,
-            max_vms: a.max_vms,
-            sessions_per_vm: a.sessions_per_vm,
-            spare_vms: a.spare_vms,
-            scale_in_after: a.scale_in_after,
-            scale_to_zero_after: a.scale_to_zero_after,
-            cooldown: a.cooldown,
-        },
+        policy: autoscale_config(config),
         tick: a.tick,
         poll_interval,
         wake_on_connect: a.wake_on_connect,

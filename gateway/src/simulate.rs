@@ -6,7 +6,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use poolgate_config::{Config, ConfigError, Provider};
-use router_core::autoscale::AutoscaleConfig;
 use router_core::sim::{self, Comparison, Report, SimParams};
 use serde::Serialize;
 
@@ -84,16 +83,10 @@ fn load_config(path: &Path) -> Result<Config, SimulateError> {
 /// it sets none (no `[pool.azure]`/`[pool.exec]`, no static backends, or the demo pool).
 pub fn params(config: &Config, boot_seconds: u64) -> SimParams {
     let a = &config.autoscale;
-    let autoscale = AutoscaleConfig {
-        min_vms: a.min_vms,
-        max_vms: a.max_vms,
-        sessions_per_vm: a.sessions_per_vm,
-        spare_vms: a.spare_vms,
-        scale_in_after: a.scale_in_after,
-        scale_to_zero_after: a.scale_to_zero_after,
-        cooldown: a.cooldown,
-    };
-    let mut params = SimParams::new(autoscale, Duration::from_secs(boot_seconds));
+    let mut params = SimParams::new(
+        crate::app::autoscale_config(config),
+        Duration::from_secs(boot_seconds),
+    );
     params.tick = a.tick;
     let pool = &config.pool;
     let cap = match pool.provider {

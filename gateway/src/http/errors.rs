@@ -153,21 +153,8 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
     }
 }
 
-/// Minimal HTML escaping.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+/// HTML escaping (shared with the status page).
+pub use crate::admin::status_page::escape;
 
 #[cfg(test)]
 mod tests {
