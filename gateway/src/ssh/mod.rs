@@ -296,6 +296,9 @@ impl SshGateway {
         let handler = Front::new(self.clone(), peer, permit, authed_tx);
         let grace = self.settings.login_grace;
         let deadline = tokio::time::Instant::now() + grace;
+        // russh runs the session in a task of its own that outlives this function: `cut` is how
+        // this function closes the socket under it (dropped with this function, so always).
+        let (cut, stream) = Cuttable::new(stream);
         let session = match tokio::time::timeout(
             grace,
             server::run_stream(self.server_config.clone(), stream, handler),
@@ -329,9 +332,16 @@ impl SshGateway {
                 r = &mut session => break r,
                 _ = &mut grace_timer, if !*authed_rx.borrow() => {
                     tracing::info!(client = %peer, "not authenticated within ssh.login_grace; disconnecting");
-                    let _ = handle
-                        .disconnect(russh::Disconnect::ByApplication, "login grace time exceeded".into(), "en".into())
-                        .await;
+                    // Say why when the session can still send it; a client stalled in the key
+                    // exchange gets no message, and the socket is closed under the session.
+                    let polite = async {
+                        let _ = handle
+                            .disconnect(russh::Disconnect::ByApplication, "login grace time exceeded".into(), "en".into())
+                            .await;
+                        let _ = (&mut session).await;
+                    };
+                    let _ = tokio::time::timeout(DISCONNECT_GRACE, polite).await;
+                    drop(cut);
                     break Ok(());
                 }
                 changed = authed_rx.changed(), if !*authed_rx.borrow() => {
@@ -345,6 +355,87 @@ impl SshGateway {
         if let Err(e) = result {
             tracing::debug!(client = %peer, error = %e, "SSH connection ended with an error");
         }
+    }
+}
+
+/// How long a session past `ssh.login_grace` may take to send its disconnect message before its
+/// socket is closed under it.
+const DISCONNECT_GRACE: Duration = Duration::from_millis(250);
+
+/// A client stream that [`handle_connection`](SshGateway::handle_connection) can close while
+/// russh's detached session task still holds it: once the [`Cut`] is dropped, reads see EOF and
+/// writes fail, so the session task ends and the socket is closed.
+struct Cuttable<S> {
+    inner: S,
+    cut: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+/// Dropping it cuts the paired [`Cuttable`].
+struct Cut(#[allow(dead_code)] tokio::sync::oneshot::Sender<()>);
+
+impl<S> Cuttable<S> {
+    fn new(inner: S) -> (Cut, Self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (
+            Cut(tx),
+            Self {
+                inner,
+                cut: Some(rx),
+            },
+        )
+    }
+
+    /// True once cut; registers the waker otherwise.
+    fn is_cut(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        let Some(rx) = self.cut.as_mut() else {
+            return true;
+        };
+        // The sender is never used to send: completion means it was dropped.
+        if std::pin::Pin::new(rx).poll(cx).is_ready() {
+            self.cut = None;
+            return true;
+        }
+        false
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Cuttable<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.is_cut(cx) {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Cuttable<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.is_cut(cx) {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
