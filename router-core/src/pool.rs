@@ -56,7 +56,8 @@ struct Writer {
 /// serialise on a mutex, build a new snapshot and swap it in atomically;
 /// they never wait for readers.
 pub struct Pool {
-    policy: RoutingPolicy,
+    /// Replaceable at run time (configuration reload); read without locking.
+    policy: ArcSwap<RoutingPolicy>,
     epoch: Instant,
     current: ArcSwap<Snapshot>,
     writer: Mutex<Writer>,
@@ -68,7 +69,7 @@ impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let snap = self.current.load();
         f.debug_struct("Pool")
-            .field("policy", &self.policy)
+            .field("policy", &self.policy())
             .field("generation", &snap.generation())
             .field("vms", &snap.len())
             .field("sessions", &self.session_count())
@@ -89,7 +90,7 @@ impl Pool {
         store: Arc<dyn SessionStore>,
     ) -> Self {
         Self {
-            policy,
+            policy: ArcSwap::from_pointee(policy),
             epoch: clock.now(),
             current: ArcSwap::from_pointee(Snapshot::default()),
             writer: Mutex::new(Writer::default()),
@@ -100,7 +101,13 @@ impl Pool {
 
     /// The routing parameters.
     pub fn policy(&self) -> RoutingPolicy {
-        self.policy
+        **self.policy.load()
+    }
+
+    /// Replaces the routing parameters (configuration reload). Sessions already placed stay
+    /// where they are; later picks and expiries use the new values.
+    pub fn set_policy(&self, policy: RoutingPolicy) {
+        self.policy.store(Arc::new(policy));
     }
 
     /// The pool's clock.
@@ -275,11 +282,10 @@ impl Pool {
         check_capacity: bool,
     ) -> Option<&'s Arc<Vm>> {
         let affinity = || {
-            let user = req.user.filter(|_| self.policy.user_affinity)?;
+            let policy = self.policy();
+            let user = req.user.filter(|_| policy.user_affinity)?;
             let now = now.unwrap_or_else(|| self.shared.clock.now());
-            self.shared
-                .store
-                .affinity(user, now, self.policy.affinity_ttl)
+            self.shared.store.affinity(user, now, policy.affinity_ttl)
         };
         select::choose(snap, req, pinned, affinity, check_capacity)
     }
@@ -352,8 +358,9 @@ impl Pool {
     /// Call it periodically.
     pub fn expire_idle(&self) -> usize {
         let now = self.shared.clock.now();
-        let http = self.http.expire(now, self.policy.http_session_idle);
-        http + self.shared.store.expire(now, self.policy.affinity_ttl)
+        let policy = self.policy();
+        let http = self.http.expire(now, policy.http_session_idle);
+        http + self.shared.store.expire(now, policy.affinity_ttl)
     }
 }
 

@@ -210,6 +210,20 @@ fn affinity_off_means_least_loaded() {
 }
 
 #[test]
+fn a_new_policy_applies_to_the_next_pick() {
+    let (pool, _) = pool(&[("a", 1, 9), ("b", 1, 9)]);
+    let ann = ssh().user("ann");
+    assert_eq!(name(pool.acquire(&ann)), "a");
+    assert_eq!(name(pool.acquire(&ann)), "a"); // affinity
+    pool.set_policy(RoutingPolicy {
+        user_affinity: false,
+        ..policy()
+    });
+    assert!(!pool.policy().user_affinity);
+    assert_eq!(name(pool.acquire(&ann)), "b"); // least loaded now
+}
+
+#[test]
 fn exclude_skips_tried_vms() {
     let (pool, _) = pool(&[("a", 1, 9), ("b", 1, 9)]);
     let tried = vec!["a".to_owned()];
