@@ -35,6 +35,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Autoscaler driver (also keeps dynamic pools in sync with their provider).
     pub driver: Arc<Driver>,
+    /// Asks the HTTPS listener to re-read its certificate (configuration reload).
+    pub tls_reload: Arc<tokio::sync::Notify>,
 }
 
 impl Gateway {
@@ -46,6 +48,7 @@ impl Gateway {
             ssh: self.ssh.clone(),
             metrics: self.metrics.clone(),
             driver: self.driver.clone(),
+            tls_reload: self.tls_reload.clone(),
         }
     }
 }
@@ -183,6 +186,7 @@ pub fn build_with(config: &Config, overrides: &Overrides) -> anyhow::Result<Gate
         ssh,
         metrics,
         driver,
+        tls_reload: Arc::new(tokio::sync::Notify::new()),
     })
 }
 
@@ -263,8 +267,9 @@ pub fn host_policy(config: &Config) -> anyhow::Result<HostKeyPolicy> {
 }
 
 /// Re-reads the configuration file and applies what can change without dropping sessions: the
-/// pool (static backends), VM host keys (known_hosts / host CA), health settings. Authorized
-/// keys and the TLS certificate are re-read on use. An invalid file changes nothing.
+/// pool (static backends), VM host keys (known_hosts / host CA), `[health]`, `[routing]`, and the
+/// TLS certificate and key (re-read now from their files). Authorized keys are read at every
+/// login. Open sessions keep their VM. An invalid file changes nothing.
 pub async fn reload(
     path: &std::path::Path,
     running: &Config,
@@ -288,6 +293,10 @@ pub async fn reload(
     let provider = provider(&config)?;
     gateway.ssh.set_host_policy(policy);
     gateway.health.set_settings(health_settings(&config));
+    gateway.pool.set_policy(routing_policy(&config));
+    if config.tls.is_some() {
+        gateway.tls_reload.notify_one();
+    }
     if config.pool != running.pool {
         gateway.driver.set_provider(provider);
         if let Err(e) = gateway.driver.sync().await {
@@ -301,7 +310,21 @@ pub async fn reload(
             config.ssh.host_keys != running.ssh.host_keys
                 || config.ssh.user_ca_key != running.ssh.user_ca_key,
         ),
-        ("routing", config.routing != running.routing),
+        (
+            "tls (file paths; the files themselves were re-read)",
+            config.tls != running.tls,
+        ),
+        (
+            "ssh.authorized_keys (path template; the files are read at every login)",
+            config.ssh.authorized_keys != running.ssh.authorized_keys,
+        ),
+        (
+            "http (sticky cookie, timeouts, limits) and routing.affinity_ttl as the cookie's Max-Age",
+            config.http != running.http
+                || config.routing.affinity_ttl != running.routing.affinity_ttl,
+        ),
+        ("gateway", config.gateway != running.gateway),
+        ("admin", config.admin != running.admin),
         ("autoscale", config.autoscale != running.autoscale),
     ] {
         if changed {
@@ -429,6 +452,7 @@ async fn serve(
                 health_for_http.report_failure(vm, "HTTP request failed")
             }),
             wake: Some(gateway.driver.clone()),
+            tls_reload: Some(gateway.tls_reload.clone()),
         },
         http_listener,
         https_listener,

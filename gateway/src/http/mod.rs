@@ -77,6 +77,9 @@ pub struct HttpParts {
     /// Autoscaler to wake when no VM can take a request (wake-on-connect): the 503 page then
     /// keeps the browser retrying while the pool starts.
     pub wake: Option<Arc<crate::autoscale::Driver>>,
+    /// Notified on SIGHUP: re-read the TLS certificate and key now (not only when the periodic
+    /// check sees the files change).
+    pub tls_reload: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// How often the TLS certificate files are checked for renewal.
@@ -150,6 +153,7 @@ pub async fn serve(
     if let Some((_, certs)) = &tls {
         let certs = certs.clone();
         let mut shutdown = shutdown.clone();
+        let asked = parts.tls_reload.clone().unwrap_or_default();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(CERT_RELOAD_EVERY);
             loop {
@@ -158,6 +162,10 @@ pub async fn serve(
                         Ok(true) => tracing::info!("TLS certificate reloaded"),
                         Ok(false) => {}
                         Err(e) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
+                    },
+                    () = asked.notified() => match certs.reload_now() {
+                        Ok(()) => tracing::info!("TLS certificate reloaded"),
+                        Err(e) => tracing::error!("TLS certificate not reloaded, keeping the old one: {e:#}"),
                     },
                     r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { break },
                 }

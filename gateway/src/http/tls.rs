@@ -101,6 +101,20 @@ impl CertReloader {
     }
 }
 
+impl CertReloader {
+    /// Reloads the pair now, whatever the files' modification times (configuration reload). On
+    /// error the previous certificate stays.
+    pub fn reload_now(&self) -> anyhow::Result<()> {
+        let stamp = mtime(&self.cert_path).zip(mtime(&self.key_path));
+        let ck = load_certified_key(&self.cert_path, &self.key_path)?;
+        self.current.store(Arc::new(ck));
+        if let Ok(mut old) = self.stamp.lock() {
+            *old = stamp;
+        }
+        Ok(())
+    }
+}
+
 impl ResolvesServerCert for CertReloader {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load_full())
@@ -155,6 +169,18 @@ mod tests {
         }
         assert!(r.reload_if_changed().expect("reload"));
         assert_ne!(first.cert[0], r.current.load_full().cert[0]);
+
+        // Asked to (SIGHUP): reloads whatever the modification times say.
+        let second = r.current.load_full();
+        let (cert4, key4) = write_pair(dir.path(), "e.test");
+        std::fs::rename(&cert4, &cert).expect("mv");
+        std::fs::rename(&key4, &key).expect("mv");
+        if let Ok(mut s) = r.stamp.lock() {
+            *s = mtime(&cert).zip(mtime(&key));
+        }
+        assert!(!r.reload_if_changed().expect("same stamp"));
+        r.reload_now().expect("reload now");
+        assert_ne!(second.cert[0], r.current.load_full().cert[0]);
 
         // A broken file keeps the old certificate and says which file is wrong.
         std::fs::write(&key, "not a key").expect("write");
