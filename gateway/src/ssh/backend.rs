@@ -167,6 +167,8 @@ pub struct BackendHandler {
     policy: Arc<HostKeyPolicy>,
     rejection: Arc<Mutex<Option<(Verdict, String)>>>,
     to_user: mpsc::UnboundedSender<VmChannel>,
+    /// Dropped with the handler, i.e. when the connection to the VM ends however it ends.
+    _closed: tokio::sync::oneshot::Sender<()>,
 }
 
 impl client::Handler for BackendHandler {
@@ -243,6 +245,9 @@ pub struct Backend {
     pub handle: Handle<BackendHandler>,
     /// Channels the VM opens towards the user.
     pub incoming: mpsc::UnboundedReceiver<VmChannel>,
+    /// Completes (with an error) when the connection to the VM has ended: the VM closed it, it
+    /// broke, or the gateway disconnected it.
+    pub closed: tokio::sync::oneshot::Receiver<()>,
 }
 
 /// Connects to the VM, verifies its host key and authenticates.
@@ -272,6 +277,7 @@ pub async fn connect(
 
     let rejection = Arc::new(Mutex::new(None));
     let (to_user, incoming) = mpsc::unbounded_channel();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
     let handler = BackendHandler {
         vm: target.vm.to_string(),
         host: target.host.to_string(),
@@ -279,6 +285,7 @@ pub async fn connect(
         policy,
         rejection: rejection.clone(),
         to_user,
+        _closed: closed_tx,
     };
     let handshake = client::connect_stream(config, stream, handler);
     let mut handle = match tokio::time::timeout(timeout, handshake).await {
@@ -326,7 +333,11 @@ pub async fn connect(
     };
     let result = tokio::time::timeout(timeout, auth).await;
     match result {
-        Ok(Ok(AuthResult::Success)) => Ok(Backend { handle, incoming }),
+        Ok(Ok(AuthResult::Success)) => Ok(Backend {
+            handle,
+            incoming,
+            closed,
+        }),
         Ok(Ok(AuthResult::Failure { .. })) => Err(BackendError::AuthRefused {
             vm: target.vm.to_string(),
             user: target.user.to_string(),

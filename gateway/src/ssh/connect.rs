@@ -27,6 +27,7 @@ pub(crate) enum OpenError {
 pub(crate) struct Connected {
     backend: Arc<russh::client::Handle<BackendHandler>>,
     incoming: tokio::sync::mpsc::UnboundedReceiver<VmChannel>,
+    closed: tokio::sync::oneshot::Receiver<()>,
     guard: Arc<SessionGuard>,
 }
 
@@ -132,6 +133,7 @@ pub(crate) async fn connect_vm(
                 return Ok(Connected {
                     backend: Arc::new(backend.handle),
                     incoming: backend.incoming,
+                    closed: backend.closed,
                     guard: Arc::new(guard),
                 });
             }
@@ -182,6 +184,12 @@ pub(crate) fn make_ready(
             .bytes_total
             .with_label_values(&["ssh", guard.vm_name(), "down"]),
     });
+    tokio::spawn(tell_user_when_vm_lost(
+        connected.closed,
+        handle.clone(),
+        who.user.to_string(),
+        guard.vm_name().to_string(),
+    ));
     tokio::spawn(accept_vm_channels(
         connected.incoming,
         handle,
@@ -194,6 +202,36 @@ pub(crate) fn make_ready(
         backend: connected.backend,
         link,
     })
+}
+
+/// What a user sees when the VM under their session goes away (channel stderr and disconnect).
+pub(crate) fn vm_lost_message(vm: &str) -> String {
+    super::front::ascii(&format!(
+        "poolgate: lost the connection to VM {vm} (it went down or closed the connection); \
+         your session there has ended. Reconnect to land on a working VM."
+    ))
+}
+
+/// When the VM connection ends while the user is still connected (the VM died, rebooted or
+/// dropped the connection), disconnects the user with a message saying so, instead of leaving
+/// a connection without a VM behind it. A user who left first makes the disconnect fail: quiet.
+async fn tell_user_when_vm_lost(
+    closed: tokio::sync::oneshot::Receiver<()>,
+    user_handle: server::Handle,
+    user: String,
+    vm: String,
+) {
+    let _ = closed.await;
+    let sent = user_handle
+        .disconnect(
+            russh::Disconnect::ConnectionLost,
+            vm_lost_message(&vm),
+            "en".into(),
+        )
+        .await;
+    if sent.is_ok() {
+        tracing::warn!(%user, %vm, "lost the connection to the VM; the user was disconnected with a message");
+    }
 }
 
 /// Waits until the connection is ready (or failed). Tells the user on `notice` while waiting.
@@ -315,6 +353,10 @@ impl UserSide for Link {
             self.guard.add_bytes_down(down);
             self.bytes_down.inc_by(down);
         }
+    }
+
+    fn vm_lost_message(&self) -> String {
+        vm_lost_message(self.guard.vm_name())
     }
 
     fn exited(&self, status: Option<u32>, signal: Option<String>) {

@@ -102,6 +102,8 @@ pub trait UserSide: Send + Sync + 'static {
     fn bytes(&self, up: u64, down: u64);
     /// Records an exit status seen on a session channel.
     fn exited(&self, status: Option<u32>, signal: Option<String>);
+    /// The text written to the user's stderr when the VM connection vanishes under a channel.
+    fn vm_lost_message(&self) -> String;
 }
 
 /// What the up pump forwards to the VM, in order.
@@ -270,6 +272,8 @@ pub async fn relay<U, S, C>(
             let mut exit_status = None;
             let mut exit_signal = None;
             let mut held_eof = false;
+            // Ends with the VM's Close, or with `None` when the VM connection itself is gone.
+            let mut vm_closed = false;
             while let Some(msg) = vm_rx.wait().await {
                 match msg {
                     ChannelMsg::Data { data } => {
@@ -327,9 +331,19 @@ pub async fn relay<U, S, C>(
                             let _ = user_tx.eof().await;
                         }
                     }
-                    ChannelMsg::Close => break,
+                    ChannelMsg::Close => {
+                        vm_closed = true;
+                        break;
+                    }
                     _ => {}
                 }
+            }
+            if !vm_closed && session_channel && exit_status.is_none() && exit_signal.is_none() {
+                // The VM went away mid-session: say so on stderr rather than just closing.
+                let message = format!("\r\n{}\r\n", side.vm_lost_message());
+                let _ = user_tx
+                    .extended_data_bytes(1, Bytes::from(message.into_bytes()))
+                    .await;
             }
             if held_eof {
                 let _ = user_tx.eof().await;
