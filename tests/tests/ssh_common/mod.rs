@@ -43,6 +43,7 @@ pub struct PoolBuilder {
     health_lines: Vec<String>,
     vm_config: Option<fn(SshdVmBuilder) -> SshdVmBuilder>,
     gateway_env: Vec<(String, String)>,
+    extra_toml: String,
 }
 
 impl PoolBuilder {
@@ -91,6 +92,14 @@ impl PoolBuilder {
     /// An environment variable for the gateway (e.g. `POOLGATE_LOG=debug`).
     pub fn gateway_env(mut self, name: &str, value: &str) -> Self {
         self.gateway_env.push((name.into(), value.into()));
+        self
+    }
+
+    /// Whole TOML sections for the config, placed before the pool (e.g.
+    /// `"[gateway]\nshutdown_grace = \"2s\"\n"`).
+    pub fn config_toml(mut self, text: &str) -> Self {
+        self.extra_toml.push_str(text);
+        self.extra_toml.push('\n');
         self
     }
 
@@ -166,6 +175,9 @@ impl PoolBuilder {
         for line in &self.health_lines {
             config += &format!("{line}\n");
         }
+        if !self.extra_toml.is_empty() {
+            config += &format!("\n{}", self.extra_toml);
+        }
         for vm in &vms {
             config += &format!(
                 "\n[[pool.backends]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nssh_port = {}\n",
@@ -238,6 +250,7 @@ impl Pool {
             health_lines: Vec::new(),
             vm_config: None,
             gateway_env: Vec::new(),
+            extra_toml: String::new(),
         }
     }
 
