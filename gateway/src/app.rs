@@ -517,6 +517,12 @@ async fn serve(
             .ssh
             .disconnect_all("poolgate is shutting down; please reconnect in a moment")
             .await;
+        // The disconnect messages are only queued: let the sessions send them and close before
+        // the runtime (and every session task with it) goes away.
+        let flushed = tokio::time::Instant::now() + DISCONNECT_FLUSH;
+        while gateway.ssh.live_connections() > 0 && tokio::time::Instant::now() < flushed {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     if let Ok(Err(e)) = http.await {
         tracing::error!("HTTP frontend: {e:#}");
@@ -526,6 +532,9 @@ async fn serve(
     let _ = driver.await;
     Ok(())
 }
+
+/// How long the end of a graceful shutdown waits for the sessions it disconnected to close.
+const DISCONNECT_FLUSH: Duration = Duration::from_secs(2);
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
