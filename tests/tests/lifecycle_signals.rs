@@ -1,0 +1,442 @@
+//! The gateway's signals end to end, with real OpenSSH and jupyter_server VMs.
+//!
+//! - SIGTERM: new connections are refused at once; open sessions run to their end (with their
+//!   exit status), or are closed with a message when `gateway.shutdown_grace` passes; exit 0.
+//! - SIGHUP: the configuration is re-read without dropping anything open — the pool (a VM added,
+//!   one removed), `[routing]`, `[health]`, the TLS certificate (served to new connections at
+//!   once); authorized keys are read at every login; an invalid file is refused with its errors
+//!   in the log and the running configuration keeps serving.
+
+mod fault_common;
+mod http_common;
+mod ssh_common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use fault_common::*;
+use nix::sys::signal::Signal;
+use poolgate_tests::jupyter::{
+    JupyterServerVm, TestCa, WebSocket, require_jupyter, ws_next_text, ws_send,
+};
+use poolgate_tests::*;
+use serde_json::json;
+use ssh_common::{Pool, assert_ok, has_field, stdout, strip_ansi};
+
+const RTT: Duration = Duration::from_secs(2);
+
+fn ssh_addr(pool: &Pool) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, pool.ssh_port))
+}
+
+fn log(pool: &Pool) -> String {
+    strip_ansi(&pool.gateway.log_text())
+}
+
+/// Sends `signal` to the gateway.
+fn signal_gateway(gateway: &GatewayProcess, signal: Signal) {
+    send_signal(gateway.pid().expect("the gateway runs"), signal);
+}
+
+/// Waits (within `timeout`) for the gateway to exit on its own; its status.
+fn wait_gateway_exit(gateway: &mut GatewayProcess, timeout: Duration) -> std::process::ExitStatus {
+    let mut status = None;
+    wait_until(timeout, "the gateway to exit", || {
+        status = gateway.try_wait();
+        status.is_some()
+    });
+    status.expect("exited")
+}
+
+#[test]
+fn sigterm_refuses_new_connections_at_once_and_lets_open_sessions_finish_then_exits_0() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let mut pool = Pool::builder()
+        .vm("vm-a")
+        .users(2)
+        .config_toml("[gateway]\nshutdown_grace = \"30s\"\n")
+        .start();
+    let mut interactive = LiveSession::open(&pool.client(1));
+    interactive.roundtrip("before SIGTERM", RTT);
+    // A command that is still running when the signal comes, and ends with its own status.
+    let mut running = pool
+        .client(2)
+        .command("echo started; sleep 2; echo finished; exit 7")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ssh");
+    wait_until(Duration::from_secs(10), "both sessions routed", || {
+        log(&pool).matches("session routed").count() >= 2
+    });
+
+    let sent = Instant::now();
+    signal_gateway(&pool.gateway, Signal::SIGTERM);
+    pool.gateway
+        .wait_for_log("shutting down: no new connections", Duration::from_secs(5));
+    wait_until(
+        Duration::from_secs(2),
+        "the SSH port to refuse connections",
+        || refused(ssh_addr(&pool)),
+    );
+    let refused_after = sent.elapsed();
+    let out = pool.client(1).run("true");
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        ssh_common::stderr(&out).contains("Connection refused"),
+        "{}",
+        ssh_common::stderr(&out)
+    );
+
+    // Open sessions go on.
+    for k in 0..3 {
+        interactive.roundtrip(&format!("after SIGTERM {k}"), RTT);
+    }
+    let status = wait_for_exit(&mut running, Duration::from_secs(20), "the running command");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut running.stdout.take().expect("stdout"), &mut out)
+        .expect("read stdout");
+    assert_eq!(status.code(), Some(7), "its own exit status comes through");
+    assert_eq!(out, "started\nfinished\n");
+    assert!(
+        pool.gateway.try_wait().is_none(),
+        "the gateway waits for the last session"
+    );
+    let status = interactive.end(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "the interactive session ended with {status}"
+    );
+    let last_ended = Instant::now();
+
+    let status = wait_gateway_exit(&mut pool.gateway, Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "poolgate exited with {status}\n{}",
+        log(&pool)
+    );
+    eprintln!(
+        "SIGTERM: listener refused after {refused_after:?}; exit {:?} after the last session ended",
+        last_ended.elapsed()
+    );
+    assert!(!log(&pool).contains("closing the remaining sessions"));
+}
+
+#[test]
+fn sigterm_closes_sessions_still_open_when_shutdown_grace_passes_with_a_message() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let grace = Duration::from_secs(2);
+    let mut pool = Pool::builder()
+        .vm("vm-a")
+        .users(1)
+        .config_toml(&format!(
+            "[gateway]\nshutdown_grace = \"{}s\"\n",
+            grace.as_secs()
+        ))
+        .start();
+    let mut session = LiveSession::open(&pool.client(1));
+    session.roundtrip("before SIGTERM", RTT);
+    let sent = Instant::now();
+    signal_gateway(&pool.gateway, Signal::SIGTERM);
+    pool.gateway
+        .wait_for_log("shutting down: no new connections", Duration::from_secs(5));
+    // Still served during the grace time.
+    session.roundtrip("during the grace time", RTT);
+    let status = session.wait_exit(grace + Duration::from_secs(10));
+    let closed_after = sent.elapsed();
+    let err = session.stderr();
+    eprintln!("session closed {closed_after:?} after SIGTERM ({status}); stderr {err:?}");
+    assert_eq!(status.code(), Some(255), "{err}");
+    assert!(
+        err.contains("poolgate is shutting down; please reconnect in a moment"),
+        "{err:?}"
+    );
+    assert!(
+        closed_after >= grace && closed_after <= grace + Duration::from_secs(2),
+        "closed {closed_after:?} after SIGTERM; grace {grace:?}"
+    );
+    let status = wait_gateway_exit(&mut pool.gateway, Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "poolgate exited with {status}\n{}",
+        log(&pool)
+    );
+    assert!(log(&pool).contains("closing the remaining sessions"));
+}
+
+/// The config with the `[[pool.backends]]` block of `vm` removed.
+fn without_backend(config: &str, vm: &str) -> String {
+    config
+        .split("\n[[pool.backends]]")
+        .enumerate()
+        .filter(|(i, block)| *i == 0 || !block.contains(&format!("name = \"{vm}\"")))
+        .map(|(i, block)| {
+            if i == 0 {
+                block.to_string()
+            } else {
+                format!("\n[[pool.backends]]{block}")
+            }
+        })
+        .collect()
+}
+
+fn reloads(pool: &Pool) -> usize {
+    log(pool).matches("configuration reloaded").count()
+}
+
+#[test]
+fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let started = Instant::now();
+    let pool = Pool::builder().vm("vm-a").vm("vm-b").users(3).start();
+    let mut kept = LiveSession::open(&pool.client(1));
+    assert_eq!(kept.vm, "vm-a");
+    kept.roundtrip("before the reload", RTT);
+
+    // The new configuration: vm-c added (its host key in backend_known_hosts), vm-a removed,
+    // user affinity off, a VM down after one failed probe.
+    let vm_c = SshdVm::builder("vm-c")
+        .trusted_user_ca_keys(pool.ca.public_key_path())
+        .start();
+    let known = pool.dir().join("known_hosts");
+    let mut text = std::fs::read_to_string(&known).expect("read known_hosts");
+    text += &format!("{}\n", vm_c.known_hosts_line());
+    std::fs::write(&known, text).expect("write known_hosts");
+    let old = std::fs::read_to_string(pool.gateway.config_path()).expect("read config");
+    let mut new = without_backend(&old, "vm-a").replace("rise = 1\n", "rise = 1\nfall = 1\n");
+    new += &format!(
+        "\n[[pool.backends]]\nname = \"vm-c\"\nhost = \"127.0.0.1\"\nssh_port = {}\n\n[routing]\naffinity = \"none\"\n",
+        vm_c.port()
+    );
+    std::fs::write(pool.gateway.config_path(), &new).expect("write config");
+    let before = reloads(&pool);
+    let sent = Instant::now();
+    signal_gateway(&pool.gateway, Signal::SIGHUP);
+    wait_until(Duration::from_secs(10), "configuration reloaded", || {
+        reloads(&pool) > before
+    });
+    ssh_common::wait_for_vm_up(&pool.gateway, "vm-c", Duration::from_secs(10));
+    eprintln!(
+        "reload applied and vm-c up {:?} after SIGHUP",
+        sent.elapsed()
+    );
+
+    // The session on the removed VM is untouched.
+    for k in 0..3 {
+        kept.roundtrip(&format!("after the reload {k}"), RTT);
+    }
+    // New sessions: never vm-a; without affinity, user 2's second connection goes to the
+    // least-loaded VM, not back to its first.
+    let second = LiveSession::open(&pool.client(2));
+    assert_eq!(second.vm, "vm-b");
+    let out = pool.client(2).run("echo $POOLGATE_VM");
+    assert_ok(&out, "user 2's second login");
+    assert_eq!(
+        stdout(&out),
+        "vm-c",
+        "affinity = \"none\" applied by the reload"
+    );
+
+    // Authorized keys are read at every login: a newly listed key logs in, the removed one not.
+    let user3 = pool.user(3);
+    let new_key = UserKey::generate(&format!("{user3}-new"));
+    std::fs::write(
+        pool.dir().join("authorized_keys").join(&user3),
+        format!("{}\n", new_key.public_key_line()),
+    )
+    .expect("rewrite authorized_keys");
+    let out = pool
+        .client_as(&user3)
+        .user_key(&new_key)
+        .run("echo $POOLGATE_VM");
+    assert_ok(&out, "login with the newly authorized key");
+    let out = pool.client(3).run("true");
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "the removed key still logs in"
+    );
+    assert!(ssh_common::stderr(&out).contains("Permission denied"));
+
+    // An invalid file: refused with its error (and key path) in the log; the running
+    // configuration keeps serving.
+    let broken = new.replace("affinity = \"none\"", "affinity = \"sometimes\"");
+    std::fs::write(pool.gateway.config_path(), broken).expect("write broken config");
+    let failures = log(&pool).matches("reload failed").count();
+    signal_gateway(&pool.gateway, Signal::SIGHUP);
+    wait_until(Duration::from_secs(10), "the reload to fail", || {
+        log(&pool).matches("reload failed").count() > failures
+    });
+    let text = log(&pool);
+    let errors = log_lines(&text, &["reload: invalid configuration"]);
+    assert!(
+        errors.iter().any(|l| l.contains("routing.affinity")),
+        "the error names its key: {errors:#?}"
+    );
+    assert!(text.contains("keeping the running configuration"), "{text}");
+    kept.roundtrip("after the failed reload", RTT);
+    let out = pool.client(2).run("echo $POOLGATE_VM");
+    assert_ok(&out, "a login after the failed reload");
+    assert_eq!(
+        stdout(&out),
+        "vm-c",
+        "still affinity none, vm-c still in the pool"
+    );
+
+    // [health] was applied too: with fall = 1 one failed probe marks a VM down.
+    let mut vm_c = vm_c;
+    vm_c.stop();
+    ssh_common::wait_for_vm_down(&pool.gateway, "vm-c", Duration::from_secs(10));
+    let vms = http_get(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, pool.admin_port)),
+        "/api/v1/vms",
+    );
+    let c = vms
+        .json()
+        .items()
+        .iter()
+        .find(|v| v["name"].as_str() == Some("vm-c"))
+        .cloned()
+        .expect("vm-c listed");
+    let failed_tail = c["health_history"]
+        .items()
+        .iter()
+        .rev()
+        .take_while(|p| p["ok"].as_bool() == Some(false))
+        .count();
+    assert_eq!(failed_tail, 1, "down after exactly one failed probe: {c:?}");
+    assert!(
+        vms.json()
+            .items()
+            .iter()
+            .all(|v| v["name"].as_str() != Some("vm-a")),
+        "vm-a left the pool"
+    );
+
+    assert!(second.end(Duration::from_secs(10)).success());
+    assert!(
+        kept.end(Duration::from_secs(10)).success(),
+        "the session on the removed VM"
+    );
+    assert!(
+        log(&pool)
+            .lines()
+            .filter(|l| l.contains("ssh session ended"))
+            .all(|l| !has_field(l, "exit", "-")),
+        "every session ended with its exit status"
+    );
+    eprintln!("SIGHUP test: {:?}", started.elapsed());
+}
+
+/// Whether a TLS handshake with `addr` succeeds trusting only `ca`.
+async fn trusts(addr: SocketAddr, ca: &TestCa) -> bool {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(ca.client_config())
+        .connect(name, tcp)
+        .await
+        .is_ok()
+}
+
+/// Runs `code` over an open kernel websocket; the `text/plain` result.
+async fn run_code(ws: &mut WebSocket, code: &str, msg_id: &str) -> String {
+    let request = json!({
+        "header": {"msg_id": msg_id, "username": "poolgate-test", "session": "s1",
+                   "msg_type": "execute_request", "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "buffers": [], "channel": "shell",
+        "content": {"code": code, "silent": false, "store_history": true,
+                    "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
+    });
+    ws_send(ws, request.to_string()).await;
+    loop {
+        let text = tokio::time::timeout(Duration::from_secs(60), ws_next_text(ws))
+            .await
+            .expect("the kernel answers within 60 s")
+            .expect("the kernel websocket is open");
+        let msg: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        if msg["parent_header"]["msg_id"] == msg_id && msg["header"]["msg_type"] == "execute_result"
+        {
+            return msg["content"]["data"]["text/plain"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_serves_a_new_tls_certificate_at_once_and_keeps_an_open_websocket() {
+    if !require_jupyter() {
+        return;
+    }
+    let vm = tokio::task::spawn_blocking(|| JupyterServerVm::start("js-a"))
+        .await
+        .expect("jupyter-server");
+    let gw = tokio::task::spawn_blocking({
+        let port = vm.port();
+        move || {
+            http_common::HttpGatewayBuilder::new("/api")
+                .vm("js-a", port)
+                .start()
+        }
+    })
+    .await
+    .expect("gateway");
+    let browser = gw.browser();
+    // The page that sets `_xsrf`, needed for the kernel API.
+    let (r, _) = browser.follow("/lab").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = browser
+        .api("POST", "/api/kernels", Some(&json!({"name": "python3"})))
+        .await;
+    assert_eq!(r.status, 201, "start a kernel: {}", r.text());
+    let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
+    let mut ws = browser
+        .websocket(&format!("/api/kernels/{kernel}/channels?session_id=s1"))
+        .await;
+    assert_eq!(run_code(&mut ws, "1+1", "before").await, "2");
+
+    // A renewed certificate (another CA here, so a client can tell which one it got) replaces
+    // the files in place.
+    let renewed = TestCa::generate();
+    std::fs::copy(renewed.cert_path(), gw.ca.cert_path()).expect("copy cert");
+    std::fs::copy(renewed.key_path(), gw.ca.key_path()).expect("copy key");
+    assert!(
+        trusts(gw.https, &gw.ca).await,
+        "the old certificate is still served"
+    );
+    let sent = Instant::now();
+    signal_gateway(&gw.gateway, Signal::SIGHUP);
+    let mut served = false;
+    while sent.elapsed() < Duration::from_secs(5) {
+        if trusts(gw.https, &renewed).await {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = sent.elapsed();
+    assert!(
+        served,
+        "the renewed certificate is not served 5 s after SIGHUP\n{}",
+        gw.gateway.log_text()
+    );
+    eprintln!("renewed certificate served {took:?} after SIGHUP");
+    assert!(
+        !trusts(gw.https, &gw.ca).await,
+        "the old certificate is gone"
+    );
+    assert!(gw.gateway.log_text().contains("TLS certificate reloaded"));
+
+    // The websocket opened before the reload still works; new requests use the new cert.
+    assert_eq!(run_code(&mut ws, "2+3", "after").await, "5");
+    let b2 = poolgate_tests::jupyter::Browser::https(gw.https, renewed.client_config());
+    let r = b2.get("/api/status").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(ws);
+}
