@@ -13,11 +13,12 @@ use russh::keys::ssh_key::PublicKey;
 use russh::server::ChannelOpenHandle;
 use russh::server::{self, Auth, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
-use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::sync::watch;
 
 use super::authorized_keys::KeyPermissions;
 use super::backend::BackendHandler;
 use super::connect::{Conn, Connected, OpenError, Who, connect_vm, make_ready, ready_or_failed};
+use super::penalty::UnauthPermit;
 use super::relay::{self, FlowControl};
 use super::{SshGateway, UserAuth};
 
@@ -32,7 +33,7 @@ pub struct Front {
     /// The VM side of this connection as channel tasks see it.
     conn: watch::Sender<Conn>,
     flow: Arc<FlowControl>,
-    unauthenticated: Option<OwnedSemaphorePermit>,
+    unauthenticated: Option<UnauthPermit>,
     authenticated: watch::Sender<bool>,
     accepted: Instant,
     /// The client tried at least one login method.
@@ -40,12 +41,12 @@ pub struct Front {
 }
 
 impl Front {
-    /// A handler for a connection from `peer`, holding one of the `max_unauthenticated` permits
+    /// A handler for a connection from `peer`, holding one of the `max_unauthenticated` slots
     /// until it authenticates.
     pub fn new(
         gw: Arc<SshGateway>,
         peer: SocketAddr,
-        permit: OwnedSemaphorePermit,
+        permit: UnauthPermit,
         authenticated: watch::Sender<bool>,
     ) -> Self {
         Self {

@@ -18,7 +18,7 @@ use router_core::Pool;
 use russh::keys::ssh_key::PrivateKey;
 use russh::{MethodKind, MethodSet, cipher, kex, server};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use self::front::Front;
 use self::keys::UserCa;
@@ -74,7 +74,7 @@ pub struct SshGateway {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) wake: Option<Arc<crate::autoscale::Driver>>,
     pub(crate) window_size: u32,
-    unauthenticated: Arc<Semaphore>,
+    unauthenticated: penalty::UnauthSlots,
     /// Open user connections, for graceful shutdown.
     connections: dashmap::DashMap<u64, server::Handle>,
     next_connection: std::sync::atomic::AtomicU64,
@@ -170,7 +170,7 @@ impl SshGateway {
         let window_size = server_config.window_size;
         let client_config = backend::client_config(parts.host_policy.wants_certificates());
         Arc::new(Self {
-            unauthenticated: Arc::new(Semaphore::new(parts.settings.max_unauthenticated.max(1))),
+            unauthenticated: penalty::UnauthSlots::new(parts.settings.max_unauthenticated),
             server_config: Arc::new(server_config),
             settings: parts.settings,
             user_auth: parts.user_auth,
@@ -246,6 +246,8 @@ impl SshGateway {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut count: u32 = 0;
+        let mut drops = DropReport::default();
+        let mut report = tokio::time::interval(DROP_REPORT_EVERY);
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -263,6 +265,10 @@ impl SshGateway {
                     }
                     continue;
                 }
+                _ = report.tick() => {
+                    drops.flush(self.settings.max_unauthenticated, self.unauthenticated.share());
+                    continue;
+                }
             };
             count = count.wrapping_add(1);
             let now = std::time::Instant::now();
@@ -271,12 +277,25 @@ impl SshGateway {
             }
             if let Some(left) = self.penalties.blocked_for(peer.ip(), now) {
                 tracing::debug!(client = %peer, left_s = left.as_secs(), "address in the login penalty box; dropped");
+                drops.penalty += 1;
                 continue;
             }
-            let Ok(permit) = self.unauthenticated.clone().try_acquire_owned() else {
-                tracing::warn!(client = %peer, limit = self.settings.max_unauthenticated,
-                    "too many connections still authenticating (ssh.max_unauthenticated); dropping");
-                continue;
+            let permit = match self.unauthenticated.acquire(peer.ip()) {
+                Ok(permit) => permit,
+                Err(why) => {
+                    // Closed at once (no banner). Logged once a burst, then summed up every
+                    // DROP_REPORT_EVERY, so a flood cannot flood the log too.
+                    if drops.is_quiet() {
+                        tracing::warn!(client = %peer, limit = self.settings.max_unauthenticated,
+                            per_address = self.unauthenticated.share(), reason = ?why,
+                            "too many connections still authenticating (ssh.max_unauthenticated); dropping");
+                    }
+                    match why {
+                        penalty::NoSlot::Full => drops.full += 1,
+                        penalty::NoSlot::AddressShare => drops.per_address += 1,
+                    }
+                    continue;
+                }
             };
             let _ = stream.set_nodelay(true);
             let gw = self.clone();
@@ -290,7 +309,7 @@ impl SshGateway {
         self: Arc<Self>,
         stream: tokio::net::TcpStream,
         peer: SocketAddr,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: penalty::UnauthPermit,
     ) {
         let (authed_tx, mut authed_rx) = watch::channel(false);
         let handler = Front::new(self.clone(), peer, permit, authed_tx);
@@ -355,6 +374,39 @@ impl SshGateway {
         if let Err(e) = result {
             tracing::debug!(client = %peer, error = %e, "SSH connection ended with an error");
         }
+    }
+}
+
+/// How often connections dropped at accept are summed up in the log.
+const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Connections dropped at accept since the last report.
+#[derive(Debug, Default)]
+struct DropReport {
+    full: u64,
+    per_address: u64,
+    penalty: u64,
+}
+
+impl DropReport {
+    /// Nothing dropped since the last report (the next drop is logged on its own).
+    fn is_quiet(&self) -> bool {
+        self.full + self.per_address == 0
+    }
+
+    fn flush(&mut self, limit: usize, share: usize) {
+        if self.full + self.per_address + self.penalty > 0 {
+            tracing::warn!(
+                over_limit = self.full,
+                over_address_share = self.per_address,
+                penalty_box = self.penalty,
+                limit,
+                per_address = share,
+                "SSH connections dropped at accept in the last {} s",
+                DROP_REPORT_EVERY.as_secs()
+            );
+        }
+        *self = Self::default();
     }
 }
 

@@ -5,11 +5,100 @@
 //! [`Penalties::window`] put the address in the penalty box: its new connections are dropped at
 //! accept for a penalty that starts at [`Penalties::base`] and doubles with each further offence,
 //! up to [`Penalties::max`]. A successful login clears the address's record.
+//!
+//! [`UnauthSlots`] bounds connections that have not logged in yet: `ssh.max_unauthenticated` in
+//! all, and a quarter of that (at least one) per source address, so one address flooding the
+//! listener with stalled handshakes cannot keep everyone else out (OpenSSH's
+//! `PerSourceMaxStartups` does the same).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Why a new connection got no unauthenticated slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    /// `ssh.max_unauthenticated` connections are authenticating.
+    Full,
+    /// This address holds its share already.
+    AddressShare,
+}
+
+/// Slots for connections still authenticating: a global limit and a per-address share.
+#[derive(Debug)]
+pub struct UnauthSlots {
+    global: Arc<Semaphore>,
+    per_address: Arc<DashMap<IpAddr, usize>>,
+    share: usize,
+}
+
+impl UnauthSlots {
+    /// `max` slots in all; one address may hold `max / 4` of them (rounded up).
+    pub fn new(max: usize) -> Self {
+        let max = max.max(1);
+        Self {
+            global: Arc::new(Semaphore::new(max)),
+            per_address: Arc::new(DashMap::new()),
+            share: max.div_ceil(4),
+        }
+    }
+
+    /// How many slots one address may hold.
+    pub fn share(&self) -> usize {
+        self.share
+    }
+
+    /// A slot for a connection from `ip`, released when the returned permit drops.
+    pub fn acquire(&self, ip: IpAddr) -> Result<UnauthPermit, NoSlot> {
+        {
+            let mut held = self.per_address.entry(ip).or_insert(0);
+            if *held >= self.share {
+                return Err(NoSlot::AddressShare);
+            }
+            *held += 1;
+        }
+        // Taken before the global slot, so the count is given back on every path.
+        let address = AddressSlot {
+            map: self.per_address.clone(),
+            ip,
+        };
+        let global = self
+            .global
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| NoSlot::Full)?;
+        Ok(UnauthPermit {
+            _global: global,
+            _address: address,
+        })
+    }
+}
+
+/// One unauthenticated slot; dropping it (login or disconnect) frees it.
+#[derive(Debug)]
+pub struct UnauthPermit {
+    _global: OwnedSemaphorePermit,
+    _address: AddressSlot,
+}
+
+#[derive(Debug)]
+struct AddressSlot {
+    map: Arc<DashMap<IpAddr, usize>>,
+    ip: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        // The entry goes when its count reaches zero, so the map holds only live addresses.
+        self.map.remove_if_mut(&self.ip, |_, held| {
+            *held = held.saturating_sub(1);
+            *held == 0
+        });
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Record {
@@ -107,6 +196,29 @@ impl Penalties {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unauthenticated_slots_have_a_per_address_share_and_a_global_limit() {
+        let slots = UnauthSlots::new(8);
+        assert_eq!(slots.share(), 2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let held_a: Vec<_> = (0..2).map(|_| slots.acquire(a).unwrap()).collect();
+        assert_eq!(slots.acquire(a).unwrap_err(), NoSlot::AddressShare);
+        let mut others = Vec::new();
+        for i in 2..5 {
+            let ip: IpAddr = format!("192.0.2.{i}").parse().unwrap();
+            others.push(slots.acquire(ip).unwrap());
+            others.push(slots.acquire(ip).unwrap());
+        }
+        let late: IpAddr = "192.0.2.9".parse().unwrap();
+        assert_eq!(slots.acquire(late).unwrap_err(), NoSlot::Full);
+        // A refusal for `Full` gave its address count back.
+        assert!(slots.per_address.get(&late).is_none_or(|n| *n == 0));
+        drop(held_a);
+        assert!(slots.per_address.get(&a).is_none(), "entry removed at zero");
+        let _again = slots.acquire(late).unwrap();
+        assert_eq!(UnauthSlots::new(1).share(), 1);
+    }
 
     #[test]
     fn blocks_after_threshold_and_doubles() {
