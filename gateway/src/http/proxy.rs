@@ -120,6 +120,38 @@ enum Attempt {
     Unreachable(String, Option<Body>),
     /// Gave up with this error.
     Fail(GatewayError),
+    /// The client's request was at fault (its body could not be read): no VM is blamed.
+    Client(GatewayError),
+}
+
+/// An error reading the client's request body (bad chunked framing, the client went away): the
+/// client's fault, not the VM's. Wrapped around body errors so it can be told apart from the
+/// VM's errors in the client error chain.
+#[derive(Debug)]
+struct ClientBodyError(BoxError);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "reading the request body from the client: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// The client body error behind `e`, if that is what made it fail.
+fn client_body_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ClientBodyError> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(found) = err.downcast_ref::<ClientBodyError>() {
+            return Some(found);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 impl Frontend {
@@ -232,6 +264,15 @@ impl Frontend {
                     .into(),
             });
         }
+        // Only origin-form targets (a path from `/`): `OPTIONS *` and anything else would not
+        // name a resource on the VM, and glued to the VM's address it made a target that
+        // failed to connect — counted as a VM failure, so any client could mark VMs down.
+        if !req.uri().path().starts_with('/') {
+            return Err(GatewayError::Refused {
+                status: StatusCode::BAD_REQUEST,
+                detail: "the request target must be a path starting with /".into(),
+            });
+        }
         let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if target > self.inner.settings.max_uri_bytes {
             return Err(GatewayError::Refused {
@@ -284,7 +325,12 @@ impl Frontend {
         let (parts, body) = req.into_parts();
         let up_bytes = Arc::new(AtomicU64::new(0));
         let mut body = Some(
-            Observed::counting(body.map_err(Into::into).boxed_unsync(), up_bytes.clone()).boxed(),
+            Observed::counting(
+                body.map_err(|e| -> BoxError { Box::new(ClientBodyError(e.into())) })
+                    .boxed_unsync(),
+                up_bytes.clone(),
+            )
+            .boxed(),
         );
         let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
         let host = parts
@@ -418,6 +464,14 @@ impl Frontend {
                         error_chain(&e),
                         Handoff::take_back(&slot),
                     )),
+                    Ok(Err(e)) if client_body_error(&e).is_some() => {
+                        Err(Attempt::Client(GatewayError::Refused {
+                            status: StatusCode::BAD_REQUEST,
+                            detail: client_body_error(&e)
+                                .map(ToString::to_string)
+                                .unwrap_or_default(),
+                        }))
+                    }
                     Ok(Err(e)) => Err(Attempt::Fail(GatewayError::VmFailed {
                         vm: name.clone(),
                         detail: error_chain(&e),
@@ -431,6 +485,10 @@ impl Frontend {
 
             let (resp, started) = match attempt {
                 Ok(r) => r,
+                Err(Attempt::Client(e)) => {
+                    tracing::info!(vm = %name, ?e, "request refused: the client's request body could not be read");
+                    return (e.response(&parts.headers), Some(name));
+                }
                 Err(Attempt::Fail(e)) => {
                     tracing::warn!(vm = %name, "HTTP request failed: {}", e.status());
                     inner.metrics.session_started(

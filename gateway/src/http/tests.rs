@@ -418,6 +418,14 @@ async fn connect_absolute_form_and_long_targets_are_refused() {
     assert_eq!(send(&f, absolute).await.status, 400);
     let long = get(&format!("/{}", "a".repeat(2000)), None);
     assert_eq!(send(&f, long).await.status, 414);
+    // Asterisk-form names no resource on a VM: refused, and no VM blamed for it.
+    let asterisk = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("*")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    assert_eq!(send(&f, asterisk).await.status, 400);
+    assert!(f.failures.lock().expect("lock").is_empty());
     // HTTP/2 requests carry scheme and authority: those are fine.
     let h2 = Request::builder()
         .uri("https://hub.example/hub/")
