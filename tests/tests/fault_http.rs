@@ -1,0 +1,313 @@
+//! HTTP faults with real jupyter_server VMs behind the gateway (HTTPS, test CA).
+//!
+//! - A VM killed under its browsers: a request in flight on it gets a 502 page naming the VM,
+//!   its websocket closes, the browser's next request is re-pinned to the healthy VM (a new
+//!   signed cookie) and stays there; browsers on the other VM never notice (requests and a
+//!   kernel websocket keep working).
+//! - A VM that accepts TCP and never answers (SIGSTOP): its browser gets a 504 after
+//!   `http.response_header_timeout`, while other browsers' requests keep their usual latency;
+//!   once the probes mark it down the browser is re-pinned.
+
+mod fault_common;
+mod http_common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fault_common::{send_signal, unread_bytes_on_port};
+use http_common::{HttpGateway, HttpGatewayBuilder, cookie_vm};
+use nix::sys::signal::Signal;
+use poolgate_tests::jupyter::*;
+use serde_json::json;
+
+const COOKIE: &str = "poolgate_vm";
+/// `http.response_header_timeout` of the hung-VM test.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The fixture's `[health]`: `interval = 500ms`, `timeout = 500ms`, `fall = 2`.
+const INTERVAL: Duration = Duration::from_millis(500);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+const FALL: u32 = 2;
+
+fn start_vms(names: [&'static str; 2]) -> Vec<JupyterServerVm> {
+    std::thread::scope(|s| {
+        let h: Vec<_> = names
+            .into_iter()
+            .map(|n| s.spawn(move || JupyterServerVm::start(n)))
+            .collect();
+        h.into_iter()
+            .map(|h| h.join().expect("jupyter-server"))
+            .collect()
+    })
+}
+
+/// The pid of the jupyter-server listening on `port` (from its command line).
+fn server_pid(port: u16) -> u32 {
+    let flag = format!("--ServerApp.port={port}");
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|b| *b == 0).any(|arg| arg == flag.as_bytes()))
+                .unwrap_or(false)
+        })
+        .unwrap_or_else(|| panic!("no jupyter-server process with {flag}"))
+}
+
+/// A browser whose session is counted on a VM; returns it with the VM its cookie names.
+async fn pinned_browser(gw: &HttpGateway) -> (Arc<Browser>, String) {
+    let b = gw.browser();
+    let r = b.get("/api").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The cookie comes back: from now on the browser is a session on its VM.
+    let r = b.get("/api/status").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let vm = cookie_vm(&b.cookie(COOKIE, "/").expect("pinned"));
+    (Arc::new(b), vm)
+}
+
+/// GET `path` and check it came from `vm` (200, cookie unchanged and naming `vm`); latency.
+async fn get_on(b: &Browser, path: &str, vm: &str) -> Duration {
+    let started = Instant::now();
+    let r = b.get(path).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 200, "{path}: {}", r.text());
+    assert_eq!(cookie_vm(&b.cookie(COOKIE, "/").expect("cookie")), vm);
+    took
+}
+
+/// Runs `code` over an open kernel websocket; the `text/plain` result.
+async fn run_code(ws: &mut WebSocket, code: &str, msg_id: &str) -> String {
+    let request = json!({
+        "header": {"msg_id": msg_id, "username": "poolgate-test", "session": "s1",
+                   "msg_type": "execute_request", "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "buffers": [], "channel": "shell",
+        "content": {"code": code, "silent": false, "store_history": true,
+                    "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
+    });
+    ws_send(ws, request.to_string()).await;
+    loop {
+        let text = tokio::time::timeout(Duration::from_secs(60), ws_next_text(ws))
+            .await
+            .expect("the kernel answers within 60 s")
+            .expect("the kernel websocket is open");
+        let msg: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        if msg["parent_header"]["msg_id"] == msg_id && msg["header"]["msg_type"] == "execute_result"
+        {
+            return msg["content"]["data"]["text/plain"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_vm_fails_its_request_in_flight_with_502_then_its_browser_is_repinned() {
+    if !require_jupyter() {
+        return;
+    }
+    let started = Instant::now();
+    let mut vms = tokio::task::spawn_blocking(|| start_vms(["js-a", "js-b"]))
+        .await
+        .expect("VMs");
+    let ports: Vec<u16> = vms.iter().map(|v| v.port()).collect();
+    let gw = tokio::task::spawn_blocking(move || {
+        HttpGatewayBuilder::new("/api")
+            .vm("js-a", ports[0])
+            .vm("js-b", ports[1])
+            .start()
+    })
+    .await
+    .expect("gateway");
+    let (a, vm) = pinned_browser(&gw).await;
+    assert_eq!(vm, "js-a");
+    let (b, vm) = pinned_browser(&gw).await;
+    assert_eq!(vm, "js-b", "the second browser goes to the less-loaded VM");
+
+    // Browser B works with a kernel over a websocket on js-b; browser A has an events
+    // websocket open on js-a.
+    let (r, _) = b.follow("/lab").await;
+    assert_eq!(r.status, 200, "the page that sets _xsrf");
+    let r = b
+        .api("POST", "/api/kernels", Some(&json!({"name": "python3"})))
+        .await;
+    assert_eq!(r.status, 201, "start a kernel: {}", r.text());
+    let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
+    let mut kernel_ws = b
+        .websocket(&format!("/api/kernels/{kernel}/channels?session_id=s1"))
+        .await;
+    assert_eq!(run_code(&mut kernel_ws, "1+1", "before").await, "2");
+    let mut events_a = a.websocket("/api/events/subscribe").await;
+
+    // A request of browser A reaches js-a and waits there (the server is frozen, its bytes sit
+    // unread in the socket: a big header tells them from the health probes'), then js-a is
+    // killed with everything under it.
+    let js_a = vms[0].port();
+    send_signal(server_pid(js_a), Signal::SIGSTOP);
+    let pad = "x".repeat(4000);
+    let in_flight = tokio::spawn({
+        let a = a.clone();
+        async move { a.send("GET", "/api/status", &[("x-pad", &pad)], "").await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !unread_bytes_on_port(js_a).iter().any(|&n| n >= 4000) {
+        assert!(Instant::now() < deadline, "the request never reached js-a");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed = Instant::now();
+    tokio::task::block_in_place(|| vms[0].stop());
+
+    let r = in_flight.await.expect("request task");
+    let failed_after = killed.elapsed();
+    let page = r.text();
+    assert_eq!(r.status, 502, "{page}");
+    assert!(
+        page.contains("The VM did not answer")
+            && page.contains("poolgate could not get an answer from VM js-a"),
+        "a clear page naming the VM: {page}"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(10), ws_next_text(&mut events_a))
+        .await
+        .expect("the websocket on js-a ends");
+    assert_eq!(closed, None, "the websocket on the killed VM is closed");
+
+    // Browser B never noticed: HTTP and its kernel websocket go on.
+    get_on(&b, "/api/status", "js-b").await;
+    assert_eq!(run_code(&mut kernel_ws, "6*7", "after").await, "42");
+
+    // Browser A's next request is re-pinned to js-b with a new signed cookie, and stays there.
+    let old_cookie = a.cookie(COOKIE, "/").expect("cookie");
+    let repinned = Instant::now();
+    let r = a.get("/api/status").await;
+    let repin_took = repinned.elapsed();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let new_cookie = a.cookie(COOKIE, "/").expect("cookie");
+    assert_ne!(new_cookie, old_cookie, "the cookie is rewritten");
+    assert_eq!(cookie_vm(&new_cookie), "js-b");
+    for _ in 0..3 {
+        get_on(&a, "/api/contents", "js-b").await;
+        assert_eq!(
+            a.cookie(COOKIE, "/"),
+            Some(new_cookie.clone()),
+            "stays pinned"
+        );
+    }
+    eprintln!(
+        "killed VM: in-flight request failed (502) {failed_after:?} after the kill; \
+         browser re-pinned in {repin_took:?}; test {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_never_answers_costs_its_browser_one_504_and_stalls_nobody_else() {
+    if !require_jupyter() {
+        return;
+    }
+    let started = Instant::now();
+    let vms = tokio::task::spawn_blocking(|| start_vms(["js-a", "js-b"]))
+        .await
+        .expect("VMs");
+    let ports: Vec<u16> = vms.iter().map(|v| v.port()).collect();
+    let gw = tokio::task::spawn_blocking(move || {
+        HttpGatewayBuilder::new("/api")
+            .vm("js-a", ports[0])
+            .vm("js-b", ports[1])
+            .http_option(&format!(
+                "response_header_timeout = \"{}s\"",
+                HEADER_TIMEOUT.as_secs()
+            ))
+            .start()
+    })
+    .await
+    .expect("gateway");
+    let (a, vm) = pinned_browser(&gw).await;
+    assert_eq!(vm, "js-a");
+    let (b, vm) = pinned_browser(&gw).await;
+    assert_eq!(vm, "js-b");
+    let mut usual = Duration::ZERO;
+    for _ in 0..5 {
+        usual = usual.max(get_on(&b, "/api/status", "js-b").await);
+    }
+
+    // js-a freezes: TCP connections are still accepted (kernel backlog), nothing answers.
+    let pid = server_pid(vms[0].port());
+    send_signal(pid, Signal::SIGSTOP);
+    let frozen = Instant::now();
+    let stuck = tokio::spawn({
+        let a = a.clone();
+        async move {
+            let r = a.get("/api/status").await;
+            (r, frozen.elapsed())
+        }
+    });
+    let log_has_down = || {
+        gw.gateway
+            .log_text()
+            .lines()
+            .any(|l| l.contains("VM is down") && l.contains("vm=js-a"))
+    };
+    // Browser B meanwhile (and when the gateway marks js-a down).
+    let mut worst = Duration::ZERO;
+    let mut during = 0;
+    let mut down_after = None;
+    while !stuck.is_finished() {
+        worst = worst.max(get_on(&b, "/api/status", "js-b").await);
+        during += 1;
+        if down_after.is_none() && log_has_down() {
+            down_after = Some(frozen.elapsed());
+        }
+    }
+    let (r, took) = stuck.await.expect("request task");
+    eprintln!(
+        "hung VM: browser A got {} after {took:?} (response_header_timeout {HEADER_TIMEOUT:?}); \
+         browser B: {during} requests meanwhile, worst {worst:?} (usual worst {usual:?})",
+        r.status
+    );
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        r.text().contains("The VM took too long to answer"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        took >= HEADER_TIMEOUT && took <= HEADER_TIMEOUT + Duration::from_secs(1),
+        "504 after {took:?}, response_header_timeout {HEADER_TIMEOUT:?}"
+    );
+    assert!(during >= 3, "browser B made only {during} requests");
+    assert!(
+        worst < Duration::from_secs(1),
+        "browser B stalled while js-a hung: {worst:?}"
+    );
+
+    // The probes mark js-a down within fall × interval + timeout; A is then re-pinned.
+    let down_bound = INTERVAL * FALL + PROBE_TIMEOUT + Duration::from_millis(500);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while down_after.is_none() {
+        if log_has_down() {
+            down_after = Some(frozen.elapsed());
+        }
+        assert!(Instant::now() < deadline, "js-a never marked down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let down_after = down_after.unwrap_or_default();
+    assert!(
+        down_after <= down_bound,
+        "js-a down after {down_after:?} (bound fall x interval + timeout + 0.5 s = {down_bound:?})"
+    );
+    let old = a.cookie(COOKIE, "/").expect("cookie");
+    let repin = get_on(&a, "/api/status", "js-b").await;
+    assert_ne!(a.cookie(COOKIE, "/"), Some(old), "a new signed cookie");
+    assert!(repin < Duration::from_secs(1), "re-pin took {repin:?}");
+    let c = gw.browser();
+    let r = c.get("/api").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(cookie_vm(&c.cookie(COOKIE, "/").expect("cookie")), "js-b");
+    send_signal(pid, Signal::SIGCONT);
+    eprintln!(
+        "hung VM: js-a down {down_after:?} after the freeze; A re-pinned in {repin:?}; test {:?}",
+        started.elapsed()
+    );
+}
