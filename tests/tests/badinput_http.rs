@@ -1,0 +1,778 @@
+//! Bad input on the HTTP listener, against the real gateway binary in front of recording
+//! upstream VMs (a small HTTP/1.1 server in this file that keeps every request it receives, so
+//! the tests can check what reached a VM): slowloris and silent connections are cut by the
+//! header-read / idle timeout; oversized headers and targets get 431 / 414; malformed, forged,
+//! tampered and expired sticky cookies are ignored and the browser re-picked with a fresh valid
+//! cookie; request-smuggling attempts never reach a VM as two requests; path tricks are refused
+//! or stay on the pool VM; and the gateway keeps answering with nothing panicked.
+
+// Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod http_common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_common::*;
+use poolgate_tests::*;
+
+/// Health path of the recording upstreams (its requests are not recorded).
+const HEALTH: &str = "/pg-health";
+/// `http.idle_timeout` of these tests: also hyper's header-read timeout.
+const IDLE: Duration = Duration::from_secs(2);
+/// Scheduling slack on a loaded 2-core machine.
+const SLACK: Duration = Duration::from_millis(1500);
+
+/// One request as an upstream VM received it.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A pool VM's web side that records every request (keep-alive, Content-Length and chunked
+/// bodies) and answers `200` with `vm=<name> saw <method> <target>`.
+struct Upstream {
+    name: String,
+    port: u16,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    fn start(name: &str) -> Self {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (record, vm) = (seen.clone(), name.to_string());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (record, vm) = (record.clone(), vm.clone());
+                std::thread::spawn(move || serve_upstream(conn, &vm, &record));
+            }
+        });
+        Upstream {
+            name: name.into(),
+            port,
+            seen,
+        }
+    }
+
+    /// Requests received so far (health probes left out), and forget them.
+    fn take(&self) -> Vec<Seen> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+fn serve_upstream(conn: TcpStream, vm: &str, record: &Mutex<Vec<Seen>>) {
+    let mut out = conn.try_clone().unwrap();
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (method, target) = (
+            parts.next().unwrap_or("").to_string(),
+            parts.next().unwrap_or("").to_string(),
+        );
+        let mut headers = Vec::new();
+        loop {
+            // Header values may hold any byte (obs-text): read bytes, not UTF-8 lines.
+            let mut h = Vec::new();
+            if r.read_until(b'\n', &mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = String::from_utf8_lossy(&h);
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (n, v) = h.split_once(':').unwrap_or((h, ""));
+            headers.push((n.trim().to_string(), v.trim().to_string()));
+        }
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        let mut body = Vec::new();
+        if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            loop {
+                let mut size = String::new();
+                r.read_line(&mut size).unwrap();
+                let n = usize::from_str_radix(size.trim().split(';').next().unwrap(), 16).unwrap();
+                let mut chunk = vec![0u8; n + 2];
+                r.read_exact(&mut chunk).unwrap();
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        } else if let Some(n) = get("content-length") {
+            body = vec![0u8; n.parse().unwrap()];
+            r.read_exact(&mut body).unwrap();
+        }
+        let reply = format!("vm={vm} saw {method} {target}");
+        if target != HEALTH {
+            record.lock().unwrap().push(Seen {
+                method,
+                target,
+                headers,
+                body,
+            });
+        }
+        let _ = write!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{reply}",
+            reply.len()
+        );
+    }
+}
+
+/// The gateway's plain HTTP listener in front of `upstreams`, with short limits.
+fn gateway(upstreams: &[&Upstream]) -> HttpGateway {
+    let mut b = HttpGatewayBuilder::new(HEALTH)
+        .without_tls()
+        .http_option(&format!("idle_timeout = \"{}s\"", IDLE.as_secs()))
+        .http_option("max_header_bytes = 8192")
+        .http_option("max_uri_bytes = 1024");
+    for u in upstreams {
+        b = b.vm(&u.name, u.port);
+    }
+    b.start()
+}
+
+/// A raw HTTP exchange: sends `bytes`, reads until the gateway closes or 5 s pass.
+/// Returns (status of the first response, number of responses seen, whole text).
+fn raw(addr: SocketAddr, bytes: &[u8]) -> (u16, usize, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut text = Vec::new();
+    let _ = s.read_to_end(&mut text);
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let responses = text.matches("HTTP/1.1 ").count();
+    (status, responses, text)
+}
+
+/// `Connection: close` request for `target` with extra header lines.
+fn request(method: &str, target: &str, extra: &str) -> Vec<u8> {
+    format!("{method} {target} HTTP/1.1\r\nHost: pool.example\r\n{extra}Connection: close\r\n\r\n")
+        .into_bytes()
+}
+
+fn assert_no_panic(gw: &HttpGateway) {
+    let log = gw.gateway.log_text();
+    assert!(
+        !log.contains("panicked"),
+        "the gateway panicked:\n{}",
+        log.lines()
+            .filter(|l| l.contains("panicked"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// A plain request is answered by the upstream.
+fn still_serves(gw: &HttpGateway) {
+    let (status, _, text) = raw(gw.http, &request("GET", "/still-ok", ""));
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("saw GET /still-ok"), "{text}");
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn slowloris_and_silent_connections_are_cut_by_the_header_read_timeout() {
+    let started = Instant::now();
+    let up = Upstream::start("up-a");
+    let gw = gateway(&[&up]);
+    let pid = gw.gateway.pid().unwrap();
+    still_serves(&gw);
+    let fds0 = fd_count(pid);
+
+    // 20 dribblers (one header byte every 100 ms, never finishing) and 20 silent connections.
+    let dribblers: Vec<_> = (0..40)
+        .map(|i| {
+            let addr = gw.http;
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let mut s = TcpStream::connect(addr).unwrap();
+                let mut head = b"GET /slow HTTP/1.1\r\nHost: pool.example\r\nX-Slow: ".to_vec();
+                head.extend(std::iter::repeat_n(b'a', 1000));
+                let mut cut = None;
+                if i % 2 == 0 {
+                    for b in head {
+                        if s.write_all(&[b]).is_err() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                        if t0.elapsed() > IDLE + SLACK * 2 {
+                            break;
+                        }
+                    }
+                }
+                // Whatever it sent, wait for the close (a 408, or just the FIN).
+                s.set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                let mut buf = [0u8; 1024];
+                let mut answer = Vec::new();
+                while t0.elapsed() < IDLE + SLACK * 3 {
+                    match s.read(&mut buf) {
+                        Ok(0) => {
+                            cut = Some(t0.elapsed());
+                            break;
+                        }
+                        Ok(n) => answer.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => {
+                            cut = Some(t0.elapsed());
+                            break;
+                        }
+                    }
+                }
+                (
+                    i % 2 == 0,
+                    cut,
+                    String::from_utf8_lossy(&answer).into_owned(),
+                )
+            })
+        })
+        .collect();
+    // Meanwhile normal requests go through.
+    still_serves(&gw);
+    let peak = fd_count(pid);
+    let mut worst = Duration::ZERO;
+    for d in dribblers {
+        let (dribbling, cut, answer) = d.join().unwrap();
+        let cut = cut.unwrap_or_else(|| {
+            panic!(
+                "dribbling={dribbling}: still open {:?} in",
+                IDLE + SLACK * 3
+            )
+        });
+        assert!(
+            cut <= IDLE + SLACK,
+            "dribbling={dribbling}: cut after {cut:?}; answer {answer:?}"
+        );
+        worst = worst.max(cut);
+    }
+    eprintln!(
+        "slowloris/silent connections cut after at most {worst:?} (http.idle_timeout {IDLE:?})"
+    );
+    assert!(
+        up.take().iter().all(|s| s.target != "/slow"),
+        "a dribbled request reached the VM"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the gateway's FDs back to the baseline",
+        || fd_count(pid) <= fds0 + 2,
+    );
+    eprintln!(
+        "gateway FDs: before {fds0}, during {peak}, after {}",
+        fd_count(pid)
+    );
+    still_serves(&gw);
+    assert_no_panic(&gw);
+    eprintln!("slowloris test: {:?}", started.elapsed());
+}
+
+#[test]
+fn oversized_headers_and_targets_get_431_and_414() {
+    let up = Upstream::start("up-a");
+    let gw = gateway(&[&up]);
+    let long = |n: usize| "a".repeat(n);
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        // One 20 KB header, past max_header_bytes = 8192.
+        (
+            "a 20 KB header",
+            request(
+                "GET",
+                "/big-header",
+                &format!("X-Big: {}\r\n", long(20_000)),
+            ),
+            431,
+        ),
+        // Many small headers adding up past the limit.
+        (
+            "300 headers",
+            request(
+                "GET",
+                "/many-headers",
+                &(0..300)
+                    .map(|i| format!("X-H{i}: {i}\r\n"))
+                    .collect::<String>(),
+            ),
+            431,
+        ),
+        // A target past max_uri_bytes = 1024, within the header block.
+        (
+            "a 2 KB target",
+            request("GET", &format!("/{}", long(2000)), ""),
+            414,
+        ),
+        // A target past the whole header block: the block limit answers first.
+        (
+            "a 20 KB target",
+            request("GET", &format!("/{}", long(20_000)), ""),
+            431,
+        ),
+        // Just under the limits: forwarded.
+        (
+            "a 1000-byte target",
+            request("GET", &format!("/{}", long(999)), ""),
+            200,
+        ),
+        (
+            "a 6 KB header",
+            request("GET", "/ok-header", &format!("X-Big: {}\r\n", long(6000))),
+            200,
+        ),
+    ];
+    for (what, bytes, want) in cases {
+        let (status, _, text) = raw(gw.http, &bytes);
+        eprintln!("{what}: {status}");
+        assert_eq!(
+            status,
+            want,
+            "{what}: {}",
+            text.lines().next().unwrap_or("")
+        );
+    }
+    let seen = up.take();
+    assert_eq!(
+        seen.len(),
+        2,
+        "only the two requests within the limits reached the VM"
+    );
+    still_serves(&gw);
+    assert_no_panic(&gw);
+}
+
+#[test]
+fn request_smuggling_attempts_never_reach_a_vm_as_two_requests() {
+    let up = Upstream::start("up-a");
+    let gw = gateway(&[&up]);
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: pool.example\r\n\r\n";
+    let h = |s: &str| s.to_string();
+    // (case, request head lines after Host, body, expected status)
+    let cases: Vec<(&str, String, String, u16)> = vec![
+        (
+            // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; the Content-Length is
+            // dropped and the connection closed after the response (hyper, like HAProxy), so
+            // the bytes after the chunked body are never read as a request.
+            "CL.TE: Content-Length and Transfer-Encoding",
+            h("Content-Length: 6\r\nTransfer-Encoding: chunked\r\n"),
+            format!("0\r\n\r\n{smuggled}"),
+            200,
+        ),
+        (
+            "TE.CL: Transfer-Encoding then Content-Length",
+            h("Transfer-Encoding: chunked\r\nContent-Length: 3\r\n"),
+            format!("8\r\nSMUGGLED\r\n0\r\n\r\n{smuggled}"),
+            200,
+        ),
+        (
+            "two different Content-Lengths",
+            h("Content-Length: 5\r\nContent-Length: 40\r\n"),
+            format!("hello{smuggled}"),
+            400,
+        ),
+        (
+            "Content-Length list with different values",
+            h("Content-Length: 5, 40\r\n"),
+            format!("hello{smuggled}"),
+            400,
+        ),
+        (
+            "obfuscated: Transfer-Encoding: xchunked",
+            h("Transfer-Encoding: xchunked\r\nContent-Length: 5\r\n"),
+            format!("hello{smuggled}"),
+            400,
+        ),
+        (
+            "obfuscated: chunked not last",
+            h("Transfer-Encoding: chunked, identity\r\n"),
+            format!("0\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "obfuscated: space before the colon",
+            h("Transfer-Encoding : chunked\r\nContent-Length: 5\r\n"),
+            format!("hello{smuggled}"),
+            400,
+        ),
+        (
+            "obfuscated: Transfer-Encoding split over two lines",
+            h("Transfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n"),
+            format!("0\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "obfuscated: obs-fold continuation line",
+            h("X-A: b\r\n Transfer-Encoding: chunked\r\nContent-Length: 5\r\n"),
+            format!("hello{smuggled}"),
+            400,
+        ),
+        (
+            "bad chunk size",
+            h("Transfer-Encoding: chunked\r\n"),
+            format!("zz\r\nhello\r\n0\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "negative Content-Length",
+            h("Content-Length: -1\r\n"),
+            smuggled.to_string(),
+            400,
+        ),
+    ];
+    for (what, head, body, want) in &cases {
+        let bytes = format!("POST /front HTTP/1.1\r\nHost: pool.example\r\n{head}\r\n{body}");
+        let (status, responses, text) = raw(gw.http, bytes.as_bytes());
+        let seen = up.take();
+        eprintln!(
+            "{what}: {status}, {responses} response(s), VM saw {:?}",
+            seen.iter()
+                .map(|s| (&s.method, &s.target, s.body.len()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(status, *want, "{what}: {text}");
+        assert_eq!(
+            responses, 1,
+            "{what}: one response on the connection: {text}"
+        );
+        assert!(
+            seen.iter().all(|s| s.target != "/smuggled"),
+            "{what}: the smuggled request reached the VM: {seen:?}"
+        );
+        assert!(
+            seen.len() <= 1,
+            "{what}: the VM saw {} requests",
+            seen.len()
+        );
+        if *want == 200 {
+            // The VM got one well-framed request, and no trace of the conflicting framing.
+            let s = &seen[0];
+            assert_eq!((s.method.as_str(), s.target.as_str()), ("POST", "/front"));
+            let framing = (s.header("content-length"), s.header("transfer-encoding"));
+            assert!(
+                framing.0.is_none() || framing.1.is_none(),
+                "{what}: the VM got both framings: {framing:?}"
+            );
+        } else {
+            assert!(
+                seen.is_empty(),
+                "{what}: a refused request reached the VM: {seen:?}"
+            );
+        }
+    }
+    // HTTP/1.0 with Transfer-Encoding (not defined there) is refused.
+    let (status, _, _) = raw(
+        gw.http,
+        format!(
+            "POST /front HTTP/1.0\r\nHost: pool.example\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status, 400, "HTTP/1.0 with Transfer-Encoding");
+    assert!(up.take().is_empty());
+    still_serves(&gw);
+    assert_no_panic(&gw);
+}
+
+#[test]
+fn path_tricks_are_refused_or_stay_on_the_pool_vm() {
+    let up = Upstream::start("up-a");
+    let gw = gateway(&[&up]);
+    // (request line target, method, expected status, what the VM must see: None = nothing)
+    // Dot segments and doubled slashes are forwarded verbatim: routing never depends on the
+    // path, so they cannot leave the VM; normalising would change what the VM's own
+    // (JupyterHub) checks see. Absolute-form targets and CONNECT would make the gateway a
+    // forward proxy: refused before any VM is contacted.
+    let cases: Vec<(&str, &str, u16, Option<&str>)> = vec![
+        ("/../../etc/passwd", "GET", 200, Some("/../../etc/passwd")),
+        (
+            "/hub/%2e%2e/%2e%2e/etc/passwd",
+            "GET",
+            200,
+            Some("/hub/%2e%2e/%2e%2e/etc/passwd"),
+        ),
+        ("/a/..%2f..%2fb", "GET", 200, Some("/a/..%2f..%2fb")),
+        ("//evil.example/x", "GET", 200, Some("//evil.example/x")),
+        (
+            "/%0d%0aSet-Cookie:%20x=y",
+            "GET",
+            200,
+            Some("/%0d%0aSet-Cookie:%20x=y"),
+        ),
+        ("http://evil.example/", "GET", 400, None),
+        ("http://127.0.0.1:22/", "GET", 400, None),
+        ("https://pool.example/hub/", "GET", 400, None),
+        ("evil.example:443", "CONNECT", 405, None),
+        ("127.0.0.1:22", "CONNECT", 405, None),
+        ("*", "OPTIONS", 400, None),
+        ("@evil.example/x", "GET", 400, None),
+        ("evil.example/x", "GET", 400, None),
+    ];
+    for (target, method, want, vm_sees) in cases {
+        let (status, _, text) = raw(gw.http, &request(method, target, ""));
+        let seen = up.take();
+        eprintln!(
+            "{method} {target}: {status}; VM saw {:?}",
+            seen.iter().map(|s| &s.target).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            status,
+            want,
+            "{method} {target}: {}",
+            text.lines().next().unwrap_or("")
+        );
+        match vm_sees {
+            Some(path) => {
+                assert_eq!(seen.len(), 1, "{method} {target}");
+                assert_eq!(
+                    seen[0].target, path,
+                    "{method} {target}: forwarded verbatim"
+                );
+                assert_eq!(seen[0].header("host"), Some("pool.example"));
+            }
+            None => assert!(
+                seen.is_empty(),
+                "{method} {target} reached the VM: {seen:?}"
+            ),
+        }
+    }
+    // A raw CR/LF in the request line is a parse error, not a second request.
+    let (status, responses, _) = raw(
+        gw.http,
+        b"GET /a\rSet-Cookie: x HTTP/1.1\r\nHost: pool.example\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!((status, responses), (400, 1));
+    // A Host naming another site still reaches only the pool VM.
+    let (status, _, text) = raw(
+        gw.http,
+        b"GET /host HTTP/1.1\r\nHost: evil.example:22\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("vm=up-a saw GET /host"), "{text}");
+    assert_eq!(up.take()[0].header("host"), Some("evil.example:22"));
+    still_serves(&gw);
+    assert_no_panic(&gw);
+}
+
+/// HMAC-SHA256 (RFC 2104), to sign cookies with the gateway's own secret.
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |x: u8| k.iter().map(|b| b ^ x).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .to_vec()
+}
+
+/// A sticky cookie value as the gateway makes it: `b64(vm).issued.b64(sid).b64(hmac)`.
+fn sign_cookie(key: &[u8], vm: &str, issued: u64, sid: &[u8]) -> String {
+    let b64 = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
+    let signed = format!("{}.{issued}.{}", b64(vm.as_bytes()), b64(sid));
+    format!("{signed}.{}", b64(&hmac_sha256(key, signed.as_bytes())))
+}
+
+/// Whether `value` carries a valid signature under `key`.
+fn cookie_signed_by(key: &[u8], value: &str) -> bool {
+    let Some((signed, tag)) = value.rsplit_once('.') else {
+        return false;
+    };
+    data_encoding::BASE64URL_NOPAD.encode(&hmac_sha256(key, signed.as_bytes())) == tag
+}
+
+/// (VM that answered, `poolgate_vm` value set by the response if any) for a GET with `cookie`.
+fn with_cookie(gw: &HttpGateway, cookie: &[u8]) -> (String, Option<String>) {
+    let mut req = b"GET /cookie HTTP/1.1\r\nHost: pool.example\r\nCookie: ".to_vec();
+    req.extend_from_slice(cookie);
+    req.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+    let (status, _, text) = raw(gw.http, &req);
+    assert_eq!(status, 200, "{text}");
+    let vm = text
+        .rsplit_once("vm=")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+    let set = text.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        if !name.eq_ignore_ascii_case("set-cookie") {
+            return None;
+        }
+        let v = value.trim().strip_prefix("poolgate_vm=")?;
+        Some(v.split(';').next()?.to_string())
+    });
+    (vm, set)
+}
+
+#[test]
+fn malformed_forged_tampered_and_expired_cookies_are_ignored_and_the_browser_re_picked() {
+    let (a, b) = (Upstream::start("up-a"), Upstream::start("up-b"));
+    let gw = gateway(&[&a, &b]);
+    // The gateway's own cookie secret: valid signatures on bad contents are tested too.
+    let secret = std::fs::read(gw.gateway.dir().join("keys/cookie_secret")).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sid = [7u8; 16];
+
+    // Without a cookie: the pick (least loaded, deterministic tie-break; cookie-less requests
+    // add no load) and a fresh cookie naming it.
+    let (picked, set) = with_cookie(&gw, b"other=1");
+    let first = set.expect("a first response sets the sticky cookie");
+    assert_eq!(cookie_vm(&first), picked);
+    assert!(cookie_signed_by(&secret, &first));
+    let other = if picked == "up-a" { "up-b" } else { "up-a" };
+
+    let valid_other = sign_cookie(&secret, other, now, &sid);
+    let (head, tag) = valid_other.rsplit_once('.').unwrap();
+    let fields: Vec<&str> = head.split('.').collect();
+    let b64 = |s: &str| data_encoding::BASE64URL_NOPAD.encode(s.as_bytes());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"poolgate_vm=garbage".to_vec()),
+        ("empty", b"poolgate_vm=".to_vec()),
+        (
+            "5000 bytes",
+            format!("poolgate_vm={}", "A".repeat(5000)).into_bytes(),
+        ),
+        ("too many fields", b"poolgate_vm=a.b.c.d.e.f".to_vec()),
+        ("not base64", b"poolgate_vm=!!.1.!!.!!".to_vec()),
+        ("non-ASCII bytes", b"poolgate_vm=\xff\xfe.1.2.3".to_vec()),
+        (
+            "forged: signed with another key",
+            format!(
+                "poolgate_vm={}",
+                sign_cookie(b"not the gateway's secret", other, now, &sid)
+            )
+            .into_bytes(),
+        ),
+        (
+            "tampered: VM name swapped under a valid tag",
+            format!(
+                "poolgate_vm={}.{}.{}.{tag}",
+                b64(&picked),
+                fields[1],
+                fields[2]
+            )
+            .into_bytes(),
+        ),
+        (
+            "tampered: issue time changed",
+            format!("poolgate_vm={}.{}.{}.{tag}", fields[0], now + 1, fields[2]).into_bytes(),
+        ),
+        (
+            "tampered: tag truncated",
+            format!("poolgate_vm={}", &valid_other[..valid_other.len() - 4]).into_bytes(),
+        ),
+        (
+            "expired (13 h old, affinity_ttl 12 h), valid signature",
+            format!(
+                "poolgate_vm={}",
+                sign_cookie(&secret, other, now - 13 * 3600, &sid)
+            )
+            .into_bytes(),
+        ),
+        (
+            "issued an hour in the future, valid signature",
+            format!(
+                "poolgate_vm={}",
+                sign_cookie(&secret, other, now + 3600, &sid)
+            )
+            .into_bytes(),
+        ),
+        (
+            "short session id, valid signature",
+            format!(
+                "poolgate_vm={}",
+                sign_cookie(&secret, other, now, &[1u8; 4])
+            )
+            .into_bytes(),
+        ),
+        (
+            "forged first, valid second: the first counts",
+            format!(
+                "poolgate_vm={}; poolgate_vm={valid_other}",
+                sign_cookie(b"not the gateway's secret", other, now, &sid)
+            )
+            .into_bytes(),
+        ),
+    ];
+    let mut fresh = None;
+    for (what, cookie) in &cases {
+        let (vm, set) = with_cookie(&gw, cookie);
+        eprintln!("{what}: answered by {vm}, new cookie: {}", set.is_some());
+        assert_eq!(
+            vm, picked,
+            "{what}: re-picked like a browser without a cookie"
+        );
+        let set = set.unwrap_or_else(|| panic!("{what}: no new cookie set"));
+        assert_eq!(cookie_vm(&set), picked, "{what}");
+        assert!(
+            cookie_signed_by(&secret, &set),
+            "{what}: the new cookie is signed"
+        );
+        fresh = Some(set);
+    }
+    // The new cookie is honoured: same VM, nothing re-issued.
+    let fresh = fresh.unwrap();
+    let (vm, set) = with_cookie(&gw, format!("poolgate_vm={fresh}").as_bytes());
+    assert_eq!((vm.as_str(), set), (picked.as_str(), None));
+    // Control: a valid cookie for the other VM is obeyed, so the cases above were refused for
+    // what they were, not because cookies are ignored.
+    let (vm, set) = with_cookie(&gw, format!("poolgate_vm={valid_other}").as_bytes());
+    assert_eq!((vm.as_str(), set), (other, None));
+    // A validly signed cookie naming a VM that is not in the pool (deleted, or a name never
+    // issued): routed to a pool VM and re-pinned there. Its session now counts as load, so it
+    // comes last.
+    let evil = sign_cookie(&secret, "evil-vm", now, &[9u8; 16]);
+    let (vm, set) = with_cookie(&gw, format!("poolgate_vm={evil}").as_bytes());
+    let set = set.expect("re-pinned");
+    assert!(vm == "up-a" || vm == "up-b", "{vm}");
+    assert_eq!(cookie_vm(&set), vm);
+    assert!(cookie_signed_by(&secret, &set));
+    still_serves(&gw);
+    assert_no_panic(&gw);
+}
