@@ -62,7 +62,9 @@ impl LiveSession {
         thread::spawn(move || {
             let mut chunk = [0u8; 4096];
             while let Ok(n @ 1..) = err.read(&mut chunk) {
-                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+                sink.lock()
+                    .expect("stderr buffer")
+                    .extend_from_slice(&chunk[..n]);
             }
         });
         let mut session = LiveSession {
@@ -120,7 +122,7 @@ impl LiveSession {
 
     /// What ssh wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+        String::from_utf8_lossy(&self.stderr.lock().expect("stderr buffer")).into_owned()
     }
 
     /// Waits (within `timeout`) for ssh to exit on its own; panics if it does not.
