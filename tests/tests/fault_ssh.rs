@@ -120,6 +120,14 @@ fn sessions_on_a_killed_vm_end_with_a_message_and_sessions_on_the_other_vm_carry
         let status = s.end(Duration::from_secs(10));
         assert!(status.success(), "a vm-b session ended with {status}");
     }
+    // Sessions that end normally are not reported as lost VMs.
+    pool.wait_for_sessions_ended(6, Duration::from_secs(10));
+    let log = ssh_common::strip_ansi(&pool.gateway.log_text());
+    let lost: Vec<&str> = log_lines(&log, &["lost the connection to the VM"]);
+    assert!(
+        lost.iter().all(|l| has_field(l, "vm", "vm-a")),
+        "only vm-a's sessions were lost: {lost:#?}"
+    );
     eprintln!(
         "killed-VM test: sessions on vm-a ended {ended_after:?} after the kill; total {:?}",
         started.elapsed()
