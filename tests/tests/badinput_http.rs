@@ -776,3 +776,61 @@ fn malformed_forged_tampered_and_expired_cookies_are_ignored_and_the_browser_re_
     still_serves(&gw);
     assert_no_panic(&gw);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_https_listener_is_closed_at_once() {
+    let up = Upstream::start("up-a");
+    let gw = HttpGatewayBuilder::new(HEALTH)
+        .http_option(&format!("idle_timeout = \"{}s\"", IDLE.as_secs()))
+        .vm(&up.name, up.port)
+        .start();
+    let mut half_hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    half_hello.extend_from_slice(&[0x42; 100]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "plain HTTP to the TLS port",
+            b"GET / HTTP/1.1\r\nHost: pool.example\r\n\r\n".to_vec(),
+        ),
+        (
+            "random bytes",
+            (0..4096u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+                .collect(),
+        ),
+        (
+            "a TLS record header with a 64 KiB length",
+            vec![0x16, 0x03, 0x01, 0xff, 0xff, 0x01],
+        ),
+        ("SSH banner", b"SSH-2.0-OpenSSH_9.9\r\n".to_vec()),
+    ];
+    let addr = gw.https;
+    let fates = tokio::task::spawn_blocking(move || {
+        cases
+            .into_iter()
+            .map(|(what, bytes)| {
+                let t0 = Instant::now();
+                let mut s = TcpStream::connect(addr).unwrap();
+                let _ = s.write_all(&bytes);
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink);
+                (what, t0.elapsed(), sink.len())
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for (what, after, answer_bytes) in fates {
+        eprintln!("{what}: closed after {after:?} ({answer_bytes} bytes answered)");
+        assert!(after < Duration::from_secs(2), "{what}: {after:?}");
+    }
+    // The listener still serves real browsers.
+    let b = gw.browser();
+    let r = b.get("/after-garbage").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("saw GET /after-garbage"), "{}", r.text());
+    assert!(up.take().iter().all(|s| s.target == "/after-garbage"));
+    assert_no_panic(&gw);
+}
