@@ -2,7 +2,7 @@
 //! per-connection in-flight tracking (for the idle timeout).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -169,6 +169,8 @@ pub struct ConnTracker {
 #[derive(Debug)]
 struct TrackerInner {
     active: AtomicUsize,
+    /// A request has started on this connection.
+    started: AtomicBool,
     /// Milliseconds after `epoch` when the last request finished.
     idle_since: AtomicU64,
     epoch: Instant,
@@ -186,6 +188,7 @@ impl ConnTracker {
         Self {
             inner: Arc::new(TrackerInner {
                 active: AtomicUsize::new(0),
+                started: AtomicBool::new(false),
                 idle_since: AtomicU64::new(0),
                 epoch: Instant::now(),
             }),
@@ -195,10 +198,16 @@ impl ConnTracker {
     /// A request starts; it ends when the returned guard (or the response it is attached to)
     /// is dropped.
     pub fn begin(&self) -> Active {
+        self.inner.started.store(true, Ordering::Release);
         self.inner.active.fetch_add(1, Ordering::AcqRel);
         Active {
             inner: self.inner.clone(),
         }
+    }
+
+    /// Whether a request (its headers complete) has started on this connection.
+    pub fn has_started(&self) -> bool {
+        self.inner.started.load(Ordering::Acquire)
     }
 
     /// How long the connection has had no request in flight; `None` while one is.

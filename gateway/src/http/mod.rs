@@ -86,6 +86,11 @@ pub struct HttpParts {
 const CERT_RELOAD_EVERY: Duration = Duration::from_secs(30);
 /// Time allowed for a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A new connection must send the complete headers of its first request within this (or
+/// `http.idle_timeout` when shorter), as nginx's `client_header_timeout`: a slowloris client
+/// holds a connection for a minute, not for the 5-minute keep-alive idle time. Later requests
+/// on the connection have `http.idle_timeout` (hyper's header-read timeout).
+const FIRST_REQUEST_WITHIN: Duration = Duration::from_secs(60);
 
 /// Serves `listen.http` (and `listen.https` when `[tls]` is set) until `shutdown` turns true.
 pub async fn serve(
@@ -351,9 +356,17 @@ async fn serve_connection<I>(
     tokio::pin!(conn);
     let check_every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
     let mut tick = tokio::time::interval(check_every);
+    let first_request = tokio::time::sleep(FIRST_REQUEST_WITHIN.min(idle_timeout));
+    tokio::pin!(first_request);
     let mut closing = false;
     loop {
         tokio::select! {
+            _ = &mut first_request, if !tracker.has_started() => {
+                // Dropping the connection closes it: nothing of a request has been answered.
+                tracing::debug!("no complete request headers within {:?} of connecting; closed",
+                    FIRST_REQUEST_WITHIN.min(idle_timeout));
+                return;
+            }
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!("connection ended: {e}");

@@ -588,3 +588,42 @@ async fn oversized_headers_get_431_and_idle_connections_are_closed() {
     assert!(started.elapsed() >= Duration::from_millis(200));
     server.abort();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_never_completes_its_first_request_is_closed_after_a_minute() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // Defaults: http.idle_timeout (hyper's header-read timeout) is 5 minutes.
+    let config = poolgate_config::Config::default();
+    let idle = config.http.idle_timeout;
+    assert_eq!(idle, Duration::from_secs(300));
+    let builder = connection_builder(&config);
+    let (_stop, shutdown) = watch::channel(false);
+    let frontend = f.frontend.clone();
+    let server = tokio::spawn(async move {
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let info = ConnInfo {
+            client: peer,
+            https: false,
+            port: addr.port(),
+        };
+        serve_connection(stream, frontend, info, None, &builder, idle, shutdown).await;
+    });
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let started = tokio::time::Instant::now();
+    // Slowloris: headers started, never finished.
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: pool.example\r\nX-Slow: a")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 256];
+    let n = client.read(&mut buf).await.unwrap_or(0);
+    let waited = started.elapsed();
+    assert_eq!(n, 0, "closed without an answer: {:?}", &buf[..n]);
+    assert!(
+        waited >= FIRST_REQUEST_WITHIN && waited < FIRST_REQUEST_WITHIN + Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    server.await.expect("server task");
+}
