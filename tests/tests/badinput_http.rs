@@ -834,3 +834,100 @@ async fn garbage_on_the_https_listener_is_closed_at_once() {
     assert!(up.take().iter().all(|s| s.target == "/after-garbage"));
     assert_no_panic(&gw);
 }
+
+/// Reads one `Content-Length` response from a keep-alive connection; returns its text.
+fn read_one_response(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut byte).unwrap(),
+            1,
+            "connection closed mid-response"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .expect("Content-Length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    head + &String::from_utf8_lossy(&body)
+}
+
+#[test]
+fn past_max_connections_new_clients_wait_until_a_connection_closes() {
+    const MAX: usize = 3;
+    let up = Upstream::start("up-a");
+    let gw = HttpGatewayBuilder::new(HEALTH)
+        .without_tls()
+        .http_option("idle_timeout = \"60s\"")
+        .http_option(&format!("max_connections = {MAX}"))
+        .vm(&up.name, up.port)
+        .start();
+    // MAX keep-alive connections, each served once and then held open.
+    let mut held: Vec<TcpStream> = (0..MAX)
+        .map(|i| {
+            let mut s = TcpStream::connect(gw.http).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(format!("GET /held-{i} HTTP/1.1\r\nHost: pool.example\r\n\r\n").as_bytes())
+                .unwrap();
+            let text = read_one_response(&mut s);
+            assert!(text.contains(&format!("saw GET /held-{i}")), "{text}");
+            s
+        })
+        .collect();
+    gw.gateway
+        .wait_for_log("HTTP connection limit reached", Duration::from_secs(10));
+
+    // One more: the kernel completes the TCP handshake (listen backlog), but the gateway does
+    // not serve it while MAX connections are open.
+    let mut waiting = TcpStream::connect(gw.http).unwrap();
+    waiting.write_all(&request("GET", "/waiting", "")).unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    match waiting.read(&mut byte) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("a connection past max_connections was served or closed: {other:?}"),
+    }
+    assert!(
+        up.take().iter().all(|s| s.target != "/waiting"),
+        "the waiting request reached the VM"
+    );
+
+    // One held connection closes: the waiting client is served at once.
+    let closed_at = Instant::now();
+    drop(held.pop());
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut text = Vec::new();
+    waiting.read_to_end(&mut text).unwrap();
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("saw GET /waiting"), "{text}");
+    println!(
+        "waiting client served {:?} after a held connection closed",
+        closed_at.elapsed()
+    );
+    // The connections still held keep working.
+    for (i, s) in held.iter_mut().enumerate() {
+        s.write_all(format!("GET /again-{i} HTTP/1.1\r\nHost: pool.example\r\n\r\n").as_bytes())
+            .unwrap();
+        let text = read_one_response(s);
+        assert!(text.contains(&format!("saw GET /again-{i}")), "{text}");
+    }
+    assert_no_panic(&gw);
+}

@@ -169,6 +169,9 @@ pub struct Http {
     pub max_header_bytes: usize,
     /// Longest request URI accepted, in bytes.
     pub max_uri_bytes: usize,
+    /// Client connections (HTTP and HTTPS, websockets included) served at once; more wait in
+    /// the listen backlog until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for Http {
@@ -183,6 +186,7 @@ impl Default for Http {
             idle_timeout: Duration::from_secs(5 * 60),
             max_header_bytes: 65536,
             max_uri_bytes: 8192,
+            max_connections: 16384,
         }
     }
 }

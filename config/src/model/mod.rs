@@ -171,6 +171,7 @@ mod tests {
             (c.http.max_header_bytes, c.http.max_uri_bytes),
             (65536, 8192)
         );
+        assert_eq!(c.http.max_connections, 16384);
         assert_eq!(c.routing.affinity, Affinity::User);
         assert_eq!(c.routing.affinity_ttl, Duration::from_secs(12 * 3600));
         assert_eq!(c.health.interval, Duration::from_secs(5));

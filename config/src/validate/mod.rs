@@ -259,6 +259,12 @@ fn http(c: &Config, r: &mut Report) {
             ),
         );
     }
+    if h.max_connections == 0 {
+        r.err(
+            "http.max_connections",
+            "must be at least 1 (the default is 16384)",
+        );
+    }
 }
 
 fn routing_and_health(c: &Config, r: &mut Report) {

@@ -91,6 +91,8 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// holds a connection for a minute, not for the 5-minute keep-alive idle time. Later requests
 /// on the connection have `http.idle_timeout` (hyper's header-read timeout).
 const FIRST_REQUEST_WITHIN: Duration = Duration::from_secs(60);
+/// While `http.max_connections` stays reached, the warning is repeated this often.
+const FULL_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Serves `listen.http` (and `listen.https` when `[tls]` is set) until `shutdown` turns true.
 pub async fn serve(
@@ -201,7 +203,36 @@ pub async fn serve(
         _ => None,
     };
     let mut conns = JoinSet::new();
+    let max_connections = config.http.max_connections;
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut full_warned: Option<tokio::time::Instant> = None;
     loop {
+        // At http.max_connections, stop accepting: new clients wait in the listen backlog (and
+        // their own connect timeout) until a connection closes, as nginx's worker_connections.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if full_warned.is_none_or(|at| at.elapsed() >= FULL_WARN_EVERY) {
+                    full_warned = Some(tokio::time::Instant::now());
+                    tracing::warn!(
+                        max_connections,
+                        "HTTP connection limit reached (http.max_connections); new connections \
+                         wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                    r = shutdown.changed() => {
+                        if r.is_err() || *shutdown.borrow() { break }
+                        continue;
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                }
+            }
+        };
         let accepted = tokio::select! {
             a = plain.listener.accept() => a.map(|a| (a, &plain)),
             a = accept_opt(secure.as_ref()) => a,
@@ -235,6 +266,7 @@ pub async fn serve(
         let span = tracing::info_span!("http", client.addr = %peer);
         conns.spawn(
             async move {
+                let _slot = slot;
                 match tls {
                     Some(acceptor) => {
                         let stream = match tokio::time::timeout(
