@@ -209,19 +209,21 @@ fn matches_host(patterns: &HostPatterns, names: &[String]) -> bool {
                 .map(|mac| mac.chain_update(name.as_bytes()).verify_slice(hash).is_ok())
                 .unwrap_or(false)
         }),
-        HostPatterns::Patterns(list) => names.iter().any(|name| {
+        // A negated pattern matching any of the host's names rejects the entry, so `*,!vm`
+        // does not match `vm` on port 22 through its other name `[vm]:22`.
+        HostPatterns::Patterns(list) => {
             let mut positive = false;
             for pattern in list {
                 if let Some(negated) = pattern.strip_prefix('!') {
-                    if glob_match(negated, name) {
+                    if names.iter().any(|name| glob_match(negated, name)) {
                         return false;
                     }
-                } else if glob_match(pattern, name) {
+                } else if names.iter().any(|name| glob_match(pattern, name)) {
                     positive = true;
                 }
             }
             positive
-        }),
+        }
     }
 }
 
@@ -287,6 +289,10 @@ mod tests {
         let policy = HostKeyPolicy::parse(&line("10.0.0.*,!10.0.0.9", &a));
         assert_eq!(policy.check_key("10.0.0.4", 22, &a), Verdict::Trusted);
         assert_eq!(policy.check_key("10.0.0.9", 22, &a), Verdict::Unknown);
+        // Found by the known_hosts fuzz target: `[10.0.0.9]:22` is excluded too.
+        let policy = HostKeyPolicy::parse(&line("*,!10.0.0.9", &a));
+        assert_eq!(policy.check_key("10.0.0.9", 22, &a), Verdict::Unknown);
+        assert_eq!(policy.check_key("10.0.0.8", 22, &a), Verdict::Trusted);
         assert!(glob_match("dsvm-?", "DSVM-1"));
         assert!(!glob_match("dsvm-?", "dsvm-10"));
         assert!(glob_match("*", ""));
