@@ -1,0 +1,4 @@
+//! Fuzz target: see `poolgate_fuzz::authorized_keys` for the properties it asserts.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| poolgate_fuzz::authorized_keys(data));
