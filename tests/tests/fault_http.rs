@@ -1,9 +1,9 @@
 //! HTTP faults with real jupyter_server VMs behind the gateway (HTTPS, test CA).
 //!
-//! - A VM killed under its browsers: a request in flight on it gets a 502 page naming the VM,
-//!   its websocket closes, the browser's next request is re-pinned to the healthy VM (a new
-//!   signed cookie) and stays there; browsers on the other VM never notice (requests and a
-//!   kernel websocket keep working).
+//! - A VM killed under its browsers: a POST in flight on it gets a 502 page naming the VM, a
+//!   GET in flight is sent again and answered by the healthy VM, its websocket closes, the
+//!   browser is re-pinned to the healthy VM (a new signed cookie) and stays there; browsers on
+//!   the other VM never notice (requests and a kernel websocket keep working).
 //! - A VM that accepts TCP and never answers (SIGSTOP): its browser gets a 504 after
 //!   `http.response_header_timeout`, while other browsers' requests keep their usual latency;
 //!   once the probes mark it down the browser is re-pinned.
@@ -104,7 +104,7 @@ async fn run_code(ws: &mut WebSocket, code: &str, msg_id: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_vm_fails_its_request_in_flight_with_502_then_its_browser_is_repinned() {
+async fn a_killed_vm_fails_its_post_in_flight_with_502_resends_its_get_and_repins_the_browser() {
     if !require_jupyter() {
         return;
     }
@@ -141,25 +141,45 @@ async fn a_killed_vm_fails_its_request_in_flight_with_502_then_its_browser_is_re
     assert_eq!(run_code(&mut kernel_ws, "1+1", "before").await, "2");
     let mut events_a = a.websocket("/api/events/subscribe").await;
 
-    // A request of browser A reaches js-a and waits there (the server is frozen, its bytes sit
-    // unread in the socket: a big header tells them from the health probes'), then js-a is
-    // killed with everything under it.
+    // Two requests of browser A reach js-a and wait there (the server is frozen, their bytes
+    // sit unread in two sockets: a big header tells them from the health probes'), then js-a is
+    // killed with everything under it. The POST is not safe to send again: it fails with the
+    // 502 page. The GET is (idempotent, no body): the gateway sends it again, cannot connect to
+    // js-a, and answers it from js-b.
     let js_a = vms[0].port();
     send_signal(server_pid(js_a), Signal::SIGSTOP);
     let pad = "x".repeat(4000);
-    let in_flight = tokio::spawn({
+    let post_in_flight = tokio::spawn({
+        let (a, pad) = (a.clone(), pad.clone());
+        async move {
+            a.send(
+                "POST",
+                "/api/contents",
+                &[("x-pad", &pad), ("content-type", "application/json")],
+                "{\"type\": \"notebook\"}",
+            )
+            .await
+        }
+    });
+    let get_in_flight = tokio::spawn({
         let a = a.clone();
         async move { a.send("GET", "/api/status", &[("x-pad", &pad)], "").await }
     });
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !unread_bytes_on_port(js_a).iter().any(|&n| n >= 4000) {
-        assert!(Instant::now() < deadline, "the request never reached js-a");
+    while unread_bytes_on_port(js_a)
+        .iter()
+        .filter(|&&n| n >= 4000)
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the requests never reached js-a");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let old_cookie = a.cookie(COOKIE, "/").expect("cookie");
     let killed = Instant::now();
     tokio::task::block_in_place(|| vms[0].stop());
 
-    let r = in_flight.await.expect("request task");
+    let r = post_in_flight.await.expect("request task");
     let failed_after = killed.elapsed();
     let page = r.text();
     assert_eq!(r.status, 502, "{page}");
@@ -167,6 +187,20 @@ async fn a_killed_vm_fails_its_request_in_flight_with_502_then_its_browser_is_re
         page.contains("The VM did not answer")
             && page.contains("poolgate could not get an answer from VM js-a"),
         "a clear page naming the VM: {page}"
+    );
+    let r = get_in_flight.await.expect("request task");
+    let resent_after = killed.elapsed();
+    assert_eq!(
+        r.status,
+        200,
+        "the GET in flight is answered by js-b: {}",
+        r.text()
+    );
+    assert!(
+        gw.gateway
+            .log_text()
+            .contains("connection to the VM broke before an answer"),
+        "the resend is logged"
     );
     let closed = tokio::time::timeout(Duration::from_secs(10), ws_next_text(&mut events_a))
         .await
@@ -177,8 +211,7 @@ async fn a_killed_vm_fails_its_request_in_flight_with_502_then_its_browser_is_re
     get_on(&b, "/api/status", "js-b").await;
     assert_eq!(run_code(&mut kernel_ws, "6*7", "after").await, "42");
 
-    // Browser A's next request is re-pinned to js-b with a new signed cookie, and stays there.
-    let old_cookie = a.cookie(COOKIE, "/").expect("cookie");
+    // Browser A is re-pinned to js-b with a new signed cookie, and stays there.
     let repinned = Instant::now();
     let r = a.get("/api/status").await;
     let repin_took = repinned.elapsed();
@@ -195,8 +228,8 @@ async fn a_killed_vm_fails_its_request_in_flight_with_502_then_its_browser_is_re
         );
     }
     eprintln!(
-        "killed VM: in-flight request failed (502) {failed_after:?} after the kill; \
-         browser re-pinned in {repin_took:?}; test {:?}",
+        "killed VM: in-flight POST failed (502) {failed_after:?} after the kill, in-flight GET \
+         answered by js-b {resent_after:?} after it; next request in {repin_took:?}; test {:?}",
         started.elapsed()
     );
 }

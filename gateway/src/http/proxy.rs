@@ -115,9 +115,21 @@ fn authority(host: &str, port: u16) -> String {
 }
 
 /// How one attempt on one VM ended, when it did not produce a response.
+/// Methods a proxy may send again after the connection broke without an answer (idempotent,
+/// RFC 9110 §9.2.2), as nginx's `proxy_next_upstream` does; POST and PATCH never are.
+fn resend_safe(method: &hyper::Method) -> bool {
+    use hyper::Method;
+    [Method::GET, Method::HEAD, Method::OPTIONS, Method::PUT, Method::DELETE].contains(method)
+}
+
 enum Attempt {
     /// Could not connect: try another VM (the body is back when it was never read).
     Unreachable(String, Option<Body>),
+    /// The connection broke before any answer, on a request that is safe to send again (an
+    /// idempotent method whose body was never read): typically a pooled keep-alive connection
+    /// the VM closed (or died under) just as the request went out. Sent once more; a second
+    /// break counts as [`Attempt::Unreachable`].
+    Broken(String, Option<Body>),
     /// Gave up with this error.
     Fail(GatewayError),
     /// The client's request was at fault (its body could not be read): no VM is blamed.
@@ -352,6 +364,7 @@ impl Frontend {
 
         let mut tried: Vec<String> = Vec::new();
         let mut last_failure: Option<GatewayError> = None;
+        let mut resent = false;
         loop {
             let vm = match self.route(pin.as_ref(), &tried) {
                 Ok(vm) => vm,
@@ -472,10 +485,15 @@ impl Frontend {
                                 .unwrap_or_default(),
                         }))
                     }
-                    Ok(Err(e)) => Err(Attempt::Fail(GatewayError::VmFailed {
-                        vm: name.clone(),
-                        detail: error_chain(&e),
-                    })),
+                    Ok(Err(e)) => match Handoff::take_back(&slot) {
+                        Some(back) if resend_safe(&parts.method) => {
+                            Err(Attempt::Broken(error_chain(&e), Some(back)))
+                        }
+                        _ => Err(Attempt::Fail(GatewayError::VmFailed {
+                            vm: name.clone(),
+                            detail: error_chain(&e),
+                        })),
+                    },
                     Err(_) => Err(Attempt::Fail(GatewayError::Timeout {
                         vm: name.clone(),
                         after: inner.settings.response_header_timeout,
@@ -485,6 +503,14 @@ impl Frontend {
 
             let (resp, started) = match attempt {
                 Ok(r) => r,
+                Err(Attempt::Broken(detail, back)) if !resent => {
+                    // Once, without blaming the VM: a closed keep-alive connection is normal.
+                    // If the VM is gone, the next attempt cannot connect and fails over.
+                    tracing::info!(vm = %name, "connection to the VM broke before an answer ({detail}); sending the request again");
+                    resent = true;
+                    body = back;
+                    continue;
+                }
                 Err(Attempt::Client(e)) => {
                     tracing::info!(vm = %name, ?e, "request refused: the client's request body could not be read");
                     return (e.response(&parts.headers), Some(name));
@@ -499,7 +525,7 @@ impl Frontend {
                     );
                     return (e.response(&parts.headers), Some(name));
                 }
-                Err(Attempt::Unreachable(detail, returned)) => {
+                Err(Attempt::Unreachable(detail, returned) | Attempt::Broken(detail, returned)) => {
                     tracing::warn!(vm = %name, "cannot reach VM: {detail}; trying another");
                     (inner.on_vm_failure)(&name);
                     inner.metrics.session_started(
