@@ -77,32 +77,6 @@ async fn get_on(b: &Browser, path: &str, vm: &str) -> Duration {
     took
 }
 
-/// Runs `code` over an open kernel websocket; the `text/plain` result.
-async fn run_code(ws: &mut WebSocket, code: &str, msg_id: &str) -> String {
-    let request = json!({
-        "header": {"msg_id": msg_id, "username": "poolgate-test", "session": "s1",
-                   "msg_type": "execute_request", "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "buffers": [], "channel": "shell",
-        "content": {"code": code, "silent": false, "store_history": true,
-                    "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
-    });
-    ws_send(ws, request.to_string()).await;
-    loop {
-        let text = tokio::time::timeout(Duration::from_secs(60), ws_next_text(ws))
-            .await
-            .expect("the kernel answers within 60 s")
-            .expect("the kernel websocket is open");
-        let msg: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-        if msg["parent_header"]["msg_id"] == msg_id && msg["header"]["msg_type"] == "execute_result"
-        {
-            return msg["content"]["data"]["text/plain"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_vm_fails_its_post_in_flight_with_502_resends_its_get_and_repins_the_browser() {
     if !require_jupyter() {

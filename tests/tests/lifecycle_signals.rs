@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 
 use fault_common::*;
 use nix::sys::signal::Signal;
-use poolgate_tests::jupyter::{
-    JupyterServerVm, TestCa, WebSocket, require_jupyter, ws_next_text, ws_send,
-};
+use poolgate_tests::jupyter::{JupyterServerVm, TestCa, require_jupyter, run_code};
 use poolgate_tests::*;
 use serde_json::json;
 use ssh_common::{Pool, assert_ok, has_field, stdout, strip_ansi};
@@ -341,32 +339,6 @@ async fn trusts(addr: SocketAddr, ca: &TestCa) -> bool {
         .connect(name, tcp)
         .await
         .is_ok()
-}
-
-/// Runs `code` over an open kernel websocket; the `text/plain` result.
-async fn run_code(ws: &mut WebSocket, code: &str, msg_id: &str) -> String {
-    let request = json!({
-        "header": {"msg_id": msg_id, "username": "poolgate-test", "session": "s1",
-                   "msg_type": "execute_request", "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "buffers": [], "channel": "shell",
-        "content": {"code": code, "silent": false, "store_history": true,
-                    "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
-    });
-    ws_send(ws, request.to_string()).await;
-    loop {
-        let text = tokio::time::timeout(Duration::from_secs(60), ws_next_text(ws))
-            .await
-            .expect("the kernel answers within 60 s")
-            .expect("the kernel websocket is open");
-        let msg: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-        if msg["parent_header"]["msg_id"] == msg_id && msg["header"]["msg_type"] == "execute_result"
-        {
-            return msg["content"]["data"]["text/plain"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

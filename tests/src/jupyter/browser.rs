@@ -364,6 +364,33 @@ pub async fn ws_next_text(ws: &mut WebSocket) -> Option<String> {
     }
 }
 
+/// Runs `code` in the kernel behind an open kernel-channels websocket; returns the
+/// `text/plain` of its `execute_result` (waits up to 60 s for it).
+pub async fn run_code(ws: &mut WebSocket, code: &str, msg_id: &str) -> String {
+    let request = serde_json::json!({
+        "header": {"msg_id": msg_id, "username": "poolgate-test", "session": "s1",
+                   "msg_type": "execute_request", "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "buffers": [], "channel": "shell",
+        "content": {"code": code, "silent": false, "store_history": true,
+                    "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
+    });
+    ws_send(ws, request.to_string()).await;
+    loop {
+        let text = tokio::time::timeout(Duration::from_secs(60), ws_next_text(ws))
+            .await
+            .expect("the kernel answers within 60 s")
+            .expect("the kernel websocket is open");
+        let msg: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        if msg["parent_header"]["msg_id"] == msg_id && msg["header"]["msg_type"] == "execute_result"
+        {
+            return msg["content"]["data"]["text/plain"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+        }
+    }
+}
+
 fn path_matches(cookie_path: &str, path: &str) -> bool {
     path == cookie_path
         || (path.starts_with(cookie_path)
