@@ -1,5 +1,6 @@
 //! poolgate benchmark support: the pool fixtures shared by the criterion
-//! benchmarks, and the naive baseline they are compared against.
+//! benchmarks, the naive baseline they are compared against, and [`run_main`]
+//! for the measurement clients of the end-to-end harness (`src/bin`).
 //!
 //! The baseline, [`NaivePool`], is what one would write first: the whole
 //! pool — VM counters, the live-session registry and user affinity — in
@@ -13,6 +14,32 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use router_core::{
     Health, PickRequest, Pool, Protocol, RoutingPolicy, SessionGuard, SystemClock, VmSpec,
 };
+
+/// Runs `work` on a current-thread tokio runtime as the body of `main` of the
+/// measurement client `tool`: errors go to stderr prefixed with the tool's
+/// name, and the exit code is 0 or 1.
+pub fn run_main(
+    tool: &str,
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{tool}: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{tool}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
 
 /// One VM of a benchmark fixture.
 #[derive(Debug, Clone)]

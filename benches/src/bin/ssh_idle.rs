@@ -75,23 +75,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ssh_idle: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(options)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ssh_idle: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    poolgate_benches::run_main("ssh_idle", run(options))
 }
 
 /// Accepts exactly the expected host key.

@@ -75,28 +75,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ws_bench: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+    poolgate_benches::run_main("ws_bench", async {
+        match options.mode.as_str() {
+            "echo" => echo(&options).await,
+            "idle" => idle(&options).await,
+            other => Err(anyhow::anyhow!("unknown mode {other}: echo or idle")),
         }
-    };
-    let result = match options.mode.as_str() {
-        "echo" => runtime.block_on(echo(&options)),
-        "idle" => runtime.block_on(idle(&options)),
-        other => Err(anyhow::anyhow!("unknown mode {other}: echo or idle")),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ws_bench: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 type Ws = WebSocketStream<TcpStream>;

@@ -30,23 +30,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ws_echo_server: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(&listen)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ws_echo_server: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    poolgate_benches::run_main("ws_echo_server", serve(&listen))
 }
 
 async fn serve(listen: &str) -> anyhow::Result<()> {
