@@ -166,7 +166,8 @@ pub struct BackendHandler {
     port: u16,
     policy: Arc<HostKeyPolicy>,
     rejection: Arc<Mutex<Option<(Verdict, String)>>>,
-    to_user: mpsc::UnboundedSender<VmChannel>,
+    /// Boxed: a queue allocates room for 32 items up front, and these are rare.
+    to_user: mpsc::UnboundedSender<Box<VmChannel>>,
     /// Dropped with the handler, i.e. when the connection to the VM ends however it ends.
     _closed: tokio::sync::oneshot::Sender<()>,
 }
@@ -217,14 +218,14 @@ impl client::Handler for BackendHandler {
         reply: ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        let _ = self.to_user.send(VmChannel::Forwarded {
+        let _ = self.to_user.send(Box::new(VmChannel::Forwarded {
             channel,
             connected_address: connected_address.to_string(),
             connected_port,
             originator_address: originator_address.to_string(),
             originator_port,
             reply,
-        });
+        }));
         Ok(())
     }
 
@@ -234,7 +235,9 @@ impl client::Handler for BackendHandler {
         reply: ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        let _ = self.to_user.send(VmChannel::Agent { channel, reply });
+        let _ = self
+            .to_user
+            .send(Box::new(VmChannel::Agent { channel, reply }));
         Ok(())
     }
 }
@@ -244,7 +247,7 @@ pub struct Backend {
     /// The russh client handle.
     pub handle: Handle<BackendHandler>,
     /// Channels the VM opens towards the user.
-    pub incoming: mpsc::UnboundedReceiver<VmChannel>,
+    pub incoming: mpsc::UnboundedReceiver<Box<VmChannel>>,
     /// Completes (with an error) when the connection to the VM has ended: the VM closed it, it
     /// broke, or the gateway disconnected it.
     pub closed: tokio::sync::oneshot::Receiver<()>,

@@ -26,7 +26,7 @@ pub(crate) enum OpenError {
 /// An authenticated VM connection with the session's load guard.
 pub(crate) struct Connected {
     backend: Arc<russh::client::Handle<BackendHandler>>,
-    incoming: tokio::sync::mpsc::UnboundedReceiver<VmChannel>,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<Box<VmChannel>>,
     closed: tokio::sync::oneshot::Receiver<()>,
     guard: Arc<SessionGuard>,
 }
@@ -252,7 +252,7 @@ pub(crate) async fn ready_or_failed(
 
 /// Accepts channels the VM opens towards the user: `-R` forwards and agent requests.
 async fn accept_vm_channels(
-    mut incoming: tokio::sync::mpsc::UnboundedReceiver<VmChannel>,
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<Box<VmChannel>>,
     handle: server::Handle,
     link: Arc<Link>,
     flow: Arc<FlowControl>,
@@ -262,7 +262,7 @@ async fn accept_vm_channels(
     while let Some(request) = incoming.recv().await {
         let (handle, link, flow) = (handle.clone(), link.clone(), flow.clone());
         tokio::spawn(async move {
-            match request {
+            match *request {
                 VmChannel::Forwarded {
                     channel,
                     connected_address,

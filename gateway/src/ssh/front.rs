@@ -165,7 +165,9 @@ impl server::Handler for Front {
             self.gw.auth_failed("password", self.peer);
             return Ok(reject(&self.gw));
         }
-        match connect_vm(&self.who(user), Some(password)).await {
+        // Boxed: the handler's futures live inline in russh's session task for the whole
+        // connection, and connecting to a VM is by far the largest of them.
+        match Box::pin(connect_vm(&self.who(user), Some(password))).await {
             Ok(connected) => {
                 self.pending = Some(connected);
                 self.authenticated(user);
@@ -190,7 +192,8 @@ impl server::Handler for Front {
         let (agent, forwarding) = (self.agent_forwarding(), self.port_forwarding());
         let connected = match self.pending.take() {
             Some(connected) => Ok(connected),
-            None => connect_vm(&self.who(&user), None).await,
+            // Boxed, as in `auth_password`.
+            None => Box::pin(connect_vm(&self.who(&user), None)).await,
         };
         match connected {
             Ok(connected) => {
@@ -287,32 +290,8 @@ impl server::Handler for Front {
         tokio::spawn(async move {
             let waking = matches!(&*conn.borrow(), Conn::Waking);
             if waking {
-                // Accept now so the user sees why nothing happens yet.
-                reply.accept().await;
-                let _ = channel
-                    .extended_data(
-                        1,
-                        format!(
-                            "poolgate: starting a VM for you (about {} s)...\r\n",
-                            notice.as_secs()
-                        )
-                        .as_bytes(),
-                    )
-                    .await;
-                match ready_or_failed(conn).await {
-                    Ok(ready) => match ready.backend.channel_open_session().await {
-                        Ok(vm) => {
-                            let _ = channel
-                                .extended_data(1, &b"poolgate: your VM is ready.\r\n"[..])
-                                .await;
-                            relay::relay(channel, vm, flow, ready.link.clone(), true, agent).await;
-                        }
-                        Err(e) => {
-                            fail_channel(channel, &format!("the VM refused the session: {e}")).await
-                        }
-                    },
-                    Err(message) => fail_channel(channel, &message).await,
-                }
+                // Boxed: only sessions opened while the pool wakes need this state.
+                Box::pin(held_session(channel, reply, conn, flow, agent, notice)).await;
                 return;
             }
             let Ok(ready) = ready_or_failed(conn).await else {
@@ -454,6 +433,41 @@ fn reject(gw: &SshGateway) -> Auth {
     Auth::Reject {
         proceed_with_methods: Some(methods),
         partial_success: false,
+    }
+}
+
+/// A session channel opened while the pool wakes up: accepted at once so the user sees why
+/// nothing happens yet, then relayed once a VM is connected (or failed with the reason).
+async fn held_session(
+    channel: Channel<Msg>,
+    reply: ChannelOpenHandle,
+    conn: watch::Receiver<Conn>,
+    flow: Arc<FlowControl>,
+    agent: bool,
+    notice: std::time::Duration,
+) {
+    reply.accept().await;
+    let _ = channel
+        .extended_data(
+            1,
+            format!(
+                "poolgate: starting a VM for you (about {} s)...\r\n",
+                notice.as_secs()
+            )
+            .as_bytes(),
+        )
+        .await;
+    match ready_or_failed(conn).await {
+        Ok(ready) => match ready.backend.channel_open_session().await {
+            Ok(vm) => {
+                let _ = channel
+                    .extended_data(1, &b"poolgate: your VM is ready.\r\n"[..])
+                    .await;
+                relay::relay(channel, vm, flow, ready.link.clone(), true, agent).await;
+            }
+            Err(e) => fail_channel(channel, &format!("the VM refused the session: {e}")).await,
+        },
+        Err(message) => fail_channel(channel, &message).await,
     }
 }
 

@@ -149,7 +149,26 @@ fn wants_reply(item: &Up) -> bool {
 }
 
 /// Relays one channel until both directions are closed.
+///
+/// The relay's state machine (a few KiB) lives in its own allocation, so the tasks that await it
+/// — and hold it for the whole life of an idle session — do not carry it inline next to their
+/// other states.
 pub async fn relay<U, S, C>(
+    user: Channel<S>,
+    vm: Channel<C>,
+    flow: Arc<FlowControl>,
+    side: Arc<U>,
+    session_channel: bool,
+    allow_agent: bool,
+) where
+    U: UserSide,
+    S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static,
+    C: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static,
+{
+    Box::pin(run(user, vm, flow, side, session_channel, allow_agent)).await;
+}
+
+async fn run<U, S, C>(
     user: Channel<S>,
     vm: Channel<C>,
     flow: Arc<FlowControl>,
@@ -168,12 +187,15 @@ pub async fn relay<U, S, C>(
     let drained = Arc::new(Notify::new());
     let (queue_tx, queue_rx) = mpsc::unbounded_channel::<Up>();
 
+    // The three pumps are closures that make their futures only where they are awaited, so each
+    // state machine exists once inside this one, not also as a moved-from local.
+
     // Up reader: user channel -> byte-counted queue, with the admission rule described above.
     let reader = {
         let flow = flow.clone();
         let buffered = buffered.clone();
         let drained = drained.clone();
-        async move {
+        move || async move {
             let mut congested = false;
             loop {
                 admit(&flow, &buffered, &drained, &mut congested).await;
@@ -239,12 +261,18 @@ pub async fn relay<U, S, C>(
         let buffered = buffered.clone();
         let drained = drained.clone();
         let vm_tx = &vm_tx;
-        async move {
+        move || async move {
             let mut queue_rx = queue_rx;
             while let Some(item) = queue_rx.recv().await {
                 let n = item.bytes();
                 let reply_expected = wants_reply(&item);
-                let ok = forward_up(vm_tx, item, session_channel, allow_agent).await;
+                let ok = match item {
+                    // The hot path stays inline; requests (rare, with large futures) are boxed
+                    // so the writer's state stays small for the life of the channel.
+                    Up::Data(data) => sent(vm_tx.data_bytes(data).await),
+                    Up::Ext(ext, data) => sent(vm_tx.extended_data_bytes(ext, data).await),
+                    item => Box::pin(forward_up(vm_tx, item, session_channel, allow_agent)).await,
+                };
                 if n > 0 {
                     buffered.fetch_sub(n, Ordering::AcqRel);
                     drained.notify_one();
@@ -254,7 +282,7 @@ pub async fn relay<U, S, C>(
                     Forward::Sent => {}
                     Forward::Refused if reply_expected => {
                         // Not sent to the VM: answer the user ourselves.
-                        side.reply(user_id, false).await;
+                        Box::pin(side.reply(user_id, false)).await;
                     }
                     Forward::Refused => {}
                     Forward::Closed => break,
@@ -268,7 +296,7 @@ pub async fn relay<U, S, C>(
         let flow = flow.clone();
         let side = side.clone();
         let user_tx = &user_tx;
-        async move {
+        move || async move {
             let mut exit_status = None;
             let mut exit_signal = None;
             let mut held_eof = false;
@@ -309,11 +337,11 @@ pub async fn relay<U, S, C>(
                     ChannelMsg::Eof => {
                         let _ = user_tx.eof().await;
                     }
-                    ChannelMsg::Success => side.reply(user_id, true).await,
-                    ChannelMsg::Failure => side.reply(user_id, false).await,
+                    ChannelMsg::Success => Box::pin(side.reply(user_id, true)).await,
+                    ChannelMsg::Failure => Box::pin(side.reply(user_id, false)).await,
                     ChannelMsg::ExitStatus { exit_status: s } => {
                         exit_status = Some(s);
-                        side.exit_status(user_id, s).await;
+                        Box::pin(side.exit_status(user_id, s)).await;
                         if std::mem::take(&mut held_eof) {
                             let _ = user_tx.eof().await;
                         }
@@ -325,8 +353,13 @@ pub async fn relay<U, S, C>(
                         ..
                     } => {
                         exit_signal = Some(format!("{signal_name:?}"));
-                        side.exit_signal(user_id, signal_name, core_dumped, error_message)
-                            .await;
+                        Box::pin(side.exit_signal(
+                            user_id,
+                            signal_name,
+                            core_dumped,
+                            error_message,
+                        ))
+                        .await;
                         if std::mem::take(&mut held_eof) {
                             let _ = user_tx.eof().await;
                         }
@@ -357,20 +390,18 @@ pub async fn relay<U, S, C>(
 
     // The up side ends when the user closes; the down side when the VM closes. Either closing
     // closes the other half.
-    let up = async {
-        tokio::join!(reader, writer);
+    let mut up = std::pin::pin!(async {
+        tokio::join!(reader(), writer());
+    });
+    let mut down = std::pin::pin!(down());
+    let user_closed = tokio::select! {
+        () = &mut up => true,
+        () = &mut down => false,
     };
-    tokio::pin!(up);
-    tokio::pin!(down);
-    tokio::select! {
-        () = &mut up => {
-            // User closed: close the VM side and let the VM's remaining output drain briefly.
-            let _ = vm_tx.close().await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), &mut down).await;
-        }
-        () = &mut down => {
-            let _ = vm_tx.close().await;
-        }
+    let _ = vm_tx.close().await;
+    if user_closed {
+        // User closed: let the VM's remaining output drain briefly.
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut down).await;
     }
 }
 
@@ -456,6 +487,10 @@ where
         Up::Agent if allow_agent => vm.agent_forward(false).await,
         Up::Agent | Up::X11 => return Forward::Refused,
     };
+    sent(result)
+}
+
+fn sent(result: Result<(), russh::Error>) -> Forward {
     match result {
         Ok(()) => Forward::Sent,
         Err(_) => Forward::Closed,
