@@ -12,6 +12,7 @@ pub mod cookie;
 pub mod errors;
 pub mod headers;
 mod proxy;
+mod relay;
 pub mod tls;
 mod upgrade;
 

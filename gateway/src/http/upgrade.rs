@@ -1,6 +1,6 @@
 //! HTTP/1.1 upgrades (websockets: kernel channels, terminals): the upgrade request goes to the
 //! VM on a dedicated connection; on `101 Switching Protocols` both upgraded streams are relayed
-//! with `copy_bidirectional` (back-pressured both ways, bounded buffers).
+//! by [`super::relay`] (back-pressured both ways, no buffer held while idle).
 
 use std::time::Duration;
 
@@ -82,7 +82,7 @@ pub(super) async fn forward(
                 };
                 let mut c = TokioIo::new(c);
                 let mut u = TokioIo::new(u);
-                match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                match super::relay::relay(&mut c, &mut u).await {
                     Ok((up, down)) => on_done(up, down),
                     Err(e) => tracing::debug!("upgraded stream ended: {e}"),
                 }
