@@ -36,7 +36,9 @@ pub struct Pin {
 /// Signs and verifies sticky cookies.
 #[derive(Clone)]
 pub struct CookieSigner {
-    key: Vec<u8>,
+    /// HMAC state with the key already absorbed: cloned per cookie, so each signature costs the
+    /// message's compressions only, not the key's two extra blocks.
+    keyed: HmacSha256,
     /// Cookies older than this are stale (ignored).
     max_age: Duration,
 }
@@ -52,10 +54,12 @@ impl std::fmt::Debug for CookieSigner {
 impl CookieSigner {
     /// A signer with `key` (at least 16 bytes recommended; any length works for HMAC).
     pub fn new(key: &[u8], max_age: Duration) -> Self {
-        Self {
-            key: key.to_vec(),
-            max_age,
-        }
+        // HMAC accepts keys of any length: this cannot fail.
+        let keyed = match HmacSha256::new_from_slice(key) {
+            Ok(mac) => mac,
+            Err(_) => HmacSha256::new(&Default::default()),
+        };
+        Self { keyed, max_age }
     }
 
     /// Loads the secret from `path`, or generates [`SECRET_LEN`] random bytes there (mode 0600)
@@ -96,11 +100,7 @@ impl CookieSigner {
     }
 
     fn mac(&self, signed: &str) -> HmacSha256 {
-        // HMAC accepts keys of any length: this cannot fail.
-        let mut mac = match HmacSha256::new_from_slice(&self.key) {
-            Ok(mac) => mac,
-            Err(_) => HmacSha256::new(&Default::default()),
-        };
+        let mut mac = self.keyed.clone();
         mac.update(signed.as_bytes());
         mac
     }

@@ -83,8 +83,12 @@ impl GatewayError {
 
     /// The response, in the format the request's `Accept` header prefers.
     pub fn response(&self, request_headers: &HeaderMap) -> Response<Body> {
+        self.response_as(wants_json(request_headers))
+    }
+
+    /// The error page, as JSON when `json` (see [`wants_json`]) and HTML otherwise.
+    pub fn response_as(&self, json: bool) -> Response<Body> {
         let status = self.status();
-        let json = wants_json(request_headers);
         let body = if json {
             serde_json::json!({
                 "status": status.as_u16(),

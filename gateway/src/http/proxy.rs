@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Body as HttpBody;
 use hyper::header::{self, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -20,7 +21,7 @@ use router_core::{NoVm, PickRequest, Pool, Protocol, Vm};
 
 use super::body::{Handoff, Observed};
 use super::cookie::{CookieSigner, Pin, find_cookie, set_cookie_header};
-use super::errors::GatewayError;
+use super::errors::{GatewayError, wants_json};
 use super::headers::{Forwarding, set_forwarding, strip_hop_by_hop, wants_upgrade};
 use super::upgrade::{self, UpgradeError};
 use super::{Body, BoxError, empty};
@@ -91,6 +92,8 @@ struct Inner {
     settings: FrontendSettings,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
+    /// `connect_seconds{protocol="http"}`, looked up once rather than per request.
+    connect_seconds: prometheus::Histogram,
     on_vm_failure: FailureHook,
     signer: CookieSigner,
     /// Pooled keep-alive connections, per VM (pool key: VM address).
@@ -107,11 +110,18 @@ fn unix_now() -> u64 {
 
 /// `host:port` for a URI authority (IPv6 literals bracketed).
 fn authority(host: &str, port: u16) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
+    let bracket = host.contains(':') && !host.starts_with('[');
+    let mut out = String::with_capacity(host.len() + 8);
+    if bracket {
+        out.push('[');
     }
+    out.push_str(host);
+    if bracket {
+        out.push(']');
+    }
+    out.push(':');
+    out.push_str(itoa::Buffer::new().format(port));
+    out
 }
 
 /// How one attempt on one VM ended, when it did not produce a response.
@@ -198,11 +208,15 @@ impl Frontend {
             // requests (10 302 sockets in TIME_WAIT after 34 k requests, benches/e2e/notes.md).
             .pool_max_idle_per_host(UPSTREAM_IDLE_PER_VM)
             .build(connector);
+        let connect_seconds = metrics
+            .connect_seconds
+            .with_label_values(&[Protocol::Http.as_str()]);
         Self {
             inner: Arc::new(Inner {
                 settings,
                 pool,
                 metrics,
+                connect_seconds,
                 on_vm_failure,
                 signer,
                 client,
@@ -247,28 +261,36 @@ impl Frontend {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let version = req.version();
+        // What the access log needs, kept only when it is written (`--log warn` skips it).
+        let access = tracing::enabled!(target: "poolgate::http::access", tracing::Level::INFO)
+            .then(|| {
+                (
+                    req.method().clone(),
+                    req.uri().path().to_owned(),
+                    req.version(),
+                )
+            });
         let (resp, vm) = self.proxy(req, conn).await;
-        let status = resp.status().as_u16();
+        let status = resp.status();
         let vm_label = vm.as_deref().unwrap_or("none");
         self.inner
             .metrics
             .http_requests_total
-            .with_label_values(&[vm_label, &status.to_string()])
+            .with_label_values(&[vm_label, status.as_str()])
             .inc();
-        tracing::info!(
-            target: "poolgate::http::access",
-            %method,
-            path = %path,
-            status,
-            vm = vm_label,
-            ms = started.elapsed().as_secs_f64() * 1000.0,
-            client = %conn.client,
-            proto = ?version,
-            "request"
-        );
+        if let Some((method, path, version)) = access {
+            tracing::info!(
+                target: "poolgate::http::access",
+                %method,
+                path = %path,
+                status = status.as_u16(),
+                vm = vm_label,
+                ms = started.elapsed().as_secs_f64() * 1000.0,
+                client = %conn.client,
+                proto = ?version,
+                "request"
+            );
+        }
         resp
     }
 
@@ -347,7 +369,8 @@ impl Frontend {
         let previous_vm = pin
             .as_ref()
             .and_then(|p| inner.pool.http_session_vm(&p.session));
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        let json = wants_json(&parts.headers);
         let up_bytes = Arc::new(AtomicU64::new(0));
         let mut body = Some(
             Observed::counting(
@@ -358,22 +381,37 @@ impl Frontend {
             .boxed(),
         );
         let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+        // The request's host: its Host header, or (HTTP/2) the target's authority.
+        let host = match parts.headers.get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let host_text = host.as_ref().and_then(|h| h.to_str().ok());
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+
+        // The request's headers as every VM sees them: hop-by-hop headers out, forwarding
+        // headers set, Host kept, cookie crumbs joined. The same for every attempt.
+        let mut headers = std::mem::take(&mut parts.headers);
+        strip_hop_by_hop(&mut headers);
         let fwd = Forwarding {
             client: conn.client,
             https: conn.https,
             port: conn.port,
         };
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
+        set_forwarding(&mut headers, &fwd, host_text);
+        if !headers.contains_key(header::HOST)
+            && let Some(h) = host
+        {
+            headers.insert(header::HOST, h);
+        }
+        join_cookie_crumbs(&mut headers);
 
         let mut tried: Vec<String> = Vec::new();
         let mut last_failure: Option<GatewayError> = None;
@@ -397,23 +435,15 @@ impl Frontend {
                             retry_after: inner.settings.retry_after,
                         }
                     });
-                    return (err.response(&parts.headers), None);
+                    return (err.response_as(json), None);
                 }
             };
             let name = vm.name().to_owned();
             let spec = vm.spec();
             let authority = authority(&spec.host, spec.http_port);
-
-            // The request as the VM sees it: same method, target, Host and end-to-end headers.
-            let mut headers = parts.headers.clone();
-            strip_hop_by_hop(&mut headers);
-            set_forwarding(&mut headers, &fwd, host.as_deref());
-            if !headers.contains_key(header::HOST)
-                && let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
-            {
-                headers.insert(header::HOST, h);
-            }
-            join_cookie_crumbs(&mut headers);
+            // A copy: the client hands the request's headers to the connection, and a failed
+            // attempt does not give them back.
+            let mut headers = headers.clone();
 
             let attempt = if let (Some(on_client), Some(proto)) =
                 (client_upgrade.take(), upgrade_proto.clone())
@@ -424,10 +454,7 @@ impl Frontend {
                 *up.method_mut() = parts.method.clone();
                 *up.headers_mut() = headers;
                 *up.version_mut() = Version::HTTP_11;
-                match pq.parse::<Uri>() {
-                    Ok(u) => *up.uri_mut() = u,
-                    Err(_) => return (bad_target(&parts.headers), None),
-                }
+                *up.uri_mut() = Uri::from(pq.clone());
                 let metrics = inner.metrics.clone();
                 let pool = inner.pool.clone();
                 let sid = pin.as_ref().map(|p| p.session.clone());
@@ -466,9 +493,9 @@ impl Frontend {
                     }
                 }
             } else {
-                let uri = match format!("http://{authority}{pq}").parse::<Uri>() {
-                    Ok(u) => u,
-                    Err(_) => return (bad_target(&parts.headers), None),
+                let uri = match upstream_uri(&authority, &pq) {
+                    Some(u) => u,
+                    None => return (bad_target(json), None),
                 };
                 let (slot, handoff) = Handoff::new(body.take().unwrap_or_else(empty));
                 let mut up = Request::new(handoff);
@@ -526,7 +553,7 @@ impl Frontend {
                 }
                 Err(Attempt::Client(e)) => {
                     tracing::info!(vm = %name, ?e, "request refused: the client's request body could not be read");
-                    return (e.response(&parts.headers), Some(name));
+                    return (e.response_as(json), Some(name));
                 }
                 Err(Attempt::Fail(e)) => {
                     tracing::warn!(vm = %name, "HTTP request failed: {}", e.status());
@@ -536,7 +563,7 @@ impl Frontend {
                         outcome::VM_FAILED,
                         Duration::ZERO,
                     );
-                    return (e.response(&parts.headers), Some(name));
+                    return (e.response_as(json), Some(name));
                 }
                 Err(Attempt::Unreachable(detail, returned) | Attempt::Broken(detail, returned)) => {
                     tracing::warn!(vm = %name, "cannot reach VM: {detail}; trying another");
@@ -555,7 +582,7 @@ impl Frontend {
                     // A body already partly sent cannot be replayed.
                     let replayable = returned.is_some() || is_upgrade;
                     if !replayable || tried.len() >= inner.settings.max_attempts {
-                        return (failure.response(&parts.headers), tried.pop());
+                        return (failure.response_as(json), tried.pop());
                     }
                     body = returned;
                     last_failure = Some(failure);
@@ -563,9 +590,7 @@ impl Frontend {
                 }
             };
             inner
-                .metrics
                 .connect_seconds
-                .with_label_values(&[Protocol::Http.as_str()])
                 .observe(started.elapsed().as_secs_f64());
             if pin.is_some() && previous_vm.as_deref() != Some(name.as_str()) {
                 inner.metrics.session_started(
@@ -638,12 +663,21 @@ impl Frontend {
     }
 }
 
-fn bad_target(headers: &hyper::HeaderMap) -> Response<Body> {
+fn bad_target(json: bool) -> Response<Body> {
     GatewayError::Refused {
         status: StatusCode::BAD_REQUEST,
         detail: "the request target is not a valid path".into(),
     }
-    .response(headers)
+    .response_as(json)
+}
+
+/// `http://authority/path?query`, built from parts (no formatting and re-parsing per request).
+fn upstream_uri(authority: &str, pq: &PathAndQuery) -> Option<Uri> {
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.parse::<Authority>().ok()?);
+    parts.path_and_query = Some(pq.clone());
+    Uri::from_parts(parts).ok()
 }
 
 /// HTTP/2 clients may split `Cookie` into several fields; HTTP/1.1 wants one (RFC 9113 §8.2.3).
@@ -670,4 +704,24 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn authorities_and_upstream_targets() {
+        assert_eq!(authority("10.0.0.4", 8000), "10.0.0.4:8000");
+        assert_eq!(authority("vm-1.internal", 80), "vm-1.internal:80");
+        assert_eq!(authority("fd00::4", 8000), "[fd00::4]:8000");
+        assert_eq!(authority("[fd00::4]", 65535), "[fd00::4]:65535");
+        let pq = PathAndQuery::from_static("/user/bea/api/kernels?x=1&y=%2F");
+        let uri = upstream_uri(&authority("fd00::4", 8000), &pq).expect("uri");
+        assert_eq!(
+            uri.to_string(),
+            "http://[fd00::4]:8000/user/bea/api/kernels?x=1&y=%2F"
+        );
+        assert!(upstream_uri("bad host:1", &pq).is_none());
+    }
 }
