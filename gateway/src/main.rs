@@ -11,13 +11,6 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command, LogFormat};
 
-/// mimalloc instead of glibc malloc: per-request and per-packet allocations (hyper's header
-/// maps, rustls records, russh packets) were 10-15 % of the proxy's CPU profile, and glibc's
-/// mmap threshold made every large SSH packet buffer a fresh mapping (page faults, zeroing).
-/// Measurements in benches/e2e/notes.md.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format, &cli.log);
