@@ -52,20 +52,13 @@ impl Direction {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            while self.written < self.pending.len() {
-                let n = ready!(
-                    writer
-                        .as_mut()
-                        .poll_write(cx, &self.pending[self.written..])
-                )?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
+            if self.written < self.pending.len() {
+                let n = write_now(writer.as_mut(), cx, &self.pending[self.written..])?;
+                self.count(n);
                 self.written += n;
-                self.bytes += n as u64;
-                self.need_flush = true;
-            }
-            if !self.pending.is_empty() {
+                if self.written < self.pending.len() {
+                    return Poll::Pending;
+                }
                 // Written: give the memory back rather than keeping it for the next burst.
                 self.pending = Vec::new();
                 self.written = 0;
@@ -95,26 +88,40 @@ impl Direction {
                 self.read_done = true;
                 continue;
             }
-            let mut sent = 0;
-            while sent < data.len() {
-                match writer.as_mut().poll_write(cx, &data[sent..]) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(n)) => {
-                        sent += n;
-                        self.bytes += n as u64;
-                        self.need_flush = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        // The writer is full and will wake us: keep the rest until then.
-                        self.pending = data[sent..].to_vec();
-                        self.written = 0;
-                        return Poll::Pending;
-                    }
-                }
+            let n = write_now(writer.as_mut(), cx, data)?;
+            self.count(n);
+            if n < data.len() {
+                // The writer is full and will wake us: keep the rest until then.
+                self.pending = data[n..].to_vec();
+                self.written = 0;
+                return Poll::Pending;
             }
         }
     }
+
+    fn count(&mut self, written: usize) {
+        self.bytes += written as u64;
+        self.need_flush |= written > 0;
+    }
+}
+
+/// Writes as much of `data` as `writer` takes now. `Ok(n)` with `n < data.len()` means the
+/// writer is full and will wake the task when it has room.
+fn write_now<W: AsyncWrite + ?Sized>(
+    mut writer: Pin<&mut W>,
+    cx: &mut Context<'_>,
+    data: &[u8],
+) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < data.len() {
+        match writer.as_mut().poll_write(cx, &data[sent..]) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => sent += n,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => break,
+        }
+    }
+    Ok(sent)
 }
 
 /// Copies `a` to `b` and `b` to `a` until both directions have ended; returns the bytes
