@@ -124,10 +124,7 @@ pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding, host: Option<&s
         set(headers, &X_FORWARDED_HOST, host);
     }
     set(headers, &X_FORWARDED_FOR, &ip_text);
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if fwd.https { "https" } else { "http" }),
-    );
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     headers.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(fwd.port));
     set(headers, &header::FORWARDED, &forwarded);
 }

@@ -124,7 +124,6 @@ fn authority(host: &str, port: u16) -> String {
     out
 }
 
-/// How one attempt on one VM ended, when it did not produce a response.
 /// Idle keep-alive connections kept per VM (they close after `upstream_idle` unused).
 const UPSTREAM_IDLE_PER_VM: usize = 1024;
 
@@ -142,6 +141,7 @@ fn resend_safe(method: &hyper::Method) -> bool {
     .contains(method)
 }
 
+/// How one attempt on one VM ended, when it did not produce a response.
 enum Attempt {
     /// Could not connect: try another VM (the body is back when it was never read).
     Unreachable(String, Option<Body>),
