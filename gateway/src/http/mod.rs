@@ -15,6 +15,7 @@ mod proxy;
 mod relay;
 pub mod tls;
 mod upgrade;
+mod upstream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -143,8 +144,10 @@ pub async fn serve(
 
     let mut tasks = JoinSet::new();
     // Browser sessions stop counting as load after `session_idle` without a request.
+    // Idle upstream keep-alive connections are closed on the same tick.
     {
         let pool = parts.pool.clone();
+        let frontend = frontend.clone();
         let every =
             (config.http.session_idle / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
         let mut shutdown = shutdown.clone();
@@ -152,7 +155,10 @@ pub async fn serve(
             let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => { pool.expire_idle(); }
+                    _ = tick.tick() => {
+                        pool.expire_idle();
+                        frontend.close_idle_upstreams();
+                    }
                     r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { break },
                 }
             }

@@ -11,11 +11,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Body as HttpBody;
 use hyper::header::{self, HeaderValue};
-use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use poolgate_config::Config;
 use router_core::{NoVm, PickRequest, Pool, Protocol, Vm};
 
@@ -24,6 +21,7 @@ use super::cookie::{CookieSigner, Pin, find_cookie, set_cookie_header};
 use super::errors::{GatewayError, wants_json};
 use super::headers::{Forwarding, set_forwarding, strip_hop_by_hop, wants_upgrade};
 use super::upgrade::{self, UpgradeError};
+use super::upstream::{SendError, Upstreams};
 use super::{Body, BoxError, empty};
 use crate::autoscale::Driver;
 use crate::metrics::{Metrics, outcome};
@@ -96,8 +94,8 @@ struct Inner {
     connect_seconds: prometheus::Histogram,
     on_vm_failure: FailureHook,
     signer: CookieSigner,
-    /// Pooled keep-alive connections, per VM (pool key: VM address).
-    client: Client<HttpConnector, Handoff>,
+    /// Keep-alive connections to VMs, per VM address.
+    upstreams: Arc<Upstreams>,
     /// Autoscaler woken when no VM can take a request.
     wake: Option<Arc<Driver>>,
 }
@@ -124,7 +122,10 @@ fn authority(host: &str, port: u16) -> String {
     out
 }
 
-/// Idle keep-alive connections kept per VM (they close after `upstream_idle` unused).
+/// Idle keep-alive connections kept per VM (they close after `upstream_idle` unused). Enough
+/// for every client connection in flight: at 64, a benchmark with 256 client connections
+/// reconnected on about 30 % of requests (10 302 sockets in TIME_WAIT after 34 k requests,
+/// benches/e2e/notes.md).
 const UPSTREAM_IDLE_PER_VM: usize = 1024;
 
 /// Methods a proxy may send again after the connection broke without an answer (idempotent,
@@ -195,19 +196,11 @@ impl Frontend {
         on_vm_failure: FailureHook,
         signer: CookieSigner,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(settings.upstream_idle)
-            // Enough idle keep-alive connections per VM for every client connection in flight:
-            // at 64, a benchmark with 256 client connections reconnected on about 30 % of
-            // requests (10 302 sockets in TIME_WAIT after 34 k requests, benches/e2e/notes.md).
-            .pool_max_idle_per_host(UPSTREAM_IDLE_PER_VM)
-            .build(connector);
+        let upstreams = Arc::new(Upstreams::new(
+            settings.connect_timeout,
+            settings.upstream_idle,
+            UPSTREAM_IDLE_PER_VM,
+        ));
         let connect_seconds = metrics
             .connect_seconds
             .with_label_values(&[Protocol::Http.as_str()]);
@@ -219,7 +212,7 @@ impl Frontend {
                 connect_seconds,
                 on_vm_failure,
                 signer,
-                client,
+                upstreams,
                 wake: None,
             }),
         }
@@ -247,6 +240,12 @@ impl Frontend {
             tokio::time::sleep(hold).await;
             drop(guard);
         });
+    }
+
+    /// Closes upstream keep-alive connections idle for longer than `upstream_idle` and those
+    /// the VM has closed. Called periodically.
+    pub fn close_idle_upstreams(&self) {
+        self.inner.upstreams.close_idle();
     }
 
     /// The pool.
@@ -441,9 +440,18 @@ impl Frontend {
             let name = vm.name().to_owned();
             let spec = vm.spec();
             let authority = authority(&spec.host, spec.http_port);
-            // A copy: the client hands the request's headers to the connection, and a failed
-            // attempt does not give them back.
+            // A copy: the connection takes the request's headers, and a failed attempt does
+            // not give them back.
             let mut headers = headers.clone();
+            if !headers.contains_key(header::HOST) {
+                // An HTTP/1.0 client may send none; HTTP/1.1 to the VM needs one.
+                match HeaderValue::from_str(&authority) {
+                    Ok(h) => {
+                        headers.insert(header::HOST, h);
+                    }
+                    Err(_) => return (bad_target(json), None),
+                }
+            }
 
             let attempt = if let (Some(on_client), Some(proto)) =
                 (client_upgrade.take(), upgrade_proto.clone())
@@ -493,31 +501,24 @@ impl Frontend {
                     }
                 }
             } else {
-                let uri = match upstream_uri(&authority, &pq) {
-                    Some(u) => u,
-                    None => return (bad_target(json), None),
-                };
                 let (slot, handoff) = Handoff::new(body.take().unwrap_or_else(empty));
                 let mut up = Request::new(handoff);
                 *up.method_mut() = parts.method.clone();
-                *up.uri_mut() = uri;
+                *up.uri_mut() = Uri::from(pq.clone());
                 *up.headers_mut() = headers;
                 *up.version_mut() = Version::HTTP_11;
                 let started = Instant::now();
                 match tokio::time::timeout(
                     inner.settings.response_header_timeout,
-                    inner.client.request(up),
+                    inner.upstreams.send(&authority, up),
                 )
                 .await
                 {
-                    Ok(Ok(resp)) => {
-                        Ok((resp.map(|b| b.map_err(Into::into).boxed_unsync()), started))
+                    Ok(Ok(resp)) => Ok((resp.map(BodyExt::boxed_unsync), started)),
+                    Ok(Err(SendError::Connect(detail))) => {
+                        Err(Attempt::Unreachable(detail, Handoff::take_back(&slot)))
                     }
-                    Ok(Err(e)) if e.is_connect() => Err(Attempt::Unreachable(
-                        error_chain(&e),
-                        Handoff::take_back(&slot),
-                    )),
-                    Ok(Err(e)) if client_body_error(&e).is_some() => {
+                    Ok(Err(SendError::Http(e))) if client_body_error(&e).is_some() => {
                         Err(Attempt::Client(GatewayError::Refused {
                             status: StatusCode::BAD_REQUEST,
                             detail: client_body_error(&e)
@@ -525,7 +526,7 @@ impl Frontend {
                                 .unwrap_or_default(),
                         }))
                     }
-                    Ok(Err(e)) => match Handoff::take_back(&slot) {
+                    Ok(Err(SendError::Http(e))) => match Handoff::take_back(&slot) {
                         Some(back) if resend_safe(&parts.method) => {
                             Err(Attempt::Broken(error_chain(&e), Some(back)))
                         }
@@ -671,15 +672,6 @@ fn bad_target(json: bool) -> Response<Body> {
     .response_as(json)
 }
 
-/// `http://authority/path?query`, built from parts (no formatting and re-parsing per request).
-fn upstream_uri(authority: &str, pq: &PathAndQuery) -> Option<Uri> {
-    let mut parts = hyper::http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority.parse::<Authority>().ok()?);
-    parts.path_and_query = Some(pq.clone());
-    Uri::from_parts(parts).ok()
-}
-
 /// HTTP/2 clients may split `Cookie` into several fields; HTTP/1.1 wants one (RFC 9113 §8.2.3).
 fn join_cookie_crumbs(headers: &mut hyper::HeaderMap) {
     let crumbs: Vec<&str> = headers
@@ -711,17 +703,10 @@ mod unit {
     use super::*;
 
     #[test]
-    fn authorities_and_upstream_targets() {
+    fn authorities() {
         assert_eq!(authority("10.0.0.4", 8000), "10.0.0.4:8000");
         assert_eq!(authority("vm-1.internal", 80), "vm-1.internal:80");
         assert_eq!(authority("fd00::4", 8000), "[fd00::4]:8000");
         assert_eq!(authority("[fd00::4]", 65535), "[fd00::4]:65535");
-        let pq = PathAndQuery::from_static("/user/bea/api/kernels?x=1&y=%2F");
-        let uri = upstream_uri(&authority("fd00::4", 8000), &pq).expect("uri");
-        assert_eq!(
-            uri.to_string(),
-            "http://[fd00::4]:8000/user/bea/api/kernels?x=1&y=%2F"
-        );
-        assert!(upstream_uri("bad host:1", &pq).is_none());
     }
 }

@@ -1,0 +1,469 @@
+//! Keep-alive HTTP/1.1 connections to VMs, driven by the task of the request that uses them.
+//!
+//! hyper-util's pooled client runs every upstream connection in a task of its own: a request
+//! travels to that task through a channel, and the response head and every body chunk travel
+//! back through others, so each proxied request costs two task switches (often across worker
+//! threads) on top of the socket work. Here the request's own task polls the connection while
+//! it waits for the response head, and the response body polls it while the client's
+//! connection reads the body. When the body ends the connection goes back to an idle list per
+//! VM address; nothing polls it there, so a connection is checked when it is taken (a VM that
+//! closed it is noticed then) and idle ones are closed by [`Upstreams::close_idle`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::BoxError;
+use super::body::Handoff;
+
+type Conn = http1::Connection<TokioIo<TcpStream>, Handoff>;
+
+/// One connection to a VM: the request side and the connection future that does its I/O.
+struct Link {
+    sender: http1::SendRequest<Handoff>,
+    conn: Conn,
+    /// The connection future completed (closed or failed); it must not be polled again.
+    done: bool,
+}
+
+impl Link {
+    /// Polls the connection's I/O once; remembers when it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if self.done {
+            return;
+        }
+        if let Poll::Ready(r) = Pin::new(&mut self.conn).poll(cx) {
+            self.done = true;
+            if let Err(e) = r {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+        }
+    }
+}
+
+struct Idle {
+    link: Link,
+    since: Instant,
+}
+
+/// Why a request got no response head from the VM.
+pub(super) enum SendError {
+    /// No connection could be made (refused, unreachable, timed out); the request was not
+    /// sent anywhere.
+    Connect(String),
+    /// The connection failed after the request was handed to it.
+    Http(hyper::Error),
+}
+
+/// Idle keep-alive connections per VM address, and how new ones are made.
+pub(super) struct Upstreams {
+    /// One lock for all VMs: it is held only to push or pop (a connection in the list is not
+    /// `Sync`, so a concurrent map could not hold it anyway).
+    idle: Mutex<HashMap<Box<str>, Vec<Idle>>>,
+    builder: http1::Builder,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle_per_vm: usize,
+}
+
+impl Upstreams {
+    pub(super) fn new(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle_per_vm: usize,
+    ) -> Self {
+        Self {
+            idle: Mutex::new(HashMap::new()),
+            builder: http1::Builder::new(),
+            connect_timeout,
+            idle_timeout,
+            max_idle_per_vm,
+        }
+    }
+
+    /// Sends `req` (origin-form target, `Host` set) to `authority` on an idle connection if one
+    /// is usable, else on a new one, and returns the response once its head has arrived. The
+    /// response body keeps the connection and hands it back when it ends.
+    pub(super) async fn send(
+        self: &Arc<Self>,
+        authority: &str,
+        req: Request<Handoff>,
+    ) -> Result<Response<Driven>, SendError> {
+        let mut link = match self.checkout(authority).await {
+            Some(link) => link,
+            None => self.connect(authority).await.map_err(SendError::Connect)?,
+        };
+        let mut response = std::pin::pin!(link.sender.send_request(req));
+        let head = std::future::poll_fn(|cx| {
+            link.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+        .map_err(SendError::Http)?;
+        let (parts, incoming) = head.into_parts();
+        let mut body = Driven {
+            incoming,
+            link: Some(link),
+            home: Some((Arc::clone(self), authority.into())),
+        };
+        if body.incoming.is_end_stream() {
+            // No body to read (HEAD, 204, 304, `Content-Length: 0`): the server side may never
+            // poll it, so the connection goes back now.
+            body.check_in();
+        }
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// The most recently used idle connection to `authority` that is still open and ready.
+    async fn checkout(&self, authority: &str) -> Option<Link> {
+        loop {
+            let Idle { mut link, since } = self.idle().get_mut(authority)?.pop()?;
+            if since.elapsed() >= self.idle_timeout {
+                // The rest of the list is older still: left to `close_idle`.
+                return None;
+            }
+            // One poll reads what the VM sent while the connection sat idle: an end of stream
+            // (it closed the connection) completes the connection future.
+            let ready = std::future::poll_fn(|cx| {
+                link.drive(cx);
+                Poll::Ready(!link.done && link.sender.is_ready())
+            })
+            .await;
+            if ready {
+                return Some(link);
+            }
+        }
+    }
+
+    async fn connect(&self, authority: &str) -> Result<Link, String> {
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(format!("connect {authority}: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "connect {authority}: no answer within {}",
+                        humantime::format_duration(self.connect_timeout)
+                    ));
+                }
+            };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on the connection to {authority}: {e}");
+        }
+        let (sender, conn) = self
+            .builder
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP/1.1 handshake with {authority}: {e}"))?;
+        Ok(Link {
+            sender,
+            conn,
+            done: false,
+        })
+    }
+
+    fn check_in(&self, authority: Box<str>, mut link: Link) {
+        // Let the connection finish the exchange and ask for the next request.
+        link.drive(&mut Context::from_waker(Waker::noop()));
+        if link.done || !link.sender.is_ready() {
+            return;
+        }
+        let mut idle = self.idle();
+        let list = idle.entry(authority).or_default();
+        if list.len() < self.max_idle_per_vm {
+            list.push(Idle {
+                link,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes connections idle for longer than the idle timeout, and those the VM closed.
+    pub(super) fn close_idle(&self) {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.idle().retain(|_, list| {
+            list.retain_mut(|idle| {
+                idle.link.drive(&mut cx);
+                !idle.link.done && idle.since.elapsed() < self.idle_timeout
+            });
+            !list.is_empty()
+        });
+    }
+
+    /// Idle connections held, over all VMs.
+    #[cfg(test)]
+    pub(super) fn idle_count(&self) -> usize {
+        self.idle().values().map(Vec::len).sum()
+    }
+
+    fn idle(&self) -> MutexGuard<'_, HashMap<Box<str>, Vec<Idle>>> {
+        // A panic while holding the lock leaves a consistent map (plain pushes and pops).
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A response body from a VM. Reading it drives the connection it arrives on; once it has
+/// been read to the end the connection goes back to the idle list. Dropped before the end
+/// (the client went away), it closes the connection: HTTP/1.1 cannot abandon a response and
+/// keep the connection.
+pub struct Driven {
+    incoming: Incoming,
+    link: Option<Link>,
+    home: Option<(Arc<Upstreams>, Box<str>)>,
+}
+
+impl Driven {
+    fn check_in(&mut self) {
+        if let (Some(link), Some((upstreams, authority))) = (self.link.take(), self.home.take()) {
+            upstreams.check_in(authority, link);
+        }
+    }
+}
+
+impl HttpBody for Driven {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(link) = &mut this.link {
+            link.drive(cx);
+        }
+        let polled = Pin::new(&mut this.incoming).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.check_in(),
+            Poll::Ready(Some(Ok(_))) if this.incoming.is_end_stream() => this.check_in(),
+            Poll::Ready(Some(Err(_))) => this.link = None,
+            _ => {}
+        }
+        polled.map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
+}
+
+/// Keeps the compiler honest about the bounds the server needs of a response body.
+const _: fn() = || {
+    fn bounds<T: Send + 'static>() {}
+    bounds::<Driven>();
+};
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::header::{self, HeaderValue};
+    use hyper::service::service_fn;
+    use hyper::{Method, StatusCode};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A VM that counts the connections it accepted. `/close` answers with
+    /// `Connection: close`; `/big` sends 1 MiB; `/empty` a 204; anything else "ok".
+    struct Vm {
+        authority: String,
+        accepted: Arc<AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Vm {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    async fn vm() -> Vm {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let authority = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                conns.spawn(async move {
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        let mut resp = match req.uri().path() {
+                            "/big" => Response::new(Full::new(Bytes::from(vec![b'x'; 1 << 20]))),
+                            "/empty" => {
+                                let mut r = Response::new(Full::new(Bytes::new()));
+                                *r.status_mut() = StatusCode::NO_CONTENT;
+                                r
+                            }
+                            _ => Response::new(Full::new(Bytes::from_static(b"ok"))),
+                        };
+                        if req.uri().path() == "/close" {
+                            resp.headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, hyper::Error>(resp)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Vm {
+            authority,
+            accepted,
+            task,
+        }
+    }
+
+    fn request(method: Method, path: &'static str, host: &str) -> Request<Handoff> {
+        let (_, body) = Handoff::new(super::super::empty());
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = hyper::Uri::from_static(path);
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_str(host).expect("host"));
+        req
+    }
+
+    fn upstreams(idle_timeout: Duration) -> Arc<Upstreams> {
+        Arc::new(Upstreams::new(Duration::from_secs(2), idle_timeout, 8))
+    }
+
+    async fn fetch(up: &Arc<Upstreams>, vm: &Vm, path: &'static str) -> (StatusCode, usize) {
+        let resp = match up
+            .send(&vm.authority, request(Method::GET, path, &vm.authority))
+            .await
+        {
+            Ok(r) => r,
+            Err(SendError::Connect(e)) => panic!("connect: {e}"),
+            Err(SendError::Http(e)) => panic!("http: {e}"),
+        };
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, body.len())
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_was_read() {
+        let vm = vm().await;
+        let up = upstreams(Duration::from_secs(30));
+        for _ in 0..5 {
+            assert_eq!(fetch(&up, &vm, "/").await, (StatusCode::OK, 2));
+            assert_eq!(up.idle_count(), 1);
+        }
+        assert_eq!(fetch(&up, &vm, "/big").await, (StatusCode::OK, 1 << 20));
+        assert_eq!(fetch(&up, &vm, "/empty").await, (StatusCode::NO_CONTENT, 0));
+        assert_eq!(vm.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_without_bytes_gives_the_connection_back_unread() {
+        let vm = vm().await;
+        let up = upstreams(Duration::from_secs(30));
+        let resp = up
+            .send(&vm.authority, request(Method::HEAD, "/", &vm.authority))
+            .await
+            .unwrap_or_else(|_| panic!("HEAD failed"));
+        assert_eq!(up.idle_count(), 1, "checked in before the body is polled");
+        drop(resp);
+        assert_eq!(fetch(&up, &vm, "/").await, (StatusCode::OK, 2));
+        assert_eq!(vm.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_last_data_frame_gives_the_connection_back_without_a_further_poll() {
+        // hyper's server stops polling a body once `is_end_stream` says it has ended.
+        let vm = vm().await;
+        let up = upstreams(Duration::from_secs(30));
+        let resp = up
+            .send(&vm.authority, request(Method::GET, "/", &vm.authority))
+            .await
+            .unwrap_or_else(|_| panic!("GET failed"));
+        let mut body = resp.into_body();
+        let frame = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(frame.into_data().ok().as_deref(), Some(&b"ok"[..]));
+        assert!(body.is_end_stream());
+        assert_eq!(up.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_half_read_closes_its_connection() {
+        let vm = vm().await;
+        let up = upstreams(Duration::from_secs(30));
+        let resp = up
+            .send(&vm.authority, request(Method::GET, "/big", &vm.authority))
+            .await
+            .unwrap_or_else(|_| panic!("GET failed"));
+        let mut body = resp.into_body();
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert!(first.is_data());
+        drop(body);
+        assert_eq!(up.idle_count(), 0);
+        assert_eq!(fetch(&up, &vm, "/").await, (StatusCode::OK, 2));
+        assert_eq!(vm.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_vm_closed_is_not_used_again() {
+        let vm = vm().await;
+        let up = upstreams(Duration::from_secs(30));
+        assert_eq!(fetch(&up, &vm, "/close").await, (StatusCode::OK, 2));
+        assert_eq!(fetch(&up, &vm, "/").await, (StatusCode::OK, 2));
+        assert_eq!(vm.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let vm = vm().await;
+        let authority = vm.authority.clone();
+        drop(vm);
+        // The listener is gone once its task is aborted; wait for that, not for a time.
+        let up = upstreams(Duration::from_secs(30));
+        let mut tries = 0;
+        loop {
+            match up
+                .send(&authority, request(Method::GET, "/", &authority))
+                .await
+            {
+                Err(SendError::Connect(detail)) => {
+                    assert!(detail.contains(&authority), "{detail}");
+                    break;
+                }
+                _ if tries < 100 => tokio::task::yield_now().await,
+                _ => panic!("the aborted VM still accepted connections"),
+            }
+            tries += 1;
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout() {
+        let vm = vm().await;
+        let up = upstreams(Duration::from_millis(50));
+        assert_eq!(fetch(&up, &vm, "/").await, (StatusCode::OK, 2));
+        up.close_idle();
+        assert_eq!(up.idle_count(), 1, "not idle long enough yet");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        up.close_idle();
+        assert_eq!(up.idle_count(), 0);
+        assert_eq!(fetch(&up, &vm, "/").await, (StatusCode::OK, 2));
+        assert_eq!(vm.accepted.load(Ordering::SeqCst), 2);
+    }
+}
