@@ -386,7 +386,9 @@ async fn serve_connection<I>(
         async move {
             let resp = match redirect_to {
                 Some(port) => redirect_to_https(&req, port),
-                None => frontend.handle(req, info).await,
+                // Boxed: the handler's future is a few KiB, and hyper moves the service's
+                // future (this block) by value; a pointer is cheaper to move than the state.
+                None => Box::pin(frontend.handle(req, info)).await,
             };
             Ok::<_, Infallible>(active.attach(resp))
         }

@@ -474,14 +474,16 @@ impl Frontend {
                     }
                 };
                 let started = Instant::now();
-                match upgrade::forward(
+                // Boxed: the upgrade's future is large and rare; inline it would grow every
+                // request's future (and the copies hyper makes of it).
+                match Box::pin(upgrade::forward(
                     &authority,
                     up,
                     on_client,
                     inner.settings.connect_timeout,
                     inner.settings.response_header_timeout,
                     on_done,
-                )
+                ))
                 .await
                 {
                     Ok(resp) => Ok((resp.map(|b| b.map_err(Into::into).boxed_unsync()), started)),

@@ -52,7 +52,7 @@ impl Link {
 }
 
 struct Idle {
-    link: Link,
+    link: Box<Link>,
     since: Instant,
 }
 
@@ -99,9 +99,14 @@ impl Upstreams {
         authority: &str,
         req: Request<Handoff>,
     ) -> Result<Response<Driven>, SendError> {
-        let mut link = match self.checkout(authority).await {
+        // The connection state is boxed: it moves from the idle list to the request and to the
+        // response body, and inline it would make every request's future larger (hyper moves
+        // that future around whole).
+        let mut link = match self.checkout(authority) {
             Some(link) => link,
-            None => self.connect(authority).await.map_err(SendError::Connect)?,
+            None => Box::pin(self.connect(authority))
+                .await
+                .map_err(SendError::Connect)?,
         };
         let mut response = std::pin::pin!(link.sender.send_request(req));
         let head = std::future::poll_fn(|cx| {
@@ -125,7 +130,9 @@ impl Upstreams {
     }
 
     /// The most recently used idle connection to `authority` that is still open and ready.
-    async fn checkout(&self, authority: &str) -> Option<Link> {
+    fn checkout(&self, authority: &str) -> Option<Box<Link>> {
+        // Polled without a waker: the request polls the connection again at once, with its own.
+        let mut cx = Context::from_waker(Waker::noop());
         loop {
             let Idle { mut link, since } = self.idle().get_mut(authority)?.pop()?;
             if since.elapsed() >= self.idle_timeout {
@@ -134,18 +141,14 @@ impl Upstreams {
             }
             // One poll reads what the VM sent while the connection sat idle: an end of stream
             // (it closed the connection) completes the connection future.
-            let ready = std::future::poll_fn(|cx| {
-                link.drive(cx);
-                Poll::Ready(!link.done && link.sender.is_ready())
-            })
-            .await;
-            if ready {
+            link.drive(&mut cx);
+            if !link.done && link.sender.is_ready() {
                 return Some(link);
             }
         }
     }
 
-    async fn connect(&self, authority: &str) -> Result<Link, String> {
+    async fn connect(&self, authority: &str) -> Result<Box<Link>, String> {
         let stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority)).await {
                 Ok(Ok(s)) => s,
@@ -165,14 +168,14 @@ impl Upstreams {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("HTTP/1.1 handshake with {authority}: {e}"))?;
-        Ok(Link {
+        Ok(Box::new(Link {
             sender,
             conn,
             done: false,
-        })
+        }))
     }
 
-    fn check_in(&self, authority: Box<str>, mut link: Link) {
+    fn check_in(&self, authority: Box<str>, mut link: Box<Link>) {
         // Let the connection finish the exchange and ask for the next request.
         link.drive(&mut Context::from_waker(Waker::noop()));
         if link.done || !link.sender.is_ready() {
@@ -218,7 +221,7 @@ impl Upstreams {
 /// keep the connection.
 pub struct Driven {
     incoming: Incoming,
-    link: Option<Link>,
+    link: Option<Box<Link>>,
     home: Option<(Arc<Upstreams>, Box<str>)>,
 }
 
