@@ -95,6 +95,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const FIRST_REQUEST_WITHIN: Duration = Duration::from_secs(60);
 /// While `http.max_connections` stays reached, the warning is repeated this often.
 const FULL_WARN_EVERY: Duration = Duration::from_secs(60);
+/// How often idle upstream keep-alive connections are checked for a close by the VM and for
+/// `upstream_idle`.
+const UPSTREAM_SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Serves `listen.http` (and `listen.https` when `[tls]` is set) until `shutdown` turns true.
 pub async fn serve(
@@ -144,7 +147,8 @@ pub async fn serve(
 
     let mut tasks = JoinSet::new();
     // Browser sessions stop counting as load after `session_idle` without a request.
-    // Idle upstream keep-alive connections are closed on the same tick.
+    // Idle upstream keep-alive connections are checked every few seconds: the VM may have
+    // closed them (they would sit in CLOSE_WAIT until then) or they outlived `upstream_idle`.
     {
         let pool = parts.pool.clone();
         let frontend = frontend.clone();
@@ -153,12 +157,11 @@ pub async fn serve(
         let mut shutdown = shutdown.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let mut upstream_tick = tokio::time::interval(UPSTREAM_SWEEP_EVERY);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => {
-                        pool.expire_idle();
-                        frontend.close_idle_upstreams();
-                    }
+                    _ = tick.tick() => { pool.expire_idle(); }
+                    _ = upstream_tick.tick() => frontend.close_idle_upstreams(),
                     r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { break },
                 }
             }

@@ -31,23 +31,28 @@ type Conn = http1::Connection<TokioIo<TcpStream>, Handoff>;
 /// One connection to a VM: the request side and the connection future that does its I/O.
 struct Link {
     sender: http1::SendRequest<Handoff>,
-    conn: Conn,
-    /// The connection future completed (closed or failed); it must not be polled again.
-    done: bool,
+    /// `None` once the connection future has completed (closed or failed). It is dropped then,
+    /// as hyper expects: that hands a request still queued on it back to its sender (a VM that
+    /// closed an idle connection just as a request was put on it) instead of leaving it
+    /// waiting on a connection nobody polls.
+    conn: Option<Conn>,
 }
 
 impl Link {
-    /// Polls the connection's I/O once; remembers when it has ended.
+    /// Polls the connection's I/O once; drops it when it has ended.
     fn drive(&mut self, cx: &mut Context<'_>) {
-        if self.done {
-            return;
-        }
-        if let Poll::Ready(r) = Pin::new(&mut self.conn).poll(cx) {
-            self.done = true;
+        if let Some(conn) = &mut self.conn
+            && let Poll::Ready(r) = Pin::new(conn).poll(cx)
+        {
+            self.conn = None;
             if let Err(e) = r {
                 tracing::debug!("upstream connection ended: {e}");
             }
         }
+    }
+
+    fn done(&self) -> bool {
+        self.conn.is_none()
     }
 }
 
@@ -102,19 +107,38 @@ impl Upstreams {
         // The connection state is boxed: it moves from the idle list to the request and to the
         // response body, and inline it would make every request's future larger (hyper moves
         // that future around whole).
-        let mut link = match self.checkout(authority) {
-            Some(link) => link,
-            None => Box::pin(self.connect(authority))
-                .await
-                .map_err(SendError::Connect)?,
+        let (mut link, mut reused) = match self.checkout(authority) {
+            Some(link) => (link, true),
+            None => (self.connect_boxed(authority).await?, false),
         };
-        let mut response = std::pin::pin!(link.sender.send_request(req));
-        let head = std::future::poll_fn(|cx| {
-            link.drive(cx);
-            response.as_mut().poll(cx)
-        })
-        .await
-        .map_err(SendError::Http)?;
+        let mut req = req;
+        let head = loop {
+            let mut response = std::pin::pin!(link.sender.try_send_request(req));
+            let sent = std::future::poll_fn(|cx| {
+                link.drive(cx);
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match sent {
+                Ok(head) => break head,
+                // A kept-alive connection failed before the request was written (the VM closed
+                // it while it sat idle): nothing reached the VM, so any request, POST included,
+                // goes out again on a new connection, once.
+                Err(mut e) if reused => match e.take_message() {
+                    Some(unsent) => {
+                        tracing::debug!(
+                            "kept-alive connection to {authority} closed before the request was written ({}); reconnecting",
+                            e.error()
+                        );
+                        req = unsent;
+                        link = self.connect_boxed(authority).await?;
+                        reused = false;
+                    }
+                    None => return Err(SendError::Http(e.into_error())),
+                },
+                Err(e) => return Err(SendError::Http(e.into_error())),
+            }
+        };
         let (parts, incoming) = head.into_parts();
         let mut body = Driven {
             incoming,
@@ -142,10 +166,17 @@ impl Upstreams {
             // One poll reads what the VM sent while the connection sat idle: an end of stream
             // (it closed the connection) completes the connection future.
             link.drive(&mut cx);
-            if !link.done && link.sender.is_ready() {
+            if !link.done() && link.sender.is_ready() {
                 return Some(link);
             }
         }
+    }
+
+    /// [`Self::connect`], boxed: its future is large and only new connections need it.
+    async fn connect_boxed(&self, authority: &str) -> Result<Box<Link>, SendError> {
+        Box::pin(self.connect(authority))
+            .await
+            .map_err(SendError::Connect)
     }
 
     async fn connect(&self, authority: &str) -> Result<Box<Link>, String> {
@@ -170,15 +201,14 @@ impl Upstreams {
             .map_err(|e| format!("HTTP/1.1 handshake with {authority}: {e}"))?;
         Ok(Box::new(Link {
             sender,
-            conn,
-            done: false,
+            conn: Some(conn),
         }))
     }
 
     fn check_in(&self, authority: Box<str>, mut link: Box<Link>) {
         // Let the connection finish the exchange and ask for the next request.
         link.drive(&mut Context::from_waker(Waker::noop()));
-        if link.done || !link.sender.is_ready() {
+        if link.done() || !link.sender.is_ready() {
             return;
         }
         let mut idle = self.idle();
@@ -191,16 +221,31 @@ impl Upstreams {
         }
     }
 
-    /// Closes connections idle for longer than the idle timeout, and those the VM closed.
+    /// Closes connections idle for longer than the idle timeout, and those the VM closed. The
+    /// lists are checked outside the lock (requests keep checking connections out and in
+    /// meanwhile) and what survives is put back ahead of the connections checked in since.
     pub(super) fn close_idle(&self) {
+        let taken = std::mem::take(&mut *self.idle());
         let mut cx = Context::from_waker(Waker::noop());
-        self.idle().retain(|_, list| {
+        let mut kept = Vec::with_capacity(taken.len());
+        for (authority, mut list) in taken {
             list.retain_mut(|idle| {
                 idle.link.drive(&mut cx);
-                !idle.link.done && idle.since.elapsed() < self.idle_timeout
+                !idle.link.done() && idle.since.elapsed() < self.idle_timeout
             });
-            !list.is_empty()
-        });
+            if !list.is_empty() {
+                kept.push((authority, list));
+            }
+        }
+        let mut idle = self.idle();
+        for (authority, mut list) in kept {
+            let newer = idle.entry(authority).or_default();
+            list.append(newer);
+            // Over the cap (connections checked in while the lock was free): the oldest go.
+            let over = list.len().saturating_sub(self.max_idle_per_vm);
+            list.drain(..over);
+            *newer = list;
+        }
     }
 
     /// Idle connections held, over all VMs.
@@ -248,7 +293,13 @@ impl HttpBody for Driven {
         let polled = Pin::new(&mut this.incoming).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.check_in(),
-            Poll::Ready(Some(Ok(_))) if this.incoming.is_end_stream() => this.check_in(),
+            // hyper's server stops polling after the last data frame (`is_end_stream`) or
+            // after trailers, which always come last.
+            Poll::Ready(Some(Ok(frame)))
+                if frame.is_trailers() || this.incoming.is_end_stream() =>
+            {
+                this.check_in();
+            }
             Poll::Ready(Some(Err(_))) => this.link = None,
             _ => {}
         }
@@ -307,6 +358,15 @@ mod tests {
                 count.fetch_add(1, Ordering::SeqCst);
                 conns.spawn(async move {
                     let svc = service_fn(|req: Request<Incoming>| async move {
+                        if req.uri().path() == "/trailers" {
+                            // hyper sends only the trailer fields the head announces.
+                            let mut resp = Response::new(
+                                http_body_util::combinators::UnsyncBoxBody::new(WithTrailers(2)),
+                            );
+                            resp.headers_mut()
+                                .insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
+                            return Ok::<_, hyper::Error>(resp);
+                        }
                         let mut resp = match req.uri().path() {
                             "/big" => Response::new(Full::new(Bytes::from(vec![b'x'; 1 << 20]))),
                             "/empty" => {
@@ -320,7 +380,11 @@ mod tests {
                             resp.headers_mut()
                                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
                         }
-                        Ok::<_, hyper::Error>(resp)
+                        Ok::<_, hyper::Error>(resp.map(|b| {
+                            http_body_util::combinators::UnsyncBoxBody::new(
+                                b.map_err(|never| match never {}),
+                            )
+                        }))
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -332,6 +396,31 @@ mod tests {
             authority,
             accepted,
             task,
+        }
+    }
+
+    /// A chunked body: "ok", then a trailer (sent when the request says `TE: trailers`).
+    struct WithTrailers(u8);
+
+    impl HttpBody for WithTrailers {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            let left = self.0;
+            self.0 = left.saturating_sub(1);
+            Poll::Ready(match left {
+                2 => Some(Ok(Frame::data(Bytes::from_static(b"ok")))),
+                1 => {
+                    let mut trailers = hyper::HeaderMap::new();
+                    trailers.insert("x-checksum", HeaderValue::from_static("abc"));
+                    Some(Ok(Frame::trailers(trailers)))
+                }
+                _ => None,
+            })
         }
     }
 
@@ -404,6 +493,159 @@ mod tests {
         assert_eq!(frame.into_data().ok().as_deref(), Some(&b"ok"[..]));
         assert!(body.is_end_stream());
         assert_eq!(up.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn trailers_end_a_response_and_give_the_connection_back() {
+        // hyper's server stops polling a body after its trailers.
+        let vm = vm().await;
+        let up = upstreams(Duration::from_secs(30));
+        let mut req = request(Method::GET, "/trailers", &vm.authority);
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+        let resp = up
+            .send(&vm.authority, req)
+            .await
+            .unwrap_or_else(|_| panic!("GET failed"));
+        let mut body = resp.into_body();
+        let data = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(data.into_data().ok().as_deref(), Some(&b"ok"[..]));
+        let trailers = body.frame().await.expect("a frame").expect("trailers");
+        assert!(trailers.is_trailers());
+        assert_eq!(up.idle_count(), 1);
+        assert_eq!(fetch(&up, &vm, "/").await, (StatusCode::OK, 2));
+        assert_eq!(vm.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// A VM that answers one request per connection, keeps the connection open (no
+    /// `Connection: close`) until told to close it, closes it and reports that.
+    struct ClosingVm {
+        vm: Vm,
+        close: tokio::sync::mpsc::UnboundedSender<()>,
+        closed: tokio::sync::mpsc::UnboundedReceiver<()>,
+    }
+
+    async fn closing_vm() -> ClosingVm {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let authority = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+        let (close, mut close_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(n @ 1..) => head.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                if close_rx.recv().await.is_none() {
+                    return;
+                }
+                drop(stream);
+                let _ = closed_tx.send(());
+            }
+        });
+        ClosingVm {
+            vm: Vm {
+                authority,
+                accepted,
+                task,
+            },
+            close,
+            closed,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_post_after_the_vm_closed_the_idle_connection_goes_out_on_a_new_one() {
+        let ClosingVm {
+            vm,
+            close,
+            mut closed,
+        } = closing_vm().await;
+        let authority = vm.authority.clone();
+        let up = upstreams(Duration::from_secs(30));
+        for round in 0..20 {
+            // Whether the close is seen when the connection is taken or only once the request
+            // is on it, the POST must not be lost, fail or hang.
+            let sent = tokio::time::timeout(
+                Duration::from_secs(10),
+                up.send(&authority, request(Method::POST, "/", &authority)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the POST hung"));
+            let resp = sent.unwrap_or_else(|_| panic!("round {round}: the POST failed"));
+            assert_eq!(resp.status(), StatusCode::OK);
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"ok");
+            assert_eq!(up.idle_count(), 1, "round {round}: kept alive");
+            close.send(()).expect("the VM runs");
+            closed.recv().await.expect("the VM reports its close");
+        }
+        assert_eq!(vm.accepted.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test]
+    async fn a_request_queued_on_a_connection_that_ends_comes_back_unsent() {
+        // What `send` relies on when a VM closes a kept-alive connection just as a request is
+        // put on it: the ended connection is dropped, which hands the request back (it used
+        // to stay queued on a finished connection until the header timeout).
+        let ClosingVm {
+            vm,
+            close,
+            mut closed,
+        } = closing_vm().await;
+        let up = upstreams(Duration::from_secs(30));
+        let mut link = up.connect(&vm.authority).await.expect("connect");
+        let mut first = std::pin::pin!(link.sender.send_request(request(
+            Method::GET,
+            "/",
+            &vm.authority
+        )));
+        let resp = std::future::poll_fn(|cx| {
+            link.drive(cx);
+            first.as_mut().poll(cx)
+        })
+        .await
+        .expect("first response");
+        let mut body = resp.into_body();
+        std::future::poll_fn(|cx| {
+            link.drive(cx);
+            Pin::new(&mut body).poll_frame(cx)
+        })
+        .await;
+        close.send(()).expect("the VM runs");
+        closed.recv().await.expect("the VM reports its close");
+        // The close is there to be read; the request is queued before the connection sees it.
+        let mut second = std::pin::pin!(link.sender.try_send_request(request(
+            Method::POST,
+            "/",
+            &vm.authority
+        )));
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            std::future::poll_fn(|cx| {
+                link.drive(cx);
+                second.as_mut().poll(cx)
+            }),
+        )
+        .await
+        .expect("the queued request hung on the ended connection");
+        let mut err = outcome.expect_err("no answer from a closed connection");
+        assert!(link.done());
+        assert!(
+            err.take_message().is_some(),
+            "the unsent request comes back"
+        );
     }
 
     #[tokio::test]
