@@ -438,15 +438,17 @@ mod tests {
         Arc::new(Upstreams::new(Duration::from_secs(2), idle_timeout, 8))
     }
 
-    async fn fetch(up: &Arc<Upstreams>, vm: &Vm, path: &'static str) -> (StatusCode, usize) {
-        let resp = match up
-            .send(&vm.authority, request(Method::GET, path, &vm.authority))
-            .await
-        {
+    /// Sends `req` to `vm`; panics naming the error when no response head comes back.
+    async fn open(up: &Arc<Upstreams>, vm: &Vm, req: Request<Handoff>) -> Response<Driven> {
+        match up.send(&vm.authority, req).await {
             Ok(r) => r,
             Err(SendError::Connect(e)) => panic!("connect: {e}"),
             Err(SendError::Http(e)) => panic!("http: {e}"),
-        };
+        }
+    }
+
+    async fn fetch(up: &Arc<Upstreams>, vm: &Vm, path: &'static str) -> (StatusCode, usize) {
+        let resp = open(up, vm, request(Method::GET, path, &vm.authority)).await;
         let status = resp.status();
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         (status, body.len())
@@ -469,10 +471,7 @@ mod tests {
     async fn a_body_without_bytes_gives_the_connection_back_unread() {
         let vm = vm().await;
         let up = upstreams(Duration::from_secs(30));
-        let resp = up
-            .send(&vm.authority, request(Method::HEAD, "/", &vm.authority))
-            .await
-            .unwrap_or_else(|_| panic!("HEAD failed"));
+        let resp = open(&up, &vm, request(Method::HEAD, "/", &vm.authority)).await;
         assert_eq!(up.idle_count(), 1, "checked in before the body is polled");
         drop(resp);
         assert_eq!(fetch(&up, &vm, "/").await, (StatusCode::OK, 2));
@@ -484,10 +483,7 @@ mod tests {
         // hyper's server stops polling a body once `is_end_stream` says it has ended.
         let vm = vm().await;
         let up = upstreams(Duration::from_secs(30));
-        let resp = up
-            .send(&vm.authority, request(Method::GET, "/", &vm.authority))
-            .await
-            .unwrap_or_else(|_| panic!("GET failed"));
+        let resp = open(&up, &vm, request(Method::GET, "/", &vm.authority)).await;
         let mut body = resp.into_body();
         let frame = body.frame().await.expect("a frame").expect("data");
         assert_eq!(frame.into_data().ok().as_deref(), Some(&b"ok"[..]));
@@ -503,10 +499,7 @@ mod tests {
         let mut req = request(Method::GET, "/trailers", &vm.authority);
         req.headers_mut()
             .insert(header::TE, HeaderValue::from_static("trailers"));
-        let resp = up
-            .send(&vm.authority, req)
-            .await
-            .unwrap_or_else(|_| panic!("GET failed"));
+        let resp = open(&up, &vm, req).await;
         let mut body = resp.into_body();
         let data = body.frame().await.expect("a frame").expect("data");
         assert_eq!(data.into_data().ok().as_deref(), Some(&b"ok"[..]));
@@ -652,10 +645,7 @@ mod tests {
     async fn a_response_dropped_half_read_closes_its_connection() {
         let vm = vm().await;
         let up = upstreams(Duration::from_secs(30));
-        let resp = up
-            .send(&vm.authority, request(Method::GET, "/big", &vm.authority))
-            .await
-            .unwrap_or_else(|_| panic!("GET failed"));
+        let resp = open(&up, &vm, request(Method::GET, "/big", &vm.authority)).await;
         let mut body = resp.into_body();
         let first = body.frame().await.expect("a frame").expect("data");
         assert!(first.is_data());
