@@ -512,7 +512,7 @@ impl Frontend {
                 let started = Instant::now();
                 match tokio::time::timeout(
                     inner.settings.response_header_timeout,
-                    inner.upstreams.send(&authority, up),
+                    inner.upstreams.send(authority, up),
                 )
                 .await
                 {

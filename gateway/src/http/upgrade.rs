@@ -8,7 +8,6 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::Body;
@@ -34,25 +33,10 @@ pub(super) async fn forward(
     header_timeout: Duration,
     on_done: impl FnOnce(u64, u64) + Send + 'static,
 ) -> Result<Response<Incoming>, UpgradeError> {
-    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(authority)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(UpgradeError::Connect(
-                format!("connect {authority}: {e}"),
-                client,
-            ));
-        }
-        Err(_) => {
-            return Err(UpgradeError::Connect(
-                format!(
-                    "connect {authority}: no answer within {}",
-                    humantime::format_duration(connect_timeout)
-                ),
-                client,
-            ));
-        }
+    let stream = match super::upstream::connect_tcp(authority, connect_timeout).await {
+        Ok(s) => s,
+        Err(detail) => return Err(UpgradeError::Connect(detail, client)),
     };
-    let _ = stream.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| UpgradeError::Failed(e.to_string()))?;

@@ -74,7 +74,7 @@ pub(super) enum SendError {
 pub(super) struct Upstreams {
     /// One lock for all VMs: it is held only to push or pop (a connection in the list is not
     /// `Sync`, so a concurrent map could not hold it anyway).
-    idle: Mutex<HashMap<Box<str>, Vec<Idle>>>,
+    idle: Mutex<HashMap<String, Vec<Idle>>>,
     builder: http1::Builder,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -98,20 +98,19 @@ impl Upstreams {
 
     /// Sends `req` (origin-form target, `Host` set) to `authority` on an idle connection if one
     /// is usable, else on a new one, and returns the response once its head has arrived. The
-    /// response body keeps the connection and hands it back when it ends.
+    /// response body keeps the connection, and `authority` to hand it back under when it ends.
     pub(super) async fn send(
         self: &Arc<Self>,
-        authority: &str,
-        req: Request<Handoff>,
+        authority: String,
+        mut req: Request<Handoff>,
     ) -> Result<Response<Driven>, SendError> {
         // The connection state is boxed: it moves from the idle list to the request and to the
         // response body, and inline it would make every request's future larger (hyper moves
         // that future around whole).
-        let (mut link, mut reused) = match self.checkout(authority) {
+        let (mut link, mut reused) = match self.checkout(&authority) {
             Some(link) => (link, true),
-            None => (self.connect_boxed(authority).await?, false),
+            None => (self.connect_boxed(&authority).await?, false),
         };
-        let mut req = req;
         let head = loop {
             let mut response = std::pin::pin!(link.sender.try_send_request(req));
             let sent = std::future::poll_fn(|cx| {
@@ -131,7 +130,7 @@ impl Upstreams {
                             e.error()
                         );
                         req = unsent;
-                        link = self.connect_boxed(authority).await?;
+                        link = self.connect_boxed(&authority).await?;
                         reused = false;
                     }
                     None => return Err(SendError::Http(e.into_error())),
@@ -143,7 +142,7 @@ impl Upstreams {
         let mut body = Driven {
             incoming,
             link: Some(link),
-            home: Some((Arc::clone(self), authority.into())),
+            home: Some((Arc::clone(self), authority)),
         };
         if body.incoming.is_end_stream() {
             // No body to read (HEAD, 204, 304, `Content-Length: 0`): the server side may never
@@ -180,20 +179,7 @@ impl Upstreams {
     }
 
     async fn connect(&self, authority: &str) -> Result<Box<Link>, String> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(format!("connect {authority}: {e}")),
-                Err(_) => {
-                    return Err(format!(
-                        "connect {authority}: no answer within {}",
-                        humantime::format_duration(self.connect_timeout)
-                    ));
-                }
-            };
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY on the connection to {authority}: {e}");
-        }
+        let stream = connect_tcp(authority, self.connect_timeout).await?;
         let (sender, conn) = self
             .builder
             .handshake(TokioIo::new(stream))
@@ -205,7 +191,7 @@ impl Upstreams {
         }))
     }
 
-    fn check_in(&self, authority: Box<str>, mut link: Box<Link>) {
+    fn check_in(&self, authority: String, mut link: Box<Link>) {
         // Let the connection finish the exchange and ask for the next request.
         link.drive(&mut Context::from_waker(Waker::noop()));
         if link.done() || !link.sender.is_ready() {
@@ -254,10 +240,29 @@ impl Upstreams {
         self.idle().values().map(Vec::len).sum()
     }
 
-    fn idle(&self) -> MutexGuard<'_, HashMap<Box<str>, Vec<Idle>>> {
+    fn idle(&self) -> MutexGuard<'_, HashMap<String, Vec<Idle>>> {
         // A panic while holding the lock leaves a consistent map (plain pushes and pops).
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A TCP connection to a VM's HTTP port (`NODELAY` set), for requests and for upgrades alike;
+/// the error says what failed, naming the address.
+pub(super) async fn connect_tcp(authority: &str, timeout: Duration) -> Result<TcpStream, String> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("connect {authority}: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "connect {authority}: no answer within {}",
+                humantime::format_duration(timeout)
+            ));
+        }
+    };
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!("TCP_NODELAY on the connection to {authority}: {e}");
+    }
+    Ok(stream)
 }
 
 /// A response body from a VM. Reading it drives the connection it arrives on; once it has
@@ -267,7 +272,7 @@ impl Upstreams {
 pub struct Driven {
     incoming: Incoming,
     link: Option<Box<Link>>,
-    home: Option<(Arc<Upstreams>, Box<str>)>,
+    home: Option<(Arc<Upstreams>, String)>,
 }
 
 impl Driven {
@@ -440,7 +445,7 @@ mod tests {
 
     /// Sends `req` to `vm`; panics naming the error when no response head comes back.
     async fn open(up: &Arc<Upstreams>, vm: &Vm, req: Request<Handoff>) -> Response<Driven> {
-        match up.send(&vm.authority, req).await {
+        match up.send(vm.authority.clone(), req).await {
             Ok(r) => r,
             Err(SendError::Connect(e)) => panic!("connect: {e}"),
             Err(SendError::Http(e)) => panic!("http: {e}"),
@@ -572,7 +577,7 @@ mod tests {
             // is on it, the POST must not be lost, fail or hang.
             let sent = tokio::time::timeout(
                 Duration::from_secs(10),
-                up.send(&authority, request(Method::POST, "/", &authority)),
+                up.send(authority.clone(), request(Method::POST, "/", &authority)),
             )
             .await
             .unwrap_or_else(|_| panic!("round {round}: the POST hung"));
@@ -674,7 +679,7 @@ mod tests {
         let mut tries = 0;
         loop {
             match up
-                .send(&authority, request(Method::GET, "/", &authority))
+                .send(authority.clone(), request(Method::GET, "/", &authority))
                 .await
             {
                 Err(SendError::Connect(detail)) => {
