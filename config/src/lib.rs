@@ -29,8 +29,8 @@ pub use enums::{Affinity, BackendScheme, Credential, Orchestration, PasswordAuth
 pub use error::{ConfigError, ValidationError};
 pub use keys::known_keys;
 pub use model::{
-    Admin, Autoscale, Azure, Backend, Config, Exec, GatewaySection, Health, Http, Listen, Pool,
-    Routing, Ssh, Tls,
+    Admin, Autoscale, Azure, Backend, Config, DEFAULT_BUSY_SCRIPT, Exec, GatewaySection, Health,
+    Http, Listen, Pool, Routing, Ssh, Tls, default_busy_command,
 };
 
 /// Reads, parses and validates the configuration file at `path`, including the files it names

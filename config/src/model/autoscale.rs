@@ -40,6 +40,30 @@ pub struct Autoscale {
     /// Expected time for a new VM to become healthy (used to scale out early enough).
     #[serde(with = "duration")]
     pub boot_estimate: Duration,
+    /// Command run on a VM over SSH before it is drained for scale-in and again before it is
+    /// stopped: exit 0 = work is running (keep the VM), 1 = idle; `[]` turns the check off.
+    pub busy_command: Vec<String>,
+    /// Login name (certificate principal) the check runs as on the VM.
+    pub busy_user: String,
+    /// Time one check may take (connect, login, command); longer counts as "unknown" (kept).
+    #[serde(with = "duration")]
+    pub busy_timeout: Duration,
+}
+
+/// The default busy check, a POSIX shell script (a copy ships as deploy/vm/poolgate-busy-check;
+/// a test keeps the two identical). Exit 0 when processes of login users (uid >= 1000) other
+/// than idle per-user daemons, Jupyter servers and idle kernels run, 1 when none do.
+pub const DEFAULT_BUSY_SCRIPT: &str = include_str!("poolgate-busy-check");
+
+/// The default `autoscale.busy_command`: [`DEFAULT_BUSY_SCRIPT`] run by `/bin/sh -c`, so a VM
+/// needs nothing installed for it.
+pub fn default_busy_command() -> Vec<String> {
+    vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        DEFAULT_BUSY_SCRIPT.to_owned(),
+        "poolgate-busy-check".to_owned(),
+    ]
 }
 
 impl Default for Autoscale {
@@ -57,6 +81,9 @@ impl Default for Autoscale {
             tick: Duration::from_secs(10),
             cooldown: Duration::from_secs(2 * 60),
             boot_estimate: Duration::from_secs(90),
+            busy_command: default_busy_command(),
+            busy_user: "poolgate-probe".to_owned(),
+            busy_timeout: Duration::from_secs(20),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use autoscale::Autoscale;
+pub use autoscale::{Autoscale, DEFAULT_BUSY_SCRIPT, default_busy_command};
 pub use frontend::{Admin, GatewaySection, Health, Http, Listen, Routing, Ssh, Tls};
 pub use pool::{Azure, Backend, Exec, Pool};
 
@@ -196,6 +196,10 @@ mod tests {
         assert_eq!(a.tick, Duration::from_secs(10));
         assert_eq!(a.cooldown, Duration::from_secs(120));
         assert_eq!(a.boot_estimate, Duration::from_secs(90));
+        assert_eq!(a.busy_command, default_busy_command());
+        assert_eq!(a.busy_command[..2], ["/bin/sh", "-c"]);
+        assert_eq!(a.busy_user, "poolgate-probe");
+        assert_eq!(a.busy_timeout, Duration::from_secs(20));
 
         let b = Backend::default();
         assert_eq!(

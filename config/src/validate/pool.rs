@@ -306,6 +306,7 @@ pub(super) fn autoscale(c: &Config, provider_known: bool, r: &mut Report) {
     if a.wake_on_connect {
         r.positive("autoscale.hold_connect_for", a.hold_connect_for);
     }
+    busy_check(a, r);
     if !provider_known || !a.enabled {
         return;
     }
@@ -328,4 +329,48 @@ pub(super) fn autoscale(c: &Config, provider_known: bool, r: &mut Report) {
         }
         Provider::AzureVmss | Provider::Demo => {}
     }
+}
+
+/// `autoscale.busy_*`: the command run on a VM before scale-in, and who runs it.
+fn busy_check(a: &crate::model::Autoscale, r: &mut Report) {
+    if a.busy_command.is_empty() {
+        // `[]` turns the check off: nothing else to check.
+        return;
+    }
+    if a.busy_command[0].trim().is_empty() {
+        r.err(
+            "autoscale.busy_command[0]",
+            "the program to run must not be empty (e.g. [\"/usr/local/lib/poolgate/busy-check\"], or [] to turn the check off)",
+        );
+    }
+    if let Some(i) = a.busy_command.iter().position(|arg| arg.contains('\0')) {
+        r.err(
+            format!("autoscale.busy_command[{i}]"),
+            "contains a NUL character, which cannot be passed to a command (remove it)",
+        );
+    }
+    let user = &a.busy_user;
+    let valid = !user.is_empty()
+        && user.len() <= 32
+        && user
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !valid {
+        r.err(
+            "autoscale.busy_user",
+            format!(
+                "{user:?} is not a valid login name (lower-case letters, digits, '_' and '-', starting with a letter or '_', at most 32; the default is \"poolgate-probe\")"
+            ),
+        );
+    } else if user == "root" {
+        r.err(
+            "autoscale.busy_user",
+            "must not be root: the check runs as an unprivileged account of its own (the default is \"poolgate-probe\")",
+        );
+    }
+    r.positive("autoscale.busy_timeout", a.busy_timeout);
 }

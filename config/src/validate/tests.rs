@@ -322,3 +322,34 @@ fn cookie_tokens() {
         assert!(!is_cookie_token(bad), "{bad:?}");
     }
 }
+
+#[test]
+fn busy_check_rules() {
+    let mut c = valid();
+    c.autoscale.busy_command = vec![" ".into()];
+    c.autoscale.busy_user = "Probe User".into();
+    c.autoscale.busy_timeout = Duration::ZERO;
+    has_key(&c, "autoscale.busy_command[0]");
+    has_key(&c, "autoscale.busy_user");
+    has_key(&c, "autoscale.busy_timeout");
+    c.autoscale.busy_user = "root".into();
+    has_key(&c, "autoscale.busy_user");
+    c.autoscale.busy_command = vec!["/bin/check".into(), "a\0b".into()];
+    has_key(&c, "autoscale.busy_command[1]");
+    // `[]` turns the check off: nothing about it is checked then.
+    c.autoscale.busy_command = Vec::new();
+    c.autoscale.busy_user = "poolgate-probe".into();
+    assert!(c.validate().is_empty(), "{:?}", c.validate());
+}
+
+/// The embedded default busy check is deploy/vm/poolgate-busy-check, byte for byte.
+#[test]
+fn embedded_busy_check_is_the_deploy_script() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shipped = std::fs::read_to_string(dir.join("../deploy/vm/poolgate-busy-check"))
+        .expect("deploy/vm/poolgate-busy-check is readable");
+    assert!(
+        shipped == crate::DEFAULT_BUSY_SCRIPT,
+        "config/src/model/poolgate-busy-check and deploy/vm/poolgate-busy-check differ: copy one over the other"
+    );
+}
