@@ -12,6 +12,8 @@
 //! * Scale in one step per tick, only VMs with **zero sessions** idle for `scale_in_after`, and not
 //!   within `cooldown` of a scale-out: drain first, remove on a later tick once the drained VM is
 //!   still empty. Never remove a VM with sessions; never touch VMs an operator drained.
+//! * A VM on which work runs that does not flow through the gateway (`busy`, from the driver's
+//!   busy check) is never drained nor removed; one the policy drained is taken back into service.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -50,6 +52,9 @@ pub struct VmObservation {
     pub sessions: u32,
     /// Since when it has had no session (`None` while it has sessions).
     pub idle_since: Option<Instant>,
+    /// Work that does not pass through the gateway runs on it (or the check could not tell):
+    /// never a scale-in candidate, never removed.
+    pub busy: bool,
 }
 
 /// Input of one decision.
@@ -207,12 +212,17 @@ impl Autoscaler {
             return decision;
         }
 
-        // Remove drained VMs that stayed empty.
+        // Remove drained VMs that stayed empty; keep those where work turned out to run.
         for vm in alive
             .iter()
             .filter(|v| self.drained_by_us.contains(&v.name))
         {
-            if vm.sessions == 0 {
+            if vm.busy {
+                decision.actions.push((
+                    Action::Undrain(vm.name.clone()),
+                    "work is running on it (busy check); kept".to_string(),
+                ));
+            } else if vm.sessions == 0 {
                 decision.actions.push((
                     Action::Remove(vm.name.clone()),
                     "drained and still without sessions".to_string(),
@@ -220,7 +230,7 @@ impl Autoscaler {
             }
         }
         for (action, _) in &decision.actions {
-            if let Action::Remove(name) = action {
+            if let Action::Remove(name) | Action::Undrain(name) = action {
                 self.drained_by_us.remove(name);
             }
         }
@@ -232,7 +242,9 @@ impl Autoscaler {
         if serving > desired && !in_cooldown {
             let candidate = alive
                 .iter()
-                .filter(|v| !v.draining && v.lifecycle == Lifecycle::Running && v.sessions == 0)
+                .filter(|v| {
+                    !v.draining && !v.busy && v.lifecycle == Lifecycle::Running && v.sessions == 0
+                })
                 .filter_map(|v| {
                     let idle = now.saturating_duration_since(v.idle_since?);
                     (idle >= c.scale_in_after
@@ -283,6 +295,7 @@ mod tests {
             draining: false,
             sessions,
             idle_since,
+            busy: false,
         }
     }
 
@@ -443,5 +456,77 @@ mod tests {
                 .all(|(a, _)| !matches!(a, Action::Start(_))),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn never_drains_or_removes_a_busy_vm_and_takes_back_one_it_drained() {
+        let mut a = Autoscaler::new(config());
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(5000);
+        // Whole pool idle for long: everything could go, but "b" runs detached work.
+        let mut vms = vec![vm("a", 0, Some(t0)), vm("b", 0, Some(t0))];
+        vms[1].busy = true;
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: later,
+        });
+        assert_eq!(
+            d.actions,
+            vec![(Action::Drain("a".into()), d.actions[0].1.clone())]
+        );
+        vms[0].draining = true;
+        // Only "b" is left serving, busy: never drained however long it idles.
+        for step in 1..20 {
+            let d = a.decide(&Observation {
+                vms: &vms,
+                waiting: 0,
+                now: later + Duration::from_secs(step * 1000),
+            });
+            assert!(
+                d.actions
+                    .iter()
+                    .all(|(act, _)| *act != Action::Drain("b".into())
+                        && *act != Action::Remove("b".into())),
+                "{d:?}"
+            );
+            if step == 1 {
+                assert_eq!(d.actions[0].0, Action::Remove("a".into()));
+                vms.remove(0);
+            }
+        }
+        // Work starts on a VM the policy drained, before it was removed: undrained, not removed.
+        let mut a = Autoscaler::new(config());
+        let mut vms = vec![vm("c", 0, Some(t0))];
+        let _ = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: t0,
+        });
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: later,
+        });
+        assert_eq!(d.actions[0].0, Action::Drain("c".into()));
+        vms[0].draining = true;
+        vms[0].busy = true;
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: later + Duration::from_secs(1),
+        });
+        assert_eq!(d.actions.len(), 1, "{d:?}");
+        assert_eq!(d.actions[0].0, Action::Undrain("c".into()));
+        assert_eq!(a.draining().count(), 0);
+        // The work ends: scale-in goes ahead again.
+        vms[0].draining = false;
+        vms[0].busy = false;
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: later + Duration::from_secs(2),
+        });
+        assert_eq!(d.actions[0].0, Action::Drain("c".into()));
     }
 }

@@ -491,6 +491,7 @@ impl Sim<'_> {
                 sessions: v.sessions,
                 idle_since: (v.sessions == 0)
                     .then(|| self.epoch + Duration::from_secs(v.idle_since)),
+                busy: false,
             })
             .collect();
         let decision = autoscaler.decide(&Observation {

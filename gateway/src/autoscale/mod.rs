@@ -200,6 +200,7 @@ impl Driver {
                     draining: status.draining,
                     sessions: vm.total_sessions(),
                     idle_since: vm.idle_since(),
+                    busy: false,
                 }
             })
             .collect();
