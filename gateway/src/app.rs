@@ -164,6 +164,11 @@ pub fn build_with(config: &Config, overrides: &Overrides) -> anyhow::Result<Gate
             max_unauthenticated: config.ssh.max_unauthenticated as usize,
             banner: config.ssh.banner.clone(),
             idle_timeout: config.ssh.idle_timeout,
+            refused_users: if config.autoscale.busy_command.is_empty() {
+                Vec::new()
+            } else {
+                vec![config.autoscale.busy_user.clone()]
+            },
         },
         user_auth: overrides
             .user_auth
@@ -180,6 +185,15 @@ pub fn build_with(config: &Config, overrides: &Overrides) -> anyhow::Result<Gate
         metrics: metrics.clone(),
         wake: Some(driver.clone()),
     });
+    let a = &config.autoscale;
+    if a.enabled && !a.busy_command.is_empty() {
+        driver.set_busy_check(Arc::new(crate::ssh::busy_check::SshBusyCheck::new(
+            ssh.clone(),
+            &a.busy_user,
+            &a.busy_command,
+            a.busy_timeout,
+        )));
+    }
     Ok(Gateway {
         pool,
         health,

@@ -44,6 +44,11 @@ pub struct Metrics {
     pub sessions_waiting: IntGaugeVec,
     /// `poolgate_vm_load_hint{vm}`: node_load1 per CPU scraped from the VM, when configured.
     pub vm_load_hint: GaugeVec,
+    /// `poolgate_vm_busy{vm}`: 1 while the last busy check kept the VM (work running, or the
+    /// check could not tell), 0 when it found the VM idle; absent when not checked.
+    pub vm_busy: IntGaugeVec,
+    /// `poolgate_autoscale_busy_checks_total{result}`: busy checks by result (busy, idle, unknown).
+    pub autoscale_busy_checks_total: IntCounterVec,
 }
 
 /// Outcome label values of `sessions_total`.
@@ -138,7 +143,7 @@ impl Metrics {
             autoscale_actions_total: reg!(IntCounterVec::new(
                 Opts::new(
                     "autoscale_actions_total",
-                    "Autoscaler actions applied, by action (start, create, drain, undrain, stop, delete, error)."
+                    "Autoscaler actions applied, by action (start, create, drain, undrain, stop, delete, kept_busy, error)."
                 ),
                 &["action"]
             )),
@@ -160,6 +165,20 @@ impl Metrics {
                 ),
                 &["vm"]
             )),
+            vm_busy: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "vm_busy",
+                    "1 while the autoscaler keeps the VM because work runs on it outside the gateway (or the busy check could not tell), 0 when the check found it idle."
+                ),
+                &["vm"]
+            )),
+            autoscale_busy_checks_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "autoscale_busy_checks_total",
+                    "Busy checks run on VMs before scale-in, by result (busy, idle, unknown)."
+                ),
+                &["result"]
+            )),
             registry: registry.clone(),
         };
         #[cfg(target_os = "linux")]
@@ -171,9 +190,21 @@ impl Metrics {
             metrics.auth_failures_total.with_label_values(&[method]);
         }
         for action in [
-            "start", "create", "drain", "undrain", "stop", "delete", "error",
+            "start",
+            "create",
+            "drain",
+            "undrain",
+            "stop",
+            "delete",
+            "kept_busy",
+            "error",
         ] {
             metrics.autoscale_actions_total.with_label_values(&[action]);
+        }
+        for result in ["busy", "idle", "unknown"] {
+            metrics
+                .autoscale_busy_checks_total
+                .with_label_values(&[result]);
         }
         for protocol in [Protocol::Ssh, Protocol::Http] {
             metrics

@@ -27,6 +27,9 @@ pub struct AutoscaleView {
     pub waiting: u32,
     /// The last decision, in words.
     pub last_decision: Option<String>,
+    /// Last busy-check verdict per VM (true = kept: work running or unknown); shown per VM.
+    #[serde(skip)]
+    pub busy: std::collections::BTreeMap<String, bool>,
 }
 
 /// Source of [`AutoscaleView`] (the autoscaler driver implements it).
@@ -105,6 +108,10 @@ pub struct VmView {
     pub idle_seconds: Option<f64>,
     /// Recent probe results, oldest first.
     pub health_history: Vec<Probe>,
+    /// Last busy check: true = kept because work runs there outside the gateway (or the check
+    /// could not tell), false = idle, null = not checked (in use, or not a scale-in candidate).
+    #[serde(default)]
+    pub busy: Option<bool>,
 }
 
 /// Sessions by protocol.
@@ -150,6 +157,11 @@ pub struct SessionView {
 pub fn vms(state: &AdminState) -> Vec<VmView> {
     let snapshot = state.pool.snapshot();
     let now = state.pool.clock().now();
+    let busy = state
+        .autoscale
+        .as_ref()
+        .map(|a| a.view().busy)
+        .unwrap_or_default();
     snapshot
         .vms()
         .iter()
@@ -186,6 +198,7 @@ pub fn vms(state: &AdminState) -> Vec<VmView> {
                         ok,
                     })
                     .collect(),
+                busy: busy.get(&spec.name).copied(),
             }
         })
         .collect()

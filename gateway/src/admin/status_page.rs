@@ -108,12 +108,17 @@ pub fn render(
         let http_w = (f64::from(vm.sessions.http) / cap * 100.0).min(100.0 - ssh_w);
         let _ = write!(
             html,
-            "<tr><td><b>{name}</b></td><td><span class=\"state {state}\">{state}</span></td>\
+            "<tr><td><b>{name}</b></td><td><span class=\"state {state}\">{state}</span>{kept}</td>\
              <td><span class=\"bar\" title=\"{total} of {max}\"><span class=\"ssh\" style=\"left:0;width:{ssh_w:.1}%\"></span>\
              <span class=\"http\" style=\"left:{ssh_w:.1}%;width:{http_w:.1}%\"></span></span> {total}/{max}</td>\
              <td>{ssh} ssh · {http} http</td><td><span class=\"tl\">",
             name = escape(&vm.name),
             state = escape(&vm.state),
+            kept = if vm.busy == Some(true) {
+                " <span class=\"muted\" title=\"the busy check found work running outside the gateway; not scaled in\">kept: work running</span>"
+            } else {
+                ""
+            },
             total = vm.sessions.total,
             max = vm.max_sessions,
             ssh = vm.sessions.ssh,

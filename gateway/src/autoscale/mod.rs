@@ -1,6 +1,7 @@
 //! Autoscaler driver: keeps the pool in sync with the provider, runs router-core's policy every
 //! `autoscale.tick` (or at once when a connection waits), applies its actions and explains them.
 
+pub mod busy;
 pub mod providers;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -11,6 +12,7 @@ use router_core::autoscale::{Action, AutoscaleConfig, Autoscaler, Observation, V
 use router_core::{Lifecycle, Pool};
 use tokio::sync::{Notify, watch};
 
+use self::busy::{BusyCheck, BusyTracker};
 use self::providers::{Provider, ProviderError};
 use crate::admin::{AutoscaleStatus, AutoscaleView};
 use crate::metrics::Metrics;
@@ -46,6 +48,8 @@ pub struct Driver {
     view: Mutex<AutoscaleView>,
     /// Scale-in protection last set per VM (VMs with sessions are protected).
     protected: Mutex<std::collections::HashMap<String, bool>>,
+    /// The busy check (`autoscale.busy_command`), when on.
+    busy: std::sync::OnceLock<BusyTracker>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -96,7 +100,27 @@ impl Driver {
             poke: Notify::new(),
             view: Mutex::new(view),
             protected: Mutex::new(std::collections::HashMap::new()),
+            busy: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Turns the busy check on: idle VMs are asked before they are drained for scale-in and
+    /// right before they are stopped, and kept while work runs on them. Set once, at startup.
+    pub fn set_busy_check(&self, check: Arc<dyn BusyCheck>) {
+        let p = &self.settings.policy;
+        let tracker = BusyTracker::new(
+            check,
+            self.metrics.clone(),
+            self.pool.clock().clone(),
+            p.scale_in_after,
+            p.scale_to_zero_after,
+            self.settings.tick,
+        );
+        tracing::info!(
+            recheck_s = tracker.recheck().as_secs_f64(),
+            "busy check on: idle VMs are asked whether work runs on them before scale-in"
+        );
+        let _ = self.busy.set(tracker);
     }
 
     /// The provider in force.
@@ -189,7 +213,7 @@ impl Driver {
     /// One policy decision, applied.
     pub async fn tick(&self) {
         let snapshot = self.pool.snapshot();
-        let vms: Vec<VmObservation> = snapshot
+        let mut vms: Vec<VmObservation> = snapshot
             .vms()
             .iter()
             .map(|vm| {
@@ -204,6 +228,15 @@ impl Driver {
                 }
             })
             .collect();
+        if let Some(tracker) = self.busy.get() {
+            let ours: std::collections::BTreeSet<String> = match self.policy.lock() {
+                Ok(policy) => policy.draining().map(str::to_owned).collect(),
+                Err(_) => return,
+            };
+            let specs: Vec<router_core::VmSpec> =
+                snapshot.vms().iter().map(|vm| vm.spec().clone()).collect();
+            tracker.observe(&mut vms, &specs, &ours, self.pool.clock().now());
+        }
         self.protect_busy(&vms).await;
         let waiting = self.waiting.load(Ordering::Acquire);
         let decision = match self.policy.lock() {
@@ -243,7 +276,7 @@ impl Driver {
             Ok(known) => vms
                 .iter()
                 .filter(|v| v.lifecycle == Lifecycle::Running)
-                .map(|v| (v.name.clone(), v.sessions > 0))
+                .map(|v| (v.name.clone(), v.sessions > 0 || v.busy))
                 .filter(|(name, busy)| known.get(name).copied().unwrap_or(false) != *busy)
                 .collect(),
             Err(_) => return,
@@ -300,6 +333,9 @@ impl Driver {
                 result
             }
             Action::Remove(vm) => {
+                if self.kept_busy(vm).await {
+                    return "kept_busy";
+                }
                 self.pool.set_lifecycle(vm, Lifecycle::Stopping);
                 let names = [vm.clone()];
                 if caps.start_stop {
@@ -329,6 +365,28 @@ impl Driver {
                 "error"
             }
         }
+    }
+
+    /// The check right before a VM is stopped or deleted: true when work runs on it (or the
+    /// check cannot tell), in which case it is taken back into service instead.
+    async fn kept_busy(&self, vm: &str) -> bool {
+        let Some(tracker) = self.busy.get() else {
+            return false;
+        };
+        let Some(spec) = self.pool.snapshot().get(vm).map(|v| v.spec().clone()) else {
+            return false;
+        };
+        let verdict = tracker.check_now(&spec).await;
+        if !verdict.keeps() {
+            return false;
+        }
+        self.pool.undrain(vm);
+        tracing::info!(
+            %vm,
+            result = verdict.label(),
+            "not stopping the VM: the check right before stopping found work running (or could not tell); taken back into service"
+        );
+        true
     }
 
     /// Syncs and decides every tick (at once when poked) until shutdown.
@@ -365,6 +423,9 @@ impl AutoscaleStatus for Driver {
     fn view(&self) -> AutoscaleView {
         let mut view = self.view.lock().map(|v| v.clone()).unwrap_or_default();
         view.waiting = self.waiting.load(Ordering::Acquire);
+        if let Some(tracker) = self.busy.get() {
+            view.busy = tracker.view();
+        }
         view
     }
 }

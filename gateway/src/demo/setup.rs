@@ -284,6 +284,9 @@ pub fn config(options: &DemoOptions, state_dir: &Path) -> Config {
     a.tick = Duration::from_secs(1);
     a.cooldown = options.scale_in_after.min(Duration::from_secs(30));
     a.boot_estimate = options.boot_delay + Duration::from_secs(1);
+    // The demo's VMs are local sshd processes sharing one process table, without a probe
+    // account: no busy check (every VM would look busy with the others' sessions).
+    a.busy_command = Vec::new();
     config
 }
 

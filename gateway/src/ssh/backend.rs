@@ -40,6 +40,16 @@ pub enum Credential<'a> {
     },
     /// The user's password, relayed (`ssh.password_auth = "passthrough"`).
     Password(&'a str),
+    /// A fresh key with a certificate pinned to one command (`force-command`), for the
+    /// autoscaler's busy check.
+    Check {
+        /// The CA.
+        ca: &'a UserCa,
+        /// The command sshd runs.
+        command: &'a str,
+        /// Certificate lifetime.
+        validity: Duration,
+    },
 }
 
 /// A channel the VM opened towards the user.
@@ -331,6 +341,20 @@ pub async fn connect(
             }
             Credential::Password(password) => {
                 handle.authenticate_password(target.user, password).await
+            }
+            Credential::Check {
+                ca,
+                command,
+                validity,
+            } => {
+                let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+                    .map_err(|e| russh::Error::from(russh::keys::Error::from(e)))?;
+                let cert = ca
+                    .sign_check(key.public_key(), target.user, command, validity)
+                    .map_err(|_| russh::Error::NotAuthenticated)?;
+                handle
+                    .authenticate_openssh_cert(target.user, Arc::new(key), cert)
+                    .await
             }
         }
     };

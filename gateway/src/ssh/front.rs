@@ -72,7 +72,22 @@ impl Front {
         self.gw.settings.agent_forwarding && self.perms.agent_forwarding
     }
 
+    /// A reserved login name (`autoscale.busy_user`): refused whatever the credentials.
+    fn refused(&self, user: &str) -> bool {
+        let refused = self.gw.settings.refused_users.iter().any(|u| u == user);
+        if refused {
+            tracing::warn!(
+                %user, client = %self.peer,
+                "login refused: this name is reserved for the autoscaler's busy check (autoscale.busy_user)"
+            );
+        }
+        refused
+    }
+
     fn check_key(&self, user: &str, key: &PublicKey) -> Option<KeyPermissions> {
+        if self.refused(user) {
+            return None;
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -160,7 +175,9 @@ impl server::Handler for Front {
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
         self.tried = true;
-        if !self.gw.settings.password_passthrough || !super::authorized_keys::valid_user_name(user)
+        if !self.gw.settings.password_passthrough
+            || !super::authorized_keys::valid_user_name(user)
+            || self.refused(user)
         {
             self.gw.auth_failed("password", self.peer);
             return Ok(reject(&self.gw));

@@ -217,6 +217,48 @@ impl UserCa {
         }
         builder.sign(&self.key).map_err(sign_err)
     }
+
+    /// Signs the certificate of the autoscaler's busy check: `user` as only principal, the
+    /// `force-command` critical option set to `command` (sshd runs it whatever the client asks
+    /// for), no extensions (no pty, no forwarding of any kind, no user rc), valid from one minute
+    /// ago (clock skew) for `validity`.
+    pub fn sign_check(
+        &self,
+        key: &PublicKey,
+        user: &str,
+        command: &str,
+        validity: Duration,
+    ) -> Result<Certificate, KeyError> {
+        let sign_err = |e: russh::keys::ssh_key::Error| KeyError::Sign {
+            user: user.to_string(),
+            message: e.to_string(),
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut nonce = [0u8; 32];
+        rand::fill(&mut nonce);
+        let mut builder = Builder::new(
+            nonce.to_vec(),
+            key.key_data().clone(),
+            now.saturating_sub(60),
+            now + validity.as_secs().max(1),
+        )
+        .map_err(sign_err)?;
+        builder
+            .cert_type(CertType::User)
+            .map_err(sign_err)?
+            .serial(0)
+            .map_err(sign_err)?
+            .key_id(format!("poolgate busy-check user={user}"))
+            .map_err(sign_err)?
+            .valid_principal(user)
+            .map_err(sign_err)?
+            .critical_option("force-command", command)
+            .map_err(sign_err)?;
+        builder.sign(&self.key).map_err(sign_err)
+    }
 }
 
 #[cfg(test)]
@@ -268,6 +310,43 @@ mod tests {
         assert!(cert.key_id().contains("session=42"));
         assert!(cert.extensions().contains_key("permit-agent-forwarding"));
         assert!(!cert.extensions().contains_key("permit-port-forwarding"));
+        let ca_fp = ca.key.public_key().fingerprint(Default::default());
+        cert.validate_at(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            [&ca_fp],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn check_certificate_is_pinned_to_its_command() {
+        let ca = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let ca = UserCa::new(ca, Duration::from_secs(300));
+        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let cert = ca
+            .sign_check(
+                key.public_key(),
+                "poolgate-probe",
+                "'/bin/sh' '-c' 'exit 1'",
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert_eq!(cert.valid_principals(), ["poolgate-probe".to_string()]);
+        assert_eq!(
+            cert.critical_options()
+                .get("force-command")
+                .map(String::as_str),
+            Some("'/bin/sh' '-c' 'exit 1'")
+        );
+        assert!(
+            cert.extensions().is_empty(),
+            "no permit-* extensions: {:?}",
+            cert.extensions()
+        );
+        assert!(cert.valid_before() - cert.valid_after() <= 120);
         let ca_fp = ca.key.public_key().fingerprint(Default::default());
         cert.validate_at(
             SystemTime::now()

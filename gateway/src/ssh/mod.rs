@@ -3,6 +3,7 @@
 
 pub mod authorized_keys;
 pub mod backend;
+pub mod busy_check;
 mod connect;
 pub mod front;
 pub mod keys;
@@ -52,6 +53,9 @@ pub struct SshSettings {
     pub banner: Option<String>,
     /// `ssh.idle_timeout`.
     pub idle_timeout: Option<Duration>,
+    /// Login names refused at the front door whatever the key (`autoscale.busy_user`: a user
+    /// must never get a shell under the busy check's name).
+    pub refused_users: Vec<String>,
 }
 
 /// Called with a VM's name when a real session could not connect to it (passive health check).
