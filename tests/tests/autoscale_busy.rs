@@ -1,0 +1,567 @@
+//! The busy check end to end (issue 14, item 4): work that does not flow through the gateway
+//! keeps its VM. Real OpenSSH `sshd` "VMs" managed by exec-provider scripts, a real gateway with
+//! autoscaling on and short idle times, real `ssh` clients, `nohup` and `tmux`.
+//!
+//! Every VM's sshd runs in a PID namespace of its own (`unshare --pid --fork --mount-proc`), like
+//! a VM with its own process table, so the gateway's DEFAULT, unmodified `busy_command` sees
+//! only that VM's processes (tests running in parallel do not see each other's jobs). Stopping
+//! the VM ends the namespace and every process in it, as stopping a VM would.
+//!
+//! - A user starts `nohup sleep 600 &` (or a detached `tmux new -d` session) and logs off: the
+//!   VM stays in service through several scale-in windows, `/api/v1/vms` shows it `busy`; once
+//!   the job is killed, the VM is stopped within one scale-in window.
+//! - The front door refuses logins as the probe account.
+//! - The certificate the gateway signs for the check runs the check and nothing else: no shell,
+//!   no other command, no pty, not for another user.
+
+mod admin_common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use admin_common::{Json, http_get, poll};
+use poolgate_tests::*;
+
+/// The probe account the default configuration logs in as.
+const PROBE: &str = "poolgate-probe";
+/// Scale-in window of these tests.
+const SCALE_IN_AFTER: Duration = Duration::from_secs(6);
+/// What "within one scale-in window" may add: a tick, a check and the stop script.
+const SLACK: Duration = Duration::from_secs(3);
+
+/// Creates the probe account the way deploy/cloud-init/pool-vm.yaml does (system account, no
+/// password, shell /bin/sh), and unlocks it for `UsePAM no` (`*`, not `!`). Idempotent; safe
+/// when several test processes race (useradd exit 9 = the name is taken).
+fn ensure_probe_account() {
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    if !passwd.lines().any(|l| l.starts_with(&format!("{PROBE}:"))) {
+        let out = run_with_timeout(
+            Command::new(tool("useradd")).args([
+                "--system",
+                "--shell",
+                "/bin/sh",
+                "--home-dir",
+                "/nonexistent",
+                "--no-create-home",
+                PROBE,
+            ]),
+            Duration::from_secs(30),
+        );
+        assert!(
+            out.status.success() || out.status.code() == Some(9),
+            "useradd {PROBE}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
+    let locked = shadow
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{PROBE}:")))
+        .is_none_or(|rest| rest.starts_with('!'));
+    if locked {
+        let out = run_with_timeout(
+            Command::new(tool("usermod")).args(["-p", "*", PROBE]),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "usermod -p '*' {PROBE}");
+    }
+}
+
+fn script(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\nset -eu\n{body}\n")).expect("write script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod script");
+    path.display().to_string()
+}
+
+/// Ends the VM's namespace (sshd and every process in it), whatever happens to the test.
+struct KillNamespace(PathBuf);
+
+impl Drop for KillNamespace {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.0)
+            && let Ok(pid) = pid.trim().parse::<u32>()
+        {
+            kill_tree(pid);
+        }
+    }
+}
+
+/// A VM whose sshd runs in its own PID namespace, started and stopped by exec-provider scripts.
+struct NsVm {
+    /// Keeps the config, host key and log.
+    fixture: SshdVm,
+    /// The `unshare` process (its child is the namespace's init, sshd).
+    ns_pid: PathBuf,
+    list: String,
+    start: String,
+    stop: String,
+    _cleanup: KillNamespace,
+}
+
+impl NsVm {
+    fn new(dir: &Path, ca: &UserCa) -> Self {
+        // The probe account may log in only with the principal `poolgate-probe`, only by
+        // certificate, and without pty or forwarding (as deploy/cloud-init/pool-vm.yaml sets up).
+        let principals = dir.join("probe_principals");
+        std::fs::write(&principals, format!("restrict {PROBE}\n")).expect("principals file");
+        let mut fixture = SshdVm::builder("vm-a")
+            .trusted_user_ca_keys(ca.public_key_path())
+            .config_trailer(&format!("Match User {PROBE}"))
+            .config_trailer(&format!(
+                "  AuthorizedPrincipalsFile {}",
+                principals.display()
+            ))
+            .config_trailer("  AuthorizedKeysFile none")
+            .start();
+        fixture.stop();
+        let ns_pid = dir.join("vm-a.ns.pid");
+        let (pid, cfg, log, port) = (
+            ns_pid.display(),
+            fixture.config_path().display(),
+            fixture.log_path().display(),
+            fixture.port(),
+        );
+        let list = script(
+            dir,
+            "list.sh",
+            &format!(
+                "if [ -f {pid} ] && kill -0 \"$(cat {pid})\" 2>/dev/null; then s=running; else s=stopped; fi\n\
+                 echo \"{{\\\"vms\\\":[{{\\\"name\\\":\\\"vm-a\\\",\\\"host\\\":\\\"127.0.0.1\\\",\\\"ssh_port\\\":{port},\\\"state\\\":\\\"$s\\\"}}]}}\""
+            ),
+        );
+        let start = script(
+            dir,
+            "start.sh",
+            &format!(
+                "[ \"$1\" = vm-a ]\n\
+                 setsid {unshare} --pid --fork --mount-proc --kill-child {sshd} -D -e -f {cfg} </dev/null >>{log} 2>&1 &\n\
+                 echo $! >{pid}",
+                unshare = tool("unshare").display(),
+                sshd = tool("sshd").display(),
+            ),
+        );
+        // Stopping the VM: the namespace's init (sshd) ends, and with it every process inside.
+        let stop = script(
+            dir,
+            "stop.sh",
+            &format!(
+                "[ \"$1\" = vm-a ]\n\
+                 outer=$(cat {pid})\n\
+                 for init in $(cat /proc/\"$outer\"/task/*/children 2>/dev/null); do kill -KILL \"$init\"; done\n\
+                 i=0\n\
+                 while kill -0 \"$outer\" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done\n\
+                 rm -f {pid}"
+            ),
+        );
+        Self {
+            fixture,
+            _cleanup: KillNamespace(ns_pid.clone()),
+            ns_pid,
+            list,
+            start,
+            stop,
+        }
+    }
+
+    /// The namespace's init (sshd), from the `unshare` process's children.
+    fn init_pid(&self) -> Option<u32> {
+        let outer = std::fs::read_to_string(&self.ns_pid).ok()?;
+        let outer = outer.trim();
+        std::fs::read_dir(format!("/proc/{outer}/task"))
+            .ok()?
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|c| {
+                c.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .next()
+    }
+
+    /// Processes inside the VM's namespace whose name (`comm`) is `name` and whose command line
+    /// starts with `cmdline` (words joined by spaces): host pids.
+    fn processes(&self, name: &str, cmdline: &str) -> Vec<u32> {
+        let Some(init) = self.init_pid() else {
+            return Vec::new();
+        };
+        let Ok(ns) = std::fs::read_link(format!("/proc/{init}/ns/pid")) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let dir = entry.path();
+            if std::fs::read_link(dir.join("ns/pid")).ok().as_ref() != Some(&ns) {
+                continue;
+            }
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            let args = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+            let args = String::from_utf8_lossy(&args).replace('\0', " ");
+            if comm.trim() == name && args.starts_with(cmdline) {
+                found.push(pid);
+            }
+        }
+        found
+    }
+
+    fn run_start_script(&self) {
+        let out = run_with_timeout(
+            Command::new(&self.start).arg("vm-a"),
+            Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "start.sh failed");
+        self.fixture
+            .wait_for_log("Server listening on 127.0.0.1", Duration::from_secs(10));
+    }
+}
+
+/// A gateway with autoscaling over one [`NsVm`] and the default busy check.
+struct BusyPool {
+    vm: NsVm,
+    gateway: GatewayProcess,
+    admin: SocketAddr,
+    client: SshClient,
+    key: UserKey,
+    ssh_port: u16,
+    client_known: KnownHosts,
+    /// The CA the VM trusts (its public key file must outlive the VM).
+    _ca: UserCa,
+    _dir: tempfile::TempDir,
+}
+
+impl BusyPool {
+    /// Needs root, sshd, ssh, ssh-keygen, unshare, useradd and usermod.
+    fn start() -> Self {
+        ensure_probe_account();
+        let users = TestUsers::ensure(1);
+        let user = users.user(1).name.clone();
+        let dir = tempfile::Builder::new()
+            .prefix("poolgate-busy-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let ca = UserCa::generate();
+        let vm = NsVm::new(dir.path(), &ca);
+        let known = KnownHosts::at(&dir.path().join("known_hosts"));
+        known.add_vm(&vm.fixture);
+        vm.run_start_script();
+
+        let keys_dir = dir.path().join("authorized_keys");
+        std::fs::create_dir_all(&keys_dir).expect("mkdir");
+        let key = UserKey::generate(&user);
+        // The same key for the probe's name too: the front door must still refuse it.
+        for name in [user.as_str(), PROBE] {
+            std::fs::write(keys_dir.join(name), format!("{}\n", key.public_key_line()))
+                .expect("key");
+        }
+        let host_key = dir.path().join("host_key");
+        generate_ed25519(&host_key, "busy e2e gateway");
+        // The gateway's user CA is the test CA the VM trusts (copied: the gateway wants 0600).
+        let ca_key = dir.path().join("user_ca");
+        std::fs::copy(ca.private_key_path(), &ca_key).expect("copy CA key");
+        std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let ssh_port = free_port();
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        // No busy_command / busy_user: the defaults are under test.
+        let config = format!(
+            "[listen]\nssh = \"127.0.0.1:{ssh_port}\"\nhttp = \"127.0.0.1:{http}\"\nadmin = \"{admin}\"\n\
+             [ssh]\nhost_keys = [\"{host_key}\"]\nuser_ca_key = \"{ca_key}\"\n\
+             authorized_keys = \"{keys}/{{user}}\"\nbackend_known_hosts = \"{known}\"\n\
+             [health]\ninterval = \"1s\"\ntimeout = \"1s\"\nhttp = false\nrise = 1\n\
+             [pool]\nprovider = \"exec\"\n\
+             [pool.exec]\nlist = [\"{list}\"]\nstart = [\"{start}\"]\nstop = [\"{stop}\"]\n\
+             poll_interval = \"1s\"\ntimeout = \"10s\"\n\
+             [autoscale]\nenabled = true\nmin_vms = 0\nmax_vms = 1\nspare_vms = 0\n\
+             scale_in_after = \"{window}s\"\nscale_to_zero_after = \"{window}s\"\ntick = \"1s\"\n\
+             cooldown = \"1s\"\nboot_estimate = \"2s\"\nhold_connect_for = \"30s\"\nbusy_timeout = \"10s\"\n",
+            http = free_port(),
+            host_key = host_key.display(),
+            ca_key = ca_key.display(),
+            keys = keys_dir.display(),
+            known = known.path().display(),
+            list = vm.list,
+            start = vm.start,
+            stop = vm.stop,
+            window = SCALE_IN_AFTER.as_secs(),
+        );
+        let gateway = GatewayProcess::builder(&config)
+            .dir(dir.path())
+            .env("NO_COLOR", "1")
+            .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, ssh_port)))
+            .wait_for(admin)
+            .start();
+        let client_known = KnownHosts::new();
+        client_known.add_host_key(
+            ssh_port,
+            &std::fs::read_to_string(dir.path().join("host_key.pub")).expect("host_key.pub"),
+        );
+        let client = SshClient::new(&user, ssh_port, client_known.path())
+            .user_key(&key)
+            .timeout(Duration::from_secs(40));
+        BusyPool {
+            vm,
+            gateway,
+            admin,
+            client,
+            key,
+            ssh_port,
+            client_known,
+            _ca: ca,
+            _dir: dir,
+        }
+    }
+
+    fn vm_json(&self) -> Json {
+        http_get(self.admin, "/api/v1/vms").json()[0].clone()
+    }
+
+    fn state(&self) -> String {
+        self.vm_json()["state"]
+            .as_str()
+            .unwrap_or("none")
+            .to_string()
+    }
+
+    /// Runs `command` as the user through the gateway (waking the VM if needed) and logs off.
+    fn run_and_log_off(&self, command: &str) {
+        let out = self.client.run(command);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{command}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.gateway.log_text()
+        );
+    }
+
+    /// The job keeps the VM through several scale-in windows; once `find_job` finds it no more
+    /// (after `end_job`), the VM is stopped within one window. Returns that time.
+    fn kept_while_running_then_stopped(&self, what: &str, job: impl Fn() -> Vec<u32>) -> Duration {
+        assert!(
+            poll(Duration::from_secs(5), || !job().is_empty()),
+            "{what} is not running on the VM"
+        );
+        // The check has run and said busy.
+        assert!(
+            poll(Duration::from_secs(30), || self.vm_json()["busy"].as_bool()
+                == Some(true)),
+            "{what}: the VM never showed busy: {}\n{}",
+            self.vm_json(),
+            self.gateway.log_text()
+        );
+        // Several scale-in windows with nobody logged in: still serving.
+        let began = Instant::now();
+        let mut seen = Vec::new();
+        while began.elapsed() < SCALE_IN_AFTER * 3 {
+            seen.push(self.state());
+            std::thread::sleep(Duration::from_millis(300)); // sampling the state, not waiting for it
+        }
+        assert!(
+            seen.iter().all(|s| s == "healthy"),
+            "{what}: a VM running detached work was drained or stopped: {seen:?}\n{}",
+            self.gateway.log_text()
+        );
+        assert!(!job().is_empty(), "{what} died on its own");
+        self.gateway.wait_for_log(
+            "work is running on the VM outside the gateway",
+            Duration::from_secs(1),
+        );
+        let status = http_get(self.admin, "/status").body;
+        assert!(
+            status.contains("kept: work running"),
+            "{what}: the status page does not say why the VM is kept"
+        );
+        let metrics = http_get(self.admin, "/metrics").body;
+        assert!(
+            metrics.contains("poolgate_vm_busy{vm=\"vm-a\"} 1"),
+            "{what}: poolgate_vm_busy"
+        );
+
+        // The work ends: stopped within one scale-in window.
+        for pid in job() {
+            kill_tree(pid);
+        }
+        assert!(
+            poll(Duration::from_secs(10), || job().is_empty()),
+            "{what} survived SIGKILL"
+        );
+        let ended = Instant::now();
+        assert!(
+            poll(SCALE_IN_AFTER + SLACK + Duration::from_secs(20), || self
+                .state()
+                == "stopped"),
+            "{what}: VM not stopped after the work ended; state {}\n{}",
+            self.state(),
+            self.gateway.log_text()
+        );
+        let took = ended.elapsed();
+        eprintln!("{what}: VM stopped {took:?} after the work ended");
+        assert!(
+            took <= SCALE_IN_AFTER + SLACK,
+            "{what}: stopped {took:?} after the work ended; more than one scale-in window ({SCALE_IN_AFTER:?} + {SLACK:?})\n{}",
+            self.gateway.log_text()
+        );
+        took
+    }
+}
+
+#[test]
+fn a_nohup_job_keeps_its_vm_until_it_ends() {
+    require_tools!("sshd", "ssh", "ssh-keygen", "unshare", "useradd", "usermod");
+    require_root!();
+    let pool = BusyPool::start();
+    // The front door refuses the probe's name, even with a key listed for it.
+    let probe = SshClient::new(PROBE, pool.ssh_port, pool.client_known.path())
+        .user_key(&pool.key)
+        .run("true");
+    assert_eq!(probe.status.code(), Some(255), "a login as {PROBE} got in");
+    pool.gateway.wait_for_log(
+        "reserved for the autoscaler's busy check",
+        Duration::from_secs(5),
+    );
+
+    pool.run_and_log_off("nohup sleep 600 >/dev/null 2>&1 </dev/null &");
+    let took = pool.kept_while_running_then_stopped("nohup sleep 600", || {
+        pool.vm.processes("sleep", "sleep 600")
+    });
+    pool.gateway
+        .wait_for_log("action=Drain(\"vm-a\")", Duration::from_secs(5));
+    pool.gateway
+        .wait_for_log("result=\"stop\"", Duration::from_secs(5));
+    let metrics = http_get(pool.admin, "/metrics").body;
+    for result in ["busy", "idle"] {
+        let line = format!("poolgate_autoscale_busy_checks_total{{result=\"{result}\"}} ");
+        let count: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(count >= 1.0, "no {result} check counted:\n{metrics}");
+    }
+    eprintln!("nohup: stopped {took:?} after the job ended");
+}
+
+#[test]
+fn a_detached_tmux_session_keeps_its_vm_until_it_ends() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "unshare",
+        "useradd",
+        "usermod",
+        "tmux"
+    );
+    require_root!();
+    let pool = BusyPool::start();
+    pool.run_and_log_off("tmux new-session -d -s training");
+    let took = pool.kept_while_running_then_stopped("tmux session", || {
+        pool.vm.processes("tmux: server", "tmux new-session")
+    });
+    eprintln!("tmux: stopped {took:?} after the session ended");
+}
+
+/// The certificate the gateway signs for the check, used with the real OpenSSH client: sshd runs
+/// the busy check whatever is asked, gives no pty, and the certificate is good for no one else.
+#[test]
+fn the_probe_certificate_runs_only_the_busy_check() {
+    require_tools!("sshd", "ssh", "ssh-keygen", "unshare", "useradd", "usermod");
+    require_root!();
+    ensure_probe_account();
+    let users = TestUsers::ensure(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = UserCa::generate();
+    let vm = NsVm::new(dir.path(), &ca);
+    vm.run_start_script();
+    let known = KnownHosts::new();
+    known.add_vm(&vm.fixture);
+
+    // What the gateway does: a fresh key, a certificate pinned to the default busy command.
+    let (ca_key, _) =
+        gateway::ssh::keys::load_or_generate(ca.private_key_path(), "").expect("CA key");
+    let ca_signer = gateway::ssh::keys::UserCa::new(ca_key, Duration::from_secs(300));
+    let key_path = dir.path().join("probe_key");
+    generate_ed25519(&key_path, "probe");
+    let (key, _) = gateway::ssh::keys::load_or_generate(&key_path, "").expect("probe key");
+    let command = gateway::ssh::busy_check::shell_quote(&poolgate_config::default_busy_command());
+    let cert = ca_signer
+        .sign_check(key.public_key(), PROBE, &command, Duration::from_secs(60))
+        .expect("sign");
+    let cert_path = dir.path().join("probe_key-cert.pub");
+    std::fs::write(&cert_path, cert.to_openssh().expect("encode cert")).expect("write cert");
+    let probe = SshClient::new(PROBE, vm.fixture.port(), known.path())
+        .identity(&key_path)
+        .certificate(&cert_path);
+
+    let is_check_output = |out: &std::process::Output| {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        (out.status.code() == Some(0) && stdout.starts_with("busy: "))
+            || (out.status.code() == Some(1) && stdout.starts_with("idle: "))
+    };
+    // Another command: the check runs instead.
+    let out = probe.run("echo INJECTED; id");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        is_check_output(&out) && !stdout.contains("INJECTED") && !stdout.contains("uid="),
+        "a command other than the check ran: {:?} {stdout} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A shell, fed commands on stdin: the check runs instead.
+    let out = run_with_input(
+        &mut probe.ssh_command(&["-T"], None),
+        b"echo INJECTED\nid\n",
+        Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        is_check_output(&out) && !stdout.contains("INJECTED") && !stdout.contains("uid="),
+        "the probe certificate opened a shell: {:?} {stdout} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A shell with a pty: refused a pty (no permit-pty), and never a shell.
+    let out = run_with_input(
+        &mut probe.ssh_command(&["-tt"], None),
+        b"echo INJECTED\nexit\n",
+        Duration::from_secs(30),
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !stdout.contains("INJECTED") && stderr.contains("PTY allocation request failed"),
+        "the probe got a pty or a shell: {:?} {stdout:?} {stderr}",
+        out.status
+    );
+    // The certificate names the probe only: no login as a real user with it.
+    let user = users.user(1).name.clone();
+    let out = SshClient::new(&user, vm.fixture.port(), known.path())
+        .identity(&key_path)
+        .certificate(&cert_path)
+        .run("echo INJECTED");
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "the probe certificate logged in as {user}"
+    );
+    // In its own namespace with nobody logged in, the VM is idle.
+    let out = probe.run("");
+    assert!(
+        out.status.code() == Some(1),
+        "an empty VM should be idle: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
