@@ -585,6 +585,57 @@ fn cloud_init_files_parse_and_do_what_the_pool_needs() {
         assert!(pool_runcmd.contains(unit), "runcmd enables {unit}");
     }
 
+    // The busy check: the probe account, only its own principal, by certificate, no pty or
+    // forwarding, and the default script installed verbatim.
+    let probe = content(&pool, "/usr/local/sbin/poolgate-probe-account");
+    for needle in [
+        "useradd --system --shell /bin/sh",
+        "--no-create-home poolgate-probe",
+        "usermod -p '*' poolgate-probe",
+    ] {
+        assert!(
+            probe.contains(needle),
+            "probe account script lacks {needle:?}"
+        );
+    }
+    assert!(
+        pool_runcmd.contains("/usr/local/sbin/poolgate-probe-account"),
+        "runcmd creates the probe account"
+    );
+    assert!(
+        pool_runcmd.find("poolgate-probe-account") < pool_runcmd.find("poolgate-sshd-setup"),
+        "the probe account exists before sshd is reloaded"
+    );
+    assert_eq!(
+        content(&pool, "/etc/ssh/poolgate_probe_principals"),
+        "restrict poolgate-probe\n"
+    );
+    let match_block = sshd
+        .split_once("Match User poolgate-probe\n")
+        .map(|(_, block)| block)
+        .expect("50-poolgate.conf has a Match block for poolgate-probe");
+    for needle in [
+        "AuthorizedPrincipalsFile /etc/ssh/poolgate_probe_principals",
+        "AuthorizedKeysFile none",
+        "PasswordAuthentication no",
+        "PermitTTY no",
+        "AllowTcpForwarding no",
+    ] {
+        assert!(
+            match_block.contains(needle),
+            "probe Match block lacks {needle:?}"
+        );
+    }
+    assert_eq!(
+        content(&pool, "/usr/local/lib/poolgate/busy-check"),
+        read("vm/poolgate-busy-check"),
+        "pool-vm.yaml must install deploy/vm/poolgate-busy-check unchanged"
+    );
+    assert_eq!(
+        pool["/usr/local/lib/poolgate/busy-check"]["permissions"].as_str(),
+        Some("0755")
+    );
+
     // Gateway VM: the unit is deploy/systemd/poolgate.service verbatim.
     let gateway = write_files(&yaml(&python, &deploy_dir().join(CLOUD_INIT[1])));
     assert_eq!(
