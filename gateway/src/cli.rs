@@ -118,6 +118,10 @@ pub struct SimulateArgs {
     /// Session trace: CSV with header `user,protocol,start_s,end_s`.
     #[arg(long, value_name = "FILE")]
     pub trace: PathBuf,
+    /// Detached jobs (tmux, nohup, cron work the gateway does not see): CSV with header
+    /// `user,start_s,end_s`. A job killed by a scale-in counts in `killed_sessions`.
+    #[arg(long, value_name = "FILE")]
+    pub jobs: Option<PathBuf>,
     /// Configuration whose `[autoscale]` section is replayed (defaults otherwise).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -56,11 +56,32 @@ pub fn run(args: &SimulateArgs) -> Result<String, SimulateError> {
         path: path.clone(),
         source,
     })?;
+    let jobs = match &args.jobs {
+        Some(file) => {
+            let jobs_path = file.display().to_string();
+            let text =
+                std::fs::read_to_string(file).map_err(|source| SimulateError::ReadTrace {
+                    path: jobs_path.clone(),
+                    source,
+                })?;
+            sim::parse_jobs(&text).map_err(|source| SimulateError::Trace {
+                path: jobs_path,
+                source,
+            })?
+        }
+        None => Vec::new(),
+    };
     let params = params(&config, args.boot_seconds);
-    let comparison = sim::compare(&trace, &params);
+    let comparison = sim::compare_with_jobs(&trace, &jobs, &params);
     Ok(match args.format {
         OutputFormat::Json => json(&comparison),
-        OutputFormat::Text => text_table(&path, &params, &comparison),
+        OutputFormat::Text => {
+            let mut out = text_table(&path, &params, &comparison);
+            if !jobs.is_empty() {
+                out.push_str(&jobs_summary(jobs.len(), &params, &comparison));
+            }
+            out
+        }
     })
 }
 
@@ -98,7 +119,23 @@ pub fn params(config: &Config, boot_seconds: u64) -> SimParams {
     if let Some(cap) = cap {
         params.max_sessions = cap.max(1);
     }
+    params.busy_check = !a.busy_command.is_empty();
     params
+}
+
+/// What happened to the detached jobs (they are counted in "killed" too).
+fn jobs_summary(count: usize, p: &SimParams, c: &Comparison) -> String {
+    format!(
+        "\n{count} detached job(s); killed by scale-in: policy {} (busy check {}), always-on {}, cpu-threshold {}\n",
+        c.policy.killed_jobs,
+        if p.busy_check {
+            "on"
+        } else {
+            "off: autoscale.busy_command = []"
+        },
+        c.always_on.killed_jobs,
+        c.cpu_threshold.killed_jobs,
+    )
 }
 
 #[derive(Serialize)]

@@ -16,11 +16,18 @@
 //!   long as the trace says (it is shifted, not shortened).
 //! * A session killed by a scale-in is counted; its user reconnects at once for the rest of the
 //!   session (the work still needs capacity), and that reconnection's wait is not counted again.
+//! * Detached jobs (an optional job trace: tmux, nohup, cron work the gateway does not see) start
+//!   on a VM where their user has a session, else on the running, non-draining VM with the fewest
+//!   sessions (oldest first); with no running VM they wait for one. They are no load for the
+//!   policy (it cannot see them) but CPU for the cpu-threshold rule (one session's worth each).
+//!   A job whose VM is removed is killed, counted in `killed_sessions` (and `killed_jobs`), and
+//!   lost. The policy asks the VMs first ([`SimParams::busy_check`], `autoscale.busy_command`):
+//!   a VM running a job is never drained nor removed.
 //!
 //! Strategies:
 //! * [`Strategy::Policy`]: the session-aware policy, decided every `tick` and at once when a
 //!   new session has to wait (the gateway's wake-on-connect poke). Starts `min_vms` running.
-//! * [`Strategy::AlwaysOn`]: `max_vms` running all the time.
+//! * [`Strategy::AlwaysOn`]: `max_vms` running all the time (never kills anything).
 //! * [`Strategy::CpuThreshold`]: an Azure-autoscale-style rule on utilization, modelled as
 //!   sessions (placed and waiting) / (running VMs × `sessions_per_vm`), averaged over the last
 //!   5 minutes and evaluated every minute: above 70 % add a VM, below 30 % remove one, with 5
@@ -33,7 +40,10 @@ mod trace;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-pub use trace::{HEADER, MAX_TRACE_SECONDS, TraceError, TraceSession, parse_trace};
+pub use trace::{
+    HEADER, JOBS_HEADER, MAX_TRACE_SECONDS, TraceError, TraceJob, TraceSession, parse_jobs,
+    parse_trace,
+};
 
 use crate::autoscale::{Action, AutoscaleConfig, Autoscaler, Observation, VmObservation};
 use crate::vm::Lifecycle;
@@ -64,6 +74,9 @@ pub struct SimParams {
     pub boot: Duration,
     /// Sessions a VM takes at most (at least 1).
     pub max_sessions: u32,
+    /// The policy asks VMs whether detached jobs run before scaling them in
+    /// (`autoscale.busy_command` not `[]`).
+    pub busy_check: bool,
 }
 
 impl SimParams {
@@ -75,6 +88,7 @@ impl SimParams {
             tick: Duration::from_secs(10),
             boot,
             max_sessions: autoscale.sessions_per_vm.max(1).saturating_mul(2),
+            busy_check: true,
         }
     }
 }
@@ -95,8 +109,10 @@ pub enum Strategy {
 pub struct Report {
     /// VM-hours billed (VMs starting or running).
     pub vm_hours: f64,
-    /// Sessions killed by a scale-in.
+    /// Sessions killed by a scale-in, detached jobs included.
     pub killed_sessions: u64,
+    /// Of those, detached jobs (from the job trace).
+    pub killed_jobs: u64,
     /// Median wait from connecting to landing on a VM, in seconds.
     pub wait_p50_s: f64,
     /// 95th percentile of that wait (nearest rank), in seconds.
@@ -128,14 +144,25 @@ pub struct Comparison {
 
 /// Runs all three strategies on `trace` (any order; sorted here).
 pub fn compare(trace: &[TraceSession], params: &SimParams) -> Comparison {
+    compare_with_jobs(trace, &[], params)
+}
+
+/// Runs all three strategies on `trace` with the detached `jobs` (any order; sorted here).
+pub fn compare_with_jobs(
+    trace: &[TraceSession],
+    jobs: &[TraceJob],
+    params: &SimParams,
+) -> Comparison {
     let mut sorted = trace.to_vec();
     sorted.sort_by_key(|s| s.start_s);
+    let mut jobs = jobs.to_vec();
+    jobs.sort_by_key(|j| j.start_s);
     Comparison {
-        policy: run_sorted(Strategy::Policy, &sorted, params),
-        always_on: run_sorted(Strategy::AlwaysOn, &sorted, params),
-        cpu_threshold: run_sorted(Strategy::CpuThreshold, &sorted, params),
+        policy: run_sorted(Strategy::Policy, &sorted, &jobs, params),
+        always_on: run_sorted(Strategy::AlwaysOn, &sorted, &jobs, params),
+        cpu_threshold: run_sorted(Strategy::CpuThreshold, &sorted, &jobs, params),
         sessions: sorted.len(),
-        horizon_s: horizon(&sorted),
+        horizon_s: horizon(&sorted, &jobs),
     }
 }
 
@@ -143,11 +170,12 @@ pub fn compare(trace: &[TraceSession], params: &SimParams) -> Comparison {
 pub fn run(strategy: Strategy, trace: &[TraceSession], params: &SimParams) -> Report {
     let mut sorted = trace.to_vec();
     sorted.sort_by_key(|s| s.start_s);
-    run_sorted(strategy, &sorted, params)
+    run_sorted(strategy, &sorted, &[], params)
 }
 
-fn horizon(trace: &[TraceSession]) -> u64 {
-    trace.iter().map(|s| s.end_s).max().unwrap_or(0)
+fn horizon(trace: &[TraceSession], jobs: &[TraceJob]) -> u64 {
+    let sessions = trace.iter().map(|s| s.end_s).max().unwrap_or(0);
+    sessions.max(jobs.iter().map(|j| j.end_s).max().unwrap_or(0))
 }
 
 /// A VM of the simulated pool.
@@ -188,6 +216,13 @@ struct Live {
     end: u64,
 }
 
+/// A detached job running on a VM.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    vm: u32,
+    end: u64,
+}
+
 /// The per-strategy part of the simulation.
 enum Driver {
     Policy {
@@ -203,6 +238,12 @@ enum Driver {
 
 struct Sim<'a> {
     trace: &'a [TraceSession],
+    jobs: &'a [TraceJob],
+    next_job: usize,
+    /// Jobs that found no running VM yet: (index, duration).
+    pending_jobs: Vec<(usize, u64)>,
+    running_jobs: Vec<Job>,
+    killed_jobs: u64,
     params: SimParams,
     epoch: Instant,
     boot_s: u64,
@@ -218,10 +259,20 @@ struct Sim<'a> {
     peak: u32,
 }
 
-fn run_sorted(strategy: Strategy, trace: &[TraceSession], params: &SimParams) -> Report {
+fn run_sorted(
+    strategy: Strategy,
+    trace: &[TraceSession],
+    jobs: &[TraceJob],
+    params: &SimParams,
+) -> Report {
     let c = params.autoscale;
     let mut sim = Sim {
         trace,
+        jobs,
+        next_job: 0,
+        pending_jobs: Vec::new(),
+        running_jobs: Vec::new(),
+        killed_jobs: 0,
         params: *params,
         // Only an origin for the policy's `Instant`s; results do not depend on it.
         epoch: Instant::now(),
@@ -260,19 +311,25 @@ fn run_sorted(strategy: Strategy, trace: &[TraceSession], params: &SimParams) ->
     for _ in 0..initial {
         sim.add_vm(0, 0);
     }
-    let horizon = horizon(trace);
+    let horizon = horizon(trace, jobs);
     let mut t = 0u64;
     loop {
         sim.finish_sessions(t);
         sim.arrive(t);
         // A connection that starts waiting now pokes the policy, as the gateway's does.
         let poked = sim.place(t) && sim.waiting.iter().any(|p| p.since == t);
+        sim.run_jobs(t);
         let tick = t.is_multiple_of(sim.tick_s);
         sim.step(&mut driver, t, tick, poked);
         sim.peak = sim.peak.max(sim.vms.len() as u32);
 
-        let done = sim.next_arrival >= trace.len() && sim.live.is_empty() && t >= horizon;
-        if done && (sim.waiting.is_empty() || t >= horizon.saturating_add(GIVE_UP_AFTER_S)) {
+        let done = sim.next_arrival >= trace.len()
+            && sim.live.is_empty()
+            && sim.next_job >= jobs.len()
+            && sim.running_jobs.is_empty()
+            && t >= horizon;
+        let nothing_waits = sim.waiting.is_empty() && sim.pending_jobs.is_empty();
+        if done && (nothing_waits || t >= horizon.saturating_add(GIVE_UP_AFTER_S)) {
             break;
         }
         let next = sim.next_event(t);
@@ -289,6 +346,7 @@ fn run_sorted(strategy: Strategy, trace: &[TraceSession], params: &SimParams) ->
     Report {
         vm_hours: sim.vm_seconds as f64 / 3600.0,
         killed_sessions: sim.killed,
+        killed_jobs: sim.killed_jobs,
         wait_p50_s: percentile(&sim.waits, 50),
         wait_p95_s: percentile(&sim.waits, 95),
         wait_max_s: sim.waits.last().copied().unwrap_or(0) as f64,
@@ -395,9 +453,55 @@ impl Sim<'_> {
         })
     }
 
-    /// Deletes a VM, killing its sessions; their users reconnect at once.
+    /// Ends finished jobs, starts those due (and those that waited for a VM).
+    fn run_jobs(&mut self, t: u64) {
+        self.running_jobs.retain(|j| j.end > t);
+        while let Some(job) = self.jobs.get(self.next_job) {
+            if job.start_s > t {
+                break;
+            }
+            self.pending_jobs
+                .push((self.next_job, job.end_s - job.start_s));
+            self.next_job += 1;
+        }
+        let pending = std::mem::take(&mut self.pending_jobs);
+        for (index, duration) in pending {
+            match self.job_vm(index, t) {
+                Some(vm) => self.running_jobs.push(Job {
+                    vm,
+                    end: t.saturating_add(duration),
+                }),
+                None => self.pending_jobs.push((index, duration)),
+            }
+        }
+    }
+
+    /// Where a job starts: a running VM where its user has a session, else the running,
+    /// non-draining VM with the fewest sessions (oldest first).
+    fn job_vm(&self, index: usize, t: u64) -> Option<u32> {
+        let user = &self.jobs[index].user;
+        let running = |id: u32| self.vms.iter().any(|v| v.id == id && v.running(t));
+        self.live
+            .iter()
+            .find(|s| &self.trace[s.index].user == user && running(s.vm))
+            .map(|s| s.vm)
+            .or_else(|| {
+                self.vms
+                    .iter()
+                    .filter(|v| v.running(t) && !v.draining)
+                    .min_by_key(|v| (v.sessions, v.id))
+                    .map(|v| v.id)
+            })
+    }
+
+    /// Deletes a VM, killing its sessions (their users reconnect at once) and its jobs (lost).
     fn remove_vm(&mut self, id: u32, t: u64) {
         self.vms.retain(|v| v.id != id);
+        let before = self.running_jobs.len();
+        self.running_jobs.retain(|j| j.vm != id);
+        let jobs_killed = (before - self.running_jobs.len()) as u64;
+        self.killed_jobs += jobs_killed;
+        self.killed += jobs_killed;
         let mut killed = Vec::new();
         self.live.retain(|s| {
             if s.vm == id {
@@ -464,9 +568,10 @@ impl Sim<'_> {
         }
     }
 
-    /// Sessions (placed and waiting) over the running VMs' target capacity.
+    /// Sessions (placed and waiting) and running jobs (CPU a CPU rule sees) over the running
+    /// VMs' target capacity.
     fn utilization(&self, t: u64) -> f64 {
-        let demand = (self.live.len() + self.waiting.len()) as f64;
+        let demand = (self.live.len() + self.waiting.len() + self.running_jobs.len()) as f64;
         let running = self.vms.iter().filter(|v| v.running(t)).count() as f64;
         let per_vm = f64::from(self.params.autoscale.sessions_per_vm.max(1));
         if running == 0.0 {
@@ -491,7 +596,7 @@ impl Sim<'_> {
                 sessions: v.sessions,
                 idle_since: (v.sessions == 0)
                     .then(|| self.epoch + Duration::from_secs(v.idle_since)),
-                busy: false,
+                busy: self.params.busy_check && self.running_jobs.iter().any(|j| j.vm == v.id),
             })
             .collect();
         let decision = autoscaler.decide(&Observation {
@@ -532,6 +637,12 @@ impl Sim<'_> {
         }
         for s in &self.live {
             next = next.min(s.end.max(t + 1));
+        }
+        if let Some(j) = self.jobs.get(self.next_job) {
+            next = next.min(j.start_s.max(t + 1));
+        }
+        for j in &self.running_jobs {
+            next = next.min(j.end.max(t + 1));
         }
         for v in &self.vms {
             if v.ready_at > t {

@@ -124,3 +124,79 @@ fn a_bad_trace_fails_with_its_line_and_a_missing_one_with_its_path() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no/such/trace.csv"), "{stderr}");
 }
+
+/// `--jobs`: detached jobs (nohup/tmux runs the gateway does not see). The policy asks the VMs
+/// before scaling in and kills none; the CPU rule removes a VM with a run on it. The JSON keys
+/// stay exactly the documented ones.
+#[test]
+fn detached_jobs_are_killed_by_the_cpu_rule_but_not_by_the_policy() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("class.csv");
+    let mut text = String::from("user,protocol,start_s,end_s\n");
+    for i in 0..12 {
+        text += &format!("u{i},ssh,{},1800\n", i * 30);
+    }
+    std::fs::write(&trace, text).expect("write trace");
+    let jobs = dir.path().join("jobs.csv");
+    std::fs::write(
+        &jobs,
+        "user,start_s,end_s\n# three training runs under nohup\nu9,900,21600\nu10,900,21600\nu11,900,25200\n",
+    )
+    .expect("write jobs");
+    let (trace, jobs) = (trace.display().to_string(), jobs.display().to_string());
+
+    let out = simulate(&["--trace", &trace, "--jobs", &jobs, "--format", "json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    for name in ["policy", "always_on", "cpu_threshold"] {
+        let mut keys: Vec<&str> = v[name]
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "killed_sessions",
+                "peak_vms",
+                "vm_hours",
+                "wait_p50_s",
+                "wait_p95_s"
+            ],
+            "{name}"
+        );
+    }
+    assert_eq!(v["policy"]["killed_sessions"], 0, "{stdout}");
+    assert_eq!(v["always_on"]["killed_sessions"], 0, "{stdout}");
+    assert!(
+        v["cpu_threshold"]["killed_sessions"]
+            .as_u64()
+            .is_some_and(|k| k >= 1),
+        "{stdout}"
+    );
+
+    let out = simulate(&["--trace", &trace, "--jobs", &jobs]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("3 detached job(s); killed by scale-in: policy 0 (busy check on)"),
+        "{stdout}"
+    );
+
+    // A bad job trace fails with its path and line.
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "user,start_s,end_s\nann,10\n").expect("write");
+    let out = simulate(&["--trace", &trace, "--jobs", &bad.display().to_string()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("bad.csv") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+}

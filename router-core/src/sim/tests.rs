@@ -152,3 +152,48 @@ fn busy_day_policy_uses_far_fewer_vm_hours_than_always_on() {
     assert!(c.policy.wait_p95_s <= 90.0, "{c:?}");
     assert!(c.policy.peak_vms <= 10);
 }
+
+fn job(user: &str, start_s: u64, end_s: u64) -> TraceJob {
+    TraceJob {
+        user: user.into(),
+        start_s,
+        end_s,
+    }
+}
+
+#[test]
+fn detached_jobs_survive_the_policy_with_the_busy_check_and_die_without_it() {
+    // A class of twelve logs in for half an hour; the last three to arrive start a 6-hour
+    // training run under nohup and log off.
+    let trace: Vec<TraceSession> = (0..12)
+        .map(|i| session(&format!("u{i}"), i * 30, 1800))
+        .collect();
+    let jobs = [
+        job("u9", 900, 6 * 3600),
+        job("u10", 900, 6 * 3600),
+        job("u11", 900, 7 * 3600),
+    ];
+    let p = params(90);
+    let c = compare_with_jobs(&trace, &jobs, &p);
+    assert_eq!(c.horizon_s, 7 * 3600);
+    assert_eq!(c.policy.killed_sessions, 0, "{:?}", c.policy);
+    assert_eq!(c.always_on.killed_sessions, 0);
+    assert!(c.cpu_threshold.killed_jobs >= 1, "{:?}", c.cpu_threshold);
+    assert!(c.cpu_threshold.killed_sessions >= c.cpu_threshold.killed_jobs);
+    // The jobs hold their VMs: the policy pays for them, and gives them back once they end.
+    assert!(c.policy.vm_hours >= 6.0, "{:?}", c.policy);
+    assert!(
+        c.policy.vm_hours < c.always_on.vm_hours / 2.0,
+        "{:?}",
+        c.policy
+    );
+
+    // Without the busy check (`busy_command = []`), scale-in kills the runs.
+    let blind = SimParams {
+        busy_check: false,
+        ..p
+    };
+    let c = compare_with_jobs(&trace, &jobs, &blind);
+    assert!(c.policy.killed_jobs >= 1, "{:?}", c.policy);
+    assert_eq!(c.policy.killed_sessions, c.policy.killed_jobs);
+}

@@ -1,10 +1,99 @@
 //! Session traces: CSV with the header `user,protocol,start_s,end_s`, one session a line, times
-//! in whole seconds from the start of the trace.
+//! in whole seconds from the start of the trace. Job traces (detached work that does not flow
+//! through the gateway: tmux, nohup, cron): the same style with the header `user,start_s,end_s`.
 
 use crate::vm::Protocol;
 
 /// The header every trace starts with.
 pub const HEADER: &str = "user,protocol,start_s,end_s";
+
+/// The header every job trace starts with.
+pub const JOBS_HEADER: &str = "user,start_s,end_s";
+
+/// One detached job: started by `user` at `start_s` on a VM where they have a session (else any
+/// running VM), running until `end_s` unless its VM is removed first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceJob {
+    /// Whose job.
+    pub user: String,
+    /// When it starts, in seconds from the trace start.
+    pub start_s: u64,
+    /// When it ends (at or after `start_s`).
+    pub end_s: u64,
+}
+
+/// Parses a job trace: like [`parse_trace`], with the header [`JOBS_HEADER`]. Jobs come back
+/// sorted by start time (stable).
+pub fn parse_jobs(text: &str) -> Result<Vec<TraceJob>, TraceError> {
+    let mut jobs = Vec::new();
+    let mut header_seen = false;
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let content = raw.trim_start_matches('\u{feff}').trim();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        if !header_seen {
+            let fields: Vec<String> = content
+                .split(',')
+                .map(|f| f.trim().to_ascii_lowercase())
+                .collect();
+            if fields.join(",") != JOBS_HEADER {
+                return Err(TraceError {
+                    line,
+                    message: format!("expected the header `{JOBS_HEADER}`, found `{content}`"),
+                });
+            }
+            header_seen = true;
+            continue;
+        }
+        let err = |message: String| TraceError { line, message };
+        let fields: Vec<&str> = content.split(',').map(str::trim).collect();
+        let [user, start, end] = fields[..] else {
+            return Err(err(format!(
+                "expected 3 comma-separated fields ({JOBS_HEADER}), found {}",
+                fields.len()
+            )));
+        };
+        if user.is_empty() {
+            return Err(err("user is empty".to_string()));
+        }
+        let start_s = seconds("start_s", start, line)?;
+        let end_s = seconds("end_s", end, line)?;
+        if end_s < start_s {
+            return Err(err(format!("end_s {end_s} is before start_s {start_s}")));
+        }
+        jobs.push(TraceJob {
+            user: user.to_string(),
+            start_s,
+            end_s,
+        });
+    }
+    if !header_seen {
+        return Err(TraceError {
+            line: 1,
+            message: format!("the job trace is empty: expected the header `{JOBS_HEADER}`"),
+        });
+    }
+    jobs.sort_by_key(|j| j.start_s);
+    Ok(jobs)
+}
+
+/// A time field: whole seconds, at most [`MAX_TRACE_SECONDS`].
+fn seconds(name: &str, value: &str, line: usize) -> Result<u64, TraceError> {
+    let err = |message: String| TraceError { line, message };
+    let s: u64 = value.parse().map_err(|_| {
+        err(format!(
+            "{name} {value:?} is not a whole number of seconds (0 or more)"
+        ))
+    })?;
+    if s > MAX_TRACE_SECONDS {
+        return Err(err(format!(
+            "{name} {s} is beyond {MAX_TRACE_SECONDS} s (ten years)"
+        )));
+    }
+    Ok(s)
+}
 
 /// Latest time a trace may mention: ten years, far beyond any replay worth running.
 pub const MAX_TRACE_SECONDS: u64 = 10 * 366 * 24 * 3600;
@@ -98,21 +187,8 @@ fn parse_line(content: &str, line: usize) -> Result<TraceSession, TraceError> {
             )));
         }
     };
-    let seconds = |name: &str, value: &str| -> Result<u64, TraceError> {
-        let s: u64 = value.parse().map_err(|_| {
-            err(format!(
-                "{name} {value:?} is not a whole number of seconds (0 or more)"
-            ))
-        })?;
-        if s > MAX_TRACE_SECONDS {
-            return Err(err(format!(
-                "{name} {s} is beyond {MAX_TRACE_SECONDS} s (ten years)"
-            )));
-        }
-        Ok(s)
-    };
-    let start_s = seconds("start_s", start)?;
-    let end_s = seconds("end_s", end)?;
+    let start_s = seconds("start_s", start, line)?;
+    let end_s = seconds("end_s", end, line)?;
     if end_s < start_s {
         return Err(err(format!("end_s {end_s} is before start_s {start_s}")));
     }
@@ -195,6 +271,40 @@ mod tests {
         ];
         for (text, line, needle) in cases {
             let e = parse_trace(text).unwrap_err();
+            assert_eq!(e.line, line, "{text:?}: {e}");
+            assert!(e.to_string().contains(needle), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn parses_jobs_and_names_bad_lines() {
+        let jobs = parse_jobs("user,start_s,end_s\n# cron\nann,100,5000\nbob,50,60\n").unwrap();
+        assert_eq!(
+            jobs,
+            vec![
+                TraceJob {
+                    user: "bob".into(),
+                    start_s: 50,
+                    end_s: 60
+                },
+                TraceJob {
+                    user: "ann".into(),
+                    start_s: 100,
+                    end_s: 5000
+                },
+            ]
+        );
+        for (text, line, needle) in [
+            ("", 1, "empty"),
+            (
+                "user,protocol,start_s,end_s\n",
+                1,
+                "expected the header `user,start_s,end_s`",
+            ),
+            ("user,start_s,end_s\nann,ssh,1,2\n", 2, "3 comma-separated"),
+            ("user,start_s,end_s\nann,9,2\n", 2, "before start_s"),
+        ] {
+            let e = parse_jobs(text).unwrap_err();
             assert_eq!(e.line, line, "{text:?}: {e}");
             assert!(e.to_string().contains(needle), "{text:?}: {e}");
         }
