@@ -5,7 +5,7 @@
 //! `Remove` deletes the VM. Users arrive and leave at random, land on running, non-draining VMs
 //! below their session cap, and wait otherwise; an operator drains and undrains VMs now and then.
 //! For every decision:
-//! * it never drains or removes a VM that has sessions;
+//! * it never drains or removes a VM that has sessions, or one the busy check says runs work;
 //! * after it is applied, VMs alive (starting or running) never exceed `max_vms`;
 //! * when a session waits, fewer than `max_vms` VMs are alive and none is starting, it starts or
 //!   undrains a VM in that same decision.
@@ -27,6 +27,8 @@ struct ModelVm {
     draining: bool,
     sessions: u32,
     idle_since: Option<Instant>,
+    /// Detached work runs on it (the driver's busy check says so).
+    busy: bool,
 }
 
 impl ModelVm {
@@ -45,7 +47,7 @@ impl ModelVm {
             draining: self.draining,
             sessions: self.sessions,
             idle_since: self.idle_since,
-            busy: false,
+            busy: self.busy,
         }
     }
 }
@@ -61,6 +63,8 @@ struct Step {
     leave_pct: u32,
     /// Operator drains (`Some(true)`) or undrains (`Some(false)`) the VM at this index.
     operator: Option<(usize, bool)>,
+    /// Detached work starts (`true`) or ends on the VM at this index.
+    work: Option<(usize, bool)>,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -69,12 +73,14 @@ fn step() -> impl Strategy<Value = Step> {
         prop_oneof![Just(0u32), 0u32..4, 0u32..20],
         prop_oneof![Just(0u32), 0u32..=30, Just(100)],
         prop::option::weighted(0.1, (0usize..8, any::<bool>())),
+        prop::option::weighted(0.2, (0usize..8, any::<bool>())),
     )
-        .prop_map(|(dt, arrivals, leave_pct, operator)| Step {
+        .prop_map(|(dt, arrivals, leave_pct, operator, work)| Step {
             dt,
             arrivals,
             leave_pct,
             operator,
+            work,
         })
 }
 
@@ -165,6 +171,7 @@ impl Model {
                             draining: false,
                             sessions: 0,
                             idle_since: Some(now),
+                            busy: false,
                         });
                     }
                 }
@@ -210,6 +217,7 @@ fn check_decision(
                     !operator_drained.contains(name),
                     "{action:?} touches a VM the operator drained"
                 );
+                prop_assert!(!vm.busy, "{:?} ({}) of a busy VM: {:?}", action, reason, vm);
             }
             Action::Undrain(name) => {
                 prop_assert!(
@@ -273,6 +281,7 @@ proptest! {
                 draining: false,
                 sessions: i % 3,
                 idle_since: (i % 3 == 0).then_some(t0),
+                busy: i % 4 == 1,
             });
         }
         for (n, step) in steps.iter().enumerate() {
@@ -288,6 +297,11 @@ proptest! {
                 } else if model.operator_drained.remove(&name) {
                     vm.draining = false;
                 }
+            }
+            if let Some((index, busy)) = step.work
+                && let Some(vm) = model.vms.get_mut(index)
+            {
+                vm.busy = busy;
             }
             model.waiting += step.arrivals;
             model.place(now);
@@ -350,7 +364,8 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// The simulator with the real policy on random traces: no session is ever killed, the pool
+    /// The simulator with the real policy on random traces (with and without detached jobs): no
+    /// session or job is ever killed, the pool
     /// never exceeds `max_vms`, every session lands, and while the pool has room to grow no
     /// session waits longer than a boot plus a tick.
     #[test]
@@ -358,6 +373,7 @@ proptest! {
         config in config(),
         boot in 0u64..300,
         sessions in prop::collection::vec((0u64..20_000, 0u64..8_000, 0usize..6), 0..60),
+        jobs in prop::collection::vec((0u64..20_000, 0u64..20_000, 0usize..8), 0..8),
     ) {
         use router_core::sim::{self, SimParams, Strategy, TraceSession};
         let trace: Vec<TraceSession> = sessions
@@ -372,8 +388,19 @@ proptest! {
         // A cap big enough that max_vms VMs always hold everyone: then waits come from boots only.
         let mut params = SimParams::new(config, Duration::from_secs(boot));
         params.max_sessions = 60;
+        let jobs: Vec<sim::TraceJob> = jobs
+            .iter()
+            .map(|&(start, length, user)| sim::TraceJob {
+                user: format!("u{user}"),
+                start_s: start,
+                end_s: start + length,
+            })
+            .collect();
         let r = sim::run(Strategy::Policy, &trace, &params);
         prop_assert_eq!(r.killed_sessions, 0, "{:?}", r);
+        // Detached jobs too: the policy asks the VMs (busy check) and kills none of them.
+        let with_jobs = sim::compare_with_jobs(&trace, &jobs, &params).policy;
+        prop_assert_eq!(with_jobs.killed_sessions, 0, "{:?}", with_jobs);
         prop_assert!(r.peak_vms <= config.max_vms, "{:?}", r);
         prop_assert_eq!(r.unserved_sessions, 0, "{:?}", r);
         prop_assert!(r.wait_max_s <= (boot + 10) as f64, "{:?}", r);
