@@ -297,6 +297,8 @@ impl BusyPool {
         let gateway = GatewayProcess::builder(&config)
             .dir(dir.path())
             .env("NO_COLOR", "1")
+            // Every check with its duration (the first of a kind is logged at info anyway).
+            .env("POOLGATE_LOG", "info,gateway::autoscale::busy=debug")
             .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, ssh_port)))
             .wait_for(admin)
             .start();
@@ -406,6 +408,21 @@ impl BusyPool {
         );
         let took = ended.elapsed();
         eprintln!("{what}: VM stopped {took:?} after the work ended");
+        let mut check_ms: Vec<u64> = self
+            .gateway
+            .log_text()
+            .lines()
+            .filter_map(|l| l.split("check_ms=").nth(1))
+            .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+            .collect();
+        check_ms.sort_unstable();
+        assert!(!check_ms.is_empty(), "no busy check logged its duration");
+        eprintln!(
+            "{what}: {} busy checks over SSH, median {} ms, max {} ms",
+            check_ms.len(),
+            check_ms[check_ms.len() / 2],
+            check_ms[check_ms.len() - 1]
+        );
         assert!(
             took <= SCALE_IN_AFTER + SLACK,
             "{what}: stopped {took:?} after the work ended; more than one scale-in window ({SCALE_IN_AFTER:?} + {SLACK:?})\n{}",
@@ -564,4 +581,125 @@ fn the_probe_certificate_runs_only_the_busy_check() {
         out.status,
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// The default check itself, run as the probe account in a fresh PID namespace (one VM's process
+/// table) next to processes of a login user: real work counts, idle per-user daemons, Jupyter
+/// servers and idle kernels do not, a kernel computing does.
+#[test]
+fn the_default_check_tells_work_from_idle_daemons_and_kernels() {
+    require_tools!("unshare", "setpriv", "sleep", "pgrep", "useradd", "usermod");
+    require_root!();
+    ensure_probe_account();
+    let users = TestUsers::ensure(1);
+    let user = users.user(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let check = dir.path().join("busy-check");
+    std::fs::write(&check, poolgate_config::DEFAULT_BUSY_SCRIPT).expect("write check");
+    // A per-user daemon: `sleep` under the name ssh-agent.
+    let agent = dir.path().join("ssh-agent");
+    std::fs::copy(tool("sleep"), &agent).expect("copy sleep");
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let as_user = format!(
+        "{} --reuid={} --regid={} --clear-groups",
+        tool("setpriv").display(),
+        user.uid,
+        user.gid
+    );
+    let as_probe = format!(
+        "{} --reuid={PROBE} --regid={PROBE} --clear-groups",
+        tool("setpriv").display()
+    );
+    // The system Python (a user cannot run root's pyenv shims).
+    let python = "/usr/bin/python3";
+    assert!(
+        Path::new(python).exists(),
+        "{python} is missing (apt-get install python3)"
+    );
+    let sleep = tool("sleep").display().to_string();
+    // Starts `setup` (processes of the user) in a new PID namespace, then runs the check there.
+    let run = |setup: &str| -> (Option<i32>, String) {
+        let script = format!(
+            "{setup}\nsleep 0.5\necho \"user processes: $({pgrep} -c -u {uid})\"\n{as_probe} /bin/sh {check}\n",
+            pgrep = tool("pgrep").display(),
+            uid = user.uid,
+            check = check.display()
+        );
+        let out = run_with_timeout(
+            Command::new(tool("unshare"))
+                .args([
+                    "--pid",
+                    "--fork",
+                    "--mount-proc",
+                    "--kill-child",
+                    "/bin/sh",
+                    "-c",
+                ])
+                .arg(script),
+            Duration::from_secs(30),
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let cases = [
+        ("nobody there", String::new(), 1, "idle: "),
+        (
+            "a nohup job",
+            format!("{as_user} nohup {sleep} 60 >/dev/null 2>&1 &"),
+            0,
+            "busy: sleep",
+        ),
+        (
+            "an idle per-user daemon",
+            format!("{as_user} {} 60 &", agent.display()),
+            1,
+            "idle: ",
+        ),
+        (
+            "an idle Jupyter server",
+            format!("{as_user} {python} -c 'import time; time.sleep(60)' jupyterhub-singleuser &"),
+            1,
+            "idle: ",
+        ),
+        (
+            "an idle kernel",
+            format!(
+                "{as_user} {python} -c 'import time; time.sleep(60)' -m ipykernel_launcher -f k.json &"
+            ),
+            1,
+            "idle: ",
+        ),
+        (
+            "a kernel running a cell",
+            format!("{as_user} {python} -c 'while True: pass' -m ipykernel_launcher -f k.json &"),
+            0,
+            "busy: a Jupyter kernel",
+        ),
+    ];
+    for (what, setup, status, needle) in cases {
+        let started = Instant::now();
+        let (code, output) = run(&setup);
+        assert_eq!(code, Some(status), "{what}: {output}");
+        let expected = if setup.is_empty() { 0 } else { 1 };
+        assert!(
+            output.contains(&format!("user processes: {expected}\n")),
+            "{what}: the user's process did not start: {output}"
+        );
+        assert!(output.contains(needle), "{what}: {output}");
+        if status == 0 {
+            assert!(
+                output.contains(&user.name),
+                "{what}: names the user: {output}"
+            );
+        }
+        eprintln!(
+            "{what}: exit {status} in {:?}: {}",
+            started.elapsed(),
+            output.trim().replace('\n', " | ")
+        );
+    }
 }
