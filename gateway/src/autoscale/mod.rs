@@ -237,7 +237,9 @@ impl Driver {
                 snapshot.vms().iter().map(|vm| vm.spec().clone()).collect();
             tracker.observe(&mut vms, &specs, &ours, self.pool.clock().now());
         }
-        self.protect_busy(&vms).await;
+        // Platform scale-in protection follows what the VMs said, not checks still under way.
+        let kept = self.busy.get().map(BusyTracker::view).unwrap_or_default();
+        self.protect_busy(&vms, &kept).await;
         let waiting = self.waiting.load(Ordering::Acquire);
         let decision = match self.policy.lock() {
             Ok(mut policy) => policy.decide(&Observation {
@@ -269,14 +271,21 @@ impl Driver {
         }
     }
 
-    /// Tells the provider which VMs have sessions, so the platform's own scale-in spares them
-    /// (Azure `protectFromScaleIn`). Only changes are sent.
-    async fn protect_busy(&self, vms: &[VmObservation]) {
+    /// Tells the provider which VMs have sessions or work the busy check found (`kept`), so the
+    /// platform's own scale-in spares them (Azure `protectFromScaleIn`). Only changes are sent.
+    async fn protect_busy(
+        &self,
+        vms: &[VmObservation],
+        kept: &std::collections::BTreeMap<String, bool>,
+    ) {
         let changes: Vec<(String, bool)> = match self.protected.lock() {
             Ok(known) => vms
                 .iter()
                 .filter(|v| v.lifecycle == Lifecycle::Running)
-                .map(|v| (v.name.clone(), v.sessions > 0 || v.busy))
+                .map(|v| {
+                    let busy = kept.get(&v.name).copied().unwrap_or(false);
+                    (v.name.clone(), v.sessions > 0 || busy)
+                })
                 .filter(|(name, busy)| known.get(name).copied().unwrap_or(false) != *busy)
                 .collect(),
             Err(_) => return,

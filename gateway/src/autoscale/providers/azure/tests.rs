@@ -690,3 +690,122 @@ async fn https_with_alpn_to_a_trusted_server() {
         Some(fake.url().as_str())
     );
 }
+
+/// A busy check answering from a table per VM (absent = idle).
+struct Table(std::sync::Mutex<std::collections::HashMap<String, crate::autoscale::busy::Verdict>>);
+
+impl Table {
+    fn set(&self, vm: &str, verdict: crate::autoscale::busy::Verdict) {
+        self.0.lock().unwrap().insert(vm.to_string(), verdict);
+    }
+}
+
+impl crate::autoscale::busy::BusyCheck for Table {
+    fn check<'a>(
+        &'a self,
+        vm: &'a router_core::VmSpec,
+    ) -> futures::future::BoxFuture<'a, crate::autoscale::busy::Verdict> {
+        let verdict = self
+            .0
+            .lock()
+            .unwrap()
+            .get(&vm.name)
+            .cloned()
+            .unwrap_or(crate::autoscale::busy::Verdict::Idle);
+        Box::pin(async move { verdict })
+    }
+}
+
+/// Lets background busy checks finish (they answer at once here).
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn driver_never_drains_or_deletes_an_instance_running_detached_work() {
+    use crate::autoscale::busy::Verdict;
+    let fake = FakeArm::start(2, |s| s.polls_per_op = 2).await;
+    let (driver, pool, clock) = driver_over(&fake, false).await;
+    let table = Arc::new(Table(Default::default()));
+    driver.set_busy_check(table.clone());
+    table.set(
+        "dsvm_0",
+        Verdict::Busy("busy: python (pid 7) of ann is running".into()),
+    );
+    table.set("dsvm_1", Verdict::Unknown("no answer".into()));
+    clock.advance(Duration::from_secs(16 * 60));
+    // The first tick only asks (nothing is known yet: both kept); the answers keep both.
+    for _ in 0..5 {
+        driver.tick().await;
+        settle().await;
+        clock.advance(Duration::from_secs(5));
+    }
+    assert!(!draining(&pool, "dsvm_0") && !draining(&pool, "dsvm_1"));
+    assert!(
+        !fake
+            .state()
+            .arm_log()
+            .iter()
+            .any(|l| l.path.ends_with("/delete")),
+        "a busy instance was deleted"
+    );
+    let view = crate::admin::AutoscaleStatus::view(&*driver);
+    assert_eq!(view.busy.get("dsvm_0"), Some(&true));
+    assert_eq!(
+        view.busy.get("dsvm_1"),
+        Some(&true),
+        "unknown counts as busy"
+    );
+
+    // dsvm_1 turns out idle: drained; work starts there before the stop: the check right
+    // before it keeps the instance and takes it back into service.
+    table.set("dsvm_1", Verdict::Idle);
+    clock.advance(Duration::from_secs(61));
+    driver.tick().await;
+    settle().await;
+    driver.tick().await;
+    assert!(draining(&pool, "dsvm_1"), "the idle instance is drained");
+    table.set(
+        "dsvm_1",
+        Verdict::Busy("busy: tmux: server (pid 9) of bob is running".into()),
+    );
+    driver.tick().await;
+    assert!(
+        !draining(&pool, "dsvm_1"),
+        "kept and taken back into service"
+    );
+    assert!(
+        !fake
+            .state()
+            .arm_log()
+            .iter()
+            .any(|l| l.path.ends_with("/delete")),
+        "deleted although the check right before found work"
+    );
+    assert_eq!(
+        driver
+            .metrics
+            .autoscale_actions_total
+            .with_label_values(&["kept_busy"])
+            .get(),
+        1
+    );
+
+    // The work ends: drained and deleted.
+    table.set("dsvm_1", Verdict::Idle);
+    clock.advance(Duration::from_secs(61));
+    for _ in 0..4 {
+        driver.tick().await;
+        settle().await;
+    }
+    let log = fake.state().arm_log();
+    let deletes: Vec<&Logged> = log.iter().filter(|l| l.path.ends_with("/delete")).collect();
+    assert_eq!(deletes.len(), 1, "{:?}", summary(&log));
+    assert_eq!(deletes[0].body, Some(json!({"instanceIds": ["1"]})));
+    assert!(
+        pool.snapshot().get("dsvm_0").is_some(),
+        "the busy one stays"
+    );
+}
