@@ -98,6 +98,9 @@ fn exec_provider_wakes_a_stopped_vm_for_ssh_and_stops_it_only_when_idle() {
     generate_ed25519(&host_key, "exec e2e gateway");
     let ssh_port = free_port();
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    // This VM's sshd shares the machine's process table, so the busy check would see every
+    // other test's processes: off here (tests/tests/autoscale_busy.rs runs it on VMs with a PID
+    // namespace each).
     let config = format!(
         "[listen]\nssh = \"127.0.0.1:{ssh_port}\"\nhttp = \"127.0.0.1:{http}\"\nadmin = \"{admin}\"\n\
          [ssh]\nhost_keys = [\"{host_key}\"]\nuser_ca_key = \"{ca_key}\"\n\
@@ -108,7 +111,8 @@ fn exec_provider_wakes_a_stopped_vm_for_ssh_and_stops_it_only_when_idle() {
          poll_interval = \"1s\"\ntimeout = \"10s\"\n\
          [autoscale]\nenabled = true\nmin_vms = 0\nmax_vms = 1\nspare_vms = 0\n\
          scale_in_after = \"2s\"\nscale_to_zero_after = \"3s\"\ntick = \"1s\"\ncooldown = \"1s\"\n\
-         boot_estimate = \"2s\"\nhold_connect_for = \"30s\"\n",
+         boot_estimate = \"2s\"\nhold_connect_for = \"30s\"\n\
+         busy_command = []\n",
         http = free_port(),
         host_key = host_key.display(),
         ca_key = ca.private_key_path().display(),
