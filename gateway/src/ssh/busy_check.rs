@@ -26,6 +26,8 @@ pub struct SshBusyCheck {
     user: String,
     command: String,
     timeout: Duration,
+    /// `command` is the built-in check, which says `idle: …` when it exits 1.
+    builtin: bool,
 }
 
 impl std::fmt::Debug for SshBusyCheck {
@@ -46,6 +48,7 @@ impl SshBusyCheck {
             user: user.to_string(),
             command: shell_quote(argv),
             timeout,
+            builtin: argv == poolgate_config::default_busy_command().as_slice(),
         }
     }
 
@@ -105,7 +108,9 @@ impl SshBusyCheck {
         let _ = handle
             .disconnect(russh::Disconnect::ByApplication, "", "en")
             .await;
-        Ok(verdict(
+        Ok(interpret(
+            self.builtin,
+            &self.user,
             status,
             signal.as_deref(),
             &String::from_utf8_lossy(&output),
@@ -128,6 +133,33 @@ impl BusyCheck for SshBusyCheck {
     }
 }
 
+/// The verdict of one run. The built-in check must also say `idle: …` for an exit status of 1:
+/// a login shell that runs no command (`nologin`, `false`) exits 1 too, and must not pass for
+/// "idle" — that would scale in VMs whatever runs there.
+fn interpret(
+    builtin: bool,
+    user: &str,
+    status: Option<u32>,
+    signal: Option<&str>,
+    output: &str,
+) -> Verdict {
+    match verdict(status, signal, output) {
+        Verdict::Idle if builtin && !output.trim_start().starts_with("idle:") => {
+            Verdict::Unknown(format!(
+                "the check exited with status 1 without saying \"idle:\" (the login shell of {user} on the VM must be /bin/sh, not nologin or false): {}",
+                output
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(120)
+                    .collect::<String>()
+            ))
+        }
+        other => other,
+    }
+}
+
 /// `argv` as one POSIX shell command line: every word in single quotes (a `'` inside becomes
 /// `'\''`), so sshd's `sh -c` runs exactly these words.
 pub fn shell_quote(argv: &[String]) -> String {
@@ -140,6 +172,46 @@ pub fn shell_quote(argv: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_builtin_check_must_say_idle() {
+        let user = "poolgate-probe";
+        assert_eq!(
+            interpret(
+                true,
+                user,
+                Some(1),
+                None,
+                "idle: no work of login users is running\n"
+            ),
+            Verdict::Idle
+        );
+        let Verdict::Unknown(why) = interpret(
+            true,
+            user,
+            Some(1),
+            None,
+            "This account is currently not available.\n",
+        ) else {
+            panic!("nologin's exit 1 must not count as idle")
+        };
+        assert!(
+            why.contains("/bin/sh") && why.contains("not available"),
+            "{why}"
+        );
+        // A custom command: exit 1 is idle, whatever it prints.
+        assert_eq!(interpret(false, user, Some(1), None, ""), Verdict::Idle);
+        assert!(matches!(
+            interpret(
+                true,
+                user,
+                Some(0),
+                None,
+                "busy: sleep (pid 2) of ann is running"
+            ),
+            Verdict::Busy(_)
+        ));
+    }
 
     #[test]
     fn shell_quoting_keeps_every_word_whole() {
