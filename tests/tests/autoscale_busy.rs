@@ -679,11 +679,28 @@ fn the_default_check_tells_work_from_idle_daemons_and_kernels() {
             0,
             "busy: a Jupyter kernel",
         ),
+        (
+            "a kernel whose cell computes a fifth of the time",
+            format!(
+                "{as_user} {python} -c 'import time\nwhile True:\n  t = time.time()\n  while time.time() - t < 0.02: pass\n  time.sleep(0.08)' -m ipykernel_launcher -f k.json &"
+            ),
+            0,
+            "busy: a Jupyter kernel",
+        ),
+        (
+            "a job hidden by /proc mounted hidepid=2",
+            format!(
+                "mount -o remount,hidepid=2 /proc\n{as_user} nohup {sleep} 60 >/dev/null 2>&1 &"
+            ),
+            2,
+            "cannot read other users' processes",
+        ),
     ];
     for (what, setup, status, needle) in cases {
         let started = Instant::now();
         let (code, output) = run(&setup);
         assert_eq!(code, Some(status), "{what}: {output}");
+        // The count is taken as root, who sees through hidepid.
         let expected = if setup.is_empty() { 0 } else { 1 };
         assert!(
             output.contains(&format!("user processes: {expected}\n")),
