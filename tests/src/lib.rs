@@ -55,4 +55,4 @@ pub use process::{
 };
 pub use sshd::{SshdVm, SshdVmBuilder};
 pub use tools::{find_tool, in_ci, install_hint, require_root, require_tool, tool};
-pub use users::{TestUser, TestUsers, test_user_name};
+pub use users::{TestUser, TestUsers, ensure_system_account, test_user_name};

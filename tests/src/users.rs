@@ -81,6 +81,57 @@ impl TestUsers {
     }
 }
 
+/// Makes sure the system account `name` exists as a service account would on a pool VM
+/// (`useradd --system --shell /bin/sh --home-dir /nonexistent --no-create-home`) and is not
+/// locked (`*`, so sshd with `UsePAM no` lets it log in by certificate); e.g. the busy check's
+/// `poolgate-probe`. Same lock and idempotence as [`TestUsers::ensure`]; needs root.
+pub fn ensure_system_account(name: &str) -> TestUser {
+    let present = || {
+        let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+        let shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
+        let user = passwd_entry(&passwd, name)?;
+        field(&shadow, name, 1)
+            .is_some_and(|hash| !hash.starts_with('!'))
+            .then_some(user)
+    };
+    if let Some(user) = present() {
+        return user;
+    }
+    let _lock = lock();
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    if passwd_entry(&passwd, name).is_none() {
+        let out = run_with_timeout(
+            Command::new(tool("useradd")).args([
+                "--system",
+                "--shell",
+                "/bin/sh",
+                "--home-dir",
+                "/nonexistent",
+                "--no-create-home",
+                name,
+            ]),
+            COMMAND_TIMEOUT,
+        );
+        assert!(
+            out.status.success() || out.status.code() == Some(9),
+            "useradd --system {name} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = run_with_timeout(
+        Command::new(tool("usermod")).args(["-p", "*", name]),
+        COMMAND_TIMEOUT,
+    );
+    assert!(
+        out.status.success(),
+        "usermod -p '*' {name} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    present().unwrap_or_else(|| panic!("{name} still missing or locked after useradd/usermod"))
+}
+
 /// The accounts if every one exists, is unlocked and has a proper home; else `None`.
 fn ready(names: &[String]) -> Option<Vec<TestUser>> {
     let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");

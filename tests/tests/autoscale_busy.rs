@@ -33,41 +33,9 @@ const SCALE_IN_AFTER: Duration = Duration::from_secs(6);
 const SLACK: Duration = Duration::from_secs(3);
 
 /// Creates the probe account the way deploy/cloud-init/pool-vm.yaml does (system account, no
-/// password, shell /bin/sh), and unlocks it for `UsePAM no` (`*`, not `!`). Idempotent; safe
-/// when several test processes race (useradd exit 9 = the name is taken).
+/// password, shell /bin/sh).
 fn ensure_probe_account() {
-    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
-    if !passwd.lines().any(|l| l.starts_with(&format!("{PROBE}:"))) {
-        let out = run_with_timeout(
-            Command::new(tool("useradd")).args([
-                "--system",
-                "--shell",
-                "/bin/sh",
-                "--home-dir",
-                "/nonexistent",
-                "--no-create-home",
-                PROBE,
-            ]),
-            Duration::from_secs(30),
-        );
-        assert!(
-            out.status.success() || out.status.code() == Some(9),
-            "useradd {PROBE}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
-    let locked = shadow
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{PROBE}:")))
-        .is_none_or(|rest| rest.starts_with('!'));
-    if locked {
-        let out = run_with_timeout(
-            Command::new(tool("usermod")).args(["-p", "*", PROBE]),
-            Duration::from_secs(30),
-        );
-        assert!(out.status.success(), "usermod -p '*' {PROBE}");
-    }
+    ensure_system_account(PROBE);
 }
 
 fn script(dir: &Path, name: &str, body: &str) -> String {
