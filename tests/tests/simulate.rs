@@ -189,6 +189,25 @@ fn detached_jobs_are_killed_by_the_cpu_rule_but_not_by_the_policy() {
         "{stdout}"
     );
 
+    // The committed sample week with its detached jobs: the policy kills none of them.
+    let out = simulate(&[
+        "--trace",
+        "benches/traces/sample-week.csv",
+        "--jobs",
+        "benches/traces/sample-week-jobs.csv",
+        "--format",
+        "json",
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).expect("one JSON object");
+    assert_eq!(v["policy"]["killed_sessions"], 0, "{v}");
+    assert!(
+        v["cpu_threshold"]["killed_sessions"]
+            .as_u64()
+            .is_some_and(|k| k > 0),
+        "{v}"
+    );
+
     // A bad job trace fails with its path and line.
     let bad = dir.path().join("bad.csv");
     std::fs::write(&bad, "user,start_s,end_s\nann,10\n").expect("write");
