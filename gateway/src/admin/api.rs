@@ -410,3 +410,73 @@ mod tests {
         assert!(page.body.contains("vm-a") && page.body.contains("<html"));
     }
 }
+
+#[cfg(test)]
+mod busy_tests {
+    use super::*;
+    use crate::health::HealthSettings;
+    use router_core::{HealthPolicy, RoutingPolicy, SystemClock, VmSpec};
+    use std::time::Duration;
+
+    /// An autoscaler view with busy-check verdicts.
+    struct Verdicts;
+
+    impl AutoscaleStatus for Verdicts {
+        fn view(&self) -> AutoscaleView {
+            AutoscaleView {
+                enabled: true,
+                busy: [("vm-a".to_string(), true), ("vm-b".to_string(), false)]
+                    .into_iter()
+                    .collect(),
+                ..AutoscaleView::default()
+            }
+        }
+    }
+
+    #[test]
+    fn vms_show_the_busy_check_and_the_status_page_says_why_a_vm_is_kept() {
+        let pool = Arc::new(Pool::new(RoutingPolicy::default(), Arc::new(SystemClock)));
+        pool.set_vms(vec![
+            VmSpec::new("vm-a", "10.0.0.4"),
+            VmSpec::new("vm-b", "10.0.0.5"),
+            VmSpec::new("vm-c", "10.0.0.6"),
+        ]);
+        let health = HealthChecker::new(
+            pool.clone(),
+            HealthSettings {
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+                policy: HealthPolicy::default(),
+                ssh: true,
+                http: false,
+                http_path: "/".into(),
+                load_metrics: None,
+            },
+        );
+        let s = AdminState {
+            pool,
+            health,
+            metrics: Arc::new(Metrics::new()),
+            token: None,
+            autoscale: Some(Arc::new(Verdicts)),
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&handle(&s, "GET", "/api/v1/vms", None).body).unwrap();
+        let busy: Vec<serde_json::Value> = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["busy"].clone())
+            .collect();
+        assert_eq!(
+            busy,
+            [
+                serde_json::json!(true),
+                serde_json::json!(false),
+                serde_json::Value::Null
+            ]
+        );
+        let page = handle(&s, "GET", "/status", None).body;
+        assert_eq!(page.matches("kept: work running").count(), 1, "{page}");
+    }
+}
