@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use poolgate_config::{Affinity, Config, PasswordAuth, Provider as ProviderKind};
 use router_core::autoscale::AutoscaleConfig;
-use router_core::{HealthPolicy, Pool, RoutingPolicy, SystemClock, VmSpec};
+use router_core::{HealthPolicy, Pool, Protocol, RoutingPolicy, SystemClock, VmSpec};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -59,6 +59,7 @@ pub fn routing_policy(config: &Config) -> RoutingPolicy {
         user_affinity: config.routing.affinity == Affinity::User,
         affinity_ttl: config.routing.affinity_ttl,
         http_session_idle: config.http.session_idle,
+        http_tentative_for: config.http.tentative_for,
     }
 }
 
@@ -172,7 +173,9 @@ pub fn build_with(config: &Config, overrides: &Overrides) -> anyhow::Result<Gate
         ca,
         host_policy,
         pool: pool.clone(),
-        on_vm_failure: Arc::new(move |vm| health_for_ssh.report_failure(vm, "connection failed")),
+        on_vm_failure: Arc::new(move |vm| {
+            health_for_ssh.report_failure(vm, Protocol::Ssh, "connection failed")
+        }),
         on_auth_failure: Arc::new(move |method, peer| {
             metrics_for_ssh.auth_failed(method);
             tracing::info!(%method, client = %peer, "authentication failed");
@@ -245,6 +248,9 @@ pub fn health_settings(config: &Config) -> HealthSettings {
         },
         ssh: config.health.ssh,
         http: config.health.http,
+        // Both front doors always listen (`listen.ssh`, `listen.http`), so both sides are checked.
+        serve_ssh: true,
+        serve_http: true,
         http_path: config.health.http_path.clone(),
         load_metrics: config
             .health
@@ -449,7 +455,7 @@ async fn serve(
             pool: gateway.pool.clone(),
             metrics: gateway.metrics.clone(),
             on_vm_failure: Arc::new(move |vm| {
-                health_for_http.report_failure(vm, "HTTP request failed")
+                health_for_http.report_failure(vm, Protocol::Http, "HTTP request failed")
             }),
             wake: Some(gateway.driver.clone()),
             tls_reload: Some(gateway.tls_reload.clone()),

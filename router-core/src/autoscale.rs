@@ -50,6 +50,10 @@ pub struct VmObservation {
     pub sessions: u32,
     /// Since when it has had no session (`None` while it has sessions).
     pub idle_since: Option<Instant>,
+    /// Its health probes have decided (up or down) at least once. A running
+    /// VM not probed yet is still on its way: a waiting session is not a
+    /// reason to start another one.
+    pub probed: bool,
 }
 
 /// Input of one decision.
@@ -157,9 +161,10 @@ impl Autoscaler {
 
         let alive: Vec<&VmObservation> = obs.vms.iter().filter(|v| is_alive(v.lifecycle)).collect();
         let serving = alive.iter().filter(|v| !v.draining).count() as u32;
+        // On its way: booting, or running but not probed yet.
         let starting = alive
             .iter()
-            .filter(|v| v.lifecycle == Lifecycle::Starting)
+            .filter(|v| v.lifecycle == Lifecycle::Starting || !v.probed)
             .count() as u32;
         let mut decision = Decision {
             desired,
@@ -283,6 +288,7 @@ mod tests {
             draining: false,
             sessions,
             idle_since,
+            probed: true,
         }
     }
 
@@ -443,5 +449,32 @@ mod tests {
                 .all(|(a, _)| !matches!(a, Action::Start(_))),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn a_running_vm_not_probed_yet_is_on_its_way() {
+        let mut a = Autoscaler::new(AutoscaleConfig {
+            spare_vms: 0,
+            ..config()
+        });
+        // Woken for one waiting user: the VM runs, its probes have not passed yet.
+        let vms = [VmObservation {
+            probed: false,
+            ..vm("a", 0, Some(Instant::now()))
+        }];
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 1,
+            now: Instant::now(),
+        });
+        assert!(d.actions.is_empty(), "{d:?}");
+        // Once probed (and, say, unhealthy or full), a waiting user starts one more.
+        let vms = [vm("a", 0, Some(Instant::now()))];
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 1,
+            now: Instant::now(),
+        });
+        assert_eq!(d.actions[0].0, Action::Start(1), "{d:?}");
     }
 }

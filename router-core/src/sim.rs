@@ -491,6 +491,8 @@ impl Sim<'_> {
                 sessions: v.sessions,
                 idle_since: (v.sessions == 0)
                     .then(|| self.epoch + Duration::from_secs(v.idle_since)),
+                // The simulation has no probes: a VM serves once booted.
+                probed: true,
             })
             .collect();
         let decision = autoscaler.decide(&Observation {

@@ -45,6 +45,7 @@ impl ModelVm {
             draining: self.draining,
             sessions: self.sessions,
             idle_since: self.idle_since,
+            probed: true,
         }
     }
 }

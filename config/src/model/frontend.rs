@@ -154,6 +154,11 @@ pub struct Http {
     /// A browser session counts as active while its cookie was seen within this time.
     #[serde(with = "duration")]
     pub session_idle: Duration,
+    /// A browser sent to a VM by its first request weighs on that VM's load for this long, or
+    /// until it comes back with its cookie (then it is a session), so browsers arriving together
+    /// spread over the pool. Never counts against `max_sessions`.
+    #[serde(with = "duration")]
+    pub tentative_for: Duration,
     /// Scheme used to reach the VMs: `http` or `https`.
     pub backend_scheme: BackendScheme,
     /// Time allowed to connect to a VM.
@@ -180,6 +185,7 @@ impl Default for Http {
             cookie_name: "poolgate_vm".to_owned(),
             cookie_secret_file: PathBuf::from("keys/cookie_secret"),
             session_idle: Duration::from_secs(30 * 60),
+            tentative_for: Duration::from_secs(10),
             backend_scheme: BackendScheme::Http,
             connect_timeout: Duration::from_secs(10),
             response_header_timeout: Duration::from_secs(60),

@@ -238,6 +238,7 @@ fn http(c: &Config, r: &mut Report) {
     }
     r.path("http.cookie_secret_file", &h.cookie_secret_file);
     r.positive("http.session_idle", h.session_idle);
+    r.positive("http.tentative_for", h.tentative_for);
     r.positive("http.connect_timeout", h.connect_timeout);
     r.positive("http.response_header_timeout", h.response_header_timeout);
     r.positive("http.idle_timeout", h.idle_timeout);

@@ -91,8 +91,10 @@ pub struct VmView {
     pub max_sessions: u32,
     /// starting | healthy | unhealthy | draining | stopped.
     pub state: String,
-    /// unknown | up | down.
+    /// unknown | up | down, over both protocols: up when either side is up.
     pub health: String,
+    /// Each protocol's side: its health and whether it takes new sessions.
+    pub protocols: ProtocolSides,
     /// What the provider says: starting | running | stopping | stopped.
     pub lifecycle: String,
     /// Drained by an operator or the autoscaler.
@@ -103,8 +105,32 @@ pub struct VmView {
     pub load_hint: Option<f64>,
     /// Seconds since the VM last had no session, when idle.
     pub idle_seconds: Option<f64>,
-    /// Recent probe results, oldest first.
+    /// Recent results of the sides that have a probe of their own, oldest first.
     pub health_history: Vec<Probe>,
+}
+
+/// A VM's two sides.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ProtocolSides {
+    /// sshd.
+    pub ssh: ProtocolSide,
+    /// The web side (JupyterHub).
+    pub http: ProtocolSide,
+}
+
+/// One protocol's side of a VM.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ProtocolSide {
+    /// unknown | up | down (unknown: not probed yet, or the gateway does not serve this
+    /// protocol).
+    pub health: String,
+    /// New sessions of this protocol may go here now (running, this side up, not draining, below
+    /// `max_sessions`).
+    pub accepts_new: bool,
+    /// This side has a probe of its own (else its health follows the sides that are probed).
+    pub probed: bool,
+    /// Recent results of this side, oldest first.
+    pub history: Vec<Probe>,
 }
 
 /// Sessions by protocol.
@@ -156,6 +182,23 @@ pub fn vms(state: &AdminState) -> Vec<VmView> {
         .map(|vm| {
             let spec = vm.spec();
             let status = vm.status();
+            let history = |protocol: Protocol| -> Vec<Probe> {
+                state
+                    .health
+                    .history(&spec.name, protocol)
+                    .into_iter()
+                    .map(|(age, ok)| Probe {
+                        age_seconds: age.as_secs_f64(),
+                        ok,
+                    })
+                    .collect()
+            };
+            let side = |vm: &router_core::Vm, protocol: Protocol| ProtocolSide {
+                health: status.health_of(protocol).as_str().to_string(),
+                accepts_new: vm.accepts_new_sessions(protocol),
+                probed: state.health.probes(protocol),
+                history: history(protocol),
+            };
             let (ssh, http) = (vm.sessions(Protocol::Ssh), vm.sessions(Protocol::Http));
             VmView {
                 name: spec.name.clone(),
@@ -165,7 +208,11 @@ pub fn vms(state: &AdminState) -> Vec<VmView> {
                 weight: spec.weight,
                 max_sessions: spec.max_sessions,
                 state: vm.state().as_str().to_string(),
-                health: status.health.as_str().to_string(),
+                health: status.health().as_str().to_string(),
+                protocols: ProtocolSides {
+                    ssh: side(vm, Protocol::Ssh),
+                    http: side(vm, Protocol::Http),
+                },
                 lifecycle: status.lifecycle.as_str().to_string(),
                 draining: status.draining,
                 sessions: SessionCounts {
@@ -177,15 +224,15 @@ pub fn vms(state: &AdminState) -> Vec<VmView> {
                 idle_seconds: vm
                     .idle_since()
                     .map(|since| now.saturating_duration_since(since).as_secs_f64()),
-                health_history: state
-                    .health
-                    .history(&spec.name)
-                    .into_iter()
-                    .map(|(age, ok)| Probe {
-                        age_seconds: age.as_secs_f64(),
-                        ok,
-                    })
-                    .collect(),
+                health_history: {
+                    let mut all: Vec<Probe> = Protocol::ALL
+                        .iter()
+                        .filter(|&&p| state.health.probes(p))
+                        .flat_map(|&p| history(p))
+                        .collect();
+                    all.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
+                    all
+                },
             }
         })
         .collect()
@@ -321,6 +368,8 @@ mod tests {
                 policy: HealthPolicy::default(),
                 ssh: true,
                 http: false,
+                serve_ssh: true,
+                serve_http: true,
                 http_path: "/".into(),
                 load_metrics: None,
             },

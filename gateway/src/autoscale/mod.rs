@@ -144,7 +144,8 @@ impl Driver {
         }
     }
 
-    /// Waits until some VM takes new sessions, up to `hold_connect_for`. True when one does.
+    /// Waits until some VM takes new sessions of `protocol`, up to `hold_connect_for`. True when
+    /// one does.
     pub async fn wait_for_vm(self: &Arc<Self>, protocol: router_core::Protocol) -> bool {
         let _guard = self.wait_guard(protocol);
         let deadline = tokio::time::Instant::now() + self.settings.hold_connect_for;
@@ -154,7 +155,7 @@ impl Driver {
                 .snapshot()
                 .vms()
                 .iter()
-                .any(|vm| vm.accepts_new_sessions())
+                .any(|vm| vm.accepts_new_sessions(protocol))
             {
                 return true;
             }
@@ -200,6 +201,7 @@ impl Driver {
                     draining: status.draining,
                     sessions: vm.total_sessions(),
                     idle_since: vm.idle_since(),
+                    probed: status.health() != router_core::Health::Unknown,
                 }
             })
             .collect();

@@ -152,8 +152,10 @@ pub async fn serve(
     {
         let pool = parts.pool.clone();
         let frontend = frontend.clone();
-        let every =
-            (config.http.session_idle / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        // Often enough that tentative browsers stop counting soon after `tentative_for`.
+        let every = (config.http.session_idle / 10)
+            .min(config.http.tentative_for / 2)
+            .clamp(Duration::from_secs(1), Duration::from_secs(30));
         let mut shutdown = shutdown.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);
