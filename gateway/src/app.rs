@@ -340,7 +340,11 @@ pub async fn reload(
 
 /// The policy numbers of `[autoscale]` (the driver and the simulator use the same mapping).
 pub fn autoscale_config(config: &Config) -> AutoscaleConfig {
-    let a = &config.autoscale;
+    autoscale_policy(&config.autoscale)
+}
+
+/// The policy numbers of an `[autoscale]` section.
+pub fn autoscale_policy(a: &poolgate_config::Autoscale) -> AutoscaleConfig {
     AutoscaleConfig {
         min_vms: a.min_vms,
         max_vms: a.max_vms,

@@ -2,6 +2,8 @@
 
 mod pool;
 
+pub(crate) use pool::{autoscale_policy, max_sessions};
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
