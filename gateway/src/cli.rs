@@ -118,7 +118,9 @@ pub struct SimulateArgs {
     /// Session trace: CSV with header `user,protocol,start_s,end_s`.
     #[arg(long, value_name = "FILE")]
     pub trace: PathBuf,
-    /// Configuration whose `[autoscale]` section is replayed (defaults otherwise).
+    /// Configuration whose `[autoscale]` section is replayed (defaults otherwise): a what-if
+    /// file holding only `[autoscale]`, or a full gateway configuration. Only `[autoscale]`
+    /// and the provider's `max_sessions` are validated; no file it names is opened.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Simulated VM boot time in seconds.

@@ -66,6 +66,15 @@ fn init_tracing(format: LogFormat, filter: &str) {
 fn check_config(file: &std::path::Path) -> ExitCode {
     match poolgate_config::load(file) {
         Ok(config) => {
+            // What `run` would still refuse at start: certificate/key pairs, host-key files.
+            let problems = app::check_startup(&config);
+            if !problems.is_empty() {
+                for problem in &problems {
+                    out!("{problem}");
+                }
+                eprintln!("{}: {} error(s)", file.display(), problems.len());
+                return ExitCode::FAILURE;
+            }
             out!("{}: ok", file.display());
             let _ = write!(std::io::stdout(), "{}", config.summary());
             print_user_ca(&config);

@@ -2,11 +2,13 @@
 
 mod pool;
 
+pub(crate) use pool::{autoscale_policy, max_sessions};
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::enums::Affinity;
+use crate::enums::{Affinity, BackendScheme};
 use crate::error::ValidationError;
 use crate::model::{Config, starts_with_tilde};
 use crate::serde_util::format_duration;
@@ -234,6 +236,12 @@ fn http(c: &Config, r: &mut Report) {
                 "\"{}\" is not a valid cookie name (use letters, digits and - _ . ! # $ % & ' * + ^ ` | ~, e.g. \"poolgate_vm\")",
                 h.cookie_name
             ),
+        );
+    }
+    if h.backend_scheme == BackendScheme::Https {
+        r.err(
+            "http.backend_scheme",
+            "\"https\" is not supported yet: the gateway reaches JupyterHub on the VMs over plain HTTP on their private network (set backend_scheme = \"http\", or remove the key)",
         );
     }
     r.path("http.cookie_secret_file", &h.cookie_secret_file);

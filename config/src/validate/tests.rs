@@ -300,6 +300,11 @@ fn health_and_http_rules() {
     has_key(&c, "health.fall");
     has(&c, "health.load_metrics_port: must be between 1 and 65535");
     has_key(&c, "http.max_header_bytes");
+    c.http.backend_scheme = crate::BackendScheme::Https;
+    has(
+        &c,
+        "http.backend_scheme: \"https\" is not supported yet: the gateway reaches JupyterHub on the VMs over plain HTTP on their private network (set backend_scheme = \"http\", or remove the key)",
+    );
 }
 
 #[test]
