@@ -262,15 +262,30 @@ pub fn sessions(state: &AdminState) -> Vec<SessionView> {
     list
 }
 
+/// Whether the request carries the admin token (when one is configured): `Authorization: Bearer
+/// TOKEN`, or — so that a browser can open `/status` — HTTP Basic with the token as the password
+/// (any user name).
 fn authorized(state: &AdminState, authorization: Option<&str>) -> bool {
     let Some(token) = &state.token else {
         return true;
     };
-    let Some(given) = authorization.and_then(|h| h.strip_prefix("Bearer ")) else {
+    let Some(header) = authorization else {
         return false;
     };
-    // Constant-time comparison: the token is a secret.
-    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    if let Some(given) = header.strip_prefix("Bearer ") {
+        return same_secret(given.trim().as_bytes(), token.as_bytes());
+    }
+    if let Some(encoded) = header.strip_prefix("Basic ")
+        && let Ok(decoded) = data_encoding::BASE64.decode(encoded.trim().as_bytes())
+        && let Some(colon) = decoded.iter().position(|&b| b == b':')
+    {
+        return same_secret(&decoded[colon + 1..], token.as_bytes());
+    }
+    false
+}
+
+/// Constant-time comparison: the token is a secret.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -287,6 +302,15 @@ pub fn handle(state: &AdminState, method: &str, path: &str, authorization: Optio
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             body: state.metrics.render(&state.pool),
+        },
+        // The page names users: with a token configured it needs the token too.
+        ("GET" | "HEAD", "/status" | "/") if !authorized(state, authorization) => Reply {
+            status: 401,
+            content_type: "text/plain; charset=utf-8",
+            body: "the status page needs the admin token (admin.token_file): send \
+                   `Authorization: Bearer TOKEN`, or in a browser log in with any user name and \
+                   the token as the password\n"
+                .into(),
         },
         ("GET" | "HEAD", "/status" | "/") => Reply {
             status: 200,
@@ -396,6 +420,43 @@ mod tests {
             200
         );
         assert_eq!(handle(&s, "GET", "/healthz", None).status, 200);
+    }
+
+    #[test]
+    fn status_page_needs_the_token_when_configured() {
+        let s = state(Some("s3cret"));
+        // The page names users: no token, no page.
+        for path in ["/status", "/"] {
+            let r = handle(&s, "GET", path, None);
+            assert_eq!(r.status, 401, "{path}");
+            assert!(!r.body.contains("vm-a"), "{}", r.body);
+        }
+        assert_eq!(
+            handle(&s, "GET", "/status", Some("Bearer s3cret")).status,
+            200
+        );
+        // A browser: Basic with any user and the token as the password.
+        let basic = |user_pass: &str| {
+            format!(
+                "Basic {}",
+                data_encoding::BASE64.encode(user_pass.as_bytes())
+            )
+        };
+        let ok = handle(&s, "GET", "/status", Some(&basic("admin:s3cret")));
+        assert_eq!(ok.status, 200);
+        assert!(ok.body.contains("vm-a"));
+        for wrong in ["admin:nope", "s3cret", "admin:s3cret:x"] {
+            let r = handle(&s, "GET", "/status", Some(&basic(wrong)));
+            assert_eq!(r.status, 401, "{wrong}");
+        }
+        assert_eq!(
+            handle(&s, "GET", "/status", Some("Basic !!!not-base64")).status,
+            401
+        );
+        // Metrics and liveness stay open for scrapers and load balancers.
+        assert_eq!(handle(&s, "GET", "/metrics", None).status, 200);
+        // Without a token configured the page is open, as before.
+        assert_eq!(handle(&state(None), "GET", "/status", None).status, 200);
     }
 
     #[test]
