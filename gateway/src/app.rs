@@ -264,9 +264,9 @@ pub fn health_settings(config: &Config) -> HealthSettings {
         },
         ssh: config.health.ssh,
         http: config.health.http,
-        // Both front doors always listen (`listen.ssh`, `listen.http`), so both sides are checked.
+        // SSH always listens; the web side is checked only when browsers are served.
         serve_ssh: true,
-        serve_http: true,
+        serve_http: config.listen.serves_http(),
         http_path: config.health.http_path.clone(),
         load_metrics: config
             .health
@@ -424,17 +424,24 @@ async fn serve(
     // cannot work stops `run` here, with nothing listening (not an SSH-only gateway).
     let gateway = build_with(&config, &overrides)?;
     let health_for_http = gateway.health.clone();
-    let http_service = HttpService::build(HttpParts {
-        config: config.clone(),
-        pool: gateway.pool.clone(),
-        metrics: gateway.metrics.clone(),
-        on_vm_failure: Arc::new(move |vm| {
-            health_for_http.report_failure(vm, Protocol::Http, "HTTP request failed")
-        }),
-        wake: Some(gateway.driver.clone()),
-        tls_reload: Some(gateway.tls_reload.clone()),
-    })
-    .context("cannot set up the HTTP frontend, so poolgate did not start")?;
+    // With `listen.http = "off"` and no `listen.https`, the gateway serves SSH only.
+    let http_service = if config.listen.serves_http() {
+        Some(
+            HttpService::build(HttpParts {
+                config: config.clone(),
+                pool: gateway.pool.clone(),
+                metrics: gateway.metrics.clone(),
+                on_vm_failure: Arc::new(move |vm| {
+                    health_for_http.report_failure(vm, Protocol::Http, "HTTP request failed")
+                }),
+                wake: Some(gateway.driver.clone()),
+                tls_reload: Some(gateway.tls_reload.clone()),
+            })
+            .context("cannot set up the HTTP frontend, so poolgate did not start")?,
+        )
+    } else {
+        None
+    };
     let token = match &config.admin.token_file {
         Some(path) => Some(
             crate::admin::client::read_token(path)
@@ -451,9 +458,14 @@ async fn serve(
     let ssh_listener = TcpListener::bind(config.listen.ssh)
         .await
         .with_context(|| format!("listen.ssh: cannot listen on {}", config.listen.ssh))?;
-    let http_listener = TcpListener::bind(config.listen.http)
-        .await
-        .with_context(|| format!("listen.http: cannot listen on {}", config.listen.http))?;
+    let http_listener = match config.listen.http {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listen.http: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
     let https_listener = match config.listen.https {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -492,16 +504,16 @@ async fn serve(
         &ended_tx,
         gateway.driver.clone().run(shutdown_rx.clone()),
     );
-    let http = supervised(
-        "HTTP frontend",
-        &ended_tx,
-        crate::http::serve(
-            http_service,
-            http_listener,
-            https_listener,
-            shutdown_rx.clone(),
-        ),
-    );
+    let http = http_service.map(|service| {
+        supervised(
+            "HTTP frontend",
+            &ended_tx,
+            crate::http::serve(service, http_listener, https_listener, shutdown_rx.clone()),
+        )
+    });
+    if http.is_none() {
+        tracing::info!("no HTTP or HTTPS listener (listen.http = \"off\"): serving SSH only");
+    }
     let ssh = supervised(
         "SSH frontend",
         &ended_tx,
@@ -585,7 +597,9 @@ async fn serve(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let _ = http.await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     let _ = health.await;
     let _ = admin.await;
     let _ = driver.await;

@@ -76,6 +76,9 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
             out!("{}: ok", file.display());
+            for warning in config.warnings() {
+                out!("warning: {warning}");
+            }
             let _ = write!(std::io::stdout(), "{}", config.summary());
             print_user_ca(&config);
             ExitCode::SUCCESS
@@ -135,6 +138,9 @@ fn run(path: &std::path::Path) -> ExitCode {
     let Some(runtime) = runtime(true) else {
         return ExitCode::FAILURE;
     };
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     match runtime.block_on(app::run_reloadable(config, Some(path.to_path_buf()))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -92,8 +92,10 @@ fn listen(c: &Config, r: &mut Report) {
             "HTTPS needs a [tls] section with cert and key (add [tls], or remove listen.https)",
         );
     }
-    let mut listeners: Vec<(&str, SocketAddr)> =
-        vec![("listen.ssh", c.listen.ssh), ("listen.http", c.listen.http)];
+    let mut listeners: Vec<(&str, SocketAddr)> = vec![("listen.ssh", c.listen.ssh)];
+    if let Some(http) = c.listen.http {
+        listeners.push(("listen.http", http));
+    }
     if let Some(https) = c.listen.https {
         listeners.push(("listen.https", https));
     }

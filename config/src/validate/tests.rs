@@ -260,14 +260,14 @@ fn ssh_rules() {
 #[test]
 fn listeners_and_admin() {
     let mut c = valid();
-    c.listen.http = ([127, 0, 0, 1], 2222).into();
+    c.listen.http = Some(([127, 0, 0, 1], 2222).into());
     has(
         &c,
         "listen.http: 127.0.0.1:2222 collides with listen.ssh (0.0.0.0:2222) (give each listener its own port)",
     );
     let mut c = valid();
     c.listen.ssh = ([127, 0, 0, 1], 0).into();
-    c.listen.http = ([127, 0, 0, 1], 0).into();
+    c.listen.http = Some(([127, 0, 0, 1], 0).into());
     c.listen.admin = ([127, 0, 0, 1], 0).into();
     assert_eq!(
         messages(&c),

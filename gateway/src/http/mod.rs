@@ -195,10 +195,11 @@ impl HttpService {
     }
 }
 
-/// Serves `listen.http` (and `listen.https` when `[tls]` is set) until `shutdown` turns true.
+/// Serves `listen.http` (unless it is `"off"`) and `listen.https` (when `[tls]` is set) until
+/// `shutdown` turns true.
 pub async fn serve(
     service: HttpService,
-    http: TcpListener,
+    http: Option<TcpListener>,
     https: Option<TcpListener>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -267,19 +268,21 @@ pub async fn serve(
     }
 
     let redirect_to = if tls.is_some() { https_port } else { None };
-    tracing::info!(
-        addr = %http.local_addr()?,
-        mode = if redirect_to.is_some() { "redirect to https" } else { "proxy" },
-        "HTTP listener ready"
-    );
+    if let Some(http) = &http {
+        tracing::info!(
+            addr = %http.local_addr()?,
+            mode = if redirect_to.is_some() { "redirect to https" } else { "proxy" },
+            "HTTP listener ready"
+        );
+    }
     if let Some(l) = &https {
         tracing::info!(addr = %l.local_addr()?, "HTTPS listener ready");
     }
-    let plain = Listener {
-        listener: http,
+    let plain = http.map(|listener| Listener {
+        listener,
         tls: None,
         redirect_to,
-    };
+    });
     let secure = match (https, tls) {
         (Some(listener), Some(TlsParts { acceptor, .. })) => Some(Listener {
             listener,
@@ -319,7 +322,7 @@ pub async fn serve(
             }
         };
         let accepted = tokio::select! {
-            a = plain.listener.accept() => a.map(|a| (a, &plain)),
+            a = accept_opt(plain.as_ref()) => a,
             a = accept_opt(secure.as_ref()) => a,
             r = shutdown.changed() => {
                 if r.is_err() || *shutdown.borrow() { break }
