@@ -6,9 +6,11 @@
 //!   spare_vms` running VMs, kept within `min_vms..=max_vms`. With nobody on it, keep
 //!   `spare_vms` until the whole pool has been idle for `scale_to_zero_after`, then `min_vms`.
 //! * Scale out at once when the aim exceeds the VMs running or starting: first undrain VMs the
-//!   autoscaler itself was draining, then start more. A waiting session with no VM starting
-//!   always undrains or starts one (below `max_vms`), even when the aim is met: it waits
-//!   because the VMs serving are full or unhealthy.
+//!   autoscaler itself was draining, then start more. A waiting session with no VM on its way
+//!   (starting, or running but not probed yet) and no VM taking sessions always undrains or
+//!   starts one (below `max_vms`), even when the aim is met: it waits because the VMs serving
+//!   are full or unhealthy. (A VM that just passed its probes takes the waiting session a moment
+//!   later: starting another for it would be one too many.)
 //! * Scale in one step per tick, only VMs with **zero sessions** idle for `scale_in_after`, and not
 //!   within `cooldown` of a scale-out: drain first, remove on a later tick once the drained VM is
 //!   still empty. Never remove a VM with sessions; never touch VMs an operator drained.
@@ -54,6 +56,10 @@ pub struct VmObservation {
     /// VM not probed yet is still on its way: a waiting session is not a
     /// reason to start another one.
     pub probed: bool,
+    /// It takes new sessions now (running, a side probed up, not draining,
+    /// below its session limit): a session still waiting is about to land
+    /// there, so it is no reason to start another VM.
+    pub accepts_new: bool,
 }
 
 /// Input of one decision.
@@ -175,7 +181,8 @@ impl Autoscaler {
         let mut missing = desired.saturating_sub(serving);
         // A session waits only when no serving VM takes it (all full, unhealthy or none at
         // all): whatever the aim says, capacity must grow unless a VM is already on its way.
-        if obs.waiting > 0 && starting == 0 {
+        let one_takes_sessions = alive.iter().any(|v| v.accepts_new);
+        if obs.waiting > 0 && starting == 0 && !one_takes_sessions {
             missing = missing.max(1);
         }
         if missing > 0 {
@@ -289,6 +296,7 @@ mod tests {
             sessions,
             idle_since,
             probed: true,
+            accepts_new: false,
         }
     }
 
@@ -468,7 +476,18 @@ mod tests {
             now: Instant::now(),
         });
         assert!(d.actions.is_empty(), "{d:?}");
-        // Once probed (and, say, unhealthy or full), a waiting user starts one more.
+        // Probed and taking sessions: the waiting user is about to land there.
+        let vms = [VmObservation {
+            accepts_new: true,
+            ..vm("a", 0, Some(Instant::now()))
+        }];
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 1,
+            now: Instant::now(),
+        });
+        assert!(d.actions.is_empty(), "{d:?}");
+        // Once probed and unhealthy or full, a waiting user starts one more.
         let vms = [vm("a", 0, Some(Instant::now()))];
         let d = a.decide(&Observation {
             vms: &vms,

@@ -237,8 +237,20 @@ impl Pool {
     }
 
     /// Sets what the provider says about a VM. Returns false if unknown.
+    ///
+    /// A VM that comes up (to `Running` from any other lifecycle) has been idle only since now:
+    /// the time it spent stopped or booting does not count towards `scale_in_after`, or a VM
+    /// woken for a user whose request has lapsed would be drained the moment it came up.
     pub fn set_lifecycle(&self, vm: &str, lifecycle: Lifecycle) -> bool {
-        self.update_status(vm, |s| s.lifecycle = lifecycle)
+        let mut came_up = false;
+        let known = self.update_status(vm, |s| {
+            came_up = lifecycle == Lifecycle::Running && s.lifecycle != Lifecycle::Running;
+            s.lifecycle = lifecycle;
+        });
+        if came_up && let Some(v) = self.current.load().get(vm) {
+            v.shared().mark_idle(self.shared.clock.now());
+        }
+        known
     }
 
     /// Sets what the probes of both protocols say about a VM. Returns false

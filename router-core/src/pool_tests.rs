@@ -412,3 +412,34 @@ fn each_protocol_goes_where_its_side_is_up() {
         "no VM is available right now: 1 VM \u{2014} 1 unhealthy (SSH probe fails)"
     );
 }
+
+#[test]
+fn a_vm_that_comes_up_is_idle_only_since_then() {
+    let clock = Arc::new(ManualClock::new());
+    let pool = Pool::new(policy(), clock.clone());
+    pool.set_vms(vec![spec("a", 1, 10)]);
+    pool.set_lifecycle("a", Lifecycle::Stopped);
+    let listed = pool.snapshot().get("a").and_then(|v| v.idle_since());
+    clock.advance(Duration::from_secs(3600));
+    // Still stopped: nothing changes.
+    pool.set_lifecycle("a", Lifecycle::Stopped);
+    assert_eq!(
+        pool.snapshot().get("a").and_then(|v| v.idle_since()),
+        listed
+    );
+    pool.set_lifecycle("a", Lifecycle::Starting);
+    clock.advance(Duration::from_secs(90));
+    pool.set_lifecycle("a", Lifecycle::Running);
+    let now = clock.now();
+    assert_eq!(
+        pool.snapshot().get("a").and_then(|v| v.idle_since()),
+        Some(now)
+    );
+    // Running again (a repeated listing): the idle clock keeps running.
+    clock.advance(Duration::from_secs(5));
+    pool.set_lifecycle("a", Lifecycle::Running);
+    assert_eq!(
+        pool.snapshot().get("a").and_then(|v| v.idle_since()),
+        Some(now)
+    );
+}

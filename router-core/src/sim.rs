@@ -477,6 +477,7 @@ impl Sim<'_> {
 
     fn decide(&mut self, autoscaler: &mut Autoscaler, t: u64) {
         let now = self.epoch + Duration::from_secs(t);
+        let cap = self.params.max_sessions.max(1);
         let observed: Vec<VmObservation> = self
             .vms
             .iter()
@@ -493,6 +494,7 @@ impl Sim<'_> {
                     .then(|| self.epoch + Duration::from_secs(v.idle_since)),
                 // The simulation has no probes: a VM serves once booted.
                 probed: true,
+                accepts_new: v.running(t) && !v.draining && v.sessions < cap,
             })
             .collect();
         let decision = autoscaler.decide(&Observation {

@@ -46,6 +46,7 @@ impl ModelVm {
             sessions: self.sessions,
             idle_since: self.idle_since,
             probed: true,
+            accepts_new: false,
         }
     }
 }

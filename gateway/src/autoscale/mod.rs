@@ -202,6 +202,9 @@ impl Driver {
                     sessions: vm.total_sessions(),
                     idle_since: vm.idle_since(),
                     probed: status.health() != router_core::Health::Unknown,
+                    accepts_new: router_core::Protocol::ALL
+                        .iter()
+                        .any(|&p| vm.accepts_new_sessions(p)),
                 }
             })
             .collect();
