@@ -115,15 +115,20 @@ impl HealthChecker {
         if let Some(t) = transition {
             self.pool.set_protocol_health(vm, protocol, t.to);
             let side = side_name(protocol);
-            match (t.to, result) {
-                (Health::Up, _) => {
-                    tracing::info!(%vm, %protocol, from = %t.from, "VM's {side} is up")
+            if !self.probes(protocol) {
+                // This side follows the probes that do run: their own lines tell the story.
+                tracing::debug!(%vm, %protocol, from = %t.from, to = %t.to, "VM's {side} follows the probed sides");
+            } else {
+                match (t.to, result) {
+                    (Health::Up, _) => {
+                        tracing::info!(%vm, %protocol, from = %t.from, "VM is up on its {side}")
+                    }
+                    (_, ProbeResult::Failed(reason)) => tracing::warn!(
+                        %vm, %protocol, from = %t.from, %reason,
+                        "VM is down on its {side}; no new {protocol} sessions go there"
+                    ),
+                    (_, ProbeResult::Ok) => {}
                 }
-                (_, ProbeResult::Failed(reason)) => tracing::warn!(
-                    %vm, %protocol, from = %t.from, %reason,
-                    "VM's {side} is down; no new {protocol} sessions go there"
-                ),
-                (_, ProbeResult::Ok) => {}
             }
         }
         transition
