@@ -47,6 +47,17 @@ impl Drop for KillPidFile {
     }
 }
 
+/// Kills the kernel if it outlived its server (the test then fails; nothing is left behind).
+struct KillPid(u32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        if alive(self.0) {
+            kill_tree(self.0);
+        }
+    }
+}
+
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
@@ -318,6 +329,7 @@ async fn an_open_kernel_websocket_keeps_its_vm_through_scale_in_windows_and_it_s
     .parse()
     .expect("the kernel's pid");
     assert!(alive(kernel_pid), "kernel {kernel_pid} runs on this host");
+    let _kernel = KillPid(kernel_pid);
 
     // From here on: no HTTP request from the browser, only the open websocket (read, as a
     // browser does, so the server's pings are answered). The hold lasts WINDOWS_HELD windows
