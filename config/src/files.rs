@@ -10,6 +10,9 @@ use crate::error::ValidationError;
 use crate::model::{Config, starts_with_tilde};
 use crate::validate::Report;
 
+/// Fewest bytes of a cookie secret the gateway accepts (it generates 32).
+const MIN_COOKIE_SECRET: usize = 16;
+
 /// What to say when a file is missing; `None` when the gateway creates it.
 type WhenMissing = Option<String>;
 
@@ -21,7 +24,7 @@ impl Config {
     ///   `ssh.backend_host_ca`, `pool.azure.client_secret_file`, and `ssh.backend_known_hosts`
     ///   unless `ssh.backend_host_ca` is set;
     /// * may be missing (generated on first start), readable when present: `ssh.host_keys`,
-    ///   `ssh.user_ca_key`, `http.cookie_secret_file`;
+    ///   `ssh.user_ca_key`, `http.cookie_secret_file` (at least 16 bytes when present);
     /// * secrets (`tls.key`, `admin.token_file`, host keys, `ssh.user_ca_key`,
     ///   `http.cookie_secret_file`, `pool.azure.client_secret_file`) must not be accessible by
     ///   group or others (Unix);
@@ -66,13 +69,19 @@ impl Config {
             }
         }
         self.check_ssh_files(&mut r);
-        check(
-            &mut r,
-            "http.cookie_secret_file",
-            &self.http.cookie_secret_file,
-            None,
-            true,
-        );
+        let secret = &self.http.cookie_secret_file;
+        if check(&mut r, "http.cookie_secret_file", secret, None, true)
+            && let Some(len) = fs::read(secret).ok().map(|b| b.len())
+            && len < MIN_COOKIE_SECRET
+        {
+            r.err(
+                "http.cookie_secret_file",
+                format!(
+                    "{0} holds {len} bytes, a cookie secret needs at least {MIN_COOKIE_SECRET} (delete it to have poolgate generate one, or write one: head -c 32 /dev/urandom > {0} && chmod 600 {0})",
+                    secret.display()
+                ),
+            );
+        }
         if let Some(secret) = self
             .pool
             .azure

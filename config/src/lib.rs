@@ -12,6 +12,9 @@
 //! [`ConfigError::Parse`] (TOML syntax, with line and column) or [`ConfigError::Invalid`]
 //! with every problem as `key.path: what is wrong (what to do)`.
 //! docs/configuration.md documents every key; [`known_keys`] lists them.
+//!
+//! `poolgate simulate` reads a file with [`load_simulation`] instead: only `[autoscale]` and the
+//! per-VM session cap it replays are validated, and no file the configuration names is opened.
 
 mod de;
 mod enums;
@@ -20,6 +23,7 @@ mod files;
 mod keys;
 mod model;
 mod serde_util;
+mod simulation;
 mod summary;
 mod validate;
 
@@ -32,6 +36,7 @@ pub use model::{
     Admin, Autoscale, Azure, Backend, Config, DEFAULT_BUSY_SCRIPT, Exec, GatewaySection, Health,
     Http, Listen, Pool, Routing, Ssh, Tls, default_busy_command,
 };
+pub use simulation::{SimulationConfig, load_simulation, parse_simulation};
 
 /// Reads, parses and validates the configuration file at `path`, including the files it names
 /// ([`Config::check_files`]). Relative paths in the file are resolved against the file's

@@ -142,6 +142,45 @@ pub(crate) fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr,
     d.deserialize_any(SocketAddrVisitor)
 }
 
+struct ListenerOrOffVisitor;
+
+impl Visitor<'_> for ListenerOrOffVisitor {
+    type Value = Option<SocketAddr>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "an address like \"0.0.0.0:8080\", or \"off\"")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<SocketAddr>, E> {
+        if v.trim().eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        v.trim().parse().map(Some).map_err(|_| {
+            E::custom(format!(
+                "invalid listen address \"{v}\" (write IP:PORT, e.g. \"0.0.0.0:8080\", or \"off\" for no listener; host names are not resolved)"
+            ))
+        })
+    }
+}
+
+/// `deserialize_with` for a listener that may be switched off (`"off"`).
+pub(crate) fn listener_or_off<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    d.deserialize_any(ListenerOrOffVisitor)
+}
+
+/// `serialize_with` for a listener that may be switched off: the address, or `"off"`.
+pub(crate) fn serialize_listener_or_off<S: serde::Serializer>(
+    addr: &Option<SocketAddr>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match addr {
+        Some(addr) => s.collect_str(addr),
+        None => s.serialize_str("off"),
+    }
+}
+
 /// `deserialize_with` for optional listener addresses.
 pub(crate) fn opt_socket_addr<'de, D: Deserializer<'de>>(
     d: D,

@@ -15,7 +15,14 @@ impl Config {
     pub fn summary(&self) -> String {
         let mut out = String::new();
         let l = &self.listen;
-        let _ = write!(out, "listen: ssh {}, http {}", l.ssh, l.http);
+        match l.http {
+            Some(http) => {
+                let _ = write!(out, "listen: ssh {}, http {http}", l.ssh);
+            }
+            None => {
+                let _ = write!(out, "listen: ssh {}, http off", l.ssh);
+            }
+        }
         if let Some(https) = l.https {
             let _ = write!(out, ", https {https}");
         }
@@ -42,6 +49,21 @@ impl Config {
             let _ = writeln!(out, ")");
         } else {
             let _ = writeln!(out, "autoscale: off");
+        }
+        out
+    }
+
+    /// Settings that are valid but probably not what the operator meant: one line each, starting
+    /// with the key. `check-config` prints them and `run` logs them; neither refuses the file.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.health.http && !self.listen.serves_http() {
+            out.push(
+                "health.http: the web side's probe is on, but no HTTP or HTTPS listener is \
+                 configured (listen.http = \"off\", no listen.https), so the gateway serves SSH \
+                 only and never runs it (set health.http = false to say so)"
+                    .to_owned(),
+            );
         }
         out
     }
@@ -110,5 +132,29 @@ mod tests {
         c.autoscale.enabled = true;
         assert!(c.summary().contains("autoscale: on (0-10 VMs, 4 sessions per VM, 1 spare, scale in after 15m, to zero after 30m)"));
         assert_eq!(c.summary().lines().count(), 3);
+    }
+
+    #[test]
+    fn http_off_is_parsed_summarised_and_warned_about() {
+        let text =
+            "[listen]\nhttp = \"off\"\n[[pool.backends]]\nname = \"a\"\nhost = \"127.0.0.1\"\n";
+        let c = crate::parse(text, std::path::Path::new("/etc/poolgate")).expect("valid");
+        assert_eq!(c.listen.http, None);
+        assert!(!c.listen.serves_http());
+        assert!(c.summary().contains("http off"), "{}", c.summary());
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].starts_with("health.http: "), "{warnings:?}");
+        let mut quiet = c.clone();
+        quiet.health.http = false;
+        assert!(quiet.warnings().is_empty());
+        // The defaults serve HTTP: nothing to warn about.
+        assert!(Config::default().warnings().is_empty());
+        // A bad value names "off" as the alternative.
+        let err = crate::parse("[listen]\nhttp = \"nope\"\n", std::path::Path::new("/"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("\"off\""), "{err}");
     }
 }

@@ -8,16 +8,16 @@ use std::time::Duration;
 
 use poolgate_config::{Affinity, Config, PasswordAuth, Provider as ProviderKind};
 use router_core::autoscale::AutoscaleConfig;
-use router_core::{HealthPolicy, Pool, RoutingPolicy, SystemClock, VmSpec};
+use router_core::{HealthPolicy, Pool, Protocol, RoutingPolicy, SystemClock, VmSpec};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::admin::AdminState;
 use crate::autoscale::providers::exec::{ExecProvider, ExecSettings};
 use crate::autoscale::providers::{Provider, StaticProvider};
 use crate::autoscale::{Driver, DriverSettings};
 use crate::health::{HealthChecker, HealthSettings};
-use crate::http::HttpParts;
+use crate::http::{HttpParts, HttpService};
 use crate::metrics::Metrics;
 use crate::ssh::keys::{self, UserCa};
 use crate::ssh::known_hosts::HostKeyPolicy;
@@ -59,6 +59,7 @@ pub fn routing_policy(config: &Config) -> RoutingPolicy {
         user_affinity: config.routing.affinity == Affinity::User,
         affinity_ttl: config.routing.affinity_ttl,
         http_session_idle: config.http.session_idle,
+        http_tentative_for: config.http.tentative_for,
     }
 }
 
@@ -88,6 +89,22 @@ pub fn user_ca(config: &Config) -> anyhow::Result<UserCa> {
         tracing::info!(path = %config.ssh.user_ca_key.display(), "generated a new user CA key");
     }
     Ok(ca)
+}
+
+/// What `check-config` checks beyond the file and the files it names, the way `poolgate run`
+/// loads them but without writing a file or binding a port: the TLS certificate and key of
+/// the HTTPS listener (a PEM chain, a supported key, the key belonging to the certificate) and
+/// the VM host-key trust (`ssh.backend_known_hosts` / `ssh.backend_host_ca`). One problem a
+/// line, each naming its key.
+pub fn check_startup(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(e) = crate::http::TlsParts::load(config) {
+        problems.push(format!("{e:#}"));
+    }
+    if let Err(e) = host_policy(config) {
+        problems.push(format!("{e:#}"));
+    }
+    problems
 }
 
 /// What a caller can supply in code instead of from the configuration (`poolgate demo`: its
@@ -177,7 +194,9 @@ pub fn build_with(config: &Config, overrides: &Overrides) -> anyhow::Result<Gate
         ca,
         host_policy,
         pool: pool.clone(),
-        on_vm_failure: Arc::new(move |vm| health_for_ssh.report_failure(vm, "connection failed")),
+        on_vm_failure: Arc::new(move |vm| {
+            health_for_ssh.report_failure(vm, Protocol::Ssh, "connection failed")
+        }),
         on_auth_failure: Arc::new(move |method, peer| {
             metrics_for_ssh.auth_failed(method);
             tracing::info!(%method, client = %peer, "authentication failed");
@@ -259,6 +278,9 @@ pub fn health_settings(config: &Config) -> HealthSettings {
         },
         ssh: config.health.ssh,
         http: config.health.http,
+        // SSH always listens; the web side is checked only when browsers are served.
+        serve_ssh: true,
+        serve_http: config.listen.serves_http(),
         http_path: config.health.http_path.clone(),
         load_metrics: config
             .health
@@ -354,7 +376,11 @@ pub async fn reload(
 
 /// The policy numbers of `[autoscale]` (the driver and the simulator use the same mapping).
 pub fn autoscale_config(config: &Config) -> AutoscaleConfig {
-    let a = &config.autoscale;
+    autoscale_policy(&config.autoscale)
+}
+
+/// The policy numbers of an `[autoscale]` section.
+pub fn autoscale_policy(a: &poolgate_config::Autoscale) -> AutoscaleConfig {
     AutoscaleConfig {
         min_vms: a.min_vms,
         max_vms: a.max_vms,
@@ -408,7 +434,35 @@ async fn serve(
     config_path: Option<std::path::PathBuf>,
     mut overrides: Overrides,
 ) -> anyhow::Result<()> {
+    // Every part is built before any port is bound or any task started: a setting or file that
+    // cannot work stops `run` here, with nothing listening (not an SSH-only gateway).
     let gateway = build_with(&config, &overrides)?;
+    let health_for_http = gateway.health.clone();
+    // With `listen.http = "off"` and no `listen.https`, the gateway serves SSH only.
+    let http_service = if config.listen.serves_http() {
+        Some(
+            HttpService::build(HttpParts {
+                config: config.clone(),
+                pool: gateway.pool.clone(),
+                metrics: gateway.metrics.clone(),
+                on_vm_failure: Arc::new(move |vm| {
+                    health_for_http.report_failure(vm, Protocol::Http, "HTTP request failed")
+                }),
+                wake: Some(gateway.driver.clone()),
+                tls_reload: Some(gateway.tls_reload.clone()),
+            })
+            .context("cannot set up the HTTP frontend, so poolgate did not start")?,
+        )
+    } else {
+        None
+    };
+    let token = match &config.admin.token_file {
+        Some(path) => Some(
+            crate::admin::client::read_token(path)
+                .map_err(|e| anyhow::anyhow!("admin.token_file: {e}"))?,
+        ),
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Know the pool before taking connections.
     if let Err(e) = gateway.driver.sync().await {
@@ -418,11 +472,14 @@ async fn serve(
     let ssh_listener = TcpListener::bind(config.listen.ssh)
         .await
         .with_context(|| format!("listen.ssh: cannot listen on {}", config.listen.ssh))?;
-    tracing::info!(addr = %ssh_listener.local_addr()?, "SSH listener ready");
-
-    let http_listener = TcpListener::bind(config.listen.http)
-        .await
-        .with_context(|| format!("listen.http: cannot listen on {}", config.listen.http))?;
+    let http_listener = match config.listen.http {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listen.http: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
     let https_listener = match config.listen.https {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -434,13 +491,7 @@ async fn serve(
     let admin_listener = TcpListener::bind(config.listen.admin)
         .await
         .with_context(|| format!("listen.admin: cannot listen on {}", config.listen.admin))?;
-    let token = match &config.admin.token_file {
-        Some(path) => Some(
-            crate::admin::client::read_token(path)
-                .map_err(|e| anyhow::anyhow!("admin.token_file: {e}"))?,
-        ),
-        None => None,
-    };
+    tracing::info!(addr = %ssh_listener.local_addr()?, "SSH listener ready");
     tracing::info!(addr = %admin_listener.local_addr()?, token = token.is_some(), "admin listener ready (/status, /metrics, /api/v1)");
     let admin_state = Arc::new(AdminState {
         pool: gateway.pool.clone(),
@@ -449,30 +500,40 @@ async fn serve(
         token,
         autoscale: Some(gateway.driver.clone()),
     });
-    let admin = tokio::spawn(crate::admin::server::serve(
-        admin_state,
-        admin_listener,
-        shutdown_rx.clone(),
-    ));
-    let health = tokio::spawn(gateway.health.clone().run(shutdown_rx.clone()));
-    let driver = tokio::spawn(gateway.driver.clone().run(shutdown_rx.clone()));
-    let health_for_http = gateway.health.clone();
-    let http = tokio::spawn(crate::http::serve(
-        HttpParts {
-            config: config.clone(),
-            pool: gateway.pool.clone(),
-            metrics: gateway.metrics.clone(),
-            on_vm_failure: Arc::new(move |vm| {
-                health_for_http.report_failure(vm, "HTTP request failed")
-            }),
-            wake: Some(gateway.driver.clone()),
-            tls_reload: Some(gateway.tls_reload.clone()),
-        },
-        http_listener,
-        https_listener,
-        shutdown_rx.clone(),
-    ));
-    let ssh = tokio::spawn(gateway.ssh.clone().serve(ssh_listener, shutdown_rx.clone()));
+
+    // The long-running tasks: any of them ending before shutdown stops the gateway (below).
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
+    let admin = supervised(
+        "admin listener",
+        &ended_tx,
+        crate::admin::server::serve(admin_state, admin_listener, shutdown_rx.clone()),
+    );
+    let health = supervised(
+        "health checker",
+        &ended_tx,
+        gateway.health.clone().run(shutdown_rx.clone()),
+    );
+    let driver = supervised(
+        "autoscaler",
+        &ended_tx,
+        gateway.driver.clone().run(shutdown_rx.clone()),
+    );
+    let http = http_service.map(|service| {
+        supervised(
+            "HTTP frontend",
+            &ended_tx,
+            crate::http::serve(service, http_listener, https_listener, shutdown_rx.clone()),
+        )
+    });
+    if http.is_none() {
+        tracing::info!("no HTTP or HTTPS listener (listen.http = \"off\"): serving SSH only");
+    }
+    let ssh = supervised(
+        "SSH frontend",
+        &ended_tx,
+        gateway.ssh.clone().serve(ssh_listener, shutdown_rx.clone()),
+    );
+    drop(ended_tx);
     if let Some(on_ready) = overrides.on_ready.take() {
         on_ready();
     }
@@ -500,7 +561,19 @@ async fn serve(
             }
         })
     });
-    shutdown_signal().await;
+    let failed = tokio::select! {
+        () = shutdown_signal() => None,
+        Some(ended) = ended_rx.recv() => Some(ended),
+    };
+    if let Some(ended) = &failed {
+        tracing::error!(
+            task = ended.task,
+            "{} stopped unexpectedly: {}; stopping poolgate (open SSH sessions get \
+             gateway.shutdown_grace as on SIGTERM, then it exits with status 1)",
+            ended.task,
+            ended.why()
+        );
+    }
     if let Some(task) = reloader {
         task.abort();
     }
@@ -538,13 +611,94 @@ async fn serve(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    if let Ok(Err(e)) = http.await {
-        tracing::error!("HTTP frontend: {e:#}");
+    if let Some(http) = http {
+        let _ = http.await;
     }
     let _ = health.await;
     let _ = admin.await;
     let _ = driver.await;
-    Ok(())
+    // Errors of tasks that ended during the shutdown.
+    while let Ok(ended) = ended_rx.try_recv() {
+        if let Err(e) = &ended.outcome {
+            tracing::error!(task = ended.task, "{}: {e:#}", ended.task);
+        }
+    }
+    match failed {
+        None => Ok(()),
+        Some(ended) => Err(anyhow::anyhow!(
+            "the {} stopped unexpectedly ({}), so poolgate stopped; fix the cause named above \
+             and start it again",
+            ended.task,
+            ended.why()
+        )),
+    }
+}
+
+/// A long-running task of `poolgate run` that ended: which, and how.
+#[derive(Debug)]
+struct Ended {
+    task: &'static str,
+    outcome: anyhow::Result<()>,
+}
+
+impl Ended {
+    fn why(&self) -> String {
+        match &self.outcome {
+            Ok(()) => "it returned before the shutdown".to_owned(),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+}
+
+/// What a long-running task returns: `()` or a `Result`.
+trait TaskOutcome: Send + 'static {
+    fn into_result(self) -> anyhow::Result<()>;
+}
+
+impl TaskOutcome for () {
+    fn into_result(self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+impl TaskOutcome for anyhow::Result<()> {
+    fn into_result(self) -> anyhow::Result<()> {
+        self
+    }
+}
+
+/// Spawns `task` and reports on `ended` when it ends, however it ends (returned, failed,
+/// panicked). The returned handle completes after the report.
+fn supervised<F>(
+    name: &'static str,
+    ended: &mpsc::UnboundedSender<Ended>,
+    task: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: TaskOutcome,
+{
+    let ended = ended.clone();
+    let inner = tokio::spawn(task);
+    tokio::spawn(async move {
+        let outcome = match inner.await {
+            Ok(output) => output.into_result(),
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned());
+                Err(anyhow::anyhow!("panicked: {message}"))
+            }
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        };
+        let _ = ended.send(Ended {
+            task: name,
+            outcome,
+        });
+    })
 }
 
 /// How long the end of a graceful shutdown waits for the sessions it disconnected to close.
@@ -569,4 +723,73 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_way_a_task_ends_is_reported_with_its_name() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let failed = supervised("HTTP frontend", &tx, async {
+            Err::<(), _>(anyhow::anyhow!("accept: too many open files"))
+        });
+        failed.await.unwrap();
+        let ended = rx.recv().await.unwrap();
+        assert_eq!(ended.task, "HTTP frontend");
+        assert_eq!(ended.why(), "accept: too many open files");
+
+        let panicked = supervised("SSH frontend", &tx, async {
+            if true {
+                panic!("listener state broke");
+            }
+        });
+        panicked.await.unwrap();
+        let ended = rx.recv().await.unwrap();
+        assert_eq!(ended.task, "SSH frontend");
+        assert_eq!(ended.why(), "panicked: listener state broke");
+
+        let returned = supervised("health checker", &tx, async {});
+        returned.await.unwrap();
+        let ended = rx.recv().await.unwrap();
+        assert_eq!(
+            (ended.task, ended.why().as_str()),
+            ("health checker", "it returned before the shutdown")
+        );
+        assert!(ended.outcome.is_ok());
+    }
+
+    #[test]
+    fn check_startup_finds_a_tls_pair_that_does_not_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.ssh.backend_known_hosts = Some(dir.path().join("known_hosts"));
+        std::fs::write(dir.path().join("known_hosts"), "").unwrap();
+        assert_eq!(check_startup(&config), Vec::<String>::new());
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), other.serialize_pem()).unwrap();
+        config.tls = Some(poolgate_config::Tls {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+        });
+        // [tls] without listen.https is not loaded by `run`, so not checked either.
+        assert_eq!(check_startup(&config), Vec::<String>::new());
+        config.listen.https = Some(([127, 0, 0, 1], 0).into());
+        let problems = check_startup(&config);
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(
+            problems[0].starts_with("tls: the key in ") && problems[0].contains("does not belong"),
+            "{problems:#?}"
+        );
+        config.ssh.backend_known_hosts = Some(dir.path().join("missing"));
+        let problems = check_startup(&config);
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(
+            problems[1].starts_with("ssh.backend_known_hosts: "),
+            "{problems:#?}"
+        );
+    }
 }

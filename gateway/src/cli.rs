@@ -122,7 +122,9 @@ pub struct SimulateArgs {
     /// `user,start_s,end_s`. A job killed by a scale-in counts in `killed_sessions`.
     #[arg(long, value_name = "FILE")]
     pub jobs: Option<PathBuf>,
-    /// Configuration whose `[autoscale]` section is replayed (defaults otherwise).
+    /// Configuration whose `[autoscale]` section is replayed (defaults otherwise): a what-if
+    /// file holding only `[autoscale]`, or a full gateway configuration. Only `[autoscale]`
+    /// and the provider's `max_sessions` are validated; no file it names is opened.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Simulated VM boot time in seconds.

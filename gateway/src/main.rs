@@ -66,7 +66,19 @@ fn init_tracing(format: LogFormat, filter: &str) {
 fn check_config(file: &std::path::Path) -> ExitCode {
     match poolgate_config::load(file) {
         Ok(config) => {
+            // What `run` would still refuse at start: certificate/key pairs, host-key files.
+            let problems = app::check_startup(&config);
+            if !problems.is_empty() {
+                for problem in &problems {
+                    out!("{problem}");
+                }
+                eprintln!("{}: {} error(s)", file.display(), problems.len());
+                return ExitCode::FAILURE;
+            }
             out!("{}: ok", file.display());
+            for warning in config.warnings() {
+                out!("warning: {warning}");
+            }
             let _ = write!(std::io::stdout(), "{}", config.summary());
             print_user_ca(&config);
             ExitCode::SUCCESS
@@ -126,6 +138,9 @@ fn run(path: &std::path::Path) -> ExitCode {
     let Some(runtime) = runtime(true) else {
         return ExitCode::FAILURE;
     };
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     match runtime.block_on(app::run_reloadable(config, Some(path.to_path_buf()))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

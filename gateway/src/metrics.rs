@@ -22,6 +22,8 @@ pub struct Metrics {
     pub sessions_total: IntCounterVec,
     /// `poolgate_vm_up{vm}`.
     pub vm_up: IntGaugeVec,
+    /// `poolgate_vm_protocol_up{vm,protocol}`.
+    pub vm_protocol_up: IntGaugeVec,
     /// `poolgate_vm_state{vm,state}`.
     pub vm_state: IntGaugeVec,
     /// `poolgate_bytes_total{protocol,vm,direction}`.
@@ -93,8 +95,18 @@ impl Metrics {
                 &["protocol", "vm", "outcome"]
             )),
             vm_up: reg!(IntGaugeVec::new(
-                Opts::new("vm_up", "1 when the VM passes its health checks, else 0."),
+                Opts::new(
+                    "vm_up",
+                    "1 when the VM runs and the health checks of at least one protocol pass (it takes new sessions of that protocol unless draining), else 0."
+                ),
                 &["vm"]
+            )),
+            vm_protocol_up: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "vm_protocol_up",
+                    "1 when the VM runs and the health checks of this protocol pass (ssh: sshd's banner, http: the web side's health URL), else 0."
+                ),
+                &["vm", "protocol"]
             )),
             vm_state: reg!(IntGaugeVec::new(
                 Opts::new(
@@ -284,6 +296,7 @@ impl Metrics {
             self.sessions_active.desc(),
             self.sessions_total.desc(),
             self.vm_up.desc(),
+            self.vm_protocol_up.desc(),
             self.vm_state.desc(),
             self.bytes_total.desc(),
             self.connect_seconds.desc(),
@@ -302,6 +315,7 @@ impl Metrics {
         let snapshot = pool.snapshot();
         self.sessions_active.reset();
         self.vm_up.reset();
+        self.vm_protocol_up.reset();
         self.vm_state.reset();
         self.vm_load_hint.reset();
         for vm in snapshot.vms() {
@@ -315,9 +329,14 @@ impl Metrics {
                     .set(i64::from(vm.sessions(protocol)));
             }
             let state = vm.state();
-            self.vm_up
-                .with_label_values(&[name])
-                .set(i64::from(vm.status().health == router_core::Health::Up));
+            let status = vm.status();
+            for protocol in Protocol::ALL {
+                self.vm_protocol_up
+                    .with_label_values(&[name, protocol.as_str()])
+                    .set(i64::from(status.serving(protocol)));
+            }
+            let up = Protocol::ALL.iter().any(|&p| status.serving(p));
+            self.vm_up.with_label_values(&[name]).set(i64::from(up));
             for s in ALL_STATES {
                 self.vm_state
                     .with_label_values(&[name, s.as_str()])
@@ -401,6 +420,7 @@ mod tests {
             "poolgate_sessions_active",
             "poolgate_sessions_total",
             "poolgate_vm_up",
+            "poolgate_vm_protocol_up",
             "poolgate_vm_state",
             "poolgate_bytes_total",
             "poolgate_connect_seconds",
@@ -421,6 +441,18 @@ mod tests {
         );
         assert!(
             text.contains("poolgate_vm_state{state=\"healthy\",vm=\"vm-a\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("poolgate_vm_protocol_up{protocol=\"http\",vm=\"vm-a\"} 1"),
+            "{text}"
+        );
+        // The web side down: SSH still up, so the VM is up.
+        pool.set_protocol_health("vm-a", Protocol::Http, Health::Down);
+        let text = metrics.render(&pool);
+        assert!(text.contains("poolgate_vm_up{vm=\"vm-a\"} 1"), "{text}");
+        assert!(
+            text.contains("poolgate_vm_protocol_up{protocol=\"http\",vm=\"vm-a\"} 0"),
             "{text}"
         );
         drop(guard);

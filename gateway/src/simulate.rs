@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use poolgate_config::{Config, ConfigError, Provider};
+use poolgate_config::{ConfigError, SimulationConfig};
 use router_core::sim::{self, Comparison, Report, SimParams};
 use serde::Serialize;
 
@@ -42,7 +42,7 @@ pub enum SimulateError {
 pub fn run(args: &SimulateArgs) -> Result<String, SimulateError> {
     let config = match &args.config {
         Some(path) => load_config(path)?,
-        None => Config::default(),
+        None => SimulationConfig::default(),
     };
     if args.boot_seconds > sim::MAX_BOOT_SECONDS {
         return Err(SimulateError::Boot(args.boot_seconds));
@@ -85,8 +85,10 @@ pub fn run(args: &SimulateArgs) -> Result<String, SimulateError> {
     })
 }
 
-fn load_config(path: &Path) -> Result<Config, SimulateError> {
-    poolgate_config::load(path).map_err(|e| match e {
+/// The `[autoscale]` section (and the per-VM session cap) of `path`; nothing else in the file
+/// is validated and no file it names is opened (see [`poolgate_config::load_simulation`]).
+fn load_config(path: &Path) -> Result<SimulationConfig, SimulateError> {
+    poolgate_config::load_simulation(path).map_err(|e| match e {
         ConfigError::Invalid(errors) => SimulateError::Config(
             errors
                 .iter()
@@ -102,21 +104,14 @@ fn load_config(path: &Path) -> Result<Config, SimulateError> {
 /// The simulation parameters for a configuration: its `[autoscale]` numbers and tick, and the
 /// per-VM session cap its provider section sets (`max_sessions`); twice `sessions_per_vm` when
 /// it sets none (no `[pool.azure]`/`[pool.exec]`, no static backends, or the demo pool).
-pub fn params(config: &Config, boot_seconds: u64) -> SimParams {
+pub fn params(config: &SimulationConfig, boot_seconds: u64) -> SimParams {
     let a = &config.autoscale;
     let mut params = SimParams::new(
-        crate::app::autoscale_config(config),
+        crate::app::autoscale_policy(a),
         Duration::from_secs(boot_seconds),
     );
     params.tick = a.tick;
-    let pool = &config.pool;
-    let cap = match pool.provider {
-        Provider::AzureVmss => pool.azure.as_ref().map(|az| az.max_sessions),
-        Provider::Exec => pool.exec.as_ref().map(|ex| ex.max_sessions),
-        Provider::Static => pool.backends.iter().map(|b| b.max_sessions).min(),
-        Provider::Demo => None,
-    };
-    if let Some(cap) = cap {
+    if let Some(cap) = config.max_sessions {
         params.max_sessions = cap.max(1);
     }
     params.busy_check = !a.busy_command.is_empty();
@@ -257,13 +252,17 @@ mod tests {
 
     #[test]
     fn cap_comes_from_the_provider_section_or_defaults_to_twice_the_target() {
-        let mut config = Config::default();
-        assert_eq!(params(&config, 90).max_sessions, 8);
-        config.pool.provider = Provider::Exec;
-        config.pool.exec = Some(poolgate_config::Exec {
+        let mut full = poolgate_config::Config::default();
+        assert_eq!(
+            params(&SimulationConfig::from_config(&full), 90).max_sessions,
+            8
+        );
+        full.pool.provider = poolgate_config::Provider::Exec;
+        full.pool.exec = Some(poolgate_config::Exec {
             max_sessions: 6,
             ..Default::default()
         });
+        let config = SimulationConfig::from_config(&full);
         let p = params(&config, 30);
         assert_eq!((p.max_sessions, p.boot.as_secs()), (6, 30));
         assert_eq!(p.tick, config.autoscale.tick);
@@ -271,7 +270,7 @@ mod tests {
 
     #[test]
     fn json_has_exactly_the_documented_keys() {
-        let c = sim::compare(&[], &params(&Config::default(), 90));
+        let c = sim::compare(&[], &params(&SimulationConfig::default(), 90));
         let v: serde_json::Value = serde_json::from_str(&json(&c)).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(keys.len(), 3);

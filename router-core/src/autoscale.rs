@@ -6,9 +6,11 @@
 //!   spare_vms` running VMs, kept within `min_vms..=max_vms`. With nobody on it, keep
 //!   `spare_vms` until the whole pool has been idle for `scale_to_zero_after`, then `min_vms`.
 //! * Scale out at once when the aim exceeds the VMs running or starting: first undrain VMs the
-//!   autoscaler itself was draining, then start more. A waiting session with no VM starting
-//!   always undrains or starts one (below `max_vms`), even when the aim is met: it waits
-//!   because the VMs serving are full or unhealthy.
+//!   autoscaler itself was draining, then start more. A waiting session with no VM on its way
+//!   (starting, or running but not probed yet) and no VM taking sessions always undrains or
+//!   starts one (below `max_vms`), even when the aim is met: it waits because the VMs serving
+//!   are full or unhealthy. (A VM that just passed its probes takes the waiting session a moment
+//!   later: starting another for it would be one too many.)
 //! * Scale in one step per tick, only VMs with **zero sessions** idle for `scale_in_after`, and not
 //!   within `cooldown` of a scale-out: drain first, remove on a later tick once the drained VM is
 //!   still empty. Never remove a VM with sessions; never touch VMs an operator drained.
@@ -55,6 +57,14 @@ pub struct VmObservation {
     /// Work that does not pass through the gateway runs on it (or the check could not tell):
     /// never a scale-in candidate, never removed.
     pub busy: bool,
+    /// Its health probes have decided (up or down) at least once. A running
+    /// VM not probed yet is still on its way: a waiting session is not a
+    /// reason to start another one.
+    pub probed: bool,
+    /// It takes new sessions now (running, a side probed up, not draining,
+    /// below its session limit): a session still waiting is about to land
+    /// there, so it is no reason to start another VM.
+    pub accepts_new: bool,
 }
 
 /// Input of one decision.
@@ -162,9 +172,10 @@ impl Autoscaler {
 
         let alive: Vec<&VmObservation> = obs.vms.iter().filter(|v| is_alive(v.lifecycle)).collect();
         let serving = alive.iter().filter(|v| !v.draining).count() as u32;
+        // On its way: booting, or running but not probed yet.
         let starting = alive
             .iter()
-            .filter(|v| v.lifecycle == Lifecycle::Starting)
+            .filter(|v| v.lifecycle == Lifecycle::Starting || !v.probed)
             .count() as u32;
         let mut decision = Decision {
             desired,
@@ -175,7 +186,8 @@ impl Autoscaler {
         let mut missing = desired.saturating_sub(serving);
         // A session waits only when no serving VM takes it (all full, unhealthy or none at
         // all): whatever the aim says, capacity must grow unless a VM is already on its way.
-        if obs.waiting > 0 && starting == 0 {
+        let one_takes_sessions = alive.iter().any(|v| v.accepts_new);
+        if obs.waiting > 0 && starting == 0 && !one_takes_sessions {
             missing = missing.max(1);
         }
         if missing > 0 {
@@ -296,6 +308,8 @@ mod tests {
             sessions,
             idle_since,
             busy: false,
+            probed: true,
+            accepts_new: false,
         }
     }
 
@@ -528,5 +542,43 @@ mod tests {
             now: later + Duration::from_secs(2),
         });
         assert_eq!(d.actions[0].0, Action::Drain("c".into()));
+    }
+
+    #[test]
+    fn a_running_vm_not_probed_yet_is_on_its_way() {
+        let mut a = Autoscaler::new(AutoscaleConfig {
+            spare_vms: 0,
+            ..config()
+        });
+        // Woken for one waiting user: the VM runs, its probes have not passed yet.
+        let vms = [VmObservation {
+            probed: false,
+            ..vm("a", 0, Some(Instant::now()))
+        }];
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 1,
+            now: Instant::now(),
+        });
+        assert!(d.actions.is_empty(), "{d:?}");
+        // Probed and taking sessions: the waiting user is about to land there.
+        let vms = [VmObservation {
+            accepts_new: true,
+            ..vm("a", 0, Some(Instant::now()))
+        }];
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 1,
+            now: Instant::now(),
+        });
+        assert!(d.actions.is_empty(), "{d:?}");
+        // Once probed and unhealthy or full, a waiting user starts one more.
+        let vms = [vm("a", 0, Some(Instant::now()))];
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 1,
+            now: Instant::now(),
+        });
+        assert_eq!(d.actions[0].0, Action::Start(1), "{d:?}");
     }
 }

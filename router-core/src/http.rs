@@ -5,8 +5,23 @@
 //! [`RoutingPolicy::http_session_idle`](crate::RoutingPolicy::http_session_idle).
 //! The pool holds a [`SessionGuard`] per session key; requests refresh it,
 //! [`Pool::expire_idle`] drops the idle ones.
+//!
+//! Two more things weigh on a VM's HTTP load:
+//! - A browser sent to a VM by its first request, whose cookie has not come
+//!   back yet, is *tentative* ([`Pool::http_route_new`]): it counts in the
+//!   least-loaded order for
+//!   [`RoutingPolicy::http_tentative_for`](crate::RoutingPolicy::http_tentative_for),
+//!   so browsers that arrive together spread instead of all landing on the
+//!   VM that looked emptiest. It becomes a session when the cookie comes
+//!   back, and it never counts against `max_sessions`, so clients that drop
+//!   cookies cannot fill a VM.
+//! - Every open upgraded connection (websocket: kernels, terminals) is a
+//!   session of its own for as long as it is open ([`Pool::http_open`]),
+//!   whatever `session_idle` says: a notebook running in a background tab
+//!   holds only its kernel websocket.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -16,23 +31,74 @@ use crate::select::{NoVm, PickRequest};
 use crate::session::SessionGuard;
 use crate::vm::{Protocol, Vm};
 
+/// A browser sent to a VM whose cookie has not come back yet. Counted in the
+/// VM's tentative load until dropped.
+struct Tentative {
+    vm: Arc<Vm>,
+    /// The pool's count of tentative browsers.
+    count: Arc<AtomicUsize>,
+}
+
+impl Tentative {
+    fn new(vm: Arc<Vm>, count: &Arc<AtomicUsize>) -> Self {
+        vm.shared().add_tentative();
+        count.fetch_add(1, Ordering::Relaxed);
+        Self {
+            vm,
+            count: count.clone(),
+        }
+    }
+}
+
+impl Drop for Tentative {
+    fn drop(&mut self) {
+        self.vm.shared().remove_tentative();
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum Slot {
+    Tentative(Tentative),
+    Session(SessionGuard),
+}
+
+impl Slot {
+    fn vm_name(&self) -> &str {
+        match self {
+            Slot::Tentative(t) => t.vm.name(),
+            Slot::Session(g) => g.vm_name(),
+        }
+    }
+}
+
 struct HttpEntry {
-    guard: SessionGuard,
+    slot: Slot,
     last_seen: Instant,
 }
+
+/// At most this many tentative browsers are remembered at once; past it, first requests are
+/// routed without weighing on the VM (a flood of cookie-less requests costs bounded memory).
+pub(crate) const MAX_TENTATIVE: usize = 65_536;
 
 /// Held guards by session key.
 #[derive(Default)]
 pub(crate) struct HttpSessions {
     map: DashMap<String, HttpEntry>,
+    /// Tentative entries in `map` (each [`Tentative`] holds a clone).
+    tentative: Arc<AtomicUsize>,
 }
 
 impl HttpSessions {
-    /// Drops entries idle longer than `idle` at `now`; returns how many.
-    pub(crate) fn expire(&self, now: Instant, idle: Duration) -> usize {
+    /// Drops sessions idle longer than `idle` and tentative browsers older
+    /// than `tentative_for` at `now`; returns how many.
+    pub(crate) fn expire(&self, now: Instant, idle: Duration, tentative_for: Duration) -> usize {
         let mut expired = 0;
         self.map.retain(|_, e| {
-            let keep = now.saturating_duration_since(e.last_seen) <= idle;
+            let limit = match e.slot {
+                Slot::Tentative(_) => tentative_for,
+                Slot::Session(_) => idle,
+            };
+            let keep = now.saturating_duration_since(e.last_seen) <= limit;
             if !keep {
                 expired += 1;
             }
@@ -41,15 +107,15 @@ impl HttpSessions {
         expired
     }
 
-    fn insert(&self, key: &str, guard: SessionGuard, now: Instant) {
+    fn insert(&self, key: &str, slot: Slot, now: Instant) {
         let old = self.map.insert(
             key.to_owned(),
             HttpEntry {
-                guard,
+                slot,
                 last_seen: now,
             },
         );
-        // The previous guard (another VM) is released here, outside the
+        // The previous slot (another VM) is released here, outside the
         // shard lock.
         drop(old);
     }
@@ -67,7 +133,8 @@ impl Pool {
     pub fn http_touch(&self, session_key: &str, vm: &str, user: Option<&str>) -> bool {
         let now = self.shared.clock.now();
         if let Some(mut e) = self.http.map.get_mut(session_key)
-            && e.guard.vm_name() == vm
+            && matches!(e.slot, Slot::Session(_))
+            && e.slot.vm_name() == vm
         {
             e.last_seen = now;
             return true;
@@ -83,20 +150,22 @@ impl Pool {
             return false;
         }
         let guard = self.shared.guard(target.clone(), Protocol::Http, user, now);
-        self.http.insert(session_key, guard, now);
+        self.http.insert(session_key, Slot::Session(guard), now);
         true
     }
 
     /// Routes one HTTP request of browser session `session_key` and counts
-    /// the session as load: the one call the HTTP proxy needs per request.
+    /// the session as load: the one call the HTTP proxy needs per request
+    /// that carries a valid cookie.
     ///
     /// If the session already holds a slot on `req.pinned_vm` and that VM
-    /// still serves it (running, probed up, not draining unless
+    /// still serves it (running, web side probed up, not draining unless
     /// `keep_draining`, not excluded), the slot is refreshed and that VM is
     /// returned even when it is at its limit (this session is part of the
-    /// count). Otherwise a VM is chosen as by [`Pool::acquire`] (protocol
-    /// forced to HTTP) and the session's slot moves there. Compare the
-    /// returned VM's name with the cookie to know whether to rewrite it.
+    /// count). A tentative slot (the cookie's first return) becomes a session
+    /// if the VM has room. Otherwise a VM is chosen as by [`Pool::acquire`]
+    /// (protocol forced to HTTP) and the session's slot moves there. Compare
+    /// the returned VM's name with the cookie to know whether to rewrite it.
     pub fn http_route(&self, session_key: &str, req: &PickRequest<'_>) -> Result<Arc<Vm>, NoVm> {
         let req = PickRequest {
             protocol: Protocol::Http,
@@ -105,22 +174,87 @@ impl Pool {
         let now = self.shared.clock.now();
         if let Some(pinned) = req.pinned_vm
             && let Some(mut e) = self.http.map.get_mut(session_key)
-            && e.guard.vm_name() == pinned
+            && e.slot.vm_name() == pinned
         {
             let snap = self.snapshot();
             if let Some(vm) = snap.get(pinned) {
                 let status = vm.status();
-                let serves = status.serving() && (!status.draining || req.keep_draining);
+                let serves =
+                    status.serving(Protocol::Http) && (!status.draining || req.keep_draining);
                 if serves && !req.exclude.iter().any(|x| x == pinned) {
-                    e.last_seen = now;
-                    return Ok(vm.clone());
+                    match &e.slot {
+                        Slot::Session(_) => {
+                            e.last_seen = now;
+                            return Ok(vm.clone());
+                        }
+                        Slot::Tentative(_) => {
+                            if vm
+                                .shared()
+                                .try_reserve(vm.spec().capacity(), Protocol::Http)
+                            {
+                                let guard =
+                                    self.shared.guard(vm.clone(), Protocol::Http, None, now);
+                                // Drops the tentative count as the session is counted.
+                                e.slot = Slot::Session(guard);
+                                e.last_seen = now;
+                                return Ok(vm.clone());
+                            }
+                        }
+                    }
                 }
             }
         }
         let guard = self.acquire(&req)?;
         let vm = guard.vm().clone();
-        self.http.insert(session_key, guard, now);
+        self.http.insert(session_key, Slot::Session(guard), now);
         Ok(vm)
+    }
+
+    /// Routes the first request of a new browser (no valid cookie yet), to
+    /// whom the caller is about to issue a cookie for `session_key`.
+    ///
+    /// The VM is chosen as by [`Pool::pick`] (protocol forced to HTTP) and
+    /// the browser counts there as *tentative* load until it comes back with
+    /// the cookie ([`Pool::http_route`] then turns it into a session) or
+    /// [`RoutingPolicy::http_tentative_for`](crate::RoutingPolicy::http_tentative_for)
+    /// passes ([`Pool::expire_idle`] drops it). Tentative load orders the
+    /// least-loaded choice but never counts against `max_sessions`. Calling
+    /// it again with the same key (the VM could not be reached, another is
+    /// tried) moves the tentative slot. At most `MAX_TENTATIVE` (65 536)
+    /// browsers are tentative at once; past that, first requests are routed
+    /// without weighing on the VM.
+    pub fn http_route_new(
+        &self,
+        session_key: &str,
+        req: &PickRequest<'_>,
+    ) -> Result<Arc<Vm>, NoVm> {
+        let req = PickRequest {
+            protocol: Protocol::Http,
+            ..*req
+        };
+        let vm = self.pick(&req)?;
+        if self.http.tentative.load(Ordering::Relaxed) >= MAX_TENTATIVE {
+            // A flood of cookie-less requests: route them, remember none.
+            self.http.map.remove(session_key);
+            return Ok(vm);
+        }
+        let now = self.shared.clock.now();
+        let slot = Slot::Tentative(Tentative::new(vm.clone(), &self.http.tentative));
+        self.http.insert(session_key, slot, now);
+        Ok(vm)
+    }
+
+    /// Counts an open upgraded connection (a websocket) on `vm` as an HTTP
+    /// session for as long as the returned guard lives, whatever the VM's
+    /// limit: the connection is already there. `None` if `vm` is unknown.
+    pub fn http_open(&self, vm: &str, user: Option<&str>) -> Option<SessionGuard> {
+        let snap = self.snapshot();
+        let target = snap.get(vm)?;
+        if !target.shared().try_reserve(u32::MAX, Protocol::Http) {
+            return None;
+        }
+        let now = self.shared.clock.now();
+        Some(self.shared.guard(target.clone(), Protocol::Http, user, now))
     }
 
     /// Ends browser session `session_key` now (for example on logout).
@@ -130,29 +264,39 @@ impl Pool {
     }
 
     /// Adds traffic to browser session `session_key` (shown by
-    /// [`Pool::sessions`]). Returns false if it holds no slot.
+    /// [`Pool::sessions`]). Returns false if it holds no session slot.
     pub fn http_add_bytes(&self, session_key: &str, up: u64, down: u64) -> bool {
-        match self.http.map.get(session_key) {
-            Some(e) => {
-                e.guard.add_bytes_up(up);
-                e.guard.add_bytes_down(down);
+        match self.http.map.get(session_key).as_deref() {
+            Some(HttpEntry {
+                slot: Slot::Session(guard),
+                ..
+            }) => {
+                guard.add_bytes_up(up);
+                guard.add_bytes_down(down);
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
-    /// The VM browser session `session_key` holds a slot on, if any.
+    /// The VM browser session `session_key` holds a session slot on, if any
+    /// (a tentative browser holds none yet).
     pub fn http_session_vm(&self, session_key: &str) -> Option<String> {
         self.http
             .map
             .get(session_key)
-            .map(|e| e.guard.vm_name().to_owned())
+            .filter(|e| matches!(e.slot, Slot::Session(_)))
+            .map(|e| e.slot.vm_name().to_owned())
     }
 
-    /// Number of browser sessions currently counted as load.
+    /// Number of browser sessions currently counted as load (tentative
+    /// browsers not included).
     pub fn http_session_count(&self) -> usize {
-        self.http.map.len()
+        self.http
+            .map
+            .iter()
+            .filter(|e| matches!(e.slot, Slot::Session(_)))
+            .count()
     }
 }
 
@@ -165,6 +309,7 @@ mod tests {
     use crate::vm::VmSpec;
 
     const IDLE: Duration = Duration::from_secs(30 * 60);
+    const TENTATIVE: Duration = Duration::from_secs(10);
 
     fn pool(caps: &[(&str, u32)]) -> (Pool, Arc<ManualClock>) {
         let clock = Arc::new(ManualClock::new());
@@ -172,6 +317,7 @@ mod tests {
             user_affinity: false,
             affinity_ttl: Duration::from_secs(3600),
             http_session_idle: IDLE,
+            http_tentative_for: TENTATIVE,
         };
         let pool = Pool::new(policy, clock.clone());
         pool.set_vms(
@@ -285,5 +431,89 @@ mod tests {
         assert_eq!((s[0].bytes_up, s[0].bytes_down), (10, 20));
         assert_eq!(s[0].protocol, Protocol::Http);
         assert_eq!(s[0].user.as_deref(), Some("ann"));
+    }
+
+    fn tentative_load(pool: &Pool, vm: &str) -> u32 {
+        pool.snapshot()
+            .get(vm)
+            .map_or(0, |v| v.tentative_sessions())
+    }
+
+    #[test]
+    fn first_requests_arriving_together_spread() {
+        let (pool, _) = pool(&[("a", 10), ("b", 10), ("c", 10)]);
+        let req = PickRequest::new(Protocol::Http);
+        let mut per_vm = std::collections::BTreeMap::new();
+        for i in 0..21 {
+            let vm = pool.http_route_new(&format!("new-{i}"), &req).unwrap();
+            *per_vm.entry(vm.name().to_owned()).or_insert(0) += 1;
+        }
+        assert_eq!(per_vm.values().copied().collect::<Vec<_>>(), [7, 7, 7]);
+        // Tentative browsers are not sessions and take no slot of the cap.
+        assert_eq!(pool.snapshot().total_sessions(), 0);
+        assert_eq!(pool.http_session_count(), 0);
+        assert_eq!(tentative_load(&pool, "a"), 7);
+    }
+
+    #[test]
+    fn tentative_becomes_a_session_when_the_cookie_returns() {
+        let (pool, _) = pool(&[("a", 5), ("b", 5)]);
+        let req = PickRequest::new(Protocol::Http);
+        let vm = pool.http_route_new("k1", &req).unwrap();
+        assert_eq!(vm.name(), "a");
+        assert_eq!(pool.http_session_vm("k1"), None);
+        let back = pool.http_route("k1", &req.pinned("a", true)).unwrap();
+        assert_eq!(back.name(), "a");
+        assert_eq!((tentative_load(&pool, "a"), http_load(&pool, "a")), (0, 1));
+        assert_eq!(pool.http_session_vm("k1").as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn tentative_load_lapses_and_never_fills_a_vm() {
+        let (pool, clock) = pool(&[("a", 1)]);
+        let req = PickRequest::new(Protocol::Http);
+        // Cookie-dropping clients: many first requests, none comes back.
+        for i in 0..50 {
+            assert!(pool.http_route_new(&format!("drop-{i}"), &req).is_ok());
+        }
+        assert_eq!(tentative_load(&pool, "a"), 50);
+        // A real browser still gets the one slot.
+        assert!(pool.http_route("real", &req).is_ok());
+        assert_eq!(http_load(&pool, "a"), 1);
+        clock.advance(TENTATIVE + Duration::from_secs(1));
+        assert_eq!(pool.expire_idle(), 50);
+        assert_eq!(tentative_load(&pool, "a"), 0);
+        assert_eq!(http_load(&pool, "a"), 1);
+    }
+
+    #[test]
+    fn a_failed_first_attempt_moves_the_tentative_slot() {
+        let (pool, _) = pool(&[("a", 5), ("b", 5)]);
+        let req = PickRequest::new(Protocol::Http);
+        assert_eq!(pool.http_route_new("k1", &req).unwrap().name(), "a");
+        let tried = ["a".to_owned()];
+        let next = pool.http_route_new("k1", &req.excluding(&tried)).unwrap();
+        assert_eq!(next.name(), "b");
+        assert_eq!(
+            (tentative_load(&pool, "a"), tentative_load(&pool, "b")),
+            (0, 1)
+        );
+        assert!(pool.http_forget("k1"));
+        assert_eq!(tentative_load(&pool, "b"), 0);
+    }
+
+    #[test]
+    fn open_websockets_are_sessions_past_idle_and_over_the_cap() {
+        let (pool, clock) = pool(&[("a", 1)]);
+        assert!(pool.http_touch("k1", "a", None));
+        let ws = pool.http_open("a", None).expect("known VM");
+        assert_eq!(http_load(&pool, "a"), 2);
+        clock.advance(IDLE * 3);
+        assert_eq!(pool.expire_idle(), 1);
+        assert_eq!(http_load(&pool, "a"), 1);
+        assert_eq!(pool.snapshot().get("a").unwrap().idle_since(), None);
+        drop(ws);
+        assert_eq!(http_load(&pool, "a"), 0);
+        assert!(pool.http_open("nope", None).is_none());
     }
 }

@@ -14,7 +14,7 @@ use crate::select::{self, NoVm, PickRequest};
 use crate::session::{PoolShared, SessionGuard, SessionInfo};
 use crate::snapshot::{NameIndex, Snapshot};
 use crate::store::{InMemoryStore, SessionStore};
-use crate::vm::{Lifecycle, Vm, VmShared, VmSpec, VmStatus};
+use crate::vm::{Lifecycle, Protocol, Vm, VmShared, VmSpec, VmStatus};
 
 /// Routing parameters (the gateway maps `[routing]` and `[http]` to these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,16 +25,21 @@ pub struct RoutingPolicy {
     pub affinity_ttl: Duration,
     /// How long an HTTP browser session counts as load after its last request.
     pub http_session_idle: Duration,
+    /// How long a browser sent to a VM by its first request (cookie just
+    /// issued) weighs in the least-loaded choice while its cookie has not come
+    /// back.
+    pub http_tentative_for: Duration,
 }
 
 impl Default for RoutingPolicy {
-    /// User affinity on, 12 h affinity TTL, 30 min HTTP idle (the config
-    /// defaults).
+    /// User affinity on, 12 h affinity TTL, 30 min HTTP idle, 10 s tentative
+    /// load (the config defaults).
     fn default() -> Self {
         Self {
             user_affinity: true,
             affinity_ttl: Duration::from_secs(12 * 3600),
             http_session_idle: Duration::from_secs(30 * 60),
+            http_tentative_for: Duration::from_secs(10),
         }
     }
 }
@@ -232,15 +237,36 @@ impl Pool {
     }
 
     /// Sets what the provider says about a VM. Returns false if unknown.
+    ///
+    /// A VM that comes up (to `Running` from any other lifecycle) has been idle only since now:
+    /// the time it spent stopped or booting does not count towards `scale_in_after`, or a VM
+    /// woken for a user whose request has lapsed would be drained the moment it came up.
     pub fn set_lifecycle(&self, vm: &str, lifecycle: Lifecycle) -> bool {
-        self.update_status(vm, |s| s.lifecycle = lifecycle)
+        let mut came_up = false;
+        let known = self.update_status(vm, |s| {
+            came_up = lifecycle == Lifecycle::Running && s.lifecycle != Lifecycle::Running;
+            s.lifecycle = lifecycle;
+        });
+        if came_up && let Some(v) = self.current.load().get(vm) {
+            v.shared().mark_idle(self.shared.clock.now());
+        }
+        known
     }
 
-    /// Sets what the probes say about a VM (feed it
-    /// [`Transition::to`](crate::health::Transition::to)). Returns false if
-    /// unknown.
+    /// Sets what the probes of both protocols say about a VM. Returns false
+    /// if unknown.
     pub fn set_health(&self, vm: &str, health: Health) -> bool {
-        self.update_status(vm, |s| s.health = health)
+        self.update_status(vm, |s| {
+            s.ssh = health;
+            s.http = health;
+        })
+    }
+
+    /// Sets what the probes of one protocol say about a VM (feed it
+    /// [`Transition::to`](crate::health::Transition::to)); the other side is
+    /// left as it is. Returns false if unknown.
+    pub fn set_protocol_health(&self, vm: &str, protocol: Protocol, health: Health) -> bool {
+        self.update_status(vm, |s| s.set_health_of(protocol, health))
     }
 
     /// Stops new sessions on a VM; existing ones (and browsers pinned to it,
@@ -353,13 +379,16 @@ impl Pool {
     }
 
     /// Drops HTTP browser sessions idle longer than
-    /// [`RoutingPolicy::http_session_idle`] and affinity entries older than
+    /// [`RoutingPolicy::http_session_idle`], tentative browsers older than
+    /// [`RoutingPolicy::http_tentative_for`] and affinity entries older than
     /// [`RoutingPolicy::affinity_ttl`]; returns how many of both expired.
     /// Call it periodically.
     pub fn expire_idle(&self) -> usize {
         let now = self.shared.clock.now();
         let policy = self.policy();
-        let http = self.http.expire(now, policy.http_session_idle);
+        let http = self
+            .http
+            .expire(now, policy.http_session_idle, policy.http_tentative_for);
         http + self.shared.store.expire(now, policy.affinity_ttl)
     }
 }

@@ -11,6 +11,7 @@ fn policy() -> RoutingPolicy {
         user_affinity: true,
         affinity_ttl: TTL,
         http_session_idle: Duration::from_secs(1800),
+        http_tentative_for: Duration::from_secs(10),
     }
 }
 
@@ -114,6 +115,7 @@ fn never_picks_unavailable_vms() {
             starting: 1,
             stopped: 1,
             excluded: 0,
+            protocol: Some(Protocol::Ssh),
         }
     );
     assert!(pool.undrain("b"));
@@ -355,7 +357,8 @@ fn status_changes_publish_only_on_change() {
     assert!(!pool.set_lifecycle("zz", Lifecycle::Stopped));
     let st = VmStatus {
         lifecycle: Lifecycle::Running,
-        health: Health::Up,
+        ssh: Health::Up,
+        http: Health::Up,
         draining: false,
     };
     assert!(pool.set_status("a", st));
@@ -374,4 +377,69 @@ fn pick_does_not_count() {
     assert_eq!(name(pool.acquire(&ssh())), "a");
     let vm = pool.pick(&ssh()).map(|v| v.name().to_owned());
     assert_eq!(vm.as_deref(), Ok("b"));
+}
+
+#[test]
+fn each_protocol_goes_where_its_side_is_up() {
+    let pool = Pool::new(policy(), Arc::new(ManualClock::new()));
+    pool.set_vms(vec![spec("a", 1, 10), spec("b", 1, 10)]);
+    // a: sshd up, web side down; b: the reverse.
+    pool.set_protocol_health("a", Protocol::Ssh, Health::Up);
+    pool.set_protocol_health("a", Protocol::Http, Health::Down);
+    pool.set_protocol_health("b", Protocol::Ssh, Health::Down);
+    pool.set_protocol_health("b", Protocol::Http, Health::Up);
+    let snap = pool.snapshot();
+    assert_eq!(snap.count_in(VmState::Healthy), 2);
+    for _ in 0..3 {
+        assert_eq!(name(pool.acquire(&ssh())), "a");
+        assert_eq!(name(pool.acquire(&PickRequest::new(Protocol::Http))), "b");
+    }
+    // An SSH-only pool: the web side is never probed (unknown); SSH works.
+    let only_ssh = Pool::new(policy(), Arc::new(ManualClock::new()));
+    only_ssh.set_vms(vec![spec("a", 1, 10)]);
+    only_ssh.set_protocol_health("a", Protocol::Ssh, Health::Up);
+    assert_eq!(name(only_ssh.acquire(&ssh())), "a");
+    let err = only_ssh
+        .acquire(&PickRequest::new(Protocol::Http))
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.starting, 1, "{err}");
+    // Down on the SSH side: the message names the side.
+    only_ssh.set_protocol_health("a", Protocol::Ssh, Health::Down);
+    let err = only_ssh.acquire(&ssh()).map(|_| ()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "no VM is available right now: 1 VM \u{2014} 1 unhealthy (SSH probe fails)"
+    );
+}
+
+#[test]
+fn a_vm_that_comes_up_is_idle_only_since_then() {
+    let clock = Arc::new(ManualClock::new());
+    let pool = Pool::new(policy(), clock.clone());
+    pool.set_vms(vec![spec("a", 1, 10)]);
+    pool.set_lifecycle("a", Lifecycle::Stopped);
+    let listed = pool.snapshot().get("a").and_then(|v| v.idle_since());
+    clock.advance(Duration::from_secs(3600));
+    // Still stopped: nothing changes.
+    pool.set_lifecycle("a", Lifecycle::Stopped);
+    assert_eq!(
+        pool.snapshot().get("a").and_then(|v| v.idle_since()),
+        listed
+    );
+    pool.set_lifecycle("a", Lifecycle::Starting);
+    clock.advance(Duration::from_secs(90));
+    pool.set_lifecycle("a", Lifecycle::Running);
+    let now = clock.now();
+    assert_eq!(
+        pool.snapshot().get("a").and_then(|v| v.idle_since()),
+        Some(now)
+    );
+    // Running again (a repeated listing): the idle clock keeps running.
+    clock.advance(Duration::from_secs(5));
+    pool.set_lifecycle("a", Lifecycle::Running);
+    assert_eq!(
+        pool.snapshot().get("a").and_then(|v| v.idle_since()),
+        Some(now)
+    );
 }

@@ -2,6 +2,8 @@
 //!
 //! Order: the pinned VM (HTTP cookie) if eligible; else the user's affinity
 //! VM if eligible; else the least-loaded eligible VM by `sessions / weight`
+//! (tentative browsers included in `sessions`, see
+//! [`Pool::http_route_new`](crate::Pool::http_route_new))
 //! (compared by cross-multiplication, no floats), ties broken by the lower
 //! load hint, then by name. The scan reads atomics from an immutable
 //! snapshot: no lock, no allocation.
@@ -9,7 +11,7 @@
 use std::sync::Arc;
 
 use crate::snapshot::Snapshot;
-use crate::vm::{Protocol, Vm, VmState};
+use crate::vm::{Protocol, Vm, VmState, VmStatus};
 
 /// What a new session needs from the pool.
 #[derive(Debug, Clone, Copy)]
@@ -76,7 +78,8 @@ impl<'a> PickRequest<'a> {
     /// on busy VMs).
     pub(crate) fn admits_ignoring_capacity(&self, vm: &Vm, pinned: bool) -> bool {
         let status = vm.status();
-        let state_ok = status.accepts_new() || (pinned && self.keep_draining && status.serving());
+        let state_ok = status.accepts_new(self.protocol)
+            || (pinned && self.keep_draining && status.serving(self.protocol));
         state_ok && !self.excludes(vm.name())
     }
 }
@@ -85,6 +88,8 @@ impl<'a> PickRequest<'a> {
 ///
 /// Each VM is counted once, under the first reason that applies:
 /// stopped, draining, unhealthy, starting, already tried, at its limit.
+/// Health is that of the session's protocol: for an SSH session, a VM whose
+/// web side is down but whose sshd is up is not unhealthy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, thiserror::Error)]
 #[error("{}", self.describe())]
 pub struct NoVm {
@@ -102,6 +107,9 @@ pub struct NoVm {
     pub stopped: usize,
     /// Healthy VMs already tried for this connection.
     pub excluded: usize,
+    /// The protocol the session asked for (names the side whose probes
+    /// fail in the message).
+    pub protocol: Option<Protocol>,
 }
 
 impl NoVm {
@@ -112,7 +120,15 @@ impl NoVm {
             ..NoVm::default()
         };
         for vm in snapshot.vms() {
-            match vm.state() {
+            let status = vm.status();
+            // The VM as this protocol sees it: its other side's health does not matter.
+            let state = VmStatus {
+                ssh: status.health_of(req.protocol),
+                http: status.health_of(req.protocol),
+                ..status
+            }
+            .state();
+            match state {
                 VmState::Stopped => n.stopped += 1,
                 VmState::Draining => n.draining += 1,
                 VmState::Unhealthy => n.unhealthy += 1,
@@ -122,6 +138,7 @@ impl NoVm {
                 VmState::Healthy => {}
             }
         }
+        n.protocol = Some(req.protocol);
         n
     }
 
@@ -138,7 +155,15 @@ impl NoVm {
         };
         let mut parts = Vec::new();
         if self.unhealthy > 0 {
-            parts.push(format!("{} unhealthy", self.unhealthy));
+            match self.protocol {
+                Some(Protocol::Ssh) => {
+                    parts.push(format!("{} unhealthy (SSH probe fails)", self.unhealthy))
+                }
+                Some(Protocol::Http) => {
+                    parts.push(format!("{} unhealthy (web probe fails)", self.unhealthy))
+                }
+                None => parts.push(format!("{} unhealthy", self.unhealthy)),
+            }
         }
         if self.draining > 0 {
             parts.push(format!("{} draining", self.draining));
@@ -186,14 +211,16 @@ pub(crate) fn least_loaded<'s>(
     snapshot: &'s Snapshot,
     req: &PickRequest<'_>,
 ) -> Option<&'s Arc<Vm>> {
-    let cands = snapshot.candidates();
+    let cands = snapshot.candidates(req.protocol);
     let mut best: Option<(usize, u64, u64)> = None; // (candidate, total, weight)
     for (i, c) in cands.iter().enumerate() {
         let total = c.shared.total();
         if total >= c.capacity {
             continue;
         }
-        let (total, weight) = (u64::from(total), u64::from(c.weight));
+        // Browsers just sent here count towards the order, not the cap.
+        let total = u64::from(total) + u64::from(c.shared.tentative());
+        let weight = u64::from(c.weight);
         if let Some((b, b_total, b_weight)) = best {
             // total/weight vs b_total/b_weight, both weights > 0.
             let lhs = total * b_weight;

@@ -582,6 +582,7 @@ impl Sim<'_> {
 
     fn decide(&mut self, autoscaler: &mut Autoscaler, t: u64) {
         let now = self.epoch + Duration::from_secs(t);
+        let cap = self.params.max_sessions.max(1);
         let observed: Vec<VmObservation> = self
             .vms
             .iter()
@@ -597,6 +598,9 @@ impl Sim<'_> {
                 idle_since: (v.sessions == 0)
                     .then(|| self.epoch + Duration::from_secs(v.idle_since)),
                 busy: self.params.busy_check && self.running_jobs.iter().any(|j| j.vm == v.id),
+                // The simulation has no probes: a VM serves once booted.
+                probed: true,
+                accepts_new: v.running(t) && !v.draining && v.sessions < cap,
             })
             .collect();
         let decision = autoscaler.decide(&Observation {

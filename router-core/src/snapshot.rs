@@ -10,8 +10,9 @@ use crate::vm::{Protocol, Vm, VmShared, VmState};
 /// hold the same names (status changes do not rebuild it).
 pub(crate) type NameIndex = HashMap<Box<str>, usize, FastBuild>;
 
-/// A VM that took new sessions when the snapshot was built (state healthy,
-/// capacity above zero), laid out compactly for the least-loaded scan.
+/// A VM that took new sessions of one protocol when the snapshot was built
+/// (that protocol's probes pass, not draining, capacity above zero), laid out
+/// compactly for the least-loaded scan.
 #[derive(Debug)]
 pub(crate) struct Candidate {
     /// Index into [`Snapshot::vms`].
@@ -31,7 +32,8 @@ pub(crate) struct Candidate {
 pub struct Snapshot {
     vms: Vec<Arc<Vm>>,
     generation: u64,
-    candidates: Vec<Candidate>,
+    /// Per protocol, in [`Protocol::ALL`] order.
+    candidates: [Vec<Candidate>; 2],
     index: Arc<NameIndex>,
 }
 
@@ -49,17 +51,18 @@ impl Snapshot {
             )
         });
         debug_assert_eq!(index.len(), vms.len());
-        let candidates = vms
-            .iter()
-            .enumerate()
-            .filter(|(_, vm)| vm.status().accepts_new() && vm.spec().capacity() > 0)
-            .map(|(index, vm)| Candidate {
-                index,
-                weight: vm.spec().weight,
-                capacity: vm.spec().capacity(),
-                shared: vm.shared().clone(),
-            })
-            .collect();
+        let candidates = Protocol::ALL.map(|protocol| {
+            vms.iter()
+                .enumerate()
+                .filter(|(_, vm)| vm.status().accepts_new(protocol) && vm.spec().capacity() > 0)
+                .map(|(index, vm)| Candidate {
+                    index,
+                    weight: vm.spec().weight,
+                    capacity: vm.spec().capacity(),
+                    shared: vm.shared().clone(),
+                })
+                .collect()
+        });
         Self {
             vms,
             generation,
@@ -123,7 +126,7 @@ impl Snapshot {
             .sum()
     }
 
-    pub(crate) fn candidates(&self) -> &[Candidate] {
-        &self.candidates
+    pub(crate) fn candidates(&self, protocol: Protocol) -> &[Candidate] {
+        &self.candidates[protocol as usize]
     }
 }

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::health::Health;
@@ -154,21 +154,58 @@ impl VmSpec {
 }
 
 /// Everything known about a VM besides its spec and load.
+///
+/// Health is kept per protocol: the SSH probe decides whether SSH sessions
+/// may go to the VM, the web probe whether browsers may, and one side's
+/// failure never blocks the other. A protocol the gateway does not serve is
+/// never probed and stays [`Health::Unknown`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct VmStatus {
     /// What the provider says.
     pub lifecycle: Lifecycle,
-    /// What the probes say.
-    pub health: Health,
+    /// What the SSH probe says (sshd's banner).
+    pub ssh: Health,
+    /// What the web probe says (JupyterHub's health URL).
+    pub http: Health,
     /// Set by an operator (or the autoscaler) to stop new sessions.
     pub draining: bool,
 }
 
 impl VmStatus {
+    /// What the probes of `protocol` say.
+    #[inline]
+    pub fn health_of(&self, protocol: Protocol) -> Health {
+        match protocol {
+            Protocol::Ssh => self.ssh,
+            Protocol::Http => self.http,
+        }
+    }
+
+    /// Sets what the probes of `protocol` say.
+    pub fn set_health_of(&mut self, protocol: Protocol, health: Health) {
+        match protocol {
+            Protocol::Ssh => self.ssh = health,
+            Protocol::Http => self.http = health,
+        }
+    }
+
+    /// The VM's health over both protocols: up when either side is up (the
+    /// VM takes sessions of that protocol), down when a side is down and
+    /// none is up, unknown while nothing has been probed.
+    pub fn health(&self) -> Health {
+        match (self.ssh, self.http) {
+            (Health::Up, _) | (_, Health::Up) => Health::Up,
+            (Health::Down, _) | (_, Health::Down) => Health::Down,
+            (Health::Unknown, Health::Unknown) => Health::Unknown,
+        }
+    }
+
     /// The public state, by precedence stopped > draining > unhealthy >
-    /// starting > healthy.
+    /// starting > healthy, from the health over both protocols
+    /// ([`VmStatus::health`]): a VM whose SSH side is up but whose web side is
+    /// down is `healthy` (it takes SSH sessions).
     pub fn state(&self) -> VmState {
-        match (self.lifecycle, self.draining, self.health) {
+        match (self.lifecycle, self.draining, self.health()) {
             (Lifecycle::Stopping | Lifecycle::Stopped, _, _) => VmState::Stopped,
             (_, true, _) => VmState::Draining,
             (_, false, Health::Down) => VmState::Unhealthy,
@@ -177,16 +214,25 @@ impl VmStatus {
         }
     }
 
-    /// Whether the machine can serve traffic at all: running and probed up.
-    /// Existing sessions (and browsers pinned to a draining VM) only need this.
-    pub fn serving(&self) -> bool {
-        self.lifecycle == Lifecycle::Running && self.health == Health::Up
+    /// Whether the machine serves `protocol`: running and that protocol's
+    /// probes pass. Existing sessions (and browsers pinned to a draining VM)
+    /// only need this.
+    #[inline]
+    pub fn serving(&self, protocol: Protocol) -> bool {
+        self.lifecycle == Lifecycle::Running && self.health_of(protocol) == Health::Up
     }
 
-    /// Whether the VM takes new sessions, capacity aside: serving and not
-    /// draining (that is, state `healthy`).
-    pub fn accepts_new(&self) -> bool {
-        self.serving() && !self.draining
+    /// Whether the VM takes new sessions of `protocol`, capacity aside:
+    /// serving it and not draining.
+    #[inline]
+    pub fn accepts_new(&self, protocol: Protocol) -> bool {
+        self.serving(protocol) && !self.draining
+    }
+
+    /// Whether the VM takes new sessions of at least one protocol (state
+    /// `healthy`).
+    pub fn accepts_any(&self) -> bool {
+        Protocol::ALL.iter().any(|&p| self.accepts_new(p))
     }
 }
 
@@ -202,6 +248,10 @@ pub(crate) struct VmShared {
     /// HTTP in the high half) so that a placement or a release is a single
     /// atomic operation and the total is always consistent.
     counts: AtomicU64,
+    /// Browsers sent here on their first request whose cookie has not come
+    /// back yet: weighed by the least-loaded choice, never against
+    /// `max_sessions` (see [`Pool::http_route_new`](crate::Pool::http_route_new)).
+    tentative: AtomicU32,
     load_hint: AtomicU64,
     /// Nanoseconds after `epoch` when the total last dropped to zero.
     idle_since: AtomicU64,
@@ -227,6 +277,7 @@ impl VmShared {
     pub(crate) fn new(pool: Arc<PoolShared>, epoch: Instant, now: Instant) -> Self {
         Self {
             counts: AtomicU64::new(0),
+            tentative: AtomicU32::new(0),
             load_hint: AtomicU64::new(NO_HINT),
             idle_since: AtomicU64::new(nanos_since(epoch, now)),
             epoch,
@@ -250,6 +301,20 @@ impl VmShared {
     pub(crate) fn sessions(&self, protocol: Protocol) -> u32 {
         let counts = self.counts.load(Ordering::Acquire);
         (counts >> shift(protocol)) as u32
+    }
+
+    /// Tentative browser sessions (first request answered, cookie not back).
+    #[inline]
+    pub(crate) fn tentative(&self) -> u32 {
+        self.tentative.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn add_tentative(&self) {
+        self.tentative.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn remove_tentative(&self) {
+        self.tentative.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Counts one session of `protocol` unless the total is already at `cap`.
@@ -397,16 +462,23 @@ impl Vm {
         self.shared.total()
     }
 
+    /// Browsers sent here by their first request whose cookie has not come
+    /// back yet (they weigh in the least-loaded choice for a short time, but
+    /// are not sessions).
+    pub fn tentative_sessions(&self) -> u32 {
+        self.shared.tentative()
+    }
+
     /// Whether the VM holds as many sessions as it may
     /// ([`VmSpec::capacity`]).
     pub fn is_full(&self) -> bool {
         self.shared.total() >= self.spec.capacity()
     }
 
-    /// Whether a new session may be placed here now: state healthy and not
-    /// full.
-    pub fn accepts_new_sessions(&self) -> bool {
-        self.status.accepts_new() && !self.is_full()
+    /// Whether a new session of `protocol` may be placed here now: that
+    /// protocol's probes pass, not draining, and not full.
+    pub fn accepts_new_sessions(&self, protocol: Protocol) -> bool {
+        self.status.accepts_new(protocol) && !self.is_full()
     }
 
     /// Weighted load `total_sessions / weight`, for display (selection
@@ -452,7 +524,8 @@ mod tests {
     fn status(lifecycle: Lifecycle, health: Health, draining: bool) -> VmStatus {
         VmStatus {
             lifecycle,
-            health,
+            ssh: health,
+            http: health,
             draining,
         }
     }
@@ -481,10 +554,35 @@ mod tests {
             for health in [Health::Unknown, Health::Up, Health::Down] {
                 for draining in [false, true] {
                     let s = status(lifecycle, health, draining);
-                    assert_eq!(s.accepts_new(), s.state() == VmState::Healthy, "{s:?}");
+                    assert_eq!(s.accepts_any(), s.state() == VmState::Healthy, "{s:?}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn health_is_per_protocol() {
+        use Health::*;
+        let mut s = status(Lifecycle::Running, Unknown, false);
+        s.ssh = Up;
+        s.http = Down;
+        assert_eq!(s.health(), Up);
+        assert_eq!(s.state(), VmState::Healthy);
+        assert!(s.accepts_new(Protocol::Ssh));
+        assert!(!s.accepts_new(Protocol::Http));
+        // Only the web side up: browsers yes, SSH no.
+        s.ssh = Down;
+        s.http = Up;
+        assert!(!s.accepts_new(Protocol::Ssh));
+        assert!(s.accepts_new(Protocol::Http));
+        // A side never probed (no listener) blocks nothing.
+        s.ssh = Up;
+        s.http = Unknown;
+        assert_eq!(s.state(), VmState::Healthy);
+        assert!(s.accepts_new(Protocol::Ssh));
+        s.ssh = Down;
+        assert_eq!(s.state(), VmState::Unhealthy);
+        assert!(!s.accepts_any());
     }
 
     #[test]

@@ -48,6 +48,8 @@ impl ModelVm {
             sessions: self.sessions,
             idle_since: self.idle_since,
             busy: self.busy,
+            probed: true,
+            accepts_new: false,
         }
     }
 }

@@ -32,6 +32,7 @@ fn pool(caps: &[u32]) -> (Arc<Pool>, Arc<ManualClock>, Arc<InMemoryStore>) {
         user_affinity: true,
         affinity_ttl: Duration::from_secs(600),
         http_session_idle: IDLE,
+        http_tentative_for: Duration::from_secs(10),
     };
     let pool = Arc::new(Pool::with_store(policy, clock.clone(), store.clone()));
     pool.set_vms(specs(caps));

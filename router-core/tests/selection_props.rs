@@ -16,7 +16,10 @@ const TTL: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone)]
 struct VmCase {
     lifecycle: Lifecycle,
+    /// The SSH side's health.
     health: Health,
+    /// The web side's health.
+    http_health: Health,
     draining: bool,
     weight: u32,
     max_sessions: u32,
@@ -40,7 +43,7 @@ fn health() -> impl Strategy<Value = Health> {
 fn vm_case() -> impl Strategy<Value = VmCase> {
     (
         lifecycle(),
-        health(),
+        (health(), health()),
         prop::bool::weighted(0.2),
         0u32..4,
         0u32..6,
@@ -48,14 +51,17 @@ fn vm_case() -> impl Strategy<Value = VmCase> {
         prop_oneof![Just(None), Just(Some(0.1)), Just(Some(0.5))],
     )
         .prop_map(
-            |(lifecycle, health, draining, weight, max_sessions, preload, hint)| VmCase {
-                lifecycle,
-                health,
-                draining,
-                weight,
-                max_sessions,
-                preload,
-                hint,
+            |(lifecycle, (health, http_health), draining, weight, max_sessions, preload, hint)| {
+                VmCase {
+                    lifecycle,
+                    health,
+                    http_health,
+                    draining,
+                    weight,
+                    max_sessions,
+                    preload,
+                    hint,
+                }
             },
         )
 }
@@ -77,6 +83,7 @@ fn build(cases: &[VmCase]) -> Built {
         user_affinity: true,
         affinity_ttl: TTL,
         http_session_idle: Duration::from_secs(60),
+        http_tentative_for: Duration::from_secs(10),
     };
     let pool = Pool::with_store(policy, clock.clone(), store.clone());
     pool.set_vms(
@@ -99,7 +106,8 @@ fn build(cases: &[VmCase]) -> Built {
             &name(i),
             VmStatus {
                 lifecycle: c.lifecycle,
-                health: c.health,
+                ssh: c.health,
+                http: c.http_health,
                 draining: c.draining,
             },
         );
@@ -111,7 +119,11 @@ fn build(cases: &[VmCase]) -> Built {
 /// The model of "may take this new session".
 fn admits(vm: &Vm, req: &PickRequest<'_>, pinned: bool) -> bool {
     let s = vm.status();
-    let serving = s.lifecycle == Lifecycle::Running && s.health == Health::Up;
+    let health = match req.protocol {
+        Protocol::Ssh => s.ssh,
+        Protocol::Http => s.http,
+    };
+    let serving = s.lifecycle == Lifecycle::Running && health == Health::Up;
     let state_ok = (serving && !s.draining) || (pinned && req.keep_draining && serving);
     let cap = if vm.spec().weight == 0 {
         0
@@ -250,6 +262,7 @@ proptest! {
         let cases: Vec<VmCase> = weights.iter().map(|&w| VmCase {
             lifecycle: Lifecycle::Running,
             health: Health::Up,
+            http_health: Health::Up,
             draining: false,
             weight: w,
             max_sessions: 1000,
@@ -287,6 +300,7 @@ proptest! {
         let cases: Vec<VmCase> = (0..4).map(|i| VmCase {
             lifecycle: Lifecycle::Running,
             health: Health::Up,
+            http_health: Health::Up,
             draining: false,
             weight: 1 + i as u32 % 2,
             max_sessions: 3,
@@ -307,7 +321,7 @@ proptest! {
                         *live > 0 || now.duration_since(*seen) <= TTL
                     });
                     let target = valid.and_then(|(v, _, _)| b.pool.snapshot().get(v).cloned());
-                    let expect_same = target.filter(|t| t.accepts_new_sessions());
+                    let expect_same = target.filter(|t| t.accepts_new_sessions(Protocol::Ssh));
                     if let Ok(g) = b.pool.acquire(&ann) {
                         if let Some(t) = expect_same {
                             prop_assert_eq!(g.vm_name(), t.name());
@@ -336,7 +350,7 @@ proptest! {
                 3 => { others.pop(); }
                 4 => {
                     let s = b.pool.snapshot();
-                    let healthy = s.get(&name(vm)).is_some_and(|v| v.status().health == Health::Up);
+                    let healthy = s.get(&name(vm)).is_some_and(|v| v.status().ssh == Health::Up);
                     b.pool.set_health(&name(vm), if healthy { Health::Down } else { Health::Up });
                 }
                 _ => b.clock.advance(TTL / 3),

@@ -75,6 +75,43 @@ fn admin_api_and_cli_need_the_bearer_token_from_admin_token_file() {
     assert_eq!(http_get(pool.admin, "/healthz").status, 200);
     assert_eq!(http_get(pool.admin, "/metrics").status, 200);
 
+    // The status page names users and VMs: it needs the token too. A browser is asked for
+    // Basic credentials (the token as the password); Bearer works for scripts.
+    let user = pool.user(1);
+    let held = Session::hold(&pool.client(1));
+    for path in ["/status", "/"] {
+        let r = http_get(pool.admin, path);
+        assert_eq!(r.status, 401, "{path} without a token: {}", r.body);
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|v| v.starts_with("Basic")),
+            "{:?}",
+            r.headers
+        );
+        assert!(
+            !r.body.contains(&user),
+            "{path} leaked the user: {}",
+            r.body
+        );
+    }
+    let wrong = format!("Basic {}", data_encoding::BASE64.encode(b"ops:not-it"));
+    let r = http_request(pool.admin, "GET", "/status", &[("Authorization", &wrong)]);
+    assert_eq!(r.status, 401, "{}", r.body);
+    let basic = format!(
+        "Basic {}",
+        data_encoding::BASE64.encode(format!("ops:{TOKEN}").as_bytes())
+    );
+    for auth in [&basic, &bearer] {
+        let page = http_request(pool.admin, "GET", "/status", &[("Authorization", auth)]);
+        assert_eq!(page.status, 200, "{}", page.body);
+        assert!(
+            page.body.contains("vm-a") && page.body.contains(&user),
+            "{}",
+            page.body
+        );
+    }
+    held.end();
+
     // The CLI: without --token-file it fails and says what to pass; with it, it works.
     let out = pool.cli(&["status"]);
     assert!(

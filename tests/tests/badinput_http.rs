@@ -148,11 +148,19 @@ fn serve_upstream(conn: TcpStream, vm: &str, record: &Mutex<Vec<Seen>>) {
 
 /// The gateway's plain HTTP listener in front of `upstreams`, with short limits.
 fn gateway(upstreams: &[&Upstream]) -> HttpGateway {
+    gateway_with(upstreams, &[])
+}
+
+/// [`gateway`] with more `[http]` lines.
+fn gateway_with(upstreams: &[&Upstream], http_options: &[&str]) -> HttpGateway {
     let mut b = HttpGatewayBuilder::new(HEALTH)
         .without_tls()
         .http_option(&format!("idle_timeout = \"{}s\"", IDLE.as_secs()))
         .http_option("max_header_bytes = 8192")
         .http_option("max_uri_bytes = 1024");
+    for option in http_options {
+        b = b.http_option(option);
+    }
     for u in upstreams {
         b = b.vm(&u.name, u.port);
     }
@@ -650,7 +658,9 @@ fn with_cookie(gw: &HttpGateway, cookie: &[u8]) -> (String, Option<String>) {
 #[test]
 fn malformed_forged_tampered_and_expired_cookies_are_ignored_and_the_browser_re_picked() {
     let (a, b) = (Upstream::start("up-a"), Upstream::start("up-b"));
-    let gw = gateway(&[&a, &b]);
+    // Tentative load lasts an hour here, so none of it lapses while the test runs and the model
+    // below stays exact.
+    let gw = gateway_with(&[&a, &b], &["tentative_for = \"1h\""]);
     // The gateway's own cookie secret: valid signatures on bad contents are tested too.
     let secret = std::fs::read(gw.gateway.dir().join("keys/cookie_secret")).unwrap();
     let now = std::time::SystemTime::now()
@@ -659,97 +669,152 @@ fn malformed_forged_tampered_and_expired_cookies_are_ignored_and_the_browser_re_
         .as_secs();
     let sid = [7u8; 16];
 
-    // Without a cookie: the pick (least loaded, deterministic tie-break; cookie-less requests
-    // add no load) and a fresh cookie naming it.
+    // A request without a (valid) cookie goes to the least-loaded VM and weighs on it as
+    // tentative load (`http.tentative_for`), so the next such request goes to the other VM when
+    // their loads differ, else to the first by name. The model of that says where a re-picked
+    // request must land; each bad cookie below names the *other* VM, so a gateway that trusted
+    // it would answer from the wrong one.
+    let mut tentative = std::collections::BTreeMap::from([("up-a", 0u32), ("up-b", 0u32)]);
+    let mut next_pick = move || {
+        let pick = if tentative["up-a"] <= tentative["up-b"] {
+            "up-a"
+        } else {
+            "up-b"
+        };
+        *tentative.entry(pick).or_default() += 1;
+        pick
+    };
+    let other_than = |vm: &str| if vm == "up-a" { "up-b" } else { "up-a" };
+
+    let expected = next_pick();
     let (picked, set) = with_cookie(&gw, b"other=1");
+    assert_eq!(
+        picked, expected,
+        "a first request goes to the least-loaded VM"
+    );
     let first = set.expect("a first response sets the sticky cookie");
     assert_eq!(cookie_vm(&first), picked);
     assert!(cookie_signed_by(&secret, &first));
-    let other = if picked == "up-a" { "up-b" } else { "up-a" };
 
-    let valid_other = sign_cookie(&secret, other, now, &sid);
-    let (head, tag) = valid_other.rsplit_once('.').unwrap();
-    let fields: Vec<&str> = head.split('.').collect();
     let b64 = |s: &str| data_encoding::BASE64URL_NOPAD.encode(s.as_bytes());
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("garbage", b"poolgate_vm=garbage".to_vec()),
-        ("empty", b"poolgate_vm=".to_vec()),
+    // Each case: its name and the cookie, given the VM it must name (the one it must NOT land
+    // on) and the VM it must land on.
+    type Case<'a> = (&'a str, Box<dyn Fn(&str, &str) -> Vec<u8> + 'a>);
+    let valid = |vm: &str| sign_cookie(&secret, vm, now, &sid);
+    let cases: Vec<Case> = vec![
+        ("garbage", Box::new(|_, _| b"poolgate_vm=garbage".to_vec())),
+        ("empty", Box::new(|_, _| b"poolgate_vm=".to_vec())),
         (
             "5000 bytes",
-            format!("poolgate_vm={}", "A".repeat(5000)).into_bytes(),
+            Box::new(|_, _| format!("poolgate_vm={}", "A".repeat(5000)).into_bytes()),
         ),
-        ("too many fields", b"poolgate_vm=a.b.c.d.e.f".to_vec()),
-        ("not base64", b"poolgate_vm=!!.1.!!.!!".to_vec()),
-        ("non-ASCII bytes", b"poolgate_vm=\xff\xfe.1.2.3".to_vec()),
+        (
+            "too many fields",
+            Box::new(|_, _| b"poolgate_vm=a.b.c.d.e.f".to_vec()),
+        ),
+        (
+            "not base64",
+            Box::new(|_, _| b"poolgate_vm=!!.1.!!.!!".to_vec()),
+        ),
+        (
+            "non-ASCII bytes",
+            Box::new(|_, _| b"poolgate_vm=\xff\xfe.1.2.3".to_vec()),
+        ),
         (
             "forged: signed with another key",
-            format!(
-                "poolgate_vm={}",
-                sign_cookie(b"not the gateway's secret", other, now, &sid)
-            )
-            .into_bytes(),
+            Box::new(|named, _| {
+                format!(
+                    "poolgate_vm={}",
+                    sign_cookie(b"not the gateway's secret", named, now, &sid)
+                )
+                .into_bytes()
+            }),
         ),
         (
             "tampered: VM name swapped under a valid tag",
-            format!(
-                "poolgate_vm={}.{}.{}.{tag}",
-                b64(&picked),
-                fields[1],
-                fields[2]
-            )
-            .into_bytes(),
+            Box::new(|named, lands| {
+                let v = valid(lands);
+                let (head, tag) = v.rsplit_once('.').unwrap();
+                let fields: Vec<&str> = head.split('.').collect();
+                format!(
+                    "poolgate_vm={}.{}.{}.{tag}",
+                    b64(named),
+                    fields[1],
+                    fields[2]
+                )
+                .into_bytes()
+            }),
         ),
         (
             "tampered: issue time changed",
-            format!("poolgate_vm={}.{}.{}.{tag}", fields[0], now + 1, fields[2]).into_bytes(),
+            Box::new(|named, _| {
+                let v = valid(named);
+                let (head, tag) = v.rsplit_once('.').unwrap();
+                let fields: Vec<&str> = head.split('.').collect();
+                format!("poolgate_vm={}.{}.{}.{tag}", fields[0], now + 1, fields[2]).into_bytes()
+            }),
         ),
         (
             "tampered: tag truncated",
-            format!("poolgate_vm={}", &valid_other[..valid_other.len() - 4]).into_bytes(),
+            Box::new(|named, _| {
+                let v = valid(named);
+                format!("poolgate_vm={}", &v[..v.len() - 4]).into_bytes()
+            }),
         ),
         (
             "expired (13 h old, affinity_ttl 12 h), valid signature",
-            format!(
-                "poolgate_vm={}",
-                sign_cookie(&secret, other, now - 13 * 3600, &sid)
-            )
-            .into_bytes(),
+            Box::new(|named, _| {
+                format!(
+                    "poolgate_vm={}",
+                    sign_cookie(&secret, named, now - 13 * 3600, &sid)
+                )
+                .into_bytes()
+            }),
         ),
         (
             "issued an hour in the future, valid signature",
-            format!(
-                "poolgate_vm={}",
-                sign_cookie(&secret, other, now + 3600, &sid)
-            )
-            .into_bytes(),
+            Box::new(|named, _| {
+                format!(
+                    "poolgate_vm={}",
+                    sign_cookie(&secret, named, now + 3600, &sid)
+                )
+                .into_bytes()
+            }),
         ),
         (
             "short session id, valid signature",
-            format!(
-                "poolgate_vm={}",
-                sign_cookie(&secret, other, now, &[1u8; 4])
-            )
-            .into_bytes(),
+            Box::new(|named, _| {
+                format!(
+                    "poolgate_vm={}",
+                    sign_cookie(&secret, named, now, &[1u8; 4])
+                )
+                .into_bytes()
+            }),
         ),
         (
             "forged first, valid second: the first counts",
-            format!(
-                "poolgate_vm={}; poolgate_vm={valid_other}",
-                sign_cookie(b"not the gateway's secret", other, now, &sid)
-            )
-            .into_bytes(),
+            Box::new(|named, _| {
+                format!(
+                    "poolgate_vm={}; poolgate_vm={}",
+                    sign_cookie(b"not the gateway's secret", named, now, &sid),
+                    valid(named)
+                )
+                .into_bytes()
+            }),
         ),
     ];
     let mut fresh = None;
     for (what, cookie) in &cases {
-        let (vm, set) = with_cookie(&gw, cookie);
+        let lands = next_pick();
+        let named = other_than(lands);
+        let (vm, set) = with_cookie(&gw, &cookie(named, lands));
         eprintln!("{what}: answered by {vm}, new cookie: {}", set.is_some());
         assert_eq!(
-            vm, picked,
-            "{what}: re-picked like a browser without a cookie"
+            vm, lands,
+            "{what}: re-picked like a browser without a cookie (the cookie named {named})"
         );
         let set = set.unwrap_or_else(|| panic!("{what}: no new cookie set"));
-        assert_eq!(cookie_vm(&set), picked, "{what}");
+        assert_eq!(cookie_vm(&set), lands, "{what}");
         assert!(
             cookie_signed_by(&secret, &set),
             "{what}: the new cookie is signed"
@@ -758,12 +823,15 @@ fn malformed_forged_tampered_and_expired_cookies_are_ignored_and_the_browser_re_
     }
     // The new cookie is honoured: same VM, nothing re-issued.
     let fresh = fresh.unwrap();
+    let fresh_vm = cookie_vm(&fresh);
     let (vm, set) = with_cookie(&gw, format!("poolgate_vm={fresh}").as_bytes());
-    assert_eq!((vm.as_str(), set), (picked.as_str(), None));
-    // Control: a valid cookie for the other VM is obeyed, so the cases above were refused for
-    // what they were, not because cookies are ignored.
-    let (vm, set) = with_cookie(&gw, format!("poolgate_vm={valid_other}").as_bytes());
-    assert_eq!((vm.as_str(), set), (other, None));
+    assert_eq!((vm.as_str(), set), (fresh_vm.as_str(), None));
+    // Control: a valid cookie for either VM is obeyed, so the cases above were refused for what
+    // they were, not because cookies are ignored.
+    for vm_named in ["up-a", "up-b"] {
+        let (vm, set) = with_cookie(&gw, format!("poolgate_vm={}", valid(vm_named)).as_bytes());
+        assert_eq!((vm.as_str(), set), (vm_named, None));
+    }
     // A validly signed cookie naming a VM that is not in the pool (deleted, or a name never
     // issued): routed to a pool VM and re-pinned there. Its session now counts as load, so it
     // comes last.

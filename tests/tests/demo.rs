@@ -43,6 +43,8 @@ impl Demo {
             .arg(dir.path().join("state"))
             .args(extra)
             .env_remove("POOLGATE_LOG")
+            // The log is read by the tests: no colour codes between a field and its value.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -202,6 +204,27 @@ fn demo_wakes_a_vm_for_the_first_login_serves_ssh_and_stops_when_everyone_leaves
         stderr(&out)
     );
     eprintln!("first login (VM boot included): {:?}", started.elapsed());
+    // Woken for one user with spare_vms = 0: one VM, not two. The woken VM runs a moment before
+    // its first probe passes; the autoscaler counts it as on its way, not as a reason to start
+    // another for the user still waiting.
+    let log = demo.log();
+    let starts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("autoscaler") && l.contains("action=Start("))
+        .collect();
+    assert_eq!(
+        starts.len(),
+        1,
+        "one start for one waiting user: {starts:#?}"
+    );
+    assert!(starts[0].contains("action=Start(1)"), "{starts:#?}");
+    let lifecycles = demo.lifecycles();
+    assert!(
+        lifecycles
+            .iter()
+            .all(|(vm, l)| vm == "demo-1" || l == "stopped"),
+        "only demo-1 was started: {lifecycles:?}"
+    );
 
     // A pty with `ssh -tt`.
     let out = run_with_timeout(

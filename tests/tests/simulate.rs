@@ -189,6 +189,33 @@ fn detached_jobs_are_killed_by_the_cpu_rule_but_not_by_the_policy() {
         "{stdout}"
     );
 
+    // A what-if file turning the busy check off: the policy then kills the runs too.
+    let blind = dir.path().join("no-busy-check.toml");
+    std::fs::write(&blind, "[autoscale]\nbusy_command = []\n").expect("write what-if");
+    let out = simulate(&[
+        "--trace",
+        &trace,
+        "--jobs",
+        &jobs,
+        "--config",
+        &blind.display().to_string(),
+        "--format",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).expect("one JSON object");
+    assert!(
+        v["policy"]["killed_sessions"]
+            .as_u64()
+            .is_some_and(|k| k >= 1),
+        "without the busy check the policy kills detached jobs: {v}"
+    );
+
     // The committed sample week with its detached jobs: the policy kills none of them.
     let out = simulate(&[
         "--trace",
@@ -218,4 +245,124 @@ fn detached_jobs_are_killed_by_the_cpu_rule_but_not_by_the_policy() {
         stderr.contains("bad.csv") && stderr.contains("line 2"),
         "{stderr}"
     );
+}
+
+/// `simulate --config FILE --format json` on the sample week; the parsed report.
+fn simulate_with(config: &std::path::Path) -> serde_json::Value {
+    let out = simulate(&[
+        "--config",
+        config.to_str().expect("a UTF-8 temp path"),
+        "--trace",
+        "benches/traces/sample-week.csv",
+        "--format",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "simulate --config {} failed: {}",
+        config.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+#[test]
+fn a_what_if_file_with_only_autoscale_is_replayed_with_its_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, max_vms: u32| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "# what if the pool were capped?\n[autoscale]\nenabled = true\nmax_vms = {max_vms}\nsessions_per_vm = 4\nscale_in_after = \"10m\"\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let small = simulate_with(&write("only-autoscale-2.toml", 2));
+    let large = simulate_with(&write("only-autoscale-6.toml", 6));
+    // Always-on runs max_vms VMs all week: the file's value, not the default 10.
+    assert_eq!(small["always_on"]["peak_vms"], 2, "{small}");
+    assert_eq!(large["always_on"]["peak_vms"], 6, "{large}");
+    let (small_peak, large_peak) = (
+        small["policy"]["peak_vms"].as_u64().unwrap(),
+        large["policy"]["peak_vms"].as_u64().unwrap(),
+    );
+    assert!(small_peak <= 2, "{small}");
+    assert!(
+        large_peak > small_peak,
+        "a larger max_vms lets the policy grow further on the sample week: {small_peak} vs {large_peak}"
+    );
+    // Nothing was generated next to the file (no keys, no cookie secret).
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["only-autoscale-2.toml", "only-autoscale-6.toml"]);
+}
+
+#[test]
+fn a_full_gateway_config_works_without_the_files_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("poolgate.toml");
+    // known_hosts, TLS and keys are on the gateway host, not here; the exec provider's
+    // programs do not exist either. Only [autoscale] and pool.exec.max_sessions are used.
+    std::fs::write(
+        &path,
+        r#"
+[listen]
+https = "0.0.0.0:8443"
+[tls]
+cert = "/nonexistent/poolgate/cert.pem"
+key = "/nonexistent/poolgate/key.pem"
+[ssh]
+host_keys = ["/nonexistent/poolgate/ssh_host_ed25519_key"]
+backend_known_hosts = "/nonexistent/poolgate/known_hosts"
+[pool]
+provider = "exec"
+[pool.exec]
+list = ["/nonexistent/pool-vms", "list"]
+start = ["/nonexistent/pool-vms", "start"]
+stop = ["/nonexistent/pool-vms", "stop"]
+max_sessions = 6
+[autoscale]
+enabled = true
+max_vms = 3
+"#,
+    )
+    .unwrap();
+    let v = simulate_with(&path);
+    assert_eq!(v["always_on"]["peak_vms"], 3, "{v}");
+    assert!(v["policy"]["peak_vms"].as_u64().unwrap() <= 3, "{v}");
+}
+
+#[test]
+fn a_bad_autoscale_value_fails_with_its_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("what-if.toml");
+    std::fs::write(
+        &path,
+        "[autoscale]\nmax_vms = 0\ntick = \"5 parsecs\"\ncooldwn = \"1m\"\n",
+    )
+    .unwrap();
+    let out = simulate(&[
+        "--config",
+        path.to_str().unwrap(),
+        "--trace",
+        "benches/traces/sample-week.csv",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty(), "no report on a bad file");
+    for needle in [
+        "autoscale.max_vms: must be at least 1",
+        "autoscale.tick: ",
+        "autoscale.cooldwn: unknown key (did you mean \"cooldown\"?)",
+        "what-if.toml: 3 error(s)",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} not in:\n{stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

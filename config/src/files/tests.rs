@@ -58,7 +58,7 @@ fn secret_with_open_permissions_is_an_error() {
     fs::set_permissions(&ca, fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(messages(&c), Vec::<String>::new());
     let secret = dir.path().join("keys/cookie_secret");
-    write(&secret, "s3cret", 0o640);
+    write(&secret, "0123456789abcdef0123456789abcdef", 0o640);
     let errs = messages(&c);
     assert_eq!(errs.len(), 1, "{errs:#?}");
     assert!(
@@ -66,6 +66,23 @@ fn secret_with_open_permissions_is_an_error() {
         "{errs:#?}"
     );
     assert!(errs[0].contains("has permissions 0640"), "{errs:#?}");
+}
+
+#[test]
+fn a_cookie_secret_too_short_for_the_gateway_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config_in(dir.path());
+    let secret = dir.path().join("keys/cookie_secret");
+    write(&secret, "s3cret", 0o600);
+    assert_eq!(
+        messages(&c),
+        vec![format!(
+            "http.cookie_secret_file: {0} holds 6 bytes, a cookie secret needs at least 16 (delete it to have poolgate generate one, or write one: head -c 32 /dev/urandom > {0} && chmod 600 {0})",
+            secret.display()
+        )]
+    );
+    write(&secret, "0123456789abcdef", 0o600);
+    assert_eq!(messages(&c), Vec::<String>::new());
 }
 
 #[test]

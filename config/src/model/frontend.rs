@@ -7,7 +7,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::enums::{Affinity, BackendScheme, PasswordAuth};
-use crate::serde_util::{duration, opt_duration, opt_port, opt_socket_addr, socket_addr};
+use crate::serde_util::{
+    duration, listener_or_off, opt_duration, opt_port, opt_socket_addr, serialize_listener_or_off,
+    socket_addr,
+};
 
 /// `[listen]`: the addresses poolgate accepts connections on.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -16,9 +19,14 @@ pub struct Listen {
     /// SSH front door. Default `0.0.0.0:2222`.
     #[serde(deserialize_with = "socket_addr")]
     pub ssh: SocketAddr,
-    /// Plain HTTP; redirects to HTTPS when `[tls]` is set. Default `0.0.0.0:8080`.
-    #[serde(deserialize_with = "socket_addr")]
-    pub http: SocketAddr,
+    /// Plain HTTP; redirects to HTTPS when `[tls]` is set. Default `0.0.0.0:8080`. `"off"`: no
+    /// plain HTTP listener (with no `listen.https` either, the gateway serves SSH only and does
+    /// not probe the VMs' web side).
+    #[serde(
+        deserialize_with = "listener_or_off",
+        serialize_with = "serialize_listener_or_off"
+    )]
+    pub http: Option<SocketAddr>,
     /// HTTPS; needs `[tls]`. Default unset.
     #[serde(
         deserialize_with = "opt_socket_addr",
@@ -34,10 +42,17 @@ impl Default for Listen {
     fn default() -> Self {
         Self {
             ssh: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 2222)),
-            http: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8080)),
+            http: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8080))),
             https: None,
             admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
         }
+    }
+}
+
+impl Listen {
+    /// Whether the gateway serves browsers at all (a plain HTTP or an HTTPS listener).
+    pub fn serves_http(&self) -> bool {
+        self.http.is_some() || self.https.is_some()
     }
 }
 
@@ -154,6 +169,11 @@ pub struct Http {
     /// A browser session counts as active while its cookie was seen within this time.
     #[serde(with = "duration")]
     pub session_idle: Duration,
+    /// A browser sent to a VM by its first request weighs on that VM's load for this long, or
+    /// until it comes back with its cookie (then it is a session), so browsers arriving together
+    /// spread over the pool. Never counts against `max_sessions`.
+    #[serde(with = "duration")]
+    pub tentative_for: Duration,
     /// Scheme used to reach the VMs: `http` or `https`.
     pub backend_scheme: BackendScheme,
     /// Time allowed to connect to a VM.
@@ -180,6 +200,7 @@ impl Default for Http {
             cookie_name: "poolgate_vm".to_owned(),
             cookie_secret_file: PathBuf::from("keys/cookie_secret"),
             session_idle: Duration::from_secs(30 * 60),
+            tentative_for: Duration::from_secs(10),
             backend_scheme: BackendScheme::Http,
             connect_timeout: Duration::from_secs(10),
             response_header_timeout: Duration::from_secs(60),

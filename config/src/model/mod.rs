@@ -130,7 +130,10 @@ mod tests {
     fn defaults_match_the_contract() {
         let c = Config::default();
         assert_eq!(c.listen.ssh, "0.0.0.0:2222".parse::<SocketAddr>().unwrap());
-        assert_eq!(c.listen.http, "0.0.0.0:8080".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            c.listen.http,
+            Some("0.0.0.0:8080".parse::<SocketAddr>().unwrap())
+        );
         assert_eq!(c.listen.https, None);
         assert_eq!(
             c.listen.admin,

@@ -2,11 +2,13 @@
 
 mod pool;
 
+pub(crate) use pool::{autoscale_policy, max_sessions};
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::enums::Affinity;
+use crate::enums::{Affinity, BackendScheme};
 use crate::error::ValidationError;
 use crate::model::{Config, starts_with_tilde};
 use crate::serde_util::format_duration;
@@ -90,8 +92,10 @@ fn listen(c: &Config, r: &mut Report) {
             "HTTPS needs a [tls] section with cert and key (add [tls], or remove listen.https)",
         );
     }
-    let mut listeners: Vec<(&str, SocketAddr)> =
-        vec![("listen.ssh", c.listen.ssh), ("listen.http", c.listen.http)];
+    let mut listeners: Vec<(&str, SocketAddr)> = vec![("listen.ssh", c.listen.ssh)];
+    if let Some(http) = c.listen.http {
+        listeners.push(("listen.http", http));
+    }
     if let Some(https) = c.listen.https {
         listeners.push(("listen.https", https));
     }
@@ -236,8 +240,15 @@ fn http(c: &Config, r: &mut Report) {
             ),
         );
     }
+    if h.backend_scheme == BackendScheme::Https {
+        r.err(
+            "http.backend_scheme",
+            "\"https\" is not supported yet: the gateway reaches JupyterHub on the VMs over plain HTTP on their private network (set backend_scheme = \"http\", or remove the key)",
+        );
+    }
     r.path("http.cookie_secret_file", &h.cookie_secret_file);
     r.positive("http.session_idle", h.session_idle);
+    r.positive("http.tentative_for", h.tentative_for);
     r.positive("http.connect_timeout", h.connect_timeout);
     r.positive("http.response_header_timeout", h.response_header_timeout);
     r.positive("http.idle_timeout", h.idle_timeout);

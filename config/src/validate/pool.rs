@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use super::Report;
 use crate::enums::{Credential, Provider};
-use crate::model::{Backend, Config};
+use crate::model::{Autoscale, Backend, Config};
 
 /// Per-VM settings shared by backends, `[pool.azure]` and `[pool.exec]`.
 fn vm_settings(r: &mut Report, prefix: &str, ssh_port: u16, http_port: u16, weight: u32, max: u32) {
@@ -15,6 +15,11 @@ fn vm_settings(r: &mut Report, prefix: &str, ssh_port: u16, http_port: u16, weig
         weight.into(),
         "load is divided by the weight",
     );
+    max_sessions(r, prefix, max);
+}
+
+/// `{prefix}.max_sessions` must be at least 1 (also checked by `poolgate simulate`).
+pub(crate) fn max_sessions(r: &mut Report, prefix: &str, max: u32) {
     r.at_least_one(
         &format!("{prefix}.max_sessions"),
         max.into(),
@@ -278,7 +283,35 @@ pub(super) fn pool(c: &Config, provider_known: bool, r: &mut Report) {
 }
 
 pub(super) fn autoscale(c: &Config, provider_known: bool, r: &mut Report) {
+    autoscale_policy(&c.autoscale, r);
     let a = &c.autoscale;
+    if !provider_known || !a.enabled {
+        return;
+    }
+    match c.pool.provider {
+        Provider::Static => r.err(
+            "autoscale.enabled",
+            "the static provider cannot scale (set pool.provider to \"azure-vmss\", \"exec\" or \"demo\", or enabled = false)",
+        ),
+        Provider::Exec => {
+            if let Some(ex) = &c.pool.exec {
+                let can_create = ex.create.is_some() && ex.delete.is_some();
+                let can_start = ex.start.is_some() && ex.stop.is_some();
+                if !can_create && !can_start {
+                    r.err(
+                        "autoscale.enabled",
+                        "the exec provider can only scale with pool.exec.create and pool.exec.delete, or pool.exec.start and pool.exec.stop (set them, or enabled = false)",
+                    );
+                }
+            }
+        }
+        Provider::AzureVmss | Provider::Demo => {}
+    }
+}
+
+/// The checks of `[autoscale]` that do not depend on the pool (also what `poolgate simulate`
+/// validates).
+pub(crate) fn autoscale_policy(a: &Autoscale, r: &mut Report) {
     if a.min_vms > a.max_vms {
         r.err(
             "autoscale.min_vms",
@@ -307,32 +340,10 @@ pub(super) fn autoscale(c: &Config, provider_known: bool, r: &mut Report) {
         r.positive("autoscale.hold_connect_for", a.hold_connect_for);
     }
     busy_check(a, r);
-    if !provider_known || !a.enabled {
-        return;
-    }
-    match c.pool.provider {
-        Provider::Static => r.err(
-            "autoscale.enabled",
-            "the static provider cannot scale (set pool.provider to \"azure-vmss\", \"exec\" or \"demo\", or enabled = false)",
-        ),
-        Provider::Exec => {
-            if let Some(ex) = &c.pool.exec {
-                let can_create = ex.create.is_some() && ex.delete.is_some();
-                let can_start = ex.start.is_some() && ex.stop.is_some();
-                if !can_create && !can_start {
-                    r.err(
-                        "autoscale.enabled",
-                        "the exec provider can only scale with pool.exec.create and pool.exec.delete, or pool.exec.start and pool.exec.stop (set them, or enabled = false)",
-                    );
-                }
-            }
-        }
-        Provider::AzureVmss | Provider::Demo => {}
-    }
 }
 
 /// `autoscale.busy_*`: the command run on a VM before scale-in, and who runs it.
-fn busy_check(a: &crate::model::Autoscale, r: &mut Report) {
+fn busy_check(a: &Autoscale, r: &mut Report) {
     if a.busy_command.is_empty() {
         // `[]` turns the check off: nothing else to check.
         return;

@@ -260,14 +260,14 @@ fn ssh_rules() {
 #[test]
 fn listeners_and_admin() {
     let mut c = valid();
-    c.listen.http = ([127, 0, 0, 1], 2222).into();
+    c.listen.http = Some(([127, 0, 0, 1], 2222).into());
     has(
         &c,
         "listen.http: 127.0.0.1:2222 collides with listen.ssh (0.0.0.0:2222) (give each listener its own port)",
     );
     let mut c = valid();
     c.listen.ssh = ([127, 0, 0, 1], 0).into();
-    c.listen.http = ([127, 0, 0, 1], 0).into();
+    c.listen.http = Some(([127, 0, 0, 1], 0).into());
     c.listen.admin = ([127, 0, 0, 1], 0).into();
     assert_eq!(
         messages(&c),
@@ -300,6 +300,11 @@ fn health_and_http_rules() {
     has_key(&c, "health.fall");
     has(&c, "health.load_metrics_port: must be between 1 and 65535");
     has_key(&c, "http.max_header_bytes");
+    c.http.backend_scheme = crate::BackendScheme::Https;
+    has(
+        &c,
+        "http.backend_scheme: \"https\" is not supported yet: the gateway reaches JupyterHub on the VMs over plain HTTP on their private network (set backend_scheme = \"http\", or remove the key)",
+    );
 }
 
 #[test]

@@ -94,8 +94,10 @@ pub struct VmView {
     pub max_sessions: u32,
     /// starting | healthy | unhealthy | draining | stopped.
     pub state: String,
-    /// unknown | up | down.
+    /// unknown | up | down, over both protocols: up when either side is up.
     pub health: String,
+    /// Each protocol's side: its health and whether it takes new sessions.
+    pub protocols: ProtocolSides,
     /// What the provider says: starting | running | stopping | stopped.
     pub lifecycle: String,
     /// Drained by an operator or the autoscaler.
@@ -106,12 +108,36 @@ pub struct VmView {
     pub load_hint: Option<f64>,
     /// Seconds since the VM last had no session, when idle.
     pub idle_seconds: Option<f64>,
-    /// Recent probe results, oldest first.
+    /// Recent results of the sides that have a probe of their own, oldest first.
     pub health_history: Vec<Probe>,
     /// Last busy check: true = kept because work runs there outside the gateway (or the check
     /// could not tell), false = idle, null = not checked (in use, or not a scale-in candidate).
     #[serde(default)]
     pub busy: Option<bool>,
+}
+
+/// A VM's two sides.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ProtocolSides {
+    /// sshd.
+    pub ssh: ProtocolSide,
+    /// The web side (JupyterHub).
+    pub http: ProtocolSide,
+}
+
+/// One protocol's side of a VM.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ProtocolSide {
+    /// unknown | up | down (unknown: not probed yet, or the gateway does not serve this
+    /// protocol).
+    pub health: String,
+    /// New sessions of this protocol may go here now (running, this side up, not draining, below
+    /// `max_sessions`).
+    pub accepts_new: bool,
+    /// This side has a probe of its own (else its health follows the sides that are probed).
+    pub probed: bool,
+    /// Recent results of this side, oldest first.
+    pub history: Vec<Probe>,
 }
 
 /// Sessions by protocol.
@@ -168,6 +194,23 @@ pub fn vms(state: &AdminState) -> Vec<VmView> {
         .map(|vm| {
             let spec = vm.spec();
             let status = vm.status();
+            let history = |protocol: Protocol| -> Vec<Probe> {
+                state
+                    .health
+                    .history(&spec.name, protocol)
+                    .into_iter()
+                    .map(|(age, ok)| Probe {
+                        age_seconds: age.as_secs_f64(),
+                        ok,
+                    })
+                    .collect()
+            };
+            let side = |vm: &router_core::Vm, protocol: Protocol| ProtocolSide {
+                health: status.health_of(protocol).as_str().to_string(),
+                accepts_new: vm.accepts_new_sessions(protocol),
+                probed: state.health.probes(protocol),
+                history: history(protocol),
+            };
             let (ssh, http) = (vm.sessions(Protocol::Ssh), vm.sessions(Protocol::Http));
             VmView {
                 name: spec.name.clone(),
@@ -177,7 +220,11 @@ pub fn vms(state: &AdminState) -> Vec<VmView> {
                 weight: spec.weight,
                 max_sessions: spec.max_sessions,
                 state: vm.state().as_str().to_string(),
-                health: status.health.as_str().to_string(),
+                health: status.health().as_str().to_string(),
+                protocols: ProtocolSides {
+                    ssh: side(vm, Protocol::Ssh),
+                    http: side(vm, Protocol::Http),
+                },
                 lifecycle: status.lifecycle.as_str().to_string(),
                 draining: status.draining,
                 sessions: SessionCounts {
@@ -189,15 +236,15 @@ pub fn vms(state: &AdminState) -> Vec<VmView> {
                 idle_seconds: vm
                     .idle_since()
                     .map(|since| now.saturating_duration_since(since).as_secs_f64()),
-                health_history: state
-                    .health
-                    .history(&spec.name)
-                    .into_iter()
-                    .map(|(age, ok)| Probe {
-                        age_seconds: age.as_secs_f64(),
-                        ok,
-                    })
-                    .collect(),
+                health_history: {
+                    let mut all: Vec<Probe> = Protocol::ALL
+                        .iter()
+                        .filter(|&&p| state.health.probes(p))
+                        .flat_map(|&p| history(p))
+                        .collect();
+                    all.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
+                    all
+                },
                 busy: busy.get(&spec.name).copied(),
             }
         })
@@ -228,15 +275,30 @@ pub fn sessions(state: &AdminState) -> Vec<SessionView> {
     list
 }
 
+/// Whether the request carries the admin token (when one is configured): `Authorization: Bearer
+/// TOKEN`, or — so that a browser can open `/status` — HTTP Basic with the token as the password
+/// (any user name).
 fn authorized(state: &AdminState, authorization: Option<&str>) -> bool {
     let Some(token) = &state.token else {
         return true;
     };
-    let Some(given) = authorization.and_then(|h| h.strip_prefix("Bearer ")) else {
+    let Some(header) = authorization else {
         return false;
     };
-    // Constant-time comparison: the token is a secret.
-    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    if let Some(given) = header.strip_prefix("Bearer ") {
+        return same_secret(given.trim().as_bytes(), token.as_bytes());
+    }
+    if let Some(encoded) = header.strip_prefix("Basic ")
+        && let Ok(decoded) = data_encoding::BASE64.decode(encoded.trim().as_bytes())
+        && let Some(colon) = decoded.iter().position(|&b| b == b':')
+    {
+        return same_secret(&decoded[colon + 1..], token.as_bytes());
+    }
+    false
+}
+
+/// Constant-time comparison: the token is a secret.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -253,6 +315,15 @@ pub fn handle(state: &AdminState, method: &str, path: &str, authorization: Optio
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             body: state.metrics.render(&state.pool),
+        },
+        // The page names users: with a token configured it needs the token too.
+        ("GET" | "HEAD", "/status" | "/") if !authorized(state, authorization) => Reply {
+            status: 401,
+            content_type: "text/plain; charset=utf-8",
+            body: "the status page needs the admin token (admin.token_file): send \
+                   `Authorization: Bearer TOKEN`, or in a browser log in with any user name and \
+                   the token as the password\n"
+                .into(),
         },
         ("GET" | "HEAD", "/status" | "/") => Reply {
             status: 200,
@@ -334,6 +405,8 @@ mod tests {
                 policy: HealthPolicy::default(),
                 ssh: true,
                 http: false,
+                serve_ssh: true,
+                serve_http: true,
                 http_path: "/".into(),
                 load_metrics: None,
             },
@@ -360,6 +433,43 @@ mod tests {
             200
         );
         assert_eq!(handle(&s, "GET", "/healthz", None).status, 200);
+    }
+
+    #[test]
+    fn status_page_needs_the_token_when_configured() {
+        let s = state(Some("s3cret"));
+        // The page names users: no token, no page.
+        for path in ["/status", "/"] {
+            let r = handle(&s, "GET", path, None);
+            assert_eq!(r.status, 401, "{path}");
+            assert!(!r.body.contains("vm-a"), "{}", r.body);
+        }
+        assert_eq!(
+            handle(&s, "GET", "/status", Some("Bearer s3cret")).status,
+            200
+        );
+        // A browser: Basic with any user and the token as the password.
+        let basic = |user_pass: &str| {
+            format!(
+                "Basic {}",
+                data_encoding::BASE64.encode(user_pass.as_bytes())
+            )
+        };
+        let ok = handle(&s, "GET", "/status", Some(&basic("admin:s3cret")));
+        assert_eq!(ok.status, 200);
+        assert!(ok.body.contains("vm-a"));
+        for wrong in ["admin:nope", "s3cret", "admin:s3cret:x"] {
+            let r = handle(&s, "GET", "/status", Some(&basic(wrong)));
+            assert_eq!(r.status, 401, "{wrong}");
+        }
+        assert_eq!(
+            handle(&s, "GET", "/status", Some("Basic !!!not-base64")).status,
+            401
+        );
+        // Metrics and liveness stay open for scrapers and load balancers.
+        assert_eq!(handle(&s, "GET", "/metrics", None).status, 200);
+        // Without a token configured the page is open, as before.
+        assert_eq!(handle(&state(None), "GET", "/status", None).status, 200);
     }
 
     #[test]
@@ -449,6 +559,8 @@ mod busy_tests {
                 policy: HealthPolicy::default(),
                 ssh: true,
                 http: false,
+                serve_ssh: true,
+                serve_http: true,
                 http_path: "/".into(),
                 load_metrics: None,
             },

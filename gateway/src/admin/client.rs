@@ -151,7 +151,10 @@ pub fn table(vms: &[VmView]) -> String {
             vm.sessions.ssh.to_string(),
             vm.sessions.http.to_string(),
             format!("{}/{}", vm.sessions.total, vm.max_sessions),
-            vm.health.clone(),
+            format!(
+                "ssh {} · web {}",
+                vm.protocols.ssh.health, vm.protocols.http.health
+            ),
             format!("{}:{}", vm.host, vm.ssh_port),
         ]);
     }

@@ -44,9 +44,15 @@ pub fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full
         .headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if reply.status == 401 {
+        // The page is opened in a browser: ask for Basic (the token as the password) there.
+        let challenge = if request.uri().path().starts_with("/api/") {
+            "Bearer realm=\"poolgate admin\""
+        } else {
+            "Basic realm=\"poolgate admin\", charset=\"UTF-8\""
+        };
         response.headers_mut().insert(
             hyper::header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"poolgate admin\""),
+            HeaderValue::from_static(challenge),
         );
     }
     response

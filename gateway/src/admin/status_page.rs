@@ -36,7 +36,8 @@ th{font-weight:600;color:#556;background:#fafbfc}
 .bar{position:relative;width:160px;height:14px;background:#eef0f3;border-radius:7px;overflow:hidden;display:inline-block;vertical-align:middle}
 .bar span{position:absolute;top:0;height:100%}
 .bar .ssh{background:#3a78d6}.bar .http{background:#e08a2e}
-.tl{display:inline-flex;gap:2px;vertical-align:middle}.tl i{width:6px;height:14px;border-radius:1px;display:inline-block}
+.tl{display:inline-block;vertical-align:middle;line-height:18px}.tl i{width:6px;height:14px;border-radius:1px;display:inline-block;margin-right:2px;vertical-align:middle}
+.side{display:inline-block;width:76px;font-size:12px;color:#556}.side.down{color:#d64545;font-weight:600}
 .ok{background:#2e9d5b}.bad{background:#d64545}
 .legend span{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 4px 0 10px}
 .muted{color:#889}
@@ -97,7 +98,7 @@ pub fn render(
     }
 
     html.push_str(
-        "<table><tr><th>VM</th><th>state</th><th>load</th><th>sessions</th><th>recent health</th><th>address</th></tr>",
+        "<table><tr><th>VM</th><th>state</th><th>load</th><th>sessions</th><th>health by side</th><th>address</th></tr>",
     );
     if vms.is_empty() {
         html.push_str("<tr><td colspan=\"6\" class=\"muted\">The pool has no VMs.</td></tr>");
@@ -124,13 +125,24 @@ pub fn render(
             ssh = vm.sessions.ssh,
             http = vm.sessions.http,
         );
-        for probe in vm.health_history.iter().rev().take(24).rev() {
+        let sides = [("ssh", &vm.protocols.ssh), ("web", &vm.protocols.http)];
+        for (i, (label, side)) in sides.into_iter().filter(|(_, s)| s.probed).enumerate() {
+            if i > 0 {
+                html.push_str("<br>");
+            }
             let _ = write!(
                 html,
-                "<i class=\"{}\" title=\"{:.0} s ago\"></i>",
-                if probe.ok { "ok" } else { "bad" },
-                probe.age_seconds
+                "<span class=\"side {health}\" title=\"{label} side: {health}\">{label} {health}</span> ",
+                health = escape(&side.health),
             );
+            for probe in side.history.iter().rev().take(16).rev() {
+                let _ = write!(
+                    html,
+                    "<i class=\"{}\" title=\"{:.0} s ago\"></i>",
+                    if probe.ok { "ok" } else { "bad" },
+                    probe.age_seconds
+                );
+            }
         }
         let _ = write!(
             html,

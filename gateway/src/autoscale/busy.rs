@@ -372,6 +372,8 @@ mod tests {
             sessions: 0,
             idle_since: Some(since),
             busy: false,
+            probed: true,
+            accepts_new: true,
         }
     }
 

@@ -168,7 +168,8 @@ impl Driver {
         }
     }
 
-    /// Waits until some VM takes new sessions, up to `hold_connect_for`. True when one does.
+    /// Waits until some VM takes new sessions of `protocol`, up to `hold_connect_for`. True when
+    /// one does.
     pub async fn wait_for_vm(self: &Arc<Self>, protocol: router_core::Protocol) -> bool {
         let _guard = self.wait_guard(protocol);
         let deadline = tokio::time::Instant::now() + self.settings.hold_connect_for;
@@ -178,7 +179,7 @@ impl Driver {
                 .snapshot()
                 .vms()
                 .iter()
-                .any(|vm| vm.accepts_new_sessions())
+                .any(|vm| vm.accepts_new_sessions(protocol))
             {
                 return true;
             }
@@ -225,6 +226,10 @@ impl Driver {
                     sessions: vm.total_sessions(),
                     idle_since: vm.idle_since(),
                     busy: false,
+                    probed: status.health() != router_core::Health::Unknown,
+                    accepts_new: router_core::Protocol::ALL
+                        .iter()
+                        .any(|&p| vm.accepts_new_sessions(p)),
                 }
             })
             .collect();

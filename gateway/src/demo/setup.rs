@@ -245,7 +245,7 @@ pub fn config(options: &DemoOptions, state_dir: &Path) -> Config {
     let mut config = Config::default();
     let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
     config.listen.ssh = loopback(options.ssh_port);
-    config.listen.http = loopback(options.http_port);
+    config.listen.http = Some(loopback(options.http_port));
     config.listen.https = None;
     config.listen.admin = loopback(options.admin_port);
     config.gateway.shutdown_grace = Duration::from_secs(3);
@@ -384,7 +384,8 @@ mod tests {
     #[test]
     fn config_is_loopback_only_and_verifies_vm_host_keys() {
         let config = config(&options(), Path::new("/state"));
-        for addr in [config.listen.ssh, config.listen.http, config.listen.admin] {
+        let http = config.listen.http.expect("the demo serves HTTP");
+        for addr in [config.listen.ssh, http, config.listen.admin] {
             assert!(addr.ip().is_loopback(), "{addr}");
         }
         assert!(config.listen.https.is_none());

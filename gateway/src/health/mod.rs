@@ -2,14 +2,19 @@
 //!
 //! Each VM is probed every `health.interval` (with a random offset so many VMs are not probed at
 //! once): SSH by reading the server's `SSH-2.0-` banner, HTTP by a `GET health.http_path` that must
-//! answer 2xx. Results feed router-core's rise/fall state machine; a failed connection from a real
-//! session counts as a failed probe at once ([`HealthChecker::report_failure`]).
+//! answer 2xx. Health is kept per protocol: each side's results feed its own rise/fall state
+//! machine (router-core), SSH sessions go to VMs whose SSH side is up and browsers to VMs whose
+//! web side is up, so a crashed JupyterHub never turns SSH users away (and the reverse). A
+//! protocol the gateway does not serve is not probed; a served protocol whose probe is switched
+//! off (`health.ssh`/`health.http = false`) goes by the probes that do run (up while they pass,
+//! and while the VM runs when none does). A failed connection from a real session counts as a failed
+//! probe of its protocol at once ([`HealthChecker::report_failure`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use router_core::{Health, HealthPolicy, HealthTracker, Lifecycle, Pool, Transition};
+use router_core::{Health, HealthPolicy, HealthTracker, Lifecycle, Pool, Protocol, Transition};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -27,16 +32,20 @@ pub struct HealthSettings {
     pub ssh: bool,
     /// Probe the web side.
     pub http: bool,
+    /// The gateway serves SSH (its SSH side is checked at all).
+    pub serve_ssh: bool,
+    /// The gateway serves browsers (its web side is checked at all).
+    pub serve_http: bool,
     /// Path of the HTTP probe.
     pub http_path: String,
     /// node_exporter port and path to scrape `node_load1` from, when configured.
     pub load_metrics: Option<(u16, String)>,
 }
 
-/// Result of one probe round of a VM.
+/// Result of one probe of one side of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeResult {
-    /// All enabled probes passed.
+    /// The probe passed (or is switched off).
     Ok,
     /// A probe failed (why).
     Failed(String),
@@ -46,7 +55,7 @@ pub enum ProbeResult {
 pub struct HealthChecker {
     pool: Arc<Pool>,
     settings: std::sync::RwLock<HealthSettings>,
-    trackers: Mutex<HashMap<String, HealthTracker>>,
+    trackers: Mutex<HashMap<(String, Protocol), HealthTracker>>,
 }
 
 impl std::fmt::Debug for HealthChecker {
@@ -87,25 +96,39 @@ impl HealthChecker {
         }
     }
 
-    /// Feeds one result for `vm`; applies and logs a state change.
-    pub fn observe(&self, vm: &str, result: &ProbeResult) -> Option<Transition> {
+    /// Feeds one result for `protocol` on `vm`; applies and logs a state change.
+    pub fn observe(
+        &self,
+        vm: &str,
+        protocol: Protocol,
+        result: &ProbeResult,
+    ) -> Option<Transition> {
         let now = self.pool.clock().now();
         let ok = *result == ProbeResult::Ok;
         let transition = {
             let mut trackers = self.trackers.lock().ok()?;
             let tracker = trackers
-                .entry(vm.to_string())
+                .entry((vm.to_string(), protocol))
                 .or_insert_with(|| HealthTracker::new(self.settings().policy));
             tracker.observe(ok, now)
         };
         if let Some(t) = transition {
-            self.pool.set_health(vm, t.to);
-            match (t.to, result) {
-                (Health::Up, _) => tracing::info!(%vm, from = %t.from, "VM is up"),
-                (_, ProbeResult::Failed(reason)) => {
-                    tracing::warn!(%vm, from = %t.from, %reason, "VM is down; no new sessions go there")
+            self.pool.set_protocol_health(vm, protocol, t.to);
+            let side = side_name(protocol);
+            if !self.probes(protocol) {
+                // This side follows the probes that do run: their own lines tell the story.
+                tracing::debug!(%vm, %protocol, from = %t.from, to = %t.to, "VM's {side} follows the probed sides");
+            } else {
+                match (t.to, result) {
+                    (Health::Up, _) => {
+                        tracing::info!(%vm, %protocol, from = %t.from, "VM is up on its {side}")
+                    }
+                    (_, ProbeResult::Failed(reason)) => tracing::warn!(
+                        %vm, %protocol, from = %t.from, %reason,
+                        "VM is down on its {side}; no new {protocol} sessions go there"
+                    ),
+                    (_, ProbeResult::Ok) => {}
                 }
-                (_, ProbeResult::Ok) => {}
             }
         }
         transition
@@ -114,27 +137,29 @@ impl HealthChecker {
     /// Forgets `vm`'s probe history and marks its health unknown (it was stopped).
     pub fn forget(&self, vm: &str) {
         if let Ok(mut trackers) = self.trackers.lock() {
-            trackers.remove(vm);
+            trackers.retain(|(name, _), _| name != vm);
         }
         self.pool.set_health(vm, Health::Unknown);
     }
 
-    /// A real session failed to connect to `vm`: counts as a failed probe now.
-    pub fn report_failure(&self, vm: &str, reason: &str) {
+    /// A real session of `protocol` failed to connect to `vm`: counts as a failed probe of that
+    /// side now.
+    pub fn report_failure(&self, vm: &str, protocol: Protocol, reason: &str) {
         self.observe(
             vm,
+            protocol,
             &ProbeResult::Failed(format!("session connect failed: {reason}")),
         );
     }
 
-    /// Recent results of `vm`, oldest first, with their age.
-    pub fn history(&self, vm: &str) -> Vec<(Duration, bool)> {
+    /// Recent results of `vm`'s `protocol` side, oldest first, with their age.
+    pub fn history(&self, vm: &str, protocol: Protocol) -> Vec<(Duration, bool)> {
         let now = self.pool.clock().now();
         self.trackers
             .lock()
             .ok()
             .and_then(|t| {
-                t.get(vm).map(|tr| {
+                t.get(&(vm.to_owned(), protocol)).map(|tr| {
                     tr.history()
                         .map(|(at, ok)| (now.saturating_duration_since(at), ok))
                         .collect()
@@ -143,28 +168,61 @@ impl HealthChecker {
             .unwrap_or_default()
     }
 
-    /// Probes one VM once.
-    pub async fn probe(&self, host: &str, ssh_port: u16, http_port: u16) -> ProbeResult {
+    /// Whether `protocol`'s side of the VMs has a probe of its own (the gateway serves the
+    /// protocol and its probe is on).
+    pub fn probes(&self, protocol: Protocol) -> bool {
         let settings = self.settings();
-        // Both probes run at once, so a round takes at most one timeout.
+        match protocol {
+            Protocol::Ssh => settings.serve_ssh && settings.ssh,
+            Protocol::Http => settings.serve_http && settings.http,
+        }
+    }
+
+    /// Probes one VM once: a result for each side the gateway serves. The probes run at once, so
+    /// a round takes at most one timeout. A served side whose probe is switched off takes the
+    /// result of the sides that are probed (it passes when they all pass, or when none is).
+    pub async fn probe(
+        &self,
+        host: &str,
+        ssh_port: u16,
+        http_port: u16,
+    ) -> Vec<(Protocol, ProbeResult)> {
+        let settings = self.settings();
+        let probe_ssh_side = settings.serve_ssh && settings.ssh;
+        let probe_http_side = settings.serve_http && settings.http;
         let ssh = async {
-            if settings.ssh {
-                probe_ssh(host, ssh_port, settings.timeout).await
+            if probe_ssh_side {
+                Some(probe_ssh(host, ssh_port, settings.timeout).await)
             } else {
-                Ok(())
+                None
             }
         };
         let http = async {
-            if settings.http {
-                probe_http(host, http_port, &settings.http_path, settings.timeout).await
+            if probe_http_side {
+                Some(probe_http(host, http_port, &settings.http_path, settings.timeout).await)
             } else {
-                Ok(())
+                None
             }
         };
-        match tokio::join!(ssh, http) {
-            (Err(reason), _) | (Ok(()), Err(reason)) => ProbeResult::Failed(reason),
-            (Ok(()), Ok(())) => ProbeResult::Ok,
+        let (ssh, http) = tokio::join!(ssh, http);
+        // What a side without a probe of its own goes by.
+        let mirrored = match (&ssh, &http) {
+            (Some(Err(reason)), _) | (_, Some(Err(reason))) => ProbeResult::Failed(reason.clone()),
+            _ => ProbeResult::Ok,
+        };
+        let as_result = |r: Option<Result<(), String>>| match r {
+            Some(Ok(())) => ProbeResult::Ok,
+            Some(Err(reason)) => ProbeResult::Failed(reason),
+            None => mirrored.clone(),
+        };
+        let mut out = Vec::with_capacity(2);
+        if settings.serve_ssh {
+            out.push((Protocol::Ssh, as_result(ssh)));
         }
+        if settings.serve_http {
+            out.push((Protocol::Http, as_result(http)));
+        }
+        out
     }
 
     /// Probes every running VM every interval until `shutdown` turns true.
@@ -225,15 +283,16 @@ impl HealthChecker {
                 Lifecycle::Stopped | Lifecycle::Stopping
             ) {
                 // A stopped VM's health is unknown: when it starts again, its first probe decides.
-                if vm.status().health != Health::Unknown {
+                if vm.status().health() != Health::Unknown {
                     self.forget(&name);
                 }
                 continue;
             }
             let spec = vm.spec().clone();
             drop(snapshot);
-            let result = self.probe(&spec.host, spec.ssh_port, spec.http_port).await;
-            self.observe(&name, &result);
+            for (protocol, result) in self.probe(&spec.host, spec.ssh_port, spec.http_port).await {
+                self.observe(&name, protocol, &result);
+            }
             let settings = self.settings();
             if let Some((port, path)) = settings.load_metrics {
                 let (pool, name, host, timeout) = (
@@ -251,6 +310,14 @@ impl HealthChecker {
                 });
             }
         }
+    }
+}
+
+/// What the logs call a protocol's side of a VM.
+fn side_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Ssh => "SSH side (sshd)",
+        Protocol::Http => "web side (JupyterHub)",
     }
 }
 

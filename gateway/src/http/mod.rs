@@ -2,7 +2,9 @@
 //!
 //! - [`Frontend`]: the request handler, built by a constructor so tests drive it without a
 //!   socket ([`Frontend::handle`]); `proxy.rs` holds the routing and forwarding.
-//! - [`serve`]: the listeners (`listen.http`, `listen.https`), connection limits and timeouts.
+//! - [`HttpService::build`]: every part (settings, cookie secret, TLS) built and checked before
+//!   any port is bound; [`serve`]: the listeners (`listen.http`, `listen.https`), connection
+//!   limits and timeouts.
 //! - `cookie.rs` (HMAC sticky cookie), `headers.rs` (forwarding and hop-by-hop headers),
 //!   `tls.rs` (rustls config with a reloadable certificate), `errors.rs` (error pages),
 //!   `upgrade.rs` (websocket relay).
@@ -22,7 +24,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -99,14 +100,28 @@ const FULL_WARN_EVERY: Duration = Duration::from_secs(60);
 /// `upstream_idle`.
 const UPSTREAM_SWEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// Serves `listen.http` (and `listen.https` when `[tls]` is set) until `shutdown` turns true.
-pub async fn serve(
-    parts: HttpParts,
-    http: TcpListener,
-    https: Option<TcpListener>,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let config = &parts.config;
+/// The TLS side of `listen.https`: the acceptor and the reloadable certificate behind it.
+pub struct TlsParts {
+    acceptor: TlsAcceptor,
+    certs: Arc<tls::CertReloader>,
+}
+
+impl TlsParts {
+    /// Loads `tls.cert` and `tls.key` as the HTTPS listener serves them; `None` when no HTTPS
+    /// listener is configured (`listen.https` and `[tls]`). Reads the files, writes nothing, so
+    /// `check-config` runs it too. Errors name the key and file at fault.
+    pub fn load(config: &Config) -> anyhow::Result<Option<Self>> {
+        let (Some(tls), Some(_)) = (&config.tls, config.listen.https) else {
+            return Ok(None);
+        };
+        let certs = tls::CertReloader::load(&tls.cert, &tls.key)?;
+        let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(certs.clone())?));
+        Ok(Some(Self { acceptor, certs }))
+    }
+}
+
+/// Refuses `[http]` settings this gateway cannot honour (also checked by `check-config`).
+pub fn check_settings(config: &Config) -> anyhow::Result<()> {
     if config.http.backend_scheme == poolgate_config::BackendScheme::Https {
         // Refuse rather than silently speak plain HTTP to VMs that expect TLS.
         anyhow::bail!(
@@ -114,46 +129,108 @@ pub async fn serve(
              plain HTTP on their private network; set backend_scheme = \"http\""
         );
     }
-    let (signer, generated) = CookieSigner::load_or_generate(
-        &config.http.cookie_secret_file,
-        config.routing.affinity_ttl,
-    )
-    .context("http.cookie_secret_file")?;
-    if generated {
-        tracing::info!(path = %config.http.cookie_secret_file.display(), "generated a new cookie secret");
-    }
-    let tls = match (&config.tls, &https) {
-        (Some(tls), Some(_)) => {
-            let certs = tls::CertReloader::load(&tls.cert, &tls.key)?;
-            let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(certs.clone())?));
-            Some((acceptor, certs))
+    Ok(())
+}
+
+/// The HTTP frontend with every part built and checked ([`HttpService::build`]), before any
+/// port is bound; [`serve`] runs it on the listeners.
+pub struct HttpService {
+    pool: Arc<Pool>,
+    frontend: Frontend,
+    tls: Option<TlsParts>,
+    tls_reload: Option<Arc<tokio::sync::Notify>>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    idle_timeout: Duration,
+    /// How often idle browser sessions and lapsed tentative browsers are dropped.
+    expire_every: Duration,
+    max_connections: usize,
+    shutdown_grace: Duration,
+}
+
+impl HttpService {
+    /// Checks the `[http]` settings, loads (or creates) the cookie secret and loads the TLS
+    /// certificate and key. Fails with the key and file at fault and what to do.
+    pub fn build(parts: HttpParts) -> anyhow::Result<Self> {
+        let config = &parts.config;
+        check_settings(config)?;
+        // Read-only checks first: a failed start creates no cookie secret.
+        let tls = TlsParts::load(config)?;
+        let secret = &config.http.cookie_secret_file;
+        let (signer, generated) =
+            CookieSigner::load_or_generate(secret, config.routing.affinity_ttl).map_err(
+                |e| match e {
+                    crate::ssh::keys::KeyError::Io { .. } => anyhow::anyhow!(
+                        "http.cookie_secret_file: {e} (poolgate reads the cookie secret from this \
+                         file, or creates it when it is missing: fix the path, or let the user \
+                         poolgate runs as read and write it)"
+                    ),
+                    other => anyhow::anyhow!("http.cookie_secret_file: {other}"),
+                },
+            )?;
+        if generated {
+            tracing::info!(path = %secret.display(), "generated a new cookie secret");
         }
+        let frontend = Frontend::new(
+            FrontendSettings::from_config(config),
+            parts.pool.clone(),
+            parts.metrics.clone(),
+            parts.on_vm_failure.clone(),
+            signer,
+        )
+        .with_wake(parts.wake.clone());
+        Ok(Self {
+            pool: parts.pool,
+            frontend,
+            tls,
+            tls_reload: parts.tls_reload,
+            builder: Arc::new(connection_builder(config)),
+            idle_timeout: config.http.idle_timeout,
+            // Often enough that tentative browsers stop counting soon after `tentative_for`.
+            expire_every: (config.http.session_idle / 10)
+                .min(config.http.tentative_for / 2)
+                .clamp(Duration::from_secs(1), Duration::from_secs(30)),
+            max_connections: config.http.max_connections,
+            shutdown_grace: config.gateway.shutdown_grace,
+        })
+    }
+}
+
+/// Serves `listen.http` (unless it is `"off"`) and `listen.https` (when `[tls]` is set) until
+/// `shutdown` turns true.
+pub async fn serve(
+    service: HttpService,
+    http: Option<TcpListener>,
+    https: Option<TcpListener>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let HttpService {
+        pool,
+        frontend,
+        tls,
+        tls_reload,
+        builder,
+        idle_timeout,
+        expire_every,
+        max_connections,
+        shutdown_grace,
+    } = service;
+    let tls = match (tls, &https) {
+        (Some(tls), Some(_)) => Some(tls),
         _ => None,
     };
     let https_port = https
         .as_ref()
         .and_then(|l| l.local_addr().ok())
         .map(|a| a.port());
-    let frontend = Frontend::new(
-        FrontendSettings::from_config(config),
-        parts.pool.clone(),
-        parts.metrics.clone(),
-        parts.on_vm_failure.clone(),
-        signer,
-    )
-    .with_wake(parts.wake.clone());
-    let builder = Arc::new(connection_builder(config));
-    let idle_timeout = config.http.idle_timeout;
 
     let mut tasks = JoinSet::new();
     // Browser sessions stop counting as load after `session_idle` without a request.
     // Idle upstream keep-alive connections are checked every few seconds: the VM may have
     // closed them (they would sit in CLOSE_WAIT until then) or they outlived `upstream_idle`.
     {
-        let pool = parts.pool.clone();
+        let pool = pool.clone();
         let frontend = frontend.clone();
-        let every =
-            (config.http.session_idle / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let every = expire_every;
         let mut shutdown = shutdown.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -167,10 +244,10 @@ pub async fn serve(
             }
         });
     }
-    if let Some((_, certs)) = &tls {
+    if let Some(TlsParts { certs, .. }) = &tls {
         let certs = certs.clone();
         let mut shutdown = shutdown.clone();
-        let asked = parts.tls_reload.clone().unwrap_or_default();
+        let asked = tls_reload.unwrap_or_default();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(CERT_RELOAD_EVERY);
             loop {
@@ -191,21 +268,23 @@ pub async fn serve(
     }
 
     let redirect_to = if tls.is_some() { https_port } else { None };
-    tracing::info!(
-        addr = %http.local_addr()?,
-        mode = if redirect_to.is_some() { "redirect to https" } else { "proxy" },
-        "HTTP listener ready"
-    );
+    if let Some(http) = &http {
+        tracing::info!(
+            addr = %http.local_addr()?,
+            mode = if redirect_to.is_some() { "redirect to https" } else { "proxy" },
+            "HTTP listener ready"
+        );
+    }
     if let Some(l) = &https {
         tracing::info!(addr = %l.local_addr()?, "HTTPS listener ready");
     }
-    let plain = Listener {
-        listener: http,
+    let plain = http.map(|listener| Listener {
+        listener,
         tls: None,
         redirect_to,
-    };
+    });
     let secure = match (https, tls) {
-        (Some(listener), Some((acceptor, _))) => Some(Listener {
+        (Some(listener), Some(TlsParts { acceptor, .. })) => Some(Listener {
             listener,
             tls: Some(acceptor),
             redirect_to: None,
@@ -213,7 +292,6 @@ pub async fn serve(
         _ => None,
     };
     let mut conns = JoinSet::new();
-    let max_connections = config.http.max_connections;
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut full_warned: Option<tokio::time::Instant> = None;
     loop {
@@ -244,7 +322,7 @@ pub async fn serve(
             }
         };
         let accepted = tokio::select! {
-            a = plain.listener.accept() => a.map(|a| (a, &plain)),
+            a = accept_opt(plain.as_ref()) => a,
             a = accept_opt(secure.as_ref()) => a,
             r = shutdown.changed() => {
                 if r.is_err() || *shutdown.borrow() { break }
@@ -326,8 +404,10 @@ pub async fn serve(
     drop(plain);
     drop(secure);
     // Open connections were told to finish (see serve_connection); give them the grace time.
-    let grace = config.gateway.shutdown_grace;
-    let _ = tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(shutdown_grace, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
     conns.abort_all();
     tasks.abort_all();
     Ok(())

@@ -332,7 +332,14 @@ impl Frontend {
         Ok(())
     }
 
-    fn route(&self, pin: Option<&Pin>, tried: &[String]) -> Result<Arc<Vm>, NoVm> {
+    /// The VM for one attempt. `new_session` is the session id the cookie of a browser without
+    /// a (valid) cookie will carry.
+    fn route(
+        &self,
+        pin: Option<&Pin>,
+        new_session: &str,
+        tried: &[String],
+    ) -> Result<Arc<Vm>, NoVm> {
         let req = PickRequest::new(Protocol::Http).excluding(tried);
         match pin {
             // A browser already pinned: keep it there (even while that VM drains), and count
@@ -341,9 +348,17 @@ impl Frontend {
                 .inner
                 .pool
                 .http_route(&p.session, &req.pinned(&p.vm, true)),
-            // No (valid) cookie yet: choose without counting; the session counts once the
-            // cookie comes back.
-            None => self.inner.pool.pick(&req),
+            // No (valid) cookie yet: the browser weighs on the VM as tentative load until its
+            // cookie comes back (then it is a session) or `http.tentative_for` passes, so
+            // browsers arriving together spread.
+            None => self.inner.pool.http_route_new(new_session, &req),
+        }
+    }
+
+    /// A new browser's request failed without a cookie being issued: it is no tentative load.
+    fn forget_new(&self, pin: Option<&Pin>, new_session: &str) {
+        if pin.is_none() {
+            self.inner.pool.http_forget(new_session);
         }
     }
 
@@ -412,13 +427,20 @@ impl Frontend {
         }
         join_cookie_crumbs(&mut headers);
 
+        // The session id a browser without a (valid) cookie gets in its new cookie.
+        let new_session = if pin.is_none() {
+            CookieSigner::new_session_id()
+        } else {
+            String::new()
+        };
         let mut tried: Vec<String> = Vec::new();
         let mut last_failure: Option<GatewayError> = None;
         let mut resent = false;
         loop {
-            let vm = match self.route(pin.as_ref(), &tried) {
+            let vm = match self.route(pin.as_ref(), &new_session, &tried) {
                 Ok(vm) => vm,
                 Err(no_vm) => {
+                    self.forget_new(pin.as_ref(), &new_session);
                     if last_failure.is_none() {
                         self.wake_pool();
                     }
@@ -449,7 +471,10 @@ impl Frontend {
                     Ok(h) => {
                         headers.insert(header::HOST, h);
                     }
-                    Err(_) => return (bad_target(json), None),
+                    Err(_) => {
+                        self.forget_new(pin.as_ref(), &new_session);
+                        return (bad_target(json), None);
+                    }
                 }
             }
 
@@ -467,7 +492,13 @@ impl Frontend {
                 let pool = inner.pool.clone();
                 let sid = pin.as_ref().map(|p| p.session.clone());
                 let vm_name = name.clone();
+                // An open websocket (kernel, terminal) is a session of its VM for as long as it
+                // is open, whatever `http.session_idle` says: a notebook in a background tab
+                // holds nothing else. The guard lives in `on_done`: dropped with it when the VM
+                // does not switch protocols, else held by the relay until the stream ends.
+                let open_session = inner.pool.http_open(&name, None);
                 let on_done = move |up: u64, down: u64| {
+                    let _open_session = open_session;
                     metrics.bytes(Protocol::Http, &vm_name, up, down);
                     if let Some(sid) = sid {
                         pool.http_add_bytes(&sid, up, down);
@@ -556,6 +587,7 @@ impl Frontend {
                 }
                 Err(Attempt::Client(e)) => {
                     tracing::info!(vm = %name, ?e, "request refused: the client's request body could not be read");
+                    self.forget_new(pin.as_ref(), &new_session);
                     return (e.response_as(json), Some(name));
                 }
                 Err(Attempt::Fail(e)) => {
@@ -566,6 +598,7 @@ impl Frontend {
                         outcome::VM_FAILED,
                         Duration::ZERO,
                     );
+                    self.forget_new(pin.as_ref(), &new_session);
                     return (e.response_as(json), Some(name));
                 }
                 Err(Attempt::Unreachable(detail, returned) | Attempt::Broken(detail, returned)) => {
@@ -585,6 +618,7 @@ impl Frontend {
                     // A body already partly sent cannot be replayed.
                     let replayable = returned.is_some() || is_upgrade;
                     if !replayable || tried.len() >= inner.settings.max_attempts {
+                        self.forget_new(pin.as_ref(), &new_session);
                         return (failure.response_as(json), tried.pop());
                     }
                     body = returned;
@@ -604,7 +638,7 @@ impl Frontend {
                 );
             }
             return (
-                self.finish(resp, &name, pin.as_ref(), now, conn, &up_bytes),
+                self.finish(resp, &name, pin.as_ref(), &new_session, conn, &up_bytes),
                 Some(name),
             );
         }
@@ -616,11 +650,12 @@ impl Frontend {
         resp: Response<Body>,
         vm: &str,
         pin: Option<&Pin>,
-        now: u64,
+        new_session: &str,
         conn: ConnInfo,
         up_bytes: &Arc<AtomicU64>,
     ) -> Response<Body> {
         let inner = &self.inner;
+        let now = unix_now();
         let (mut parts, body) = resp.into_parts();
         if parts.status != StatusCode::SWITCHING_PROTOCOLS {
             strip_hop_by_hop(&mut parts.headers);
@@ -630,7 +665,7 @@ impl Frontend {
             Some(p) => p.vm != vm || inner.signer.wants_refresh(p, now),
         };
         if rewrite {
-            let sid = pin.map_or_else(CookieSigner::new_session_id, |p| p.session.clone());
+            let sid = pin.map_or_else(|| new_session.to_owned(), |p| p.session.clone());
             let value = inner.signer.sign(vm, &sid, now);
             let cookie = set_cookie_header(
                 &inner.settings.cookie_name,

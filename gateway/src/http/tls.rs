@@ -59,7 +59,8 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKe
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().with_context(|| {
         format!(
-            "tls: the key in {} does not belong to the certificate in {}",
+            "tls: the key in {} does not belong to the certificate in {} (point tls.key at \
+             the private key the certificate was issued for, or tls.cert at its certificate)",
             key.display(),
             cert.display()
         )

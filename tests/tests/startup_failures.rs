@@ -1,0 +1,260 @@
+//! `poolgate run` builds every part before it binds a port: a setting or file the HTTP side
+//! cannot use (a TLS key that is not the certificate's, `http.backend_scheme = "https"`, a cookie
+//! secret that is too short) stops it with exit status 1 and a message naming the key, and
+//! nothing is left listening — not an SSH-only gateway that logs nothing. `check-config`
+//! reports the same problems before a restart does. The real binary, on 127.0.0.1.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use poolgate_tests::jupyter::TestCa;
+use poolgate_tests::*;
+
+/// `poolgate run` must give up within this (it generates two Ed25519 keys, then fails).
+const FAILS_WITHIN: Duration = Duration::from_secs(10);
+
+/// A gateway directory: config listeners on free ports, one static VM (nothing listens there;
+/// it is never reached) and its known_hosts line.
+struct Setup {
+    dir: tempfile::TempDir,
+    ssh: SocketAddr,
+    http: SocketAddr,
+    https: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("poolgate-startup-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("keys")).expect("keys dir");
+        std::fs::write(
+            dir.path().join("keys/backend_known_hosts"),
+            "[127.0.0.1]:2 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n",
+        )
+        .expect("write known_hosts");
+        let addr = || SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        Self {
+            dir,
+            ssh: addr(),
+            http: addr(),
+            https: addr(),
+            admin: addr(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The configuration with `extra` appended (sections of their own); `https` adds
+    /// `listen.https` for a `[tls]` section in `extra`.
+    fn write_config(&self, https: bool, extra: &str) -> std::path::PathBuf {
+        let https_line = if https {
+            format!("https = \"{}\"\n", self.https)
+        } else {
+            String::new()
+        };
+        let text = format!(
+            "[listen]\nssh = \"{}\"\nhttp = \"{}\"\nadmin = \"{}\"\n{https_line}\n\
+             [[pool.backends]]\nname = \"vm-1\"\nhost = \"127.0.0.1\"\nssh_port = 2\nhttp_port = 3\n\n{extra}",
+            self.ssh, self.http, self.admin
+        );
+        let path = self.path().join("poolgate.toml");
+        std::fs::write(&path, text).expect("write poolgate.toml");
+        path
+    }
+}
+
+fn check_config(config: &Path) -> (ExitStatus, String) {
+    let out = run_with_timeout(
+        Command::new(poolgate_bin()).arg("check-config").arg(config),
+        Duration::from_secs(30),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
+/// A `poolgate run` child: killed (with its children) and its stderr printed if the test
+/// panics while it runs.
+struct Running {
+    child: std::process::Child,
+    stderr_path: std::path::PathBuf,
+}
+
+impl Running {
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            kill_tree(self.child.id());
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- poolgate stderr ---\n{}--- end ---", self.stderr());
+        }
+    }
+}
+
+/// Runs `poolgate run --config`, which must exit by itself within [`FAILS_WITHIN`]; while it
+/// runs and after it exits, the SSH, HTTP and admin ports must not accept a connection.
+/// Returns the exit status and stderr.
+fn run_expecting_failure(setup: &Setup, config: &Path) -> (ExitStatus, String) {
+    let stderr_path = setup.path().join("stderr.log");
+    let stderr_file = std::fs::File::create(&stderr_path).expect("create stderr.log");
+    let child = Command::new(poolgate_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .current_dir(setup.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr_file)
+        .spawn()
+        .expect("spawn poolgate run");
+    let mut running = Running { child, stderr_path };
+    let started = Instant::now();
+    let accepting =
+        |addr: SocketAddr| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+    let listeners = [
+        ("SSH", setup.ssh),
+        ("HTTP", setup.http),
+        ("admin", setup.admin),
+    ];
+    let mut status = None;
+    wait_until(
+        FAILS_WITHIN,
+        "poolgate run to give up on a configuration it cannot serve (not run half-alive)",
+        || {
+            for (name, addr) in listeners {
+                assert!(
+                    !accepting(addr),
+                    "the {name} port {addr} accepted a connection while poolgate was starting \
+                     with a configuration it cannot serve"
+                );
+            }
+            status = running.child.try_wait().expect("try_wait poolgate");
+            status.is_some()
+        },
+    );
+    for (name, addr) in listeners {
+        assert!(
+            !accepting(addr),
+            "the {name} port {addr} accepts after poolgate exited"
+        );
+    }
+    let status = status.expect("exited");
+    eprintln!(
+        "poolgate run exited with {status} after {:?}",
+        started.elapsed()
+    );
+    (status, running.stderr())
+}
+
+fn assert_contains(text: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(text.contains(needle), "{needle:?} not in:\n{text}");
+    }
+}
+
+#[test]
+fn a_tls_key_that_is_not_the_certificates_stops_run_before_any_port_is_bound() {
+    let setup = Setup::new();
+    let (site, other) = (TestCa::generate(), TestCa::generate());
+    // Both files are PEM, exist and have safe permissions: only loading them as a pair fails.
+    let mismatched = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        site.cert_path().display(),
+        other.key_path().display()
+    );
+    let config = setup.write_config(true, &mismatched);
+
+    let (status, out) = check_config(&config);
+    assert_eq!(status.code(), Some(1), "check-config:\n{out}");
+    assert_contains(
+        &out,
+        &["tls: the key in", "does not belong to the certificate"],
+    );
+
+    let (status, stderr) = run_expecting_failure(&setup, &config);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_contains(
+        &stderr,
+        &[
+            "cannot set up the HTTP frontend, so poolgate did not start",
+            "does not belong to the certificate",
+            "point tls.key at the private key",
+        ],
+    );
+    assert!(!stderr.contains("listener ready"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // The same configuration with the certificate's own key starts and serves SSH and HTTPS.
+    let matching = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        site.cert_path().display(),
+        site.key_path().display()
+    );
+    let config = setup.write_config(true, &matching);
+    let (status, out) = check_config(&config);
+    assert!(status.success(), "check-config:\n{out}");
+    let toml = std::fs::read_to_string(&config).expect("read config");
+    let mut gateway = GatewayProcess::builder(&toml)
+        .dir(setup.path())
+        .wait_for(setup.ssh)
+        .wait_for(setup.https)
+        .start();
+    assert_eq!(gateway.terminate(Duration::from_secs(20)).code(), Some(0));
+}
+
+#[test]
+fn backend_scheme_https_is_refused_by_check_config_and_run() {
+    let setup = Setup::new();
+    let config = setup.write_config(false, "[http]\nbackend_scheme = \"https\"\n");
+    let expected = "http.backend_scheme: \"https\" is not supported yet";
+
+    let (status, out) = check_config(&config);
+    assert_eq!(status.code(), Some(1), "check-config:\n{out}");
+    assert_contains(&out, &[expected, "set backend_scheme = \"http\""]);
+
+    let (status, stderr) = run_expecting_failure(&setup, &config);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_contains(&stderr, &[expected, "not starting"]);
+}
+
+#[test]
+fn a_cookie_secret_too_short_is_refused_by_check_config_and_run() {
+    let setup = Setup::new();
+    let secret = setup.path().join("keys/cookie_secret");
+    std::fs::write(&secret, "short").expect("write the secret");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod 600");
+    }
+    let config = setup.write_config(false, "");
+    let expected = "http.cookie_secret_file: ";
+
+    let (status, out) = check_config(&config);
+    assert_eq!(status.code(), Some(1), "check-config:\n{out}");
+    assert_contains(
+        &out,
+        &[expected, "holds 5 bytes, a cookie secret needs at least 16"],
+    );
+
+    let (status, stderr) = run_expecting_failure(&setup, &config);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_contains(&stderr, &[expected, "needs at least 16"]);
+}
