@@ -590,5 +590,13 @@ mod busy_tests {
         );
         let page = handle(&s, "GET", "/status", None).body;
         assert_eq!(page.matches("kept: work running").count(), 1, "{page}");
+        // `poolgate status` too.
+        let table = crate::admin::client::table(&vms(&s));
+        let kept: Vec<&str> = table
+            .lines()
+            .filter(|l| l.contains("(kept: work running)"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{table}");
+        assert!(kept[0].starts_with("vm-a "), "{table}");
     }
 }

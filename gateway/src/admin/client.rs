@@ -147,7 +147,11 @@ pub fn table(vms: &[VmView]) -> String {
     for vm in vms {
         rows.push([
             vm.name.clone(),
-            vm.state.clone(),
+            if vm.busy == Some(true) {
+                format!("{} (kept: work running)", vm.state)
+            } else {
+                vm.state.clone()
+            },
             vm.sessions.ssh.to_string(),
             vm.sessions.http.to_string(),
             format!("{}/{}", vm.sessions.total, vm.max_sessions),
