@@ -323,22 +323,7 @@ impl JupyterServerVm {
                 .expect("temp dir");
             let port = free_port();
             let mut proc = Proc::spawn(
-                Command::new(venv_bin("jupyter-server"))
-                    .args([
-                        "--no-browser",
-                        "--allow-root",
-                        "--ServerApp.ip=127.0.0.1",
-                        &format!("--ServerApp.port={port}"),
-                        "--ServerApp.port_retries=0",
-                        "--ServerApp.allow_remote_access=True",
-                        "--IdentityProvider.token=",
-                        "--ServerApp.password=",
-                    ])
-                    .arg(format!("--ServerApp.root_dir={}", dir.path().display()))
-                    .current_dir(dir.path())
-                    .env("PATH", jupyter_path())
-                    .env("HOME", dir.path())
-                    .env("JUPYTER_PLATFORM_DIRS", "1"),
+                &mut Self::command(port, dir.path()),
                 &dir.path().join("server.log"),
             );
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
@@ -358,6 +343,29 @@ impl JupyterServerVm {
             }
         }
         panic!("jupyter-server {name} did not start: {last}");
+    }
+
+    /// The command [`start`](Self::start) runs: a server on 127.0.0.1:`port` (no token, no
+    /// password) serving `root`, which is also its working directory and `HOME`. Tests whose
+    /// own scripts start and stop the server (a VM managed by a provider) run exactly this.
+    pub fn command(port: u16, root: &Path) -> Command {
+        let mut cmd = Command::new(venv_bin("jupyter-server"));
+        cmd.args([
+            "--no-browser",
+            "--allow-root",
+            "--ServerApp.ip=127.0.0.1",
+            &format!("--ServerApp.port={port}"),
+            "--ServerApp.port_retries=0",
+            "--ServerApp.allow_remote_access=True",
+            "--IdentityProvider.token=",
+            "--ServerApp.password=",
+        ])
+        .arg(format!("--ServerApp.root_dir={}", root.display()))
+        .current_dir(root)
+        .env("PATH", jupyter_path())
+        .env("HOME", root)
+        .env("JUPYTER_PLATFORM_DIRS", "1");
+        cmd
     }
 
     /// The VM name.
