@@ -44,6 +44,8 @@ pub struct Metrics {
     pub pool_vms: IntGaugeVec,
     /// `poolgate_sessions_waiting{protocol}`: connections held while the pool wakes.
     pub sessions_waiting: IntGaugeVec,
+    /// `poolgate_sessions_tentative{vm}`: browsers just sent to a VM, cookie not back yet.
+    pub sessions_tentative: IntGaugeVec,
     /// `poolgate_vm_load_hint{vm}`: node_load1 per CPU scraped from the VM, when configured.
     pub vm_load_hint: GaugeVec,
     /// `poolgate_vm_busy{vm}`: 1 while the last busy check kept the VM (work running, or the
@@ -169,6 +171,13 @@ impl Metrics {
                     "Connections held while the pool wakes up, by protocol."
                 ),
                 &["protocol"]
+            )),
+            sessions_tentative: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "sessions_tentative",
+                    "Browsers sent to the VM by their first request whose cookie has not come back yet (http.tentative_for): they weigh in the choice of VM but are not sessions."
+                ),
+                &["vm"]
             )),
             vm_load_hint: reg!(GaugeVec::new(
                 Opts::new(
@@ -307,6 +316,7 @@ impl Metrics {
             self.autoscale_actions_total.desc(),
             self.pool_vms.desc(),
             self.sessions_waiting.desc(),
+            self.sessions_tentative.desc(),
             self.vm_load_hint.desc(),
         ]
     }
@@ -316,6 +326,7 @@ impl Metrics {
         self.sessions_active.reset();
         self.vm_up.reset();
         self.vm_protocol_up.reset();
+        self.sessions_tentative.reset();
         self.vm_state.reset();
         self.vm_load_hint.reset();
         for vm in snapshot.vms() {
@@ -328,6 +339,9 @@ impl Metrics {
                     .with_label_values(&[protocol.as_str(), name])
                     .set(i64::from(vm.sessions(protocol)));
             }
+            self.sessions_tentative
+                .with_label_values(&[name])
+                .set(i64::from(vm.tentative_sessions()));
             let state = vm.state();
             let status = vm.status();
             for protocol in Protocol::ALL {
@@ -421,6 +435,7 @@ mod tests {
             "poolgate_sessions_total",
             "poolgate_vm_up",
             "poolgate_vm_protocol_up",
+            "poolgate_sessions_tentative",
             "poolgate_vm_state",
             "poolgate_bytes_total",
             "poolgate_connect_seconds",

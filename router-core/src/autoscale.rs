@@ -545,40 +545,34 @@ mod tests {
     }
 
     #[test]
-    fn a_running_vm_not_probed_yet_is_on_its_way() {
+    fn a_running_vm_not_probed_yet_or_taking_sessions_is_no_reason_to_start_another() {
         let mut a = Autoscaler::new(AutoscaleConfig {
             spare_vms: 0,
             ..config()
         });
-        // Woken for one waiting user: the VM runs, its probes have not passed yet.
-        let vms = [VmObservation {
+        // One user waits; the one VM was woken for them and runs.
+        let mut one_waiting = |v: VmObservation| {
+            a.decide(&Observation {
+                vms: &[v],
+                waiting: 1,
+                now: Instant::now(),
+            })
+        };
+        let woken = vm("a", 0, Some(Instant::now()));
+        // Its probes have not passed yet: it is on its way.
+        let d = one_waiting(VmObservation {
             probed: false,
-            ..vm("a", 0, Some(Instant::now()))
-        }];
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 1,
-            now: Instant::now(),
+            ..woken.clone()
         });
         assert!(d.actions.is_empty(), "{d:?}");
-        // Probed and taking sessions: the waiting user is about to land there.
-        let vms = [VmObservation {
+        // It just passed them and takes sessions: the user is about to land there.
+        let d = one_waiting(VmObservation {
             accepts_new: true,
-            ..vm("a", 0, Some(Instant::now()))
-        }];
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 1,
-            now: Instant::now(),
+            ..woken.clone()
         });
         assert!(d.actions.is_empty(), "{d:?}");
-        // Once probed and unhealthy or full, a waiting user starts one more.
-        let vms = [vm("a", 0, Some(Instant::now()))];
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 1,
-            now: Instant::now(),
-        });
+        // Probed, and unhealthy or full: the waiting user needs one more.
+        let d = one_waiting(woken);
         assert_eq!(d.actions[0].0, Action::Start(1), "{d:?}");
     }
 }

@@ -5,7 +5,6 @@
 mod admin_common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use admin_common::*;
@@ -33,25 +32,6 @@ fn missing_help(text: &str) -> Vec<&'static str> {
         .copied()
         .filter(|name| !text.contains(&format!("# HELP {name} ")))
         .collect()
-}
-
-/// Runs `promtool check metrics` on `text` and asserts it passes (exit 0, no lint problem).
-fn promtool_check(text: &str, artifact: &str) {
-    let out = run_with_input(
-        Command::new(tool("promtool")).args(["check", "metrics"]),
-        text.as_bytes(),
-        Duration::from_secs(30),
-    );
-    let artifacts = workspace_dir().join("tests").join("artifacts");
-    let _ = std::fs::create_dir_all(&artifacts);
-    let _ = std::fs::write(artifacts.join(artifact), text);
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed ({}):\n{}{}\n--- metrics ---\n{text}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        stderr(&out)
-    );
 }
 
 /// Counter-like series (counters, and histogram buckets, sums and counts) of a scrape.

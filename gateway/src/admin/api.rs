@@ -149,6 +149,10 @@ pub struct SessionCounts {
     pub http: u32,
     /// Both.
     pub total: u32,
+    /// Browsers sent here by their first request whose cookie has not come back yet
+    /// (`http.tentative_for`): they weigh in the choice of VM, but are not sessions.
+    #[serde(default)]
+    pub tentative: u32,
 }
 
 /// One probe result.
@@ -231,6 +235,7 @@ pub fn vms(state: &AdminState) -> Vec<VmView> {
                     ssh,
                     http,
                     total: ssh + http,
+                    tentative: vm.tentative_sessions(),
                 },
                 load_hint: vm.load_hint(),
                 idle_seconds: vm

@@ -397,4 +397,19 @@ impl JupyterServerVm {
     pub fn stop(&mut self) {
         self.proc.kill();
     }
+
+    /// Stops the server if it runs, then starts it again on the same port with the same root
+    /// dir (a web side coming back) and waits until `/api` answers; panics with its log when it
+    /// does not.
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        let log = self.dir.path().join("server.log");
+        self.proc = Proc::spawn(&mut Self::command(self.port, self.dir.path()), &log);
+        let what = format!("jupyter-server {}", self.name);
+        if let Err(e) = self.proc.wait_healthy(self.addr(), "/api", &what) {
+            let log = self.proc.log_text();
+            self.proc.kill();
+            panic!("{e}\n--- log ---\n{log}");
+        }
+    }
 }

@@ -31,6 +31,8 @@ use tempfile::TempDir;
 
 /// How long a gateway may take to see its VMs healthy.
 const VM_UP_TIMEOUT: Duration = Duration::from_secs(20);
+/// The same with the default `[health]` (5 s interval, rise 2).
+const VM_UP_TIMEOUT_DEFAULT_HEALTH: Duration = Duration::from_secs(40);
 /// The probe settings every admin test uses.
 pub const INTERVAL: Duration = Duration::from_secs(1);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -38,10 +40,24 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Builds a [`Pool`].
 pub struct PoolBuilder {
     vms: Vec<String>,
+    /// `http_port` of VMs that set one (else the default, 8000).
+    http_ports: BTreeMap<String, u16>,
     users: usize,
     rise: u32,
     fall: u32,
     token: Option<String>,
+    health: HealthSection,
+}
+
+/// The `[health]` section a [`PoolBuilder`] writes.
+#[derive(Clone, Debug)]
+enum HealthSection {
+    /// SSH probe only (`http = false`), 1 s interval and timeout, the builder's rise and fall.
+    SshProbe,
+    /// Both probes, the web probe on `http_path`; 1 s interval and timeout, rise and fall.
+    BothProbes { http_path: String },
+    /// No `[health]` section at all: every default applies.
+    Omitted,
 }
 
 impl PoolBuilder {
@@ -51,9 +67,34 @@ impl PoolBuilder {
         self
     }
 
+    /// A VM (an sshd) whose web side is `127.0.0.1:http_port` (`pool.backends[].http_port`):
+    /// a jupyter_server's port, or a free port with nothing listening.
+    pub fn vm_with_http_port(mut self, name: &str, http_port: u16) -> Self {
+        self.vms.push(name.into());
+        self.http_ports.insert(name.into(), http_port);
+        self
+    }
+
     /// Test accounts `pgtest1..=pgtest{n}`, each with a key in the gateway's authorized_keys.
     pub fn users(mut self, n: usize) -> Self {
         self.users = n;
+        self
+    }
+
+    /// Probes both sides (`health.http = true`), the web side on `http_path`, instead of the
+    /// SSH probe only.
+    pub fn web_probe(mut self, http_path: &str) -> Self {
+        self.health = HealthSection::BothProbes {
+            http_path: http_path.into(),
+        };
+        self
+    }
+
+    /// Writes no `[health]` section at all, so every documented default applies (both probes
+    /// on, web probe `GET /hub/health`, 5 s interval, rise 2, fall 3); `rise`/`fall` are then
+    /// ignored. Starting waits longer accordingly.
+    pub fn without_health_section(mut self) -> Self {
+        self.health = HealthSection::Omitted;
         self
     }
 
@@ -124,32 +165,43 @@ impl PoolBuilder {
 
         let ssh_port = free_port();
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let mut config = format!(
             "[listen]\n\
              ssh = \"127.0.0.1:{ssh_port}\"\n\
-             http = \"127.0.0.1:{http}\"\n\
+             http = \"{http}\"\n\
              admin = \"{admin}\"\n\
              \n[ssh]\n\
              host_keys = [\"{host_key}\"]\n\
              user_ca_key = \"{ca_key}\"\n\
              authorized_keys = \"{keys_dir}/{{user}}\"\n\
-             backend_known_hosts = \"{known}\"\n\
-             \n[health]\n\
-             interval = \"{interval}s\"\n\
-             timeout = \"{timeout}s\"\n\
-             http = false\n\
-             rise = {rise}\n\
-             fall = {fall}\n",
-            http = free_port(),
+             backend_known_hosts = \"{known}\"\n",
             host_key = host_key.display(),
             ca_key = ca.private_key_path().display(),
             keys_dir = keys_dir.display(),
             known = backend_known_hosts.path().display(),
-            interval = INTERVAL.as_secs(),
-            timeout = PROBE_TIMEOUT.as_secs(),
-            rise = self.rise,
-            fall = self.fall,
         );
+        let probes = match &self.health {
+            HealthSection::SshProbe => Some("http = false\n".to_string()),
+            HealthSection::BothProbes { http_path } => {
+                Some(format!("http = true\nhttp_path = \"{http_path}\"\n"))
+            }
+            HealthSection::Omitted => None,
+        };
+        if let Some(probes) = probes {
+            config += &format!(
+                "\n[health]\n\
+                 interval = \"{interval}s\"\n\
+                 timeout = \"{timeout}s\"\n\
+                 {probes}\
+                 rise = {rise}\n\
+                 fall = {fall}\n",
+                interval = INTERVAL.as_secs(),
+                timeout = PROBE_TIMEOUT.as_secs(),
+                rise = self.rise,
+                fall = self.fall,
+            );
+        }
         if let Some(path) = &token_file {
             config += &format!("\n[admin]\ntoken_file = \"{}\"\n", path.display());
         }
@@ -159,6 +211,9 @@ impl PoolBuilder {
                 vm.name(),
                 vm.port()
             );
+            if let Some(port) = self.http_ports.get(vm.name()) {
+                config += &format!("http_port = {port}\n");
+            }
         }
 
         // The gateway colours its log even into a file; NO_COLOR keeps it greppable.
@@ -183,12 +238,18 @@ impl PoolBuilder {
             known_hosts,
             ssh_port,
             admin,
+            http,
             token: self.token,
             token_file,
             dir,
         };
+        // The documented defaults probe every 5 s and need 2 good probes.
+        let up_timeout = match self.health {
+            HealthSection::Omitted => VM_UP_TIMEOUT_DEFAULT_HEALTH,
+            _ => VM_UP_TIMEOUT,
+        };
         for name in &self.vms {
-            pool.wait_for_state(name, "healthy", VM_UP_TIMEOUT);
+            pool.wait_for_state(name, "healthy", up_timeout);
         }
         eprintln!(
             "pool of {} VM(s) and {} user(s) ready in {:?}",
@@ -211,6 +272,8 @@ pub struct Pool {
     known_hosts: KnownHosts,
     pub ssh_port: u16,
     pub admin: SocketAddr,
+    /// The plain HTTP listener (`listen.http`; no `[tls]`, so it proxies to the VMs).
+    pub http: SocketAddr,
     token: Option<String>,
     token_file: Option<PathBuf>,
     dir: TempDir,
@@ -221,10 +284,12 @@ impl Pool {
     pub fn builder() -> PoolBuilder {
         PoolBuilder {
             vms: Vec::new(),
+            http_ports: BTreeMap::new(),
             users: 1,
             rise: 1,
             fall: 3,
             token: None,
+            health: HealthSection::SshProbe,
         }
     }
 
@@ -321,6 +386,27 @@ impl Pool {
         started.elapsed()
     }
 
+    /// Polls the API until `vm`'s entry satisfies `condition` (e.g. one side's health); returns
+    /// that entry. Panics, naming `what` and showing the last entry, after `timeout`.
+    pub fn wait_for_vm(
+        &self,
+        vm: &str,
+        what: &str,
+        timeout: Duration,
+        mut condition: impl FnMut(&Json) -> bool,
+    ) -> Json {
+        let mut last = Json::Null;
+        let seen = poll(timeout, || {
+            last = self.vm_json(vm);
+            condition(&last)
+        });
+        assert!(
+            seen,
+            "VM {vm}: not {what} after {timeout:?}; last /api/v1/vms entry: {last}"
+        );
+        last
+    }
+
     /// `POST /api/v1/vms/{vm}/{action}` (drain | undrain), expecting 200; returns the VM entry.
     pub fn api_post(&self, vm: &str, action: &str) -> Json {
         let path = format!("/api/v1/vms/{vm}/{action}");
@@ -375,6 +461,26 @@ pub fn poll(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
         thread::sleep(pause.min(deadline - now));
         pause = (pause * 2).min(Duration::from_millis(50));
     }
+}
+
+/// Runs `promtool check metrics` on `text` and asserts it passes (exit 0, no lint problem);
+/// the text is kept in `tests/artifacts/<artifact>`.
+pub fn promtool_check(text: &str, artifact: &str) {
+    let out = run_with_input(
+        Command::new(tool("promtool")).args(["check", "metrics"]),
+        text.as_bytes(),
+        Duration::from_secs(30),
+    );
+    let artifacts = workspace_dir().join("tests").join("artifacts");
+    let _ = std::fs::create_dir_all(&artifacts);
+    let _ = std::fs::write(artifacts.join(artifact), text);
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}\n--- metrics ---\n{text}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
 }
 
 /// One sample line of the Prometheus text format: `name{labels}` → value.

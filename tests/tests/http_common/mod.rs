@@ -14,6 +14,8 @@ pub struct HttpGateway {
     pub gateway: GatewayProcess,
     pub https: SocketAddr,
     pub http: SocketAddr,
+    /// The admin listener (`/api/v1/...`, `/metrics`; no token).
+    pub admin: SocketAddr,
     pub ca: TestCa,
 }
 
@@ -57,6 +59,7 @@ impl HttpGatewayBuilder {
         let ca = TestCa::generate();
         let https = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let dir = tempfile::Builder::new()
             .prefix("poolgate-http-")
             .tempdir()
@@ -77,9 +80,8 @@ impl HttpGatewayBuilder {
         )
         .expect("known_hosts");
         let mut config = format!(
-            "[listen]\nssh = \"127.0.0.1:{ssh}\"\nhttp = \"{http}\"\nadmin = \"127.0.0.1:{admin}\"\n",
+            "[listen]\nssh = \"127.0.0.1:{ssh}\"\nhttp = \"{http}\"\nadmin = \"{admin}\"\n",
             ssh = free_port(),
-            admin = free_port(),
         );
         if self.tls {
             config += &format!(
@@ -109,6 +111,7 @@ impl HttpGatewayBuilder {
             .dir(&dir)
             .env("NO_COLOR", "1")
             .wait_for(listen)
+            .wait_for(admin)
             .start();
         for (name, _) in &self.vms {
             wait_for_vm_up(&gateway, name);
@@ -117,6 +120,7 @@ impl HttpGatewayBuilder {
             gateway,
             https,
             http,
+            admin,
             ca,
         }
     }
