@@ -127,6 +127,6 @@ impl Snapshot {
     }
 
     pub(crate) fn candidates(&self, protocol: Protocol) -> &[Candidate] {
-        &self.candidates[protocol as usize]
+        &self.candidates[protocol.index()]
     }
 }

@@ -22,6 +22,15 @@ impl Protocol {
     /// Both protocols, in a fixed order.
     pub const ALL: [Protocol; 2] = [Protocol::Ssh, Protocol::Http];
 
+    /// The protocol's position in [`Protocol::ALL`] (for per-protocol arrays).
+    #[inline]
+    pub fn index(self) -> usize {
+        match self {
+            Protocol::Ssh => 0,
+            Protocol::Http => 1,
+        }
+    }
+
     /// `"ssh"` or `"http"` (the `protocol` metric label).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -44,6 +44,8 @@ pub struct Driver {
     policy: Mutex<Autoscaler>,
     metrics: Arc<Metrics>,
     waiting: AtomicU32,
+    /// The same, per protocol (in `Protocol::ALL` order).
+    waiting_by: [AtomicU32; 2],
     poke: Notify,
     view: Mutex<AutoscaleView>,
     /// Scale-in protection last set per VM (VMs with sessions are protected).
@@ -97,6 +99,7 @@ impl Driver {
             provider: std::sync::RwLock::new(provider),
             metrics,
             waiting: AtomicU32::new(0),
+            waiting_by: [AtomicU32::new(0), AtomicU32::new(0)],
             poke: Notify::new(),
             view: Mutex::new(view),
             protected: Mutex::new(std::collections::HashMap::new()),
@@ -157,6 +160,7 @@ impl Driver {
     /// returned guard.
     pub fn wait_guard(self: &Arc<Self>, protocol: router_core::Protocol) -> WaitGuard {
         self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.waiting_by[protocol.index()].fetch_add(1, Ordering::AcqRel);
         self.metrics
             .sessions_waiting
             .with_label_values(&[protocol.as_str()])
@@ -214,6 +218,10 @@ impl Driver {
     /// One policy decision, applied.
     pub async fn tick(&self) {
         let snapshot = self.pool.snapshot();
+        let waiting_protocols: Vec<router_core::Protocol> = router_core::Protocol::ALL
+            .into_iter()
+            .filter(|&p| self.waiting_by[p.index()].load(Ordering::Acquire) > 0)
+            .collect();
         let mut vms: Vec<VmObservation> = snapshot
             .vms()
             .iter()
@@ -227,9 +235,7 @@ impl Driver {
                     idle_since: vm.idle_since(),
                     busy: false,
                     probed: status.health() != router_core::Health::Unknown,
-                    accepts_new: router_core::Protocol::ALL
-                        .iter()
-                        .any(|&p| vm.accepts_new_sessions(p)),
+                    accepts_new: takes_waiting(vm, &waiting_protocols),
                 }
             })
             .collect();
@@ -444,6 +450,19 @@ impl AutoscaleStatus for Driver {
     }
 }
 
+/// Whether `vm` takes new sessions of every protocol someone waits on (of any protocol when
+/// nobody waits): an SSH user waiting while every sshd is down still gets a VM started, even
+/// though the web sides take browsers.
+fn takes_waiting(vm: &router_core::Vm, waiting: &[router_core::Protocol]) -> bool {
+    if waiting.is_empty() {
+        router_core::Protocol::ALL
+            .iter()
+            .any(|&p| vm.accepts_new_sessions(p))
+    } else {
+        waiting.iter().all(|&p| vm.accepts_new_sessions(p))
+    }
+}
+
 /// A connection counted as waiting for a VM.
 pub struct WaitGuard {
     driver: Arc<Driver>,
@@ -453,10 +472,38 @@ pub struct WaitGuard {
 impl Drop for WaitGuard {
     fn drop(&mut self) {
         self.driver.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.driver.waiting_by[self.protocol.index()].fetch_sub(1, Ordering::AcqRel);
         self.driver
             .metrics
             .sessions_waiting
             .with_label_values(&[self.protocol.as_str()])
             .dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use router_core::{Health, ManualClock, Pool, Protocol, RoutingPolicy, VmSpec};
+
+    use super::takes_waiting;
+
+    #[test]
+    fn a_vm_takes_waiting_sessions_only_of_the_protocols_it_serves() {
+        let pool = Pool::new(RoutingPolicy::default(), Arc::new(ManualClock::new()));
+        pool.set_vms(vec![VmSpec::new("a", "127.0.0.1")]);
+        // sshd down, web side up.
+        pool.set_protocol_health("a", Protocol::Ssh, Health::Down);
+        pool.set_protocol_health("a", Protocol::Http, Health::Up);
+        let snap = pool.snapshot();
+        let vm = snap.get("a").expect("a");
+        assert!(takes_waiting(vm, &[]));
+        assert!(takes_waiting(vm, &[Protocol::Http]));
+        assert!(!takes_waiting(vm, &[Protocol::Ssh]));
+        assert!(!takes_waiting(vm, &[Protocol::Ssh, Protocol::Http]));
+        pool.drain("a");
+        let snap = pool.snapshot();
+        assert!(!takes_waiting(snap.get("a").expect("a"), &[]));
     }
 }
