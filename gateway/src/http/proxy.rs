@@ -638,7 +638,17 @@ impl Frontend {
                 );
             }
             return (
-                self.finish(resp, &name, pin.as_ref(), &new_session, conn, &up_bytes),
+                self.finish(
+                    resp,
+                    &name,
+                    Sticky {
+                        pin: pin.as_ref(),
+                        new_session: &new_session,
+                        now,
+                    },
+                    conn,
+                    &up_bytes,
+                ),
                 Some(name),
             );
         }
@@ -649,13 +659,16 @@ impl Frontend {
         &self,
         resp: Response<Body>,
         vm: &str,
-        pin: Option<&Pin>,
-        new_session: &str,
+        sticky: Sticky<'_>,
         conn: ConnInfo,
         up_bytes: &Arc<AtomicU64>,
     ) -> Response<Body> {
         let inner = &self.inner;
-        let now = unix_now();
+        let Sticky {
+            pin,
+            new_session,
+            now,
+        } = sticky;
         let (mut parts, body) = resp.into_parts();
         if parts.status != StatusCode::SWITCHING_PROTOCOLS {
             strip_hop_by_hop(&mut parts.headers);
@@ -699,6 +712,17 @@ impl Frontend {
         .boxed();
         Response::from_parts(parts, body)
     }
+}
+
+/// The sticky cookie as the request brought it, for the response.
+#[derive(Clone, Copy)]
+struct Sticky<'a> {
+    /// The request's valid cookie, if any.
+    pin: Option<&'a Pin>,
+    /// The session id a new cookie gets when the request had none.
+    new_session: &'a str,
+    /// Unix time the request's cookie was checked at.
+    now: u64,
 }
 
 fn bad_target(json: bool) -> Response<Body> {
