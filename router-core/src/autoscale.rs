@@ -57,10 +57,11 @@ pub struct VmObservation {
     /// Work that does not pass through the gateway runs on it (or the check could not tell):
     /// never a scale-in candidate, never removed.
     pub busy: bool,
-    /// Its health probes have decided (up or down) at least once. A running
-    /// VM not probed yet is still on its way: a waiting session is not a
-    /// reason to start another one.
-    pub probed: bool,
+    /// Still on its way although the provider says it runs: it has not
+    /// passed its health probes since it came up (not probed yet, or its
+    /// services are still starting, within its boot time). A waiting session
+    /// is no reason to start another VM while one is on its way.
+    pub booting: bool,
     /// It takes new sessions now (running, a side probed up, not draining,
     /// below its session limit): a session still waiting is about to land
     /// there, so it is no reason to start another VM.
@@ -172,10 +173,10 @@ impl Autoscaler {
 
         let alive: Vec<&VmObservation> = obs.vms.iter().filter(|v| is_alive(v.lifecycle)).collect();
         let serving = alive.iter().filter(|v| !v.draining).count() as u32;
-        // On its way: booting, or running but not probed yet.
+        // On its way: starting, or running but not through its probes yet.
         let starting = alive
             .iter()
-            .filter(|v| v.lifecycle == Lifecycle::Starting || !v.probed)
+            .filter(|v| v.lifecycle == Lifecycle::Starting || v.booting)
             .count() as u32;
         let mut decision = Decision {
             desired,
@@ -308,7 +309,7 @@ mod tests {
             sessions,
             idle_since,
             busy: false,
-            probed: true,
+            booting: false,
             accepts_new: false,
         }
     }
@@ -561,7 +562,7 @@ mod tests {
         let woken = vm("a", 0, Some(Instant::now()));
         // Its probes have not passed yet: it is on its way.
         let d = one_waiting(VmObservation {
-            probed: false,
+            booting: true,
             ..woken.clone()
         });
         assert!(d.actions.is_empty(), "{d:?}");

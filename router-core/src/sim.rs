@@ -599,7 +599,7 @@ impl Sim<'_> {
                     .then(|| self.epoch + Duration::from_secs(v.idle_since)),
                 busy: self.params.busy_check && self.running_jobs.iter().any(|j| j.vm == v.id),
                 // The simulation has no probes: a VM serves once booted.
-                probed: true,
+                booting: false,
                 accepts_new: v.running(t) && !v.draining && v.sessions < cap,
             })
             .collect();

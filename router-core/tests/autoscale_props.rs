@@ -48,7 +48,7 @@ impl ModelVm {
             sessions: self.sessions,
             idle_since: self.idle_since,
             busy: self.busy,
-            probed: true,
+            booting: false,
             accepts_new: false,
         }
     }

@@ -372,7 +372,7 @@ mod tests {
             sessions: 0,
             idle_since: Some(since),
             busy: false,
-            probed: true,
+            booting: false,
             accepts_new: true,
         }
     }

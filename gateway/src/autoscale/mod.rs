@@ -50,6 +50,10 @@ pub struct Driver {
     view: Mutex<AutoscaleView>,
     /// Scale-in protection last set per VM (VMs with sessions are protected).
     protected: Mutex<std::collections::HashMap<String, bool>>,
+    /// VMs that came up (provider: running) and have not passed a health probe since, with when
+    /// they came up: still on their way for up to `boot_estimate` (their services start after
+    /// the machine does).
+    came_up: Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
     /// The busy check (`autoscale.busy_command`), when on.
     busy: std::sync::OnceLock<BusyTracker>,
 }
@@ -103,6 +107,7 @@ impl Driver {
             poke: Notify::new(),
             view: Mutex::new(view),
             protected: Mutex::new(std::collections::HashMap::new()),
+            came_up: Mutex::new(std::collections::HashMap::new()),
             busy: std::sync::OnceLock::new(),
         })
     }
@@ -209,6 +214,12 @@ impl Driver {
                 current == Some(Lifecycle::Stopping) && vm.lifecycle == Lifecycle::Running;
             if current != Some(vm.lifecycle) && !keep_stopping {
                 self.pool.set_lifecycle(&vm.spec.name, vm.lifecycle);
+                if vm.lifecycle == Lifecycle::Running
+                    && current.is_some()
+                    && let Ok(mut came_up) = self.came_up.lock()
+                {
+                    came_up.insert(vm.spec.name.clone(), tokio::time::Instant::now());
+                }
                 tracing::info!(vm = %vm.spec.name, lifecycle = vm.lifecycle.as_str(), provider = provider.name(), "VM lifecycle");
             }
         }
@@ -222,6 +233,7 @@ impl Driver {
             .into_iter()
             .filter(|&p| self.waiting_by[p.index()].load(Ordering::Acquire) > 0)
             .collect();
+        let booting = self.booting(&snapshot);
         let mut vms: Vec<VmObservation> = snapshot
             .vms()
             .iter()
@@ -234,7 +246,7 @@ impl Driver {
                     sessions: vm.total_sessions(),
                     idle_since: vm.idle_since(),
                     busy: false,
-                    probed: status.health() != router_core::Health::Unknown,
+                    booting: booting.contains(vm.name()),
                     accepts_new: takes_waiting(vm, &waiting_protocols),
                 }
             })
@@ -280,6 +292,35 @@ impl Driver {
                 view.last_decision = last;
             }
         }
+    }
+
+    /// The running VMs still on their way: not probed yet, or came up less than `boot_estimate`
+    /// ago and not through a health probe since (sshd and JupyterHub start after the machine,
+    /// so their first probes may fail). A VM that stays down past its boot time is down.
+    fn booting(&self, snapshot: &router_core::Snapshot) -> std::collections::HashSet<String> {
+        let now = tokio::time::Instant::now();
+        let Ok(mut came_up) = self.came_up.lock() else {
+            return std::collections::HashSet::new();
+        };
+        came_up.retain(|name, at| {
+            snapshot.get(name).is_some_and(|vm| {
+                let status = vm.status();
+                status.lifecycle == Lifecycle::Running
+                    && status.health() != router_core::Health::Up
+                    && now.saturating_duration_since(*at) < self.settings.boot_estimate
+            })
+        });
+        snapshot
+            .vms()
+            .iter()
+            .filter(|vm| {
+                let status = vm.status();
+                status.lifecycle == Lifecycle::Running
+                    && (status.health() == router_core::Health::Unknown
+                        || came_up.contains_key(vm.name()))
+            })
+            .map(|vm| vm.name().to_owned())
+            .collect()
     }
 
     /// Tells the provider which VMs have sessions or work the busy check found (`kept`), so the

@@ -280,9 +280,10 @@ impl HealthChecker {
             };
             if matches!(
                 vm.status().lifecycle,
-                Lifecycle::Stopped | Lifecycle::Stopping
+                Lifecycle::Starting | Lifecycle::Stopped | Lifecycle::Stopping
             ) {
-                // A stopped VM's health is unknown: when it starts again, its first probe decides.
+                // A stopped or booting VM's health is unknown: once it runs, its first probe
+                // decides (a booting machine's refused connections are no news).
                 if vm.status().health() != Health::Unknown {
                     self.forget(&name);
                 }
