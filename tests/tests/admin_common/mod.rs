@@ -47,6 +47,8 @@ pub struct PoolBuilder {
     fall: u32,
     token: Option<String>,
     health: HealthSection,
+    /// `listen.http = "off"`: no HTTP listener (and no `listen.https`), an SSH-only gateway.
+    http_off: bool,
 }
 
 /// The `[health]` section a [`PoolBuilder`] writes.
@@ -95,6 +97,13 @@ impl PoolBuilder {
     /// ignored. Starting waits longer accordingly.
     pub fn without_health_section(mut self) -> Self {
         self.health = HealthSection::Omitted;
+        self
+    }
+
+    /// Writes `listen.http = "off"`: the gateway serves SSH only ([`Pool::http`] is then a free
+    /// port nothing listens on).
+    pub fn listen_http_off(mut self) -> Self {
+        self.http_off = true;
         self
     }
 
@@ -169,13 +178,18 @@ impl PoolBuilder {
         let mut config = format!(
             "[listen]\n\
              ssh = \"127.0.0.1:{ssh_port}\"\n\
-             http = \"{http}\"\n\
+             http = \"{http_listen}\"\n\
              admin = \"{admin}\"\n\
              \n[ssh]\n\
              host_keys = [\"{host_key}\"]\n\
              user_ca_key = \"{ca_key}\"\n\
              authorized_keys = \"{keys_dir}/{{user}}\"\n\
              backend_known_hosts = \"{known}\"\n",
+            http_listen = if self.http_off {
+                "off".to_string()
+            } else {
+                http.to_string()
+            },
             host_key = host_key.display(),
             ca_key = ca.private_key_path().display(),
             keys_dir = keys_dir.display(),
@@ -272,7 +286,8 @@ pub struct Pool {
     known_hosts: KnownHosts,
     pub ssh_port: u16,
     pub admin: SocketAddr,
-    /// The plain HTTP listener (`listen.http`; no `[tls]`, so it proxies to the VMs).
+    /// The plain HTTP listener (`listen.http`; no `[tls]`, so it proxies to the VMs). With
+    /// [`PoolBuilder::listen_http_off`], a free port nothing listens on.
     pub http: SocketAddr,
     token: Option<String>,
     token_file: Option<PathBuf>,
@@ -290,6 +305,7 @@ impl Pool {
             fall: 3,
             token: None,
             health: HealthSection::SshProbe,
+            http_off: false,
         }
     }
 
