@@ -7,6 +7,7 @@ pub mod admin;
 pub mod app;
 pub mod autoscale;
 pub mod cli;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod health;
 pub mod http;

@@ -141,7 +141,11 @@ fn run(path: &std::path::Path) -> ExitCode {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    match runtime.block_on(app::run_reloadable(config, Some(path.to_path_buf()))) {
+    match runtime.block_on(
+        app::GatewayBuilder::new(config)
+            .reload_from(path.to_path_buf())
+            .run(),
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -152,6 +156,7 @@ fn run(path: &std::path::Path) -> ExitCode {
 }
 
 /// `demo`: the gateway in front of an in-process demo pool, on 127.0.0.1.
+#[cfg(feature = "demo")]
 fn demo(args: &cli::DemoArgs) -> ExitCode {
     let options = gateway::demo::setup::DemoOptions {
         ssh_port: args.ssh_port,
@@ -177,6 +182,16 @@ fn demo(args: &cli::DemoArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `demo` in a build without the `demo` feature.
+#[cfg(not(feature = "demo"))]
+fn demo(_: &cli::DemoArgs) -> ExitCode {
+    eprintln!(
+        "poolgate demo: this poolgate was built without the demo (cargo feature `demo`); \
+         build it with default features to try it"
+    );
+    ExitCode::FAILURE
 }
 
 /// `simulate`: replays a trace through the autoscale policy and the baselines.

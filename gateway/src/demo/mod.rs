@@ -8,9 +8,10 @@
 //! with a page naming the VM, `/hub/health` and a websocket echo at `/ws`.
 //!
 //! `setup` builds the gateway configuration for `poolgate demo` (no file) and its state dir;
-//! the `demo` provider (`autoscale::providers::demo`) starts and stops these VMs.
+//! the `demo` provider (`provider`) starts and stops these VMs like a cloud provider would.
 
 mod process;
+pub mod provider;
 pub mod setup;
 mod ssh;
 #[cfg(test)]

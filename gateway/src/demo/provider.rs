@@ -1,4 +1,4 @@
-//! `demo`: a pool of in-process demo VMs (`crate::demo`), `demo-1` … `demo-N`, all stopped at
+//! The `demo` provider: a pool of in-process demo VMs, `demo-1` … `demo-N`, all stopped at
 //! first. `start` boots them after a short delay (so "starting" can be seen), `stop` stops them;
 //! VMs are never created or deleted.
 
@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 use router_core::{Lifecycle, VmSpec};
 use tokio::task::JoinHandle;
 
-use super::{Capabilities, Provider, ProviderError, ProviderVm};
-use crate::demo::{DemoVm, DemoVmSettings};
+use super::{DemoVm, DemoVmSettings};
+use crate::autoscale::providers::{Capabilities, Provider, ProviderError, ProviderVm};
 
 /// Sessions one demo VM takes at most.
 const MAX_SESSIONS: u32 = 20;

@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use poolgate_config::{Config, PasswordAuth, Provider as ProviderKind};
 
+use super::provider::DemoProvider;
 use super::{DemoVmSettings, ShellSettings};
-use crate::autoscale::providers::demo::DemoProvider;
 use crate::ssh::keys;
 
 /// The banner every SSH user sees first.
@@ -188,7 +188,7 @@ pub fn prepare(options: &DemoOptions) -> anyhow::Result<Demo> {
     private_dir(&state_dir)?;
     let account = account();
 
-    // The gateway loads the same user CA file in `app::build`.
+    // The gateway loads the same user CA file when it is built (`app::GatewayBuilder`).
     let user_ca_path = state_dir.join("user_ca");
     let (user_ca, _) =
         keys::load_or_generate(&user_ca_path, "poolgate demo user CA").context("demo user CA")?;
@@ -325,17 +325,17 @@ pub fn instructions(options: &DemoOptions, user: &str, state_dir: &Path) -> Stri
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let demo = prepare(&options)?;
     let text = instructions(&options, &demo.user, &demo.state_dir);
-    let overrides = crate::app::Overrides {
-        provider: Some(demo.provider.clone()),
-        user_auth: Some(crate::ssh::UserAuth::AnyKey),
-        poll_interval: Some(Duration::from_secs(1)),
-        on_ready: Some(Box::new(move || {
+    let result = crate::app::GatewayBuilder::new(demo.config)
+        .provider(demo.provider.clone())
+        .user_auth(crate::ssh::UserAuth::AnyKey)
+        .poll_interval(Duration::from_secs(1))
+        .on_ready(move || {
             use std::io::Write;
             let _ = std::io::stdout().write_all(text.as_bytes());
             let _ = std::io::stdout().flush();
-        })),
-    };
-    let result = crate::app::run_with(demo.config, overrides).await;
+        })
+        .run()
+        .await;
     // Stop the demo VMs (and their sessions' processes) before returning.
     drop(demo.provider);
     result.map_err(|e| {

@@ -1,8 +1,8 @@
-//! Where VMs come from and how they are started and removed: `static`, `exec`, `azure-vmss`,
-//! `demo`.
+//! Where VMs come from and how they are started and removed: `static`, `exec`, `azure-vmss`
+//! (the demo pool's provider lives beside its VMs in `demo/` and implements [`Provider`] like
+//! any embedder's provider would).
 
 pub mod azure;
-pub mod demo;
 pub mod exec;
 
 use futures::future::BoxFuture;

@@ -1,0 +1,322 @@
+//! Building every part of the gateway from a configuration before any port is bound or task
+//! spawned: keys, VM trust, pool, health checker, autoscaler, SSH and HTTP frontends, admin
+//! token. A setting or file that cannot work fails here, naming its key, and `poolgate run`
+//! stops with nothing listening.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use poolgate_config::{Config, Provider as ProviderKind};
+use router_core::{Pool, Protocol, SystemClock};
+
+use super::settings;
+use crate::autoscale::Driver;
+use crate::autoscale::providers::exec::ExecProvider;
+use crate::autoscale::providers::{Provider, StaticProvider};
+use crate::health::HealthChecker;
+use crate::http::{HttpParts, HttpService};
+use crate::metrics::Metrics;
+use crate::ssh::keys::{self, UserCa};
+use crate::ssh::known_hosts::HostKeyPolicy;
+use crate::ssh::{SshGateway, SshGatewayParts, UserAuth};
+
+/// The running gateway's shared parts.
+#[derive(Clone)]
+pub struct Gateway {
+    /// The pool.
+    pub pool: Arc<Pool>,
+    /// Health state.
+    pub health: Arc<HealthChecker>,
+    /// SSH frontend.
+    pub ssh: Arc<SshGateway>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Autoscaler driver (also keeps dynamic pools in sync with their provider).
+    pub driver: Arc<Driver>,
+    /// Asks the HTTPS listener to re-read its certificate (configuration reload).
+    pub tls_reload: Arc<tokio::sync::Notify>,
+}
+
+/// Everything `serve` needs, built and checked, nothing bound yet.
+pub(super) struct Built {
+    pub config: Config,
+    pub gateway: Gateway,
+    /// The HTTP frontend; `None` when no HTTP or HTTPS listener is configured.
+    pub http: Option<HttpService>,
+    /// The admin API's token (`admin.token_file`).
+    pub admin_token: Option<String>,
+}
+
+/// Builds and runs a gateway from a configuration, with the parts an embedder may supply in
+/// code instead (`poolgate demo` is one: its in-process provider, any-key user auth, a fast
+/// provider poll and a message once the listeners are up).
+///
+/// ```no_run
+/// # async fn example(config: poolgate_config::Config) -> anyhow::Result<()> {
+/// gateway::app::GatewayBuilder::new(config).run().await
+/// # }
+/// ```
+#[must_use = "a builder does nothing until `run`"]
+pub struct GatewayBuilder {
+    config: Config,
+    config_path: Option<PathBuf>,
+    provider: Option<Arc<dyn Provider>>,
+    user_auth: Option<UserAuth>,
+    poll_interval: Option<Duration>,
+    on_ready: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for GatewayBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayBuilder")
+            .field("config_path", &self.config_path)
+            .field("provider", &self.provider.as_ref().map(|p| p.name()))
+            .field("user_auth", &self.user_auth)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayBuilder {
+    /// A gateway exactly as `config` describes it.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            config_path: None,
+            provider: None,
+            user_auth: None,
+            poll_interval: None,
+            on_ready: None,
+        }
+    }
+
+    /// Re-reads `path` on SIGHUP and applies what can change while running
+    /// ([`reload`](super::reload)).
+    pub fn reload_from(mut self, path: PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
+    }
+
+    /// The provider, instead of the one `pool.provider` names.
+    pub fn provider(mut self, provider: Arc<dyn Provider>) -> Self {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// User authentication, instead of `ssh.authorized_keys`.
+    pub fn user_auth(mut self, user_auth: UserAuth) -> Self {
+        self.user_auth = Some(user_auth);
+        self
+    }
+
+    /// Time between provider listings, instead of the provider section's `poll_interval`.
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll_interval = Some(every);
+        self
+    }
+
+    /// Called once every listener is bound, before connections are served.
+    pub fn on_ready(mut self, ready: impl FnOnce() + Send + 'static) -> Self {
+        self.on_ready = Some(Box::new(ready));
+        self
+    }
+
+    /// Builds every part, binds the listeners and serves until SIGTERM or Ctrl-C (or until a
+    /// long-running task fails, which is an error).
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let on_ready = self.on_ready.take();
+        let config_path = self.config_path.take();
+        let built = self.build()?;
+        super::serve::serve(built, config_path, on_ready).await
+    }
+
+    fn build(self) -> anyhow::Result<Built> {
+        let config = self.config;
+        let gateway = build_gateway(&config, self.provider, self.user_auth, self.poll_interval)?;
+        // With `listen.http = "off"` and no `listen.https`, the gateway serves SSH only.
+        let http = if config.listen.serves_http() {
+            Some(build_http(&config, &gateway)?)
+        } else {
+            None
+        };
+        let admin_token = match &config.admin.token_file {
+            Some(path) => Some(
+                crate::admin::client::read_token(path)
+                    .map_err(|e| anyhow::anyhow!("admin.token_file: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(Built {
+            config,
+            gateway,
+            http,
+            admin_token,
+        })
+    }
+}
+
+/// Keys, VM trust, pool, health checker, autoscaler and SSH frontend.
+fn build_gateway(
+    config: &Config,
+    provider: Option<Arc<dyn Provider>>,
+    user_auth: Option<UserAuth>,
+    poll_interval: Option<Duration>,
+) -> anyhow::Result<Gateway> {
+    let mut host_keys = Vec::new();
+    for path in &config.ssh.host_keys {
+        let (key, generated) =
+            keys::load_or_generate(path, "poolgate host key").context("ssh.host_keys")?;
+        if generated {
+            tracing::info!(path = %path.display(), "generated a new SSH host key");
+        }
+        host_keys.push(key);
+    }
+    let ca = user_ca(config)?;
+    tracing::info!(
+        ca = %ca.public_line(),
+        "VMs must trust this user CA: put the line in /etc/ssh/poolgate_user_ca.pub and add \
+         `TrustedUserCAKeys /etc/ssh/poolgate_user_ca.pub` to sshd_config"
+    );
+    let host_policy = host_policy(config)?;
+
+    let pool = Arc::new(Pool::new(
+        settings::routing_policy(config),
+        Arc::new(SystemClock),
+    ));
+    let health = HealthChecker::new(pool.clone(), settings::health_settings(config));
+    let metrics = Arc::new(Metrics::new());
+    let provider = match provider {
+        Some(provider) => provider,
+        None => self::provider(config)?,
+    };
+    let mut driver_settings = settings::driver_settings(config);
+    if let Some(every) = poll_interval {
+        driver_settings.poll_interval = every;
+    }
+    let driver = Driver::new(pool.clone(), provider, driver_settings, metrics.clone());
+    let health_for_ssh = health.clone();
+    let metrics_for_ssh = metrics.clone();
+    let ssh = SshGateway::new(SshGatewayParts {
+        host_keys,
+        settings: settings::ssh_settings(config),
+        user_auth: user_auth
+            .unwrap_or_else(|| UserAuth::AuthorizedKeys(config.ssh.authorized_keys.clone())),
+        ca,
+        host_policy,
+        pool: pool.clone(),
+        on_vm_failure: Arc::new(move |vm| {
+            health_for_ssh.report_failure(vm, Protocol::Ssh, "connection failed")
+        }),
+        on_auth_failure: Arc::new(move |method, peer| {
+            metrics_for_ssh.auth_failed(method);
+            tracing::info!(%method, client = %peer, "authentication failed");
+        }),
+        metrics: metrics.clone(),
+        wake: Some(driver.clone()),
+    });
+    let a = &config.autoscale;
+    if a.enabled && !a.busy_command.is_empty() {
+        driver.set_busy_check(Arc::new(crate::ssh::busy_check::SshBusyCheck::new(
+            ssh.clone(),
+            &a.busy_user,
+            &a.busy_command,
+            a.busy_timeout,
+        )));
+    }
+    Ok(Gateway {
+        pool,
+        health,
+        ssh,
+        metrics,
+        driver,
+        tls_reload: Arc::new(tokio::sync::Notify::new()),
+    })
+}
+
+/// The HTTP frontend: cookie signer, TLS acceptor, proxy.
+fn build_http(config: &Config, gateway: &Gateway) -> anyhow::Result<HttpService> {
+    let health = gateway.health.clone();
+    HttpService::build(HttpParts {
+        config: config.clone(),
+        pool: gateway.pool.clone(),
+        metrics: gateway.metrics.clone(),
+        on_vm_failure: Arc::new(move |vm| {
+            health.report_failure(vm, Protocol::Http, "HTTP request failed")
+        }),
+        wake: Some(gateway.driver.clone()),
+        tls_reload: Some(gateway.tls_reload.clone()),
+    })
+    .context("cannot set up the HTTP frontend, so poolgate did not start")
+}
+
+/// The user CA (`ssh.user_ca_key`), created when missing; for operators too (`check-config`,
+/// the start-up log).
+pub fn user_ca(config: &Config) -> anyhow::Result<UserCa> {
+    let (key, generated) = keys::load_or_generate(&config.ssh.user_ca_key, "poolgate user CA")
+        .context("ssh.user_ca_key")?;
+    let ca = UserCa::new(key, config.ssh.cert_validity);
+    if generated {
+        tracing::info!(path = %config.ssh.user_ca_key.display(), "generated a new user CA key");
+    }
+    Ok(ca)
+}
+
+/// What `check-config` checks beyond the file and the files it names, the way `poolgate run`
+/// loads them but without writing a file or binding a port: the TLS certificate and key of
+/// the HTTPS listener (a PEM chain, a supported key, the key belonging to the certificate) and
+/// the VM host-key trust (`ssh.backend_known_hosts` / `ssh.backend_host_ca`). One problem a
+/// line, each naming its key.
+pub fn check_startup(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(e) = crate::http::TlsParts::load(config) {
+        problems.push(format!("{e:#}"));
+    }
+    if let Err(e) = host_policy(config) {
+        problems.push(format!("{e:#}"));
+    }
+    problems
+}
+
+/// The provider named by `pool.provider`.
+pub fn provider(config: &Config) -> anyhow::Result<Arc<dyn Provider>> {
+    Ok(match config.pool.provider {
+        ProviderKind::Static => Arc::new(StaticProvider::new(settings::static_vms(config))),
+        ProviderKind::Exec => {
+            let exec = config
+                .pool
+                .exec
+                .as_ref()
+                .context("pool.exec: required by provider = \"exec\"")?;
+            Arc::new(ExecProvider::new(settings::exec_settings(exec)))
+        }
+        ProviderKind::AzureVmss => {
+            let azure = config
+                .pool
+                .azure
+                .as_ref()
+                .context("pool.azure: required by provider = \"azure-vmss\"")?;
+            Arc::new(
+                crate::autoscale::providers::azure::AzureProvider::from_config(azure)
+                    .map_err(|e| anyhow::anyhow!("pool.azure: {e}"))?,
+            )
+        }
+        ProviderKind::Demo => {
+            anyhow::bail!("pool.provider = \"demo\" is only available through `poolgate demo`")
+        }
+    })
+}
+
+/// The VM host-key trust from `[ssh]`.
+pub fn host_policy(config: &Config) -> anyhow::Result<HostKeyPolicy> {
+    Ok(
+        match (&config.ssh.backend_host_ca, &config.ssh.backend_known_hosts) {
+            (Some(ca), _) => HostKeyPolicy::from_host_ca(ca).context("ssh.backend_host_ca")?,
+            (None, Some(known)) => {
+                HostKeyPolicy::from_known_hosts(known).context("ssh.backend_known_hosts")?
+            }
+            (None, None) => anyhow::bail!("ssh: set backend_known_hosts or backend_host_ca"),
+        },
+    )
+}

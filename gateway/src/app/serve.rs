@@ -1,0 +1,370 @@
+//! Binding the listeners, running every long task under one supervisor, and the graceful
+//! shutdown: no new connections, open SSH sessions get `gateway.shutdown_grace`, a second
+//! signal closes them at once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
+use tokio::task::{Id, JoinSet};
+
+use super::build::{Built, Gateway};
+use crate::admin::AdminState;
+
+/// The SSH frontend's task name (its listener stops first at shutdown).
+const SSH_FRONTEND: &str = "SSH frontend";
+
+/// How long the end of a graceful shutdown waits for the sessions it disconnected to close.
+const DISCONNECT_FLUSH: Duration = Duration::from_secs(2);
+
+/// Binds every listener and serves until a shutdown signal (`Ok`) or until a long-running task
+/// ends on its own (an error naming it).
+pub(super) async fn serve(
+    built: Built,
+    config_path: Option<PathBuf>,
+    on_ready: Option<Box<dyn FnOnce() + Send>>,
+) -> anyhow::Result<()> {
+    let Built {
+        config,
+        gateway,
+        http,
+        admin_token,
+    } = built;
+    // Signal handlers are set up before anything is bound, like every other part.
+    let hangup = match config_path {
+        Some(path) => Some((
+            path,
+            signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+        )),
+        None => None,
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Know the pool before taking connections.
+    if let Err(e) = gateway.driver.sync().await {
+        tracing::warn!(error = %e, "initial provider listing failed; retrying in the background");
+    }
+
+    let ssh_listener = bind("listen.ssh", config.listen.ssh).await?;
+    let http_listener = match config.listen.http {
+        Some(addr) => Some(bind("listen.http", addr).await?),
+        None => None,
+    };
+    let https_listener = match config.listen.https {
+        Some(addr) => Some(bind("listen.https", addr).await?),
+        None => None,
+    };
+    let admin_listener = bind("listen.admin", config.listen.admin).await?;
+    tracing::info!(addr = %ssh_listener.local_addr()?, "SSH listener ready");
+    tracing::info!(addr = %admin_listener.local_addr()?, token = admin_token.is_some(), "admin listener ready (/status, /metrics, /api/v1)");
+    let admin_state = Arc::new(AdminState {
+        pool: gateway.pool.clone(),
+        health: gateway.health.clone(),
+        metrics: gateway.metrics.clone(),
+        token: admin_token,
+        autoscale: Some(gateway.driver.clone()),
+    });
+
+    let mut tasks = Supervisor::default();
+    tasks.spawn(
+        "admin listener",
+        crate::admin::server::serve(admin_state, admin_listener, shutdown_rx.clone()),
+    );
+    tasks.spawn(
+        "health checker",
+        gateway.health.clone().run(shutdown_rx.clone()),
+    );
+    tasks.spawn(
+        "autoscaler",
+        gateway.driver.clone().run(shutdown_rx.clone()),
+    );
+    match http {
+        Some(service) => tasks.spawn(
+            "HTTP frontend",
+            crate::http::serve(service, http_listener, https_listener, shutdown_rx.clone()),
+        ),
+        None => {
+            tracing::info!("no HTTP or HTTPS listener (listen.http = \"off\"): serving SSH only");
+        }
+    }
+    tasks.spawn(
+        SSH_FRONTEND,
+        gateway.ssh.clone().serve(ssh_listener, shutdown_rx.clone()),
+    );
+    if let Some((path, hangup)) = hangup {
+        tasks.spawn(
+            "configuration reloader",
+            reload_on_hangup(path, hangup, config.clone(), gateway.clone(), shutdown_rx),
+        );
+    }
+    if let Some(on_ready) = on_ready {
+        on_ready();
+    }
+
+    let failed = tokio::select! {
+        () = shutdown_signal() => None,
+        ended = tasks.next_ended() => ended,
+    };
+    if let Some(ended) = &failed {
+        tracing::error!(
+            task = ended.task,
+            "{} stopped unexpectedly: {}; stopping poolgate (open SSH sessions get \
+             gateway.shutdown_grace as on SIGTERM, then it exits with status 1)",
+            ended.task,
+            ended.why()
+        );
+    }
+    let grace = config.gateway.shutdown_grace;
+    tracing::info!(
+        open_ssh = gateway.ssh.live_connections(),
+        grace = %humantime::format_duration(grace),
+        "shutting down: no new connections; open sessions may run until they end or the grace time passes (signal again to stop now)"
+    );
+    let _ = shutdown_tx.send(true);
+    let mut ended_in_shutdown = tasks.wait_for(SSH_FRONTEND).await;
+    close_ssh_sessions(&gateway, grace).await;
+    ended_in_shutdown.extend(tasks.wait_all().await);
+    for ended in ended_in_shutdown {
+        if let Err(e) = &ended.outcome {
+            tracing::error!(task = ended.task, "{}: {e:#}", ended.task);
+        }
+    }
+    match failed {
+        None => Ok(()),
+        Some(ended) => Err(anyhow::anyhow!(
+            "the {} stopped unexpectedly ({}), so poolgate stopped; fix the cause named above \
+             and start it again",
+            ended.task,
+            ended.why()
+        )),
+    }
+}
+
+async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{key}: cannot listen on {addr}"))
+}
+
+/// Lets open SSH sessions run for up to `grace` (a second signal cuts it short), then
+/// disconnects the rest with a message and gives the messages a moment to leave.
+async fn close_ssh_sessions(gateway: &Gateway, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    let forced = shutdown_signal();
+    tokio::pin!(forced);
+    while gateway.ssh.live_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = &mut forced => {
+                tracing::info!("second signal: closing open sessions now");
+                break;
+            }
+        }
+    }
+    let left = gateway.ssh.live_connections();
+    if left > 0 {
+        tracing::info!(open_ssh = left, "closing the remaining sessions");
+        gateway
+            .ssh
+            .disconnect_all("poolgate is shutting down; please reconnect in a moment")
+            .await;
+        // The disconnect messages are only queued: let the sessions send them and close before
+        // the runtime (and every session task with it) goes away.
+        let flushed = tokio::time::Instant::now() + DISCONNECT_FLUSH;
+        while gateway.ssh.live_connections() > 0 && tokio::time::Instant::now() < flushed {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Re-reads the configuration on every SIGHUP until shutdown.
+async fn reload_on_hangup(
+    path: PathBuf,
+    mut hangup: Signal,
+    mut running: poolgate_config::Config,
+    gateway: Gateway,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            Some(()) = hangup.recv() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
+        match super::reload(&path, &running, &gateway).await {
+            Ok(applied) => running = applied,
+            Err(e) => tracing::error!("reload failed: {e:#}"),
+        }
+    }
+}
+
+/// A long-running task of `poolgate run` that ended: which, and how.
+#[derive(Debug)]
+struct Ended {
+    task: &'static str,
+    outcome: anyhow::Result<()>,
+}
+
+impl Ended {
+    fn why(&self) -> String {
+        match &self.outcome {
+            Ok(()) => "it returned before the shutdown".to_owned(),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+}
+
+/// What a long-running task returns: `()` or a `Result`.
+trait TaskOutcome: Send + 'static {
+    fn into_result(self) -> anyhow::Result<()>;
+}
+
+impl TaskOutcome for () {
+    fn into_result(self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+impl TaskOutcome for anyhow::Result<()> {
+    fn into_result(self) -> anyhow::Result<()> {
+        self
+    }
+}
+
+/// Owns every long-running task and says which ended and how, however it ended (returned,
+/// failed, panicked).
+#[derive(Default)]
+struct Supervisor {
+    tasks: JoinSet<anyhow::Result<()>>,
+    names: HashMap<Id, &'static str>,
+}
+
+impl Supervisor {
+    fn spawn<F>(&mut self, name: &'static str, task: F)
+    where
+        F: Future + Send + 'static,
+        F::Output: TaskOutcome,
+    {
+        let handle = self.tasks.spawn(async move { task.await.into_result() });
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The next task to end; `None` once there are none left (never while any runs).
+    async fn next_ended(&mut self) -> Option<Ended> {
+        let (id, outcome) = match self.tasks.join_next_with_id().await? {
+            Ok((id, outcome)) => (id, outcome),
+            Err(e) => {
+                let id = e.id();
+                let outcome = if e.is_panic() {
+                    let payload = e.into_panic();
+                    let message = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".to_owned());
+                    Err(anyhow::anyhow!("panicked: {message}"))
+                } else {
+                    Err(anyhow::anyhow!("{e}"))
+                };
+                (id, outcome)
+            }
+        };
+        let task = self.names.remove(&id).unwrap_or("task");
+        Some(Ended { task, outcome })
+    }
+
+    /// Waits until the task named `name` has ended (or none is left); returns every task that
+    /// ended meanwhile, that one included.
+    async fn wait_for(&mut self, name: &str) -> Vec<Ended> {
+        let mut ended = Vec::new();
+        while self.names.values().any(|n| *n == name) {
+            match self.next_ended().await {
+                Some(e) => ended.push(e),
+                None => break,
+            }
+        }
+        ended
+    }
+
+    /// Waits for every task left.
+    async fn wait_all(mut self) -> Vec<Ended> {
+        let mut ended = Vec::new();
+        while let Some(e) = self.next_ended().await {
+            ended.push(e);
+        }
+        ended
+    }
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = ctrl_c.await;
+        return;
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_way_a_task_ends_is_reported_with_its_name() {
+        let mut tasks = Supervisor::default();
+        tasks.spawn("HTTP frontend", async {
+            Err::<(), _>(anyhow::anyhow!("accept: too many open files"))
+        });
+        let ended = tasks.next_ended().await.unwrap();
+        assert_eq!(ended.task, "HTTP frontend");
+        assert_eq!(ended.why(), "accept: too many open files");
+
+        tasks.spawn("SSH frontend", async {
+            if true {
+                panic!("listener state broke");
+            }
+        });
+        let ended = tasks.next_ended().await.unwrap();
+        assert_eq!(ended.task, "SSH frontend");
+        assert_eq!(ended.why(), "panicked: listener state broke");
+
+        tasks.spawn("health checker", async {});
+        let ended = tasks.next_ended().await.unwrap();
+        assert_eq!(
+            (ended.task, ended.why().as_str()),
+            ("health checker", "it returned before the shutdown")
+        );
+        assert!(ended.outcome.is_ok());
+        assert!(tasks.next_ended().await.is_none(), "no task left");
+    }
+
+    #[tokio::test]
+    async fn waiting_for_one_task_collects_those_that_end_before_it() {
+        let mut tasks = Supervisor::default();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        tasks.spawn("admin listener", async {});
+        tasks.spawn(SSH_FRONTEND, async move {
+            let _ = released.await;
+        });
+        tasks.spawn("autoscaler", std::future::pending::<()>());
+        let first = tasks.next_ended().await.unwrap();
+        assert_eq!(first.task, "admin listener");
+        release.send(()).unwrap();
+        let ended = tasks.wait_for(SSH_FRONTEND).await;
+        assert_eq!(
+            ended.iter().map(|e| e.task).collect::<Vec<_>>(),
+            [SSH_FRONTEND]
+        );
+        // The pending task is still owned (and aborted when the supervisor is dropped).
+        assert_eq!(tasks.names.len(), 1);
+    }
+}

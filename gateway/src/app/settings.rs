@@ -1,0 +1,136 @@
+//! Every mapping from the configuration file to the settings of a part, in one place. The parts
+//! themselves (`ssh`, `http`, `health`, `autoscale`) never read [`Config`]: they take the plain
+//! settings made here, so a reload, a test or an embedder can hand them values of its own.
+
+use std::time::Duration;
+
+use poolgate_config::{Affinity, Config, PasswordAuth, Provider as ProviderKind};
+use router_core::autoscale::AutoscaleConfig;
+use router_core::{HealthPolicy, RoutingPolicy, VmSpec};
+
+use crate::autoscale::DriverSettings;
+use crate::autoscale::providers::exec::ExecSettings;
+use crate::health::HealthSettings;
+use crate::ssh::SshSettings;
+
+/// `[routing]` and `[http]` as router-core's policy.
+pub fn routing_policy(config: &Config) -> RoutingPolicy {
+    RoutingPolicy {
+        user_affinity: config.routing.affinity == Affinity::User,
+        affinity_ttl: config.routing.affinity_ttl,
+        http_session_idle: config.http.session_idle,
+        http_tentative_for: config.http.tentative_for,
+    }
+}
+
+/// The VMs of a static pool (`[[pool.backends]]`).
+pub fn static_vms(config: &Config) -> Vec<VmSpec> {
+    config
+        .pool
+        .backends
+        .iter()
+        .map(|b| VmSpec {
+            name: b.name.clone(),
+            host: b.host.clone(),
+            ssh_port: b.ssh_port,
+            http_port: b.http_port,
+            weight: b.weight,
+            max_sessions: b.max_sessions,
+        })
+        .collect()
+}
+
+/// `[pool.exec]` as the exec provider's settings.
+pub fn exec_settings(exec: &poolgate_config::Exec) -> ExecSettings {
+    ExecSettings {
+        list: exec.list.clone(),
+        start: exec.start.clone(),
+        stop: exec.stop.clone(),
+        create: exec.create.clone(),
+        delete: exec.delete.clone(),
+        timeout: exec.timeout,
+        defaults: VmSpec {
+            name: String::new(),
+            host: String::new(),
+            ssh_port: exec.ssh_port,
+            http_port: exec.http_port,
+            weight: exec.weight,
+            max_sessions: exec.max_sessions,
+        },
+    }
+}
+
+/// `[ssh]` (and the busy-check account, which front-door logins may not use) as the SSH
+/// frontend's settings.
+pub fn ssh_settings(config: &Config) -> SshSettings {
+    SshSettings {
+        port_forwarding: config.ssh.port_forwarding,
+        agent_forwarding: config.ssh.agent_forwarding,
+        password_passthrough: config.ssh.password_auth == PasswordAuth::Passthrough,
+        connect_timeout: config.ssh.connect_timeout,
+        login_grace: config.ssh.login_grace,
+        max_unauthenticated: config.ssh.max_unauthenticated as usize,
+        banner: config.ssh.banner.clone(),
+        idle_timeout: config.ssh.idle_timeout,
+        refused_users: if config.autoscale.busy_command.is_empty() {
+            Vec::new()
+        } else {
+            vec![config.autoscale.busy_user.clone()]
+        },
+    }
+}
+
+/// `[health]` as the checker's settings.
+pub fn health_settings(config: &Config) -> HealthSettings {
+    HealthSettings {
+        interval: config.health.interval,
+        timeout: config.health.timeout,
+        policy: HealthPolicy {
+            rise: config.health.rise,
+            fall: config.health.fall,
+        },
+        ssh: config.health.ssh,
+        http: config.health.http,
+        // SSH always listens; the web side is checked only when browsers are served.
+        serve_ssh: true,
+        serve_http: config.listen.serves_http(),
+        http_path: config.health.http_path.clone(),
+        load_metrics: config
+            .health
+            .load_metrics_port
+            .map(|port| (port, config.health.load_metrics_path.clone())),
+    }
+}
+
+/// The policy numbers of an `[autoscale]` section (the driver and the simulator use the same
+/// mapping).
+pub fn autoscale_policy(a: &poolgate_config::Autoscale) -> AutoscaleConfig {
+    AutoscaleConfig {
+        min_vms: a.min_vms,
+        max_vms: a.max_vms,
+        sessions_per_vm: a.sessions_per_vm,
+        spare_vms: a.spare_vms,
+        scale_in_after: a.scale_in_after,
+        scale_to_zero_after: a.scale_to_zero_after,
+        cooldown: a.cooldown,
+    }
+}
+
+/// `[autoscale]` and the provider's `poll_interval` as the driver's settings.
+pub fn driver_settings(config: &Config) -> DriverSettings {
+    let a = &config.autoscale;
+    let poll_interval = match (&config.pool.exec, &config.pool.azure) {
+        (Some(exec), _) if config.pool.provider == ProviderKind::Exec => exec.poll_interval,
+        (_, Some(azure)) if config.pool.provider == ProviderKind::AzureVmss => azure.poll_interval,
+        _ => Duration::from_secs(30),
+    };
+    DriverSettings {
+        enabled: a.enabled,
+        policy: autoscale_policy(a),
+        tick: a.tick,
+        poll_interval,
+        wake_on_connect: a.wake_on_connect,
+        hold_connect_for: a.hold_connect_for,
+        boot_estimate: a.boot_estimate,
+    }
+}
