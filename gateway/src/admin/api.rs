@@ -7,36 +7,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use router_core::{Pool, Protocol};
 use serde::Serialize;
 
+use crate::autoscale::AutoscaleStatus;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
 
 use super::status_page;
-
-/// The autoscaler as the admin API and status page show it.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct AutoscaleView {
-    /// Whether autoscaling is on.
-    pub enabled: bool,
-    /// Running VMs aimed for.
-    pub desired_vms: u32,
-    /// `min_vms`..`max_vms`.
-    pub min_vms: u32,
-    /// Upper bound.
-    pub max_vms: u32,
-    /// Connections waiting for a VM.
-    pub waiting: u32,
-    /// The last decision, in words.
-    pub last_decision: Option<String>,
-    /// Last busy-check verdict per VM (true = kept: work running or unknown); shown per VM.
-    #[serde(skip)]
-    pub busy: std::collections::BTreeMap<String, bool>,
-}
-
-/// Source of [`AutoscaleView`] (the autoscaler driver implements it).
-pub trait AutoscaleStatus: Send + Sync {
-    /// The current view.
-    fn view(&self) -> AutoscaleView;
-}
 
 /// Everything the admin endpoints read.
 pub struct AdminState {
@@ -529,6 +504,7 @@ mod tests {
 #[cfg(test)]
 mod busy_tests {
     use super::*;
+    use crate::autoscale::AutoscaleView;
     use crate::health::HealthSettings;
     use router_core::{HealthPolicy, RoutingPolicy, SystemClock, VmSpec};
     use std::time::Duration;

@@ -5,4 +5,4 @@ pub mod client;
 pub mod server;
 pub mod status_page;
 
-pub use api::{AdminState, AutoscaleStatus, AutoscaleView, Reply};
+pub use api::{AdminState, Reply};

@@ -3,7 +3,8 @@
 use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::api::{AutoscaleView, SessionView, VmView};
+use super::api::{SessionView, VmView};
+use crate::autoscale::AutoscaleView;
 
 /// Escapes text for HTML element content and attribute values.
 pub fn escape(text: &str) -> String {

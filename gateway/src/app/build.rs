@@ -218,7 +218,7 @@ fn build_gateway(
     });
     let a = &config.autoscale;
     if a.enabled && !a.busy_command.is_empty() {
-        driver.set_busy_check(Arc::new(crate::ssh::busy_check::SshBusyCheck::new(
+        driver.set_busy_check(Arc::new(super::busy::SshBusyCheck::new(
             ssh.clone(),
             &a.busy_user,
             &a.busy_command,

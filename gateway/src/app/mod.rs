@@ -4,6 +4,7 @@
 //! shutdown (`serve`), and applies configuration reloads ([`reload`]).
 
 mod build;
+mod busy;
 mod reload;
 mod serve;
 pub mod settings;

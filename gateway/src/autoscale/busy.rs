@@ -2,8 +2,8 @@
 //! it, it asks the VM whether work runs there that does not flow through the gateway (tmux,
 //! nohup, cron jobs, busy kernels) and keeps the VM while it does.
 //!
-//! This module holds what the driver needs: the [`BusyCheck`] interface (the SSH side
-//! implements it, see `ssh::busy_check`), the exit-status mapping, and [`BusyTracker`], which
+//! This module holds what the driver needs: the [`BusyCheck`] interface (the composition root
+//! implements it over the SSH side's forced-command login), the exit-status mapping, and [`BusyTracker`], which
 //! caches results per VM and runs checks in the background so that a tick never waits on one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -81,6 +81,33 @@ fn first_line(text: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(MAX_REASON_CHARS)
         .collect()
+}
+
+/// The verdict of one run. The built-in check must also say `idle: …` for an exit status of 1:
+/// a login shell that runs no command (`nologin`, `false`) exits 1 too, and must not pass for
+/// "idle" — that would scale in VMs whatever runs there.
+pub fn interpret(
+    builtin: bool,
+    user: &str,
+    status: Option<u32>,
+    signal: Option<&str>,
+    output: &str,
+) -> Verdict {
+    match verdict(status, signal, output) {
+        Verdict::Idle if builtin && !output.trim_start().starts_with("idle:") => {
+            Verdict::Unknown(format!(
+                "the check exited with status 1 without saying \"idle:\" (the login shell of {user} on the VM must be /bin/sh, not nologin or false): {}",
+                output
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(120)
+                    .collect::<String>()
+            ))
+        }
+        other => other,
+    }
 }
 
 /// Runs the busy check on one VM. Implementations bound the whole check by their timeout and
@@ -312,6 +339,46 @@ fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_builtin_check_must_say_idle() {
+        let user = "poolgate-probe";
+        assert_eq!(
+            interpret(
+                true,
+                user,
+                Some(1),
+                None,
+                "idle: no work of login users is running\n"
+            ),
+            Verdict::Idle
+        );
+        let Verdict::Unknown(why) = interpret(
+            true,
+            user,
+            Some(1),
+            None,
+            "This account is currently not available.\n",
+        ) else {
+            panic!("nologin's exit 1 must not count as idle")
+        };
+        assert!(
+            why.contains("/bin/sh") && why.contains("not available"),
+            "{why}"
+        );
+        // A custom command: exit 1 is idle, whatever it prints.
+        assert_eq!(interpret(false, user, Some(1), None, ""), Verdict::Idle);
+        assert!(matches!(
+            interpret(
+                true,
+                user,
+                Some(0),
+                None,
+                "busy: sleep (pid 2) of ann is running"
+            ),
+            Verdict::Busy(_)
+        ));
+    }
 
     #[test]
     fn exit_status_maps_to_busy_idle_or_unknown() {

@@ -3,6 +3,7 @@
 
 pub mod busy;
 pub mod providers;
+mod status;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,8 +15,9 @@ use tokio::sync::{Notify, watch};
 
 use self::busy::{BusyCheck, BusyTracker};
 use self::providers::{Provider, ProviderError};
-use crate::admin::{AutoscaleStatus, AutoscaleView};
 use crate::metrics::Metrics;
+
+pub use self::status::{AutoscaleStatus, AutoscaleView};
 
 /// Driver settings.
 #[derive(Debug, Clone)]

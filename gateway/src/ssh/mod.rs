@@ -3,8 +3,8 @@
 
 pub mod authorized_keys;
 pub mod backend;
-pub mod busy_check;
 mod connect;
+pub mod forced_command;
 pub mod front;
 pub mod keys;
 pub mod known_hosts;

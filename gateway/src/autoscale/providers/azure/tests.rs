@@ -751,7 +751,7 @@ async fn driver_never_drains_or_deletes_an_instance_running_detached_work() {
             .any(|l| l.path.ends_with("/delete")),
         "a busy instance was deleted"
     );
-    let view = crate::admin::AutoscaleStatus::view(&*driver);
+    let view = crate::autoscale::AutoscaleStatus::view(&*driver);
     assert_eq!(view.busy.get("dsvm_0"), Some(&true));
     assert_eq!(
         view.busy.get("dsvm_1"),
