@@ -14,3 +14,4 @@ pub mod http;
 pub mod metrics;
 pub mod simulate;
 pub mod ssh;
+pub mod wake;

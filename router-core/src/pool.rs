@@ -51,7 +51,12 @@ struct Writer {
     /// Counters of removed VMs that may still be in use, reused if a VM of
     /// the same name comes back.
     retired: HashMap<String, Arc<VmShared>>,
+    /// Told the generation of every snapshot published (see [`Pool::on_change`]).
+    listeners: Vec<ChangeListener>,
 }
+
+/// A callback of [`Pool::on_change`].
+type ChangeListener = Box<dyn Fn(u64) + Send + Sync>;
 
 /// A pool of VMs and the sessions placed on them. `Send + Sync`; share it
 /// with an `Arc`.
@@ -198,6 +203,18 @@ impl Pool {
         w.generation += 1;
         self.current
             .store(Arc::new(Snapshot::build(vms, w.generation, index)));
+        for listener in &w.listeners {
+            listener(w.generation);
+        }
+    }
+
+    /// Calls `listener` with the generation of every snapshot published from now on (a VM
+    /// added or removed, a status change), after it is visible to readers. It runs on the
+    /// writer's thread with the writer lock held, so it must be quick and must not touch the
+    /// pool: set a flag or send on a channel (the gateway wakes connections waiting for a VM
+    /// this way instead of polling).
+    pub fn on_change(&self, listener: impl Fn(u64) + Send + Sync + 'static) {
+        self.lock_writer().listeners.push(Box::new(listener));
     }
 
     /// Applies `change` to one VM's status; publishes a new snapshot if the

@@ -443,3 +443,23 @@ fn a_vm_that_comes_up_is_idle_only_since_then() {
         Some(now)
     );
 }
+
+#[test]
+fn change_listeners_hear_every_published_generation_after_it_is_visible() {
+    let (pool, _clock) = pool(&[("a", 1, 5), ("b", 1, 5)]);
+    let pool = Arc::new(pool);
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (seen, reader) = (heard.clone(), Arc::downgrade(&pool));
+    pool.on_change(move |generation| {
+        // The snapshot of this generation is already what readers load.
+        let visible = reader.upgrade().map(|p| p.snapshot().generation());
+        assert_eq!(visible, Some(generation));
+        seen.lock().unwrap().push(generation);
+    });
+    let g0 = pool.snapshot().generation();
+    assert!(pool.drain("a"));
+    assert!(pool.drain("a")); // no change: nothing published
+    pool.set_vms(vec![spec("a", 1, 5)]);
+    assert!(!pool.undrain("gone"));
+    assert_eq!(*heard.lock().unwrap(), vec![g0 + 1, g0 + 2]);
+}

@@ -8,6 +8,7 @@ mod busy;
 mod reload;
 mod serve;
 pub mod settings;
+mod wake;
 
 pub use build::{Gateway, GatewayBuilder, check_startup, host_policy, provider, user_ca};
 pub use reload::reload;
