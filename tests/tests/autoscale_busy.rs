@@ -478,7 +478,8 @@ fn the_probe_certificate_runs_only_the_busy_check() {
     let key_path = dir.path().join("probe_key");
     generate_ed25519(&key_path, "probe");
     let (key, _) = gateway::ssh::keys::load_or_generate(&key_path, "").expect("probe key");
-    let command = gateway::ssh::forced_command::shell_quote(&poolgate_config::default_busy_command());
+    let command =
+        gateway::ssh::forced_command::shell_quote(&poolgate_config::default_busy_command());
     let cert = ca_signer
         .sign_check(key.public_key(), PROBE, &command, Duration::from_secs(60))
         .expect("sign");
