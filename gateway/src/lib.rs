@@ -10,8 +10,10 @@ pub mod cli;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod health;
+pub mod html;
 pub mod http;
 pub mod metrics;
+pub mod secrets;
 pub mod simulate;
 pub mod ssh;
 pub mod wake;

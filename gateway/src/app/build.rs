@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::ssh::keys::{self, UserCa};
 use crate::ssh::known_hosts::HostKeyPolicy;
 use crate::ssh::{SshGateway, SshGatewayParts, UserAuth};
+use crate::wake::Waker;
 
 /// The running gateway's shared parts.
 #[derive(Clone)]
@@ -35,6 +36,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Autoscaler driver (also keeps dynamic pools in sync with their provider).
     pub driver: Arc<Driver>,
+    /// Wake-on-connect as the frontends use it (the driver behind it).
+    pub waker: Waker,
     /// Asks the HTTPS listener to re-read its certificate (configuration reload).
     pub tls_reload: Arc<tokio::sync::Notify>,
 }
@@ -196,7 +199,8 @@ fn build_gateway(
         driver_settings.poll_interval = every;
     }
     let driver = Driver::new(pool.clone(), provider, driver_settings, metrics.clone());
-    let health_for_ssh = health.clone();
+    // The frontends wake the pool through the driver without knowing it.
+    let waker = Waker::new(Arc::new(driver.clone()), pool.clone());
     let metrics_for_ssh = metrics.clone();
     let ssh = SshGateway::new(SshGatewayParts {
         host_keys,
@@ -206,15 +210,13 @@ fn build_gateway(
         ca,
         host_policy,
         pool: pool.clone(),
-        on_vm_failure: Arc::new(move |vm| {
-            health_for_ssh.report_failure(vm, Protocol::Ssh, "connection failed")
-        }),
+        on_vm_failure: health.failure_hook(Protocol::Ssh, "connection failed"),
         on_auth_failure: Arc::new(move |method, peer| {
             metrics_for_ssh.auth_failed(method);
             tracing::info!(%method, client = %peer, "authentication failed");
         }),
         metrics: metrics.clone(),
-        wake: Some(driver.clone()),
+        wake: Some(waker.clone()),
     });
     let a = &config.autoscale;
     if a.enabled && !a.busy_command.is_empty() {
@@ -231,21 +233,21 @@ fn build_gateway(
         ssh,
         metrics,
         driver,
+        waker,
         tls_reload: Arc::new(tokio::sync::Notify::new()),
     })
 }
 
 /// The HTTP frontend: cookie signer, TLS acceptor, proxy.
 fn build_http(config: &Config, gateway: &Gateway) -> anyhow::Result<HttpService> {
-    let health = gateway.health.clone();
     HttpService::build(HttpParts {
-        config: config.clone(),
+        settings: settings::http_settings(config)?,
         pool: gateway.pool.clone(),
         metrics: gateway.metrics.clone(),
-        on_vm_failure: Arc::new(move |vm| {
-            health.report_failure(vm, Protocol::Http, "HTTP request failed")
-        }),
-        wake: Some(gateway.driver.clone()),
+        on_vm_failure: gateway
+            .health
+            .failure_hook(Protocol::Http, "HTTP request failed"),
+        wake: Some(gateway.waker.clone()),
         tls_reload: Some(gateway.tls_reload.clone()),
     })
     .context("cannot set up the HTTP frontend, so poolgate did not start")
@@ -270,7 +272,7 @@ pub fn user_ca(config: &Config) -> anyhow::Result<UserCa> {
 /// line, each naming its key.
 pub fn check_startup(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
-    if let Err(e) = crate::http::TlsParts::load(config) {
+    if let Err(e) = crate::http::TlsParts::load(settings::tls_files(config).as_ref()) {
         problems.push(format!("{e:#}"));
     }
     if let Err(e) = host_policy(config) {

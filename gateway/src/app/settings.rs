@@ -4,13 +4,14 @@
 
 use std::time::Duration;
 
-use poolgate_config::{Affinity, Config, PasswordAuth, Provider as ProviderKind};
+use poolgate_config::{Affinity, BackendScheme, Config, PasswordAuth, Provider as ProviderKind};
 use router_core::autoscale::AutoscaleConfig;
 use router_core::{HealthPolicy, RoutingPolicy, VmSpec};
 
 use crate::autoscale::DriverSettings;
 use crate::autoscale::providers::exec::ExecSettings;
 use crate::health::HealthSettings;
+use crate::http::{FrontendSettings, HttpSettings, TlsFiles};
 use crate::ssh::SshSettings;
 
 /// `[routing]` and `[http]` as router-core's policy.
@@ -132,5 +133,50 @@ pub fn driver_settings(config: &Config) -> DriverSettings {
         wake_on_connect: a.wake_on_connect,
         hold_connect_for: a.hold_connect_for,
         boot_estimate: a.boot_estimate,
+    }
+}
+
+/// `[http]`, `[tls]` and the listeners as the HTTP side's settings. Refuses `[http]` settings
+/// this gateway cannot honour (`check-config` refuses them too).
+pub fn http_settings(config: &Config) -> anyhow::Result<HttpSettings> {
+    let http = &config.http;
+    if http.backend_scheme == BackendScheme::Https {
+        // Refuse rather than silently speak plain HTTP to VMs that expect TLS.
+        anyhow::bail!(
+            "http.backend_scheme = \"https\" is not supported yet: the gateway reaches VMs over \
+             plain HTTP on their private network; set backend_scheme = \"http\""
+        );
+    }
+    Ok(HttpSettings {
+        frontend: FrontendSettings {
+            cookie_name: http.cookie_name.clone(),
+            connect_timeout: http.connect_timeout,
+            response_header_timeout: http.response_header_timeout,
+            max_uri_bytes: http.max_uri_bytes,
+            retry_after: Duration::from_secs(10),
+            max_attempts: 3,
+            upstream_idle: Duration::from_secs(90),
+        },
+        tls: tls_files(config),
+        cookie_secret_file: http.cookie_secret_file.clone(),
+        cookie_max_age: config.routing.affinity_ttl,
+        idle_timeout: http.idle_timeout,
+        max_header_bytes: http.max_header_bytes,
+        session_idle: http.session_idle,
+        tentative_for: http.tentative_for,
+        max_connections: http.max_connections,
+        shutdown_grace: config.gateway.shutdown_grace,
+    })
+}
+
+/// The HTTPS listener's certificate files: `[tls]` when `listen.https` is set (a `[tls]`
+/// section without an HTTPS listener is not loaded).
+pub fn tls_files(config: &Config) -> Option<TlsFiles> {
+    match (&config.tls, config.listen.https) {
+        (Some(tls), Some(_)) => Some(TlsFiles {
+            cert: tls.cert.clone(),
+            key: tls.key.clone(),
+        }),
+        _ => None,
     }
 }

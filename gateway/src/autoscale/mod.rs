@@ -179,29 +179,6 @@ impl Driver {
         }
     }
 
-    /// Waits until some VM takes new sessions of `protocol`, up to `hold_connect_for`. True when
-    /// one does.
-    pub async fn wait_for_vm(self: &Arc<Self>, protocol: router_core::Protocol) -> bool {
-        let _guard = self.wait_guard(protocol);
-        let deadline = tokio::time::Instant::now() + self.settings.hold_connect_for;
-        loop {
-            if self
-                .pool
-                .snapshot()
-                .vms()
-                .iter()
-                .any(|vm| vm.accepts_new_sessions(protocol))
-            {
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            // VM boots take tens of seconds; checking twice a second costs nothing.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
     /// Lists the provider's VMs into the pool.
     pub async fn sync(&self) -> Result<(), ProviderError> {
         let provider = self.provider();

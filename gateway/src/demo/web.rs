@@ -19,6 +19,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
+use crate::html::escape;
+
 type Body = Full<Bytes>;
 
 /// Serves HTTP/1.1 (with upgrades) and HTTP/2 until aborted; aborting ends every connection.
@@ -134,19 +136,6 @@ fn websocket(vm: &Arc<str>, mut req: Request<Incoming>) -> Response<Body> {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
     response
-}
-
-fn escape(s: &str) -> String {
-    s.chars()
-        .map(|c| match c {
-            '&' => "&amp;".to_string(),
-            '<' => "&lt;".to_string(),
-            '>' => "&gt;".to_string(),
-            '"' => "&quot;".to_string(),
-            '\'' => "&#39;".to_string(),
-            c => c.to_string(),
-        })
-        .collect()
 }
 
 /// The page a browser sees through the gateway.

@@ -19,6 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+/// Called by a frontend with a VM's name when a real session could not connect to it (passive
+/// health check; see [`HealthChecker::failure_hook`]).
+pub type FailureHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Probe settings (from `[health]`).
 #[derive(Debug, Clone)]
 pub struct HealthSettings {
@@ -140,6 +144,14 @@ impl HealthChecker {
             trackers.retain(|(name, _), _| name != vm);
         }
         self.pool.set_health(vm, Health::Unknown);
+    }
+
+    /// The hook a frontend calls when a real session of `protocol` could not connect to a VM
+    /// (passive health check): each call is [`report_failure`](Self::report_failure) with
+    /// `reason`.
+    pub fn failure_hook(self: &Arc<Self>, protocol: Protocol, reason: &'static str) -> FailureHook {
+        let health = self.clone();
+        Arc::new(move |vm| health.report_failure(vm, protocol, reason))
     }
 
     /// A real session of `protocol` failed to connect to `vm`: counts as a failed probe of that

@@ -9,7 +9,7 @@ use data_encoding::BASE64URL_NOPAD;
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::ssh::keys::{KeyError, check_secret_permissions, write_secret_file};
+use crate::secrets::{self, SecretFileError};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
@@ -64,15 +64,14 @@ impl CookieSigner {
 
     /// Loads the secret from `path`, or generates [`SECRET_LEN`] random bytes there (mode 0600)
     /// when the file is missing. Returns the signer and whether the secret was generated.
-    pub fn load_or_generate(path: &Path, max_age: Duration) -> Result<(Self, bool), KeyError> {
+    pub fn load_or_generate(
+        path: &Path,
+        max_age: Duration,
+    ) -> Result<(Self, bool), SecretFileError> {
         if path.exists() {
-            check_secret_permissions(path)?;
-            let key = std::fs::read(path).map_err(|source| KeyError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
+            let key = secrets::read(path)?;
             if key.len() < 16 {
-                return Err(KeyError::Parse {
+                return Err(SecretFileError::Invalid {
                     path: path.display().to_string(),
                     message: format!(
                         "a cookie secret needs at least 16 bytes, this one has {}; delete the \
@@ -84,7 +83,7 @@ impl CookieSigner {
             return Ok((Self::new(&key, max_age), false));
         }
         let key: [u8; SECRET_LEN] = rand::random();
-        write_secret_file(path, &key)?;
+        secrets::write(path, &key)?;
         Ok((Self::new(&key, max_age), true))
     }
 

@@ -6,6 +6,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{HeaderMap, Response, StatusCode};
 
 use super::{Body, full};
+use crate::html::escape;
 
 /// Why the gateway answers itself instead of the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,9 +157,6 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
         _ => false,
     }
 }
-
-/// HTML escaping (shared with the status page).
-pub use crate::admin::status_page::escape;
 
 #[cfg(test)]
 mod tests {

@@ -33,8 +33,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use poolgate_config::Config;
 use router_core::Pool;
+use std::path::PathBuf;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -42,8 +42,8 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::health::FailureHook;
 use crate::metrics::Metrics;
-use crate::ssh::FailureHook;
 
 pub use body::ConnTracker;
 pub use cookie::CookieSigner;
@@ -67,10 +67,45 @@ pub fn empty() -> Body {
     full(Bytes::new())
 }
 
+/// The HTTP side's settings, mapped from the configuration by the composition root.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Routing, cookie and upstream settings of the proxy.
+    pub frontend: FrontendSettings,
+    /// The certificate and key of the HTTPS listener; `None` when there is none.
+    pub tls: Option<TlsFiles>,
+    /// Where the cookie secret is read from, or created when missing (`http.cookie_secret_file`).
+    pub cookie_secret_file: PathBuf,
+    /// How long a sticky cookie stays valid (`routing.affinity_ttl`).
+    pub cookie_max_age: Duration,
+    /// Idle time after which a client connection is closed (`http.idle_timeout`).
+    pub idle_timeout: Duration,
+    /// Largest request header block (`http.max_header_bytes`).
+    pub max_header_bytes: usize,
+    /// A browser without requests for this long stops counting as a session
+    /// (`http.session_idle`).
+    pub session_idle: Duration,
+    /// How long a new browser's first cookie weighs as tentative load (`http.tentative_for`).
+    pub tentative_for: Duration,
+    /// Most client connections at once (`http.max_connections`).
+    pub max_connections: usize,
+    /// How long open connections may finish at shutdown (`gateway.shutdown_grace`).
+    pub shutdown_grace: Duration,
+}
+
+/// The files of the HTTPS listener's certificate (`[tls]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain (`tls.cert`).
+    pub cert: PathBuf,
+    /// PEM private key (`tls.key`).
+    pub key: PathBuf,
+}
+
 /// What the HTTP frontend needs from the rest of the gateway.
 pub struct HttpParts {
-    /// The validated configuration (`[http]`, `[tls]`, `[listen]`).
-    pub config: Config,
+    /// Its settings.
+    pub settings: HttpSettings,
     /// The pool.
     pub pool: Arc<Pool>,
     /// Metrics.
@@ -79,7 +114,7 @@ pub struct HttpParts {
     pub on_vm_failure: FailureHook,
     /// Autoscaler to wake when no VM can take a request (wake-on-connect): the 503 page then
     /// keeps the browser retrying while the pool starts.
-    pub wake: Option<Arc<crate::autoscale::Driver>>,
+    pub wake: Option<crate::wake::Waker>,
     /// Notified on SIGHUP: re-read the TLS certificate and key now (not only when the periodic
     /// check sees the files change).
     pub tls_reload: Option<Arc<tokio::sync::Notify>>,
@@ -108,28 +143,16 @@ pub struct TlsParts {
 
 impl TlsParts {
     /// Loads `tls.cert` and `tls.key` as the HTTPS listener serves them; `None` when no HTTPS
-    /// listener is configured (`listen.https` and `[tls]`). Reads the files, writes nothing, so
-    /// `check-config` runs it too. Errors name the key and file at fault.
-    pub fn load(config: &Config) -> anyhow::Result<Option<Self>> {
-        let (Some(tls), Some(_)) = (&config.tls, config.listen.https) else {
+    /// listener is configured. Reads the files, writes nothing, so `check-config` runs it too.
+    /// Errors name the key and file at fault.
+    pub fn load(files: Option<&TlsFiles>) -> anyhow::Result<Option<Self>> {
+        let Some(files) = files else {
             return Ok(None);
         };
-        let certs = tls::CertReloader::load(&tls.cert, &tls.key)?;
+        let certs = tls::CertReloader::load(&files.cert, &files.key)?;
         let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(certs.clone())?));
         Ok(Some(Self { acceptor, certs }))
     }
-}
-
-/// Refuses `[http]` settings this gateway cannot honour (also checked by `check-config`).
-pub fn check_settings(config: &Config) -> anyhow::Result<()> {
-    if config.http.backend_scheme == poolgate_config::BackendScheme::Https {
-        // Refuse rather than silently speak plain HTTP to VMs that expect TLS.
-        anyhow::bail!(
-            "http.backend_scheme = \"https\" is not supported yet: the gateway reaches VMs over \
-             plain HTTP on their private network; set backend_scheme = \"http\""
-        );
-    }
-    Ok(())
 }
 
 /// The HTTP frontend with every part built and checked ([`HttpService::build`]), before any
@@ -148,30 +171,27 @@ pub struct HttpService {
 }
 
 impl HttpService {
-    /// Checks the `[http]` settings, loads (or creates) the cookie secret and loads the TLS
-    /// certificate and key. Fails with the key and file at fault and what to do.
+    /// Loads (or creates) the cookie secret and loads the TLS certificate and key. Fails with
+    /// the key and file at fault and what to do.
     pub fn build(parts: HttpParts) -> anyhow::Result<Self> {
-        let config = &parts.config;
-        check_settings(config)?;
+        let settings = &parts.settings;
         // Read-only checks first: a failed start creates no cookie secret.
-        let tls = TlsParts::load(config)?;
-        let secret = &config.http.cookie_secret_file;
-        let (signer, generated) =
-            CookieSigner::load_or_generate(secret, config.routing.affinity_ttl).map_err(
-                |e| match e {
-                    crate::ssh::keys::KeyError::Io { .. } => anyhow::anyhow!(
-                        "http.cookie_secret_file: {e} (poolgate reads the cookie secret from this \
+        let tls = TlsParts::load(settings.tls.as_ref())?;
+        let secret = &settings.cookie_secret_file;
+        let (signer, generated) = CookieSigner::load_or_generate(secret, settings.cookie_max_age)
+            .map_err(|e| match e {
+            crate::secrets::SecretFileError::Io { .. } => anyhow::anyhow!(
+                "http.cookie_secret_file: {e} (poolgate reads the cookie secret from this \
                          file, or creates it when it is missing: fix the path, or let the user \
                          poolgate runs as read and write it)"
-                    ),
-                    other => anyhow::anyhow!("http.cookie_secret_file: {other}"),
-                },
-            )?;
+            ),
+            other => anyhow::anyhow!("http.cookie_secret_file: {other}"),
+        })?;
         if generated {
             tracing::info!(path = %secret.display(), "generated a new cookie secret");
         }
         let frontend = Frontend::new(
-            FrontendSettings::from_config(config),
+            settings.frontend.clone(),
             parts.pool.clone(),
             parts.metrics.clone(),
             parts.on_vm_failure.clone(),
@@ -183,14 +203,17 @@ impl HttpService {
             frontend,
             tls,
             tls_reload: parts.tls_reload,
-            builder: Arc::new(connection_builder(config)),
-            idle_timeout: config.http.idle_timeout,
+            builder: Arc::new(connection_builder(
+                settings.max_header_bytes,
+                settings.idle_timeout,
+            )),
+            idle_timeout: settings.idle_timeout,
             // Often enough that tentative browsers stop counting soon after `tentative_for`.
-            expire_every: (config.http.session_idle / 10)
-                .min(config.http.tentative_for / 2)
+            expire_every: (settings.session_idle / 10)
+                .min(settings.tentative_for / 2)
                 .clamp(Duration::from_secs(1), Duration::from_secs(30)),
-            max_connections: config.http.max_connections,
-            shutdown_grace: config.gateway.shutdown_grace,
+            max_connections: settings.max_connections,
+            shutdown_grace: settings.shutdown_grace,
         })
     }
 }
@@ -429,16 +452,20 @@ async fn accept_opt(
     }
 }
 
-/// The hyper connection builder with `[http]` limits: header block size, header read timeout,
-/// HTTP/2 header list size, keep-alive pings.
-pub fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+/// The hyper connection builder with `[http]` limits: header block size (`max_header_bytes`,
+/// at least 8 KiB), header read timeout (`idle_timeout`), HTTP/2 header list size, keep-alive
+/// pings.
+pub fn connection_builder(
+    max_header_bytes: usize,
+    idle_timeout: Duration,
+) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    let max_header = config.http.max_header_bytes.max(8192);
+    let max_header = max_header_bytes.max(8192);
     b.http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
         // Also closes keep-alive connections that send no new request within this time.
-        .header_read_timeout(config.http.idle_timeout)
+        .header_read_timeout(idle_timeout)
         .max_buf_size(max_header);
     b.http2()
         .timer(TokioTimer::new())

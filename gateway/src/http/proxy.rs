@@ -13,7 +13,6 @@ use hyper::body::Body as HttpBody;
 use hyper::header::{self, HeaderValue};
 use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use poolgate_config::Config;
 use router_core::{NoVm, PickRequest, Pool, Protocol, Vm};
 
 use super::body::{Handoff, Observed};
@@ -23,11 +22,11 @@ use super::headers::{Forwarding, set_forwarding, strip_hop_by_hop, wants_upgrade
 use super::upgrade::{self, UpgradeError};
 use super::upstream::{SendError, Upstreams};
 use super::{Body, BoxError, empty};
-use crate::autoscale::Driver;
+use crate::health::FailureHook;
 use crate::metrics::{Metrics, outcome};
-use crate::ssh::FailureHook;
+use crate::wake::Waker;
 
-/// Frontend settings (from `[http]`).
+/// Frontend settings (from `[http]`; the composition root maps them).
 #[derive(Debug, Clone)]
 pub struct FrontendSettings {
     /// Name of the sticky cookie.
@@ -44,21 +43,6 @@ pub struct FrontendSettings {
     pub max_attempts: usize,
     /// Idle upstream keep-alive connections are closed after this long.
     pub upstream_idle: Duration,
-}
-
-impl FrontendSettings {
-    /// Settings from a validated configuration.
-    pub fn from_config(c: &Config) -> Self {
-        Self {
-            cookie_name: c.http.cookie_name.clone(),
-            connect_timeout: c.http.connect_timeout,
-            response_header_timeout: c.http.response_header_timeout,
-            max_uri_bytes: c.http.max_uri_bytes,
-            retry_after: Duration::from_secs(10),
-            max_attempts: 3,
-            upstream_idle: Duration::from_secs(90),
-        }
-    }
 }
 
 /// The client connection a request came in on.
@@ -97,7 +81,7 @@ struct Inner {
     /// Keep-alive connections to VMs, per VM address.
     upstreams: Arc<Upstreams>,
     /// Autoscaler woken when no VM can take a request.
-    wake: Option<Arc<Driver>>,
+    wake: Option<Waker>,
 }
 
 fn unix_now() -> u64 {
@@ -218,11 +202,11 @@ impl Frontend {
         }
     }
 
-    /// Wakes `driver`'s pool when no VM can take a request (if it wakes on connect). Call
+    /// Wakes the pool through `waker` when no VM can take a request (if it wakes on connect). Call
     /// before the frontend is cloned.
-    pub fn with_wake(mut self, driver: Option<Arc<Driver>>) -> Self {
+    pub fn with_wake(mut self, waker: Option<Waker>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.wake = driver;
+            inner.wake = waker;
         }
         self
     }
@@ -231,14 +215,14 @@ impl Frontend {
     /// `retry_after`, so the registration is held a little longer than that; every refresh
     /// renews it, and it lapses once browsers stop asking.
     fn wake_pool(&self) {
-        let Some(driver) = self.inner.wake.as_ref().filter(|d| d.wakes_on_connect()) else {
+        let Some(waker) = self.inner.wake.as_ref().filter(|w| w.holds_connections()) else {
             return;
         };
-        let guard = driver.wait_guard(Protocol::Http);
+        let waiting = waker.register(Protocol::Http);
         let hold = self.inner.settings.retry_after * 2;
         tokio::spawn(async move {
             tokio::time::sleep(hold).await;
-            drop(guard);
+            drop(waiting);
         });
     }
 
@@ -246,11 +230,6 @@ impl Frontend {
     /// the VM has closed. Called periodically.
     pub fn close_idle_upstreams(&self) {
         self.inner.upstreams.close_idle();
-    }
-
-    /// The pool.
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.inner.pool
     }
 
     /// Handles one request from a client connection; never fails (errors become pages).

@@ -452,7 +452,7 @@ async fn upgrades_are_relayed_both_ways_over_a_real_connection() {
             port: addr.port(),
         };
         let config = poolgate_config::Config::default();
-        let builder = connection_builder(&config);
+        let builder = connection_builder(config.http.max_header_bytes, config.http.idle_timeout);
         let (_tx, rx) = watch::channel(false);
         serve_connection(
             stream,
@@ -530,7 +530,10 @@ async fn listen(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
-        let builder = Arc::new(connection_builder(&config));
+        let builder = Arc::new(connection_builder(
+            config.http.max_header_bytes,
+            config.http.idle_timeout,
+        ));
         let (_tx, rx) = watch::channel(false);
         let mut conns = tokio::task::JoinSet::new();
         while let Ok((stream, peer)) = listener.accept().await {
@@ -598,7 +601,7 @@ async fn a_connection_that_never_completes_its_first_request_is_closed_after_a_m
     let config = poolgate_config::Config::default();
     let idle = config.http.idle_timeout;
     assert_eq!(idle, Duration::from_secs(300));
-    let builder = connection_builder(&config);
+    let builder = connection_builder(config.http.max_header_bytes, config.http.idle_timeout);
     let (_stop, shutdown) = watch::channel(false);
     let frontend = f.frontend.clone();
     let server = tokio::spawn(async move {

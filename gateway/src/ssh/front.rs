@@ -226,9 +226,9 @@ impl server::Handler for Front {
                 .gw
                 .wake
                 .clone()
-                .filter(|d| d.wakes_on_connect())
+                .filter(|w| w.holds_connections())
             {
-                Some(driver) => {
+                Some(waker) => {
                     tracing::info!(%user, client = %self.peer, %message, "no VM yet; holding the connection while the pool wakes");
                     self.conn.send_replace(Conn::Waking);
                     let conn = self.conn.clone();
@@ -240,7 +240,7 @@ impl server::Handler for Front {
                         session.handle(),
                     );
                     tokio::spawn(async move {
-                        let woke = driver.wait_for_vm(Protocol::Ssh).await;
+                        let woke = waker.wait_for_vm(Protocol::Ssh).await;
                         let who = Who {
                             gw: &gw,
                             user: &user,
@@ -254,7 +254,7 @@ impl server::Handler for Front {
                         } else {
                             Err(OpenError::NoVm(format!(
                                 "no VM came up within {}",
-                                humantime::format_duration(driver.hold_for())
+                                humantime::format_duration(waker.hold_for())
                             )))
                         };
                         let state = match outcome {
@@ -302,7 +302,7 @@ impl server::Handler for Front {
             .gw
             .wake
             .as_ref()
-            .map(|d| d.boot_estimate())
+            .map(|w| w.boot_estimate())
             .unwrap_or_default();
         tokio::spawn(async move {
             let waking = matches!(&*conn.borrow(), Conn::Waking);

@@ -1,26 +1,21 @@
 //! Key material: the gateway's SSH host keys, the user CA that signs short-lived backend
-//! certificates, and helpers that create secret files with mode 0600.
+//! certificates (their files are secret files, see `crate::secrets`).
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use russh::keys::ssh_key::certificate::{Builder, CertType};
 use russh::keys::ssh_key::{Algorithm, Certificate, LineEnding, PrivateKey, PublicKey};
 
+use crate::secrets::{self, SecretFileError};
+
 /// Errors while loading or creating key material.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// What failed.
-        source: std::io::Error,
-    },
+    /// The key file could not be read, written, or has open permissions.
+    #[error(transparent)]
+    File(#[from] SecretFileError),
     /// A key file exists but is not an OpenSSH private key.
     #[error(
         "{path}: not an OpenSSH private key ({message}); remove it to have a new one generated"
@@ -30,16 +25,6 @@ pub enum KeyError {
         path: String,
         /// The parser's message.
         message: String,
-    },
-    /// A key file is readable by group or others.
-    #[error(
-        "{path}: permissions {mode:04o} are too open for a private key (run: chmod 600 {path})"
-    )]
-    TooOpen {
-        /// The file.
-        path: String,
-        /// Its permission bits.
-        mode: u32,
     },
     /// Signing a certificate failed.
     #[error("signing a certificate for {user}: {message}")]
@@ -51,59 +36,12 @@ pub enum KeyError {
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
-    move |source| KeyError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
-/// Refuses secret files that group or others may read.
-pub fn check_secret_permissions(path: &Path) -> Result<(), KeyError> {
-    let mode = fs::metadata(path)
-        .map_err(io_err(path))?
-        .permissions()
-        .mode()
-        & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::TooOpen {
-            path: path.display().to_string(),
-            mode,
-        });
-    }
-    Ok(())
-}
-
-/// Writes `contents` to a new file created with mode 0600 (parent directories 0700), atomically:
-/// the data goes to a temporary file in the same directory that is then renamed into place.
-pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
-    if let Some(dir) = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    file.write_all(contents).map_err(io_err(&tmp))?;
-    file.sync_all().map_err(io_err(&tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(io_err(path))
-}
-
 /// Loads an OpenSSH private key, or generates an Ed25519 one (mode 0600) when the file is missing.
 /// Returns the key and whether it was generated.
 pub fn load_or_generate(path: &Path, comment: &str) -> Result<(PrivateKey, bool), KeyError> {
     if path.exists() {
-        check_secret_permissions(path)?;
-        let text = fs::read_to_string(path).map_err(io_err(path))?;
-        let key = PrivateKey::from_openssh(text.as_bytes()).map_err(|e| KeyError::Parse {
+        let text = secrets::read(path)?;
+        let key = PrivateKey::from_openssh(&text).map_err(|e| KeyError::Parse {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
@@ -121,7 +59,7 @@ pub fn load_or_generate(path: &Path, comment: &str) -> Result<(PrivateKey, bool)
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-    write_secret_file(path, pem.as_bytes())?;
+    secrets::write(path, pem.as_bytes())?;
     // The public half next to it, as ssh-keygen does (not secret).
     let public = key.public_key().to_openssh().unwrap_or_default();
     let pub_path = path.with_extension(match path.extension() {
@@ -264,6 +202,7 @@ impl UserCa {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn generated_key_is_0600_and_reloads() {

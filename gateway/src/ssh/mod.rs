@@ -24,6 +24,8 @@ use tokio::sync::watch;
 use self::front::Front;
 use self::keys::UserCa;
 use self::known_hosts::HostKeyPolicy;
+use crate::health::FailureHook;
+use crate::wake::Waker;
 
 /// How users authenticate to the gateway.
 #[derive(Debug, Clone)]
@@ -58,9 +60,6 @@ pub struct SshSettings {
     pub refused_users: Vec<String>,
 }
 
-/// Called with a VM's name when a real session could not connect to it (passive health check).
-pub type FailureHook = Arc<dyn Fn(&str) + Send + Sync>;
-
 /// Called with the auth method and client address on every failed authentication.
 pub type AuthFailureHook = Arc<dyn Fn(&str, SocketAddr) + Send + Sync>;
 
@@ -76,7 +75,7 @@ pub struct SshGateway {
     pub(crate) on_vm_failure: FailureHook,
     on_auth_failure: AuthFailureHook,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
-    pub(crate) wake: Option<Arc<crate::autoscale::Driver>>,
+    pub(crate) wake: Option<Waker>,
     pub(crate) window_size: u32,
     unauthenticated: penalty::UnauthSlots,
     /// Open user connections, for graceful shutdown.
@@ -115,7 +114,7 @@ pub struct SshGatewayParts {
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Autoscaler to wake when no VM can take a session (wake-on-connect).
-    pub wake: Option<Arc<crate::autoscale::Driver>>,
+    pub wake: Option<Waker>,
 }
 
 /// Server-side russh configuration (see FIELD-NOTES: nodelay, immediate first rejection,
