@@ -1,0 +1,483 @@
+//! The request handler: check the request, read the sticky cookie, pick the VM, forward with
+//! streamed bodies (or relay an upgrade), retry another VM when one cannot be reached, set or
+//! rewrite the cookie, count and log.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod attempt;
+mod response;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::HeaderMap;
+use hyper::body::Body as HttpBody;
+use hyper::header::{self, HeaderValue};
+use hyper::http::uri::PathAndQuery;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use router_core::{NoVm, PickRequest, Pool, Protocol, Vm};
+
+use super::body::{Handoff, Observed};
+use super::cookie::{CookieSigner, Pin, find_cookie, set_cookie_header};
+use super::errors::{GatewayError, wants_json};
+use super::headers::{Forwarding, set_forwarding, strip_hop_by_hop, wants_upgrade};
+use super::upgrade::{self, UpgradeError};
+use super::upstream::{SendError, Upstreams};
+use super::{Body, BoxError, empty};
+use crate::health::FailureHook;
+use crate::metrics::{Metrics, outcome};
+use crate::wake::Waker;
+
+use self::attempt::{ClientBodyError, Tries};
+use self::response::bad_target;
+
+/// Frontend settings (from `[http]`; the composition root maps them).
+#[derive(Debug, Clone)]
+pub struct FrontendSettings {
+    /// Name of the sticky cookie.
+    pub cookie_name: String,
+    /// Time allowed to connect to a VM.
+    pub connect_timeout: Duration,
+    /// Time a VM may take to send response headers.
+    pub response_header_timeout: Duration,
+    /// Longest request target accepted.
+    pub max_uri_bytes: usize,
+    /// `Retry-After` (and page refresh) of the 503 page.
+    pub retry_after: Duration,
+    /// VMs tried for one request when they cannot be reached.
+    pub max_attempts: usize,
+    /// Idle upstream keep-alive connections are closed after this long.
+    pub upstream_idle: Duration,
+}
+
+/// The client connection a request came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// Arrived over TLS.
+    pub https: bool,
+    /// The gateway port the client connected to.
+    pub port: u16,
+}
+
+/// The HTTP frontend: routes and forwards requests to pool VMs. Cheap to clone.
+#[derive(Clone)]
+pub struct Frontend {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frontend")
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    settings: FrontendSettings,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    /// `connect_seconds{protocol="http"}`, looked up once rather than per request.
+    connect_seconds: prometheus::Histogram,
+    on_vm_failure: FailureHook,
+    signer: CookieSigner,
+    /// Keep-alive connections to VMs, per VM address.
+    upstreams: Arc<Upstreams>,
+    /// Autoscaler woken when no VM can take a request.
+    wake: Option<Waker>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `host:port` for a URI authority (IPv6 literals bracketed).
+fn authority(host: &str, port: u16) -> String {
+    let bracket = host.contains(':') && !host.starts_with('[');
+    let mut out = String::with_capacity(host.len() + 8);
+    if bracket {
+        out.push('[');
+    }
+    out.push_str(host);
+    if bracket {
+        out.push(']');
+    }
+    out.push(':');
+    out.push_str(itoa::Buffer::new().format(port));
+    out
+}
+
+/// Idle keep-alive connections kept per VM (they close after `upstream_idle` unused). Enough
+/// for every client connection in flight: at 64, a benchmark with 256 client connections
+/// reconnected on about 30 % of requests (10 302 sockets in TIME_WAIT after 34 k requests,
+/// benches/e2e/notes.md).
+const UPSTREAM_IDLE_PER_VM: usize = 1024;
+
+/// A request on its way to a VM: what every attempt reuses.
+struct Outbound {
+    method: Method,
+    /// Path and query, as the VM sees them.
+    target: PathAndQuery,
+    /// The headers every VM sees (see [`Frontend::prepare`]).
+    headers: HeaderMap,
+    /// The client's body, counted; `None` while an attempt holds it (and after it was used).
+    body: Option<Body>,
+    /// An HTTP/1.1 upgrade (websocket) request.
+    is_upgrade: bool,
+    /// The client's side of the upgrade, while no VM has taken it.
+    client_upgrade: Option<OnUpgrade>,
+    upgrade_proto: Option<HeaderValue>,
+    /// Error pages as JSON.
+    json: bool,
+    /// The request's valid cookie, if any.
+    pin: Option<Pin>,
+    /// The VM the cookie's session was on.
+    previous_vm: Option<String>,
+    /// The session id a new cookie gets when the request had none.
+    new_session: String,
+    /// Unix time the cookie was checked at.
+    now: u64,
+    /// Request body bytes sent so far.
+    up_bytes: Arc<AtomicU64>,
+}
+
+impl Outbound {
+    /// A copy of the headers for one attempt on `authority` (the connection takes them, and a
+    /// failed attempt does not give them back), with a Host header: an HTTP/1.0 client may send
+    /// none, and HTTP/1.1 to the VM needs one. `None` when the authority is no header value.
+    fn headers_for(&self, authority: &str) -> Option<HeaderMap> {
+        let mut headers = self.headers.clone();
+        if !headers.contains_key(header::HOST) {
+            headers.insert(header::HOST, HeaderValue::from_str(authority).ok()?);
+        }
+        Some(headers)
+    }
+}
+
+impl Frontend {
+    /// A frontend over `pool`.
+    pub fn new(
+        settings: FrontendSettings,
+        pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
+        on_vm_failure: FailureHook,
+        signer: CookieSigner,
+    ) -> Self {
+        let upstreams = Arc::new(Upstreams::new(
+            settings.connect_timeout,
+            settings.upstream_idle,
+            UPSTREAM_IDLE_PER_VM,
+        ));
+        let connect_seconds = metrics
+            .connect_seconds
+            .with_label_values(&[Protocol::Http.as_str()]);
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                pool,
+                metrics,
+                connect_seconds,
+                on_vm_failure,
+                signer,
+                upstreams,
+                wake: None,
+            }),
+        }
+    }
+
+    /// Wakes the pool through `waker` when no VM can take a request (if it wakes on connect). Call
+    /// before the frontend is cloned.
+    pub fn with_wake(mut self, waker: Option<Waker>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.wake = waker;
+        }
+        self
+    }
+
+    /// No VM for a request: tell the autoscaler someone is waiting. The 503 page refreshes every
+    /// `retry_after`, so the registration is held a little longer than that; every refresh
+    /// renews it, and it lapses once browsers stop asking.
+    fn wake_pool(&self) {
+        let Some(waker) = self.inner.wake.as_ref().filter(|w| w.holds_connections()) else {
+            return;
+        };
+        let waiting = waker.register(Protocol::Http);
+        let hold = self.inner.settings.retry_after * 2;
+        tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            drop(waiting);
+        });
+    }
+
+    /// Closes upstream keep-alive connections idle for longer than `upstream_idle` and those
+    /// the VM has closed. Called periodically.
+    pub fn close_idle_upstreams(&self) {
+        self.inner.upstreams.close_idle();
+    }
+
+    /// Handles one request from a client connection; never fails (errors become pages).
+    pub async fn handle<B>(&self, req: Request<B>, conn: ConnInfo) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let started = Instant::now();
+        // What the access log needs, kept only when it is written (`--log warn` skips it).
+        let access = tracing::enabled!(target: "poolgate::http::access", tracing::Level::INFO)
+            .then(|| {
+                (
+                    req.method().clone(),
+                    req.uri().path().to_owned(),
+                    req.version(),
+                )
+            });
+        let (resp, vm) = self.proxy(req, conn).await;
+        let status = resp.status();
+        let vm_label = vm.as_deref().unwrap_or("none");
+        self.inner
+            .metrics
+            .http_requests_total
+            .with_label_values(&[vm_label, status.as_str()])
+            .inc();
+        if let Some((method, path, version)) = access {
+            tracing::info!(
+                target: "poolgate::http::access",
+                %method,
+                path = %path,
+                status = status.as_u16(),
+                vm = vm_label,
+                ms = started.elapsed().as_secs_f64() * 1000.0,
+                client = %conn.client,
+                proto = ?version,
+                "request"
+            );
+        }
+        resp
+    }
+
+    /// Refuses what must never be forwarded.
+    fn check<B>(&self, req: &Request<B>) -> Result<(), GatewayError> {
+        if req.method() == Method::CONNECT {
+            return Err(GatewayError::Refused {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                detail: "CONNECT is not supported: poolgate only forwards to pool VMs".into(),
+            });
+        }
+        let h1 = req.version() < Version::HTTP_2;
+        if h1 && (req.uri().scheme().is_some() || req.uri().authority().is_some()) {
+            return Err(GatewayError::Refused {
+                status: StatusCode::BAD_REQUEST,
+                detail: "absolute-form request targets are refused: poolgate is not a \
+                         forward proxy and only forwards to pool VMs"
+                    .into(),
+            });
+        }
+        // Only origin-form targets (a path from `/`): `OPTIONS *` and anything else would not
+        // name a resource on the VM, and glued to the VM's address it made a target that
+        // failed to connect — counted as a VM failure, so any client could mark VMs down.
+        if !req.uri().path().starts_with('/') {
+            return Err(GatewayError::Refused {
+                status: StatusCode::BAD_REQUEST,
+                detail: "the request target must be a path starting with /".into(),
+            });
+        }
+        let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        if target > self.inner.settings.max_uri_bytes {
+            return Err(GatewayError::Refused {
+                status: StatusCode::URI_TOO_LONG,
+                detail: format!(
+                    "the request target is {target} bytes; at most {} are accepted",
+                    self.inner.settings.max_uri_bytes
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The VM for one attempt. `new_session` is the session id the cookie of a browser without
+    /// a (valid) cookie will carry.
+    fn route(
+        &self,
+        pin: Option<&Pin>,
+        new_session: &str,
+        tried: &[String],
+    ) -> Result<Arc<Vm>, NoVm> {
+        let req = PickRequest::new(Protocol::Http).excluding(tried);
+        match pin {
+            // A browser already pinned: keep it there (even while that VM drains), and count
+            // its session as load.
+            Some(p) => self
+                .inner
+                .pool
+                .http_route(&p.session, &req.pinned(&p.vm, true)),
+            // No (valid) cookie yet: the browser weighs on the VM as tentative load until its
+            // cookie comes back (then it is a session) or `http.tentative_for` passes, so
+            // browsers arriving together spread.
+            None => self.inner.pool.http_route_new(new_session, &req),
+        }
+    }
+
+    /// A new browser's request failed without a cookie being issued: it is no tentative load.
+    fn forget_new(&self, pin: Option<&Pin>, new_session: &str) {
+        if pin.is_none() {
+            self.inner.pool.http_forget(new_session);
+        }
+    }
+
+    /// Forwards one request: prepare it once, then attempt VMs until one answers, the failure
+    /// is final, or `max_attempts` VMs could not be reached. Returns the response and the VM
+    /// that answered (or last failed).
+    async fn proxy<B>(&self, req: Request<B>, conn: ConnInfo) -> (Response<Body>, Option<String>)
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if let Err(e) = self.check(&req) {
+            return (e.response(req.headers()), None);
+        }
+        let mut out = self.prepare(req, conn);
+        let mut tries = Tries::default();
+        loop {
+            let vm = match self.route(out.pin.as_ref(), &out.new_session, &tries.tried) {
+                Ok(vm) => vm,
+                Err(no_vm) => return (self.no_vm(&out, no_vm, tries.last_failure), None),
+            };
+            let name = vm.name().to_owned();
+            let spec = vm.spec();
+            let authority = authority(&spec.host, spec.http_port);
+            let Some(headers) = out.headers_for(&authority) else {
+                self.forget_new(out.pin.as_ref(), &out.new_session);
+                return (bad_target(out.json), None);
+            };
+            let attempt = if out.is_upgrade && out.client_upgrade.is_some() {
+                self.attempt_upgrade(&mut out, &name, &authority, headers)
+                    .await
+            } else {
+                self.attempt_plain(&mut out, &name, authority, headers)
+                    .await
+            };
+            match attempt {
+                Ok((resp, started)) => {
+                    return (self.answered(&out, resp, started, &name, conn), Some(name));
+                }
+                Err(failed) => {
+                    if let Some(final_answer) = self.failed(&mut out, &mut tries, name, failed) {
+                        return final_answer;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes what every attempt of a checked request reuses: the headers as every VM sees them
+    /// (hop-by-hop headers out, forwarding headers set, Host kept, cookie crumbs joined), the
+    /// counted body, the cookie's pin.
+    fn prepare<B>(&self, mut req: Request<B>, conn: ConnInfo) -> Outbound
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let inner = &self.inner;
+        let is_upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
+        let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
+        let now = unix_now();
+        let pin = find_cookie(req.headers(), &inner.settings.cookie_name)
+            .and_then(|v| inner.signer.verify(v, now));
+        let previous_vm = pin
+            .as_ref()
+            .and_then(|p| inner.pool.http_session_vm(&p.session));
+        let (mut parts, body) = req.into_parts();
+        let json = wants_json(&parts.headers);
+        let up_bytes = Arc::new(AtomicU64::new(0));
+        let body = Observed::counting(
+            body.map_err(|e| -> BoxError { Box::new(ClientBodyError(e.into())) })
+                .boxed_unsync(),
+            up_bytes.clone(),
+        )
+        .boxed();
+        let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
+        // The request's host: its Host header, or (HTTP/2) the target's authority.
+        let host = match parts.headers.get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let host_text = host.as_ref().and_then(|h| h.to_str().ok());
+        let target = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut headers = std::mem::take(&mut parts.headers);
+        strip_hop_by_hop(&mut headers);
+        let fwd = Forwarding {
+            client: conn.client,
+            https: conn.https,
+            port: conn.port,
+        };
+        set_forwarding(&mut headers, &fwd, host_text);
+        if !headers.contains_key(header::HOST)
+            && let Some(h) = host
+        {
+            headers.insert(header::HOST, h);
+        }
+        join_cookie_crumbs(&mut headers);
+        // The session id a browser without a (valid) cookie gets in its new cookie.
+        let new_session = if pin.is_none() {
+            CookieSigner::new_session_id()
+        } else {
+            String::new()
+        };
+        Outbound {
+            method: parts.method,
+            target,
+            headers,
+            body: Some(body),
+            is_upgrade,
+            client_upgrade,
+            upgrade_proto,
+            json,
+            pin,
+            previous_vm,
+            new_session,
+            now,
+            up_bytes,
+        }
+    }
+}
+
+/// HTTP/2 clients may split `Cookie` into several fields; HTTP/1.1 wants one (RFC 9113 §8.2.3).
+fn join_cookie_crumbs(headers: &mut hyper::HeaderMap) {
+    let crumbs: Vec<&str> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if crumbs.len() > 1
+        && let Ok(v) = HeaderValue::from_str(&crumbs.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn authorities() {
+        assert_eq!(authority("10.0.0.4", 8000), "10.0.0.4:8000");
+        assert_eq!(authority("vm-1.internal", 80), "vm-1.internal:80");
+        assert_eq!(authority("fd00::4", 8000), "[fd00::4]:8000");
+        assert_eq!(authority("[fd00::4]", 65535), "[fd00::4]:65535");
+    }
+}
