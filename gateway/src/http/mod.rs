@@ -10,6 +10,7 @@
 //!   `upgrade.rs` (websocket relay).
 
 mod body;
+mod conn;
 pub mod cookie;
 pub mod errors;
 pub mod headers;
@@ -46,6 +47,10 @@ use crate::health::FailureHook;
 use crate::metrics::Metrics;
 
 pub use body::ConnTracker;
+pub use conn::connection_builder;
+#[cfg(test)]
+use conn::{FIRST_REQUEST_WITHIN, redirect_to_https, serve_connection, strip_port};
+use conn::{Served, accept, listeners};
 pub use cookie::CookieSigner;
 pub use proxy::{ConnInfo, Frontend, FrontendSettings};
 
@@ -122,15 +127,6 @@ pub struct HttpParts {
 
 /// How often the TLS certificate files are checked for renewal.
 const CERT_RELOAD_EVERY: Duration = Duration::from_secs(30);
-/// Time allowed for a TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
-/// A new connection must send the complete headers of its first request within this (or
-/// `http.idle_timeout` when shorter), as nginx's `client_header_timeout`: a slowloris client
-/// holds a connection for a minute, not for the 5-minute keep-alive idle time. Later requests
-/// on the connection have `http.idle_timeout` (hyper's header-read timeout).
-const FIRST_REQUEST_WITHIN: Duration = Duration::from_secs(60);
-/// While `http.max_connections` stays reached, the warning is repeated this often.
-const FULL_WARN_EVERY: Duration = Duration::from_secs(60);
 /// How often idle upstream keep-alive connections are checked for a close by the VM and for
 /// `upstream_idle`.
 const UPSTREAM_SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -219,12 +215,12 @@ impl HttpService {
 }
 
 /// Serves `listen.http` (unless it is `"off"`) and `listen.https` (when `[tls]` is set) until
-/// `shutdown` turns true.
+/// `shutdown` turns true, then gives open connections `shutdown_grace` to finish.
 pub async fn serve(
     service: HttpService,
     http: Option<TcpListener>,
     https: Option<TcpListener>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let HttpService {
         pool,
@@ -237,350 +233,80 @@ pub async fn serve(
         max_connections,
         shutdown_grace,
     } = service;
-    let tls = match (tls, &https) {
-        (Some(tls), Some(_)) => Some(tls),
-        _ => None,
-    };
-    let https_port = https
-        .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .map(|a| a.port());
-
-    let mut tasks = JoinSet::new();
-    // Browser sessions stop counting as load after `session_idle` without a request.
-    // Idle upstream keep-alive connections are checked every few seconds: the VM may have
-    // closed them (they would sit in CLOSE_WAIT until then) or they outlived `upstream_idle`.
-    {
-        let pool = pool.clone();
-        let frontend = frontend.clone();
-        let every = expire_every;
-        let mut shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            let mut upstream_tick = tokio::time::interval(UPSTREAM_SWEEP_EVERY);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => { pool.expire_idle(); }
-                    _ = upstream_tick.tick() => frontend.close_idle_upstreams(),
-                    r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { break },
-                }
-            }
-        });
-    }
+    let tls = tls.filter(|_| https.is_some());
+    let mut housekeeping = JoinSet::new();
+    housekeeping.spawn(sweep(
+        pool,
+        frontend.clone(),
+        expire_every,
+        shutdown.clone(),
+    ));
     if let Some(TlsParts { certs, .. }) = &tls {
-        let certs = certs.clone();
-        let mut shutdown = shutdown.clone();
-        let asked = tls_reload.unwrap_or_default();
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(CERT_RELOAD_EVERY);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => match certs.reload_if_changed() {
-                        Ok(true) => tracing::info!("TLS certificate reloaded"),
-                        Ok(false) => {}
-                        Err(e) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
-                    },
-                    () = asked.notified() => match certs.reload_now() {
-                        Ok(()) => tracing::info!("TLS certificate reloaded"),
-                        Err(e) => tracing::error!("TLS certificate not reloaded, keeping the old one: {e:#}"),
-                    },
-                    r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { break },
-                }
-            }
-        });
+        housekeeping.spawn(reload_certificates(
+            certs.clone(),
+            tls_reload.unwrap_or_default(),
+            shutdown.clone(),
+        ));
     }
-
-    let redirect_to = if tls.is_some() { https_port } else { None };
-    if let Some(http) = &http {
-        tracing::info!(
-            addr = %http.local_addr()?,
-            mode = if redirect_to.is_some() { "redirect to https" } else { "proxy" },
-            "HTTP listener ready"
-        );
-    }
-    if let Some(l) = &https {
-        tracing::info!(addr = %l.local_addr()?, "HTTPS listener ready");
-    }
-    let plain = http.map(|listener| Listener {
-        listener,
-        tls: None,
-        redirect_to,
-    });
-    let secure = match (https, tls) {
-        (Some(listener), Some(TlsParts { acceptor, .. })) => Some(Listener {
-            listener,
-            tls: Some(acceptor),
-            redirect_to: None,
-        }),
-        _ => None,
+    let (plain, secure) = listeners(http, https, tls)?;
+    let served = Served {
+        frontend,
+        builder,
+        idle_timeout,
     };
-    let mut conns = JoinSet::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
-    let mut full_warned: Option<tokio::time::Instant> = None;
-    loop {
-        // At http.max_connections, stop accepting: new clients wait in the listen backlog (and
-        // their own connect timeout) until a connection closes, as nginx's worker_connections.
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                if full_warned.is_none_or(|at| at.elapsed() >= FULL_WARN_EVERY) {
-                    full_warned = Some(tokio::time::Instant::now());
-                    tracing::warn!(
-                        max_connections,
-                        "HTTP connection limit reached (http.max_connections); new connections \
-                         wait until one closes"
-                    );
-                }
-                tokio::select! {
-                    slot = slots.clone().acquire_owned() => match slot {
-                        Ok(slot) => slot,
-                        Err(_) => break,
-                    },
-                    r = shutdown.changed() => {
-                        if r.is_err() || *shutdown.borrow() { break }
-                        continue;
-                    }
-                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-                }
-            }
-        };
-        let accepted = tokio::select! {
-            a = accept_opt(plain.as_ref()) => a,
-            a = accept_opt(secure.as_ref()) => a,
-            r = shutdown.changed() => {
-                if r.is_err() || *shutdown.borrow() { break }
-                continue;
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-        };
-        let ((stream, peer), listener) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!("HTTP accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-        let info = ConnInfo {
-            client: peer,
-            https: listener.tls.is_some(),
-            port: local_port,
-        };
-        let frontend = frontend.clone();
-        let builder = builder.clone();
-        let shutdown = shutdown.clone();
-        let tls = listener.tls.clone();
-        let redirect_to = listener.redirect_to;
-        let span = tracing::info_span!("http", client.addr = %peer);
-        conns.spawn(
-            async move {
-                let _slot = slot;
-                match tls {
-                    Some(acceptor) => {
-                        let stream = match tokio::time::timeout(
-                            TLS_HANDSHAKE_TIMEOUT,
-                            acceptor.accept(stream),
-                        )
-                        .await
-                        {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!("TLS handshake failed: {e}");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!("TLS handshake timed out");
-                                return;
-                            }
-                        };
-                        serve_connection(
-                            stream,
-                            frontend,
-                            info,
-                            None,
-                            &builder,
-                            idle_timeout,
-                            shutdown,
-                        )
-                        .await;
-                    }
-                    None => {
-                        serve_connection(
-                            stream,
-                            frontend,
-                            info,
-                            redirect_to,
-                            &builder,
-                            idle_timeout,
-                            shutdown,
-                        )
-                        .await
-                    }
-                }
-            }
-            .instrument(span),
-        );
-    }
-    drop(plain);
-    drop(secure);
+    let mut conns = accept(plain, secure, served, max_connections, shutdown).await;
     // Open connections were told to finish (see serve_connection); give them the grace time.
     let _ = tokio::time::timeout(shutdown_grace, async {
         while conns.join_next().await.is_some() {}
     })
     .await;
     conns.abort_all();
-    tasks.abort_all();
+    housekeeping.abort_all();
     Ok(())
 }
 
-struct Listener {
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    /// Plain listener while TLS is configured: redirect to this HTTPS port.
-    redirect_to: Option<u16>,
-}
-
-async fn accept_opt(
-    l: Option<&Listener>,
-) -> std::io::Result<((tokio::net::TcpStream, SocketAddr), &Listener)> {
-    match l {
-        Some(l) => l.listener.accept().await.map(|a| (a, l)),
-        None => std::future::pending().await,
-    }
-}
-
-/// The hyper connection builder with `[http]` limits: header block size (`max_header_bytes`,
-/// at least 8 KiB), header read timeout (`idle_timeout`), HTTP/2 header list size, keep-alive
-/// pings.
-pub fn connection_builder(
-    max_header_bytes: usize,
-    idle_timeout: Duration,
-) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    let max_header = max_header_bytes.max(8192);
-    b.http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        // Also closes keep-alive connections that send no new request within this time.
-        .header_read_timeout(idle_timeout)
-        .max_buf_size(max_header);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .max_concurrent_streams(Some(256));
-    b
-}
-
-/// Serves one client connection (plain or TLS) until it closes, it is idle for `idle_timeout`
-/// or the gateway shuts down.
-async fn serve_connection<I>(
-    io: I,
+/// Browser sessions stop counting as load after `session_idle` without a request (and
+/// tentative browsers after `tentative_for`); idle upstream keep-alive connections are checked
+/// every few seconds: the VM may have closed them (they would sit in CLOSE_WAIT until then) or
+/// they outlived `upstream_idle`.
+async fn sweep(
+    pool: Arc<Pool>,
     frontend: Frontend,
-    info: ConnInfo,
-    redirect_to: Option<u16>,
-    builder: &auto::Builder<TokioExecutor>,
-    idle_timeout: Duration,
+    every: Duration,
     mut shutdown: watch::Receiver<bool>,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let tracker = ConnTracker::new();
-    let svc_tracker = tracker.clone();
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let frontend = frontend.clone();
-        let active = svc_tracker.begin();
-        async move {
-            let resp = match redirect_to {
-                Some(port) => redirect_to_https(&req, port),
-                // Boxed: the handler's future is a few KiB, and hyper moves the service's
-                // future (this block) by value; a pointer is cheaper to move than the state.
-                None => Box::pin(frontend.handle(req, info)).await,
-            };
-            Ok::<_, Infallible>(active.attach(resp))
-        }
-    });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    let check_every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
-    let mut tick = tokio::time::interval(check_every);
-    let first_request = tokio::time::sleep(FIRST_REQUEST_WITHIN.min(idle_timeout));
-    tokio::pin!(first_request);
-    let mut closing = false;
+) {
+    let mut tick = tokio::time::interval(every);
+    let mut upstream_tick = tokio::time::interval(UPSTREAM_SWEEP_EVERY);
     loop {
         tokio::select! {
-            _ = &mut first_request, if !tracker.has_started() => {
-                // Dropping the connection closes it: nothing of a request has been answered.
-                tracing::debug!("no complete request headers within {:?} of connecting; closed",
-                    FIRST_REQUEST_WITHIN.min(idle_timeout));
-                return;
-            }
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!("connection ended: {e}");
-                }
-                return;
-            }
-            _ = tick.tick(), if !closing => {
-                if tracker.idle_for().is_some_and(|d| d >= idle_timeout) {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
-            r = shutdown.changed(), if !closing => {
-                if r.is_err() || *shutdown.borrow() {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
+            _ = tick.tick() => { pool.expire_idle(); }
+            _ = upstream_tick.tick() => frontend.close_idle_upstreams(),
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { break },
         }
     }
 }
 
-/// `listen.http` while TLS is configured: a 308 to the same path on the HTTPS port.
-fn redirect_to_https<B>(req: &Request<B>, https_port: u16) -> Response<Body> {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())
-        .map(strip_port);
-    let Some(host) = host.filter(|h| !h.is_empty()) else {
-        return errors::GatewayError::Refused {
-            status: StatusCode::BAD_REQUEST,
-            detail: "a Host header is required".into(),
+/// Re-reads the TLS certificate when its files change (checked every
+/// [`CERT_RELOAD_EVERY`]) and at once when `asked` (SIGHUP); a bad new pair keeps the old one.
+async fn reload_certificates(
+    certs: Arc<tls::CertReloader>,
+    asked: Arc<tokio::sync::Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(CERT_RELOAD_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match certs.reload_if_changed() {
+                Ok(true) => tracing::info!("TLS certificate reloaded"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("TLS certificate not reloaded, keeping the old one: {e:#}"),
+            },
+            () = asked.notified() => match certs.reload_now() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => tracing::error!("TLS certificate not reloaded, keeping the old one: {e:#}"),
+            },
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { break },
         }
-        .response(req.headers());
-    };
-    let port = if https_port == 443 {
-        String::new()
-    } else {
-        format!(":{https_port}")
-    };
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let location = format!("https://{host}{port}{path}");
-    let mut resp = Response::new(full(format!("Moved to {location}\n")));
-    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
-    match HeaderValue::from_str(&location) {
-        Ok(v) => {
-            resp.headers_mut().insert(header::LOCATION, v);
-        }
-        Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
-    }
-    resp
-}
-
-/// `host` without a `:port` suffix (keeps IPv6 brackets).
-fn strip_port(host: &str) -> &str {
-    if let Some(end) = host.strip_prefix('[').and_then(|h| h.find(']')) {
-        return &host[..end + 2];
-    }
-    match host.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
     }
 }
 

@@ -1,0 +1,330 @@
+//! Keep-alive HTTP/1.1 connections to VMs, driven by the task of the request that uses them.
+//!
+//! hyper-util's pooled client runs every upstream connection in a task of its own: a request
+//! travels to that task through a channel, and the response head and every body chunk travel
+//! back through others, so each proxied request costs two task switches (often across worker
+//! threads) on top of the socket work. Here the request's own task polls the connection while
+//! it waits for the response head, and the response body polls it while the client's
+//! connection reads the body. When the body ends the connection goes back to an idle list per
+//! VM address; nothing polls it there, so a connection is checked when it is taken (a VM that
+//! closed it is noticed then) and idle ones are closed by [`Upstreams::close_idle`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::BoxError;
+use super::body::Handoff;
+
+type Conn = http1::Connection<TokioIo<TcpStream>, Handoff>;
+
+/// One connection to a VM: the request side and the connection future that does its I/O.
+struct Link {
+    sender: http1::SendRequest<Handoff>,
+    /// `None` once the connection future has completed (closed or failed). It is dropped then,
+    /// as hyper expects: that hands a request still queued on it back to its sender (a VM that
+    /// closed an idle connection just as a request was put on it) instead of leaving it
+    /// waiting on a connection nobody polls.
+    conn: Option<Conn>,
+}
+
+impl Link {
+    /// Polls the connection's I/O once; drops it when it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Some(conn) = &mut self.conn
+            && let Poll::Ready(r) = Pin::new(conn).poll(cx)
+        {
+            self.conn = None;
+            if let Err(e) = r {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.conn.is_none()
+    }
+}
+
+struct Idle {
+    link: Box<Link>,
+    since: Instant,
+}
+
+/// Why a request got no response head from the VM.
+pub(super) enum SendError {
+    /// No connection could be made (refused, unreachable, timed out); the request was not
+    /// sent anywhere.
+    Connect(String),
+    /// The connection failed after the request was handed to it.
+    Http(hyper::Error),
+}
+
+/// Idle keep-alive connections per VM address, and how new ones are made.
+pub(super) struct Upstreams {
+    /// One lock for all VMs: it is held only to push or pop (a connection in the list is not
+    /// `Sync`, so a concurrent map could not hold it anyway).
+    idle: Mutex<HashMap<String, Vec<Idle>>>,
+    builder: http1::Builder,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle_per_vm: usize,
+}
+
+impl Upstreams {
+    pub(super) fn new(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle_per_vm: usize,
+    ) -> Self {
+        Self {
+            idle: Mutex::new(HashMap::new()),
+            builder: http1::Builder::new(),
+            connect_timeout,
+            idle_timeout,
+            max_idle_per_vm,
+        }
+    }
+
+    /// Sends `req` (origin-form target, `Host` set) to `authority` on an idle connection if one
+    /// is usable, else on a new one, and returns the response once its head has arrived. The
+    /// response body keeps the connection, and `authority` to hand it back under when it ends.
+    pub(super) async fn send(
+        self: &Arc<Self>,
+        authority: String,
+        mut req: Request<Handoff>,
+    ) -> Result<Response<Driven>, SendError> {
+        // The connection state is boxed: it moves from the idle list to the request and to the
+        // response body, and inline it would make every request's future larger (hyper moves
+        // that future around whole).
+        let (mut link, mut reused) = match self.checkout(&authority) {
+            Some(link) => (link, true),
+            None => (self.connect_boxed(&authority).await?, false),
+        };
+        let head = loop {
+            let mut response = std::pin::pin!(link.sender.try_send_request(req));
+            let sent = std::future::poll_fn(|cx| {
+                link.drive(cx);
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match sent {
+                Ok(head) => break head,
+                // A kept-alive connection failed before the request was written (the VM closed
+                // it while it sat idle): nothing reached the VM, so any request, POST included,
+                // goes out again on a new connection, once.
+                Err(mut e) if reused => match e.take_message() {
+                    Some(unsent) => {
+                        tracing::debug!(
+                            "kept-alive connection to {authority} closed before the request was written ({}); reconnecting",
+                            e.error()
+                        );
+                        req = unsent;
+                        link = self.connect_boxed(&authority).await?;
+                        reused = false;
+                    }
+                    None => return Err(SendError::Http(e.into_error())),
+                },
+                Err(e) => return Err(SendError::Http(e.into_error())),
+            }
+        };
+        let (parts, incoming) = head.into_parts();
+        let mut body = Driven {
+            incoming,
+            link: Some(link),
+            home: Some((Arc::clone(self), authority)),
+        };
+        if body.incoming.is_end_stream() {
+            // No body to read (HEAD, 204, 304, `Content-Length: 0`): the server side may never
+            // poll it, so the connection goes back now.
+            body.check_in();
+        }
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// The most recently used idle connection to `authority` that is still open and ready.
+    fn checkout(&self, authority: &str) -> Option<Box<Link>> {
+        // Polled without a waker: the request polls the connection again at once, with its own.
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            let Idle { mut link, since } = self.idle().get_mut(authority)?.pop()?;
+            if since.elapsed() >= self.idle_timeout {
+                // The rest of the list is older still: left to `close_idle`.
+                return None;
+            }
+            // One poll reads what the VM sent while the connection sat idle: an end of stream
+            // (it closed the connection) completes the connection future.
+            link.drive(&mut cx);
+            if !link.done() && link.sender.is_ready() {
+                return Some(link);
+            }
+        }
+    }
+
+    /// [`Self::connect`], boxed: its future is large and only new connections need it.
+    async fn connect_boxed(&self, authority: &str) -> Result<Box<Link>, SendError> {
+        Box::pin(self.connect(authority))
+            .await
+            .map_err(SendError::Connect)
+    }
+
+    async fn connect(&self, authority: &str) -> Result<Box<Link>, String> {
+        let stream = connect_tcp(authority, self.connect_timeout).await?;
+        let (sender, conn) = self
+            .builder
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP/1.1 handshake with {authority}: {e}"))?;
+        Ok(Box::new(Link {
+            sender,
+            conn: Some(conn),
+        }))
+    }
+
+    fn check_in(&self, authority: String, mut link: Box<Link>) {
+        // Let the connection finish the exchange and ask for the next request.
+        link.drive(&mut Context::from_waker(Waker::noop()));
+        if link.done() || !link.sender.is_ready() {
+            return;
+        }
+        let mut idle = self.idle();
+        let list = idle.entry(authority).or_default();
+        if list.len() < self.max_idle_per_vm {
+            list.push(Idle {
+                link,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes connections idle for longer than the idle timeout, and those the VM closed. The
+    /// lists are checked outside the lock (requests keep checking connections out and in
+    /// meanwhile) and what survives is put back ahead of the connections checked in since.
+    pub(super) fn close_idle(&self) {
+        let taken = std::mem::take(&mut *self.idle());
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut kept = Vec::with_capacity(taken.len());
+        for (authority, mut list) in taken {
+            list.retain_mut(|idle| {
+                idle.link.drive(&mut cx);
+                !idle.link.done() && idle.since.elapsed() < self.idle_timeout
+            });
+            if !list.is_empty() {
+                kept.push((authority, list));
+            }
+        }
+        let mut idle = self.idle();
+        for (authority, mut list) in kept {
+            let newer = idle.entry(authority).or_default();
+            list.append(newer);
+            // Over the cap (connections checked in while the lock was free): the oldest go.
+            let over = list.len().saturating_sub(self.max_idle_per_vm);
+            list.drain(..over);
+            *newer = list;
+        }
+    }
+
+    /// Idle connections held, over all VMs.
+    #[cfg(test)]
+    pub(super) fn idle_count(&self) -> usize {
+        self.idle().values().map(Vec::len).sum()
+    }
+
+    fn idle(&self) -> MutexGuard<'_, HashMap<String, Vec<Idle>>> {
+        // A panic while holding the lock leaves a consistent map (plain pushes and pops).
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A TCP connection to a VM's HTTP port (`NODELAY` set), for requests and for upgrades alike;
+/// the error says what failed, naming the address.
+pub(super) async fn connect_tcp(authority: &str, timeout: Duration) -> Result<TcpStream, String> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("connect {authority}: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "connect {authority}: no answer within {}",
+                humantime::format_duration(timeout)
+            ));
+        }
+    };
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!("TCP_NODELAY on the connection to {authority}: {e}");
+    }
+    Ok(stream)
+}
+
+/// A response body from a VM. Reading it drives the connection it arrives on; once it has
+/// been read to the end the connection goes back to the idle list. Dropped before the end
+/// (the client went away), it closes the connection: HTTP/1.1 cannot abandon a response and
+/// keep the connection.
+pub struct Driven {
+    incoming: Incoming,
+    link: Option<Box<Link>>,
+    home: Option<(Arc<Upstreams>, String)>,
+}
+
+impl Driven {
+    fn check_in(&mut self) {
+        if let (Some(link), Some((upstreams, authority))) = (self.link.take(), self.home.take()) {
+            upstreams.check_in(authority, link);
+        }
+    }
+}
+
+impl HttpBody for Driven {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(link) = &mut this.link {
+            link.drive(cx);
+        }
+        let polled = Pin::new(&mut this.incoming).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.check_in(),
+            // hyper's server stops polling after the last data frame (`is_end_stream`) or
+            // after trailers, which always come last.
+            Poll::Ready(Some(Ok(frame)))
+                if frame.is_trailers() || this.incoming.is_end_stream() =>
+            {
+                this.check_in();
+            }
+            Poll::Ready(Some(Err(_))) => this.link = None,
+            _ => {}
+        }
+        polled.map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
+}
+
+/// Keeps the compiler honest about the bounds the server needs of a response body.
+const _: fn() = || {
+    fn bounds<T: Send + 'static>() {}
+    bounds::<Driven>();
+};
+
+#[cfg(test)]
+mod tests;
