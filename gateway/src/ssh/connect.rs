@@ -11,6 +11,8 @@ use router_core::{PickRequest, Protocol, SessionGuard};
 use russh::server;
 use russh::{ChannelId, ChannelOpenFailure, Sig};
 use tokio::sync::watch;
+use tracing::field::display;
+use tracing::{Instrument, Span};
 
 use super::SshGateway;
 use super::backend::{self, BackendError, BackendHandler, Credential, Target, VmChannel};
@@ -58,6 +60,22 @@ pub(crate) struct Who<'a> {
     pub(crate) port_forwarding: bool,
     pub(crate) agent_forwarding: bool,
     pub(crate) accepted: Instant,
+    /// The connection's span (see `connection_span`).
+    pub(crate) span: &'a Span,
+}
+
+impl Who<'_> {
+    /// Names the logged-in user on the connection's span. A key login is one before any VM is
+    /// picked; a password login is one only once a VM has accepted the password.
+    pub(crate) fn logged_in(&self) {
+        self.span.record("user", display(self.user));
+    }
+
+    /// Names the VM and the session on the connection's span once the session is routed.
+    fn routed(&self, vm: &str, session: u64) {
+        self.span.record("vm", display(vm));
+        self.span.record("session", session);
+    }
 }
 
 /// Picks a VM and connects to it, trying each eligible VM at most once.
@@ -125,8 +143,11 @@ pub(crate) async fn connect_vm(
                     outcome::OK,
                     who.accepted.elapsed(),
                 );
+                if password.is_some() {
+                    who.logged_in();
+                }
+                who.routed(&spec.name, guard.id());
                 tracing::info!(
-                    %user, vm = %spec.name, session = guard.id(),
                     connect_ms = started.elapsed().as_millis() as u64,
                     "session routed"
                 );
@@ -147,7 +168,10 @@ pub(crate) async fn connect_vm(
                     outcome::VM_FAILED,
                     started.elapsed(),
                 );
-                tracing::warn!(%user, vm = %spec.name, error = %e, "VM connection failed; trying the next VM");
+                // The VM tried, not the session's; and a password attempt is no login yet, so
+                // the span names no user then: this line does.
+                let attempt_by = password.is_some().then(|| display(user));
+                tracing::warn!(user = attempt_by, vm = %spec.name, error = %e, "VM connection failed; trying the next VM");
                 if e.is_outage() {
                     (gw.on_vm_failure)(&spec.name);
                 }
@@ -184,20 +208,25 @@ pub(crate) fn make_ready(
             .bytes_total
             .with_label_values(&["ssh", guard.vm_name(), "down"]),
     });
-    tokio::spawn(tell_user_when_vm_lost(
-        connected.closed,
-        handle.clone(),
-        who.user.to_string(),
-        guard.vm_name().to_string(),
-    ));
-    tokio::spawn(accept_vm_channels(
-        connected.incoming,
-        handle,
-        link.clone(),
-        flow,
-        who.agent_forwarding,
-        who.port_forwarding,
-    ));
+    tokio::spawn(
+        tell_user_when_vm_lost(
+            connected.closed,
+            handle.clone(),
+            guard.vm_name().to_string(),
+        )
+        .instrument(who.span.clone()),
+    );
+    tokio::spawn(
+        accept_vm_channels(
+            connected.incoming,
+            handle,
+            link.clone(),
+            flow,
+            who.agent_forwarding,
+            who.port_forwarding,
+        )
+        .instrument(who.span.clone()),
+    );
     Arc::new(Ready {
         backend: connected.backend,
         link,
@@ -218,7 +247,6 @@ pub(crate) fn vm_lost_message(vm: &str) -> String {
 async fn tell_user_when_vm_lost(
     closed: tokio::sync::oneshot::Receiver<()>,
     user_handle: server::Handle,
-    user: String,
     vm: String,
 ) {
     let _ = closed.await;
@@ -230,7 +258,7 @@ async fn tell_user_when_vm_lost(
         )
         .await;
     if sent.is_ok() {
-        tracing::warn!(%user, %vm, "lost the connection to the VM; the user was disconnected with a message");
+        tracing::warn!("lost the connection to the VM; the user was disconnected with a message");
     }
 }
 
@@ -261,7 +289,7 @@ async fn accept_vm_channels(
 ) {
     while let Some(request) = incoming.recv().await {
         let (handle, link, flow) = (handle.clone(), link.clone(), flow.clone());
-        tokio::spawn(async move {
+        let channel = async move {
             match *request {
                 VmChannel::Forwarded {
                     channel,
@@ -302,7 +330,8 @@ async fn accept_vm_channels(
                         .await;
                 }
             }
-        });
+        };
+        tokio::spawn(channel.in_current_span());
     }
 }
 
@@ -379,8 +408,11 @@ impl Drop for Link {
             .ok()
             .and_then(|e| e.clone())
             .unwrap_or_else(|| "-".into());
+        // A record complete by itself, printed the same wherever the last relay drops the link:
+        // no span context (the connection's span would repeat its fields).
         tracing::info!(
             target: "poolgate::audit",
+            parent: None,
             user = %self.user,
             client = %self.client,
             vm = %self.guard.vm_name(),

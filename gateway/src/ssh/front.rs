@@ -14,6 +14,7 @@ use russh::server::ChannelOpenHandle;
 use russh::server::{self, Auth, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::authorized_keys::KeyPermissions;
 use super::backend::BackendHandler;
@@ -38,6 +39,9 @@ pub struct Front {
     accepted: Instant,
     /// The client tried at least one login method.
     tried: bool,
+    /// The connection's span. russh calls the handler from a task of its own, outside it, so
+    /// the methods that log, and the tasks they start, run in it explicitly.
+    span: tracing::Span,
 }
 
 impl Front {
@@ -48,6 +52,7 @@ impl Front {
         peer: SocketAddr,
         permit: UnauthPermit,
         authenticated: watch::Sender<bool>,
+        span: tracing::Span,
     ) -> Self {
         Self {
             gw,
@@ -61,6 +66,7 @@ impl Front {
             authenticated,
             accepted: Instant::now(),
             tried: false,
+            span,
         }
     }
 
@@ -77,7 +83,7 @@ impl Front {
         let refused = self.gw.settings.refused_users.iter().any(|u| u == user);
         if refused {
             tracing::warn!(
-                %user, client = %self.peer,
+                %user,
                 "login refused: this name is reserved for the autoscaler's busy check (autoscale.busy_user)"
             );
         }
@@ -121,6 +127,7 @@ impl Front {
             port_forwarding: self.port_forwarding(),
             agent_forwarding: self.agent_forwarding(),
             accepted: self.accepted,
+            span: &self.span,
         }
     }
 
@@ -145,14 +152,17 @@ impl server::Handler for Front {
         offer: server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         self.tried = true;
-        Ok(match self.check_key(user, offer.public_key) {
-            Some(_) => Auth::Accept,
-            None => {
-                tracing::info!(%user, client = %self.peer, "public key not accepted");
-                self.gw.auth_failed("publickey", self.peer);
-                reject(&self.gw)
-            }
-        })
+        let span = self.span.clone();
+        Ok(
+            span.in_scope(|| match self.check_key(user, offer.public_key) {
+                Some(_) => Auth::Accept,
+                None => {
+                    tracing::info!(%user, "public key not accepted");
+                    self.gw.auth_failed("publickey", self.peer);
+                    reject(&self.gw)
+                }
+            }),
+        )
     }
 
     async fn auth_publickey(
@@ -160,9 +170,11 @@ impl server::Handler for Front {
         user: &str,
         key: server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        match self.check_key(user, key.public_key) {
+        let span = self.span.clone();
+        span.in_scope(|| match self.check_key(user, key.public_key) {
             Some(perms) => {
                 self.perms = perms;
+                self.who(user).logged_in();
                 self.authenticated(user);
                 Ok(Auth::Accept)
             }
@@ -170,117 +182,130 @@ impl server::Handler for Front {
                 self.gw.auth_failed("publickey", self.peer);
                 Ok(reject(&self.gw))
             }
-        }
+        })
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        self.tried = true;
-        if !self.gw.settings.password_passthrough
-            || !super::authorized_keys::valid_user_name(user)
-            || self.refused(user)
-        {
-            self.gw.auth_failed("password", self.peer);
-            return Ok(reject(&self.gw));
-        }
-        // Boxed: the handler's futures live inline in russh's session task for the whole
-        // connection, and connecting to a VM is by far the largest of them.
-        match Box::pin(connect_vm(&self.who(user), Some(password))).await {
-            Ok(connected) => {
-                self.pending = Some(connected);
-                self.authenticated(user);
-                Ok(Auth::Accept)
-            }
-            Err(OpenError::PasswordRefused) => {
+        let span = self.span.clone();
+        async move {
+            self.tried = true;
+            if !self.gw.settings.password_passthrough
+                || !super::authorized_keys::valid_user_name(user)
+                || self.refused(user)
+            {
                 self.gw.auth_failed("password", self.peer);
-                self.gw.login_failed(self.peer);
-                Ok(reject(&self.gw))
+                return Ok(reject(&self.gw));
             }
-            Err(OpenError::NoVm(message)) => {
-                tracing::warn!(%user, client = %self.peer, %message, "no VM for password login");
-                Ok(reject(&self.gw))
+            // Boxed: the handler's futures live inline in russh's session task for the whole
+            // connection, and connecting to a VM is by far the largest of them.
+            match Box::pin(connect_vm(&self.who(user), Some(password))).await {
+                Ok(connected) => {
+                    self.pending = Some(connected);
+                    self.authenticated(user);
+                    Ok(Auth::Accept)
+                }
+                Err(OpenError::PasswordRefused) => {
+                    self.gw.auth_failed("password", self.peer);
+                    self.gw.login_failed(self.peer);
+                    Ok(reject(&self.gw))
+                }
+                Err(OpenError::NoVm(message)) => {
+                    tracing::warn!(%user, %message, "no VM for password login");
+                    Ok(reject(&self.gw))
+                }
             }
         }
+        .instrument(span)
+        .await
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
-        let Some(user) = self.user.clone() else {
-            return Ok(());
-        };
-        let (agent, forwarding) = (self.agent_forwarding(), self.port_forwarding());
-        let connected = match self.pending.take() {
-            Some(connected) => Ok(connected),
-            // Boxed, as in `auth_password`.
-            None => Box::pin(connect_vm(&self.who(&user), None)).await,
-        };
-        match connected {
-            Ok(connected) => {
-                let ready = make_ready(
-                    &self.who(&user),
-                    connected,
-                    session.handle(),
-                    self.flow.clone(),
-                );
-                self.conn.send_replace(Conn::Ready(ready));
-            }
-            Err(OpenError::NoVm(message)) => match self
-                .gw
-                .wake
-                .clone()
-                .filter(|w| w.holds_connections())
-            {
-                Some(waker) => {
-                    tracing::info!(%user, client = %self.peer, %message, "no VM yet; holding the connection while the pool wakes");
-                    self.conn.send_replace(Conn::Waking);
-                    let conn = self.conn.clone();
-                    let gw = self.gw.clone();
-                    let (peer, accepted, flow, handle) = (
-                        self.peer,
-                        self.accepted,
-                        self.flow.clone(),
+        let span = self.span.clone();
+        async move {
+            let Some(user) = self.user.clone() else {
+                return Ok(());
+            };
+            let (agent, forwarding) = (self.agent_forwarding(), self.port_forwarding());
+            let connected = match self.pending.take() {
+                Some(connected) => Ok(connected),
+                // Boxed, as in `auth_password`.
+                None => Box::pin(connect_vm(&self.who(&user), None)).await,
+            };
+            match connected {
+                Ok(connected) => {
+                    let ready = make_ready(
+                        &self.who(&user),
+                        connected,
                         session.handle(),
+                        self.flow.clone(),
                     );
-                    tokio::spawn(async move {
-                        let woke = waker.wait_for_vm(Protocol::Ssh).await;
-                        let who = Who {
-                            gw: &gw,
-                            user: &user,
-                            peer,
-                            port_forwarding: forwarding,
-                            agent_forwarding: agent,
-                            accepted,
-                        };
-                        let outcome = if woke {
-                            connect_vm(&who, None).await
-                        } else {
-                            Err(OpenError::NoVm(format!(
-                                "no VM came up within {}",
-                                humantime::format_duration(waker.hold_for())
-                            )))
-                        };
-                        let state = match outcome {
-                            Ok(connected) => Conn::Ready(make_ready(&who, connected, handle, flow)),
-                            Err(OpenError::NoVm(m)) => Conn::Failed(m.into()),
-                            Err(OpenError::PasswordRefused) => Conn::Failed("login refused".into()),
-                        };
-                        conn.send_replace(state);
-                    });
+                    self.conn.send_replace(Conn::Ready(ready));
                 }
-                None => {
-                    tracing::warn!(%user, client = %self.peer, %message, "no VM for session");
-                    session.disconnect(
-                        russh::Disconnect::ServiceNotAvailable,
-                        &ascii(&format!(
-                            "poolgate: {message}. Please try again in a minute."
-                        )),
-                        "en",
-                    )?;
+                Err(OpenError::NoVm(message)) => match self
+                    .gw
+                    .wake
+                    .clone()
+                    .filter(|w| w.holds_connections())
+                {
+                    Some(waker) => {
+                        tracing::info!(%message, "no VM yet; holding the connection while the pool wakes");
+                        self.conn.send_replace(Conn::Waking);
+                        let conn = self.conn.clone();
+                        let gw = self.gw.clone();
+                        let (peer, accepted, flow, handle) = (
+                            self.peer,
+                            self.accepted,
+                            self.flow.clone(),
+                            session.handle(),
+                        );
+                        let span = self.span.clone();
+                        let woken = async move {
+                            let woke = waker.wait_for_vm(Protocol::Ssh).await;
+                            let who = Who {
+                                gw: &gw,
+                                user: &user,
+                                peer,
+                                port_forwarding: forwarding,
+                                agent_forwarding: agent,
+                                accepted,
+                                span: &span,
+                            };
+                            let outcome = if woke {
+                                connect_vm(&who, None).await
+                            } else {
+                                Err(OpenError::NoVm(format!(
+                                    "no VM came up within {}",
+                                    humantime::format_duration(waker.hold_for())
+                                )))
+                            };
+                            let state = match outcome {
+                                Ok(connected) => Conn::Ready(make_ready(&who, connected, handle, flow)),
+                                Err(OpenError::NoVm(m)) => Conn::Failed(m.into()),
+                                Err(OpenError::PasswordRefused) => Conn::Failed("login refused".into()),
+                            };
+                            conn.send_replace(state);
+                        };
+                        tokio::spawn(woken.instrument(self.span.clone()));
+                    }
+                    None => {
+                        tracing::warn!(%message, "no VM for session");
+                        session.disconnect(
+                            russh::Disconnect::ServiceNotAvailable,
+                            &ascii(&format!(
+                                "poolgate: {message}. Please try again in a minute."
+                            )),
+                            "en",
+                        )?;
+                    }
+                },
+                Err(OpenError::PasswordRefused) => {
+                    session.disconnect(russh::Disconnect::ByApplication, "login refused", "en")?;
                 }
-            },
-            Err(OpenError::PasswordRefused) => {
-                session.disconnect(russh::Disconnect::ByApplication, "login refused", "en")?;
             }
+            Ok(())
         }
-        Ok(())
+        .instrument(span)
+        .await
     }
 
     async fn channel_open_session(
@@ -304,7 +329,7 @@ impl server::Handler for Front {
             .as_ref()
             .map(|w| w.boot_estimate())
             .unwrap_or_default();
-        tokio::spawn(async move {
+        let channel_task = async move {
             let waking = matches!(&*conn.borrow(), Conn::Waking);
             if waking {
                 // Boxed: only sessions opened while the pool wakes need this state.
@@ -325,7 +350,8 @@ impl server::Handler for Front {
                     reply.reject(ChannelOpenFailure::ConnectFailed).await;
                 }
             }
-        });
+        };
+        tokio::spawn(channel_task.instrument(self.span.clone()));
         Ok(())
     }
 
@@ -348,7 +374,7 @@ impl server::Handler for Front {
         };
         let flow = self.flow.clone();
         let (host, origin) = (host_to_connect.to_string(), originator_address.to_string());
-        tokio::spawn(async move {
+        let channel_task = async move {
             let Ok(ready) = ready_or_failed(conn).await else {
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
                 return;
@@ -368,7 +394,8 @@ impl server::Handler for Front {
                     reply.reject(ChannelOpenFailure::ConnectFailed).await;
                 }
             }
-        });
+        };
+        tokio::spawn(channel_task.instrument(self.span.clone()));
         Ok(())
     }
 
@@ -378,23 +405,28 @@ impl server::Handler for Front {
         port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let (Some(backend), true) = (self.current_backend(), self.port_forwarding()) else {
-            return Ok(false);
-        };
-        let request = backend.tcpip_forward(address.to_string(), *port);
-        match tokio::time::timeout(self.gw.settings.connect_timeout, request).await {
-            Ok(Ok(bound)) => {
-                if *port == 0 {
-                    *port = bound;
+        let span = self.span.clone();
+        async move {
+            let (Some(backend), true) = (self.current_backend(), self.port_forwarding()) else {
+                return Ok(false);
+            };
+            let request = backend.tcpip_forward(address.to_string(), *port);
+            match tokio::time::timeout(self.gw.settings.connect_timeout, request).await {
+                Ok(Ok(bound)) => {
+                    if *port == 0 {
+                        *port = bound;
+                    }
+                    Ok(true)
                 }
-                Ok(true)
+                Ok(Err(e)) => {
+                    tracing::debug!(%address, port = *port, error = %e, "VM refused tcpip-forward");
+                    Ok(false)
+                }
+                Err(_) => Ok(false),
             }
-            Ok(Err(e)) => {
-                tracing::debug!(%address, port = *port, error = %e, "VM refused tcpip-forward");
-                Ok(false)
-            }
-            Err(_) => Ok(false),
         }
+        .instrument(span)
+        .await
     }
 
     async fn cancel_tcpip_forward(
@@ -429,7 +461,7 @@ impl server::Handler for Front {
 impl Drop for Front {
     fn drop(&mut self) {
         if self.tried && self.user.is_none() {
-            self.gw.login_failed(self.peer);
+            self.span.in_scope(|| self.gw.login_failed(self.peer));
         }
         if let Some(backend) = self.current_backend() {
             tokio::spawn(async move {

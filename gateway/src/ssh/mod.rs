@@ -20,6 +20,7 @@ use russh::keys::ssh_key::PrivateKey;
 use russh::{MethodKind, MethodSet, cipher, kex, server};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use self::front::Front;
 use self::keys::UserCa;
@@ -301,10 +302,11 @@ impl SshGateway {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let gw = self.clone();
-            tokio::spawn(async move {
-                gw.handle_connection(stream, peer, permit).await;
-            });
+            let span = connection_span(peer);
+            let connection = self
+                .clone()
+                .handle_connection(stream, peer, permit, span.clone());
+            tokio::spawn(connection.instrument(span));
         }
     }
 
@@ -313,9 +315,10 @@ impl SshGateway {
         stream: tokio::net::TcpStream,
         peer: SocketAddr,
         permit: penalty::UnauthPermit,
+        span: tracing::Span,
     ) {
         let (authed_tx, mut authed_rx) = watch::channel(false);
-        let handler = Front::new(self.clone(), peer, permit, authed_tx);
+        let handler = Front::new(self.clone(), peer, permit, authed_tx, span);
         let grace = self.settings.login_grace;
         let deadline = tokio::time::Instant::now() + grace;
         // russh runs the session in a task of its own that outlives this function: `cut` is how
@@ -329,11 +332,11 @@ impl SshGateway {
         {
             Ok(Ok(session)) => session,
             Ok(Err(e)) => {
-                tracing::debug!(client = %peer, error = %e, "SSH handshake failed");
+                tracing::debug!(error = %e, "SSH handshake failed");
                 return;
             }
             Err(_) => {
-                tracing::info!(client = %peer, "no SSH handshake within ssh.login_grace; closed");
+                tracing::info!("no SSH handshake within ssh.login_grace; closed");
                 return;
             }
         };
@@ -353,7 +356,7 @@ impl SshGateway {
             tokio::select! {
                 r = &mut session => break r,
                 _ = &mut grace_timer, if !*authed_rx.borrow() => {
-                    tracing::info!(client = %peer, "not authenticated within ssh.login_grace; disconnecting");
+                    tracing::info!("not authenticated within ssh.login_grace; disconnecting");
                     // Say why when the session can still send it; a client stalled in the key
                     // exchange gets no message, and the socket is closed under the session.
                     let polite = async {
@@ -375,9 +378,19 @@ impl SshGateway {
             }
         };
         if let Err(e) = result {
-            tracing::debug!(client = %peer, error = %e, "SSH connection ended with an error");
+            tracing::debug!(error = %e, "SSH connection ended with an error");
         }
     }
+}
+
+/// The span of one user connection, entered by its handler, its VM leg and its relays, so their
+/// log lines need not repeat who they are about. It names the client from the start; the user
+/// (once logged in), the VM and the pool's session id (once routed) are recorded into it, each
+/// once, as the text log appends every record. At ERROR level, so that it is on whenever any
+/// line of the SSH frontend is: a `--log warn` keeps the fields on the lines it keeps.
+fn connection_span(peer: SocketAddr) -> tracing::Span {
+    use tracing::field::Empty;
+    tracing::error_span!("ssh", client = %peer, user = Empty, vm = Empty, session = Empty)
 }
 
 /// How often connections dropped at accept are summed up in the log.

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use russh::{Channel, ChannelMsg, ChannelWriteHalf, Sig};
+use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
 use tokio::sync::{Notify, mpsc};
 
 /// Bytes buffered per channel (user → VM) before the gateway stops reading from the user.
@@ -111,6 +111,15 @@ enum Up {
     Data(Bytes),
     Ext(u32, Bytes),
     Eof,
+    /// A request the VM may get, by [`Relay::forward_up`]'s rules.
+    Request(Request),
+    /// An X11 request: never forwarded, refused in its place in the stream.
+    X11,
+    Close,
+}
+
+/// The user's channel requests that can go on to the VM.
+enum Request {
     Pty {
         term: String,
         cols: u32,
@@ -126,26 +135,156 @@ enum Up {
     WindowChange(u32, u32, u32, u32),
     Signal(Sig),
     Agent,
-    X11,
-    Close,
 }
 
 impl Up {
+    /// What the up pump forwards for a message from the user (`None`: nothing).
+    fn from_user(msg: ChannelMsg) -> Option<Self> {
+        let request = match msg {
+            ChannelMsg::Data { data } => return Some(Up::Data(data)),
+            ChannelMsg::ExtendedData { data, ext } => return Some(Up::Ext(ext, data)),
+            ChannelMsg::Eof => return Some(Up::Eof),
+            ChannelMsg::Close => return Some(Up::Close),
+            ChannelMsg::RequestX11 { .. } => return Some(Up::X11),
+            ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+                terminal_modes,
+                ..
+            } => Request::Pty {
+                term,
+                cols: col_width,
+                rows: row_height,
+                px_w: pix_width,
+                px_h: pix_height,
+                modes: terminal_modes,
+            },
+            ChannelMsg::SetEnv {
+                variable_name,
+                variable_value,
+                ..
+            } => Request::Env(variable_name, variable_value),
+            ChannelMsg::RequestShell { .. } => Request::Shell,
+            ChannelMsg::Exec { command, .. } => Request::Exec(command),
+            ChannelMsg::RequestSubsystem { name, .. } => Request::Subsystem(name),
+            ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+            } => Request::WindowChange(col_width, row_height, pix_width, pix_height),
+            ChannelMsg::Signal { signal } => Request::Signal(signal),
+            ChannelMsg::AgentForward { .. } => Request::Agent,
+            _ => return None,
+        };
+        Some(Up::Request(request))
+    }
+
+    /// Bytes this item holds in the up buffer.
     fn bytes(&self) -> usize {
         match self {
             Up::Data(b) | Up::Ext(_, b) => b.len(),
             _ => 0,
         }
     }
+
+    /// Whether the user expects a reply (OpenSSH: pty-req, shell, exec, subsystem; env,
+    /// window-change and signal never; the agent request is answered by russh itself).
+    fn wants_reply(&self) -> bool {
+        matches!(
+            self,
+            Up::X11
+                | Up::Request(
+                    Request::Pty { .. } | Request::Shell | Request::Exec(_) | Request::Subsystem(_)
+                )
+        )
+    }
 }
 
-/// Which requests the user expects a reply to (OpenSSH: pty-req, shell, exec, subsystem; env,
-/// window-change and signal never; the agent request is answered by russh itself).
-fn wants_reply(item: &Up) -> bool {
-    matches!(
-        item,
-        Up::Pty { .. } | Up::Shell | Up::Exec(_) | Up::Subsystem(_) | Up::X11
-    )
+/// The reading half of one side of a channel: russh's [`ChannelReadHalf`], a queue in tests.
+trait Source: Send {
+    /// The next message; `None` once the channel or its connection is gone.
+    fn next(&mut self) -> impl Future<Output = Option<ChannelMsg>> + Send;
+}
+
+/// The writing half of one side of a channel: russh's [`ChannelWriteHalf`], a fake in tests.
+/// Each call waits for the peer's window, as russh's do.
+trait Sink: Sync {
+    fn data(&self, data: Bytes) -> impl Future<Output = Result<(), russh::Error>> + Send;
+    fn extended_data(
+        &self,
+        ext: u32,
+        data: Bytes,
+    ) -> impl Future<Output = Result<(), russh::Error>> + Send;
+    fn eof(&self) -> impl Future<Output = Result<(), russh::Error>> + Send;
+    fn close(&self) -> impl Future<Output = Result<(), russh::Error>> + Send;
+}
+
+/// The VM's side also takes the user's requests.
+trait VmSink: Sink {
+    fn request(&self, request: Request) -> impl Future<Output = Result<(), russh::Error>> + Send;
+}
+
+impl Source for ChannelReadHalf {
+    fn next(&mut self) -> impl Future<Output = Option<ChannelMsg>> + Send {
+        self.wait()
+    }
+}
+
+impl<S> Sink for ChannelWriteHalf<S>
+where
+    S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static,
+{
+    fn data(&self, data: Bytes) -> impl Future<Output = Result<(), russh::Error>> + Send {
+        self.data_bytes(data)
+    }
+
+    fn extended_data(
+        &self,
+        ext: u32,
+        data: Bytes,
+    ) -> impl Future<Output = Result<(), russh::Error>> + Send {
+        self.extended_data_bytes(ext, data)
+    }
+
+    fn eof(&self) -> impl Future<Output = Result<(), russh::Error>> + Send {
+        ChannelWriteHalf::eof(self)
+    }
+
+    fn close(&self) -> impl Future<Output = Result<(), russh::Error>> + Send {
+        ChannelWriteHalf::close(self)
+    }
+}
+
+impl<S> VmSink for ChannelWriteHalf<S>
+where
+    S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static,
+{
+    async fn request(&self, request: Request) -> Result<(), russh::Error> {
+        match request {
+            Request::Pty {
+                term,
+                cols,
+                rows,
+                px_w,
+                px_h,
+                modes,
+            } => {
+                self.request_pty(true, &term, cols, rows, px_w, px_h, &modes)
+                    .await
+            }
+            Request::Env(name, value) => self.set_env(false, name, value).await,
+            Request::Shell => self.request_shell(true).await,
+            Request::Exec(command) => self.exec(true, command).await,
+            Request::Subsystem(name) => self.request_subsystem(true, name).await,
+            Request::WindowChange(c, r, w, h) => self.window_change(c, r, w, h).await,
+            Request::Signal(sig) => self.signal(sig).await,
+            Request::Agent => self.agent_forward(false).await,
+        }
+    }
 }
 
 /// Relays one channel until both directions are closed.
@@ -180,266 +319,281 @@ async fn run<U, S, C>(
     S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static,
     C: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static,
 {
-    let user_id = user.id();
-    let (mut user_rx, user_tx) = user.split();
-    let (mut vm_rx, vm_tx) = vm.split();
-    let buffered = Arc::new(AtomicUsize::new(0));
-    let drained = Arc::new(Notify::new());
-    let (queue_tx, queue_rx) = mpsc::unbounded_channel::<Up>();
+    let relay = Relay::new(flow, side, user.id(), session_channel, allow_agent);
+    let (user_rx, user_tx) = user.split();
+    let (vm_rx, vm_tx) = vm.split();
+    relay.run(user_rx, &user_tx, vm_rx, &vm_tx).await;
+}
 
-    // The three pumps are closures that make their futures only where they are awaited, so each
-    // state machine exists once inside this one, not also as a moved-from local.
+/// One channel's relay: what its three pumps share.
+struct Relay<U> {
+    flow: Arc<FlowControl>,
+    side: Arc<U>,
+    /// The user's end of the channel, for replies and exit status.
+    user_channel: russh::ChannelId,
+    /// A session channel (shell, exec, subsystem), which alone forwards requests and reports an
+    /// exit; forwardings only carry bytes.
+    session_channel: bool,
+    allow_agent: bool,
+    /// Bytes taken from the user and not yet written to the VM.
+    buffered: AtomicUsize,
+    /// Woken each time the up writer takes bytes out of the buffer.
+    drained: Notify,
+}
 
-    // Up reader: user channel -> byte-counted queue, with the admission rule described above.
-    let reader = {
-        let flow = flow.clone();
-        let buffered = buffered.clone();
-        let drained = drained.clone();
-        move || async move {
-            let mut congested = false;
-            loop {
-                admit(&flow, &buffered, &drained, &mut congested).await;
-                let Some(msg) = user_rx.wait().await else {
-                    let _ = queue_tx.send(Up::Close);
-                    break;
-                };
-                let item = match msg {
-                    ChannelMsg::Data { data } => Up::Data(data),
-                    ChannelMsg::ExtendedData { data, ext } => Up::Ext(ext, data),
-                    ChannelMsg::Eof => Up::Eof,
-                    ChannelMsg::Close => Up::Close,
-                    ChannelMsg::RequestPty {
-                        term,
-                        col_width,
-                        row_height,
-                        pix_width,
-                        pix_height,
-                        terminal_modes,
-                        ..
-                    } => Up::Pty {
-                        term,
-                        cols: col_width,
-                        rows: row_height,
-                        px_w: pix_width,
-                        px_h: pix_height,
-                        modes: terminal_modes,
-                    },
-                    ChannelMsg::SetEnv {
-                        variable_name,
-                        variable_value,
-                        ..
-                    } => Up::Env(variable_name, variable_value),
-                    ChannelMsg::RequestShell { .. } => Up::Shell,
-                    ChannelMsg::Exec { command, .. } => Up::Exec(command),
-                    ChannelMsg::RequestSubsystem { name, .. } => Up::Subsystem(name),
-                    ChannelMsg::WindowChange {
-                        col_width,
-                        row_height,
-                        pix_width,
-                        pix_height,
-                    } => Up::WindowChange(col_width, row_height, pix_width, pix_height),
-                    ChannelMsg::Signal { signal } => Up::Signal(signal),
-                    ChannelMsg::AgentForward { .. } => Up::Agent,
-                    ChannelMsg::RequestX11 { .. } => Up::X11,
-                    _ => continue,
-                };
-                let closing = matches!(item, Up::Close);
-                buffered.fetch_add(item.bytes(), Ordering::AcqRel);
-                if queue_tx.send(item).is_err() || closing {
-                    break;
-                }
-            }
-            if congested {
-                flow.congested.fetch_sub(1, Ordering::AcqRel);
+impl<U: UserSide> Relay<U> {
+    fn new(
+        flow: Arc<FlowControl>,
+        side: Arc<U>,
+        user_channel: russh::ChannelId,
+        session_channel: bool,
+        allow_agent: bool,
+    ) -> Self {
+        Self {
+            flow,
+            side,
+            user_channel,
+            session_channel,
+            allow_agent,
+            buffered: AtomicUsize::new(0),
+            drained: Notify::new(),
+        }
+    }
+
+    /// Runs the three pumps until the channel is done. The up side (reader and writer) ends when
+    /// the user closes, the down side when the VM closes; either closing closes the other half.
+    async fn run(
+        &self,
+        user_rx: impl Source,
+        user_tx: &impl Sink,
+        vm_rx: impl Source,
+        vm_tx: &impl VmSink,
+    ) {
+        let (queue_tx, queue_rx) = mpsc::unbounded_channel::<Up>();
+        // The pumps' futures are made where they are awaited, so each state machine exists once
+        // inside this one, not also as a moved-from local.
+        let mut up = std::pin::pin!(async {
+            tokio::join!(
+                self.up_reader(user_rx, queue_tx),
+                self.up_writer(queue_rx, vm_tx)
+            );
+        });
+        let mut down = std::pin::pin!(self.down_pump(vm_rx, user_tx));
+        let user_closed = tokio::select! {
+            () = &mut up => true,
+            () = &mut down => false,
+        };
+        let _ = vm_tx.close().await;
+        if user_closed {
+            // User closed: let the VM's remaining output drain briefly.
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut down).await;
+        }
+    }
+
+    /// Up reader: user channel -> byte-counted queue, admitting packets by [`Self::admit`].
+    async fn up_reader(&self, mut user: impl Source, queue: mpsc::UnboundedSender<Up>) {
+        let mut congested = false;
+        loop {
+            self.admit(&mut congested).await;
+            let Some(msg) = user.next().await else {
+                let _ = queue.send(Up::Close);
+                break;
+            };
+            let Some(item) = Up::from_user(msg) else {
+                continue;
+            };
+            let closing = matches!(item, Up::Close);
+            self.buffered.fetch_add(item.bytes(), Ordering::AcqRel);
+            if queue.send(item).is_err() || closing {
+                break;
             }
         }
-    };
+        if congested {
+            self.flow.congested.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 
-    // Up writer: queue -> VM channel, in order; waits for the VM's window.
-    let writer = {
-        let side = side.clone();
-        let buffered = buffered.clone();
-        let drained = drained.clone();
-        let vm_tx = &vm_tx;
-        move || async move {
-            let mut queue_rx = queue_rx;
-            while let Some(item) = queue_rx.recv().await {
-                let n = item.bytes();
-                let reply_expected = wants_reply(&item);
-                let ok = match item {
-                    // The hot path stays inline; requests (rare, with large futures) are boxed
-                    // so the writer's state stays small for the life of the channel.
-                    Up::Data(data) => sent(vm_tx.data_bytes(data).await),
-                    Up::Ext(ext, data) => sent(vm_tx.extended_data_bytes(ext, data).await),
-                    item => Box::pin(forward_up(vm_tx, item, session_channel, allow_agent)).await,
-                };
-                if n > 0 {
-                    buffered.fetch_sub(n, Ordering::AcqRel);
-                    drained.notify_one();
-                    side.bytes(n as u64, 0);
-                }
-                match ok {
-                    Forward::Sent => {}
-                    Forward::Refused if reply_expected => {
-                        // Not sent to the VM: answer the user ourselves.
-                        Box::pin(side.reply(user_id, false)).await;
-                    }
-                    Forward::Refused => {}
-                    Forward::Closed => break,
+    /// Waits until the up reader may take another packet from the user (the rule in the module
+    /// documentation), keeping this channel's share of [`FlowControl`]'s congestion count.
+    async fn admit(&self, congested: &mut bool) {
+        loop {
+            let notified = self.drained.notified();
+            let woken_by_down = self.flow.notify.notified();
+            tokio::pin!(notified);
+            tokio::pin!(woken_by_down);
+            notified.as_mut().enable();
+            woken_by_down.as_mut().enable();
+
+            let level = self.buffered.load(Ordering::Acquire);
+            let over = level >= HIGH_WATER;
+            if over != *congested {
+                *congested = over;
+                if over {
+                    self.flow.congested.fetch_add(1, Ordering::AcqRel);
+                } else {
+                    self.flow.congested.fetch_sub(1, Ordering::AcqRel);
                 }
             }
+            if !over {
+                return;
+            }
+            if self.flow.down_busy() {
+                if level < HARD_LIMIT {
+                    return;
+                }
+                // Keep the user-side loop turning, slowly, so window adjustments get through.
+                tokio::time::sleep(PACE).await;
+                return;
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = &mut woken_by_down => {}
+            }
         }
-    };
+    }
 
-    // Down pump: VM channel -> user, one packet at a time.
-    let down = {
-        let flow = flow.clone();
-        let side = side.clone();
-        let user_tx = &user_tx;
-        move || async move {
-            let mut exit_status = None;
-            let mut exit_signal = None;
-            let mut held_eof = false;
-            // Ends with the VM's Close, or with `None` when the VM connection itself is gone.
-            let mut vm_closed = false;
-            while let Some(msg) = vm_rx.wait().await {
-                match msg {
-                    ChannelMsg::Data { data } => {
-                        let n = data.len() as u64;
-                        flow.down_send_started();
-                        let r = user_tx.data_bytes(data).await;
-                        flow.down_send_finished();
-                        if r.is_err() {
-                            break;
-                        }
-                        side.bytes(0, n);
+    /// Up writer: queue -> VM channel, in order; waits for the VM's window.
+    async fn up_writer(&self, mut queue: mpsc::UnboundedReceiver<Up>, vm: &impl VmSink) {
+        while let Some(item) = queue.recv().await {
+            let n = item.bytes();
+            let reply_expected = item.wants_reply();
+            let ok = match item {
+                // The hot path stays inline; the rest (rare, with large futures) is boxed so the
+                // writer's state stays small for the life of the channel.
+                Up::Data(data) => sent(vm.data(data).await),
+                Up::Ext(ext, data) => sent(vm.extended_data(ext, data).await),
+                item => Box::pin(self.forward_up(vm, item)).await,
+            };
+            if n > 0 {
+                self.buffered.fetch_sub(n, Ordering::AcqRel);
+                self.drained.notify_one();
+                self.side.bytes(n as u64, 0);
+            }
+            match ok {
+                Forward::Sent => {}
+                Forward::Refused if reply_expected => {
+                    // Not sent to the VM: answer the user ourselves.
+                    Box::pin(self.side.reply(self.user_channel, false)).await;
+                }
+                Forward::Refused => {}
+                Forward::Closed => break,
+            }
+        }
+    }
+
+    /// Everything but the hot path on its way to the VM. Only session channels forward requests
+    /// (the agent only where allowed, X11 never).
+    async fn forward_up(&self, vm: &impl VmSink, item: Up) -> Forward {
+        let request = match item {
+            Up::Data(data) => return sent(vm.data(data).await),
+            Up::Ext(ext, data) => return sent(vm.extended_data(ext, data).await),
+            Up::Eof => return sent(vm.eof().await),
+            Up::Close => {
+                let _ = vm.close().await;
+                return Forward::Closed;
+            }
+            Up::X11 => return Forward::Refused,
+            Up::Request(request) => request,
+        };
+        match request {
+            _ if !self.session_channel => Forward::Refused,
+            Request::Agent if !self.allow_agent => Forward::Refused,
+            request => sent(vm.request(request).await),
+        }
+    }
+
+    /// Down pump: VM channel -> user, one packet at a time, then the end of the channel.
+    async fn down_pump(&self, mut vm: impl Source, user: &impl Sink) {
+        let mut exit_status = None;
+        let mut exit_signal = None;
+        let mut held_eof = false;
+        // Ends with the VM's Close, or with `None` when the VM connection itself is gone.
+        let mut vm_closed = false;
+        while let Some(msg) = vm.next().await {
+            match msg {
+                // Written out twice on purpose: a helper taking the send future would hold it
+                // twice in this state machine (some 700 bytes more per channel).
+                ChannelMsg::Data { data } => {
+                    let n = data.len() as u64;
+                    self.flow.down_send_started();
+                    let r = user.data(data).await;
+                    self.flow.down_send_finished();
+                    if r.is_err() {
+                        break;
                     }
-                    ChannelMsg::ExtendedData { data, ext } => {
-                        let n = data.len() as u64;
-                        flow.down_send_started();
-                        let r = user_tx.extended_data_bytes(ext, data).await;
-                        flow.down_send_finished();
-                        if r.is_err() {
-                            break;
-                        }
-                        side.bytes(0, n);
+                    self.side.bytes(0, n);
+                }
+                ChannelMsg::ExtendedData { data, ext } => {
+                    let n = data.len() as u64;
+                    self.flow.down_send_started();
+                    let r = user.extended_data(ext, data).await;
+                    self.flow.down_send_finished();
+                    if r.is_err() {
+                        break;
                     }
-                    // On a session channel the VM's EOF is held back until its exit status (or
-                    // close) arrives: a client that has seen EOF both ways may close the channel
-                    // at once (OpenSSH's ControlMaster does), russh answers that close
-                    // immediately, and an exit status arriving later would be lost. sshd itself
-                    // keeps the channel until the command has exited.
-                    ChannelMsg::Eof
-                        if session_channel && exit_status.is_none() && exit_signal.is_none() =>
-                    {
-                        held_eof = true;
+                    self.side.bytes(0, n);
+                }
+                // On a session channel the VM's EOF is held back until its exit status (or
+                // close) arrives: a client that has seen EOF both ways may close the channel at
+                // once (OpenSSH's ControlMaster does), russh answers that close immediately, and
+                // an exit status arriving later would be lost. sshd itself keeps the channel
+                // until the command has exited.
+                ChannelMsg::Eof
+                    if self.session_channel && exit_status.is_none() && exit_signal.is_none() =>
+                {
+                    held_eof = true;
+                }
+                ChannelMsg::Eof => {
+                    let _ = user.eof().await;
+                }
+                ChannelMsg::Success => Box::pin(self.side.reply(self.user_channel, true)).await,
+                ChannelMsg::Failure => Box::pin(self.side.reply(self.user_channel, false)).await,
+                ChannelMsg::ExitStatus { exit_status: s } => {
+                    exit_status = Some(s);
+                    Box::pin(self.side.exit_status(self.user_channel, s)).await;
+                    if std::mem::take(&mut held_eof) {
+                        let _ = user.eof().await;
                     }
-                    ChannelMsg::Eof => {
-                        let _ = user_tx.eof().await;
-                    }
-                    ChannelMsg::Success => Box::pin(side.reply(user_id, true)).await,
-                    ChannelMsg::Failure => Box::pin(side.reply(user_id, false)).await,
-                    ChannelMsg::ExitStatus { exit_status: s } => {
-                        exit_status = Some(s);
-                        Box::pin(side.exit_status(user_id, s)).await;
-                        if std::mem::take(&mut held_eof) {
-                            let _ = user_tx.eof().await;
-                        }
-                    }
-                    ChannelMsg::ExitSignal {
+                }
+                ChannelMsg::ExitSignal {
+                    signal_name,
+                    core_dumped,
+                    error_message,
+                    ..
+                } => {
+                    exit_signal = Some(format!("{signal_name:?}"));
+                    Box::pin(self.side.exit_signal(
+                        self.user_channel,
                         signal_name,
                         core_dumped,
                         error_message,
-                        ..
-                    } => {
-                        exit_signal = Some(format!("{signal_name:?}"));
-                        Box::pin(side.exit_signal(
-                            user_id,
-                            signal_name,
-                            core_dumped,
-                            error_message,
-                        ))
-                        .await;
-                        if std::mem::take(&mut held_eof) {
-                            let _ = user_tx.eof().await;
-                        }
-                    }
-                    ChannelMsg::Close => {
-                        vm_closed = true;
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            if !vm_closed && session_channel && exit_status.is_none() && exit_signal.is_none() {
-                // The VM went away mid-session: say so on stderr rather than just closing.
-                let message = format!("\r\n{}\r\n", side.vm_lost_message());
-                let _ = user_tx
-                    .extended_data_bytes(1, Bytes::from(message.into_bytes()))
+                    ))
                     .await;
-            }
-            if held_eof {
-                let _ = user_tx.eof().await;
-            }
-            if session_channel {
-                side.exited(exit_status, exit_signal);
-            }
-            let _ = user_tx.close().await;
-        }
-    };
-
-    // The up side ends when the user closes; the down side when the VM closes. Either closing
-    // closes the other half.
-    let mut up = std::pin::pin!(async {
-        tokio::join!(reader(), writer());
-    });
-    let mut down = std::pin::pin!(down());
-    let user_closed = tokio::select! {
-        () = &mut up => true,
-        () = &mut down => false,
-    };
-    let _ = vm_tx.close().await;
-    if user_closed {
-        // User closed: let the VM's remaining output drain briefly.
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut down).await;
-    }
-}
-
-/// Waits until the up reader may take another packet from the user.
-async fn admit(flow: &FlowControl, buffered: &AtomicUsize, drained: &Notify, congested: &mut bool) {
-    loop {
-        let notified = drained.notified();
-        let woken_by_down = flow.notify.notified();
-        tokio::pin!(notified);
-        tokio::pin!(woken_by_down);
-        notified.as_mut().enable();
-        woken_by_down.as_mut().enable();
-
-        let level = buffered.load(Ordering::Acquire);
-        let over = level >= HIGH_WATER;
-        if over != *congested {
-            *congested = over;
-            if over {
-                flow.congested.fetch_add(1, Ordering::AcqRel);
-            } else {
-                flow.congested.fetch_sub(1, Ordering::AcqRel);
+                    if std::mem::take(&mut held_eof) {
+                        let _ = user.eof().await;
+                    }
+                }
+                ChannelMsg::Close => {
+                    vm_closed = true;
+                    break;
+                }
+                _ => {}
             }
         }
-        if !over {
-            return;
+        if !vm_closed && self.session_channel && exit_status.is_none() && exit_signal.is_none() {
+            // The VM went away mid-session: say so on stderr rather than just closing.
+            let message = format!("\r\n{}\r\n", self.side.vm_lost_message());
+            let _ = user
+                .extended_data(1, Bytes::from(message.into_bytes()))
+                .await;
         }
-        if flow.down_busy() {
-            if level < HARD_LIMIT {
-                return;
-            }
-            // Keep the user-side loop turning, slowly, so window adjustments get through.
-            tokio::time::sleep(PACE).await;
-            return;
+        if held_eof {
+            let _ = user.eof().await;
         }
-        tokio::select! {
-            () = &mut notified => {}
-            () = &mut woken_by_down => {}
+        if self.session_channel {
+            self.side.exited(exit_status, exit_signal);
         }
+        let _ = user.close().await;
     }
 }
 
@@ -449,50 +603,277 @@ enum Forward {
     Closed,
 }
 
-async fn forward_up<C>(
-    vm: &ChannelWriteHalf<C>,
-    item: Up,
-    session_channel: bool,
-    allow_agent: bool,
-) -> Forward
-where
-    C: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static,
-{
-    let result = match item {
-        Up::Data(data) => vm.data_bytes(data).await,
-        Up::Ext(ext, data) => vm.extended_data_bytes(ext, data).await,
-        Up::Eof => vm.eof().await,
-        Up::Close => {
-            let _ = vm.close().await;
-            return Forward::Closed;
-        }
-        _ if !session_channel => return Forward::Refused,
-        Up::Pty {
-            term,
-            cols,
-            rows,
-            px_w,
-            px_h,
-            modes,
-        } => {
-            vm.request_pty(true, &term, cols, rows, px_w, px_h, &modes)
-                .await
-        }
-        Up::Env(name, value) => vm.set_env(false, name, value).await,
-        Up::Shell => vm.request_shell(true).await,
-        Up::Exec(command) => vm.exec(true, command).await,
-        Up::Subsystem(name) => vm.request_subsystem(true, name).await,
-        Up::WindowChange(c, r, w, h) => vm.window_change(c, r, w, h).await,
-        Up::Signal(sig) => vm.signal(sig).await,
-        Up::Agent if allow_agent => vm.agent_forward(false).await,
-        Up::Agent | Up::X11 => return Forward::Refused,
-    };
-    sent(result)
-}
-
 fn sent(result: Result<(), russh::Error>) -> Forward {
     match result {
         Ok(()) => Forward::Sent,
         Err(_) => Forward::Closed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The admission rules of the up reader, on a paused clock, through [`Relay::run`] with fake
+    //! channel halves: the test plays the user and the VM and opens their windows packet by packet.
+
+    use russh::keys::ssh_encoding::Decode;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// Size of one data packet from the user (HIGH_WATER and HARD_LIMIT are multiples of it).
+    const PACKET: usize = 64 << 10;
+
+    /// One side's messages to the gateway, as a queue the test fills; counts what the relay took.
+    struct Queue {
+        rx: mpsc::UnboundedReceiver<ChannelMsg>,
+        taken: Arc<AtomicUsize>,
+    }
+
+    impl Source for Queue {
+        async fn next(&mut self) -> Option<ChannelMsg> {
+            let msg = self.rx.recv().await;
+            if msg.is_some() {
+                self.taken.fetch_add(1, Ordering::AcqRel);
+            }
+            msg
+        }
+    }
+
+    /// One side's receiving end: takes a data packet per permit (its window), none until the test
+    /// grants some.
+    struct Window(Arc<Semaphore>);
+
+    impl Window {
+        async fn take(&self) -> Result<(), russh::Error> {
+            let permit = self
+                .0
+                .acquire()
+                .await
+                .map_err(|_| russh::Error::SendError)?;
+            permit.forget();
+            Ok(())
+        }
+    }
+
+    impl Sink for Window {
+        async fn data(&self, _: Bytes) -> Result<(), russh::Error> {
+            self.take().await
+        }
+
+        async fn extended_data(&self, _: u32, _: Bytes) -> Result<(), russh::Error> {
+            self.take().await
+        }
+
+        async fn eof(&self) -> Result<(), russh::Error> {
+            Ok(())
+        }
+
+        async fn close(&self) -> Result<(), russh::Error> {
+            Ok(())
+        }
+    }
+
+    impl VmSink for Window {
+        async fn request(&self, _: Request) -> Result<(), russh::Error> {
+            Ok(())
+        }
+    }
+
+    /// A user connection that takes replies and counts nothing.
+    struct Quiet;
+
+    impl UserSide for Quiet {
+        async fn reply(&self, _: russh::ChannelId, _: bool) {}
+        async fn exit_status(&self, _: russh::ChannelId, _: u32) {}
+        async fn exit_signal(&self, _: russh::ChannelId, _: Sig, _: bool, _: String) {}
+        fn bytes(&self, _: u64, _: u64) {}
+        fn exited(&self, _: Option<u32>, _: Option<String>) {}
+        fn vm_lost_message(&self) -> String {
+            String::new()
+        }
+    }
+
+    /// A relay running on fake halves, with the test's handles on both sides.
+    struct Harness {
+        relay: Arc<Relay<Quiet>>,
+        /// The user's packets towards the VM.
+        user: mpsc::UnboundedSender<ChannelMsg>,
+        /// Packets the up reader has taken from the user.
+        admitted: Arc<AtomicUsize>,
+        /// The VM's window: packets the up writer may still send.
+        vm_window: Arc<Semaphore>,
+        /// The VM's packets towards the user.
+        vm: mpsc::UnboundedSender<ChannelMsg>,
+        /// The user's window: packets the down pump may still send.
+        user_window: Arc<Semaphore>,
+    }
+
+    impl Harness {
+        /// A session channel with both windows closed.
+        fn start() -> Self {
+            // russh makes channel ids only from the wire.
+            let id = russh::ChannelId::decode(&mut &[0u8, 0, 0, 1][..]).expect("a channel id");
+            let flow = Arc::new(FlowControl::default());
+            let relay = Arc::new(Relay::new(flow, Arc::new(Quiet), id, true, false));
+            let (user, user_rx) = mpsc::unbounded_channel();
+            let (vm, vm_rx) = mpsc::unbounded_channel();
+            let admitted = Arc::new(AtomicUsize::new(0));
+            let vm_window = Arc::new(Semaphore::new(0));
+            let user_window = Arc::new(Semaphore::new(0));
+            let user_rx = Queue {
+                rx: user_rx,
+                taken: admitted.clone(),
+            };
+            let vm_rx = Queue {
+                rx: vm_rx,
+                taken: Arc::default(),
+            };
+            let (user_tx, vm_tx) = (Window(user_window.clone()), Window(vm_window.clone()));
+            let running = relay.clone();
+            tokio::spawn(async move { running.run(user_rx, &user_tx, vm_rx, &vm_tx).await });
+            Self {
+                relay,
+                user,
+                admitted,
+                vm_window,
+                vm,
+                user_window,
+            }
+        }
+
+        fn user_sends(&self, packets: usize) {
+            for _ in 0..packets {
+                let data = Bytes::from(vec![0u8; PACKET]);
+                self.user
+                    .send(ChannelMsg::Data { data })
+                    .expect("the relay reads");
+            }
+        }
+
+        /// The VM sends a packet, which the down pump keeps sending while the user's window is
+        /// closed.
+        fn vm_sends_one(&self) {
+            let data = Bytes::from_static(b"output");
+            self.vm
+                .send(ChannelMsg::Data { data })
+                .expect("the relay reads");
+        }
+
+        fn admitted(&self) -> usize {
+            self.admitted.load(Ordering::Acquire)
+        }
+
+        fn buffered(&self) -> usize {
+            self.relay.buffered.load(Ordering::Acquire)
+        }
+
+        fn congested(&self) -> usize {
+            self.relay.flow.congested.load(Ordering::Acquire)
+        }
+    }
+
+    /// Lets every task run until it waits, without moving the clock.
+    async fn settle() {
+        for _ in 0..64 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    const NORMAL_WINDOW: u32 = 2 << 20;
+
+    #[tokio::test(start_paused = true)]
+    async fn over_high_water_with_nothing_going_down_the_reader_waits_until_the_buffer_drains() {
+        let h = Harness::start();
+        h.user_sends(HIGH_WATER / PACKET + 4);
+        settle().await;
+        assert_eq!(h.admitted(), HIGH_WATER / PACKET);
+        assert_eq!(h.buffered(), HIGH_WATER);
+
+        // Time alone admits nothing.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(h.admitted(), HIGH_WATER / PACKET);
+
+        // The VM takes one packet: one more packet fits under the mark.
+        h.vm_window.add_permits(1);
+        settle().await;
+        assert_eq!(h.admitted(), HIGH_WATER / PACKET + 1);
+        assert_eq!(h.buffered(), HIGH_WATER);
+
+        // The VM takes everything: the reader takes the rest.
+        h.vm_window.add_permits(usize::MAX >> 4);
+        settle().await;
+        assert_eq!(h.admitted(), HIGH_WATER / PACKET + 4);
+        assert_eq!(h.buffered(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_high_water_the_reader_admits_up_to_the_hard_limit_while_a_down_send_waits() {
+        let h = Harness::start();
+        h.user_sends(HARD_LIMIT / PACKET + 4);
+        settle().await;
+        assert_eq!(h.admitted(), HIGH_WATER / PACKET);
+
+        // A down send stuck on the user's window wakes the waiting reader: the user-side loop
+        // must keep turning, as the user's window adjustment may sit behind the user's data.
+        h.vm_sends_one();
+        settle().await;
+        assert_eq!(h.admitted(), HARD_LIMIT / PACKET);
+        assert_eq!(h.buffered(), HARD_LIMIT);
+
+        // Once the down send is through, the reader waits for the buffer again.
+        h.user_window.add_permits(1);
+        settle().await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(h.admitted(), HARD_LIMIT / PACKET + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_hard_limit_the_reader_admits_one_packet_per_pace() {
+        let h = Harness::start();
+        h.vm_sends_one();
+        h.user_sends(HARD_LIMIT / PACKET + 20);
+        settle().await;
+        assert_eq!(h.admitted(), HARD_LIMIT / PACKET);
+        assert_eq!(h.buffered(), HARD_LIMIT);
+
+        // Past the limit: one packet per PACE, however much the user has sent.
+        tokio::time::sleep(PACE * 10 + PACE / 2).await;
+        assert_eq!(h.admitted(), HARD_LIMIT / PACKET + 10);
+        tokio::time::sleep(PACE).await;
+        assert_eq!(h.admitted(), HARD_LIMIT / PACKET + 11);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_congested_count_returns_to_zero_once_the_buffer_drains() {
+        let h = Harness::start();
+        h.user_sends(HIGH_WATER / PACKET + 4);
+        settle().await;
+        assert_eq!(h.congested(), 1);
+        assert_eq!(
+            h.relay.flow.target_window(NORMAL_WINDOW),
+            TRICKLE_WINDOW,
+            "the user's window shrinks while congested"
+        );
+
+        h.vm_window.add_permits(usize::MAX >> 4);
+        settle().await;
+        assert_eq!(h.buffered(), 0);
+        assert_eq!(h.congested(), 0);
+        assert_eq!(h.relay.flow.target_window(NORMAL_WINDOW), NORMAL_WINDOW);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_channel_the_user_closes_while_congested_leaves_no_congestion_behind() {
+        let h = Harness::start();
+        h.vm_sends_one();
+        h.user_sends(HIGH_WATER / PACKET + 4);
+        settle().await;
+        assert_eq!(h.congested(), 1);
+
+        // The user closes; the VM has not taken the buffer yet.
+        h.user.send(ChannelMsg::Close).expect("the relay reads");
+        settle().await;
+        assert!(h.buffered() >= HIGH_WATER);
+        assert_eq!(h.congested(), 0);
     }
 }
