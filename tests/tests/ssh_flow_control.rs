@@ -1,4 +1,4 @@
-//! Flow control through the gateway (see the comment at the top of gateway/src/ssh/relay.rs):
+//! Flow control through the gateway (see the comment at the top of gateway/src/ssh/relay/mod.rs):
 //!
 //! * `ssh host cat` echoing 1 GiB in both directions at once completes intact (the two relay
 //!   directions must not deadlock when both are full);
