@@ -181,3 +181,14 @@ mod tests {
         );
     }
 }
+
+string_enum! {
+    /// `cluster.store`: where replicas share their state.
+    pub enum StoreKind ("cluster store") {
+        /// In this process only: one replica (what no `[cluster]` section means too).
+        #[default]
+        Memory = "memory",
+        /// A Redis server (Redis 7, Valkey, Azure Managed Redis) that every replica reaches.
+        Redis = "redis",
+    }
+}

@@ -24,7 +24,10 @@ impl Config {
     ///   `ssh.backend_host_ca`, `pool.azure.client_secret_file`, and `ssh.backend_known_hosts`
     ///   unless `ssh.backend_host_ca` is set;
     /// * may be missing (generated on first start), readable when present: `ssh.host_keys`,
-    ///   `ssh.user_ca_key`, `http.cookie_secret_file` (at least 16 bytes when present);
+    ///   `ssh.user_ca_key`, `http.cookie_secret_file` (at least 16 bytes when present) — except
+    ///   with a shared `[cluster]` store, where every replica must be given the same files, so
+    ///   they must exist (`poolgate keys init DIR` writes them); `cluster.redis_password_file`
+    ///   must exist when set;
     /// * secrets (`tls.key`, `admin.token_file`, host keys, `ssh.user_ca_key`,
     ///   `http.cookie_secret_file`, `pool.azure.client_secret_file`) must not be accessible by
     ///   group or others (Unix);
@@ -70,8 +73,13 @@ impl Config {
         }
         self.check_ssh_files(&mut r);
         let secret = &self.http.cookie_secret_file;
-        if check(&mut r, "http.cookie_secret_file", secret, None, true)
-            && let Some(len) = fs::read(secret).ok().map(|b| b.len())
+        if check(
+            &mut r,
+            "http.cookie_secret_file",
+            secret,
+            self.shared_secret_hint(),
+            true,
+        ) && let Some(len) = fs::read(secret).ok().map(|b| b.len())
             && len < MIN_COOKIE_SECRET
         {
             r.err(
@@ -96,6 +104,19 @@ impl Config {
                 true,
             );
         }
+        if let Some(password) = self
+            .cluster
+            .as_ref()
+            .and_then(|c| c.redis_password_file.as_ref())
+        {
+            check(
+                &mut r,
+                "cluster.redis_password_file",
+                password,
+                Some("put the Redis password in it, mode 0600".into()),
+                true,
+            );
+        }
         if let Some(exec) = &self.pool.exec {
             let commands = std::iter::once(("list", Some(&exec.list)))
                 .chain(exec.optional_commands())
@@ -109,12 +130,22 @@ impl Config {
         r.0
     }
 
+    /// What to say when a secret the gateway would generate is missing: nothing for one
+    /// replica (it generates it), the way to share it when replicas share a store.
+    fn shared_secret_hint(&self) -> WhenMissing {
+        self.cluster.as_ref().filter(|c| c.is_shared()).map(|_| {
+            "replicas sharing a [cluster] store must all be given the same file, so none is generated: create the set once with `poolgate keys init DIR` and copy it to every replica".to_owned()
+        })
+    }
+
     fn check_ssh_files(&self, r: &mut Report) {
         let s = &self.ssh;
         for (i, key) in s.host_keys.iter().enumerate() {
-            check(r, &format!("ssh.host_keys[{i}]"), key, None, true);
+            let hint = self.shared_secret_hint();
+            check(r, &format!("ssh.host_keys[{i}]"), key, hint, true);
         }
-        check(r, "ssh.user_ca_key", &s.user_ca_key, None, true);
+        let hint = self.shared_secret_hint();
+        check(r, "ssh.user_ca_key", &s.user_ca_key, hint, true);
         if let Some(ca) = &s.backend_host_ca {
             let hint = "point it at the public key of the CA that signs the VMs' host keys";
             if check(r, "ssh.backend_host_ca", ca, Some(hint.into()), false)

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::model::{Azure, Backend, Config, Exec, Tls};
+use crate::model::{Azure, Backend, Cluster, Config, Exec, Tls};
 
 /// Every key poolgate knows, sorted. See the module docs for the path convention.
 pub fn known_keys() -> Vec<String> {
@@ -58,6 +58,12 @@ fn fully_populated() -> Config {
     c.ssh.banner = Some("welcome".into());
     c.ssh.idle_timeout = Some(Duration::from_secs(3600));
     c.health.load_metrics_port = Some(9100);
+    c.cluster = Some(Cluster {
+        redis_url: Some("redis://127.0.0.1:6379/0".into()),
+        redis_password_file: Some(PathBuf::from("keys/redis_password")),
+        replica_id: Some("gw-1".into()),
+        ..Cluster::default()
+    });
     c.pool.backends = vec![Backend {
         name: "dsvm-1".into(),
         host: "10.0.0.4".into(),
@@ -151,6 +157,12 @@ mod tests {
             "pool.azure.client_secret_file",
             "pool.exec.delete",
             "autoscale.boot_estimate",
+            "cluster.store",
+            "cluster.redis_url",
+            "cluster.redis_password_file",
+            "cluster.replica_id",
+            "cluster.lease",
+            "cluster.key_prefix",
         ] {
             assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
         }

@@ -2,6 +2,7 @@
 //! starting point (except that the default `static` provider needs at least one backend).
 
 mod autoscale;
+mod cluster;
 mod frontend;
 mod pool;
 
@@ -10,6 +11,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use autoscale::{Autoscale, DEFAULT_BUSY_SCRIPT, default_busy_command};
+pub use cluster::Cluster;
 pub use frontend::{Admin, GatewaySection, Health, Http, Listen, Routing, Ssh, Tls};
 pub use pool::{Azure, Backend, Exec, Pool};
 
@@ -38,6 +40,9 @@ pub struct Config {
     pub pool: Pool,
     /// `[autoscale]`
     pub autoscale: Autoscale,
+    /// `[cluster]`: present when several replicas share state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Cluster>,
 }
 
 impl Config {
@@ -75,6 +80,13 @@ impl Config {
             self.ssh.authorized_keys = joined.to_owned();
         }
         resolve(&mut self.http.cookie_secret_file);
+        if let Some(p) = self
+            .cluster
+            .as_mut()
+            .and_then(|c| c.redis_password_file.as_mut())
+        {
+            resolve(p);
+        }
         if let Some(p) = self
             .pool
             .azure

@@ -1,5 +1,6 @@
 //! Pure checks of a parsed configuration: no filesystem, no network. Every problem is collected.
 
+mod cluster;
 mod pool;
 
 pub(crate) use pool::{autoscale_policy, max_sessions};
@@ -32,6 +33,7 @@ impl Config {
         routing_and_health(self, &mut r);
         pool::pool(self, provider_known, &mut r);
         pool::autoscale(self, provider_known, &mut r);
+        cluster::cluster(self, &mut r);
         r.0
     }
 }

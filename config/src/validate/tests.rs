@@ -358,3 +358,56 @@ fn embedded_busy_check_is_the_deploy_script() {
         "config/src/model/poolgate-busy-check and deploy/vm/poolgate-busy-check differ: copy one over the other"
     );
 }
+
+#[test]
+fn cluster_rules() {
+    use crate::enums::StoreKind;
+    use crate::model::Cluster;
+
+    let mut c = valid();
+    c.cluster = Some(Cluster {
+        store: StoreKind::Redis,
+        redis_url: Some("redis://127.0.0.1:6379/0".into()),
+        ..Cluster::default()
+    });
+    assert!(c.validate().is_empty(), "{:?}", messages(&c));
+    c.cluster = Some(Cluster {
+        store: StoreKind::Redis,
+        ..Cluster::default()
+    });
+    has_key(&c, "cluster.redis_url");
+    c.cluster = Some(Cluster {
+        store: StoreKind::Redis,
+        redis_url: Some("rediss://user:hunter2@cache.example:6380/0".into()),
+        ..Cluster::default()
+    });
+    let errs = messages(&c);
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("cluster.redis_url: holds a password")),
+        "{errs:#?}"
+    );
+    assert!(!errs.iter().any(|e| e.contains("hunter2")), "secret echoed");
+    c.cluster = Some(Cluster {
+        store: StoreKind::Redis,
+        redis_url: Some("http://x:1".into()),
+        replica_id: Some("gw 1".into()),
+        key_prefix: "{pool}".into(),
+        lease: Duration::from_secs(1),
+        ..Cluster::default()
+    });
+    for key in [
+        "cluster.redis_url",
+        "cluster.replica_id",
+        "cluster.key_prefix",
+        "cluster.lease",
+        "cluster.sync_interval",
+    ] {
+        has_key(&c, key);
+    }
+    c.cluster = Some(Cluster {
+        redis_url: Some("redis://127.0.0.1:6379".into()),
+        ..Cluster::default()
+    });
+    has_key(&c, "cluster.redis_url");
+}
