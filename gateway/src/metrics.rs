@@ -334,10 +334,11 @@ impl Metrics {
             if let Some(hint) = vm.load_hint() {
                 self.vm_load_hint.with_label_values(&[name]).set(hint);
             }
+            // This replica's own sessions: with several replicas, Prometheus sums them.
             for protocol in [Protocol::Ssh, Protocol::Http] {
                 self.sessions_active
                     .with_label_values(&[protocol.as_str(), name])
-                    .set(i64::from(vm.sessions(protocol)));
+                    .set(i64::from(vm.local_sessions(protocol)));
             }
             self.sessions_tentative
                 .with_label_values(&[name])

@@ -311,6 +311,27 @@ impl Pool {
         }
     }
 
+    /// Sets the sessions that other gateway replicas hold on a VM (their
+    /// published counts, summed). They weigh in the least-loaded choice, in
+    /// `max_sessions` and in idleness like this replica's own, but never in
+    /// its own counts or metrics. Lock-free; publishes no snapshot. Returns
+    /// false if the VM is unknown.
+    ///
+    /// The cap stays soft across replicas: two replicas reserving the last
+    /// slot between two syncs both succeed, so a VM can exceed `max_sessions`
+    /// by at most the replicas' count minus one for one sync interval.
+    pub fn set_remote_load(&self, vm: &str, ssh: u32, http: u32) -> bool {
+        match self.current.load().get(vm) {
+            Some(vm) => {
+                if vm.shared().set_remote(ssh, http) {
+                    vm.shared().mark_idle(self.shared.clock.now());
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The user's affinity VM, looked up only when it could matter (user
     /// affinity on, a user, and no eligible pinned VM).
     /// One choice from `snap` (see [`Pool::acquire`] for the order).
@@ -327,6 +348,11 @@ impl Pool {
         let affinity = || {
             let policy = self.policy();
             let user = req.user.filter(|_| policy.user_affinity)?;
+            // The shared store's answer (looked up by the caller) knows sessions placed through
+            // other replicas too, so it comes first.
+            if let Some(hint) = req.affinity_hint {
+                return Some(Arc::from(hint));
+            }
             let now = now.unwrap_or_else(|| self.shared.clock.now());
             self.shared.store.affinity(user, now, policy.affinity_ttl)
         };

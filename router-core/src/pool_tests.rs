@@ -463,3 +463,51 @@ fn change_listeners_hear_every_published_generation_after_it_is_visible() {
     assert!(!pool.undrain("gone"));
     assert_eq!(*heard.lock().unwrap(), vec![g0 + 1, g0 + 2]);
 }
+
+#[test]
+fn other_replicas_sessions_weigh_in_choice_cap_and_idleness() {
+    let (pool, clock) = pool(&[("a", 1, 2), ("b", 1, 2)]);
+    // Another replica holds one session on "a": the next one goes to "b".
+    assert!(pool.set_remote_load("a", 1, 0));
+    assert!(!pool.set_remote_load("nope", 1, 0));
+    assert_eq!(name(pool.acquire(&ssh())), "b");
+    let snap = pool.snapshot();
+    let a = snap.get("a").expect("a");
+    assert_eq!(a.sessions(Protocol::Ssh), 1);
+    assert_eq!(a.local_sessions(Protocol::Ssh), 0);
+    assert_eq!(a.remote_sessions(Protocol::Ssh), 1);
+    assert_eq!(a.idle_since(), None, "remote sessions keep a VM busy");
+    // Remote sessions count towards max_sessions: "a" has room for one more, "b" too.
+    assert!(pool.set_remote_load("a", 1, 1));
+    let err = {
+        let _b = pool.acquire(&ssh()).expect("b has room");
+        pool.acquire(&ssh()).map(|_| ()).unwrap_err()
+    };
+    assert_eq!(err.full, 2, "{err}");
+    // The other replica's sessions end: "a" becomes idle from then on.
+    clock.advance(Duration::from_secs(5));
+    let at = clock.now();
+    assert!(pool.set_remote_load("a", 0, 0));
+    assert_eq!(
+        pool.snapshot().get("a").and_then(|v| v.idle_since()),
+        Some(at)
+    );
+}
+
+#[test]
+fn the_shared_affinity_hint_comes_before_the_local_store() {
+    let (pool, _clock) = pool(&[("a", 1, 9), ("b", 1, 9)]);
+    let first = pool.acquire(&ssh().user("ann")).expect("placed");
+    assert_eq!(first.vm_name(), "a");
+    // Another replica placed ann on "b" later: its answer wins.
+    let again = pool
+        .acquire(&ssh().user("ann").affinity_hint("b"))
+        .expect("placed");
+    assert_eq!(again.vm_name(), "b");
+    // A hint naming a VM that cannot take the session falls back to least-loaded.
+    assert!(pool.drain("b"));
+    let third = pool
+        .acquire(&ssh().user("ann").affinity_hint("b"))
+        .expect("placed");
+    assert_eq!(third.vm_name(), "a");
+}

@@ -29,6 +29,9 @@ pub struct PickRequest<'a> {
     /// probed up and has room ("a draining VM keeps the browsers already
     /// pinned to it").
     pub keep_draining: bool,
+    /// The user's affinity VM as a shared store (several gateway replicas)
+    /// knows it; when set, it is used instead of this process's own store.
+    pub affinity_hint: Option<&'a str>,
 }
 
 impl<'a> PickRequest<'a> {
@@ -40,7 +43,14 @@ impl<'a> PickRequest<'a> {
             pinned_vm: None,
             exclude: &[],
             keep_draining: false,
+            affinity_hint: None,
         }
+    }
+
+    /// Sets [`PickRequest::affinity_hint`].
+    pub fn affinity_hint(mut self, vm: &'a str) -> Self {
+        self.affinity_hint = Some(vm);
+        self
     }
 
     /// Sets [`PickRequest::user`].

@@ -261,6 +261,11 @@ pub(crate) struct VmShared {
     /// back yet: weighed by the least-loaded choice, never against
     /// `max_sessions` (see [`Pool::http_route_new`](crate::Pool::http_route_new)).
     tentative: AtomicU32,
+    /// Sessions other gateway replicas hold on this VM, packed like `counts`
+    /// (see [`Pool::set_remote_load`](crate::Pool::set_remote_load)): they
+    /// count towards the load, the cap and idleness, never towards this
+    /// replica's own counts.
+    remote: AtomicU64,
     load_hint: AtomicU64,
     /// Nanoseconds after `epoch` when the total last dropped to zero.
     idle_since: AtomicU64,
@@ -287,6 +292,7 @@ impl VmShared {
         Self {
             counts: AtomicU64::new(0),
             tentative: AtomicU32::new(0),
+            remote: AtomicU64::new(0),
             load_hint: AtomicU64::new(NO_HINT),
             idle_since: AtomicU64::new(nanos_since(epoch, now)),
             epoch,
@@ -299,17 +305,44 @@ impl VmShared {
         &self.pool
     }
 
-    /// Live sessions (all protocols).
+    /// Live sessions (all protocols, this replica's and the others').
     #[inline]
     pub(crate) fn total(&self) -> u32 {
+        self.local_total().saturating_add(self.remote_total())
+    }
+
+    /// Live sessions this replica holds (all protocols).
+    #[inline]
+    pub(crate) fn local_total(&self) -> u32 {
         total_of(self.counts.load(Ordering::Acquire))
     }
 
-    /// Live sessions of one protocol.
+    /// Sessions other replicas hold (all protocols).
+    #[inline]
+    pub(crate) fn remote_total(&self) -> u32 {
+        total_of(self.remote.load(Ordering::Acquire))
+    }
+
+    /// Live sessions of one protocol that this replica holds.
     #[inline]
     pub(crate) fn sessions(&self, protocol: Protocol) -> u32 {
         let counts = self.counts.load(Ordering::Acquire);
         (counts >> shift(protocol)) as u32
+    }
+
+    /// Sessions of one protocol that other replicas hold.
+    #[inline]
+    pub(crate) fn remote_sessions(&self, protocol: Protocol) -> u32 {
+        let counts = self.remote.load(Ordering::Acquire);
+        (counts >> shift(protocol)) as u32
+    }
+
+    /// Replaces the other replicas' sessions; returns true when the VM's total
+    /// dropped to zero with it (the caller then calls [`VmShared::mark_idle`]).
+    pub(crate) fn set_remote(&self, ssh: u32, http: u32) -> bool {
+        let packed = u64::from(ssh) | (u64::from(http) << 32);
+        let before = self.remote.swap(packed, Ordering::AcqRel);
+        total_of(before) > 0 && packed == 0 && self.local_total() == 0
     }
 
     /// Tentative browser sessions (first request answered, cookie not back).
@@ -332,9 +365,10 @@ impl VmShared {
     #[inline]
     pub(crate) fn try_reserve(&self, cap: u32, protocol: Protocol) -> bool {
         let unit = 1u64 << shift(protocol);
+        let remote = self.remote_total();
         let mut cur = self.counts.load(Ordering::Acquire);
         loop {
-            if total_of(cur) >= cap {
+            if total_of(cur).saturating_add(remote) >= cap {
                 return false;
             }
             match self.counts.compare_exchange_weak(
@@ -350,13 +384,14 @@ impl VmShared {
     }
 
     /// Uncounts one session of `protocol`; returns true when that was the
-    /// last session (the caller then calls [`VmShared::mark_idle`]).
+    /// last session on the VM, counting other replicas' (the caller then calls
+    /// [`VmShared::mark_idle`]).
     #[inline]
     pub(crate) fn release(&self, protocol: Protocol) -> bool {
         let prev = self
             .counts
             .fetch_sub(1u64 << shift(protocol), Ordering::AcqRel);
-        total_of(prev) == 1
+        total_of(prev) == 1 && self.remote_total() == 0
     }
 
     /// Records that the VM became idle at `now`. Keeps the latest such time,
@@ -461,12 +496,27 @@ impl Vm {
         self.state_since
     }
 
-    /// Live sessions of one protocol.
+    /// Live sessions of one protocol on this VM, through every replica.
     pub fn sessions(&self, protocol: Protocol) -> u32 {
+        self.shared
+            .sessions(protocol)
+            .saturating_add(self.shared.remote_sessions(protocol))
+    }
+
+    /// Live sessions of one protocol that this replica holds (what its own
+    /// metrics count).
+    pub fn local_sessions(&self, protocol: Protocol) -> u32 {
         self.shared.sessions(protocol)
     }
 
-    /// Live sessions of all protocols (what `max_sessions` caps).
+    /// Sessions of one protocol that other replicas hold (zero for a single
+    /// replica).
+    pub fn remote_sessions(&self, protocol: Protocol) -> u32 {
+        self.shared.remote_sessions(protocol)
+    }
+
+    /// Live sessions of all protocols through every replica (what
+    /// `max_sessions` caps).
     pub fn total_sessions(&self) -> u32 {
         self.shared.total()
     }

@@ -224,6 +224,7 @@ proptest! {
                 pinned_vm: pinned.as_deref(),
                 exclude: &exclude,
                 keep_draining: r.keep_draining,
+                affinity_hint: None,
             };
             let affinity = user.and_then(|u| b.store.affinity(u, b.clock.now(), TTL));
             let want = expected(&b.pool, &req, affinity.as_deref());
