@@ -7,12 +7,14 @@ pub mod admin;
 pub mod app;
 pub mod autoscale;
 pub mod cli;
+pub mod cluster;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod health;
 pub mod html;
 pub mod http;
 pub mod metrics;
+pub mod placement;
 pub mod secrets;
 pub mod simulate;
 pub mod ssh;

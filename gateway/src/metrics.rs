@@ -40,6 +40,13 @@ pub struct Metrics {
     pub autoscale_max_vms: IntGauge,
     /// `poolgate_autoscale_actions_total{action}`.
     pub autoscale_actions_total: IntCounterVec,
+    /// `poolgate_autoscale_leader`: 1 while this replica runs the autoscaler (always 1 for a
+    /// single replica).
+    pub autoscale_leader: IntGauge,
+    /// `poolgate_cluster_store_up`: 1 while the shared store answers (always 1 in memory).
+    pub cluster_store_up: IntGauge,
+    /// `poolgate_cluster_replicas`: live replicas this replica sees, itself included.
+    pub cluster_replicas: IntGauge,
     /// `poolgate_pool_vms{state}`.
     pub pool_vms: IntGaugeVec,
     /// `poolgate_sessions_waiting{protocol}`: connections held while the pool wakes.
@@ -154,6 +161,18 @@ impl Metrics {
                 "autoscale_max_vms",
                 "The configured autoscale.max_vms (0 when autoscaling is off)."
             )),
+            autoscale_leader: reg!(IntGauge::new(
+                "autoscale_leader",
+                "1 while this replica runs the autoscaler (holds the cluster's leader lease)."
+            )),
+            cluster_store_up: reg!(IntGauge::new(
+                "cluster_store_up",
+                "1 while the cluster's shared store (Redis) answers; 1 for state in memory."
+            )),
+            cluster_replicas: reg!(IntGauge::new(
+                "cluster_replicas",
+                "Live gateway replicas this replica sees in the cluster, itself included."
+            )),
             autoscale_actions_total: reg!(IntCounterVec::new(
                 Opts::new(
                     "autoscale_actions_total",
@@ -202,6 +221,11 @@ impl Metrics {
             )),
             registry: registry.clone(),
         };
+        // One replica with its state in memory: the store is up, it is the only replica and it
+        // leads; a cluster member overwrites these as it syncs.
+        metrics.cluster_store_up.set(1);
+        metrics.cluster_replicas.set(1);
+        metrics.autoscale_leader.set(1);
         #[cfg(target_os = "linux")]
         {
             let process = prometheus::process_collector::ProcessCollector::for_self();
@@ -314,6 +338,9 @@ impl Metrics {
             self.autoscale_desired_vms.desc(),
             self.autoscale_max_vms.desc(),
             self.autoscale_actions_total.desc(),
+            self.autoscale_leader.desc(),
+            self.cluster_store_up.desc(),
+            self.cluster_replicas.desc(),
             self.pool_vms.desc(),
             self.sessions_waiting.desc(),
             self.sessions_tentative.desc(),

@@ -12,14 +12,22 @@ use std::path::Path;
 /// Each top-level module and the modules it may use. `app` (the composition root), the CLI
 /// (`main`, `cli`, `simulate`) and `lib` may use everything.
 const ALLOWED: &[(&str, &[&str])] = &[
-    ("ssh", &["metrics", "health", "wake", "secrets", "html"]),
+    (
+        "ssh",
+        &["metrics", "health", "wake", "placement", "secrets", "html"],
+    ),
     ("http", &["metrics", "health", "wake", "secrets", "html"]),
-    ("admin", &["metrics", "health", "autoscale", "html"]),
+    (
+        "admin",
+        &["metrics", "health", "autoscale", "cluster", "html"],
+    ),
+    ("cluster", &["metrics", "placement"]),
     ("autoscale", &["metrics"]),
     ("health", &["metrics"]),
     ("demo", &["app", "autoscale", "ssh", "secrets", "html"]),
     ("metrics", &[]),
     ("wake", &[]),
+    ("placement", &[]),
     ("secrets", &[]),
     ("html", &[]),
 ];
@@ -27,7 +35,16 @@ const ANYTHING: &[&str] = &["app", "main", "cli", "simulate", "lib"];
 /// Modules that take plain settings from the composition root and never read the
 /// configuration file's types (`poolgate_config`) themselves.
 const NO_CONFIG: &[&str] = &[
-    "ssh", "http", "health", "admin", "metrics", "wake", "secrets", "html",
+    "ssh",
+    "http",
+    "health",
+    "admin",
+    "cluster",
+    "metrics",
+    "wake",
+    "placement",
+    "secrets",
+    "html",
 ];
 
 #[test]

@@ -8,6 +8,7 @@ use router_core::{Pool, Protocol};
 use serde::Serialize;
 
 use crate::autoscale::AutoscaleStatus;
+use crate::cluster::ClusterStatus;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
 
@@ -25,6 +26,8 @@ pub struct AdminState {
     pub token: Option<String>,
     /// Autoscaler, when there is one.
     pub autoscale: Option<Arc<dyn AutoscaleStatus>>,
+    /// The replicas (a cluster of one without `[cluster]`).
+    pub cluster: Arc<dyn ClusterStatus>,
 }
 
 /// An HTTP reply, transport-agnostic.
@@ -89,6 +92,10 @@ pub struct VmView {
     /// could not tell), false = idle, null = not checked (in use, or not a scale-in candidate).
     #[serde(default)]
     pub busy: Option<bool>,
+    /// Sessions on this VM by gateway replica (`cluster.replica_id`), the answering replica
+    /// included; `sessions` is their sum.
+    #[serde(default)]
+    pub sessions_by_replica: std::collections::BTreeMap<String, crate::cluster::SessionTotals>,
 }
 
 /// A VM's two sides.
@@ -167,6 +174,7 @@ pub fn vms(state: &AdminState) -> Vec<VmView> {
         .as_ref()
         .map(|a| a.view().busy)
         .unwrap_or_default();
+    let cluster = state.cluster.view();
     snapshot
         .vms()
         .iter()
@@ -226,6 +234,22 @@ pub fn vms(state: &AdminState) -> Vec<VmView> {
                     all
                 },
                 busy: busy.get(&spec.name).copied(),
+                sessions_by_replica: {
+                    let own = crate::cluster::SessionTotals {
+                        ssh: vm.local_sessions(Protocol::Ssh),
+                        http: vm.local_sessions(Protocol::Http),
+                    };
+                    std::iter::once((cluster.replica_id.clone(), own))
+                        .chain(
+                            cluster
+                                .sessions_by_replica
+                                .iter()
+                                .filter_map(|(id, per_vm)| {
+                                    per_vm.get(&spec.name).map(|s| (id.clone(), *s))
+                                }),
+                        )
+                        .collect()
+                },
             }
         })
         .collect()
@@ -333,6 +357,7 @@ fn api(state: &AdminState, method: &str, path: &str) -> Reply {
     match (method, segments.as_slice()) {
         ("GET", ["api", "v1", "vms"]) => Reply::json(200, &vms(state)),
         ("GET", ["api", "v1", "sessions"]) => Reply::json(200, &sessions(state)),
+        ("GET", ["api", "v1", "replicas"]) => Reply::json(200, &state.cluster.view()),
         ("GET", ["api", "v1", "vms", name]) => {
             match vms(state).into_iter().find(|v| v.name == *name) {
                 Some(vm) => Reply::json(200, &vm),
@@ -357,7 +382,7 @@ fn api(state: &AdminState, method: &str, path: &str) -> Reply {
         (_, ["api", "v1", "vms", _, "drain" | "undrain"]) => Reply::error(405, "use POST"),
         _ => Reply::error(
             404,
-            "unknown API path; see /api/v1/vms and /api/v1/sessions",
+            "unknown API path; see /api/v1/vms, /api/v1/sessions and /api/v1/replicas",
         ),
     }
 }
@@ -392,12 +417,24 @@ mod tests {
             },
         );
         AdminState {
+            cluster: standalone(&pool),
             pool,
             health,
             metrics: Arc::new(Metrics::new()),
             token: token.map(str::to_string),
             autoscale: None,
         }
+    }
+
+    /// A cluster of one, as without `[cluster]`.
+    pub(super) fn standalone(pool: &Arc<Pool>) -> Arc<dyn ClusterStatus> {
+        Arc::new(crate::cluster::Standalone {
+            record: crate::cluster::ReplicaRecord {
+                id: "gw-test".into(),
+                ..Default::default()
+            },
+            pool: pool.clone(),
+        })
     }
 
     #[test]
@@ -547,6 +584,7 @@ mod busy_tests {
             },
         );
         let s = AdminState {
+            cluster: super::tests::standalone(&pool),
             pool,
             health,
             metrics: Arc::new(Metrics::new()),

@@ -15,6 +15,7 @@ use super::settings;
 use crate::autoscale::Driver;
 use crate::autoscale::providers::exec::ExecProvider;
 use crate::autoscale::providers::{Provider, StaticProvider};
+use crate::cluster::{Cluster, ClusterStatus, Standalone};
 use crate::health::HealthChecker;
 use crate::http::{HttpParts, HttpService};
 use crate::metrics::Metrics;
@@ -40,6 +41,11 @@ pub struct Gateway {
     pub waker: Waker,
     /// Asks the HTTPS listener to re-read its certificate (configuration reload).
     pub tls_reload: Arc<tokio::sync::Notify>,
+    /// This replica's membership of a cluster (`[cluster] store = "redis"`); `None` for one
+    /// replica with its state in memory.
+    pub cluster: Option<Arc<Cluster>>,
+    /// The cluster as the admin API shows it (a cluster of one without `[cluster]`).
+    pub cluster_status: Arc<dyn ClusterStatus>,
 }
 
 /// Everything `serve` needs, built and checked, nothing bound yet.
@@ -183,11 +189,27 @@ fn build_gateway(
          `TrustedUserCAKeys /etc/ssh/poolgate_user_ca.pub` to sshd_config"
     );
     let host_policy = host_policy(config)?;
+    let record = super::cluster::record(config, &host_keys)?;
+    let shared = super::cluster::store(config)?;
 
-    let pool = Arc::new(Pool::new(
-        settings::routing_policy(config),
-        Arc::new(SystemClock),
-    ));
+    let (pool, placements) = match &shared {
+        Some(_) => {
+            let (store, placements) = super::cluster::shared_store();
+            let pool = Pool::with_store(
+                settings::routing_policy(config),
+                Arc::new(SystemClock),
+                store,
+            );
+            (Arc::new(pool), Some(placements))
+        }
+        None => (
+            Arc::new(Pool::new(
+                settings::routing_policy(config),
+                Arc::new(SystemClock),
+            )),
+            None,
+        ),
+    };
     let health = HealthChecker::new(pool.clone(), settings::health_settings(config));
     let metrics = Arc::new(Metrics::new());
     let provider = match provider {
@@ -201,6 +223,24 @@ fn build_gateway(
     let driver = Driver::new(pool.clone(), provider, driver_settings, metrics.clone());
     // The frontends wake the pool through the driver without knowing it.
     let waker = Waker::new(Arc::new(driver.clone()), pool.clone());
+    let cluster = shared.map(|store| {
+        super::cluster::join(
+            config,
+            store,
+            placements,
+            record.clone(),
+            pool.clone(),
+            metrics.clone(),
+            &driver,
+        )
+    });
+    let cluster_status: Arc<dyn ClusterStatus> = match &cluster {
+        Some(cluster) => cluster.clone(),
+        None => Arc::new(Standalone {
+            record,
+            pool: pool.clone(),
+        }),
+    };
     let metrics_for_ssh = metrics.clone();
     let ssh = SshGateway::new(SshGatewayParts {
         host_keys,
@@ -217,6 +257,9 @@ fn build_gateway(
         }),
         metrics: metrics.clone(),
         wake: Some(waker.clone()),
+        affinity: cluster
+            .clone()
+            .map(|c| c as Arc<dyn crate::placement::SharedAffinity>),
     });
     let a = &config.autoscale;
     if a.enabled && !a.busy_command.is_empty() {
@@ -235,6 +278,8 @@ fn build_gateway(
         driver,
         waker,
         tls_reload: Arc::new(tokio::sync::Notify::new()),
+        cluster,
+        cluster_status,
     })
 }
 

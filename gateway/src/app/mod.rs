@@ -5,6 +5,7 @@
 
 mod build;
 mod busy;
+pub mod cluster;
 mod reload;
 mod serve;
 pub mod settings;

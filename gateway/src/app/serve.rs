@@ -49,6 +49,12 @@ pub(super) async fn serve(
     if let Err(e) = gateway.driver.sync().await {
         tracing::warn!(error = %e, "initial provider listing failed; retrying in the background");
     }
+    // Replicas must have been given the same secrets; then know the others' counts and drains.
+    if let Some(cluster) = &gateway.cluster {
+        cluster.check_peers().await?;
+        cluster.sync_once().await;
+        tracing::info!(replica = cluster.replica_id(), "joined the cluster");
+    }
 
     let ssh_listener = bind("listen.ssh", config.listen.ssh).await?;
     let http_listener = match config.listen.http {
@@ -68,6 +74,7 @@ pub(super) async fn serve(
         metrics: gateway.metrics.clone(),
         token: admin_token,
         autoscale: Some(gateway.driver.clone()),
+        cluster: gateway.cluster_status.clone(),
     });
 
     let mut tasks = Supervisor::default();
@@ -83,6 +90,9 @@ pub(super) async fn serve(
         "autoscaler",
         gateway.driver.clone().run(shutdown_rx.clone()),
     );
+    if let Some(cluster) = &gateway.cluster {
+        tasks.spawn("cluster sync", cluster.clone().run(shutdown_rx.clone()));
+    }
     match http {
         Some(service) => tasks.spawn(
             "HTTP frontend",

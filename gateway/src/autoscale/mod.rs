@@ -38,6 +38,13 @@ pub struct DriverSettings {
     pub boot_estimate: Duration,
 }
 
+/// Whether this gateway may act on the provider now. With several replicas only the holder of
+/// the cluster's leader lease may (joined in by `app/`); a single replica always may.
+pub trait Leadership: Send + Sync {
+    /// True while this replica leads.
+    fn leads(&self) -> bool;
+}
+
 /// The autoscaler driver.
 pub struct Driver {
     pool: Arc<Pool>,
@@ -48,6 +55,10 @@ pub struct Driver {
     waiting: AtomicU32,
     /// The same, per protocol (in `Protocol::ALL` order).
     waiting_by: [AtomicU32; 2],
+    /// Connections other replicas hold while the pool wakes, per protocol (cluster).
+    remote_waiting: [AtomicU32; 2],
+    /// Who may act; unset: this gateway alone.
+    leadership: std::sync::OnceLock<Arc<dyn Leadership>>,
     poke: Notify,
     view: Mutex<AutoscaleView>,
     /// Scale-in protection last set per VM (VMs with sessions are protected).
@@ -106,6 +117,8 @@ impl Driver {
             metrics,
             waiting: AtomicU32::new(0),
             waiting_by: [AtomicU32::new(0), AtomicU32::new(0)],
+            remote_waiting: [AtomicU32::new(0), AtomicU32::new(0)],
+            leadership: std::sync::OnceLock::new(),
             poke: Notify::new(),
             view: Mutex::new(view),
             protected: Mutex::new(std::collections::HashMap::new()),
@@ -131,6 +144,41 @@ impl Driver {
             "busy check on: idle VMs are asked whether work runs on them before scale-in"
         );
         let _ = self.busy.set(tracker);
+    }
+
+    /// Makes the driver act only while `leadership` says so (several replicas). Set once, at
+    /// startup.
+    pub fn set_leadership(&self, leadership: Arc<dyn Leadership>) {
+        let _ = self.leadership.set(leadership);
+    }
+
+    /// Whether this gateway may act on the provider now.
+    pub fn leads(&self) -> bool {
+        self.leadership.get().is_none_or(|l| l.leads())
+    }
+
+    /// Connections this gateway holds while the pool wakes, (SSH, HTTP).
+    pub fn local_waiting(&self) -> (u32, u32) {
+        (
+            self.waiting_by[router_core::Protocol::Ssh.index()].load(Ordering::Acquire),
+            self.waiting_by[router_core::Protocol::Http.index()].load(Ordering::Acquire),
+        )
+    }
+
+    /// Connections other replicas hold while the pool wakes, (SSH, HTTP): the leader counts them
+    /// as its own, and decides at once when someone new waits.
+    pub fn set_remote_waiting(&self, (ssh, http): (u32, u32)) {
+        let before = self.remote_waiting[router_core::Protocol::Ssh.index()]
+            .swap(ssh, Ordering::AcqRel)
+            + self.remote_waiting[router_core::Protocol::Http.index()].swap(http, Ordering::AcqRel);
+        if ssh + http > before {
+            self.poke.notify_one();
+        }
+    }
+
+    fn waiting_for(&self, protocol: router_core::Protocol) -> u32 {
+        self.waiting_by[protocol.index()].load(Ordering::Acquire)
+            + self.remote_waiting[protocol.index()].load(Ordering::Acquire)
     }
 
     /// The provider in force.
@@ -210,7 +258,7 @@ impl Driver {
         let snapshot = self.pool.snapshot();
         let waiting_protocols: Vec<router_core::Protocol> = router_core::Protocol::ALL
             .into_iter()
-            .filter(|&p| self.waiting_by[p.index()].load(Ordering::Acquire) > 0)
+            .filter(|&p| self.waiting_for(p) > 0)
             .collect();
         let booting = self.booting(&snapshot);
         let mut vms: Vec<VmObservation> = snapshot
@@ -242,7 +290,10 @@ impl Driver {
         // Platform scale-in protection follows what the VMs said, not checks still under way.
         let kept = self.busy.get().map(BusyTracker::view).unwrap_or_default();
         self.protect_busy(&vms, &kept).await;
-        let waiting = self.waiting.load(Ordering::Acquire);
+        let waiting = router_core::Protocol::ALL
+            .into_iter()
+            .map(|p| self.waiting_for(p))
+            .sum();
         let decision = match self.policy.lock() {
             Ok(mut policy) => policy.decide(&Observation {
                 vms: &vms,
@@ -256,6 +307,11 @@ impl Driver {
             .set(i64::from(decision.desired));
         let mut last = None;
         for (action, reason) in decision.actions {
+            // A leader whose lease ran out while it decided does not act (another may lead now).
+            if !self.leads() {
+                tracing::warn!(action = ?action, "not applied: this replica no longer leads the autoscaler");
+                break;
+            }
             let label = self.apply(&action, &vms).await;
             tracing::info!(action = ?action, %reason, result = label, "autoscaler");
             self.metrics
@@ -447,7 +503,7 @@ impl Driver {
                     }
                 }
             }
-            if self.settings.enabled {
+            if self.settings.enabled && self.leads() {
                 self.tick().await;
             }
             tokio::select! {
@@ -462,7 +518,10 @@ impl Driver {
 impl AutoscaleStatus for Driver {
     fn view(&self) -> AutoscaleView {
         let mut view = self.view.lock().map(|v| v.clone()).unwrap_or_default();
-        view.waiting = self.waiting.load(Ordering::Acquire);
+        view.waiting = router_core::Protocol::ALL
+            .into_iter()
+            .map(|p| self.waiting_for(p))
+            .sum();
         if let Some(tracker) = self.busy.get() {
             view.busy = tracker.view();
         }

@@ -88,8 +88,16 @@ pub(crate) async fn connect_vm(
     let mut tried: Vec<String> = Vec::new();
     let mut last: Option<BackendError> = None;
     let started = Instant::now();
+    // Sessions of this user through other gateway replicas (one bounded store lookup).
+    let shared = match &gw.affinity {
+        Some(shared) => shared.affinity(user).await,
+        None => None,
+    };
     loop {
-        let request = PickRequest::new(Protocol::Ssh).user(user).excluding(&tried);
+        let mut request = PickRequest::new(Protocol::Ssh).user(user).excluding(&tried);
+        if let Some(vm) = shared.as_deref() {
+            request = request.affinity_hint(vm);
+        }
         let guard = match gw.pool.acquire(&request) {
             Ok(guard) => guard,
             Err(no_vm) => {

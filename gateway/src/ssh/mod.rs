@@ -26,6 +26,7 @@ use self::front::Front;
 use self::keys::UserCa;
 use self::known_hosts::HostKeyPolicy;
 use crate::health::FailureHook;
+use crate::placement::SharedAffinity;
 use crate::wake::Waker;
 
 /// How users authenticate to the gateway.
@@ -77,6 +78,8 @@ pub struct SshGateway {
     on_auth_failure: AuthFailureHook,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) wake: Option<Waker>,
+    /// Affinity shared by the gateway replicas (`[cluster]`), asked before placing a session.
+    pub(crate) affinity: Option<Arc<dyn SharedAffinity>>,
     pub(crate) window_size: u32,
     unauthenticated: penalty::UnauthSlots,
     /// Open user connections, for graceful shutdown.
@@ -116,6 +119,8 @@ pub struct SshGatewayParts {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Autoscaler to wake when no VM can take a session (wake-on-connect).
     pub wake: Option<Waker>,
+    /// Affinity shared by the gateway replicas, when there are several.
+    pub affinity: Option<Arc<dyn SharedAffinity>>,
 }
 
 /// Server-side russh configuration (see FIELD-NOTES: nodelay, immediate first rejection,
@@ -186,6 +191,7 @@ impl SshGateway {
             on_auth_failure: parts.on_auth_failure,
             metrics: parts.metrics,
             wake: parts.wake,
+            affinity: parts.affinity,
             window_size,
             connections: dashmap::DashMap::new(),
             next_connection: std::sync::atomic::AtomicU64::new(1),
