@@ -66,6 +66,21 @@ pub enum Command {
     },
     /// Replay a session trace through the autoscale policy and compare it with baselines.
     Simulate(SimulateArgs),
+    /// Key material shared by gateway replicas.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `poolgate keys …`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Writes a new SSH host key, user CA key and cookie secret into DIR (mode 0600), once, for
+    /// every replica of a cluster to be given the same files. Refuses to overwrite a file.
+    Init {
+        /// Directory to write into (created 0700 when missing).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// Options of `poolgate demo`.

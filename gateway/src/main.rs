@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Undrain { vm, admin } => admin_command(&admin, Some((vm, false))),
         Command::Demo(args) => demo(&args),
         Command::Simulate(args) => simulate(&args),
+        Command::Keys(cli::KeysCommand::Init { dir }) => keys_init(&dir),
     }
 }
 
@@ -250,6 +251,28 @@ fn admin_command(args: &cli::AdminArgs, drain: Option<(String, bool)>) -> ExitCo
         }
         Err(e) => {
             eprintln!("poolgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `poolgate keys init DIR`.
+fn keys_init(dir: &std::path::Path) -> ExitCode {
+    match app::cluster::write_key_bundle(dir) {
+        Ok(written) => {
+            for path in &written {
+                out!("wrote {}", path.display());
+            }
+            out!(
+                "\nGive every replica these files (mode 0600, owned by the user poolgate runs as) and point its configuration at them:\n\n[ssh]\nhost_keys = [\"{}\"]\nuser_ca_key = \"{}\"\n\n[http]\ncookie_secret_file = \"{}\"",
+                written[0].display(),
+                written[1].display(),
+                written[2].display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("poolgate: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -90,6 +90,32 @@ pub(super) fn record(config: &Config, host_keys: &[PrivateKey]) -> anyhow::Resul
     })
 }
 
+/// `poolgate keys init DIR`: a new SSH host key, user CA key and cookie secret in `dir`, each
+/// created 0600; refuses when any of them exists (it would change what clients and VMs trust).
+/// Returns the paths written, in that order.
+pub fn write_key_bundle(dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let host = dir.join("ssh_host_ed25519_key");
+    let ca = dir.join("user_ca");
+    let cookie = dir.join("cookie_secret");
+    for path in [&host, &ca, &cookie] {
+        if path.exists() {
+            anyhow::bail!(
+                "{} exists; keys init writes a new set only (move the old files away first, or keep using them)",
+                path.display()
+            );
+        }
+    }
+    let (_, generated) = crate::ssh::keys::load_or_generate(&host, "poolgate host key")
+        .with_context(|| format!("cannot write {}", host.display()))?;
+    debug_assert!(generated);
+    crate::ssh::keys::load_or_generate(&ca, "poolgate user CA")
+        .with_context(|| format!("cannot write {}", ca.display()))?;
+    let secret: [u8; 32] = rand::random();
+    crate::secrets::write(&cookie, &secret)
+        .with_context(|| format!("cannot write {}", cookie.display()))?;
+    Ok(vec![host, ca, cookie])
+}
+
 /// A short digest that tells whether two replicas hold the same secret and nothing about it.
 fn fingerprint(secret: &[u8]) -> String {
     let mut h = Sha256::new();
@@ -156,6 +182,28 @@ impl WaitingCounts for Waiting {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_bundle_is_written_once_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let written = write_key_bundle(&keys).unwrap();
+        assert_eq!(written.len(), 3);
+        for path in &written {
+            let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
+        assert_eq!(std::fs::read(&written[2]).unwrap().len(), 32);
+        let before = std::fs::read(&written[0]).unwrap();
+        let e = write_key_bundle(&keys).unwrap_err();
+        assert!(e.to_string().contains("exists"), "{e}");
+        assert_eq!(
+            std::fs::read(&written[0]).unwrap(),
+            before,
+            "nothing overwritten"
+        );
+    }
 
     #[test]
     fn fingerprints_tell_secrets_apart_without_showing_them() {
