@@ -36,10 +36,12 @@
 mod agent;
 mod client;
 mod gateway;
+mod haproxy;
 pub mod jupyter;
 mod keys;
 mod ports;
 mod process;
+mod redis;
 mod sshd;
 mod tools;
 mod users;
@@ -47,12 +49,14 @@ mod users;
 pub use agent::SshAgent;
 pub use client::{KnownHosts, SshClient, known_hosts_line};
 pub use gateway::{GatewayProcess, GatewayProcessBuilder, poolgate_bin, workspace_dir};
+pub use haproxy::Haproxy;
 pub use keys::{UserCa, UserKey, generate_ed25519};
 pub use ports::{free_port, wait_for_port, wait_for_port_closed, wait_for_ssh_banner};
 pub use process::{
     TimedOut, kill_tree, run_with_input, run_with_timeout, try_run_with_timeout, wait_for_exit,
     wait_until,
 };
+pub use redis::RedisServer;
 pub use sshd::{SshdVm, SshdVmBuilder};
 pub use tools::{find_tool, in_ci, install_hint, require_root, require_tool, tool};
 pub use users::{TestUser, TestUsers, ensure_system_account, test_user_name};

@@ -37,6 +37,9 @@ pub fn install_hint(name: &str) -> String {
             "apt-get install openssh-client"
         }
         "rsync" => "apt-get install rsync",
+        "redis-server" => "apt-get install redis-server",
+        "redis-cli" => "apt-get install redis-tools",
+        "haproxy" => "apt-get install haproxy",
         "promtool" => "apt-get install prometheus",
         "useradd" | "usermod" | "chpasswd" => "apt-get install passwd",
         "chromium" => "apt-get install chromium",

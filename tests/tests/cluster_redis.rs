@@ -1,0 +1,461 @@
+//! Several gateway replicas sharing state in a real `redis-server`, in front of real sshd VMs,
+//! optionally behind a real HAProxy in TCP mode: counts, affinity and drains cross replicas, a
+//! replica killed with `kill -9` stops counting within one lease, a Redis outage costs no login,
+//! and a burst of logins through the balancer spreads over the pool.
+
+// Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use poolgate_tests::*;
+use serde_json::Value;
+
+const STEP: Duration = Duration::from_secs(30);
+
+/// Replicas of one gateway (same keys, same pool, one Redis) in front of sshd VMs.
+struct Replicas {
+    gateways: Vec<GatewayProcess>,
+    /// (SSH port, admin port) per replica.
+    ports: Vec<(u16, u16)>,
+    keys: BTreeMap<String, UserKey>,
+    known_hosts: KnownHosts,
+    host_key_line: String,
+    redis: RedisServer,
+    /// The VMs; kept running while the replicas serve them.
+    _vms: Vec<SshdVm>,
+    users: TestUsers,
+    _dir: tempfile::TempDir,
+}
+
+impl Replicas {
+    /// `replicas` gateways `gw-0…` over VMs `vm_names`, with `users` test users; `cluster_extra`
+    /// goes into each `[cluster]` section.
+    fn start(replicas: usize, vm_names: &[&str], users: usize, cluster_extra: &str) -> Self {
+        let users = TestUsers::ensure(users);
+        let dir = tempfile::Builder::new()
+            .prefix("poolgate-cluster-")
+            .tempdir()
+            .unwrap();
+        // The shared key material, written once as an operator would.
+        let keys_dir = dir.path().join("keys");
+        let out = run_with_timeout(
+            Command::new(poolgate_bin())
+                .arg("keys")
+                .arg("init")
+                .arg(&keys_dir),
+            STEP,
+        );
+        assert!(out.status.success(), "poolgate keys init: {out:?}");
+        let vms: Vec<SshdVm> = vm_names
+            .iter()
+            .map(|name| {
+                SshdVm::builder(name)
+                    .trusted_user_ca_keys(keys_dir.join("user_ca.pub"))
+                    .start()
+            })
+            .collect();
+        let backend_known_hosts = KnownHosts::at(&dir.path().join("known_hosts"));
+        for vm in &vms {
+            backend_known_hosts.add_vm(vm);
+        }
+        let authorized = dir.path().join("authorized_keys");
+        std::fs::create_dir_all(&authorized).unwrap();
+        let mut keys = BTreeMap::new();
+        for user in users.all() {
+            let key = UserKey::generate(&user.name);
+            std::fs::write(
+                authorized.join(&user.name),
+                format!("{}\n", key.public_key_line()),
+            )
+            .unwrap();
+            keys.insert(user.name.clone(), key);
+        }
+        let redis = RedisServer::start();
+        let mut gateways = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..replicas {
+            let (ssh, admin) = (free_port(), free_port());
+            let mut config = format!(
+                "[listen]\nssh = \"127.0.0.1:{ssh}\"\nhttp = \"127.0.0.1:{http}\"\nadmin = \"127.0.0.1:{admin}\"\n\
+                 \n[ssh]\nhost_keys = [\"{keys}/ssh_host_ed25519_key\"]\nuser_ca_key = \"{keys}/user_ca\"\n\
+                 authorized_keys = \"{authorized}/{{user}}\"\nbackend_known_hosts = \"{known}\"\n\
+                 \n[http]\ncookie_secret_file = \"{keys}/cookie_secret\"\n\
+                 \n[health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\n\
+                 \n[cluster]\nstore = \"redis\"\nredis_url = \"{url}\"\nreplica_id = \"gw-{i}\"\n{cluster_extra}\n",
+                http = free_port(),
+                keys = keys_dir.display(),
+                authorized = authorized.display(),
+                known = backend_known_hosts.path().display(),
+                url = redis.url(),
+            );
+            for vm in &vms {
+                config += &format!(
+                    "\n[[pool.backends]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nssh_port = {}\n",
+                    vm.name(),
+                    vm.port()
+                );
+            }
+            let gateway = GatewayProcess::builder(&config)
+                .dir(&dir.path().join(format!("gw-{i}")))
+                .env("NO_COLOR", "1")
+                .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, ssh)))
+                .start();
+            gateways.push(gateway);
+            ports.push((ssh, admin));
+        }
+        let host_key_line =
+            std::fs::read_to_string(keys_dir.join("ssh_host_ed25519_key.pub")).unwrap();
+        let known_hosts = KnownHosts::new();
+        for (ssh, _) in &ports {
+            known_hosts.add_host_key(*ssh, &host_key_line);
+        }
+        let r = Self {
+            gateways,
+            ports,
+            keys,
+            known_hosts,
+            host_key_line,
+            redis,
+            _vms: vms,
+            users,
+            _dir: dir,
+        };
+        for i in 0..replicas {
+            wait_until(STEP, "every VM's SSH side up on every replica", || {
+                r.vms_view(i)
+                    .iter()
+                    .all(|vm| vm["protocols"]["ssh"]["health"] == "up")
+            });
+            wait_until(STEP, "every replica sees the others", || {
+                r.api(i, "/api/v1/replicas")["replicas"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == replicas)
+            });
+        }
+        r
+    }
+
+    /// `GET path` on replica `i`'s admin API, as JSON (`Null` when it does not answer).
+    fn api(&self, i: usize, path: &str) -> Value {
+        let out = run_with_timeout(
+            Command::new("curl")
+                .args(["-sf", "--max-time", "5"])
+                .arg(format!("http://127.0.0.1:{}{path}", self.ports[i].1)),
+            STEP,
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn post(&self, i: usize, path: &str) {
+        let out = run_with_timeout(
+            Command::new("curl")
+                .args(["-sf", "--max-time", "5", "-X", "POST"])
+                .arg(format!("http://127.0.0.1:{}{path}", self.ports[i].1)),
+            STEP,
+        );
+        assert!(out.status.success(), "POST {path}: {out:?}");
+    }
+
+    fn metrics(&self, i: usize) -> String {
+        let out = run_with_timeout(
+            Command::new("curl")
+                .args(["-sf", "--max-time", "5"])
+                .arg(format!("http://127.0.0.1:{}/metrics", self.ports[i].1)),
+            STEP,
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn vms_view(&self, i: usize) -> Vec<Value> {
+        self.api(i, "/api/v1/vms")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn vm_view(&self, i: usize, vm: &str) -> Value {
+        self.vms_view(i)
+            .into_iter()
+            .find(|v| v["name"] == vm)
+            .unwrap_or(Value::Null)
+    }
+
+    /// User `n`'s client through replica `i` (or any port, e.g. the balancer's).
+    fn client(&self, n: usize, port: u16) -> SshClient {
+        let user = &self.users.user(n).name;
+        SshClient::new(user, port, self.known_hosts.path())
+            .user_key(&self.keys[user])
+            .timeout(Duration::from_secs(20))
+    }
+
+    fn ssh_port(&self, i: usize) -> u16 {
+        self.ports[i].0
+    }
+
+    /// Where a one-shot login of user `n` through `port` lands.
+    fn lands_on(&self, n: usize, port: u16) -> String {
+        let out = self.client(n, port).run("echo $POOLGATE_VM");
+        assert!(out.status.success(), "ssh through {port}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+/// A login that stays open until dropped; `vm` is where it landed.
+struct Held {
+    child: Child,
+    vm: String,
+}
+
+impl Held {
+    fn open(client: &SshClient) -> Self {
+        let mut child = client
+            .command("echo $POOLGATE_VM; exec sleep 120")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(!line.trim().is_empty(), "held session printed no VM");
+        Self {
+            child,
+            vm: line.trim().to_owned(),
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn total(vm: &Value) -> u64 {
+    vm["sessions"]["total"].as_u64().unwrap_or(u64::MAX)
+}
+
+#[test]
+fn counts_affinity_and_drains_cross_replicas_and_a_killed_replica_stops_counting() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "redis-server",
+        "redis-cli",
+        "curl"
+    );
+    require_root!();
+    // The smallest cluster section: store and URL (and a name per replica); lease etc. default.
+    let r = Replicas::start(2, &["vm-a", "vm-b", "vm-c"], 3, "");
+    let view = r.api(1, "/api/v1/replicas");
+    assert_eq!(view["store"], "redis");
+    assert_eq!(view["store_up"], true);
+    assert_eq!(view["replica_id"], "gw-1");
+    assert_eq!(
+        view["leader"],
+        Value::Null,
+        "no autoscaler, no leader: {view}"
+    );
+    assert_eq!(
+        view["replicas"][0]["host_keys"], view["replicas"][1]["host_keys"],
+        "replicas present the same host key"
+    );
+
+    // A session through replica 0 counts on replica 1 within a sync.
+    let mut held = Held::open(&r.client(1, r.ssh_port(0)));
+    let on = held.vm.clone();
+    let since = Instant::now();
+    wait_until(STEP, "replica 1 counting replica 0's session", || {
+        let vm = r.vm_view(1, &on);
+        total(&vm) == 1 && vm["sessions_by_replica"]["gw-0"]["ssh"] == 1
+    });
+    eprintln!("replica 1 saw the session after {:?}", since.elapsed());
+
+    // The same user through replica 1 goes back to that VM, though it is the busiest.
+    assert_eq!(r.lands_on(1, r.ssh_port(1)), on, "affinity across replicas");
+    // Another user through replica 1 avoids it: replica 0's session counts there.
+    assert_ne!(r.lands_on(2, r.ssh_port(1)), on, "remote load counted");
+
+    // A drain on replica 0 holds on replica 1; an undrain on replica 1 holds on replica 0.
+    let other = ["vm-a", "vm-b", "vm-c"]
+        .into_iter()
+        .find(|v| *v != on)
+        .unwrap();
+    r.post(0, &format!("/api/v1/vms/{other}/drain"));
+    wait_until(STEP, "replica 1 applying replica 0's drain", || {
+        r.vm_view(1, other)["draining"] == true
+    });
+    for _ in 0..4 {
+        assert_ne!(r.lands_on(3, r.ssh_port(1)), other, "drained VM used");
+    }
+    r.post(1, &format!("/api/v1/vms/{other}/undrain"));
+    wait_until(STEP, "replica 0 applying replica 1's undrain", || {
+        r.vm_view(0, other)["draining"] == false
+    });
+
+    // kill -9 replica 0: its session dies with it, and replica 1 stops counting it within one
+    // lease (10 s by default) plus a sync.
+    let mut r = r;
+    r.gateways[0].kill();
+    let killed = Instant::now();
+    wait_until(
+        Duration::from_secs(15),
+        "the killed replica's count gone",
+        || total(&r.vm_view(1, &on)) == 0,
+    );
+    let gone = killed.elapsed();
+    eprintln!("killed replica's session uncounted after {gone:?}");
+    assert!(gone <= Duration::from_secs(12), "took {gone:?}");
+    assert!(!held.alive(), "the killed replica's session ended");
+    wait_until(STEP, "one replica left", || {
+        r.api(1, "/api/v1/replicas")["replicas"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+    });
+    let metrics = r.metrics(1);
+    for line in ["poolgate_cluster_store_up 1", "poolgate_cluster_replicas 1"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing");
+    }
+    drop(held);
+}
+
+#[test]
+fn a_redis_outage_costs_no_login_and_state_converges_after() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "redis-server",
+        "redis-cli",
+        "curl"
+    );
+    require_root!();
+    let mut r = Replicas::start(2, &["vm-a", "vm-b"], 4, "");
+    r.redis.kill();
+    for i in 0..2 {
+        wait_until(STEP, "the replica noticing Redis is gone", || {
+            r.metrics(i)
+                .lines()
+                .any(|l| l == "poolgate_cluster_store_up 0")
+        });
+    }
+    // 20 logins, 10 through each replica, all at once: every one succeeds.
+    let results: Vec<bool> = std::thread::scope(|s| {
+        let r = &r;
+        let handles: Vec<_> = (0..20)
+            .map(|k| {
+                s.spawn(move || {
+                    let out = r
+                        .client(1 + k % 4, r.ssh_port(k % 2))
+                        .run("echo $POOLGATE_VM");
+                    out.status.success()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let failed = results.iter().filter(|ok| !**ok).count();
+    assert_eq!(
+        failed, 0,
+        "{failed} of 20 logins failed while Redis was down"
+    );
+    // Redis comes back empty: both replicas rejoin, share again, and said so once.
+    r.redis.restart();
+    for i in 0..2 {
+        wait_until(STEP, "the replica back in the cluster", || {
+            let m = r.metrics(i);
+            m.lines().any(|l| l == "poolgate_cluster_store_up 1")
+                && m.lines().any(|l| l == "poolgate_cluster_replicas 2")
+        });
+        let log = r.gateways[i].log_text();
+        assert_eq!(
+            log.matches("cluster store unreachable").count(),
+            1,
+            "the outage is logged once"
+        );
+        assert!(log.contains("cluster store reachable again"));
+    }
+    let held = Held::open(&r.client(1, r.ssh_port(0)));
+    wait_until(STEP, "counts shared again", || {
+        total(&r.vm_view(1, &held.vm)) == 1
+    });
+}
+
+#[test]
+fn twenty_logins_through_haproxy_spread_and_survive_a_killed_replica() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "redis-server",
+        "redis-cli",
+        "curl",
+        "haproxy"
+    );
+    require_root!();
+    let mut r = Replicas::start(3, &["vm-a", "vm-b", "vm-c"], 20, "");
+    let backends: Vec<SocketAddr> = (0..3)
+        .map(|i| SocketAddr::from((Ipv4Addr::LOCALHOST, r.ssh_port(i))))
+        .collect();
+    let lb = Haproxy::tcp(&backends);
+    r.known_hosts.add_host_key(lb.port(), &r.host_key_line);
+    // 20 people at 9:00: every login through the balancer at once, each holding its session.
+    let mut held: Vec<Held> = std::thread::scope(|s| {
+        let r = &r;
+        let port = lb.port();
+        let handles: Vec<_> = (1..=20)
+            .map(|n| s.spawn(move || Held::open(&r.client(n, port))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut per_vm: BTreeMap<String, usize> = BTreeMap::new();
+    for h in &held {
+        *per_vm.entry(h.vm.clone()).or_default() += 1;
+    }
+    eprintln!("20 logins through HAProxy and 3 replicas: {per_vm:?}");
+    for vm in ["vm-a", "vm-b", "vm-c"] {
+        let n = per_vm.get(vm).copied().unwrap_or(0);
+        assert!((5..=9).contains(&n), "{vm} got {n}: {per_vm:?}");
+    }
+    // Every replica sees all 20 (its own and the others').
+    for i in 0..3 {
+        wait_until(STEP, "every replica counting all 20 sessions", || {
+            r.vms_view(i).iter().map(total).sum::<u64>() == 20
+        });
+    }
+    // kill -9 one replica: sessions through the others go on, new logins through the balancer
+    // keep succeeding.
+    let on_killed = r.api(2, "/api/v1/replicas")["replicas"][0]["sessions"]["ssh"]
+        .as_u64()
+        .unwrap();
+    assert!(on_killed > 0, "HAProxy sent no session to replica 2");
+    r.gateways[2].kill();
+    let results: Vec<bool> = std::thread::scope(|s| {
+        let r = &r;
+        let port = lb.port();
+        let handles: Vec<_> = (1..=10)
+            .map(|n| s.spawn(move || r.client(n, port).run("true").status.success()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        results.iter().all(|ok| *ok),
+        "logins failed after a replica died: {results:?}"
+    );
+    wait_until(STEP, "the killed replica's sessions ended", || {
+        held.iter_mut().map(Held::alive).filter(|a| *a).count() as u64 == 20 - on_killed
+    });
+}
