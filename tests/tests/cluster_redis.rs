@@ -459,3 +459,210 @@ fn twenty_logins_through_haproxy_spread_and_survive_a_killed_replica() {
         held.iter_mut().map(Held::alive).filter(|a| *a).count() as u64 == 20 - on_killed
     });
 }
+
+/// Appends `line` to the actions log from a provider script.
+fn logged(actions: &std::path::Path, what: &str) -> String {
+    format!(
+        "echo \"{what} $POOLGATE_TEST_REPLICA\" >> {}",
+        actions.display()
+    )
+}
+
+#[test]
+fn one_leader_scales_the_pool_and_another_takes_over_when_it_dies() {
+    use std::os::unix::fs::PermissionsExt;
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "redis-server",
+        "redis-cli",
+        "curl"
+    );
+    require_root!();
+    let users = TestUsers::ensure(1);
+    let user = users.user(1).name.clone();
+    let dir = tempfile::Builder::new()
+        .prefix("poolgate-cluster-leader-")
+        .tempdir()
+        .unwrap();
+    let keys_dir = dir.path().join("keys");
+    let out = run_with_timeout(
+        Command::new(poolgate_bin())
+            .arg("keys")
+            .arg("init")
+            .arg(&keys_dir),
+        STEP,
+    );
+    assert!(out.status.success(), "poolgate keys init: {out:?}");
+    // One VM whose sshd the exec provider's scripts start and stop; every action is logged with
+    // the replica that ran it.
+    let mut vm = SshdVm::builder("vm-a")
+        .trusted_user_ca_keys(keys_dir.join("user_ca.pub"))
+        .start();
+    let known = KnownHosts::at(&dir.path().join("known_hosts"));
+    known.add_vm(&vm);
+    vm.stop();
+    let pid_file = std::fs::read_to_string(vm.config_path())
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("PidFile ").map(std::path::PathBuf::from))
+        .unwrap();
+    struct KillPid(std::path::PathBuf);
+    impl Drop for KillPid {
+        fn drop(&mut self) {
+            if let Some(pid) = std::fs::read_to_string(&self.0)
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+            {
+                kill_tree(pid);
+            }
+        }
+    }
+    let _cleanup = KillPid(pid_file.clone());
+    let actions = dir.path().join("actions.log");
+    std::fs::write(&actions, "").unwrap();
+    let script = |name: &str, body: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\nset -eu\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.display().to_string()
+    };
+    let (pid, cfg, port) = (pid_file.display(), vm.config_path().display(), vm.port());
+    let list = script(
+        "list.sh",
+        format!(
+            "if [ -f {pid} ] && kill -0 \"$(cat {pid})\" 2>/dev/null; then s=running; else s=stopped; fi\n\
+             echo \"{{\\\"vms\\\":[{{\\\"name\\\":\\\"vm-a\\\",\\\"host\\\":\\\"127.0.0.1\\\",\\\"ssh_port\\\":{port},\\\"state\\\":\\\"$s\\\"}}]}}\""
+        ),
+    );
+    let start = script(
+        "start.sh",
+        format!(
+            "{}\n{} -f {cfg}",
+            logged(&actions, "start"),
+            tool("sshd").display()
+        ),
+    );
+    let stop = script(
+        "stop.sh",
+        format!(
+            "{}\nkill \"$(cat {pid})\"\nrm -f {pid}",
+            logged(&actions, "stop")
+        ),
+    );
+    let authorized = dir.path().join("authorized_keys");
+    std::fs::create_dir_all(&authorized).unwrap();
+    let key = UserKey::generate(&user);
+    std::fs::write(
+        authorized.join(&user),
+        format!("{}\n", key.public_key_line()),
+    )
+    .unwrap();
+    let redis = RedisServer::start();
+    let mut gateways = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..2 {
+        let (ssh, admin) = (free_port(), free_port());
+        // The VM's sshd shares this machine's process table: the busy check is off (see
+        // autoscale_busy.rs for it on VMs with their own PID namespace).
+        let config = format!(
+            "[listen]\nssh = \"127.0.0.1:{ssh}\"\nhttp = \"127.0.0.1:{http}\"\nadmin = \"127.0.0.1:{admin}\"\n\
+             [ssh]\nhost_keys = [\"{keys}/ssh_host_ed25519_key\"]\nuser_ca_key = \"{keys}/user_ca\"\n\
+             authorized_keys = \"{authorized}/{{user}}\"\nbackend_known_hosts = \"{known}\"\n\
+             [http]\ncookie_secret_file = \"{keys}/cookie_secret\"\n\
+             [health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\n\
+             [pool]\nprovider = \"exec\"\n\
+             [pool.exec]\nlist = [\"{list}\"]\nstart = [\"{start}\"]\nstop = [\"{stop}\"]\n\
+             poll_interval = \"1s\"\ntimeout = \"10s\"\n\
+             [autoscale]\nenabled = true\nmin_vms = 0\nmax_vms = 1\nspare_vms = 0\n\
+             scale_in_after = \"2s\"\nscale_to_zero_after = \"3s\"\ntick = \"1s\"\ncooldown = \"1s\"\n\
+             boot_estimate = \"2s\"\nhold_connect_for = \"40s\"\nbusy_command = []\n\
+             [cluster]\nstore = \"redis\"\nredis_url = \"{url}\"\nreplica_id = \"gw-{i}\"\n",
+            http = free_port(),
+            keys = keys_dir.display(),
+            authorized = authorized.display(),
+            known = known.path().display(),
+            url = redis.url(),
+        );
+        gateways.push(
+            GatewayProcess::builder(&config)
+                .dir(&dir.path().join(format!("gw-{i}")))
+                .env("NO_COLOR", "1")
+                .env("POOLGATE_TEST_REPLICA", &format!("gw-{i}"))
+                .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, ssh)))
+                .start(),
+        );
+        ports.push((ssh, admin));
+    }
+    let get = |i: usize, path: &str| -> String {
+        let out = run_with_timeout(
+            Command::new("curl")
+                .args(["-sf", "--max-time", "5"])
+                .arg(format!("http://127.0.0.1:{}{path}", ports[i].1)),
+            STEP,
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let leads = |i: usize| {
+        get(i, "/metrics")
+            .lines()
+            .any(|l| l == "poolgate_autoscale_leader 1")
+    };
+    // Exactly one replica leads, and both say which.
+    wait_until(STEP, "one leader", || leads(0) ^ leads(1));
+    let leader = usize::from(leads(1));
+    let follower = 1 - leader;
+    for i in 0..2 {
+        let view: Value = serde_json::from_str(&get(i, "/api/v1/replicas")).unwrap();
+        assert_eq!(view["leader"], format!("gw-{leader}"), "{view}");
+    }
+    // A login through the follower to the empty pool is held; the leader starts the VM once.
+    let host_line = std::fs::read_to_string(keys_dir.join("ssh_host_ed25519_key.pub")).unwrap();
+    let client_known = KnownHosts::new();
+    client_known.add_host_key(ports[follower].0, &host_line);
+    let client = SshClient::new(&user, ports[follower].0, client_known.path())
+        .user_key(&key)
+        .timeout(Duration::from_secs(50));
+    let woke = Instant::now();
+    let out = client.run("echo on $POOLGATE_VM");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "on vm-a");
+    eprintln!("woke through the follower in {:?}", woke.elapsed());
+    let log = std::fs::read_to_string(&actions).unwrap();
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        [format!("start gw-{leader}")],
+        "one start, by the leader"
+    );
+    // The leader dies; the follower takes over within one lease (10 s) and, once the pool is
+    // idle, stops the VM itself.
+    gateways[leader].kill();
+    let died = Instant::now();
+    wait_until(Duration::from_secs(20), "the follower leading", || {
+        leads(follower)
+    });
+    let took = died.elapsed();
+    eprintln!("new leader after {took:?}");
+    assert!(took <= Duration::from_secs(12), "took over after {took:?}");
+    wait_until(
+        Duration::from_secs(30),
+        "the new leader stopping the idle VM",
+        || {
+            std::fs::read_to_string(&actions)
+                .unwrap()
+                .lines()
+                .any(|l| l == format!("stop gw-{follower}"))
+        },
+    );
+    let log = std::fs::read_to_string(&actions).unwrap();
+    assert!(
+        !log.lines().any(|l| l == format!("stop gw-{leader}")),
+        "the dead leader acted: {log}"
+    );
+    assert_eq!(
+        log.lines().filter(|l| l.starts_with("start")).count(),
+        1,
+        "{log}"
+    );
+}
