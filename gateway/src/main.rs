@@ -76,6 +76,20 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 eprintln!("{}: {} error(s)", file.display(), problems.len());
                 return ExitCode::FAILURE;
             }
+            // Replicas of a cluster must have been given the same secrets.
+            if config.cluster.as_ref().is_some_and(|c| c.is_shared()) {
+                let checked =
+                    runtime(false).map(|rt| rt.block_on(app::cluster::check_peers(&config)));
+                match checked {
+                    Some(Ok(Some(line))) => out!("{line}"),
+                    Some(Ok(None)) | None => {}
+                    Some(Err(e)) => {
+                        out!("{e:#}");
+                        eprintln!("{}: 1 error(s)", file.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             out!("{}: ok", file.display());
             for warning in config.warnings() {
                 out!("warning: {warning}");

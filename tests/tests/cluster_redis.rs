@@ -666,3 +666,99 @@ fn one_leader_scales_the_pool_and_another_takes_over_when_it_dies() {
         "{log}"
     );
 }
+
+#[test]
+fn a_replica_given_other_secrets_is_refused_by_check_config_and_run() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "redis-server",
+        "redis-cli",
+        "curl"
+    );
+    require_root!();
+    let r = Replicas::start(1, &["vm-a"], 1, "");
+    let config = std::fs::read_to_string(r.gateways[0].config_path()).unwrap();
+    // check-config of the running replica's own file: the store answers, nobody else is there.
+    let out = run_with_timeout(
+        Command::new(poolgate_bin())
+            .arg("check-config")
+            .arg(r.gateways[0].config_path()),
+        STEP,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("cluster: the store answers; no other live replica (this one: gw-0)"),
+        "{text}"
+    );
+    // A second replica given a fresh key set (as if `keys init` had been run on it too).
+    let dir = tempfile::tempdir().unwrap();
+    let own_keys = dir.path().join("keys");
+    let out = run_with_timeout(
+        Command::new(poolgate_bin())
+            .arg("keys")
+            .arg("init")
+            .arg(&own_keys),
+        STEP,
+    );
+    assert!(out.status.success());
+    let shared_keys = std::path::Path::new(
+        config
+            .lines()
+            .find_map(|l| l.strip_prefix("user_ca_key = \""))
+            .unwrap()
+            .trim_end_matches('"'),
+    )
+    .parent()
+    .unwrap()
+    .display()
+    .to_string();
+    let other = config
+        .replace(&shared_keys, &own_keys.display().to_string())
+        .replace("replica_id = \"gw-0\"", "replica_id = \"gw-9\"");
+    let (ssh, admin) = (free_port(), free_port());
+    let other = other
+        .lines()
+        .map(|l| {
+            if l.starts_with("ssh = ") {
+                format!("ssh = \"127.0.0.1:{ssh}\"")
+            } else if l.starts_with("admin = ") {
+                format!("admin = \"127.0.0.1:{admin}\"")
+            } else if l.starts_with("http = ") {
+                format!("http = \"127.0.0.1:{}\"", free_port())
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = dir.path().join("poolgate.toml");
+    std::fs::write(&path, other).unwrap();
+    let out = run_with_timeout(
+        Command::new(poolgate_bin()).arg("check-config").arg(&path),
+        STEP,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("cluster: replica gw-0 serves different SSH host keys"),
+        "{text}"
+    );
+    let out = run_with_timeout(
+        Command::new(poolgate_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("NO_COLOR", "1"),
+        STEP,
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("serves different SSH host keys"), "{text}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", ssh)).is_err(),
+        "a refused replica listens on nothing"
+    );
+}

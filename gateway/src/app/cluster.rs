@@ -116,6 +116,48 @@ pub fn write_key_bundle(dir: &std::path::Path) -> anyhow::Result<Vec<std::path::
     Ok(vec![host, ca, cookie])
 }
 
+/// `check-config` with a shared store: asks the store which replicas are live and whether they
+/// were given the same host keys and cookie secret as this configuration. `Ok(line)` says what
+/// was found (or that the store did not answer, which `run` survives); `Err` names a mismatch.
+pub async fn check_peers(config: &Config) -> anyhow::Result<Option<String>> {
+    let Some(store) = store(config)? else {
+        return Ok(None);
+    };
+    let mut host_keys = Vec::new();
+    for path in &config.ssh.host_keys {
+        let (key, _) = crate::ssh::keys::load_or_generate(path, "poolgate host key")
+            .context("ssh.host_keys")?;
+        host_keys.push(key);
+    }
+    let me = record(config, &host_keys)?;
+    let peers = match store.peers().await {
+        Ok(peers) => peers,
+        Err(e) => {
+            return Ok(Some(format!(
+                "warning: cluster: the store does not answer ({e}); `run` starts anyway and joins when it does"
+            )));
+        }
+    };
+    let others: Vec<&ReplicaRecord> = peers.iter().filter(|p| p.id != me.id).collect();
+    for peer in &others {
+        crate::cluster::check_same_secrets(&me, peer)?;
+    }
+    let names: Vec<&str> = others.iter().map(|p| p.id.as_str()).collect();
+    Ok(Some(if names.is_empty() {
+        format!(
+            "cluster: the store answers; no other live replica (this one: {})",
+            me.id
+        )
+    } else {
+        format!(
+            "cluster: the store answers; {} other live replica(s) ({}) share this replica's host keys and cookie secret (this one: {})",
+            names.len(),
+            names.join(", "),
+            me.id
+        )
+    }))
+}
+
 /// A short digest that tells whether two replicas hold the same secret and nothing about it.
 fn fingerprint(secret: &[u8]) -> String {
     let mut h = Sha256::new();

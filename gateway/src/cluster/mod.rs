@@ -641,6 +641,11 @@ fn own_view(record: &ReplicaRecord, pool: &Pool, leader: bool) -> ReplicaView {
     }
 }
 
+/// An error naming what differs between this replica and `peer` (host keys, cookie secret).
+pub fn check_same_secrets(me: &ReplicaRecord, peer: &ReplicaRecord) -> anyhow::Result<()> {
+    mismatch(me, peer)
+}
+
 /// An error naming what differs between this replica and `peer`.
 fn mismatch(me: &ReplicaRecord, peer: &ReplicaRecord) -> anyhow::Result<()> {
     if !peer.host_keys.is_empty() && peer.host_keys != me.host_keys {
