@@ -36,6 +36,18 @@ impl Replicas {
     /// `replicas` gateways `gw-0…` over VMs `vm_names`, with `users` test users; `cluster_extra`
     /// goes into each `[cluster]` section.
     fn start(replicas: usize, vm_names: &[&str], users: usize, cluster_extra: &str) -> Self {
+        Self::start_with(replicas, vm_names, users, cluster_extra, None)
+    }
+
+    /// As [`Replicas::start`], with Redis requiring `password` (given to the replicas in a
+    /// 0600 file).
+    fn start_with(
+        replicas: usize,
+        vm_names: &[&str],
+        users: usize,
+        cluster_extra: &str,
+        password: Option<&str>,
+    ) -> Self {
         let users = TestUsers::ensure(users);
         let dir = tempfile::Builder::new()
             .prefix("poolgate-cluster-")
@@ -75,7 +87,24 @@ impl Replicas {
             .unwrap();
             keys.insert(user.name.clone(), key);
         }
-        let redis = RedisServer::start();
+        let redis = RedisServer::start_with(password);
+        let mut cluster_extra = cluster_extra.to_owned();
+        if let Some(password) = password {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let path = dir.path().join("redis_password");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .unwrap();
+            std::io::Write::write_all(&mut f, format!("{password}\n").as_bytes()).unwrap();
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            cluster_extra += &format!("\nredis_password_file = \"{}\"\n", path.display());
+        }
         let mut gateways = Vec::new();
         let mut ports = Vec::new();
         for i in 0..replicas {
@@ -761,4 +790,78 @@ fn a_replica_given_other_secrets_is_refused_by_check_config_and_run() {
         std::net::TcpStream::connect(("127.0.0.1", ssh)).is_err(),
         "a refused replica listens on nothing"
     );
+}
+
+#[test]
+fn replicas_log_in_to_a_password_protected_redis_and_a_wrong_password_is_reported() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "redis-server",
+        "redis-cli",
+        "curl"
+    );
+    require_root!();
+    let password = "correct-horse-battery-staple";
+    // Both replicas authenticate (start() waits until each sees the other through Redis).
+    let r = Replicas::start_with(2, &["vm-a"], 1, "", Some(password));
+    assert_eq!(r.redis.cli(&["PING"]), "PONG");
+    // A third replica with a wrong password file serves, reports the store down, and never
+    // logs the password.
+    let config = std::fs::read_to_string(r.gateways[0].config_path()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("redis_password");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&wrong)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"not-the-password\n").unwrap();
+    }
+    let (ssh, admin) = (free_port(), free_port());
+    let config: String = config
+        .lines()
+        .map(|l| {
+            if l.starts_with("ssh = ") {
+                format!("ssh = \"127.0.0.1:{ssh}\"")
+            } else if l.starts_with("admin = ") {
+                format!("admin = \"127.0.0.1:{admin}\"")
+            } else if l.starts_with("http = ") {
+                format!("http = \"127.0.0.1:{}\"", free_port())
+            } else if l.starts_with("redis_password_file = ") {
+                format!("redis_password_file = \"{}\"", wrong.display())
+            } else if l.starts_with("replica_id = ") {
+                "replica_id = \"gw-wrong\"".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let gateway = GatewayProcess::builder(&config)
+        .dir(&dir.path().join("gw"))
+        .env("NO_COLOR", "1")
+        .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, ssh)))
+        .start();
+    gateway.wait_for_log("cluster store unreachable", STEP);
+    let metrics = run_with_timeout(
+        Command::new("curl")
+            .args(["-sf", "--max-time", "5"])
+            .arg(format!("http://127.0.0.1:{admin}/metrics")),
+        STEP,
+    );
+    assert!(
+        String::from_utf8_lossy(&metrics.stdout)
+            .lines()
+            .any(|l| l == "poolgate_cluster_store_up 0")
+    );
+    let log = gateway.log_text();
+    assert!(!log.contains("not-the-password"), "password logged");
+    // The right replicas never saw it join.
+    let view = r.api(0, "/api/v1/replicas");
+    assert_eq!(view["replicas"].as_array().map(Vec::len), Some(2), "{view}");
 }

@@ -142,6 +142,8 @@ struct State {
     last_ok: Option<Instant>,
     /// Whether other replicas' counts are applied to the pool.
     remote_applied: bool,
+    /// When the affinity of users with live sessions was last re-written.
+    affinity_refreshed: Option<Instant>,
     reply: SyncReply,
 }
 
@@ -341,6 +343,33 @@ impl Cluster {
             Ok(reply) => self.apply(reply, sent, &pushed, &snapshot),
             Err(e) => self.store_failed(&e),
         }
+        self.refresh_affinity().await;
+    }
+
+    /// Re-writes the affinity of users with live sessions here every quarter of its lifetime, so
+    /// a session that outlives `routing.affinity_ttl` keeps its user's later logins through other
+    /// replicas on its VM.
+    async fn refresh_affinity(&self) {
+        let every = (self.settings.affinity_ttl / 4).max(self.settings.sync_interval);
+        let due = self.state.lock().is_ok_and(|mut s| {
+            let due = s.affinity_refreshed.is_none_or(|t| t.elapsed() >= every);
+            if due {
+                s.affinity_refreshed = Some(Instant::now());
+            }
+            due
+        });
+        if !due {
+            return;
+        }
+        let mut live: Vec<(String, String)> = self
+            .pool
+            .sessions()
+            .into_iter()
+            .filter_map(|s| Some((s.user?, s.vm)))
+            .collect();
+        live.sort();
+        live.dedup_by(|a, b| a.0 == b.0);
+        self.write_affinity(&live).await;
     }
 
     fn apply(
