@@ -865,3 +865,144 @@ fn replicas_log_in_to_a_password_protected_redis_and_a_wrong_password_is_reporte
     let view = r.api(0, "/api/v1/replicas");
     assert_eq!(view["replicas"].as_array().map(Vec::len), Some(2), "{view}");
 }
+
+/// The VM a `poolgate_vm` cookie value names (its first field is base64url of the name).
+fn cookie_vm(value: &str) -> String {
+    let first = value.split('.').next().unwrap_or("");
+    let bytes = data_encoding::BASE64URL_NOPAD
+        .decode(first.as_bytes())
+        .unwrap();
+    String::from_utf8(bytes).unwrap()
+}
+
+#[test]
+fn a_browser_keeps_its_vm_whichever_replica_serves_it() {
+    use poolgate_tests::jupyter::{JupyterServerVm, require_jupyter};
+    require_tools!("redis-server", "redis-cli", "curl");
+    if !require_jupyter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keys_dir = dir.path().join("keys");
+    let out = run_with_timeout(
+        Command::new(poolgate_bin())
+            .arg("keys")
+            .arg("init")
+            .arg(&keys_dir),
+        STEP,
+    );
+    assert!(out.status.success(), "poolgate keys init: {out:?}");
+    let vms: Vec<JupyterServerVm> = std::thread::scope(|s| {
+        let h: Vec<_> = ["web-a", "web-b"]
+            .into_iter()
+            .map(|n| s.spawn(move || JupyterServerVm::start(n)))
+            .collect();
+        h.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // A web-only pool: the SSH side trusts one placeholder host key and is never used.
+    let known = KnownHosts::at(&dir.path().join("known_hosts"));
+    known.add_host_key(
+        1,
+        &std::fs::read_to_string(keys_dir.join("user_ca.pub")).unwrap(),
+    );
+    let redis = RedisServer::start();
+    let mut gateways = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..2 {
+        let (ssh, http, admin) = (free_port(), free_port(), free_port());
+        let mut config = format!(
+            "[listen]\nssh = \"127.0.0.1:{ssh}\"\nhttp = \"127.0.0.1:{http}\"\nadmin = \"127.0.0.1:{admin}\"\n\
+             [ssh]\nhost_keys = [\"{keys}/ssh_host_ed25519_key\"]\nuser_ca_key = \"{keys}/user_ca\"\n\
+             backend_known_hosts = \"{known}\"\n\
+             [http]\ncookie_secret_file = \"{keys}/cookie_secret\"\n\
+             [health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nhttp_path = \"/api\"\n\
+             [cluster]\nstore = \"redis\"\nredis_url = \"{url}\"\nreplica_id = \"gw-{i}\"\n",
+            keys = keys_dir.display(),
+            known = known.path().display(),
+            url = redis.url(),
+        );
+        for vm in &vms {
+            config += &format!(
+                "\n[[pool.backends]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nhttp_port = {}\n",
+                vm.name(),
+                vm.port()
+            );
+        }
+        gateways.push(
+            GatewayProcess::builder(&config)
+                .dir(&dir.path().join(format!("gw-{i}")))
+                .env("NO_COLOR", "1")
+                .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, http)))
+                .start(),
+        );
+        ports.push((http, admin));
+    }
+    let api = |i: usize, path: &str| -> Value {
+        let out = run_with_timeout(
+            Command::new("curl")
+                .args(["-sf", "--max-time", "5"])
+                .arg(format!("http://127.0.0.1:{}{path}", ports[i].1)),
+            STEP,
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    for i in 0..2 {
+        wait_until(STEP, "both web sides up on every replica", || {
+            api(i, "/api/v1/vms").as_array().is_some_and(|vms| {
+                vms.len() == 2 && vms.iter().all(|v| v["protocols"]["http"]["health"] == "up")
+            })
+        });
+    }
+    // Each browser (a cookie jar) makes its first request through one replica and the rest
+    // through the other; every request is answered, and the other replica serves the VM the
+    // cookie names, counting the browser there.
+    for (first, then) in [(0, 1), (1, 0)] {
+        let jar = dir.path().join(format!("jar-{first}"));
+        let get = |i: usize| {
+            let out = run_with_timeout(
+                Command::new("curl")
+                    .args([
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--max-time",
+                        "10",
+                    ])
+                    .arg("-c")
+                    .arg(&jar)
+                    .arg("-b")
+                    .arg(&jar)
+                    .arg(format!("http://127.0.0.1:{}/api", ports[i].0)),
+                STEP,
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(get(first), "200");
+        let cookie = std::fs::read_to_string(&jar)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f.len() == 7 && f[5] == "poolgate_vm").then(|| f[6].to_owned())
+            })
+            .expect("poolgate_vm cookie set");
+        let vm = cookie_vm(&cookie);
+        for _ in 0..3 {
+            assert_eq!(get(then), "200");
+        }
+        wait_until(
+            STEP,
+            "the other replica counting the browser on its VM",
+            || {
+                api(then, "/api/v1/vms")
+                    .as_array()
+                    .and_then(|vms| vms.iter().find(|v| v["name"] == vm.as_str()).cloned())
+                    .is_some_and(|v| {
+                        v["sessions_by_replica"][format!("gw-{then}")]["http"].as_u64() == Some(1)
+                    })
+            },
+        );
+    }
+}
