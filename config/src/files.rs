@@ -117,6 +117,17 @@ impl Config {
                 true,
             );
         }
+        if let Some(ca) = self.cluster.as_ref().and_then(|c| c.redis_ca_file.as_ref())
+            && check(
+                &mut r,
+                "cluster.redis_ca_file",
+                ca,
+                Some("point it at the PEM certificate of the CA that signed the Redis server's certificate".into()),
+                false,
+            )
+        {
+            expect_pem(&mut r, "cluster.redis_ca_file", ca, "CERTIFICATE-----");
+        }
         if let Some(exec) = &self.pool.exec {
             let commands = std::iter::once(("list", Some(&exec.list)))
                 .chain(exec.optional_commands())

@@ -61,6 +61,7 @@ fn fully_populated() -> Config {
     c.cluster = Some(Cluster {
         redis_url: Some("redis://127.0.0.1:6379/0".into()),
         redis_password_file: Some(PathBuf::from("keys/redis_password")),
+        redis_ca_file: Some(PathBuf::from("tls/redis-ca.pem")),
         replica_id: Some("gw-1".into()),
         ..Cluster::default()
     });

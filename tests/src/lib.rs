@@ -56,7 +56,7 @@ pub use process::{
     TimedOut, kill_tree, run_with_input, run_with_timeout, try_run_with_timeout, wait_for_exit,
     wait_until,
 };
-pub use redis::RedisServer;
+pub use redis::{RedisServer, Tls as RedisTls};
 pub use sshd::{SshdVm, SshdVmBuilder};
 pub use tools::{find_tool, in_ci, install_hint, require_root, require_tool, tool};
 pub use users::{TestUser, TestUsers, ensure_system_account, test_user_name};

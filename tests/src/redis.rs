@@ -14,7 +14,20 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     password: Option<String>,
+    /// TLS only (`rediss://`): certificate, key and CA of the server.
+    tls: Option<Tls>,
     dir: tempfile::TempDir,
+}
+
+/// The PEM files of a TLS-only server.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// Server certificate (for 127.0.0.1).
+    pub cert: std::path::PathBuf,
+    /// Its key.
+    pub key: std::path::PathBuf,
+    /// The CA that signed it.
+    pub ca: std::path::PathBuf,
 }
 
 impl RedisServer {
@@ -25,6 +38,15 @@ impl RedisServer {
 
     /// Starts one on a free port that requires `password` (`requirepass`).
     pub fn start_with(password: Option<&str>) -> Self {
+        Self::start_full(password, None)
+    }
+
+    /// Starts one that speaks TLS only (no plain port), with `tls`'s certificate.
+    pub fn start_tls(tls: Tls) -> Self {
+        Self::start_full(None, Some(tls))
+    }
+
+    fn start_full(password: Option<&str>, tls: Option<Tls>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("poolgate-redis-")
             .tempdir()
@@ -33,6 +55,7 @@ impl RedisServer {
             child: None,
             port: free_port(),
             password: password.map(str::to_owned),
+            tls,
             dir,
         };
         server.spawn();
@@ -41,9 +64,24 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new(tool("redis-server"));
-        cmd.args(["--bind", "127.0.0.1", "--port"])
-            .arg(self.port.to_string())
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        cmd.args(["--bind", "127.0.0.1"]);
+        match &self.tls {
+            Some(tls) => {
+                cmd.args(["--port", "0", "--tls-port"])
+                    .arg(self.port.to_string())
+                    .arg("--tls-cert-file")
+                    .arg(&tls.cert)
+                    .arg("--tls-key-file")
+                    .arg(&tls.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca)
+                    .args(["--tls-auth-clients", "no"]);
+            }
+            None => {
+                cmd.arg("--port").arg(self.port.to_string());
+            }
+        }
+        cmd.args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
@@ -66,9 +104,14 @@ impl RedisServer {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
     }
 
-    /// `redis://127.0.0.1:PORT/0`.
+    /// `redis://127.0.0.1:PORT/0` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// Its log file.
@@ -98,6 +141,9 @@ impl RedisServer {
             .arg(self.port.to_string());
         if let Some(password) = &self.password {
             cmd.env("REDISCLI_AUTH", password);
+        }
+        if let Some(tls) = &self.tls {
+            cmd.arg("--tls").arg("--cacert").arg(&tls.ca);
         }
         let out = crate::process::run_with_timeout(cmd.args(args), Duration::from_secs(10));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()

@@ -29,6 +29,8 @@ struct Replicas {
     /// The VMs; kept running while the replicas serve them.
     _vms: Vec<SshdVm>,
     users: TestUsers,
+    /// The private CA of a TLS Redis, kept while it runs.
+    _ca: Option<poolgate_tests::jupyter::TestCa>,
     _dir: tempfile::TempDir,
 }
 
@@ -39,6 +41,20 @@ impl Replicas {
         Self::start_with(replicas, vm_names, users, cluster_extra, None)
     }
 
+    /// As [`Replicas::start`], with a TLS-only Redis whose certificate a private CA signed.
+    fn start_tls(replicas: usize, vm_names: &[&str], users: usize) -> Self {
+        let ca = poolgate_tests::jupyter::TestCa::generate();
+        let tls = RedisTls {
+            cert: ca.cert_path(),
+            key: ca.key_path(),
+            ca: ca.ca_path(),
+        };
+        let extra = format!("redis_ca_file = \"{}\"\n", ca.ca_path().display());
+        let mut r = Self::build(replicas, vm_names, users, &extra, None, Some(tls));
+        r._ca = Some(ca);
+        r
+    }
+
     /// As [`Replicas::start`], with Redis requiring `password` (given to the replicas in a
     /// 0600 file).
     fn start_with(
@@ -47,6 +63,17 @@ impl Replicas {
         users: usize,
         cluster_extra: &str,
         password: Option<&str>,
+    ) -> Self {
+        Self::build(replicas, vm_names, users, cluster_extra, password, None)
+    }
+
+    fn build(
+        replicas: usize,
+        vm_names: &[&str],
+        users: usize,
+        cluster_extra: &str,
+        password: Option<&str>,
+        tls: Option<RedisTls>,
     ) -> Self {
         let users = TestUsers::ensure(users);
         let dir = tempfile::Builder::new()
@@ -87,7 +114,10 @@ impl Replicas {
             .unwrap();
             keys.insert(user.name.clone(), key);
         }
-        let redis = RedisServer::start_with(password);
+        let redis = match tls {
+            Some(tls) => RedisServer::start_tls(tls),
+            None => RedisServer::start_with(password),
+        };
         let mut cluster_extra = cluster_extra.to_owned();
         if let Some(password) = password {
             use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -152,6 +182,7 @@ impl Replicas {
             redis,
             _vms: vms,
             users,
+            _ca: None,
             _dir: dir,
         };
         for i in 0..replicas {
@@ -1005,4 +1036,26 @@ fn a_browser_keeps_its_vm_whichever_replica_serves_it() {
             },
         );
     }
+}
+
+#[test]
+fn replicas_share_state_over_tls_to_a_redis_with_a_private_ca() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "redis-server",
+        "redis-cli",
+        "curl"
+    );
+    require_root!();
+    // start() waits until both replicas see each other: their syncs go over rediss://.
+    let r = Replicas::start_tls(2, &["vm-a", "vm-b"], 2);
+    assert!(r.redis.url().starts_with("rediss://"));
+    assert_eq!(r.redis.cli(&["PING"]), "PONG");
+    let held = Held::open(&r.client(1, r.ssh_port(0)));
+    wait_until(STEP, "counts shared over TLS", || {
+        total(&r.vm_view(1, &held.vm)) == 1
+    });
+    assert_eq!(r.lands_on(1, r.ssh_port(1)), held.vm, "affinity over TLS");
 }

@@ -22,6 +22,10 @@ pub struct Cluster {
     /// File holding the Redis password (mode 0600). Unset: no AUTH.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_password_file: Option<PathBuf>,
+    /// PEM file of the CA(s) to trust for a `rediss://` server instead of the system's roots
+    /// (a private CA). Unset: the system's trusted roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_ca_file: Option<PathBuf>,
     /// This replica's name, unique among the replicas. Default: the host name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replica_id: Option<String>,
@@ -50,6 +54,7 @@ impl Default for Cluster {
             store: StoreKind::Memory,
             redis_url: None,
             redis_password_file: None,
+            redis_ca_file: None,
             replica_id: None,
             lease: Duration::from_secs(10),
             key_prefix: "poolgate".into(),

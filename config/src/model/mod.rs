@@ -80,12 +80,13 @@ impl Config {
             self.ssh.authorized_keys = joined.to_owned();
         }
         resolve(&mut self.http.cookie_secret_file);
-        if let Some(p) = self
-            .cluster
-            .as_mut()
-            .and_then(|c| c.redis_password_file.as_mut())
-        {
-            resolve(p);
+        if let Some(c) = self.cluster.as_mut() {
+            if let Some(p) = c.redis_password_file.as_mut() {
+                resolve(p);
+            }
+            if let Some(p) = c.redis_ca_file.as_mut() {
+                resolve(p);
+            }
         }
         if let Some(p) = self
             .pool

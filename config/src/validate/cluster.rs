@@ -35,6 +35,19 @@ pub(crate) fn cluster(c: &Config, r: &mut Report) {
     if let Some(p) = &cl.redis_password_file {
         r.path("cluster.redis_password_file", p);
     }
+    if let Some(p) = &cl.redis_ca_file {
+        r.path("cluster.redis_ca_file", p);
+        if !cl
+            .redis_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("rediss://"))
+        {
+            r.err(
+                "cluster.redis_ca_file",
+                "is only used with a rediss:// (TLS) cluster.redis_url",
+            );
+        }
+    }
     if let Some(id) = &cl.replica_id
         && !name_ok(id)
     {

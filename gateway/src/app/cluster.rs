@@ -33,9 +33,17 @@ pub(super) fn store(config: &Config) -> anyhow::Result<Option<RedisStore>> {
         }
         None => None,
     };
+    let ca =
+        match &cluster.redis_ca_file {
+            Some(path) => Some(std::fs::read(path).with_context(|| {
+                format!("cluster.redis_ca_file: cannot read {}", path.display())
+            })?),
+            None => None,
+        };
     let store = RedisStore::new(
         url,
         password.as_deref(),
+        ca,
         &cluster.key_prefix,
         cluster.op_timeout,
     )

@@ -188,11 +188,13 @@ impl std::fmt::Debug for RedisStore {
 
 impl RedisStore {
     /// A store at `url` (`redis://` or `rediss://`), authenticating with `password` when given,
+    /// trusting the PEM CA certificates `ca` for TLS instead of the system's roots when given,
     /// keys under `{key_prefix}:v1:`. Connects lazily, so a Redis that is down does not stop
     /// start-up; every call gives up after `timeout`.
     pub fn new(
         url: &str,
         password: Option<&str>,
+        ca: Option<Vec<u8>>,
         key_prefix: &str,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
@@ -202,7 +204,16 @@ impl RedisStore {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        let client = redis::Client::open(info)?;
+        let client = match ca {
+            Some(root_cert) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )?,
+            None => redis::Client::open(info)?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
             .set_response_timeout(Some(timeout))
