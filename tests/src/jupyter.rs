@@ -20,7 +20,9 @@ mod ca;
 #[path = "jupyter/vm.rs"]
 mod vm;
 
-pub use browser::{AsyncReadWrite, Browser, Reply, WebSocket, run_code, ws_next_text, ws_send};
+pub use browser::{
+    AsyncReadWrite, Browser, Reply, WebSocket, cookie_vm, execute, run_code, ws_next_text, ws_send,
+};
 pub use ca::TestCa;
 pub use vm::{
     HUB_PASSWORD, JupyterHubVm, JupyterServerVm, js_bin, js_dir, require_jupyter, venv_bin,

@@ -12,7 +12,7 @@ use tempfile::TempDir;
 use crate::client::known_hosts_line;
 use crate::keys::{generate_ed25519, read_trimmed};
 use crate::ports::{free_port, read_banner, wait_for_port_closed};
-use crate::process::{Backoff, kill_tree, run_with_timeout};
+use crate::process::{Backoff, kill_tree, run_with_timeout, tree};
 use crate::tools::tool;
 
 /// How long sshd may take to answer with its banner.
@@ -277,6 +277,23 @@ impl SshdVm {
     /// The listener's pid while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Sessions of users logged in here, as sshd shows them: processes under its listener named
+    /// `sshd: <user>@…` (the unprivileged post-authentication child of each connection). Probes
+    /// and unauthenticated connections never get one.
+    pub fn user_sessions(&self) -> usize {
+        let Some(root) = self.pid() else {
+            return 0;
+        };
+        let root = i32::try_from(root).expect("pid fits i32");
+        tree(root)
+            .into_iter()
+            .filter(|pid| *pid != root)
+            .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+            .map(|cmdline| String::from_utf8_lossy(&cmdline).into_owned())
+            .filter(|name| name.starts_with("sshd: ") && name.contains('@'))
+            .count()
     }
 
     /// True while the sshd listener runs.

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_common::*;
+use poolgate_tests::jupyter::cookie_vm;
 use poolgate_tests::*;
 
 /// Health path of the recording upstreams (its requests are not recorded).

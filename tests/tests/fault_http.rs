@@ -8,16 +8,15 @@
 //!   `http.response_header_timeout`, while other browsers' requests keep their usual latency;
 //!   once the probes mark it down the browser is re-pinned.
 
-mod fault_common;
 mod http_common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fault_common::{send_signal, unread_bytes_on_port};
-use http_common::{HttpGateway, HttpGatewayBuilder, cookie_vm};
+use http_common::{HttpGateway, HttpGatewayBuilder};
 use nix::sys::signal::Signal;
 use poolgate_tests::jupyter::*;
+use poolgate_tests::{send_signal, unread_bytes_on_port};
 use serde_json::json;
 
 const COOKIE: &str = "poolgate_vm";

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use fault_common::*;
 use nix::sys::signal::Signal;
 use poolgate_tests::*;
-use ssh_common::{Pool, assert_ok, has_field, stderr, stdout, wait_for_vm_down};
+use ssh_common::{Pool, wait_for_vm_down};
 
 /// Bound for one echo through a healthy session.
 const RTT: Duration = Duration::from_secs(2);
@@ -110,7 +110,7 @@ fn sessions_on_a_killed_vm_end_with_a_message_and_sessions_on_the_other_vm_carry
                 == 0.0
         },
     );
-    let log = ssh_common::strip_ansi(&pool.gateway.log_text());
+    let log = strip_ansi(&pool.gateway.log_text());
     assert!(
         log.lines()
             .any(|l| l.contains("lost the connection to the VM") && has_field(l, "vm", "vm-a")),
@@ -122,7 +122,7 @@ fn sessions_on_a_killed_vm_end_with_a_message_and_sessions_on_the_other_vm_carry
     }
     // Sessions that end normally are not reported as lost VMs.
     pool.wait_for_sessions_ended(6, Duration::from_secs(10));
-    let log = ssh_common::strip_ansi(&pool.gateway.log_text());
+    let log = strip_ansi(&pool.gateway.log_text());
     let lost: Vec<&str> = log_lines(&log, &["lost the connection to the VM"]);
     assert!(
         lost.iter().all(|l| has_field(l, "vm", "vm-a")),
@@ -192,7 +192,7 @@ fn a_vm_that_accepts_and_never_answers_does_not_stall_logins_or_sessions_elsewhe
         worst < Duration::from_secs(1),
         "open sessions stalled: {worst:?}"
     );
-    let log = ssh_common::strip_ansi(&pool.gateway.log_text());
+    let log = strip_ansi(&pool.gateway.log_text());
     assert!(
         log.lines().any(|l| l.contains("VM connection failed")
             && has_field(l, "vm", "vm-a")

@@ -20,7 +20,7 @@ use nix::sys::signal::Signal;
 use poolgate_tests::jupyter::{JupyterServerVm, TestCa, require_jupyter, run_code};
 use poolgate_tests::*;
 use serde_json::json;
-use ssh_common::{Pool, assert_ok, has_field, stdout, strip_ansi};
+use ssh_common::Pool;
 
 const RTT: Duration = Duration::from_secs(2);
 
@@ -84,9 +84,9 @@ fn sigterm_refuses_new_connections_at_once_and_lets_open_sessions_finish_then_ex
     let out = pool.client(1).run("true");
     assert_eq!(out.status.code(), Some(255));
     assert!(
-        ssh_common::stderr(&out).contains("Connection refused"),
+        stderr(&out).contains("Connection refused"),
         "{}",
-        ssh_common::stderr(&out)
+        stderr(&out)
     );
 
     // Open sessions go on.
@@ -259,7 +259,7 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
         Some(255),
         "the removed key still logs in"
     );
-    assert!(ssh_common::stderr(&out).contains("Permission denied"));
+    assert!(stderr(&out).contains("Permission denied"));
 
     // An invalid file: refused with its error (and key path) in the log; the running
     // configuration keeps serving.

@@ -7,19 +7,12 @@
 //! Each test binary uses part of this module.
 #![allow(dead_code)]
 
-#[path = "../admin_common/http.rs"]
-mod http;
-
-#[allow(unused_imports)]
-pub use http::{HttpResponse, Json, http_get, try_http_request};
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdin, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
 use poolgate_tests::*;
 
 /// An SSH session through the gateway running `echo $POOLGATE_VM; exec cat`: every line sent
@@ -161,58 +154,4 @@ impl Drop for LiveSession {
             let _ = self.child.wait();
         }
     }
-}
-
-/// Sends `signal` to process `pid`.
-pub fn send_signal(pid: u32, signal: Signal) {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits i32"));
-    nix::sys::signal::kill(pid, signal).unwrap_or_else(|e| panic!("kill -{signal} {pid}: {e}"));
-}
-
-/// The value of one exposed series (`name{labels}` exactly as exposed), if present.
-pub fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
-}
-
-/// `poolgate_vm_up{vm="<vm>"}`.
-pub fn vm_up(metrics: &str, vm: &str) -> Option<f64> {
-    sample(metrics, &format!("poolgate_vm_up{{vm=\"{vm}\"}}"))
-}
-
-/// Bytes waiting unread in the receive queues of established TCP connections whose local port
-/// is `port` (the server side, as `/proc/net/tcp` shows it): one entry per connection. A
-/// stopped server leaves what its clients sent there.
-pub fn unread_bytes_on_port(port: u16) -> Vec<u64> {
-    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let local_port = u16::from_str_radix(f.get(1)?.rsplit_once(':')?.1, 16).ok()?;
-            let established = *f.get(3)? == "01";
-            let rx = u64::from_str_radix(f.get(4)?.split_once(':')?.1, 16).ok()?;
-            (local_port == port && established).then_some(rx)
-        })
-        .collect()
-}
-
-/// Whether a TCP connection to `addr` is refused (nothing listens any more).
-pub fn refused(addr: std::net::SocketAddr) -> bool {
-    matches!(
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
-    )
-}
-
-/// Lines of `log` (ANSI codes removed) that contain every one of `needles`.
-pub fn log_lines<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
-    log.lines()
-        .filter(|l| needles.iter().all(|n| l.contains(n)))
-        .collect()
 }

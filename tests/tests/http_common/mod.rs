@@ -5,9 +5,8 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use poolgate_tests::jupyter::{Browser, TestCa, ws_next_text, ws_send};
+use poolgate_tests::jupyter::{Browser, TestCa};
 use poolgate_tests::*;
-use serde_json::json;
 
 /// A running gateway with HTTPS (test CA) and plain HTTP listeners.
 pub struct HttpGateway {
@@ -151,70 +150,4 @@ impl HttpGateway {
     pub fn browser(&self) -> Browser {
         Browser::https(self.https, self.ca.client_config())
     }
-}
-
-/// The VM a `poolgate_vm` cookie value names (its first field is base64url of the name).
-pub fn cookie_vm(value: &str) -> String {
-    let first = value.split('.').next().unwrap_or("");
-    let bytes = data_encoding::BASE64URL_NOPAD
-        .decode(first.as_bytes())
-        .unwrap_or_else(|e| panic!("cookie {value:?}: {e}"));
-    String::from_utf8(bytes).expect("UTF-8 VM name")
-}
-
-/// Runs `code` in a new kernel of the Jupyter server at `prefix` (`""` or `/user/<name>`)
-/// over the kernel websocket; returns the `text/plain` result.
-pub async fn execute(b: &Browser, prefix: &str, code: &str) -> String {
-    let r = b
-        .api(
-            "POST",
-            &format!("{prefix}/api/kernels"),
-            Some(&json!({"name": "python3"})),
-        )
-        .await;
-    assert_eq!(r.status, 201, "start kernel: {}", r.text());
-    let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
-    let session = "poolgate-test-session";
-    let mut ws = b
-        .websocket(&format!(
-            "{prefix}/api/kernels/{kernel}/channels?session_id={session}"
-        ))
-        .await;
-    let msg_id = "poolgate-exec-1";
-    let request = json!({
-        "header": {"msg_id": msg_id, "username": "poolgate-test", "session": session,
-                   "msg_type": "execute_request", "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {}, "buffers": [], "channel": "shell",
-        "content": {"code": code, "silent": false, "store_history": true,
-                    "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
-    });
-    ws_send(&mut ws, request.to_string()).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut result = None;
-    let mut replied = false;
-    while result.is_none() || !replied {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let text = tokio::time::timeout(left, ws_next_text(&mut ws))
-            .await
-            .expect("kernel answered within 60 s")
-            .expect("kernel websocket open");
-        let msg: serde_json::Value = serde_json::from_str(&text).expect("kernel message JSON");
-        if msg["parent_header"]["msg_id"] != msg_id {
-            continue;
-        }
-        match msg["header"]["msg_type"].as_str() {
-            Some("execute_result") => {
-                result = msg["content"]["data"]["text/plain"]
-                    .as_str()
-                    .map(str::to_owned)
-            }
-            Some("execute_reply") => {
-                assert_eq!(msg["content"]["status"], "ok", "{msg}");
-                replied = true;
-            }
-            Some("error") => panic!("kernel error: {msg}"),
-            _ => {}
-        }
-    }
-    result.unwrap_or_default()
 }
