@@ -187,7 +187,10 @@ mod tests {
     #[test]
     fn json_lists_have_items_and_anything_else_none() {
         let body = r#"[{"name":"vm-a","sessions":{"ssh":2}}]"#;
-        let raw = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let raw = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
         let r = parse_response(raw.as_bytes()).unwrap();
         let list = r.json();
         assert_eq!(list.items().len(), 1);

@@ -8,27 +8,17 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod ssh_common;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use poolgate_tests::*;
-use ssh_common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `ssh.login_grace` of the handshake test: short, so the bound is measurable.
 const GRACE: Duration = Duration::from_secs(2);
 /// Time allowed on top of a bound for scheduling on a loaded 2-core machine.
 const SLACK: Duration = Duration::from_millis(1500);
-
-/// Open file descriptors of a process.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
 
 /// What the gateway did with one raw connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +80,7 @@ fn server_kexinit(addr: SocketAddr) -> Vec<u8> {
 }
 
 /// No panic anywhere in the gateway's log.
-fn assert_no_panic(pool: &Pool) {
+fn assert_no_panic(pool: &GatewayPool) {
     let log = pool.log();
     assert!(
         !log.contains("panicked"),
@@ -103,7 +93,7 @@ fn assert_no_panic(pool: &Pool) {
 }
 
 /// A real `ssh` through the gateway, optionally from another loopback source address.
-fn real_ssh_works(pool: &Pool, bind: Option<&str>) {
+fn real_ssh_works(pool: &GatewayPool, bind: Option<&str>) {
     let mut client = pool.client(1);
     if let Some(addr) = bind {
         client = client.option(&format!("BindAddress={addr}"));
@@ -118,7 +108,7 @@ fn garbage_truncated_and_stalled_handshakes_are_closed_within_login_grace() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     let started = Instant::now();
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .vm("vm-a")
         .ssh_option(&format!("login_grace = \"{}s\"", GRACE.as_secs()))
         .start();
@@ -301,7 +291,7 @@ fn a_thousand_stalled_connections_are_bounded_and_a_real_user_still_gets_in() {
     const MAX: usize = 40;
     const SHARE: usize = MAX / 4;
     const FLOOD_GRACE: Duration = Duration::from_secs(8);
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .vm("vm-a")
         .ssh_option(&format!("login_grace = \"{}s\"", FLOOD_GRACE.as_secs()))
         .ssh_option(&format!("max_unauthenticated = {MAX}"))
@@ -451,7 +441,7 @@ fn repeated_failed_logins_put_the_address_in_the_penalty_box_and_no_other() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     let started = Instant::now();
-    let pool = Pool::builder().vm("vm-a").start();
+    let pool = GatewayPool::builder().vm("vm-a").start();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, pool.ssh_port));
     let before = auth_failures(&pool.metrics(), "publickey");
     // Documented (docs/security.md): more than 10 failed logins within a minute put the address
