@@ -561,14 +561,16 @@ fn write_authorized_keys(dir: &Path, users: &TestUsers, n: usize) -> BTreeMap<St
     let mut keys = BTreeMap::new();
     for user in users.all().iter().take(n) {
         let key = UserKey::generate(&user.name);
-        std::fs::write(
-            keys_dir.join(&user.name),
-            format!("{}\n", key.public_key_line()),
-        )
-        .expect("write authorized_keys");
+        authorize(&keys_dir, &user.name, &key);
         keys.insert(user.name.clone(), key);
     }
     keys
+}
+
+/// Lists `key` as the only key of `user` in `keys_dir/<user>`.
+fn authorize(keys_dir: &Path, user: &str, key: &UserKey) {
+    std::fs::write(keys_dir.join(user), format!("{}\n", key.public_key_line()))
+        .expect("write authorized_keys");
 }
 
 /// `<dir>/admin_token` holding `token`, mode 0600.
@@ -679,6 +681,12 @@ impl GatewayPool {
     /// The clients' known_hosts (holds the gateway's host key).
     pub fn known_hosts(&self) -> &Path {
         self.known_hosts.path()
+    }
+
+    /// Lists `key` as the only key of `user` in the gateway's authorized_keys, which it reads at
+    /// every login.
+    pub fn authorize(&self, user: &str, key: &UserKey) {
+        authorize(&self.dir().join("authorized_keys"), user, key);
     }
 
     /// The VM called `name`.

@@ -241,11 +241,7 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
     // Authorized keys are read at every login: a newly listed key logs in, the removed one not.
     let user3 = pool.user(3);
     let new_key = UserKey::generate(&format!("{user3}-new"));
-    std::fs::write(
-        pool.dir().join("authorized_keys").join(&user3),
-        format!("{}\n", new_key.public_key_line()),
-    )
-    .expect("rewrite authorized_keys");
+    pool.authorize(&user3, &new_key);
     let out = pool
         .client_as(&user3)
         .user_key(&new_key)
