@@ -43,6 +43,7 @@ mod pool;
 mod ports;
 mod process;
 mod procfs;
+mod provider;
 mod session;
 mod shell;
 mod sshd;
@@ -65,10 +66,11 @@ pub use pool::{
 };
 pub use ports::{free_port, refused, wait_for_port, wait_for_port_closed, wait_for_ssh_banner};
 pub use process::{
-    TimedOut, kill_tree, poll, run_with_input, run_with_timeout, send_signal, try_run_with_timeout,
-    wait_for_exit, wait_until,
+    TimedOut, is_alive, kill_tree, poll, run_with_input, run_with_timeout, send_signal,
+    try_run_with_timeout, wait_for_exit, wait_until,
 };
 pub use procfs::{fd_count, pids_with_cmdline_prefix, rss_kib, unread_bytes_on_port};
+pub use provider::{ExecScripts, KillPidFile, write_script};
 pub use session::{Background, Multiplexed, SshSession, landed};
 pub use shell::{sh_quote, shell_line};
 pub use sshd::{SshdVm, SshdVmBuilder};

@@ -249,6 +249,12 @@ fn alive(pid: i32) -> bool {
     matches!(stat(pid), Some((_, state)) if state != 'Z' && state != 'X')
 }
 
+/// True while process `pid` runs: it exists and is not a zombie (one left to an init that does
+/// not reap has ended).
+pub fn is_alive(pid: u32) -> bool {
+    i32::try_from(pid).is_ok_and(alive)
+}
+
 /// Sleeps between polls: 1 ms at first, doubling up to 50 ms, never past the deadline.
 pub(crate) struct Backoff(Duration);
 
