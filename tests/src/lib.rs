@@ -64,7 +64,9 @@ pub use output::{assert_ok, stderr, stdout};
 pub use pool::{
     GatewayPool, GatewayPoolBuilder, PROBE_INTERVAL, PROBE_TIMEOUT, WEB_PROBE_INTERVAL,
 };
-pub use ports::{free_port, refused, wait_for_port, wait_for_port_closed, wait_for_ssh_banner};
+pub use ports::{
+    accepts, free_port, refused, wait_for_port, wait_for_port_closed, wait_for_ssh_banner,
+};
 pub use process::{
     TimedOut, is_alive, kill_tree, poll, run_with_input, run_with_timeout, send_signal,
     try_run_with_timeout, wait_for_exit, wait_until,

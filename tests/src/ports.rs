@@ -135,7 +135,7 @@ pub fn refused(addr: SocketAddr) -> bool {
 const CONNECT: Duration = Duration::from_millis(500);
 
 /// One attempt: does `addr` accept a TCP connection (within 500 ms)?
-pub(crate) fn accepts(addr: SocketAddr) -> bool {
+pub fn accepts(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, CONNECT).is_ok()
 }
 

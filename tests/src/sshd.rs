@@ -153,7 +153,7 @@ impl SshdVmBuilder {
              UseDNS no\n",
             port = vm.port,
             host_key = vm.host_key.display(),
-            pid = vm.dir.path().join("sshd.pid").display(),
+            pid = vm.pid_file().display(),
             password = yes_no(self.password_auth),
             ca = self
                 .ca_keys
@@ -240,6 +240,12 @@ impl SshdVm {
     /// The VM's temp dir (config, host key, log, pid file).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The file sshd writes its pid to (`PidFile`): where operator scripts that start the VM
+    /// themselves (`sshd -f <config>`) find it.
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("sshd.pid")
     }
 
     /// The sshd_config file.
