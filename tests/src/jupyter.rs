@@ -13,11 +13,8 @@
 //! npm packages in `tests/js/node_modules` (`$POOLGATE_JS` overrides that folder); `tests/run`
 //! installs both. Under CI a missing tool fails the test (see [`crate::require_tool`]).
 
-#[path = "jupyter/browser.rs"]
 mod browser;
-#[path = "jupyter/ca.rs"]
 mod ca;
-#[path = "jupyter/vm.rs"]
 mod vm;
 
 pub use browser::{
