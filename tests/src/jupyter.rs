@@ -22,6 +22,6 @@ pub use browser::{
 };
 pub use ca::TestCa;
 pub use vm::{
-    HUB_PASSWORD, JupyterHubVm, JupyterServerVm, js_bin, js_dir, require_jupyter, venv_bin,
+    HUB_PASSWORD, JupyterHubVm, JupyterServerVm, WebVm, js_bin, js_dir, require_jupyter, venv_bin,
     venv_dir,
 };

@@ -68,7 +68,7 @@ pub use ports::{
     accepts, free_port, refused, wait_for_port, wait_for_port_closed, wait_for_ssh_banner,
 };
 pub use process::{
-    TimedOut, is_alive, kill_tree, poll, run_with_input, run_with_timeout, send_signal,
+    TimedOut, blocking, is_alive, kill_tree, poll, run_with_input, run_with_timeout, send_signal,
     try_run_with_timeout, wait_for_exit, wait_until,
 };
 pub use procfs::{fd_count, pids_with_cmdline_prefix, rss_kib, unread_bytes_on_port};

@@ -28,11 +28,11 @@ use tempfile::TempDir;
 use crate::client::{KnownHosts, SshClient};
 use crate::gateway::{GatewayProcess, poolgate_bin};
 use crate::http::{HttpResponse, JsonItems, http_get, http_request};
-use crate::jupyter::{Browser, TestCa};
+use crate::jupyter::{Browser, TestCa, WebVm};
 use crate::keys::{UserCa, UserKey, generate_ed25519};
 use crate::log::strip_ansi;
 use crate::ports::free_port;
-use crate::process::{poll, run_with_timeout, wait_until};
+use crate::process::{blocking, poll, run_with_timeout, wait_until};
 use crate::procfs::rss_kib;
 use crate::sshd::{SshdVm, SshdVmBuilder};
 use crate::users::TestUsers;
@@ -132,6 +132,14 @@ impl GatewayPoolBuilder {
             name: name.into(),
             kind: VmKind::Web { http_port },
         });
+        self
+    }
+
+    /// [`web_vm`](Self::web_vm) for each of `vms`, in order, under its own name.
+    pub fn web_vms(mut self, vms: &[impl WebVm]) -> Self {
+        for vm in vms {
+            self = self.web_vm(vm.vm_name(), vm.http_port());
+        }
         self
     }
 
@@ -345,6 +353,11 @@ impl GatewayPoolBuilder {
             started.elapsed()
         );
         pool
+    }
+
+    /// [`start`](Self::start) for async tests: runs it off the async workers.
+    pub async fn start_async(self) -> GatewayPool {
+        blocking(move || self.start()).await
     }
 
     fn sshd_plans(&self) -> impl Iterator<Item = &VmPlan> {

@@ -147,6 +147,19 @@ pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
     }
 }
 
+/// Runs `f`, a blocking fixture call (starting processes, polling the admin API), on tokio's
+/// blocking pool, so an async test's workers keep serving its connections meanwhile. Panics
+/// when `f` does.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => value,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("blocking task: {e}"),
+        },
+    }
+}
+
 /// Polls `condition` (1 ms doubling to 50 ms) until it is true or `timeout` passes; returns
 /// whether it became true. For waits whose failure message needs state from the closure.
 pub fn poll(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {

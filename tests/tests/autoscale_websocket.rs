@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use poolgate_tests::jupyter::{Browser, JupyterServerVm, WebSocket, require_jupyter, run_code};
 use poolgate_tests::*;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const VM: &str = "js-a";
 /// `http.session_idle`.
@@ -82,11 +82,6 @@ fn http_waiting(admin: SocketAddr) -> f64 {
         .and_then(|l| l.rsplit_once(' '))
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0.0)
-}
-
-/// Runs `f` (blocking admin calls) off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
 /// What the admin API showed during the hold.
@@ -233,14 +228,7 @@ async fn an_open_kernel_websocket_keeps_its_vm_through_scale_in_windows_and_it_s
         browser.cookie("poolgate_vm", "/").is_some(),
         "no affinity cookie"
     );
-    let r = browser
-        .api("POST", "/api/kernels", Some(&json!({"name": "python3"})))
-        .await;
-    assert_eq!(r.status, 201, "start a kernel: {}", r.text());
-    let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
-    let mut ws = browser
-        .websocket(&format!("/api/kernels/{kernel}/channels?session_id=bg-tab"))
-        .await;
+    let mut ws = browser.open_kernel("", "bg-tab").await;
     let opened = Instant::now();
     let kernel_pid: u32 = run_code(
         &mut ws,

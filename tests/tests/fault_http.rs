@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use poolgate_tests::jupyter::*;
-use poolgate_tests::{GatewayPool, WEB_PROBE_INTERVAL, send_signal, unread_bytes_on_port};
-use serde_json::json;
+use poolgate_tests::{
+    GatewayPool, WEB_PROBE_INTERVAL, blocking, send_signal, unread_bytes_on_port,
+};
 
 const COOKIE: &str = "poolgate_vm";
 /// `http.response_header_timeout` of the hung-VM test.
@@ -67,20 +68,13 @@ async fn a_killed_vm_fails_its_post_in_flight_with_502_resends_its_get_and_repin
         return;
     }
     let started = Instant::now();
-    let mut vms = tokio::task::spawn_blocking(|| JupyterServerVm::start_all(&["js-a", "js-b"]))
-        .await
-        .expect("VMs");
-    let ports: Vec<u16> = vms.iter().map(|v| v.port()).collect();
-    let gw = tokio::task::spawn_blocking(move || {
-        GatewayPool::builder()
-            .web_pool("/api")
-            .tls()
-            .web_vm("js-a", ports[0])
-            .web_vm("js-b", ports[1])
-            .start()
-    })
-    .await
-    .expect("gateway");
+    let mut vms = blocking(|| JupyterServerVm::start_all(&["js-a", "js-b"])).await;
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vms(&vms)
+        .start_async()
+        .await;
     let (a, vm) = pinned_browser(&gw).await;
     assert_eq!(vm, "js-a");
     let (b, vm) = pinned_browser(&gw).await;
@@ -90,14 +84,7 @@ async fn a_killed_vm_fails_its_post_in_flight_with_502_resends_its_get_and_repin
     // websocket open on js-a.
     let (r, _) = b.follow("/lab").await;
     assert_eq!(r.status, 200, "the page that sets _xsrf");
-    let r = b
-        .api("POST", "/api/kernels", Some(&json!({"name": "python3"})))
-        .await;
-    assert_eq!(r.status, 201, "start a kernel: {}", r.text());
-    let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
-    let mut kernel_ws = b
-        .websocket(&format!("/api/kernels/{kernel}/channels?session_id=s1"))
-        .await;
+    let mut kernel_ws = b.open_kernel("", "s1").await;
     assert_eq!(run_code(&mut kernel_ws, "1+1", "before").await, "2");
     let mut events_a = a.websocket("/api/events/subscribe").await;
 
@@ -200,24 +187,17 @@ async fn a_vm_that_never_answers_costs_its_browser_one_504_and_stalls_nobody_els
         return;
     }
     let started = Instant::now();
-    let vms = tokio::task::spawn_blocking(|| JupyterServerVm::start_all(&["js-a", "js-b"]))
-        .await
-        .expect("VMs");
-    let ports: Vec<u16> = vms.iter().map(|v| v.port()).collect();
-    let gw = tokio::task::spawn_blocking(move || {
-        GatewayPool::builder()
-            .web_pool("/api")
-            .tls()
-            .web_vm("js-a", ports[0])
-            .web_vm("js-b", ports[1])
-            .http_option(&format!(
-                "response_header_timeout = \"{}s\"",
-                HEADER_TIMEOUT.as_secs()
-            ))
-            .start()
-    })
-    .await
-    .expect("gateway");
+    let vms = blocking(|| JupyterServerVm::start_all(&["js-a", "js-b"])).await;
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vms(&vms)
+        .http_option(&format!(
+            "response_header_timeout = \"{}s\"",
+            HEADER_TIMEOUT.as_secs()
+        ))
+        .start_async()
+        .await;
     let (a, vm) = pinned_browser(&gw).await;
     assert_eq!(vm, "js-a");
     let (b, vm) = pinned_browser(&gw).await;

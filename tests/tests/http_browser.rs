@@ -33,8 +33,7 @@ fn chromium_logs_in_opens_jupyterlab_and_runs_a_cell() {
     let gw = GatewayPool::builder()
         .web_pool("/hub/health")
         .tls()
-        .web_vm(hubs[0].name(), hubs[0].port())
-        .web_vm(hubs[1].name(), hubs[1].port())
+        .web_vms(&hubs)
         .start();
     let artifacts = workspace_dir().join("tests/artifacts");
     std::fs::create_dir_all(&artifacts).expect("tests/artifacts");

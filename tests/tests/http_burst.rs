@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use poolgate_tests::jupyter::*;
-use poolgate_tests::{GatewayPool, JsonItems, http_get, http_request};
+use poolgate_tests::{GatewayPool, JsonItems, blocking, http_get, http_request};
 use serde_json::Value;
 
 const COOKIE: &str = "poolgate_vm";
@@ -198,21 +198,14 @@ async fn twenty_cookie_dropping_clients_at_once_spread_over_two_vms_and_their_lo
     let started = Instant::now();
     let names = ["js-a", "js-b"];
     let tentative_for = Duration::from_secs(2);
-    let vms = tokio::task::spawn_blocking(move || JupyterServerVm::start_all(&names))
-        .await
-        .expect("VMs");
-    let ports: Vec<u16> = vms.iter().map(|v| v.port()).collect();
-    let gw = tokio::task::spawn_blocking(move || {
-        GatewayPool::builder()
-            .web_pool("/api")
-            .tls()
-            .web_vm("js-a", ports[0])
-            .web_vm("js-b", ports[1])
-            .http_option(&format!("tentative_for = \"{}s\"", tentative_for.as_secs()))
-            .start()
-    })
-    .await
-    .expect("gateway");
+    let vms = blocking(move || JupyterServerVm::start_all(&names)).await;
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vms(&vms)
+        .http_option(&format!("tentative_for = \"{}s\"", tentative_for.as_secs()))
+        .start_async()
+        .await;
     eprintln!(
         "two jupyter servers and the gateway ready in {:?}",
         started.elapsed()
@@ -233,22 +226,14 @@ async fn twenty_cookie_dropping_clients_at_once_spread_over_three_vms_with_the_d
     }
     let started = Instant::now();
     let names = ["js-a", "js-b", "js-c"];
-    let vms = tokio::task::spawn_blocking(move || JupyterServerVm::start_all(&names))
-        .await
-        .expect("VMs");
-    let ports: Vec<u16> = vms.iter().map(|v| v.port()).collect();
+    let vms = blocking(move || JupyterServerVm::start_all(&names)).await;
     // No `tentative_for` (nor `session_idle`) in the config: the documented defaults.
-    let gw = tokio::task::spawn_blocking(move || {
-        GatewayPool::builder()
-            .web_pool("/api")
-            .tls()
-            .web_vm("js-a", ports[0])
-            .web_vm("js-b", ports[1])
-            .web_vm("js-c", ports[2])
-            .start()
-    })
-    .await
-    .expect("gateway");
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vms(&vms)
+        .start_async()
+        .await;
     let config = std::fs::read_to_string(gw.gateway.config_path()).unwrap();
     assert!(!config.contains("tentative_for") && !config.contains("session_idle"));
     eprintln!(

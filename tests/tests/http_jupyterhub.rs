@@ -140,8 +140,7 @@ async fn jupyterhub_pool_through_the_gateway() {
     let gw = GatewayPool::builder()
         .web_pool("/hub/health")
         .tls()
-        .web_vm(hubs[0].name(), hubs[0].port())
-        .web_vm(hubs[1].name(), hubs[1].port())
+        .web_vms(&hubs)
         .start();
     eprintln!("two hubs and the gateway ready in {:?}", started.elapsed());
 

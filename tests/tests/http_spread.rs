@@ -17,11 +17,11 @@ async fn twenty_new_browsers_spread_over_the_vms_by_load() {
     }
     let started = Instant::now();
     let vms = JupyterServerVm::start_all(&["js-a", "js-b", "js-c"]);
-    let mut builder = GatewayPool::builder().web_pool("/api").tls();
-    for vm in &vms {
-        builder = builder.web_vm(vm.name(), vm.port());
-    }
-    let gw = builder.start();
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vms(&vms)
+        .start();
     eprintln!(
         "three jupyter servers and the gateway ready in {:?}",
         started.elapsed()

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use poolgate_tests::jupyter::{JupyterServerVm, TestCa, require_jupyter, run_code};
 use poolgate_tests::*;
-use serde_json::json;
 
 const RTT: Duration = Duration::from_secs(2);
 
@@ -338,33 +337,18 @@ async fn sighup_serves_a_new_tls_certificate_at_once_and_keeps_an_open_websocket
     if !require_jupyter() {
         return;
     }
-    let vm = tokio::task::spawn_blocking(|| JupyterServerVm::start("js-a"))
-        .await
-        .expect("jupyter-server");
-    let gw = tokio::task::spawn_blocking({
-        let port = vm.port();
-        move || {
-            GatewayPool::builder()
-                .web_pool("/api")
-                .tls()
-                .web_vm("js-a", port)
-                .start()
-        }
-    })
-    .await
-    .expect("gateway");
+    let vm = blocking(|| JupyterServerVm::start("js-a")).await;
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vm("js-a", vm.port())
+        .start_async()
+        .await;
     let browser = gw.browser();
     // The page that sets `_xsrf`, needed for the kernel API.
     let (r, _) = browser.follow("/lab").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = browser
-        .api("POST", "/api/kernels", Some(&json!({"name": "python3"})))
-        .await;
-    assert_eq!(r.status, 201, "start a kernel: {}", r.text());
-    let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
-    let mut ws = browser
-        .websocket(&format!("/api/kernels/{kernel}/channels?session_id=s1"))
-        .await;
+    let mut ws = browser.open_kernel("", "s1").await;
     assert_eq!(run_code(&mut ws, "1+1", "before").await, "2");
 
     // A renewed certificate (another CA here, so a client can tell which one it got) replaces

@@ -321,6 +321,26 @@ impl Browser {
         .await
     }
 
+    /// Starts a `python3` kernel on the Jupyter server under `prefix` (`""` for a plain
+    /// jupyter_server, `/user/<name>` behind JupyterHub), asserting `201 Created`, and opens its
+    /// channels websocket for the client session `session_id`, as a notebook tab does. Needs the
+    /// `_xsrf` cookie a page load sets.
+    pub async fn open_kernel(&self, prefix: &str, session_id: &str) -> WebSocket {
+        let r = self
+            .api(
+                "POST",
+                &format!("{prefix}/api/kernels"),
+                Some(&serde_json::json!({"name": "python3"})),
+            )
+            .await;
+        assert_eq!(r.status, 201, "start a kernel: {}", r.text());
+        let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
+        self.websocket(&format!(
+            "{prefix}/api/kernels/{kernel}/channels?session_id={session_id}"
+        ))
+        .await
+    }
+
     /// Opens a websocket to `path` with this browser's cookies and `Origin`.
     pub async fn websocket(&self, path: &str) -> WebSocket {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -400,21 +420,8 @@ pub async fn run_code(ws: &mut WebSocket, code: &str, msg_id: &str) -> String {
 /// over the kernel websocket; returns the `text/plain` result once the kernel has also replied
 /// `ok` (60 s at most for both).
 pub async fn execute(b: &Browser, prefix: &str, code: &str) -> String {
-    let r = b
-        .api(
-            "POST",
-            &format!("{prefix}/api/kernels"),
-            Some(&serde_json::json!({"name": "python3"})),
-        )
-        .await;
-    assert_eq!(r.status, 201, "start kernel: {}", r.text());
-    let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
     let session = "poolgate-test-session";
-    let mut ws = b
-        .websocket(&format!(
-            "{prefix}/api/kernels/{kernel}/channels?session_id={session}"
-        ))
-        .await;
+    let mut ws = b.open_kernel(prefix, session).await;
     let msg_id = "poolgate-exec-1";
     ws_send(&mut ws, execute_request(code, msg_id, session).to_string()).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -427,3 +427,30 @@ impl JupyterServerVm {
         }
     }
 }
+
+/// A web VM a test runs itself (a Jupyter server, a hub): what a pool needs to route to it
+/// ([`GatewayPoolBuilder::web_vms`](crate::GatewayPoolBuilder::web_vms)).
+pub trait WebVm {
+    /// The VM's name in the pool.
+    fn vm_name(&self) -> &str;
+    /// The port on 127.0.0.1 the gateway forwards to.
+    fn http_port(&self) -> u16;
+}
+
+impl WebVm for JupyterServerVm {
+    fn vm_name(&self) -> &str {
+        self.name()
+    }
+    fn http_port(&self) -> u16 {
+        self.port()
+    }
+}
+
+impl WebVm for JupyterHubVm {
+    fn vm_name(&self) -> &str {
+        self.name()
+    }
+    fn http_port(&self) -> u16 {
+        self.port()
+    }
+}
