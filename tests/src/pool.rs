@@ -748,6 +748,19 @@ impl GatewayPool {
         strip_ansi(&self.gateway.log_text())
     }
 
+    /// Asserts that the gateway's log shows no panic, quoting every line that does.
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        assert!(
+            !log.contains("panicked"),
+            "the gateway panicked:\n{}",
+            log.lines()
+                .filter(|l| l.contains("panicked"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+
     /// Waits for the audit line of `n` ended sessions in total.
     pub fn wait_for_sessions_ended(&self, n: usize, timeout: Duration) {
         wait_until(timeout, &format!("{n} \"ssh session ended\" lines"), || {

@@ -189,18 +189,6 @@ fn request(method: &str, target: &str, extra: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-fn assert_no_panic(gw: &GatewayPool) {
-    let log = gw.gateway.log_text();
-    assert!(
-        !log.contains("panicked"),
-        "the gateway panicked:\n{}",
-        log.lines()
-            .filter(|l| l.contains("panicked"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-}
-
 /// A plain request is answered by the upstream.
 fn still_serves(gw: &GatewayPool) {
     let (status, _, text) = raw(gw.http, &request("GET", "/still-ok", ""));
@@ -300,7 +288,7 @@ fn slowloris_and_silent_connections_are_cut_by_the_header_read_timeout() {
         fd_count(pid)
     );
     still_serves(&gw);
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
     eprintln!("slowloris test: {:?}", started.elapsed());
 }
 
@@ -373,7 +361,7 @@ fn oversized_headers_and_targets_get_431_and_414() {
         "only the two requests within the limits reached the VM"
     );
     still_serves(&gw);
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
 }
 
 #[test]
@@ -505,7 +493,7 @@ fn request_smuggling_attempts_never_reach_a_vm_as_two_requests() {
     assert_eq!(status, 400, "HTTP/1.0 with Transfer-Encoding");
     assert!(up.take().is_empty());
     still_serves(&gw);
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
 }
 
 #[test]
@@ -585,7 +573,7 @@ fn path_tricks_are_refused_or_stay_on_the_pool_vm() {
     assert!(text.contains("vm=up-a saw GET /host"), "{text}");
     assert_eq!(up.take()[0].header("host"), Some("evil.example:22"));
     still_serves(&gw);
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
 }
 
 /// HMAC-SHA256 (RFC 2104), to sign cookies with the gateway's own secret.
@@ -834,7 +822,7 @@ fn malformed_forged_tampered_and_expired_cookies_are_ignored_and_the_browser_re_
     assert_eq!(cookie_vm(&set), vm);
     assert!(cookie_signed_by(&secret, &set));
     still_serves(&gw);
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -894,7 +882,7 @@ async fn garbage_on_the_https_listener_is_closed_at_once() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("saw GET /after-garbage"), "{}", r.text());
     assert!(up.take().iter().all(|s| s.target == "/after-garbage"));
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
 }
 
 /// Reads one `Content-Length` response from a keep-alive connection; returns its text.
@@ -991,5 +979,5 @@ fn past_max_connections_new_clients_wait_until_a_connection_closes() {
         let text = read_one_response(s);
         assert!(text.contains(&format!("saw GET /again-{i}")), "{text}");
     }
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
 }

@@ -79,19 +79,6 @@ fn server_kexinit(addr: SocketAddr) -> Vec<u8> {
     whole
 }
 
-/// No panic anywhere in the gateway's log.
-fn assert_no_panic(pool: &GatewayPool) {
-    let log = pool.log();
-    assert!(
-        !log.contains("panicked"),
-        "the gateway panicked:\n{}",
-        log.lines()
-            .filter(|l| l.contains("panicked"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-}
-
 /// A real `ssh` through the gateway, optionally from another loopback source address.
 fn real_ssh_works(pool: &GatewayPool, bind: Option<&str>) {
     let mut client = pool.client(1);
@@ -193,7 +180,7 @@ fn garbage_truncated_and_stalled_handshakes_are_closed_within_login_grace() {
 
     // Still serving, and nothing panicked.
     real_ssh_works(&pool, None);
-    assert_no_panic(&pool);
+    pool.assert_no_panic();
     eprintln!("handshake cases: {:?}", started.elapsed());
 }
 
@@ -423,7 +410,7 @@ fn a_thousand_stalled_connections_are_bounded_and_a_real_user_still_gets_in() {
         drop_lines < 20,
         "{drop_lines} drop lines: the log is flooded too"
     );
-    assert_no_panic(&pool);
+    pool.assert_no_panic();
     eprintln!("flood test: {:?}", started.elapsed());
 }
 
@@ -510,7 +497,7 @@ fn repeated_failed_logins_put_the_address_in_the_penalty_box_and_no_other() {
     assert!(has_field(boxed_line, "penalty_s", "30"), "{boxed_line}");
     // Everything above happened well inside the 30 s penalty.
     assert!(t_boxed.elapsed() < Duration::from_secs(25));
-    assert_no_panic(&pool);
+    pool.assert_no_panic();
     eprintln!(
         "brute force: {} failures counted, test {:?}",
         after - before,
