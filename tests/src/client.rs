@@ -11,6 +11,7 @@ use tempfile::TempDir;
 
 use crate::keys::UserKey;
 use crate::process::{run_with_input, run_with_timeout};
+use crate::shell::sh_quote;
 use crate::sshd::SshdVm;
 use crate::tools::tool;
 
@@ -270,9 +271,9 @@ impl SshClient {
 
     /// The `rsync -e` value: this ssh with its options and port, quoted for rsync.
     pub fn rsync_shell(&self) -> String {
-        let mut parts = vec![shell_quote(tool("ssh").as_os_str())];
+        let mut parts = vec![sh_quote(&tool("ssh").to_string_lossy())];
         for arg in self.common_args() {
-            parts.push(shell_quote(&arg));
+            parts.push(sh_quote(&arg.to_string_lossy()));
         }
         parts.push("-p".into());
         parts.push(self.port.to_string());
@@ -310,18 +311,6 @@ impl SshClient {
     }
 }
 
-/// Single-quotes `s` for a POSIX-style word splitter (rsync's `-e` parser follows these rules).
-fn shell_quote(s: &std::ffi::OsStr) -> String {
-    let s = s.to_string_lossy();
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
-    {
-        return s.into_owned();
-    }
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,12 +321,6 @@ mod tests {
             known_hosts_line(2222, "ssh-ed25519 AAAAC3Nz vm-a host key"),
             "[127.0.0.1]:2222 ssh-ed25519 AAAAC3Nz"
         );
-    }
-
-    #[test]
-    fn quotes_only_what_needs_it() {
-        assert_eq!(shell_quote("-oBatchMode=yes".as_ref()), "-oBatchMode=yes");
-        assert_eq!(shell_quote("a b'c".as_ref()), r"'a b'\''c'");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use tempfile::TempDir;
 
+use crate::log::{has_field, strip_ansi};
 use crate::ports::accepts;
 use crate::process::{Backoff, kill_tree, signal, wait_child};
 
@@ -214,6 +215,38 @@ impl GatewayProcess {
             if Instant::now() >= deadline {
                 panic!(
                     "{needle:?} not in the gateway log after {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            backoff.sleep_until(deadline);
+        }
+    }
+
+    /// Waits for the gateway's "VM is up" line naming `vm` (one of its sides passed its probes);
+    /// panics with the log after `timeout`.
+    pub fn wait_for_vm_up(&self, vm: &str, timeout: Duration) {
+        self.wait_for_health_line(vm, "VM is up", timeout);
+    }
+
+    /// Waits for the gateway's "VM is down" line naming `vm`; panics with the log after
+    /// `timeout`.
+    pub fn wait_for_vm_down(&self, vm: &str, timeout: Duration) {
+        self.wait_for_health_line(vm, "VM is down", timeout);
+    }
+
+    fn wait_for_health_line(&self, vm: &str, what: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::new();
+        loop {
+            let seen = strip_ansi(&self.log_text())
+                .lines()
+                .any(|l| l.contains(what) && has_field(l, "vm", vm));
+            if seen {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "no {what:?} line for {vm} in the gateway log after {timeout:?}:\n{}",
                     self.log_text()
                 );
             }

@@ -13,16 +13,15 @@
 //! npm packages in `tests/js/node_modules` (`$POOLGATE_JS` overrides that folder); `tests/run`
 //! installs both. Under CI a missing tool fails the test (see [`crate::require_tool`]).
 
-#[path = "jupyter/browser.rs"]
 mod browser;
-#[path = "jupyter/ca.rs"]
 mod ca;
-#[path = "jupyter/vm.rs"]
 mod vm;
 
-pub use browser::{AsyncReadWrite, Browser, Reply, WebSocket, run_code, ws_next_text, ws_send};
+pub use browser::{
+    AsyncReadWrite, Browser, Reply, WebSocket, cookie_vm, execute, run_code, ws_next_text, ws_send,
+};
 pub use ca::TestCa;
 pub use vm::{
-    HUB_PASSWORD, JupyterHubVm, JupyterServerVm, js_bin, js_dir, require_jupyter, venv_bin,
+    HUB_PASSWORD, JupyterHubVm, JupyterServerVm, WebVm, js_bin, js_dir, require_jupyter, venv_bin,
     venv_dir,
 };

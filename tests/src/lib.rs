@@ -1,31 +1,27 @@
-//! Test harness for poolgate end-to-end tests.
+//! Test harness for poolgate end-to-end tests: one fixture library for every topic.
 //!
 //! Real parts only: OpenSSH `sshd` processes play the pool VMs ([`SshdVm`]), OpenSSH
-//! `ssh`/`scp`/`sftp`/`rsync` play the users ([`SshClient`]), and the gateway runs as its own
-//! binary ([`GatewayProcess`]). Every fixture binds only `127.0.0.1` on a free port, lives in
-//! its own temp dir, kills and reaps its processes on drop, and waits for real conditions (a
-//! banner, an open port, a log line) with a deadline that fails with a clear message.
+//! `ssh`/`scp`/`sftp`/`rsync` play the users ([`SshClient`], [`SshSession`]), Jupyter servers
+//! play the VMs' web sides ([`jupyter`]), and the gateway runs as its own binary
+//! ([`GatewayProcess`]). [`GatewayPool`] puts them together: the gateway in front of a pool,
+//! with test users and its admin listener. Every fixture binds only `127.0.0.1` on a free port,
+//! lives in its own temp dir, kills and reaps its processes on drop, and waits for real
+//! conditions (a banner, an open port, a log line, the admin API) with a deadline that fails
+//! with a clear message.
 //!
 //! Missing tools follow one rule ([`require_tool`], [`require_tools!`]): under CI (`CI=true`)
 //! they fail the test with what to install; elsewhere the test is skipped with a loud message.
 //!
 //! ```no_run
 //! use poolgate_tests::*;
-//! use std::time::Duration;
 //!
 //! require_tools!("sshd", "ssh", "ssh-keygen");
 //! require_root!();
-//! let users = TestUsers::ensure(1);
-//! let ca = UserCa::generate();
-//! let vm = SshdVm::builder("vm-a").trusted_user_ca_keys(ca.public_key_path()).start();
-//! let key = UserKey::generate("pgtest1");
-//! ca.sign(&key, &users.user(1).name, Duration::from_secs(600));
-//! let known_hosts = KnownHosts::new();
-//! known_hosts.add_vm(&vm);
-//! let out = SshClient::new(&users.user(1).name, vm.port(), known_hosts.path())
-//!     .user_key(&key)
-//!     .run("echo $POOLGATE_VM");
-//! assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vm-a");
+//! let pool = GatewayPool::builder().vm("vm-a").vm("vm-b").users(2).start();
+//! let session = SshSession::hold(&pool.client(1));
+//! assert_eq!(pool.vm_json(&session.vm)["sessions"]["ssh"].as_u64(), Some(1));
+//! assert_ne!(landed(&pool.client(2)), session.vm);
+//! session.end();
 //! ```
 
 // This crate exists only to serve tests: a failed setup step should abort the test at once with
@@ -35,28 +31,54 @@
 
 mod agent;
 mod client;
+mod data;
 mod gateway;
 mod haproxy;
+mod http;
 pub mod jupyter;
 mod keys;
+mod log;
+mod metrics;
+mod output;
+mod pool;
 mod ports;
 mod process;
+mod procfs;
+mod provider;
 mod redis;
+mod session;
+mod shell;
 mod sshd;
 mod tools;
 mod users;
 
 pub use agent::SshAgent;
 pub use client::{KnownHosts, SshClient, known_hosts_line};
+pub use data::{
+    Sha256Stream, random_bytes_command, random_file, sha256_command, sha256_file, shared_temp_dir,
+};
 pub use gateway::{GatewayProcess, GatewayProcessBuilder, poolgate_bin, workspace_dir};
 pub use haproxy::Haproxy;
+pub use http::{HttpResponse, JsonItems, http_get, http_request, try_http_request};
 pub use keys::{UserCa, UserKey, generate_ed25519};
-pub use ports::{free_port, wait_for_port, wait_for_port_closed, wait_for_ssh_banner};
-pub use process::{
-    TimedOut, kill_tree, run_with_input, run_with_timeout, try_run_with_timeout, wait_for_exit,
-    wait_until,
+pub use log::{has_field, log_lines, strip_ansi};
+pub use metrics::{metric_types, promtool_check, sample, samples, ssh_active, vm_up};
+pub use output::{assert_ok, stderr, stdout};
+pub use pool::{
+    GatewayPool, GatewayPoolBuilder, PROBE_INTERVAL, PROBE_TIMEOUT, WEB_PROBE_INTERVAL,
 };
+pub use ports::{
+    accepts, free_port, refused, wait_for_port, wait_for_port_closed, wait_for_ssh_banner,
+};
+pub use process::{
+    TimedOut, blocking, is_alive, kill_tree, poll, run_with_input, run_with_timeout, send_signal,
+    try_run_with_timeout, wait_for_exit, wait_until,
+};
+pub use procfs::{fd_count, pids_with_cmdline_prefix, rss_kib, unread_bytes_on_port};
+pub use provider::{ExecScripts, KillPidFile, write_script};
 pub use redis::{RedisServer, Tls as RedisTls};
+pub use session::{Background, Multiplexed, SshSession, landed};
+pub use shell::{sh_quote, shell_line};
 pub use sshd::{SshdVm, SshdVmBuilder};
 pub use tools::{find_tool, in_ci, install_hint, require_root, require_tool, tool};
 pub use users::{TestUser, TestUsers, ensure_system_account, test_user_name};

@@ -124,10 +124,18 @@ pub fn wait_for_ssh_banner(addr: SocketAddr, timeout: Duration) -> String {
     }
 }
 
+/// Whether a TCP connection to `addr` is refused (nothing listens any more).
+pub fn refused(addr: SocketAddr) -> bool {
+    matches!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
 const CONNECT: Duration = Duration::from_millis(500);
 
 /// One attempt: does `addr` accept a TCP connection (within 500 ms)?
-pub(crate) fn accepts(addr: SocketAddr) -> bool {
+pub fn accepts(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, CONNECT).is_ok()
 }
 

@@ -147,6 +147,35 @@ pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
     }
 }
 
+/// Runs `f`, a blocking fixture call (starting processes, polling the admin API), on tokio's
+/// blocking pool, so an async test's workers keep serving its connections meanwhile. Panics
+/// when `f` does.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => value,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("blocking task: {e}"),
+        },
+    }
+}
+
+/// Polls `condition` (1 ms doubling to 50 ms) until it is true or `timeout` passes; returns
+/// whether it became true. For waits whose failure message needs state from the closure.
+pub fn poll(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut backoff = Backoff::new();
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        backoff.sleep_until(deadline);
+    }
+}
+
 /// Kills process `root` and every descendant it has right now, without racing new forks: each
 /// process found is stopped (SIGSTOP) until the tree stops growing, then all get SIGKILL. Waits
 /// (up to 5 s) until the descendants are gone; the caller reaps `root` if it is its child.
@@ -185,8 +214,14 @@ pub(crate) fn signal(pid: u32, signal: Signal) {
     let _ = kill(Pid::from_raw(pid as i32), signal);
 }
 
+/// Sends `signal` to process `pid`; panics when that fails (the process must exist).
+pub fn send_signal(pid: u32, signal: Signal) {
+    let pid = Pid::from_raw(i32::try_from(pid).expect("pid fits i32"));
+    kill(pid, signal).unwrap_or_else(|e| panic!("kill -{signal} {pid}: {e}"));
+}
+
 /// `root` and its descendants, from the parent links in `/proc/*/stat`.
-fn tree(root: i32) -> Vec<i32> {
+pub(crate) fn tree(root: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
@@ -225,6 +260,12 @@ fn stat(pid: i32) -> Option<(i32, char)> {
 /// container does not reap; it no longer runs).
 fn alive(pid: i32) -> bool {
     matches!(stat(pid), Some((_, state)) if state != 'Z' && state != 'X')
+}
+
+/// True while process `pid` runs: it exists and is not a zombie (one left to an init that does
+/// not reap has ended).
+pub fn is_alive(pid: u32) -> bool {
+    i32::try_from(pid).is_ok_and(alive)
 }
 
 /// Sleeps between polls: 1 ms at first, doubling up to 50 ms, never past the deadline.

@@ -12,7 +12,7 @@ use tempfile::TempDir;
 use crate::client::known_hosts_line;
 use crate::keys::{generate_ed25519, read_trimmed};
 use crate::ports::{free_port, read_banner, wait_for_port_closed};
-use crate::process::{Backoff, kill_tree, run_with_timeout};
+use crate::process::{Backoff, kill_tree, run_with_timeout, tree};
 use crate::tools::tool;
 
 /// How long sshd may take to answer with its banner.
@@ -153,7 +153,7 @@ impl SshdVmBuilder {
              UseDNS no\n",
             port = vm.port,
             host_key = vm.host_key.display(),
-            pid = vm.dir.path().join("sshd.pid").display(),
+            pid = vm.pid_file().display(),
             password = yes_no(self.password_auth),
             ca = self
                 .ca_keys
@@ -242,6 +242,12 @@ impl SshdVm {
         self.dir.path()
     }
 
+    /// The file sshd writes its pid to (`PidFile`): where operator scripts that start the VM
+    /// themselves (`sshd -f <config>`) find it.
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("sshd.pid")
+    }
+
     /// The sshd_config file.
     pub fn config_path(&self) -> &Path {
         &self.config_path
@@ -277,6 +283,23 @@ impl SshdVm {
     /// The listener's pid while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Sessions of users logged in here, as sshd shows them: processes under its listener named
+    /// `sshd: <user>@…` (the unprivileged post-authentication child of each connection). Probes
+    /// and unauthenticated connections never get one.
+    pub fn user_sessions(&self) -> usize {
+        let Some(root) = self.pid() else {
+            return 0;
+        };
+        let root = i32::try_from(root).expect("pid fits i32");
+        tree(root)
+            .into_iter()
+            .filter(|pid| *pid != root)
+            .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+            .map(|cmdline| String::from_utf8_lossy(&cmdline).into_owned())
+            .filter(|name| name.starts_with("sshd: ") && name.contains('@'))
+            .count()
     }
 
     /// True while the sshd listener runs.

@@ -2,12 +2,10 @@
 //! (raw HTTP and the `poolgate` CLI), and `/api/v1/sessions` lists the real SSH sessions with
 //! their user, VM and growing byte counts.
 
-mod admin_common;
-
 use std::time::{Duration, Instant};
 
-use admin_common::*;
 use poolgate_tests::*;
+use serde_json::Value;
 
 const TOKEN: &str = "pg-admin-7f3c9b2e41d8";
 
@@ -16,7 +14,7 @@ fn admin_api_and_cli_need_the_bearer_token_from_admin_token_file() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     let started = Instant::now();
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .vm("vm-a")
         .users(1)
         .admin_token(TOKEN)
@@ -78,7 +76,7 @@ fn admin_api_and_cli_need_the_bearer_token_from_admin_token_file() {
     // The status page names users and VMs: it needs the token too. A browser is asked for
     // Basic credentials (the token as the password); Bearer works for scripts.
     let user = pool.user(1);
-    let held = Session::hold(&pool.client(1));
+    let held = SshSession::hold(&pool.client(1));
     for path in ["/status", "/"] {
         let r = http_get(pool.admin, path);
         assert_eq!(r.status, 401, "{path} without a token: {}", r.body);
@@ -160,7 +158,7 @@ fn admin_api_and_cli_need_the_bearer_token_from_admin_token_file() {
 }
 
 /// The entry of session `id` in `/api/v1/sessions`.
-fn session_entry(pool: &Pool, id: u64) -> Json {
+fn session_entry(pool: &GatewayPool, id: u64) -> Value {
     let list = pool.sessions_json();
     list.items()
         .iter()
@@ -174,11 +172,15 @@ fn admin_sessions_api_lists_open_ssh_sessions_with_growing_byte_counts() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     let started = Instant::now();
-    let pool = Pool::builder().vm("vm-a").vm("vm-b").users(2).start();
+    let pool = GatewayPool::builder()
+        .vm("vm-a")
+        .vm("vm-b")
+        .users(2)
+        .start();
     assert_eq!(pool.sessions_json().items().len(), 0);
 
-    let mut one = Session::hold(&pool.client(1));
-    let two = Session::hold(&pool.client(2));
+    let mut one = SshSession::hold(&pool.client(1));
+    let two = SshSession::hold(&pool.client(2));
     assert_ne!(
         one.vm, two.vm,
         "two users, two idle VMs: least-loaded spreads them"
@@ -220,7 +222,7 @@ fn admin_sessions_api_lists_open_ssh_sessions_with_growing_byte_counts() {
     one.send(&payload);
     let echoed = poll(Duration::from_secs(20), || one.received() >= payload.len());
     assert!(echoed, "only {} bytes echoed", one.received());
-    let mut after = Json::Null;
+    let mut after = Value::Null;
     let grown = poll(Duration::from_secs(10), || {
         after = session_entry(&pool, id_one);
         after["bytes_up"].as_u64().unwrap_or(0) >= up0 + payload.len() as u64
@@ -247,7 +249,7 @@ fn admin_sessions_api_lists_open_ssh_sessions_with_growing_byte_counts() {
     // Ended sessions leave the list.
     one.end();
     two.end();
-    let mut last = Json::Null;
+    let mut last = Value::Null;
     let empty = poll(Duration::from_secs(10), || {
         last = pool.sessions_json();
         last.items().is_empty()

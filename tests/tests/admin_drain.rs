@@ -3,11 +3,8 @@
 //! running on it — which finishes normally — and gets no new one, even from the user tied to it
 //! by affinity; undrained, it takes sessions again.
 
-mod admin_common;
-
 use std::time::{Duration, Instant};
 
-use admin_common::*;
 use poolgate_tests::*;
 
 /// How the test drains and undrains.
@@ -26,7 +23,7 @@ fn status_row(table: &str, vm: &str) -> Vec<String> {
         .unwrap_or_else(|| panic!("no row for {vm} in `poolgate status`:\n{table}"))
 }
 
-fn drain(pool: &Pool, control: Control, vm: &str, on: bool) {
+fn drain(pool: &GatewayPool, control: Control, vm: &str, on: bool) {
     let action = if on { "drain" } else { "undrain" };
     match control {
         Control::Api => {
@@ -59,10 +56,14 @@ fn drain(pool: &Pool, control: Control, vm: &str, on: bool) {
 
 fn drained_vm_keeps_its_session_and_gets_no_new_ones(control: Control) {
     let started = Instant::now();
-    let pool = Pool::builder().vm("vm-a").vm("vm-b").users(5).start();
+    let pool = GatewayPool::builder()
+        .vm("vm-a")
+        .vm("vm-b")
+        .users(5)
+        .start();
 
     // A session running before the drain: it must run to its end, undisturbed.
-    let long = Session::open(&pool.client(1), "sleep 20; echo finished");
+    let long = SshSession::open(&pool.client(1), "sleep 20; echo finished");
     let drained = long.vm.clone();
     let other = if drained == "vm-a" { "vm-b" } else { "vm-a" };
     drain(&pool, control, &drained, true);
@@ -74,7 +75,7 @@ fn drained_vm_keeps_its_session_and_gets_no_new_ones(control: Control) {
     // ties to the drained VM while the long session lives. Held open so `other` gets busier.
     let mut held = Vec::new();
     for i in [2, 1, 3, 1, 2] {
-        let s = Session::hold(&pool.client(i));
+        let s = SshSession::hold(&pool.client(i));
         assert_eq!(
             s.vm, other,
             "new session of user {i} landed on drained VM {drained}"

@@ -2,12 +2,10 @@
 //! one probe timeout, gets no new session while down, and comes back after `rise` good probes
 //! once sshd runs again — as the admin API and `/metrics` show it.
 
-mod admin_common;
-
 use std::time::{Duration, Instant};
 
-use admin_common::*;
 use poolgate_tests::*;
+use serde_json::Value;
 
 const RISE: u32 = 2;
 const FALL: u32 = 3;
@@ -21,7 +19,7 @@ fn admin_shows_a_vm_whose_sshd_dies_down_in_time_and_back_after_rise_probes() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     let started = Instant::now();
-    let mut pool = Pool::builder()
+    let mut pool = GatewayPool::builder()
         .vm("vm-a")
         .vm("vm-b")
         .users(3)
@@ -36,7 +34,7 @@ fn admin_shows_a_vm_whose_sshd_dies_down_in_time_and_back_after_rise_probes() {
     );
 
     // Down: from the kill of sshd (and every session under it) to "unhealthy" in the API.
-    let down_bound = INTERVAL * FALL + PROBE_TIMEOUT;
+    let down_bound = PROBE_INTERVAL * FALL + PROBE_TIMEOUT;
     let killed = Instant::now();
     pool.vm_mut("vm-a").stop();
     let mut states = Vec::new();
@@ -90,7 +88,7 @@ fn admin_shows_a_vm_whose_sshd_dies_down_in_time_and_back_after_rise_probes() {
     // VM, which matters below).
     let mut held = Vec::new();
     for i in [1, 2, 1] {
-        let s = Session::hold(&pool.client(i));
+        let s = SshSession::hold(&pool.client(i));
         assert_eq!(s.vm, "vm-b", "a new session of user {i} went to a down VM");
         held.push(s);
     }
@@ -99,9 +97,9 @@ fn admin_shows_a_vm_whose_sshd_dies_down_in_time_and_back_after_rise_probes() {
     // Up: sshd runs again; `rise` good probes later the VM is healthy again.
     pool.vm_mut("vm-a").restart();
     let back = Instant::now();
-    let up_bound = INTERVAL * RISE + PROBE_TIMEOUT;
+    let up_bound = PROBE_INTERVAL * RISE + PROBE_TIMEOUT;
     let mut seen = Vec::new();
-    let mut at_transition = Json::Null;
+    let mut at_transition = Value::Null;
     let up = poll(up_bound + Duration::from_secs(10), || {
         let vm = pool.vm_json("vm-a");
         let state = vm["state"].as_str().unwrap_or_default().to_string();
@@ -147,7 +145,7 @@ fn admin_shows_a_vm_whose_sshd_dies_down_in_time_and_back_after_rise_probes() {
 fn admin_shows_a_hung_vm_down_within_fall_intervals_plus_one_timeout() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let mut pool = Pool::builder()
+    let mut pool = GatewayPool::builder()
         .vm("vm-a")
         .vm("vm-b")
         .users(1)
@@ -158,10 +156,10 @@ fn admin_shows_a_hung_vm_down_within_fall_intervals_plus_one_timeout() {
     // banner ever comes, so every probe runs into its timeout — a hung VM or a black hole.
     let pid = pool.vm("vm-a").pid().expect("vm-a runs");
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits i32"));
-    let down_bound = INTERVAL * FALL + PROBE_TIMEOUT;
+    let down_bound = PROBE_INTERVAL * FALL + PROBE_TIMEOUT;
     let frozen = Instant::now();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP sshd");
-    let mut at_transition = Json::Null;
+    let mut at_transition = Value::Null;
     let down = poll(down_bound + Duration::from_secs(10), || {
         at_transition = pool.vm_json("vm-a");
         at_transition["state"].as_str() == Some("unhealthy")
@@ -198,14 +196,14 @@ fn admin_shows_a_hung_vm_down_within_fall_intervals_plus_one_timeout() {
 fn admin_counts_a_session_that_hits_a_dead_vm_as_a_failed_probe_and_lands_elsewhere() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let mut pool = Pool::builder()
+    let mut pool = GatewayPool::builder()
         .vm("vm-a")
         .vm("vm-b")
         .users(3)
         .rise(RISE)
         .fall(FALL)
         .start();
-    let down_bound = INTERVAL * FALL + PROBE_TIMEOUT;
+    let down_bound = PROBE_INTERVAL * FALL + PROBE_TIMEOUT;
     let killed = Instant::now();
     pool.vm_mut("vm-a").stop();
     // Right after the kill vm-a still looks healthy and is the first pick (lower name on a

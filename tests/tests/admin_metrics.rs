@@ -2,12 +2,9 @@
 //! `poolgate_sessions_active` matches the sessions sshd really has on each VM and returns to 0,
 //! every metric DESIGN.md names is exported with a HELP line, and counters never go backwards.
 
-mod admin_common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use admin_common::*;
 use poolgate_tests::*;
 
 /// The metric names DESIGN.md lists ("Metrics (prometheus crate, prefix `poolgate_`)").
@@ -73,7 +70,11 @@ fn admin_metrics_pass_promtool_and_match_the_sessions_open_on_each_vm() {
     require_tools!("sshd", "ssh", "ssh-keygen", "promtool");
     require_root!();
     let started = Instant::now();
-    let pool = Pool::builder().vm("vm-a").vm("vm-b").users(3).start();
+    let pool = GatewayPool::builder()
+        .vm("vm-a")
+        .vm("vm-b")
+        .users(3)
+        .start();
     // Traffic first, so the first scrape already has ssh counters to compare (user 3: the
     // affinity it gets does not matter below).
     assert_ok(&pool.client(3).run("true"), "ssh true");
@@ -81,8 +82,8 @@ fn admin_metrics_pass_promtool_and_match_the_sessions_open_on_each_vm() {
 
     // Three sessions of user 1 (affinity keeps them on one VM), one of user 2 (on the other,
     // least-loaded, VM).
-    let mut held: Vec<Session> = (0..3).map(|_| Session::hold(&pool.client(1))).collect();
-    held.push(Session::hold(&pool.client(2)));
+    let mut held: Vec<SshSession> = (0..3).map(|_| SshSession::hold(&pool.client(1))).collect();
+    held.push(SshSession::hold(&pool.client(2)));
     let busy = held[0].vm.clone();
     assert!(held[..3].iter().all(|s| s.vm == busy), "affinity");
     let quiet = held[3].vm.clone();
@@ -92,13 +93,13 @@ fn admin_metrics_pass_promtool_and_match_the_sessions_open_on_each_vm() {
     let sshd_agrees = poll(Duration::from_secs(10), || {
         expected
             .iter()
-            .all(|(vm, n)| sshd_sessions(pool.vm(vm)) == *n)
+            .all(|(vm, n)| pool.vm(vm).user_sessions() == *n)
     });
     assert!(
         sshd_agrees,
         "sshd shows {} on {busy} and {} on {quiet}, expected 3 and 1",
-        sshd_sessions(pool.vm(&busy)),
-        sshd_sessions(pool.vm(&quiet))
+        pool.vm(&busy).user_sessions(),
+        pool.vm(&quiet).user_sessions()
     );
 
     // Data through one session, so byte counters move between scrapes.
@@ -164,8 +165,8 @@ fn admin_metrics_pass_promtool_and_match_the_sessions_open_on_each_vm() {
 fn admin_metrics_export_every_design_md_metric_with_a_help_line() {
     require_tools!("sshd", "ssh", "ssh-keygen", "promtool");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
-    let session = Session::hold(&pool.client(1));
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
+    let session = SshSession::hold(&pool.client(1));
     let live = pool.metrics();
     promtool_check(&live, "admin_metrics_design.prom");
     let missing = missing_help(&live);

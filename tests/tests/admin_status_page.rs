@@ -2,12 +2,9 @@
 //! SSH sessions: its HTML names each VM with its state, and headless Chromium renders it; the
 //! screenshot is kept as `tests/artifacts/admin_status_page.png`.
 
-mod admin_common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use admin_common::*;
 use poolgate_tests::*;
 
 /// The `<tr>` of the VM table naming `vm`.
@@ -33,7 +30,7 @@ fn admin_status_page_shows_every_vm_and_state_and_renders_in_chromium() {
     require_tools!("sshd", "ssh", "ssh-keygen", "chromium");
     require_root!();
     let started = Instant::now();
-    let mut pool = Pool::builder()
+    let mut pool = GatewayPool::builder()
         .vm("vm-a")
         .vm("vm-b")
         .vm("vm-c")
@@ -42,9 +39,9 @@ fn admin_status_page_shows_every_vm_and_state_and_renders_in_chromium() {
 
     // Sessions: two of user 1 (affinity: one VM) and one of user 2 (another VM).
     let held = [
-        Session::hold(&pool.client(1)),
-        Session::hold(&pool.client(1)),
-        Session::hold(&pool.client(2)),
+        SshSession::hold(&pool.client(1)),
+        SshSession::hold(&pool.client(1)),
+        SshSession::hold(&pool.client(2)),
     ];
     let vm_of_1 = held[0].vm.clone();
     let vm_of_2 = held[2].vm.clone();

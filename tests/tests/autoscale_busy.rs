@@ -14,15 +14,11 @@
 //! - The certificate the gateway signs for the check runs the check and nothing else: no shell,
 //!   no other command, no pty, not for another user.
 
-mod admin_common;
-
-use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use admin_common::{Json, http_get, poll};
 use poolgate_tests::*;
 
 /// The probe account the default configuration logs in as.
@@ -38,36 +34,15 @@ fn ensure_probe_account() {
     ensure_system_account(PROBE);
 }
 
-fn script(dir: &Path, name: &str, body: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\nset -eu\n{body}\n")).expect("write script");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod script");
-    path.display().to_string()
-}
-
-/// Ends the VM's namespace (sshd and every process in it), whatever happens to the test.
-struct KillNamespace(PathBuf);
-
-impl Drop for KillNamespace {
-    fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(&self.0)
-            && let Ok(pid) = pid.trim().parse::<u32>()
-        {
-            kill_tree(pid);
-        }
-    }
-}
-
 /// A VM whose sshd runs in its own PID namespace, started and stopped by exec-provider scripts.
 struct NsVm {
     /// Keeps the config, host key and log.
     fixture: SshdVm,
     /// The `unshare` process (its child is the namespace's init, sshd).
     ns_pid: PathBuf,
-    list: String,
-    start: String,
-    stop: String,
-    _cleanup: KillNamespace,
+    scripts: ExecScripts,
+    /// Ends the namespace (sshd and every process in it), whatever happens to the test.
+    _cleanup: KillPidFile,
 }
 
 impl NsVm {
@@ -93,45 +68,27 @@ impl NsVm {
             fixture.log_path().display(),
             fixture.port(),
         );
-        let list = script(
-            dir,
-            "list.sh",
-            &format!(
-                "if [ -f {pid} ] && kill -0 \"$(cat {pid})\" 2>/dev/null; then s=running; else s=stopped; fi\n\
-                 echo \"{{\\\"vms\\\":[{{\\\"name\\\":\\\"vm-a\\\",\\\"host\\\":\\\"127.0.0.1\\\",\\\"ssh_port\\\":{port},\\\"state\\\":\\\"$s\\\"}}]}}\""
-            ),
-        );
-        let start = script(
-            dir,
-            "start.sh",
-            &format!(
-                "[ \"$1\" = vm-a ]\n\
-                 setsid {unshare} --pid --fork --mount-proc --kill-child {sshd} -D -e -f {cfg} </dev/null >>{log} 2>&1 &\n\
-                 echo $! >{pid}",
-                unshare = tool("unshare").display(),
-                sshd = tool("sshd").display(),
-            ),
+        let start = format!(
+            "setsid {unshare} --pid --fork --mount-proc --kill-child {sshd} -D -e -f {cfg} </dev/null >>{log} 2>&1 &\n\
+             echo $! >{pid}",
+            unshare = tool("unshare").display(),
+            sshd = tool("sshd").display(),
         );
         // Stopping the VM: the namespace's init (sshd) ends, and with it every process inside.
-        let stop = script(
-            dir,
-            "stop.sh",
-            &format!(
-                "[ \"$1\" = vm-a ]\n\
-                 outer=$(cat {pid})\n\
-                 for init in $(cat /proc/\"$outer\"/task/*/children 2>/dev/null); do kill -KILL \"$init\"; done\n\
-                 i=0\n\
-                 while kill -0 \"$outer\" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done\n\
-                 rm -f {pid}"
-            ),
+        let stop = format!(
+            "outer=$(cat {pid})\n\
+             for init in $(cat /proc/\"$outer\"/task/*/children 2>/dev/null); do kill -KILL \"$init\"; done\n\
+             i=0\n\
+             while kill -0 \"$outer\" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done\n\
+             rm -f {pid}"
         );
+        let scripts =
+            ExecScripts::write(dir, "vm-a", &ns_pid, &[("ssh_port", port)], &start, &stop);
         Self {
             fixture,
-            _cleanup: KillNamespace(ns_pid.clone()),
+            _cleanup: KillPidFile(ns_pid.clone()),
             ns_pid,
-            list,
-            start,
-            stop,
+            scripts,
         }
     }
 
@@ -185,7 +142,7 @@ impl NsVm {
 
     fn run_start_script(&self) {
         let out = run_with_timeout(
-            Command::new(&self.start).arg("vm-a"),
+            Command::new(&self.scripts.start).arg("vm-a"),
             Duration::from_secs(10),
         );
         assert!(out.status.success(), "start.sh failed");
@@ -194,105 +151,63 @@ impl NsVm {
     }
 }
 
-/// A gateway with autoscaling over one [`NsVm`] and the default busy check.
+/// A gateway with autoscaling over one [`NsVm`] and the default busy check; it derefs to its
+/// [`GatewayPool`]. Field order is drop order: the VM's namespace ends first, the scripts go last.
 struct BusyPool {
     vm: NsVm,
-    gateway: GatewayProcess,
-    admin: SocketAddr,
+    pool: GatewayPool,
+    /// User 1 through the gateway, patient enough to wait for the VM to start.
     client: SshClient,
-    key: UserKey,
-    ssh_port: u16,
-    client_known: KnownHosts,
-    /// The CA the VM trusts (its public key file must outlive the VM).
-    _ca: UserCa,
+    /// The exec provider's scripts.
     _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for BusyPool {
+    type Target = GatewayPool;
+    fn deref(&self) -> &GatewayPool {
+        &self.pool
+    }
 }
 
 impl BusyPool {
     /// Needs root, sshd, ssh, ssh-keygen, unshare, useradd and usermod.
     fn start() -> Self {
         ensure_probe_account();
-        let users = TestUsers::ensure(1);
-        let user = users.user(1).name.clone();
         let dir = tempfile::Builder::new()
             .prefix("poolgate-busy-e2e-")
             .tempdir()
             .expect("temp dir");
         let ca = UserCa::generate();
         let vm = NsVm::new(dir.path(), &ca);
-        let known = KnownHosts::at(&dir.path().join("known_hosts"));
-        known.add_vm(&vm.fixture);
         vm.run_start_script();
-
-        let keys_dir = dir.path().join("authorized_keys");
-        std::fs::create_dir_all(&keys_dir).expect("mkdir");
-        let key = UserKey::generate(&user);
-        // The same key for the probe's name too: the front door must still refuse it.
-        for name in [user.as_str(), PROBE] {
-            std::fs::write(keys_dir.join(name), format!("{}\n", key.public_key_line()))
-                .expect("key");
-        }
-        let host_key = dir.path().join("host_key");
-        generate_ed25519(&host_key, "busy e2e gateway");
-        // The gateway's user CA is the test CA the VM trusts (copied: the gateway wants 0600).
-        let ca_key = dir.path().join("user_ca");
-        std::fs::copy(ca.private_key_path(), &ca_key).expect("copy CA key");
-        std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        let ssh_port = free_port();
-        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         // No busy_command / busy_user: the defaults are under test.
-        let config = format!(
-            "[listen]\nssh = \"127.0.0.1:{ssh_port}\"\nhttp = \"127.0.0.1:{http}\"\nadmin = \"{admin}\"\n\
-             [ssh]\nhost_keys = [\"{host_key}\"]\nuser_ca_key = \"{ca_key}\"\n\
-             authorized_keys = \"{keys}/{{user}}\"\nbackend_known_hosts = \"{known}\"\n\
-             [health]\ninterval = \"1s\"\ntimeout = \"1s\"\nhttp = false\nrise = 1\n\
-             [pool]\nprovider = \"exec\"\n\
-             [pool.exec]\nlist = [\"{list}\"]\nstart = [\"{start}\"]\nstop = [\"{stop}\"]\n\
-             poll_interval = \"1s\"\ntimeout = \"10s\"\n\
-             [autoscale]\nenabled = true\nmin_vms = 0\nmax_vms = 1\nspare_vms = 0\n\
-             scale_in_after = \"{window}s\"\nscale_to_zero_after = \"{window}s\"\ntick = \"1s\"\n\
-             cooldown = \"1s\"\nboot_estimate = \"2s\"\nhold_connect_for = \"30s\"\nbusy_timeout = \"10s\"\n",
-            http = free_port(),
-            host_key = host_key.display(),
-            ca_key = ca_key.display(),
-            keys = keys_dir.display(),
-            known = known.path().display(),
-            list = vm.list,
-            start = vm.start,
-            stop = vm.stop,
-            window = SCALE_IN_AFTER.as_secs(),
-        );
-        let gateway = GatewayProcess::builder(&config)
-            .dir(dir.path())
-            .env("NO_COLOR", "1")
+        let pool = GatewayPool::builder()
+            .users(1)
+            .user_ca(ca)
+            .known_vm(&vm.fixture)
+            .config_toml(&vm.scripts.pool_toml(Duration::from_secs(10)))
+            .config_toml(&format!(
+                "[autoscale]\nenabled = true\nmin_vms = 0\nmax_vms = 1\nspare_vms = 0\n\
+                 scale_in_after = \"{window}s\"\nscale_to_zero_after = \"{window}s\"\ntick = \"1s\"\n\
+                 cooldown = \"1s\"\nboot_estimate = \"2s\"\nhold_connect_for = \"30s\"\nbusy_timeout = \"10s\"\n",
+                window = SCALE_IN_AFTER.as_secs(),
+            ))
             // Every check with its duration (the first of a kind is logged at info anyway).
-            .env("POOLGATE_LOG", "info,gateway::autoscale::busy=debug")
-            .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, ssh_port)))
-            .wait_for(admin)
+            .gateway_env("POOLGATE_LOG", "info,gateway::autoscale::busy=debug")
             .start();
-        let client_known = KnownHosts::new();
-        client_known.add_host_key(
-            ssh_port,
-            &std::fs::read_to_string(dir.path().join("host_key.pub")).expect("host_key.pub"),
-        );
-        let client = SshClient::new(&user, ssh_port, client_known.path())
-            .user_key(&key)
-            .timeout(Duration::from_secs(40));
+        // The same key for the probe's name too: the front door must still refuse it.
+        pool.authorize(PROBE, pool.key(1));
+        let client = pool.client(1).timeout(Duration::from_secs(40));
         BusyPool {
             vm,
-            gateway,
-            admin,
+            pool,
             client,
-            key,
-            ssh_port,
-            client_known,
-            _ca: ca,
             _dir: dir,
         }
     }
 
-    fn vm_json(&self) -> Json {
-        http_get(self.admin, "/api/v1/vms").json()[0].clone()
+    fn vm_json(&self) -> serde_json::Value {
+        self.vms_json()[0].clone()
     }
 
     fn state(&self) -> String {
@@ -310,7 +225,7 @@ impl BusyPool {
             Some(0),
             "{command}: {}\n{}",
             String::from_utf8_lossy(&out.stderr),
-            self.gateway.log_text()
+            self.log()
         );
     }
 
@@ -327,7 +242,7 @@ impl BusyPool {
                 == Some(true)),
             "{what}: the VM never showed busy: {}\n{}",
             self.vm_json(),
-            self.gateway.log_text()
+            self.log()
         );
         // Several scale-in windows with nobody logged in: still serving.
         let began = Instant::now();
@@ -339,7 +254,7 @@ impl BusyPool {
         assert!(
             seen.iter().all(|s| s == "healthy"),
             "{what}: a VM running detached work was drained or stopped: {seen:?}\n{}",
-            self.gateway.log_text()
+            self.log()
         );
         assert!(!job().is_empty(), "{what} died on its own");
         self.gateway.wait_for_log(
@@ -351,7 +266,7 @@ impl BusyPool {
             status.contains("kept: work running"),
             "{what}: the status page does not say why the VM is kept"
         );
-        let metrics = http_get(self.admin, "/metrics").body;
+        let metrics = self.metrics();
         assert!(
             metrics.contains("poolgate_vm_busy{vm=\"vm-a\"} 1"),
             "{what}: poolgate_vm_busy"
@@ -372,7 +287,7 @@ impl BusyPool {
                 == "stopped"),
             "{what}: VM not stopped after the work ended; state {}\n{}",
             self.state(),
-            self.gateway.log_text()
+            self.log()
         );
         let took = ended.elapsed();
         eprintln!("{what}: VM stopped {took:?} after the work ended");
@@ -394,7 +309,7 @@ impl BusyPool {
         assert!(
             took <= SCALE_IN_AFTER + SLACK,
             "{what}: stopped {took:?} after the work ended; more than one scale-in window ({SCALE_IN_AFTER:?} + {SLACK:?})\n{}",
-            self.gateway.log_text()
+            self.log()
         );
         took
     }
@@ -406,9 +321,7 @@ fn a_nohup_job_keeps_its_vm_until_it_ends() {
     require_root!();
     let pool = BusyPool::start();
     // The front door refuses the probe's name, even with a key listed for it.
-    let probe = SshClient::new(PROBE, pool.ssh_port, pool.client_known.path())
-        .user_key(&pool.key)
-        .run("true");
+    let probe = pool.client_as(PROBE).user_key(pool.key(1)).run("true");
     assert_eq!(probe.status.code(), Some(255), "a login as {PROBE} got in");
     pool.gateway.wait_for_log(
         "reserved for the autoscaler's busy check",
@@ -423,14 +336,10 @@ fn a_nohup_job_keeps_its_vm_until_it_ends() {
         .wait_for_log("action=Drain(\"vm-a\")", Duration::from_secs(5));
     pool.gateway
         .wait_for_log("result=\"stop\"", Duration::from_secs(5));
-    let metrics = http_get(pool.admin, "/metrics").body;
+    let metrics = pool.metrics();
     for result in ["busy", "idle"] {
-        let line = format!("poolgate_autoscale_busy_checks_total{{result=\"{result}\"}} ");
-        let count: f64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&line))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0);
+        let series = format!("poolgate_autoscale_busy_checks_total{{result=\"{result}\"}}");
+        let count = sample(&metrics, &series).unwrap_or(0.0);
         assert!(count >= 1.0, "no {result} check counted:\n{metrics}");
     }
     eprintln!("nohup: stopped {took:?} after the job ended");

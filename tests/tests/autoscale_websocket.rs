@@ -11,18 +11,13 @@
 //! - Once the websocket closes, the VM is drained within one scale-in window and the stop script
 //!   stops it; the kernel process is gone.
 
-mod admin_common;
-
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use admin_common::{Json, http_get, poll};
 use futures_util::StreamExt;
 use poolgate_tests::jupyter::{Browser, JupyterServerVm, WebSocket, require_jupyter, run_code};
 use poolgate_tests::*;
-use serde_json::json;
+use serde_json::Value;
 
 const VM: &str = "js-a";
 /// `http.session_idle`.
@@ -34,51 +29,19 @@ const WINDOW: Duration = SESSION_IDLE.saturating_add(SCALE_IN_AFTER);
 /// How many windows the websocket alone must keep the VM serving.
 const WINDOWS_HELD: u32 = 3;
 
-/// Kills the jupyter_server the scripts started (and its kernels), whatever happens to the test.
-struct KillPidFile(PathBuf);
-
-impl Drop for KillPidFile {
-    fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(&self.0)
-            && let Ok(pid) = pid.trim().parse::<u32>()
-        {
-            kill_tree(pid);
-        }
-    }
-}
-
 /// Kills the kernel if it outlived its server (the test then fails; nothing is left behind).
 struct KillPid(u32);
 
 impl Drop for KillPid {
     fn drop(&mut self) {
-        if alive(self.0) {
+        if is_alive(self.0) {
             kill_tree(self.0);
         }
     }
 }
 
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-fn script(dir: &Path, name: &str, body: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\nset -eu\n{body}\n")).expect("write script");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod script");
-    path.display().to_string()
-}
-
-/// True while `pid` runs (a zombie left to an init that does not reap has ended).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-        !s.lines()
-            .any(|l| l.starts_with("State:") && l.contains("Z"))
-    })
-}
-
 /// The one VM as `/api/v1/vms` shows it.
-fn vm_view(admin: SocketAddr) -> Json {
+fn vm_view(admin: SocketAddr) -> Value {
     let r = http_get(admin, "/api/v1/vms");
     assert_eq!(r.status, 200, "GET /api/v1/vms: {}", r.body);
     let vms = r.json();
@@ -87,7 +50,7 @@ fn vm_view(admin: SocketAddr) -> Json {
 }
 
 /// The parts of a VM's view this test is about.
-fn brief(vm: &Json) -> String {
+fn brief(vm: &Value) -> String {
     format!(
         "state={:?} lifecycle={:?} draining={:?} sessions.http={:?}",
         vm["state"].as_str(),
@@ -119,11 +82,6 @@ fn http_waiting(admin: SocketAddr) -> f64 {
         .and_then(|l| l.rsplit_once(' '))
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0.0)
-}
-
-/// Runs `f` (blocking admin calls) off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
 /// What the admin API showed during the hold.
@@ -163,49 +121,30 @@ async fn an_open_kernel_websocket_keeps_its_vm_through_scale_in_windows_and_it_s
             launch += &format!(
                 "export {}={}\n",
                 k.to_string_lossy(),
-                quote(&v.to_string_lossy())
+                sh_quote(&v.to_string_lossy())
             );
         }
     }
-    launch += &format!("cd {}\n", quote(&root.display().to_string()));
-    launch += &quote(&server.get_program().to_string_lossy());
-    for arg in server.get_args() {
-        launch += " ";
-        launch += &quote(&arg.to_string_lossy());
-    }
+    launch += &format!("cd {}\n", sh_quote(&root.display().to_string()));
+    launch += &shell_line(&server);
     let (pid, log, stops) = (
-        quote(&pid_file.display().to_string()),
-        quote(&root.join("server.log").display().to_string()),
-        quote(&stops_file.display().to_string()),
+        sh_quote(&pid_file.display().to_string()),
+        sh_quote(&root.join("server.log").display().to_string()),
+        sh_quote(&stops_file.display().to_string()),
     );
-    let alive_fn = "alive() { [ -r /proc/$1/status ] && ! grep -q '^State:.*Z' /proc/$1/status; }";
     let _cleanup = KillPidFile(pid_file.clone());
-    let list = script(
+    let scripts = ExecScripts::write(
         d,
-        "list.sh",
+        VM,
+        &pid_file,
+        &[("ssh_port", 1), ("http_port", vm_port)],
         &format!(
-            "{alive_fn}\n\
-             if [ -f {pid} ] && alive \"$(cat {pid})\"; then s=running; else s=stopped; fi\n\
-             echo \"{{\\\"vms\\\":[{{\\\"name\\\":\\\"{VM}\\\",\\\"host\\\":\\\"127.0.0.1\\\",\
-             \\\"ssh_port\\\":1,\\\"http_port\\\":{vm_port},\\\"state\\\":\\\"$s\\\"}}]}}\""
-        ),
-    );
-    let start = script(
-        d,
-        "start.sh",
-        &format!(
-            "[ \"$1\" = {VM} ]\n{alive_fn}\n\
-             if [ -f {pid} ] && alive \"$(cat {pid})\"; then exit 0; fi\n\
+            "if [ -f {pid} ] && alive \"$(cat {pid})\"; then exit 0; fi\n\
              {launch} </dev/null >>{log} 2>&1 &\n\
              echo $! > {pid}"
         ),
-    );
-    let stop = script(
-        d,
-        "stop.sh",
         &format!(
-            "[ \"$1\" = {VM} ]\n{alive_fn}\n\
-             p=\"$(cat {pid})\"\n\
+            "p=\"$(cat {pid})\"\n\
              kill -TERM \"$p\" 2>/dev/null || true\n\
              n=0\n\
              while alive \"$p\"; do\n\
@@ -219,55 +158,30 @@ async fn an_open_kernel_websocket_keeps_its_vm_through_scale_in_windows_and_it_s
     );
 
     // The gateway: plain HTTP on 127.0.0.1, the web side probed on /api, autoscaling with short
-    // idle times. The SSH side is unused (not probed), but the config must name a VM host key.
-    let mut blob = Vec::new();
-    for part in [&b"ssh-ed25519"[..], &[7u8; 32][..]] {
-        blob.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        blob.extend_from_slice(part);
-    }
-    std::fs::write(
-        d.join("known_hosts"),
-        format!(
-            "[127.0.0.1]:1 ssh-ed25519 {}\n",
-            data_encoding::BASE64.encode(&blob)
-        ),
-    )
-    .expect("known_hosts");
-    let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    // idle times. The SSH side is unused (not probed); the pool names a placeholder VM host key.
     // The VM is a web side only (no sshd for the busy check to log in to): the check is off
     // here; tests/tests/autoscale_busy.rs covers it.
-    let config = format!(
-        "[listen]\nssh = \"127.0.0.1:{ssh}\"\nhttp = \"{http}\"\nadmin = \"{admin}\"\n\
-         [ssh]\nhost_keys = [\"keys/host_key\"]\nuser_ca_key = \"keys/user_ca\"\n\
-         backend_known_hosts = \"known_hosts\"\n\
-         [http]\ncookie_secret_file = \"keys/cookie_secret\"\nconnect_timeout = \"2s\"\n\
-         session_idle = \"{idle}s\"\ntentative_for = \"1s\"\n\
-         [health]\ninterval = \"500ms\"\ntimeout = \"500ms\"\nssh = false\nhttp = true\n\
-         http_path = \"/api\"\nrise = 1\nfall = 2\n\
-         [pool]\nprovider = \"exec\"\n\
-         [pool.exec]\nlist = [\"{list}\"]\nstart = [\"{start}\"]\nstop = [\"{stop}\"]\n\
-         poll_interval = \"1s\"\ntimeout = \"15s\"\n\
-         [autoscale]\nenabled = true\nmin_vms = 0\nmax_vms = 1\nspare_vms = 0\n\
-         scale_in_after = \"{scale_in}s\"\nscale_to_zero_after = \"{scale_in}s\"\n\
-         tick = \"500ms\"\ncooldown = \"1s\"\nboot_estimate = \"5s\"\nhold_connect_for = \"60s\"\n\
-         busy_command = []\n",
-        ssh = free_port(),
-        idle = SESSION_IDLE.as_secs(),
-        scale_in = SCALE_IN_AFTER.as_secs(),
-    );
-    let gateway = GatewayProcess::builder(&config)
-        .dir(d)
-        .env("NO_COLOR", "1")
-        .wait_for(http)
-        .wait_for(admin)
+    let pool = GatewayPool::builder()
+        .web_pool("/api")
+        .http_option("cookie_secret_file = \"keys/cookie_secret\"")
+        .http_option(&format!("session_idle = \"{}s\"", SESSION_IDLE.as_secs()))
+        .http_option("tentative_for = \"1s\"")
+        .config_toml(&scripts.pool_toml(Duration::from_secs(15)))
+        .config_toml(&format!(
+            "[autoscale]\nenabled = true\nmin_vms = 0\nmax_vms = 1\nspare_vms = 0\n\
+             scale_in_after = \"{scale_in}s\"\nscale_to_zero_after = \"{scale_in}s\"\n\
+             tick = \"500ms\"\ncooldown = \"1s\"\nboot_estimate = \"5s\"\nhold_connect_for = \"60s\"\n\
+             busy_command = []\n",
+            scale_in = SCALE_IN_AFTER.as_secs(),
+        ))
         .start();
+    let (http, admin) = (pool.http, pool.admin);
     let stopped = |a: SocketAddr| vm_view(a)["state"].as_str() == Some("stopped");
     assert!(
         blocking(move || poll(Duration::from_secs(15), || stopped(admin))).await,
         "the pool should start at zero: {}\n{}",
         brief(&vm_view(admin)),
-        gateway.log_text()
+        pool.log()
     );
 
     // The browser's first request finds no VM and wakes the pool. Its "starting" page reloads
@@ -286,7 +200,7 @@ async fn an_open_kernel_websocket_keeps_its_vm_through_scale_in_windows_and_it_s
             woke.elapsed() < Duration::from_secs(60),
             "the VM did not start within 60 s: {}\n{}\n--- jupyter_server log ---\n{}",
             brief(&vm_view(admin)),
-            gateway.log_text(),
+            pool.log(),
             std::fs::read_to_string(root.join("server.log")).unwrap_or_default()
         );
         let retry_after: u64 = r
@@ -314,14 +228,7 @@ async fn an_open_kernel_websocket_keeps_its_vm_through_scale_in_windows_and_it_s
         browser.cookie("poolgate_vm", "/").is_some(),
         "no affinity cookie"
     );
-    let r = browser
-        .api("POST", "/api/kernels", Some(&json!({"name": "python3"})))
-        .await;
-    assert_eq!(r.status, 201, "start a kernel: {}", r.text());
-    let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
-    let mut ws = browser
-        .websocket(&format!("/api/kernels/{kernel}/channels?session_id=bg-tab"))
-        .await;
+    let mut ws = browser.open_kernel("", "bg-tab").await;
     let opened = Instant::now();
     let kernel_pid: u32 = run_code(
         &mut ws,
@@ -331,7 +238,10 @@ async fn an_open_kernel_websocket_keeps_its_vm_through_scale_in_windows_and_it_s
     .await
     .parse()
     .expect("the kernel's pid");
-    assert!(alive(kernel_pid), "kernel {kernel_pid} runs on this host");
+    assert!(
+        is_alive(kernel_pid),
+        "kernel {kernel_pid} runs on this host"
+    );
     let _kernel = KillPid(kernel_pid);
 
     // From here on: no HTTP request from the browser, only the open websocket (read, as a
@@ -354,7 +264,7 @@ async fn an_open_kernel_websocket_keeps_its_vm_through_scale_in_windows_and_it_s
             msg = ws.next() => match msg {
                 Some(Ok(_)) => {}
                 other => panic!("the kernel websocket ended during the hold: {other:?}\n{}",
-                                gateway.log_text()),
+                                pool.log()),
             },
             _ = tokio::time::sleep_until(next_sample) => {
                 next_sample += Duration::from_millis(250);
@@ -394,7 +304,7 @@ async fn an_open_kernel_websocket_keeps_its_vm_through_scale_in_windows_and_it_s
         bad.is_empty(),
         "with only the kernel websocket open, the VM must stay healthy with an HTTP session; \
          bad samples: {bad:?}\n{}",
-        gateway.log_text()
+        pool.log()
     );
     assert!(
         samples.len() >= 20,
@@ -422,7 +332,7 @@ async fn an_open_kernel_websocket_keeps_its_vm_through_scale_in_windows_and_it_s
         longest_gap < Duration::from_secs(2),
         "the admin API went unsampled for {longest_gap:?}"
     );
-    let log = gateway.log_text();
+    let log = pool.log();
     assert!(
         !log.contains("action=Drain"),
         "drained while the websocket was open:\n{log}"
@@ -463,18 +373,20 @@ async fn an_open_kernel_websocket_keeps_its_vm_through_scale_in_windows_and_it_s
         "the VM was not drained within {:?} of the websocket closing: {}\n{}",
         WINDOW + slack,
         brief(&vm_view(admin)),
-        gateway.log_text()
+        pool.log()
     );
     let drained_after = closed.elapsed();
     assert!(
         blocking(move || poll(Duration::from_secs(20), || stopped(admin))).await,
         "the VM was not stopped after the websocket closed: {}\n{}",
         brief(&vm_view(admin)),
-        gateway.log_text()
+        pool.log()
     );
     let stopped_after = closed.elapsed();
-    gateway.wait_for_log(&format!("action=Drain(\"{VM}\")"), Duration::from_secs(5));
-    gateway.wait_for_log("result=\"stop\"", Duration::from_secs(5));
+    pool.gateway
+        .wait_for_log(&format!("action=Drain(\"{VM}\")"), Duration::from_secs(5));
+    pool.gateway
+        .wait_for_log("result=\"stop\"", Duration::from_secs(5));
     let stops = std::fs::read_to_string(&stops_file).unwrap_or_default();
     assert_eq!(
         stops.lines().count(),
@@ -483,11 +395,11 @@ async fn an_open_kernel_websocket_keeps_its_vm_through_scale_in_windows_and_it_s
     );
     assert!(!pid_file.exists(), "the stop script removes the pid file");
     assert!(
-        blocking(move || poll(Duration::from_secs(10), || !alive(kernel_pid))).await,
+        blocking(move || poll(Duration::from_secs(10), || !is_alive(kernel_pid))).await,
         "kernel {kernel_pid} survived its VM"
     );
     assert!(
-        http_status_refused(SocketAddr::from((Ipv4Addr::LOCALHOST, vm_port))),
+        !accepts(SocketAddr::from((Ipv4Addr::LOCALHOST, vm_port))),
         "the VM's jupyter_server still listens"
     );
     eprintln!(
@@ -506,9 +418,4 @@ async fn close(mut ws: WebSocket) {
     })
     .await;
     drop(ws);
-}
-
-/// True when nothing accepts connections on `addr`.
-fn http_status_refused(addr: SocketAddr) -> bool {
-    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err()
 }

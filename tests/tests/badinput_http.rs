@@ -9,14 +9,12 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod http_common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_common::*;
+use poolgate_tests::jupyter::cookie_vm;
 use poolgate_tests::*;
 
 /// Health path of the recording upstreams (its requests are not recorded).
@@ -147,14 +145,14 @@ fn serve_upstream(conn: TcpStream, vm: &str, record: &Mutex<Vec<Seen>>) {
 }
 
 /// The gateway's plain HTTP listener in front of `upstreams`, with short limits.
-fn gateway(upstreams: &[&Upstream]) -> HttpGateway {
+fn gateway(upstreams: &[&Upstream]) -> GatewayPool {
     gateway_with(upstreams, &[])
 }
 
 /// [`gateway`] with more `[http]` lines.
-fn gateway_with(upstreams: &[&Upstream], http_options: &[&str]) -> HttpGateway {
-    let mut b = HttpGatewayBuilder::new(HEALTH)
-        .without_tls()
+fn gateway_with(upstreams: &[&Upstream], http_options: &[&str]) -> GatewayPool {
+    let mut b = GatewayPool::builder()
+        .web_pool(HEALTH)
         .http_option(&format!("idle_timeout = \"{}s\"", IDLE.as_secs()))
         .http_option("max_header_bytes = 8192")
         .http_option("max_uri_bytes = 1024");
@@ -162,7 +160,7 @@ fn gateway_with(upstreams: &[&Upstream], http_options: &[&str]) -> HttpGateway {
         b = b.http_option(option);
     }
     for u in upstreams {
-        b = b.vm(&u.name, u.port);
+        b = b.web_vm(&u.name, u.port);
     }
     b.start()
 }
@@ -191,29 +189,11 @@ fn request(method: &str, target: &str, extra: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-fn assert_no_panic(gw: &HttpGateway) {
-    let log = gw.gateway.log_text();
-    assert!(
-        !log.contains("panicked"),
-        "the gateway panicked:\n{}",
-        log.lines()
-            .filter(|l| l.contains("panicked"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-}
-
 /// A plain request is answered by the upstream.
-fn still_serves(gw: &HttpGateway) {
+fn still_serves(gw: &GatewayPool) {
     let (status, _, text) = raw(gw.http, &request("GET", "/still-ok", ""));
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("saw GET /still-ok"), "{text}");
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 #[test]
@@ -308,7 +288,7 @@ fn slowloris_and_silent_connections_are_cut_by_the_header_read_timeout() {
         fd_count(pid)
     );
     still_serves(&gw);
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
     eprintln!("slowloris test: {:?}", started.elapsed());
 }
 
@@ -381,7 +361,7 @@ fn oversized_headers_and_targets_get_431_and_414() {
         "only the two requests within the limits reached the VM"
     );
     still_serves(&gw);
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
 }
 
 #[test]
@@ -513,7 +493,7 @@ fn request_smuggling_attempts_never_reach_a_vm_as_two_requests() {
     assert_eq!(status, 400, "HTTP/1.0 with Transfer-Encoding");
     assert!(up.take().is_empty());
     still_serves(&gw);
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
 }
 
 #[test]
@@ -593,7 +573,7 @@ fn path_tricks_are_refused_or_stay_on_the_pool_vm() {
     assert!(text.contains("vm=up-a saw GET /host"), "{text}");
     assert_eq!(up.take()[0].header("host"), Some("evil.example:22"));
     still_serves(&gw);
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
 }
 
 /// HMAC-SHA256 (RFC 2104), to sign cookies with the gateway's own secret.
@@ -633,7 +613,7 @@ fn cookie_signed_by(key: &[u8], value: &str) -> bool {
 }
 
 /// (VM that answered, `poolgate_vm` value set by the response if any) for a GET with `cookie`.
-fn with_cookie(gw: &HttpGateway, cookie: &[u8]) -> (String, Option<String>) {
+fn with_cookie(gw: &GatewayPool, cookie: &[u8]) -> (String, Option<String>) {
     let mut req = b"GET /cookie HTTP/1.1\r\nHost: pool.example\r\nCookie: ".to_vec();
     req.extend_from_slice(cookie);
     req.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
@@ -842,15 +822,17 @@ fn malformed_forged_tampered_and_expired_cookies_are_ignored_and_the_browser_re_
     assert_eq!(cookie_vm(&set), vm);
     assert!(cookie_signed_by(&secret, &set));
     still_serves(&gw);
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_https_listener_is_closed_at_once() {
     let up = Upstream::start("up-a");
-    let gw = HttpGatewayBuilder::new(HEALTH)
+    let gw = GatewayPool::builder()
+        .web_pool(HEALTH)
+        .tls()
         .http_option(&format!("idle_timeout = \"{}s\"", IDLE.as_secs()))
-        .vm(&up.name, up.port)
+        .web_vm(&up.name, up.port)
         .start();
     let mut half_hello = vec![
         0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
@@ -900,7 +882,7 @@ async fn garbage_on_the_https_listener_is_closed_at_once() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("saw GET /after-garbage"), "{}", r.text());
     assert!(up.take().iter().all(|s| s.target == "/after-garbage"));
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
 }
 
 /// Reads one `Content-Length` response from a keep-alive connection; returns its text.
@@ -933,11 +915,11 @@ fn read_one_response(s: &mut TcpStream) -> String {
 fn past_max_connections_new_clients_wait_until_a_connection_closes() {
     const MAX: usize = 3;
     let up = Upstream::start("up-a");
-    let gw = HttpGatewayBuilder::new(HEALTH)
-        .without_tls()
+    let gw = GatewayPool::builder()
+        .web_pool(HEALTH)
         .http_option("idle_timeout = \"60s\"")
         .http_option(&format!("max_connections = {MAX}"))
-        .vm(&up.name, up.port)
+        .web_vm(&up.name, up.port)
         .start();
     // MAX keep-alive connections, each served once and then held open.
     let mut held: Vec<TcpStream> = (0..MAX)
@@ -997,5 +979,5 @@ fn past_max_connections_new_clients_wait_until_a_connection_closes() {
         let text = read_one_response(s);
         assert!(text.contains(&format!("saw GET /again-{i}")), "{text}");
     }
-    assert_no_panic(&gw);
+    gw.assert_no_panic();
 }

@@ -8,27 +8,17 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod ssh_common;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use poolgate_tests::*;
-use ssh_common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `ssh.login_grace` of the handshake test: short, so the bound is measurable.
 const GRACE: Duration = Duration::from_secs(2);
 /// Time allowed on top of a bound for scheduling on a loaded 2-core machine.
 const SLACK: Duration = Duration::from_millis(1500);
-
-/// Open file descriptors of a process.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
 
 /// What the gateway did with one raw connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,21 +79,8 @@ fn server_kexinit(addr: SocketAddr) -> Vec<u8> {
     whole
 }
 
-/// No panic anywhere in the gateway's log.
-fn assert_no_panic(pool: &Pool) {
-    let log = pool.log();
-    assert!(
-        !log.contains("panicked"),
-        "the gateway panicked:\n{}",
-        log.lines()
-            .filter(|l| l.contains("panicked"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-}
-
 /// A real `ssh` through the gateway, optionally from another loopback source address.
-fn real_ssh_works(pool: &Pool, bind: Option<&str>) {
+fn real_ssh_works(pool: &GatewayPool, bind: Option<&str>) {
     let mut client = pool.client(1);
     if let Some(addr) = bind {
         client = client.option(&format!("BindAddress={addr}"));
@@ -118,7 +95,7 @@ fn garbage_truncated_and_stalled_handshakes_are_closed_within_login_grace() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     let started = Instant::now();
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .vm("vm-a")
         .ssh_option(&format!("login_grace = \"{}s\"", GRACE.as_secs()))
         .start();
@@ -203,7 +180,7 @@ fn garbage_truncated_and_stalled_handshakes_are_closed_within_login_grace() {
 
     // Still serving, and nothing panicked.
     real_ssh_works(&pool, None);
-    assert_no_panic(&pool);
+    pool.assert_no_panic();
     eprintln!("handshake cases: {:?}", started.elapsed());
 }
 
@@ -301,7 +278,7 @@ fn a_thousand_stalled_connections_are_bounded_and_a_real_user_still_gets_in() {
     const MAX: usize = 40;
     const SHARE: usize = MAX / 4;
     const FLOOD_GRACE: Duration = Duration::from_secs(8);
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .vm("vm-a")
         .ssh_option(&format!("login_grace = \"{}s\"", FLOOD_GRACE.as_secs()))
         .ssh_option(&format!("max_unauthenticated = {MAX}"))
@@ -433,7 +410,7 @@ fn a_thousand_stalled_connections_are_bounded_and_a_real_user_still_gets_in() {
         drop_lines < 20,
         "{drop_lines} drop lines: the log is flooded too"
     );
-    assert_no_panic(&pool);
+    pool.assert_no_panic();
     eprintln!("flood test: {:?}", started.elapsed());
 }
 
@@ -451,7 +428,7 @@ fn repeated_failed_logins_put_the_address_in_the_penalty_box_and_no_other() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     let started = Instant::now();
-    let pool = Pool::builder().vm("vm-a").start();
+    let pool = GatewayPool::builder().vm("vm-a").start();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, pool.ssh_port));
     let before = auth_failures(&pool.metrics(), "publickey");
     // Documented (docs/security.md): more than 10 failed logins within a minute put the address
@@ -520,7 +497,7 @@ fn repeated_failed_logins_put_the_address_in_the_penalty_box_and_no_other() {
     assert!(has_field(boxed_line, "penalty_s", "30"), "{boxed_line}");
     // Everything above happened well inside the 30 s penalty.
     assert!(t_boxed.elapsed() < Duration::from_secs(25));
-    assert_no_panic(&pool);
+    pool.assert_no_panic();
     eprintln!(
         "brute force: {} failures counted, test {:?}",
         after - before,

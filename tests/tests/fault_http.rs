@@ -8,37 +8,22 @@
 //!   `http.response_header_timeout`, while other browsers' requests keep their usual latency;
 //!   once the probes mark it down the browser is re-pinned.
 
-mod fault_common;
-mod http_common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fault_common::{send_signal, unread_bytes_on_port};
-use http_common::{HttpGateway, HttpGatewayBuilder, cookie_vm};
 use nix::sys::signal::Signal;
 use poolgate_tests::jupyter::*;
-use serde_json::json;
+use poolgate_tests::{
+    GatewayPool, WEB_PROBE_INTERVAL, blocking, send_signal, unread_bytes_on_port,
+};
 
 const COOKIE: &str = "poolgate_vm";
 /// `http.response_header_timeout` of the hung-VM test.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// The fixture's `[health]`: `interval = 500ms`, `timeout = 500ms`, `fall = 2`.
-const INTERVAL: Duration = Duration::from_millis(500);
-const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+const INTERVAL: Duration = WEB_PROBE_INTERVAL;
+const PROBE_TIMEOUT: Duration = WEB_PROBE_INTERVAL;
 const FALL: u32 = 2;
-
-fn start_vms(names: [&'static str; 2]) -> Vec<JupyterServerVm> {
-    std::thread::scope(|s| {
-        let h: Vec<_> = names
-            .into_iter()
-            .map(|n| s.spawn(move || JupyterServerVm::start(n)))
-            .collect();
-        h.into_iter()
-            .map(|h| h.join().expect("jupyter-server"))
-            .collect()
-    })
-}
 
 /// The pid of the jupyter-server listening on `port` (from its command line).
 fn server_pid(port: u16) -> u32 {
@@ -56,7 +41,7 @@ fn server_pid(port: u16) -> u32 {
 }
 
 /// A browser whose session is counted on a VM; returns it with the VM its cookie names.
-async fn pinned_browser(gw: &HttpGateway) -> (Arc<Browser>, String) {
+async fn pinned_browser(gw: &GatewayPool) -> (Arc<Browser>, String) {
     let b = gw.browser();
     let r = b.get("/api").await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -83,18 +68,13 @@ async fn a_killed_vm_fails_its_post_in_flight_with_502_resends_its_get_and_repin
         return;
     }
     let started = Instant::now();
-    let mut vms = tokio::task::spawn_blocking(|| start_vms(["js-a", "js-b"]))
-        .await
-        .expect("VMs");
-    let ports: Vec<u16> = vms.iter().map(|v| v.port()).collect();
-    let gw = tokio::task::spawn_blocking(move || {
-        HttpGatewayBuilder::new("/api")
-            .vm("js-a", ports[0])
-            .vm("js-b", ports[1])
-            .start()
-    })
-    .await
-    .expect("gateway");
+    let mut vms = blocking(|| JupyterServerVm::start_all(&["js-a", "js-b"])).await;
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vms(&vms)
+        .start_async()
+        .await;
     let (a, vm) = pinned_browser(&gw).await;
     assert_eq!(vm, "js-a");
     let (b, vm) = pinned_browser(&gw).await;
@@ -104,14 +84,7 @@ async fn a_killed_vm_fails_its_post_in_flight_with_502_resends_its_get_and_repin
     // websocket open on js-a.
     let (r, _) = b.follow("/lab").await;
     assert_eq!(r.status, 200, "the page that sets _xsrf");
-    let r = b
-        .api("POST", "/api/kernels", Some(&json!({"name": "python3"})))
-        .await;
-    assert_eq!(r.status, 201, "start a kernel: {}", r.text());
-    let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
-    let mut kernel_ws = b
-        .websocket(&format!("/api/kernels/{kernel}/channels?session_id=s1"))
-        .await;
+    let mut kernel_ws = b.open_kernel("", "s1").await;
     assert_eq!(run_code(&mut kernel_ws, "1+1", "before").await, "2");
     let mut events_a = a.websocket("/api/events/subscribe").await;
 
@@ -214,22 +187,17 @@ async fn a_vm_that_never_answers_costs_its_browser_one_504_and_stalls_nobody_els
         return;
     }
     let started = Instant::now();
-    let vms = tokio::task::spawn_blocking(|| start_vms(["js-a", "js-b"]))
-        .await
-        .expect("VMs");
-    let ports: Vec<u16> = vms.iter().map(|v| v.port()).collect();
-    let gw = tokio::task::spawn_blocking(move || {
-        HttpGatewayBuilder::new("/api")
-            .vm("js-a", ports[0])
-            .vm("js-b", ports[1])
-            .http_option(&format!(
-                "response_header_timeout = \"{}s\"",
-                HEADER_TIMEOUT.as_secs()
-            ))
-            .start()
-    })
-    .await
-    .expect("gateway");
+    let vms = blocking(|| JupyterServerVm::start_all(&["js-a", "js-b"])).await;
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vms(&vms)
+        .http_option(&format!(
+            "response_header_timeout = \"{}s\"",
+            HEADER_TIMEOUT.as_secs()
+        ))
+        .start_async()
+        .await;
     let (a, vm) = pinned_browser(&gw).await;
     assert_eq!(vm, "js-a");
     let (b, vm) = pinned_browser(&gw).await;

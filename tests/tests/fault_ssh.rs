@@ -4,34 +4,21 @@
 //! keep their latency), and every VM down (users are told, `poolgate_vm_up` is 0 everywhere,
 //! the admin side keeps answering).
 
-mod fault_common;
-mod ssh_common;
-
-use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use fault_common::*;
 use nix::sys::signal::Signal;
 use poolgate_tests::*;
-use ssh_common::{Pool, assert_ok, has_field, stderr, stdout, wait_for_vm_down};
 
 /// Bound for one echo through a healthy session.
 const RTT: Duration = Duration::from_secs(2);
 /// `ssh.connect_timeout` of the hung-VM test.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// The fixture's `[health]`: `interval = 1s`, `timeout = 1s`.
-const INTERVAL: Duration = Duration::from_secs(1);
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-fn landed(client: &SshClient) -> (String, Duration) {
+/// Where a login of `client` lands, and how long it took.
+fn timed_landing(client: &SshClient) -> (String, Duration) {
     let started = Instant::now();
-    let out = client.run("echo $POOLGATE_VM");
-    assert_ok(&out, "ssh echo $POOLGATE_VM");
-    (stdout(&out), started.elapsed())
-}
-
-fn admin(pool: &Pool) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, pool.admin_port))
+    let vm = landed(client);
+    (vm, started.elapsed())
 }
 
 #[test]
@@ -39,11 +26,14 @@ fn sessions_on_a_killed_vm_end_with_a_message_and_sessions_on_the_other_vm_carry
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     let started = Instant::now();
-    let mut pool = Pool::builder().vm("vm-a").vm("vm-b").users(4).start();
-    let mut sessions: Vec<LiveSession> = (1..=4)
-        .map(|i| LiveSession::open(&pool.client(i)))
-        .collect();
-    let on = |vm: &str, sessions: &[LiveSession]| sessions.iter().filter(|s| s.vm == vm).count();
+    let mut pool = GatewayPool::builder()
+        .vm("vm-a")
+        .vm("vm-b")
+        .users(4)
+        .start();
+    let mut sessions: Vec<SshSession> =
+        (1..=4).map(|i| SshSession::hold(&pool.client(i))).collect();
+    let on = |vm: &str, sessions: &[SshSession]| sessions.iter().filter(|s| s.vm == vm).count();
     assert_eq!(
         (on("vm-a", &sessions), on("vm-b", &sessions)),
         (2, 2),
@@ -57,7 +47,7 @@ fn sessions_on_a_killed_vm_end_with_a_message_and_sessions_on_the_other_vm_carry
     let killed = Instant::now();
     pool.vm_mut("vm-a").stop();
 
-    let (mut dead, mut alive): (Vec<LiveSession>, Vec<LiveSession>) =
+    let (mut dead, mut alive): (Vec<SshSession>, Vec<SshSession>) =
         sessions.into_iter().partition(|s| s.vm == "vm-a");
     // Sessions elsewhere keep exchanging data while (and after) vm-a's sessions are torn down.
     for (k, s) in alive.iter_mut().enumerate() {
@@ -96,7 +86,11 @@ fn sessions_on_a_killed_vm_end_with_a_message_and_sessions_on_the_other_vm_carry
     // The users of vm-a reconnect and land on vm-b (vm-a may still look healthy: the failed
     // connect sends them on).
     for i in [1, 3] {
-        assert_eq!(landed(&pool.client(i)).0, "vm-b", "user {i} after the kill");
+        assert_eq!(
+            timed_landing(&pool.client(i)).0,
+            "vm-b",
+            "user {i} after the kill"
+        );
     }
     wait_until(
         Duration::from_secs(10),
@@ -110,19 +104,19 @@ fn sessions_on_a_killed_vm_end_with_a_message_and_sessions_on_the_other_vm_carry
                 == 0.0
         },
     );
-    let log = ssh_common::strip_ansi(&pool.gateway.log_text());
+    let log = strip_ansi(&pool.gateway.log_text());
     assert!(
         log.lines()
             .any(|l| l.contains("lost the connection to the VM") && has_field(l, "vm", "vm-a")),
         "the gateway logs the lost VM:\n{log}"
     );
     for s in alive {
-        let status = s.end(Duration::from_secs(10));
+        let status = s.close(Duration::from_secs(10));
         assert!(status.success(), "a vm-b session ended with {status}");
     }
     // Sessions that end normally are not reported as lost VMs.
     pool.wait_for_sessions_ended(6, Duration::from_secs(10));
-    let log = ssh_common::strip_ansi(&pool.gateway.log_text());
+    let log = strip_ansi(&pool.gateway.log_text());
     let lost: Vec<&str> = log_lines(&log, &["lost the connection to the VM"]);
     assert!(
         lost.iter().all(|l| has_field(l, "vm", "vm-a")),
@@ -140,7 +134,7 @@ fn a_vm_that_accepts_and_never_answers_does_not_stall_logins_or_sessions_elsewhe
     require_root!();
     let started = Instant::now();
     let fall = 3;
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .vm("vm-a")
         .vm("vm-b")
         .users(5)
@@ -148,13 +142,13 @@ fn a_vm_that_accepts_and_never_answers_does_not_stall_logins_or_sessions_elsewhe
             "connect_timeout = \"{}s\"",
             CONNECT_TIMEOUT.as_secs()
         ))
-        .health_option(&format!("fall = {fall}"))
+        .fall(fall)
         .start();
-    let mut on_a = LiveSession::open(&pool.client(1));
-    let mut on_b = LiveSession::open(&pool.client(2));
+    let mut on_a = SshSession::hold(&pool.client(1));
+    let mut on_b = SshSession::hold(&pool.client(2));
     assert_eq!((on_a.vm.as_str(), on_b.vm.as_str()), ("vm-a", "vm-b"));
     // A login to a healthy VM, for comparison (user 2 goes back to vm-b by affinity).
-    let (vm, baseline) = landed(&pool.client(2));
+    let (vm, baseline) = timed_landing(&pool.client(2));
     assert_eq!(vm, "vm-b");
 
     // Freeze vm-a's sshd listener: the kernel still accepts TCP connections into its backlog,
@@ -168,7 +162,7 @@ fn a_vm_that_accepts_and_never_answers_does_not_stall_logins_or_sessions_elsewhe
     let logins: Vec<_> = (3..=5)
         .map(|i| {
             let client = pool.client(i);
-            std::thread::spawn(move || landed(&client))
+            std::thread::spawn(move || timed_landing(&client))
         })
         .collect();
     // Meanwhile the open sessions answer as usual.
@@ -192,7 +186,7 @@ fn a_vm_that_accepts_and_never_answers_does_not_stall_logins_or_sessions_elsewhe
         worst < Duration::from_secs(1),
         "open sessions stalled: {worst:?}"
     );
-    let log = ssh_common::strip_ansi(&pool.gateway.log_text());
+    let log = strip_ansi(&pool.gateway.log_text());
     assert!(
         log.lines().any(|l| l.contains("VM connection failed")
             && has_field(l, "vm", "vm-a")
@@ -201,23 +195,24 @@ fn a_vm_that_accepts_and_never_answers_does_not_stall_logins_or_sessions_elsewhe
     );
 
     // The probes (and the failed logins) mark vm-a down; logins are then as quick as ever.
-    let down_bound = INTERVAL * fall + PROBE_TIMEOUT + Duration::from_millis(500);
-    wait_for_vm_down(&pool.gateway, "vm-a", down_bound + Duration::from_secs(5));
+    let down_bound = PROBE_INTERVAL * fall + PROBE_TIMEOUT + Duration::from_millis(500);
+    pool.gateway
+        .wait_for_vm_down("vm-a", down_bound + Duration::from_secs(5));
     let time_to_down = frozen.elapsed();
     eprintln!("hung vm-a marked down {time_to_down:?} after the freeze (bound {down_bound:?})");
     assert!(
         time_to_down <= down_bound,
         "{time_to_down:?} > {down_bound:?}"
     );
-    let (vm, took) = landed(&pool.client(4));
+    let (vm, took) = timed_landing(&pool.client(4));
     assert_eq!(vm, "vm-b");
     assert!(
         took <= baseline + Duration::from_secs(1),
         "a login once vm-a is down took {took:?} (baseline {baseline:?})"
     );
     send_signal(listener, Signal::SIGCONT);
-    assert!(on_b.end(RTT * 5).success());
-    assert!(on_a.end(RTT * 5).success());
+    assert!(on_b.close(RTT * 5).success());
+    assert!(on_a.close(RTT * 5).success());
     eprintln!("hung-VM test: {:?}", started.elapsed());
 }
 
@@ -225,18 +220,20 @@ fn a_vm_that_accepts_and_never_answers_does_not_stall_logins_or_sessions_elsewhe
 fn with_every_vm_down_users_are_told_and_the_admin_side_keeps_answering() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let mut pool = Pool::builder()
+    let mut pool = GatewayPool::builder()
         .vm("vm-a")
         .vm("vm-b")
         .users(1)
-        .health_option("fall = 1")
+        .fall(1)
         .start();
     let metrics = pool.metrics();
     assert_eq!(vm_up(&metrics, "vm-a"), Some(1.0), "{metrics}");
     pool.vm_mut("vm-a").stop();
     pool.vm_mut("vm-b").stop();
-    wait_for_vm_down(&pool.gateway, "vm-a", Duration::from_secs(10));
-    wait_for_vm_down(&pool.gateway, "vm-b", Duration::from_secs(10));
+    pool.gateway
+        .wait_for_vm_down("vm-a", Duration::from_secs(10));
+    pool.gateway
+        .wait_for_vm_down("vm-b", Duration::from_secs(10));
 
     let out = pool.client(1).run("echo $POOLGATE_VM");
     let err = stderr(&out);
@@ -260,14 +257,14 @@ fn with_every_vm_down_users_are_told_and_the_admin_side_keeps_answering() {
             >= 1.0,
         "{metrics}"
     );
-    let status = http_get(admin(&pool), "/status");
+    let status = http_get(pool.admin, "/status");
     assert_eq!(status.status, 200, "{}", status.body);
     assert!(
         status.body.contains("vm-a") && status.body.contains("vm-b"),
         "{}",
         status.body
     );
-    let vms = http_get(admin(&pool), "/api/v1/vms");
+    let vms = http_get(pool.admin, "/api/v1/vms");
     assert_eq!(vms.status, 200, "{}", vms.body);
     let states: Vec<(String, String)> = vms
         .json()
@@ -287,6 +284,6 @@ fn with_every_vm_down_users_are_told_and_the_admin_side_keeps_answering() {
             ("vm-b".to_string(), "unhealthy".to_string())
         ]
     );
-    let health = http_get(admin(&pool), "/healthz");
+    let health = http_get(pool.admin, "/healthz");
     assert_eq!((health.status, health.body.trim()), (200, "ok"));
 }

@@ -12,29 +12,18 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 
-mod admin_common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use admin_common::*;
-use poolgate_tests::jupyter::{Browser, JupyterServerVm, require_jupyter};
+use poolgate_tests::jupyter::{Browser, JupyterServerVm, cookie_vm, require_jupyter};
 use poolgate_tests::*;
+use serde_json::Value;
 
 const COOKIE: &str = "poolgate_vm";
 
-/// The affinity cookie's VM (its first field is base64url of the name).
-fn cookie_vm(value: &str) -> String {
-    let first = value.split('.').next().unwrap_or("");
-    let bytes = data_encoding::BASE64URL_NOPAD
-        .decode(first.as_bytes())
-        .unwrap_or_else(|e| panic!("cookie {value:?}: {e}"));
-    String::from_utf8(bytes).expect("UTF-8 VM name")
-}
-
 /// `side`'s health (`"ssh"` or `"http"`) in a `/api/v1/vms` entry.
-fn side_health(vm: &Json, side: &str) -> String {
+fn side_health(vm: &Value, side: &str) -> String {
     vm["protocols"][side]["health"]
         .as_str()
         .unwrap_or_default()
@@ -43,7 +32,7 @@ fn side_health(vm: &Json, side: &str) -> String {
 
 /// Asserts a VM entry's state and each side's health and whether it takes new sessions.
 #[track_caller]
-fn assert_sides(vm: &Json, state: &str, ssh: &str, http: &str) {
+fn assert_sides(vm: &Value, state: &str, ssh: &str, http: &str) {
     let name = vm["name"].as_str().unwrap_or_default();
     assert_eq!(vm["state"].as_str(), Some(state), "{name} state: {vm}");
     for (side, health) in [("ssh", ssh), ("http", http)] {
@@ -86,7 +75,7 @@ fn an_ssh_only_pool_with_no_health_section_takes_logins_on_every_vm_and_shows_th
     let vms = ["vm-a", "vm-b", "vm-c"];
     // The VMs have no web side. Each VM's `http_port` is a free port nothing listens on: the
     // default 8000 would be 127.0.0.1:8000 here, which anything on this machine might answer.
-    let mut builder = Pool::builder().users(3).without_health_section();
+    let mut builder = GatewayPool::builder().users(3).without_health_section();
     let mut web_ports = BTreeMap::new();
     for vm in vms {
         let port = free_port();
@@ -125,7 +114,7 @@ fn an_ssh_only_pool_with_no_health_section_takes_logins_on_every_vm_and_shows_th
     eprintln!("every web side down after {:?}", started.elapsed());
 
     // Three users log in through the gateway: each session lands on a different VM.
-    let held: Vec<Session> = (1..=3).map(|i| Session::hold(&pool.client(i))).collect();
+    let held: Vec<SshSession> = (1..=3).map(|i| SshSession::hold(&pool.client(i))).collect();
     let landed_on: BTreeSet<&str> = held.iter().map(|s| s.vm.as_str()).collect();
     assert_eq!(
         landed_on,
@@ -193,17 +182,12 @@ fn ssh_goes_where_sshd_is_up_and_browsers_where_jupyter_is_up_and_routing_follow
         .build()
         .expect("a tokio runtime for the browsers");
     // Each VM: an sshd and a jupyter_server on 127.0.0.1, each on its own port.
-    let mut web: BTreeMap<&str, JupyterServerVm> = std::thread::scope(|s| {
-        let handles: Vec<_> = ["vm-a", "vm-b", "vm-c"]
-            .into_iter()
-            .map(|n| (n, s.spawn(move || JupyterServerVm::start(n))))
-            .collect();
-        handles
-            .into_iter()
-            .map(|(n, h)| (n, h.join().expect("jupyter-server")))
-            .collect()
-    });
-    let mut builder = Pool::builder().users(4).web_probe("/api").fall(2);
+    let names = ["vm-a", "vm-b", "vm-c"];
+    let mut web: BTreeMap<&str, JupyterServerVm> = names
+        .into_iter()
+        .zip(JupyterServerVm::start_all(&names))
+        .collect();
+    let mut builder = GatewayPool::builder().users(4).web_probe("/api").fall(2);
     for (name, js) in &web {
         builder = builder.vm_with_http_port(name, js.port());
     }
@@ -245,7 +229,7 @@ fn ssh_goes_where_sshd_is_up_and_browsers_where_jupyter_is_up_and_routing_follow
 
     // SSH sessions land on vm-a and vm-b only; browsers on vm-a and vm-c only. No attempt hit
     // a side that is down (a failed attempt would be retried elsewhere, hiding a wrong choice).
-    let ssh_held: Vec<Session> = (1..=2).map(|i| Session::hold(&pool.client(i))).collect();
+    let ssh_held: Vec<SshSession> = (1..=2).map(|i| SshSession::hold(&pool.client(i))).collect();
     let ssh_vms: BTreeSet<String> = ssh_held.iter().map(|s| s.vm.clone()).collect();
     assert_eq!(
         ssh_vms,

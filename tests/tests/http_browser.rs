@@ -2,12 +2,9 @@
 //! JupyterHub through the gateway (HTTPS, test CA), opens JupyterLab, runs `1+1` in a notebook
 //! and sees `2`. The screenshot is kept in `tests/artifacts/`.
 
-mod http_common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use http_common::*;
 use poolgate_tests::jupyter::*;
 use poolgate_tests::*;
 
@@ -32,14 +29,11 @@ fn chromium_logs_in_opens_jupyterlab_and_runs_a_cell() {
         return;
     }
     let started = Instant::now();
-    let hubs = std::thread::scope(|s| {
-        let a = s.spawn(|| JupyterHubVm::start("hub-a"));
-        let b = s.spawn(|| JupyterHubVm::start("hub-b"));
-        (a.join().expect("hub-a"), b.join().expect("hub-b"))
-    });
-    let gw = HttpGatewayBuilder::new("/hub/health")
-        .vm(hubs.0.name(), hubs.0.port())
-        .vm(hubs.1.name(), hubs.1.port())
+    let hubs = JupyterHubVm::start_all(&["hub-a", "hub-b"]);
+    let gw = GatewayPool::builder()
+        .web_pool("/hub/health")
+        .tls()
+        .web_vms(&hubs)
         .start();
     let artifacts = workspace_dir().join("tests/artifacts");
     std::fs::create_dir_all(&artifacts).expect("tests/artifacts");
@@ -51,7 +45,7 @@ fn chromium_logs_in_opens_jupyterlab_and_runs_a_cell() {
             .arg(js_dir().join("journey.mjs"))
             .args(["--url", &format!("https://localhost:{}", gw.https.port())])
             .args(["--user", "bea", "--password", HUB_PASSWORD])
-            .args(["--spki", gw.ca.server_spki_sha256()])
+            .args(["--spki", gw.tls_ca().server_spki_sha256()])
             .arg("--screenshot")
             .arg(&screenshot)
             .arg("--profile")

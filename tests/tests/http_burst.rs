@@ -14,17 +14,13 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 
-#[path = "admin_common/http.rs"]
-mod admin_http;
-mod http_common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use admin_http::{Json, http_get, http_request};
-use http_common::*;
 use poolgate_tests::jupyter::*;
+use poolgate_tests::{GatewayPool, JsonItems, blocking, http_get, http_request};
+use serde_json::Value;
 
 const COOKIE: &str = "poolgate_vm";
 /// Fresh clients per burst.
@@ -34,22 +30,10 @@ const SPREAD_TOLERANCE: f64 = 2.0;
 /// Slack for a loaded 2-CPU machine on the lapse deadline.
 const SLACK: Duration = Duration::from_secs(2);
 
-fn start_vms(names: &[&'static str]) -> Vec<JupyterServerVm> {
-    std::thread::scope(|s| {
-        let h: Vec<_> = names
-            .iter()
-            .map(|&n| s.spawn(move || JupyterServerVm::start(n)))
-            .collect();
-        h.into_iter()
-            .map(|h| h.join().expect("jupyter-server"))
-            .collect()
-    })
-}
-
 /// `BURST` fresh clients, each with its own empty cookie jar, send one `GET /api` each, all at
 /// once; returns the VM each client's cookie names (in the order they were sent) and how long
 /// the whole burst took.
-async fn burst(gw: &HttpGateway) -> (Vec<String>, Duration) {
+async fn burst(gw: &GatewayPool) -> (Vec<String>, Duration) {
     let clients: Vec<Browser> = (0..BURST).map(|_| gw.browser()).collect();
     let started = Instant::now();
     let tasks: Vec<_> = clients
@@ -81,7 +65,7 @@ fn per_vm(vms: &[String], names: &[&str]) -> BTreeMap<String, usize> {
 }
 
 /// `GET /api/v1/vms` on the admin listener.
-fn vms_json(admin: SocketAddr) -> Json {
+fn vms_json(admin: SocketAddr) -> Value {
     let r = http_get(admin, "/api/v1/vms");
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()
@@ -108,7 +92,7 @@ fn admin_post(admin: SocketAddr, vm: &str, action: &str) {
 }
 
 /// One fresh client's `GET /api`; the VM its cookie names.
-async fn one_new_client(gw: &HttpGateway) -> String {
+async fn one_new_client(gw: &GatewayPool) -> String {
     let b = gw.browser();
     let r = b.get("/api").await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -116,7 +100,7 @@ async fn one_new_client(gw: &HttpGateway) -> String {
 }
 
 /// The burst over every VM spreads within ±2 of even.
-async fn assert_burst_spreads(gw: &HttpGateway, names: &[&str]) {
+async fn assert_burst_spreads(gw: &GatewayPool, names: &[&str]) {
     let (vms, took) = burst(gw).await;
     let counts = per_vm(&vms, names);
     let even = BURST as f64 / names.len() as f64;
@@ -140,7 +124,7 @@ async fn assert_burst_spreads(gw: &HttpGateway, names: &[&str]) {
 /// the burst began and no later than `tentative_for` + one expiry period (+ a poll and slack)
 /// after it ended. Returns when it was seen, from the end of the burst.
 async fn assert_tentative_load_lapses(
-    gw: &HttpGateway,
+    gw: &GatewayPool,
     names: &[&str],
     tentative_for: Duration,
     expire_every: Duration,
@@ -214,19 +198,14 @@ async fn twenty_cookie_dropping_clients_at_once_spread_over_two_vms_and_their_lo
     let started = Instant::now();
     let names = ["js-a", "js-b"];
     let tentative_for = Duration::from_secs(2);
-    let vms = tokio::task::spawn_blocking(move || start_vms(&names))
-        .await
-        .expect("VMs");
-    let ports: Vec<u16> = vms.iter().map(|v| v.port()).collect();
-    let gw = tokio::task::spawn_blocking(move || {
-        HttpGatewayBuilder::new("/api")
-            .vm("js-a", ports[0])
-            .vm("js-b", ports[1])
-            .http_option(&format!("tentative_for = \"{}s\"", tentative_for.as_secs()))
-            .start()
-    })
-    .await
-    .expect("gateway");
+    let vms = blocking(move || JupyterServerVm::start_all(&names)).await;
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vms(&vms)
+        .http_option(&format!("tentative_for = \"{}s\"", tentative_for.as_secs()))
+        .start_async()
+        .await;
     eprintln!(
         "two jupyter servers and the gateway ready in {:?}",
         started.elapsed()
@@ -247,20 +226,14 @@ async fn twenty_cookie_dropping_clients_at_once_spread_over_three_vms_with_the_d
     }
     let started = Instant::now();
     let names = ["js-a", "js-b", "js-c"];
-    let vms = tokio::task::spawn_blocking(move || start_vms(&names))
-        .await
-        .expect("VMs");
-    let ports: Vec<u16> = vms.iter().map(|v| v.port()).collect();
+    let vms = blocking(move || JupyterServerVm::start_all(&names)).await;
     // No `tentative_for` (nor `session_idle`) in the config: the documented defaults.
-    let gw = tokio::task::spawn_blocking(move || {
-        HttpGatewayBuilder::new("/api")
-            .vm("js-a", ports[0])
-            .vm("js-b", ports[1])
-            .vm("js-c", ports[2])
-            .start()
-    })
-    .await
-    .expect("gateway");
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vms(&vms)
+        .start_async()
+        .await;
     let config = std::fs::read_to_string(gw.gateway.config_path()).unwrap();
     assert!(!config.contains("tentative_for") && !config.contains("session_idle"));
     eprintln!(

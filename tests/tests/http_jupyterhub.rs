@@ -8,13 +8,11 @@
 //! downloads 50 MiB through the contents API — all pinned to one hub. Then that hub is stopped
 //! and the next request lands on the other one with a rewritten cookie.
 
-mod http_common;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use http_common::*;
+use poolgate_tests::GatewayPool;
 use poolgate_tests::jupyter::*;
 use serde_json::json;
 
@@ -138,15 +136,11 @@ async fn jupyterhub_pool_through_the_gateway() {
         return;
     }
     let started = Instant::now();
-    let hubs = std::thread::scope(|s| {
-        let a = s.spawn(|| JupyterHubVm::start("hub-a"));
-        let b = s.spawn(|| JupyterHubVm::start("hub-b"));
-        (a.join().expect("hub-a"), b.join().expect("hub-b"))
-    });
-    let mut hubs = [hubs.0, hubs.1];
-    let gw = HttpGatewayBuilder::new("/hub/health")
-        .vm(hubs[0].name(), hubs[0].port())
-        .vm(hubs[1].name(), hubs[1].port())
+    let mut hubs = JupyterHubVm::start_all(&["hub-a", "hub-b"]);
+    let gw = GatewayPool::builder()
+        .web_pool("/hub/health")
+        .tls()
+        .web_vms(&hubs)
         .start();
     eprintln!("two hubs and the gateway ready in {:?}", started.elapsed());
 

@@ -2,12 +2,10 @@
 //! browser session counts as load only once its cookie comes back (API clients and monitors
 //! that drop cookies do not inflate it), and plain HTTP redirects to HTTPS.
 
-mod http_common;
-
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use http_common::*;
+use poolgate_tests::GatewayPool;
 use poolgate_tests::jupyter::*;
 
 const COOKIE: &str = "poolgate_vm";
@@ -18,20 +16,12 @@ async fn twenty_new_browsers_spread_over_the_vms_by_load() {
         return;
     }
     let started = Instant::now();
-    let vms = std::thread::scope(|s| {
-        let h: Vec<_> = ["js-a", "js-b", "js-c"]
-            .into_iter()
-            .map(|n| s.spawn(move || JupyterServerVm::start(n)))
-            .collect();
-        h.into_iter()
-            .map(|h| h.join().expect("jupyter-server"))
-            .collect::<Vec<_>>()
-    });
-    let mut builder = HttpGatewayBuilder::new("/api");
-    for vm in &vms {
-        builder = builder.vm(vm.name(), vm.port());
-    }
-    let gw = builder.start();
+    let vms = JupyterServerVm::start_all(&["js-a", "js-b", "js-c"]);
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vms(&vms)
+        .start();
     eprintln!(
         "three jupyter servers and the gateway ready in {:?}",
         started.elapsed()

@@ -2,11 +2,9 @@
 //! the gateway (HTTPS) give the same answers — statuses, the headers Jupyter's clients rely on,
 //! bodies, kernel results.
 
-mod http_common;
-
 use std::time::Instant;
 
-use http_common::*;
+use poolgate_tests::GatewayPool;
 use poolgate_tests::jupyter::*;
 use serde_json::json;
 
@@ -94,8 +92,10 @@ async fn jupyter_answers_the_same_directly_and_through_the_gateway() {
     }
     let started = Instant::now();
     let vm = JupyterServerVm::start("js-t");
-    let gw = HttpGatewayBuilder::new("/api")
-        .vm(vm.name(), vm.port())
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vm(vm.name(), vm.port())
         .start();
 
     let direct = cases(&Browser::http(vm.addr()), "direct").await;

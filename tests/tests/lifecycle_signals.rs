@@ -7,28 +7,21 @@
 //!   once); authorized keys are read at every login; an invalid file is refused with its errors
 //!   in the log and the running configuration keeps serving.
 
-mod fault_common;
-mod http_common;
-mod ssh_common;
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use fault_common::*;
 use nix::sys::signal::Signal;
 use poolgate_tests::jupyter::{JupyterServerVm, TestCa, require_jupyter, run_code};
 use poolgate_tests::*;
-use serde_json::json;
-use ssh_common::{Pool, assert_ok, has_field, stdout, strip_ansi};
 
 const RTT: Duration = Duration::from_secs(2);
 
-fn ssh_addr(pool: &Pool) -> SocketAddr {
+fn ssh_addr(pool: &GatewayPool) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, pool.ssh_port))
 }
 
-fn log(pool: &Pool) -> String {
+fn log(pool: &GatewayPool) -> String {
     strip_ansi(&pool.gateway.log_text())
 }
 
@@ -51,12 +44,12 @@ fn wait_gateway_exit(gateway: &mut GatewayProcess, timeout: Duration) -> std::pr
 fn sigterm_refuses_new_connections_at_once_and_lets_open_sessions_finish_then_exits_0() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let mut pool = Pool::builder()
+    let mut pool = GatewayPool::builder()
         .vm("vm-a")
         .users(2)
         .config_toml("[gateway]\nshutdown_grace = \"30s\"\n")
         .start();
-    let mut interactive = LiveSession::open(&pool.client(1));
+    let mut interactive = SshSession::hold(&pool.client(1));
     interactive.roundtrip("before SIGTERM", RTT);
     // A command that is still running when the signal comes, and ends with its own status.
     let mut running = pool
@@ -84,9 +77,9 @@ fn sigterm_refuses_new_connections_at_once_and_lets_open_sessions_finish_then_ex
     let out = pool.client(1).run("true");
     assert_eq!(out.status.code(), Some(255));
     assert!(
-        ssh_common::stderr(&out).contains("Connection refused"),
+        stderr(&out).contains("Connection refused"),
         "{}",
-        ssh_common::stderr(&out)
+        stderr(&out)
     );
 
     // Open sessions go on.
@@ -103,7 +96,7 @@ fn sigterm_refuses_new_connections_at_once_and_lets_open_sessions_finish_then_ex
         pool.gateway.try_wait().is_none(),
         "the gateway waits for the last session"
     );
-    let status = interactive.end(Duration::from_secs(10));
+    let status = interactive.close(Duration::from_secs(10));
     assert!(
         status.success(),
         "the interactive session ended with {status}"
@@ -128,7 +121,7 @@ fn sigterm_closes_sessions_still_open_when_shutdown_grace_passes_with_a_message(
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     let grace = Duration::from_secs(2);
-    let mut pool = Pool::builder()
+    let mut pool = GatewayPool::builder()
         .vm("vm-a")
         .users(1)
         .config_toml(&format!(
@@ -136,7 +129,7 @@ fn sigterm_closes_sessions_still_open_when_shutdown_grace_passes_with_a_message(
             grace.as_secs()
         ))
         .start();
-    let mut session = LiveSession::open(&pool.client(1));
+    let mut session = SshSession::hold(&pool.client(1));
     session.roundtrip("before SIGTERM", RTT);
     let sent = Instant::now();
     signal_gateway(&pool.gateway, Signal::SIGTERM);
@@ -182,7 +175,7 @@ fn without_backend(config: &str, vm: &str) -> String {
         .collect()
 }
 
-fn reloads(pool: &Pool) -> usize {
+fn reloads(pool: &GatewayPool) -> usize {
     log(pool).matches("configuration reloaded").count()
 }
 
@@ -191,15 +184,19 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     let started = Instant::now();
-    let pool = Pool::builder().vm("vm-a").vm("vm-b").users(3).start();
-    let mut kept = LiveSession::open(&pool.client(1));
+    let pool = GatewayPool::builder()
+        .vm("vm-a")
+        .vm("vm-b")
+        .users(3)
+        .start();
+    let mut kept = SshSession::hold(&pool.client(1));
     assert_eq!(kept.vm, "vm-a");
     kept.roundtrip("before the reload", RTT);
 
     // The new configuration: vm-c added (its host key in backend_known_hosts), vm-a removed,
     // user affinity off, a VM down after one failed probe.
     let vm_c = SshdVm::builder("vm-c")
-        .trusted_user_ca_keys(pool.ca.public_key_path())
+        .trusted_user_ca_keys(pool.user_ca().public_key_path())
         .start();
     let known = pool.dir().join("known_hosts");
     let mut text = std::fs::read_to_string(&known).expect("read known_hosts");
@@ -218,7 +215,7 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
     wait_until(Duration::from_secs(10), "configuration reloaded", || {
         reloads(&pool) > before
     });
-    ssh_common::wait_for_vm_up(&pool.gateway, "vm-c", Duration::from_secs(10));
+    pool.gateway.wait_for_vm_up("vm-c", Duration::from_secs(10));
     eprintln!(
         "reload applied and vm-c up {:?} after SIGHUP",
         sent.elapsed()
@@ -230,7 +227,7 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
     }
     // New sessions: never vm-a; without affinity, user 2's second connection goes to the
     // least-loaded VM, not back to its first.
-    let second = LiveSession::open(&pool.client(2));
+    let second = SshSession::hold(&pool.client(2));
     assert_eq!(second.vm, "vm-b");
     let out = pool.client(2).run("echo $POOLGATE_VM");
     assert_ok(&out, "user 2's second login");
@@ -243,11 +240,7 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
     // Authorized keys are read at every login: a newly listed key logs in, the removed one not.
     let user3 = pool.user(3);
     let new_key = UserKey::generate(&format!("{user3}-new"));
-    std::fs::write(
-        pool.dir().join("authorized_keys").join(&user3),
-        format!("{}\n", new_key.public_key_line()),
-    )
-    .expect("rewrite authorized_keys");
+    pool.authorize(&user3, &new_key);
     let out = pool
         .client_as(&user3)
         .user_key(&new_key)
@@ -259,7 +252,7 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
         Some(255),
         "the removed key still logs in"
     );
-    assert!(ssh_common::stderr(&out).contains("Permission denied"));
+    assert!(stderr(&out).contains("Permission denied"));
 
     // An invalid file: refused with its error (and key path) in the log; the running
     // configuration keeps serving.
@@ -289,11 +282,9 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
     // [health] was applied too: with fall = 1 one failed probe marks a VM down.
     let mut vm_c = vm_c;
     vm_c.stop();
-    ssh_common::wait_for_vm_down(&pool.gateway, "vm-c", Duration::from_secs(10));
-    let vms = http_get(
-        SocketAddr::from((Ipv4Addr::LOCALHOST, pool.admin_port)),
-        "/api/v1/vms",
-    );
+    pool.gateway
+        .wait_for_vm_down("vm-c", Duration::from_secs(10));
+    let vms = http_get(pool.admin, "/api/v1/vms");
     let c = vms
         .json()
         .items()
@@ -316,9 +307,9 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
         "vm-a left the pool"
     );
 
-    assert!(second.end(Duration::from_secs(10)).success());
+    assert!(second.close(Duration::from_secs(10)).success());
     assert!(
-        kept.end(Duration::from_secs(10)).success(),
+        kept.close(Duration::from_secs(10)).success(),
         "the session on the removed VM"
     );
     assert!(
@@ -346,40 +337,27 @@ async fn sighup_serves_a_new_tls_certificate_at_once_and_keeps_an_open_websocket
     if !require_jupyter() {
         return;
     }
-    let vm = tokio::task::spawn_blocking(|| JupyterServerVm::start("js-a"))
-        .await
-        .expect("jupyter-server");
-    let gw = tokio::task::spawn_blocking({
-        let port = vm.port();
-        move || {
-            http_common::HttpGatewayBuilder::new("/api")
-                .vm("js-a", port)
-                .start()
-        }
-    })
-    .await
-    .expect("gateway");
+    let vm = blocking(|| JupyterServerVm::start("js-a")).await;
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vm("js-a", vm.port())
+        .start_async()
+        .await;
     let browser = gw.browser();
     // The page that sets `_xsrf`, needed for the kernel API.
     let (r, _) = browser.follow("/lab").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = browser
-        .api("POST", "/api/kernels", Some(&json!({"name": "python3"})))
-        .await;
-    assert_eq!(r.status, 201, "start a kernel: {}", r.text());
-    let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
-    let mut ws = browser
-        .websocket(&format!("/api/kernels/{kernel}/channels?session_id=s1"))
-        .await;
+    let mut ws = browser.open_kernel("", "s1").await;
     assert_eq!(run_code(&mut ws, "1+1", "before").await, "2");
 
     // A renewed certificate (another CA here, so a client can tell which one it got) replaces
     // the files in place.
     let renewed = TestCa::generate();
-    std::fs::copy(renewed.cert_path(), gw.ca.cert_path()).expect("copy cert");
-    std::fs::copy(renewed.key_path(), gw.ca.key_path()).expect("copy key");
+    std::fs::copy(renewed.cert_path(), gw.tls_ca().cert_path()).expect("copy cert");
+    std::fs::copy(renewed.key_path(), gw.tls_ca().key_path()).expect("copy key");
     assert!(
-        trusts(gw.https, &gw.ca).await,
+        trusts(gw.https, gw.tls_ca()).await,
         "the old certificate is still served"
     );
     let sent = Instant::now();
@@ -400,7 +378,7 @@ async fn sighup_serves_a_new_tls_certificate_at_once_and_keeps_an_open_websocket
     );
     eprintln!("renewed certificate served {took:?} after SIGHUP");
     assert!(
-        !trusts(gw.https, &gw.ca).await,
+        !trusts(gw.https, gw.tls_ca()).await,
         "the old certificate is gone"
     );
     assert!(gw.gateway.log_text().contains("TLS certificate reloaded"));

@@ -24,8 +24,6 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod ssh_common;
-
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -33,7 +31,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use poolgate_tests::*;
-use ssh_common::*;
 
 const GW_ADDR: &str = "10.213.0.1";
 const VM_ADDR: &str = "10.213.0.2";
@@ -348,7 +345,7 @@ fn forwarded_connections_are_opened_by_the_vm_sshd_never_by_the_gateway() {
         .dir(&dir.path().join("gateway"))
         .env("NO_COLOR", "1")
         .start();
-    wait_for_vm_up(&gateway, "vm-ns", Duration::from_secs(20));
+    gateway.wait_for_vm_up("vm-ns", Duration::from_secs(20));
     let gateway_pid = gateway.pid().unwrap();
 
     let known_hosts = KnownHosts::new();

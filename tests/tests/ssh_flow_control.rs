@@ -14,8 +14,6 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 
-mod ssh_common;
-
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Stdio};
@@ -27,7 +25,6 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use poolgate_tests::*;
-use ssh_common::*;
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -125,7 +122,7 @@ fn cat_echoes_1_gib_both_ways_at_once_intact() {
     require_tools!("sshd", "ssh", "ssh-keygen", "sha256sum", "head");
     require_root!();
     let _lock = bulk_lock();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let started = Instant::now();
     let deadline = started + BULK_LIMIT;
 
@@ -279,7 +276,7 @@ fn a_stopped_reader_keeps_gateway_memory_bounded_and_the_stream_intact() {
     let data = shared_temp_dir();
     let file = data.path().join("1g.bin");
     let digest = random_file(&file, GIB);
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let started = Instant::now();
     let deadline = started + BULK_LIMIT;
 
@@ -374,7 +371,7 @@ fn a_second_channel_stays_responsive_during_a_bulk_transfer_on_the_first() {
     let size = 512 * MIB;
     let file = data.path().join("bulk.bin");
     let digest = random_file(&file, size);
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let started = Instant::now();
     let deadline = started + BULK_LIMIT;
 
@@ -534,7 +531,7 @@ fn a_stopped_vm_side_reader_keeps_gateway_memory_bounded_and_the_upload_intact()
     require_tools!("sshd", "ssh", "ssh-keygen", "sha256sum", "head");
     require_root!();
     let _lock = bulk_lock();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let size = 512 * MIB;
     let started = Instant::now();
     let deadline = started + BULK_LIMIT;

@@ -9,8 +9,6 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 
-mod ssh_common;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -19,7 +17,6 @@ use std::thread;
 use std::time::Duration;
 
 use poolgate_tests::*;
-use ssh_common::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -91,7 +88,7 @@ fn wait_for_stderr(bg: &Background, log_dir: &std::path::Path, needle: &str) {
 fn local_forward_reaches_an_echo_service_on_the_vm_side() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let echo = EchoServer::start();
     let logs = tempfile::tempdir().unwrap();
     let lport = free_port();
@@ -121,7 +118,7 @@ fn local_forward_reaches_an_echo_service_on_the_vm_side() {
 fn remote_forward_reaches_a_listener_in_the_test() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let echo = EchoServer::start();
     let logs = tempfile::tempdir().unwrap();
 
@@ -187,7 +184,7 @@ fn agent_keys_on_the_vm(client: SshClient) -> (Option<i32>, String) {
 fn agent_forwarding_lists_the_users_key_on_the_vm() {
     require_tools!("sshd", "ssh", "ssh-keygen", "ssh-agent", "ssh-add");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let agent = SshAgent::start();
     agent.add(pool.key(1));
     let (code, text) = agent_keys_on_the_vm(pool.client(1).agent(agent.socket()));
@@ -210,7 +207,7 @@ fn agent_forwarding_lists_the_users_key_on_the_vm() {
 fn port_forwarding_off_refuses_local_and_remote_forwards() {
     require_tools!("sshd", "ssh", "ssh-keygen", "ssh-agent", "ssh-add");
     require_root!();
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .vm("vm-a")
         .users(1)
         .ssh_option("port_forwarding = false")
@@ -296,7 +293,7 @@ fn port_forwarding_off_refuses_local_and_remote_forwards() {
 fn agent_forwarding_off_leaves_the_vm_without_an_agent() {
     require_tools!("sshd", "ssh", "ssh-keygen", "ssh-agent", "ssh-add");
     require_root!();
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .vm("vm-a")
         .users(1)
         .ssh_option("agent_forwarding = false")

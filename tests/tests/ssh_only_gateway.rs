@@ -14,13 +14,10 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 
-mod admin_common;
-
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use admin_common::*;
 use poolgate_tests::*;
 
 /// The TCP ports process `pid` listens on: its socket inodes (`/proc/PID/fd`) matched with the
@@ -61,7 +58,7 @@ fn an_ssh_only_gateway_with_http_off_and_default_health_serves_ssh_and_never_pro
     require_root!();
     let started = Instant::now();
     let vms = ["vm-a", "vm-b", "vm-c"];
-    let mut builder = Pool::builder()
+    let mut builder = GatewayPool::builder()
         .users(3)
         .without_health_section()
         .listen_http_off();
@@ -133,11 +130,11 @@ fn an_ssh_only_gateway_with_http_off_and_default_health_serves_ssh_and_never_pro
     }
 
     // Three users log in at once: one session on each VM.
-    let held: Vec<Session> = std::thread::scope(|s| {
+    let held: Vec<SshSession> = std::thread::scope(|s| {
         let handles: Vec<_> = (1..=3)
             .map(|i| {
                 let client = pool.client(i);
-                s.spawn(move || Session::hold(&client))
+                s.spawn(move || SshSession::hold(&client))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()

@@ -5,14 +5,11 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 
-mod ssh_common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
 use poolgate_tests::*;
-use ssh_common::*;
 
 /// The account used here: nobody else's tests give it a key or a password.
 const USER_INDEX: usize = 9;
@@ -38,7 +35,11 @@ fn askpass(dir: &std::path::Path, name: &str, password: &str) -> std::path::Path
 }
 
 /// `ssh` as `user` through the gateway, password only, the password coming from `askpass`.
-fn password_login(pool: &Pool, user: &str, askpass: &std::path::Path) -> std::process::Output {
+fn password_login(
+    pool: &GatewayPool,
+    user: &str,
+    askpass: &std::path::Path,
+) -> std::process::Output {
     let mut cmd = pool
         .client_as(user)
         .option("BatchMode=no")
@@ -59,7 +60,7 @@ fn password_passthrough_logs_in_refuses_a_wrong_password_and_never_logs_it() {
     let users = TestUsers::ensure(USER_INDEX);
     let user = users.user(USER_INDEX).name.clone();
     set_password(&user, PASSWORD);
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .vm("vm-a")
         .users(1)
         .vm_config(|b| b.password_authentication(true))
@@ -116,7 +117,7 @@ fn password_auth_off_refuses_passwords_without_asking_the_vm() {
     let user = users.user(USER_INDEX).name.clone();
     set_password(&user, PASSWORD);
     // The VM would accept the password, but the gateway's default is password_auth = "off".
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .vm("vm-a")
         .users(1)
         .vm_config(|b| b.password_authentication(true))

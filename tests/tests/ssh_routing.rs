@@ -4,48 +4,38 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 
-mod ssh_common;
-
 use std::process::Command;
 use std::time::Duration;
 
 use poolgate_tests::*;
-use ssh_common::*;
 
 const OPEN: Duration = Duration::from_secs(20);
-
-/// Where a one-shot `echo $POOLGATE_VM` of `client` lands.
-fn lands_on(client: &SshClient) -> String {
-    let out = client.run("echo $POOLGATE_VM");
-    assert_ok(&out, "ssh echo $POOLGATE_VM");
-    stdout(&out)
-}
 
 #[test]
 fn a_users_connections_stay_on_their_vm() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .vm("vm-a")
         .vm("vm-b")
         .vm("vm-c")
         .users(2)
         .start();
     // User 2 takes vm-a (all idle: the name breaks the tie), so user 1 starts on vm-b.
-    let other = HeldSession::open(&pool.client(2), OPEN);
+    let other = SshSession::hold_within(&pool.client(2), OPEN);
     assert_eq!(other.vm, "vm-a");
-    let first = HeldSession::open(&pool.client(1), OPEN);
+    let first = SshSession::hold_within(&pool.client(1), OPEN);
     assert_eq!(first.vm, "vm-b");
     // Least-loaded would now pick vm-c (no sessions); affinity keeps user 1 on vm-b.
-    let second = HeldSession::open(&pool.client(1), OPEN);
+    let second = SshSession::hold_within(&pool.client(1), OPEN);
     assert_eq!(second.vm, "vm-b", "second connection of the same user");
-    assert_eq!(lands_on(&pool.client(1)), "vm-b", "third connection");
+    assert_eq!(landed(&pool.client(1)), "vm-b", "third connection");
     // And it still does after all of them ended (routing.affinity_ttl).
     first.end();
     second.end();
     pool.wait_for_sessions_ended(2, OPEN);
     assert_eq!(
-        lands_on(&pool.client(1)),
+        landed(&pool.client(1)),
         "vm-b",
         "after the user's sessions ended"
     );
@@ -56,15 +46,15 @@ fn a_users_connections_stay_on_their_vm() {
 fn six_users_spread_two_per_vm_over_three_vms() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .vm("vm-a")
         .vm("vm-b")
         .vm("vm-c")
         .users(6)
         .start();
     // Opened one after another and held open: each pick sees the earlier sessions as load.
-    let sessions: Vec<HeldSession> = (1..=6)
-        .map(|i| HeldSession::open(&pool.client(i), OPEN))
+    let sessions: Vec<SshSession> = (1..=6)
+        .map(|i| SshSession::hold_within(&pool.client(i), OPEN))
         .collect();
     let landed: Vec<&str> = sessions.iter().map(|s| s.vm.as_str()).collect();
     for vm in ["vm-a", "vm-b", "vm-c"] {
@@ -95,7 +85,7 @@ fn six_users_spread_two_per_vm_over_three_vms() {
 fn a_key_not_in_authorized_keys_is_refused() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(2).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(2).start();
     let stranger = UserKey::generate("stranger");
     let refused = |client: SshClient, what: &str| {
         let out = client.run("echo $POOLGATE_VM");
@@ -128,7 +118,7 @@ fn a_key_not_in_authorized_keys_is_refused() {
         "the VM saw a login"
     );
     // The right key still works.
-    assert_eq!(lands_on(&pool.client(1)), "vm-a");
+    assert_eq!(landed(&pool.client(1)), "vm-a");
 }
 
 /// Refused keys are visible to operators: a log line and `poolgate_auth_failures_total`.
@@ -136,7 +126,7 @@ fn a_key_not_in_authorized_keys_is_refused() {
 fn a_refused_key_counts_as_an_authentication_failure() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let stranger = UserKey::generate("stranger");
     for _ in 0..3 {
         let out = pool
@@ -186,15 +176,15 @@ fn a_vm_with_an_unknown_host_key_is_refused_and_the_user_lands_elsewhere() {
     require_root!();
     // vm-a is not in the gateway's backend_known_hosts. Being idle and first by name, it is the
     // first choice of every pick below.
-    let pool = Pool::builder()
+    let pool = GatewayPool::builder()
         .untrusted_vm("vm-a")
         .vm("vm-b")
         .users(3)
         .start();
     // Its SSH port answers, so the health probe marks it up: it really is eligible.
-    wait_for_vm_up(&pool.gateway, "vm-a", OPEN);
+    pool.gateway.wait_for_vm_up("vm-a", OPEN);
     for i in 1..=3 {
-        assert_eq!(lands_on(&pool.client(i)), "vm-b", "user {i}");
+        assert_eq!(landed(&pool.client(i)), "vm-b", "user {i}");
     }
     let fp = fingerprint(&pool.vm("vm-a").host_public_key_path());
     let log = pool.log();
@@ -218,7 +208,7 @@ fn a_vm_with_an_unknown_host_key_is_refused_and_the_user_lands_elsewhere() {
 }
 
 /// Number of "VM is up" lines naming `vm`.
-fn up_lines(pool: &Pool, vm: &str) -> usize {
+fn up_lines(pool: &GatewayPool, vm: &str) -> usize {
     pool.log()
         .lines()
         .filter(|l| l.contains("VM is up") && has_field(l, "vm", vm))
@@ -229,19 +219,19 @@ fn up_lines(pool: &Pool, vm: &str) -> usize {
 fn a_vm_that_is_down_gets_no_sessions_until_it_is_back() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let mut pool = Pool::builder()
+    let mut pool = GatewayPool::builder()
         .vm("vm-a")
         .vm("vm-b")
         .users(5)
-        .health_option("fall = 1")
+        .fall(1)
         .start();
     pool.vm_mut("vm-a").stop();
     // Before or after the health probe notices, a new session must not end up on vm-a: if the
     // gateway still picks it, the failed connect sends the user to the next VM.
-    assert_eq!(lands_on(&pool.client(1)), "vm-b");
-    wait_for_vm_down(&pool.gateway, "vm-a", OPEN);
-    let sessions: Vec<HeldSession> = (1..=4)
-        .map(|i| HeldSession::open(&pool.client(i), OPEN))
+    assert_eq!(landed(&pool.client(1)), "vm-b");
+    pool.gateway.wait_for_vm_down("vm-a", OPEN);
+    let sessions: Vec<SshSession> = (1..=4)
+        .map(|i| SshSession::hold_within(&pool.client(i), OPEN))
         .collect();
     assert!(
         sessions.iter().all(|s| s.vm == "vm-b"),
@@ -253,7 +243,7 @@ fn a_vm_that_is_down_gets_no_sessions_until_it_is_back() {
     let ups = up_lines(&pool, "vm-a");
     pool.vm_mut("vm-a").restart();
     wait_until(OPEN, "vm-a up again", || up_lines(&pool, "vm-a") > ups);
-    assert_eq!(lands_on(&pool.client(5)), "vm-a");
+    assert_eq!(landed(&pool.client(5)), "vm-a");
     for s in sessions {
         s.end();
     }
@@ -263,11 +253,11 @@ fn a_vm_that_is_down_gets_no_sessions_until_it_is_back() {
 fn with_every_vm_down_the_client_is_told_no_vm_is_available() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let mut pool = Pool::builder()
+    let mut pool = GatewayPool::builder()
         .vm("vm-a")
         .vm("vm-b")
         .users(1)
-        .health_option("fall = 1")
+        .fall(1)
         .start();
     pool.vm_mut("vm-a").stop();
     pool.vm_mut("vm-b").stop();
@@ -286,8 +276,8 @@ fn with_every_vm_down_the_client_is_told_no_vm_is_available() {
     // At once (the gateway may still think the VMs are up: its connect attempts fail) …
     expect_refusal("right after the VMs went down");
     // … and once the health checks have marked both down.
-    wait_for_vm_down(&pool.gateway, "vm-a", OPEN);
-    wait_for_vm_down(&pool.gateway, "vm-b", OPEN);
+    pool.gateway.wait_for_vm_down("vm-a", OPEN);
+    pool.gateway.wait_for_vm_down("vm-b", OPEN);
     expect_refusal("after both were marked down");
     let log = pool.log();
     assert!(
@@ -303,13 +293,9 @@ fn with_every_vm_down_the_client_is_told_no_vm_is_available() {
 fn the_no_vm_message_reads_cleanly_in_openssh() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let mut pool = Pool::builder()
-        .vm("vm-a")
-        .users(1)
-        .health_option("fall = 1")
-        .start();
+    let mut pool = GatewayPool::builder().vm("vm-a").users(1).fall(1).start();
     pool.vm_mut("vm-a").stop();
-    wait_for_vm_down(&pool.gateway, "vm-a", OPEN);
+    pool.gateway.wait_for_vm_down("vm-a", OPEN);
     let out = pool.client(1).run("true");
     let err = stderr(&out);
     assert!(err.contains("no VM is available right now"), "{err:?}");

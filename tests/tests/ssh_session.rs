@@ -5,13 +5,10 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 
-mod ssh_common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use poolgate_tests::*;
-use ssh_common::*;
 
 /// `(exit code, stdout, stderr)` of `remote`.
 fn outcome(client: &SshClient, remote: &str) -> (Option<i32>, String, String) {
@@ -24,7 +21,7 @@ fn exec_shows_the_vm_and_exit_codes_match_a_direct_connection() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     let started = Instant::now();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let via_gateway = pool.client(1);
     let (direct, _key, _known) = pool.direct_client(1, "vm-a");
 
@@ -88,7 +85,7 @@ fn exec_shows_the_vm_and_exit_codes_match_a_direct_connection() {
 fn environment_sent_by_the_client_reaches_the_vm() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     // The VMs accept PGTEST_* (AcceptEnv).
     let mut cmd = pool
         .client(1)
@@ -114,7 +111,7 @@ fn in_a_pty(inner: &str, timeout: Duration) -> std::process::Output {
 fn tty_session_has_a_real_pty_and_its_size() {
     require_tools!("sshd", "ssh", "ssh-keygen", "script", "stty");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let ssh = pool.client(1).ssh_command(
         &["-tt"],
         Some("tty; stty size; echo \"vm=$POOLGATE_VM\"; exit 5"),
@@ -143,7 +140,7 @@ fn tty_session_has_a_real_pty_and_its_size() {
 fn a_window_size_change_mid_session_reaches_the_vm() {
     require_tools!("sshd", "ssh", "ssh-keygen", "script", "stty");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     // The remote side prints its size, then waits for SIGWINCH and prints the new size. The local
     // side resizes its terminal (the kernel sends SIGWINCH to ssh, which sends window-change)
     // only after it has read the first size: the "ready" signal.
@@ -171,7 +168,7 @@ fn a_window_size_change_mid_session_reaches_the_vm() {
 fn interactive_shell_without_a_command() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     // -tt forces a pty although stdin is a pipe: the login shell reads the lines as typed.
     let out = run_with_input(
         &mut pool.client(1).ssh_command(&["-tt"], None),
@@ -191,7 +188,7 @@ fn interactive_shell_without_a_command() {
 fn exit_status_reaches_a_multiplexing_client_that_closes_after_eof() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let (direct, _key, _known) = pool.direct_client(1, "vm-a");
     let direct = Multiplexed::start(&direct);
     let via_gateway = Multiplexed::start(&pool.client(1));

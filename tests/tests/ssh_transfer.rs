@@ -4,12 +4,9 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 
-mod ssh_common;
-
 use std::time::{Duration, Instant};
 
 use poolgate_tests::*;
-use ssh_common::*;
 
 const SIZE: u64 = 100 << 20;
 const LIMIT: Duration = Duration::from_secs(60);
@@ -29,12 +26,12 @@ fn remote_sha256(client: &SshClient, path: &str) -> String {
 fn scp_100_mib_both_ways_intact() {
     require_tools!("sshd", "ssh", "ssh-keygen", "scp", "sha256sum");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let ssh = pool.client(1).timeout(LIMIT);
     let local = tempfile::tempdir().unwrap();
     let src = local.path().join("up.bin");
     let digest = random_file(&src, SIZE);
-    let remote_dir = remote_scratch("scp", &pool);
+    let remote_dir = pool.remote_scratch("scp");
     assert_ok(&ssh.run(&format!("mkdir -p {remote_dir}")), "mkdir");
 
     let t = Instant::now();
@@ -60,12 +57,12 @@ fn scp_100_mib_both_ways_intact() {
 fn rsync_over_ssh_100_mib_both_ways_intact() {
     require_tools!("sshd", "ssh", "ssh-keygen", "rsync", "sha256sum");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let ssh = pool.client(1).timeout(LIMIT);
     let local = tempfile::tempdir().unwrap();
     let src = local.path().join("up.bin");
     let digest = random_file(&src, SIZE);
-    let remote_dir = remote_scratch("rsync", &pool);
+    let remote_dir = pool.remote_scratch("rsync");
     assert_ok(&ssh.run(&format!("mkdir -p {remote_dir}")), "mkdir");
     let remote = ssh.remote_path(&format!("{remote_dir}/f.bin"));
 
@@ -118,13 +115,13 @@ fn rsync_over_ssh_100_mib_both_ways_intact() {
 fn sftp_batch_put_get_ls_rm() {
     require_tools!("sshd", "ssh", "ssh-keygen", "sftp", "sha256sum");
     require_root!();
-    let pool = Pool::builder().vm("vm-a").users(1).start();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
     let ssh = pool.client(1).timeout(LIMIT);
     let local = tempfile::tempdir().unwrap();
     let src = local.path().join("up.bin");
     let digest = random_file(&src, 10 << 20);
     let back = local.path().join("down.bin");
-    let remote_dir = remote_scratch("sftp", &pool);
+    let remote_dir = pool.remote_scratch("sftp");
     let batch = local.path().join("batch");
     std::fs::write(
         &batch,

@@ -321,6 +321,26 @@ impl Browser {
         .await
     }
 
+    /// Starts a `python3` kernel on the Jupyter server under `prefix` (`""` for a plain
+    /// jupyter_server, `/user/<name>` behind JupyterHub), asserting `201 Created`, and opens its
+    /// channels websocket for the client session `session_id`, as a notebook tab does. Needs the
+    /// `_xsrf` cookie a page load sets.
+    pub async fn open_kernel(&self, prefix: &str, session_id: &str) -> WebSocket {
+        let r = self
+            .api(
+                "POST",
+                &format!("{prefix}/api/kernels"),
+                Some(&serde_json::json!({"name": "python3"})),
+            )
+            .await;
+        assert_eq!(r.status, 201, "start a kernel: {}", r.text());
+        let kernel = r.json()["id"].as_str().expect("kernel id").to_string();
+        self.websocket(&format!(
+            "{prefix}/api/kernels/{kernel}/channels?session_id={session_id}"
+        ))
+        .await
+    }
+
     /// Opens a websocket to `path` with this browser's cookies and `Origin`.
     pub async fn websocket(&self, path: &str) -> WebSocket {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -364,17 +384,22 @@ pub async fn ws_next_text(ws: &mut WebSocket) -> Option<String> {
     }
 }
 
-/// Runs `code` in the kernel behind an open kernel-channels websocket; returns the
-/// `text/plain` of its `execute_result` (waits up to 60 s for it).
-pub async fn run_code(ws: &mut WebSocket, code: &str, msg_id: &str) -> String {
-    let request = serde_json::json!({
-        "header": {"msg_id": msg_id, "username": "poolgate-test", "session": "s1",
+/// The `execute_request` message that runs `code` in a kernel, with the message id `msg_id`
+/// (its answers name it as their parent) in the client session `session`.
+fn execute_request(code: &str, msg_id: &str, session: &str) -> serde_json::Value {
+    serde_json::json!({
+        "header": {"msg_id": msg_id, "username": "poolgate-test", "session": session,
                    "msg_type": "execute_request", "version": "5.3", "date": ""},
         "parent_header": {}, "metadata": {}, "buffers": [], "channel": "shell",
         "content": {"code": code, "silent": false, "store_history": true,
                     "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
-    });
-    ws_send(ws, request.to_string()).await;
+    })
+}
+
+/// Runs `code` in the kernel behind an open kernel-channels websocket; returns the
+/// `text/plain` of its `execute_result` (waits up to 60 s for it).
+pub async fn run_code(ws: &mut WebSocket, code: &str, msg_id: &str) -> String {
+    ws_send(ws, execute_request(code, msg_id, "s1").to_string()).await;
     loop {
         let text = tokio::time::timeout(Duration::from_secs(60), ws_next_text(ws))
             .await
@@ -389,6 +414,52 @@ pub async fn run_code(ws: &mut WebSocket, code: &str, msg_id: &str) -> String {
                 .to_string();
         }
     }
+}
+
+/// Runs `code` in a new kernel of the Jupyter server at `prefix` (`""` or `/user/<name>`)
+/// over the kernel websocket; returns the `text/plain` result once the kernel has also replied
+/// `ok` (60 s at most for both).
+pub async fn execute(b: &Browser, prefix: &str, code: &str) -> String {
+    let session = "poolgate-test-session";
+    let mut ws = b.open_kernel(prefix, session).await;
+    let msg_id = "poolgate-exec-1";
+    ws_send(&mut ws, execute_request(code, msg_id, session).to_string()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut result = None;
+    let mut replied = false;
+    while result.is_none() || !replied {
+        let text = tokio::time::timeout_at(deadline, ws_next_text(&mut ws))
+            .await
+            .expect("kernel answered within 60 s")
+            .expect("kernel websocket open");
+        let msg: serde_json::Value = serde_json::from_str(&text).expect("kernel message JSON");
+        if msg["parent_header"]["msg_id"] != msg_id {
+            continue;
+        }
+        match msg["header"]["msg_type"].as_str() {
+            Some("execute_result") => {
+                result = msg["content"]["data"]["text/plain"]
+                    .as_str()
+                    .map(str::to_owned)
+            }
+            Some("execute_reply") => {
+                assert_eq!(msg["content"]["status"], "ok", "{msg}");
+                replied = true;
+            }
+            Some("error") => panic!("kernel error: {msg}"),
+            _ => {}
+        }
+    }
+    result.unwrap_or_default()
+}
+
+/// The VM a `poolgate_vm` affinity cookie names (its first field is base64url of the name).
+pub fn cookie_vm(value: &str) -> String {
+    let first = value.split('.').next().unwrap_or("");
+    let bytes = data_encoding::BASE64URL_NOPAD
+        .decode(first.as_bytes())
+        .unwrap_or_else(|e| panic!("cookie {value:?}: {e}"));
+    String::from_utf8(bytes).expect("UTF-8 VM name")
 }
 
 fn path_matches(cookie_path: &str, path: &str) -> bool {

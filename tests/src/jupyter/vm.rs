@@ -1,13 +1,13 @@
 //! JupyterHub and jupyter_server processes playing pool VMs.
 
 use std::fs::OpenOptions;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::gateway::workspace_dir;
+use crate::http::try_http_request;
 use crate::ports::free_port;
 use crate::process::{Backoff, kill_tree};
 use crate::tools::require_tool;
@@ -68,18 +68,22 @@ fn jupyter_path() -> String {
         .unwrap_or_default()
 }
 
-/// One GET over plain HTTP/1.1; the status code, or `None` when there is no answer.
-pub(crate) fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+/// Runs `start` for every name on a thread of its own (a Jupyter process takes seconds to come
+/// up); the results in the order of `names`.
+fn start_all<T: Send>(names: &[&str], start: fn(&str) -> T) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = names
+            .iter()
+            .map(|&name| (name, s.spawn(move || start(name))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|(name, h)| {
+                h.join()
+                    .unwrap_or_else(|_| panic!("starting {name} panicked"))
+            })
+            .collect()
+    })
 }
 
 /// A process we started, with its log, killed with its descendants on drop.
@@ -130,7 +134,7 @@ impl Proc {
         let deadline = Instant::now() + START_TIMEOUT;
         let mut backoff = Backoff::new();
         loop {
-            if http_status(addr, path) == Some(200) {
+            if try_http_request(addr, "GET", path, &[]).is_ok_and(|r| r.status == 200) {
                 return Ok(());
             }
             if self.exited() {
@@ -172,6 +176,11 @@ impl JupyterHubVm {
             }
         }
         panic!("JupyterHub {name} did not start: {last}");
+    }
+
+    /// Starts one hub per name, side by side; in the order of `names`.
+    pub fn start_all(names: &[&str]) -> Vec<Self> {
+        start_all(names, Self::start)
     }
 
     fn try_start(name: &str) -> Result<Self, String> {
@@ -345,6 +354,11 @@ impl JupyterServerVm {
         panic!("jupyter-server {name} did not start: {last}");
     }
 
+    /// Starts one server per name, side by side; in the order of `names`.
+    pub fn start_all(names: &[&str]) -> Vec<Self> {
+        start_all(names, Self::start)
+    }
+
     /// The command [`start`](Self::start) runs: a server on 127.0.0.1:`port` (no token, no
     /// password) serving `root`, which is also its working directory and `HOME`. Tests whose
     /// own scripts start and stop the server (a VM managed by a provider) run exactly this.
@@ -411,5 +425,32 @@ impl JupyterServerVm {
             self.proc.kill();
             panic!("{e}\n--- log ---\n{log}");
         }
+    }
+}
+
+/// A web VM a test runs itself (a Jupyter server, a hub): what a pool needs to route to it
+/// ([`GatewayPoolBuilder::web_vms`](crate::GatewayPoolBuilder::web_vms)).
+pub trait WebVm {
+    /// The VM's name in the pool.
+    fn vm_name(&self) -> &str;
+    /// The port on 127.0.0.1 the gateway forwards to.
+    fn http_port(&self) -> u16;
+}
+
+impl WebVm for JupyterServerVm {
+    fn vm_name(&self) -> &str {
+        self.name()
+    }
+    fn http_port(&self) -> u16 {
+        self.port()
+    }
+}
+
+impl WebVm for JupyterHubVm {
+    fn vm_name(&self) -> &str {
+        self.name()
+    }
+    fn http_port(&self) -> u16 {
+        self.port()
     }
 }

@@ -1,0 +1,47 @@
+//! Reading the gateway's log: its lines carry structured fields (`vm=vm-a`), and may carry ANSI
+//! colour codes when a test did not set `NO_COLOR`.
+
+/// `text` without ANSI escape sequences (`ESC [ … letter`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Whether a log line has the structured field `name=value` (exactly that value).
+pub fn has_field(line: &str, name: &str, value: &str) -> bool {
+    let field = format!("{name}={value}");
+    line.split_whitespace().any(|word| word == field)
+}
+
+/// Lines of `log` that contain every one of `needles`.
+pub fn log_lines<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_match_whole_words_after_colours_are_gone() {
+        let line = strip_ansi("\u{1b}[32mINFO\u{1b}[0m VM is up vm=vm-a protocol=ssh");
+        assert_eq!(line, "INFO VM is up vm=vm-a protocol=ssh");
+        assert!(has_field(&line, "vm", "vm-a"));
+        assert!(!has_field(&line, "vm", "vm"));
+        assert_eq!(log_lines(&line, &["VM is up", "vm=vm-a"]), [line.as_str()]);
+    }
+}
