@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,134 @@ use poolgate_tests::*;
 use serde_json::Value;
 
 const STEP: Duration = Duration::from_secs(30);
+
+/// `poolgate keys init DIR/keys`, as an operator makes the key set every replica is given.
+fn keys_init(dir: &Path) -> PathBuf {
+    let keys = dir.join("keys");
+    let out = run_with_timeout(
+        Command::new(poolgate_bin())
+            .arg("keys")
+            .arg("init")
+            .arg(&keys),
+        STEP,
+    );
+    assert!(out.status.success(), "poolgate keys init: {out:?}");
+    keys
+}
+
+/// A file holding `secret`, created 0600.
+fn secret_file(path: &Path, secret: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, format!("{secret}\n").as_bytes()).unwrap();
+}
+
+/// `GET path` on the admin listener at `port`, as JSON; `Null` when it does not answer.
+fn admin_json(port: u16, path: &str) -> Value {
+    try_http_request(admin_addr(port), "GET", path, &[])
+        .ok()
+        .and_then(|r| serde_json::from_str(&r.body).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// `GET /metrics` on the admin listener at `port` (empty when it does not answer).
+fn admin_metrics(port: u16) -> String {
+    try_http_request(admin_addr(port), "GET", "/metrics", &[])
+        .map(|r| r.body)
+        .unwrap_or_default()
+}
+
+fn admin_addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// Whether the metrics text has the exact sample line `line`.
+fn has_sample(metrics: &str, line: &str) -> bool {
+    metrics.lines().any(|l| l == line)
+}
+
+/// One replica's listeners.
+#[derive(Clone, Copy)]
+struct Ports {
+    ssh: u16,
+    http: u16,
+    admin: u16,
+}
+
+impl Ports {
+    fn free() -> Self {
+        Self {
+            ssh: free_port(),
+            http: free_port(),
+            admin: free_port(),
+        }
+    }
+}
+
+/// A replica's whole configuration: its listeners, the shared key set in `keys`, `body` (the
+/// `[ssh]` trust, `[health]`, `[pool]` … sections) and a `[cluster]` section on `url` named
+/// `id` with `extra` keys.
+fn replica_config(
+    ports: Ports,
+    keys: &Path,
+    body: &str,
+    url: &str,
+    id: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "[listen]\nssh = \"127.0.0.1:{ssh}\"\nhttp = \"127.0.0.1:{http}\"\nadmin = \"127.0.0.1:{admin}\"\n\
+         \n[ssh]\nhost_keys = [\"{keys}/ssh_host_ed25519_key\"]\nuser_ca_key = \"{keys}/user_ca\"\n\
+         {body}\n\
+         \n[http]\ncookie_secret_file = \"{keys}/cookie_secret\"\n\
+         \n[cluster]\nstore = \"redis\"\nredis_url = \"{url}\"\nreplica_id = \"{id}\"\n{extra}\n",
+        ssh = ports.ssh,
+        http = ports.http,
+        admin = ports.admin,
+        keys = keys.display(),
+    )
+}
+
+/// Starts `poolgate run` with `config` in `dir`, ready once `ready` accepts; `env` is extra
+/// environment for it (and the provider scripts it runs).
+fn start_replica(dir: &Path, config: &str, ready: u16, env: &[(&str, &str)]) -> GatewayProcess {
+    let mut builder = GatewayProcess::builder(config)
+        .dir(dir)
+        .env("NO_COLOR", "1")
+        .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, ready)));
+    for (name, value) in env {
+        builder = builder.env(name, value);
+    }
+    builder.start()
+}
+
+/// `config` on new free ports, as replica `id`; `replace` rewrites other lines by their key.
+fn moved(config: &str, id: &str, replace: &[(&str, String)]) -> (String, Ports) {
+    let ports = Ports::free();
+    let text = config
+        .lines()
+        .map(|l| {
+            let key = l.split(" = ").next().unwrap_or_default();
+            match key {
+                "ssh" => format!("ssh = \"127.0.0.1:{}\"", ports.ssh),
+                "http" => format!("http = \"127.0.0.1:{}\"", ports.http),
+                "admin" => format!("admin = \"127.0.0.1:{}\"", ports.admin),
+                "replica_id" => format!("replica_id = \"{id}\""),
+                _ => replace
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map_or_else(|| l.to_owned(), |(k, v)| format!("{k} = {v}")),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    (text, ports)
+}
 
 /// Replicas of one gateway (same keys, same pool, one Redis) in front of sshd VMs.
 struct Replicas {
@@ -81,15 +210,7 @@ impl Replicas {
             .tempdir()
             .unwrap();
         // The shared key material, written once as an operator would.
-        let keys_dir = dir.path().join("keys");
-        let out = run_with_timeout(
-            Command::new(poolgate_bin())
-                .arg("keys")
-                .arg("init")
-                .arg(&keys_dir),
-            STEP,
-        );
-        assert!(out.status.success(), "poolgate keys init: {out:?}");
+        let keys_dir = keys_init(dir.path());
         let vms: Vec<SshdVm> = vm_names
             .iter()
             .map(|name| {
@@ -120,52 +241,32 @@ impl Replicas {
         };
         let mut cluster_extra = cluster_extra.to_owned();
         if let Some(password) = password {
-            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
             let path = dir.path().join("redis_password");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .unwrap();
-            std::io::Write::write_all(&mut f, format!("{password}\n").as_bytes()).unwrap();
-            assert_eq!(
-                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-                0o600
-            );
+            secret_file(&path, password);
             cluster_extra += &format!("\nredis_password_file = \"{}\"\n", path.display());
+        }
+        // `[ssh]` trust of the VMs, quick probes and the static pool: the same on every replica.
+        let mut body = format!(
+            "authorized_keys = \"{authorized}/{{user}}\"\nbackend_known_hosts = \"{known}\"\n\
+             \n[health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\n",
+            authorized = authorized.display(),
+            known = backend_known_hosts.path().display(),
+        );
+        for vm in &vms {
+            body += &format!(
+                "\n[[pool.backends]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nssh_port = {}\n",
+                vm.name(),
+                vm.port()
+            );
         }
         let mut gateways = Vec::new();
         let mut ports = Vec::new();
         for i in 0..replicas {
-            let (ssh, admin) = (free_port(), free_port());
-            let mut config = format!(
-                "[listen]\nssh = \"127.0.0.1:{ssh}\"\nhttp = \"127.0.0.1:{http}\"\nadmin = \"127.0.0.1:{admin}\"\n\
-                 \n[ssh]\nhost_keys = [\"{keys}/ssh_host_ed25519_key\"]\nuser_ca_key = \"{keys}/user_ca\"\n\
-                 authorized_keys = \"{authorized}/{{user}}\"\nbackend_known_hosts = \"{known}\"\n\
-                 \n[http]\ncookie_secret_file = \"{keys}/cookie_secret\"\n\
-                 \n[health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\n\
-                 \n[cluster]\nstore = \"redis\"\nredis_url = \"{url}\"\nreplica_id = \"gw-{i}\"\n{cluster_extra}\n",
-                http = free_port(),
-                keys = keys_dir.display(),
-                authorized = authorized.display(),
-                known = backend_known_hosts.path().display(),
-                url = redis.url(),
-            );
-            for vm in &vms {
-                config += &format!(
-                    "\n[[pool.backends]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nssh_port = {}\n",
-                    vm.name(),
-                    vm.port()
-                );
-            }
-            let gateway = GatewayProcess::builder(&config)
-                .dir(&dir.path().join(format!("gw-{i}")))
-                .env("NO_COLOR", "1")
-                .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, ssh)))
-                .start();
-            gateways.push(gateway);
-            ports.push((ssh, admin));
+            let p = Ports::free();
+            let id = format!("gw-{i}");
+            let config = replica_config(p, &keys_dir, &body, &redis.url(), &id, &cluster_extra);
+            gateways.push(start_replica(&dir.path().join(&id), &config, p.ssh, &[]));
+            ports.push((p.ssh, p.admin));
         }
         let host_key_line =
             std::fs::read_to_string(keys_dir.join("ssh_host_ed25519_key.pub")).unwrap();
@@ -202,33 +303,16 @@ impl Replicas {
 
     /// `GET path` on replica `i`'s admin API, as JSON (`Null` when it does not answer).
     fn api(&self, i: usize, path: &str) -> Value {
-        let out = run_with_timeout(
-            Command::new("curl")
-                .args(["-sf", "--max-time", "5"])
-                .arg(format!("http://127.0.0.1:{}{path}", self.ports[i].1)),
-            STEP,
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        admin_json(self.ports[i].1, path)
     }
 
     fn post(&self, i: usize, path: &str) {
-        let out = run_with_timeout(
-            Command::new("curl")
-                .args(["-sf", "--max-time", "5", "-X", "POST"])
-                .arg(format!("http://127.0.0.1:{}{path}", self.ports[i].1)),
-            STEP,
-        );
-        assert!(out.status.success(), "POST {path}: {out:?}");
+        let r = http_request(admin_addr(self.ports[i].1), "POST", path, &[]);
+        assert_eq!(r.status, 200, "POST {path}: {}", r.body);
     }
 
     fn metrics(&self, i: usize) -> String {
-        let out = run_with_timeout(
-            Command::new("curl")
-                .args(["-sf", "--max-time", "5"])
-                .arg(format!("http://127.0.0.1:{}/metrics", self.ports[i].1)),
-            STEP,
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        admin_metrics(self.ports[i].1)
     }
 
     fn vms_view(&self, i: usize) -> Vec<Value> {
@@ -309,14 +393,7 @@ fn total(vm: &Value) -> u64 {
 
 #[test]
 fn counts_affinity_and_drains_cross_replicas_and_a_killed_replica_stops_counting() {
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "redis-server",
-        "redis-cli",
-        "curl"
-    );
+    require_tools!("sshd", "ssh", "ssh-keygen", "redis-server", "redis-cli");
     require_root!();
     // The smallest cluster section: store and URL (and a name per replica); lease etc. default.
     let r = Replicas::start(2, &["vm-a", "vm-b", "vm-c"], 3, "");
@@ -394,14 +471,7 @@ fn counts_affinity_and_drains_cross_replicas_and_a_killed_replica_stops_counting
 
 #[test]
 fn a_redis_outage_costs_no_login_and_state_converges_after() {
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "redis-server",
-        "redis-cli",
-        "curl"
-    );
+    require_tools!("sshd", "ssh", "ssh-keygen", "redis-server", "redis-cli");
     require_root!();
     let mut r = Replicas::start(2, &["vm-a", "vm-b"], 4, "");
     r.redis.kill();
@@ -462,7 +532,6 @@ fn twenty_logins_through_haproxy_spread_and_survive_a_killed_replica() {
         "ssh-keygen",
         "redis-server",
         "redis-cli",
-        "curl",
         "haproxy"
     );
     require_root!();
@@ -530,15 +599,7 @@ fn logged(actions: &std::path::Path, what: &str) -> String {
 
 #[test]
 fn one_leader_scales_the_pool_and_another_takes_over_when_it_dies() {
-    use std::os::unix::fs::PermissionsExt;
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "redis-server",
-        "redis-cli",
-        "curl"
-    );
+    require_tools!("sshd", "ssh", "ssh-keygen", "redis-server", "redis-cli");
     require_root!();
     let users = TestUsers::ensure(1);
     let user = users.user(1).name.clone();
@@ -546,15 +607,7 @@ fn one_leader_scales_the_pool_and_another_takes_over_when_it_dies() {
         .prefix("poolgate-cluster-leader-")
         .tempdir()
         .unwrap();
-    let keys_dir = dir.path().join("keys");
-    let out = run_with_timeout(
-        Command::new(poolgate_bin())
-            .arg("keys")
-            .arg("init")
-            .arg(&keys_dir),
-        STEP,
-    );
-    assert!(out.status.success(), "poolgate keys init: {out:?}");
+    let keys_dir = keys_init(dir.path());
     // One VM whose sshd the exec provider's scripts start and stop; every action is logged with
     // the replica that ran it.
     let mut vm = SshdVm::builder("vm-a")
@@ -563,31 +616,11 @@ fn one_leader_scales_the_pool_and_another_takes_over_when_it_dies() {
     let known = KnownHosts::at(&dir.path().join("known_hosts"));
     known.add_vm(&vm);
     vm.stop();
-    let pid_file = std::fs::read_to_string(vm.config_path())
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("PidFile ").map(std::path::PathBuf::from))
-        .unwrap();
-    struct KillPid(std::path::PathBuf);
-    impl Drop for KillPid {
-        fn drop(&mut self) {
-            if let Some(pid) = std::fs::read_to_string(&self.0)
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok())
-            {
-                kill_tree(pid);
-            }
-        }
-    }
-    let _cleanup = KillPid(pid_file.clone());
+    let pid_file = vm.pid_file();
+    let _cleanup = KillPidFile(pid_file.clone());
     let actions = dir.path().join("actions.log");
     std::fs::write(&actions, "").unwrap();
-    let script = |name: &str, body: String| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\nset -eu\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path.display().to_string()
-    };
+    let script = |name: &str, body: String| write_script(dir.path(), name, &body);
     let (pid, cfg, port) = (pid_file.display(), vm.config_path().display(), vm.port());
     let list = script(
         "list.sh",
@@ -620,61 +653,37 @@ fn one_leader_scales_the_pool_and_another_takes_over_when_it_dies() {
     )
     .unwrap();
     let redis = RedisServer::start();
+    // The VM's sshd shares this machine's process table: the busy check is off (see
+    // autoscale_busy.rs for it on VMs with their own PID namespace).
+    let body = format!(
+        "authorized_keys = \"{authorized}/{{user}}\"\nbackend_known_hosts = \"{known}\"\n\
+         [health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\n\
+         [pool]\nprovider = \"exec\"\n\
+         [pool.exec]\nlist = [\"{list}\"]\nstart = [\"{start}\"]\nstop = [\"{stop}\"]\n\
+         poll_interval = \"1s\"\ntimeout = \"10s\"\n\
+         [autoscale]\nenabled = true\nmin_vms = 0\nmax_vms = 1\nspare_vms = 0\n\
+         scale_in_after = \"2s\"\nscale_to_zero_after = \"3s\"\ntick = \"1s\"\ncooldown = \"1s\"\n\
+         boot_estimate = \"2s\"\nhold_connect_for = \"40s\"\nbusy_command = []\n",
+        authorized = authorized.display(),
+        known = known.path().display(),
+    );
     let mut gateways = Vec::new();
     let mut ports = Vec::new();
     for i in 0..2 {
-        let (ssh, admin) = (free_port(), free_port());
-        // The VM's sshd shares this machine's process table: the busy check is off (see
-        // autoscale_busy.rs for it on VMs with their own PID namespace).
-        let config = format!(
-            "[listen]\nssh = \"127.0.0.1:{ssh}\"\nhttp = \"127.0.0.1:{http}\"\nadmin = \"127.0.0.1:{admin}\"\n\
-             [ssh]\nhost_keys = [\"{keys}/ssh_host_ed25519_key\"]\nuser_ca_key = \"{keys}/user_ca\"\n\
-             authorized_keys = \"{authorized}/{{user}}\"\nbackend_known_hosts = \"{known}\"\n\
-             [http]\ncookie_secret_file = \"{keys}/cookie_secret\"\n\
-             [health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\n\
-             [pool]\nprovider = \"exec\"\n\
-             [pool.exec]\nlist = [\"{list}\"]\nstart = [\"{start}\"]\nstop = [\"{stop}\"]\n\
-             poll_interval = \"1s\"\ntimeout = \"10s\"\n\
-             [autoscale]\nenabled = true\nmin_vms = 0\nmax_vms = 1\nspare_vms = 0\n\
-             scale_in_after = \"2s\"\nscale_to_zero_after = \"3s\"\ntick = \"1s\"\ncooldown = \"1s\"\n\
-             boot_estimate = \"2s\"\nhold_connect_for = \"40s\"\nbusy_command = []\n\
-             [cluster]\nstore = \"redis\"\nredis_url = \"{url}\"\nreplica_id = \"gw-{i}\"\n",
-            http = free_port(),
-            keys = keys_dir.display(),
-            authorized = authorized.display(),
-            known = known.path().display(),
-            url = redis.url(),
-        );
-        gateways.push(
-            GatewayProcess::builder(&config)
-                .dir(&dir.path().join(format!("gw-{i}")))
-                .env("NO_COLOR", "1")
-                .env("POOLGATE_TEST_REPLICA", &format!("gw-{i}"))
-                .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, ssh)))
-                .start(),
-        );
-        ports.push((ssh, admin));
+        let p = Ports::free();
+        let id = format!("gw-{i}");
+        let config = replica_config(p, &keys_dir, &body, &redis.url(), &id, "");
+        let env = [("POOLGATE_TEST_REPLICA", id.as_str())];
+        gateways.push(start_replica(&dir.path().join(&id), &config, p.ssh, &env));
+        ports.push((p.ssh, p.admin));
     }
-    let get = |i: usize, path: &str| -> String {
-        let out = run_with_timeout(
-            Command::new("curl")
-                .args(["-sf", "--max-time", "5"])
-                .arg(format!("http://127.0.0.1:{}{path}", ports[i].1)),
-            STEP,
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let leads = |i: usize| {
-        get(i, "/metrics")
-            .lines()
-            .any(|l| l == "poolgate_autoscale_leader 1")
-    };
+    let leads = |i: usize| has_sample(&admin_metrics(ports[i].1), "poolgate_autoscale_leader 1");
     // Exactly one replica leads, and both say which.
     wait_until(STEP, "one leader", || leads(0) ^ leads(1));
     let leader = usize::from(leads(1));
     let follower = 1 - leader;
-    for i in 0..2 {
-        let view: Value = serde_json::from_str(&get(i, "/api/v1/replicas")).unwrap();
+    for (_, admin) in &ports {
+        let view = admin_json(*admin, "/api/v1/replicas");
         assert_eq!(view["leader"], format!("gw-{leader}"), "{view}");
     }
     // A login through the follower to the empty pool is held; the leader starts the VM once.
@@ -729,14 +738,7 @@ fn one_leader_scales_the_pool_and_another_takes_over_when_it_dies() {
 
 #[test]
 fn a_replica_given_other_secrets_is_refused_by_check_config_and_run() {
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "redis-server",
-        "redis-cli",
-        "curl"
-    );
+    require_tools!("sshd", "ssh", "ssh-keygen", "redis-server", "redis-cli");
     require_root!();
     let r = Replicas::start(1, &["vm-a"], 1, "");
     let config = std::fs::read_to_string(r.gateways[0].config_path()).unwrap();
@@ -755,15 +757,7 @@ fn a_replica_given_other_secrets_is_refused_by_check_config_and_run() {
     );
     // A second replica given a fresh key set (as if `keys init` had been run on it too).
     let dir = tempfile::tempdir().unwrap();
-    let own_keys = dir.path().join("keys");
-    let out = run_with_timeout(
-        Command::new(poolgate_bin())
-            .arg("keys")
-            .arg("init")
-            .arg(&own_keys),
-        STEP,
-    );
-    assert!(out.status.success());
+    let own_keys = keys_init(dir.path());
     let shared_keys = std::path::Path::new(
         config
             .lines()
@@ -775,25 +769,12 @@ fn a_replica_given_other_secrets_is_refused_by_check_config_and_run() {
     .unwrap()
     .display()
     .to_string();
-    let other = config
-        .replace(&shared_keys, &own_keys.display().to_string())
-        .replace("replica_id = \"gw-0\"", "replica_id = \"gw-9\"");
-    let (ssh, admin) = (free_port(), free_port());
-    let other = other
-        .lines()
-        .map(|l| {
-            if l.starts_with("ssh = ") {
-                format!("ssh = \"127.0.0.1:{ssh}\"")
-            } else if l.starts_with("admin = ") {
-                format!("admin = \"127.0.0.1:{admin}\"")
-            } else if l.starts_with("http = ") {
-                format!("http = \"127.0.0.1:{}\"", free_port())
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let (other, ports) = moved(
+        &config.replace(&shared_keys, &own_keys.display().to_string()),
+        "gw-9",
+        &[],
+    );
+    let ssh = ports.ssh;
     let path = dir.path().join("poolgate.toml");
     std::fs::write(&path, other).unwrap();
     let out = run_with_timeout(
@@ -825,14 +806,7 @@ fn a_replica_given_other_secrets_is_refused_by_check_config_and_run() {
 
 #[test]
 fn replicas_log_in_to_a_password_protected_redis_and_a_wrong_password_is_reported() {
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "redis-server",
-        "redis-cli",
-        "curl"
-    );
+    require_tools!("sshd", "ssh", "ssh-keygen", "redis-server", "redis-cli");
     require_root!();
     let password = "correct-horse-battery-staple";
     // Both replicas authenticate (start() waits until each sees the other through Redis).
@@ -843,53 +817,19 @@ fn replicas_log_in_to_a_password_protected_redis_and_a_wrong_password_is_reporte
     let config = std::fs::read_to_string(r.gateways[0].config_path()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let wrong = dir.path().join("redis_password");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&wrong)
-            .unwrap();
-        std::io::Write::write_all(&mut f, b"not-the-password\n").unwrap();
-    }
-    let (ssh, admin) = (free_port(), free_port());
-    let config: String = config
-        .lines()
-        .map(|l| {
-            if l.starts_with("ssh = ") {
-                format!("ssh = \"127.0.0.1:{ssh}\"")
-            } else if l.starts_with("admin = ") {
-                format!("admin = \"127.0.0.1:{admin}\"")
-            } else if l.starts_with("http = ") {
-                format!("http = \"127.0.0.1:{}\"", free_port())
-            } else if l.starts_with("redis_password_file = ") {
-                format!("redis_password_file = \"{}\"", wrong.display())
-            } else if l.starts_with("replica_id = ") {
-                "replica_id = \"gw-wrong\"".to_owned()
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let gateway = GatewayProcess::builder(&config)
-        .dir(&dir.path().join("gw"))
-        .env("NO_COLOR", "1")
-        .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, ssh)))
-        .start();
+    secret_file(&wrong, "not-the-password");
+    let password_line = format!("\"{}\"", wrong.display());
+    let (config, ports) = moved(
+        &config,
+        "gw-wrong",
+        &[("redis_password_file", password_line)],
+    );
+    let gateway = start_replica(&dir.path().join("gw"), &config, ports.ssh, &[]);
     gateway.wait_for_log("cluster store unreachable", STEP);
-    let metrics = run_with_timeout(
-        Command::new("curl")
-            .args(["-sf", "--max-time", "5"])
-            .arg(format!("http://127.0.0.1:{admin}/metrics")),
-        STEP,
-    );
-    assert!(
-        String::from_utf8_lossy(&metrics.stdout)
-            .lines()
-            .any(|l| l == "poolgate_cluster_store_up 0")
-    );
+    assert!(has_sample(
+        &admin_metrics(ports.admin),
+        "poolgate_cluster_store_up 0"
+    ));
     let log = gateway.log_text();
     assert!(!log.contains("not-the-password"), "password logged");
     // The right replicas never saw it join.
@@ -914,15 +854,7 @@ fn a_browser_keeps_its_vm_whichever_replica_serves_it() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let keys_dir = dir.path().join("keys");
-    let out = run_with_timeout(
-        Command::new(poolgate_bin())
-            .arg("keys")
-            .arg("init")
-            .arg(&keys_dir),
-        STEP,
-    );
-    assert!(out.status.success(), "poolgate keys init: {out:?}");
+    let keys_dir = keys_init(dir.path());
     let vms: Vec<JupyterServerVm> = std::thread::scope(|s| {
         let h: Vec<_> = ["web-a", "web-b"]
             .into_iter()
@@ -937,46 +869,28 @@ fn a_browser_keeps_its_vm_whichever_replica_serves_it() {
         &std::fs::read_to_string(keys_dir.join("user_ca.pub")).unwrap(),
     );
     let redis = RedisServer::start();
+    let mut body = format!(
+        "backend_known_hosts = \"{known}\"\n\
+         [health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nhttp_path = \"/api\"\n",
+        known = known.path().display(),
+    );
+    for vm in &vms {
+        body += &format!(
+            "\n[[pool.backends]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nhttp_port = {}\n",
+            vm.name(),
+            vm.port()
+        );
+    }
     let mut gateways = Vec::new();
     let mut ports = Vec::new();
     for i in 0..2 {
-        let (ssh, http, admin) = (free_port(), free_port(), free_port());
-        let mut config = format!(
-            "[listen]\nssh = \"127.0.0.1:{ssh}\"\nhttp = \"127.0.0.1:{http}\"\nadmin = \"127.0.0.1:{admin}\"\n\
-             [ssh]\nhost_keys = [\"{keys}/ssh_host_ed25519_key\"]\nuser_ca_key = \"{keys}/user_ca\"\n\
-             backend_known_hosts = \"{known}\"\n\
-             [http]\ncookie_secret_file = \"{keys}/cookie_secret\"\n\
-             [health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\nhttp_path = \"/api\"\n\
-             [cluster]\nstore = \"redis\"\nredis_url = \"{url}\"\nreplica_id = \"gw-{i}\"\n",
-            keys = keys_dir.display(),
-            known = known.path().display(),
-            url = redis.url(),
-        );
-        for vm in &vms {
-            config += &format!(
-                "\n[[pool.backends]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nhttp_port = {}\n",
-                vm.name(),
-                vm.port()
-            );
-        }
-        gateways.push(
-            GatewayProcess::builder(&config)
-                .dir(&dir.path().join(format!("gw-{i}")))
-                .env("NO_COLOR", "1")
-                .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, http)))
-                .start(),
-        );
-        ports.push((http, admin));
+        let p = Ports::free();
+        let id = format!("gw-{i}");
+        let config = replica_config(p, &keys_dir, &body, &redis.url(), &id, "");
+        gateways.push(start_replica(&dir.path().join(&id), &config, p.http, &[]));
+        ports.push((p.http, p.admin));
     }
-    let api = |i: usize, path: &str| -> Value {
-        let out = run_with_timeout(
-            Command::new("curl")
-                .args(["-sf", "--max-time", "5"])
-                .arg(format!("http://127.0.0.1:{}{path}", ports[i].1)),
-            STEP,
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
+    let api = |i: usize, path: &str| admin_json(ports[i].1, path);
     for i in 0..2 {
         wait_until(STEP, "both web sides up on every replica", || {
             api(i, "/api/v1/vms").as_array().is_some_and(|vms| {
@@ -1040,14 +954,7 @@ fn a_browser_keeps_its_vm_whichever_replica_serves_it() {
 
 #[test]
 fn replicas_share_state_over_tls_to_a_redis_with_a_private_ca() {
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "redis-server",
-        "redis-cli",
-        "curl"
-    );
+    require_tools!("sshd", "ssh", "ssh-keygen", "redis-server", "redis-cli");
     require_root!();
     // start() waits until both replicas see each other: their syncs go over rediss://.
     let r = Replicas::start_tls(2, &["vm-a", "vm-b"], 2);
