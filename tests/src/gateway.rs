@@ -209,17 +209,7 @@ impl GatewayProcess {
 
     /// Waits until the log contains `needle`; panics with the log after `timeout`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut backoff = Backoff::new();
-        while !self.log_text().contains(needle) {
-            if Instant::now() >= deadline {
-                panic!(
-                    "{needle:?} not in the gateway log after {timeout:?}:\n{}",
-                    self.log_text()
-                );
-            }
-            backoff.sleep_until(deadline);
-        }
+        crate::log::wait_for_text(&self.log_path, "the gateway log", needle, timeout);
     }
 
     /// Waits for the gateway's "VM is up" line naming `vm` (one of its sides passed its probes);

@@ -32,6 +32,25 @@ pub fn log_lines<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
         .collect()
 }
 
+/// Waits until the file at `path` contains `needle` (a log written by another process);
+/// panics after `timeout` naming `what` and showing the file.
+pub(crate) fn wait_for_text(
+    path: &std::path::Path,
+    what: &str,
+    needle: &str,
+    timeout: std::time::Duration,
+) {
+    let read = || std::fs::read_to_string(path).unwrap_or_default();
+    let deadline = std::time::Instant::now() + timeout;
+    let mut backoff = crate::process::Backoff::new();
+    while !read().contains(needle) {
+        if std::time::Instant::now() >= deadline {
+            panic!("{needle:?} not in {what} after {timeout:?}:\n{}", read());
+        }
+        backoff.sleep_until(deadline);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -266,18 +266,8 @@ impl SshdVm {
     /// Waits until the log contains `needle` (sshd logs asynchronously); panics with the log
     /// after `timeout`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut backoff = Backoff::new();
-        while !self.log_text().contains(needle) {
-            if Instant::now() >= deadline {
-                panic!(
-                    "VM {}: {needle:?} not in the sshd log after {timeout:?}:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            backoff.sleep_until(deadline);
-        }
+        let what = format!("the sshd log of VM {}", self.name);
+        crate::log::wait_for_text(&self.log_path, &what, needle, timeout);
     }
 
     /// The listener's pid while running.
