@@ -966,3 +966,47 @@ fn replicas_share_state_over_tls_to_a_redis_with_a_private_ca() {
     });
     assert_eq!(r.lands_on(1, r.ssh_port(1)), held.vm, "affinity over TLS");
 }
+
+#[test]
+fn a_replica_stopped_with_sigterm_keeps_counting_its_draining_session_then_leaves_at_once() {
+    require_tools!("sshd", "ssh", "ssh-keygen", "redis-server", "redis-cli");
+    require_root!();
+    let r = Replicas::start(2, &["vm-a", "vm-b"], 1, "");
+    let held = Held::open(&r.client(1, r.ssh_port(0)));
+    let vm = held.vm.clone();
+    wait_until(STEP, "replica 1 counting replica 0's session", || {
+        total(&r.vm_view(1, &vm)) == 1
+    });
+    // SIGTERM: replica 0 takes no new connections but its session runs on (shutdown_grace is
+    // 10 minutes by default), and the other replica keeps counting it for longer than a lease.
+    let pid = r.gateways[0].pid().unwrap();
+    send_signal(pid, nix::sys::signal::Signal::SIGTERM);
+    r.gateways[0].wait_for_log("shutting down", STEP);
+    let draining = Instant::now();
+    let mut seen = Vec::new();
+    while draining.elapsed() < Duration::from_secs(12) {
+        seen.push(total(&r.vm_view(1, &vm)));
+        std::thread::sleep(Duration::from_millis(500)); // sampling the count, not waiting for it
+    }
+    assert!(
+        seen.iter().all(|n| *n == 1),
+        "the draining replica's session stopped counting: {seen:?}"
+    );
+    // The session ends: the replica exits and its counts and membership go at once, well
+    // before a lease would have expired them.
+    drop(held);
+    let ended = Instant::now();
+    wait_until(STEP, "replica 0 gone from replica 1's view", || {
+        r.api(1, "/api/v1/replicas")["replicas"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+            && total(&r.vm_view(1, &vm)) == 0
+    });
+    let gone = ended.elapsed();
+    eprintln!("replica 0 left {gone:?} after its last session ended");
+    assert!(
+        gone < Duration::from_secs(6),
+        "took {gone:?} (a lease is 10 s)"
+    );
+    r.gateways[0].wait_for_log("left the cluster", STEP);
+}
