@@ -2,7 +2,8 @@
 //! cannot use (a TLS key that is not the certificate's, `http.backend_scheme = "https"`, a cookie
 //! secret that is too short) stops it with exit status 1 and a message naming the key, and
 //! nothing is left listening — not an SSH-only gateway that logs nothing. `check-config`
-//! reports the same problems before a restart does. The real binary, on 127.0.0.1.
+//! reports the same problems before a restart does; and a SIGTERM the moment the ports answer
+//! is a graceful stop. The real binary, on 127.0.0.1.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
@@ -257,4 +258,24 @@ fn a_cookie_secret_too_short_is_refused_by_check_config_and_run() {
     let (status, stderr) = run_expecting_failure(&setup, &config);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert_contains(&stderr, &[expected, "needs at least 16"]);
+}
+
+#[test]
+fn a_sigterm_as_soon_as_the_ports_answer_is_a_graceful_stop() {
+    // The signal handlers are in place before any port is bound: a SIGTERM sent the moment the
+    // listeners answer (a service manager stopping a gateway it just started, a test) stops it
+    // with status 0, never by the signal's default action. Several starts, since the window was
+    // a few hundred microseconds.
+    let setup = Setup::new();
+    let config = setup.write_config(false, "");
+    let toml = std::fs::read_to_string(&config).expect("read config");
+    for round in 0..8 {
+        let mut gateway = GatewayProcess::builder(&toml)
+            .dir(setup.path())
+            .wait_for(setup.ssh)
+            .wait_for(setup.http)
+            .start();
+        let status = gateway.terminate(Duration::from_secs(20));
+        assert_eq!(status.code(), Some(0), "round {round}: {status:?}");
+    }
 }

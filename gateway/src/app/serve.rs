@@ -36,7 +36,13 @@ pub(super) async fn serve(
         http,
         admin_token,
     } = built;
-    // Signal handlers are set up before anything is bound, like every other part.
+    // Signal handlers are set up before anything is bound, like every other part: a SIGTERM
+    // that arrives as soon as the ports answer must start a graceful shutdown, not meet the
+    // default action (killed by the signal, no exit status).
+    let mut stop = StopSignals {
+        terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+    };
     let hangup = match config_path {
         Some(path) => Some((
             path,
@@ -117,7 +123,7 @@ pub(super) async fn serve(
     }
 
     let failed = tokio::select! {
-        () = shutdown_signal() => None,
+        () = stop.next() => None,
         ended = tasks.next_ended() => ended,
     };
     if let Some(ended) = &failed {
@@ -137,7 +143,7 @@ pub(super) async fn serve(
     );
     let _ = shutdown_tx.send(true);
     let mut ended_in_shutdown = tasks.wait_for(SSH_FRONTEND).await;
-    close_ssh_sessions(&gateway, grace).await;
+    close_ssh_sessions(&gateway, grace, &mut stop).await;
     ended_in_shutdown.extend(tasks.wait_all().await);
     for ended in ended_in_shutdown {
         if let Err(e) = &ended.outcome {
@@ -163,9 +169,9 @@ async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListen
 
 /// Lets open SSH sessions run for up to `grace` (a second signal cuts it short), then
 /// disconnects the rest with a message and gives the messages a moment to leave.
-async fn close_ssh_sessions(gateway: &Gateway, grace: Duration) {
+async fn close_ssh_sessions(gateway: &Gateway, grace: Duration, stop: &mut StopSignals) {
     let deadline = tokio::time::Instant::now() + grace;
-    let forced = shutdown_signal();
+    let forced = stop.next();
     tokio::pin!(forced);
     while gateway.ssh.live_connections() > 0 && tokio::time::Instant::now() < deadline {
         tokio::select! {
@@ -311,16 +317,19 @@ impl Supervisor {
     }
 }
 
-/// SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = ctrl_c.await;
-        return;
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
+/// SIGTERM and SIGINT (Ctrl-C), their handlers set up at start.
+struct StopSignals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl StopSignals {
+    /// The next of either.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }
 
