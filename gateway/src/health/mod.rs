@@ -1,14 +1,15 @@
 //! Active and passive health checks of pool VMs.
 //!
-//! Each VM is probed every `health.interval` (with a random offset so many VMs are not probed at
-//! once): SSH by reading the server's `SSH-2.0-` banner, HTTP by a `GET health.http_path` that must
-//! answer 2xx. Health is kept per protocol: each side's results feed its own rise/fall state
-//! machine (router-core), SSH sessions go to VMs whose SSH side is up and browsers to VMs whose
-//! web side is up, so a crashed JupyterHub never turns SSH users away (and the reverse). A
-//! protocol the gateway does not serve is not probed; a served protocol whose probe is switched
-//! off (`health.ssh`/`health.http = false`) goes by the probes that do run (up while they pass,
-//! and while the VM runs when none does). A failed connection from a real session counts as a failed
-//! probe of its protocol at once ([`HealthChecker::report_failure`]).
+//! Each VM is probed at once when the gateway starts or the VM appears, then every
+//! `health.interval` (with a random phase so many VMs are not probed at once): SSH by reading the
+//! server's `SSH-2.0-` banner, HTTP by a `GET health.http_path` that must answer 2xx. Health is
+//! kept per protocol: each side's results feed its own rise/fall state machine (router-core), SSH
+//! sessions go to VMs whose SSH side is up and browsers to VMs whose web side is up, so a crashed
+//! JupyterHub never turns SSH users away (and the reverse). A protocol the gateway does not serve
+//! is not probed; a served protocol whose probe is switched off (`health.ssh`/`health.http =
+//! false`) goes by the probes that do run (up while they pass, and while the VM runs when none
+//! does). A failed connection from a real session counts as a failed probe of its protocol at once
+//! ([`HealthChecker::report_failure`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -271,20 +272,25 @@ impl HealthChecker {
     }
 
     async fn probe_loop(self: Arc<Self>, name: String) {
-        // Spread probes over the interval: a random first offset, then a fixed period.
-        let offset = self
-            .settings()
-            .interval
-            .mul_f64(rand::random::<f64>() * 0.5);
-        // Probes start on a fixed cadence, whatever each one takes (a hung VM costs one
-        // timeout, not interval + timeout per probe).
-        let mut next = tokio::time::Instant::now() + offset;
+        // The first probe goes out at once: a gateway that just started (or a VM just added)
+        // routes nothing there until it is known, and a load balancer may already send users.
+        // The second comes after a random part of the interval, so that many VMs' probes spread
+        // over it; then a fixed period. Probes start on that cadence whatever each one takes (a
+        // hung VM costs one timeout, not interval + timeout per probe).
+        let mut next = tokio::time::Instant::now();
+        let mut first = true;
         loop {
             tokio::time::sleep_until(next).await;
             let now = tokio::time::Instant::now();
-            next += self.settings().interval;
+            let interval = self.settings().interval;
+            next = if first {
+                first = false;
+                now + interval.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+            } else {
+                next + interval
+            };
             if next <= now {
-                next = now + self.settings().interval;
+                next = now + interval;
             }
             let snapshot = self.pool.snapshot();
             let Some(vm) = snapshot.get(&name) else {
