@@ -369,7 +369,7 @@ impl Metrics {
             }
             self.sessions_tentative
                 .with_label_values(&[name])
-                .set(i64::from(vm.tentative_sessions()));
+                .set(i64::from(vm.local_tentative_sessions()));
             let state = vm.state();
             let status = vm.status();
             for protocol in Protocol::ALL {

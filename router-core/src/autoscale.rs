@@ -131,6 +131,14 @@ impl Autoscaler {
         self.drained_by_us.iter().map(String::as_str)
     }
 
+    /// Takes over a scale-in drain another instance of the policy made (a new leader inherits
+    /// the old one's): the VM is then removed once empty, or undrained when needed again, as if
+    /// this policy had drained it. Forgotten at the next decision unless the VM is draining and
+    /// alive. True when the drain was not this policy's already.
+    pub fn adopt_drain(&mut self, vm: &str) -> bool {
+        self.drained_by_us.insert(vm.to_owned())
+    }
+
     /// The running-VM aim for a given demand, within bounds.
     pub fn aim(&self, demand: u32) -> u32 {
         let c = &self.config;
@@ -543,6 +551,63 @@ mod tests {
             now: later + Duration::from_secs(2),
         });
         assert_eq!(d.actions[0].0, Action::Drain("c".into()));
+    }
+
+    #[test]
+    fn an_adopted_drain_is_finished_like_ones_own_and_an_operators_is_left_alone() {
+        let t0 = Instant::now();
+        // "c" serves (the aim of one spare VM is met); "a" and "b" are drained.
+        let mut vms = vec![
+            vm("a", 0, Some(t0)),
+            vm("b", 0, Some(t0)),
+            vm("c", 0, Some(t0)),
+        ];
+        vms[0].draining = true;
+        vms[1].draining = true;
+        // A policy with no history (a new leader) takes both drains for an operator's.
+        let mut a = Autoscaler::new(config());
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: t0,
+        });
+        assert!(d.actions.is_empty(), "{d:?}");
+        // "a" was drained for scale-in by the old leader: adopted, then removed while empty.
+        assert!(a.adopt_drain("a"));
+        assert!(!a.adopt_drain("a"), "adopting twice changes nothing");
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: t0 + Duration::from_secs(1),
+        });
+        assert_eq!(
+            d.actions.iter().map(|(x, _)| x.clone()).collect::<Vec<_>>(),
+            vec![Action::Remove("a".into())]
+        );
+        // Adopted again, and demand comes back: undrained rather than a VM started; "b" (the
+        // operator's) stays drained.
+        assert!(a.adopt_drain("a"));
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 1,
+            now: t0 + Duration::from_secs(2),
+        });
+        assert_eq!(d.actions[0].0, Action::Undrain("a".into()), "{d:?}");
+        assert!(
+            d.actions
+                .iter()
+                .all(|(x, _)| *x != Action::Undrain("b".into())),
+            "{d:?}"
+        );
+        // A name adopted for a VM that is not draining is forgotten at the next decision.
+        vms[0].draining = false;
+        let _ = a.adopt_drain("a");
+        let _ = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: t0 + Duration::from_secs(3),
+        });
+        assert_eq!(a.draining().count(), 0);
     }
 
     #[test]

@@ -456,6 +456,33 @@ mod tests {
     }
 
     #[test]
+    fn other_replicas_tentative_browsers_weigh_in_the_order() {
+        let (pool, _) = pool(&[("a", 10), ("b", 10)]);
+        let req = PickRequest::new(Protocol::Http);
+        // Another replica just sent two browsers to "a": new ones here go to "b" first.
+        let tentative = |n| crate::LoadCounts {
+            tentative: n,
+            ..crate::LoadCounts::default()
+        };
+        assert!(pool.set_remote_load("a", tentative(2)));
+        assert!(!pool.set_remote_load("nope", tentative(1)));
+        let names: Vec<String> = (0..4)
+            .map(|i| pool.http_route_new(&format!("new-{i}"), &req).unwrap())
+            .map(|vm| vm.name().to_owned())
+            .collect();
+        assert_eq!(names, ["b", "b", "a", "b"]);
+        // The whole pool's tentative load shows; this replica's own is apart.
+        let snap = pool.snapshot();
+        let a = snap.get("a").unwrap();
+        assert_eq!(
+            (a.tentative_sessions(), a.local_tentative_sessions()),
+            (3, 1)
+        );
+        pool.set_remote_load("a", tentative(0));
+        assert_eq!(tentative_load(&pool, "a"), 1);
+    }
+
+    #[test]
     fn tentative_becomes_a_session_when_the_cookie_returns() {
         let (pool, _) = pool(&[("a", 5), ("b", 5)]);
         let req = PickRequest::new(Protocol::Http);

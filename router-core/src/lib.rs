@@ -57,7 +57,7 @@ pub use select::{NoVm, PickRequest};
 pub use session::{SessionGuard, SessionInfo};
 pub use snapshot::Snapshot;
 pub use store::{InMemoryStore, SessionStore};
-pub use vm::{Lifecycle, Protocol, Vm, VmSpec, VmState, VmStatus};
+pub use vm::{Lifecycle, LoadCounts, Protocol, Vm, VmSpec, VmState, VmStatus};
 
 #[cfg(test)]
 mod tests {

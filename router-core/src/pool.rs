@@ -311,19 +311,20 @@ impl Pool {
         }
     }
 
-    /// Sets the sessions that other gateway replicas hold on a VM (their
-    /// published counts, summed). They weigh in the least-loaded choice, in
-    /// `max_sessions` and in idleness like this replica's own, but never in
-    /// its own counts or metrics. Lock-free; publishes no snapshot. Returns
-    /// false if the VM is unknown.
+    /// Sets what other gateway replicas hold on a VM (their published counts,
+    /// summed). Their sessions weigh in the least-loaded choice, in
+    /// `max_sessions` and in idleness like this replica's own, their tentative
+    /// browsers in the order only; never in this replica's own counts or
+    /// metrics. Lock-free; publishes no snapshot. Returns false if the VM is
+    /// unknown.
     ///
     /// The cap stays soft across replicas: two replicas reserving the last
     /// slot between two syncs both succeed, so a VM can exceed `max_sessions`
     /// by at most the replicas' count minus one for one sync interval.
-    pub fn set_remote_load(&self, vm: &str, ssh: u32, http: u32) -> bool {
+    pub fn set_remote_load(&self, vm: &str, load: crate::LoadCounts) -> bool {
         match self.current.load().get(vm) {
             Some(vm) => {
-                if vm.shared().set_remote(ssh, http) {
+                if vm.shared().set_remote(load) {
                     vm.shared().mark_idle(self.shared.clock.now());
                 }
                 true

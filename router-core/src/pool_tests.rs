@@ -464,12 +464,20 @@ fn change_listeners_hear_every_published_generation_after_it_is_visible() {
     assert_eq!(*heard.lock().unwrap(), vec![g0 + 1, g0 + 2]);
 }
 
+fn remote(ssh: u32, http: u32) -> crate::LoadCounts {
+    crate::LoadCounts {
+        ssh,
+        http,
+        tentative: 0,
+    }
+}
+
 #[test]
 fn other_replicas_sessions_weigh_in_choice_cap_and_idleness() {
     let (pool, clock) = pool(&[("a", 1, 2), ("b", 1, 2)]);
     // Another replica holds one session on "a": the next one goes to "b".
-    assert!(pool.set_remote_load("a", 1, 0));
-    assert!(!pool.set_remote_load("nope", 1, 0));
+    assert!(pool.set_remote_load("a", remote(1, 0)));
+    assert!(!pool.set_remote_load("nope", remote(1, 0)));
     assert_eq!(name(pool.acquire(&ssh())), "b");
     let snap = pool.snapshot();
     let a = snap.get("a").expect("a");
@@ -478,7 +486,7 @@ fn other_replicas_sessions_weigh_in_choice_cap_and_idleness() {
     assert_eq!(a.remote_sessions(Protocol::Ssh), 1);
     assert_eq!(a.idle_since(), None, "remote sessions keep a VM busy");
     // Remote sessions count towards max_sessions: "a" has room for one more, "b" too.
-    assert!(pool.set_remote_load("a", 1, 1));
+    assert!(pool.set_remote_load("a", remote(1, 1)));
     let err = {
         let _b = pool.acquire(&ssh()).expect("b has room");
         pool.acquire(&ssh()).map(|_| ()).unwrap_err()
@@ -487,7 +495,7 @@ fn other_replicas_sessions_weigh_in_choice_cap_and_idleness() {
     // The other replica's sessions end: "a" becomes idle from then on.
     clock.advance(Duration::from_secs(5));
     let at = clock.now();
-    assert!(pool.set_remote_load("a", 0, 0));
+    assert!(pool.set_remote_load("a", remote(0, 0)));
     assert_eq!(
         pool.snapshot().get("a").and_then(|v| v.idle_since()),
         Some(at)

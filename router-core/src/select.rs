@@ -229,7 +229,7 @@ pub(crate) fn least_loaded<'s>(
             continue;
         }
         // Browsers just sent here count towards the order, not the cap.
-        let total = u64::from(total) + u64::from(c.shared.tentative());
+        let total = u64::from(total) + u64::from(c.shared.tentative_total());
         let weight = u64::from(c.weight);
         if let Some((b, b_total, b_weight)) = best {
             // total/weight vs b_total/b_weight, both weights > 0.

@@ -252,6 +252,31 @@ const NO_HINT: u64 = u64::MAX;
 /// every session guard on it. Cache-line aligned so that sessions on
 /// different VMs never contend on one line.
 #[repr(align(64))]
+/// What one gateway replica holds on a VM: sessions per protocol and
+/// tentative browsers (first request answered, cookie not back yet). Other
+/// replicas' sum goes to [`Pool::set_remote_load`](crate::Pool::set_remote_load).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadCounts {
+    /// SSH sessions.
+    pub ssh: u32,
+    /// Browser sessions.
+    pub http: u32,
+    /// Tentative browsers: they order the choice, never count against the cap.
+    pub tentative: u32,
+}
+
+impl LoadCounts {
+    /// Both counts added, saturating.
+    #[must_use]
+    pub fn saturating_add(self, other: Self) -> Self {
+        Self {
+            ssh: self.ssh.saturating_add(other.ssh),
+            http: self.http.saturating_add(other.http),
+            tentative: self.tentative.saturating_add(other.tentative),
+        }
+    }
+}
+
 pub(crate) struct VmShared {
     /// Live sessions per protocol, packed in one word (SSH in the low half,
     /// HTTP in the high half) so that a placement or a release is a single
@@ -266,6 +291,9 @@ pub(crate) struct VmShared {
     /// count towards the load, the cap and idleness, never towards this
     /// replica's own counts.
     remote: AtomicU64,
+    /// Tentative browsers other gateway replicas sent here (see
+    /// [`Pool::set_remote_load`](crate::Pool::set_remote_load)).
+    remote_tentative: AtomicU32,
     load_hint: AtomicU64,
     /// Nanoseconds after `epoch` when the total last dropped to zero.
     idle_since: AtomicU64,
@@ -293,6 +321,7 @@ impl VmShared {
             counts: AtomicU64::new(0),
             tentative: AtomicU32::new(0),
             remote: AtomicU64::new(0),
+            remote_tentative: AtomicU32::new(0),
             load_hint: AtomicU64::new(NO_HINT),
             idle_since: AtomicU64::new(nanos_since(epoch, now)),
             epoch,
@@ -337,10 +366,13 @@ impl VmShared {
         (counts >> shift(protocol)) as u32
     }
 
-    /// Replaces the other replicas' sessions; returns true when the VM's total
-    /// dropped to zero with it (the caller then calls [`VmShared::mark_idle`]).
-    pub(crate) fn set_remote(&self, ssh: u32, http: u32) -> bool {
-        let packed = u64::from(ssh) | (u64::from(http) << 32);
+    /// Replaces what the other replicas hold here; returns true when the VM's
+    /// total dropped to zero with it (the caller then calls
+    /// [`VmShared::mark_idle`]).
+    pub(crate) fn set_remote(&self, load: LoadCounts) -> bool {
+        self.remote_tentative
+            .store(load.tentative, Ordering::Release);
+        let packed = u64::from(load.ssh) | (u64::from(load.http) << 32);
         let before = self.remote.swap(packed, Ordering::AcqRel);
         total_of(before) > 0 && packed == 0 && self.local_total() == 0
     }
@@ -349,6 +381,14 @@ impl VmShared {
     #[inline]
     pub(crate) fn tentative(&self) -> u32 {
         self.tentative.load(Ordering::Acquire)
+    }
+
+    /// Tentative browsers this replica and the others sent here: what the
+    /// least-loaded order weighs.
+    #[inline]
+    pub(crate) fn tentative_total(&self) -> u32 {
+        self.tentative()
+            .saturating_add(self.remote_tentative.load(Ordering::Acquire))
     }
 
     pub(crate) fn add_tentative(&self) {
@@ -522,9 +562,15 @@ impl Vm {
     }
 
     /// Browsers sent here by their first request whose cookie has not come
-    /// back yet (they weigh in the least-loaded choice for a short time, but
-    /// are not sessions).
+    /// back yet, through every replica (they weigh in the least-loaded choice
+    /// for a short time, but are not sessions).
     pub fn tentative_sessions(&self) -> u32 {
+        self.shared.tentative_total()
+    }
+
+    /// The same, sent by this replica only (what its own metrics count and
+    /// what it tells the others).
+    pub fn local_tentative_sessions(&self) -> u32 {
         self.shared.tentative()
     }
 

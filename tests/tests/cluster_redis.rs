@@ -420,6 +420,18 @@ fn counts_affinity_and_drains_cross_replicas_and_a_killed_replica_stops_counting
         total(&vm) == 1 && vm["sessions_by_replica"]["gw-0"]["ssh"] == 1
     });
     eprintln!("replica 1 saw the session after {:?}", since.elapsed());
+    // Replica 1's status page shows the whole pool: the session on its VM, held by gw-0, and
+    // both replicas.
+    let page = http_get(admin_addr(r.ports[1].1), "/status").body;
+    assert!(
+        page.contains("gw-0: 1"),
+        "session by replica missing: {page}"
+    );
+    assert!(page.contains("Replicas (2, store redis)"), "{page}");
+    assert!(
+        page.contains("<b>gw-1</b> <span class=\"muted\">(this one)</span>"),
+        "{page}"
+    );
 
     // The same user through replica 1 goes back to that VM, though it is the busiest.
     assert_eq!(r.lands_on(1, r.ssh_port(1)), on, "affinity across replicas");
@@ -482,26 +494,42 @@ fn a_redis_outage_costs_no_login_and_state_converges_after() {
                 .any(|l| l == "poolgate_cluster_store_up 0")
         });
     }
-    // 20 logins, 10 through each replica, all at once: every one succeeds.
-    let results: Vec<bool> = std::thread::scope(|s| {
-        let r = &r;
-        let handles: Vec<_> = (0..20)
-            .map(|k| {
-                s.spawn(move || {
-                    let out = r
-                        .client(1 + k % 4, r.ssh_port(k % 2))
-                        .run("echo $POOLGATE_VM");
-                    out.status.success()
+    // Redis stays down for more than 30 s (`cluster.remote_stale_after`, after which each
+    // replica drops the others' last counts): 20 logins, 10 through each replica, all at once,
+    // right after it went and again once both replicas fell back to their own counts. Every
+    // one succeeds.
+    let burst = |when: &str| {
+        let results: Vec<bool> = std::thread::scope(|s| {
+            let r = &r;
+            let handles: Vec<_> = (0..20)
+                .map(|k| {
+                    s.spawn(move || {
+                        let out = r
+                            .client(1 + k % 4, r.ssh_port(k % 2))
+                            .run("echo $POOLGATE_VM");
+                        out.status.success()
+                    })
                 })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let failed = results.iter().filter(|ok| !**ok).count();
-    assert_eq!(
-        failed, 0,
-        "{failed} of 20 logins failed while Redis was down"
-    );
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let failed = results.iter().filter(|ok| !**ok).count();
+        assert_eq!(
+            failed, 0,
+            "{failed} of 20 logins failed while Redis was down ({when})"
+        );
+    };
+    let down = Instant::now();
+    burst("at once");
+    for i in 0..2 {
+        r.gateways[i].wait_for_log(
+            "other replicas' counts are too old",
+            Duration::from_secs(60),
+        );
+    }
+    burst("past remote_stale_after");
+    eprintln!("Redis down for {:?}", down.elapsed());
+    assert!(down.elapsed() >= Duration::from_secs(30));
     // Redis comes back empty: both replicas rejoin, share again, and said so once.
     r.redis.restart();
     for i in 0..2 {
@@ -597,119 +625,180 @@ fn logged(actions: &std::path::Path, what: &str) -> String {
     )
 }
 
+/// One sshd VM (running) that an exec provider's scripts start and stop, every action logged
+/// with the replica that ran it, and `replicas` gateways leading its autoscaler in turn. While
+/// the file `hang` exists in the test directory, a stop is logged and then hangs (exits 1 once the
+/// file goes, leaving the VM alone): a leader stopped in the middle of a long stop.
+/// Fields drop in order: gateways first, the test directory last.
+struct LeaderPool {
+    gateways: Vec<GatewayProcess>,
+    /// (SSH, admin) port per replica.
+    ports: Vec<(u16, u16)>,
+    _cleanup: KillPidFile,
+    _vm: SshdVm,
+    _redis: RedisServer,
+    keys_dir: PathBuf,
+    actions: PathBuf,
+    user: String,
+    key: UserKey,
+    _users: TestUsers,
+    dir: tempfile::TempDir,
+}
+
+impl LeaderPool {
+    fn start(name: &str, replicas: usize, vm_running: bool) -> Self {
+        let users = TestUsers::ensure(1);
+        let user = users.user(1).name.clone();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("poolgate-cluster-{name}-"))
+            .tempdir()
+            .unwrap();
+        let keys_dir = keys_init(dir.path());
+        let mut vm = SshdVm::builder("vm-a")
+            .trusted_user_ca_keys(keys_dir.join("user_ca.pub"))
+            .start();
+        let known = KnownHosts::at(&dir.path().join("known_hosts"));
+        known.add_vm(&vm);
+        if !vm_running {
+            vm.stop();
+        }
+        let pid_file = vm.pid_file();
+        let cleanup = KillPidFile(pid_file.clone());
+        let actions = dir.path().join("actions.log");
+        std::fs::write(&actions, "").unwrap();
+        let script = |name: &str, body: String| write_script(dir.path(), name, &body);
+        let (pid, cfg, port) = (pid_file.display(), vm.config_path().display(), vm.port());
+        let hang = dir.path().join("hang");
+        let list = script(
+            "list.sh",
+            format!(
+                "if [ -f {pid} ] && kill -0 \"$(cat {pid})\" 2>/dev/null; then s=running; else s=stopped; fi\n\
+                 echo \"{{\\\"vms\\\":[{{\\\"name\\\":\\\"vm-a\\\",\\\"host\\\":\\\"127.0.0.1\\\",\\\"ssh_port\\\":{port},\\\"state\\\":\\\"$s\\\"}}]}}\""
+            ),
+        );
+        let start = script(
+            "start.sh",
+            format!(
+                "{}\n{} -f {cfg}",
+                logged(&actions, "start"),
+                tool("sshd").display()
+            ),
+        );
+        let stop = script(
+            "stop.sh",
+            format!(
+                "{}\nif [ -f {hang} ]; then while [ -f {hang} ]; do sleep 0.1; done; exit 1; fi\n\
+                 kill \"$(cat {pid})\"\nrm -f {pid}",
+                logged(&actions, "stop"),
+                hang = hang.display(),
+            ),
+        );
+        let authorized = dir.path().join("authorized_keys");
+        std::fs::create_dir_all(&authorized).unwrap();
+        let key = UserKey::generate(&user);
+        std::fs::write(
+            authorized.join(&user),
+            format!("{}\n", key.public_key_line()),
+        )
+        .unwrap();
+        let redis = RedisServer::start();
+        // The VM's sshd shares this machine's process table: the busy check is off (see
+        // autoscale_busy.rs for it on VMs with their own PID namespace).
+        let body = format!(
+            "authorized_keys = \"{authorized}/{{user}}\"\nbackend_known_hosts = \"{known}\"\n\
+             [health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\n\
+             [pool]\nprovider = \"exec\"\n\
+             [pool.exec]\nlist = [\"{list}\"]\nstart = [\"{start}\"]\nstop = [\"{stop}\"]\n\
+             poll_interval = \"1s\"\ntimeout = \"30s\"\n\
+             [autoscale]\nenabled = true\nmin_vms = 0\nmax_vms = 1\nspare_vms = 0\n\
+             scale_in_after = \"2s\"\nscale_to_zero_after = \"3s\"\ntick = \"1s\"\ncooldown = \"1s\"\n\
+             boot_estimate = \"2s\"\nhold_connect_for = \"40s\"\nbusy_command = []\n",
+            authorized = authorized.display(),
+            known = known.path().display(),
+        );
+        let mut gateways = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..replicas {
+            let p = Ports::free();
+            let id = format!("gw-{i}");
+            let config = replica_config(p, &keys_dir, &body, &redis.url(), &id, "");
+            let env = [("POOLGATE_TEST_REPLICA", id.as_str())];
+            gateways.push(start_replica(&dir.path().join(&id), &config, p.ssh, &env));
+            ports.push((p.ssh, p.admin));
+        }
+        Self {
+            gateways,
+            ports,
+            _cleanup: cleanup,
+            _vm: vm,
+            _redis: redis,
+            keys_dir,
+            actions,
+            user,
+            key,
+            _users: users,
+            dir,
+        }
+    }
+
+    fn leads(&self, i: usize) -> bool {
+        has_sample(
+            &admin_metrics(self.ports[i].1),
+            "poolgate_autoscale_leader 1",
+        )
+    }
+
+    /// Waits for exactly one of two replicas to lead and returns (leader, follower).
+    fn leader_of_two(&self) -> (usize, usize) {
+        wait_until(STEP, "one leader", || self.leads(0) ^ self.leads(1));
+        let leader = usize::from(self.leads(1));
+        (leader, 1 - leader)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.actions).unwrap()
+    }
+
+    fn logged(&self, line: &str) -> bool {
+        self.log().lines().any(|l| l == line)
+    }
+}
+
 #[test]
 fn one_leader_scales_the_pool_and_another_takes_over_when_it_dies() {
     require_tools!("sshd", "ssh", "ssh-keygen", "redis-server", "redis-cli");
     require_root!();
-    let users = TestUsers::ensure(1);
-    let user = users.user(1).name.clone();
-    let dir = tempfile::Builder::new()
-        .prefix("poolgate-cluster-leader-")
-        .tempdir()
-        .unwrap();
-    let keys_dir = keys_init(dir.path());
-    // One VM whose sshd the exec provider's scripts start and stop; every action is logged with
-    // the replica that ran it.
-    let mut vm = SshdVm::builder("vm-a")
-        .trusted_user_ca_keys(keys_dir.join("user_ca.pub"))
-        .start();
-    let known = KnownHosts::at(&dir.path().join("known_hosts"));
-    known.add_vm(&vm);
-    vm.stop();
-    let pid_file = vm.pid_file();
-    let _cleanup = KillPidFile(pid_file.clone());
-    let actions = dir.path().join("actions.log");
-    std::fs::write(&actions, "").unwrap();
-    let script = |name: &str, body: String| write_script(dir.path(), name, &body);
-    let (pid, cfg, port) = (pid_file.display(), vm.config_path().display(), vm.port());
-    let list = script(
-        "list.sh",
-        format!(
-            "if [ -f {pid} ] && kill -0 \"$(cat {pid})\" 2>/dev/null; then s=running; else s=stopped; fi\n\
-             echo \"{{\\\"vms\\\":[{{\\\"name\\\":\\\"vm-a\\\",\\\"host\\\":\\\"127.0.0.1\\\",\\\"ssh_port\\\":{port},\\\"state\\\":\\\"$s\\\"}}]}}\""
-        ),
-    );
-    let start = script(
-        "start.sh",
-        format!(
-            "{}\n{} -f {cfg}",
-            logged(&actions, "start"),
-            tool("sshd").display()
-        ),
-    );
-    let stop = script(
-        "stop.sh",
-        format!(
-            "{}\nkill \"$(cat {pid})\"\nrm -f {pid}",
-            logged(&actions, "stop")
-        ),
-    );
-    let authorized = dir.path().join("authorized_keys");
-    std::fs::create_dir_all(&authorized).unwrap();
-    let key = UserKey::generate(&user);
-    std::fs::write(
-        authorized.join(&user),
-        format!("{}\n", key.public_key_line()),
-    )
-    .unwrap();
-    let redis = RedisServer::start();
-    // The VM's sshd shares this machine's process table: the busy check is off (see
-    // autoscale_busy.rs for it on VMs with their own PID namespace).
-    let body = format!(
-        "authorized_keys = \"{authorized}/{{user}}\"\nbackend_known_hosts = \"{known}\"\n\
-         [health]\ninterval = \"1s\"\ntimeout = \"1s\"\nrise = 1\n\
-         [pool]\nprovider = \"exec\"\n\
-         [pool.exec]\nlist = [\"{list}\"]\nstart = [\"{start}\"]\nstop = [\"{stop}\"]\n\
-         poll_interval = \"1s\"\ntimeout = \"10s\"\n\
-         [autoscale]\nenabled = true\nmin_vms = 0\nmax_vms = 1\nspare_vms = 0\n\
-         scale_in_after = \"2s\"\nscale_to_zero_after = \"3s\"\ntick = \"1s\"\ncooldown = \"1s\"\n\
-         boot_estimate = \"2s\"\nhold_connect_for = \"40s\"\nbusy_command = []\n",
-        authorized = authorized.display(),
-        known = known.path().display(),
-    );
-    let mut gateways = Vec::new();
-    let mut ports = Vec::new();
-    for i in 0..2 {
-        let p = Ports::free();
-        let id = format!("gw-{i}");
-        let config = replica_config(p, &keys_dir, &body, &redis.url(), &id, "");
-        let env = [("POOLGATE_TEST_REPLICA", id.as_str())];
-        gateways.push(start_replica(&dir.path().join(&id), &config, p.ssh, &env));
-        ports.push((p.ssh, p.admin));
-    }
-    let leads = |i: usize| has_sample(&admin_metrics(ports[i].1), "poolgate_autoscale_leader 1");
+    let mut pool = LeaderPool::start("leader", 2, false);
     // Exactly one replica leads, and both say which.
-    wait_until(STEP, "one leader", || leads(0) ^ leads(1));
-    let leader = usize::from(leads(1));
-    let follower = 1 - leader;
-    for (_, admin) in &ports {
+    let (leader, follower) = pool.leader_of_two();
+    for (_, admin) in &pool.ports {
         let view = admin_json(*admin, "/api/v1/replicas");
         assert_eq!(view["leader"], format!("gw-{leader}"), "{view}");
     }
     // A login through the follower to the empty pool is held; the leader starts the VM once.
-    let host_line = std::fs::read_to_string(keys_dir.join("ssh_host_ed25519_key.pub")).unwrap();
+    let host_line =
+        std::fs::read_to_string(pool.keys_dir.join("ssh_host_ed25519_key.pub")).unwrap();
     let client_known = KnownHosts::new();
-    client_known.add_host_key(ports[follower].0, &host_line);
-    let client = SshClient::new(&user, ports[follower].0, client_known.path())
-        .user_key(&key)
+    client_known.add_host_key(pool.ports[follower].0, &host_line);
+    let client = SshClient::new(&pool.user, pool.ports[follower].0, client_known.path())
+        .user_key(&pool.key)
         .timeout(Duration::from_secs(50));
     let woke = Instant::now();
     let out = client.run("echo on $POOLGATE_VM");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "on vm-a");
     eprintln!("woke through the follower in {:?}", woke.elapsed());
-    let log = std::fs::read_to_string(&actions).unwrap();
     assert_eq!(
-        log.lines().collect::<Vec<_>>(),
+        pool.log().lines().collect::<Vec<_>>(),
         [format!("start gw-{leader}")],
         "one start, by the leader"
     );
     // The leader dies; the follower takes over within one lease (10 s) and, once the pool is
     // idle, stops the VM itself.
-    gateways[leader].kill();
+    pool.gateways[leader].kill();
     let died = Instant::now();
     wait_until(Duration::from_secs(20), "the follower leading", || {
-        leads(follower)
+        pool.leads(follower)
     });
     let took = died.elapsed();
     eprintln!("new leader after {took:?}");
@@ -717,14 +806,9 @@ fn one_leader_scales_the_pool_and_another_takes_over_when_it_dies() {
     wait_until(
         Duration::from_secs(30),
         "the new leader stopping the idle VM",
-        || {
-            std::fs::read_to_string(&actions)
-                .unwrap()
-                .lines()
-                .any(|l| l == format!("stop gw-{follower}"))
-        },
+        || pool.logged(&format!("stop gw-{follower}")),
     );
-    let log = std::fs::read_to_string(&actions).unwrap();
+    let log = pool.log();
     assert!(
         !log.lines().any(|l| l == format!("stop gw-{leader}")),
         "the dead leader acted: {log}"
@@ -734,6 +818,143 @@ fn one_leader_scales_the_pool_and_another_takes_over_when_it_dies() {
         1,
         "{log}"
     );
+}
+
+#[test]
+fn a_leader_killed_while_stopping_a_vm_leaves_the_scale_in_to_the_next_leader() {
+    require_tools!("sshd", "ssh", "ssh-keygen", "redis-server", "redis-cli");
+    require_root!();
+    // Stops hang from the start: the leader drains the idle VM for scale-in and is killed in the
+    // middle of stopping it (a deallocation takes minutes on a real cloud).
+    let hang = |pool: &LeaderPool| pool.dir.path().join("hang");
+    let mut pool = LeaderPool::start("inherit", 2, true);
+    std::fs::write(hang(&pool), "").unwrap();
+    let (leader, follower) = pool.leader_of_two();
+    wait_until(STEP, "the leader stopping the idle VM", || {
+        pool.logged(&format!("stop gw-{leader}"))
+    });
+    // The drain is shared: the follower shows the VM draining, for scale-in.
+    let drained = |admin: u16| {
+        admin_json(admin, "/api/v1/vms")
+            .as_array()
+            .is_some_and(|vms| {
+                vms.iter()
+                    .any(|vm| vm["name"] == "vm-a" && vm["draining"] == true)
+            })
+    };
+    wait_until(STEP, "the drain reaching the follower", || {
+        drained(pool.ports[follower].1)
+    });
+    pool.gateways[leader].kill();
+    std::fs::remove_file(hang(&pool)).unwrap();
+    // The follower leads within one lease, takes the drain over, and stops the VM. Without the
+    // drain's record it would take it for an operator's and leave a running VM drained forever.
+    wait_until(Duration::from_secs(20), "the follower leading", || {
+        pool.leads(follower)
+    });
+    wait_until(
+        Duration::from_secs(20),
+        "the new leader finishing the scale-in",
+        || pool.logged(&format!("stop gw-{follower}")),
+    );
+    pool.gateways[follower].wait_for_log(
+        "took over a scale-in drain from an earlier autoscaler leader",
+        STEP,
+    );
+    let log = pool.log();
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        [format!("stop gw-{leader}"), format!("stop gw-{follower}")],
+        "one interrupted stop, one finished, no start"
+    );
+}
+
+#[test]
+fn a_leader_paused_past_its_lease_resumes_without_acting() {
+    use nix::sys::signal::Signal;
+    require_tools!("sshd", "ssh", "ssh-keygen", "redis-server", "redis-cli");
+    require_root!();
+    let pool = LeaderPool::start("paused", 2, false);
+    let hang = pool.dir.path().join("hang");
+    let (leader, follower) = pool.leader_of_two();
+    // The leader wakes the pool for a login through it; the session ends at once.
+    let host_line =
+        std::fs::read_to_string(pool.keys_dir.join("ssh_host_ed25519_key.pub")).unwrap();
+    let client_known = KnownHosts::new();
+    client_known.add_host_key(pool.ports[leader].0, &host_line);
+    let out = SshClient::new(&pool.user, pool.ports[leader].0, client_known.path())
+        .user_key(&pool.key)
+        .timeout(Duration::from_secs(50))
+        .run("true");
+    assert!(out.status.success(), "{out:?}");
+    assert!(pool.logged(&format!("start gw-{leader}")));
+    // Paused (a VM freeze, a long GC pause) before its idle VM is due for scale-in, for longer
+    // than its lease: the follower takes over and begins the scale-in itself; its stop hangs, so
+    // the VM still runs, idle, when the old leader resumes — the very thing it would act on if
+    // it trusted its stale leadership.
+    std::fs::write(&hang, "").unwrap();
+    let pid = pool.gateways[leader].pid().unwrap();
+    let actions_before = pool.gateways[leader].log_text().matches(" result=").count();
+    assert!(actions_before >= 1, "the start is in the leader's log");
+    send_signal(pid, Signal::SIGSTOP);
+    let resume = Resume(pid);
+    wait_until(Duration::from_secs(20), "the follower leading", || {
+        pool.leads(follower)
+    });
+    wait_until(STEP, "the new leader stopping the idle VM", || {
+        pool.logged(&format!("stop gw-{follower}"))
+    });
+    drop(resume);
+    // Resumed, it knows by its own clock that its lease is over, hears from Redis who leads,
+    // and does nothing.
+    pool.gateways[leader].wait_for_log("lost the autoscaler leadership", STEP);
+    wait_until(STEP, "the old leader saying it does not lead", || {
+        has_sample(
+            &admin_metrics(pool.ports[leader].1),
+            "poolgate_autoscale_leader 0",
+        )
+    });
+    // The follower's hung stop ends (failed); it tries again and stops the VM. Only then is
+    // the old leader's log read: it has been awake through all of it.
+    std::fs::remove_file(&hang).unwrap();
+    wait_until(STEP, "the VM stopped by the new leader", || {
+        pool.log()
+            .lines()
+            .filter(|l| *l == format!("stop gw-{follower}"))
+            .count()
+            == 2
+    });
+    wait_until(STEP, "the pool seeing the VM stopped", || {
+        admin_json(pool.ports[follower].1, "/api/v1/vms")
+            .as_array()
+            .is_some_and(|vms| vms.iter().any(|v| v["state"] == "stopped"))
+    });
+    let log = pool.log();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.ends_with(&format!("gw-{leader}")))
+            .count(),
+        1,
+        "the paused leader acted after it resumed: {log}"
+    );
+    let text = pool.gateways[leader].log_text();
+    assert_eq!(
+        text.matches(" result=").count(),
+        actions_before,
+        "autoscaler actions by the paused leader after it resumed:\n{text}"
+    );
+}
+
+/// Sends SIGCONT when dropped, so that a failing test never leaves a gateway stopped.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.0).unwrap_or(0)),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
 }
 
 #[test]
@@ -846,6 +1067,27 @@ fn cookie_vm(value: &str) -> String {
     String::from_utf8(bytes).unwrap()
 }
 
+/// `curl` of `/api` on the HTTP listener at `port`, keeping cookies in `jar` (a browser) or
+/// none (a first request that never returns its cookie); the HTTP status.
+fn curl_status(port: u16, jar: Option<&Path>) -> String {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "10",
+    ]);
+    if let Some(jar) = jar {
+        cmd.arg("-c").arg(jar).arg("-b").arg(jar);
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}/api"));
+    let out = run_with_timeout(&mut cmd, STEP);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn a_browser_keeps_its_vm_whichever_replica_serves_it() {
     use poolgate_tests::jupyter::{JupyterServerVm, require_jupyter};
@@ -903,27 +1145,7 @@ fn a_browser_keeps_its_vm_whichever_replica_serves_it() {
     // cookie names, counting the browser there.
     for (first, then) in [(0, 1), (1, 0)] {
         let jar = dir.path().join(format!("jar-{first}"));
-        let get = |i: usize| {
-            let out = run_with_timeout(
-                Command::new("curl")
-                    .args([
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                        "--max-time",
-                        "10",
-                    ])
-                    .arg("-c")
-                    .arg(&jar)
-                    .arg("-b")
-                    .arg(&jar)
-                    .arg(format!("http://127.0.0.1:{}/api", ports[i].0)),
-                STEP,
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
+        let get = |i: usize| curl_status(ports[i].0, Some(&jar));
         assert_eq!(get(first), "200");
         let cookie = std::fs::read_to_string(&jar)
             .unwrap()
@@ -950,6 +1172,24 @@ fn a_browser_keeps_its_vm_whichever_replica_serves_it() {
             },
         );
     }
+    // Browsers that arrive through one replica weigh on the others' choices too: three first
+    // requests through replica 0 that never return their cookie show as tentative load on
+    // replica 1 within a sync (it orders its own new browsers by it). Nothing new goes through
+    // replica 1 meanwhile, so its own tentative load can only fall.
+    let tentative = |i: usize| -> u64 {
+        api(i, "/api/v1/vms").as_array().map_or(0, |vms| {
+            vms.iter()
+                .filter_map(|v| v["sessions"]["tentative"].as_u64())
+                .sum()
+        })
+    };
+    let before = tentative(1);
+    for _ in 0..3 {
+        assert_eq!(curl_status(ports[0].0, None), "200");
+    }
+    wait_until(STEP, "replica 1 seeing replica 0's new browsers", || {
+        tentative(1) >= before + 3
+    });
 }
 
 #[test]

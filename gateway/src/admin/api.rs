@@ -336,6 +336,7 @@ pub fn handle(state: &AdminState, method: &str, path: &str, authorization: Optio
                 &vms(state),
                 &sessions(state),
                 state.autoscale.as_ref().map(|a| a.view()),
+                &state.cluster.view(),
                 SystemTime::now(),
             ),
         },

@@ -5,6 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::api::{SessionView, VmView};
 use crate::autoscale::AutoscaleView;
+use crate::cluster::ClusterView;
 use crate::html::escape;
 
 const STYLE: &str = r#"
@@ -27,6 +28,7 @@ th{font-weight:600;color:#556;background:#fafbfc}
 .ok{background:#2e9d5b}.bad{background:#d64545}
 .legend span{display:inline-block;width:10px;height:10px;border-radius:2px;margin:0 4px 0 10px}
 .muted{color:#889}
+.by{font-size:12px;color:#667}
 "#;
 
 /// Renders the page.
@@ -34,8 +36,12 @@ pub fn render(
     vms: &[VmView],
     sessions: &[SessionView],
     autoscale: Option<AutoscaleView>,
+    cluster: &ClusterView,
     now: SystemTime,
 ) -> String {
+    // With several replicas, sessions and the autoscaler are the whole pool's; say who holds
+    // what.
+    let several = cluster.store != "memory" || cluster.replicas.len() > 1;
     let mut html = String::with_capacity(8 * 1024);
     let ssh: u32 = vms.iter().map(|v| v.sessions.ssh).sum();
     let http: u32 = vms.iter().map(|v| v.sessions.http).sum();
@@ -74,6 +80,18 @@ pub fn render(
         }
         _ => html.push_str("<div class=\"card\"><b>off</b>autoscaler</div>"),
     }
+    if several {
+        let _ = write!(
+            html,
+            "<div class=\"card\"><b>{}</b>replicas{}</div>",
+            cluster.replicas.len(),
+            if cluster.store_up {
+                ""
+            } else {
+                " <span class=\"state unhealthy\">store down</span>"
+            }
+        );
+    }
     html.push_str("</div>");
     if let Some(decision) = autoscale.as_ref().and_then(|a| a.last_decision.as_ref()) {
         let _ = write!(
@@ -98,7 +116,7 @@ pub fn render(
             "<tr><td><b>{name}</b></td><td><span class=\"state {state}\">{state}</span>{kept}</td>\
              <td><span class=\"bar\" title=\"{total} of {max}\"><span class=\"ssh\" style=\"left:0;width:{ssh_w:.1}%\"></span>\
              <span class=\"http\" style=\"left:{ssh_w:.1}%;width:{http_w:.1}%\"></span></span> {total}/{max}</td>\
-             <td>{ssh} ssh · {http} http</td><td><span class=\"tl\">",
+             <td>{ssh} ssh · {http} http{by}</td><td><span class=\"tl\">",
             name = escape(&vm.name),
             state = escape(&vm.state),
             kept = if vm.busy == Some(true) {
@@ -110,6 +128,11 @@ pub fn render(
             max = vm.max_sessions,
             ssh = vm.sessions.ssh,
             http = vm.sessions.http,
+            by = if several {
+                by_replica(&vm.sessions_by_replica)
+            } else {
+                String::new()
+            },
         );
         let sides = [("ssh", &vm.protocols.ssh), ("web", &vm.protocols.http)];
         for (i, (label, side)) in sides.into_iter().filter(|(_, s)| s.probed).enumerate() {
@@ -145,9 +168,17 @@ pub fn render(
          <span class=\"bad\"></span>probe failed</p>",
     );
 
+    if several {
+        replicas_table(&mut html, cluster);
+    }
     let _ = write!(
         html,
-        "<h2 style=\"font-size:16px\">Sessions ({})</h2>",
+        "<h2 style=\"font-size:16px\">Sessions {}({})</h2>",
+        if several {
+            format!("on replica {} ", escape(&cluster.replica_id))
+        } else {
+            String::new()
+        },
         sessions.len()
     );
     if !sessions.is_empty() {
@@ -166,8 +197,56 @@ pub fn render(
         }
         html.push_str("</table>");
     }
-    html.push_str("<p class=\"muted\">JSON: <a href=\"/api/v1/vms\">/api/v1/vms</a> · <a href=\"/api/v1/sessions\">/api/v1/sessions</a> · <a href=\"/metrics\">/metrics</a></p></body></html>");
+    html.push_str("<p class=\"muted\">JSON: <a href=\"/api/v1/vms\">/api/v1/vms</a> · <a href=\"/api/v1/sessions\">/api/v1/sessions</a> · <a href=\"/api/v1/replicas\">/api/v1/replicas</a> · <a href=\"/metrics\">/metrics</a></p></body></html>");
     html
+}
+
+/// "gw-0: 2 · gw-1: 1" under a VM's sessions (replicas holding none are left out).
+fn by_replica(by: &std::collections::BTreeMap<String, crate::cluster::SessionTotals>) -> String {
+    let parts: Vec<String> = by
+        .iter()
+        .filter(|(_, t)| t.ssh + t.http > 0)
+        .map(|(id, t)| format!("{}: {}", escape(id), t.ssh + t.http))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("<br><span class=\"by\">{}</span>", parts.join(" · "))
+    }
+}
+
+/// The live replicas: who leads, what each holds.
+fn replicas_table(html: &mut String, cluster: &ClusterView) {
+    let _ = write!(
+        html,
+        "<h2 style=\"font-size:16px\">Replicas ({}, store {}{})</h2>\
+         <table><tr><th>replica</th><th>autoscaler</th><th>sessions</th><th>waiting</th><th>version</th></tr>",
+        cluster.replicas.len(),
+        escape(&cluster.store),
+        if cluster.store_up {
+            ""
+        } else {
+            ", unreachable"
+        },
+    );
+    for r in &cluster.replicas {
+        let _ = write!(
+            html,
+            "<tr><td><b>{id}</b>{this}</td><td>{leader}</td><td>{ssh} ssh · {http} http</td><td>{waiting}</td><td class=\"muted\">{version}</td></tr>",
+            id = escape(&r.id),
+            this = if r.this {
+                " <span class=\"muted\">(this one)</span>"
+            } else {
+                ""
+            },
+            leader = if r.leader { "leads" } else { "" },
+            ssh = r.sessions.ssh,
+            http = r.sessions.http,
+            waiting = r.waiting,
+            version = escape(&r.version),
+        );
+    }
+    html.push_str("</table>");
 }
 
 #[cfg(test)]
@@ -176,7 +255,17 @@ mod tests {
 
     #[test]
     fn renders_without_external_assets() {
-        let page = render(&[], &[], None, SystemTime::now());
+        let cluster = ClusterView {
+            store: "memory".into(),
+            store_up: true,
+            synced_seconds_ago: None,
+            replica_id: "gw".into(),
+            leader: None,
+            epoch: None,
+            replicas: Vec::new(),
+            sessions_by_replica: Default::default(),
+        };
+        let page = render(&[], &[], None, &cluster, SystemTime::now());
         assert!(page.contains("The pool has no VMs"));
         assert!(!page.contains("http://") && !page.contains("https://"));
     }

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::autoscale::{Driver, Leadership};
 use crate::cluster::store::Placements;
 use crate::cluster::{
-    Cluster, ClusterSettings, RedisStore, ReplicaRecord, SharedStore, WaitingCounts,
+    AutoscalerLink, Cluster, ClusterSettings, RedisStore, ReplicaRecord, SharedStore,
 };
 
 /// The shared store a configuration names, or `None` for one replica with state in memory.
@@ -200,7 +200,7 @@ pub(super) fn join(
         metrics,
     );
     driver.set_leadership(Arc::new(Leads(cluster.clone())));
-    cluster.set_waiting_counts(Arc::new(Waiting(driver.clone())));
+    cluster.set_autoscaler(Arc::new(Autoscaling(driver.clone())));
     cluster
 }
 
@@ -217,15 +217,23 @@ impl Leadership for Leads {
     }
 }
 
-struct Waiting(Arc<Driver>);
+struct Autoscaling(Arc<Driver>);
 
-impl WaitingCounts for Waiting {
-    fn local(&self) -> (u32, u32) {
+impl AutoscalerLink for Autoscaling {
+    fn local_waiting(&self) -> (u32, u32) {
         self.0.local_waiting()
     }
 
-    fn set_remote(&self, waiting: (u32, u32)) {
+    fn set_remote_waiting(&self, waiting: (u32, u32)) {
         self.0.set_remote_waiting(waiting);
+    }
+
+    fn scale_in_drains(&self) -> Vec<String> {
+        self.0.scale_in_drains()
+    }
+
+    fn inherit_scale_in_drains(&self, vms: &[String]) {
+        self.0.inherit_scale_in_drains(vms);
     }
 }
 

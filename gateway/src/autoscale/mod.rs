@@ -69,6 +69,9 @@ pub struct Driver {
     came_up: Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
     /// The busy check (`autoscale.busy_command`), when on.
     busy: std::sync::OnceLock<BusyTracker>,
+    /// VMs drained for scale-in (by this driver, or inherited from an earlier leader) and still
+    /// draining — also while they are being stopped, after the policy has let go of them.
+    scale_in: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -124,6 +127,7 @@ impl Driver {
             protected: Mutex::new(std::collections::HashMap::new()),
             came_up: Mutex::new(std::collections::HashMap::new()),
             busy: std::sync::OnceLock::new(),
+            scale_in: Mutex::new(std::collections::BTreeSet::new()),
         })
     }
 
@@ -173,6 +177,33 @@ impl Driver {
             + self.remote_waiting[router_core::Protocol::Http.index()].swap(http, Ordering::AcqRel);
         if ssh + http > before {
             self.poke.notify_one();
+        }
+    }
+
+    /// VMs drained for scale-in that are still draining (until stopped, removed or undrained):
+    /// published with the drain, so that a new leader can finish the job.
+    pub fn scale_in_drains(&self) -> Vec<String> {
+        let snapshot = self.pool.snapshot();
+        let Ok(mut scale_in) = self.scale_in.lock() else {
+            return Vec::new();
+        };
+        scale_in.retain(|vm| snapshot.get(vm).is_some_and(|v| v.status().draining));
+        scale_in.iter().cloned().collect()
+    }
+
+    /// Takes over scale-in drains an earlier leader made (several replicas): the policy removes
+    /// those VMs once empty, or undrains them when needed, as if it had drained them itself.
+    /// Drains this driver made (or took over) already are its own, in the policy or being
+    /// stopped.
+    pub fn inherit_scale_in_drains(&self, vms: &[String]) {
+        let (Ok(mut scale_in), Ok(mut policy)) = (self.scale_in.lock(), self.policy.lock()) else {
+            return;
+        };
+        for vm in vms {
+            if scale_in.insert(vm.clone()) {
+                let _ = policy.adopt_drain(vm);
+                tracing::info!(%vm, "took over a scale-in drain from an earlier autoscaler leader");
+            }
         }
     }
 
@@ -387,7 +418,15 @@ impl Driver {
                     known.extend(changes);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "setting scale-in protection failed; will retry"),
+            Err(e) => {
+                // Counted like any failed provider action (the Azure provider backs off per VM,
+                // so this is not a failure every tick).
+                self.metrics
+                    .autoscale_actions_total
+                    .with_label_values(&["error"])
+                    .inc();
+                tracing::warn!(error = %e, "setting scale-in protection failed; will retry");
+            }
         }
     }
 
@@ -397,6 +436,9 @@ impl Driver {
         let result = match action {
             Action::Drain(vm) => {
                 self.pool.drain(vm);
+                if let Ok(mut scale_in) = self.scale_in.lock() {
+                    scale_in.insert(vm.clone());
+                }
                 Ok("drain")
             }
             Action::Undrain(vm) => {
@@ -411,18 +453,34 @@ impl Driver {
                     .collect();
                 stopped.truncate(*count as usize);
                 let mut result = Ok("start");
+                // Instances to add beside the stopped ones started.
+                let mut still = count.saturating_sub(if caps.start_stop {
+                    stopped.len() as u32
+                } else {
+                    0
+                });
                 if !stopped.is_empty() && caps.start_stop {
                     for vm in &stopped {
                         self.pool.undrain(vm);
                         self.pool.set_lifecycle(vm, Lifecycle::Starting);
                     }
                     result = provider.start(&stopped).await.map(|()| "start");
+                    // No capacity for the stopped instances (Azure AllocationFailed, …): a new
+                    // instance may be placed where there is, and the user waits for that
+                    // instead of for a start that keeps failing. The count stays within the
+                    // policy's room (stopped instances are not alive).
+                    if let Err(e) = &result
+                        && e.no_capacity
+                        && caps.create_delete
+                    {
+                        tracing::warn!(error = %e, "starting stopped VMs failed for lack of capacity; creating new ones instead");
+                        for vm in &stopped {
+                            self.pool.set_lifecycle(vm, Lifecycle::Stopped);
+                        }
+                        still = *count;
+                        result = Ok("start");
+                    }
                 }
-                let still = count.saturating_sub(if caps.start_stop {
-                    stopped.len() as u32
-                } else {
-                    0
-                });
                 if still > 0 && caps.create_delete && result.is_ok() {
                     result = provider.create(still).await.map(|()| "create");
                 }

@@ -13,6 +13,8 @@
 //! - **Autoscaler leadership.** One replica at a time holds a lease with a fencing epoch and runs
 //!   the autoscaler; the others publish their waiting connections for it. The leader acts only
 //!   while its lease is valid by its own clock (renewed every sync, given up when a renewal fails).
+//!   Drains carry whether the autoscaler made them for scale-in, so a new leader finishes the
+//!   scale-ins an old one left half done instead of leaving those VMs drained.
 //!
 //! Redis is off the hot path: one round trip per replica per `sync_interval`, one GET per SSH
 //! login, one write per placement, none per HTTP request or relayed byte. When Redis is
@@ -29,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use router_core::{Pool, Protocol};
+use router_core::{LoadCounts, Pool, Protocol};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -57,11 +59,17 @@ pub struct ClusterSettings {
 }
 
 /// How the cluster reaches the autoscaler without knowing it (joined in `app/`).
-pub trait WaitingCounts: Send + Sync {
+pub trait AutoscalerLink: Send + Sync {
     /// Connections this replica holds while the pool wakes, (SSH, HTTP).
-    fn local(&self) -> (u32, u32);
+    fn local_waiting(&self) -> (u32, u32);
     /// Connections the other replicas hold, (SSH, HTTP), for the leader's decisions.
-    fn set_remote(&self, waiting: (u32, u32));
+    fn set_remote_waiting(&self, waiting: (u32, u32));
+    /// VMs this replica's autoscaler drained for scale-in (published with the drain, so that a
+    /// new leader can finish the job).
+    fn scale_in_drains(&self) -> Vec<String>;
+    /// Scale-in drains made by an earlier leader, handed to this one when it leads: it removes
+    /// those VMs once empty, or undrains them when needed, instead of leaving them drained.
+    fn inherit_scale_in_drains(&self, vms: &[String]);
 }
 
 /// One replica as `/api/v1/replicas` shows it.
@@ -153,7 +161,7 @@ pub struct Cluster {
     store: RedisStore,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
-    waiting: std::sync::OnceLock<Arc<dyn WaitingCounts>>,
+    autoscaler: std::sync::OnceLock<Arc<dyn AutoscalerLink>>,
     /// Placements to share, taken by [`Cluster::run`]'s writer.
     placements: Mutex<Option<store::Placements>>,
     state: Mutex<State>,
@@ -187,7 +195,7 @@ impl Cluster {
             store,
             pool,
             metrics,
-            waiting: std::sync::OnceLock::new(),
+            autoscaler: std::sync::OnceLock::new(),
             placements: Mutex::new(placements),
             state: Mutex::new(State::default()),
             store_up: AtomicBool::new(true),
@@ -195,9 +203,10 @@ impl Cluster {
         })
     }
 
-    /// Joins the autoscaler's waiting connections in (set once, at start-up).
-    pub fn set_waiting_counts(&self, counts: Arc<dyn WaitingCounts>) {
-        let _ = self.waiting.set(counts);
+    /// Joins the autoscaler in: its waiting connections and scale-in drains (set once, at
+    /// start-up).
+    pub fn set_autoscaler(&self, autoscaler: Arc<dyn AutoscalerLink>) {
+        let _ = self.autoscaler.set(autoscaler);
     }
 
     /// This replica's id.
@@ -297,7 +306,12 @@ impl Cluster {
     /// One sync: publish, read, apply.
     pub async fn sync_once(&self) {
         let snapshot = self.pool.snapshot();
-        let local_waiting = self.waiting.get().map_or((0, 0), |w| w.local());
+        let local_waiting = self.autoscaler.get().map_or((0, 0), |a| a.local_waiting());
+        let scale_in: Vec<String> = self
+            .autoscaler
+            .get()
+            .map(|a| a.scale_in_drains())
+            .unwrap_or_default();
         let (request, pushed) = {
             let Ok(state) = self.state.lock() else {
                 return;
@@ -315,21 +329,23 @@ impl Cluster {
             };
             let mut pushed = Vec::new();
             for vm in snapshot.vms() {
-                let counts = (
-                    vm.local_sessions(Protocol::Ssh),
-                    vm.local_sessions(Protocol::Http),
-                );
+                let counts = LoadCounts {
+                    ssh: vm.local_sessions(Protocol::Ssh),
+                    http: vm.local_sessions(Protocol::Http),
+                    tentative: vm.local_tentative_sessions(),
+                };
                 req.load.insert(vm.name().to_owned(), counts);
                 let draining = vm.status().draining;
                 if let Some(&agreed) = state.synced_drains.get(vm.name())
                     && agreed != draining
                 {
                     if draining {
-                        let why = serde_json::json!({
-                            "by": self.settings.record.id,
-                            "at_unix": unix_now(),
-                        });
-                        req.drain_set.push((vm.name().to_owned(), why.to_string()));
+                        let why = DrainRecord {
+                            by: self.settings.record.id.clone(),
+                            at_unix: unix_now(),
+                            scale_in: scale_in.iter().any(|n| n == vm.name()),
+                        };
+                        req.drain_set.push((vm.name().to_owned(), why.to_json()));
                     } else {
                         req.drain_clear.push(vm.name().to_owned());
                     }
@@ -387,12 +403,10 @@ impl Cluster {
             return;
         };
         // Drains: our own changes landed; the store's changes apply here.
-        let drained: std::collections::HashSet<&str> =
-            reply.drained.iter().map(String::as_str).collect();
         let store_lost_data = state.boot.as_ref().is_some_and(|b| *b != reply.boot);
         for vm in snapshot.vms() {
             let name = vm.name();
-            let in_store = drained.contains(name);
+            let in_store = reply.drained.contains_key(name);
             let agreed = if let Some((_, mine)) = pushed.iter().find(|(n, _)| n == name) {
                 *mine
             } else if store_lost_data {
@@ -437,24 +451,40 @@ impl Cluster {
                 .saturating_sub(fencing_margin(self.settings.lease))
         });
         self.metrics.autoscale_leader.set(i64::from(leading));
+        // A leader finishes the scale-in drains an earlier leader left (it may have died
+        // between draining a VM and removing it); an operator's drains stay the operator's.
+        let inherit: Vec<String> = if leading {
+            // The drains just applied above are in the pool's current snapshot.
+            let now = self.pool.snapshot();
+            reply
+                .drained
+                .iter()
+                .filter(|(name, why)| {
+                    DrainRecord::parse(why).is_some_and(|r| r.scale_in)
+                        && now.get(name).is_some_and(|vm| vm.status().draining)
+                })
+                .map(|(name, _)| name.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         // Other replicas' counts.
-        let mut remote: HashMap<&str, (u32, u32)> = HashMap::new();
+        let mut remote: HashMap<&str, LoadCounts> = HashMap::new();
         let mut waiting = (0u32, 0u32);
         for r in reply.replicas.iter().filter(|r| r.record.id != me) {
-            for (vm, (ssh, http)) in &r.load {
+            for (vm, load) in &r.load {
                 let e = remote.entry(vm.as_str()).or_default();
-                e.0 = e.0.saturating_add(*ssh);
-                e.1 = e.1.saturating_add(*http);
+                *e = e.saturating_add(*load);
             }
             waiting.0 = waiting.0.saturating_add(r.waiting.0);
             waiting.1 = waiting.1.saturating_add(r.waiting.1);
         }
         for vm in snapshot.vms() {
-            let (ssh, http) = remote.get(vm.name()).copied().unwrap_or_default();
-            self.pool.set_remote_load(vm.name(), ssh, http);
+            let load = remote.get(vm.name()).copied().unwrap_or_default();
+            self.pool.set_remote_load(vm.name(), load);
         }
-        if let Some(w) = self.waiting.get() {
-            w.set_remote(waiting);
+        if let Some(a) = self.autoscaler.get() {
+            a.set_remote_waiting(waiting);
         }
         state.remote_applied = true;
         state.last_ok = Some(Instant::now());
@@ -463,6 +493,12 @@ impl Cluster {
             .cluster_replicas
             .set(i64::try_from(reply.replicas.len()).unwrap_or(i64::MAX));
         state.reply = reply;
+        drop(state);
+        if !inherit.is_empty()
+            && let Some(a) = self.autoscaler.get()
+        {
+            a.inherit_scale_in_drains(&inherit);
+        }
     }
 
     fn store_failed(&self, error: &StoreError) {
@@ -490,10 +526,10 @@ impl Cluster {
             .is_none_or(|t| t.elapsed() >= self.settings.remote_stale_after);
         if stale && state.remote_applied {
             for vm in self.pool.snapshot().vms() {
-                self.pool.set_remote_load(vm.name(), 0, 0);
+                self.pool.set_remote_load(vm.name(), LoadCounts::default());
             }
-            if let Some(w) = self.waiting.get() {
-                w.set_remote((0, 0));
+            if let Some(a) = self.autoscaler.get() {
+                a.set_remote_waiting((0, 0));
             }
             state.remote_applied = false;
             tracing::warn!(
@@ -559,9 +595,9 @@ impl ClusterStatus for Cluster {
             .iter()
             .map(|r| {
                 let mut sessions = SessionTotals::default();
-                for (ssh, http) in r.load.values() {
-                    sessions.ssh += ssh;
-                    sessions.http += http;
+                for load in r.load.values() {
+                    sessions.ssh += load.ssh;
+                    sessions.http += load.http;
                 }
                 ReplicaView {
                     id: r.record.id.clone(),
@@ -589,7 +625,13 @@ impl ClusterStatus for Cluster {
                 let per_vm = r
                     .load
                     .iter()
-                    .map(|(vm, &(ssh, http))| (vm.clone(), SessionTotals { ssh, http }))
+                    .map(|(vm, load)| {
+                        let totals = SessionTotals {
+                            ssh: load.ssh,
+                            http: load.http,
+                        };
+                        (vm.clone(), totals)
+                    })
                     .collect();
                 (r.record.id.clone(), per_vm)
             })
@@ -696,6 +738,29 @@ fn mismatch(me: &ReplicaRecord, peer: &ReplicaRecord) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Who drained a VM and why, as the store keeps it (JSON, so that older and newer replicas read
+/// each other's records).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+struct DrainRecord {
+    /// The replica that published the drain.
+    by: String,
+    /// When, seconds since the Unix epoch.
+    at_unix: u64,
+    /// Drained by the autoscaler for scale-in (false: an operator's drain).
+    #[serde(default)]
+    scale_in: bool,
+}
+
+impl DrainRecord {
+    fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -713,6 +778,20 @@ mod tests {
             cookie_secret: cookie.into(),
             ..ReplicaRecord::default()
         }
+    }
+
+    #[test]
+    fn drain_records_say_whether_the_autoscaler_drained_for_scale_in() {
+        let mine = DrainRecord {
+            by: "gw-1".into(),
+            at_unix: 1_700_000_000,
+            scale_in: true,
+        };
+        assert_eq!(DrainRecord::parse(&mine.to_json()), Some(mine));
+        // A record without the field (an operator's drain, or an older replica's): not scale-in.
+        let old = DrainRecord::parse(r#"{"by":"gw-0","at_unix":1}"#).unwrap();
+        assert!(!old.scale_in);
+        assert_eq!(DrainRecord::parse("not json"), None);
     }
 
     #[test]

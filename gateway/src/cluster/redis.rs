@@ -8,8 +8,8 @@
 //! | `boot` | string | the store's identity: set once; a store that lost its data gets a new one |
 //! | `replicas` | sorted set | replica id → the Redis time (ms) its lease ends |
 //! | `replica:<id>` | string, expires with the lease | the replica's record (JSON, [`ReplicaRecord`]) |
-//! | `load:<id>` | hash, expires with the lease | VM → `"<ssh> <http>"` sessions that replica holds; `~waiting` → connections it holds while the pool wakes |
-//! | `drain` | hash | VM → who drained it and when (no expiry: an operator's intent) |
+//! | `load:<id>` | hash, expires with the lease | VM → `"<ssh> <http>"` sessions that replica holds, `"<ssh> <http> <tentative>"` when it sent browsers there whose cookie has not come back; `~waiting` → connections it holds while the pool wakes |
+//! | `drain` | hash | VM → who drained it, when, and whether for scale-in (JSON; no expiry: an operator's intent, or a scale-in the next leader finishes) |
 //! | `leader` | string, expires with the lease | `<id>:<epoch>` of the replica that runs the autoscaler |
 //! | `epoch` | counter | fencing token: one more for every new leader |
 //! | `aff:<user>` | string, expires after `routing.affinity_ttl` | the VM of the user's latest session |
@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
+use router_core::LoadCounts;
 use serde::{Deserialize, Serialize};
 
 /// One replica as it describes itself to the others.
@@ -47,8 +48,8 @@ pub struct ReplicaRecord {
 pub struct SyncRequest {
     /// This replica's record.
     pub record: ReplicaRecord,
-    /// VM → (SSH, HTTP) sessions this replica holds (VMs without any may be left out).
-    pub load: BTreeMap<String, (u32, u32)>,
+    /// VM → what this replica holds there (VMs without anything may be left out).
+    pub load: BTreeMap<String, LoadCounts>,
     /// Connections held while the pool wakes, (SSH, HTTP).
     pub waiting: (u32, u32),
     /// Drains to record (VM → JSON of who and when).
@@ -72,8 +73,8 @@ pub struct SyncReply {
     pub leader: Option<String>,
     /// Live replicas, with their counts.
     pub replicas: Vec<ReplicaLoad>,
-    /// Drained VMs (names).
-    pub drained: Vec<String>,
+    /// Drained VMs: name → who drained it and why (JSON, as written by the replica).
+    pub drained: BTreeMap<String, String>,
 }
 
 /// One live replica and what it holds.
@@ -81,8 +82,8 @@ pub struct SyncReply {
 pub struct ReplicaLoad {
     /// Its record (id from the store even if the record cannot be read).
     pub record: ReplicaRecord,
-    /// VM → (SSH, HTTP) sessions.
-    pub load: BTreeMap<String, (u32, u32)>,
+    /// VM → what it holds there.
+    pub load: BTreeMap<String, LoadCounts>,
     /// Held connections, (SSH, HTTP).
     pub waiting: (u32, u32),
 }
@@ -142,7 +143,7 @@ for _, r in ipairs(redis.call('ZRANGEBYSCORE', p .. 'replicas', now, '+inf')) do
     table.insert(replicas, {r, rec, redis.call('HGETALL', p .. 'load:' .. r)})
   end
 end
-return {boot, mine, leader or '', replicas, redis.call('HKEYS', p .. 'drain')}
+return {boot, mine, leader or '', replicas, redis.call('HGETALL', p .. 'drain')}
 ";
 
 const PEERS: &str = r"
@@ -252,16 +253,23 @@ impl RedisStore {
             .arg(req.epoch.to_string())
             .arg(if req.want_lead { "1" } else { "0" });
         let waiting = (req.waiting != (0, 0)).then_some(req.waiting);
-        let fields: Vec<(&str, (u32, u32))> = req
+        let fields: Vec<(&str, String)> = req
             .load
             .iter()
-            .filter(|(_, counts)| **counts != (0, 0))
-            .map(|(vm, &counts)| (vm.as_str(), counts))
-            .chain(waiting.map(|w| (WAITING_FIELD, w)))
+            .filter(|(_, load)| **load != LoadCounts::default())
+            .map(|(vm, load)| (vm.as_str(), counts_field(*load)))
+            .chain(waiting.map(|(ssh, http)| {
+                let held = LoadCounts {
+                    ssh,
+                    http,
+                    tentative: 0,
+                };
+                (WAITING_FIELD, counts_field(held))
+            }))
             .collect();
         inv.arg(fields.len());
-        for (field, (ssh, http)) in fields {
-            inv.arg(field).arg(format!("{ssh} {http}"));
+        for (field, value) in fields {
+            inv.arg(field).arg(value);
         }
         inv.arg(req.drain_set.len());
         for (vm, why) in &req.drain_set {
@@ -289,7 +297,10 @@ impl RedisStore {
                 .into_iter()
                 .map(|(id, record, flat)| parse_replica(id, &record, &flat))
                 .collect(),
-            drained,
+            drained: drained
+                .chunks_exact(2)
+                .map(|pair| (pair[0].clone(), pair[1].clone()))
+                .collect(),
         })
     }
 
@@ -360,7 +371,7 @@ fn parse_replica(id: String, record: &str, flat: &[String]) -> ReplicaLoad {
             continue;
         };
         if pair[0] == WAITING_FIELD {
-            out.waiting = counts;
+            out.waiting = (counts.ssh, counts.http);
         } else {
             out.load.insert(pair[0].clone(), counts);
         }
@@ -368,9 +379,30 @@ fn parse_replica(id: String, record: &str, flat: &[String]) -> ReplicaLoad {
     out
 }
 
-fn parse_counts(value: &str) -> Option<(u32, u32)> {
-    let (ssh, http) = value.split_once(' ')?;
-    Some((ssh.parse().ok()?, http.parse().ok()?))
+/// A load hash value: `"<ssh> <http>"`, with `" <tentative>"` when there are any (older
+/// replicas read the first two numbers).
+fn counts_field(c: LoadCounts) -> String {
+    if c.tentative > 0 {
+        format!("{} {} {}", c.ssh, c.http, c.tentative)
+    } else {
+        format!("{} {}", c.ssh, c.http)
+    }
+}
+
+/// The inverse of [`counts_field`].
+fn parse_counts(value: &str) -> Option<LoadCounts> {
+    let mut parts = value.split(' ');
+    let ssh = parts.next()?.parse().ok()?;
+    let http = parts.next()?.parse().ok()?;
+    let tentative = match parts.next() {
+        Some(t) => t.parse().ok()?,
+        None => 0,
+    };
+    parts.next().is_none().then_some(LoadCounts {
+        ssh,
+        http,
+        tentative,
+    })
 }
 
 #[cfg(test)]
@@ -379,14 +411,26 @@ mod tests {
 
     #[test]
     fn load_hashes_parse_and_skip_garbage() {
-        let flat: Vec<String> = ["vm-a", "2 1", "~waiting", "1 0", "vm-b", "x", "vm-c"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
+        let flat: Vec<String> = [
+            "vm-a", "2 1", "~waiting", "1 0", "vm-b", "x", "vm-d", "0 0 3", "vm-e", "1 2 3 4",
+            "vm-c",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
         let r = parse_replica("gw-2".into(), "not json", &flat);
         assert_eq!(r.record.id, "gw-2");
-        assert_eq!(r.load.get("vm-a"), Some(&(2, 1)));
-        assert_eq!(r.load.len(), 1);
+        let counts = |ssh, http, tentative| LoadCounts {
+            ssh,
+            http,
+            tentative,
+        };
+        assert_eq!(r.load.get("vm-a"), Some(&counts(2, 1, 0)));
+        assert_eq!(r.load.get("vm-d"), Some(&counts(0, 0, 3)));
+        for c in [counts(2, 1, 0), counts(0, 0, 3)] {
+            assert_eq!(parse_counts(&counts_field(c)), Some(c));
+        }
+        assert_eq!(r.load.len(), 2, "garbage skipped: {:?}", r.load);
         assert_eq!(r.waiting, (1, 0));
     }
 }

@@ -66,6 +66,7 @@ impl DemoProvider {
             provider: "demo",
             operation: operation.to_string(),
             message: message.into(),
+            no_capacity: false,
         }
     }
 

@@ -74,6 +74,7 @@ impl ExecProvider {
             provider: "exec",
             operation: operation.to_string(),
             message: message.into(),
+            no_capacity: false,
         }
     }
 

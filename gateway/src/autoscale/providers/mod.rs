@@ -27,6 +27,10 @@ pub struct ProviderError {
     pub operation: String,
     /// What went wrong and what to do.
     pub message: String,
+    /// The platform had no capacity for this instance (Azure `AllocationFailed`,
+    /// `SkuNotAvailable`, …): a stopped instance that cannot start may still be replaced by a
+    /// new one, which the platform may place elsewhere.
+    pub no_capacity: bool,
 }
 
 /// What a provider can do besides listing.
@@ -89,6 +93,7 @@ impl StaticProvider {
             operation: operation.to_string(),
             message: "a static pool cannot scale (use the exec, azure-vmss or demo provider)"
                 .into(),
+            no_capacity: false,
         }
     }
 }
