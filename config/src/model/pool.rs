@@ -96,6 +96,10 @@ pub struct Azure {
     /// Time between instance listings.
     #[serde(with = "duration")]
     pub poll_interval: Duration,
+    /// An instance still without a power state this long after it was first listed has failed
+    /// to come up: it stops counting as starting.
+    #[serde(with = "duration")]
+    pub start_timeout: Duration,
     /// sshd port on every instance.
     #[serde(deserialize_with = "port")]
     pub ssh_port: u16,
@@ -124,6 +128,7 @@ impl Default for Azure {
             orchestration: Orchestration::Uniform,
             deallocate_idle: true,
             poll_interval: Duration::from_secs(15),
+            start_timeout: Duration::from_secs(20 * 60),
             ssh_port: 22,
             http_port: 8000,
             weight: 1,

@@ -189,6 +189,7 @@ pub(super) fn pool(c: &Config, provider_known: bool, r: &mut Report) {
             );
         }
         r.positive("pool.azure.poll_interval", az.poll_interval);
+        r.positive("pool.azure.start_timeout", az.start_timeout);
         vm_settings(
             r,
             "pool.azure",

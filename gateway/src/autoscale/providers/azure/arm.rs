@@ -109,7 +109,7 @@ pub struct Arm {
     http: HyperClient,
     tokens: TokenSource,
     endpoint: String,
-    authority: String,
+    origin: Option<(String, String, u16)>,
     /// "scale set rg/name in subscription s", for messages.
     target: String,
     pub tuning: Tuning,
@@ -147,24 +147,62 @@ pub(super) fn error(operation: &str, message: impl Into<String>) -> ProviderErro
         provider: "azure-vmss",
         operation: operation.to_owned(),
         message: message.into(),
+        no_capacity: false,
     }
 }
 
-/// Seconds from a `Retry-After` header (delta-seconds; an HTTP date counts as absent).
+/// The wait a `Retry-After` header asks for: delta-seconds, or an HTTP date (RFC 9110 §10.2.3
+/// allows both; a date already past means "now").
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    headers
+    retry_after_at(headers, std::time::SystemTime::now())
+}
+
+fn retry_after_at(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    let value = headers
         .get(hyper::header::RETRY_AFTER)?
         .to_str()
         .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-fn authority_of(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    rest.split(['/', '?']).next().unwrap_or_default()
+/// The origin of an absolute `http(s)` URL: lowercase scheme, lowercase host and effective port
+/// (the scheme's default when absent). `None` for anything else, including a URL with user info.
+///
+/// ARM's Compute listings hand back `nextLink`s that spell the default port, e.g.
+/// `https://management.azure.com:443/subscriptions/…/virtualMachineScaleSets/vmss1/virtualMachines?api-version=…&$skiptoken=…`
+/// (a real scale-set page link kept in Azure/azure-sdk-for-java's azure-core RestProxy test
+/// `doesNotChangeEncodedPath`), so origins are compared, not authority strings.
+fn origin_of(url: &str) -> Option<(String, String, u16)> {
+    let uri: hyper::Uri = url.parse().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "https" => 443,
+        "http" => 80,
+        _ => return None,
+    };
+    let authority = uri.authority()?;
+    if authority.as_str().contains('@') {
+        return None;
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    let port = match authority.port_u16() {
+        Some(port) => port,
+        // Written but not a port (out of range): not the default one either. `host:` is.
+        None if authority.as_str().len() > authority.host().len() + 1 => return None,
+        None => default_port,
+    };
+    Some((scheme, host.to_ascii_lowercase(), port))
 }
 
 impl Arm {
@@ -177,12 +215,12 @@ impl Arm {
         tuning: Tuning,
     ) -> Self {
         let endpoint = endpoint.trim_end_matches('/').to_owned();
-        let authority = authority_of(&endpoint).to_ascii_lowercase();
+        let origin = origin_of(&endpoint);
         Self {
             http,
             tokens,
             endpoint,
-            authority,
+            origin,
             target,
             tuning,
         }
@@ -194,9 +232,7 @@ impl Arm {
         if path_or_url.starts_with('/') {
             return Ok(format!("{}{path_or_url}", self.endpoint));
         }
-        if authority_of(path_or_url).eq_ignore_ascii_case(&self.authority)
-            && (path_or_url.starts_with("https://") || path_or_url.starts_with("http://"))
-        {
+        if self.origin.is_some() && origin_of(path_or_url) == self.origin {
             return Ok(path_or_url.to_owned());
         }
         Err(error(
@@ -389,12 +425,16 @@ impl Arm {
                             .error
                             .map(|e| (e.code.unwrap_or_default(), e.message.unwrap_or_default()))
                             .unwrap_or_default();
-                        return Err(error(
-                            operation,
-                            format!(
-                                "the Azure operation ended {s}: {code}: {message} (see the scale set's activity log)"
-                            ),
-                        ));
+                        // An allocation failure usually surfaces here, after the 202.
+                        return Err(ProviderError {
+                            no_capacity: is_allocation_failure(&code),
+                            ..error(
+                                operation,
+                                format!(
+                                    "the Azure operation ended {s}: {code}: {message} (see the scale set's activity log)"
+                                ),
+                            )
+                        });
                     }
                     _ => wait = retry_after(&headers).unwrap_or(self.tuning.poll_every),
                 }
@@ -441,7 +481,24 @@ impl Arm {
     /// An error for a non-2xx ARM response, with ARM's code and what to do.
     pub fn failure(&self, operation: &str, status: StatusCode, body: &[u8]) -> ProviderError {
         let (code, message) = error_text(body);
+        let quota = message.to_ascii_lowercase().contains("quota");
+        let no_capacity = is_allocation_failure(&code);
         let advice = match status {
+            StatusCode::FORBIDDEN if code == "LinkedAuthorizationFailed" => format!(
+                "the gateway's identity may write to {} but lacks the action ARM names on a linked                  resource (the scope after \"linked scope(s)\"); grant that action there, or keep                  the write from naming the linked resource; poolgate backs off before trying again",
+                self.target
+            ),
+            _ if no_capacity => {
+                "Azure has no capacity for this VM size here right now; poolgate backs off and \
+                 tries again (another size or zone in the scale set model avoids it)"
+                    .to_owned()
+            }
+            StatusCode::CONFLICT if quota || code.contains("Quota") => format!(
+                "a subscription quota would be exceeded by growing {}; request a quota increase \
+                 for the VM family in this region (or lower autoscale max_vms); poolgate backs off \
+                 before trying again",
+                self.target
+            ),
             StatusCode::UNAUTHORIZED => format!(
                 "ARM did not accept the token; check that the credential belongs to the tenant of {}",
                 self.target
@@ -461,8 +518,22 @@ impl Arm {
             s if s.is_server_error() => "ARM failed; poolgate will try again on a later tick".to_owned(),
             _ => "ARM refused the request".to_owned(),
         };
-        error(operation, format!("{status} {code}: {message} — {advice}"))
+        ProviderError {
+            no_capacity,
+            ..error(operation, format!("{status} {code}: {message} — {advice}"))
+        }
     }
+}
+
+/// ARM error codes that say the region (or zone) has no capacity for the VM size right now.
+pub(super) fn is_allocation_failure(code: &str) -> bool {
+    matches!(
+        code,
+        "AllocationFailed"
+            | "ZonalAllocationFailed"
+            | "SkuNotAvailable"
+            | "OverconstrainedAllocationRequest"
+    )
 }
 
 /// ARM's error code and message from an error body (either `{"error":{…}}` or bare).
@@ -531,12 +602,55 @@ mod tests {
             hyper::header::RETRY_AFTER,
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
         );
-        assert_eq!(retry_after(&headers), None);
+        let date = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").expect("date");
         assert_eq!(
-            authority_of("https://management.azure.com/x?y"),
-            "management.azure.com"
+            retry_after_at(&headers, date - Duration::from_secs(12)),
+            Some(Duration::from_secs(12))
         );
-        assert_eq!(authority_of("http://127.0.0.1:9/"), "127.0.0.1:9");
+        assert_eq!(
+            retry_after_at(&headers, date + Duration::from_secs(5)),
+            Some(Duration::ZERO)
+        );
+        headers.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn origins_compare_scheme_host_and_effective_port() {
+        let arm = origin_of("https://management.azure.com");
+        assert_eq!(
+            arm,
+            Some(("https".to_owned(), "management.azure.com".to_owned(), 443))
+        );
+        for same in [
+            "https://management.azure.com:443/subscriptions/s/x?api-version=1&$skiptoken=2",
+            "https://management.azure.com/subscriptions/s/x",
+            "HTTPS://Management.Azure.com:443/x",
+            "https://management.azure.com:/x",
+        ] {
+            assert_eq!(origin_of(same), arm, "{same}");
+        }
+        for other in [
+            "http://management.azure.com/x",
+            "https://management.azure.com:8443/x",
+            "https://management.azure.com.evil.example/x",
+            "https://evil.example@management.azure.com/x",
+            "https://management.azure.com:443@evil.example/x",
+            "ftp://management.azure.com/x",
+            "https://management.azure.com:99999/x",
+            "https:///x",
+            "/subscriptions/s",
+        ] {
+            assert_ne!(origin_of(other), arm, "{other}");
+        }
+        assert_eq!(
+            origin_of("http://[::1]:8080/x"),
+            Some(("http".to_owned(), "::1".to_owned(), 8080))
+        );
+        assert_eq!(
+            origin_of("http://127.0.0.1/x"),
+            Some(("http".to_owned(), "127.0.0.1".to_owned(), 80))
+        );
         assert_eq!(
             encode_query("virtualMachineScaleSet/id eq '/s/x'"),
             "virtualMachineScaleSet/id%20eq%20%27/s/x%27"

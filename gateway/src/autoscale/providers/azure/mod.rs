@@ -9,7 +9,7 @@
 //! | add capacity | `GET {vmss}` then `PATCH {vmss} {"sku":{"capacity":N}}` | same |
 //! | start / deallocate | `POST {vmss}/start`, `…/deallocate` `{"instanceIds":[…]}` | `POST {vm}/start`, `{vm}/deallocate` per VM |
 //! | delete exact VMs | `POST {vmss}/delete {"instanceIds":[…]}` | `DELETE {vm}` per VM |
-//! | protect from scale-in | `GET` + `PUT {vmss}/virtualMachines/{id}` with `protectionPolicy` | not supported (logged) |
+//! | protect from scale-in | `PUT {vmss}/virtualMachines/{id} {"properties":{"protectionPolicy":{…}}}` | not supported (logged) |
 //!
 //! Capacity is only ever raised: VMs leave by being deallocated (`pool.azure.deallocate_idle`,
 //! the default) or deleted by their exact instance ids, never by lowering `sku.capacity` (Azure
@@ -31,7 +31,7 @@ use std::sync::Mutex;
 use futures::future::BoxFuture;
 use hyper::Method;
 use poolgate_config::{Azure, Orchestration};
-use router_core::VmSpec;
+use router_core::{Lifecycle, VmSpec};
 use serde_json::json;
 
 use self::arm::{Arm, HyperClient, Tuning, encode_query, error};
@@ -63,6 +63,76 @@ pub struct AzureProvider {
     scale_set: String,
     defaults: VmSpec,
     known: Mutex<HashMap<String, Known>>,
+    /// Scale-set writes (`create`) that failed: not sent again before the deadline.
+    action_backoff: Backoffs<&'static str>,
+    /// When each instance without a power state was first listed.
+    without_power: Mutex<HashMap<String, tokio::time::Instant>>,
+    start_timeout: std::time::Duration,
+    /// Instances already reported as provisioning `Failed` (reported once, not every listing).
+    reported_failed: Mutex<std::collections::HashSet<String>>,
+    /// Protection writes that failed, per VM: not tried again before the deadline.
+    protect_backoff: Backoffs<String>,
+}
+
+/// Writes that failed, per key (an action, a VM), each backing off until its deadline.
+#[derive(Debug)]
+struct Backoffs<K>(Mutex<HashMap<K, Backoff>>);
+
+impl<K: std::hash::Hash + Eq> Backoffs<K> {
+    fn new() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
+
+    /// At `now`: `Err` with the backoff still running for `key`, else `Ok` with the last
+    /// (expired) one, which the next failure doubles.
+    fn check(&self, key: &K, now: tokio::time::Instant) -> Result<Option<Backoff>, Backoff> {
+        let previous = self.0.lock().ok().and_then(|m| m.get(key).copied());
+        match previous {
+            Some(b) if now < b.until => Err(b),
+            _ => Ok(previous),
+        }
+    }
+
+    /// Records how the write after [`Backoffs::check`] went: a success clears `key`, a failure
+    /// starts its next backoff, which is returned.
+    fn record(
+        &self,
+        key: K,
+        failed: bool,
+        previous: Option<Backoff>,
+        now: tokio::time::Instant,
+    ) -> Option<Backoff> {
+        let mut map = self.0.lock().ok()?;
+        if failed {
+            let next = Backoff::after_failure(previous, now);
+            map.insert(key, next);
+            Some(next)
+        } else {
+            map.remove(&key);
+            None
+        }
+    }
+}
+
+/// Exponential backoff of one action on one VM: 30 s, doubling to 30 min.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    until: tokio::time::Instant,
+    delay: std::time::Duration,
+}
+
+impl Backoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_secs(30);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+    /// The backoff after one more failure at `now`.
+    fn after_failure(previous: Option<Self>, now: tokio::time::Instant) -> Self {
+        let delay = previous.map_or(Self::FIRST, |b| (b.delay * 2).min(Self::MAX));
+        Self {
+            until: now + delay,
+            delay,
+        }
+    }
 }
 
 impl std::fmt::Debug for AzureProvider {
@@ -133,6 +203,11 @@ impl AzureProvider {
                 max_sessions: config.max_sessions,
             },
             known: Mutex::new(HashMap::new()),
+            protect_backoff: Backoffs::new(),
+            reported_failed: Mutex::new(std::collections::HashSet::new()),
+            without_power: Mutex::new(HashMap::new()),
+            action_backoff: Backoffs::new(),
+            start_timeout: config.start_timeout,
         })
     }
 
@@ -203,7 +278,7 @@ impl AzureProvider {
                 .and_then(|id| ips.get(&id.to_ascii_lowercase()))
                 .cloned()
                 .unwrap_or_default();
-            let lifecycle = instance.properties.lifecycle(!host.is_empty());
+            let lifecycle = self.settle(&name, &instance.properties, !host.is_empty());
             known.insert(
                 name.clone(),
                 Known {
@@ -262,7 +337,7 @@ impl AzureProvider {
                 .and_then(|id| ips.get(&id.to_ascii_lowercase()))
                 .cloned()
                 .unwrap_or_default();
-            let lifecycle = vm.properties.lifecycle(!host.is_empty());
+            let lifecycle = self.settle(&name, &vm.properties, !host.is_empty());
             known.insert(
                 name.clone(),
                 Known {
@@ -417,15 +492,102 @@ impl AzureProvider {
             .await
     }
 
+    /// The lifecycle of a listed instance, with two corrections to its own state: provisioning
+    /// `Failed`, or no power state for longer than `pool.azure.start_timeout`, is stopping (not
+    /// usable, not to be started) and reported once.
+    fn settle(&self, name: &str, properties: &model::VmProperties, has_ip: bool) -> Lifecycle {
+        let lifecycle = properties.lifecycle(has_ip);
+        if properties.failed() {
+            self.report_failed(name, "provisioning Failed");
+            return lifecycle;
+        }
+        let now = tokio::time::Instant::now();
+        let Ok(mut seen) = self.without_power.lock() else {
+            return lifecycle;
+        };
+        if properties.has_power_state() {
+            seen.remove(name);
+            return lifecycle;
+        }
+        let since = *seen.entry(name.to_owned()).or_insert(now);
+        if now.duration_since(since) >= self.start_timeout {
+            drop(seen);
+            self.report_failed(
+                name,
+                &format!(
+                    "no power state {} after it was first listed (pool.azure.start_timeout)",
+                    humantime::format_duration(self.start_timeout)
+                ),
+            );
+            return Lifecycle::Stopping;
+        }
+        lifecycle
+    }
+
+    /// Runs a scale-set write unless an earlier failure of the same action is still backing
+    /// off (30 s doubling to 30 min). A quota 409, `AllocationFailed` or a missing role would
+    /// otherwise be retried with a fresh write every tick and use up the scale set's write
+    /// budget; while backing off the call fails at once, without a request, saying when the
+    /// next try is.
+    async fn backing_off(
+        &self,
+        action: &'static str,
+        write: impl std::future::Future<Output = Result<(), ProviderError>>,
+    ) -> Result<(), ProviderError> {
+        let now = tokio::time::Instant::now();
+        let previous = self.action_backoff.check(&action, now).map_err(|b| {
+            error(
+                action,
+                format!(
+                    "not sent: the last {action} failed; trying again in {}",
+                    humantime::format_duration(std::time::Duration::from_secs(
+                        (b.until - now).as_secs()
+                    ))
+                ),
+            )
+        })?;
+        let result = write.await;
+        self.action_backoff
+            .record(action, result.is_err(), previous, now);
+        result
+    }
+
+    /// Logs, once per instance, that it failed to come up and what to do.
+    fn report_failed(&self, name: &str, why: &str) {
+        let first = self
+            .reported_failed
+            .lock()
+            .map(|mut set| set.insert(name.to_owned()))
+            .unwrap_or(false);
+        if first {
+            tracing::error!(
+                vm = %name,
+                scale_set = %self.scale_set_path(),
+                "instance failed to come up ({why}): no sessions go there and it is not started; \
+                 new capacity is added instead. Read the instance view's statuses for the cause, \
+                 then delete or reimage the instance"
+            );
+        }
+    }
+
+    /// Sets `protectFromScaleIn` with the minimal body the instance-protection article documents
+    /// (MicrosoftDocs/azure-docs `articles/virtual-machine-scale-sets/
+    /// virtual-machine-scale-sets-instance-protection.md`, "REST API":
+    /// `PUT …/virtualMachines/{instance-id}` with `{"properties":{"protectionPolicy":{…}}}`).
+    /// Writing back the whole instance model instead would carry the NIC's subnet id, and ARM's
+    /// linked-access check would then demand `Microsoft.Network/virtualNetworks/subnets/join/action`
+    /// (403 `LinkedAuthorizationFailed`).
+    ///
+    /// A VM whose write failed is skipped until its backoff (30 s doubling to 30 min) ends, so a
+    /// missing role or a throttled scale set costs one write per backoff, not one per tick; the
+    /// failure is still returned so the caller sees it.
     async fn set_protection(&self, vms: &[(String, bool)]) -> Result<(), ProviderError> {
         if self.orchestration == Orchestration::Flexible {
             tracing::debug!("protectFromScaleIn is not set for Flexible scale sets");
             return Ok(());
         }
+        let mut first_error = None;
         for (name, on) in vms {
-            let names = [name.clone()];
-            let ids = self.resolve("protect", &names).await?;
-            let Some(id) = ids.first() else { continue };
             let current = self
                 .known
                 .lock()
@@ -434,37 +596,43 @@ impl AzureProvider {
             if current == Some(*on) {
                 continue;
             }
-            let path = format!(
-                "{}/virtualMachines/{id}?api-version={}",
-                self.scale_set_path(),
-                self.api_version
-            );
-            let mut model: serde_json::Value = self.arm.get_json("protect", &path).await?;
-            let Some(properties) = model.get_mut("properties").and_then(|p| p.as_object_mut())
-            else {
-                return Err(error(
-                    "protect",
-                    format!("{name}: the instance model has no properties"),
-                ));
+            let now = tokio::time::Instant::now();
+            let Ok(previous) = self.protect_backoff.check(name, now) else {
+                tracing::debug!(vm = %name, "scale-in protection write backing off");
+                continue;
             };
-            properties.remove("instanceView");
-            let policy = properties
-                .entry("protectionPolicy")
-                .or_insert_with(|| json!({}));
-            if let Some(policy) = policy.as_object_mut() {
-                policy.insert("protectFromScaleIn".into(), json!(on));
+            let result = self.protect_one(name, *on).await;
+            let backoff = self
+                .protect_backoff
+                .record(name.clone(), result.is_err(), previous, now);
+            if let Err(e) = result {
+                let retry_in = backoff.map_or(Backoff::FIRST, |b| b.delay);
+                tracing::warn!(vm = %name, ?retry_in, error = %e, "setting scale-in protection failed");
+                first_error.get_or_insert(e);
             }
-            if let Some(object) = model.as_object_mut() {
-                object.remove("resources");
-            }
-            self.arm
-                .long_running("protect", Method::PUT, &path, Some(&model))
-                .await?;
-            if let Ok(mut map) = self.known.lock()
-                && let Some(known) = map.get_mut(name)
-            {
-                known.protected = Some(*on);
-            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn protect_one(&self, name: &str, on: bool) -> Result<(), ProviderError> {
+        let names = [name.to_owned()];
+        let ids = self.resolve("protect", &names).await?;
+        let Some(id) = ids.first() else {
+            return Ok(());
+        };
+        let path = format!(
+            "{}/virtualMachines/{id}?api-version={}",
+            self.scale_set_path(),
+            self.api_version
+        );
+        let body = json!({"properties": {"protectionPolicy": {"protectFromScaleIn": on}}});
+        self.arm
+            .long_running("protect", Method::PUT, &path, Some(&body))
+            .await?;
+        if let Ok(mut map) = self.known.lock()
+            && let Some(known) = map.get_mut(name)
+        {
+            known.protected = Some(on);
         }
         Ok(())
     }
@@ -496,7 +664,7 @@ impl Provider for AzureProvider {
     }
 
     fn create(&self, count: u32) -> BoxFuture<'_, Result<(), ProviderError>> {
-        Box::pin(self.add_capacity(count))
+        Box::pin(self.backing_off("create", self.add_capacity(count)))
     }
 
     fn delete<'a>(&'a self, vms: &'a [String]) -> BoxFuture<'a, Result<(), ProviderError>> {

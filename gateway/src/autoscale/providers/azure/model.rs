@@ -107,16 +107,32 @@ impl VmProperties {
             .map(str::to_ascii_lowercase)
     }
 
-    /// The VM's lifecycle from `PowerState/*` (else `provisioningState`). A running VM without
-    /// a private IP yet counts as starting.
-    pub fn lifecycle(&self, has_ip: bool) -> Lifecycle {
-        let provisioning = self
-            .provisioning_state
+    /// The lower-case `provisioningState` (or its `ProvisioningState/*` status).
+    pub fn provisioning(&self) -> String {
+        self.provisioning_state
             .as_deref()
             .map(str::to_ascii_lowercase)
             .or_else(|| self.status("ProvisioningState/"))
-            .unwrap_or_default();
-        if provisioning == "deleting" {
+            .unwrap_or_default()
+    }
+
+    /// Whether the instance view reports a `PowerState/*` at all.
+    pub fn has_power_state(&self) -> bool {
+        self.status("PowerState/").is_some()
+    }
+
+    /// Whether the last operation on the VM failed (`provisioningState` `Failed`).
+    pub fn failed(&self) -> bool {
+        self.provisioning() == "failed"
+    }
+
+    /// The VM's lifecycle from `PowerState/*` (else `provisioningState`). A running VM without
+    /// a private IP yet counts as starting. A VM whose provisioning failed is neither healthy
+    /// nor stopped (starting it again fails the same way): it counts as on its way out, so no
+    /// session goes there, it is not started, and the autoscaler adds capacity instead.
+    pub fn lifecycle(&self, has_ip: bool) -> Lifecycle {
+        let provisioning = self.provisioning();
+        if provisioning == "deleting" || provisioning == "failed" {
             return Lifecycle::Stopping;
         }
         match self.status("PowerState/").as_deref() {
@@ -258,6 +274,12 @@ mod tests {
             props("Creating", None).lifecycle(false),
             Lifecycle::Starting
         );
+        // Provisioning failed: neither taking sessions nor a stopped VM to start.
+        for power in [Some("running"), Some("deallocated"), None] {
+            let failed = props("Failed", power);
+            assert!(failed.failed());
+            assert_eq!(failed.lifecycle(true), Lifecycle::Stopping, "{power:?}");
+        }
         assert_eq!(
             VmProperties::default().lifecycle(false),
             Lifecycle::Starting

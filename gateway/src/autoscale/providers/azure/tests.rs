@@ -271,6 +271,24 @@ async fn throttled_call_is_retried_after_retry_after() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn retry_after_as_an_http_date_is_honoured() {
+    let fake = FakeArm::start(1, |s| {
+        s.throttle_next = 1;
+        s.throttle_until_date = Some(20);
+    })
+    .await;
+    let p = provider(&fake);
+    let t0 = tokio::time::Instant::now();
+    assert_eq!(p.list().await.expect("list after one 429").len(), 1);
+    // The date has one-second resolution and the wall clock moves on while the fake answers.
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(18) && waited <= Duration::from_secs(21),
+        "waited {waited:?} for a Retry-After 20 s ahead"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn async_operation_is_polled_until_it_succeeds() {
     let fake = FakeArm::start(1, |s| s.polls_per_op = 3).await;
     let p = provider(&fake);
@@ -351,6 +369,26 @@ async fn tokens_are_cached_and_fetched_again_when_they_near_expiry() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn next_link_on_the_same_origin_spelled_differently_is_followed() {
+    let fake = FakeArm::start(3, |s| s.page_size = 1).await;
+    // ARM's own links spell the default port (`https://management.azure.com:443/…`); here the
+    // same origin in upper case, port spelled out (the `:443` case itself is in arm.rs's unit
+    // test, which needs no listener on 443).
+    let origin = fake.url().replacen("http://", "HTTP://", 1);
+    fake.state().next_link_origin = Some(origin);
+    let p = provider(&fake);
+    let vms = p.list().await.expect("list over three pages");
+    assert_eq!(vms.len(), 3);
+    let s = fake.state();
+    let pages = s
+        .arm_log()
+        .iter()
+        .filter(|l| l.path.ends_with("/virtualMachines"))
+        .count();
+    assert_eq!(pages, 3);
+}
+
+#[tokio::test(start_paused = true)]
 async fn arm_errors_say_what_to_do() {
     let fake = FakeArm::start(2, |s| {
         s.fail_next = Some((
@@ -403,7 +441,61 @@ async fn arm_errors_say_what_to_do() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn protect_from_scale_in_is_set_on_the_instance_model() {
+async fn advice_matches_the_error_code() {
+    let fake = FakeArm::start(1, |_| {}).await;
+    let p = provider(&fake);
+    // Shapes of ARM's answers as reported in public issues: a cores-quota 409, a capacity
+    // failure, a linked-authorization 403, and a real conflict — with what the advice must and
+    // must not say, and whether the error says "no capacity" (a failed start then creates).
+    let cases: [(u16, &str, &str, &str, &str, bool); 4] = [
+        (
+            409,
+            "OperationNotAllowed",
+            "Operation could not be completed as it results in exceeding approved standardDSv5Family Cores quota.",
+            "quota increase",
+            "another operation",
+            false,
+        ),
+        (
+            409,
+            "AllocationFailed",
+            "Allocation failed. We do not have sufficient capacity for the requested VM size in this region.",
+            "no capacity for this VM size",
+            "another operation",
+            true,
+        ),
+        (
+            403,
+            "LinkedAuthorizationFailed",
+            "... does not have permission to perform action(s) 'Microsoft.Network/virtualNetworks/subnets/join/action' on the linked scope(s) ...",
+            "linked resource",
+            "Virtual Machine Contributor",
+            false,
+        ),
+        (
+            409,
+            "OperationNotAllowed",
+            "Operation 'start' is not allowed since the scale set is being updated.",
+            "another operation",
+            "quota",
+            false,
+        ),
+    ];
+    for (status, code, message, says, does_not_say, no_capacity) in cases {
+        fake.state().fail_next = Some((status, code, message));
+        let err = p.create(1).await.expect_err(code);
+        assert!(err.message.contains(says), "{err}");
+        assert!(!err.message.contains(does_not_say), "{err}");
+        assert_eq!(err.no_capacity, no_capacity, "{err}");
+        // Past the create backoff (it doubles from 30 s).
+        tokio::time::advance(Duration::from_secs(3600)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn protect_from_scale_in_sends_only_the_protection_policy() {
+    // The fake refuses (LinkedAuthorizationFailed) any write naming the subnet, as ARM does for
+    // an identity without subnet join rights: only the minimal documented body gets through.
     let fake = FakeArm::start(2, |s| s.polls_per_op = 1).await;
     let p = provider(&fake);
     p.list().await.expect("list");
@@ -416,13 +508,57 @@ async fn protect_from_scale_in_is_set_on_the_instance_model() {
     // dsvm_0 is already unprotected: no write spent on it.
     assert_eq!(puts.len(), 1);
     assert_eq!(puts[0].path, format!("{}/virtualMachines/1", vmss_path()));
-    let body = puts[0].body.clone().unwrap_or_default();
     assert_eq!(
-        body.pointer("/properties/protectionPolicy/protectFromScaleIn"),
-        Some(&json!(true))
+        puts[0].body,
+        Some(json!({"properties": {"protectionPolicy": {"protectFromScaleIn": true}}}))
     );
-    assert!(body.pointer("/properties/instanceView").is_none());
+    // No GET of the instance model first.
+    assert!(
+        !log.iter()
+            .any(|l| l.method == "GET" && l.path.ends_with("/virtualMachines/1"))
+    );
     assert!(s.instances.get(&1).is_some_and(|i| i.protect));
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_protection_backs_off_per_vm_instead_of_writing_every_tick() {
+    let fake = FakeArm::start(2, |s| s.polls_per_op = 1).await;
+    let p = provider(&fake);
+    p.list().await.expect("list");
+    let want = [("dsvm_1".to_owned(), true)];
+    fake.state().fail_next = Some((
+        403,
+        "AuthorizationFailed",
+        "The client 'poolgate' does not have authorization to perform action 'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write'.",
+    ));
+    let err = p.protect(&want).await.expect_err("forbidden");
+    assert!(err.message.contains("AuthorizationFailed"), "{err}");
+    let attempts = || {
+        fake.state()
+            .log
+            .iter()
+            .filter(|l| l.method == "PUT")
+            .count()
+    };
+    assert_eq!(attempts(), 1);
+    // Ticks within the backoff send nothing.
+    for _ in 0..2 {
+        tokio::time::advance(Duration::from_secs(10)).await;
+        p.protect(&want).await.expect("backing off");
+    }
+    assert_eq!(attempts(), 1);
+    // After 30 s it tries again; a second failure doubles the wait to 60 s.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    fake.state().fail_next = Some((403, "AuthorizationFailed", "still no role"));
+    p.protect(&want).await.expect_err("still forbidden");
+    assert_eq!(attempts(), 2);
+    tokio::time::advance(Duration::from_secs(45)).await;
+    p.protect(&want).await.expect("backing off");
+    assert_eq!(attempts(), 2);
+    tokio::time::advance(Duration::from_secs(16)).await;
+    p.protect(&want).await.expect("the role was granted");
+    assert_eq!(attempts(), 3);
+    assert!(fake.state().instances.get(&1).is_some_and(|i| i.protect));
 }
 
 #[tokio::test(start_paused = true)]
@@ -807,5 +943,225 @@ async fn driver_never_drains_or_deletes_an_instance_running_detached_work() {
     assert!(
         pool.snapshot().get("dsvm_0").is_some(),
         "the busy one stays"
+    );
+}
+
+/// The `responses.200.body` of an official example kept under `fake/examples/`.
+fn example_body(file: &str) -> serde_json::Value {
+    let path = format!(
+        "{}/src/autoscale/providers/azure/fake/examples/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).expect("example file");
+    let example: serde_json::Value = serde_json::from_str(&text).expect("example JSON");
+    example
+        .pointer("/responses/200/body")
+        .cloned()
+        .expect("a 200 body")
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_minimal_official_listing_is_read_without_error_and_nameless_instances_skipped() {
+    // Azure's minimum-set listing has neither name nor instanceId nor properties: the provider
+    // must not fail the whole listing (or guess a name to act on), only skip the instance.
+    let body = example_body("VirtualMachineScaleSetVM_List_MinimumSet_Gen.json");
+    let fake = FakeArm::start(0, |s| s.instances_override = Some(body)).await;
+    let p = provider(&fake);
+    let vms = p.list().await.expect("list");
+    assert!(vms.is_empty(), "{vms:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_instances_are_neither_healthy_nor_stopped() {
+    let fake = FakeArm::start(3, |s| {
+        if let Some(i) = s.instances.get_mut(&1) {
+            // An allocation that failed mid-create: power state says running, provisioning Failed.
+            i.provisioning = "Failed".into();
+        }
+        if let Some(i) = s.instances.get_mut(&2) {
+            i.provisioning = "Failed".into();
+            i.power = "deallocated".into();
+        }
+    })
+    .await;
+    let p = provider(&fake);
+    let vms = p.list().await.expect("list");
+    let states: Vec<Lifecycle> = vms.iter().map(|v| v.lifecycle).collect();
+    assert_eq!(
+        states,
+        vec![Lifecycle::Running, Lifecycle::Stopping, Lifecycle::Stopping]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn driver_wakes_the_pool_by_creating_when_the_only_instance_failed_provisioning() {
+    let fake = FakeArm::start(1, |s| {
+        s.polls_per_op = 1;
+        if let Some(i) = s.instances.get_mut(&0) {
+            i.provisioning = "Failed".into();
+            i.power = "deallocated".into();
+        }
+    })
+    .await;
+    let (driver, _pool, _clock) = driver_over(&fake, true).await;
+    let _waiting = driver.wait_guard(router_core::Protocol::Ssh);
+    driver.tick().await;
+    let s = fake.state();
+    let writes: Vec<String> = summary(&s.arm_log())
+        .into_iter()
+        .filter(|l| !l.starts_with("GET"))
+        .collect();
+    // Not a start of the failed instance (it would fail the same way): new capacity.
+    assert!(!writes.iter().any(|w| w.ends_with("/start")), "{writes:?}");
+    assert_eq!(writes.first().map(String::as_str), Some("PATCH {vmss}"));
+    // One for the waiting user, plus the policy's spare VM.
+    assert_eq!(s.capacity, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_without_power_state_stops_counting_as_starting_after_start_timeout() {
+    let fake = FakeArm::start(2, |s| {
+        if let Some(i) = s.instances.get_mut(&1) {
+            // Stuck in a create that never finishes: no power state, no NIC.
+            i.power = String::new();
+            i.provisioning = "Creating".into();
+            i.ip = String::new();
+        }
+    })
+    .await;
+    let p = provider(&fake);
+    let state = |vms: &[super::ProviderVm]| {
+        vms.iter()
+            .find(|v| v.spec.name == "dsvm_1")
+            .map(|v| v.lifecycle)
+    };
+    assert_eq!(
+        state(&p.list().await.expect("list")),
+        Some(Lifecycle::Starting)
+    );
+    tokio::time::advance(Duration::from_secs(19 * 60)).await;
+    assert_eq!(
+        state(&p.list().await.expect("list")),
+        Some(Lifecycle::Starting)
+    );
+    // pool.azure.start_timeout (20 min by default) after it was first listed.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert_eq!(
+        state(&p.list().await.expect("list")),
+        Some(Lifecycle::Stopping)
+    );
+    // It comes up after all: a power state clears the verdict.
+    if let Some(i) = fake.state().instances.get_mut(&1) {
+        i.power = "running".into();
+        i.provisioning = "Succeeded".into();
+        i.ip = "10.0.0.9".into();
+    }
+    assert_eq!(
+        state(&p.list().await.expect("list")),
+        Some(Lifecycle::Running)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_create_is_not_sent_again_every_tick() {
+    let fake = FakeArm::start(1, |s| s.polls_per_op = 1).await;
+    let p = provider(&fake);
+    let patches = || {
+        fake.state()
+            .log
+            .iter()
+            .filter(|l| l.method == "PATCH")
+            .count()
+    };
+    fake.state().op_failure = Some((
+        "OperationNotAllowed",
+        "Operation could not be completed as it results in exceeding approved standardDSv5Family Cores quota.",
+    ));
+    p.create(1).await.expect_err("quota");
+    assert_eq!(patches(), 1);
+    fake.state().op_failure = None;
+    // Ticks within 30 s: refused without a request, saying when the next try is.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let err = p.create(1).await.expect_err("backing off");
+    assert!(err.message.contains("trying again in"), "{err}");
+    assert_eq!(patches(), 1);
+    tokio::time::advance(Duration::from_secs(21)).await;
+    p.create(1).await.expect("quota raised");
+    assert_eq!(patches(), 2);
+    assert_eq!(fake.state().capacity, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_protection_counts_as_an_autoscaler_error() {
+    let fake = FakeArm::start(2, |s| s.polls_per_op = 1).await;
+    let (driver, pool, _clock) = driver_over(&fake, false).await;
+    for vm in ["dsvm_0", "dsvm_1"] {
+        pool.set_protocol_health(vm, router_core::Protocol::Ssh, router_core::Health::Up);
+    }
+    // A session on one VM: the driver asks for its protection, and ARM refuses.
+    let _session = pool
+        .acquire(&router_core::PickRequest::new(router_core::Protocol::Ssh))
+        .expect("a VM");
+    fake.state().fail_next = Some((
+        403,
+        "AuthorizationFailed",
+        "The client 'poolgate' does not have authorization to perform action 'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write'.",
+    ));
+    driver.tick().await;
+    let errors = || {
+        driver
+            .metrics
+            .autoscale_actions_total
+            .with_label_values(&["error"])
+            .get()
+    };
+    assert_eq!(errors(), 1);
+    assert_eq!(
+        fake.state()
+            .arm_log()
+            .iter()
+            .filter(|l| l.method == "PUT")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_refused_for_lack_of_capacity_falls_back_to_creating() {
+    let fake = FakeArm::start(1, |s| {
+        s.polls_per_op = 1;
+        if let Some(i) = s.instances.get_mut(&0) {
+            i.power = "deallocated".into();
+        }
+    })
+    .await;
+    let (driver, _pool, _clock) = driver_over(&fake, true).await;
+    let _waiting = driver.wait_guard(router_core::Protocol::Ssh);
+    fake.state().fail_next = Some((
+        409,
+        "AllocationFailed",
+        "Allocation failed. We do not have sufficient capacity for the requested VM size in this region.",
+    ));
+    driver.tick().await;
+    let s = fake.state();
+    let writes: Vec<String> = summary(&s.arm_log())
+        .into_iter()
+        .filter(|l| !l.starts_with("GET"))
+        .collect();
+    assert!(
+        writes.first().is_some_and(|w| w.ends_with("/start")),
+        "{writes:?}"
+    );
+    // The start failed for lack of capacity: new instances instead of waiting on it.
+    assert!(writes.iter().any(|w| w == "PATCH {vmss}"), "{writes:?}");
+    assert!(s.capacity > 1, "capacity raised: {}", s.capacity);
+    drop(s);
+    assert_eq!(
+        driver
+            .metrics
+            .autoscale_actions_total
+            .with_label_values(&["create"])
+            .get(),
+        1
     );
 }

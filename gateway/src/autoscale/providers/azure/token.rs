@@ -62,6 +62,7 @@ fn token_error(kind: &str, message: impl Into<String>) -> ProviderError {
         provider: "azure-vmss",
         operation: "token".into(),
         message: format!("{kind}: {}", message.into()),
+        no_capacity: false,
     }
 }
 

@@ -71,6 +71,8 @@ pub struct State {
     pub location_only: bool,
     /// The next this-many ARM requests get 429 with `Retry-After: 1`.
     pub throttle_next: u32,
+    /// Throttle with `Retry-After` as an HTTP date this many seconds ahead instead.
+    pub throttle_until_date: Option<u64>,
     /// The next ARM request fails with this status, code and message.
     pub fail_next: Option<(u16, &'static str, &'static str)>,
     /// Long operations end `Failed` with this code and message.
@@ -82,6 +84,14 @@ pub struct State {
     pub page_size: usize,
     /// Point `nextLink` at another host (ARM never does; the provider must not follow it).
     pub foreign_next_link: bool,
+    /// Spell the fake's own origin differently in `nextLink` (case, explicit port), as ARM does
+    /// with `https://management.azure.com:443/…`.
+    pub next_link_origin: Option<String>,
+    /// The gateway's identity may not join the pool's subnet (as deployed): a write that names
+    /// the subnet fails with `LinkedAuthorizationFailed`.
+    pub deny_subnet_join: bool,
+    /// Answer the Uniform instance listing with this body (an official example) instead.
+    pub instances_override: Option<Value>,
     pub log: Vec<Logged>,
     pub(super) ops: HashMap<String, Op>,
     pub(super) next_op: u32,
@@ -102,12 +112,16 @@ impl State {
             polls_per_op: 2,
             location_only: false,
             throttle_next: 0,
+            throttle_until_date: None,
             fail_next: None,
             op_failure: None,
             token_lifetime: 3600,
             tokens_issued: Vec::new(),
             page_size: 100,
             foreign_next_link: false,
+            next_link_origin: None,
+            deny_subnet_join: true,
+            instances_override: None,
             log: Vec::new(),
             ops: HashMap::new(),
             next_op: 0,
@@ -381,10 +395,16 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
     }
     if s.throttle_next > 0 {
         s.throttle_next -= 1;
+        let retry = match s.throttle_until_date {
+            Some(ahead) => {
+                httpdate::fmt_http_date(SystemTime::now() + std::time::Duration::from_secs(ahead))
+            }
+            None => "1".to_owned(),
+        };
         return reply(
             429,
             json!({"error": {"code": "TooManyRequests", "message": "The request is being throttled as the limit has been reached for operation group 'VMScaleSetBatchedVMRequests2Min'."}}),
-            &[("retry-after", "1".into())],
+            &[("retry-after", retry)],
         );
     }
     if let Some((status, code, message)) = s.fail_next.take() {

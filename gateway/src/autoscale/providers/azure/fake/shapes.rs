@@ -36,6 +36,16 @@ fn instance_json(s: &State, id: u32, inst: &Inst, expand: bool) -> Value {
         }
         properties["instanceView"] = json!({"platformUpdateDomain": 0, "statuses": statuses});
     }
+    if !s.flexible {
+        // As in the VirtualMachineScaleSetVM_Get examples of azure-rest-api-specs: the instance
+        // model names its subnet, so writing it back needs join rights on that subnet.
+        properties["networkProfileConfiguration"] = json!({"networkInterfaceConfigurations": [{
+            "name": "nic",
+            "properties": {"primary": true, "ipConfigurations": [{"name": "ipconfig", "properties": {
+                "subnet": {"id": format!("/subscriptions/{SUB}/resourceGroups/rg-net/providers/Microsoft.Network/virtualNetworks/vnet/subnets/pool")}
+            }}]}
+        }]});
+    }
     if s.flexible {
         properties["virtualMachineScaleSet"] = json!({"id": vmss_path()});
         properties["networkProfile"] = json!({"networkInterfaces": [{"id": format!("{}/providers/Microsoft.Network/networkInterfaces/{}-nic", group_path(), flex_name(id))}]});
@@ -295,6 +305,9 @@ pub(super) fn route(
     if let Some(rest) = path.strip_prefix(&format!("{vmss}/")) {
         return match (method, rest) {
             ("GET", "virtualMachines") if !s.flexible => {
+                if let Some(body) = &s.instances_override {
+                    return reply(200, body.clone(), &[]);
+                }
                 let skip: usize = query
                     .get("$skiptoken")
                     .and_then(|t| t.parse().ok())
@@ -310,7 +323,7 @@ pub(super) fn route(
                     let host = if s.foreign_next_link {
                         "http://203.0.113.7".to_owned()
                     } else {
-                        s.addr.clone()
+                        s.next_link_origin.clone().unwrap_or_else(|| s.addr.clone())
                     };
                     answer["nextLink"] = json!(format!(
                         "{host}{vmss}/virtualMachines?$expand=instanceView&api-version={}&$skiptoken={}",
@@ -387,6 +400,18 @@ pub(super) fn route(
                                 400,
                                 "InvalidParameter",
                                 "instanceView is read-only.",
+                            );
+                        }
+                        let names_subnet = body.is_some_and(|b| {
+                            b.pointer("/properties/networkProfileConfiguration")
+                                .is_some()
+                                || b.pointer("/properties/networkProfile").is_some()
+                        });
+                        if names_subnet && s.deny_subnet_join {
+                            return arm_error(
+                                403,
+                                "LinkedAuthorizationFailed",
+                                "The client 'poolgate' with object id '22222222-2222-2222-2222-222222222222' has permission to perform action 'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write' on scope '/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-pool/providers/Microsoft.Compute/virtualMachineScaleSets/dsvm/virtualMachines/1'; however, it does not have permission to perform action(s) 'Microsoft.Network/virtualNetworks/subnets/join/action' on the linked scope(s) '/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-net/providers/Microsoft.Network/virtualNetworks/vnet/subnets/pool' (respectively) or the linked scope(s) are invalid.",
                             );
                         }
                         if let (Some(p), Some(i)) = (protect, s.instances.get_mut(&id)) {
