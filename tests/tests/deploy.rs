@@ -127,6 +127,15 @@ fn content<'a>(files: &'a BTreeMap<String, Value>, path: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{path} has no text content"))
 }
 
+/// The text of the `write_files` entry for `path` in a cloud-init file's source, up to the next
+/// entry (read as text, so the check needs no YAML parser).
+fn written_file<'a>(cloud_init: &'a str, path: &str) -> &'a str {
+    let (_, rest) = cloud_init
+        .split_once(&format!("  - path: {path}\n"))
+        .unwrap_or_else(|| panic!("cloud-init installs no {path}"));
+    rest.find("\n  - path: ").map_or(rest, |end| &rest[..end])
+}
+
 /// `__NAME__` placeholders in `text`.
 fn placeholders(text: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
@@ -368,7 +377,9 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
         "the template must not create an Azure autoscale setting"
     );
 
-    // The gateway VM has a managed identity, and that identity a role on the scale set.
+    // Every gateway VM has a managed identity; no role anywhere is Virtual Machine Contributor
+    // (its run-command is root on every pool VM): the autoscaler gets the custom role checked
+    // in custom_autoscaler_role_has_exactly_the_actions_of_the_provider.
     let gateway = one(&template, "Microsoft.Compute/virtualMachines");
     let identity = gateway["identity"]["type"].as_str().unwrap_or_default();
     assert!(
@@ -380,29 +391,29 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
             .is_empty(),
         "gateway VM has no managed identity: {identity:?}"
     );
-    let role = one(&template, "Microsoft.Authorization/roleAssignments");
-    let scope = role["scope"].as_str().expect("role assignment has a scope");
     assert!(
-        scope.contains("Microsoft.Compute/virtualMachineScaleSets/"),
-        "role assignment scoped to the scale set, not {scope}"
+        !template
+            .to_string()
+            .contains("9980e02c-c2be-4d73-94e8-173b1dc7cf3c"),
+        "no Virtual Machine Contributor assignment"
     );
-    let props = &role["properties"];
-    // Virtual Machine Contributor, written inline or through a variable.
-    let role_id = props["roleDefinitionId"].as_str().unwrap();
-    let vm_contributor = "9980e02c-c2be-4d73-94e8-173b1dc7cf3c";
-    assert!(
-        role_id.contains(vm_contributor)
-            || references(&json!({ "r": role_id }), "variables")
-                .iter()
-                .any(|v| template["variables"][v] == vm_contributor),
-        "role is Virtual Machine Contributor: {role_id}"
-    );
-    let principal = props["principalId"].as_str().unwrap();
-    assert!(
-        principal.contains("gatewayVmName") && principal.contains("identity.principalId"),
-        "role for the gateway VM's identity: {principal}"
-    );
-    assert_eq!(props["principalType"], "ServicePrincipal");
+    for role in resources_of(&template, "Microsoft.Authorization/roleAssignments") {
+        let props = &role["properties"];
+        let principal = props["principalId"].as_str().unwrap();
+        if principal.contains("Microsoft.Compute/virtualMachineScaleSets") {
+            // The pool's identity: checked in pool_vms_read_only_the_storage_key_from_key_vault.
+            continue;
+        }
+        assert!(
+            principal.contains("gatewayNamePrefix") && principal.contains("identity.principalId"),
+            "roles only for the gateway VMs' identities: {principal}"
+        );
+        assert_eq!(props["principalType"], "ServicePrincipal");
+        assert_eq!(
+            role["copy"]["count"], "[parameters('gatewayCount')]",
+            "one assignment per gateway replica: {role}"
+        );
+    }
 
     // Azure Files: a storage account and the share.
     one(&template, "Microsoft.Storage/storageAccounts");
@@ -453,7 +464,8 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
                 assert_eq!(dest, "[parameters('gatewaySubnetPrefix')]", "{rule}");
                 assert!(
                     source == "[parameters('userSourcePrefix')]"
-                        || source == "[parameters('adminSourcePrefix')]",
+                        || source == "[parameters('adminSourcePrefix')]"
+                        || (source == "AzureLoadBalancer" && port == ADMIN_PORT),
                     "{rule}"
                 );
                 if source == "[parameters('userSourcePrefix')]" {
@@ -473,11 +485,16 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
         public_ports.contains("22") && public_ports.contains("443"),
         "users reach the gateway's SSH and HTTPS: {public_ports:?}"
     );
-    // The NSGs are attached to the subnets, and only the gateway NIC has a public address.
+    // The NSGs are attached to the subnets; no NIC has a public address (users reach the
+    // gateways through the load balancer's).
     let vnet = one(&template, "Microsoft.Network/virtualNetworks").to_string();
     assert!(vnet.contains("gatewayNsgName") && vnet.contains("poolNsgName"));
     for nic in resources_of(&template, "Microsoft.Network/networkInterfaces") {
-        assert!(nic["name"].as_str().unwrap().contains("gatewayNicName"));
+        assert!(nic["name"].as_str().unwrap().contains("gatewayNamePrefix"));
+        assert!(
+            !nic.to_string().contains("publicIPAddress"),
+            "gateway NICs have no public address: {nic}"
+        );
     }
 
     // The cloud-init files are embedded verbatim (deploy/azure/embed-cloud-init.sh), and every
@@ -509,6 +526,560 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
         assert_eq!(
             in_file, replaced,
             "placeholders of deploy/{file} vs those replaced in its customData"
+        );
+    }
+}
+
+/// Port of poolgate's admin listener on the gateway VMs (`/healthz` for the load balancer's
+/// probe, `/metrics` for Prometheus, `/api/v1` with the admin token).
+const ADMIN_PORT: &str = "9190";
+
+/// The string value of `"[variables('name')]"` in the template.
+fn variable<'a>(template: &'a Value, expr: &str) -> &'a Value {
+    let name = expr
+        .strip_prefix("[variables('")
+        .and_then(|e| e.strip_suffix("')]"))
+        .unwrap_or_else(|| panic!("{expr} is not [variables('…')]"));
+    &template["variables"][name]
+}
+
+/// The gateway config cloud-init writes (`/etc/poolgate/poolgate.toml`), read without YAML: the
+/// block under that write_files entry's `content: |`, de-indented, with the two bare-number
+/// placeholders filled in so it parses as TOML (the string ones stay).
+fn gateway_config_text() -> String {
+    let raw = read("cloud-init/gateway.yaml");
+    let (_, body) = written_file(&raw, "/etc/poolgate/poolgate.toml")
+        .split_once("    content: |\n")
+        .unwrap();
+    let mut out = String::new();
+    for line in body.lines() {
+        if line.is_empty() {
+            out.push('\n');
+        } else if let Some(l) = line.strip_prefix("      ") {
+            out.push_str(l);
+            out.push('\n');
+        } else {
+            break;
+        }
+    }
+    out.replace("__MIN_VMS__", "0").replace("__MAX_VMS__", "10")
+}
+
+#[test]
+fn two_gateways_in_distinct_zones_behind_a_standard_load_balancer() {
+    let template = json("azure/azuredeploy.json");
+    let params = &template["parameters"];
+    assert_eq!(params["gatewayCount"]["defaultValue"], 2);
+    assert_eq!(params["gatewayCount"]["allowedValues"], json!([1, 2]));
+    let zones: Vec<&str> = params["gatewayZones"]["defaultValue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|z| z.as_str().unwrap())
+        .collect();
+    let distinct: BTreeSet<&str> = zones.iter().copied().collect();
+    assert!(
+        zones.len() >= 2 && distinct.len() == zones.len(),
+        "two distinct default zones for two gateways: {zones:?}"
+    );
+
+    // The gateway VMs and their NICs: one per replica, replica i in gatewayZones[i].
+    let gateway = one(&template, "Microsoft.Compute/virtualMachines");
+    assert_eq!(gateway["copy"]["count"], "[parameters('gatewayCount')]");
+    assert_eq!(
+        gateway["zones"],
+        json!(["[parameters('gatewayZones')[copyIndex()]]"]),
+        "each replica in its own zone"
+    );
+    assert!(
+        gateway["name"].as_str().unwrap().contains("copyIndex()")
+            && gateway["properties"]["osProfile"]["computerName"] == gateway["name"],
+        "replicas have distinct names, and so distinct replica_id (the host name)"
+    );
+    let nic = one(&template, "Microsoft.Network/networkInterfaces");
+    assert_eq!(nic["copy"]["count"], "[parameters('gatewayCount')]");
+    let ipconfig = &nic["properties"]["ipConfigurations"][0]["properties"];
+    assert!(
+        ipconfig["loadBalancerBackendAddressPools"][0]["id"]
+            .as_str()
+            .unwrap()
+            .contains("backendAddressPools', variables('lbName'), 'gateways'"),
+        "every gateway NIC is in the load balancer's backend pool: {ipconfig}"
+    );
+
+    // The public IP: Standard, static, zone-redundant.
+    let lb = one(&template, "Microsoft.Network/loadBalancers");
+    assert_eq!(lb["sku"]["name"], "Standard");
+    let frontend = &lb["properties"]["frontendIPConfigurations"][0];
+    let pip_ref = frontend["properties"]["publicIPAddress"]["id"]
+        .as_str()
+        .unwrap();
+    let pips = resources_of(&template, "Microsoft.Network/publicIPAddresses");
+    let pip = pips
+        .iter()
+        .find(|p| {
+            let name = p["name"].as_str().unwrap();
+            pip_ref.contains(name.trim_start_matches('[').trim_end_matches(']'))
+        })
+        .expect("the frontend's public IP is in the template");
+    assert_eq!(pip["sku"]["name"], "Standard");
+    assert_eq!(pip["properties"]["publicIPAllocationMethod"], "Static");
+    assert_eq!(pip["zones"], json!(["1", "2", "3"]), "zone-redundant");
+
+    // The probe: HTTP GET /healthz on the admin listener's port.
+    let probes = lb["properties"]["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 1);
+    let probe = &probes[0];
+    let probe_port = match &probe["properties"]["port"] {
+        Value::String(expr) => variable(&template, expr).to_string(),
+        other => other.to_string(),
+    };
+    assert_eq!(probe_port, ADMIN_PORT);
+    assert_eq!(probe["properties"]["protocol"], "Http");
+    assert_eq!(probe["properties"]["requestPath"], "/healthz");
+    let config: toml::Value = toml::from_str(&gateway_config_text()).unwrap();
+    let admin = config["listen"]["admin"].as_str().unwrap();
+    assert_eq!(
+        admin,
+        format!("0.0.0.0:{ADMIN_PORT}"),
+        "the probe reaches the admin listener, which serves /healthz"
+    );
+    assert!(
+        config["admin"]["token_file"].as_str().is_some(),
+        "a non-loopback admin listener needs admin.token_file"
+    );
+
+    // Rules 22, 80, 443: TCP, same port behind, the probe, ≥ 30 min idle and TCP reset.
+    let mut ports = BTreeSet::new();
+    for rule in lb["properties"]["loadBalancingRules"].as_array().unwrap() {
+        let p = &rule["properties"];
+        assert_eq!(p["protocol"], "Tcp", "{rule}");
+        assert_eq!(p["frontendPort"], p["backendPort"], "{rule}");
+        assert!(
+            p["probe"]["id"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("'{}'", probe["name"].as_str().unwrap())),
+            "{rule}"
+        );
+        assert!(
+            p["idleTimeoutInMinutes"].as_u64().unwrap() >= 30,
+            "long SSH sessions need an idle timeout of 30 min or more: {rule}"
+        );
+        assert_eq!(p["enableTcpReset"], true, "{rule}");
+        ports.insert(p["frontendPort"].as_u64().unwrap());
+    }
+    assert_eq!(ports, BTreeSet::from([22, 80, 443]));
+    // The administrators' own sshd: one NAT port per replica, also with TCP reset.
+    let nat = &lb["properties"]["copy"][0];
+    assert_eq!(nat["name"], "inboundNatRules");
+    assert_eq!(nat["count"], "[parameters('gatewayCount')]");
+    assert_eq!(nat["input"]["properties"]["backendPort"], 2200);
+    assert_eq!(nat["input"]["properties"]["enableTcpReset"], true);
+    assert!(
+        nat["input"]["properties"]["idleTimeoutInMinutes"]
+            .as_u64()
+            .unwrap()
+            >= 30
+    );
+}
+
+#[test]
+fn redis_is_private_tls_only_and_the_gateways_cluster_uses_it() {
+    let template = json("azure/azuredeploy.json");
+    let redis = one(&template, "Microsoft.Cache/redis");
+    let p = &redis["properties"];
+    assert_eq!(p["publicNetworkAccess"], "Disabled");
+    assert_eq!(p["enableNonSslPort"], false, "TLS port only");
+    assert_eq!(p["minimumTlsVersion"], "1.2");
+
+    // A private endpoint to it, in the vnet, and its DNS zone linked to the vnet.
+    let endpoint = one(&template, "Microsoft.Network/privateEndpoints");
+    let conn = &endpoint["properties"]["privateLinkServiceConnections"][0]["properties"];
+    assert_eq!(
+        conn["privateLinkServiceId"],
+        "[resourceId('Microsoft.Cache/redis', variables('redisName'))]"
+    );
+    assert_eq!(conn["groupIds"], json!(["redisCache"]));
+    assert!(
+        endpoint["properties"]["subnet"]["id"]
+            .as_str()
+            .unwrap()
+            .contains("endpointsSubnetId")
+    );
+    let zone = one(&template, "Microsoft.Network/privateDnsZones");
+    assert_eq!(
+        variable(&template, zone["name"].as_str().unwrap()),
+        "privatelink.redis.cache.windows.net"
+    );
+    let link = one(
+        &template,
+        "Microsoft.Network/privateDnsZones/virtualNetworkLinks",
+    );
+    assert!(
+        link["properties"]["virtualNetwork"]["id"]
+            .as_str()
+            .unwrap()
+            .contains("variables('vnetName')"),
+        "the zone is linked to the vnet"
+    );
+    let group = one(
+        &template,
+        "Microsoft.Network/privateEndpoints/privateDnsZoneGroups",
+    );
+    assert!(
+        group["properties"]["privateDnsZoneConfigs"][0]["properties"]["privateDnsZoneId"]
+            .as_str()
+            .unwrap()
+            .contains("redisDnsZone")
+    );
+
+    // The gateways' [cluster]: Redis over TLS at the cache's host name, password from a file.
+    let config: toml::Value = toml::from_str(&gateway_config_text()).unwrap();
+    let cluster = &config["cluster"];
+    assert_eq!(cluster["store"].as_str(), Some("redis"));
+    assert_eq!(
+        cluster["redis_url"].as_str(),
+        Some("rediss://__REDIS_HOST__:6380/0")
+    );
+    assert!(
+        cluster["redis_password_file"]
+            .as_str()
+            .unwrap()
+            .starts_with("/var/lib/poolgate/keys/")
+    );
+    let gateway = one(&template, "Microsoft.Compute/virtualMachines");
+    let custom = gateway["properties"]["osProfile"]["customData"]
+        .as_str()
+        .unwrap();
+    assert!(
+        custom.contains(
+            "'__REDIS_HOST__', reference(resourceId('Microsoft.Cache/redis', variables('redisName')), '2024-11-01').hostName)"
+        ),
+        "__REDIS_HOST__ is the cache's host name (resolved to the private endpoint by the zone)"
+    );
+}
+
+#[test]
+fn gateway_secrets_come_from_key_vault_not_custom_data() {
+    let template = json("azure/azuredeploy.json");
+    let gateway = one(&template, "Microsoft.Compute/virtualMachines");
+    let custom = gateway["properties"]["osProfile"]["customData"]
+        .as_str()
+        .unwrap();
+    assert!(
+        !custom.contains("listKeys(") && !custom.contains("listSecrets("),
+        "no access key in the gateways' customData: {custom}"
+    );
+    for (name, decl) in template["parameters"].as_object().unwrap() {
+        if decl["type"] == "securestring" || decl["type"] == "secureObject" {
+            assert!(
+                !custom.contains(&format!("parameters('{name}')")),
+                "secure parameter {name} in customData"
+            );
+        }
+    }
+    let cloud_init = read("cloud-init/gateway.yaml");
+    for needle in [
+        "PRIVATE KEY",
+        "__STORAGE_KEY__",
+        "password=__",
+        "encoding: b64",
+    ] {
+        assert!(
+            !cloud_init.contains(needle),
+            "gateway.yaml carries a secret ({needle:?})"
+        );
+    }
+
+    // The fetch script reads each secret with the managed identity's token and writes it 0600
+    // where the config expects it.
+    let fetch = written_file(&cloud_init, "/usr/local/sbin/poolgate-fetch-secrets");
+    for needle in [
+        "http://169.254.169.254/metadata/identity/oauth2/token",
+        "Metadata:true",
+        "/secrets/$1?api-version=7.4",
+        "chmod 0600",
+    ] {
+        assert!(fetch.contains(needle), "fetch script lacks {needle:?}");
+    }
+    let config: toml::Value = toml::from_str(&gateway_config_text()).unwrap();
+    let host_key = config["ssh"]["host_keys"][0].as_str().unwrap();
+    let expected = [
+        ("poolgate-ssh-host-key", host_key),
+        (
+            "poolgate-user-ca",
+            config["ssh"]["user_ca_key"].as_str().unwrap(),
+        ),
+        (
+            "poolgate-cookie-secret",
+            config["http"]["cookie_secret_file"].as_str().unwrap(),
+        ),
+        (
+            "poolgate-redis-password",
+            config["cluster"]["redis_password_file"].as_str().unwrap(),
+        ),
+    ];
+    for (secret, path) in expected {
+        let file = path.rsplit('/').next().unwrap();
+        assert!(
+            fetch.contains(&format!("put {secret} \"$keys/{file}\" poolgate:poolgate")),
+            "{secret} is written to {path} for poolgate"
+        );
+        assert!(path.starts_with("/var/lib/poolgate/keys/"), "{path}");
+    }
+    assert!(fetch.contains("put poolgate-storage-key"));
+    // Users' keys survive a re-created replica when they are kept in the vault too.
+    assert_eq!(
+        config["ssh"]["authorized_keys"].as_str(),
+        Some("/etc/poolgate/authorized_keys/{user}")
+    );
+    assert!(
+        fetch.contains("/secrets/poolgate-authorized-keys?")
+            && fetch.contains("dir=/etc/poolgate/authorized_keys"),
+        "fetch script restores /etc/poolgate/authorized_keys from Key Vault"
+    );
+    let setup = written_file(&cloud_init, "/usr/local/sbin/poolgate-gateway-setup");
+    let fetched = setup.find("/usr/local/sbin/poolgate-fetch-secrets");
+    let started = setup.find("systemctl enable --now poolgate.service");
+    assert!(
+        fetched.is_some() && started.is_some() && fetched < started,
+        "secrets are fetched before poolgate starts"
+    );
+
+    // The identities may read the vault's secrets; the template writes the two keys it knows.
+    let kv_role = resources_of(&template, "Microsoft.Authorization/roleAssignments")
+        .into_iter()
+        .find(|r| {
+            r["properties"]["roleDefinitionId"]
+                .as_str()
+                .unwrap()
+                .contains("keyVaultSecretsUserRoleId")
+        })
+        .expect("a Key Vault Secrets User assignment");
+    assert_eq!(
+        template["variables"]["keyVaultSecretsUserRoleId"],
+        "4633458b-17de-408a-b874-0445c86b69e6"
+    );
+    assert!(
+        kv_role["scope"]
+            .as_str()
+            .unwrap()
+            .contains("Microsoft.KeyVault/vaults/")
+    );
+    let secrets: BTreeSet<String> = resources_of(&template, "Microsoft.KeyVault/vaults/secrets")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        secrets,
+        BTreeSet::from([
+            "[format('{0}/poolgate-redis-password', parameters('keyVaultName'))]".to_string(),
+            "[format('{0}/poolgate-storage-key', parameters('keyVaultName'))]".to_string(),
+        ])
+    );
+}
+
+#[test]
+fn pool_vms_read_only_the_storage_key_from_key_vault() {
+    let template = json("azure/azuredeploy.json");
+    let vmss = one(&template, "Microsoft.Compute/virtualMachineScaleSets");
+    let custom = vmss["properties"]["virtualMachineProfile"]["osProfile"]["customData"]
+        .as_str()
+        .unwrap();
+    assert!(
+        !custom.contains("listKeys(") && !custom.contains("listSecrets("),
+        "no access key in the pool VMs' customData: {custom}"
+    );
+    let cloud_init = read("cloud-init/pool-vm.yaml");
+    for needle in ["PRIVATE KEY", "__STORAGE_KEY__", "password=__"] {
+        assert!(
+            !cloud_init.contains(needle),
+            "pool-vm.yaml carries a secret ({needle:?})"
+        );
+    }
+    assert_eq!(vmss["identity"]["type"], "SystemAssigned");
+
+    // The scale set's identity may read exactly one secret.
+    let pool_roles: Vec<&Value> =
+        resources_of(&template, "Microsoft.Authorization/roleAssignments")
+            .into_iter()
+            .filter(|r| {
+                r["properties"]["principalId"]
+                    .as_str()
+                    .unwrap()
+                    .contains("Microsoft.Compute/virtualMachineScaleSets")
+            })
+            .collect();
+    assert_eq!(pool_roles.len(), 1, "one role for the pool's identity");
+    let role = pool_roles[0];
+    assert_eq!(
+        role["scope"],
+        "[format('Microsoft.KeyVault/vaults/{0}/secrets/poolgate-storage-key', parameters('keyVaultName'))]"
+    );
+    assert!(
+        role["properties"]["roleDefinitionId"]
+            .as_str()
+            .unwrap()
+            .contains("keyVaultSecretsUserRoleId")
+    );
+    assert_eq!(
+        role["condition"], vmss["condition"],
+        "deployed with the scale set"
+    );
+
+    // Only root reaches the metadata service (where the identity's tokens come from), set up
+    // before any user account exists and at every boot; the credentials come from the vault.
+    let imds = written_file(&cloud_init, "/usr/local/sbin/poolgate-imds-root-only");
+    assert!(
+        imds.contains("OUTPUT -d 169.254.169.254/32 -p tcp -m owner ! --uid-owner 0 -j REJECT"),
+        "{imds}"
+    );
+    let runcmd = &cloud_init[cloud_init.find("\nruncmd:").unwrap()..];
+    let enable = runcmd
+        .find("enable, --now, poolgate-imds-root-only.service")
+        .expect("runcmd enables poolgate-imds-root-only.service");
+    assert!(enable < runcmd.find("poolgate-pool-users").unwrap());
+    assert!(enable < runcmd.find("poolgate-share.service").unwrap());
+    let creds = written_file(&cloud_init, "/usr/local/sbin/poolgate-storage-credentials");
+    for needle in [
+        "http://169.254.169.254/metadata/identity/oauth2/token",
+        "/secrets/poolgate-storage-key?api-version=7.4",
+        "umask 077",
+        "chmod 0600",
+    ] {
+        assert!(
+            creds.contains(needle),
+            "storage credentials script lacks {needle:?}"
+        );
+    }
+}
+
+/// The ARM actions behind each call of the azure-vmss provider on a Uniform scale set, with the
+/// call it comes from (gateway/src/autoscale/providers/azure/mod.rs).
+const PROVIDER_ACTIONS: [(&str, &str); 8] = [
+    (
+        "Microsoft.Compute/virtualMachineScaleSets/read",
+        "let scale_set: ScaleSet = self.arm.get_json(\"create\", &path)",
+    ),
+    (
+        "Microsoft.Compute/virtualMachineScaleSets/write",
+        "long_running(\"create\", Method::PATCH, &path, Some(&body))",
+    ),
+    (
+        "Microsoft.Compute/virtualMachineScaleSets/start/action",
+        "\"{}/{operation}?api-version={}\"",
+    ),
+    (
+        "Microsoft.Compute/virtualMachineScaleSets/deallocate/action",
+        "\"{}/{operation}?api-version={}\"",
+    ),
+    (
+        "Microsoft.Compute/virtualMachineScaleSets/delete/action",
+        "\"{}/{operation}?api-version={}\"",
+    ),
+    (
+        "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read",
+        "\"{base}/virtualMachines?$expand=instanceView&api-version={}\"",
+    ),
+    (
+        "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/write",
+        "long_running(\"protect\", Method::PUT, &path, Some(&body))",
+    ),
+    (
+        "Microsoft.Compute/virtualMachineScaleSets/networkInterfaces/read",
+        "\"{base}/networkInterfaces?api-version={VMSS_NIC_API_VERSION}\"",
+    ),
+];
+
+#[test]
+fn custom_autoscaler_role_has_exactly_the_actions_of_the_provider() {
+    let provider = std::fs::read_to_string(
+        workspace_dir().join("gateway/src/autoscale/providers/azure/mod.rs"),
+    )
+    .unwrap();
+    for (action, call) in PROVIDER_ACTIONS {
+        assert!(
+            provider.contains(call),
+            "{action} is listed for a call the provider no longer makes ({call}); update the role"
+        );
+    }
+    for operation in ["\"start\"", "\"deallocate\"", "\"delete\""] {
+        assert!(
+            provider.contains(&format!("instance_action({operation}")),
+            "provider no longer calls instance_action({operation})"
+        );
+    }
+
+    let template = json("azure/azuredeploy.json");
+    let role = one(&template, "Microsoft.Authorization/roleDefinitions");
+    let p = &role["properties"];
+    assert_eq!(p["type"], "customRole");
+    assert_eq!(p["assignableScopes"], json!(["[resourceGroup().id]"]));
+    let permissions = p["permissions"].as_array().unwrap();
+    assert_eq!(permissions.len(), 1);
+    let actions = match &permissions[0]["actions"] {
+        Value::String(expr) => variable(&template, expr).clone(),
+        other => other.clone(),
+    };
+    let actions: BTreeSet<&str> = actions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let expected: BTreeSet<&str> = PROVIDER_ACTIONS.iter().map(|(a, _)| *a).collect();
+    assert_eq!(actions, expected, "the role's actions are the provider's");
+    assert!(permissions[0]["dataActions"].is_null(), "no data actions");
+
+    // Assigned to each gateway on the scale set, nowhere wider (instance protection sends only
+    // the protectionPolicy, which names no subnet: no subnets/join on the pool subnet).
+    let mut scopes = BTreeSet::new();
+    for a in resources_of(&template, "Microsoft.Authorization/roleAssignments") {
+        let id = a["properties"]["roleDefinitionId"].as_str().unwrap();
+        if id.contains("autoscalerRoleName") {
+            assert!(id.starts_with("[subscriptionResourceId("), "{id}");
+            scopes.insert(a["scope"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(
+        scopes,
+        BTreeSet::from([
+            "[format('Microsoft.Compute/virtualMachineScaleSets/{0}', variables('vmssName'))]"
+                .to_string(),
+        ])
+    );
+}
+
+#[test]
+fn redeploying_does_not_reset_the_scale_set_capacity() {
+    let template = json("azure/azuredeploy.json");
+    let flag = &template["parameters"]["poolScaleSetExists"];
+    assert_eq!(flag["type"], "bool");
+    assert_eq!(
+        flag["defaultValue"], false,
+        "the first deployment creates it"
+    );
+    let vmss = one(&template, "Microsoft.Compute/virtualMachineScaleSets");
+    assert_eq!(
+        vmss["condition"], "[not(parameters('poolScaleSetExists'))]",
+        "with poolScaleSetExists = true the template does not touch the scale set"
+    );
+    assert_eq!(vmss["sku"]["capacity"], "[parameters('poolInitialCount')]");
+    // Nothing else writes the scale set or its capacity: no nested deployment, no second
+    // scale-set resource (one() above), no other resource naming sku.capacity.
+    assert!(resources_of(&template, "Microsoft.Resources/deployments").is_empty());
+    let others: Vec<&Value> = template["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["type"] != "Microsoft.Compute/virtualMachineScaleSets")
+        .collect();
+    for r in others {
+        assert!(
+            r["sku"]["capacity"].is_null(),
+            "{} sets a capacity",
+            r["type"]
         );
     }
 }
@@ -553,16 +1124,13 @@ fn cloud_init_files_parse_and_do_what_the_pool_needs() {
 
     // Pool VM: the share at boot like the DSVM pool guide, the gateway CA, host keys, JupyterHub.
     let pool = write_files(&yaml(&python, &deploy_dir().join(CLOUD_INIT[0])));
-    let cred = pool
-        .keys()
-        .find(|p| p.starts_with("/etc/smbcredentials/"))
-        .expect("a credentials file");
-    assert_eq!(
-        content(&pool, cred),
-        "username=__STORAGE_ACCOUNT__\npassword=__STORAGE_KEY__\n"
+    assert!(
+        !pool.keys().any(|p| p.starts_with("/etc/smbcredentials/")),
+        "the credentials file is written at boot from Key Vault, not by cloud-init"
     );
     let mount = content(&pool, "/usr/local/sbin/poolgate-mount-share");
     for needle in [
+        "/usr/local/sbin/poolgate-storage-credentials",
         "/etc/fstab",
         "credentials=${cred}",
         "chmod 600",
@@ -683,13 +1251,32 @@ fn gateway_config_written_by_cloud_init_passes_check_config() {
         .replace("__RESOURCE_GROUP__", "rg-poolgate")
         .replace("__SCALE_SET__", "poolgate-pool")
         .replace("__MIN_VMS__", "0")
-        .replace("__MAX_VMS__", "10");
+        .replace("__MAX_VMS__", "10")
+        // A name that never resolves: check-config reports the store unreachable and passes,
+        // as `run` would start and join when it answers.
+        .replace("__REDIS_HOST__", "redis.invalid");
     assert!(placeholders(&config).is_empty(), "{config}");
     let config_path = etc.join("poolgate.toml");
     std::fs::write(&config_path, &config).unwrap();
 
-    // What the gateway's first boot creates: a self-signed certificate (same openssl command
-    // as poolgate-gateway-setup), the user CA, and backend_known_hosts with the placeholder.
+    // What the gateway's first boot creates: the files poolgate-fetch-secrets takes from Key
+    // Vault (the `poolgate keys init` bundle an operator stored there, the Redis password), the
+    // admin token, a self-signed certificate (same openssl command as
+    // poolgate-gateway-setup), and backend_known_hosts with the placeholder.
+    let out = run_with_timeout(
+        Command::new(poolgate_bin())
+            .args(["keys", "init"])
+            .arg(&state),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "poolgate keys init");
+    for (file, body) in [
+        (state.join("redis_password"), "access-key-from-key-vault"),
+        (etc.join("admin_token"), "0123456789abcdef0123456789abcdef"),
+    ] {
+        std::fs::write(&file, body).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let out = run_with_timeout(
         Command::new(tool("openssl"))
             .args([
@@ -713,7 +1300,6 @@ fn gateway_config_written_by_cloud_init_passes_check_config() {
         std::fs::Permissions::from_mode(0o600),
     )
     .unwrap();
-    generate_ed25519(&state.join("user_ca"), "poolgate-user-ca");
     let host = root.join("host_key");
     generate_ed25519(&host, "vm");
     let host_pub = std::fs::read_to_string(host.with_extension("pub")).unwrap();
