@@ -158,6 +158,42 @@ string_enum! {
     }
 }
 
+string_enum! {
+    /// A day of `autoscale.schedule[].days`.
+    pub enum Weekday ("day") {
+        /// Monday.
+        #[default]
+        Mon = "mon",
+        /// Tuesday.
+        Tue = "tue",
+        /// Wednesday.
+        Wed = "wed",
+        /// Thursday.
+        Thu = "thu",
+        /// Friday.
+        Fri = "fri",
+        /// Saturday.
+        Sat = "sat",
+        /// Sunday.
+        Sun = "sun",
+    }
+}
+
+impl Weekday {
+    /// Days since Monday (Monday = 0, Sunday = 6).
+    pub fn index(self) -> u8 {
+        match self {
+            Self::Mon => 0,
+            Self::Tue => 1,
+            Self::Wed => 2,
+            Self::Thu => 3,
+            Self::Fri => 4,
+            Self::Sat => 5,
+            Self::Sun => 6,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -58,6 +58,11 @@ fn fully_populated() -> Config {
     c.ssh.banner = Some("welcome".into());
     c.ssh.idle_timeout = Some(Duration::from_secs(3600));
     c.health.load_metrics_port = Some(9100);
+    c.autoscale.schedule = vec![crate::model::ScheduleWindow {
+        from: "07:30".parse().ok(),
+        to: "18:00".parse().ok(),
+        ..Default::default()
+    }];
     c.cluster = Some(Cluster {
         redis_url: Some("redis://127.0.0.1:6379/0".into()),
         redis_password_file: Some(PathBuf::from("keys/redis_password")),

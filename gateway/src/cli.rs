@@ -145,6 +145,11 @@ pub struct SimulateArgs {
     /// Simulated VM boot time in seconds.
     #[arg(long, default_value_t = 90)]
     pub boot_seconds: u64,
+    /// Wall-clock time of the trace's second 0, for `[[autoscale.schedule]]` windows:
+    /// `2026-12-07T00:00` (in the first window's time zone) or with an offset
+    /// (`2026-12-07T00:00:00+01:00`, `…Z`). Default: Monday 2024-01-01 00:00 in that zone.
+    #[arg(long, value_name = "TIME")]
+    pub trace_start: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,

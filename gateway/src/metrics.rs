@@ -38,6 +38,9 @@ pub struct Metrics {
     pub autoscale_desired_vms: IntGauge,
     /// `poolgate_autoscale_max_vms`: the configured `autoscale.max_vms` (for "pool at max" alerts).
     pub autoscale_max_vms: IntGauge,
+    /// `poolgate_autoscale_schedule_min_vms`: VMs a `[[autoscale.schedule]]` window keeps warm
+    /// now (0 outside every window).
+    pub autoscale_schedule_min_vms: IntGauge,
     /// `poolgate_autoscale_actions_total{action}`.
     pub autoscale_actions_total: IntCounterVec,
     /// `poolgate_autoscale_leader`: 1 while this replica runs the autoscaler (always 1 for a
@@ -160,6 +163,10 @@ impl Metrics {
             autoscale_max_vms: reg!(IntGauge::new(
                 "autoscale_max_vms",
                 "The configured autoscale.max_vms (0 when autoscaling is off)."
+            )),
+            autoscale_schedule_min_vms: reg!(IntGauge::new(
+                "autoscale_schedule_min_vms",
+                "Running VMs an autoscale.schedule window keeps warm now (0 outside every window)."
             )),
             autoscale_leader: reg!(IntGauge::new(
                 "autoscale_leader",
@@ -337,6 +344,7 @@ impl Metrics {
             self.http_requests_total.desc(),
             self.autoscale_desired_vms.desc(),
             self.autoscale_max_vms.desc(),
+            self.autoscale_schedule_min_vms.desc(),
             self.autoscale_actions_total.desc(),
             self.autoscale_leader.desc(),
             self.cluster_store_up.desc(),

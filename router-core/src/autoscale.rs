@@ -77,6 +77,9 @@ pub struct Observation<'a> {
     pub waiting: u32,
     /// Now.
     pub now: Instant,
+    /// Running VMs a schedule window keeps warm now (`[[autoscale.schedule]]`; 0 outside every
+    /// window): a floor on the aim, within `max_vms`, whatever the load.
+    pub min_warm: u32,
 }
 
 /// What to do.
@@ -174,9 +177,10 @@ impl Autoscaler {
             .map(|since| now.saturating_duration_since(since))
             .unwrap_or_default();
 
-        let mut desired = self.aim(demand);
+        let floor = obs.min_warm.min(c.max_vms);
+        let mut desired = self.aim(demand).max(floor);
         if demand == 0 && pool_idle_for >= c.scale_to_zero_after {
-            desired = c.min_vms;
+            desired = c.min_vms.max(floor);
         }
 
         let alive: Vec<&VmObservation> = obs.vms.iter().filter(|v| is_alive(v.lifecycle)).collect();
@@ -221,6 +225,10 @@ impl Autoscaler {
                     format!(
                         "{} session(s) waiting; aim is {desired} serving VMs, {serving} serving",
                         obs.waiting
+                    )
+                } else if floor >= desired && floor > self.aim(demand) {
+                    format!(
+                        "a schedule window keeps {floor} VMs warm; {serving} serving, {sessions} sessions"
                     )
                 } else {
                     format!("{sessions} sessions need {desired} serving VMs, {serving} serving")
@@ -330,6 +338,7 @@ mod tests {
             vms: &[],
             waiting: 1,
             now,
+            min_warm: 0,
         });
         assert_eq!(d.desired, 2);
         assert_eq!(d.actions[0].0, Action::Start(2));
@@ -347,6 +356,7 @@ mod tests {
             vms: &vms,
             waiting: 1,
             now: Instant::now(),
+            min_warm: 0,
         });
         assert_eq!(d.desired, 1);
         assert_eq!(d.actions[0].0, Action::Start(1), "{d:?}");
@@ -361,6 +371,7 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now,
+            min_warm: 0,
         });
         assert_eq!(d.desired, 3);
         assert_eq!(d.actions, vec![(Action::Start(1), d.actions[0].1.clone())]);
@@ -377,6 +388,7 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: later,
+            min_warm: 0,
         });
         assert_eq!(d.actions.len(), 1);
         assert_eq!(d.actions[0].0, Action::Drain("b".into()));
@@ -386,6 +398,7 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: later + Duration::from_secs(10),
+            min_warm: 0,
         });
         assert_eq!(d.actions[0].0, Action::Remove("b".into()));
 
@@ -397,6 +410,7 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: later,
+            min_warm: 0,
         });
         let Action::Drain(name) = &d.actions[0].0 else {
             panic!("{d:?}")
@@ -412,6 +426,7 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: later + Duration::from_secs(5),
+            min_warm: 0,
         });
         assert_eq!(d.actions[0].0, Action::Undrain(drained));
     }
@@ -426,12 +441,14 @@ mod tests {
             vms: &[],
             waiting: 1,
             now: t0,
+            min_warm: 0,
         });
         let busy = [vm("a", 2, None), vm("b", 1, None), vm("c", 1, None)];
         let d = a.decide(&Observation {
             vms: &busy,
             waiting: 0,
             now: t0 + Duration::from_secs(5000),
+            min_warm: 0,
         });
         assert!(
             d.actions
@@ -450,6 +467,7 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: t0,
+            min_warm: 0,
         });
         assert_eq!(
             d.desired, 1,
@@ -459,6 +477,7 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: t0 + Duration::from_secs(1801),
+            min_warm: 0,
         });
         assert_eq!(d.desired, 0);
         assert_eq!(d.actions[0].0, Action::Drain("a".into()));
@@ -472,6 +491,7 @@ mod tests {
             vms: &vms,
             waiting: 10,
             now: Instant::now(),
+            min_warm: 0,
         });
         assert!(
             d.actions
@@ -493,6 +513,7 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: later,
+            min_warm: 0,
         });
         assert_eq!(
             d.actions,
@@ -505,6 +526,7 @@ mod tests {
                 vms: &vms,
                 waiting: 0,
                 now: later + Duration::from_secs(step * 1000),
+                min_warm: 0,
             });
             assert!(
                 d.actions
@@ -525,11 +547,13 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: t0,
+            min_warm: 0,
         });
         let d = a.decide(&Observation {
             vms: &vms,
             waiting: 0,
             now: later,
+            min_warm: 0,
         });
         assert_eq!(d.actions[0].0, Action::Drain("c".into()));
         vms[0].draining = true;
@@ -538,6 +562,7 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: later + Duration::from_secs(1),
+            min_warm: 0,
         });
         assert_eq!(d.actions.len(), 1, "{d:?}");
         assert_eq!(d.actions[0].0, Action::Undrain("c".into()));
@@ -549,8 +574,91 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: later + Duration::from_secs(2),
+            min_warm: 0,
         });
         assert_eq!(d.actions[0].0, Action::Drain("c".into()));
+    }
+
+    #[test]
+    fn a_schedule_floor_starts_warm_vms_on_an_empty_pool_and_holds_them_idle() {
+        let t0 = Instant::now();
+        let mut a = Autoscaler::new(config());
+        // Nobody there, pool at zero, a window keeps 3 warm: three start, and say why.
+        let d = a.decide(&Observation {
+            vms: &[],
+            waiting: 0,
+            now: t0,
+            min_warm: 3,
+        });
+        assert_eq!(d.desired, 3);
+        assert_eq!(d.actions.len(), 1, "{d:?}");
+        assert_eq!(d.actions[0].0, Action::Start(3));
+        assert!(d.actions[0].1.contains("schedule window keeps 3"), "{d:?}");
+        // Long idle, well past scale_to_zero_after: nothing is drained below the floor...
+        let vms = vec![
+            vm("a", 0, Some(t0)),
+            vm("b", 0, Some(t0)),
+            vm("c", 0, Some(t0)),
+            vm("d", 0, Some(t0)),
+        ];
+        let later = t0 + Duration::from_secs(3 * 3600);
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: later,
+            min_warm: 3,
+        });
+        assert_eq!(d.desired, 3);
+        assert_eq!(
+            d.actions
+                .iter()
+                .filter(|(x, _)| matches!(x, Action::Drain(_)))
+                .count(),
+            1,
+            "only the fourth VM goes: {d:?}"
+        );
+        // ...and when the window closes the usual rules take the pool to zero, one VM a tick.
+        let mut b = Autoscaler::new(config());
+        let _ = b.decide(&Observation {
+            vms: &vms[..3],
+            waiting: 0,
+            now: t0,
+            min_warm: 0,
+        });
+        let d = b.decide(&Observation {
+            vms: &vms[..3],
+            waiting: 0,
+            now: later,
+            min_warm: 0,
+        });
+        assert_eq!(d.desired, 0);
+        assert!(matches!(d.actions[0].0, Action::Drain(_)), "{d:?}");
+    }
+
+    #[test]
+    fn a_schedule_floor_adds_to_nothing_under_load_and_stays_within_max_vms() {
+        let t0 = Instant::now();
+        let mut a = Autoscaler::new(config());
+        // 12 sessions on 4 VMs need 12/4 + 1 spare = 4: a floor of 2 changes nothing.
+        let vms: Vec<_> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|n| vm(n, 3, None))
+            .collect();
+        let d = a.decide(&Observation {
+            vms: &vms[..4],
+            waiting: 0,
+            now: t0,
+            min_warm: 2,
+        });
+        assert_eq!(d.desired, 4);
+        // A floor above max_vms (5) is held at max_vms.
+        let d = a.decide(&Observation {
+            vms: &[],
+            waiting: 0,
+            now: t0,
+            min_warm: 9,
+        });
+        assert_eq!((d.desired, d.actions[0].0.clone()), (5, Action::Start(5)));
     }
 
     #[test]
@@ -570,6 +678,7 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: t0,
+            min_warm: 0,
         });
         assert!(d.actions.is_empty(), "{d:?}");
         // "a" was drained for scale-in by the old leader: adopted, then removed while empty.
@@ -579,6 +688,7 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: t0 + Duration::from_secs(1),
+            min_warm: 0,
         });
         assert_eq!(
             d.actions.iter().map(|(x, _)| x.clone()).collect::<Vec<_>>(),
@@ -591,6 +701,7 @@ mod tests {
             vms: &vms,
             waiting: 1,
             now: t0 + Duration::from_secs(2),
+            min_warm: 0,
         });
         assert_eq!(d.actions[0].0, Action::Undrain("a".into()), "{d:?}");
         assert!(
@@ -606,6 +717,7 @@ mod tests {
             vms: &vms,
             waiting: 0,
             now: t0 + Duration::from_secs(3),
+            min_warm: 0,
         });
         assert_eq!(a.draining().count(), 0);
     }
@@ -622,6 +734,7 @@ mod tests {
                 vms: &[v],
                 waiting: 1,
                 now: Instant::now(),
+                min_warm: 0,
             })
         };
         let woken = vm("a", 0, Some(Instant::now()));

@@ -153,14 +153,26 @@ pub fn compare_with_jobs(
     jobs: &[TraceJob],
     params: &SimParams,
 ) -> Comparison {
+    compare_scheduled(trace, jobs, params, &|_| 0)
+}
+
+/// [`compare_with_jobs`] with a schedule: `min_warm(t)` is the number of running VMs the
+/// schedule's windows keep warm `t` seconds into the trace (the policy's
+/// [`Observation::min_warm`]). Only the policy follows it; the baselines have no schedule.
+pub fn compare_scheduled(
+    trace: &[TraceSession],
+    jobs: &[TraceJob],
+    params: &SimParams,
+    min_warm: &dyn Fn(u64) -> u32,
+) -> Comparison {
     let mut sorted = trace.to_vec();
     sorted.sort_by_key(|s| s.start_s);
     let mut jobs = jobs.to_vec();
     jobs.sort_by_key(|j| j.start_s);
     Comparison {
-        policy: run_sorted(Strategy::Policy, &sorted, &jobs, params),
-        always_on: run_sorted(Strategy::AlwaysOn, &sorted, &jobs, params),
-        cpu_threshold: run_sorted(Strategy::CpuThreshold, &sorted, &jobs, params),
+        policy: run_sorted(Strategy::Policy, &sorted, &jobs, params, min_warm),
+        always_on: run_sorted(Strategy::AlwaysOn, &sorted, &jobs, params, &|_| 0),
+        cpu_threshold: run_sorted(Strategy::CpuThreshold, &sorted, &jobs, params, &|_| 0),
         sessions: sorted.len(),
         horizon_s: horizon(&sorted, &jobs),
     }
@@ -170,7 +182,7 @@ pub fn compare_with_jobs(
 pub fn run(strategy: Strategy, trace: &[TraceSession], params: &SimParams) -> Report {
     let mut sorted = trace.to_vec();
     sorted.sort_by_key(|s| s.start_s);
-    run_sorted(strategy, &sorted, &[], params)
+    run_sorted(strategy, &sorted, &[], params, &|_| 0)
 }
 
 fn horizon(trace: &[TraceSession], jobs: &[TraceJob]) -> u64 {
@@ -245,6 +257,8 @@ struct Sim<'a> {
     running_jobs: Vec<Job>,
     killed_jobs: u64,
     params: SimParams,
+    /// Running VMs a schedule keeps warm at a trace second (the policy only).
+    min_warm: &'a dyn Fn(u64) -> u32,
     epoch: Instant,
     boot_s: u64,
     tick_s: u64,
@@ -264,9 +278,11 @@ fn run_sorted(
     trace: &[TraceSession],
     jobs: &[TraceJob],
     params: &SimParams,
+    min_warm: &dyn Fn(u64) -> u32,
 ) -> Report {
     let c = params.autoscale;
     let mut sim = Sim {
+        min_warm,
         trace,
         jobs,
         next_job: 0,
@@ -607,6 +623,7 @@ impl Sim<'_> {
             vms: &observed,
             waiting: self.waiting.len() as u32,
             now,
+            min_warm: (self.min_warm)(t),
         });
         for (action, _reason) in decision.actions {
             match action {

@@ -49,6 +49,7 @@ fn sample_week_json_has_the_documented_shape_and_meets_the_targets() {
                 "killed_sessions",
                 "peak_vms",
                 "vm_hours",
+                "wait_max_s",
                 "wait_p50_s",
                 "wait_p95_s"
             ],
@@ -167,6 +168,7 @@ fn detached_jobs_are_killed_by_the_cpu_rule_but_not_by_the_policy() {
                 "killed_sessions",
                 "peak_vms",
                 "vm_hours",
+                "wait_max_s",
                 "wait_p50_s",
                 "wait_p95_s"
             ],
@@ -365,4 +367,112 @@ fn a_bad_autoscale_value_fails_with_its_key_path() {
         assert!(stderr.contains(needle), "{needle:?} not in:\n{stderr}");
     }
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A morning trace for the schedule tests: ann at 09:00 and bob at 09:05 local time on the
+/// trace's day 0, and ann again at 09:00 on day 1.
+fn two_mornings(dir: &std::path::Path) -> String {
+    let trace = dir.join("mornings.csv");
+    let h = 3600;
+    let text = format!(
+        "user,protocol,start_s,end_s\nann,ssh,{},{}\nbob,http,{},{}\nann,ssh,{},{}\n",
+        9 * h,
+        11 * h,
+        9 * h + 300,
+        12 * h,
+        33 * h,
+        35 * h
+    );
+    std::fs::write(&trace, text).expect("write trace");
+    trace.display().to_string()
+}
+
+#[test]
+fn a_schedule_window_prewarms_the_morning_in_its_own_time_zone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trace = two_mornings(dir.path());
+    // Weekdays 08:00-10:00 in Berlin keep one VM warm; VMs boot in 300 s.
+    let config = dir.path().join("what-if.toml");
+    std::fs::write(
+        &config,
+        "[autoscale]\n[[autoscale.schedule]]\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"]\nfrom = \"08:00\"\nto = \"10:00\"\ntime_zone = \"Europe/Berlin\"\nmin_vms = 1\n",
+    )
+    .expect("write config");
+    let config = config.display().to_string();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "--trace",
+            trace.as_str(),
+            "--boot-seconds",
+            "300",
+            "--format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let out = simulate(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    // Without a schedule the first arrival of each morning waits a boot.
+    let plain = run(&[]);
+    assert_eq!(plain["policy"]["wait_max_s"], 300.0, "{plain}");
+    // With it (default start: a Monday 00:00 in Berlin), nobody waits, and it costs VM-hours.
+    let warm = run(&["--config", &config]);
+    assert_eq!(warm["policy"]["wait_max_s"], 0.0, "{warm}");
+    assert!(
+        warm["policy"]["vm_hours"].as_f64() > plain["policy"]["vm_hours"].as_f64(),
+        "{warm} vs {plain}"
+    );
+    // The baselines have no schedule.
+    assert_eq!(warm["always_on"], plain["always_on"]);
+    // A trace that starts on a Saturday: day 0 has no window, day 1 (Sunday) neither.
+    let weekend = run(&["--config", &config, "--trace-start", "2026-12-05T00:00"]);
+    assert_eq!(weekend["policy"], plain["policy"], "{weekend}");
+    // A start with an offset is taken as is: Monday 03:00 UTC is 04:00 in Berlin, so the
+    // mornings land at 13:00 there, long after the window; they wait a boot again.
+    let late = run(&["--config", &config, "--trace-start", "2026-12-07T03:00:00Z"]);
+    assert_eq!(late["policy"]["wait_max_s"], 300.0, "{late}");
+    // The text output names the window and what the policy would do without it.
+    let out = simulate(&[
+        "--trace",
+        &trace,
+        "--boot-seconds",
+        "300",
+        "--config",
+        &config,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("schedule (policy only): mon-fri 08:00-10:00 Europe/Berlin (1 VMs)")
+            && text.contains("without it the policy would use"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_bad_schedule_or_trace_start_fails_with_the_key_or_the_option() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trace = two_mornings(dir.path());
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "[autoscale]\n[[autoscale.schedule]]\nfrom = \"25:00\"\nto = \"10:00\"\ntime_zone = \"Europe/Nowhere\"\n",
+    )
+    .expect("write config");
+    let out = simulate(&["--trace", &trace, "--config", &config.display().to_string()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("autoscale.schedule[0].from")
+            && stderr.contains("autoscale.schedule[0].time_zone"),
+        "{stderr}"
+    );
+    let out = simulate(&["--trace", &trace, "--trace-start", "next monday"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--trace-start \"next monday\""), "{stderr}");
 }

@@ -1,11 +1,12 @@
 //! Synthetic session traces of a data-science team's week, for `poolgate simulate`.
 //!
 //! ```text
-//! cargo run -p poolgate-benches --bin gen_trace -- [--seed N] [--days N] [--people N] > trace.csv
+//! cargo run -p poolgate-benches --bin gen_trace -- [--seed N] [--days N] [--people N] [--arrive-spread MIN] > trace.csv
 //! ```
 //!
 //! Day 0 is a Monday. On weekdays each person (present with 90 % chance) arrives between 8 and
-//! 10 h (most around 9), works in sessions of 30 min to 3 h with short gaps, mostly breaks for
+//! 10 h (most around 9; `--arrive-spread 10` narrows that to 8:50–9:10, a team that starts
+//! together), works in sessions of 30 min to 3 h with short gaps, mostly breaks for
 //! lunch between 12 and 13 h, and leaves between 17 and 19 h. About half the people keep a
 //! JupyterHub (HTTP) session open next to their SSH work; the others alternate. A few weekday
 //! nights run a batch job (1–4 h, started between 22 and 3 h). Weekends are nearly empty: a
@@ -65,6 +66,8 @@ struct Options {
     seed: u64,
     days: u64,
     people: u64,
+    /// Arrivals spread this many minutes either side of 9:00.
+    arrive_spread: u64,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -72,6 +75,7 @@ fn parse_args() -> Result<Options, String> {
         seed: 6,
         days: 7,
         people: 20,
+        arrive_spread: 60,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -83,8 +87,15 @@ fn parse_args() -> Result<Options, String> {
             "--seed" => options.seed = number,
             "--days" if (1..=366).contains(&number) => options.days = number,
             "--people" if (1..=1000).contains(&number) => options.people = number,
-            "--days" | "--people" => return Err(format!("{flag} {number} is out of range")),
-            _ => return Err(format!("unknown option {flag} (--seed, --days, --people)")),
+            "--arrive-spread" if (1..=120).contains(&number) => options.arrive_spread = number,
+            "--days" | "--people" | "--arrive-spread" => {
+                return Err(format!("{flag} {number} is out of range"));
+            }
+            _ => {
+                return Err(format!(
+                    "unknown option {flag} (--seed, --days, --people, --arrive-spread)"
+                ));
+            }
         }
     }
     Ok(options)
@@ -144,7 +155,8 @@ fn generate(options: &Options) -> Vec<Session> {
             if !rng.chance(0.9) {
                 continue;
             }
-            let arrive = base + rng.triangle(8 * 60, 9 * 60, 10 * 60) * MINUTE;
+            let spread = options.arrive_spread;
+            let arrive = base + rng.triangle(9 * 60 - spread, 9 * 60, 9 * 60 + spread) * MINUTE;
             let leave = base + rng.triangle(17 * 60, 17 * 60 + 45, 19 * 60) * MINUTE;
             if rng.chance(0.8) {
                 let lunch = base + rng.range(12 * 60, 12 * 60 + 30) * MINUTE;

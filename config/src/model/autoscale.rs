@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::enums::Weekday;
 use crate::serde_util::duration;
 
 /// `[autoscale]`: grow the pool under load, drain idle VMs, scale to zero, wake on connect.
@@ -48,6 +49,94 @@ pub struct Autoscale {
     /// Time one check may take (connect, login, command); longer counts as "unknown" (kept).
     #[serde(with = "duration")]
     pub busy_timeout: Duration,
+    /// Time-of-day floors (`[[autoscale.schedule]]`): while a window is on, at least its
+    /// `min_vms` VMs are kept running, started ahead by `boot_estimate` so that they are warm
+    /// when the window opens. Outside every window the usual rules apply.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<ScheduleWindow>,
+}
+
+/// One `[[autoscale.schedule]]` window (as Azure Virtual Desktop's scaling plans have them: a
+/// ramp-up or peak period keeps a minimum of warm VMs).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct ScheduleWindow {
+    /// Days on which the window opens (every day when unset). A window that ends after
+    /// midnight (`to` earlier than `from`) runs into the next day.
+    pub days: Vec<Weekday>,
+    /// Local time the window opens, `"HH:MM"`; required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<TimeOfDay>,
+    /// Local time it closes, `"HH:MM"` (`"24:00"` = midnight at the end of the day); required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<TimeOfDay>,
+    /// IANA time zone of `from` and `to` (`"Europe/Berlin"`); daylight saving is followed.
+    pub time_zone: String,
+    /// Running VMs kept while the window is on (at least 1, at most `autoscale.max_vms`).
+    pub min_vms: u32,
+}
+
+impl Default for ScheduleWindow {
+    fn default() -> Self {
+        Self {
+            days: Weekday::ALL.to_vec(),
+            from: None,
+            to: None,
+            time_zone: "UTC".to_owned(),
+            min_vms: 1,
+        }
+    }
+}
+
+/// A local time of day, `"HH:MM"` from `"00:00"` to `"24:00"`, in minutes after midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TimeOfDay(u16);
+
+impl TimeOfDay {
+    /// Minutes after midnight (0..=1440).
+    pub fn minutes(self) -> u16 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for TimeOfDay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02}:{:02}", self.0 / 60, self.0 % 60)
+    }
+}
+
+impl std::str::FromStr for TimeOfDay {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "invalid time of day \"{s}\" (write it \"HH:MM\", 24-hour, e.g. \"07:30\"; \"24:00\" is the end of the day)"
+            )
+        };
+        let (h, m) = s.trim().split_once(':').ok_or_else(bad)?;
+        if h.is_empty() || h.len() > 2 || m.len() != 2 {
+            return Err(bad());
+        }
+        let (h, m): (u16, u16) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        if m >= 60 || h > 24 || (h == 24 && m > 0) {
+            return Err(bad());
+        }
+        Ok(Self(h * 60 + m))
+    }
+}
+
+impl Serialize for TimeOfDay {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for TimeOfDay {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// The default busy check, a POSIX shell script (a copy ships as deploy/vm/poolgate-busy-check;
@@ -84,6 +173,7 @@ impl Default for Autoscale {
             busy_command: default_busy_command(),
             busy_user: "poolgate-probe".to_owned(),
             busy_timeout: Duration::from_secs(20),
+            schedule: Vec::new(),
         }
     }
 }

@@ -10,7 +10,9 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use autoscale::{Autoscale, DEFAULT_BUSY_SCRIPT, default_busy_command};
+pub use autoscale::{
+    Autoscale, DEFAULT_BUSY_SCRIPT, ScheduleWindow, TimeOfDay, default_busy_command,
+};
 pub use cluster::Cluster;
 pub use frontend::{Admin, GatewaySection, Health, Http, Listen, Routing, Ssh, Tls};
 pub use pool::{Azure, Backend, Exec, Pool};

@@ -341,6 +341,62 @@ pub(crate) fn autoscale_policy(a: &Autoscale, r: &mut Report) {
         r.positive("autoscale.hold_connect_for", a.hold_connect_for);
     }
     busy_check(a, r);
+    schedule(a, r);
+}
+
+/// `[[autoscale.schedule]]`: each window complete, non-empty, in a known time zone, and keeping
+/// a number of VMs the pool can have.
+fn schedule(a: &Autoscale, r: &mut Report) {
+    for (i, w) in a.schedule.iter().enumerate() {
+        let key = |k: &str| format!("autoscale.schedule[{i}].{k}");
+        for (k, v) in [("from", w.from), ("to", w.to)] {
+            if v.is_none() {
+                r.err(
+                    key(k),
+                    "is required: the local time the window opens (from) and closes (to), \"HH:MM\"",
+                );
+            }
+        }
+        if let (Some(from), Some(to)) = (w.from, w.to)
+            && from == to
+        {
+            r.err(
+                key("to"),
+                format!(
+                    "equals from ({from}): the window would be empty (for a whole day write from = \"00:00\", to = \"24:00\")"
+                ),
+            );
+        }
+        if w.days.is_empty() {
+            r.err(
+                key("days"),
+                "lists no day (leave it out for every day, or list e.g. [\"mon\", \"fri\"])",
+            );
+        }
+        if let Err(e) = jiff::tz::TimeZone::get(&w.time_zone) {
+            r.err(
+                key("time_zone"),
+                format!(
+                    "unknown time zone \"{}\" ({e}); use an IANA name such as \"Europe/Berlin\", \"America/New_York\" or \"UTC\"",
+                    w.time_zone
+                ),
+            );
+        }
+        if w.min_vms == 0 {
+            r.err(
+                key("min_vms"),
+                "must be at least 1 (a window that keeps no VM warm does nothing; remove it)",
+            );
+        } else if w.min_vms > a.max_vms {
+            r.err(
+                key("min_vms"),
+                format!(
+                    "{} is more than autoscale.max_vms ({}) (lower it or raise max_vms)",
+                    w.min_vms, a.max_vms
+                ),
+            );
+        }
+    }
 }
 
 /// `autoscale.busy_*`: the command run on a VM before scale-in, and who runs it.

@@ -411,3 +411,106 @@ fn cluster_rules() {
     });
     has_key(&c, "cluster.redis_url");
 }
+
+#[test]
+fn schedule_windows_are_read_from_toml_and_checked() {
+    // The smallest window a user writes: from, to, min_vms (every day, UTC).
+    let c = crate::parse(
+        r#"
+[[pool.backends]]
+name = "dsvm-1"
+host = "10.0.0.4"
+[autoscale]
+max_vms = 4
+[[autoscale.schedule]]
+from = "07:30"
+to = "18:00"
+min_vms = 2
+[[autoscale.schedule]]
+days = ["fri", "sat"]
+from = "22:00"
+to = "02:00"
+time_zone = "Europe/Berlin"
+min_vms = 1
+"#,
+        std::path::Path::new("/etc/poolgate"),
+    );
+    let c = c.expect("parses");
+    let w = &c.autoscale.schedule;
+    assert_eq!(w.len(), 2);
+    assert_eq!(w[0].days.len(), 7);
+    assert_eq!(
+        (w[0].from.map(|t| t.minutes()), w[0].to.map(|t| t.minutes())),
+        (Some(450), Some(1080))
+    );
+    assert_eq!(w[0].time_zone, "UTC");
+    assert_eq!(w[1].days, [crate::Weekday::Fri, crate::Weekday::Sat]);
+
+    let mut bad = valid();
+    bad.autoscale.max_vms = 3;
+    bad.autoscale.schedule = vec![
+        crate::ScheduleWindow {
+            from: "08:00".parse().ok(),
+            to: "08:00".parse().ok(),
+            time_zone: "Mars/Olympus".into(),
+            min_vms: 4,
+            days: Vec::new(),
+        },
+        crate::ScheduleWindow {
+            min_vms: 0,
+            ..Default::default()
+        },
+    ];
+    for key in [
+        "autoscale.schedule[0].to",
+        "autoscale.schedule[0].days",
+        "autoscale.schedule[0].time_zone",
+        "autoscale.schedule[0].min_vms",
+        "autoscale.schedule[1].from",
+        "autoscale.schedule[1].to",
+        "autoscale.schedule[1].min_vms",
+    ] {
+        has_key(&bad, key);
+    }
+    has(
+        &bad,
+        "autoscale.schedule[0].min_vms: 4 is more than autoscale.max_vms (3) (lower it or raise max_vms)",
+    );
+
+    // A malformed time or day is a shape error at its key path.
+    let Err(crate::ConfigError::Invalid(errors)) = crate::parse(
+        "[[pool.backends]]\nname = \"a\"\nhost = \"10.0.0.4\"\n[[autoscale.schedule]]\ndays = [\"monday\"]\nfrom = \"7.30\"\nto = \"18:00\"\n",
+        std::path::Path::new("/"),
+    ) else {
+        panic!("a bad time and day must be refused");
+    };
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    assert!(keys.contains(&"autoscale.schedule[0].from"), "{errors:?}");
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("autoscale.schedule[0].days")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn times_of_day_are_hh_mm_up_to_24_00() {
+    for (text, minutes) in [
+        ("00:00", 0),
+        ("7:05", 425),
+        ("23:59", 1439),
+        ("24:00", 1440),
+    ] {
+        assert_eq!(
+            text.parse::<crate::TimeOfDay>().map(|t| t.minutes()),
+            Ok(minutes),
+            "{text}"
+        );
+    }
+    for text in [
+        "24:01", "12:60", "7", "07:5", "-1:00", "ab:cd", "", "07:30:00",
+    ] {
+        let e = text.parse::<crate::TimeOfDay>().unwrap_err();
+        assert!(e.contains("HH:MM"), "{text}: {e}");
+    }
+}

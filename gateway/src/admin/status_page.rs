@@ -77,6 +77,13 @@ pub fn render(
                  <div class=\"card\"><b>{}</b>waiting for a VM</div>",
                 a.desired_vms, a.min_vms, a.max_vms, a.waiting
             );
+            if a.schedule_min_vms > 0 {
+                let _ = write!(
+                    html,
+                    "<div class=\"card\"><b>{}</b>kept warm by the schedule</div>",
+                    a.schedule_min_vms
+                );
+            }
         }
         _ => html.push_str("<div class=\"card\"><b>off</b>autoscaler</div>"),
     }

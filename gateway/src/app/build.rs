@@ -270,6 +270,10 @@ fn build_gateway(
             a.busy_timeout,
         )));
     }
+    // Validated with the configuration: a window that cannot be used stops the start here.
+    driver.set_schedule(
+        crate::autoscale::schedule::Schedule::new(&a.schedule).context("autoscale.schedule")?,
+    );
     Ok(Gateway {
         pool,
         health,

@@ -3,6 +3,7 @@
 
 pub mod busy;
 pub mod providers;
+pub mod schedule;
 mod status;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -72,6 +73,10 @@ pub struct Driver {
     /// VMs drained for scale-in (by this driver, or inherited from an earlier leader) and still
     /// draining — also while they are being stopped, after the policy has let go of them.
     scale_in: Mutex<std::collections::BTreeSet<String>>,
+    /// `[[autoscale.schedule]]`, when it has windows.
+    schedule: std::sync::OnceLock<schedule::Schedule>,
+    /// The schedule's floor last applied, and its window (logged when it changes).
+    schedule_floor: Mutex<(u32, Option<String>)>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -128,7 +133,47 @@ impl Driver {
             came_up: Mutex::new(std::collections::HashMap::new()),
             busy: std::sync::OnceLock::new(),
             scale_in: Mutex::new(std::collections::BTreeSet::new()),
+            schedule: std::sync::OnceLock::new(),
+            schedule_floor: Mutex::new((0, None)),
         })
+    }
+
+    /// Sets the time-of-day windows (`[[autoscale.schedule]]`) that keep VMs warm. Set once, at
+    /// startup; an empty schedule changes nothing.
+    pub fn set_schedule(&self, schedule: schedule::Schedule) {
+        if schedule.is_empty() {
+            return;
+        }
+        if self.settings.enabled {
+            tracing::info!(%schedule, "autoscale schedule");
+        }
+        let _ = self.schedule.set(schedule);
+    }
+
+    /// VMs the schedule keeps warm now, started a boot ahead of each window; logs when a window
+    /// opens or closes.
+    fn schedule_floor(&self) -> u32 {
+        let Some(schedule) = self.schedule.get() else {
+            return 0;
+        };
+        let floor = schedule.floor_ahead(jiff::Timestamp::now(), self.settings.boot_estimate);
+        self.metrics
+            .autoscale_schedule_min_vms
+            .set(i64::from(floor.min_vms));
+        if let Ok(mut last) = self.schedule_floor.lock()
+            && (last.0, last.1.as_deref()) != (floor.min_vms, floor.window)
+        {
+            match floor.window {
+                Some(window) => tracing::info!(
+                    window,
+                    min_vms = floor.min_vms,
+                    "schedule window on: keeping VMs warm (started a boot ahead of the window)"
+                ),
+                None => tracing::info!("no schedule window on: the usual rules apply"),
+            }
+            *last = (floor.min_vms, floor.window.map(str::to_owned));
+        }
+        floor.min_vms
     }
 
     /// Turns the busy check on: idle VMs are asked before they are drained for scale-in and
@@ -325,11 +370,13 @@ impl Driver {
             .into_iter()
             .map(|p| self.waiting_for(p))
             .sum();
+        let min_warm = self.schedule_floor();
         let decision = match self.policy.lock() {
             Ok(mut policy) => policy.decide(&Observation {
                 vms: &vms,
                 waiting,
                 now: self.pool.clock().now(),
+                min_warm,
             }),
             Err(_) => return,
         };
@@ -354,6 +401,7 @@ impl Driver {
         if let Ok(mut view) = self.view.lock() {
             view.desired_vms = decision.desired;
             view.waiting = waiting;
+            view.schedule_min_vms = min_warm;
             if last.is_some() {
                 view.last_decision = last;
             }

@@ -17,6 +17,8 @@ pub struct AutoscaleView {
     pub max_vms: u32,
     /// Connections waiting for a VM.
     pub waiting: u32,
+    /// VMs a schedule window keeps warm now (0 outside every window).
+    pub schedule_min_vms: u32,
     /// The last decision, in words.
     pub last_decision: Option<String>,
     /// Last busy-check verdict per VM (true = kept: work running or unknown); shown per VM.

@@ -197,3 +197,30 @@ fn detached_jobs_survive_the_policy_with_the_busy_check_and_die_without_it() {
     assert!(c.policy.killed_jobs >= 1, "{:?}", c.policy);
     assert_eq!(c.policy.killed_sessions, c.policy.killed_jobs);
 }
+
+#[test]
+fn a_schedule_that_prewarms_removes_the_morning_wait_and_costs_its_warm_hours() {
+    // Two mornings: people arrive at 09:00 on day 1 and day 2, to a pool at zero; VMs boot in
+    // 300 s. Without a schedule the first one waits a boot each day.
+    let h = 3600;
+    let trace = [
+        session("ann", 9 * h, 10 * h),
+        session("bob", 9 * h + 60, 11 * h),
+        session("ann", 24 * h + 9 * h, 24 * h + 10 * h),
+    ];
+    let p = params(300);
+    let plain = compare(&trace, &p).policy;
+    assert_eq!(plain.wait_max_s, 300.0, "{plain:?}");
+    // A window keeping 1 VM warm from 08:55 (a boot ahead of 09:00) to 12:00 each day.
+    let window = |t: u64| u32::from((8 * h + 55 * 60..12 * h).contains(&(t % (24 * h))));
+    let warm = compare_scheduled(&trace, &[], &p, &window).policy;
+    assert_eq!(warm.wait_max_s, 0.0, "{warm:?}");
+    assert_eq!(warm.waited_sessions, 0, "{warm:?}");
+    assert_eq!(warm.killed_sessions, 0, "{warm:?}");
+    // The warm VM costs hours; the baselines ignore the schedule.
+    assert!(warm.vm_hours > plain.vm_hours, "{warm:?} vs {plain:?}");
+    assert_eq!(
+        compare_scheduled(&trace, &[], &p, &window).always_on,
+        compare(&trace, &p).always_on
+    );
+}
