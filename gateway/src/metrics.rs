@@ -38,6 +38,9 @@ pub struct Metrics {
     pub autoscale_desired_vms: IntGauge,
     /// `poolgate_autoscale_max_vms`: the configured `autoscale.max_vms` (for "pool at max" alerts).
     pub autoscale_max_vms: IntGauge,
+    /// `poolgate_autoscale_actions_in_flight`: provider actions (start, stop, delete, create)
+    /// still running.
+    pub autoscale_actions_in_flight: IntGauge,
     /// `poolgate_autoscale_schedule_min_vms`: VMs a `[[autoscale.schedule]]` window keeps warm
     /// now (0 outside every window).
     pub autoscale_schedule_min_vms: IntGauge,
@@ -163,6 +166,10 @@ impl Metrics {
             autoscale_max_vms: reg!(IntGauge::new(
                 "autoscale_max_vms",
                 "The configured autoscale.max_vms (0 when autoscaling is off)."
+            )),
+            autoscale_actions_in_flight: reg!(IntGauge::new(
+                "autoscale_actions_in_flight",
+                "Provider actions (start, stop, delete, create) the autoscaler started that are still running."
             )),
             autoscale_schedule_min_vms: reg!(IntGauge::new(
                 "autoscale_schedule_min_vms",
@@ -345,6 +352,7 @@ impl Metrics {
             self.autoscale_desired_vms.desc(),
             self.autoscale_max_vms.desc(),
             self.autoscale_schedule_min_vms.desc(),
+            self.autoscale_actions_in_flight.desc(),
             self.autoscale_actions_total.desc(),
             self.autoscale_leader.desc(),
             self.cluster_store_up.desc(),

@@ -6,6 +6,7 @@
 //! - While a session is open, the VM is never drained or stopped, however long the idle timers.
 //! - When everyone has left, the VM is drained and the stop script stops it.
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -117,4 +118,177 @@ fn exec_provider_wakes_a_stopped_vm_for_ssh_and_stops_it_only_when_idle() {
     pool.gateway
         .wait_for_log("result=\"stop\"", Duration::from_secs(5));
     assert!(!pid_file.exists(), "the stop script removes the pid file");
+}
+
+#[test]
+fn a_start_that_takes_long_does_not_hold_up_the_next_decision() {
+    // A platform where starting vm-a takes as long as the test says (an Azure start or create
+    // takes minutes): while it runs, a second user arrives, and the autoscaler decides and
+    // starts vm-b at once instead of waiting for vm-a's start to finish.
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let dir = tempfile::Builder::new()
+        .prefix("poolgate-exec-inflight-")
+        .tempdir()
+        .expect("temp dir");
+    let ca = UserCa::generate();
+    let mut vms: Vec<SshdVm> = ["vm-a", "vm-b"]
+        .iter()
+        .map(|name| {
+            SshdVm::builder(name)
+                .trusted_user_ca_keys(ca.public_key_path())
+                .start()
+        })
+        .collect();
+    for vm in &mut vms {
+        vm.stop();
+    }
+    let _cleanup: Vec<KillPidFile> = vms.iter().map(|vm| KillPidFile(vm.pid_file())).collect();
+    let release = dir.path().join("release-vm-a");
+    let started_a = dir.path().join("vm-a-start-began");
+    let alive = "alive() { [ -r /proc/$1/status ] && ! grep -q '^State:.*Z' /proc/$1/status; }";
+    let entries: Vec<String> = vms
+        .iter()
+        .map(|vm| {
+            format!(
+                "if [ -f {pid} ] && alive \"$(cat {pid})\"; then s=running; else s=stopped; fi\n\
+                 printf '{{\"name\":\"%s\",\"host\":\"127.0.0.1\",\"ssh_port\":{port},\"state\":\"%s\"}}' {name} \"$s\"",
+                pid = vm.pid_file().display(),
+                port = vm.port(),
+                name = vm.name(),
+            )
+        })
+        .collect();
+    let list = write_script(
+        dir.path(),
+        "list.sh",
+        &format!(
+            "{alive}\nprintf '{{\"vms\":['\n{}\nprintf ','\n{}\nprintf ']}}\\n'",
+            entries[0], entries[1]
+        ),
+    );
+    let sshd = tool("sshd").display().to_string();
+    // vm-a's start waits for the test's go (bounded: 60 s); vm-b's is immediate.
+    let start = write_script(
+        dir.path(),
+        "start.sh",
+        &format!(
+            "for vm in \"$@\"; do\n\
+               case \"$vm\" in\n\
+                 vm-a) touch {began}; i=0; while [ ! -f {release} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n\
+                       {sshd} -f {cfg_a} ;;\n\
+                 vm-b) {sshd} -f {cfg_b} ;;\n\
+                 *) exit 1 ;;\n\
+               esac\n\
+             done",
+            began = started_a.display(),
+            release = release.display(),
+            cfg_a = vms[0].config_path().display(),
+            cfg_b = vms[1].config_path().display(),
+        ),
+    );
+    let stop = write_script(
+        dir.path(),
+        "stop.sh",
+        &format!(
+            "for vm in \"$@\"; do\n\
+               case \"$vm\" in\n\
+                 vm-a) kill \"$(cat {pa})\"; rm -f {pa} ;;\n\
+                 vm-b) kill \"$(cat {pb})\"; rm -f {pb} ;;\n\
+               esac\n\
+             done",
+            pa = vms[0].pid_file().display(),
+            pb = vms[1].pid_file().display(),
+        ),
+    );
+    // One user per VM (sessions_per_vm = 1, max_sessions = 1, no spare): each arrival needs a
+    // VM of its own, decided on its own.
+    let mut builder = GatewayPool::builder().users(2).user_ca(ca);
+    for vm in &vms {
+        builder = builder.known_vm(vm);
+    }
+    let pool = builder
+        .config_toml(&format!(
+            "[pool]\nprovider = \"exec\"\n[pool.exec]\nlist = [\"{list}\"]\nstart = [\"{start}\"]\n\
+             stop = [\"{stop}\"]\npoll_interval = \"1s\"\ntimeout = \"90s\"\nmax_sessions = 1\n\
+             [autoscale]\nenabled = true\nmax_vms = 2\nspare_vms = 0\nsessions_per_vm = 1\n\
+             scale_in_after = \"10m\"\ntick = \"1s\"\ncooldown = \"1s\"\nboot_estimate = \"2s\"\n\
+             hold_connect_for = \"60s\"\nbusy_command = []\n"
+        ))
+        .start();
+    pool.wait_for_state("vm-a", "stopped", Duration::from_secs(15));
+    pool.wait_for_state("vm-b", "stopped", Duration::from_secs(15));
+
+    // Each user's session lasts until the test says (a file the users can see), so that the
+    // two hold a VM each.
+    let shared = tempfile::Builder::new()
+        .prefix("poolgate-inflight-")
+        .tempdir()
+        .expect("temp dir");
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let done = shared.path().join("done");
+    let command = format!(
+        "echo on $POOLGATE_VM; i=0; while [ ! -f {} ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done",
+        done.display()
+    );
+    let user = |i: usize| {
+        let client = pool.client(i).timeout(Duration::from_secs(120));
+        let command = command.clone();
+        std::thread::spawn(move || client.run(&command))
+    };
+
+    // The first user: vm-a is asked for, and its start hangs.
+    let first = user(1);
+    assert!(
+        poll(Duration::from_secs(20), || started_a.exists()),
+        "vm-a's start never began\n{}",
+        pool.log()
+    );
+    let in_flight = sample(&pool.metrics(), "poolgate_autoscale_actions_in_flight");
+    assert_eq!(in_flight, Some(1.0), "{}", pool.metrics());
+
+    // The second user, while vm-a's start still runs: vm-b is started at once, and one of the
+    // two waiting users lands there (whichever the gateway wakes first).
+    let second = user(2);
+    assert!(
+        poll(Duration::from_secs(30), || ssh_active(
+            &pool.metrics(),
+            "vm-b"
+        ) == Some(1.0)),
+        "nobody got vm-b while vm-a's start ran\n{}",
+        pool.log()
+    );
+    assert!(!release.exists(), "vm-a's start was still running");
+    assert_eq!(pool.vm_state("vm-a"), "starting", "{}", pool.log());
+
+    // vm-a's start finishes: the other user lands there.
+    std::fs::write(&release, "").expect("release vm-a");
+    assert!(
+        poll(Duration::from_secs(30), || ssh_active(
+            &pool.metrics(),
+            "vm-a"
+        ) == Some(1.0)),
+        "the other user never got vm-a\n{}",
+        pool.log()
+    );
+    std::fs::write(&done, "").expect("end the sessions");
+    let mut landed: Vec<String> = [first, second]
+        .into_iter()
+        .map(|h| {
+            let out = h.join().expect("client");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(0), "{stderr}\n{}", pool.log());
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        })
+        .collect();
+    landed.sort();
+    assert_eq!(landed, ["on vm-a", "on vm-b"]);
+    // Nothing was started twice.
+    let log = pool.log();
+    assert_eq!(
+        log.matches("result=\"start\"").count(),
+        2,
+        "one start per VM:\n{log}"
+    );
+    pool.assert_no_panic();
 }

@@ -73,6 +73,9 @@ pub struct Driver {
     /// VMs drained for scale-in (by this driver, or inherited from an earlier leader) and still
     /// draining — also while they are being stopped, after the policy has let go of them.
     scale_in: Mutex<std::collections::BTreeSet<String>>,
+    /// Provider actions still running (a start, stop, delete or create can take minutes on
+    /// Azure): the next decisions are made meanwhile and count them.
+    in_flight: Mutex<InFlight>,
     /// `[[autoscale.schedule]]`, when it has windows.
     schedule: std::sync::OnceLock<schedule::Schedule>,
     /// The schedule's floor last applied, and its window (logged when it changes).
@@ -133,6 +136,7 @@ impl Driver {
             came_up: Mutex::new(std::collections::HashMap::new()),
             busy: std::sync::OnceLock::new(),
             scale_in: Mutex::new(std::collections::BTreeSet::new()),
+            in_flight: Mutex::new(InFlight::default()),
             schedule: std::sync::OnceLock::new(),
             schedule_floor: Mutex::new((0, None)),
         })
@@ -315,7 +319,12 @@ impl Driver {
             // A VM we asked to stop stays "stopping" until the provider says it stopped.
             let keep_stopping =
                 current == Some(Lifecycle::Stopping) && vm.lifecycle == Lifecycle::Running;
-            if current != Some(vm.lifecycle) && !keep_stopping {
+            // A VM whose start is still running stays "starting" while the provider lists it
+            // stopped (the start has not reached the platform yet): never started twice.
+            let keep_starting = current == Some(Lifecycle::Starting)
+                && vm.lifecycle == Lifecycle::Stopped
+                && self.in_flight_for(&vm.spec.name);
+            if current != Some(vm.lifecycle) && !keep_stopping && !keep_starting {
                 self.pool.set_lifecycle(&vm.spec.name, vm.lifecycle);
                 if vm.lifecycle == Lifecycle::Running
                     && current.is_some()
@@ -329,8 +338,27 @@ impl Driver {
         Ok(())
     }
 
-    /// One policy decision, applied.
-    pub async fn tick(&self) {
+    /// One policy decision, applied: returns once its provider actions have finished. The
+    /// driver's own loop does not wait for them ([`Driver::run`]).
+    pub async fn tick(self: &Arc<Self>) {
+        for action in self.decide_and_dispatch().await {
+            let _ = action.await;
+        }
+    }
+
+    /// Whether a start, stop or delete of `vm` is running.
+    fn in_flight_for(&self, vm: &str) -> bool {
+        self.in_flight
+            .lock()
+            .map(|f| f.vms.contains(vm))
+            .unwrap_or(false)
+    }
+
+    /// One policy decision: drains and undrains applied at once, provider actions started on
+    /// their own tasks (returned), so that a start or create that takes minutes never holds up
+    /// the next decision. Actions still running are counted: their VMs are starting or
+    /// stopping, and instances being created count as starting until they are listed.
+    async fn decide_and_dispatch(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let snapshot = self.pool.snapshot();
         let waiting_protocols: Vec<router_core::Protocol> = router_core::Protocol::ALL
             .into_iter()
@@ -357,7 +385,7 @@ impl Driver {
         if let Some(tracker) = self.busy.get() {
             let ours: std::collections::BTreeSet<String> = match self.policy.lock() {
                 Ok(policy) => policy.draining().map(str::to_owned).collect(),
-                Err(_) => return,
+                Err(_) => return Vec::new(),
             };
             let specs: Vec<router_core::VmSpec> =
                 snapshot.vms().iter().map(|vm| vm.spec().clone()).collect();
@@ -366,6 +394,22 @@ impl Driver {
         // Platform scale-in protection follows what the VMs said, not checks still under way.
         let kept = self.busy.get().map(BusyTracker::view).unwrap_or_default();
         self.protect_busy(&vms, &kept).await;
+        // Instances asked for and not listed yet are on their way like starting VMs.
+        let creating = self
+            .in_flight
+            .lock()
+            .map(|f| f.creating(&snapshot))
+            .unwrap_or(0);
+        vms.extend((1..=creating).map(|i| VmObservation {
+            name: format!("(instance {i} being created)"),
+            lifecycle: Lifecycle::Starting,
+            draining: false,
+            sessions: 0,
+            idle_since: None,
+            busy: false,
+            booting: false,
+            accepts_new: false,
+        }));
         let waiting = router_core::Protocol::ALL
             .into_iter()
             .map(|p| self.waiting_for(p))
@@ -378,25 +422,31 @@ impl Driver {
                 now: self.pool.clock().now(),
                 min_warm,
             }),
-            Err(_) => return,
+            Err(_) => return Vec::new(),
         };
         self.metrics
             .autoscale_desired_vms
             .set(i64::from(decision.desired));
         let mut last = None;
+        let mut running = Vec::new();
         for (action, reason) in decision.actions {
             // A leader whose lease ran out while it decided does not act (another may lead now).
             if !self.leads() {
                 tracing::warn!(action = ?action, "not applied: this replica no longer leads the autoscaler");
                 break;
             }
-            let label = self.apply(&action, &vms).await;
-            tracing::info!(action = ?action, %reason, result = label, "autoscaler");
-            self.metrics
-                .autoscale_actions_total
-                .with_label_values(&[label])
-                .inc();
             last = Some(format!("{action:?}: {reason}"));
+            match self.prepare(&action, &vms) {
+                Prepared::Done(label) => self.applied(&action, &reason, label),
+                prepared => {
+                    let driver = self.clone();
+                    running.push(tokio::spawn(async move {
+                        let label = driver.execute(&prepared).await;
+                        driver.finish(&prepared).await;
+                        driver.applied(&action, &reason, label);
+                    }));
+                }
+            }
         }
         if let Ok(mut view) = self.view.lock() {
             view.desired_vms = decision.desired;
@@ -406,6 +456,16 @@ impl Driver {
                 view.last_decision = last;
             }
         }
+        running
+    }
+
+    /// Logs and counts an applied action.
+    fn applied(&self, action: &Action, reason: &str, label: &'static str) {
+        tracing::info!(action = ?action, %reason, result = label, "autoscaler");
+        self.metrics
+            .autoscale_actions_total
+            .with_label_values(&[label])
+            .inc();
     }
 
     /// The running VMs still on their way: not probed yet, or came up less than `boot_estimate`
@@ -478,41 +538,77 @@ impl Driver {
         }
     }
 
-    async fn apply(&self, action: &Action, vms: &[VmObservation]) -> &'static str {
-        let provider = self.provider();
-        let caps = provider.capabilities();
-        let result = match action {
+    /// Applies a drain or undrain at once; for a provider action, marks what it will change
+    /// (VMs starting or stopping, instances being created) so that the decisions made while it
+    /// runs count it.
+    fn prepare(&self, action: &Action, vms: &[VmObservation]) -> Prepared {
+        let caps = self.provider().capabilities();
+        match action {
             Action::Drain(vm) => {
                 self.pool.drain(vm);
                 if let Ok(mut scale_in) = self.scale_in.lock() {
                     scale_in.insert(vm.clone());
                 }
-                Ok("drain")
+                Prepared::Done("drain")
             }
             Action::Undrain(vm) => {
                 self.pool.undrain(vm);
-                Ok("undrain")
+                Prepared::Done("undrain")
             }
             Action::Start(count) => {
-                let mut stopped: Vec<String> = vms
-                    .iter()
-                    .filter(|v| v.lifecycle == Lifecycle::Stopped)
-                    .map(|v| v.name.clone())
-                    .collect();
+                let mut stopped: Vec<String> = if caps.start_stop {
+                    vms.iter()
+                        .filter(|v| v.lifecycle == Lifecycle::Stopped)
+                        .map(|v| v.name.clone())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 stopped.truncate(*count as usize);
+                for vm in &stopped {
+                    self.pool.undrain(vm);
+                    self.pool.set_lifecycle(vm, Lifecycle::Starting);
+                }
+                let id = self.in_flight.lock().map_or(0, |mut f| {
+                    f.vms.extend(stopped.iter().cloned());
+                    let create = if caps.create_delete {
+                        count.saturating_sub(stopped.len() as u32)
+                    } else {
+                        0
+                    };
+                    f.add_create(create, &self.pool.snapshot())
+                });
+                Prepared::Start {
+                    stopped,
+                    count: *count,
+                    create_id: id,
+                }
+            }
+            Action::Remove(vm) => {
+                if let Ok(mut f) = self.in_flight.lock() {
+                    f.vms.insert(vm.clone());
+                }
+                Prepared::Remove(vm.clone())
+            }
+        }
+    }
+
+    /// Runs a prepared provider action; the label counted for it.
+    async fn execute(&self, prepared: &Prepared) -> &'static str {
+        let provider = self.provider();
+        let caps = provider.capabilities();
+        let result = match prepared {
+            Prepared::Done(label) => return label,
+            Prepared::Start {
+                stopped,
+                count,
+                create_id,
+            } => {
                 let mut result = Ok("start");
                 // Instances to add beside the stopped ones started.
-                let mut still = count.saturating_sub(if caps.start_stop {
-                    stopped.len() as u32
-                } else {
-                    0
-                });
-                if !stopped.is_empty() && caps.start_stop {
-                    for vm in &stopped {
-                        self.pool.undrain(vm);
-                        self.pool.set_lifecycle(vm, Lifecycle::Starting);
-                    }
-                    result = provider.start(&stopped).await.map(|()| "start");
+                let mut still = count.saturating_sub(stopped.len() as u32);
+                if !stopped.is_empty() {
+                    result = provider.start(stopped).await.map(|()| "start");
                     // No capacity for the stopped instances (Azure AllocationFailed, …): a new
                     // instance may be placed where there is, and the user waits for that
                     // instead of for a start that keeps failing. The count stays within the
@@ -522,8 +618,14 @@ impl Driver {
                         && caps.create_delete
                     {
                         tracing::warn!(error = %e, "starting stopped VMs failed for lack of capacity; creating new ones instead");
-                        for vm in &stopped {
+                        for vm in stopped {
                             self.pool.set_lifecycle(vm, Lifecycle::Stopped);
+                        }
+                        if let Ok(mut f) = self.in_flight.lock() {
+                            for vm in stopped {
+                                f.vms.remove(vm);
+                            }
+                            f.grow_create(*create_id, *count);
                         }
                         still = *count;
                         result = Ok("start");
@@ -534,7 +636,7 @@ impl Driver {
                 }
                 result
             }
-            Action::Remove(vm) => {
+            Prepared::Remove(vm) => {
                 if self.kept_busy(vm).await {
                     return "kept_busy";
                 }
@@ -548,24 +650,54 @@ impl Driver {
             }
         };
         match result {
-            Ok(label) => {
-                // Pick up the provider's view of what just changed.
-                if matches!(action, Action::Start(_) | Action::Remove(_))
-                    && let Err(e) = self.sync().await
-                {
-                    tracing::warn!(error = %e, "provider listing after an action failed");
-                }
-                label
-            }
+            Ok(label) => label,
             Err(e) => {
                 tracing::error!(error = %e, "autoscaler action failed");
-                if let Action::Remove(vm) = action {
+                match prepared {
                     // Still there: make it serve again rather than leave it in limbo.
-                    self.pool.set_lifecycle(vm, Lifecycle::Running);
-                    self.pool.undrain(vm);
+                    Prepared::Remove(vm) => {
+                        self.pool.set_lifecycle(vm, Lifecycle::Running);
+                        self.pool.undrain(vm);
+                    }
+                    // Not started: stopped again, for a later decision to try.
+                    Prepared::Start { stopped, .. } => {
+                        for vm in stopped {
+                            self.pool.set_lifecycle(vm, Lifecycle::Stopped);
+                        }
+                    }
+                    Prepared::Done(_) => {}
                 }
                 "error"
             }
+        }
+    }
+
+    /// After a provider action: the provider's view of what changed is listed, then the action
+    /// no longer counts as running (its instances are listed now, or it failed).
+    async fn finish(&self, prepared: &Prepared) {
+        if !matches!(prepared, Prepared::Done(_))
+            && let Err(e) = self.sync().await
+        {
+            tracing::warn!(error = %e, "provider listing after an action failed");
+        }
+        if let Ok(mut f) = self.in_flight.lock() {
+            match prepared {
+                Prepared::Start {
+                    stopped, create_id, ..
+                } => {
+                    for vm in stopped {
+                        f.vms.remove(vm);
+                    }
+                    f.creates.retain(|c| c.id != *create_id);
+                }
+                Prepared::Remove(vm) => {
+                    f.vms.remove(vm);
+                }
+                Prepared::Done(_) => {}
+            }
+            self.metrics
+                .autoscale_actions_in_flight
+                .set(i64::try_from(f.len()).unwrap_or(i64::MAX));
         }
     }
 
@@ -610,7 +742,14 @@ impl Driver {
                 }
             }
             if self.settings.enabled && self.leads() {
-                self.tick().await;
+                // Provider actions run on their own tasks; the next decision does not wait.
+                let running = self.decide_and_dispatch().await;
+                if let Ok(f) = self.in_flight.lock() {
+                    self.metrics
+                        .autoscale_actions_in_flight
+                        .set(i64::try_from(f.len()).unwrap_or(i64::MAX));
+                }
+                drop(running);
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.tick.min(self.settings.poll_interval)) => {}
@@ -632,6 +771,86 @@ impl AutoscaleStatus for Driver {
             view.busy = tracker.view();
         }
         view
+    }
+}
+
+/// A decided action, its effects on the pool marked.
+#[derive(Debug)]
+enum Prepared {
+    /// Applied already (drain, undrain), with its label.
+    Done(&'static str),
+    /// Start these stopped VMs and create the rest of `count`.
+    Start {
+        stopped: Vec<String>,
+        count: u32,
+        /// Its entry in [`InFlight::creates`].
+        create_id: u64,
+    },
+    /// Stop or delete this VM (after the busy check).
+    Remove(String),
+}
+
+/// Provider actions under way.
+#[derive(Debug, Default)]
+struct InFlight {
+    /// VMs being started, stopped or deleted.
+    vms: std::collections::HashSet<String>,
+    /// Instances being created.
+    creates: Vec<Creating>,
+    next_id: u64,
+}
+
+/// A create under way: `count` instances asked for when the pool held `known`.
+#[derive(Debug)]
+struct Creating {
+    id: u64,
+    count: u32,
+    known: std::collections::HashSet<String>,
+}
+
+impl InFlight {
+    /// Registers a create of `count` instances (none: an entry that only reserves the id);
+    /// returns its id.
+    fn add_create(&mut self, count: u32, snapshot: &router_core::Snapshot) -> u64 {
+        self.next_id += 1;
+        self.creates.push(Creating {
+            id: self.next_id,
+            count,
+            known: snapshot
+                .vms()
+                .iter()
+                .map(|vm| vm.name().to_owned())
+                .collect(),
+        });
+        self.next_id
+    }
+
+    /// Actions under way: VMs being started or stopped, and creates of at least one instance.
+    fn len(&self) -> usize {
+        self.vms.len() + self.creates.iter().filter(|c| c.count > 0).count()
+    }
+
+    /// A start that fell back to creating: `count` instances now.
+    fn grow_create(&mut self, id: u64, count: u32) {
+        if let Some(c) = self.creates.iter_mut().find(|c| c.id == id) {
+            c.count = count;
+        }
+    }
+
+    /// Instances asked for that the pool does not list yet.
+    fn creating(&self, snapshot: &router_core::Snapshot) -> u32 {
+        self.creates
+            .iter()
+            .map(|c| {
+                let new = snapshot
+                    .vms()
+                    .iter()
+                    .filter(|vm| !c.known.contains(vm.name()))
+                    .count();
+                c.count
+                    .saturating_sub(u32::try_from(new).unwrap_or(u32::MAX))
+            })
+            .sum()
     }
 }
 
@@ -672,7 +891,34 @@ mod tests {
 
     use router_core::{Health, ManualClock, Pool, Protocol, RoutingPolicy, VmSpec};
 
-    use super::takes_waiting;
+    use super::{InFlight, takes_waiting};
+
+    #[test]
+    fn instances_being_created_count_until_they_are_listed() {
+        let pool = Pool::new(RoutingPolicy::default(), Arc::new(ManualClock::new()));
+        pool.set_vms(vec![VmSpec::new("a", "127.0.0.1")]);
+        let mut f = InFlight::default();
+        let id = f.add_create(2, &pool.snapshot());
+        let _start_only = f.add_create(0, &pool.snapshot());
+        assert_eq!((f.creating(&pool.snapshot()), f.len()), (2, 1));
+        pool.set_vms(vec![
+            VmSpec::new("a", "127.0.0.1"),
+            VmSpec::new("b", "127.0.0.2"),
+        ]);
+        assert_eq!(f.creating(&pool.snapshot()), 1);
+        // A start that fell back to creating three.
+        f.grow_create(id, 3);
+        assert_eq!(f.creating(&pool.snapshot()), 2);
+        pool.set_vms(
+            ["a", "b", "c", "d"]
+                .iter()
+                .map(|n| VmSpec::new(*n, "127.0.0.1"))
+                .collect(),
+        );
+        assert_eq!(f.creating(&pool.snapshot()), 0);
+        f.creates.retain(|c| c.id != id);
+        assert_eq!(f.len(), 0);
+    }
 
     #[test]
     fn a_vm_takes_waiting_sessions_only_of_the_protocols_it_serves() {
