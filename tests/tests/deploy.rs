@@ -2672,3 +2672,68 @@ fn systemd_units_cloud_init_writes_pass_systemd_analyze_verify() {
         "systemd-analyze verify on the cloud-init units:\n{said}"
     );
 }
+
+#[test]
+fn a_key_vault_pem_certificate_splits_into_the_key_and_chain_poolgate_reads() {
+    require_tools!("awk", "openssl");
+    let gateway = read(CLOUD_INIT[1]);
+    let fetch = written_file(&gateway, "/usr/local/sbin/poolgate-fetch-secrets");
+    // The awk program poolgate-fetch-secrets runs on the PEM value of poolgate-tls.
+    let (_, tls) = fetch
+        .split_once("tls_certificate() {")
+        .expect("fetch script has tls_certificate");
+    let (_, rest) = tls
+        .split_once("awk -v dir=\"$new\" '")
+        .expect("fetch script splits the PEM bundle with awk");
+    let program = &rest[..rest.find('\'').unwrap()];
+
+    // A Key Vault PEM certificate: the private key first, then the chain.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("in-key.pem");
+    let cert = dir.path().join("in-cert.pem");
+    let out = run_with_timeout(
+        Command::new(tool("openssl"))
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=pool.example.org", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "openssl req");
+    let bundle = format!(
+        "{}{}{}",
+        std::fs::read_to_string(&key).unwrap(),
+        std::fs::read_to_string(&cert).unwrap(),
+        std::fs::read_to_string(&cert).unwrap()
+    );
+    let split = dir.path().join("split");
+    std::fs::create_dir(&split).unwrap();
+    let out = run_with_input(
+        Command::new(tool("awk"))
+            .arg("-v")
+            .arg(format!("dir={}", split.display()))
+            .arg(program),
+        bundle.as_bytes(),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "the fetch script's awk");
+    let key_out = std::fs::read_to_string(split.join("key.pem")).unwrap();
+    let cert_out = std::fs::read_to_string(split.join("cert.pem")).unwrap();
+    assert_eq!(key_out, std::fs::read_to_string(&key).unwrap());
+    assert!(!cert_out.contains("PRIVATE"), "no key in cert.pem");
+    assert_eq!(
+        cert_out.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "the whole chain"
+    );
+    let out = run_with_timeout(
+        Command::new(tool("openssl"))
+            .args(["x509", "-noout", "-subject", "-in"])
+            .arg(split.join("cert.pem")),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "openssl x509 on cert.pem");
+    assert!(text(&out).contains("pool.example.org"));
+}
