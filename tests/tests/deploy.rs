@@ -210,6 +210,21 @@ fn one<'a>(template: &'a Value, kind: &str) -> &'a Value {
     found[0]
 }
 
+/// The one resource of `kind` whose name expression mentions `name_part`.
+fn named<'a>(template: &'a Value, kind: &str, name_part: &str) -> &'a Value {
+    let found: Vec<&Value> = resources_of(template, kind)
+        .into_iter()
+        .filter(|r| r["name"].as_str().unwrap_or_default().contains(name_part))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} named with {name_part}, found {}",
+        found.len()
+    );
+    found[0]
+}
+
 /// The names `fun('name')` refers to in the template's expressions.
 fn references(template: &Value, fun: &str) -> BTreeSet<String> {
     let mut all = Vec::new();
@@ -401,7 +416,7 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
         let props = &role["properties"];
         let principal = props["principalId"].as_str().unwrap();
         if principal.contains("Microsoft.Compute/virtualMachineScaleSets") {
-            // The pool's identity: checked in pool_vms_read_only_the_storage_key_from_key_vault.
+            // The pool's identity: checked in pool_vms_read_only_the_jupyterhub_secret_from_key_vault.
             continue;
         }
         assert!(
@@ -415,31 +430,40 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
         );
     }
 
-    // Azure Files: a storage account and the share.
+    // Azure Files: a storage account and the share that is /home (checked in
+    // home_is_an_nfs_share_only_the_pool_subnet_reaches).
     one(&template, "Microsoft.Storage/storageAccounts");
-    let shares = resources_of(
+    let share = one(
         &template,
         "Microsoft.Storage/storageAccounts/fileServices/shares",
     );
     assert!(
-        shares.iter().any(|s| s["name"]
+        share["name"]
             .as_str()
             .unwrap()
-            .contains("parameters('shareName')")),
-        "the team's file share"
+            .contains("variables('homeShareName')"),
+        "the share of the users' homes"
     );
 
     // NSGs: public ports only on the gateway subnet; the pool subnet only from the gateway;
-    // everything else denied.
+    // the private endpoints only from the subnet that uses each; everything else denied.
     let nsgs = resources_of(&template, "Microsoft.Network/networkSecurityGroups");
-    assert_eq!(nsgs.len(), 2, "one NSG for the gateway, one for the pool");
+    assert_eq!(
+        nsgs.len(),
+        3,
+        "one NSG for the gateway, one for the pool, one for the private endpoints"
+    );
     let mut public_ports = BTreeSet::new();
     for nsg in &nsgs {
         let name = nsg["name"].as_str().unwrap();
         let rules = nsg["properties"]["securityRules"].as_array().unwrap();
         let is_gateway = name.contains("gatewayNsgName");
         let is_pool = name.contains("poolNsgName");
-        assert!(is_gateway || is_pool, "unexpected NSG {name}");
+        let is_endpoints = name.contains("endpointsNsgName");
+        assert!(
+            is_gateway || is_pool || is_endpoints,
+            "unexpected NSG {name}"
+        );
         let last = rules
             .iter()
             .max_by_key(|r| r["properties"]["priority"].as_u64().unwrap())
@@ -471,6 +495,13 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
                 if source == "[parameters('userSourcePrefix')]" {
                     public_ports.insert(port.to_string());
                 }
+            } else if is_endpoints {
+                assert_eq!(dest, "[parameters('endpointsSubnetPrefix')]", "{rule}");
+                assert!(
+                    (source == "[parameters('poolSubnetPrefix')]" && port == "2049")
+                        || (source == "[parameters('gatewaySubnetPrefix')]" && port == "6380"),
+                    "NFS only from the pool, Redis only from the gateways: {rule}"
+                );
             } else {
                 assert_eq!(
                     source, "[parameters('gatewaySubnetPrefix')]",
@@ -488,7 +519,15 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
     // The NSGs are attached to the subnets; no NIC has a public address (users reach the
     // gateways through the load balancer's).
     let vnet = one(&template, "Microsoft.Network/virtualNetworks").to_string();
-    assert!(vnet.contains("gatewayNsgName") && vnet.contains("poolNsgName"));
+    assert!(
+        vnet.contains("gatewayNsgName")
+            && vnet.contains("poolNsgName")
+            && vnet.contains("endpointsNsgName")
+    );
+    assert!(
+        vnet.contains("\"privateEndpointNetworkPolicies\":\"Enabled\""),
+        "the endpoints subnet's NSG applies to its private endpoints"
+    );
     for nic in resources_of(&template, "Microsoft.Network/networkInterfaces") {
         assert!(nic["name"].as_str().unwrap().contains("gatewayNamePrefix"));
         assert!(
@@ -694,7 +733,11 @@ fn redis_is_private_tls_only_and_the_gateways_cluster_uses_it() {
     assert_eq!(p["minimumTlsVersion"], "1.2");
 
     // A private endpoint to it, in the vnet, and its DNS zone linked to the vnet.
-    let endpoint = one(&template, "Microsoft.Network/privateEndpoints");
+    let endpoint = named(
+        &template,
+        "Microsoft.Network/privateEndpoints",
+        "redisEndpointName",
+    );
     let conn = &endpoint["properties"]["privateLinkServiceConnections"][0]["properties"];
     assert_eq!(
         conn["privateLinkServiceId"],
@@ -707,14 +750,19 @@ fn redis_is_private_tls_only_and_the_gateways_cluster_uses_it() {
             .unwrap()
             .contains("endpointsSubnetId")
     );
-    let zone = one(&template, "Microsoft.Network/privateDnsZones");
+    let zone = named(
+        &template,
+        "Microsoft.Network/privateDnsZones",
+        "redisDnsZone",
+    );
     assert_eq!(
         variable(&template, zone["name"].as_str().unwrap()),
         "privatelink.redis.cache.windows.net"
     );
-    let link = one(
+    let link = named(
         &template,
         "Microsoft.Network/privateDnsZones/virtualNetworkLinks",
+        "redisDnsZone",
     );
     assert!(
         link["properties"]["virtualNetwork"]["id"]
@@ -723,9 +771,10 @@ fn redis_is_private_tls_only_and_the_gateways_cluster_uses_it() {
             .contains("variables('vnetName')"),
         "the zone is linked to the vnet"
     );
-    let group = one(
+    let group = named(
         &template,
         "Microsoft.Network/privateEndpoints/privateDnsZoneGroups",
+        "redisEndpointName",
     );
     assert!(
         group["properties"]["privateDnsZoneConfigs"][0]["properties"]["privateDnsZoneId"]
@@ -828,7 +877,10 @@ fn gateway_secrets_come_from_key_vault_not_custom_data() {
         );
         assert!(path.starts_with("/var/lib/poolgate/keys/"), "{path}");
     }
-    assert!(fetch.contains("put poolgate-storage-key"));
+    assert!(
+        !fetch.contains("storage-key") && !cloud_init.contains("smbcredentials"),
+        "the gateways hold no storage key: nothing they mount needs one"
+    );
     // Users' keys survive a re-created replica when they are kept in the vault too.
     assert_eq!(
         config["ssh"]["authorized_keys"].as_str(),
@@ -875,13 +927,12 @@ fn gateway_secrets_come_from_key_vault_not_custom_data() {
         secrets,
         BTreeSet::from([
             "[format('{0}/poolgate-redis-password', parameters('keyVaultName'))]".to_string(),
-            "[format('{0}/poolgate-storage-key', parameters('keyVaultName'))]".to_string(),
         ])
     );
 }
 
 #[test]
-fn pool_vms_read_only_the_storage_key_from_key_vault() {
+fn pool_vms_read_only_the_jupyterhub_secret_from_key_vault() {
     let template = json("azure/azuredeploy.json");
     let vmss = one(&template, "Microsoft.Compute/virtualMachineScaleSets");
     let custom = vmss["properties"]["virtualMachineProfile"]["osProfile"]["customData"]
@@ -892,15 +943,21 @@ fn pool_vms_read_only_the_storage_key_from_key_vault() {
         "no access key in the pool VMs' customData: {custom}"
     );
     let cloud_init = read("cloud-init/pool-vm.yaml");
-    for needle in ["PRIVATE KEY", "__STORAGE_KEY__", "password=__"] {
+    for needle in [
+        "PRIVATE KEY",
+        "__STORAGE_KEY__",
+        "password=__",
+        "smbcredentials",
+        "storage-key",
+    ] {
         assert!(
             !cloud_init.contains(needle),
-            "pool-vm.yaml carries a secret ({needle:?})"
+            "pool-vm.yaml carries or fetches a secret it does not need ({needle:?})"
         );
     }
     assert_eq!(vmss["identity"]["type"], "SystemAssigned");
 
-    // The scale set's identity may read exactly one secret.
+    // The scale set's identity may read exactly one secret: JupyterHub's, by mode.
     let pool_roles: Vec<&Value> =
         resources_of(&template, "Microsoft.Authorization/roleAssignments")
             .into_iter()
@@ -915,7 +972,11 @@ fn pool_vms_read_only_the_storage_key_from_key_vault() {
     let role = pool_roles[0];
     assert_eq!(
         role["scope"],
-        "[format('Microsoft.KeyVault/vaults/{0}/secrets/poolgate-storage-key', parameters('keyVaultName'))]"
+        "[format('Microsoft.KeyVault/vaults/{0}/secrets/{1}', parameters('keyVaultName'), variables('poolSecretName'))]"
+    );
+    assert_eq!(
+        template["variables"]["poolSecretName"],
+        "[if(equals(parameters('jupyterhubAuth'), 'azuread'), 'poolgate-jupyterhub-client-secret', 'poolgate-user-password-hashes')]"
     );
     assert!(
         role["properties"]["roleDefinitionId"]
@@ -927,9 +988,25 @@ fn pool_vms_read_only_the_storage_key_from_key_vault() {
         role["condition"], vmss["condition"],
         "deployed with the scale set"
     );
+    // The pool reads those two secrets and no other.
+    let mut read_secrets = BTreeSet::new();
+    for (i, _) in cloud_init.match_indices("poolgate-vault-secret poolgate-") {
+        let name: String = cloud_init[i + "poolgate-vault-secret ".len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        read_secrets.insert(name);
+    }
+    assert_eq!(
+        read_secrets,
+        BTreeSet::from([
+            "poolgate-jupyterhub-client-secret".to_string(),
+            "poolgate-user-password-hashes".to_string(),
+        ])
+    );
 
     // Only root reaches the metadata service (where the identity's tokens come from), set up
-    // before any user account exists and at every boot; the credentials come from the vault.
+    // before any user account exists and at every boot.
     let imds = written_file(&cloud_init, "/usr/local/sbin/poolgate-imds-root-only");
     assert!(
         imds.contains("OUTPUT -d 169.254.169.254/32 -p tcp -m owner ! --uid-owner 0 -j REJECT"),
@@ -940,19 +1017,15 @@ fn pool_vms_read_only_the_storage_key_from_key_vault() {
         .find("enable, --now, poolgate-imds-root-only.service")
         .expect("runcmd enables poolgate-imds-root-only.service");
     assert!(enable < runcmd.find("poolgate-pool-users").unwrap());
-    assert!(enable < runcmd.find("poolgate-share.service").unwrap());
-    let creds = written_file(&cloud_init, "/usr/local/sbin/poolgate-storage-credentials");
+    let vault = written_file(&cloud_init, "/usr/local/sbin/poolgate-vault-secret");
     for needle in [
         "http://169.254.169.254/metadata/identity/oauth2/token",
-        "/secrets/poolgate-storage-key?api-version=7.4",
-        "umask 077",
-        "chmod 0600",
+        "/secrets/${name}?api-version=7.4",
     ] {
-        assert!(
-            creds.contains(needle),
-            "storage credentials script lacks {needle:?}"
-        );
+        assert!(vault.contains(needle), "vault script lacks {needle:?}");
     }
+    let secret = written_file(&cloud_init, "/usr/local/sbin/poolgate-jupyterhub-secret");
+    assert!(secret.contains("umask 077") && secret.contains("chmod 0600"));
 }
 
 /// The ARM actions behind each call of the azure-vmss provider on a Uniform scale set, with the
@@ -1012,7 +1085,11 @@ fn custom_autoscaler_role_has_exactly_the_actions_of_the_provider() {
     }
 
     let template = json("azure/azuredeploy.json");
-    let role = one(&template, "Microsoft.Authorization/roleDefinitions");
+    let role = named(
+        &template,
+        "Microsoft.Authorization/roleDefinitions",
+        "autoscalerRoleName",
+    );
     let p = &role["properties"];
     assert_eq!(p["type"], "customRole");
     assert_eq!(p["assignableScopes"], json!(["[resourceGroup().id]"]));
@@ -1122,21 +1199,14 @@ fn cloud_init_files_parse_and_do_what_the_pool_needs() {
         }
     }
 
-    // Pool VM: the share at boot like the DSVM pool guide, the gateway CA, host keys, JupyterHub.
+    // Pool VM: /home on the NFS share, the gateway CA, host keys on the console, JupyterHub.
     let pool = write_files(&yaml(&python, &deploy_dir().join(CLOUD_INIT[0])));
     assert!(
         !pool.keys().any(|p| p.starts_with("/etc/smbcredentials/")),
-        "the credentials file is written at boot from Key Vault, not by cloud-init"
+        "no SMB credentials: /home is NFS"
     );
-    let mount = content(&pool, "/usr/local/sbin/poolgate-mount-share");
-    for needle in [
-        "/usr/local/sbin/poolgate-storage-credentials",
-        "/etc/fstab",
-        "credentials=${cred}",
-        "chmod 600",
-        "notebooks/remote",
-        "cifs",
-    ] {
+    let mount = content(&pool, "/usr/local/sbin/poolgate-mount-home");
+    for needle in [" /home nfs ", "/etc/fstab", "vers=4,minorversion=1,sec=sys"] {
         assert!(mount.contains(needle), "mount script lacks {needle:?}");
     }
     let sshd = content(&pool, "/etc/ssh/sshd_config.d/50-poolgate.conf");
@@ -1145,13 +1215,27 @@ fn cloud_init_files_parse_and_do_what_the_pool_needs() {
         content(&pool, "/etc/ssh/poolgate_user_ca.pub"),
         "__USER_CA_PUBLIC_KEY__\n"
     );
-    assert!(content(&pool, "/usr/local/sbin/poolgate-publish-hostkeys").contains("hostkeys"));
+    assert!(content(&pool, "/usr/local/sbin/poolgate-hostkeys-console").contains("/dev/ttyS0"));
     assert!(content(&pool, "/etc/poolgate/jupyterhub_config.py").contains("\"http://:8000\""));
     let pool_runcmd =
         serde_json::to_string(&yaml(&python, &deploy_dir().join(CLOUD_INIT[0]))["runcmd"]).unwrap();
-    for unit in ["poolgate-share.service", "poolgate-jupyterhub.service"] {
+    for unit in [
+        "poolgate-hostkeys-console.service",
+        "poolgate-jupyterhub.service",
+    ] {
         assert!(pool_runcmd.contains(unit), "runcmd enables {unit}");
     }
+    for step in [
+        "poolgate-mount-home",
+        "poolgate-pool-users",
+        "poolgate-jupyterhub-secret",
+    ] {
+        assert!(pool_runcmd.contains(step), "runcmd runs {step}");
+    }
+    assert!(
+        pool_runcmd.find("poolgate-mount-home") < pool_runcmd.find("poolgate-pool-users"),
+        "the share is /home before the users' homes are made"
+    );
 
     // The busy check: the probe account, only its own principal, by certificate, no pty or
     // forwarding, and the default script installed verbatim.
@@ -1942,4 +2026,714 @@ fn name_scanners_find_what_they_should() {
     let scrape = "# TYPE poolgate_c histogram\npoolgate_c_bucket{le=\"1\"} 0\npoolgate_g 1\n";
     let names = exported_names(scrape);
     assert!(names.contains("poolgate_c") && names.contains("poolgate_g"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pool VM host keys, homes, users, JupyterHub login, tags — and a re-created gateway
+
+/// A shell script cloud-init installs, written to `dir` (0755) so a test can run it.
+fn extracted_script(python: &Path, rel: &str, path: &str, dir: &Path) -> PathBuf {
+    let files = write_files(&yaml(python, &deploy_dir().join(rel)));
+    let file = dir.join(path.rsplit('/').next().unwrap());
+    std::fs::write(&file, content(&files, path)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    file
+}
+
+#[test]
+fn pool_vm_host_keys_reach_the_gateway_only_from_the_vms_own_console() {
+    require_tools!("bash", "ssh-keygen");
+    let Some(python) = python_with_yaml() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let console = extracted_script(
+        &python,
+        CLOUD_INIT[0],
+        "/usr/local/sbin/poolgate-hostkeys-console",
+        dir.path(),
+    );
+    let known_hosts = extracted_script(
+        &python,
+        CLOUD_INIT[1],
+        "/usr/local/sbin/poolgate-known-hosts",
+        dir.path(),
+    );
+
+    // The VM writes its real host keys as one block (to a file standing in for /dev/ttyS0).
+    let ssh_dir = dir.path().join("etc-ssh");
+    std::fs::create_dir(&ssh_dir).unwrap();
+    generate_ed25519(&ssh_dir.join("ssh_host_ed25519_key"), "vm");
+    let ed25519 = std::fs::read_to_string(ssh_dir.join("ssh_host_ed25519_key.pub")).unwrap();
+    let ed25519: Vec<&str> = ed25519.split_whitespace().take(2).collect();
+    let tty = dir.path().join("ttyS0");
+    let out = run_with_timeout(
+        Command::new(tool("bash"))
+            .arg(&console)
+            .arg(&tty)
+            .arg(&ssh_dir),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "poolgate-hostkeys-console");
+    let block = std::fs::read_to_string(&tty).unwrap();
+    assert!(
+        block.starts_with("poolgate-hostkeys-begin\r\n"),
+        "{block:?}"
+    );
+
+    // A console log as Azure keeps it: boot noise, a block broken by a kernel line, the VM's
+    // block, later a second block (the next boot, or root on that VM) — the first complete
+    // block counts, CR LF or not.
+    let log = format!(
+        "[    0.000000] Linux version 6.8.0-azure\r\n\
+         poolgate-hostkeys-begin\r\n\
+         poolgate-hostkey ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBROKENBROKENBROKENBROKENBROKENBROKENBROKENBR\r\n\
+         [    3.141592] audit: type=1400\r\n\
+         poolgate-hostkeys-end\r\n\
+         {block}\
+         Ubuntu 22.04 LTS poolgatevm000003 ttyS0\r\n\
+         poolgate-hostkeys-begin\r\n\
+         poolgate-hostkey ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILATERLATERLATERLATERLATERLATERLATERLATERLA\r\n\
+         poolgate-hostkeys-end\r\n"
+    );
+    let parse = |input: &str| -> String {
+        let out = run_with_input(
+            Command::new(tool("bash")).arg(&known_hosts).arg("--parse"),
+            input.as_bytes(),
+            TOOL_TIMEOUT,
+        );
+        assert_success(&out, "poolgate-known-hosts --parse");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(parse(&log), format!("{} {}\n", ed25519[0], ed25519[1]));
+    // Nothing that is not a complete block counts.
+    assert_eq!(
+        parse("poolgate-hostkeys-begin\npoolgate-hostkey ssh-ed25519 AAAA\n"),
+        ""
+    );
+    assert_eq!(
+        parse(
+            "[ 1.0] poolgate-hostkeys-begin\npoolgate-hostkey ssh-dss AAAA\npoolgate-hostkeys-end\n"
+        ),
+        ""
+    );
+
+    // Pool side: written before any account exists, and at every boot before sshd and user
+    // sessions; nothing is published on a share any more.
+    let pool = read(CLOUD_INIT[0]);
+    let runcmd = &pool[pool.find("\nruncmd:").unwrap()..];
+    assert!(
+        runcmd.find("poolgate-hostkeys-console.service").unwrap()
+            < runcmd.find("poolgate-pool-users").unwrap()
+    );
+    let unit = written_file(
+        &pool,
+        "/etc/systemd/system/poolgate-hostkeys-console.service",
+    );
+    assert!(unit.contains("Before=ssh.service ssh.socket systemd-user-sessions.service"));
+    for gone in ["hostkeys/", "ADMIN_SHARE", "cifs"] {
+        assert!(
+            !pool.contains(gone),
+            "pool-vm.yaml still publishes on a share: {gone}"
+        );
+    }
+
+    // Gateway side: only this one ARM action, on the scale set, for each gateway; the pool's
+    // boot diagnostics are on (managed storage: no account key anywhere).
+    let gateway = read(CLOUD_INIT[1]);
+    let script = written_file(&gateway, "/usr/local/sbin/poolgate-known-hosts");
+    assert!(script.contains("/retrieveBootDiagnosticsData?api-version="));
+    assert!(script.contains("/api/v1/vms"));
+    let config: toml::Value = toml::from_str(&gateway_config_text()).unwrap();
+    assert!(
+        script.contains(&format!(
+            "admin=http://127.0.0.1:{}",
+            config["listen"]["admin"]
+                .as_str()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+        )),
+        "poolgate-known-hosts asks the admin listener the config opens"
+    );
+    let template = json("azure/azuredeploy.json");
+    let role = named(
+        &template,
+        "Microsoft.Authorization/roleDefinitions",
+        "hostKeysRoleName",
+    );
+    assert_eq!(
+        variable(
+            &template,
+            role["properties"]["permissions"][0]["actions"]
+                .as_str()
+                .unwrap()
+        ),
+        &json!([
+            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/retrieveBootDiagnosticsData/action"
+        ])
+    );
+    let assignments: Vec<&Value> =
+        resources_of(&template, "Microsoft.Authorization/roleAssignments")
+            .into_iter()
+            .filter(|a| {
+                a["properties"]["roleDefinitionId"]
+                    .as_str()
+                    .unwrap()
+                    .contains("hostKeysRoleName")
+            })
+            .collect();
+    assert_eq!(assignments.len(), 1);
+    assert_eq!(
+        assignments[0]["scope"],
+        "[format('Microsoft.Compute/virtualMachineScaleSets/{0}', variables('vmssName'))]"
+    );
+    assert_eq!(
+        assignments[0]["copy"]["count"],
+        "[parameters('gatewayCount')]"
+    );
+    let vmss = one(&template, "Microsoft.Compute/virtualMachineScaleSets");
+    let diagnostics =
+        &vmss["properties"]["virtualMachineProfile"]["diagnosticsProfile"]["bootDiagnostics"];
+    assert_eq!(diagnostics["enabled"], true);
+    assert!(
+        diagnostics["storageUri"].is_null(),
+        "managed boot diagnostics storage"
+    );
+}
+
+#[test]
+fn home_is_an_nfs_share_only_the_pool_subnet_reaches() {
+    let template = json("azure/azuredeploy.json");
+    let account = one(&template, "Microsoft.Storage/storageAccounts");
+    assert_eq!(
+        account["kind"], "FileStorage",
+        "NFS needs premium FileStorage"
+    );
+    assert_eq!(account["sku"]["name"], "[parameters('homeStorageSku')]");
+    let allowed = &template["parameters"]["homeStorageSku"]["allowedValues"];
+    assert!(
+        allowed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s.as_str().unwrap().starts_with("Premium_"))
+    );
+    let p = &account["properties"];
+    assert_eq!(
+        p["supportsHttpsTrafficOnly"], false,
+        "NFS without encryption in transit needs secure transfer off"
+    );
+    assert_eq!(p["publicNetworkAccess"], "Disabled");
+    assert_eq!(p["allowSharedKeyAccess"], false, "no key to steal");
+    assert_eq!(p["networkAcls"]["defaultAction"], "Deny");
+
+    let share = one(
+        &template,
+        "Microsoft.Storage/storageAccounts/fileServices/shares",
+    );
+    assert_eq!(share["properties"]["enabledProtocols"], "NFS");
+    assert_eq!(share["properties"]["rootSquash"], "NoRootSquash");
+
+    let endpoint = named(
+        &template,
+        "Microsoft.Network/privateEndpoints",
+        "fileEndpointName",
+    );
+    let conn = &endpoint["properties"]["privateLinkServiceConnections"][0]["properties"];
+    assert_eq!(conn["groupIds"], json!(["file"]));
+    assert!(
+        conn["privateLinkServiceId"]
+            .as_str()
+            .unwrap()
+            .contains("storageAccountName")
+    );
+    assert_eq!(
+        template["variables"]["fileDnsZone"],
+        "[format('privatelink.file.{0}', environment().suffixes.storage)]"
+    );
+    named(
+        &template,
+        "Microsoft.Network/privateDnsZones/virtualNetworkLinks",
+        "fileDnsZone",
+    );
+    named(
+        &template,
+        "Microsoft.Network/privateEndpoints/privateDnsZoneGroups",
+        "fileEndpointName",
+    );
+    // No subnet reaches storage any other way.
+    let vnet = one(&template, "Microsoft.Network/virtualNetworks").to_string();
+    assert!(!vnet.contains("serviceEndpoints"), "{vnet}");
+
+    // On the VM: NFS 4.1 at /home, root's 0755 (never world-writable), homes 0700.
+    let pool = read(CLOUD_INIT[0]);
+    let mount = written_file(&pool, "/usr/local/sbin/poolgate-mount-home");
+    assert!(mount.contains("printf '%s /home nfs %s 0 0\\n' \"$remote\" \"$options\""));
+    assert!(mount.contains("options=\"vers=4,minorversion=1,sec=sys,"));
+    assert!(mount.contains("chown root:root /home") && mount.contains("chmod 0755 /home"));
+    assert!(mount.contains("usermod --move-home --home \"$local_homes/$user\""));
+    let users = written_file(&pool, "/usr/local/sbin/poolgate-pool-users");
+    assert!(users.contains("mkdir -m 0700 \"/home/$name\""));
+    assert!(users.contains("chown -R \"$uid:$uid\" \"/home/$name\""));
+    for rel in CLOUD_INIT {
+        assert!(
+            !read(rel).contains("0777"),
+            "{rel} makes something world-writable"
+        );
+    }
+    // Logins wait for /home.
+    for path in [
+        "/etc/systemd/system/ssh.service.d/50-poolgate-home.conf",
+        "/etc/systemd/system/ssh.socket.d/50-poolgate-home.conf",
+    ] {
+        assert!(written_file(&pool, path).contains("After=remote-fs.target"));
+    }
+    let hub = written_file(&pool, "/etc/systemd/system/poolgate-jupyterhub.service");
+    assert!(hub.contains("RequiresMountsFor=/home"));
+}
+
+#[test]
+fn pool_users_have_fixed_uids_from_the_scale_set_model() {
+    require_tools!("bash");
+    let Some(python) = python_with_yaml() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let script = extracted_script(
+        &python,
+        CLOUD_INIT[0],
+        "/usr/local/sbin/poolgate-pool-users",
+        dir.path(),
+    );
+    let check = |entries: &str| -> Output {
+        run_with_timeout(
+            Command::new(tool("bash"))
+                .arg(&script)
+                .args(["--check", entries]),
+            TOOL_TIMEOUT,
+        )
+    };
+    let out = check("alice:2001 bob:2002:bob@contoso.com");
+    assert_success(&out, "poolgate-pool-users --check");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "alice 2001 -\nbob 2002 bob@contoso.com\n"
+    );
+    // Every bad entry is named, and nothing is planned for a broken list.
+    let out = check("Alice:2001 carol:999 dave:2003 erin:2003 dave:2004 frank:2005:x:y");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "'Alice:2001': the name must be lower-case",
+        "'carol:999': the uid must be a number from 2000",
+        "uid 2003 is given to both dave and erin",
+        "'dave' is listed twice",
+        "'frank:2005:x:y': expected name:uid",
+    ] {
+        assert!(said.contains(needle), "{needle:?} not in:\n{said}");
+    }
+    // The example parameters pass, and the model (customData) carries them to every instance
+    // the scale set creates — including the autoscaler's.
+    let example = json("azure/azuredeploy.parameters.example.json");
+    let users = example["parameters"]["poolUsers"]["value"]
+        .as_str()
+        .unwrap();
+    assert_success(&check(users), "the example's poolUsers");
+    let template = json("azure/azuredeploy.json");
+    let vmss = one(&template, "Microsoft.Compute/virtualMachineScaleSets");
+    let custom = vmss["properties"]["virtualMachineProfile"]["osProfile"]["customData"]
+        .as_str()
+        .unwrap();
+    assert!(custom.contains("'__POOL_USERS__', parameters('poolUsers'))"));
+    let pool = read(CLOUD_INIT[0]);
+    let users_script = written_file(&pool, "/usr/local/sbin/poolgate-pool-users");
+    for needle in [
+        "groupadd --gid \"$uid\" \"$name\"",
+        "useradd --uid \"$uid\" --gid \"$uid\"",
+        "exists with uid $have, poolUsers says $uid; left alone",
+        "chpasswd -e",
+    ] {
+        assert!(
+            users_script.contains(needle),
+            "pool users script lacks {needle:?}"
+        );
+    }
+}
+
+/// Runs the pool's jupyterhub_config.py against `env` (pool.env lines) with a stand-in for
+/// traitlets' config object; prints the settings as JSON (callables: their answer for a
+/// sample of claims).
+fn jupyterhub_settings(dir: &Path, env: &str) -> Value {
+    let Some(python) = python_with_yaml() else {
+        return Value::Null;
+    };
+    let pool = read(CLOUD_INIT[0]);
+    let files = write_files(&yaml(&python, &deploy_dir().join(CLOUD_INIT[0])));
+    assert!(pool.contains("/etc/poolgate/jupyterhub_config.py"));
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("pool.env"), env).unwrap();
+    std::fs::write(etc.join("jupyterhub_client_secret"), "s3cret\n").unwrap();
+    let config = content(&files, "/etc/poolgate/jupyterhub_config.py")
+        .replace("/etc/poolgate/", &format!("{}/", etc.display()));
+    std::fs::write(dir.join("jupyterhub_config.py"), config).unwrap();
+    let runner = r#"
+import json, sys
+class Section(dict):
+    def __getattr__(self, name):
+        return self.setdefault(name, Section())
+    def __setattr__(self, name, value):
+        self[name] = value
+c = Section()
+exec(open(sys.argv[1]).read(), {"get_config": lambda: c})
+claims = [{"upn": "Bob@Contoso.com"}, {"unique_name": "mallory@contoso.com"}]
+def plain(v):
+    if callable(v):
+        return [v(x) for x in claims]
+    if isinstance(v, set):
+        return sorted(v)
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    return v
+json.dump(plain(c), sys.stdout)
+"#;
+    let out = run_with_timeout(
+        Command::new(python)
+            .args(["-c", runner])
+            .arg(dir.join("jupyterhub_config.py")),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "jupyterhub_config.py");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn jupyterhub_logs_users_in_with_entra_id_or_pam_on_a_fresh_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = "POOL_USERS=\"alice:2001 bob:2002:bob@contoso.com\"\n\
+               JUPYTERHUB_AUTH=azuread\n\
+               ENTRA_TENANT_ID=00000000-0000-0000-0000-000000000000\n\
+               ENTRA_CLIENT_ID=11111111-1111-1111-1111-111111111111\n\
+               PUBLIC_HOST=pool.example.org\n";
+    let c = jupyterhub_settings(dir.path(), env);
+    if c.is_null() {
+        return;
+    }
+    assert_eq!(c["JupyterHub"]["bind_url"], "http://:8000");
+    assert_eq!(c["JupyterHub"]["authenticator_class"], "azuread");
+    let azure = &c["AzureAdOAuthenticator"];
+    assert_eq!(azure["tenant_id"], "00000000-0000-0000-0000-000000000000");
+    assert_eq!(azure["client_id"], "11111111-1111-1111-1111-111111111111");
+    assert_eq!(
+        azure["client_secret"], "s3cret",
+        "read from the file, not the model"
+    );
+    assert_eq!(
+        azure["oauth_callback_url"],
+        "https://pool.example.org/hub/oauth_callback"
+    );
+    // bob's Entra name maps to the local account bob; an unmapped user is not allowed.
+    assert_eq!(
+        azure["username_claim"],
+        json!(["bob", "mallory@contoso.com"])
+    );
+    assert_eq!(azure["allowed_users"], json!(["bob"]));
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = jupyterhub_settings(
+        dir.path(),
+        "POOL_USERS=\"alice:2001 bob:2002\"\nJUPYTERHUB_AUTH=pam\n",
+    );
+    assert_eq!(c["JupyterHub"]["authenticator_class"], "pam");
+    assert_eq!(c["Authenticator"]["allowed_users"], json!(["alice", "bob"]));
+
+    // The template: parameters for tenant and client, the client secret only in Key Vault.
+    let template = json("azure/azuredeploy.json");
+    let params = &template["parameters"];
+    assert_eq!(
+        params["jupyterhubAuth"]["allowedValues"],
+        json!(["azuread", "pam"])
+    );
+    for name in ["entraTenantId", "entraClientId"] {
+        assert_eq!(params[name]["type"], "string", "{name}");
+    }
+    assert!(
+        !params
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.to_ascii_lowercase().contains("secret")),
+        "no secret is a parameter"
+    );
+    let vmss = one(&template, "Microsoft.Compute/virtualMachineScaleSets");
+    let custom = vmss["properties"]["virtualMachineProfile"]["osProfile"]["customData"]
+        .as_str()
+        .unwrap();
+    for needle in [
+        "'__JUPYTERHUB_AUTH__', parameters('jupyterhubAuth'))",
+        "'__ENTRA_TENANT_ID__', parameters('entraTenantId'))",
+        "'__ENTRA_CLIENT_ID__', parameters('entraClientId'))",
+        "'__PUBLIC_HOST__', if(empty(parameters('publicHostName'))",
+    ] {
+        assert!(custom.contains(needle), "customData lacks {needle}");
+    }
+    let pool = read(CLOUD_INIT[0]);
+    let wrapper = written_file(&pool, "/usr/local/sbin/poolgate-jupyterhub");
+    assert!(wrapper.contains("-m pip install --quiet 'oauthenticator[azuread]'"));
+}
+
+#[test]
+fn every_resource_is_tagged_and_the_pool_has_zones_and_boot_diagnostics() {
+    let template = json("azure/azuredeploy.json");
+    assert_eq!(template["parameters"]["tags"]["type"], "object");
+    // Types ARM gives no tags to (proxy resources and extension resources).
+    let untaggable = [
+        "Microsoft.Storage/storageAccounts/fileServices/shares",
+        "Microsoft.Network/privateEndpoints/privateDnsZoneGroups",
+        "Microsoft.Authorization/roleDefinitions",
+        "Microsoft.Authorization/roleAssignments",
+    ];
+    for r in template["resources"].as_array().unwrap() {
+        let kind = r["type"].as_str().unwrap();
+        if untaggable.contains(&kind) {
+            continue;
+        }
+        assert_eq!(
+            r["tags"], "[parameters('tags')]",
+            "{kind} {} has no tags",
+            r["name"]
+        );
+    }
+    let vmss = one(&template, "Microsoft.Compute/virtualMachineScaleSets");
+    assert_eq!(
+        vmss["zones"],
+        "[if(empty(parameters('poolZones')), json('null'), parameters('poolZones'))]"
+    );
+    assert_eq!(
+        template["parameters"]["poolZones"]["defaultValue"],
+        json!(["1", "2", "3"])
+    );
+    let gateway = one(&template, "Microsoft.Compute/virtualMachines");
+    assert_eq!(
+        gateway["properties"]["diagnosticsProfile"]["bootDiagnostics"]["enabled"],
+        true
+    );
+    assert_eq!(
+        vmss["properties"]["virtualMachineProfile"]["diagnosticsProfile"]["bootDiagnostics"]["enabled"],
+        true
+    );
+}
+
+#[test]
+fn operations_doc_and_the_deploy_name_the_same_admin_port() {
+    let config: toml::Value = toml::from_str(&gateway_config_text()).unwrap();
+    let port = config["listen"]["admin"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(port, ADMIN_PORT);
+    let ops = std::fs::read_to_string(workspace_dir().join("docs/operations.md")).unwrap();
+    assert!(
+        ops.contains(&format!("127.0.0.1:{port}")),
+        "docs/operations.md names the deploy's admin port {port}"
+    );
+    for (i, _) in ops.match_indices("localhost:") {
+        let p: String = ops[i + "localhost:".len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        assert_eq!(p, port, "docs/operations.md uses admin port {p}");
+    }
+    assert!(
+        !ops.contains("127.0.0.1:9090") || ops.contains("poolgate's built-in default"),
+        "9090 appears only as the built-in default"
+    );
+    let prometheus = read("prometheus/prometheus.yml");
+    assert!(prometheus.contains(&format!("127.0.0.1:{port}")));
+}
+
+#[test]
+fn a_re_created_gateway_gets_the_same_keys_users_and_certificate_back() {
+    let gateway = read(CLOUD_INIT[1]);
+    let fetch = written_file(&gateway, "/usr/local/sbin/poolgate-fetch-secrets");
+    let config: toml::Value = toml::from_str(&gateway_config_text()).unwrap();
+    // The replicas share state in Redis, so poolgate itself never generates the host key, user
+    // CA or cookie secret: they can only come from the vault, the same on every (re-)created VM.
+    assert_eq!(config["cluster"]["store"].as_str(), Some("redis"));
+    for secret in [
+        "poolgate-ssh-host-key",
+        "poolgate-user-ca",
+        "poolgate-cookie-secret",
+    ] {
+        assert!(fetch.contains(&format!("put {secret} ")), "{secret}");
+    }
+    let commands: Vec<&str> = gateway
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    assert!(
+        !commands
+            .iter()
+            .any(|l| l.contains("keys init") || l.contains("ssh-keygen")),
+        "nothing on the gateway VM makes a new poolgate key"
+    );
+    // Users (Key Vault, replacing the directory) and the TLS certificate (a Key Vault
+    // certificate, PEM or PKCS#12) come back too.
+    assert!(fetch.contains("/secrets/poolgate-authorized-keys?"));
+    for needle in [
+        "/secrets/poolgate-tls?api-version=7.4",
+        "application/x-pkcs12",
+        "chmod 0600 \"$new/key.pem\"",
+        "mv -f \"$new/cert.pem\" \"$dir/cert.pem\"",
+    ] {
+        assert!(fetch.contains(needle), "fetch script lacks {needle:?}");
+    }
+    // The self-signed stand-in is made only when no certificate came from the vault.
+    let setup = written_file(&gateway, "/usr/local/sbin/poolgate-gateway-setup");
+    let fetched = setup
+        .find("/usr/local/sbin/poolgate-fetch-secrets")
+        .unwrap();
+    let self_signed = setup
+        .find("if [ ! -f /etc/poolgate/tls/cert.pem ]; then")
+        .unwrap();
+    assert!(fetched < self_signed);
+    // The VMs' host keys are rebuilt from ARM (every instance's console), not from local state.
+    assert!(
+        written_file(&gateway, "/usr/local/sbin/poolgate-known-hosts")
+            .contains("retrieveBootDiagnosticsData")
+    );
+}
+
+#[test]
+fn systemd_units_cloud_init_writes_pass_systemd_analyze_verify() {
+    let Some(python) = python_with_yaml() else {
+        return;
+    };
+    let Some(analyze) = find_tool("systemd-analyze") else {
+        assert!(
+            !in_ci(),
+            "systemd-analyze is missing (Debian package systemd)"
+        );
+        eprintln!("systemd-analyze not installed: skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut units = Vec::new();
+    for rel in CLOUD_INIT {
+        let files = write_files(&yaml(&python, &deploy_dir().join(rel)));
+        for (path, entry) in &files {
+            let name = path.rsplit('/').next().unwrap();
+            let is_unit = path.starts_with("/etc/systemd/system/")
+                && !path.contains(".d/")
+                && (name.ends_with(".service") || name.ends_with(".timer"))
+                && name != "poolgate.service";
+            if !is_unit {
+                continue;
+            }
+            // Each ExecStart names a script cloud-init installs: point it at a copy of that
+            // script here, so verify also checks the command exists and is executable.
+            let mut unit = entry["content"].as_str().unwrap().to_string();
+            for (script, body) in files.iter().filter(|(p, _)| p.starts_with("/usr/local/")) {
+                if unit.contains(script.as_str()) {
+                    let copy = dir.path().join(script.rsplit('/').next().unwrap());
+                    std::fs::write(&copy, body["content"].as_str().unwrap()).unwrap();
+                    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+                        .unwrap();
+                    unit = unit.replace(script.as_str(), &copy.display().to_string());
+                }
+            }
+            let file = dir.path().join(name);
+            std::fs::write(&file, unit).unwrap();
+            units.push(file);
+        }
+    }
+    assert!(units.len() >= 5, "{units:?}");
+    let out = run_with_timeout(
+        Command::new(analyze).arg("verify").args(&units),
+        TOOL_TIMEOUT,
+    );
+    let said = text(&out);
+    let ours = said
+        .lines()
+        .filter(|l| {
+            units
+                .iter()
+                .any(|u| l.contains(&*u.file_name().unwrap().to_string_lossy()))
+        })
+        .collect::<Vec<_>>();
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify on the cloud-init units:\n{said}"
+    );
+}
+
+#[test]
+fn a_key_vault_pem_certificate_splits_into_the_key_and_chain_poolgate_reads() {
+    require_tools!("awk", "openssl");
+    let gateway = read(CLOUD_INIT[1]);
+    let fetch = written_file(&gateway, "/usr/local/sbin/poolgate-fetch-secrets");
+    // The awk program poolgate-fetch-secrets runs on the PEM value of poolgate-tls.
+    let (_, tls) = fetch
+        .split_once("tls_certificate() {")
+        .expect("fetch script has tls_certificate");
+    let (_, rest) = tls
+        .split_once("awk -v dir=\"$new\" '")
+        .expect("fetch script splits the PEM bundle with awk");
+    let program = &rest[..rest.find('\'').unwrap()];
+
+    // A Key Vault PEM certificate: the private key first, then the chain.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("in-key.pem");
+    let cert = dir.path().join("in-cert.pem");
+    let out = run_with_timeout(
+        Command::new(tool("openssl"))
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=pool.example.org", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "openssl req");
+    let bundle = format!(
+        "{}{}{}",
+        std::fs::read_to_string(&key).unwrap(),
+        std::fs::read_to_string(&cert).unwrap(),
+        std::fs::read_to_string(&cert).unwrap()
+    );
+    let split = dir.path().join("split");
+    std::fs::create_dir(&split).unwrap();
+    let out = run_with_input(
+        Command::new(tool("awk"))
+            .arg("-v")
+            .arg(format!("dir={}", split.display()))
+            .arg(program),
+        bundle.as_bytes(),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "the fetch script's awk");
+    let key_out = std::fs::read_to_string(split.join("key.pem")).unwrap();
+    let cert_out = std::fs::read_to_string(split.join("cert.pem")).unwrap();
+    assert_eq!(key_out, std::fs::read_to_string(&key).unwrap());
+    assert!(!cert_out.contains("PRIVATE"), "no key in cert.pem");
+    assert_eq!(
+        cert_out.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "the whole chain"
+    );
+    let out = run_with_timeout(
+        Command::new(tool("openssl"))
+            .args(["x509", "-noout", "-subject", "-in"])
+            .arg(split.join("cert.pem")),
+        TOOL_TIMEOUT,
+    );
+    assert_success(&out, "openssl x509 on cert.pem");
+    assert!(text(&out).contains("pool.example.org"));
 }
