@@ -80,6 +80,10 @@ pub struct Observation<'a> {
     /// Running VMs a schedule window keeps warm now (`[[autoscale.schedule]]`; 0 outside every
     /// window): a floor on the aim, within `max_vms`, whatever the load.
     pub min_warm: u32,
+    /// Nodes that pending batch jobs wait for (Slurm, `[batch]`; 0 without): added to the aim,
+    /// one VM each, and the pool counts as in use while any wait. VMs running jobs come as
+    /// `busy` (never drained or removed).
+    pub batch_pending_nodes: u32,
 }
 
 /// What to do.
@@ -167,7 +171,8 @@ impl Autoscaler {
 
         let sessions: u32 = obs.vms.iter().map(|v| v.sessions).sum();
         let demand = sessions.saturating_add(obs.waiting);
-        if demand > 0 {
+        let pending_nodes = obs.batch_pending_nodes;
+        if demand > 0 || pending_nodes > 0 {
             self.pool_idle_since = None;
         } else if self.pool_idle_since.is_none() {
             self.pool_idle_since = Some(now);
@@ -179,9 +184,13 @@ impl Autoscaler {
 
         let floor = obs.min_warm.min(c.max_vms);
         let mut desired = self.aim(demand).max(floor);
-        if demand == 0 && pool_idle_for >= c.scale_to_zero_after {
+        if demand == 0 && pending_nodes == 0 && pool_idle_for >= c.scale_to_zero_after {
             desired = c.min_vms.max(floor);
         }
+        // Pending batch jobs need VMs of their own on top of the interactive aim.
+        desired = desired
+            .saturating_add(pending_nodes)
+            .min(c.max_vms.max(c.min_vms));
 
         let alive: Vec<&VmObservation> = obs.vms.iter().filter(|v| is_alive(v.lifecycle)).collect();
         let serving = alive.iter().filter(|v| !v.draining).count() as u32;
@@ -221,7 +230,11 @@ impl Autoscaler {
             let room = c.max_vms.saturating_sub(alive.len() as u32);
             let start = missing.min(room);
             if start > 0 {
-                let why = if obs.waiting > 0 {
+                let why = if pending_nodes > 0 && obs.waiting == 0 {
+                    format!(
+                        "{pending_nodes} node(s) wanted by pending batch jobs; aim is {desired} serving VMs, {serving} serving"
+                    )
+                } else if obs.waiting > 0 {
                     format!(
                         "{} session(s) waiting; aim is {desired} serving VMs, {serving} serving",
                         obs.waiting
@@ -339,6 +352,7 @@ mod tests {
             waiting: 1,
             now,
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.desired, 2);
         assert_eq!(d.actions[0].0, Action::Start(2));
@@ -357,6 +371,7 @@ mod tests {
             waiting: 1,
             now: Instant::now(),
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.desired, 1);
         assert_eq!(d.actions[0].0, Action::Start(1), "{d:?}");
@@ -372,6 +387,7 @@ mod tests {
             waiting: 0,
             now,
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.desired, 3);
         assert_eq!(d.actions, vec![(Action::Start(1), d.actions[0].1.clone())]);
@@ -389,6 +405,7 @@ mod tests {
             waiting: 0,
             now: later,
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.actions.len(), 1);
         assert_eq!(d.actions[0].0, Action::Drain("b".into()));
@@ -399,6 +416,7 @@ mod tests {
             waiting: 0,
             now: later + Duration::from_secs(10),
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Remove("b".into()));
 
@@ -411,6 +429,7 @@ mod tests {
             waiting: 0,
             now: later,
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         let Action::Drain(name) = &d.actions[0].0 else {
             panic!("{d:?}")
@@ -427,6 +446,7 @@ mod tests {
             waiting: 0,
             now: later + Duration::from_secs(5),
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Undrain(drained));
     }
@@ -442,6 +462,7 @@ mod tests {
             waiting: 1,
             now: t0,
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         let busy = [vm("a", 2, None), vm("b", 1, None), vm("c", 1, None)];
         let d = a.decide(&Observation {
@@ -449,6 +470,7 @@ mod tests {
             waiting: 0,
             now: t0 + Duration::from_secs(5000),
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert!(
             d.actions
@@ -468,6 +490,7 @@ mod tests {
             waiting: 0,
             now: t0,
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(
             d.desired, 1,
@@ -478,6 +501,7 @@ mod tests {
             waiting: 0,
             now: t0 + Duration::from_secs(1801),
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.desired, 0);
         assert_eq!(d.actions[0].0, Action::Drain("a".into()));
@@ -492,6 +516,7 @@ mod tests {
             waiting: 10,
             now: Instant::now(),
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert!(
             d.actions
@@ -514,6 +539,7 @@ mod tests {
             waiting: 0,
             now: later,
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(
             d.actions,
@@ -527,6 +553,7 @@ mod tests {
                 waiting: 0,
                 now: later + Duration::from_secs(step * 1000),
                 min_warm: 0,
+                batch_pending_nodes: 0,
             });
             assert!(
                 d.actions
@@ -548,12 +575,14 @@ mod tests {
             waiting: 0,
             now: t0,
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         let d = a.decide(&Observation {
             vms: &vms,
             waiting: 0,
             now: later,
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Drain("c".into()));
         vms[0].draining = true;
@@ -563,6 +592,7 @@ mod tests {
             waiting: 0,
             now: later + Duration::from_secs(1),
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.actions.len(), 1, "{d:?}");
         assert_eq!(d.actions[0].0, Action::Undrain("c".into()));
@@ -575,6 +605,7 @@ mod tests {
             waiting: 0,
             now: later + Duration::from_secs(2),
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Drain("c".into()));
     }
@@ -589,6 +620,7 @@ mod tests {
             waiting: 0,
             now: t0,
             min_warm: 3,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.desired, 3);
         assert_eq!(d.actions.len(), 1, "{d:?}");
@@ -607,6 +639,7 @@ mod tests {
             waiting: 0,
             now: later,
             min_warm: 3,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.desired, 3);
         assert_eq!(
@@ -624,12 +657,14 @@ mod tests {
             waiting: 0,
             now: t0,
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         let d = b.decide(&Observation {
             vms: &vms[..3],
             waiting: 0,
             now: later,
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.desired, 0);
         assert!(matches!(d.actions[0].0, Action::Drain(_)), "{d:?}");
@@ -649,6 +684,7 @@ mod tests {
             waiting: 0,
             now: t0,
             min_warm: 2,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.desired, 4);
         // A floor above max_vms (5) is held at max_vms.
@@ -657,8 +693,57 @@ mod tests {
             waiting: 0,
             now: t0,
             min_warm: 9,
+            batch_pending_nodes: 0,
         });
         assert_eq!((d.desired, d.actions[0].0.clone()), (5, Action::Start(5)));
+    }
+
+    #[test]
+    fn pending_batch_jobs_wake_an_empty_pool_and_add_a_vm_per_node_up_to_max() {
+        let t0 = Instant::now();
+        let mut a = Autoscaler::new(config());
+        // Pool at zero, long idle, a job pending for one node: one VM (+ the spare).
+        let _ = a.decide(&Observation {
+            vms: &[],
+            waiting: 0,
+            now: t0,
+            min_warm: 0,
+            batch_pending_nodes: 0,
+        });
+        let d = a.decide(&Observation {
+            vms: &[],
+            waiting: 0,
+            now: t0 + Duration::from_secs(3 * 3600),
+            min_warm: 0,
+            batch_pending_nodes: 1,
+        });
+        assert_eq!(d.desired, 2, "{d:?}");
+        assert_eq!(d.actions[0].0, Action::Start(2));
+        assert!(d.actions[0].1.contains("pending batch jobs"), "{d:?}");
+        // Twenty jobs queued: capped at max_vms (5).
+        let d = a.decide(&Observation {
+            vms: &[],
+            waiting: 0,
+            now: t0 + Duration::from_secs(3 * 3600),
+            min_warm: 0,
+            batch_pending_nodes: 20,
+        });
+        assert_eq!(d.desired, 5);
+        // VMs running jobs are busy: never drained, however long without sessions.
+        let mut vms = vec![vm("a", 0, Some(t0)), vm("b", 0, Some(t0))];
+        vms[0].busy = true;
+        vms[1].busy = true;
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: t0 + Duration::from_secs(5 * 3600),
+            min_warm: 0,
+            batch_pending_nodes: 0,
+        });
+        assert!(
+            !d.actions.iter().any(|(x, _)| matches!(x, Action::Drain(_))),
+            "{d:?}"
+        );
     }
 
     #[test]
@@ -679,6 +764,7 @@ mod tests {
             waiting: 0,
             now: t0,
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert!(d.actions.is_empty(), "{d:?}");
         // "a" was drained for scale-in by the old leader: adopted, then removed while empty.
@@ -689,6 +775,7 @@ mod tests {
             waiting: 0,
             now: t0 + Duration::from_secs(1),
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(
             d.actions.iter().map(|(x, _)| x.clone()).collect::<Vec<_>>(),
@@ -702,6 +789,7 @@ mod tests {
             waiting: 1,
             now: t0 + Duration::from_secs(2),
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Undrain("a".into()), "{d:?}");
         assert!(
@@ -718,6 +806,7 @@ mod tests {
             waiting: 0,
             now: t0 + Duration::from_secs(3),
             min_warm: 0,
+            batch_pending_nodes: 0,
         });
         assert_eq!(a.draining().count(), 0);
     }
@@ -735,6 +824,7 @@ mod tests {
                 waiting: 1,
                 now: Instant::now(),
                 min_warm: 0,
+                batch_pending_nodes: 0,
             })
         };
         let woken = vm("a", 0, Some(Instant::now()));

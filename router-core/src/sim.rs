@@ -624,6 +624,7 @@ impl Sim<'_> {
             waiting: self.waiting.len() as u32,
             now,
             min_warm: (self.min_warm)(t),
+            batch_pending_nodes: 0,
         });
         for (action, _reason) in decision.actions {
             match action {

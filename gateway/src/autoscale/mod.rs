@@ -421,6 +421,7 @@ impl Driver {
                 waiting,
                 now: self.pool.clock().now(),
                 min_warm,
+                batch_pending_nodes: 0,
             }),
             Err(_) => return Vec::new(),
         };
