@@ -194,6 +194,15 @@ impl Weekday {
     }
 }
 
+string_enum! {
+    /// `batch.engine`: the batch scheduler on the pool VMs.
+    pub enum BatchEngine ("batch engine") {
+        /// Slurm (slurmctld, slurmd on the VMs; squeue, sinfo, scontrol on the gateway).
+        #[default]
+        Slurm = "slurm",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

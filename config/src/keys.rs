@@ -58,6 +58,7 @@ fn fully_populated() -> Config {
     c.ssh.banner = Some("welcome".into());
     c.ssh.idle_timeout = Some(Duration::from_secs(3600));
     c.health.load_metrics_port = Some(9100);
+    c.batch = Some(crate::model::Batch::default());
     c.autoscale.schedule = vec![crate::model::ScheduleWindow {
         from: "07:30".parse().ok(),
         to: "18:00".parse().ok(),

@@ -30,13 +30,15 @@ mod validate;
 use std::path::Path;
 
 pub use enums::{
-    Affinity, BackendScheme, Credential, Orchestration, PasswordAuth, Provider, StoreKind, Weekday,
+    Affinity, BackendScheme, BatchEngine, Credential, Orchestration, PasswordAuth, Provider,
+    StoreKind, Weekday,
 };
 pub use error::{ConfigError, ValidationError};
 pub use keys::known_keys;
 pub use model::{
-    Admin, Autoscale, Azure, Backend, Cluster, Config, DEFAULT_BUSY_SCRIPT, Exec, GatewaySection,
-    Health, Http, Listen, Pool, Routing, ScheduleWindow, Ssh, TimeOfDay, Tls, default_busy_command,
+    Admin, Autoscale, Azure, Backend, Batch, Cluster, Config, DEFAULT_BUSY_SCRIPT, Exec,
+    GatewaySection, Health, Http, Listen, Pool, Routing, ScheduleWindow, Ssh, TimeOfDay, Tls,
+    default_busy_command,
 };
 pub use simulation::{SimulationConfig, load_simulation, parse_simulation};
 

@@ -41,6 +41,12 @@ pub struct Metrics {
     /// `poolgate_autoscale_actions_in_flight`: provider actions (start, stop, delete, create)
     /// still running.
     pub autoscale_actions_in_flight: IntGauge,
+    /// `poolgate_batch_jobs{state}`: jobs of the batch partition, `pending` and `running`.
+    pub batch_jobs: IntGaugeVec,
+    /// `poolgate_batch_nodes_busy`: pool VMs whose Slurm node runs a job.
+    pub batch_nodes_busy: IntGauge,
+    /// `poolgate_batch_up`: 1 while reading the batch queue works (0: deciding on its last view).
+    pub batch_up: IntGauge,
     /// `poolgate_autoscale_schedule_min_vms`: VMs a `[[autoscale.schedule]]` window keeps warm
     /// now (0 outside every window).
     pub autoscale_schedule_min_vms: IntGauge,
@@ -171,6 +177,21 @@ impl Metrics {
                 "autoscale_actions_in_flight",
                 "Provider actions (start, stop, delete, create) the autoscaler started that are still running."
             )),
+            batch_jobs: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "batch_jobs",
+                    "Jobs of the batch partition, by state (pending, running)."
+                ),
+                &["state"]
+            )),
+            batch_nodes_busy: reg!(IntGauge::new(
+                "batch_nodes_busy",
+                "Pool VMs whose Slurm node runs a job (never drained or removed)."
+            )),
+            batch_up: reg!(IntGauge::new(
+                "batch_up",
+                "1 while reading the batch queue works; 0 while the autoscaler decides on its last view."
+            )),
             autoscale_schedule_min_vms: reg!(IntGauge::new(
                 "autoscale_schedule_min_vms",
                 "Running VMs an autoscale.schedule window keeps warm now (0 outside every window)."
@@ -259,6 +280,9 @@ impl Metrics {
             "error",
         ] {
             metrics.autoscale_actions_total.with_label_values(&[action]);
+        }
+        for state in ["pending", "running"] {
+            metrics.batch_jobs.with_label_values(&[state]);
         }
         for result in ["busy", "idle", "unknown"] {
             metrics
@@ -352,6 +376,9 @@ impl Metrics {
             self.autoscale_desired_vms.desc(),
             self.autoscale_max_vms.desc(),
             self.autoscale_schedule_min_vms.desc(),
+            self.batch_jobs.desc(),
+            self.batch_nodes_busy.desc(),
+            self.batch_up.desc(),
             self.autoscale_actions_in_flight.desc(),
             self.autoscale_actions_total.desc(),
             self.autoscale_leader.desc(),

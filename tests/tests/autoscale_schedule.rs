@@ -24,8 +24,10 @@ fn utc_time_in(minutes: i64) -> String {
 /// `[[autoscale.schedule]]` tables) and `boot_estimate`.
 struct Fixture {
     pool: GatewayPool,
-    _vm: SshdVm,
+    // Fields drop in order: the sshd the start script ran is killed (through its pid file)
+    // before the VM's directory holding that file goes away.
     _cleanup: KillPidFile,
+    _vm: SshdVm,
     _dir: tempfile::TempDir,
 }
 
@@ -70,8 +72,8 @@ fn start(schedule: &str, boot_estimate: &str, users: usize) -> Fixture {
         .start();
     Fixture {
         pool,
-        _vm: vm,
         _cleanup: cleanup,
+        _vm: vm,
         _dir: dir,
     }
 }

@@ -2,6 +2,7 @@
 //! starting point (except that the default `static` provider needs at least one backend).
 
 mod autoscale;
+mod batch;
 mod cluster;
 mod frontend;
 mod pool;
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub use autoscale::{
     Autoscale, DEFAULT_BUSY_SCRIPT, ScheduleWindow, TimeOfDay, default_busy_command,
 };
+pub use batch::Batch;
 pub use cluster::Cluster;
 pub use frontend::{Admin, GatewaySection, Health, Http, Listen, Routing, Ssh, Tls};
 pub use pool::{Azure, Backend, Exec, Pool};
@@ -45,6 +47,9 @@ pub struct Config {
     /// `[cluster]`: present when several replicas share state.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<Cluster>,
+    /// `[batch]`: present when the pool VMs run Slurm jobs too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<Batch>,
 }
 
 impl Config {

@@ -1,5 +1,6 @@
 //! Pure checks of a parsed configuration: no filesystem, no network. Every problem is collected.
 
+mod batch;
 mod cluster;
 mod pool;
 
@@ -34,6 +35,7 @@ impl Config {
         pool::pool(self, provider_known, &mut r);
         pool::autoscale(self, provider_known, &mut r);
         cluster::cluster(self, &mut r);
+        batch::batch(self, &mut r);
         r.0
     }
 }

@@ -271,6 +271,11 @@ fn build_gateway(
         )));
     }
     // Validated with the configuration: a window that cannot be used stops the start here.
+    if let Some(batch) = &config.batch
+        && a.enabled
+    {
+        driver.set_batch(Arc::new(crate::autoscale::batch::Slurm::new(batch)));
+    }
     driver.set_schedule(
         crate::autoscale::schedule::Schedule::new(&a.schedule).context("autoscale.schedule")?,
     );

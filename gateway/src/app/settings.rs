@@ -78,6 +78,11 @@ pub fn ssh_settings(config: &Config) -> SshSettings {
         } else {
             vec![config.autoscale.busy_user.clone()]
         },
+        pool_verbs: config
+            .batch
+            .as_ref()
+            .filter(|b| b.verbs)
+            .map(|b| b.partition.clone()),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Autoscaler driver: keeps the pool in sync with the provider, runs router-core's policy every
 //! `autoscale.tick` (or at once when a connection waits), applies its actions and explains them.
 
+pub mod batch;
 pub mod busy;
 pub mod providers;
 pub mod schedule;
@@ -78,6 +79,10 @@ pub struct Driver {
     in_flight: Mutex<InFlight>,
     /// `[[autoscale.schedule]]`, when it has windows.
     schedule: std::sync::OnceLock<schedule::Schedule>,
+    /// The batch scheduler (`[batch]`), when there is one.
+    batch: std::sync::OnceLock<Arc<dyn batch::BatchEngine>>,
+    /// Its last successful read, and whether reads fail now (logged once each way).
+    batch_view: Mutex<(Option<batch::BatchView>, bool)>,
     /// The schedule's floor last applied, and its window (logged when it changes).
     schedule_floor: Mutex<(u32, Option<String>)>,
 }
@@ -139,6 +144,8 @@ impl Driver {
             in_flight: Mutex::new(InFlight::default()),
             schedule: std::sync::OnceLock::new(),
             schedule_floor: Mutex::new((0, None)),
+            batch: std::sync::OnceLock::new(),
+            batch_view: Mutex::new((None, false)),
         })
     }
 
@@ -152,6 +159,90 @@ impl Driver {
             tracing::info!(%schedule, "autoscale schedule");
         }
         let _ = self.schedule.set(schedule);
+    }
+
+    /// Reads Slurm's queue every decision (`[batch]`): pending jobs are demand, nodes running
+    /// jobs are busy VMs, and drains are kept in step. Set once, at startup.
+    pub fn set_batch(&self, engine: Arc<dyn batch::BatchEngine>) {
+        let _ = self.batch.set(engine);
+    }
+
+    /// Slurm now, or its last successful read when this one fails.
+    async fn batch_view(&self) -> Option<batch::BatchView> {
+        let engine = self.batch.get()?;
+        let read = engine.observe().await;
+        let Ok(mut last) = self.batch_view.lock() else {
+            return None;
+        };
+        match read {
+            Ok(view) => {
+                if last.1 {
+                    tracing::info!("reading the batch queue works again");
+                }
+                self.metrics.batch_up.set(1);
+                self.metrics
+                    .batch_jobs
+                    .with_label_values(&["pending"])
+                    .set(i64::from(view.pending_jobs));
+                self.metrics
+                    .batch_jobs
+                    .with_label_values(&["running"])
+                    .set(i64::from(view.running_jobs));
+                *last = (Some(view), false);
+            }
+            Err(e) => {
+                if !last.1 {
+                    tracing::warn!(error = %e, "reading the batch queue failed; deciding on the last view (VMs it showed running jobs stay busy)");
+                }
+                self.metrics.batch_up.set(0);
+                last.1 = true;
+            }
+        }
+        last.0.clone()
+    }
+
+    /// Keeps Slurm's drains in step with the pool's: a VM poolgate drains is drained in Slurm
+    /// (no new job lands there), and a node poolgate drained is resumed once its VM serves again
+    /// (undrained, or started). Other drains (an admin's own) are left alone.
+    async fn sync_batch_drains(&self, view: &batch::BatchView, snapshot: &router_core::Snapshot) {
+        let Some(engine) = self.batch.get() else {
+            return;
+        };
+        let scale_in: std::collections::BTreeSet<String> =
+            self.scale_in.lock().map(|s| s.clone()).unwrap_or_default();
+        for vm in snapshot.vms() {
+            let node = engine.node_of(vm.name());
+            let Some(state) = view.nodes.get(&node) else {
+                continue;
+            };
+            let status = vm.status();
+            let alive = matches!(status.lifecycle, Lifecycle::Running | Lifecycle::Starting);
+            if status.draining && alive && !state.drain {
+                let reason = if scale_in.contains(vm.name()) {
+                    batch::SCALE_IN_REASON
+                } else {
+                    batch::OPERATOR_REASON
+                };
+                match engine.drain(&node, reason).await {
+                    Ok(()) => {
+                        tracing::info!(vm = vm.name(), %node, reason, "drained the VM's Slurm node")
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = vm.name(), %node, error = %e, "draining the VM's Slurm node failed; will retry")
+                    }
+                }
+            } else if !status.draining
+                && status.lifecycle == Lifecycle::Running
+                && state.drained_by_poolgate()
+            {
+                match engine.resume(&node).await {
+                    Ok(()) => tracing::info!(vm = vm.name(), %node, "resumed the VM's Slurm node"),
+                    Err(e) => {
+                        tracing::warn!(vm = vm.name(), %node, error = %e, "resuming the VM's Slurm node failed; will retry")
+                    }
+                }
+            }
+        }
     }
 
     /// VMs the schedule keeps warm now, started a boot ahead of each window; logs when a window
@@ -391,6 +482,23 @@ impl Driver {
                 snapshot.vms().iter().map(|vm| vm.spec().clone()).collect();
             tracker.observe(&mut vms, &specs, &ours, self.pool.clock().now());
         }
+        // VMs whose Slurm node runs a job are busy, whatever the busy check said.
+        let batch = self.batch_view().await;
+        if let (Some(view), Some(engine)) = (&batch, self.batch.get()) {
+            let mut busy_nodes = 0;
+            for v in &mut vms {
+                if view
+                    .nodes
+                    .get(&engine.node_of(&v.name))
+                    .is_some_and(|n| n.busy)
+                {
+                    v.busy = true;
+                    busy_nodes += 1;
+                }
+            }
+            self.metrics.batch_nodes_busy.set(busy_nodes);
+            self.sync_batch_drains(view, &snapshot).await;
+        }
         // Platform scale-in protection follows what the VMs said, not checks still under way.
         let kept = self.busy.get().map(BusyTracker::view).unwrap_or_default();
         self.protect_busy(&vms, &kept).await;
@@ -421,7 +529,7 @@ impl Driver {
                 waiting,
                 now: self.pool.clock().now(),
                 min_warm,
-                batch_pending_nodes: 0,
+                batch_pending_nodes: batch.as_ref().map_or(0, |v| v.pending_nodes),
             }),
             Err(_) => return Vec::new(),
         };
@@ -705,6 +813,22 @@ impl Driver {
     /// The check right before a VM is stopped or deleted: true when work runs on it (or the
     /// check cannot tell), in which case it is taken back into service instead.
     async fn kept_busy(&self, vm: &str) -> bool {
+        if let Some(engine) = self.batch.get() {
+            // Slurm asked again: a job that started since the decision keeps the VM.
+            let node = engine.node_of(vm);
+            let busy = match engine.observe().await {
+                Ok(view) => view.nodes.get(&node).is_some_and(|n| n.busy),
+                Err(e) => {
+                    tracing::warn!(%vm, error = %e, "cannot read Slurm right before stopping the VM; kept");
+                    true
+                }
+            };
+            if busy {
+                self.pool.undrain(vm);
+                tracing::info!(%vm, %node, "not stopping the VM: a Slurm job runs on it; taken back into service");
+                return true;
+            }
+        }
         let Some(tracker) = self.busy.get() else {
             return false;
         };

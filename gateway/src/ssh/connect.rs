@@ -215,6 +215,7 @@ pub(crate) fn make_ready(
             .metrics
             .bytes_total
             .with_label_values(&["ssh", guard.vm_name(), "down"]),
+        pool_verbs: gw.settings.pool_verbs.clone(),
     });
     tokio::spawn(
         tell_user_when_vm_lost(
@@ -353,6 +354,8 @@ pub struct Link {
     exit: Mutex<Option<String>>,
     bytes_up: prometheus::IntCounter,
     bytes_down: prometheus::IntCounter,
+    /// The batch partition when `pool` verbs are on.
+    pool_verbs: Option<String>,
 }
 
 impl UserSide for Link {
@@ -394,6 +397,19 @@ impl UserSide for Link {
 
     fn vm_lost_message(&self) -> String {
         vm_lost_message(self.guard.vm_name())
+    }
+
+    fn exec_command(&self, command: Vec<u8>) -> Vec<u8> {
+        let Some(partition) = &self.pool_verbs else {
+            return command;
+        };
+        match super::pool_verbs::rewrite(&command, partition) {
+            super::pool_verbs::Verb::NotOurs => command,
+            super::pool_verbs::Verb::Run { name, command } => {
+                tracing::info!(user = %self.user, vm = self.guard.vm_name(), verb = name, "pool verb");
+                command.into_bytes()
+            }
+        }
     }
 
     fn exited(&self, status: Option<u32>, signal: Option<String>) {

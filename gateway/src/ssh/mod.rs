@@ -9,6 +9,7 @@ pub mod front;
 pub mod keys;
 pub mod known_hosts;
 pub mod penalty;
+pub mod pool_verbs;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -60,6 +61,8 @@ pub struct SshSettings {
     /// Login names refused at the front door whatever the key (`autoscale.busy_user`: a user
     /// must never get a shell under the busy check's name).
     pub refused_users: Vec<String>,
+    /// The batch partition when `ssh HOST pool …` verbs are on (`[batch]`, `batch.verbs`).
+    pub pool_verbs: Option<String>,
 }
 
 /// Called with the auth method and client address on every failed authentication.

@@ -104,6 +104,11 @@ pub trait UserSide: Send + Sync + 'static {
     fn exited(&self, status: Option<u32>, signal: Option<String>);
     /// The text written to the user's stderr when the VM connection vanishes under a channel.
     fn vm_lost_message(&self) -> String;
+    /// The command an exec request runs on the VM (the gateway's `pool` verbs rewrite theirs);
+    /// by default the user's, unchanged.
+    fn exec_command(&self, command: Vec<u8>) -> Vec<u8> {
+        command
+    }
 }
 
 /// What the up pump forwards to the VM, in order.
@@ -498,6 +503,10 @@ impl<U: UserSide> Relay<U> {
         match request {
             _ if !self.session_channel => Forward::Refused,
             Request::Agent if !self.allow_agent => Forward::Refused,
+            Request::Exec(command) => sent(
+                vm.request(Request::Exec(self.side.exec_command(command)))
+                    .await,
+            ),
             request => sent(vm.request(request).await),
         }
     }

@@ -1,0 +1,265 @@
+//! The batch half of the pool (`[batch]`): Slurm's queue as demand for the autoscaler, its nodes
+//! as busy VMs, and drains kept in step with the VMs'.
+//!
+//! Slurm is read with its own client commands on the gateway (argv prefixes from the
+//! configuration, so a wrapper can run them elsewhere): `squeue` for the partition's pending and
+//! running jobs, `sinfo -N` for each node's state and drain reason, `scontrol update` to drain
+//! and resume nodes. Nothing of Slurm's is stored here; every tick reads it again.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+
+use futures::future::BoxFuture;
+use poolgate_config::Batch;
+use tokio::process::Command;
+
+/// Drain reason of a node poolgate drained for scale-in.
+pub const SCALE_IN_REASON: &str = "poolgate-scale-in";
+/// Drain reason of a node an operator drained through poolgate.
+pub const OPERATOR_REASON: &str = "poolgate-drain";
+
+/// Pending jobs waiting on these reasons would not start on more VMs: they are not demand.
+const NOT_DEMAND: &[&str] = &[
+    "Dependency",
+    "DependencyNeverSatisfied",
+    "BeginTime",
+    "JobHeldUser",
+    "JobHeldAdmin",
+    "PartitionDown",
+    "PartitionInactive",
+    "PartitionTimeLimit",
+    "PartitionNodeLimit",
+    "InvalidAccount",
+    "InvalidQOS",
+];
+
+/// What Slurm says about the pool at one instant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchView {
+    /// Pending jobs of the partition (all reasons).
+    pub pending_jobs: u32,
+    /// Nodes the pending jobs that more VMs would help wait for.
+    pub pending_nodes: u32,
+    /// Running (or completing) jobs of the partition.
+    pub running_jobs: u32,
+    /// Each node of the partition, by Slurm node name.
+    pub nodes: HashMap<String, NodeState>,
+}
+
+/// One Slurm node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeState {
+    /// A job runs (or is completing) there.
+    pub busy: bool,
+    /// Drained or draining.
+    pub drain: bool,
+    /// The drain reason (`none` when there is none).
+    pub reason: String,
+}
+
+impl NodeState {
+    /// Drained by poolgate (scale-in or an operator through poolgate).
+    pub fn drained_by_poolgate(&self) -> bool {
+        self.drain && self.reason.starts_with("poolgate")
+    }
+}
+
+/// Reads a batch scheduler and drains or resumes its nodes.
+pub trait BatchEngine: Send + Sync {
+    /// The queue and the nodes now.
+    fn observe(&self) -> BoxFuture<'_, Result<BatchView, String>>;
+    /// Drains `node` with `reason` (no new job lands there; running ones go on).
+    fn drain<'a>(&'a self, node: &'a str, reason: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    /// Takes a drained `node` back into service.
+    fn resume<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    /// The Slurm node name of VM `vm`.
+    fn node_of(&self, vm: &str) -> String;
+}
+
+/// Slurm through its client commands.
+#[derive(Debug, Clone)]
+pub struct Slurm {
+    config: Batch,
+}
+
+impl Slurm {
+    /// Slurm as `[batch]` describes it.
+    pub fn new(config: &Batch) -> Self {
+        Self {
+            config: config.clone(),
+        }
+    }
+
+    async fn run(&self, argv: &[String], args: &[&str]) -> Result<String, String> {
+        let Some((program, prefix)) = argv.split_first() else {
+            return Err("no command configured".to_owned());
+        };
+        let mut command = Command::new(program);
+        command
+            .args(prefix)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot run {program}: {e}"))?;
+        let output = tokio::time::timeout(self.config.timeout, child.wait_with_output())
+            .await
+            .map_err(|_| {
+                format!(
+                    "{program} did not finish within {} (batch.timeout); killed",
+                    humantime::format_duration(self.config.timeout)
+                )
+            })?
+            .map_err(|e| format!("{program}: {e}"))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let last = stderr.lines().last().unwrap_or("").trim().to_owned();
+            return Err(format!(
+                "{program} {} exited with {}: {last}",
+                args.join(" "),
+                output.status
+            ));
+        }
+        String::from_utf8(output.stdout).map_err(|_| format!("{program}: output is not UTF-8"))
+    }
+}
+
+impl BatchEngine for Slurm {
+    fn observe(&self) -> BoxFuture<'_, Result<BatchView, String>> {
+        Box::pin(async move {
+            let partition = self.config.partition.as_str();
+            // Job id, compact state, nodes asked for, reason.
+            let jobs = self
+                .run(
+                    &self.config.squeue,
+                    &["-h", "-p", partition, "-t", "PD,R,CG", "-o", "%i|%t|%D|%r"],
+                )
+                .await?;
+            // One line per node: name, state (with flags), drain reason.
+            let nodes = self
+                .run(
+                    &self.config.sinfo,
+                    &["-h", "-N", "-p", partition, "-o", "%N|%T|%E"],
+                )
+                .await?;
+            Ok(parse_view(&jobs, &nodes))
+        })
+    }
+
+    fn drain<'a>(&'a self, node: &'a str, reason: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let node_arg = format!("nodename={node}");
+            let reason_arg = format!("reason={reason}");
+            self.run(
+                &self.config.scontrol,
+                &["update", &node_arg, "state=drain", &reason_arg],
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn resume<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let node_arg = format!("nodename={node}");
+            self.run(
+                &self.config.scontrol,
+                &["update", &node_arg, "state=resume"],
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    fn node_of(&self, vm: &str) -> String {
+        self.config.node_of(vm)
+    }
+}
+
+/// Parses `squeue -o '%i|%t|%D|%r'` and `sinfo -N -o '%N|%T|%E'` output. Lines that do not
+/// parse are skipped.
+pub fn parse_view(jobs: &str, nodes: &str) -> BatchView {
+    let mut view = BatchView::default();
+    for line in jobs.lines() {
+        let fields: Vec<&str> = line.trim().split('|').collect();
+        let [_id, state, count, reason] = fields.as_slice() else {
+            continue;
+        };
+        let count: u32 = count.trim().parse().unwrap_or(1);
+        match *state {
+            "PD" => {
+                view.pending_jobs += 1;
+                let reason = reason.trim();
+                if !NOT_DEMAND
+                    .iter()
+                    .any(|r| reason == *r || reason.starts_with(&format!("{r},")))
+                    && !reason.starts_with("Assoc")
+                    && !reason.starts_with("QOS")
+                {
+                    view.pending_nodes = view.pending_nodes.saturating_add(count);
+                }
+            }
+            "R" | "CG" => view.running_jobs += 1,
+            _ => {}
+        }
+    }
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.trim().splitn(3, '|').collect();
+        let [name, state, reason] = fields.as_slice() else {
+            continue;
+        };
+        // `%T` is the long state, with `*` (not responding), `~` (powered off), `#`, `!`, `%`,
+        // `$`, `@`, `^`, `-` suffixes: "allocated", "mixed", "drained*", "draining", "idle~".
+        let base: String = state
+            .trim()
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic() || *c == '+')
+            .collect();
+        let base = base.to_ascii_lowercase();
+        let busy = base.starts_with("allocated")
+            || base.starts_with("mixed")
+            || base.starts_with("completing")
+            || base == "draining";
+        let drain = base.starts_with("drain");
+        view.nodes.insert(
+            name.trim().to_owned(),
+            NodeState {
+                busy,
+                drain,
+                reason: reason.trim().to_owned(),
+            },
+        );
+    }
+    view
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_and_nodes_are_read_from_squeue_and_sinfo() {
+        let jobs = "12|R|1|None\n13|PD|2|Resources\n14|PD|1|Priority\n15|PD|4|Dependency\n\
+                    16|PD|1|JobHeldUser\n17|CG|1|None\n18|PD|1|ReqNodeNotAvail, UnavailableNodes:vm-[a-c]\n\
+                    garbage\n";
+        let nodes = "vm-a|allocated|none\nvm-b|drained*|poolgate-scale-in\nvm-c|idle~|none\n\
+                     vm-d|draining|poolgate-drain\nvm-e|mixed|none\nvm-f|drained|maintenance by bob\n";
+        let v = parse_view(jobs, nodes);
+        assert_eq!(v.pending_jobs, 5);
+        // 2 (Resources) + 1 (Priority) + 1 (nodes down or powered off): the rest would not
+        // start on more VMs.
+        assert_eq!(v.pending_nodes, 4);
+        assert_eq!(v.running_jobs, 2);
+        assert!(v.nodes["vm-a"].busy && !v.nodes["vm-a"].drain);
+        assert!(!v.nodes["vm-b"].busy && v.nodes["vm-b"].drained_by_poolgate());
+        assert!(!v.nodes["vm-c"].busy && !v.nodes["vm-c"].drain);
+        // Draining: a job still runs there.
+        assert!(v.nodes["vm-d"].busy && v.nodes["vm-d"].drained_by_poolgate());
+        assert!(v.nodes["vm-e"].busy);
+        // An admin's own drain is not poolgate's.
+        assert!(v.nodes["vm-f"].drain && !v.nodes["vm-f"].drained_by_poolgate());
+    }
+}

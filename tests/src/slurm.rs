@@ -1,0 +1,225 @@
+//! A real single-host Slurm cluster for the batch tests: `munged` with its own key and socket,
+//! `slurmctld` on a free loopback port, and one `slurmd` per pool "VM" (`slurmd -N NAME`, each on
+//! its own port), which the exec provider's scripts start and stop with the VM. Debian's
+//! `slurmctld`, `slurmd`, `slurm-client` and `munge` (22.05). Everything lives in a temporary
+//! directory; dropping the cluster stops every daemon it started.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::ports::free_port;
+use crate::process::kill_tree;
+use crate::tools::tool;
+
+/// The controller, munge, and the nodes' configuration.
+pub struct SlurmCluster {
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+    munged: Option<Child>,
+    slurmctld: Option<Child>,
+    nodes: Vec<String>,
+}
+
+impl SlurmCluster {
+    /// A cluster whose partition `pool` holds `nodes` (one CPU each, one job per node). Nodes
+    /// start `DOWN` (no `slurmd` runs yet); Slurm takes one back into service as soon as its
+    /// `slurmd` registers (`ReturnToService=2`).
+    pub fn start(nodes: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("poolgate-slurm-")
+            .tempdir()
+            .expect("slurm temp dir");
+        // Test users read the configuration and reach munge's socket.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod slurm dir");
+        let d = dir.path();
+        for sub in ["munge", "state", "log"] {
+            std::fs::create_dir_all(d.join(sub)).expect("mkdir");
+        }
+        std::fs::set_permissions(d.join("munge"), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod munge dir");
+        let key = d.join("munge.key");
+        let mut random = vec![0u8; 128];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").expect("open /dev/urandom"),
+            &mut random,
+        )
+        .expect("read /dev/urandom");
+        std::fs::write(&key, random).expect("munge key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+        let socket = d.join("munge/munge.socket");
+        let munged = Command::new(tool("munged"))
+            .arg("-F")
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--key-file={}", key.display()))
+            .arg(format!("--log-file={}", d.join("log/munged.log").display()))
+            .arg(format!("--pid-file={}", d.join("munged.pid").display()))
+            .arg(format!("--seed-file={}", d.join("munged.seed").display()))
+            .arg("--force")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start munged");
+        wait_until(Duration::from_secs(10), "munged's socket", || {
+            socket.exists()
+        });
+
+        let ctld_port = free_port();
+        let mut conf = format!(
+            "ClusterName=pgtest\n\
+             SlurmctldHost=localhost(127.0.0.1)\n\
+             SlurmctldPort={ctld_port}\n\
+             AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={socket}\n\
+             SlurmUser=root\nSlurmdUser=root\n\
+             StateSaveLocation={d}/state\nSlurmdSpoolDir={d}/spool/%n\n\
+             SlurmctldPidFile={d}/slurmctld.pid\nSlurmdPidFile={d}/slurmd-%n.pid\n\
+             SlurmctldLogFile={d}/log/slurmctld.log\nSlurmdLogFile={d}/log/slurmd-%n.log\n\
+             ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n\
+             SchedulerType=sched/backfill\nSelectType=select/cons_tres\nSelectTypeParameters=CR_Core\n\
+             ReturnToService=2\nMpiDefault=none\n\
+             JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n\
+             MinJobAge=600\nFirstJobId={first_job}\n",
+            first_job = u32::from(free_port()) * 1000,
+            socket = socket.display(),
+            d = d.display(),
+        );
+        for name in nodes {
+            std::fs::create_dir_all(d.join("spool").join(name)).expect("spool dir");
+            conf.push_str(&format!(
+                "NodeName={name} NodeAddr=127.0.0.1 Port={} CPUs=1 State=DOWN\n",
+                free_port()
+            ));
+        }
+        conf.push_str(&format!(
+            "PartitionName=pool Nodes={} Default=YES MaxTime=INFINITE State=UP LLN=YES OverSubscribe=EXCLUSIVE\n",
+            nodes.join(",")
+        ));
+        let conf_path = d.join("slurm.conf");
+        std::fs::write(&conf_path, conf).expect("slurm.conf");
+        std::fs::set_permissions(&conf_path, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod slurm.conf");
+        let slurmctld = Command::new(tool("slurmctld"))
+            .args(["-D", "-i", "-f"])
+            .arg(&conf_path)
+            .env("SLURM_CONF", &conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start slurmctld");
+        let mut cluster = Self {
+            dir,
+            conf: conf_path,
+            munged: Some(munged),
+            slurmctld: Some(slurmctld),
+            nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+        };
+        let started = Instant::now();
+        wait_until(Duration::from_secs(20), "slurmctld to answer", || {
+            cluster.client("scontrol", &["ping"]).status.success()
+        });
+        eprintln!("slurm cluster up in {:?}", started.elapsed());
+        cluster.nodes.shrink_to_fit();
+        cluster
+    }
+
+    /// `slurm.conf` (what `SLURM_CONF` must point at for clients).
+    pub fn conf(&self) -> &Path {
+        &self.conf
+    }
+
+    /// The shell line that starts `node`'s slurmd (it daemonizes; its pid file is
+    /// [`SlurmCluster::slurmd_pid_file`]).
+    pub fn slurmd_command(&self, node: &str) -> String {
+        format!(
+            "SLURM_CONF={conf} {slurmd} -f {conf} -N {node}",
+            conf = self.conf.display(),
+            slurmd = tool("slurmd").display()
+        )
+    }
+
+    /// Where `node`'s running slurmd writes its pid.
+    pub fn slurmd_pid_file(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("slurmd-{node}.pid"))
+    }
+
+    /// argv prefix running Slurm client `program` against this cluster (for `[batch]`).
+    pub fn client_argv(&self, program: &str) -> Vec<String> {
+        vec![
+            "env".to_owned(),
+            format!("SLURM_CONF={}", self.conf.display()),
+            tool(program).display().to_string(),
+        ]
+    }
+
+    /// Runs a Slurm client command as root.
+    pub fn client(&self, program: &str, args: &[&str]) -> Output {
+        Command::new(tool(program))
+            .args(args)
+            .env("SLURM_CONF", &self.conf)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run slurm client")
+    }
+
+    /// `state|reason` of `node` as `sinfo` shows it (e.g. `idle|none`, `drained|poolgate-scale-in`).
+    pub fn node_state(&self, node: &str) -> String {
+        let out = self.client("sinfo", &["-h", "-N", "-n", node, "-o", "%T|%E"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `scontrol -o show job ID`.
+    pub fn job(&self, id: &str) -> String {
+        let out = self.client("scontrol", &["-o", "show", "job", id]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The controller's and the nodes' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path().join("log")) {
+            for entry in entries.flatten() {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                out.push_str(&format!("--- {} ---\n", entry.path().display()));
+                for line in tail.into_iter().rev() {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for SlurmCluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            if let Ok(pid) = std::fs::read_to_string(self.slurmd_pid_file(node))
+                && let Ok(pid) = pid.trim().parse::<u32>()
+            {
+                kill_tree(pid);
+            }
+        }
+        for child in [self.slurmctld.take(), self.munged.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut child = child;
+            kill_tree(child.id());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50)); // polling a daemon that gives no signal
+    }
+}

@@ -1,0 +1,499 @@
+//! `[batch]` end to end with a real Slurm (Debian `slurmctld`, `slurmd`, `slurm-client`,
+//! `munge`) on loopback: each pool "VM" is a real sshd plus a `slurmd` for its node, started and
+//! stopped together by the exec provider's scripts; a real gateway reads the queue, starts VMs
+//! for pending jobs, keeps VMs that run jobs, drains and resumes nodes with the VMs, and rewrites
+//! `ssh … pool submit|jobs|logs|cancel` into Slurm commands run as the user.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use poolgate_tests::*;
+
+/// VMs with sshd + slurmd behind a gateway with `[batch]`.
+struct BatchPool {
+    pool: GatewayPool,
+    slurm: SlurmCluster,
+    /// World-readable scratch for files the jobs wait on.
+    shared: tempfile::TempDir,
+    // Fields drop in order: the processes the scripts started are killed (through their pid
+    // files) before the VMs' directories holding those files go away.
+    _cleanup: Vec<KillPidFile>,
+    _vms: Vec<SshdVm>,
+    _dir: tempfile::TempDir,
+}
+
+fn start(names: &[&str], users: usize) -> BatchPool {
+    let slurm = SlurmCluster::start(names);
+    let dir = tempfile::Builder::new()
+        .prefix("poolgate-batch-e2e-")
+        .tempdir()
+        .expect("temp dir");
+    let ca = UserCa::generate();
+    let conf = slurm.conf().display().to_string();
+    let mut vms: Vec<SshdVm> = names
+        .iter()
+        .map(|name| {
+            SshdVm::builder(name)
+                .trusted_user_ca_keys(ca.public_key_path())
+                .set_env("SLURM_CONF", &conf)
+                .start()
+        })
+        .collect();
+    for vm in &mut vms {
+        vm.stop();
+    }
+    let mut cleanup: Vec<KillPidFile> = vms.iter().map(|vm| KillPidFile(vm.pid_file())).collect();
+    cleanup.extend(names.iter().map(|n| KillPidFile(slurm.slurmd_pid_file(n))));
+    let alive = "alive() { [ -r /proc/$1/status ] && ! grep -q '^State:.*Z' /proc/$1/status; }";
+    let entries: Vec<String> = vms
+        .iter()
+        .map(|vm| {
+            format!(
+                "if [ -f {pid} ] && alive \"$(cat {pid})\"; then s=running; else s=stopped; fi\n\
+                 printf '{{\"name\":\"%s\",\"host\":\"127.0.0.1\",\"ssh_port\":{port},\"state\":\"%s\"}}' {name} \"$s\"",
+                pid = vm.pid_file().display(),
+                port = vm.port(),
+                name = vm.name(),
+            )
+        })
+        .collect();
+    let list = write_script(
+        dir.path(),
+        "list.sh",
+        &format!(
+            "{alive}\nprintf '{{\"vms\":['\n{}\nprintf ']}}\\n'",
+            entries.join("\nprintf ','\n")
+        ),
+    );
+    let sshd = tool("sshd").display().to_string();
+    let starts: String = vms
+        .iter()
+        .map(|vm| {
+            format!(
+                "    {name}) {sshd} -f {cfg}; {slurmd} ;;\n",
+                name = vm.name(),
+                cfg = vm.config_path().display(),
+                slurmd = slurm.slurmd_command(vm.name()),
+            )
+        })
+        .collect();
+    let stops: String = vms
+        .iter()
+        .map(|vm| {
+            format!(
+                "    {name}) kill \"$(cat {pid})\"; rm -f {pid}; kill \"$(cat {spid})\" 2>/dev/null; rm -f {spid} ;;\n",
+                name = vm.name(),
+                pid = vm.pid_file().display(),
+                spid = slurm.slurmd_pid_file(vm.name()).display(),
+            )
+        })
+        .collect();
+    let start = write_script(
+        dir.path(),
+        "start.sh",
+        &format!("for vm in \"$@\"; do\n  case \"$vm\" in\n{starts}    *) exit 1 ;;\n  esac\ndone"),
+    );
+    let stop = write_script(
+        dir.path(),
+        "stop.sh",
+        &format!("for vm in \"$@\"; do\n  case \"$vm\" in\n{stops}    *) exit 1 ;;\n  esac\ndone"),
+    );
+    let mut builder = GatewayPool::builder().users(users).user_ca(ca);
+    for vm in &vms {
+        builder = builder.known_vm(vm);
+    }
+    // The smallest [batch] a user writes; the gateway finds squeue, sinfo and scontrol on its
+    // PATH and the cluster through SLURM_CONF, as on a gateway host with slurm-client.
+    let pool = builder
+        .gateway_env("SLURM_CONF", &conf)
+        .config_toml(&format!(
+            "[pool]\nprovider = \"exec\"\n[pool.exec]\nlist = [\"{list}\"]\nstart = [\"{start}\"]\n\
+             stop = [\"{stop}\"]\npoll_interval = \"1s\"\ntimeout = \"30s\"\n\
+             [autoscale]\nenabled = true\nmax_vms = {max}\nspare_vms = 0\n\
+             scale_in_after = \"2s\"\nscale_to_zero_after = \"3s\"\ntick = \"1s\"\ncooldown = \"1s\"\n\
+             boot_estimate = \"2s\"\nhold_connect_for = \"60s\"\nbusy_command = []\n\
+             [batch]\nengine = \"slurm\"\npartition = \"pool\"\nnode_name = \"{{vm}}\"\n",
+            max = names.len(),
+        ))
+        .start();
+    for name in names {
+        pool.wait_for_state(name, "stopped", Duration::from_secs(20));
+    }
+    let shared = tempfile::Builder::new()
+        .prefix("poolgate-batch-shared-")
+        .tempdir()
+        .expect("temp dir");
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o777))
+        .expect("chmod shared");
+    BatchPool {
+        pool,
+        slurm,
+        shared,
+        _vms: vms,
+        _cleanup: cleanup,
+        _dir: dir,
+    }
+}
+
+impl BatchPool {
+    /// `ssh user_i HOST COMMAND`, bounded.
+    fn ssh(&self, i: usize, command: &str) -> Output {
+        self.pool
+            .client(i)
+            .timeout(Duration::from_secs(90))
+            .run(command)
+    }
+
+    /// Writes an executable job script into user `i`'s home; returns its file name there
+    /// (unique to this test: tests running at once share the test users' homes).
+    fn job_script(&self, i: usize, name: &str, body: &str) -> String {
+        let user = TestUsers::ensure(i).user(i).clone();
+        let file = format!("{}-{name}", self.tag());
+        let path = user.home.join(&file);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write job script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod job");
+        chown(&path, user.uid, user.gid);
+        file
+    }
+
+    /// This test's tag (its shared directory's unique name).
+    fn tag(&self) -> String {
+        self.shared
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// A job body that runs until [`BatchPool::release`] (at most 90 s).
+    fn wait_body(&self) -> String {
+        format!(
+            "i=0; while [ ! -f {}/release ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done",
+            self.shared.path().display()
+        )
+    }
+
+    fn release(&self) {
+        std::fs::write(self.shared.path().join("release"), "").expect("release jobs");
+    }
+
+    fn context(&self) -> String {
+        format!("{}\n--- slurm ---\n{}", self.pool.log(), self.slurm.logs())
+    }
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_owned()
+}
+
+#[test]
+fn a_job_submitted_to_a_pool_at_zero_wakes_a_vm_runs_there_and_reports_exit_code_3() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "slurmctld",
+        "slurmd",
+        "sbatch",
+        "munged"
+    );
+    require_root!();
+    let b = start(&["vm-a"], 1);
+    let job = b.job_script(
+        1,
+        "job.sh",
+        "echo \"hello from $SLURMD_NODENAME as $(id -un)\"\necho ran > \"$HOME/job-ran-$SLURM_JOB_ID\"\nexit 3",
+    );
+    // Submitting through the one hostname: the session wakes the VM, sbatch runs there as the
+    // user, the job id comes back on stdout.
+    let out = b.ssh(1, &format!("pool submit {job}"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&out.stderr),
+        b.context()
+    );
+    let id = text(&out.stdout);
+    assert!(
+        id.chars().all(|c| c.is_ascii_digit()) && !id.is_empty(),
+        "{id:?}"
+    );
+    assert!(text(&out.stderr).contains(&format!("pool logs {id}")));
+
+    // `pool logs` follows the output to the end and exits with the job's code.
+    let out = b.ssh(1, &format!("pool logs {id}"));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}\n{}", b.context());
+    let user = b.pool.user(1);
+    assert!(
+        text(&out.stdout).contains(&format!("hello from vm-a as {user}")),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        stderr.contains(&format!("job {id} FAILED, exit code 3")),
+        "{stderr}"
+    );
+    // The job's files are in the user's (shared) home.
+    let home = TestUsers::ensure(1).user(1).home.clone();
+    assert!(home.join(format!("job-ran-{id}")).exists());
+    assert!(home.join(format!("slurm-{id}.out")).exists());
+    // `pool jobs` lists it among the ended jobs, with its exit code.
+    let out = b.ssh(1, "pool jobs");
+    let listing = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("FAILED") && l.ends_with(" 3")),
+        "{listing}"
+    );
+    b.pool
+        .gateway
+        .wait_for_log("verb=\"submit\"", Duration::from_secs(5));
+    b.pool.assert_no_panic();
+}
+
+#[test]
+fn a_vm_running_a_job_is_kept_through_scale_in_windows_then_drained_in_slurm_and_stopped() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "slurmctld",
+        "slurmd",
+        "sbatch",
+        "munged"
+    );
+    require_root!();
+    let b = start(&["vm-a"], 1);
+    let job = b.job_script(1, "long.sh", &b.wait_body());
+    let out = b.ssh(1, &format!("pool submit {job}"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&out.stderr),
+        b.context()
+    );
+    let id = text(&out.stdout);
+    assert!(
+        poll(Duration::from_secs(30), || b
+            .slurm
+            .job(&id)
+            .contains("JobState=RUNNING")),
+        "job never ran: {}\n{}",
+        b.slurm.job(&id),
+        b.context()
+    );
+    // Nobody is logged in now; scale-in would drain after 2 s and stop after 3 s. The job keeps
+    // the VM, and its node stays in service, through several such windows.
+    let mut seen = Vec::new();
+    for _ in 0..25 {
+        seen.push((b.pool.vm_state("vm-a"), b.slurm.node_state("vm-a")));
+        std::thread::sleep(Duration::from_millis(300)); // sampling the state, not waiting for it
+    }
+    assert!(
+        seen.iter()
+            .all(|(vm, node)| vm == "healthy" && node.starts_with("allocated")),
+        "the VM running a job was drained or stopped: {seen:?}\n{}",
+        b.context()
+    );
+    let metrics = b.pool.metrics();
+    assert_eq!(
+        sample(&metrics, "poolgate_batch_nodes_busy"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "poolgate_batch_jobs{state=\"running\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // The job ends: the VM is drained in poolgate and in Slurm, then stopped.
+    b.release();
+    b.pool
+        .wait_for_state("vm-a", "stopped", Duration::from_secs(40));
+    let node = b.slurm.node_state("vm-a");
+    assert!(
+        node.starts_with("drained") && node.ends_with("|poolgate-scale-in"),
+        "{node}\n{}",
+        b.context()
+    );
+
+    // A new job wakes the VM again, and its node is resumed for it.
+    std::fs::remove_file(b.shared.path().join("release")).expect("reset release");
+    let id2 = text(
+        &b.slurm
+            .client(
+                "sbatch",
+                &[
+                    "--parsable",
+                    "-p",
+                    "pool",
+                    "-o",
+                    "/dev/null",
+                    "--wrap",
+                    "true",
+                ],
+            )
+            .stdout,
+    );
+    assert!(
+        poll(Duration::from_secs(40), || b
+            .slurm
+            .job(&id2)
+            .contains("JobState=COMPLETED")),
+        "the second job never ran: {}\n{}",
+        b.slurm.job(&id2),
+        b.context()
+    );
+    b.pool
+        .gateway
+        .wait_for_log("resumed the VM's Slurm node", Duration::from_secs(5));
+    b.pool.assert_no_panic();
+}
+
+#[test]
+fn pool_cancel_cancels_and_nobody_sees_or_cancels_another_users_job() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "slurmctld",
+        "slurmd",
+        "sbatch",
+        "munged"
+    );
+    require_root!();
+    let b = start(&["vm-a"], 2);
+    let job = b.job_script(1, "long.sh", &b.wait_body());
+    let out = b.ssh(1, &format!("pool submit {job} --name ones-job --time 10m"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&out.stderr),
+        b.context()
+    );
+    let id = text(&out.stdout);
+    assert!(
+        b.slurm.job(&id).contains("JobName=ones-job"),
+        "{}",
+        b.slurm.job(&id)
+    );
+    assert!(
+        b.slurm.job(&id).contains("TimeLimit=00:10:00"),
+        "{}",
+        b.slurm.job(&id)
+    );
+
+    // The other user: not in their list, not theirs to read or cancel.
+    let out = b.ssh(2, "pool jobs");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains(&id), "{}", text(&out.stdout));
+    for verb in ["cancel", "logs"] {
+        let out = b.ssh(2, &format!("pool {verb} {id}"));
+        assert_eq!(out.status.code(), Some(2), "{verb}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("is not yours"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    // Slurm's own rule says the same to a plain scancel in an ordinary session.
+    let out = b.ssh(2, &format!("scancel {id}"));
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!b.slurm.job(&id).contains("JobState=CANCELLED"));
+
+    // Its owner cancels it.
+    let out = b.ssh(1, &format!("pool cancel {id}"));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        poll(Duration::from_secs(20), || b
+            .slurm
+            .job(&id)
+            .contains("JobState=CANCELLED")),
+        "{}",
+        b.slurm.job(&id)
+    );
+    // Bad arguments: a clear message, exit 2, nothing run.
+    let out = b.ssh(1, &format!("pool submit --gpus none {job}"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--gpus takes a number"),
+        "{}",
+        text(&out.stderr)
+    );
+    b.release();
+    b.pool.assert_no_panic();
+}
+
+#[test]
+fn twenty_queued_jobs_grow_the_pool_to_its_max_and_it_goes_back_to_zero() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "slurmctld",
+        "slurmd",
+        "sbatch",
+        "munged"
+    );
+    require_root!();
+    let names = ["vm-a", "vm-b", "vm-c"];
+    let b = start(&names, 1);
+    // Twenty jobs from a login node (here the gateway host), to a pool at zero.
+    let submitted = Instant::now();
+    for i in 0..20 {
+        let out = b.slurm.client(
+            "sbatch",
+            &[
+                "--parsable",
+                "-p",
+                "pool",
+                "-o",
+                "/dev/null",
+                "-J",
+                &format!("burst-{i}"),
+                "--wrap",
+                "sleep 1",
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let mut most = 0;
+    let mut pending_seen = 0.0f64;
+    let done = poll(Duration::from_secs(120), || {
+        let running = names
+            .iter()
+            .filter(|n| b.pool.vm_state(n) == "healthy")
+            .count();
+        most = most.max(running);
+        if let Some(p) = sample(&b.pool.metrics(), "poolgate_batch_jobs{state=\"pending\"}") {
+            pending_seen = pending_seen.max(p);
+        }
+        let queue = b.slurm.client("squeue", &["-h", "-p", "pool"]);
+        text(&queue.stdout).is_empty()
+    });
+    assert!(done, "the queue never emptied\n{}", b.context());
+    eprintln!(
+        "20 jobs ran in {:?} on at most {most} VMs",
+        submitted.elapsed()
+    );
+    assert_eq!(most, 3, "the pool should grow to max_vms\n{}", b.context());
+    assert!(pending_seen >= 3.0, "pending jobs seen: {pending_seen}");
+    for name in names {
+        b.pool
+            .wait_for_state(name, "stopped", Duration::from_secs(40));
+    }
+    b.pool.assert_no_panic();
+}
