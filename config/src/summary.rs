@@ -47,8 +47,30 @@ impl Config {
                 );
             }
             let _ = writeln!(out, ")");
+            if !a.schedule.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "schedule: {} window(s) keeping VMs warm",
+                    a.schedule.len()
+                );
+            }
         } else {
             let _ = writeln!(out, "autoscale: off");
+        }
+        if let Some(b) = &self.batch {
+            let _ = writeln!(
+                out,
+                "batch: {} partition {}, nodes {}{}{}",
+                b.engine,
+                b.partition,
+                b.node_name,
+                if b.verbs { ", `pool` verbs on" } else { "" },
+                if a.enabled {
+                    ""
+                } else {
+                    " (autoscale off: the queue is not read)"
+                }
+            );
         }
         out
     }

@@ -363,7 +363,7 @@ fn a_vm_running_a_job_is_kept_through_scale_in_windows_then_drained_in_slurm_and
 }
 
 #[test]
-fn pool_cancel_cancels_and_nobody_sees_or_cancels_another_users_job() {
+fn pool_cancel_cancels_nobody_touches_another_users_job_and_an_operators_drain_reaches_slurm() {
     require_tools!(
         "sshd",
         "ssh",
@@ -395,6 +395,37 @@ fn pool_cancel_cancels_and_nobody_sees_or_cancels_another_users_job() {
         "{}",
         b.slurm.job(&id)
     );
+
+    assert!(
+        poll(Duration::from_secs(30), || b
+            .slurm
+            .job(&id)
+            .contains("JobState=RUNNING")),
+        "job never ran: {}\n{}",
+        b.slurm.job(&id),
+        b.context()
+    );
+    // An operator's drain through poolgate drains the node in Slurm too (the running job goes
+    // on), and the undrain resumes it.
+    b.pool.api_post("vm-a", "drain");
+    assert!(
+        poll(Duration::from_secs(15), || b.slurm.node_state("vm-a")
+            == "draining|poolgate-drain"),
+        "{}\n{}",
+        b.slurm.node_state("vm-a"),
+        b.context()
+    );
+    b.pool.api_post("vm-a", "undrain");
+    assert!(
+        poll(Duration::from_secs(15), || b
+            .slurm
+            .node_state("vm-a")
+            .starts_with("allocated")),
+        "{}\n{}",
+        b.slurm.node_state("vm-a"),
+        b.context()
+    );
+    assert!(b.slurm.job(&id).contains("JobState=RUNNING"));
 
     // The other user: not in their list, not theirs to read or cancel.
     let out = b.ssh(2, "pool jobs");
