@@ -1,7 +1,9 @@
 //! The batch queue of the simulation: Slurm on the pool VMs, reduced to what sizes a pool.
 //!
 //! * Jobs are queued in submit order and started strictly first in, first out (Slurm's
-//!   `sched/builtin`: no backfill, so a job waits behind an earlier one that does not fit yet).
+//!   `sched/builtin`: no backfill, so a job waits behind an earlier one that does not fit yet;
+//!   the deployed `sched/backfill` may also start a later, smaller job early when that delays
+//!   no earlier one).
 //! * A node runs one job at a time (exclusive nodes, `OverSubscribe=EXCLUSIVE`): a job starts
 //!   when `nodes` VMs that are running, not draining and without a job are there; it takes the
 //!   least loaded of them (fewest sessions, then the oldest: the partition's `LLN=YES`) and
