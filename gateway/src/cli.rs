@@ -137,6 +137,12 @@ pub struct SimulateArgs {
     /// `user,start_s,end_s`. A job killed by a scale-in counts in `killed_sessions`.
     #[arg(long, value_name = "FILE")]
     pub jobs: Option<PathBuf>,
+    /// Batch jobs submitted to the queue (Slurm on the pool VMs): CSV with header
+    /// `job,submit_s,duration_s,nodes`. Adds job wait p50/p95, killed (requeued) jobs and
+    /// their lost node-hours to the report (JSON keys `job_wait_p50_s`, `job_wait_p95_s`,
+    /// `job_wait_max_s`, `killed_batch_jobs`, `lost_batch_node_hours`).
+    #[arg(long, value_name = "FILE")]
+    pub batch: Option<PathBuf>,
     /// Configuration whose `[autoscale]` section is replayed (defaults otherwise): a what-if
     /// file holding only `[autoscale]`, or a full gateway configuration. Only `[autoscale]`
     /// and the provider's `max_sessions` are validated; no file it names is opened.
@@ -194,7 +200,7 @@ mod tests {
             &["poolgate", "drain", "dsvm-1"],
             &["poolgate", "undrain", "dsvm-1", "--admin", "127.0.0.1:9999"],
             &[
-                "poolgate", "simulate", "--trace", "t.csv", "--format", "json",
+                "poolgate", "simulate", "--trace", "t.csv", "--batch", "b.csv", "--format", "json",
             ],
             &["poolgate", "--log-format", "json", "status"],
         ] {

@@ -1,12 +1,13 @@
-//! `poolgate simulate`: replays a session trace through the autoscale policy and two baselines
-//! (router-core's [`sim`](router_core::sim)) and renders the comparison as a table or JSON.
+//! `poolgate simulate`: replays a session trace (with detached jobs and batch jobs, when given)
+//! through the autoscale policy and two baselines (router-core's [`sim`](router_core::sim)) and
+//! renders the comparison as a table or JSON.
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
 use poolgate_config::{ConfigError, SimulationConfig};
-use router_core::sim::{self, Comparison, Report, SimParams};
+use router_core::sim::{self, Comparison, Report, SimParams, Workload};
 use serde::Serialize;
 
 use crate::autoscale::schedule::Schedule;
@@ -39,6 +40,22 @@ pub enum SimulateError {
         "--trace-start \"{0}\": {1} (write it like 2026-12-07T00:00, in the schedule's time zone, or 2026-12-07T00:00:00+01:00)"
     )]
     TraceStart(String, String),
+    /// A batch job asks for more nodes than the pool can ever have.
+    #[error(
+        "{path}: batch job {job:?} (submitted at {submit_s} s) asks for {nodes} nodes, more than autoscale.max_vms = {max_vms}: Slurm would reject it; lower its nodes or raise autoscale.max_vms"
+    )]
+    BatchTooLarge {
+        /// The batch trace.
+        path: String,
+        /// The job's label.
+        job: String,
+        /// When it is submitted.
+        submit_s: u64,
+        /// Nodes asked for.
+        nodes: u32,
+        /// The pool's limit.
+        max_vms: u32,
+    },
     /// `--boot-seconds` is out of range.
     #[error("--boot-seconds {0} is more than a day ({max}); give a realistic boot time", max = sim::MAX_BOOT_SECONDS)]
     Boot(u64),
@@ -78,6 +95,15 @@ pub fn run(args: &SimulateArgs) -> Result<String, SimulateError> {
         None => Vec::new(),
     };
     let params = params(&config, args.boot_seconds);
+    let batch = match &args.batch {
+        Some(file) => read_batch(file, params.autoscale.max_vms)?,
+        None => Vec::new(),
+    };
+    let workload = Workload {
+        sessions: &trace,
+        jobs: &jobs,
+        batch: &batch,
+    };
     let schedule = Schedule::new(&config.autoscale.schedule)
         .map_err(|e| SimulateError::Config(e.to_string()))?;
     let start = trace_start(args.trace_start.as_deref(), &schedule)?;
@@ -88,14 +114,14 @@ pub fn run(args: &SimulateArgs) -> Result<String, SimulateError> {
             .and_then(|t| start.checked_add(jiff::SignedDuration::from_secs(t)).ok());
         at.map_or(0, |at| schedule.floor_ahead(at, params.boot).min_vms)
     };
-    let comparison = sim::compare_scheduled(&trace, &jobs, &params, &min_warm);
+    let comparison = sim::compare_workload(&workload, &params, &min_warm);
     Ok(match args.format {
-        OutputFormat::Json => json(&comparison),
+        OutputFormat::Json => json_with(&comparison, args.batch.is_some()),
         OutputFormat::Text => {
             let mut out = text_table(&path, &params, &comparison);
             if !schedule.is_empty() {
                 // The same policy without the windows: what the schedule buys and costs.
-                let plain = sim::compare_with_jobs(&trace, &jobs, &params).policy;
+                let plain = sim::compare_workload(&workload, &params, &|_| 0).policy;
                 let r = &comparison.policy;
                 out.push_str(&format!(
                     "\nschedule (policy only): {schedule}; trace second 0 is {}\n\
@@ -111,9 +137,77 @@ pub fn run(args: &SimulateArgs) -> Result<String, SimulateError> {
             if !jobs.is_empty() {
                 out.push_str(&jobs_summary(jobs.len(), &params, &comparison));
             }
+            if args.batch.is_some() {
+                out.push_str(&batch_table(&comparison));
+            }
             out
         }
     })
+}
+
+/// Reads and parses a batch trace; a job wider than `max_vms` is an error (Slurm refuses a job
+/// asking for more nodes than its partition has).
+fn read_batch(file: &Path, max_vms: u32) -> Result<Vec<sim::TraceBatchJob>, SimulateError> {
+    let path = file.display().to_string();
+    let text = std::fs::read_to_string(file).map_err(|source| SimulateError::ReadTrace {
+        path: path.clone(),
+        source,
+    })?;
+    let batch = sim::parse_batch(&text).map_err(|source| SimulateError::Trace {
+        path: path.clone(),
+        source,
+    })?;
+    if let Some(j) = batch.iter().find(|j| j.nodes > max_vms) {
+        return Err(SimulateError::BatchTooLarge {
+            path,
+            job: j.job.clone(),
+            submit_s: j.submit_s,
+            nodes: j.nodes,
+            max_vms,
+        });
+    }
+    Ok(batch)
+}
+
+/// The batch jobs per strategy: waits, killed runs and the node-hours they threw away.
+fn batch_table(c: &Comparison) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "
+{} batch job(s) (FIFO queue, one job per VM; a job killed by scale-in is requeued and runs again)",
+        c.batch_jobs
+    );
+    let _ = writeln!(
+        out,
+        "{:<15} {:>12} {:>12} {:>12} {:>7} {:>11} {:>10}",
+        "strategy",
+        "job wait p50",
+        "job wait p95",
+        "job wait max",
+        "killed",
+        "lost node-h",
+        "unfinished"
+    );
+    for (name, r) in [
+        ("policy", &c.policy),
+        ("always-on", &c.always_on),
+        ("cpu-threshold", &c.cpu_threshold),
+    ] {
+        let b = &r.batch;
+        let _ = writeln!(
+            out,
+            "{:<15} {:>10} s {:>10} s {:>10} s {:>7} {:>11.1} {:>10}",
+            name,
+            b.wait_p50_s,
+            b.wait_p95_s,
+            b.wait_max_s,
+            b.killed,
+            b.lost_node_hours,
+            b.unfinished
+        );
+    }
+    out
 }
 
 /// The wall-clock instant of the trace's second 0: `--trace-start` as a timestamp with an offset,
@@ -196,10 +290,23 @@ struct JsonReport {
     wait_p95_s: f64,
     wait_max_s: f64,
     peak_vms: u32,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    batch: Option<JsonBatch>,
 }
 
-impl From<&Report> for JsonReport {
-    fn from(r: &Report) -> Self {
+/// The batch keys, present when a batch trace was replayed.
+#[derive(Serialize)]
+struct JsonBatch {
+    job_wait_p50_s: f64,
+    job_wait_p95_s: f64,
+    job_wait_max_s: f64,
+    killed_batch_jobs: u64,
+    lost_batch_node_hours: f64,
+}
+
+impl JsonReport {
+    fn new(r: &Report, with_batch: bool) -> Self {
+        let b = &r.batch;
         Self {
             vm_hours: (r.vm_hours * 100.0).round() / 100.0,
             killed_sessions: r.killed_sessions,
@@ -207,6 +314,13 @@ impl From<&Report> for JsonReport {
             wait_p95_s: r.wait_p95_s,
             wait_max_s: r.wait_max_s,
             peak_vms: r.peak_vms,
+            batch: with_batch.then(|| JsonBatch {
+                job_wait_p50_s: b.wait_p50_s,
+                job_wait_p95_s: b.wait_p95_s,
+                job_wait_max_s: b.wait_max_s,
+                killed_batch_jobs: b.killed,
+                lost_batch_node_hours: (b.lost_node_hours * 100.0).round() / 100.0,
+            }),
         }
     }
 }
@@ -220,10 +334,15 @@ struct JsonComparison {
 
 /// One JSON object keyed `policy`, `always_on`, `cpu_threshold`, with a newline.
 pub fn json(c: &Comparison) -> String {
+    json_with(c, false)
+}
+
+/// [`json`], with the batch keys in each strategy's object when `with_batch`.
+pub fn json_with(c: &Comparison, with_batch: bool) -> String {
     let out = JsonComparison {
-        policy: (&c.policy).into(),
-        always_on: (&c.always_on).into(),
-        cpu_threshold: (&c.cpu_threshold).into(),
+        policy: JsonReport::new(&c.policy, with_batch),
+        always_on: JsonReport::new(&c.always_on, with_batch),
+        cpu_threshold: JsonReport::new(&c.cpu_threshold, with_batch),
     };
     // Plain numbers and strings: serializing cannot fail.
     let mut text = serde_json::to_string_pretty(&out).unwrap_or_default();
@@ -347,5 +466,37 @@ mod tests {
                 ]
             );
         }
+    }
+
+    #[test]
+    fn json_with_a_batch_trace_adds_the_batch_keys_only() {
+        let c = sim::compare(&[], &params(&SimulationConfig::default(), 90));
+        let v: serde_json::Value = serde_json::from_str(&json_with(&c, true)).unwrap();
+        for k in ["policy", "always_on", "cpu_threshold"] {
+            let mut fields: Vec<&str> = v[k]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            fields.sort_unstable();
+            assert_eq!(
+                fields,
+                [
+                    "job_wait_max_s",
+                    "job_wait_p50_s",
+                    "job_wait_p95_s",
+                    "killed_batch_jobs",
+                    "killed_sessions",
+                    "lost_batch_node_hours",
+                    "peak_vms",
+                    "vm_hours",
+                    "wait_max_s",
+                    "wait_p50_s",
+                    "wait_p95_s"
+                ]
+            );
+        }
+        assert_eq!(json(&c), json_with(&c, false));
     }
 }

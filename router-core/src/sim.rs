@@ -23,6 +23,14 @@
 //!   A job whose VM is removed is killed, counted in `killed_sessions` (and `killed_jobs`), and
 //!   lost. The policy asks the VMs first ([`SimParams::busy_check`], `autoscale.busy_command`):
 //!   a VM running a job is never drained nor removed.
+//! * Batch jobs (an optional batch trace: work submitted to Slurm on the pool VMs, see the
+//!   `batch` module for the queue model) are a queue the gateway reads: nodes wanted by pending
+//!   jobs go to the policy as [`Observation::batch_pending_nodes`] (at each tick: the gateway
+//!   reads the queue on its tick, there is no wake-on-submit poke), and a VM running a job comes
+//!   as `busy` whatever `busy_check` says. A running job is full load for the cpu-threshold rule
+//!   (one VM's worth, `sessions_per_vm` sessions, per node); pending jobs are invisible to it
+//!   (a CPU metric does not see a queue). Killed batch jobs are requeued, counted apart from
+//!   `killed_sessions`.
 //!
 //! Strategies:
 //! * [`Strategy::Policy`]: the session-aware policy, decided every `tick` and at once when a
@@ -33,17 +41,21 @@
 //!   5 minutes and evaluated every minute: above 70 % add a VM, below 30 % remove one, with 5
 //!   minutes of cooldown after any action; between `max(min_vms, 1)` (a CPU metric needs a VM to
 //!   measure) and `max_vms`. The victim is chosen as Azure's default scale-in policy does — the
-//!   highest instance id — without regard to sessions, which are killed.
+//!   highest instance id — without regard to sessions or batch jobs, which are killed.
 
+mod batch;
 mod trace;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+pub use batch::BatchReport;
 pub use trace::{
-    HEADER, JOBS_HEADER, MAX_TRACE_SECONDS, TraceError, TraceJob, TraceSession, parse_jobs,
-    parse_trace,
+    BATCH_HEADER, HEADER, JOBS_HEADER, MAX_BATCH_NODES, MAX_TRACE_SECONDS, TraceBatchJob,
+    TraceError, TraceJob, TraceSession, parse_batch, parse_jobs, parse_trace,
 };
+
+use batch::{Batch, Node};
 
 use crate::autoscale::{Action, AutoscaleConfig, Autoscaler, Observation, VmObservation};
 use crate::vm::Lifecycle;
@@ -125,6 +137,8 @@ pub struct Report {
     pub peak_vms: u32,
     /// Sessions that never landed (the pool could not grow); their wait counts up to the end.
     pub unserved_sessions: u64,
+    /// The batch jobs (all zero without a batch trace).
+    pub batch: BatchReport,
 }
 
 /// The three strategies on one trace.
@@ -138,8 +152,22 @@ pub struct Comparison {
     pub cpu_threshold: Report,
     /// Sessions in the trace.
     pub sessions: usize,
-    /// When the last trace session ends, in seconds.
+    /// Batch jobs in the batch trace.
+    pub batch_jobs: usize,
+    /// When the last trace session (or job, or batch job started at its submit time) ends, in
+    /// seconds.
     pub horizon_s: u64,
+}
+
+/// What is replayed: sessions, detached jobs and batch jobs (each in any order; sorted here).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Workload<'a> {
+    /// Sessions through the gateway.
+    pub sessions: &'a [TraceSession],
+    /// Detached jobs the gateway does not see.
+    pub jobs: &'a [TraceJob],
+    /// Jobs submitted to the batch queue.
+    pub batch: &'a [TraceBatchJob],
 }
 
 /// Runs all three strategies on `trace` (any order; sorted here).
@@ -165,29 +193,90 @@ pub fn compare_scheduled(
     params: &SimParams,
     min_warm: &dyn Fn(u64) -> u32,
 ) -> Comparison {
-    let mut sorted = trace.to_vec();
-    sorted.sort_by_key(|s| s.start_s);
-    let mut jobs = jobs.to_vec();
-    jobs.sort_by_key(|j| j.start_s);
+    compare_workload(
+        &Workload {
+            sessions: trace,
+            jobs,
+            batch: &[],
+        },
+        params,
+        min_warm,
+    )
+}
+
+/// All three strategies on a whole workload, the policy with a schedule (`min_warm`, see
+/// [`compare_scheduled`]).
+pub fn compare_workload(
+    workload: &Workload<'_>,
+    params: &SimParams,
+    min_warm: &dyn Fn(u64) -> u32,
+) -> Comparison {
+    let sorted = sorted(workload);
+    let w = sorted.workload();
     Comparison {
-        policy: run_sorted(Strategy::Policy, &sorted, &jobs, params, min_warm),
-        always_on: run_sorted(Strategy::AlwaysOn, &sorted, &jobs, params, &|_| 0),
-        cpu_threshold: run_sorted(Strategy::CpuThreshold, &sorted, &jobs, params, &|_| 0),
-        sessions: sorted.len(),
-        horizon_s: horizon(&sorted, &jobs),
+        policy: run_sorted(Strategy::Policy, &w, params, min_warm),
+        always_on: run_sorted(Strategy::AlwaysOn, &w, params, &|_| 0),
+        cpu_threshold: run_sorted(Strategy::CpuThreshold, &w, params, &|_| 0),
+        sessions: w.sessions.len(),
+        batch_jobs: w.batch.len(),
+        horizon_s: horizon(&w),
     }
 }
 
 /// Runs one strategy on `trace` (any order).
 pub fn run(strategy: Strategy, trace: &[TraceSession], params: &SimParams) -> Report {
-    let mut sorted = trace.to_vec();
-    sorted.sort_by_key(|s| s.start_s);
-    run_sorted(strategy, &sorted, &[], params, &|_| 0)
+    run_workload(
+        strategy,
+        &Workload {
+            sessions: trace,
+            ..Workload::default()
+        },
+        params,
+    )
 }
 
-fn horizon(trace: &[TraceSession], jobs: &[TraceJob]) -> u64 {
-    let sessions = trace.iter().map(|s| s.end_s).max().unwrap_or(0);
-    sessions.max(jobs.iter().map(|j| j.end_s).max().unwrap_or(0))
+/// Runs one strategy on a whole workload (no schedule).
+pub fn run_workload(strategy: Strategy, workload: &Workload<'_>, params: &SimParams) -> Report {
+    let sorted = sorted(workload);
+    run_sorted(strategy, &sorted.workload(), params, &|_| 0)
+}
+
+/// A workload's parts, each sorted by start (stable).
+struct Sorted {
+    sessions: Vec<TraceSession>,
+    jobs: Vec<TraceJob>,
+    batch: Vec<TraceBatchJob>,
+}
+
+impl Sorted {
+    fn workload(&self) -> Workload<'_> {
+        Workload {
+            sessions: &self.sessions,
+            jobs: &self.jobs,
+            batch: &self.batch,
+        }
+    }
+}
+
+fn sorted(w: &Workload<'_>) -> Sorted {
+    let mut sessions = w.sessions.to_vec();
+    sessions.sort_by_key(|s| s.start_s);
+    let mut jobs = w.jobs.to_vec();
+    jobs.sort_by_key(|j| j.start_s);
+    let mut batch = w.batch.to_vec();
+    batch.sort_by_key(|j| j.submit_s);
+    Sorted {
+        sessions,
+        jobs,
+        batch,
+    }
+}
+
+fn horizon(w: &Workload<'_>) -> u64 {
+    let sessions = w.sessions.iter().map(|s| s.end_s).max().unwrap_or(0);
+    sessions
+        .max(w.jobs.iter().map(|j| j.end_s).max().unwrap_or(0))
+        .max(Batch::horizon(w.batch))
 }
 
 /// A VM of the simulated pool.
@@ -256,6 +345,8 @@ struct Sim<'a> {
     pending_jobs: Vec<(usize, u64)>,
     running_jobs: Vec<Job>,
     killed_jobs: u64,
+    /// The batch queue and its running jobs.
+    batch: Batch<'a>,
     params: SimParams,
     /// Running VMs a schedule keeps warm at a trace second (the policy only).
     min_warm: &'a dyn Fn(u64) -> u32,
@@ -275,12 +366,12 @@ struct Sim<'a> {
 
 fn run_sorted(
     strategy: Strategy,
-    trace: &[TraceSession],
-    jobs: &[TraceJob],
+    workload: &Workload<'_>,
     params: &SimParams,
     min_warm: &dyn Fn(u64) -> u32,
 ) -> Report {
     let c = params.autoscale;
+    let (trace, jobs) = (workload.sessions, workload.jobs);
     let mut sim = Sim {
         min_warm,
         trace,
@@ -289,6 +380,7 @@ fn run_sorted(
         pending_jobs: Vec::new(),
         running_jobs: Vec::new(),
         killed_jobs: 0,
+        batch: Batch::new(workload.batch),
         params: *params,
         // Only an origin for the policy's `Instant`s; results do not depend on it.
         epoch: Instant::now(),
@@ -327,14 +419,16 @@ fn run_sorted(
     for _ in 0..initial {
         sim.add_vm(0, 0);
     }
-    let horizon = horizon(trace, jobs);
+    let horizon = horizon(workload);
     let mut t = 0u64;
     loop {
         sim.finish_sessions(t);
+        sim.batch.advance(t);
         sim.arrive(t);
         // A connection that starts waiting now pokes the policy, as the gateway's does.
         let poked = sim.place(t) && sim.waiting.iter().any(|p| p.since == t);
         sim.run_jobs(t);
+        sim.schedule_batch(t);
         let tick = t.is_multiple_of(sim.tick_s);
         sim.step(&mut driver, t, tick, poked);
         sim.peak = sim.peak.max(sim.vms.len() as u32);
@@ -345,7 +439,10 @@ fn run_sorted(
             && sim.running_jobs.is_empty()
             && t >= horizon;
         let nothing_waits = sim.waiting.is_empty() && sim.pending_jobs.is_empty();
-        if done && (nothing_waits || t >= horizon.saturating_add(GIVE_UP_AFTER_S)) {
+        // Batch jobs still queued or running at the give-up point count as unfinished.
+        if done
+            && ((nothing_waits && sim.batch.done()) || t >= horizon.saturating_add(GIVE_UP_AFTER_S))
+        {
             break;
         }
         let next = sim.next_event(t);
@@ -359,6 +456,7 @@ fn run_sorted(
         }
     }
     sim.waits.sort_unstable();
+    let batch = std::mem::replace(&mut sim.batch, Batch::new(&[])).report(t);
     Report {
         vm_hours: sim.vm_seconds as f64 / 3600.0,
         killed_sessions: sim.killed,
@@ -369,6 +467,7 @@ fn run_sorted(
         waited_sessions: sim.waits.iter().filter(|&&w| w > 0).count() as u64,
         peak_vms: sim.peak,
         unserved_sessions: unserved,
+        batch,
     }
 }
 
@@ -469,6 +568,20 @@ impl Sim<'_> {
         })
     }
 
+    /// Starts queued batch jobs on free nodes.
+    fn schedule_batch(&mut self, t: u64) {
+        let nodes: Vec<Node> = self
+            .vms
+            .iter()
+            .map(|v| Node {
+                id: v.id,
+                sessions: v.sessions,
+                open: v.running(t) && !v.draining,
+            })
+            .collect();
+        self.batch.schedule(t, &nodes);
+    }
+
     /// Ends finished jobs, starts those due (and those that waited for a VM).
     fn run_jobs(&mut self, t: u64) {
         self.running_jobs.retain(|j| j.end > t);
@@ -510,9 +623,11 @@ impl Sim<'_> {
             })
     }
 
-    /// Deletes a VM, killing its sessions (their users reconnect at once) and its jobs (lost).
+    /// Deletes a VM, killing its sessions (their users reconnect at once), its detached jobs
+    /// (lost) and its batch job (requeued).
     fn remove_vm(&mut self, id: u32, t: u64) {
         self.vms.retain(|v| v.id != id);
+        self.batch.vm_removed(id, t);
         let before = self.running_jobs.len();
         self.running_jobs.retain(|j| j.vm != id);
         let jobs_killed = (before - self.running_jobs.len()) as u64;
@@ -580,16 +695,19 @@ impl Sim<'_> {
                     *last_action = Some(t);
                 }
                 self.place(t);
+                self.schedule_batch(t);
             }
         }
     }
 
-    /// Sessions (placed and waiting) and running jobs (CPU a CPU rule sees) over the running
-    /// VMs' target capacity.
+    /// Sessions (placed and waiting), running detached jobs (one session's worth each) and
+    /// nodes running batch jobs (a whole VM's worth each): the CPU a CPU rule sees, over the
+    /// running VMs' target capacity.
     fn utilization(&self, t: u64) -> f64 {
-        let demand = (self.live.len() + self.waiting.len() + self.running_jobs.len()) as f64;
-        let running = self.vms.iter().filter(|v| v.running(t)).count() as f64;
         let per_vm = f64::from(self.params.autoscale.sessions_per_vm.max(1));
+        let demand = (self.live.len() + self.waiting.len() + self.running_jobs.len()) as f64
+            + self.batch.running_nodes() as f64 * per_vm;
+        let running = self.vms.iter().filter(|v| v.running(t)).count() as f64;
         if running == 0.0 {
             return if demand > 0.0 { 10.0 } else { 0.0 };
         }
@@ -613,7 +731,9 @@ impl Sim<'_> {
                 sessions: v.sessions,
                 idle_since: (v.sessions == 0)
                     .then(|| self.epoch + Duration::from_secs(v.idle_since)),
-                busy: self.params.busy_check && self.running_jobs.iter().any(|j| j.vm == v.id),
+                // Detached jobs through the busy check; batch jobs from the queue, always.
+                busy: (self.params.busy_check && self.running_jobs.iter().any(|j| j.vm == v.id))
+                    || self.batch.busy(v.id),
                 // The simulation has no probes: a VM serves once booted.
                 booting: false,
                 accepts_new: v.running(t) && !v.draining && v.sessions < cap,
@@ -624,7 +744,7 @@ impl Sim<'_> {
             waiting: self.waiting.len() as u32,
             now,
             min_warm: (self.min_warm)(t),
-            batch_pending_nodes: 0,
+            batch_pending_nodes: self.batch.pending_nodes(),
         });
         for (action, _reason) in decision.actions {
             match action {
@@ -643,6 +763,7 @@ impl Sim<'_> {
             }
         }
         self.place(t);
+        self.schedule_batch(t);
     }
 
     fn set_draining(&mut self, name: &str, draining: bool) {
@@ -670,6 +791,9 @@ impl Sim<'_> {
             if v.ready_at > t {
                 next = next.min(v.ready_at);
             }
+        }
+        if let Some(at) = self.batch.next_event(t) {
+            next = next.min(at);
         }
         next
     }

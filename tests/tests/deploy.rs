@@ -416,7 +416,7 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
         let props = &role["properties"];
         let principal = props["principalId"].as_str().unwrap();
         if principal.contains("Microsoft.Compute/virtualMachineScaleSets") {
-            // The pool's identity: checked in pool_vms_read_only_the_jupyterhub_secret_from_key_vault.
+            // The pool's identity: checked in pool_vms_read_only_the_jupyterhub_secret_and_the_munge_key_from_key_vault.
             continue;
         }
         assert!(
@@ -489,7 +489,14 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
                 assert!(
                     source == "[parameters('userSourcePrefix')]"
                         || source == "[parameters('adminSourcePrefix')]"
-                        || (source == "AzureLoadBalancer" && port == ADMIN_PORT),
+                        || (source == "AzureLoadBalancer" && port == ADMIN_PORT)
+                        // slurmctld on gateway 0, from the pool VMs and the other gateway.
+                        || (port == SLURMCTLD_PORT
+                            && [
+                                "[parameters('poolSubnetPrefix')]",
+                                "[parameters('gatewaySubnetPrefix')]"
+                            ]
+                            .contains(&source)),
                     "{rule}"
                 );
                 if source == "[parameters('userSourcePrefix')]" {
@@ -503,12 +510,21 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
                     "NFS only from the pool, Redis only from the gateways: {rule}"
                 );
             } else {
-                assert_eq!(
-                    source, "[parameters('gatewaySubnetPrefix')]",
-                    "pool VMs are reached only from the gateway: {rule}"
-                );
                 assert_eq!(dest, "[parameters('poolSubnetPrefix')]", "{rule}");
-                assert!(["22", "8000"].contains(&port), "{rule}");
+                if [SLURMD_PORT, SRUN_PORTS].contains(&port) {
+                    // Slurm: from slurmctld on the gateway, and between the nodes of a job.
+                    assert!(
+                        source == "[parameters('gatewaySubnetPrefix')]"
+                            || source == "[parameters('poolSubnetPrefix')]",
+                        "{rule}"
+                    );
+                } else {
+                    assert_eq!(
+                        source, "[parameters('gatewaySubnetPrefix')]",
+                        "pool VMs are reached only from the gateway, but for Slurm: {rule}"
+                    );
+                    assert!(["22", "8000"].contains(&port), "{rule}");
+                }
             }
         }
     }
@@ -572,6 +588,10 @@ fn arm_template_and_parameters_parse_and_have_the_required_resources() {
 /// Port of poolgate's admin listener on the gateway VMs (`/healthz` for the load balancer's
 /// probe, `/metrics` for Prometheus, `/api/v1` with the admin token).
 const ADMIN_PORT: &str = "9190";
+/// slurmctld's port (SlurmctldPort in /etc/slurm/slurm.conf), slurmd's, and srun's range.
+const SLURMCTLD_PORT: &str = "6817";
+const SLURMD_PORT: &str = "6818";
+const SRUN_PORTS: &str = "60001-63000";
 
 /// The string value of `"[variables('name')]"` in the template.
 fn variable<'a>(template: &'a Value, expr: &str) -> &'a Value {
@@ -932,7 +952,7 @@ fn gateway_secrets_come_from_key_vault_not_custom_data() {
 }
 
 #[test]
-fn pool_vms_read_only_the_jupyterhub_secret_from_key_vault() {
+fn pool_vms_read_only_the_jupyterhub_secret_and_the_munge_key_from_key_vault() {
     let template = json("azure/azuredeploy.json");
     let vmss = one(&template, "Microsoft.Compute/virtualMachineScaleSets");
     let custom = vmss["properties"]["virtualMachineProfile"]["osProfile"]["customData"]
@@ -957,7 +977,8 @@ fn pool_vms_read_only_the_jupyterhub_secret_from_key_vault() {
     }
     assert_eq!(vmss["identity"]["type"], "SystemAssigned");
 
-    // The scale set's identity may read exactly one secret: JupyterHub's, by mode.
+    // The scale set's identity may read exactly two secrets: JupyterHub's, by mode, and the
+    // munge key of the pool's Slurm cluster.
     let pool_roles: Vec<&Value> =
         resources_of(&template, "Microsoft.Authorization/roleAssignments")
             .into_iter()
@@ -968,7 +989,17 @@ fn pool_vms_read_only_the_jupyterhub_secret_from_key_vault() {
                     .contains("Microsoft.Compute/virtualMachineScaleSets")
             })
             .collect();
-    assert_eq!(pool_roles.len(), 1, "one role for the pool's identity");
+    assert_eq!(pool_roles.len(), 2, "two roles for the pool's identity");
+    let munge = pool_roles[1];
+    assert_eq!(
+        munge["scope"],
+        "[format('Microsoft.KeyVault/vaults/{0}/secrets/{1}', parameters('keyVaultName'), 'poolgate-munge-key')]"
+    );
+    assert_eq!(
+        munge["properties"]["roleDefinitionId"],
+        pool_roles[0]["properties"]["roleDefinitionId"]
+    );
+    assert_eq!(munge["condition"], vmss["condition"]);
     let role = pool_roles[0];
     assert_eq!(
         role["scope"],
@@ -988,7 +1019,7 @@ fn pool_vms_read_only_the_jupyterhub_secret_from_key_vault() {
         role["condition"], vmss["condition"],
         "deployed with the scale set"
     );
-    // The pool reads those two secrets and no other.
+    // The pool reads those three secrets (JupyterHub's two modes, the munge key) and no other.
     let mut read_secrets = BTreeSet::new();
     for (i, _) in cloud_init.match_indices("poolgate-vault-secret poolgate-") {
         let name: String = cloud_init[i + "poolgate-vault-secret ".len()..]
@@ -1001,8 +1032,15 @@ fn pool_vms_read_only_the_jupyterhub_secret_from_key_vault() {
         read_secrets,
         BTreeSet::from([
             "poolgate-jupyterhub-client-secret".to_string(),
+            "poolgate-munge-key".to_string(),
             "poolgate-user-password-hashes".to_string(),
         ])
+    );
+    // The munge key is written 0400 for munge, never echoed.
+    let slurm = written_file(&cloud_init, "/usr/local/sbin/poolgate-slurm-setup");
+    assert!(
+        slurm.contains("chmod 0400") && slurm.contains("chown munge:munge"),
+        "{slurm}"
     );
 
     // Only root reaches the metadata service (where the identity's tokens come from), set up
@@ -2736,4 +2774,115 @@ fn a_key_vault_pem_certificate_splits_into_the_key_and_chain_poolgate_reads() {
     );
     assert_success(&out, "openssl x509 on cert.pem");
     assert!(text(&out).contains("pool.example.org"));
+}
+
+/// Batch jobs: one slurm.conf on the gateways and the pool VMs, slurmctld on gateway 0 only,
+/// pool VMs joining as dynamic nodes named like their VM in poolgate, in the partition the
+/// gateway's `[batch]` section names; the munge key comes from Key Vault, never customData.
+#[test]
+fn slurm_runs_on_gateway_0_and_pool_vms_join_as_dynamic_nodes() {
+    let pool = read("cloud-init/pool-vm.yaml");
+    let gateway = read("cloud-init/gateway.yaml");
+    let conf = written_file(&pool, "/etc/slurm/slurm.conf");
+    assert_eq!(
+        conf,
+        written_file(&gateway, "/etc/slurm/slurm.conf"),
+        "the gateways and the pool VMs get the same slurm.conf"
+    );
+    for line in [
+        "SlurmctldHost=__SLURMCTLD_HOST__",
+        &format!("SlurmctldPort={SLURMCTLD_PORT}"),
+        &format!("SlurmdPort={SLURMD_PORT}"),
+        &format!("SrunPortRange={SRUN_PORTS}"),
+        "AuthType=auth/munge",
+        "ReturnToService=2",
+        "NodeSet=pool Feature=pool",
+        "PartitionName=pool Nodes=pool Default=YES LLN=YES OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=UP",
+    ] {
+        assert!(
+            conf.lines().any(|l| l.trim() == line),
+            "slurm.conf lacks {line:?}:\n{conf}"
+        );
+    }
+    assert!(!conf.contains("NodeName="), "no static node list: {conf}");
+
+    // Both customData fill in gateway 0's host name, which is its computer name.
+    let template = json("azure/azuredeploy.json");
+    assert_eq!(
+        template["variables"]["slurmctldHost"],
+        "[format('{0}0', variables('gatewayNamePrefix'))]"
+    );
+    let gateway_vm = one(&template, "Microsoft.Compute/virtualMachines");
+    assert_eq!(
+        gateway_vm["properties"]["osProfile"]["computerName"],
+        "[format('{0}{1}', variables('gatewayNamePrefix'), copyIndex())]"
+    );
+    let vmss = one(&template, "Microsoft.Compute/virtualMachineScaleSets");
+    for custom in [
+        &gateway_vm["properties"]["osProfile"]["customData"],
+        &vmss["properties"]["virtualMachineProfile"]["osProfile"]["customData"],
+    ] {
+        assert!(
+            custom
+                .as_str()
+                .unwrap()
+                .contains("'__SLURMCTLD_HOST__', variables('slurmctldHost')"),
+            "{custom}"
+        );
+    }
+
+    // Pool VMs: slurmd as a dynamic node named like the VM (the metadata service's instance
+    // name, which is the azure-vmss provider's VM name), with the partition's feature.
+    let setup = written_file(&pool, "/usr/local/sbin/poolgate-slurm-setup");
+    for needle in [
+        "metadata/instance/compute/name",
+        "SLURMD_OPTIONS=\"-Z -N %s --conf Feature=pool\"",
+        "poolgate-vault-secret poolgate-munge-key",
+        "systemctl restart slurmd.service",
+    ] {
+        assert!(
+            setup.contains(needle),
+            "poolgate-slurm-setup lacks {needle:?}"
+        );
+    }
+    let runcmd = &pool[pool.find("\nruncmd:").unwrap()..];
+    assert!(
+        runcmd.find("poolgate-pool-users").unwrap()
+            < runcmd.find("/usr/local/sbin/poolgate-slurm-setup").unwrap(),
+        "accounts and /home before slurmd"
+    );
+    for yaml in [&pool, &gateway] {
+        assert!(
+            !yaml.contains("- path: /etc/munge/munge.key"),
+            "the munge key is never in customData"
+        );
+    }
+
+    // Gateways: the client commands everywhere, slurmctld where the host name says so.
+    let controller = written_file(&gateway, "/usr/local/sbin/poolgate-slurm-controller");
+    assert!(controller.contains("\"$(hostname -s)\" != \"$SLURMCTLD_HOST\""));
+    assert!(controller.contains("systemctl restart slurmctld.service"));
+    let setup = written_file(&gateway, "/usr/local/sbin/poolgate-gateway-setup");
+    assert!(
+        setup.find("poolgate-fetch-secrets").unwrap()
+            < setup.find("poolgate-slurm-controller").unwrap()
+    );
+    assert!(
+        written_file(&gateway, "/usr/local/sbin/poolgate-fetch-secrets")
+            .contains("/secrets/poolgate-munge-key?api-version=7.4")
+    );
+    let packages =
+        &gateway[gateway.find("\npackages:").unwrap()..gateway.find("\nwrite_files:").unwrap()];
+    assert!(packages.contains("- munge") && packages.contains("- slurm-client"));
+
+    // The gateway's [batch] section names the partition and maps node names to VM names.
+    let config = gateway_config_text();
+    let batch = &config[config.find("\n[batch]\n").expect("a [batch] section")..];
+    for line in [
+        "engine = \"slurm\"",
+        "partition = \"pool\"",
+        "node_name = \"{vm}\"",
+    ] {
+        assert!(batch.contains(line), "[batch] lacks {line:?}: {batch}");
+    }
 }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run -p poolgate-benches --bin gen_trace -- [--seed N] [--days N] [--people N] [--arrive-spread MIN] > trace.csv
+//! cargo run -p poolgate-benches --bin gen_trace -- --batch [--seed N] [--days N] [--people N] > batch.csv
 //! ```
 //!
 //! Day 0 is a Monday. On weekdays each person (present with 90 % chance) arrives between 8 and
@@ -11,6 +12,14 @@
 //! JupyterHub (HTTP) session open next to their SSH work; the others alternate. A few weekday
 //! nights run a batch job (1–4 h, started between 22 and 3 h). Weekends are nearly empty: a
 //! few people drop in for an hour or three. The same seed gives the same trace.
+//!
+//! `--batch` prints the same team's batch jobs instead (`poolgate simulate --batch`, CSV
+//! `job,submit_s,duration_s,nodes`), from a random stream of their own (the session trace of a
+//! seed does not change): on weekdays each person submits a short analysis job (10–60 min,
+//! sometimes up to 3 h; 1 node, now and then 2) with a 35 % chance in the morning and again in
+//! the afternoon, and with a 15 % chance a long training run when leaving (17–19 h, 2–8 h, 1
+//! node, one in five on 2 or 4 nodes); every night, weekends included, a cron ETL job at 02:00
+//! (1–2 h, 1 node).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -68,6 +77,8 @@ struct Options {
     people: u64,
     /// Arrivals spread this many minutes either side of 9:00.
     arrive_spread: u64,
+    /// Print the batch jobs, not the sessions.
+    batch: bool,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -76,9 +87,14 @@ fn parse_args() -> Result<Options, String> {
         days: 7,
         people: 20,
         arrive_spread: 60,
+        batch: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--batch" {
+            options.batch = true;
+            continue;
+        }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let number: u64 = value
             .parse()
@@ -93,7 +109,7 @@ fn parse_args() -> Result<Options, String> {
             }
             _ => {
                 return Err(format!(
-                    "unknown option {flag} (--seed, --days, --people, --arrive-spread)"
+                    "unknown option {flag} (--seed, --days, --people, --arrive-spread, --batch)"
                 ));
             }
         }
@@ -183,6 +199,65 @@ fn generate(options: &Options) -> Vec<Session> {
     sessions
 }
 
+struct BatchJob {
+    job: String,
+    submit: u64,
+    duration: u64,
+    nodes: u32,
+}
+
+/// The team's batch jobs (see the top of the file).
+fn generate_batch(options: &Options) -> Vec<BatchJob> {
+    // A stream apart from the sessions': the same seed keeps its session trace.
+    let mut rng = Rng(options.seed ^ 0xba7c_4a0b_5eed_0001);
+    let mut jobs = Vec::new();
+    for day in 0..options.days {
+        let base = day * DAY;
+        let weekend = day % 7 >= 5;
+        if !weekend {
+            for i in 1..=options.people {
+                let user = format!("user{i:02}");
+                for (from, to) in [(9 * 60 + 30, 12 * 60), (13 * 60, 17 * 60)] {
+                    if rng.chance(0.35) {
+                        let duration = if rng.chance(0.8) {
+                            rng.range(10, 60)
+                        } else {
+                            rng.range(60, 180)
+                        };
+                        jobs.push(BatchJob {
+                            job: format!("analysis-{user}"),
+                            submit: base + rng.range(from, to) * MINUTE,
+                            duration: duration * MINUTE,
+                            nodes: if rng.chance(0.1) { 2 } else { 1 },
+                        });
+                    }
+                }
+                if rng.chance(0.15) {
+                    let nodes = match rng.range(0, 9) {
+                        0 => 4,
+                        1 => 2,
+                        _ => 1,
+                    };
+                    jobs.push(BatchJob {
+                        job: format!("train-{user}"),
+                        submit: base + rng.range(17 * 60, 19 * 60) * MINUTE,
+                        duration: rng.range(2 * 60, 8 * 60) * MINUTE,
+                        nodes,
+                    });
+                }
+            }
+        }
+        jobs.push(BatchJob {
+            job: "etl-nightly".to_string(),
+            submit: base + 2 * HOUR,
+            duration: rng.range(60, 120) * MINUTE,
+            nodes: 1,
+        });
+    }
+    jobs.sort_by_key(|j| j.submit);
+    jobs
+}
+
 fn main() -> ExitCode {
     let options = match parse_args() {
         Ok(options) => options,
@@ -192,12 +267,23 @@ fn main() -> ExitCode {
         }
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut text = String::from("user,protocol,start_s,end_s\n");
-    for s in generate(&options) {
-        text.push_str(&format!(
-            "{},{},{},{}\n",
-            s.user, s.protocol, s.start, s.end
-        ));
+    let mut text = String::new();
+    if options.batch {
+        text.push_str("job,submit_s,duration_s,nodes\n");
+        for j in generate_batch(&options) {
+            text.push_str(&format!(
+                "{},{},{},{}\n",
+                j.job, j.submit, j.duration, j.nodes
+            ));
+        }
+    } else {
+        text.push_str("user,protocol,start_s,end_s\n");
+        for s in generate(&options) {
+            text.push_str(&format!(
+                "{},{},{},{}\n",
+                s.user, s.protocol, s.start, s.end
+            ));
+        }
     }
     if out
         .write_all(text.as_bytes())

@@ -224,3 +224,153 @@ fn a_schedule_that_prewarms_removes_the_morning_wait_and_costs_its_warm_hours() 
         compare(&trace, &p).always_on
     );
 }
+
+fn batch_job(job: &str, submit_s: u64, duration_s: u64, nodes: u32) -> TraceBatchJob {
+    TraceBatchJob {
+        job: job.into(),
+        submit_s,
+        duration_s,
+        nodes,
+    }
+}
+
+fn batch_only(batch: &[TraceBatchJob]) -> Workload<'_> {
+    Workload {
+        batch,
+        ..Workload::default()
+    }
+}
+
+#[test]
+fn a_batch_job_on_an_empty_pool_wakes_vms_within_one_tick_and_runs() {
+    // The spare VM of the first tick is gone after scale_to_zero_after (30 min); the job is
+    // submitted between two ticks at 4005 s, seen at the 4010 s tick, and starts when the VMs
+    // asked for then have booted (90 s).
+    let batch = [batch_job("train", 4005, 3600, 1)];
+    let r = run_workload(Strategy::Policy, &batch_only(&batch), &params(90));
+    assert_eq!(r.batch.jobs, 1);
+    assert_eq!(r.batch.wait_max_s, 5.0 + 90.0, "{r:?}");
+    assert_eq!((r.batch.killed, r.batch.unfinished), (0, 0), "{r:?}");
+    // One VM for the job and the spare kept while the pool is in use.
+    assert_eq!(r.peak_vms, 2, "{r:?}");
+    assert_eq!(r.killed_sessions, 0);
+}
+
+#[test]
+fn jobs_start_first_in_first_out_one_per_node() {
+    // Always-on with 5 VMs: A and B take 4 nodes; C needs 2 with 1 free and waits, and D (1
+    // node) waits behind it although a node is free (strict FIFO, no backfill). At 100 s A and
+    // B end: C and D start.
+    let mut p = params(90);
+    p.autoscale.max_vms = 5;
+    let batch = [
+        batch_job("a", 0, 100, 2),
+        batch_job("b", 0, 100, 2),
+        batch_job("c", 0, 100, 2),
+        batch_job("d", 0, 50, 1),
+    ];
+    let r = run_workload(Strategy::AlwaysOn, &batch_only(&batch), &p);
+    assert_eq!(
+        (r.batch.wait_p50_s, r.batch.wait_p95_s, r.batch.wait_max_s),
+        (0.0, 100.0, 100.0),
+        "{r:?}"
+    );
+    assert_eq!((r.batch.killed, r.batch.unfinished), (0, 0));
+    // Five VMs until C ends at 200 s.
+    assert!((r.vm_hours - 5.0 * 200.0 / 3600.0).abs() < 1e-9, "{r:?}");
+}
+
+/// 24 people for an hour make the CPU rule grow the pool to 9 VMs (the first three full); a
+/// 6-hour job submitted at 50 min lands on the least loaded, vm-4. When the people leave, the
+/// rule removes the highest instance ids while utilization (the job: one full VM) is below 30 %,
+/// down to vm-4 with the job on it.
+fn crowd_then_long_job() -> (Vec<TraceSession>, Vec<TraceBatchJob>) {
+    let trace = (0..24)
+        .map(|i| session(&format!("u{i}"), 0, 3600))
+        .collect();
+    (trace, vec![batch_job("train", 3000, 6 * 3600, 1)])
+}
+
+#[test]
+fn cpu_threshold_kills_and_requeues_a_running_job_and_the_policy_never_does() {
+    let (trace, batch) = crowd_then_long_job();
+    let w = Workload {
+        sessions: &trace,
+        batch: &batch,
+        ..Workload::default()
+    };
+    let c = compare_workload(&w, &params(90), &|_| 0);
+    assert_eq!(c.batch_jobs, 1);
+    let cpu = c.cpu_threshold.batch;
+    assert!(cpu.killed >= 1, "{cpu:?}");
+    assert!(cpu.lost_node_hours > 0.0, "{cpu:?}");
+    // Requeued and run again to the end; its second wait counts.
+    assert_eq!(cpu.unfinished, 0, "{cpu:?}");
+    // Killed batch jobs are not sessions.
+    assert_eq!(c.cpu_threshold.killed_sessions, 0, "{:?}", c.cpu_threshold);
+
+    let policy = c.policy.batch;
+    assert_eq!((policy.killed, policy.unfinished), (0, 0), "{policy:?}");
+    assert_eq!(policy.lost_node_hours, 0.0);
+    assert_eq!(c.policy.killed_sessions, 0);
+    assert_eq!(c.always_on.batch.killed, 0);
+}
+
+#[test]
+fn no_workload_makes_the_policy_kill_or_strand_a_batch_job() {
+    // Random mixes of sessions and batch jobs (fixed seeds): the policy never removes a VM
+    // under a job, and every job runs within the pool's size.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    for round in 0..40 {
+        let sessions: Vec<TraceSession> = (0..next(30))
+            .map(|i| {
+                let start = next(20_000);
+                session(&format!("u{}", i % 7), start, start + 60 + next(7200))
+            })
+            .collect();
+        let batch: Vec<TraceBatchJob> = (0..1 + next(15))
+            .map(|i| {
+                batch_job(
+                    &format!("j{i}"),
+                    next(20_000),
+                    60 + next(10_000),
+                    1 + next(3) as u32,
+                )
+            })
+            .collect();
+        let mut p = params(30 + next(300));
+        p.autoscale.max_vms = 3 + next(5) as u32;
+        p.autoscale.scale_in_after = Duration::from_secs(60 + next(900));
+        let w = Workload {
+            sessions: &sessions,
+            batch: &batch,
+            ..Workload::default()
+        };
+        let r = run_workload(Strategy::Policy, &w, &p);
+        assert_eq!(r.batch.killed, 0, "round {round}: {r:?}");
+        assert_eq!(r.batch.unfinished, 0, "round {round}: {r:?}");
+        assert_eq!(r.killed_sessions, 0, "round {round}: {r:?}");
+        assert!(r.peak_vms <= p.autoscale.max_vms, "round {round}: {r:?}");
+    }
+}
+
+#[test]
+#[ignore = "the policy's aim adds pending batch nodes but not the nodes running jobs, which still count as serving: this job waits 9 h for a running one to end"]
+fn a_job_queued_behind_running_jobs_gets_a_vm_of_its_own() {
+    // Three 10-hour jobs hold three VMs; a fourth submitted an hour later must not wait for one
+    // of them to end while the pool may grow.
+    let batch = [
+        batch_job("a", 0, 36_000, 1),
+        batch_job("b", 0, 36_000, 1),
+        batch_job("c", 0, 36_000, 1),
+        batch_job("d", 3600, 600, 1),
+    ];
+    let r = run_workload(Strategy::Policy, &batch_only(&batch), &params(90));
+    assert!(r.batch.wait_max_s <= 10.0 + 90.0, "{r:?}");
+}

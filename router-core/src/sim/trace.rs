@@ -1,6 +1,8 @@
 //! Session traces: CSV with the header `user,protocol,start_s,end_s`, one session a line, times
 //! in whole seconds from the start of the trace. Job traces (detached work that does not flow
 //! through the gateway: tmux, nohup, cron): the same style with the header `user,start_s,end_s`.
+//! Batch traces (jobs submitted to the batch queue, Slurm on the pool VMs): the header
+//! `job,submit_s,duration_s,nodes`.
 
 use crate::vm::Protocol;
 
@@ -26,29 +28,8 @@ pub struct TraceJob {
 /// sorted by start time (stable).
 pub fn parse_jobs(text: &str) -> Result<Vec<TraceJob>, TraceError> {
     let mut jobs = Vec::new();
-    let mut header_seen = false;
-    for (index, raw) in text.lines().enumerate() {
-        let line = index + 1;
-        let content = raw.trim_start_matches('\u{feff}').trim();
-        if content.is_empty() || content.starts_with('#') {
-            continue;
-        }
-        if !header_seen {
-            let fields: Vec<String> = content
-                .split(',')
-                .map(|f| f.trim().to_ascii_lowercase())
-                .collect();
-            if fields.join(",") != JOBS_HEADER {
-                return Err(TraceError {
-                    line,
-                    message: format!("expected the header `{JOBS_HEADER}`, found `{content}`"),
-                });
-            }
-            header_seen = true;
-            continue;
-        }
+    for (line, fields) in rows(text, JOBS_HEADER, "job trace")? {
         let err = |message: String| TraceError { line, message };
-        let fields: Vec<&str> = content.split(',').map(str::trim).collect();
         let [user, start, end] = fields[..] else {
             return Err(err(format!(
                 "expected 3 comma-separated fields ({JOBS_HEADER}), found {}",
@@ -69,14 +50,105 @@ pub fn parse_jobs(text: &str) -> Result<Vec<TraceJob>, TraceError> {
             end_s,
         });
     }
+    jobs.sort_by_key(|j| j.start_s);
+    Ok(jobs)
+}
+
+/// The header every batch trace starts with.
+pub const BATCH_HEADER: &str = "job,submit_s,duration_s,nodes";
+
+/// Most nodes one batch job may ask for (far beyond any pool `max_vms`).
+pub const MAX_BATCH_NODES: u32 = 10_000;
+
+/// One batch job: submitted to the queue at `submit_s`, it runs `duration_s` once `nodes` whole
+/// VMs are free for it (one job per node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceBatchJob {
+    /// A label (a job name; several jobs may share one).
+    pub job: String,
+    /// When it is submitted, in seconds from the trace start.
+    pub submit_s: u64,
+    /// How long it runs once started (a run cut short by a scale-in starts over).
+    pub duration_s: u64,
+    /// VMs it needs at once (at least 1).
+    pub nodes: u32,
+}
+
+/// Parses a batch trace: like [`parse_trace`], with the header [`BATCH_HEADER`]. Jobs come back
+/// sorted by submit time (stable: the queue order of jobs submitted in the same second).
+pub fn parse_batch(text: &str) -> Result<Vec<TraceBatchJob>, TraceError> {
+    let mut jobs = Vec::new();
+    for (line, fields) in rows(text, BATCH_HEADER, "batch trace")? {
+        let err = |message: String| TraceError { line, message };
+        let [job, submit, duration, nodes] = fields[..] else {
+            return Err(err(format!(
+                "expected 4 comma-separated fields ({BATCH_HEADER}), found {}",
+                fields.len()
+            )));
+        };
+        if job.is_empty() {
+            return Err(err("job is empty".to_string()));
+        }
+        let submit_s = seconds("submit_s", submit, line)?;
+        let duration_s = seconds("duration_s", duration, line)?;
+        let nodes = match nodes.parse::<u32>() {
+            Ok(n) if (1..=MAX_BATCH_NODES).contains(&n) => n,
+            _ => {
+                return Err(err(format!(
+                    "nodes {nodes:?} is not a whole number from 1 to {MAX_BATCH_NODES}"
+                )));
+            }
+        };
+        jobs.push(TraceBatchJob {
+            job: job.to_string(),
+            submit_s,
+            duration_s,
+            nodes,
+        });
+    }
+    jobs.sort_by_key(|j| j.submit_s);
+    Ok(jobs)
+}
+
+/// The data lines of a CSV trace as (1-based line, trimmed fields). Blank lines and lines
+/// starting with `#` are skipped; the first other line must be `header` (any case, spaces
+/// around fields allowed).
+fn rows<'t>(
+    text: &'t str,
+    header: &str,
+    what: &str,
+) -> Result<Vec<(usize, Vec<&'t str>)>, TraceError> {
+    let mut rows = Vec::new();
+    let mut header_seen = false;
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let content = raw.trim_start_matches('\u{feff}').trim();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        if !header_seen {
+            let fields: Vec<String> = content
+                .split(',')
+                .map(|f| f.trim().to_ascii_lowercase())
+                .collect();
+            if fields.join(",") != header {
+                return Err(TraceError {
+                    line,
+                    message: format!("expected the header `{header}`, found `{content}`"),
+                });
+            }
+            header_seen = true;
+            continue;
+        }
+        rows.push((line, content.split(',').map(str::trim).collect()));
+    }
     if !header_seen {
         return Err(TraceError {
             line: 1,
-            message: format!("the job trace is empty: expected the header `{JOBS_HEADER}`"),
+            message: format!("the {what} is empty: expected the header `{header}`"),
         });
     }
-    jobs.sort_by_key(|j| j.start_s);
-    Ok(jobs)
+    Ok(rows)
 }
 
 /// A time field: whole seconds, at most [`MAX_TRACE_SECONDS`].
@@ -132,43 +204,16 @@ pub struct TraceError {
 /// must be the header. Sessions come back sorted by start time (stable). The first problem is
 /// returned with its line number.
 pub fn parse_trace(text: &str) -> Result<Vec<TraceSession>, TraceError> {
-    let mut sessions = Vec::new();
-    let mut header_seen = false;
-    for (index, raw) in text.lines().enumerate() {
-        let line = index + 1;
-        let content = raw.trim_start_matches('\u{feff}').trim();
-        if content.is_empty() || content.starts_with('#') {
-            continue;
-        }
-        if !header_seen {
-            let fields: Vec<String> = content
-                .split(',')
-                .map(|f| f.trim().to_ascii_lowercase())
-                .collect();
-            if fields.join(",") != HEADER {
-                return Err(TraceError {
-                    line,
-                    message: format!("expected the header `{HEADER}`, found `{content}`"),
-                });
-            }
-            header_seen = true;
-            continue;
-        }
-        sessions.push(parse_line(content, line)?);
-    }
-    if !header_seen {
-        return Err(TraceError {
-            line: 1,
-            message: format!("the trace is empty: expected the header `{HEADER}`"),
-        });
-    }
+    let mut sessions = rows(text, HEADER, "trace")?
+        .into_iter()
+        .map(|(line, fields)| parse_line(&fields, line))
+        .collect::<Result<Vec<_>, _>>()?;
     sessions.sort_by_key(|s| s.start_s);
     Ok(sessions)
 }
 
-fn parse_line(content: &str, line: usize) -> Result<TraceSession, TraceError> {
+fn parse_line(fields: &[&str], line: usize) -> Result<TraceSession, TraceError> {
     let err = |message: String| TraceError { line, message };
-    let fields: Vec<&str> = content.split(',').map(str::trim).collect();
     let [user, protocol, start, end] = fields[..] else {
         return Err(err(format!(
             "expected 4 comma-separated fields ({HEADER}), found {}",
@@ -305,6 +350,69 @@ mod tests {
             ("user,start_s,end_s\nann,9,2\n", 2, "before start_s"),
         ] {
             let e = parse_jobs(text).unwrap_err();
+            assert_eq!(e.line, line, "{text:?}: {e}");
+            assert!(e.to_string().contains(needle), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn parses_batch_jobs_in_submit_order_and_names_bad_lines() {
+        let jobs = parse_batch(
+            "job,submit_s,duration_s,nodes\n# nightly\ntrain,100,7200,2\netl,50,600,1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            jobs,
+            vec![
+                TraceBatchJob {
+                    job: "etl".into(),
+                    submit_s: 50,
+                    duration_s: 600,
+                    nodes: 1
+                },
+                TraceBatchJob {
+                    job: "train".into(),
+                    submit_s: 100,
+                    duration_s: 7200,
+                    nodes: 2
+                },
+            ]
+        );
+        for (text, line, needle) in [
+            ("", 1, "the batch trace is empty"),
+            (
+                "user,start_s,end_s\n",
+                1,
+                "expected the header `job,submit_s,duration_s,nodes`",
+            ),
+            (
+                "job,submit_s,duration_s,nodes\na,1,2\n",
+                2,
+                "4 comma-separated",
+            ),
+            ("job,submit_s,duration_s,nodes\n,1,2,1\n", 2, "job is empty"),
+            (
+                "job,submit_s,duration_s,nodes\na,x,2,1\n",
+                2,
+                "submit_s \"x\"",
+            ),
+            (
+                "job,submit_s,duration_s,nodes\na,1,-2,1\n",
+                2,
+                "duration_s \"-2\"",
+            ),
+            (
+                "job,submit_s,duration_s,nodes\n\na,1,2,0\n",
+                3,
+                "nodes \"0\"",
+            ),
+            (
+                "job,submit_s,duration_s,nodes\na,1,2,99999\n",
+                2,
+                "from 1 to 10000",
+            ),
+        ] {
+            let e = parse_batch(text).unwrap_err();
             assert_eq!(e.line, line, "{text:?}: {e}");
             assert!(e.to_string().contains(needle), "{text:?}: {e}");
         }
