@@ -84,6 +84,9 @@ pub struct Observation<'a> {
     /// one VM each, and the pool counts as in use while any wait. VMs running jobs come as
     /// `busy` (never drained or removed).
     pub batch_pending_nodes: u32,
+    /// VMs whose batch node runs a job now (0 without `[batch]`). While jobs are pending these
+    /// count as taken: the pending ones need VMs besides them, not instead of them.
+    pub batch_running_nodes: u32,
 }
 
 /// What to do.
@@ -187,10 +190,14 @@ impl Autoscaler {
         if demand == 0 && pending_nodes == 0 && pool_idle_for >= c.scale_to_zero_after {
             desired = c.min_vms.max(floor);
         }
-        // Pending batch jobs need VMs of their own on top of the interactive aim.
-        desired = desired
-            .saturating_add(pending_nodes)
-            .min(c.max_vms.max(c.min_vms));
+        // Pending batch jobs need VMs of their own on top of the interactive aim and of the VMs
+        // already running jobs (those serve no one else meanwhile).
+        if pending_nodes > 0 {
+            desired = desired
+                .saturating_add(pending_nodes)
+                .saturating_add(obs.batch_running_nodes)
+                .min(c.max_vms.max(c.min_vms));
+        }
 
         let alive: Vec<&VmObservation> = obs.vms.iter().filter(|v| is_alive(v.lifecycle)).collect();
         let serving = alive.iter().filter(|v| !v.draining).count() as u32;
@@ -353,6 +360,7 @@ mod tests {
             now,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.desired, 2);
         assert_eq!(d.actions[0].0, Action::Start(2));
@@ -372,6 +380,7 @@ mod tests {
             now: Instant::now(),
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.desired, 1);
         assert_eq!(d.actions[0].0, Action::Start(1), "{d:?}");
@@ -388,6 +397,7 @@ mod tests {
             now,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.desired, 3);
         assert_eq!(d.actions, vec![(Action::Start(1), d.actions[0].1.clone())]);
@@ -406,6 +416,7 @@ mod tests {
             now: later,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.actions.len(), 1);
         assert_eq!(d.actions[0].0, Action::Drain("b".into()));
@@ -417,6 +428,7 @@ mod tests {
             now: later + Duration::from_secs(10),
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Remove("b".into()));
 
@@ -430,6 +442,7 @@ mod tests {
             now: later,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         let Action::Drain(name) = &d.actions[0].0 else {
             panic!("{d:?}")
@@ -447,6 +460,7 @@ mod tests {
             now: later + Duration::from_secs(5),
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Undrain(drained));
     }
@@ -463,6 +477,7 @@ mod tests {
             now: t0,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         let busy = [vm("a", 2, None), vm("b", 1, None), vm("c", 1, None)];
         let d = a.decide(&Observation {
@@ -471,6 +486,7 @@ mod tests {
             now: t0 + Duration::from_secs(5000),
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert!(
             d.actions
@@ -491,6 +507,7 @@ mod tests {
             now: t0,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(
             d.desired, 1,
@@ -502,6 +519,7 @@ mod tests {
             now: t0 + Duration::from_secs(1801),
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.desired, 0);
         assert_eq!(d.actions[0].0, Action::Drain("a".into()));
@@ -517,6 +535,7 @@ mod tests {
             now: Instant::now(),
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert!(
             d.actions
@@ -540,6 +559,7 @@ mod tests {
             now: later,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(
             d.actions,
@@ -554,6 +574,7 @@ mod tests {
                 now: later + Duration::from_secs(step * 1000),
                 min_warm: 0,
                 batch_pending_nodes: 0,
+                batch_running_nodes: 0,
             });
             assert!(
                 d.actions
@@ -576,6 +597,7 @@ mod tests {
             now: t0,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         let d = a.decide(&Observation {
             vms: &vms,
@@ -583,6 +605,7 @@ mod tests {
             now: later,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Drain("c".into()));
         vms[0].draining = true;
@@ -593,6 +616,7 @@ mod tests {
             now: later + Duration::from_secs(1),
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.actions.len(), 1, "{d:?}");
         assert_eq!(d.actions[0].0, Action::Undrain("c".into()));
@@ -606,6 +630,7 @@ mod tests {
             now: later + Duration::from_secs(2),
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Drain("c".into()));
     }
@@ -621,6 +646,7 @@ mod tests {
             now: t0,
             min_warm: 3,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.desired, 3);
         assert_eq!(d.actions.len(), 1, "{d:?}");
@@ -640,6 +666,7 @@ mod tests {
             now: later,
             min_warm: 3,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.desired, 3);
         assert_eq!(
@@ -658,6 +685,7 @@ mod tests {
             now: t0,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         let d = b.decide(&Observation {
             vms: &vms[..3],
@@ -665,6 +693,7 @@ mod tests {
             now: later,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.desired, 0);
         assert!(matches!(d.actions[0].0, Action::Drain(_)), "{d:?}");
@@ -685,6 +714,7 @@ mod tests {
             now: t0,
             min_warm: 2,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.desired, 4);
         // A floor above max_vms (5) is held at max_vms.
@@ -694,6 +724,7 @@ mod tests {
             now: t0,
             min_warm: 9,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!((d.desired, d.actions[0].0.clone()), (5, Action::Start(5)));
     }
@@ -709,6 +740,7 @@ mod tests {
             now: t0,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         let d = a.decide(&Observation {
             vms: &[],
@@ -716,6 +748,7 @@ mod tests {
             now: t0 + Duration::from_secs(3 * 3600),
             min_warm: 0,
             batch_pending_nodes: 1,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.desired, 2, "{d:?}");
         assert_eq!(d.actions[0].0, Action::Start(2));
@@ -727,6 +760,7 @@ mod tests {
             now: t0 + Duration::from_secs(3 * 3600),
             min_warm: 0,
             batch_pending_nodes: 20,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.desired, 5);
         // VMs running jobs are busy: never drained, however long without sessions.
@@ -739,9 +773,44 @@ mod tests {
             now: t0 + Duration::from_secs(5 * 3600),
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert!(
             !d.actions.iter().any(|(x, _)| matches!(x, Action::Drain(_))),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn a_pending_job_gets_a_vm_besides_the_ones_running_jobs() {
+        let t0 = Instant::now();
+        let mut a = Autoscaler::new(config());
+        // Three VMs each run a job (busy, no sessions); one more job is pending: a fourth VM
+        // (and the spare, the pool being in use), not a wait for one of the three.
+        let mut vms = vec![vm("a", 0, None), vm("b", 0, None), vm("c", 0, None)];
+        for v in &mut vms {
+            v.busy = true;
+        }
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: t0,
+            min_warm: 0,
+            batch_pending_nodes: 1,
+            batch_running_nodes: 3,
+        });
+        assert_eq!(d.actions[0].0, Action::Start(2), "{d:?}");
+        // Nothing pending: the running jobs' VMs are kept (busy) but add no VM.
+        let d = a.decide(&Observation {
+            vms: &vms,
+            waiting: 0,
+            now: t0,
+            min_warm: 0,
+            batch_pending_nodes: 0,
+            batch_running_nodes: 3,
+        });
+        assert!(
+            !d.actions.iter().any(|(x, _)| matches!(x, Action::Start(_))),
             "{d:?}"
         );
     }
@@ -765,6 +834,7 @@ mod tests {
             now: t0,
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert!(d.actions.is_empty(), "{d:?}");
         // "a" was drained for scale-in by the old leader: adopted, then removed while empty.
@@ -776,6 +846,7 @@ mod tests {
             now: t0 + Duration::from_secs(1),
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(
             d.actions.iter().map(|(x, _)| x.clone()).collect::<Vec<_>>(),
@@ -790,6 +861,7 @@ mod tests {
             now: t0 + Duration::from_secs(2),
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Undrain("a".into()), "{d:?}");
         assert!(
@@ -807,6 +879,7 @@ mod tests {
             now: t0 + Duration::from_secs(3),
             min_warm: 0,
             batch_pending_nodes: 0,
+            batch_running_nodes: 0,
         });
         assert_eq!(a.draining().count(), 0);
     }
@@ -825,6 +898,7 @@ mod tests {
                 now: Instant::now(),
                 min_warm: 0,
                 batch_pending_nodes: 0,
+                batch_running_nodes: 0,
             })
         };
         let woken = vm("a", 0, Some(Instant::now()));

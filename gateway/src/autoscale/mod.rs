@@ -484,8 +484,8 @@ impl Driver {
         }
         // VMs whose Slurm node runs a job are busy, whatever the busy check said.
         let batch = self.batch_view().await;
+        let mut busy_nodes = 0;
         if let (Some(view), Some(engine)) = (&batch, self.batch.get()) {
-            let mut busy_nodes = 0;
             for v in &mut vms {
                 if view
                     .nodes
@@ -493,10 +493,10 @@ impl Driver {
                     .is_some_and(|n| n.busy)
                 {
                     v.busy = true;
-                    busy_nodes += 1;
+                    busy_nodes += 1u32;
                 }
             }
-            self.metrics.batch_nodes_busy.set(busy_nodes);
+            self.metrics.batch_nodes_busy.set(i64::from(busy_nodes));
             self.sync_batch_drains(view, &snapshot).await;
         }
         // Platform scale-in protection follows what the VMs said, not checks still under way.
@@ -530,6 +530,7 @@ impl Driver {
                 now: self.pool.clock().now(),
                 min_warm,
                 batch_pending_nodes: batch.as_ref().map_or(0, |v| v.pending_nodes),
+                batch_running_nodes: busy_nodes,
             }),
             Err(_) => return Vec::new(),
         };

@@ -361,7 +361,6 @@ fn no_workload_makes_the_policy_kill_or_strand_a_batch_job() {
 }
 
 #[test]
-#[ignore = "the policy's aim adds pending batch nodes but not the nodes running jobs, which still count as serving: this job waits 9 h for a running one to end"]
 fn a_job_queued_behind_running_jobs_gets_a_vm_of_its_own() {
     // Three 10-hour jobs hold three VMs; a fourth submitted an hour later must not wait for one
     // of them to end while the pool may grow.
