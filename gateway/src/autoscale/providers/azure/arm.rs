@@ -113,6 +113,8 @@ pub struct Arm {
     /// "scale set rg/name in subscription s", for messages.
     target: String,
     pub tuning: Tuning,
+    /// `poolgate_azure_requests_total{operation,method,code}`, when metrics are attached.
+    requests: Option<prometheus::IntCounterVec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,6 +225,23 @@ impl Arm {
             origin,
             target,
             tuning,
+            requests: None,
+        }
+    }
+
+    /// Counts every request (each retry and each operation poll too) in `requests`
+    /// (`poolgate_azure_requests_total{operation,method,code}`).
+    pub fn count_requests_in(&mut self, requests: prometheus::IntCounterVec) {
+        self.requests = Some(requests);
+    }
+
+    /// Counts one request by its outcome: the HTTP status code, or `unanswered`.
+    fn count(&self, operation: &str, method: &Method, status: Option<StatusCode>) {
+        if let Some(requests) = &self.requests {
+            let code = status.map_or_else(|| "unanswered".to_owned(), |s| s.as_str().to_owned());
+            requests
+                .with_label_values(&[operation, method.as_str(), code.as_str()])
+                .inc();
         }
     }
 
@@ -290,18 +309,22 @@ impl Arm {
                     .to_bytes();
                 Ok::<_, ProviderError>((parts.status, parts.headers, bytes))
             };
-            let (status, headers, bytes) = match self.tuning.request_timeout {
-                None => exchange.await?,
-                Some(limit) => tokio::time::timeout(limit, exchange).await.map_err(|_| {
-                    error(
-                        operation,
-                        format!(
-                            "ARM did not answer within {}",
-                            humantime::format_duration(limit)
-                        ),
-                    )
-                })??,
+            let answer = match self.tuning.request_timeout {
+                None => exchange.await,
+                Some(limit) => tokio::time::timeout(limit, exchange)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(error(
+                            operation,
+                            format!(
+                                "ARM did not answer within {}",
+                                humantime::format_duration(limit)
+                            ),
+                        ))
+                    }),
             };
+            self.count(operation, &method, answer.as_ref().ok().map(|(s, _, _)| *s));
+            let (status, headers, bytes) = answer?;
             let retryable = matches!(
                 status,
                 StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE

@@ -75,8 +75,12 @@ pub struct State {
     pub throttle_until_date: Option<u64>,
     /// The next ARM request fails with this status, code and message.
     pub fail_next: Option<(u16, &'static str, &'static str)>,
+    /// The next ARM request gets this answer of `examples/ArmErrors.json`, verbatim.
+    pub fail_next_example: Option<&'static str>,
     /// Long operations end `Failed` with this code and message.
     pub op_failure: Option<(&'static str, &'static str)>,
+    /// Long operations end with this status document of `examples/ArmErrors.json` instead.
+    pub op_failure_example: Option<&'static str>,
     /// Lifetime of issued tokens, in seconds.
     pub token_lifetime: u64,
     pub tokens_issued: Vec<String>,
@@ -114,7 +118,9 @@ impl State {
             throttle_next: 0,
             throttle_until_date: None,
             fail_next: None,
+            fail_next_example: None,
             op_failure: None,
+            op_failure_example: None,
             token_lifetime: 3600,
             tokens_issued: Vec::new(),
             page_size: 100,
@@ -339,6 +345,22 @@ pub(super) fn arm_error(status: u16, code: &str, message: &str) -> Response<Full
     )
 }
 
+/// The status and body of an entry of `examples/ArmErrors.json`.
+pub fn arm_example(name: &str) -> (u16, Value) {
+    let path = format!(
+        "{}/src/autoscale/providers/azure/fake/examples/ArmErrors.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).expect("ArmErrors.json");
+    let all: Value = serde_json::from_str(&text).expect("ArmErrors.json is JSON");
+    let entry = &all[name];
+    let status = entry["status"].as_u64().expect("status");
+    (
+        u16::try_from(status).expect("an HTTP status"),
+        entry["body"].clone(),
+    )
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -401,14 +423,15 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
             }
             None => "1".to_owned(),
         };
-        return reply(
-            429,
-            json!({"error": {"code": "TooManyRequests", "message": "The request is being throttled as the limit has been reached for operation group 'VMScaleSetBatchedVMRequests2Min'."}}),
-            &[("retry-after", retry)],
-        );
+        let (status, body) = arm_example("TooManyRequests");
+        return reply(status, body, &[("retry-after", retry)]);
     }
     if let Some((status, code, message)) = s.fail_next.take() {
         return arm_error(status, code, message);
+    }
+    if let Some(name) = s.fail_next_example.take() {
+        let (status, body) = arm_example(name);
+        return reply(status, body, &[]);
     }
     if path.contains("/operations/") {
         return shapes::poll(&mut s, &path);
