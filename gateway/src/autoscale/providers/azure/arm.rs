@@ -508,7 +508,9 @@ impl Arm {
         let no_capacity = is_allocation_failure(&code);
         let advice = match status {
             StatusCode::FORBIDDEN if code == "LinkedAuthorizationFailed" => format!(
-                "the gateway's identity may write to {} but lacks the action ARM names on a linked                  resource (the scope after \"linked scope(s)\"); grant that action there, or keep                  the write from naming the linked resource; poolgate backs off before trying again",
+                "the gateway's identity may write to {} but lacks the action ARM names on a linked \
+                 resource (the scope after \"linked scope(s)\"); grant that action there, or keep \
+                 the write from naming the linked resource; poolgate backs off before trying again",
                 self.target
             ),
             _ if no_capacity => {
@@ -527,8 +529,11 @@ impl Arm {
                 self.target
             ),
             StatusCode::FORBIDDEN => format!(
-                "the gateway's identity needs the 'Virtual Machine Contributor' role on {} \
-                 (az role assignment create --assignee <principalId> --role \"Virtual Machine Contributor\" --scope <scale set id>)",
+                "the gateway's identity lacks the action ARM names on {}: assign it the \
+                 deployment's custom autoscaler role, which has exactly the actions poolgate uses \
+                 (deploy/azure), or the built-in 'Virtual Machine Contributor' role \
+                 (az role assignment create --assignee <principalId> --role <role> --scope <scale set id>); \
+                 poolgate backs off before trying again",
                 self.target
             ),
             StatusCode::NOT_FOUND => format!(

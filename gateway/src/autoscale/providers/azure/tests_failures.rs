@@ -375,7 +375,12 @@ async fn a_linked_authorization_failure_on_protection_is_counted_and_backed_off(
     fake.state().fail_next_example = Some("LinkedAuthorizationFailed");
     let err = p.protect(&want).await.expect_err("403");
     assert!(err.message.contains("LinkedAuthorizationFailed"), "{err}");
-    assert!(err.message.contains("linked resource"), "{err}");
+    assert!(
+        err.message
+            .contains("lacks the action ARM names on a linked resource"),
+        "{err}"
+    );
+    assert!(!err.message.contains("  "), "no runs of spaces: {err}");
     assert!(
         !err.message.contains("Virtual Machine Contributor"),
         "{err}"
