@@ -29,6 +29,13 @@ impl<K: std::hash::Hash + Eq> Backoffs<K> {
         }
     }
 
+    /// Forgets the keys `keep` says no to (VMs that are gone).
+    pub(super) fn retain(&self, mut keep: impl FnMut(&K) -> bool) {
+        if let Ok(mut map) = self.0.lock() {
+            map.retain(|k, _| keep(k));
+        }
+    }
+
     /// Records how the write after [`Backoffs::check`] went: a success clears `key`, a failure
     /// starts its next backoff, which is returned.
     pub(super) fn record(

@@ -73,6 +73,25 @@ impl AzureProvider {
         }
     }
 
+    /// Forgets what it remembers per VM (backoffs, requested protection, first listing without
+    /// a power state, failures reported) for VMs no longer listed: a Uniform instance id may be
+    /// reused by a new instance, which starts with a clean slate.
+    pub(super) fn forget_gone(&self, listed: &HashMap<String, super::Known>) {
+        if let Ok(mut wanted) = self.protect_wanted.lock() {
+            wanted.retain(|name, _| listed.contains_key(name));
+        }
+        if let Ok(mut seen) = self.without_power.lock() {
+            seen.retain(|name, _| listed.contains_key(name));
+        }
+        if let Ok(mut reported) = self.reported_failed.lock() {
+            reported.retain(|name| listed.contains_key(name));
+        }
+        self.instance_backoff
+            .retain(|(_, name)| listed.contains_key(name));
+        self.protect_backoff
+            .retain(|name| listed.contains_key(name));
+    }
+
     /// Whether a failed instance may be deleted without ending anyone's session: never one
     /// the driver asked to protect (it had sessions or work) or that is listed as protected;
     /// a running one only when the listing says it is unprotected (Uniform), since a Flexible

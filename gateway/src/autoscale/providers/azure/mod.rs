@@ -290,6 +290,7 @@ impl AzureProvider {
                 lifecycle,
             });
         }
+        self.forget_gone(&known);
         if let Ok(mut map) = self.known.lock() {
             *map = known;
         }
@@ -365,6 +366,7 @@ impl AzureProvider {
                 lifecycle,
             });
         }
+        self.forget_gone(&known);
         if let Ok(mut map) = self.known.lock() {
             *map = known;
         }

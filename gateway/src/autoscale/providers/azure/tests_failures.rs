@@ -491,3 +491,22 @@ async fn flexible_lists_with_the_quoted_filter_and_deletes_failed_members_by_nam
         )]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reused_instance_id_starts_without_the_old_instances_backoff() {
+    let fake = FakeArm::start(2, |s| s.polls_per_op = 1).await;
+    deallocated(&fake, &[1]);
+    let p = provider(&fake);
+    p.list().await.expect("list");
+    fake.state().fail_next_example = Some("QuotaExceeded");
+    p.start(&["dsvm_1".to_owned()]).await.expect_err("quota");
+    // The instance is deleted by hand; a listing without it; Azure reuses its id later.
+    let old = fake.state().instances.remove(&1).expect("instance 1");
+    p.list().await.expect("list");
+    fake.state().instances.insert(1, old);
+    p.list().await.expect("list");
+    p.start(&["dsvm_1".to_owned()])
+        .await
+        .expect("a new instance: no backoff");
+    assert_eq!(posts_to(&fake.state().arm_log(), "/start").len(), 2);
+}
