@@ -949,6 +949,16 @@ async fn driver_never_drains_or_deletes_an_instance_running_detached_work() {
     );
 }
 
+/// An official example kept under `fake/examples/`, whole.
+pub(super) fn example_request(file: &str) -> serde_json::Value {
+    let path = format!(
+        "{}/src/autoscale/providers/azure/fake/examples/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).expect("example file");
+    serde_json::from_str(&text).expect("example JSON")
+}
+
 /// The `responses.200.body` of an official example kept under `fake/examples/`.
 pub(super) fn example_body(file: &str) -> serde_json::Value {
     let path = format!(

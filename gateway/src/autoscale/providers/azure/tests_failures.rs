@@ -510,3 +510,70 @@ async fn a_reused_instance_id_starts_without_the_old_instances_backoff() {
         .expect("a new instance: no backoff");
     assert_eq!(posts_to(&fake.state().arm_log(), "/start").len(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn instance_writes_follow_both_answers_of_the_official_examples() {
+    let example = super::tests::example_request("VirtualMachineScaleSet_Start_MaximumSet_Gen.json");
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let documented = keys(&example["parameters"]["vmInstanceIDs"]);
+    let delete_example =
+        super::tests::example_request("VirtualMachineScaleSet_DeleteInstances_MaximumSet_Gen.json");
+    assert_eq!(
+        keys(&delete_example["parameters"]["vmInstanceIDs"]),
+        documented
+    );
+
+    // "200": {} — done at once, nothing to poll.
+    let fake = FakeArm::start(3, |s| s.sync_writes = true).await;
+    deallocated(&fake, &[1]);
+    let p = provider(&fake);
+    p.list().await.expect("list");
+    p.start(&["dsvm_1".to_owned()]).await.expect("start");
+    p.delete(&["dsvm_2".to_owned()]).await.expect("delete");
+    {
+        let s = fake.state();
+        let log = s.arm_log();
+        assert!(
+            !log.iter().any(|l| l.path.contains("/operations/")),
+            "{:?}",
+            summary(&log)
+        );
+        for post in posts_to(&log, "/start")
+            .iter()
+            .chain(posts_to(&log, "/delete").iter())
+        {
+            assert_eq!(post.body.as_ref().map(keys), Some(documented.clone()));
+        }
+        assert_eq!(
+            s.instances.get(&1).map(|i| i.power.as_str()),
+            Some("running")
+        );
+        assert!(!s.instances.contains_key(&2));
+    }
+
+    // "202" with only a location header — polled until it stops answering 202.
+    let fake = FakeArm::start(2, |s| {
+        s.location_only = true;
+        s.polls_per_op = 3;
+    })
+    .await;
+    deallocated(&fake, &[1]);
+    let p = provider(&fake);
+    p.list().await.expect("list");
+    p.start(&["dsvm_1".to_owned()]).await.expect("start");
+    let s = fake.state();
+    let polls = s
+        .arm_log()
+        .iter()
+        .filter(|l| l.path.contains("/operations/"))
+        .count();
+    assert_eq!(polls, 3);
+    assert_eq!(
+        s.instances.get(&1).map(|i| i.power.as_str()),
+        Some("running")
+    );
+}

@@ -69,6 +69,9 @@ pub struct State {
     pub polls_per_op: u32,
     /// Answer long operations with `Location` only (no `Azure-AsyncOperation`).
     pub location_only: bool,
+    /// Finish writes at once and answer `200` without operation headers (the `"200": {}`
+    /// answer of the official examples).
+    pub sync_writes: bool,
     /// The next this-many ARM requests get 429 with `Retry-After: 1`.
     pub throttle_next: u32,
     /// Throttle with `Retry-After` as an HTTP date this many seconds ahead instead.
@@ -115,6 +118,7 @@ impl State {
             instances,
             polls_per_op: 2,
             location_only: false,
+            sync_writes: false,
             throttle_next: 0,
             throttle_until_date: None,
             fail_next: None,

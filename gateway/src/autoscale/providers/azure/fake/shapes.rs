@@ -140,6 +140,10 @@ fn scale_set_json(s: &State) -> Value {
 
 /// Registers a long operation and answers 202 (or 200 for PATCH/PUT) with its headers.
 fn accepted(s: &mut State, status: u16, body: Value, effect: Effect) -> Response<Full<Bytes>> {
+    if s.sync_writes {
+        apply(s, effect);
+        return reply(200, if status == 202 { Value::Null } else { body }, &[]);
+    }
     s.next_op += 1;
     let id = format!("op-{}", s.next_op);
     s.ops.insert(
