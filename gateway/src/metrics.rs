@@ -67,6 +67,9 @@ pub struct Metrics {
     /// `poolgate_azure_instance_failed{vm,reason}`: 1 for each scale-set instance that failed to
     /// come up (`provisioning_failed`, `start_timeout`) as of the last listing.
     pub azure_instance_failed: IntGaugeVec,
+    /// `poolgate_azure_ratelimit_remaining{policy}`: calls left in each ARM throttling policy, as
+    /// the last answer naming it said (`x-ms-ratelimit-remaining-resource`).
+    pub azure_ratelimit_remaining: IntGaugeVec,
 }
 
 /// Outcome label values of `sessions_total`.
@@ -240,6 +243,13 @@ impl Metrics {
                 ),
                 &["vm", "reason"]
             )),
+            azure_ratelimit_remaining: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "azure_ratelimit_remaining",
+                    "Calls left in each ARM throttling policy (e.g. Microsoft.Compute/HighCostGetVMScaleSet3Min) as the last answer naming it said; 0 means the next call of that kind is throttled."
+                ),
+                &["policy"]
+            )),
             registry: registry.clone(),
         };
         // One replica with its state in memory: the store is up, it is the only replica and it
@@ -369,6 +379,7 @@ impl Metrics {
             self.vm_load_hint.desc(),
             self.azure_requests_total.desc(),
             self.azure_instance_failed.desc(),
+            self.azure_ratelimit_remaining.desc(),
         ]
     }
 

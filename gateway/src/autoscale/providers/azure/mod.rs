@@ -192,12 +192,15 @@ impl AzureProvider {
     }
 
     /// Exports what the provider sees and does into `metrics`: ARM requests by status code
-    /// (`poolgate_azure_requests_total`), instances that failed to come up
+    /// (`poolgate_azure_requests_total`), the calls left in ARM's throttling policies
+    /// (`poolgate_azure_ratelimit_remaining`), instances that failed to come up
     /// (`poolgate_azure_instance_failed`) and their deletion
     /// (`poolgate_autoscale_actions_total{action="delete_failed"}`).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.arm
             .count_requests_in(metrics.azure_requests_total.clone());
+        self.arm
+            .export_ratelimits_in(metrics.azure_ratelimit_remaining.clone());
         self.metrics = Some(metrics);
         self
     }

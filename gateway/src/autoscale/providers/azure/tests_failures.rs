@@ -176,17 +176,31 @@ async fn arm_requests_are_counted_by_operation_method_and_status_code() {
         // Compute's throttling answer with Retry-After as an HTTP date.
         s.throttle_next = 1;
         s.throttle_until_date = Some(3);
+        s.read_budget = Some(100);
     })
     .await;
     let metrics = Arc::new(Metrics::new());
     let p = provider(&fake).with_metrics(metrics.clone());
+    let budget = || {
+        metrics
+            .azure_ratelimit_remaining
+            .with_label_values(&["Microsoft.Compute/HighCostGetVMScaleSet3Min"])
+            .get()
+    };
+    let t0 = tokio::time::Instant::now();
     p.list().await.expect("list after one 429");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "Retry-After date honoured"
+    );
     assert_eq!(requests(&metrics, "list", "GET", "429"), 1);
     assert_eq!(
         requests(&metrics, "list", "GET", "200"),
         2,
         "instances, NICs"
     );
+    // The policy the answers name, as the last one said: 100 less the two reads (the 429 said 0).
+    assert_eq!(budget(), 98);
     p.create(1).await.expect("create");
     assert_eq!(
         requests(&metrics, "create", "GET", "200"),

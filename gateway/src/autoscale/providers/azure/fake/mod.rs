@@ -84,6 +84,10 @@ pub struct State {
     pub op_failure: Option<(&'static str, &'static str)>,
     /// Long operations end with this status document of `examples/ArmErrors.json` instead.
     pub op_failure_example: Option<&'static str>,
+    /// Calls left in the read policy the fake reports on GET answers
+    /// (`x-ms-ratelimit-remaining-resource: Microsoft.Compute/HighCostGetVMScaleSet3Min;N`),
+    /// one less per GET; `None`: no such header.
+    pub read_budget: Option<u32>,
     /// Lifetime of issued tokens, in seconds.
     pub token_lifetime: u64,
     pub tokens_issued: Vec<String>,
@@ -125,6 +129,7 @@ impl State {
             fail_next_example: None,
             op_failure: None,
             op_failure_example: None,
+            read_budget: None,
             token_lifetime: 3600,
             tokens_issued: Vec::new(),
             page_size: 100,
@@ -428,7 +433,18 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
             None => "1".to_owned(),
         };
         let (status, body) = arm_example("TooManyRequests");
-        return reply(status, body, &[("retry-after", retry)]);
+        // A throttled answer names the exhausted policy with no calls left.
+        return reply(
+            status,
+            body,
+            &[
+                ("retry-after", retry),
+                (
+                    "x-ms-ratelimit-remaining-resource",
+                    "Microsoft.Compute/HighCostGetVMScaleSet3Min;0".to_owned(),
+                ),
+            ],
+        );
     }
     if let Some((status, code, message)) = s.fail_next.take() {
         return arm_error(status, code, message);
@@ -437,9 +453,37 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
         let (status, body) = arm_example(name);
         return reply(status, body, &[]);
     }
-    if path.contains("/operations/") {
-        return shapes::poll(&mut s, &path);
+    let budget = match (method.as_str(), s.read_budget.as_mut()) {
+        ("GET", Some(left)) => {
+            *left = left.saturating_sub(1);
+            Some(*left)
+        }
+        _ => None,
+    };
+    let mut response = if path.contains("/operations/") {
+        shapes::poll(&mut s, &path)
+    } else {
+        route_checked(&mut s, &method, &path, &query, body.as_ref())
+    };
+    if let Some(left) = budget
+        && let Ok(value) = hyper::header::HeaderValue::from_str(&format!(
+            "Microsoft.Compute/HighCostGetVMScaleSet3Min;{left}"
+        ))
+    {
+        response
+            .headers_mut()
+            .append("x-ms-ratelimit-remaining-resource", value);
     }
+    response
+}
+
+fn route_checked(
+    s: &mut State,
+    method: &str,
+    path: &str,
+    query: &HashMap<String, String>,
+    body: Option<&Value>,
+) -> Response<Full<Bytes>> {
     if query.get("api-version").is_none_or(String::is_empty) {
         return arm_error(
             400,
@@ -447,7 +491,7 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
             "The api-version query parameter (?api-version=) is required for all requests.",
         );
     }
-    shapes::route(&mut s, &method, &path, &query, body.as_ref())
+    shapes::route(s, method, path, query, body)
 }
 
 fn token(
