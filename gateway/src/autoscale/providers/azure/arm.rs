@@ -771,8 +771,8 @@ mod tests {
             Some(("http".to_owned(), "127.0.0.1".to_owned(), 80))
         );
         assert_eq!(
-            encode_query("virtualMachineScaleSet/id eq '/s/x'"),
-            "virtualMachineScaleSet/id%20eq%20%27/s/x%27"
+            encode_query("'virtualMachineScaleSet/id' eq '/s/x'"),
+            "%27virtualMachineScaleSet/id%27%20eq%20%27/s/x%27"
         );
     }
 }
