@@ -72,6 +72,16 @@ pub struct Metrics {
     pub vm_busy: IntGaugeVec,
     /// `poolgate_autoscale_busy_checks_total{result}`: busy checks by result (busy, idle, unknown).
     pub autoscale_busy_checks_total: IntCounterVec,
+    /// `poolgate_azure_requests_total{operation,method,code}`: ARM requests of the `azure-vmss`
+    /// provider (every attempt and every poll of a long-running operation), by HTTP status code
+    /// (`unanswered`: no response).
+    pub azure_requests_total: IntCounterVec,
+    /// `poolgate_azure_instance_failed{vm,reason}`: 1 for each scale-set instance that failed to
+    /// come up (`provisioning_failed`, `start_timeout`) as of the last listing.
+    pub azure_instance_failed: IntGaugeVec,
+    /// `poolgate_azure_ratelimit_remaining{policy}`: calls left in each ARM throttling policy, as
+    /// the last answer naming it said (`x-ms-ratelimit-remaining-resource`).
+    pub azure_ratelimit_remaining: IntGaugeVec,
 }
 
 /// Outcome label values of `sessions_total`.
@@ -211,7 +221,7 @@ impl Metrics {
             autoscale_actions_total: reg!(IntCounterVec::new(
                 Opts::new(
                     "autoscale_actions_total",
-                    "Autoscaler actions applied, by action (start, create, drain, undrain, stop, delete, kept_busy, error)."
+                    "Autoscaler actions applied, by action (start, create, drain, undrain, stop, delete, delete_failed, kept_busy, error)."
                 ),
                 &["action"]
             )),
@@ -254,6 +264,27 @@ impl Metrics {
                 ),
                 &["result"]
             )),
+            azure_requests_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "azure_requests_total",
+                    "ARM requests of the azure-vmss provider (retries and operation polls included), by operation, HTTP method and status code (unanswered: no response)."
+                ),
+                &["operation", "method", "code"]
+            )),
+            azure_instance_failed: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "azure_instance_failed",
+                    "1 for each scale-set instance that failed to come up as of the last listing, by reason (provisioning_failed, start_timeout)."
+                ),
+                &["vm", "reason"]
+            )),
+            azure_ratelimit_remaining: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "azure_ratelimit_remaining",
+                    "Calls left in each ARM throttling policy (e.g. Microsoft.Compute/HighCostGetVMScaleSet3Min) as the last answer naming it said; 0 means the next call of that kind is throttled."
+                ),
+                &["policy"]
+            )),
             registry: registry.clone(),
         };
         // One replica with its state in memory: the store is up, it is the only replica and it
@@ -276,6 +307,7 @@ impl Metrics {
             "undrain",
             "stop",
             "delete",
+            "delete_failed",
             "kept_busy",
             "error",
         ] {
@@ -388,6 +420,9 @@ impl Metrics {
             self.sessions_waiting.desc(),
             self.sessions_tentative.desc(),
             self.vm_load_hint.desc(),
+            self.azure_requests_total.desc(),
+            self.azure_instance_failed.desc(),
+            self.azure_ratelimit_remaining.desc(),
         ]
     }
 

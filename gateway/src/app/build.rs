@@ -214,7 +214,7 @@ fn build_gateway(
     let metrics = Arc::new(Metrics::new());
     let provider = match provider {
         Some(provider) => provider,
-        None => self::provider(config)?,
+        None => self::provider(config, &metrics)?,
     };
     let mut driver_settings = settings::driver_settings(config);
     if let Some(every) = poll_interval {
@@ -335,8 +335,8 @@ pub fn check_startup(config: &Config) -> Vec<String> {
     problems
 }
 
-/// The provider named by `pool.provider`.
-pub fn provider(config: &Config) -> anyhow::Result<Arc<dyn Provider>> {
+/// The provider named by `pool.provider`, exporting what it sees into `metrics`.
+pub fn provider(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Provider>> {
     Ok(match config.pool.provider {
         ProviderKind::Static => Arc::new(StaticProvider::new(settings::static_vms(config))),
         ProviderKind::Exec => {
@@ -355,7 +355,8 @@ pub fn provider(config: &Config) -> anyhow::Result<Arc<dyn Provider>> {
                 .context("pool.azure: required by provider = \"azure-vmss\"")?;
             Arc::new(
                 crate::autoscale::providers::azure::AzureProvider::from_config(azure)
-                    .map_err(|e| anyhow::anyhow!("pool.azure: {e}"))?,
+                    .map_err(|e| anyhow::anyhow!("pool.azure: {e}"))?
+                    .with_metrics(metrics.clone()),
             )
         }
         ProviderKind::Demo => {

@@ -29,7 +29,7 @@ pub async fn reload(path: &Path, running: &Config, gateway: &Gateway) -> anyhow:
         Err(other) => anyhow::bail!("{other}; keeping the running configuration"),
     };
     let policy = build::host_policy(&config)?;
-    let provider = build::provider(&config)?;
+    let provider = build::provider(&config, &gateway.metrics)?;
     gateway.ssh.set_host_policy(policy);
     gateway
         .health

@@ -113,6 +113,10 @@ pub struct Arm {
     /// "scale set rg/name in subscription s", for messages.
     target: String,
     pub tuning: Tuning,
+    /// `poolgate_azure_requests_total{operation,method,code}`, when metrics are attached.
+    requests: Option<prometheus::IntCounterVec>,
+    /// `poolgate_azure_ratelimit_remaining{policy}`, when metrics are attached.
+    remaining: Option<prometheus::IntGaugeVec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +174,38 @@ fn retry_after_at(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Dur
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// Policies a scale set's answers name are few (Compute's documented ones); more than this many
+/// distinct names are not exported.
+const MAX_POLICIES: usize = 64;
+
+/// The `(policy, remaining calls)` pairs of an answer's `x-ms-ratelimit-remaining-resource`
+/// headers: `<source RP>/<policy or bucket>;<count>`, one header per policy or several joined by
+/// commas, e.g. `Microsoft.Compute/DeleteVMScaleSet3Min;107` (Microsoft's "Troubleshooting API
+/// throttling errors" article for virtual machines, "Call rate informational response
+/// headers"). Names that are not plain policy names are skipped.
+fn ratelimits(headers: &HeaderMap) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for value in headers.get_all("x-ms-ratelimit-remaining-resource") {
+        let Ok(text) = value.to_str() else { continue };
+        for item in text.split(',') {
+            let Some((policy, count)) = item.trim().rsplit_once(';') else {
+                continue;
+            };
+            let policy = policy.trim();
+            let plain = !policy.is_empty()
+                && policy.len() <= 100
+                && policy
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-'));
+            if let (true, Ok(count)) = (plain, count.trim().parse::<i64>()) {
+                out.push((policy.to_owned(), count));
+            }
+        }
+    }
+    out.truncate(MAX_POLICIES);
+    out
+}
+
 /// The origin of an absolute `http(s)` URL: lowercase scheme, lowercase host and effective port
 /// (the scheme's default when absent). `None` for anything else, including a URL with user info.
 ///
@@ -223,6 +259,41 @@ impl Arm {
             origin,
             target,
             tuning,
+            requests: None,
+            remaining: None,
+        }
+    }
+
+    /// Counts every request (each retry and each operation poll too) in `requests`
+    /// (`poolgate_azure_requests_total{operation,method,code}`).
+    pub fn count_requests_in(&mut self, requests: prometheus::IntCounterVec) {
+        self.requests = Some(requests);
+    }
+
+    /// Exports the remaining calls of each throttling policy ARM reports on its answers
+    /// (`x-ms-ratelimit-remaining-resource`) in `remaining`
+    /// (`poolgate_azure_ratelimit_remaining{policy}`).
+    pub fn export_ratelimits_in(&mut self, remaining: prometheus::IntGaugeVec) {
+        self.remaining = Some(remaining);
+    }
+
+    /// Sets the gauge of every policy an answer names.
+    fn observe_ratelimits(&self, headers: &HeaderMap) {
+        let Some(gauge) = &self.remaining else {
+            return;
+        };
+        for (policy, count) in ratelimits(headers) {
+            gauge.with_label_values(&[policy.as_str()]).set(count);
+        }
+    }
+
+    /// Counts one request by its outcome: the HTTP status code, or `unanswered`.
+    fn count(&self, operation: &str, method: &Method, status: Option<StatusCode>) {
+        if let Some(requests) = &self.requests {
+            let code = status.map_or_else(|| "unanswered".to_owned(), |s| s.as_str().to_owned());
+            requests
+                .with_label_values(&[operation, method.as_str(), code.as_str()])
+                .inc();
         }
     }
 
@@ -290,18 +361,25 @@ impl Arm {
                     .to_bytes();
                 Ok::<_, ProviderError>((parts.status, parts.headers, bytes))
             };
-            let (status, headers, bytes) = match self.tuning.request_timeout {
-                None => exchange.await?,
-                Some(limit) => tokio::time::timeout(limit, exchange).await.map_err(|_| {
-                    error(
-                        operation,
-                        format!(
-                            "ARM did not answer within {}",
-                            humantime::format_duration(limit)
-                        ),
-                    )
-                })??,
+            let answer = match self.tuning.request_timeout {
+                None => exchange.await,
+                Some(limit) => tokio::time::timeout(limit, exchange)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(error(
+                            operation,
+                            format!(
+                                "ARM did not answer within {}",
+                                humantime::format_duration(limit)
+                            ),
+                        ))
+                    }),
             };
+            self.count(operation, &method, answer.as_ref().ok().map(|(s, _, _)| *s));
+            if let Ok((_, headers, _)) = &answer {
+                self.observe_ratelimits(headers);
+            }
+            let (status, headers, bytes) = answer?;
             let retryable = matches!(
                 status,
                 StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
@@ -485,7 +563,9 @@ impl Arm {
         let no_capacity = is_allocation_failure(&code);
         let advice = match status {
             StatusCode::FORBIDDEN if code == "LinkedAuthorizationFailed" => format!(
-                "the gateway's identity may write to {} but lacks the action ARM names on a linked                  resource (the scope after \"linked scope(s)\"); grant that action there, or keep                  the write from naming the linked resource; poolgate backs off before trying again",
+                "the gateway's identity may write to {} but lacks the action ARM names on a linked \
+                 resource (the scope after \"linked scope(s)\"); grant that action there, or keep \
+                 the write from naming the linked resource; poolgate backs off before trying again",
                 self.target
             ),
             _ if no_capacity => {
@@ -504,8 +584,11 @@ impl Arm {
                 self.target
             ),
             StatusCode::FORBIDDEN => format!(
-                "the gateway's identity needs the 'Virtual Machine Contributor' role on {} \
-                 (az role assignment create --assignee <principalId> --role \"Virtual Machine Contributor\" --scope <scale set id>)",
+                "the gateway's identity lacks the action ARM names on {}: assign it the \
+                 deployment's custom autoscaler role, which has exactly the actions poolgate uses \
+                 (deploy/azure), or the built-in 'Virtual Machine Contributor' role \
+                 (az role assignment create --assignee <principalId> --role <role> --scope <scale set id>); \
+                 poolgate backs off before trying again",
                 self.target
             ),
             StatusCode::NOT_FOUND => format!(
@@ -616,6 +699,42 @@ mod tests {
     }
 
     #[test]
+    fn ratelimit_headers_give_the_remaining_calls_per_policy() {
+        let mut headers = HeaderMap::new();
+        // As in Microsoft's throttling article: one header per policy.
+        for value in [
+            "Microsoft.Compute/DeleteVMScaleSet3Min;107",
+            "Microsoft.Compute/DeleteVMScaleSet30Min;587",
+            "Microsoft.Compute/VMScaleSetBatchedVMRequests5Min;3704",
+        ] {
+            headers.append(
+                "x-ms-ratelimit-remaining-resource",
+                HeaderValue::from_static(value),
+            );
+        }
+        // Several in one header, and junk that is skipped.
+        headers.append(
+            "x-ms-ratelimit-remaining-resource",
+            HeaderValue::from_static(
+                "Microsoft.Compute/HighCostGet3Min;159, Microsoft.Compute/HighCostGet30Min;1277,bad name;3,x;y",
+            ),
+        );
+        assert_eq!(
+            ratelimits(&headers),
+            vec![
+                ("Microsoft.Compute/DeleteVMScaleSet3Min".to_owned(), 107),
+                ("Microsoft.Compute/DeleteVMScaleSet30Min".to_owned(), 587),
+                (
+                    "Microsoft.Compute/VMScaleSetBatchedVMRequests5Min".to_owned(),
+                    3704
+                ),
+                ("Microsoft.Compute/HighCostGet3Min".to_owned(), 159),
+                ("Microsoft.Compute/HighCostGet30Min".to_owned(), 1277),
+            ]
+        );
+    }
+
+    #[test]
     fn origins_compare_scheme_host_and_effective_port() {
         let arm = origin_of("https://management.azure.com");
         assert_eq!(
@@ -652,8 +771,8 @@ mod tests {
             Some(("http".to_owned(), "127.0.0.1".to_owned(), 80))
         );
         assert_eq!(
-            encode_query("virtualMachineScaleSet/id eq '/s/x'"),
-            "virtualMachineScaleSet/id%20eq%20%27/s/x%27"
+            encode_query("'virtualMachineScaleSet/id' eq '/s/x'"),
+            "%27virtualMachineScaleSet/id%27%20eq%20%27/s/x%27"
         );
     }
 }

@@ -4,29 +4,39 @@
 //!
 //! | what | Uniform | Flexible |
 //! |---|---|---|
-//! | list | `GET {vmss}/virtualMachines?$expand=instanceView` | `GET {rg}/providers/Microsoft.Compute/virtualMachines?$filter=virtualMachineScaleSet/id eq '{vmss id}'&$expand=instanceView` |
+//! | list | `GET {vmss}/virtualMachines?$expand=instanceView` | `GET {rg}/providers/Microsoft.Compute/virtualMachines?$filter='virtualMachineScaleSet/id' eq '{vmss id}'&$expand=instanceView` |
 //! | private IPs | `GET {vmss}/networkInterfaces?api-version=2018-10-01` | `GET {rg}/providers/Microsoft.Network/networkInterfaces?api-version=2024-05-01` |
 //! | add capacity | `GET {vmss}` then `PATCH {vmss} {"sku":{"capacity":N}}` | same |
 //! | start / deallocate | `POST {vmss}/start`, `…/deallocate` `{"instanceIds":[…]}` | `POST {vm}/start`, `{vm}/deallocate` per VM |
 //! | delete exact VMs | `POST {vmss}/delete {"instanceIds":[…]}` | `DELETE {vm}` per VM |
-//! | protect from scale-in | `PUT {vmss}/virtualMachines/{id} {"properties":{"protectionPolicy":{…}}}` | not supported (logged) |
+//! | protect from scale-in | `PUT {vmss}/virtualMachines/{id} {"properties":{"protectionPolicy":{…}}}` | the same with the VM name as id (api-version ≥ 2023-09-01) |
+//! | delete failed instances (on `create`) | `POST {vmss}/delete {"instanceIds":[…]}` | `DELETE {vm}` per VM |
 //!
 //! Capacity is only ever raised: VMs leave by being deallocated (`pool.azure.deallocate_idle`,
 //! the default) or deleted by their exact instance ids, never by lowering `sku.capacity` (Azure
 //! would pick the victims). A VM's pool name is the instance
 //! name (`dsvm_3` in Uniform, the VM name in Flexible); calls map names back to instance ids.
+//!
+//! A write that fails backs off (30 s doubling to 30 min) per action and instance
+//! (`backoff.rs`); every ARM request is counted by operation, method and status code; instances
+//! that never come up are exported and, when the pool grows, deleted (`instances.rs`).
 
 pub mod arm;
+mod backoff;
+mod instances;
 mod model;
+mod protect;
 pub mod token;
 
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_failures;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use hyper::Method;
@@ -35,15 +45,25 @@ use router_core::{Lifecycle, VmSpec};
 use serde_json::json;
 
 use self::arm::{Arm, HyperClient, Tuning, encode_query, error};
+use self::backoff::Backoffs;
+use self::instances::{FailReason, Failed};
 use self::model::{Instance, Nic, ScaleSet, VirtualMachine};
 use self::token::TokenSource;
 use super::{Capabilities, Provider, ProviderError, ProviderVm};
+use crate::metrics::Metrics;
 
 /// `api-version` of the scale-set NIC listing (Microsoft.Compute's virtual-machine-scale-set
 /// network interface API only exists in this Microsoft.Network version family).
 pub const VMSS_NIC_API_VERSION: &str = "2018-10-01";
 /// `api-version` of Microsoft.Network NIC listings (Flexible).
 pub const NETWORK_API_VERSION: &str = "2024-05-01";
+/// The first Microsoft.Compute `api-version` that sets instance protection on Flexible members.
+pub const FLEXIBLE_PROTECTION_API_VERSION: &str = "2023-09-01";
+
+/// The `$filter` that lists the members of a Flexible scale set (before query encoding).
+fn flexible_filter(scale_set_id: &str) -> String {
+    format!("'virtualMachineScaleSet/id' eq '{scale_set_id}'")
+}
 
 /// What the provider remembers about a VM from the last listing.
 #[derive(Debug, Clone)]
@@ -72,67 +92,16 @@ pub struct AzureProvider {
     reported_failed: Mutex<std::collections::HashSet<String>>,
     /// Protection writes that failed, per VM: not tried again before the deadline.
     protect_backoff: Backoffs<String>,
-}
-
-/// Writes that failed, per key (an action, a VM), each backing off until its deadline.
-#[derive(Debug)]
-struct Backoffs<K>(Mutex<HashMap<K, Backoff>>);
-
-impl<K: std::hash::Hash + Eq> Backoffs<K> {
-    fn new() -> Self {
-        Self(Mutex::new(HashMap::new()))
-    }
-
-    /// At `now`: `Err` with the backoff still running for `key`, else `Ok` with the last
-    /// (expired) one, which the next failure doubles.
-    fn check(&self, key: &K, now: tokio::time::Instant) -> Result<Option<Backoff>, Backoff> {
-        let previous = self.0.lock().ok().and_then(|m| m.get(key).copied());
-        match previous {
-            Some(b) if now < b.until => Err(b),
-            _ => Ok(previous),
-        }
-    }
-
-    /// Records how the write after [`Backoffs::check`] went: a success clears `key`, a failure
-    /// starts its next backoff, which is returned.
-    fn record(
-        &self,
-        key: K,
-        failed: bool,
-        previous: Option<Backoff>,
-        now: tokio::time::Instant,
-    ) -> Option<Backoff> {
-        let mut map = self.0.lock().ok()?;
-        if failed {
-            let next = Backoff::after_failure(previous, now);
-            map.insert(key, next);
-            Some(next)
-        } else {
-            map.remove(&key);
-            None
-        }
-    }
-}
-
-/// Exponential backoff of one action on one VM: 30 s, doubling to 30 min.
-#[derive(Debug, Clone, Copy)]
-struct Backoff {
-    until: tokio::time::Instant,
-    delay: std::time::Duration,
-}
-
-impl Backoff {
-    const FIRST: std::time::Duration = std::time::Duration::from_secs(30);
-    const MAX: std::time::Duration = std::time::Duration::from_secs(30 * 60);
-
-    /// The backoff after one more failure at `now`.
-    fn after_failure(previous: Option<Self>, now: tokio::time::Instant) -> Self {
-        let delay = previous.map_or(Self::FIRST, |b| (b.delay * 2).min(Self::MAX));
-        Self {
-            until: now + delay,
-            delay,
-        }
-    }
+    /// Start, deallocate and delete of one instance that failed, per (operation, VM): not sent
+    /// again before the deadline.
+    instance_backoff: Backoffs<(&'static str, String)>,
+    /// Instances that failed to come up, as of the last listing.
+    failed: Mutex<HashMap<String, Failed>>,
+    /// The scale-in protection last asked for, per VM (whether the write went through or not):
+    /// a VM the driver wanted protected may have sessions and is never deleted as failed.
+    protect_wanted: Mutex<HashMap<String, bool>>,
+    /// ARM request counts, failed-instance gauges and failed-instance deletions, when attached.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for AzureProvider {
@@ -186,7 +155,7 @@ impl AzureProvider {
             "scale set {} in resource group {} (subscription {})",
             config.scale_set, config.resource_group, config.subscription_id
         );
-        Ok(Self {
+        let provider = Self {
             arm: Arm::new(http, tokens, &config.arm_endpoint, target, tuning),
             api_version: config.api_version.clone(),
             orchestration: config.orchestration,
@@ -208,7 +177,32 @@ impl AzureProvider {
             without_power: Mutex::new(HashMap::new()),
             action_backoff: Backoffs::new(),
             start_timeout: config.start_timeout,
-        })
+            instance_backoff: Backoffs::new(),
+            failed: Mutex::new(HashMap::new()),
+            protect_wanted: Mutex::new(HashMap::new()),
+            metrics: None,
+        };
+        if !provider.can_protect() {
+            tracing::warn!(
+                api_version = %provider.api_version,
+                "pool.azure.api_version is older than {FLEXIBLE_PROTECTION_API_VERSION}: VMs with sessions are not protected from the scale set's own scale-in (Flexible scale sets need {FLEXIBLE_PROTECTION_API_VERSION} or later for that)"
+            );
+        }
+        Ok(provider)
+    }
+
+    /// Exports what the provider sees and does into `metrics`: ARM requests by status code
+    /// (`poolgate_azure_requests_total`), the calls left in ARM's throttling policies
+    /// (`poolgate_azure_ratelimit_remaining`), instances that failed to come up
+    /// (`poolgate_azure_instance_failed`) and their deletion
+    /// (`poolgate_autoscale_actions_total{action="delete_failed"}`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.arm
+            .count_requests_in(metrics.azure_requests_total.clone());
+        self.arm
+            .export_ratelimits_in(metrics.azure_ratelimit_remaining.clone());
+        self.metrics = Some(metrics);
+        self
     }
 
     fn group_path(&self) -> String {
@@ -262,6 +256,7 @@ impl AzureProvider {
             .await?;
         let ips = model::private_ips(&nics);
         let mut known = HashMap::new();
+        let mut failed = HashMap::new();
         let mut vms = Vec::with_capacity(instances.len());
         for instance in instances {
             let Some(name) = instance.name.clone().filter(|n| path_safe(n)) else {
@@ -278,12 +273,19 @@ impl AzureProvider {
                 .and_then(|id| ips.get(&id.to_ascii_lowercase()))
                 .cloned()
                 .unwrap_or_default();
-            let lifecycle = self.settle(&name, &instance.properties, !host.is_empty());
+            let (lifecycle, why) = self.settle(&name, &instance.properties, !host.is_empty());
+            let protected = instance.properties.protected_from_scale_in();
+            if let Some(reason) = why {
+                failed.insert(
+                    name.clone(),
+                    Failed::new(reason, &instance.properties, protected),
+                );
+            }
             known.insert(
                 name.clone(),
                 Known {
                     instance_id,
-                    protected: instance.properties.protected_from_scale_in(),
+                    protected,
                 },
             );
             vms.push(ProviderVm {
@@ -291,15 +293,24 @@ impl AzureProvider {
                 lifecycle,
             });
         }
+        self.forget_gone(&known);
         if let Ok(mut map) = self.known.lock() {
             *map = known;
         }
+        self.publish_failed(failed);
         Ok(vms)
     }
 
     async fn list_flexible(&self) -> Result<Vec<ProviderVm>, ProviderError> {
         let scale_set_id = self.scale_set_path();
-        let filter = encode_query(&format!("virtualMachineScaleSet/id eq '{scale_set_id}'"));
+        // The property path is quoted as in the REST reference of `VirtualMachines_List`
+        // ("Allowed value is 'virtualMachineScaleSet/id' eq /subscriptions/…'", azure-rest-api-specs
+        // `virtualMachine.json`) and as public clients send it: Azure/azure-sdk-for-java
+        // `VirtualMachinesImpl.listByVirtualMachineScaleSetId`
+        // (`String.format("'virtualMachineScaleSet/id' eq '%s'", vmssId)`) and Microsoft's
+        // "List VMSS VM (Flex) with InstanceView" request in the Resource Graph GET/LIST article
+        // (https://learn.microsoft.com/azure/governance/resource-graph/concepts/azure-resource-graph-get-list-api).
+        let filter = encode_query(&flexible_filter(&scale_set_id));
         let machines: Vec<VirtualMachine> = self
             .arm
             .get_pages(
@@ -323,6 +334,7 @@ impl AzureProvider {
             .await?;
         let ips = model::private_ips(&nics);
         let mut known = HashMap::new();
+        let mut failed = HashMap::new();
         let mut vms = Vec::new();
         for vm in machines {
             if !vm.belongs_to(&scale_set_id) {
@@ -337,7 +349,14 @@ impl AzureProvider {
                 .and_then(|id| ips.get(&id.to_ascii_lowercase()))
                 .cloned()
                 .unwrap_or_default();
-            let lifecycle = self.settle(&name, &vm.properties, !host.is_empty());
+            let (lifecycle, why) = self.settle(&name, &vm.properties, !host.is_empty());
+            if let Some(reason) = why {
+                // The VM model carries no protectionPolicy (that lives on the scale-set view).
+                failed.insert(name.clone(), Failed::new(reason, &vm.properties, None));
+            }
+            // Flexible instance ids are the VM names ("For Virtual Machine Scale Sets in
+            // Flexible Orchestration mode, the instance ID is simply the name of the virtual
+            // machine": MicrosoftDocs/azure-compute-docs, virtual-machine-scale-sets-instance-ids.md).
             known.insert(
                 name.clone(),
                 Known {
@@ -350,9 +369,11 @@ impl AzureProvider {
                 lifecycle,
             });
         }
+        self.forget_gone(&known);
         if let Ok(mut map) = self.known.lock() {
             *map = known;
         }
+        self.publish_failed(failed);
         Ok(vms)
     }
 
@@ -404,68 +425,6 @@ impl AzureProvider {
         }
     }
 
-    /// `start`, `deallocate` or `delete` of exact VMs.
-    async fn instance_action(
-        &self,
-        operation: &str,
-        names: &[String],
-    ) -> Result<(), ProviderError> {
-        if names.is_empty() {
-            return Ok(());
-        }
-        let ids = self.resolve(operation, names).await?;
-        match self.orchestration {
-            Orchestration::Uniform => {
-                let body = json!({ "instanceIds": ids });
-                self.arm
-                    .long_running(
-                        operation,
-                        Method::POST,
-                        &format!(
-                            "{}/{operation}?api-version={}",
-                            self.scale_set_path(),
-                            self.api_version
-                        ),
-                        Some(&body),
-                    )
-                    .await
-            }
-            Orchestration::Flexible => {
-                let calls = ids.iter().map(|name| {
-                    let (method, path) = if operation == "delete" {
-                        (
-                            Method::DELETE,
-                            format!("{}?api-version={}", self.vm_path(name), self.api_version),
-                        )
-                    } else {
-                        (
-                            Method::POST,
-                            format!(
-                                "{}/{operation}?api-version={}",
-                                self.vm_path(name),
-                                self.api_version
-                            ),
-                        )
-                    };
-                    async move {
-                        self.arm
-                            .long_running(operation, method, &path, None)
-                            .await
-                            .map_err(|mut e| {
-                                e.message = format!("{name}: {}", e.message);
-                                e
-                            })
-                    }
-                });
-                let results = futures::future::join_all(calls).await;
-                results
-                    .into_iter()
-                    .collect::<Result<Vec<()>, _>>()
-                    .map(drop)
-            }
-        }
-    }
-
     async fn add_capacity(&self, count: u32) -> Result<(), ProviderError> {
         if count == 0 {
             return Ok(());
@@ -494,20 +453,32 @@ impl AzureProvider {
 
     /// The lifecycle of a listed instance, with two corrections to its own state: provisioning
     /// `Failed`, or no power state for longer than `pool.azure.start_timeout`, is stopping (not
-    /// usable, not to be started) and reported once.
-    fn settle(&self, name: &str, properties: &model::VmProperties, has_ip: bool) -> Lifecycle {
+    /// usable, not to be started), reported once, and returned with the reason.
+    fn settle(
+        &self,
+        name: &str,
+        properties: &model::VmProperties,
+        has_ip: bool,
+    ) -> (Lifecycle, Option<FailReason>) {
         let lifecycle = properties.lifecycle(has_ip);
+        if properties.provisioning() == "deleting" {
+            // On its way out (perhaps deleted by us as failed): neither starting nor failed.
+            if let Ok(mut seen) = self.without_power.lock() {
+                seen.remove(name);
+            }
+            return (lifecycle, None);
+        }
         if properties.failed() {
             self.report_failed(name, "provisioning Failed");
-            return lifecycle;
+            return (lifecycle, Some(FailReason::ProvisioningFailed));
         }
         let now = tokio::time::Instant::now();
         let Ok(mut seen) = self.without_power.lock() else {
-            return lifecycle;
+            return (lifecycle, None);
         };
         if properties.has_power_state() {
             seen.remove(name);
-            return lifecycle;
+            return (lifecycle, None);
         }
         let since = *seen.entry(name.to_owned()).or_insert(now);
         if now.duration_since(since) >= self.start_timeout {
@@ -519,9 +490,9 @@ impl AzureProvider {
                     humantime::format_duration(self.start_timeout)
                 ),
             );
-            return Lifecycle::Stopping;
+            return (Lifecycle::Stopping, Some(FailReason::StartTimeout));
         }
-        lifecycle
+        (lifecycle, None)
     }
 
     /// Runs a scale-set write unless an earlier failure of the same action is still backing
@@ -540,15 +511,13 @@ impl AzureProvider {
                 action,
                 format!(
                     "not sent: the last {action} failed; trying again in {}",
-                    humantime::format_duration(std::time::Duration::from_secs(
-                        (b.until - now).as_secs()
-                    ))
+                    b.left(now)
                 ),
             )
         })?;
         let result = write.await;
         self.action_backoff
-            .record(action, result.is_err(), previous, now);
+            .record(action, result.as_ref().err(), previous, now);
         result
     }
 
@@ -564,77 +533,12 @@ impl AzureProvider {
                 vm = %name,
                 scale_set = %self.scale_set_path(),
                 "instance failed to come up ({why}): no sessions go there and it is not started; \
-                 new capacity is added instead. Read the instance view's statuses for the cause, \
-                 then delete or reimage the instance"
+                 new capacity is added instead, and the instance is deleted the next time the \
+                 autoscaler adds capacity, unless it may have sessions (protected from scale-in, \
+                 or running in a Flexible scale set). Read the instance view's statuses for the \
+                 cause"
             );
         }
-    }
-
-    /// Sets `protectFromScaleIn` with the minimal body the instance-protection article documents
-    /// (MicrosoftDocs/azure-docs `articles/virtual-machine-scale-sets/
-    /// virtual-machine-scale-sets-instance-protection.md`, "REST API":
-    /// `PUT …/virtualMachines/{instance-id}` with `{"properties":{"protectionPolicy":{…}}}`).
-    /// Writing back the whole instance model instead would carry the NIC's subnet id, and ARM's
-    /// linked-access check would then demand `Microsoft.Network/virtualNetworks/subnets/join/action`
-    /// (403 `LinkedAuthorizationFailed`).
-    ///
-    /// A VM whose write failed is skipped until its backoff (30 s doubling to 30 min) ends, so a
-    /// missing role or a throttled scale set costs one write per backoff, not one per tick; the
-    /// failure is still returned so the caller sees it.
-    async fn set_protection(&self, vms: &[(String, bool)]) -> Result<(), ProviderError> {
-        if self.orchestration == Orchestration::Flexible {
-            tracing::debug!("protectFromScaleIn is not set for Flexible scale sets");
-            return Ok(());
-        }
-        let mut first_error = None;
-        for (name, on) in vms {
-            let current = self
-                .known
-                .lock()
-                .ok()
-                .and_then(|m| m.get(name).and_then(|k| k.protected));
-            if current == Some(*on) {
-                continue;
-            }
-            let now = tokio::time::Instant::now();
-            let Ok(previous) = self.protect_backoff.check(name, now) else {
-                tracing::debug!(vm = %name, "scale-in protection write backing off");
-                continue;
-            };
-            let result = self.protect_one(name, *on).await;
-            let backoff = self
-                .protect_backoff
-                .record(name.clone(), result.is_err(), previous, now);
-            if let Err(e) = result {
-                let retry_in = backoff.map_or(Backoff::FIRST, |b| b.delay);
-                tracing::warn!(vm = %name, ?retry_in, error = %e, "setting scale-in protection failed");
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-
-    async fn protect_one(&self, name: &str, on: bool) -> Result<(), ProviderError> {
-        let names = [name.to_owned()];
-        let ids = self.resolve("protect", &names).await?;
-        let Some(id) = ids.first() else {
-            return Ok(());
-        };
-        let path = format!(
-            "{}/virtualMachines/{id}?api-version={}",
-            self.scale_set_path(),
-            self.api_version
-        );
-        let body = json!({"properties": {"protectionPolicy": {"protectFromScaleIn": on}}});
-        self.arm
-            .long_running("protect", Method::PUT, &path, Some(&body))
-            .await?;
-        if let Ok(mut map) = self.known.lock()
-            && let Some(known) = map.get_mut(name)
-        {
-            known.protected = Some(on);
-        }
-        Ok(())
     }
 }
 
@@ -664,7 +568,14 @@ impl Provider for AzureProvider {
     }
 
     fn create(&self, count: u32) -> BoxFuture<'_, Result<(), ProviderError>> {
-        Box::pin(self.backing_off("create", self.add_capacity(count)))
+        Box::pin(async move {
+            let result = self.backing_off("create", self.add_capacity(count)).await;
+            // The pool may grow now: instances that failed to come up make room (they count
+            // toward sku.capacity and may hold cores quota). After the capacity write, so the two
+            // operations do not race on the scale set; whatever the write's outcome.
+            self.delete_failed().await;
+            result
+        })
     }
 
     fn delete<'a>(&'a self, vms: &'a [String]) -> BoxFuture<'a, Result<(), ProviderError>> {

@@ -107,13 +107,24 @@ impl VmProperties {
             .map(str::to_ascii_lowercase)
     }
 
-    /// The lower-case `provisioningState` (or its `ProvisioningState/*` status).
+    /// The lower-case `provisioningState` (or its `ProvisioningState/*` status, without the
+    /// sub-status or error code the instance view appends: `ProvisioningState/failed/
+    /// InternalOperationError`, `ProvisioningState/creating/osProvisioningInProgress`, as
+    /// Microsoft's "Virtual machine state information" REST article shows).
     pub fn provisioning(&self) -> String {
         self.provisioning_state
             .as_deref()
             .map(str::to_ascii_lowercase)
-            .or_else(|| self.status("ProvisioningState/"))
+            .or_else(|| {
+                self.status("ProvisioningState/")
+                    .map(|s| s.split('/').next().unwrap_or_default().to_owned())
+            })
             .unwrap_or_default()
+    }
+
+    /// The lower-case `PowerState/*` of the instance view (`running`, `deallocated`, …).
+    pub fn power(&self) -> Option<String> {
+        self.status("PowerState/")
     }
 
     /// Whether the instance view reports a `PowerState/*` at all.
@@ -284,6 +295,34 @@ mod tests {
             VmProperties::default().lifecycle(false),
             Lifecycle::Starting
         );
+    }
+
+    #[test]
+    fn a_failed_status_with_an_error_code_is_failed() {
+        // The instance-view snippet of a VM whose provisioning failed, from Microsoft's REST
+        // article "Virtual machine state information" (no model-view provisioningState here).
+        let properties: VmProperties = serde_json::from_str(
+            r#"{"instanceView": {"statuses": [
+                {"code": "ProvisioningState/failed/StorageAccountSubscriptionMismatch",
+                 "level": "Error", "displayStatus": "Provisioning failed",
+                 "message": "Storage account contoso doesn't belong to subscription <id>",
+                 "time": "2017-02-17T15:55:47.5291308+00:00"},
+                {"code": "PowerState/running", "level": "Info", "displayStatus": "VM running"}
+            ]}}"#,
+        )
+        .unwrap_or_default();
+        assert_eq!(properties.provisioning(), "failed");
+        assert!(properties.failed());
+        assert_eq!(properties.power().as_deref(), Some("running"));
+        assert_eq!(properties.lifecycle(true), Lifecycle::Stopping);
+        let creating: VmProperties = serde_json::from_str(
+            r#"{"instanceView": {"statuses": [
+                {"code": "ProvisioningState/creating/osProvisioningInProgress"},
+                {"code": "PowerState/running"}]}}"#,
+        )
+        .unwrap_or_default();
+        assert_eq!(creating.provisioning(), "creating");
+        assert!(!creating.failed());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::{AzureProvider, Provider};
 use crate::autoscale::{Driver, DriverSettings};
 use crate::metrics::Metrics;
 
-fn config(fake: &FakeArm, orchestration: Orchestration) -> Azure {
+pub(super) fn config(fake: &FakeArm, orchestration: Orchestration) -> Azure {
     Azure {
         subscription_id: SUB.into(),
         resource_group: RG.into(),
@@ -27,11 +27,11 @@ fn config(fake: &FakeArm, orchestration: Orchestration) -> Azure {
     }
 }
 
-fn provider(fake: &FakeArm) -> AzureProvider {
+pub(super) fn provider(fake: &FakeArm) -> AzureProvider {
     provider_with(fake, Orchestration::Uniform)
 }
 
-fn provider_with(fake: &FakeArm, orchestration: Orchestration) -> AzureProvider {
+pub(super) fn provider_with(fake: &FakeArm, orchestration: Orchestration) -> AzureProvider {
     let tuning = Tuning {
         // Under the paused clock a request timeout would fire whenever the runtime idles on I/O.
         request_timeout: None,
@@ -40,7 +40,7 @@ fn provider_with(fake: &FakeArm, orchestration: Orchestration) -> AzureProvider 
     AzureProvider::with_tuning(&config(fake, orchestration), tuning).expect("provider")
 }
 
-fn summary(log: &[Logged]) -> Vec<String> {
+pub(super) fn summary(log: &[Logged]) -> Vec<String> {
     log.iter()
         .map(|l| {
             let path = l
@@ -636,13 +636,16 @@ fn provider_is_built_from_the_config() {
         identity_endpoint: Some("http://127.0.0.1:9/metadata/identity/oauth2/token".into()),
         ..Azure::default()
     });
-    let provider = crate::app::provider(&config).expect("azure provider");
+    let metrics = Arc::new(Metrics::new());
+    let provider = crate::app::provider(&config, &metrics).expect("azure provider");
     assert_eq!(provider.name(), "azure-vmss");
     config.pool.azure = Some(Azure {
         scale_set: "bad/name".into(),
         ..config.pool.azure.clone().unwrap_or_default()
     });
-    let err = crate::app::provider(&config).err().map(|e| e.to_string());
+    let err = crate::app::provider(&config, &metrics)
+        .err()
+        .map(|e| e.to_string());
     assert!(
         err.as_deref()
             .is_some_and(|e| e.contains("pool.azure.scale_set")),
@@ -651,7 +654,7 @@ fn provider_is_built_from_the_config() {
 }
 
 /// The real driver and policy over the provider: three idle VMs, aim one.
-async fn driver_over(
+pub(super) async fn driver_over(
     fake: &FakeArm,
     deallocate_idle: bool,
 ) -> (Arc<Driver>, Arc<Pool>, Arc<ManualClock>) {
@@ -946,8 +949,18 @@ async fn driver_never_drains_or_deletes_an_instance_running_detached_work() {
     );
 }
 
+/// An official example kept under `fake/examples/`, whole.
+pub(super) fn example_request(file: &str) -> serde_json::Value {
+    let path = format!(
+        "{}/src/autoscale/providers/azure/fake/examples/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).expect("example file");
+    serde_json::from_str(&text).expect("example JSON")
+}
+
 /// The `responses.200.body` of an official example kept under `fake/examples/`.
-fn example_body(file: &str) -> serde_json::Value {
+pub(super) fn example_body(file: &str) -> serde_json::Value {
     let path = format!(
         "{}/src/autoscale/providers/azure/fake/examples/{file}",
         env!("CARGO_MANIFEST_DIR")

@@ -69,14 +69,25 @@ pub struct State {
     pub polls_per_op: u32,
     /// Answer long operations with `Location` only (no `Azure-AsyncOperation`).
     pub location_only: bool,
+    /// Finish writes at once and answer `200` without operation headers (the `"200": {}`
+    /// answer of the official examples).
+    pub sync_writes: bool,
     /// The next this-many ARM requests get 429 with `Retry-After: 1`.
     pub throttle_next: u32,
     /// Throttle with `Retry-After` as an HTTP date this many seconds ahead instead.
     pub throttle_until_date: Option<u64>,
     /// The next ARM request fails with this status, code and message.
     pub fail_next: Option<(u16, &'static str, &'static str)>,
+    /// The next ARM request gets this answer of `examples/ArmErrors.json`, verbatim.
+    pub fail_next_example: Option<&'static str>,
     /// Long operations end `Failed` with this code and message.
     pub op_failure: Option<(&'static str, &'static str)>,
+    /// Long operations end with this status document of `examples/ArmErrors.json` instead.
+    pub op_failure_example: Option<&'static str>,
+    /// Calls left in the read policy the fake reports on GET answers
+    /// (`x-ms-ratelimit-remaining-resource: Microsoft.Compute/HighCostGetVMScaleSet3Min;N`),
+    /// one less per GET; `None`: no such header.
+    pub read_budget: Option<u32>,
     /// Lifetime of issued tokens, in seconds.
     pub token_lifetime: u64,
     pub tokens_issued: Vec<String>,
@@ -111,10 +122,14 @@ impl State {
             instances,
             polls_per_op: 2,
             location_only: false,
+            sync_writes: false,
             throttle_next: 0,
             throttle_until_date: None,
             fail_next: None,
+            fail_next_example: None,
             op_failure: None,
+            op_failure_example: None,
+            read_budget: None,
             token_lifetime: 3600,
             tokens_issued: Vec::new(),
             page_size: 100,
@@ -339,6 +354,22 @@ pub(super) fn arm_error(status: u16, code: &str, message: &str) -> Response<Full
     )
 }
 
+/// The status and body of an entry of `examples/ArmErrors.json`.
+pub fn arm_example(name: &str) -> (u16, Value) {
+    let path = format!(
+        "{}/src/autoscale/providers/azure/fake/examples/ArmErrors.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).expect("ArmErrors.json");
+    let all: Value = serde_json::from_str(&text).expect("ArmErrors.json is JSON");
+    let entry = &all[name];
+    let status = entry["status"].as_u64().expect("status");
+    (
+        u16::try_from(status).expect("an HTTP status"),
+        entry["body"].clone(),
+    )
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -401,18 +432,58 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
             }
             None => "1".to_owned(),
         };
+        let (status, body) = arm_example("TooManyRequests");
+        // A throttled answer names the exhausted policy with no calls left.
         return reply(
-            429,
-            json!({"error": {"code": "TooManyRequests", "message": "The request is being throttled as the limit has been reached for operation group 'VMScaleSetBatchedVMRequests2Min'."}}),
-            &[("retry-after", retry)],
+            status,
+            body,
+            &[
+                ("retry-after", retry),
+                (
+                    "x-ms-ratelimit-remaining-resource",
+                    "Microsoft.Compute/HighCostGetVMScaleSet3Min;0".to_owned(),
+                ),
+            ],
         );
     }
     if let Some((status, code, message)) = s.fail_next.take() {
         return arm_error(status, code, message);
     }
-    if path.contains("/operations/") {
-        return shapes::poll(&mut s, &path);
+    if let Some(name) = s.fail_next_example.take() {
+        let (status, body) = arm_example(name);
+        return reply(status, body, &[]);
     }
+    let budget = match (method.as_str(), s.read_budget.as_mut()) {
+        ("GET", Some(left)) => {
+            *left = left.saturating_sub(1);
+            Some(*left)
+        }
+        _ => None,
+    };
+    let mut response = if path.contains("/operations/") {
+        shapes::poll(&mut s, &path)
+    } else {
+        route_checked(&mut s, &method, &path, &query, body.as_ref())
+    };
+    if let Some(left) = budget
+        && let Ok(value) = hyper::header::HeaderValue::from_str(&format!(
+            "Microsoft.Compute/HighCostGetVMScaleSet3Min;{left}"
+        ))
+    {
+        response
+            .headers_mut()
+            .append("x-ms-ratelimit-remaining-resource", value);
+    }
+    response
+}
+
+fn route_checked(
+    s: &mut State,
+    method: &str,
+    path: &str,
+    query: &HashMap<String, String>,
+    body: Option<&Value>,
+) -> Response<Full<Bytes>> {
     if query.get("api-version").is_none_or(String::is_empty) {
         return arm_error(
             400,
@@ -420,7 +491,7 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
             "The api-version query parameter (?api-version=) is required for all requests.",
         );
     }
-    shapes::route(&mut s, &method, &path, &query, body.as_ref())
+    shapes::route(s, method, path, query, body)
 }
 
 fn token(

@@ -22,11 +22,24 @@ fn instance_json(s: &State, id: u32, inst: &Inst, expand: bool) -> Value {
         "protectionPolicy": {"protectFromScaleIn": inst.protect, "protectFromScaleSetActions": false},
     });
     if expand {
-        let mut statuses = vec![json!({
-            "code": format!("ProvisioningState/{}", inst.provisioning.to_lowercase()),
-            "level": "Info",
-            "displayStatus": format!("Provisioning {}", inst.provisioning.to_lowercase()),
-        })];
+        // A failed provisioning carries its error code and message in the instance view
+        // (`ProvisioningState/failed/{code}`, level Error), as Microsoft's REST article
+        // "Virtual machine state information" shows.
+        let mut statuses = vec![if inst.provisioning.eq_ignore_ascii_case("failed") {
+            json!({
+                "code": "ProvisioningState/failed/InternalOperationError",
+                "level": "Error",
+                "displayStatus": "Provisioning failed",
+                "message": "Operation abandoned due to internal error. Please try again later.",
+                "time": "2026-11-27T08:00:00+00:00",
+            })
+        } else {
+            json!({
+                "code": format!("ProvisioningState/{}", inst.provisioning.to_lowercase()),
+                "level": "Info",
+                "displayStatus": format!("Provisioning {}", inst.provisioning.to_lowercase()),
+            })
+        }];
         if !inst.power.is_empty() {
             statuses.push(json!({
                 "code": format!("PowerState/{}", inst.power),
@@ -127,6 +140,10 @@ fn scale_set_json(s: &State) -> Value {
 
 /// Registers a long operation and answers 202 (or 200 for PATCH/PUT) with its headers.
 fn accepted(s: &mut State, status: u16, body: Value, effect: Effect) -> Response<Full<Bytes>> {
+    if s.sync_writes {
+        apply(s, effect);
+        return reply(200, if status == 202 { Value::Null } else { body }, &[]);
+    }
     s.next_op += 1;
     let id = format!("op-{}", s.next_op);
     s.ops.insert(
@@ -215,6 +232,11 @@ pub(super) fn poll(s: &mut State, path: &str) -> Response<Full<Bytes>> {
         };
     }
     let effect = op.effect.take();
+    if let Some(name) = s.op_failure_example {
+        let (status, mut body) = super::arm_example(name);
+        body["name"] = json!(id);
+        return reply(status, body, &[]);
+    }
     if let Some((code, message)) = s.op_failure {
         return reply(
             200,
@@ -374,6 +396,34 @@ pub(super) fn route(
                 };
                 accepted(s, 202, Value::Null, effect)
             }
+            ("PUT", other) if other.starts_with("virtualMachines/") && s.flexible => {
+                // Flexible members: the instance id is the VM name, and instance protection
+                // needs api-version 2023-09-01 or later (older versions refuse a non-numeric
+                // instance id, as Azure/azure-sdk-for-go issue 19707 shows).
+                let name = other.trim_start_matches("virtualMachines/");
+                let new_enough = query
+                    .get("api-version")
+                    .is_some_and(|v| v.as_str() >= "2023-09-01");
+                let Some(id) = flex_id(name).filter(|id| s.instances.contains_key(id)) else {
+                    return arm_error(404, "NotFound", "The entity was not found.");
+                };
+                if !new_enough {
+                    return arm_error(
+                        400,
+                        "InvalidParameter",
+                        "Virtual Machine Scale Set VM instanceId must be a number.",
+                    );
+                }
+                let protect = body
+                    .and_then(|b| b.pointer("/properties/protectionPolicy/protectFromScaleIn"))
+                    .and_then(Value::as_bool);
+                if let (Some(p), Some(i)) = (protect, s.instances.get_mut(&id)) {
+                    i.protect = p;
+                }
+                let inst = s.instances.get(&id).cloned().unwrap_or_else(|| running(id));
+                let answer = instance_json(s, id, &inst, false);
+                accepted(s, 200, answer, Effect::Nothing)
+            }
             (m, other) if other.starts_with("virtualMachines/") && !s.flexible => {
                 let id = other
                     .trim_start_matches("virtualMachines/")
@@ -431,7 +481,8 @@ pub(super) fn route(
         group_path()
     );
     if s.flexible && path == vms && method == "GET" {
-        let wanted = format!("virtualMachineScaleSet/id eq '{vmss}'");
+        // As public clients send it (the property path quoted too).
+        let wanted = format!("'virtualMachineScaleSet/id' eq '{vmss}'");
         if query.get("$filter") != Some(&wanted) || !expand {
             return arm_error(
                 400,
