@@ -36,7 +36,7 @@ pub use error::{ConfigError, ValidationError};
 pub use keys::known_keys;
 pub use model::{
     Admin, Autoscale, Azure, Backend, Cluster, Config, DEFAULT_BUSY_SCRIPT, Exec, GatewaySection,
-    Health, Http, Listen, Pool, Routing, Ssh, Tls, default_busy_command,
+    Health, Http, LETS_ENCRYPT_DIRECTORY, Listen, Pool, Routing, Ssh, Tls, default_busy_command,
 };
 pub use simulation::{SimulationConfig, load_simulation, parse_simulation};
 
