@@ -40,6 +40,7 @@ pub fn install_hint(name: &str) -> String {
         "redis-server" => "apt-get install redis-server",
         "redis-cli" => "apt-get install redis-tools",
         "haproxy" => "apt-get install haproxy",
+        "pebble" | "pebble-challtestsrv" => "apt-get install pebble",
         "promtool" => "apt-get install prometheus",
         "useradd" | "usermod" | "chpasswd" => "apt-get install passwd",
         "chromium" => "apt-get install chromium",
