@@ -147,8 +147,9 @@ impl CacheDir {
         }
     }
 
-    /// Takes the order lock (`order.lock`, created exclusively); `Ok(None)` while another
-    /// process holds it. A lock older than ten minutes is taken over.
+    /// Takes the order lock (`order.lock`, created exclusively, holding `owner`); `Ok(None)`
+    /// while another replica holds it. A lock older than ten minutes, or one left by this
+    /// replica (`owner`: a previous run killed while ordering), is taken over.
     pub fn lock(&self, owner: &str) -> io::Result<Option<OrderLock>> {
         let path = self.dir.join("order.lock");
         for _ in 0..2 {
@@ -169,8 +170,9 @@ impl CacheDir {
                         .and_then(|m| m.modified())
                         .ok()
                         .and_then(|t| SystemTime::now().duration_since(t).ok());
-                    if age.is_some_and(|a| a > STALE_LOCK) {
-                        tracing::warn!(path = %path.display(), "removing a stale ACME order lock");
+                    let ours = fs::read_to_string(&path).is_ok_and(|held| held.trim() == owner);
+                    if ours || age.is_some_and(|a| a > STALE_LOCK) {
+                        tracing::warn!(path = %path.display(), "taking over a stale ACME order lock");
                         let _ = fs::remove_file(&path);
                         continue;
                     }
@@ -261,6 +263,10 @@ mod tests {
         let held = c.lock("gw-1").unwrap().expect("first lock");
         assert!(c.lock("gw-2").unwrap().is_none(), "held by gw-1");
         drop(held);
-        assert!(c.lock("gw-2").unwrap().is_some(), "released");
+        let held = c.lock("gw-2").unwrap().expect("released");
+        // A lock left by this replica's previous run is its own to take.
+        std::mem::forget(held);
+        assert!(c.lock("gw-1").unwrap().is_none());
+        assert!(c.lock("gw-2").unwrap().is_some());
     }
 }

@@ -654,6 +654,30 @@ mod tests {
     }
 
     #[test]
+    fn challenges_are_answered_from_memory_and_from_a_shared_cache() {
+        let tmp = tempfile::tempdir().unwrap();
+        let directory = "https://ca.example/dir";
+        let cache = CacheDir::new(tmp.path(), directory);
+        cache.create().unwrap();
+        let ours = Challenges {
+            live: Mutex::new(HashMap::new()),
+            cache: cache.clone(),
+        };
+        // Another replica with the same (shared) cache directory.
+        let theirs = Challenges {
+            live: Mutex::new(HashMap::new()),
+            cache: CacheDir::new(tmp.path(), directory),
+        };
+        ours.put("tok-1", "tok-1.thumbprint");
+        assert_eq!(ours.answer("tok-1").as_deref(), Some("tok-1.thumbprint"));
+        assert_eq!(theirs.answer("tok-1").as_deref(), Some("tok-1.thumbprint"));
+        assert_eq!(theirs.answer("../account.json"), None);
+        ours.clear();
+        assert_eq!(ours.answer("tok-1"), None);
+        assert_eq!(theirs.answer("tok-1"), None);
+    }
+
+    #[test]
     fn retries_back_off_from_one_minute_to_one_hour() {
         let waits: Vec<u64> = (1..=8).map(|n| retry_delay(n).as_secs()).collect();
         assert_eq!(waits, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
