@@ -31,7 +31,10 @@ impl Config {
     /// * secrets (`tls.key`, `admin.token_file`, host keys, `ssh.user_ca_key`,
     ///   `http.cookie_secret_file`, `pool.azure.client_secret_file`) must not be accessible by
     ///   group or others (Unix);
-    /// * `pool.exec` programs written as paths must exist and be executable.
+    /// * `pool.exec` programs written as paths must exist and be executable;
+    /// * with ACME: `tls.acme_directory_ca` must exist and hold a PEM certificate; `tls.acme_cache`
+    ///   may be missing (created), else it must be a directory that group and others cannot
+    ///   open.
     pub fn check_files(&self) -> Vec<ValidationError> {
         let mut r = Report::default();
         if let Some(tls) = &self.tls {
@@ -53,6 +56,9 @@ impl Config {
             ) {
                 expect_pem(&mut r, "tls.key", &tls.key, "PRIVATE KEY-----");
             }
+        }
+        if let Some(tls) = self.tls.as_ref().filter(|t| t.uses_acme()) {
+            acme_files(&mut r, tls);
         }
         if let Some(token) = &self.admin.token_file {
             let hint = format!(
@@ -214,6 +220,60 @@ impl Config {
                 format!("-p {} {}", first.ssh_port, hosts.join(" "))
             }
             _ => "-p 22 VM_HOST".to_owned(),
+        }
+    }
+}
+
+/// `tls.acme_directory_ca` and `tls.acme_cache`.
+fn acme_files(r: &mut Report, tls: &crate::model::Tls) {
+    if let Some(ca) = &tls.acme_directory_ca
+        && check(
+            r,
+            "tls.acme_directory_ca",
+            ca,
+            Some("point it at the PEM CA certificate of your ACME server, or remove the key to trust the system's CAs".into()),
+            false,
+        )
+    {
+        expect_pem(r, "tls.acme_directory_ca", ca, "CERTIFICATE-----");
+    }
+    let cache = &tls.acme_cache;
+    if cache.as_os_str().is_empty() || starts_with_tilde(cache) {
+        return;
+    }
+    match fs::metadata(cache) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => r.err(
+            "tls.acme_cache",
+            format!(
+                "cannot access {}: {e} (check the permissions of its directories)",
+                cache.display()
+            ),
+        ),
+        Ok(meta) if !meta.is_dir() => r.err(
+            "tls.acme_cache",
+            format!(
+                "{} is not a directory (point tls.acme_cache at a directory; poolgate creates it when missing)",
+                cache.display()
+            ),
+        ),
+        Ok(meta) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = meta.permissions().mode() & 0o7777;
+                if mode & 0o077 != 0 {
+                    r.err(
+                        "tls.acme_cache",
+                        format!(
+                            "{0} has permissions {mode:04o}, too open for the ACME account key (run: chmod 700 {0})",
+                            cache.display()
+                        ),
+                    );
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = meta;
         }
     }
 }

@@ -53,6 +53,10 @@ fn fully_populated() -> Config {
     c.tls = Some(Tls {
         cert: "tls/cert.pem".into(),
         key: "tls/key.pem".into(),
+        acme_domains: vec!["pool.example.org".into()],
+        acme_email: Some("ops@example.org".into()),
+        acme_directory_ca: Some(PathBuf::from("tls/acme-ca.pem")),
+        ..Tls::default()
     });
     c.ssh.backend_host_ca = Some(PathBuf::from("keys/host_ca.pub"));
     c.ssh.banner = Some("welcome".into());
@@ -152,6 +156,11 @@ mod tests {
             "gateway.shutdown_grace",
             "admin.token_file",
             "tls.cert",
+            "tls.acme_domains",
+            "tls.acme_directory",
+            "tls.acme_email",
+            "tls.acme_cache",
+            "tls.acme_directory_ca",
             "ssh.host_keys",
             "ssh.password_auth",
             "ssh.idle_timeout",

@@ -37,8 +37,8 @@ pub use error::{ConfigError, ValidationError};
 pub use keys::known_keys;
 pub use model::{
     Admin, Autoscale, Azure, Backend, Batch, Cluster, Config, DEFAULT_BUSY_SCRIPT, Exec,
-    GatewaySection, Health, Http, Listen, Pool, Routing, ScheduleWindow, Ssh, TimeOfDay, Tls,
-    default_busy_command,
+    GatewaySection, Health, Http, LETS_ENCRYPT_DIRECTORY, Listen, Pool, Routing, ScheduleWindow,
+    Ssh, TimeOfDay, Tls, default_busy_command,
 };
 pub use simulation::{SimulationConfig, load_simulation, parse_simulation};
 

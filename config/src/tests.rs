@@ -121,7 +121,7 @@ max_vms = 3
         "ssh.login_grace: invalid duration \"30 parsecs\": unknown unit \"parsecs\" (units: ms, s, m, h, d; also sec, min, hours, days, weeks) (write it like \"30s\", \"15m\" or \"1h 30m\")",
         "ssh.pasword_auth: unknown key (did you mean \"password_auth\"?)",
         "pool.backends[1].wieght: unknown key (did you mean \"weight\"?)",
-        "listen.https: HTTPS needs a [tls] section with cert and key (add [tls], or remove listen.https)",
+        "listen.https: HTTPS needs a [tls] section with cert and key, or with acme_domains (add [tls], or remove listen.https)",
         "health.timeout: 10s is longer than health.interval (5s) (make the timeout at most the interval)",
         "pool.backends[1].ssh_port: must be between 1 and 65535",
         "pool.backends[2].name: duplicate VM name \"dsvm-1\" (also pool.backends[0])",

@@ -4,7 +4,8 @@
 //! (`sessions_active`, `vm_up`, `vm_state`, `pool_vms`) are recomputed from the pool snapshot at
 //! every scrape, so they always match reality.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -82,6 +83,28 @@ pub struct Metrics {
     /// `poolgate_azure_ratelimit_remaining{policy}`: calls left in each ARM throttling policy, as
     /// the last answer naming it said (`x-ms-ratelimit-remaining-resource`).
     pub azure_ratelimit_remaining: IntGaugeVec,
+    /// `poolgate_tls_cert_expiry_seconds{source}`: seconds until the HTTPS certificate expires,
+    /// computed at each scrape from [`Metrics::tls_not_after`].
+    pub tls_cert_expiry_seconds: GaugeVec,
+    /// When the certificate the HTTPS listener serves expires; set by whatever holds it.
+    pub tls_not_after: TlsNotAfter,
+}
+
+/// The expiry of the certificate the HTTPS listener serves and where it comes from (`file` or
+/// `acme`); `None` while there is none (no HTTPS, or ACME has not delivered yet).
+#[derive(Debug, Clone, Default)]
+pub struct TlsNotAfter(Arc<Mutex<Option<(&'static str, SystemTime)>>>);
+
+impl TlsNotAfter {
+    /// Records the served certificate's source and expiry (`None`: no certificate).
+    pub fn set(&self, value: Option<(&'static str, SystemTime)>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = value;
+    }
+
+    /// The recorded source and expiry.
+    pub fn get(&self) -> Option<(&'static str, SystemTime)> {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Outcome label values of `sessions_total`.
@@ -285,6 +308,14 @@ impl Metrics {
                 ),
                 &["policy"]
             )),
+            tls_cert_expiry_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "tls_cert_expiry_seconds",
+                    "Seconds until the certificate the HTTPS listener serves expires (negative once expired), by source (file: tls.cert, acme: tls.acme_domains). Absent without HTTPS and while ACME has not delivered the first certificate."
+                ),
+                &["source"]
+            )),
+            tls_not_after: TlsNotAfter::default(),
             registry: registry.clone(),
         };
         // One replica with its state in memory: the store is up, it is the only replica and it
@@ -368,6 +399,7 @@ impl Metrics {
     /// TYPE lines, so every documented name is always visible.
     pub fn render(&self, pool: &Pool) -> String {
         self.refresh_pool(pool);
+        self.refresh_tls(SystemTime::now());
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         let mut text = String::from_utf8(out).unwrap_or_default();
@@ -378,7 +410,7 @@ impl Metrics {
                 if !text.contains(&format!("# TYPE {name} ")) {
                     let kind = if name.ends_with("_total") {
                         "counter"
-                    } else if name.ends_with("_seconds") {
+                    } else if name == "poolgate_connect_seconds" {
                         "histogram"
                     } else {
                         "gauge"
@@ -423,7 +455,21 @@ impl Metrics {
             self.azure_requests_total.desc(),
             self.azure_instance_failed.desc(),
             self.azure_ratelimit_remaining.desc(),
+            self.tls_cert_expiry_seconds.desc(),
         ]
+    }
+
+    fn refresh_tls(&self, now: SystemTime) {
+        self.tls_cert_expiry_seconds.reset();
+        if let Some((source, not_after)) = self.tls_not_after.get() {
+            let left = match not_after.duration_since(now) {
+                Ok(d) => d.as_secs_f64(),
+                Err(e) => -e.duration().as_secs_f64(),
+            };
+            self.tls_cert_expiry_seconds
+                .with_label_values(&[source])
+                .set(left.round());
+        }
     }
 
     fn refresh_pool(&self, pool: &Pool) {
@@ -550,6 +596,7 @@ mod tests {
             "poolgate_autoscale_desired_vms",
             "poolgate_autoscale_actions_total",
             "poolgate_pool_vms",
+            "poolgate_tls_cert_expiry_seconds",
         ] {
             assert!(
                 text.contains(&format!("# HELP {name} ")),
@@ -574,6 +621,20 @@ mod tests {
         assert!(text.contains("poolgate_vm_up{vm=\"vm-a\"} 1"), "{text}");
         assert!(
             text.contains("poolgate_vm_protocol_up{protocol=\"http\",vm=\"vm-a\"} 0"),
+            "{text}"
+        );
+        // The certificate's expiry, counted down from now at each scrape.
+        metrics.tls_not_after.set(Some((
+            "acme",
+            SystemTime::now() + Duration::from_secs(3600),
+        )));
+        let text = metrics.render(&pool);
+        let left = text
+            .lines()
+            .find_map(|l| l.strip_prefix("poolgate_tls_cert_expiry_seconds{source=\"acme\"} "))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(
+            left.is_some_and(|s| (3590.0..=3600.0).contains(&s)),
             "{text}"
         );
         drop(guard);

@@ -40,6 +40,7 @@ mod keys;
 mod log;
 mod metrics;
 mod output;
+mod pebble;
 mod pool;
 mod ports;
 mod process;
@@ -65,6 +66,7 @@ pub use keys::{UserCa, UserKey, generate_ed25519};
 pub use log::{has_field, log_lines, strip_ansi};
 pub use metrics::{metric_types, promtool_check, sample, samples, ssh_active, vm_up};
 pub use output::{assert_ok, stderr, stdout};
+pub use pebble::Pebble;
 pub use pool::{
     GatewayPool, GatewayPoolBuilder, PROBE_INTERVAL, PROBE_TIMEOUT, WEB_PROBE_INTERVAL,
 };

@@ -44,6 +44,7 @@ pub fn install_hint(name: &str) -> String {
         "slurmd" => "apt-get install slurmd",
         "sbatch" | "squeue" | "sinfo" | "scontrol" | "scancel" => "apt-get install slurm-client",
         "munged" => "apt-get install munge",
+        "pebble" | "pebble-challtestsrv" => "apt-get install pebble",
         "promtool" => "apt-get install prometheus",
         "useradd" | "usermod" | "chpasswd" => "apt-get install passwd",
         "chromium" => "apt-get install chromium",

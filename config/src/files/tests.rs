@@ -93,6 +93,7 @@ fn operator_supplied_files_must_exist() {
     c.tls = Some(Tls {
         cert: dir.path().join("tls/cert.pem"),
         key: dir.path().join("tls/key.pem"),
+        ..Tls::default()
     });
     c.admin.token_file = Some(dir.path().join("keys/admin_token"));
     c.pool.azure = Some(Azure {
@@ -167,7 +168,11 @@ fn content_checks() {
         "-----BEGIN PRIVATE KEY-----\nMII\n-----END PRIVATE KEY-----\n",
         0o600,
     );
-    c.tls = Some(Tls { cert, key });
+    c.tls = Some(Tls {
+        cert,
+        key,
+        ..Tls::default()
+    });
     let errs = c.check_files();
     let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
     assert_eq!(
@@ -224,4 +229,40 @@ fn empty_and_tilde_paths_are_left_to_validation() {
     c.ssh.host_keys = vec![PathBuf::from("/nonexistent/poolgate/host_key")];
     c.http.cookie_secret_file = PathBuf::from("/nonexistent/poolgate/cookie");
     assert_eq!(messages(&c), Vec::<String>::new());
+}
+
+#[test]
+fn acme_cache_and_directory_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    let cache = dir.path().join("acme");
+    c.tls = Some(Tls {
+        acme_domains: vec!["pool.example.org".into()],
+        acme_cache: cache.clone(),
+        acme_directory_ca: Some(dir.path().join("missing-ca.pem")),
+        ..Tls::default()
+    });
+    // A missing cache is created at start; a missing CA file is an error.
+    let errs = messages(&c);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("tls.acme_directory_ca: ") && errs[0].contains("does not exist"),
+        "{errs:#?}"
+    );
+    let ca = dir.path().join("ca.pem");
+    write(&ca, "not pem", 0o644);
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if let Some(t) = c.tls.as_mut() {
+        t.acme_directory_ca = Some(ca);
+    }
+    let errs = messages(&c);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].starts_with("tls.acme_directory_ca: ") && errs[0].contains("not a PEM"));
+    assert!(
+        errs[1].starts_with("tls.acme_cache: ") && errs[1].contains("chmod 700"),
+        "{errs:#?}"
+    );
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(messages(&c).len(), 1);
 }

@@ -82,14 +82,65 @@ pub struct Admin {
     pub token_file: Option<PathBuf>,
 }
 
-/// `[tls]`: certificate for the HTTPS listener.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+/// Let's Encrypt's production ACME directory, the default `tls.acme_directory`.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// `[tls]`: certificate for the HTTPS listener, from files (`cert` + `key`) or from an ACME
+/// certificate authority (`acme_domains`), not both.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct Tls {
-    /// PEM certificate chain.
+    /// PEM certificate chain (empty: not set).
+    #[serde(skip_serializing_if = "is_empty_path")]
     pub cert: PathBuf,
-    /// PEM private key.
+    /// PEM private key (empty: not set).
+    #[serde(skip_serializing_if = "is_empty_path")]
     pub key: PathBuf,
+    /// Names to get a certificate for by ACME (HTTP-01 on `listen.http`); empty: no ACME.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub acme_domains: Vec<String>,
+    /// The ACME directory URL. Default: Let's Encrypt production.
+    pub acme_directory: String,
+    /// Contact address given to the ACME CA (expiry and policy mail).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme_email: Option<String>,
+    /// Directory holding the ACME account key and the certificates (created 0700, files 0600).
+    /// Default `acme`, next to the config file.
+    pub acme_cache: PathBuf,
+    /// PEM CA certificate(s) to trust for the ACME directory's HTTPS, besides the system's
+    /// (a private or test ACME server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme_directory_ca: Option<PathBuf>,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Self {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            acme_domains: Vec::new(),
+            acme_directory: LETS_ENCRYPT_DIRECTORY.to_owned(),
+            acme_email: None,
+            acme_cache: PathBuf::from("acme"),
+            acme_directory_ca: None,
+        }
+    }
+}
+
+impl Tls {
+    /// Whether the certificate comes from ACME (`acme_domains` set).
+    pub fn uses_acme(&self) -> bool {
+        !self.acme_domains.is_empty()
+    }
+
+    /// Whether the certificate comes from files (`cert` or `key` set).
+    pub fn uses_files(&self) -> bool {
+        !self.cert.as_os_str().is_empty() || !self.key.as_os_str().is_empty()
+    }
+}
+
+fn is_empty_path(p: &std::path::Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 /// `[ssh]`: the SSH front door and how the gateway logs in to VMs.

@@ -16,7 +16,9 @@ pub use autoscale::{
 };
 pub use batch::Batch;
 pub use cluster::Cluster;
-pub use frontend::{Admin, GatewaySection, Health, Http, Listen, Routing, Ssh, Tls};
+pub use frontend::{
+    Admin, GatewaySection, Health, Http, LETS_ENCRYPT_DIRECTORY, Listen, Routing, Ssh, Tls,
+};
 pub use pool::{Azure, Backend, Exec, Pool};
 
 /// The whole poolgate configuration, one field per TOML section.
@@ -69,6 +71,10 @@ impl Config {
         if let Some(tls) = &mut self.tls {
             resolve(&mut tls.cert);
             resolve(&mut tls.key);
+            resolve(&mut tls.acme_cache);
+            if let Some(ca) = &mut tls.acme_directory_ca {
+                resolve(ca);
+            }
         }
         self.ssh.host_keys.iter_mut().for_each(resolve);
         resolve(&mut self.ssh.user_ca_key);
@@ -260,6 +266,7 @@ mod tests {
         c.tls = Some(Tls {
             cert: "tls/cert.pem".into(),
             key: "tls/key.pem".into(),
+            ..Tls::default()
         });
         let text = toml::to_string(&c).unwrap();
         assert!(text.contains("shutdown_grace = \"10m\""), "{text}");

@@ -3,6 +3,7 @@
 mod batch;
 mod cluster;
 mod pool;
+mod tls;
 
 pub(crate) use pool::{autoscale_policy, max_sessions};
 
@@ -93,7 +94,7 @@ fn listen(c: &Config, r: &mut Report) {
     if c.listen.https.is_some() && c.tls.is_none() {
         r.err(
             "listen.https",
-            "HTTPS needs a [tls] section with cert and key (add [tls], or remove listen.https)",
+            "HTTPS needs a [tls] section with cert and key, or with acme_domains (add [tls], or remove listen.https)",
         );
     }
     let mut listeners: Vec<(&str, SocketAddr)> = vec![("listen.ssh", c.listen.ssh)];
@@ -137,19 +138,7 @@ fn admin_and_tls(c: &Config, r: &mut Report) {
         r.path("admin.token_file", token);
     }
     if let Some(tls) = &c.tls {
-        if tls.cert.as_os_str().is_empty() {
-            r.err(
-                "tls.cert",
-                "must be set (path of the PEM certificate chain)",
-            );
-        } else {
-            r.path("tls.cert", &tls.cert);
-        }
-        if tls.key.as_os_str().is_empty() {
-            r.err("tls.key", "must be set (path of the PEM private key)");
-        } else {
-            r.path("tls.key", &tls.key);
-        }
+        tls::tls(c, tls, r);
     }
 }
 

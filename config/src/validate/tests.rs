@@ -72,7 +72,7 @@ fn several_independent_mistakes_are_all_reported() {
         "pool.backends[0].weight: must be at least 1 (load is divided by the weight)",
         "pool.backends[2].name: duplicate VM name \"dsvm-1\" (also pool.backends[0])",
         "autoscale.min_vms: 5 is more than autoscale.max_vms (3) (lower min_vms or raise max_vms)",
-        "listen.https: HTTPS needs a [tls] section with cert and key (add [tls], or remove listen.https)",
+        "listen.https: HTTPS needs a [tls] section with cert and key, or with acme_domains (add [tls], or remove listen.https)",
         "health.rise: must be at least 1 (successful probes before a VM is up)",
         "health.timeout: 10s is longer than health.interval (5s) (make the timeout at most the interval)",
     ] {
@@ -513,4 +513,66 @@ fn times_of_day_are_hh_mm_up_to_24_00() {
         let e = text.parse::<crate::TimeOfDay>().unwrap_err();
         assert!(e.contains("HH:MM"), "{text}: {e}");
     }
+}
+
+#[test]
+fn tls_files_or_acme_not_both() {
+    let mut c = valid();
+    c.listen.https = Some(([0, 0, 0, 0], 8443).into());
+    c.tls = Some(Tls {
+        acme_domains: vec!["pool.example.org".into()],
+        ..Tls::default()
+    });
+    assert_eq!(
+        messages(&c),
+        Vec::<String>::new(),
+        "the smallest ACME config"
+    );
+    if let Some(t) = c.tls.as_mut() {
+        t.cert = "tls/cert.pem".into();
+        t.key = "tls/key.pem".into();
+    }
+    has(
+        &c,
+        "tls.acme_domains: set either tls.cert and tls.key (certificate files) or tls.acme_domains (a certificate from ACME), not both (remove one)",
+    );
+    // ACME settings without acme_domains are named as unused.
+    c.tls = Some(Tls {
+        cert: "tls/cert.pem".into(),
+        key: "tls/key.pem".into(),
+        acme_email: Some("ops@example.org".into()),
+        ..Tls::default()
+    });
+    has_key(&c, "tls.acme_email");
+}
+
+#[test]
+fn acme_settings_are_checked() {
+    let mut c = valid();
+    c.tls = Some(Tls {
+        acme_domains: vec![
+            "pool.example.org".into(),
+            "*.example.org".into(),
+            "POOL.example.org".into(),
+        ],
+        acme_directory: "http://acme.example.org/directory".into(),
+        acme_email: Some("mailto:ops@example.org".into()),
+        ..Tls::default()
+    });
+    c.listen.http = None;
+    let errs = messages(&c);
+    for key in [
+        "tls.acme_domains: the ACME certificate is served on the HTTPS listener",
+        "tls.acme_domains: the ACME CA checks each name with an HTTP-01 challenge answered on listen.http",
+        "tls.acme_domains[1]: \"*.example.org\" is a wildcard name",
+        "tls.acme_domains[2]: \"POOL.example.org\" is listed twice (also tls.acme_domains[0])",
+        "tls.acme_directory: \"http://acme.example.org/directory\" is not an https:// URL",
+        "tls.acme_email: \"mailto:ops@example.org\": write the address without \"mailto:\"",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(key)),
+            "{key:?} not in {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), 6, "{errs:#?}");
 }

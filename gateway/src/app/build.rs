@@ -326,7 +326,10 @@ pub fn user_ca(config: &Config) -> anyhow::Result<UserCa> {
 /// line, each naming its key.
 pub fn check_startup(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
-    if let Err(e) = crate::http::TlsParts::load(settings::tls_files(config).as_ref()) {
+    if let Err(e) = crate::http::TlsParts::load(
+        settings::tls_source(config).as_ref(),
+        crate::metrics::TlsNotAfter::default(),
+    ) {
         problems.push(format!("{e:#}"));
     }
     if let Err(e) = host_policy(config) {

@@ -34,6 +34,7 @@ mod tests {
         config.tls = Some(poolgate_config::Tls {
             cert: dir.path().join("cert.pem"),
             key: dir.path().join("key.pem"),
+            ..poolgate_config::Tls::default()
         });
         // [tls] without listen.https is not loaded by `run`, so not checked either.
         assert_eq!(check_startup(&config), Vec::<String>::new());

@@ -64,7 +64,7 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
                 || new.ssh.user_ca_key != running.ssh.user_ca_key,
         ),
         (
-            "tls (file paths; the files themselves were re-read)",
+            "tls (file paths and ACME settings; the certificate files themselves were re-read)",
             new.tls != running.tls,
         ),
         (

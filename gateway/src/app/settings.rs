@@ -11,7 +11,8 @@ use router_core::{HealthPolicy, RoutingPolicy, VmSpec};
 use crate::autoscale::DriverSettings;
 use crate::autoscale::providers::exec::ExecSettings;
 use crate::health::HealthSettings;
-use crate::http::{FrontendSettings, HttpSettings, TlsFiles};
+use crate::http::acme::AcmeSettings;
+use crate::http::{FrontendSettings, HttpSettings, TlsFiles, TlsSource};
 use crate::ssh::SshSettings;
 
 /// `[routing]` and `[http]` as router-core's policy.
@@ -162,7 +163,7 @@ pub fn http_settings(config: &Config) -> anyhow::Result<HttpSettings> {
             max_attempts: 3,
             upstream_idle: Duration::from_secs(90),
         },
-        tls: tls_files(config),
+        tls: tls_source(config),
         cookie_secret_file: http.cookie_secret_file.clone(),
         cookie_max_age: config.routing.affinity_ttl,
         idle_timeout: http.idle_timeout,
@@ -174,14 +175,22 @@ pub fn http_settings(config: &Config) -> anyhow::Result<HttpSettings> {
     })
 }
 
-/// The HTTPS listener's certificate files: `[tls]` when `listen.https` is set (a `[tls]`
-/// section without an HTTPS listener is not loaded).
-pub fn tls_files(config: &Config) -> Option<TlsFiles> {
+/// Where the HTTPS listener's certificate comes from: `[tls]` when `listen.https` is set (a
+/// `[tls]` section without an HTTPS listener is not loaded): certificate files, or ACME.
+pub fn tls_source(config: &Config) -> Option<TlsSource> {
     match (&config.tls, config.listen.https) {
-        (Some(tls), Some(_)) => Some(TlsFiles {
+        (Some(tls), Some(_)) if tls.uses_acme() => Some(TlsSource::Acme(AcmeSettings {
+            domains: tls.acme_domains.clone(),
+            directory: tls.acme_directory.clone(),
+            email: tls.acme_email.clone(),
+            cache: tls.acme_cache.clone(),
+            directory_ca: tls.acme_directory_ca.clone(),
+            owner: super::cluster::replica_id(config),
+        })),
+        (Some(tls), Some(_)) => Some(TlsSource::Files(TlsFiles {
             cert: tls.cert.clone(),
             key: tls.key.clone(),
-        }),
+        })),
         _ => None,
     }
 }

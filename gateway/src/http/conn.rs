@@ -35,16 +35,20 @@ pub(super) fn listeners(
     if let Some(l) = &https {
         tracing::info!(addr = %l.local_addr()?, "HTTPS listener ready");
     }
+    let challenges = tls.as_ref().and_then(TlsParts::challenges);
     let plain = http.map(|listener| Listener {
         listener,
         tls: None,
-        redirect_to,
+        plain: Plain {
+            redirect_to,
+            challenges,
+        },
     });
     let secure = match (https, tls) {
         (Some(listener), Some(TlsParts { acceptor, .. })) => Some(Listener {
             listener,
             tls: Some(acceptor),
-            redirect_to: None,
+            plain: Plain::default(),
         }),
         _ => None,
     };
@@ -127,7 +131,7 @@ pub(super) async fn accept(
             stream,
             info,
             listener.tls.clone(),
-            listener.redirect_to,
+            listener.plain.clone(),
             served.clone(),
             shutdown.clone(),
         );
@@ -148,7 +152,7 @@ pub(super) async fn client_connection(
     stream: tokio::net::TcpStream,
     info: ConnInfo,
     tls: Option<TlsAcceptor>,
-    redirect_to: Option<u16>,
+    plain: Plain,
     served: Served,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -175,7 +179,7 @@ pub(super) async fn client_connection(
                 stream,
                 frontend,
                 info,
-                None,
+                Plain::default(),
                 &builder,
                 idle_timeout,
                 shutdown,
@@ -187,7 +191,7 @@ pub(super) async fn client_connection(
                 stream,
                 frontend,
                 info,
-                redirect_to,
+                plain,
                 &builder,
                 idle_timeout,
                 shutdown,
@@ -200,8 +204,17 @@ pub(super) async fn client_connection(
 pub(super) struct Listener {
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    /// Plain listener while TLS is configured: redirect to this HTTPS port.
-    redirect_to: Option<u16>,
+    /// What the plain listener answers itself.
+    plain: Plain,
+}
+
+/// What a plain HTTP listener answers itself instead of proxying.
+#[derive(Clone, Default)]
+pub(super) struct Plain {
+    /// TLS is configured: redirect to this HTTPS port.
+    pub(super) redirect_to: Option<u16>,
+    /// ACME: HTTP-01 answers, served before any redirect.
+    pub(super) challenges: Option<Arc<acme::Challenges>>,
 }
 
 async fn accept_opt(
@@ -242,7 +255,7 @@ pub(super) async fn serve_connection<I>(
     io: I,
     frontend: Frontend,
     info: ConnInfo,
-    redirect_to: Option<u16>,
+    plain: Plain,
     builder: &auto::Builder<TokioExecutor>,
     idle_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -254,8 +267,15 @@ pub(super) async fn serve_connection<I>(
     let svc = service_fn(move |req: Request<Incoming>| {
         let frontend = frontend.clone();
         let active = svc_tracker.begin();
+        let challenge = plain
+            .challenges
+            .as_deref()
+            .and_then(|c| acme_challenge_answer(c, &req));
         async move {
-            let resp = match redirect_to {
+            if let Some(resp) = challenge {
+                return Ok::<_, Infallible>(active.attach(resp));
+            }
+            let resp = match plain.redirect_to {
                 Some(port) => redirect_to_https(&req, port),
                 // Boxed: the handler's future is a few KiB, and hyper moves the service's
                 // future (this block) by value; a pointer is cheaper to move than the state.
@@ -299,6 +319,29 @@ pub(super) async fn serve_connection<I>(
             }
         }
     }
+}
+
+/// The answer to an ACME HTTP-01 request (`/.well-known/acme-challenge/TOKEN`): the key
+/// authorization of a token being validated, else 404. `None` for every other path.
+pub(super) fn acme_challenge_answer<B>(
+    challenges: &acme::Challenges,
+    req: &Request<B>,
+) -> Option<Response<Body>> {
+    let token = req.uri().path().strip_prefix(acme::CHALLENGE_PREFIX)?;
+    let mut resp = match challenges.answer(token) {
+        Some(key_authorization) => {
+            tracing::info!(token, "ACME: answered an HTTP-01 challenge");
+            Response::new(full(key_authorization))
+        }
+        None => {
+            let mut resp = Response::new(full("no such ACME challenge\n"));
+            *resp.status_mut() = StatusCode::NOT_FOUND;
+            resp
+        }
+    };
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    Some(resp)
 }
 
 /// `listen.http` while TLS is configured: a 308 to the same path on the HTTPS port.

@@ -6,9 +6,11 @@
 //!   any port is bound; [`serve`]: the listeners (`listen.http`, `listen.https`), connection
 //!   limits and timeouts.
 //! - `cookie.rs` (HMAC sticky cookie), `headers.rs` (forwarding and hop-by-hop headers),
-//!   `tls.rs` (rustls config with a reloadable certificate), `errors.rs` (error pages),
+//!   `tls.rs` (rustls config with a swappable certificate), `acme/` (certificates from an ACME
+//!   CA, HTTP-01 answered on the plain listener), `errors.rs` (error pages),
 //!   `upgrade.rs` (websocket relay).
 
+pub mod acme;
 mod body;
 mod conn;
 pub mod cookie;
@@ -49,7 +51,7 @@ use crate::metrics::Metrics;
 pub use body::ConnTracker;
 pub use conn::connection_builder;
 #[cfg(test)]
-use conn::{FIRST_REQUEST_WITHIN, redirect_to_https, serve_connection, strip_port};
+use conn::{FIRST_REQUEST_WITHIN, Plain, redirect_to_https, serve_connection, strip_port};
 use conn::{Served, accept, listeners};
 pub use cookie::CookieSigner;
 pub use proxy::{ConnInfo, Frontend, FrontendSettings};
@@ -77,8 +79,8 @@ pub fn empty() -> Body {
 pub struct HttpSettings {
     /// Routing, cookie and upstream settings of the proxy.
     pub frontend: FrontendSettings,
-    /// The certificate and key of the HTTPS listener; `None` when there is none.
-    pub tls: Option<TlsFiles>,
+    /// Where the HTTPS listener's certificate comes from; `None` when there is no HTTPS.
+    pub tls: Option<TlsSource>,
     /// Where the cookie secret is read from, or created when missing (`http.cookie_secret_file`).
     pub cookie_secret_file: PathBuf,
     /// How long a sticky cookie stays valid (`routing.affinity_ttl`).
@@ -107,6 +109,15 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// Where the HTTPS listener's certificate comes from (`[tls]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// `tls.cert` and `tls.key`, re-read when they change.
+    Files(TlsFiles),
+    /// `tls.acme_domains`: ordered and renewed from an ACME CA.
+    Acme(acme::AcmeSettings),
+}
+
 /// What the HTTP frontend needs from the rest of the gateway.
 pub struct HttpParts {
     /// Its settings.
@@ -131,23 +142,55 @@ const CERT_RELOAD_EVERY: Duration = Duration::from_secs(30);
 /// `upstream_idle`.
 const UPSTREAM_SWEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// The TLS side of `listen.https`: the acceptor and the reloadable certificate behind it.
+/// The TLS side of `listen.https`: the acceptor and the swappable certificate behind it.
 pub struct TlsParts {
     acceptor: TlsAcceptor,
-    certs: Arc<tls::CertReloader>,
+    renewal: Renewal,
+}
+
+/// What keeps the served certificate current.
+enum Renewal {
+    /// Re-reads `tls.cert`/`tls.key` when they change.
+    Files(Arc<tls::CertReloader>),
+    /// Orders and renews from the ACME CA; answers HTTP-01 on the plain listener.
+    Acme(Arc<acme::Acme>),
 }
 
 impl TlsParts {
-    /// Loads `tls.cert` and `tls.key` as the HTTPS listener serves them; `None` when no HTTPS
-    /// listener is configured. Reads the files, writes nothing, so `check-config` runs it too.
-    /// Errors name the key and file at fault.
-    pub fn load(files: Option<&TlsFiles>) -> anyhow::Result<Option<Self>> {
-        let Some(files) = files else {
+    /// Loads the HTTPS listener's certificate: `tls.cert` and `tls.key`, or with ACME a valid
+    /// cached certificate (none yet is fine) and `tls.acme_directory_ca`. `None` when no HTTPS
+    /// listener is configured. Reads files, writes nothing, so `check-config` runs it too.
+    /// Errors name the key and file at fault. `not_after` is told the served certificate's
+    /// expiry (`poolgate_tls_cert_expiry_seconds`).
+    pub fn load(
+        source: Option<&TlsSource>,
+        not_after: crate::metrics::TlsNotAfter,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(source) = source else {
             return Ok(None);
         };
-        let certs = tls::CertReloader::load(&files.cert, &files.key)?;
-        let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(certs.clone())?));
-        Ok(Some(Self { acceptor, certs }))
+        let (served, renewal) = match source {
+            TlsSource::Files(files) => {
+                let served = tls::ServedCert::new("file", not_after);
+                let certs = tls::CertReloader::load(&files.cert, &files.key, served.clone())?;
+                (served, Renewal::Files(certs))
+            }
+            TlsSource::Acme(settings) => {
+                let served = tls::ServedCert::new("acme", not_after);
+                let acme = acme::Acme::new(settings.clone(), served.clone())?;
+                (served, Renewal::Acme(acme))
+            }
+        };
+        let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(served)?));
+        Ok(Some(Self { acceptor, renewal }))
+    }
+
+    /// The HTTP-01 answers the plain listener serves (ACME only).
+    fn challenges(&self) -> Option<Arc<acme::Challenges>> {
+        match &self.renewal {
+            Renewal::Acme(acme) => Some(acme.challenges()),
+            Renewal::Files(_) => None,
+        }
     }
 }
 
@@ -172,7 +215,7 @@ impl HttpService {
     pub fn build(parts: HttpParts) -> anyhow::Result<Self> {
         let settings = &parts.settings;
         // Read-only checks first: a failed start creates no cookie secret.
-        let tls = TlsParts::load(settings.tls.as_ref())?;
+        let tls = TlsParts::load(settings.tls.as_ref(), parts.metrics.tls_not_after.clone())?;
         let secret = &settings.cookie_secret_file;
         let (signer, generated) = CookieSigner::load_or_generate(secret, settings.cookie_max_age)
             .map_err(|e| match e {
@@ -241,12 +284,21 @@ pub async fn serve(
         expire_every,
         shutdown.clone(),
     ));
-    if let Some(TlsParts { certs, .. }) = &tls {
-        housekeeping.spawn(reload_certificates(
-            certs.clone(),
-            tls_reload.unwrap_or_default(),
-            shutdown.clone(),
-        ));
+    match tls.as_ref().map(|t| &t.renewal) {
+        Some(Renewal::Files(certs)) => {
+            housekeeping.spawn(reload_certificates(
+                certs.clone(),
+                tls_reload.unwrap_or_default(),
+                shutdown.clone(),
+            ));
+        }
+        Some(Renewal::Acme(acme)) => {
+            housekeeping.spawn(
+                acme.clone()
+                    .run(tls_reload.unwrap_or_default(), shutdown.clone()),
+            );
+        }
+        None => {}
     }
     let (plain, secure) = listeners(http, https, tls)?;
     let served = Served {

@@ -458,7 +458,7 @@ async fn upgrades_are_relayed_both_ways_over_a_real_connection() {
             stream,
             frontend,
             info,
-            None,
+            Plain::default(),
             &builder,
             Duration::from_secs(60),
             rx,
@@ -544,7 +544,8 @@ async fn listen(
             };
             let (frontend, builder, rx) = (frontend.clone(), builder.clone(), rx.clone());
             conns.spawn(async move {
-                serve_connection(stream, frontend, info, None, &builder, idle, rx).await;
+                serve_connection(stream, frontend, info, Plain::default(), &builder, idle, rx)
+                    .await;
             });
         }
     });
@@ -611,7 +612,16 @@ async fn a_connection_that_never_completes_its_first_request_is_closed_after_a_m
             https: false,
             port: addr.port(),
         };
-        serve_connection(stream, frontend, info, None, &builder, idle, shutdown).await;
+        serve_connection(
+            stream,
+            frontend,
+            info,
+            Plain::default(),
+            &builder,
+            idle,
+            shutdown,
+        )
+        .await;
     });
     let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let started = tokio::time::Instant::now();

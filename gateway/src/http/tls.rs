@@ -1,26 +1,117 @@
 //! TLS for the HTTPS listener: rustls (aws-lc-rs provider), TLS 1.2 and 1.3 only, ALPN `h2` and
-//! `http/1.1`. The certificate sits behind a resolver that swaps in a renewed cert/key pair when
-//! the files change (checked by [`CertReloader::reload_if_changed`]), so certificate renewal
-//! needs no restart.
+//! `http/1.1`. The certificate sits behind a resolver ([`ServedCert`]) whose certificate is
+//! swapped atomically: by [`CertReloader`] when the `tls.cert`/`tls.key` files change (checked by
+//! [`CertReloader::reload_if_changed`]), or by ACME (`super::acme`) when a certificate is issued
+//! or renewed. Open connections keep the certificate they were set up with; new handshakes get
+//! the new one, so renewal needs no restart and drops nothing.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use rustls::crypto::aws_lc_rs;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-/// The certificate in use, replaceable at run time.
+use crate::metrics::TlsNotAfter;
+
+/// The certificate the HTTPS listener presents, replaceable at run time. Empty until the first
+/// certificate is stored (ACME's first start): handshakes then fail with a TLS alert.
+#[derive(Debug)]
+pub struct ServedCert {
+    current: ArcSwapOption<CertifiedKey>,
+    /// `file` or `acme`, the label of `poolgate_tls_cert_expiry_seconds`.
+    source: &'static str,
+    not_after: TlsNotAfter,
+}
+
+impl ServedCert {
+    /// An empty holder; `not_after` is told the expiry of every certificate stored.
+    pub fn new(source: &'static str, not_after: TlsNotAfter) -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwapOption::empty(),
+            source,
+            not_after,
+        })
+    }
+
+    /// Serves `ck` from the next handshake on.
+    pub fn store(&self, ck: CertifiedKey) {
+        self.not_after
+            .set(validity(&ck).map(|v| (self.source, v.not_after)));
+        self.current.store(Some(Arc::new(ck)));
+    }
+
+    /// The certificate served now, if any.
+    pub fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.current.load_full()
+    }
+}
+
+impl ResolvesServerCert for ServedCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.load_full()
+    }
+}
+
+/// The validity period of a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+fn unix(ts: i64) -> SystemTime {
+    match u64::try_from(ts) {
+        Ok(secs) => SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+        Err(_) => SystemTime::UNIX_EPOCH,
+    }
+}
+
+/// The validity period of the leaf (first) certificate of `ck`; `None` when it cannot be parsed.
+pub fn validity(ck: &CertifiedKey) -> Option<Validity> {
+    let leaf = ck.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let v = cert.validity();
+    Some(Validity {
+        not_before: unix(v.not_before.timestamp()),
+        not_after: unix(v.not_after.timestamp()),
+    })
+}
+
+/// The DNS names (subject alternative names) of the leaf certificate of `ck`, lower-cased.
+pub fn dns_names(ck: &CertifiedKey) -> Vec<String> {
+    let Some(leaf) = ck.cert.first() else {
+        return Vec::new();
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The certificate files in use (`tls.cert`, `tls.key`), re-read when they change.
 #[derive(Debug)]
 pub struct CertReloader {
     cert_path: PathBuf,
     key_path: PathBuf,
-    current: ArcSwap<CertifiedKey>,
+    served: Arc<ServedCert>,
     stamp: Mutex<Option<(SystemTime, SystemTime)>>,
 }
 
@@ -69,14 +160,15 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKe
 }
 
 impl CertReloader {
-    /// Loads the pair once; fails with a message naming the file at fault.
-    pub fn load(cert: &Path, key: &Path) -> anyhow::Result<Arc<Self>> {
+    /// Loads the pair once into `served`; fails with a message naming the file at fault.
+    pub fn load(cert: &Path, key: &Path, served: Arc<ServedCert>) -> anyhow::Result<Arc<Self>> {
         let stamp = mtime(cert).zip(mtime(key));
         let ck = load_certified_key(cert, key)?;
+        served.store(ck);
         Ok(Arc::new(Self {
             cert_path: cert.to_path_buf(),
             key_path: key.to_path_buf(),
-            current: ArcSwap::from_pointee(ck),
+            served,
             stamp: Mutex::new(stamp),
         }))
     }
@@ -94,21 +186,19 @@ impl CertReloader {
             }
         }
         let ck = load_certified_key(&self.cert_path, &self.key_path)?;
-        self.current.store(Arc::new(ck));
+        self.served.store(ck);
         if let Ok(mut old) = self.stamp.lock() {
             *old = stamp;
         }
         Ok(true)
     }
-}
 
-impl CertReloader {
     /// Reloads the pair now, whatever the files' modification times (configuration reload). On
     /// error the previous certificate stays.
     pub fn reload_now(&self) -> anyhow::Result<()> {
         let stamp = mtime(&self.cert_path).zip(mtime(&self.key_path));
         let ck = load_certified_key(&self.cert_path, &self.key_path)?;
-        self.current.store(Arc::new(ck));
+        self.served.store(ck);
         if let Ok(mut old) = self.stamp.lock() {
             *old = stamp;
         }
@@ -116,14 +206,8 @@ impl CertReloader {
     }
 }
 
-impl ResolvesServerCert for CertReloader {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
-    }
-}
-
 /// The server configuration: TLS 1.2 + 1.3, ALPN h2 then http/1.1, certificate from `certs`.
-pub fn server_config(certs: Arc<CertReloader>) -> anyhow::Result<rustls::ServerConfig> {
+pub fn server_config(certs: Arc<ServedCert>) -> anyhow::Result<rustls::ServerConfig> {
     let mut config =
         rustls::ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -151,10 +235,16 @@ mod tests {
     fn loads_reloads_and_reports_bad_files() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (cert, key) = write_pair(dir.path(), "a.test");
-        let r = CertReloader::load(&cert, &key).expect("load");
-        let first = r.current.load_full();
+        let not_after = TlsNotAfter::default();
+        let served = ServedCert::new("file", not_after.clone());
+        let r = CertReloader::load(&cert, &key, served.clone()).expect("load");
+        let first = served.current().expect("served");
+        let (source, expiry) = not_after.get().expect("expiry recorded");
+        assert_eq!(source, "file");
+        assert!(expiry > SystemTime::now() + Duration::from_secs(365 * 86400));
+        assert_eq!(dns_names(&first), ["a.test"]);
         assert!(!r.reload_if_changed().expect("unchanged"));
-        let config = server_config(r.clone()).expect("config");
+        let config = server_config(served.clone()).expect("config");
         assert_eq!(
             config.alpn_protocols,
             [b"h2".to_vec(), b"http/1.1".to_vec()]
@@ -169,10 +259,10 @@ mod tests {
             *s = None;
         }
         assert!(r.reload_if_changed().expect("reload"));
-        assert_ne!(first.cert[0], r.current.load_full().cert[0]);
+        assert_ne!(first.cert[0], served.current().expect("served").cert[0]);
 
         // Asked to (SIGHUP): reloads whatever the modification times say.
-        let second = r.current.load_full();
+        let second = served.current().expect("served");
         let (cert4, key4) = write_pair(dir.path(), "e.test");
         std::fs::rename(&cert4, &cert).expect("mv");
         std::fs::rename(&key4, &key).expect("mv");
@@ -181,7 +271,7 @@ mod tests {
         }
         assert!(!r.reload_if_changed().expect("same stamp"));
         r.reload_now().expect("reload now");
-        assert_ne!(second.cert[0], r.current.load_full().cert[0]);
+        assert_ne!(second.cert[0], served.current().expect("served").cert[0]);
 
         // A broken file keeps the old certificate and says which file is wrong.
         std::fs::write(&key, "not a key").expect("write");
