@@ -666,11 +666,16 @@ impl Driver {
                 Prepared::Done("undrain")
             }
             Action::Start(count) => {
+                let provider = self.provider();
+                // Stopped VMs the provider would start now first: one whose last start failed
+                // and is backing off is asked for only when no other is stopped.
                 let mut stopped: Vec<String> = if caps.start_stop {
-                    vms.iter()
+                    let mut stopped: Vec<&VmObservation> = vms
+                        .iter()
                         .filter(|v| v.lifecycle == Lifecycle::Stopped)
-                        .map(|v| v.name.clone())
-                        .collect()
+                        .collect();
+                    stopped.sort_by_key(|v| !provider.can_start_now(&v.name));
+                    stopped.into_iter().map(|v| v.name.clone()).collect()
                 } else {
                     Vec::new()
                 };

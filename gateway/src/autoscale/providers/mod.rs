@@ -65,6 +65,12 @@ pub trait Provider: Send + Sync {
     fn create(&self, count: u32) -> BoxFuture<'_, Result<(), ProviderError>>;
     /// Deletes these exact VMs.
     fn delete<'a>(&'a self, vms: &'a [String]) -> BoxFuture<'a, Result<(), ProviderError>>;
+    /// Whether a start of this stopped VM would be sent now: false while an earlier failure of
+    /// it is backing off (Azure), so that the driver starts another stopped VM first instead of
+    /// asking again for one that would be refused.
+    fn can_start_now(&self, _vm: &str) -> bool {
+        true
+    }
     /// Marks VMs that have sessions so the platform's own scale-in spares them (Azure
     /// `protectFromScaleIn`); a no-op elsewhere.
     fn protect<'a>(

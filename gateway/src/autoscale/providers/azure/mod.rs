@@ -563,6 +563,12 @@ impl Provider for AzureProvider {
         Box::pin(self.instance_action("start", vms))
     }
 
+    fn can_start_now(&self, vm: &str) -> bool {
+        self.instance_backoff
+            .check(&("start", vm.to_owned()), tokio::time::Instant::now())
+            .is_ok()
+    }
+
     fn stop<'a>(&'a self, vms: &'a [String]) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(self.instance_action("deallocate", vms))
     }

@@ -170,6 +170,40 @@ async fn driver_does_not_send_a_failed_start_again_every_tick() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn driver_starts_another_stopped_instance_while_one_backs_off() {
+    let fake = FakeArm::start(3, |s| s.polls_per_op = 1).await;
+    deallocated(&fake, &[0, 1, 2]);
+    let (driver, _pool, _clock) = driver_over(&fake, true).await;
+    let _waiting = driver.wait_guard(router_core::Protocol::Ssh);
+    // The aim is two VMs (one waiting session, one spare): dsvm_0 and dsvm_1 come first, and
+    // their start is refused for quota.
+    fake.state().fail_next_example = Some("QuotaExceeded");
+    driver.tick().await;
+    tokio::time::advance(Duration::from_secs(5)).await;
+    driver.sync().await.expect("sync");
+    // The next decision asks for dsvm_2 first, not again for the two backing off.
+    driver.tick().await;
+    let s = fake.state();
+    let starts: Vec<Option<serde_json::Value>> = posts_to(&s.arm_log(), "/start")
+        .into_iter()
+        .map(|l| l.body)
+        .collect();
+    assert_eq!(
+        starts,
+        vec![
+            Some(json!({"instanceIds": ["0", "1"]})),
+            Some(json!({"instanceIds": ["2"]}))
+        ],
+        "{:?}",
+        summary(&s.arm_log())
+    );
+    assert_eq!(
+        s.instances.get(&2).map(|i| i.power.as_str()),
+        Some("running")
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn arm_requests_are_counted_by_operation_method_and_status_code() {
     let fake = FakeArm::start(1, |s| {
         s.polls_per_op = 2;
