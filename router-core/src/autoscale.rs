@@ -117,6 +117,8 @@ pub struct Autoscaler {
     config: AutoscaleConfig,
     last_scale_out: Option<Instant>,
     pool_idle_since: Option<Instant>,
+    /// Idle since before this policy's first decision with no VM alive: at zero already.
+    asleep: bool,
     drained_by_us: BTreeSet<String>,
 }
 
@@ -127,6 +129,7 @@ impl Autoscaler {
             config,
             last_scale_out: None,
             pool_idle_since: None,
+            asleep: false,
             drained_by_us: BTreeSet::new(),
         }
     }
@@ -177,13 +180,20 @@ impl Autoscaler {
         let pending_nodes = obs.batch_pending_nodes;
         if demand > 0 || pending_nodes > 0 {
             self.pool_idle_since = None;
+            self.asleep = false;
         } else if self.pool_idle_since.is_none() {
             self.pool_idle_since = Some(now);
+            // A pool found with no VM alive and nobody on it (a gateway starting, or a new
+            // leader, over a pool scaled to zero) is asleep already: no spare VM for nobody.
+            self.asleep = !obs.vms.iter().any(|v| is_alive(v.lifecycle));
         }
-        let pool_idle_for = self
-            .pool_idle_since
-            .map(|since| now.saturating_duration_since(since))
-            .unwrap_or_default();
+        let pool_idle_for = if self.asleep {
+            Duration::MAX
+        } else {
+            self.pool_idle_since
+                .map(|since| now.saturating_duration_since(since))
+                .unwrap_or_default()
+        };
 
         let floor = obs.min_warm.min(c.max_vms);
         let mut desired = self.aim(demand).max(floor);
@@ -813,6 +823,45 @@ mod tests {
             !d.actions.iter().any(|(x, _)| matches!(x, Action::Start(_))),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn a_pool_found_at_zero_with_nobody_on_it_stays_at_zero() {
+        // A gateway (or a new leader) starting over a pool scaled to zero starts no spare VM.
+        let t0 = Instant::now();
+        let mut a = Autoscaler::new(config());
+        let mut stopped = vm("a", 0, None);
+        stopped.lifecycle = Lifecycle::Stopped;
+        let d = a.decide(&Observation {
+            vms: std::slice::from_ref(&stopped),
+            waiting: 0,
+            now: t0,
+            min_warm: 0,
+            batch_pending_nodes: 0,
+            batch_running_nodes: 0,
+        });
+        assert_eq!((d.desired, d.actions.len()), (0, 0), "{d:?}");
+        // A pool found with a VM running keeps it as the spare for scale_to_zero_after.
+        let mut b = Autoscaler::new(config());
+        let d = b.decide(&Observation {
+            vms: &[vm("a", 0, Some(t0))],
+            waiting: 0,
+            now: t0,
+            min_warm: 0,
+            batch_pending_nodes: 0,
+            batch_running_nodes: 0,
+        });
+        assert_eq!((d.desired, d.actions.len()), (1, 0), "{d:?}");
+        // Someone arrives at the sleeping pool: woken as before.
+        let d = a.decide(&Observation {
+            vms: std::slice::from_ref(&stopped),
+            waiting: 1,
+            now: t0 + Duration::from_secs(5),
+            min_warm: 0,
+            batch_pending_nodes: 0,
+            batch_running_nodes: 0,
+        });
+        assert!(matches!(d.actions[0].0, Action::Start(_)), "{d:?}");
     }
 
     #[test]

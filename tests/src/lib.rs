@@ -78,7 +78,7 @@ pub use process::{
     try_run_with_timeout, wait_for_exit, wait_until,
 };
 pub use procfs::{fd_count, pids_with_cmdline_prefix, rss_kib, unread_bytes_on_port};
-pub use provider::{ExecScripts, KillPidFile, write_script};
+pub use provider::{ExecScripts, KillPidFile, write_list_script, write_script};
 pub use redis::{RedisServer, Tls as RedisTls};
 pub use session::{Background, Multiplexed, SshSession, landed};
 pub use shell::{sh_quote, shell_line};

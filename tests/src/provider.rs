@@ -70,6 +70,30 @@ impl ExecScripts {
     }
 }
 
+/// Writes the exec provider's `list.sh` for several VMs on 127.0.0.1, each `(name, ssh port,
+/// pid file)`: `running` while the process in its pid file is alive, else `stopped`. Returns its
+/// path.
+pub fn write_list_script(dir: &Path, vms: &[(&str, u16, PathBuf)]) -> String {
+    let entries: Vec<String> = vms
+        .iter()
+        .map(|(name, port, pid)| {
+            format!(
+                "if [ -f {pid} ] && alive \"$(cat {pid})\"; then s=running; else s=stopped; fi\n\
+                 printf '{{\"name\":\"%s\",\"host\":\"127.0.0.1\",\"ssh_port\":{port},\"state\":\"%s\"}}' {name} \"$s\"",
+                pid = pid.display(),
+            )
+        })
+        .collect();
+    write_script(
+        dir,
+        "list.sh",
+        &format!(
+            "{ALIVE_FN}\nprintf '{{\"vms\":['\n{}\nprintf ']}}\\n'",
+            entries.join("\nprintf ','\n")
+        ),
+    )
+}
+
 /// Writes an executable `sh` script `dir/name` (`set -eu`, then `body`); returns its path.
 pub fn write_script(dir: &Path, name: &str, body: &str) -> String {
     let path = dir.join(name);

@@ -146,27 +146,11 @@ fn a_start_that_takes_long_does_not_hold_up_the_next_decision() {
     let _cleanup: Vec<KillPidFile> = vms.iter().map(|vm| KillPidFile(vm.pid_file())).collect();
     let release = dir.path().join("release-vm-a");
     let started_a = dir.path().join("vm-a-start-began");
-    let alive = "alive() { [ -r /proc/$1/status ] && ! grep -q '^State:.*Z' /proc/$1/status; }";
-    let entries: Vec<String> = vms
+    let listed: Vec<(&str, u16, std::path::PathBuf)> = vms
         .iter()
-        .map(|vm| {
-            format!(
-                "if [ -f {pid} ] && alive \"$(cat {pid})\"; then s=running; else s=stopped; fi\n\
-                 printf '{{\"name\":\"%s\",\"host\":\"127.0.0.1\",\"ssh_port\":{port},\"state\":\"%s\"}}' {name} \"$s\"",
-                pid = vm.pid_file().display(),
-                port = vm.port(),
-                name = vm.name(),
-            )
-        })
+        .map(|vm| (vm.name(), vm.port(), vm.pid_file()))
         .collect();
-    let list = write_script(
-        dir.path(),
-        "list.sh",
-        &format!(
-            "{alive}\nprintf '{{\"vms\":['\n{}\nprintf ','\n{}\nprintf ']}}\\n'",
-            entries[0], entries[1]
-        ),
-    );
+    let list = write_list_script(dir.path(), &listed);
     let sshd = tool("sshd").display().to_string();
     // vm-a's start waits for the test's go (bounded: 60 s); vm-b's is immediate.
     let start = write_script(

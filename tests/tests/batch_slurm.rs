@@ -46,27 +46,11 @@ fn start(names: &[&str], users: usize) -> BatchPool {
     }
     let mut cleanup: Vec<KillPidFile> = vms.iter().map(|vm| KillPidFile(vm.pid_file())).collect();
     cleanup.extend(names.iter().map(|n| KillPidFile(slurm.slurmd_pid_file(n))));
-    let alive = "alive() { [ -r /proc/$1/status ] && ! grep -q '^State:.*Z' /proc/$1/status; }";
-    let entries: Vec<String> = vms
+    let listed: Vec<(&str, u16, std::path::PathBuf)> = vms
         .iter()
-        .map(|vm| {
-            format!(
-                "if [ -f {pid} ] && alive \"$(cat {pid})\"; then s=running; else s=stopped; fi\n\
-                 printf '{{\"name\":\"%s\",\"host\":\"127.0.0.1\",\"ssh_port\":{port},\"state\":\"%s\"}}' {name} \"$s\"",
-                pid = vm.pid_file().display(),
-                port = vm.port(),
-                name = vm.name(),
-            )
-        })
+        .map(|vm| (vm.name(), vm.port(), vm.pid_file()))
         .collect();
-    let list = write_script(
-        dir.path(),
-        "list.sh",
-        &format!(
-            "{alive}\nprintf '{{\"vms\":['\n{}\nprintf ']}}\\n'",
-            entries.join("\nprintf ','\n")
-        ),
-    );
+    let list = write_list_script(dir.path(), &listed);
     let sshd = tool("sshd").display().to_string();
     let starts: String = vms
         .iter()

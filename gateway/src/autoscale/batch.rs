@@ -7,11 +7,9 @@
 //! and resume nodes. Nothing of Slurm's is stored here; every tick reads it again.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 
 use futures::future::BoxFuture;
 use poolgate_config::Batch;
-use tokio::process::Command;
 
 /// Drain reason of a node poolgate drained for scale-in.
 pub const SCALE_IN_REASON: &str = "poolgate-scale-in";
@@ -91,39 +89,8 @@ impl Slurm {
     }
 
     async fn run(&self, argv: &[String], args: &[&str]) -> Result<String, String> {
-        let Some((program, prefix)) = argv.split_first() else {
-            return Err("no command configured".to_owned());
-        };
-        let mut command = Command::new(program);
-        command
-            .args(prefix)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let child = command
-            .spawn()
-            .map_err(|e| format!("cannot run {program}: {e}"))?;
-        let output = tokio::time::timeout(self.config.timeout, child.wait_with_output())
-            .await
-            .map_err(|_| {
-                format!(
-                    "{program} did not finish within {} (batch.timeout); killed",
-                    humantime::format_duration(self.config.timeout)
-                )
-            })?
-            .map_err(|e| format!("{program}: {e}"))?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let last = stderr.lines().last().unwrap_or("").trim().to_owned();
-            return Err(format!(
-                "{program} {} exited with {}: {last}",
-                args.join(" "),
-                output.status
-            ));
-        }
-        String::from_utf8(output.stdout).map_err(|_| format!("{program}: output is not UTF-8"))
+        let extra: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        super::command::run(argv, &extra, self.config.timeout, "batch.timeout").await
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod busy;
+mod command;
 pub mod providers;
 pub mod schedule;
 mod status;

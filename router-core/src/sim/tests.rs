@@ -60,8 +60,8 @@ fn always_on_bills_max_vms_for_the_whole_trace_and_never_waits() {
 
 #[test]
 fn first_session_on_an_empty_pool_waits_one_boot() {
-    // The policy keeps a spare VM for scale_to_zero_after (30 min) from its first tick, so the
-    // pool is empty again from 1810 s on: ann at 4000 s wakes it.
+    // The pool starts at zero with nobody on it: asleep, no spare VM started for nobody; ann at
+    // 4000 s wakes it.
     let trace = [session("ann", 4000, 7600)];
     let r = run(Strategy::Policy, &trace, &params(90));
     assert_eq!(r.wait_p50_s, 90.0);
@@ -70,8 +70,8 @@ fn first_session_on_an_empty_pool_waits_one_boot() {
     assert_eq!(r.unserved_sessions, 0);
     // aim ceil(1/4) + 1 spare = 2 VMs, started at 4000 when ann waits.
     assert_eq!(r.peak_vms, 2);
-    // The spare VM for 1810 s, then two VMs from 4000 until her session ends at 7690.
-    let expected = (1810.0 + 2.0 * 3690.0) / 3600.0;
+    // Two VMs from 4000 until her session ends at 7690; nothing before.
+    let expected = (2.0 * 3690.0) / 3600.0;
     assert!(
         (r.vm_hours - expected).abs() < 1e-9,
         "{r:?}, expected {expected}"

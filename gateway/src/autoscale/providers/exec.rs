@@ -9,13 +9,11 @@
 //! * Exit status 0 means done; anything else is an error whose stderr is logged. A command
 //!   running longer than `timeout` is killed. Commands run without a shell.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use router_core::{Lifecycle, VmSpec};
 use serde::Deserialize;
-use tokio::process::Command;
 
 use super::{Capabilities, Provider, ProviderError, ProviderVm};
 
@@ -84,52 +82,15 @@ impl ExecProvider {
         argv: &[String],
         extra: &[String],
     ) -> Result<String, ProviderError> {
-        let Some((program, args)) = argv.split_first() else {
+        if argv.is_empty() {
             return Err(Self::error(
                 operation,
                 format!("pool.exec.{operation} is not set"),
             ));
-        };
-        let mut command = Command::new(program);
-        command
-            .args(args)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let child = command
-            .spawn()
-            .map_err(|e| Self::error(operation, format!("cannot run {program}: {e}")))?;
-        let output = tokio::time::timeout(self.settings.timeout, child.wait_with_output())
-            .await
-            .map_err(|_| {
-                Self::error(
-                    operation,
-                    format!(
-                        "{program} did not finish within {} (pool.exec.timeout); killed",
-                        humantime::format_duration(self.settings.timeout)
-                    ),
-                )
-            })?
-            .map_err(|e| Self::error(operation, format!("{program}: {e}")))?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let tail: String = stderr
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join(" | ");
-            return Err(Self::error(
-                operation,
-                format!("{program} exited with {}: {tail}", output.status),
-            ));
         }
-        String::from_utf8(output.stdout).map_err(|_| Self::error(operation, "output is not UTF-8"))
+        crate::autoscale::command::run(argv, extra, self.settings.timeout, "pool.exec.timeout")
+            .await
+            .map_err(|e| Self::error(operation, e))
     }
 
     /// Parses the `list` command's output.
