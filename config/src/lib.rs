@@ -35,8 +35,9 @@ pub use enums::{
 pub use error::{ConfigError, ValidationError};
 pub use keys::known_keys;
 pub use model::{
-    Admin, Autoscale, Azure, Backend, Cluster, Config, DEFAULT_BUSY_SCRIPT, Exec, GatewaySection,
-    Health, Http, Listen, Pool, Routing, ScheduleWindow, Ssh, TimeOfDay, Tls, default_busy_command,
+    AccessLog, Admin, Autoscale, Azure, Backend, Cluster, Config, DEFAULT_BUSY_SCRIPT, Exec,
+    GatewaySection, Health, Http, Listen, Pool, Routing, ScheduleWindow, Ssh, TimeOfDay, Tls,
+    default_busy_command,
 };
 pub use simulation::{SimulationConfig, load_simulation, parse_simulation};
 

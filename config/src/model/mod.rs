@@ -14,7 +14,7 @@ pub use autoscale::{
     Autoscale, DEFAULT_BUSY_SCRIPT, ScheduleWindow, TimeOfDay, default_busy_command,
 };
 pub use cluster::Cluster;
-pub use frontend::{Admin, GatewaySection, Health, Http, Listen, Routing, Ssh, Tls};
+pub use frontend::{AccessLog, Admin, GatewaySection, Health, Http, Listen, Routing, Ssh, Tls};
 pub use pool::{Azure, Backend, Exec, Pool};
 
 /// The whole poolgate configuration, one field per TOML section.
@@ -82,6 +82,9 @@ impl Config {
             self.ssh.authorized_keys = joined.to_owned();
         }
         resolve(&mut self.http.cookie_secret_file);
+        if let AccessLog::File(p) = &mut self.http.access_log {
+            resolve(p);
+        }
         if let Some(c) = self.cluster.as_mut() {
             if let Some(p) = c.redis_password_file.as_mut() {
                 resolve(p);
