@@ -203,8 +203,12 @@ impl HttpService {
         let dropped = parts.metrics.access_log_dropped_total.clone();
         let access_log = match &settings.access_log {
             AccessLogTo::Off => None,
-            AccessLogTo::Stderr => access_log::AccessLog::stderr(dropped)
-                .map_err(|e| anyhow::anyhow!("http.access_log: cannot write to stderr: {e}"))?,
+            // Standard error closed or unusable: no access log there, as before (the log's own
+            // lines are lost the same way); not a reason to refuse to start.
+            AccessLogTo::Stderr => access_log::AccessLog::stderr(dropped).unwrap_or_else(|e| {
+                tracing::warn!("http.access_log: cannot write to stderr ({e}); no access log");
+                None
+            }),
             AccessLogTo::File(path) => {
                 Some(access_log::AccessLog::file(path, dropped).map_err(|e| {
                     anyhow::anyhow!(
