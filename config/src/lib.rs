@@ -36,7 +36,7 @@ pub use enums::{
 pub use error::{ConfigError, ValidationError};
 pub use keys::known_keys;
 pub use model::{
-    Admin, Autoscale, Azure, Backend, Batch, Cluster, Config, DEFAULT_BUSY_SCRIPT, Exec,
+    AccessLog, Admin, Autoscale, Azure, Backend, Batch, Cluster, Config, DEFAULT_BUSY_SCRIPT, Exec,
     GatewaySection, Health, Http, LETS_ENCRYPT_DIRECTORY, Listen, Pool, Routing, ScheduleWindow,
     Ssh, TimeOfDay, Tls, default_busy_command,
 };

@@ -193,6 +193,45 @@ host = "10.0.0.4"
 }
 
 #[test]
+fn access_log_is_stderr_off_or_a_file_relative_to_the_config() {
+    use crate::AccessLog;
+    let backend = "[[pool.backends]]\nname = \"a\"\nhost = \"10.0.0.4\"\n";
+    let c = parse(backend, Path::new("/etc/poolgate")).unwrap();
+    assert_eq!(c.http.access_log, AccessLog::Stderr, "the default");
+    for (value, expected) in [
+        ("stderr", AccessLog::Stderr),
+        ("off", AccessLog::Off),
+        (
+            "logs/access.log",
+            AccessLog::File("/etc/poolgate/logs/access.log".into()),
+        ),
+        (
+            "/var/log/poolgate/access.log",
+            AccessLog::File("/var/log/poolgate/access.log".into()),
+        ),
+    ] {
+        let text = format!("[http]\naccess_log = \"{value}\"\n{backend}");
+        let c = parse(&text, Path::new("/etc/poolgate")).unwrap();
+        assert_eq!(c.http.access_log, expected, "{value}");
+        // It writes back as it was read (absolute once resolved).
+        let again = parse(&toml::to_string(&c).unwrap(), Path::new("/")).unwrap();
+        assert_eq!(again.http.access_log, expected, "{value} round trip");
+    }
+    for (text, error) in [
+        ("access_log = \"\"", "must not be empty"),
+        ("access_log = 1", "\"stderr\", \"off\" or a file path"),
+        ("access_log = \"~/access.log\"", "does not expand"),
+    ] {
+        let errs = invalid(parse(&format!("[http]\n{text}\n{backend}"), Path::new("/")));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("http.access_log: ") && e.contains(error)),
+            "{text}: {errs:#?}"
+        );
+    }
+}
+
+#[test]
 fn load_with_a_relative_path_gives_absolute_paths() {
     let c = load(Path::new("examples/static.toml")).unwrap();
     assert!(c.http.cookie_secret_file.is_absolute());

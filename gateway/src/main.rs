@@ -58,6 +58,8 @@ fn init_tracing(format: LogFormat, filter: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // The access log writes its own lines (`http.access_log`), in the same format.
+    gateway::http::access_log::use_json(matches!(format, LogFormat::Json));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

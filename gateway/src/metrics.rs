@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use router_core::{Pool, Protocol, VmState};
 
@@ -35,6 +35,9 @@ pub struct Metrics {
     pub auth_failures_total: IntCounterVec,
     /// `poolgate_http_requests_total{vm,code}`.
     pub http_requests_total: IntCounterVec,
+    /// `poolgate_access_log_dropped_total`: access-log lines dropped because the destination
+    /// could not keep up (or failed).
+    pub access_log_dropped_total: IntCounter,
     /// `poolgate_autoscale_desired_vms`.
     pub autoscale_desired_vms: IntGauge,
     /// `poolgate_autoscale_max_vms`: the configured `autoscale.max_vms` (for "pool at max" alerts).
@@ -197,6 +200,10 @@ impl Metrics {
                     "HTTP requests proxied, by VM and status code."
                 ),
                 &["vm", "code"]
+            )),
+            access_log_dropped_total: reg!(IntCounter::new(
+                "access_log_dropped_total",
+                "HTTP access-log lines dropped because the destination could not keep up or failed to write."
             )),
             autoscale_desired_vms: reg!(IntGauge::new(
                 "autoscale_desired_vms",
@@ -437,6 +444,7 @@ impl Metrics {
             self.connect_seconds.desc(),
             self.auth_failures_total.desc(),
             self.http_requests_total.desc(),
+            self.access_log_dropped_total.desc(),
             self.autoscale_desired_vms.desc(),
             self.autoscale_max_vms.desc(),
             self.autoscale_schedule_min_vms.desc(),
@@ -593,6 +601,7 @@ mod tests {
             "poolgate_connect_seconds",
             "poolgate_auth_failures_total",
             "poolgate_http_requests_total",
+            "poolgate_access_log_dropped_total",
             "poolgate_autoscale_desired_vms",
             "poolgate_autoscale_actions_total",
             "poolgate_pool_vms",

@@ -243,6 +243,55 @@ pub struct Http {
     /// Client connections (HTTP and HTTPS, websockets included) served at once; more wait in
     /// the listen backlog until one closes.
     pub max_connections: usize,
+    /// Where the line per proxied request goes: standard error (with the log), nowhere, or a
+    /// file.
+    pub access_log: AccessLog,
+}
+
+/// `http.access_log`: `"stderr"`, `"off"` or a file path.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessLog {
+    /// On standard error next to the log, in its format; the log filter applies (target
+    /// `poolgate::http::access`, level info).
+    #[default]
+    Stderr,
+    /// No access log.
+    Off,
+    /// Appended to this file, whatever the log filter.
+    File(PathBuf),
+}
+
+impl Serialize for AccessLog {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AccessLog::Stderr => s.serialize_str("stderr"),
+            AccessLog::Off => s.serialize_str("off"),
+            AccessLog::File(path) => path.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AccessLog {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = AccessLog;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"stderr\", \"off\" or a file path")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AccessLog, E> {
+                match v {
+                    "stderr" => Ok(AccessLog::Stderr),
+                    "off" => Ok(AccessLog::Off),
+                    "" => Err(E::custom(
+                        "must not be empty (write \"stderr\", \"off\" or a file path)",
+                    )),
+                    path => Ok(AccessLog::File(PathBuf::from(path))),
+                }
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 impl Default for Http {
@@ -259,6 +308,7 @@ impl Default for Http {
             max_header_bytes: 65536,
             max_uri_bytes: 8192,
             max_connections: 16384,
+            access_log: AccessLog::Stderr,
         }
     }
 }

@@ -17,7 +17,8 @@ pub use autoscale::{
 pub use batch::Batch;
 pub use cluster::Cluster;
 pub use frontend::{
-    Admin, GatewaySection, Health, Http, LETS_ENCRYPT_DIRECTORY, Listen, Routing, Ssh, Tls,
+    AccessLog, Admin, GatewaySection, Health, Http, LETS_ENCRYPT_DIRECTORY, Listen, Routing, Ssh,
+    Tls,
 };
 pub use pool::{Azure, Backend, Exec, Pool};
 
@@ -93,6 +94,9 @@ impl Config {
             self.ssh.authorized_keys = joined.to_owned();
         }
         resolve(&mut self.http.cookie_secret_file);
+        if let AccessLog::File(p) = &mut self.http.access_log {
+            resolve(p);
+        }
         if let Some(c) = self.cluster.as_mut() {
             if let Some(p) = c.redis_password_file.as_mut() {
                 resolve(p);

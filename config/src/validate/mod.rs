@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::enums::{Affinity, BackendScheme};
 use crate::error::ValidationError;
-use crate::model::{Config, starts_with_tilde};
+use crate::model::{AccessLog, Config, starts_with_tilde};
 use crate::serde_util::format_duration;
 
 impl Config {
@@ -240,6 +240,9 @@ fn http(c: &Config, r: &mut Report) {
         );
     }
     r.path("http.cookie_secret_file", &h.cookie_secret_file);
+    if let AccessLog::File(p) = &h.access_log {
+        r.path("http.access_log", p);
+    }
     r.positive("http.session_idle", h.session_idle);
     r.positive("http.tentative_for", h.tentative_for);
     r.positive("http.connect_timeout", h.connect_timeout);

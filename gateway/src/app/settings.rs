@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use poolgate_config::{Affinity, BackendScheme, Config, PasswordAuth, Provider as ProviderKind};
+use poolgate_config::{
+    AccessLog, Affinity, BackendScheme, Config, PasswordAuth, Provider as ProviderKind,
+};
 use router_core::autoscale::AutoscaleConfig;
 use router_core::{HealthPolicy, RoutingPolicy, VmSpec};
 
@@ -12,7 +14,7 @@ use crate::autoscale::DriverSettings;
 use crate::autoscale::providers::exec::ExecSettings;
 use crate::health::HealthSettings;
 use crate::http::acme::AcmeSettings;
-use crate::http::{FrontendSettings, HttpSettings, TlsFiles, TlsSource};
+use crate::http::{AccessLogTo, FrontendSettings, HttpSettings, TlsFiles, TlsSource};
 use crate::ssh::SshSettings;
 
 /// `[routing]` and `[http]` as router-core's policy.
@@ -172,6 +174,11 @@ pub fn http_settings(config: &Config) -> anyhow::Result<HttpSettings> {
         tentative_for: http.tentative_for,
         max_connections: http.max_connections,
         shutdown_grace: config.gateway.shutdown_grace,
+        access_log: match &http.access_log {
+            AccessLog::Stderr => AccessLogTo::Stderr,
+            AccessLog::Off => AccessLogTo::Off,
+            AccessLog::File(path) => AccessLogTo::File(path.clone()),
+        },
     })
 }
 

@@ -10,6 +10,7 @@
 //!   CA, HTTP-01 answered on the plain listener), `errors.rs` (error pages),
 //!   `upgrade.rs` (websocket relay).
 
+pub mod access_log;
 pub mod acme;
 mod body;
 mod conn;
@@ -98,6 +99,19 @@ pub struct HttpSettings {
     pub max_connections: usize,
     /// How long open connections may finish at shutdown (`gateway.shutdown_grace`).
     pub shutdown_grace: Duration,
+    /// Where the line per request goes (`http.access_log`).
+    pub access_log: AccessLogTo,
+}
+
+/// Destination of the access log (`http.access_log`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTo {
+    /// Standard error, while the log filter lets the access log's target through.
+    Stderr,
+    /// No access log.
+    Off,
+    /// Appended to this file.
+    File(PathBuf),
 }
 
 /// The files of the HTTPS listener's certificate (`[tls]`).
@@ -229,6 +243,25 @@ impl HttpService {
         if generated {
             tracing::info!(path = %secret.display(), "generated a new cookie secret");
         }
+        let dropped = parts.metrics.access_log_dropped_total.clone();
+        let access_log = match &settings.access_log {
+            AccessLogTo::Off => None,
+            // Standard error closed or unusable: no access log there, as before (the log's own
+            // lines are lost the same way); not a reason to refuse to start.
+            AccessLogTo::Stderr => access_log::AccessLog::stderr(dropped).unwrap_or_else(|e| {
+                tracing::warn!("http.access_log: cannot write to stderr ({e}); no access log");
+                None
+            }),
+            AccessLogTo::File(path) => {
+                Some(access_log::AccessLog::file(path, dropped).map_err(|e| {
+                    anyhow::anyhow!(
+                        "http.access_log: cannot open {} for appending: {e} (fix the path, let \
+                         the user poolgate runs as write there, or set access_log = \"off\")",
+                        path.display()
+                    )
+                })?)
+            }
+        };
         let frontend = Frontend::new(
             settings.frontend.clone(),
             parts.pool.clone(),
@@ -236,7 +269,8 @@ impl HttpService {
             parts.on_vm_failure.clone(),
             signer,
         )
-        .with_wake(parts.wake.clone());
+        .with_wake(parts.wake.clone())
+        .with_access_log(access_log);
         Ok(Self {
             pool: parts.pool,
             frontend,

@@ -20,6 +20,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use router_core::{NoVm, PickRequest, Pool, Protocol, Vm};
 
+use super::access_log::{AccessLog, Record};
 use super::body::{Handoff, Observed};
 use super::cookie::{CookieSigner, Pin, find_cookie, set_cookie_header};
 use super::errors::{GatewayError, wants_json};
@@ -90,6 +91,8 @@ struct Inner {
     upstreams: Arc<Upstreams>,
     /// Autoscaler woken when no VM can take a request.
     wake: Option<Waker>,
+    /// Where the line per request goes (`http.access_log`); `None` when off.
+    access_log: Option<AccessLog>,
 }
 
 fn unix_now() -> u64 {
@@ -188,6 +191,7 @@ impl Frontend {
                 signer,
                 upstreams,
                 wake: None,
+                access_log: None,
             }),
         }
     }
@@ -197,6 +201,15 @@ impl Frontend {
     pub fn with_wake(mut self, waker: Option<Waker>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.wake = waker;
+        }
+        self
+    }
+
+    /// Writes a line per request to `log` (`http.access_log`). Call before the frontend is
+    /// cloned.
+    pub fn with_access_log(mut self, log: Option<AccessLog>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.access_log = log;
         }
         self
     }
@@ -229,15 +242,13 @@ impl Frontend {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        // What the access log needs, kept only when it is written (`--log warn` skips it).
-        let access = tracing::enabled!(target: "poolgate::http::access", tracing::Level::INFO)
-            .then(|| {
-                (
-                    req.method().clone(),
-                    req.uri().path().to_owned(),
-                    req.version(),
-                )
-            });
+        // What the access log needs, kept only when it is written. The URI is shared, not
+        // copied.
+        let access = self
+            .inner
+            .access_log
+            .is_some()
+            .then(|| (req.method().clone(), req.uri().clone(), req.version()));
         let (resp, vm) = self.proxy(req, conn).await;
         let status = resp.status();
         let vm_label = vm.as_deref().unwrap_or("none");
@@ -246,18 +257,16 @@ impl Frontend {
             .http_requests_total
             .with_label_values(&[vm_label, status.as_str()])
             .inc();
-        if let Some((method, path, version)) = access {
-            tracing::info!(
-                target: "poolgate::http::access",
-                %method,
-                path = %path,
-                status = status.as_u16(),
-                vm = vm_label,
-                ms = started.elapsed().as_secs_f64() * 1000.0,
-                client = %conn.client,
-                proto = ?version,
-                "request"
-            );
+        if let (Some(log), Some((method, uri, version))) = (&self.inner.access_log, access) {
+            log.log(&Record {
+                method: &method,
+                path: uri.path(),
+                status: status.as_u16(),
+                vm: vm_label,
+                elapsed: started.elapsed(),
+                client: conn.client,
+                version,
+            });
         }
         resp
     }
