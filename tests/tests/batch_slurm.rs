@@ -159,6 +159,32 @@ impl BatchPool {
         )
     }
 
+    /// `pool submit ARGS` as user `i`; asserts it succeeded and returns the job id.
+    fn submit(&self, i: usize, args: &str) -> String {
+        let out = self.ssh(i, &format!("pool submit {args}"));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}\n{}",
+            text(&out.stderr),
+            self.context()
+        );
+        text(&out.stdout)
+    }
+
+    /// Waits (30 s at most) until Slurm runs job `id`.
+    fn wait_running(&self, id: &str) {
+        assert!(
+            poll(Duration::from_secs(30), || self
+                .slurm
+                .job(id)
+                .contains("JobState=RUNNING")),
+            "job never ran: {}\n{}",
+            self.slurm.job(id),
+            self.context()
+        );
+    }
+
     fn release(&self) {
         std::fs::write(self.shared.path().join("release"), "").expect("release jobs");
     }
@@ -259,24 +285,8 @@ fn a_vm_running_a_job_is_kept_through_scale_in_windows_then_drained_in_slurm_and
     require_root!();
     let b = start(&["vm-a"], 1);
     let job = b.job_script(1, "long.sh", &b.wait_body());
-    let out = b.ssh(1, &format!("pool submit {job}"));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        text(&out.stderr),
-        b.context()
-    );
-    let id = text(&out.stdout);
-    assert!(
-        poll(Duration::from_secs(30), || b
-            .slurm
-            .job(&id)
-            .contains("JobState=RUNNING")),
-        "job never ran: {}\n{}",
-        b.slurm.job(&id),
-        b.context()
-    );
+    let id = b.submit(1, &job);
+    b.wait_running(&id);
     // Nobody is logged in now; scale-in would drain after 2 s and stop after 3 s. The job keeps
     // the VM, and its node stays in service, through several such windows.
     let mut seen = Vec::new();
@@ -360,15 +370,7 @@ fn pool_cancel_cancels_nobody_touches_another_users_job_and_an_operators_drain_r
     require_root!();
     let b = start(&["vm-a"], 2);
     let job = b.job_script(1, "long.sh", &b.wait_body());
-    let out = b.ssh(1, &format!("pool submit {job} --name ones-job --time 10m"));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        text(&out.stderr),
-        b.context()
-    );
-    let id = text(&out.stdout);
+    let id = b.submit(1, &format!("{job} --name ones-job --time 10m"));
     assert!(
         b.slurm.job(&id).contains("JobName=ones-job"),
         "{}",
@@ -380,15 +382,7 @@ fn pool_cancel_cancels_nobody_touches_another_users_job_and_an_operators_drain_r
         b.slurm.job(&id)
     );
 
-    assert!(
-        poll(Duration::from_secs(30), || b
-            .slurm
-            .job(&id)
-            .contains("JobState=RUNNING")),
-        "job never ran: {}\n{}",
-        b.slurm.job(&id),
-        b.context()
-    );
+    b.wait_running(&id);
     // An operator's drain through poolgate drains the node in Slurm too (the running job goes
     // on), and the undrain resumes it.
     b.pool.api_post("vm-a", "drain");

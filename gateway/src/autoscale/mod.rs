@@ -567,7 +567,17 @@ impl Driver {
                 view.last_decision = last;
             }
         }
+        if let Ok(f) = self.in_flight.lock() {
+            self.publish_in_flight(&f);
+        }
         running
+    }
+
+    /// `poolgate_autoscale_actions_in_flight` after actions were started or finished.
+    fn publish_in_flight(&self, f: &InFlight) {
+        self.metrics
+            .autoscale_actions_in_flight
+            .set(i64::try_from(f.len()).unwrap_or(i64::MAX));
     }
 
     /// Logs and counts an applied action.
@@ -811,9 +821,7 @@ impl Driver {
                 }
                 Prepared::Done(_) => {}
             }
-            self.metrics
-                .autoscale_actions_in_flight
-                .set(i64::try_from(f.len()).unwrap_or(i64::MAX));
+            self.publish_in_flight(&f);
         }
     }
 
@@ -875,13 +883,7 @@ impl Driver {
             }
             if self.settings.enabled && self.leads() {
                 // Provider actions run on their own tasks; the next decision does not wait.
-                let running = self.decide_and_dispatch().await;
-                if let Ok(f) = self.in_flight.lock() {
-                    self.metrics
-                        .autoscale_actions_in_flight
-                        .set(i64::try_from(f.len()).unwrap_or(i64::MAX));
-                }
-                drop(running);
+                drop(self.decide_and_dispatch().await);
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.tick.min(self.settings.poll_interval)) => {}
