@@ -144,6 +144,36 @@ string_enum! {
         ClientSecret = "client-secret",
         /// The logged-in Azure CLI (`az login`), for development.
         AzureCli = "azure-cli",
+        /// Workload identity federation: a token file another platform writes (Kubernetes'
+        /// service account token, `federated_token_file`), exchanged for an Entra token.
+        WorkloadIdentity = "workload-identity",
+        /// A service principal with a certificate: `tenant_id`, `client_id` and
+        /// `client_certificate_file` (PEM: private key and certificate).
+        ClientCertificate = "client-certificate",
+    }
+}
+
+string_enum! {
+    /// `pool.azure.cloud`: which Azure cloud the scale set lives in.
+    pub enum AzureCloud ("Azure cloud") {
+        /// Azure (global): `login.microsoftonline.com`, `management.azure.com`.
+        #[default]
+        Public = "public",
+        /// Azure Government: `login.microsoftonline.us`, `management.usgovcloudapi.net`.
+        UsGovernment = "us-government",
+        /// Azure operated by 21Vianet: `login.chinacloudapi.cn`, `management.chinacloudapi.cn`.
+        China = "china",
+    }
+}
+
+impl AzureCloud {
+    /// The cloud's Resource Manager endpoint.
+    pub fn resource_manager(self) -> &'static str {
+        match self {
+            Self::Public => "https://management.azure.com",
+            Self::UsGovernment => "https://management.usgovcloudapi.net",
+            Self::China => "https://management.chinacloudapi.cn",
+        }
     }
 }
 

@@ -21,7 +21,8 @@ impl Config {
     /// again after changing paths). Returns every problem found.
     ///
     /// * must exist and be readable: `tls.cert`, `tls.key`, `admin.token_file`,
-    ///   `ssh.backend_host_ca`, `pool.azure.client_secret_file`, and `ssh.backend_known_hosts`
+    ///   `ssh.backend_host_ca`, `pool.azure.client_secret_file`, `pool.azure.client_certificate_file`
+    ///   (PEM key and certificate), and `ssh.backend_known_hosts`
     ///   unless `ssh.backend_host_ca` is set;
     /// * may be missing (generated on first start), readable when present: `ssh.host_keys`,
     ///   `ssh.user_ca_key`, `http.cookie_secret_file` (at least 16 bytes when present) — except
@@ -29,7 +30,8 @@ impl Config {
     ///   they must exist (`poolgate keys init DIR` writes them); `cluster.redis_password_file`
     ///   must exist when set;
     /// * secrets (`tls.key`, `admin.token_file`, host keys, `ssh.user_ca_key`,
-    ///   `http.cookie_secret_file`, `pool.azure.client_secret_file`) must not be accessible by
+    ///   `http.cookie_secret_file`, `pool.azure.client_secret_file`,
+    ///   `pool.azure.client_certificate_file`) must not be accessible by
     ///   group or others (Unix);
     /// * `pool.exec` programs written as paths must exist and be executable;
     /// * with ACME: `tls.acme_directory_ca` must exist and hold a PEM certificate; `tls.acme_cache`
@@ -96,19 +98,38 @@ impl Config {
                 ),
             );
         }
-        if let Some(secret) = self
-            .pool
-            .azure
-            .as_ref()
-            .and_then(|a| a.client_secret_file.as_ref())
-        {
-            check(
-                &mut r,
-                "pool.azure.client_secret_file",
-                secret,
-                Some("put the service principal's client secret in it".into()),
-                true,
-            );
+        if let Some(azure) = &self.pool.azure {
+            if let Some(secret) = &azure.client_secret_file {
+                check(
+                    &mut r,
+                    "pool.azure.client_secret_file",
+                    secret,
+                    Some("put the service principal's client secret in it".into()),
+                    true,
+                );
+            }
+            if let Some(certificate) = &azure.client_certificate_file
+                && check(
+                    &mut r,
+                    "pool.azure.client_certificate_file",
+                    certificate,
+                    Some("put the service principal's PEM private key and certificate in it (az ad sp create-for-rbac --create-cert writes such a file)".into()),
+                    true,
+                )
+            {
+                expect_pem(
+                    &mut r,
+                    "pool.azure.client_certificate_file",
+                    certificate,
+                    "CERTIFICATE-----",
+                );
+                expect_pem(
+                    &mut r,
+                    "pool.azure.client_certificate_file",
+                    certificate,
+                    "PRIVATE KEY-----",
+                );
+            }
         }
         if let Some(password) = self
             .cluster

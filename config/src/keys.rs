@@ -84,6 +84,10 @@ fn fully_populated() -> Config {
         tenant_id: Some("t".into()),
         client_id: Some("c".into()),
         client_secret_file: Some("keys/azure_secret".into()),
+        client_certificate_file: Some("keys/azure_sp.pem".into()),
+        federated_token_file: Some("/var/run/secrets/azure/tokens/azure-identity-token".into()),
+        authority_host: Some("https://login.example.cloud".into()),
+        arm_endpoint: Some("https://management.example.cloud".into()),
         identity_endpoint: Some("http://127.0.0.1:50342/metadata/identity/oauth2/token".into()),
         ..Azure::default()
     });

@@ -30,8 +30,8 @@ mod validate;
 use std::path::Path;
 
 pub use enums::{
-    Affinity, BackendScheme, BatchEngine, Credential, Orchestration, PasswordAuth, Provider,
-    StoreKind, Weekday,
+    Affinity, AzureCloud, BackendScheme, BatchEngine, Credential, Orchestration, PasswordAuth,
+    Provider, StoreKind, Weekday,
 };
 pub use error::{ConfigError, ValidationError};
 pub use keys::known_keys;

@@ -112,8 +112,12 @@ impl Config {
             }
             Provider::AzureVmss => match &p.azure {
                 Some(az) => format!(
-                    "azure-vmss, scale set {} in resource group {} (subscription {}, credential {})",
-                    az.scale_set, az.resource_group, az.subscription_id, az.credential
+                    "azure-vmss, scale set {} in resource group {} (subscription {}, credential {}, ARM {})",
+                    az.scale_set,
+                    az.resource_group,
+                    az.subscription_id,
+                    az.credential,
+                    az.resource_manager()
                 ),
                 None => "azure-vmss (no [pool.azure] section)".to_owned(),
             },

@@ -105,13 +105,17 @@ impl Config {
                 resolve(p);
             }
         }
-        if let Some(p) = self
-            .pool
-            .azure
-            .as_mut()
-            .and_then(|a| a.client_secret_file.as_mut())
-        {
-            resolve(p);
+        if let Some(a) = self.pool.azure.as_mut() {
+            for p in [
+                &mut a.client_secret_file,
+                &mut a.client_certificate_file,
+                &mut a.federated_token_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                resolve(p);
+            }
         }
         if let Some(exec) = &mut self.pool.exec {
             let commands = std::iter::once(&mut exec.list).chain(
@@ -241,7 +245,15 @@ mod tests {
         );
         let az = Azure::default();
         assert_eq!(az.credential, Credential::ManagedIdentity);
-        assert_eq!(az.arm_endpoint, "https://management.azure.com");
+        assert_eq!(az.resource_manager(), "https://management.azure.com");
+        let gov = Azure {
+            cloud: crate::AzureCloud::UsGovernment,
+            ..Azure::default()
+        };
+        assert_eq!(
+            gov.resource_manager(),
+            "https://management.usgovcloudapi.net"
+        );
         assert_eq!(az.api_version, "2024-07-01");
         assert_eq!(az.poll_interval, Duration::from_secs(15));
         assert_eq!(

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::enums::{Credential, Orchestration, Provider};
+use crate::enums::{AzureCloud, Credential, Orchestration, Provider};
 use crate::serde_util::{duration, port};
 
 /// `[pool]`: the provider and its settings.
@@ -68,8 +68,16 @@ pub struct Azure {
     pub resource_group: String,
     /// Scale set name.
     pub scale_set: String,
-    /// `managed-identity`, `client-secret` or `azure-cli`.
+    /// `managed-identity`, `client-secret`, `client-certificate`, `workload-identity` or
+    /// `azure-cli`.
     pub credential: Credential,
+    /// The Azure cloud: where tokens come from (Entra ID's authority) and, unless
+    /// `arm_endpoint` says otherwise, which Resource Manager endpoint is called.
+    pub cloud: AzureCloud,
+    /// Entra ID authority for a cloud poolgate does not know by name (Azure Stack Hub, an
+    /// air-gapped cloud), e.g. `https://login.example.cloud`; https only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority_host: Option<String>,
     /// Entra tenant (required for `client-secret`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
@@ -80,8 +88,18 @@ pub struct Azure {
     /// File holding the client secret (required for `client-secret`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_secret_file: Option<PathBuf>,
-    /// ARM base URL (sovereign clouds, tests).
-    pub arm_endpoint: String,
+    /// PEM file with the service principal's private key and its certificate (required for
+    /// `client-certificate`; what `az ad sp create-for-rbac --create-cert` writes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_certificate_file: Option<PathBuf>,
+    /// File another platform keeps a federated token in (`workload-identity`); unset: the
+    /// `AZURE_FEDERATED_TOKEN_FILE` environment variable, as Kubernetes' workload identity
+    /// webhook sets it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federated_token_file: Option<PathBuf>,
+    /// ARM base URL; unset: the cloud's Resource Manager endpoint (see [`Azure::resource_manager`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arm_endpoint: Option<String>,
     /// Managed-identity token endpoint to call instead of the VM's IMDS
     /// (`http://169.254.169.254/metadata/identity/oauth2/token`): proxies, tests.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -119,10 +137,14 @@ impl Default for Azure {
             resource_group: String::new(),
             scale_set: String::new(),
             credential: Credential::ManagedIdentity,
+            cloud: AzureCloud::Public,
+            authority_host: None,
             tenant_id: None,
             client_id: None,
             client_secret_file: None,
-            arm_endpoint: "https://management.azure.com".to_owned(),
+            client_certificate_file: None,
+            federated_token_file: None,
+            arm_endpoint: None,
             identity_endpoint: None,
             api_version: "2024-07-01".to_owned(),
             orchestration: Orchestration::Uniform,
@@ -134,6 +156,15 @@ impl Default for Azure {
             weight: 1,
             max_sessions: 10,
         }
+    }
+}
+
+impl Azure {
+    /// The Resource Manager endpoint poolgate calls: `arm_endpoint`, else the cloud's.
+    pub fn resource_manager(&self) -> &str {
+        self.arm_endpoint
+            .as_deref()
+            .unwrap_or_else(|| self.cloud.resource_manager())
     }
 }
 

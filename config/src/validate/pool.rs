@@ -140,35 +140,56 @@ pub(super) fn pool(c: &Config, provider_known: bool, r: &mut Report) {
                 r.err(format!("pool.azure.{key}"), format!("must be set ({what})"));
             }
         }
-        if az.credential == Credential::ClientSecret {
-            for (key, missing) in [
-                (
-                    "tenant_id",
-                    az.tenant_id.as_deref().is_none_or(|s| s.trim().is_empty()),
-                ),
-                (
-                    "client_id",
-                    az.client_id.as_deref().is_none_or(|s| s.trim().is_empty()),
-                ),
-                ("client_secret_file", az.client_secret_file.is_none()),
-            ] {
-                if missing {
-                    r.err(
-                        format!("pool.azure.{key}"),
-                        "required when credential = \"client-secret\" (set it, or use credential = \"managed-identity\")",
-                    );
-                }
+        let required: &[&str] = match az.credential {
+            Credential::ClientSecret => &["tenant_id", "client_id", "client_secret_file"],
+            Credential::ClientCertificate => &["tenant_id", "client_id", "client_certificate_file"],
+            _ => &[],
+        };
+        for &key in required {
+            let missing = match key {
+                "tenant_id" => az.tenant_id.as_deref().is_none_or(|s| s.trim().is_empty()),
+                "client_id" => az.client_id.as_deref().is_none_or(|s| s.trim().is_empty()),
+                "client_secret_file" => az.client_secret_file.is_none(),
+                _ => az.client_certificate_file.is_none(),
+            };
+            if missing {
+                r.err(
+                    format!("pool.azure.{key}"),
+                    format!(
+                        "required when credential = \"{}\" (set it, or use credential = \"managed-identity\")",
+                        az.credential
+                    ),
+                );
             }
         }
         if let Some(secret) = &az.client_secret_file {
             r.path("pool.azure.client_secret_file", secret);
         }
-        if !(az.arm_endpoint.starts_with("https://") || az.arm_endpoint.starts_with("http://")) {
+        if let Some(certificate) = &az.client_certificate_file {
+            r.path("pool.azure.client_certificate_file", certificate);
+        }
+        if let Some(token) = &az.federated_token_file {
+            r.path("pool.azure.federated_token_file", token);
+        }
+        if let Some(endpoint) = &az.arm_endpoint
+            && !endpoint.starts_with("https://")
+        {
             r.err(
                 "pool.azure.arm_endpoint",
                 format!(
-                    "\"{}\" must be an http(s) URL (the default is \"https://management.azure.com\")",
-                    az.arm_endpoint
+                    "\"{endpoint}\" must be an https URL: ARM tokens are never sent over plain http \
+                     (unset, it is the cloud's endpoint, \"{}\")",
+                    az.cloud.resource_manager()
+                ),
+            );
+        }
+        if let Some(authority) = &az.authority_host
+            && !authority.starts_with("https://")
+        {
+            r.err(
+                "pool.azure.authority_host",
+                format!(
+                    "\"{authority}\" must be an https URL (leave it unset to use pool.azure.cloud's Entra ID authority)"
                 ),
             );
         }

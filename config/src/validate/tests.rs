@@ -147,7 +147,8 @@ fn azure_rules() {
     c.pool.azure = Some(Azure {
         credential: Credential::ClientSecret,
         ssh_port: 0,
-        arm_endpoint: "management.azure.com".into(),
+        arm_endpoint: Some("http://management.azure.com".into()),
+        authority_host: Some("login.example".into()),
         identity_endpoint: Some("169.254.169.254/metadata/identity/oauth2/token".into()),
         ..Azure::default()
     });
@@ -160,6 +161,7 @@ fn azure_rules() {
         "pool.azure.client_secret_file",
         "pool.azure.ssh_port",
         "pool.azure.arm_endpoint",
+        "pool.azure.authority_host",
         "pool.azure.identity_endpoint",
     ] {
         has_key(&c, key);

@@ -1,11 +1,27 @@
-//! A small ARM REST client: bearer tokens, 429/503 with `Retry-After`, paging by `nextLink`,
-//! long-running operations (`Azure-AsyncOperation`, else `Location`), and ARM errors turned into
-//! messages that say what to do.
+//! A small ARM REST client on an azure_core pipeline, paging by `nextLink`, long-running
+//! operations (`Azure-AsyncOperation`, else `Location`), and ARM errors turned into messages that
+//! say what to do.
+//!
+//! Every call goes through azure_core's `Pipeline`, as Azure's own Rust clients do: a client
+//! request id (`x-ms-client-request-id`, a fresh UUID per call, which Azure support can find in
+//! its logs) and the user agent (`poolgate azsdk-rust-poolgate/<version> (…)`) per call, then the retry
+//! policy (429, 408, 500, 502, 503, 504 and failed connections; `Retry-After` as seconds or an
+//! HTTP date, else exponential backoff; bounded), and per try the bearer-token policy (which
+//! caches the token until five minutes before it expires, and refuses to send one over plain
+//! http) and [`MeterPolicy`], which counts every try; the transport is our hyper client.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use azure_core::http::policies::auth::BearerTokenAuthorizationPolicy;
+use azure_core::http::policies::{Policy, PolicyResult, RetryHeaders, RetryPolicy};
+use azure_core::http::{
+    ClientOptions, Context, Pipeline, PipelineSendOptions, RetryOptions, Transport,
+    UserAgentOptions,
+};
+
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Method, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -14,14 +30,12 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::token::TokenSource;
+use super::token::{HyperTransport, TokenSource};
 use crate::autoscale::providers::ProviderError;
 
 /// The hyper client shared by ARM calls and token requests.
 pub type HyperClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Largest ARM response we read (a page of 1000 instances with instance views is ~2 MiB).
-const MAX_RESPONSE: usize = 32 << 20;
 /// Pages of a listing we follow at most.
 const MAX_PAGES: usize = 100;
 
@@ -106,17 +120,145 @@ pub struct ArmResponse {
 /// The ARM client of one scale set.
 #[derive(Debug, Clone)]
 pub struct Arm {
-    http: HyperClient,
-    tokens: TokenSource,
+    pipeline: Pipeline,
     endpoint: String,
     origin: Option<(String, String, u16)>,
     /// "scale set rg/name in subscription s", for messages.
     target: String,
     pub tuning: Tuning,
-    /// `poolgate_azure_requests_total{operation,method,code}`, when metrics are attached.
-    requests: Option<prometheus::IntCounterVec>,
-    /// `poolgate_azure_ratelimit_remaining{policy}`, when metrics are attached.
-    remaining: Option<prometheus::IntGaugeVec>,
+    /// Where the per-try policy counts requests and throttling budgets.
+    meter: Arc<Meter>,
+}
+
+/// The call a request belongs to (`list`, `start`, …), in the pipeline's context.
+#[derive(Debug, Clone)]
+struct CallName(String);
+
+/// Metrics of the ARM requests, attached after the client is built.
+#[derive(Debug, Default)]
+struct Meter {
+    /// `poolgate_azure_requests_total{operation,method,code}`.
+    requests: OnceLock<prometheus::IntCounterVec>,
+    /// `poolgate_azure_ratelimit_remaining{policy}`.
+    remaining: OnceLock<prometheus::IntGaugeVec>,
+}
+
+/// Per-try policy: counts each request that went out (each retry and each operation poll too)
+/// by its status code, or `unanswered`, and reads ARM's remaining throttling budgets off every
+/// answer.
+#[derive(Debug)]
+struct MeterPolicy(Arc<Meter>);
+
+#[async_trait::async_trait]
+impl Policy for MeterPolicy {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut azure_core::http::Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
+        let result = next[0].send(ctx, request, &next[1..]).await;
+        let operation = ctx.value::<CallName>().map_or("", |c| c.0.as_str());
+        let method = request.method();
+        let code = match &result {
+            Ok(response) => u16::from(response.status()).to_string(),
+            Err(_) => "unanswered".to_owned(),
+        };
+        if let Some(requests) = self.0.requests.get() {
+            requests
+                .with_label_values(&[operation, method.as_str(), code.as_str()])
+                .inc();
+        }
+        if let (Ok(response), Some(gauge)) = (&result, self.0.remaining.get()) {
+            for (policy, count) in ratelimits(&header_map(response.headers())) {
+                gauge.with_label_values(&[policy.as_str()]).set(count);
+            }
+        }
+        result
+    }
+}
+
+/// When to retry and how long to wait: the statuses and transport failures azure_core's retry
+/// policy retries, `max_retries` times at most; the wait is what `Retry-After` (or
+/// `retry-after-ms`) says, else `default_retry_after` doubling per retry — never more than
+/// `max_retry_after`.
+#[derive(Debug)]
+struct ArmRetry {
+    max_retries: u32,
+    first_wait: Duration,
+    max_wait: Duration,
+    headers: RetryHeaders,
+}
+
+const RETRY_STATUS: &[azure_core::http::StatusCode] = &[
+    azure_core::http::StatusCode::RequestTimeout,
+    azure_core::http::StatusCode::TooManyRequests,
+    azure_core::http::StatusCode::InternalServerError,
+    azure_core::http::StatusCode::BadGateway,
+    azure_core::http::StatusCode::ServiceUnavailable,
+    azure_core::http::StatusCode::GatewayTimeout,
+];
+
+fn to_std(d: azure_core::time::Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.whole_milliseconds()).unwrap_or(0))
+}
+
+fn from_std(d: Duration) -> azure_core::time::Duration {
+    azure_core::time::Duration::milliseconds(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[async_trait::async_trait]
+impl RetryPolicy for ArmRetry {
+    fn is_expired(&self, _since_start: azure_core::time::Duration, retry_count: u32) -> bool {
+        retry_count >= self.max_retries
+    }
+
+    fn retry_headers(&self) -> Option<&RetryHeaders> {
+        Some(&self.headers)
+    }
+
+    fn retry_status_codes(&self) -> &[azure_core::http::StatusCode] {
+        RETRY_STATUS
+    }
+
+    fn sleep_duration(&self, retry_count: u32) -> azure_core::time::Duration {
+        let doubled = self
+            .first_wait
+            .saturating_mul(1u32 << retry_count.saturating_sub(1).min(16));
+        from_std(doubled.min(self.max_wait))
+    }
+
+    async fn wait(&self, retry_count: u32, retry_after: Option<azure_core::time::Duration>) {
+        let wait = retry_after
+            .map(to_std)
+            .unwrap_or_else(|| to_std(self.sleep_duration(retry_count)))
+            .min(self.max_wait);
+        tracing::info!(retry = retry_count, wait = %humantime::format_duration(wait), "ARM throttled or failed the call; retrying");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The message of the innermost error of a chain.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
+/// azure_core's headers as hyper's.
+fn header_map(headers: &azure_core::http::headers::Headers) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers.iter() {
+        if let (Ok(name), Ok(value)) = (
+            hyper::header::HeaderName::from_bytes(name.as_str().as_bytes()),
+            HeaderValue::from_str(value.as_str()),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,59 +384,72 @@ fn origin_of(url: &str) -> Option<(String, String, u16)> {
 }
 
 impl Arm {
-    /// A client for `endpoint` (no trailing slash needed).
+    /// A client for `endpoint` (no trailing slash needed), authenticated by `tokens`.
     pub fn new(
         http: HyperClient,
-        tokens: TokenSource,
+        tokens: &TokenSource,
         endpoint: &str,
         target: String,
         tuning: Tuning,
     ) -> Self {
         let endpoint = endpoint.trim_end_matches('/').to_owned();
         let origin = origin_of(&endpoint);
+        let meter = Arc::new(Meter::default());
+        let retry = ArmRetry {
+            max_retries: tuning.max_retries,
+            first_wait: tuning.default_retry_after,
+            max_wait: tuning.max_retry_after,
+            headers: RetryHeaders {
+                retry_headers: vec![
+                    azure_core::http::headers::X_MS_RETRY_AFTER_MS,
+                    azure_core::http::headers::RETRY_AFTER_MS,
+                    azure_core::http::headers::RETRY_AFTER,
+                ],
+            },
+        };
+        let options = ClientOptions {
+            transport: Some(Transport::new(Arc::new(HyperTransport::new(
+                http,
+                tuning.request_timeout,
+            )))),
+            retry: RetryOptions::custom(Arc::new(retry)),
+            user_agent: UserAgentOptions {
+                // An RFC 9110 token of at most 24 characters, or azure_core panics.
+                application_id: Some("poolgate".to_owned()),
+            },
+            ..Default::default()
+        };
+        let bearer =
+            BearerTokenAuthorizationPolicy::new(tokens.credential.clone(), [tokens.scope.clone()]);
+        let pipeline = Pipeline::new(
+            Some("poolgate"),
+            Some(env!("CARGO_PKG_VERSION")),
+            options,
+            Vec::new(),
+            vec![Arc::new(bearer), Arc::new(MeterPolicy(meter.clone()))],
+            None,
+        );
         Self {
-            http,
-            tokens,
+            pipeline,
             endpoint,
             origin,
             target,
             tuning,
-            requests: None,
-            remaining: None,
+            meter,
         }
     }
 
     /// Counts every request (each retry and each operation poll too) in `requests`
     /// (`poolgate_azure_requests_total{operation,method,code}`).
     pub fn count_requests_in(&mut self, requests: prometheus::IntCounterVec) {
-        self.requests = Some(requests);
+        let _ = self.meter.requests.set(requests);
     }
 
     /// Exports the remaining calls of each throttling policy ARM reports on its answers
     /// (`x-ms-ratelimit-remaining-resource`) in `remaining`
     /// (`poolgate_azure_ratelimit_remaining{policy}`).
     pub fn export_ratelimits_in(&mut self, remaining: prometheus::IntGaugeVec) {
-        self.remaining = Some(remaining);
-    }
-
-    /// Sets the gauge of every policy an answer names.
-    fn observe_ratelimits(&self, headers: &HeaderMap) {
-        let Some(gauge) = &self.remaining else {
-            return;
-        };
-        for (policy, count) in ratelimits(headers) {
-            gauge.with_label_values(&[policy.as_str()]).set(count);
-        }
-    }
-
-    /// Counts one request by its outcome: the HTTP status code, or `unanswered`.
-    fn count(&self, operation: &str, method: &Method, status: Option<StatusCode>) {
-        if let Some(requests) = &self.requests {
-            let code = status.map_or_else(|| "unanswered".to_owned(), |s| s.as_str().to_owned());
-            requests
-                .with_label_values(&[operation, method.as_str(), code.as_str()])
-                .inc();
-        }
+        let _ = self.meter.remaining.set(remaining);
     }
 
     /// The full URL for a path (starting with `/`) or an absolute URL ARM handed us, which must
@@ -315,8 +470,8 @@ impl Arm {
         ))
     }
 
-    /// Sends one call, retrying 429 and 503 as `Retry-After` says (bounded), and returns the
-    /// response whatever its status.
+    /// Sends one call through the pipeline (which retries throttled and failed tries, see the
+    /// module comment) and returns the response whatever its status.
     async fn send(
         &self,
         operation: &str,
@@ -325,87 +480,75 @@ impl Arm {
         body: Option<&serde_json::Value>,
     ) -> Result<(StatusCode, HeaderMap, Bytes), ProviderError> {
         let url = self.url(operation, path_or_url)?;
-        let payload =
-            match body {
-                Some(value) => Bytes::from(serde_json::to_vec(value).map_err(|e| {
-                    error(operation, format!("cannot encode the request body: {e}"))
-                })?),
-                None => Bytes::new(),
-            };
-        let mut attempt = 0;
-        loop {
-            let token = self.tokens.bearer(self.tuning.request_timeout).await?;
-            let mut builder = hyper::Request::builder()
-                .method(method.clone())
-                .uri(&url)
-                .header(hyper::header::ACCEPT, "application/json")
-                .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
-            if body.is_some() {
-                builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
-            }
-            let request = builder
-                .body(Full::new(payload.clone()))
-                .map_err(|e| error(operation, format!("bad request URL {url:?}: {e}")))?;
-            let exchange = async {
-                let response = self.http.request(request).await.map_err(|e| {
-                    error(
-                        operation,
-                        format!("cannot reach ARM at {}: {e}", self.endpoint),
-                    )
-                })?;
-                let (parts, body) = response.into_parts();
-                let bytes = Limited::new(body, MAX_RESPONSE)
-                    .collect()
-                    .await
-                    .map_err(|e| error(operation, format!("reading ARM's response: {e}")))?
-                    .to_bytes();
-                Ok::<_, ProviderError>((parts.status, parts.headers, bytes))
-            };
-            let answer = match self.tuning.request_timeout {
-                None => exchange.await,
-                Some(limit) => tokio::time::timeout(limit, exchange)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(error(
-                            operation,
-                            format!(
-                                "ARM did not answer within {}",
-                                humantime::format_duration(limit)
-                            ),
-                        ))
-                    }),
-            };
-            self.count(operation, &method, answer.as_ref().ok().map(|(s, _, _)| *s));
-            if let Ok((_, headers, _)) = &answer {
-                self.observe_ratelimits(headers);
-            }
-            let (status, headers, bytes) = answer?;
-            let retryable = matches!(
-                status,
-                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-            );
-            if !retryable {
-                return Ok((status, headers, bytes));
-            }
-            if attempt >= self.tuning.max_retries {
-                let (code, message) = error_text(&bytes);
-                return Err(error(
-                    operation,
-                    format!(
-                        "ARM answered {status} ({code}: {message}) {} times; giving up for now. \
-                         The scale set's request budget is shared by everything that manages it: \
-                         raise pool.azure.poll_interval and check for other tools polling {}",
-                        attempt + 1,
-                        self.target
-                    ),
-                ));
-            }
-            let wait = retry_after(&headers)
-                .unwrap_or(self.tuning.default_retry_after)
-                .min(self.tuning.max_retry_after);
-            tracing::info!(%operation, %status, wait = %humantime::format_duration(wait), "ARM throttled the call; retrying after Retry-After");
-            tokio::time::sleep(wait).await;
-            attempt += 1;
+        let parsed = azure_core::http::Url::parse(&url)
+            .map_err(|e| error(operation, format!("bad request URL {url:?}: {e}")))?;
+        let verb = match method {
+            Method::GET => azure_core::http::Method::Get,
+            Method::POST => azure_core::http::Method::Post,
+            Method::PUT => azure_core::http::Method::Put,
+            Method::PATCH => azure_core::http::Method::Patch,
+            Method::DELETE => azure_core::http::Method::Delete,
+            _ => return Err(error(operation, format!("unsupported method {method}"))),
+        };
+        let mut request = azure_core::http::Request::new(parsed, verb);
+        request.insert_header("accept", "application/json");
+        if let Some(value) = body {
+            let payload = serde_json::to_vec(value)
+                .map_err(|e| error(operation, format!("cannot encode the request body: {e}")))?;
+            request.insert_header("content-type", "application/json");
+            request.set_body(payload);
+        }
+        let ctx = Context::new().with_value(CallName(operation.to_owned()));
+        let options = PipelineSendOptions {
+            skip_checks: true,
+            ..Default::default()
+        };
+        let response = self
+            .pipeline
+            .send(&ctx, &mut request, Some(options))
+            .await
+            .map_err(|e| self.unanswered(operation, &e))?;
+        let (status, headers, bytes) = response.deconstruct();
+        let status = StatusCode::from_u16(u16::from(status))
+            .map_err(|e| error(operation, format!("ARM answered a bad status: {e}")))?;
+        let headers = header_map(&headers);
+        let bytes = Bytes::from(bytes);
+        if matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            let (code, message) = error_text(&bytes);
+            return Err(error(
+                operation,
+                format!(
+                    "ARM answered {status} ({code}: {message}) {} times; giving up for now. \
+                     The scale set's request budget is shared by everything that manages it: \
+                     raise pool.azure.poll_interval and check for other tools polling {}",
+                    self.tuning.max_retries + 1,
+                    self.target
+                ),
+            ));
+        }
+        Ok((status, headers, bytes))
+    }
+
+    /// A call the pipeline could not complete: no token, no connection, no answer in time.
+    fn unanswered(&self, operation: &str, e: &azure_core::Error) -> ProviderError {
+        // The pipeline wraps the cause in its own context ("retry policy expired…"): say the
+        // cause.
+        let cause = root_cause(e);
+        match e.kind() {
+            // The credential's own message (token.rs) names it and says what to check.
+            azure_core::error::ErrorKind::Credential => error("token", cause),
+            azure_core::error::ErrorKind::Io | azure_core::error::ErrorKind::Connection => error(
+                operation,
+                format!(
+                    "cannot reach ARM at {} (tried {} times): {cause}",
+                    self.endpoint,
+                    self.tuning.max_retries + 1
+                ),
+            ),
+            _ => error(operation, format!("ARM at {}: {cause}", self.endpoint)),
         }
     }
 

@@ -33,6 +33,8 @@ mod fake;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_credentials;
+#[cfg(test)]
 mod tests_failures;
 
 use std::collections::HashMap;
@@ -150,13 +152,13 @@ impl AzureProvider {
                 ));
             }
         }
-        let tokens = TokenSource::from_config(config, http.clone())?;
+        let tokens = TokenSource::from_config(config, http.clone(), tuning.request_timeout)?;
         let target = format!(
             "scale set {} in resource group {} (subscription {})",
             config.scale_set, config.resource_group, config.subscription_id
         );
         let provider = Self {
-            arm: Arm::new(http, tokens, &config.arm_endpoint, target, tuning),
+            arm: Arm::new(http, &tokens, config.resource_manager(), target, tuning),
             api_version: config.api_version.clone(),
             orchestration: config.orchestration,
             deallocate_idle: config.deallocate_idle,

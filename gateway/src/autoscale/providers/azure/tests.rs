@@ -20,7 +20,7 @@ pub(super) fn config(fake: &FakeArm, orchestration: Orchestration) -> Azure {
         subscription_id: SUB.into(),
         resource_group: RG.into(),
         scale_set: VMSS.into(),
-        arm_endpoint: fake.url(),
+        arm_endpoint: Some(fake.url()),
         identity_endpoint: Some(format!("{}{TOKEN_PATH}", fake.url())),
         orchestration,
         ..Azure::default()
@@ -37,7 +37,8 @@ pub(super) fn provider_with(fake: &FakeArm, orchestration: Orchestration) -> Azu
         request_timeout: None,
         ..Tuning::default()
     };
-    AzureProvider::with_tuning(&config(fake, orchestration), tuning).expect("provider")
+    AzureProvider::with_client(&config(fake, orchestration), tuning, fake.client())
+        .expect("provider")
 }
 
 pub(super) fn summary(log: &[Logged]) -> Vec<String> {
@@ -363,9 +364,11 @@ async fn tokens_are_cached_and_fetched_again_when_they_near_expiry() {
         ]
     );
     let token_queries: Vec<&Logged> = s.log.iter().filter(|l| l.path == TOKEN_PATH).collect();
-    assert!(token_queries.iter().all(|l| {
-        l.query.get("resource").map(String::as_str) == Some("https://management.azure.com")
-    }));
+    assert!(
+        token_queries
+            .iter()
+            .all(|l| { l.query.get("resource").map(String::as_str) == Some(fake.url().as_str()) })
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -668,7 +671,8 @@ pub(super) async fn driver_over(
         deallocate_idle,
         ..config(fake, Orchestration::Uniform)
     };
-    let provider = Arc::new(AzureProvider::with_tuning(&config, tuning).expect("provider"));
+    let provider =
+        Arc::new(AzureProvider::with_client(&config, tuning, fake.client()).expect("provider"));
     let settings = DriverSettings {
         enabled: true,
         policy: AutoscaleConfig {
@@ -782,7 +786,8 @@ async fn unreachable_token_endpoint_is_a_clear_error() {
         identity_endpoint: Some(format!("http://{closed}{TOKEN_PATH}")),
         ..config(&fake, Orchestration::Uniform)
     };
-    let p = AzureProvider::with_tuning(&config, Tuning::default()).expect("provider");
+    let p =
+        AzureProvider::with_client(&config, Tuning::default(), fake.client()).expect("provider");
     let err = p.list().await.expect_err("no token");
     assert_eq!(err.operation, "token");
     // azure_identity retries IMDS for up to 72 s; the provider stops waiting after a minute.
@@ -801,14 +806,11 @@ async fn unreachable_token_endpoint_is_a_clear_error() {
 // would jump straight to the request timeout. No sleeps happen in this test.
 #[tokio::test]
 async fn https_with_alpn_to_a_trusted_server() {
-    let (fake, cert) = FakeArm::start_tls(2, |_| {}).await;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert).expect("root");
-    let http = super::arm::http_client_trusting(roots).expect("client");
+    let fake = FakeArm::start(2, |_| {}).await;
     let p = AzureProvider::with_client(
         &config(&fake, Orchestration::Uniform),
         Tuning::default(),
-        http,
+        fake.client(),
     )
     .expect("provider");
     let vms = p.list().await.expect("list over https");
@@ -820,7 +822,7 @@ async fn https_with_alpn_to_a_trusted_server() {
         "h2 negotiated by ALPN: {:?}",
         s.log.iter().map(|l| &l.version).collect::<Vec<_>>()
     );
-    // Over https the token scope follows the endpoint (sovereign clouds).
+    // The token scope follows the endpoint (sovereign clouds).
     let token = s.log.iter().find(|l| l.path == TOKEN_PATH);
     assert_eq!(
         token

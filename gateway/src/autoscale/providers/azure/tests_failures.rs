@@ -262,18 +262,25 @@ async fn arm_requests_are_counted_by_operation_method_and_status_code() {
         listener.local_addr().expect("addr")
     };
     let config = Azure {
-        arm_endpoint: format!("http://{closed}"),
+        arm_endpoint: Some(format!("https://localhost:{}", closed.port())),
         ..config(&fake, Orchestration::Uniform)
     };
     let tuning = Tuning {
         request_timeout: None,
         ..Tuning::default()
     };
-    let unreachable = AzureProvider::with_tuning(&config, tuning)
+    let unreachable = AzureProvider::with_client(&config, tuning.clone(), fake.client())
         .expect("provider")
         .with_metrics(metrics.clone());
-    unreachable.list().await.expect_err("nothing listens");
-    assert_eq!(requests(&metrics, "list", "GET", "unanswered"), 1);
+    let err = unreachable.list().await.expect_err("nothing listens");
+    // A failed connection is retried like a 503, then reported.
+    let tries = u64::from(tuning.max_retries) + 1;
+    assert_eq!(requests(&metrics, "list", "GET", "unanswered"), tries);
+    assert!(err.message.contains("cannot reach ARM"), "{err}");
+    assert!(
+        err.message.contains(&format!("tried {tries} times")),
+        "{err}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -482,7 +489,7 @@ async fn flexible_members_are_protected_by_vm_name_from_api_version_2023_09_01()
         request_timeout: None,
         ..Tuning::default()
     };
-    let p = AzureProvider::with_tuning(&old, tuning).expect("provider");
+    let p = AzureProvider::with_client(&old, tuning, fake.client()).expect("provider");
     p.list().await.expect("list");
     p.protect(&[("dsvm_00000000".to_owned(), true)])
         .await

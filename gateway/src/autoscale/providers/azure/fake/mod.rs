@@ -42,6 +42,21 @@ pub struct Logged {
     pub auth: Option<String>,
     /// `HTTP/1.1` or `HTTP/2.0`.
     pub version: String,
+    /// `user-agent`.
+    pub user_agent: Option<String>,
+    /// `x-ms-client-request-id`.
+    pub request_id: Option<String>,
+    /// The fields of a form body (Entra ID token requests).
+    pub form: HashMap<String, String>,
+}
+
+/// An Entra ID token endpoint path: `/{tenant}/oauth2/v2.0/token`.
+pub fn is_entra_token_path(path: &str) -> bool {
+    path.ends_with("/oauth2/v2.0/token")
+}
+
+fn is_token_path(path: &str) -> bool {
+    path == TOKEN_PATH || is_entra_token_path(path)
 }
 
 #[derive(Debug)]
@@ -148,14 +163,14 @@ impl State {
     pub fn arm_log(&self) -> Vec<Logged> {
         self.log
             .iter()
-            .filter(|l| l.path != TOKEN_PATH)
+            .filter(|l| !is_token_path(&l.path))
             .cloned()
             .collect()
     }
 
     /// Number of token requests.
     pub fn token_requests(&self) -> usize {
-        self.log.iter().filter(|l| l.path == TOKEN_PATH).count()
+        self.log.iter().filter(|l| is_token_path(&l.path)).count()
     }
 }
 
@@ -173,6 +188,8 @@ pub struct FakeArm {
     base: String,
     state: Arc<Mutex<State>>,
     task: JoinHandle<()>,
+    /// The server's self-signed certificate (for `localhost`).
+    cert: rustls::pki_types::CertificateDer<'static>,
 }
 
 impl Drop for FakeArm {
@@ -200,17 +217,10 @@ pub(super) fn flex_id(name: &str) -> Option<u32> {
 }
 
 impl FakeArm {
-    /// A fake scale set with `count` running instances, adjusted by `setup`, on plain http.
+    /// A fake scale set with `count` running instances, adjusted by `setup`, over TLS (h2 or
+    /// http/1.1 by ALPN) with a fresh self-signed certificate for `localhost` — ARM is https
+    /// only, and azure_core's bearer-token policy sends no token over plain http.
     pub async fn start(count: u32, setup: impl FnOnce(&mut State)) -> Self {
-        Self::serve(count, setup, None).await
-    }
-
-    /// The same over TLS (h2 or http/1.1 by ALPN) with a fresh self-signed certificate for
-    /// `localhost`, returned so the client can trust it.
-    pub async fn start_tls(
-        count: u32,
-        setup: impl FnOnce(&mut State),
-    ) -> (Self, rustls::pki_types::CertificateDer<'static>) {
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
         let cert = ck.cert.der().clone();
         let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der())
@@ -225,22 +235,27 @@ impl FakeArm {
         .expect("server config");
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        (Self::serve(count, setup, Some(acceptor)).await, cert)
+        Self::serve(count, setup, acceptor, cert).await
+    }
+
+    /// A client that trusts this server's certificate.
+    pub fn client(&self) -> super::arm::HyperClient {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.clone()).expect("root");
+        super::arm::http_client_trusting(roots).expect("client")
     }
 
     async fn serve(
         count: u32,
         setup: impl FnOnce(&mut State),
-        tls: Option<tokio_rustls::TlsAcceptor>,
+        tls: tokio_rustls::TlsAcceptor,
+        cert: rustls::pki_types::CertificateDer<'static>,
     ) -> Self {
         let mut state = State::new(count);
         setup(&mut state);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        state.addr = match tls {
-            Some(_) => format!("https://localhost:{}", addr.port()),
-            None => format!("http://{addr}"),
-        };
+        state.addr = format!("https://localhost:{}", addr.port());
         let base = state.addr.clone();
         let state = Arc::new(Mutex::new(state));
         let shared = state.clone();
@@ -259,21 +274,18 @@ impl FakeArm {
                     let server = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
                     );
-                    match tls {
-                        Some(acceptor) => {
-                            if let Ok(stream) = acceptor.accept(stream).await {
-                                let _ =
-                                    server.serve_connection(TokioIo::new(stream), service).await;
-                            }
-                        }
-                        None => {
-                            let _ = server.serve_connection(TokioIo::new(stream), service).await;
-                        }
+                    if let Ok(stream) = tls.accept(stream).await {
+                        let _ = server.serve_connection(TokioIo::new(stream), service).await;
                     }
                 });
             }
         });
-        Self { base, state, task }
+        Self {
+            base,
+            state,
+            task,
+            cert,
+        }
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
@@ -387,17 +399,26 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let metadata = req
-        .headers()
-        .get("metadata")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let metadata = header("metadata");
+    let user_agent = header("user-agent");
+    let request_id = header("x-ms-client-request-id");
     let body = req
         .into_body()
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    let form = if is_entra_token_path(&path) {
+        query_map(&String::from_utf8_lossy(&body))
+    } else {
+        HashMap::new()
+    };
     let body: Option<Value> = serde_json::from_slice(&body).ok();
     let Ok(mut s) = state.lock() else {
         return arm_error(500, "FakePoisoned", "fake state poisoned");
@@ -409,9 +430,15 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
         body: body.clone(),
         auth: auth.clone(),
         version,
+        user_agent,
+        request_id,
+        form: form.clone(),
     });
     if path == TOKEN_PATH {
         return token(&mut s, &query, metadata.as_deref());
+    }
+    if is_entra_token_path(&path) {
+        return entra_token(&mut s, &method, &form);
     }
     let valid = auth
         .as_deref()
@@ -494,6 +521,44 @@ fn route_checked(
     shapes::route(s, method, path, query, body)
 }
 
+/// Entra ID's token endpoint (client credentials grant): a client secret, or a client assertion
+/// (a JWT the test checks itself). Scopes must be `{an ARM}/.default`.
+fn entra_token(
+    s: &mut State,
+    method: &str,
+    form: &HashMap<String, String>,
+) -> Response<Full<Bytes>> {
+    let field = |name: &str| form.get(name).map(String::as_str);
+    let assertion_ok = field("client_assertion_type")
+        == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+        && field("client_assertion").is_some_and(|a| !a.is_empty());
+    let secret_ok = field("client_secret").is_some_and(|c| !c.is_empty());
+    if method != "POST"
+        || field("grant_type") != Some("client_credentials")
+        || field("client_id").is_none_or(str::is_empty)
+        || !field("scope").is_some_and(|scope| scope.ends_with("/.default"))
+        || !(assertion_ok || secret_ok)
+    {
+        return reply(
+            400,
+            json!({"error": "invalid_request", "error_description": "AADSTS900144: bad client credentials request", "error_codes": [900144]}),
+            &[],
+        );
+    }
+    let token = format!("tok-{}", s.tokens_issued.len() + 1);
+    s.tokens_issued.push(token.clone());
+    reply(
+        200,
+        json!({
+            "token_type": "Bearer",
+            "expires_in": s.token_lifetime,
+            "ext_expires_in": s.token_lifetime,
+            "access_token": token
+        }),
+        &[],
+    )
+}
+
 fn token(
     s: &mut State,
     query: &HashMap<String, String>,
@@ -501,8 +566,8 @@ fn token(
 ) -> Response<Full<Bytes>> {
     if metadata != Some("true")
         || !query.get("resource").is_some_and(|r| {
-            // The public cloud's ARM, or (over TLS) this server standing in for another cloud.
-            r == "https://management.azure.com" || *r == s.addr
+            // The public cloud's ARM, or a local server standing in for another cloud.
+            r == "https://management.azure.com" || r.starts_with("https://localhost:")
         })
         || query.get("api-version").is_none()
     {
