@@ -309,7 +309,9 @@ impl AzureProvider {
         // ("Allowed value is 'virtualMachineScaleSet/id' eq /subscriptions/…'", azure-rest-api-specs
         // `virtualMachine.json`) and as public clients send it: Azure/azure-sdk-for-java
         // `VirtualMachinesImpl.listByVirtualMachineScaleSetId`
-        // (`String.format("'virtualMachineScaleSet/id' eq '%s'", vmssId)`) and Microsoft's
+        // (`String.format("'virtualMachineScaleSet/id' eq '%s'", vmssId)`), Kubernetes'
+        // cluster-api-provider-azure (`flexibleScaleSetClient`, the same format with the full
+        // scale set id), and Microsoft's
         // "List VMSS VM (Flex) with InstanceView" request in the Resource Graph GET/LIST article
         // (https://learn.microsoft.com/azure/governance/resource-graph/concepts/azure-resource-graph-get-list-api).
         let filter = encode_query(&flexible_filter(&scale_set_id));
