@@ -21,16 +21,16 @@ impl Config {
     /// again after changing paths). Returns every problem found.
     ///
     /// * must exist and be readable: `tls.cert`, `tls.key`, `admin.token_file`,
-    ///   `ssh.backend_host_ca`, `pool.azure.client_secret_file`, and `ssh.backend_known_hosts`
-    ///   unless `ssh.backend_host_ca` is set;
+    ///   `ssh.backend_host_ca`, `pool.azure.client_secret_file`, `batch.rest_token_file`, and
+    ///   `ssh.backend_known_hosts` unless `ssh.backend_host_ca` is set;
     /// * may be missing (generated on first start), readable when present: `ssh.host_keys`,
     ///   `ssh.user_ca_key`, `http.cookie_secret_file` (at least 16 bytes when present) — except
     ///   with a shared `[cluster]` store, where every replica must be given the same files, so
     ///   they must exist (`poolgate keys init DIR` writes them); `cluster.redis_password_file`
     ///   must exist when set;
     /// * secrets (`tls.key`, `admin.token_file`, host keys, `ssh.user_ca_key`,
-    ///   `http.cookie_secret_file`, `pool.azure.client_secret_file`) must not be accessible by
-    ///   group or others (Unix);
+    ///   `http.cookie_secret_file`, `pool.azure.client_secret_file`, `cluster.redis_password_file`,
+    ///   `batch.rest_token_file`) must not be accessible by group or others (Unix);
     /// * `pool.exec` programs written as paths must exist and be executable;
     /// * with ACME: `tls.acme_directory_ca` must exist and hold a PEM certificate; `tls.acme_cache`
     ///   may be missing (created), else it must be a directory that group and others cannot
@@ -121,6 +121,27 @@ impl Config {
                 password,
                 Some("put the Redis password in it, mode 0600".into()),
                 true,
+            );
+        }
+        if let Some(token) = self.batch.as_ref().and_then(|b| b.rest_token_file.as_ref())
+            && check(
+                &mut r,
+                "batch.rest_token_file",
+                token,
+                Some(format!(
+                    "put slurmrestd's JWT in it: (umask 077; scontrol token username=USER lifespan=SECONDS > {})",
+                    token.display()
+                )),
+                true,
+            )
+            && read(token).is_some_and(|t| t.trim().is_empty())
+        {
+            r.err(
+                "batch.rest_token_file",
+                format!(
+                    "{} is empty (put the JWT from `scontrol token` in it)",
+                    token.display()
+                ),
             );
         }
         if let Some(ca) = self.cluster.as_ref().and_then(|c| c.redis_ca_file.as_ref())
