@@ -133,7 +133,7 @@ impl SlurmRest {
                 errors.join("; ")
             };
             return Err(format!(
-                "slurmrestd could not read Slurm's {what} (HTTP {status}: {errors}); Slurm 22.05 answers so when the token has expired or is not valid (write a new one to batch.rest_token_file with scontrol token), or when slurmctld does not accept tokens (slurm.conf needs AuthAltTypes=auth/jwt and AuthAltParameters=jwt_key=…)"
+                "slurmrestd could not read Slurm's {what} (HTTP {status}: {errors}); Slurm 22.05 answers so when the token has expired or is not valid (write a new one to batch.rest_token_file with scontrol token), when it was made for another user than batch.rest_user, or when slurmctld does not accept tokens (slurm.conf needs AuthAltTypes=auth/jwt and AuthAltParameters=jwt_key=…)"
             ));
         }
         Ok(json)
