@@ -21,20 +21,22 @@ impl Config {
     /// again after changing paths). Returns every problem found.
     ///
     /// * must exist and be readable: `tls.cert`, `tls.key`, `admin.token_file`,
-    ///   `ssh.backend_host_ca`, `pool.azure.client_secret_file`, `batch.rest_token_file`, and
-    ///   `ssh.backend_known_hosts` unless `ssh.backend_host_ca` is set;
+    ///   `ssh.backend_host_ca`, `pool.azure.client_secret_file`, and `ssh.backend_known_hosts`
+    ///   unless `ssh.backend_host_ca` is set;
     /// * may be missing (generated on first start), readable when present: `ssh.host_keys`,
     ///   `ssh.user_ca_key`, `http.cookie_secret_file` (at least 16 bytes when present) — except
     ///   with a shared `[cluster]` store, where every replica must be given the same files, so
     ///   they must exist (`poolgate keys init DIR` writes them); `cluster.redis_password_file`
     ///   must exist when set;
     /// * secrets (`tls.key`, `admin.token_file`, host keys, `ssh.user_ca_key`,
-    ///   `http.cookie_secret_file`, `pool.azure.client_secret_file`, `cluster.redis_password_file`,
-    ///   `batch.rest_token_file`) must not be accessible by group or others (Unix);
+    ///   `http.cookie_secret_file`, `pool.azure.client_secret_file`) must not be accessible by
+    ///   group or others (Unix);
     /// * `pool.exec` programs written as paths must exist and be executable;
     /// * with ACME: `tls.acme_directory_ca` must exist and hold a PEM certificate; `tls.acme_cache`
     ///   may be missing (created), else it must be a directory that group and others cannot
     ///   open.
+    /// * `batch.rest_token_file` (slurmrestd's JWT) must exist, not be empty, and not be
+    ///   accessible by group or others (Unix), like the secrets above.
     pub fn check_files(&self) -> Vec<ValidationError> {
         let mut r = Report::default();
         if let Some(tls) = &self.tls {
