@@ -37,6 +37,8 @@ impl Config {
     /// * with ACME: `tls.acme_directory_ca` must exist and hold a PEM certificate; `tls.acme_cache`
     ///   may be missing (created), else it must be a directory that group and others cannot
     ///   open.
+    /// * `batch.rest_token_file` (slurmrestd's JWT) must exist, not be empty, and not be
+    ///   accessible by group or others (Unix), like the secrets above.
     pub fn check_files(&self) -> Vec<ValidationError> {
         let mut r = Report::default();
         if let Some(tls) = &self.tls {
@@ -142,6 +144,27 @@ impl Config {
                 password,
                 Some("put the Redis password in it, mode 0600".into()),
                 true,
+            );
+        }
+        if let Some(token) = self.batch.as_ref().and_then(|b| b.rest_token_file.as_ref())
+            && check(
+                &mut r,
+                "batch.rest_token_file",
+                token,
+                Some(format!(
+                    "put slurmrestd's JWT in it: (umask 077; scontrol token username=USER lifespan=SECONDS > {})",
+                    token.display()
+                )),
+                true,
+            )
+            && read(token).is_some_and(|t| t.trim().is_empty())
+        {
+            r.err(
+                "batch.rest_token_file",
+                format!(
+                    "{} is empty (put the JWT from `scontrol token` in it)",
+                    token.display()
+                ),
             );
         }
         if let Some(ca) = self.cluster.as_ref().and_then(|c| c.redis_ca_file.as_ref())

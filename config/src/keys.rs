@@ -62,7 +62,12 @@ fn fully_populated() -> Config {
     c.ssh.banner = Some("welcome".into());
     c.ssh.idle_timeout = Some(Duration::from_secs(3600));
     c.health.load_metrics_port = Some(9100);
-    c.batch = Some(crate::model::Batch::default());
+    c.batch = Some(crate::model::Batch {
+        rest_url: Some("http://slurm-head:6820".into()),
+        rest_token_file: Some(PathBuf::from("keys/slurm_jwt")),
+        rest_user: Some("poolgate".into()),
+        ..crate::model::Batch::default()
+    });
     c.autoscale.schedule = vec![crate::model::ScheduleWindow {
         from: "07:30".parse().ok(),
         to: "18:00".parse().ok(),
@@ -183,6 +188,10 @@ mod tests {
             "cluster.replica_id",
             "cluster.lease",
             "cluster.key_prefix",
+            "batch.rest_url",
+            "batch.rest_token_file",
+            "batch.rest_user",
+            "batch.rest_version",
         ] {
             assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
         }

@@ -60,10 +60,14 @@ impl Config {
         if let Some(b) = &self.batch {
             let _ = writeln!(
                 out,
-                "batch: {} partition {}, nodes {}{}{}",
+                "batch: {} partition {}, nodes {}{}{}{}",
                 b.engine,
                 b.partition,
                 b.node_name,
+                b.rest_url
+                    .as_deref()
+                    .map(|u| format!(", queue read from slurmrestd {u} ({})", b.rest_version))
+                    .unwrap_or_default(),
                 if b.verbs { ", `pool` verbs on" } else { "" },
                 if a.enabled {
                     ""

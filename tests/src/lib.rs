@@ -84,5 +84,7 @@ pub use session::{Background, Multiplexed, SshSession, landed};
 pub use shell::{sh_quote, shell_line};
 pub use slurm::SlurmCluster;
 pub use sshd::{SshdVm, SshdVmBuilder};
-pub use tools::{find_tool, in_ci, install_hint, require_root, require_tool, tool};
+pub use tools::{
+    find_tool, in_ci, install_hint, require_root, require_slurm_jwt_plugin, require_tool, tool,
+};
 pub use users::{TestUser, TestUsers, ensure_system_account, test_user_name};

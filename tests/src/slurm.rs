@@ -3,6 +3,13 @@
 //! its own port), which the exec provider's scripts start and stop with the VM. Debian's
 //! `slurmctld`, `slurmd`, `slurm-client` and `munge` (22.05). Everything lives in a temporary
 //! directory; dropping the cluster stops every daemon it started.
+//!
+//! [`SlurmCluster::start_with_rest`] adds JWT authentication (`AuthAltTypes=auth/jwt`, a key
+//! file 0600 owned by root, the `SlurmUser` here) and `slurmrestd` on a free loopback port
+//! (Debian's `slurmrestd` and `slurm-wlm-jwt-plugin`). slurmrestd refuses to run as root or as
+//! `SlurmUser`, so it drops to `nobody:nogroup` (`-u`, `-g`) after opening its socket;
+//! `SLURM_JWT=daemon` makes it pass each request's token on to slurmctld (without it, 22.05's
+//! slurmrestd uses munge and rejects every token).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -19,7 +26,21 @@ pub struct SlurmCluster {
     conf: PathBuf,
     munged: Option<Child>,
     slurmctld: Option<Child>,
+    slurmrestd: Option<Child>,
+    rest_port: Option<u16>,
     nodes: Vec<String>,
+}
+
+/// Where Debian's `slurm-wlm-jwt-plugin` puts the `auth/jwt` plugin, if installed.
+pub fn jwt_plugin() -> Option<PathBuf> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .flatten()
+        .map(|dir| dir.path().join("slurm-wlm/auth_jwt.so"))
+        .chain(std::iter::once(PathBuf::from(
+            "/usr/lib/slurm-wlm/auth_jwt.so",
+        )))
+        .find(|p| p.is_file())
 }
 
 impl SlurmCluster {
@@ -27,6 +48,16 @@ impl SlurmCluster {
     /// start `DOWN` (no `slurmd` runs yet); Slurm takes one back into service as soon as its
     /// `slurmd` registers (`ReturnToService=2`).
     pub fn start(nodes: &[&str]) -> Self {
+        Self::start_inner(nodes, false)
+    }
+
+    /// [`SlurmCluster::start`], plus JWT authentication and `slurmrestd` on loopback
+    /// ([`SlurmCluster::rest_url`]; tokens from [`SlurmCluster::token`]).
+    pub fn start_with_rest(nodes: &[&str]) -> Self {
+        Self::start_inner(nodes, true)
+    }
+
+    fn start_inner(nodes: &[&str], rest: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("poolgate-slurm-")
             .tempdir()
@@ -86,6 +117,23 @@ impl SlurmCluster {
             socket = socket.display(),
             d = d.display(),
         );
+        if rest {
+            // slurmctld (root, the SlurmUser here) signs and checks tokens with this key.
+            let jwt_key = d.join("jwt.key");
+            let mut key = vec![0u8; 32];
+            std::io::Read::read_exact(
+                &mut std::fs::File::open("/dev/urandom").expect("open /dev/urandom"),
+                &mut key,
+            )
+            .expect("read /dev/urandom");
+            std::fs::write(&jwt_key, key).expect("jwt key");
+            std::fs::set_permissions(&jwt_key, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod jwt key");
+            conf.push_str(&format!(
+                "AuthAltTypes=auth/jwt\nAuthAltParameters=jwt_key={}\n",
+                jwt_key.display()
+            ));
+        }
         for name in nodes {
             std::fs::create_dir_all(d.join("spool").join(name)).expect("spool dir");
             conf.push_str(&format!(
@@ -115,15 +163,75 @@ impl SlurmCluster {
             conf: conf_path,
             munged: Some(munged),
             slurmctld: Some(slurmctld),
+            slurmrestd: None,
+            rest_port: None,
             nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
         };
         let started = Instant::now();
         wait_until(Duration::from_secs(20), "slurmctld to answer", || {
             cluster.client("scontrol", &["ping"]).status.success()
         });
+        if rest {
+            cluster.start_slurmrestd();
+        }
         eprintln!("slurm cluster up in {:?}", started.elapsed());
         cluster.nodes.shrink_to_fit();
         cluster
+    }
+
+    /// slurmrestd on a free loopback port, as `nobody:nogroup`, JWT only, `openapi/v0.0.38`.
+    fn start_slurmrestd(&mut self) {
+        let port = free_port();
+        let log = std::fs::File::create(self.dir.path().join("log/slurmrestd.log"))
+            .expect("slurmrestd log");
+        let child = Command::new(tool("slurmrestd"))
+            .arg("-f")
+            .arg(&self.conf)
+            .args(["-u", "nobody", "-g", "nogroup"])
+            .args(["-a", "rest_auth/jwt", "-s", "openapi/v0.0.38"])
+            .arg(format!("127.0.0.1:{port}"))
+            .env("SLURM_CONF", &self.conf)
+            .env("SLURM_JWT", "daemon")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start slurmrestd");
+        self.slurmrestd = Some(child);
+        self.rest_port = Some(port);
+        wait_until(Duration::from_secs(10), "slurmrestd to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// slurmrestd's base URL (`http://127.0.0.1:PORT`); only with
+    /// [`SlurmCluster::start_with_rest`].
+    pub fn rest_url(&self) -> String {
+        let port = self
+            .rest_port
+            .expect("slurmrestd runs only with SlurmCluster::start_with_rest");
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// A JWT for `user` valid `lifespan` seconds, as `scontrol token` prints it
+    /// (`SLURM_JWT=…`).
+    pub fn token(&self, user: &str, lifespan: u32) -> String {
+        let out = self.client(
+            "scontrol",
+            &[
+                "token",
+                &format!("username={user}"),
+                &format!("lifespan={lifespan}"),
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            out.status.success() && text.starts_with("SLURM_JWT="),
+            "scontrol token failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
     }
 
     /// `slurm.conf` (what `SLURM_CONF` must point at for clients).
@@ -204,9 +312,13 @@ impl Drop for SlurmCluster {
                 kill_tree(pid);
             }
         }
-        for child in [self.slurmctld.take(), self.munged.take()]
-            .into_iter()
-            .flatten()
+        for child in [
+            self.slurmrestd.take(),
+            self.slurmctld.take(),
+            self.munged.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let mut child = child;
             kill_tree(child.id());

@@ -44,6 +44,8 @@ pub fn install_hint(name: &str) -> String {
         "slurmd" => "apt-get install slurmd",
         "sbatch" | "squeue" | "sinfo" | "scontrol" | "scancel" => "apt-get install slurm-client",
         "munged" => "apt-get install munge",
+        "slurmrestd" => "apt-get install slurmrestd",
+        "auth_jwt.so" => "apt-get install slurm-wlm-jwt-plugin",
         "pebble" | "pebble-challtestsrv" => "apt-get install pebble",
         "promtool" => "apt-get install prometheus",
         "useradd" | "usermod" | "chpasswd" => "apt-get install passwd",
@@ -81,6 +83,19 @@ pub fn require_root() -> bool {
         return true;
     }
     missing("this test must run as root (it creates pgtest accounts and runs sshd)");
+    false
+}
+
+/// True when Slurm's `auth/jwt` plugin is installed (Debian `slurm-wlm-jwt-plugin`); missing:
+/// under CI this PANICS, elsewhere it prints `SKIPPED` and returns false.
+pub fn require_slurm_jwt_plugin() -> bool {
+    if crate::slurm::jwt_plugin().is_some() {
+        return true;
+    }
+    missing(&format!(
+        "Slurm's auth/jwt plugin (auth_jwt.so) is not installed ({})",
+        install_hint("auth_jwt.so")
+    ));
     false
 }
 

@@ -2,7 +2,8 @@
 //! `munge`) on loopback: each pool "VM" is a real sshd plus a `slurmd` for its node, started and
 //! stopped together by the exec provider's scripts; a real gateway reads the queue, starts VMs
 //! for pending jobs, keeps VMs that run jobs, drains and resumes nodes with the VMs, and rewrites
-//! `ssh … pool submit|jobs|logs|cancel` into Slurm commands run as the user.
+//! `ssh … pool submit|jobs|logs|cancel` into Slurm commands run as the user. The last tests read
+//! the queue through a real `slurmrestd` with a JWT (`batch.rest_url`) instead of `squeue`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -17,6 +18,8 @@ struct BatchPool {
     slurm: SlurmCluster,
     /// World-readable scratch for files the jobs wait on.
     shared: tempfile::TempDir,
+    /// `batch.rest_token_file` when the queue is read through slurmrestd.
+    token_file: Option<std::path::PathBuf>,
     // Fields drop in order: the processes the scripts started are killed (through their pid
     // files) before the VMs' directories holding those files go away.
     _cleanup: Vec<KillPidFile>,
@@ -25,11 +28,36 @@ struct BatchPool {
 }
 
 fn start(names: &[&str], users: usize) -> BatchPool {
-    let slurm = SlurmCluster::start(names);
+    start_with(names, users, false)
+}
+
+/// With `rest`: the queue is read through slurmrestd, from the smallest such `[batch]` (URL and
+/// token file; the token is `nobody`'s, as `scontrol token` printed it).
+fn start_with(names: &[&str], users: usize, rest: bool) -> BatchPool {
+    let slurm = if rest {
+        SlurmCluster::start_with_rest(names)
+    } else {
+        SlurmCluster::start(names)
+    };
     let dir = tempfile::Builder::new()
         .prefix("poolgate-batch-e2e-")
         .tempdir()
         .expect("temp dir");
+    let token_file = rest.then(|| {
+        let path = dir.path().join("slurm_jwt");
+        write_token(&path, &slurm.token("nobody", 3600));
+        path
+    });
+    let batch = match &token_file {
+        Some(token) => format!(
+            "[batch]\nrest_url = \"{}\"\nrest_token_file = \"{}\"\n",
+            slurm.rest_url(),
+            token.display()
+        ),
+        None => {
+            "[batch]\nengine = \"slurm\"\npartition = \"pool\"\nnode_name = \"{vm}\"\n".to_owned()
+        }
+    };
     let ca = UserCa::generate();
     let conf = slurm.conf().display().to_string();
     let mut vms: Vec<SshdVm> = names
@@ -89,7 +117,8 @@ fn start(names: &[&str], users: usize) -> BatchPool {
         builder = builder.known_vm(vm);
     }
     // The smallest [batch] a user writes; the gateway finds squeue, sinfo and scontrol on its
-    // PATH and the cluster through SLURM_CONF, as on a gateway host with slurm-client.
+    // PATH and the cluster through SLURM_CONF, as on a gateway host with slurm-client (with
+    // slurmrestd, scontrol still drains and resumes nodes).
     let pool = builder
         .gateway_env("SLURM_CONF", &conf)
         .config_toml(&format!(
@@ -97,8 +126,7 @@ fn start(names: &[&str], users: usize) -> BatchPool {
              stop = [\"{stop}\"]\npoll_interval = \"1s\"\ntimeout = \"30s\"\n\
              [autoscale]\nenabled = true\nmax_vms = {max}\nspare_vms = 0\n\
              scale_in_after = \"2s\"\nscale_to_zero_after = \"3s\"\ntick = \"1s\"\ncooldown = \"1s\"\n\
-             boot_estimate = \"2s\"\nhold_connect_for = \"60s\"\nbusy_command = []\n\
-             [batch]\nengine = \"slurm\"\npartition = \"pool\"\nnode_name = \"{{vm}}\"\n",
+             boot_estimate = \"2s\"\nhold_connect_for = \"60s\"\nbusy_command = []\n{batch}",
             max = names.len(),
         ))
         .start();
@@ -115,6 +143,7 @@ fn start(names: &[&str], users: usize) -> BatchPool {
         pool,
         slurm,
         shared,
+        token_file,
         _vms: vms,
         _cleanup: cleanup,
         _dir: dir,
@@ -192,6 +221,15 @@ impl BatchPool {
     fn context(&self) -> String {
         format!("{}\n--- slurm ---\n{}", self.pool.log(), self.slurm.logs())
     }
+}
+
+/// Writes a token file as an operator's cron job would: a new file, mode 0600, renamed over the
+/// old one.
+fn write_token(path: &Path, token: &str) {
+    let new = path.with_extension("new");
+    std::fs::write(&new, format!("{token}\n")).expect("write token");
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o600)).expect("chmod token");
+    std::fs::rename(&new, path).expect("rename token");
 }
 
 fn chown(path: &Path, uid: u32, gid: u32) {
@@ -504,5 +542,147 @@ fn twenty_queued_jobs_grow_the_pool_to_its_max_and_it_goes_back_to_zero() {
         b.pool
             .wait_for_state(name, "stopped", Duration::from_secs(40));
     }
+    b.pool.assert_no_panic();
+}
+
+/// `sbatch` from a login node (here the gateway host) to partition `pool`; the job id.
+fn sbatch(b: &BatchPool, args: &[&str]) -> String {
+    let mut argv = vec!["--parsable", "-p", "pool", "-o", "/dev/null"];
+    argv.extend_from_slice(args);
+    let out = b.slurm.client("sbatch", &argv);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+#[test]
+fn through_slurmrestd_a_job_queued_on_a_pool_at_zero_wakes_a_vm_runs_and_the_vm_is_drained_after() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "slurmctld",
+        "slurmd",
+        "slurmrestd",
+        "sbatch",
+        "munged"
+    );
+    require_root!();
+    if !require_slurm_jwt_plugin() {
+        return;
+    }
+    let b = start_with(&["vm-a"], 1, true);
+    // Queued from a login node, not through the gateway: only the queue read through
+    // slurmrestd can wake the VM.
+    let queued = Instant::now();
+    let id = sbatch(&b, &["--wrap", "sleep 1"]);
+    assert!(
+        poll(Duration::from_secs(40), || b
+            .slurm
+            .job(&id)
+            .contains("JobState=COMPLETED")),
+        "the job never ran: {}\n{}",
+        b.slurm.job(&id),
+        b.context()
+    );
+    eprintln!(
+        "queued to completed through slurmrestd: {:?}",
+        queued.elapsed()
+    );
+    let metrics = b.pool.metrics();
+    assert_eq!(
+        sample(&metrics, "poolgate_batch_up"),
+        Some(1.0),
+        "{metrics}"
+    );
+    // Scaled in afterwards: drained in Slurm (scontrol; slurmrestd 22.05 cannot), then stopped.
+    b.pool
+        .wait_for_state("vm-a", "stopped", Duration::from_secs(40));
+    let node = b.slurm.node_state("vm-a");
+    assert!(
+        node.starts_with("drained") && node.ends_with("|poolgate-scale-in"),
+        "{node}\n{}",
+        b.context()
+    );
+    let log = b.pool.log();
+    let token =
+        std::fs::read_to_string(b.token_file.as_ref().expect("token file")).expect("read token");
+    let token = token.trim().trim_start_matches("SLURM_JWT=");
+    assert!(!log.contains(token), "the token is in the log");
+    assert!(!log.contains("reading the batch queue failed"), "{log}");
+    b.pool.assert_no_panic();
+}
+
+#[test]
+fn through_slurmrestd_an_expired_token_is_a_failed_read_that_drains_and_stops_nothing_until_a_new_one_is_written()
+ {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "slurmctld",
+        "slurmd",
+        "slurmrestd",
+        "sbatch",
+        "munged"
+    );
+    require_root!();
+    if !require_slurm_jwt_plugin() {
+        return;
+    }
+    let b = start_with(&["vm-a"], 1, true);
+    let token_file = b.token_file.clone().expect("rest token file");
+    let job = b.job_script(1, "long.sh", &b.wait_body());
+    let id = b.submit(1, &job);
+    b.wait_running(&id);
+    // The token expires (here: replaced by one that lived one second).
+    let expired = b.slurm.token("nobody", 1);
+    std::thread::sleep(Duration::from_millis(2100)); // the token's lifetime, in whole seconds
+    write_token(&token_file, &expired);
+    assert!(
+        poll(Duration::from_secs(15), || sample(
+            &b.pool.metrics(),
+            "poolgate_batch_up"
+        ) == Some(0.0)),
+        "poolgate_batch_up never went to 0\n{}",
+        b.context()
+    );
+    let log = b.pool.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("reading the batch queue failed"))
+        .unwrap_or_else(|| panic!("no warning in\n{log}"));
+    assert!(
+        warning.contains("when the token has expired or is not valid")
+            && warning.contains("batch.rest_token_file"),
+        "{warning}"
+    );
+    eprintln!("{warning}");
+    let secret = expired.trim_start_matches("SLURM_JWT=");
+    assert!(!log.contains(secret), "the token is in the log");
+    // Nobody is logged in: scale-in would drain after 2 s and stop after 3 s. Reading fails, so
+    // the last view (the node runs a job) holds: nothing is drained, in poolgate or in Slurm,
+    // nor stopped.
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.push((b.pool.vm_state("vm-a"), b.slurm.node_state("vm-a")));
+        std::thread::sleep(Duration::from_millis(300)); // sampling the state, not waiting for it
+    }
+    assert!(
+        seen.iter()
+            .all(|(vm, node)| vm == "healthy" && node.starts_with("allocated")),
+        "drained or stopped while the queue could not be read: {seen:?}\n{}",
+        b.context()
+    );
+    // A new token (as a cron job rotating it would write) is read at the next tick, no restart.
+    write_token(&token_file, &b.slurm.token("nobody", 3600));
+    b.pool.gateway.wait_for_log(
+        "reading the batch queue works again",
+        Duration::from_secs(10),
+    );
+    assert_eq!(sample(&b.pool.metrics(), "poolgate_batch_up"), Some(1.0));
+    // And the job's end is seen: the VM is scaled in as usual.
+    b.release();
+    b.pool
+        .wait_for_state("vm-a", "stopped", Duration::from_secs(40));
     b.pool.assert_no_panic();
 }

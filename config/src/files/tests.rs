@@ -266,3 +266,40 @@ fn acme_cache_and_directory_ca() {
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
     assert_eq!(messages(&c).len(), 1);
 }
+
+#[test]
+fn slurmrestd_token_file_is_a_secret_that_must_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    let token = dir.path().join("keys/slurm_jwt");
+    c.batch = Some(crate::model::Batch {
+        rest_url: Some("http://127.0.0.1:6820".into()),
+        rest_token_file: Some(token.clone()),
+        ..crate::model::Batch::default()
+    });
+    assert_eq!(
+        messages(&c),
+        vec![format!(
+            "batch.rest_token_file: {0} does not exist (put slurmrestd's JWT in it: (umask 077; scontrol token username=USER lifespan=SECONDS > {0}))",
+            token.display()
+        )]
+    );
+    write(&token, "SLURM_JWT=eyJ.eyJ.sig\n", 0o640);
+    assert_eq!(
+        messages(&c),
+        vec![format!(
+            "batch.rest_token_file: {0} has permissions 0640, too open for a secret (run: chmod 600 {0})",
+            token.display()
+        )]
+    );
+    write(&token, "\n", 0o600);
+    assert_eq!(
+        messages(&c),
+        vec![format!(
+            "batch.rest_token_file: {} is empty (put the JWT from `scontrol token` in it)",
+            token.display()
+        )]
+    );
+    write(&token, "SLURM_JWT=eyJ.eyJ.sig\n", 0o600);
+    assert_eq!(messages(&c), Vec::<String>::new());
+}

@@ -1,12 +1,16 @@
 //! `[batch]`: the batch half of the pool — Slurm on the same VMs, its queue read by the
 //! autoscaler and its nodes drained and resumed with the VMs.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::enums::BatchEngine;
 use crate::serde_util::duration;
+
+/// `batch.rest_version` by default: the newest OpenAPI version of Slurm 22.05's slurmrestd.
+pub const DEFAULT_REST_VERSION: &str = "v0.0.38";
 
 /// `[batch]`: present when the pool VMs also run Slurm jobs. Absent: no batch, and `pool` is an
 /// ordinary command on the VMs.
@@ -26,8 +30,24 @@ pub struct Batch {
     /// argv that runs `sinfo` on the gateway (node states; prefix like `squeue`).
     pub sinfo: Vec<String>,
     /// argv that runs `scontrol` on the gateway (drains and resumes nodes; prefix like `squeue`).
+    /// Also used with `rest_url`: slurmrestd's `v0.0.38` API (Slurm 22.05) has no node update.
     pub scontrol: Vec<String>,
-    /// Longest one of those commands may take; longer is a failed read (the last view is kept).
+    /// slurmrestd's base URL (`http://slurm-head:6820`): the queue and the nodes are read from
+    /// `GET /slurm/{rest_version}/jobs` and `/nodes` with a JWT instead of `squeue` and `sinfo`.
+    /// Drains and resumes still run `scontrol`. Unset: the client commands.
+    pub rest_url: Option<String>,
+    /// File holding the JWT for slurmrestd (`scontrol token username=… lifespan=…`, the bare
+    /// token or its `SLURM_JWT=…` line), mode 0600. Read on every use, so a rotated token is
+    /// picked up without a restart. Required with `rest_url`.
+    pub rest_token_file: Option<PathBuf>,
+    /// `X-SLURM-USER-NAME` sent to slurmrestd. Unset: the user the token was made for (its
+    /// `sun` claim).
+    pub rest_user: Option<String>,
+    /// slurmrestd's OpenAPI plugin version in the URL: `"v0.0.38"`, the newest that Slurm 22.05
+    /// (Debian bookworm) serves; slurmrestd lists its versions at `/openapi/v3`.
+    pub rest_version: String,
+    /// Longest one of those commands (or slurmrestd requests) may take; longer is a failed read
+    /// (the last view is kept).
     #[serde(with = "duration")]
     pub timeout: Duration,
     /// `ssh HOST pool submit|jobs|logs|cancel …`: exec requests whose first word is `pool` run
@@ -45,6 +65,10 @@ impl Default for Batch {
             squeue: vec!["squeue".to_owned()],
             sinfo: vec!["sinfo".to_owned()],
             scontrol: vec!["scontrol".to_owned()],
+            rest_url: None,
+            rest_token_file: None,
+            rest_user: None,
+            rest_version: DEFAULT_REST_VERSION.to_owned(),
             timeout: Duration::from_secs(20),
             verbs: true,
         }
@@ -55,5 +79,10 @@ impl Batch {
     /// The Slurm node name of VM `vm`.
     pub fn node_of(&self, vm: &str) -> String {
         self.node_name.replace("{vm}", vm)
+    }
+
+    /// True when the queue is read from slurmrestd (`rest_url` set).
+    pub fn uses_rest(&self) -> bool {
+        self.rest_url.is_some()
     }
 }

@@ -117,6 +117,9 @@ impl Config {
                 resolve(p);
             }
         }
+        if let Some(p) = self.batch.as_mut().and_then(|b| b.rest_token_file.as_mut()) {
+            resolve(p);
+        }
         if let Some(exec) = &mut self.pool.exec {
             let commands = std::iter::once(&mut exec.list).chain(
                 [

@@ -578,3 +578,88 @@ fn acme_settings_are_checked() {
     }
     assert_eq!(errs.len(), 6, "{errs:#?}");
 }
+
+#[test]
+fn batch_rest_keys() {
+    use crate::model::Batch;
+    let with = |f: &dyn Fn(&mut Batch)| {
+        let mut c = valid();
+        let mut b = Batch::default();
+        f(&mut b);
+        c.batch = Some(b);
+        c
+    };
+    // The smallest slurmrestd configuration, and IPv6 or a path prefix.
+    for url in [
+        "http://slurm-head:6820",
+        "https://slurm-head/slurmrestd/",
+        "http://[::1]:6820",
+    ] {
+        let c = with(&|b| {
+            b.rest_url = Some(url.into());
+            b.rest_token_file = Some("/etc/poolgate/keys/slurm_jwt".into());
+        });
+        assert_eq!(messages(&c), Vec::<String>::new(), "{url}");
+    }
+    let c = with(&|b| b.rest_url = Some("http://slurm-head:6820".into()));
+    has(
+        &c,
+        "batch.rest_token_file: must be set with batch.rest_url: the file holding slurmrestd's JWT, mode 0600 (e.g. (umask 077; scontrol token username=poolgate lifespan=2592000 > /etc/poolgate/keys/slurm_jwt))",
+    );
+    let c = with(&|b| {
+        b.rest_token_file = Some("keys/slurm_jwt".into());
+        b.rest_user = Some("poolgate".into());
+    });
+    has(
+        &c,
+        "batch.rest_token_file: is only used with batch.rest_url (set it to slurmrestd's URL, or remove rest_token_file to read the queue with squeue and sinfo)",
+    );
+    has_key(&c, "batch.rest_user");
+    for (url, expected) in [
+        (
+            "slurm-head:6820",
+            "batch.rest_url: \"slurm-head:6820\" is not a URL (write http://HOST:PORT, e.g. \"http://slurm-head:6820\")",
+        ),
+        (
+            "unix:///run/slurmrestd.sock",
+            "batch.rest_url: scheme \"unix\" is not http or https (e.g. \"http://slurm-head:6820\")",
+        ),
+        (
+            "http://u:p@slurm-head:6820",
+            "batch.rest_url: holds user information; slurmrestd is given the user in batch.rest_user and the token in batch.rest_token_file",
+        ),
+        (
+            "http://:6820",
+            "batch.rest_url: \"http://:6820\" names no usable host (e.g. \"http://slurm-head:6820\")",
+        ),
+        (
+            "http://slurm-head:0",
+            "batch.rest_url: \"http://slurm-head:0\" has no valid port (1-65535; slurmrestd often listens on 6820)",
+        ),
+        (
+            "http://slurm-head:6820/slurm/v0.0.38/jobs?x=1",
+            "batch.rest_url: \"http://slurm-head:6820/slurm/v0.0.38/jobs?x=1\" has a query or fragment; give slurmrestd's base URL only (poolgate appends /slurm/VERSION/jobs)",
+        ),
+    ] {
+        let c = with(&|b| {
+            b.rest_url = Some(url.into());
+            b.rest_token_file = Some("keys/slurm_jwt".into());
+        });
+        has(&c, expected);
+    }
+    let c = with(&|b| {
+        b.rest_url = Some("http://slurm-head:6820".into());
+        b.rest_token_file = Some("~/jwt".into());
+        b.rest_user = Some("pool gate".into());
+        b.rest_version = "0.0.38".into();
+    });
+    has_key(&c, "batch.rest_token_file");
+    has(
+        &c,
+        "batch.rest_user: \"pool gate\" is not a user name (letters, digits, '-', '_', '.', '@'; the user the token was made for, or leave it unset to take it from the token)",
+    );
+    has(
+        &c,
+        "batch.rest_version: \"0.0.38\" is not a slurmrestd OpenAPI version like \"v0.0.38\" (Slurm 22.05 serves v0.0.36 to v0.0.38; slurmrestd lists its own at /openapi/v3)",
+    );
+}

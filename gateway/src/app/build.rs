@@ -274,7 +274,9 @@ fn build_gateway(
     if let Some(batch) = &config.batch
         && a.enabled
     {
-        driver.set_batch(Arc::new(crate::autoscale::batch::Slurm::new(batch)));
+        driver.set_batch(
+            crate::autoscale::batch::engine(batch).map_err(|e| anyhow::anyhow!("[batch]: {e}"))?,
+        );
     }
     driver.set_schedule(
         crate::autoscale::schedule::Schedule::new(&a.schedule).context("autoscale.schedule")?,

@@ -4,12 +4,18 @@
 //! Slurm is read with its own client commands on the gateway (argv prefixes from the
 //! configuration, so a wrapper can run them elsewhere): `squeue` for the partition's pending and
 //! running jobs, `sinfo -N` for each node's state and drain reason, `scontrol update` to drain
-//! and resume nodes. Nothing of Slurm's is stored here; every tick reads it again.
+//! and resume nodes. Or, with `batch.rest_url`, the queue and the nodes through slurmrestd with a
+//! JWT ([`SlurmRest`]), drains and resumes still through `scontrol`. Nothing of Slurm's is stored
+//! here; every tick reads it again.
 
 use std::collections::HashMap;
 
 use futures::future::BoxFuture;
 use poolgate_config::Batch;
+
+mod rest;
+
+pub use rest::{SlurmRest, parse_rest_view};
 
 /// Drain reason of a node poolgate drained for scale-in.
 pub const SCALE_IN_REASON: &str = "poolgate-scale-in";
@@ -146,6 +152,26 @@ impl BatchEngine for Slurm {
     }
 }
 
+/// True when a job pending for `reason` would start on more VMs (not held, not waiting on a
+/// dependency, a begin time, a partition's or an association's limit).
+fn is_demand(reason: &str) -> bool {
+    let reason = reason.trim();
+    !NOT_DEMAND
+        .iter()
+        .any(|r| reason == *r || reason.starts_with(&format!("{r},")))
+        && !reason.starts_with("Assoc")
+        && !reason.starts_with("QOS")
+}
+
+/// Builds the engine `[batch]` describes: slurmrestd with `rest_url`, else the client commands.
+pub fn engine(config: &Batch) -> Result<std::sync::Arc<dyn BatchEngine>, String> {
+    if config.uses_rest() {
+        Ok(std::sync::Arc::new(SlurmRest::new(config)?))
+    } else {
+        Ok(std::sync::Arc::new(Slurm::new(config)))
+    }
+}
+
 /// Parses `squeue -o '%i|%t|%D|%r'` and `sinfo -N -o '%N|%T|%E'` output. Lines that do not
 /// parse are skipped.
 pub fn parse_view(jobs: &str, nodes: &str) -> BatchView {
@@ -159,13 +185,7 @@ pub fn parse_view(jobs: &str, nodes: &str) -> BatchView {
         match *state {
             "PD" => {
                 view.pending_jobs += 1;
-                let reason = reason.trim();
-                if !NOT_DEMAND
-                    .iter()
-                    .any(|r| reason == *r || reason.starts_with(&format!("{r},")))
-                    && !reason.starts_with("Assoc")
-                    && !reason.starts_with("QOS")
-                {
+                if is_demand(reason) {
                     view.pending_nodes = view.pending_nodes.saturating_add(count);
                 }
             }
