@@ -80,9 +80,11 @@ pub fn http_client_trusting(roots: rustls::RootCertStore) -> Result<HyperClient,
 /// Timing of retries and long-running operations.
 #[derive(Debug, Clone)]
 pub struct Tuning {
-    /// Retries of a throttled (429) or unavailable (503) call before giving up.
+    /// Retries of a call ARM throttled (429), timed out (408) or failed (500, 502, 503, 504), or
+    /// that found no connection, before giving up.
     pub max_retries: u32,
-    /// Wait when a throttled response has no usable `Retry-After`.
+    /// First wait before a retry when the answer has no usable `Retry-After` (doubling per
+    /// retry).
     pub default_retry_after: Duration,
     /// Longest wait we accept from `Retry-After`.
     pub max_retry_after: Duration,
