@@ -961,6 +961,11 @@ impl Driver {
             if self.settings.enabled && self.leads() {
                 // Provider actions run on their own tasks; the next decision does not wait.
                 drop(self.decide_and_dispatch().await);
+            } else if let Ok(mut unregistered) = self.unregistered.lock() {
+                // Only the leader reads Slurm: a follower (or a former leader) counts nothing,
+                // and times again from scratch once it leads.
+                unregistered.clear();
+                self.metrics.batch_nodes_unregistered.set(0);
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.tick.min(self.settings.poll_interval)) => {}
