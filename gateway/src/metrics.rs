@@ -49,6 +49,9 @@ pub struct Metrics {
     pub batch_jobs: IntGaugeVec,
     /// `poolgate_batch_nodes_busy`: pool VMs whose Slurm node runs a job.
     pub batch_nodes_busy: IntGauge,
+    /// `poolgate_batch_nodes_unregistered`: running pool VMs whose Slurm node has not
+    /// registered within `batch.register_within`.
+    pub batch_nodes_unregistered: IntGauge,
     /// `poolgate_batch_up`: 1 while reading the batch queue works (0: deciding on its last view).
     pub batch_up: IntGauge,
     /// `poolgate_autoscale_schedule_min_vms`: VMs a `[[autoscale.schedule]]` window keeps warm
@@ -227,6 +230,10 @@ impl Metrics {
             batch_nodes_busy: reg!(IntGauge::new(
                 "batch_nodes_busy",
                 "Pool VMs whose Slurm node runs a job (never drained or removed)."
+            )),
+            batch_nodes_unregistered: reg!(IntGauge::new(
+                "batch_nodes_unregistered",
+                "Running pool VMs whose Slurm node has not registered within batch.register_within (absent, down, not responding); pending jobs start no VM while any."
             )),
             batch_up: reg!(IntGauge::new(
                 "batch_up",
@@ -450,6 +457,7 @@ impl Metrics {
             self.autoscale_schedule_min_vms.desc(),
             self.batch_jobs.desc(),
             self.batch_nodes_busy.desc(),
+            self.batch_nodes_unregistered.desc(),
             self.batch_up.desc(),
             self.autoscale_actions_in_flight.desc(),
             self.autoscale_actions_total.desc(),

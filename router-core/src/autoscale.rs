@@ -16,6 +16,9 @@
 //!   still empty. Never remove a VM with sessions; never touch VMs an operator drained.
 //! * A VM on which work runs that does not flow through the gateway (`busy`, from the driver's
 //!   busy check) is never drained nor removed; one the policy drained is taken back into service.
+//! * Pending batch jobs add a VM per node they wait for, besides the VMs running jobs — except
+//!   while a running VM's batch node has not registered (`batch_unregistered_nodes`): then they
+//!   start nothing and only keep the VMs serving now, up to what they would ask for.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -87,6 +90,11 @@ pub struct Observation<'a> {
     /// VMs whose batch node runs a job now (0 without `[batch]`). While jobs are pending these
     /// count as taken: the pending ones need VMs besides them, not instead of them.
     pub batch_running_nodes: u32,
+    /// Running VMs whose batch node has not registered with the scheduler (or stopped
+    /// answering) for longer than it should take (`batch.register_within`; 0 without
+    /// `[batch]`). While there is one, pending batch jobs start no VM: see
+    /// [`Autoscaler::decide`].
+    pub batch_unregistered_nodes: u32,
 }
 
 /// What to do.
@@ -200,17 +208,29 @@ impl Autoscaler {
         if demand == 0 && pending_nodes == 0 && pool_idle_for >= c.scale_to_zero_after {
             desired = c.min_vms.max(floor);
         }
+        let alive: Vec<&VmObservation> = obs.vms.iter().filter(|v| is_alive(v.lifecycle)).collect();
+        let serving = alive.iter().filter(|v| !v.draining).count() as u32;
+
         // Pending batch jobs need VMs of their own on top of the interactive aim and of the VMs
         // already running jobs (those serve no one else meanwhile).
         if pending_nodes > 0 {
-            desired = desired
+            let with_batch = desired
                 .saturating_add(pending_nodes)
                 .saturating_add(obs.batch_running_nodes)
                 .min(c.max_vms.max(c.min_vms));
+            // A VM whose batch node never registered (a pool image without a working slurmd,
+            // a wrong munge key or node name) shows that VMs started for the jobs do not run
+            // them: the jobs stay pending, and more VMs would not help. So while there is one,
+            // pending jobs start no VM: they keep the VMs serving now (up to what they would
+            // ask for), so those are not scaled in and started again while the jobs wait, and
+            // the pool does not grow to max_vms chasing jobs that cannot run. Sessions and
+            // schedule windows still start VMs (the interactive aim, `desired` so far).
+            desired = if obs.batch_unregistered_nodes > 0 {
+                desired.max(with_batch.min(serving))
+            } else {
+                with_batch
+            };
         }
-
-        let alive: Vec<&VmObservation> = obs.vms.iter().filter(|v| is_alive(v.lifecycle)).collect();
-        let serving = alive.iter().filter(|v| !v.draining).count() as u32;
         // On its way: starting, or running but not through its probes yet.
         let starting = alive
             .iter()
@@ -371,6 +391,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.desired, 2);
         assert_eq!(d.actions[0].0, Action::Start(2));
@@ -391,6 +412,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.desired, 1);
         assert_eq!(d.actions[0].0, Action::Start(1), "{d:?}");
@@ -408,6 +430,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.desired, 3);
         assert_eq!(d.actions, vec![(Action::Start(1), d.actions[0].1.clone())]);
@@ -427,6 +450,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.actions.len(), 1);
         assert_eq!(d.actions[0].0, Action::Drain("b".into()));
@@ -439,6 +463,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Remove("b".into()));
 
@@ -453,6 +478,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         let Action::Drain(name) = &d.actions[0].0 else {
             panic!("{d:?}")
@@ -471,6 +497,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Undrain(drained));
     }
@@ -488,6 +515,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         let busy = [vm("a", 2, None), vm("b", 1, None), vm("c", 1, None)];
         let d = a.decide(&Observation {
@@ -497,6 +525,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert!(
             d.actions
@@ -518,6 +547,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(
             d.desired, 1,
@@ -530,6 +560,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.desired, 0);
         assert_eq!(d.actions[0].0, Action::Drain("a".into()));
@@ -546,6 +577,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert!(
             d.actions
@@ -570,6 +602,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(
             d.actions,
@@ -585,6 +618,7 @@ mod tests {
                 min_warm: 0,
                 batch_pending_nodes: 0,
                 batch_running_nodes: 0,
+                batch_unregistered_nodes: 0,
             });
             assert!(
                 d.actions
@@ -608,6 +642,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         let d = a.decide(&Observation {
             vms: &vms,
@@ -616,6 +651,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Drain("c".into()));
         vms[0].draining = true;
@@ -627,6 +663,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.actions.len(), 1, "{d:?}");
         assert_eq!(d.actions[0].0, Action::Undrain("c".into()));
@@ -641,6 +678,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Drain("c".into()));
     }
@@ -657,6 +695,7 @@ mod tests {
             min_warm: 3,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.desired, 3);
         assert_eq!(d.actions.len(), 1, "{d:?}");
@@ -677,6 +716,7 @@ mod tests {
             min_warm: 3,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.desired, 3);
         assert_eq!(
@@ -696,6 +736,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         let d = b.decide(&Observation {
             vms: &vms[..3],
@@ -704,6 +745,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.desired, 0);
         assert!(matches!(d.actions[0].0, Action::Drain(_)), "{d:?}");
@@ -725,6 +767,7 @@ mod tests {
             min_warm: 2,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.desired, 4);
         // A floor above max_vms (5) is held at max_vms.
@@ -735,6 +778,7 @@ mod tests {
             min_warm: 9,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!((d.desired, d.actions[0].0.clone()), (5, Action::Start(5)));
     }
@@ -751,6 +795,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         let d = a.decide(&Observation {
             vms: &[],
@@ -759,6 +804,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 1,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.desired, 2, "{d:?}");
         assert_eq!(d.actions[0].0, Action::Start(2));
@@ -771,6 +817,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 20,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.desired, 5);
         // VMs running jobs are busy: never drained, however long without sessions.
@@ -784,6 +831,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert!(
             !d.actions.iter().any(|(x, _)| matches!(x, Action::Drain(_))),
@@ -808,6 +856,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 1,
             batch_running_nodes: 3,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Start(2), "{d:?}");
         // Nothing pending: the running jobs' VMs are kept (busy) but add no VM.
@@ -818,11 +867,85 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 3,
+            batch_unregistered_nodes: 0,
         });
         assert!(
             !d.actions.iter().any(|(x, _)| matches!(x, Action::Start(_))),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn pending_jobs_start_no_vm_while_a_vm_started_for_them_has_not_registered() {
+        fn obs(
+            vms: &[VmObservation],
+            pending: u32,
+            running: u32,
+            unregistered: u32,
+            now: Instant,
+        ) -> Observation<'_> {
+            Observation {
+                vms,
+                waiting: 0,
+                now,
+                min_warm: 0,
+                batch_pending_nodes: pending,
+                batch_running_nodes: running,
+                batch_unregistered_nodes: unregistered,
+            }
+        }
+        let t0 = Instant::now();
+        let mut c = config();
+        c.spare_vms = 0;
+        c.scale_in_after = Duration::from_secs(60);
+        let mut a = Autoscaler::new(c);
+        // One job pending on a pool at zero: one VM, as usual (nothing is known yet).
+        let d = a.decide(&obs(&[], 1, 0, 0, t0));
+        assert_eq!(d.actions, vec![(Action::Start(1), d.actions[0].1.clone())]);
+        // It runs, idle, past register_within and scale_in_after; its node never registered.
+        // Three more jobs queue: no VM is started for them, and the one up is kept (not
+        // scaled in only to be started again).
+        let vms = [vm("a", 0, Some(t0))];
+        for minutes in [10, 20, 60] {
+            let at = t0 + Duration::from_secs(60 * minutes);
+            let d = a.decide(&obs(&vms, 4, 0, 1, at));
+            assert_eq!(d.desired, 1, "{d:?}");
+            assert!(d.actions.is_empty(), "{d:?}");
+        }
+        // Without the unregistered VM the same queue asks for four.
+        let d = a.decide(&obs(&vms, 4, 0, 0, t0 + Duration::from_secs(3600)));
+        assert_eq!(d.desired, 4);
+        assert_eq!(d.actions[0].0, Action::Start(3));
+        // More VMs serving than the jobs ask for: the extra ones are scaled in as usual.
+        let three = [
+            vm("a", 0, Some(t0)),
+            vm("b", 0, Some(t0)),
+            vm("c", 0, Some(t0)),
+        ];
+        let mut a = Autoscaler::new(c);
+        let at = t0 + Duration::from_secs(3600);
+        let d = a.decide(&obs(&three, 1, 0, 3, at));
+        assert_eq!(d.desired, 1);
+        assert!(matches!(d.actions[..], [(Action::Drain(_), _)]), "{d:?}");
+        // A VM running a job is counted as usual besides: one running, one pending, both VMs
+        // kept, none started.
+        let mut two = [vm("a", 0, Some(t0)), vm("b", 0, None)];
+        two[1].busy = true;
+        let d = a.decide(&obs(&two, 3, 1, 1, at));
+        assert_eq!(d.desired, 2, "{d:?}");
+        assert!(
+            !d.actions
+                .iter()
+                .any(|(x, _)| matches!(x, Action::Start(_) | Action::Drain(_))),
+            "{d:?}"
+        );
+        // Sessions still start VMs: the interactive aim is not capped.
+        let busy_vm = [vm("a", 8, None)];
+        let d = a.decide(&Observation {
+            waiting: 1,
+            ..obs(&busy_vm, 2, 0, 1, at)
+        });
+        assert!(matches!(d.actions[..], [(Action::Start(_), _)]), "{d:?}");
     }
 
     #[test]
@@ -839,6 +962,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!((d.desired, d.actions.len()), (0, 0), "{d:?}");
         // A pool found with a VM running keeps it as the spare for scale_to_zero_after.
@@ -850,6 +974,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!((d.desired, d.actions.len()), (1, 0), "{d:?}");
         // Someone arrives at the sleeping pool: woken as before.
@@ -860,6 +985,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert!(matches!(d.actions[0].0, Action::Start(_)), "{d:?}");
     }
@@ -884,6 +1010,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert!(d.actions.is_empty(), "{d:?}");
         // "a" was drained for scale-in by the old leader: adopted, then removed while empty.
@@ -896,6 +1023,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(
             d.actions.iter().map(|(x, _)| x.clone()).collect::<Vec<_>>(),
@@ -911,6 +1039,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(d.actions[0].0, Action::Undrain("a".into()), "{d:?}");
         assert!(
@@ -929,6 +1058,7 @@ mod tests {
             min_warm: 0,
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
         });
         assert_eq!(a.draining().count(), 0);
     }
@@ -948,6 +1078,7 @@ mod tests {
                 min_warm: 0,
                 batch_pending_nodes: 0,
                 batch_running_nodes: 0,
+                batch_unregistered_nodes: 0,
             })
         };
         let woken = vm("a", 0, Some(Instant::now()));

@@ -3,7 +3,8 @@
 //! stopped together by the exec provider's scripts; a real gateway reads the queue, starts VMs
 //! for pending jobs, keeps VMs that run jobs, drains and resumes nodes with the VMs, and rewrites
 //! `ssh … pool submit|jobs|logs|cancel` into Slurm commands run as the user. The last tests read
-//! the queue through a real `slurmrestd` with a JWT (`batch.rest_url`) instead of `squeue`.
+//! the queue through a real `slurmrestd` with a JWT (`batch.rest_url`) instead of `squeue`; the
+//! last one is a broken pool image (no slurmd), whose VM is reported and not chased.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -34,6 +35,18 @@ fn start(names: &[&str], users: usize) -> BatchPool {
 /// With `rest`: the queue is read through slurmrestd, from the smallest such `[batch]` (URL and
 /// token file; the token is `nobody`'s, as `scontrol token` printed it).
 fn start_with(names: &[&str], users: usize, rest: bool) -> BatchPool {
+    start_inner(names, users, rest, true, "")
+}
+
+/// With `slurmd` false the VMs are a broken pool image: their start scripts start sshd but no
+/// slurmd, so their Slurm nodes never register. `batch_extra`: more `[batch]` lines.
+fn start_inner(
+    names: &[&str],
+    users: usize,
+    rest: bool,
+    slurmd: bool,
+    batch_extra: &str,
+) -> BatchPool {
     let slurm = if rest {
         SlurmCluster::start_with_rest(names)
     } else {
@@ -57,7 +70,7 @@ fn start_with(names: &[&str], users: usize, rest: bool) -> BatchPool {
         None => {
             "[batch]\nengine = \"slurm\"\npartition = \"pool\"\nnode_name = \"{vm}\"\n".to_owned()
         }
-    };
+    } + batch_extra;
     let ca = UserCa::generate();
     let conf = slurm.conf().display().to_string();
     let mut vms: Vec<SshdVm> = names
@@ -87,7 +100,11 @@ fn start_with(names: &[&str], users: usize, rest: bool) -> BatchPool {
                 "    {name}) {sshd} -f {cfg}; {slurmd} ;;\n",
                 name = vm.name(),
                 cfg = vm.config_path().display(),
-                slurmd = slurm.slurmd_command(vm.name()),
+                slurmd = if slurmd {
+                    slurm.slurmd_command(vm.name())
+                } else {
+                    ":".to_owned()
+                },
             )
         })
         .collect();
@@ -684,5 +701,115 @@ fn through_slurmrestd_an_expired_token_is_a_failed_read_that_drains_and_stops_no
     b.release();
     b.pool
         .wait_for_state("vm-a", "stopped", Duration::from_secs(40));
+    b.pool.assert_no_panic();
+}
+
+#[test]
+fn a_vm_whose_slurm_node_never_registers_is_reported_once_and_the_queue_starts_no_more_vms() {
+    require_tools!(
+        "sshd",
+        "ssh",
+        "ssh-keygen",
+        "slurmctld",
+        "slurmd",
+        "sbatch",
+        "munged"
+    );
+    require_root!();
+    // A broken pool image: the VMs boot (sshd) but run no slurmd. Nodes found unregistered after
+    // 4 s are reported.
+    let b = start_inner(
+        &["vm-a", "vm-b"],
+        1,
+        false,
+        false,
+        "register_within = \"4s\"\n",
+    );
+    let began = Instant::now();
+    let first = sbatch(&b, &["--wrap", "true"]);
+    // The job wakes one VM, as usual.
+    b.pool
+        .wait_for_state("vm-a", "healthy", Duration::from_secs(30));
+    assert!(
+        poll(Duration::from_secs(20), || sample(
+            &b.pool.metrics(),
+            "poolgate_batch_nodes_unregistered"
+        ) == Some(1.0)),
+        "the unregistered node was never counted\n{}",
+        b.context()
+    );
+    eprintln!("reported {:?} after the job was queued", began.elapsed());
+    b.pool.gateway.wait_for_log(
+        "the VM's Slurm node has not registered",
+        Duration::from_secs(5),
+    );
+    let log = b.pool.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("the VM's Slurm node has not registered"))
+        .unwrap_or_default();
+    eprintln!("{warning}");
+    for needle in [
+        "vm-a",
+        "slurm_state",
+        "journalctl -u slurmd",
+        "22.05",
+        "munge",
+        "batch.node_name",
+    ] {
+        assert!(warning.contains(needle), "{needle} not in {warning}");
+    }
+    // A second job queues. Through many ticks (1 s each; scale-in would drain an idle VM after
+    // 2 s and stop it after 3 s), no VM is started for it and vm-a is neither drained nor stopped.
+    let second = sbatch(&b, &["--wrap", "true"]);
+    let mut seen = Vec::new();
+    for _ in 0..25 {
+        seen.push((b.pool.vm_state("vm-a"), b.pool.vm_state("vm-b")));
+        std::thread::sleep(Duration::from_millis(300)); // sampling the state, not waiting for it
+    }
+    assert!(
+        seen.iter().all(|(a, b)| a == "healthy" && b == "stopped"),
+        "the queue started, stopped or drained VMs: {seen:?}\n{}",
+        b.context()
+    );
+    let metrics = b.pool.metrics();
+    assert_eq!(
+        sample(&metrics, "poolgate_batch_nodes_unregistered"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "poolgate_autoscale_desired_vms"),
+        Some(1.0),
+        "{metrics}"
+    );
+    let log = b.pool.log();
+    assert_eq!(
+        log.matches("the VM's Slurm node has not registered")
+            .count(),
+        1,
+        "one warning for the VM, not one per tick\n{log}"
+    );
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("VM lifecycle") && l.contains("running"))
+            .count(),
+        1,
+        "started once\n{log}"
+    );
+    // The jobs are cancelled: the VM is scaled in as usual and no longer counted.
+    let out = b.slurm.client("scancel", &[&first, &second]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    b.pool
+        .wait_for_state("vm-a", "stopped", Duration::from_secs(40));
+    assert!(
+        poll(Duration::from_secs(10), || sample(
+            &b.pool.metrics(),
+            "poolgate_batch_nodes_unregistered"
+        ) == Some(0.0)),
+        "{}",
+        b.context()
+    );
+    assert_eq!(b.pool.vm_state("vm-b"), "stopped");
     b.pool.assert_no_panic();
 }

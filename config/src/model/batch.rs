@@ -50,6 +50,13 @@ pub struct Batch {
     /// (the last view is kept).
     #[serde(with = "duration")]
     pub timeout: Duration,
+    /// A pool VM running this long (as the provider lists it) whose Slurm node is still absent
+    /// from the partition, or DOWN, UNKNOWN, FUTURE, not responding or powered down, counts as
+    /// one whose slurmd never registered: logged once, exported, and while there is one pending
+    /// jobs start no more VMs. Covers a first boot (cloud-init installs and sets up slurmd);
+    /// slurmd registers within seconds of its start. `0s`: no such check.
+    #[serde(with = "duration")]
+    pub register_within: Duration,
     /// `ssh HOST pool submit|jobs|logs|cancel …`: exec requests whose first word is `pool` run
     /// the matching Slurm command as the user on a VM. `false`: `pool` is relayed like any
     /// command.
@@ -70,6 +77,7 @@ impl Default for Batch {
             rest_user: None,
             rest_version: DEFAULT_REST_VERSION.to_owned(),
             timeout: Duration::from_secs(20),
+            register_within: Duration::from_secs(600),
             verbs: true,
         }
     }

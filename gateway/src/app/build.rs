@@ -276,6 +276,7 @@ fn build_gateway(
     {
         driver.set_batch(
             crate::autoscale::batch::engine(batch).map_err(|e| anyhow::anyhow!("[batch]: {e}"))?,
+            batch.register_within,
         );
     }
     driver.set_schedule(

@@ -59,6 +59,39 @@ pub struct NodeState {
     pub drain: bool,
     /// The drain reason (`none` when there is none).
     pub reason: String,
+    /// Why the node cannot take jobs for want of a registered, answering slurmd: Slurm's names
+    /// for the states that say so ([`UNREGISTERED`], in that order, `+`-joined: `DOWN`,
+    /// `DOWN+NOT_RESPONDING`, `UNKNOWN`, `IDLE`'s `POWERED_DOWN`, …), the same from `sinfo` and
+    /// from slurmrestd. `None`: its slurmd has registered and answers.
+    pub unregistered: Option<String>,
+}
+
+/// Node states and flags (slurmrestd's names) of a node whose slurmd has not registered or no
+/// longer answers: never registered since slurmctld started or since it was set DOWN (`DOWN`,
+/// `UNKNOWN`), only configured (`FUTURE`), registered with a configuration that does not match
+/// slurm.conf (`INVALID_REG`, sinfo's `inval`), not answering pings (`NOT_RESPONDING`, sinfo's
+/// `*`), or taken down or being brought up by Slurm's power saving (`POWERED_DOWN` `~`,
+/// `POWERING_UP` `#`, `POWERING_DOWN` `%`).
+pub const UNREGISTERED: &[&str] = &[
+    "DOWN",
+    "UNKNOWN",
+    "FUTURE",
+    "INVALID_REG",
+    "NOT_RESPONDING",
+    "POWERED_DOWN",
+    "POWERING_UP",
+    "POWERING_DOWN",
+];
+
+/// The [`UNREGISTERED`] names among `words` (upper case), in that order, `+`-joined; `None`
+/// when there is none.
+fn unregistered(words: &[&str]) -> Option<String> {
+    let found: Vec<&str> = UNREGISTERED
+        .iter()
+        .copied()
+        .filter(|u| words.contains(u))
+        .collect();
+    (!found.is_empty()).then(|| found.join("+"))
 }
 
 impl NodeState {
@@ -199,13 +232,35 @@ pub fn parse_view(jobs: &str, nodes: &str) -> BatchView {
             continue;
         };
         // `%T` is the long state, with `*` (not responding), `~` (powered off), `#`, `!`, `%`,
-        // `$`, `@`, `^`, `-` suffixes: "allocated", "mixed", "drained*", "draining", "idle~".
+        // `$`, `@`, `^`, `-` suffixes: "allocated", "mixed", "drained*", "draining", "idle~",
+        // "down*", "unknown", "inval".
+        let state = state.trim();
         let base: String = state
-            .trim()
             .chars()
-            .take_while(|c| c.is_ascii_alphabetic() || *c == '+')
+            .take_while(|c| c.is_ascii_alphabetic() || *c == '+' || *c == '_')
             .collect();
         let base = base.to_ascii_lowercase();
+        let suffix = &state[base.len()..];
+        let mut words: Vec<&str> = match base.trim_end_matches('+') {
+            "down" => vec!["DOWN"],
+            "unknown" => vec!["UNKNOWN"],
+            "future" => vec!["FUTURE"],
+            "inval" | "invalid" | "invalid_reg" => vec!["INVALID_REG"],
+            "powered_down" => vec!["POWERED_DOWN"],
+            "powering_up" => vec!["POWERING_UP"],
+            "powering_down" => vec!["POWERING_DOWN"],
+            _ => Vec::new(),
+        };
+        for (mark, word) in [
+            ('*', "NOT_RESPONDING"),
+            ('~', "POWERED_DOWN"),
+            ('#', "POWERING_UP"),
+            ('%', "POWERING_DOWN"),
+        ] {
+            if suffix.contains(mark) {
+                words.push(word);
+            }
+        }
         let busy = base.starts_with("allocated")
             || base.starts_with("mixed")
             || base.starts_with("completing")
@@ -217,6 +272,7 @@ pub fn parse_view(jobs: &str, nodes: &str) -> BatchView {
                 busy,
                 drain,
                 reason: reason.trim().to_owned(),
+                unregistered: unregistered(&words),
             },
         );
     }
@@ -248,5 +304,49 @@ mod tests {
         assert!(v.nodes["vm-e"].busy);
         // An admin's own drain is not poolgate's.
         assert!(v.nodes["vm-f"].drain && !v.nodes["vm-f"].drained_by_poolgate());
+        // All of them registered, but vm-b (not responding) and vm-c (powered down).
+        let unregistered: Vec<(&str, Option<&str>)> = ["vm-a", "vm-b", "vm-c", "vm-d", "vm-e"]
+            .into_iter()
+            .map(|n| (n, v.nodes[n].unregistered.as_deref()))
+            .collect();
+        assert_eq!(
+            unregistered,
+            vec![
+                ("vm-a", None),
+                ("vm-b", Some("NOT_RESPONDING")),
+                ("vm-c", Some("POWERED_DOWN")),
+                ("vm-d", None),
+                ("vm-e", None),
+            ]
+        );
+    }
+
+    #[test]
+    fn nodes_whose_slurmd_has_not_registered_are_told_apart() {
+        // What sinfo -N -o '%N|%T|%E' shows for nodes whose slurmd never registered or stopped
+        // answering, and for registered ones.
+        let nodes = "a|down*|Not responding\nb|unknown|none\nc|future|none\nd|inval|bad config\n\
+                     e|idle*|none\nf|idle#|none\ng|idle%|none\nh|powered_down|none\ni|down|x\n\
+                     j|idle|none\nk|allocated+|none\nl|mixed-|none\nm|idle!|none\nn|drained|none\n\
+                     o|unknown*|none\np|powering_up|none\n";
+        let v = parse_view("", nodes);
+        let got = |n: &str| v.nodes[n].unregistered.clone();
+        assert_eq!(got("a").as_deref(), Some("DOWN+NOT_RESPONDING"));
+        assert_eq!(got("b").as_deref(), Some("UNKNOWN"));
+        assert_eq!(got("c").as_deref(), Some("FUTURE"));
+        assert_eq!(got("d").as_deref(), Some("INVALID_REG"));
+        assert_eq!(got("e").as_deref(), Some("NOT_RESPONDING"));
+        assert_eq!(got("f").as_deref(), Some("POWERING_UP"));
+        assert_eq!(got("g").as_deref(), Some("POWERING_DOWN"));
+        assert_eq!(got("h").as_deref(), Some("POWERED_DOWN"));
+        assert_eq!(got("i").as_deref(), Some("DOWN"));
+        assert_eq!(got("o").as_deref(), Some("UNKNOWN+NOT_RESPONDING"));
+        assert_eq!(got("p").as_deref(), Some("POWERING_UP"));
+        // Registered and answering: idle, allocated, mixed, about to power down (still up),
+        // drained.
+        for n in ["j", "k", "l", "m", "n"] {
+            assert_eq!(got(n), None, "{n}");
+        }
+        assert!(v.nodes["k"].busy && v.nodes["l"].busy);
     }
 }

@@ -84,6 +84,10 @@ pub struct Driver {
     batch: std::sync::OnceLock<Arc<dyn batch::BatchEngine>>,
     /// Its last successful read, and whether reads fail now (logged once each way).
     batch_view: Mutex<(Option<batch::BatchView>, bool)>,
+    /// `batch.register_within` (zero: no check).
+    register_within: std::sync::OnceLock<Duration>,
+    /// Running VMs whose Slurm node has not registered, by VM name.
+    unregistered: Mutex<std::collections::HashMap<String, Unregistered>>,
     /// The schedule's floor last applied, and its window (logged when it changes).
     schedule_floor: Mutex<(u32, Option<String>)>,
 }
@@ -147,6 +151,8 @@ impl Driver {
             schedule_floor: Mutex::new((0, None)),
             batch: std::sync::OnceLock::new(),
             batch_view: Mutex::new((None, false)),
+            register_within: std::sync::OnceLock::new(),
+            unregistered: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -163,13 +169,16 @@ impl Driver {
     }
 
     /// Reads Slurm's queue every decision (`[batch]`): pending jobs are demand, nodes running
-    /// jobs are busy VMs, and drains are kept in step. Set once, at startup.
-    pub fn set_batch(&self, engine: Arc<dyn batch::BatchEngine>) {
+    /// jobs are busy VMs, and drains are kept in step; a VM running for `register_within`
+    /// (`batch.register_within`, zero: no check) whose node has not registered is reported and
+    /// stops pending jobs from starting VMs. Set once, at startup.
+    pub fn set_batch(&self, engine: Arc<dyn batch::BatchEngine>, register_within: Duration) {
         let _ = self.batch.set(engine);
+        let _ = self.register_within.set(register_within);
     }
 
-    /// Slurm now, or its last successful read when this one fails.
-    async fn batch_view(&self) -> Option<batch::BatchView> {
+    /// Slurm now, or its last successful read when this one fails; and whether it is now's.
+    async fn batch_view(&self) -> Option<(batch::BatchView, bool)> {
         let engine = self.batch.get()?;
         let read = engine.observe().await;
         let Ok(mut last) = self.batch_view.lock() else {
@@ -199,7 +208,72 @@ impl Driver {
                 last.1 = true;
             }
         }
-        last.0.clone()
+        let fresh = !last.1;
+        last.0.clone().map(|view| (view, fresh))
+    }
+
+    /// Running VMs whose Slurm node has not registered for `batch.register_within` or longer:
+    /// absent from the partition, or in a state meaning its slurmd never registered or stopped
+    /// answering ([`batch::UNREGISTERED`]). Timed from the first read that showed the VM running
+    /// with its node so, and updated from fresh reads only (a VM started since the last good read
+    /// is not in it). Warns once per VM (until it stops or registers), tells when it registers
+    /// after all, and exports the count.
+    fn unregistered_nodes(
+        &self,
+        view: &batch::BatchView,
+        fresh: bool,
+        snapshot: &router_core::Snapshot,
+    ) -> u32 {
+        let (Some(engine), Ok(mut known)) = (self.batch.get(), self.unregistered.lock()) else {
+            return 0;
+        };
+        let within = self.register_within.get().copied().unwrap_or_default();
+        if within.is_zero() {
+            known.clear();
+        } else if fresh {
+            let now = tokio::time::Instant::now();
+            let mut still = std::collections::HashSet::new();
+            for vm in snapshot.vms() {
+                if vm.status().lifecycle != Lifecycle::Running {
+                    continue;
+                }
+                let node = engine.node_of(vm.name());
+                let state = match view.nodes.get(&node) {
+                    None => Some("absent from batch.partition".to_owned()),
+                    Some(n) => n.unregistered.clone(),
+                };
+                let Some(state) = state else {
+                    if known.remove(vm.name()).is_some_and(|u| u.overdue) {
+                        tracing::info!(vm = vm.name(), %node, "the VM's Slurm node has registered");
+                    }
+                    continue;
+                };
+                still.insert(vm.name().to_owned());
+                let entry = known
+                    .entry(vm.name().to_owned())
+                    .or_insert_with(|| Unregistered {
+                        since: now,
+                        overdue: false,
+                    });
+                if !entry.overdue && now.saturating_duration_since(entry.since) >= within {
+                    entry.overdue = true;
+                    tracing::warn!(
+                        vm = vm.name(),
+                        %node,
+                        slurm_state = %state,
+                        register_within = %humantime::format_duration(within),
+                        "the VM's Slurm node has not registered: the VM runs, but Slurm cannot run jobs there, and pending jobs start no more VMs while it stays so. Check on the VM: slurmd runs and registers (journalctl -u slurmd; slurmd -V must be 22.05 or newer and at most two major releases behind slurmctld), its munge key is the controller's (munge -n | unmunge there), and batch.node_name gives the name slurmd registers with"
+                    );
+                }
+            }
+            known.retain(|vm, _| still.contains(vm));
+        }
+        let overdue = known.values().filter(|u| u.overdue).count();
+        let overdue = u32::try_from(overdue).unwrap_or(u32::MAX);
+        self.metrics
+            .batch_nodes_unregistered
+            .set(i64::from(overdue));
+        overdue
     }
 
     /// Keeps Slurm's drains in step with the pool's: a VM poolgate drains is drained in Slurm
@@ -486,7 +560,8 @@ impl Driver {
         // VMs whose Slurm node runs a job are busy, whatever the busy check said.
         let batch = self.batch_view().await;
         let mut busy_nodes = 0;
-        if let (Some(view), Some(engine)) = (&batch, self.batch.get()) {
+        let mut unregistered = 0;
+        if let (Some((view, fresh)), Some(engine)) = (&batch, self.batch.get()) {
             for v in &mut vms {
                 if view
                     .nodes
@@ -498,6 +573,7 @@ impl Driver {
                 }
             }
             self.metrics.batch_nodes_busy.set(i64::from(busy_nodes));
+            unregistered = self.unregistered_nodes(view, *fresh, &snapshot);
             self.sync_batch_drains(view, &snapshot).await;
         }
         // Platform scale-in protection follows what the VMs said, not checks still under way.
@@ -530,8 +606,9 @@ impl Driver {
                 waiting,
                 now: self.pool.clock().now(),
                 min_warm,
-                batch_pending_nodes: batch.as_ref().map_or(0, |v| v.pending_nodes),
+                batch_pending_nodes: batch.as_ref().map_or(0, |(v, _)| v.pending_nodes),
                 batch_running_nodes: busy_nodes,
+                batch_unregistered_nodes: unregistered,
             }),
             Err(_) => return Vec::new(),
         };
@@ -884,6 +961,11 @@ impl Driver {
             if self.settings.enabled && self.leads() {
                 // Provider actions run on their own tasks; the next decision does not wait.
                 drop(self.decide_and_dispatch().await);
+            } else if let Ok(mut unregistered) = self.unregistered.lock() {
+                // Only the leader reads Slurm: a follower (or a former leader) counts nothing,
+                // and times again from scratch once it leads.
+                unregistered.clear();
+                self.metrics.batch_nodes_unregistered.set(0);
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.tick.min(self.settings.poll_interval)) => {}
@@ -922,6 +1004,15 @@ enum Prepared {
     },
     /// Stop or delete this VM (after the busy check).
     Remove(String),
+}
+
+/// A running VM whose Slurm node has not registered.
+#[derive(Debug)]
+struct Unregistered {
+    /// First read that showed it so.
+    since: tokio::time::Instant,
+    /// Past `batch.register_within` (warned, counted).
+    overdue: bool,
 }
 
 /// Provider actions under way.
@@ -1023,9 +1114,17 @@ impl Drop for WaitGuard {
 mod tests {
     use std::sync::Arc;
 
-    use router_core::{Health, ManualClock, Pool, Protocol, RoutingPolicy, VmSpec};
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+    use std::time::Duration;
 
-    use super::{InFlight, takes_waiting};
+    use futures::future::BoxFuture;
+    use router_core::autoscale::AutoscaleConfig;
+    use router_core::{Health, Lifecycle, ManualClock, Pool, Protocol, RoutingPolicy, VmSpec};
+
+    use super::batch::{BatchEngine, BatchView, NodeState};
+    use super::providers::{Capabilities, Provider, ProviderError, ProviderVm};
+    use super::{Driver, DriverSettings, InFlight, Metrics, takes_waiting};
 
     #[test]
     fn instances_being_created_count_until_they_are_listed() {
@@ -1052,6 +1151,212 @@ mod tests {
         assert_eq!(f.creating(&pool.snapshot()), 0);
         f.creates.retain(|c| c.id != id);
         assert_eq!(f.len(), 0);
+    }
+
+    /// VMs `a` and `b`, stopped until started; records starts and stops.
+    #[derive(Default)]
+    struct FakeProvider {
+        running: Mutex<BTreeSet<String>>,
+        log: Mutex<Vec<String>>,
+    }
+
+    impl Provider for FakeProvider {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                start_stop: true,
+                create_delete: false,
+            }
+        }
+        fn list(&self) -> BoxFuture<'_, Result<Vec<ProviderVm>, ProviderError>> {
+            let running = self.running.lock().expect("lock").clone();
+            Box::pin(async move {
+                Ok(["a", "b"]
+                    .into_iter()
+                    .map(|n| ProviderVm {
+                        spec: VmSpec::new(n, "127.0.0.1"),
+                        lifecycle: if running.contains(n) {
+                            Lifecycle::Running
+                        } else {
+                            Lifecycle::Stopped
+                        },
+                    })
+                    .collect())
+            })
+        }
+        fn start<'a>(&'a self, vms: &'a [String]) -> BoxFuture<'a, Result<(), ProviderError>> {
+            for vm in vms {
+                self.running.lock().expect("lock").insert(vm.clone());
+                self.log.lock().expect("lock").push(format!("start {vm}"));
+            }
+            Box::pin(async { Ok(()) })
+        }
+        fn stop<'a>(&'a self, vms: &'a [String]) -> BoxFuture<'a, Result<(), ProviderError>> {
+            for vm in vms {
+                self.running.lock().expect("lock").remove(vm);
+                self.log.lock().expect("lock").push(format!("stop {vm}"));
+            }
+            Box::pin(async { Ok(()) })
+        }
+        fn create(&self, _count: u32) -> BoxFuture<'_, Result<(), ProviderError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn delete<'a>(&'a self, _vms: &'a [String]) -> BoxFuture<'a, Result<(), ProviderError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// Slurm as a test sets it: the view each read returns (or a failed read).
+    struct FakeSlurm(Mutex<Result<BatchView, String>>);
+
+    impl FakeSlurm {
+        fn set(&self, view: Result<BatchView, String>) {
+            *self.0.lock().expect("lock") = view;
+        }
+    }
+
+    impl BatchEngine for FakeSlurm {
+        fn observe(&self) -> BoxFuture<'_, Result<BatchView, String>> {
+            let view = self.0.lock().expect("lock").clone();
+            Box::pin(async move { view })
+        }
+        fn drain<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn resume<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn node_of(&self, vm: &str) -> String {
+            format!("node-{vm}")
+        }
+    }
+
+    fn queue(pending_nodes: u32, nodes: &[(&str, Option<&str>)]) -> BatchView {
+        BatchView {
+            pending_jobs: pending_nodes,
+            pending_nodes,
+            running_jobs: 0,
+            nodes: nodes
+                .iter()
+                .map(|(name, unregistered)| {
+                    (
+                        (*name).to_owned(),
+                        NodeState {
+                            reason: "none".into(),
+                            unregistered: unregistered.map(str::to_owned),
+                            ..NodeState::default()
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vm_whose_slurm_node_never_registers_is_counted_once_and_no_more_vms_are_started_for_the_queue()
+     {
+        let clock = Arc::new(ManualClock::new());
+        let pool = Arc::new(Pool::new(RoutingPolicy::default(), clock.clone()));
+        let provider = Arc::new(FakeProvider::default());
+        let metrics = Arc::new(Metrics::new());
+        let settings = DriverSettings {
+            enabled: true,
+            policy: AutoscaleConfig {
+                min_vms: 0,
+                max_vms: 2,
+                sessions_per_vm: 4,
+                spare_vms: 0,
+                scale_in_after: Duration::from_secs(2),
+                scale_to_zero_after: Duration::from_secs(3),
+                cooldown: Duration::ZERO,
+            },
+            tick: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(1),
+            wake_on_connect: false,
+            hold_connect_for: Duration::from_secs(60),
+            boot_estimate: Duration::from_secs(2),
+        };
+        let driver = Driver::new(pool.clone(), provider.clone(), settings, metrics.clone());
+        let slurm = Arc::new(FakeSlurm(Mutex::new(Ok(queue(1, &[])))));
+        driver.set_batch(slurm.clone(), Duration::from_secs(60));
+        driver.sync().await.expect("sync");
+        let step = |secs: u64| {
+            let clock = clock.clone();
+            async move {
+                clock.advance(Duration::from_secs(secs));
+                tokio::time::advance(Duration::from_secs(secs)).await;
+            }
+        };
+        let log = || provider.log.lock().expect("lock").clone();
+        // A job pending on a pool at zero starts one VM.
+        driver.tick().await;
+        assert_eq!(log(), vec!["start a"]);
+        pool.set_health("a", Health::Up);
+        // Its node is not in the partition (a dynamic node that never registered): within
+        // register_within, nothing is reported.
+        for _ in 0..5 {
+            step(10).await;
+            driver.tick().await;
+            assert_eq!(metrics.batch_nodes_unregistered.get(), 0);
+        }
+        // A failed read says nothing new: the last view is not evidence.
+        slurm.set(Err("squeue timed out".into()));
+        step(25).await;
+        driver.tick().await;
+        assert_eq!(metrics.batch_nodes_unregistered.get(), 0);
+        // Read again, past register_within: counted.
+        slurm.set(Ok(queue(1, &[])));
+        driver.tick().await;
+        assert_eq!(metrics.batch_nodes_unregistered.get(), 1);
+        // More jobs queue, and a minute goes by, past scale_in_after and scale_to_zero_after:
+        // no VM is started for them, and the one up is neither drained nor stopped.
+        slurm.set(Ok(queue(3, &[("node-a", Some("DOWN+NOT_RESPONDING"))])));
+        for _ in 0..6 {
+            step(10).await;
+            driver.tick().await;
+            assert_eq!(metrics.batch_nodes_unregistered.get(), 1);
+        }
+        assert_eq!(log(), vec!["start a"]);
+        assert!(!pool.snapshot().get("a").expect("a").status().draining);
+        assert!(
+            driver
+                .unregistered
+                .lock()
+                .expect("lock")
+                .get("a")
+                .is_some_and(|u| u.overdue)
+        );
+        // The node registers (slurmd fixed): no longer counted, and the queue starts b as usual.
+        slurm.set(Ok(queue(3, &[("node-a", None)])));
+        driver.tick().await;
+        assert_eq!(metrics.batch_nodes_unregistered.get(), 0);
+        assert_eq!(log(), vec!["start a", "start b"]);
+        // b never registers either; a stopped and started again starts its wait over.
+        pool.set_health("b", Health::Up);
+        slurm.set(Ok(queue(
+            2,
+            &[("node-a", None), ("node-b", Some("UNKNOWN"))],
+        )));
+        step(61).await;
+        driver.tick().await;
+        assert_eq!(metrics.batch_nodes_unregistered.get(), 0, "b just seen");
+        step(61).await;
+        driver.tick().await;
+        assert_eq!(metrics.batch_nodes_unregistered.get(), 1);
+        // With no check (register_within 0s) nothing is ever counted.
+        let quiet = Driver::new(
+            pool.clone(),
+            provider.clone(),
+            driver.settings.clone(),
+            Arc::new(Metrics::new()),
+        );
+        quiet.set_batch(slurm.clone(), Duration::ZERO);
+        quiet.tick().await;
+        step(600).await;
+        quiet.tick().await;
+        assert_eq!(quiet.metrics.batch_nodes_unregistered.get(), 0);
     }
 
     #[test]

@@ -370,8 +370,8 @@ pub fn parse_rest_view(jobs: &Value, nodes: &Value, partition: &str) -> Result<B
         if !in_partition {
             continue;
         }
-        // v0.0.38: "state": "allocated", "state_flags": ["DRAIN"]; later: "state": ["IDLE",
-        // "DRAIN"].
+        // v0.0.38: "state": "allocated", "state_flags": ["DRAIN"]; "state": "down",
+        // "state_flags": ["NOT_RESPONDING"]; later: "state": ["IDLE", "DRAIN"].
         let mut states = words(node.get("state"));
         states.extend(words(node.get("state_flags")));
         let busy = states
@@ -390,6 +390,9 @@ pub fn parse_rest_view(jobs: &Value, nodes: &Value, partition: &str) -> Result<B
                 busy,
                 drain,
                 reason: reason.to_owned(),
+                unregistered: super::unregistered(
+                    &states.iter().map(String::as_str).collect::<Vec<_>>(),
+                ),
             },
         );
     }

@@ -71,6 +71,32 @@ fn later_api_shapes_are_read_by_the_same_names() {
 }
 
 #[test]
+fn nodes_whose_slurmd_has_not_registered_read_the_same_as_from_sinfo() {
+    // v0.0.38 shapes (a base state and flags) and later ones (one list), for what sinfo shows
+    // as down*, unknown, idle~, inval, idle* and idle.
+    let nodes = json!({"nodes": [
+        {"name": "a", "state": "down", "state_flags": ["NOT_RESPONDING"], "reason": "Not responding", "partitions": ["pool"]},
+        {"name": "b", "state": "unknown", "state_flags": [], "reason": "", "partitions": ["pool"]},
+        {"name": "c", "state": ["IDLE", "CLOUD", "POWERED_DOWN"], "partitions": ["pool"]},
+        {"name": "d", "state": "idle", "state_flags": ["INVALID_REG"], "reason": "bad config", "partitions": ["pool"]},
+        {"name": "e", "state": ["IDLE", "NOT_RESPONDING"], "partitions": ["pool"]},
+        {"name": "f", "state": "idle", "state_flags": ["DYNAMIC_NORM"], "partitions": ["pool"]},
+    ]});
+    let rest = parse_rest_view(&json!({"jobs": []}), &nodes, "pool").expect("parses");
+    let sinfo = "a|down*|Not responding\nb|unknown|none\nc|idle~|none\nd|inval|bad config\n\
+                 e|idle*|none\nf|idle|none\n";
+    assert_eq!(rest, parse_view("", sinfo));
+    assert_eq!(
+        rest.nodes["a"].unregistered.as_deref(),
+        Some("DOWN+NOT_RESPONDING")
+    );
+    assert_eq!(rest.nodes["f"].unregistered, None);
+    // The captured answers: both nodes registered.
+    let captured = parse_rest_view(&json(JOBS), &json(NODES), "pool").expect("parses");
+    assert!(captured.nodes.values().all(|n| n.unregistered.is_none()));
+}
+
+#[test]
 fn an_answer_without_the_lists_is_a_failed_read() {
     let e = parse_rest_view(&json!({"meta": {}}), &json(NODES), "pool").unwrap_err();
     assert_eq!(e, "slurmrestd's /jobs answer has no \"jobs\" list");
