@@ -562,6 +562,27 @@ fn twenty_queued_jobs_grow_the_pool_to_its_max_and_it_goes_back_to_zero() {
     b.pool.assert_no_panic();
 }
 
+/// Returns from the test unless the real parts of the slurmrestd tests are there (under CI:
+/// fails): OpenSSH, Slurm's daemons and slurmrestd with its JWT plugin, root.
+macro_rules! require_slurmrestd {
+    () => {
+        require_tools!(
+            "sshd",
+            "ssh",
+            "ssh-keygen",
+            "slurmctld",
+            "slurmd",
+            "slurmrestd",
+            "sbatch",
+            "munged"
+        );
+        require_root!();
+        if !require_slurm_jwt_plugin() {
+            return;
+        }
+    };
+}
+
 /// `sbatch` from a login node (here the gateway host) to partition `pool`; the job id.
 fn sbatch(b: &BatchPool, args: &[&str]) -> String {
     let mut argv = vec!["--parsable", "-p", "pool", "-o", "/dev/null"];
@@ -573,20 +594,7 @@ fn sbatch(b: &BatchPool, args: &[&str]) -> String {
 
 #[test]
 fn through_slurmrestd_a_job_queued_on_a_pool_at_zero_wakes_a_vm_runs_and_the_vm_is_drained_after() {
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "slurmctld",
-        "slurmd",
-        "slurmrestd",
-        "sbatch",
-        "munged"
-    );
-    require_root!();
-    if !require_slurm_jwt_plugin() {
-        return;
-    }
+    require_slurmrestd!();
     let b = start_with(&["vm-a"], 1, true);
     // Queued from a login node, not through the gateway: only the queue read through
     // slurmrestd can wake the VM.
@@ -632,20 +640,7 @@ fn through_slurmrestd_a_job_queued_on_a_pool_at_zero_wakes_a_vm_runs_and_the_vm_
 #[test]
 fn through_slurmrestd_an_expired_token_is_a_failed_read_that_drains_and_stops_nothing_until_a_new_one_is_written()
  {
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "slurmctld",
-        "slurmd",
-        "slurmrestd",
-        "sbatch",
-        "munged"
-    );
-    require_root!();
-    if !require_slurm_jwt_plugin() {
-        return;
-    }
+    require_slurmrestd!();
     let b = start_with(&["vm-a"], 1, true);
     let token_file = b.token_file.clone().expect("rest token file");
     let job = b.job_script(1, "long.sh", &b.wait_body());
