@@ -1385,6 +1385,8 @@ fn gateway_config_written_by_cloud_init_passes_check_config() {
         .replace("__SCALE_SET__", "poolgate-pool")
         .replace("__MIN_VMS__", "0")
         .replace("__MAX_VMS__", "10")
+        // What the template's environment().resourceManager gives in Azure Government.
+        .replace("__ARM_ENDPOINT__", "https://management.usgovcloudapi.net/")
         // A name that never resolves: check-config reports the store unreachable and passes,
         // as `run` would start and join when it answers.
         .replace("__REDIS_HOST__", "redis.invalid");
