@@ -367,6 +367,20 @@ mod tests {
         }
     }
 
+    /// An observation of `vms` with `waiting` sessions at `now`: no schedule window, no batch
+    /// jobs (tests set those with `..at(…)`).
+    fn at(vms: &[VmObservation], waiting: u32, now: Instant) -> Observation<'_> {
+        Observation {
+            vms,
+            waiting,
+            now,
+            min_warm: 0,
+            batch_pending_nodes: 0,
+            batch_running_nodes: 0,
+            batch_unregistered_nodes: 0,
+        }
+    }
+
     fn vm(name: &str, sessions: u32, idle_since: Option<Instant>) -> VmObservation {
         VmObservation {
             name: name.into(),
@@ -384,15 +398,7 @@ mod tests {
     fn waiting_session_on_empty_pool_starts_a_vm() {
         let mut a = Autoscaler::new(config());
         let now = Instant::now();
-        let d = a.decide(&Observation {
-            vms: &[],
-            waiting: 1,
-            now,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&[], 1, now));
         assert_eq!(d.desired, 2);
         assert_eq!(d.actions[0].0, Action::Start(2));
     }
@@ -405,15 +411,7 @@ mod tests {
         });
         // One VM, full at a cap below sessions_per_vm: the aim (1) is met, yet a user waits.
         let vms = [vm("a", 2, None)];
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 1,
-            now: Instant::now(),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 1, Instant::now()));
         assert_eq!(d.desired, 1);
         assert_eq!(d.actions[0].0, Action::Start(1), "{d:?}");
     }
@@ -423,15 +421,7 @@ mod tests {
         let mut a = Autoscaler::new(config());
         let now = Instant::now();
         let vms = [vm("a", 4, None), vm("b", 3, None)];
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, now));
         assert_eq!(d.desired, 3);
         assert_eq!(d.actions, vec![(Action::Start(1), d.actions[0].1.clone())]);
     }
@@ -443,43 +433,19 @@ mod tests {
         let later = t0 + Duration::from_secs(1000);
         let mut vms = vec![vm("a", 1, None), vm("b", 0, Some(t0)), vm("c", 0, Some(t0))];
         // aim = ceil(1/4)+1 = 2; 3 serving; b and c idle 1000 s > 900 s: drain one (c? longest idle tie → by name, "b").
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: later,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, later));
         assert_eq!(d.actions.len(), 1);
         assert_eq!(d.actions[0].0, Action::Drain("b".into()));
         vms[1].draining = true;
         // Next tick: b is still empty: remove it.
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: later + Duration::from_secs(10),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, later + Duration::from_secs(10)));
         assert_eq!(d.actions[0].0, Action::Remove("b".into()));
 
         // Demand comes back while c is draining: undrain instead of starting.
         let mut a = Autoscaler::new(config());
         let mut vms = vec![vm("a", 1, None), vm("c", 0, Some(t0))];
         vms.push(vm("d", 0, Some(t0)));
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: later,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, later));
         let Action::Drain(name) = &d.actions[0].0 else {
             panic!("{d:?}")
         };
@@ -490,15 +456,7 @@ mod tests {
             }
         }
         vms[0].sessions = 5; // aim = ceil(5/4)+1 = 3 > 2 serving
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: later + Duration::from_secs(5),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, later + Duration::from_secs(5)));
         assert_eq!(d.actions[0].0, Action::Undrain(drained));
     }
 
@@ -508,25 +466,9 @@ mod tests {
         let t0 = Instant::now();
         let vms = [vm("a", 0, None), vm("b", 0, None)];
         // Scale out happened just now (waiting).
-        let _ = a.decide(&Observation {
-            vms: &[],
-            waiting: 1,
-            now: t0,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let _ = a.decide(&at(&[], 1, t0));
         let busy = [vm("a", 2, None), vm("b", 1, None), vm("c", 1, None)];
-        let d = a.decide(&Observation {
-            vms: &busy,
-            waiting: 0,
-            now: t0 + Duration::from_secs(5000),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&busy, 0, t0 + Duration::from_secs(5000)));
         assert!(
             d.actions
                 .iter()
@@ -540,28 +482,12 @@ mod tests {
         let mut a = Autoscaler::new(config());
         let t0 = Instant::now();
         let vms = [vm("a", 0, Some(t0))];
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: t0,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, t0));
         assert_eq!(
             d.desired, 1,
             "spare VM kept while the pool is recently idle"
         );
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: t0 + Duration::from_secs(1801),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, t0 + Duration::from_secs(1801)));
         assert_eq!(d.desired, 0);
         assert_eq!(d.actions[0].0, Action::Drain("a".into()));
     }
@@ -570,15 +496,7 @@ mod tests {
     fn never_exceeds_max_vms() {
         let mut a = Autoscaler::new(config());
         let vms: Vec<_> = (0..5).map(|i| vm(&format!("v{i}"), 4, None)).collect();
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 10,
-            now: Instant::now(),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 10, Instant::now()));
         assert!(
             d.actions
                 .iter()
@@ -595,15 +513,7 @@ mod tests {
         // Whole pool idle for long: everything could go, but "b" runs detached work.
         let mut vms = vec![vm("a", 0, Some(t0)), vm("b", 0, Some(t0))];
         vms[1].busy = true;
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: later,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, later));
         assert_eq!(
             d.actions,
             vec![(Action::Drain("a".into()), d.actions[0].1.clone())]
@@ -611,15 +521,7 @@ mod tests {
         vms[0].draining = true;
         // Only "b" is left serving, busy: never drained however long it idles.
         for step in 1..20 {
-            let d = a.decide(&Observation {
-                vms: &vms,
-                waiting: 0,
-                now: later + Duration::from_secs(step * 1000),
-                min_warm: 0,
-                batch_pending_nodes: 0,
-                batch_running_nodes: 0,
-                batch_unregistered_nodes: 0,
-            });
+            let d = a.decide(&at(&vms, 0, later + Duration::from_secs(step * 1000)));
             assert!(
                 d.actions
                     .iter()
@@ -635,51 +537,19 @@ mod tests {
         // Work starts on a VM the policy drained, before it was removed: undrained, not removed.
         let mut a = Autoscaler::new(config());
         let mut vms = vec![vm("c", 0, Some(t0))];
-        let _ = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: t0,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: later,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let _ = a.decide(&at(&vms, 0, t0));
+        let d = a.decide(&at(&vms, 0, later));
         assert_eq!(d.actions[0].0, Action::Drain("c".into()));
         vms[0].draining = true;
         vms[0].busy = true;
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: later + Duration::from_secs(1),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, later + Duration::from_secs(1)));
         assert_eq!(d.actions.len(), 1, "{d:?}");
         assert_eq!(d.actions[0].0, Action::Undrain("c".into()));
         assert_eq!(a.draining().count(), 0);
         // The work ends: scale-in goes ahead again.
         vms[0].draining = false;
         vms[0].busy = false;
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: later + Duration::from_secs(2),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, later + Duration::from_secs(2)));
         assert_eq!(d.actions[0].0, Action::Drain("c".into()));
     }
 
@@ -689,13 +559,8 @@ mod tests {
         let mut a = Autoscaler::new(config());
         // Nobody there, pool at zero, a window keeps 3 warm: three start, and say why.
         let d = a.decide(&Observation {
-            vms: &[],
-            waiting: 0,
-            now: t0,
             min_warm: 3,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
+            ..at(&[], 0, t0)
         });
         assert_eq!(d.desired, 3);
         assert_eq!(d.actions.len(), 1, "{d:?}");
@@ -710,13 +575,8 @@ mod tests {
         ];
         let later = t0 + Duration::from_secs(3 * 3600);
         let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: later,
             min_warm: 3,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
+            ..at(&vms, 0, later)
         });
         assert_eq!(d.desired, 3);
         assert_eq!(
@@ -729,24 +589,8 @@ mod tests {
         );
         // ...and when the window closes the usual rules take the pool to zero, one VM a tick.
         let mut b = Autoscaler::new(config());
-        let _ = b.decide(&Observation {
-            vms: &vms[..3],
-            waiting: 0,
-            now: t0,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
-        let d = b.decide(&Observation {
-            vms: &vms[..3],
-            waiting: 0,
-            now: later,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let _ = b.decide(&at(&vms[..3], 0, t0));
+        let d = b.decide(&at(&vms[..3], 0, later));
         assert_eq!(d.desired, 0);
         assert!(matches!(d.actions[0].0, Action::Drain(_)), "{d:?}");
     }
@@ -761,24 +605,14 @@ mod tests {
             .map(|n| vm(n, 3, None))
             .collect();
         let d = a.decide(&Observation {
-            vms: &vms[..4],
-            waiting: 0,
-            now: t0,
             min_warm: 2,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
+            ..at(&vms[..4], 0, t0)
         });
         assert_eq!(d.desired, 4);
         // A floor above max_vms (5) is held at max_vms.
         let d = a.decide(&Observation {
-            vms: &[],
-            waiting: 0,
-            now: t0,
             min_warm: 9,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
+            ..at(&[], 0, t0)
         });
         assert_eq!((d.desired, d.actions[0].0.clone()), (5, Action::Start(5)));
     }
@@ -788,51 +622,25 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Autoscaler::new(config());
         // Pool at zero, long idle, a job pending for one node: one VM (+ the spare).
-        let _ = a.decide(&Observation {
-            vms: &[],
-            waiting: 0,
-            now: t0,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let _ = a.decide(&at(&[], 0, t0));
         let d = a.decide(&Observation {
-            vms: &[],
-            waiting: 0,
-            now: t0 + Duration::from_secs(3 * 3600),
-            min_warm: 0,
             batch_pending_nodes: 1,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
+            ..at(&[], 0, t0 + Duration::from_secs(3 * 3600))
         });
         assert_eq!(d.desired, 2, "{d:?}");
         assert_eq!(d.actions[0].0, Action::Start(2));
         assert!(d.actions[0].1.contains("pending batch jobs"), "{d:?}");
         // Twenty jobs queued: capped at max_vms (5).
         let d = a.decide(&Observation {
-            vms: &[],
-            waiting: 0,
-            now: t0 + Duration::from_secs(3 * 3600),
-            min_warm: 0,
             batch_pending_nodes: 20,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
+            ..at(&[], 0, t0 + Duration::from_secs(3 * 3600))
         });
         assert_eq!(d.desired, 5);
         // VMs running jobs are busy: never drained, however long without sessions.
         let mut vms = vec![vm("a", 0, Some(t0)), vm("b", 0, Some(t0))];
         vms[0].busy = true;
         vms[1].busy = true;
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: t0 + Duration::from_secs(5 * 3600),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, t0 + Duration::from_secs(5 * 3600)));
         assert!(
             !d.actions.iter().any(|(x, _)| matches!(x, Action::Drain(_))),
             "{d:?}"
@@ -850,24 +658,15 @@ mod tests {
             v.busy = true;
         }
         let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: t0,
-            min_warm: 0,
             batch_pending_nodes: 1,
             batch_running_nodes: 3,
-            batch_unregistered_nodes: 0,
+            ..at(&vms, 0, t0)
         });
         assert_eq!(d.actions[0].0, Action::Start(2), "{d:?}");
         // Nothing pending: the running jobs' VMs are kept (busy) but add no VM.
         let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: t0,
-            min_warm: 0,
-            batch_pending_nodes: 0,
             batch_running_nodes: 3,
-            batch_unregistered_nodes: 0,
+            ..at(&vms, 0, t0)
         });
         assert!(
             !d.actions.iter().any(|(x, _)| matches!(x, Action::Start(_))),
@@ -885,13 +684,10 @@ mod tests {
             now: Instant,
         ) -> Observation<'_> {
             Observation {
-                vms,
-                waiting: 0,
-                now,
-                min_warm: 0,
                 batch_pending_nodes: pending,
                 batch_running_nodes: running,
                 batch_unregistered_nodes: unregistered,
+                ..at(vms, 0, now)
             }
         }
         let t0 = Instant::now();
@@ -955,38 +751,18 @@ mod tests {
         let mut a = Autoscaler::new(config());
         let mut stopped = vm("a", 0, None);
         stopped.lifecycle = Lifecycle::Stopped;
-        let d = a.decide(&Observation {
-            vms: std::slice::from_ref(&stopped),
-            waiting: 0,
-            now: t0,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(std::slice::from_ref(&stopped), 0, t0));
         assert_eq!((d.desired, d.actions.len()), (0, 0), "{d:?}");
         // A pool found with a VM running keeps it as the spare for scale_to_zero_after.
         let mut b = Autoscaler::new(config());
-        let d = b.decide(&Observation {
-            vms: &[vm("a", 0, Some(t0))],
-            waiting: 0,
-            now: t0,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = b.decide(&at(&[vm("a", 0, Some(t0))], 0, t0));
         assert_eq!((d.desired, d.actions.len()), (1, 0), "{d:?}");
         // Someone arrives at the sleeping pool: woken as before.
-        let d = a.decide(&Observation {
-            vms: std::slice::from_ref(&stopped),
-            waiting: 1,
-            now: t0 + Duration::from_secs(5),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(
+            std::slice::from_ref(&stopped),
+            1,
+            t0 + Duration::from_secs(5),
+        ));
         assert!(matches!(d.actions[0].0, Action::Start(_)), "{d:?}");
     }
 
@@ -1003,28 +779,12 @@ mod tests {
         vms[1].draining = true;
         // A policy with no history (a new leader) takes both drains for an operator's.
         let mut a = Autoscaler::new(config());
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: t0,
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, t0));
         assert!(d.actions.is_empty(), "{d:?}");
         // "a" was drained for scale-in by the old leader: adopted, then removed while empty.
         assert!(a.adopt_drain("a"));
         assert!(!a.adopt_drain("a"), "adopting twice changes nothing");
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: t0 + Duration::from_secs(1),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 0, t0 + Duration::from_secs(1)));
         assert_eq!(
             d.actions.iter().map(|(x, _)| x.clone()).collect::<Vec<_>>(),
             vec![Action::Remove("a".into())]
@@ -1032,15 +792,7 @@ mod tests {
         // Adopted again, and demand comes back: undrained rather than a VM started; "b" (the
         // operator's) stays drained.
         assert!(a.adopt_drain("a"));
-        let d = a.decide(&Observation {
-            vms: &vms,
-            waiting: 1,
-            now: t0 + Duration::from_secs(2),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let d = a.decide(&at(&vms, 1, t0 + Duration::from_secs(2)));
         assert_eq!(d.actions[0].0, Action::Undrain("a".into()), "{d:?}");
         assert!(
             d.actions
@@ -1051,15 +803,7 @@ mod tests {
         // A name adopted for a VM that is not draining is forgotten at the next decision.
         vms[0].draining = false;
         let _ = a.adopt_drain("a");
-        let _ = a.decide(&Observation {
-            vms: &vms,
-            waiting: 0,
-            now: t0 + Duration::from_secs(3),
-            min_warm: 0,
-            batch_pending_nodes: 0,
-            batch_running_nodes: 0,
-            batch_unregistered_nodes: 0,
-        });
+        let _ = a.decide(&at(&vms, 0, t0 + Duration::from_secs(3)));
         assert_eq!(a.draining().count(), 0);
     }
 
@@ -1070,17 +814,7 @@ mod tests {
             ..config()
         });
         // One user waits; the one VM was woken for them and runs.
-        let mut one_waiting = |v: VmObservation| {
-            a.decide(&Observation {
-                vms: &[v],
-                waiting: 1,
-                now: Instant::now(),
-                min_warm: 0,
-                batch_pending_nodes: 0,
-                batch_running_nodes: 0,
-                batch_unregistered_nodes: 0,
-            })
-        };
+        let mut one_waiting = |v: VmObservation| a.decide(&at(&[v], 1, Instant::now()));
         let woken = vm("a", 0, Some(Instant::now()));
         // Its probes have not passed yet: it is on its way.
         let d = one_waiting(VmObservation {
