@@ -257,18 +257,37 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).trim().to_owned()
 }
 
+/// Returns from the test unless the real parts of the batch tests are there (under CI: fails):
+/// OpenSSH, Slurm's daemons and client, munge, root.
+macro_rules! require_slurm {
+    () => {
+        require_tools!(
+            "sshd",
+            "ssh",
+            "ssh-keygen",
+            "slurmctld",
+            "slurmd",
+            "sbatch",
+            "munged"
+        );
+        require_root!();
+    };
+}
+
+/// [`require_slurm!`], and slurmrestd with its JWT plugin.
+macro_rules! require_slurmrestd {
+    () => {
+        require_slurm!();
+        require_tools!("slurmrestd");
+        if !require_slurm_jwt_plugin() {
+            return;
+        }
+    };
+}
+
 #[test]
 fn a_job_submitted_to_a_pool_at_zero_wakes_a_vm_runs_there_and_reports_exit_code_3() {
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "slurmctld",
-        "slurmd",
-        "sbatch",
-        "munged"
-    );
-    require_root!();
+    require_slurm!();
     let b = start(&["vm-a"], 1);
     let job = b.job_script(
         1,
@@ -328,16 +347,7 @@ fn a_job_submitted_to_a_pool_at_zero_wakes_a_vm_runs_there_and_reports_exit_code
 
 #[test]
 fn a_vm_running_a_job_is_kept_through_scale_in_windows_then_drained_in_slurm_and_stopped() {
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "slurmctld",
-        "slurmd",
-        "sbatch",
-        "munged"
-    );
-    require_root!();
+    require_slurm!();
     let b = start(&["vm-a"], 1);
     let job = b.job_script(1, "long.sh", &b.wait_body());
     let id = b.submit(1, &job);
@@ -413,16 +423,7 @@ fn a_vm_running_a_job_is_kept_through_scale_in_windows_then_drained_in_slurm_and
 
 #[test]
 fn pool_cancel_cancels_nobody_touches_another_users_job_and_an_operators_drain_reaches_slurm() {
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "slurmctld",
-        "slurmd",
-        "sbatch",
-        "munged"
-    );
-    require_root!();
+    require_slurm!();
     let b = start(&["vm-a"], 2);
     let job = b.job_script(1, "long.sh", &b.wait_body());
     let id = b.submit(1, &format!("{job} --name ones-job --time 10m"));
@@ -503,16 +504,7 @@ fn pool_cancel_cancels_nobody_touches_another_users_job_and_an_operators_drain_r
 
 #[test]
 fn twenty_queued_jobs_grow_the_pool_to_its_max_and_it_goes_back_to_zero() {
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "slurmctld",
-        "slurmd",
-        "sbatch",
-        "munged"
-    );
-    require_root!();
+    require_slurm!();
     let names = ["vm-a", "vm-b", "vm-c"];
     let b = start(&names, 1);
     // Twenty jobs from a login node (here the gateway host), to a pool at zero.
@@ -560,27 +552,6 @@ fn twenty_queued_jobs_grow_the_pool_to_its_max_and_it_goes_back_to_zero() {
             .wait_for_state(name, "stopped", Duration::from_secs(40));
     }
     b.pool.assert_no_panic();
-}
-
-/// Returns from the test unless the real parts of the slurmrestd tests are there (under CI:
-/// fails): OpenSSH, Slurm's daemons and slurmrestd with its JWT plugin, root.
-macro_rules! require_slurmrestd {
-    () => {
-        require_tools!(
-            "sshd",
-            "ssh",
-            "ssh-keygen",
-            "slurmctld",
-            "slurmd",
-            "slurmrestd",
-            "sbatch",
-            "munged"
-        );
-        require_root!();
-        if !require_slurm_jwt_plugin() {
-            return;
-        }
-    };
 }
 
 /// `sbatch` from a login node (here the gateway host) to partition `pool`; the job id.
@@ -701,16 +672,7 @@ fn through_slurmrestd_an_expired_token_is_a_failed_read_that_drains_and_stops_no
 
 #[test]
 fn a_vm_whose_slurm_node_never_registers_is_reported_once_and_the_queue_starts_no_more_vms() {
-    require_tools!(
-        "sshd",
-        "ssh",
-        "ssh-keygen",
-        "slurmctld",
-        "slurmd",
-        "sbatch",
-        "munged"
-    );
-    require_root!();
+    require_slurm!();
     // A broken pool image: the VMs boot (sshd) but run no slurmd. Nodes found unregistered after
     // 4 s are reported.
     let b = start_inner(
