@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::process::kill_tree;
+use crate::sshd::SshdVm;
+use crate::tools::tool;
 
 /// A shell function the scripts share: `alive PID` holds while the process runs (a zombie left
 /// to an init that does not reap has ended).
@@ -53,6 +55,21 @@ impl ExecScripts {
             start: write_script(dir, "start.sh", &own_vm(start)),
             stop: write_script(dir, "stop.sh", &own_vm(stop)),
         }
+    }
+
+    /// The scripts for `vm`, an sshd the test stopped: `start` runs that sshd again with its
+    /// config (it writes its pid file), `stop` kills it.
+    pub fn for_sshd(dir: &Path, vm: &SshdVm) -> Self {
+        let pid_file = vm.pid_file();
+        let (pid, cfg) = (pid_file.display(), vm.config_path().display());
+        Self::write(
+            dir,
+            vm.name(),
+            &pid_file,
+            &[("ssh_port", vm.port())],
+            &format!("{} -f {cfg}", tool("sshd").display()),
+            &format!("kill \"$(cat {pid})\"\nrm -f {pid}"),
+        )
     }
 
     /// The `[pool]` and `[pool.exec]` sections naming these scripts: polled every second, each

@@ -37,15 +37,7 @@ fn exec_provider_wakes_a_stopped_vm_for_ssh_and_stops_it_only_when_idle() {
     vm.stop();
     let pid_file = vm.pid_file();
     let _cleanup = KillPidFile(pid_file.clone());
-    let (pid, cfg) = (pid_file.display(), vm.config_path().display());
-    let scripts = ExecScripts::write(
-        dir.path(),
-        "vm-a",
-        &pid_file,
-        &[("ssh_port", vm.port())],
-        &format!("{} -f {cfg}", tool("sshd").display()),
-        &format!("kill \"$(cat {pid})\"\nrm -f {pid}"),
-    );
+    let scripts = ExecScripts::for_sshd(dir.path(), &vm);
 
     // This VM's sshd shares the machine's process table, so the busy check would see every
     // other test's processes: off here (tests/tests/autoscale_busy.rs runs it on VMs with a PID

@@ -43,15 +43,7 @@ fn start(schedule: &str, boot_estimate: &str, users: usize) -> Fixture {
     vm.stop();
     let pid_file = vm.pid_file();
     let cleanup = KillPidFile(pid_file.clone());
-    let (pid, cfg) = (pid_file.display(), vm.config_path().display());
-    let scripts = ExecScripts::write(
-        dir.path(),
-        "vm-a",
-        &pid_file,
-        &[("ssh_port", vm.port())],
-        &format!("{} -f {cfg}", tool("sshd").display()),
-        &format!("kill \"$(cat {pid})\"\nrm -f {pid}"),
-    );
+    let scripts = ExecScripts::for_sshd(dir.path(), &vm);
     // Idle timers of seconds, so that a VM kept only by the rules would be stopped within the
     // test; the busy check is off (this sshd shares the machine's process table).
     let pool = GatewayPool::builder()
