@@ -262,18 +262,6 @@ impl TokenSource {
             kind,
         })
     }
-
-    /// A bearer token straight from the credential (tests; ARM calls get theirs from the
-    /// pipeline's bearer-token policy, which caches).
-    pub async fn bearer(&self) -> Result<String, ProviderError> {
-        let scopes = [self.scope.as_str()];
-        let token = self
-            .credential
-            .get_token(&scopes, None)
-            .await
-            .map_err(|e| token_error(self.kind, e.to_string()))?;
-        Ok(token.token.secret().to_owned())
-    }
 }
 
 /// What to check when a credential yields no token.
