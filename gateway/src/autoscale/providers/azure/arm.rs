@@ -172,13 +172,19 @@ impl Policy for MeterPolicy {
                 .inc();
         }
         if let (Ok(response), Some(gauge)) = (&result, self.0.remaining.get()) {
-            for (policy, count) in ratelimits(&header_map(response.headers())) {
+            // The transport joined the repeated header into one value (token.rs).
+            let remaining = response.headers().get_optional_str(&RATELIMIT_REMAINING);
+            for (policy, count) in ratelimits(remaining) {
                 gauge.with_label_values(&[policy.as_str()]).set(count);
             }
         }
         result
     }
 }
+
+/// ARM's remaining calls per throttling policy, on every answer.
+const RATELIMIT_REMAINING: azure_core::http::headers::HeaderName =
+    azure_core::http::headers::HeaderName::from_static("x-ms-ratelimit-remaining-resource");
 
 /// When to retry and how long to wait: the statuses and transport failures azure_core's retry
 /// policy retries, `max_retries` times at most; the wait is what `Retry-After` (or
@@ -327,10 +333,9 @@ const MAX_POLICIES: usize = 64;
 /// commas, e.g. `Microsoft.Compute/DeleteVMScaleSet3Min;107` (Microsoft's "Troubleshooting API
 /// throttling errors" article for virtual machines, "Call rate informational response
 /// headers"). Names that are not plain policy names are skipped.
-fn ratelimits(headers: &HeaderMap) -> Vec<(String, i64)> {
+fn ratelimits<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<(String, i64)> {
     let mut out = Vec::new();
-    for value in headers.get_all("x-ms-ratelimit-remaining-resource") {
-        let Ok(text) = value.to_str() else { continue };
+    for text in values {
         for item in text.split(',') {
             let Some((policy, count)) = item.trim().rsplit_once(';') else {
                 continue;
@@ -865,7 +870,12 @@ mod tests {
             ),
         );
         assert_eq!(
-            ratelimits(&headers),
+            ratelimits(
+                headers
+                    .get_all("x-ms-ratelimit-remaining-resource")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+            ),
             vec![
                 ("Microsoft.Compute/DeleteVMScaleSet3Min".to_owned(), 107),
                 ("Microsoft.Compute/DeleteVMScaleSet30Min".to_owned(), 587),
