@@ -1180,3 +1180,68 @@ async fn a_start_refused_for_lack_of_capacity_falls_back_to_creating() {
         1
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn twenty_users_at_once_on_a_sleeping_pool_cost_one_start_and_one_capacity_write() {
+    // Three deallocated instances; twenty people connect at 9:00 (max_vms 5, 4 sessions per VM).
+    let fake = FakeArm::start(3, |s| {
+        s.polls_per_op = 2;
+        for i in s.instances.values_mut() {
+            i.power = "deallocated".into();
+        }
+    })
+    .await;
+    let (driver, pool, _clock) = driver_over(&fake, true).await;
+    let _waiting: Vec<_> = (0..20)
+        .map(|_| driver.wait_guard(router_core::Protocol::Ssh))
+        .collect();
+    let mut ticks = 0;
+    loop {
+        driver.tick().await;
+        ticks += 1;
+        let running = pool
+            .snapshot()
+            .vms()
+            .iter()
+            .filter(|vm| vm.status().lifecycle == Lifecycle::Running)
+            .count();
+        if running == 5 || ticks == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let s = fake.state();
+    let log = s.arm_log();
+    let writes: Vec<&Logged> = log.iter().filter(|l| l.method != "GET").collect();
+    // The stopped instances are started in one call, the rest created in one capacity write:
+    // two writes for twenty users, within max_vms, not one per user.
+    assert_eq!(writes.len(), 2, "{:?}", summary(&log));
+    let start = writes
+        .iter()
+        .find(|l| l.path == format!("{}/start", vmss_path()))
+        .expect("one start");
+    assert_eq!(
+        start.body,
+        Some(json!({"instanceIds": ["0", "1", "2"]})),
+        "{:?}",
+        summary(&log)
+    );
+    assert!(
+        writes
+            .iter()
+            .any(|l| l.method == "PATCH" && l.body == Some(json!({"sku": {"capacity": 5}}))),
+        "{:?}",
+        summary(&log)
+    );
+    assert_eq!(s.capacity, 5);
+    drop(s);
+    assert_eq!(
+        pool.snapshot()
+            .vms()
+            .iter()
+            .filter(|vm| vm.status().lifecycle == Lifecycle::Running)
+            .count(),
+        5,
+        "all five serve within {ticks} ticks"
+    );
+}
