@@ -2873,7 +2873,7 @@ fn slurm_runs_on_gateway_0_and_pool_vms_join_as_dynamic_nodes() {
 
     // Gateways: the client commands everywhere, slurmctld where the host name says so.
     let controller = written_file(&gateway, "/usr/local/sbin/poolgate-slurm-controller");
-    assert!(controller.contains("\"$(hostname -s)\" != \"$SLURMCTLD_HOST\""));
+    assert!(controller.contains("[ \"$(hostname -s)\" = \"$SLURMCTLD_HOST\" ] && role=controller"));
     assert!(controller.contains("systemctl restart slurmctld.service"));
     let setup = written_file(&gateway, "/usr/local/sbin/poolgate-gateway-setup");
     assert!(
@@ -2884,9 +2884,59 @@ fn slurm_runs_on_gateway_0_and_pool_vms_join_as_dynamic_nodes() {
         written_file(&gateway, "/usr/local/sbin/poolgate-fetch-secrets")
             .contains("/secrets/poolgate-munge-key?api-version=7.4")
     );
-    let packages =
-        &gateway[gateway.find("\npackages:").unwrap()..gateway.find("\nwrite_files:").unwrap()];
-    assert!(packages.contains("- munge") && packages.contains("- slurm-client"));
+    // Slurm itself comes from poolgate-slurm-install (one release everywhere), never from the
+    // image's Ubuntu archive; the controller's unit runs as SlurmUser.
+    for (yaml, role) in [(&gateway, "\"$role\""), (&pool, "node")] {
+        let packages =
+            &yaml[yaml.find("\npackages:").unwrap()..yaml.find("\nwrite_files:").unwrap()];
+        assert!(packages.contains("- munge"), "{packages}");
+        assert!(!packages.contains("slurm"), "{packages}");
+        assert!(
+            yaml.contains(&format!(
+                "/usr/local/sbin/poolgate-slurm-install {role} \"$SLURM_VERSION\""
+            )),
+            "{role}"
+        );
+        assert!(
+            written_file(
+                yaml,
+                &format!(
+                    "/etc/poolgate/{}.env",
+                    if role == "node" { "pool" } else { "gateway" }
+                )
+            )
+            .contains("SLURM_VERSION=__SLURM_VERSION__")
+        );
+    }
+    let unit = written_file(
+        &gateway,
+        "/etc/systemd/system/slurmctld.service.d/50-poolgate.conf",
+    );
+    assert!(
+        unit.contains("      User=poolgate\n      Group=poolgate\n"),
+        "{unit}"
+    );
+    let version = template["parameters"]["slurmVersion"]["defaultValue"]
+        .as_str()
+        .unwrap();
+    assert!(
+        version.len() == 5
+            && version.as_bytes()[2] == b'.'
+            && version.replace('.', "").bytes().all(|b| b.is_ascii_digit()),
+        "slurmVersion is a release like 25.11: {version}"
+    );
+    for custom in [
+        &gateway_vm["properties"]["osProfile"]["customData"],
+        &vmss["properties"]["virtualMachineProfile"]["osProfile"]["customData"],
+    ] {
+        assert!(
+            custom
+                .as_str()
+                .unwrap()
+                .contains("'__SLURM_VERSION__', parameters('slurmVersion')"),
+            "{custom}"
+        );
+    }
 
     // The gateway's [batch] section names the partition and maps node names to VM names.
     let config = gateway_config_text();
@@ -2898,4 +2948,250 @@ fn slurm_runs_on_gateway_0_and_pool_vms_join_as_dynamic_nodes() {
     ] {
         assert!(batch.contains(line), "[batch] lacks {line:?}: {batch}");
     }
+}
+
+/// Stub package tools for `poolgate-slurm-install`: they log every call to `$STATE/calls` and
+/// play a repository that serves `$STATE/available` (one version) and a dpkg database in
+/// `$STATE/installed` ("package version" lines).
+const SLURM_INSTALL_STUBS: [(&str, &str); 6] = [
+    (
+        "dpkg-query",
+        r#"#!/bin/bash
+echo "dpkg-query $*" >>"$STATE/calls"
+package=${!#}
+version=$(awk -v p="$package" '$1 == p { print $2 }' "$STATE/installed" 2>/dev/null)
+[ -n "$version" ] || exit 1
+case "$*" in *Status*) echo "installed $version" ;; *) echo "$version" ;; esac
+"#,
+    ),
+    (
+        "dpkg",
+        r#"#!/bin/bash
+echo "dpkg $*" >>"$STATE/calls"
+case "$1" in
+  --print-architecture) echo amd64 ;;
+  -i)
+    . /etc/os-release
+    case "$VERSION_CODENAME" in
+      jammy) echo key >/etc/apt/trusted.gpg.d/microsoft-prod.gpg ;;
+      *) echo key >/usr/share/keyrings/microsoft-prod.gpg ;;
+    esac
+    ;;
+esac
+"#,
+    ),
+    (
+        "curl",
+        r#"#!/bin/bash
+echo "curl $*" >>"$STATE/calls"
+while [ $# -gt 0 ]; do
+  [ "$1" = -o ] && echo deb >"$2"
+  shift
+done
+"#,
+    ),
+    (
+        "apt-get",
+        r#"#!/bin/bash
+echo "apt-get $*" >>"$STATE/calls"
+available=$(cat "$STATE/available")
+for arg in "$@"; do
+  case "$arg" in
+    slurm*=*)
+      wanted=${arg#*=}
+      # shellcheck disable=SC2053
+      [[ $available == $wanted ]] || { echo "E: Version '$wanted' for '${arg%%=*}' was not found" >&2; exit 100; }
+      echo "${arg%%=*} $available" >>"$STATE/installed"
+      ;;
+  esac
+done
+"#,
+    ),
+    (
+        "apt-mark",
+        "#!/bin/bash\necho \"apt-mark $*\" >>\"$STATE/calls\"\n",
+    ),
+    ("sleep", "#!/bin/bash\nexit 0\n"),
+];
+
+/// The deploy puts one Slurm release on both gateways and every pool VM, from Microsoft's Slurm
+/// repository for the VM's Ubuntu, pinned and held — Ubuntu's own archives would give the pool
+/// (22.04) Slurm 21.08 and the gateways (24.04) 23.11, which never run a batch job together.
+/// The script runs for real, in a private mount namespace (its own /etc/apt, keyrings and
+/// os-release) with stub package tools, so it touches neither this machine nor the network.
+#[test]
+fn slurm_install_puts_one_release_from_microsofts_repository_on_every_vm() {
+    require_tools!("bash", "unshare");
+    let Some(python) = python_with_yaml() else {
+        return;
+    };
+    assert_eq!(
+        written_file(
+            &read(CLOUD_INIT[0]),
+            "/usr/local/sbin/poolgate-slurm-install"
+        ),
+        written_file(
+            &read(CLOUD_INIT[1]),
+            "/usr/local/sbin/poolgate-slurm-install"
+        ),
+        "the gateways and the pool VMs install Slurm with the same script"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let script = extracted_script(
+        &python,
+        CLOUD_INIT[0],
+        "/usr/local/sbin/poolgate-slurm-install",
+        dir.path(),
+    );
+    let stubs = dir.path().join("stubs");
+    std::fs::create_dir(&stubs).unwrap();
+    for (name, body) in SLURM_INSTALL_STUBS {
+        let path = stubs.join(name);
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // Inside the namespace: fresh /etc/apt and keyrings, this case's os-release, then the script.
+    let jail = r#"set -e
+mount -t tmpfs tmpfs /etc/apt
+mkdir -p /etc/apt/sources.list.d /etc/apt/preferences.d /etc/apt/trusted.gpg.d
+mount -t tmpfs tmpfs /usr/share/keyrings
+mount --bind "$STATE/os-release" /etc/os-release
+[ -z "$KEY_AT" ] || echo key >"$KEY_AT"
+rc=0
+PATH="$STUBS:$PATH" bash "$SCRIPT" "$@" || rc=$?
+cp /etc/apt/sources.list.d/* /etc/apt/preferences.d/* "$STATE/" 2>/dev/null || true
+exit "$rc"
+"#;
+    struct Case {
+        state: PathBuf,
+    }
+    impl Case {
+        fn file(&self, name: &str) -> String {
+            std::fs::read_to_string(self.state.join(name)).unwrap_or_default()
+        }
+    }
+    let new_case = |name: &str, os: &str, available: &str| -> Case {
+        let state = dir.path().join(name);
+        std::fs::create_dir(&state).unwrap();
+        std::fs::write(state.join("os-release"), os).unwrap();
+        std::fs::write(state.join("available"), available).unwrap();
+        Case { state }
+    };
+    let run = |case: &Case, key_at: &str, args: &[&str]| -> Output {
+        run_with_timeout(
+            Command::new(tool("unshare"))
+                .args(["--mount", "--map-root-user", "--propagation", "private"])
+                .args([tool("bash").to_str().unwrap(), "-c", jail, "jail"])
+                .args(args)
+                .env("STATE", &case.state)
+                .env("STUBS", &stubs)
+                .env("SCRIPT", &script)
+                .env("KEY_AT", key_at),
+            TOOL_TIMEOUT,
+        )
+    };
+    const JAMMY: &str =
+        "PRETTY_NAME=\"Ubuntu 22.04.5 LTS\"\nVERSION_ID=\"22.04\"\nVERSION_CODENAME=jammy\n";
+    const NOBLE: &str =
+        "PRETTY_NAME=\"Ubuntu 24.04.3 LTS\"\nVERSION_ID=\"24.04\"\nVERSION_CODENAME=noble\n";
+
+    // A pool VM (the 22.04 Data Science VM) without Microsoft's key: the key package first,
+    // then slurmd of the cluster's release, pinned and held.
+    let pool = new_case("pool", JAMMY, "25.11.5-1");
+    let out = run(&pool, "", &["node", "25.11"]);
+    assert_success(&out, "poolgate-slurm-install node 25.11 on 22.04");
+    let calls = pool.file("calls");
+    assert!(
+        calls.contains("curl -fsSL --retry 5 --max-time 120 -o /tmp/tmp.",)
+            && calls.contains(
+                "https://packages.microsoft.com/config/ubuntu/22.04/packages-microsoft-prod.deb"
+            ),
+        "{calls}"
+    );
+    assert!(calls.contains("dpkg -i "), "{calls}");
+    assert_eq!(
+        pool.file("poolgate-slurm.list"),
+        "deb [arch=amd64 signed-by=/etc/apt/trusted.gpg.d/microsoft-prod.gpg] https://packages.microsoft.com/repos/slurm-ubuntu-jammy/ stable main\n"
+    );
+    let pin = pool.file("poolgate-slurm");
+    assert!(
+        pin.contains("Package: slurm-smd*\nPin: version 25.11.*\nPin-Priority: 1001\n"),
+        "{pin}"
+    );
+    assert!(
+        calls.contains(
+            "apt-get -q -o DPkg::Lock::Timeout=600 install -y slurm-smd=25.11.* slurm-smd-client=25.11.* slurm-smd-slurmd=25.11.*\n"
+        ),
+        "{calls}"
+    );
+    assert!(
+        calls.contains("apt-mark hold slurm-smd slurm-smd-client slurm-smd-slurmd\n"),
+        "{calls}"
+    );
+    assert!(text(&out).contains("Slurm 25.11.5-1 (node) installed from packages.microsoft.com"));
+    // Started again (the disk kept): nothing to do, no package tool run.
+    std::fs::remove_file(pool.state.join("calls")).unwrap();
+    let out = run(&pool, "", &["node", "25.11"]);
+    assert_success(&out, "poolgate-slurm-install again");
+    assert!(text(&out).contains("Slurm 25.11 (node) is installed"));
+    let calls = pool.file("calls");
+    assert!(
+        !calls.contains("apt-get") && !calls.contains("curl"),
+        "{calls}"
+    );
+
+    // Gateway 0 (Ubuntu 24.04, the key already there): the same release, with slurmctld.
+    let gateway = new_case("gateway", NOBLE, "25.11.5-1");
+    let out = run(
+        &gateway,
+        "/usr/share/keyrings/microsoft-prod.gpg",
+        &["controller", "25.11"],
+    );
+    assert_success(&out, "poolgate-slurm-install controller 25.11 on 24.04");
+    let calls = gateway.file("calls");
+    assert!(!calls.contains("curl"), "the image's key is used: {calls}");
+    assert_eq!(
+        gateway.file("poolgate-slurm.list"),
+        "deb [arch=amd64 signed-by=/usr/share/keyrings/microsoft-prod.gpg] https://packages.microsoft.com/repos/slurm-ubuntu-noble/ stable main\n"
+    );
+    assert!(
+        calls.contains(
+            "install -y slurm-smd=25.11.* slurm-smd-client=25.11.* slurm-smd-slurmctld=25.11.*\n"
+        ),
+        "{calls}"
+    );
+
+    // A release the repository does not serve: a failure that says what to check.
+    let absent = new_case("absent", NOBLE, "25.11.5-1");
+    let out = run(
+        &absent,
+        "/usr/share/keyrings/microsoft-prod.gpg",
+        &["client", "24.05"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("could not install Slurm 24.05"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("apt-cache madison slurm-smd"));
+    assert!(!absent.file("calls").contains("apt-mark"));
+
+    // An image the repository has no Slurm for keeps its own, said once; a bad release is refused.
+    let other = new_case(
+        "other",
+        "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nVERSION_ID=\"12\"\nVERSION_CODENAME=bookworm\n",
+        "25.11.5-1",
+    );
+    let out = run(&other, "", &["node", "25.11"]);
+    assert_success(&out, "poolgate-slurm-install on Debian");
+    assert!(
+        text(&out).contains("no Slurm for Debian GNU/Linux 12 (bookworm)"),
+        "{}",
+        text(&out)
+    );
+    assert!(!other.file("calls").contains("apt-get"));
+    let out = run(&other, "", &["node", "latest"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("'latest' is not a Slurm release such as 25.11"));
 }
