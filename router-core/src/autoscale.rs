@@ -16,8 +16,10 @@
 //!   still empty. Never remove a VM with sessions; never touch VMs an operator drained.
 //! * A VM on which work runs that does not flow through the gateway (`busy`, from the driver's
 //!   busy check) is never drained nor removed; one the policy drained is taken back into service.
-//! * Pending batch jobs add a VM per node they wait for, besides the VMs running jobs — except
-//!   while a running VM's batch node has not registered (`batch_unregistered_nodes`): then they
+//! * Pending batch jobs add a VM per node they wait for, besides the VMs running jobs. A running
+//!   VM whose batch node has not registered (`batch_unregistered_nodes`) runs no job: while such
+//!   VMs are fewer than the registered ones (`batch_registered_nodes`) — a VM gone wrong, not
+//!   the image — pending jobs get a VM in its place; once they are as many or more, pending jobs
 //!   start nothing and only keep the VMs serving now, up to what they would ask for.
 
 use std::collections::BTreeSet;
@@ -92,9 +94,12 @@ pub struct Observation<'a> {
     pub batch_running_nodes: u32,
     /// Running VMs whose batch node has not registered with the scheduler (or stopped
     /// answering) for longer than it should take (`batch.register_within`; 0 without
-    /// `[batch]`). While there is one, pending batch jobs start no VM: see
-    /// [`Autoscaler::decide`].
+    /// `[batch]`). While they are as many as the registered ones or more, pending batch jobs
+    /// start no VM: see [`Autoscaler::decide`].
     pub batch_unregistered_nodes: u32,
+    /// Running VMs whose batch node has registered with the scheduler and answers (0 without
+    /// `[batch]`): the evidence that VMs started for jobs can run them.
+    pub batch_registered_nodes: u32,
 }
 
 /// What to do.
@@ -218,17 +223,25 @@ impl Autoscaler {
                 .saturating_add(pending_nodes)
                 .saturating_add(obs.batch_running_nodes)
                 .min(c.max_vms.max(c.min_vms));
-            // A VM whose batch node never registered (a pool image without a working slurmd,
-            // a wrong munge key or node name) shows that VMs started for the jobs do not run
-            // them: the jobs stay pending, and more VMs would not help. So while there is one,
-            // pending jobs start no VM: they keep the VMs serving now (up to what they would
-            // ask for), so those are not scaled in and started again while the jobs wait, and
-            // the pool does not grow to max_vms chasing jobs that cannot run. Sessions and
-            // schedule windows still start VMs (the interactive aim, `desired` so far).
-            desired = if obs.batch_unregistered_nodes > 0 {
-                desired.max(with_batch.min(serving))
-            } else {
+            // A VM whose batch node never registered runs no job. A few among many registered
+            // ones are VMs gone wrong (a slurmd that failed, a munge restart that did not
+            // happen): the jobs get other VMs in their place (each unregistered VM adds one).
+            // As many as the registered ones or more (all of them, on a pool woken for jobs)
+            // point at the image, the munge key or the node names: VMs started for the jobs
+            // would not run them, and more would not help. Then pending jobs start no VM: they
+            // keep the VMs serving now (up to what they would ask for), so those are not scaled
+            // in and started again while the jobs wait, and the pool does not grow to max_vms
+            // chasing jobs that cannot run. Sessions and schedule windows still start VMs (the
+            // interactive aim, `desired` so far).
+            let unregistered = obs.batch_unregistered_nodes;
+            desired = if unregistered == 0 {
                 with_batch
+            } else if unregistered < obs.batch_registered_nodes {
+                with_batch
+                    .saturating_add(unregistered)
+                    .min(c.max_vms.max(c.min_vms))
+            } else {
+                desired.max(with_batch.min(serving))
             };
         }
         // On its way: starting, or running but not through its probes yet.
@@ -378,6 +391,7 @@ mod tests {
             batch_pending_nodes: 0,
             batch_running_nodes: 0,
             batch_unregistered_nodes: 0,
+            batch_registered_nodes: 0,
         }
     }
 
@@ -742,6 +756,48 @@ mod tests {
             ..obs(&busy_vm, 2, 0, 1, at)
         });
         assert!(matches!(d.actions[..], [(Action::Start(_), _)]), "{d:?}");
+    }
+
+    #[test]
+    fn a_few_broken_batch_vms_among_working_ones_are_replaced_not_a_brake() {
+        let t0 = Instant::now();
+        let mut c = config();
+        c.spare_vms = 0;
+        c.max_vms = 10;
+        let mut a = Autoscaler::new(c);
+        let at_ = t0 + Duration::from_secs(3600);
+        // Four VMs run jobs (registered), one VM's slurmd never registered; two jobs wait.
+        let mut five: Vec<VmObservation> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|n| vm(n, 0, None))
+            .collect();
+        for v in &mut five[..4] {
+            v.busy = true;
+        }
+        let obs = |unregistered: u32, registered: u32| Observation {
+            batch_pending_nodes: 2,
+            batch_running_nodes: 4,
+            batch_unregistered_nodes: unregistered,
+            batch_registered_nodes: registered,
+            ..at(&five, 0, at_)
+        };
+        // The broken VM is no VM for the jobs: 4 running + 2 pending + 1 in its place.
+        let d = a.decide(&obs(1, 4));
+        assert_eq!(d.desired, 7, "{d:?}");
+        assert_eq!(d.actions[0].0, Action::Start(2), "{d:?}");
+        // As many broken as working (a new image gone wrong on half the pool): the brake.
+        let d = a.decide(&obs(4, 4));
+        assert_eq!(d.desired, 5, "{d:?}");
+        assert!(
+            !d.actions.iter().any(|(x, _)| matches!(x, Action::Start(_))),
+            "{d:?}"
+        );
+        // Never past max_vms.
+        let mut small = config();
+        small.spare_vms = 0;
+        small.max_vms = 6;
+        let d = Autoscaler::new(small).decide(&obs(1, 4));
+        assert_eq!(d.desired, 6, "{d:?}");
     }
 
     #[test]

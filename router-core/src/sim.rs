@@ -747,6 +747,7 @@ impl Sim<'_> {
             batch_pending_nodes: self.batch.pending_nodes(),
             batch_running_nodes: u32::try_from(self.batch.running_nodes()).unwrap_or(u32::MAX),
             batch_unregistered_nodes: 0,
+            batch_registered_nodes: 0,
         });
         for (action, _reason) in decision.actions {
             match action {

@@ -310,7 +310,7 @@ proptest! {
 
             let before_alive = model.alive();
             let obs: Vec<VmObservation> = model.vms.iter().map(|v| v.observe(now)).collect();
-            let decision = policy.decide(&Observation { vms: &obs, waiting: model.waiting, now, min_warm: 0, batch_pending_nodes: 0, batch_running_nodes: 0, batch_unregistered_nodes: 0 });
+            let decision = policy.decide(&Observation { vms: &obs, waiting: model.waiting, now, min_warm: 0, batch_pending_nodes: 0, batch_running_nodes: 0, batch_unregistered_nodes: 0, batch_registered_nodes: 0 });
             check_decision(&obs, model.waiting, &config, &model.operator_drained, &decision)?;
             model.apply(&decision, now);
             prop_assert!(
@@ -350,7 +350,7 @@ proptest! {
             let now = t0 + tick * i as u32;
             model.place(now);
             let obs: Vec<VmObservation> = model.vms.iter().map(|v| v.observe(now)).collect();
-            let decision = policy.decide(&Observation { vms: &obs, waiting: model.waiting, now, min_warm: 0, batch_pending_nodes: 0, batch_running_nodes: 0, batch_unregistered_nodes: 0 });
+            let decision = policy.decide(&Observation { vms: &obs, waiting: model.waiting, now, min_warm: 0, batch_pending_nodes: 0, batch_running_nodes: 0, batch_unregistered_nodes: 0, batch_registered_nodes: 0 });
             if !decision.actions.is_empty() {
                 last_action = i;
             }

@@ -109,6 +109,9 @@ pub trait BatchEngine: Send + Sync {
     fn drain<'a>(&'a self, node: &'a str, reason: &'a str) -> BoxFuture<'a, Result<(), String>>;
     /// Takes a drained `node` back into service.
     fn resume<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    /// Deletes `node` from the scheduler (its VM is gone for good). Only a dynamic node (one its
+    /// slurmd registered, `slurmd -Z`) can be deleted; Slurm refuses others.
+    fn forget<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<(), String>>;
     /// The Slurm node name of VM `vm`.
     fn node_of(&self, vm: &str) -> String;
 }
@@ -177,6 +180,15 @@ impl BatchEngine for Slurm {
             )
             .await
             .map(drop)
+        })
+    }
+
+    fn forget<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let node_arg = format!("nodename={node}");
+            self.run(&self.config.scontrol, &["delete", &node_arg])
+                .await
+                .map(drop)
         })
     }
 

@@ -88,6 +88,11 @@ pub struct Driver {
     register_within: std::sync::OnceLock<Duration>,
     /// Running VMs whose Slurm node has not registered, by VM name.
     unregistered: Mutex<std::collections::HashMap<String, Unregistered>>,
+    /// The provider has listed the pool at least once (before that, a VM missing from the pool
+    /// may just not be known yet).
+    listed: std::sync::atomic::AtomicBool,
+    /// Slurm nodes of VMs gone for good that Slurm would not delete (logged once each).
+    unforgettable: Mutex<std::collections::HashSet<String>>,
     /// The schedule's floor last applied, and its window (logged when it changes).
     schedule_floor: Mutex<(u32, Option<String>)>,
 }
@@ -153,6 +158,8 @@ impl Driver {
             batch_view: Mutex::new((None, false)),
             register_within: std::sync::OnceLock::new(),
             unregistered: Mutex::new(std::collections::HashMap::new()),
+            listed: std::sync::atomic::AtomicBool::new(false),
+            unforgettable: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -262,7 +269,7 @@ impl Driver {
                         %node,
                         slurm_state = %state,
                         register_within = %humantime::format_duration(within),
-                        "the VM's Slurm node has not registered: the VM runs, but Slurm cannot run jobs there, and pending jobs start no more VMs while it stays so. Check on the VM: slurmd runs and registers (journalctl -u slurmd; slurmd -V must be 22.05 or newer and at most two major releases behind slurmctld), its munge key is the controller's (munge -n | unmunge there), and batch.node_name gives the name slurmd registers with"
+                        "the VM's Slurm node has not registered: the VM runs, but Slurm cannot run jobs there. Pending jobs get another VM in its place while such VMs are fewer than those whose node registered, and start no more VMs once they are as many. Check on the VM: slurmd runs and registers (journalctl -u slurmd; slurmd -V must be 22.05 or newer and at most two major releases behind slurmctld), its munge key is the controller's (munge -n | unmunge there), and batch.node_name gives the name slurmd registers with"
                     );
                 }
             }
@@ -314,6 +321,50 @@ impl Driver {
                     Ok(()) => tracing::info!(vm = vm.name(), %node, "resumed the VM's Slurm node"),
                     Err(e) => {
                         tracing::warn!(vm = vm.name(), %node, error = %e, "resuming the VM's Slurm node failed; will retry")
+                    }
+                }
+            }
+        }
+        self.forget_gone_nodes(engine.as_ref(), view, snapshot)
+            .await;
+    }
+
+    /// Deletes from Slurm the nodes poolgate drained whose VM is gone for good (deleted on
+    /// scale-in, `deallocate_idle = false` or a provider without stop, or as failed): each VM
+    /// registers a dynamic node under its own name, and without this they would stay DOWN in
+    /// `sinfo` forever and count toward `MaxNodeCount`, which a new VM's node then cannot pass.
+    /// A stopped VM keeps its node (it registers again when started); nodes poolgate did not
+    /// drain (an admin's, other machines') and nodes with a job are never touched.
+    async fn forget_gone_nodes(
+        &self,
+        engine: &dyn batch::BatchEngine,
+        view: &batch::BatchView,
+        snapshot: &router_core::Snapshot,
+    ) {
+        if !self.listed.load(Ordering::Acquire) {
+            return;
+        }
+        let ours: std::collections::HashSet<String> = snapshot
+            .vms()
+            .iter()
+            .map(|vm| engine.node_of(vm.name()))
+            .collect();
+        for (node, state) in &view.nodes {
+            if ours.contains(node) || state.busy || !state.drained_by_poolgate() {
+                continue;
+            }
+            match engine.forget(node).await {
+                Ok(()) => tracing::info!(
+                    %node,
+                    "deleted the Slurm node of a VM that is gone (scontrol delete)"
+                ),
+                Err(e) => {
+                    if self
+                        .unforgettable
+                        .lock()
+                        .is_ok_and(|mut s| s.insert(node.clone()))
+                    {
+                        tracing::warn!(%node, error = %e, "the Slurm node of a VM that is gone could not be deleted (only dynamic nodes can be); it stays in sinfo");
                     }
                 }
             }
@@ -479,6 +530,7 @@ impl Driver {
         let listed = provider.list().await?;
         let specs = listed.iter().map(|vm| vm.spec.clone()).collect();
         self.pool.set_vms(specs);
+        self.listed.store(true, Ordering::Release);
         let snapshot = self.pool.snapshot();
         for vm in &listed {
             let current = snapshot.get(&vm.spec.name).map(|v| v.status().lifecycle);
@@ -561,15 +613,18 @@ impl Driver {
         let batch = self.batch_view().await;
         let mut busy_nodes = 0;
         let mut unregistered = 0;
+        let mut registered = 0;
         if let (Some((view, fresh)), Some(engine)) = (&batch, self.batch.get()) {
             for v in &mut vms {
-                if view
-                    .nodes
-                    .get(&engine.node_of(&v.name))
-                    .is_some_and(|n| n.busy)
-                {
+                let node = view.nodes.get(&engine.node_of(&v.name));
+                if node.is_some_and(|n| n.busy) {
                     v.busy = true;
                     busy_nodes += 1u32;
+                }
+                if v.lifecycle == Lifecycle::Running
+                    && node.is_some_and(|n| n.unregistered.is_none())
+                {
+                    registered += 1u32;
                 }
             }
             self.metrics.batch_nodes_busy.set(i64::from(busy_nodes));
@@ -609,6 +664,7 @@ impl Driver {
                 batch_pending_nodes: batch.as_ref().map_or(0, |(v, _)| v.pending_nodes),
                 batch_running_nodes: busy_nodes,
                 batch_unregistered_nodes: unregistered,
+                batch_registered_nodes: registered,
             }),
             Err(_) => return Vec::new(),
         };
@@ -1209,7 +1265,8 @@ mod tests {
     }
 
     /// Slurm as a test sets it: the view each read returns (or a failed read).
-    struct FakeSlurm(Mutex<Result<BatchView, String>>);
+    /// And the nodes it was asked to delete.
+    struct FakeSlurm(Mutex<Result<BatchView, String>>, Mutex<Vec<String>>);
 
     impl FakeSlurm {
         fn set(&self, view: Result<BatchView, String>) {
@@ -1226,6 +1283,10 @@ mod tests {
             Box::pin(async { Ok(()) })
         }
         fn resume<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn forget<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<(), String>> {
+            self.1.lock().expect("lock").push(node.to_owned());
             Box::pin(async { Ok(()) })
         }
         fn node_of(&self, vm: &str) -> String {
@@ -1279,7 +1340,7 @@ mod tests {
             boot_estimate: Duration::from_secs(2),
         };
         let driver = Driver::new(pool.clone(), provider.clone(), settings, metrics.clone());
-        let slurm = Arc::new(FakeSlurm(Mutex::new(Ok(queue(1, &[])))));
+        let slurm = Arc::new(FakeSlurm(Mutex::new(Ok(queue(1, &[]))), Mutex::default()));
         driver.set_batch(slurm.clone(), Duration::from_secs(60));
         driver.sync().await.expect("sync");
         let step = |secs: u64| {
@@ -1357,6 +1418,66 @@ mod tests {
         step(600).await;
         quiet.tick().await;
         assert_eq!(quiet.metrics.batch_nodes_unregistered.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_slurm_node_of_a_vm_gone_for_good_is_deleted_and_no_other() {
+        let clock = Arc::new(ManualClock::new());
+        let pool = Arc::new(Pool::new(RoutingPolicy::default(), clock.clone()));
+        let provider = Arc::new(FakeProvider::default());
+        let metrics = Arc::new(Metrics::new());
+        let settings = DriverSettings {
+            enabled: true,
+            policy: AutoscaleConfig {
+                min_vms: 0,
+                max_vms: 2,
+                sessions_per_vm: 4,
+                spare_vms: 0,
+                scale_in_after: Duration::from_secs(60),
+                scale_to_zero_after: Duration::from_secs(60),
+                cooldown: Duration::ZERO,
+            },
+            tick: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(1),
+            wake_on_connect: false,
+            hold_connect_for: Duration::from_secs(60),
+            boot_estimate: Duration::from_secs(2),
+        };
+        let driver = Driver::new(pool.clone(), provider.clone(), settings, metrics);
+        let node = |reason: &str, busy: bool| NodeState {
+            busy,
+            drain: reason != "none",
+            reason: reason.to_owned(),
+            unregistered: Some("DOWN".to_owned()),
+        };
+        let mut view = queue(0, &[]);
+        view.nodes = [
+            // b is stopped, not gone: its node stays for its next start.
+            ("node-b", node(super::batch::SCALE_IN_REASON, false)),
+            // Gone VMs: deleted by scale-in, and drained by an operator through poolgate.
+            ("node-c", node(super::batch::SCALE_IN_REASON, false)),
+            ("node-d", node(super::batch::OPERATOR_REASON, false)),
+            // Not poolgate's to delete: an admin's drain, no drain, a job still on it.
+            ("node-e", node("maintenance", false)),
+            ("node-f", node("none", false)),
+            ("node-g", node(super::batch::SCALE_IN_REASON, true)),
+        ]
+        .into_iter()
+        .map(|(n, s)| (n.to_owned(), s))
+        .collect();
+        let slurm = Arc::new(FakeSlurm(Mutex::new(Ok(view)), Mutex::default()));
+        driver.set_batch(slurm.clone(), Duration::from_secs(600));
+        let forgotten = || {
+            let mut v = slurm.1.lock().expect("lock").clone();
+            v.sort();
+            v
+        };
+        // Before the provider has listed the pool, no VM is known gone.
+        driver.tick().await;
+        assert_eq!(forgotten(), Vec::<String>::new());
+        driver.sync().await.expect("sync");
+        driver.tick().await;
+        assert_eq!(forgotten(), vec!["node-c", "node-d"]);
     }
 
     #[test]

@@ -193,6 +193,10 @@ impl BatchEngine for SlurmRest {
         self.commands.resume(node)
     }
 
+    fn forget<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        self.commands.forget(node)
+    }
+
     fn node_of(&self, vm: &str) -> String {
         self.commands.node_of(vm)
     }
