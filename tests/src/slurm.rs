@@ -57,7 +57,18 @@ impl SlurmCluster {
         Self::start_inner(nodes, true)
     }
 
+    /// A cluster configured by `body` — slurm.conf lines without the node list, paths, ports,
+    /// accounts and authentication, which the fixture sets for loopback — whose nodes register
+    /// themselves ([`SlurmCluster::start_dynamic_node`], `slurmd -Z`), as the deploy's do.
+    pub fn start_dynamic(body: &str) -> Self {
+        Self::start_with_body(&[], false, Some(body))
+    }
+
     fn start_inner(nodes: &[&str], rest: bool) -> Self {
+        Self::start_with_body(nodes, rest, None)
+    }
+
+    fn start_with_body(nodes: &[&str], rest: bool, body: Option<&str>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("poolgate-slurm-")
             .tempdir()
@@ -99,18 +110,17 @@ impl SlurmCluster {
         });
 
         let ctld_port = free_port();
+        // One slurmd port for the cluster: dynamic nodes take slurm.conf's (one node at a time).
+        let slurmd_port = free_port();
         let mut conf = format!(
             "ClusterName=pgtest\n\
              SlurmctldHost=localhost(127.0.0.1)\n\
-             SlurmctldPort={ctld_port}\n\
+             SlurmctldPort={ctld_port}\nSlurmdPort={slurmd_port}\n\
              AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={socket}\n\
              SlurmUser=root\nSlurmdUser=root\n\
              StateSaveLocation={d}/state\nSlurmdSpoolDir={d}/spool/%n\n\
              SlurmctldPidFile={d}/slurmctld.pid\nSlurmdPidFile={d}/slurmd-%n.pid\n\
              SlurmctldLogFile={d}/log/slurmctld.log\nSlurmdLogFile={d}/log/slurmd-%n.log\n\
-             ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n\
-             SchedulerType=sched/backfill\nSelectType=select/cons_tres\nSelectTypeParameters=CR_Core\n\
-             ReturnToService=2\nMpiDefault=none\n\
              JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n\
              MinJobAge=600\nFirstJobId={first_job}\n",
             first_job = u32::from(free_port()) * 1000,
@@ -134,6 +144,15 @@ impl SlurmCluster {
                 jwt_key.display()
             ));
         }
+        if let Some(body) = body {
+            conf.push_str(body);
+        } else {
+            conf.push_str(
+                "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n\
+                 SchedulerType=sched/backfill\nSelectType=select/cons_tres\nSelectTypeParameters=CR_Core\n\
+                 ReturnToService=2\nMpiDefault=none\n",
+            );
+        }
         for name in nodes {
             std::fs::create_dir_all(d.join("spool").join(name)).expect("spool dir");
             conf.push_str(&format!(
@@ -141,10 +160,12 @@ impl SlurmCluster {
                 free_port()
             ));
         }
-        conf.push_str(&format!(
-            "PartitionName=pool Nodes={} Default=YES MaxTime=INFINITE State=UP LLN=YES OverSubscribe=EXCLUSIVE\n",
-            nodes.join(",")
-        ));
+        if body.is_none() {
+            conf.push_str(&format!(
+                "PartitionName=pool Nodes={} Default=YES MaxTime=INFINITE State=UP LLN=YES OverSubscribe=EXCLUSIVE\n",
+                nodes.join(",")
+            ));
+        }
         let conf_path = d.join("slurm.conf");
         std::fs::write(&conf_path, conf).expect("slurm.conf");
         std::fs::set_permissions(&conf_path, std::fs::Permissions::from_mode(0o644))
@@ -232,6 +253,42 @@ impl SlurmCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         text
+    }
+
+    /// Starts `slurmd -Z -N node --conf conf_line` (a VM registering itself as a dynamic node);
+    /// it daemonizes, and the cluster stops it when dropped. Returns once the command has run.
+    pub fn start_dynamic_node(&mut self, node: &str, conf_line: &str) {
+        std::fs::create_dir_all(self.dir.path().join("spool").join(node)).expect("spool dir");
+        let out = Command::new(tool("slurmd"))
+            .arg("-f")
+            .arg(&self.conf)
+            .args(["-Z", "-N", node, "--conf", conf_line])
+            .env("SLURM_CONF", &self.conf)
+            .stdin(Stdio::null())
+            .output()
+            .expect("start slurmd");
+        assert!(
+            out.status.success(),
+            "slurmd -Z failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        if !self.nodes.iter().any(|n| n == node) {
+            self.nodes.push(node.to_owned());
+        }
+    }
+
+    /// Stops `node`'s slurmd (a VM going away) and waits until it has exited.
+    pub fn stop_node(&self, node: &str) {
+        if let Ok(pid) = std::fs::read_to_string(self.slurmd_pid_file(node))
+            && let Ok(pid) = pid.trim().parse::<u32>()
+        {
+            kill_tree(pid);
+            let stat = PathBuf::from(format!("/proc/{pid}/stat"));
+            wait_until(Duration::from_secs(10), "slurmd to exit", || {
+                std::fs::read_to_string(&stat).map_or(true, |s| s.contains(") Z "))
+            });
+        }
     }
 
     /// `slurm.conf` (what `SLURM_CONF` must point at for clients).

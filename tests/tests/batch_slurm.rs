@@ -770,3 +770,138 @@ fn a_vm_whose_slurm_node_never_registers_is_reported_once_and_the_queue_starts_n
     assert_eq!(b.pool.vm_state("vm-b"), "stopped");
     b.pool.assert_no_panic();
 }
+
+/// slurm.conf as the deploy writes it on the gateways and the pool VMs (deploy/cloud-init), less
+/// what the test cluster sets for loopback: names, ports, accounts, paths and authentication.
+fn deploy_slurm_conf_body() -> String {
+    let yaml = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cloud-init/pool-vm.yaml"),
+    )
+    .expect("read pool-vm.yaml");
+    let start = yaml
+        .find("  - path: /etc/slurm/slurm.conf\n")
+        .expect("pool-vm.yaml writes slurm.conf");
+    let content = &yaml[start..];
+    let content = &content[content.find("    content: |\n").expect("content") + 15..];
+    const LOCAL: [&str; 13] = [
+        "ClusterName",
+        "SlurmctldHost",
+        "SlurmctldPort",
+        "SlurmdPort",
+        "AuthType",
+        "CredType",
+        "SlurmUser",
+        "StateSaveLocation",
+        "SlurmdSpoolDir",
+        "SlurmctldPidFile",
+        "SlurmdPidFile",
+        "SlurmctldLogFile",
+        "SlurmdLogFile",
+    ];
+    let mut body = String::new();
+    for line in content.lines() {
+        let Some(line) = line.strip_prefix("      ") else {
+            if line.is_empty() {
+                continue;
+            }
+            break;
+        };
+        let key = line.split('=').next().unwrap_or_default();
+        if line.starts_with('#') || LOCAL.contains(&key) {
+            continue;
+        }
+        body.push_str(line);
+        body.push('\n');
+    }
+    body
+}
+
+/// The deploy's slurm.conf on a real controller: no node list, a VM's slurmd registers itself
+/// under the VM's name (`slurmd -Z --conf Feature=pool`, as poolgate-slurm-setup starts it) into
+/// the partition `pool`, runs a job there, and — once its VM is gone for good — is deleted with
+/// the `scontrol delete` poolgate runs; started again, it registers anew.
+#[test]
+fn the_deploys_slurm_conf_takes_vms_that_register_themselves_and_lets_poolgate_delete_them() {
+    require_slurm!();
+    let body = deploy_slurm_conf_body();
+    for line in [
+        "NodeSet=pool Feature=pool",
+        "MaxNodeCount=1000",
+        "ReturnToService=2",
+    ] {
+        assert!(body.lines().any(|l| l == line), "{line} in {body}");
+    }
+    let mut slurm = SlurmCluster::start_dynamic(&body);
+    let node = "poolgate-vmss_3";
+    let nodes = |slurm: &SlurmCluster| {
+        text(
+            &slurm
+                .client("sinfo", &["-h", "-N", "-p", "pool", "-o", "%N|%T|%f"])
+                .stdout,
+        )
+    };
+    assert_eq!(nodes(&slurm), "", "no node before a VM registers");
+    // A job queued while no VM is up waits.
+    let out_dir = tempfile::tempdir().expect("tmp");
+    let output = out_dir.path().join("job.out");
+    let out = slurm.client(
+        "sbatch",
+        &[
+            "--parsable",
+            "-p",
+            "pool",
+            "-o",
+            output.to_str().expect("utf-8"),
+            "--wrap",
+            "echo ran on $SLURMD_NODENAME",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let job = text(&out.stdout);
+    assert!(
+        slurm.job(&job).contains("JobState=PENDING"),
+        "{}",
+        slurm.job(&job)
+    );
+
+    slurm.start_dynamic_node(node, "Feature=pool");
+    wait_until(Duration::from_secs(30), "the job to complete", || {
+        slurm.job(&job).contains("JobState=COMPLETED")
+    });
+    assert_eq!(
+        std::fs::read_to_string(&output).expect("job output"),
+        format!("ran on {node}\n")
+    );
+    let listed = nodes(&slurm);
+    assert!(listed.starts_with(&format!("{node}|idle|pool")), "{listed}");
+
+    // Scale-in: drained with poolgate's reason, the VM deleted, its node deleted.
+    let drain = slurm.client(
+        "scontrol",
+        &[
+            "update",
+            &format!("nodename={node}"),
+            "state=drain",
+            "reason=poolgate-scale-in",
+        ],
+    );
+    assert!(drain.status.success(), "{}", text(&drain.stderr));
+    slurm.stop_node(node);
+    let delete = slurm.client("scontrol", &["delete", &format!("nodename={node}")]);
+    assert!(
+        delete.status.success(),
+        "scontrol delete: {}{}",
+        text(&delete.stderr),
+        slurm.logs()
+    );
+    assert_eq!(nodes(&slurm), "", "the deleted node is gone from sinfo");
+
+    // A VM of that name again (Azure reuses no instance id, but a stopped VM's node that was
+    // deleted comes back the same way): it registers anew and takes jobs.
+    slurm.start_dynamic_node(node, "Feature=pool");
+    wait_until(
+        Duration::from_secs(30),
+        "the node to register again",
+        || nodes(&slurm).starts_with(&format!("{node}|idle")),
+    );
+}
