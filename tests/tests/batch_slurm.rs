@@ -505,8 +505,20 @@ fn pool_cancel_cancels_nobody_touches_another_users_job_and_an_operators_drain_r
 #[test]
 fn twenty_queued_jobs_grow_the_pool_to_its_max_and_it_goes_back_to_zero() {
     require_slurm!();
+    twenty_queued_jobs(false);
+}
+
+/// The same burst with the queue read through slurmrestd (`batch.rest_url`): its larger answers
+/// (a JSON document per read, twenty jobs in it) drive the pool the same way.
+#[test]
+fn through_slurmrestd_twenty_queued_jobs_grow_the_pool_to_its_max_and_it_goes_back_to_zero() {
+    require_slurmrestd!();
+    twenty_queued_jobs(true);
+}
+
+fn twenty_queued_jobs(rest: bool) {
     let names = ["vm-a", "vm-b", "vm-c"];
-    let b = start(&names, 1);
+    let b = start_with(&names, 1, rest);
     // Twenty jobs from a login node (here the gateway host), to a pool at zero.
     let submitted = Instant::now();
     for i in 0..20 {
@@ -542,8 +554,9 @@ fn twenty_queued_jobs_grow_the_pool_to_its_max_and_it_goes_back_to_zero() {
     });
     assert!(done, "the queue never emptied\n{}", b.context());
     eprintln!(
-        "20 jobs ran in {:?} on at most {most} VMs",
-        submitted.elapsed()
+        "20 jobs ran in {:?} on at most {most} VMs (queue read through {})",
+        submitted.elapsed(),
+        if rest { "slurmrestd" } else { "squeue" }
     );
     assert_eq!(most, 3, "the pool should grow to max_vms\n{}", b.context());
     assert!(pending_seen >= 3.0, "pending jobs seen: {pending_seen}");
