@@ -233,7 +233,7 @@ impl Metrics {
             )),
             batch_nodes_unregistered: reg!(IntGauge::new(
                 "batch_nodes_unregistered",
-                "Running pool VMs whose Slurm node has not registered within batch.register_within (absent, down, not responding); pending jobs start no VM while any."
+                "Running pool VMs whose Slurm node has not registered within batch.register_within (absent, down, not responding); once they are as many as those whose node registered, pending jobs start no VM."
             )),
             batch_up: reg!(IntGauge::new(
                 "batch_up",

@@ -2831,17 +2831,18 @@ fn slurm_runs_on_gateway_0_and_pool_vms_join_as_dynamic_nodes() {
         "[format('{0}{1}', variables('gatewayNamePrefix'), copyIndex())]"
     );
     let vmss = one(&template, "Microsoft.Compute/virtualMachineScaleSets");
+    // ...and the cluster's one Slurm release (poolgate-slurm-install, below).
     for custom in [
         &gateway_vm["properties"]["osProfile"]["customData"],
         &vmss["properties"]["virtualMachineProfile"]["osProfile"]["customData"],
     ] {
-        assert!(
-            custom
-                .as_str()
-                .unwrap()
-                .contains("'__SLURMCTLD_HOST__', variables('slurmctldHost')"),
-            "{custom}"
-        );
+        let custom = custom.as_str().unwrap();
+        for filled in [
+            "'__SLURMCTLD_HOST__', variables('slurmctldHost')",
+            "'__SLURM_VERSION__', parameters('slurmVersion')",
+        ] {
+            assert!(custom.contains(filled), "{filled} in {custom}");
+        }
     }
 
     // Pool VMs: slurmd as a dynamic node named like the VM (the metadata service's instance
@@ -2925,18 +2926,6 @@ fn slurm_runs_on_gateway_0_and_pool_vms_join_as_dynamic_nodes() {
             && version.replace('.', "").bytes().all(|b| b.is_ascii_digit()),
         "slurmVersion is a release like 25.11: {version}"
     );
-    for custom in [
-        &gateway_vm["properties"]["osProfile"]["customData"],
-        &vmss["properties"]["virtualMachineProfile"]["osProfile"]["customData"],
-    ] {
-        assert!(
-            custom
-                .as_str()
-                .unwrap()
-                .contains("'__SLURM_VERSION__', parameters('slurmVersion')"),
-            "{custom}"
-        );
-    }
 
     // The gateway's [batch] section names the partition and maps node names to VM names.
     let config = gateway_config_text();

@@ -52,8 +52,9 @@ pub struct Batch {
     pub timeout: Duration,
     /// A pool VM running this long (as the provider lists it) whose Slurm node is still absent
     /// from the partition, or DOWN, UNKNOWN, FUTURE, not responding or powered down, counts as
-    /// one whose slurmd never registered: logged once, exported, and while there is one pending
-    /// jobs start no more VMs. Covers a first boot (cloud-init installs and sets up slurmd);
+    /// one whose slurmd never registered: logged once, exported, replaced for pending jobs while
+    /// such VMs are fewer than the registered ones, and once they are as many, pending jobs
+    /// start no more VMs. Covers a first boot (cloud-init installs and sets up slurmd);
     /// slurmd registers within seconds of its start. `0s`: no such check.
     #[serde(with = "duration")]
     pub register_within: Duration,

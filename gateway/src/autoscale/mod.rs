@@ -1315,9 +1315,18 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_vm_whose_slurm_node_never_registers_is_counted_once_and_no_more_vms_are_started_for_the_queue()
-     {
+    /// A driver over the fake provider, and what the batch tests look at.
+    struct BatchRig {
+        clock: Arc<ManualClock>,
+        pool: Arc<Pool>,
+        provider: Arc<FakeProvider>,
+        metrics: Arc<Metrics>,
+        driver: Arc<Driver>,
+    }
+
+    /// A driver over the fake provider (VMs a and b, max 2) with the given scale-in and
+    /// scale-to-zero delays (seconds), on a manual clock.
+    fn batch_driver(scale_in_after: u64, scale_to_zero_after: u64) -> BatchRig {
         let clock = Arc::new(ManualClock::new());
         let pool = Arc::new(Pool::new(RoutingPolicy::default(), clock.clone()));
         let provider = Arc::new(FakeProvider::default());
@@ -1329,8 +1338,8 @@ mod tests {
                 max_vms: 2,
                 sessions_per_vm: 4,
                 spare_vms: 0,
-                scale_in_after: Duration::from_secs(2),
-                scale_to_zero_after: Duration::from_secs(3),
+                scale_in_after: Duration::from_secs(scale_in_after),
+                scale_to_zero_after: Duration::from_secs(scale_to_zero_after),
                 cooldown: Duration::ZERO,
             },
             tick: Duration::from_secs(1),
@@ -1340,6 +1349,25 @@ mod tests {
             boot_estimate: Duration::from_secs(2),
         };
         let driver = Driver::new(pool.clone(), provider.clone(), settings, metrics.clone());
+        BatchRig {
+            clock,
+            pool,
+            provider,
+            metrics,
+            driver,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vm_whose_slurm_node_never_registers_is_counted_once_and_no_more_vms_are_started_for_the_queue()
+     {
+        let BatchRig {
+            clock,
+            pool,
+            provider,
+            metrics,
+            driver,
+        } = batch_driver(2, 3);
         let slurm = Arc::new(FakeSlurm(Mutex::new(Ok(queue(1, &[]))), Mutex::default()));
         driver.set_batch(slurm.clone(), Duration::from_secs(60));
         driver.sync().await.expect("sync");
@@ -1422,28 +1450,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_slurm_node_of_a_vm_gone_for_good_is_deleted_and_no_other() {
-        let clock = Arc::new(ManualClock::new());
-        let pool = Arc::new(Pool::new(RoutingPolicy::default(), clock.clone()));
-        let provider = Arc::new(FakeProvider::default());
-        let metrics = Arc::new(Metrics::new());
-        let settings = DriverSettings {
-            enabled: true,
-            policy: AutoscaleConfig {
-                min_vms: 0,
-                max_vms: 2,
-                sessions_per_vm: 4,
-                spare_vms: 0,
-                scale_in_after: Duration::from_secs(60),
-                scale_to_zero_after: Duration::from_secs(60),
-                cooldown: Duration::ZERO,
-            },
-            tick: Duration::from_secs(1),
-            poll_interval: Duration::from_secs(1),
-            wake_on_connect: false,
-            hold_connect_for: Duration::from_secs(60),
-            boot_estimate: Duration::from_secs(2),
-        };
-        let driver = Driver::new(pool.clone(), provider.clone(), settings, metrics);
+        let driver = batch_driver(60, 60).driver;
         let node = |reason: &str, busy: bool| NodeState {
             busy,
             drain: reason != "none",
