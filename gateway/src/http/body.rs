@@ -14,36 +14,25 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use super::{Body, BoxError};
 
-/// Called once when an [`Observed`] body is dropped, with the data bytes that passed.
-pub type EndHook = Box<dyn FnOnce(u64) + Send>;
-
-/// Passes a body through, counting data bytes; runs its hook when dropped (body finished,
-/// client gone, or response discarded).
-pub struct Observed {
+/// Passes a body through, counting data bytes; runs its hook `F` when dropped (body finished,
+/// client gone, or response discarded) with the data bytes that passed. The hook is a type
+/// parameter, not a boxed closure: every proxied response gets one or two of these, and the
+/// body is boxed once anyway ([`Observed::boxed`]).
+pub struct Observed<F: FnOnce(u64) + Send + 'static = fn(u64)> {
     inner: Body,
     bytes: u64,
     counter: Option<Arc<AtomicU64>>,
-    on_end: Option<EndHook>,
+    on_end: Option<F>,
 }
 
-impl Observed {
+impl<F: FnOnce(u64) + Send + 'static> Observed<F> {
     /// Wraps `inner`; `on_end` gets the byte count.
-    pub fn new(inner: Body, on_end: EndHook) -> Self {
+    pub fn new(inner: Body, on_end: F) -> Self {
         Self {
             inner,
             bytes: 0,
             counter: None,
             on_end: Some(on_end),
-        }
-    }
-
-    /// Wraps `inner`, adding its bytes to `counter` as they pass.
-    pub fn counting(inner: Body, counter: Arc<AtomicU64>) -> Self {
-        Self {
-            inner,
-            bytes: 0,
-            counter: Some(counter),
-            on_end: None,
         }
     }
 
@@ -53,7 +42,22 @@ impl Observed {
     }
 }
 
-impl Drop for Observed {
+impl Observed {
+    /// Wraps `inner`, adding its bytes to `counter` as they pass.
+    pub fn counting(inner: Body, counter: Arc<AtomicU64>) -> Self {
+        Self {
+            inner,
+            bytes: 0,
+            counter: Some(counter),
+            on_end: None,
+        }
+    }
+}
+
+// The hook is never pinned (it is only taken out and called on drop), so the body may move.
+impl<F: FnOnce(u64) + Send + 'static> Unpin for Observed<F> {}
+
+impl<F: FnOnce(u64) + Send + 'static> Drop for Observed<F> {
     fn drop(&mut self) {
         if let Some(hook) = self.on_end.take() {
             hook(self.bytes);
@@ -61,7 +65,7 @@ impl Drop for Observed {
     }
 }
 
-impl HttpBody for Observed {
+impl<F: FnOnce(u64) + Send + 'static> HttpBody for Observed<F> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -229,7 +233,7 @@ pub struct Active {
 impl Active {
     /// Keeps the request in flight until `resp`'s body is finished or dropped.
     pub fn attach(self, resp: Response<Body>) -> Response<Body> {
-        resp.map(|b| Observed::new(b, Box::new(move |_| drop(self))).boxed())
+        resp.map(|b| Observed::new(b, move |_| drop(self)).boxed())
     }
 }
 
@@ -250,10 +254,7 @@ mod tests {
     async fn observed_counts_and_reports_once() {
         let seen = Arc::new(AtomicU64::new(u64::MAX));
         let s = seen.clone();
-        let body = Observed::new(
-            full("hello"),
-            Box::new(move |n| s.store(n, Ordering::SeqCst)),
-        );
+        let body = Observed::new(full("hello"), move |n| s.store(n, Ordering::SeqCst));
         let bytes = body
             .collect()
             .await

@@ -17,6 +17,8 @@ type HmacSha256 = hmac::Hmac<Sha256>;
 pub const SECRET_LEN: usize = 32;
 /// Bytes of a session id.
 const SID_LEN: usize = 16;
+/// HMAC-SHA256 tag length.
+const TAG_LEN: usize = 32;
 /// Longest cookie value accepted (a VM name is at most a few hundred bytes).
 const MAX_VALUE_LEN: usize = 1024;
 /// Cookies issued this far in the future (clock skew) are still accepted.
@@ -117,8 +119,11 @@ impl CookieSigner {
         if value.len() > MAX_VALUE_LEN {
             return None;
         }
-        let (signed, tag) = value.rsplit_once('.')?;
-        let tag = BASE64URL_NOPAD.decode(tag.as_bytes()).ok()?;
+        let (signed, tag_text) = value.rsplit_once('.')?;
+        // Decoded on the stack (this runs for every request with the cookie); a tag of another
+        // length is no HMAC-SHA256 tag.
+        let mut tag = [0u8; TAG_LEN];
+        decode_exact(tag_text, &mut tag)?;
         // Constant-time comparison.
         self.mac(signed).verify_slice(&tag).ok()?;
         let mut fields = signed.split('.');
@@ -129,8 +134,9 @@ impl CookieSigner {
             return None;
         }
         let vm = String::from_utf8(BASE64URL_NOPAD.decode(vm.as_bytes()).ok()?).ok()?;
-        let sid = BASE64URL_NOPAD.decode(session.as_bytes()).ok()?;
-        if vm.is_empty() || sid.len() != SID_LEN {
+        let mut sid = [0u8; SID_LEN];
+        decode_exact(session, &mut sid)?;
+        if vm.is_empty() {
             return None;
         }
         if issued_at > now.saturating_add(SKEW_SECS)
@@ -150,6 +156,16 @@ impl CookieSigner {
     pub fn wants_refresh(&self, pin: &Pin, now: u64) -> bool {
         now.saturating_sub(pin.issued_at) > self.max_age.as_secs() / 2
     }
+}
+
+/// Decodes unpadded base64url `text` into all of `out`: `None` unless it is valid and exactly
+/// that long.
+fn decode_exact(text: &str, out: &mut [u8]) -> Option<()> {
+    if BASE64URL_NOPAD.decode_len(text.len()).ok()? != out.len() {
+        return None;
+    }
+    BASE64URL_NOPAD.decode_mut(text.as_bytes(), out).ok()?;
+    Some(())
 }
 
 /// The value of cookie `name` in a request's `Cookie` headers (the first one when repeated).

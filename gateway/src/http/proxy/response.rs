@@ -99,16 +99,13 @@ impl Frontend {
         let vm = vm.to_owned();
         let sid = pin.map(|p| p.session.clone());
         let up_bytes = up_bytes.clone();
-        let body = Observed::new(
-            body,
-            Box::new(move |down| {
-                let up = up_bytes.load(Ordering::Relaxed);
-                metrics.bytes(Protocol::Http, &vm, up, down);
-                if let Some(sid) = sid {
-                    pool.http_add_bytes(&sid, up, down);
-                }
-            }),
-        )
+        let body = Observed::new(body, move |down| {
+            let up = up_bytes.load(Ordering::Relaxed);
+            metrics.bytes(Protocol::Http, &vm, up, down);
+            if let Some(sid) = sid {
+                pool.http_add_bytes(&sid, up, down);
+            }
+        })
         .boxed();
         Response::from_parts(parts, body)
     }
