@@ -3109,7 +3109,7 @@ exit "$rc"
     );
     assert!(
         calls.contains(
-            "apt-get -q -o DPkg::Lock::Timeout=600 install -y slurm-smd=25.11.* slurm-smd-client=25.11.* slurm-smd-slurmd=25.11.*\n"
+            "apt-get -q -o DPkg::Lock::Timeout=600 install -y --allow-change-held-packages slurm-smd=25.11.* slurm-smd-client=25.11.* slurm-smd-slurmd=25.11.*\n"
         ),
         "{calls}"
     );
@@ -3145,7 +3145,7 @@ exit "$rc"
     );
     assert!(
         calls.contains(
-            "install -y slurm-smd=25.11.* slurm-smd-client=25.11.* slurm-smd-slurmctld=25.11.*\n"
+            "install -y --allow-change-held-packages slurm-smd=25.11.* slurm-smd-client=25.11.* slurm-smd-slurmctld=25.11.*\n"
         ),
         "{calls}"
     );
