@@ -31,6 +31,7 @@
 
 mod agent;
 mod client;
+mod cloud_init;
 mod data;
 mod gateway;
 mod haproxy;
@@ -56,6 +57,7 @@ mod users;
 
 pub use agent::SshAgent;
 pub use client::{KnownHosts, SshClient, known_hosts_line};
+pub use cloud_init::{written_content, written_file};
 pub use data::{
     Sha256Stream, random_bytes_command, random_file, sha256_command, sha256_file, shared_temp_dir,
 };

@@ -787,15 +787,8 @@ fn a_vm_whose_slurm_node_never_registers_is_reported_once_and_the_queue_starts_n
 /// slurm.conf as the deploy writes it on the gateways and the pool VMs (deploy/cloud-init), less
 /// what the test cluster sets for loopback: names, ports, accounts, paths and authentication.
 fn deploy_slurm_conf_body() -> String {
-    let yaml = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cloud-init/pool-vm.yaml"),
-    )
-    .expect("read pool-vm.yaml");
-    let start = yaml
-        .find("  - path: /etc/slurm/slurm.conf\n")
-        .expect("pool-vm.yaml writes slurm.conf");
-    let content = &yaml[start..];
-    let content = &content[content.find("    content: |\n").expect("content") + 15..];
+    let yaml = std::fs::read_to_string(workspace_dir().join("deploy/cloud-init/pool-vm.yaml"))
+        .expect("read pool-vm.yaml");
     const LOCAL: [&str; 13] = [
         "ClusterName",
         "SlurmctldHost",
@@ -812,15 +805,9 @@ fn deploy_slurm_conf_body() -> String {
         "SlurmdLogFile",
     ];
     let mut body = String::new();
-    for line in content.lines() {
-        let Some(line) = line.strip_prefix("      ") else {
-            if line.is_empty() {
-                continue;
-            }
-            break;
-        };
+    for line in written_content(&yaml, "/etc/slurm/slurm.conf").lines() {
         let key = line.split('=').next().unwrap_or_default();
-        if line.starts_with('#') || LOCAL.contains(&key) {
+        if line.is_empty() || line.starts_with('#') || LOCAL.contains(&key) {
             continue;
         }
         body.push_str(line);

@@ -127,15 +127,6 @@ fn content<'a>(files: &'a BTreeMap<String, Value>, path: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{path} has no text content"))
 }
 
-/// The text of the `write_files` entry for `path` in a cloud-init file's source, up to the next
-/// entry (read as text, so the check needs no YAML parser).
-fn written_file<'a>(cloud_init: &'a str, path: &str) -> &'a str {
-    let (_, rest) = cloud_init
-        .split_once(&format!("  - path: {path}\n"))
-        .unwrap_or_else(|| panic!("cloud-init installs no {path}"));
-    rest.find("\n  - path: ").map_or(rest, |end| &rest[..end])
-}
-
 /// `__NAME__` placeholders in `text`.
 fn placeholders(text: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
@@ -606,22 +597,12 @@ fn variable<'a>(template: &'a Value, expr: &str) -> &'a Value {
 /// block under that write_files entry's `content: |`, de-indented, with the two bare-number
 /// placeholders filled in so it parses as TOML (the string ones stay).
 fn gateway_config_text() -> String {
-    let raw = read("cloud-init/gateway.yaml");
-    let (_, body) = written_file(&raw, "/etc/poolgate/poolgate.toml")
-        .split_once("    content: |\n")
-        .unwrap();
-    let mut out = String::new();
-    for line in body.lines() {
-        if line.is_empty() {
-            out.push('\n');
-        } else if let Some(l) = line.strip_prefix("      ") {
-            out.push_str(l);
-            out.push('\n');
-        } else {
-            break;
-        }
-    }
-    out.replace("__MIN_VMS__", "0").replace("__MAX_VMS__", "10")
+    written_content(
+        &read("cloud-init/gateway.yaml"),
+        "/etc/poolgate/poolgate.toml",
+    )
+    .replace("__MIN_VMS__", "0")
+    .replace("__MAX_VMS__", "10")
 }
 
 #[test]
