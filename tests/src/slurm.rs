@@ -280,9 +280,7 @@ impl SlurmCluster {
 
     /// Stops `node`'s slurmd (a VM going away) and waits until it has exited.
     pub fn stop_node(&self, node: &str) {
-        if let Ok(pid) = std::fs::read_to_string(self.slurmd_pid_file(node))
-            && let Ok(pid) = pid.trim().parse::<u32>()
-        {
+        if let Some(pid) = self.slurmd_pid(node) {
             kill_tree(pid);
             let stat = PathBuf::from(format!("/proc/{pid}/stat"));
             wait_until(Duration::from_secs(10), "slurmd to exit", || {
@@ -309,6 +307,15 @@ impl SlurmCluster {
     /// Where `node`'s running slurmd writes its pid.
     pub fn slurmd_pid_file(&self, node: &str) -> PathBuf {
         self.dir.path().join(format!("slurmd-{node}.pid"))
+    }
+
+    /// The pid `node`'s slurmd wrote, if it runs (or ran).
+    fn slurmd_pid(&self, node: &str) -> Option<u32> {
+        std::fs::read_to_string(self.slurmd_pid_file(node))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// argv prefix running Slurm client `program` against this cluster (for `[batch]`).
@@ -363,9 +370,7 @@ impl SlurmCluster {
 impl Drop for SlurmCluster {
     fn drop(&mut self) {
         for node in &self.nodes {
-            if let Ok(pid) = std::fs::read_to_string(self.slurmd_pid_file(node))
-                && let Ok(pid) = pid.trim().parse::<u32>()
-            {
+            if let Some(pid) = self.slurmd_pid(node) {
                 kill_tree(pid);
             }
         }
