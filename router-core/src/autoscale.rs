@@ -219,10 +219,11 @@ impl Autoscaler {
         // Pending batch jobs need VMs of their own on top of the interactive aim and of the VMs
         // already running jobs (those serve no one else meanwhile).
         if pending_nodes > 0 {
+            let cap = c.max_vms.max(c.min_vms);
             let with_batch = desired
                 .saturating_add(pending_nodes)
                 .saturating_add(obs.batch_running_nodes)
-                .min(c.max_vms.max(c.min_vms));
+                .min(cap);
             // A VM whose batch node never registered runs no job. A few among many registered
             // ones are VMs gone wrong (a slurmd that failed, a munge restart that did not
             // happen): the jobs get other VMs in their place (each unregistered VM adds one).
@@ -234,12 +235,8 @@ impl Autoscaler {
             // chasing jobs that cannot run. Sessions and schedule windows still start VMs (the
             // interactive aim, `desired` so far).
             let unregistered = obs.batch_unregistered_nodes;
-            desired = if unregistered == 0 {
-                with_batch
-            } else if unregistered < obs.batch_registered_nodes {
-                with_batch
-                    .saturating_add(unregistered)
-                    .min(c.max_vms.max(c.min_vms))
+            desired = if unregistered == 0 || unregistered < obs.batch_registered_nodes {
+                with_batch.saturating_add(unregistered).min(cap)
             } else {
                 desired.max(with_batch.min(serving))
             };
