@@ -80,6 +80,41 @@ struct State {
     /// When the oldest waiting line was added.
     since: Option<Instant>,
     closed: bool,
+    /// The timestamp's text down to the second, formatted once a second.
+    clock: Clock,
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of the last second a line was logged in: lines are written many
+/// times a second, the date's formatting is needed once.
+#[derive(Default)]
+struct Clock {
+    second: u64,
+    text: [u8; 19],
+}
+
+impl Clock {
+    /// Appends `now` as the log writes it: RFC 3339 with microseconds, in UTC.
+    fn push(&mut self, out: &mut Vec<u8>, now: SystemTime) {
+        let since = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let second = since.as_secs();
+        if second != self.second || self.text[0] == 0 {
+            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(second);
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            if let Some(date) = text.as_bytes().get(..19) {
+                self.text.copy_from_slice(date);
+                self.second = second;
+            }
+        }
+        out.extend_from_slice(&self.text);
+        out.push(b'.');
+        let mut digits = itoa::Buffer::new();
+        // Six digits with leading zeros: formatted with a leading 1, which is dropped.
+        let micros = digits.format(since.subsec_micros() + 1_000_000);
+        out.extend_from_slice(&micros.as_bytes()[1..]);
+        out.push(b'Z');
+    }
 }
 
 impl Shared {
@@ -141,10 +176,11 @@ impl AccessLog {
         let now = SystemTime::now();
         let mut state = self.shared.lock();
         let start = state.pending.len();
+        let State { pending, clock, .. } = &mut *state;
         if self.json {
-            json_line(&mut state.pending, now, record);
+            json_line(pending, clock, now, record);
         } else {
-            text_line(&mut state.pending, now, record);
+            text_line(pending, clock, now, record);
         }
         let len = state.pending.len();
         if len > QUEUE_LIMIT {
@@ -229,39 +265,85 @@ fn write_loop(shared: &Shared, mut out: File, chunk: usize) {
 
 /// `2026-12-04T06:59:31.123456Z  INFO poolgate::http::access: request method=GET path=/
 /// status=200 vm=vm-1 ms=0.532 client=10.0.0.9:51234 proto=HTTP/1.1`, as the log's text lines.
-fn text_line(out: &mut Vec<u8>, now: SystemTime, r: &Record<'_>) {
-    let _ = write!(
-        out,
-        "{}  INFO {TARGET}: request method={} path={} status={} vm={} ms=",
-        humantime::format_rfc3339_micros(now),
-        r.method,
-        r.path,
-        r.status,
-        r.vm,
-    );
+fn text_line(out: &mut Vec<u8>, clock: &mut Clock, now: SystemTime, r: &Record<'_>) {
+    // Appended piece by piece rather than through `write!`: this runs for every request.
+    clock.push(out, now);
+    out.extend_from_slice(b"  INFO ");
+    out.extend_from_slice(TARGET.as_bytes());
+    out.extend_from_slice(b": request method=");
+    out.extend_from_slice(r.method.as_str().as_bytes());
+    out.extend_from_slice(b" path=");
+    out.extend_from_slice(r.path.as_bytes());
+    out.extend_from_slice(b" status=");
+    out.extend_from_slice(itoa::Buffer::new().format(r.status).as_bytes());
+    out.extend_from_slice(b" vm=");
+    out.extend_from_slice(r.vm.as_bytes());
+    out.extend_from_slice(b" ms=");
     millis(out, r.elapsed);
-    let _ = writeln!(out, " client={} proto={:?}", r.client, r.version);
+    out.extend_from_slice(b" client=");
+    push_addr(out, r.client);
+    out.extend_from_slice(b" proto=");
+    push_version(out, r.version);
+    out.push(b'\n');
 }
 
 /// The same as one JSON object, as the log's `--log-format json` lines.
-fn json_line(out: &mut Vec<u8>, now: SystemTime, r: &Record<'_>) {
-    let _ = write!(
-        out,
-        "{{\"timestamp\":\"{}\",\"level\":\"INFO\",\"message\":\"request\",\"method\":",
-        humantime::format_rfc3339_micros(now)
-    );
+fn json_line(out: &mut Vec<u8>, clock: &mut Clock, now: SystemTime, r: &Record<'_>) {
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    clock.push(out, now);
+    out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",\"method\":");
     json_str(out, r.method.as_str());
     out.extend_from_slice(b",\"path\":");
     json_str(out, r.path);
-    let _ = write!(out, ",\"status\":{},\"vm\":", r.status);
+    out.extend_from_slice(b",\"status\":");
+    out.extend_from_slice(itoa::Buffer::new().format(r.status).as_bytes());
+    out.extend_from_slice(b",\"vm\":");
     json_str(out, r.vm);
     out.extend_from_slice(b",\"ms\":");
     millis(out, r.elapsed);
-    let _ = writeln!(
-        out,
-        ",\"client\":\"{}\",\"proto\":\"{:?}\",\"target\":\"{TARGET}\"}}",
-        r.client, r.version
-    );
+    out.extend_from_slice(b",\"client\":\"");
+    push_addr(out, r.client);
+    out.extend_from_slice(b"\",\"proto\":\"");
+    push_version(out, r.version);
+    out.extend_from_slice(b"\",\"target\":\"");
+    out.extend_from_slice(TARGET.as_bytes());
+    out.extend_from_slice(b"\"}\n");
+}
+
+/// `ip:port` as `SocketAddr` displays it (an IPv6 address in brackets).
+fn push_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(digits.format(octet).as_bytes());
+            }
+            out.push(b':');
+            out.extend_from_slice(digits.format(v4.port()).as_bytes());
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{addr}");
+        }
+    }
+}
+
+/// The protocol as `Version` debug-prints it (`HTTP/1.1`, `HTTP/2.0`).
+fn push_version(out: &mut Vec<u8>, version: Version) {
+    let text = match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        other => {
+            let _ = write!(out, "{other:?}");
+            return;
+        }
+    };
+    out.extend_from_slice(text.as_bytes());
 }
 
 /// Milliseconds with three decimals, without float formatting.
@@ -317,7 +399,12 @@ mod tests {
     fn text_lines_read_like_the_log() {
         let mut out = Vec::new();
         let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_831_571_123_456);
-        text_line(&mut out, at, &record("/user/bea/lab"));
+        text_line(
+            &mut out,
+            &mut Clock::default(),
+            at,
+            &record("/user/bea/lab"),
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "2025-12-04T06:59:31.123456Z  INFO poolgate::http::access: request method=GET \
@@ -329,7 +416,12 @@ mod tests {
     #[test]
     fn json_lines_are_json_with_the_same_fields() {
         let mut out = Vec::new();
-        json_line(&mut out, SystemTime::now(), &record("/a\"b\\c"));
+        json_line(
+            &mut out,
+            &mut Clock::default(),
+            SystemTime::now(),
+            &record("/a\"b\\c"),
+        );
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["path"], "/a\"b\\c");
         assert_eq!(v["status"], 200);
@@ -338,6 +430,51 @@ mod tests {
         assert_eq!(v["proto"], "HTTP/1.1");
         assert_eq!(v["target"], TARGET);
         assert!(out.ends_with(b"}\n"));
+    }
+
+    #[test]
+    fn the_clock_formats_as_humantime_does_across_seconds() {
+        let mut clock = Clock::default();
+        let base = 1_764_831_571_000_000u64;
+        // Same second twice (the cached date), the next second, a later day, micros with
+        // leading zeros and the last micro of a second.
+        for micros in [
+            42,
+            123_456,
+            1_000_007,
+            1_999_999,
+            86_400_000_000,
+            86_400_000_001,
+        ] {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_micros(base + micros);
+            let mut out = Vec::new();
+            clock.push(&mut out, at);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                humantime::format_rfc3339_micros(at).to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn addresses_and_versions_print_as_their_display_and_debug() {
+        for addr in ["10.0.0.9:51234", "[fd00::4]:8000", "[::ffff:10.0.0.1]:1"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut out = Vec::new();
+            push_addr(&mut out, addr);
+            assert_eq!(String::from_utf8(out).unwrap(), addr.to_string());
+        }
+        for v in [
+            Version::HTTP_09,
+            Version::HTTP_10,
+            Version::HTTP_11,
+            Version::HTTP_2,
+            Version::HTTP_3,
+        ] {
+            let mut out = Vec::new();
+            push_version(&mut out, v);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{v:?}"));
+        }
     }
 
     #[test]

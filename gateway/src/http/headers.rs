@@ -7,18 +7,18 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use hyper::HeaderMap;
 use hyper::header::{self, HeaderName, HeaderValue};
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the non-standard ones proxies see in practice.
-/// Names, not strings: removing by `&str` parsed and hashed each name on every request.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the non-standard ones proxies see in practice,
+/// lower case (as `HeaderName::as_str` gives every name).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -28,23 +28,34 @@ static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port"
 
 /// Forwarding headers a client could forge; the gateway replaces them. `X-Real-IP` and
 /// `X-Scheme` are read by Tornado (JupyterHub, jupyter_server), so a client must not set them.
-static FORWARDING: [HeaderName; 7] = [
-    header::FORWARDED,
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-forwarded-proto"),
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("x-scheme"),
+const FORWARDING: [&str; 7] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+    "x-scheme",
 ];
 
-/// Removes every header named in `names` that `headers` has. Presence is checked by comparing
-/// names (cheap) instead of removing each name (which hashes it): most requests carry none or
-/// one of them.
-fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
-    for name in names {
-        if headers.keys().any(|k| k == name) {
-            headers.remove(name);
+// `remove_all` keeps one bit per name.
+const _: () = assert!(HOP_BY_HOP.len() <= 16 && FORWARDING.len() <= 16);
+
+/// Removes every header named in `names` (at most 16, lower case) that `headers` has. This
+/// runs on every request and response, and most carry none or one of them: one pass over the
+/// names present, comparing text (mostly a length check), and a removal (which hashes) only
+/// for those found.
+fn remove_all(headers: &mut HeaderMap, names: &[&'static str]) {
+    let mut present = 0u16;
+    for key in headers.keys() {
+        let key = key.as_str();
+        if let Some(i) = names.iter().position(|n| *n == key) {
+            present |= 1 << i;
+        }
+    }
+    for (i, name) in names.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
         }
     }
 }
@@ -61,9 +72,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .map(str::trim)
         .filter(|t| {
             !t.eq_ignore_ascii_case("close")
-                && !HOP_BY_HOP
-                    .iter()
-                    .any(|h| h.as_str().eq_ignore_ascii_case(t))
+                && !HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(t))
         })
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
@@ -85,8 +94,9 @@ pub struct Forwarding {
 }
 
 /// Sets `X-Forwarded-For`, `-Proto`, `-Host`, `-Port` and `Forwarded` for `host` (the
-/// request's `Host`), replacing any the client sent.
-pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding, host: Option<&str>) {
+/// request's `Host`), replacing any the client sent. This runs for every request: the values
+/// are built in place and handed over (two allocations), the host's value is shared.
+pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding, host: Option<&HeaderValue>) {
     remove_all(headers, &FORWARDING);
     let proto = if fwd.https { "https" } else { "http" };
     let ip = fwd.client.ip();
@@ -98,7 +108,9 @@ pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding, host: Option<&s
         IpAddr::V4(v4) => ipv4_text(v4),
         IpAddr::V6(v6) => v6.to_string(),
     };
-    let mut forwarded = String::with_capacity(64);
+    let host = host.filter(|h| h.to_str().is_ok_and(is_token_host));
+    let mut forwarded =
+        String::with_capacity(ip_text.len() + 24 + host.map_or(0, HeaderValue::len));
     match ip {
         IpAddr::V4(_) => {
             forwarded.push_str("for=");
@@ -112,21 +124,22 @@ pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding, host: Option<&s
     }
     forwarded.push_str(";proto=");
     forwarded.push_str(proto);
-    let set = |headers: &mut HeaderMap, name: &HeaderName, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
+    if let Some(host) = host {
+        forwarded.push_str(";host=\"");
+        // A token host (checked above) is ASCII.
+        forwarded.push_str(host.to_str().unwrap_or_default());
+        forwarded.push('"');
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    }
+    let set = |headers: &mut HeaderMap, name: &HeaderName, value: String| {
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
             headers.insert(name.clone(), v);
         }
     };
-    if let Some(host) = host.filter(|h| is_token_host(h)) {
-        forwarded.push_str(";host=\"");
-        forwarded.push_str(host);
-        forwarded.push('"');
-        set(headers, &X_FORWARDED_HOST, host);
-    }
-    set(headers, &X_FORWARDED_FOR, &ip_text);
+    set(headers, &X_FORWARDED_FOR, ip_text);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     headers.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(fwd.port));
-    set(headers, &header::FORWARDED, &forwarded);
+    set(headers, &header::FORWARDED, forwarded);
 }
 
 /// Dotted-quad text of `ip` (what `to_string` gives, without the formatting machinery: this
@@ -216,7 +229,11 @@ mod tests {
             https: true,
             port: 8443,
         };
-        set_forwarding(&mut m, &fwd, Some("hub.example:8443"));
+        set_forwarding(
+            &mut m,
+            &fwd,
+            Some(&HeaderValue::from_static("hub.example:8443")),
+        );
         fn get<'a>(m: &'a HeaderMap, n: &str) -> &'a str {
             m.get(n).and_then(|v| v.to_str().ok()).unwrap_or("")
         }
@@ -236,9 +253,16 @@ mod tests {
             https: false,
             port: 80,
         };
-        set_forwarding(&mut m, &v6, Some("bad\"host"));
+        set_forwarding(&mut m, &v6, Some(&HeaderValue::from_static("bad\"host")));
         assert_eq!(get(&m, "forwarded"), "for=\"[2001:db8::1]\";proto=http");
         assert!(m.get("x-forwarded-host").is_none());
+    }
+
+    #[test]
+    fn the_name_lists_are_header_names_as_hyper_spells_them() {
+        for name in HOP_BY_HOP.iter().chain(&FORWARDING) {
+            assert_eq!(HeaderName::from_static(name).as_str(), *name);
+        }
     }
 
     #[test]

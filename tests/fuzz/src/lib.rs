@@ -681,7 +681,9 @@ pub fn forwarded_headers(data: &[u8]) {
     };
     let mut out = headers.clone();
     strip_hop_by_hop(&mut out);
-    set_forwarding(&mut out, &fwd, host);
+    // As the gateway passes it: the request's Host header.
+    let host_value = host.and_then(|h| HeaderValue::from_str(h).ok());
+    set_forwarding(&mut out, &fwd, host_value.as_ref());
 
     for name in HOP_BY_HOP.iter().chain(&["x-real-ip", "x-scheme"]) {
         assert!(!out.contains_key(*name), "{name} left in {out:?}");

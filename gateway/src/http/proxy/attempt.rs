@@ -181,16 +181,15 @@ impl Frontend {
             }
         };
         let started = Instant::now();
-        // Boxed: the upgrade's future is large and rare; inline it would grow every request's
-        // future (and the copies hyper makes of it).
-        match Box::pin(upgrade::forward(
+        // Not boxed here: the caller boxes this whole attempt.
+        match upgrade::forward(
             authority,
             up,
             on_client,
             inner.settings.connect_timeout,
             inner.settings.response_header_timeout,
             on_done,
-        ))
+        )
         .await
         {
             Ok(resp) => Ok((resp.map(|b| b.map_err(Into::into).boxed_unsync()), started)),
@@ -232,7 +231,7 @@ impl Frontend {
             Attempt::Client(e) => {
                 tracing::info!(vm = %name, ?e, "request refused: the client's request body could not be read");
                 self.forget_new(out.pin.as_ref(), &out.new_session);
-                Some((e.response_as(out.json), Some(name)))
+                Some((e.response_as(out.json()), Some(name)))
             }
             Attempt::Fail(e) => {
                 tracing::warn!(vm = %name, "HTTP request failed: {}", e.status());
@@ -243,7 +242,7 @@ impl Frontend {
                     Duration::ZERO,
                 );
                 self.forget_new(out.pin.as_ref(), &out.new_session);
-                Some((e.response_as(out.json), Some(name)))
+                Some((e.response_as(out.json()), Some(name)))
             }
             Attempt::Unreachable(detail, returned) | Attempt::Broken(detail, returned) => {
                 tracing::warn!(vm = %name, "cannot reach VM: {detail}; trying another");
@@ -263,7 +262,7 @@ impl Frontend {
                 let replayable = returned.is_some() || out.is_upgrade;
                 if !replayable || tries.tried.len() >= inner.settings.max_attempts {
                     self.forget_new(out.pin.as_ref(), &out.new_session);
-                    return Some((failure.response_as(out.json), tries.tried.pop()));
+                    return Some((failure.response_as(out.json()), tries.tried.pop()));
                 }
                 out.body = returned;
                 tries.last_failure = Some(failure);
@@ -294,6 +293,6 @@ impl Frontend {
                 retry_after: inner.settings.retry_after,
             }
         });
-        err.response_as(out.json)
+        err.response_as(out.json())
     }
 }

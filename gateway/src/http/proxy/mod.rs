@@ -137,8 +137,6 @@ struct Outbound {
     /// The client's side of the upgrade, while no VM has taken it.
     client_upgrade: Option<OnUpgrade>,
     upgrade_proto: Option<HeaderValue>,
-    /// Error pages as JSON.
-    json: bool,
     /// The request's valid cookie, if any.
     pin: Option<Pin>,
     /// The VM the cookie's session was on.
@@ -152,11 +150,21 @@ struct Outbound {
 }
 
 impl Outbound {
-    /// A copy of the headers for one attempt on `authority` (the connection takes them, and a
-    /// failed attempt does not give them back), with a Host header: an HTTP/1.0 client may send
-    /// none, and HTTP/1.1 to the VM needs one. `None` when the authority is no header value.
-    fn headers_for(&self, authority: &str) -> Option<HeaderMap> {
-        let mut headers = self.headers.clone();
+    /// Error pages as JSON (asked for only when there is an error page to send).
+    fn json(&self) -> bool {
+        wants_json(&self.headers)
+    }
+
+    /// The headers for one attempt on `authority` (the connection takes them, and a failed
+    /// attempt does not give them back), with a Host header: an HTTP/1.0 client may send none,
+    /// and HTTP/1.1 to the VM needs one. `None` when the authority is no header value.
+    ///
+    /// The attempt gets the map itself and a copy stays for another attempt: a copy has no
+    /// spare room, and hyper parses the VM's response into the map of the request it sent, so
+    /// a copy sent would grow (reallocate) on every response.
+    fn headers_for(&mut self, authority: &str) -> Option<HeaderMap> {
+        let copy = self.headers.clone();
+        let mut headers = std::mem::replace(&mut self.headers, copy);
         if !headers.contains_key(header::HOST) {
             headers.insert(header::HOST, HeaderValue::from_str(authority).ok()?);
         }
@@ -363,11 +371,12 @@ impl Frontend {
             let authority = authority(&spec.host, spec.http_port);
             let Some(headers) = out.headers_for(&authority) else {
                 self.forget_new(out.pin.as_ref(), &out.new_session);
-                return (bad_target(out.json), None);
+                return (bad_target(out.json()), None);
             };
             let attempt = if out.is_upgrade && out.client_upgrade.is_some() {
-                self.attempt_upgrade(&mut out, &name, &authority, headers)
-                    .await
+                // Boxed: an upgrade's attempt is larger than a plain one's and rare; inline it
+                // would size every request's future (allocated and copied per request) for it.
+                Box::pin(self.attempt_upgrade(&mut out, &name, &authority, headers)).await
             } else {
                 self.attempt_plain(&mut out, &name, authority, headers)
                     .await
@@ -403,7 +412,6 @@ impl Frontend {
             .as_ref()
             .and_then(|p| inner.pool.http_session_vm(&p.session));
         let (mut parts, body) = req.into_parts();
-        let json = wants_json(&parts.headers);
         let up_bytes = Arc::new(AtomicU64::new(0));
         let body = Observed::counting(
             body.map_err(|e| -> BoxError { Box::new(ClientBodyError(e.into())) })
@@ -420,7 +428,6 @@ impl Frontend {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
-        let host_text = host.as_ref().and_then(|h| h.to_str().ok());
         let target = parts
             .uri
             .path_and_query()
@@ -433,7 +440,7 @@ impl Frontend {
             https: conn.https,
             port: conn.port,
         };
-        set_forwarding(&mut headers, &fwd, host_text);
+        set_forwarding(&mut headers, &fwd, host.as_ref());
         if !headers.contains_key(header::HOST)
             && let Some(h) = host
         {
@@ -454,7 +461,6 @@ impl Frontend {
             is_upgrade,
             client_upgrade,
             upgrade_proto,
-            json,
             pin,
             previous_vm,
             new_session,
@@ -466,14 +472,17 @@ impl Frontend {
 
 /// HTTP/2 clients may split `Cookie` into several fields; HTTP/1.1 wants one (RFC 9113 §8.2.3).
 fn join_cookie_crumbs(headers: &mut hyper::HeaderMap) {
-    let crumbs: Vec<&str> = headers
-        .get_all(header::COOKIE)
+    let crumbs = headers.get_all(header::COOKIE);
+    // The usual case, one field or none, costs a lookup and no allocation.
+    if crumbs.iter().nth(1).is_none() {
+        return;
+    }
+    let joined = crumbs
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .collect();
-    if crumbs.len() > 1
-        && let Ok(v) = HeaderValue::from_str(&crumbs.join("; "))
-    {
+        .collect::<Vec<_>>()
+        .join("; ");
+    if let Ok(v) = HeaderValue::from_str(&joined) {
         headers.insert(header::COOKIE, v);
     }
 }
@@ -481,6 +490,27 @@ fn join_cookie_crumbs(headers: &mut hyper::HeaderMap) {
 #[cfg(test)]
 mod unit {
     use super::*;
+
+    #[test]
+    fn cookie_crumbs_are_joined_and_a_single_field_is_left_alone() {
+        let mut one = HeaderMap::new();
+        one.append(header::COOKIE, HeaderValue::from_static("a=1; b=2"));
+        join_cookie_crumbs(&mut one);
+        assert_eq!(one.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(one[header::COOKIE], "a=1; b=2");
+
+        let mut split = HeaderMap::new();
+        split.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        split.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        split.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookie_crumbs(&mut split);
+        assert_eq!(split.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(split[header::COOKIE], "a=1; b=2; c=3");
+
+        let mut none = HeaderMap::new();
+        join_cookie_crumbs(&mut none);
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn authorities() {
