@@ -21,6 +21,8 @@ use std::time::{Duration, Instant, SystemTime};
 use hyper::{Method, Version};
 use prometheus::IntCounter;
 
+use super::headers::push_ipv4;
+
 /// The `tracing` target whose filter governs the access log on standard error.
 pub const TARGET: &str = "poolgate::http::access";
 /// Bytes waiting beyond which lines are dropped.
@@ -314,15 +316,9 @@ fn json_line(out: &mut Vec<u8>, clock: &mut Clock, now: SystemTime, r: &Record<'
 fn push_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     match addr {
         SocketAddr::V4(v4) => {
-            let mut digits = itoa::Buffer::new();
-            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                out.extend_from_slice(digits.format(octet).as_bytes());
-            }
+            push_ipv4(out, *v4.ip());
             out.push(b':');
-            out.extend_from_slice(digits.format(v4.port()).as_bytes());
+            out.extend_from_slice(itoa::Buffer::new().format(v4.port()).as_bytes());
         }
         SocketAddr::V6(_) => {
             let _ = write!(out, "{addr}");

@@ -104,34 +104,35 @@ pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding, host: Option<&H
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         IpAddr::V4(_) => ip,
     };
-    let ip_text = match ip {
-        IpAddr::V4(v4) => ipv4_text(v4),
-        IpAddr::V6(v6) => v6.to_string(),
-    };
-    let host = host.filter(|h| h.to_str().is_ok_and(is_token_host));
+    let mut ip_text = Vec::with_capacity(15);
+    match ip {
+        IpAddr::V4(v4) => push_ipv4(&mut ip_text, v4),
+        IpAddr::V6(v6) => ip_text.extend_from_slice(v6.to_string().as_bytes()),
+    }
+    // The host when it is a token host (ASCII, safe inside the quoted `Forwarded` value).
+    let host = host.and_then(|h| Some((h, h.to_str().ok().filter(|t| is_token_host(t))?)));
     let mut forwarded =
-        String::with_capacity(ip_text.len() + 24 + host.map_or(0, HeaderValue::len));
+        Vec::with_capacity(ip_text.len() + 24 + host.map_or(0, |(_, text)| text.len()));
     match ip {
         IpAddr::V4(_) => {
-            forwarded.push_str("for=");
-            forwarded.push_str(&ip_text);
+            forwarded.extend_from_slice(b"for=");
+            forwarded.extend_from_slice(&ip_text);
         }
         IpAddr::V6(_) => {
-            forwarded.push_str("for=\"[");
-            forwarded.push_str(&ip_text);
-            forwarded.push_str("]\"");
+            forwarded.extend_from_slice(b"for=\"[");
+            forwarded.extend_from_slice(&ip_text);
+            forwarded.extend_from_slice(b"]\"");
         }
     }
-    forwarded.push_str(";proto=");
-    forwarded.push_str(proto);
-    if let Some(host) = host {
-        forwarded.push_str(";host=\"");
-        // A token host (checked above) is ASCII.
-        forwarded.push_str(host.to_str().unwrap_or_default());
-        forwarded.push('"');
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    forwarded.extend_from_slice(b";proto=");
+    forwarded.extend_from_slice(proto.as_bytes());
+    if let Some((value, text)) = host {
+        forwarded.extend_from_slice(b";host=\"");
+        forwarded.extend_from_slice(text.as_bytes());
+        forwarded.push(b'"');
+        headers.insert(X_FORWARDED_HOST.clone(), value.clone());
     }
-    let set = |headers: &mut HeaderMap, name: &HeaderName, value: String| {
+    let set = |headers: &mut HeaderMap, name: &HeaderName, value: Vec<u8>| {
         if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
             headers.insert(name.clone(), v);
         }
@@ -142,18 +143,17 @@ pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding, host: Option<&H
     set(headers, &header::FORWARDED, forwarded);
 }
 
-/// Dotted-quad text of `ip` (what `to_string` gives, without the formatting machinery: this
-/// runs for every proxied request).
-fn ipv4_text(ip: Ipv4Addr) -> String {
-    let mut out = String::with_capacity(15);
+/// Appends the dotted-quad text of `ip` (what `to_string` gives, without the formatting
+/// machinery or an allocation of its own): the forwarding headers and the access log write one
+/// for every proxied request.
+pub(super) fn push_ipv4(out: &mut Vec<u8>, ip: Ipv4Addr) {
     let mut digits = itoa::Buffer::new();
     for (i, octet) in ip.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push('.');
+            out.push(b'.');
         }
-        out.push_str(digits.format(octet));
+        out.extend_from_slice(digits.format(octet).as_bytes());
     }
-    out
 }
 
 /// A host (or host:port) safe to put in a quoted `Forwarded` value.
@@ -266,7 +266,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv4_text_is_dotted_quad() {
+    fn ipv4_is_appended_as_a_dotted_quad() {
         for ip in [
             "0.0.0.0",
             "127.0.0.1",
@@ -275,7 +275,13 @@ mod tests {
             "192.168.100.9",
         ] {
             let parsed: Ipv4Addr = ip.parse().expect("ip");
-            assert_eq!(ipv4_text(parsed), ip);
+            let mut out = b"x ".to_vec();
+            push_ipv4(&mut out, parsed);
+            assert_eq!(
+                out,
+                format!("x {ip}").as_bytes(),
+                "appended after what was there"
+            );
         }
     }
 
