@@ -14,20 +14,20 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use super::{Body, BoxError};
 
-/// Passes a body through, counting data bytes; runs its hook `F` when dropped (body finished,
-/// client gone, or response discarded) with the data bytes that passed. The hook is a type
-/// parameter, not a boxed closure: every proxied response gets one or two of these, and the
-/// body is boxed once anyway ([`Observed::boxed`]).
-pub struct Observed<F: FnOnce(u64) + Send + 'static = fn(u64)> {
-    inner: Body,
+/// Passes a body `B` through, counting data bytes; runs its hook `F` when dropped (body
+/// finished, client gone, or response discarded) with the data bytes that passed. Both are type
+/// parameters, not boxes: every proxied request and response gets one or two of these, and
+/// each is boxed once, whole ([`Observed::boxed`]).
+pub struct Observed<B = Body, F: FnOnce(u64) + Send + 'static = fn(u64)> {
+    inner: B,
     bytes: u64,
     counter: Option<Arc<AtomicU64>>,
     on_end: Option<F>,
 }
 
-impl<F: FnOnce(u64) + Send + 'static> Observed<F> {
+impl<B, F: FnOnce(u64) + Send + 'static> Observed<B, F> {
     /// Wraps `inner`; `on_end` gets the byte count.
-    pub fn new(inner: Body, on_end: F) -> Self {
+    pub fn new(inner: B, on_end: F) -> Self {
         Self {
             inner,
             bytes: 0,
@@ -37,14 +37,18 @@ impl<F: FnOnce(u64) + Send + 'static> Observed<F> {
     }
 
     /// Boxes it.
-    pub fn boxed(self) -> Body {
+    pub fn boxed(self) -> Body
+    where
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
         BodyExt::boxed_unsync(self)
     }
 }
 
-impl Observed {
+impl<B> Observed<B> {
     /// Wraps `inner`, adding its bytes to `counter` as they pass.
-    pub fn counting(inner: Body, counter: Arc<AtomicU64>) -> Self {
+    pub fn counting(inner: B, counter: Arc<AtomicU64>) -> Self {
         Self {
             inner,
             bytes: 0,
@@ -54,10 +58,11 @@ impl Observed {
     }
 }
 
-// The hook is never pinned (it is only taken out and called on drop), so the body may move.
-impl<F: FnOnce(u64) + Send + 'static> Unpin for Observed<F> {}
+// The hook is never pinned (it is only taken out and called on drop), so the wrapper may move
+// whenever the body may.
+impl<B: Unpin, F: FnOnce(u64) + Send + 'static> Unpin for Observed<B, F> {}
 
-impl<F: FnOnce(u64) + Send + 'static> Drop for Observed<F> {
+impl<B, F: FnOnce(u64) + Send + 'static> Drop for Observed<B, F> {
     fn drop(&mut self) {
         if let Some(hook) = self.on_end.take() {
             hook(self.bytes);
@@ -65,7 +70,12 @@ impl<F: FnOnce(u64) + Send + 'static> Drop for Observed<F> {
     }
 }
 
-impl<F: FnOnce(u64) + Send + 'static> HttpBody for Observed<F> {
+impl<B, F> HttpBody for Observed<B, F>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    F: FnOnce(u64) + Send + 'static,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -84,7 +94,7 @@ impl<F: FnOnce(u64) + Send + 'static> HttpBody for Observed<F> {
                 c.fetch_add(n, Ordering::Relaxed);
             }
         }
-        polled
+        polled.map(|frame| frame.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

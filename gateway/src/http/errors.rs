@@ -145,10 +145,12 @@ impl GatewayError {
 
 /// Whether the client prefers JSON (`Accept: application/json`, and not HTML first).
 pub fn wants_json(headers: &HeaderMap) -> bool {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    accepts_json(headers.get(header::ACCEPT))
+}
+
+/// [`wants_json`] for the request's `Accept` value.
+pub fn accepts_json(accept: Option<&HeaderValue>) -> bool {
+    let accept = accept.and_then(|v| v.to_str().ok()).unwrap_or("");
     let json = accept.find("application/json");
     let html = accept.find("text/html");
     match (json, html) {

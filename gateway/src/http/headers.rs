@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use bytes::{BufMut, BytesMut};
 use hyper::HeaderMap;
 use hyper::header::{self, HeaderName, HeaderValue};
 
@@ -94,8 +95,10 @@ pub struct Forwarding {
 }
 
 /// Sets `X-Forwarded-For`, `-Proto`, `-Host`, `-Port` and `Forwarded` for `host` (the
-/// request's `Host`), replacing any the client sent. This runs for every request: the values
-/// are built in place and handed over (two allocations), the host's value is shared.
+/// request's `Host`), replacing any the client sent. This runs for every request, so the three
+/// values built are written one after the other into one buffer and split off it: two
+/// allocations (the buffer and the count it shares), and copying the header map for another
+/// attempt copies no value. The host's value is shared.
 pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding, host: Option<&HeaderValue>) {
     remove_all(headers, &FORWARDING);
     let proto = if fwd.https { "https" } else { "http" };
@@ -104,55 +107,63 @@ pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding, host: Option<&H
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         IpAddr::V4(_) => ip,
     };
-    let mut ip_text = Vec::with_capacity(15);
-    match ip {
-        IpAddr::V4(v4) => push_ipv4(&mut ip_text, v4),
-        IpAddr::V6(v6) => ip_text.extend_from_slice(v6.to_string().as_bytes()),
-    }
     // The host when it is a token host (ASCII, safe inside the quoted `Forwarded` value).
     let host = host.and_then(|h| Some((h, h.to_str().ok().filter(|t| is_token_host(t))?)));
-    let mut forwarded =
-        Vec::with_capacity(ip_text.len() + 24 + host.map_or(0, |(_, text)| text.len()));
+    // An address (at most 39 characters) twice, `Forwarded`'s words (at most 33), the host, a
+    // port (at most 5).
+    let mut buf = BytesMut::with_capacity(2 * 39 + 33 + host.map_or(0, |(_, text)| text.len()) + 5);
+    push_ip(&mut buf, ip);
+    let for_value = buf.split();
     match ip {
         IpAddr::V4(_) => {
-            forwarded.extend_from_slice(b"for=");
-            forwarded.extend_from_slice(&ip_text);
+            buf.put_slice(b"for=");
+            buf.put_slice(&for_value);
         }
         IpAddr::V6(_) => {
-            forwarded.extend_from_slice(b"for=\"[");
-            forwarded.extend_from_slice(&ip_text);
-            forwarded.extend_from_slice(b"]\"");
+            buf.put_slice(b"for=\"[");
+            buf.put_slice(&for_value);
+            buf.put_slice(b"]\"");
         }
     }
-    forwarded.extend_from_slice(b";proto=");
-    forwarded.extend_from_slice(proto.as_bytes());
+    buf.put_slice(b";proto=");
+    buf.put_slice(proto.as_bytes());
     if let Some((value, text)) = host {
-        forwarded.extend_from_slice(b";host=\"");
-        forwarded.extend_from_slice(text.as_bytes());
-        forwarded.push(b'"');
+        buf.put_slice(b";host=\"");
+        buf.put_slice(text.as_bytes());
+        buf.put_u8(b'"');
         headers.insert(X_FORWARDED_HOST.clone(), value.clone());
     }
-    let set = |headers: &mut HeaderMap, name: &HeaderName, value: Vec<u8>| {
-        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+    let forwarded = buf.split();
+    buf.put_slice(itoa::Buffer::new().format(fwd.port).as_bytes());
+    let set = |headers: &mut HeaderMap, name: &HeaderName, value: BytesMut| {
+        if let Ok(v) = HeaderValue::from_maybe_shared(value.freeze()) {
             headers.insert(name.clone(), v);
         }
     };
-    set(headers, &X_FORWARDED_FOR, ip_text);
+    set(headers, &X_FORWARDED_FOR, for_value);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    headers.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(fwd.port));
+    set(headers, &X_FORWARDED_PORT, buf);
     set(headers, &header::FORWARDED, forwarded);
+}
+
+/// Appends the text of `ip` as `Display` writes it.
+fn push_ip(out: &mut BytesMut, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => push_ipv4(out, v4),
+        IpAddr::V6(v6) => out.put_slice(v6.to_string().as_bytes()),
+    }
 }
 
 /// Appends the dotted-quad text of `ip` (what `to_string` gives, without the formatting
 /// machinery or an allocation of its own): the forwarding headers and the access log write one
 /// for every proxied request.
-pub(super) fn push_ipv4(out: &mut Vec<u8>, ip: Ipv4Addr) {
+pub(super) fn push_ipv4(out: &mut impl BufMut, ip: Ipv4Addr) {
     let mut digits = itoa::Buffer::new();
     for (i, octet) in ip.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push(b'.');
+            out.put_u8(b'.');
         }
-        out.extend_from_slice(digits.format(octet).as_bytes());
+        out.put_slice(digits.format(octet).as_bytes());
     }
 }
 

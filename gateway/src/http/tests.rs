@@ -202,7 +202,7 @@ impl Answer {
 
 async fn send<B>(f: &Fixture, req: Request<B>) -> Answer
 where
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     let resp = f.frontend.handle(req, conn()).await;

@@ -97,7 +97,7 @@ impl Frontend {
         name: &str,
         authority: String,
         headers: HeaderMap,
-    ) -> Result<(Response<Body>, Instant), Attempt> {
+    ) -> Result<(Response<Driven>, Instant), Attempt> {
         let inner = &self.inner;
         let (slot, handoff) = Handoff::new(out.body.take().unwrap_or_else(empty));
         let mut up = Request::new(handoff);
@@ -112,7 +112,7 @@ impl Frontend {
         )
         .await
         {
-            Ok(Ok(resp)) => Ok((resp.map(BodyExt::boxed_unsync), started)),
+            Ok(Ok(resp)) => Ok((resp, started)),
             Ok(Err(SendError::Connect(detail))) => {
                 Err(Attempt::Unreachable(detail, Handoff::take_back(&slot)))
             }
@@ -155,7 +155,8 @@ impl Frontend {
         else {
             return self
                 .attempt_plain(out, name, authority.to_owned(), headers)
-                .await;
+                .await
+                .map(|(resp, started)| (resp.map(BodyExt::boxed_unsync), started));
         };
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto);

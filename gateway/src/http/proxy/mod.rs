@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::HeaderMap;
 use hyper::body::Body as HttpBody;
-use hyper::header::{self, HeaderValue};
+use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::http::uri::PathAndQuery;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
@@ -23,10 +23,10 @@ use router_core::{NoVm, PickRequest, Pool, Protocol, Vm};
 use super::access_log::{AccessLog, Record};
 use super::body::{Handoff, Observed};
 use super::cookie::{CookieSigner, Pin, find_cookie, set_cookie_header};
-use super::errors::{GatewayError, wants_json};
+use super::errors::{GatewayError, accepts_json};
 use super::headers::{Forwarding, set_forwarding, strip_hop_by_hop, wants_upgrade};
 use super::upgrade::{self, UpgradeError};
-use super::upstream::{SendError, Upstreams};
+use super::upstream::{Driven, SendError, Upstreams};
 use super::{Body, BoxError, empty};
 use crate::health::FailureHook;
 use crate::metrics::{Metrics, outcome};
@@ -123,13 +123,34 @@ fn authority(host: &str, port: u16) -> String {
 /// benches/e2e/notes.md).
 const UPSTREAM_IDLE_PER_VM: usize = 1024;
 
+/// The VM that answered a request, or the last one that failed it: the `vm` label of its
+/// metrics and access-log line.
+enum VmLabel {
+    /// Shared with the pool, not copied: most requests end here.
+    Served(Arc<Vm>),
+    Failed(String),
+}
+
+impl VmLabel {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Served(vm) => vm.name(),
+            Self::Failed(name) => name,
+        }
+    }
+}
+
 /// A request on its way to a VM: what every attempt reuses.
 struct Outbound {
     method: Method,
     /// Path and query, as the VM sees them.
     target: PathAndQuery,
-    /// The headers every VM sees (see [`Frontend::prepare`]).
-    headers: HeaderMap,
+    /// The headers every VM sees (see [`Frontend::prepare`]), until the first attempt takes
+    /// them.
+    headers: Option<HeaderMap>,
+    /// The same headers as a list, once the first attempt has taken the map: for another
+    /// attempt, and for the error page.
+    spare: Vec<(HeaderName, HeaderValue)>,
     /// The client's body, counted; `None` while an attempt holds it (and after it was used).
     body: Option<Body>,
     /// An HTTP/1.1 upgrade (websocket) request.
@@ -152,19 +173,43 @@ struct Outbound {
 impl Outbound {
     /// Error pages as JSON (asked for only when there is an error page to send).
     fn json(&self) -> bool {
-        wants_json(&self.headers)
+        let accept = match &self.headers {
+            Some(headers) => headers.get(header::ACCEPT),
+            None => self
+                .spare
+                .iter()
+                .find(|(name, _)| name == header::ACCEPT)
+                .map(|(_, value)| value),
+        };
+        accepts_json(accept)
     }
 
     /// The headers for one attempt on `authority` (the connection takes them, and a failed
     /// attempt does not give them back), with a Host header: an HTTP/1.0 client may send none,
     /// and HTTP/1.1 to the VM needs one. `None` when the authority is no header value.
     ///
-    /// The attempt gets the map itself and a copy stays for another attempt: a copy has no
-    /// spare room, and hyper parses the VM's response into the map of the request it sent, so
-    /// a copy sent would grow (reallocate) on every response.
+    /// The first attempt gets the map itself, and a list of the same headers stays behind: one
+    /// allocation and no hash index to copy, and values shared, not copied. A later attempt
+    /// (rare) builds a map from the list. (A map sent must be the request's own, or one built
+    /// with room: hyper parses the VM's response into the map of the request it sent, and a
+    /// cloned map has no spare room, so it would grow on every response.)
     fn headers_for(&mut self, authority: &str) -> Option<HeaderMap> {
-        let copy = self.headers.clone();
-        let mut headers = std::mem::replace(&mut self.headers, copy);
+        let mut headers = match self.headers.take() {
+            Some(headers) => {
+                self.spare = headers
+                    .iter()
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect();
+                headers
+            }
+            None => {
+                let mut headers = HeaderMap::with_capacity(self.spare.len() + 1);
+                for (name, value) in &self.spare {
+                    headers.append(name.clone(), value.clone());
+                }
+                headers
+            }
+        };
         if !headers.contains_key(header::HOST) {
             headers.insert(header::HOST, HeaderValue::from_str(authority).ok()?);
         }
@@ -246,7 +291,7 @@ impl Frontend {
     /// Handles one request from a client connection; never fails (errors become pages).
     pub async fn handle<B>(&self, req: Request<B>, conn: ConnInfo) -> Response<Body>
     where
-        B: HttpBody<Data = Bytes> + Send + 'static,
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
@@ -259,7 +304,7 @@ impl Frontend {
             .then(|| (req.method().clone(), req.uri().clone(), req.version()));
         let (resp, vm) = self.proxy(req, conn).await;
         let status = resp.status();
-        let vm_label = vm.as_deref().unwrap_or("none");
+        let vm_label = vm.as_ref().map_or("none", VmLabel::as_str);
         self.inner
             .metrics
             .http_requests_total
@@ -351,9 +396,9 @@ impl Frontend {
     /// Forwards one request: prepare it once, then attempt VMs until one answers, the failure
     /// is final, or `max_attempts` VMs could not be reached. Returns the response and the VM
     /// that answered (or last failed).
-    async fn proxy<B>(&self, req: Request<B>, conn: ConnInfo) -> (Response<Body>, Option<String>)
+    async fn proxy<B>(&self, req: Request<B>, conn: ConnInfo) -> (Response<Body>, Option<VmLabel>)
     where
-        B: HttpBody<Data = Bytes> + Send + 'static,
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         if let Err(e) = self.check(&req) {
@@ -366,30 +411,36 @@ impl Frontend {
                 Ok(vm) => vm,
                 Err(no_vm) => return (self.no_vm(&out, no_vm, tries.last_failure), None),
             };
-            let name = vm.name().to_owned();
+            let name = vm.name();
             let spec = vm.spec();
             let authority = authority(&spec.host, spec.http_port);
             let Some(headers) = out.headers_for(&authority) else {
                 self.forget_new(out.pin.as_ref(), &out.new_session);
                 return (bad_target(out.json()), None);
             };
-            let attempt = if out.is_upgrade && out.client_upgrade.is_some() {
+            let failed = if out.is_upgrade && out.client_upgrade.is_some() {
                 // Boxed: an upgrade's attempt is larger than a plain one's and rare; inline it
                 // would size every request's future (allocated and copied per request) for it.
-                Box::pin(self.attempt_upgrade(&mut out, &name, &authority, headers)).await
-            } else {
-                self.attempt_plain(&mut out, &name, authority, headers)
-                    .await
-            };
-            match attempt {
-                Ok((resp, started)) => {
-                    return (self.answered(&out, resp, started, &name, conn), Some(name));
-                }
-                Err(failed) => {
-                    if let Some(final_answer) = self.failed(&mut out, &mut tries, name, failed) {
-                        return final_answer;
+                match Box::pin(self.attempt_upgrade(&mut out, name, &authority, headers)).await {
+                    Ok((resp, started)) => {
+                        let resp = self.answered(out, resp, started, &vm, conn);
+                        return (resp, Some(VmLabel::Served(vm)));
                     }
+                    Err(failed) => failed,
                 }
+            } else {
+                // The VM's body as it is (not boxed): `answered` wraps it once.
+                match self.attempt_plain(&mut out, name, authority, headers).await {
+                    Ok((resp, started)) => {
+                        let resp = self.answered(out, resp, started, &vm, conn);
+                        return (resp, Some(VmLabel::Served(vm)));
+                    }
+                    Err(failed) => failed,
+                }
+            };
+            if let Some((resp, label)) = self.failed(&mut out, &mut tries, name.to_owned(), failed)
+            {
+                return (resp, label.map(VmLabel::Failed));
             }
         }
     }
@@ -399,7 +450,7 @@ impl Frontend {
     /// counted body, the cookie's pin.
     fn prepare<B>(&self, mut req: Request<B>, conn: ConnInfo) -> Outbound
     where
-        B: HttpBody<Data = Bytes> + Send + 'static,
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         let inner = &self.inner;
@@ -414,8 +465,7 @@ impl Frontend {
         let (mut parts, body) = req.into_parts();
         let up_bytes = Arc::new(AtomicU64::new(0));
         let body = Observed::counting(
-            body.map_err(|e| -> BoxError { Box::new(ClientBodyError(e.into())) })
-                .boxed_unsync(),
+            body.map_err(|e| -> BoxError { Box::new(ClientBodyError(e.into())) }),
             up_bytes.clone(),
         )
         .boxed();
@@ -456,7 +506,8 @@ impl Frontend {
         Outbound {
             method: parts.method,
             target,
-            headers,
+            headers: Some(headers),
+            spare: Vec::new(),
             body: Some(body),
             is_upgrade,
             client_upgrade,

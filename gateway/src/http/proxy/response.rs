@@ -3,10 +3,9 @@
 use super::*;
 
 /// The sticky cookie as the request brought it, for the response.
-#[derive(Clone, Copy)]
 pub(super) struct Sticky<'a> {
     /// The request's valid cookie, if any.
-    pin: Option<&'a Pin>,
+    pin: Option<Pin>,
     /// The session id a new cookie gets when the request had none.
     new_session: &'a str,
     /// Unix time the request's cookie was checked at.
@@ -24,18 +23,22 @@ pub(super) fn bad_target(json: bool) -> Response<Body> {
 impl Frontend {
     /// The VM answered: timing, a session started when the browser moved to this VM, and the
     /// response as the client sees it.
-    pub(super) fn answered(
+    pub(super) fn answered<B>(
         &self,
-        out: &Outbound,
-        resp: Response<Body>,
+        out: Outbound,
+        resp: Response<B>,
         started: Instant,
-        name: &str,
+        vm: &Arc<Vm>,
         conn: ConnInfo,
-    ) -> Response<Body> {
+    ) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
+    {
         let inner = &self.inner;
         inner
             .connect_seconds
             .observe(started.elapsed().as_secs_f64());
+        let name = vm.name();
         if out.pin.is_some() && out.previous_vm.as_deref() != Some(name) {
             inner
                 .metrics
@@ -43,26 +46,29 @@ impl Frontend {
         }
         self.finish(
             resp,
-            name,
+            vm,
             Sticky {
-                pin: out.pin.as_ref(),
+                pin: out.pin,
                 new_session: &out.new_session,
                 now: out.now,
             },
             conn,
-            &out.up_bytes,
+            out.up_bytes,
         )
     }
 
     /// Response headers as the client sees them, the sticky cookie, and byte accounting.
-    pub(super) fn finish(
+    pub(super) fn finish<B>(
         &self,
-        resp: Response<Body>,
-        vm: &str,
+        resp: Response<B>,
+        vm: &Arc<Vm>,
         sticky: Sticky<'_>,
         conn: ConnInfo,
-        up_bytes: &Arc<AtomicU64>,
-    ) -> Response<Body> {
+        up_bytes: Arc<AtomicU64>,
+    ) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
+    {
         let inner = &self.inner;
         let Sticky {
             pin,
@@ -73,13 +79,14 @@ impl Frontend {
         if parts.status != StatusCode::SWITCHING_PROTOCOLS {
             strip_hop_by_hop(&mut parts.headers);
         }
-        let rewrite = match pin {
+        let name = vm.name();
+        let rewrite = match &pin {
             None => true,
-            Some(p) => p.vm != vm || inner.signer.wants_refresh(p, now),
+            Some(p) => p.vm != name || inner.signer.wants_refresh(p, now),
         };
         if rewrite {
-            let sid = pin.map_or_else(|| new_session.to_owned(), |p| p.session.clone());
-            let value = inner.signer.sign(vm, &sid, now);
+            let sid = pin.as_ref().map_or(new_session, |p| &p.session);
+            let value = inner.signer.sign(name, sid, now);
             let cookie = set_cookie_header(
                 &inner.settings.cookie_name,
                 &value,
@@ -92,16 +99,15 @@ impl Frontend {
         }
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             // Bytes of the upgraded stream are counted by the relay.
-            return Response::from_parts(parts, body);
+            return Response::from_parts(parts, BodyExt::boxed_unsync(body));
         }
         let metrics = inner.metrics.clone();
         let pool = inner.pool.clone();
-        let vm = vm.to_owned();
-        let sid = pin.map(|p| p.session.clone());
-        let up_bytes = up_bytes.clone();
+        let vm = Arc::clone(vm);
+        let sid = pin.map(|p| p.session);
         let body = Observed::new(body, move |down| {
             let up = up_bytes.load(Ordering::Relaxed);
-            metrics.bytes(Protocol::Http, &vm, up, down);
+            metrics.bytes(Protocol::Http, vm.name(), up, down);
             if let Some(sid) = sid {
                 pool.http_add_bytes(&sid, up, down);
             }
