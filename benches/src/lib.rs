@@ -15,6 +15,38 @@ use router_core::{
     Health, PickRequest, Pool, Protocol, RoutingPolicy, SessionGuard, SystemClock, VmSpec,
 };
 
+/// Serves every connection `listener` accepts (`TCP_NODELAY` set) with `handle`, each on a
+/// task of its own, for the upstreams and proxies of the end-to-end harness; errors go to
+/// stderr prefixed with the tool's name. An accept error (out of file descriptors, typically)
+/// does not stop it: the connections it has are kept, and it tries again after 50 ms.
+pub async fn serve_connections<F, Fut>(
+    tool: &'static str,
+    listener: tokio::net::TcpListener,
+    handle: F,
+) -> !
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                eprintln!("{tool}: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = handle(stream);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                eprintln!("{tool}: connection: {e:#}");
+            }
+        });
+    }
+}
+
 /// Runs `work` on a current-thread tokio runtime as the body of `main` of the
 /// measurement client `tool`: errors go to stderr prefixed with the tool's
 /// name, and the exit code is 0 or 1.

@@ -64,23 +64,10 @@ fn main() -> ExitCode {
 async fn serve(listen: String, upstream: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&listen).await?;
     println!("listening {}", listener.local_addr()?);
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Out of file descriptors, typically: keep serving the connections we have.
-                eprintln!("h1_floor: accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            if let Err(e) = client_connection(stream, upstream).await {
-                eprintln!("h1_floor: connection: {e}");
-            }
-        });
-    }
+    poolgate_benches::serve_connections("h1_floor", listener, move |stream| async move {
+        Ok(client_connection(stream, upstream).await?)
+    })
+    .await
 }
 
 /// The upstream connection of one client connection: opened for its first request, then

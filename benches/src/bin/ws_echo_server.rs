@@ -36,23 +36,7 @@ fn main() -> ExitCode {
 async fn serve(listen: &str) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     println!("listening {}", listener.local_addr()?);
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Out of file descriptors, typically: keep serving the connections we have.
-                eprintln!("ws_echo_server: accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            if let Err(e) = handle(stream).await {
-                eprintln!("ws_echo_server: connection: {e}");
-            }
-        });
-    }
+    poolgate_benches::serve_connections("ws_echo_server", listener, handle).await
 }
 
 async fn handle(mut stream: TcpStream) -> anyhow::Result<()> {
