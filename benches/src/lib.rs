@@ -54,10 +54,24 @@ pub fn run_main(
     tool: &str,
     work: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    run_on(tool, tokio::runtime::Builder::new_current_thread(), work)
+}
+
+/// [`run_main`] on the gateway's runtime: multi-threaded, a worker per CPU the
+/// process may run on (one when pinned, as in the benchmarks).
+pub fn run_main_multi_thread(
+    tool: &str,
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    run_on(tool, tokio::runtime::Builder::new_multi_thread(), work)
+}
+
+fn run_on(
+    tool: &str,
+    mut builder: tokio::runtime::Builder,
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{tool}: cannot start the runtime: {e}");

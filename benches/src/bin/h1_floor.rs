@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -40,25 +40,7 @@ fn main() -> ExitCode {
         eprintln!("usage: h1_floor --listen 127.0.0.1:PORT --upstream IP:PORT");
         return ExitCode::from(2);
     };
-    // The gateway's runtime: multi-threaded, one worker per CPU it may run on (one, pinned, in
-    // the benchmarks).
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("h1_floor: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(listen, upstream)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("h1_floor: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    poolgate_benches::run_main_multi_thread("h1_floor", serve(listen, upstream))
 }
 
 async fn serve(listen: String, upstream: SocketAddr) -> anyhow::Result<()> {
@@ -88,7 +70,7 @@ async fn forward(
     upstream: SocketAddr,
     req: Request<Incoming>,
 ) -> anyhow::Result<Response<Incoming>> {
-    let held = link.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.take();
+    let held = link.lock().unwrap_or_else(PoisonError::into_inner).take();
     let mut sender = match held {
         Some(s) if !s.is_closed() => s,
         _ => {
@@ -106,6 +88,6 @@ async fn forward(
     };
     sender.ready().await?;
     let resp = sender.send_request(req).await?;
-    *link.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(sender);
+    *link.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
     Ok(resp)
 }
