@@ -403,6 +403,13 @@ impl Metrics {
         }
     }
 
+    /// The `bytes_total{direction="down"}` counter of `vm` for `protocol`, to keep and add to
+    /// without a label lookup each time.
+    pub fn bytes_down(&self, protocol: Protocol, vm: &str) -> prometheus::IntCounter {
+        self.bytes_total
+            .with_label_values(&[protocol.as_str(), vm, "down"])
+    }
+
     /// Counts a failed authentication.
     pub fn auth_failed(&self, method: &str) {
         self.auth_failures_total.with_label_values(&[method]).inc();

@@ -71,6 +71,15 @@ impl Slot {
     }
 }
 
+/// Where [`Pool::http_route_session`] sent a request.
+#[derive(Debug, Clone)]
+pub struct HttpRouted {
+    /// The VM.
+    pub vm: Arc<Vm>,
+    /// The browser's session was already on this VM (else a session started there).
+    pub continued: bool,
+}
+
 struct HttpEntry {
     slot: Slot,
     last_seen: Instant,
@@ -107,17 +116,16 @@ impl HttpSessions {
         expired
     }
 
-    fn insert(&self, key: &str, slot: Slot, now: Instant) {
-        let old = self.map.insert(
+    /// Sets `key`'s slot; returns the one it replaces, to be dropped (released) by the caller
+    /// outside the shard lock.
+    fn insert(&self, key: &str, slot: Slot, now: Instant) -> Option<HttpEntry> {
+        self.map.insert(
             key.to_owned(),
             HttpEntry {
                 slot,
                 last_seen: now,
             },
-        );
-        // The previous slot (another VM) is released here, outside the
-        // shard lock.
-        drop(old);
+        )
     }
 }
 
@@ -167,6 +175,19 @@ impl Pool {
     /// (protocol forced to HTTP) and the session's slot moves there. Compare
     /// the returned VM's name with the cookie to know whether to rewrite it.
     pub fn http_route(&self, session_key: &str, req: &PickRequest<'_>) -> Result<Arc<Vm>, NoVm> {
+        self.http_route_session(session_key, req)
+            .map(|routed| routed.vm)
+    }
+
+    /// [`Pool::http_route`], telling also whether the session went on where it was: it held a
+    /// session slot on the returned VM before this request. When it did not (a tentative
+    /// browser's cookie came back, the session moved, or it had expired), a session started
+    /// on that VM.
+    pub fn http_route_session(
+        &self,
+        session_key: &str,
+        req: &PickRequest<'_>,
+    ) -> Result<HttpRouted, NoVm> {
         let req = PickRequest {
             protocol: Protocol::Http,
             ..*req
@@ -185,7 +206,10 @@ impl Pool {
                     match &e.slot {
                         Slot::Session(_) => {
                             e.last_seen = now;
-                            return Ok(vm.clone());
+                            return Ok(HttpRouted {
+                                vm: vm.clone(),
+                                continued: true,
+                            });
                         }
                         Slot::Tentative(_) => {
                             if vm
@@ -197,7 +221,10 @@ impl Pool {
                                 // Drops the tentative count as the session is counted.
                                 e.slot = Slot::Session(guard);
                                 e.last_seen = now;
-                                return Ok(vm.clone());
+                                return Ok(HttpRouted {
+                                    vm: vm.clone(),
+                                    continued: false,
+                                });
                             }
                         }
                     }
@@ -206,8 +233,11 @@ impl Pool {
         }
         let guard = self.acquire(&req)?;
         let vm = guard.vm().clone();
-        self.http.insert(session_key, Slot::Session(guard), now);
-        Ok(vm)
+        let old = self.http.insert(session_key, Slot::Session(guard), now);
+        let continued = old.is_some_and(|old| {
+            matches!(old.slot, Slot::Session(_)) && old.slot.vm_name() == vm.name()
+        });
+        Ok(HttpRouted { vm, continued })
     }
 
     /// Routes the first request of a new browser (no valid cookie yet), to
@@ -394,6 +424,50 @@ mod tests {
         let vm = pool.http_route("k2", &pinned).map(|v| v.name().to_owned());
         assert_eq!(vm.as_deref(), Ok("b"));
         assert_eq!((http_load(&pool, "a"), http_load(&pool, "b")), (1, 1));
+    }
+
+    #[test]
+    fn route_session_tells_whether_the_session_went_on_where_it_was() {
+        let (pool, _) = pool(&[("a", 5), ("b", 5)]);
+        let req = PickRequest::new(Protocol::Http);
+        let route = |key: &str, req: &PickRequest<'_>| {
+            pool.http_route_session(key, req)
+                .map(|r| (r.vm.name().to_owned(), r.continued))
+                .ok()
+        };
+        // A new browser's tentative slot becomes a session when its cookie comes back.
+        let first = pool.http_route_new("k1", &req).map(|v| v.name().to_owned());
+        assert_eq!(first.as_deref(), Ok("a"));
+        assert_eq!(
+            route("k1", &req.pinned("a", true)),
+            Some(("a".into(), false))
+        );
+        assert_eq!(
+            route("k1", &req.pinned("a", true)),
+            Some(("a".into(), true))
+        );
+        // Moved off a VM that stopped serving: a session starts on the other.
+        pool.set_health("a", Health::Down);
+        assert_eq!(
+            route("k1", &req.pinned("a", true)),
+            Some(("b".into(), false))
+        );
+        assert_eq!(
+            route("k1", &req.pinned("b", true)),
+            Some(("b".into(), true))
+        );
+        // A stale cookie naming "a" while the session is on "b": routed again, and it went
+        // on on "b".
+        pool.set_health("a", Health::Up);
+        let excluding_a = ["a".to_owned()];
+        let stale = req.pinned("a", true).excluding(&excluding_a);
+        assert_eq!(route("k1", &stale), Some(("b".into(), true)));
+        // An expired session starts again.
+        assert!(pool.http_forget("k1"));
+        assert_eq!(
+            route("k1", &req.pinned("b", true)).map(|r| r.1),
+            Some(false)
+        );
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub mod vm;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use health::{Health, HealthPolicy, HealthTracker, Transition};
+pub use http::HttpRouted;
 pub use pool::{Pool, RoutingPolicy};
 pub use select::{NoVm, PickRequest};
 pub use session::{SessionGuard, SessionInfo};

@@ -258,67 +258,127 @@ pub(super) async fn serve_connection<I>(
     plain: Plain,
     builder: &auto::Builder<TokioExecutor>,
     idle_timeout: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let tracker = ConnTracker::new();
-    let svc_tracker = tracker.clone();
+    let client = frontend.client(info);
+    let svc_client = client.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let frontend = frontend.clone();
-        let active = svc_tracker.begin();
-        let challenge = plain
+        let client = svc_client.clone();
+        let answer = match plain
             .challenges
             .as_deref()
-            .and_then(|c| acme_challenge_answer(c, &req));
+            .and_then(|c| acme_challenge_answer(c, &req))
+        {
+            Some(resp) => Some(resp),
+            None => plain.redirect_to.map(|port| redirect_to_https(&req, port)),
+        };
         async move {
-            if let Some(resp) = challenge {
-                return Ok::<_, Infallible>(active.attach(resp));
-            }
-            let resp = match plain.redirect_to {
-                Some(port) => redirect_to_https(&req, port),
+            let resp = match answer {
+                Some(resp) => client.tracker().begin().attach(resp),
                 // Boxed: the handler's future is a few KiB, and hyper moves the service's
                 // future (this block) by value; a pointer is cheaper to move than the state.
-                None => Box::pin(frontend.handle(req, info)).await,
+                // It counts the request as in flight itself, until the body is sent.
+                None => Box::pin(frontend.handle_on(req, &client)).await,
             };
-            Ok::<_, Infallible>(active.attach(resp))
+            Ok::<_, Infallible>(resp)
         }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let check_every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
-    let mut tick = tokio::time::interval(check_every);
-    let first_request = tokio::time::sleep(FIRST_REQUEST_WITHIN.min(idle_timeout));
-    tokio::pin!(first_request);
+    // The timers and the shutdown watch live in a task of their own, which tells this one when
+    // to stop: polled here, they would be polled on every wake-up of the connection (every
+    // request and every body chunk), the shutdown watch under a lock shared by all
+    // connections.
+    let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
+    let watching = tokio::spawn(watchdog(client, idle_timeout, shutdown, stop_tx));
     let mut closing = false;
     loop {
         tokio::select! {
-            _ = &mut first_request, if !tracker.has_started() => {
-                // Dropping the connection closes it: nothing of a request has been answered.
-                tracing::debug!("no complete request headers within {:?} of connecting; closed",
-                    FIRST_REQUEST_WITHIN.min(idle_timeout));
-                return;
-            }
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!("connection ended: {e}");
                 }
-                return;
+                break;
             }
-            _ = tick.tick(), if !closing => {
-                if tracker.idle_for().is_some_and(|d| d >= idle_timeout) {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
-            r = shutdown.changed(), if !closing => {
-                if r.is_err() || *shutdown.borrow() {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
+            why = &mut stop, if !closing => {
+                closing = true;
+                match why {
+                    Ok(Stop::NoRequest) => {
+                        // Dropping the connection closes it: no request has started.
+                        tracing::debug!(
+                            "no complete request headers within {:?} of connecting; closed",
+                            FIRST_REQUEST_WITHIN.min(idle_timeout)
+                        );
+                        break;
+                    }
+                    Ok(Stop::Finish) => conn.as_mut().graceful_shutdown(),
+                    // The watchdog failed: serve on without it.
+                    Err(_) => tracing::warn!("HTTP connection watchdog ended unexpectedly"),
                 }
             }
         }
     }
+    watching.abort();
+}
+
+/// Why a client connection is to stop.
+enum Stop {
+    /// No request's headers came within [`FIRST_REQUEST_WITHIN`] of connecting: close it.
+    NoRequest,
+    /// Idle for `http.idle_timeout`, or the gateway shuts down: finish the request in flight
+    /// (if any), then close.
+    Finish,
+}
+
+/// Watches one client connection: closes it when its first request's headers do not come
+/// within [`FIRST_REQUEST_WITHIN`] (or `idle_timeout`, when shorter), finishes it when it has
+/// been idle for `idle_timeout` or the gateway shuts down, and gives its VM connection back to
+/// the shared list when it has been idle for a while. Tells the connection's task through
+/// `stop`, and ends when that task does.
+async fn watchdog(
+    client: Arc<ClientConn>,
+    idle_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    mut stop: tokio::sync::oneshot::Sender<Stop>,
+) {
+    let tracker = client.tracker();
+    let check_every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
+    let mut tick = tokio::time::interval(check_every);
+    let first_request = tokio::time::sleep(FIRST_REQUEST_WITHIN.min(idle_timeout));
+    tokio::pin!(first_request);
+    let mut started = false;
+    let why = loop {
+        tokio::select! {
+            () = &mut first_request, if !started => {
+                // Checked now: a request may have started since the branch was armed.
+                if !tracker.has_started() {
+                    break Stop::NoRequest;
+                }
+                started = true;
+            }
+            _ = tick.tick() => {
+                let idle = tracker.idle_for();
+                if idle.is_some_and(|d| d >= idle_timeout) {
+                    break Stop::Finish;
+                }
+                if idle.is_some_and(|d| d >= check_every) {
+                    // No request for a while: the VM connection goes back to the shared list,
+                    // which notices the VM closing it and closes it when unused too long.
+                    client.release_upstream();
+                }
+            }
+            r = shutdown.changed() => {
+                if r.is_err() || *shutdown.borrow() {
+                    break Stop::Finish;
+                }
+            }
+            () = stop.closed() => return,
+        }
+    };
+    let _ = stop.send(why);
 }
 
 /// The answer to an ACME HTTP-01 request (`/.well-known/acme-challenge/TOKEN`): the key

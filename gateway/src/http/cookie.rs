@@ -139,16 +139,19 @@ impl CookieSigner {
         if vm.is_empty() {
             return None;
         }
-        if issued_at > now.saturating_add(SKEW_SECS)
-            || now.saturating_sub(issued_at) > self.max_age.as_secs()
-        {
-            return None;
-        }
-        Some(Pin {
+        let pin = Pin {
             vm,
             issued_at,
             session: session.to_owned(),
-        })
+        };
+        self.still_valid(&pin, now).then_some(pin)
+    }
+
+    /// Whether a verified cookie is still valid at `now`: not issued in the future (beyond
+    /// clock skew), not older than the maximum age.
+    pub fn still_valid(&self, pin: &Pin, now: u64) -> bool {
+        pin.issued_at <= now.saturating_add(SKEW_SECS)
+            && now.saturating_sub(pin.issued_at) <= self.max_age.as_secs()
     }
 
     /// Whether a valid cookie is old enough to be re-issued (past half its maximum age), so an

@@ -42,14 +42,44 @@ const FORWARDING: [&str; 7] = [
 // `remove_all` keeps one bit per name.
 const _: () = assert!(HOP_BY_HOP.len() <= 16 && FORWARDING.len() <= 16);
 
-/// Removes every header named in `names` (at most 16, lower case) that `headers` has. This
-/// runs on every request and response, and most carry none or one of them: one pass over the
-/// names present, comparing text (mostly a length check), and a removal (which hashes) only
-/// for those found.
-fn remove_all(headers: &mut HeaderMap, names: &[&'static str]) {
+/// A set of header names with a bit per name length (lengths of 63 and more share the last),
+/// so most names present are told apart from all of them by one test.
+struct Names {
+    names: &'static [&'static str],
+    lengths: u64,
+}
+
+impl Names {
+    const fn new(names: &'static [&'static str]) -> Self {
+        let mut lengths = 0u64;
+        let mut i = 0;
+        while i < names.len() {
+            lengths |= Self::bit(names[i].len());
+            i += 1;
+        }
+        Self { names, lengths }
+    }
+
+    const fn bit(len: usize) -> u64 {
+        1 << if len < 63 { len } else { 63 }
+    }
+}
+
+static HOP_BY_HOP_NAMES: Names = Names::new(&HOP_BY_HOP);
+static FORWARDING_NAMES: Names = Names::new(&FORWARDING);
+
+/// Removes every header in `set` (at most 16 names, lower case) that `headers` has. This runs
+/// on every request and response, and most carry none or one of them: one pass over the names
+/// present (a length test rules out most, the text is compared for the rest), and a removal
+/// (which hashes) only for those found.
+fn remove_all(headers: &mut HeaderMap, set: &Names) {
+    let names = set.names;
     let mut present = 0u16;
     for key in headers.keys() {
         let key = key.as_str();
+        if set.lengths & Names::bit(key.len()) == 0 {
+            continue;
+        }
         if let Some(i) = names.iter().position(|n| *n == key) {
             present |= 1 << i;
         }
@@ -64,23 +94,25 @@ fn remove_all(headers: &mut HeaderMap, names: &[&'static str]) {
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // `Connection: keep-alive`, `close` or `upgrade` (the usual values) name nothing beyond the
-    // fixed list; other tokens name headers to remove too.
-    let extra: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| {
-            !t.eq_ignore_ascii_case("close")
-                && !HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(t))
-        })
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
+    // fixed list; other tokens name headers to remove too (rare: collected only when present).
+    let mut extra: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',').map(str::trim) {
+            if token.eq_ignore_ascii_case("close")
+                || HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(token))
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                extra.push(name);
+            }
+        }
+    }
     for name in extra {
         headers.remove(name);
     }
-    remove_all(headers, &HOP_BY_HOP);
+    remove_all(headers, &HOP_BY_HOP_NAMES);
 }
 
 /// What the gateway knows about the client connection.
@@ -94,56 +126,110 @@ pub struct Forwarding {
     pub port: u16,
 }
 
-/// Sets `X-Forwarded-For`, `-Proto`, `-Host`, `-Port` and `Forwarded` for `host` (the
-/// request's `Host`), replacing any the client sent. This runs for every request, so the three
-/// values built are written one after the other into one buffer and split off it: two
-/// allocations (the buffer and the count it shares), and copying the header map for another
-/// attempt copies no value. The host's value is shared.
+/// The forwarding headers' values for one client connection, made once when it opens: its
+/// address, scheme and port do not change between its requests. Only `Forwarded` names the
+/// request's host as well; it is made again when the host differs from the last request's
+/// ([`ForwardedFor`]).
+#[derive(Debug)]
+pub struct ConnForwarding {
+    /// `X-Forwarded-For`: the client's address (an IPv4-mapped IPv6 address as IPv4).
+    for_value: HeaderValue,
+    /// `X-Forwarded-Proto`.
+    proto: HeaderValue,
+    /// `X-Forwarded-Port`.
+    port: HeaderValue,
+    /// `Forwarded` without a host: `for=...;proto=...`.
+    forwarded: HeaderValue,
+}
+
+/// The `Forwarded` value of the last host a connection's request named, and that host.
+pub type ForwardedFor = Option<(HeaderValue, HeaderValue)>;
+
+impl ConnForwarding {
+    /// The values for connection `fwd`.
+    pub fn new(fwd: &Forwarding) -> Self {
+        let proto = if fwd.https { "https" } else { "http" };
+        let ip = fwd.client.ip();
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            IpAddr::V4(_) => ip,
+        };
+        // An address (at most 39 characters) twice, `Forwarded`'s words, a port.
+        let mut buf = BytesMut::with_capacity(2 * 39 + 20 + 5);
+        push_ip(&mut buf, ip);
+        let for_value = buf.split();
+        match ip {
+            IpAddr::V4(_) => {
+                buf.put_slice(b"for=");
+                buf.put_slice(&for_value);
+            }
+            IpAddr::V6(_) => {
+                buf.put_slice(b"for=\"[");
+                buf.put_slice(&for_value);
+                buf.put_slice(b"]\"");
+            }
+        }
+        buf.put_slice(b";proto=");
+        buf.put_slice(proto.as_bytes());
+        let forwarded = buf.split();
+        buf.put_slice(itoa::Buffer::new().format(fwd.port).as_bytes());
+        // An address, the fixed words and a number: always valid header values.
+        let value = |b: BytesMut| {
+            HeaderValue::from_maybe_shared(b.freeze())
+                .unwrap_or_else(|_| HeaderValue::from_static(""))
+        };
+        Self {
+            for_value: value(for_value),
+            proto: HeaderValue::from_static(proto),
+            port: value(buf),
+            forwarded: value(forwarded),
+        }
+    }
+
+    /// Sets `X-Forwarded-For`, `-Proto`, `-Host`, `-Port` and `Forwarded` for `host` (the
+    /// request's `Host`), replacing any the client sent. `last` keeps the `Forwarded` value
+    /// made for the last host, for the connection's next request. The values are shared, not
+    /// copied.
+    pub fn set(
+        &self,
+        headers: &mut HeaderMap,
+        host: Option<&HeaderValue>,
+        last: &mut ForwardedFor,
+    ) {
+        remove_all(headers, &FORWARDING_NAMES);
+        // The host when it is a token host (ASCII, safe inside the quoted `Forwarded` value).
+        let host = host.and_then(|h| Some((h, h.to_str().ok().filter(|t| is_token_host(t))?)));
+        let forwarded = match (host, &*last) {
+            (None, _) => self.forwarded.clone(),
+            (Some((value, _)), Some((seen, forwarded))) if seen == value => forwarded.clone(),
+            (Some((value, text)), _) => {
+                let mut buf = BytesMut::with_capacity(self.forwarded.len() + text.len() + 8);
+                buf.put_slice(self.forwarded.as_bytes());
+                buf.put_slice(b";host=\"");
+                buf.put_slice(text.as_bytes());
+                buf.put_u8(b'"');
+                match HeaderValue::from_maybe_shared(buf.freeze()) {
+                    Ok(f) => {
+                        *last = Some((value.clone(), f.clone()));
+                        f
+                    }
+                    Err(_) => self.forwarded.clone(),
+                }
+            }
+        };
+        if let Some((value, _)) = host {
+            headers.insert(X_FORWARDED_HOST.clone(), value.clone());
+        }
+        headers.insert(X_FORWARDED_FOR.clone(), self.for_value.clone());
+        headers.insert(X_FORWARDED_PROTO.clone(), self.proto.clone());
+        headers.insert(X_FORWARDED_PORT.clone(), self.port.clone());
+        headers.insert(header::FORWARDED, forwarded);
+    }
+}
+
+/// [`ConnForwarding::set`] for one request of connection `fwd`.
 pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding, host: Option<&HeaderValue>) {
-    remove_all(headers, &FORWARDING);
-    let proto = if fwd.https { "https" } else { "http" };
-    let ip = fwd.client.ip();
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
-    };
-    // The host when it is a token host (ASCII, safe inside the quoted `Forwarded` value).
-    let host = host.and_then(|h| Some((h, h.to_str().ok().filter(|t| is_token_host(t))?)));
-    // An address (at most 39 characters) twice, `Forwarded`'s words (at most 33), the host, a
-    // port (at most 5).
-    let mut buf = BytesMut::with_capacity(2 * 39 + 33 + host.map_or(0, |(_, text)| text.len()) + 5);
-    push_ip(&mut buf, ip);
-    let for_value = buf.split();
-    match ip {
-        IpAddr::V4(_) => {
-            buf.put_slice(b"for=");
-            buf.put_slice(&for_value);
-        }
-        IpAddr::V6(_) => {
-            buf.put_slice(b"for=\"[");
-            buf.put_slice(&for_value);
-            buf.put_slice(b"]\"");
-        }
-    }
-    buf.put_slice(b";proto=");
-    buf.put_slice(proto.as_bytes());
-    if let Some((value, text)) = host {
-        buf.put_slice(b";host=\"");
-        buf.put_slice(text.as_bytes());
-        buf.put_u8(b'"');
-        headers.insert(X_FORWARDED_HOST.clone(), value.clone());
-    }
-    let forwarded = buf.split();
-    buf.put_slice(itoa::Buffer::new().format(fwd.port).as_bytes());
-    let set = |headers: &mut HeaderMap, name: &HeaderName, value: BytesMut| {
-        if let Ok(v) = HeaderValue::from_maybe_shared(value.freeze()) {
-            headers.insert(name.clone(), v);
-        }
-    };
-    set(headers, &X_FORWARDED_FOR, for_value);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    set(headers, &X_FORWARDED_PORT, buf);
-    set(headers, &header::FORWARDED, forwarded);
+    ConnForwarding::new(fwd).set(headers, host, &mut None);
 }
 
 /// Appends the text of `ip` as `Display` writes it.
@@ -267,6 +353,43 @@ mod tests {
         set_forwarding(&mut m, &v6, Some(&HeaderValue::from_static("bad\"host")));
         assert_eq!(get(&m, "forwarded"), "for=\"[2001:db8::1]\";proto=http");
         assert!(m.get("x-forwarded-host").is_none());
+    }
+
+    #[test]
+    fn a_connection_reuses_its_forwarded_value_until_the_host_changes() {
+        let conn = ConnForwarding::new(&Forwarding {
+            client: "10.0.0.9:4000".parse().expect("addr"),
+            https: false,
+            port: 80,
+        });
+        let mut last = None;
+        let hosts = [
+            "a.example",
+            "a.example",
+            "b.example",
+            "bad\"host",
+            "b.example",
+        ];
+        for host in hosts {
+            let mut m = h(&[("forwarded", "for=6.6.6.6"), ("x-forwarded-host", "evil")]);
+            conn.set(&mut m, Some(&HeaderValue::from_static(host)), &mut last);
+            let expected = if host.contains('"') {
+                "for=10.0.0.9;proto=http".to_owned()
+            } else {
+                format!("for=10.0.0.9;proto=http;host=\"{host}\"")
+            };
+            assert_eq!(m["forwarded"], expected.as_str(), "host {host}");
+            assert_eq!(m.get_all("forwarded").iter().count(), 1);
+            assert_eq!(m["x-forwarded-for"], "10.0.0.9");
+            assert_eq!(m["x-forwarded-port"], "80");
+            match host.contains('"') {
+                true => assert!(m.get("x-forwarded-host").is_none()),
+                false => assert_eq!(m["x-forwarded-host"], host),
+            }
+        }
+        let mut m = HeaderMap::new();
+        conn.set(&mut m, None, &mut last);
+        assert_eq!(m["forwarded"], "for=10.0.0.9;proto=http");
     }
 
     #[test]

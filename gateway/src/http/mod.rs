@@ -55,7 +55,7 @@ pub use conn::connection_builder;
 use conn::{FIRST_REQUEST_WITHIN, Plain, redirect_to_https, serve_connection, strip_port};
 use conn::{Served, accept, listeners};
 pub use cookie::CookieSigner;
-pub use proxy::{ConnInfo, Frontend, FrontendSettings};
+pub use proxy::{ClientConn, ConnInfo, Frontend, FrontendSettings};
 
 /// Errors carried by response and request bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

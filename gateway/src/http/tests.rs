@@ -257,6 +257,86 @@ async fn first_response_pins_and_the_session_counts_once_the_cookie_returns() {
 }
 
 #[tokio::test]
+async fn a_client_connection_reuses_its_verified_cookie_and_still_checks_its_age() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let client = f.frontend.client(conn());
+    let signer = CookieSigner::new(
+        b"test key test key test key test!",
+        Duration::from_secs(3600),
+    );
+    let now = 1_800_000_000;
+    let value = signer.sign("vm-a", &CookieSigner::new_session_id(), now);
+    let first = client.pin(&value, now, &signer).expect("valid");
+    let again = client.pin(&value, now + 60, &signer).expect("still valid");
+    assert!(Arc::ptr_eq(&first, &again), "verified once, then shared");
+    assert!(
+        client.pin(&value, now + 3601, &signer).is_none(),
+        "too old, though remembered"
+    );
+    // Another value is verified: a forged one fails and the remembered one stays.
+    let (signed, tag) = value.rsplit_once('.').expect("a tag");
+    let flipped = if tag.starts_with('A') { 'B' } else { 'A' };
+    let forged = format!("{signed}.{flipped}{}", &tag[1..]);
+    assert!(client.pin(&forged, now, &signer).is_none());
+    let back = client.pin(&value, now + 1, &signer).expect("valid");
+    assert!(Arc::ptr_eq(&first, &back));
+}
+
+#[tokio::test]
+async fn requests_on_one_client_connection_keep_their_cookie_vm_and_forwarding() {
+    let f = fixture(&["vm-a", "vm-b"], Duration::from_secs(5)).await;
+    let client = f.frontend.client(conn());
+    let send_on = |req: Request<Full<Bytes>>| {
+        let (frontend, client) = (f.frontend.clone(), client.clone());
+        async move {
+            let resp = frontend.handle_on(req, &client).await;
+            let cookie = resp
+                .headers()
+                .get(header::SET_COOKIE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix(&format!("{COOKIE}=")))
+                .and_then(|v| v.split(';').next())
+                .map(str::to_owned);
+            let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+            (json, cookie)
+        }
+    };
+    let (first, cookie) = send_on(get("/", None)).await;
+    let cookie = cookie.expect("a cookie");
+    let vm = first["vm"].as_str().unwrap_or("").to_owned();
+    for host in [
+        "hub.example:8443",
+        "hub.example:8443",
+        "other.example",
+        "hub.example:8443",
+    ] {
+        let mut req = get("/api", Some(&cookie));
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static(host));
+        let (r, set) = send_on(req).await;
+        assert_eq!(r["vm"], vm.as_str(), "pinned");
+        assert_eq!(set, None, "the cookie stands");
+        assert_eq!(r["headers"]["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(r["headers"]["x-forwarded-host"], host);
+        assert_eq!(
+            r["headers"]["forwarded"],
+            format!("for=192.0.2.7;proto=https;host=\"{host}\"").as_str()
+        );
+    }
+    // A forged cookie on the same connection is still refused, and the real one still stands.
+    let forged = cookie.replace(|c: char| c.is_ascii_digit(), "9");
+    let (_, set) = send_on(get("/", Some(&forged))).await;
+    assert!(
+        set.is_some_and(|c| c != forged),
+        "a new cookie replaces the forged one"
+    );
+    let (r, set) = send_on(get("/", Some(&cookie))).await;
+    assert_eq!((r["vm"].as_str(), set), (Some(vm.as_str()), None));
+    assert_eq!(f.pool.http_session_count(), 1);
+}
+
+#[tokio::test]
 async fn headers_are_forwarded_as_jupyter_needs_them() {
     let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
     let req = Request::builder()
@@ -639,4 +719,52 @@ async fn a_connection_that_never_completes_its_first_request_is_closed_after_a_m
         "closed after {waited:?}"
     );
     server.await.expect("server task");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_request_that_starts_just_before_the_minute_is_answered_not_cut_off() {
+    // The VM takes 20 s to fail (`/slow` and a 20 s header timeout): the request is still in
+    // flight when the first-request minute ends, and must be answered.
+    let f = fixture(&["vm-a"], Duration::from_secs(20)).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config = poolgate_config::Config::default();
+    let idle = config.http.idle_timeout;
+    let builder = connection_builder(config.http.max_header_bytes, idle);
+    let (_stop, shutdown) = watch::channel(false);
+    let frontend = f.frontend.clone();
+    let server = tokio::spawn(async move {
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let info = ConnInfo {
+            client: peer,
+            https: false,
+            port: addr.port(),
+        };
+        serve_connection(
+            stream,
+            frontend,
+            info,
+            Plain::default(),
+            &builder,
+            idle,
+            shutdown,
+        )
+        .await;
+    });
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let connected = tokio::time::Instant::now();
+    tokio::time::sleep(FIRST_REQUEST_WITHIN - Duration::from_secs(10)).await;
+    client
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: pool.example\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = client.read(&mut buf).await.expect("read");
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        head.starts_with("HTTP/1.1 504"),
+        "answered, not closed: {head:?}"
+    );
+    assert!(connected.elapsed() >= FIRST_REQUEST_WITHIN + Duration::from_secs(10));
+    server.abort();
 }

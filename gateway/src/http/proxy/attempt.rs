@@ -95,7 +95,8 @@ impl Frontend {
         &self,
         out: &mut Outbound,
         name: &str,
-        authority: String,
+        authority: Arc<str>,
+        kept: Option<&Arc<Kept>>,
         headers: HeaderMap,
     ) -> Result<(Response<Driven>, Instant), Attempt> {
         let inner = &self.inner;
@@ -108,7 +109,7 @@ impl Frontend {
         let started = Instant::now();
         match tokio::time::timeout(
             inner.settings.response_header_timeout,
-            inner.upstreams.send(authority, up),
+            inner.upstreams.send(authority, kept, up),
         )
         .await
         {
@@ -154,7 +155,7 @@ impl Frontend {
         let (Some(on_client), Some(proto)) = (out.client_upgrade.take(), out.upgrade_proto.clone())
         else {
             return self
-                .attempt_plain(out, name, authority.to_owned(), headers)
+                .attempt_plain(out, name, authority.into(), None, headers)
                 .await
                 .map(|(resp, started)| (resp.map(BodyExt::boxed_unsync), started));
         };
@@ -167,7 +168,7 @@ impl Frontend {
         *up.uri_mut() = Uri::from(out.target.clone());
         let metrics = inner.metrics.clone();
         let pool = inner.pool.clone();
-        let sid = out.pin.as_ref().map(|p| p.session.clone());
+        let pin = out.pin.clone();
         let vm_name = name.to_owned();
         // An open websocket (kernel, terminal) is a session of its VM for as long as it is
         // open, whatever `http.session_idle` says: a notebook in a background tab holds nothing
@@ -177,8 +178,8 @@ impl Frontend {
         let on_done = move |up: u64, down: u64| {
             let _open_session = open_session;
             metrics.bytes(Protocol::Http, &vm_name, up, down);
-            if let Some(sid) = sid {
-                pool.http_add_bytes(&sid, up, down);
+            if let Some(pin) = pin {
+                pool.http_add_bytes(&pin.session, up, down);
             }
         };
         let started = Instant::now();
@@ -231,7 +232,7 @@ impl Frontend {
             }
             Attempt::Client(e) => {
                 tracing::info!(vm = %name, ?e, "request refused: the client's request body could not be read");
-                self.forget_new(out.pin.as_ref(), &out.new_session);
+                self.forget_new(out.pin.as_deref(), &out.new_session);
                 Some((e.response_as(out.json()), Some(name)))
             }
             Attempt::Fail(e) => {
@@ -242,7 +243,7 @@ impl Frontend {
                     outcome::VM_FAILED,
                     Duration::ZERO,
                 );
-                self.forget_new(out.pin.as_ref(), &out.new_session);
+                self.forget_new(out.pin.as_deref(), &out.new_session);
                 Some((e.response_as(out.json()), Some(name)))
             }
             Attempt::Unreachable(detail, returned) | Attempt::Broken(detail, returned) => {
@@ -262,7 +263,7 @@ impl Frontend {
                 // A body already partly sent cannot be replayed.
                 let replayable = returned.is_some() || out.is_upgrade;
                 if !replayable || tries.tried.len() >= inner.settings.max_attempts {
-                    self.forget_new(out.pin.as_ref(), &out.new_session);
+                    self.forget_new(out.pin.as_deref(), &out.new_session);
                     return Some((failure.response_as(out.json()), tries.tried.pop()));
                 }
                 out.body = returned;
@@ -281,7 +282,7 @@ impl Frontend {
         last_failure: Option<GatewayError>,
     ) -> Response<Body> {
         let inner = &self.inner;
-        self.forget_new(out.pin.as_ref(), &out.new_session);
+        self.forget_new(out.pin.as_deref(), &out.new_session);
         if last_failure.is_none() {
             self.wake_pool();
         }

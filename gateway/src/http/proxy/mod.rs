@@ -3,8 +3,8 @@
 //! rewrite the cookie, count and log.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod attempt;
@@ -18,15 +18,15 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::http::uri::PathAndQuery;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use router_core::{NoVm, PickRequest, Pool, Protocol, Vm};
+use router_core::{HttpRouted, NoVm, PickRequest, Pool, Protocol, Vm};
 
 use super::access_log::{AccessLog, Record};
-use super::body::{Handoff, Observed};
+use super::body::{Active, ConnTracker, Handoff, Observed};
 use super::cookie::{CookieSigner, Pin, find_cookie, set_cookie_header};
 use super::errors::{GatewayError, accepts_json};
-use super::headers::{Forwarding, set_forwarding, strip_hop_by_hop, wants_upgrade};
+use super::headers::{ConnForwarding, ForwardedFor, Forwarding, strip_hop_by_hop, wants_upgrade};
 use super::upgrade::{self, UpgradeError};
-use super::upstream::{Driven, SendError, Upstreams};
+use super::upstream::{Driven, Kept, SendError, Upstreams};
 use super::{Body, BoxError, empty};
 use crate::health::FailureHook;
 use crate::metrics::{Metrics, outcome};
@@ -63,6 +63,132 @@ pub struct ConnInfo {
     pub https: bool,
     /// The gateway port the client connected to.
     pub port: u16,
+}
+
+/// What one client connection keeps between its requests. A browser's requests on one
+/// connection carry the same cookie and go to the same VM, so the cookie verified for the last
+/// request, the VM address it went to and the VM connection it came back on are reused rather
+/// than checked, formatted and looked up again. Made by [`Frontend::client`], one per client
+/// connection; dropped with it, it gives its VM connection back to the shared list.
+pub struct ClientConn {
+    info: ConnInfo,
+    /// Its forwarding headers' values.
+    forwarding: ConnForwarding,
+    tracker: ConnTracker,
+    kept: Arc<Kept>,
+    last: Mutex<Last>,
+}
+
+/// A VM a client connection's requests go to, with what each request to it needs.
+struct LastVm {
+    vm: Arc<Vm>,
+    /// Its `host:port`.
+    authority: Arc<str>,
+    /// Its `bytes_total{protocol="http",direction="down"}`.
+    down: prometheus::IntCounter,
+}
+
+/// The last request's cookie, host, VM and counter.
+#[derive(Default)]
+struct Last {
+    /// The cookie value as the client sent it, and what it verified to. A value equal to it
+    /// byte for byte verifies to the same pin (only its age is checked again). Compared
+    /// without constant time: the value is one this client sent, so a comparison's timing
+    /// tells it nothing it does not know.
+    cookie: Option<(Box<str>, Arc<Pin>)>,
+    /// The last VM requests went to.
+    vm: Option<LastVm>,
+    /// The request counter of the last answer: its VM and status.
+    requests: Option<(Arc<Vm>, StatusCode, prometheus::IntCounter)>,
+    /// The `Forwarded` value of the last host.
+    forwarded: ForwardedFor,
+}
+
+impl ClientConn {
+    /// The connection the requests come in on.
+    pub fn info(&self) -> ConnInfo {
+        self.info
+    }
+
+    /// Its requests in flight, and since when it has had none.
+    pub fn tracker(&self) -> &ConnTracker {
+        &self.tracker
+    }
+
+    /// The client connection has been without a request for a while: its VM connection goes
+    /// back to the shared list, where the VM's closing it is noticed and an idle timeout
+    /// applies.
+    pub fn release_upstream(&self) {
+        self.kept.release();
+    }
+
+    fn last(&self) -> MutexGuard<'_, Last> {
+        // Only ever replaced whole: a panic cannot leave it half written.
+        self.last.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the forwarding headers for a request to `host`.
+    fn set_forwarding(&self, headers: &mut HeaderMap, host: Option<&HeaderValue>) {
+        let mut last = self.last();
+        self.forwarding.set(headers, host, &mut last.forwarded);
+    }
+
+    /// `vm`'s `host:port` and its downloaded-bytes counter, formatted and looked up once per
+    /// VM a connection's requests go to.
+    fn vm(&self, vm: &Arc<Vm>, metrics: &Metrics) -> (Arc<str>, prometheus::IntCounter) {
+        let mut last = self.last();
+        if let Some(known) = &last.vm
+            && Arc::ptr_eq(&known.vm, vm)
+        {
+            return (known.authority.clone(), known.down.clone());
+        }
+        let spec = vm.spec();
+        let known = LastVm {
+            vm: vm.clone(),
+            authority: authority(&spec.host, spec.http_port).into(),
+            down: metrics.bytes_down(Protocol::Http, vm.name()),
+        };
+        let found = (known.authority.clone(), known.down.clone());
+        last.vm = Some(known);
+        found
+    }
+
+    /// Counts a request `vm` answered with `status` (`http_requests_total`), looking the
+    /// counter up only when the VM or status differs from the last request's.
+    fn count_request(&self, vm: &Arc<Vm>, status: StatusCode, metrics: &Metrics) {
+        let mut last = self.last();
+        match &last.requests {
+            Some((known, code, counter)) if Arc::ptr_eq(known, vm) && *code == status => {
+                counter.inc();
+            }
+            _ => {
+                let counter = metrics
+                    .http_requests_total
+                    .with_label_values(&[vm.name(), status.as_str()]);
+                counter.inc();
+                last.requests = Some((vm.clone(), status, counter));
+            }
+        }
+    }
+
+    /// The pin of cookie `value` at `now`: that of the connection's last cookie when it is the
+    /// same value, else `verify`'s (which becomes the last cookie).
+    pub(in crate::http) fn pin(
+        &self,
+        value: &str,
+        now: u64,
+        signer: &CookieSigner,
+    ) -> Option<Arc<Pin>> {
+        let mut last = self.last();
+        if let Some((known, pin)) = &last.cookie
+            && **known == *value
+        {
+            return signer.still_valid(pin, now).then(|| pin.clone());
+        }
+        let pin = Arc::new(signer.verify(value, now)?);
+        last.cookie = Some((value.into(), pin.clone()));
+        Some(pin)
+    }
 }
 
 /// The HTTP frontend: routes and forwards requests to pool VMs. Cheap to clone.
@@ -159,15 +285,19 @@ struct Outbound {
     client_upgrade: Option<OnUpgrade>,
     upgrade_proto: Option<HeaderValue>,
     /// The request's valid cookie, if any.
-    pin: Option<Pin>,
-    /// The VM the cookie's session was on.
-    previous_vm: Option<String>,
+    pin: Option<Arc<Pin>>,
     /// The session id a new cookie gets when the request had none.
     new_session: String,
+    /// Routing this request started the cookie's session on a VM (it moved there, its
+    /// tentative slot became a session, or it had expired).
+    session_started: bool,
     /// Unix time the cookie was checked at.
     now: u64,
     /// Request body bytes sent so far.
     up_bytes: Arc<AtomicU64>,
+    /// The request in flight on its client connection: ends with the response body (or with
+    /// the request when no VM answers).
+    active: Active,
 }
 
 impl Outbound {
@@ -196,10 +326,14 @@ impl Outbound {
     fn headers_for(&mut self, authority: &str) -> Option<HeaderMap> {
         let mut headers = match self.headers.take() {
             Some(headers) => {
-                self.spare = headers
-                    .iter()
-                    .map(|(name, value)| (name.clone(), value.clone()))
-                    .collect();
+                // Sized up front: the map's iterator cannot tell its length, and a growing
+                // list would be copied as it grows.
+                self.spare = Vec::with_capacity(headers.len());
+                self.spare.extend(
+                    headers
+                        .iter()
+                        .map(|(name, value)| (name.clone(), value.clone())),
+                );
                 headers
             }
             None => {
@@ -288,12 +422,40 @@ impl Frontend {
         self.inner.upstreams.close_idle();
     }
 
-    /// Handles one request from a client connection; never fails (errors become pages).
+    /// What a new client connection keeps between its requests.
+    pub fn client(&self, info: ConnInfo) -> Arc<ClientConn> {
+        Arc::new(ClientConn {
+            info,
+            forwarding: ConnForwarding::new(&Forwarding {
+                client: info.client,
+                https: info.https,
+                port: info.port,
+            }),
+            tracker: ConnTracker::new(),
+            kept: Arc::new(Kept::new(self.inner.upstreams.clone())),
+            last: Mutex::default(),
+        })
+    }
+
+    /// Handles one request as if it came alone on a client connection; never fails (errors
+    /// become pages).
     pub async fn handle<B>(&self, req: Request<B>, conn: ConnInfo) -> Response<Body>
     where
         B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
+        self.handle_on(req, &self.client(conn)).await
+    }
+
+    /// Handles one request from client connection `client`; never fails (errors become pages).
+    /// The request counts as in flight on `client` until its response body has been sent.
+    pub async fn handle_on<B>(&self, req: Request<B>, client: &Arc<ClientConn>) -> Response<Body>
+    where
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let active = client.tracker.begin();
+        let conn = client.info;
         let started = Instant::now();
         // What the access log needs, kept only when it is written. The URI is shared, not
         // copied.
@@ -302,14 +464,20 @@ impl Frontend {
             .access_log
             .is_some()
             .then(|| (req.method().clone(), req.uri().clone(), req.version()));
-        let (resp, vm) = self.proxy(req, conn).await;
+        let (resp, vm) = self.proxy(req, client, active).await;
         let status = resp.status();
         let vm_label = vm.as_ref().map_or("none", VmLabel::as_str);
-        self.inner
-            .metrics
-            .http_requests_total
-            .with_label_values(&[vm_label, status.as_str()])
-            .inc();
+        match &vm {
+            Some(VmLabel::Served(served)) => {
+                client.count_request(served, status, &self.inner.metrics);
+            }
+            _ => self
+                .inner
+                .metrics
+                .http_requests_total
+                .with_label_values(&[vm_label, status.as_str()])
+                .inc(),
+        }
         if let (Some(log), Some((method, uri, version))) = (&self.inner.access_log, access) {
             log.log(&Record {
                 method: &method,
@@ -363,14 +531,15 @@ impl Frontend {
         Ok(())
     }
 
-    /// The VM for one attempt. `new_session` is the session id the cookie of a browser without
-    /// a (valid) cookie will carry.
+    /// The VM for one attempt, and whether the cookie's session was on it already.
+    /// `new_session` is the session id the cookie of a browser without a (valid) cookie will
+    /// carry.
     fn route(
         &self,
         pin: Option<&Pin>,
         new_session: &str,
         tried: &[String],
-    ) -> Result<Arc<Vm>, NoVm> {
+    ) -> Result<HttpRouted, NoVm> {
         let req = PickRequest::new(Protocol::Http).excluding(tried);
         match pin {
             // A browser already pinned: keep it there (even while that VM drains), and count
@@ -378,11 +547,18 @@ impl Frontend {
             Some(p) => self
                 .inner
                 .pool
-                .http_route(&p.session, &req.pinned(&p.vm, true)),
+                .http_route_session(&p.session, &req.pinned(&p.vm, true)),
             // No (valid) cookie yet: the browser weighs on the VM as tentative load until its
             // cookie comes back (then it is a session) or `http.tentative_for` passes, so
             // browsers arriving together spread.
-            None => self.inner.pool.http_route_new(new_session, &req),
+            None => self
+                .inner
+                .pool
+                .http_route_new(new_session, &req)
+                .map(|vm| HttpRouted {
+                    vm,
+                    continued: false,
+                }),
         }
     }
 
@@ -396,7 +572,12 @@ impl Frontend {
     /// Forwards one request: prepare it once, then attempt VMs until one answers, the failure
     /// is final, or `max_attempts` VMs could not be reached. Returns the response and the VM
     /// that answered (or last failed).
-    async fn proxy<B>(&self, req: Request<B>, conn: ConnInfo) -> (Response<Body>, Option<VmLabel>)
+    async fn proxy<B>(
+        &self,
+        req: Request<B>,
+        client: &Arc<ClientConn>,
+        active: Active,
+    ) -> (Response<Body>, Option<VmLabel>)
     where
         B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
@@ -404,18 +585,20 @@ impl Frontend {
         if let Err(e) = self.check(&req) {
             return (e.response(req.headers()), None);
         }
-        let mut out = self.prepare(req, conn);
+        let conn = client.info;
+        let mut out = self.prepare(req, client, active);
         let mut tries = Tries::default();
         loop {
-            let vm = match self.route(out.pin.as_ref(), &out.new_session, &tries.tried) {
-                Ok(vm) => vm,
-                Err(no_vm) => return (self.no_vm(&out, no_vm, tries.last_failure), None),
-            };
+            let HttpRouted { vm, continued } =
+                match self.route(out.pin.as_deref(), &out.new_session, &tries.tried) {
+                    Ok(routed) => routed,
+                    Err(no_vm) => return (self.no_vm(&out, no_vm, tries.last_failure), None),
+                };
+            out.session_started |= !continued;
             let name = vm.name();
-            let spec = vm.spec();
-            let authority = authority(&spec.host, spec.http_port);
+            let (authority, down) = client.vm(&vm, &self.inner.metrics);
             let Some(headers) = out.headers_for(&authority) else {
-                self.forget_new(out.pin.as_ref(), &out.new_session);
+                self.forget_new(out.pin.as_deref(), &out.new_session);
                 return (bad_target(out.json()), None);
             };
             let failed = if out.is_upgrade && out.client_upgrade.is_some() {
@@ -423,16 +606,19 @@ impl Frontend {
                 // would size every request's future (allocated and copied per request) for it.
                 match Box::pin(self.attempt_upgrade(&mut out, name, &authority, headers)).await {
                     Ok((resp, started)) => {
-                        let resp = self.answered(out, resp, started, &vm, conn);
+                        let resp = self.answered(out, resp, started, &vm, conn, down);
                         return (resp, Some(VmLabel::Served(vm)));
                     }
                     Err(failed) => failed,
                 }
             } else {
                 // The VM's body as it is (not boxed): `answered` wraps it once.
-                match self.attempt_plain(&mut out, name, authority, headers).await {
+                match self
+                    .attempt_plain(&mut out, name, authority, Some(&client.kept), headers)
+                    .await
+                {
                     Ok((resp, started)) => {
-                        let resp = self.answered(out, resp, started, &vm, conn);
+                        let resp = self.answered(out, resp, started, &vm, conn, down);
                         return (resp, Some(VmLabel::Served(vm)));
                     }
                     Err(failed) => failed,
@@ -448,7 +634,7 @@ impl Frontend {
     /// Makes what every attempt of a checked request reuses: the headers as every VM sees them
     /// (hop-by-hop headers out, forwarding headers set, Host kept, cookie crumbs joined), the
     /// counted body, the cookie's pin.
-    fn prepare<B>(&self, mut req: Request<B>, conn: ConnInfo) -> Outbound
+    fn prepare<B>(&self, mut req: Request<B>, client: &ClientConn, active: Active) -> Outbound
     where
         B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
@@ -458,10 +644,7 @@ impl Frontend {
         let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
         let now = unix_now();
         let pin = find_cookie(req.headers(), &inner.settings.cookie_name)
-            .and_then(|v| inner.signer.verify(v, now));
-        let previous_vm = pin
-            .as_ref()
-            .and_then(|p| inner.pool.http_session_vm(&p.session));
+            .and_then(|v| client.pin(v, now, &inner.signer));
         let (mut parts, body) = req.into_parts();
         let up_bytes = Arc::new(AtomicU64::new(0));
         let body = Observed::counting(
@@ -485,12 +668,7 @@ impl Frontend {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut headers = std::mem::take(&mut parts.headers);
         strip_hop_by_hop(&mut headers);
-        let fwd = Forwarding {
-            client: conn.client,
-            https: conn.https,
-            port: conn.port,
-        };
-        set_forwarding(&mut headers, &fwd, host.as_ref());
+        client.set_forwarding(&mut headers, host.as_ref());
         if !headers.contains_key(header::HOST)
             && let Some(h) = host
         {
@@ -513,10 +691,11 @@ impl Frontend {
             client_upgrade,
             upgrade_proto,
             pin,
-            previous_vm,
             new_session,
+            session_started: false,
             now,
             up_bytes,
+            active,
         }
     }
 }

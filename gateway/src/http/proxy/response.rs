@@ -5,11 +5,21 @@ use super::*;
 /// The sticky cookie as the request brought it, for the response.
 pub(super) struct Sticky<'a> {
     /// The request's valid cookie, if any.
-    pin: Option<Pin>,
+    pin: Option<Arc<Pin>>,
     /// The session id a new cookie gets when the request had none.
     new_session: &'a str,
     /// Unix time the request's cookie was checked at.
     now: u64,
+}
+
+/// What the response's end settles: the bytes each way and the request in flight.
+pub(super) struct Counted {
+    /// Request body bytes sent.
+    pub(super) up_bytes: Arc<AtomicU64>,
+    /// The VM's `bytes_total{protocol="http",direction="down"}`.
+    pub(super) down: prometheus::IntCounter,
+    /// The request in flight on its client connection.
+    pub(super) active: Active,
 }
 
 pub(super) fn bad_target(json: bool) -> Response<Body> {
@@ -30,6 +40,7 @@ impl Frontend {
         started: Instant,
         vm: &Arc<Vm>,
         conn: ConnInfo,
+        down: prometheus::IntCounter,
     ) -> Response<Body>
     where
         B: HttpBody<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
@@ -39,7 +50,7 @@ impl Frontend {
             .connect_seconds
             .observe(started.elapsed().as_secs_f64());
         let name = vm.name();
-        if out.pin.is_some() && out.previous_vm.as_deref() != Some(name) {
+        if out.pin.is_some() && out.session_started {
             inner
                 .metrics
                 .session_started(Protocol::Http, name, outcome::OK, started.elapsed());
@@ -53,7 +64,11 @@ impl Frontend {
                 now: out.now,
             },
             conn,
-            out.up_bytes,
+            Counted {
+                up_bytes: out.up_bytes,
+                down,
+                active: out.active,
+            },
         )
     }
 
@@ -64,7 +79,7 @@ impl Frontend {
         vm: &Arc<Vm>,
         sticky: Sticky<'_>,
         conn: ConnInfo,
-        up_bytes: Arc<AtomicU64>,
+        counted: Counted,
     ) -> Response<Body>
     where
         B: HttpBody<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
@@ -104,13 +119,22 @@ impl Frontend {
         let metrics = inner.metrics.clone();
         let pool = inner.pool.clone();
         let vm = Arc::clone(vm);
-        let sid = pin.map(|p| p.session);
         let body = Observed::new(body, move |down| {
+            let Counted {
+                up_bytes,
+                down: down_total,
+                active,
+            } = counted;
             let up = up_bytes.load(Ordering::Relaxed);
-            metrics.bytes(Protocol::Http, vm.name(), up, down);
-            if let Some(sid) = sid {
-                pool.http_add_bytes(&sid, up, down);
+            // Downloads are counted on every response; uploads (a request body) rarely.
+            down_total.inc_by(down);
+            if up > 0 {
+                metrics.bytes(Protocol::Http, vm.name(), up, 0);
             }
+            if let Some(pin) = pin {
+                pool.http_add_bytes(&pin.session, up, down);
+            }
+            drop(active);
         })
         .boxed();
         Response::from_parts(parts, body)

@@ -5,9 +5,16 @@
 //! back through others, so each proxied request costs two task switches (often across worker
 //! threads) on top of the socket work. Here the request's own task polls the connection while
 //! it waits for the response head, and the response body polls it while the client's
-//! connection reads the body. When the body ends the connection goes back to an idle list per
-//! VM address; nothing polls it there, so a connection is checked when it is taken (a VM that
-//! closed it is noticed then) and idle ones are closed by [`Upstreams::close_idle`].
+//! connection reads the body.
+//!
+//! When the body ends the connection is kept by the client connection it served ([`Kept`]):
+//! a browser's sticky cookie sends its next request to the same VM, which then goes out on the
+//! same connection without touching the shared list (no lock, no lookup by address). The
+//! client connection gives it back to the shared idle list per VM address when it has been
+//! without a request for a while, when it closes, or when its next request goes to another VM.
+//! Nothing polls a connection while it is idle, so a connection is checked when it is taken (a
+//! VM that closed it is noticed then), and those in the shared list are closed by
+//! [`Upstreams::close_idle`] when the VM closed them or they outlived the idle timeout.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -61,6 +68,80 @@ struct Idle {
     since: Instant,
 }
 
+/// An idle connection kept by one client connection, and the VM address it goes to. No time
+/// is kept: a client connection without requests gives it back to the shared list within a
+/// few seconds ([`Kept::release`], at most 15), and the list times it from then.
+struct Parked {
+    authority: Arc<str>,
+    link: Box<Link>,
+}
+
+/// The VM connection one client connection keeps between its requests (see the module
+/// documentation). Dropped with the client connection, it gives the connection back to the
+/// shared list.
+pub(super) struct Kept {
+    upstreams: Arc<Upstreams>,
+    slot: Mutex<Option<Parked>>,
+}
+
+impl Kept {
+    pub(super) fn new(upstreams: Arc<Upstreams>) -> Self {
+        Self {
+            upstreams,
+            slot: Mutex::new(None),
+        }
+    }
+
+    /// The kept connection, if it goes to `authority`; a kept connection to another VM goes
+    /// back to the shared list.
+    fn take(&self, authority: &str) -> Option<Box<Link>> {
+        let Parked {
+            authority: to,
+            link,
+        } = self.slot().take()?;
+        if *to != *authority {
+            self.upstreams.park_shared(to, link);
+            return None;
+        }
+        Some(link)
+    }
+
+    /// Keeps `link` unless a connection is kept already; gives it back otherwise.
+    fn keep(&self, authority: Arc<str>, link: Box<Link>) -> Option<(Arc<str>, Box<Link>)> {
+        let mut slot = self.slot();
+        if slot.is_some() {
+            return Some((authority, link));
+        }
+        *slot = Some(Parked { authority, link });
+        None
+    }
+
+    /// Gives the kept connection, if any, back to the shared list: the client connection has
+    /// been idle a while, so the list's sweep ([`Upstreams::close_idle`]) looks after it.
+    pub(super) fn release(&self) {
+        if let Some(Parked { authority, link }) = self.slot().take() {
+            self.upstreams.park_shared(authority, link);
+        }
+    }
+
+    /// Whether a connection is kept.
+    #[cfg(test)]
+    pub(super) fn holds(&self) -> bool {
+        self.slot().is_some()
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Option<Parked>> {
+        // Only ever replaced whole: a panic cannot leave it half written.
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// Why a request got no response head from the VM.
 pub(super) enum SendError {
     /// No connection could be made (refused, unreachable, timed out); the request was not
@@ -74,7 +155,7 @@ pub(super) enum SendError {
 pub(super) struct Upstreams {
     /// One lock for all VMs: it is held only to push or pop (a connection in the list is not
     /// `Sync`, so a concurrent map could not hold it anyway).
-    idle: Mutex<HashMap<String, Vec<Idle>>>,
+    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
     builder: http1::Builder,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -97,17 +178,20 @@ impl Upstreams {
     }
 
     /// Sends `req` (origin-form target, `Host` set) to `authority` on an idle connection if one
-    /// is usable, else on a new one, and returns the response once its head has arrived. The
-    /// response body keeps the connection, and `authority` to hand it back under when it ends.
+    /// is usable (the one `kept` by the client connection first), else on a new one, and
+    /// returns the response once its head has arrived. The response body keeps the
+    /// connection, and where to hand it back when it ends: to `kept`, else to the shared list.
     pub(super) async fn send(
         self: &Arc<Self>,
-        authority: String,
+        authority: Arc<str>,
+        kept: Option<&Arc<Kept>>,
         mut req: Request<Handoff>,
     ) -> Result<Response<Driven>, SendError> {
         // The connection state is boxed: it moves from the idle list to the request and to the
         // response body, and inline it would make every request's future larger (hyper moves
         // that future around whole).
-        let (mut link, mut reused) = match self.checkout(&authority) {
+        let held = kept.and_then(|k| k.take(&authority)).and_then(usable);
+        let (mut link, mut reused) = match held.or_else(|| self.checkout(&authority)) {
             Some(link) => (link, true),
             None => (self.connect_boxed(&authority).await?, false),
         };
@@ -142,7 +226,11 @@ impl Upstreams {
         let mut body = Driven {
             incoming,
             link: Some(link),
-            home: Some((Arc::clone(self), authority)),
+            home: Some(Home {
+                upstreams: Arc::clone(self),
+                authority,
+                kept: kept.cloned(),
+            }),
         };
         if body.incoming.is_end_stream() {
             // No body to read (HEAD, 204, 304, `Content-Length: 0`): the server side may never
@@ -152,20 +240,16 @@ impl Upstreams {
         Ok(Response::from_parts(parts, body))
     }
 
-    /// The most recently used idle connection to `authority` that is still open and ready.
+    /// The most recently used idle connection to `authority` in the shared list that is still
+    /// open and ready.
     fn checkout(&self, authority: &str) -> Option<Box<Link>> {
-        // Polled without a waker: the request polls the connection again at once, with its own.
-        let mut cx = Context::from_waker(Waker::noop());
         loop {
-            let Idle { mut link, since } = self.idle().get_mut(authority)?.pop()?;
+            let Idle { link, since } = self.idle().get_mut(authority)?.pop()?;
             if since.elapsed() >= self.idle_timeout {
                 // The rest of the list is older still: left to `close_idle`.
                 return None;
             }
-            // One poll reads what the VM sent while the connection sat idle: an end of stream
-            // (it closed the connection) completes the connection future.
-            link.drive(&mut cx);
-            if !link.done() && link.sender.is_ready() {
+            if let Some(link) = usable(link) {
                 return Some(link);
             }
         }
@@ -191,19 +275,31 @@ impl Upstreams {
         }))
     }
 
-    fn check_in(&self, authority: String, mut link: Box<Link>) {
+    /// A response has been read to its end: its connection is kept by the client connection
+    /// when it has none, else it goes to the shared list.
+    fn check_in(&self, authority: Arc<str>, mut link: Box<Link>, kept: Option<&Kept>) {
         // Let the connection finish the exchange and ask for the next request.
         link.drive(&mut Context::from_waker(Waker::noop()));
         if link.done() || !link.sender.is_ready() {
             return;
         }
-        let mut idle = self.idle();
-        let list = idle.entry(authority).or_default();
+        let (authority, link) = match kept {
+            Some(kept) => match kept.keep(authority, link) {
+                Some(back) => back,
+                None => return,
+            },
+            None => (authority, link),
+        };
+        self.park_shared(authority, link);
+    }
+
+    /// Puts an idle connection on the shared list of its VM, unless the list is full.
+    fn park_shared(&self, authority: Arc<str>, link: Box<Link>) {
+        let since = Instant::now();
+        let mut lists = self.idle();
+        let list = lists.entry(authority).or_default();
         if list.len() < self.max_idle_per_vm {
-            list.push(Idle {
-                link,
-                since: Instant::now(),
-            });
+            list.push(Idle { link, since });
         }
     }
 
@@ -240,10 +336,18 @@ impl Upstreams {
         self.idle().values().map(Vec::len).sum()
     }
 
-    fn idle(&self) -> MutexGuard<'_, HashMap<String, Vec<Idle>>> {
+    fn idle(&self) -> MutexGuard<'_, HashMap<Arc<str>, Vec<Idle>>> {
         // A panic while holding the lock leaves a consistent map (plain pushes and pops).
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// `link` if it is still open and ready for a request. One poll (without a waker: the request
+/// polls the connection again at once, with its own) reads what the VM sent while the
+/// connection sat idle: an end of stream (the VM closed it) completes the connection future.
+fn usable(mut link: Box<Link>) -> Option<Box<Link>> {
+    link.drive(&mut Context::from_waker(Waker::noop()));
+    (!link.done() && link.sender.is_ready()).then_some(link)
 }
 
 /// A TCP connection to a VM's HTTP port (`NODELAY` set), for requests and for upgrades alike;
@@ -272,13 +376,22 @@ pub(super) async fn connect_tcp(authority: &str, timeout: Duration) -> Result<Tc
 pub struct Driven {
     incoming: Incoming,
     link: Option<Box<Link>>,
-    home: Option<(Arc<Upstreams>, String)>,
+    home: Option<Home>,
+}
+
+/// Where a connection goes back to when its response has been read.
+struct Home {
+    upstreams: Arc<Upstreams>,
+    authority: Arc<str>,
+    /// The client connection that keeps it, if any.
+    kept: Option<Arc<Kept>>,
 }
 
 impl Driven {
     fn check_in(&mut self) {
-        if let (Some(link), Some((upstreams, authority))) = (self.link.take(), self.home.take()) {
-            upstreams.check_in(authority, link);
+        if let (Some(link), Some(home)) = (self.link.take(), self.home.take()) {
+            home.upstreams
+                .check_in(home.authority, link, home.kept.as_deref());
         }
     }
 }

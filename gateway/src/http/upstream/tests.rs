@@ -117,7 +117,7 @@ fn upstreams(idle_timeout: Duration) -> Arc<Upstreams> {
 
 /// Sends `req` to `vm`; panics naming the error when no response head comes back.
 async fn open(up: &Arc<Upstreams>, vm: &Vm, req: Request<Handoff>) -> Response<Driven> {
-    match up.send(vm.authority.clone(), req).await {
+    match up.send(vm.authority.as_str().into(), None, req).await {
         Ok(r) => r,
         Err(SendError::Connect(e)) => panic!("connect: {e}"),
         Err(SendError::Http(e)) => panic!("http: {e}"),
@@ -249,7 +249,11 @@ async fn a_post_after_the_vm_closed_the_idle_connection_goes_out_on_a_new_one() 
         // is on it, the POST must not be lost, fail or hang.
         let sent = tokio::time::timeout(
             Duration::from_secs(10),
-            up.send(authority.clone(), request(Method::POST, "/", &authority)),
+            up.send(
+                authority.as_str().into(),
+                None,
+                request(Method::POST, "/", &authority),
+            ),
         )
         .await
         .unwrap_or_else(|_| panic!("round {round}: the POST hung"));
@@ -351,7 +355,11 @@ async fn a_refused_connection_is_a_connect_error() {
     let mut tries = 0;
     loop {
         match up
-            .send(authority.clone(), request(Method::GET, "/", &authority))
+            .send(
+                authority.as_str().into(),
+                None,
+                request(Method::GET, "/", &authority),
+            )
             .await
         {
             Err(SendError::Connect(detail)) => {
@@ -377,4 +385,90 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     assert_eq!(up.idle_count(), 0);
     assert_eq!(fetch(&up, &vm, "/").await, (StatusCode::OK, 2));
     assert_eq!(vm.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// Sends a GET of `path` to `vm` for the client connection that `kept` belongs to and reads
+/// the whole response.
+async fn fetch_kept(
+    up: &Arc<Upstreams>,
+    kept: &Arc<Kept>,
+    vm: &Vm,
+    path: &'static str,
+) -> (StatusCode, usize) {
+    let req = request(Method::GET, path, &vm.authority);
+    let resp = match up.send(vm.authority.as_str().into(), Some(kept), req).await {
+        Ok(r) => r,
+        Err(SendError::Connect(e)) => panic!("connect: {e}"),
+        Err(SendError::Http(e)) => panic!("http: {e}"),
+    };
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, body.len())
+}
+
+#[tokio::test]
+async fn a_client_connection_keeps_its_vm_connection_and_gives_it_back_when_it_closes() {
+    let vm = vm().await;
+    let up = upstreams(Duration::from_secs(30));
+    let kept = Arc::new(Kept::new(up.clone()));
+    for round in 0..5 {
+        assert_eq!(fetch_kept(&up, &kept, &vm, "/").await, (StatusCode::OK, 2));
+        assert!(kept.holds(), "round {round}: kept by the client connection");
+        assert_eq!(up.idle_count(), 0, "round {round}: not in the shared list");
+    }
+    assert_eq!(
+        vm.accepted.load(Ordering::SeqCst),
+        1,
+        "one connection for all"
+    );
+    drop(kept);
+    assert_eq!(up.idle_count(), 1, "back in the shared list");
+    // Another client connection takes it from there.
+    let other = Arc::new(Kept::new(up.clone()));
+    assert_eq!(fetch_kept(&up, &other, &vm, "/").await, (StatusCode::OK, 2));
+    assert_eq!(vm.accepted.load(Ordering::SeqCst), 1);
+    assert!(other.holds());
+}
+
+#[tokio::test]
+async fn a_kept_connection_goes_back_when_the_next_request_goes_to_another_vm_or_on_release() {
+    let (a, b) = (vm().await, vm().await);
+    let up = upstreams(Duration::from_secs(30));
+    let kept = Arc::new(Kept::new(up.clone()));
+    assert_eq!(fetch_kept(&up, &kept, &a, "/").await, (StatusCode::OK, 2));
+    assert_eq!(fetch_kept(&up, &kept, &b, "/").await, (StatusCode::OK, 2));
+    assert_eq!(
+        up.idle_count(),
+        1,
+        "the connection to A went to the shared list"
+    );
+    assert!(kept.holds(), "the one to B is kept");
+    assert_eq!(fetch_kept(&up, &kept, &a, "/").await, (StatusCode::OK, 2));
+    assert_eq!(
+        a.accepted.load(Ordering::SeqCst),
+        1,
+        "A's connection reused"
+    );
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+    kept.release();
+    assert!(!kept.holds());
+    assert_eq!(up.idle_count(), 2, "both in the shared list");
+}
+
+#[tokio::test]
+async fn a_kept_connection_the_vm_closed_is_not_used_again() {
+    let ClosingVm {
+        vm,
+        close,
+        mut closed,
+    } = closing_vm().await;
+    let up = upstreams(Duration::from_secs(30));
+    let kept = Arc::new(Kept::new(up.clone()));
+    for round in 0..3 {
+        assert_eq!(fetch_kept(&up, &kept, &vm, "/").await, (StatusCode::OK, 2));
+        assert!(kept.holds(), "round {round}");
+        close.send(()).expect("the VM runs");
+        closed.recv().await.expect("the VM reports its close");
+    }
+    assert_eq!(vm.accepted.load(Ordering::SeqCst), 3);
 }
