@@ -265,8 +265,6 @@ pub(super) async fn serve_connection<I>(
     let client = frontend.client(info);
     let svc_client = client.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
-        let frontend = frontend.clone();
-        let client = svc_client.clone();
         let answer = match plain
             .challenges
             .as_deref()
@@ -275,15 +273,19 @@ pub(super) async fn serve_connection<I>(
             Some(resp) => Some(resp),
             None => plain.redirect_to.map(|port| redirect_to_https(&req, port)),
         };
+        // Checked and prepared now: the future holds what the attempts need, not the request.
+        // Boxed: hyper keeps the service's future (the block below) in a slot per connection
+        // sized for it, and a pointer is cheaper to hold (and to move there) than the state.
+        // It counts the request as in flight itself, until the body is sent.
+        let handled = match answer {
+            Some(resp) => Err(svc_client.tracker().begin().attach(resp)),
+            None => Ok(Box::pin(frontend.handle_on(req, &svc_client))),
+        };
         async move {
-            let resp = match answer {
-                Some(resp) => client.tracker().begin().attach(resp),
-                // Boxed: the handler's future is a few KiB, and hyper moves the service's
-                // future (this block) by value; a pointer is cheaper to move than the state.
-                // It counts the request as in flight itself, until the body is sent.
-                None => Box::pin(frontend.handle_on(req, &client)).await,
-            };
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(match handled {
+                Ok(handling) => handling.await,
+                Err(resp) => resp,
+            })
         }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);

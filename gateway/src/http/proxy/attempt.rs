@@ -2,6 +2,9 @@
 //! send again once after a broken keep-alive connection, another VM when this one cannot be
 //! reached and the request can be replayed, else the final error page.
 
+use tokio::time::error::Elapsed;
+
+use super::super::body::Slot;
 use super::*;
 
 /// Methods a proxy may send again after the connection broke without an answer (idempotent,
@@ -89,8 +92,7 @@ pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Frontend {
-    /// One attempt of a plain request: the body goes to the VM through a [`Handoff`], so it
-    /// comes back for another VM when this one never read it.
+    /// One attempt of a plain request: [`Self::send_plain`], then [`Self::plain_outcome`].
     pub(super) async fn attempt_plain(
         &self,
         out: &mut Outbound,
@@ -99,6 +101,27 @@ impl Frontend {
         kept: Option<&Arc<Kept>>,
         headers: HeaderMap,
     ) -> Result<(Response<Driven>, Instant), Attempt> {
+        let (slot, sending) = self.send_plain(out, authority, kept, headers);
+        let started = Instant::now();
+        let sent = sending.await;
+        self.plain_outcome(out, name, &slot, sent)
+            .map(|resp| (resp, started))
+    }
+
+    /// Puts a plain request on its way to the VM at `authority` (on the connection `kept` by
+    /// the client connection, when it goes there): the returned future ends with the response
+    /// head, or when `response_header_timeout` passes. The body goes to the VM through a
+    /// [`Handoff`], so it comes back (from the slot) for another VM when this one never read it.
+    pub(super) fn send_plain(
+        &self,
+        out: &mut Outbound,
+        authority: Arc<str>,
+        kept: Option<&Arc<Kept>>,
+        headers: HeaderMap,
+    ) -> (
+        Slot,
+        impl Future<Output = Result<Result<Response<Driven>, SendError>, Elapsed>> + Send + use<>,
+    ) {
         let inner = &self.inner;
         let (slot, handoff) = Handoff::new(out.body.take().unwrap_or_else(empty));
         let mut up = Request::new(handoff);
@@ -106,16 +129,26 @@ impl Frontend {
         *up.uri_mut() = Uri::from(out.target.clone());
         *up.headers_mut() = headers;
         *up.version_mut() = Version::HTTP_11;
-        let started = Instant::now();
-        match tokio::time::timeout(
-            inner.settings.response_header_timeout,
-            inner.upstreams.send(authority, kept, up),
+        let sending = inner.upstreams.send(authority, kept, up);
+        (
+            slot,
+            tokio::time::timeout(inner.settings.response_header_timeout, sending),
         )
-        .await
-        {
-            Ok(Ok(resp)) => Ok((resp, started)),
+    }
+
+    /// What an attempt's send came to: the response, or why there is none.
+    pub(super) fn plain_outcome(
+        &self,
+        out: &Outbound,
+        name: &str,
+        slot: &Slot,
+        sent: Result<Result<Response<Driven>, SendError>, Elapsed>,
+    ) -> Result<Response<Driven>, Attempt> {
+        let inner = &self.inner;
+        match sent {
+            Ok(Ok(resp)) => Ok(resp),
             Ok(Err(SendError::Connect(detail))) => {
-                Err(Attempt::Unreachable(detail, Handoff::take_back(&slot)))
+                Err(Attempt::Unreachable(detail, Handoff::take_back(slot)))
             }
             Ok(Err(SendError::Http(e))) if client_body_error(&e).is_some() => {
                 Err(Attempt::Client(GatewayError::Refused {
@@ -125,7 +158,7 @@ impl Frontend {
                         .unwrap_or_default(),
                 }))
             }
-            Ok(Err(SendError::Http(e))) => match Handoff::take_back(&slot) {
+            Ok(Err(SendError::Http(e))) => match Handoff::take_back(slot) {
                 Some(back) if resend_safe(&out.method) => {
                     Err(Attempt::Broken(error_chain(&e), Some(back)))
                 }

@@ -2,6 +2,7 @@
 //! streamed bodies (or relay an upgrade), retry another VM when one cannot be reached, set or
 //! rewrite the cookie, count and log.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -284,6 +285,8 @@ struct Outbound {
     /// The client's side of the upgrade, while no VM has taken it.
     client_upgrade: Option<OnUpgrade>,
     upgrade_proto: Option<HeaderValue>,
+    /// The headers carry a `Host` (the request's, or for HTTP/2 its target's authority).
+    has_host: bool,
     /// The request's valid cookie, if any.
     pin: Option<Arc<Pin>>,
     /// The session id a new cookie gets when the request had none.
@@ -344,7 +347,7 @@ impl Outbound {
                 headers
             }
         };
-        if !headers.contains_key(header::HOST) {
+        if !self.has_host {
             headers.insert(header::HOST, HeaderValue::from_str(authority).ok()?);
         }
         Some(headers)
@@ -449,13 +452,21 @@ impl Frontend {
 
     /// Handles one request from client connection `client`; never fails (errors become pages).
     /// The request counts as in flight on `client` until its response body has been sent.
-    pub async fn handle_on<B>(&self, req: Request<B>, client: &Arc<ClientConn>) -> Response<Body>
+    ///
+    /// The request is checked and prepared before the returned future starts: it holds what
+    /// the attempts need, not the request, and nests one future (the attempts') rather than
+    /// one per step. Every request's future is allocated, and copied whole at each level it
+    /// is nested in, so its size is paid per request.
+    pub fn handle_on<B>(
+        &self,
+        req: Request<B>,
+        client: &Arc<ClientConn>,
+    ) -> impl Future<Output = Response<Body>> + Send + use<B>
     where
         B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         let active = client.tracker.begin();
-        let conn = client.info;
         let started = Instant::now();
         // What the access log needs, kept only when it is written. The URI is shared, not
         // copied.
@@ -464,10 +475,33 @@ impl Frontend {
             .access_log
             .is_some()
             .then(|| (req.method().clone(), req.uri().clone(), req.version()));
-        let (resp, vm) = self.proxy(req, client, active).await;
+        let prepared = match self.check(&req) {
+            Ok(()) => Ok(self.prepare(req, client, active)),
+            Err(e) => Err(e.response(req.headers())),
+        };
+        let (this, client) = (self.clone(), client.clone());
+        async move {
+            let (resp, vm) = match prepared {
+                Ok(out) => this.proxy(out, &client).await,
+                Err(resp) => (resp, None),
+            };
+            this.done(&client, &resp, vm.as_ref(), started, access);
+            resp
+        }
+    }
+
+    /// Counts and logs an answered request.
+    fn done(
+        &self,
+        client: &ClientConn,
+        resp: &Response<Body>,
+        vm: Option<&VmLabel>,
+        started: Instant,
+        access: Option<(Method, Uri, Version)>,
+    ) {
         let status = resp.status();
-        let vm_label = vm.as_ref().map_or("none", VmLabel::as_str);
-        match &vm {
+        let vm_label = vm.map_or("none", VmLabel::as_str);
+        match vm {
             Some(VmLabel::Served(served)) => {
                 client.count_request(served, status, &self.inner.metrics);
             }
@@ -485,11 +519,10 @@ impl Frontend {
                 status: status.as_u16(),
                 vm: vm_label,
                 elapsed: started.elapsed(),
-                client: conn.client,
+                client: client.info.client,
                 version,
             });
         }
-        resp
     }
 
     /// Refuses what must never be forwarded.
@@ -569,64 +602,65 @@ impl Frontend {
         }
     }
 
-    /// Forwards one request: prepare it once, then attempt VMs until one answers, the failure
-    /// is final, or `max_attempts` VMs could not be reached. Returns the response and the VM
-    /// that answered (or last failed).
-    async fn proxy<B>(
+    /// Forwards a prepared request: attempt VMs until one answers, the failure is final, or
+    /// `max_attempts` VMs could not be reached. Returns the response and the VM that answered
+    /// (or last failed).
+    fn proxy(
         &self,
-        req: Request<B>,
+        mut out: Outbound,
         client: &Arc<ClientConn>,
-        active: Active,
-    ) -> (Response<Body>, Option<VmLabel>)
-    where
-        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: Into<BoxError>,
-    {
-        if let Err(e) = self.check(&req) {
-            return (e.response(req.headers()), None);
-        }
-        let conn = client.info;
-        let mut out = self.prepare(req, client, active);
-        let mut tries = Tries::default();
-        loop {
-            let HttpRouted { vm, continued } =
-                match self.route(out.pin.as_deref(), &out.new_session, &tries.tried) {
-                    Ok(routed) => routed,
-                    Err(no_vm) => return (self.no_vm(&out, no_vm, tries.last_failure), None),
+    ) -> impl Future<Output = (Response<Body>, Option<VmLabel>)> + Send + use<> {
+        let (this, client) = (self.clone(), client.clone());
+        async move {
+            let conn = client.info;
+            let mut tries = Tries::default();
+            loop {
+                let HttpRouted { vm, continued } =
+                    match this.route(out.pin.as_deref(), &out.new_session, &tries.tried) {
+                        Ok(routed) => routed,
+                        Err(no_vm) => {
+                            return (this.no_vm(&out, no_vm, tries.last_failure), None);
+                        }
+                    };
+                out.session_started |= !continued;
+                let name = vm.name();
+                let (authority, down) = client.vm(&vm, &this.inner.metrics);
+                let Some(headers) = out.headers_for(&authority) else {
+                    this.forget_new(out.pin.as_deref(), &out.new_session);
+                    return (bad_target(out.json()), None);
                 };
-            out.session_started |= !continued;
-            let name = vm.name();
-            let (authority, down) = client.vm(&vm, &self.inner.metrics);
-            let Some(headers) = out.headers_for(&authority) else {
-                self.forget_new(out.pin.as_deref(), &out.new_session);
-                return (bad_target(out.json()), None);
-            };
-            let failed = if out.is_upgrade && out.client_upgrade.is_some() {
-                // Boxed: an upgrade's attempt is larger than a plain one's and rare; inline it
-                // would size every request's future (allocated and copied per request) for it.
-                match Box::pin(self.attempt_upgrade(&mut out, name, &authority, headers)).await {
-                    Ok((resp, started)) => {
-                        let resp = self.answered(out, resp, started, &vm, conn, down);
-                        return (resp, Some(VmLabel::Served(vm)));
+                let failed = if out.is_upgrade && out.client_upgrade.is_some() {
+                    // Boxed: an upgrade's attempt is larger than a plain one's and rare; inline
+                    // it would size every request's future (allocated and copied per request)
+                    // for it.
+                    match Box::pin(this.attempt_upgrade(&mut out, name, &authority, headers)).await
+                    {
+                        Ok((resp, started)) => {
+                            let resp = this.answered(out, resp, started, &vm, conn, down);
+                            return (resp, Some(VmLabel::Served(vm)));
+                        }
+                        Err(failed) => failed,
                     }
-                    Err(failed) => failed,
-                }
-            } else {
-                // The VM's body as it is (not boxed): `answered` wraps it once.
-                match self
-                    .attempt_plain(&mut out, name, authority, Some(&client.kept), headers)
-                    .await
+                } else {
+                    // `attempt_plain`'s steps, here rather than nested in a future of its own.
+                    // The VM's body as it is (not boxed): `answered` wraps it once.
+                    let (slot, sending) =
+                        this.send_plain(&mut out, authority, Some(&client.kept), headers);
+                    let started = Instant::now();
+                    let sent = sending.await;
+                    match this.plain_outcome(&out, name, &slot, sent) {
+                        Ok(resp) => {
+                            let resp = this.answered(out, resp, started, &vm, conn, down);
+                            return (resp, Some(VmLabel::Served(vm)));
+                        }
+                        Err(failed) => failed,
+                    }
+                };
+                if let Some((resp, label)) =
+                    this.failed(&mut out, &mut tries, name.to_owned(), failed)
                 {
-                    Ok((resp, started)) => {
-                        let resp = self.answered(out, resp, started, &vm, conn, down);
-                        return (resp, Some(VmLabel::Served(vm)));
-                    }
-                    Err(failed) => failed,
+                    return (resp, label.map(VmLabel::Failed));
                 }
-            };
-            if let Some((resp, label)) = self.failed(&mut out, &mut tries, name.to_owned(), failed)
-            {
-                return (resp, label.map(VmLabel::Failed));
             }
         }
     }
@@ -652,14 +686,19 @@ impl Frontend {
             up_bytes.clone(),
         )
         .boxed();
-        let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
+        let upgrade_proto = is_upgrade
+            .then(|| parts.headers.get(header::UPGRADE).cloned())
+            .flatten();
         // The request's host: its Host header, or (HTTP/2) the target's authority.
-        let host = match parts.headers.get(header::HOST) {
-            Some(h) => Some(h.clone()),
-            None => parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        let (host, host_header) = match parts.headers.get(header::HOST) {
+            Some(h) => (Some(h.clone()), true),
+            None => (
+                parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+                false,
+            ),
         };
         let target = parts
             .uri
@@ -669,12 +708,13 @@ impl Frontend {
         let mut headers = std::mem::take(&mut parts.headers);
         strip_hop_by_hop(&mut headers);
         client.set_forwarding(&mut headers, host.as_ref());
-        if !headers.contains_key(header::HOST)
-            && let Some(h) = host
-        {
+        let has_host = host.is_some();
+        if !host_header && let Some(h) = host {
             headers.insert(header::HOST, h);
         }
-        join_cookie_crumbs(&mut headers);
+        if parts.version == Version::HTTP_2 {
+            join_cookie_crumbs(&mut headers);
+        }
         // The session id a browser without a (valid) cookie gets in its new cookie.
         let new_session = if pin.is_none() {
             CookieSigner::new_session_id()
@@ -690,6 +730,7 @@ impl Frontend {
             is_upgrade,
             client_upgrade,
             upgrade_proto,
+            has_host,
             pin,
             new_session,
             session_started: false,
@@ -701,6 +742,7 @@ impl Frontend {
 }
 
 /// HTTP/2 clients may split `Cookie` into several fields; HTTP/1.1 wants one (RFC 9113 §8.2.3).
+/// (An HTTP/1.1 user agent sends one: RFC 6265 §5.4.)
 fn join_cookie_crumbs(headers: &mut hyper::HeaderMap) {
     let crumbs = headers.get_all(header::COOKIE);
     // The usual case, one field or none, costs a lookup and no allocation.

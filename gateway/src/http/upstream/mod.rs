@@ -181,63 +181,73 @@ impl Upstreams {
     /// is usable (the one `kept` by the client connection first), else on a new one, and
     /// returns the response once its head has arrived. The response body keeps the
     /// connection, and where to hand it back when it ends: to `kept`, else to the shared list.
-    pub(super) async fn send(
+    pub(super) fn send(
         self: &Arc<Self>,
         authority: Arc<str>,
         kept: Option<&Arc<Kept>>,
         mut req: Request<Handoff>,
-    ) -> Result<Response<Driven>, SendError> {
+    ) -> impl Future<Output = Result<Response<Driven>, SendError>> + Send + use<> {
         // The connection state is boxed: it moves from the idle list to the request and to the
         // response body, and inline it would make every request's future larger (hyper moves
-        // that future around whole).
-        let held = kept.and_then(|k| k.take(&authority)).and_then(usable);
-        let (mut link, mut reused) = match held.or_else(|| self.checkout(&authority)) {
-            Some(link) => (link, true),
-            None => (self.connect_boxed(&authority).await?, false),
-        };
-        let head = loop {
-            let mut response = std::pin::pin!(link.sender.try_send_request(req));
-            let sent = std::future::poll_fn(|cx| {
-                link.drive(cx);
-                response.as_mut().poll(cx)
-            })
-            .await;
-            match sent {
-                Ok(head) => break head,
-                // A kept-alive connection failed before the request was written (the VM closed
-                // it while it sat idle): nothing reached the VM, so any request, POST included,
-                // goes out again on a new connection, once.
-                Err(mut e) if reused => match e.take_message() {
-                    Some(unsent) => {
-                        tracing::debug!(
-                            "kept-alive connection to {authority} closed before the request was written ({}); reconnecting",
-                            e.error()
-                        );
-                        req = unsent;
-                        link = self.connect_boxed(&authority).await?;
-                        reused = false;
-                    }
-                    None => return Err(SendError::Http(e.into_error())),
-                },
-                Err(e) => return Err(SendError::Http(e.into_error())),
+        // that future around whole). It is taken here, before the future starts, and the
+        // future holds the request once: every request's future is allocated and copied
+        // whole, so its size is paid per request.
+        let held = kept
+            .and_then(|k| k.take(&authority))
+            .and_then(usable)
+            .or_else(|| self.checkout(&authority));
+        let (this, kept) = (Arc::clone(self), kept.cloned());
+        async move {
+            let (mut link, mut reused) = match held {
+                Some(link) => (link, true),
+                None => (this.connect_boxed(&authority).await?, false),
+            };
+            let head = loop {
+                let sent = {
+                    let mut response = std::pin::pin!(link.sender.try_send_request(req));
+                    std::future::poll_fn(|cx| {
+                        link.drive(cx);
+                        response.as_mut().poll(cx)
+                    })
+                    .await
+                };
+                match sent {
+                    Ok(head) => break head,
+                    // A kept-alive connection failed before the request was written (the VM
+                    // closed it while it sat idle): nothing reached the VM, so any request,
+                    // POST included, goes out again on a new connection, once.
+                    Err(mut e) if reused => match e.take_message() {
+                        Some(unsent) => {
+                            tracing::debug!(
+                                "kept-alive connection to {authority} closed before the request was written ({}); reconnecting",
+                                e.error()
+                            );
+                            req = unsent;
+                            link = this.connect_boxed(&authority).await?;
+                            reused = false;
+                        }
+                        None => return Err(SendError::Http(e.into_error())),
+                    },
+                    Err(e) => return Err(SendError::Http(e.into_error())),
+                }
+            };
+            let (parts, incoming) = head.into_parts();
+            let mut body = Driven {
+                incoming,
+                link: Some(link),
+                home: Some(Home {
+                    upstreams: this,
+                    authority,
+                    kept,
+                }),
+            };
+            if body.incoming.is_end_stream() {
+                // No body to read (HEAD, 204, 304, `Content-Length: 0`): the server side may
+                // never poll it, so the connection goes back now.
+                body.check_in();
             }
-        };
-        let (parts, incoming) = head.into_parts();
-        let mut body = Driven {
-            incoming,
-            link: Some(link),
-            home: Some(Home {
-                upstreams: Arc::clone(self),
-                authority,
-                kept: kept.cloned(),
-            }),
-        };
-        if body.incoming.is_end_stream() {
-            // No body to read (HEAD, 204, 304, `Content-Length: 0`): the server side may never
-            // poll it, so the connection goes back now.
-            body.check_in();
+            Ok(Response::from_parts(parts, body))
         }
-        Ok(Response::from_parts(parts, body))
     }
 
     /// The most recently used idle connection to `authority` in the shared list that is still
