@@ -338,7 +338,7 @@ enum Stop {
 /// Watches one client connection: closes it when its first request's headers do not come
 /// within [`FIRST_REQUEST_WITHIN`] (or `idle_timeout`, when shorter), finishes it when it has
 /// been idle for `idle_timeout` or the gateway shuts down, and gives its VM connection back to
-/// the shared list when it has been idle for a while. Tells the connection's task through
+/// the shared list when it has gone unused for a tick. Tells the connection's task through
 /// `stop`, and ends when that task does.
 async fn watchdog(
     client: Arc<ClientConn>,
@@ -362,15 +362,12 @@ async fn watchdog(
                 started = true;
             }
             _ = tick.tick() => {
-                let idle = tracker.idle_for();
-                if idle.is_some_and(|d| d >= idle_timeout) {
+                if tracker.idle_for().is_some_and(|d| d >= idle_timeout) {
                     break Stop::Finish;
                 }
-                if idle.is_some_and(|d| d >= check_every) {
-                    // No request for a while: the VM connection goes back to the shared list,
-                    // which notices the VM closing it and closes it when unused too long.
-                    client.release_upstream();
-                }
+                // A VM connection unused since the last tick goes back to the shared list,
+                // which notices the VM closing it and closes it when unused too long.
+                client.age_upstream();
             }
             r = shutdown.changed() => {
                 if r.is_err() || *shutdown.borrow() {

@@ -337,6 +337,23 @@ async fn requests_on_one_client_connection_keep_their_cookie_vm_and_forwarding()
 }
 
 #[tokio::test]
+async fn host_survives_a_connection_header_naming_it_and_split_cookies_are_joined() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let req = Request::builder()
+        .uri("/api")
+        .header(header::HOST, "hub.example:8443")
+        .header(header::CONNECTION, "keep-alive, host")
+        .header(header::COOKIE, "_xsrf=tok")
+        .header(header::COOKIE, "other=1")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let r = send(&f, req).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("host"), "hub.example:8443");
+    assert_eq!(r.header("cookie"), "_xsrf=tok; other=1");
+}
+
+#[tokio::test]
 async fn headers_are_forwarded_as_jupyter_needs_them() {
     let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
     let req = Request::builder()

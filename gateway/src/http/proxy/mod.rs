@@ -20,6 +20,7 @@ use hyper::http::uri::PathAndQuery;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use router_core::{HttpRouted, NoVm, PickRequest, Pool, Protocol, Vm};
+use subtle::ConstantTimeEq;
 
 use super::access_log::{AccessLog, Record};
 use super::body::{Active, ConnTracker, Handoff, Observed};
@@ -67,9 +68,10 @@ pub struct ConnInfo {
 }
 
 /// What one client connection keeps between its requests. A browser's requests on one
-/// connection carry the same cookie and go to the same VM, so the cookie verified for the last
-/// request, the VM address it went to and the VM connection it came back on are reused rather
-/// than checked, formatted and looked up again. Made by [`Frontend::client`], one per client
+/// connection usually carry the same cookie and go to the same VM, so the cookie verified for
+/// the last request, the VM address it went to and the VM connection it came back on are
+/// reused rather than checked, formatted and looked up again (a request that differs is simply
+/// handled in full). Made by [`Frontend::client`], one per client
 /// connection; dropped with it, it gives its VM connection back to the shared list.
 pub struct ClientConn {
     info: ConnInfo,
@@ -93,9 +95,9 @@ struct LastVm {
 #[derive(Default)]
 struct Last {
     /// The cookie value as the client sent it, and what it verified to. A value equal to it
-    /// byte for byte verifies to the same pin (only its age is checked again). Compared
-    /// without constant time: the value is one this client sent, so a comparison's timing
-    /// tells it nothing it does not know.
+    /// byte for byte verifies to the same pin (only its age is checked again). Compared in
+    /// constant time: behind a proxy that puts several browsers' requests on one connection,
+    /// the value remembered may be another browser's.
     cookie: Option<(Box<str>, Arc<Pin>)>,
     /// The last VM requests went to.
     vm: Option<LastVm>,
@@ -116,11 +118,11 @@ impl ClientConn {
         &self.tracker
     }
 
-    /// The client connection has been without a request for a while: its VM connection goes
-    /// back to the shared list, where the VM's closing it is noticed and an idle timeout
-    /// applies.
-    pub fn release_upstream(&self) {
-        self.kept.release();
+    /// Called every few seconds: its VM connection goes back to the shared list when it has
+    /// not been used since the last call (there the VM's closing it is noticed and an idle
+    /// timeout applies).
+    pub fn age_upstream(&self) {
+        self.kept.age();
     }
 
     fn last(&self) -> MutexGuard<'_, Last> {
@@ -182,7 +184,7 @@ impl ClientConn {
     ) -> Option<Arc<Pin>> {
         let mut last = self.last();
         if let Some((known, pin)) = &last.cookie
-            && **known == *value
+            && bool::from(known.as_bytes().ct_eq(value.as_bytes()))
         {
             return signer.still_valid(pin, now).then(|| pin.clone());
         }
@@ -477,7 +479,7 @@ impl Frontend {
             .then(|| (req.method().clone(), req.uri().clone(), req.version()));
         let prepared = match self.check(&req) {
             Ok(()) => Ok(self.prepare(req, client, active)),
-            Err(e) => Err(e.response(req.headers())),
+            Err(e) => Err(active.attach(e.response(req.headers()))),
         };
         let (this, client) = (self.clone(), client.clone());
         async move {
@@ -619,7 +621,8 @@ impl Frontend {
                     match this.route(out.pin.as_deref(), &out.new_session, &tries.tried) {
                         Ok(routed) => routed,
                         Err(no_vm) => {
-                            return (this.no_vm(&out, no_vm, tries.last_failure), None);
+                            let resp = this.no_vm(&out, no_vm, tries.last_failure);
+                            return (out.active.attach(resp), None);
                         }
                     };
                 out.session_started |= !continued;
@@ -627,7 +630,8 @@ impl Frontend {
                 let (authority, down) = client.vm(&vm, &this.inner.metrics);
                 let Some(headers) = out.headers_for(&authority) else {
                     this.forget_new(out.pin.as_deref(), &out.new_session);
-                    return (bad_target(out.json()), None);
+                    let resp = bad_target(out.json());
+                    return (out.active.attach(resp), None);
                 };
                 let failed = if out.is_upgrade && out.client_upgrade.is_some() {
                     // Boxed: an upgrade's attempt is larger than a plain one's and rare; inline
@@ -659,7 +663,7 @@ impl Frontend {
                 if let Some((resp, label)) =
                     this.failed(&mut out, &mut tries, name.to_owned(), failed)
                 {
-                    return (resp, label.map(VmLabel::Failed));
+                    return (out.active.attach(resp), label.map(VmLabel::Failed));
                 }
             }
         }
@@ -690,15 +694,12 @@ impl Frontend {
             .then(|| parts.headers.get(header::UPGRADE).cloned())
             .flatten();
         // The request's host: its Host header, or (HTTP/2) the target's authority.
-        let (host, host_header) = match parts.headers.get(header::HOST) {
-            Some(h) => (Some(h.clone()), true),
-            None => (
-                parts
-                    .uri
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-                false,
-            ),
+        let host = match parts.headers.get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
         let target = parts
             .uri
@@ -708,13 +709,16 @@ impl Frontend {
         let mut headers = std::mem::take(&mut parts.headers);
         strip_hop_by_hop(&mut headers);
         client.set_forwarding(&mut headers, host.as_ref());
-        let has_host = host.is_some();
-        if !host_header && let Some(h) = host {
-            headers.insert(header::HOST, h);
-        }
-        if parts.version == Version::HTTP_2 {
-            join_cookie_crumbs(&mut headers);
-        }
+        // Looked up after the hop-by-hop headers are out: `Connection: host` removes it.
+        let has_host = match host {
+            _ if headers.contains_key(header::HOST) => true,
+            Some(h) => {
+                headers.insert(header::HOST, h);
+                true
+            }
+            None => false,
+        };
+        join_cookie_crumbs(&mut headers);
         // The session id a browser without a (valid) cookie gets in its new cookie.
         let new_session = if pin.is_none() {
             CookieSigner::new_session_id()
@@ -742,7 +746,8 @@ impl Frontend {
 }
 
 /// HTTP/2 clients may split `Cookie` into several fields; HTTP/1.1 wants one (RFC 9113 §8.2.3).
-/// (An HTTP/1.1 user agent sends one: RFC 6265 §5.4.)
+/// A proxy in front that turns HTTP/2 into HTTP/1.1 may pass them on split, and Tornado
+/// (Jupyter) would join repeated fields with commas, losing cookies.
 fn join_cookie_crumbs(headers: &mut hyper::HeaderMap) {
     let crumbs = headers.get_all(header::COOKIE);
     // The usual case, one field or none, costs a lookup and no allocation.

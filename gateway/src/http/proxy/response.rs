@@ -114,7 +114,8 @@ impl Frontend {
         }
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             // Bytes of the upgraded stream are counted by the relay.
-            return Response::from_parts(parts, BodyExt::boxed_unsync(body));
+            let resp = Response::from_parts(parts, BodyExt::boxed_unsync(body));
+            return counted.active.attach(resp);
         }
         let metrics = inner.metrics.clone();
         let pool = inner.pool.clone();

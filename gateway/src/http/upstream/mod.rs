@@ -10,8 +10,9 @@
 //! When the body ends the connection is kept by the client connection it served ([`Kept`]):
 //! a browser's sticky cookie sends its next request to the same VM, which then goes out on the
 //! same connection without touching the shared list (no lock, no lookup by address). The
-//! client connection gives it back to the shared idle list per VM address when it has been
-//! without a request for a while, when it closes, or when its next request goes to another VM.
+//! client connection gives it back to the shared idle list per VM address when it has gone
+//! unused for a while (at most twice the client connection's check interval, 30 s by
+//! default), when it closes, or when its next request goes to another VM.
 //! Nothing polls a connection while it is idle, so a connection is checked when it is taken (a
 //! VM that closed it is noticed then), and those in the shared list are closed by
 //! [`Upstreams::close_idle`] when the VM closed them or they outlived the idle timeout.
@@ -68,12 +69,15 @@ struct Idle {
     since: Instant,
 }
 
-/// An idle connection kept by one client connection, and the VM address it goes to. No time
-/// is kept: a client connection without requests gives it back to the shared list within a
-/// few seconds ([`Kept::release`], at most 15), and the list times it from then.
+/// An idle connection kept by one client connection, and the VM address it goes to. No clock
+/// is read for it: the client connection ages it every few seconds ([`Kept::age`]), and one
+/// not used again between two of those goes back to the shared list, which times it from
+/// then.
 struct Parked {
     authority: Arc<str>,
     link: Box<Link>,
+    /// Kept since the last [`Kept::age`].
+    fresh: bool,
 }
 
 /// The VM connection one client connection keeps between its requests (see the module
@@ -98,6 +102,7 @@ impl Kept {
         let Parked {
             authority: to,
             link,
+            ..
         } = self.slot().take()?;
         if *to != *authority {
             self.upstreams.park_shared(to, link);
@@ -112,14 +117,44 @@ impl Kept {
         if slot.is_some() {
             return Some((authority, link));
         }
-        *slot = Some(Parked { authority, link });
+        *slot = Some(Parked {
+            authority,
+            link,
+            fresh: true,
+        });
         None
     }
 
-    /// Gives the kept connection, if any, back to the shared list: the client connection has
-    /// been idle a while, so the list's sweep ([`Upstreams::close_idle`]) looks after it.
+    /// Called every few seconds by the client connection: the kept connection goes back to
+    /// the shared list when it has not been used since the last call, where the list's sweep
+    /// ([`Upstreams::close_idle`]) notices the VM closing it and times it out. So a connection
+    /// is kept unused for at most two calls' interval, also while the client connection has
+    /// other requests in flight (HTTP/2 streams, a long download).
+    pub(super) fn age(&self) {
+        let mut slot = self.slot();
+        match slot.as_mut() {
+            Some(parked) if parked.fresh => parked.fresh = false,
+            Some(_) => {
+                let stale = slot.take();
+                drop(slot);
+                if let Some(Parked {
+                    authority, link, ..
+                }) = stale
+                {
+                    self.upstreams.park_shared(authority, link);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Gives the kept connection, if any, back to the shared list.
     pub(super) fn release(&self) {
-        if let Some(Parked { authority, link }) = self.slot().take() {
+        let parked = self.slot().take();
+        if let Some(Parked {
+            authority, link, ..
+        }) = parked
+        {
             self.upstreams.park_shared(authority, link);
         }
     }

@@ -472,3 +472,26 @@ async fn a_kept_connection_the_vm_closed_is_not_used_again() {
     }
     assert_eq!(vm.accepted.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn a_kept_connection_unused_between_two_ages_goes_back_to_the_shared_list() {
+    let vm = vm().await;
+    let up = upstreams(Duration::from_secs(30));
+    let kept = Arc::new(Kept::new(up.clone()));
+    assert_eq!(fetch_kept(&up, &kept, &vm, "/").await, (StatusCode::OK, 2));
+    kept.age();
+    assert!(kept.holds(), "used since the last age: kept");
+    assert_eq!(fetch_kept(&up, &kept, &vm, "/").await, (StatusCode::OK, 2));
+    kept.age();
+    assert!(kept.holds(), "used again: kept");
+    kept.age();
+    assert!(!kept.holds(), "unused for a whole interval: given back");
+    assert_eq!(up.idle_count(), 1);
+    assert_eq!(fetch_kept(&up, &kept, &vm, "/").await, (StatusCode::OK, 2));
+    assert!(kept.holds(), "taken from the shared list and kept again");
+    assert_eq!(
+        vm.accepted.load(Ordering::SeqCst),
+        1,
+        "one connection throughout"
+    );
+}
