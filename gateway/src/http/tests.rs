@@ -690,19 +690,16 @@ async fn oversized_headers_get_431_and_idle_connections_are_closed() {
     server.abort();
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_connection_that_never_completes_its_first_request_is_closed_after_a_minute() {
-    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+/// Serves the first connection to a 127.0.0.1 listener with the default `[http]` settings
+/// (no shutdown while the test runs); returns its address and the serving task.
+async fn serve_one_at_defaults(frontend: Frontend) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    // Defaults: http.idle_timeout (hyper's header-read timeout) is 5 minutes.
     let config = poolgate_config::Config::default();
     let idle = config.http.idle_timeout;
-    assert_eq!(idle, Duration::from_secs(300));
-    let builder = connection_builder(config.http.max_header_bytes, config.http.idle_timeout);
-    let (_stop, shutdown) = watch::channel(false);
-    let frontend = f.frontend.clone();
+    let builder = connection_builder(config.http.max_header_bytes, idle);
     let server = tokio::spawn(async move {
+        let (_stop, shutdown) = watch::channel(false);
         let (stream, peer) = listener.accept().await.expect("accept");
         let info = ConnInfo {
             client: peer,
@@ -720,6 +717,18 @@ async fn a_connection_that_never_completes_its_first_request_is_closed_after_a_m
         )
         .await;
     });
+    (addr, server)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_never_completes_its_first_request_is_closed_after_a_minute() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    // Defaults: http.idle_timeout (hyper's header-read timeout) is 5 minutes.
+    assert_eq!(
+        poolgate_config::Config::default().http.idle_timeout,
+        Duration::from_secs(300)
+    );
+    let (addr, server) = serve_one_at_defaults(f.frontend.clone()).await;
     let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let started = tokio::time::Instant::now();
     // Slowloris: headers started, never finished.
@@ -743,31 +752,7 @@ async fn a_first_request_that_starts_just_before_the_minute_is_answered_not_cut_
     // The VM takes 20 s to fail (`/slow` and a 20 s header timeout): the request is still in
     // flight when the first-request minute ends, and must be answered.
     let f = fixture(&["vm-a"], Duration::from_secs(20)).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let config = poolgate_config::Config::default();
-    let idle = config.http.idle_timeout;
-    let builder = connection_builder(config.http.max_header_bytes, idle);
-    let (_stop, shutdown) = watch::channel(false);
-    let frontend = f.frontend.clone();
-    let server = tokio::spawn(async move {
-        let (stream, peer) = listener.accept().await.expect("accept");
-        let info = ConnInfo {
-            client: peer,
-            https: false,
-            port: addr.port(),
-        };
-        serve_connection(
-            stream,
-            frontend,
-            info,
-            Plain::default(),
-            &builder,
-            idle,
-            shutdown,
-        )
-        .await;
-    });
+    let (addr, server) = serve_one_at_defaults(f.frontend.clone()).await;
     let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let connected = tokio::time::Instant::now();
     tokio::time::sleep(FIRST_REQUEST_WITHIN - Duration::from_secs(10)).await;

@@ -117,7 +117,17 @@ fn upstreams(idle_timeout: Duration) -> Arc<Upstreams> {
 
 /// Sends `req` to `vm`; panics naming the error when no response head comes back.
 async fn open(up: &Arc<Upstreams>, vm: &Vm, req: Request<Handoff>) -> Response<Driven> {
-    match up.send(vm.authority.as_str().into(), None, req).await {
+    open_for(up, None, vm, req).await
+}
+
+/// [`open`] for the client connection that `kept` belongs to, if any.
+async fn open_for(
+    up: &Arc<Upstreams>,
+    kept: Option<&Arc<Kept>>,
+    vm: &Vm,
+    req: Request<Handoff>,
+) -> Response<Driven> {
+    match up.send(vm.authority.as_str().into(), kept, req).await {
         Ok(r) => r,
         Err(SendError::Connect(e)) => panic!("connect: {e}"),
         Err(SendError::Http(e)) => panic!("http: {e}"),
@@ -125,7 +135,18 @@ async fn open(up: &Arc<Upstreams>, vm: &Vm, req: Request<Handoff>) -> Response<D
 }
 
 async fn fetch(up: &Arc<Upstreams>, vm: &Vm, path: &'static str) -> (StatusCode, usize) {
-    let resp = open(up, vm, request(Method::GET, path, &vm.authority)).await;
+    fetch_for(up, None, vm, path).await
+}
+
+/// A GET of `path` to `vm` (for the client connection that `kept` belongs to, if any), read
+/// whole.
+async fn fetch_for(
+    up: &Arc<Upstreams>,
+    kept: Option<&Arc<Kept>>,
+    vm: &Vm,
+    path: &'static str,
+) -> (StatusCode, usize) {
+    let resp = open_for(up, kept, vm, request(Method::GET, path, &vm.authority)).await;
     let status = resp.status();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     (status, body.len())
@@ -387,23 +408,14 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     assert_eq!(vm.accepted.load(Ordering::SeqCst), 2);
 }
 
-/// Sends a GET of `path` to `vm` for the client connection that `kept` belongs to and reads
-/// the whole response.
+/// [`fetch_for`] the client connection that `kept` belongs to.
 async fn fetch_kept(
     up: &Arc<Upstreams>,
     kept: &Arc<Kept>,
     vm: &Vm,
     path: &'static str,
 ) -> (StatusCode, usize) {
-    let req = request(Method::GET, path, &vm.authority);
-    let resp = match up.send(vm.authority.as_str().into(), Some(kept), req).await {
-        Ok(r) => r,
-        Err(SendError::Connect(e)) => panic!("connect: {e}"),
-        Err(SendError::Http(e)) => panic!("http: {e}"),
-    };
-    let status = resp.status();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, body.len())
+    fetch_for(up, Some(kept), vm, path).await
 }
 
 #[tokio::test]
