@@ -21,7 +21,7 @@ pub struct SshAgent {
 }
 
 impl SshAgent {
-    /// Starts the agent and waits until its socket exists.
+    /// Starts the agent and waits until its socket accepts connections.
     pub fn start() -> Self {
         let dir = tempfile::Builder::new()
             .prefix("poolgate-agent-")
@@ -43,8 +43,10 @@ impl SshAgent {
             socket,
             _dir: dir,
         };
+        // Connected to, not only present: the agent binds the socket (the file appears) before
+        // it listens, and an `ssh-add` in between is refused.
         wait_until(START_TIMEOUT, "the ssh-agent socket", || {
-            agent.socket.exists()
+            std::os::unix::net::UnixStream::connect(&agent.socket).is_ok()
         });
         agent
     }
