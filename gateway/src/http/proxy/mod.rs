@@ -108,11 +108,6 @@ struct Last {
 }
 
 impl ClientConn {
-    /// The connection the requests come in on.
-    pub fn info(&self) -> ConnInfo {
-        self.info
-    }
-
     /// Its requests in flight, and since when it has had none.
     pub fn tracker(&self) -> &ConnTracker {
         &self.tracker

@@ -131,26 +131,27 @@ impl Kept {
     /// is kept unused for at most two calls' interval, also while the client connection has
     /// other requests in flight (HTTP/2 streams, a long download).
     pub(super) fn age(&self) {
-        let mut slot = self.slot();
-        match slot.as_mut() {
-            Some(parked) if parked.fresh => parked.fresh = false,
-            Some(_) => {
-                let stale = slot.take();
-                drop(slot);
-                if let Some(Parked {
-                    authority, link, ..
-                }) = stale
-                {
-                    self.upstreams.park_shared(authority, link);
+        let stale = {
+            let mut slot = self.slot();
+            match slot.as_mut() {
+                Some(parked) if parked.fresh => {
+                    parked.fresh = false;
+                    None
                 }
+                _ => slot.take(),
             }
-            None => {}
-        }
+        };
+        self.give_back(stale);
     }
 
     /// Gives the kept connection, if any, back to the shared list.
     pub(super) fn release(&self) {
         let parked = self.slot().take();
+        self.give_back(parked);
+    }
+
+    /// Puts a connection taken out of the slot (outside its lock) on the shared list.
+    fn give_back(&self, parked: Option<Parked>) {
         if let Some(Parked {
             authority, link, ..
         }) = parked
