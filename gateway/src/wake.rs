@@ -4,13 +4,19 @@
 //! the SSH side waits for a VM. The frontends know only this module, never the autoscaler.
 //!
 //! Waiting is event-driven: the pool tells a watch channel about every snapshot it publishes,
-//! so a held connection goes on the moment a VM takes sessions of its protocol, with no polling.
+//! so a held connection goes on the moment a VM takes sessions of its protocol. A session
+//! ending frees a place on a full VM without publishing a snapshot, so a held connection also
+//! looks again every [`RECHECK`] (a read of the current snapshot, nothing more).
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use router_core::{Pool, Protocol};
 use tokio::sync::watch;
+
+/// How often a held connection looks again for a place no snapshot announced.
+pub const RECHECK: Duration = Duration::from_secs(1);
 
 /// The pool's owner, which can start VMs for people who wait.
 pub trait Wake: Send + Sync {
@@ -98,29 +104,61 @@ impl Waker {
         self.owner.register(protocol)
     }
 
-    /// Registers a waiting connection and waits until some VM takes new sessions of
-    /// `protocol`, up to [`hold_for`](Self::hold_for). True when one does.
-    pub async fn wait_for_vm(&self, protocol: Protocol) -> bool {
+    /// Holds a waiting connection: registered all along, it waits until some VM takes new
+    /// sessions of `protocol`, then runs `attempt`. An attempt that finds no VM after all
+    /// (`Continue`, with why) is tried again after the next change or [`RECHECK`], until
+    /// [`hold_for`](Self::hold_for) runs out: several held connections wake at the same
+    /// change, and the first to reserve the VM's last place leaves the others waiting, not
+    /// refused. The error says why the connection gives up.
+    pub async fn hold<T, F, Fut>(&self, protocol: Protocol, mut attempt: F) -> Result<T, String>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = ControlFlow<T, String>>,
+    {
         let _waiting = self.register(protocol);
         let deadline = tokio::time::sleep(self.hold_for());
         tokio::pin!(deadline);
         let mut changes = self.changes.clone();
+        let mut last: Option<String> = None;
+        let mut just_failed = false;
         loop {
             // Marks the current generation seen before looking, so a change published after
             // the look wakes the `changed()` below.
             changes.borrow_and_update();
-            if self.takes_new(protocol) {
-                return true;
+            // After a failed attempt, the next one waits for a change (or a recheck), so a
+            // VM that is up but refuses is not hammered.
+            if !just_failed && self.takes_new(protocol) {
+                match attempt().await {
+                    ControlFlow::Break(done) => return Ok(done),
+                    ControlFlow::Continue(why) => {
+                        tracing::info!(reason = %why, "the VM was taken or failed; still holding the connection");
+                        last = Some(why);
+                        just_failed = true;
+                        continue;
+                    }
+                }
             }
             tokio::select! {
                 changed = changes.changed() => {
                     if changed.is_err() {
                         // The pool is gone; nothing will change any more.
-                        return self.takes_new(protocol);
+                        return Err(self.gave_up(last));
                     }
                 }
-                () = &mut deadline => return self.takes_new(protocol),
+                // A session ending frees a place without publishing a snapshot.
+                () = tokio::time::sleep(RECHECK) => {}
+                () = &mut deadline => return Err(self.gave_up(last)),
             }
+            just_failed = false;
+        }
+    }
+
+    /// Why a held connection gives up: the last attempt's reason, or that nothing came up.
+    fn gave_up(&self, last: Option<String>) -> String {
+        let waited = humantime::format_duration(self.hold_for());
+        match last {
+            Some(why) => format!("{why} (held for {waited})"),
+            None => format!("no VM came up within {waited}"),
         }
     }
 
@@ -136,7 +174,7 @@ impl Waker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use router_core::{Health, RoutingPolicy, SystemClock, VmSpec};
+    use router_core::{Health, PickRequest, RoutingPolicy, SessionGuard, SystemClock, VmSpec};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// An owner that counts registrations.
@@ -171,8 +209,18 @@ mod tests {
 
     fn pool() -> Arc<Pool> {
         let pool = Arc::new(Pool::new(RoutingPolicy::default(), Arc::new(SystemClock)));
-        pool.set_vms(vec![VmSpec::new("vm-a", "127.0.0.1")]);
+        let mut spec = VmSpec::new("vm-a", "127.0.0.1");
+        spec.max_sessions = 1;
+        pool.set_vms(vec![spec]);
         pool
+    }
+
+    /// What the SSH side does once woken: reserve a place, or say why there is none.
+    async fn reserve(pool: &Pool) -> ControlFlow<SessionGuard, String> {
+        match pool.acquire(&PickRequest::new(Protocol::Ssh)) {
+            Ok(guard) => ControlFlow::Break(guard),
+            Err(no_vm) => ControlFlow::Continue(no_vm.to_string()),
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -182,11 +230,11 @@ mod tests {
         let registered = owner.registered.clone();
         let waker = Waker::new(Arc::new(owner), pool.clone());
         let waiting = tokio::spawn({
-            let waker = waker.clone();
-            async move { waker.wait_for_vm(Protocol::Ssh).await }
+            let (waker, pool) = (waker.clone(), pool.clone());
+            async move { waker.hold(Protocol::Ssh, || reserve(&pool)).await }
         });
         // With the clock paused, time only moves when every task is idle: a minute passes with
-        // the waiter parked and still registered.
+        // the waiter parked (looking again each second) and still registered.
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!waiting.is_finished());
         assert_eq!(registered.load(Ordering::Acquire), 1);
@@ -196,7 +244,8 @@ mod tests {
         assert!(!waiting.is_finished());
         let before = tokio::time::Instant::now();
         pool.set_protocol_health("vm-a", Protocol::Ssh, Health::Up);
-        assert!(waiting.await.unwrap(), "a VM takes SSH sessions");
+        let guard = waiting.await.unwrap().expect("a VM takes SSH sessions");
+        assert_eq!(guard.spec().name, "vm-a");
         assert_eq!(
             tokio::time::Instant::now(),
             before,
@@ -206,18 +255,87 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_held_connection_gives_up_after_hold_for() {
-        let waker = Waker::new(Arc::new(Owner::default()), pool());
+    async fn two_held_connections_and_one_place_the_second_waits_on_instead_of_failing() {
+        let pool = pool();
+        let owner = Owner::default();
+        let registered = owner.registered.clone();
+        let waker = Waker::new(Arc::new(owner), pool.clone());
+        let held = |pool: Arc<Pool>| {
+            let waker = waker.clone();
+            tokio::spawn(async move { waker.hold(Protocol::Ssh, || reserve(&pool)).await })
+        };
+        let (first, second) = (held(pool.clone()), held(pool.clone()));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(registered.load(Ordering::Acquire), 2);
+        // One VM with one place comes up: both wake at the same change, one gets it.
+        pool.set_protocol_health("vm-a", Protocol::Ssh, Health::Up);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(
+            first.is_finished() != second.is_finished(),
+            "exactly one held connection goes on"
+        );
+        let (winner, loser) = if first.is_finished() {
+            (first.await, second)
+        } else {
+            (second.await, first)
+        };
+        let session = winner.unwrap().expect("one held connection gets the place");
+        // The other is still held, and still counted as waiting.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            !loser.is_finished(),
+            "the second connection is held, not refused"
+        );
+        assert_eq!(registered.load(Ordering::Acquire), 1);
+        // The first session ends: that publishes no snapshot, and the held connection still
+        // finds the place within a recheck.
+        let ended = tokio::time::Instant::now();
+        drop(session);
+        let guard = loser.await.unwrap().expect("the freed place is found");
+        assert_eq!(guard.spec().name, "vm-a");
+        assert!(ended.elapsed() <= RECHECK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_attempt_is_retried_once_per_recheck_and_its_reason_is_the_error() {
+        let pool = pool();
+        pool.set_health("vm-a", Health::Up);
+        let waker = Waker::new(Arc::new(Owner::default()), pool);
+        let attempts = AtomicUsize::new(0);
         let started = tokio::time::Instant::now();
-        assert!(!waker.wait_for_vm(Protocol::Http).await);
+        let outcome: Result<(), String> = waker
+            .hold(Protocol::Ssh, || {
+                attempts.fetch_add(1, Ordering::AcqRel);
+                std::future::ready(ControlFlow::Continue("vm-a refused the connection".into()))
+            })
+            .await;
         assert_eq!(started.elapsed(), Duration::from_secs(120));
+        let error = outcome.expect_err("never connects");
+        assert!(error.starts_with("vm-a refused the connection"), "{error}");
+        assert!(error.contains("2m"), "{error}");
+        // One attempt at once, then at most one per recheck.
+        let attempts = attempts.load(Ordering::Acquire);
+        assert!((100..=121).contains(&attempts), "{attempts} attempts");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_connection_gives_up_after_hold_for() {
+        let pool = pool();
+        let waker = Waker::new(Arc::new(Owner::default()), pool.clone());
+        let started = tokio::time::Instant::now();
+        let error = waker
+            .hold(Protocol::Http, || reserve(&pool))
+            .await
+            .expect_err("no VM ever comes up");
+        assert_eq!(started.elapsed(), Duration::from_secs(120));
+        assert_eq!(error, "no VM came up within 2m");
     }
 
     #[tokio::test]
     async fn a_vm_already_taking_sessions_needs_no_wait() {
         let pool = pool();
         pool.set_health("vm-a", Health::Up);
-        let waker = Waker::new(Arc::new(Owner::default()), pool);
-        assert!(waker.wait_for_vm(Protocol::Ssh).await);
+        let waker = Waker::new(Arc::new(Owner::default()), pool.clone());
+        assert!(waker.hold(Protocol::Ssh, || reserve(&pool)).await.is_ok());
     }
 }

@@ -5,6 +5,7 @@
 //! [`super::relay`]), except global `tcpip-forward` requests, which SSH answers synchronously.
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -260,8 +261,7 @@ impl server::Handler for Front {
                         );
                         let span = self.span.clone();
                         let woken = async move {
-                            let woke = waker.wait_for_vm(Protocol::Ssh).await;
-                            let who = Who {
+                            let who = &Who {
                                 gw: &gw,
                                 user: &user,
                                 peer,
@@ -270,18 +270,28 @@ impl server::Handler for Front {
                                 accepted,
                                 span: &span,
                             };
-                            let outcome = if woke {
-                                connect_vm(&who, None).await
-                            } else {
-                                Err(OpenError::NoVm(format!(
-                                    "no VM came up within {}",
-                                    humantime::format_duration(waker.hold_for())
-                                )))
-                            };
-                            let state = match outcome {
-                                Ok(connected) => Conn::Ready(make_ready(&who, connected, handle, flow)),
-                                Err(OpenError::NoVm(m)) => Conn::Failed(m.into()),
-                                Err(OpenError::PasswordRefused) => Conn::Failed("login refused".into()),
+                            // Another held connection may take the place this one woke for;
+                            // then it waits on (see `Waker::hold`).
+                            let held = waker
+                                .hold(Protocol::Ssh, move || async move {
+                                    match connect_vm(who, None).await {
+                                        Err(OpenError::NoVm(why)) => ControlFlow::Continue(why),
+                                        done => ControlFlow::Break(done),
+                                    }
+                                })
+                                .await;
+                            let state = match held {
+                                Ok(Ok(connected)) => {
+                                    Conn::Ready(make_ready(who, connected, handle, flow))
+                                }
+                                Ok(Err(OpenError::PasswordRefused)) => {
+                                    Conn::Failed("login refused".into())
+                                }
+                                // `hold` turns every NoVm into a retry.
+                                Ok(Err(OpenError::NoVm(why))) | Err(why) => {
+                                    tracing::warn!(reason = %why, "no VM for the held connection; giving up");
+                                    Conn::Failed(why.into())
+                                }
                             };
                             conn.send_replace(state);
                         };
