@@ -8,7 +8,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A new connection must send the complete headers of its first request within this (or
 /// `http.idle_timeout` when shorter), as nginx's `client_header_timeout`: a slowloris client
 /// holds a connection for a minute, not for the 5-minute keep-alive idle time. Later requests
-/// on the connection have `http.idle_timeout` (hyper's header-read timeout).
+/// on the connection have `http.idle_timeout` from the end of the one before (the watchdog).
 pub(super) const FIRST_REQUEST_WITHIN: Duration = Duration::from_secs(60);
 /// While `http.max_connections` stays reached, the warning is repeated this often.
 const FULL_WARN_EVERY: Duration = Duration::from_secs(60);
@@ -227,19 +227,20 @@ async fn accept_opt(
 }
 
 /// The hyper connection builder with `[http]` limits: header block size (`max_header_bytes`,
-/// at least 8 KiB), header read timeout (`idle_timeout`), HTTP/2 header list size, keep-alive
-/// pings.
-pub fn connection_builder(
-    max_header_bytes: usize,
-    idle_timeout: Duration,
-) -> auto::Builder<TokioExecutor> {
+/// at least 8 KiB), HTTP/2 header list size, keep-alive pings. (The header read timeout is the
+/// watchdog's.)
+pub fn connection_builder(max_header_bytes: usize) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     let max_header = max_header_bytes.max(8192);
     b.http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        // Also closes keep-alive connections that send no new request within this time.
-        .header_read_timeout(idle_timeout)
+        // No timer of hyper's per request head: the connection's watchdog (below) closes a
+        // connection whose next request's headers have not come `idle_timeout` after the last
+        // request ended (or `FIRST_REQUEST_WITHIN` after connecting), checked every quarter of
+        // it. That is the same protection against slow header senders, coarser by at most a
+        // quarter, and it saves arming and clearing a timer (and allocating it) per request.
+        .header_read_timeout(None)
         .max_buf_size(max_header);
     b.http2()
         .timer(TokioTimer::new())
@@ -295,8 +296,14 @@ pub(super) async fn serve_connection<I>(
     // request and every body chunk), the shutdown watch under a lock shared by all
     // connections.
     let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
+    let tracker = client.tracker().clone();
     let watching = tokio::spawn(watchdog(client, idle_timeout, shutdown, stop_tx));
     let mut closing = false;
+    // Once finishing: hyper closes an idle connection at once and one with a request in
+    // flight after its response, but one whose next request's headers are only partly there
+    // (a slow header sender) waits for the rest. With no request in flight a check later, it
+    // is cut.
+    let mut recheck = tokio::time::interval(check_every(idle_timeout));
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -304,6 +311,14 @@ pub(super) async fn serve_connection<I>(
                     tracing::debug!("connection ended: {e}");
                 }
                 break;
+            }
+            _ = recheck.tick(), if closing => {
+                if tracker.idle_for().is_some() {
+                    tracing::debug!(
+                        "the next request's headers did not come within {idle_timeout:?}; closed"
+                    );
+                    break;
+                }
             }
             why = &mut stop, if !closing => {
                 closing = true;
@@ -316,7 +331,10 @@ pub(super) async fn serve_connection<I>(
                         );
                         break;
                     }
-                    Ok(Stop::Finish) => conn.as_mut().graceful_shutdown(),
+                    Ok(Stop::Finish) => {
+                        conn.as_mut().graceful_shutdown();
+                        recheck.reset();
+                    }
                     // The watchdog failed: serve on without it.
                     Err(_) => tracing::warn!("HTTP connection watchdog ended unexpectedly"),
                 }
@@ -324,6 +342,12 @@ pub(super) async fn serve_connection<I>(
         }
     }
     watching.abort();
+}
+
+/// How often a connection's idle time is checked: a quarter of `idle_timeout` (so a
+/// connection is closed at most a quarter late), from 100 ms to 15 s.
+fn check_every(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
 }
 
 /// Why a client connection is to stop.
@@ -347,8 +371,7 @@ async fn watchdog(
     mut stop: tokio::sync::oneshot::Sender<Stop>,
 ) {
     let tracker = client.tracker();
-    let check_every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
-    let mut tick = tokio::time::interval(check_every);
+    let mut tick = tokio::time::interval(check_every(idle_timeout));
     let first_request = tokio::time::sleep(FIRST_REQUEST_WITHIN.min(idle_timeout));
     tokio::pin!(first_request);
     let mut started = false;
@@ -363,7 +386,9 @@ async fn watchdog(
             }
             _ = tick.tick() => {
                 if tracker.idle_for().is_some_and(|d| d >= idle_timeout) {
-                    break Stop::Finish;
+                    // Before any request (an idle timeout shorter than the first-request
+                    // minute), there is nothing to finish.
+                    break if tracker.has_started() { Stop::Finish } else { Stop::NoRequest };
                 }
                 // A VM connection unused since the last tick goes back to the shared list,
                 // which notices the VM closing it and closes it when unused too long.

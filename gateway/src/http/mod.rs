@@ -276,10 +276,7 @@ impl HttpService {
             frontend,
             tls,
             tls_reload: parts.tls_reload,
-            builder: Arc::new(connection_builder(
-                settings.max_header_bytes,
-                settings.idle_timeout,
-            )),
+            builder: Arc::new(connection_builder(settings.max_header_bytes)),
             idle_timeout: settings.idle_timeout,
             // Often enough that tentative browsers stop counting soon after `tentative_for`.
             expire_every: (settings.session_idle / 10)

@@ -549,7 +549,7 @@ async fn upgrades_are_relayed_both_ways_over_a_real_connection() {
             port: addr.port(),
         };
         let config = poolgate_config::Config::default();
-        let builder = connection_builder(config.http.max_header_bytes, config.http.idle_timeout);
+        let builder = connection_builder(config.http.max_header_bytes);
         let (_tx, rx) = watch::channel(false);
         serve_connection(
             stream,
@@ -627,10 +627,7 @@ async fn listen(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
-        let builder = Arc::new(connection_builder(
-            config.http.max_header_bytes,
-            config.http.idle_timeout,
-        ));
+        let builder = Arc::new(connection_builder(config.http.max_header_bytes));
         let (_tx, rx) = watch::channel(false);
         let mut conns = tokio::task::JoinSet::new();
         while let Ok((stream, peer)) = listener.accept().await {
@@ -693,11 +690,22 @@ async fn oversized_headers_get_431_and_idle_connections_are_closed() {
 /// Serves the first connection to a 127.0.0.1 listener with the default `[http]` settings
 /// (no shutdown while the test runs); returns its address and the serving task.
 async fn serve_one_at_defaults(frontend: Frontend) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    serve_one(
+        frontend,
+        poolgate_config::Config::default().http.idle_timeout,
+    )
+    .await
+}
+
+/// [`serve_one_at_defaults`] with `http.idle_timeout = idle`.
+async fn serve_one(
+    frontend: Frontend,
+    idle: Duration,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let config = poolgate_config::Config::default();
-    let idle = config.http.idle_timeout;
-    let builder = connection_builder(config.http.max_header_bytes, idle);
+    let builder = connection_builder(config.http.max_header_bytes);
     let server = tokio::spawn(async move {
         let (_stop, shutdown) = watch::channel(false);
         let (stream, peer) = listener.accept().await.expect("accept");
@@ -723,7 +731,7 @@ async fn serve_one_at_defaults(frontend: Frontend) -> (SocketAddr, tokio::task::
 #[tokio::test(start_paused = true)]
 async fn a_connection_that_never_completes_its_first_request_is_closed_after_a_minute() {
     let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
-    // Defaults: http.idle_timeout (hyper's header-read timeout) is 5 minutes.
+    // Defaults: http.idle_timeout (the header-read timeout after the first request) is 5 minutes.
     assert_eq!(
         poolgate_config::Config::default().http.idle_timeout,
         Duration::from_secs(300)
@@ -769,4 +777,60 @@ async fn a_first_request_that_starts_just_before_the_minute_is_answered_not_cut_
     );
     assert!(connected.elapsed() >= FIRST_REQUEST_WITHIN + Duration::from_secs(10));
     server.abort();
+}
+
+// On the real clock (the connection's idle time is measured on it), with a short idle timeout.
+#[tokio::test]
+async fn a_second_request_whose_headers_never_finish_is_closed_after_the_idle_timeout() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let idle = Duration::from_secs(1);
+    let (addr, server) = serve_one(f.frontend.clone(), idle).await;
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: pool.example\r\n\r\n")
+        .await
+        .expect("write");
+    // The whole first response (its head says how long the body is).
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let complete = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().to_owned())
+            })
+            .and_then(|v| v.parse::<usize>().ok())
+            .expect("a content length");
+        body.len() >= length
+    };
+    while !complete(&got) {
+        let n = client.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed before the first response ended");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    let answered = tokio::time::Instant::now();
+    // Slowloris on the kept-alive connection: the next headers start and never finish.
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: pool.example\r\nX-Slow: a")
+        .await
+        .expect("write");
+    let n = client.read(&mut buf).await.unwrap_or(0);
+    let waited = answered.elapsed();
+    assert_eq!(n, 0, "closed without an answer: {:?}", &buf[..n]);
+    assert!(
+        waited >= idle && waited <= idle + idle / 4 + Duration::from_secs(2),
+        "closed after {waited:?} (idle timeout {idle:?})"
+    );
+    server.await.expect("server task");
 }
