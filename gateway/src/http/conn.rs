@@ -264,6 +264,7 @@ pub(super) async fn serve_connection<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = frontend.client(info);
+    let tick = check_every(idle_timeout).min(check_every(frontend.response_header_timeout()));
     let svc_client = client.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let answer = match plain
@@ -297,7 +298,8 @@ pub(super) async fn serve_connection<I>(
     // connections.
     let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
     let tracker = client.tracker().clone();
-    let watching = tokio::spawn(watchdog(client, idle_timeout, shutdown, stop_tx));
+    client.watch_response_heads();
+    let watching = tokio::spawn(watchdog(client, idle_timeout, tick, shutdown, stop_tx));
     let mut closing = false;
     // Once finishing: hyper closes an idle connection at once and one with a request in
     // flight after its response, but one whose next request's headers are only partly there
@@ -344,10 +346,10 @@ pub(super) async fn serve_connection<I>(
     watching.abort();
 }
 
-/// How often a connection's idle time is checked: a quarter of `idle_timeout` (so a
-/// connection is closed at most a quarter late), from 100 ms to 15 s.
-fn check_every(idle_timeout: Duration) -> Duration {
-    (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
+/// How often a timeout kept by the watchdog is checked: a quarter of it (so it ends at most a
+/// quarter late), from 100 ms to 15 s.
+fn check_every(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
 }
 
 /// Why a client connection is to stop.
@@ -361,17 +363,19 @@ enum Stop {
 
 /// Watches one client connection: closes it when its first request's headers do not come
 /// within [`FIRST_REQUEST_WITHIN`] (or `idle_timeout`, when shorter), finishes it when it has
-/// been idle for `idle_timeout` or the gateway shuts down, and gives its VM connection back to
-/// the shared list when it has gone unused for a tick. Tells the connection's task through
-/// `stop`, and ends when that task does.
+/// been idle for `idle_timeout` or the gateway shuts down, gives its VM connection back to
+/// the shared list when it has gone unused for a tick, and has the request waiting on a
+/// response head check `response_header_timeout` every `tick`. Tells the connection's task
+/// through `stop`, and ends when that task does.
 async fn watchdog(
     client: Arc<ClientConn>,
     idle_timeout: Duration,
+    tick: Duration,
     mut shutdown: watch::Receiver<bool>,
     mut stop: tokio::sync::oneshot::Sender<Stop>,
 ) {
     let tracker = client.tracker();
-    let mut tick = tokio::time::interval(check_every(idle_timeout));
+    let mut tick = tokio::time::interval(tick);
     let first_request = tokio::time::sleep(FIRST_REQUEST_WITHIN.min(idle_timeout));
     tokio::pin!(first_request);
     let mut started = false;
@@ -393,6 +397,7 @@ async fn watchdog(
                 // A VM connection unused since the last tick goes back to the shared list,
                 // which notices the VM closing it and closes it when unused too long.
                 client.age_upstream();
+                client.poke_waiting_request();
             }
             r = shutdown.changed() => {
                 if r.is_err() || *shutdown.borrow() {

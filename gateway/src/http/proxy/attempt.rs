@@ -2,8 +2,6 @@
 //! send again once after a broken keep-alive connection, another VM when this one cannot be
 //! reached and the request can be replayed, else the final error page.
 
-use tokio::time::error::Elapsed;
-
 use super::super::body::Slot;
 use super::*;
 
@@ -103,14 +101,16 @@ impl Frontend {
     ) -> Result<(Response<Driven>, Instant), Attempt> {
         let (slot, sending) = self.send_plain(out, authority, kept, headers);
         let started = Instant::now();
-        let sent = sending.await;
+        let sent = tokio::time::timeout(self.inner.settings.response_header_timeout, sending)
+            .await
+            .map_err(|_| TimedOut);
         self.plain_outcome(out, name, &slot, sent)
             .map(|resp| (resp, started))
     }
 
     /// Puts a plain request on its way to the VM at `authority` (on the connection `kept` by
     /// the client connection, when it goes there): the returned future ends with the response
-    /// head, or when `response_header_timeout` passes. The body goes to the VM through a
+    /// head (the caller keeps `response_header_timeout`). The body goes to the VM through a
     /// [`Handoff`], so it comes back (from the slot) for another VM when this one never read it.
     pub(super) fn send_plain(
         &self,
@@ -120,7 +120,7 @@ impl Frontend {
         headers: HeaderMap,
     ) -> (
         Slot,
-        impl Future<Output = Result<Result<Response<Driven>, SendError>, Elapsed>> + Send + use<>,
+        impl Future<Output = Result<Response<Driven>, SendError>> + Send + use<>,
     ) {
         let inner = &self.inner;
         let (slot, handoff) = Handoff::new(out.body.take().unwrap_or_else(empty));
@@ -129,11 +129,7 @@ impl Frontend {
         *up.uri_mut() = Uri::from(out.target.clone());
         *up.headers_mut() = headers;
         *up.version_mut() = Version::HTTP_11;
-        let sending = inner.upstreams.send(authority, kept, up);
-        (
-            slot,
-            tokio::time::timeout(inner.settings.response_header_timeout, sending),
-        )
+        (slot, inner.upstreams.send(authority, kept, up))
     }
 
     /// What an attempt's send came to: the response, or why there is none.
@@ -142,7 +138,7 @@ impl Frontend {
         out: &Outbound,
         name: &str,
         slot: &Slot,
-        sent: Result<Result<Response<Driven>, SendError>, Elapsed>,
+        sent: Result<Result<Response<Driven>, SendError>, TimedOut>,
     ) -> Result<Response<Driven>, Attempt> {
         let inner = &self.inner;
         match sent {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod attempt;
+mod head_wait;
 mod response;
 
 use bytes::Bytes;
@@ -35,6 +36,7 @@ use crate::metrics::{Metrics, outcome};
 use crate::wake::Waker;
 
 use self::attempt::{ClientBodyError, Tries};
+use self::head_wait::{HeadWait, TimedOut};
 use self::response::bad_target;
 
 /// Frontend settings (from `[http]`; the composition root maps them).
@@ -80,6 +82,8 @@ pub struct ClientConn {
     tracker: ConnTracker,
     kept: Arc<Kept>,
     last: Mutex<Last>,
+    /// Its request waiting for a response head, for the watchdog to time out.
+    head_wait: HeadWait,
 }
 
 /// A VM a client connection's requests go to, with what each request to it needs.
@@ -118,6 +122,18 @@ impl ClientConn {
     /// timeout applies).
     pub fn age_upstream(&self) {
         self.kept.age();
+    }
+
+    /// From now on [`Self::poke_waiting_request`] is called at least every quarter of
+    /// `http.response_header_timeout`, and keeps that timeout for the request waiting on a
+    /// response head (see `head_wait`).
+    pub fn watch_response_heads(&self) {
+        self.head_wait.set_watched();
+    }
+
+    /// Has the request waiting on a response head, if any, see whether its time is up.
+    pub fn poke_waiting_request(&self) {
+        self.head_wait.poke();
     }
 
     fn last(&self) -> MutexGuard<'_, Last> {
@@ -434,7 +450,13 @@ impl Frontend {
             tracker: ConnTracker::new(),
             kept: Arc::new(Kept::new(self.inner.upstreams.clone())),
             last: Mutex::default(),
+            head_wait: HeadWait::default(),
         })
+    }
+
+    /// `http.response_header_timeout`.
+    pub fn response_header_timeout(&self) -> Duration {
+        self.inner.settings.response_header_timeout
     }
 
     /// Handles one request as if it came alone on a client connection; never fails (errors
@@ -645,10 +667,13 @@ impl Frontend {
                     // The VM's body as it is (not boxed): `answered` wraps it once.
                     let (slot, sending) =
                         this.send_plain(&mut out, authority, Some(&client.kept), headers);
-                    let started = Instant::now();
-                    let sent = sending.await;
+                    let started = tokio::time::Instant::now();
+                    let timeout = this.inner.settings.response_header_timeout;
+                    let sending = std::pin::pin!(sending);
+                    let sent = client.head_wait.wait(sending, started, timeout).await;
                     match this.plain_outcome(&out, name, &slot, sent) {
                         Ok(resp) => {
+                            let started = started.into_std();
                             let resp = this.answered(out, resp, started, &vm, conn, down);
                             return (resp, Some(VmLabel::Served(vm)));
                         }
