@@ -297,15 +297,15 @@ pub(super) async fn serve_connection<I>(
     // request and every body chunk), the shutdown watch under a lock shared by all
     // connections.
     let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
-    let tracker = client.tracker().clone();
     client.watch_response_heads();
+    let watched = client.clone();
     let watching = tokio::spawn(watchdog(client, idle_timeout, tick, shutdown, stop_tx));
     let mut closing = false;
     // Once finishing: hyper closes an idle connection at once and one with a request in
     // flight after its response, but one whose next request's headers are only partly there
     // (a slow header sender) waits for the rest. With no request in flight a check later, it
     // is cut.
-    let mut recheck = tokio::time::interval(check_every(idle_timeout));
+    let mut recheck = tokio::time::interval(tick);
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -315,7 +315,10 @@ pub(super) async fn serve_connection<I>(
                 break;
             }
             _ = recheck.tick(), if closing => {
-                if tracker.idle_for().is_some() {
+                // The watchdog may be gone (it failed): a request waiting on its VM still
+                // times out.
+                watched.poke_waiting_request();
+                if watched.tracker().idle_for().is_some() {
                     tracing::debug!(
                         "the next request's headers did not come within {idle_timeout:?}; closed"
                     );
@@ -337,8 +340,13 @@ pub(super) async fn serve_connection<I>(
                         conn.as_mut().graceful_shutdown();
                         recheck.reset();
                     }
-                    // The watchdog failed: serve on without it.
-                    Err(_) => tracing::warn!("HTTP connection watchdog ended unexpectedly"),
+                    // The watchdog failed: finish the request in flight, as when idle, and
+                    // keep its response header timeout here.
+                    Err(_) => {
+                        tracing::warn!("HTTP connection watchdog ended unexpectedly; finishing the connection");
+                        conn.as_mut().graceful_shutdown();
+                        recheck.reset();
+                    }
                 }
             }
         }
