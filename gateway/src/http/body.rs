@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use hyper::Response;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use super::{Body, BoxError};
+use super::{Body, BoxError, empty};
 
 /// Passes a body `B` through, counting data bytes; runs its hook `F` when dropped (body
 /// finished, client gone, or response discarded) with the data bytes that passed. Both are type
@@ -107,8 +107,10 @@ where
 }
 
 /// Where a request body waits until the upstream connection polls it. If connecting to the VM
-/// fails, the body was never polled and [`Handoff::take_back`] returns it for the next VM.
-pub type Slot = Arc<Mutex<Option<Body>>>;
+/// fails, the body was never polled and [`Handoff::take_back`] returns it for the next VM. A
+/// request without a body has no slot (nothing to hand back but an empty body).
+#[derive(Default)]
+pub struct Slot(Option<Arc<Mutex<Option<Body>>>>);
 
 /// A request body sent to a VM through a [`Slot`].
 pub struct Handoff {
@@ -125,9 +127,9 @@ impl Handoff {
         let end = body.is_end_stream();
         let slot = Arc::new(Mutex::new(Some(body)));
         (
-            slot.clone(),
+            Slot(Some(slot.clone())),
             Self {
-                slot,
+                slot: Slot(Some(slot)),
                 body: None,
                 hint,
                 end,
@@ -135,9 +137,26 @@ impl Handoff {
         )
     }
 
-    /// The body, if the upstream connection never started reading it.
+    /// For a request without a body: no slot, nothing allocated.
+    pub fn bodiless() -> (Slot, Self) {
+        (
+            Slot(None),
+            Self {
+                slot: Slot(None),
+                body: None,
+                hint: SizeHint::with_exact(0),
+                end: true,
+            },
+        )
+    }
+
+    /// The body, if the upstream connection never started reading it (an empty body when the
+    /// request had none: that is always there to send again).
     pub fn take_back(slot: &Slot) -> Option<Body> {
-        slot.lock().ok().and_then(|mut s| s.take())
+        match &slot.0 {
+            Some(slot) => slot.lock().ok().and_then(|mut s| s.take()),
+            None => Some(empty()),
+        }
     }
 }
 
@@ -150,8 +169,10 @@ impl HttpBody for Handoff {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if this.body.is_none() {
-            this.body = this.slot.lock().ok().and_then(|mut s| s.take());
+        if this.body.is_none()
+            && let Some(slot) = &this.slot.0
+        {
+            this.body = slot.lock().ok().and_then(|mut s| s.take());
         }
         match &mut this.body {
             Some(body) => Pin::new(body).poll_frame(cx),

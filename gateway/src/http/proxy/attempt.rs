@@ -123,7 +123,10 @@ impl Frontend {
         impl Future<Output = Result<Response<Driven>, SendError>> + Send + use<>,
     ) {
         let inner = &self.inner;
-        let (slot, handoff) = Handoff::new(out.body.take().unwrap_or_else(empty));
+        let (slot, handoff) = match out.body.take() {
+            Some(body) if !body.is_end_stream() => Handoff::new(body),
+            _ => Handoff::bodiless(),
+        };
         let mut up = Request::new(handoff);
         *up.method_mut() = out.method.clone();
         *up.uri_mut() = Uri::from(out.target.clone());

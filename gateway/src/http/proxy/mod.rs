@@ -291,7 +291,8 @@ struct Outbound {
     /// The same headers as a list, once the first attempt has taken the map: for another
     /// attempt, and for the error page.
     spare: Vec<(HeaderName, HeaderValue)>,
-    /// The client's body, counted; `None` while an attempt holds it (and after it was used).
+    /// The client's body, counted; `None` when the request has none, while an attempt holds
+    /// it, and after it was used.
     body: Option<Body>,
     /// An HTTP/1.1 upgrade (websocket) request.
     is_upgrade: bool,
@@ -309,8 +310,8 @@ struct Outbound {
     session_started: bool,
     /// Unix time the cookie was checked at.
     now: u64,
-    /// Request body bytes sent so far.
-    up_bytes: Arc<AtomicU64>,
+    /// Request body bytes sent so far (`None`: the request has no body).
+    up_bytes: Option<Arc<AtomicU64>>,
     /// The request in flight on its client connection: ends with the response body (or with
     /// the request when no VM answers).
     active: Active,
@@ -704,12 +705,17 @@ impl Frontend {
         let pin = find_cookie(req.headers(), &inner.settings.cookie_name)
             .and_then(|v| client.pin(v, now, &inner.signer));
         let (mut parts, body) = req.into_parts();
-        let up_bytes = Arc::new(AtomicU64::new(0));
-        let body = Observed::counting(
-            body.map_err(|e| -> BoxError { Box::new(ClientBodyError(e.into())) }),
-            up_bytes.clone(),
-        )
-        .boxed();
+        // Most requests (GETs) have no body: then nothing is wrapped, counted or handed off.
+        let (body, up_bytes) = if body.is_end_stream() {
+            (None, None)
+        } else {
+            let up_bytes = Arc::new(AtomicU64::new(0));
+            let body = Observed::counting(
+                body.map_err(|e| -> BoxError { Box::new(ClientBodyError(e.into())) }),
+                up_bytes.clone(),
+            );
+            (Some(body.boxed()), Some(up_bytes))
+        };
         let upgrade_proto = is_upgrade
             .then(|| parts.headers.get(header::UPGRADE).cloned())
             .flatten();
@@ -750,7 +756,7 @@ impl Frontend {
             target,
             headers: Some(headers),
             spare: Vec::new(),
-            body: Some(body),
+            body,
             is_upgrade,
             client_upgrade,
             upgrade_proto,

@@ -14,8 +14,8 @@ pub(super) struct Sticky<'a> {
 
 /// What the response's end settles: the bytes each way and the request in flight.
 pub(super) struct Counted {
-    /// Request body bytes sent.
-    pub(super) up_bytes: Arc<AtomicU64>,
+    /// Request body bytes sent (`None`: the request has no body).
+    pub(super) up_bytes: Option<Arc<AtomicU64>>,
     /// The VM's `bytes_total{protocol="http",direction="down"}`.
     pub(super) down: prometheus::IntCounter,
     /// The request in flight on its client connection.
@@ -126,7 +126,7 @@ impl Frontend {
                 down: down_total,
                 active,
             } = counted;
-            let up = up_bytes.load(Ordering::Relaxed);
+            let up = up_bytes.map_or(0, |b| b.load(Ordering::Relaxed));
             // Downloads are counted on every response; uploads (a request body) rarely.
             down_total.inc_by(down);
             if up > 0 {
