@@ -358,7 +358,9 @@ fn a_detached_tmux_session_keeps_its_vm_until_it_ends() {
     );
     require_root!();
     let pool = BusyPool::start();
-    pool.run_and_log_off("tmux new-session -d -s training");
+    // A tmux server of the test user left by an aborted earlier run would make the VM look
+    // busy (and refuse the session name): gone first.
+    pool.run_and_log_off("tmux kill-server 2>/dev/null; tmux new-session -d -s training");
     let took = pool.kept_while_running_then_stopped("tmux session", || {
         pool.vm.processes("tmux: server", "tmux new-session")
     });
