@@ -120,21 +120,18 @@ impl Waker {
         tokio::pin!(deadline);
         let mut changes = self.changes.clone();
         let mut last: Option<String> = None;
-        let mut just_failed = false;
         loop {
             // Marks the current generation seen before looking, so a change published after
-            // the look wakes the `changed()` below.
+            // the look (or during the attempt) wakes the `changed()` below.
             changes.borrow_and_update();
-            // After a failed attempt, the next one waits for a change (or a recheck), so a
-            // VM that is up but refuses is not hammered.
-            if !just_failed && self.takes_new(protocol) {
+            if self.takes_new(protocol) {
                 match attempt().await {
                     ControlFlow::Break(done) => return Ok(done),
+                    // The next attempt waits for a change or a recheck below, so a VM that is
+                    // up but refuses is not hammered.
                     ControlFlow::Continue(why) => {
                         tracing::info!(reason = %why, "the VM was taken or failed; still holding the connection");
                         last = Some(why);
-                        just_failed = true;
-                        continue;
                     }
                 }
             }
@@ -149,7 +146,6 @@ impl Waker {
                 () = tokio::time::sleep(RECHECK) => {}
                 () = &mut deadline => return Err(self.gave_up(last)),
             }
-            just_failed = false;
         }
     }
 

@@ -109,7 +109,6 @@ where
 /// Where a request body waits until the upstream connection polls it. If connecting to the VM
 /// fails, the body was never polled and [`Handoff::take_back`] returns it for the next VM. A
 /// request without a body has no slot (nothing to hand back but an empty body).
-#[derive(Default)]
 pub struct Slot(Option<Arc<Mutex<Option<Body>>>>);
 
 /// A request body sent to a VM through a [`Slot`].
