@@ -1,6 +1,10 @@
 //! Client connections: the two listeners, the accept loop with its connection limit, the TLS
 //! handshake, and serving one connection's requests (or redirecting them to HTTPS).
 
+use std::pin::Pin;
+
+use hyper::service::HttpService as HyperService;
+
 use super::*;
 
 /// Time allowed for a TLS handshake.
@@ -12,6 +16,11 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 pub(super) const FIRST_REQUEST_WITHIN: Duration = Duration::from_secs(60);
 /// While `http.max_connections` stays reached, the warning is repeated this often.
 const FULL_WARN_EVERY: Duration = Duration::from_secs(60);
+/// What an HTTP/2 client sends first (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// While a plain connection has sent only the start of the HTTP/2 preface, its bytes are
+/// looked at again this often (see [`sniff`]).
+const PREFACE_RECHECK: Duration = Duration::from_millis(10);
 
 /// The plain and the TLS listener as they serve: the plain one redirects to HTTPS while TLS is
 /// configured, else it proxies.
@@ -59,7 +68,7 @@ pub(super) fn listeners(
 #[derive(Clone)]
 pub(super) struct Served {
     pub(super) frontend: Frontend,
-    pub(super) builder: Arc<auto::Builder<TokioExecutor>>,
+    pub(super) builders: Arc<Builders>,
     pub(super) idle_timeout: Duration,
 }
 
@@ -127,77 +136,144 @@ pub(super) async fn accept(
             port: stream.local_addr().map(|a| a.port()).unwrap_or(0),
         };
         let span = tracing::info_span!("http", client.addr = %peer);
-        let connection = client_connection(
-            stream,
-            info,
-            listener.tls.clone(),
-            listener.plain.clone(),
-            served.clone(),
-            shutdown.clone(),
-        );
-        conns.spawn(
-            async move {
-                let _slot = slot;
-                connection.await;
+        let (served, shutdown) = (served.clone(), shutdown.clone());
+        // The connection's future is made inside the task's: made outside and moved in, it
+        // would be held twice in the task (as the block's capture and as what it awaits).
+        // And a plain connection's task is not sized for TLS's state.
+        match listener.tls.clone() {
+            Some(acceptor) => conns.spawn(
+                async move {
+                    let _slot = slot;
+                    tls_connection(stream, info, acceptor, served, shutdown).await;
+                }
+                .instrument(span),
+            ),
+            None => {
+                let plain = listener.plain.clone();
+                conns.spawn(
+                    async move {
+                        let _slot = slot;
+                        plain_connection(stream, info, plain, served, shutdown).await;
+                    }
+                    .instrument(span),
+                )
             }
-            .instrument(span),
-        );
+        };
     }
     conns
 }
 
-/// One client connection: the TLS handshake (bounded by [`TLS_HANDSHAKE_TIMEOUT`]) when the
-/// listener has TLS, then its requests until it closes.
-pub(super) async fn client_connection(
+/// One client connection of the TLS listener: the handshake (bounded by
+/// [`TLS_HANDSHAKE_TIMEOUT`]), then its requests until it closes, in the HTTP version ALPN
+/// chose.
+pub(super) async fn tls_connection(
     stream: tokio::net::TcpStream,
     info: ConnInfo,
-    tls: Option<TlsAcceptor>,
-    plain: Plain,
+    acceptor: TlsAcceptor,
     served: Served,
     shutdown: watch::Receiver<bool>,
 ) {
-    let Served {
-        frontend,
-        builder,
-        idle_timeout,
-    } = served;
-    match tls {
-        Some(acceptor) => {
-            let stream =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!("TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!("TLS handshake timed out");
-                        return;
-                    }
-                };
-            serve_connection(
-                stream,
-                frontend,
-                info,
-                Plain::default(),
-                &builder,
-                idle_timeout,
-                shutdown,
-            )
-            .await;
+    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake failed: {e}");
+            return;
         }
-        None => {
-            serve_connection(
-                stream,
-                frontend,
-                info,
-                plain,
-                &builder,
-                idle_timeout,
-                shutdown,
-            )
-            .await;
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            return;
         }
+    };
+    // Over TLS a client speaks HTTP/2 only when ALPN chose it (RFC 9113, section 3.3).
+    let protocol = match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        _ => Protocol::Http1,
+    };
+    serve_connection(
+        stream,
+        protocol,
+        served.frontend,
+        info,
+        Plain::default(),
+        &served.builders,
+        served.idle_timeout,
+        shutdown,
+    )
+    .await;
+}
+
+/// One client connection of the plain listener: its requests until it closes, in the HTTP
+/// version its first bytes tell ([`sniff`]).
+pub(super) async fn plain_connection(
+    stream: tokio::net::TcpStream,
+    info: ConnInfo,
+    plain: Plain,
+    served: Served,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // The first request's headers are due within this anyway (the watchdog's rule).
+    let within = FIRST_REQUEST_WITHIN.min(served.idle_timeout);
+    let protocol = tokio::select! {
+        sniffed = tokio::time::timeout(within, sniff(&stream)) => match sniffed {
+            Ok(Ok(protocol)) => protocol,
+            Ok(Err(e)) => {
+                tracing::debug!("connection ended before its first request: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(
+                    "no complete request headers within {within:?} of connecting; closed"
+                );
+                return;
+            }
+        },
+        // Nothing has started on the connection: dropping it closes it.
+        _ = shutdown.wait_for(|stop| *stop) => return,
+    };
+    serve_connection(
+        stream,
+        protocol,
+        served.frontend,
+        info,
+        plain,
+        &served.builders,
+        served.idle_timeout,
+        shutdown,
+    )
+    .await;
+}
+
+/// The HTTP version a connection speaks, known before hyper reads from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// The HTTP version of a plain connection, told from its first bytes without taking them from
+/// the socket: HTTP/2 with prior knowledge (h2c) starts with the preface, anything else is
+/// HTTP/1.x, which the first byte or two tell.
+///
+/// hyper's own detection (hyper-util's `auto` server) reads the first 24 bytes itself and
+/// hands them back in front of the socket. That costs a read per connection, and hyper's
+/// first real read, finding its 8 KiB buffer partly filled, doubles it: 16 KiB held for the
+/// connection's whole life. Peeking leaves the bytes where they are, so hyper reads them into
+/// the 8 KiB buffer it keeps.
+async fn sniff(stream: &tokio::net::TcpStream) -> std::io::Result<Protocol> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        // An end of stream is HTTP/1's to see (and close on).
+        if n == 0 || first[..n] != H2_PREFACE[..n] {
+            return Ok(Protocol::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Protocol::Http2);
+        }
+        // Only the start of the preface so far. A peek returns at once while bytes wait in
+        // the socket, so look again a little later. Rare: clients send the preface in one
+        // write.
+        tokio::time::sleep(PREFACE_RECHECK).await;
     }
 }
 
@@ -226,14 +302,19 @@ async fn accept_opt(
     }
 }
 
-/// The hyper connection builder with `[http]` limits: header block size (`max_header_bytes`,
-/// at least 8 KiB), HTTP/2 header list size, keep-alive pings. (The header read timeout is the
+/// hyper's HTTP/1 and HTTP/2 server connection builders with the `[http]` limits.
+pub struct Builders {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+/// The connection builders with `[http]` limits: header block size (`max_header_bytes`, at
+/// least 8 KiB), HTTP/2 header list size, keep-alive pings. (The header read timeout is the
 /// watchdog's.)
-pub fn connection_builder(max_header_bytes: usize) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+pub fn connection_builders(max_header_bytes: usize) -> Builders {
     let max_header = max_header_bytes.max(8192);
-    b.http1()
-        .timer(TokioTimer::new())
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .keep_alive(true)
         // No timer of hyper's per request head: the connection's watchdog (below) closes a
         // connection whose next request's headers have not come `idle_timeout` after the last
@@ -242,22 +323,53 @@ pub fn connection_builder(max_header_bytes: usize) -> auto::Builder<TokioExecuto
         // quarter, and it saves arming and clearing a timer (and allocating it) per request.
         .header_read_timeout(None)
         .max_buf_size(max_header);
-    b.http2()
-        .timer(TokioTimer::new())
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(256));
-    b
+    Builders { h1, h2 }
+}
+
+/// A hyper server connection being served: a future that ends with the connection, which can
+/// be told to finish (close once the request in flight, if any, is answered).
+trait ServerConn: Future<Output = hyper::Result<()>> {
+    fn finish(self: Pin<&mut Self>);
+}
+
+impl<I, S> ServerConn for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: HyperService<Incoming, ResBody = Body>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    fn finish(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S> ServerConn for hyper::server::conn::http2::Connection<I, S, TokioExecutor>
+where
+    S: HyperService<Incoming, ResBody = Body>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, Body>,
+{
+    fn finish(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
 }
 
 /// Serves one client connection (plain or TLS) until it closes, it is idle for `idle_timeout`
 /// or the gateway shuts down.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn serve_connection<I>(
     io: I,
+    protocol: Protocol,
     frontend: Frontend,
     info: ConnInfo,
     plain: Plain,
-    builder: &auto::Builder<TokioExecutor>,
+    builders: &Builders,
     idle_timeout: Duration,
     shutdown: watch::Receiver<bool>,
 ) where
@@ -290,7 +402,33 @@ pub(super) async fn serve_connection<I>(
             })
         }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let io = TokioIo::new(io);
+    // The connection is made inside `drive`, so that the task holds it once (a value moved
+    // into an async call is often held twice: by the caller and by the callee).
+    match protocol {
+        Protocol::Http1 => {
+            let conn = || builders.h1.serve_connection(io, svc).with_upgrades();
+            drive(conn, client, idle_timeout, tick, shutdown).await;
+        }
+        Protocol::Http2 => {
+            let conn = || builders.h2.serve_connection(io, svc);
+            // Boxed: HTTP/2's connection state is the larger, and only TLS browsers' page
+            // loads use it; unboxed it would size every HTTP/1 connection's task too.
+            Box::pin(drive(conn, client, idle_timeout, tick, shutdown)).await;
+        }
+    }
+}
+
+/// Drives the connection `make` makes until it ends, with its watchdog (see [`watchdog`]) in a
+/// task of its own.
+async fn drive<C: ServerConn>(
+    make: impl FnOnce() -> C,
+    client: Arc<ClientConn>,
+    idle_timeout: Duration,
+    tick: Duration,
+    shutdown: watch::Receiver<bool>,
+) {
+    let conn = make();
     tokio::pin!(conn);
     // The timers and the shutdown watch live in a task of their own, which tells this one when
     // to stop: polled here, they would be polled on every wake-up of the connection (every
@@ -337,14 +475,14 @@ pub(super) async fn serve_connection<I>(
                         break;
                     }
                     Ok(Stop::Finish) => {
-                        conn.as_mut().graceful_shutdown();
+                        conn.as_mut().finish();
                         recheck.reset();
                     }
                     // The watchdog failed: finish the request in flight, as when idle, and
                     // keep its response header timeout here.
                     Err(_) => {
                         tracing::warn!("HTTP connection watchdog ended unexpectedly; finishing the connection");
-                        conn.as_mut().graceful_shutdown();
+                        conn.as_mut().finish();
                         recheck.reset();
                     }
                 }

@@ -36,7 +36,6 @@ use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use router_core::Pool;
 use std::path::PathBuf;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -50,9 +49,12 @@ use crate::health::FailureHook;
 use crate::metrics::Metrics;
 
 pub use body::ConnTracker;
-pub use conn::connection_builder;
+pub use conn::{Builders, connection_builders};
 #[cfg(test)]
-use conn::{FIRST_REQUEST_WITHIN, Plain, redirect_to_https, serve_connection, strip_port};
+use conn::{
+    FIRST_REQUEST_WITHIN, Plain, Protocol, plain_connection, redirect_to_https, serve_connection,
+    strip_port,
+};
 use conn::{Served, accept, listeners};
 pub use cookie::CookieSigner;
 pub use proxy::{ClientConn, ConnInfo, Frontend, FrontendSettings};
@@ -215,7 +217,7 @@ pub struct HttpService {
     frontend: Frontend,
     tls: Option<TlsParts>,
     tls_reload: Option<Arc<tokio::sync::Notify>>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     idle_timeout: Duration,
     /// How often idle browser sessions and lapsed tentative browsers are dropped.
     expire_every: Duration,
@@ -276,7 +278,7 @@ impl HttpService {
             frontend,
             tls,
             tls_reload: parts.tls_reload,
-            builder: Arc::new(connection_builder(settings.max_header_bytes)),
+            builders: Arc::new(connection_builders(settings.max_header_bytes)),
             idle_timeout: settings.idle_timeout,
             // Often enough that tentative browsers stop counting soon after `tentative_for`.
             expire_every: (settings.session_idle / 10)
@@ -301,7 +303,7 @@ pub async fn serve(
         frontend,
         tls,
         tls_reload,
-        builder,
+        builders,
         idle_timeout,
         expire_every,
         max_connections,
@@ -334,7 +336,7 @@ pub async fn serve(
     let (plain, secure) = listeners(http, https, tls)?;
     let served = Served {
         frontend,
-        builder,
+        builders,
         idle_timeout,
     };
     let mut conns = accept(plain, secure, served, max_connections, shutdown).await;

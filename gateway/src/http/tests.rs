@@ -549,10 +549,11 @@ async fn upgrades_are_relayed_both_ways_over_a_real_connection() {
             port: addr.port(),
         };
         let config = poolgate_config::Config::default();
-        let builder = connection_builder(config.http.max_header_bytes);
+        let builder = connection_builders(config.http.max_header_bytes);
         let (_tx, rx) = watch::channel(false);
         serve_connection(
             stream,
+            Protocol::Http1,
             frontend,
             info,
             Plain::default(),
@@ -618,7 +619,8 @@ fn plain_http_redirects_to_https_when_tls_is_on() {
 }
 
 /// Serves connections of `frontend` on a real 127.0.0.1 listener with `config`'s limits and
-/// `idle` as the idle timeout.
+/// `idle` as the idle timeout, each as a plain listener's connection (its HTTP version told
+/// from its first bytes).
 async fn listen(
     frontend: Frontend,
     config: poolgate_config::Config,
@@ -626,8 +628,12 @@ async fn listen(
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let served = conn::Served {
+        frontend,
+        builders: Arc::new(connection_builders(config.http.max_header_bytes)),
+        idle_timeout: idle,
+    };
     let task = tokio::spawn(async move {
-        let builder = Arc::new(connection_builder(config.http.max_header_bytes));
         let (_tx, rx) = watch::channel(false);
         let mut conns = tokio::task::JoinSet::new();
         while let Ok((stream, peer)) = listener.accept().await {
@@ -636,14 +642,130 @@ async fn listen(
                 https: false,
                 port: addr.port(),
             };
-            let (frontend, builder, rx) = (frontend.clone(), builder.clone(), rx.clone());
-            conns.spawn(async move {
-                serve_connection(stream, frontend, info, Plain::default(), &builder, idle, rx)
-                    .await;
-            });
+            let connection =
+                plain_connection(stream, info, Plain::default(), served.clone(), rx.clone());
+            conns.spawn(connection);
         }
     });
     (addr, task)
+}
+
+/// A writer that sends its first `split` bytes on their own and the rest `pause` later: a
+/// client whose first bytes arrive in two pieces.
+struct SplitFirstWrite {
+    io: tokio::net::TcpStream,
+    split: usize,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    pause_for: Duration,
+}
+
+impl tokio::io::AsyncRead for SplitFirstWrite {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SplitFirstWrite {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.split > 0 {
+            let first = self.split.min(buf.len());
+            let n =
+                std::task::ready!(std::pin::Pin::new(&mut self.io).poll_write(cx, &buf[..first]))?;
+            self.split -= n;
+            if self.split == 0 {
+                self.pause = Some(Box::pin(tokio::time::sleep(self.pause_for)));
+            }
+            return std::task::Poll::Ready(Ok(n));
+        }
+        if let Some(pause) = self.pause.as_mut() {
+            std::task::ready!(pause.as_mut().poll(cx));
+            self.pause = None;
+        }
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// One HTTP/2 request with prior knowledge (h2c) over `io`; the VM's answer.
+async fn h2c_get<T>(io: T) -> serde_json::Value
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(io),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("http://hub.example/h2c")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), Version::HTTP_2);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    serde_json::from_slice(&body).expect("json")
+}
+
+#[tokio::test]
+async fn plain_connections_speak_http1_or_http2_with_prior_knowledge() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let config = poolgate_config::Config::default();
+    let idle = config.http.idle_timeout;
+    let (addr, server) = listen(f.frontend.clone(), config, idle).await;
+
+    // HTTP/1.1, as browsers and curl speak it on a plain port.
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /h1 HTTP/1.1\r\nHost: hub.example\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf).await.expect("response");
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // HTTP/2 with prior knowledge, the preface in one piece.
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let answer = h2c_get(s).await;
+    assert_eq!(answer["vm"], "vm-a");
+    assert_eq!(answer["uri"], "/h2c");
+
+    // And with the preface in two pieces, the second a while after the first: the gateway
+    // waits for the rest instead of taking the connection for HTTP/1.
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    let split = SplitFirstWrite {
+        io: s,
+        split: 5,
+        pause: None,
+        pause_for: Duration::from_millis(100),
+    };
+    let answer = h2c_get(split).await;
+    assert_eq!(answer["uri"], "/h2c");
+    server.abort();
 }
 
 #[tokio::test]
@@ -705,7 +827,7 @@ async fn serve_one(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let config = poolgate_config::Config::default();
-    let builder = connection_builder(config.http.max_header_bytes);
+    let builder = connection_builders(config.http.max_header_bytes);
     let server = tokio::spawn(async move {
         let (_stop, shutdown) = watch::channel(false);
         let (stream, peer) = listener.accept().await.expect("accept");
@@ -716,6 +838,7 @@ async fn serve_one(
         };
         serve_connection(
             stream,
+            Protocol::Http1,
             frontend,
             info,
             Plain::default(),
@@ -836,4 +959,31 @@ async fn a_second_request_whose_headers_never_finish_is_closed_after_the_idle_ti
         "closed after {waited:?} (idle timeout {idle:?})"
     );
     server.await.expect("server task");
+}
+
+/// A plain connection's task holds its connection state once and nothing of TLS's: it is
+/// about 1.4 KiB (with hyper's buffers on the heap). Made outside the task and moved in, or
+/// sized for the TLS listener's handshake too, it was 9 to 14 KiB per connection.
+#[tokio::test]
+async fn a_plain_connection_future_stays_small() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (stream, peer) = listener.accept().await.expect("accept");
+    let config = poolgate_config::Config::default();
+    let served = conn::Served {
+        frontend: f.frontend.clone(),
+        builders: Arc::new(connection_builders(config.http.max_header_bytes)),
+        idle_timeout: config.http.idle_timeout,
+    };
+    let (_tx, rx) = watch::channel(false);
+    let info = ConnInfo {
+        client: peer,
+        https: false,
+        port: addr.port(),
+    };
+    let connection = plain_connection(stream, info, Plain::default(), served, rx);
+    let size = std::mem::size_of_val(&connection);
+    assert!(size <= 3 * 1024, "a plain connection's future is {size} bytes");
 }
