@@ -174,7 +174,9 @@ pub(super) async fn tls_connection(
     shutdown: watch::Receiver<bool>,
 ) {
     let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(s)) => s,
+        // Boxed: the TLS state is 1.2 KiB, and each layer of the serving futures would
+        // otherwise reserve room for it (an async call keeps its arguments' slots).
+        Ok(Ok(s)) => Box::new(s),
         Ok(Err(e)) => {
             tracing::debug!("TLS handshake failed: {e}");
             return;
