@@ -191,17 +191,7 @@ pub(super) async fn tls_connection(
         Some(b"h2") => Protocol::Http2,
         _ => Protocol::Http1,
     };
-    serve_connection(
-        stream,
-        protocol,
-        served.frontend,
-        info,
-        Plain::default(),
-        &served.builders,
-        served.idle_timeout,
-        shutdown,
-    )
-    .await;
+    serve_connection(stream, protocol, info, Plain::default(), served, shutdown).await;
 }
 
 /// One client connection of the plain listener: its requests until it closes, in the HTTP
@@ -232,22 +222,12 @@ pub(super) async fn plain_connection(
         // Nothing has started on the connection: dropping it closes it.
         _ = shutdown.wait_for(|stop| *stop) => return,
     };
-    serve_connection(
-        stream,
-        protocol,
-        served.frontend,
-        info,
-        plain,
-        &served.builders,
-        served.idle_timeout,
-        shutdown,
-    )
-    .await;
+    serve_connection(stream, protocol, info, plain, served, shutdown).await;
 }
 
 /// The HTTP version a connection speaks, known before hyper reads from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Protocol {
+enum Protocol {
     Http1,
     Http2,
 }
@@ -362,21 +342,23 @@ where
     }
 }
 
-/// Serves one client connection (plain or TLS) until it closes, it is idle for `idle_timeout`
-/// or the gateway shuts down.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn serve_connection<I>(
+/// Serves one client connection (plain or TLS) in `protocol` until it closes, it is idle for
+/// `http.idle_timeout` or the gateway shuts down.
+async fn serve_connection<I>(
     io: I,
     protocol: Protocol,
-    frontend: Frontend,
     info: ConnInfo,
     plain: Plain,
-    builders: &Builders,
-    idle_timeout: Duration,
+    served: Served,
     shutdown: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Served {
+        frontend,
+        builders,
+        idle_timeout,
+    } = served;
     let client = frontend.client(info);
     let tick = check_every(idle_timeout).min(check_every(frontend.response_header_timeout()));
     let svc_client = client.clone();

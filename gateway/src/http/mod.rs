@@ -51,10 +51,7 @@ use crate::metrics::Metrics;
 pub use body::ConnTracker;
 pub use conn::{Builders, connection_builders};
 #[cfg(test)]
-use conn::{
-    FIRST_REQUEST_WITHIN, Plain, Protocol, plain_connection, redirect_to_https, serve_connection,
-    strip_port,
-};
+use conn::{FIRST_REQUEST_WITHIN, Plain, plain_connection, redirect_to_https, strip_port};
 use conn::{Served, accept, listeners};
 pub use cookie::CookieSigner;
 pub use proxy::{ClientConn, ConnInfo, Frontend, FrontendSettings};

@@ -549,19 +549,9 @@ async fn upgrades_are_relayed_both_ways_over_a_real_connection() {
             port: addr.port(),
         };
         let config = poolgate_config::Config::default();
-        let builder = connection_builders(config.http.max_header_bytes);
+        let served = served(frontend, &config, Duration::from_secs(60));
         let (_tx, rx) = watch::channel(false);
-        serve_connection(
-            stream,
-            Protocol::Http1,
-            frontend,
-            info,
-            Plain::default(),
-            &builder,
-            Duration::from_secs(60),
-            rx,
-        )
-        .await;
+        plain_connection(stream, info, Plain::default(), served, rx).await;
     });
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(
@@ -618,6 +608,16 @@ fn plain_http_redirects_to_https_when_tls_is_on() {
     assert_eq!(redirect_to_https(&no_host, 443).status(), 400);
 }
 
+/// What connections are served with: `frontend`, `config`'s limits, `idle` as the idle
+/// timeout.
+fn served(frontend: Frontend, config: &poolgate_config::Config, idle: Duration) -> conn::Served {
+    conn::Served {
+        frontend,
+        builders: Arc::new(connection_builders(config.http.max_header_bytes)),
+        idle_timeout: idle,
+    }
+}
+
 /// Serves connections of `frontend` on a real 127.0.0.1 listener with `config`'s limits and
 /// `idle` as the idle timeout, each as a plain listener's connection (its HTTP version told
 /// from its first bytes).
@@ -628,11 +628,7 @@ async fn listen(
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let served = conn::Served {
-        frontend,
-        builders: Arc::new(connection_builders(config.http.max_header_bytes)),
-        idle_timeout: idle,
-    };
+    let served = served(frontend, &config, idle);
     let task = tokio::spawn(async move {
         let (_tx, rx) = watch::channel(false);
         let mut conns = tokio::task::JoinSet::new();
@@ -826,8 +822,7 @@ async fn serve_one(
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let config = poolgate_config::Config::default();
-    let builder = connection_builders(config.http.max_header_bytes);
+    let served = served(frontend, &poolgate_config::Config::default(), idle);
     let server = tokio::spawn(async move {
         let (_stop, shutdown) = watch::channel(false);
         let (stream, peer) = listener.accept().await.expect("accept");
@@ -836,17 +831,7 @@ async fn serve_one(
             https: false,
             port: addr.port(),
         };
-        serve_connection(
-            stream,
-            Protocol::Http1,
-            frontend,
-            info,
-            Plain::default(),
-            &builder,
-            idle,
-            shutdown,
-        )
-        .await;
+        plain_connection(stream, info, Plain::default(), served, shutdown).await;
     });
     (addr, server)
 }
@@ -972,11 +957,7 @@ async fn a_plain_connection_future_stays_small() {
     let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (stream, peer) = listener.accept().await.expect("accept");
     let config = poolgate_config::Config::default();
-    let served = conn::Served {
-        frontend: f.frontend.clone(),
-        builders: Arc::new(connection_builders(config.http.max_header_bytes)),
-        idle_timeout: config.http.idle_timeout,
-    };
+    let served = served(f.frontend.clone(), &config, config.http.idle_timeout);
     let (_tx, rx) = watch::channel(false);
     let info = ConnInfo {
         client: peer,
@@ -1001,11 +982,7 @@ async fn a_tls_connection_future_stays_small() {
     let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (stream, peer) = listener.accept().await.expect("accept");
     let config = poolgate_config::Config::default();
-    let served = conn::Served {
-        frontend: f.frontend.clone(),
-        builders: Arc::new(connection_builders(config.http.max_header_bytes)),
-        idle_timeout: config.http.idle_timeout,
-    };
+    let served = served(f.frontend.clone(), &config, config.http.idle_timeout);
     let certs = tls::ServedCert::new("file", Default::default());
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(certs).expect("config")));
     let (_tx, rx) = watch::channel(false);
