@@ -1,5 +1,6 @@
 //! Client connections: the two listeners, the accept loop with its connection limit, the TLS
-//! handshake, and serving one connection's requests (or redirecting them to HTTPS).
+//! handshake, telling the HTTP version (ALPN, or a peek at a plain connection's first bytes),
+//! and serving one connection's requests (or redirecting them to HTTPS).
 
 use std::pin::Pin;
 
