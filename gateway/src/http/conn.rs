@@ -4,6 +4,8 @@
 
 use std::pin::Pin;
 
+use tokio::time::Instant;
+
 use hyper::service::HttpService as HyperService;
 
 use super::*;
@@ -15,6 +17,12 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// holds a connection for a minute, not for the 5-minute keep-alive idle time. Later requests
 /// on the connection have `http.idle_timeout` from the end of the one before (the watchdog).
 pub(super) const FIRST_REQUEST_WITHIN: Duration = Duration::from_secs(60);
+
+/// How long a new connection has for its first request's headers: [`FIRST_REQUEST_WITHIN`],
+/// or `http.idle_timeout` when shorter.
+fn first_request_within(idle_timeout: Duration) -> Duration {
+    FIRST_REQUEST_WITHIN.min(idle_timeout)
+}
 /// While `http.max_connections` stays reached, the warning is repeated this often.
 const FULL_WARN_EVERY: Duration = Duration::from_secs(60);
 /// What an HTTP/2 client sends first (RFC 9113, section 3.4).
@@ -86,13 +94,13 @@ pub(super) async fn accept(
 ) -> JoinSet<()> {
     let mut conns = JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
-    let mut full_warned: Option<tokio::time::Instant> = None;
+    let mut full_warned: Option<Instant> = None;
     loop {
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 if full_warned.is_none_or(|at| at.elapsed() >= FULL_WARN_EVERY) {
-                    full_warned = Some(tokio::time::Instant::now());
+                    full_warned = Some(Instant::now());
                     tracing::warn!(
                         max_connections,
                         "HTTP connection limit reached (http.max_connections); new connections \
@@ -192,7 +200,18 @@ pub(super) async fn tls_connection(
         Some(b"h2") => Protocol::Http2,
         _ => Protocol::Http1,
     };
-    serve_connection(stream, protocol, info, Plain::default(), served, shutdown).await;
+    // Over TLS the first request's time counts from the end of the handshake.
+    let first_request_by = Instant::now() + first_request_within(served.idle_timeout);
+    serve_connection(
+        stream,
+        protocol,
+        info,
+        Plain::default(),
+        served,
+        first_request_by,
+        shutdown,
+    )
+    .await;
 }
 
 /// One client connection of the plain listener: its requests until it closes, in the HTTP
@@ -204,10 +223,12 @@ pub(super) async fn plain_connection(
     served: Served,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // The first request's headers are due within this anyway (the watchdog's rule).
-    let within = FIRST_REQUEST_WITHIN.min(served.idle_timeout);
+    // The first request's time counts from connecting: telling the version spends it too, so
+    // a client that waits before it starts its headers gets no longer than one that does not.
+    let within = first_request_within(served.idle_timeout);
+    let first_request_by = Instant::now() + within;
     let protocol = tokio::select! {
-        sniffed = tokio::time::timeout(within, sniff(&stream)) => match sniffed {
+        sniffed = tokio::time::timeout_at(first_request_by, sniff(&stream)) => match sniffed {
             Ok(Ok(protocol)) => protocol,
             Ok(Err(e)) => {
                 tracing::debug!("connection ended before its first request: {e}");
@@ -223,7 +244,16 @@ pub(super) async fn plain_connection(
         // Nothing has started on the connection: dropping it closes it.
         _ = shutdown.wait_for(|stop| *stop) => return,
     };
-    serve_connection(stream, protocol, info, plain, served, shutdown).await;
+    serve_connection(
+        stream,
+        protocol,
+        info,
+        plain,
+        served,
+        first_request_by,
+        shutdown,
+    )
+    .await;
 }
 
 /// The HTTP version a connection speaks, known before hyper reads from it.
@@ -343,14 +373,16 @@ where
     }
 }
 
-/// Serves one client connection (plain or TLS) in `protocol` until it closes, it is idle for
-/// `http.idle_timeout` or the gateway shuts down.
+/// Serves one client connection (plain or TLS) in `protocol` until it closes, it has not sent
+/// its first request's headers by `first_request_by`, it is idle for `http.idle_timeout` or
+/// the gateway shuts down.
 async fn serve_connection<I>(
     io: I,
     protocol: Protocol,
     info: ConnInfo,
     plain: Plain,
     served: Served,
+    first_request_by: Instant,
     shutdown: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -393,13 +425,21 @@ async fn serve_connection<I>(
     match protocol {
         Protocol::Http1 => {
             let conn = || builders.h1.serve_connection(io, svc).with_upgrades();
-            drive(conn, client, idle_timeout, tick, shutdown).await;
+            drive(conn, client, idle_timeout, tick, first_request_by, shutdown).await;
         }
         Protocol::Http2 => {
             let conn = || builders.h2.serve_connection(io, svc);
             // Boxed: HTTP/2's connection state is the larger, and only TLS browsers' page
             // loads use it; unboxed it would size every HTTP/1 connection's task too.
-            Box::pin(drive(conn, client, idle_timeout, tick, shutdown)).await;
+            Box::pin(drive(
+                conn,
+                client,
+                idle_timeout,
+                tick,
+                first_request_by,
+                shutdown,
+            ))
+            .await;
         }
     }
 }
@@ -411,6 +451,7 @@ async fn drive<C: ServerConn>(
     client: Arc<ClientConn>,
     idle_timeout: Duration,
     tick: Duration,
+    first_request_by: Instant,
     shutdown: watch::Receiver<bool>,
 ) {
     let conn = make();
@@ -422,7 +463,14 @@ async fn drive<C: ServerConn>(
     let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
     client.watch_response_heads();
     let watched = client.clone();
-    let watching = tokio::spawn(watchdog(client, idle_timeout, tick, shutdown, stop_tx));
+    let watching = tokio::spawn(watchdog(
+        client,
+        idle_timeout,
+        tick,
+        first_request_by,
+        shutdown,
+        stop_tx,
+    ));
     let mut closing = false;
     // Once finishing: hyper closes an idle connection at once and one with a request in
     // flight after its response, but one whose next request's headers are only partly there
@@ -455,7 +503,7 @@ async fn drive<C: ServerConn>(
                         // Dropping the connection closes it: no request has started.
                         tracing::debug!(
                             "no complete request headers within {:?} of connecting; closed",
-                            FIRST_REQUEST_WITHIN.min(idle_timeout)
+                            first_request_within(idle_timeout)
                         );
                         break;
                     }
@@ -492,8 +540,8 @@ enum Stop {
     Finish,
 }
 
-/// Watches one client connection: closes it when its first request's headers do not come
-/// within [`FIRST_REQUEST_WITHIN`] (or `idle_timeout`, when shorter), finishes it when it has
+/// Watches one client connection: closes it when its first request's headers have not come
+/// by `first_request_by` ([`first_request_within`] of its start), finishes it when it has
 /// been idle for `idle_timeout` or the gateway shuts down, gives its VM connection back to
 /// the shared list when it has gone unused for a tick, and has the request waiting on a
 /// response head check `response_header_timeout` every `tick`. Tells the connection's task
@@ -502,12 +550,13 @@ async fn watchdog(
     client: Arc<ClientConn>,
     idle_timeout: Duration,
     tick: Duration,
+    first_request_by: Instant,
     mut shutdown: watch::Receiver<bool>,
     mut stop: tokio::sync::oneshot::Sender<Stop>,
 ) {
     let tracker = client.tracker();
     let mut tick = tokio::time::interval(tick);
-    let first_request = tokio::time::sleep(FIRST_REQUEST_WITHIN.min(idle_timeout));
+    let first_request = tokio::time::sleep_until(first_request_by);
     tokio::pin!(first_request);
     let mut started = false;
     let why = loop {

@@ -863,6 +863,30 @@ async fn a_connection_that_never_completes_its_first_request_is_closed_after_a_m
     server.await.expect("server task");
 }
 
+/// The minute counts from connecting, not from the first byte: a slowloris that waits before
+/// it starts trickling its headers gets no more time than one that starts at once.
+#[tokio::test(start_paused = true)]
+async fn a_first_request_that_starts_late_and_never_finishes_is_closed_a_minute_after_connecting() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let (addr, server) = serve_one_at_defaults(f.frontend.clone()).await;
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let connected = tokio::time::Instant::now();
+    tokio::time::sleep(FIRST_REQUEST_WITHIN - Duration::from_secs(10)).await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: pool.example\r\nX-Slow: a")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 256];
+    let n = client.read(&mut buf).await.unwrap_or(0);
+    let waited = connected.elapsed();
+    assert_eq!(n, 0, "closed without an answer: {:?}", &buf[..n]);
+    assert!(
+        waited >= FIRST_REQUEST_WITHIN && waited < FIRST_REQUEST_WITHIN + Duration::from_secs(5),
+        "closed {waited:?} after connecting"
+    );
+    server.await.expect("server task");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_first_request_that_starts_just_before_the_minute_is_answered_not_cut_off() {
     // The VM takes 20 s to fail (`/slow` and a 20 s header timeout): the request is still in
