@@ -981,9 +981,10 @@ async fn connection_futures_stay_small() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let config = poolgate_config::Config::default();
+    let served = served(f.frontend.clone(), &config, config.http.idle_timeout);
     let (_tx, rx) = watch::channel(false);
-    let mut accepted = Vec::new();
-    for https in [false, true] {
+    // The futures are made, not run: their clients only need to exist.
+    let accept = async |https| {
         let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (stream, peer) = listener.accept().await.expect("accept");
         let info = ConnInfo {
@@ -991,28 +992,21 @@ async fn connection_futures_stay_small() {
             https,
             port: addr.port(),
         };
-        accepted.push((client, stream, info));
-    }
-    let served = served(f.frontend.clone(), &config, config.http.idle_timeout);
-    let (_, tls_stream, tls_info) = accepted.pop().expect("TLS");
-    let (_, plain_stream, plain_info) = accepted.pop().expect("plain");
+        (client, stream, info)
+    };
 
-    let plain = plain_connection(
-        plain_stream,
-        plain_info,
-        Plain::default(),
-        served.clone(),
-        rx.clone(),
-    );
+    let (_plain_client, stream, info) = accept(false).await;
+    let plain = plain_connection(stream, info, Plain::default(), served.clone(), rx.clone());
     let size = std::mem::size_of_val(&plain);
     assert!(
         size <= 3 * 1024,
         "a plain connection's future is {size} bytes"
     );
 
+    let (_tls_client, stream, info) = accept(true).await;
     let certs = tls::ServedCert::new("file", Default::default());
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(certs).expect("config")));
-    let tls = conn::tls_connection(tls_stream, tls_info, acceptor, served, rx);
+    let tls = conn::tls_connection(stream, info, acceptor, served, rx);
     let size = std::mem::size_of_val(&tls);
     assert!(
         size <= 3 * 1024,
