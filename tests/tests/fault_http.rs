@@ -143,11 +143,15 @@ async fn a_killed_vm_fails_its_post_in_flight_with_502_resends_its_get_and_repin
         "the GET in flight is answered by js-b: {}",
         r.text()
     );
+    let log = gw.gateway.log_text();
+    let resend = log
+        .lines()
+        .find(|l| l.contains("connection to the VM broke before an answer"))
+        .unwrap_or_else(|| panic!("the resend is logged:\n{log}"));
+    // The line names the client connection, as every line logged about one does.
     assert!(
-        gw.gateway
-            .log_text()
-            .contains("connection to the VM broke before an answer"),
-        "the resend is logged"
+        resend.contains("http{client.addr=127.0.0.1:") && resend.contains("vm=js-a"),
+        "the resend's line names the client and the VM: {resend}"
     );
     let closed = tokio::time::timeout(Duration::from_secs(10), ws_next_text(&mut events_a))
         .await

@@ -144,28 +144,21 @@ pub(super) async fn accept(
             https: listener.tls.is_some(),
             port: stream.local_addr().map(|a| a.port()).unwrap_or(0),
         };
-        let span = tracing::info_span!("http", client.addr = %peer);
         let (served, shutdown) = (served.clone(), shutdown.clone());
         // The connection's future is made inside the task's: made outside and moved in, it
         // would be held twice in the task (as the block's capture and as what it awaits).
         // And a plain connection's task is not sized for TLS's state.
         match listener.tls.clone() {
-            Some(acceptor) => conns.spawn(
-                async move {
-                    let _slot = slot;
-                    tls_connection(stream, info, acceptor, served, shutdown).await;
-                }
-                .instrument(span),
-            ),
+            Some(acceptor) => conns.spawn(async move {
+                let _slot = slot;
+                tls_connection(stream, info, acceptor, served, shutdown).await;
+            }),
             None => {
                 let plain = listener.plain.clone();
-                conns.spawn(
-                    async move {
-                        let _slot = slot;
-                        plain_connection(stream, info, plain, served, shutdown).await;
-                    }
-                    .instrument(span),
-                )
+                conns.spawn(async move {
+                    let _slot = slot;
+                    plain_connection(stream, info, plain, served, shutdown).await;
+                })
             }
         };
     }
@@ -187,11 +180,11 @@ pub(super) async fn tls_connection(
         // otherwise reserve room for it (an async call keeps its arguments' slots).
         Ok(Ok(s)) => Box::new(s),
         Ok(Err(e)) => {
-            tracing::debug!("TLS handshake failed: {e}");
+            tracing::debug!(client.addr = %info.client, "TLS handshake failed: {e}");
             return;
         }
         Err(_) => {
-            tracing::debug!("TLS handshake timed out");
+            tracing::debug!(client.addr = %info.client, "TLS handshake timed out");
             return;
         }
     };
@@ -231,11 +224,12 @@ pub(super) async fn plain_connection(
         sniffed = tokio::time::timeout_at(first_request_by, sniff(&stream)) => match sniffed {
             Ok(Ok(protocol)) => protocol,
             Ok(Err(e)) => {
-                tracing::debug!("connection ended before its first request: {e}");
+                tracing::debug!(client.addr = %info.client, "connection ended before its first request: {e}");
                 return;
             }
             Err(_) => {
                 tracing::debug!(
+                    client.addr = %info.client,
                     "no complete request headers within {within:?} of connecting; closed"
                 );
                 return;
@@ -399,7 +393,7 @@ async fn serve_connection<I>(
         let answer = match plain
             .challenges
             .as_deref()
-            .and_then(|c| acme_challenge_answer(c, &req))
+            .and_then(|c| acme_challenge_answer(c, &req, svc_client.span()))
         {
             Some(resp) => Some(resp),
             None => plain.redirect_to.map(|port| redirect_to_https(&req, port)),
@@ -481,7 +475,7 @@ async fn drive<C: ServerConn>(
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    tracing::debug!("connection ended: {e}");
+                    tracing::debug!(parent: watched.span(), "connection ended: {e}");
                 }
                 break;
             }
@@ -491,6 +485,7 @@ async fn drive<C: ServerConn>(
                 watched.poke_waiting_request();
                 if watched.tracker().idle_for().is_some() {
                     tracing::debug!(
+                        parent: watched.span(),
                         "the next request's headers did not come within {idle_timeout:?}; closed"
                     );
                     break;
@@ -502,6 +497,7 @@ async fn drive<C: ServerConn>(
                     Ok(Stop::NoRequest) => {
                         // Dropping the connection closes it: no request has started.
                         tracing::debug!(
+                            parent: watched.span(),
                             "no complete request headers within {:?} of connecting; closed",
                             first_request_within(idle_timeout)
                         );
@@ -514,7 +510,7 @@ async fn drive<C: ServerConn>(
                     // The watchdog failed: finish the request in flight, as when idle, and
                     // keep its response header timeout here.
                     Err(_) => {
-                        tracing::warn!("HTTP connection watchdog ended unexpectedly; finishing the connection");
+                        tracing::warn!(parent: watched.span(), "HTTP connection watchdog ended unexpectedly; finishing the connection");
                         conn.as_mut().finish();
                         recheck.reset();
                     }
@@ -595,11 +591,12 @@ async fn watchdog(
 pub(super) fn acme_challenge_answer<B>(
     challenges: &acme::Challenges,
     req: &Request<B>,
+    span: &tracing::Span,
 ) -> Option<Response<Body>> {
     let token = req.uri().path().strip_prefix(acme::CHALLENGE_PREFIX)?;
     let mut resp = match challenges.answer(token) {
         Some(key_authorization) => {
-            tracing::info!(token, "ACME: answered an HTTP-01 challenge");
+            tracing::info!(parent: span, token, "ACME: answered an HTTP-01 challenge");
             Response::new(full(key_authorization))
         }
         None => {

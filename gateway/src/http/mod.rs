@@ -43,7 +43,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tracing::Instrument;
 
 use crate::health::FailureHook;
 use crate::metrics::Metrics;

@@ -24,8 +24,10 @@ pub(super) enum UpgradeError {
 
 /// Sends the upgrade request `req` (origin-form target, `Connection: upgrade` kept) to
 /// `authority` and, on `101`, relays the upgraded streams in a background task that calls
-/// `on_done(up, down)` with the byte counts when either side closes.
+/// `on_done(up, down)` with the byte counts when either side closes. The background tasks log
+/// in `span`, the client connection's.
 pub(super) async fn forward(
+    span: &tracing::Span,
     authority: &str,
     req: Request<Body>,
     client: OnUpgrade,
@@ -46,7 +48,7 @@ pub(super) async fn forward(
                 tracing::debug!("upstream upgrade connection: {e}");
             }
         }
-        .in_current_span(),
+        .instrument(span.clone()),
     );
     let mut resp = match tokio::time::timeout(header_timeout, sender.send_request(req)).await {
         Ok(Ok(r)) => r,
@@ -71,7 +73,7 @@ pub(super) async fn forward(
                     Err(e) => tracing::debug!("upgraded stream ended: {e}"),
                 }
             }
-            .in_current_span(),
+            .instrument(span.clone()),
         );
     }
     Ok(resp)

@@ -179,6 +179,7 @@ impl Frontend {
     pub(super) async fn attempt_upgrade(
         &self,
         out: &mut Outbound,
+        client: &ClientConn,
         name: &str,
         authority: &str,
         mut headers: HeaderMap,
@@ -217,6 +218,7 @@ impl Frontend {
         let started = Instant::now();
         // Not boxed here: the caller boxes this whole attempt.
         match upgrade::forward(
+            client.span(),
             authority,
             up,
             on_client,
@@ -248,6 +250,7 @@ impl Frontend {
     pub(super) fn failed(
         &self,
         out: &mut Outbound,
+        client: &ClientConn,
         tries: &mut Tries,
         name: String,
         failed: Attempt,
@@ -257,18 +260,18 @@ impl Frontend {
             Attempt::Broken(detail, back) if !tries.resent => {
                 // Once, without blaming the VM: a closed keep-alive connection is normal. If
                 // the VM is gone, the next attempt cannot connect and fails over.
-                tracing::info!(vm = %name, "connection to the VM broke before an answer ({detail}); sending the request again");
+                tracing::info!(parent: client.span(), vm = %name, "connection to the VM broke before an answer ({detail}); sending the request again");
                 tries.resent = true;
                 out.body = back;
                 None
             }
             Attempt::Client(e) => {
-                tracing::info!(vm = %name, ?e, "request refused: the client's request body could not be read");
+                tracing::info!(parent: client.span(), vm = %name, ?e, "request refused: the client's request body could not be read");
                 self.forget_new(out.pin.as_deref(), &out.new_session);
                 Some((e.response_as(out.json()), Some(name)))
             }
             Attempt::Fail(e) => {
-                tracing::warn!(vm = %name, "HTTP request failed: {}", e.status());
+                tracing::warn!(parent: client.span(), vm = %name, "HTTP request failed: {}", e.status());
                 inner.metrics.session_started(
                     Protocol::Http,
                     &name,
@@ -279,7 +282,7 @@ impl Frontend {
                 Some((e.response_as(out.json()), Some(name)))
             }
             Attempt::Unreachable(detail, returned) | Attempt::Broken(detail, returned) => {
-                tracing::warn!(vm = %name, "cannot reach VM: {detail}; trying another");
+                tracing::warn!(parent: client.span(), vm = %name, "cannot reach VM: {detail}; trying another");
                 (inner.on_vm_failure)(&name);
                 inner.metrics.session_started(
                     Protocol::Http,

@@ -84,6 +84,10 @@ pub struct ClientConn {
     last: Mutex<Last>,
     /// Its request waiting for a response head, for the watchdog to time out.
     head_wait: HeadWait,
+    /// Its log context (`http{client.addr=...}`), named as the parent of each line logged
+    /// about it, not entered: entering a span on every poll of the connection's task costs
+    /// more per request than all of the gateway's logging.
+    span: tracing::Span,
 }
 
 /// A VM a client connection's requests go to, with what each request to it needs.
@@ -112,6 +116,11 @@ struct Last {
 }
 
 impl ClientConn {
+    /// Its log context: `tracing::warn!(parent: client.span(), ...)`.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
     /// Its requests in flight, and since when it has had none.
     pub fn tracker(&self) -> &ConnTracker {
         &self.tracker
@@ -452,6 +461,7 @@ impl Frontend {
             kept: Arc::new(Kept::new(self.inner.upstreams.clone())),
             last: Mutex::default(),
             head_wait: HeadWait::default(),
+            span: tracing::info_span!("http", client.addr = %info.client),
         })
     }
 
@@ -655,7 +665,10 @@ impl Frontend {
                     // Boxed: an upgrade's attempt is larger than a plain one's and rare; inline
                     // it would size every request's future (allocated and copied per request)
                     // for it.
-                    match Box::pin(this.attempt_upgrade(&mut out, name, &authority, headers)).await
+                    match Box::pin(
+                        this.attempt_upgrade(&mut out, &client, name, &authority, headers),
+                    )
+                    .await
                     {
                         Ok((resp, started)) => {
                             let resp = this.answered(out, resp, started, &vm, conn, down);
@@ -682,7 +695,7 @@ impl Frontend {
                     }
                 };
                 if let Some((resp, label)) =
-                    this.failed(&mut out, &mut tries, name.to_owned(), failed)
+                    this.failed(&mut out, &client, &mut tries, name.to_owned(), failed)
                 {
                     return (out.active.attach(resp), label.map(VmLabel::Failed));
                 }
