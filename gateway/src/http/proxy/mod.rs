@@ -13,6 +13,8 @@ mod head_wait;
 mod response;
 
 use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::Either;
 use http_body_util::BodyExt;
 use hyper::HeaderMap;
 use hyper::body::Body as HttpBody;
@@ -509,15 +511,18 @@ impl Frontend {
             Ok(()) => Ok(self.prepare(req, client, active)),
             Err(e) => Err(active.attach(e.response(req.headers()))),
         };
+        // The proxying future is made now and mapped, not awaited inside an async block of
+        // this function's: such a block would keep room for the prepared request twice (as
+        // its capture and inside the future it awaits), in a future allocated per request.
+        let answered = match prepared {
+            Ok(out) => Either::Left(self.proxy(out, client)),
+            Err(resp) => Either::Right(std::future::ready((resp, None))),
+        };
         let (this, client) = (self.clone(), client.clone());
-        async move {
-            let (resp, vm) = match prepared {
-                Ok(out) => this.proxy(out, &client).await,
-                Err(resp) => (resp, None),
-            };
+        answered.map(move |(resp, vm)| {
             this.done(&client, &resp, vm.as_ref(), started, access);
             resp
-        }
+        })
     }
 
     /// Counts and logs an answered request.

@@ -247,7 +247,9 @@ impl Upstreams {
                     })
                     .await
                 };
-                match sent {
+                // The error is dropped before the reconnect's await: held across it, it (and
+                // the result it came in) would be room in every request's future.
+                req = match sent {
                     Ok(head) => break head,
                     // A kept-alive connection failed before the request was written (the VM
                     // closed it while it sat idle): nothing reached the VM, so any request,
@@ -258,14 +260,14 @@ impl Upstreams {
                                 "kept-alive connection to {authority} closed before the request was written ({}); reconnecting",
                                 e.error()
                             );
-                            req = unsent;
-                            link = this.connect_boxed(&authority).await?;
-                            reused = false;
+                            unsent
                         }
                         None => return Err(SendError::Http(e.into_error())),
                     },
                     Err(e) => return Err(SendError::Http(e.into_error())),
-                }
+                };
+                link = this.connect_boxed(&authority).await?;
+                reused = false;
             };
             let (parts, incoming) = head.into_parts();
             let mut body = Driven {
