@@ -87,8 +87,9 @@ pub struct ClientConn {
     /// Its request waiting for a response head, for the watchdog to time out.
     head_wait: HeadWait,
     /// Its log context (`http{client.addr=...}`), named as the parent of each line logged
-    /// about it, not entered: entering a span on every poll of the connection's task costs
-    /// more per request than all of the gateway's logging.
+    /// about it, not entered: entering it on every poll of the connection's task cost about
+    /// 770 instructions and 49 first-level cache misses per request (callgrind, 64
+    /// connections), for lines that are rarely logged.
     span: tracing::Span,
 }
 
