@@ -325,10 +325,13 @@ impl Upstreams {
 
     /// A response has been read to its end: its connection is kept by the client connection
     /// when it has none, else it goes to the shared list.
-    fn check_in(&self, authority: Arc<str>, mut link: Box<Link>, kept: Option<&Kept>) {
-        // Let the connection finish the exchange and ask for the next request.
-        link.drive(&mut Context::from_waker(Waker::noop()));
-        if link.done() || !link.sender.is_ready() {
+    fn check_in(&self, authority: Arc<str>, link: Box<Link>, kept: Option<&Kept>) {
+        // Not polled here: the response's last chunk is still on its way to the client, and
+        // it shares the connection's read buffer. Polled now, hyper would find that buffer
+        // shared and read into a new one (8 KiB allocated and freed for every response).
+        // Whoever takes the connection next polls it first ([`usable`]), which finishes the
+        // exchange and notices a VM that closed it; so does the idle sweep.
+        if link.done() {
             return;
         }
         let (authority, link) = match kept {
