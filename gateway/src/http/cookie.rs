@@ -171,16 +171,43 @@ fn decode_exact(text: &str, out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
-/// The value of cookie `name` in a request's `Cookie` headers (the first one when repeated).
-pub fn find_cookie<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(hyper::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v.trim_matches('"'))
+/// Finds one cookie, by name, in a request's `Cookie` headers. Made once for the name: the
+/// search (`memchr`'s vectorised one) is prepared for it.
+pub struct CookieFinder {
+    name: memchr::memmem::Finder<'static>,
+}
+
+impl CookieFinder {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: memchr::memmem::Finder::new(name.as_bytes()).into_owned(),
+        }
+    }
+
+    /// The cookie's value (the first one when repeated).
+    ///
+    /// Read as bytes: a browser's `Cookie` header can run to kilobytes (every cookie of the
+    /// domain), and this runs on every request, so the name is searched for rather than every
+    /// pair split off and compared. Only the value found must be text: another cookie's value
+    /// with bytes beyond ASCII (browsers send what scripts set) does not hide this one.
+    pub fn find<'a>(&self, headers: &'a hyper::HeaderMap) -> Option<&'a str> {
+        let len = self.name.needle().len();
+        headers.get_all(hyper::header::COOKIE).iter().find_map(|v| {
+            let text = v.as_bytes();
+            self.name.find_iter(text).find_map(|at| {
+                // A whole name: at the start of a pair (after `;` and any blanks), followed
+                // by `=`.
+                let before = text[..at].trim_ascii_end();
+                if !(before.is_empty() || before.ends_with(b";")) {
+                    return None;
+                }
+                let rest = text[at + len..].strip_prefix(b"=")?;
+                let value = &rest[..memchr::memchr(b';', rest).unwrap_or(rest.len())];
+                let value = std::str::from_utf8(value.trim_ascii()).ok()?;
+                Some(value.trim_matches('"'))
+            })
+        })
+    }
 }
 
 /// A `Set-Cookie` value: path `/`, HttpOnly, SameSite=Lax, Secure when served over HTTPS.
@@ -255,6 +282,19 @@ mod tests {
     }
 
     #[test]
+    fn a_cookie_is_found_beside_one_whose_value_is_not_ascii() {
+        let mut h = hyper::HeaderMap::new();
+        let value = hyper::header::HeaderValue::from_bytes(
+            "theme=gr\u{fc}n; poolgate_vm=\"v1\" ;other=1".as_bytes(),
+        )
+        .expect("header");
+        h.append(hyper::header::COOKIE, value);
+        assert_eq!(CookieFinder::new("poolgate_vm").find(&h), Some("v1"));
+        assert_eq!(CookieFinder::new("other").find(&h), Some("1"));
+        assert_eq!(CookieFinder::new("theme").find(&h), Some("gr\u{fc}n"));
+    }
+
+    #[test]
     fn finds_the_cookie_among_others() {
         let mut h = hyper::HeaderMap::new();
         h.append(
@@ -265,9 +305,15 @@ mod tests {
             hyper::header::COOKIE,
             "poolgate_vm=v2".parse().expect("header"),
         );
-        assert_eq!(find_cookie(&h, "poolgate_vm"), Some("v1"));
-        assert_eq!(find_cookie(&h, "_xsrf"), Some("abc"));
-        assert_eq!(find_cookie(&h, "nope"), None);
+        assert_eq!(CookieFinder::new("poolgate_vm").find(&h), Some("v1"));
+        assert_eq!(CookieFinder::new("_xsrf").find(&h), Some("abc"));
+        assert_eq!(CookieFinder::new("nope").find(&h), None);
+        assert_eq!(
+            CookieFinder::new("poolgate").find(&h),
+            None,
+            "a prefix of a name is no match"
+        );
+        assert_eq!(CookieFinder::new("xsrf").find(&h), None);
         let set = set_cookie_header("poolgate_vm", "v", DAY, true);
         assert_eq!(
             set,

@@ -27,7 +27,7 @@ use subtle::ConstantTimeEq;
 
 use super::access_log::{AccessLog, Record};
 use super::body::{Active, ConnTracker, Handoff, Observed};
-use super::cookie::{CookieSigner, Pin, find_cookie, set_cookie_header};
+use super::cookie::{CookieFinder, CookieSigner, Pin, set_cookie_header};
 use super::errors::{GatewayError, accepts_json};
 use super::headers::{ConnForwarding, ForwardedFor, Forwarding, strip_hop_by_hop, wants_upgrade};
 use super::upgrade::{self, UpgradeError};
@@ -239,6 +239,8 @@ struct Inner {
     connect_seconds: prometheus::Histogram,
     on_vm_failure: FailureHook,
     signer: CookieSigner,
+    /// Finds `cookie_name` in a request's cookies.
+    cookie: CookieFinder,
     /// Keep-alive connections to VMs, per VM address.
     upstreams: Arc<Upstreams>,
     /// Autoscaler woken when no VM can take a request.
@@ -397,8 +399,10 @@ impl Frontend {
         let connect_seconds = metrics
             .connect_seconds
             .with_label_values(&[Protocol::Http.as_str()]);
+        let cookie = CookieFinder::new(&settings.cookie_name);
         Self {
             inner: Arc::new(Inner {
+                cookie,
                 settings,
                 pool,
                 metrics,
@@ -721,7 +725,9 @@ impl Frontend {
         let is_upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
         let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
         let now = unix_now();
-        let pin = find_cookie(req.headers(), &inner.settings.cookie_name)
+        let pin = inner
+            .cookie
+            .find(req.headers())
             .and_then(|v| client.pin(v, now, &inner.signer));
         let (mut parts, body) = req.into_parts();
         // Most requests (GETs) have no body: then nothing is wrapped, counted or handed off.
