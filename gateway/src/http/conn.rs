@@ -329,7 +329,16 @@ pub fn connection_builders(max_header_bytes: usize) -> Builders {
         // it. That is the same protection against slow header senders, coarser by at most a
         // quarter, and it saves arming and clearing a timer (and allocating it) per request.
         .header_read_timeout(None)
-        .max_buf_size(max_header);
+        .max_buf_size(max_header)
+        // A request's end of stream is not taken for a client gone away while the request is
+        // in flight: a client that closes its sending side once its request is out still gets
+        // the answer, as from HAProxy (without `option abortonclose`). A client that leaves
+        // is noticed when its answer is written; until then the request runs on the VM, for
+        // at most `response_header_timeout` while it waits for the head. It also saves a read
+        // buffer per request: to look for that end, hyper reads while the request's own bytes
+        // still share its buffer, so it reads into a new one (8 KiB allocated and freed per
+        // request, about 40 first-level cache misses of the ~380 a request costs).
+        .half_close(true);
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))

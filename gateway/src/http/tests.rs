@@ -805,6 +805,29 @@ async fn oversized_headers_get_431_and_idle_connections_are_closed() {
     server.abort();
 }
 
+/// A client may close its sending side once its request is out (`shutdown(SHUT_WR)`, as
+/// `nc -N` and some scripts do) and still read the answer: the gateway does not take the early
+/// end of the request stream for a client gone away.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let (addr, server) = serve_one_at_defaults(f.frontend.clone()).await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /half HTTP/1.1\r\nHost: hub.example\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    s.shutdown().await.expect("close the sending side");
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut resp))
+        .await
+        .expect("the connection ends within 5 s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("/half"), "the VM's answer: {text}");
+    server.abort();
+}
+
 /// Serves the first connection to a 127.0.0.1 listener with the default `[http]` settings
 /// (no shutdown while the test runs); returns its address and the serving task.
 async fn serve_one_at_defaults(frontend: Frontend) -> (SocketAddr, tokio::task::JoinHandle<()>) {
