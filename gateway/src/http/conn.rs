@@ -337,7 +337,8 @@ pub fn connection_builders(max_header_bytes: usize) -> Builders {
         // at most `response_header_timeout` while it waits for the head. It also saves a read
         // buffer per request: to look for that end, hyper reads while the request's own bytes
         // still share its buffer, so it reads into a new one (8 KiB allocated and freed per
-        // request, about 40 first-level cache misses of the ~380 a request costs).
+        // request; the reservation alone cost about 420 instructions and 6 first-level cache
+        // misses, callgrind at 64 connections).
         .half_close(true);
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
