@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use data_encoding::BASE64URL_NOPAD;
-use gateway::http::cookie::{CookieSigner, Pin, find_cookie, set_cookie_header};
+use gateway::http::cookie::{CookieFinder, CookieSigner, Pin, set_cookie_header};
 use gateway::http::headers::{Forwarding, set_forwarding, strip_hop_by_hop, wants_upgrade};
 use gateway::ssh::authorized_keys::{self, KeyPermissions, Refusal};
 use gateway::ssh::known_hosts::{HostKeyPolicy, Verdict};
@@ -289,8 +289,10 @@ pub fn cookie_seed(vm: &str, session: &str, issued: u64, now: u64, max_age: u64)
 ///   non-empty, the session is a 16-byte base64url id and `issued` is in the window.
 /// * No one-character change, deletion, insertion or truncation of a valid signed cookie
 ///   verifies.
-/// * The `Set-Cookie` value is a valid header, and `find_cookie` finds the value in a `Cookie`
-///   header again.
+/// * The `Set-Cookie` value is a valid header, and [`CookieFinder`] finds the value in a
+///   `Cookie` header again.
+/// * In a `Cookie` header made of the input's cookie value line, whatever it holds, the finder
+///   finds a value only where the name and `=` are, and the value is part of the header.
 pub fn cookie_verify(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let mut lines = text.split('\n');
@@ -401,7 +403,18 @@ pub fn cookie_verify(data: &[u8]) {
         hyper::header::COOKIE,
         HeaderValue::from_str(&cookie).expect("signed cookies are header-safe"),
     );
-    assert_eq!(find_cookie(&headers, COOKIE_NAME), Some(signed.as_str()));
+    let finder = CookieFinder::new(COOKIE_NAME);
+    assert_eq!(finder.find(&headers), Some(signed.as_str()));
+    if let Ok(any) = HeaderValue::from_bytes(value.as_bytes()) {
+        let mut headers = HeaderMap::new();
+        headers.insert(hyper::header::COOKIE, any);
+        if let Some(found) = finder.find(&headers) {
+            assert!(
+                value.contains(&format!("{COOKIE_NAME}=")) && value.contains(found),
+                "{found:?} found in {value:?}"
+            );
+        }
+    }
 }
 
 /// Bytes in a base64url (no padding) session id, `None` when it does not decode.
