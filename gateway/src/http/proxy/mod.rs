@@ -821,12 +821,17 @@ fn join_cookie_crumbs(headers: &mut hyper::HeaderMap) {
     if crumbs.iter().nth(1).is_none() {
         return;
     }
-    let joined = crumbs
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join("; ");
-    if let Ok(v) = HeaderValue::from_str(&joined) {
+    // Joined as bytes: a crumb with bytes beyond ASCII (a cookie a script set) is passed on as
+    // it came, not dropped.
+    let mut joined = Vec::with_capacity(crumbs.iter().map(|v| v.len() + 2).sum());
+    for crumb in crumbs {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    // Header values joined by "; " make a valid header value.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
         headers.insert(header::COOKIE, v);
     }
 }
@@ -854,6 +859,20 @@ mod unit {
         let mut none = HeaderMap::new();
         join_cookie_crumbs(&mut none);
         assert!(none.is_empty());
+
+        // A crumb that is not ASCII is passed on, not dropped.
+        let mut other = HeaderMap::new();
+        other.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        other.append(
+            header::COOKIE,
+            HeaderValue::from_bytes("theme=gr\u{fc}n".as_bytes()).expect("value"),
+        );
+        join_cookie_crumbs(&mut other);
+        assert_eq!(other.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(
+            other[header::COOKIE].as_bytes(),
+            "a=1; theme=gr\u{fc}n".as_bytes()
+        );
     }
 
     #[test]
