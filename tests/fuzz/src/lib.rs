@@ -292,7 +292,8 @@ pub fn cookie_seed(vm: &str, session: &str, issued: u64, now: u64, max_age: u64)
 /// * The `Set-Cookie` value is a valid header, and [`CookieFinder`] finds the value in a
 ///   `Cookie` header again.
 /// * In a `Cookie` header made of the input's cookie value line, whatever it holds, the finder
-///   finds a value only where the name and `=` are, and the value is part of the header.
+///   does not panic, finds a value only if the header holds the name followed by `=`, and the
+///   value it finds is part of the header.
 pub fn cookie_verify(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let mut lines = text.split('\n');
