@@ -39,62 +39,127 @@ const FORWARDING: [&str; 7] = [
     "x-scheme",
 ];
 
-// `remove_all` keeps one bit per name.
-const _: () = assert!(HOP_BY_HOP.len() <= 16 && FORWARDING.len() <= 16);
+/// What a request loses before it goes to a VM: the hop-by-hop headers and the forwarding
+/// headers the gateway sets itself, looked for in one pass over the request's headers.
+const REQUEST_STRIPPED: [&str; HOP_BY_HOP.len() + FORWARDING.len()] = {
+    let mut out = [""; HOP_BY_HOP.len() + FORWARDING.len()];
+    let mut i = 0;
+    while i < HOP_BY_HOP.len() {
+        out[i] = HOP_BY_HOP[i];
+        i += 1;
+    }
+    while i < out.len() {
+        out[i] = FORWARDING[i - HOP_BY_HOP.len()];
+        i += 1;
+    }
+    out
+};
+
+// A set keeps one bit per name.
+const _: () = assert!(REQUEST_STRIPPED.len() <= 16);
+
+/// `Connection`'s bit in the sets that strip the hop-by-hop headers: it comes first in
+/// [`HOP_BY_HOP`], so in [`REQUEST_STRIPPED`] too.
+const CONNECTION_BIT: u16 = 1;
+
+/// The names of `list` as header names, made at compile time: a header removed by its text
+/// would have that text parsed into a name first, about 250 instructions for every response
+/// (which carries `Connection: keep-alive`).
+const fn header_names<const N: usize>(list: [&'static str; N]) -> [HeaderName; N] {
+    let mut out = [const { HeaderName::from_static("te") }; N];
+    let mut i = 0;
+    while i < N {
+        // A `HeaderName` cannot be dropped at compile time; the placeholder holds nothing.
+        std::mem::forget(std::mem::replace(
+            &mut out[i],
+            HeaderName::from_static(list[i]),
+        ));
+        i += 1;
+    }
+    out
+}
+
+static HOP_BY_HOP_HEADERS: [HeaderName; HOP_BY_HOP.len()] = header_names(HOP_BY_HOP);
+static FORWARDING_HEADERS: [HeaderName; FORWARDING.len()] = header_names(FORWARDING);
+static REQUEST_STRIPPED_HEADERS: [HeaderName; REQUEST_STRIPPED.len()] =
+    header_names(REQUEST_STRIPPED);
 
 /// A set of header names with a bit per name length (lengths of 63 and more share the last),
 /// so most names present are told apart from all of them by one test.
 struct Names {
+    /// As text, to compare with the names present.
     names: &'static [&'static str],
+    /// The same as header names, to remove them by.
+    headers: &'static [HeaderName],
     lengths: u64,
 }
 
 impl Names {
-    const fn new(names: &'static [&'static str]) -> Self {
+    const fn new(names: &'static [&'static str], headers: &'static [HeaderName]) -> Self {
+        assert!(names.len() == headers.len());
         let mut lengths = 0u64;
         let mut i = 0;
         while i < names.len() {
             lengths |= Self::bit(names[i].len());
             i += 1;
         }
-        Self { names, lengths }
+        Self {
+            names,
+            headers,
+            lengths,
+        }
     }
 
     const fn bit(len: usize) -> u64 {
         1 << if len < 63 { len } else { 63 }
     }
-}
 
-static HOP_BY_HOP_NAMES: Names = Names::new(&HOP_BY_HOP);
-static FORWARDING_NAMES: Names = Names::new(&FORWARDING);
-
-/// Removes every header in `set` (at most 16 names, lower case) that `headers` has. This runs
-/// on every request and response, and most carry none or one of them: one pass over the names
-/// present (a length test rules out most, the text is compared for the rest), and a removal
-/// (which hashes) only for those found.
-fn remove_all(headers: &mut HeaderMap, set: &Names) {
-    let names = set.names;
-    let mut present = 0u16;
-    for key in headers.keys() {
-        let key = key.as_str();
-        if set.lengths & Names::bit(key.len()) == 0 {
-            continue;
+    /// A bit per name of the set that `headers` has. This runs on every request and response,
+    /// and most carry none or one of them: one pass over the names present (a length test
+    /// rules out most, the text is compared for the rest).
+    fn present(&self, headers: &HeaderMap) -> u16 {
+        let mut present = 0u16;
+        for key in headers.keys() {
+            let key = key.as_str();
+            if self.lengths & Self::bit(key.len()) == 0 {
+                continue;
+            }
+            if let Some(i) = self.names.iter().position(|n| *n == key) {
+                present |= 1 << i;
+            }
         }
-        if let Some(i) = names.iter().position(|n| *n == key) {
-            present |= 1 << i;
+        present
+    }
+
+    /// Removes the names `present` has a bit for (a removal hashes, so only those found).
+    fn remove(&self, headers: &mut HeaderMap, present: u16) {
+        for (i, name) in self.headers.iter().enumerate() {
+            if present & (1 << i) != 0 {
+                headers.remove(name);
+            }
         }
     }
-    for (i, name) in names.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(*name);
+
+    /// Removes every header of a set that starts with the hop-by-hop list, and those a
+    /// `Connection` header names.
+    fn strip(&self, headers: &mut HeaderMap) {
+        debug_assert_eq!(self.names.first(), Some(&"connection"));
+        let present = self.present(headers);
+        if present & CONNECTION_BIT != 0 {
+            remove_connection_tokens(headers);
         }
+        self.remove(headers, present);
     }
 }
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // `Connection: keep-alive`, `close` or `upgrade` (the usual values) name nothing beyond the
-    // fixed list; other tokens name headers to remove too (rare: collected only when present).
+static HOP_BY_HOP_NAMES: Names = Names::new(&HOP_BY_HOP, &HOP_BY_HOP_HEADERS);
+static FORWARDING_NAMES: Names = Names::new(&FORWARDING, &FORWARDING_HEADERS);
+static REQUEST_NAMES: Names = Names::new(&REQUEST_STRIPPED, &REQUEST_STRIPPED_HEADERS);
+
+/// Removes the headers the `Connection` header names beyond the fixed hop-by-hop list.
+/// `Connection: keep-alive`, `close` or `upgrade` (the usual values) name nothing more; other
+/// tokens are rare, so they are collected only when present.
+fn remove_connection_tokens(headers: &mut HeaderMap) {
     let mut extra: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         let Ok(value) = value.to_str() else { continue };
@@ -112,7 +177,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in extra {
         headers.remove(name);
     }
-    remove_all(headers, &HOP_BY_HOP_NAMES);
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    HOP_BY_HOP_NAMES.strip(headers);
+}
+
+/// Removes what a request loses on its way to a VM, in one pass: the hop-by-hop headers (and
+/// those the `Connection` header names) and the forwarding headers a client could forge, which
+/// [`ConnForwarding::insert`] then sets.
+pub fn strip_request(headers: &mut HeaderMap) {
+    REQUEST_NAMES.strip(headers);
 }
 
 /// What the gateway knows about the client connection.
@@ -196,7 +272,19 @@ impl ConnForwarding {
         host: Option<&HeaderValue>,
         last: &mut ForwardedFor,
     ) {
-        remove_all(headers, &FORWARDING_NAMES);
+        let forged = FORWARDING_NAMES.present(headers);
+        FORWARDING_NAMES.remove(headers, forged);
+        self.insert(headers, host, last);
+    }
+
+    /// [`ConnForwarding::set`] for headers that have no forwarding header left (after
+    /// [`strip_request`]).
+    pub fn insert(
+        &self,
+        headers: &mut HeaderMap,
+        host: Option<&HeaderValue>,
+        last: &mut ForwardedFor,
+    ) {
         // The host when it is a token host (ASCII, safe inside the quoted `Forwarded` value).
         let host = host.and_then(|h| Some((h, h.to_str().ok().filter(|t| is_token_host(t))?)));
         let forwarded = match (host, &*last) {
@@ -397,6 +485,55 @@ mod tests {
         for name in HOP_BY_HOP.iter().chain(&FORWARDING) {
             assert_eq!(HeaderName::from_static(name).as_str(), *name);
         }
+        for set in [&HOP_BY_HOP_NAMES, &FORWARDING_NAMES, &REQUEST_NAMES] {
+            let made: Vec<_> = set.headers.iter().map(HeaderName::as_str).collect();
+            assert_eq!(made, set.names);
+        }
+        assert_eq!(HOP_BY_HOP[0], "connection", "CONNECTION_BIT");
+        assert_eq!(REQUEST_STRIPPED[..HOP_BY_HOP.len()], HOP_BY_HOP);
+        assert_eq!(REQUEST_STRIPPED[HOP_BY_HOP.len()..], FORWARDING);
+    }
+
+    #[test]
+    fn a_request_loses_hop_by_hop_and_forged_forwarding_headers_in_one_pass() {
+        let forged = [
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-scheme", "https"),
+            ("cookie", "a=b"),
+            ("host", "hub.example"),
+        ];
+        let mut m = h(&forged);
+        strip_request(&mut m);
+        let mut left: Vec<_> = m.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["cookie", "host"]);
+        // The same as the two steps it replaces.
+        let mut two_steps = h(&forged);
+        strip_hop_by_hop(&mut two_steps);
+        let forged_forwarding = FORWARDING_NAMES.present(&two_steps);
+        FORWARDING_NAMES.remove(&mut two_steps, forged_forwarding);
+        assert_eq!(m, two_steps);
+        // `Connection` naming a header the client relies on still removes it.
+        let mut m = h(&[
+            ("connection", "host"),
+            ("host", "a.example"),
+            ("accept", "*/*"),
+        ]);
+        strip_request(&mut m);
+        assert_eq!(m.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+        // Nothing to strip: nothing changes.
+        let mut m = h(&[("host", "a.example"), ("cookie", "a=b")]);
+        let before = m.clone();
+        strip_request(&mut m);
+        assert_eq!(m, before);
     }
 
     #[test]

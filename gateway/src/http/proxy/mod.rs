@@ -29,7 +29,9 @@ use super::access_log::{AccessLog, Record};
 use super::body::{Active, ConnTracker, Handoff, Observed};
 use super::cookie::{CookieFinder, CookieSigner, Pin, set_cookie_header};
 use super::errors::{GatewayError, accepts_json};
-use super::headers::{ConnForwarding, ForwardedFor, Forwarding, strip_hop_by_hop, wants_upgrade};
+use super::headers::{
+    ConnForwarding, ForwardedFor, Forwarding, strip_hop_by_hop, strip_request, wants_upgrade,
+};
 use super::upgrade::{self, UpgradeError};
 use super::upstream::{Driven, Kept, SendError, Upstreams};
 use super::{Body, BoxError, empty};
@@ -153,10 +155,11 @@ impl ClientConn {
         self.last.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sets the forwarding headers for a request to `host`.
+    /// Sets the forwarding headers for a request to `host`, once [`strip_request`] has removed
+    /// any the client sent.
     fn set_forwarding(&self, headers: &mut HeaderMap, host: Option<&HeaderValue>) {
         let mut last = self.last();
-        self.forwarding.set(headers, host, &mut last.forwarded);
+        self.forwarding.insert(headers, host, &mut last.forwarded);
     }
 
     /// `vm`'s `host:port` and its downloaded-bytes counter, formatted and looked up once per
@@ -758,7 +761,7 @@ impl Frontend {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut headers = std::mem::take(&mut parts.headers);
-        strip_hop_by_hop(&mut headers);
+        strip_request(&mut headers);
         client.set_forwarding(&mut headers, host.as_ref());
         // Looked up after the hop-by-hop headers are out: `Connection: host` removes it.
         let has_host = match host {
