@@ -3,7 +3,8 @@
 # 700-byte page, a TLS certificate and the gateway's SSH keys; nginx configs; a poolgate config
 # over one upstream (port $UP) with health checks off; the sticky cookie of a first response.
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/e2e/free-port.sh
+. "$(dirname "${BASH_SOURCE[0]}")/free-port.sh"
 cookie_of() { curl -sk -D - -o /dev/null "$1" | tr -d '\r' | sed -n 's/^[Ss]et-[Cc]ookie: \(poolgate_vm=[^;]*\).*/\1/p' | head -1; }
 
 # The page ($W/www/index.html), an ECDSA certificate ($W/tls) and the gateway's host key, user
