@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use data_encoding::BASE64URL_NOPAD;
 use gateway::http::cookie::{CookieFinder, CookieSigner, Pin, set_cookie_header};
-use gateway::http::headers::{Forwarding, set_forwarding, strip_hop_by_hop, wants_upgrade};
+use gateway::http::headers::{
+    Forwarding, set_forwarding, strip_hop_by_hop, strip_request, wants_upgrade,
+};
 use gateway::ssh::authorized_keys::{self, KeyPermissions, Refusal};
 use gateway::ssh::known_hosts::{HostKeyPolicy, Verdict};
 use hyper::HeaderMap;
@@ -644,7 +646,8 @@ fn by_name(
 /// Input lines: `client-addr https(0|1) port`, the request's host (empty: none), then client
 /// headers as `name: value` (raw bytes).
 ///
-/// After `strip_hop_by_hop` and `set_forwarding`: no hop-by-hop header nor one the client's
+/// `strip_request` (as the gateway runs it) and `strip_hop_by_hop` give the same headers once
+/// `set_forwarding` has run. After them: no hop-by-hop header nor one the client's
 /// `Connection` named is left; `X-Real-IP`/`X-Scheme` are gone; `X-Forwarded-For`, `-Proto`,
 /// `-Port` and `Forwarded` each appear once with exactly the client's (IPv4-unmapped) address,
 /// scheme and port, `X-Forwarded-Host` appears iff the host is a plain host[:port] and equals
@@ -693,11 +696,16 @@ pub fn forwarded_headers(data: &[u8]) {
         https,
         port,
     };
-    let mut out = headers.clone();
-    strip_hop_by_hop(&mut out);
     // As the gateway passes it: the request's Host header.
     let host_value = host.and_then(|h| HeaderValue::from_str(h).ok());
+    // The gateway's one pass, and the two steps it stands for, leave the same headers.
+    let mut out = headers.clone();
+    strip_request(&mut out);
     set_forwarding(&mut out, &fwd, host_value.as_ref());
+    let mut two_steps = headers.clone();
+    strip_hop_by_hop(&mut two_steps);
+    set_forwarding(&mut two_steps, &fwd, host_value.as_ref());
+    assert_eq!(out, two_steps, "strip_request differs from its two steps");
 
     for name in HOP_BY_HOP.iter().chain(&["x-real-ip", "x-scheme"]) {
         assert!(!out.contains_key(*name), "{name} left in {out:?}");
