@@ -259,13 +259,14 @@ async fn tell_user_when_vm_lost(
     vm: String,
 ) {
     let _ = closed.await;
-    let sent = user_handle
-        .disconnect(
-            russh::Disconnect::ConnectionLost,
-            vm_lost_message(&vm),
-            "en".into(),
-        )
-        .await;
+    // Boxed: this task waits for the whole session, and the disconnect's state (a russh
+    // message on its way to the session's queue) would otherwise be room it holds all along.
+    let sent = Box::pin(user_handle.disconnect(
+        russh::Disconnect::ConnectionLost,
+        vm_lost_message(&vm),
+        "en".into(),
+    ))
+    .await;
     if sent.is_ok() {
         tracing::warn!("lost the connection to the VM; the user was disconnected with a message");
     }

@@ -350,7 +350,10 @@ impl server::Handler for Front {
                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
                 return;
             };
-            match ready.backend.channel_open_session().await {
+            // Boxed: opening the VM's channel takes a russh client message on its way and the
+            // wait for the answer (about 1.3 KiB), room this task would otherwise keep for the
+            // life of the channel.
+            match Box::pin(ready.backend.channel_open_session()).await {
                 Ok(vm) => {
                     reply.accept().await;
                     relay::relay(channel, vm, flow, ready.link.clone(), true, agent).await;
@@ -391,9 +394,14 @@ impl server::Handler for Front {
             };
             let (backend, link) = (ready.backend.clone(), ready.link.clone());
             // The VM's sshd opens the TCP connection, never the gateway.
-            match backend
-                .channel_open_direct_tcpip(host.clone(), port_to_connect, origin, originator_port)
-                .await
+            // Boxed, as the session channel's open.
+            match Box::pin(backend.channel_open_direct_tcpip(
+                host.clone(),
+                port_to_connect,
+                origin,
+                originator_port,
+            ))
+            .await
             {
                 Ok(vm) => {
                     reply.accept().await;

@@ -333,12 +333,14 @@ impl SshGateway {
         // russh runs the session in a task of its own that outlives this function: `cut` is how
         // this function closes the socket under it (dropped with this function, so always).
         let (cut, stream) = Cuttable::new(stream);
-        let session = match tokio::time::timeout(
-            grace,
-            server::run_stream(self.server_config.clone(), stream, handler),
-        )
-        .await
-        {
+        // The handshake's state is boxed, and freed once it is done: inline, this task (alive
+        // as long as the session, mostly idle) would keep room for it (about 1 KiB).
+        let handshake = Box::pin(server::run_stream(
+            self.server_config.clone(),
+            stream,
+            handler,
+        ));
+        let session = match tokio::time::timeout(grace, handshake).await {
             Ok(Ok(session)) => session,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "SSH handshake failed");
@@ -374,7 +376,8 @@ impl SshGateway {
                             .await;
                         let _ = (&mut session).await;
                     };
-                    let _ = tokio::time::timeout(DISCONNECT_GRACE, polite).await;
+                    // Boxed: rare, and inline it would size the task for it.
+                    let _ = tokio::time::timeout(DISCONNECT_GRACE, Box::pin(polite)).await;
                     drop(cut);
                     break Ok(());
                 }

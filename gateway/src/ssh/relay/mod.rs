@@ -28,13 +28,14 @@
 //!   that writes forever without reading cannot grow the buffer faster than a few bytes a second,
 //!   while its window adjustments still get through.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 /// Bytes buffered per channel (user → VM) before the gateway stops reading from the user.
 pub const HIGH_WATER: usize = 1 << 20;
@@ -121,6 +122,75 @@ enum Up {
     /// An X11 request: never forwarded, refused in its place in the stream.
     X11,
     Close,
+}
+
+/// The up reader's queue to the up writer, in order. A list under a lock rather than a channel:
+/// a tokio channel allocates a block of 32 slots (2 KiB) when it is made, and most channels of
+/// idle sessions never queue anything after their first request. The list allocates on first
+/// use, and gives back what a burst grew it to once it is empty again. Its bytes are counted in
+/// [`Relay::buffered`], which bounds it.
+#[derive(Default)]
+struct UpQueue {
+    items: Mutex<VecDeque<Up>>,
+    /// Woken when an item is pushed or the reader is done.
+    pushed: Notify,
+    /// The reader pushes nothing more.
+    reader_done: AtomicBool,
+    /// The writer takes nothing more: pushing is pointless.
+    writer_done: AtomicBool,
+}
+
+/// Items an empty [`UpQueue`] keeps room for; a burst's growth beyond is given back.
+const UP_QUEUE_KEPT: usize = 16;
+
+impl UpQueue {
+    fn items(&self) -> std::sync::MutexGuard<'_, VecDeque<Up>> {
+        // Items are only pushed and popped whole: a panic cannot leave the list half changed.
+        self.items.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `item`; `false` once the writer has stopped.
+    fn push(&self, item: Up) -> bool {
+        if self.writer_done.load(Ordering::Acquire) {
+            return false;
+        }
+        self.items().push_back(item);
+        self.pushed.notify_one();
+        true
+    }
+
+    /// The next item; `None` once the reader is done and everything it queued was taken.
+    async fn pop(&self) -> Option<Up> {
+        loop {
+            {
+                let mut items = self.items();
+                if let Some(item) = items.pop_front() {
+                    if items.is_empty() && items.capacity() > UP_QUEUE_KEPT {
+                        items.shrink_to(UP_QUEUE_KEPT);
+                    }
+                    return Some(item);
+                }
+            }
+            if self.reader_done.load(Ordering::Acquire) {
+                // Pushed before the flag was set, so seen by a last look.
+                return self.items().pop_front();
+            }
+            // `notify_one` stores a wake-up when nobody waits: one pushed between the look
+            // above and this wait is not missed.
+            self.pushed.notified().await;
+        }
+    }
+
+    fn reader_finished(&self) {
+        self.reader_done.store(true, Ordering::Release);
+        self.pushed.notify_one();
+    }
+
+    /// What is still queued is dropped: nothing will write it.
+    fn writer_finished(&self) {
+        self.writer_done.store(true, Ordering::Release);
+        *self.items() = VecDeque::new();
+    }
 }
 
 /// The user's channel requests that can go on to the VM.
@@ -340,6 +410,8 @@ struct Relay<U> {
     /// exit; forwardings only carry bytes.
     session_channel: bool,
     allow_agent: bool,
+    /// What the up reader took from the user, on its way to the up writer.
+    queue: UpQueue,
     /// Bytes taken from the user and not yet written to the VM.
     buffered: AtomicUsize,
     /// Woken each time the up writer takes bytes out of the buffer.
@@ -360,6 +432,7 @@ impl<U: UserSide> Relay<U> {
             user_channel,
             session_channel,
             allow_agent,
+            queue: UpQueue::default(),
             buffered: AtomicUsize::new(0),
             drained: Notify::new(),
         }
@@ -374,21 +447,19 @@ impl<U: UserSide> Relay<U> {
         vm_rx: impl Source,
         vm_tx: &impl VmSink,
     ) {
-        let (queue_tx, queue_rx) = mpsc::unbounded_channel::<Up>();
         // The pumps' futures are made where they are awaited, so each state machine exists once
         // inside this one, not also as a moved-from local.
         let mut up = std::pin::pin!(async {
-            tokio::join!(
-                self.up_reader(user_rx, queue_tx),
-                self.up_writer(queue_rx, vm_tx)
-            );
+            tokio::join!(self.up_reader(user_rx), self.up_writer(vm_tx));
         });
         let mut down = std::pin::pin!(self.down_pump(vm_rx, user_tx));
         let user_closed = tokio::select! {
             () = &mut up => true,
             () = &mut down => false,
         };
-        let _ = vm_tx.close().await;
+        // Boxed: the close's state (a russh message on its way, about 1.4 KiB) would otherwise
+        // be room this future keeps, next to both pumps, for the life of the channel.
+        let _ = Box::pin(vm_tx.close()).await;
         if user_closed {
             // User closed: let the VM's remaining output drain briefly.
             let _ = tokio::time::timeout(Duration::from_secs(5), &mut down).await;
@@ -396,12 +467,12 @@ impl<U: UserSide> Relay<U> {
     }
 
     /// Up reader: user channel -> byte-counted queue, admitting packets by [`Self::admit`].
-    async fn up_reader(&self, mut user: impl Source, queue: mpsc::UnboundedSender<Up>) {
+    async fn up_reader(&self, mut user: impl Source) {
         let mut congested = false;
         loop {
             self.admit(&mut congested).await;
             let Some(msg) = user.next().await else {
-                let _ = queue.send(Up::Close);
+                let _ = self.queue.push(Up::Close);
                 break;
             };
             let Some(item) = Up::from_user(msg) else {
@@ -409,10 +480,11 @@ impl<U: UserSide> Relay<U> {
             };
             let closing = matches!(item, Up::Close);
             self.buffered.fetch_add(item.bytes(), Ordering::AcqRel);
-            if queue.send(item).is_err() || closing {
+            if !self.queue.push(item) || closing {
                 break;
             }
         }
+        self.queue.reader_finished();
         if congested {
             self.flow.congested.fetch_sub(1, Ordering::AcqRel);
         }
@@ -458,8 +530,8 @@ impl<U: UserSide> Relay<U> {
     }
 
     /// Up writer: queue -> VM channel, in order; waits for the VM's window.
-    async fn up_writer(&self, mut queue: mpsc::UnboundedReceiver<Up>, vm: &impl VmSink) {
-        while let Some(item) = queue.recv().await {
+    async fn up_writer(&self, vm: &impl VmSink) {
+        while let Some(item) = self.queue.pop().await {
             let n = item.bytes();
             let reply_expected = item.wants_reply();
             let ok = match item {
@@ -484,6 +556,7 @@ impl<U: UserSide> Relay<U> {
                 Forward::Closed => break,
             }
         }
+        self.queue.writer_finished();
     }
 
     /// Everything but the hot path on its way to the VM. Only session channels forward requests

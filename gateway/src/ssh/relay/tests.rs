@@ -2,7 +2,7 @@
 //! channel halves: the test plays the user and the VM and opens their windows packet by packet.
 
 use russh::keys::ssh_encoding::Decode;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 
 use super::*;
 
@@ -261,4 +261,64 @@ async fn a_channel_the_user_closes_while_congested_leaves_no_congestion_behind()
     settle().await;
     assert!(h.buffered() >= HIGH_WATER);
     assert_eq!(h.congested(), 0);
+}
+
+fn data(n: u8) -> Up {
+    Up::Data(Bytes::from(vec![n]))
+}
+
+fn first_byte(item: Option<Up>) -> Option<u8> {
+    match item {
+        Some(Up::Data(b)) => b.first().copied(),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn the_up_queue_keeps_order_and_ends_after_the_readers_last_item() {
+    let queue = UpQueue::default();
+    assert_eq!(queue.items().capacity(), 0, "nothing allocated before use");
+    for n in 0..3 {
+        assert!(queue.push(data(n)));
+    }
+    queue.reader_finished();
+    for n in 0..3 {
+        assert_eq!(first_byte(queue.pop().await), Some(n));
+    }
+    assert!(queue.pop().await.is_none(), "the reader is done");
+}
+
+#[tokio::test]
+async fn the_up_writer_wakes_for_an_item_pushed_while_it_waits() {
+    let queue = Arc::new(UpQueue::default());
+    let writer = tokio::spawn({
+        let queue = queue.clone();
+        async move { first_byte(queue.pop().await) }
+    });
+    // Let the writer find the queue empty and wait.
+    tokio::task::yield_now().await;
+    assert!(queue.push(data(7)));
+    assert_eq!(writer.await.expect("the writer ran"), Some(7));
+}
+
+#[tokio::test]
+async fn a_finished_writer_refuses_more_and_drops_what_was_queued() {
+    let queue = UpQueue::default();
+    assert!(queue.push(data(1)));
+    queue.writer_finished();
+    assert!(!queue.push(data(2)), "nothing writes it any more");
+    assert!(queue.items().is_empty());
+}
+
+#[tokio::test]
+async fn an_emptied_up_queue_gives_back_what_a_burst_grew_it_to() {
+    let queue = UpQueue::default();
+    for n in 0..200 {
+        assert!(queue.push(data(n)));
+    }
+    assert!(queue.items().capacity() >= 200);
+    for _ in 0..200 {
+        assert!(queue.pop().await.is_some());
+    }
+    assert!(queue.items().capacity() <= UP_QUEUE_KEPT);
 }
