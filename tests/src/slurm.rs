@@ -20,6 +20,10 @@ use crate::ports::free_port;
 use crate::process::kill_tree;
 use crate::tools::tool;
 
+/// How long slurmctld may take to answer after it starts. It answers in about 0.1 s (110 ms on
+/// the 2-core test machine); the bound is for a CI machine busy with the other tests.
+const SLURMCTLD_START: Duration = Duration::from_secs(60);
+
 /// The controller, munge, and the nodes' configuration.
 pub struct SlurmCluster {
     dir: tempfile::TempDir,
@@ -189,9 +193,7 @@ impl SlurmCluster {
             nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
         };
         let started = Instant::now();
-        wait_until(Duration::from_secs(20), "slurmctld to answer", || {
-            cluster.client("scontrol", &["ping"]).status.success()
-        });
+        cluster.wait_for_slurmctld();
         if rest {
             cluster.start_slurmrestd();
         }
@@ -350,6 +352,34 @@ impl SlurmCluster {
     }
 
     /// The controller's and the nodes' logs, for failure messages.
+    /// Waits until slurmctld answers `scontrol ping`: fails at once, with the daemons' logs,
+    /// when it has exited, and with them too when it has not answered within
+    /// [`SLURMCTLD_START`]. (A CI run once timed out here after 20 s, with no word of why.)
+    fn wait_for_slurmctld(&mut self) {
+        let deadline = Instant::now() + SLURMCTLD_START;
+        loop {
+            if self.client("scontrol", &["ping"]).status.success() {
+                return;
+            }
+            let exited = self
+                .slurmctld
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!(
+                    "slurmctld exited ({status}) before it answered\n{}",
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "slurmctld did not answer within {SLURMCTLD_START:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50)); // polling a daemon that gives no signal
+        }
+    }
+
     pub fn logs(&self) -> String {
         let mut out = String::new();
         if let Ok(entries) = std::fs::read_dir(self.dir.path().join("log")) {
