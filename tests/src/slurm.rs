@@ -109,9 +109,12 @@ impl SlurmCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("start munged");
-        wait_until(Duration::from_secs(10), "munged's socket", || {
-            socket.exists()
-        });
+        wait_until(
+            Duration::from_secs(10),
+            "munged's socket",
+            &d.join("log"),
+            || socket.exists(),
+        );
 
         let ctld_port = free_port();
         // One slurmd port for the cluster: dynamic nodes take slurm.conf's (one node at a time).
@@ -222,9 +225,12 @@ impl SlurmCluster {
             .expect("start slurmrestd");
         self.slurmrestd = Some(child);
         self.rest_port = Some(port);
-        wait_until(Duration::from_secs(10), "slurmrestd to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        wait_until(
+            Duration::from_secs(10),
+            "slurmrestd to listen",
+            &self.log_dir(),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
     }
 
     /// slurmrestd's base URL (`http://127.0.0.1:PORT`); only with
@@ -285,9 +291,12 @@ impl SlurmCluster {
         if let Some(pid) = self.slurmd_pid(node) {
             kill_tree(pid);
             let stat = PathBuf::from(format!("/proc/{pid}/stat"));
-            wait_until(Duration::from_secs(10), "slurmd to exit", || {
-                std::fs::read_to_string(&stat).map_or(true, |s| s.contains(") Z "))
-            });
+            wait_until(
+                Duration::from_secs(10),
+                "slurmd to exit",
+                &self.log_dir(),
+                || std::fs::read_to_string(&stat).map_or(true, |s| s.contains(") Z ")),
+            );
         }
     }
 
@@ -351,15 +360,14 @@ impl SlurmCluster {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
-    /// The controller's and the nodes' logs, for failure messages.
-    /// Waits until slurmctld answers `scontrol ping`: fails at once, with the daemons' logs,
-    /// when it has exited, and with them too when it has not answered within
-    /// [`SLURMCTLD_START`]. (A CI run once timed out here after 20 s, with no word of why.)
+    /// Waits until slurmctld answers `scontrol ping`, within [`SLURMCTLD_START`]; fails at once,
+    /// with the daemons' logs, when it has exited. (A CI run once timed out here after 20 s,
+    /// with no word of why.)
     fn wait_for_slurmctld(&mut self) {
-        let deadline = Instant::now() + SLURMCTLD_START;
-        loop {
+        let log_dir = self.log_dir();
+        wait_until(SLURMCTLD_START, "slurmctld to answer", &log_dir, || {
             if self.client("scontrol", &["ping"]).status.success() {
-                return;
+                return true;
             }
             let exited = self
                 .slurmctld
@@ -368,33 +376,39 @@ impl SlurmCluster {
             if let Some(status) = exited {
                 panic!(
                     "slurmctld exited ({status}) before it answered\n{}",
-                    self.logs()
+                    logs_in(&log_dir)
                 );
             }
-            assert!(
-                Instant::now() < deadline,
-                "slurmctld did not answer within {SLURMCTLD_START:?}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50)); // polling a daemon that gives no signal
-        }
+            false
+        });
     }
 
+    /// Where the daemons write their logs.
+    fn log_dir(&self) -> PathBuf {
+        self.dir.path().join("log")
+    }
+
+    /// The controller's and the nodes' logs, for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        if let Ok(entries) = std::fs::read_dir(self.dir.path().join("log")) {
-            for entry in entries.flatten() {
-                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                out.push_str(&format!("--- {} ---\n", entry.path().display()));
-                for line in tail.into_iter().rev() {
-                    out.push_str(line);
-                    out.push('\n');
-                }
+        logs_in(&self.log_dir())
+    }
+}
+
+/// The last 30 lines of each log in `dir`, for failure messages.
+fn logs_in(dir: &Path) -> String {
+    let mut out = String::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            out.push_str(&format!("--- {} ---\n", entry.path().display()));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
             }
         }
-        out
     }
+    out
 }
 
 impl Drop for SlurmCluster {
@@ -420,10 +434,15 @@ impl Drop for SlurmCluster {
     }
 }
 
-fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+/// Polls `done` until it holds; past `timeout`, fails with the daemons' logs in `log_dir`.
+fn wait_until(timeout: Duration, what: &str, log_dir: &Path, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            logs_in(log_dir)
+        );
         std::thread::sleep(Duration::from_millis(50)); // polling a daemon that gives no signal
     }
 }
