@@ -429,7 +429,14 @@ impl server::Handler for Front {
                 return Ok(false);
             };
             let request = backend.tcpip_forward(address.to_string(), *port);
-            match tokio::time::timeout(self.gw.settings.connect_timeout, request).await {
+            // Boxed, as in `auth_password`: a russh client request and its timer (about
+            // 0.8 KiB) that only `-R` needs.
+            match Box::pin(tokio::time::timeout(
+                self.gw.settings.connect_timeout,
+                request,
+            ))
+            .await
+            {
                 Ok(Ok(bound)) => {
                     if *port == 0 {
                         *port = bound;
@@ -457,8 +464,13 @@ impl server::Handler for Front {
             return Ok(false);
         };
         let request = backend.cancel_tcpip_forward(address.to_string(), port);
+        // Boxed, as in `tcpip_forward`.
         Ok(matches!(
-            tokio::time::timeout(self.gw.settings.connect_timeout, request).await,
+            Box::pin(tokio::time::timeout(
+                self.gw.settings.connect_timeout,
+                request
+            ))
+            .await,
             Ok(Ok(()))
         ))
     }
