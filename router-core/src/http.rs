@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
+use crate::hash::FastBuild;
 use crate::pool::Pool;
 use crate::select::{NoVm, PickRequest};
 use crate::session::SessionGuard;
@@ -92,7 +93,10 @@ pub(crate) const MAX_TENTATIVE: usize = 65_536;
 /// Held guards by session key.
 #[derive(Default)]
 pub(crate) struct HttpSessions {
-    map: DashMap<String, HttpEntry>,
+    /// By the session id of a signed cookie: random ids the gateway made (a cookie is verified
+    /// before its id is looked up), which no client can choose, so hashed with the fast hasher
+    /// rather than the standard library's DoS-resistant one (looked up on every request).
+    map: DashMap<String, HttpEntry, FastBuild>,
     /// Tentative entries in `map` (each [`Tentative`] holds a clone).
     tentative: Arc<AtomicUsize>,
 }

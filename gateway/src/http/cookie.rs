@@ -184,13 +184,15 @@ impl CookieFinder {
         }
     }
 
-    /// The cookie's value (the first one when repeated).
+    /// The cookie's value (the first one when repeated), without blanks or quotes around it.
     ///
     /// Read as bytes: a browser's `Cookie` header can run to kilobytes (every cookie of the
     /// domain), and this runs on every request, so the name is searched for rather than every
-    /// pair split off and compared. Only the value found must be text: another cookie's value
-    /// with bytes beyond ASCII (browsers send what scripts set) does not hide this one.
-    pub fn find<'a>(&self, headers: &'a hyper::HeaderMap) -> Option<&'a str> {
+    /// pair split off and compared. Another cookie's value with bytes beyond ASCII (browsers
+    /// send what scripts set) does not hide this one. The value is bytes too: a connection
+    /// compares it with the one it verified last, and only a new value is checked as text
+    /// (by the signature check).
+    pub fn find<'a>(&self, headers: &'a hyper::HeaderMap) -> Option<&'a [u8]> {
         let len = self.name.needle().len();
         headers.get_all(hyper::header::COOKIE).iter().find_map(|v| {
             let text = v.as_bytes();
@@ -203,8 +205,13 @@ impl CookieFinder {
                 }
                 let rest = text[at + len..].strip_prefix(b"=")?;
                 let value = &rest[..memchr::memchr(b';', rest).unwrap_or(rest.len())];
-                let value = std::str::from_utf8(value.trim_ascii()).ok()?;
-                Some(value.trim_matches('"'))
+                let value = value.trim_ascii();
+                let start = value.iter().position(|&b| b != b'"').unwrap_or(value.len());
+                let end = value
+                    .iter()
+                    .rposition(|&b| b != b'"')
+                    .map_or(start, |i| i + 1);
+                Some(&value[start..end])
             })
         })
     }
@@ -289,9 +296,20 @@ mod tests {
         )
         .expect("header");
         h.append(hyper::header::COOKIE, value);
-        assert_eq!(CookieFinder::new("poolgate_vm").find(&h), Some("v1"));
-        assert_eq!(CookieFinder::new("other").find(&h), Some("1"));
-        assert_eq!(CookieFinder::new("theme").find(&h), Some("gr\u{fc}n"));
+        assert_eq!(CookieFinder::new("poolgate_vm").find(&h), Some(&b"v1"[..]));
+        assert_eq!(CookieFinder::new("other").find(&h), Some(&b"1"[..]));
+        assert_eq!(
+            CookieFinder::new("theme").find(&h),
+            Some("gr\u{fc}n".as_bytes())
+        );
+        // Only quotes: an empty value.
+        let mut h = hyper::HeaderMap::new();
+        h.append(
+            hyper::header::COOKIE,
+            "a=\"\"; b=\"".parse().expect("header"),
+        );
+        assert_eq!(CookieFinder::new("a").find(&h), Some(&b""[..]));
+        assert_eq!(CookieFinder::new("b").find(&h), Some(&b""[..]));
     }
 
     #[test]
@@ -305,8 +323,8 @@ mod tests {
             hyper::header::COOKIE,
             "poolgate_vm=v2".parse().expect("header"),
         );
-        assert_eq!(CookieFinder::new("poolgate_vm").find(&h), Some("v1"));
-        assert_eq!(CookieFinder::new("_xsrf").find(&h), Some("abc"));
+        assert_eq!(CookieFinder::new("poolgate_vm").find(&h), Some(&b"v1"[..]));
+        assert_eq!(CookieFinder::new("_xsrf").find(&h), Some(&b"abc"[..]));
         assert_eq!(CookieFinder::new("nope").find(&h), None);
         assert_eq!(
             CookieFinder::new("poolgate").find(&h),

@@ -131,10 +131,14 @@ impl Names {
         present
     }
 
-    /// Removes the names `present` has a bit for (a removal hashes, so only those found).
+    /// Removes the names `present` has a bit for (a removal hashes, so only those found; the
+    /// set bits are visited, not every name of the set).
     fn remove(&self, headers: &mut HeaderMap, present: u16) {
-        for (i, name) in self.headers.iter().enumerate() {
-            if present & (1 << i) != 0 {
+        let mut bits = present;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(name) = self.headers.get(i) {
                 headers.remove(name);
             }
         }
@@ -163,19 +167,19 @@ static FORWARDING_NAMES: Names = Names::new(&FORWARDING, &FORWARDING_HEADERS);
 static REQUEST_NAMES: Names = Names::new(&REQUEST_STRIPPED, &REQUEST_STRIPPED_HEADERS);
 
 /// Removes the headers the `Connection` header names beyond the fixed hop-by-hop list.
-/// `Connection: keep-alive`, `close` or `upgrade` (the usual values) name nothing more; other
-/// tokens are rare, so they are collected only when present.
+/// `Connection: keep-alive`, `close` or `upgrade` (the usual values, and every response of
+/// nginx or Tornado carries one) name nothing more; other tokens are rare, so they are
+/// collected only when present. Read as bytes: a token that is not a header name (text beyond
+/// ASCII among them) names nothing.
 fn remove_connection_tokens(headers: &mut HeaderMap) {
     let mut extra: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
-        let Ok(value) = value.to_str() else { continue };
-        for token in value.split(',').map(str::trim) {
-            if token.eq_ignore_ascii_case("close")
-                || HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(token))
-            {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty() || names_no_other_header(token) {
                 continue;
             }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            if let Ok(name) = HeaderName::from_bytes(token) {
                 extra.push(name);
             }
         }
@@ -183,6 +187,15 @@ fn remove_connection_tokens(headers: &mut HeaderMap) {
     for name in extra {
         headers.remove(name);
     }
+}
+
+/// A `Connection` token that names no header beyond the fixed hop-by-hop list: `close`, or one
+/// of that list, in any case.
+fn names_no_other_header(token: &[u8]) -> bool {
+    token.eq_ignore_ascii_case(b"close")
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| h.len() == token.len() && h.as_bytes().eq_ignore_ascii_case(token))
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
@@ -575,6 +588,16 @@ mod tests {
             ("x-b", "2"),
             ("x-c", "3"),
         ]);
+        strip_hop_by_hop(&mut m);
+        assert_eq!(m.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-c"]);
+        // Empty tokens and one with bytes beyond ASCII name nothing; the token beside them
+        // still goes, in a second `Connection` field too.
+        let mut m = h(&[("x-a", "1"), ("x-b", "2"), ("x-c", "3")]);
+        m.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b" ,x-a,, gr\xfcn ,").unwrap(),
+        );
+        m.append(header::CONNECTION, HeaderValue::from_static("UPGRADE, X-B"));
         strip_hop_by_hop(&mut m);
         assert_eq!(m.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-c"]);
     }

@@ -266,19 +266,23 @@ async fn a_client_connection_reuses_its_verified_cookie_and_still_checks_its_age
     );
     let now = 1_800_000_000;
     let value = signer.sign("vm-a", &CookieSigner::new_session_id(), now);
-    let first = client.pin(&value, now, &signer).expect("valid");
-    let again = client.pin(&value, now + 60, &signer).expect("still valid");
+    let first = client.pin(value.as_bytes(), now, &signer).expect("valid");
+    let again = client
+        .pin(value.as_bytes(), now + 60, &signer)
+        .expect("still valid");
     assert!(Arc::ptr_eq(&first, &again), "verified once, then shared");
     assert!(
-        client.pin(&value, now + 3601, &signer).is_none(),
+        client.pin(value.as_bytes(), now + 3601, &signer).is_none(),
         "too old, though remembered"
     );
     // Another value is verified: a forged one fails and the remembered one stays.
     let (signed, tag) = value.rsplit_once('.').expect("a tag");
     let flipped = if tag.starts_with('A') { 'B' } else { 'A' };
     let forged = format!("{signed}.{flipped}{}", &tag[1..]);
-    assert!(client.pin(&forged, now, &signer).is_none());
-    let back = client.pin(&value, now + 1, &signer).expect("valid");
+    assert!(client.pin(forged.as_bytes(), now, &signer).is_none());
+    let back = client
+        .pin(value.as_bytes(), now + 1, &signer)
+        .expect("valid");
     assert!(Arc::ptr_eq(&first, &back));
 }
 

@@ -25,7 +25,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use router_core::{HttpRouted, NoVm, PickRequest, Pool, Protocol, Vm};
 use subtle::ConstantTimeEq;
 
-use super::access_log::{AccessLog, Record};
+use super::access_log::{self, AccessLog, Record};
 use super::body::{Active, ConnTracker, Handoff, Observed};
 use super::cookie::{CookieFinder, CookieSigner, Pin, set_cookie_header};
 use super::errors::{GatewayError, accepts_json};
@@ -81,6 +81,8 @@ pub struct ConnInfo {
 /// connection; dropped with it, it gives its VM connection back to the shared list.
 pub struct ClientConn {
     info: ConnInfo,
+    /// Its address as the access log writes it (made when there is an access log).
+    client_text: Option<Box<str>>,
     /// Its forwarding headers' values.
     forwarding: ConnForwarding,
     tracker: ConnTracker,
@@ -204,16 +206,17 @@ impl ClientConn {
     /// same value, else `verify`'s (which becomes the last cookie).
     pub(in crate::http) fn pin(
         &self,
-        value: &str,
+        value: &[u8],
         now: u64,
         signer: &CookieSigner,
     ) -> Option<Arc<Pin>> {
         let mut last = self.last();
         if let Some((known, pin)) = &last.cookie
-            && same_in_constant_time(known.as_bytes(), value.as_bytes())
+            && same_in_constant_time(known.as_bytes(), value)
         {
             return signer.still_valid(pin, now).then(|| pin.clone());
         }
+        let value = std::str::from_utf8(value).ok()?;
         let pin = Arc::new(signer.verify(value, now)?);
         last.cookie = Some((value.into(), pin.clone()));
         Some(pin)
@@ -462,6 +465,8 @@ impl Frontend {
     pub fn client(&self, info: ConnInfo) -> Arc<ClientConn> {
         Arc::new(ClientConn {
             info,
+            client_text: (self.inner.access_log.as_ref())
+                .map(|_| access_log::client_text(info.client)),
             forwarding: ConnForwarding::new(&Forwarding {
                 client: info.client,
                 https: info.https,
@@ -562,7 +567,7 @@ impl Frontend {
                 status: status.as_u16(),
                 vm: vm_label,
                 elapsed: started.elapsed(),
-                client: client.info.client,
+                client: client.client_text.as_deref().unwrap_or_default(),
                 version,
             });
         }
@@ -692,11 +697,14 @@ impl Frontend {
                 } else {
                     // `attempt_plain`'s steps, here rather than nested in a future of its own.
                     // The VM's body as it is (not boxed): `answered` wraps it once.
-                    let (slot, sending) =
-                        this.send_plain(&mut out, authority, Some(&client.kept), headers);
+                    let (slot, up) = this.plain_request(&mut out, headers);
                     let started = tokio::time::Instant::now();
                     let timeout = this.inner.settings.response_header_timeout;
-                    let sending = std::pin::pin!(sending);
+                    let sending = std::pin::pin!(this.inner.upstreams.send(
+                        authority,
+                        Some(&client.kept),
+                        up
+                    ));
                     let sent = client.head_wait.wait(sending, started, timeout).await;
                     match this.plain_outcome(&out, name, &slot, sent) {
                         Ok(resp) => {
