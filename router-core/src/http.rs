@@ -29,7 +29,7 @@ use dashmap::DashMap;
 use crate::hash::FastBuild;
 use crate::pool::Pool;
 use crate::select::{NoVm, PickRequest};
-use crate::session::SessionGuard;
+use crate::session::{SessionBytes, SessionGuard};
 use crate::vm::{Protocol, Vm};
 
 /// A browser sent to a VM whose cookie has not come back yet. Counted in the
@@ -79,6 +79,9 @@ pub struct HttpRouted {
     pub vm: Arc<Vm>,
     /// The browser's session was already on this VM (else a session started there).
     pub continued: bool,
+    /// The session's byte counters, for the response's bytes (`None` for a browser without a
+    /// session yet).
+    pub bytes: Option<SessionBytes>,
 }
 
 struct HttpEntry {
@@ -208,11 +211,13 @@ impl Pool {
                     status.serving(Protocol::Http) && (!status.draining || req.keep_draining);
                 if serves && !req.exclude.iter().any(|x| x == pinned) {
                     match &e.slot {
-                        Slot::Session(_) => {
+                        Slot::Session(guard) => {
+                            let bytes = Some(guard.bytes_handle());
                             e.last_seen = now;
                             return Ok(HttpRouted {
                                 vm: vm.clone(),
                                 continued: true,
+                                bytes,
                             });
                         }
                         Slot::Tentative(_) => {
@@ -222,12 +227,14 @@ impl Pool {
                             {
                                 let guard =
                                     self.shared.guard(vm.clone(), Protocol::Http, None, now);
+                                let bytes = Some(guard.bytes_handle());
                                 // Drops the tentative count as the session is counted.
                                 e.slot = Slot::Session(guard);
                                 e.last_seen = now;
                                 return Ok(HttpRouted {
                                     vm: vm.clone(),
                                     continued: false,
+                                    bytes,
                                 });
                             }
                         }
@@ -237,11 +244,16 @@ impl Pool {
         }
         let guard = self.acquire(&req)?;
         let vm = guard.vm().clone();
+        let bytes = Some(guard.bytes_handle());
         let old = self.http.insert(session_key, Slot::Session(guard), now);
         let continued = old.is_some_and(|old| {
             matches!(old.slot, Slot::Session(_)) && old.slot.vm_name() == vm.name()
         });
-        Ok(HttpRouted { vm, continued })
+        Ok(HttpRouted {
+            vm,
+            continued,
+            bytes,
+        })
     }
 
     /// Routes the first request of a new browser (no valid cookie yet), to
@@ -509,6 +521,22 @@ mod tests {
         assert_eq!((s[0].bytes_up, s[0].bytes_down), (10, 20));
         assert_eq!(s[0].protocol, Protocol::Http);
         assert_eq!(s[0].user.as_deref(), Some("ann"));
+    }
+
+    #[test]
+    fn a_routed_session_counts_bytes_through_its_handle() {
+        let (pool, _) = pool(&[("a", 5)]);
+        let req = PickRequest::new(Protocol::Http);
+        let first = pool.http_route_session("k1", &req).expect("routed");
+        let again = pool
+            .http_route_session("k1", &req.pinned("a", true))
+            .expect("routed");
+        assert!(again.continued);
+        first.bytes.expect("a session").add(10, 20);
+        again.bytes.expect("the same session").add(0, 5);
+        let s = pool.sessions();
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].bytes_up, s[0].bytes_down), (10, 25));
     }
 
     fn tentative_load(pool: &Pool, vm: &str) -> u32 {

@@ -55,7 +55,7 @@ pub use health::{Health, HealthPolicy, HealthTracker, Transition};
 pub use http::HttpRouted;
 pub use pool::{Pool, RoutingPolicy};
 pub use select::{NoVm, PickRequest};
-pub use session::{SessionGuard, SessionInfo};
+pub use session::{SessionBytes, SessionGuard, SessionInfo};
 pub use snapshot::Snapshot;
 pub use store::{InMemoryStore, SessionStore};
 pub use vm::{Lifecycle, LoadCounts, Protocol, Vm, VmSpec, VmState, VmStatus};

@@ -228,10 +228,39 @@ impl SessionGuard {
         self.session.bytes_down.load(Ordering::Relaxed)
     }
 
+    /// A handle on this session's byte counters, for traffic counted after the request that
+    /// routed it (a response body's bytes) without looking the session up again.
+    pub fn bytes_handle(&self) -> SessionBytes {
+        SessionBytes(Arc::clone(&self.session))
+    }
+
     /// A snapshot of this session as listed by the pool.
     pub fn info(&self) -> SessionInfo {
         let clock = &self.session.vm.shared().pool().clock;
         self.session.info(clock.now(), clock.wall())
+    }
+}
+
+/// A session's byte counters ([`SessionGuard::bytes_handle`]). It does not hold the session:
+/// bytes added after the session ended are counted nowhere.
+#[derive(Clone)]
+pub struct SessionBytes(Arc<SessionShared>);
+
+impl std::fmt::Debug for SessionBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SessionBytes").field(&self.0.id).finish()
+    }
+}
+
+impl SessionBytes {
+    /// Adds `up` bytes sent from the client to the VM and `down` from the VM to the client.
+    pub fn add(&self, up: u64, down: u64) {
+        if up > 0 {
+            self.0.bytes_up.fetch_add(up, Ordering::Relaxed);
+        }
+        if down > 0 {
+            self.0.bytes_down.fetch_add(down, Ordering::Relaxed);
+        }
     }
 }
 

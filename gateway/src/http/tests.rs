@@ -257,6 +257,23 @@ async fn first_response_pins_and_the_session_counts_once_the_cookie_returns() {
 }
 
 #[tokio::test]
+async fn a_browser_sessions_bytes_are_the_bodies_it_was_sent() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let first = send(&f, get("/", None)).await;
+    let cookie = first.cookie().expect("first response sets the cookie");
+    let mut down = 0;
+    for path in ["/a", "/bb", "/ccc"] {
+        let r = send(&f, get(path, Some(&cookie))).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        down += r.text.len() as u64;
+    }
+    let sessions = f.pool.sessions();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    // The first answer went to a browser without a session yet: not counted.
+    assert_eq!((sessions[0].bytes_up, sessions[0].bytes_down), (0, down));
+}
+
+#[tokio::test]
 async fn a_client_connection_reuses_its_verified_cookie_and_still_checks_its_age() {
     let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
     let client = f.frontend.client(conn());

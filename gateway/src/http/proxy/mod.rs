@@ -22,7 +22,7 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::http::uri::PathAndQuery;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use router_core::{HttpRouted, NoVm, PickRequest, Pool, Protocol, Vm};
+use router_core::{HttpRouted, NoVm, PickRequest, Pool, Protocol, SessionBytes, Vm};
 use subtle::ConstantTimeEq;
 
 use super::access_log::{self, AccessLog, Record};
@@ -332,6 +332,8 @@ struct Outbound {
     now: u64,
     /// Request body bytes sent so far (`None`: the request has no body).
     up_bytes: Option<Arc<AtomicU64>>,
+    /// The byte counters of the session the last attempt was routed to (a valid cookie).
+    session_bytes: Option<SessionBytes>,
     /// The request in flight on its client connection: ends with the response body (or with
     /// the request when no VM answers).
     active: Active,
@@ -639,6 +641,7 @@ impl Frontend {
                 .map(|vm| HttpRouted {
                     vm,
                     continued: false,
+                    bytes: None,
                 }),
         }
     }
@@ -663,15 +666,19 @@ impl Frontend {
             let conn = client.info;
             let mut tries = Tries::default();
             loop {
-                let HttpRouted { vm, continued } =
-                    match this.route(out.pin.as_deref(), &out.new_session, &tries.tried) {
-                        Ok(routed) => routed,
-                        Err(no_vm) => {
-                            let resp = this.no_vm(&out, no_vm, tries.last_failure);
-                            return (out.active.attach(resp), None);
-                        }
-                    };
+                let HttpRouted {
+                    vm,
+                    continued,
+                    bytes,
+                } = match this.route(out.pin.as_deref(), &out.new_session, &tries.tried) {
+                    Ok(routed) => routed,
+                    Err(no_vm) => {
+                        let resp = this.no_vm(&out, no_vm, tries.last_failure);
+                        return (out.active.attach(resp), None);
+                    }
+                };
                 out.session_started |= !continued;
+                out.session_bytes = bytes;
                 let name = vm.name();
                 let (authority, down) = client.vm(&vm, &this.inner.metrics);
                 let Some(headers) = out.headers_for(&authority) else {
@@ -802,6 +809,7 @@ impl Frontend {
             session_started: false,
             now,
             up_bytes,
+            session_bytes: None,
             active,
         }
     }

@@ -20,6 +20,8 @@ pub(super) struct Counted {
     pub(super) down: prometheus::IntCounter,
     /// The request in flight on its client connection.
     pub(super) active: Active,
+    /// The browser session's byte counters (a request with a valid cookie).
+    pub(super) session: Option<SessionBytes>,
 }
 
 pub(super) fn bad_target(json: bool) -> Response<Body> {
@@ -68,6 +70,7 @@ impl Frontend {
                 up_bytes: out.up_bytes,
                 down,
                 active: out.active,
+                session: out.session_bytes,
             },
         )
     }
@@ -118,13 +121,13 @@ impl Frontend {
             return counted.active.attach(resp);
         }
         let metrics = inner.metrics.clone();
-        let pool = inner.pool.clone();
         let vm = Arc::clone(vm);
         let body = Observed::new(body, move |down| {
             let Counted {
                 up_bytes,
                 down: down_total,
                 active,
+                session,
             } = counted;
             let up = up_bytes.map_or(0, |b| b.load(Ordering::Relaxed));
             // Downloads are counted on every response; uploads (a request body) rarely.
@@ -132,8 +135,9 @@ impl Frontend {
             if up > 0 {
                 metrics.bytes(Protocol::Http, vm.name(), up, 0);
             }
-            if let Some(pin) = pin {
-                pool.http_add_bytes(&pin.session, up, down);
+            // The session's counters as routing found them: not looked up again by its id.
+            if let Some(session) = session {
+                session.add(up, down);
             }
             drop(active);
         })
