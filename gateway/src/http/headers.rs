@@ -195,7 +195,7 @@ fn names_no_other_header(token: &[u8]) -> bool {
     token.eq_ignore_ascii_case(b"close")
         || HOP_BY_HOP
             .iter()
-            .any(|h| h.len() == token.len() && h.as_bytes().eq_ignore_ascii_case(token))
+            .any(|h| h.as_bytes().eq_ignore_ascii_case(token))
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
@@ -349,7 +349,7 @@ fn push_ip(out: &mut BytesMut, ip: IpAddr) {
 /// Appends the dotted-quad text of `ip` (what `to_string` gives, without the formatting
 /// machinery or an allocation of its own): the forwarding headers and the access log write one
 /// for every proxied request.
-pub(super) fn push_ipv4(out: &mut impl BufMut, ip: Ipv4Addr) {
+fn push_ipv4(out: &mut impl BufMut, ip: Ipv4Addr) {
     let mut digits = itoa::Buffer::new();
     for (i, octet) in ip.octets().into_iter().enumerate() {
         if i > 0 {

@@ -25,7 +25,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use router_core::{HttpRouted, NoVm, PickRequest, Pool, Protocol, SessionBytes, Vm};
 use subtle::ConstantTimeEq;
 
-use super::access_log::{self, AccessLog, Record};
+use super::access_log::{AccessLog, Record};
 use super::body::{Active, ConnTracker, Handoff, Observed};
 use super::cookie::{CookieFinder, CookieSigner, Pin, set_cookie_header};
 use super::errors::{GatewayError, accepts_json};
@@ -468,7 +468,7 @@ impl Frontend {
         Arc::new(ClientConn {
             info,
             client_text: (self.inner.access_log.as_ref())
-                .map(|_| access_log::client_text(info.client)),
+                .map(|_| info.client.to_string().into_boxed_str()),
             forwarding: ConnForwarding::new(&Forwarding {
                 client: info.client,
                 https: info.https,
