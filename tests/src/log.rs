@@ -25,6 +25,16 @@ pub fn has_field(line: &str, name: &str, value: &str) -> bool {
     line.split_whitespace().any(|word| word == field)
 }
 
+/// Whether one of the spans a log line names (`name{field=value ...}:`, as the text format
+/// writes the spans an event happened in) has the field `name=value` (exactly that value).
+pub fn has_span_field(line: &str, name: &str, value: &str) -> bool {
+    let field = format!("{name}={value}");
+    line.split('{')
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}'))
+        .any(|(fields, _)| fields.split_whitespace().any(|word| word == field))
+}
+
 /// Lines of `log` that contain every one of `needles`.
 pub fn log_lines<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
     log.lines()
@@ -62,5 +72,21 @@ mod tests {
         assert!(has_field(&line, "vm", "vm-a"));
         assert!(!has_field(&line, "vm", "vm"));
         assert_eq!(log_lines(&line, &["VM is up", "vm=vm-a"]), [line.as_str()]);
+    }
+
+    #[test]
+    fn span_fields_are_found_inside_their_braces_only() {
+        let line = "WARN ssh{client=127.0.0.1:5 user=pgtest4}:relay{ch=1}: gateway: failed \
+                    user=pgtest9 vm=vm-a";
+        assert!(has_span_field(line, "user", "pgtest4"));
+        assert!(has_span_field(line, "client", "127.0.0.1:5"));
+        assert!(has_span_field(line, "ch", "1"));
+        assert!(!has_span_field(line, "user", "pgtest"));
+        assert!(
+            !has_span_field(line, "user", "pgtest9"),
+            "an event field, not a span's"
+        );
+        assert!(!has_span_field(line, "vm", "vm-a"));
+        assert!(has_field(line, "vm", "vm-a"));
     }
 }

@@ -219,8 +219,7 @@ fn a_vm_that_accepts_and_never_answers_does_not_stall_logins_or_sessions_elsewhe
             .filter(|l| {
                 l.contains("VM connection failed")
                     && has_field(l, "vm", "vm-a")
-                    && (l.contains(&format!("user={user}}}"))
-                        || l.contains(&format!("user={user} ")))
+                    && has_span_field(l, "user", &user)
             })
             .count();
         assert!(
