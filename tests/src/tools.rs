@@ -48,6 +48,7 @@ pub fn install_hint(name: &str) -> String {
         "auth_jwt.so" => "apt-get install slurm-wlm-jwt-plugin",
         "pebble" | "pebble-challtestsrv" => "apt-get install pebble",
         "promtool" => "apt-get install prometheus",
+        "logrotate" => "apt-get install logrotate",
         "useradd" | "usermod" | "chpasswd" => "apt-get install passwd",
         "chromium" => "apt-get install chromium",
         "jupyterhub" | "jupyter-server" | "jupyter" => {

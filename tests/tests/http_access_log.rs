@@ -1,13 +1,16 @@
 //! The access log (`http.access_log`) against the real gateway binary: with a file as its
 //! destination, every proxied request gets its line there (method, path without the query,
 //! status, VM, client, HTTP version) — written by the gateway's log thread within a moment,
-//! not on the log — and nothing is counted as dropped.
+//! not on the log — and nothing is counted as dropped. Rotated by the real `logrotate` while
+//! twenty clients send requests, it loses no line and cuts none.
 
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use poolgate_tests::*;
@@ -83,6 +86,141 @@ fn every_request_gets_a_line_in_the_access_log_file() {
     // The file is the destination: the log itself has no access lines.
     assert!(
         !gw.gateway.log_text().contains("poolgate::http::access"),
+        "{}",
+        gw.gateway.log_text()
+    );
+    let metrics = http_get(gw.admin, "/metrics").body;
+    assert_eq!(
+        sample(&metrics, "poolgate_access_log_dropped_total"),
+        Some(0.0),
+        "{metrics}"
+    );
+}
+
+/// The lines of `path` that are access lines (empty when it does not exist).
+fn access_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("poolgate::http::access"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn logrotate_during_a_burst_loses_no_line_and_the_next_lines_go_to_the_new_file() {
+    require_tools!("logrotate");
+    let port = upstream();
+    let gw = GatewayPool::builder()
+        .web_pool("/health")
+        .http_option("access_log = \"access.log\"")
+        .web_vm("web-1", port)
+        .start();
+    let path = gw.dir().join("access.log");
+    let rotated = gw.dir().join("access.log.1");
+
+    // Twenty clients at once, each sending requests one after another until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..20)
+        .map(|c| {
+            let (stop, sent, addr) = (stop.clone(), sent.clone(), gw.http);
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Acquire) {
+                    let resp = http_get(addr, &format!("/c/{c}/{i}"));
+                    assert_eq!(resp.status, 200, "{resp:?}");
+                    sent.fetch_add(1, Ordering::AcqRel);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+
+    // Rotate once lines are arriving, the way a distribution's daily job does (`create`).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while access_lines(&path).len() < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "no access lines in {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let conf = gw.dir().join("logrotate.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "{} {{\n  rotate 2\n  create 0600\n  nocompress\n  missingok\n}}\n",
+            path.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(tool("logrotate"))
+        .arg("--force")
+        .arg("--state")
+        .arg(gw.dir().join("logrotate.state"))
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "logrotate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = access_lines(&rotated).len();
+    assert!(before >= 50, "the rotated file has {before} lines");
+
+    // The requests go on; their lines appear in the new file without a signal or restart.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while access_lines(&path).len() < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "no lines in the new {} after rotation\n{}",
+            path.display(),
+            gw.gateway.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Release);
+    for client in clients {
+        client.join().unwrap();
+    }
+    let total = sent.load(Ordering::Acquire);
+
+    // Every request has exactly one whole line, in one file or the other.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (old, new) = loop {
+        let (old, new) = (access_lines(&rotated), access_lines(&path));
+        if old.len() + new.len() >= total || Instant::now() > deadline {
+            break (old, new);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(old.len() + new.len(), total, "lines for {total} requests");
+    let mut paths: Vec<&str> = Vec::new();
+    for line in old.iter().chain(&new) {
+        assert!(
+            line.starts_with("20") && line.ends_with("proto=HTTP/1.1"),
+            "a cut line: {line}"
+        );
+        let path = line
+            .split(" path=")
+            .nth(1)
+            .and_then(|r| r.split(' ').next());
+        paths.push(path.unwrap_or_else(|| panic!("no path in {line}")));
+    }
+    paths.sort_unstable();
+    paths.dedup();
+    assert_eq!(paths.len(), total, "a request logged twice");
+    // The new file is the one logrotate made (its mode), not one the gateway made (0640).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        gw.gateway
+            .log_text()
+            .contains("http.access_log: the file was rotated or removed; writing to a new one"),
         "{}",
         gw.gateway.log_text()
     );

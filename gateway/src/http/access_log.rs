@@ -8,10 +8,16 @@
 //! destination that cannot keep up (a slow disk, a stuck pipe) never holds up a request: past
 //! [`QUEUE_LIMIT`] waiting bytes lines are dropped and counted
 //! (`poolgate_access_log_dropped_total`).
+//!
+//! A log written to a file follows rotation: before each write the thread checks that the path
+//! still names the file it has open, and when it does not (logrotate's default renames the file
+//! and makes a new one; an operator may remove it) it opens the path again, so the next lines
+//! go to the new file with no signal or restart. `copytruncate` needs nothing: the file is
+//! opened for appending, so writes go on at the new end.
 
 use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -31,6 +37,9 @@ const FLUSH_AFTER: Duration = Duration::from_millis(250);
 /// Writes to a pipe or socket are at most this long, so that they stay atomic (`PIPE_BUF`) and
 /// never cut a line of the log written by other threads to the same standard error.
 const PIPE_WRITE: usize = 4096;
+/// How long the path may name no file before the writer makes a new one itself: a rotation
+/// that renames the file and then creates the next keeps the file it made (its owner and mode).
+const MISSING_GRACE: Duration = Duration::from_secs(1);
 
 /// Lines as JSON objects (`--log-format json`) rather than text.
 static JSON: AtomicBool = AtomicBool::new(false);
@@ -132,28 +141,17 @@ impl AccessLog {
         }
         use std::os::fd::AsFd;
         let fd = std::io::stderr().as_fd().try_clone_to_owned()?;
-        Self::start(File::from(fd), dropped).map(Some)
+        Self::start(Destination::new(File::from(fd), None)?, dropped).map(Some)
     }
 
-    /// The access log appended to `path` (created mode 640 if missing).
+    /// The access log appended to `path` (created mode 640 if missing), and to the file found
+    /// there after a rotation.
     pub fn file(path: &Path, dropped: IntCounter) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o640)
-            .open(path)?;
-        Self::start(file, dropped)
+        let (out, followed) = Followed::open(path)?;
+        Self::start(Destination::new(out, Some(followed))?, dropped)
     }
 
-    fn start(out: File, dropped: IntCounter) -> std::io::Result<Self> {
-        use std::os::unix::fs::FileTypeExt;
-        let kind = out.metadata()?.file_type();
-        let chunk = if kind.is_fifo() || kind.is_socket() {
-            PIPE_WRITE
-        } else {
-            usize::MAX
-        };
+    fn start(out: Destination, dropped: IntCounter) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
@@ -163,7 +161,7 @@ impl AccessLog {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("access-log".into())
-                .spawn(move || write_loop(&shared, out, chunk))?
+                .spawn(move || write_loop(&shared, out))?
         };
         Ok(Self {
             shared,
@@ -213,8 +211,124 @@ impl Drop for AccessLog {
     }
 }
 
+/// Where the writer thread writes.
+struct Destination {
+    out: File,
+    /// Bytes per write: [`PIPE_WRITE`] to a pipe or socket, else the whole batch.
+    chunk: usize,
+    /// The path the file was opened from, when it was.
+    followed: Option<Followed>,
+}
+
+impl Destination {
+    fn new(out: File, followed: Option<Followed>) -> std::io::Result<Self> {
+        Ok(Self {
+            chunk: chunk_for(&out)?,
+            out,
+            followed,
+        })
+    }
+
+    /// Writes one batch, after changing to the file now at the followed path if there is one.
+    fn write(&mut self, batch: &[u8]) -> std::io::Result<()> {
+        if let Some(followed) = &mut self.followed
+            && let Some(out) = followed.moved()
+        {
+            // A FIFO made at the path writes in pieces like standard error; a file at once.
+            self.chunk = chunk_for(&out).unwrap_or(PIPE_WRITE);
+            self.out = out;
+        }
+        batch
+            .chunks(self.chunk)
+            .try_for_each(|part| self.out.write_all(part))
+    }
+}
+
+fn chunk_for(out: &File) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = out.metadata()?.file_type();
+    Ok(if kind.is_fifo() || kind.is_socket() {
+        PIPE_WRITE
+    } else {
+        usize::MAX
+    })
+}
+
+/// The file behind `http.access_log = PATH`, followed across rotations.
+struct Followed {
+    path: PathBuf,
+    /// Device and inode of the open file: the path names it as long as they match.
+    id: (u64, u64),
+    /// Since when the path has named no file.
+    missing_since: Option<Instant>,
+    /// Reopening has failed (and was reported) since it last worked.
+    failing: bool,
+}
+
+impl Followed {
+    fn open(path: &Path) -> std::io::Result<(File, Self)> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o640)
+            .open(path)?;
+        let meta = file.metadata()?;
+        let followed = Self {
+            path: path.to_owned(),
+            id: (meta.dev(), meta.ino()),
+            missing_since: None,
+            failing: false,
+        };
+        Ok((file, followed))
+    }
+
+    /// The file to write to from now on, when the path no longer names the open one: a file
+    /// made there after a rotation, or a new one made once the path has named none for
+    /// [`MISSING_GRACE`]. `None`: keep writing to the open file.
+    fn moved(&mut self) -> Option<File> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == self.id => {
+                self.missing_since = None;
+                return None;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let since = *self.missing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < MISSING_GRACE {
+                    return None;
+                }
+            }
+            // Opening says what is wrong better than a failed look (below).
+            Err(_) => {}
+        }
+        match Self::open(&self.path) {
+            Ok((file, next)) => {
+                tracing::info!(
+                    path = %self.path.display(),
+                    "http.access_log: the file was rotated or removed; writing to a new one"
+                );
+                *self = next;
+                Some(file)
+            }
+            Err(e) => {
+                if !self.failing {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        "http.access_log: the file was rotated or removed and cannot be opened \
+                         again ({e}); still writing to the old one"
+                    );
+                }
+                self.failing = true;
+                None
+            }
+        }
+    }
+}
+
 /// The writer thread: waits for a batch, swaps it out, writes it.
-fn write_loop(shared: &Shared, mut out: File, chunk: usize) {
+fn write_loop(shared: &Shared, mut out: Destination) {
     let mut batch = Vec::with_capacity(WRITE_AT * 2);
     let mut failing = false;
     loop {
@@ -242,8 +356,7 @@ fn write_loop(shared: &Shared, mut out: File, chunk: usize) {
             state.closed
         };
         if !batch.is_empty() {
-            let result = batch.chunks(chunk).try_for_each(|part| out.write_all(part));
-            match result {
+            match out.write(&batch) {
                 Ok(()) => failing = false,
                 Err(e) => {
                     let lines = batch.iter().filter(|&&b| b == b'\n').count();
@@ -501,11 +614,8 @@ mod tests {
         // requests go on, their lines counted as dropped.
         let (reader, writer) = std::io::pipe().unwrap();
         let dropped = counter();
-        let log = AccessLog::start(
-            File::from(std::os::fd::OwnedFd::from(writer)),
-            dropped.clone(),
-        )
-        .unwrap();
+        let out = File::from(std::os::fd::OwnedFd::from(writer));
+        let log = AccessLog::start(Destination::new(out, None).unwrap(), dropped.clone()).unwrap();
         let started = Instant::now();
         let n = 40_000;
         for i in 0..n {
@@ -522,5 +632,101 @@ mod tests {
         let text = reading.join().unwrap();
         assert_eq!(text.lines().count() as u64 + dropped.get(), n);
         assert!(text.lines().all(|l| l.ends_with("proto=HTTP/1.1")));
+    }
+
+    /// Waits until `path` holds a line containing `needle`.
+    fn wait_for_line(path: &Path, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(needle)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{needle} never reached {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_renamed_file_is_followed_by_a_new_one_at_the_path() {
+        // logrotate's default (`create`): the file is renamed and a new one made at the path.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let rotated = dir.path().join("access.log.1");
+        let log = AccessLog::file(&path, counter()).unwrap();
+        log.log(&record("/before"));
+        wait_for_line(&path, "/before");
+        std::fs::rename(&path, &rotated).unwrap();
+        std::fs::write(&path, "").unwrap();
+        log.log(&record("/after"));
+        wait_for_line(&path, "/after");
+        drop(log);
+        let old = std::fs::read_to_string(&rotated).unwrap();
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(old.lines().count(), 1, "{old}");
+        assert!(old.contains("path=/before "), "{old}");
+        assert_eq!(new.lines().count(), 1, "{new}");
+        assert!(new.contains("path=/after "), "{new}");
+    }
+
+    #[test]
+    fn a_removed_file_is_made_again_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::file(&path, counter()).unwrap();
+        log.log(&record("/before"));
+        wait_for_line(&path, "/before");
+        std::fs::remove_file(&path).unwrap();
+        let removed = Instant::now();
+        // Lines keep coming: the first batches still go to the removed file, then a new file
+        // appears at the path, made by the writer with the log's mode.
+        let mut i = 0;
+        while !std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .contains("path=/after/")
+        {
+            assert!(
+                removed.elapsed() < Duration::from_secs(10),
+                "no new file at {}",
+                path.display()
+            );
+            log.log(&record(&format!("/after/{i}")));
+            i += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            removed.elapsed() >= MISSING_GRACE,
+            "made again before the grace"
+        );
+        drop(log);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().all(|l| l.contains("path=/after/")), "{text}");
+    }
+
+    #[test]
+    fn a_truncated_file_is_written_from_its_new_end() {
+        // logrotate's `copytruncate`: the same file, emptied.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::file(&path, counter()).unwrap();
+        log.log(&record("/before"));
+        wait_for_line(&path, "/before");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        log.log(&record("/after"));
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text:?}");
+        assert!(text.starts_with("20"), "no hole before the line: {text:?}");
     }
 }
