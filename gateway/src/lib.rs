@@ -13,6 +13,7 @@ pub mod demo;
 pub mod health;
 pub mod html;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod placement;
 pub mod secrets;

@@ -7,13 +7,13 @@ use std::process::ExitCode;
 use std::io::Write;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command, LogFormat};
+use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format, &cli.log);
+    // Held to the end: dropping it writes the log lines still waiting.
+    let _log = gateway::logging::init(cli.log_format, &cli.log);
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Run { config } => run(&config),
@@ -47,22 +47,6 @@ fn runtime(multi_thread: bool) -> Option<tokio::runtime::Runtime> {
             eprintln!("poolgate: cannot start the async runtime: {e}");
             None
         }
-    }
-}
-
-fn init_tracing(format: LogFormat, filter: &str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("poolgate: invalid --log filter {filter:?} ({e}); using \"info\"");
-        EnvFilter::new("info")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // The access log writes its own lines (`http.access_log`), in the same format.
-    gateway::http::access_log::use_json(matches!(format, LogFormat::Json));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
 

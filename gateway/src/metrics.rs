@@ -38,6 +38,9 @@ pub struct Metrics {
     /// `poolgate_access_log_dropped_total`: access-log lines dropped because the destination
     /// could not keep up (or failed).
     pub access_log_dropped_total: IntCounter,
+    /// `poolgate_log_dropped_total`: log lines dropped because standard error did not take them
+    /// (brought up to date at every scrape from [`crate::logging::dropped_lines`]).
+    pub log_dropped_total: IntCounter,
     /// `poolgate_autoscale_desired_vms`.
     pub autoscale_desired_vms: IntGauge,
     /// `poolgate_autoscale_max_vms`: the configured `autoscale.max_vms` (for "pool at max" alerts).
@@ -207,6 +210,10 @@ impl Metrics {
             access_log_dropped_total: reg!(IntCounter::new(
                 "access_log_dropped_total",
                 "HTTP access-log lines dropped because the destination could not keep up or failed to write."
+            )),
+            log_dropped_total: reg!(IntCounter::new(
+                "log_dropped_total",
+                "Log lines dropped because standard error did not take them fast enough."
             )),
             autoscale_desired_vms: reg!(IntGauge::new(
                 "autoscale_desired_vms",
@@ -421,6 +428,7 @@ impl Metrics {
     pub fn render(&self, pool: &Pool) -> String {
         self.refresh_pool(pool);
         self.refresh_tls(SystemTime::now());
+        self.refresh_log();
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         let mut text = String::from_utf8(out).unwrap_or_default();
@@ -446,6 +454,18 @@ impl Metrics {
         text
     }
 
+    /// `log_dropped_total` catches up with the log writer's own count.
+    fn refresh_log(&self) {
+        // Two scrapes at once must not both add the same difference.
+        static CATCHING_UP: Mutex<()> = Mutex::new(());
+        let _one = CATCHING_UP.lock().unwrap_or_else(PoisonError::into_inner);
+        let dropped = crate::logging::dropped_lines();
+        let counted = self.log_dropped_total.get();
+        if dropped > counted {
+            self.log_dropped_total.inc_by(dropped - counted);
+        }
+    }
+
     fn descriptors(&self) -> Vec<Vec<&prometheus::core::Desc>> {
         use prometheus::core::Collector;
         vec![
@@ -459,6 +479,7 @@ impl Metrics {
             self.auth_failures_total.desc(),
             self.http_requests_total.desc(),
             self.access_log_dropped_total.desc(),
+            self.log_dropped_total.desc(),
             self.autoscale_desired_vms.desc(),
             self.autoscale_max_vms.desc(),
             self.autoscale_schedule_min_vms.desc(),
@@ -617,6 +638,7 @@ mod tests {
             "poolgate_auth_failures_total",
             "poolgate_http_requests_total",
             "poolgate_access_log_dropped_total",
+            "poolgate_log_dropped_total",
             "poolgate_autoscale_desired_vms",
             "poolgate_autoscale_actions_total",
             "poolgate_pool_vms",

@@ -59,6 +59,7 @@ pub struct GatewayProcessBuilder {
     args: Vec<String>,
     timeout: Duration,
     binary: Option<PathBuf>,
+    stderr: Option<std::sync::Arc<std::fs::File>>,
 }
 
 impl GatewayProcessBuilder {
@@ -94,6 +95,12 @@ impl GatewayProcessBuilder {
         self
     }
 
+    /// Where the gateway's standard error goes instead of `poolgate.log` (a pipe, say).
+    pub fn stderr(mut self, to: std::fs::File) -> Self {
+        self.stderr = Some(std::sync::Arc::new(to));
+        self
+    }
+
     /// How long the listeners may take to open (default 30 s).
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -101,7 +108,8 @@ impl GatewayProcessBuilder {
     }
 
     /// Writes the config, spawns `poolgate run --config <dir>/poolgate.toml` with stdout and
-    /// stderr appended to `<dir>/poolgate.log`, and waits until every `wait_for` address accepts.
+    /// stderr appended to `<dir>/poolgate.log` (stderr elsewhere if [`stderr`](Self::stderr)
+    /// says so), and waits until every `wait_for` address accepts.
     /// Panics with the log if the gateway exits first or the deadline passes.
     pub fn start(self) -> GatewayProcess {
         let (dir, temp) = match self.dir {
@@ -135,7 +143,10 @@ impl GatewayProcessBuilder {
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
-            .stderr(log)
+            .stderr(match &self.stderr {
+                Some(to) => to.try_clone().expect("dup the gateway's stderr"),
+                None => log,
+            })
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         // Built before waiting, so a failed start still kills the process through Drop.
@@ -178,6 +189,7 @@ impl GatewayProcess {
             args: Vec::new(),
             timeout: Duration::from_secs(30),
             binary: None,
+            stderr: None,
         }
     }
 

@@ -96,6 +96,7 @@ pub struct GatewayPoolBuilder {
     token: Option<String>,
     vm_config: Option<fn(SshdVmBuilder) -> SshdVmBuilder>,
     gateway_env: Vec<(String, String)>,
+    gateway_stderr: Option<std::fs::File>,
     user_ca: Option<UserCa>,
     known_vms: Vec<String>,
 }
@@ -255,6 +256,13 @@ impl GatewayPoolBuilder {
         self
     }
 
+    /// Where the gateway's standard error goes instead of its log file (a pipe, say); the log
+    /// helpers then see only its standard output.
+    pub fn gateway_stderr(mut self, to: std::fs::File) -> Self {
+        self.gateway_stderr = Some(to);
+        self
+    }
+
     /// Starts everything and waits until the gateway has seen every VM it trusts up.
     pub fn start(mut self) -> GatewayPool {
         let started = Instant::now();
@@ -346,7 +354,7 @@ impl GatewayPoolBuilder {
             token_file,
             dir,
         };
-        pool.wait_for_vms_up(&self.vms);
+        pool.wait_for_vms_up(&self.vms, self.gateway_stderr.is_none());
         eprintln!(
             "pool of {} VM(s) and {user_count} user(s) ready in {:?}",
             self.vms.len(),
@@ -398,6 +406,9 @@ impl GatewayPoolBuilder {
         }
         for (name, value) in &self.gateway_env {
             builder = builder.env(name, value);
+        }
+        if let Some(to) = &self.gateway_stderr {
+            builder = builder.stderr(to.try_clone().expect("dup the gateway's stderr"));
         }
         builder.start()
     }
@@ -646,21 +657,24 @@ impl GatewayPool {
             token: None,
             vm_config: None,
             gateway_env: Vec::new(),
+            gateway_stderr: None,
             user_ca: None,
             known_vms: Vec::new(),
         }
     }
 
-    /// Waits until the gateway has seen each VM it trusts up: its "VM is up" line, then
-    /// `healthy` in the admin API.
-    fn wait_for_vms_up(&self, plans: &[VmPlan]) {
+    /// Waits until the gateway has seen each VM it trusts up: its "VM is up" line (when the log
+    /// file has its standard error), then `healthy` in the admin API.
+    fn wait_for_vms_up(&self, plans: &[VmPlan], logged: bool) {
         let deadline = Instant::now() + VM_UP_TIMEOUT;
         let waited = plans
             .iter()
             .filter(|p| !matches!(p.kind, VmKind::Sshd { trusted: false, .. }));
         for plan in waited {
             let left = deadline.saturating_duration_since(Instant::now());
-            self.gateway.wait_for_vm_up(&plan.name, left);
+            if logged {
+                self.gateway.wait_for_vm_up(&plan.name, left);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             self.wait_for_state(&plan.name, "healthy", left);
         }

@@ -34,6 +34,21 @@ pub fn pids_with_cmdline_prefix(prefix: &str) -> Vec<u32> {
     pids
 }
 
+/// Where the threads of `pid` named `name` wait in the kernel (`/proc/PID/task/TID/wchan`:
+/// `anon_pipe_write` or `pipe_write` for a write to a full pipe, `0` for a running thread).
+pub fn thread_wchans(pid: u32, name: &str) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })
+        .filter_map(|task| std::fs::read_to_string(task.path().join("wchan")).ok())
+        .collect()
+}
+
 /// Bytes waiting unread in the receive queues of established TCP connections whose local port
 /// is `port` (the server side, as `/proc/net/tcp` shows it): one entry per connection. A
 /// stopped server leaves what its clients sent there.
@@ -61,5 +76,7 @@ mod tests {
         assert!(rss_kib(me).is_some_and(|kib| kib > 0));
         assert!(fd_count(me) >= 3);
         assert!(!pids_with_cmdline_prefix("").is_empty());
+        let name = std::fs::read_to_string(format!("/proc/{me}/comm")).unwrap();
+        assert!(!thread_wchans(me, name.trim()).is_empty());
     }
 }
