@@ -1,7 +1,8 @@
 //! The gateway's log when standard error stops taking lines (a stalled journal, a full pipe
 //! nobody reads): logins go on. The log's lines wait in a queue of their own, written by a
 //! thread of its own; lines beyond the queue are dropped and counted in
-//! `poolgate_log_dropped_total` instead of holding up the tasks that log them.
+//! `poolgate_log_dropped_total` instead of holding up the tasks that log them; and a shutdown
+//! gives up the lines a stuck standard error did not take instead of waiting for it.
 
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -73,5 +74,30 @@ fn a_stalled_stderr_holds_up_no_login() {
         Some(0.0),
         "{metrics}"
     );
+    // Requests are answered too, their access-log lines (on standard error, the default) given
+    // to the access log's own writer, which the full pipe holds up as well.
+    for i in 0..50 {
+        let resp = http_get(pool.http, &format!("/r/{i}"));
+        assert!(resp.status > 0, "{resp:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !thread_wchans(pid, "access-log")
+        .iter()
+        .any(|w| w.contains("pipe_write"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the access-log writer never waited on the full pipe: {:?}",
+            thread_wchans(pid, "access-log")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Nor does it hold up a clean shutdown (no session is open, so it is prompt): the lines
+    // still waiting are given up after a moment (5 s for the access log's, 1 s for the log's).
+    let mut pool = pool;
+    let stopping = Instant::now();
+    let status = pool.gateway.terminate(Duration::from_secs(15));
+    assert!(status.success(), "{status:?}\n{}", pool.log());
+    eprintln!("exited {:?} after SIGTERM", stopping.elapsed());
     drop(unread);
 }

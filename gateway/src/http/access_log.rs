@@ -40,6 +40,9 @@ const PIPE_WRITE: usize = 4096;
 /// How long the path may name no file before the writer makes a new one itself: a rotation
 /// that renames the file and then creates the next keeps the file it made (its owner and mode).
 const MISSING_GRACE: Duration = Duration::from_secs(1);
+/// How long closing the log (at shutdown) waits for the lines still waiting to be written: a
+/// destination that takes none (a pipe nobody reads) must not keep the gateway from exiting.
+const DRAIN_AT_CLOSE: Duration = Duration::from_secs(5);
 
 /// Lines as JSON objects (`--log-format json`) rather than text.
 static JSON: AtomicBool = AtomicBool::new(false);
@@ -79,7 +82,10 @@ impl std::fmt::Debug for AccessLog {
 
 struct Shared {
     state: Mutex<State>,
+    /// Wakes the writer.
     wake: Condvar,
+    /// Wakes a close waiting for the writer to finish.
+    finished: Condvar,
     dropped: IntCounter,
 }
 
@@ -90,6 +96,8 @@ struct State {
     /// When the oldest waiting line was added.
     since: Option<Instant>,
     closed: bool,
+    /// The writer has written everything after `closed` and ended.
+    done: bool,
     /// The timestamp's text down to the second, formatted once a second.
     clock: Clock,
 }
@@ -155,13 +163,18 @@ impl AccessLog {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
+            finished: Condvar::new(),
             dropped,
         });
         let writer = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("access-log".into())
-                .spawn(move || write_loop(&shared, out))?
+                .spawn(move || {
+                    write_loop(&shared, out);
+                    shared.lock().done = true;
+                    shared.finished.notify_all();
+                })?
         };
         Ok(Self {
             shared,
@@ -202,11 +215,36 @@ impl AccessLog {
 }
 
 impl Drop for AccessLog {
+    /// Writes what is still waiting, for at most [`DRAIN_AT_CLOSE`].
     fn drop(&mut self) {
-        self.shared.lock().closed = true;
+        let mut state = self.shared.lock();
+        state.closed = true;
         self.shared.wake.notify_one();
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
+        let deadline = Instant::now() + DRAIN_AT_CLOSE;
+        while !state.done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = self
+                .shared
+                .finished
+                .wait_timeout(state, left)
+                .map_or_else(|p| p.into_inner().0, |(s, _)| s);
+        }
+        let done = state.done;
+        drop(state);
+        if done {
+            if let Some(writer) = self.writer.take() {
+                let _ = writer.join();
+            }
+        } else {
+            // Stuck in a write: left to end with the process.
+            tracing::warn!(
+                "http.access_log: the destination took no lines for {}s; the lines still \
+                 waiting are given up",
+                DRAIN_AT_CLOSE.as_secs()
+            );
         }
     }
 }
