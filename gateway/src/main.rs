@@ -8,12 +8,16 @@ use std::io::Write;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = matches!(cli.log_format, LogFormat::Json);
     // Held to the end: dropping it writes the log lines still waiting.
-    let _log = gateway::logging::init(cli.log_format, &cli.log);
+    let log = gateway::logging::init(json, &cli.log);
+    gateway::metrics::count_log_drops(log.drops());
+    // The access log writes its own lines (`http.access_log`), in the same format.
+    gateway::http::access_log::use_json(json);
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Run { config } => run(&config),

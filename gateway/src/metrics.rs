@@ -13,6 +13,16 @@ use prometheus::{
 };
 use router_core::{Pool, Protocol, VmState};
 
+/// Reads the log's count of dropped lines (the log is set up before any `Metrics`).
+type LogDrops = Box<dyn Fn() -> u64 + Send + Sync>;
+static LOG_DROPS: std::sync::OnceLock<LogDrops> = std::sync::OnceLock::new();
+
+/// Gives `poolgate_log_dropped_total` its source: the log's own count of lines it dropped
+/// (`logging::Guard::drops`). Set once, by the CLI that set up the log; later calls are ignored.
+pub fn count_log_drops(read: impl Fn() -> u64 + Send + Sync + 'static) {
+    let _ = LOG_DROPS.set(Box::new(read));
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -39,7 +49,7 @@ pub struct Metrics {
     /// could not keep up (or failed).
     pub access_log_dropped_total: IntCounter,
     /// `poolgate_log_dropped_total`: log lines dropped because standard error did not take them
-    /// (brought up to date at every scrape from [`crate::logging::dropped_lines`]).
+    /// (brought up to date at every scrape from what [`count_log_drops`] was given).
     pub log_dropped_total: IntCounter,
     /// `poolgate_autoscale_desired_vms`.
     pub autoscale_desired_vms: IntGauge,
@@ -459,7 +469,7 @@ impl Metrics {
         // Two scrapes at once must not both add the same difference.
         static CATCHING_UP: Mutex<()> = Mutex::new(());
         let _one = CATCHING_UP.lock().unwrap_or_else(PoisonError::into_inner);
-        let dropped = crate::logging::dropped_lines();
+        let dropped = LOG_DROPS.get().map_or(0, |read| read());
         let counted = self.log_dropped_total.get();
         if dropped > counted {
             self.log_dropped_total.inc_by(dropped - counted);

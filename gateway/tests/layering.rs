@@ -30,6 +30,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("placement", &[]),
     ("secrets", &[]),
     ("html", &[]),
+    ("logging", &[]),
 ];
 const ANYTHING: &[&str] = &["app", "main", "cli", "simulate", "lib"];
 /// Modules that take plain settings from the composition root and never read the
@@ -45,6 +46,7 @@ const NO_CONFIG: &[&str] = &[
     "placement",
     "secrets",
     "html",
+    "logging",
 ];
 
 #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use poolgate_tests::*;
 
 #[test]
-fn a_stalled_stderr_holds_up_no_login() {
+fn a_stalled_stderr_holds_up_no_login_request_or_shutdown() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     // A pipe of one page that nobody reads: once the gateway's first lines fill it, a write to
