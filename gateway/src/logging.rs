@@ -4,7 +4,7 @@
 //! writes the lines. A standard error that stops taking lines (a stalled journal, a full pipe
 //! nobody reads) therefore never holds up a login or a session: once [`QUEUED_LINES`] lines are
 //! waiting, further ones are dropped and counted (`poolgate_log_dropped_total`). Lines still
-//! waiting are written when the [`Guard`] is dropped at exit (for at most a second).
+//! waiting are written when the [`Guard`] is dropped at exit (for at most [`FLUSH_AT_EXIT`]).
 //!
 //! The access log has a writer of its own (`http::access_log`), which batches its lines.
 //!
@@ -17,11 +17,37 @@ use tracing_subscriber::EnvFilter;
 /// allocated up front (32 bytes each), the lines only while they wait.
 pub const QUEUED_LINES: usize = 16 * 1024;
 
-/// Keeps the log's writer thread; dropping it writes the lines still waiting.
+/// Keeps the log's writer thread; dropping it writes the lines still waiting, for at most
+/// [`FLUSH_AT_EXIT`].
 #[must_use = "dropping the guard stops the log's writer"]
 pub struct Guard {
-    _writer: WorkerGuard,
+    writer: Option<WorkerGuard>,
     dropped: ErrorCounter,
+}
+
+/// How long exiting waits for the log's lines still queued.
+pub const FLUSH_AT_EXIT: std::time::Duration = std::time::Duration::from_millis(1500);
+
+impl Drop for Guard {
+    /// `WorkerGuard`'s own drop waits about a second for the writer, but when the queue is full
+    /// it reports that on standard output with a blocking write, which a stalled journal (the
+    /// same stream under systemd) never takes. It is dropped on a thread of its own instead,
+    /// and exiting waits for it at most [`FLUSH_AT_EXIT`].
+    fn drop(&mut self) {
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        let (done, finished) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("log-flush".into())
+            .spawn(move || {
+                drop(writer);
+                let _ = done.send(());
+            });
+        if spawned.is_ok() {
+            let _ = finished.recv_timeout(FLUSH_AT_EXIT);
+        }
+    }
 }
 
 impl std::fmt::Debug for Guard {
@@ -62,7 +88,7 @@ pub fn init(json: bool, filter: &str) -> Guard {
         builder.init();
     }
     Guard {
-        _writer: guard,
+        writer: Some(guard),
         dropped,
     }
 }

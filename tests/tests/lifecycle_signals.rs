@@ -381,7 +381,9 @@ async fn sighup_serves_a_new_tls_certificate_at_once_and_keeps_an_open_websocket
         !trusts(gw.https, gw.tls_ca()).await,
         "the old certificate is gone"
     );
-    assert!(gw.gateway.log_text().contains("TLS certificate reloaded"));
+    // Logged once the new certificate is in place, by the log's own thread: waited for.
+    gw.gateway
+        .wait_for_log("TLS certificate reloaded", Duration::from_secs(10));
 
     // The websocket opened before the reload still works; new requests use the new cert.
     assert_eq!(run_code(&mut ws, "2+3", "after").await, "5");
