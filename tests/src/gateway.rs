@@ -59,7 +59,7 @@ pub struct GatewayProcessBuilder {
     args: Vec<String>,
     timeout: Duration,
     binary: Option<PathBuf>,
-    stderr: Option<std::sync::Arc<std::fs::File>>,
+    output: Option<std::sync::Arc<std::fs::File>>,
 }
 
 impl GatewayProcessBuilder {
@@ -95,9 +95,10 @@ impl GatewayProcessBuilder {
         self
     }
 
-    /// Where the gateway's standard error goes instead of `poolgate.log` (a pipe, say).
-    pub fn stderr(mut self, to: std::fs::File) -> Self {
-        self.stderr = Some(std::sync::Arc::new(to));
+    /// Where the gateway's standard output and error go instead of `poolgate.log` (a pipe,
+    /// say; under systemd both go to the journal).
+    pub fn output(mut self, to: std::fs::File) -> Self {
+        self.output = Some(std::sync::Arc::new(to));
         self
     }
 
@@ -108,7 +109,7 @@ impl GatewayProcessBuilder {
     }
 
     /// Writes the config, spawns `poolgate run --config <dir>/poolgate.toml` with stdout and
-    /// stderr appended to `<dir>/poolgate.log` (stderr elsewhere if [`stderr`](Self::stderr)
+    /// stderr appended to `<dir>/poolgate.log` (both elsewhere if [`output`](Self::output)
     /// says so), and waits until every `wait_for` address accepts.
     /// Panics with the log if the gateway exits first or the deadline passes.
     pub fn start(self) -> GatewayProcess {
@@ -142,9 +143,12 @@ impl GatewayProcessBuilder {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&dir)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log fd"))
-            .stderr(match &self.stderr {
-                Some(to) => to.try_clone().expect("dup the gateway's stderr"),
+            .stdout(match &self.output {
+                Some(to) => to.try_clone().expect("dup the gateway's output"),
+                None => log.try_clone().expect("dup log fd"),
+            })
+            .stderr(match &self.output {
+                Some(to) => to.try_clone().expect("dup the gateway's output"),
                 None => log,
             })
             .spawn()
@@ -189,7 +193,7 @@ impl GatewayProcess {
             args: Vec::new(),
             timeout: Duration::from_secs(30),
             binary: None,
-            stderr: None,
+            output: None,
         }
     }
 

@@ -96,7 +96,7 @@ pub struct GatewayPoolBuilder {
     token: Option<String>,
     vm_config: Option<fn(SshdVmBuilder) -> SshdVmBuilder>,
     gateway_env: Vec<(String, String)>,
-    gateway_stderr: Option<std::fs::File>,
+    gateway_output: Option<std::fs::File>,
     user_ca: Option<UserCa>,
     known_vms: Vec<String>,
 }
@@ -256,10 +256,10 @@ impl GatewayPoolBuilder {
         self
     }
 
-    /// Where the gateway's standard error goes instead of its log file (a pipe, say); the log
-    /// helpers then see only its standard output.
-    pub fn gateway_stderr(mut self, to: std::fs::File) -> Self {
-        self.gateway_stderr = Some(to);
+    /// Where the gateway's standard output and error go instead of its log file (a pipe, say;
+    /// under systemd both go to the journal); the log helpers then see nothing.
+    pub fn gateway_output(mut self, to: std::fs::File) -> Self {
+        self.gateway_output = Some(to);
         self
     }
 
@@ -354,7 +354,7 @@ impl GatewayPoolBuilder {
             token_file,
             dir,
         };
-        pool.wait_for_vms_up(&self.vms, self.gateway_stderr.is_none());
+        pool.wait_for_vms_up(&self.vms, self.gateway_output.is_none());
         eprintln!(
             "pool of {} VM(s) and {user_count} user(s) ready in {:?}",
             self.vms.len(),
@@ -407,8 +407,8 @@ impl GatewayPoolBuilder {
         for (name, value) in &self.gateway_env {
             builder = builder.env(name, value);
         }
-        if let Some(to) = &self.gateway_stderr {
-            builder = builder.stderr(to.try_clone().expect("dup the gateway's stderr"));
+        if let Some(to) = &self.gateway_output {
+            builder = builder.output(to.try_clone().expect("dup the gateway's output"));
         }
         builder.start()
     }
@@ -657,7 +657,7 @@ impl GatewayPool {
             token: None,
             vm_config: None,
             gateway_env: Vec::new(),
-            gateway_stderr: None,
+            gateway_output: None,
             user_ca: None,
             known_vms: Vec::new(),
         }
