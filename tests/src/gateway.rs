@@ -134,6 +134,10 @@ impl GatewayProcessBuilder {
             .append(true)
             .open(&log_path)
             .expect("open poolgate.log");
+        let out = match &self.output {
+            Some(to) => to.try_clone().expect("dup the gateway's output"),
+            None => log,
+        };
         let program = self.binary.unwrap_or_else(poolgate_bin);
         let child = Command::new(&program)
             .arg("run")
@@ -143,14 +147,8 @@ impl GatewayProcessBuilder {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&dir)
             .stdin(Stdio::null())
-            .stdout(match &self.output {
-                Some(to) => to.try_clone().expect("dup the gateway's output"),
-                None => log.try_clone().expect("dup log fd"),
-            })
-            .stderr(match &self.output {
-                Some(to) => to.try_clone().expect("dup the gateway's output"),
-                None => log,
-            })
+            .stdout(out.try_clone().expect("dup the gateway's output"))
+            .stderr(out)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         // Built before waiting, so a failed start still kills the process through Drop.

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use poolgate_tests::*;
 
@@ -42,33 +42,35 @@ fn upstream() -> u16 {
     port
 }
 
-#[test]
-fn every_request_gets_a_line_in_the_access_log_file() {
-    let port = upstream();
-    let gw = GatewayPool::builder()
+/// The smallest config with an access log in a file: one web VM, `access_log = "access.log"`
+/// (relative to the config, so in the gateway's directory).
+fn logging_to_a_file() -> GatewayPool {
+    GatewayPool::builder()
         .web_pool("/health")
         .http_option("access_log = \"access.log\"")
-        .web_vm("web-1", port)
-        .start();
+        .web_vm("web-1", upstream())
+        .start()
+}
+
+#[test]
+fn every_request_gets_a_line_in_the_access_log_file() {
+    let gw = logging_to_a_file();
     let n = 40;
     for i in 0..n {
         let resp = http_get(gw.http, &format!("/files/{i}?token=secret"));
         assert_eq!(resp.status, 200, "{resp:?}");
     }
     let path = gw.dir().join("access.log");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let lines = loop {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let lines: Vec<String> = text
+    let files_lines = || -> Vec<String> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
             .lines()
             .filter(|l| l.contains("path=/files/"))
             .map(str::to_owned)
-            .collect();
-        if lines.len() >= n || Instant::now() > deadline {
-            break lines;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+            .collect()
     };
+    poll(Duration::from_secs(10), || files_lines().len() >= n);
+    let lines = files_lines();
     assert_eq!(lines.len(), n, "lines in {}:\n{lines:#?}", path.display());
     for (i, line) in lines.iter().enumerate() {
         for field in [
@@ -115,12 +117,7 @@ fn access_lines(path: &std::path::Path) -> Vec<String> {
 #[test]
 fn logrotate_during_a_burst_loses_no_line_and_the_next_lines_go_to_the_new_file() {
     require_tools!("logrotate");
-    let port = upstream();
-    let gw = GatewayPool::builder()
-        .web_pool("/health")
-        .http_option("access_log = \"access.log\"")
-        .web_vm("web-1", port)
-        .start();
+    let gw = logging_to_a_file();
     let path = gw.dir().join("access.log");
     let rotated = gw.dir().join("access.log.1");
 
@@ -143,15 +140,9 @@ fn logrotate_during_a_burst_loses_no_line_and_the_next_lines_go_to_the_new_file(
         .collect();
 
     // Rotate once lines are arriving, the way a distribution's daily job does (`create`).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while access_lines(&path).len() < 50 {
-        assert!(
-            Instant::now() < deadline,
-            "no access lines in {}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(20), "50 access lines", || {
+        access_lines(&path).len() >= 50
+    });
     let conf = gw.dir().join("logrotate.conf");
     std::fs::write(
         &conf,
@@ -177,16 +168,12 @@ fn logrotate_during_a_burst_loses_no_line_and_the_next_lines_go_to_the_new_file(
     assert!(before >= 50, "the rotated file has {before} lines");
 
     // The requests go on; their lines appear in the new file without a signal or restart.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while access_lines(&path).len() < 50 {
-        assert!(
-            Instant::now() < deadline,
-            "no lines in the new {} after rotation\n{}",
-            path.display(),
-            gw.gateway.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        poll(Duration::from_secs(20), || access_lines(&path).len() >= 50),
+        "no lines in the new {} after rotation\n{}",
+        path.display(),
+        gw.gateway.log_text()
+    );
     stop.store(true, Ordering::Release);
     for client in clients {
         client.join().unwrap();
@@ -194,14 +181,10 @@ fn logrotate_during_a_burst_loses_no_line_and_the_next_lines_go_to_the_new_file(
     let total = sent.load(Ordering::Acquire);
 
     // Every request has exactly one whole line, in one file or the other.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (old, new) = loop {
-        let (old, new) = (access_lines(&rotated), access_lines(&path));
-        if old.len() + new.len() >= total || Instant::now() > deadline {
-            break (old, new);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    poll(Duration::from_secs(10), || {
+        access_lines(&rotated).len() + access_lines(&path).len() >= total
+    });
+    let (old, new) = (access_lines(&rotated), access_lines(&path));
     assert_eq!(old.len() + new.len(), total, "lines for {total} requests");
     let mut paths: Vec<&str> = Vec::new();
     for line in old.iter().chain(&new) {

@@ -39,18 +39,15 @@ fn stalled_pool(output: std::fs::File, log: Option<&str>) -> GatewayPool {
 
 /// Waits until the gateway's thread `name` is blocked writing to the full pipe.
 fn wait_until_blocked(pid: u32, name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !thread_wchans(pid, name)
-        .iter()
-        .any(|w| w.contains("pipe_write"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "thread {name} never waited on the full pipe: {:?}",
+    assert!(
+        poll(Duration::from_secs(20), || {
             thread_wchans(pid, name)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+                .iter()
+                .any(|w| w.contains("pipe_write"))
+        }),
+        "thread {name} never waited on the full pipe: {:?}",
+        thread_wchans(pid, name)
+    );
 }
 
 /// Twenty logins at once, each running a command; every one must succeed.

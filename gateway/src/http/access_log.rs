@@ -643,14 +643,7 @@ mod tests {
         let log = AccessLog::file(&path, counter()).unwrap();
         log.log(&record("/first"));
         // Written within the flush delay, without more lines coming.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&path).unwrap().contains("/first") {
-            assert!(
-                Instant::now() < deadline,
-                "the first line was never written"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_line(&path, "/first");
         for i in 0..1000 {
             log.log(&record(&format!("/n/{i}")));
         }
