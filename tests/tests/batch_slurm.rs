@@ -642,6 +642,10 @@ fn through_slurmrestd_an_expired_token_is_a_failed_read_that_drains_and_stops_no
         "poolgate_batch_up never went to 0\n{}",
         b.context()
     );
+    // The log's own thread writes the line; the metric may be seen first.
+    b.pool
+        .gateway
+        .wait_for_log("reading the batch queue failed", Duration::from_secs(10));
     let log = b.pool.log();
     let warning = log
         .lines()

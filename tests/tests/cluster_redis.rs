@@ -540,6 +540,8 @@ fn a_redis_outage_costs_no_login_and_state_converges_after() {
             m.lines().any(|l| l == "poolgate_cluster_store_up 1")
                 && m.lines().any(|l| l == "poolgate_cluster_replicas 2")
         });
+        // The log's own thread writes the line; the metrics may be seen first.
+        r.gateways[i].wait_for_log("cluster store unreachable", STEP);
         let log = r.gateways[i].log_text();
         assert_eq!(
             log.matches("cluster store unreachable").count(),

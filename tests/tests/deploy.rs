@@ -1622,6 +1622,13 @@ fn systemd_unit_has_the_hardening_reload_and_drain_the_gateway_needs() {
     assert!(get("ExecStart").contains("run --config /etc/poolgate/poolgate.toml"));
     assert_eq!(get("KillSignal"), "SIGTERM");
     assert!(s.contains_key("User"), "runs as its own user");
+    // journald's default (10 000 lines per 30 s) would silence audit lines under HTTP load.
+    assert_eq!(get("LogRateLimitIntervalSec"), "30s");
+    assert!(
+        get("LogRateLimitBurst").parse::<u64>().unwrap() >= 30 * 10_000,
+        "LogRateLimitBurst={} holds fewer than 10 000 lines/s",
+        get("LogRateLimitBurst")
+    );
 
     // TimeoutStopSec covers the drain: the gateway config's shutdown_grace plus a margin.
     let Some(python) = python_with_yaml() else {

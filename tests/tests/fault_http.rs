@@ -143,6 +143,11 @@ async fn a_killed_vm_fails_its_post_in_flight_with_502_resends_its_get_and_repin
         "the GET in flight is answered by js-b: {}",
         r.text()
     );
+    // The log's own thread writes the line; the answer may arrive first.
+    gw.gateway.wait_for_log(
+        "connection to the VM broke before an answer",
+        Duration::from_secs(10),
+    );
     let log = gw.gateway.log_text();
     let resend = log
         .lines()

@@ -37,13 +37,14 @@ fn stalled_pool(output: std::fs::File, log: Option<&str>) -> GatewayPool {
     builder.start()
 }
 
-/// Waits until the gateway's thread `name` is blocked writing to the full pipe.
+/// Waits until the gateway's thread `name` is blocked writing to the full pipe: its wait
+/// channel is `pipe_write` (or `anon_pipe_write`) from Linux 5.6 on, `pipe_wait` before.
 fn wait_until_blocked(pid: u32, name: &str) {
     assert!(
         poll(Duration::from_secs(20), || {
             thread_wchans(pid, name)
                 .iter()
-                .any(|w| w.contains("pipe_write"))
+                .any(|w| w.contains("pipe_write") || w == "pipe_wait")
         }),
         "thread {name} never waited on the full pipe: {:?}",
         thread_wchans(pid, name)

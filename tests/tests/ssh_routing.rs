@@ -279,13 +279,17 @@ fn with_every_vm_down_the_client_is_told_no_vm_is_available() {
     pool.gateway.wait_for_vm_down("vm-a", OPEN);
     pool.gateway.wait_for_vm_down("vm-b", OPEN);
     expect_refusal("after both were marked down");
-    let log = pool.log();
-    assert!(
-        log.lines()
+    // The log's own thread writes the lines; ssh may have printed the refusal first.
+    let refusals = || {
+        pool.log()
+            .lines()
             .filter(|l| l.contains("no VM is available right now"))
             .count()
-            >= 2,
-        "{log}"
+    };
+    assert!(
+        poll(Duration::from_secs(10), || refusals() >= 2),
+        "{}",
+        pool.log()
     );
 }
 
