@@ -15,10 +15,15 @@
 //!   VM that looked emptiest. It becomes a session when the cookie comes
 //!   back, and it never counts against `max_sessions`, so clients that drop
 //!   cookies cannot fill a VM.
-//! - Every open upgraded connection (websocket: kernels, terminals) is a
-//!   session of its own for as long as it is open ([`Pool::http_open`]),
-//!   whatever `session_idle` says: a notebook running in a background tab
-//!   holds only its kernel websocket.
+//! - Every open upgraded connection (websocket: kernels, terminals) holds a
+//!   session for as long as it is open ([`Pool::http_open`]), whatever
+//!   `session_idle` says: a notebook running in a background tab holds only
+//!   its kernel websocket. A websocket of a browser whose session is on the
+//!   same VM holds *that* session (one user with a notebook, its kernel and a
+//!   terminal is one session, not four, against `max_sessions`), and keeps it
+//!   from expiring, so the browser coming back to the tab is still pinned
+//!   there and served, however full the VM is. Any other websocket (no
+//!   cookie, or a session on another VM) is a session of its own.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -60,7 +65,9 @@ impl Drop for Tentative {
 
 enum Slot {
     Tentative(Tentative),
-    Session(SessionGuard),
+    /// Shared with the browser's open websockets on the same VM ([`Pool::http_open`]): the
+    /// session lasts while any of them does.
+    Session(Arc<SessionGuard>),
 }
 
 impl Slot {
@@ -110,8 +117,14 @@ impl HttpSessions {
     pub(crate) fn expire(&self, now: Instant, idle: Duration, tentative_for: Duration) -> usize {
         let mut expired = 0;
         self.map.retain(|_, e| {
-            let limit = match e.slot {
+            let limit = match &e.slot {
                 Slot::Tentative(_) => tentative_for,
+                // An open websocket holds the session: it has not been idle, and once the last
+                // one closes, `idle` counts from about then.
+                Slot::Session(guard) if Arc::strong_count(guard) > 1 => {
+                    e.last_seen = now;
+                    return true;
+                }
                 Slot::Session(_) => idle,
             };
             let keep = now.saturating_duration_since(e.last_seen) <= limit;
@@ -165,7 +178,8 @@ impl Pool {
             return false;
         }
         let guard = self.shared.guard(target.clone(), Protocol::Http, user, now);
-        self.http.insert(session_key, Slot::Session(guard), now);
+        self.http
+            .insert(session_key, Slot::Session(Arc::new(guard)), now);
         true
     }
 
@@ -229,7 +243,7 @@ impl Pool {
                                     self.shared.guard(vm.clone(), Protocol::Http, None, now);
                                 let bytes = Some(guard.bytes_handle());
                                 // Drops the tentative count as the session is counted.
-                                e.slot = Slot::Session(guard);
+                                e.slot = Slot::Session(Arc::new(guard));
                                 e.last_seen = now;
                                 return Ok(HttpRouted {
                                     vm: vm.clone(),
@@ -245,7 +259,9 @@ impl Pool {
         let guard = self.acquire(&req)?;
         let vm = guard.vm().clone();
         let bytes = Some(guard.bytes_handle());
-        let old = self.http.insert(session_key, Slot::Session(guard), now);
+        let old = self
+            .http
+            .insert(session_key, Slot::Session(Arc::new(guard)), now);
         let continued = old.is_some_and(|old| {
             matches!(old.slot, Slot::Session(_)) && old.slot.vm_name() == vm.name()
         });
@@ -290,17 +306,41 @@ impl Pool {
         Ok(vm)
     }
 
-    /// Counts an open upgraded connection (a websocket) on `vm` as an HTTP
-    /// session for as long as the returned guard lives, whatever the VM's
-    /// limit: the connection is already there. `None` if `vm` is unknown.
-    pub fn http_open(&self, vm: &str, user: Option<&str>) -> Option<SessionGuard> {
+    /// Holds an HTTP session on `vm` for as long as the returned guard lives,
+    /// for an open upgraded connection (a websocket), whatever the VM's limit:
+    /// the connection is already there.
+    ///
+    /// When browser session `session_key` holds a session on `vm`, the guard
+    /// is that session: the websocket adds no load of its own, and the session
+    /// does not expire while the guard lives (it then idles from about when
+    /// the last such guard is dropped). Otherwise (no cookie, a tentative
+    /// browser, a session on another VM) the websocket is a session of its own.
+    /// `None` if `vm` is unknown.
+    pub fn http_open(
+        &self,
+        vm: &str,
+        session_key: Option<&str>,
+        user: Option<&str>,
+    ) -> Option<Arc<SessionGuard>> {
+        if let Some(key) = session_key
+            && let Some(e) = self.http.map.get(key)
+            && let Slot::Session(guard) = &e.slot
+            && guard.vm_name() == vm
+        {
+            return Some(guard.clone());
+        }
         let snap = self.snapshot();
         let target = snap.get(vm)?;
         if !target.shared().try_reserve(u32::MAX, Protocol::Http) {
             return None;
         }
         let now = self.shared.clock.now();
-        Some(self.shared.guard(target.clone(), Protocol::Http, user, now))
+        Some(Arc::new(self.shared.guard(
+            target.clone(),
+            Protocol::Http,
+            user,
+            now,
+        )))
     }
 
     /// Ends browser session `session_key` now (for example on logout).
@@ -639,7 +679,8 @@ mod tests {
     fn open_websockets_are_sessions_past_idle_and_over_the_cap() {
         let (pool, clock) = pool(&[("a", 1)]);
         assert!(pool.http_touch("k1", "a", None));
-        let ws = pool.http_open("a", None).expect("known VM");
+        // No cookie: the websocket is a session of its own, over the cap.
+        let ws = pool.http_open("a", None, None).expect("known VM");
         assert_eq!(http_load(&pool, "a"), 2);
         clock.advance(IDLE * 3);
         assert_eq!(pool.expire_idle(), 1);
@@ -647,6 +688,53 @@ mod tests {
         assert_eq!(pool.snapshot().get("a").unwrap().idle_since(), None);
         drop(ws);
         assert_eq!(http_load(&pool, "a"), 0);
-        assert!(pool.http_open("nope", None).is_none());
+        assert!(pool.http_open("nope", None, None).is_none());
+    }
+
+    #[test]
+    fn a_browsers_websockets_hold_its_session_once_and_keep_it_past_idle() {
+        let (pool, clock) = pool(&[("a", 2), ("b", 2)]);
+        let pinned = PickRequest::new(Protocol::Http).pinned("a", true);
+        assert!(pool.http_touch("k1", "a", None));
+        // A notebook's events, kernel and terminal websockets: still one session.
+        let sockets: Vec<_> = (0..3)
+            .map(|_| pool.http_open("a", Some("k1"), None).expect("known VM"))
+            .collect();
+        assert_eq!(http_load(&pool, "a"), 1);
+        // Another browser still finds the room the websockets would have taken.
+        assert!(pool.http_touch("k2", "a", None));
+        assert_eq!(http_load(&pool, "a"), 2);
+        // A background tab: nothing but the websockets for three idle periods. The session
+        // stays, and the browser coming back is served by its VM although the VM is full.
+        clock.advance(IDLE * 3);
+        assert_eq!(pool.expire_idle(), 1, "k2 expires, k1 is held");
+        assert!(pool.http_touch("k3", "a", None));
+        let back = pool.http_route_session("k1", &pinned).expect("served");
+        assert_eq!((back.vm.name(), back.continued), ("a", true));
+        assert_eq!(http_load(&pool, "a"), 2);
+        // The tab closes: the session idles from then on and expires after `idle`.
+        drop(sockets);
+        clock.advance(IDLE / 2);
+        assert_eq!(pool.expire_idle(), 0);
+        assert_eq!(pool.http_session_vm("k1").as_deref(), Some("a"));
+        clock.advance(IDLE);
+        assert_eq!(pool.expire_idle(), 2);
+        assert_eq!(http_load(&pool, "a"), 0);
+    }
+
+    #[test]
+    fn a_websocket_on_another_vm_than_its_session_is_a_session_of_its_own() {
+        let (pool, _) = pool(&[("a", 5), ("b", 5)]);
+        assert!(pool.http_touch("k1", "a", None));
+        let ws = pool.http_open("b", Some("k1"), None).expect("known VM");
+        assert_eq!((http_load(&pool, "a"), http_load(&pool, "b")), (1, 1));
+        // The session moves away while a websocket of its own is open on a: a keeps it until
+        // the websocket closes.
+        let on_a = pool.http_open("a", Some("k1"), None).expect("known VM");
+        assert!(pool.http_touch("k1", "b", None));
+        assert_eq!((http_load(&pool, "a"), http_load(&pool, "b")), (1, 2));
+        drop(on_a);
+        drop(ws);
+        assert_eq!((http_load(&pool, "a"), http_load(&pool, "b")), (0, 1));
     }
 }

@@ -203,11 +203,14 @@ impl Frontend {
         let pool = inner.pool.clone();
         let pin = out.pin.clone();
         let vm_name = name.to_owned();
-        // An open websocket (kernel, terminal) is a session of its VM for as long as it is
+        // An open websocket (kernel, terminal) holds a session of its VM for as long as it is
         // open, whatever `http.session_idle` says: a notebook in a background tab holds nothing
-        // else. The guard lives in `on_done`: dropped with it when the VM does not switch
-        // protocols, else held by the relay until the stream ends.
-        let open_session = inner.pool.http_open(name, None);
+        // else. A pinned browser's websocket holds the browser's own session there (no load of
+        // its own), so one user is one session however many kernels and terminals it opens.
+        // The guard lives in `on_done`: dropped with it when the VM does not switch protocols,
+        // else held by the relay until the stream ends.
+        let session_key = out.pin.as_deref().map(|pin| pin.session.as_str());
+        let open_session = inner.pool.http_open(name, session_key, None);
         let on_done = move |up: u64, down: u64| {
             let _open_session = open_session;
             metrics.bytes(Protocol::Http, &vm_name, up, down);
