@@ -307,6 +307,39 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
         "vm-a left the pool"
     );
 
+    // vm-a comes back with the next reload: probed from scratch, it takes sessions after its
+    // next good probe as a new VM does (it once stayed "starting" until a restart: its probe
+    // history from before the removal said "up" already, so "up" again was no change).
+    let block = old
+        .split("\n[[pool.backends]]")
+        .find(|b| b.contains("name = \"vm-a\""))
+        .expect("vm-a's block");
+    std::fs::write(
+        pool.gateway.config_path(),
+        format!("{new}\n[[pool.backends]]{block}"),
+    )
+    .expect("write config");
+    let before = reloads(&pool);
+    signal_gateway(&pool.gateway, Signal::SIGHUP);
+    wait_until(Duration::from_secs(10), "configuration reloaded", || {
+        reloads(&pool) > before
+    });
+    let vm_a_state = || {
+        http_get(pool.admin, "/api/v1/vms")
+            .json()
+            .items()
+            .iter()
+            .find(|v| v["name"].as_str() == Some("vm-a"))
+            .and_then(|v| v["state"].as_str().map(str::to_owned))
+    };
+    assert!(
+        poll(Duration::from_secs(10), || vm_a_state().as_deref()
+            == Some("healthy")),
+        "vm-a added again is {:?}\n{}",
+        vm_a_state(),
+        log(&pool)
+    );
+
     assert!(second.close(Duration::from_secs(10)).success());
     assert!(
         kept.close(Duration::from_secs(10)).success(),

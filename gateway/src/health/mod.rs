@@ -110,13 +110,24 @@ impl HealthChecker {
     ) -> Option<Transition> {
         let now = self.pool.clock().now();
         let ok = *result == ProbeResult::Ok;
-        let transition = {
+        let (transition, verdict) = {
             let mut trackers = self.trackers.lock().ok()?;
             let tracker = trackers
                 .entry((vm.to_string(), protocol))
                 .or_insert_with(|| HealthTracker::new(self.settings().policy));
-            tracker.observe(ok, now)
+            (tracker.observe(ok, now), tracker.health())
         };
+        // The pool may not hold the tracker's verdict: a VM removed and added again between two
+        // looks of the probe loop (a reload, a provider's listing) comes back unknown while its
+        // tracker stays where it was, and "up" again would be no change.
+        let transition = transition.or_else(|| {
+            let recorded = self.pool.snapshot().get(vm)?.status().health_of(protocol);
+            (verdict != Health::Unknown && recorded != verdict).then_some(Transition {
+                from: recorded,
+                to: verdict,
+                at: now,
+            })
+        });
         if let Some(t) = transition {
             self.pool.set_protocol_health(vm, protocol, t.to);
             let side = side_name(protocol);
@@ -141,10 +152,15 @@ impl HealthChecker {
 
     /// Forgets `vm`'s probe history and marks its health unknown (it was stopped).
     pub fn forget(&self, vm: &str) {
+        self.forget_probes(vm);
+        self.pool.set_health(vm, Health::Unknown);
+    }
+
+    /// Forgets `vm`'s probe history.
+    fn forget_probes(&self, vm: &str) {
         if let Ok(mut trackers) = self.trackers.lock() {
             trackers.retain(|(name, _), _| name != vm);
         }
-        self.pool.set_health(vm, Health::Unknown);
     }
 
     /// The hook a frontend calls when a real session of `protocol` could not connect to a VM
@@ -251,9 +267,15 @@ impl HealthChecker {
             // One probe loop per VM; started for new VMs, stopped for removed ones.
             let snapshot = self.pool.snapshot();
             probing.retain(|name, task| {
-                let keep = snapshot.get(name).is_some() && !task.is_finished();
+                let listed = snapshot.get(name).is_some();
+                let keep = listed && !task.is_finished();
                 if !keep {
                     task.abort();
+                }
+                if !listed {
+                    // Gone from the pool: if it comes back (a reload, a provider's listing), it
+                    // is probed from scratch, as a new VM.
+                    self.forget_probes(name);
                 }
                 keep
             });
@@ -496,6 +518,52 @@ mod tests {
         assert_eq!(parse_load(text), Some(1.5));
         assert_eq!(parse_load("node_load1 NaN\n"), None);
         assert_eq!(parse_load("garbage"), None);
+    }
+
+    #[test]
+    fn a_vm_removed_and_added_again_is_up_again_after_its_next_good_probe() {
+        use router_core::{RoutingPolicy, SystemClock, VmSpec};
+        let pool = Arc::new(Pool::new(RoutingPolicy::default(), Arc::new(SystemClock)));
+        let vm = || vec![VmSpec::new("vm-a", "127.0.0.1")];
+        pool.set_vms(vm());
+        let checker = HealthChecker::new(
+            pool.clone(),
+            HealthSettings {
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+                policy: HealthPolicy::default(),
+                ssh: true,
+                http: false,
+                serve_ssh: true,
+                serve_http: false,
+                http_path: "/".into(),
+                load_metrics: None,
+            },
+        );
+        let ssh_health = || pool.snapshot().get("vm-a").map(|v| v.status().ssh);
+        assert!(
+            checker
+                .observe("vm-a", Protocol::Ssh, &ProbeResult::Ok)
+                .is_some()
+        );
+        assert_eq!(ssh_health(), Some(Health::Up));
+        // A reload drops it and brings it back before the probe loop looks: the pool knows it
+        // as new (unknown), its tracker still says up.
+        pool.set_vms(Vec::new());
+        pool.set_vms(vm());
+        assert_eq!(ssh_health(), Some(Health::Unknown));
+        let t = checker.observe("vm-a", Protocol::Ssh, &ProbeResult::Ok);
+        assert_eq!(
+            t.map(|t| (t.from, t.to)),
+            Some((Health::Unknown, Health::Up))
+        );
+        assert_eq!(ssh_health(), Some(Health::Up));
+        // Nothing to report while the pool and the tracker agree.
+        assert!(
+            checker
+                .observe("vm-a", Protocol::Ssh, &ProbeResult::Ok)
+                .is_none()
+        );
     }
 
     #[tokio::test]
