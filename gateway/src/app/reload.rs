@@ -72,6 +72,11 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
             new.ssh.authorized_keys != running.ssh.authorized_keys,
         ),
         (
+            "ssh (password_auth, port and agent forwarding, limits, timeouts, banner; the VMs' \
+             host keys were re-read)",
+            ssh_read_at_start(&new.ssh) != ssh_read_at_start(&running.ssh),
+        ),
+        (
             "http (sticky cookie, timeouts, limits) and routing.affinity_ttl as the cookie's Max-Age",
             new.http != running.http || new.routing.affinity_ttl != running.routing.affinity_ttl,
         ),
@@ -82,6 +87,20 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     .into_iter()
     .filter_map(|(section, changed)| changed.then_some(section))
     .collect()
+}
+
+/// The `[ssh]` keys read only when the gateway starts, apart from those named on their own
+/// (host keys, user CA, the authorized_keys template) and those a reload applies (the VMs'
+/// host keys: `backend_known_hosts`, `backend_host_ca`).
+fn ssh_read_at_start(ssh: &poolgate_config::Ssh) -> poolgate_config::Ssh {
+    poolgate_config::Ssh {
+        host_keys: Vec::new(),
+        authorized_keys: String::new(),
+        user_ca_key: std::path::PathBuf::new(),
+        backend_known_hosts: None,
+        backend_host_ca: None,
+        ..ssh.clone()
+    }
 }
 
 #[cfg(test)]
@@ -106,5 +125,30 @@ mod tests {
                 "admin"
             ]
         );
+    }
+
+    #[test]
+    fn ssh_keys_read_at_start_are_named_and_the_vms_host_keys_are_not() {
+        let running = Config::default();
+        let mut new = running.clone();
+        new.ssh.backend_known_hosts = Some("other_known_hosts".into());
+        assert!(
+            needs_restart(&running, &new).is_empty(),
+            "applied by the reload"
+        );
+        for change in [
+            |s: &mut poolgate_config::Ssh| s.port_forwarding = !s.port_forwarding,
+            |s: &mut poolgate_config::Ssh| s.agent_forwarding = !s.agent_forwarding,
+            |s: &mut poolgate_config::Ssh| s.banner = Some("maintenance at 18:00".into()),
+            |s: &mut poolgate_config::Ssh| s.login_grace *= 2,
+        ] {
+            let mut new = running.clone();
+            change(&mut new.ssh);
+            let named = needs_restart(&running, &new);
+            assert!(
+                named.len() == 1 && named[0].starts_with("ssh (password_auth, port and agent"),
+                "{named:?}"
+            );
+        }
     }
 }
