@@ -210,3 +210,52 @@ fn exit_status_reaches_a_multiplexing_client_that_closes_after_eof() {
         );
     }
 }
+
+#[test]
+fn a_key_with_no_pty_or_restrict_gets_no_terminal_as_on_the_vm_itself() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
+    let (user, key) = (pool.user(1), pool.key(1));
+    let keys_file = pool.dir().join("authorized_keys").join(&user);
+    let tty = |what: &str| {
+        let out = run_with_timeout(
+            &mut pool.client(1).ssh_command(&["-tt"], Some("tty; echo ran")),
+            Duration::from_secs(30),
+        );
+        let text = stdout(&out);
+        eprintln!(
+            "{what}: exit {:?}, {text:?}, {:?}",
+            out.status.code(),
+            stderr(&out)
+        );
+        (out, text)
+    };
+    // Without options: a terminal.
+    let (_, text) = tty("no option");
+    assert!(text.contains("/dev/pts/"), "{text}");
+    // `no-pty` and `restrict`: the VM's sshd refuses the terminal, in OpenSSH's own words, and
+    // `ssh -tt` (a terminal forced) gives up as it does against that sshd directly.
+    for option in ["no-pty", "restrict", "no-port-forwarding,no-pty"] {
+        std::fs::write(&keys_file, format!("{option} {}\n", key.public_key_line()))
+            .expect("write authorized_keys");
+        let (out, text) = tty(option);
+        assert!(!text.contains("/dev/pts/"), "{option}: a terminal: {text}");
+        assert!(
+            stderr(&out).contains("PTY allocation request failed"),
+            "{option}: {}",
+            stderr(&out)
+        );
+        // Without a terminal asked for, the command runs.
+        let out = pool.client(1).run("tty; echo ran");
+        assert_eq!(stdout(&out), "not a tty\nran", "{option}: {}", stderr(&out));
+    }
+    // `restrict,pty` gives the terminal back.
+    std::fs::write(
+        &keys_file,
+        format!("restrict,pty {}\n", key.public_key_line()),
+    )
+    .expect("write authorized_keys");
+    let (_, text) = tty("restrict,pty");
+    assert!(text.contains("/dev/pts/"), "{text}");
+}

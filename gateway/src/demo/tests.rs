@@ -83,6 +83,7 @@ impl Fixture {
                 client: "127.0.0.1:1",
                 port_forwarding: true,
                 agent_forwarding: false,
+                pty: true,
             },
         };
         self.connect(user, credential, self.trusted_hosts.clone())
@@ -175,6 +176,7 @@ async fn refuses_wrong_principal_wrong_password_and_untrusted_host_keys() {
             client: "127.0.0.1:1",
             port_forwarding: false,
             agent_forwarding: false,
+            pty: true,
         },
     };
     let refused = f
@@ -195,6 +197,7 @@ async fn refuses_wrong_principal_wrong_password_and_untrusted_host_keys() {
             client: "127.0.0.1:1",
             port_forwarding: false,
             agent_forwarding: false,
+            pty: true,
         },
     };
     let refused = f

@@ -59,6 +59,8 @@ pub(crate) struct Who<'a> {
     pub(crate) peer: SocketAddr,
     pub(crate) port_forwarding: bool,
     pub(crate) agent_forwarding: bool,
+    /// A terminal may be allocated (the key has no `no-pty` / `restrict`).
+    pub(crate) pty: bool,
     pub(crate) accepted: Instant,
     /// The connection's span (see `connection_span`).
     pub(crate) span: &'a Span,
@@ -126,6 +128,7 @@ pub(crate) async fn connect_vm(
                     client: &client,
                     port_forwarding: who.port_forwarding,
                     agent_forwarding: who.agent_forwarding,
+                    pty: who.pty,
                 },
             },
         };

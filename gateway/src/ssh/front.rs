@@ -79,6 +79,11 @@ impl Front {
         self.gw.settings.agent_forwarding && self.perms.agent_forwarding
     }
 
+    /// The key's `no-pty` / `restrict`: the VM's sshd refuses a terminal, as it would itself.
+    fn pty(&self) -> bool {
+        self.perms.pty
+    }
+
     /// A reserved login name (`autoscale.busy_user`): refused whatever the credentials.
     fn refused(&self, user: &str) -> bool {
         let refused = self.gw.settings.refused_users.iter().any(|u| u == user);
@@ -127,6 +132,7 @@ impl Front {
             peer: self.peer,
             port_forwarding: self.port_forwarding(),
             agent_forwarding: self.agent_forwarding(),
+            pty: self.pty(),
             accepted: self.accepted,
             span: &self.span,
         }
@@ -226,7 +232,8 @@ impl server::Handler for Front {
             let Some(user) = self.user.clone() else {
                 return Ok(());
             };
-            let (agent, forwarding) = (self.agent_forwarding(), self.port_forwarding());
+            let (agent, forwarding, pty) =
+                (self.agent_forwarding(), self.port_forwarding(), self.pty());
             let connected = match self.pending.take() {
                 Some(connected) => Ok(connected),
                 // Boxed, as in `auth_password`.
@@ -267,6 +274,7 @@ impl server::Handler for Front {
                                 peer,
                                 port_forwarding: forwarding,
                                 agent_forwarding: agent,
+                                pty,
                                 accepted,
                                 span: &span,
                             };

@@ -90,6 +90,8 @@ pub struct CertRequest<'a> {
     pub port_forwarding: bool,
     /// Allow `-A` agent forwarding on the VM.
     pub agent_forwarding: bool,
+    /// Allow a terminal (`permit-pty`) on the VM.
+    pub pty: bool,
 }
 
 impl UserCa {
@@ -140,9 +142,10 @@ impl UserCa {
             ))
             .map_err(sign_err)?
             .valid_principal(req.user)
-            .map_err(sign_err)?
-            .extension("permit-pty", "")
             .map_err(sign_err)?;
+        if req.pty {
+            builder.extension("permit-pty", "").map_err(sign_err)?;
+        }
         if req.port_forwarding {
             builder
                 .extension("permit-port-forwarding", "")
@@ -242,6 +245,7 @@ mod tests {
                     client: "127.0.0.1:5555",
                     port_forwarding: false,
                     agent_forwarding: true,
+                    pty: true,
                 },
             )
             .unwrap();
@@ -249,6 +253,22 @@ mod tests {
         assert!(cert.key_id().contains("session=42"));
         assert!(cert.extensions().contains_key("permit-agent-forwarding"));
         assert!(!cert.extensions().contains_key("permit-port-forwarding"));
+        assert!(cert.extensions().contains_key("permit-pty"));
+        let no_pty = ca
+            .sign(
+                session_key.public_key(),
+                &CertRequest {
+                    user: "alice",
+                    session: 43,
+                    client: "127.0.0.1:5555",
+                    port_forwarding: true,
+                    agent_forwarding: true,
+                    pty: false,
+                },
+            )
+            .unwrap();
+        assert!(!no_pty.extensions().contains_key("permit-pty"));
+        assert!(no_pty.extensions().contains_key("permit-port-forwarding"));
         let ca_fp = ca.key.public_key().fingerprint(Default::default());
         cert.validate_at(
             SystemTime::now()
