@@ -313,7 +313,7 @@ struct Followed {
 
 impl Followed {
     /// The open file has no name left (it was removed, not renamed).
-    fn removed(&self, open: &File) -> bool {
+    fn removed(open: &File) -> bool {
         use std::os::unix::fs::MetadataExt;
         open.metadata().is_ok_and(|meta| meta.nlink() == 0)
     }
@@ -349,7 +349,7 @@ impl Followed {
             Ok(_) => {}
             // Removed (no name left): nothing else will make the next file, and lines written to
             // the open one are lost. Renamed away: wait a moment for the rotation's new file.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !self.removed(open) => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !Self::removed(open) => {
                 let since = *self.missing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() < MISSING_GRACE {
                     return None;
