@@ -81,6 +81,7 @@ pub fn init(json: bool, filter: &str) -> Guard {
     let dropped = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colours())
         .with_writer(writer);
     if json {
         builder.json().flatten_event(true).init();
@@ -91,4 +92,11 @@ pub fn init(json: bool, filter: &str) -> Guard {
         writer: Some(guard),
         dropped,
     }
+}
+
+/// Whether text lines are coloured: only on a terminal, and not with `NO_COLOR` set (a file, a
+/// pipe, `docker logs` or the journal gets plain text).
+fn colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

@@ -1,5 +1,6 @@
-//! Reading the gateway's log: its lines carry structured fields (`vm=vm-a`), and may carry ANSI
-//! colour codes when a test did not set `NO_COLOR`.
+//! Reading the gateway's log: its lines carry structured fields (`vm=vm-a`). The gateway colours
+//! them only on a terminal, which the tests never give it; the log helpers still strip ANSI
+//! colour codes, so that a log from a terminal reads the same.
 
 /// `text` without ANSI escape sequences (`ESC [ … letter`).
 pub fn strip_ansi(text: &str) -> String {

@@ -392,10 +392,9 @@ impl GatewayPoolBuilder {
 
     /// Starts the gateway and waits until every listener it has accepts connections.
     fn start_gateway(&self, config: &str, dir: &Path, addrs: &Listeners) -> GatewayProcess {
-        // The gateway colours its log even into a file; NO_COLOR keeps it greppable.
+        // No NO_COLOR: the gateway writes plain text to a file (its log here) by itself.
         let mut builder = GatewayProcess::builder(config)
             .dir(dir)
-            .env("NO_COLOR", "1")
             .wait_for(addrs.ssh)
             .wait_for(addrs.admin);
         if !self.http_off {

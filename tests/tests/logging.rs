@@ -137,3 +137,17 @@ fn lines_past_the_queue_are_dropped_and_counted_and_shutdown_stays_prompt() {
     stops_promptly(&mut pool);
     drop(unread);
 }
+
+#[test]
+fn the_text_log_has_no_colour_codes_unless_it_goes_to_a_terminal() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    // The fixture sends standard error to a file, as `2>>file`, nohup or docker logs do.
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
+    assert_ok(&pool.client(1).run("true"), "a login");
+    pool.gateway
+        .wait_for_log("ssh session ended", Duration::from_secs(10));
+    let log = pool.gateway.log_text();
+    assert!(log.contains(" INFO "), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a file:\n{log:?}");
+}
