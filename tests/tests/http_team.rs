@@ -13,7 +13,7 @@
 //! - A background tab: a browser with a kernel websocket open and no request for longer than
 //!   `session_idle`, on a VM that nine other browsers then fill to its limit. Coming back, it is
 //!   still served by that VM, finds its kernel and runs a cell on the same websocket, while a
-//!   new browser is refused.
+//!   new browser is refused with a page that says every VM is at its session limit.
 
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -214,6 +214,16 @@ async fn a_background_tab_keeps_its_place_on_a_full_vm_past_session_idle() {
     // The VM is full: a newcomer is refused.
     let r = gw.browser().get("/api/status").await;
     assert_eq!(r.status, 503, "the VM is full: {}", r.text());
+    // The page says why (not "the pool is starting": it is full), and so does the log.
+    assert!(
+        r.text().contains("every VM is at its session limit") && !r.text().contains("starting"),
+        "{}",
+        r.text()
+    );
+    gw.gateway.wait_for_log(
+        "HTTP requests got 503: no VM can take them",
+        Duration::from_secs(10),
+    );
 
     // The tab comes back after twice session_idle: its VM serves it, its kernel is there and
     // answers on the same websocket.

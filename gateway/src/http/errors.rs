@@ -8,11 +8,39 @@ use hyper::{HeaderMap, Response, StatusCode};
 use super::{Body, full};
 use crate::html::escape;
 
+/// What keeps every VM from a request, for the title of the "no VM" page (its text gives the
+/// counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoVmCause {
+    /// VMs are booting or not probed yet, or the pool is being woken.
+    Starting,
+    /// Every VM that serves is at its session limit.
+    Full,
+    /// The VMs are down or draining.
+    Unavailable,
+}
+
+impl NoVmCause {
+    /// The cause of `no_vm`; `waking`: the request has woken the pool (the autoscaler starts a
+    /// VM when none runs).
+    pub fn of(no_vm: &router_core::NoVm, waking: bool) -> Self {
+        if no_vm.starting > 0 || (waking && no_vm.full == 0) {
+            Self::Starting
+        } else if no_vm.full > 0 {
+            Self::Full
+        } else {
+            Self::Unavailable
+        }
+    }
+}
+
 /// Why the gateway answers itself instead of the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayError {
     /// No VM can take the request (pool starting, all busy, all down): 503 with `Retry-After`.
     NoVm {
+        /// What the page's title says.
+        cause: NoVmCause,
         /// The pool's reason, from router-core.
         reason: String,
         /// Seconds until the browser should retry.
@@ -54,7 +82,18 @@ impl GatewayError {
 
     fn title(&self) -> &'static str {
         match self {
-            Self::NoVm { .. } => "No VM is available; the pool is starting",
+            Self::NoVm {
+                cause: NoVmCause::Starting,
+                ..
+            } => "No VM is available; the pool is starting",
+            Self::NoVm {
+                cause: NoVmCause::Full,
+                ..
+            } => "No VM has room right now; every VM is at its session limit",
+            Self::NoVm {
+                cause: NoVmCause::Unavailable,
+                ..
+            } => "No VM is available right now",
             Self::VmFailed { .. } => "The VM did not answer",
             Self::Timeout { .. } => "The VM took too long to answer",
             Self::Refused { .. } => "Request refused",
@@ -66,6 +105,7 @@ impl GatewayError {
             Self::NoVm {
                 reason,
                 retry_after,
+                ..
             } => format!(
                 "{reason}. This page reloads by itself in {} seconds.",
                 retry_after.as_secs()
@@ -184,6 +224,7 @@ mod tests {
     #[tokio::test]
     async fn no_vm_page_refreshes_and_says_retry_after() {
         let e = GatewayError::NoVm {
+            cause: NoVmCause::Starting,
             reason: "no VM is available right now: 2 VMs \u{2014} 2 starting".into(),
             retry_after: Duration::from_secs(10),
         };
@@ -202,6 +243,35 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&text(resp).await).expect("json");
         assert_eq!(v["status"], 503);
         assert!(v["message"].as_str().unwrap_or("").contains("2 starting"));
+    }
+
+    #[test]
+    fn the_no_vm_title_names_the_cause() {
+        let no_vm = |starting, full, unhealthy| router_core::NoVm {
+            total: starting + full + unhealthy,
+            starting,
+            full,
+            unhealthy,
+            ..router_core::NoVm::default()
+        };
+        let title = |cause| {
+            GatewayError::NoVm {
+                cause,
+                reason: String::new(),
+                retry_after: Duration::from_secs(10),
+            }
+            .title()
+        };
+        assert_eq!(NoVmCause::of(&no_vm(1, 2, 0), false), NoVmCause::Starting);
+        assert_eq!(NoVmCause::of(&no_vm(0, 0, 0), true), NoVmCause::Starting);
+        assert_eq!(NoVmCause::of(&no_vm(0, 3, 0), true), NoVmCause::Full);
+        assert_eq!(NoVmCause::of(&no_vm(0, 2, 1), false), NoVmCause::Full);
+        assert_eq!(
+            NoVmCause::of(&no_vm(0, 0, 3), false),
+            NoVmCause::Unavailable
+        );
+        assert!(title(NoVmCause::Full).contains("session limit"));
+        assert!(!title(NoVmCause::Unavailable).contains("starting"));
     }
 
     #[tokio::test]

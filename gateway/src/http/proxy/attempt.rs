@@ -321,14 +321,14 @@ impl Frontend {
     ) -> Response<Body> {
         let inner = &self.inner;
         self.forget_new(out.pin.as_deref(), &out.new_session);
-        if last_failure.is_none() {
-            self.wake_pool();
-        }
         let err = last_failure.unwrap_or_else(|| {
+            let waking = self.wake_pool();
             inner
                 .metrics
                 .session_started(Protocol::Http, "none", outcome::NO_VM, Duration::ZERO);
+            inner.no_vm_log.refused(&no_vm);
             GatewayError::NoVm {
+                cause: NoVmCause::of(&no_vm, waking),
                 reason: no_vm.to_string(),
                 retry_after: inner.settings.retry_after,
             }

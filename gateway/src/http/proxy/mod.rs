@@ -28,7 +28,7 @@ use subtle::ConstantTimeEq;
 use super::access_log::{AccessLog, Record};
 use super::body::{Active, ConnTracker, Handoff, Observed};
 use super::cookie::{CookieFinder, CookieSigner, Pin, set_cookie_header};
-use super::errors::{GatewayError, accepts_json};
+use super::errors::{GatewayError, NoVmCause, accepts_json};
 use super::headers::{
     ConnForwarding, ForwardedFor, Forwarding, strip_hop_by_hop, strip_request, wants_upgrade,
 };
@@ -253,6 +253,38 @@ struct Inner {
     wake: Option<Waker>,
     /// Where the line per request goes (`http.access_log`); `None` when off.
     access_log: Option<AccessLog>,
+    /// The log's word on requests no VM could take, at most every [`NO_VM_LOG_EVERY`].
+    no_vm_log: NoVmLog,
+}
+
+/// At most one log line per this long on requests that found no VM (each one is in the access
+/// log); the line counts those since the last.
+const NO_VM_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Requests that found no VM since the last line about them, and when that line was written.
+#[derive(Default)]
+struct NoVmLog {
+    state: Mutex<(u64, Option<Instant>)>,
+}
+
+impl NoVmLog {
+    /// Counts one refused request; logs `reason` with the count when the last line is older
+    /// than [`NO_VM_LOG_EVERY`].
+    fn refused(&self, reason: &dyn std::fmt::Display) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let (count, last) = &mut *state;
+        *count += 1;
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < NO_VM_LOG_EVERY) {
+            return;
+        }
+        let refused = std::mem::take(count);
+        *last = Some(now);
+        drop(state);
+        tracing::warn!(%reason, refused, "HTTP requests got 503: no VM can take them");
+    }
 }
 
 fn unix_now() -> u64 {
@@ -420,6 +452,7 @@ impl Frontend {
                 upstreams,
                 wake: None,
                 access_log: None,
+                no_vm_log: NoVmLog::default(),
             }),
         }
     }
@@ -445,9 +478,10 @@ impl Frontend {
     /// No VM for a request: tell the autoscaler someone is waiting. The 503 page refreshes every
     /// `retry_after`, so the registration is held a little longer than that; every refresh
     /// renews it, and it lapses once browsers stop asking.
-    fn wake_pool(&self) {
+    /// Whether the pool was woken (the autoscaler wakes it on connect).
+    fn wake_pool(&self) -> bool {
         let Some(waker) = self.inner.wake.as_ref().filter(|w| w.holds_connections()) else {
-            return;
+            return false;
         };
         let waiting = waker.register(Protocol::Http);
         let hold = self.inner.settings.retry_after * 2;
@@ -455,6 +489,7 @@ impl Frontend {
             tokio::time::sleep(hold).await;
             drop(waiting);
         });
+        true
     }
 
     /// Closes upstream keep-alive connections idle for longer than `upstream_idle` and those
