@@ -504,3 +504,61 @@ fn repeated_failed_logins_put_the_address_in_the_penalty_box_and_no_other() {
         started.elapsed()
     );
 }
+
+#[test]
+fn keys_offered_before_the_right_one_are_no_failed_login() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
+    let before = auth_failures(&pool.metrics(), "publickey");
+    // A user with other keys (GitHub's, an old laptop's): OpenSSH offers each in turn, and the
+    // gateway refuses the offers of those not in authorized_keys before the right one logs in.
+    let others: Vec<UserKey> = (0..3)
+        .map(|i| UserKey::generate(&format!("pgtest-other-{i}")))
+        .collect();
+    let mut client = pool.client(1);
+    for key in &others {
+        client = client.option(&format!(
+            "IdentityFile={}",
+            key.private_key_path().display()
+        ));
+    }
+    let out = client.option("LogLevel=DEBUG1").run("echo in");
+    assert_ok(&out, "login with three other keys offered first");
+    assert_eq!(stdout(&out), "in");
+    let offered = stderr(&out).matches("Offering public key").count();
+    assert_eq!(
+        offered,
+        4,
+        "the other keys were offered first:\n{}",
+        stderr(&out)
+    );
+    pool.gateway
+        .wait_for_log("ssh session ended", Duration::from_secs(10));
+    assert_eq!(
+        auth_failures(&pool.metrics(), "publickey"),
+        before,
+        "a login counted as failed authentications"
+    );
+    let log = pool.log();
+    assert!(!log.contains("authentication failed"), "{log}");
+
+    // A connection that offers only keys nobody authorized is one failed authentication.
+    let out = pool
+        .client_as(&pool.user(1))
+        .user_key(&others[0])
+        .run("true");
+    assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
+    assert!(
+        poll(Duration::from_secs(10), || auth_failures(
+            &pool.metrics(),
+            "publickey"
+        ) == before + 1),
+        "{}",
+        pool.metrics()
+    );
+    pool.gateway.wait_for_log(
+        "login failed: no key the client offered is authorized",
+        Duration::from_secs(10),
+    );
+}

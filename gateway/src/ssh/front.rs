@@ -40,6 +40,10 @@ pub struct Front {
     accepted: Instant,
     /// The client tried at least one login method.
     tried: bool,
+    /// Keys the client offered that are not authorized (OpenSSH offers each key it has in
+    /// turn): one failed authentication if the connection ends without a login, none if a
+    /// later key logs in. The login name of the last such offer.
+    keys_refused: Option<String>,
     /// The connection's span. russh calls the handler from a task of its own, outside it, so
     /// the methods that log, and the tasks they start, run in it explicitly.
     span: tracing::Span,
@@ -67,6 +71,7 @@ impl Front {
             authenticated,
             accepted: Instant::now(),
             tried: false,
+            keys_refused: None,
             span,
         }
     }
@@ -164,8 +169,8 @@ impl server::Handler for Front {
             span.in_scope(|| match self.check_key(user, offer.public_key) {
                 Some(_) => Auth::Accept,
                 None => {
-                    tracing::info!(%user, "public key not accepted");
-                    self.gw.auth_failed("publickey", self.peer);
+                    tracing::debug!(%user, "offered public key not authorized");
+                    self.keys_refused = Some(user.to_owned());
                     reject(&self.gw)
                 }
             }),
@@ -499,7 +504,13 @@ impl server::Handler for Front {
 impl Drop for Front {
     fn drop(&mut self) {
         if self.tried && self.user.is_none() {
-            self.span.in_scope(|| self.gw.login_failed(self.peer));
+            self.span.in_scope(|| {
+                if let Some(user) = &self.keys_refused {
+                    tracing::info!(%user, "login failed: no key the client offered is authorized");
+                    self.gw.auth_failed("publickey", self.peer);
+                }
+                self.gw.login_failed(self.peer);
+            });
         }
         if let Some(backend) = self.current_backend() {
             tokio::spawn(async move {
