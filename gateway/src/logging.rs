@@ -69,9 +69,9 @@ impl Guard {
 /// Sets up the log: `filter` as `--log` gives it (an invalid one falls back to `info`, with a
 /// word on standard error), text or (`json`) JSON lines, written by a thread of its own.
 pub fn init(json: bool, filter: &str) -> Guard {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
+    let filter = EnvFilter::try_new(with_quiet_libraries(filter)).unwrap_or_else(|e| {
         eprintln!("poolgate: invalid --log filter {filter:?} ({e}); using \"info\"");
-        EnvFilter::new("info")
+        EnvFilter::new(with_quiet_libraries("info"))
     });
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
@@ -94,9 +94,38 @@ pub fn init(json: bool, filter: &str) -> Guard {
     }
 }
 
+/// `filter`, with rustls's own lines at `error` unless it names rustls: rustls warns about what
+/// a client sent (an IP address as the TLS server name, as every client that connects by
+/// address does), a line per handshake that any client can repeat at will. A filter that names
+/// `rustls` is taken as it is.
+fn with_quiet_libraries(filter: &str) -> String {
+    if filter.contains("rustls") || filter.trim() == "off" {
+        filter.to_owned()
+    } else {
+        format!("{filter},rustls=error")
+    }
+}
+
 /// Whether text lines are coloured: only on a terminal, and not with `NO_COLOR` set (a file, a
 /// pipe, `docker logs` or the journal gets plain text).
 fn colours() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rustls_is_quiet_unless_the_filter_names_it() {
+        assert_eq!(with_quiet_libraries("info"), "info,rustls=error");
+        assert_eq!(
+            with_quiet_libraries("warn,gateway=debug"),
+            "warn,gateway=debug,rustls=error"
+        );
+        assert_eq!(with_quiet_libraries("rustls=debug"), "rustls=debug");
+        assert_eq!(with_quiet_libraries("off"), "off");
+        assert!(EnvFilter::try_new(with_quiet_libraries("info")).is_ok());
+    }
 }

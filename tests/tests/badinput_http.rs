@@ -988,3 +988,69 @@ fn past_max_connections_new_clients_wait_until_a_connection_closes() {
     }
     gw.assert_no_panic();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_client_over_tls_is_served() {
+    require_tools!("curl");
+    let up = Upstream::start("up-a");
+    let gw = GatewayPool::builder()
+        .web_pool(HEALTH)
+        .tls()
+        .web_vm(&up.name, up.port)
+        .start();
+    // curl --http1.0 offers only `http/1.0` in ALPN, as old probes do; a server that does not
+    // list it fails the handshake ("no application protocol").
+    let port = gw.https.port();
+    let mut cmd = std::process::Command::new(tool("curl"));
+    cmd.args(["-sS", "-i", "--http1.0", "--max-time", "10", "--cacert"])
+        .arg(gw.tls_ca().ca_path())
+        .arg("--resolve")
+        .arg(format!("localhost:{port}:127.0.0.1"))
+        .arg(format!("https://localhost:{port}/old-probe"));
+    let out =
+        tokio::task::spawn_blocking(move || run_with_timeout(&mut cmd, Duration::from_secs(20)))
+            .await
+            .unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    assert!(text.contains("saw GET /old-probe"), "{text}");
+    gw.assert_no_panic();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_naming_an_ip_address_in_sni_leave_no_warning_per_handshake() {
+    require_tools!("openssl");
+    let up = Upstream::start("up-a");
+    let gw = GatewayPool::builder()
+        .web_pool(HEALTH)
+        .tls()
+        .web_vm(&up.name, up.port)
+        .start();
+    // An IP address as the TLS server name (RFC 6066 forbids it; load balancers' probes and
+    // clients that connect by address send it): rustls ignores it and says so at `warn`.
+    let addr = gw.https;
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..5 {
+            let mut cmd = std::process::Command::new(tool("openssl"));
+            cmd.args(["s_client", "-brief", "-connect"])
+                .arg(addr.to_string())
+                .args(["-servername", "127.0.0.1"])
+                .stdin(std::process::Stdio::null());
+            let out = run_with_timeout(&mut cmd, Duration::from_secs(10));
+            assert!(
+                stderr(&out).contains("CONNECTION ESTABLISHED"),
+                "{}",
+                stderr(&out)
+            );
+        }
+    })
+    .await
+    .unwrap();
+    // The default log (info): nothing per handshake.
+    let b = gw.browser();
+    assert_eq!(b.get("/after").await.status, 200);
+    let log = gw.log();
+    assert!(!log.contains("SNI"), "{log}");
+    gw.assert_no_panic();
+}

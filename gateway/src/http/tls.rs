@@ -214,7 +214,10 @@ pub fn server_config(certs: Arc<ServedCert>) -> anyhow::Result<rustls::ServerCon
             .context("TLS protocol versions")?
             .with_no_client_auth()
             .with_cert_resolver(certs);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // In the server's order of preference. `http/1.0` too (served by the HTTP/1 server, as
+    // nginx does): rustls refuses a handshake whose client offers only protocols it does not
+    // list, and `curl --http1.0` and old monitoring probes offer only that one.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     Ok(config)
 }
 
@@ -247,7 +250,7 @@ mod tests {
         let config = server_config(served.clone()).expect("config");
         assert_eq!(
             config.alpn_protocols,
-            [b"h2".to_vec(), b"http/1.1".to_vec()]
+            [b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()]
         );
 
         // A renewed pair replaces the old one.
