@@ -53,6 +53,9 @@ struct Writer {
     retired: HashMap<String, Arc<VmShared>>,
     /// Told the generation of every snapshot published (see [`Pool::on_change`]).
     listeners: Vec<ChangeListener>,
+    /// VMs gone from the VM set that are kept, draining, while sessions of this replica live on
+    /// them (see [`Pool::set_vms`]), with whether they were draining before they left.
+    leaving: HashMap<String, bool>,
 }
 
 /// A callback of [`Pool::on_change`].
@@ -145,10 +148,15 @@ impl Pool {
     ///
     /// VMs that stay (by name) keep their status and live counters, with the
     /// new spec. New VMs start `Lifecycle::Running` + `Health::Unknown` (state
-    /// `starting`) until probed. Removed VMs disappear from selection at once;
-    /// their live guards keep working and still count, and if a VM of the
-    /// same name returns while any of them lives it gets the same counters
-    /// back (so its `max_sessions` still covers them).
+    /// `starting`) until probed. A removed VM on which this replica still
+    /// holds sessions (SSH sessions, browser sessions, websockets) *leaves*:
+    /// it stays in the snapshot, draining, so it takes no new session while
+    /// its sessions carry on where they are (a pinned browser included) and
+    /// are still seen in its counts, until they have ended
+    /// ([`Pool::drop_departed`] then removes it). Removed VMs without
+    /// sessions disappear at once. Either way, if a VM of the same name
+    /// returns it gets the same counters back (so its `max_sessions` still
+    /// covers them) and the draining it had before it left.
     /// With duplicate names the first spec wins. Publishes a new snapshot only
     /// if something changed.
     pub fn set_vms(&self, specs: Vec<VmSpec>) {
@@ -160,22 +168,30 @@ impl Pool {
         specs.sort_by(|a, b| a.name.cmp(&b.name)); // stable: first duplicate stays first
         specs.dedup_by(|later, first| later.name == first.name);
 
-        let unchanged =
-            specs.len() == old.len() && specs.iter().zip(old.vms()).all(|(s, vm)| s == vm.spec());
+        let unchanged = w.leaving.is_empty()
+            && specs.len() == old.len()
+            && specs.iter().zip(old.vms()).all(|(s, vm)| s == vm.spec());
         if unchanged {
             return;
         }
 
         let mut vms = Vec::with_capacity(specs.len());
         for spec in specs {
+            let came_back = w.leaving.remove(&spec.name);
             let vm = match old.get(&spec.name) {
-                Some(vm) if *vm.spec() == spec => vm.clone(),
-                Some(vm) => Arc::new(Vm::new(
-                    Arc::new(spec),
-                    vm.status(),
-                    vm.state_since(),
-                    vm.shared().clone(),
-                )),
+                Some(vm) if *vm.spec() == spec && came_back.is_none() => vm.clone(),
+                Some(vm) => {
+                    let mut status = vm.status();
+                    if let Some(draining) = came_back {
+                        status.draining = draining;
+                    }
+                    Arc::new(Vm::new(
+                        Arc::new(spec),
+                        status,
+                        vm.state_since(),
+                        vm.shared().clone(),
+                    ))
+                }
                 None => {
                     let shared = w.retired.remove(&spec.name).unwrap_or_else(|| {
                         Arc::new(VmShared::new(self.shared.clone(), self.epoch, now))
@@ -185,11 +201,42 @@ impl Pool {
             };
             vms.push(vm);
         }
+        let mut departing = Vec::new();
         for vm in old.vms() {
-            let kept = vms.binary_search_by(|v| v.name().cmp(vm.name())).is_ok();
-            if !kept {
+            if vms.binary_search_by(|v| v.name().cmp(vm.name())).is_ok() {
+                continue;
+            }
+            if vm.shared().local_total() > 0 {
+                let status = vm.status();
+                w.leaving
+                    .entry(vm.name().to_owned())
+                    .or_insert(status.draining);
+                departing.push(if status.draining {
+                    vm.clone()
+                } else {
+                    Arc::new(Vm::new(
+                        vm.spec_arc().clone(),
+                        VmStatus {
+                            draining: true,
+                            ..status
+                        },
+                        self.shared.clock.now(),
+                        vm.shared().clone(),
+                    ))
+                });
+            } else {
+                w.leaving.remove(vm.name());
                 w.retired.insert(vm.name().to_owned(), vm.shared().clone());
             }
+        }
+        if !departing.is_empty() {
+            vms.extend(departing);
+            vms.sort_by(|a, b| a.name().cmp(b.name()));
+        }
+        let same =
+            vms.len() == old.len() && vms.iter().zip(old.vms()).all(|(a, b)| Arc::ptr_eq(a, b));
+        if same {
+            return;
         }
         self.publish(&mut w, vms, None);
         drop(old);
@@ -197,6 +244,55 @@ impl Pool {
         // reader may be placing a session from) are kept, so a returning VM
         // can never be counted twice; unreachable ones are forgotten.
         w.retired.retain(|_, shared| Arc::strong_count(shared) > 1);
+    }
+
+    /// Removes the VMs that left the VM set ([`Pool::set_vms`]) and on which this replica
+    /// holds no session any more; returns their names. Cheap when no VM is leaving; called
+    /// every few hundred milliseconds.
+    pub fn drop_departed(&self) -> Vec<String> {
+        let mut w = self.lock_writer();
+        if w.leaving.is_empty() {
+            return Vec::new();
+        }
+        let old = self.current.load_full();
+        let gone: Vec<String> = w
+            .leaving
+            .keys()
+            .filter(|name| {
+                old.get(name)
+                    .is_none_or(|vm| vm.shared().local_total() == 0)
+            })
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return gone;
+        }
+        for name in &gone {
+            w.leaving.remove(name);
+            if let Some(vm) = old.get(name) {
+                w.retired.insert(name.clone(), vm.shared().clone());
+            }
+        }
+        let vms = old
+            .vms()
+            .iter()
+            .filter(|vm| !gone.iter().any(|g| g == vm.name()))
+            .cloned()
+            .collect();
+        self.publish(&mut w, vms, None);
+        drop(old);
+        w.retired.retain(|_, shared| Arc::strong_count(shared) > 1);
+        gone
+    }
+
+    /// Whether `vm` left the VM set and stays, draining, until its sessions end.
+    pub fn is_leaving(&self, vm: &str) -> bool {
+        self.lock_writer().leaving.contains_key(vm)
+    }
+
+    /// The VMs that left the VM set and stay, draining, until their sessions end.
+    pub fn leaving(&self) -> Vec<String> {
+        self.lock_writer().leaving.keys().cloned().collect()
     }
 
     fn publish(&self, w: &mut Writer, vms: Vec<Arc<Vm>>, index: Option<Arc<NameIndex>>) {
@@ -228,6 +324,13 @@ impl Pool {
         let vm = &old.vms()[index];
         let mut status = vm.status();
         change(&mut status);
+        if let Some(drain_on_return) = w.leaving.get_mut(name)
+            && status.draining != vm.status().draining
+        {
+            // A leaving VM stays draining; the operator's word applies if it comes back.
+            *drain_on_return = status.draining;
+            status.draining = true;
+        }
         if status == vm.status() {
             return true;
         }

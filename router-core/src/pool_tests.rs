@@ -309,27 +309,63 @@ fn set_vms_keeps_status_and_counters_of_staying_vms() {
 
 #[test]
 fn removed_vm_guards_keep_counting_and_come_back() {
-    let (pool, _) = pool(&[("a", 1, 1), ("b", 1, 9)]);
+    let (pool, _) = pool(&[("a", 1, 1), ("b", 1, 9), ("c", 1, 9)]);
     let g = pool.acquire(&ssh()).ok();
     assert_eq!(g.as_ref().map(|g| g.vm_name()), Some("a"));
+    pool.drain("c");
     pool.set_vms(vec![spec("b", 1, 9)]);
-    assert!(pool.snapshot().get("a").is_none());
+    // c had no session: gone at once. a leaves: still seen, with its session, draining.
+    let snap = pool.snapshot();
+    assert!(snap.get("c").is_none());
+    let a = snap.get("a").map(|v| (v.total_sessions(), v.state()));
+    assert_eq!(a, Some((1, VmState::Draining)));
+    assert!(pool.is_leaving("a") && !pool.is_leaving("c"));
     assert_eq!(pool.sessions().len(), 1);
     assert_eq!(
         g.as_ref().map(|g| g.spec().host.as_str()),
         Some("127.0.0.1")
     );
-    // a returns while the guard lives: same counters, so it is full.
-    pool.set_vms(vec![spec("a", 1, 1), spec("b", 1, 9)]);
+    // a returns while the guard lives: same counters, so it is full, and no longer draining
+    // (it was not before it left); c, gone at once, returns as a new VM.
+    pool.set_vms(vec![spec("a", 1, 1), spec("b", 1, 9), spec("c", 1, 9)]);
     pool.set_health("a", Health::Up);
-    let a = pool.snapshot().get("a").map(|v| v.total_sessions());
-    assert_eq!(a, Some(1));
+    pool.set_health("c", Health::Up);
+    assert!(!pool.is_leaving("a"));
+    let snap = pool.snapshot();
+    let a = snap.get("a").map(|v| (v.total_sessions(), v.state()));
+    assert_eq!(a, Some((1, VmState::Healthy)));
+    assert_eq!(snap.get("c").map(|v| v.state()), Some(VmState::Healthy));
     assert_eq!(name(pool.acquire(&ssh())), "b");
     drop(g);
     assert_eq!(
         pool.snapshot().get("a").map(|v| v.total_sessions()),
         Some(0)
     );
+}
+
+#[test]
+fn a_removed_vm_with_sessions_takes_none_new_and_goes_when_they_end() {
+    let (pool, _) = pool(&[("a", 1, 9), ("b", 1, 9)]);
+    let g = pool.acquire(&ssh()).ok();
+    assert_eq!(g.as_ref().map(|g| g.vm_name()), Some("a"));
+    pool.set_vms(vec![spec("b", 1, 9)]);
+    let generation = pool.snapshot().generation();
+    // The same set again publishes nothing; the next session goes elsewhere.
+    pool.set_vms(vec![spec("b", 1, 9)]);
+    assert_eq!(pool.snapshot().generation(), generation);
+    assert_eq!(name(pool.acquire(&ssh())), "b");
+    // An operator's undrain does not open it while it leaves (it applies if it comes back).
+    assert!(pool.undrain("a"));
+    assert_eq!(
+        pool.snapshot().get("a").map(|v| v.state()),
+        Some(VmState::Draining)
+    );
+    assert!(pool.drop_departed().is_empty());
+    drop(g);
+    assert_eq!(pool.drop_departed(), ["a"]);
+    assert!(pool.snapshot().get("a").is_none());
+    assert!(!pool.is_leaving("a"));
+    assert!(pool.drop_departed().is_empty());
 }
 
 #[test]

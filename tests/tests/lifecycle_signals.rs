@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use poolgate_tests::jupyter::{JupyterServerVm, TestCa, require_jupyter, run_code};
+use poolgate_tests::jupyter::{JupyterServerVm, TestCa, cookie_vm, require_jupyter, run_code};
 use poolgate_tests::*;
 
 const RTT: Duration = Duration::from_secs(2);
@@ -299,13 +299,46 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
         .take_while(|p| p["ok"].as_bool() == Some(false))
         .count();
     assert_eq!(failed_tail, 1, "down after exactly one failed probe: {c:?}");
-    assert!(
-        vms.json()
+    // vm-a, removed while a session runs there, is still seen with it, draining (it takes no
+    // new session, asserted above), until that session ends; then it leaves the pool.
+    let vm_a = || {
+        http_get(pool.admin, "/api/v1/vms")
+            .json()
             .items()
             .iter()
-            .all(|v| v["name"].as_str() != Some("vm-a")),
-        "vm-a left the pool"
+            .find(|v| v["name"].as_str() == Some("vm-a"))
+            .cloned()
+    };
+    let leaving = vm_a().expect("vm-a listed while its session runs");
+    assert_eq!(
+        (
+            leaving["state"].as_str(),
+            leaving["sessions"]["ssh"].as_u64()
+        ),
+        (Some("draining"), Some(1)),
+        "{leaving}"
     );
+    assert!(
+        pool.metrics()
+            .lines()
+            .any(|l| l.starts_with("poolgate_sessions_active{")
+                && l.contains("vm=\"vm-a\"")
+                && l.ends_with(" 1")),
+        "{}",
+        pool.metrics()
+    );
+    kept.roundtrip("on the removed VM", RTT);
+    assert!(
+        kept.close(Duration::from_secs(10)).success(),
+        "the session on the removed VM"
+    );
+    assert!(
+        poll(Duration::from_secs(10), || vm_a().is_none()),
+        "vm-a still listed after its last session ended: {:?}",
+        vm_a()
+    );
+    pool.gateway
+        .wait_for_log("it has left the pool", Duration::from_secs(10));
 
     // vm-a comes back with the next reload: probed from scratch, it takes sessions after its
     // next good probe as a new VM does (it once stayed "starting" until a restart: its probe
@@ -324,14 +357,7 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
     wait_until(Duration::from_secs(10), "configuration reloaded", || {
         reloads(&pool) > before
     });
-    let vm_a_state = || {
-        http_get(pool.admin, "/api/v1/vms")
-            .json()
-            .items()
-            .iter()
-            .find(|v| v["name"].as_str() == Some("vm-a"))
-            .and_then(|v| v["state"].as_str().map(str::to_owned))
-    };
+    let vm_a_state = || vm_a().and_then(|v| v["state"].as_str().map(str::to_owned));
     assert!(
         poll(Duration::from_secs(10), || vm_a_state().as_deref()
             == Some("healthy")),
@@ -341,10 +367,6 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
     );
 
     assert!(second.close(Duration::from_secs(10)).success());
-    assert!(
-        kept.close(Duration::from_secs(10)).success(),
-        "the session on the removed VM"
-    );
     assert!(
         log(&pool)
             .lines()
@@ -424,4 +446,74 @@ async fn sighup_serves_a_new_tls_certificate_at_once_and_keeps_an_open_websocket
     let r = b2.get("/api/status").await;
     assert_eq!(r.status, 200, "{}", r.text());
     drop(ws);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_on_a_vm_removed_by_reload_stays_there_with_its_kernel() {
+    if !require_jupyter() {
+        return;
+    }
+    let vms = blocking(|| JupyterServerVm::start_all(&["js-a", "js-b"])).await;
+    let gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vms(&vms)
+        .start_async()
+        .await;
+    // A notebook: the page, a kernel over its websocket, a cell.
+    let browser = gw.browser();
+    let (r, _) = browser.follow("/lab").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let vm = cookie_vm(&browser.cookie("poolgate_vm", "/").expect("pinned"));
+    let mut ws = browser.open_kernel("", "s1").await;
+    assert_eq!(run_code(&mut ws, "x = 20; x * 2 + 2", "before").await, "42");
+
+    // Its VM leaves the configuration (docs/operations.md: a removed VM gets no new sessions,
+    // and those open there carry on until they end).
+    let old = std::fs::read_to_string(gw.gateway.config_path()).expect("read config");
+    std::fs::write(gw.gateway.config_path(), without_backend(&old, &vm)).expect("write config");
+    let before = gw
+        .gateway
+        .log_text()
+        .matches("configuration reloaded")
+        .count();
+    signal_gateway(&gw.gateway, Signal::SIGHUP);
+    wait_until(Duration::from_secs(10), "configuration reloaded", || {
+        gw.gateway
+            .log_text()
+            .matches("configuration reloaded")
+            .count()
+            > before
+    });
+    gw.gateway
+        .wait_for_log("VM removed from the pool", Duration::from_secs(10));
+
+    // The browser's requests still go there: its kernel is listed, its cell state is there.
+    let r = browser.get("/api/kernels").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        cookie_vm(&browser.cookie("poolgate_vm", "/").expect("pinned")),
+        vm,
+        "the browser was moved off its removed VM"
+    );
+    assert_eq!(r.json().as_array().map(Vec::len), Some(1), "{}", r.text());
+    assert_eq!(run_code(&mut ws, "x + 1", "after").await, "21");
+    // A new browser goes to the other VM; the removed one is listed as draining meanwhile.
+    let other = gw.browser();
+    assert_eq!(other.get("/api/status").await.status, 200);
+    assert_ne!(
+        cookie_vm(&other.cookie("poolgate_vm", "/").expect("pinned")),
+        vm
+    );
+    let vms_now = http_get(gw.admin, "/api/v1/vms").json();
+    let removed = vms_now
+        .items()
+        .iter()
+        .find(|v| v["name"].as_str() == Some(vm.as_str()))
+        .cloned()
+        .unwrap_or_else(|| panic!("{vm} not listed while its browser works there: {vms_now}"));
+    assert_eq!(removed["state"].as_str(), Some("draining"), "{removed}");
+    assert_eq!(removed["sessions"]["http"].as_u64(), Some(1), "{removed}");
+    drop(ws);
+    drop(vms);
 }

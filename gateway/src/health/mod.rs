@@ -257,6 +257,8 @@ impl HealthChecker {
     /// Probes every running VM every interval until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut probing: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        // VMs gone from the pool's VM set whose sessions carry on (see `Pool::set_vms`).
+        let mut leaving = std::collections::HashSet::new();
         let mut tick =
             tokio::time::interval(Duration::from_millis(250).min(self.settings().interval));
         loop {
@@ -264,6 +266,7 @@ impl HealthChecker {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => if *shutdown.borrow() { break },
             }
+            self.follow_leaving(&mut leaving);
             // One probe loop per VM; started for new VMs, stopped for removed ones.
             let snapshot = self.pool.snapshot();
             probing.retain(|name, task| {
@@ -290,6 +293,31 @@ impl HealthChecker {
         }
         for (_, task) in probing {
             task.abort();
+        }
+    }
+
+    /// Logs VMs that left the pool's VM set while sessions run on them, and removes those whose
+    /// last session has ended.
+    fn follow_leaving(&self, announced: &mut std::collections::HashSet<String>) {
+        for vm in self.pool.drop_departed() {
+            announced.remove(&vm);
+            tracing::info!(%vm, "the removed VM's last session has ended; it has left the pool");
+        }
+        let now = self.pool.leaving();
+        announced.retain(|vm| now.contains(vm));
+        for vm in now {
+            if announced.insert(vm.clone()) {
+                let sessions = self
+                    .pool
+                    .snapshot()
+                    .get(&vm)
+                    .map_or(0, |v| v.total_sessions());
+                tracing::info!(
+                    %vm,
+                    sessions,
+                    "VM removed from the pool: it takes no new sessions, and those open there carry on until they end"
+                );
+            }
         }
     }
 
