@@ -99,7 +99,14 @@ pub fn init(json: bool, filter: &str) -> Guard {
 /// address does), a line per handshake that any client can repeat at will. A filter that names
 /// `rustls` is taken as it is.
 fn with_quiet_libraries(filter: &str) -> String {
-    if filter.contains("rustls") || filter.trim() == "off" {
+    let names_rustls = filter.split(',').any(|directive| {
+        let d = directive.trim();
+        d == "rustls"
+            || ["rustls=", "rustls::", "rustls["]
+                .iter()
+                .any(|p| d.starts_with(p))
+    });
+    if names_rustls || filter.trim() == "off" {
         filter.to_owned()
     } else {
         format!("{filter},rustls=error")
@@ -126,6 +133,14 @@ mod tests {
         );
         assert_eq!(with_quiet_libraries("rustls=debug"), "rustls=debug");
         assert_eq!(with_quiet_libraries("off"), "off");
+        assert_eq!(
+            with_quiet_libraries("tokio_rustls=debug"),
+            "tokio_rustls=debug,rustls=error"
+        );
+        assert_eq!(
+            with_quiet_libraries("info,rustls::server=debug"),
+            "info,rustls::server=debug"
+        );
         assert!(EnvFilter::try_new(with_quiet_libraries("info")).is_ok());
     }
 }

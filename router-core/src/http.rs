@@ -712,13 +712,16 @@ mod tests {
         let back = pool.http_route_session("k1", &pinned).expect("served");
         assert_eq!((back.vm.name(), back.continued), ("a", true));
         assert_eq!(http_load(&pool, "a"), 2);
-        // The tab closes: the session idles from then on and expires after `idle`.
-        drop(sockets);
+        // The websockets stay open a while longer with no request; then the tab closes. The
+        // session idles from the close, not from its last request.
         clock.advance(IDLE / 2);
         assert_eq!(pool.expire_idle(), 0);
+        drop(sockets);
+        clock.advance(IDLE * 3 / 4);
+        assert_eq!(pool.expire_idle(), 1, "k3 expires; k1 idles from the close");
         assert_eq!(pool.http_session_vm("k1").as_deref(), Some("a"));
-        clock.advance(IDLE);
-        assert_eq!(pool.expire_idle(), 2);
+        clock.advance(IDLE / 2);
+        assert_eq!(pool.expire_idle(), 1);
         assert_eq!(http_load(&pool, "a"), 0);
     }
 

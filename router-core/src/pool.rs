@@ -152,11 +152,13 @@ impl Pool {
     /// holds sessions (SSH sessions, browser sessions, websockets) *leaves*:
     /// it stays in the snapshot, draining, so it takes no new session while
     /// its sessions carry on where they are (a pinned browser included) and
-    /// are still seen in its counts, until they have ended
+    /// are still seen in its counts, until they have ended or it went down
     /// ([`Pool::drop_departed`] then removes it). Removed VMs without
     /// sessions disappear at once. Either way, if a VM of the same name
-    /// returns it gets the same counters back (so its `max_sessions` still
-    /// covers them) and the draining it had before it left.
+    /// returns while any of its guards lives it gets the same counters back
+    /// (so its `max_sessions` still covers them); one that returns while still
+    /// leaving also keeps its health and gets the draining it had before it
+    /// left (or was given meanwhile).
     /// With duplicate names the first spec wins. Publishes a new snapshot only
     /// if something changed.
     pub fn set_vms(&self, specs: Vec<VmSpec>) {
@@ -184,6 +186,7 @@ impl Pool {
                     let mut status = vm.status();
                     if let Some(draining) = came_back {
                         status.draining = draining;
+                        status.leaving = false;
                     }
                     Arc::new(Vm::new(
                         Arc::new(spec),
@@ -211,16 +214,17 @@ impl Pool {
                 w.leaving
                     .entry(vm.name().to_owned())
                     .or_insert(status.draining);
-                departing.push(if status.draining {
+                departing.push(if status.leaving {
                     vm.clone()
                 } else {
                     Arc::new(Vm::new(
                         vm.spec_arc().clone(),
                         VmStatus {
                             draining: true,
+                            leaving: true,
                             ..status
                         },
-                        self.shared.clock.now(),
+                        now,
                         vm.shared().clone(),
                     ))
                 });
@@ -247,8 +251,9 @@ impl Pool {
     }
 
     /// Removes the VMs that left the VM set ([`Pool::set_vms`]) and on which this replica
-    /// holds no session any more; returns their names. Cheap when no VM is leaving; called
-    /// every few hundred milliseconds.
+    /// holds no session any more, or which went down or stopped (their sessions are gone with
+    /// them; guards still alive keep counting on the retired counters, as for any removed VM);
+    /// returns their names. Cheap when no VM is leaving; called every few hundred milliseconds.
     pub fn drop_departed(&self) -> Vec<String> {
         let mut w = self.lock_writer();
         if w.leaving.is_empty() {
@@ -259,8 +264,12 @@ impl Pool {
             .leaving
             .keys()
             .filter(|name| {
-                old.get(name)
-                    .is_none_or(|vm| vm.shared().local_total() == 0)
+                old.get(name).is_none_or(|vm| {
+                    let status = vm.status();
+                    vm.shared().local_total() == 0
+                        || status.lifecycle != Lifecycle::Running
+                        || status.health() == Health::Down
+                })
             })
             .cloned()
             .collect();
@@ -323,13 +332,15 @@ impl Pool {
         };
         let vm = &old.vms()[index];
         let mut status = vm.status();
+        // A leaving VM stays draining; drains and undrains meanwhile apply if it comes back.
+        if let Some(drain_on_return) = w.leaving.get(name) {
+            status.draining = *drain_on_return;
+        }
         change(&mut status);
-        if let Some(drain_on_return) = w.leaving.get_mut(name)
-            && status.draining != vm.status().draining
-        {
-            // A leaving VM stays draining; the operator's word applies if it comes back.
+        if let Some(drain_on_return) = w.leaving.get_mut(name) {
             *drain_on_return = status.draining;
             status.draining = true;
+            status.leaving = true;
         }
         if status == vm.status() {
             return true;

@@ -369,6 +369,49 @@ fn a_removed_vm_with_sessions_takes_none_new_and_goes_when_they_end() {
 }
 
 #[test]
+fn drains_while_leaving_apply_if_the_vm_comes_back() {
+    let (pool, _) = pool(&[("a", 1, 9), ("b", 1, 9)]);
+    let g = pool.acquire(&ssh()).ok();
+    pool.set_vms(vec![spec("b", 1, 9)]);
+    // Undrain then drain while leaving: the last word holds on return.
+    assert!(pool.undrain("a"));
+    assert!(pool.drain("a"));
+    let st = pool.snapshot().get("a").map(|v| v.status());
+    assert_eq!(st.map(|s| (s.draining, s.leaving)), Some((true, true)));
+    pool.set_vms(vec![spec("a", 1, 9), spec("b", 1, 9)]);
+    let st = pool.snapshot().get("a").map(|v| v.status());
+    assert_eq!(st.map(|s| (s.draining, s.leaving)), Some((true, false)));
+    drop(g);
+}
+
+#[test]
+fn a_leaving_vm_takes_no_expired_browser_back_and_goes_when_down() {
+    let (pool, clock) = pool(&[("a", 1, 9), ("b", 1, 9)]);
+    let pinned_a = PickRequest::new(Protocol::Http).pinned("a", true);
+    assert_eq!(
+        pool.http_route("k1", &pinned_a)
+            .map(|v| v.name().to_owned()),
+        Ok("a".to_owned())
+    );
+    assert!(pool.http_touch("k2", "a", None));
+    pool.set_vms(vec![spec("b", 1, 9)]);
+    // k1 comes back within session_idle: it goes on where it is.
+    let back = pool.http_route_session("k1", &pinned_a).expect("served");
+    assert_eq!((back.vm.name(), back.continued), ("a", true));
+    // k2's session lapsed: it starts elsewhere, not again on the leaving VM.
+    clock.advance(policy().http_session_idle + Duration::from_secs(1));
+    assert!(pool.http_touch("k1", "a", None));
+    pool.expire_idle();
+    let moved = pool.http_route_session("k2", &pinned_a).expect("served");
+    assert_eq!((moved.vm.name(), moved.continued), ("b", false));
+    // The leaving VM goes down: it goes, although k1 still holds its session there.
+    assert!(pool.drop_departed().is_empty());
+    pool.set_health("a", Health::Down);
+    assert_eq!(pool.drop_departed(), ["a"]);
+    assert_eq!(pool.http_session_vm("k1").as_deref(), Some("a"));
+}
+
+#[test]
 fn duplicate_names_first_wins() {
     let (pool, _) = pool(&[]);
     pool.set_vms(vec![spec("a", 1, 9), spec("a", 5, 9)]);
@@ -396,6 +439,7 @@ fn status_changes_publish_only_on_change() {
         ssh: Health::Up,
         http: Health::Up,
         draining: false,
+        leaving: false,
     };
     assert!(pool.set_status("a", st));
     assert_eq!(

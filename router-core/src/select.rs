@@ -89,7 +89,7 @@ impl<'a> PickRequest<'a> {
     pub(crate) fn admits_ignoring_capacity(&self, vm: &Vm, pinned: bool) -> bool {
         let status = vm.status();
         let state_ok = status.accepts_new(self.protocol)
-            || (pinned && self.keep_draining && status.serving(self.protocol));
+            || (pinned && self.keep_draining && !status.leaving && status.serving(self.protocol));
         state_ok && !self.excludes(vm.name())
     }
 }

@@ -178,6 +178,10 @@ pub struct VmStatus {
     pub http: Health,
     /// Set by an operator (or the autoscaler) to stop new sessions.
     pub draining: bool,
+    /// Gone from the VM set, kept (draining) while sessions live on it
+    /// ([`Pool::set_vms`](crate::Pool::set_vms)): a pinned browser goes on
+    /// there only while its session lives, and nothing starts there.
+    pub leaving: bool,
 }
 
 impl VmStatus {
@@ -632,6 +636,7 @@ mod tests {
             ssh: health,
             http: health,
             draining,
+            leaving: false,
         }
     }
 

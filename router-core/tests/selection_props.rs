@@ -109,6 +109,7 @@ fn build(cases: &[VmCase]) -> Built {
                 ssh: c.health,
                 http: c.http_health,
                 draining: c.draining,
+                leaving: false,
             },
         );
         pool.set_load_hint(&name(i), c.hint);

@@ -244,6 +244,5 @@ async fn a_background_tab_keeps_its_place_on_a_full_vm_past_session_idle() {
         .unwrap_or_default();
     assert!(ids.contains(&kernel_id.as_str()), "{ids:?}");
     assert_eq!(run_code(&mut kernel, "x + 1", "cell-2").await, "42");
-    assert_eq!(http_sessions(gw.admin), vec![("js-a".into(), MAX_SESSIONS)]);
     drop(vms);
 }

@@ -328,6 +328,9 @@ impl Cluster {
                 ..SyncRequest::default()
             };
             let mut pushed = Vec::new();
+            // A VM that left this replica's VM set drains here only until its sessions end:
+            // not an operator's drain to publish.
+            let leaving = self.pool.leaving();
             for vm in snapshot.vms() {
                 let counts = LoadCounts {
                     ssh: vm.local_sessions(Protocol::Ssh),
@@ -335,6 +338,9 @@ impl Cluster {
                     tentative: vm.local_tentative_sessions(),
                 };
                 req.load.insert(vm.name().to_owned(), counts);
+                if leaving.iter().any(|l| l == vm.name()) {
+                    continue;
+                }
                 let draining = vm.status().draining;
                 if let Some(&agreed) = state.synced_drains.get(vm.name())
                     && agreed != draining
@@ -404,8 +410,13 @@ impl Cluster {
         };
         // Drains: our own changes landed; the store's changes apply here.
         let store_lost_data = state.boot.as_ref().is_some_and(|b| *b != reply.boot);
+        let leaving = self.pool.leaving();
         for vm in snapshot.vms() {
             let name = vm.name();
+            if leaving.iter().any(|l| l == name) {
+                // Drains itself until its sessions end (see the request above).
+                continue;
+            }
             let in_store = reply.drained.contains_key(name);
             let agreed = if let Some((_, mine)) = pushed.iter().find(|(n, _)| n == name) {
                 *mine

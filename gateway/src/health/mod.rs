@@ -110,26 +110,34 @@ impl HealthChecker {
     ) -> Option<Transition> {
         let now = self.pool.clock().now();
         let ok = *result == ProbeResult::Ok;
-        let (transition, verdict) = {
+        let transition = {
+            // Decided and applied under the lock, so that two results of one side (a probe, a
+            // session that failed to connect) are applied in the order they were decided.
             let mut trackers = self.trackers.lock().ok()?;
+            // A VM gone from the pool gets no tracker (a late session failure): if it comes
+            // back, its first probe decides, as for a new VM.
+            let recorded = self.pool.snapshot().get(vm)?.status().health_of(protocol);
             let tracker = trackers
                 .entry((vm.to_string(), protocol))
                 .or_insert_with(|| HealthTracker::new(self.settings().policy));
-            (tracker.observe(ok, now), tracker.health())
+            let transition = tracker.observe(ok, now);
+            let verdict = tracker.health();
+            // The pool may not hold the tracker's verdict: a VM removed and added again between
+            // two looks of the probe loop (a reload, a provider's listing) comes back unknown
+            // while its tracker stays where it was, and "up" again would be no change.
+            let transition = transition.or_else(|| {
+                (verdict != Health::Unknown && recorded != verdict).then_some(Transition {
+                    from: recorded,
+                    to: verdict,
+                    at: now,
+                })
+            });
+            if let Some(t) = &transition {
+                self.pool.set_protocol_health(vm, protocol, t.to);
+            }
+            transition
         };
-        // The pool may not hold the tracker's verdict: a VM removed and added again between two
-        // looks of the probe loop (a reload, a provider's listing) comes back unknown while its
-        // tracker stays where it was, and "up" again would be no change.
-        let transition = transition.or_else(|| {
-            let recorded = self.pool.snapshot().get(vm)?.status().health_of(protocol);
-            (verdict != Health::Unknown && recorded != verdict).then_some(Transition {
-                from: recorded,
-                to: verdict,
-                at: now,
-            })
-        });
         if let Some(t) = transition {
-            self.pool.set_protocol_health(vm, protocol, t.to);
             let side = side_name(protocol);
             if !self.probes(protocol) {
                 // This side follows the probes that do run: their own lines tell the story.

@@ -26,7 +26,7 @@ impl NoVmCause {
     pub fn of(no_vm: &router_core::NoVm, waking: bool) -> Self {
         if no_vm.starting > 0 || (waking && no_vm.full == 0) {
             Self::Starting
-        } else if no_vm.full > 0 {
+        } else if no_vm.full > 0 && no_vm.unhealthy == 0 {
             Self::Full
         } else {
             Self::Unavailable
@@ -265,7 +265,11 @@ mod tests {
         assert_eq!(NoVmCause::of(&no_vm(1, 2, 0), false), NoVmCause::Starting);
         assert_eq!(NoVmCause::of(&no_vm(0, 0, 0), true), NoVmCause::Starting);
         assert_eq!(NoVmCause::of(&no_vm(0, 3, 0), true), NoVmCause::Full);
-        assert_eq!(NoVmCause::of(&no_vm(0, 2, 1), false), NoVmCause::Full);
+        assert_eq!(NoVmCause::of(&no_vm(0, 2, 0), false), NoVmCause::Full);
+        assert_eq!(
+            NoVmCause::of(&no_vm(0, 2, 1), false),
+            NoVmCause::Unavailable
+        );
         assert_eq!(
             NoVmCause::of(&no_vm(0, 0, 3), false),
             NoVmCause::Unavailable

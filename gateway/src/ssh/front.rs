@@ -192,6 +192,8 @@ impl server::Handler for Front {
             }
             None => {
                 self.gw.auth_failed("publickey", self.peer);
+                // Counted here: not again when the connection ends.
+                self.keys_refused = None;
                 Ok(reject(&self.gw))
             }
         })
