@@ -344,6 +344,22 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// The config with the `[[pool.backends]]` block of `vm` removed.
+pub fn without_backend(config: &str, vm: &str) -> String {
+    config
+        .split("\n[[pool.backends]]")
+        .enumerate()
+        .filter(|(i, block)| *i == 0 || !block.contains(&format!("name = \"{vm}\"")))
+        .map(|(i, block)| {
+            if i == 0 {
+                block.to_string()
+            } else {
+                format!("\n[[pool.backends]]{block}")
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,7 +61,9 @@ pub use cloud_init::{written_content, written_file};
 pub use data::{
     Sha256Stream, random_bytes_command, random_file, sha256_command, sha256_file, shared_temp_dir,
 };
-pub use gateway::{GatewayProcess, GatewayProcessBuilder, poolgate_bin, workspace_dir};
+pub use gateway::{
+    GatewayProcess, GatewayProcessBuilder, poolgate_bin, without_backend, workspace_dir,
+};
 pub use haproxy::Haproxy;
 pub use http::{HttpResponse, JsonItems, http_get, http_request, try_http_request};
 pub use keys::{UserCa, UserKey, generate_ed25519};

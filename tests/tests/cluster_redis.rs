@@ -1254,3 +1254,58 @@ fn a_replica_stopped_with_sigterm_keeps_counting_its_draining_session_then_leave
     );
     r.gateways[0].wait_for_log("left the cluster", STEP);
 }
+
+#[test]
+fn a_vm_one_replica_removes_under_a_session_is_drained_there_only() {
+    require_tools!("sshd", "ssh", "ssh-keygen", "redis-server", "redis-cli");
+    require_root!();
+    let r = Replicas::start(2, &["vm-a", "vm-b", "vm-c"], 2, "");
+    let mut held = Held::open(&r.client(1, r.ssh_port(0)));
+    let on = held.vm.clone();
+    // Replica 0's configuration drops the VM its session runs on.
+    let path = r.gateways[0].config_path().to_owned();
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, without_backend(&config, &on)).unwrap();
+    send_signal(
+        r.gateways[0].pid().expect("running"),
+        nix::sys::signal::Signal::SIGHUP,
+    );
+    r.gateways[0].wait_for_log("VM removed from the pool", STEP);
+    assert_eq!(
+        r.vm_view(0, &on)["state"],
+        "draining",
+        "{}",
+        r.vm_view(0, &on)
+    );
+    // A drain of another VM on replica 0 reaching replica 1 is a sync after the reload: the
+    // removed VM's drain, replica 0's alone, did not go with it.
+    let other = ["vm-a", "vm-b", "vm-c"]
+        .into_iter()
+        .find(|v| *v != on)
+        .unwrap();
+    r.post(0, &format!("/api/v1/vms/{other}/drain"));
+    wait_until(STEP, "replica 1 applying replica 0's drain", || {
+        r.vm_view(1, other)["draining"] == true
+    });
+    assert_eq!(
+        r.vm_view(1, &on)["draining"],
+        false,
+        "{}",
+        r.vm_view(1, &on)
+    );
+    // The session ends; the VM leaves replica 0 and comes back by the next reload, undrained.
+    assert!(held.alive());
+    drop(held);
+    wait_until(STEP, "the removed VM leaving replica 0", || {
+        r.vm_view(0, &on).is_null()
+    });
+    std::fs::write(&path, &config).unwrap();
+    send_signal(
+        r.gateways[0].pid().expect("running"),
+        nix::sys::signal::Signal::SIGHUP,
+    );
+    wait_until(STEP, "the VM back on replica 0", || {
+        r.vm_view(0, &on)["state"] == "healthy"
+    });
+    assert_eq!(r.vm_view(1, &on)["draining"], false);
+}

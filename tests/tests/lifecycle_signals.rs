@@ -159,22 +159,6 @@ fn sigterm_closes_sessions_still_open_when_shutdown_grace_passes_with_a_message(
     assert!(log(&pool).contains("closing the remaining sessions"));
 }
 
-/// The config with the `[[pool.backends]]` block of `vm` removed.
-fn without_backend(config: &str, vm: &str) -> String {
-    config
-        .split("\n[[pool.backends]]")
-        .enumerate()
-        .filter(|(i, block)| *i == 0 || !block.contains(&format!("name = \"{vm}\"")))
-        .map(|(i, block)| {
-            if i == 0 {
-                block.to_string()
-            } else {
-                format!("\n[[pool.backends]]{block}")
-            }
-        })
-        .collect()
-}
-
 fn reloads(pool: &GatewayPool) -> usize {
     log(pool).matches("configuration reloaded").count()
 }
