@@ -992,12 +992,7 @@ fn past_max_connections_new_clients_wait_until_a_connection_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_1_0_client_over_tls_is_served() {
     require_tools!("curl");
-    let up = Upstream::start("up-a");
-    let gw = GatewayPool::builder()
-        .web_pool(HEALTH)
-        .tls()
-        .web_vm(&up.name, up.port)
-        .start();
+    let (_up, gw) = one_tls_upstream();
     // curl --http1.0 offers only `http/1.0` in ALPN, as old probes do; a server that does not
     // list it fails the handshake ("no application protocol").
     let port = gw.https.port();
@@ -1021,12 +1016,7 @@ async fn an_http_1_0_client_over_tls_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_naming_an_ip_address_in_sni_leave_no_warning_per_handshake() {
     require_tools!("openssl");
-    let up = Upstream::start("up-a");
-    let gw = GatewayPool::builder()
-        .web_pool(HEALTH)
-        .tls()
-        .web_vm(&up.name, up.port)
-        .start();
+    let (_up, gw) = one_tls_upstream();
     // An IP address as the TLS server name (RFC 6066 forbids it; load balancers' probes and
     // clients that connect by address send it): rustls ignores it and says so at `warn`.
     let addr = gw.https;
@@ -1053,4 +1043,16 @@ async fn clients_naming_an_ip_address_in_sni_leave_no_warning_per_handshake() {
     let log = gw.log();
     assert!(!log.contains("SNI"), "{log}");
     gw.assert_no_panic();
+}
+
+/// A gateway with HTTPS and its defaults in front of one recording upstream (kept running by
+/// the returned handle).
+fn one_tls_upstream() -> (Upstream, GatewayPool) {
+    let up = Upstream::start("up-a");
+    let gw = GatewayPool::builder()
+        .web_pool(HEALTH)
+        .tls()
+        .web_vm(&up.name, up.port)
+        .start();
+    (up, gw)
 }
