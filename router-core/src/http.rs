@@ -234,6 +234,8 @@ impl Pool {
                                 bytes,
                             });
                         }
+                        // A leaving VM starts no session: the browser goes elsewhere.
+                        Slot::Tentative(_) if status.leaving => {}
                         Slot::Tentative(_) => {
                             if vm
                                 .shared()

@@ -211,10 +211,11 @@ impl Pool {
             }
             if vm.shared().local_total() > 0 {
                 let status = vm.status();
+                let was_leaving = w.leaving.contains_key(vm.name());
                 w.leaving
                     .entry(vm.name().to_owned())
                     .or_insert(status.draining);
-                departing.push(if status.leaving {
+                departing.push(if status.leaving && was_leaving {
                     vm.clone()
                 } else {
                     Arc::new(Vm::new(
@@ -340,8 +341,9 @@ impl Pool {
         if let Some(drain_on_return) = w.leaving.get_mut(name) {
             *drain_on_return = status.draining;
             status.draining = true;
-            status.leaving = true;
         }
+        // Leaving is the writer's to say (a status set whole cannot make or end it).
+        status.leaving = w.leaving.contains_key(name);
         if status == vm.status() {
             return true;
         }

@@ -412,6 +412,39 @@ fn a_leaving_vm_takes_no_expired_browser_back_and_goes_when_down() {
 }
 
 #[test]
+fn a_tentative_browser_starts_no_session_on_a_leaving_vm() {
+    let (pool, _) = pool(&[("a", 1, 9), ("b", 1, 9)]);
+    let g = pool.acquire(&ssh()).ok();
+    assert_eq!(g.as_ref().map(|g| g.vm_name()), Some("a"));
+    let new = PickRequest::new(Protocol::Http).excluding(&[]);
+    let pinned_a = PickRequest::new(Protocol::Http).pinned("a", true);
+    // A new browser's first request goes to a (b made busier first).
+    assert!(pool.http_touch("k0", "b", None));
+    assert!(pool.http_touch("k1", "b", None));
+    assert_eq!(
+        pool.http_route_new("k", &new).map(|v| v.name().to_owned()),
+        Ok("a".to_owned())
+    );
+    pool.set_vms(vec![spec("b", 1, 9)]);
+    // Its cookie comes back while a leaves: its session starts on b.
+    let routed = pool.http_route_session("k", &pinned_a).expect("served");
+    assert_eq!((routed.vm.name(), routed.continued), ("b", false));
+    drop(g);
+}
+
+#[test]
+fn a_status_set_whole_neither_makes_nor_ends_leaving() {
+    let (pool, _) = pool(&[("a", 1, 9)]);
+    let mut st = pool.snapshot().get("a").map(|v| v.status()).expect("a");
+    st.leaving = true;
+    assert!(pool.set_status("a", st));
+    assert!(!pool.snapshot().get("a").is_some_and(|v| v.status().leaving));
+    // Removed without sessions: gone at once, not kept as leaving.
+    pool.set_vms(Vec::new());
+    assert!(pool.snapshot().get("a").is_none());
+}
+
+#[test]
 fn duplicate_names_first_wins() {
     let (pool, _) = pool(&[]);
     pool.set_vms(vec![spec("a", 1, 9), spec("a", 5, 9)]);

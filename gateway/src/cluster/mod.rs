@@ -330,7 +330,6 @@ impl Cluster {
             let mut pushed = Vec::new();
             // A VM that left this replica's VM set drains here only until its sessions end:
             // not an operator's drain to publish.
-            let leaving = self.pool.leaving();
             for vm in snapshot.vms() {
                 let counts = LoadCounts {
                     ssh: vm.local_sessions(Protocol::Ssh),
@@ -338,7 +337,7 @@ impl Cluster {
                     tentative: vm.local_tentative_sessions(),
                 };
                 req.load.insert(vm.name().to_owned(), counts);
-                if leaving.iter().any(|l| l == vm.name()) {
+                if vm.status().leaving {
                     continue;
                 }
                 let draining = vm.status().draining;
@@ -410,11 +409,12 @@ impl Cluster {
         };
         // Drains: our own changes landed; the store's changes apply here.
         let store_lost_data = state.boot.as_ref().is_some_and(|b| *b != reply.boot);
-        let leaving = self.pool.leaving();
+        // Leaving now, or when the request was made: such a VM drains itself until its
+        // sessions end (see the request above), and its agreed flag stays as it was.
+        let now = self.pool.snapshot();
         for vm in snapshot.vms() {
             let name = vm.name();
-            if leaving.iter().any(|l| l == name) {
-                // Drains itself until its sessions end (see the request above).
+            if vm.status().leaving || now.get(name).is_some_and(|v| v.status().leaving) {
                 continue;
             }
             let in_store = reply.drained.contains_key(name);
@@ -424,7 +424,9 @@ impl Cluster {
                 // The store restarted empty: this replica's flags are the truth; republish.
                 false
             } else {
-                let local = vm.status().draining;
+                let local = now
+                    .get(name)
+                    .map_or(vm.status().draining, |v| v.status().draining);
                 let agreed = state.synced_drains.get(name).copied();
                 if agreed.is_none_or(|a| a != in_store) && local != in_store {
                     if in_store {

@@ -309,7 +309,7 @@ impl HealthChecker {
     fn follow_leaving(&self, announced: &mut std::collections::HashSet<String>) {
         for vm in self.pool.drop_departed() {
             announced.remove(&vm);
-            tracing::info!(%vm, "the removed VM's last session has ended; it has left the pool");
+            tracing::info!(%vm, "the removed VM's last session ended, or it went down or stopped: it has left the pool");
         }
         let now = self.pool.leaving();
         announced.retain(|vm| now.contains(vm));
