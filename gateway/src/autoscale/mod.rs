@@ -298,6 +298,11 @@ impl Driver {
                 continue;
             };
             let status = vm.status();
+            if status.leaving {
+                // Gone from the VM set, draining here only until its sessions end: its Slurm
+                // node is left as it is, as for any VM poolgate no longer manages.
+                continue;
+            }
             let alive = matches!(status.lifecycle, Lifecycle::Running | Lifecycle::Starting);
             if status.draining && alive && !state.drain {
                 let reason = if scale_in.contains(vm.name()) {
