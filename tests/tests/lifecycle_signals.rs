@@ -297,11 +297,18 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
     assert_eq!(
         (
             leaving["state"].as_str(),
+            leaving["leaving"].as_bool(),
             leaving["sessions"]["ssh"].as_u64()
         ),
-        (Some("draining"), Some(1)),
+        (Some("draining"), Some(true), Some(1)),
         "{leaving}"
     );
+    // An undrain cannot open it: the operator is told to add it back instead.
+    let out = pool.cli(&["undrain", "vm-a"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stderr(&out).contains("add it back"), "{}", stderr(&out));
+    let table = stdout(&pool.cli(&["status"]));
+    assert!(table.contains("leaving: removed from the pool"), "{table}");
     assert!(
         pool.metrics()
             .lines()

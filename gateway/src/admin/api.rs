@@ -78,8 +78,12 @@ pub struct VmView {
     pub protocols: ProtocolSides,
     /// What the provider says: starting | running | stopping | stopped.
     pub lifecycle: String,
-    /// Drained by an operator or the autoscaler.
+    /// Drained by an operator or the autoscaler, or leaving.
     pub draining: bool,
+    /// Gone from the pool's VM set (a reload, the provider's listing) while sessions run on it:
+    /// it drains until they end, then leaves the list.
+    #[serde(default)]
+    pub leaving: bool,
     /// Live sessions by protocol.
     pub sessions: SessionCounts,
     /// node_load1 per CPU, when scraped.
@@ -214,6 +218,7 @@ pub fn vms(state: &AdminState) -> Vec<VmView> {
                 },
                 lifecycle: status.lifecycle.as_str().to_string(),
                 draining: status.draining,
+                leaving: status.leaving,
                 sessions: SessionCounts {
                     ssh,
                     http,
@@ -366,6 +371,21 @@ fn api(state: &AdminState, method: &str, path: &str) -> Reply {
             }
         }
         ("POST", ["api", "v1", "vms", name, action @ ("drain" | "undrain")]) => {
+            let leaving = state
+                .pool
+                .snapshot()
+                .get(name)
+                .is_some_and(|vm| vm.status().leaving);
+            if leaving && *action == "undrain" {
+                return Reply::error(
+                    409,
+                    &format!(
+                        "{name} is no longer in the pool's VM set (removed from the configuration \
+                         or the provider's listing): it takes no new sessions, and leaves once \
+                         the sessions open there end; add it back to use it again"
+                    ),
+                );
+            }
             let done = if *action == "drain" {
                 state.pool.drain(name)
             } else {

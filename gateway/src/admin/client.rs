@@ -147,7 +147,9 @@ pub fn table(vms: &[VmView]) -> String {
     for vm in vms {
         rows.push([
             vm.name.clone(),
-            if vm.busy == Some(true) {
+            if vm.leaving {
+                format!("{} (leaving: removed from the pool)", vm.state)
+            } else if vm.busy == Some(true) {
                 format!("{} (kept: work running)", vm.state)
             } else {
                 vm.state.clone()

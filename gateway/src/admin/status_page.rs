@@ -126,7 +126,9 @@ pub fn render(
              <td>{ssh} ssh · {http} http{by}</td><td><span class=\"tl\">",
             name = escape(&vm.name),
             state = escape(&vm.state),
-            kept = if vm.busy == Some(true) {
+            kept = if vm.leaving {
+                " <span class=\"muted\" title=\"removed from the pool's VM set; it goes once the sessions open there end\">leaving</span>"
+            } else if vm.busy == Some(true) {
                 " <span class=\"muted\" title=\"the busy check found work running outside the gateway; not scaled in\">kept: work running</span>"
             } else {
                 ""
