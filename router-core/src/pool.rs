@@ -215,7 +215,7 @@ impl Pool {
                 w.leaving
                     .entry(vm.name().to_owned())
                     .or_insert(status.draining);
-                departing.push(if status.leaving && was_leaving {
+                departing.push(if was_leaving {
                     vm.clone()
                 } else {
                     Arc::new(Vm::new(
@@ -295,16 +295,6 @@ impl Pool {
         gone
     }
 
-    /// Whether `vm` left the VM set and stays, draining, until its sessions end.
-    pub fn is_leaving(&self, vm: &str) -> bool {
-        self.lock_writer().leaving.contains_key(vm)
-    }
-
-    /// The VMs that left the VM set and stay, draining, until their sessions end.
-    pub fn leaving(&self) -> Vec<String> {
-        self.lock_writer().leaving.keys().cloned().collect()
-    }
-
     fn publish(&self, w: &mut Writer, vms: Vec<Arc<Vm>>, index: Option<Arc<NameIndex>>) {
         w.generation += 1;
         self.current
@@ -334,16 +324,17 @@ impl Pool {
         let vm = &old.vms()[index];
         let mut status = vm.status();
         // A leaving VM stays draining; drains and undrains meanwhile apply if it comes back.
-        if let Some(drain_on_return) = w.leaving.get(name) {
-            status.draining = *drain_on_return;
+        // Leaving is the writer's to say (a status set whole cannot make or end it).
+        let drain_on_return = w.leaving.get_mut(name);
+        if let Some(draining) = &drain_on_return {
+            status.draining = **draining;
         }
         change(&mut status);
-        if let Some(drain_on_return) = w.leaving.get_mut(name) {
-            *drain_on_return = status.draining;
+        status.leaving = drain_on_return.is_some();
+        if let Some(draining) = drain_on_return {
+            *draining = status.draining;
             status.draining = true;
         }
-        // Leaving is the writer's to say (a status set whole cannot make or end it).
-        status.leaving = w.leaving.contains_key(name);
         if status == vm.status() {
             return true;
         }

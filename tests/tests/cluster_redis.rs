@@ -311,6 +311,17 @@ impl Replicas {
         assert_eq!(r.status, 200, "POST {path}: {}", r.body);
     }
 
+    /// Drains `vm` through replica `from` and waits until replica `1 - from` applies it.
+    fn drain_seen_by_the_other(&self, from: usize, vm: &str) {
+        self.post(from, &format!("/api/v1/vms/{vm}/drain"));
+        let to = 1 - from;
+        wait_until(
+            STEP,
+            &format!("replica {to} applying replica {from}'s drain"),
+            || self.vm_view(to, vm)["draining"] == true,
+        );
+    }
+
     fn metrics(&self, i: usize) -> String {
         admin_metrics(self.ports[i].1)
     }
@@ -443,10 +454,7 @@ fn counts_affinity_and_drains_cross_replicas_and_a_killed_replica_stops_counting
         .into_iter()
         .find(|v| *v != on)
         .unwrap();
-    r.post(0, &format!("/api/v1/vms/{other}/drain"));
-    wait_until(STEP, "replica 1 applying replica 0's drain", || {
-        r.vm_view(1, other)["draining"] == true
-    });
+    r.drain_seen_by_the_other(0, other);
     for _ in 0..4 {
         assert_ne!(r.lands_on(3, r.ssh_port(1)), other, "drained VM used");
     }
@@ -1283,10 +1291,7 @@ fn a_vm_one_replica_removes_under_a_session_is_drained_there_only() {
         .into_iter()
         .find(|v| *v != on)
         .unwrap();
-    r.post(0, &format!("/api/v1/vms/{other}/drain"));
-    wait_until(STEP, "replica 1 applying replica 0's drain", || {
-        r.vm_view(1, other)["draining"] == true
-    });
+    r.drain_seen_by_the_other(0, other);
     assert_eq!(
         r.vm_view(1, &on)["draining"],
         false,

@@ -159,6 +159,16 @@ fn sigterm_closes_sessions_still_open_when_shutdown_grace_passes_with_a_message(
     assert!(log(&pool).contains("closing the remaining sessions"));
 }
 
+/// Writes `config` as the gateway's file, sends SIGHUP and waits for the reload's log line.
+fn reload_with(pool: &GatewayPool, config: &str) {
+    std::fs::write(pool.gateway.config_path(), config).expect("write config");
+    let before = reloads(pool);
+    signal_gateway(&pool.gateway, Signal::SIGHUP);
+    wait_until(Duration::from_secs(10), "configuration reloaded", || {
+        reloads(pool) > before
+    });
+}
+
 fn reloads(pool: &GatewayPool) -> usize {
     log(pool).matches("configuration reloaded").count()
 }
@@ -338,16 +348,7 @@ fn sighup_reloads_pool_routing_health_and_keys_without_dropping_a_session() {
         .split("\n[[pool.backends]]")
         .find(|b| b.contains("name = \"vm-a\""))
         .expect("vm-a's block");
-    std::fs::write(
-        pool.gateway.config_path(),
-        format!("{new}\n[[pool.backends]]{block}"),
-    )
-    .expect("write config");
-    let before = reloads(&pool);
-    signal_gateway(&pool.gateway, Signal::SIGHUP);
-    wait_until(Duration::from_secs(10), "configuration reloaded", || {
-        reloads(&pool) > before
-    });
+    reload_with(&pool, &format!("{new}\n[[pool.backends]]{block}"));
     let vm_a_state = || vm_a().and_then(|v| v["state"].as_str().map(str::to_owned));
     assert!(
         poll(Duration::from_secs(10), || vm_a_state().as_deref()
@@ -462,20 +463,7 @@ async fn a_browser_on_a_vm_removed_by_reload_stays_there_with_its_kernel() {
     // Its VM leaves the configuration (docs/operations.md: a removed VM gets no new sessions,
     // and those open there carry on until they end).
     let old = std::fs::read_to_string(gw.gateway.config_path()).expect("read config");
-    std::fs::write(gw.gateway.config_path(), without_backend(&old, &vm)).expect("write config");
-    let before = gw
-        .gateway
-        .log_text()
-        .matches("configuration reloaded")
-        .count();
-    signal_gateway(&gw.gateway, Signal::SIGHUP);
-    wait_until(Duration::from_secs(10), "configuration reloaded", || {
-        gw.gateway
-            .log_text()
-            .matches("configuration reloaded")
-            .count()
-            > before
-    });
+    reload_with(&gw, &without_backend(&old, &vm));
     gw.gateway
         .wait_for_log("VM removed from the pool", Duration::from_secs(10));
 

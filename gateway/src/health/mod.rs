@@ -11,7 +11,7 @@
 //! does). A failed connection from a real session counts as a failed probe of its protocol at once
 //! ([`HealthChecker::report_failure`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -266,7 +266,7 @@ impl HealthChecker {
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut probing: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
         // VMs gone from the pool's VM set whose sessions carry on (see `Pool::set_vms`).
-        let mut leaving = std::collections::HashSet::new();
+        let mut leaving = HashSet::new();
         let mut tick =
             tokio::time::interval(Duration::from_millis(250).min(self.settings().interval));
         loop {
@@ -306,20 +306,16 @@ impl HealthChecker {
 
     /// Logs VMs that left the pool's VM set while sessions run on them, and removes those whose
     /// last session has ended.
-    fn follow_leaving(&self, announced: &mut std::collections::HashSet<String>) {
+    fn follow_leaving(&self, announced: &mut HashSet<String>) {
         for vm in self.pool.drop_departed() {
             announced.remove(&vm);
             tracing::info!(%vm, "the removed VM's last session ended, or it went down or stopped: it has left the pool");
         }
-        let now = self.pool.leaving();
-        announced.retain(|vm| now.contains(vm));
-        for vm in now {
-            if announced.insert(vm.clone()) {
-                let sessions = self
-                    .pool
-                    .snapshot()
-                    .get(&vm)
-                    .map_or(0, |v| v.total_sessions());
+        let snapshot = self.pool.snapshot();
+        announced.retain(|vm| snapshot.get(vm).is_some_and(|v| v.status().leaving));
+        for vm in snapshot.vms().iter().filter(|v| v.status().leaving) {
+            if announced.insert(vm.name().to_owned()) {
+                let (vm, sessions) = (vm.name(), vm.total_sessions());
                 tracing::info!(
                     %vm,
                     sessions,
