@@ -80,16 +80,31 @@ async fn terminal(b: &Browser) -> WebSocket {
     ws
 }
 
+/// What one user opened, and how long each step took.
+struct NotebookUser {
+    /// The open websockets: events, kernel, terminal.
+    sockets: Vec<WebSocket>,
+    /// The VM the cookie named after each step.
+    seen: Vec<String>,
+    /// Time to the kernel's channels websocket (start and handshake, which jupyter_server holds
+    /// until the kernel answers `kernel_info`).
+    kernel_ready: Duration,
+    /// Time for the whole user.
+    total: Duration,
+}
+
 /// What one JupyterLab user opens: the page, the events websocket, a kernel (one cell run) and
-/// a terminal (one line echoed). Returns the open websockets and the VMs the cookie named
-/// after each step.
-async fn notebook_user(b: Arc<Browser>, user: usize) -> (Vec<WebSocket>, Vec<String>) {
+/// a terminal (one line echoed).
+async fn notebook_user(b: Arc<Browser>, user: usize) -> NotebookUser {
+    let started = Instant::now();
     let (r, _) = b.follow("/lab").await;
     assert_eq!(r.status, 200, "user {user}: the page: {}", r.text());
     let mut seen = vec![pinned_to(&b)];
     let events = b.websocket("/api/events/subscribe").await;
     seen.push(pinned_to(&b));
+    let kernel_asked = Instant::now();
     let mut kernel = b.open_kernel("", &format!("user-{user}")).await;
+    let kernel_ready = kernel_asked.elapsed();
     assert_eq!(
         run_code(&mut kernel, "6*7", &format!("u{user}")).await,
         "42",
@@ -100,7 +115,47 @@ async fn notebook_user(b: Arc<Browser>, user: usize) -> (Vec<WebSocket>, Vec<Str
     let r = b.get("/api/sessions").await;
     assert_eq!(r.status, 200, "user {user}: /api/sessions: {}", r.text());
     seen.push(pinned_to(&b));
-    (vec![events, kernel, term], seen)
+    NotebookUser {
+        sockets: vec![events, kernel, term],
+        seen,
+        kernel_ready,
+        total: started.elapsed(),
+    }
+}
+
+/// The gateway's warning and error lines.
+fn gateway_warnings(gw: &GatewayPool) -> String {
+    let log = gw.gateway.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    format!("--- the gateway's warnings ---\n{}", lines.join("\n"))
+}
+
+/// The warnings and errors in each VM's jupyter_server log, and its last lines: what a failed
+/// user's panic should come with.
+fn vm_logs(vms: &[JupyterServerVm]) -> String {
+    let mut out = String::new();
+    for vm in vms {
+        let log = vm.log_text();
+        let lines: Vec<&str> = log.lines().collect();
+        let notable: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with("[W ") || l.starts_with("[E "))
+            .collect();
+        let tail = &lines[lines.len().saturating_sub(15)..];
+        out.push_str(&format!(
+            "--- {}: {} warning/error lines ---\n{}\n--- {}: last lines ---\n{}\n",
+            vm.name(),
+            notable.len(),
+            notable.join("\n"),
+            vm.name(),
+            tail.join("\n")
+        ));
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,17 +190,28 @@ async fn twenty_notebook_users_at_once_fit_three_vms_at_the_default_session_limi
         .collect();
     let mut open = Vec::new();
     let mut per_vm = std::collections::BTreeMap::<String, usize>::new();
+    let (mut slowest_kernel, mut slowest_user) = (Duration::ZERO, Duration::ZERO);
     for (i, user) in users.into_iter().enumerate() {
-        let (sockets, seen) = user.await.unwrap_or_else(|e| panic!("user {i}: {e}"));
+        let user = user.await.unwrap_or_else(|e| {
+            panic!(
+                "user {i}: {e}\n{}\n{}",
+                vm_logs(&vms),
+                gateway_warnings(&gw)
+            )
+        });
+        let seen = &user.seen;
         assert!(
             seen.iter().all(|vm| *vm == seen[0]),
             "user {i} moved between VMs while opening its notebook: {seen:?}"
         );
         *per_vm.entry(seen[0].clone()).or_default() += 1;
-        open.extend(sockets);
+        slowest_kernel = slowest_kernel.max(user.kernel_ready);
+        slowest_user = slowest_user.max(user.total);
+        open.extend(user.sockets);
     }
     eprintln!(
-        "{TEAM} users with a kernel, a terminal and the events websocket each in {:?}: {per_vm:?}",
+        "{TEAM} users with a kernel, a terminal and the events websocket each in {:?}: {per_vm:?}; \
+         slowest kernel ready in {slowest_kernel:?}, slowest user done in {slowest_user:?}",
         arrived.elapsed()
     );
 

@@ -341,7 +341,8 @@ impl Browser {
         .await
     }
 
-    /// Opens a websocket to `path` with this browser's cookies and `Origin`.
+    /// Opens a websocket to `path` with this browser's cookies and `Origin`. Waits up to
+    /// [`WEBSOCKET_HANDSHAKE`] for the answer.
     pub async fn websocket(&self, path: &str) -> WebSocket {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let scheme = if self.tls.is_some() { "wss" } else { "ws" };
@@ -356,16 +357,23 @@ impl Browser {
         }
         let io = self.connect().await;
         let (ws, resp) = tokio::time::timeout(
-            Duration::from_secs(30),
+            WEBSOCKET_HANDSHAKE,
             tokio_tungstenite::client_async(req, io),
         )
         .await
-        .unwrap_or_else(|_| panic!("websocket {path}: no handshake within 30 s"))
+        .unwrap_or_else(|_| panic!("websocket {path}: no handshake within {WEBSOCKET_HANDSHAKE:?}"))
         .unwrap_or_else(|e| panic!("websocket {path}: {e}"));
         self.store_cookies(path, resp.headers());
         ws
     }
 }
+
+/// How long [`Browser::websocket`] waits for the handshake's answer. jupyter_server answers a
+/// kernel's channels websocket only once the kernel has replied to `kernel_info`, or once its
+/// `kernel_info_timeout` (60 s) has passed: kernels that start together on a busy machine can
+/// take tens of seconds. The gateway gives a VM `http.response_header_timeout` (60 s by
+/// default) and then answers 504 itself, so waiting longer than both shows which one was slow.
+pub const WEBSOCKET_HANDSHAKE: Duration = Duration::from_secs(75);
 
 /// Sends a text message.
 pub async fn ws_send(ws: &mut WebSocket, text: String) {

@@ -362,6 +362,15 @@ impl JupyterServerVm {
     /// The command [`start`](Self::start) runs: a server on 127.0.0.1:`port` (no token, no
     /// password) serving `root`, which is also its working directory and `HOME`. Tests whose
     /// own scripts start and stop the server (a VM managed by a provider) run exactly this.
+    ///
+    /// Its kernels talk to it over Unix sockets (`KernelManager.transport = ipc`, under
+    /// `root/rt`), not the default TCP ports on 127.0.0.1. jupyter_client picks a kernel's five
+    /// ports by binding port 0 and letting go, and the kernel binds them a moment later. Here
+    /// every "VM" shares one loopback with the gateway and the test's clients, whose outgoing
+    /// connections take ports from the same ephemeral range. When one took a picked port
+    /// first, the kernel failed with "Address already in use" five times over and died, and
+    /// its websocket waited 60 s for it (in 3 of 6 runs of twenty users at once). On a real VM
+    /// the server has that range nearly to itself.
     pub fn command(port: u16, root: &Path) -> Command {
         let mut cmd = Command::new(venv_bin("jupyter-server"));
         cmd.args([
@@ -373,9 +382,12 @@ impl JupyterServerVm {
             "--ServerApp.allow_remote_access=True",
             "--IdentityProvider.token=",
             "--ServerApp.password=",
+            "--KernelManager.transport=ipc",
         ])
         .arg(format!("--ServerApp.root_dir={}", root.display()))
         .current_dir(root)
+        // Short enough for a Unix socket's path (108 bytes): `<root>/rt/kernel-<uuid>-ipc-N`.
+        .env("JUPYTER_RUNTIME_DIR", root.join("rt"))
         .env("PATH", jupyter_path())
         .env("HOME", root)
         .env("JUPYTER_PLATFORM_DIRS", "1");
