@@ -10,6 +10,11 @@
 //!   keeps the events websocket open. All twenty work, each stays on the VM its first request
 //!   chose, and the pool counts twenty sessions. (When each websocket counted as a session of
 //!   its own, twenty users were eighty sessions against thirty: the later ones got 503s.)
+//! - A VM dies under the twenty users (its server, kernels and terminals killed). Its users'
+//!   websockets close at once; they reload and start again on the two others, which take
+//!   exactly their limit, while everyone else runs a cell in the kernel they had and keeps
+//!   their VM. The sessions the dead VM's websockets held end within seconds, although these
+//!   clients keep the closed websockets' sockets open.
 //! - A background tab: a browser with a kernel websocket open and no request for longer than
 //!   `session_idle`, on a VM that nine other browsers then fill to its limit. Coming back, it is
 //!   still served by that VM, finds its kernel and runs a cell on the same websocket, while a
@@ -18,6 +23,7 @@
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -158,18 +164,13 @@ fn vm_logs(vms: &[JupyterServerVm]) -> String {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_notebook_users_at_once_fit_three_vms_at_the_default_session_limit() {
-    if !require_jupyter() {
-        return;
-    }
-    let started = Instant::now();
+/// Three jupyter_server VMs behind a gateway at its defaults, probes included (every 5 s, 2 s
+/// timeout: twenty kernels starting at once slow jupyter_server's answers, which the tests'
+/// quick probes would take for a VM down). Only the web probe's path is set (jupyter_server
+/// has no JupyterHub /hub/health) and the SSH probe is off (these VMs have no SSH side).
+async fn team_pool() -> (Vec<JupyterServerVm>, GatewayPool) {
     let names = ["js-a", "js-b", "js-c"];
     let vms = blocking(move || JupyterServerVm::start_all(&names)).await;
-    // The defaults, probes included (every 5 s, 2 s timeout: twenty kernels starting at once
-    // slow jupyter_server's answers, which the tests' quick probes would take for a VM down).
-    // Only the web probe's path is set (jupyter_server has no JupyterHub /hub/health) and the
-    // SSH probe is off (these VMs have no SSH side).
     let gw = GatewayPool::builder()
         .without_health_section()
         .config_toml("[health]\nssh = false\nhttp_path = \"/api\"")
@@ -180,50 +181,65 @@ async fn twenty_notebook_users_at_once_fit_three_vms_at_the_default_session_limi
     let config = std::fs::read_to_string(gw.gateway.config_path()).unwrap();
     assert!(!config.contains("max_sessions") && !config.contains("session_idle"));
     assert!(!config.contains("interval") && !config.contains("timeout"));
+    (vms, gw)
+}
 
-    let browsers: Vec<Arc<Browser>> = (0..TEAM).map(|_| Arc::new(gw.browser())).collect();
+/// The users `who` (indexes into `browsers`) open their notebooks at once; each must stay on
+/// one VM throughout. Panics, with the VMs' and the gateway's warnings, when one fails.
+async fn team_arrives(
+    browsers: &[Arc<Browser>],
+    who: &[usize],
+    vms: &[JupyterServerVm],
+    gw: &GatewayPool,
+) -> Vec<NotebookUser> {
     let arrived = Instant::now();
-    let users: Vec<_> = browsers
+    let tasks: Vec<_> = who
         .iter()
-        .enumerate()
-        .map(|(i, b)| tokio::spawn(notebook_user(b.clone(), i)))
+        .map(|&i| tokio::spawn(notebook_user(browsers[i].clone(), i)))
         .collect();
-    let mut open = Vec::new();
-    let mut per_vm = std::collections::BTreeMap::<String, usize>::new();
-    let (mut slowest_kernel, mut slowest_user) = (Duration::ZERO, Duration::ZERO);
-    for (i, user) in users.into_iter().enumerate() {
-        let user = user.await.unwrap_or_else(|e| {
-            panic!(
-                "user {i}: {e}\n{}\n{}",
-                vm_logs(&vms),
-                gateway_warnings(&gw)
-            )
+    let mut users = Vec::new();
+    for (&i, task) in who.iter().zip(tasks) {
+        let user = task.await.unwrap_or_else(|e| {
+            panic!("user {i}: {e}\n{}\n{}", vm_logs(vms), gateway_warnings(gw))
         });
         let seen = &user.seen;
         assert!(
             seen.iter().all(|vm| *vm == seen[0]),
             "user {i} moved between VMs while opening its notebook: {seen:?}"
         );
-        *per_vm.entry(seen[0].clone()).or_default() += 1;
-        slowest_kernel = slowest_kernel.max(user.kernel_ready);
-        slowest_user = slowest_user.max(user.total);
-        open.extend(user.sockets);
+        users.push(user);
     }
+    let slowest_kernel = users
+        .iter()
+        .map(|u| u.kernel_ready)
+        .max()
+        .unwrap_or_default();
+    let slowest_user = users.iter().map(|u| u.total).max().unwrap_or_default();
     eprintln!(
-        "{TEAM} users with a kernel, a terminal and the events websocket each in {:?}: {per_vm:?}; \
+        "{} users with a kernel, a terminal and the events websocket each in {:?}: {:?}; \
          slowest kernel ready in {slowest_kernel:?}, slowest user done in {slowest_user:?}",
-        arrived.elapsed()
+        who.len(),
+        arrived.elapsed(),
+        users_per_vm(&users)
     );
+    users
+}
 
-    // One session per user, each VM within its limit, with 60 websockets open.
-    let sessions = http_sessions(gw.admin);
+/// How many of `users` each VM holds (by the VM their cookie named).
+fn users_per_vm(users: &[NotebookUser]) -> BTreeMap<String, usize> {
+    let mut per_vm = BTreeMap::new();
+    for u in users {
+        *per_vm.entry(u.seen[0].clone()).or_default() += 1;
+    }
+    per_vm
+}
+
+/// The admin API counts one session per user on the VM its cookie names, within the limit.
+fn assert_one_session_per_user(admin: SocketAddr, per_vm: &BTreeMap<String, usize>) {
+    let sessions = http_sessions(admin);
     let total: u64 = sessions.iter().map(|(_, n)| n).sum();
-    assert_eq!(
-        total,
-        TEAM as u64,
-        "{TEAM} users with {} open websockets: {sessions:?}",
-        open.len()
-    );
+    let users: usize = per_vm.values().sum();
+    assert_eq!(total, users as u64, "{users} users: {sessions:?}");
     for (vm, n) in &sessions {
         assert!(*n <= MAX_SESSIONS, "{vm} holds {n} sessions: {sessions:?}");
         assert_eq!(
@@ -232,9 +248,143 @@ async fn twenty_notebook_users_at_once_fit_three_vms_at_the_default_session_limi
             "{vm}: {sessions:?} against the users' cookies {per_vm:?}"
         );
     }
-    drop(open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_notebook_users_at_once_fit_three_vms_at_the_default_session_limit() {
+    if !require_jupyter() {
+        return;
+    }
+    let started = Instant::now();
+    let (vms, gw) = team_pool().await;
+    let browsers: Vec<Arc<Browser>> = (0..TEAM).map(|_| Arc::new(gw.browser())).collect();
+    let all: Vec<usize> = (0..TEAM).collect();
+    let users = team_arrives(&browsers, &all, &vms, &gw).await;
+
+    // One session per user, each VM within its limit, with 60 websockets open.
+    assert_one_session_per_user(gw.admin, &users_per_vm(&users));
+    drop(users);
     drop(vms);
     eprintln!("team test: {:?}", started.elapsed());
+}
+
+/// Reads `ws` until it closes; panics if it is still open after `within`.
+async fn closes_within(ws: &mut WebSocket, within: Duration, what: &str) {
+    tokio::time::timeout(within, async { while ws_next_text(ws).await.is_some() {} })
+        .await
+        .unwrap_or_else(|_| panic!("{what} still open {within:?} after its VM died"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_vm_dies_under_the_team_its_users_start_again_on_the_others_and_nobody_else_notices()
+{
+    if !require_jupyter() {
+        return;
+    }
+    let (mut vms, gw) = team_pool().await;
+    let browsers: Vec<Arc<Browser>> = (0..TEAM).map(|_| Arc::new(gw.browser())).collect();
+    let all: Vec<usize> = (0..TEAM).collect();
+    let mut users = team_arrives(&browsers, &all, &vms, &gw).await;
+
+    // The VM with the most users dies, its kernels and terminals with it. The two others have
+    // room for everyone: 20 sessions, exactly their limit.
+    let per_vm = users_per_vm(&users);
+    let (victim, on_victim) = per_vm
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(vm, n)| (vm.clone(), *n))
+        .unwrap();
+    let died = Instant::now();
+    let at = vms.iter().position(|vm| vm.name() == victim).unwrap();
+    vms[at].stop();
+    let (moving, staying): (Vec<usize>, Vec<usize>) =
+        all.iter().partition(|&&i| users[i].seen[0] == victim);
+    assert_eq!(moving.len(), on_victim);
+
+    // Its users' websockets close (the gateway passes the VM's end on).
+    for &i in &moving {
+        for (ws, what) in users[i]
+            .sockets
+            .iter_mut()
+            .zip(["events", "kernel", "terminal"])
+        {
+            closes_within(
+                ws,
+                Duration::from_secs(10),
+                &format!("user {i}'s {what} websocket"),
+            )
+            .await;
+        }
+    }
+    eprintln!(
+        "{on_victim} users' websockets on {victim} closed {:?} after it died",
+        died.elapsed()
+    );
+
+    // They reload at once and start again on the two others, while everyone else runs a cell
+    // in the kernel they had and keeps their VM.
+    let others = async {
+        for &i in &staying {
+            let kernel = &mut users[i].sockets[1];
+            assert_eq!(
+                run_code(kernel, "6*7+1", &format!("again-{i}")).await,
+                "43",
+                "user {i}, who stayed"
+            );
+            assert_eq!(pinned_to(&browsers[i]), users[i].seen[0], "user {i} stayed");
+        }
+    };
+    let (again, ()) = tokio::join!(team_arrives(&browsers, &moving, &vms, &gw), others);
+    for (u, i) in again.iter().zip(&moving) {
+        assert_ne!(
+            u.seen[0], victim,
+            "user {i} is still sent to the VM that died"
+        );
+    }
+    eprintln!(
+        "{on_victim} users back at work on the other VMs {:?} after {victim} died",
+        died.elapsed()
+    );
+
+    // The sessions the dead VM's websockets held end, although these clients keep their
+    // closed websockets' sockets open (a browser closes them): the gateway lets go of an
+    // upgraded connection a few seconds after one side has closed it.
+    let deadline = died + Duration::from_secs(30);
+    loop {
+        let sessions = http_sessions(gw.admin);
+        let left = sessions
+            .iter()
+            .find(|(vm, _)| *vm == victim)
+            .map_or(0, |(_, n)| *n);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{victim} still holds {left} sessions {:?} after it died: {sessions:?}",
+            died.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "the dead VM's sessions ended {:?} after it died",
+        died.elapsed()
+    );
+
+    // One session per user on the two VMs left, each within its limit.
+    let mut now: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, u) in users.iter().enumerate() {
+        if !moving.contains(&i) {
+            *now.entry(u.seen[0].clone()).or_default() += 1;
+        }
+    }
+    for u in &again {
+        *now.entry(u.seen[0].clone()).or_default() += 1;
+    }
+    assert!(!now.contains_key(&victim));
+    assert_one_session_per_user(gw.admin, &now);
+    drop((users, again));
+    drop(vms);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,14 +421,29 @@ async fn a_background_tab_keeps_its_place_on_a_full_vm_past_session_idle() {
         }
     }
     assert_eq!(http_sessions(gw.admin), vec![("js-a".into(), MAX_SESSIONS)]);
-    while went_quiet.elapsed() < idle * 2 + Duration::from_secs(2) {
-        for c in &colleagues {
-            assert_eq!(c.get("/api/status").await.status, 200);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // Each colleague asks every 500 ms on its own, so none of them goes quiet for
+    // `session_idle` even when a loaded machine slows some answers down.
+    let working: Vec<_> = colleagues
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(async move {
+                loop {
+                    let r = c.get("/api/status").await;
+                    assert_eq!(r.status, 200, "a colleague at work: {}", r.text());
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        })
+        .collect();
+    // The tab's silence is what is under test: time has to pass.
+    tokio::time::sleep((idle * 2 + Duration::from_secs(2)).saturating_sub(went_quiet.elapsed()))
+        .await;
     // The VM is full: a newcomer is refused.
     let r = gw.browser().get("/api/status").await;
+    for w in working {
+        assert!(!w.is_finished(), "{:?}", w.await);
+        w.abort();
+    }
     assert_eq!(r.status, 503, "the VM is full: {}", r.text());
     // The page says why (not "the pool is starting": it is full), and so does the log.
     assert!(

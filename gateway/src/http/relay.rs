@@ -7,13 +7,24 @@
 //! copied to the heap, and that copy is freed as soon as it is written. An idle connection
 //! holds no buffer, a busy one reads in 16 KiB chunks. Semantics match `copy_bidirectional`:
 //! end of input on one side shuts down writing on the other, the relay ends when both
-//! directions have, and the first error ends it.
+//! directions have, and the first error ends it; with one difference: once one direction has
+//! ended, the other gets `half_closed` to end too, and then the relay ends anyway.
+//!
+//! That grace is what frees a websocket whose VM has gone. A websocket does not use TCP's
+//! half-close: the side that closes first is done. When a VM's Jupyter server dies, the VM
+//! closes its end, the gateway passes the end on, and a browser then closes its own. A client
+//! that does not (a script's websocket library, a laptop that went to sleep) would otherwise
+//! keep the relay, and the browser session it holds on the dead VM, for as long as it keeps
+//! its socket. nginx ends an upgraded connection as soon as either side has closed and what
+//! it read is written; the grace also lets a last message in flight through.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -124,21 +135,33 @@ fn write_now<W: AsyncWrite + ?Sized>(
     Ok(sent)
 }
 
-/// Copies `a` to `b` and `b` to `a` until both directions have ended; returns the bytes
-/// copied `(a to b, b to a)`.
-pub(super) async fn relay<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// Copies `a` to `b` and `b` to `a` until both directions have ended, or until one has and
+/// the other has not within `half_closed`; returns the bytes copied `(a to b, b to a)`.
+pub(super) async fn relay<A, B>(
+    a: &mut A,
+    b: &mut B,
+    half_closed: Duration,
+) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut a_to_b = Direction::default();
     let mut b_to_a = Direction::default();
+    // Armed when the first direction ends; allocated only then.
+    let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
     poll_fn(|cx| {
         let forward = a_to_b.poll_relay(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
         let backward = b_to_a.poll_relay(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
-        ready!(forward);
-        ready!(backward);
-        Poll::Ready(Ok((a_to_b.bytes, b_to_a.bytes)))
+        if forward.is_ready() && backward.is_ready() {
+            return Poll::Ready(Ok((a_to_b.bytes, b_to_a.bytes)));
+        }
+        if forward.is_ready() || backward.is_ready() {
+            let timer = grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(half_closed)));
+            ready!(timer.as_mut().poll(cx));
+            return Poll::Ready(Ok((a_to_b.bytes, b_to_a.bytes)));
+        }
+        Poll::Pending
     })
     .await
 }
@@ -148,11 +171,14 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
+    /// Long enough that no test here reaches it unless it waits for it.
+    const GRACE: Duration = Duration::from_secs(30);
+
     #[tokio::test]
     async fn relays_both_ways_and_counts_bytes() {
         let (mut client, mut a) = duplex(64);
         let (mut b, mut server) = duplex(64);
-        let relay = tokio::spawn(async move { relay(&mut a, &mut b).await });
+        let relay = tokio::spawn(async move { relay(&mut a, &mut b, GRACE).await });
 
         // More than the duplex capacity and more than one chunk, so the writer pushes back
         // and the pending copy is exercised.
@@ -184,7 +210,7 @@ mod tests {
     async fn end_of_input_shuts_down_the_other_side_only() {
         let (mut client, mut a) = duplex(1024);
         let (mut b, mut server) = duplex(1024);
-        let relay = tokio::spawn(async move { relay(&mut a, &mut b).await });
+        let relay = tokio::spawn(async move { relay(&mut a, &mut b, GRACE).await });
 
         client.shutdown().await.expect("shutdown");
         let mut buf = Vec::new();
@@ -205,6 +231,29 @@ mod tests {
             .await
             .expect("eof reaches the client");
         assert_eq!(relay.await.expect("join").expect("relay"), (0, 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_side_left_half_open_is_closed_after_the_grace() {
+        let (mut client, mut a) = duplex(1024);
+        let (mut b, mut server) = duplex(1024);
+        let relay = tokio::spawn(async move { relay(&mut a, &mut b, GRACE).await });
+
+        // The server says its last word and goes; the client keeps its socket and says nothing.
+        server.write_all(b"bye").await.expect("write");
+        server.shutdown().await.expect("shutdown");
+        let mut got = Vec::new();
+        client
+            .read_to_end(&mut got)
+            .await
+            .expect("eof reaches the client");
+        assert_eq!(got, b"bye");
+        let started = tokio::time::Instant::now();
+        let counts = relay.await.expect("join").expect("relay");
+        assert_eq!(counts, (0, 3));
+        assert_eq!(started.elapsed(), GRACE);
+        // The relay let go of the client's side: writing to it now fails.
+        assert!(client.write_all(b"anyone?").await.is_err());
     }
 
     #[tokio::test]

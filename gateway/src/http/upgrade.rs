@@ -12,6 +12,10 @@ use tracing::Instrument;
 
 use super::Body;
 
+/// How long an upgraded connection stays open once one side has closed it, for the other to
+/// close too (see [`super::relay`]).
+const HALF_CLOSED_GRACE: Duration = Duration::from_secs(5);
+
 /// Why an upgrade request got no response from the VM.
 pub(super) enum UpgradeError {
     /// Connecting failed; the client's upgrade handle is returned to try another VM.
@@ -68,7 +72,7 @@ pub(super) async fn forward(
                 };
                 let mut c = TokioIo::new(c);
                 let mut u = TokioIo::new(u);
-                match super::relay::relay(&mut c, &mut u).await {
+                match super::relay::relay(&mut c, &mut u, HALF_CLOSED_GRACE).await {
                     Ok((up, down)) => on_done(up, down),
                     Err(e) => tracing::debug!("upgraded stream ended: {e}"),
                 }
