@@ -63,8 +63,9 @@ enum VmKind {
         trusted: bool,
         http_port: Option<u16>,
     },
-    /// A web side only, run by the test on `http_port` (`ssh_port = 1`: nothing listens there).
-    Web { http_port: u16 },
+    /// A web side only, run by the test on `host:http_port` (`ssh_port = 1`: nothing listens
+    /// there).
+    Web { host: String, http_port: u16 },
 }
 
 /// The `[health]` section a builder writes.
@@ -128,10 +129,18 @@ impl GatewayPoolBuilder {
 
     /// A VM with a web side only, which the test runs on `127.0.0.1:http_port` (a Jupyter
     /// server, a recording upstream). Its `ssh_port` is 1: nothing listens there.
-    pub fn web_vm(mut self, name: &str, http_port: u16) -> Self {
+    pub fn web_vm(self, name: &str, http_port: u16) -> Self {
+        self.web_vm_at(name, "127.0.0.1", http_port)
+    }
+
+    /// [`web_vm`](Self::web_vm) at `host` (an address in a network namespace of the test's).
+    pub fn web_vm_at(mut self, name: &str, host: &str, http_port: u16) -> Self {
         self.vms.push(VmPlan {
             name: name.into(),
-            kind: VmKind::Web { http_port },
+            kind: VmKind::Web {
+                host: host.into(),
+                http_port,
+            },
         });
         self
     }
@@ -507,14 +516,16 @@ impl Config<'_> {
         let mut sshd = self.vms.iter();
         let mut text = String::new();
         for plan in &self.plan.vms {
-            let (ssh_port, http_port) = match plan.kind {
-                VmKind::Sshd { http_port, .. } => {
-                    (sshd.next().expect("a started VM").port(), http_port)
-                }
-                VmKind::Web { http_port } => (1, Some(http_port)),
+            let (host, ssh_port, http_port) = match &plan.kind {
+                VmKind::Sshd { http_port, .. } => (
+                    "127.0.0.1",
+                    sshd.next().expect("a started VM").port(),
+                    *http_port,
+                ),
+                VmKind::Web { host, http_port } => (host.as_str(), 1, Some(*http_port)),
             };
             text += &format!(
-                "\n[[pool.backends]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nssh_port = {ssh_port}\n",
+                "\n[[pool.backends]]\nname = \"{}\"\nhost = \"{host}\"\nssh_port = {ssh_port}\n",
                 plan.name
             );
             if let Some(port) = http_port {

@@ -139,6 +139,7 @@ pub(super) async fn accept(
             }
         };
         let _ = stream.set_nodelay(true);
+        super::tcp_keepalive(&stream);
         let info = ConnInfo {
             client: peer,
             https: listener.tls.is_some(),

@@ -154,6 +154,27 @@ const CERT_RELOAD_EVERY: Duration = Duration::from_secs(30);
 /// `upstream_idle`.
 const UPSTREAM_SWEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// TCP keepalive on every client and VM connection: first probe after this long without
+/// traffic, then every [`KEEPALIVE_INTERVAL`], given up after [`KEEPALIVE_PROBES`] unanswered.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Turns TCP keepalive on for `stream`, so that a peer gone without closing (a VM whose host
+/// was lost or cut off, a laptop that went to sleep) is noticed after about a minute without
+/// traffic. An idle websocket only ever waits to read: without keepalive it, and the session
+/// it holds on its VM, would stay until the gateway restarts. The kernel sends the probes, and
+/// only while the connection is idle. The SSH side has the same from its own keepalives.
+fn tcp_keepalive(stream: &tokio::net::TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!("TCP keepalive: {e}");
+    }
+}
+
 /// The TLS side of `listen.https`: the acceptor and the swappable certificate behind it.
 pub struct TlsParts {
     acceptor: TlsAcceptor,

@@ -417,6 +417,7 @@ pub(super) async fn connect_tcp(authority: &str, timeout: Duration) -> Result<Tc
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!("TCP_NODELAY on the connection to {authority}: {e}");
     }
+    super::tcp_keepalive(&stream);
     Ok(stream)
 }
 

@@ -1,0 +1,250 @@
+//! A VM lost without a word under an idle websocket: its host is cut off from the network (no
+//! FIN, no RST ever arrives) while a browser has a kernel's channels websocket open to it and
+//! sends nothing. The gateway's TCP keepalive on its VM connections notices within about a
+//! minute (probes after 30 s without traffic, every 10 s, 3 unanswered) and closes the
+//! browser's websocket, for JupyterLab to reconnect. Meanwhile the probes have marked the VM
+//! down, so the browser's next request is answered at once. Without keepalive the websocket
+//! waited to read forever, holding a session on the lost VM until the gateway restarted.
+//!
+//! Only a real loss of packets shows this: a process that is stopped or killed still has its
+//! kernel answer TCP. So the VM's jupyter_server runs in a network namespace of the test's own,
+//! joined to the host's by a veth pair on a /30 in 198.18.0.0/15 (a range reserved for network
+//! tests, RFC 2544) chosen by the test's pid, and the loss is its end of the pair going down:
+//!
+//! ```text
+//!   host namespace                                   VM namespace (pgl<pid>v)
+//!   ──────────────                                   ────────────────────────
+//!   test browser ─► poolgate 127.0.0.1:<https>       jupyter-server <vm addr>:8888
+//!              <host addr> ═══════ veth ═══════ <vm addr>
+//! ```
+//!
+//! The veth pair and the namespace are deleted on drop, also when the test fails. The pair is
+//! deleted by its host end: the namespace itself lingers after `ip netns del` while sockets of
+//! the killed server still wait on the cut link, and its end of the pair with it.
+
+// Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use poolgate_tests::jupyter::*;
+use poolgate_tests::*;
+
+const VM_PORT: u16 = 8888;
+/// Keepalive's 30 s + 3 × 10 s, and room for a loaded machine.
+const NOTICED_WITHIN: Duration = Duration::from_secs(90);
+
+fn ip(args: &[&str]) {
+    let out = run_with_timeout(Command::new("ip").args(args), Duration::from_secs(10));
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The VM's namespace and the veth pair joining it to the host's; deleted on drop.
+struct VmNetwork {
+    ns: String,
+    /// The pair's end in the host's namespace.
+    host_end: String,
+    /// The pair's end in the VM's namespace.
+    vm_end: String,
+    /// The host end's address and the VM's, on one /30.
+    host_addr: Ipv4Addr,
+    vm_addr: Ipv4Addr,
+}
+
+impl VmNetwork {
+    fn create() -> Self {
+        let id = std::process::id();
+        // The /30 number `id` modulo 32 768 in 198.18.0.0/15.
+        let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (id % 32_768) * 4;
+        let net = VmNetwork {
+            ns: format!("pgl{id}v"),
+            host_end: format!("pgl{id}a"),
+            vm_end: format!("pgl{id}b"),
+            host_addr: Ipv4Addr::from(base + 1),
+            vm_addr: Ipv4Addr::from(base + 2),
+        };
+        // Leftovers of a killed earlier run with the same pid would make `add` fail.
+        net.delete();
+        ip(&["netns", "add", &net.ns]);
+        ip(&[
+            "link",
+            "add",
+            &net.host_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &net.vm_end,
+            "netns",
+            &net.ns,
+        ]);
+        let (host_cidr, vm_cidr) = (
+            format!("{}/30", net.host_addr),
+            format!("{}/30", net.vm_addr),
+        );
+        ip(&["addr", "add", &host_cidr, "dev", &net.host_end]);
+        ip(&["link", "set", &net.host_end, "up"]);
+        ip(&["-n", &net.ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &net.ns, "addr", "add", &vm_cidr, "dev", &net.vm_end]);
+        ip(&["-n", &net.ns, "link", "set", &net.vm_end, "up"]);
+        net
+    }
+
+    /// The host is lost: its end of the pair goes down and nothing it sent or would send
+    /// arrives any more.
+    fn cut(&self) {
+        ip(&["-n", &self.ns, "link", "set", &self.vm_end, "down"]);
+    }
+
+    fn delete(&self) {
+        for args in [["link", "del", &self.host_end], ["netns", "del", &self.ns]] {
+            let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+impl Drop for VmNetwork {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
+/// jupyter_server (as [`JupyterServerVm::command`] runs it) listening on `VM_ADDR:VM_PORT`
+/// inside the VM's namespace; killed with its kernels on drop.
+struct NamespacedServer {
+    child: Child,
+    root: tempfile::TempDir,
+}
+
+impl NamespacedServer {
+    /// Starts the server in namespace `ns`, listening on `addr:VM_PORT`.
+    fn start(ns: &str, addr: Ipv4Addr) -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("poolgate-lost-vm-")
+            .tempdir()
+            .expect("temp dir");
+        let base = JupyterServerVm::command(VM_PORT, root.path());
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(base.get_program());
+        for arg in base.get_args() {
+            if arg == "--ServerApp.ip=127.0.0.1" {
+                cmd.arg(format!("--ServerApp.ip={addr}"));
+            } else {
+                cmd.arg(arg);
+            }
+        }
+        for (k, v) in base.get_envs() {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+        }
+        let log = std::fs::File::create(root.path().join("server.log")).expect("server log");
+        cmd.current_dir(root.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let mut server = NamespacedServer {
+            child: cmd.spawn().expect("ip netns exec jupyter-server"),
+            root,
+        };
+        let addr = SocketAddr::from((addr, VM_PORT));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if try_http_request(addr, "GET", "/api", &[]).is_ok_and(|r| r.status == 200) {
+                return server;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("jupyter-server exited ({status}):\n{}", server.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "jupyter-server in {ns} did not answer within 60 s:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NamespacedServer {
+    fn drop(&mut self) {
+        kill_tree(self.child.id());
+        let _ = self.child.wait();
+    }
+}
+
+/// The admin API's HTTP session count of `vm`.
+fn http_sessions_on(admin: SocketAddr, vm: &str) -> u64 {
+    let r = http_get(admin, "/api/v1/vms");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+        .items()
+        .iter()
+        .find(|v| v["name"] == vm)
+        .and_then(|v| v["sessions"]["http"].as_u64())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_to_a_vm_lost_without_a_word_is_closed_within_a_minute_and_a_half() {
+    require_tools!("ip");
+    require_root!();
+    if !require_jupyter() {
+        return;
+    }
+    let net = VmNetwork::create();
+    let (ns, vm_addr) = (net.ns.clone(), net.vm_addr);
+    let server = blocking(move || NamespacedServer::start(&ns, vm_addr)).await;
+    // The defaults, but for the web probe's path (jupyter_server has no /hub/health) and the
+    // SSH probe (this VM has no SSH side).
+    let gw = GatewayPool::builder()
+        .without_health_section()
+        .config_toml("[health]\nssh = false\nhttp_path = \"/api\"")
+        .tls()
+        .web_vm_at("lost", &vm_addr.to_string(), VM_PORT)
+        .start_async()
+        .await;
+
+    let b = gw.browser();
+    let (r, _) = b.follow("/lab").await;
+    assert_eq!(r.status, 200, "the page: {}", r.text());
+    let mut kernel = b.open_kernel("", "lost-vm").await;
+    assert_eq!(run_code(&mut kernel, "6*7", "cell-1").await, "42");
+    assert_eq!(http_sessions_on(gw.admin, "lost"), 1);
+
+    // The host is lost; the browser waits on its kernel's websocket and sends nothing.
+    net.cut();
+    let lost = Instant::now();
+    let closed = tokio::time::timeout(NOTICED_WITHIN, async {
+        while ws_next_text(&mut kernel).await.is_some() {}
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the websocket to the lost VM is still open {NOTICED_WITHIN:?} later\n{}",
+        gw.gateway.log_text()
+    );
+    let noticed = lost.elapsed();
+    eprintln!("the websocket to the lost VM closed {noticed:?} after the loss");
+    // Keepalive, not anything sooner: the first probe goes out after 30 s without traffic.
+    assert!(noticed >= Duration::from_secs(30), "{noticed:?}");
+
+    // The probes marked the VM down long before: the browser's next request is told at once
+    // that no VM is available.
+    gw.gateway.wait_for_vm_down("lost", Duration::from_secs(5));
+    let r = b.get("/api/status").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    drop(server);
+    drop(net);
+}
