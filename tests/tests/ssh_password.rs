@@ -1,6 +1,7 @@
 //! `ssh.password_auth = "passthrough"`: the gateway relays a password to the VM's sshd, which
 //! decides; the right password logs in, a wrong one is refused, and the password is never
-//! written to the gateway's log (even at debug level).
+//! written to the gateway's log (even at debug level). Ten wrong passwords from one address
+//! within a minute are ten failures, not enough for the penalty box.
 
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used)]
@@ -106,6 +107,67 @@ fn password_passthrough_logs_in_refuses_a_wrong_password_and_never_logs_it() {
     assert!(
         log.lines().any(|l| l.contains("DEBUG")),
         "the gateway did not log at debug level; the check above proves less than it claims"
+    );
+}
+
+#[test]
+fn ten_mistyped_passwords_in_a_minute_leave_the_address_free_to_log_in() {
+    require_tools!("sshd", "ssh", "ssh-keygen", "chpasswd");
+    require_root!();
+    let users = TestUsers::ensure(USER_INDEX);
+    let user = users.user(USER_INDEX).name.clone();
+    set_password(&user, PASSWORD);
+    let pool = GatewayPool::builder()
+        .vm("vm-a")
+        .users(1)
+        .vm_config(|b| b.password_authentication(true))
+        .ssh_option("password_auth = \"passthrough\"")
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let right = askpass(dir.path(), "right", PASSWORD);
+    let wrong = askpass(dir.path(), "wrong", WRONG);
+
+    // Ten people behind one office address each mistype their password once, at once: ten
+    // failures, the most the penalty box lets pass within a minute. (When a connection that
+    // ended after a refused password counted once more, these were twenty, and the office was
+    // locked out for 30 s.)
+    let attempts: Vec<_> = (0..10)
+        .map(|_| {
+            let (pool, user, wrong) = (&pool, &user, &wrong);
+            move || password_login(pool, user, wrong)
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let running: Vec<_> = attempts.into_iter().map(|a| s.spawn(a)).collect();
+        for attempt in running {
+            let out = attempt.join().unwrap();
+            assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
+            assert!(
+                stderr(&out).contains("Permission denied"),
+                "{}",
+                stderr(&out)
+            );
+        }
+    });
+    assert_eq!(
+        pool.vm("vm-a")
+            .log_text()
+            .matches(&format!("Failed password for {user}"))
+            .count(),
+        10
+    );
+
+    // The right password still logs in from that address.
+    let out = password_login(&pool, &user, &right);
+    assert_ok(&out, "the right password after ten wrong ones");
+    assert_eq!(stdout(&out), format!("vm-a {user}"));
+    assert!(
+        !pool
+            .gateway
+            .log_text()
+            .contains("too many failed logins from this address"),
+        "{}",
+        pool.gateway.log_text()
     );
 }
 

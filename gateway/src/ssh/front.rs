@@ -44,6 +44,9 @@ pub struct Front {
     /// turn): one failed authentication if the connection ends without a login, none if a
     /// later key logs in. The login name of the last such offer.
     keys_refused: Option<String>,
+    /// A VM refused a password this connection sent: that counted as a failure for the
+    /// address already, so the connection ending without a login adds none.
+    password_refused: bool,
     /// The connection's span. russh calls the handler from a task of its own, outside it, so
     /// the methods that log, and the tasks they start, run in it explicitly.
     span: tracing::Span,
@@ -72,6 +75,7 @@ impl Front {
             accepted: Instant::now(),
             tried: false,
             keys_refused: None,
+            password_refused: false,
             span,
         }
     }
@@ -221,6 +225,7 @@ impl server::Handler for Front {
                 Err(OpenError::PasswordRefused) => {
                     self.gw.auth_failed("password", self.peer);
                     self.gw.login_failed(self.peer);
+                    self.password_refused = true;
                     Ok(reject(&self.gw))
                 }
                 Err(OpenError::NoVm(message)) => {
@@ -511,7 +516,9 @@ impl Drop for Front {
                     tracing::info!(%user, "login failed: no key the client offered is authorized");
                     self.gw.auth_failed("publickey", self.peer);
                 }
-                self.gw.login_failed(self.peer);
+                if !self.password_refused {
+                    self.gw.login_failed(self.peer);
+                }
             });
         }
         if let Some(backend) = self.current_backend() {

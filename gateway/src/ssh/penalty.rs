@@ -1,7 +1,8 @@
 //! Per-source-address back-off against password and key guessing.
 //!
-//! Each connection that ends without logging in after trying (and each refused password) counts
-//! as a failure for its source address. More than [`Penalties::threshold`] failures within
+//! Each password a VM refuses counts as a failure for its source address, and so does each
+//! connection that ends without logging in after trying, unless a refused password in it
+//! counted already. More than [`Penalties::threshold`] failures within
 //! [`Penalties::window`] put the address in the penalty box: its new connections are dropped at
 //! accept for a penalty that starts at [`Penalties::base`] and doubles with each further offence,
 //! up to [`Penalties::max`]. A successful login clears the address's record.
