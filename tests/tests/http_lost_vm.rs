@@ -7,9 +7,9 @@
 //! waited to read forever, holding a session on the lost VM until the gateway restarted.
 //!
 //! Only a real loss of packets shows this: a process that is stopped or killed still has its
-//! kernel answer TCP. So the VM's jupyter_server runs in a network namespace of the test's own,
-//! joined to the host's by a veth pair on a /30 in 198.18.0.0/15 (a range reserved for network
-//! tests, RFC 2544) chosen by the test's pid, and the loss is its end of the pair going down:
+//! kernel answer TCP. So the VM's jupyter_server runs in a network namespace of the test's own
+//! ([`VmNetwork`]), joined to the host's by a veth pair, and the loss is its end of the pair
+//! going down:
 //!
 //! ```text
 //!   host namespace                                   VM namespace (pgl<pid>v)
@@ -18,14 +18,12 @@
 //!              <host addr> ═══════ veth ═══════ <vm addr>
 //! ```
 //!
-//! The veth pair and the namespace are deleted on drop, also when the test fails. The pair is
-//! deleted by its host end: the namespace itself lingers after `ip netns del` while sockets of
-//! the killed server still wait on the cut link, and its end of the pair with it.
+//! The veth pair and the namespace are deleted on drop, also when the test fails.
 
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,86 +34,6 @@ const VM_PORT: u16 = 8888;
 /// Keepalive's 30 s + 3 × 10 s, and room for a loaded machine.
 const NOTICED_WITHIN: Duration = Duration::from_secs(90);
 
-fn ip(args: &[&str]) {
-    let out = run_with_timeout(Command::new("ip").args(args), Duration::from_secs(10));
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The VM's namespace and the veth pair joining it to the host's; deleted on drop.
-struct VmNetwork {
-    ns: String,
-    /// The pair's end in the host's namespace.
-    host_end: String,
-    /// The pair's end in the VM's namespace.
-    vm_end: String,
-    /// The host end's address and the VM's, on one /30.
-    host_addr: Ipv4Addr,
-    vm_addr: Ipv4Addr,
-}
-
-impl VmNetwork {
-    fn create() -> Self {
-        let id = std::process::id();
-        // The /30 number `id` modulo 32 768 in 198.18.0.0/15.
-        let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (id % 32_768) * 4;
-        let net = VmNetwork {
-            ns: format!("pgl{id}v"),
-            host_end: format!("pgl{id}a"),
-            vm_end: format!("pgl{id}b"),
-            host_addr: Ipv4Addr::from(base + 1),
-            vm_addr: Ipv4Addr::from(base + 2),
-        };
-        // Leftovers of a killed earlier run with the same pid would make `add` fail.
-        net.delete();
-        ip(&["netns", "add", &net.ns]);
-        ip(&[
-            "link",
-            "add",
-            &net.host_end,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &net.vm_end,
-            "netns",
-            &net.ns,
-        ]);
-        let (host_cidr, vm_cidr) = (
-            format!("{}/30", net.host_addr),
-            format!("{}/30", net.vm_addr),
-        );
-        ip(&["addr", "add", &host_cidr, "dev", &net.host_end]);
-        ip(&["link", "set", &net.host_end, "up"]);
-        ip(&["-n", &net.ns, "link", "set", "lo", "up"]);
-        ip(&["-n", &net.ns, "addr", "add", &vm_cidr, "dev", &net.vm_end]);
-        ip(&["-n", &net.ns, "link", "set", &net.vm_end, "up"]);
-        net
-    }
-
-    /// The host is lost: its end of the pair goes down and nothing it sent or would send
-    /// arrives any more.
-    fn cut(&self) {
-        ip(&["-n", &self.ns, "link", "set", &self.vm_end, "down"]);
-    }
-
-    fn delete(&self) {
-        for args in [["link", "del", &self.host_end], ["netns", "del", &self.ns]] {
-            let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
-        }
-    }
-}
-
-impl Drop for VmNetwork {
-    fn drop(&mut self) {
-        self.delete();
-    }
-}
-
 /// jupyter_server (as [`JupyterServerVm::command`] runs it) listening on `VM_ADDR:VM_PORT`
 /// inside the VM's namespace; killed with its kernels on drop.
 struct NamespacedServer {
@@ -124,27 +42,24 @@ struct NamespacedServer {
 }
 
 impl NamespacedServer {
-    /// Starts the server in namespace `ns`, listening on `addr:VM_PORT`.
-    fn start(ns: &str, addr: Ipv4Addr) -> Self {
+    /// Starts the server in `net`'s namespace, listening on the VM's address.
+    fn start(net: &VmNetwork) -> Self {
+        let addr = net.vm_addr;
         let root = tempfile::Builder::new()
             .prefix("poolgate-lost-vm-")
             .tempdir()
             .expect("temp dir");
         let base = JupyterServerVm::command(VM_PORT, root.path());
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns]).arg(base.get_program());
+        let mut server = Command::new(base.get_program());
         for arg in base.get_args() {
             if arg == "--ServerApp.ip=127.0.0.1" {
-                cmd.arg(format!("--ServerApp.ip={addr}"));
+                server.arg(format!("--ServerApp.ip={addr}"));
             } else {
-                cmd.arg(arg);
+                server.arg(arg);
             }
         }
-        for (k, v) in base.get_envs() {
-            if let Some(v) = v {
-                cmd.env(k, v);
-            }
-        }
+        server.envs(base.get_envs().filter_map(|(k, v)| Some((k, v?))));
+        let mut cmd = net.exec(&server);
         let log = std::fs::File::create(root.path().join("server.log")).expect("server log");
         cmd.current_dir(root.path())
             .stdin(Stdio::null())
@@ -165,7 +80,8 @@ impl NamespacedServer {
             }
             assert!(
                 Instant::now() < deadline,
-                "jupyter-server in {ns} did not answer within 60 s:\n{}",
+                "jupyter-server in {} did not answer within 60 s:\n{}",
+                net.ns,
                 server.log()
             );
             std::thread::sleep(Duration::from_millis(100));
@@ -204,8 +120,8 @@ async fn an_idle_websocket_to_a_vm_lost_without_a_word_is_closed_within_a_minute
         return;
     }
     let net = VmNetwork::create();
-    let (ns, vm_addr) = (net.ns.clone(), net.vm_addr);
-    let server = blocking(move || NamespacedServer::start(&ns, vm_addr)).await;
+    let vm_addr = net.vm_addr;
+    let server = tokio::task::block_in_place(|| NamespacedServer::start(&net));
     // The defaults, but for the web probe's path (jupyter_server has no /hub/health) and the
     // SSH probe (this VM has no SSH side).
     let gw = GatewayPool::builder()

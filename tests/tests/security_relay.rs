@@ -41,16 +41,6 @@ struct Namespaces {
     vm: String,
 }
 
-fn ip(args: &[&str]) {
-    let out = run_with_timeout(Command::new("ip").args(args), Duration::from_secs(10));
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 impl Namespaces {
     fn create() -> Self {
         let id = std::process::id();

@@ -54,20 +54,32 @@ fn password_login(
     run_with_timeout(&mut cmd, Duration::from_secs(30))
 }
 
+/// The test account, its password set, and a gateway over one VM (`vm-a`) whose sshd takes
+/// passwords, with the gateway set up by `gateway`. Keep the `TestUsers` for the test's length.
+fn password_pool(
+    gateway: impl FnOnce(GatewayPoolBuilder) -> GatewayPoolBuilder,
+) -> (TestUsers, String, GatewayPool) {
+    let users = TestUsers::ensure(USER_INDEX);
+    let user = users.user(USER_INDEX).name.clone();
+    set_password(&user, PASSWORD);
+    let pool = gateway(
+        GatewayPool::builder()
+            .vm("vm-a")
+            .users(1)
+            .vm_config(|b| b.password_authentication(true)),
+    )
+    .start();
+    (users, user, pool)
+}
+
 #[test]
 fn password_passthrough_logs_in_refuses_a_wrong_password_and_never_logs_it() {
     require_tools!("sshd", "ssh", "ssh-keygen", "chpasswd");
     require_root!();
-    let users = TestUsers::ensure(USER_INDEX);
-    let user = users.user(USER_INDEX).name.clone();
-    set_password(&user, PASSWORD);
-    let pool = GatewayPool::builder()
-        .vm("vm-a")
-        .users(1)
-        .vm_config(|b| b.password_authentication(true))
-        .ssh_option("password_auth = \"passthrough\"")
-        .gateway_env("POOLGATE_LOG", "debug")
-        .start();
+    let (_users, user, pool) = password_pool(|b| {
+        b.ssh_option("password_auth = \"passthrough\"")
+            .gateway_env("POOLGATE_LOG", "debug")
+    });
     let dir = tempfile::tempdir().unwrap();
     let right = askpass(dir.path(), "right", PASSWORD);
     let wrong = askpass(dir.path(), "wrong", WRONG);
@@ -114,15 +126,7 @@ fn password_passthrough_logs_in_refuses_a_wrong_password_and_never_logs_it() {
 fn ten_mistyped_passwords_in_a_minute_leave_the_address_free_to_log_in() {
     require_tools!("sshd", "ssh", "ssh-keygen", "chpasswd");
     require_root!();
-    let users = TestUsers::ensure(USER_INDEX);
-    let user = users.user(USER_INDEX).name.clone();
-    set_password(&user, PASSWORD);
-    let pool = GatewayPool::builder()
-        .vm("vm-a")
-        .users(1)
-        .vm_config(|b| b.password_authentication(true))
-        .ssh_option("password_auth = \"passthrough\"")
-        .start();
+    let (_users, user, pool) = password_pool(|b| b.ssh_option("password_auth = \"passthrough\""));
     let dir = tempfile::tempdir().unwrap();
     let right = askpass(dir.path(), "right", PASSWORD);
     let wrong = askpass(dir.path(), "wrong", WRONG);
@@ -175,15 +179,8 @@ fn ten_mistyped_passwords_in_a_minute_leave_the_address_free_to_log_in() {
 fn password_auth_off_refuses_passwords_without_asking_the_vm() {
     require_tools!("sshd", "ssh", "ssh-keygen", "chpasswd");
     require_root!();
-    let users = TestUsers::ensure(USER_INDEX);
-    let user = users.user(USER_INDEX).name.clone();
-    set_password(&user, PASSWORD);
     // The VM would accept the password, but the gateway's default is password_auth = "off".
-    let pool = GatewayPool::builder()
-        .vm("vm-a")
-        .users(1)
-        .vm_config(|b| b.password_authentication(true))
-        .start();
+    let (_users, user, pool) = password_pool(|b| b);
     let dir = tempfile::tempdir().unwrap();
     let right = askpass(dir.path(), "right", PASSWORD);
     let out = password_login(&pool, &user, &right);
