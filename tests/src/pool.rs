@@ -66,6 +66,8 @@ enum VmKind {
     /// A web side only, run by the test on `host:http_port` (`ssh_port = 1`: nothing listens
     /// there).
     Web { host: String, http_port: u16 },
+    /// An sshd the test runs itself at `host:ssh_port` (in a network namespace of its own).
+    SshAt { host: String, ssh_port: u16 },
 }
 
 /// The `[health]` section a builder writes.
@@ -164,6 +166,24 @@ impl GatewayPoolBuilder {
     /// test starts itself, which must trust it before the pool exists.
     pub fn user_ca(mut self, ca: UserCa) -> Self {
         self.user_ca = Some(ca);
+        self
+    }
+
+    /// A VM whose sshd the test runs itself at `host` (an address in a network namespace of
+    /// the test's), on `vm`'s port and with `vm`'s host key, which goes into
+    /// `backend_known_hosts`.
+    pub fn ssh_vm_at(mut self, name: &str, vm: &SshdVm, host: &str) -> Self {
+        self.known_vms.push(
+            vm.known_hosts_line()
+                .replacen("[127.0.0.1]", &format!("[{host}]"), 1),
+        );
+        self.vms.push(VmPlan {
+            name: name.into(),
+            kind: VmKind::SshAt {
+                host: host.into(),
+                ssh_port: vm.port(),
+            },
+        });
         self
     }
 
@@ -523,6 +543,7 @@ impl Config<'_> {
                     *http_port,
                 ),
                 VmKind::Web { host, http_port } => (host.as_str(), 1, Some(*http_port)),
+                VmKind::SshAt { host, ssh_port } => (host.as_str(), *ssh_port, None),
             };
             text += &format!(
                 "\n[[pool.backends]]\nname = \"{}\"\nhost = \"{host}\"\nssh_port = {ssh_port}\n",
