@@ -412,8 +412,7 @@ fn api(state: &AdminState, method: &str, path: &str) -> Reply {
 mod tests {
     use super::*;
     use crate::health::HealthSettings;
-    use router_core::{Health, HealthPolicy, PickRequest, RoutingPolicy, SystemClock, VmSpec};
-    use std::time::Duration;
+    use router_core::{Health, PickRequest, RoutingPolicy, SystemClock, VmSpec};
 
     fn state(token: Option<&str>) -> AdminState {
         let pool = Arc::new(Pool::new(RoutingPolicy::default(), Arc::new(SystemClock)));
@@ -423,20 +422,7 @@ mod tests {
         ]);
         pool.set_health("vm-a", Health::Up);
         pool.set_health("vm-b", Health::Up);
-        let health = HealthChecker::new(
-            pool.clone(),
-            HealthSettings {
-                interval: Duration::from_secs(5),
-                timeout: Duration::from_secs(2),
-                policy: HealthPolicy::default(),
-                ssh: true,
-                http: false,
-                serve_ssh: true,
-                serve_http: true,
-                http_path: "/".into(),
-                load_metrics: None,
-            },
-        );
+        let health = HealthChecker::new(pool.clone(), HealthSettings::for_tests());
         AdminState {
             cluster: standalone(&pool),
             pool,
@@ -564,8 +550,7 @@ mod busy_tests {
     use super::*;
     use crate::autoscale::AutoscaleView;
     use crate::health::HealthSettings;
-    use router_core::{HealthPolicy, RoutingPolicy, SystemClock, VmSpec};
-    use std::time::Duration;
+    use router_core::{RoutingPolicy, SystemClock, VmSpec};
 
     /// An autoscaler view with busy-check verdicts.
     struct Verdicts;
@@ -590,20 +575,7 @@ mod busy_tests {
             VmSpec::new("vm-b", "10.0.0.5"),
             VmSpec::new("vm-c", "10.0.0.6"),
         ]);
-        let health = HealthChecker::new(
-            pool.clone(),
-            HealthSettings {
-                interval: Duration::from_secs(5),
-                timeout: Duration::from_secs(2),
-                policy: HealthPolicy::default(),
-                ssh: true,
-                http: false,
-                serve_ssh: true,
-                serve_http: true,
-                http_path: "/".into(),
-                load_metrics: None,
-            },
-        );
+        let health = HealthChecker::new(pool.clone(), HealthSettings::for_tests());
         let s = AdminState {
             cluster: super::tests::standalone(&pool),
             pool,

@@ -305,14 +305,25 @@ impl HealthChecker {
     }
 
     /// Logs VMs that left the pool's VM set while sessions run on them, and removes those whose
-    /// last session has ended.
-    fn follow_leaving(&self, announced: &mut HashSet<String>) {
-        for vm in self.pool.drop_departed() {
-            announced.remove(&vm);
-            tracing::info!(%vm, "the removed VM's last session ended, or it went down or stopped: it has left the pool");
+    /// last session has ended; returns the VMs that have left since the last call.
+    fn follow_leaving(&self, announced: &mut HashSet<String>) -> Vec<String> {
+        let mut left = self.pool.drop_departed();
+        for vm in &left {
+            announced.remove(vm);
         }
         let snapshot = self.pool.snapshot();
-        announced.retain(|vm| snapshot.get(vm).is_some_and(|v| v.status().leaving));
+        announced.retain(|vm| match snapshot.get(vm) {
+            Some(v) => v.status().leaving,
+            // Gone without `drop_departed`: the VM set changed again after its last session
+            // had ended, and `set_vms` let it go itself.
+            None => {
+                left.push(vm.clone());
+                false
+            }
+        });
+        for vm in &left {
+            tracing::info!(%vm, "the removed VM's last session ended, or it went down or stopped: it has left the pool");
+        }
         for vm in snapshot.vms().iter().filter(|v| v.status().leaving) {
             if announced.insert(vm.name().to_owned()) {
                 let (vm, sessions) = (vm.name(), vm.total_sessions());
@@ -323,6 +334,7 @@ impl HealthChecker {
                 );
             }
         }
+        left
     }
 
     async fn probe_loop(self: Arc<Self>, name: String) {
@@ -542,6 +554,46 @@ pub fn parse_load(text: &str) -> Option<f64> {
 mod tests {
     use super::*;
 
+    impl HealthSettings {
+        /// The defaults' timing, SSH probes only, both sides served.
+        pub(crate) fn for_tests() -> Self {
+            HealthSettings {
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+                policy: HealthPolicy::default(),
+                ssh: true,
+                http: false,
+                serve_ssh: true,
+                serve_http: true,
+                http_path: "/".into(),
+                load_metrics: None,
+            }
+        }
+    }
+
+    #[test]
+    fn a_leaving_vm_is_reported_gone_also_when_a_new_vm_set_lets_it_go() {
+        use router_core::{RoutingPolicy, SystemClock, VmSpec};
+        let pool = Arc::new(Pool::new(RoutingPolicy::default(), Arc::new(SystemClock)));
+        pool.set_vms(vec![VmSpec::new("vm-a", "127.0.0.1")]);
+        let checker = HealthChecker::new(pool.clone(), HealthSettings::for_tests());
+        let mut announced = HashSet::new();
+        let session = pool.http_open("vm-a", None, None);
+        assert!(session.is_some());
+        // Removed with a session on it: it leaves, announced once.
+        pool.set_vms(Vec::new());
+        assert!(checker.follow_leaving(&mut announced).is_empty());
+        assert!(announced.contains("vm-a"));
+        // Its session ends and, before the health loop looks, the VM set changes again: the
+        // pool lets it go there and then, and the next look reports it gone.
+        drop(session);
+        pool.set_vms(vec![VmSpec::new("vm-b", "127.0.0.1")]);
+        assert!(pool.snapshot().get("vm-a").is_none());
+        assert_eq!(checker.follow_leaving(&mut announced), vec!["vm-a"]);
+        assert!(announced.is_empty());
+        assert!(checker.follow_leaving(&mut announced).is_empty());
+    }
+
     #[test]
     fn parses_node_exporter_load() {
         let text = "HTTP/1.1 200 OK\r\n\r\n# HELP node_load1 1m load average.\n# TYPE node_load1 gauge\nnode_load1 3\n\
@@ -561,15 +613,8 @@ mod tests {
         let checker = HealthChecker::new(
             pool.clone(),
             HealthSettings {
-                interval: Duration::from_secs(5),
-                timeout: Duration::from_secs(2),
-                policy: HealthPolicy::default(),
-                ssh: true,
-                http: false,
-                serve_ssh: true,
                 serve_http: false,
-                http_path: "/".into(),
-                load_metrics: None,
+                ..HealthSettings::for_tests()
             },
         );
         let ssh_health = || pool.snapshot().get("vm-a").map(|v| v.status().ssh);
