@@ -18,12 +18,11 @@
 //! its socket. nginx ends an upgraded connection as soon as either side has closed and what
 //! it read is written; the grace also lets a last message in flight through.
 
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
