@@ -112,9 +112,16 @@ pub(crate) struct HttpSessions {
 }
 
 impl HttpSessions {
-    /// Drops sessions idle longer than `idle` and tentative browsers older
-    /// than `tentative_for` at `now`; returns how many.
-    pub(crate) fn expire(&self, now: Instant, idle: Duration, tentative_for: Duration) -> usize {
+    /// Drops sessions idle longer than `idle`, tentative browsers older than `tentative_for` at
+    /// `now`, and sessions without an open websocket on a VM for which `down` is true; returns
+    /// how many.
+    pub(crate) fn expire(
+        &self,
+        now: Instant,
+        idle: Duration,
+        tentative_for: Duration,
+        down: impl Fn(&str) -> bool,
+    ) -> usize {
         let mut expired = 0;
         self.map.retain(|_, e| {
             let limit = match &e.slot {
@@ -124,6 +131,13 @@ impl HttpSessions {
                 Slot::Session(guard) if Arc::strong_count(guard) > 1 => {
                     e.last_seen = now;
                     return true;
+                }
+                // Its VM is down: the browser's next request goes elsewhere anyway, and one
+                // that never comes back (a closed laptop) should not count on a dead VM for
+                // `idle` (30 minutes by default).
+                Slot::Session(guard) if down(guard.vm_name()) => {
+                    expired += 1;
+                    return false;
                 }
                 Slot::Session(_) => idle,
             };
@@ -450,6 +464,27 @@ mod tests {
         assert_eq!(pool.http_session_vm("k2").as_deref(), Some("b"));
         // The holder of the only slot can still refresh it.
         assert!(pool.http_touch("k1", "a", None));
+    }
+
+    #[test]
+    fn sessions_on_a_vm_whose_web_side_is_down_expire_unless_a_websocket_holds_them() {
+        let (pool, _) = pool(&[("a", 5), ("b", 5)]);
+        pool.http_touch("k1", "a", None);
+        pool.http_touch("k2", "a", None);
+        pool.http_touch("k3", "b", None);
+        let websocket = pool.http_open("a", Some("k2"), None);
+        assert!(websocket.is_some());
+        // Its SSH side still answers: only the web side counts for browsers.
+        pool.set_protocol_health("a", Protocol::Http, Health::Down);
+        assert_eq!(pool.expire_idle(), 1);
+        assert_eq!(pool.http_session_vm("k1"), None);
+        assert_eq!(pool.http_session_vm("k2").as_deref(), Some("a"));
+        assert_eq!((http_load(&pool, "a"), http_load(&pool, "b")), (1, 1));
+        // The websocket closes: the session goes at the next look.
+        drop(websocket);
+        assert_eq!(pool.expire_idle(), 1);
+        assert_eq!(http_load(&pool, "a"), 0);
+        assert_eq!(pool.http_session_vm("k3").as_deref(), Some("b"));
     }
 
     #[test]

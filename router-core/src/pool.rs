@@ -530,16 +530,25 @@ impl Pool {
     }
 
     /// Drops HTTP browser sessions idle longer than
-    /// [`RoutingPolicy::http_session_idle`], tentative browsers older than
-    /// [`RoutingPolicy::http_tentative_for`] and affinity entries older than
-    /// [`RoutingPolicy::affinity_ttl`]; returns how many of both expired.
+    /// [`RoutingPolicy::http_session_idle`] or, unless an open websocket holds
+    /// them, on a VM whose web side the probes found down; tentative browsers
+    /// older than [`RoutingPolicy::http_tentative_for`]; and affinity entries
+    /// older than [`RoutingPolicy::affinity_ttl`]. Returns how many expired.
     /// Call it periodically.
     pub fn expire_idle(&self) -> usize {
         let now = self.shared.clock.now();
         let policy = self.policy();
-        let http = self
-            .http
-            .expire(now, policy.http_session_idle, policy.http_tentative_for);
+        let snap = self.snapshot();
+        let down = |vm: &str| {
+            snap.get(vm)
+                .is_some_and(|v| v.status().health_of(Protocol::Http) == Health::Down)
+        };
+        let http = self.http.expire(
+            now,
+            policy.http_session_idle,
+            policy.http_tentative_for,
+            down,
+        );
         http + self.shared.store.expire(now, policy.affinity_ttl)
     }
 }

@@ -3,7 +3,8 @@
 //! sends nothing. The gateway's TCP keepalive on its VM connections notices within about a
 //! minute (probes after 30 s without traffic, every 10 s, 3 unanswered) and closes the
 //! browser's websocket, for JupyterLab to reconnect. Meanwhile the probes have marked the VM
-//! down, so the browser's next request is answered at once. Without keepalive the websocket
+//! down: the browser's session there ends once no websocket holds it, and its next request is
+//! answered at once. Without keepalive the websocket
 //! waited to read forever, holding a session on the lost VM until the gateway restarted.
 //!
 //! Only a real loss of packets shows this: a process that is stopped or killed still has its
@@ -156,9 +157,23 @@ async fn an_idle_websocket_to_a_vm_lost_without_a_word_is_closed_within_a_minute
     // Keepalive, not anything sooner: the first probe goes out after 30 s without traffic.
     assert!(noticed >= Duration::from_secs(30), "{noticed:?}");
 
-    // The probes marked the VM down long before: the browser's next request is told at once
-    // that no VM is available.
+    // The probes marked the VM down long before. With the websocket gone, the browser's
+    // session there ends too, although the browser sends nothing (a closed laptop would not):
+    // a down VM keeps no session for `session_idle`.
     gw.gateway.wait_for_vm_down("lost", Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_sessions_on(gw.admin, "lost") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the lost VM still counts the browser's session 20 s after its websocket closed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "the browser's session on the lost VM ended {:?} after the loss",
+        lost.elapsed()
+    );
+    // Its next request is told at once that no VM is available.
     let r = b.get("/api/status").await;
     assert_eq!(r.status, 503, "{}", r.text());
     drop(server);

@@ -367,8 +367,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// Browser sessions stop counting as load after `session_idle` without a request (and
-/// tentative browsers after `tentative_for`); idle upstream keep-alive connections are checked
+/// Browser sessions stop counting as load after `session_idle` without a request, or once
+/// their VM is down and no websocket holds them (tentative browsers after `tentative_for`);
+/// idle upstream keep-alive connections are checked
 /// every few seconds: the VM may have closed them (they would sit in CLOSE_WAIT until then) or
 /// they outlived `upstream_idle`.
 async fn sweep(
