@@ -209,6 +209,11 @@ impl SshSession {
         assert!(status.success(), "held session ended with {status}");
     }
 
+    /// The ssh client's pid (to stop it, as a laptop put to sleep stops answering).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// How long since ssh was spawned.
     pub fn age(&self) -> Duration {
         self.started.elapsed()

@@ -4,6 +4,10 @@
 //! connection to the VM, and with it the user's session, which does not hang. Meanwhile the
 //! probes mark the VM down, and the user's next login goes to the VM that is left.
 //!
+//! The other way round, at the same time: a client that stops answering (its ssh process
+//! stopped, as a laptop put to sleep) is dropped by the gateway's keepalives to clients, with
+//! a line in the log that says why.
+//!
 //! As in `http_lost_vm`, only a real loss of packets shows this, so the lost VM's sshd runs in
 //! a network namespace of the test's own ([`VmNetwork`]), joined to the host's by a veth pair
 //! whose VM end goes down. The other VM is an ordinary one on 127.0.0.1.
@@ -15,6 +19,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use poolgate_tests::*;
 
 /// Five keepalive intervals of 30 s, and room for a loaded machine.
@@ -55,26 +60,31 @@ fn an_ssh_session_on_a_vm_lost_without_a_word_ends_and_the_next_login_goes_elsew
     let pool = GatewayPool::builder()
         .without_health_section()
         .user_ca(ca)
-        .users(1)
+        .users(2)
         .ssh_vm_at("lost", &vm, &net.vm_addr.to_string())
         .vm("stays")
         .start();
     pool.gateway.wait_for_vm_up("lost", Duration::from_secs(30));
     pool.gateway
         .wait_for_vm_up("stays", Duration::from_secs(30));
-    // The session under test on the VM to lose: if the first lands on the other, the second,
-    // sent to the least-loaded VM, lands there.
+    // Two users log in: the second goes to the VM the first left empty (least loaded), so
+    // there is one session on each. The one on the VM to lose is under test; the other one's
+    // client will stop answering.
     let first = SshSession::hold(&pool.client(1));
-    let (mut session, other) = if first.vm == "lost" {
-        (first, None)
+    let second = SshSession::hold(&pool.client(2));
+    assert_ne!(first.vm, second.vm);
+    let (mut session, asleep) = if first.vm == "lost" {
+        (first, second)
     } else {
-        (SshSession::hold(&pool.client(1)), Some(first))
+        (second, first)
     };
-    assert_eq!(session.vm, "lost");
+    assert_eq!((session.vm.as_str(), asleep.vm.as_str()), ("lost", "stays"));
     session.roundtrip("before", Duration::from_secs(10));
 
-    // The host is lost; the user waits for output and types nothing.
+    // The host is lost; the user waits for output and types nothing. The other user's laptop
+    // goes to sleep.
     net.cut();
+    send_signal(asleep.pid(), Signal::SIGSTOP);
     let lost = Instant::now();
     session.wait_exit(NOTICED_WITHIN);
     let ended = lost.elapsed();
@@ -89,5 +99,17 @@ fn an_ssh_session_on_a_vm_lost_without_a_word_ends_and_the_next_login_goes_elsew
 
     // The user logs in again: the VM that is left takes it.
     assert_eq!(landed(&pool.client(1)), "stays");
-    drop((session, other));
+
+    // The sleeping client is dropped by the same keepalives, the other way, and the log says
+    // why (the SSH connection's end had no reason in it before).
+    pool.gateway.wait_for_log(
+        "the client stopped answering keepalives",
+        Duration::from_secs(60),
+    );
+    eprintln!(
+        "the sleeping client was dropped {:?} after it stopped",
+        lost.elapsed()
+    );
+    send_signal(asleep.pid(), Signal::SIGCONT);
+    drop((session, asleep));
 }

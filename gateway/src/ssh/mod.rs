@@ -389,8 +389,14 @@ impl SshGateway {
                 }
             }
         };
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "SSH connection ended with an error");
+        match result {
+            // The client's machine went away without closing (a laptop put to sleep, a network
+            // cut): say so, or the session's end has no reason in the log.
+            Err(russh::Error::KeepaliveTimeout) => tracing::info!(
+                "the client stopped answering keepalives (its machine asleep or cut off); connection closed"
+            ),
+            Err(e) => tracing::debug!(error = %e, "SSH connection ended with an error"),
+            Ok(()) => {}
         }
     }
 }
