@@ -180,6 +180,30 @@ pub struct GatewayProcess {
     _temp: Option<TempDir>,
 }
 
+/// Waits until the gateway log at `log` has a line with `what` ("VM is up", "VM is down")
+/// naming `vm`; panics with the log after `timeout`. For a thread that watches the log beside
+/// the test (the [`GatewayProcess`] methods call it with their own log).
+pub fn wait_for_health_line(log: &Path, vm: &str, what: &str, timeout: Duration) {
+    let read = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + timeout;
+    let mut backoff = Backoff::new();
+    loop {
+        let seen = strip_ansi(&read())
+            .lines()
+            .any(|l| l.contains(what) && has_field(l, "vm", vm));
+        if seen {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "no {what:?} line for {vm} in the gateway log after {timeout:?}:\n{}",
+                read()
+            );
+        }
+        backoff.sleep_until(deadline);
+    }
+}
+
 impl GatewayProcess {
     /// A builder for a gateway running `config_toml`.
     pub fn builder(config_toml: &str) -> GatewayProcessBuilder {
@@ -239,23 +263,7 @@ impl GatewayProcess {
     }
 
     fn wait_for_health_line(&self, vm: &str, what: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut backoff = Backoff::new();
-        loop {
-            let seen = strip_ansi(&self.log_text())
-                .lines()
-                .any(|l| l.contains(what) && has_field(l, "vm", vm));
-            if seen {
-                return;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "no {what:?} line for {vm} in the gateway log after {timeout:?}:\n{}",
-                    self.log_text()
-                );
-            }
-            backoff.sleep_until(deadline);
-        }
+        wait_for_health_line(&self.log_path, vm, what, timeout);
     }
 
     /// The gateway's pid while it runs.

@@ -63,7 +63,8 @@ pub use data::{
     Sha256Stream, random_bytes_command, random_file, sha256_command, sha256_file, shared_temp_dir,
 };
 pub use gateway::{
-    GatewayProcess, GatewayProcessBuilder, poolgate_bin, without_backend, workspace_dir,
+    GatewayProcess, GatewayProcessBuilder, poolgate_bin, wait_for_health_line, without_backend,
+    workspace_dir,
 };
 pub use haproxy::Haproxy;
 pub use http::{HttpResponse, JsonItems, http_get, http_request, try_http_request};

@@ -221,6 +221,16 @@ impl GatewayPoolBuilder {
         self
     }
 
+    /// Web VMs with nothing but a web side, probed at the documented defaults (5 s interval,
+    /// 2 s timeout, rise 2, fall 3): the `[health]` section sets only `http_path` (jupyter_server
+    /// has no JupyterHub `/hub/health`) and turns the SSH probe off (these VMs have no SSH side).
+    /// For tests of the defaults; [`web_pool`](Self::web_pool) probes fast to measure failover.
+    pub fn web_probe_defaults(self, health_path: &str) -> Self {
+        self.without_health_section().config_toml(&format!(
+            "[health]\nssh = false\nhttp_path = \"{health_path}\""
+        ))
+    }
+
     /// `health.rise` (default 1: eligible after the first good probe).
     pub fn rise(mut self, rise: u32) -> Self {
         self.health.rise = rise;

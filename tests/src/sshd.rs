@@ -253,6 +253,20 @@ impl SshdVm {
         &self.config_path
     }
 
+    /// `sshd -D -e` with this VM's config (host key, users, CA trust) but listening on `addr`
+    /// instead of 127.0.0.1, the config written into `dir`: to run the same VM elsewhere, as
+    /// inside a network namespace of the test's. Stop this VM's own sshd first.
+    pub fn command_listening_on(&self, addr: &str, dir: &Path) -> Command {
+        let config = std::fs::read_to_string(&self.config_path)
+            .expect("read sshd_config")
+            .replace("ListenAddress 127.0.0.1", &format!("ListenAddress {addr}"));
+        let path = dir.join("sshd_config");
+        std::fs::write(&path, config).expect("write sshd_config");
+        let mut sshd = Command::new(tool("sshd"));
+        sshd.arg("-D").arg("-e").arg("-f").arg(&path);
+        sshd
+    }
+
     /// The sshd log file (`-e` output, appended to across restarts).
     pub fn log_path(&self) -> &Path {
         &self.log_path

@@ -163,20 +163,8 @@ fn a_vm_that_accepts_and_never_answers_does_not_stall_logins_or_sessions_elsewhe
     let marked_down = {
         let log = pool.gateway.log_path().to_path_buf();
         std::thread::spawn(move || {
-            let deadline = frozen + Duration::from_secs(20);
-            loop {
-                let text = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
-                if text
-                    .lines()
-                    .any(|l| l.contains("VM is down") && has_field(l, "vm", "vm-a"))
-                {
-                    return Some(frozen.elapsed());
-                }
-                if Instant::now() >= deadline {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_for_health_line(&log, "vm-a", "VM is down", Duration::from_secs(20));
+            frozen.elapsed()
         })
     };
 
@@ -265,8 +253,7 @@ fn a_vm_that_accepts_and_never_answers_does_not_stall_logins_or_sessions_elsewhe
     let down_bound = PROBE_INTERVAL * fall + PROBE_TIMEOUT + Duration::from_millis(500);
     let time_to_down = marked_down
         .join()
-        .expect("log watcher")
-        .unwrap_or_else(|| panic!("vm-a not marked down within 20 s:\n{log}"));
+        .expect("vm-a marked down within 20 s of the freeze");
     eprintln!("hung vm-a marked down {time_to_down:?} after the freeze (bound {down_bound:?})");
     assert!(
         time_to_down <= down_bound,

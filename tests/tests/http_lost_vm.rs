@@ -101,18 +101,6 @@ impl Drop for NamespacedServer {
     }
 }
 
-/// The admin API's HTTP session count of `vm`.
-fn http_sessions_on(admin: SocketAddr, vm: &str) -> u64 {
-    let r = http_get(admin, "/api/v1/vms");
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.json()
-        .items()
-        .iter()
-        .find(|v| v["name"] == vm)
-        .and_then(|v| v["sessions"]["http"].as_u64())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_websocket_to_a_vm_lost_without_a_word_is_closed_within_a_minute_and_a_half() {
     require_tools!("ip");
@@ -123,11 +111,9 @@ async fn an_idle_websocket_to_a_vm_lost_without_a_word_is_closed_within_a_minute
     let net = VmNetwork::create();
     let vm_addr = net.vm_addr;
     let server = tokio::task::block_in_place(|| NamespacedServer::start(&net));
-    // The defaults, but for the web probe's path (jupyter_server has no /hub/health) and the
-    // SSH probe (this VM has no SSH side).
+    // The defaults, probes included.
     let gw = GatewayPool::builder()
-        .without_health_section()
-        .config_toml("[health]\nssh = false\nhttp_path = \"/api\"")
+        .web_probe_defaults("/api")
         .tls()
         .web_vm_at("lost", &vm_addr.to_string(), VM_PORT)
         .start_async()
@@ -138,7 +124,7 @@ async fn an_idle_websocket_to_a_vm_lost_without_a_word_is_closed_within_a_minute
     assert_eq!(r.status, 200, "the page: {}", r.text());
     let mut kernel = b.open_kernel("", "lost-vm").await;
     assert_eq!(run_code(&mut kernel, "6*7", "cell-1").await, "42");
-    assert_eq!(http_sessions_on(gw.admin, "lost"), 1);
+    assert_eq!(gw.vm_json("lost")["sessions"]["http"].as_u64(), Some(1));
 
     // The host is lost; the browser waits on its kernel's websocket and sends nothing.
     net.cut();
@@ -161,14 +147,14 @@ async fn an_idle_websocket_to_a_vm_lost_without_a_word_is_closed_within_a_minute
     // session there ends too, although the browser sends nothing (a closed laptop would not):
     // a down VM keeps no session for `session_idle`.
     gw.gateway.wait_for_vm_down("lost", Duration::from_secs(5));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_sessions_on(gw.admin, "lost") > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the lost VM still counts the browser's session 20 s after its websocket closed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    tokio::task::block_in_place(|| {
+        gw.wait_for_vm(
+            "lost",
+            "without the browser's session, 20 s after its websocket closed",
+            Duration::from_secs(20),
+            |v| v["sessions"]["http"].as_u64().unwrap_or(0) == 0,
+        )
+    });
     eprintln!(
         "the browser's session on the lost VM ended {:?} after the loss",
         lost.elapsed()

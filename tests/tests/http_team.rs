@@ -24,12 +24,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use poolgate_tests::jupyter::*;
-use poolgate_tests::{GatewayPool, JsonItems, blocking, http_get};
+use poolgate_tests::{GatewayPool, JsonItems, blocking};
 use serde_json::{Value, json};
 
 const COOKIE: &str = "poolgate_vm";
@@ -38,11 +37,9 @@ const TEAM: usize = 20;
 /// `max_sessions`' default.
 const MAX_SESSIONS: u64 = 10;
 
-/// `GET /api/v1/vms` on the admin listener: each VM's HTTP sessions.
-fn http_sessions(admin: SocketAddr) -> Vec<(String, u64)> {
-    let r = http_get(admin, "/api/v1/vms");
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.json()
+/// Each VM's HTTP sessions, as the admin API counts them.
+fn http_sessions(gw: &GatewayPool) -> Vec<(String, u64)> {
+    gw.vms_json()
         .items()
         .iter()
         .map(|vm| {
@@ -166,14 +163,12 @@ fn vm_logs(vms: &[JupyterServerVm]) -> String {
 
 /// Three jupyter_server VMs behind a gateway at its defaults, probes included (every 5 s, 2 s
 /// timeout: twenty kernels starting at once slow jupyter_server's answers, which the tests'
-/// quick probes would take for a VM down). Only the web probe's path is set (jupyter_server
-/// has no JupyterHub /hub/health) and the SSH probe is off (these VMs have no SSH side).
+/// quick probes would take for a VM down).
 async fn team_pool() -> (Vec<JupyterServerVm>, GatewayPool) {
     let names = ["js-a", "js-b", "js-c"];
     let vms = blocking(move || JupyterServerVm::start_all(&names)).await;
     let gw = GatewayPool::builder()
-        .without_health_section()
-        .config_toml("[health]\nssh = false\nhttp_path = \"/api\"")
+        .web_probe_defaults("/api")
         .tls()
         .web_vms(&vms)
         .start_async()
@@ -235,8 +230,8 @@ fn users_per_vm(users: &[NotebookUser]) -> BTreeMap<String, usize> {
 }
 
 /// The admin API counts one session per user on the VM its cookie names, within the limit.
-fn assert_one_session_per_user(admin: SocketAddr, per_vm: &BTreeMap<String, usize>) {
-    let sessions = http_sessions(admin);
+fn assert_one_session_per_user(gw: &GatewayPool, per_vm: &BTreeMap<String, usize>) {
+    let sessions = http_sessions(gw);
     let total: u64 = sessions.iter().map(|(_, n)| n).sum();
     let users: usize = per_vm.values().sum();
     assert_eq!(total, users as u64, "{users} users: {sessions:?}");
@@ -262,7 +257,7 @@ async fn twenty_notebook_users_at_once_fit_three_vms_at_the_default_session_limi
     let users = team_arrives(&browsers, &all, &vms, &gw).await;
 
     // One session per user, each VM within its limit, with 60 websockets open.
-    assert_one_session_per_user(gw.admin, &users_per_vm(&users));
+    assert_one_session_per_user(&gw, &users_per_vm(&users));
     drop(users);
     drop(vms);
     eprintln!("team test: {:?}", started.elapsed());
@@ -349,23 +344,15 @@ async fn when_a_vm_dies_under_the_team_its_users_start_again_on_the_others_and_n
     // The sessions the dead VM's websockets held end, although these clients keep their
     // closed websockets' sockets open (a browser closes them): the gateway lets go of an
     // upgraded connection a few seconds after one side has closed it.
-    let deadline = died + Duration::from_secs(30);
-    loop {
-        let sessions = http_sessions(gw.admin);
-        let left = sessions
-            .iter()
-            .find(|(vm, _)| *vm == victim)
-            .map_or(0, |(_, n)| *n);
-        if left == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{victim} still holds {left} sessions {:?} after it died: {sessions:?}",
-            died.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let within = (died + Duration::from_secs(30)).saturating_duration_since(Instant::now());
+    tokio::task::block_in_place(|| {
+        gw.wait_for_vm(
+            &victim,
+            "without HTTP sessions, 30 s after it died",
+            within,
+            |v| v["sessions"]["http"].as_u64().unwrap_or(0) == 0,
+        )
+    });
     eprintln!(
         "the dead VM's sessions ended {:?} after it died",
         died.elapsed()
@@ -382,7 +369,7 @@ async fn when_a_vm_dies_under_the_team_its_users_start_again_on_the_others_and_n
         *now.entry(u.seen[0].clone()).or_default() += 1;
     }
     assert!(!now.contains_key(&victim));
-    assert_one_session_per_user(gw.admin, &now);
+    assert_one_session_per_user(&gw, &now);
     drop((users, again));
     drop(vms);
 }
@@ -420,7 +407,7 @@ async fn a_background_tab_keeps_its_place_on_a_full_vm_past_session_idle() {
             assert_eq!(r.status, 200, "a colleague's {path}: {}", r.text());
         }
     }
-    assert_eq!(http_sessions(gw.admin), vec![("js-a".into(), MAX_SESSIONS)]);
+    assert_eq!(http_sessions(&gw), vec![("js-a".into(), MAX_SESSIONS)]);
     // Each colleague asks every 500 ms on its own, so none of them goes quiet for
     // `session_idle` even when a loaded machine slows some answers down.
     let working: Vec<_> = colleagues
@@ -465,7 +452,7 @@ async fn a_background_tab_keeps_its_place_on_a_full_vm_past_session_idle() {
         "the background tab, back after {:?} (session_idle {idle:?}): {}\n{:?}",
         went_quiet.elapsed(),
         r.text(),
-        http_sessions(gw.admin)
+        http_sessions(&gw)
     );
     assert_eq!(pinned_to(&tab), "js-a");
     let kernels = r.json();

@@ -273,14 +273,7 @@ fn forwarded_connections_are_opened_by_the_vm_sshd_never_by_the_gateway() {
         .trusted_user_ca_keys(ca.public_key_path())
         .start();
     vm.stop();
-    let config = std::fs::read_to_string(vm.config_path()).unwrap().replace(
-        "ListenAddress 127.0.0.1",
-        &format!("ListenAddress {VM_ADDR}"),
-    );
-    let vm_config = dir.path().join("sshd_config");
-    std::fs::write(&vm_config, config).unwrap();
-    let mut sshd = Command::new(tool("sshd"));
-    sshd.arg("-D").arg("-e").arg("-f").arg(&vm_config);
+    let sshd = vm.command_listening_on(VM_ADDR, dir.path());
     let _sshd = Background::spawn(&mut Namespaces::exec(&ns.vm, &sshd), "sshd", dir.path());
 
     // The target, only in the VM namespace; a decoy at the same address next to the gateway;

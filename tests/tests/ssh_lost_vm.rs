@@ -16,7 +16,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -42,14 +41,7 @@ fn an_ssh_session_on_a_vm_lost_without_a_word_ends_and_the_next_login_goes_elsew
         .trusted_user_ca_keys(ca.public_key_path())
         .start();
     vm.stop();
-    let config = std::fs::read_to_string(vm.config_path()).unwrap().replace(
-        "ListenAddress 127.0.0.1",
-        &format!("ListenAddress {}", net.vm_addr),
-    );
-    let vm_config = dir.path().join("sshd_config");
-    std::fs::write(&vm_config, config).unwrap();
-    let mut sshd = Command::new(tool("sshd"));
-    sshd.arg("-D").arg("-e").arg("-f").arg(&vm_config);
+    let sshd = vm.command_listening_on(&net.vm_addr.to_string(), dir.path());
     let _sshd = Background::spawn(&mut net.exec(&sshd), "sshd", dir.path());
     wait_for_ssh_banner(
         SocketAddr::from((net.vm_addr, vm.port())),
