@@ -1,16 +1,20 @@
 //! A VM lost without a word under an SSH session: its host is cut off from the network (no FIN,
-//! no RST ever arrives) while a user's session on it waits for output. The gateway's SSH
-//! keepalives to the VM (every 30 s without traffic, given up after 4 unanswered) end the
-//! connection to the VM, and with it the user's session, which does not hang. Meanwhile the
-//! probes mark the VM down, and the user's next login goes to the VM that is left.
+//! no RST ever arrives) while a user's session on it waits for output. The probes mark the VM
+//! down, the gateway pings the VM over the session's connection, gets no answer within 10 s and
+//! ends the session with a message that says so: the user waits about half a minute, not the
+//! two and a half minutes the connection's SSH keepalives (every 30 s without traffic, given up
+//! after 4 unanswered) would take. The user's next login goes to the VM that is left.
 //!
 //! The other way round, at the same time: a client that stops answering (its ssh process
 //! stopped, as a laptop put to sleep) is dropped by the gateway's keepalives to clients, with
 //! a line in the log that says why.
 //!
-//! As in `http_lost_vm`, only a real loss of packets shows this, so the lost VM's sshd runs in
-//! a network namespace of the test's own ([`VmNetwork`]), joined to the host's by a veth pair
-//! whose VM end goes down. The other VM is an ordinary one on 127.0.0.1.
+//! And a VM whose probes fail while its open connections are fine (sshd's listener gone, the
+//! sessions' own sshd processes still there) answers the ping: its sessions go on.
+//!
+//! As in `http_lost_vm`, only a real loss of packets shows the first case, so the lost VM's
+//! sshd runs in a network namespace of the test's own ([`VmNetwork`]), joined to the host's by
+//! a veth pair whose VM end goes down. The other VM is an ordinary one on 127.0.0.1.
 
 // Test code: a failed step should abort the test at once (as in tests/src/lib.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -24,8 +28,16 @@ use poolgate_tests::*;
 /// Five keepalive intervals of 30 s, and room for a loaded machine.
 const NOTICED_WITHIN: Duration = Duration::from_secs(210);
 
+/// The team logged in when the VM is lost: half of them land on it. (Two VMs of the default
+/// `max_sessions = 10`: one place is left on the VM that stays for a login after the loss.)
+const USERS: usize = 18;
+
+/// The soonest the connection's own keepalives could end a session: four unanswered, 30 s
+/// apart. A session on a lost VM must end before that.
+const KEEPALIVES_GIVE_UP: Duration = Duration::from_secs(120);
+
 #[test]
-fn an_ssh_session_on_a_vm_lost_without_a_word_ends_and_the_next_login_goes_elsewhere() {
+fn the_sessions_on_a_vm_lost_without_a_word_end_soon_after_the_probes_mark_it_down() {
     require_tools!("sshd", "ssh", "ssh-keygen", "ip");
     require_root!();
     let net = VmNetwork::create();
@@ -52,56 +64,138 @@ fn an_ssh_session_on_a_vm_lost_without_a_word_ends_and_the_next_login_goes_elsew
     let pool = GatewayPool::builder()
         .without_health_section()
         .user_ca(ca)
-        .users(2)
+        .users(USERS)
         .ssh_vm_at("lost", &vm, &net.vm_addr.to_string())
         .vm("stays")
         .start();
     pool.gateway.wait_for_vm_up("lost", Duration::from_secs(30));
     pool.gateway
         .wait_for_vm_up("stays", Duration::from_secs(30));
-    // Two users log in: the second goes to the VM the first left empty (least loaded), so
-    // there is one session on each. The one on the VM to lose is under test; the other one's
-    // client will stop answering.
-    let first = SshSession::hold(&pool.client(1));
-    let second = SshSession::hold(&pool.client(2));
-    assert_ne!(first.vm, second.vm);
-    let (mut session, asleep) = if first.vm == "lost" {
-        (first, second)
-    } else {
-        (second, first)
-    };
-    assert_eq!((session.vm.as_str(), asleep.vm.as_str()), ("lost", "stays"));
-    session.roundtrip("before", Duration::from_secs(10));
+    // A team logs in: each login goes to the VM with fewer sessions, so half of them are on the
+    // VM to lose. Those are under test; of the others, one client will stop answering and the
+    // rest must not notice anything.
+    let (mut on_lost, mut on_stays): (Vec<_>, Vec<_>) = (1..=USERS)
+        .map(|i| SshSession::hold(&pool.client(i)))
+        .partition(|session| session.vm == "lost");
+    assert_eq!((on_lost.len(), on_stays.len()), (USERS / 2, USERS / 2));
+    let asleep = on_stays.pop().expect("a session on the VM that stays");
+    for session in on_lost.iter_mut().chain(on_stays.iter_mut()) {
+        session.roundtrip("before", Duration::from_secs(10));
+    }
 
-    // The host is lost; the user waits for output and types nothing. The other user's laptop
+    // The host is lost; its users wait for output and type nothing. Another user's laptop
     // goes to sleep.
     net.cut();
     send_signal(asleep.pid(), Signal::SIGSTOP);
     let lost = Instant::now();
-    session.wait_exit(NOTICED_WITHIN);
-    let ended = lost.elapsed();
-    eprintln!(
-        "the session on the lost VM ended {ended:?} after the loss; ssh said: {}",
-        session.stderr().trim()
-    );
-    // The gateway's keepalives, not anything sooner: the first goes out after 30 s of silence.
-    assert!(ended >= Duration::from_secs(30), "{ended:?}");
-    pool.gateway
-        .wait_for_vm_down("lost", Duration::from_secs(5));
-
-    // The user logs in again: the VM that is left takes it.
-    assert_eq!(landed(&pool.client(1)), "stays");
-
-    // The sleeping client is dropped by the same keepalives, the other way, and the log says
-    // why (the SSH connection's end had no reason in it before).
-    pool.gateway.wait_for_log(
-        "the client stopped answering keepalives",
+    // The probes mark the VM's SSH side down first (3 failed probes, 5 s apart, at the
+    // defaults); its connections are checked then.
+    wait_for_health_line(
+        pool.gateway.log_path(),
+        "lost",
+        "VM is down on its SSH side",
         Duration::from_secs(60),
     );
+    let down = lost.elapsed();
+    for session in &mut on_lost {
+        session.wait_exit(NOTICED_WITHIN);
+        let ended = lost.elapsed();
+        assert!(
+            ended < KEEPALIVES_GIVE_UP,
+            "a session ended {ended:?} after the loss: by keepalives, not by the check"
+        );
+        assert!(
+            session.stderr().contains("VM lost stopped answering"),
+            "ssh was not told why: {}",
+            session.stderr()
+        );
+    }
+    let ended = lost.elapsed();
+    eprintln!(
+        "the VM's SSH side was marked down {down:?} after the loss, and its {} sessions had \
+         ended {ended:?} after it; ssh said: {}",
+        on_lost.len(),
+        on_lost[0].stderr().trim()
+    );
+    let ended_lines = pool
+        .log()
+        .lines()
+        .filter(|l| l.contains("did not answer this connection in time"))
+        .count();
+    assert_eq!(ended_lines, on_lost.len(), "one line per session ended");
+    // The sessions on the VM that stays did not notice.
+    for session in &mut on_stays {
+        session.roundtrip("after", Duration::from_secs(10));
+    }
+
+    // A user logs in again: the VM that is left takes it.
+    assert_eq!(landed(&pool.client(1)), "stays");
+
+    // The sleeping client is dropped by the gateway's keepalives to clients, and the log says
+    // why (the SSH connection's end had no reason in it before).
+    pool.gateway
+        .wait_for_log("the client stopped answering keepalives", NOTICED_WITHIN);
     eprintln!(
         "the sleeping client was dropped {:?} after it stopped",
         lost.elapsed()
     );
     send_signal(asleep.pid(), Signal::SIGCONT);
-    drop((session, asleep));
+    drop((on_lost, on_stays, asleep));
+}
+
+/// The probes fail while the VM's open connections are fine: sshd's listener is gone, the
+/// sshd process of the user's session is not. The VM is marked down and no new login goes
+/// there, but it answers the session's ping, so the session goes on.
+#[test]
+fn a_vm_marked_down_that_still_answers_keeps_its_ssh_sessions() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    let mut pool = GatewayPool::builder()
+        .without_health_section()
+        .vm("listener-gone")
+        .vm("stays")
+        .users(2)
+        // The answered check is logged at debug only (one line per connection).
+        .gateway_env("POOLGATE_LOG", "info,gateway::ssh=debug")
+        .start();
+    pool.gateway
+        .wait_for_vm_up("listener-gone", Duration::from_secs(30));
+    pool.gateway
+        .wait_for_vm_up("stays", Duration::from_secs(30));
+    let first = SshSession::hold(&pool.client(1));
+    let mut session = if first.vm == "listener-gone" {
+        first
+    } else {
+        // The next login goes to the VM the first left empty.
+        let second = SshSession::hold(&pool.client(2));
+        drop(first);
+        second
+    };
+    assert_eq!(session.vm, "listener-gone");
+    session.roundtrip("before", Duration::from_secs(10));
+
+    // Only the listening sshd ends (SIGTERM to it alone): the session's own sshd processes
+    // stay, as after `systemctl stop ssh` or while sshd restarts.
+    let listener = pool.vm("listener-gone").pid().expect("the VM's sshd runs");
+    send_signal(listener, Signal::SIGTERM);
+    wait_for_health_line(
+        pool.gateway.log_path(),
+        "listener-gone",
+        "VM is down on its SSH side",
+        Duration::from_secs(60),
+    );
+    pool.gateway.wait_for_log(
+        "the health checks marked the VM down, but it answered this connection",
+        Duration::from_secs(30),
+    );
+    session.roundtrip("after the check", Duration::from_secs(10));
+    assert!(
+        !pool
+            .log()
+            .contains("did not answer this connection in time"),
+        "a session on a VM that answers was ended"
+    );
+    // New logins go to the VM that is left.
+    assert_eq!(landed(&pool.client(1)), "stays");
+    drop(session);
+    pool.vm_mut("listener-gone").stop();
 }

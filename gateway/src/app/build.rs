@@ -260,6 +260,7 @@ fn build_gateway(
         affinity: cluster
             .clone()
             .map(|c| c as Arc<dyn crate::placement::SharedAffinity>),
+        vm_down: Some(health.ssh_down_events()),
     });
     let a = &config.autoscale;
     if a.enabled && !a.busy_command.is_empty() {

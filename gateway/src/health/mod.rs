@@ -18,7 +18,7 @@ use std::time::Duration;
 use router_core::{Health, HealthPolicy, HealthTracker, Lifecycle, Pool, Protocol, Transition};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 /// Called by a frontend with a VM's name when a real session could not connect to it (passive
 /// health check; see [`HealthChecker::failure_hook`]).
@@ -61,7 +61,18 @@ pub struct HealthChecker {
     pool: Arc<Pool>,
     settings: std::sync::RwLock<HealthSettings>,
     trackers: Mutex<HashMap<(String, Protocol), HealthTracker>>,
+    /// The names of VMs whose SSH side just went down (see [`Self::ssh_down_events`]).
+    ssh_down: broadcast::Sender<Arc<str>>,
 }
+
+/// VMs whose SSH side the health checks have just marked down, one name per change: the SSH
+/// frontend asks its open connections to such a VM whether the VM still answers, rather than
+/// wait for its keepalives (see `ssh::connect`). A receiver that falls behind by more than
+/// [`SSH_DOWN_QUEUE`] names skips the oldest.
+pub type SshDownEvents = broadcast::Receiver<Arc<str>>;
+
+/// Names kept for an [`SshDownEvents`] receiver that has not looked yet.
+pub const SSH_DOWN_QUEUE: usize = 64;
 
 impl std::fmt::Debug for HealthChecker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,7 +89,14 @@ impl HealthChecker {
             pool,
             settings: std::sync::RwLock::new(settings),
             trackers: Mutex::new(HashMap::new()),
+            ssh_down: broadcast::channel(SSH_DOWN_QUEUE).0,
         })
+    }
+
+    /// A receiver of the names of VMs whose SSH side goes down from now on, by a probe or by
+    /// a session that could not connect ([`Self::report_failure`]).
+    pub fn ssh_down_events(&self) -> SshDownEvents {
+        self.ssh_down.subscribe()
     }
 
     /// The current settings.
@@ -138,6 +156,10 @@ impl HealthChecker {
             transition
         };
         if let Some(t) = transition {
+            if protocol == Protocol::Ssh && t.to == Health::Down {
+                // No receiver (no SSH connection open) is no error.
+                let _ = self.ssh_down.send(Arc::from(vm));
+            }
             let side = side_name(protocol);
             if !self.probes(protocol) {
                 // This side follows the probes that do run: their own lines tell the story.
@@ -592,6 +614,32 @@ mod tests {
         assert_eq!(checker.follow_leaving(&mut announced), vec!["vm-a"]);
         assert!(announced.is_empty());
         assert!(checker.follow_leaving(&mut announced).is_empty());
+    }
+
+    #[test]
+    fn a_vm_whose_ssh_side_goes_down_is_announced_once_and_its_web_side_not_at_all() {
+        use router_core::{RoutingPolicy, SystemClock, VmSpec};
+        let pool = Arc::new(Pool::new(RoutingPolicy::default(), Arc::new(SystemClock)));
+        pool.set_vms(vec![VmSpec::new("vm-a", "127.0.0.1")]);
+        let checker = HealthChecker::new(pool.clone(), HealthSettings::for_tests());
+        let mut down = checker.ssh_down_events();
+        let failed = ProbeResult::Failed("connection refused".into());
+        checker.observe("vm-a", Protocol::Ssh, &ProbeResult::Ok);
+        checker.observe("vm-a", Protocol::Http, &failed);
+        assert!(
+            down.try_recv().is_err(),
+            "nothing went down on the SSH side"
+        );
+        // Down after `fall` failures in a row (3 by default), announced once.
+        for _ in 0..HealthPolicy::default().fall {
+            checker.observe("vm-a", Protocol::Ssh, &failed);
+        }
+        assert_eq!(down.try_recv().as_deref().ok(), Some("vm-a"));
+        checker.observe("vm-a", Protocol::Ssh, &failed);
+        assert!(
+            down.try_recv().is_err(),
+            "a side already down is not announced again"
+        );
     }
 
     #[test]

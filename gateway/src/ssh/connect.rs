@@ -4,13 +4,13 @@
 //! audit line when it goes.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use router_core::{PickRequest, Protocol, SessionGuard};
 use russh::server;
 use russh::{ChannelId, ChannelOpenFailure, Sig};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tracing::field::display;
 use tracing::{Instrument, Span};
 
@@ -18,6 +18,7 @@ use super::SshGateway;
 use super::backend::{self, BackendError, BackendHandler, Credential, Target, VmChannel};
 use super::keys::CertRequest;
 use super::relay::{self, FlowControl, UserSide};
+use crate::health::SshDownEvents;
 use crate::metrics::outcome;
 
 pub(crate) enum OpenError {
@@ -220,9 +221,14 @@ pub(crate) fn make_ready(
             .with_label_values(&["ssh", guard.vm_name(), "down"]),
         pool_verbs: gw.settings.pool_verbs.clone(),
     });
+    let check = gw.vm_down.as_ref().map(|down| DownCheck {
+        down: down.resubscribe(),
+        backend: Arc::downgrade(&connected.backend),
+    });
     tokio::spawn(
         tell_user_when_vm_lost(
             connected.closed,
+            check,
             handle.clone(),
             guard.vm_name().to_string(),
         )
@@ -253,25 +259,123 @@ pub(crate) fn vm_lost_message(vm: &str) -> String {
     ))
 }
 
+/// What a user sees when the VM under their session stopped answering after the health checks
+/// marked it down.
+pub(crate) fn vm_unanswering_message(vm: &str) -> String {
+    super::front::ascii(&format!(
+        "poolgate: VM {vm} stopped answering (the health checks found it down); your session \
+         there has ended. Reconnect to land on a working VM."
+    ))
+}
+
+/// How long a VM whose SSH side the health checks marked down has to answer a connection's
+/// ping before that connection is taken for lost. sshd answers a keepalive request at once,
+/// from the session's own process.
+const VM_PING_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What lets a VM connection be checked when the health checks mark its VM down.
+pub(crate) struct DownCheck {
+    /// Names of VMs whose SSH side went down.
+    down: SshDownEvents,
+    /// The VM connection (not kept alive by this).
+    backend: Weak<russh::client::Handle<BackendHandler>>,
+}
+
+/// How a VM connection was lost.
+enum Lost {
+    /// It ended: the VM closed it, or its keepalives went unanswered.
+    Ended,
+    /// The health checks marked the VM down and it did not answer a ping in time.
+    Unanswered,
+}
+
+/// Waits until the VM connection ends, or until the health checks mark its VM down and it does
+/// not answer a ping within [`VM_PING_DEADLINE`]. A VM lost without a word (its host down, the
+/// network cut) closes nothing, and the connection's own keepalives take up to 150 s to give
+/// up (every 30 s without traffic, 4 unanswered); the probes mark such a VM down within about
+/// 15 s at their defaults. A VM that answers keeps its connections: a probe can fail while
+/// open connections are fine (sshd's listener restarting, `MaxStartups` full).
+async fn vm_lost(
+    closed: &mut tokio::sync::oneshot::Receiver<()>,
+    check: Option<DownCheck>,
+    vm: &str,
+) -> Lost {
+    let Some(DownCheck { mut down, backend }) = check else {
+        let _ = closed.await;
+        return Lost::Ended;
+    };
+    loop {
+        let event = tokio::select! {
+            _ = &mut *closed => return Lost::Ended,
+            event = down.recv() => event,
+        };
+        match event {
+            Ok(name) if *name == *vm => {}
+            // Names fell out of the queue unread: one of them may have been this VM's.
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Ok(_) => continue,
+            // The health checks stopped (the gateway is stopping): the keepalives go on.
+            Err(broadcast::error::RecvError::Closed) => {
+                let _ = closed.await;
+                return Lost::Ended;
+            }
+        }
+        let Some(backend) = backend.upgrade() else {
+            let _ = closed.await;
+            return Lost::Ended;
+        };
+        // A ping also completes when the connection ends; `closed` tells that apart next.
+        // Boxed: rare, and inline its state (a timer among it) would size the wait for it.
+        let ping = Box::pin(tokio::time::timeout(VM_PING_DEADLINE, backend.send_ping()));
+        let answered = tokio::select! {
+            _ = &mut *closed => return Lost::Ended,
+            pinged = ping => pinged.is_ok(),
+        };
+        if answered {
+            tracing::debug!(
+                "the health checks marked the VM down, but it answered this connection: the session goes on"
+            );
+            continue;
+        }
+        // Ended from here, however the VM's socket fares: a write to a host that is gone can
+        // wait for TCP to give up (minutes), so the VM connection is told to close without
+        // waiting for it, and the user is disconnected now.
+        tokio::spawn(async move {
+            let bye = backend.disconnect(russh::Disconnect::ConnectionLost, "", "en");
+            let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+        });
+        return Lost::Unanswered;
+    }
+}
+
 /// When the VM connection ends while the user is still connected (the VM died, rebooted or
-/// dropped the connection), disconnects the user with a message saying so, instead of leaving
-/// a connection without a VM behind it. A user who left first makes the disconnect fail: quiet.
+/// dropped the connection), or the VM stops answering once the health checks mark it down,
+/// disconnects the user with a message saying so, instead of leaving a connection without a VM
+/// behind it. A user who left first makes the disconnect fail: quiet.
 async fn tell_user_when_vm_lost(
-    closed: tokio::sync::oneshot::Receiver<()>,
+    mut closed: tokio::sync::oneshot::Receiver<()>,
+    check: Option<DownCheck>,
     user_handle: server::Handle,
     vm: String,
 ) {
-    let _ = closed.await;
-    // Boxed: this task waits for the whole session, and the disconnect's state (a russh
-    // message on its way to the session's queue) would otherwise be room it holds all along.
-    let sent = Box::pin(user_handle.disconnect(
-        russh::Disconnect::ConnectionLost,
-        vm_lost_message(&vm),
-        "en".into(),
-    ))
-    .await;
+    let lost = vm_lost(&mut closed, check, &vm).await;
+    let message = match lost {
+        Lost::Ended => vm_lost_message(&vm),
+        Lost::Unanswered => vm_unanswering_message(&vm),
+    };
+    let sent =
+        Box::pin(user_handle.disconnect(russh::Disconnect::ConnectionLost, message, "en".into()))
+            .await;
     if sent.is_ok() {
-        tracing::warn!("lost the connection to the VM; the user was disconnected with a message");
+        match lost {
+            Lost::Ended => tracing::warn!(
+                "lost the connection to the VM; the user was disconnected with a message"
+            ),
+            Lost::Unanswered => tracing::warn!(
+                deadline_s = VM_PING_DEADLINE.as_secs(),
+                "the health checks marked the VM down and it did not answer this connection in time; the user was disconnected with a message"
+            ),
+        }
     }
 }
 

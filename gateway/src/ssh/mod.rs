@@ -26,7 +26,7 @@ use tracing::Instrument;
 use self::front::Front;
 use self::keys::UserCa;
 use self::known_hosts::HostKeyPolicy;
-use crate::health::FailureHook;
+use crate::health::{FailureHook, SshDownEvents};
 use crate::placement::SharedAffinity;
 use crate::wake::Waker;
 
@@ -83,6 +83,8 @@ pub struct SshGateway {
     pub(crate) wake: Option<Waker>,
     /// Affinity shared by the gateway replicas (`[cluster]`), asked before placing a session.
     pub(crate) affinity: Option<Arc<dyn SharedAffinity>>,
+    /// Names of VMs whose SSH side went down; each VM connection takes its own receiver.
+    pub(crate) vm_down: Option<SshDownEvents>,
     pub(crate) window_size: u32,
     unauthenticated: penalty::UnauthSlots,
     /// Open user connections, for graceful shutdown.
@@ -124,6 +126,9 @@ pub struct SshGatewayParts {
     pub wake: Option<Waker>,
     /// Affinity shared by the gateway replicas, when there are several.
     pub affinity: Option<Arc<dyn SharedAffinity>>,
+    /// VMs the health checks mark down on their SSH side: connections to such a VM are asked
+    /// at once whether it still answers. `None`: only SSH keepalives notice a lost VM.
+    pub vm_down: Option<SshDownEvents>,
 }
 
 /// Server-side russh configuration (see FIELD-NOTES: nodelay, immediate first rejection,
@@ -195,6 +200,7 @@ impl SshGateway {
             metrics: parts.metrics,
             wake: parts.wake,
             affinity: parts.affinity,
+            vm_down: parts.vm_down,
             window_size,
             connections: dashmap::DashMap::new(),
             next_connection: std::sync::atomic::AtomicU64::new(1),
