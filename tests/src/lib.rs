@@ -82,7 +82,7 @@ pub use ports::{
 };
 pub use process::{
     TimedOut, blocking, is_alive, kill_tree, poll, run_with_input, run_with_timeout, send_signal,
-    try_run_with_timeout, wait_for_exit, wait_until,
+    signal_tree, try_run_with_timeout, wait_for_exit, wait_until,
 };
 pub use procfs::{
     fd_count, pids_with_cmdline_prefix, rss_kib, thread_wchans, unread_bytes_on_port,

@@ -214,6 +214,15 @@ pub(crate) fn signal(pid: u32, signal: Signal) {
     let _ = kill(Pid::from_raw(pid as i32), signal);
 }
 
+/// Sends `signal` to `root` and each of its descendants (a VM's sshd and the processes of its
+/// sessions, say), ignoring those that are gone.
+pub fn signal_tree(root: u32, signal: Signal) {
+    let root = i32::try_from(root).expect("pid fits i32");
+    for pid in tree(root) {
+        let _ = kill(Pid::from_raw(pid), signal);
+    }
+}
+
 /// Sends `signal` to process `pid`; panics when that fails (the process must exist).
 pub fn send_signal(pid: u32, signal: Signal) {
     let pid = Pid::from_raw(i32::try_from(pid).expect("pid fits i32"));

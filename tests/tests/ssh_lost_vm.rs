@@ -1,16 +1,18 @@
 //! A VM lost without a word under an SSH session: its host is cut off from the network (no FIN,
 //! no RST ever arrives) while a user's session on it waits for output. The probes mark the VM
-//! down, the gateway pings the VM over the session's connection, gets no answer within 10 s and
-//! ends the session with a message that says so: the user waits about half a minute, not the
-//! two and a half minutes the connection's SSH keepalives (every 30 s without traffic, given up
-//! after 4 unanswered) would take. The user's next login goes to the VM that is left.
+//! down, the gateway pings the VM over the session's connection, gets no answer within 30 s and
+//! ends the session with a message that says so: the user waits about 45 s, not the two and a
+//! half minutes the connection's SSH keepalives (every 30 s without traffic, given up after 4
+//! unanswered) would take. The user's next login goes to the VM that is left.
 //!
 //! The other way round, at the same time: a client that stops answering (its ssh process
 //! stopped, as a laptop put to sleep) is dropped by the gateway's keepalives to clients, with
 //! a line in the log that says why.
 //!
 //! And a VM whose probes fail while its open connections are fine (sshd's listener gone, the
-//! sessions' own sshd processes still there) answers the ping: its sessions go on.
+//! sessions' own sshd processes still there) answers the ping, as does a VM paused for longer
+//! than the probes take to mark it down (host maintenance freezes a VM for seconds): their
+//! sessions go on.
 //!
 //! As in `http_lost_vm`, only a real loss of packets shows the first case, so the lost VM's
 //! sshd runs in a network namespace of the test's own ([`VmNetwork`]), joined to the host's by
@@ -198,4 +200,57 @@ fn a_vm_marked_down_that_still_answers_keeps_its_ssh_sessions() {
     assert_eq!(landed(&pool.client(1)), "stays");
     drop(session);
     pool.vm_mut("listener-gone").stop();
+}
+
+/// A VM paused for longer than the probes take to mark it down, and shorter than the ping's
+/// 30 s: every sshd process of it stopped, as host maintenance freezes a whole VM. The ping
+/// waits, is answered once the VM is back, and its session goes on.
+#[test]
+fn a_vm_paused_for_seconds_keeps_its_ssh_sessions() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    let mut pool = GatewayPool::builder()
+        .without_health_section()
+        .vm("paused")
+        // The answered check is logged at debug only (one line per connection).
+        .gateway_env("POOLGATE_LOG", "info,gateway::ssh=debug")
+        .start();
+    pool.gateway
+        .wait_for_vm_up("paused", Duration::from_secs(30));
+    let mut session = SshSession::hold(&pool.client(1));
+    assert_eq!(session.vm, "paused");
+    session.roundtrip("before", Duration::from_secs(10));
+
+    let sshd = pool.vm("paused").pid().expect("the VM's sshd runs");
+    signal_tree(sshd, Signal::SIGSTOP);
+    let paused = Instant::now();
+    wait_for_health_line(
+        pool.gateway.log_path(),
+        "paused",
+        "VM is down on its SSH side",
+        Duration::from_secs(60),
+    );
+    // The pause itself, not a wait for anything: the VM stays frozen 10 s past being marked
+    // down (about 25 s in all, as a long maintenance freeze), while its ping waits.
+    std::thread::sleep(Duration::from_secs(10));
+    assert!(
+        !pool
+            .log()
+            .contains("did not answer this connection in time"),
+        "the session was ended while its VM was paused"
+    );
+    signal_tree(sshd, Signal::SIGCONT);
+    eprintln!("the VM was paused for {:?}", paused.elapsed());
+    pool.gateway.wait_for_log(
+        "the health checks marked the VM down, but it answered this connection",
+        Duration::from_secs(30),
+    );
+    session.roundtrip("after the pause", Duration::from_secs(10));
+    assert!(
+        !pool
+            .log()
+            .contains("did not answer this connection in time"),
+        "a session on a VM back from a pause was ended"
+    );
+    drop(session);
+    pool.vm_mut("paused").stop();
 }

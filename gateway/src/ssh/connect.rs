@@ -270,8 +270,11 @@ pub(crate) fn vm_unanswering_message(vm: &str) -> String {
 
 /// How long a VM whose SSH side the health checks marked down has to answer a connection's
 /// ping before that connection is taken for lost. sshd answers a keepalive request at once,
-/// from the session's own process.
-const VM_PING_DEADLINE: Duration = Duration::from_secs(10);
+/// from the session's own process; the time is for a VM that is paused, not lost: Azure's
+/// memory-preserving host maintenance freezes a VM for seconds (up to about 30), long enough
+/// for the probes to mark it down, and its sessions must outlast that, as they outlast it
+/// under the keepalives alone.
+const VM_PING_DEADLINE: Duration = Duration::from_secs(30);
 
 /// What lets a VM connection be checked when the health checks mark its VM down.
 pub(crate) struct DownCheck {
