@@ -92,12 +92,7 @@ fn the_sessions_on_a_vm_lost_without_a_word_end_soon_after_the_probes_mark_it_do
     let lost = Instant::now();
     // The probes mark the VM's SSH side down first (3 failed probes, 5 s apart, at the
     // defaults); its connections are checked then.
-    wait_for_health_line(
-        pool.gateway.log_path(),
-        "lost",
-        "VM is down on its SSH side",
-        Duration::from_secs(60),
-    );
+    wait_for_ssh_side_down(&pool, "lost");
     let down = lost.elapsed();
     for session in &mut on_lost {
         session.wait_exit(NOTICED_WITHIN);
@@ -179,23 +174,8 @@ fn a_vm_marked_down_that_still_answers_keeps_its_ssh_sessions() {
     // stay, as after `systemctl stop ssh` or while sshd restarts.
     let listener = pool.vm("listener-gone").pid().expect("the VM's sshd runs");
     send_signal(listener, Signal::SIGTERM);
-    wait_for_health_line(
-        pool.gateway.log_path(),
-        "listener-gone",
-        "VM is down on its SSH side",
-        Duration::from_secs(60),
-    );
-    pool.gateway.wait_for_log(
-        "the health checks marked the VM down, but it answered this connection",
-        Duration::from_secs(30),
-    );
-    session.roundtrip("after the check", Duration::from_secs(10));
-    assert!(
-        !pool
-            .log()
-            .contains("did not answer this connection in time"),
-        "a session on a VM that answers was ended"
-    );
+    wait_for_ssh_side_down(&pool, "listener-gone");
+    kept_after_the_check(&pool, &mut session);
     // New logins go to the VM that is left.
     assert_eq!(landed(&pool.client(1)), "stays");
     drop(session);
@@ -223,12 +203,7 @@ fn a_vm_paused_for_seconds_keeps_its_ssh_sessions() {
     let sshd = pool.vm("paused").pid().expect("the VM's sshd runs");
     signal_tree(sshd, Signal::SIGSTOP);
     let paused = Instant::now();
-    wait_for_health_line(
-        pool.gateway.log_path(),
-        "paused",
-        "VM is down on its SSH side",
-        Duration::from_secs(60),
-    );
+    wait_for_ssh_side_down(&pool, "paused");
     // The pause itself, not a wait for anything: the VM stays frozen 10 s past being marked
     // down (about 25 s in all, as a long maintenance freeze), while its ping waits.
     std::thread::sleep(Duration::from_secs(10));
@@ -240,17 +215,34 @@ fn a_vm_paused_for_seconds_keeps_its_ssh_sessions() {
     );
     signal_tree(sshd, Signal::SIGCONT);
     eprintln!("the VM was paused for {:?}", paused.elapsed());
+    kept_after_the_check(&pool, &mut session);
+    drop(session);
+    pool.vm_mut("paused").stop();
+}
+
+/// Waits for the line that marks `vm`'s SSH side down (the probes' third failure in a row, at
+/// the defaults).
+fn wait_for_ssh_side_down(pool: &GatewayPool, vm: &str) {
+    wait_for_health_line(
+        pool.gateway.log_path(),
+        vm,
+        "VM is down on its SSH side",
+        Duration::from_secs(60),
+    );
+}
+
+/// The VM under `session` answered the gateway's ping after being marked down: the session
+/// still works, and no session was ended for not answering.
+fn kept_after_the_check(pool: &GatewayPool, session: &mut SshSession) {
     pool.gateway.wait_for_log(
         "the health checks marked the VM down, but it answered this connection",
         Duration::from_secs(30),
     );
-    session.roundtrip("after the pause", Duration::from_secs(10));
+    session.roundtrip("after the check", Duration::from_secs(10));
     assert!(
         !pool
             .log()
             .contains("did not answer this connection in time"),
-        "a session on a VM back from a pause was ended"
+        "a session on a VM that answered was ended"
     );
-    drop(session);
-    pool.vm_mut("paused").stop();
 }
