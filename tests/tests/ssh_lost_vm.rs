@@ -146,14 +146,12 @@ fn the_sessions_on_a_vm_lost_without_a_word_end_soon_after_the_probes_mark_it_do
 #[test]
 fn a_vm_marked_down_that_still_answers_keeps_its_ssh_sessions() {
     require_tools!("sshd", "ssh", "ssh-keygen");
-    let mut pool = GatewayPool::builder()
-        .without_health_section()
-        .vm("listener-gone")
-        .vm("stays")
-        .users(2)
-        // The answered check is logged at debug only (one line per connection).
-        .gateway_env("POOLGATE_LOG", "info,gateway::ssh=debug")
-        .start();
+    let mut pool = start_logging_checks(
+        GatewayPool::builder()
+            .vm("listener-gone")
+            .vm("stays")
+            .users(2),
+    );
     pool.gateway
         .wait_for_vm_up("listener-gone", Duration::from_secs(30));
     pool.gateway
@@ -188,12 +186,7 @@ fn a_vm_marked_down_that_still_answers_keeps_its_ssh_sessions() {
 #[test]
 fn a_vm_paused_for_seconds_keeps_its_ssh_sessions() {
     require_tools!("sshd", "ssh", "ssh-keygen");
-    let mut pool = GatewayPool::builder()
-        .without_health_section()
-        .vm("paused")
-        // The answered check is logged at debug only (one line per connection).
-        .gateway_env("POOLGATE_LOG", "info,gateway::ssh=debug")
-        .start();
+    let mut pool = start_logging_checks(GatewayPool::builder().vm("paused"));
     pool.gateway
         .wait_for_vm_up("paused", Duration::from_secs(30));
     let mut session = SshSession::hold(&pool.client(1));
@@ -218,6 +211,14 @@ fn a_vm_paused_for_seconds_keeps_its_ssh_sessions() {
     kept_after_the_check(&pool, &mut session);
     drop(session);
     pool.vm_mut("paused").stop();
+}
+
+/// Starts `pool` with the health checks at their defaults, logging each answered check: that
+/// line is at debug only (one per connection).
+fn start_logging_checks(pool: GatewayPoolBuilder) -> GatewayPool {
+    pool.without_health_section()
+        .gateway_env("POOLGATE_LOG", "info,gateway::ssh=debug")
+        .start()
 }
 
 /// Waits for the line that marks `vm`'s SSH side down (the probes' third failure in a row, at
