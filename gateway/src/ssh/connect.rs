@@ -261,7 +261,7 @@ pub(crate) fn vm_lost_message(vm: &str) -> String {
 
 /// What a user sees when the VM under their session stopped answering after the health checks
 /// marked it down.
-pub(crate) fn vm_unanswering_message(vm: &str) -> String {
+fn vm_unanswering_message(vm: &str) -> String {
     super::front::ascii(&format!(
         "poolgate: VM {vm} stopped answering (the health checks found it down); your session \
          there has ended. Reconnect to land on a working VM."
@@ -303,52 +303,48 @@ async fn vm_lost(
     check: Option<DownCheck>,
     vm: &str,
 ) -> Lost {
-    let Some(DownCheck { mut down, backend }) = check else {
-        let _ = closed.await;
-        return Lost::Ended;
-    };
-    loop {
-        let event = tokio::select! {
-            _ = &mut *closed => return Lost::Ended,
-            event = down.recv() => event,
-        };
-        match event {
-            Ok(name) if *name == *vm => {}
-            // Names fell out of the queue unread: one of them may have been this VM's.
-            Err(broadcast::error::RecvError::Lagged(_)) => {}
-            Ok(_) => continue,
-            // The health checks stopped (the gateway is stopping): the keepalives go on.
-            Err(broadcast::error::RecvError::Closed) => {
-                let _ = closed.await;
-                return Lost::Ended;
+    if let Some(DownCheck { mut down, backend }) = check {
+        loop {
+            let event = tokio::select! {
+                _ = &mut *closed => return Lost::Ended,
+                event = down.recv() => event,
+            };
+            match event {
+                Ok(name) if *name == *vm => {}
+                // Names fell out of the queue unread: one of them may have been this VM's.
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Ok(_) => continue,
+                // The health checks stopped (the gateway is stopping): the keepalives go on.
+                Err(broadcast::error::RecvError::Closed) => break,
             }
+            let Some(backend) = backend.upgrade() else {
+                break;
+            };
+            // A ping also completes when the connection ends; `closed` tells that apart next.
+            // Boxed: rare, and inline its state (a timer among it) would size the wait for it.
+            let ping = Box::pin(tokio::time::timeout(VM_PING_DEADLINE, backend.send_ping()));
+            let answered = tokio::select! {
+                _ = &mut *closed => return Lost::Ended,
+                pinged = ping => pinged.is_ok(),
+            };
+            if answered {
+                tracing::debug!(
+                    "the health checks marked the VM down, but it answered this connection: the session goes on"
+                );
+                continue;
+            }
+            // Ended from here, however the VM's socket fares: a write to a host that is gone
+            // can wait for TCP to give up (minutes), so the VM connection is told to close
+            // without waiting for it, and the user is disconnected now.
+            tokio::spawn(async move {
+                let bye = backend.disconnect(russh::Disconnect::ConnectionLost, "", "en");
+                let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+            });
+            return Lost::Unanswered;
         }
-        let Some(backend) = backend.upgrade() else {
-            let _ = closed.await;
-            return Lost::Ended;
-        };
-        // A ping also completes when the connection ends; `closed` tells that apart next.
-        // Boxed: rare, and inline its state (a timer among it) would size the wait for it.
-        let ping = Box::pin(tokio::time::timeout(VM_PING_DEADLINE, backend.send_ping()));
-        let answered = tokio::select! {
-            _ = &mut *closed => return Lost::Ended,
-            pinged = ping => pinged.is_ok(),
-        };
-        if answered {
-            tracing::debug!(
-                "the health checks marked the VM down, but it answered this connection: the session goes on"
-            );
-            continue;
-        }
-        // Ended from here, however the VM's socket fares: a write to a host that is gone can
-        // wait for TCP to give up (minutes), so the VM connection is told to close without
-        // waiting for it, and the user is disconnected now.
-        tokio::spawn(async move {
-            let bye = backend.disconnect(russh::Disconnect::ConnectionLost, "", "en");
-            let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
-        });
-        return Lost::Unanswered;
     }
+    let _ = closed.await;
+    Lost::Ended
 }
 
 /// When the VM connection ends while the user is still connected (the VM died, rebooted or
@@ -366,6 +362,8 @@ async fn tell_user_when_vm_lost(
         Lost::Ended => vm_lost_message(&vm),
         Lost::Unanswered => vm_unanswering_message(&vm),
     };
+    // Boxed: this task waits for the whole session, and the disconnect's state (a russh
+    // message on its way to the session's queue) would otherwise be room it holds all along.
     let sent =
         Box::pin(user_handle.disconnect(russh::Disconnect::ConnectionLost, message, "en".into()))
             .await;
