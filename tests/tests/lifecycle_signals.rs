@@ -2,6 +2,7 @@
 //!
 //! - SIGTERM: new connections are refused at once; open sessions run to their end (with their
 //!   exit status), or are closed with a message when `gateway.shutdown_grace` passes; exit 0.
+//!   Browsers' downloads under way arrive whole, over HTTP/2 and HTTP/1.1.
 //! - SIGHUP: the configuration is re-read without dropping anything open — the pool (a VM added,
 //!   one removed), `[routing]`, `[health]`, the TLS certificate (served to new connections at
 //!   once); authorized keys are read at every login; an invalid file is refused with its errors
@@ -495,4 +496,126 @@ async fn a_browser_on_a_vm_removed_by_reload_stays_there_with_its_kernel() {
     assert_eq!(removed["sessions"]["http"].as_u64(), Some(1), "{removed}");
     drop(ws);
     drop(vms);
+}
+
+/// Browsers' large downloads still running when SIGTERM comes arrive whole, over HTTP/2 (TLS
+/// with ALPN h2, what browsers speak to the gateway) and over HTTP/1.1. Six at once, by curl
+/// reading at 1 MiB/s: the gateway has read each file from the VM before its client has it,
+/// and the last of it waits in the connection's buffers, which a close at that moment would
+/// throw away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_under_way_at_sigterm_arrive_whole_over_http2_and_http1() {
+    require_tools!("curl");
+    if !require_jupyter() {
+        return;
+    }
+    const SIZE: u64 = 8 << 20;
+    let vm = blocking(|| JupyterServerVm::start("js-a")).await;
+    let sha = random_file(&vm.root().join("big.bin"), SIZE);
+    let mut pool = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vm("js-a", vm.port())
+        // The connection's watchdog looks every quarter of this (every 15 s by default) for a
+        // connection with nothing left to answer; every 500 ms here, so looks fall in the last
+        // second of each download, when the gateway has read all of the file from the VM.
+        .http_option("response_header_timeout = \"2s\"")
+        .start_async()
+        .await;
+    let origin = format!("https://localhost:{}", pool.https.port());
+    let mut downloads: Vec<_> = ["--http2", "--http1.1"]
+        .iter()
+        .cycle()
+        .take(6)
+        .enumerate()
+        .map(|(i, version)| {
+            let out = pool.dir().join(format!("download-{i}.bin"));
+            let curl = std::process::Command::new("curl")
+                .args([version, "--silent", "--show-error", "--fail"])
+                .arg("--cacert")
+                .arg(pool.tls_ca().ca_path())
+                .args([
+                    "--limit-rate",
+                    "1M",
+                    "--write-out",
+                    "%{http_version} %{size_download}",
+                ])
+                .arg("--output")
+                .arg(&out)
+                // A browser's download link: jupyter_server checks the Referer of a GET on /files.
+                .arg("--referer")
+                .arg(format!("{origin}/lab"))
+                .arg(format!("{origin}/files/big.bin"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn curl");
+            (*version, out, curl)
+        })
+        .collect();
+    wait_until(Duration::from_secs(20), "every download to start", || {
+        downloads.iter_mut().all(|(_, out, curl)| {
+            if let Some(status) = curl.try_wait().expect("curl's status") {
+                panic!(
+                    "curl ended before the signal: {status}: {}",
+                    stderr_of(curl)
+                );
+            }
+            std::fs::metadata(out).is_ok_and(|m| m.len() >= 256 << 10)
+        })
+    });
+
+    let sent = Instant::now();
+    signal_gateway(&pool.gateway, Signal::SIGTERM);
+    pool.gateway
+        .wait_for_log("shutting down: no new connections", Duration::from_secs(5));
+    let downloads = blocking(move || {
+        for (_, _, curl) in &mut downloads {
+            wait_for_exit(curl, Duration::from_secs(60), "curl");
+        }
+        downloads
+    })
+    .await;
+    eprintln!(
+        "{} downloads under way at SIGTERM ended {:?} after it",
+        downloads.len(),
+        sent.elapsed()
+    );
+    // Every download's outcome first, then the verdict: a failure names them all.
+    let outcomes: Vec<String> = downloads
+        .into_iter()
+        .map(|(version, out, mut curl)| {
+            let status = curl.wait().expect("curl's status");
+            let mut written = String::new();
+            std::io::Read::read_to_string(&mut curl.stdout.take().expect("stdout"), &mut written)
+                .expect("read curl's stdout");
+            let got = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            let http = if version == "--http2" { "2" } else { "1.1" };
+            if status.success() && written == format!("{http} {SIZE}") && sha256_file(&out) == sha {
+                format!("curl {version}: whole")
+            } else {
+                format!(
+                    "curl {version}: {status}, {got} of {SIZE} bytes, wrote {written:?}: {}",
+                    stderr_of(&mut curl).trim_end()
+                )
+            }
+        })
+        .collect();
+    let failed: Vec<&String> = outcomes
+        .iter()
+        .filter(|o| !o.ends_with(": whole"))
+        .collect();
+    assert!(failed.is_empty(), "{outcomes:#?}\n{}", log(&pool));
+    let status = wait_gateway_exit(&mut pool.gateway, Duration::from_secs(10));
+    assert!(status.success(), "poolgate exited with {status}");
+}
+
+/// What `child` wrote to its standard error.
+fn stderr_of(child: &mut std::process::Child) -> String {
+    let mut text = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut err, &mut text);
+    }
+    text
 }

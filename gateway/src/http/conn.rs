@@ -477,10 +477,17 @@ async fn drive<C: ServerConn>(
         stop_tx,
     ));
     let mut closing = false;
-    // Once finishing: hyper closes an idle connection at once and one with a request in
-    // flight after its response, but one whose next request's headers are only partly there
-    // (a slow header sender) waits for the rest. With no request in flight a check later, it
-    // is cut.
+    // Once finishing, hyper closes the connection itself when it has nothing left to send: an
+    // idle one at once (HTTP/1.1 also with the next request's headers partly read), one with
+    // requests in flight once their responses are written out. What hyper does not end is a
+    // connection whose first request's headers are only partly there (a slow header sender
+    // waits for the rest): with no request started a check later, it is cut.
+    //
+    // A response whose body has ended is not the end of its bytes: hyper may still hold the
+    // last of them (up to its send buffer, about 400 KiB per HTTP/2 stream) for a client that
+    // reads slowly. So a connection that has had requests is cut only when it has been idle
+    // for `idle_timeout`, as before the shutdown; cut at the first check, a download running
+    // at the signal lost its last bytes whenever the check came before the client read them.
     let mut recheck = tokio::time::interval(tick);
     loop {
         tokio::select! {
@@ -494,12 +501,23 @@ async fn drive<C: ServerConn>(
                 // The watchdog may be gone (it failed): a request waiting on its VM still
                 // times out.
                 watched.poke_waiting_request();
-                if watched.tracker().idle_for().is_some() {
-                    tracing::debug!(
-                        parent: watched.span(),
-                        "the next request's headers did not come within {idle_timeout:?}; closed"
-                    );
-                    break;
+                let tracker = watched.tracker();
+                match tracker.idle_for() {
+                    Some(_) if !tracker.has_started() => {
+                        tracing::debug!(
+                            parent: watched.span(),
+                            "the first request's headers did not come before the shutdown; closed"
+                        );
+                        break;
+                    }
+                    Some(idle) if idle >= idle_timeout => {
+                        tracing::debug!(
+                            parent: watched.span(),
+                            "no request in flight for {idle_timeout:?} while the connection finished; closed"
+                        );
+                        break;
+                    }
+                    _ => {}
                 }
             }
             why = &mut stop, if !closing => {
