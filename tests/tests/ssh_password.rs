@@ -105,6 +105,22 @@ fn password_passthrough_logs_in_refuses_a_wrong_password_and_never_logs_it() {
         Duration::from_secs(5),
     );
 
+    // A password for a user name the gateway refuses without asking a VM is refused as late
+    // as one a VM refused: 1 s after it came, so guessing is slow and the time tells nothing.
+    let started = std::time::Instant::now();
+    let out = password_login(&pool, "no+such+user", &wrong);
+    let refused_after = started.elapsed();
+    assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        refused_after >= Duration::from_secs(1),
+        "refused after {refused_after:?}"
+    );
+
     // The right one still works after a failure (no lock-out of the VM, no stale state).
     assert_ok(&password_login(&pool, &user, &right), "second login");
 

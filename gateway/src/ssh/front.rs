@@ -186,24 +186,34 @@ impl server::Handler for Front {
         user: &str,
         key: server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        let answer_by = tokio::time::Instant::now() + REFUSED_LOGIN_DELAY;
         let span = self.span.clone();
-        span.in_scope(|| match self.check_key(user, key.public_key) {
+        let accepted = span.in_scope(|| match self.check_key(user, key.public_key) {
             Some(perms) => {
                 self.perms = perms;
                 self.who(user).logged_in();
                 self.authenticated(user);
-                Ok(Auth::Accept)
+                true
             }
             None => {
                 self.gw.auth_failed("publickey", self.peer);
                 // Counted here: not again when the connection ends.
                 self.keys_refused = None;
-                Ok(reject(&self.gw))
+                false
             }
-        })
+        });
+        if accepted {
+            return Ok(Auth::Accept);
+        }
+        // A signature by a key not authorized: a failed login, not an offer.
+        tokio::time::sleep_until(answer_by).await;
+        Ok(reject(&self.gw))
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        // Every refusal is answered this long after the password came, however long the VM
+        // took or whether it was asked at all: the time tells nothing about the user.
+        let answer_by = tokio::time::Instant::now() + REFUSED_LOGIN_DELAY;
         let span = self.span.clone();
         async move {
             self.tried = true;
@@ -212,6 +222,7 @@ impl server::Handler for Front {
                 || self.refused(user)
             {
                 self.gw.auth_failed("password", self.peer);
+                tokio::time::sleep_until(answer_by).await;
                 return Ok(reject(&self.gw));
             }
             // Boxed: the handler's futures live inline in russh's session task for the whole
@@ -226,10 +237,12 @@ impl server::Handler for Front {
                     self.gw.auth_failed("password", self.peer);
                     self.gw.login_failed(self.peer);
                     self.password_refused = true;
+                    tokio::time::sleep_until(answer_by).await;
                     Ok(reject(&self.gw))
                 }
                 Err(OpenError::NoVm(message)) => {
                     tracing::warn!(%user, %message, "no VM for password login");
+                    tokio::time::sleep_until(answer_by).await;
                     Ok(reject(&self.gw))
                 }
             }
@@ -530,6 +543,11 @@ impl Drop for Front {
         }
     }
 }
+
+/// How long after a password (or a signature by a key not authorized) its refusal is sent: the
+/// delay that makes guessing slow, and the same whatever the refusal's reason. A refused key
+/// offer is answered at once (see the server config in `ssh/mod.rs`).
+pub(super) const REFUSED_LOGIN_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn reject(gw: &SshGateway) -> Auth {
     let mut methods = MethodSet::empty();

@@ -165,7 +165,12 @@ fn server_config(host_keys: Vec<PrivateKey>, settings: &SshSettings) -> server::
             format!("SSH-2.0-poolgate_{}", env!("CARGO_PKG_VERSION")).into(),
         ),
         methods,
-        auth_rejection_time: Duration::from_secs(1),
+        // russh would wait this long before every refusal, a refused key offer included:
+        // OpenSSH offers each key it has in turn, so a user whose authorized key came third
+        // waited 2 s per login. Offers are answered at once, as OpenSSH's sshd does (a key
+        // cannot be guessed); the refusals that can be guessed at, passwords, wait
+        // `front::REFUSED_LOGIN_DELAY` in the handler instead.
+        auth_rejection_time: Duration::ZERO,
         auth_rejection_time_initial: Some(Duration::ZERO),
         keys: host_keys,
         // Small per-channel queue: user data beyond it waits in the buffers of `relay`, counted.
