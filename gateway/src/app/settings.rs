@@ -161,6 +161,7 @@ pub fn http_settings(config: &Config) -> anyhow::Result<HttpSettings> {
             connect_timeout: http.connect_timeout,
             response_header_timeout: http.response_header_timeout,
             max_uri_bytes: http.max_uri_bytes,
+            max_header_bytes: http.max_header_bytes,
             retry_after: Duration::from_secs(10),
             max_attempts: 3,
             upstream_idle: Duration::from_secs(90),

@@ -343,7 +343,12 @@ pub fn connection_builders(max_header_bytes: usize) -> Builders {
         .half_close(true);
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
+        // Past this, h2 answers a bare 431 itself (no body, then the stream reset), and a
+        // browser shows an empty error. So the ceiling is four times `max_header_bytes`, and
+        // a request between the two gets the gateway's 431 page (`Frontend::check`), which
+        // tells the user what to do: the usual cause is a site's cookies piling up. The block
+        // is held while it is decoded, one per connection at a time.
+        .max_header_list_size(u32::try_from(max_header.saturating_mul(4)).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(256));
     Builders { h1, h2 }

@@ -134,6 +134,7 @@ async fn fixture(names: &[&'static str], header_timeout: Duration) -> Fixture {
         connect_timeout: Duration::from_secs(2),
         response_header_timeout: header_timeout,
         max_uri_bytes: 1024,
+        max_header_bytes: 16 * 1024,
         retry_after: Duration::from_secs(7),
         max_attempts: 3,
         upstream_idle: Duration::from_secs(30),

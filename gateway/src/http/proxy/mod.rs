@@ -54,6 +54,9 @@ pub struct FrontendSettings {
     pub response_header_timeout: Duration,
     /// Longest request target accepted.
     pub max_uri_bytes: usize,
+    /// Largest request header block accepted (`http.max_header_bytes`). HTTP/1.1's is hyper's
+    /// read limit; an HTTP/2 request's header list is measured here (see [`Frontend::check`]).
+    pub max_header_bytes: usize,
     /// `Retry-After` (and page refresh) of the 503 page.
     pub retry_after: Duration,
     /// VMs tried for one request when they cannot be reached.
@@ -636,6 +639,19 @@ impl Frontend {
                 detail: "the request target must be a path starting with /".into(),
             });
         }
+        if !h1 {
+            let size = h2_header_list_size(req);
+            let max = self.inner.settings.max_header_bytes;
+            if size > max {
+                return Err(GatewayError::Refused {
+                    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    detail: format!(
+                        "the request's headers are {size} bytes; at most {max} are accepted. \
+                         Deleting this site's cookies in the browser usually fixes it"
+                    ),
+                });
+            }
+        }
         let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if target > self.inner.settings.max_uri_bytes {
             return Err(GatewayError::Refused {
@@ -890,9 +906,45 @@ fn join_cookie_crumbs(headers: &mut hyper::HeaderMap) {
     }
 }
 
+/// An HTTP/2 request's header list size as HTTP/2 counts it (RFC 9113, section 6.5.2): every
+/// field's name and value plus 32 bytes, the pseudo-header fields included.
+fn h2_header_list_size<B>(req: &Request<B>) -> usize {
+    const FIELD: usize = 32;
+    let uri = req.uri();
+    let pseudo = [
+        ":method".len() + req.method().as_str().len(),
+        ":scheme".len() + uri.scheme_str().map_or(0, str::len),
+        ":authority".len() + uri.authority().map_or(0, |a| a.as_str().len()),
+        ":path".len() + uri.path_and_query().map_or(0, |p| p.as_str().len()),
+    ];
+    let pseudo: usize = pseudo.iter().map(|n| n + FIELD).sum();
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + FIELD)
+        .sum();
+    pseudo + fields
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;
+
+    /// The size HTTP/2 gives a header list: `:method GET`, `:scheme https`,
+    /// `:authority hub.example`, `:path /lab?x=1` and two cookie crumbs, each field's name and
+    /// value plus 32.
+    #[test]
+    fn an_http2_header_list_is_measured_as_http2_counts_it() {
+        let mut req = Request::new(());
+        *req.uri_mut() = Uri::from_static("https://hub.example/lab?x=1");
+        *req.version_mut() = Version::HTTP_2;
+        req.headers_mut()
+            .append(header::COOKIE, HeaderValue::from_static("a=1"));
+        req.headers_mut()
+            .append(header::COOKIE, HeaderValue::from_static("b=22"));
+        let want = (7 + 3) + (7 + 5) + (10 + 11) + (5 + 8) + (6 + 3) + (6 + 4) + 6 * 32;
+        assert_eq!(h2_header_list_size(&req), want);
+    }
 
     #[test]
     fn cookie_crumbs_are_joined_and_a_single_field_is_left_alone() {
