@@ -18,7 +18,8 @@ mod ca;
 mod vm;
 
 pub use browser::{
-    AsyncReadWrite, Browser, Reply, WebSocket, cookie_vm, execute, run_code, ws_next_text, ws_send,
+    AsyncReadWrite, Browser, Reply, WebSocket, cookie_vm, execute, execute_request, run_code,
+    ws_next_text, ws_send,
 };
 pub use ca::TestCa;
 pub use vm::{

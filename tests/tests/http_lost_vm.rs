@@ -1,11 +1,18 @@
-//! A VM lost without a word under an idle websocket: its host is cut off from the network (no
-//! FIN, no RST ever arrives) while a browser has a kernel's channels websocket open to it and
-//! sends nothing. The gateway's TCP keepalive on its VM connections notices within about a
-//! minute (probes after 30 s without traffic, every 10 s, 3 unanswered) and closes the
-//! browser's websocket, for JupyterLab to reconnect. Meanwhile the probes have marked the VM
-//! down: the browser's session there ends once no websocket holds it, and its next request is
-//! answered at once. Without keepalive the websocket
-//! waited to read forever, holding a session on the lost VM until the gateway restarted.
+//! A VM lost without a word under open websockets: its host is cut off from the network (no
+//! FIN, no RST ever arrives) while a browser has two kernels' channels websockets open to it.
+//! On one the browser sends nothing; on the other it runs a cell just as the VM goes, so the
+//! gateway's message to the VM waits for an acknowledgement that never comes.
+//!
+//! - The idle one: the gateway's TCP keepalive on its VM connections notices within about a
+//!   minute (probes after 30 s without traffic, every 10 s, 3 unanswered).
+//! - The one sending: keepalive sends no probe while data waits to be acknowledged, and TCP
+//!   alone would retransmit for about 15 minutes (`tcp_retries2`). The VM connections' TCP user
+//!   timeout (60 s, keepalive's own bound) ends it in about a minute too.
+//!
+//! Both websockets are closed, for JupyterLab to reconnect. Meanwhile the probes have marked
+//! the VM down: the browser's session there ends once no websocket holds it, and its next
+//! request is answered at once. Without keepalive the idle websocket waited to read forever,
+//! holding a session on the lost VM until the gateway restarted.
 //!
 //! Only a real loss of packets shows this: a process that is stopped or killed still has its
 //! kernel answer TCP. So the VM's jupyter_server runs in a network namespace of the test's own
@@ -32,7 +39,8 @@ use poolgate_tests::jupyter::*;
 use poolgate_tests::*;
 
 const VM_PORT: u16 = 8888;
-/// Keepalive's 30 s + 3 × 10 s, and room for a loaded machine.
+/// Keepalive's 30 s + 3 × 10 s (and the TCP user timeout's 60 s), and room for a loaded
+/// machine.
 const NOTICED_WITHIN: Duration = Duration::from_secs(90);
 
 /// jupyter_server (as [`JupyterServerVm::command`] runs it) listening on `VM_ADDR:VM_PORT`
@@ -102,7 +110,8 @@ impl Drop for NamespacedServer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_websocket_to_a_vm_lost_without_a_word_is_closed_within_a_minute_and_a_half() {
+async fn websockets_to_a_vm_lost_without_a_word_idle_or_sending_are_closed_within_a_minute_and_a_half()
+ {
     require_tools!("ip");
     require_root!();
     if !require_jupyter() {
@@ -122,26 +131,41 @@ async fn an_idle_websocket_to_a_vm_lost_without_a_word_is_closed_within_a_minute
     let b = gw.browser();
     let (r, _) = b.follow("/lab").await;
     assert_eq!(r.status, 200, "the page: {}", r.text());
-    let mut kernel = b.open_kernel("", "lost-vm").await;
-    assert_eq!(run_code(&mut kernel, "6*7", "cell-1").await, "42");
+    let mut idle = b.open_kernel("", "lost-vm-idle").await;
+    assert_eq!(run_code(&mut idle, "6*7", "cell-1").await, "42");
+    let mut sending = b.open_kernel("", "lost-vm-sending").await;
+    assert_eq!(run_code(&mut sending, "6*8", "cell-1").await, "48");
     assert_eq!(gw.vm_json("lost")["sessions"]["http"].as_u64(), Some(1));
 
-    // The host is lost; the browser waits on its kernel's websocket and sends nothing.
+    // The host is lost; the browser waits on one kernel and runs a cell on the other.
     net.cut();
     let lost = Instant::now();
-    let closed = tokio::time::timeout(NOTICED_WITHIN, async {
-        while ws_next_text(&mut kernel).await.is_some() {}
-    })
+    ws_send(
+        &mut sending,
+        execute_request("6*9", "cell-2", "lost-vm-sending").to_string(),
+    )
     .await;
-    assert!(
-        closed.is_ok(),
-        "the websocket to the lost VM is still open {NOTICED_WITHIN:?} later\n{}",
-        gw.gateway.log_text()
-    );
-    let noticed = lost.elapsed();
-    eprintln!("the websocket to the lost VM closed {noticed:?} after the loss");
-    // Keepalive, not anything sooner: the first probe goes out after 30 s without traffic.
-    assert!(noticed >= Duration::from_secs(30), "{noticed:?}");
+    let ends = |ws| async move {
+        let mut ws = ws;
+        let closed = tokio::time::timeout(NOTICED_WITHIN, async {
+            while ws_next_text(&mut ws).await.is_some() {}
+        })
+        .await;
+        closed.is_ok().then(|| lost.elapsed())
+    };
+    let (idle_closed, sending_closed) = tokio::join!(ends(idle), ends(sending));
+    for (what, closed) in [("idle", idle_closed), ("sending", sending_closed)] {
+        let noticed = closed.unwrap_or_else(|| {
+            panic!(
+                "the {what} websocket to the lost VM is still open {NOTICED_WITHIN:?} later\n{}",
+                gw.gateway.log_text()
+            )
+        });
+        eprintln!("the {what} websocket to the lost VM closed {noticed:?} after the loss");
+        // Keepalive and the TCP user timeout, not anything sooner: nothing is given up on
+        // before 30 s without an answer.
+        assert!(noticed >= Duration::from_secs(30), "{what}: {noticed:?}");
+    }
 
     // The probes marked the VM down long before. With the websocket gone, the browser's
     // session there ends too, although the browser sends nothing (a closed laptop would not):

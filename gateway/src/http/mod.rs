@@ -175,6 +175,31 @@ fn tcp_keepalive(stream: &tokio::net::TcpStream) {
     }
 }
 
+/// On VM connections: how long data the gateway sent may stay unacknowledged before the
+/// connection ends (`TCP_USER_TIMEOUT`). Keepalive's own bound, 30 s + 3 × 10 s, for the case
+/// keepalive cannot cover: it probes only an idle connection, and a message sent to a VM lost
+/// without a word (a browser running a cell, typing in a terminal, uploading a file) would be
+/// retransmitted for about 15 minutes (`tcp_retries2`) before the websocket or request failed.
+/// With the option set, Linux also ends an idle connection whose probes go unanswered once
+/// this long has passed since the VM was last heard, which is what keepalive does anyway.
+///
+/// A VM paused for host maintenance (up to about 30 s on Azure) keeps its connections. One
+/// that reads nothing the gateway sends for this long (a zero window: its web server stuck for
+/// a minute) loses that connection. Client connections do not get it: a browser that pauses a
+/// download stops reading, and that is no reason to cut it.
+const VM_USER_TIMEOUT: Duration = Duration::from_secs(60);
+const _: () = assert!(
+    VM_USER_TIMEOUT.as_secs()
+        == KEEPALIVE_IDLE.as_secs() + KEEPALIVE_INTERVAL.as_secs() * KEEPALIVE_PROBES as u64
+);
+
+/// Sets [`VM_USER_TIMEOUT`] on a VM connection.
+fn vm_user_timeout(stream: &tokio::net::TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(VM_USER_TIMEOUT)) {
+        tracing::debug!("TCP user timeout: {e}");
+    }
+}
+
 /// The TLS side of `listen.https`: the acceptor and the swappable certificate behind it.
 pub struct TlsParts {
     acceptor: TlsAcceptor,

@@ -394,7 +394,7 @@ pub async fn ws_next_text(ws: &mut WebSocket) -> Option<String> {
 
 /// The `execute_request` message that runs `code` in a kernel, with the message id `msg_id`
 /// (its answers name it as their parent) in the client session `session`.
-fn execute_request(code: &str, msg_id: &str, session: &str) -> serde_json::Value {
+pub fn execute_request(code: &str, msg_id: &str, session: &str) -> serde_json::Value {
     serde_json::json!({
         "header": {"msg_id": msg_id, "username": "poolgate-test", "session": session,
                    "msg_type": "execute_request", "version": "5.3", "date": ""},

@@ -418,6 +418,7 @@ pub(super) async fn connect_tcp(authority: &str, timeout: Duration) -> Result<Tc
         tracing::debug!("TCP_NODELAY on the connection to {authority}: {e}");
     }
     super::tcp_keepalive(&stream);
+    super::vm_user_timeout(&stream);
     Ok(stream)
 }
 

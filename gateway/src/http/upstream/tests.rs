@@ -507,3 +507,21 @@ async fn a_kept_connection_unused_between_two_ages_goes_back_to_the_shared_list(
         "one connection throughout"
     );
 }
+
+/// A VM connection gives up on data the VM has not acknowledged after a minute (and probes an
+/// idle one): without the user timeout, a message to a lost VM was retransmitted for about 15
+/// minutes.
+#[tokio::test]
+async fn a_vm_connection_has_keepalive_and_a_user_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let stream = connect_tcp(&addr, Duration::from_secs(2))
+        .await
+        .expect("connect");
+    let sock = socket2::SockRef::from(&stream);
+    assert_eq!(
+        sock.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+        Some(Duration::from_secs(60))
+    );
+    assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+}
