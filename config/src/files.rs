@@ -23,7 +23,8 @@ impl Config {
     /// * must exist and be readable: `tls.cert`, `tls.key`, `admin.token_file`,
     ///   `ssh.backend_host_ca`, `pool.azure.client_secret_file`, `pool.azure.client_certificate_file`
     ///   (PEM key and certificate), and `ssh.backend_known_hosts`
-    ///   unless `ssh.backend_host_ca` is set;
+    ///   unless `ssh.backend_host_ca` is set or nothing logs in to a VM over SSH
+    ///   ([`Config::logs_in_to_vms`]);
     /// * may be missing (generated on first start), readable when present: `ssh.host_keys`,
     ///   `ssh.user_ca_key`, `http.cookie_secret_file` (at least 16 bytes when present) — except
     ///   with a shared `[cluster]` store, where every replica must be given the same files, so
@@ -201,11 +202,15 @@ impl Config {
 
     fn check_ssh_files(&self, r: &mut Report) {
         let s = &self.ssh;
+        // With no SSH listener the host keys are not used, and with nothing logging in to a VM
+        // the user CA is not either: neither has to be there, in a cluster or not.
         for (i, key) in s.host_keys.iter().enumerate() {
-            let hint = self.shared_secret_hint();
+            let hint = self
+                .shared_secret_hint()
+                .filter(|_| self.listen.serves_ssh());
             check(r, &format!("ssh.host_keys[{i}]"), key, hint, true);
         }
-        let hint = self.shared_secret_hint();
+        let hint = self.shared_secret_hint().filter(|_| self.logs_in_to_vms());
         check(r, "ssh.user_ca_key", &s.user_ca_key, hint, true);
         if let Some(ca) = &s.backend_host_ca {
             let hint = "point it at the public key of the CA that signs the VMs' host keys";
@@ -222,7 +227,9 @@ impl Config {
             }
         }
         if let Some(known) = &s.backend_known_hosts {
-            let required = s.backend_host_ca.is_none();
+            // Not needed when nothing logs in to a VM over SSH (`listen.ssh = "off"`, no busy
+            // check), but checked like any other file when it is there.
+            let required = s.backend_host_ca.is_none() && self.logs_in_to_vms();
             let hint = format!(
                 "create it with: ssh-keyscan {} >> {}; or set ssh.backend_host_ca",
                 self.keyscan_targets(),

@@ -15,14 +15,15 @@ impl Config {
     pub fn summary(&self) -> String {
         let mut out = String::new();
         let l = &self.listen;
-        match l.http {
-            Some(http) => {
-                let _ = write!(out, "listen: ssh {}, http {http}", l.ssh);
-            }
-            None => {
-                let _ = write!(out, "listen: ssh {}, http off", l.ssh);
-            }
-        }
+        let or_off = |addr: Option<std::net::SocketAddr>| {
+            addr.map_or_else(|| "off".to_owned(), |a| a.to_string())
+        };
+        let _ = write!(
+            out,
+            "listen: ssh {}, http {}",
+            or_off(l.ssh),
+            or_off(l.http)
+        );
         if let Some(https) = l.https {
             let _ = write!(out, ", https {https}");
         }
@@ -182,6 +183,28 @@ mod tests {
         assert!(Config::default().warnings().is_empty());
         // A bad value names "off" as the alternative.
         let err = crate::parse("[listen]\nhttp = \"nope\"\n", std::path::Path::new("/"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("\"off\""), "{err}");
+    }
+
+    #[test]
+    fn ssh_off_is_parsed_and_summarised() {
+        let text =
+            "[listen]\nssh = \"off\"\n[[pool.backends]]\nname = \"a\"\nhost = \"127.0.0.1\"\n";
+        let c = crate::parse(text, std::path::Path::new("/etc/poolgate")).expect("valid");
+        assert_eq!(c.listen.ssh, None);
+        assert!(!c.listen.serves_ssh());
+        assert!(!c.logs_in_to_vms());
+        assert!(
+            c.summary()
+                .starts_with("listen: ssh off, http 0.0.0.0:8080"),
+            "{}",
+            c.summary()
+        );
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        let err = crate::parse("[listen]\nssh = \"nope\"\n", std::path::Path::new("/"))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

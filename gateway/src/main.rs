@@ -104,6 +104,12 @@ fn check_config(file: &std::path::Path) -> ExitCode {
 
 /// Shows the public half of the user CA that VMs must trust (without creating anything).
 fn print_user_ca(config: &poolgate_config::Config) {
+    if !config.logs_in_to_vms() {
+        out!(
+            "user CA: not needed (listen.ssh = \"off\" and no busy check: nothing logs in to a VM over SSH)"
+        );
+        return;
+    }
     let path = &config.ssh.user_ca_key;
     if !path.exists() {
         out!(

@@ -85,7 +85,8 @@ pub use process::{
     signal_tree, try_run_with_timeout, wait_for_exit, wait_until,
 };
 pub use procfs::{
-    fd_count, pids_with_cmdline_prefix, rss_kib, thread_wchans, unread_bytes_on_port,
+    fd_count, listening_ports, pids_with_cmdline_prefix, rss_kib, thread_wchans,
+    unread_bytes_on_port,
 };
 pub use provider::{ExecScripts, KillPidFile, write_list_script, write_script};
 pub use redis::{RedisServer, Tls as RedisTls};

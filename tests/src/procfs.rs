@@ -66,6 +66,40 @@ pub fn unread_bytes_on_port(port: u16) -> Vec<u64> {
         .collect()
 }
 
+/// The TCP ports process `pid` listens on: its socket inodes (`/proc/PID/fd`) matched with the
+/// LISTEN entries (state `0A`) of `/proc/net/tcp` and `/proc/net/tcp6`.
+pub fn listening_ports(pid: u32) -> std::collections::BTreeSet<u16> {
+    let inodes: std::collections::BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the process's fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy().into_owned();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut ports = std::collections::BTreeSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            if *state != "0A" || !inodes.contains(*inode) {
+                continue;
+            }
+            let port = local.rsplit(':').next().unwrap_or_default();
+            if let Ok(port) = u16::from_str_radix(port, 16) {
+                ports.insert(port);
+            }
+        }
+    }
+    ports
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

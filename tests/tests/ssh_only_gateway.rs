@@ -20,38 +20,6 @@ use std::time::{Duration, Instant};
 
 use poolgate_tests::*;
 
-/// The TCP ports process `pid` listens on: its socket inodes (`/proc/PID/fd`) matched with the
-/// LISTEN entries (state `0A`) of `/proc/net/tcp` and `/proc/net/tcp6`.
-fn listening_ports(pid: u32) -> BTreeSet<u16> {
-    let inodes: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|target| {
-            let t = target.to_string_lossy().into_owned();
-            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
-        })
-        .collect();
-    let mut ports = BTreeSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-            let (Some(local), Some(state), Some(inode)) =
-                (fields.get(1), fields.get(3), fields.get(9))
-            else {
-                continue;
-            };
-            if *state != "0A" || !inodes.contains(*inode) {
-                continue;
-            }
-            let port = local.rsplit(':').next().unwrap();
-            ports.insert(u16::from_str_radix(port, 16).unwrap());
-        }
-    }
-    ports
-}
-
 #[test]
 fn an_ssh_only_gateway_with_http_off_and_default_health_serves_ssh_and_never_probes_the_web_side() {
     require_tools!("sshd", "ssh", "ssh-keygen", "promtool");

@@ -303,3 +303,25 @@ fn slurmrestd_token_file_is_a_secret_that_must_exist() {
     write(&token, "SLURM_JWT=eyJ.eyJ.sig\n", 0o600);
     assert_eq!(messages(&c), Vec::<String>::new());
 }
+
+/// A gateway for browsers only (`listen.ssh = "off"`) logs in to no VM over SSH: it needs no
+/// known_hosts file, nor host keys or a user CA in a cluster. Its autoscaler's busy check does
+/// log in, and then the VMs' host keys are needed again.
+#[test]
+fn without_an_ssh_listener_no_vm_host_key_is_needed_unless_the_busy_check_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    fs::remove_file(dir.path().join("keys/backend_known_hosts")).unwrap();
+    assert_eq!(messages(&c).len(), 1, "{:#?}", messages(&c));
+    c.listen.ssh = None;
+    assert_eq!(messages(&c), Vec::<String>::new());
+    c.autoscale.enabled = true;
+    let errs = messages(&c);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("ssh.backend_known_hosts: ") && errs[0].contains("does not exist"),
+        "{errs:#?}"
+    );
+    c.autoscale.busy_command = Vec::new();
+    assert_eq!(messages(&c), Vec::<String>::new());
+}

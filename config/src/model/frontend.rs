@@ -16,9 +16,14 @@ use crate::serde_util::{
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct Listen {
-    /// SSH front door. Default `0.0.0.0:2222`.
-    #[serde(deserialize_with = "socket_addr")]
-    pub ssh: SocketAddr,
+    /// SSH front door. Default `0.0.0.0:2222`. `"off"`: no SSH listener (the gateway serves
+    /// browsers only, does not probe the VMs' SSH side, and needs no VM host keys unless the
+    /// autoscaler's busy check logs in to VMs).
+    #[serde(
+        deserialize_with = "listener_or_off",
+        serialize_with = "serialize_listener_or_off"
+    )]
+    pub ssh: Option<SocketAddr>,
     /// Plain HTTP; redirects to HTTPS when `[tls]` is set. Default `0.0.0.0:8080`. `"off"`: no
     /// plain HTTP listener (with no `listen.https` either, the gateway serves SSH only and does
     /// not probe the VMs' web side).
@@ -41,7 +46,7 @@ pub struct Listen {
 impl Default for Listen {
     fn default() -> Self {
         Self {
-            ssh: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 2222)),
+            ssh: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 2222))),
             http: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8080))),
             https: None,
             admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
@@ -53,6 +58,11 @@ impl Listen {
     /// Whether the gateway serves browsers at all (a plain HTTP or an HTTPS listener).
     pub fn serves_http(&self) -> bool {
         self.http.is_some() || self.https.is_some()
+    }
+
+    /// Whether the gateway serves SSH (`listen.ssh` is not `"off"`).
+    pub fn serves_ssh(&self) -> bool {
+        self.ssh.is_some()
     }
 }
 

@@ -56,6 +56,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether the gateway logs in to VMs over SSH, so that it needs their host keys
+    /// (`ssh.backend_known_hosts` / `ssh.backend_host_ca`): for its SSH front door and its
+    /// probes, or for the autoscaler's busy check.
+    pub fn logs_in_to_vms(&self) -> bool {
+        self.listen.serves_ssh()
+            || (self.autoscale.enabled && !self.autoscale.busy_command.is_empty())
+    }
+
     /// Makes every relative path in the configuration relative to `base_dir` (the directory of
     /// the config file). Paths that are empty or start with `~` are left alone for validation
     /// to report. For `pool.exec` commands only a program written with a slash (`./list-vms`)
@@ -166,7 +174,10 @@ mod tests {
     #[test]
     fn defaults_match_the_contract() {
         let c = Config::default();
-        assert_eq!(c.listen.ssh, "0.0.0.0:2222".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            c.listen.ssh,
+            Some("0.0.0.0:2222".parse::<SocketAddr>().unwrap())
+        );
         assert_eq!(
             c.listen.http,
             Some("0.0.0.0:8080".parse::<SocketAddr>().unwrap())

@@ -97,7 +97,16 @@ fn listen(c: &Config, r: &mut Report) {
             "HTTPS needs a [tls] section with cert and key, or with acme_domains (add [tls], or remove listen.https)",
         );
     }
-    let mut listeners: Vec<(&str, SocketAddr)> = vec![("listen.ssh", c.listen.ssh)];
+    if !c.listen.serves_ssh() && !c.listen.serves_http() {
+        r.err(
+            "listen.ssh",
+            "\"off\", and so are listen.http and listen.https: the gateway would serve nothing (keep one of them)",
+        );
+    }
+    let mut listeners: Vec<(&str, SocketAddr)> = Vec::new();
+    if let Some(ssh) = c.listen.ssh {
+        listeners.push(("listen.ssh", ssh));
+    }
     if let Some(http) = c.listen.http {
         listeners.push(("listen.http", http));
     }
@@ -176,6 +185,8 @@ fn ssh(c: &Config, r: &mut Report) {
     }
     r.path("ssh.user_ca_key", &s.user_ca_key);
     match (&s.backend_known_hosts, &s.backend_host_ca) {
+        // Nothing logs in to a VM over SSH: no host key to verify.
+        _ if !c.logs_in_to_vms() => {}
         (None, None) => r.err(
             "ssh.backend_known_hosts",
             "neither ssh.backend_known_hosts nor ssh.backend_host_ca is set, so no VM host key could be verified (set one of them)",

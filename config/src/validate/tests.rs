@@ -268,7 +268,7 @@ fn listeners_and_admin() {
         "listen.http: 127.0.0.1:2222 collides with listen.ssh (0.0.0.0:2222) (give each listener its own port)",
     );
     let mut c = valid();
-    c.listen.ssh = ([127, 0, 0, 1], 0).into();
+    c.listen.ssh = Some(([127, 0, 0, 1], 0).into());
     c.listen.http = Some(([127, 0, 0, 1], 0).into());
     c.listen.admin = ([127, 0, 0, 1], 0).into();
     assert_eq!(
@@ -661,5 +661,21 @@ fn batch_rest_keys() {
     has(
         &c,
         "batch.rest_version: \"0.0.38\" is not a slurmrestd OpenAPI version like \"v0.0.38\" (Slurm 22.05 serves v0.0.36 to v0.0.38; slurmrestd lists its own at /openapi/v3)",
+    );
+}
+
+/// `listen.ssh = "off"` serves browsers only: no SSH port to collide with, and no known_hosts
+/// needed. With no browser listener either there is nothing to serve.
+#[test]
+fn an_ssh_listener_switched_off() {
+    let mut c = valid();
+    c.listen.ssh = None;
+    c.listen.http = Some(([127, 0, 0, 1], 2222).into());
+    c.ssh.backend_known_hosts = None;
+    assert_eq!(messages(&c), Vec::<String>::new());
+    c.listen.http = None;
+    has(
+        &c,
+        "listen.ssh: \"off\", and so are listen.http and listen.https: the gateway would serve nothing (keep one of them)",
     );
 }

@@ -174,7 +174,13 @@ fn build_gateway(
     poll_interval: Option<Duration>,
 ) -> anyhow::Result<Gateway> {
     let mut host_keys = Vec::new();
-    for path in &config.ssh.host_keys {
+    // No SSH listener (`listen.ssh = "off"`): no host key to show.
+    let front_door_keys = if config.listen.serves_ssh() {
+        config.ssh.host_keys.as_slice()
+    } else {
+        &[]
+    };
+    for path in front_door_keys {
         let (key, generated) =
             keys::load_or_generate(path, "poolgate host key").context("ssh.host_keys")?;
         if generated {
@@ -182,12 +188,18 @@ fn build_gateway(
         }
         host_keys.push(key);
     }
-    let ca = user_ca(config)?;
-    tracing::info!(
-        ca = %ca.public_line(),
-        "VMs must trust this user CA: put the line in /etc/ssh/poolgate_user_ca.pub and add \
-         `TrustedUserCAKeys /etc/ssh/poolgate_user_ca.pub` to sshd_config"
-    );
+    let ca = if config.logs_in_to_vms() {
+        user_ca(config)?
+    } else {
+        UserCa::ephemeral(config.ssh.cert_validity).context("the in-memory user CA")?
+    };
+    if config.logs_in_to_vms() {
+        tracing::info!(
+            ca = %ca.public_line(),
+            "VMs must trust this user CA: put the line in /etc/ssh/poolgate_user_ca.pub and add \
+             `TrustedUserCAKeys /etc/ssh/poolgate_user_ca.pub` to sshd_config"
+        );
+    }
     let host_policy = host_policy(config)?;
     let record = super::cluster::record(config, &host_keys)?;
     let shared = super::cluster::store(config)?;
@@ -372,8 +384,12 @@ pub fn provider(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<d
     })
 }
 
-/// The VM host-key trust from `[ssh]`.
+/// The VM host-key trust from `[ssh]`; none (every VM key refused) when nothing logs in to a
+/// VM over SSH (`listen.ssh = "off"` and no busy check), which then needs no file.
 pub fn host_policy(config: &Config) -> anyhow::Result<HostKeyPolicy> {
+    if !config.logs_in_to_vms() {
+        return Ok(HostKeyPolicy::parse(""));
+    }
     Ok(
         match (&config.ssh.backend_host_ca, &config.ssh.backend_known_hosts) {
             (Some(ca), _) => HostKeyPolicy::from_host_ca(ca).context("ssh.backend_host_ca")?,

@@ -62,7 +62,10 @@ pub(super) async fn serve(
         tracing::info!(replica = cluster.replica_id(), "joined the cluster");
     }
 
-    let ssh_listener = bind("listen.ssh", config.listen.ssh).await?;
+    let ssh_listener = match config.listen.ssh {
+        Some(addr) => Some(bind("listen.ssh", addr).await?),
+        None => None,
+    };
     let http_listener = match config.listen.http {
         Some(addr) => Some(bind("listen.http", addr).await?),
         None => None,
@@ -72,7 +75,12 @@ pub(super) async fn serve(
         None => None,
     };
     let admin_listener = bind("listen.admin", config.listen.admin).await?;
-    tracing::info!(addr = %ssh_listener.local_addr()?, "SSH listener ready");
+    match &ssh_listener {
+        Some(listener) => tracing::info!(addr = %listener.local_addr()?, "SSH listener ready"),
+        None => tracing::info!(
+            "no SSH listener (listen.ssh = \"off\"): serving browsers only, the VMs' SSH side is not probed"
+        ),
+    }
     tracing::info!(addr = %admin_listener.local_addr()?, token = admin_token.is_some(), "admin listener ready (/status, /metrics, /api/v1)");
     let admin_state = Arc::new(AdminState {
         pool: gateway.pool.clone(),
@@ -108,10 +116,12 @@ pub(super) async fn serve(
             tracing::info!("no HTTP or HTTPS listener (listen.http = \"off\"): serving SSH only");
         }
     }
-    tasks.spawn(
-        SSH_FRONTEND,
-        gateway.ssh.clone().serve(ssh_listener, shutdown_rx.clone()),
-    );
+    if let Some(listener) = ssh_listener {
+        tasks.spawn(
+            SSH_FRONTEND,
+            gateway.ssh.clone().serve(listener, shutdown_rx.clone()),
+        );
+    }
     if let Some((path, hangup)) = hangup {
         tasks.spawn(
             "configuration reloader",

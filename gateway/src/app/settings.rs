@@ -100,8 +100,8 @@ pub fn health_settings(config: &Config) -> HealthSettings {
         },
         ssh: config.health.ssh,
         http: config.health.http,
-        // SSH always listens; the web side is checked only when browsers are served.
-        serve_ssh: true,
+        // Each side is checked only when its users are served.
+        serve_ssh: config.listen.serves_ssh(),
         serve_http: config.listen.serves_http(),
         http_path: config.health.http_path.clone(),
         load_metrics: config

@@ -244,7 +244,7 @@ pub fn prepare(options: &DemoOptions) -> anyhow::Result<Demo> {
 pub fn config(options: &DemoOptions, state_dir: &Path) -> Config {
     let mut config = Config::default();
     let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    config.listen.ssh = loopback(options.ssh_port);
+    config.listen.ssh = Some(loopback(options.ssh_port));
     config.listen.http = Some(loopback(options.http_port));
     config.listen.https = None;
     config.listen.admin = loopback(options.admin_port);
@@ -385,7 +385,8 @@ mod tests {
     fn config_is_loopback_only_and_verifies_vm_host_keys() {
         let config = config(&options(), Path::new("/state"));
         let http = config.listen.http.expect("the demo serves HTTP");
-        for addr in [config.listen.ssh, http, config.listen.admin] {
+        let ssh = config.listen.ssh.expect("the demo serves SSH");
+        for addr in [ssh, http, config.listen.admin] {
             assert!(addr.ip().is_loopback(), "{addr}");
         }
         assert!(config.listen.https.is_none());

@@ -100,6 +100,18 @@ impl UserCa {
         Self { key, validity }
     }
 
+    /// A CA made for this process only and never written: for a gateway that logs in to no VM
+    /// over SSH (`listen.ssh = "off"`, no busy check), so that no VM ever trusts it.
+    pub fn ephemeral(validity: Duration) -> Result<Self, KeyError> {
+        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).map_err(|e| {
+            KeyError::Parse {
+                path: "(in memory)".to_owned(),
+                message: e.to_string(),
+            }
+        })?;
+        Ok(Self::new(key, validity))
+    }
+
     /// The CA public key in OpenSSH format, for the VMs' `TrustedUserCAKeys` file.
     pub fn public_line(&self) -> String {
         self.key.public_key().to_openssh().unwrap_or_default()
