@@ -70,7 +70,9 @@ pub use haproxy::Haproxy;
 pub use http::{HttpResponse, JsonItems, http_get, http_request, try_http_request};
 pub use keys::{UserCa, UserKey, generate_ed25519};
 pub use log::{has_field, has_span_field, log_lines, strip_ansi};
-pub use metrics::{metric_types, promtool_check, sample, samples, ssh_active, vm_up};
+pub use metrics::{
+    metric_types, promtool_check, sample, samples, ssh_active, vm_protocol_up, vm_up,
+};
 pub use netns::{VmNetwork, ip};
 pub use output::{assert_ok, stderr, stdout};
 pub use pebble::Pebble;

@@ -54,6 +54,15 @@ pub fn vm_up(metrics: &str, vm: &str) -> Option<f64> {
     sample(metrics, &format!("poolgate_vm_up{{vm=\"{vm}\"}}"))
 }
 
+/// `poolgate_vm_protocol_up{protocol="<protocol>",vm="<vm>"}`: 1 while that side of the VM
+/// takes new sessions.
+pub fn vm_protocol_up(metrics: &str, vm: &str, protocol: &str) -> Option<f64> {
+    sample(
+        metrics,
+        &format!("poolgate_vm_protocol_up{{protocol=\"{protocol}\",vm=\"{vm}\"}}"),
+    )
+}
+
 /// Runs `promtool check metrics` on `text` and asserts it passes (exit 0, no lint problem);
 /// the text is kept in `tests/artifacts/<artifact>`.
 pub fn promtool_check(text: &str, artifact: &str) {

@@ -115,18 +115,15 @@ async fn an_http_only_gateway_with_ssh_off_needs_no_ssh_keys_and_never_probes_th
 
     let metrics = http_get(admin, "/metrics").body;
     for vm in &vms {
-        let series = |name: &str| sample(&metrics, name);
-        let vm = vm.name();
+        assert_eq!(vm_up(&metrics, vm.name()), Some(1.0), "{metrics}");
         assert_eq!(
-            series(&format!("poolgate_vm_up{{vm=\"{vm}\"}}")),
-            Some(1.0),
+            vm_protocol_up(&metrics, vm.name(), "ssh"),
+            Some(0.0),
             "{metrics}"
         );
         assert_eq!(
-            series(&format!(
-                "poolgate_vm_protocol_up{{protocol=\"ssh\",vm=\"{vm}\"}}"
-            )),
-            Some(0.0),
+            vm_protocol_up(&metrics, vm.name(), "http"),
+            Some(1.0),
             "{metrics}"
         );
     }

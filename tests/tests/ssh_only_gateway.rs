@@ -117,26 +117,9 @@ fn an_ssh_only_gateway_with_http_off_and_default_health_serves_ssh_and_never_pro
 
     let metrics = pool.metrics();
     for vm in vms {
-        let series = |name: &str| sample(&metrics, name);
-        assert_eq!(
-            series(&format!("poolgate_vm_up{{vm=\"{vm}\"}}")),
-            Some(1.0),
-            "{metrics}"
-        );
-        assert_eq!(
-            series(&format!(
-                "poolgate_vm_protocol_up{{protocol=\"ssh\",vm=\"{vm}\"}}"
-            )),
-            Some(1.0),
-            "{metrics}"
-        );
-        assert_eq!(
-            series(&format!(
-                "poolgate_vm_protocol_up{{protocol=\"http\",vm=\"{vm}\"}}"
-            )),
-            Some(0.0),
-            "{metrics}"
-        );
+        assert_eq!(vm_up(&metrics, vm), Some(1.0), "{metrics}");
+        assert_eq!(vm_protocol_up(&metrics, vm, "ssh"), Some(1.0), "{metrics}");
+        assert_eq!(vm_protocol_up(&metrics, vm, "http"), Some(0.0), "{metrics}");
         assert_eq!(ssh_active(&metrics, vm), Some(1.0), "{metrics}");
     }
     promtool_check(&metrics, "ssh_only_gateway.prom");

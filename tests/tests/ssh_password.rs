@@ -54,6 +54,12 @@ fn password_login(
     run_with_timeout(&mut cmd, Duration::from_secs(30))
 }
 
+/// `out` is ssh's exit after the gateway refused its login.
+fn assert_refused(out: &std::process::Output) {
+    assert_eq!(out.status.code(), Some(255), "{}", stderr(out));
+    assert!(stderr(out).contains("Permission denied"), "{}", stderr(out));
+}
+
 /// The test account, its password set, and a gateway over one VM (`vm-a`) whose sshd takes
 /// passwords, with the gateway set up by `gateway`. Keep the `TestUsers` for the test's length.
 fn password_pool(
@@ -93,12 +99,7 @@ fn password_passthrough_logs_in_refuses_a_wrong_password_and_never_logs_it() {
     );
 
     let out = password_login(&pool, &user, &wrong);
-    assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("Permission denied"),
-        "{}",
-        stderr(&out)
-    );
+    assert_refused(&out);
     assert_eq!(stdout(&out), "");
     pool.vm("vm-a").wait_for_log(
         &format!("Failed password for {user}"),
@@ -110,12 +111,7 @@ fn password_passthrough_logs_in_refuses_a_wrong_password_and_never_logs_it() {
     let started = std::time::Instant::now();
     let out = password_login(&pool, "no+such+user", &wrong);
     let refused_after = started.elapsed();
-    assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("Permission denied"),
-        "{}",
-        stderr(&out)
-    );
+    assert_refused(&out);
     assert!(
         refused_after >= Duration::from_secs(1),
         "refused after {refused_after:?}"
@@ -161,12 +157,7 @@ fn ten_mistyped_passwords_in_a_minute_leave_the_address_free_to_log_in() {
         let running: Vec<_> = attempts.into_iter().map(|a| s.spawn(a)).collect();
         for attempt in running {
             let out = attempt.join().unwrap();
-            assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
-            assert!(
-                stderr(&out).contains("Permission denied"),
-                "{}",
-                stderr(&out)
-            );
+            assert_refused(&out);
         }
     });
     assert_eq!(
@@ -200,12 +191,7 @@ fn password_auth_off_refuses_passwords_without_asking_the_vm() {
     let dir = tempfile::tempdir().unwrap();
     let right = askpass(dir.path(), "right", PASSWORD);
     let out = password_login(&pool, &user, &right);
-    assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("Permission denied"),
-        "{}",
-        stderr(&out)
-    );
+    assert_refused(&out);
     assert!(
         !pool
             .vm("vm-a")
