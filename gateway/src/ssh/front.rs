@@ -206,8 +206,7 @@ impl server::Handler for Front {
             return Ok(Auth::Accept);
         }
         // A signature by a key not authorized: a failed login, not an offer.
-        tokio::time::sleep_until(answer_by).await;
-        Ok(reject(&self.gw))
+        Ok(refuse_at(answer_by, &self.gw).await)
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
@@ -222,8 +221,7 @@ impl server::Handler for Front {
                 || self.refused(user)
             {
                 self.gw.auth_failed("password", self.peer);
-                tokio::time::sleep_until(answer_by).await;
-                return Ok(reject(&self.gw));
+                return Ok(refuse_at(answer_by, &self.gw).await);
             }
             // Boxed: the handler's futures live inline in russh's session task for the whole
             // connection, and connecting to a VM is by far the largest of them.
@@ -237,13 +235,11 @@ impl server::Handler for Front {
                     self.gw.auth_failed("password", self.peer);
                     self.gw.login_failed(self.peer);
                     self.password_refused = true;
-                    tokio::time::sleep_until(answer_by).await;
-                    Ok(reject(&self.gw))
+                    Ok(refuse_at(answer_by, &self.gw).await)
                 }
                 Err(OpenError::NoVm(message)) => {
                     tracing::warn!(%user, %message, "no VM for password login");
-                    tokio::time::sleep_until(answer_by).await;
-                    Ok(reject(&self.gw))
+                    Ok(refuse_at(answer_by, &self.gw).await)
                 }
             }
         }
@@ -548,6 +544,15 @@ impl Drop for Front {
 /// delay that makes guessing slow, and the same whatever the refusal's reason. A refused key
 /// offer is answered at once (see the server config in `ssh/mod.rs`).
 pub(super) const REFUSED_LOGIN_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The refusal of a login attempt, sent at `answer_by` ([`REFUSED_LOGIN_DELAY`] after the
+/// attempt came).
+async fn refuse_at(answer_by: tokio::time::Instant, gw: &SshGateway) -> Auth {
+    // Boxed: the handler's futures live inline in russh's session task for the whole
+    // connection, and a timer is larger than a pointer to one.
+    Box::pin(tokio::time::sleep_until(answer_by)).await;
+    reject(gw)
+}
 
 fn reject(gw: &SshGateway) -> Auth {
     let mut methods = MethodSet::empty();
