@@ -189,17 +189,16 @@ fn build_gateway(
         host_keys.push(key);
     }
     let ca = if config.logs_in_to_vms() {
-        user_ca(config)?
-    } else {
-        UserCa::ephemeral(config.ssh.cert_validity).context("the in-memory user CA")?
-    };
-    if config.logs_in_to_vms() {
+        let ca = user_ca(config)?;
         tracing::info!(
             ca = %ca.public_line(),
             "VMs must trust this user CA: put the line in /etc/ssh/poolgate_user_ca.pub and add \
              `TrustedUserCAKeys /etc/ssh/poolgate_user_ca.pub` to sshd_config"
         );
-    }
+        ca
+    } else {
+        UserCa::ephemeral(config.ssh.cert_validity).context("the in-memory user CA")?
+    };
     let host_policy = host_policy(config)?;
     let record = super::cluster::record(config, &host_keys)?;
     let shared = super::cluster::store(config)?;

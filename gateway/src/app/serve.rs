@@ -62,18 +62,9 @@ pub(super) async fn serve(
         tracing::info!(replica = cluster.replica_id(), "joined the cluster");
     }
 
-    let ssh_listener = match config.listen.ssh {
-        Some(addr) => Some(bind("listen.ssh", addr).await?),
-        None => None,
-    };
-    let http_listener = match config.listen.http {
-        Some(addr) => Some(bind("listen.http", addr).await?),
-        None => None,
-    };
-    let https_listener = match config.listen.https {
-        Some(addr) => Some(bind("listen.https", addr).await?),
-        None => None,
-    };
+    let ssh_listener = bind_unless_off("listen.ssh", config.listen.ssh).await?;
+    let http_listener = bind_unless_off("listen.http", config.listen.http).await?;
+    let https_listener = bind_unless_off("listen.https", config.listen.https).await?;
     let admin_listener = bind("listen.admin", config.listen.admin).await?;
     match &ssh_listener {
         Some(listener) => tracing::info!(addr = %listener.local_addr()?, "SSH listener ready"),
@@ -175,6 +166,17 @@ async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListen
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("{key}: cannot listen on {addr}"))
+}
+
+/// [`bind`] for a listener that may be off (`None`).
+async fn bind_unless_off(
+    key: &str,
+    addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => bind(key, addr).await.map(Some),
+        None => Ok(None),
+    }
 }
 
 /// Lets open SSH sessions run for up to `grace` (a second signal cuts it short), then
