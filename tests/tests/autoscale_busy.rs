@@ -367,6 +367,50 @@ fn a_detached_tmux_session_keeps_its_vm_until_it_ends() {
     eprintln!("tmux: stopped {took:?} after the session ended");
 }
 
+/// VS Code Remote-SSH keeps its server up to 3 hours after a lost connection, for a reconnect:
+/// that server, its terminal host and an idle terminal are no reason to keep the VM, a job
+/// started in one of its terminals is. The editor cannot be downloaded here, so the test starts
+/// its process tree (the paths and names the default check reads) over a real login, detached,
+/// as the editor starts its server.
+#[test]
+fn a_vs_code_server_left_behind_does_not_keep_its_vm_but_a_job_in_its_terminal_does() {
+    require_tools!("sshd", "ssh", "ssh-keygen", "unshare", "useradd", "usermod");
+    require_root!();
+    let pool = BusyPool::start();
+    let home = TestUsers::ensure(1).user(1).home.clone();
+    let editor = home.join(".vscode-server");
+    let _ = std::fs::remove_dir_all(&editor);
+    // The server's node (a copy of /bin/sh under that name) runs two terminals: one at its
+    // prompt (reading a FIFO nobody writes to), one running a job.
+    let server = "$HOME/.vscode-server/cli/servers/Stable-4fe60c8b/server";
+    let integration = format!(
+        "{server}/out/vs/workbench/contrib/terminal/common/scripts/shellIntegration-bash.sh"
+    );
+    pool.run_and_log_off(&format!(
+        "set -e; mkdir -p {server}; cp /bin/sh {server}/node; mkfifo -m 600 {server}/terminal-in; \
+         nohup {server}/node -c '/bin/bash --init-file {integration} -c \"read -r l <> {server}/terminal-in\" & \
+         /bin/bash --init-file {integration} -c \"sleep 700; true\" & wait' >/dev/null 2>&1 </dev/null &"
+    ));
+    let editor_server = || pool.vm.processes("node", &format!("{}/", editor.display()));
+    assert!(
+        poll(Duration::from_secs(5), || editor_server().len() == 1),
+        "the editor's server did not start"
+    );
+    let took = pool.kept_while_running_then_stopped("a job in a VS Code terminal", || {
+        pool.vm.processes("sleep", "sleep 700")
+    });
+    // The server and its idle terminal were still there when the VM was judged idle; they
+    // went with it.
+    assert!(
+        editor_server().is_empty(),
+        "the editor's server outlived the stopped VM"
+    );
+    pool.gateway
+        .wait_for_log("action=Drain(\"vm-a\")", Duration::from_secs(5));
+    eprintln!("VS Code server left behind: VM stopped {took:?} after the job ended");
+    let _ = std::fs::remove_dir_all(&editor);
+}
+
 /// The certificate the gateway signs for the check, used with the real OpenSSH client: sshd runs
 /// the busy check whatever is asked, gives no pty, and the certificate is good for no one else.
 #[test]
@@ -467,7 +511,7 @@ fn the_probe_certificate_runs_only_the_busy_check() {
 /// table) next to processes of a login user: real work counts, idle per-user daemons, Jupyter
 /// servers and idle kernels do not, a kernel computing does.
 #[test]
-fn the_default_check_tells_work_from_idle_daemons_and_kernels() {
+fn the_default_check_tells_work_from_idle_daemons_kernels_and_editor_servers() {
     require_tools!("unshare", "setpriv", "sleep", "pgrep", "useradd", "usermod");
     require_root!();
     ensure_probe_account();
@@ -498,6 +542,39 @@ fn the_default_check_tells_work_from_idle_daemons_and_kernels() {
         "{python} is missing (apt-get install python3)"
     );
     let sleep = tool("sleep").display().to_string();
+    // What VS Code Remote-SSH leaves in a user's home after a lost connection (the editor's own
+    // server cannot be downloaded here; the process tree is rebuilt with its paths and names):
+    // the server's `node` runs the server, extension hosts and the terminal host, whose children
+    // are the terminals' shells; the Python tool extensions run `PYTHON .../lsp_server.py`.
+    let server = dir
+        .path()
+        .join("home/.vscode-server/cli/servers/Stable-4fe60c8b/server");
+    let extensions = dir.path().join("home/.vscode-server/extensions");
+    let lsp = extensions.join("ms-python.black-formatter-2025.2.0/bundled/tool/lsp_server.py");
+    for d in [server.clone(), lsp.parent().expect("lsp dir").to_path_buf()] {
+        std::fs::create_dir_all(d).expect("editor dirs");
+    }
+    // The server's node, standing in: a copy of /bin/sh under the name `node`, which starts its
+    // children the way the terminal host does (they are its children, it waits).
+    let node = server.join("node");
+    std::fs::copy("/bin/sh", &node).expect("copy sh");
+    std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::write(&lsp, "import time\ntime.sleep(60)\n").expect("lsp server");
+    let integration =
+        server.join("out/vs/workbench/contrib/terminal/common/scripts/shellIntegration-bash.sh");
+    // A shell at its prompt: reads a FIFO nobody writes to (opened read-write, so the open
+    // itself does not block), no child process.
+    let fifo = dir.path().join("terminal-input");
+    let node = node.display();
+    let editor = |terminal: &str| {
+        format!(
+            "mkfifo -m 666 {fifo} 2>/dev/null\n{as_user} {node} -c '/bin/bash --init-file {integration} -c \"{terminal}\" & {python} {lsp} & wait' &",
+            fifo = fifo.display(),
+            integration = integration.display(),
+            lsp = lsp.display(),
+        )
+    };
+    let prompt = format!("read -r line <> {}", fifo.display());
     // Starts `setup` (processes of the user) in a new PID namespace, then runs the check there.
     let run = |setup: &str| -> (Option<i32>, String) {
         let script = format!(
@@ -525,11 +602,13 @@ fn the_default_check_tells_work_from_idle_daemons_and_kernels() {
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
+    // What runs, how many processes the user has, the check's exit status and a word of its line.
     let cases = [
-        ("nobody there", String::new(), 1, "idle: "),
+        ("nobody there", String::new(), 0, 1, "idle: "),
         (
             "a nohup job",
             format!("{as_user} nohup {sleep} 60 >/dev/null 2>&1 &"),
+            1,
             0,
             "busy: sleep",
         ),
@@ -537,11 +616,13 @@ fn the_default_check_tells_work_from_idle_daemons_and_kernels() {
             "an idle per-user daemon",
             format!("{as_user} {} 60 &", agent.display()),
             1,
+            1,
             "idle: ",
         ),
         (
             "an idle Jupyter server",
             format!("{as_user} {python} -c 'import time; time.sleep(60)' jupyterhub-singleuser &"),
+            1,
             1,
             "idle: ",
         ),
@@ -551,11 +632,13 @@ fn the_default_check_tells_work_from_idle_daemons_and_kernels() {
                 "{as_user} {python} -c 'import time; time.sleep(60)' -m ipykernel_launcher -f k.json &"
             ),
             1,
+            1,
             "idle: ",
         ),
         (
             "a kernel running a cell",
             format!("{as_user} {python} -c 'while True: pass' -m ipykernel_launcher -f k.json &"),
+            1,
             0,
             "busy: a Jupyter kernel",
         ),
@@ -564,27 +647,59 @@ fn the_default_check_tells_work_from_idle_daemons_and_kernels() {
             format!(
                 "{as_user} {python} -c 'import time\nwhile True:\n  t = time.time()\n  while time.time() - t < 0.02: pass\n  time.sleep(0.08)' -m ipykernel_launcher -f k.json &"
             ),
+            1,
             0,
             "busy: a Jupyter kernel",
+        ),
+        (
+            "the editor server left after a lost connection: idle terminal, language server",
+            editor(&prompt),
+            3,
+            1,
+            "idle: ",
+        ),
+        (
+            "a job started in the editor's terminal",
+            editor(&format!("{sleep} 60; true")),
+            4,
+            0,
+            "busy: sleep",
+        ),
+        (
+            "a terminal whose shell computes itself",
+            editor("while :; do :; done"),
+            3,
+            0,
+            "busy: a shell in a VS Code terminal",
+        ),
+        (
+            "an idle shell outside the editor",
+            format!(
+                "mkfifo -m 666 {fifo} 2>/dev/null\n{as_user} /bin/bash -c '{prompt}' &",
+                fifo = fifo.display()
+            ),
+            1,
+            0,
+            "busy: bash",
         ),
         (
             "a job hidden by /proc mounted hidepid=2",
             format!(
                 "mount -o remount,hidepid=2 /proc\n{as_user} nohup {sleep} 60 >/dev/null 2>&1 &"
             ),
+            1,
             2,
             "cannot read other users' processes",
         ),
     ];
-    for (what, setup, status, needle) in cases {
+    for (what, setup, processes, status, needle) in cases {
         let started = Instant::now();
         let (code, output) = run(&setup);
         assert_eq!(code, Some(status), "{what}: {output}");
         // The count is taken as root, who sees through hidepid.
-        let expected = if setup.is_empty() { 0 } else { 1 };
         assert!(
-            output.contains(&format!("user processes: {expected}\n")),
-            "{what}: the user's process did not start: {output}"
+            output.contains(&format!("user processes: {processes}\n")),
+            "{what}: the user's processes did not all start: {output}"
         );
         assert!(output.contains(needle), "{what}: {output}");
         if status == 0 {
