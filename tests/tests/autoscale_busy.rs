@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use poolgate_tests::jupyter::{require_jupyter, venv_bin};
 use poolgate_tests::*;
 
 /// The probe account the default configuration logs in as.
@@ -509,11 +510,17 @@ fn the_probe_certificate_runs_only_the_busy_check() {
 
 /// The default check itself, run as the probe account in a fresh PID namespace (one VM's process
 /// table) next to processes of a login user: real work counts, idle per-user daemons, Jupyter
-/// servers and idle kernels do not, a kernel computing does.
+/// servers, idle kernels, terminals left open at their prompt (a real jupyter_server's, an
+/// editor's) and the editor's server do not; a kernel computing and a job in a terminal do.
 #[test]
-fn the_default_check_tells_work_from_idle_daemons_kernels_and_editor_servers() {
-    require_tools!("unshare", "setpriv", "sleep", "pgrep", "useradd", "usermod");
+fn the_default_check_tells_work_from_idle_daemons_kernels_terminals_and_editor_servers() {
+    require_tools!(
+        "unshare", "setpriv", "sleep", "pgrep", "useradd", "usermod", "curl"
+    );
     require_root!();
+    if !require_jupyter() {
+        return;
+    }
     ensure_probe_account();
     let users = TestUsers::ensure(1);
     let user = users.user(1);
@@ -575,6 +582,40 @@ fn the_default_check_tells_work_from_idle_daemons_kernels_and_editor_servers() {
         )
     };
     let prompt = format!("read -r line <> {}", fifo.display());
+    // A real jupyter_server of the user with a terminal open (JupyterLab's Terminal), as a browser
+    // tab closed on it leaves it. The venv may sit under root's home, which the user cannot
+    // enter: the server gets the right to read through directories, and nothing else.
+    let jupyter_port = free_port();
+    let token = "busy-check-test";
+    let terminals = format!("http://127.0.0.1:{jupyter_port}/api/terminals");
+    let jupyter = |then: &str| {
+        format!(
+            "{as_user} --inh-caps=+dac_read_search --ambient-caps=+dac_read_search env HOME={home} SHELL=/bin/bash \
+             {server} --port={jupyter_port} --ip=127.0.0.1 --IdentityProvider.token={token} \
+             --ServerApp.root_dir={root} --no-browser >{log} 2>&1 &\n\
+             i=0; until {curl} -sf -X POST -H 'Authorization: token {token}' {terminals} >/dev/null; do \
+             i=$((i + 1)); [ $i -lt 300 ] || {{ cat {log}; exit 1; }}; sleep 0.1; done\n{then}",
+            home = user.home.display(),
+            server = venv_bin("jupyter-server").display(),
+            root = dir.path().display(),
+            log = dir.path().join("jupyter.log").display(),
+            curl = tool("curl").display(),
+        )
+    };
+    // Types a command into the terminal over its websocket, as the browser does, and waits for
+    // the process to appear.
+    let type_in_terminal = |command: &str, process: &str| {
+        format!(
+            "{python} -c 'import asyncio, json, tornado.websocket as w\n\
+             async def main():\n  ws = await w.websocket_connect(\"ws://127.0.0.1:{jupyter_port}/terminals/websocket/1?token={token}\")\n  \
+             await ws.write_message(json.dumps([\"stdin\", \"{command}\\r\"]))\n  ws.close()\n\
+             asyncio.run(main())'\n\
+             i=0; until {pgrep} -x -u {uid} {process} >/dev/null; do i=$((i + 1)); [ $i -lt 100 ] || exit 1; sleep 0.1; done",
+            python = venv_bin("python").display(),
+            pgrep = tool("pgrep").display(),
+            uid = user.uid,
+        )
+    };
     // Starts `setup` (processes of the user) in a new PID namespace, then runs the check there.
     let run = |setup: &str| -> (Option<i32>, String) {
         let script = format!(
@@ -594,7 +635,7 @@ fn the_default_check_tells_work_from_idle_daemons_kernels_and_editor_servers() {
                     "-c",
                 ])
                 .arg(script),
-            Duration::from_secs(30),
+            Duration::from_secs(60),
         );
         (
             out.status.code(),
@@ -657,6 +698,20 @@ fn the_default_check_tells_work_from_idle_daemons_kernels_and_editor_servers() {
             3,
             1,
             "idle: ",
+        ),
+        (
+            "a JupyterLab terminal left open, at its prompt",
+            jupyter(""),
+            2,
+            1,
+            "idle: ",
+        ),
+        (
+            "a job started in a JupyterLab terminal",
+            jupyter(&type_in_terminal(&format!("{sleep} 60"), "sleep")),
+            3,
+            0,
+            "busy: sleep",
         ),
         (
             "a job started in the editor's terminal",
