@@ -268,3 +268,87 @@ fn a_start_that_takes_long_does_not_hold_up_the_next_decision() {
     );
     pool.assert_no_panic();
 }
+
+#[test]
+fn a_login_the_vms_refuse_is_told_at_once_not_held_while_the_pool_wakes() {
+    // A user the gateway lets in whom the VMs refuse: no account there yet, or VMs that do not
+    // trust the gateway's user CA. The pool's VMs are alike, so holding the connection for
+    // `hold_connect_for` (5 minutes at the default) and asking the VM again and again helps
+    // nobody: the user is told at once why, after one attempt.
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let dir = tempfile::Builder::new()
+        .prefix("poolgate-exec-refused-")
+        .tempdir()
+        .expect("temp dir");
+    let ca = UserCa::generate();
+    let mut vm = SshdVm::builder("vm-a")
+        .trusted_user_ca_keys(ca.public_key_path())
+        .start();
+    vm.stop();
+    let _cleanup = KillPidFile(vm.pid_file());
+    let scripts = ExecScripts::for_sshd(dir.path(), &vm);
+    // The VM kept running (min_vms = 1); hold_connect_for at its default.
+    let pool = GatewayPool::builder()
+        .users(1)
+        .user_ca(ca)
+        .known_vm(&vm)
+        .config_toml(&scripts.pool_toml(Duration::from_secs(10)))
+        .config_toml(
+            "[autoscale]\nenabled = true\nmin_vms = 1\nmax_vms = 1\nspare_vms = 0\n\
+             tick = \"1s\"\ncooldown = \"1s\"\nboot_estimate = \"2s\"\nbusy_command = []\n",
+        )
+        .start();
+    pool.wait_for_state("vm-a", "healthy", Duration::from_secs(20));
+
+    // Allowed in by the gateway (a key listed for the name), unknown on the VM.
+    let stranger = "pgnoaccount";
+    pool.authorize(stranger, pool.key(1));
+    let asked = Instant::now();
+    let out = pool
+        .client_as(stranger)
+        .user_key(pool.key(1))
+        .timeout(Duration::from_secs(40))
+        .run("true");
+    let took = asked.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{stderr}\n{}", pool.log());
+    assert!(
+        stderr.contains(&format!("vm-a refused the login for {stranger}"))
+            && stderr.contains("user CA"),
+        "the user is not told why: {stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the refused login was held {took:?}\n{}",
+        pool.log()
+    );
+    eprintln!(
+        "a login the VMs refuse ended in {took:?}: {}",
+        stderr.trim()
+    );
+    pool.gateway
+        .wait_for_log("every VM tried refused the login", Duration::from_secs(1));
+    let attempts = pool
+        .gateway
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("VM connection failed") && l.contains(&format!("user={stranger}")))
+        .count();
+    assert_eq!(
+        attempts,
+        1,
+        "the VM was asked {attempts} times\n{}",
+        pool.log()
+    );
+    let metrics = pool.metrics();
+    assert_eq!(
+        sample(&metrics, "poolgate_sessions_waiting{protocol=\"ssh\"}"),
+        Some(0.0),
+        "{metrics}"
+    );
+
+    // The users the VM knows still get in.
+    let out = pool.client(1).run("echo on $POOLGATE_VM");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "on vm-a");
+}

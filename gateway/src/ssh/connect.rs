@@ -22,8 +22,14 @@ use crate::health::SshDownEvents;
 use crate::metrics::outcome;
 
 pub(crate) enum OpenError {
+    /// No VM could take the session (none serving, all full, or all tried failed).
     NoVm(String),
+    /// A password the VM refused.
     PasswordRefused,
+    /// Every VM tried refused the gateway's certificate login for this user, and none failed
+    /// otherwise: the VMs have no such account, or do not trust the user CA. The pool's VMs are
+    /// alike, so waiting for another VM would not help (the message says so to the user).
+    Refused(String),
 }
 
 /// An authenticated VM connection with the session's load guard.
@@ -90,6 +96,8 @@ pub(crate) async fn connect_vm(
     let user = who.user;
     let mut tried: Vec<String> = Vec::new();
     let mut last: Option<BackendError> = None;
+    // Whether every VM tried so far refused this user's login (and none failed otherwise).
+    let mut only_refused = true;
     let started = Instant::now();
     // Sessions of this user through other gateway replicas (one bounded store lookup).
     let shared = match &gw.affinity {
@@ -110,6 +118,14 @@ pub(crate) async fn connect_vm(
                     outcome::NO_VM,
                     started.elapsed(),
                 );
+                if let Some(e @ BackendError::AuthRefused { .. }) = &last
+                    && only_refused
+                {
+                    return Err(OpenError::Refused(format!(
+                        "{e}: the VMs have no account {user}, or do not trust the gateway's \
+                         user CA (ask the pool's administrators)"
+                    )));
+                }
                 let mut message = no_vm.to_string();
                 if let Some(e) = &last {
                     message = format!("{message} (last attempt: {e})");
@@ -187,6 +203,7 @@ pub(crate) async fn connect_vm(
                 if e.is_outage() {
                     (gw.on_vm_failure)(&spec.name);
                 }
+                only_refused &= matches!(e, BackendError::AuthRefused { .. });
                 tried.push(spec.name.clone());
                 last = Some(e);
             }

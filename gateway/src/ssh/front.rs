@@ -237,7 +237,7 @@ impl server::Handler for Front {
                     self.password_refused = true;
                     Ok(refuse_at(answer_by, &self.gw).await)
                 }
-                Err(OpenError::NoVm(message)) => {
+                Err(OpenError::NoVm(message) | OpenError::Refused(message)) => {
                     tracing::warn!(%user, %message, "no VM for password login");
                     Ok(refuse_at(answer_by, &self.gw).await)
                 }
@@ -305,6 +305,7 @@ impl server::Handler for Front {
                                 .hold(Protocol::Ssh, move || async move {
                                     match connect_vm(who, None).await {
                                         Err(OpenError::NoVm(why)) => ControlFlow::Continue(why),
+                                        // The VM woken for this user refused them too.
                                         done => ControlFlow::Break(done),
                                     }
                                 })
@@ -315,6 +316,10 @@ impl server::Handler for Front {
                                 }
                                 Ok(Err(OpenError::PasswordRefused)) => {
                                     Conn::Failed("login refused".into())
+                                }
+                                Ok(Err(OpenError::Refused(why))) => {
+                                    tracing::warn!(reason = %why, "every VM tried refused the login; not holding the connection");
+                                    Conn::Failed(why.into())
                                 }
                                 // `hold` turns every NoVm into a retry.
                                 Ok(Err(OpenError::NoVm(why))) | Err(why) => {
@@ -337,6 +342,14 @@ impl server::Handler for Front {
                         )?;
                     }
                 },
+                Err(OpenError::Refused(message)) => {
+                    tracing::warn!(%message, "every VM tried refused the login; not holding the connection");
+                    session.disconnect(
+                        russh::Disconnect::NoMoreAuthMethodsAvailable,
+                        &ascii(&format!("poolgate: {message}.")),
+                        "en",
+                    )?;
+                }
                 Err(OpenError::PasswordRefused) => {
                     session.disconnect(russh::Disconnect::ByApplication, "login refused", "en")?;
                 }
