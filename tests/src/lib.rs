@@ -90,7 +90,7 @@ pub use procfs::{
     fd_count, listening_ports, pids_with_cmdline_prefix, rss_kib, thread_wchans,
     unread_bytes_on_port,
 };
-pub use provider::{ExecScripts, KillPidFile, write_list_script, write_script};
+pub use provider::{ExecScripts, ExecSshdVm, KillPidFile, write_list_script, write_script};
 pub use redis::{RedisServer, Tls as RedisTls};
 pub use session::{Background, Multiplexed, SshSession, landed};
 pub use shell::{sh_quote, shell_line};

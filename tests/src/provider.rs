@@ -133,6 +133,41 @@ impl Drop for KillPidFile {
     }
 }
 
+/// One sshd VM trusting `ca`, stopped, with the `exec` provider's scripts that start and stop
+/// it: the pool such a gateway serves starts at zero unless its `min_vms` says otherwise.
+/// Fields drop in order: the sshd the start script ran is killed (through its pid file) before
+/// the directory holding the scripts goes away.
+pub struct ExecSshdVm {
+    _cleanup: KillPidFile,
+    /// The VM (its sshd config, host key, port and pid file).
+    pub vm: SshdVm,
+    /// Its `list.sh`, `start.sh` and `stop.sh`.
+    pub scripts: ExecScripts,
+    /// The scripts' directory.
+    pub dir: tempfile::TempDir,
+}
+
+impl ExecSshdVm {
+    /// VM `vm-a`, its scripts in a temp dir named after `prefix`.
+    pub fn stopped(prefix: &str, ca: &crate::UserCa) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("temp dir");
+        let mut vm = SshdVm::builder("vm-a")
+            .trusted_user_ca_keys(ca.public_key_path())
+            .start();
+        vm.stop();
+        let scripts = ExecScripts::for_sshd(dir.path(), &vm);
+        Self {
+            _cleanup: KillPidFile(vm.pid_file()),
+            vm,
+            scripts,
+            dir,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,21 +23,12 @@ fn vm_state(pool: &GatewayPool) -> String {
 fn exec_provider_wakes_a_stopped_vm_for_ssh_and_stops_it_only_when_idle() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let dir = tempfile::Builder::new()
-        .prefix("poolgate-exec-e2e-")
-        .tempdir()
-        .expect("temp dir");
     let ca = UserCa::generate();
-
     // A VM whose sshd the scripts control: the fixture writes its config and host key, then
     // steps aside.
-    let mut vm = SshdVm::builder("vm-a")
-        .trusted_user_ca_keys(ca.public_key_path())
-        .start();
-    vm.stop();
+    let exec = ExecSshdVm::stopped("poolgate-exec-e2e-", &ca);
+    let (vm, scripts) = (&exec.vm, &exec.scripts);
     let pid_file = vm.pid_file();
-    let _cleanup = KillPidFile(pid_file.clone());
-    let scripts = ExecScripts::for_sshd(dir.path(), &vm);
 
     // This VM's sshd shares the machine's process table, so the busy check would see every
     // other test's processes: off here (tests/tests/autoscale_busy.rs runs it on VMs with a PID
@@ -45,7 +36,7 @@ fn exec_provider_wakes_a_stopped_vm_for_ssh_and_stops_it_only_when_idle() {
     let pool = GatewayPool::builder()
         .users(1)
         .user_ca(ca)
-        .known_vm(&vm)
+        .known_vm(vm)
         .config_toml(&scripts.pool_toml(Duration::from_secs(10)))
         .config_toml(
             "[autoscale]\nenabled = true\nmin_vms = 0\nmax_vms = 1\nspare_vms = 0\n\
@@ -277,23 +268,14 @@ fn a_login_the_vms_refuse_is_told_at_once_not_held_while_the_pool_wakes() {
     // nobody: the user is told at once why, after one attempt.
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
-    let dir = tempfile::Builder::new()
-        .prefix("poolgate-exec-refused-")
-        .tempdir()
-        .expect("temp dir");
     let ca = UserCa::generate();
-    let mut vm = SshdVm::builder("vm-a")
-        .trusted_user_ca_keys(ca.public_key_path())
-        .start();
-    vm.stop();
-    let _cleanup = KillPidFile(vm.pid_file());
-    let scripts = ExecScripts::for_sshd(dir.path(), &vm);
+    let exec = ExecSshdVm::stopped("poolgate-exec-refused-", &ca);
     // The VM kept running (min_vms = 1); hold_connect_for at its default.
     let pool = GatewayPool::builder()
         .users(1)
         .user_ca(ca)
-        .known_vm(&vm)
-        .config_toml(&scripts.pool_toml(Duration::from_secs(10)))
+        .known_vm(&exec.vm)
+        .config_toml(&exec.scripts.pool_toml(Duration::from_secs(10)))
         .config_toml(
             "[autoscale]\nenabled = true\nmin_vms = 1\nmax_vms = 1\nspare_vms = 0\n\
              tick = \"1s\"\ncooldown = \"1s\"\nboot_estimate = \"2s\"\nbusy_command = []\n",

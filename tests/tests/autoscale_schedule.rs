@@ -24,32 +24,19 @@ fn utc_time_in(minutes: i64) -> String {
 /// `[[autoscale.schedule]]` tables) and `boot_estimate`.
 struct Fixture {
     pool: GatewayPool,
-    // Fields drop in order: the sshd the start script ran is killed (through its pid file)
-    // before the VM's directory holding that file goes away.
-    _cleanup: KillPidFile,
-    _vm: SshdVm,
-    _dir: tempfile::TempDir,
+    _vm: ExecSshdVm,
 }
 
 fn start(schedule: &str, boot_estimate: &str, users: usize) -> Fixture {
-    let dir = tempfile::Builder::new()
-        .prefix("poolgate-schedule-e2e-")
-        .tempdir()
-        .expect("temp dir");
     let ca = UserCa::generate();
-    let mut vm = SshdVm::builder("vm-a")
-        .trusted_user_ca_keys(ca.public_key_path())
-        .start();
-    vm.stop();
-    let pid_file = vm.pid_file();
-    let cleanup = KillPidFile(pid_file.clone());
-    let scripts = ExecScripts::for_sshd(dir.path(), &vm);
+    let exec = ExecSshdVm::stopped("poolgate-schedule-e2e-", &ca);
+    let scripts = &exec.scripts;
     // Idle timers of seconds, so that a VM kept only by the rules would be stopped within the
     // test; the busy check is off (this sshd shares the machine's process table).
     let pool = GatewayPool::builder()
         .users(users)
         .user_ca(ca)
-        .known_vm(&vm)
+        .known_vm(&exec.vm)
         // Room for the whole team on the one VM: a wait could then only be for a VM to start.
         .config_toml(&format!(
             "{}max_sessions = 25\n",
@@ -62,12 +49,7 @@ fn start(schedule: &str, boot_estimate: &str, users: usize) -> Fixture {
              {schedule}"
         ))
         .start();
-    Fixture {
-        pool,
-        _cleanup: cleanup,
-        _vm: vm,
-        _dir: dir,
-    }
+    Fixture { pool, _vm: exec }
 }
 
 fn schedule_floor(pool: &GatewayPool) -> Option<f64> {
