@@ -637,3 +637,37 @@ fn the_shared_affinity_hint_comes_before_the_local_store() {
         .expect("placed");
     assert_eq!(third.vm_name(), "a");
 }
+
+#[test]
+fn a_named_vm_is_the_only_choice_and_says_why_it_cannot_take_a_session() {
+    let (pool, _) = pool(&[("a", 1, 10), ("b", 1, 1), ("c", 1, 10)]);
+    // Named: taken whatever the load or the user's affinity says.
+    let first = pool.acquire(&ssh().user("alice")).expect("a place");
+    assert_eq!(first.vm_name(), "a");
+    assert_eq!(name(pool.acquire(&ssh().user("alice").only("c"))), "c");
+    // b takes one session; named again, nothing else is chosen instead.
+    assert_eq!(name(pool.acquire(&ssh().only("b"))), "b");
+    assert!(pool.acquire(&ssh().only("b")).is_err());
+    let snap = pool.snapshot();
+    assert_eq!(
+        snap.why_not("b", Protocol::Ssh).as_deref(),
+        Some("b takes no new sessions: at its session limit")
+    );
+    assert_eq!(
+        snap.why_not("z", Protocol::Ssh).as_deref(),
+        Some("no VM z in the pool (its VMs: a, b, c)")
+    );
+    assert_eq!(snap.why_not("a", Protocol::Ssh), None);
+    assert!(pool.acquire(&ssh().only("z")).is_err());
+    assert!(pool.drain("c"));
+    assert!(pool.acquire(&ssh().only("c")).is_err());
+    assert_eq!(
+        pool.snapshot().why_not("c", Protocol::Ssh).as_deref(),
+        Some("c takes no new sessions: draining")
+    );
+    assert!(pool.set_health("a", Health::Down));
+    assert_eq!(
+        pool.snapshot().why_not("a", Protocol::Ssh).as_deref(),
+        Some("a takes no new sessions: its SSH probe fails")
+    );
+}

@@ -32,6 +32,11 @@ pub struct PickRequest<'a> {
     /// The user's affinity VM as a shared store (several gateway replicas)
     /// knows it; when set, it is used instead of this process's own store.
     pub affinity_hint: Option<&'a str>,
+    /// The VM the user named: that one or none (see [`Snapshot::why_not`]
+    /// for why it cannot take the session).
+    ///
+    /// [`Snapshot::why_not`]: crate::Snapshot::why_not
+    pub only: Option<&'a str>,
 }
 
 impl<'a> PickRequest<'a> {
@@ -44,7 +49,14 @@ impl<'a> PickRequest<'a> {
             exclude: &[],
             keep_draining: false,
             affinity_hint: None,
+            only: None,
         }
+    }
+
+    /// Sets [`PickRequest::only`].
+    pub fn only(mut self, vm: &'a str) -> Self {
+        self.only = Some(vm);
+        self
     }
 
     /// Sets [`PickRequest::affinity_hint`].
@@ -269,6 +281,9 @@ pub(crate) fn choose<'s>(
             req.admits_ignoring_capacity(vm, pinned)
         }
     };
+    if let Some(name) = req.only {
+        return snapshot.get(name).filter(|vm| admits(vm, false));
+    }
     if let Some(vm) = pinned.filter(|vm| admits(vm, true)) {
         return Some(vm);
     }

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::hash::FastBuild;
-use crate::vm::{Protocol, Vm, VmShared, VmState};
+use crate::health::Health;
+use crate::vm::{Lifecycle, Protocol, Vm, VmShared, VmState};
 
 /// VM name -> index into [`Snapshot::vms`]. Shared between snapshots that
 /// hold the same names (status changes do not rebuild it).
@@ -98,6 +99,39 @@ impl Snapshot {
     /// The VM called `name` (one hash lookup).
     pub fn get(&self, name: &str) -> Option<&Arc<Vm>> {
         self.index.get(name).and_then(|&i| self.vms.get(i))
+    }
+
+    /// Why VM `name` cannot take a new session of `protocol` (for a user who
+    /// named it): not in the pool (the pool's VMs are listed), or its state.
+    /// `None` when it can.
+    pub fn why_not(&self, name: &str, protocol: Protocol) -> Option<String> {
+        let Some(vm) = self.get(name) else {
+            let names: Vec<&str> = self.vms().iter().map(|vm| vm.name()).collect();
+            return Some(if names.is_empty() {
+                format!("no VM {name} in the pool (the pool has no VMs)")
+            } else {
+                format!("no VM {name} in the pool (its VMs: {})", names.join(", "))
+            });
+        };
+        let status = vm.status();
+        let reason = if status.draining || status.leaving {
+            "draining"
+        } else {
+            match status.lifecycle {
+                Lifecycle::Stopping | Lifecycle::Stopped => "stopped",
+                Lifecycle::Starting => "starting",
+                Lifecycle::Running => match status.health_of(protocol) {
+                    Health::Up if vm.is_full() => "at its session limit",
+                    Health::Up => return None,
+                    Health::Down => match protocol {
+                        Protocol::Ssh => "its SSH probe fails",
+                        Protocol::Http => "its web probe fails",
+                    },
+                    Health::Unknown => "not probed yet",
+                },
+            }
+        };
+        Some(format!("{name} takes no new sessions: {reason}"))
     }
 
     /// The position of the VM called `name` in [`Snapshot::vms`].

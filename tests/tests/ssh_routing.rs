@@ -310,3 +310,82 @@ fn the_no_vm_message_reads_cleanly_in_openssh() {
         .any(|w| w[0] == b'\\' && w[1..].iter().all(u8::is_ascii_digit));
     assert!(!escaped, "the client shows escape codes: {err:?}");
 }
+
+#[test]
+fn a_user_who_names_a_vm_in_the_login_lands_there_or_is_told_why_not() {
+    // Work left on a VM (a tmux session, a job's GPU) is reached again by naming the VM:
+    // `ssh alice+vm-b@gateway`. Eighteen users at once, each naming a VM: every one lands where
+    // they asked, whatever the load or their affinity says.
+    require_tools!("sshd", "ssh", "ssh-keygen", "scp");
+    require_root!();
+    let vms = ["vm-a", "vm-b", "vm-c"];
+    let pool = GatewayPool::builder()
+        .vm(vms[0])
+        .vm(vms[1])
+        .vm(vms[2])
+        .users(18)
+        .start();
+    let named = |i: usize, vm: &str| {
+        pool.client_as(&format!("{}+{vm}", pool.user(i)))
+            .user_key(pool.key(i))
+    };
+    let landings: Vec<(usize, &str, std::process::Output)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (1..=18)
+            .map(|i| {
+                let vm = vms[i % 3];
+                let client = named(i, vm);
+                s.spawn(move || (i, vm, client.run("echo $POOLGATE_VM $(id -un)")))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, vm, out) in &landings {
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("{vm} {}", pool.user(*i)),
+            "user {i} named {vm}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // With a name only, the same user goes where routing puts them; scp takes the form too.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), b"named").unwrap();
+    let out = run_with_timeout(
+        &mut named(2, "vm-c").scp_to(file.path(), "/tmp/poolgate-named-vm-scp"),
+        OPEN,
+    );
+    assert!(
+        out.status.success(),
+        "scp to a named VM: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        pool.log().lines().any(|l| l.contains("session routed")
+            && has_field(l, "user", &pool.user(2))
+            && has_field(l, "vm", "vm-c")
+            && l.contains("named by the user")),
+        "no routing line for the scp to vm-c:\n{}",
+        pool.log()
+    );
+
+    // A VM that is not in the pool: refused at once, with the pool's VMs named.
+    let out = named(1, "vm-z").run("true");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{stderr}");
+    assert!(
+        stderr.contains("no VM vm-z in the pool") && stderr.contains("vm-a, vm-b, vm-c"),
+        "{stderr}"
+    );
+    // A VM drained by an operator takes no new session, even named; the user is told so, and
+    // without the name they land elsewhere.
+    let entry = pool.api_post("vm-b", "drain");
+    assert_eq!(entry["draining"].as_bool(), Some(true), "{entry}");
+    let out = named(1, "vm-b").run("true");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{stderr}");
+    assert!(
+        stderr.contains("vm-b takes no new sessions: draining"),
+        "{stderr}"
+    );
+    assert_ne!(landed(&pool.client(1)), "vm-b");
+}

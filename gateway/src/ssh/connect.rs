@@ -26,10 +26,12 @@ pub(crate) enum OpenError {
     NoVm(String),
     /// A password the VM refused.
     PasswordRefused,
-    /// Every VM tried refused the gateway's certificate login for this user, and none failed
-    /// otherwise: the VMs have no such account, or do not trust the user CA. The pool's VMs are
-    /// alike, so waiting for another VM would not help (the message says so to the user).
-    Refused(String),
+    /// No VM, and waiting for the pool to change would not help, so the connection is not held
+    /// (the message says why, for the user): every VM tried refused the gateway's certificate
+    /// login for this user and none failed otherwise (the VMs have no such account, or do not
+    /// trust the user CA; the pool's VMs are alike), or the VM the user named cannot take the
+    /// session.
+    Final(String),
 }
 
 /// An authenticated VM connection with the session's load guard.
@@ -63,6 +65,8 @@ pub(crate) struct Ready {
 pub(crate) struct Who<'a> {
     pub(crate) gw: &'a SshGateway,
     pub(crate) user: &'a str,
+    /// The VM the user named in the login (`alice+vm-3`): that one or none.
+    pub(crate) vm: Option<&'a str>,
     pub(crate) peer: SocketAddr,
     pub(crate) port_forwarding: bool,
     pub(crate) agent_forwarding: bool,
@@ -106,7 +110,9 @@ pub(crate) async fn connect_vm(
     };
     loop {
         let mut request = PickRequest::new(Protocol::Ssh).user(user).excluding(&tried);
-        if let Some(vm) = shared.as_deref() {
+        if let Some(vm) = who.vm {
+            request = request.only(vm);
+        } else if let Some(vm) = shared.as_deref() {
             request = request.affinity_hint(vm);
         }
         let guard = match gw.pool.acquire(&request) {
@@ -118,13 +124,32 @@ pub(crate) async fn connect_vm(
                     outcome::NO_VM,
                     started.elapsed(),
                 );
-                if let Some(e @ BackendError::AuthRefused { .. }) = &last
-                    && only_refused
-                {
-                    return Err(OpenError::Refused(format!(
+                let refused = match &last {
+                    Some(e @ BackendError::AuthRefused { .. }) => Some(format!(
                         "{e}: the VMs have no account {user}, or do not trust the gateway's \
                          user CA (ask the pool's administrators)"
-                    )));
+                    )),
+                    _ => None,
+                };
+                if let Some(named) = who.vm {
+                    let message = match (refused, &last) {
+                        (Some(refused), _) => refused,
+                        (None, Some(e)) => e.to_string(),
+                        (None, None) => {
+                            let why = gw
+                                .pool
+                                .snapshot()
+                                .why_not(named, Protocol::Ssh)
+                                .unwrap_or_else(|| no_vm.to_string());
+                            format!("{why}; log in as {user} (without +{named}) to land on any VM")
+                        }
+                    };
+                    tracing::warn!(%message, "the VM the user named cannot take the session");
+                    return Err(OpenError::Final(message));
+                }
+                if let Some(message) = refused.filter(|_| only_refused) {
+                    tracing::warn!(%message, "every VM tried refused the login; not holding the connection");
+                    return Err(OpenError::Final(message));
                 }
                 let mut message = no_vm.to_string();
                 if let Some(e) = &last {
@@ -175,10 +200,12 @@ pub(crate) async fn connect_vm(
                     who.logged_in();
                 }
                 who.routed(&spec.name, guard.id());
-                tracing::info!(
-                    connect_ms = started.elapsed().as_millis() as u64,
-                    "session routed"
-                );
+                let connect_ms = started.elapsed().as_millis() as u64;
+                if who.vm.is_some() {
+                    tracing::info!(connect_ms, "session routed to the VM named by the user");
+                } else {
+                    tracing::info!(connect_ms, "session routed");
+                }
                 return Ok(Connected {
                     backend: Arc::new(backend.handle),
                     incoming: backend.incoming,

@@ -29,6 +29,8 @@ pub struct Front {
     gw: Arc<SshGateway>,
     peer: SocketAddr,
     user: Option<String>,
+    /// The VM named in the login name (`alice+vm-3`), if any.
+    vm_choice: Option<String>,
     perms: KeyPermissions,
     /// A VM connection made during password authentication, finished in `auth_succeeded`.
     pending: Option<Connected>,
@@ -66,6 +68,7 @@ impl Front {
             gw,
             peer,
             user: None,
+            vm_choice: None,
             perms: KeyPermissions::ALL,
             pending: None,
             conn: watch::Sender::new(Conn::None),
@@ -138,6 +141,7 @@ impl Front {
         Who {
             gw: &self.gw,
             user,
+            vm: self.vm_choice.as_deref(),
             peer: self.peer,
             port_forwarding: self.port_forwarding(),
             agent_forwarding: self.agent_forwarding(),
@@ -164,9 +168,10 @@ impl server::Handler for Front {
 
     async fn auth_publickey_offered(
         &mut self,
-        user: &str,
+        login: &str,
         offer: server::PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        let (user, _) = split_login(login);
         self.tried = true;
         let span = self.span.clone();
         Ok(
@@ -183,9 +188,11 @@ impl server::Handler for Front {
 
     async fn auth_publickey(
         &mut self,
-        user: &str,
+        login: &str,
         key: server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        let (user, vm) = split_login(login);
+        self.vm_choice = vm.map(str::to_owned);
         let answer_by = tokio::time::Instant::now() + REFUSED_LOGIN_DELAY;
         let span = self.span.clone();
         let accepted = span.in_scope(|| match self.check_key(user, key.public_key) {
@@ -209,7 +216,9 @@ impl server::Handler for Front {
         Ok(refuse_at(answer_by, &self.gw).await)
     }
 
-    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+    async fn auth_password(&mut self, login: &str, password: &str) -> Result<Auth, Self::Error> {
+        let (user, vm) = split_login(login);
+        self.vm_choice = vm.map(str::to_owned);
         // Every refusal is answered this long after the password came, however long the VM
         // took or whether it was asked at all: the time tells nothing about the user.
         let answer_by = tokio::time::Instant::now() + REFUSED_LOGIN_DELAY;
@@ -237,7 +246,7 @@ impl server::Handler for Front {
                     self.password_refused = true;
                     Ok(refuse_at(answer_by, &self.gw).await)
                 }
-                Err(OpenError::NoVm(message) | OpenError::Refused(message)) => {
+                Err(OpenError::NoVm(message) | OpenError::Final(message)) => {
                     tracing::warn!(%user, %message, "no VM for password login");
                     Ok(refuse_at(answer_by, &self.gw).await)
                 }
@@ -292,6 +301,8 @@ impl server::Handler for Front {
                             let who = &Who {
                                 gw: &gw,
                                 user: &user,
+                                // A named VM is never waited for (`OpenError::Final`).
+                                vm: None,
                                 peer,
                                 port_forwarding: forwarding,
                                 agent_forwarding: agent,
@@ -317,10 +328,7 @@ impl server::Handler for Front {
                                 Ok(Err(OpenError::PasswordRefused)) => {
                                     Conn::Failed("login refused".into())
                                 }
-                                Ok(Err(OpenError::Refused(why))) => {
-                                    tracing::warn!(reason = %why, "every VM tried refused the login; not holding the connection");
-                                    Conn::Failed(why.into())
-                                }
+                                Ok(Err(OpenError::Final(why))) => Conn::Failed(why.into()),
                                 // `hold` turns every NoVm into a retry.
                                 Ok(Err(OpenError::NoVm(why))) | Err(why) => {
                                     tracing::warn!(reason = %why, "no VM for the held connection; giving up");
@@ -342,8 +350,7 @@ impl server::Handler for Front {
                         )?;
                     }
                 },
-                Err(OpenError::Refused(message)) => {
-                    tracing::warn!(%message, "every VM tried refused the login; not holding the connection");
+                Err(OpenError::Final(message)) => {
                     session.disconnect(
                         russh::Disconnect::NoMoreAuthMethodsAvailable,
                         &ascii(&format!("poolgate: {message}.")),
@@ -567,6 +574,19 @@ async fn refuse_at(answer_by: tokio::time::Instant, gw: &SshGateway) -> Auth {
     reject(gw)
 }
 
+/// Separates the VM a user names in the login name from the user name: `alice+vm-3` is user
+/// `alice` on VM `vm-3`. A `+` is never part of a user name the gateway accepts
+/// ([`super::authorized_keys::valid_user_name`]), so no name is taken for another.
+pub(crate) const VM_SEPARATOR: char = '+';
+
+/// The user name and the VM named in `login`, if any (see [`VM_SEPARATOR`]).
+pub(crate) fn split_login(login: &str) -> (&str, Option<&str>) {
+    match login.split_once(VM_SEPARATOR) {
+        Some((user, vm)) if !user.is_empty() && !vm.is_empty() => (user, Some(vm)),
+        _ => (login, None),
+    }
+}
+
 fn reject(gw: &SshGateway) -> Auth {
     let mut methods = MethodSet::empty();
     methods.push(MethodKind::PublicKey);
@@ -656,5 +676,20 @@ mod tests {
             text,
             "no VM is available right now: 2 VMs - 2 unhealthy... caf?"
         );
+    }
+
+    #[test]
+    fn a_login_name_may_name_the_vm_after_a_plus() {
+        use super::split_login;
+        assert_eq!(split_login("alice"), ("alice", None));
+        assert_eq!(split_login("alice+vm-3"), ("alice", Some("vm-3")));
+        assert_eq!(
+            split_login("a.b@contoso.com+dsvm_7"),
+            ("a.b@contoso.com", Some("dsvm_7"))
+        );
+        // Nothing on one side: no VM named; the name as a whole is then refused as invalid.
+        assert_eq!(split_login("alice+"), ("alice+", None));
+        assert_eq!(split_login("+vm-3"), ("+vm-3", None));
+        assert!(!crate::ssh::authorized_keys::valid_user_name("alice+"));
     }
 }
