@@ -290,6 +290,9 @@ impl NoVmLog {
     }
 }
 
+/// The path under which a browser names its VM (see `Frontend::named_vm`).
+pub(crate) const NAMED_VM_PATH: &str = "/poolgate/vm/";
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -561,6 +564,9 @@ impl Frontend {
             .is_some()
             .then(|| (req.method().clone(), req.uri().clone(), req.version()));
         let prepared = match self.check(&req) {
+            Ok(()) if req.uri().path().starts_with(NAMED_VM_PATH) => {
+                Err(active.attach(self.named_vm(&req, client.info.https)))
+            }
             Ok(()) => Ok(self.prepare(req, client, active)),
             Err(e) => Err(active.attach(e.response(req.headers()))),
         };
@@ -611,6 +617,56 @@ impl Frontend {
                 version,
             });
         }
+    }
+
+    /// `GET /poolgate/vm/NAME`: pins the browser to VM `NAME` (a new sticky cookie naming it)
+    /// and sends it to `/`, or says why that VM cannot take it (404: not in the pool, its VMs
+    /// named; 503: draining, stopped, starting, full or its web probe failing). Nothing is
+    /// forwarded: the browser's next request goes to that VM like any pinned one.
+    fn named_vm<B>(&self, req: &Request<B>, https: bool) -> Response<Body> {
+        let json = accepts_json(req.headers().get(header::ACCEPT));
+        if !matches!(*req.method(), Method::GET | Method::HEAD) {
+            return GatewayError::Refused {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                detail: format!("{NAMED_VM_PATH}NAME takes GET only"),
+            }
+            .response_as(json);
+        }
+        let name = req.uri().path()[NAMED_VM_PATH.len()..].trim_end_matches('/');
+        let snapshot = self.inner.pool.snapshot();
+        if let Some(why) = snapshot.why_not(name, Protocol::Http) {
+            let status = if snapshot.get(name).is_some() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::NOT_FOUND
+            };
+            tracing::info!(vm = %name, %why, "a browser named a VM that cannot take it");
+            return GatewayError::Refused {
+                status,
+                detail: format!("{why}; go to / to land on any VM"),
+            }
+            .response_as(json);
+        }
+        let inner = &self.inner;
+        let value = inner
+            .signer
+            .sign(name, &CookieSigner::new_session_id(), unix_now());
+        let cookie = set_cookie_header(
+            &inner.settings.cookie_name,
+            &value,
+            inner.signer.max_age(),
+            https,
+        );
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = StatusCode::SEE_OTHER;
+        let headers = resp.headers_mut();
+        headers.insert(header::LOCATION, HeaderValue::from_static("/"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            headers.insert(header::SET_COOKIE, v);
+        }
+        tracing::info!(vm = %name, "a browser named its VM");
+        resp
     }
 
     /// Refuses what must never be forwarded.
