@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use router_core::{PickRequest, Protocol, SessionGuard};
+use router_core::{NoVm, PickRequest, Protocol, SessionGuard};
 use russh::server;
 use russh::{ChannelId, ChannelOpenFailure, Sig};
 use tokio::sync::{broadcast, watch};
@@ -124,38 +124,7 @@ pub(crate) async fn connect_vm(
                     outcome::NO_VM,
                     started.elapsed(),
                 );
-                let refused = match &last {
-                    Some(e @ BackendError::AuthRefused { .. }) => Some(format!(
-                        "{e}: the VMs have no account {user}, or do not trust the gateway's \
-                         user CA (ask the pool's administrators)"
-                    )),
-                    _ => None,
-                };
-                if let Some(named) = who.vm {
-                    let message = match (refused, &last) {
-                        (Some(refused), _) => refused,
-                        (None, Some(e)) => e.to_string(),
-                        (None, None) => {
-                            let why = gw
-                                .pool
-                                .snapshot()
-                                .why_not(named, Protocol::Ssh)
-                                .unwrap_or_else(|| no_vm.to_string());
-                            format!("{why}; log in as {user} (without +{named}) to land on any VM")
-                        }
-                    };
-                    tracing::warn!(%message, "the VM the user named cannot take the session");
-                    return Err(OpenError::Final(message));
-                }
-                if let Some(message) = refused.filter(|_| only_refused) {
-                    tracing::warn!(%message, "every VM tried refused the login; not holding the connection");
-                    return Err(OpenError::Final(message));
-                }
-                let mut message = no_vm.to_string();
-                if let Some(e) = &last {
-                    message = format!("{message} (last attempt: {e})");
-                }
-                return Err(OpenError::NoVm(message));
+                return Err(no_vm_error(who, &no_vm, last.as_ref(), only_refused));
             }
         };
         let spec = guard.spec().clone();
@@ -236,6 +205,49 @@ pub(crate) async fn connect_vm(
             }
         }
     }
+}
+
+/// What the user is told when no VM took the session, and whether the connection may wait for
+/// the pool to change ([`OpenError::NoVm`]) or not ([`OpenError::Final`]).
+fn no_vm_error(
+    who: &Who<'_>,
+    no_vm: &NoVm,
+    last: Option<&BackendError>,
+    only_refused: bool,
+) -> OpenError {
+    let user = who.user;
+    let refused = match last {
+        Some(e @ BackendError::AuthRefused { .. }) => Some(format!(
+            "{e}: the VMs have no account {user}, or do not trust the gateway's user CA (ask the \
+             pool's administrators)"
+        )),
+        _ => None,
+    };
+    if let Some(named) = who.vm {
+        let message = match (refused, last) {
+            (Some(refused), _) => refused,
+            (None, Some(e)) => e.to_string(),
+            (None, None) => {
+                let why = who
+                    .gw
+                    .pool
+                    .snapshot()
+                    .why_not(named, Protocol::Ssh)
+                    .unwrap_or_else(|| no_vm.to_string());
+                format!("{why}; log in as {user} (without +{named}) to land on any VM")
+            }
+        };
+        tracing::warn!(%message, "the VM the user named cannot take the session");
+        return OpenError::Final(message);
+    }
+    if let Some(message) = refused.filter(|_| only_refused) {
+        tracing::warn!(%message, "every VM tried refused the login; not holding the connection");
+        return OpenError::Final(message);
+    }
+    OpenError::NoVm(match last {
+        Some(e) => format!("{no_vm} (last attempt: {e})"),
+        None => no_vm.to_string(),
+    })
 }
 
 /// Turns a VM connection into the state channels use, and starts accepting the VM's own
