@@ -549,6 +549,16 @@ fn the_default_check_tells_work_from_idle_daemons_kernels_terminals_and_editor_s
         "{python} is missing (apt-get install python3)"
     );
     let sleep = tool("sleep").display().to_string();
+    // Python programs that sleep a minute, under the names that matter: a Jupyter server as its
+    // console script runs (`PYTHON .../bin/jupyterhub-singleuser`), and a user's job in a folder
+    // whose name mentions Jupyter.
+    let sleeper = "import time\ntime.sleep(60)\n";
+    let singleuser = dir.path().join("bin/jupyterhub-singleuser");
+    let job = dir.path().join("jupyter-notebooks/train-jupyter-lab.py");
+    for script in [&singleuser, &job] {
+        std::fs::create_dir_all(script.parent().expect("script dir")).expect("script dir");
+        std::fs::write(script, sleeper).expect("write script");
+    }
     // What VS Code Remote-SSH leaves in a user's home after a lost connection (the editor's own
     // server cannot be downloaded here; the process tree is rebuilt with its paths and names):
     // the server's `node` runs the server, extension hosts and the terminal host, whose children
@@ -662,10 +672,20 @@ fn the_default_check_tells_work_from_idle_daemons_kernels_terminals_and_editor_s
         ),
         (
             "an idle Jupyter server",
-            format!("{as_user} {python} -c 'import time; time.sleep(60)' jupyterhub-singleuser &"),
+            format!("{as_user} {python} {} --port=8888 &", singleuser.display()),
             1,
             1,
             "idle: ",
+        ),
+        (
+            "a job whose path names Jupyter",
+            format!(
+                "{as_user} nohup {python} {} >/dev/null 2>&1 &",
+                job.display()
+            ),
+            1,
+            0,
+            "busy: python3",
         ),
         (
             "an idle kernel",
