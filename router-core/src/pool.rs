@@ -74,6 +74,10 @@ pub struct Pool {
     epoch: Instant,
     current: ArcSwap<Snapshot>,
     writer: Mutex<Writer>,
+    /// Held while [`Pool::acquire`] chooses a VM and counts the session there: the
+    /// least-loaded choice reads the live counts, and two sessions placed at once would both
+    /// see the same VM as the emptiest.
+    placing: Mutex<()>,
     pub(crate) shared: Arc<PoolShared>,
     pub(crate) http: HttpSessions,
 }
@@ -107,6 +111,7 @@ impl Pool {
             epoch: clock.now(),
             current: ArcSwap::from_pointee(Snapshot::default()),
             writer: Mutex::new(Writer::default()),
+            placing: Mutex::new(()),
             shared: Arc::new(PoolShared::new(clock, store)),
             http: HttpSessions::default(),
         }
@@ -486,16 +491,22 @@ impl Pool {
     /// `sessions / weight`, ties broken by load hint, then name. Eligible
     /// means healthy (running, probed up, not draining; a draining pinned VM
     /// is accepted with [`PickRequest::keep_draining`]), below its session
-    /// limit and not in [`PickRequest::exclude`]. The session is counted with
-    /// a compare-exchange against `max_sessions`, so the limit holds under
-    /// any concurrency; if the chosen VM fills up meanwhile, the next best is
-    /// tried. Status changes are seen from the next call on (a call already
+    /// limit and not in [`PickRequest::exclude`]. Placements are made one at a
+    /// time, so sessions placed together from several threads see each other:
+    /// they spread exactly, and one user's land on one VM. The session is counted with a compare-exchange
+    /// against `max_sessions`, so the limit holds whatever else changes the
+    /// counts (sessions ending, other replicas); if the chosen VM fills up
+    /// meanwhile, the next best is tried. Status changes are seen from the next call on (a call already
     /// running when a VM starts draining may still place one session there,
     /// as with any snapshot design).
     pub fn acquire(&self, req: &PickRequest<'_>) -> Result<SessionGuard, NoVm> {
         let snap = self.current.load();
         let pinned = req.pinned_vm.and_then(|p| snap.get(p));
         let now = self.shared.clock.now();
+        // One placement at a time (SSH logins: a few per second at most; the lock is held for
+        // a choice, a compare-exchange and the session's record), so logins arriving together
+        // spread exactly and one user's connections opened together share a VM.
+        let placing = self.placing.lock().unwrap_or_else(PoisonError::into_inner);
         // Each failed attempt means a VM filled up under us; bounded anyway.
         // The first attempt leaves the capacity check to the reservation.
         for attempt in 0..=snap.len() + 1 {
@@ -503,7 +514,11 @@ impl Pool {
                 break;
             };
             if vm.shared().try_reserve(vm.spec().capacity(), req.protocol) {
-                return Ok(self.shared.guard(vm.clone(), req.protocol, req.user, now));
+                // Made under the lock: the guard records the user's affinity, which the next
+                // placement of the same user must see.
+                let guard = self.shared.guard(vm.clone(), req.protocol, req.user, now);
+                drop(placing);
+                return Ok(guard);
             }
         }
         Err(NoVm::tally(&snap, req))

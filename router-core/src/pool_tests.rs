@@ -671,3 +671,62 @@ fn a_named_vm_is_the_only_choice_and_says_why_it_cannot_take_a_session() {
         Some("a takes no new sessions: its SSH probe fails")
     );
 }
+
+#[test]
+fn sessions_placed_at_once_from_many_threads_spread_exactly() {
+    // Twenty people at 9:00, many times over: logins placed at the same moment from several
+    // threads see each other's sessions, so the least-loaded choice stays exact (each VM within
+    // one of the others), not only the limit.
+    for round in 0..50 {
+        let (pool, _) = pool(&[("a", 1, 100), ("b", 1, 100), ("c", 1, 100)]);
+        let barrier = std::sync::Barrier::new(6);
+        let guards: Vec<SessionGuard> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        (0..10)
+                            .map(|_| pool.acquire(&ssh()).expect("a place"))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        let per_vm: Vec<u32> = ["a", "b", "c"]
+            .iter()
+            .map(|vm| pool.snapshot().get(vm).map_or(0, |v| v.total_sessions()))
+            .collect();
+        assert_eq!(per_vm, vec![20, 20, 20], "round {round}: {per_vm:?}");
+        drop(guards);
+    }
+}
+
+#[test]
+fn one_users_sessions_placed_at_once_share_one_vm() {
+    // VS Code opens several connections at once: placed together from several threads, they
+    // land on one VM, the first one's, by affinity.
+    for round in 0..50 {
+        let (pool, _) = pool(&[("a", 1, 100), ("b", 1, 100), ("c", 1, 100)]);
+        let barrier = std::sync::Barrier::new(4);
+        let guards: Vec<SessionGuard> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        pool.acquire(&ssh().user("alice")).expect("a place")
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        let vms: std::collections::BTreeSet<&str> = guards.iter().map(|g| g.vm_name()).collect();
+        assert_eq!(vms.len(), 1, "round {round}: {vms:?}");
+    }
+}
