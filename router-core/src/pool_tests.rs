@@ -672,30 +672,41 @@ fn a_named_vm_is_the_only_choice_and_says_why_it_cannot_take_a_session() {
     );
 }
 
+/// `per_thread` sessions placed by each of `threads` threads released together by a barrier,
+/// as `req` asks.
+fn placed_at_once(
+    pool: &Pool,
+    threads: usize,
+    per_thread: usize,
+    req: &PickRequest<'_>,
+) -> Vec<SessionGuard> {
+    let barrier = std::sync::Barrier::new(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    (0..per_thread)
+                        .map(|_| pool.acquire(req).expect("a place"))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("thread"))
+            .collect()
+    })
+}
+
 #[test]
 fn sessions_placed_at_once_from_many_threads_spread_exactly() {
     // Twenty people at 9:00, many times over: logins placed at the same moment from several
-    // threads see each other's sessions, so the least-loaded choice stays exact (each VM within
-    // one of the others), not only the limit.
+    // threads see each other's sessions, so the least-loaded choice stays exact, not only the
+    // limit.
     for round in 0..50 {
         let (pool, _) = pool(&[("a", 1, 100), ("b", 1, 100), ("c", 1, 100)]);
-        let barrier = std::sync::Barrier::new(6);
-        let guards: Vec<SessionGuard> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..6)
-                .map(|_| {
-                    s.spawn(|| {
-                        barrier.wait();
-                        (0..10)
-                            .map(|_| pool.acquire(&ssh()).expect("a place"))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("thread"))
-                .collect()
-        });
+        let guards = placed_at_once(&pool, 6, 10, &ssh());
         let per_vm: Vec<u32> = ["a", "b", "c"]
             .iter()
             .map(|vm| pool.snapshot().get(vm).map_or(0, |v| v.total_sessions()))
@@ -711,21 +722,7 @@ fn one_users_sessions_placed_at_once_share_one_vm() {
     // land on one VM, the first one's, by affinity.
     for round in 0..50 {
         let (pool, _) = pool(&[("a", 1, 100), ("b", 1, 100), ("c", 1, 100)]);
-        let barrier = std::sync::Barrier::new(4);
-        let guards: Vec<SessionGuard> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..4)
-                .map(|_| {
-                    s.spawn(|| {
-                        barrier.wait();
-                        pool.acquire(&ssh().user("alice")).expect("a place")
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("thread"))
-                .collect()
-        });
+        let guards = placed_at_once(&pool, 4, 1, &ssh().user("alice"));
         let vms: std::collections::BTreeSet<&str> = guards.iter().map(|g| g.vm_name()).collect();
         assert_eq!(vms.len(), 1, "round {round}: {vms:?}");
     }
