@@ -647,26 +647,31 @@ impl Frontend {
             }
             .response_as(json);
         }
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = StatusCode::SEE_OTHER;
+        let headers = resp.headers_mut();
+        headers.insert(header::LOCATION, HeaderValue::from_static("/"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let session = CookieSigner::new_session_id();
+        if let Some(v) = self.sticky_cookie(name, &session, unix_now(), https) {
+            headers.insert(header::SET_COOKIE, v);
+        }
+        tracing::info!(vm = %name, "a browser named its VM");
+        resp
+    }
+
+    /// The `Set-Cookie` value pinning browser session `session` to `vm`, issued at `now` (Unix
+    /// seconds); `Secure` over HTTPS.
+    fn sticky_cookie(&self, vm: &str, session: &str, now: u64, https: bool) -> Option<HeaderValue> {
         let inner = &self.inner;
-        let value = inner
-            .signer
-            .sign(name, &CookieSigner::new_session_id(), unix_now());
+        let value = inner.signer.sign(vm, session, now);
         let cookie = set_cookie_header(
             &inner.settings.cookie_name,
             &value,
             inner.signer.max_age(),
             https,
         );
-        let mut resp = Response::new(empty());
-        *resp.status_mut() = StatusCode::SEE_OTHER;
-        let headers = resp.headers_mut();
-        headers.insert(header::LOCATION, HeaderValue::from_static("/"));
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Ok(v) = HeaderValue::from_str(&cookie) {
-            headers.insert(header::SET_COOKIE, v);
-        }
-        tracing::info!(vm = %name, "a browser named its VM");
-        resp
+        HeaderValue::from_str(&cookie).ok()
     }
 
     /// Refuses what must never be forwarded.

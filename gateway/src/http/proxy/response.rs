@@ -104,14 +104,7 @@ impl Frontend {
         };
         if rewrite {
             let sid = pin.as_ref().map_or(new_session, |p| &p.session);
-            let value = inner.signer.sign(name, sid, now);
-            let cookie = set_cookie_header(
-                &inner.settings.cookie_name,
-                &value,
-                inner.signer.max_age(),
-                conn.https,
-            );
-            if let Ok(v) = HeaderValue::from_str(&cookie) {
+            if let Some(v) = self.sticky_cookie(name, sid, now, conn.https) {
                 parts.headers.append(header::SET_COOKIE, v);
             }
         }
