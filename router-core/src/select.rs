@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use crate::snapshot::Snapshot;
-use crate::vm::{Protocol, Vm, VmState, VmStatus};
+use crate::vm::{Protocol, Vm, VmState};
 
 /// What a new session needs from the pool.
 #[derive(Debug, Clone, Copy)]
@@ -142,15 +142,7 @@ impl NoVm {
             ..NoVm::default()
         };
         for vm in snapshot.vms() {
-            let status = vm.status();
-            // The VM as this protocol sees it: its other side's health does not matter.
-            let state = VmStatus {
-                ssh: status.health_of(req.protocol),
-                http: status.health_of(req.protocol),
-                ..status
-            }
-            .state();
-            match state {
+            match vm.status().state_of(req.protocol) {
                 VmState::Stopped => n.stopped += 1,
                 VmState::Draining => n.draining += 1,
                 VmState::Unhealthy => n.unhealthy += 1,

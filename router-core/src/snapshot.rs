@@ -4,8 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::hash::FastBuild;
-use crate::health::Health;
-use crate::vm::{Lifecycle, Protocol, Vm, VmShared, VmState};
+use crate::vm::{Protocol, Vm, VmShared, VmState};
 
 /// VM name -> index into [`Snapshot::vms`]. Shared between snapshots that
 /// hold the same names (status changes do not rebuild it).
@@ -113,23 +112,16 @@ impl Snapshot {
                 format!("no VM {name} in the pool (its VMs: {})", names.join(", "))
             });
         };
-        let status = vm.status();
-        let reason = if status.draining || status.leaving {
-            "draining"
-        } else {
-            match status.lifecycle {
-                Lifecycle::Stopping | Lifecycle::Stopped => "stopped",
-                Lifecycle::Starting => "starting",
-                Lifecycle::Running => match status.health_of(protocol) {
-                    Health::Up if vm.is_full() => "at its session limit",
-                    Health::Up => return None,
-                    Health::Down => match protocol {
-                        Protocol::Ssh => "its SSH probe fails",
-                        Protocol::Http => "its web probe fails",
-                    },
-                    Health::Unknown => "not probed yet",
-                },
-            }
+        let reason = match vm.status().state_of(protocol) {
+            VmState::Stopped => "stopped",
+            VmState::Draining => "draining",
+            VmState::Unhealthy => match protocol {
+                Protocol::Ssh => "its SSH probe fails",
+                Protocol::Http => "its web probe fails",
+            },
+            VmState::Starting => "starting",
+            VmState::Healthy if vm.is_full() => "at its session limit",
+            VmState::Healthy => return None,
         };
         Some(format!("{name} takes no new sessions: {reason}"))
     }

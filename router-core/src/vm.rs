@@ -227,6 +227,18 @@ impl VmStatus {
         }
     }
 
+    /// The state as a session of `protocol` sees it: that protocol's health
+    /// only (the other side's does not matter).
+    pub fn state_of(&self, protocol: Protocol) -> VmState {
+        let health = self.health_of(protocol);
+        VmStatus {
+            ssh: health,
+            http: health,
+            ..*self
+        }
+        .state()
+    }
+
     /// Whether the machine serves `protocol`: running and that protocol's
     /// probes pass. Existing sessions (and browsers pinned to a draining VM)
     /// only need this.
