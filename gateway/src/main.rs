@@ -11,6 +11,9 @@ use clap::Parser;
 use crate::cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
+    // Sockets passed by the gateway this one upgrades (SIGUSR2), taken before any thread starts:
+    // taking them edits the environment.
+    let inherited = app::Inherited::from_env();
     let cli = Cli::parse();
     let json = matches!(cli.log_format, LogFormat::Json);
     // Held to the end: dropping it writes the log lines still waiting.
@@ -20,7 +23,7 @@ fn main() -> ExitCode {
     gateway::http::access_log::use_json(json);
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
-        Command::Run { config } => run(&config),
+        Command::Run { config } => run(&config, inherited),
         Command::Status(admin) => admin_command(&admin, None),
         Command::Drain { vm, admin } => admin_command(&admin, Some((vm, true))),
         Command::Undrain { vm, admin } => admin_command(&admin, Some((vm, false))),
@@ -127,7 +130,7 @@ fn print_user_ca(config: &poolgate_config::Config) {
     }
 }
 
-fn run(path: &std::path::Path) -> ExitCode {
+fn run(path: &std::path::Path, inherited: app::Inherited) -> ExitCode {
     let config = match poolgate_config::load(path) {
         Ok(config) => config,
         Err(poolgate_config::ConfigError::Invalid(errors)) => {
@@ -155,6 +158,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     match runtime.block_on(
         app::GatewayBuilder::new(config)
             .reload_from(path.to_path_buf())
+            .inherit(inherited)
             .run(),
     ) {
         Ok(()) => ExitCode::SUCCESS,

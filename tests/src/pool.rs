@@ -100,6 +100,7 @@ pub struct GatewayPoolBuilder {
     vm_config: Option<fn(SshdVmBuilder) -> SshdVmBuilder>,
     gateway_env: Vec<(String, String)>,
     gateway_output: Option<std::fs::File>,
+    gateway_binary: Option<PathBuf>,
     user_ca: Option<UserCa>,
     known_vms: Vec<String>,
 }
@@ -302,6 +303,13 @@ impl GatewayPoolBuilder {
         self
     }
 
+    /// The gateway program to start instead of the one under test (a copy of it at another
+    /// path, say, to install another over).
+    pub fn gateway_binary(mut self, program: &Path) -> Self {
+        self.gateway_binary = Some(program.to_path_buf());
+        self
+    }
+
     /// Starts everything and waits until the gateway has seen every VM it trusts up.
     pub fn start(mut self) -> GatewayPool {
         let started = Instant::now();
@@ -447,6 +455,9 @@ impl GatewayPoolBuilder {
         }
         if let Some(to) = &self.gateway_output {
             builder = builder.output(to.try_clone().expect("dup the gateway's output"));
+        }
+        if let Some(program) = &self.gateway_binary {
+            builder = builder.binary(program);
         }
         builder.start()
     }
@@ -699,6 +710,7 @@ impl GatewayPool {
             vm_config: None,
             gateway_env: Vec::new(),
             gateway_output: None,
+            gateway_binary: None,
             user_ca: None,
             known_vms: Vec::new(),
         }

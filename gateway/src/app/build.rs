@@ -75,6 +75,7 @@ pub struct GatewayBuilder {
     user_auth: Option<UserAuth>,
     poll_interval: Option<Duration>,
     on_ready: Option<Box<dyn FnOnce() + Send>>,
+    inherited: super::handover::Inherited,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -98,6 +99,7 @@ impl GatewayBuilder {
             user_auth: None,
             poll_interval: None,
             on_ready: None,
+            inherited: super::handover::Inherited::default(),
         }
     }
 
@@ -132,13 +134,21 @@ impl GatewayBuilder {
         self
     }
 
+    /// Sockets passed at start ([`Inherited::from_env`](super::Inherited::from_env)): listeners
+    /// taken instead of bound, and the link to the gateway this one takes over from.
+    pub fn inherit(mut self, inherited: super::handover::Inherited) -> Self {
+        self.inherited = inherited;
+        self
+    }
+
     /// Builds every part, binds the listeners and serves until SIGTERM or Ctrl-C (or until a
     /// long-running task fails, which is an error).
     pub async fn run(mut self) -> anyhow::Result<()> {
         let on_ready = self.on_ready.take();
         let config_path = self.config_path.take();
+        let inherited = std::mem::take(&mut self.inherited);
         let built = self.build()?;
-        super::serve::serve(built, config_path, on_ready).await
+        super::serve::serve(built, config_path, on_ready, inherited).await
     }
 
     fn build(self) -> anyhow::Result<Built> {

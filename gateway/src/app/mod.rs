@@ -6,12 +6,14 @@
 mod build;
 mod busy;
 pub mod cluster;
+mod handover;
 mod reload;
 mod serve;
 pub mod settings;
 mod wake;
 
 pub use build::{Gateway, GatewayBuilder, check_startup, host_policy, provider, user_ca};
+pub use handover::Inherited;
 pub use reload::reload;
 pub use settings::autoscale_policy;
 

@@ -1,6 +1,7 @@
-//! Binding the listeners, running every long task under one supervisor, and the graceful
-//! shutdown: no new connections, open SSH sessions get `gateway.shutdown_grace`, a second
-//! signal closes them at once.
+//! Binding the listeners (or taking them over from the gateway this one replaces), running every
+//! long task under one supervisor, the in-place upgrade (SIGUSR2, [`super::handover`]), and the
+//! graceful shutdown: no new connections, open SSH sessions get `gateway.shutdown_grace`, a
+//! second signal closes them at once.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::{Id, JoinSet};
 
 use super::build::{Built, Gateway};
+use super::handover::{self, Inherited, Listeners, Successor};
 use crate::admin::AdminState;
 
 /// The SSH frontend's task name (its listener stops first at shutdown).
@@ -29,6 +31,7 @@ pub(super) async fn serve(
     built: Built,
     config_path: Option<PathBuf>,
     on_ready: Option<Box<dyn FnOnce() + Send>>,
+    mut inherited: Inherited,
 ) -> anyhow::Result<()> {
     let Built {
         config,
@@ -50,6 +53,12 @@ pub(super) async fn serve(
         )),
         None => None,
     };
+    // The in-place upgrade starts the same command line again, so only `poolgate run` has it.
+    let mut upgrade_signal = match &hangup {
+        Some(_) => Some(signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?),
+        None => None,
+    };
+    inherited.log_problems();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Know the pool before taking connections.
     if let Err(e) = gateway.driver.sync().await {
@@ -62,10 +71,25 @@ pub(super) async fn serve(
         tracing::info!(replica = cluster.replica_id(), "joined the cluster");
     }
 
-    let ssh_listener = bind_unless_off("listen.ssh", config.listen.ssh).await?;
-    let http_listener = bind_unless_off("listen.http", config.listen.http).await?;
-    let https_listener = bind_unless_off("listen.https", config.listen.https).await?;
-    let admin_listener = bind("listen.admin", config.listen.admin).await?;
+    let ssh_listener = bind_unless_off(&mut inherited, "listen.ssh", config.listen.ssh).await?;
+    let http_listener = bind_unless_off(&mut inherited, "listen.http", config.listen.http).await?;
+    let https_listener =
+        bind_unless_off(&mut inherited, "listen.https", config.listen.https).await?;
+    let admin_listener = bind(&mut inherited, "listen.admin", config.listen.admin).await?;
+    inherited.close_unused();
+    // Copies to pass to a successor; dropped as soon as this gateway stops accepting.
+    let mut passable = match upgrade_signal {
+        Some(_) => Some(
+            Listeners::new(
+                [&ssh_listener, &http_listener, &https_listener]
+                    .into_iter()
+                    .flatten()
+                    .chain([&admin_listener]),
+            )
+            .context("cannot keep the listeners for an in-place upgrade")?,
+        ),
+        None => None,
+    };
     match &ssh_listener {
         Some(listener) => tracing::info!(addr = %listener.local_addr()?, "SSH listener ready"),
         None => tracing::info!(
@@ -122,11 +146,50 @@ pub(super) async fn serve(
     if let Some(on_ready) = on_ready {
         on_ready();
     }
+    let predecessor = inherited.take_link();
+    handover::notify_ready(predecessor.is_some());
+    if let Some((pid, link)) = predecessor {
+        tokio::spawn(handover::follow_predecessor(
+            gateway.pool.clone(),
+            pid,
+            link,
+        ));
+    }
 
-    let failed = tokio::select! {
-        () = stop.next() => None,
-        ended = tasks.next_ended() => ended,
+    let mut starting: Option<Successor> = None;
+    let mut handed_over = None;
+    let failed = loop {
+        tokio::select! {
+            () = stop.next() => break None,
+            ended = tasks.next_ended() => break ended,
+            Some(()) = next_signal(&mut upgrade_signal) => {
+                starting = start_upgrade(&gateway, passable.as_ref(), starting);
+            }
+            ready = successor_ready(&mut starting) => {
+                let Some(successor) = starting.take() else { continue };
+                match ready {
+                    Ok(()) => {
+                        handed_over = Some(successor);
+                        break None;
+                    }
+                    Err(e) => tracing::error!(
+                        "upgrade failed: {e:#}; this gateway keeps serving (send SIGUSR2 again \
+                         once the cause is fixed)"
+                    ),
+                }
+            }
+        }
     };
+    // Stop accepting: the kernel keeps queueing connections while any copy of a listener is open
+    // (after a handover the successor has its own).
+    drop(passable.take());
+    if let Some(mut successor) = starting.take() {
+        tracing::info!(
+            pid = successor.pid(),
+            "stopping the new process of the upgrade under way"
+        );
+        successor.stop();
+    }
     if let Some(ended) = &failed {
         tracing::error!(
             task = ended.task,
@@ -137,11 +200,25 @@ pub(super) async fn serve(
         );
     }
     let grace = config.gateway.shutdown_grace;
-    tracing::info!(
-        open_ssh = gateway.ssh.live_connections(),
-        grace = %humantime::format_duration(grace),
-        "shutting down: no new connections; open sessions may run until they end or the grace time passes (signal again to stop now)"
-    );
+    match handed_over {
+        Some(successor) => {
+            tracing::info!(
+                pid = successor.pid(),
+                open_ssh = gateway.ssh.live_connections(),
+                grace = %humantime::format_duration(grace),
+                "upgrade: the new process serves; this one takes no new connections and exits once its open sessions end or the grace time passes (SIGTERM to stop them now)"
+            );
+            successor.report(gateway.pool.clone());
+        }
+        None => {
+            handover::notify_stopping();
+            tracing::info!(
+                open_ssh = gateway.ssh.live_connections(),
+                grace = %humantime::format_duration(grace),
+                "shutting down: no new connections; open sessions may run until they end or the grace time passes (signal again to stop now)"
+            );
+        }
+    }
     let _ = shutdown_tx.send(true);
     let mut ended_in_shutdown = tasks.wait_for(SSH_FRONTEND).await;
     close_ssh_sessions(&gateway, grace, &mut stop).await;
@@ -162,7 +239,19 @@ pub(super) async fn serve(
     }
 }
 
-async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+/// The listener for `addr`: the one the previous gateway passed, or a new one.
+async fn bind(
+    inherited: &mut Inherited,
+    key: &str,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<TcpListener> {
+    if let Some(listener) = inherited
+        .take(addr)
+        .with_context(|| format!("{key}: the listener on {addr} passed by the previous gateway"))?
+    {
+        tracing::info!(%addr, "{key}: listening on the socket of the previous gateway");
+        return Ok(listener);
+    }
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("{key}: cannot listen on {addr}"))
@@ -170,12 +259,66 @@ async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListen
 
 /// [`bind`] for a listener that may be off (`None`).
 async fn bind_unless_off(
+    inherited: &mut Inherited,
     key: &str,
     addr: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Option<TcpListener>> {
     match addr {
-        Some(addr) => bind(key, addr).await.map(Some),
+        Some(addr) => bind(inherited, key, addr).await.map(Some),
         None => Ok(None),
+    }
+}
+
+/// The next SIGUSR2, if this gateway handles it (never otherwise).
+async fn next_signal(signal: &mut Option<Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether the upgrade under way has a successor serving (never ends while none is starting).
+async fn successor_ready(starting: &mut Option<Successor>) -> anyhow::Result<()> {
+    match starting {
+        Some(successor) => successor.ready(handover::START_TIMEOUT).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// SIGUSR2: starts the program again to take over (unless an upgrade is already under way, or
+/// this is a replica of a cluster); what is starting afterwards.
+fn start_upgrade(
+    gateway: &Gateway,
+    listeners: Option<&Listeners>,
+    starting: Option<Successor>,
+) -> Option<Successor> {
+    if let Some(successor) = starting {
+        tracing::warn!(
+            pid = successor.pid(),
+            "SIGUSR2: an upgrade is already under way; waiting for its new process"
+        );
+        return Some(successor);
+    }
+    if gateway.cluster.is_some() {
+        tracing::warn!(
+            "SIGUSR2: an in-place upgrade is for a gateway without [cluster]; upgrade replicas \
+             one at a time behind the load balancer (systemctl restart), as docs/operations.md says"
+        );
+        return None;
+    }
+    let listeners = listeners?;
+    match Successor::spawn(listeners) {
+        Ok(successor) => {
+            tracing::info!(
+                pid = successor.pid(),
+                "SIGUSR2: upgrade: started the program again with this gateway's listeners; it takes over once it serves"
+            );
+            Some(successor)
+        }
+        Err(e) => {
+            tracing::error!("upgrade failed: {e:#}; this gateway keeps serving");
+            None
+        }
     }
 }
 

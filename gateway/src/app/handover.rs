@@ -1,0 +1,514 @@
+//! Upgrading a running gateway in place (SIGUSR2), without refusing a connection or cutting a
+//! session.
+//!
+//! The running gateway starts its own program again (the path it was started with, so a binary
+//! installed over it since is the one that runs), passing it its listening sockets: the new
+//! process takes a listener whose address is still configured instead of binding it, so the
+//! kernel's accept queue is never closed and a client connecting meanwhile is taken by one
+//! process or the other. The two talk over a socket pair passed with the listeners:
+//!
+//! 1. the new process reads the configuration and builds every part exactly as a start does; one
+//!    that cannot start exits with its errors logged, and the running gateway keeps serving;
+//! 2. once it serves, it sends `ready` (and, under systemd, `MAINPID` and `READY=1`, so the unit
+//!    follows it);
+//! 3. the old process then shuts down as on SIGTERM (no new connections; open SSH sessions run
+//!    until they end or `gateway.shutdown_grace` passes; browsers carry on with the new process
+//!    at their next request) and, meanwhile, sends the new one its SSH sessions per VM, its
+//!    drained VMs and the users of its SSH sessions five times a second: the new gateway counts
+//!    those sessions when it places logins and when its autoscaler looks for idle VMs (it never
+//!    stops a VM that still has the old process's sessions), keeps the drains, and sends a user
+//!    back to the VM of their open session;
+//! 4. when the old process exits the socket closes and the new one stops counting its sessions.
+//!
+//! Inheriting the listeners follows systemd's socket-passing convention (`LISTEN_FDS`, the file
+//! descriptors from 3 up) through the `listenfd` crate; the new process is told it is a
+//! successor by `POOLGATE_HANDOVER_FROM` (the old process id), and then fd 3 is the socket pair.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use command_fds::{CommandFdExt, FdMapping};
+use router_core::{LoadCounts, Pool, Protocol};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixStream};
+
+/// Names the old process in a successor's environment.
+const FROM_ENV: &str = "POOLGATE_HANDOVER_FROM";
+
+/// The first passed file descriptor (systemd's convention).
+const FIRST_FD: i32 = 3;
+
+/// What the successor sends once it serves.
+const READY: &[u8] = b"ready\n";
+
+/// How long a successor may take to serve before the old process gives up on it.
+pub(super) const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How often the old process tells its successor about the sessions it still has (often, so
+/// that sessions ended there stop counting against the VMs' session limits here at once).
+const REPORT_EVERY: Duration = Duration::from_millis(200);
+
+/// The longest report line a successor reads (a pool of thousands of VMs and users fits).
+const MAX_REPORT: u64 = 16 << 20;
+
+/// Sockets passed to this process at its start: listeners, and the link to the gateway it takes
+/// over from when it is a successor.
+#[derive(Default)]
+pub struct Inherited {
+    listeners: Vec<std::net::TcpListener>,
+    link: Option<(u32, StdUnixStream)>,
+    problems: Vec<String>,
+}
+
+impl std::fmt::Debug for Inherited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inherited")
+            .field("listeners", &self.listeners.len())
+            .field("predecessor", &self.link.as_ref().map(|(pid, _)| pid))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inherited {
+    /// Takes the sockets passed in `LISTEN_FDS` (none when it is unset). It clears `LISTEN_FDS`
+    /// and `LISTEN_PID` from the environment, so it must run before any other thread starts:
+    /// first thing in `main`.
+    pub fn from_env() -> Self {
+        let predecessor = std::env::var(FROM_ENV)
+            .ok()
+            .and_then(|pid| pid.parse::<u32>().ok());
+        let mut fds = listenfd::ListenFd::from_env();
+        let mut inherited = Self::default();
+        let mut first = 0;
+        if let Some(pid) = predecessor {
+            first = 1;
+            // listenfd hands a Unix stream socket out as a listener; this one is one end of a
+            // connected pair, so it is turned back into the stream it is.
+            match fds.take_unix_listener(0) {
+                Ok(Some(link)) => {
+                    inherited.link = Some((pid, StdUnixStream::from(OwnedFd::from(link))));
+                }
+                Ok(None) => inherited
+                    .problems
+                    .push(format!("{FROM_ENV} is set but no socket was passed")),
+                Err(e) => inherited
+                    .problems
+                    .push(format!("the link to the previous gateway: {e}")),
+            }
+        }
+        for index in first..fds.len() {
+            match fds.take_tcp_listener(index) {
+                Ok(Some(listener)) => inherited.listeners.push(listener),
+                Ok(None) => {}
+                Err(e) => inherited.problems.push(format!(
+                    "passed file descriptor {}: {e}",
+                    index + FIRST_FD as usize
+                )),
+            }
+        }
+        inherited
+    }
+
+    /// Logs what could not be used (once, when the log is up).
+    pub(super) fn log_problems(&self) {
+        for problem in &self.problems {
+            tracing::warn!("ignored at start: {problem}");
+        }
+    }
+
+    /// The passed listener bound to `addr`, ready for tokio, if there is one.
+    pub(super) fn take(&mut self, addr: SocketAddr) -> anyhow::Result<Option<TcpListener>> {
+        let Some(at) = self
+            .listeners
+            .iter()
+            .position(|l| l.local_addr().is_ok_and(|a| a == addr))
+        else {
+            return Ok(None);
+        };
+        let listener = self.listeners.swap_remove(at);
+        listener
+            .set_nonblocking(true)
+            .context("a passed listener")?;
+        Ok(Some(TcpListener::from_std(listener)?))
+    }
+
+    /// Closes the passed listeners no configured address took (the new configuration moved or
+    /// turned them off), saying which.
+    pub(super) fn close_unused(&mut self) {
+        for listener in self.listeners.drain(..) {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "a listener of the previous gateway is no longer configured; closed");
+            }
+        }
+    }
+
+    /// The link to the predecessor, for [`follow_predecessor`].
+    pub(super) fn take_link(&mut self) -> Option<(u32, StdUnixStream)> {
+        self.link.take()
+    }
+}
+
+/// Copies of the listening sockets, kept to pass to a successor. They must be dropped when the
+/// gateway stops accepting, or the kernel would keep queueing connections nobody accepts.
+pub(super) struct Listeners(Vec<OwnedFd>);
+
+impl Listeners {
+    pub(super) fn new<'a>(
+        listeners: impl IntoIterator<Item = &'a TcpListener>,
+    ) -> std::io::Result<Self> {
+        listeners
+            .into_iter()
+            .map(|l| l.as_fd().try_clone_to_owned())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map(Self)
+    }
+}
+
+/// A successor started and not yet serving.
+pub(super) struct Successor {
+    child: tokio::process::Child,
+    link: UnixStream,
+    pid: u32,
+}
+
+impl Successor {
+    /// Starts this program again with the same arguments and the listeners.
+    pub(super) fn spawn(listeners: &Listeners) -> anyhow::Result<Self> {
+        let mut args = std::env::args_os();
+        let program = args.next().context("no program name in argv")?;
+        let (mine, theirs) = StdUnixStream::pair().context("socket pair")?;
+        let mut mappings = vec![FdMapping {
+            parent_fd: OwnedFd::from(theirs),
+            child_fd: FIRST_FD,
+        }];
+        for (fd, child_fd) in listeners.0.iter().zip(FIRST_FD + 1..) {
+            mappings.push(FdMapping {
+                parent_fd: fd.try_clone().context("a listener")?,
+                child_fd,
+            });
+        }
+        let passed = mappings.len();
+        let mut command = tokio::process::Command::new(&program);
+        command
+            .args(args)
+            .env(FROM_ENV, std::process::id().to_string())
+            .env("LISTEN_FDS", passed.to_string())
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .stdin(Stdio::null());
+        command
+            .fd_mappings(mappings)
+            .context("passing the listeners")?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.to_string_lossy()))?;
+        // The command holds this process's copies of the passed sockets until it is dropped.
+        drop(command);
+        let pid = child.id().context("the new process has no id")?;
+        mine.set_nonblocking(true)?;
+        Ok(Self {
+            child,
+            link: UnixStream::from_std(mine)?,
+            pid,
+        })
+    }
+
+    /// The new process's id.
+    pub(super) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits until the successor serves (`Ok`), exits, or takes longer than `within` (it is then
+    /// killed).
+    pub(super) async fn ready(&mut self, within: Duration) -> anyhow::Result<()> {
+        let mut said = [0u8; READY.len()];
+        tokio::select! {
+            read = self.link.read_exact(&mut said) => match read {
+                Ok(_) if said == READY => Ok(()),
+                Ok(_) => anyhow::bail!("the new process (pid {}) answered {said:?}", self.pid),
+                Err(_) => {
+                    let status = self.child.wait().await;
+                    anyhow::bail!("{}", self.exited_early(status))
+                }
+            },
+            status = self.child.wait() => anyhow::bail!("{}", self.exited_early(status)),
+            () = tokio::time::sleep(within) => {
+                self.stop();
+                anyhow::bail!(
+                    "the new process (pid {}) did not serve within {}; stopped it",
+                    self.pid,
+                    humantime::format_duration(within)
+                )
+            }
+        }
+    }
+
+    fn exited_early(&self, status: std::io::Result<std::process::ExitStatus>) -> String {
+        let how = match status {
+            Ok(status) => match status.code() {
+                Some(code) => format!("exited with status {code}"),
+                None => format!("ended ({status})"),
+            },
+            Err(e) => format!("could not be waited for ({e})"),
+        };
+        format!(
+            "the new process (pid {}) {how} before it served (its errors are in the log above)",
+            self.pid
+        )
+    }
+
+    /// Kills a successor that will not take over (the old gateway stops, or gave up on it).
+    pub(super) fn stop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    /// Tells the successor about this gateway's sessions every [`REPORT_EVERY`] until this process exits
+    /// (or the successor does).
+    pub(super) fn report(self, pool: Arc<Pool>) {
+        let Self {
+            child, mut link, ..
+        } = self;
+        // Not waited for: the successor outlives this process.
+        drop(child);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(REPORT_EVERY);
+            loop {
+                every.tick().await;
+                let Ok(mut line) = serde_json::to_vec(&Report::of(&pool)) else {
+                    return;
+                };
+                line.push(b'\n');
+                if link.write_all(&line).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// What a draining gateway tells its successor.
+///
+/// Only SSH sessions: a browser's session is its cookie, not its connection, and it carries on
+/// in the successor with its next request (the old process takes none); counting it in both
+/// would fill the VMs' session limits twice over.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Report {
+    /// Its open SSH sessions per VM, VMs without any left out.
+    ssh: BTreeMap<String, u32>,
+    /// VMs drained there (by an operator or for scale-in).
+    drained: BTreeSet<String>,
+    /// Users with open SSH sessions, and the VM of one of them.
+    users: BTreeMap<String, String>,
+}
+
+impl Report {
+    fn of(pool: &Pool) -> Self {
+        let snapshot = pool.snapshot();
+        let mut report = Self::default();
+        for vm in snapshot.vms() {
+            let ssh = vm.local_sessions(Protocol::Ssh);
+            if ssh > 0 {
+                report.ssh.insert(vm.name().to_owned(), ssh);
+            }
+            if vm.status().draining {
+                report.drained.insert(vm.name().to_owned());
+            }
+        }
+        for session in pool.sessions() {
+            if let (Protocol::Ssh, Some(user)) = (session.protocol, session.user) {
+                report.users.insert(user, session.vm);
+            }
+        }
+        report
+    }
+}
+
+/// Tells the predecessor this gateway serves, then counts the predecessor's sessions in `pool`
+/// until it exits.
+pub(super) async fn follow_predecessor(pool: Arc<Pool>, pid: u32, link: StdUnixStream) {
+    let link = match link
+        .set_nonblocking(true)
+        .and_then(|()| UnixStream::from_std(link))
+    {
+        Ok(link) => link,
+        Err(e) => {
+            tracing::warn!(pid, error = %e, "the link to the previous gateway is unusable; its sessions are not counted here");
+            return;
+        }
+    };
+    let (read, mut write) = link.into_split();
+    if let Err(e) = write.write_all(READY).await {
+        tracing::warn!(pid, error = %e, "could not tell the previous gateway this one serves");
+        return;
+    }
+    tracing::info!(
+        pid,
+        "serving; the previous gateway stops taking connections and drains its sessions"
+    );
+    let mut lines = BufReader::new(read);
+    let mut line = Vec::new();
+    let mut counted = BTreeSet::new();
+    let mut first = true;
+    loop {
+        line.clear();
+        match (&mut lines)
+            .take(MAX_REPORT)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) if line.last() != Some(&b'\n') => break,
+            Ok(_) => {}
+        }
+        let Ok(report) = serde_json::from_slice::<Report>(&line) else {
+            tracing::debug!("an unreadable report from the previous gateway; skipped");
+            continue;
+        };
+        apply(&pool, &report, &mut counted, first);
+        first = false;
+    }
+    for vm in &counted {
+        pool.set_remote_load(vm, LoadCounts::default());
+    }
+    tracing::info!(
+        pid,
+        "the previous gateway has exited; the handover is complete"
+    );
+}
+
+/// Counts the predecessor's sessions as another replica's, keeps its drains (the first report
+/// only: an operator may undrain here meanwhile) and its users' VMs.
+fn apply(pool: &Pool, report: &Report, counted: &mut BTreeSet<String>, first: bool) {
+    for vm in counted.iter() {
+        if !report.ssh.contains_key(vm) {
+            pool.set_remote_load(vm, LoadCounts::default());
+        }
+    }
+    counted.clear();
+    for (vm, &ssh) in &report.ssh {
+        let load = LoadCounts {
+            ssh,
+            http: 0,
+            tentative: 0,
+        };
+        if pool.set_remote_load(vm, load) {
+            counted.insert(vm.clone());
+        }
+    }
+    if first {
+        for vm in &report.drained {
+            if pool.drain(vm) {
+                tracing::info!(vm, "drained, as it was in the previous gateway");
+            }
+        }
+    }
+    let now = pool.clock().now();
+    for (user, vm) in &report.users {
+        // A session that started and ended now: the user's affinity points at that VM for
+        // `routing.affinity_ttl` from the last report.
+        pool.store().session_started(user, vm, now);
+        pool.store().session_ended(user, vm, now);
+    }
+}
+
+/// Tells systemd (when it started the gateway with `Type=notify`) that the gateway serves; a
+/// successor also says it is the unit's main process now.
+pub(super) fn notify_ready(successor: bool) {
+    let mut states = Vec::with_capacity(2);
+    if successor {
+        states.push(sd_notify::NotifyState::MainPid(std::process::id()));
+    }
+    states.push(sd_notify::NotifyState::Ready);
+    if let Err(e) = sd_notify::notify(&states) {
+        tracing::warn!(error = %e, "could not tell systemd the gateway is ready (NOTIFY_SOCKET)");
+    }
+}
+
+/// Tells systemd the gateway is stopping (not after a handover: the unit lives on in the
+/// successor).
+pub(super) fn notify_stopping() {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use router_core::{RoutingPolicy, SystemClock, VmSpec};
+
+    fn pool(names: &[&str]) -> Arc<Pool> {
+        let pool = Arc::new(Pool::new(RoutingPolicy::default(), Arc::new(SystemClock)));
+        pool.set_vms(names.iter().map(|n| VmSpec::new(*n, "127.0.0.1")).collect());
+        pool
+    }
+
+    #[test]
+    fn a_report_round_trips_and_its_sessions_count_until_the_next_says_otherwise() {
+        let report = Report {
+            ssh: BTreeMap::from([("vm-a".to_owned(), 2)]),
+            drained: BTreeSet::from(["vm-b".to_owned()]),
+            users: BTreeMap::from([("alice".to_owned(), "vm-a".to_owned())]),
+        };
+        let line = serde_json::to_vec(&report).unwrap();
+        assert_eq!(serde_json::from_slice::<Report>(&line).unwrap(), report);
+
+        let pool = pool(&["vm-a", "vm-b"]);
+        let mut counted = BTreeSet::new();
+        apply(&pool, &report, &mut counted, true);
+        let snap = pool.snapshot();
+        let a = snap.vms().iter().find(|v| v.name() == "vm-a").unwrap();
+        assert_eq!(
+            (a.sessions(Protocol::Ssh), a.sessions(Protocol::Http)),
+            (2, 1)
+        );
+        assert_eq!(a.local_sessions(Protocol::Ssh), 0, "not this gateway's own");
+        assert!(
+            snap.vms()
+                .iter()
+                .any(|v| v.name() == "vm-b" && v.status().draining)
+        );
+        let now = pool.clock().now();
+        assert_eq!(
+            pool.store()
+                .affinity("alice", now, pool.policy().affinity_ttl)
+                .as_deref(),
+            Some("vm-a")
+        );
+
+        // The sessions ended there: counted no more.
+        apply(&pool, &Report::default(), &mut counted, false);
+        let snap = pool.snapshot();
+        let a = snap.vms().iter().find(|v| v.name() == "vm-a").unwrap();
+        assert_eq!(a.total_sessions(), 0);
+        assert!(counted.is_empty());
+    }
+
+    #[test]
+    fn a_drain_lifted_here_is_not_put_back_by_a_later_report() {
+        let pool = pool(&["vm-a"]);
+        let report = Report {
+            drained: BTreeSet::from(["vm-a".to_owned()]),
+            ..Report::default()
+        };
+        let mut counted = BTreeSet::new();
+        apply(&pool, &report, &mut counted, true);
+        assert!(pool.undrain("vm-a"));
+        apply(&pool, &report, &mut counted, false);
+        assert!(!pool.snapshot().vms()[0].status().draining);
+    }
+
+    #[test]
+    fn a_report_names_only_vms_with_sessions_and_the_drained() {
+        let pool = pool(&["vm-a", "vm-b", "vm-c"]);
+        pool.drain("vm-c");
+        let report = Report::of(&pool);
+        assert!(report.ssh.is_empty());
+        assert_eq!(report.drained, BTreeSet::from(["vm-c".to_owned()]));
+    }
+}

@@ -1,0 +1,525 @@
+//! The in-place upgrade (SIGUSR2) end to end, with real OpenSSH VMs and clients: the gateway
+//! starts the program installed at its path again with its listeners; logins arriving all the
+//! while are all served (by one process or the other), open sessions and running commands go on
+//! in the old process until they end, the new process counts them and sends their users back to
+//! their VM, systemd is told the new main process; a new process that cannot start leaves the old
+//! one serving.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use poolgate_tests::jupyter::{
+    JupyterServerVm, cookie_vm, require_jupyter, run_code, ws_next_text,
+};
+use poolgate_tests::*;
+
+const RTT: Duration = Duration::from_secs(5);
+
+/// A `NOTIFY_SOCKET` as systemd gives a `Type=notify` service: what the gateways tell it.
+struct Systemd {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Systemd {
+    fn new(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("read timeout");
+        Self { socket, path }
+    }
+
+    /// The next message within `timeout`, if any.
+    fn next(&self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        None
+    }
+
+    /// Waits for a message naming a new main process; its pid.
+    fn main_pid(&self, timeout: Duration) -> u32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let said = self
+                .next(left)
+                .unwrap_or_else(|| panic!("no MAINPID= within {timeout:?}"));
+            if let Some(pid) = said
+                .lines()
+                .find_map(|l| l.strip_prefix("MAINPID="))
+                .and_then(|p| p.parse().ok())
+            {
+                assert!(
+                    said.lines().any(|l| l == "READY=1"),
+                    "MAINPID= comes with READY=1: {said:?}"
+                );
+                return pid;
+            }
+        }
+    }
+}
+
+/// The new gateway process, killed (with its children) when the test ends.
+struct Successor(u32);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        kill_tree(self.0);
+    }
+}
+
+/// A copy of the gateway program in `dir`, to start from and install over.
+fn installed_copy(dir: &Path) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir bin");
+    let path = bin.join("poolgate");
+    install(&path);
+    path
+}
+
+/// What `install -m 0755 poolgate /usr/local/bin/poolgate` does: a new file renamed over the
+/// old path (a running process keeps its own, now deleted, file).
+fn install(path: &Path) {
+    let fresh = path.with_extension("new");
+    std::fs::copy(poolgate_bin(), &fresh).expect("copy the gateway program");
+    std::fs::rename(&fresh, path).expect("install the gateway program");
+}
+
+fn exe(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn vm_ssh_sessions(pool: &GatewayPool) -> Vec<(String, u64)> {
+    pool.vms_json()
+        .as_array()
+        .expect("VM list")
+        .iter()
+        .map(|vm| {
+            (
+                vm["name"].as_str().unwrap_or_default().to_owned(),
+                vm["sessions"]["ssh"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// One login attempt of the burst.
+struct Attempt {
+    started: Instant,
+    ok: bool,
+    said: String,
+}
+
+#[test]
+fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    const TEAM: usize = 20;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let systemd = Systemd::new(scratch.path());
+    let program = installed_copy(scratch.path());
+    // The smallest configuration: three VMs (room for the team at the default 10 sessions per
+    // VM), everything else at its default (shutdown_grace 10 min).
+    let mut pool = GatewayPool::builder()
+        .vm("vm-a")
+        .vm("vm-b")
+        .vm("vm-c")
+        .users(TEAM + 2)
+        .gateway_binary(&program)
+        .gateway_env("NOTIFY_SOCKET", &systemd.path.display().to_string())
+        .start();
+    let old = pool.gateway.pid().expect("the gateway runs");
+    assert_eq!(
+        systemd.next(Duration::from_secs(5)).as_deref(),
+        Some("READY=1\n"),
+        "a gateway started by systemd says when it serves"
+    );
+
+    // User 1 holds a shell open; user 2 runs a command that is still running at the handover.
+    let mut interactive = SshSession::hold(&pool.client(1));
+    interactive.roundtrip("before the upgrade", RTT);
+    let held_on = interactive.vm.clone();
+    let mut running = pool
+        .client(2)
+        .command("echo started; sleep 4; echo finished; exit 7")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ssh");
+    wait_until(Duration::from_secs(10), "both sessions routed", || {
+        pool.log().matches("session routed").count() >= 2
+    });
+
+    // Twenty users log in over and over, before, during and after the handover.
+    let stop = AtomicBool::new(false);
+    let handed_over: Mutex<Option<Instant>> = Mutex::new(None);
+    let served_after: Vec<AtomicUsize> = (0..TEAM).map(|_| AtomicUsize::new(0)).collect();
+    let successor: Mutex<Option<Successor>> = Mutex::new(None);
+    let attempts: Vec<Vec<Attempt>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..TEAM)
+            .map(|i| {
+                let client = pool.client(i + 3);
+                let (stop, handed_over, served) = (&stop, &handed_over, &served_after[i]);
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    while !stop.load(Ordering::Acquire) {
+                        let started = Instant::now();
+                        let out = client.run("echo $POOLGATE_VM");
+                        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                        let ok = out.status.success() && said.starts_with("vm-");
+                        let after = handed_over
+                            .lock()
+                            .expect("lock")
+                            .is_some_and(|at| started > at);
+                        if ok && after {
+                            served.fetch_add(1, Ordering::AcqRel);
+                        }
+                        mine.push(Attempt {
+                            started,
+                            ok,
+                            said: format!("{said} {}", String::from_utf8_lossy(&out.stderr)),
+                        });
+                    }
+                    mine
+                })
+            })
+            .collect();
+        wait_until(Duration::from_secs(60), "logins before the upgrade", || {
+            pool.log().matches("session routed").count() >= 2 + TEAM
+        });
+        install(&program);
+        assert!(
+            exe(old).ends_with("(deleted)"),
+            "the running gateway's program was replaced: {}",
+            exe(old)
+        );
+        send_signal(old, Signal::SIGUSR2);
+        let new = systemd.main_pid(Duration::from_secs(60));
+        *successor.lock().expect("lock") = Some(Successor(new));
+        pool.gateway.wait_for_log(
+            "upgrade: the new process serves; this one takes no new connections",
+            Duration::from_secs(10),
+        );
+        *handed_over.lock().expect("lock") = Some(Instant::now());
+        assert_eq!(
+            exe(new),
+            program.display().to_string(),
+            "the new process runs the program installed at the gateway's path"
+        );
+        // Logins go on until every user has been served twice by the new process alone.
+        wait_until(
+            Duration::from_secs(90),
+            "two logins of every user after the handover",
+            || served_after.iter().all(|n| n.load(Ordering::Acquire) >= 2),
+        );
+        stop.store(true, Ordering::Release);
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("login thread"))
+            .collect()
+    });
+    let handed_over = handed_over.lock().expect("lock").expect("handed over");
+    let all: Vec<&Attempt> = attempts.iter().flatten().collect();
+    let failed: Vec<&str> = all
+        .iter()
+        .filter(|a| !a.ok)
+        .map(|a| a.said.as_str())
+        .collect();
+    let after = all.iter().filter(|a| a.started > handed_over).count();
+    eprintln!(
+        "{} logins of {TEAM} users around the upgrade, {} before the handover, {after} after, {} failed",
+        all.len(),
+        all.len() - after,
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "logins failed during the upgrade: {failed:#?}"
+    );
+
+    // The old process still serves what was open.
+    interactive.roundtrip("after the upgrade", RTT);
+    let status = wait_for_exit(&mut running, Duration::from_secs(20), "the running command");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut running.stdout.take().expect("stdout"), &mut out)
+        .expect("read stdout");
+    assert_eq!(status.code(), Some(7), "its own exit status comes through");
+    assert_eq!(out, "started\nfinished\n");
+    assert!(
+        pool.gateway.try_wait().is_none(),
+        "the old gateway waits for its last session"
+    );
+
+    // The new process (the admin port is its own now) counts the old one's open session, and
+    // sends its user back to that VM although the others are emptier.
+    wait_until(
+        Duration::from_secs(20),
+        "the new gateway to count only the session still open in the old one",
+        || {
+            vm_ssh_sessions(&pool)
+                .iter()
+                .all(|(vm, n)| *n == u64::from(*vm == held_on))
+        },
+    );
+    let again = pool.client(1).run("echo $POOLGATE_VM");
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).trim(),
+        held_on,
+        "user 1 lands on the VM of their session in the old gateway"
+    );
+
+    // Its last session ended, the old process exits 0 and the new one counts nothing of it.
+    let status = interactive.close(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "the interactive session ended with {status}"
+    );
+    let mut exited = None;
+    wait_until(Duration::from_secs(10), "the old gateway to exit", || {
+        exited = pool.gateway.try_wait();
+        exited.is_some()
+    });
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "the old gateway exited with {exited:?}"
+    );
+    pool.gateway.wait_for_log(
+        "the previous gateway has exited; the handover is complete",
+        RTT,
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "no session counted on any VM",
+        || vm_ssh_sessions(&pool).iter().all(|(_, n)| *n == 0),
+    );
+    let out = pool.client(1).run("echo $POOLGATE_VM");
+    assert!(out.status.success(), "a login after the old gateway exited");
+    assert!(!pool.log().contains("closing the remaining sessions"));
+    pool.assert_no_panic();
+}
+
+#[test]
+fn an_upgrade_whose_new_process_cannot_start_leaves_the_gateway_serving() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let systemd = Systemd::new(scratch.path());
+    let mut pool = GatewayPool::builder()
+        .vm("vm-a")
+        .users(1)
+        .gateway_env("NOTIFY_SOCKET", &systemd.path.display().to_string())
+        .start();
+    let pid = pool.gateway.pid().expect("the gateway runs");
+    assert_eq!(systemd.next(RTT).as_deref(), Some("READY=1\n"));
+    let mut held = SshSession::hold(&pool.client(1));
+    let config = std::fs::read_to_string(pool.gateway.config_path()).expect("read config");
+    std::fs::write(
+        pool.gateway.config_path(),
+        format!("{config}\n[routing]\naffinity = \"fastest\"\n"),
+    )
+    .expect("write a broken config");
+
+    send_signal(pid, Signal::SIGUSR2);
+    pool.gateway
+        .wait_for_log("upgrade failed: the new process", Duration::from_secs(30));
+    let log = pool.log();
+    assert!(
+        log.contains("this gateway keeps serving"),
+        "the failure says the gateway goes on:\n{log}"
+    );
+    assert!(
+        log.contains("routing.affinity"),
+        "the new process named the bad key:\n{log}"
+    );
+    assert!(pool.gateway.try_wait().is_none(), "the gateway still runs");
+    assert_eq!(
+        systemd.next(Duration::from_millis(500)),
+        None,
+        "systemd was told nothing"
+    );
+    held.roundtrip("after the failed upgrade", RTT);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, pool.ssh_port));
+    assert!(accepts(addr));
+    let out = pool.client(1).run("echo $POOLGATE_VM");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vm-a");
+
+    // Fixed, the next SIGUSR2 hands over.
+    std::fs::write(pool.gateway.config_path(), &config).expect("restore the config");
+    send_signal(pid, Signal::SIGUSR2);
+    let _successor = Successor(systemd.main_pid(Duration::from_secs(60)));
+    held.roundtrip("during the drain", RTT);
+    let status = held.close(RTT);
+    assert!(status.success());
+    let mut exited = None;
+    wait_until(Duration::from_secs(10), "the old gateway to exit", || {
+        exited = pool.gateway.try_wait();
+        exited.is_some()
+    });
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    let out = pool.client(1).run("echo $POOLGATE_VM");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vm-a");
+}
+
+/// Browsers through an upgrade: twenty keep asking their Jupyter server for its files all the
+/// while and are always answered by the VM their cookie pins (the new process reads the same
+/// cookie secret); a notebook's kernel websocket, closed by the old process, reconnects through
+/// the new one to the same kernel, which kept its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_keeps_browsers_on_their_vms_and_their_kernels_running() {
+    if !require_jupyter() {
+        return;
+    }
+    const BROWSERS: usize = 20;
+    const COOKIE: &str = "poolgate_vm";
+    // Three VMs: room for the twenty-one browsers at the default 10 sessions per VM.
+    const NAMES: [&str; 3] = ["js-a", "js-b", "js-c"];
+    let names = NAMES;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let systemd = Systemd::new(scratch.path());
+    let vms = blocking(move || JupyterServerVm::start_all(&names)).await;
+    // A file in each VM's root tells which VM answered a listing.
+    for vm in &vms {
+        std::fs::write(vm.root().join(format!("served-by-{}.txt", vm.name())), "")
+            .expect("marker file");
+    }
+    let mut gw = GatewayPool::builder()
+        .web_pool("/api")
+        .tls()
+        .web_vms(&vms)
+        .gateway_env("NOTIFY_SOCKET", &systemd.path.display().to_string())
+        .start_async()
+        .await;
+    let old = gw.gateway.pid().expect("the gateway runs");
+    let served_by = move |listing: &str| -> String {
+        names
+            .iter()
+            .find(|n| listing.contains(&format!("served-by-{n}.txt")))
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| format!("no VM's marker in {listing}"))
+    };
+
+    // A notebook: the page, a kernel, a variable in it.
+    let notebook = gw.browser();
+    let (r, _) = notebook.follow("/lab").await;
+    assert_eq!(r.status, 200, "the page that sets _xsrf: {}", r.text());
+    let r = notebook
+        .api(
+            "POST",
+            "/api/kernels",
+            Some(&serde_json::json!({"name": "python3"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "start a kernel: {}", r.text());
+    let channels = format!(
+        "/api/kernels/{}/channels?session_id=upgrade-tab",
+        r.json()["id"].as_str().expect("kernel id")
+    );
+    let mut ws = notebook.websocket(&channels).await;
+    assert_eq!(run_code(&mut ws, "x = 41; x", "cell-1").await, "41");
+    let notebook_vm = cookie_vm(&notebook.cookie(COOKIE, "/").expect("pinned"));
+
+    // Twenty browsers, each pinned by its first request, list their files over and over.
+    let stop = Arc::new(AtomicBool::new(false));
+    let handed_over: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let browsers: Vec<_> = (0..BROWSERS)
+        .map(|_| {
+            let b = gw.browser();
+            let (stop, handed_over, answered) =
+                (stop.clone(), handed_over.clone(), answered.clone());
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                let mut after = 0;
+                while !stop.load(Ordering::Acquire) || after < 2 {
+                    let started = Instant::now();
+                    let r = b.get("/api/contents").await;
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    answers.push(served_by(&r.text()));
+                    if answers.len() == 1 {
+                        answered.fetch_add(1, Ordering::AcqRel);
+                    }
+                    if handed_over
+                        .lock()
+                        .expect("lock")
+                        .is_some_and(|at| started > at)
+                    {
+                        after += 1;
+                    }
+                }
+                let pinned = cookie_vm(&b.cookie(COOKIE, "/").expect("pinned"));
+                (pinned, answers, after)
+            })
+        })
+        .collect();
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(30), "every browser answered", || {
+            answered.load(Ordering::Acquire) == BROWSERS
+        })
+    });
+
+    send_signal(old, Signal::SIGUSR2);
+    let _successor = Successor(tokio::task::block_in_place(|| {
+        systemd.main_pid(Duration::from_secs(60))
+    }));
+    tokio::task::block_in_place(|| {
+        gw.gateway.wait_for_log(
+            "upgrade: the new process serves; this one takes no new connections",
+            Duration::from_secs(10),
+        )
+    });
+    *handed_over.lock().expect("lock") = Some(Instant::now());
+
+    // The old process closes the kernel's websocket; the tab reconnects, through the new one, to
+    // the same kernel on the same VM, which still has its variable.
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        while ws_next_text(&mut ws).await.is_some() {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the old gateway closes its websockets");
+    let mut ws = notebook.websocket(&channels).await;
+    assert_eq!(run_code(&mut ws, "x + 1", "cell-2").await, "42");
+    assert_eq!(
+        cookie_vm(&notebook.cookie(COOKIE, "/").expect("pinned")),
+        notebook_vm
+    );
+
+    stop.store(true, Ordering::Release);
+    let mut total = 0;
+    for task in browsers {
+        let (pinned, answers, after) = task.await.expect("a browser's requests all answered");
+        assert!(after >= 2, "served after the handover");
+        assert!(
+            answers.iter().all(|vm| *vm == pinned),
+            "a browser pinned to {pinned} was answered by {answers:?}"
+        );
+        total += answers.len();
+    }
+    eprintln!("{total} listings by {BROWSERS} browsers around the upgrade, each by its VM");
+
+    // Nothing held the old process: it has exited, 0.
+    let mut exited = None;
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(20), "the old gateway to exit", || {
+            exited = gw.gateway.try_wait();
+            exited.is_some()
+        })
+    });
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    drop(ws);
+}
