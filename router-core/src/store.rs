@@ -26,6 +26,14 @@ pub trait SessionStore: Send + Sync {
     /// Forgets users without live sessions last seen more than `ttl` before
     /// `now`; returns how many were forgotten.
     fn expire(&self, now: Instant, ttl: Duration) -> usize;
+    /// Every user whose affinity is valid at `now`: their VM and how long ago
+    /// they were last seen (zero while they have live sessions). What a
+    /// gateway taking over from this process needs to send users back; a
+    /// store shared between processes need not list anything.
+    fn remembered(&self, now: Instant, ttl: Duration) -> Vec<(String, Arc<str>, Duration)> {
+        let _ = (now, ttl);
+        Vec::new()
+    }
 }
 
 #[derive(Debug)]
@@ -122,6 +130,21 @@ impl SessionStore for InMemoryStore {
         self.users.retain(|_, e| e.valid(now, ttl));
         before.saturating_sub(self.users.len())
     }
+
+    fn remembered(&self, now: Instant, ttl: Duration) -> Vec<(String, Arc<str>, Duration)> {
+        self.users
+            .iter()
+            .filter(|e| e.valid(now, ttl))
+            .map(|e| {
+                let ago = if e.live > 0 {
+                    Duration::ZERO
+                } else {
+                    now.saturating_duration_since(e.last_seen)
+                };
+                (e.key().clone(), e.vm.clone(), ago)
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -159,6 +182,27 @@ mod tests {
         s.session_started("bob", "vm1", t);
         assert_eq!(s.expire(t + TTL * 100, TTL), 0);
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn remembered_lists_valid_users_with_their_age() {
+        let s = InMemoryStore::new();
+        let t0 = Instant::now();
+        s.session_started("live", "a", t0);
+        s.session_started("left", "b", t0);
+        s.session_ended("left", "b", t0 + Duration::from_secs(10));
+        s.session_started("gone", "c", t0);
+        s.session_ended("gone", "c", t0);
+        let now = t0 + Duration::from_secs(70);
+        let mut seen = s.remembered(now, TTL);
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                ("left".to_owned(), Arc::from("b"), Duration::from_secs(60)),
+                ("live".to_owned(), Arc::from("a"), Duration::ZERO),
+            ]
+        );
     }
 
     #[test]

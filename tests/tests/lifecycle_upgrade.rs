@@ -139,7 +139,7 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
         .vm("vm-a")
         .vm("vm-b")
         .vm("vm-c")
-        .users(TEAM + 2)
+        .users(TEAM + 3)
         .gateway_binary(&program)
         .gateway_env("NOTIFY_SOCKET", &systemd.path.display().to_string())
         .start();
@@ -165,6 +165,14 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
     wait_until(Duration::from_secs(10), "both sessions routed", || {
         pool.log().matches("session routed").count() >= 2
     });
+    // A user who was on the held session's VM this morning and logged off: the gateway
+    // remembers where they were (affinity) for hours.
+    let returning = TEAM + 3;
+    let earlier = pool
+        .client_as(&format!("{}+{held_on}", pool.user(returning)))
+        .user_key(pool.key(returning))
+        .run("echo $POOLGATE_VM");
+    assert_eq!(String::from_utf8_lossy(&earlier.stdout).trim(), held_on);
 
     // Twenty users log in over and over, before, during and after the handover.
     let stop = AtomicBool::new(false);
@@ -201,7 +209,7 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
             })
             .collect();
         wait_until(Duration::from_secs(60), "logins before the upgrade", || {
-            pool.log().matches("session routed").count() >= 2 + TEAM
+            pool.log().matches("session routed").count() >= 3 + TEAM
         });
         install(&program);
         assert!(
@@ -282,6 +290,12 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
         String::from_utf8_lossy(&again.stdout).trim(),
         held_on,
         "user 1 lands on the VM of their session in the old gateway"
+    );
+    let back = pool.client(returning).run("echo $POOLGATE_VM");
+    assert_eq!(
+        String::from_utf8_lossy(&back.stdout).trim(),
+        held_on,
+        "a user the old gateway remembered lands where they were"
     );
 
     // Its last session ended, the old process exits 0 and the new one counts nothing of it.

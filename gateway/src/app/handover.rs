@@ -14,10 +14,11 @@
 //! 3. the old process then shuts down as on SIGTERM (no new connections; open SSH sessions run
 //!    until they end or `gateway.shutdown_grace` passes; browsers carry on with the new process
 //!    at their next request) and, meanwhile, sends the new one its SSH sessions per VM, its
-//!    drained VMs and the users of its SSH sessions five times a second: the new gateway counts
-//!    those sessions when it places logins and when its autoscaler looks for idle VMs (it never
-//!    stops a VM that still has the old process's sessions), keeps the drains, and sends a user
-//!    back to the VM of their open session;
+//!    drained VMs and the users of its SSH sessions five times a second (and, the first time,
+//!    every user's affinity it remembers): the new gateway counts those sessions when it places
+//!    logins and when its autoscaler looks for idle VMs (it never stops a VM that still has the
+//!    old process's sessions), keeps the drains, and sends users back to their VM as the old
+//!    process would have;
 //! 4. when the old process exits the socket closes and the new one stops counting its sessions.
 //!
 //! Inheriting the listeners follows systemd's socket-passing convention (`LISTEN_FDS`, the file
@@ -279,9 +280,15 @@ impl Successor {
         drop(child);
         tokio::spawn(async move {
             let mut every = tokio::time::interval(REPORT_EVERY);
+            let mut first = true;
             loop {
                 every.tick().await;
-                let Ok(mut line) = serde_json::to_vec(&Report::of(&pool)) else {
+                let report = if std::mem::take(&mut first) {
+                    Report::first(&pool)
+                } else {
+                    Report::of(&pool)
+                };
+                let Ok(mut line) = serde_json::to_vec(&report) else {
                     return;
                 };
                 line.push(b'\n');
@@ -306,6 +313,10 @@ struct Report {
     drained: BTreeSet<String>,
     /// Users with open SSH sessions, and the VM of one of them.
     users: BTreeMap<String, String>,
+    /// Every user the affinity store remembers: their VM and how many seconds ago they were
+    /// last seen (the first report only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    affinity: BTreeMap<String, (String, u64)>,
 }
 
 impl Report {
@@ -326,6 +337,19 @@ impl Report {
                 report.users.insert(user, session.vm);
             }
         }
+        report
+    }
+
+    /// [`of`](Self::of), with what the affinity store remembers.
+    fn first(pool: &Pool) -> Self {
+        let mut report = Self::of(pool);
+        let now = pool.clock().now();
+        report.affinity = pool
+            .store()
+            .remembered(now, pool.policy().affinity_ttl)
+            .into_iter()
+            .map(|(user, vm, ago)| (user, (vm.to_string(), ago.as_secs())))
+            .collect();
         report
     }
 }
@@ -384,7 +408,7 @@ pub(super) async fn follow_predecessor(pool: Arc<Pool>, pid: u32, link: StdUnixS
 }
 
 /// Counts the predecessor's sessions as another replica's, keeps its drains (the first report
-/// only: an operator may undrain here meanwhile) and its users' VMs.
+/// only: an operator may undrain here meanwhile), the affinity it remembers and its users' VMs.
 fn apply(pool: &Pool, report: &Report, counted: &mut BTreeSet<String>, first: bool) {
     for vm in counted.iter() {
         if !report.ssh.contains_key(vm) {
@@ -410,6 +434,17 @@ fn apply(pool: &Pool, report: &Report, counted: &mut BTreeSet<String>, first: bo
         }
     }
     let now = pool.clock().now();
+    let ttl = pool.policy().affinity_ttl;
+    for (user, (vm, ago)) in &report.affinity {
+        // Users who logged in here since are where they are now; an entry that has lapsed
+        // meanwhile stays forgotten.
+        if *ago >= ttl.as_secs() || pool.store().affinity(user, now, ttl).is_some() {
+            continue;
+        }
+        let seen = now.checked_sub(Duration::from_secs(*ago)).unwrap_or(now);
+        pool.store().session_started(user, vm, seen);
+        pool.store().session_ended(user, vm, seen);
+    }
     for (user, vm) in &report.users {
         // A session that started and ended now: the user's affinity points at that VM for
         // `routing.affinity_ttl` from the last report.
@@ -454,6 +489,7 @@ mod tests {
             ssh: BTreeMap::from([("vm-a".to_owned(), 2)]),
             drained: BTreeSet::from(["vm-b".to_owned()]),
             users: BTreeMap::from([("alice".to_owned(), "vm-a".to_owned())]),
+            ..Report::default()
         };
         let line = serde_json::to_vec(&report).unwrap();
         assert_eq!(serde_json::from_slice::<Report>(&line).unwrap(), report);
@@ -465,7 +501,7 @@ mod tests {
         let a = snap.vms().iter().find(|v| v.name() == "vm-a").unwrap();
         assert_eq!(
             (a.sessions(Protocol::Ssh), a.sessions(Protocol::Http)),
-            (2, 1)
+            (2, 0)
         );
         assert_eq!(a.local_sessions(Protocol::Ssh), 0, "not this gateway's own");
         assert!(
@@ -487,6 +523,46 @@ mod tests {
         let a = snap.vms().iter().find(|v| v.name() == "vm-a").unwrap();
         assert_eq!(a.total_sessions(), 0);
         assert!(counted.is_empty());
+    }
+
+    #[test]
+    fn the_affinity_the_old_process_remembers_carries_over_with_its_age() {
+        let old = pool(&["vm-a", "vm-b"]);
+        let t = old.clock().now();
+        old.store().session_started("bob", "vm-b", t);
+        old.store().session_ended("bob", "vm-b", t);
+        old.store().session_started("carol", "vm-a", t);
+        old.store().session_ended("carol", "vm-a", t);
+        let report = Report::first(&old);
+        assert_eq!(report.affinity["bob"].0, "vm-b");
+
+        let new = pool(&["vm-a", "vm-b"]);
+        // Carol logged in to the new process before the report came.
+        let now = new.clock().now();
+        new.store().session_started("carol", "vm-b", now);
+        apply(&new, &report, &mut BTreeSet::new(), true);
+        let ttl = new.policy().affinity_ttl;
+        let affinity = |user: &str| {
+            new.store()
+                .affinity(user, now, ttl)
+                .map(|vm| vm.to_string())
+        };
+        assert_eq!(affinity("bob").as_deref(), Some("vm-b"));
+        assert_eq!(
+            affinity("carol").as_deref(),
+            Some("vm-b"),
+            "where she is now"
+        );
+        // An entry seen an affinity_ttl ago is not brought back to life.
+        let stale = Report {
+            affinity: BTreeMap::from([(
+                "dave".to_owned(),
+                ("vm-a".to_owned(), ttl.as_secs() + 60),
+            )]),
+            ..Report::default()
+        };
+        apply(&new, &stale, &mut BTreeSet::new(), true);
+        assert_eq!(affinity("dave"), None);
     }
 
     #[test]
