@@ -58,6 +58,9 @@ pub struct Waker {
     owner: Arc<dyn Wake>,
     pool: Arc<Pool>,
     changes: watch::Receiver<u64>,
+    /// Set when the gateway stops taking connections: held ones are told why and let go (the
+    /// process that could place them is going away). Shared by clones.
+    released: Arc<watch::Sender<Option<Arc<str>>>>,
 }
 
 impl std::fmt::Debug for Waker {
@@ -81,7 +84,15 @@ impl Waker {
             owner,
             pool,
             changes,
+            released: Arc::new(watch::Sender::new(None)),
         }
+    }
+
+    /// Lets every held connection go now and from now on, with `why` as its error: the gateway
+    /// stops taking connections (a shutdown, or an upgrade whose new process holds logins now)
+    /// and this process will not see a VM come up any more (its autoscaler has stopped).
+    pub fn release(&self, why: &str) {
+        self.released.send_replace(Some(Arc::from(why)));
     }
 
     /// Whether connections are held while the pool wakes.
@@ -119,8 +130,12 @@ impl Waker {
         let deadline = tokio::time::sleep(self.hold_for());
         tokio::pin!(deadline);
         let mut changes = self.changes.clone();
+        let mut released = self.released.subscribe();
         let mut last: Option<String> = None;
         loop {
+            if let Some(why) = released.borrow_and_update().as_deref() {
+                return Err(why.to_owned());
+            }
             // Marks the current generation seen before looking, so a change published after
             // the look (or during the attempt) wakes the `changed()` below.
             changes.borrow_and_update();
@@ -145,6 +160,8 @@ impl Waker {
                 // A session ending frees a place without publishing a snapshot.
                 () = tokio::time::sleep(RECHECK) => {}
                 () = &mut deadline => return Err(self.gave_up(last)),
+                // Looked at the top of the loop.
+                _ = released.changed() => {}
             }
         }
     }
@@ -325,6 +342,28 @@ mod tests {
             .expect_err("no VM ever comes up");
         assert_eq!(started.elapsed(), Duration::from_secs(120));
         assert_eq!(error, "no VM came up within 2m");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn released_connections_are_let_go_at_once_with_the_reason() {
+        let pool = pool();
+        let waker = Waker::new(Arc::new(Owner::default()), pool.clone());
+        let held = {
+            let (waker, pool) = (waker.clone(), pool.clone());
+            tokio::spawn(async move { waker.hold(Protocol::Ssh, || reserve(&pool)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let released = tokio::time::Instant::now();
+        waker.release("poolgate is shutting down");
+        let error = held.await.unwrap().expect_err("let go");
+        assert_eq!(error, "poolgate is shutting down");
+        assert_eq!(released.elapsed(), Duration::ZERO);
+        // One that comes after is not held either.
+        let error = waker
+            .hold(Protocol::Ssh, || reserve(&pool))
+            .await
+            .expect_err("not held");
+        assert_eq!(error, "poolgate is shutting down");
     }
 
     #[tokio::test]

@@ -537,3 +537,94 @@ async fn an_upgrade_keeps_browsers_on_their_vms_and_their_kernels_running() {
     assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
     drop(ws);
 }
+
+/// A login held while the pool wakes when the upgrade comes cannot be placed by the old process
+/// (its autoscaler stops with it): it is told at once to connect again, not held until
+/// `autoscale.hold_connect_for`; connecting again, it waits in the new process, whose autoscaler
+/// starts the VM for it.
+#[test]
+fn a_login_waiting_for_the_pool_to_wake_is_sent_to_the_new_process() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let ca = UserCa::generate();
+    let exec = ExecSshdVm::stopped("poolgate-upgrade-wake-", &ca);
+    // The VM boots only once the test says so: until then a start leaves it stopped.
+    let real_start = exec.dir.path().join("start-real.sh");
+    std::fs::rename(&exec.scripts.start, &real_start).expect("move start.sh");
+    let go = exec.dir.path().join("go");
+    write_script(
+        exec.dir.path(),
+        "start.sh",
+        &format!(
+            "if [ -f {go} ]; then exec {real} \"$@\"; fi",
+            go = go.display(),
+            real = real_start.display()
+        ),
+    );
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let systemd = Systemd::new(scratch.path());
+    // Scale to zero at the defaults but for the busy check (this VM's sshd shares the
+    // machine's process table).
+    let mut pool = GatewayPool::builder()
+        .users(1)
+        .user_ca(ca)
+        .known_vm(&exec.vm)
+        .config_toml(&exec.scripts.pool_toml(Duration::from_secs(10)))
+        .config_toml("[autoscale]\nenabled = true\nmin_vms = 0\nbusy_command = []\n")
+        .gateway_env("NOTIFY_SOCKET", &systemd.path.display().to_string())
+        .start();
+    let old = pool.gateway.pid().expect("the gateway runs");
+    let mut waiting = pool
+        .client(1)
+        .timeout(Duration::from_secs(60))
+        .command("echo $POOLGATE_VM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ssh");
+    pool.gateway.wait_for_log(
+        "no VM yet; holding the connection while the pool wakes",
+        Duration::from_secs(20),
+    );
+
+    send_signal(old, Signal::SIGUSR2);
+    let _successor = Successor(systemd.main_pid(Duration::from_secs(60)));
+    let told = Instant::now();
+    let status = wait_for_exit(&mut waiting, Duration::from_secs(10), "the held login");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut waiting.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    eprintln!(
+        "the held login was let go {:?} after the handover",
+        told.elapsed()
+    );
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "poolgate: the gateway was upgraded while you waited for a VM; connect again now: \
+             the new one goes on starting it.\r\n"
+        ),
+        "the user is told what to do: {stderr}"
+    );
+    let mut exited = None;
+    wait_until(Duration::from_secs(10), "the old gateway to exit", || {
+        exited = pool.gateway.try_wait();
+        exited.is_some()
+    });
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+
+    // Connecting again, the user waits in the new process, which starts the VM.
+    std::fs::write(&go, "").expect("let the VM boot");
+    let out = pool
+        .client(1)
+        .timeout(Duration::from_secs(60))
+        .run("echo $POOLGATE_VM");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "vm-a",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        pool.log()
+    );
+}

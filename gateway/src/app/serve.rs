@@ -200,6 +200,14 @@ pub(super) async fn serve(
         );
     }
     let grace = config.gateway.shutdown_grace;
+    // Logins held while the pool wakes cannot be placed here any more (the autoscaler and the
+    // provider's listing stop with this process's tasks): tell them now rather than at the end
+    // of `autoscale.hold_connect_for`. They have no session to lose.
+    gateway.waker.release(if handed_over.is_some() {
+        "the gateway was upgraded while you waited for a VM; connect again now: the new one goes on starting it."
+    } else {
+        "the gateway is shutting down; connect again in a moment (the pool may still be waking)."
+    });
     match handed_over {
         Some(successor) => {
             tracing::info!(

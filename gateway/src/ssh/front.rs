@@ -634,14 +634,16 @@ async fn held_session(
     }
 }
 
-/// Tells the user why a held session cannot go on, and ends it.
+/// Tells the user why a held session cannot go on, and ends it. A message that is a whole
+/// sentence (it ends with a full stop, and says what to do) is shown as it is; to any other the
+/// advice to try again later is added.
 async fn fail_channel(channel: Channel<Msg>, message: &str) {
-    let _ = channel
-        .extended_data(
-            1,
-            ascii(&format!("poolgate: {message}. Please try again later.\r\n")).as_bytes(),
-        )
-        .await;
+    let line = if message.ends_with('.') {
+        format!("poolgate: {message}\r\n")
+    } else {
+        format!("poolgate: {message}. Please try again later.\r\n")
+    };
+    let _ = channel.extended_data(1, ascii(&line).as_bytes()).await;
     let _ = channel.exit_status(1).await;
     let _ = channel.eof().await;
     let _ = channel.close().await;
