@@ -1314,3 +1314,94 @@ fn a_vm_one_replica_removes_under_a_session_is_drained_there_only() {
     });
     assert_eq!(r.vm_view(1, &on)["draining"], false);
 }
+
+/// The ids `/api/v1/replicas` of replica `i` lists.
+fn replica_ids(r: &Replicas, i: usize) -> Vec<String> {
+    let mut ids: Vec<String> = r.api(i, "/api/v1/replicas")["replicas"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// A replica upgraded in place (SIGUSR2): the new process takes its listeners and its id; the
+/// old one's session, still open, is counted by every replica under an id of its own
+/// (`gw-0~<pid>`) until it ends; then the old process leaves the cluster and exits 0.
+#[test]
+fn a_replica_upgraded_in_place_keeps_its_draining_sessions_counted_everywhere() {
+    require_tools!("sshd", "ssh", "ssh-keygen", "redis-server", "redis-cli");
+    require_root!();
+    let mut r = Replicas::start(2, &["vm-a", "vm-b"], 3, "");
+    let held = Held::open(&r.client(1, r.ssh_port(0)));
+    let vm = held.vm.clone();
+    let old = r.gateways[0].pid().unwrap();
+
+    send_signal(old, nix::sys::signal::Signal::SIGUSR2);
+    r.gateways[0].wait_for_log(
+        "upgrade: the new process serves; this one takes no new connections",
+        STEP,
+    );
+    let log = r.gateways[0].log_text();
+    let new: u32 = log
+        .lines()
+        .find(|l| l.contains("upgrade: the new process serves"))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("the new process's pid in the log");
+    let _successor = KillTree(new);
+    let twin = format!("gw-0~{old}");
+    for i in 0..2 {
+        wait_until(
+            STEP,
+            &format!("replica {i} listing gw-0, its draining process and gw-1"),
+            || replica_ids(&r, i) == ["gw-0", twin.as_str(), "gw-1"],
+        );
+        wait_until(
+            STEP,
+            &format!("replica {i} counting the open session once"),
+            || {
+                r.vms_view(i)
+                    .iter()
+                    .all(|v| total(v) == u64::from(v["name"] == vm.as_str()))
+            },
+        );
+    }
+    // The new process serves the replica's port; no warning about its own id.
+    let landed = r.lands_on(2, r.ssh_port(0));
+    assert!(landed.starts_with("vm-"), "{landed}");
+    assert!(
+        !r.gateways[0]
+            .log_text()
+            .contains("another live replica uses this replica_id"),
+        "{}",
+        r.gateways[0].log_text()
+    );
+
+    drop(held);
+    let mut exited = None;
+    wait_until(STEP, "the old process to exit", || {
+        exited = r.gateways[0].try_wait();
+        exited.is_some()
+    });
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    wait_until(
+        STEP,
+        "replica 1 to list gw-0 and gw-1 only, counting nothing",
+        || replica_ids(&r, 1) == ["gw-0", "gw-1"] && r.vms_view(1).iter().all(|v| total(v) == 0),
+    );
+}
+
+/// Kills a process tree by pid when the test ends (a process the test did not start).
+struct KillTree(u32);
+
+impl Drop for KillTree {
+    fn drop(&mut self) {
+        kill_tree(self.0);
+    }
+}

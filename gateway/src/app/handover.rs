@@ -117,6 +117,11 @@ impl Inherited {
         inherited
     }
 
+    /// Whether this process takes over from a running gateway.
+    pub(super) fn has_predecessor(&self) -> bool {
+        self.link.is_some()
+    }
+
     /// Logs what could not be used (once, when the log is up).
     pub(super) fn log_problems(&self) {
         for problem in &self.problems {
@@ -354,9 +359,15 @@ impl Report {
     }
 }
 
-/// Tells the predecessor this gateway serves, then counts the predecessor's sessions in `pool`
-/// until it exits.
-pub(super) async fn follow_predecessor(pool: Arc<Pool>, pid: u32, link: StdUnixStream) {
+/// Tells the predecessor this gateway serves, then follows its reports until it exits: its
+/// drains and affinity, and its sessions when `count_sessions` (without `[cluster]`; with it
+/// they come through the store).
+pub(super) async fn follow_predecessor(
+    pool: Arc<Pool>,
+    pid: u32,
+    link: StdUnixStream,
+    count_sessions: bool,
+) {
     let link = match link
         .set_nonblocking(true)
         .and_then(|()| UnixStream::from_std(link))
@@ -391,10 +402,13 @@ pub(super) async fn follow_predecessor(pool: Arc<Pool>, pid: u32, link: StdUnixS
             Ok(_) if line.last() != Some(&b'\n') => break,
             Ok(_) => {}
         }
-        let Ok(report) = serde_json::from_slice::<Report>(&line) else {
+        let Ok(mut report) = serde_json::from_slice::<Report>(&line) else {
             tracing::debug!("an unreadable report from the previous gateway; skipped");
             continue;
         };
+        if !count_sessions {
+            report.ssh.clear();
+        }
         apply(&pool, &report, &mut counted, first);
         first = false;
     }

@@ -66,6 +66,9 @@ pub(super) async fn serve(
     }
     // Replicas must have been given the same secrets; then know the others' counts and drains.
     if let Some(cluster) = &gateway.cluster {
+        if inherited.has_predecessor() {
+            cluster.expect_predecessor();
+        }
         cluster.check_peers().await?;
         cluster.sync_once().await;
         tracing::info!(replica = cluster.replica_id(), "joined the cluster");
@@ -149,10 +152,14 @@ pub(super) async fn serve(
     let predecessor = inherited.take_link();
     handover::notify_ready(predecessor.is_some());
     if let Some((pid, link)) = predecessor {
+        // With [cluster] the previous process's sessions come through the store, as another
+        // replica's.
+        let count_sessions = gateway.cluster.is_none();
         tokio::spawn(handover::follow_predecessor(
             gateway.pool.clone(),
             pid,
             link,
+            count_sessions,
         ));
     }
 
@@ -163,7 +170,7 @@ pub(super) async fn serve(
             () = stop.next() => break None,
             ended = tasks.next_ended() => break ended,
             Some(()) = next_signal(&mut upgrade_signal) => {
-                starting = start_upgrade(&gateway, passable.as_ref(), starting);
+                starting = start_upgrade(passable.as_ref(), starting);
             }
             ready = successor_ready(&mut starting) => {
                 let Some(successor) = starting.take() else { continue };
@@ -210,6 +217,9 @@ pub(super) async fn serve(
     });
     match handed_over {
         Some(successor) => {
+            if let Some(cluster) = &gateway.cluster {
+                cluster.hand_over();
+            }
             tracing::info!(
                 pid = successor.pid(),
                 open_ssh = gateway.ssh.live_connections(),
@@ -293,26 +303,15 @@ async fn successor_ready(starting: &mut Option<Successor>) -> anyhow::Result<()>
     }
 }
 
-/// SIGUSR2: starts the program again to take over (unless an upgrade is already under way, or
-/// this is a replica of a cluster); what is starting afterwards.
-fn start_upgrade(
-    gateway: &Gateway,
-    listeners: Option<&Listeners>,
-    starting: Option<Successor>,
-) -> Option<Successor> {
+/// SIGUSR2: starts the program again to take over (unless an upgrade is already under way);
+/// what is starting afterwards.
+fn start_upgrade(listeners: Option<&Listeners>, starting: Option<Successor>) -> Option<Successor> {
     if let Some(successor) = starting {
         tracing::warn!(
             pid = successor.pid(),
             "SIGUSR2: an upgrade is already under way; waiting for its new process"
         );
         return Some(successor);
-    }
-    if gateway.cluster.is_some() {
-        tracing::warn!(
-            "SIGUSR2: an in-place upgrade is for a gateway without [cluster]; upgrade replicas \
-             one at a time behind the load balancer (systemctl restart), as docs/operations.md says"
-        );
-        return None;
     }
     let listeners = listeners?;
     match Successor::spawn(listeners) {

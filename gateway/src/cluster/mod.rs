@@ -168,6 +168,13 @@ pub struct Cluster {
     store_up: AtomicBool,
     /// Shutting down: not leading, publishing counts until the sessions end.
     stopping: AtomicBool,
+    /// Set when this process has handed its place to a new process of the same replica (an
+    /// upgrade in place): the id it publishes its draining sessions under from then on,
+    /// `<replica_id>~<pid>` (`~` is never part of a configured id).
+    twin: std::sync::OnceLock<String>,
+    /// Set in a new process taking over from this replica's previous process: that process is
+    /// expected live under the same id at start.
+    successor: AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -200,7 +207,30 @@ impl Cluster {
             state: Mutex::new(State::default()),
             store_up: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
+            twin: std::sync::OnceLock::new(),
+            successor: AtomicBool::new(false),
         })
+    }
+
+    /// An upgrade in place: the new process now publishes under this replica's id, so this one
+    /// publishes its draining sessions under an id of its own until they end (the others count
+    /// them as another replica's), and leaves the cluster under that id.
+    pub fn hand_over(&self) {
+        let twin = format!("{}~{}", self.settings.record.id, std::process::id());
+        tracing::info!(replica = %twin, "upgrade: publishing this process's draining sessions under their own id");
+        let _ = self.twin.set(twin);
+    }
+
+    /// This process takes over from the replica's previous process (an upgrade in place).
+    pub fn expect_predecessor(&self) {
+        self.successor.store(true, Ordering::Release);
+    }
+
+    /// The id this process publishes under.
+    fn published_id(&self) -> &str {
+        self.twin
+            .get()
+            .map_or(&self.settings.record.id, String::as_str)
     }
 
     /// Joins the autoscaler in: its waiting connections and scale-in drains (set once, at
@@ -237,10 +267,11 @@ impl Cluster {
         for peer in peers.iter().filter(|p| p.id != me.id) {
             mismatch(me, peer)?;
         }
-        if let Some(same) = peers
-            .iter()
-            .find(|p| p.id == me.id && p.started_unix != me.started_unix)
-        {
+        if let Some(same) = peers.iter().find(|p| {
+            p.id == me.id
+                && p.started_unix != me.started_unix
+                && !self.successor.load(Ordering::Acquire)
+        }) {
             tracing::warn!(replica = %same.id, "another live replica uses this replica_id (or this replica restarted within one lease); give every replica its own cluster.replica_id");
         }
         Ok(())
@@ -295,7 +326,7 @@ impl Cluster {
             s.lead_until = None;
         }
         self.metrics.autoscale_leader.set(0);
-        match self.store.leave(&self.settings.record.id, epoch).await {
+        match self.store.leave(self.published_id(), epoch).await {
             Ok(()) => tracing::info!("left the cluster"),
             Err(e) => {
                 tracing::warn!(error = %e, "could not leave the cluster; this replica's counts expire within one lease")
@@ -316,8 +347,10 @@ impl Cluster {
             let Ok(state) = self.state.lock() else {
                 return;
             };
+            let mut record = self.settings.record.clone();
+            record.id = self.published_id().to_owned();
             let mut req = SyncRequest {
-                record: self.settings.record.clone(),
+                record,
                 waiting: local_waiting,
                 epoch: if self.stopping.load(Ordering::Acquire) {
                     0
@@ -403,7 +436,7 @@ impl Cluster {
         if !self.store_up.swap(true, Ordering::AcqRel) {
             tracing::info!("cluster store reachable again; sharing state");
         }
-        let me = self.settings.record.id.clone();
+        let me = self.published_id().to_owned();
         let Ok(mut state) = self.state.lock() else {
             return;
         };
