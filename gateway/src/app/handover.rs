@@ -50,7 +50,7 @@ const FIRST_FD: i32 = 3;
 const READY: &[u8] = b"ready\n";
 
 /// How long a successor may take to serve before the old process gives up on it.
-pub(super) const START_TIMEOUT: Duration = Duration::from_secs(120);
+const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How often the old process tells its successor about the sessions it still has (often, so
 /// that sessions ended there stop counting against the VMs' session limits here at once).
@@ -182,6 +182,10 @@ pub(super) struct Successor {
     child: tokio::process::Child,
     link: UnixStream,
     pid: u32,
+    /// When the old process gives up on it ([`START_TIMEOUT`] after it started).
+    deadline: tokio::time::Instant,
+    /// What it has said so far (a read may be cut short by another event and resumed).
+    said: Vec<u8>,
 }
 
 impl Successor {
@@ -223,6 +227,8 @@ impl Successor {
             child,
             link: UnixStream::from_std(mine)?,
             pid,
+            deadline: tokio::time::Instant::now() + START_TIMEOUT,
+            said: Vec::new(),
         })
     }
 
@@ -231,29 +237,39 @@ impl Successor {
         self.pid
     }
 
-    /// Waits until the successor serves (`Ok`), exits, or takes longer than `within` (it is then
-    /// killed).
-    pub(super) async fn ready(&mut self, within: Duration) -> anyhow::Result<()> {
-        let mut said = [0u8; READY.len()];
-        tokio::select! {
-            read = self.link.read_exact(&mut said) => match read {
-                Ok(_) if said == READY => Ok(()),
-                Ok(_) => anyhow::bail!("the new process (pid {}) answered {said:?}", self.pid),
-                Err(_) => {
-                    let status = self.child.wait().await;
-                    anyhow::bail!("{}", self.exited_early(status))
+    /// Waits until the successor serves (`Ok`), exits, or passes [`START_TIMEOUT`] (it is then
+    /// stopped). Cancel-safe: the loop of `serve` polls it beside the signals.
+    pub(super) async fn ready(&mut self) -> anyhow::Result<()> {
+        while self.said.len() < READY.len() {
+            let mut byte = [0u8; 1];
+            tokio::select! {
+                read = self.link.read(&mut byte) => match read {
+                    Ok(1) => self.said.push(byte[0]),
+                    _ => {
+                        let status = self.child.wait().await;
+                        anyhow::bail!("{}", self.exited_early(status))
+                    }
+                },
+                status = self.child.wait() => anyhow::bail!("{}", self.exited_early(status)),
+                () = tokio::time::sleep_until(self.deadline) => {
+                    self.stop();
+                    anyhow::bail!(
+                        "the new process (pid {}) did not serve within {}; stopped it",
+                        self.pid,
+                        humantime::format_duration(START_TIMEOUT)
+                    )
                 }
-            },
-            status = self.child.wait() => anyhow::bail!("{}", self.exited_early(status)),
-            () = tokio::time::sleep(within) => {
-                self.stop();
-                anyhow::bail!(
-                    "the new process (pid {}) did not serve within {}; stopped it",
-                    self.pid,
-                    humantime::format_duration(within)
-                )
             }
         }
+        if self.said != READY {
+            self.stop();
+            anyhow::bail!(
+                "the new process (pid {}) answered {:?}; stopped it",
+                self.pid,
+                String::from_utf8_lossy(&self.said)
+            );
+        }
+        Ok(())
     }
 
     fn exited_early(&self, status: std::io::Result<std::process::ExitStatus>) -> String {
@@ -270,9 +286,15 @@ impl Successor {
         )
     }
 
-    /// Kills a successor that will not take over (the old gateway stops, or gave up on it).
+    /// Stops a successor that will not take over (the old gateway stops, or gave up on it):
+    /// SIGTERM, which it handles as a gateway does (it may just have started serving).
     pub(super) fn stop(&mut self) {
-        let _ = self.child.start_kill();
+        if let Ok(pid) = i32::try_from(self.pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
     }
 
     /// Tells the successor about this gateway's sessions every [`REPORT_EVERY`] until this process exits

@@ -18,6 +18,7 @@ use tokio::task::{Id, JoinSet};
 use super::build::{Built, Gateway};
 use super::handover::{self, Inherited, Listeners, Successor};
 use crate::admin::AdminState;
+use router_core::{Health, Lifecycle, Protocol};
 
 /// The SSH frontend's task name (its listener stops first at shutdown).
 const SSH_FRONTEND: &str = "SSH frontend";
@@ -125,6 +126,10 @@ pub(super) async fn serve(
     if let Some(cluster) = &gateway.cluster {
         tasks.spawn("cluster sync", cluster.clone().run(shutdown_rx.clone()));
     }
+    // Connections wait in the listeners' queues (or, in an upgrade, go to the old process) until
+    // the running VMs' first probes have answered: served before, a browser would be told "the
+    // pool is starting" and a login "no VM is available" by a gateway that simply has not looked.
+    first_verdicts(&gateway).await;
     match http {
         Some(service) => tasks.spawn(
             "HTTP frontend",
@@ -257,6 +262,45 @@ pub(super) async fn serve(
     }
 }
 
+/// Waits until every running VM has a health verdict for each side the gateway probes, or a
+/// probe's timeout (and a second) has passed: the first probes go out at once.
+async fn first_verdicts(gateway: &Gateway) {
+    let sides: Vec<Protocol> = Protocol::ALL
+        .into_iter()
+        .filter(|&p| gateway.health.probes(p))
+        .collect();
+    let deadline =
+        tokio::time::Instant::now() + gateway.health.settings().timeout + Duration::from_secs(1);
+    let started = tokio::time::Instant::now();
+    loop {
+        let snapshot = gateway.pool.snapshot();
+        let unknown = snapshot
+            .vms()
+            .iter()
+            .filter(|vm| {
+                let status = vm.status();
+                status.lifecycle == Lifecycle::Running
+                    && !status.leaving
+                    && sides
+                        .iter()
+                        .any(|&p| status.health_of(p) == Health::Unknown)
+            })
+            .count();
+        if unknown == 0 {
+            tracing::debug!(waited = ?started.elapsed(), "every running VM probed");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::info!(
+                unknown,
+                "serving before every VM answered its first probe; those take sessions once they do"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The listener for `addr`: the one the previous gateway passed, or a new one.
 async fn bind(
     inherited: &mut Inherited,
@@ -298,7 +342,7 @@ async fn next_signal(signal: &mut Option<Signal>) -> Option<()> {
 /// Whether the upgrade under way has a successor serving (never ends while none is starting).
 async fn successor_ready(starting: &mut Option<Successor>) -> anyhow::Result<()> {
     match starting {
-        Some(successor) => successor.ready(handover::START_TIMEOUT).await,
+        Some(successor) => successor.ready().await,
         None => std::future::pending().await,
     }
 }

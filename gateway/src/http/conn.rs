@@ -236,8 +236,18 @@ pub(super) async fn plain_connection(
                 return;
             }
         },
-        // Nothing has started on the connection: dropping it closes it.
-        _ = shutdown.wait_for(|stop| *stop) => return,
+        // Accepted before the gateway stopped taking connections: its client may be sending
+        // its first request right now (it connected while we still listened), so that request
+        // is still answered if it comes soon; dropping the connection would lose it.
+        () = async {
+            // The watch's guard ends here, before the wait below.
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        } => {
+            match tokio::time::timeout(FIRST_REQUEST_AT_SHUTDOWN, sniff(&stream)).await {
+                Ok(Ok(protocol)) => protocol,
+                _ => return,
+            }
+        }
     };
     serve_connection(
         stream,
@@ -494,6 +504,11 @@ async fn drive<C: ServerConn>(
     // for `idle_timeout`, as before the shutdown; cut at the first check, a download running
     // at the signal lost its last bytes whenever the check came before the client read them.
     let mut recheck = tokio::time::interval(tick);
+    // At a shutdown, a connection whose first request has not started is given
+    // FIRST_REQUEST_AT_SHUTDOWN for it (hyper would close it at once as idle); then it is
+    // finished like the others.
+    let mut first_by: Option<tokio::time::Instant> = None;
+    let mut first_recheck = tokio::time::interval(FIRST_REQUEST_RECHECK);
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -502,7 +517,20 @@ async fn drive<C: ServerConn>(
                 }
                 break;
             }
-            _ = recheck.tick(), if closing => {
+            _ = first_recheck.tick(), if first_by.is_some() => {
+                if watched.tracker().has_started() {
+                    first_by = None;
+                    conn.as_mut().finish();
+                    recheck.reset();
+                } else if first_by.is_some_and(|by| tokio::time::Instant::now() >= by) {
+                    tracing::debug!(
+                        parent: watched.span(),
+                        "no request within {FIRST_REQUEST_AT_SHUTDOWN:?} of the shutdown; closed"
+                    );
+                    break;
+                }
+            }
+            _ = recheck.tick(), if closing && first_by.is_none() => {
                 // The watchdog may be gone (it failed): a request waiting on its VM still
                 // times out.
                 watched.poke_waiting_request();
@@ -537,6 +565,10 @@ async fn drive<C: ServerConn>(
                         );
                         break;
                     }
+                    Ok(Stop::Finish) if !watched.tracker().has_started() => {
+                        first_by = Some(tokio::time::Instant::now() + FIRST_REQUEST_AT_SHUTDOWN);
+                        first_recheck.reset();
+                    }
                     Ok(Stop::Finish) => {
                         conn.as_mut().finish();
                         recheck.reset();
@@ -554,6 +586,15 @@ async fn drive<C: ServerConn>(
     }
     watching.abort();
 }
+
+/// How long a connection accepted before a shutdown (or the handover of an upgrade) may take to
+/// start its first request, which is then answered: its client connected while the gateway
+/// listened and has every reason to expect an answer.
+const FIRST_REQUEST_AT_SHUTDOWN: Duration = Duration::from_secs(2);
+
+/// How often a connection waiting for its first request at a shutdown looks whether it has
+/// started.
+const FIRST_REQUEST_RECHECK: Duration = Duration::from_millis(10);
 
 /// How often a timeout kept by the watchdog is checked: a quarter of it (so it ends at most a
 /// quarter late), from 100 ms to 15 s.
@@ -609,11 +650,10 @@ async fn watchdog(
                 client.age_upstream();
                 client.poke_waiting_request();
             }
-            r = shutdown.changed() => {
-                if r.is_err() || *shutdown.borrow() {
-                    break Stop::Finish;
-                }
-            }
+            // Looks at the current value first: the connection may have been accepted before
+            // the shutdown and handed over after it (its first request came within
+            // FIRST_REQUEST_AT_SHUTDOWN).
+            _ = shutdown.wait_for(|stop| *stop) => break Stop::Finish,
             () = stop.closed() => return,
         }
     };

@@ -827,6 +827,71 @@ async fn oversized_headers_get_431_and_idle_connections_are_closed() {
     server.abort();
 }
 
+/// Serves the first connection to a 127.0.0.1 listener at the defaults; `shutdown` is the
+/// gateway's shutdown watch.
+async fn serve_one_until(
+    frontend: Frontend,
+    shutdown: watch::Receiver<bool>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config = poolgate_config::Config::default();
+    let served = served(frontend, &config, config.http.idle_timeout);
+    let server = tokio::spawn(async move {
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let info = ConnInfo {
+            client: peer,
+            https: false,
+            port: addr.port(),
+        };
+        plain_connection(stream, info, Plain::default(), served, shutdown).await;
+    });
+    (addr, server)
+}
+
+/// A client that connected while the gateway listened and sends its request just after the
+/// gateway stopped taking connections (a shutdown, or an upgrade handing over) is answered,
+/// not cut: its request is the first on the connection, so no client would send it again.
+#[tokio::test]
+async fn a_request_on_a_connection_accepted_before_the_shutdown_is_answered() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let (stop, shutdown) = watch::channel(false);
+    let (addr, server) = serve_one_until(f.frontend.clone(), shutdown).await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stop.send_replace(true);
+    // The connection's task has seen the shutdown before the request's bytes arrive.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"GET /late HTTP/1.1\r\nHost: hub.example\r\n\r\n")
+        .await
+        .expect("write");
+    let mut resp = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut resp)).await;
+    let text = String::from_utf8_lossy(&resp);
+    assert!(ended.is_ok(), "the connection ends within 5 s; read {text:?}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("/late"), "the VM's answer: {text}");
+    server
+        .await
+        .expect("the connection's task ends after its answer");
+}
+
+/// The same connection sending nothing is closed soon after the shutdown, without an answer.
+#[tokio::test(start_paused = true)]
+async fn a_connection_silent_at_the_shutdown_is_closed_two_seconds_later() {
+    let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
+    let (stop, shutdown) = watch::channel(false);
+    let (addr, server) = serve_one_until(f.frontend.clone(), shutdown).await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped = tokio::time::Instant::now();
+    stop.send_replace(true);
+    let mut resp = Vec::new();
+    let n = s.read_to_end(&mut resp).await.expect("read");
+    assert_eq!(n, 0, "no answer: {:?}", String::from_utf8_lossy(&resp));
+    assert_eq!(stopped.elapsed(), Duration::from_secs(2));
+    server.await.expect("server task");
+}
+
 /// A client may close its sending side once its request is out (`shutdown(SHUT_WR)`, as
 /// `nc -N` and some scripts do) and still read the answer: the gateway does not take the early
 /// end of the request stream for a client gone away.
