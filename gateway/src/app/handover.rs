@@ -117,9 +117,9 @@ impl Inherited {
         inherited
     }
 
-    /// Whether this process takes over from a running gateway.
-    pub(super) fn has_predecessor(&self) -> bool {
-        self.link.is_some()
+    /// The process this one takes over from, if it is a successor.
+    pub(super) fn predecessor(&self) -> Option<u32> {
+        self.link.as_ref().map(|(pid, _)| *pid)
     }
 
     /// Logs what could not be used (once, when the log is up).

@@ -59,6 +59,16 @@ pub(super) async fn serve(
         Some(_) => Some(signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?),
         None => None,
     };
+    let version = env!("CARGO_PKG_VERSION");
+    match inherited.predecessor() {
+        Some(from) => tracing::info!(
+            version,
+            pid = std::process::id(),
+            from,
+            "poolgate starting: an upgrade in place, taking over from the running gateway"
+        ),
+        None => tracing::info!(version, pid = std::process::id(), "poolgate starting"),
+    }
     inherited.log_problems();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Know the pool before taking connections.
@@ -67,7 +77,7 @@ pub(super) async fn serve(
     }
     // Replicas must have been given the same secrets; then know the others' counts and drains.
     if let Some(cluster) = &gateway.cluster {
-        if inherited.has_predecessor() {
+        if inherited.predecessor().is_some() {
             cluster.expect_predecessor();
         }
         cluster.check_peers().await?;

@@ -867,7 +867,10 @@ async fn a_request_on_a_connection_accepted_before_the_shutdown_is_answered() {
     let mut resp = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut resp)).await;
     let text = String::from_utf8_lossy(&resp);
-    assert!(ended.is_ok(), "the connection ends within 5 s; read {text:?}");
+    assert!(
+        ended.is_ok(),
+        "the connection ends within 5 s; read {text:?}"
+    );
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("/late"), "the VM's answer: {text}");
     server
