@@ -229,6 +229,17 @@ impl SshClient {
         self.ssh_command(&[], Some(remote))
     }
 
+    /// Starts `remote` over ssh in the background: stdin `/dev/null`, stdout and stderr piped
+    /// (read them with [`wait_for_output`](crate::wait_for_output) once it has ended).
+    pub fn spawn(&self, remote: &str) -> std::process::Child {
+        self.command(remote)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn ssh {remote:?}: {e}"))
+    }
+
     /// Runs `remote` over ssh (stdin `/dev/null`) and returns its status and output; panics if
     /// it overruns the timeout. Exit status 255 means ssh itself failed (see stderr).
     pub fn run(&self, remote: &str) -> Output {

@@ -84,7 +84,7 @@ pub use ports::{
 };
 pub use process::{
     TimedOut, blocking, is_alive, kill_tree, poll, run_with_input, run_with_timeout, send_signal,
-    signal_tree, try_run_with_timeout, wait_for_exit, wait_until,
+    signal_tree, try_run_with_timeout, wait_for_exit, wait_for_output, wait_until,
 };
 pub use procfs::{
     fd_count, listening_ports, pids_with_cmdline_prefix, rss_kib, thread_wchans,
@@ -92,7 +92,7 @@ pub use procfs::{
 };
 pub use provider::{ExecScripts, ExecSshdVm, KillPidFile, write_list_script, write_script};
 pub use redis::{RedisServer, Tls as RedisTls};
-pub use session::{Background, Multiplexed, SshSession, landed};
+pub use session::{Background, Multiplexed, RunningCommand, SshSession, landed};
 pub use shell::{sh_quote, shell_line};
 pub use slurm::SlurmCluster;
 pub use sshd::{SshdVm, SshdVmBuilder};

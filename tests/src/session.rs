@@ -403,3 +403,35 @@ impl Multiplexed {
         self.client.clone()
     }
 }
+
+/// A command still running when the gateway is signalled: `echo started; sleep SECONDS; echo
+/// finished; exit 7`. Its own exit status and whole output must come through.
+pub struct RunningCommand(Child);
+
+impl RunningCommand {
+    /// Starts it through `client`, for `seconds`.
+    pub fn start(client: &SshClient, seconds: u32) -> Self {
+        Self(client.spawn(&format!(
+            "echo started; sleep {seconds}; echo finished; exit 7"
+        )))
+    }
+
+    /// Waits (20 s at most) for it to end and asserts it ran to its end: status 7, both lines.
+    pub fn assert_ran_to_its_end(mut self) {
+        let (status, out, err) =
+            crate::wait_for_output(&mut self.0, Duration::from_secs(20), "the running command");
+        assert_eq!(
+            status.code(),
+            Some(7),
+            "its own exit status comes through: {err}"
+        );
+        assert_eq!(out, "started\nfinished\n");
+    }
+}
+
+impl Drop for RunningCommand {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -53,14 +53,7 @@ fn sigterm_refuses_new_connections_at_once_and_lets_open_sessions_finish_then_ex
     let mut interactive = SshSession::hold(&pool.client(1));
     interactive.roundtrip("before SIGTERM", RTT);
     // A command that is still running when the signal comes, and ends with its own status.
-    let mut running = pool
-        .client(2)
-        .command("echo started; sleep 2; echo finished; exit 7")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ssh");
+    let running = RunningCommand::start(&pool.client(2), 2);
     wait_until(Duration::from_secs(10), "both sessions routed", || {
         log(&pool).matches("session routed").count() >= 2
     });
@@ -87,12 +80,7 @@ fn sigterm_refuses_new_connections_at_once_and_lets_open_sessions_finish_then_ex
     for k in 0..3 {
         interactive.roundtrip(&format!("after SIGTERM {k}"), RTT);
     }
-    let status = wait_for_exit(&mut running, Duration::from_secs(20), "the running command");
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut running.stdout.take().expect("stdout"), &mut out)
-        .expect("read stdout");
-    assert_eq!(status.code(), Some(7), "its own exit status comes through");
-    assert_eq!(out, "started\nfinished\n");
+    running.assert_ran_to_its_end();
     assert!(
         pool.gateway.try_wait().is_none(),
         "the gateway waits for the last session"

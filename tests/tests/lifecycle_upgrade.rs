@@ -8,7 +8,6 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -154,14 +153,7 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
     let mut interactive = SshSession::hold(&pool.client(1));
     interactive.roundtrip("before the upgrade", RTT);
     let held_on = interactive.vm.clone();
-    let mut running = pool
-        .client(2)
-        .command("echo started; sleep 4; echo finished; exit 7")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ssh");
+    let running = RunningCommand::start(&pool.client(2), 4);
     wait_until(Duration::from_secs(10), "both sessions routed", || {
         pool.log().matches("session routed").count() >= 2
     });
@@ -263,12 +255,7 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
 
     // The old process still serves what was open.
     interactive.roundtrip("after the upgrade", RTT);
-    let status = wait_for_exit(&mut running, Duration::from_secs(20), "the running command");
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut running.stdout.take().expect("stdout"), &mut out)
-        .expect("read stdout");
-    assert_eq!(status.code(), Some(7), "its own exit status comes through");
-    assert_eq!(out, "started\nfinished\n");
+    running.assert_ran_to_its_end();
     assert!(
         pool.gateway.try_wait().is_none(),
         "the old gateway waits for its last session"
@@ -577,12 +564,7 @@ fn a_login_waiting_for_the_pool_to_wake_is_sent_to_the_new_process() {
     let mut waiting = pool
         .client(1)
         .timeout(Duration::from_secs(60))
-        .command("echo $POOLGATE_VM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ssh");
+        .spawn("echo $POOLGATE_VM");
     pool.gateway.wait_for_log(
         "no VM yet; holding the connection while the pool wakes",
         Duration::from_secs(20),
@@ -591,10 +573,8 @@ fn a_login_waiting_for_the_pool_to_wake_is_sent_to_the_new_process() {
     send_signal(old, Signal::SIGUSR2);
     let _successor = Successor(systemd.main_pid(Duration::from_secs(60)));
     let told = Instant::now();
-    let status = wait_for_exit(&mut waiting, Duration::from_secs(10), "the held login");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut waiting.stderr.take().expect("stderr"), &mut stderr)
-        .expect("read stderr");
+    let (status, _, stderr) =
+        wait_for_output(&mut waiting, Duration::from_secs(10), "the held login");
     eprintln!(
         "the held login was let go {:?} after the handover",
         told.elapsed()

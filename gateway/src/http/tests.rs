@@ -827,28 +827,6 @@ async fn oversized_headers_get_431_and_idle_connections_are_closed() {
     server.abort();
 }
 
-/// Serves the first connection to a 127.0.0.1 listener at the defaults; `shutdown` is the
-/// gateway's shutdown watch.
-async fn serve_one_until(
-    frontend: Frontend,
-    shutdown: watch::Receiver<bool>,
-) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let config = poolgate_config::Config::default();
-    let served = served(frontend, &config, config.http.idle_timeout);
-    let server = tokio::spawn(async move {
-        let (stream, peer) = listener.accept().await.expect("accept");
-        let info = ConnInfo {
-            client: peer,
-            https: false,
-            port: addr.port(),
-        };
-        plain_connection(stream, info, Plain::default(), served, shutdown).await;
-    });
-    (addr, server)
-}
-
 /// A client that connected while the gateway listened and sends its request just after the
 /// gateway stopped taking connections (a shutdown, or an upgrade handing over) is answered,
 /// not cut: its request is the first on the connection, so no client would send it again.
@@ -856,7 +834,8 @@ async fn serve_one_until(
 async fn a_request_on_a_connection_accepted_before_the_shutdown_is_answered() {
     let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
     let (stop, shutdown) = watch::channel(false);
-    let (addr, server) = serve_one_until(f.frontend.clone(), shutdown).await;
+    let idle = poolgate_config::Config::default().http.idle_timeout;
+    let (addr, server) = serve_one_until(f.frontend.clone(), idle, shutdown, None).await;
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stop.send_replace(true);
     // The connection's task has seen the shutdown before the request's bytes arrive.
@@ -883,7 +862,8 @@ async fn a_request_on_a_connection_accepted_before_the_shutdown_is_answered() {
 async fn a_connection_silent_at_the_shutdown_is_closed_two_seconds_later() {
     let f = fixture(&["vm-a"], Duration::from_secs(5)).await;
     let (stop, shutdown) = watch::channel(false);
-    let (addr, server) = serve_one_until(f.frontend.clone(), shutdown).await;
+    let idle = poolgate_config::Config::default().http.idle_timeout;
+    let (addr, server) = serve_one_until(f.frontend.clone(), idle, shutdown, None).await;
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let stopped = tokio::time::Instant::now();
@@ -933,11 +913,23 @@ async fn serve_one(
     frontend: Frontend,
     idle: Duration,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let (stop, shutdown) = watch::channel(false);
+    serve_one_until(frontend, idle, shutdown, Some(stop)).await
+}
+
+/// [`serve_one`] with `shutdown` as the gateway's shutdown watch; `sender`, when given, is held
+/// by the serving task (a watch whose sender is gone reads as a shutdown).
+async fn serve_one_until(
+    frontend: Frontend,
+    idle: Duration,
+    shutdown: watch::Receiver<bool>,
+    sender: Option<watch::Sender<bool>>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let served = served(frontend, &poolgate_config::Config::default(), idle);
     let server = tokio::spawn(async move {
-        let (_stop, shutdown) = watch::channel(false);
+        let _sender = sender;
         let (stream, peer) = listener.accept().await.expect("accept");
         let info = ConnInfo {
             client: peer,
