@@ -209,8 +209,13 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
             "the running gateway's program was replaced: {}",
             exe(old)
         );
+        let signalled = Instant::now();
         send_signal(old, Signal::SIGUSR2);
         let new = systemd.main_pid(Duration::from_secs(60));
+        eprintln!(
+            "the new process served {:?} after SIGUSR2",
+            signalled.elapsed()
+        );
         *successor.lock().expect("lock") = Some(Successor(new));
         pool.gateway.wait_for_log(
             "upgrade: the new process serves; this one takes no new connections",

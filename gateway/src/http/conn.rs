@@ -507,8 +507,8 @@ async fn drive<C: ServerConn>(
     // At a shutdown, a connection whose first request has not started is given
     // FIRST_REQUEST_AT_SHUTDOWN for it (hyper would close it at once as idle); then it is
     // finished like the others.
-    let mut first_by: Option<tokio::time::Instant> = None;
-    let mut first_recheck = tokio::time::interval(FIRST_REQUEST_RECHECK);
+    // Its timer is made only then: a connection's task carries no second timer for it.
+    let mut first_by: Option<(tokio::time::Instant, tokio::time::Interval)> = None;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -517,12 +517,15 @@ async fn drive<C: ServerConn>(
                 }
                 break;
             }
-            _ = first_recheck.tick(), if first_by.is_some() => {
+            () = first_request_check(&mut first_by) => {
                 if watched.tracker().has_started() {
                     first_by = None;
                     conn.as_mut().finish();
                     recheck.reset();
-                } else if first_by.is_some_and(|by| tokio::time::Instant::now() >= by) {
+                } else if first_by
+                    .as_ref()
+                    .is_some_and(|(by, _)| tokio::time::Instant::now() >= *by)
+                {
                     tracing::debug!(
                         parent: watched.span(),
                         "no request within {FIRST_REQUEST_AT_SHUTDOWN:?} of the shutdown; closed"
@@ -566,8 +569,10 @@ async fn drive<C: ServerConn>(
                         break;
                     }
                     Ok(Stop::Finish) if !watched.tracker().has_started() => {
-                        first_by = Some(tokio::time::Instant::now() + FIRST_REQUEST_AT_SHUTDOWN);
-                        first_recheck.reset();
+                        first_by = Some((
+                            tokio::time::Instant::now() + FIRST_REQUEST_AT_SHUTDOWN,
+                            tokio::time::interval(FIRST_REQUEST_RECHECK),
+                        ));
                     }
                     Ok(Stop::Finish) => {
                         conn.as_mut().finish();
@@ -595,6 +600,17 @@ const FIRST_REQUEST_AT_SHUTDOWN: Duration = Duration::from_secs(2);
 /// How often a connection waiting for its first request at a shutdown looks whether it has
 /// started.
 const FIRST_REQUEST_RECHECK: Duration = Duration::from_millis(10);
+
+/// The next look whether a connection waiting for its first request at a shutdown has started
+/// one; never while it is not waiting.
+async fn first_request_check(waiting: &mut Option<(tokio::time::Instant, tokio::time::Interval)>) {
+    match waiting {
+        Some((_, every)) => {
+            every.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
 
 /// How often a timeout kept by the watchdog is checked: a quarter of it (so it ends at most a
 /// quarter late), from 100 ms to 15 s.
