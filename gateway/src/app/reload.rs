@@ -47,7 +47,7 @@ pub async fn reload(path: &Path, running: &Config, gateway: &Gateway) -> anyhow:
     for section in needs_restart(running, &config) {
         tracing::warn!(
             section,
-            "reload: this change takes effect at the next restart"
+            "reload: this change takes effect at the next restart, or at once for new connections with an upgrade in place (SIGUSR2)"
         );
     }
     tracing::info!(path = %path.display(), vms = gateway.pool.snapshot().len(), "configuration reloaded");
