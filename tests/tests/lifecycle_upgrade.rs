@@ -321,7 +321,7 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
 }
 
 #[test]
-fn an_upgrade_whose_new_process_cannot_start_leaves_the_gateway_serving() {
+fn a_new_process_that_cannot_start_leaves_the_gateway_serving_and_a_fixed_one_takes_over() {
     require_tools!("sshd", "ssh", "ssh-keygen");
     require_root!();
     let scratch = tempfile::tempdir().expect("temp dir");
@@ -365,8 +365,15 @@ fn an_upgrade_whose_new_process_cannot_start_leaves_the_gateway_serving() {
     let out = pool.client(1).run("echo $POOLGATE_VM");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vm-a");
 
-    // Fixed, the next SIGUSR2 hands over.
-    std::fs::write(pool.gateway.config_path(), &config).expect("restore the config");
+    // Fixed, with a setting SIGHUP cannot change (`[ssh] banner`), the next SIGUSR2 hands over
+    // and applies it to new logins.
+    assert!(config.contains("\n[ssh]\n"), "{config}");
+    let fixed = config.replacen(
+        "\n[ssh]\n",
+        "\n[ssh]\nbanner = \"this gateway was upgraded in place\"\n",
+        1,
+    );
+    std::fs::write(pool.gateway.config_path(), fixed).expect("fix the config");
     send_signal(pid, Signal::SIGUSR2);
     let _successor = Successor(systemd.main_pid(Duration::from_secs(60)));
     held.roundtrip("during the drain", RTT);
@@ -378,8 +385,16 @@ fn an_upgrade_whose_new_process_cannot_start_leaves_the_gateway_serving() {
         exited.is_some()
     });
     assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
-    let out = pool.client(1).run("echo $POOLGATE_VM");
+    let out = pool
+        .client(1)
+        .option("LogLevel=INFO")
+        .run("echo $POOLGATE_VM");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vm-a");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("this gateway was upgraded in place"),
+        "the new process's banner: {said}"
+    );
 }
 
 /// Browsers through an upgrade: twenty keep asking their Jupyter server for its files all the
