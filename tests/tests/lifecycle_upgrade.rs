@@ -120,8 +120,18 @@ fn vm_ssh_sessions(pool: &GatewayPool) -> Vec<(String, u64)> {
 /// One login attempt of the burst.
 struct Attempt {
     started: Instant,
+    took: Duration,
     ok: bool,
     said: String,
+}
+
+/// The median and the longest of `took`, for the log.
+fn median_and_max(mut took: Vec<Duration>) -> (Duration, Duration) {
+    took.sort();
+    (
+        took.get(took.len() / 2).copied().unwrap_or_default(),
+        took.last().copied().unwrap_or_default(),
+    )
 }
 
 #[test]
@@ -169,6 +179,7 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
     // Twenty users log in over and over, before, during and after the handover.
     let stop = AtomicBool::new(false);
     let handed_over: Mutex<Option<Instant>> = Mutex::new(None);
+    let signalled_at: Mutex<Option<Instant>> = Mutex::new(None);
     let served_after: Vec<AtomicUsize> = (0..TEAM).map(|_| AtomicUsize::new(0)).collect();
     let successor: Mutex<Option<Successor>> = Mutex::new(None);
     let attempts: Vec<Vec<Attempt>> = std::thread::scope(|s| {
@@ -192,6 +203,7 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
                         }
                         mine.push(Attempt {
                             started,
+                            took: started.elapsed(),
                             ok,
                             said: format!("{said} {}", String::from_utf8_lossy(&out.stderr)),
                         });
@@ -210,6 +222,7 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
             exe(old)
         );
         let signalled = Instant::now();
+        *signalled_at.lock().expect("lock") = Some(signalled);
         send_signal(old, Signal::SIGUSR2);
         let new = systemd.main_pid(Duration::from_secs(60));
         eprintln!(
@@ -240,6 +253,7 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
             .collect()
     });
     let handed_over = handed_over.lock().expect("lock").expect("handed over");
+    let signalled_at = signalled_at.lock().expect("lock").expect("signalled");
     let all: Vec<&Attempt> = attempts.iter().flatten().collect();
     let failed: Vec<&str> = all
         .iter()
@@ -253,6 +267,26 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
         all.len() - after,
         failed.len()
     );
+    // How long a login took (ssh started to ended), by when it started: before the signal, while
+    // the new process started (it was under way at the handover), after.
+    let phase = |a: &&Attempt| {
+        if a.started + a.took < signalled_at {
+            0
+        } else if a.started < handed_over {
+            1
+        } else {
+            2
+        }
+    };
+    for (i, name) in ["before", "across", "after"].iter().enumerate() {
+        let (median, max) = median_and_max(
+            all.iter()
+                .filter(|a| phase(a) == i)
+                .map(|a| a.took)
+                .collect(),
+        );
+        eprintln!("logins {name} the handover: median {median:?}, longest {max:?}");
+    }
     assert!(
         failed.is_empty(),
         "logins failed during the upgrade: {failed:#?}"
