@@ -117,27 +117,32 @@ pub fn wait_for_exit(child: &mut Child, timeout: Duration, what: &str) -> ExitSt
     );
 }
 
-/// Reaps `child` if it exits before `deadline`; `None` if it is still running then.
-/// [`wait_for_exit`], then what `child` wrote to its piped stdout and stderr (for commands
-/// whose output fits the pipes' buffers).
+/// [`wait_for_exit`], then [`piped_output`] (for commands whose output fits the pipes'
+/// buffers).
 pub fn wait_for_output(
     child: &mut Child,
     timeout: Duration,
     what: &str,
 ) -> (ExitStatus, String, String) {
     let status = wait_for_exit(child, timeout, what);
-    let read = |pipe: Option<&mut dyn std::io::Read>| {
-        let mut text = String::new();
-        if let Some(pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    };
-    let out = read(child.stdout.as_mut().map(|p| p as &mut dyn std::io::Read));
-    let err = read(child.stderr.as_mut().map(|p| p as &mut dyn std::io::Read));
+    let (out, err) = piped_output(child);
     (status, out, err)
 }
 
+/// What `child` wrote to its stdout and stderr, each read to its end if it is still piped here
+/// (empty if not, or taken already).
+pub fn piped_output(child: &mut Child) -> (String, String) {
+    fn read_all(pipe: Option<impl std::io::Read>) -> String {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    }
+    (read_all(child.stdout.take()), read_all(child.stderr.take()))
+}
+
+/// Reaps `child` if it exits before `deadline`; `None` if it is still running then.
 pub(crate) fn wait_child(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
     let mut backoff = Backoff::new();
     loop {

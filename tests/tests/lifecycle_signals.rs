@@ -547,7 +547,7 @@ async fn downloads_under_way_at_sigterm_arrive_whole_over_http2_and_http1() {
             if let Some(status) = curl.try_wait().expect("curl's status") {
                 panic!(
                     "curl ended before the signal: {status}: {}",
-                    stderr_of(curl)
+                    piped_output(curl).1
                 );
             }
             std::fs::metadata(out).is_ok_and(|m| m.len() >= 256 << 10)
@@ -585,7 +585,7 @@ async fn downloads_under_way_at_sigterm_arrive_whole_over_http2_and_http1() {
             } else {
                 format!(
                     "curl {version}: {status}, {got} of {SIZE} bytes, wrote {written:?}: {}",
-                    stderr_of(&mut curl).trim_end()
+                    piped_output(&mut curl).1.trim_end()
                 )
             }
         })
@@ -597,13 +597,4 @@ async fn downloads_under_way_at_sigterm_arrive_whole_over_http2_and_http1() {
     assert!(failed.is_empty(), "{outcomes:#?}\n{}", log(&pool));
     let status = wait_gateway_exit(&mut pool.gateway, Duration::from_secs(10));
     assert!(status.success(), "poolgate exited with {status}");
-}
-
-/// What `child` wrote to its standard error.
-fn stderr_of(child: &mut std::process::Child) -> String {
-    let mut text = String::new();
-    if let Some(mut err) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut err, &mut text);
-    }
-    text
 }
