@@ -83,8 +83,9 @@ pub use ports::{
     accepts, free_port, refused, wait_for_port, wait_for_port_closed, wait_for_ssh_banner,
 };
 pub use process::{
-    TimedOut, blocking, is_alive, kill_tree, piped_output, poll, run_with_input, run_with_timeout,
-    send_signal, signal_tree, try_run_with_timeout, wait_for_exit, wait_for_output, wait_until,
+    KillTreeOnDrop, TimedOut, blocking, is_alive, kill_tree, piped_output, poll, run_with_input,
+    run_with_timeout, send_signal, signal_tree, try_run_with_timeout, wait_for_exit,
+    wait_for_output, wait_until,
 };
 pub use procfs::{
     fd_count, listening_ports, pids_with_cmdline_prefix, rss_kib, thread_wchans,

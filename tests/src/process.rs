@@ -234,6 +234,18 @@ pub fn kill_tree(root: u32) {
     }
 }
 
+/// Kills the process whose id it holds, and its descendants, when dropped: a process the test did
+/// not start itself (a gateway's successor after an upgrade in place, say), so no `Child` reaps
+/// it.
+#[derive(Debug)]
+pub struct KillTreeOnDrop(pub u32);
+
+impl Drop for KillTreeOnDrop {
+    fn drop(&mut self) {
+        kill_tree(self.0);
+    }
+}
+
 /// Sends `signal` to `pid`, ignoring "no such process".
 pub(crate) fn signal(pid: u32, signal: Signal) {
     let _ = kill(Pid::from_raw(pid as i32), signal);

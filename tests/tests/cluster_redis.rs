@@ -1354,7 +1354,7 @@ fn a_replica_upgraded_in_place_keeps_its_draining_sessions_counted_everywhere() 
         .and_then(|p| p.split_whitespace().next())
         .and_then(|p| p.parse().ok())
         .expect("the new process's pid in the log");
-    let _successor = KillTree(new);
+    let _successor = KillTreeOnDrop(new);
     let twin = format!("gw-0~{old}");
     for i in 0..2 {
         wait_until(
@@ -1395,13 +1395,4 @@ fn a_replica_upgraded_in_place_keeps_its_draining_sessions_counted_everywhere() 
         "replica 1 to list gw-0 and gw-1 only, counting nothing",
         || replica_ids(&r, 1) == ["gw-0", "gw-1"] && r.vms_view(1).iter().all(|v| total(v) == 0),
     );
-}
-
-/// Kills a process tree by pid when the test ends (a process the test did not start).
-struct KillTree(u32);
-
-impl Drop for KillTree {
-    fn drop(&mut self) {
-        kill_tree(self.0);
-    }
 }

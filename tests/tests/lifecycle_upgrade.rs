@@ -71,15 +71,6 @@ impl Systemd {
     }
 }
 
-/// The new gateway process, killed (with its children) when the test ends.
-struct Successor(u32);
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        kill_tree(self.0);
-    }
-}
-
 /// A copy of the gateway program in `dir`, to start from and install over.
 fn installed_copy(dir: &Path) -> PathBuf {
     let bin = dir.join("bin");
@@ -181,7 +172,7 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
     let handed_over: Mutex<Option<Instant>> = Mutex::new(None);
     let signalled_at: Mutex<Option<Instant>> = Mutex::new(None);
     let served_after: Vec<AtomicUsize> = (0..TEAM).map(|_| AtomicUsize::new(0)).collect();
-    let successor: Mutex<Option<Successor>> = Mutex::new(None);
+    let successor: Mutex<Option<KillTreeOnDrop>> = Mutex::new(None);
     let attempts: Vec<Vec<Attempt>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..TEAM)
             .map(|i| {
@@ -229,7 +220,7 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
             "the new process served {:?} after SIGUSR2",
             signalled.elapsed()
         );
-        *successor.lock().expect("lock") = Some(Successor(new));
+        *successor.lock().expect("lock") = Some(KillTreeOnDrop(new));
         pool.gateway.wait_for_log(
             "upgrade: the new process serves; this one takes no new connections",
             Duration::from_secs(10),
@@ -409,7 +400,7 @@ fn a_new_process_that_cannot_start_leaves_the_gateway_serving_and_a_fixed_one_ta
     );
     std::fs::write(pool.gateway.config_path(), fixed).expect("fix the config");
     send_signal(pid, Signal::SIGUSR2);
-    let _successor = Successor(systemd.main_pid(Duration::from_secs(60)));
+    let _successor = KillTreeOnDrop(systemd.main_pid(Duration::from_secs(60)));
     held.roundtrip("during the drain", RTT);
     let status = held.close(RTT);
     assert!(status.success());
@@ -529,7 +520,7 @@ async fn an_upgrade_keeps_browsers_on_their_vms_and_their_kernels_running() {
     });
 
     send_signal(old, Signal::SIGUSR2);
-    let _successor = Successor(tokio::task::block_in_place(|| {
+    let _successor = KillTreeOnDrop(tokio::task::block_in_place(|| {
         systemd.main_pid(Duration::from_secs(60))
     }));
     tokio::task::block_in_place(|| {
@@ -625,7 +616,7 @@ fn a_login_waiting_for_the_pool_to_wake_is_sent_to_the_new_process() {
     );
 
     send_signal(old, Signal::SIGUSR2);
-    let _successor = Successor(systemd.main_pid(Duration::from_secs(60)));
+    let _successor = KillTreeOnDrop(systemd.main_pid(Duration::from_secs(60)));
     let told = Instant::now();
     let (status, _, stderr) =
         wait_for_output(&mut waiting, Duration::from_secs(10), "the held login");
