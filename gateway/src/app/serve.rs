@@ -77,10 +77,9 @@ pub(super) async fn serve(
     }
     // Replicas must have been given the same secrets; then know the others' counts and drains.
     if let Some(cluster) = &gateway.cluster {
-        if inherited.predecessor().is_some() {
-            cluster.expect_predecessor();
-        }
-        cluster.check_peers().await?;
+        cluster
+            .check_peers(inherited.predecessor().is_some())
+            .await?;
         cluster.sync_once().await;
         tracing::info!(replica = cluster.replica_id(), "joined the cluster");
     }

@@ -172,9 +172,6 @@ pub struct Cluster {
     /// upgrade in place): the id it publishes its draining sessions under from then on,
     /// `<replica_id>~<pid>` (`~` is never part of a configured id).
     twin: std::sync::OnceLock<String>,
-    /// Set in a new process taking over from this replica's previous process: that process is
-    /// expected live under the same id at start.
-    successor: AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -208,7 +205,6 @@ impl Cluster {
             store_up: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
             twin: std::sync::OnceLock::new(),
-            successor: AtomicBool::new(false),
         })
     }
 
@@ -219,11 +215,6 @@ impl Cluster {
         let twin = format!("{}~{}", self.settings.record.id, std::process::id());
         tracing::info!(replica = %twin, "upgrade: publishing this process's draining sessions under their own id");
         let _ = self.twin.set(twin);
-    }
-
-    /// This process takes over from the replica's previous process (an upgrade in place).
-    pub fn expect_predecessor(&self) {
-        self.successor.store(true, Ordering::Release);
     }
 
     /// The id this process publishes under.
@@ -255,7 +246,9 @@ impl Cluster {
     /// Checks, before anything is served, that the live replicas were given the same host keys
     /// and cookie secret as this one. A store that cannot be reached is no reason not to start
     /// (logged); a mismatch is (the error names it).
-    pub async fn check_peers(&self) -> anyhow::Result<()> {
+    /// `successor`: this process takes over from the replica's previous process (an upgrade in
+    /// place), which is then expected live under the same id.
+    pub async fn check_peers(&self, successor: bool) -> anyhow::Result<()> {
         let peers = match self.store.peers().await {
             Ok(peers) => peers,
             Err(e) => {
@@ -267,11 +260,10 @@ impl Cluster {
         for peer in peers.iter().filter(|p| p.id != me.id) {
             mismatch(me, peer)?;
         }
-        if let Some(same) = peers.iter().find(|p| {
-            p.id == me.id
-                && p.started_unix != me.started_unix
-                && !self.successor.load(Ordering::Acquire)
-        }) {
+        if let Some(same) = peers
+            .iter()
+            .find(|p| !successor && p.id == me.id && p.started_unix != me.started_unix)
+        {
             tracing::warn!(replica = %same.id, "another live replica uses this replica_id (or this replica restarted within one lease); give every replica its own cluster.replica_id");
         }
         Ok(())
