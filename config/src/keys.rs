@@ -163,6 +163,7 @@ mod tests {
             "listen.ssh",
             "listen.https",
             "gateway.shutdown_grace",
+            "gateway.state_file",
             "admin.token_file",
             "tls.cert",
             "tls.acme_domains",

@@ -38,7 +38,7 @@ pub use keys::known_keys;
 pub use model::{
     AccessLog, Admin, Autoscale, Azure, Backend, Batch, Cluster, Config, DEFAULT_BUSY_SCRIPT, Exec,
     GatewaySection, Health, Http, LETS_ENCRYPT_DIRECTORY, Listen, Pool, Routing, ScheduleWindow,
-    Ssh, TimeOfDay, Tls, default_busy_command,
+    Ssh, StateFile, TimeOfDay, Tls, default_busy_command,
 };
 pub use simulation::{SimulationConfig, load_simulation, parse_simulation};
 

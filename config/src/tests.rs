@@ -232,6 +232,50 @@ fn access_log_is_stderr_off_or_a_file_relative_to_the_config() {
 }
 
 #[test]
+fn state_file_is_beside_the_config_by_default_off_or_a_path() {
+    use crate::StateFile;
+    let backend = "[[pool.backends]]\nname = \"a\"\nhost = \"10.0.0.4\"\n";
+    let c = parse(backend, Path::new("/etc/poolgate")).unwrap();
+    assert_eq!(
+        c.gateway.state_file,
+        StateFile::File("/etc/poolgate/state.json".into()),
+        "the default"
+    );
+    for (value, expected) in [
+        ("off", StateFile::Off),
+        (
+            "/var/lib/poolgate/state.json",
+            StateFile::File("/var/lib/poolgate/state.json".into()),
+        ),
+        (
+            "run/state.json",
+            StateFile::File("/etc/poolgate/run/state.json".into()),
+        ),
+    ] {
+        let text = format!("[gateway]\nstate_file = \"{value}\"\n{backend}");
+        let c = parse(&text, Path::new("/etc/poolgate")).unwrap();
+        assert_eq!(c.gateway.state_file, expected, "{value}");
+        let again = parse(&toml::to_string(&c).unwrap(), Path::new("/")).unwrap();
+        assert_eq!(again.gateway.state_file, expected, "{value} round trip");
+    }
+    for (text, error) in [
+        ("state_file = \"\"", "must not be empty"),
+        ("state_file = true", "\"off\" or a file path"),
+        ("state_file = \"~/state.json\"", "does not expand"),
+    ] {
+        let errs = invalid(parse(
+            &format!("[gateway]\n{text}\n{backend}"),
+            Path::new("/"),
+        ));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("gateway.state_file: ") && e.contains(error)),
+            "{text}: {errs:#?}"
+        );
+    }
+}
+
+#[test]
 fn load_with_a_relative_path_gives_absolute_paths() {
     let c = load(Path::new("examples/static.toml")).unwrap();
     assert!(c.http.cookie_secret_file.is_absolute());

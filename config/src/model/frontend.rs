@@ -1,7 +1,7 @@
 //! Listener, SSH, HTTP, routing and health sections.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -73,13 +73,69 @@ pub struct GatewaySection {
     /// On SIGTERM, open sessions may run this long before they are closed. Default `10m`.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// Where the gateway keeps what it must not forget across a restart: operator drains, the
+    /// autoscaler's scale-in drains, and each user's affinity VM. `"off"`: nowhere (a restart
+    /// forgets them). Not used with `[cluster] store = "redis"`, which keeps them in Redis.
+    /// Default `"state.json"` (beside the configuration file).
+    pub state_file: StateFile,
 }
 
 impl Default for GatewaySection {
     fn default() -> Self {
         Self {
             shutdown_grace: Duration::from_secs(10 * 60),
+            state_file: StateFile::File(PathBuf::from("state.json")),
         }
+    }
+}
+
+/// `gateway.state_file`: `"off"` or a file path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateFile {
+    /// Nothing is kept across a restart.
+    Off,
+    /// Written (mode 0600, replaced atomically) while the gateway runs, read when it starts.
+    File(PathBuf),
+}
+
+impl StateFile {
+    /// The file, unless `"off"`.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            StateFile::Off => None,
+            StateFile::File(path) => Some(path),
+        }
+    }
+}
+
+impl Serialize for StateFile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            StateFile::Off => s.serialize_str("off"),
+            StateFile::File(path) => path.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StateFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = StateFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"off\" or a file path")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StateFile, E> {
+                match v {
+                    "off" => Ok(StateFile::Off),
+                    "" => Err(E::custom(
+                        "must not be empty (write \"off\" or a file path)",
+                    )),
+                    path => Ok(StateFile::File(PathBuf::from(path))),
+                }
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 

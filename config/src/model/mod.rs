@@ -18,7 +18,7 @@ pub use batch::Batch;
 pub use cluster::Cluster;
 pub use frontend::{
     AccessLog, Admin, GatewaySection, Health, Http, LETS_ENCRYPT_DIRECTORY, Listen, Routing, Ssh,
-    Tls,
+    StateFile, Tls,
 };
 pub use pool::{Azure, Backend, Exec, Pool};
 
@@ -102,6 +102,9 @@ impl Config {
             self.ssh.authorized_keys = joined.to_owned();
         }
         resolve(&mut self.http.cookie_secret_file);
+        if let StateFile::File(p) = &mut self.gateway.state_file {
+            resolve(p);
+        }
         if let AccessLog::File(p) = &mut self.http.access_log {
             resolve(p);
         }

@@ -29,6 +29,9 @@ impl Config {
     pub(crate) fn validate_with(&self, provider_known: bool) -> Vec<ValidationError> {
         let mut r = Report::default();
         listen(self, &mut r);
+        if let Some(p) = self.gateway.state_file.path() {
+            r.path("gateway.state_file", p);
+        }
         admin_and_tls(self, &mut r);
         ssh(self, &mut r);
         http(self, &mut r);

@@ -36,6 +36,9 @@ use std::time::Duration;
 use anyhow::Context;
 use command_fds::{CommandFdExt, FdMapping};
 use router_core::{LoadCounts, Pool, Protocol};
+
+use super::state::Remembered;
+use crate::autoscale::Driver;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixStream};
@@ -58,6 +61,8 @@ const REPORT_EVERY: Duration = Duration::from_millis(200);
 
 /// The longest report line a successor reads (a pool of thousands of VMs and users fits).
 const MAX_REPORT: u64 = 16 << 20;
+/// How long the old process waits for its first report to be taken.
+const FIRST_REPORT_WITHIN: Duration = Duration::from_secs(5);
 
 /// Sockets passed to this process at its start: listeners, and the link to the gateway it takes
 /// over from when it is a successor.
@@ -297,34 +302,49 @@ impl Successor {
         }
     }
 
-    /// Tells the successor about this gateway's sessions every [`REPORT_EVERY`] until this process exits
-    /// (or the successor does).
-    pub(super) fn report(self, pool: Arc<Pool>) {
+    /// Tells the successor what this gateway remembers (drains, affinity) and its sessions, then
+    /// its sessions every [`REPORT_EVERY`] until this process exits (or the successor does). The
+    /// first report is written before this returns: a gateway with no session left exits at
+    /// once, and what it remembers must not go with it.
+    pub(super) async fn report(self, pool: Arc<Pool>, driver: Arc<Driver>) {
         let Self {
             child, mut link, ..
         } = self;
         // Not waited for: the successor outlives this process.
         drop(child);
+        let first = Report::first(&pool, &driver);
+        match tokio::time::timeout(FIRST_REPORT_WITHIN, send(&mut link, &first)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not tell the new process this gateway's drains and users' VMs");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "the new process did not take this gateway's drains and users' VMs within 5 s"
+                );
+                return;
+            }
+        }
         tokio::spawn(async move {
             let mut every = tokio::time::interval(REPORT_EVERY);
-            let mut first = true;
+            // The first tick is at once: the first report has just gone.
+            every.tick().await;
             loop {
                 every.tick().await;
-                let report = if std::mem::take(&mut first) {
-                    Report::first(&pool)
-                } else {
-                    Report::of(&pool)
-                };
-                let Ok(mut line) = serde_json::to_vec(&report) else {
-                    return;
-                };
-                line.push(b'\n');
-                if link.write_all(&line).await.is_err() {
+                if send(&mut link, &Report::of(&pool, &driver)).await.is_err() {
                     return;
                 }
             }
         });
     }
+}
+
+/// Writes one report, a line of JSON.
+async fn send(link: &mut UnixStream, report: &Report) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(report).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    link.write_all(&line).await
 }
 
 /// What a draining gateway tells its successor.
@@ -336,27 +356,24 @@ impl Successor {
 struct Report {
     /// Its open SSH sessions per VM, VMs without any left out.
     ssh: BTreeMap<String, u32>,
-    /// VMs drained there (by an operator or for scale-in).
-    drained: BTreeSet<String>,
     /// Users with open SSH sessions, and the VM of one of them.
     users: BTreeMap<String, String>,
-    /// Every user the affinity store remembers: their VM and how many seconds ago they were
-    /// last seen (the first report only).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    affinity: BTreeMap<String, (String, u64)>,
+    /// Its drains, which of them are scale-in drains, and (the first report only) every user's
+    /// affinity it remembers.
+    #[serde(flatten)]
+    remembered: Remembered,
 }
 
 impl Report {
-    fn of(pool: &Pool) -> Self {
-        let snapshot = pool.snapshot();
-        let mut report = Self::default();
-        for vm in snapshot.vms() {
+    fn of(pool: &Pool, driver: &Driver) -> Self {
+        let mut report = Self {
+            remembered: Remembered::drains(pool, driver),
+            ..Self::default()
+        };
+        for vm in pool.snapshot().vms() {
             let ssh = vm.local_sessions(Protocol::Ssh);
             if ssh > 0 {
                 report.ssh.insert(vm.name().to_owned(), ssh);
-            }
-            if vm.status().draining {
-                report.drained.insert(vm.name().to_owned());
             }
         }
         for session in pool.sessions() {
@@ -368,27 +385,24 @@ impl Report {
     }
 
     /// [`of`](Self::of), with what the affinity store remembers.
-    fn first(pool: &Pool) -> Self {
-        let mut report = Self::of(pool);
-        let now = pool.clock().now();
-        report.affinity = pool
-            .store()
-            .remembered(now, pool.policy().affinity_ttl)
-            .into_iter()
-            .map(|(user, vm, ago)| (user, (vm.to_string(), ago.as_secs())))
-            .collect();
+    fn first(pool: &Pool, driver: &Driver) -> Self {
+        let mut report = Self::of(pool, driver);
+        report.remembered = Remembered::all(pool, driver);
         report
     }
 }
 
 /// Tells the predecessor this gateway serves, then follows its reports until it exits: its
 /// drains and affinity, and its sessions when `count_sessions` (without `[cluster]`; with it
-/// they come through the store).
+/// they come through the store). `applied` is sent once the first report is applied (dropped
+/// if none comes).
 pub(super) async fn follow_predecessor(
     pool: Arc<Pool>,
+    driver: Arc<Driver>,
     pid: u32,
     link: StdUnixStream,
     count_sessions: bool,
+    applied: tokio::sync::oneshot::Sender<()>,
 ) {
     let link = match link
         .set_nonblocking(true)
@@ -412,7 +426,7 @@ pub(super) async fn follow_predecessor(
     let mut lines = BufReader::new(read);
     let mut line = Vec::new();
     let mut counted = BTreeSet::new();
-    let mut first = true;
+    let mut applied = Some(applied);
     loop {
         line.clear();
         match (&mut lines)
@@ -431,9 +445,13 @@ pub(super) async fn follow_predecessor(
         if !count_sessions {
             report.ssh.clear();
         }
-        apply(&pool, &report, &mut counted, first);
-        first = false;
+        let first = applied.is_some();
+        apply(&pool, &driver, &report, &mut counted, first);
+        if let Some(applied) = applied.take() {
+            let _ = applied.send(());
+        }
     }
+    drop(applied);
     for vm in &counted {
         pool.set_remote_load(vm, LoadCounts::default());
     }
@@ -444,8 +462,15 @@ pub(super) async fn follow_predecessor(
 }
 
 /// Counts the predecessor's sessions as another replica's, keeps its drains (the first report
-/// only: an operator may undrain here meanwhile), the affinity it remembers and its users' VMs.
-fn apply(pool: &Pool, report: &Report, counted: &mut BTreeSet<String>, first: bool) {
+/// only: an operator may undrain here meanwhile; scale-in drains stay the autoscaler's), the
+/// affinity it remembers and its users' VMs.
+fn apply(
+    pool: &Pool,
+    driver: &Driver,
+    report: &Report,
+    counted: &mut BTreeSet<String>,
+    first: bool,
+) {
     for vm in counted.iter() {
         if !report.ssh.contains_key(vm) {
             pool.set_remote_load(vm, LoadCounts::default());
@@ -463,24 +488,15 @@ fn apply(pool: &Pool, report: &Report, counted: &mut BTreeSet<String>, first: bo
         }
     }
     if first {
-        for vm in &report.drained {
-            if pool.drain(vm) {
-                tracing::info!(vm, "drained, as it was in the previous gateway");
-            }
+        let restored = report.remembered.restore_drains(pool, driver);
+        for vm in &restored.drained {
+            let scale_in = restored.scale_in.contains(vm);
+            tracing::info!(vm, scale_in, "drained, as it was in the previous gateway");
         }
     }
+    // Users who logged in here since are where they are now.
+    report.remembered.restore_affinity(pool, Duration::ZERO);
     let now = pool.clock().now();
-    let ttl = pool.policy().affinity_ttl;
-    for (user, (vm, ago)) in &report.affinity {
-        // Users who logged in here since are where they are now; an entry that has lapsed
-        // meanwhile stays forgotten.
-        if *ago >= ttl.as_secs() || pool.store().affinity(user, now, ttl).is_some() {
-            continue;
-        }
-        let seen = now.checked_sub(Duration::from_secs(*ago)).unwrap_or(now);
-        pool.store().session_started(user, vm, seen);
-        pool.store().session_ended(user, vm, seen);
-    }
     for (user, vm) in &report.users {
         // A session that started and ended now: the user's affinity points at that VM for
         // `routing.affinity_ttl` from the last report.
@@ -511,6 +527,7 @@ pub(super) fn notify_stopping() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::state::tests::driver;
     use router_core::{RoutingPolicy, SystemClock, VmSpec};
 
     fn pool(names: &[&str]) -> Arc<Pool> {
@@ -523,16 +540,19 @@ mod tests {
     fn a_report_round_trips_and_its_sessions_count_until_the_next_says_otherwise() {
         let report = Report {
             ssh: BTreeMap::from([("vm-a".to_owned(), 2)]),
-            drained: BTreeSet::from(["vm-b".to_owned()]),
             users: BTreeMap::from([("alice".to_owned(), "vm-a".to_owned())]),
-            ..Report::default()
+            remembered: Remembered {
+                drained: BTreeSet::from(["vm-b".to_owned()]),
+                ..Remembered::default()
+            },
         };
         let line = serde_json::to_vec(&report).unwrap();
         assert_eq!(serde_json::from_slice::<Report>(&line).unwrap(), report);
 
         let pool = pool(&["vm-a", "vm-b"]);
+        let driver = driver(&pool);
         let mut counted = BTreeSet::new();
-        apply(&pool, &report, &mut counted, true);
+        apply(&pool, &driver, &report, &mut counted, true);
         let snap = pool.snapshot();
         let a = snap.vms().iter().find(|v| v.name() == "vm-a").unwrap();
         assert_eq!(
@@ -554,7 +574,7 @@ mod tests {
         );
 
         // The sessions ended there: counted no more.
-        apply(&pool, &Report::default(), &mut counted, false);
+        apply(&pool, &driver, &Report::default(), &mut counted, false);
         let snap = pool.snapshot();
         let a = snap.vms().iter().find(|v| v.name() == "vm-a").unwrap();
         assert_eq!(a.total_sessions(), 0);
@@ -569,14 +589,15 @@ mod tests {
         old.store().session_ended("bob", "vm-b", t);
         old.store().session_started("carol", "vm-a", t);
         old.store().session_ended("carol", "vm-a", t);
-        let report = Report::first(&old);
-        assert_eq!(report.affinity["bob"].0, "vm-b");
+        let report = Report::first(&old, &driver(&old));
+        assert_eq!(report.remembered.affinity["bob"].0, "vm-b");
 
         let new = pool(&["vm-a", "vm-b"]);
+        let new_driver = driver(&new);
         // Carol logged in to the new process before the report came.
         let now = new.clock().now();
         new.store().session_started("carol", "vm-b", now);
-        apply(&new, &report, &mut BTreeSet::new(), true);
+        apply(&new, &new_driver, &report, &mut BTreeSet::new(), true);
         let ttl = new.policy().affinity_ttl;
         let affinity = |user: &str| {
             new.store()
@@ -591,27 +612,34 @@ mod tests {
         );
         // An entry seen an affinity_ttl ago is not brought back to life.
         let stale = Report {
-            affinity: BTreeMap::from([(
-                "dave".to_owned(),
-                ("vm-a".to_owned(), ttl.as_secs() + 60),
-            )]),
+            remembered: Remembered {
+                affinity: BTreeMap::from([(
+                    "dave".to_owned(),
+                    ("vm-a".to_owned(), ttl.as_secs() + 60),
+                )]),
+                ..Remembered::default()
+            },
             ..Report::default()
         };
-        apply(&new, &stale, &mut BTreeSet::new(), true);
+        apply(&new, &new_driver, &stale, &mut BTreeSet::new(), true);
         assert_eq!(affinity("dave"), None);
     }
 
     #[test]
     fn a_drain_lifted_here_is_not_put_back_by_a_later_report() {
         let pool = pool(&["vm-a"]);
+        let driver = driver(&pool);
         let report = Report {
-            drained: BTreeSet::from(["vm-a".to_owned()]),
+            remembered: Remembered {
+                drained: BTreeSet::from(["vm-a".to_owned()]),
+                ..Remembered::default()
+            },
             ..Report::default()
         };
         let mut counted = BTreeSet::new();
-        apply(&pool, &report, &mut counted, true);
+        apply(&pool, &driver, &report, &mut counted, true);
         assert!(pool.undrain("vm-a"));
-        apply(&pool, &report, &mut counted, false);
+        apply(&pool, &driver, &report, &mut counted, false);
         assert!(!pool.snapshot().vms()[0].status().draining);
     }
 
@@ -619,8 +647,45 @@ mod tests {
     fn a_report_names_only_vms_with_sessions_and_the_drained() {
         let pool = pool(&["vm-a", "vm-b", "vm-c"]);
         pool.drain("vm-c");
-        let report = Report::of(&pool);
+        let report = Report::of(&pool, &driver(&pool));
         assert!(report.ssh.is_empty());
-        assert_eq!(report.drained, BTreeSet::from(["vm-c".to_owned()]));
+        assert_eq!(
+            report.remembered.drained,
+            BTreeSet::from(["vm-c".to_owned()])
+        );
+    }
+
+    #[test]
+    fn a_scale_in_drain_stays_the_autoscalers_in_the_successor() {
+        let old = pool(&["vm-a", "vm-b"]);
+        let old_driver = driver(&old);
+        old.drain("vm-a");
+        old.drain("vm-b");
+        old_driver.inherit_scale_in_drains(&["vm-b".to_owned()]);
+        let report = Report::first(&old, &old_driver);
+        assert_eq!(
+            report.remembered.scale_in,
+            BTreeSet::from(["vm-b".to_owned()])
+        );
+
+        let new = pool(&["vm-a", "vm-b"]);
+        let new_driver = driver(&new);
+        apply(&new, &new_driver, &report, &mut BTreeSet::new(), true);
+        let snap = new.snapshot();
+        assert!(snap.vms().iter().all(|vm| vm.status().draining));
+        assert_eq!(
+            new_driver.scale_in_drains(),
+            vec!["vm-b".to_owned()],
+            "the operator's drain of vm-a stays the operator's"
+        );
+    }
+
+    #[test]
+    fn a_report_of_an_older_gateway_without_scale_in_drains_is_read() {
+        let line = br#"{"ssh":{},"drained":["vm-a"],"users":{},"affinity":{"bob":["vm-a",5]}}"#;
+        let report: Report = serde_json::from_slice(line).unwrap();
+        assert_eq!(report.remembered.drained.len(), 1);
+        assert!(report.remembered.scale_in.is_empty());
+        assert_eq!(report.remembered.affinity["bob"], ("vm-a".to_owned(), 5));
     }
 }

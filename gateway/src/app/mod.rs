@@ -10,6 +10,7 @@ mod handover;
 mod reload;
 mod serve;
 pub mod settings;
+mod state;
 mod wake;
 
 pub use build::{Gateway, GatewayBuilder, check_startup, host_policy, provider, user_ca};

@@ -17,6 +17,7 @@ use tokio::task::{Id, JoinSet};
 
 use super::build::{Built, Gateway};
 use super::handover::{self, Inherited, Listeners, Successor};
+use super::state::StateFile;
 use crate::admin::AdminState;
 use router_core::{Health, Lifecycle, Protocol};
 
@@ -83,6 +84,20 @@ pub(super) async fn serve(
         cluster.sync_once().await;
         tracing::info!(replica = cluster.replica_id(), "joined the cluster");
     }
+    // What a restart must not forget: drains and users' VMs (with [cluster] the store keeps
+    // them; an upgrade's successor is told them by the old process instead of reading the file).
+    let state_file = match (config.gateway.state_file.path(), &gateway.cluster) {
+        (Some(path), None) => Some(StateFile::new(
+            path.to_owned(),
+            gateway.pool.clone(),
+            gateway.driver.clone(),
+        )),
+        _ => None,
+    };
+    let pending_drains = match &state_file {
+        Some(file) if inherited.predecessor().is_none() => file.restore(),
+        _ => None,
+    };
 
     let ssh_listener = bind_unless_off(&mut inherited, "listen.ssh", config.listen.ssh).await?;
     let http_listener = bind_unless_off(&mut inherited, "listen.http", config.listen.http).await?;
@@ -165,16 +180,29 @@ pub(super) async fn serve(
     }
     let predecessor = inherited.take_link();
     handover::notify_ready(predecessor.is_some());
+    // The state file is written from now on; in an upgrade, once the old process's drains and
+    // affinity are applied here.
+    let (applied, predecessor_applied) = tokio::sync::oneshot::channel();
     if let Some((pid, link)) = predecessor {
         // With [cluster] the previous process's sessions come through the store, as another
         // replica's.
         let count_sessions = gateway.cluster.is_none();
         tokio::spawn(handover::follow_predecessor(
             gateway.pool.clone(),
+            gateway.driver.clone(),
             pid,
             link,
             count_sessions,
+            applied,
         ));
+    } else {
+        drop(applied);
+    }
+    if let Some(file) = &state_file {
+        let armed = async {
+            let _ = predecessor_applied.await;
+        };
+        tokio::spawn(file.clone().keep(armed, pending_drains));
     }
 
     let mut starting: Option<Successor> = None;
@@ -240,7 +268,12 @@ pub(super) async fn serve(
                 grace = %humantime::format_duration(grace),
                 "upgrade: the new process serves; this one takes no new connections and exits once its open sessions end or the grace time passes (SIGTERM to stop them now)"
             );
-            successor.report(gateway.pool.clone());
+            if let Some(file) = &state_file {
+                file.hand_over();
+            }
+            successor
+                .report(gateway.pool.clone(), gateway.driver.clone())
+                .await;
         }
         None => {
             handover::notify_stopping();
@@ -255,6 +288,10 @@ pub(super) async fn serve(
     let mut ended_in_shutdown = tasks.wait_for(SSH_FRONTEND).await;
     close_ssh_sessions(&gateway, grace, &mut stop).await;
     ended_in_shutdown.extend(tasks.wait_all().await);
+    if let Some(file) = state_file {
+        // Open sessions have ended: their users were last seen now.
+        let _ = tokio::task::spawn_blocking(move || file.finish()).await;
+    }
     for ended in ended_in_shutdown {
         if let Err(e) = &ended.outcome {
             tracing::error!(task = ended.task, "{}: {e:#}", ended.task);

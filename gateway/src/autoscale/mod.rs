@@ -473,7 +473,7 @@ impl Driver {
         for vm in vms {
             if scale_in.insert(vm.clone()) {
                 let _ = policy.adopt_drain(vm);
-                tracing::info!(%vm, "took over a scale-in drain from an earlier autoscaler leader");
+                tracing::info!(%vm, "took over a scale-in drain an earlier autoscaler made (another replica's, or this gateway's before an upgrade or a restart)");
             }
         }
     }

@@ -249,6 +249,8 @@ pub fn config(options: &DemoOptions, state_dir: &Path) -> Config {
     config.listen.https = None;
     config.listen.admin = loopback(options.admin_port);
     config.gateway.shutdown_grace = Duration::from_secs(3);
+    // The demo's pool lives in this process: nothing to remember across runs.
+    config.gateway.state_file = poolgate_config::StateFile::Off;
 
     let ssh = &mut config.ssh;
     ssh.host_keys = vec![state_dir.join("ssh_host_ed25519_key")];

@@ -1,0 +1,402 @@
+//! What a gateway must not forget when its process ends: which VMs are drained (by an operator,
+//! or by the autoscaler for scale-in) and which VM each user goes back to.
+//!
+//! An upgrade in place hands it to the new process in its first report ([`super::handover`]).
+//! A restart (or a crash) reads it back from `gateway.state_file`, which [`StateFile`] rewrites
+//! while the gateway runs: within [`SAVE_EVERY`] of a drain, an undrain or a user's first or last
+//! session, at least every [`REFRESH_EVERY`] while sessions are open (their users' "last seen"
+//! is then), and at exit. With `[cluster] store = "redis"` none of this is used: Redis keeps the
+//! drains and the affinity for every replica.
+//!
+//! A scale-in drain stays the autoscaler's in the next process: it removes the VM once empty, or
+//! takes it back into service when needed. Taken for an operator's drain it would stay drained,
+//! running and unused, until someone undrained it by hand.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use router_core::Pool;
+use serde::{Deserialize, Serialize};
+
+use crate::autoscale::Driver;
+
+/// How often the file is brought up to date (when something in it changed).
+pub(super) const SAVE_EVERY: Duration = Duration::from_secs(2);
+/// How often it is rewritten anyway while users have open sessions, so that after a crash their
+/// affinity counts from at most this long before it.
+pub(super) const REFRESH_EVERY: Duration = Duration::from_secs(60);
+/// The file's format; a newer one is not read.
+const FORMAT: u32 = 1;
+/// A state file larger than this is not read (about 16 000 users' affinity).
+const MAX_FILE: u64 = 4 << 20;
+
+/// Drains and affinity, as one process hands them to the next.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub(super) struct Remembered {
+    /// VMs drained (by an operator or for scale-in).
+    pub drained: BTreeSet<String>,
+    /// Of those, the ones the autoscaler drained for scale-in.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub scale_in: BTreeSet<String>,
+    /// Every user the affinity store remembers: their VM and how many seconds before the report
+    /// (or before the file was saved) they were last seen; 0 while they have open sessions.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub affinity: BTreeMap<String, (String, u64)>,
+}
+
+/// What a drain restore did.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Restored {
+    /// VMs drained again (scale-in drains included).
+    pub drained: Vec<String>,
+    /// Of those, the ones handed back to the autoscaler as its scale-in drains.
+    pub scale_in: Vec<String>,
+    /// VMs not in the pool (any more), whose drain was dropped.
+    pub unknown: Vec<String>,
+}
+
+impl Remembered {
+    /// The pool's drains now, scale-in drains marked.
+    pub fn drains(pool: &Pool, driver: &Driver) -> Self {
+        let drained: BTreeSet<String> = pool
+            .snapshot()
+            .vms()
+            .iter()
+            .filter(|vm| vm.status().draining && !vm.status().leaving)
+            .map(|vm| vm.name().to_owned())
+            .collect();
+        let scale_in = driver
+            .scale_in_drains()
+            .into_iter()
+            .filter(|vm| drained.contains(vm))
+            .collect();
+        Self {
+            drained,
+            scale_in,
+            affinity: BTreeMap::new(),
+        }
+    }
+
+    /// [`drains`](Self::drains) and every user the affinity store remembers.
+    pub fn all(pool: &Pool, driver: &Driver) -> Self {
+        let mut remembered = Self::drains(pool, driver);
+        let now = pool.clock().now();
+        remembered.affinity = pool
+            .store()
+            .remembered(now, pool.policy().affinity_ttl)
+            .into_iter()
+            .map(|(user, vm, ago)| (user, (vm.to_string(), ago.as_secs())))
+            .collect();
+        remembered
+    }
+
+    /// Drains the VMs that were drained, handing the scale-in ones back to the autoscaler.
+    pub fn restore_drains(&self, pool: &Pool, driver: &Driver) -> Restored {
+        let mut restored = Restored::default();
+        for vm in &self.drained {
+            if pool.drain(vm) {
+                restored.drained.push(vm.clone());
+                if self.scale_in.contains(vm) {
+                    restored.scale_in.push(vm.clone());
+                }
+            } else {
+                restored.unknown.push(vm.clone());
+            }
+        }
+        driver.inherit_scale_in_drains(&restored.scale_in);
+        restored
+    }
+
+    /// Sends users back to their VM, their "last seen" `older` further back than the entries
+    /// say. Users the store knows already (they logged in meanwhile) stay where they are; an
+    /// entry that has lapsed stays forgotten. Returns how many were restored.
+    pub fn restore_affinity(&self, pool: &Pool, older: Duration) -> usize {
+        let now = pool.clock().now();
+        let ttl = pool.policy().affinity_ttl;
+        let mut restored = 0;
+        for (user, (vm, ago)) in &self.affinity {
+            let ago = Duration::from_secs(*ago).saturating_add(older);
+            if ago >= ttl || pool.store().affinity(user, now, ttl).is_some() {
+                continue;
+            }
+            // A session that started and ended then. Monotonic time may not reach that far back
+            // (the host rebooted since): then it counts from now, a little longer than it should.
+            let seen = now.checked_sub(ago).unwrap_or(now);
+            pool.store().session_started(user, vm, seen);
+            pool.store().session_ended(user, vm, seen);
+            restored += 1;
+        }
+        restored
+    }
+
+    /// What decides whether the file must be written now: drains, and each user's VM and
+    /// whether they have open sessions (not how long ago they were seen).
+    fn key(&self) -> Key {
+        Key {
+            drained: self.drained.clone(),
+            scale_in: self.scale_in.clone(),
+            users: self
+                .affinity
+                .iter()
+                .map(|(user, (vm, ago))| (user.clone(), (vm.clone(), *ago == 0)))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Key {
+    drained: BTreeSet<String>,
+    scale_in: BTreeSet<String>,
+    users: BTreeMap<String, (String, bool)>,
+}
+
+/// `gateway.state_file` as written.
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    /// [`FORMAT`].
+    format: u32,
+    /// When it was written, seconds since the Unix epoch.
+    saved_unix: u64,
+    #[serde(flatten)]
+    remembered: Remembered,
+}
+
+/// A state file read at start: what it holds, and how long ago it was written.
+#[derive(Debug)]
+pub(super) struct Loaded {
+    pub remembered: Remembered,
+    pub age: Duration,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reads the state file: `Ok(None)` when there is none yet.
+pub(super) fn load(path: &Path) -> Result<Option<Loaded>, String> {
+    let text = match std::fs::File::open(path) {
+        Ok(file) => {
+            let mut text = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_FILE + 1), &mut text)
+                .map_err(|e| e.to_string())?;
+            if text.len() as u64 > MAX_FILE {
+                return Err(format!("larger than {} MiB", MAX_FILE >> 20));
+            }
+            text
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let saved: Saved = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+    if saved.format > FORMAT {
+        return Err(format!(
+            "written by a newer poolgate (format {}, this one reads {FORMAT})",
+            saved.format
+        ));
+    }
+    Ok(Some(Loaded {
+        remembered: saved.remembered,
+        age: Duration::from_secs(unix_now().saturating_sub(saved.saved_unix)),
+    }))
+}
+
+/// Writes `remembered` to `path` as a whole: a temporary file beside it (mode 0600), flushed
+/// to disk, then renamed over it, so a crash leaves the old file or the new one.
+fn write(path: &Path, remembered: &Remembered) -> std::io::Result<()> {
+    let saved = Saved {
+        format: FORMAT,
+        saved_unix: unix_now(),
+        remembered: remembered.clone(),
+    };
+    let mut text = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
+    text.push(b'\n');
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(&text)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)
+}
+
+/// Keeps `gateway.state_file` up to date while the gateway runs.
+pub(super) struct StateFile {
+    path: PathBuf,
+    pool: Arc<Pool>,
+    driver: Arc<Driver>,
+    /// Set once this process must write no more (it handed over to a successor, or it wrote
+    /// the file a last time at exit).
+    stopped: AtomicBool,
+    last: Mutex<Last>,
+}
+
+#[derive(Default)]
+struct Last {
+    key: Option<Key>,
+    at: Option<Instant>,
+    failing: bool,
+}
+
+impl StateFile {
+    pub fn new(path: PathBuf, pool: Arc<Pool>, driver: Arc<Driver>) -> Arc<Self> {
+        Arc::new(Self {
+            path,
+            pool,
+            driver,
+            stopped: AtomicBool::new(false),
+            last: Mutex::new(Last::default()),
+        })
+    }
+
+    /// Reads the file and restores what it holds (a start that is not an upgrade's successor).
+    /// Drains wait until the pool has VMs when it has none yet (the provider's first listing
+    /// failed); returns the drains still to restore then.
+    pub fn restore(&self) -> Option<Remembered> {
+        let loaded = match load(&self.path) {
+            Ok(Some(loaded)) => loaded,
+            Ok(None) => {
+                tracing::info!(path = %self.path.display(), "no state file yet: no drains or affinity to restore");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    "cannot read the state file ({e}); starting without its drains and affinity, and writing it afresh"
+                );
+                return None;
+            }
+        };
+        let users = loaded.remembered.restore_affinity(&self.pool, loaded.age);
+        let saved_ago = humantime::format_duration(loaded.age);
+        if self.pool.snapshot().vms().is_empty() && !loaded.remembered.drained.is_empty() {
+            tracing::info!(
+                path = %self.path.display(),
+                %saved_ago,
+                users,
+                drains = loaded.remembered.drained.len(),
+                "restored users' affinity from the state file; its drains wait for the provider's first listing"
+            );
+            return Some(loaded.remembered);
+        }
+        self.restore_drains(&loaded.remembered, users, &saved_ago.to_string());
+        None
+    }
+
+    fn restore_drains(&self, remembered: &Remembered, users: usize, saved_ago: &str) {
+        let restored = remembered.restore_drains(&self.pool, &self.driver);
+        for vm in &restored.unknown {
+            tracing::info!(
+                vm,
+                "drained before the restart but not in the pool now: drain dropped"
+            );
+        }
+        tracing::info!(
+            path = %self.path.display(),
+            saved_ago,
+            users,
+            drained = ?restored.drained,
+            scale_in = ?restored.scale_in,
+            "restored from the state file: the drains and each user's VM before the restart"
+        );
+    }
+
+    /// Writes the file whenever what it holds changes, until [`finish`](Self::finish) or
+    /// [`hand_over`](Self::hand_over). Starts once `armed` resolves (at once, or in an upgrade's
+    /// successor once the old process's first report is applied) and `pending` drains are
+    /// restored.
+    pub async fn keep(
+        self: Arc<Self>,
+        armed: impl Future<Output = ()>,
+        pending: Option<Remembered>,
+    ) {
+        armed.await;
+        if let Some(pending) = pending {
+            let mut every = tokio::time::interval(SAVE_EVERY);
+            while self.pool.snapshot().vms().is_empty() {
+                every.tick().await;
+            }
+            self.restore_drains(&pending, 0, "");
+        }
+        let mut every = tokio::time::interval(SAVE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.stopped.load(Ordering::Acquire) {
+            every.tick().await;
+            let this = self.clone();
+            let _ = tokio::task::spawn_blocking(move || this.save(false)).await;
+        }
+    }
+
+    /// Writes the file if it changed (or a refresh is due), unless writing has stopped.
+    fn save(&self, force: bool) {
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let remembered = Remembered::all(&self.pool, &self.driver);
+        let key = remembered.key();
+        let live = key.users.values().any(|(_, live)| *live);
+        let due = force
+            || last.key.as_ref() != Some(&key)
+            || (live && last.at.is_none_or(|at| at.elapsed() >= REFRESH_EVERY));
+        if !due {
+            return;
+        }
+        match write(&self.path, &remembered) {
+            Ok(()) => {
+                if std::mem::take(&mut last.failing) {
+                    tracing::info!(path = %self.path.display(), "the state file is written again");
+                }
+                last.key = Some(key);
+                last.at = Some(Instant::now());
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut last.failing, true) {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        error = %e,
+                        "cannot write the state file: a restart would forget the drains and users' VMs (make its directory writable for the gateway, or set gateway.state_file); retrying every 2 s"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Writes the file a last time (open sessions have ended: their users were last seen now)
+    /// and stops writing.
+    pub fn finish(&self) {
+        self.save(true);
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// Stops writing without a last write: the successor of an upgrade writes from now on.
+    pub fn hand_over(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests;

@@ -1,0 +1,196 @@
+use std::os::unix::fs::PermissionsExt;
+
+use router_core::{RoutingPolicy, SystemClock, VmSpec};
+
+use super::*;
+
+/// A driver over `pool` with autoscaling off: enough to hold and report scale-in drains.
+pub(in crate::app) fn driver(pool: &Arc<Pool>) -> Arc<Driver> {
+    let settings = crate::autoscale::DriverSettings {
+        enabled: false,
+        policy: router_core::autoscale::AutoscaleConfig {
+            min_vms: 0,
+            max_vms: 2,
+            sessions_per_vm: 4,
+            spare_vms: 0,
+            scale_in_after: Duration::from_secs(60),
+            scale_to_zero_after: Duration::from_secs(60),
+            cooldown: Duration::ZERO,
+        },
+        tick: Duration::from_secs(1),
+        poll_interval: Duration::from_secs(1),
+        wake_on_connect: false,
+        hold_connect_for: Duration::from_secs(60),
+        boot_estimate: Duration::from_secs(2),
+    };
+    Driver::new(
+        pool.clone(),
+        Arc::new(crate::autoscale::providers::StaticProvider::new(Vec::new())),
+        settings,
+        Arc::new(crate::metrics::Metrics::new()),
+    )
+}
+
+fn pool(names: &[&str]) -> Arc<Pool> {
+    let pool = Arc::new(Pool::new(RoutingPolicy::default(), Arc::new(SystemClock)));
+    pool.set_vms(names.iter().map(|n| VmSpec::new(*n, "127.0.0.1")).collect());
+    pool
+}
+
+fn affinity(pool: &Pool, user: &str) -> Option<String> {
+    let now = pool.clock().now();
+    pool.store()
+        .affinity(user, now, pool.policy().affinity_ttl)
+        .map(|vm| vm.to_string())
+}
+
+#[test]
+fn drains_and_affinity_survive_a_restart_through_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run").join("state.json");
+    let old = pool(&["vm-a", "vm-b", "vm-c"]);
+    let old_driver = driver(&old);
+    old.drain("vm-a");
+    old.drain("vm-c");
+    old_driver.inherit_scale_in_drains(&["vm-c".to_owned()]);
+    let now = old.clock().now();
+    old.store().session_started("alice", "vm-b", now);
+    old.store().session_started("bob", "vm-c", now);
+    old.store().session_ended("bob", "vm-c", now);
+    let file = StateFile::new(path.clone(), old.clone(), old_driver);
+    file.finish();
+
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let dir_mode = std::fs::metadata(path.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(dir_mode & 0o777, 0o700, "{dir_mode:o}");
+    let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["state.json"], "no temporary file is left");
+
+    let new = pool(&["vm-a", "vm-b", "vm-c"]);
+    let new_driver = driver(&new);
+    let file = StateFile::new(path.clone(), new.clone(), new_driver.clone());
+    assert_eq!(file.restore(), None, "nothing waits for the pool");
+    let snap = new.snapshot();
+    let draining: Vec<_> = snap
+        .vms()
+        .iter()
+        .filter(|vm| vm.status().draining)
+        .map(|vm| vm.name().to_owned())
+        .collect();
+    assert_eq!(draining, ["vm-a", "vm-c"]);
+    assert_eq!(new_driver.scale_in_drains(), ["vm-c"]);
+    assert_eq!(affinity(&new, "alice").as_deref(), Some("vm-b"));
+    assert_eq!(affinity(&new, "bob").as_deref(), Some("vm-c"));
+    assert_eq!(affinity(&new, "carol"), None);
+}
+
+#[test]
+fn a_drain_of_a_vm_no_longer_in_the_pool_is_dropped_and_one_before_the_first_listing_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    let old = pool(&["vm-a", "vm-gone"]);
+    old.drain("vm-a");
+    old.drain("vm-gone");
+    StateFile::new(path.clone(), old.clone(), driver(&old)).finish();
+
+    let new = pool(&["vm-a"]);
+    let restored = load(&path)
+        .unwrap()
+        .unwrap()
+        .remembered
+        .restore_drains(&new, &driver(&new));
+    assert_eq!(restored.drained, ["vm-a"]);
+    assert_eq!(restored.unknown, ["vm-gone"]);
+
+    // The provider has not listed the pool yet: the drains wait.
+    let empty = pool(&[]);
+    let file = StateFile::new(path, empty.clone(), driver(&empty));
+    let pending = file.restore().expect("drains wait for the pool");
+    assert_eq!(pending.drained.len(), 2);
+}
+
+#[test]
+fn an_entry_older_than_the_affinity_ttl_is_not_restored() {
+    let pool = pool(&["vm-a"]);
+    let ttl = pool.policy().affinity_ttl;
+    let remembered = Remembered {
+        affinity: BTreeMap::from([
+            ("old".to_owned(), ("vm-a".to_owned(), ttl.as_secs() - 10)),
+            ("fresh".to_owned(), ("vm-a".to_owned(), 10)),
+        ]),
+        ..Remembered::default()
+    };
+    // The file was written 20 s before the start: "old" has lapsed meanwhile.
+    assert_eq!(
+        remembered.restore_affinity(&pool, Duration::from_secs(20)),
+        1
+    );
+    assert_eq!(affinity(&pool, "old"), None);
+    assert_eq!(affinity(&pool, "fresh").as_deref(), Some("vm-a"));
+}
+
+#[test]
+fn an_unreadable_file_is_reported_and_a_missing_one_is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    assert!(load(&path).unwrap().is_none());
+    std::fs::write(&path, "{\"format\": 1, \"saved_unix\": 0, \"drain").unwrap();
+    assert!(load(&path).unwrap_err().contains("EOF"), "truncated");
+    std::fs::write(&path, "{\"format\": 9, \"saved_unix\": 0, \"drained\": []}").unwrap();
+    assert!(
+        load(&path)
+            .unwrap_err()
+            .contains("newer poolgate (format 9"),
+        "newer"
+    );
+    std::fs::write(&path, vec![b' '; (MAX_FILE + 1) as usize]).unwrap();
+    assert!(load(&path).unwrap_err().contains("larger than 4 MiB"));
+    // A start with a bad file goes on with nothing restored.
+    let pool = pool(&["vm-a"]);
+    assert_eq!(
+        StateFile::new(path, pool.clone(), driver(&pool)).restore(),
+        None
+    );
+}
+
+#[test]
+fn the_file_is_written_when_its_content_changes_and_refreshed_only_while_users_are_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    let pool = pool(&["vm-a", "vm-b"]);
+    let file = StateFile::new(path.clone(), pool.clone(), driver(&pool));
+    let written = || std::fs::read_to_string(&path).unwrap_or_default();
+    file.save(false);
+    assert!(written().contains("\"drained\": []"), "{}", written());
+    std::fs::remove_file(&path).unwrap();
+    file.save(false);
+    assert_eq!(written(), "", "unchanged: not written again");
+    pool.drain("vm-b");
+    file.save(false);
+    assert!(written().contains("vm-b"), "{}", written());
+    // A login is a change; the same user still on is not, until a refresh is due.
+    let now = pool.clock().now();
+    pool.store().session_started("alice", "vm-a", now);
+    file.save(false);
+    assert!(written().contains("alice"));
+    std::fs::remove_file(&path).unwrap();
+    file.save(false);
+    assert_eq!(written(), "");
+    if let Ok(mut last) = file.last.lock() {
+        last.at = Some(Instant::now() - REFRESH_EVERY);
+    }
+    file.save(false);
+    assert!(written().contains("alice"), "refreshed while alice is on");
+    // Handed over: this process writes no more.
+    file.hand_over();
+    pool.undrain("vm-b");
+    file.save(true);
+    assert!(written().contains("vm-b"));
+}
