@@ -949,6 +949,24 @@ impl GatewayPool {
         last
     }
 
+    /// Starts the gateway again, as systemd's `Restart=` would, once the previous process has
+    /// exited or been killed: the same program, configuration file and directory (so the same
+    /// keys and state file); waits until its SSH and admin listeners accept.
+    pub fn restart_gateway(&mut self) {
+        assert!(
+            self.gateway.try_wait().is_some(),
+            "the previous gateway still runs"
+        );
+        let config =
+            std::fs::read_to_string(self.gateway.config_path()).expect("read poolgate.toml");
+        let dir = self.gateway.dir().to_path_buf();
+        self.gateway = GatewayProcess::builder(&config)
+            .dir(&dir)
+            .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, self.ssh_port)))
+            .wait_for(self.admin)
+            .start();
+    }
+
     /// `poolgate <args…> --admin ADDR` with a clean environment for its admin options.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(poolgate_bin());

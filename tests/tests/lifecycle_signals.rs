@@ -9,6 +9,7 @@
 //!   in the log and the running configuration keeps serving.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -149,6 +150,173 @@ fn sigterm_closes_sessions_still_open_when_shutdown_grace_passes_with_a_message(
 }
 
 /// Writes `config` as the gateway's file, sends SIGHUP and waits for the reload's log line.
+/// Where each of `users` lands, all logging in at once.
+fn team_lands(pool: &GatewayPool, users: &[usize]) -> Vec<(usize, String)> {
+    std::thread::scope(|s| {
+        let logins: Vec<_> = users
+            .iter()
+            .map(|&i| {
+                let client = pool.client(i);
+                s.spawn(move || (i, landed(&client)))
+            })
+            .collect();
+        logins
+            .into_iter()
+            .map(|l| l.join().expect("login thread"))
+            .collect()
+    })
+}
+
+/// Holds a session of user `i` on `vm`, named in the login: load there that least-loaded
+/// placement would avoid.
+fn hold_on(pool: &GatewayPool, i: usize, vm: &str) -> SshSession {
+    let client = pool
+        .client_as(&format!("{}+{vm}", pool.user(i)))
+        .user_key(pool.key(i));
+    SshSession::hold(&client)
+}
+
+/// The team logs in again at once, VM by VM: those who were on a VM while that VM is the
+/// busiest (least-loaded would send them elsewhere). Each lands where they were before.
+fn team_lands_where_it_was(pool: &GatewayPool, holder: usize, before: &[(usize, String)]) {
+    for vm in TEAM_VMS {
+        let group: Vec<usize> = before
+            .iter()
+            .filter(|(_, on)| on == vm)
+            .map(|(i, _)| *i)
+            .collect();
+        let busy = hold_on(pool, holder, vm);
+        let now = team_lands(pool, &group);
+        let strays: Vec<_> = now.iter().filter(|(_, on)| on != vm).collect();
+        assert!(
+            strays.is_empty(),
+            "users who were on {vm} went elsewhere (the others were emptier): {strays:?}\n{}",
+            pool.log()
+        );
+        busy.close(Duration::from_secs(10));
+    }
+}
+
+/// The VMs a team is spread over in the restart test (each takes the default 10 sessions; a
+/// group of the team and the session holding it busiest fit).
+const TEAM_VMS: [&str; 3] = ["vm-a", "vm-b", "vm-c"];
+
+/// The state file at its default place (beside the configuration), once it holds `want`.
+fn state_file_with(
+    pool: &GatewayPool,
+    what: &str,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let path = pool.gateway.dir().join("state.json");
+    let mut state = serde_json::Value::Null;
+    wait_until(Duration::from_secs(10), what, || {
+        state = std::fs::read(&path)
+            .ok()
+            .and_then(|text| serde_json::from_slice(&text).ok())
+            .unwrap_or_default();
+        want(&state)
+    });
+    state
+}
+
+fn drained(state: &serde_json::Value) -> Vec<&str> {
+    state["drained"]
+        .as_array()
+        .map(|vms| vms.iter().filter_map(serde_json::Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// A crash (SIGKILL, then started again as systemd's `Restart=` does) and a restart (SIGTERM)
+/// forget nothing an operator or a user relies on: a drained VM stays drained, and a team that
+/// logged in this morning lands on the same VMs, although least-loaded would send them
+/// elsewhere. The smallest configuration: four VMs, defaults (`gateway.state_file` is
+/// `state.json` beside the configuration).
+#[test]
+fn a_crash_or_a_restart_keeps_the_drains_and_sends_each_user_back_to_their_vm() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    const TEAM: usize = 20;
+    let holder = TEAM + 1;
+    let mut pool = GatewayPool::builder()
+        .vm("vm-a")
+        .vm("vm-b")
+        .vm("vm-c")
+        .vm("vm-d")
+        .users(holder)
+        .start();
+    let drain = pool.cli(&["drain", "vm-d"]);
+    assert!(drain.status.success(), "{drain:?}");
+
+    // Twenty people at 9:00, all at once.
+    let team: Vec<usize> = (1..=TEAM).collect();
+    let before = team_lands(&pool, &team);
+    for vm in TEAM_VMS {
+        assert!(
+            before.iter().any(|(_, on)| on == vm),
+            "the team is spread over {TEAM_VMS:?}: {before:?}"
+        );
+    }
+    assert!(before.iter().all(|(_, on)| on != "vm-d"), "{before:?}");
+
+    // Written within seconds, mode 0600.
+    let users: Vec<String> = team.iter().map(|&i| pool.user(i)).collect();
+    state_file_with(
+        &pool,
+        "the state file to name the drain and every user",
+        |state| {
+            drained(state) == ["vm-d"]
+                && users
+                    .iter()
+                    .all(|user| state["affinity"][user.as_str()].is_array())
+        },
+    );
+    let path = pool.gateway.dir().join("state.json");
+    let mode = std::fs::metadata(&path)
+        .expect("state file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+
+    // The gateway crashes; systemd starts it again.
+    pool.gateway.kill();
+    pool.restart_gateway();
+    pool.gateway
+        .wait_for_log("restored from the state file", Duration::from_secs(10));
+    assert_eq!(pool.vm_state("vm-d"), "draining", "{}", pool.log());
+    team_lands_where_it_was(&pool, holder, &before);
+
+    // The operator moves the drain; a planned restart (SIGTERM) keeps that too.
+    for (verb, vm) in [("undrain", "vm-d"), ("drain", "vm-b")] {
+        let out = pool.cli(&[verb, vm]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    state_file_with(&pool, "the state file to have the new drain", |state| {
+        drained(state) == ["vm-b"]
+    });
+    let status = pool.gateway.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    pool.restart_gateway();
+    wait_until(Duration::from_secs(10), "the second restore", || {
+        pool.log().matches("restored from the state file").count() == 2
+    });
+    assert_eq!(pool.vm_state("vm-b"), "draining");
+    pool.wait_for_state("vm-d", "healthy", Duration::from_secs(10));
+    let on_a: Vec<usize> = before
+        .iter()
+        .filter(|(_, on)| on == "vm-a")
+        .map(|(i, _)| *i)
+        .collect();
+    let busy = hold_on(&pool, holder, "vm-a");
+    let now = team_lands(&pool, &on_a);
+    assert!(
+        now.iter().all(|(_, on)| on == "vm-a"),
+        "after the restart: {now:?}\n{}",
+        pool.log()
+    );
+    busy.close(Duration::from_secs(10));
+    pool.assert_no_panic();
+}
+
 fn reload_with(pool: &GatewayPool, config: &str) {
     std::fs::write(pool.gateway.config_path(), config).expect("write config");
     let before = reloads(pool);

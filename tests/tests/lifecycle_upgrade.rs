@@ -653,3 +653,72 @@ fn a_login_waiting_for_the_pool_to_wake_is_sent_to_the_new_process() {
         pool.log()
     );
 }
+
+/// A VM the autoscaler had drained for scale-in when the upgrade came stays the autoscaler's in
+/// the new process, which stops it once it may. (Taken for an operator's drain, it would stay
+/// drained and running, unused and paid for, until someone undrained it by hand.)
+#[test]
+fn a_scale_in_under_way_at_an_upgrade_is_finished_by_the_new_process() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let ca = UserCa::generate();
+    let exec = ExecSshdVm::stopped("poolgate-upgrade-scale-in-", &ca);
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let systemd = Systemd::new(scratch.path());
+    // Scale to zero at the defaults but for the busy check (this VM's sshd shares the machine's
+    // process table) and times short enough for a test: the autoscaler decides every 5 s (the
+    // provider is listed as often), so a drain is followed by the VM's stop 5 s later, time for
+    // the upgrade to come in between; a VM idle for 3 s is scaled in.
+    let provider = exec
+        .scripts
+        .pool_toml(Duration::from_secs(10))
+        .replace("poll_interval = \"1s\"", "poll_interval = \"5s\"");
+    let mut pool = GatewayPool::builder()
+        .users(1)
+        .user_ca(ca)
+        .known_vm(&exec.vm)
+        .config_toml(&provider)
+        .config_toml(
+            "[autoscale]\nenabled = true\nmin_vms = 0\nbusy_command = []\ntick = \"5s\"\n\
+             cooldown = \"1s\"\nscale_in_after = \"3s\"\nscale_to_zero_after = \"3s\"\n",
+        )
+        .gateway_env("NOTIFY_SOCKET", &systemd.path.display().to_string())
+        .start();
+    let old = pool.gateway.pid().expect("the gateway runs");
+    let woke = pool
+        .client(1)
+        .timeout(Duration::from_secs(60))
+        .run("echo $POOLGATE_VM");
+    assert!(woke.status.success(), "{woke:?}\n{}", pool.log());
+
+    // Idle again: drained for scale-in; the upgrade comes before the stop.
+    pool.gateway
+        .wait_for_log("action=Drain(\"vm-a\")", Duration::from_secs(30));
+    send_signal(old, Signal::SIGUSR2);
+    let _successor = KillTreeOnDrop(systemd.main_pid(Duration::from_secs(60)));
+    let mut exited = None;
+    wait_until(Duration::from_secs(10), "the old gateway to exit", || {
+        exited = pool.gateway.try_wait();
+        exited.is_some()
+    });
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    assert!(
+        !pool.log().contains("result=\"stop\""),
+        "the old process did not stop the VM itself:\n{}",
+        pool.log()
+    );
+
+    // The new process finishes the scale-in.
+    wait_until(
+        Duration::from_secs(30),
+        "the new process to stop the VM",
+        || pool.vms_json()[0]["state"].as_str() == Some("stopped"),
+    );
+    assert!(
+        pool.log()
+            .contains("drained, as it was in the previous gateway vm=\"vm-a\" scale_in=true"),
+        "{}",
+        pool.log()
+    );
+    assert!(!exec.vm.pid_file().exists(), "the stop script ran");
+}
