@@ -29,6 +29,28 @@ impl Config {
         }
         let _ = writeln!(out, ", admin {}", l.admin);
         let _ = writeln!(out, "pool: {}", self.pool_summary());
+        let redis = self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.store == crate::enums::StoreKind::Redis);
+        match (redis, self.gateway.state_file.path()) {
+            (true, _) => {
+                let _ = writeln!(out, "drains and users' VMs: in Redis ([cluster])");
+            }
+            (false, Some(path)) => {
+                let _ = writeln!(
+                    out,
+                    "drains and users' VMs: kept across restarts in {}",
+                    path.display()
+                );
+            }
+            (false, None) => {
+                let _ = writeln!(
+                    out,
+                    "drains and users' VMs: forgotten at a restart (gateway.state_file = \"off\")"
+                );
+            }
+        }
         let a = &self.autoscale;
         if a.enabled {
             let _ = write!(
@@ -162,7 +184,7 @@ mod tests {
         assert!(s.contains("autoscale: off"), "{s}");
         c.autoscale.enabled = true;
         assert!(c.summary().contains("autoscale: on (0-10 VMs, 4 sessions per VM, 1 spare, scale in after 15m, to zero after 30m)"));
-        assert_eq!(c.summary().lines().count(), 3);
+        assert_eq!(c.summary().lines().count(), 4);
     }
 
     #[test]

@@ -241,6 +241,12 @@ fn state_file_is_beside_the_config_by_default_off_or_a_path() {
         StateFile::File("/etc/poolgate/state.json".into()),
         "the default"
     );
+    assert!(
+        c.summary()
+            .contains("drains and users' VMs: kept across restarts in /etc/poolgate/state.json\n"),
+        "{}",
+        c.summary()
+    );
     for (value, expected) in [
         ("off", StateFile::Off),
         (
@@ -257,6 +263,13 @@ fn state_file_is_beside_the_config_by_default_off_or_a_path() {
         assert_eq!(c.gateway.state_file, expected, "{value}");
         let again = parse(&toml::to_string(&c).unwrap(), Path::new("/")).unwrap();
         assert_eq!(again.gateway.state_file, expected, "{value} round trip");
+        if value == "off" {
+            assert!(
+                c.summary().contains("forgotten at a restart"),
+                "{}",
+                c.summary()
+            );
+        }
     }
     for (text, error) in [
         ("state_file = \"\"", "must not be empty"),
