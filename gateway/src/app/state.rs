@@ -392,8 +392,10 @@ impl StateFile {
         self.stopped.store(true, Ordering::Release);
     }
 
-    /// Stops writing without a last write: the successor of an upgrade writes from now on.
+    /// Stops writing without a last write: the successor of an upgrade writes from now on. A
+    /// write under way is let finish first, so none lands after the successor's.
     pub fn hand_over(&self) {
+        let _writing = self.last.lock();
         self.stopped.store(true, Ordering::Release);
     }
 }

@@ -194,3 +194,43 @@ fn the_file_is_written_when_its_content_changes_and_refreshed_only_while_users_a
     file.save(true);
     assert!(written().contains("vm-b"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn drains_read_before_the_first_listing_are_restored_once_the_pool_has_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    let old = pool(&["vm-a", "vm-b"]);
+    old.drain("vm-b");
+    StateFile::new(path.clone(), old.clone(), driver(&old)).finish();
+
+    let new = pool(&[]);
+    let file = StateFile::new(path.clone(), new.clone(), driver(&new));
+    let pending = file.restore();
+    assert!(pending.is_some());
+    let keeping = tokio::spawn(file.clone().keep(async {}, pending));
+    // Not written over meanwhile with the empty pool's nothing.
+    tokio::time::sleep(SAVE_EVERY * 2).await;
+    assert_eq!(
+        load(&path).unwrap().unwrap().remembered.drained,
+        BTreeSet::from(["vm-b".to_owned()])
+    );
+    new.set_vms(
+        ["vm-a", "vm-b"]
+            .map(|n| VmSpec::new(n, "127.0.0.1"))
+            .to_vec(),
+    );
+    let mut drained = false;
+    for _ in 0..50 {
+        drained = new
+            .snapshot()
+            .get("vm-b")
+            .is_some_and(|vm| vm.status().draining);
+        if drained {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(drained, "vm-b drained once listed");
+    file.finish();
+    keeping.await.unwrap();
+}
