@@ -234,3 +234,26 @@ async fn drains_read_before_the_first_listing_are_restored_once_the_pool_has_vms
     file.finish();
     keeping.await.unwrap();
 }
+
+#[test]
+fn a_file_that_cannot_be_written_is_retried_and_written_once_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    // Its directory is a regular file: no write can succeed (whoever runs the test).
+    let blocker = dir.path().join("run");
+    std::fs::write(&blocker, "").unwrap();
+    let path = blocker.join("state.json");
+    let pool = pool(&["vm-a"]);
+    pool.drain("vm-a");
+    let file = StateFile::new(path.clone(), pool.clone(), driver(&pool));
+    file.save(false);
+    assert!(file.last.lock().unwrap().failing);
+    file.save(false);
+    assert!(!path.exists());
+    std::fs::remove_file(&blocker).unwrap();
+    file.save(false);
+    assert!(!file.last.lock().unwrap().failing);
+    assert_eq!(
+        load(&path).unwrap().unwrap().remembered.drained,
+        BTreeSet::from(["vm-a".to_owned()])
+    );
+}
