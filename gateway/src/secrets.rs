@@ -84,10 +84,17 @@ pub fn write(path: &Path, contents: &[u8]) -> Result<(), SecretFileError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(io_error(&tmp))?;
-    file.write_all(contents).map_err(io_error(&tmp))?;
-    file.sync_all().map_err(io_error(&tmp))?;
+    let written = file
+        .write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(io_error(&tmp));
     drop(file);
-    fs::rename(&tmp, path).map_err(io_error(path))
+    let renamed = written.and_then(|()| fs::rename(&tmp, path).map_err(io_error(path)));
+    if renamed.is_err() {
+        // Not left behind: a writer that tries again (the state file) creates it anew.
+        let _ = fs::remove_file(&tmp);
+    }
+    renamed
 }
 
 #[cfg(test)]
