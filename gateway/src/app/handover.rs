@@ -494,8 +494,10 @@ fn apply(
             tracing::info!(vm, scale_in, "drained, as it was in the previous gateway");
         }
     }
-    // Users who logged in here since are where they are now.
-    report.remembered.restore_affinity(pool, Duration::ZERO);
+    if first {
+        // Users who logged in here since are where they are now.
+        report.remembered.restore_affinity(pool, Duration::ZERO);
+    }
     let now = pool.clock().now();
     for (user, vm) in &report.users {
         // A session that started and ended now: the user's affinity points at that VM for

@@ -17,7 +17,7 @@ use tokio::task::{Id, JoinSet};
 
 use super::build::{Built, Gateway};
 use super::handover::{self, Inherited, Listeners, Successor};
-use super::state::StateFile;
+use super::state::StateKeeper;
 use crate::admin::AdminState;
 use router_core::{Health, Lifecycle, Protocol};
 
@@ -86,18 +86,19 @@ pub(super) async fn serve(
     }
     // What a restart must not forget: drains and users' VMs (with [cluster] the store keeps
     // them; an upgrade's successor is told them by the old process instead of reading the file).
-    let state_file = match (config.gateway.state_file.path(), &gateway.cluster) {
-        (Some(path), None) => Some(StateFile::new(
+    let state = match (config.gateway.state_file.path(), &gateway.cluster) {
+        (Some(path), None) => Some(StateKeeper::new(
             path.to_owned(),
             gateway.pool.clone(),
             gateway.driver.clone(),
         )),
         _ => None,
     };
-    let pending_drains = match &state_file {
-        Some(file) if inherited.predecessor().is_none() => file.restore(),
-        _ => None,
-    };
+    if let Some(state) = &state
+        && inherited.predecessor().is_none()
+    {
+        state.restore();
+    }
 
     let ssh_listener = bind_unless_off(&mut inherited, "listen.ssh", config.listen.ssh).await?;
     let http_listener = bind_unless_off(&mut inherited, "listen.http", config.listen.http).await?;
@@ -180,29 +181,36 @@ pub(super) async fn serve(
     }
     let predecessor = inherited.take_link();
     handover::notify_ready(predecessor.is_some());
-    // The state file is written from now on; in an upgrade, once the old process's drains and
-    // affinity are applied here.
-    let (applied, predecessor_applied) = tokio::sync::oneshot::channel();
-    if let Some((pid, link)) = predecessor {
-        // With [cluster] the previous process's sessions come through the store, as another
-        // replica's.
-        let count_sessions = gateway.cluster.is_none();
-        tokio::spawn(handover::follow_predecessor(
-            gateway.pool.clone(),
-            gateway.driver.clone(),
-            pid,
-            link,
-            count_sessions,
-            applied,
-        ));
-    } else {
-        drop(applied);
-    }
-    if let Some(file) = &state_file {
-        let armed = async {
-            let _ = predecessor_applied.await;
-        };
-        tokio::spawn(file.clone().keep(armed, pending_drains));
+    match (predecessor, &state) {
+        (Some((pid, link)), state) => {
+            // With [cluster] the previous process's sessions come through the store, as another
+            // replica's.
+            let count_sessions = gateway.cluster.is_none();
+            let (applied, predecessor_applied) = tokio::sync::oneshot::channel();
+            tokio::spawn(handover::follow_predecessor(
+                gateway.pool.clone(),
+                gateway.driver.clone(),
+                pid,
+                link,
+                count_sessions,
+                applied,
+            ));
+            if let Some(state) = state.clone() {
+                // The state file is written once the old process's drains and affinity are
+                // applied here; if it never reported them, the file it kept until the
+                // handover has them.
+                tokio::spawn(async move {
+                    if predecessor_applied.await.is_err() {
+                        state.restore();
+                    }
+                    state.keep().await;
+                });
+            }
+        }
+        (None, Some(state)) => {
+            tokio::spawn(state.clone().keep());
+        }
+        (None, None) => {}
     }
 
     let mut starting: Option<Successor> = None;
@@ -257,7 +265,7 @@ pub(super) async fn serve(
     } else {
         "the gateway is shutting down; connect again in a moment (the pool may still be waking)."
     });
-    match handed_over {
+    match &handed_over {
         Some(successor) => {
             if let Some(cluster) = &gateway.cluster {
                 cluster.hand_over();
@@ -268,12 +276,9 @@ pub(super) async fn serve(
                 grace = %humantime::format_duration(grace),
                 "upgrade: the new process serves; this one takes no new connections and exits once its open sessions end or the grace time passes (SIGTERM to stop them now)"
             );
-            if let Some(file) = &state_file {
-                file.hand_over();
+            if let Some(state) = &state {
+                state.hand_over();
             }
-            successor
-                .report(gateway.pool.clone(), gateway.driver.clone())
-                .await;
         }
         None => {
             handover::notify_stopping();
@@ -285,12 +290,19 @@ pub(super) async fn serve(
         }
     }
     let _ = shutdown_tx.send(true);
+    if let Some(successor) = handed_over {
+        // After the frontends were told to stop (they take no more connections), before this
+        // process can exit (at once when no session is left).
+        successor
+            .report(gateway.pool.clone(), gateway.driver.clone())
+            .await;
+    }
     let mut ended_in_shutdown = tasks.wait_for(SSH_FRONTEND).await;
     close_ssh_sessions(&gateway, grace, &mut stop).await;
     ended_in_shutdown.extend(tasks.wait_all().await);
-    if let Some(file) = state_file {
+    if let Some(state) = state {
         // Open sessions have ended: their users were last seen now.
-        let _ = tokio::task::spawn_blocking(move || file.finish()).await;
+        let _ = tokio::task::spawn_blocking(move || state.finish()).await;
     }
     for ended in ended_in_shutdown {
         if let Err(e) = &ended.outcome {

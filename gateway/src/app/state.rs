@@ -2,7 +2,7 @@
 //! or by the autoscaler for scale-in) and which VM each user goes back to.
 //!
 //! An upgrade in place hands it to the new process in its first report ([`super::handover`]).
-//! A restart (or a crash) reads it back from `gateway.state_file`, which [`StateFile`] rewrites
+//! A restart (or a crash) reads it back from `gateway.state_file`, which [`StateKeeper`] rewrites
 //! while the gateway runs: within [`SAVE_EVERY`] of a drain, an undrain or a user's first or last
 //! session, at least every [`REFRESH_EVERY`] while sessions are open (their users' "last seen"
 //! is then), and at exit. With `[cluster] store = "redis"` none of this is used: Redis keeps the
@@ -13,10 +13,7 @@
 //! running and unused, until someone undrained it by hand.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,13 +24,15 @@ use crate::autoscale::Driver;
 
 /// How often the file is brought up to date (when something in it changed).
 pub(super) const SAVE_EVERY: Duration = Duration::from_secs(2);
+/// How often drains read before the provider's first listing look for the pool's VMs.
+const PENDING_CHECK_EVERY: Duration = Duration::from_millis(200);
 /// How often it is rewritten anyway while users have open sessions, so that after a crash their
 /// affinity counts from at most this long before it.
 pub(super) const REFRESH_EVERY: Duration = Duration::from_secs(60);
 /// The file's format; a newer one is not read.
 const FORMAT: u32 = 1;
-/// A state file larger than this is not read (about 16 000 users' affinity).
-const MAX_FILE: u64 = 4 << 20;
+/// A state file larger than this is neither written nor read (about 600 000 users' affinity).
+const MAX_FILE: u64 = 32 << 20;
 
 /// Drains and affinity, as one process hands them to the next.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,8 +123,8 @@ impl Remembered {
             if ago >= ttl || pool.store().affinity(user, now, ttl).is_some() {
                 continue;
             }
-            // A session that started and ended then. Monotonic time may not reach that far back
-            // (the host rebooted since): then it counts from now, a little longer than it should.
+            // A session that started and ended then (or, should the monotonic clock not reach
+            // that far back, now: a little longer than it should).
             let seen = now.checked_sub(ago).unwrap_or(now);
             pool.store().session_started(user, vm, seen);
             pool.store().session_ended(user, vm, seen);
@@ -210,46 +209,39 @@ pub(super) fn load(path: &Path) -> Result<Option<Loaded>, String> {
 
 /// Writes `remembered` to `path` as a whole: a temporary file beside it (mode 0600), flushed
 /// to disk, then renamed over it, so a crash leaves the old file or the new one.
-fn write(path: &Path, remembered: &Remembered) -> std::io::Result<()> {
+fn write(path: &Path, remembered: &Remembered) -> Result<(), String> {
     let saved = Saved {
         format: FORMAT,
         saved_unix: unix_now(),
         remembered: remembered.clone(),
     };
-    let mut text = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
+    let mut text = serde_json::to_vec_pretty(&saved).map_err(|e| e.to_string())?;
     text.push(b'\n');
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(format!(
+            "{} MiB, more than a start reads ({} MiB)",
+            text.len() >> 20,
+            MAX_FILE >> 20
+        ));
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(&text)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)
+    crate::secrets::write(path, &text).map_err(|e| e.to_string())
 }
 
 /// Keeps `gateway.state_file` up to date while the gateway runs.
-pub(super) struct StateFile {
+pub(super) struct StateKeeper {
     path: PathBuf,
     pool: Arc<Pool>,
     driver: Arc<Driver>,
-    /// Set once this process must write no more (it handed over to a successor, or it wrote
-    /// the file a last time at exit).
-    stopped: AtomicBool,
+    /// Drains read from the file before the provider listed any VM: restored once it has, and
+    /// written back meanwhile, so that a stop before then loses none.
+    pending: Mutex<Option<Pending>>,
     last: Mutex<Last>,
+}
+
+/// Drains waiting for the pool's first listing.
+struct Pending {
+    remembered: Remembered,
+    saved_ago: String,
 }
 
 #[derive(Default)]
@@ -257,51 +249,58 @@ struct Last {
     key: Option<Key>,
     at: Option<Instant>,
     failing: bool,
+    /// This process writes no more: it handed over to a successor, or wrote a last time at exit.
+    stopped: bool,
 }
 
-impl StateFile {
+impl StateKeeper {
     pub fn new(path: PathBuf, pool: Arc<Pool>, driver: Arc<Driver>) -> Arc<Self> {
         Arc::new(Self {
             path,
             pool,
             driver,
-            stopped: AtomicBool::new(false),
+            pending: Mutex::new(None),
             last: Mutex::new(Last::default()),
         })
     }
 
-    /// Reads the file and restores what it holds (a start that is not an upgrade's successor).
-    /// Drains wait until the pool has VMs when it has none yet (the provider's first listing
-    /// failed); returns the drains still to restore then.
-    pub fn restore(&self) -> Option<Remembered> {
+    /// Reads the file and restores what it holds. Drains wait until the pool has VMs when it
+    /// has none yet (the provider's first listing failed): [`keep`](Self::keep) restores them
+    /// then.
+    pub fn restore(&self) {
         let loaded = match load(&self.path) {
             Ok(Some(loaded)) => loaded,
             Ok(None) => {
                 tracing::info!(path = %self.path.display(), "no state file yet: no drains or affinity to restore");
-                return None;
+                return;
             }
             Err(e) => {
                 tracing::warn!(
                     path = %self.path.display(),
                     "cannot read the state file ({e}); starting without its drains and affinity, and writing it afresh"
                 );
-                return None;
+                return;
             }
         };
         let users = loaded.remembered.restore_affinity(&self.pool, loaded.age);
-        let saved_ago = humantime::format_duration(loaded.age);
+        let saved_ago = humantime::format_duration(loaded.age).to_string();
         if self.pool.snapshot().vms().is_empty() && !loaded.remembered.drained.is_empty() {
             tracing::info!(
                 path = %self.path.display(),
-                %saved_ago,
+                saved_ago,
                 users,
-                drains = loaded.remembered.drained.len(),
+                drained = ?loaded.remembered.drained,
                 "restored users' affinity from the state file; its drains wait for the provider's first listing"
             );
-            return Some(loaded.remembered);
+            if let Ok(mut pending) = self.pending.lock() {
+                *pending = Some(Pending {
+                    remembered: loaded.remembered,
+                    saved_ago,
+                });
+            }
+            return;
         }
-        self.restore_drains(&loaded.remembered, users, &saved_ago.to_string());
-        None
+        self.restore_drains(&loaded.remembered, users, &saved_ago);
     }
 
     fn restore_drains(&self, remembered: &Remembered, users: usize, saved_ago: &str) {
@@ -322,48 +321,65 @@ impl StateFile {
         );
     }
 
-    /// Writes the file whenever what it holds changes, until [`finish`](Self::finish) or
-    /// [`hand_over`](Self::hand_over). Starts once `armed` resolves (at once, or in an upgrade's
-    /// successor once the old process's first report is applied) and `pending` drains are
-    /// restored.
-    pub async fn keep(
-        self: Arc<Self>,
-        armed: impl Future<Output = ()>,
-        pending: Option<Remembered>,
-    ) {
-        armed.await;
-        if let Some(pending) = pending {
-            let mut every = tokio::time::interval(SAVE_EVERY);
+    /// Restores drains that waited for the pool's first listing, then writes the file whenever
+    /// what it holds changes, until [`finish`](Self::finish) or [`hand_over`](Self::hand_over).
+    pub async fn keep(self: Arc<Self>) {
+        let waiting = self.pending.lock().is_ok_and(|p| p.is_some());
+        if waiting {
+            let mut listed = tokio::time::interval(PENDING_CHECK_EVERY);
             while self.pool.snapshot().vms().is_empty() {
-                every.tick().await;
+                listed.tick().await;
             }
-            self.restore_drains(&pending, 0, "");
+            let pending = self.pending.lock().ok().and_then(|mut p| p.take());
+            if let Some(pending) = pending {
+                tracing::info!(
+                    "the provider has listed the pool: restoring the state file's drains"
+                );
+                self.restore_drains(&pending.remembered, 0, &pending.saved_ago);
+            }
         }
         let mut every = tokio::time::interval(SAVE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while !self.stopped.load(Ordering::Acquire) {
+        loop {
             every.tick().await;
             let this = self.clone();
-            let _ = tokio::task::spawn_blocking(move || this.save(false)).await;
+            match tokio::task::spawn_blocking(move || this.save(false)).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return,
+            }
         }
     }
 
-    /// Writes the file if it changed (or a refresh is due), unless writing has stopped.
-    fn save(&self, force: bool) {
+    /// Writes the file if it changed (or a refresh is due). False once writing has stopped.
+    fn save(&self, force: bool) -> bool {
         let Ok(mut last) = self.last.lock() else {
-            return;
+            return false;
         };
-        if self.stopped.load(Ordering::Acquire) {
-            return;
+        self.save_locked(&mut last, force)
+    }
+
+    fn save_locked(&self, last: &mut Last, force: bool) -> bool {
+        if last.stopped {
+            return false;
         }
-        let remembered = Remembered::all(&self.pool, &self.driver);
+        let mut remembered = Remembered::all(&self.pool, &self.driver);
+        if let Ok(pending) = self.pending.lock()
+            && let Some(pending) = pending.as_ref()
+        {
+            remembered
+                .drained
+                .extend(pending.remembered.drained.iter().cloned());
+            remembered
+                .scale_in
+                .extend(pending.remembered.scale_in.iter().cloned());
+        }
         let key = remembered.key();
         let live = key.users.values().any(|(_, live)| *live);
         let due = force
             || last.key.as_ref() != Some(&key)
             || (live && last.at.is_none_or(|at| at.elapsed() >= REFRESH_EVERY));
         if !due {
-            return;
+            return true;
         }
         match write(&self.path, &remembered) {
             Ok(()) => {
@@ -383,20 +399,24 @@ impl StateFile {
                 }
             }
         }
+        true
     }
 
     /// Writes the file a last time (open sessions have ended: their users were last seen now)
     /// and stops writing.
     pub fn finish(&self) {
-        self.save(true);
-        self.stopped.store(true, Ordering::Release);
+        if let Ok(mut last) = self.last.lock() {
+            self.save_locked(&mut last, true);
+            last.stopped = true;
+        }
     }
 
     /// Stops writing without a last write: the successor of an upgrade writes from now on. A
     /// write under way is let finish first, so none lands after the successor's.
     pub fn hand_over(&self) {
-        let _writing = self.last.lock();
-        self.stopped.store(true, Ordering::Release);
+        if let Ok(mut last) = self.last.lock() {
+            last.stopped = true;
+        }
     }
 }
 

@@ -57,7 +57,7 @@ fn drains_and_affinity_survive_a_restart_through_the_file() {
     old.store().session_started("alice", "vm-b", now);
     old.store().session_started("bob", "vm-c", now);
     old.store().session_ended("bob", "vm-c", now);
-    let file = StateFile::new(path.clone(), old.clone(), old_driver);
+    let file = StateKeeper::new(path.clone(), old.clone(), old_driver);
     file.finish();
 
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
@@ -75,8 +75,12 @@ fn drains_and_affinity_survive_a_restart_through_the_file() {
 
     let new = pool(&["vm-a", "vm-b", "vm-c"]);
     let new_driver = driver(&new);
-    let file = StateFile::new(path.clone(), new.clone(), new_driver.clone());
-    assert_eq!(file.restore(), None, "nothing waits for the pool");
+    let file = StateKeeper::new(path.clone(), new.clone(), new_driver.clone());
+    file.restore();
+    assert!(
+        file.pending.lock().unwrap().is_none(),
+        "nothing waits for the pool"
+    );
     let snap = new.snapshot();
     let draining: Vec<_> = snap
         .vms()
@@ -98,7 +102,7 @@ fn a_drain_of_a_vm_no_longer_in_the_pool_is_dropped_and_one_before_the_first_lis
     let old = pool(&["vm-a", "vm-gone"]);
     old.drain("vm-a");
     old.drain("vm-gone");
-    StateFile::new(path.clone(), old.clone(), driver(&old)).finish();
+    StateKeeper::new(path.clone(), old.clone(), driver(&old)).finish();
 
     let new = pool(&["vm-a"]);
     let restored = load(&path)
@@ -111,9 +115,18 @@ fn a_drain_of_a_vm_no_longer_in_the_pool_is_dropped_and_one_before_the_first_lis
 
     // The provider has not listed the pool yet: the drains wait.
     let empty = pool(&[]);
-    let file = StateFile::new(path, empty.clone(), driver(&empty));
-    let pending = file.restore().expect("drains wait for the pool");
-    assert_eq!(pending.drained.len(), 2);
+    let file = StateKeeper::new(path, empty.clone(), driver(&empty));
+    file.restore();
+    let pending = file.pending.lock().unwrap();
+    assert_eq!(
+        pending
+            .as_ref()
+            .expect("drains wait")
+            .remembered
+            .drained
+            .len(),
+        2
+    );
 }
 
 #[test]
@@ -151,13 +164,13 @@ fn an_unreadable_file_is_reported_and_a_missing_one_is_none() {
         "newer"
     );
     std::fs::write(&path, vec![b' '; (MAX_FILE + 1) as usize]).unwrap();
-    assert!(load(&path).unwrap_err().contains("larger than 4 MiB"));
+    assert!(load(&path).unwrap_err().contains("larger than 32 MiB"));
     // A start with a bad file goes on with nothing restored.
     let pool = pool(&["vm-a"]);
-    assert_eq!(
-        StateFile::new(path, pool.clone(), driver(&pool)).restore(),
-        None
-    );
+    let keeper = StateKeeper::new(path, pool.clone(), driver(&pool));
+    keeper.restore();
+    assert!(keeper.pending.lock().unwrap().is_none());
+    assert!(!pool.snapshot().vms()[0].status().draining);
 }
 
 #[test]
@@ -165,7 +178,7 @@ fn the_file_is_written_when_its_content_changes_and_refreshed_only_while_users_a
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.json");
     let pool = pool(&["vm-a", "vm-b"]);
-    let file = StateFile::new(path.clone(), pool.clone(), driver(&pool));
+    let file = StateKeeper::new(path.clone(), pool.clone(), driver(&pool));
     let written = || std::fs::read_to_string(&path).unwrap_or_default();
     file.save(false);
     assert!(written().contains("\"drained\": []"), "{}", written());
@@ -191,48 +204,56 @@ fn the_file_is_written_when_its_content_changes_and_refreshed_only_while_users_a
     // Handed over: this process writes no more.
     file.hand_over();
     pool.undrain("vm-b");
-    file.save(true);
+    assert!(!file.save(true), "stopped");
     assert!(written().contains("vm-b"));
 }
 
 #[tokio::test(start_paused = true)]
-async fn drains_read_before_the_first_listing_are_restored_once_the_pool_has_vms() {
+async fn drains_read_before_the_first_listing_are_kept_and_restored_once_the_pool_has_vms() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.json");
     let old = pool(&["vm-a", "vm-b"]);
     old.drain("vm-b");
-    StateFile::new(path.clone(), old.clone(), driver(&old)).finish();
+    old.store()
+        .session_started("alice", "vm-a", old.clock().now());
+    StateKeeper::new(path.clone(), old.clone(), driver(&old)).finish();
+    let drained = |path: &Path| load(path).unwrap().unwrap().remembered.drained;
 
+    // Stopped before the provider ever listed the pool: the drains are written back.
+    let empty = pool(&[]);
+    let stopped = StateKeeper::new(path.clone(), empty.clone(), driver(&empty));
+    stopped.restore();
+    assert_eq!(affinity(&empty, "alice").as_deref(), Some("vm-a"));
+    stopped.finish();
+    assert_eq!(drained(&path), BTreeSet::from(["vm-b".to_owned()]));
+
+    // Listed at last: restored then.
     let new = pool(&[]);
-    let file = StateFile::new(path.clone(), new.clone(), driver(&new));
-    let pending = file.restore();
-    assert!(pending.is_some());
-    let keeping = tokio::spawn(file.clone().keep(async {}, pending));
-    // Not written over meanwhile with the empty pool's nothing.
+    let keeper = StateKeeper::new(path.clone(), new.clone(), driver(&new));
+    keeper.restore();
+    let keeping = tokio::spawn(keeper.clone().keep());
     tokio::time::sleep(SAVE_EVERY * 2).await;
-    assert_eq!(
-        load(&path).unwrap().unwrap().remembered.drained,
-        BTreeSet::from(["vm-b".to_owned()])
-    );
+    assert!(keeper.pending.lock().unwrap().is_some(), "still waiting");
     new.set_vms(
         ["vm-a", "vm-b"]
             .map(|n| VmSpec::new(n, "127.0.0.1"))
             .to_vec(),
     );
-    let mut drained = false;
+    let mut restored = false;
     for _ in 0..50 {
-        drained = new
+        restored = new
             .snapshot()
             .get("vm-b")
             .is_some_and(|vm| vm.status().draining);
-        if drained {
+        if restored {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(PENDING_CHECK_EVERY).await;
     }
-    assert!(drained, "vm-b drained once listed");
-    file.finish();
+    assert!(restored, "vm-b drained once listed");
+    keeper.finish();
     keeping.await.unwrap();
+    assert_eq!(drained(&path), BTreeSet::from(["vm-b".to_owned()]));
 }
 
 #[test]
@@ -244,8 +265,8 @@ fn a_file_that_cannot_be_written_is_retried_and_written_once_it_can() {
     let path = blocker.join("state.json");
     let pool = pool(&["vm-a"]);
     pool.drain("vm-a");
-    let file = StateFile::new(path.clone(), pool.clone(), driver(&pool));
-    file.save(false);
+    let file = StateKeeper::new(path.clone(), pool.clone(), driver(&pool));
+    assert!(file.save(false), "writing goes on");
     assert!(file.last.lock().unwrap().failing);
     file.save(false);
     assert!(!path.exists());
