@@ -666,20 +666,20 @@ fn a_scale_in_under_way_at_an_upgrade_is_finished_by_the_new_process() {
     let scratch = tempfile::tempdir().expect("temp dir");
     let systemd = Systemd::new(scratch.path());
     // Scale to zero at the defaults but for the busy check (this VM's sshd shares the machine's
-    // process table) and times short enough for a test: the autoscaler decides every 5 s (the
-    // provider is listed as often), so a drain is followed by the VM's stop 5 s later, time for
+    // process table) and times short enough for a test: the autoscaler decides every 8 s (the
+    // provider is listed as often), so a drain is followed by the VM's stop 8 s later, time for
     // the upgrade to come in between; a VM idle for 3 s is scaled in.
     let provider = exec
         .scripts
         .pool_toml(Duration::from_secs(10))
-        .replace("poll_interval = \"1s\"", "poll_interval = \"5s\"");
+        .replace("poll_interval = \"1s\"", "poll_interval = \"8s\"");
     let mut pool = GatewayPool::builder()
         .users(1)
         .user_ca(ca)
         .known_vm(&exec.vm)
         .config_toml(&provider)
         .config_toml(
-            "[autoscale]\nenabled = true\nmin_vms = 0\nbusy_command = []\ntick = \"5s\"\n\
+            "[autoscale]\nenabled = true\nmin_vms = 0\nbusy_command = []\ntick = \"8s\"\n\
              cooldown = \"1s\"\nscale_in_after = \"3s\"\nscale_to_zero_after = \"3s\"\n",
         )
         .gateway_env("NOTIFY_SOCKET", &systemd.path.display().to_string())
@@ -720,5 +720,14 @@ fn a_scale_in_under_way_at_an_upgrade_is_finished_by_the_new_process() {
         "{}",
         pool.log()
     );
-    assert!(!exec.vm.pid_file().exists(), "the stop script ran");
+    assert!(
+        pool.log().contains(
+            "action=Remove(\"vm-a\") reason=drained and still without sessions result=\"stop\""
+        ),
+        "{}",
+        pool.log()
+    );
+    wait_until(Duration::from_secs(5), "the stop script to finish", || {
+        !exec.vm.pid_file().exists()
+    });
 }
