@@ -41,6 +41,23 @@ pub struct DriverSettings {
     pub boot_estimate: Duration,
 }
 
+#[cfg(test)]
+impl DriverSettings {
+    /// `policy` on, deciding and listing every second, no wake on connect: what unit tests
+    /// drive.
+    pub(crate) fn for_tests(policy: AutoscaleConfig) -> Self {
+        Self {
+            enabled: true,
+            policy,
+            tick: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(1),
+            wake_on_connect: false,
+            hold_connect_for: Duration::from_secs(60),
+            boot_estimate: Duration::from_secs(2),
+        }
+    }
+}
+
 /// Whether this gateway may act on the provider now. With several replicas only the holder of
 /// the cluster's leader lease may (joined in by `app/`); a single replica always may.
 pub trait Leadership: Send + Sync {
@@ -1336,23 +1353,15 @@ mod tests {
         let pool = Arc::new(Pool::new(RoutingPolicy::default(), clock.clone()));
         let provider = Arc::new(FakeProvider::default());
         let metrics = Arc::new(Metrics::new());
-        let settings = DriverSettings {
-            enabled: true,
-            policy: AutoscaleConfig {
-                min_vms: 0,
-                max_vms: 2,
-                sessions_per_vm: 4,
-                spare_vms: 0,
-                scale_in_after: Duration::from_secs(scale_in_after),
-                scale_to_zero_after: Duration::from_secs(scale_to_zero_after),
-                cooldown: Duration::ZERO,
-            },
-            tick: Duration::from_secs(1),
-            poll_interval: Duration::from_secs(1),
-            wake_on_connect: false,
-            hold_connect_for: Duration::from_secs(60),
-            boot_estimate: Duration::from_secs(2),
-        };
+        let settings = DriverSettings::for_tests(AutoscaleConfig {
+            min_vms: 0,
+            max_vms: 2,
+            sessions_per_vm: 4,
+            spare_vms: 0,
+            scale_in_after: Duration::from_secs(scale_in_after),
+            scale_to_zero_after: Duration::from_secs(scale_to_zero_after),
+            cooldown: Duration::ZERO,
+        });
         let driver = Driver::new(pool.clone(), provider.clone(), settings, metrics.clone());
         BatchRig {
             clock,

@@ -8,7 +8,7 @@ use super::*;
 pub(in crate::app) fn driver(pool: &Arc<Pool>) -> Arc<Driver> {
     let settings = crate::autoscale::DriverSettings {
         enabled: false,
-        policy: router_core::autoscale::AutoscaleConfig {
+        ..crate::autoscale::DriverSettings::for_tests(router_core::autoscale::AutoscaleConfig {
             min_vms: 0,
             max_vms: 2,
             sessions_per_vm: 4,
@@ -16,12 +16,7 @@ pub(in crate::app) fn driver(pool: &Arc<Pool>) -> Arc<Driver> {
             scale_in_after: Duration::from_secs(60),
             scale_to_zero_after: Duration::from_secs(60),
             cooldown: Duration::ZERO,
-        },
-        tick: Duration::from_secs(1),
-        poll_interval: Duration::from_secs(1),
-        wake_on_connect: false,
-        hold_connect_for: Duration::from_secs(60),
-        boot_estimate: Duration::from_secs(2),
+        })
     };
     Driver::new(
         pool.clone(),
