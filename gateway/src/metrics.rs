@@ -77,6 +77,9 @@ pub struct Metrics {
     pub autoscale_leader: IntGauge,
     /// `poolgate_cluster_store_up`: 1 while the shared store answers (always 1 in memory).
     pub cluster_store_up: IntGauge,
+    /// `poolgate_state_file_failing`: 1 while `gateway.state_file` cannot be written (a restart
+    /// would forget drains and users' VMs).
+    pub state_file_failing: IntGauge,
     /// `poolgate_cluster_replicas`: live replicas this replica sees, itself included.
     pub cluster_replicas: IntGauge,
     /// `poolgate_pool_vms{state}`.
@@ -224,6 +227,10 @@ impl Metrics {
             log_dropped_total: reg!(IntCounter::new(
                 "log_dropped_total",
                 "Log lines dropped because standard error did not take them fast enough."
+            )),
+            state_file_failing: reg!(IntGauge::new(
+                "state_file_failing",
+                "1 while gateway.state_file cannot be written: a restart would forget drains and users' VMs."
             )),
             autoscale_desired_vms: reg!(IntGauge::new(
                 "autoscale_desired_vms",

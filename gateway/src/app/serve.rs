@@ -91,6 +91,7 @@ pub(super) async fn serve(
             path.to_owned(),
             gateway.pool.clone(),
             gateway.driver.clone(),
+            gateway.metrics.state_file_failing.clone(),
         )),
         _ => None,
     };

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prometheus::IntGauge;
 use router_core::Pool;
 use serde::{Deserialize, Serialize};
 
@@ -232,6 +233,8 @@ pub(super) struct StateKeeper {
     path: PathBuf,
     pool: Arc<Pool>,
     driver: Arc<Driver>,
+    /// `poolgate_state_file_failing`.
+    failing: IntGauge,
     /// Drains read from the file before the provider listed any VM: restored once it has, and
     /// written back meanwhile, so that a stop before then loses none.
     pending: Mutex<Option<Pending>>,
@@ -254,11 +257,17 @@ struct Last {
 }
 
 impl StateKeeper {
-    pub fn new(path: PathBuf, pool: Arc<Pool>, driver: Arc<Driver>) -> Arc<Self> {
+    pub fn new(
+        path: PathBuf,
+        pool: Arc<Pool>,
+        driver: Arc<Driver>,
+        failing: IntGauge,
+    ) -> Arc<Self> {
         Arc::new(Self {
             path,
             pool,
             driver,
+            failing,
             pending: Mutex::new(None),
             last: Mutex::new(Last::default()),
         })
@@ -384,6 +393,7 @@ impl StateKeeper {
         match write(&self.path, &remembered) {
             Ok(()) => {
                 if std::mem::take(&mut last.failing) {
+                    self.failing.set(0);
                     tracing::info!(path = %self.path.display(), "the state file is written again");
                 }
                 last.key = Some(key);
@@ -391,6 +401,7 @@ impl StateKeeper {
             }
             Err(e) => {
                 if !std::mem::replace(&mut last.failing, true) {
+                    self.failing.set(1);
                     tracing::warn!(
                         path = %self.path.display(),
                         error = %e,

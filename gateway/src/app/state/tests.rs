@@ -1,5 +1,6 @@
 use std::os::unix::fs::PermissionsExt;
 
+use prometheus::IntGauge;
 use router_core::{RoutingPolicy, SystemClock, VmSpec};
 
 use super::*;
@@ -24,6 +25,10 @@ pub(in crate::app) fn driver(pool: &Arc<Pool>) -> Arc<Driver> {
         settings,
         Arc::new(crate::metrics::Metrics::new()),
     )
+}
+
+fn gauge() -> IntGauge {
+    IntGauge::new("state_file_failing", "test").unwrap()
 }
 
 fn pool(names: &[&str]) -> Arc<Pool> {
@@ -52,7 +57,7 @@ fn drains_and_affinity_survive_a_restart_through_the_file() {
     old.store().session_started("alice", "vm-b", now);
     old.store().session_started("bob", "vm-c", now);
     old.store().session_ended("bob", "vm-c", now);
-    let file = StateKeeper::new(path.clone(), old.clone(), old_driver);
+    let file = StateKeeper::new(path.clone(), old.clone(), old_driver, gauge());
     file.finish();
 
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
@@ -70,7 +75,7 @@ fn drains_and_affinity_survive_a_restart_through_the_file() {
 
     let new = pool(&["vm-a", "vm-b", "vm-c"]);
     let new_driver = driver(&new);
-    let file = StateKeeper::new(path.clone(), new.clone(), new_driver.clone());
+    let file = StateKeeper::new(path.clone(), new.clone(), new_driver.clone(), gauge());
     file.restore();
     assert!(
         file.pending.lock().unwrap().is_none(),
@@ -97,7 +102,7 @@ fn a_drain_of_a_vm_no_longer_in_the_pool_is_dropped_and_one_before_the_first_lis
     let old = pool(&["vm-a", "vm-gone"]);
     old.drain("vm-a");
     old.drain("vm-gone");
-    StateKeeper::new(path.clone(), old.clone(), driver(&old)).finish();
+    StateKeeper::new(path.clone(), old.clone(), driver(&old), gauge()).finish();
 
     let new = pool(&["vm-a"]);
     let restored = load(&path)
@@ -110,7 +115,7 @@ fn a_drain_of_a_vm_no_longer_in_the_pool_is_dropped_and_one_before_the_first_lis
 
     // The provider has not listed the pool yet: the drains wait.
     let empty = pool(&[]);
-    let file = StateKeeper::new(path, empty.clone(), driver(&empty));
+    let file = StateKeeper::new(path, empty.clone(), driver(&empty), gauge());
     file.restore();
     let pending = file.pending.lock().unwrap();
     assert_eq!(
@@ -162,7 +167,7 @@ fn an_unreadable_file_is_reported_and_a_missing_one_is_none() {
     assert!(load(&path).unwrap_err().contains("larger than 32 MiB"));
     // A start with a bad file goes on with nothing restored.
     let pool = pool(&["vm-a"]);
-    let keeper = StateKeeper::new(path, pool.clone(), driver(&pool));
+    let keeper = StateKeeper::new(path, pool.clone(), driver(&pool), gauge());
     keeper.restore();
     assert!(keeper.pending.lock().unwrap().is_none());
     assert!(!pool.snapshot().vms()[0].status().draining);
@@ -173,7 +178,7 @@ fn the_file_is_written_when_its_content_changes_and_refreshed_only_while_users_a
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.json");
     let pool = pool(&["vm-a", "vm-b"]);
-    let file = StateKeeper::new(path.clone(), pool.clone(), driver(&pool));
+    let file = StateKeeper::new(path.clone(), pool.clone(), driver(&pool), gauge());
     let written = || std::fs::read_to_string(&path).unwrap_or_default();
     file.save(false);
     assert!(written().contains("\"drained\": []"), "{}", written());
@@ -211,12 +216,12 @@ async fn drains_read_before_the_first_listing_are_kept_and_restored_once_the_poo
     old.drain("vm-b");
     old.store()
         .session_started("alice", "vm-a", old.clock().now());
-    StateKeeper::new(path.clone(), old.clone(), driver(&old)).finish();
+    StateKeeper::new(path.clone(), old.clone(), driver(&old), gauge()).finish();
     let drained = |path: &Path| load(path).unwrap().unwrap().remembered.drained;
 
     // Stopped before the provider ever listed the pool: the drains are written back.
     let empty = pool(&[]);
-    let stopped = StateKeeper::new(path.clone(), empty.clone(), driver(&empty));
+    let stopped = StateKeeper::new(path.clone(), empty.clone(), driver(&empty), gauge());
     stopped.restore();
     assert_eq!(affinity(&empty, "alice").as_deref(), Some("vm-a"));
     stopped.finish();
@@ -224,7 +229,7 @@ async fn drains_read_before_the_first_listing_are_kept_and_restored_once_the_poo
 
     // Listed at last: restored then.
     let new = pool(&[]);
-    let keeper = StateKeeper::new(path.clone(), new.clone(), driver(&new));
+    let keeper = StateKeeper::new(path.clone(), new.clone(), driver(&new), gauge());
     keeper.restore();
     let keeping = tokio::spawn(keeper.clone().keep());
     tokio::time::sleep(SAVE_EVERY * 2).await;
@@ -260,14 +265,17 @@ fn a_file_that_cannot_be_written_is_retried_and_written_once_it_can() {
     let path = blocker.join("state.json");
     let pool = pool(&["vm-a"]);
     pool.drain("vm-a");
-    let file = StateKeeper::new(path.clone(), pool.clone(), driver(&pool));
+    let failing = gauge();
+    let file = StateKeeper::new(path.clone(), pool.clone(), driver(&pool), failing.clone());
     assert!(file.save(false), "writing goes on");
     assert!(file.last.lock().unwrap().failing);
+    assert_eq!(failing.get(), 1, "poolgate_state_file_failing");
     file.save(false);
     assert!(!path.exists());
     std::fs::remove_file(&blocker).unwrap();
     file.save(false);
     assert!(!file.last.lock().unwrap().failing);
+    assert_eq!(failing.get(), 0);
     assert_eq!(
         load(&path).unwrap().unwrap().remembered.drained,
         BTreeSet::from(["vm-a".to_owned()])
