@@ -296,6 +296,7 @@ fn a_crash_or_a_restart_keeps_the_drains_and_sends_each_user_back_to_their_vm() 
     pool.gateway
         .wait_for_log("restored from the state file", Duration::from_secs(10));
     assert_eq!(pool.vm_state("vm-d"), "draining", "{}", pool.log());
+    assert!(pool.metrics().contains("\npoolgate_state_file_failing 0\n"));
     team_lands_where_it_was(&pool, holder, &before);
 
     // The operator moves the drain and at once restarts the gateway (SIGTERM): its last write
@@ -325,6 +326,44 @@ fn a_crash_or_a_restart_keeps_the_drains_and_sends_each_user_back_to_their_vm() 
         pool.log()
     );
     busy.close(Duration::from_secs(10));
+    pool.assert_no_panic();
+}
+
+/// A state file that cannot be written costs no login: it is named in the log with the error,
+/// `poolgate_state_file_failing` is 1 until it can be written again, and then it is.
+#[test]
+fn a_state_file_that_cannot_be_written_is_reported_and_written_once_it_can() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let scratch = tempfile::tempdir().expect("temp dir");
+    // Its directory is a regular file: no write succeeds, whoever the gateway runs as.
+    let blocker = scratch.path().join("state");
+    std::fs::write(&blocker, "").expect("write the blocker");
+    let path = blocker.join("state.json");
+    let pool = GatewayPool::builder()
+        .vm("vm-a")
+        .users(1)
+        .config_toml(&format!("[gateway]\nstate_file = \"{}\"\n", path.display()))
+        .start();
+    pool.gateway
+        .wait_for_log("cannot write the state file", Duration::from_secs(10));
+    assert!(
+        pool.metrics().contains("\npoolgate_state_file_failing 1\n"),
+        "{}",
+        pool.metrics()
+    );
+    assert_eq!(landed(&pool.client(1)), "vm-a");
+
+    std::fs::remove_file(&blocker).expect("remove the blocker");
+    pool.gateway
+        .wait_for_log("the state file is written again", Duration::from_secs(10));
+    assert!(pool.metrics().contains("\npoolgate_state_file_failing 0\n"));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("state file")).expect("JSON");
+    assert!(
+        state["affinity"][pool.user(1).as_str()].is_array(),
+        "{state}"
+    );
     pool.assert_no_panic();
 }
 
