@@ -36,12 +36,12 @@ use std::time::Duration;
 use anyhow::Context;
 use command_fds::{CommandFdExt, FdMapping};
 use router_core::{LoadCounts, Pool, Protocol};
-
-use super::state::Remembered;
-use crate::autoscale::Driver;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixStream};
+
+use super::state::Remembered;
+use crate::autoscale::Driver;
 
 /// Names the old process in a successor's environment.
 const FROM_ENV: &str = "POOLGATE_HANDOVER_FROM";
@@ -365,9 +365,19 @@ struct Report {
 }
 
 impl Report {
+    /// Its sessions and its drains.
     fn of(pool: &Pool, driver: &Driver) -> Self {
+        Self::with(pool, Remembered::drains(pool, driver))
+    }
+
+    /// Its sessions, its drains and what the affinity store remembers.
+    fn first(pool: &Pool, driver: &Driver) -> Self {
+        Self::with(pool, Remembered::all(pool, driver))
+    }
+
+    fn with(pool: &Pool, remembered: Remembered) -> Self {
         let mut report = Self {
-            remembered: Remembered::drains(pool, driver),
+            remembered,
             ..Self::default()
         };
         for vm in pool.snapshot().vms() {
@@ -381,13 +391,6 @@ impl Report {
                 report.users.insert(user, session.vm);
             }
         }
-        report
-    }
-
-    /// [`of`](Self::of), with what the affinity store remembers.
-    fn first(pool: &Pool, driver: &Driver) -> Self {
-        let mut report = Self::of(pool, driver);
-        report.remembered = Remembered::all(pool, driver);
         report
     }
 }
@@ -493,8 +496,6 @@ fn apply(
             let scale_in = restored.scale_in.contains(vm);
             tracing::info!(vm, scale_in, "drained, as it was in the previous gateway");
         }
-    }
-    if first {
         // Users who logged in here since are where they are now.
         report.remembered.restore_affinity(pool, Duration::ZERO);
     }

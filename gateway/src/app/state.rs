@@ -233,7 +233,7 @@ pub(super) struct StateKeeper {
     path: PathBuf,
     pool: Arc<Pool>,
     driver: Arc<Driver>,
-    /// `poolgate_state_file_failing`.
+    /// `poolgate_state_file_failing`: 1 from a failed write to the next one that works.
     failing: IntGauge,
     /// Drains read from the file before the provider listed any VM: restored once it has, and
     /// written back meanwhile, so that a stop before then loses none.
@@ -251,7 +251,6 @@ struct Pending {
 struct Last {
     key: Option<Key>,
     at: Option<Instant>,
-    failing: bool,
     /// This process writes no more: it handed over to a successor, or wrote a last time at exit.
     stopped: bool,
 }
@@ -392,7 +391,7 @@ impl StateKeeper {
         }
         match write(&self.path, &remembered) {
             Ok(()) => {
-                if std::mem::take(&mut last.failing) {
+                if self.failing.get() != 0 {
                     self.failing.set(0);
                     tracing::info!(path = %self.path.display(), "the state file is written again");
                 }
@@ -400,7 +399,7 @@ impl StateKeeper {
                 last.at = Some(Instant::now());
             }
             Err(e) => {
-                if !std::mem::replace(&mut last.failing, true) {
+                if self.failing.get() == 0 {
                     self.failing.set(1);
                     tracing::warn!(
                         path = %self.path.display(),
