@@ -284,6 +284,17 @@ impl GatewayProcess {
         self.exited
     }
 
+    /// Waits up to `timeout` for the gateway to exit on its own (after a signal sent elsewhere,
+    /// or once its last session ended); its status. Panics naming `what` if it still runs then.
+    pub fn wait_for_exit(&mut self, timeout: Duration, what: &str) -> ExitStatus {
+        let mut status = None;
+        crate::wait_until(timeout, what, || {
+            status = self.try_wait();
+            status.is_some()
+        });
+        status.expect("wait_until returns once the gateway has exited")
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit (graceful-shutdown tests); returns
     /// the status at once if it has already exited. Panics
     /// with the log if it is still running then (it is then killed by Drop).

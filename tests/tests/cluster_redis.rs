@@ -1384,12 +1384,8 @@ fn a_replica_upgraded_in_place_keeps_its_draining_sessions_counted_everywhere() 
     );
 
     drop(held);
-    let mut exited = None;
-    wait_until(STEP, "the old process to exit", || {
-        exited = r.gateways[0].try_wait();
-        exited.is_some()
-    });
-    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    let exited = r.gateways[0].wait_for_exit(STEP, "the old process to exit");
+    assert!(exited.success(), "{exited}");
     wait_until(
         STEP,
         "replica 1 to list gw-0 and gw-1 only, counting nothing",

@@ -32,16 +32,6 @@ fn signal_gateway(gateway: &GatewayProcess, signal: Signal) {
     send_signal(gateway.pid().expect("the gateway runs"), signal);
 }
 
-/// Waits (within `timeout`) for the gateway to exit on its own; its status.
-fn wait_gateway_exit(gateway: &mut GatewayProcess, timeout: Duration) -> std::process::ExitStatus {
-    let mut status = None;
-    wait_until(timeout, "the gateway to exit", || {
-        status = gateway.try_wait();
-        status.is_some()
-    });
-    status.expect("exited")
-}
-
 #[test]
 fn sigterm_refuses_new_connections_at_once_and_lets_open_sessions_finish_then_exits_0() {
     require_tools!("sshd", "ssh", "ssh-keygen");
@@ -93,7 +83,9 @@ fn sigterm_refuses_new_connections_at_once_and_lets_open_sessions_finish_then_ex
     );
     let last_ended = Instant::now();
 
-    let status = wait_gateway_exit(&mut pool.gateway, Duration::from_secs(10));
+    let status = pool
+        .gateway
+        .wait_for_exit(Duration::from_secs(10), "the gateway to exit");
     assert!(
         status.success(),
         "poolgate exited with {status}\n{}",
@@ -140,7 +132,9 @@ fn sigterm_closes_sessions_still_open_when_shutdown_grace_passes_with_a_message(
         closed_after >= grace && closed_after <= grace + Duration::from_secs(2),
         "closed {closed_after:?} after SIGTERM; grace {grace:?}"
     );
-    let status = wait_gateway_exit(&mut pool.gateway, Duration::from_secs(10));
+    let status = pool
+        .gateway
+        .wait_for_exit(Duration::from_secs(10), "the gateway to exit");
     assert!(
         status.success(),
         "poolgate exited with {status}\n{}",
@@ -149,14 +143,18 @@ fn sigterm_closes_sessions_still_open_when_shutdown_grace_passes_with_a_message(
     assert!(log(&pool).contains("closing the remaining sessions"));
 }
 
-/// Where each of `users` lands, all logging in at once.
-fn team_lands(pool: &GatewayPool, users: &[usize]) -> Vec<(usize, String)> {
+/// `each` for every one of `users`, all at once, with the user's client.
+fn at_once<T: Send>(
+    pool: &GatewayPool,
+    users: &[usize],
+    each: impl Fn(&SshClient) -> T + Sync,
+) -> Vec<(usize, T)> {
     std::thread::scope(|s| {
         let logins: Vec<_> = users
             .iter()
             .map(|&i| {
-                let client = pool.client(i);
-                s.spawn(move || (i, landed(&client)))
+                let (client, each) = (pool.client(i), &each);
+                s.spawn(move || (i, each(&client)))
             })
             .collect();
         logins
@@ -175,25 +173,23 @@ fn hold_on(pool: &GatewayPool, i: usize, vm: &str) -> SshSession {
     SshSession::hold(&client)
 }
 
-/// The team logs in again at once, VM by VM: those who were on a VM while that VM is the
-/// busiest (least-loaded would send them elsewhere). Each lands where they were before.
-fn team_lands_where_it_was(pool: &GatewayPool, holder: usize, before: &[(usize, String)]) {
-    for vm in TEAM_VMS {
-        let group: Vec<usize> = before
-            .iter()
-            .filter(|(_, on)| on == vm)
-            .map(|(i, _)| *i)
-            .collect();
-        let busy = hold_on(pool, holder, vm);
-        let now = team_lands(pool, &group);
-        let strays: Vec<_> = now.iter().filter(|(_, on)| on != vm).collect();
-        assert!(
-            strays.is_empty(),
-            "users who were on {vm} went elsewhere (the others were emptier): {strays:?}\n{}",
-            pool.log()
-        );
-        busy.close(Duration::from_secs(10));
-    }
+/// Those of the team who were on `vm` log in again at once while `vm` is the busiest
+/// (least-loaded would send them elsewhere); each lands on `vm`.
+fn group_lands_on_its_vm(pool: &GatewayPool, holder: usize, before: &[(usize, String)], vm: &str) {
+    let group: Vec<usize> = before
+        .iter()
+        .filter(|(_, on)| on == vm)
+        .map(|(i, _)| *i)
+        .collect();
+    let busy = hold_on(pool, holder, vm);
+    let now = at_once(pool, &group, landed);
+    let strays: Vec<_> = now.iter().filter(|(_, on)| on != vm).collect();
+    assert!(
+        strays.is_empty(),
+        "users who were on {vm} went elsewhere (the others were emptier): {strays:?}\n{}",
+        pool.log()
+    );
+    busy.close(Duration::from_secs(10));
 }
 
 /// The VMs a team is spread over in the restart test (each takes the default 10 sessions; a
@@ -249,19 +245,7 @@ fn a_crash_or_a_restart_keeps_the_drains_and_sends_each_user_back_to_their_vm() 
     // Twenty people at 9:00, all at once, each with a shell open: least-loaded spreads them
     // over the three VMs taking sessions. Then they log off.
     let team: Vec<usize> = (1..=TEAM).collect();
-    let shells: Vec<(usize, SshSession)> = std::thread::scope(|s| {
-        let logins: Vec<_> = team
-            .iter()
-            .map(|&i| {
-                let client = pool.client(i);
-                s.spawn(move || (i, SshSession::hold(&client)))
-            })
-            .collect();
-        logins
-            .into_iter()
-            .map(|l| l.join().expect("login thread"))
-            .collect()
-    });
+    let shells = at_once(&pool, &team, SshSession::hold);
     let before: Vec<(usize, String)> = shells.iter().map(|(i, s)| (*i, s.vm.clone())).collect();
     for vm in TEAM_VMS {
         let n = before.iter().filter(|(_, on)| on == vm).count();
@@ -297,7 +281,9 @@ fn a_crash_or_a_restart_keeps_the_drains_and_sends_each_user_back_to_their_vm() 
         .wait_for_log("restored from the state file", Duration::from_secs(10));
     assert_eq!(pool.vm_state("vm-d"), "draining", "{}", pool.log());
     assert!(pool.metrics().contains("\npoolgate_state_file_failing 0\n"));
-    team_lands_where_it_was(&pool, holder, &before);
+    for vm in TEAM_VMS {
+        group_lands_on_its_vm(&pool, holder, &before, vm);
+    }
 
     // The operator moves the drain and at once restarts the gateway (SIGTERM): its last write
     // at exit keeps that too.
@@ -313,19 +299,7 @@ fn a_crash_or_a_restart_keeps_the_drains_and_sends_each_user_back_to_their_vm() 
     });
     assert_eq!(pool.vm_state("vm-b"), "draining");
     pool.wait_for_state("vm-d", "healthy", Duration::from_secs(10));
-    let on_a: Vec<usize> = before
-        .iter()
-        .filter(|(_, on)| on == "vm-a")
-        .map(|(i, _)| *i)
-        .collect();
-    let busy = hold_on(&pool, holder, "vm-a");
-    let now = team_lands(&pool, &on_a);
-    assert!(
-        now.iter().all(|(_, on)| on == "vm-a"),
-        "after the restart: {now:?}\n{}",
-        pool.log()
-    );
-    busy.close(Duration::from_secs(10));
+    group_lands_on_its_vm(&pool, holder, &before, "vm-a");
     pool.assert_no_panic();
 }
 
@@ -814,6 +788,8 @@ async fn downloads_under_way_at_sigterm_arrive_whole_over_http2_and_http1() {
         .filter(|o| !o.ends_with(": whole"))
         .collect();
     assert!(failed.is_empty(), "{outcomes:#?}\n{}", log(&pool));
-    let status = wait_gateway_exit(&mut pool.gateway, Duration::from_secs(10));
+    let status = pool
+        .gateway
+        .wait_for_exit(Duration::from_secs(10), "the gateway to exit");
     assert!(status.success(), "poolgate exited with {status}");
 }

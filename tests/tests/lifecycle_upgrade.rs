@@ -321,15 +321,10 @@ fn an_upgrade_refuses_no_login_of_a_team_and_cuts_no_session() {
         status.success(),
         "the interactive session ended with {status}"
     );
-    let mut exited = None;
-    wait_until(Duration::from_secs(10), "the old gateway to exit", || {
-        exited = pool.gateway.try_wait();
-        exited.is_some()
-    });
-    assert!(
-        exited.is_some_and(|s| s.success()),
-        "the old gateway exited with {exited:?}"
-    );
+    let exited = pool
+        .gateway
+        .wait_for_exit(Duration::from_secs(10), "the old gateway to exit");
+    assert!(exited.success(), "the old gateway exited with {exited}");
     pool.gateway.wait_for_log(
         "the previous gateway has exited; the handover is complete",
         RTT,
@@ -404,12 +399,10 @@ fn a_new_process_that_cannot_start_leaves_the_gateway_serving_and_a_fixed_one_ta
     held.roundtrip("during the drain", RTT);
     let status = held.close(RTT);
     assert!(status.success());
-    let mut exited = None;
-    wait_until(Duration::from_secs(10), "the old gateway to exit", || {
-        exited = pool.gateway.try_wait();
-        exited.is_some()
-    });
-    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    let exited = pool
+        .gateway
+        .wait_for_exit(Duration::from_secs(10), "the old gateway to exit");
+    assert!(exited.success(), "{exited}");
     let out = pool
         .client(1)
         .option("LogLevel=INFO")
@@ -559,14 +552,11 @@ async fn an_upgrade_keeps_browsers_on_their_vms_and_their_kernels_running() {
     eprintln!("{total} listings by {BROWSERS} browsers around the upgrade, each by its VM");
 
     // Nothing held the old process: it has exited, 0.
-    let mut exited = None;
-    tokio::task::block_in_place(|| {
-        wait_until(Duration::from_secs(20), "the old gateway to exit", || {
-            exited = gw.gateway.try_wait();
-            exited.is_some()
-        })
+    let exited = tokio::task::block_in_place(|| {
+        gw.gateway
+            .wait_for_exit(Duration::from_secs(20), "the old gateway to exit")
     });
-    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    assert!(exited.success(), "{exited}");
     drop(ws);
 }
 
@@ -632,12 +622,10 @@ fn a_login_waiting_for_the_pool_to_wake_is_sent_to_the_new_process() {
         ),
         "the user is told what to do: {stderr}"
     );
-    let mut exited = None;
-    wait_until(Duration::from_secs(10), "the old gateway to exit", || {
-        exited = pool.gateway.try_wait();
-        exited.is_some()
-    });
-    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    let exited = pool
+        .gateway
+        .wait_for_exit(Duration::from_secs(10), "the old gateway to exit");
+    assert!(exited.success(), "{exited}");
 
     // Connecting again, the user waits in the new process, which starts the VM.
     std::fs::write(&go, "").expect("let the VM boot");
@@ -696,12 +684,10 @@ fn a_scale_in_under_way_at_an_upgrade_is_finished_by_the_new_process() {
         .wait_for_log("action=Drain(\"vm-a\")", Duration::from_secs(30));
     send_signal(old, Signal::SIGUSR2);
     let _successor = KillTreeOnDrop(systemd.main_pid(Duration::from_secs(60)));
-    let mut exited = None;
-    wait_until(Duration::from_secs(10), "the old gateway to exit", || {
-        exited = pool.gateway.try_wait();
-        exited.is_some()
-    });
-    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    let exited = pool
+        .gateway
+        .wait_for_exit(Duration::from_secs(10), "the old gateway to exit");
+    assert!(exited.success(), "{exited}");
     assert!(
         !pool.log().contains("result=\"stop\""),
         "the old process did not stop the VM itself:\n{}",
