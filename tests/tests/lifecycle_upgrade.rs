@@ -694,22 +694,21 @@ fn a_scale_in_under_way_at_an_upgrade_is_finished_by_the_new_process() {
         pool.log()
     );
 
-    // The new process finishes the scale-in.
-    wait_until(
+    // The new process finishes the scale-in. Its log line comes after the provider's listing
+    // that shows the VM stopped, so the line is waited for and the state read after it.
+    pool.gateway.wait_for_log(
+        "action=Remove(\"vm-a\") reason=drained and still without sessions result=\"stop\"",
         Duration::from_secs(30),
-        "the new process to stop the VM",
-        || pool.vms_json()[0]["state"].as_str() == Some("stopped"),
     );
-    assert!(
-        pool.log()
-            .contains("drained, as it was in the previous gateway vm=\"vm-a\" scale_in=true"),
+    assert_eq!(
+        pool.vms_json()[0]["state"].as_str(),
+        Some("stopped"),
         "{}",
         pool.log()
     );
     assert!(
-        pool.log().contains(
-            "action=Remove(\"vm-a\") reason=drained and still without sessions result=\"stop\""
-        ),
+        pool.log()
+            .contains("drained, as it was in the previous gateway vm=\"vm-a\" scale_in=true"),
         "{}",
         pool.log()
     );
