@@ -27,7 +27,7 @@ mod simulation;
 mod summary;
 mod validate;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use enums::{
     Affinity, AzureCloud, BackendScheme, BatchEngine, Credential, Orchestration, PasswordAuth,
@@ -44,15 +44,34 @@ pub use simulation::{SimulationConfig, load_simulation, parse_simulation};
 
 /// Reads, parses and validates the configuration file at `path`, including the files it names
 /// ([`Config::check_files`]). Relative paths in the file are resolved against the file's
-/// directory, so the returned configuration holds absolute paths.
+/// directory, so the returned configuration holds absolute paths. Under a systemd service with
+/// `StateDirectory=` (`$STATE_DIRECTORY` set), a `gateway.state_file` the file does not set goes
+/// there: a service's configuration directory is usually read-only to it.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_in(path, systemd_state_directory().as_deref())
+}
+
+/// systemd's state directory for the service, from `$STATE_DIRECTORY`.
+fn systemd_state_directory() -> Option<PathBuf> {
+    first_state_directory(std::env::var_os("STATE_DIRECTORY")?.to_str()?)
+}
+
+/// The first directory of `$STATE_DIRECTORY` (colon-separated when `StateDirectory=` names
+/// several), if it is an absolute path.
+fn first_state_directory(value: &str) -> Option<PathBuf> {
+    let first = PathBuf::from(value.split(':').next()?);
+    first.is_absolute().then_some(first)
+}
+
+/// [`load`] with the state directory given.
+fn load_in(path: &Path, state_directory: Option<&Path>) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let parent = path.parent().unwrap_or(Path::new(""));
     let base_dir = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
-    let (config, mut errors) = parse_collecting(&text, &base_dir, path)?;
+    let (config, mut errors) = parse_collecting(&text, &base_dir, state_directory, path)?;
     errors.extend(config.check_files());
     finish(config, errors)
 }
@@ -61,7 +80,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// are joined to it). Does not touch the filesystem: [`load`] also runs
 /// [`Config::check_files`]. Parse errors name the file `<config>`.
 pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
-    let (config, errors) = parse_collecting(text, base_dir, Path::new("<config>"))?;
+    let (config, errors) = parse_collecting(text, base_dir, None, Path::new("<config>"))?;
     finish(config, errors)
 }
 
@@ -69,6 +88,7 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
 fn parse_collecting(
     text: &str,
     base_dir: &Path,
+    state_directory: Option<&Path>,
     file: &Path,
 ) -> Result<(Config, Vec<ValidationError>), ConfigError> {
     let de::Outcome {
@@ -76,7 +96,7 @@ fn parse_collecting(
         mut errors,
         dropped,
     } = de::deserialize(text, file)?;
-    config.resolve_paths(base_dir);
+    config.resolve_paths_in(base_dir, state_directory);
     let provider_known = !dropped.iter().any(|k| k == "pool.provider" || k == "pool");
     // A key whose value was dropped holds its default now; don't report that default too.
     let shadowed = |key: &str| {

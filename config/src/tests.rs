@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::{ConfigError, Provider, known_keys, load, parse};
+use crate::{ConfigError, Provider, first_state_directory, known_keys, load, load_in, parse};
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -286,6 +286,62 @@ fn state_file_is_beside_the_config_by_default_off_or_a_path() {
             "{text}: {errs:#?}"
         );
     }
+}
+
+/// Under a systemd service with `StateDirectory=` the default state file goes there (the
+/// configuration directory is read-only to the service); a path the file gives stays where it
+/// says, and without a state directory the default is beside the file.
+#[test]
+fn the_default_state_file_goes_to_systemds_state_directory() {
+    use crate::StateFile;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("poolgate.toml");
+    // HTTP only: no VM host keys to check.
+    let backend = "[listen]\nssh = \"off\"\n[[pool.backends]]\nname = \"a\"\nhost = \"10.0.0.4\"\n";
+    let state = Path::new("/var/lib/poolgate");
+    for (text, with_systemd, without) in [
+        (
+            backend.to_owned(),
+            state.join("state.json"),
+            dir.path().join("state.json"),
+        ),
+        (
+            format!("[gateway]\nshutdown_grace = \"1m\"\n{backend}"),
+            state.join("state.json"),
+            dir.path().join("state.json"),
+        ),
+        (
+            format!("[gateway]\nstate_file = \"state.json\"\n{backend}"),
+            dir.path().join("state.json"),
+            dir.path().join("state.json"),
+        ),
+        (
+            format!("[gateway]\nstate_file = \"/srv/pg/state.json\"\n{backend}"),
+            "/srv/pg/state.json".into(),
+            "/srv/pg/state.json".into(),
+        ),
+    ] {
+        fs::write(&path, &text).unwrap();
+        let c = load_in(&path, Some(state)).unwrap();
+        assert_eq!(
+            c.gateway.state_file,
+            StateFile::File(with_systemd),
+            "{text}"
+        );
+        let c = load_in(&path, None).unwrap();
+        assert_eq!(c.gateway.state_file, StateFile::File(without), "{text}");
+    }
+    assert_eq!(
+        first_state_directory("/var/lib/poolgate:/var/lib/poolgate/keys"),
+        Some(state.to_path_buf())
+    );
+    assert_eq!(first_state_directory("poolgate"), None);
+    assert_eq!(first_state_directory(""), None);
+    fs::write(&path, format!("[gateway]\nstate_file = \"off\"\n{backend}")).unwrap();
+    assert_eq!(
+        load_in(&path, Some(state)).unwrap().gateway.state_file,
+        StateFile::Off
+    );
 }
 
 #[test]

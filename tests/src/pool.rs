@@ -399,6 +399,7 @@ impl GatewayPoolBuilder {
             https: addrs.https,
             token: self.token.clone(),
             token_file,
+            gateway_env: self.gateway_env.clone(),
             dir,
         };
         pool.wait_for_vms_up(&self.vms, self.gateway_output.is_none());
@@ -682,6 +683,8 @@ pub struct GatewayPool {
     pub https: SocketAddr,
     token: Option<String>,
     token_file: Option<PathBuf>,
+    /// The gateway's extra environment, given again by [`restart_gateway`](Self::restart_gateway).
+    gateway_env: Vec<(String, String)>,
     dir: TempDir,
 }
 
@@ -950,8 +953,8 @@ impl GatewayPool {
     }
 
     /// Starts the gateway again, as systemd's `Restart=` would, once the previous process has
-    /// exited or been killed: the same program, configuration file and directory (so the same
-    /// keys and state file); waits until its SSH and admin listeners accept.
+    /// exited or been killed: the same program, configuration file, directory (so the same keys
+    /// and state file) and extra environment; waits until its SSH and admin listeners accept.
     pub fn restart_gateway(&mut self) {
         assert!(
             self.gateway.try_wait().is_some(),
@@ -960,11 +963,14 @@ impl GatewayPool {
         let config =
             std::fs::read_to_string(self.gateway.config_path()).expect("read poolgate.toml");
         let dir = self.gateway.dir().to_path_buf();
-        self.gateway = GatewayProcess::builder(&config)
+        let mut builder = GatewayProcess::builder(&config)
             .dir(&dir)
             .wait_for(SocketAddr::from((Ipv4Addr::LOCALHOST, self.ssh_port)))
-            .wait_for(self.admin)
-            .start();
+            .wait_for(self.admin);
+        for (name, value) in &self.gateway_env {
+            builder = builder.env(name, value);
+        }
+        self.gateway = builder.start();
     }
 
     /// `poolgate <args…> --admin ADDR` with a clean environment for its admin options.

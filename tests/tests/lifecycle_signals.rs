@@ -10,7 +10,8 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
-use std::process::Stdio;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -198,14 +199,13 @@ const TEAM_VMS: [&str; 3] = ["vm-a", "vm-b", "vm-c"];
 
 /// The state file at its default place (beside the configuration), once it holds `want`.
 fn state_file_with(
-    pool: &GatewayPool,
+    path: &Path,
     what: &str,
     want: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let path = pool.gateway.dir().join("state.json");
     let mut state = serde_json::Value::Null;
     wait_until(Duration::from_secs(10), what, || {
-        state = std::fs::read(&path)
+        state = std::fs::read(path)
             .ok()
             .and_then(|text| serde_json::from_slice(&text).ok())
             .unwrap_or_default();
@@ -257,8 +257,9 @@ fn a_crash_or_a_restart_keeps_the_drains_and_sends_each_user_back_to_their_vm() 
 
     // Written within seconds, mode 0600.
     let users: Vec<String> = team.iter().map(|&i| pool.user(i)).collect();
+    let path = pool.gateway.dir().join("state.json");
     state_file_with(
-        &pool,
+        &path,
         "the state file to name the drain and every user",
         |state| {
             drained(state) == ["vm-d"]
@@ -267,7 +268,6 @@ fn a_crash_or_a_restart_keeps_the_drains_and_sends_each_user_back_to_their_vm() 
                     .all(|user| state["affinity"][user.as_str()].is_array())
         },
     );
-    let path = pool.gateway.dir().join("state.json");
     let mode = std::fs::metadata(&path)
         .expect("state file")
         .permissions()
@@ -300,6 +300,66 @@ fn a_crash_or_a_restart_keeps_the_drains_and_sends_each_user_back_to_their_vm() 
     assert_eq!(pool.vm_state("vm-b"), "draining");
     pool.wait_for_state("vm-d", "healthy", Duration::from_secs(10));
     group_lands_on_its_vm(&pool, holder, &before, "vm-a");
+    pool.assert_no_panic();
+}
+
+/// Under systemd with `StateDirectory=`, as the shipped unit runs it (its configuration directory
+/// is read-only to the service), the default state file is kept in the state directory, which
+/// `check-config` names too, and a crash followed by a start reads it back from there.
+#[test]
+fn under_systemd_the_default_state_file_is_kept_in_the_state_directory() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let scratch = tempfile::tempdir().expect("temp dir");
+    // systemd creates the unit's state directories and passes them, colon-separated.
+    let state_dir = scratch.path().join("poolgate");
+    std::fs::create_dir_all(state_dir.join("keys")).expect("the state directories");
+    let dirs = format!(
+        "{}:{}",
+        state_dir.display(),
+        state_dir.join("keys").display()
+    );
+    let mut pool = GatewayPool::builder()
+        .vm("vm-a")
+        .vm("vm-b")
+        .users(1)
+        .gateway_env("STATE_DIRECTORY", &dirs)
+        .start();
+    let drain = pool.cli(&["drain", "vm-b"]);
+    assert!(drain.status.success(), "{drain:?}");
+
+    let path = state_dir.join("state.json");
+    state_file_with(&path, "the state file to name the drain", |state| {
+        drained(state) == ["vm-b"]
+    });
+    assert!(
+        !pool.gateway.dir().join("state.json").exists(),
+        "nothing beside the configuration"
+    );
+    let check = run_with_timeout(
+        Command::new(poolgate_bin())
+            .arg("check-config")
+            .arg(pool.gateway.config_path())
+            .env("STATE_DIRECTORY", &dirs)
+            .env("NO_COLOR", "1"),
+        Duration::from_secs(30),
+    );
+    let summary = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{check:?}");
+    assert!(
+        summary.contains(&format!(
+            "drains and users' VMs: kept across restarts in {}\n",
+            path.display()
+        )),
+        "{summary}"
+    );
+
+    pool.gateway.kill();
+    pool.restart_gateway();
+    pool.gateway
+        .wait_for_log("restored from the state file", Duration::from_secs(10));
+    assert_eq!(pool.vm_state("vm-b"), "draining", "{}", pool.log());
+    assert_eq!(landed(&pool.client(1)), "vm-a");
     pool.assert_no_panic();
 }
 

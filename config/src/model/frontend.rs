@@ -76,15 +76,29 @@ pub struct GatewaySection {
     /// Where the gateway keeps what it must not forget across a restart: operator drains, the
     /// autoscaler's scale-in drains, and each user's affinity VM. `"off"`: nowhere (a restart
     /// forgets them). Not used with `[cluster] store = "redis"`, which keeps them in Redis.
-    /// Default `"state.json"` (beside the configuration file).
+    /// Default `"state.json"` in systemd's state directory when the service has one
+    /// (`StateDirectory=`, so `/var/lib/poolgate` under the shipped unit), else beside the
+    /// configuration file.
+    #[serde(default = "StateFile::unplaced")]
     pub state_file: StateFile,
+}
+
+impl GatewaySection {
+    /// The section as read from a file that does not have it: the default state file is not
+    /// placed yet.
+    pub(crate) fn as_read() -> Self {
+        Self {
+            state_file: StateFile::unplaced(),
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for GatewaySection {
     fn default() -> Self {
         Self {
             shutdown_grace: Duration::from_secs(10 * 60),
-            state_file: StateFile::File(PathBuf::from("state.json")),
+            state_file: StateFile::File(PathBuf::from(StateFile::DEFAULT_NAME)),
         }
     }
 }
@@ -99,6 +113,16 @@ pub enum StateFile {
 }
 
 impl StateFile {
+    /// The file name of the default, placed in a directory when the configuration is loaded.
+    pub const DEFAULT_NAME: &str = "state.json";
+
+    /// The default as read from a file that does not set the key: an empty path, which no file
+    /// can give (`""` is refused), placed by
+    /// [`Config::resolve_paths_in`](crate::Config::resolve_paths_in).
+    fn unplaced() -> Self {
+        StateFile::File(PathBuf::new())
+    }
+
     /// The file, unless `"off"`.
     pub fn path(&self) -> Option<&Path> {
         match self {

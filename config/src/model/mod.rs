@@ -29,6 +29,7 @@ pub struct Config {
     /// `[listen]`
     pub listen: Listen,
     /// `[gateway]`
+    #[serde(default = "GatewaySection::as_read")]
     pub gateway: GatewaySection,
     /// `[admin]`
     pub admin: Admin,
@@ -69,6 +70,20 @@ impl Config {
     /// to report. For `pool.exec` commands only a program written with a slash (`./list-vms`)
     /// is resolved; a bare name (`az`) is still looked up on `PATH`.
     pub fn resolve_paths(&mut self, base_dir: &Path) {
+        self.resolve_paths_in(base_dir, None);
+    }
+
+    /// [`resolve_paths`](Self::resolve_paths), and a `gateway.state_file` the file does not set
+    /// is placed in `state_directory` (systemd's `StateDirectory=`) when there is one, else in
+    /// `base_dir`.
+    pub fn resolve_paths_in(&mut self, base_dir: &Path, state_directory: Option<&Path>) {
+        if let StateFile::File(p) = &mut self.gateway.state_file
+            && p.as_os_str().is_empty()
+        {
+            *p = state_directory
+                .unwrap_or(base_dir)
+                .join(StateFile::DEFAULT_NAME);
+        }
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() && !p.as_os_str().is_empty() && !starts_with_tilde(p) {
                 *p = join(base_dir, p);
@@ -288,8 +303,12 @@ mod tests {
 
     #[test]
     fn empty_toml_is_the_default_config() {
-        let c: Config = toml::from_str("").unwrap();
-        assert_eq!(c, Config::default());
+        // Once placed: the default state file read from a file is placed when its paths are.
+        let mut c: Config = toml::from_str("").unwrap();
+        c.resolve_paths(Path::new("/srv/pg"));
+        let mut default = Config::default();
+        default.resolve_paths(Path::new("/srv/pg"));
+        assert_eq!(c, default);
     }
 
     #[test]
