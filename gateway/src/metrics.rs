@@ -517,6 +517,8 @@ impl Metrics {
             self.azure_instance_failed.desc(),
             self.azure_ratelimit_remaining.desc(),
             self.tls_cert_expiry_seconds.desc(),
+            self.vm_busy.desc(),
+            self.autoscale_busy_checks_total.desc(),
         ]
     }
 
@@ -660,6 +662,14 @@ mod tests {
             "poolgate_autoscale_actions_total",
             "poolgate_pool_vms",
             "poolgate_tls_cert_expiry_seconds",
+            "poolgate_vm_busy",
+            "poolgate_autoscale_busy_checks_total",
+            "poolgate_cluster_store_up",
+            "poolgate_cluster_replicas",
+            "poolgate_autoscale_leader",
+            "poolgate_batch_jobs",
+            "poolgate_batch_nodes_busy",
+            "poolgate_state_file_failing",
         ] {
             assert!(
                 text.contains(&format!("# HELP {name} ")),
