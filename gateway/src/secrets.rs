@@ -1,9 +1,9 @@
 //! Secret files (SSH host and CA keys, the cookie secret): created with mode 0600 in a 0700
 //! directory, atomically, and refused when group or others may read them.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// A secret file that cannot be used.
@@ -77,24 +77,27 @@ pub fn write(path: &Path, contents: &[u8]) -> Result<(), SecretFileError> {
         fs::create_dir_all(dir).map_err(io_error(dir))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_error(dir))?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_error(&tmp))?;
-    let written = file
-        .write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(io_error(&tmp));
-    drop(file);
-    let renamed = written.and_then(|()| fs::rename(&tmp, path).map_err(io_error(path)));
-    if renamed.is_err() {
-        // Not left behind: a writer that tries again (the state file) creates it anew.
-        let _ = fs::remove_file(&tmp);
-    }
-    renamed
+    // A fresh name each time (`.<name>.<random>.tmp`): one left by a process that crashed
+    // mid-write cannot stand in the way; it is removed again if anything fails.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or_else(|| "secret".into(), |n| n.to_string_lossy().into_owned());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(io_error(dir))?;
+    tmp.write_all(contents)
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(io_error(tmp.path()))?;
+    tmp.persist(path)
+        .map(drop)
+        .map_err(|e| io_error(path)(e.error))
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixStream};
 
-use super::state::Remembered;
+use super::state::{Remembered, log_inherited, pool_listed};
 use crate::autoscale::Driver;
 
 /// Names the old process in a successor's environment.
@@ -302,31 +302,35 @@ impl Successor {
         }
     }
 
-    /// Tells the successor what this gateway remembers (drains, affinity) and its sessions, then
-    /// its sessions every [`REPORT_EVERY`] until this process exits (or the successor does). The
-    /// first report is written before this returns: a gateway with no session left exits at
-    /// once, and what it remembers must not go with it.
-    pub(super) async fn report(self, pool: Arc<Pool>, driver: Arc<Driver>) {
+    /// Tells the successor what this gateway remembers (drains, with `pending`: drains read
+    /// from the state file that wait for the provider's first listing; affinity) and its
+    /// sessions, then its sessions every [`REPORT_EVERY`] until this process exits (or the
+    /// successor does). Waits until the first report is written, for at most
+    /// [`FIRST_REPORT_WITHIN`]: a gateway with no session left exits at once, and what it
+    /// remembers must not go with it. A first report slower than that still goes on in the
+    /// background, followed by the others.
+    pub(super) async fn report(
+        self,
+        pool: Arc<Pool>,
+        driver: Arc<Driver>,
+        pending: Option<Remembered>,
+    ) {
         let Self {
             child, mut link, ..
         } = self;
         // Not waited for: the successor outlives this process.
         drop(child);
-        let first = Report::first(&pool, &driver);
-        match tokio::time::timeout(FIRST_REPORT_WITHIN, send(&mut link, &first)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+        let mut first = Report::first(&pool, &driver);
+        if let Some(pending) = &pending {
+            first.remembered.add_drains(pending);
+        }
+        let (sent, first_sent) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if let Err(e) = send(&mut link, &first).await {
                 tracing::warn!(error = %e, "could not tell the new process this gateway's drains and users' VMs");
                 return;
             }
-            Err(_) => {
-                tracing::warn!(
-                    "the new process did not take this gateway's drains and users' VMs within 5 s"
-                );
-                return;
-            }
-        }
-        tokio::spawn(async move {
+            let _ = sent.send(());
             let mut every = tokio::time::interval(REPORT_EVERY);
             // The first tick is at once: the first report has just gone.
             every.tick().await;
@@ -337,6 +341,14 @@ impl Successor {
                 }
             }
         });
+        if tokio::time::timeout(FIRST_REPORT_WITHIN, first_sent)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the new process has not taken this gateway's drains and users' VMs within 5 s; still trying while this gateway drains"
+            );
+        }
     }
 }
 
@@ -398,14 +410,15 @@ impl Report {
 /// Tells the predecessor this gateway serves, then follows its reports until it exits: its
 /// drains and affinity, and its sessions when `count_sessions` (without `[cluster]`; with it
 /// they come through the store). `applied` is sent once the first report is applied (dropped
-/// if none comes).
+/// if none comes), with the drains that wait for the provider's first listing here, if any:
+/// restored here once listed when no one takes them.
 pub(super) async fn follow_predecessor(
     pool: Arc<Pool>,
     driver: Arc<Driver>,
     pid: u32,
     link: StdUnixStream,
     count_sessions: bool,
-    applied: tokio::sync::oneshot::Sender<()>,
+    applied: tokio::sync::oneshot::Sender<Option<Remembered>>,
 ) {
     let link = match link
         .set_nonblocking(true)
@@ -449,9 +462,15 @@ pub(super) async fn follow_predecessor(
             report.ssh.clear();
         }
         let first = applied.is_some();
-        apply(&pool, &driver, &report, &mut counted, first);
-        if let Some(applied) = applied.take() {
-            let _ = applied.send(());
+        let deferred = apply(&pool, &driver, &report, &mut counted, first);
+        if let Some(applied) = applied.take()
+            && let Err(Some(deferred)) = applied.send(deferred)
+        {
+            tokio::spawn(super::state::restore_drains_once_listed(
+                pool.clone(),
+                driver.clone(),
+                deferred,
+            ));
         }
     }
     drop(applied);
@@ -466,14 +485,15 @@ pub(super) async fn follow_predecessor(
 
 /// Counts the predecessor's sessions as another replica's, keeps its drains (the first report
 /// only: an operator may undrain here meanwhile; scale-in drains stay the autoscaler's), the
-/// affinity it remembers and its users' VMs.
+/// affinity it remembers and its users' VMs. Returns the drains that must wait for the
+/// provider's first listing here (before it, every VM would look unknown).
 fn apply(
     pool: &Pool,
     driver: &Driver,
     report: &Report,
     counted: &mut BTreeSet<String>,
     first: bool,
-) {
+) -> Option<Remembered> {
     for vm in counted.iter() {
         if !report.ssh.contains_key(vm) {
             pool.set_remote_load(vm, LoadCounts::default());
@@ -490,11 +510,16 @@ fn apply(
             counted.insert(vm.clone());
         }
     }
+    let mut deferred = None;
     if first {
-        let restored = report.remembered.restore_drains(pool, driver);
-        for vm in &restored.drained {
-            let scale_in = restored.scale_in.contains(vm);
-            tracing::info!(vm, scale_in, "drained, as it was in the previous gateway");
+        if report.remembered.drained.is_empty() || pool_listed(pool, driver) {
+            log_inherited(&report.remembered.restore_drains(pool, driver));
+        } else {
+            tracing::info!(
+                drained = ?report.remembered.drained,
+                "the previous gateway's drains wait for the provider's first listing here"
+            );
+            deferred = Some(report.remembered.only_drains());
         }
         // Users who logged in here since are where they are now.
         report.remembered.restore_affinity(pool, Duration::ZERO);
@@ -506,6 +531,7 @@ fn apply(
         pool.store().session_started(user, vm, now);
         pool.store().session_ended(user, vm, now);
     }
+    deferred
 }
 
 /// Tells systemd (when it started the gateway with `Type=notify`) that the gateway serves; a
@@ -680,6 +706,58 @@ mod tests {
             new_driver.scale_in_drains(),
             vec!["vm-b".to_owned()],
             "the operator's drain of vm-a stays the operator's"
+        );
+    }
+
+    /// The successor's provider has not listed its pool yet (its first listing failed): the
+    /// predecessor's drains wait for it instead of being dropped as drains of unknown VMs.
+    #[tokio::test(start_paused = true)]
+    async fn drains_reported_before_the_pool_is_listed_wait_for_the_listing() {
+        let old = pool(&["vm-a", "vm-b"]);
+        let old_driver = driver(&old);
+        old.drain("vm-a");
+        old.drain("vm-b");
+        old_driver.inherit_scale_in_drains(&["vm-b".to_owned()]);
+        let report = Report::first(&old, &old_driver);
+
+        let new = pool(&[]);
+        let new_driver = driver(&new);
+        let deferred =
+            apply(&new, &new_driver, &report, &mut BTreeSet::new(), true).expect("the drains wait");
+        assert_eq!(deferred.drained.len(), 2);
+        let waiting = tokio::spawn(crate::app::state::restore_drains_once_listed(
+            new.clone(),
+            new_driver.clone(),
+            deferred,
+        ));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!waiting.is_finished(), "still waiting");
+        new.set_vms(vec![
+            VmSpec::new("vm-a", "127.0.0.1"),
+            VmSpec::new("vm-b", "127.0.0.1"),
+        ]);
+        waiting.await.unwrap();
+        assert!(new.snapshot().vms().iter().all(|vm| vm.status().draining));
+        assert_eq!(new_driver.scale_in_drains(), vec!["vm-b".to_owned()]);
+
+        // Listed already: applied at once, nothing deferred.
+        let listed = pool(&["vm-a", "vm-b"]);
+        assert!(
+            apply(
+                &listed,
+                &driver(&listed),
+                &report,
+                &mut BTreeSet::new(),
+                true
+            )
+            .is_none()
+        );
+        assert!(
+            listed
+                .snapshot()
+                .vms()
+                .iter()
+                .all(|vm| vm.status().draining)
         );
     }
 

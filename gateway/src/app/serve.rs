@@ -201,8 +201,13 @@ pub(super) async fn serve(
                 // applied here; if it never reported them, the file it kept until the
                 // handover has them.
                 tokio::spawn(async move {
-                    if predecessor_applied.await.is_err() {
-                        state.restore();
+                    match predecessor_applied.await {
+                        Ok(deferred) => state.adopted(deferred),
+                        Err(_) => {
+                            // Reading up to 32 MiB: off the async workers.
+                            let reading = state.clone();
+                            let _ = tokio::task::spawn_blocking(move || reading.restore()).await;
+                        }
                     }
                     state.keep().await;
                 });
@@ -277,8 +282,9 @@ pub(super) async fn serve(
                 grace = %humantime::format_duration(grace),
                 "upgrade: the new process serves; this one takes no new connections and exits once its open sessions end or the grace time passes (SIGTERM to stop them now)"
             );
-            if let Some(state) = &state {
-                state.hand_over();
+            if let Some(state) = state.clone() {
+                // It waits for a write under way (an fsync): off the async workers.
+                let _ = tokio::task::spawn_blocking(move || state.hand_over()).await;
             }
         }
         None => {
@@ -295,7 +301,11 @@ pub(super) async fn serve(
         // After the frontends were told to stop (they take no more connections), before this
         // process can exit (at once when no session is left).
         successor
-            .report(gateway.pool.clone(), gateway.driver.clone())
+            .report(
+                gateway.pool.clone(),
+                gateway.driver.clone(),
+                state.as_ref().and_then(|s| s.pending_drains()),
+            )
             .await;
     }
     let mut ended_in_shutdown = tasks.wait_for(SSH_FRONTEND).await;

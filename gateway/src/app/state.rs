@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -60,6 +61,41 @@ pub(super) struct Restored {
     pub unknown: Vec<String>,
 }
 
+/// Whether drains can be restored now: the provider has listed the pool (or the pool has VMs
+/// anyway). Before that every VM would look unknown and its drain would be dropped.
+pub(super) fn pool_listed(pool: &Pool, driver: &Driver) -> bool {
+    driver.has_listed() || !pool.snapshot().vms().is_empty()
+}
+
+/// Restores `drains` once the pool is listed (checked every [`PENDING_CHECK_EVERY`]): the
+/// drains an upgrade's predecessor reported before this process could list its pool, when no
+/// state file keeps them meanwhile.
+pub(super) async fn restore_drains_once_listed(
+    pool: Arc<Pool>,
+    driver: Arc<Driver>,
+    drains: Remembered,
+) {
+    let mut listed = tokio::time::interval(PENDING_CHECK_EVERY);
+    while !pool_listed(&pool, &driver) {
+        listed.tick().await;
+    }
+    log_inherited(&drains.restore_drains(&pool, &driver));
+}
+
+/// Logs the drains restored from a predecessor's report.
+pub(super) fn log_inherited(restored: &Restored) {
+    for vm in &restored.drained {
+        let scale_in = restored.scale_in.contains(vm);
+        tracing::info!(vm, scale_in, "drained, as it was in the previous gateway");
+    }
+    for vm in &restored.unknown {
+        tracing::info!(
+            vm,
+            "drained in the previous gateway but not in the pool now: drain dropped"
+        );
+    }
+}
+
 impl Remembered {
     /// The pool's drains now, scale-in drains marked.
     pub fn drains(pool: &Pool, driver: &Driver) -> Self {
@@ -93,6 +129,21 @@ impl Remembered {
             .map(|(user, vm, ago)| (user, (vm.to_string(), ago.as_secs())))
             .collect();
         remembered
+    }
+
+    /// Only the drains, without the affinity.
+    pub fn only_drains(&self) -> Self {
+        Self {
+            drained: self.drained.clone(),
+            scale_in: self.scale_in.clone(),
+            affinity: BTreeMap::new(),
+        }
+    }
+
+    /// Adds `other`'s drains to these.
+    pub fn add_drains(&mut self, other: &Remembered) {
+        self.drained.extend(other.drained.iter().cloned());
+        self.scale_in.extend(other.scale_in.iter().cloned());
     }
 
     /// Drains the VMs that were drained, handing the scale-in ones back to the autoscaler.
@@ -180,27 +231,58 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Why a state file was not read.
+#[derive(Debug, PartialEq)]
+pub(super) enum LoadError {
+    /// It could not be read (permissions, I/O): what it holds may be fine, so it is not
+    /// written over.
+    Unreadable(String),
+    /// Its content is no state file this gateway reads (damaged, too large, a newer format):
+    /// written afresh.
+    Invalid(String),
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Unreadable(e) | LoadError::Invalid(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Reads the state file: `Ok(None)` when there is none yet.
-pub(super) fn load(path: &Path) -> Result<Option<Loaded>, String> {
+pub(super) fn load(path: &Path) -> Result<Option<Loaded>, LoadError> {
     let text = match std::fs::File::open(path) {
         Ok(file) => {
             let mut text = Vec::new();
             std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_FILE + 1), &mut text)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| LoadError::Unreadable(e.to_string()))?;
             if text.len() as u64 > MAX_FILE {
-                return Err(format!("larger than {} MiB", MAX_FILE >> 20));
+                return Err(LoadError::Invalid(format!(
+                    "larger than {} MiB",
+                    MAX_FILE >> 20
+                )));
             }
             text
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.to_string()),
+        // No file there, nor can there be one (a path through a regular file): nothing held.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(LoadError::Unreadable(e.to_string())),
     };
-    let saved: Saved = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+    let saved: Saved =
+        serde_json::from_slice(&text).map_err(|e| LoadError::Invalid(e.to_string()))?;
     if saved.format > FORMAT {
-        return Err(format!(
+        return Err(LoadError::Invalid(format!(
             "written by a newer poolgate (format {}, this one reads {FORMAT})",
             saved.format
-        ));
+        )));
     }
     Ok(Some(Loaded {
         remembered: saved.remembered,
@@ -235,16 +317,21 @@ pub(super) struct StateKeeper {
     driver: Arc<Driver>,
     /// `poolgate_state_file_failing`: 1 from a failed write to the next one that works.
     failing: IntGauge,
-    /// Drains read from the file before the provider listed any VM: restored once it has, and
-    /// written back meanwhile, so that a stop before then loses none.
+    /// Drains read from the file (or reported by an upgrade's predecessor) before the provider
+    /// listed the pool: restored once it has, and written meanwhile (with what else changes),
+    /// so that a stop before then loses none.
     pending: Mutex<Option<Pending>>,
+    /// What the file or the predecessor held has been taken in (or there was none): until
+    /// then a write at exit would put this process's empty view over it.
+    loaded: AtomicBool,
     last: Mutex<Last>,
 }
 
 /// Drains waiting for the pool's first listing.
 struct Pending {
     remembered: Remembered,
-    saved_ago: String,
+    /// How long before the start the file was saved; `None`: the predecessor's report.
+    saved_ago: Option<String>,
 }
 
 #[derive(Default)]
@@ -268,31 +355,49 @@ impl StateKeeper {
             driver,
             failing,
             pending: Mutex::new(None),
+            loaded: AtomicBool::new(false),
             last: Mutex::new(Last::default()),
         })
     }
 
-    /// Reads the file and restores what it holds. Drains wait until the pool has VMs when it
-    /// has none yet (the provider's first listing failed): [`keep`](Self::keep) restores them
-    /// then.
+    /// Reads the file and restores what it holds. Drains wait while the provider has not
+    /// listed the pool (its first listing failed): [`keep`](Self::keep) restores them then.
     pub fn restore(&self) {
+        self.restore_file();
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    fn restore_file(&self) {
         let loaded = match load(&self.path) {
             Ok(Some(loaded)) => loaded,
             Ok(None) => {
                 tracing::info!(path = %self.path.display(), "no state file yet: no drains or affinity to restore");
                 return;
             }
-            Err(e) => {
+            Err(LoadError::Invalid(e)) => {
                 tracing::warn!(
                     path = %self.path.display(),
                     "cannot read the state file ({e}); starting without its drains and affinity, and writing it afresh"
                 );
                 return;
             }
+            Err(LoadError::Unreadable(e)) => {
+                // Written over, what it holds would be lost for good: left alone until a
+                // restart can read it.
+                if let Ok(mut last) = self.last.lock() {
+                    last.stopped = true;
+                }
+                self.failing.set(1);
+                tracing::error!(
+                    path = %self.path.display(),
+                    "cannot read the state file ({e}); starting without its drains and affinity, and not writing it either, so as not to lose them: make it readable for the gateway and restart"
+                );
+                return;
+            }
         };
         let users = loaded.remembered.restore_affinity(&self.pool, loaded.age);
         let saved_ago = humantime::format_duration(loaded.age).to_string();
-        if self.pool.snapshot().vms().is_empty() && !loaded.remembered.drained.is_empty() {
+        if !pool_listed(&self.pool, &self.driver) && !loaded.remembered.drained.is_empty() {
             tracing::info!(
                 path = %self.path.display(),
                 saved_ago,
@@ -302,13 +407,38 @@ impl StateKeeper {
             );
             if let Ok(mut pending) = self.pending.lock() {
                 *pending = Some(Pending {
-                    remembered: loaded.remembered,
-                    saved_ago,
+                    remembered: loaded.remembered.only_drains(),
+                    saved_ago: Some(saved_ago),
                 });
             }
             return;
         }
         self.restore_drains(&loaded.remembered, users, &saved_ago);
+    }
+
+    /// An upgrade's successor: the predecessor's report has been applied, all but `deferred`,
+    /// its drains that wait for the provider's first listing here ([`keep`](Self::keep)
+    /// restores them then).
+    pub fn adopted(&self, deferred: Option<Remembered>) {
+        if let Some(remembered) = deferred
+            && let Ok(mut pending) = self.pending.lock()
+        {
+            *pending = Some(Pending {
+                remembered,
+                saved_ago: None,
+            });
+        }
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    /// Drains read from the file that still wait for the provider's first listing: an upgrade
+    /// in the meantime reports them with the pool's own.
+    pub fn pending_drains(&self) -> Option<Remembered> {
+        self.pending
+            .lock()
+            .ok()?
+            .as_ref()
+            .map(|p| p.remembered.clone())
     }
 
     fn restore_drains(&self, remembered: &Remembered, users: usize, saved_ago: &str) {
@@ -332,18 +462,29 @@ impl StateKeeper {
     /// Restores drains that waited for the pool's first listing, then writes the file whenever
     /// what it holds changes, until [`finish`](Self::finish) or [`hand_over`](Self::hand_over).
     pub async fn keep(self: Arc<Self>) {
-        let waiting = self.pending.lock().is_ok_and(|p| p.is_some());
-        if waiting {
+        if let Some(pending) = self.pending_drains() {
             let mut listed = tokio::time::interval(PENDING_CHECK_EVERY);
-            while self.pool.snapshot().vms().is_empty() {
+            while !pool_listed(&self.pool, &self.driver) {
                 listed.tick().await;
             }
-            let pending = self.pending.lock().ok().and_then(|mut p| p.take());
-            if let Some(pending) = pending {
-                tracing::info!(
-                    "the provider has listed the pool: restoring the state file's drains"
-                );
-                self.restore_drains(&pending.remembered, 0, &pending.saved_ago);
+            let saved_ago = self
+                .pending
+                .lock()
+                .ok()
+                .and_then(|p| p.as_ref().map(|p| p.saved_ago.clone()));
+            match saved_ago {
+                Some(Some(saved_ago)) => {
+                    tracing::info!(
+                        "the provider has listed the pool: restoring the state file's drains"
+                    );
+                    self.restore_drains(&pending, 0, &saved_ago);
+                }
+                Some(None) => log_inherited(&pending.restore_drains(&self.pool, &self.driver)),
+                None => {}
+            }
+            // Only now: a write meanwhile still has them.
+            if let Ok(mut p) = self.pending.lock() {
+                *p = None;
             }
         }
         let mut every = tokio::time::interval(SAVE_EVERY);
@@ -371,15 +512,8 @@ impl StateKeeper {
             return false;
         }
         let mut remembered = Remembered::all(&self.pool, &self.driver);
-        if let Ok(pending) = self.pending.lock()
-            && let Some(pending) = pending.as_ref()
-        {
-            remembered
-                .drained
-                .extend(pending.remembered.drained.iter().cloned());
-            remembered
-                .scale_in
-                .extend(pending.remembered.scale_in.iter().cloned());
+        if let Some(pending) = self.pending_drains() {
+            remembered.add_drains(&pending);
         }
         let key = remembered.key();
         let live = key.users.values().any(|(_, live)| *live);
@@ -413,10 +547,13 @@ impl StateKeeper {
     }
 
     /// Writes the file a last time (open sessions have ended: their users were last seen now)
-    /// and stops writing.
+    /// and stops writing. Not if what the file or the predecessor held was never taken in (a
+    /// stop right after an upgrade's start): the file still holds it.
     pub fn finish(&self) {
         if let Ok(mut last) = self.last.lock() {
-            self.save_locked(&mut last, true);
+            if self.loaded.load(Ordering::Acquire) {
+                self.save_locked(&mut last, true);
+            }
             last.stopped = true;
         }
     }

@@ -515,6 +515,11 @@ impl Driver {
         }
     }
 
+    /// Whether a listing of the provider has worked since the start (an empty one too).
+    pub fn has_listed(&self) -> bool {
+        self.listed.load(Ordering::Acquire)
+    }
+
     /// Whether connections should be held while the pool wakes.
     pub fn wakes_on_connect(&self) -> bool {
         self.settings.enabled && self.settings.wake_on_connect

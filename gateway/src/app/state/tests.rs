@@ -37,6 +37,13 @@ fn pool(names: &[&str]) -> Arc<Pool> {
     pool
 }
 
+/// What a gateway over `pool` writes at exit, having started with no file to read.
+fn saved_at_exit(path: &Path, pool: &Arc<Pool>) {
+    let keeper = StateKeeper::new(path.to_owned(), pool.clone(), driver(pool), gauge());
+    keeper.adopted(None);
+    keeper.finish();
+}
+
 fn affinity(pool: &Pool, user: &str) -> Option<String> {
     let now = pool.clock().now();
     pool.store()
@@ -58,6 +65,7 @@ fn drains_and_affinity_survive_a_restart_through_the_file() {
     old.store().session_started("bob", "vm-c", now);
     old.store().session_ended("bob", "vm-c", now);
     let file = StateKeeper::new(path.clone(), old.clone(), old_driver, gauge());
+    file.restore();
     file.finish();
 
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
@@ -102,7 +110,7 @@ fn a_drain_of_a_vm_no_longer_in_the_pool_is_dropped_and_one_before_the_first_lis
     let old = pool(&["vm-a", "vm-gone"]);
     old.drain("vm-a");
     old.drain("vm-gone");
-    StateKeeper::new(path.clone(), old.clone(), driver(&old), gauge()).finish();
+    saved_at_exit(&path, &old);
 
     let new = pool(&["vm-a"]);
     let restored = load(&path)
@@ -155,22 +163,68 @@ fn an_unreadable_file_is_reported_and_a_missing_one_is_none() {
     let path = dir.path().join("state.json");
     assert!(load(&path).unwrap().is_none());
     std::fs::write(&path, "{\"format\": 1, \"saved_unix\": 0, \"drain").unwrap();
-    assert!(load(&path).unwrap_err().contains("EOF"), "truncated");
-    std::fs::write(&path, "{\"format\": 9, \"saved_unix\": 0, \"drained\": []}").unwrap();
+    let invalid = |want: &str| match load(&path) {
+        Err(LoadError::Invalid(e)) => assert!(e.contains(want), "{e}"),
+        other => panic!("{other:?}"),
+    };
+    invalid("EOF");
     assert!(
-        load(&path)
-            .unwrap_err()
-            .contains("newer poolgate (format 9"),
-        "newer"
+        load(&path.join("state.json")).unwrap().is_none(),
+        "a path through a regular file holds nothing"
     );
+    std::fs::write(&path, "{\"format\": 9, \"saved_unix\": 0, \"drained\": []}").unwrap();
+    invalid("newer poolgate (format 9");
     std::fs::write(&path, vec![b' '; (MAX_FILE + 1) as usize]).unwrap();
-    assert!(load(&path).unwrap_err().contains("larger than 32 MiB"));
+    invalid("larger than 32 MiB");
     // A start with a bad file goes on with nothing restored.
     let pool = pool(&["vm-a"]);
     let keeper = StateKeeper::new(path, pool.clone(), driver(&pool), gauge());
     keeper.restore();
     assert!(keeper.pending.lock().unwrap().is_none());
     assert!(!pool.snapshot().vms()[0].status().draining);
+}
+
+/// A file that cannot be read (permissions, I/O) may hold drains: it is not written over,
+/// neither while the gateway runs nor at exit, and the gauge says so.
+#[test]
+fn a_file_that_cannot_be_read_is_not_written_over() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory where the file should be: opened, but not read.
+    let path = dir.path().join("state.json");
+    std::fs::create_dir(&path).unwrap();
+    assert!(matches!(load(&path), Err(LoadError::Unreadable(_))));
+    let pool = pool(&["vm-a"]);
+    pool.drain("vm-a");
+    let failing = gauge();
+    let keeper = StateKeeper::new(path.clone(), pool.clone(), driver(&pool), failing.clone());
+    keeper.restore();
+    assert_eq!(failing.get(), 1);
+    assert!(!keeper.save(true), "no write");
+    keeper.finish();
+    assert!(path.is_dir(), "left as it was");
+}
+
+/// An upgrade's successor stopped before the predecessor's report was taken in (or the file
+/// read) leaves the file alone: its own view is empty, the file holds the drains.
+#[test]
+fn a_stop_before_the_state_is_taken_in_does_not_write_over_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    let old = pool(&["vm-a"]);
+    old.drain("vm-a");
+    saved_at_exit(&path, &old);
+
+    let new = pool(&["vm-a"]);
+    StateKeeper::new(path.clone(), new.clone(), driver(&new), gauge()).finish();
+    assert_eq!(
+        load(&path).unwrap().unwrap().remembered.drained,
+        BTreeSet::from(["vm-a".to_owned()])
+    );
+    // Once taken in (here: nothing deferred), its exit writes its view.
+    let keeper = StateKeeper::new(path.clone(), new.clone(), driver(&new), gauge());
+    keeper.adopted(None);
+    keeper.finish();
+    assert!(load(&path).unwrap().unwrap().remembered.drained.is_empty());
 }
 
 #[test]
@@ -216,7 +270,7 @@ async fn drains_read_before_the_first_listing_are_kept_and_restored_once_the_poo
     old.drain("vm-b");
     old.store()
         .session_started("alice", "vm-a", old.clock().now());
-    StateKeeper::new(path.clone(), old.clone(), driver(&old), gauge()).finish();
+    saved_at_exit(&path, &old);
     let drained = |path: &Path| load(path).unwrap().unwrap().remembered.drained;
 
     // Stopped before the provider ever listed the pool: the drains are written back.
@@ -254,6 +308,17 @@ async fn drains_read_before_the_first_listing_are_kept_and_restored_once_the_poo
     keeper.finish();
     keeping.await.unwrap();
     assert_eq!(drained(&path), BTreeSet::from(["vm-b".to_owned()]));
+
+    // Listed, and empty (a pool scaled to zero whose VMs were deleted): nothing waits, and a
+    // VM created later under the same name does not inherit the drain.
+    let gone = pool(&[]);
+    let gone_driver = driver(&gone);
+    gone_driver.sync().await.unwrap();
+    let keeper = StateKeeper::new(path.clone(), gone.clone(), gone_driver, gauge());
+    keeper.restore();
+    assert!(keeper.pending.lock().unwrap().is_none(), "nothing waits");
+    keeper.finish();
+    assert!(drained(&path).is_empty());
 }
 
 #[test]
