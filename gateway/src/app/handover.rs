@@ -684,14 +684,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_scale_in_drain_stays_the_autoscalers_in_the_successor() {
+    /// The first report of a gateway whose vm-a an operator drained, and whose vm-b the
+    /// autoscaler drained for scale-in.
+    fn operator_and_scale_in_drains() -> Report {
         let old = pool(&["vm-a", "vm-b"]);
         let old_driver = driver(&old);
         old.drain("vm-a");
         old.drain("vm-b");
         old_driver.inherit_scale_in_drains(&["vm-b".to_owned()]);
-        let report = Report::first(&old, &old_driver);
+        Report::first(&old, &old_driver)
+    }
+
+    #[test]
+    fn a_scale_in_drain_stays_the_autoscalers_in_the_successor() {
+        let report = operator_and_scale_in_drains();
         assert_eq!(
             report.remembered.scale_in,
             BTreeSet::from(["vm-b".to_owned()])
@@ -713,12 +719,7 @@ mod tests {
     /// predecessor's drains wait for it instead of being dropped as drains of unknown VMs.
     #[tokio::test(start_paused = true)]
     async fn drains_reported_before_the_pool_is_listed_wait_for_the_listing() {
-        let old = pool(&["vm-a", "vm-b"]);
-        let old_driver = driver(&old);
-        old.drain("vm-a");
-        old.drain("vm-b");
-        old_driver.inherit_scale_in_drains(&["vm-b".to_owned()]);
-        let report = Report::first(&old, &old_driver);
+        let report = operator_and_scale_in_drains();
 
         let new = pool(&[]);
         let new_driver = driver(&new);
