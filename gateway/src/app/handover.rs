@@ -556,7 +556,7 @@ pub(super) fn notify_stopping() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::state::tests::driver;
+    use crate::app::state::tests::{driver, scaling_driver};
     use router_core::{RoutingPolicy, SystemClock, VmSpec};
 
     fn pool(names: &[&str]) -> Arc<Pool> {
@@ -704,7 +704,7 @@ mod tests {
         );
 
         let new = pool(&["vm-a", "vm-b"]);
-        let new_driver = driver(&new);
+        let new_driver = scaling_driver(&new);
         apply(&new, &new_driver, &report, &mut BTreeSet::new(), true);
         let snap = new.snapshot();
         assert!(snap.vms().iter().all(|vm| vm.status().draining));
@@ -715,6 +715,26 @@ mod tests {
         );
     }
 
+    /// A successor that does not scale (autoscaling turned off meanwhile) lets a scale-in
+    /// drain go: nothing would finish it, and the VM would stay drained, running and unused.
+    /// An operator's drain stays.
+    #[test]
+    fn a_successor_that_does_not_scale_lets_a_scale_in_drain_go() {
+        let report = operator_and_scale_in_drains();
+        let new = pool(&["vm-a", "vm-b"]);
+        let new_driver = driver(&new);
+        assert!(apply(&new, &new_driver, &report, &mut BTreeSet::new(), true).is_none());
+        let snap = new.snapshot();
+        let draining: Vec<_> = snap
+            .vms()
+            .iter()
+            .filter(|vm| vm.status().draining)
+            .map(|vm| vm.name().to_owned())
+            .collect();
+        assert_eq!(draining, ["vm-a"]);
+        assert!(new_driver.scale_in_drains().is_empty());
+    }
+
     /// The successor's provider has not listed its pool yet (its first listing failed): the
     /// predecessor's drains wait for it instead of being dropped as drains of unknown VMs.
     #[tokio::test(start_paused = true)]
@@ -722,7 +742,7 @@ mod tests {
         let report = operator_and_scale_in_drains();
 
         let new = pool(&[]);
-        let new_driver = driver(&new);
+        let new_driver = scaling_driver(&new);
         let deferred =
             apply(&new, &new_driver, &report, &mut BTreeSet::new(), true).expect("the drains wait");
         assert_eq!(deferred.drained.len(), 2);
@@ -746,7 +766,7 @@ mod tests {
         assert!(
             apply(
                 &listed,
-                &driver(&listed),
+                &scaling_driver(&listed),
                 &report,
                 &mut BTreeSet::new(),
                 true

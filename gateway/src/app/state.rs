@@ -10,7 +10,8 @@
 //!
 //! A scale-in drain stays the autoscaler's in the next process: it removes the VM once empty, or
 //! takes it back into service when needed. Taken for an operator's drain it would stay drained,
-//! running and unused, until someone undrained it by hand.
+//! running and unused, until someone undrained it by hand; for the same reason a next process
+//! that does not scale (autoscaling turned off) lets it go.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ const PENDING_CHECK_EVERY: Duration = Duration::from_millis(200);
 /// How often it is rewritten anyway while users have open sessions, so that after a crash their
 /// affinity counts from at most this long before it.
 pub(super) const REFRESH_EVERY: Duration = Duration::from_secs(60);
+/// A state file older than this at a start is named in a warning with its drains.
+const STALE_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 /// The file's format; a newer one is not read.
 const FORMAT: u32 = 1;
 /// A state file larger than this is neither written nor read (about 600 000 users' affinity).
@@ -59,6 +62,9 @@ pub(super) struct Restored {
     pub scale_in: Vec<String>,
     /// VMs not in the pool (any more), whose drain was dropped.
     pub unknown: Vec<String>,
+    /// Scale-in drains let go because this gateway does not scale (`autoscale.enabled` is
+    /// off now): nothing would ever finish them, so the VMs serve again.
+    pub released: Vec<String>,
 }
 
 /// Whether drains can be restored now: the provider has listed the pool (or the pool has VMs
@@ -82,8 +88,19 @@ pub(super) async fn restore_drains_once_listed(
     log_inherited(&drains.restore_drains(&pool, &driver));
 }
 
+/// Logs the scale-in drains let go because autoscaling is off.
+fn log_released(restored: &Restored) {
+    for vm in &restored.released {
+        tracing::info!(
+            vm,
+            "drained for scale-in before, but autoscaling is off now: the VM serves again"
+        );
+    }
+}
+
 /// Logs the drains restored from a predecessor's report.
 pub(super) fn log_inherited(restored: &Restored) {
+    log_released(restored);
     for vm in &restored.drained {
         let scale_in = restored.scale_in.contains(vm);
         tracing::info!(vm, scale_in, "drained, as it was in the previous gateway");
@@ -150,7 +167,9 @@ impl Remembered {
     pub fn restore_drains(&self, pool: &Pool, driver: &Driver) -> Restored {
         let mut restored = Restored::default();
         for vm in &self.drained {
-            if pool.drain(vm) {
+            if self.scale_in.contains(vm) && !driver.scales() {
+                restored.released.push(vm.clone());
+            } else if pool.drain(vm) {
                 restored.drained.push(vm.clone());
                 if self.scale_in.contains(vm) {
                     restored.scale_in.push(vm.clone());
@@ -397,6 +416,16 @@ impl StateKeeper {
         };
         let users = loaded.remembered.restore_affinity(&self.pool, loaded.age);
         let saved_ago = humantime::format_duration(loaded.age).to_string();
+        if loaded.age > STALE_AFTER && !loaded.remembered.drained.is_empty() {
+            // Not written since (the gateway ran with the file off, or an older poolgate ran):
+            // an operator may have lifted these drains meanwhile.
+            tracing::warn!(
+                path = %self.path.display(),
+                saved_ago,
+                drained = ?loaded.remembered.drained,
+                "the state file is old; its drains are restored: check them (poolgate status) and undrain what should serve"
+            );
+        }
         if !pool_listed(&self.pool, &self.driver) && !loaded.remembered.drained.is_empty() {
             tracing::info!(
                 path = %self.path.display(),
@@ -443,6 +472,7 @@ impl StateKeeper {
 
     fn restore_drains(&self, remembered: &Remembered, users: usize, saved_ago: &str) {
         let restored = remembered.restore_drains(&self.pool, &self.driver);
+        log_released(&restored);
         for vm in &restored.unknown {
             tracing::info!(
                 vm,

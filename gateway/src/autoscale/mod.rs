@@ -515,6 +515,11 @@ impl Driver {
         }
     }
 
+    /// Whether it scales: `autoscale.enabled`, with a provider that can start or create VMs.
+    pub fn scales(&self) -> bool {
+        self.settings.enabled
+    }
+
     /// Whether a listing of the provider has worked since the start (an empty one too).
     pub fn has_listed(&self) -> bool {
         self.listed.load(Ordering::Acquire)

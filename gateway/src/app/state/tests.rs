@@ -5,10 +5,14 @@ use router_core::{RoutingPolicy, SystemClock, VmSpec};
 
 use super::*;
 
-/// A driver over `pool` with autoscaling off: enough to hold and report scale-in drains.
-pub(in crate::app) fn driver(pool: &Arc<Pool>) -> Arc<Driver> {
+/// A driver over `pool` and `provider`, for a pool of up to two VMs.
+fn driver_over(
+    pool: &Arc<Pool>,
+    provider: Arc<dyn crate::autoscale::providers::Provider>,
+    enabled: bool,
+) -> Arc<Driver> {
     let settings = crate::autoscale::DriverSettings {
-        enabled: false,
+        enabled,
         ..crate::autoscale::DriverSettings::for_tests(router_core::autoscale::AutoscaleConfig {
             min_vms: 0,
             max_vms: 2,
@@ -21,10 +25,35 @@ pub(in crate::app) fn driver(pool: &Arc<Pool>) -> Arc<Driver> {
     };
     Driver::new(
         pool.clone(),
-        Arc::new(crate::autoscale::providers::StaticProvider::new(Vec::new())),
+        provider,
         settings,
         Arc::new(crate::metrics::Metrics::new()),
     )
+}
+
+/// A driver over `pool` with autoscaling off: enough to hold and report scale-in drains.
+pub(in crate::app) fn driver(pool: &Arc<Pool>) -> Arc<Driver> {
+    let provider = crate::autoscale::providers::StaticProvider::new(Vec::new());
+    driver_over(pool, Arc::new(provider), false)
+}
+
+/// A driver over `pool` that scales (its provider's commands never run here): scale-in drains
+/// are its own.
+pub(in crate::app) fn scaling_driver(pool: &Arc<Pool>) -> Arc<Driver> {
+    use crate::autoscale::providers::exec::{ExecProvider, ExecSettings};
+    let never = || Some(vec!["false".to_owned()]);
+    let provider = ExecProvider::new(ExecSettings {
+        list: vec!["false".to_owned()],
+        start: never(),
+        stop: never(),
+        create: None,
+        delete: None,
+        timeout: Duration::from_secs(1),
+        defaults: VmSpec::new("defaults", "127.0.0.1"),
+    });
+    let driver = driver_over(pool, Arc::new(provider), true);
+    assert!(driver.scales());
+    driver
 }
 
 fn gauge() -> IntGauge {
@@ -82,7 +111,7 @@ fn drains_and_affinity_survive_a_restart_through_the_file() {
     assert_eq!(names, ["state.json"], "no temporary file is left");
 
     let new = pool(&["vm-a", "vm-b", "vm-c"]);
-    let new_driver = driver(&new);
+    let new_driver = scaling_driver(&new);
     let file = StateKeeper::new(path.clone(), new.clone(), new_driver.clone(), gauge());
     file.restore();
     assert!(
