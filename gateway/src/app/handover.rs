@@ -463,8 +463,11 @@ pub(super) async fn follow_predecessor(
         }
         let first = applied.is_some();
         let deferred = apply(&pool, &driver, &report, &mut counted, first);
+        // With [cluster] (sessions not counted here) the store holds the drains for every
+        // replica: one restored late from the report could undo an undrain made there since.
         if let Some(applied) = applied.take()
             && let Err(Some(deferred)) = applied.send(deferred)
+            && count_sessions
         {
             tokio::spawn(super::state::restore_drains_once_listed(
                 pool.clone(),

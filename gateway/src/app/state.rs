@@ -269,6 +269,24 @@ impl std::fmt::Display for LoadError {
     }
 }
 
+/// Why the file at `path` cannot be read, if it exists and cannot (its first byte is read).
+fn unreadable(path: &Path) -> Option<String> {
+    let read = std::fs::File::open(path)
+        .and_then(|mut file| std::io::Read::read(&mut file, &mut [0u8; 1]).map(drop));
+    match read {
+        Err(e) if !no_file(&e) => Some(e.to_string()),
+        _ => None,
+    }
+}
+
+/// No file there, nor can there be one (a path through a regular file): nothing held.
+fn no_file(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
+}
+
 /// Reads the state file: `Ok(None)` when there is none yet.
 pub(super) fn load(path: &Path) -> Result<Option<Loaded>, LoadError> {
     let text = match std::fs::File::open(path) {
@@ -284,15 +302,7 @@ pub(super) fn load(path: &Path) -> Result<Option<Loaded>, LoadError> {
             }
             text
         }
-        // No file there, nor can there be one (a path through a regular file): nothing held.
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-            ) =>
-        {
-            return Ok(None);
-        }
+        Err(e) if no_file(&e) => return Ok(None),
         Err(e) => return Err(LoadError::Unreadable(e.to_string())),
     };
     let saved: Saved =
@@ -401,16 +411,7 @@ impl StateKeeper {
                 return;
             }
             Err(LoadError::Unreadable(e)) => {
-                // Written over, what it holds would be lost for good: left alone until a
-                // restart can read it.
-                if let Ok(mut last) = self.last.lock() {
-                    last.stopped = true;
-                }
-                self.failing.set(1);
-                tracing::error!(
-                    path = %self.path.display(),
-                    "cannot read the state file ({e}); starting without its drains and affinity, and not writing it either, so as not to lose them: make it readable for the gateway and restart"
-                );
+                self.stop_unreadable(&e);
                 return;
             }
         };
@@ -449,6 +450,10 @@ impl StateKeeper {
     /// its drains that wait for the provider's first listing here ([`keep`](Self::keep)
     /// restores them then).
     pub fn adopted(&self, deferred: Option<Remembered>) {
+        // A file the predecessor could not read is not this process's to write over either.
+        if let Some(e) = unreadable(&self.path) {
+            self.stop_unreadable(&e);
+        }
         if let Some(remembered) = deferred
             && let Ok(mut pending) = self.pending.lock()
         {
@@ -458,6 +463,19 @@ impl StateKeeper {
             });
         }
         self.loaded.store(true, Ordering::Release);
+    }
+
+    /// A file that cannot be read: written over, what it holds would be lost for good, so it
+    /// is left alone until a restart can read it.
+    fn stop_unreadable(&self, error: &str) {
+        if let Ok(mut last) = self.last.lock() {
+            last.stopped = true;
+        }
+        self.failing.set(1);
+        tracing::error!(
+            path = %self.path.display(),
+            "cannot read the state file ({error}); starting without its drains and affinity, and not writing it either, so as not to lose them: make it readable for the gateway and restart"
+        );
     }
 
     /// Drains read from the file that still wait for the provider's first listing: an upgrade

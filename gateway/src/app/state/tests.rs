@@ -231,6 +231,14 @@ fn a_file_that_cannot_be_read_is_not_written_over() {
     assert!(!keeper.save(true), "no write");
     keeper.finish();
     assert!(path.is_dir(), "left as it was");
+
+    // An upgrade's successor, told the state by its predecessor, leaves it alone too.
+    let failing = gauge();
+    let successor = StateKeeper::new(path.clone(), pool.clone(), driver(&pool), failing.clone());
+    successor.adopted(None);
+    assert_eq!(failing.get(), 1);
+    assert!(!successor.save(true), "no write");
+    assert!(path.is_dir(), "left as it was");
 }
 
 /// An upgrade's successor stopped before the predecessor's report was taken in (or the file
