@@ -559,7 +559,7 @@ pub(super) fn notify_stopping() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::state::tests::{driver, scaling_driver};
+    use crate::app::state::tests::{draining, driver, scaling_driver};
     use router_core::{RoutingPolicy, SystemClock, VmSpec};
 
     fn pool(names: &[&str]) -> Arc<Pool> {
@@ -727,14 +727,7 @@ mod tests {
         let new = pool(&["vm-a", "vm-b"]);
         let new_driver = driver(&new);
         assert!(apply(&new, &new_driver, &report, &mut BTreeSet::new(), true).is_none());
-        let snap = new.snapshot();
-        let draining: Vec<_> = snap
-            .vms()
-            .iter()
-            .filter(|vm| vm.status().draining)
-            .map(|vm| vm.name().to_owned())
-            .collect();
-        assert_eq!(draining, ["vm-a"]);
+        assert_eq!(draining(&new), ["vm-a"]);
         assert!(new_driver.scale_in_drains().is_empty());
     }
 

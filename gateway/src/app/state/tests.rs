@@ -56,6 +56,16 @@ pub(in crate::app) fn scaling_driver(pool: &Arc<Pool>) -> Arc<Driver> {
     driver
 }
 
+/// The pool's draining VMs, by name.
+pub(in crate::app) fn draining(pool: &Pool) -> Vec<String> {
+    pool.snapshot()
+        .vms()
+        .iter()
+        .filter(|vm| vm.status().draining)
+        .map(|vm| vm.name().to_owned())
+        .collect()
+}
+
 fn gauge() -> IntGauge {
     IntGauge::new("state_file_failing", "test").unwrap()
 }
@@ -118,14 +128,7 @@ fn drains_and_affinity_survive_a_restart_through_the_file() {
         file.pending.lock().unwrap().is_none(),
         "nothing waits for the pool"
     );
-    let snap = new.snapshot();
-    let draining: Vec<_> = snap
-        .vms()
-        .iter()
-        .filter(|vm| vm.status().draining)
-        .map(|vm| vm.name().to_owned())
-        .collect();
-    assert_eq!(draining, ["vm-a", "vm-c"]);
+    assert_eq!(draining(&new), ["vm-a", "vm-c"]);
     assert_eq!(new_driver.scale_in_drains(), ["vm-c"]);
     assert_eq!(affinity(&new, "alice").as_deref(), Some("vm-b"));
     assert_eq!(affinity(&new, "bob").as_deref(), Some("vm-c"));
