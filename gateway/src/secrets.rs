@@ -70,19 +70,14 @@ pub fn read(path: &Path) -> Result<Vec<u8>, SecretFileError> {
 /// Writes `contents` to a new file created with mode 0600 (parent directories 0700), atomically:
 /// the data goes to a temporary file in the same directory that is then renamed into place.
 pub fn write(path: &Path, contents: &[u8]) -> Result<(), SecretFileError> {
-    if let Some(dir) = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir.filter(|d| !d.exists()) {
         fs::create_dir_all(dir).map_err(io_error(dir))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_error(dir))?;
     }
     // A fresh name each time (`.<name>.<random>.tmp`): one left by a process that crashed
     // mid-write cannot stand in the way; it is removed again if anything fails.
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = dir.unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map_or_else(|| "secret".into(), |n| n.to_string_lossy().into_owned());

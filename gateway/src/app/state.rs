@@ -73,18 +73,22 @@ pub(super) fn pool_listed(pool: &Pool, driver: &Driver) -> bool {
     driver.has_listed() || !pool.snapshot().vms().is_empty()
 }
 
-/// Restores `drains` once the pool is listed (checked every [`PENDING_CHECK_EVERY`]): the
-/// drains an upgrade's predecessor reported before this process could list its pool, when no
-/// state file keeps them meanwhile.
+/// Returns once [`pool_listed`], looking every [`PENDING_CHECK_EVERY`].
+async fn until_listed(pool: &Pool, driver: &Driver) {
+    let mut listed = tokio::time::interval(PENDING_CHECK_EVERY);
+    while !pool_listed(pool, driver) {
+        listed.tick().await;
+    }
+}
+
+/// Restores `drains` once the pool is listed: the drains an upgrade's predecessor reported
+/// before this process could list its pool, when no state file keeps them meanwhile.
 pub(super) async fn restore_drains_once_listed(
     pool: Arc<Pool>,
     driver: Arc<Driver>,
     drains: Remembered,
 ) {
-    let mut listed = tokio::time::interval(PENDING_CHECK_EVERY);
-    while !pool_listed(&pool, &driver) {
-        listed.tick().await;
-    }
+    until_listed(&pool, &driver).await;
     log_inherited(&drains.restore_drains(&pool, &driver));
 }
 
@@ -167,11 +171,12 @@ impl Remembered {
     pub fn restore_drains(&self, pool: &Pool, driver: &Driver) -> Restored {
         let mut restored = Restored::default();
         for vm in &self.drained {
-            if self.scale_in.contains(vm) && !driver.scales() {
+            let scale_in = self.scale_in.contains(vm);
+            if scale_in && !driver.scales() {
                 restored.released.push(vm.clone());
             } else if pool.drain(vm) {
                 restored.drained.push(vm.clone());
-                if self.scale_in.contains(vm) {
+                if scale_in {
                     restored.scale_in.push(vm.clone());
                 }
             } else {
@@ -357,6 +362,7 @@ pub(super) struct StateKeeper {
 }
 
 /// Drains waiting for the pool's first listing.
+#[derive(Clone)]
 struct Pending {
     remembered: Remembered,
     /// How long before the start the file was saved; `None`: the predecessor's report.
@@ -510,25 +516,17 @@ impl StateKeeper {
     /// Restores drains that waited for the pool's first listing, then writes the file whenever
     /// what it holds changes, until [`finish`](Self::finish) or [`hand_over`](Self::hand_over).
     pub async fn keep(self: Arc<Self>) {
-        if let Some(pending) = self.pending_drains() {
-            let mut listed = tokio::time::interval(PENDING_CHECK_EVERY);
-            while !pool_listed(&self.pool, &self.driver) {
-                listed.tick().await;
-            }
-            let saved_ago = self
-                .pending
-                .lock()
-                .ok()
-                .and_then(|p| p.as_ref().map(|p| p.saved_ago.clone()));
-            match saved_ago {
-                Some(Some(saved_ago)) => {
+        let pending = self.pending.lock().ok().and_then(|p| p.clone());
+        if let Some(pending) = pending {
+            until_listed(&self.pool, &self.driver).await;
+            match &pending.saved_ago {
+                Some(saved_ago) => {
                     tracing::info!(
                         "the provider has listed the pool: restoring the state file's drains"
                     );
-                    self.restore_drains(&pending, 0, &saved_ago);
+                    self.restore_drains(&pending.remembered, 0, saved_ago);
                 }
-                Some(None) => log_inherited(&pending.restore_drains(&self.pool, &self.driver)),
-                None => {}
+                None => log_inherited(&pending.remembered.restore_drains(&self.pool, &self.driver)),
             }
             // Only now: a write meanwhile still has them.
             if let Ok(mut p) = self.pending.lock() {
