@@ -327,7 +327,7 @@ pub struct Builders {
 }
 
 /// The connection builders with `[http]` limits: header block size (`max_header_bytes`, at
-/// least 8 KiB), HTTP/2 header list size, keep-alive pings. (The header read timeout is the
+/// least 8 KiB; hyper's own ceilings are above it so that the gateway answers with its page), HTTP/2 header list size, keep-alive pings. (The header read timeout is the
 /// watchdog's.)
 pub fn connection_builders(max_header_bytes: usize) -> Builders {
     let max_header = max_header_bytes.max(8192);
@@ -340,7 +340,13 @@ pub fn connection_builders(max_header_bytes: usize) -> Builders {
         // it. That is the same protection against slow header senders, coarser by at most a
         // quarter, and it saves arming and clearing a timer (and allocating it) per request.
         .header_read_timeout(None)
-        .max_buf_size(max_header)
+        // Past this hyper answers a bare 431 itself (no body), which a browser shows as an empty
+        // error page. So, as for HTTP/2 below, hyper's ceiling is above `max_header_bytes`
+        // (twice it), and a request head between the two gets the gateway's 431 page
+        // (`Frontend::check`), which says what to do. A browser's cookies grow a few KB at a
+        // time, so the first request past the limit lands in that band. The ceiling bounds
+        // what one connection may make the gateway buffer while its head is read.
+        .max_buf_size(max_header.saturating_mul(2))
         // A request's end of stream is not taken for a client gone away while the request is
         // in flight: a client that closes its sending side once its request is out still gets
         // the answer, as from HAProxy (without `option abortonclose`). A client that leaves

@@ -700,18 +700,20 @@ impl Frontend {
                 detail: "the request target must be a path starting with /".into(),
             });
         }
-        if !h1 {
-            let size = h2_header_list_size(req);
-            let max = self.inner.settings.max_header_bytes;
-            if size > max {
-                return Err(GatewayError::Refused {
-                    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    detail: format!(
-                        "the request's headers are {size} bytes; at most {max} are accepted. \
-                         Deleting this site's cookies in the browser usually fixes it"
-                    ),
-                });
-            }
+        let max = self.inner.settings.max_header_bytes;
+        let size = if h1 {
+            h1_head_size(req)
+        } else {
+            h2_header_list_size(req)
+        };
+        if size > max {
+            return Err(GatewayError::Refused {
+                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                detail: format!(
+                    "the request's headers are {size} bytes; at most {max} are accepted. \
+                     Deleting this site's cookies in the browser usually fixes it"
+                ),
+            });
         }
         let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if target > self.inner.settings.max_uri_bytes {
@@ -967,6 +969,20 @@ fn join_cookie_crumbs(headers: &mut hyper::HeaderMap) {
     }
 }
 
+/// An HTTP/1.1 request head's size as it came on the wire, written the usual way: the request
+/// line, each field as `name: value` and its line end, and the empty line that ends the head.
+fn h1_head_size<B>(req: &Request<B>) -> usize {
+    const REQUEST_LINE: usize = " HTTP/1.1\r\n".len() + 1;
+    const FIELD: usize = ": \r\n".len();
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + FIELD)
+        .sum();
+    req.method().as_str().len() + target + REQUEST_LINE + fields + "\r\n".len()
+}
+
 /// An HTTP/2 request's header list size as HTTP/2 counts it (RFC 9113, section 6.5.2): every
 /// field's name and value plus 32 bytes, the pseudo-header fields included.
 fn h2_header_list_size<B>(req: &Request<B>) -> usize {
@@ -1005,6 +1021,27 @@ mod unit {
             .append(header::COOKIE, HeaderValue::from_static("b=22"));
         let want = (7 + 3) + (7 + 5) + (10 + 11) + (5 + 8) + (6 + 3) + (6 + 4) + 6 * 32;
         assert_eq!(h2_header_list_size(&req), want);
+    }
+
+    /// An HTTP/1.1 head is measured as the bytes a client writes for it.
+    #[test]
+    fn an_http1_head_is_measured_as_it_came_on_the_wire() {
+        let wire = "POST /lab/api?x=1 HTTP/1.1\r\nhost: hub.example\r\ncookie: a=1; b=22\r\n\
+                    x-empty: \r\n\r\n";
+        let mut req = Request::new(());
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = Uri::from_static("/lab/api?x=1");
+        for (name, value) in [
+            ("host", "hub.example"),
+            ("cookie", "a=1; b=22"),
+            ("x-empty", ""),
+        ] {
+            req.headers_mut().append(
+                header::HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        assert_eq!(h1_head_size(&req), wire.len());
     }
 
     #[test]
