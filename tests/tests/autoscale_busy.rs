@@ -400,14 +400,18 @@ fn a_vs_code_server_left_behind_does_not_keep_its_vm_but_a_job_in_its_terminal_d
     let took = pool.kept_while_running_then_stopped("a job in a VS Code terminal", || {
         pool.vm.processes("sleep", "sleep 700")
     });
+    pool.gateway
+        .wait_for_log("action=Drain(\"vm-a\")", Duration::from_secs(5));
+    // The admin API says `stopped` from the moment the stop begins; the autoscaler logs the
+    // stop's result once the stop script has ended and the provider lists the VM stopped.
+    pool.gateway
+        .wait_for_log("result=\"stop\"", Duration::from_secs(15));
     // The server and its idle terminal were still there when the VM was judged idle; they
     // went with it.
     assert!(
         editor_server().is_empty(),
         "the editor's server outlived the stopped VM"
     );
-    pool.gateway
-        .wait_for_log("action=Drain(\"vm-a\")", Duration::from_secs(5));
     eprintln!("VS Code server left behind: VM stopped {took:?} after the job ended");
     let _ = std::fs::remove_dir_all(&editor);
 }
