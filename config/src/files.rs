@@ -230,8 +230,15 @@ impl Config {
             // Not needed when nothing logs in to a VM over SSH (`listen.ssh = "off"`, no busy
             // check), but checked like any other file when it is there.
             let required = s.backend_host_ca.is_none() && self.logs_in_to_vms();
+            // The keys directory may not be there yet on a first install: the command must
+            // work as printed.
+            let mkdir = known
+                .parent()
+                .filter(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+                .map(|dir| format!("mkdir -p {} && ", dir.display()))
+                .unwrap_or_default();
             let hint = format!(
-                "create it with: ssh-keyscan {} >> {}; or set ssh.backend_host_ca",
+                "create it with: {mkdir}ssh-keyscan {} >> {}; or set ssh.backend_host_ca",
                 self.keyscan_targets(),
                 known.display()
             );

@@ -88,6 +88,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 out!("warning: {warning}");
             }
             let _ = write!(std::io::stdout(), "{}", config.summary());
+            print_host_keys(&config);
             print_user_ca(&config);
             ExitCode::SUCCESS
         }
@@ -102,6 +103,23 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             out!("{other}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Names a host key that `run` would generate: a new key is what a first install wants, and
+/// what a mistyped path must not do unseen (every user's ssh would then see the gateway's
+/// identity change).
+fn print_host_keys(config: &poolgate_config::Config) {
+    if !config.listen.serves_ssh() {
+        return;
+    }
+    for path in config.ssh.host_keys.iter().filter(|p| !p.exists()) {
+        out!(
+            "host key: {} does not exist yet; `poolgate run` generates a new one there, which \
+             users' ssh asks them to trust (if this gateway already has a host key, fix \
+             ssh.host_keys instead)",
+            path.display()
+        );
     }
 }
 

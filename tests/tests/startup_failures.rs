@@ -6,6 +6,7 @@
 //! is a graceful stop. The real binary, on 127.0.0.1.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -278,4 +279,97 @@ fn a_sigterm_as_soon_as_the_ports_answer_is_a_graceful_stop() {
         let status = gateway.terminate(Duration::from_secs(20));
         assert_eq!(status.code(), Some(0), "round {round}: {status:?}");
     }
+}
+
+/// The smallest configuration names no host key, so the first start generates one, mode 0600:
+/// `check-config` says so beforehand, and `run` warns as it does it (a mistyped path must not
+/// give users a new gateway identity unseen). The next start shows the same key, which OpenSSH's
+/// `ssh-keyscan` reads off the SSH port, and says nothing more about it.
+#[test]
+fn a_missing_host_key_is_named_beforehand_generated_with_a_warning_and_kept() {
+    require_tools!("ssh-keyscan");
+    let setup = Setup::new();
+    let config = setup.write_config(false, "");
+    let key = setup.path().join("keys/ssh_host_ed25519_key");
+    let (status, text) = check_config(&config);
+    assert!(status.success(), "{text}");
+    assert_contains(
+        &text,
+        &[&format!(
+            "host key: {} does not exist yet; `poolgate run` generates a new one there",
+            key.display()
+        )],
+    );
+    let toml = std::fs::read_to_string(&config).expect("read config");
+    let shown_key = |gateway: &GatewayProcess| {
+        let out = run_with_timeout(
+            Command::new(tool("ssh-keyscan")).args([
+                "-t",
+                "ed25519",
+                "-p",
+                &setup.ssh.port().to_string(),
+                "127.0.0.1",
+            ]),
+            Duration::from_secs(20),
+        );
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            line.contains("ssh-ed25519 "),
+            "ssh-keyscan: {out:?}\n{}",
+            gateway.log_text()
+        );
+        line.split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let start = || {
+        GatewayProcess::builder(&toml)
+            .dir(setup.path())
+            .wait_for(setup.ssh)
+            .start()
+    };
+
+    let mut first = start();
+    first.wait_for_log("generated a new SSH host key", Duration::from_secs(5));
+    let log = first.log_text();
+    let warned = log
+        .lines()
+        .find(|l| l.contains("generated a new SSH host key"))
+        .unwrap_or_default();
+    assert!(
+        warned.contains("WARN") && warned.contains("ssh.host_keys points at the wrong file"),
+        "{warned}"
+    );
+    let mode = std::fs::metadata(&key)
+        .expect("the generated key")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "{}", key.display());
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("the .pub beside it");
+    let first_key = shown_key(&first);
+    assert!(public.contains(&first_key), "{public} vs {first_key}");
+    assert_eq!(first.terminate(Duration::from_secs(20)).code(), Some(0));
+
+    let (status, text) = check_config(&config);
+    assert!(status.success(), "{text}");
+    assert!(!text.contains("host key: "), "{text}");
+    let mut second = start();
+    assert_eq!(
+        shown_key(&second),
+        first_key,
+        "the host key changed at a restart"
+    );
+    // One log file for both starts (appended): the line is the first start's alone.
+    assert_eq!(
+        second
+            .log_text()
+            .matches("generated a new SSH host key")
+            .count(),
+        1,
+        "{}",
+        second.log_text()
+    );
+    assert_eq!(second.terminate(Duration::from_secs(20)).code(), Some(0));
 }

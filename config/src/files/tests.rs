@@ -128,6 +128,27 @@ fn operator_supplied_files_must_exist() {
     );
 }
 
+/// On a first install the keys directory is not there yet: the printed command makes it.
+#[test]
+fn the_known_hosts_hint_makes_a_missing_keys_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    let known = dir.path().join("new-keys/backend_known_hosts");
+    c.ssh.backend_known_hosts = Some(known.clone());
+    let errs = c.check_files();
+    assert_eq!(
+        errs.iter()
+            .find(|e| e.key == "ssh.backend_known_hosts")
+            .map(|e| e.message.clone()),
+        Some(format!(
+            "{0} does not exist (create it with: mkdir -p {1} && ssh-keyscan -p 22 10.0.0.4 >> {0}; or set ssh.backend_host_ca)",
+            known.display(),
+            dir.path().join("new-keys").display()
+        )),
+        "{errs:#?}"
+    );
+}
+
 #[test]
 fn known_hosts_may_be_missing_with_a_host_ca() {
     let dir = tempfile::tempdir().unwrap();

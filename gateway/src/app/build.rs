@@ -194,7 +194,14 @@ fn build_gateway(
         let (key, generated) =
             keys::load_or_generate(path, "poolgate host key").context("ssh.host_keys")?;
         if generated {
-            tracing::info!(path = %path.display(), "generated a new SSH host key");
+            // Right on a first install; on a gateway users already know, a mistyped path or a
+            // lost file, which users' ssh reports as "REMOTE HOST IDENTIFICATION HAS CHANGED".
+            tracing::warn!(
+                path = %path.display(),
+                "generated a new SSH host key: users' ssh asks them to trust it on their next \
+                 login. On a first start that is expected; if this gateway had a host key \
+                 before, ssh.host_keys points at the wrong file (restore the old key there)"
+            );
         }
         host_keys.push(key);
     }
