@@ -117,13 +117,19 @@ impl Drop for Demo {
 
 /// A plain HTTP/1.1 GET on 127.0.0.1:port; returns status and body.
 fn http_get(port: u16, path: &str) -> (u16, String) {
+    let (status, _, body) = http_get_with(port, path, "");
+    (status, body)
+}
+
+/// A GET with `extra` header lines (each ending in CRLF): status, head and body.
+fn http_get_with(port: u16, path: &str, extra: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Connection: close\r\n\r\n"
     )
     .expect("write request");
     let mut response = String::new();
@@ -133,11 +139,8 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_string(), body.to_string())
 }
 
 fn stdout(out: &std::process::Output) -> String {
@@ -309,6 +312,10 @@ fn demo_wakes_a_vm_for_the_first_login_serves_ssh_and_stops_when_everyone_leaves
             .contains(&("demo-1".to_string(), "running".to_string()))
     );
 
+    // Work left running the usual ways (`nohup`, `setsid`): it ends with its VM, as on a real
+    // VM, not with the demo.
+    let jobs = detach_jobs(&ssh, demo.ssh);
+
     // Everyone has left: the VM drains and stops.
     let left = Instant::now();
     wait_until(Duration::from_secs(30), "every demo VM stopped", || {
@@ -318,27 +325,112 @@ fn demo_wakes_a_vm_for_the_first_login_serves_ssh_and_stops_when_everyone_leaves
     let log = demo.log();
     assert!(log.contains("Drain(\"demo-1\")"), "{log}");
     assert!(log.contains("demo VM stopped"), "{log}");
+    jobs.assert_ended("the demo VM's scale-in", &demo);
     eprintln!("whole journey: {:?}", started.elapsed());
+}
+
+/// Processes a demo user left running on a VM, found by their command lines.
+struct DetachedJobs(Vec<String>);
+
+/// Leaves `nohup sleep …` and `setsid sleep …` running on the VM `ssh` lands on (their
+/// durations made unique by `tag`), and waits until both run.
+fn detach_jobs(ssh: &SshClient, tag: u16) -> DetachedJobs {
+    let (nohup, setsid) = (format!("3{tag}"), format!("4{tag}"));
+    let out = ssh.run(&format!(
+        "nohup sleep {nohup} >/dev/null 2>&1 </dev/null & \
+         setsid sleep {setsid} >/dev/null 2>&1 </dev/null &"
+    ));
+    assert!(out.status.success(), "{out:?}");
+    let jobs = DetachedJobs(vec![
+        format!("sleep\0{nohup}\0"),
+        format!("sleep\0{setsid}\0"),
+    ]);
+    wait_until(
+        Duration::from_secs(10),
+        "both detached jobs running",
+        || jobs.running() == 2,
+    );
+    jobs
+}
+
+impl DetachedJobs {
+    fn running(&self) -> usize {
+        self.0
+            .iter()
+            .filter(|c| !pids_with_cmdline_prefix(c).is_empty())
+            .count()
+    }
+
+    /// Both ended (killed) within 5 s of `when`.
+    fn assert_ended(&self, when: &str, demo: &Demo) {
+        let gone = poll(Duration::from_secs(5), || self.running() == 0);
+        for c in &self.0 {
+            for pid in pids_with_cmdline_prefix(c) {
+                kill_tree(pid);
+            }
+        }
+        assert!(
+            gone,
+            "detached jobs outlived {when}: {:?}\n{}",
+            self.0,
+            demo.log()
+        );
+    }
 }
 
 #[test]
 fn demo_wakes_a_vm_for_a_browser_then_serves_its_page_and_websocket_echo() {
     // An empty pool: the browser's first request wakes it (503 "starting" page, then the VM).
-    let demo = Demo::start(&["--min-vms", "0", "--max-vms", "1", "--boot-delay", "1s"]);
+    let demo = Demo::start(&[
+        "--min-vms",
+        "0",
+        "--max-vms",
+        "1",
+        "--boot-delay",
+        "1s",
+        "--scale-in-after",
+        "3s",
+        "--scale-to-zero-after",
+        "4s",
+    ]);
     let first = http_get(demo.http, "/");
     assert_eq!(first.0, 503, "{first:?}");
-    let mut last = (0, String::new());
+    let mut last = (0, String::new(), String::new());
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        last = http_get(demo.http, "/");
+        last = http_get_with(demo.http, "/", "");
         if last.0 == 200 {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(last.0, 200, "GET / through the gateway: {last:?}");
-    assert!(last.1.contains("demo VM"), "{}", last.1);
-    assert!(last.1.contains("demo-1"), "{}", last.1);
+    assert!(last.2.contains("demo VM"), "{}", last.2);
+    assert!(last.2.contains("demo-1"), "{}", last.2);
+    // The browser comes back with its cookie, which makes it a session on demo-1.
+    let cookie = last
+        .1
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or(l.strip_prefix("Set-Cookie: "))
+        })
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("no cookie set: {}", last.1))
+        .to_owned();
+    let again = http_get_with(demo.http, "/", &format!("Cookie: {cookie}\r\n"));
+    assert_eq!(again.0, 200, "{again:?}");
+    wait_until(
+        Duration::from_secs(5),
+        "the browser counted as a session",
+        || {
+            demo.vms()
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|vm| vm["sessions"]["http"].as_u64().unwrap_or(0) >= 1)
+        },
+    );
 
     // Websocket echo through the gateway's HTTP listener.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -365,6 +457,19 @@ fn demo_wakes_a_vm_for_a_browser_then_serves_its_page_and_websocket_echo() {
         reply.into_text().map(|t| t.to_string()).unwrap_or_default()
     });
     assert_eq!(echoed, "ping demo");
+
+    // The browser has gone quiet: its session lapses with the demo's short idle times (not the
+    // production default of 30 minutes), and the pool goes back to zero.
+    let quiet = Instant::now();
+    wait_until(
+        Duration::from_secs(40),
+        "the demo VM stopped after the browser left",
+        || demo.lifecycles().iter().all(|(_, l)| l == "stopped"),
+    );
+    eprintln!(
+        "pool back to zero {:?} after the browser left",
+        quiet.elapsed()
+    );
 }
 
 #[test]
@@ -375,6 +480,12 @@ fn demo_stops_cleanly_on_ctrl_c() {
             .contains(&("demo-1".to_string(), "running".to_string()))
     });
     let vm_ssh = demo.vms()[0]["ssh_port"].as_u64().expect("ssh_port") as u16;
+    let key = UserKey::generate("demo-user");
+    let hosts = demo.known_hosts();
+    let ssh = SshClient::new("alice", demo.ssh, hosts.path())
+        .identity(key.private_key_path())
+        .timeout(Duration::from_secs(30));
+    let jobs = detach_jobs(&ssh, demo.ssh);
     let mut child = demo.child.take().expect("running");
     kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).expect("SIGINT");
     let status = wait_for_exit(
@@ -389,6 +500,7 @@ fn demo_stops_cleanly_on_ctrl_c() {
             "port {port} still open after Ctrl-C"
         );
     }
+    jobs.assert_ended("Ctrl-C", &demo);
 }
 
 #[test]

@@ -207,11 +207,14 @@ fn build_gateway(
     }
     let ca = if config.logs_in_to_vms() {
         let ca = user_ca(config)?;
-        tracing::info!(
-            ca = %ca.public_line(),
-            "VMs must trust this user CA: put the line in /etc/ssh/poolgate_user_ca.pub and add \
-             `TrustedUserCAKeys /etc/ssh/poolgate_user_ca.pub` to sshd_config"
-        );
+        // The demo's VMs are in this process and trust it already.
+        if config.pool.provider != poolgate_config::Provider::Demo {
+            tracing::info!(
+                ca = %ca.public_line(),
+                "VMs must trust this user CA: put the line in /etc/ssh/poolgate_user_ca.pub and add \
+                 `TrustedUserCAKeys /etc/ssh/poolgate_user_ca.pub` to sshd_config"
+            );
+        }
         ca
     } else {
         UserCa::ephemeral(config.ssh.cert_validity).context("the in-memory user CA")?

@@ -383,9 +383,24 @@ async fn bind(
         tracing::info!(%addr, "{key}: listening on the socket of the previous gateway");
         return Ok(listener);
     }
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("{key}: cannot listen on {addr}"))
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::AddrInUse => format!(
+                " (another program, or another poolgate, listens there: stop it or set {key} to a \
+                 free port)"
+            ),
+            std::io::ErrorKind::PermissionDenied => format!(
+                " (ports below 1024 need root or CAP_NET_BIND_SERVICE, which the shipped systemd \
+                 unit grants; or set {key} to a port from 1024 up)"
+            ),
+            std::io::ErrorKind::AddrNotAvailable => format!(
+                " (no interface of this machine has that address: set {key} to one it has, or \
+                 0.0.0.0)"
+            ),
+            _ => String::new(),
+        };
+        anyhow::anyhow!("{key}: cannot listen on {addr}: {e}{hint}")
+    })
 }
 
 /// [`bind`] for a listener that may be off (`None`).

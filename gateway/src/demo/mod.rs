@@ -21,6 +21,7 @@ mod web;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use russh::keys::ssh_key::certificate::{Builder, CertType};
@@ -84,6 +85,45 @@ pub struct DemoVm {
     ssh_addr: SocketAddr,
     http_addr: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
+    /// The tag every process of this VM carries in its environment ([`INSTANCE_VAR`]).
+    instance: Arc<str>,
+}
+
+/// The environment variable naming the demo VM a process was started on (one value per VM start):
+/// a demo VM has no process table of its own, so stopping it finds what its users left running
+/// (`nohup`, `setsid`, `disown`) by this tag, as stopping a real VM ends every process on it.
+pub(crate) const INSTANCE_VAR: &str = "POOLGATE_DEMO_INSTANCE";
+
+/// Sends SIGKILL to every process whose environment carries `instance` in [`INSTANCE_VAR`];
+/// returns how many. Processes that cannot be read (other users', gone) are skipped.
+fn end_processes_of(instance: &str) -> usize {
+    let tag = format!("{INSTANCE_VAR}={instance}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut ended = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|b| *b == 0).any(|var| var == tag.as_bytes())
+            && nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        {
+            ended += 1;
+        }
+    }
+    ended
 }
 
 impl DemoVm {
@@ -105,10 +145,17 @@ impl DemoVm {
         let http_addr = local(&http_listener)?;
         let host_key = host_key(name, &settings.host_ca)?;
         let vm: Arc<str> = Arc::from(name);
+        static STARTS: AtomicU64 = AtomicU64::new(0);
+        let instance: Arc<str> = Arc::from(format!(
+            "{}-{name}-{}",
+            std::process::id(),
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        ));
         let ssh_task = tokio::spawn(ssh::serve(
             ssh_listener,
             ssh::VmContext {
                 name: vm.clone(),
+                instance: instance.clone(),
                 settings: settings.clone(),
             },
             host_key,
@@ -120,6 +167,7 @@ impl DemoVm {
             ssh_addr,
             http_addr,
             tasks: vec![ssh_task, web_task],
+            instance,
         })
     }
 
@@ -144,7 +192,8 @@ impl Drop for DemoVm {
         for task in &self.tasks {
             task.abort();
         }
-        tracing::info!(vm = %self.name, "demo VM stopped");
+        let ended = end_processes_of(&self.instance);
+        tracing::info!(vm = %self.name, processes_ended = ended, "demo VM stopped");
     }
 }
 

@@ -42,6 +42,8 @@ pub(super) enum Launch {
 #[derive(Debug, Clone)]
 pub(super) struct Request {
     pub vm: Arc<str>,
+    /// The VM's start it runs on (`super::INSTANCE_VAR`).
+    pub instance: Arc<str>,
     pub login: String,
     pub client: SocketAddr,
     pub pty: Option<PtySize>,
@@ -108,6 +110,9 @@ pub(super) fn spawn(
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
+                // A process group of its own, as sshd gives a session: a Ctrl-C in the terminal
+                // poolgate runs in must not reach the users' commands (the gateway ends them).
+                .process_group(0)
                 .kill_on_drop(true)
                 .spawn()?;
             let stdin = child.stdin.take();
@@ -178,6 +183,10 @@ fn environment(request: &Request, shell: &ShellSettings) -> Vec<(String, String)
         env.push(("TERM".to_string(), pty.term.clone()));
     }
     env.push(("POOLGATE_VM".to_string(), request.vm.to_string()));
+    env.push((
+        super::INSTANCE_VAR.to_string(),
+        request.instance.to_string(),
+    ));
     env.push(("POOLGATE_DEMO_LOGIN".to_string(), request.login.clone()));
     env.push((
         "PS1".to_string(),
@@ -379,6 +388,7 @@ mod tests {
     fn environment_names_the_vm_and_hides_the_gateways() {
         let request = Request {
             vm: Arc::from("demo-2"),
+            instance: Arc::from("42-demo-2-7"),
             login: "alice".into(),
             client: "127.0.0.1:5555".parse().unwrap_or_else(|_| unreachable!()),
             pty: Some(PtySize {
@@ -386,7 +396,11 @@ mod tests {
                 cols: 80,
                 rows: 24,
             }),
-            env: vec![("LANG".into(), "C.UTF-8".into())],
+            // A client cannot pass for another VM's process: the VM's own tag comes last.
+            env: vec![
+                ("LANG".into(), "C.UTF-8".into()),
+                (super::super::INSTANCE_VAR.into(), "other".into()),
+            ],
             launch: Launch::Shell,
         };
         let env = environment(&request, &shell("/bin/bash"));
@@ -397,6 +411,10 @@ mod tests {
                 .map(|(_, v)| v.clone())
         };
         assert_eq!(get("POOLGATE_VM").as_deref(), Some("demo-2"));
+        assert_eq!(
+            get(super::super::INSTANCE_VAR).as_deref(),
+            Some("42-demo-2-7")
+        );
         assert_eq!(get("TERM").as_deref(), Some("xterm"));
         assert_eq!(get("LANG").as_deref(), Some("C.UTF-8"));
         assert!(get("PS1").is_some_and(|p| p.contains("demo-2")));

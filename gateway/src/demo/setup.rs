@@ -263,6 +263,10 @@ pub fn config(options: &DemoOptions, state_dir: &Path) -> Config {
     // `authorized_keys` is not read: the demo accepts any key.
 
     config.http.cookie_secret_file = state_dir.join("cookie_secret");
+    // A page view counts as a session until the browser has been quiet this long (an open
+    // websocket for as long as it is open): at the default 30 minutes one look at the page kept
+    // the demo's pool up long after "scale in after 60 s" said it would go.
+    config.http.session_idle = options.scale_in_after.min(Duration::from_secs(30));
 
     let health = &mut config.health;
     health.interval = Duration::from_secs(1);
@@ -309,7 +313,7 @@ pub fn instructions(options: &DemoOptions, user: &str, state_dir: &Path) -> Stri
          \x20 http://127.0.0.1:{http}/                 a page from the VM you are pinned to\n\
          \x20 http://127.0.0.1:{admin}/status           the pool at a glance\n\
          \x20 http://127.0.0.1:{admin}/metrics          Prometheus metrics\n\
-         \x20 poolgate status --admin 127.0.0.1:{admin}\n\
+         \x20 {program} status --admin 127.0.0.1:{admin}\n\
          \n\
          VMs idle for {idle} are drained and stopped. Keys: {dir}. Ctrl-C stops everything.\n\
          (The first ssh asks to trust the gateway's host key; it stays the same across runs.)\n",
@@ -319,7 +323,29 @@ pub fn instructions(options: &DemoOptions, user: &str, state_dir: &Path) -> Stri
         admin = options.admin_port,
         idle = humantime::format_duration(options.scale_in_after),
         dir = state_dir.display(),
+        program = program_to_run(),
     )
+}
+
+/// How to run this binary again from the demo's terminal: `poolgate` when that is what `PATH`
+/// finds, else the binary's path (`cargo run` leaves it in `target/`, not on `PATH`).
+fn program_to_run() -> String {
+    let Ok(me) = std::env::current_exe() else {
+        return "poolgate".to_owned();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .any(|dir| std::fs::canonicalize(dir.join("poolgate")).is_ok_and(|p| p == me))
+    });
+    if on_path {
+        return "poolgate".to_owned();
+    }
+    // Relative to the working directory when under it (`target/release/poolgate`).
+    let shown = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| me.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| me.clone());
+    shown.display().to_string()
 }
 
 /// Runs `poolgate demo` until Ctrl-C: prepares keys, prints what to try once the listeners are
@@ -342,6 +368,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     drop(demo.provider);
     result.map_err(|e| {
         let text = format!("{e:#}");
+        // The gateway's own hint names a config key; the demo has flags instead (below).
+        let text = text
+            .split_once(" (another program")
+            .map_or(text.as_str(), |(error, _)| error)
+            .to_owned();
         let flag = ["ssh", "http", "admin"]
             .into_iter()
             .find(|l| text.starts_with(&format!("listen.{l}:")))
@@ -442,5 +473,14 @@ mod tests {
         assert!(text.contains("http://127.0.0.1:8080/"));
         assert!(text.contains("http://127.0.0.1:9090/status"));
         assert!(text.contains("http://127.0.0.1:9090/metrics"));
+        // The test binary is not on PATH: its path is printed, so the line runs as shown.
+        assert!(
+            text.contains(&format!(
+                "{} status --admin 127.0.0.1:9090",
+                program_to_run()
+            )),
+            "{text}"
+        );
+        assert!(!program_to_run().is_empty());
     }
 }

@@ -28,6 +28,8 @@ pub(super) const PASSWORD: &str = "demo";
 #[derive(Debug, Clone)]
 pub(super) struct VmContext {
     pub name: Arc<str>,
+    /// This start of the VM: every session's program carries it (`super::INSTANCE_VAR`).
+    pub instance: Arc<str>,
     pub settings: Arc<DemoVmSettings>,
 }
 
@@ -121,6 +123,7 @@ impl Connection {
         }
         let request = process::Request {
             vm: self.ctx.name.clone(),
+            instance: self.ctx.instance.clone(),
             login: self.user.clone(),
             client: self.peer,
             pty: state.pty.clone(),

@@ -100,24 +100,40 @@ impl GatewayError {
         }
     }
 
-    fn detail(&self) -> String {
+    /// What happened and what to do: for a person looking at the page (`page`), or for a
+    /// program that asked for JSON (a notebook's API call, a script), which reloads nothing.
+    fn detail(&self, page: bool) -> String {
         match self {
             Self::NoVm {
                 reason,
                 retry_after,
                 ..
-            } => format!(
-                "{reason}. This page reloads by itself in {} seconds.",
-                retry_after.as_secs()
-            ),
-            Self::VmFailed { vm, detail } => format!(
-                "poolgate could not get an answer from VM {vm}: {detail}. Reload the page; \
-                 if the VM is down you will be moved to another one."
-            ),
-            Self::Timeout { vm, after } => format!(
-                "VM {vm} sent no response within {}. Reload the page to try again.",
-                humantime::format_duration(*after)
-            ),
+            } => {
+                let secs = retry_after.as_secs();
+                if page {
+                    format!("{reason}. This page reloads by itself in {secs} seconds.")
+                } else {
+                    format!("{reason}. Try again in {secs} seconds (Retry-After).")
+                }
+            }
+            Self::VmFailed { vm, detail } => {
+                let next = if page { "Reload the page" } else { "Try again" };
+                format!(
+                    "poolgate could not get an answer from VM {vm}: {detail}. {next}; \
+                     if the VM is down you will be moved to another one."
+                )
+            }
+            Self::Timeout { vm, after } => {
+                let next = if page {
+                    "Reload the page to try again"
+                } else {
+                    "Try again"
+                };
+                format!(
+                    "VM {vm} sent no response within {}. {next}.",
+                    humantime::format_duration(*after)
+                )
+            }
             Self::Refused { detail, .. } => detail.clone(),
         }
     }
@@ -134,7 +150,7 @@ impl GatewayError {
             serde_json::json!({
                 "status": status.as_u16(),
                 "error": self.title(),
-                "message": self.detail(),
+                "message": self.detail(false),
             })
             .to_string()
         } else {
@@ -178,7 +194,7 @@ impl GatewayError {
              </body></html>\n",
             status = self.status(),
             title = escape(self.title()),
-            detail = escape(&self.detail()),
+            detail = escape(&self.detail(true)),
         )
     }
 }
@@ -242,7 +258,14 @@ mod tests {
         assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
         let v: serde_json::Value = serde_json::from_str(&text(resp).await).expect("json");
         assert_eq!(v["status"], 503);
-        assert!(v["message"].as_str().unwrap_or("").contains("2 starting"));
+        let message = v["message"].as_str().unwrap_or("");
+        assert!(message.contains("2 starting"), "{message}");
+        // A program reloads nothing: it is told when to try again.
+        assert!(
+            message.ends_with("Try again in 10 seconds (Retry-After)."),
+            "{message}"
+        );
+        assert!(!message.contains("page"), "{message}");
     }
 
     #[test]
