@@ -389,7 +389,7 @@ async fn bind(
                 " (another program, or another poolgate, listens there: stop it or set {key} to a \
                  free port)"
             ),
-            std::io::ErrorKind::PermissionDenied => format!(
+            std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
                 " (ports below 1024 need root or CAP_NET_BIND_SERVICE, which the shipped systemd \
                  unit grants; or set {key} to a port from 1024 up)"
             ),

@@ -94,37 +94,63 @@ pub struct DemoVm {
 /// (`nohup`, `setsid`, `disown`) by this tag, as stopping a real VM ends every process on it.
 pub(crate) const INSTANCE_VAR: &str = "POOLGATE_DEMO_INSTANCE";
 
-/// Sends SIGKILL to every process whose environment carries `instance` in [`INSTANCE_VAR`];
-/// returns how many. Processes that cannot be read (other users', gone) are skipped.
+/// Ends every process of this user whose environment carries `instance` in [`INSTANCE_VAR`], as
+/// stopping a VM ends what runs on it: SIGTERM, and SIGKILL for what is left after
+/// [`TERM_GRACE`]. Returns how many got SIGTERM. Only processes of this user are looked at (the
+/// owner of `/proc/PID`, read without touching the process's memory); gone or unreadable ones
+/// are skipped. Blocking: run it off the async workers.
 fn end_processes_of(instance: &str) -> usize {
     let tag = format!("{INSTANCE_VAR}={instance}");
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    // This process's user: the owner of its own /proc entry.
+    let Ok(me) = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+    else {
         return 0;
     };
-    let mut ended = 0;
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
+    let tagged = || -> Vec<nix::unistd::Pid> {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
         };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ.split(|b| *b == 0).any(|var| var == tag.as_bytes())
-            && nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .is_ok()
-        {
-            ended += 1;
-        }
+        entries
+            .flatten()
+            .filter(|e| {
+                e.path()
+                    .metadata()
+                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == me)
+            })
+            .filter_map(|e| {
+                let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+                let environ = std::fs::read(e.path().join("environ")).ok()?;
+                environ
+                    .split(|b| *b == 0)
+                    .any(|var| var == tag.as_bytes())
+                    .then(|| nix::unistd::Pid::from_raw(pid))
+            })
+            .collect()
+    };
+    use nix::sys::signal::{Signal, kill};
+    let first = tagged();
+    for pid in &first {
+        let _ = kill(*pid, Signal::SIGTERM);
     }
-    ended
+    let deadline = std::time::Instant::now() + TERM_GRACE;
+    loop {
+        let left = tagged();
+        if left.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            for pid in left {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    first.len()
 }
+
+/// How long a demo VM's processes have after SIGTERM.
+const TERM_GRACE: Duration = Duration::from_secs(2);
 
 impl DemoVm {
     /// Starts VM `name` on 127.0.0.1, on the preferred ports when free (else on any free port).
@@ -192,8 +218,17 @@ impl Drop for DemoVm {
         for task in &self.tasks {
             task.abort();
         }
-        let ended = end_processes_of(&self.instance);
-        tracing::info!(vm = %self.name, processes_ended = ended, "demo VM stopped");
+        // Off the async workers (it reads /proc and waits for SIGTERM to be heeded); the
+        // runtime waits for it at exit.
+        let (vm, instance) = (self.name.clone(), self.instance.clone());
+        let end = move || {
+            let ended = end_processes_of(&instance);
+            tracing::info!(%vm, processes_ended = ended, "demo VM stopped");
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(end)),
+            Err(_) => end(),
+        }
     }
 }
 

@@ -102,7 +102,19 @@ pub(super) fn spawn(
             tokio::spawn(serve(child, Stdin::Pty(write), output, rx, handle, channel));
         }
         None => {
-            let mut child = tokio::process::Command::new(&program)
+            // A session of its own, as sshd gives one: no controlling terminal (so a terminal's
+            // Ctrl-C does not reach it, and a prompt for a password fails instead of reading
+            // poolgate's terminal). util-linux's `setsid` does that and then runs the program in
+            // the same process; without it the program shares poolgate's session.
+            let mut command = match setsid_program() {
+                Some(setsid) => {
+                    let mut c = tokio::process::Command::new(setsid);
+                    c.arg(&program);
+                    c
+                }
+                None => tokio::process::Command::new(&program),
+            };
+            let mut child = command
                 .args(&args)
                 .env_clear()
                 .envs(env)
@@ -110,9 +122,6 @@ pub(super) fn spawn(
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
-                // A process group of its own, as sshd gives a session: a Ctrl-C in the terminal
-                // poolgate runs in must not reach the users' commands (the gateway ends them).
-                .process_group(0)
                 .kill_on_drop(true)
                 .spawn()?;
             let stdin = child.stdin.take();
@@ -135,6 +144,14 @@ pub(super) fn spawn(
     }
     tracing::info!(vm = %request.vm, login = %request.login, client = %request.client, program = %program.display(), pty = request.pty.is_some(), "demo VM: session program started");
     Ok(tx)
+}
+
+/// util-linux's `setsid`, where installed.
+fn setsid_program() -> Option<&'static std::path::Path> {
+    ["/usr/bin/setsid", "/bin/setsid"]
+        .into_iter()
+        .map(std::path::Path::new)
+        .find(|p| p.is_file())
 }
 
 fn default_dim(value: u16, default: u16) -> u16 {

@@ -327,25 +327,28 @@ pub fn instructions(options: &DemoOptions, user: &str, state_dir: &Path) -> Stri
     )
 }
 
-/// How to run this binary again from the demo's terminal: `poolgate` when that is what `PATH`
-/// finds, else the binary's path (`cargo run` leaves it in `target/`, not on `PATH`).
+/// How to run this binary again from the demo's terminal: `poolgate` when that is the first
+/// `poolgate` on `PATH`, else the binary's path (`cargo run` leaves it in `target/`, not on
+/// `PATH`): relative to the working directory when under it, with `./` when it is right there.
 fn program_to_run() -> String {
     let Ok(me) = std::env::current_exe() else {
         return "poolgate".to_owned();
     };
-    let on_path = std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path)
-            .any(|dir| std::fs::canonicalize(dir.join("poolgate")).is_ok_and(|p| p == me))
-    });
-    if on_path {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let first_on_path = std::env::split_paths(&path)
+        .map(|dir| dir.join("poolgate"))
+        .find(|p| p.is_file());
+    if first_on_path.is_some_and(|p| std::fs::canonicalize(p).is_ok_and(|p| p == me)) {
         return "poolgate".to_owned();
     }
-    // Relative to the working directory when under it (`target/release/poolgate`).
-    let shown = std::env::current_dir()
+    match std::env::current_dir()
         .ok()
         .and_then(|cwd| me.strip_prefix(cwd).ok().map(Path::to_path_buf))
-        .unwrap_or_else(|| me.clone());
-    shown.display().to_string()
+    {
+        Some(under) if under.components().count() == 1 => format!("./{}", under.display()),
+        Some(under) => under.display().to_string(),
+        None => me.display().to_string(),
+    }
 }
 
 /// Runs `poolgate demo` until Ctrl-C: prepares keys, prints what to try once the listeners are
@@ -368,11 +371,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     drop(demo.provider);
     result.map_err(|e| {
         let text = format!("{e:#}");
-        // The gateway's own hint names a config key; the demo has flags instead (below).
+        // The gateway's own hint after the OS error ("… (os error 98) (hint)") names a config
+        // key; the demo has flags instead (below).
         let text = text
-            .split_once(" (another program")
-            .map_or(text.as_str(), |(error, _)| error)
-            .to_owned();
+            .split_once(") (")
+            .map_or(text.clone(), |(error, _)| format!("{error})"));
         let flag = ["ssh", "http", "admin"]
             .into_iter()
             .find(|l| text.starts_with(&format!("listen.{l}:")))
@@ -473,14 +476,13 @@ mod tests {
         assert!(text.contains("http://127.0.0.1:8080/"));
         assert!(text.contains("http://127.0.0.1:9090/status"));
         assert!(text.contains("http://127.0.0.1:9090/metrics"));
-        // The test binary is not on PATH: its path is printed, so the line runs as shown.
+        // The test binary is not on PATH (and not named poolgate): its path is printed, which
+        // a shell runs as it is (it has a slash).
+        let program = program_to_run();
+        assert!(program.contains('/'), "{program}");
         assert!(
-            text.contains(&format!(
-                "{} status --admin 127.0.0.1:9090",
-                program_to_run()
-            )),
+            text.contains(&format!("{program} status --admin 127.0.0.1:9090")),
             "{text}"
         );
-        assert!(!program_to_run().is_empty());
     }
 }

@@ -327,7 +327,7 @@ pub struct Builders {
 }
 
 /// The connection builders with `[http]` limits: header block size (`max_header_bytes`, at
-/// least 8 KiB; hyper's own ceilings are above it so that the gateway answers with its page), HTTP/2 header list size, keep-alive pings. (The header read timeout is the
+/// least 8 KiB; hyper's own ceilings are above it, so the gateway answers with its page), HTTP/2 header list size, keep-alive pings. (The header read timeout is the
 /// watchdog's.)
 pub fn connection_builders(max_header_bytes: usize) -> Builders {
     let max_header = max_header_bytes.max(8192);
@@ -345,7 +345,9 @@ pub fn connection_builders(max_header_bytes: usize) -> Builders {
         // (twice it), and a request head between the two gets the gateway's 431 page
         // (`Frontend::check`), which says what to do. A browser's cookies grow a few KB at a
         // time, so the first request past the limit lands in that band. The ceiling bounds
-        // what one connection may make the gateway buffer while its head is read.
+        // what one connection may make the gateway buffer while its head is read; hyper also
+        // caps a connection's queued response bytes with it (128 KiB at the default limit,
+        // below hyper's own default of about 400 KiB).
         .max_buf_size(max_header.saturating_mul(2))
         // A request's end of stream is not taken for a client gone away while the request is
         // in flight: a client that closes its sending side once its request is out still gets

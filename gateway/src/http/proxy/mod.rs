@@ -54,8 +54,8 @@ pub struct FrontendSettings {
     pub response_header_timeout: Duration,
     /// Longest request target accepted.
     pub max_uri_bytes: usize,
-    /// Largest request header block accepted (`http.max_header_bytes`). HTTP/1.1's is hyper's
-    /// read limit; an HTTP/2 request's header list is measured here (see [`Frontend::check`]).
+    /// Largest request header block accepted (`http.max_header_bytes`), measured here for both
+    /// versions (see [`Frontend::check`]); hyper's own limits are above it.
     pub max_header_bytes: usize,
     /// `Retry-After` (and page refresh) of the 503 page.
     pub retry_after: Duration,
