@@ -16,6 +16,7 @@ mod wake;
 pub use build::{Gateway, GatewayBuilder, check_startup, host_policy, provider, user_ca};
 pub use handover::Inherited;
 pub use reload::reload;
+pub use serve::BindError;
 pub use settings::autoscale_policy;
 
 #[cfg(test)]

@@ -383,13 +383,38 @@ async fn bind(
         tracing::info!(%addr, "{key}: listening on the socket of the previous gateway");
         return Ok(listener);
     }
-    TcpListener::bind(addr).await.map_err(|e| {
-        let hint = match e.kind() {
+    TcpListener::bind(addr).await.map_err(|error| {
+        BindError {
+            key: key.to_owned(),
+            addr,
+            error,
+        }
+        .into()
+    })
+}
+
+/// A listener that could not be bound: its setting, its address and the system's error, shown
+/// with what to do about the usual causes. The demo reads the parts to name its own flags.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: cannot listen on {addr}: {error}{}", self.hint())]
+pub struct BindError {
+    /// The setting (`listen.http`).
+    pub key: String,
+    /// The address it names.
+    pub addr: std::net::SocketAddr,
+    /// Why the system refused.
+    pub error: std::io::Error,
+}
+
+impl BindError {
+    fn hint(&self) -> String {
+        let key = &self.key;
+        match self.error.kind() {
             std::io::ErrorKind::AddrInUse => format!(
                 " (another program, or another poolgate, listens there: stop it or set {key} to a \
                  free port)"
             ),
-            std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+            std::io::ErrorKind::PermissionDenied if self.addr.port() < 1024 => format!(
                 " (ports below 1024 need root or CAP_NET_BIND_SERVICE, which the shipped systemd \
                  unit grants; or set {key} to a port from 1024 up)"
             ),
@@ -398,9 +423,8 @@ async fn bind(
                  0.0.0.0)"
             ),
             _ => String::new(),
-        };
-        anyhow::anyhow!("{key}: cannot listen on {addr}: {e}{hint}")
-    })
+        }
+    }
 }
 
 /// [`bind`] for a listener that may be off (`None`).

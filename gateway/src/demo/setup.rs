@@ -157,6 +157,14 @@ fn parse_passwd(text: &str, uid: u32) -> Option<Account> {
     })
 }
 
+/// util-linux's `setsid`, if installed.
+fn find_setsid() -> Option<PathBuf> {
+    ["/usr/bin/setsid", "/bin/setsid"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
 /// OpenSSH's sftp server, if installed.
 fn find_sftp_server() -> Option<PathBuf> {
     [
@@ -218,6 +226,7 @@ pub fn prepare(options: &DemoOptions) -> anyhow::Result<Demo> {
             user: account.user.clone(),
             bash_rc,
             sftp_server: find_sftp_server(),
+            setsid: find_setsid(),
         },
     });
     if settings.shell.sftp_server.is_none() {
@@ -370,20 +379,19 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     // Stop the demo VMs (and their sessions' processes) before returning.
     drop(demo.provider);
     result.map_err(|e| {
-        let text = format!("{e:#}");
-        // The gateway's own hint after the OS error ("… (os error 98) (hint)") names a config
-        // key; the demo has flags instead (below).
-        let text = text
-            .split_once(") (")
-            .map_or(text.clone(), |(error, _)| format!("{error})"));
-        let flag = ["ssh", "http", "admin"]
-            .into_iter()
-            .find(|l| text.starts_with(&format!("listen.{l}:")))
-            .and_then(port_flag);
-        match flag {
-            Some(flag) => {
-                anyhow::anyhow!("{text}\nIs that port taken? Pick another one with {flag} PORT.")
-            }
+        // A port the demo could not bind: named by the demo's flag, not the config key the
+        // gateway's own hint names.
+        let bound = e.downcast_ref::<crate::app::BindError>().and_then(|b| {
+            let flag = port_flag(b.key.strip_prefix("listen.")?)?;
+            Some((b, flag))
+        });
+        match bound {
+            Some((b, flag)) => anyhow::anyhow!(
+                "{}: cannot listen on {}: {}\nIs that port taken? Pick another one with {flag} PORT.",
+                b.key,
+                b.addr,
+                b.error
+            ),
             None => e,
         }
     })
