@@ -54,6 +54,9 @@ pub struct ShellSettings {
     pub bash_rc: Option<PathBuf>,
     /// OpenSSH's `sftp-server`, when installed.
     pub sftp_server: Option<PathBuf>,
+    /// util-linux's `setsid`, when installed: commands without a pty run through it, in a
+    /// session of their own.
+    pub setsid: Option<PathBuf>,
 }
 
 /// Why a demo VM could not start.
@@ -132,19 +135,19 @@ fn end_processes_of(instance: &str) -> usize {
     for pid in &first {
         let _ = kill(*pid, Signal::SIGTERM);
     }
+    // Look again only once they have had a moment to exit.
     let deadline = std::time::Instant::now() + TERM_GRACE;
-    loop {
-        let left = tagged();
-        if left.is_empty() {
-            break;
-        }
-        if std::time::Instant::now() >= deadline {
-            for pid in left {
+    let mut left = first.len();
+    while left > 0 {
+        std::thread::sleep(Duration::from_millis(100));
+        let still = tagged();
+        left = still.len();
+        if left > 0 && std::time::Instant::now() >= deadline {
+            for pid in still {
                 let _ = kill(pid, Signal::SIGKILL);
             }
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
     first.len()
 }

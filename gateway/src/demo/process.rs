@@ -106,7 +106,7 @@ pub(super) fn spawn(
             // Ctrl-C does not reach it, and a prompt for a password fails instead of reading
             // poolgate's terminal). util-linux's `setsid` does that and then runs the program in
             // the same process; without it the program shares poolgate's session.
-            let mut command = match setsid_program() {
+            let mut command = match &shell.setsid {
                 Some(setsid) => {
                     let mut c = tokio::process::Command::new(setsid);
                     c.arg(&program);
@@ -144,14 +144,6 @@ pub(super) fn spawn(
     }
     tracing::info!(vm = %request.vm, login = %request.login, client = %request.client, program = %program.display(), pty = request.pty.is_some(), "demo VM: session program started");
     Ok(tx)
-}
-
-/// util-linux's `setsid`, where installed.
-fn setsid_program() -> Option<&'static std::path::Path> {
-    ["/usr/bin/setsid", "/bin/setsid"]
-        .into_iter()
-        .map(std::path::Path::new)
-        .find(|p| p.is_file())
 }
 
 fn default_dim(value: u16, default: u16) -> u16 {
@@ -387,6 +379,7 @@ mod tests {
             user: "u".into(),
             bash_rc: Some(PathBuf::from("/state/bashrc")),
             sftp_server: None,
+            setsid: None,
         }
     }
 

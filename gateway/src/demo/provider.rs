@@ -233,6 +233,7 @@ mod tests {
                 user: "nobody".into(),
                 bash_rc: None,
                 sftp_server: None,
+                setsid: None,
             },
         })
     }

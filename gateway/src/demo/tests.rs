@@ -41,6 +41,7 @@ async fn fixture() -> Fixture {
             user: "tester".into(),
             bash_rc: None,
             sftp_server: None,
+            setsid: None,
         },
     });
     let vm = DemoVm::start("demo-7", (0, 0), settings).await.unwrap();
