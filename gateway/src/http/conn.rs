@@ -327,8 +327,8 @@ pub struct Builders {
 }
 
 /// The connection builders with `[http]` limits: header block size (`max_header_bytes`, at
-/// least 8 KiB; hyper's own ceilings are above it, so the gateway answers with its page), HTTP/2 header list size, keep-alive pings. (The header read timeout is the
-/// watchdog's.)
+/// least 8 KiB; hyper's own ceilings are above it, so the gateway answers with its page),
+/// HTTP/2 header list size, keep-alive pings. (The header read timeout is the watchdog's.)
 pub fn connection_builders(max_header_bytes: usize) -> Builders {
     let max_header = max_header_bytes.max(8192);
     let mut h1 = hyper::server::conn::http1::Builder::new();

@@ -973,14 +973,17 @@ fn join_cookie_crumbs(headers: &mut hyper::HeaderMap) {
 /// line, each field as `name: value` and its line end, and the empty line that ends the head.
 fn h1_head_size<B>(req: &Request<B>) -> usize {
     const REQUEST_LINE: usize = " HTTP/1.1\r\n".len() + 1;
-    const FIELD: usize = ": \r\n".len();
     let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
-    let fields: usize = req
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + FIELD)
-        .sum();
+    let fields = fields_size(req.headers(), ": \r\n".len());
     req.method().as_str().len() + target + REQUEST_LINE + fields + "\r\n".len()
+}
+
+/// Every header field's name and value, plus `per_field` bytes each.
+fn fields_size(headers: &hyper::HeaderMap, per_field: usize) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + per_field)
+        .sum()
 }
 
 /// An HTTP/2 request's header list size as HTTP/2 counts it (RFC 9113, section 6.5.2): every
@@ -995,12 +998,7 @@ fn h2_header_list_size<B>(req: &Request<B>) -> usize {
         ":path".len() + uri.path_and_query().map_or(0, |p| p.as_str().len()),
     ];
     let pseudo: usize = pseudo.iter().map(|n| n + FIELD).sum();
-    let fields: usize = req
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + FIELD)
-        .sum();
-    pseudo + fields
+    pseudo + fields_size(req.headers(), FIELD)
 }
 
 #[cfg(test)]
