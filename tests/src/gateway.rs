@@ -250,6 +250,17 @@ impl GatewayProcess {
         crate::log::wait_for_text(&self.log_path, "the gateway log", needle, timeout);
     }
 
+    /// Waits until the log contains `needle` and returns the first line holding it; panics
+    /// with the log after `timeout`.
+    pub fn log_line(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_log(needle, timeout);
+        self.log_text()
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     /// Waits for the gateway's "VM is up" line naming `vm` (one of its sides passed its probes);
     /// panics with the log after `timeout`.
     pub fn wait_for_vm_up(&self, vm: &str, timeout: Duration) {

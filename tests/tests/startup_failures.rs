@@ -331,12 +331,7 @@ fn a_missing_host_key_is_named_beforehand_generated_with_a_warning_and_kept() {
     };
 
     let mut first = start();
-    first.wait_for_log("generated a new SSH host key", Duration::from_secs(5));
-    let log = first.log_text();
-    let warned = log
-        .lines()
-        .find(|l| l.contains("generated a new SSH host key"))
-        .unwrap_or_default();
+    let warned = first.log_line("generated a new SSH host key", Duration::from_secs(5));
     assert!(
         warned.contains("WARN") && warned.contains("ssh.host_keys points at the wrong file"),
         "{warned}"

@@ -418,15 +418,10 @@ fn an_unreachable_directory_is_one_clear_error_and_ssh_and_http_keep_serving() {
     let mut gateway = setup.start(&setup.config(&format!(
         "acme_domains = [\"{DOMAIN}\"]\nacme_directory = \"{directory}\"\n"
     )));
-    gateway.wait_for_log(
+    let line = gateway.log_line(
         "ACME: could not get the certificate",
         Duration::from_secs(30),
     );
-    let log = gateway.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("ACME: could not get the certificate"))
-        .unwrap();
     assert!(
         line.contains("ERROR")
             && line.contains(&directory)
