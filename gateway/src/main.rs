@@ -181,8 +181,13 @@ fn run(path: &std::path::Path, inherited: app::Inherited) -> ExitCode {
     ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("poolgate: {e:#}");
+            // Once: as the log's last line (the journal's record, in the log's format), or on
+            // standard error when the log filter leaves errors out.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("poolgate: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -202,6 +202,12 @@ fn a_tls_key_that_is_not_the_certificates_stops_run_before_any_port_is_bound() {
     );
     assert!(!stderr.contains("listener ready"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // Said once, as the log's last line: not again as a second copy on the same terminal.
+    assert_eq!(
+        stderr.matches("does not belong to the certificate").count(),
+        1,
+        "{stderr}"
+    );
 
     // The same configuration with the certificate's own key starts and serves SSH and HTTPS.
     let matching = format!(
