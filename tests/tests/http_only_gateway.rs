@@ -89,10 +89,33 @@ async fn an_http_only_gateway_with_ssh_off_needs_no_ssh_keys_and_never_probes_th
         assert_eq!(ssh["health"].as_str(), Some("unknown"), "{entry}");
         assert_eq!(ssh["probed"].as_bool(), Some(false), "{entry}");
         assert_eq!(ssh["accepts_new"].as_bool(), Some(false), "{entry}");
+        assert_eq!(ssh["served"].as_bool(), Some(false), "{entry}");
         assert!(ssh["history"].items().is_empty(), "no SSH probe: {entry}");
         let web = &entry["protocols"]["http"];
         assert_eq!(web["health"].as_str(), Some("up"), "{entry}");
         assert_eq!(web["accepts_new"].as_bool(), Some(true), "{entry}");
+        assert_eq!(web["served"].as_bool(), Some(true), "{entry}");
+    }
+    // `poolgate status` shows the web side alone: its health and the address browsers reach.
+    let out = run_with_timeout(
+        Command::new(poolgate_bin())
+            .args(["status", "--admin", &admin.to_string()])
+            .env("NO_COLOR", "1"),
+        Duration::from_secs(30),
+    );
+    assert_ok(&out, "poolgate status");
+    let table = stdout(&out);
+    for vm in &vms {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{} ", vm.name())))
+            .unwrap_or_else(|| panic!("no row for {}:\n{table}", vm.name()));
+        assert!(row.contains("web up"), "{table}");
+        assert!(!row.contains("ssh "), "no SSH side: {table}");
+        assert!(
+            row.ends_with(&format!("127.0.0.1:{}", vm.port())),
+            "{table}"
+        );
     }
 
     // Twenty browsers at once (the team at 9:00): each pinned, spread over both VMs.

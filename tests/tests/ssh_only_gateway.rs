@@ -90,6 +90,8 @@ fn an_ssh_only_gateway_with_http_off_and_default_health_serves_ssh_and_never_pro
         let web = &entry["protocols"]["http"];
         assert_eq!(web["health"].as_str(), Some("unknown"), "{entry}");
         assert_eq!(web["probed"].as_bool(), Some(false), "{entry}");
+        assert_eq!(web["served"].as_bool(), Some(false), "{entry}");
+        assert_eq!(ssh["served"].as_bool(), Some(true), "{entry}");
         assert_eq!(web["accepts_new"].as_bool(), Some(false), "{entry}");
         assert!(
             web["history"].items().is_empty(),

@@ -122,8 +122,17 @@ pub struct ProtocolSide {
     pub accepts_new: bool,
     /// This side has a probe of its own (else its health follows the sides that are probed).
     pub probed: bool,
+    /// The gateway serves this protocol (false: an SSH-only or a browser-only gateway; this
+    /// side's health is then `unknown` and it takes no sessions).
+    #[serde(default = "served_by_default")]
+    pub served: bool,
     /// Recent results of this side, oldest first.
     pub history: Vec<Probe>,
+}
+
+/// A gateway older than `served` served both protocols or said nothing of the one it did not.
+fn served_by_default() -> bool {
+    true
 }
 
 /// Sessions by protocol.
@@ -200,6 +209,7 @@ pub fn vms(state: &AdminState) -> Vec<VmView> {
                 health: status.health_of(protocol).as_str().to_string(),
                 accepts_new: vm.accepts_new_sessions(protocol),
                 probed: state.health.probes(protocol),
+                served: state.health.serves(protocol),
                 history: history(protocol),
             };
             let (ssh, http) = (vm.sessions(Protocol::Ssh), vm.sessions(Protocol::Http));

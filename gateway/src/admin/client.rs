@@ -133,6 +133,32 @@ pub async fn set_drain(
         .map_err(|e| ClientError::Api(format!("unexpected answer from the admin API: {e}")))
 }
 
+/// The health of each side the gateway serves (`ssh up · web up`; `web up` for a browser-only
+/// gateway).
+fn health_cell(vm: &VmView) -> String {
+    let sides = [("ssh", &vm.protocols.ssh), ("web", &vm.protocols.http)];
+    let served: Vec<String> = sides
+        .iter()
+        .filter(|(_, side)| side.served)
+        .map(|(name, side)| format!("{name} {}", side.health))
+        .collect();
+    if served.is_empty() {
+        vm.health.clone()
+    } else {
+        served.join(" · ")
+    }
+}
+
+/// Where the gateway sends sessions: the sshd, or the web port for a browser-only gateway.
+fn address_cell(vm: &VmView) -> String {
+    let port = if !vm.protocols.ssh.served && vm.protocols.http.served {
+        vm.http_port
+    } else {
+        vm.ssh_port
+    };
+    format!("{}:{port}", vm.host)
+}
+
 /// The pool as a text table.
 pub fn table(vms: &[VmView]) -> String {
     let mut rows = vec![[
@@ -157,11 +183,8 @@ pub fn table(vms: &[VmView]) -> String {
             vm.sessions.ssh.to_string(),
             vm.sessions.http.to_string(),
             format!("{}/{}", vm.sessions.total, vm.max_sessions),
-            format!(
-                "ssh {} · web {}",
-                vm.protocols.ssh.health, vm.protocols.http.health
-            ),
-            format!("{}:{}", vm.host, vm.ssh_port),
+            health_cell(vm),
+            address_cell(vm),
         ]);
     }
     let mut widths = [0usize; 7];

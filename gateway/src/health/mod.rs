@@ -227,6 +227,15 @@ impl HealthChecker {
             .unwrap_or_default()
     }
 
+    /// Whether the gateway serves `protocol` (has a listener for it).
+    pub fn serves(&self, protocol: Protocol) -> bool {
+        let settings = self.settings();
+        match protocol {
+            Protocol::Ssh => settings.serve_ssh,
+            Protocol::Http => settings.serve_http,
+        }
+    }
+
     /// Whether `protocol`'s side of the VMs has a probe of its own (the gateway serves the
     /// protocol and its probe is on).
     pub fn probes(&self, protocol: Protocol) -> bool {
