@@ -10,11 +10,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(name = "poolgate", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
     /// Log format: human-readable text, or one JSON object per line for log shippers.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "POOLGATE_LOG_FORMAT")]
+    #[arg(long, global = true, help_heading = "Logging", value_enum, default_value_t = LogFormat::Text, env = "POOLGATE_LOG_FORMAT")]
     pub log_format: LogFormat,
 
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `poolgate=debug,russh=warn`.
-    #[arg(long, global = true, default_value = "info", env = "POOLGATE_LOG")]
+    #[arg(long, global = true, help_heading = "Logging", default_value = "info", env = "POOLGATE_LOG")]
     pub log: String,
 
     #[command(subcommand)]
