@@ -14,7 +14,13 @@ pub struct Cli {
     pub log_format: LogFormat,
 
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `poolgate=debug,russh=warn`.
-    #[arg(long, global = true, help_heading = "Logging", default_value = "info", env = "POOLGATE_LOG")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Logging",
+        default_value = "info",
+        env = "POOLGATE_LOG"
+    )]
     pub log: String,
 
     #[command(subcommand)]

@@ -188,6 +188,13 @@ impl GatewayPoolBuilder {
         self
     }
 
+    /// A line of `backend_known_hosts` as it is (e.g. a VM's address with a key it no longer
+    /// has: a VM rebuilt with a new host key).
+    pub fn known_hosts_entry(mut self, line: String) -> Self {
+        self.known_vms.push(line);
+        self
+    }
+
     /// Trusts the host key of `vm`, a VM the test runs itself (e.g. one a provider's scripts
     /// start): its line goes into `backend_known_hosts`.
     pub fn known_vm(mut self, vm: &SshdVm) -> Self {

@@ -334,3 +334,75 @@ fn a_login_the_vms_refuse_is_told_at_once_not_held_while_the_pool_wakes() {
     let out = pool.client(1).run("echo on $POOLGATE_VM");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "on vm-a");
 }
+
+#[test]
+fn a_vm_whose_host_key_changed_is_told_at_once_not_held_while_the_pool_wakes() {
+    // The pool's VM was rebuilt with a new host key, and backend_known_hosts still has the old
+    // one (or the VMs were never added there). The gateway rightly refuses to log in; holding
+    // the user's connection for `hold_connect_for` (5 minutes) would only repeat the refused
+    // handshake every second. The user is told at once, after one attempt.
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let ca = UserCa::generate();
+    let exec = ExecSshdVm::stopped("poolgate-exec-rekeyed-", &ca);
+    let old_key = UserKey::generate("the VM's key before it was rebuilt");
+    let pool = GatewayPool::builder()
+        .users(1)
+        .user_ca(ca)
+        .known_hosts_entry(known_hosts_line(exec.vm.port(), &old_key.public_key_line()))
+        .config_toml(&exec.scripts.pool_toml(Duration::from_secs(10)))
+        .config_toml(
+            "[autoscale]\nenabled = true\nmin_vms = 1\nmax_vms = 1\nspare_vms = 0\n\
+             tick = \"1s\"\ncooldown = \"1s\"\nboot_estimate = \"2s\"\nbusy_command = []\n",
+        )
+        .start();
+    // Its sshd answers, so the probe passes: the VM is eligible and picked.
+    pool.wait_for_state("vm-a", "healthy", Duration::from_secs(20));
+
+    let asked = Instant::now();
+    let out = pool.client(1).timeout(Duration::from_secs(40)).run("true");
+    let took = asked.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{stderr}\n{}", pool.log());
+    assert!(
+        stderr.contains("vm-a presented an untrusted host key (changed")
+            && stderr.contains("ask the pool's administrators"),
+        "the user is not told why: {stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the connection was held {took:?}\n{}",
+        pool.log()
+    );
+    eprintln!(
+        "an untrusted VM ended the login in {took:?}: {}",
+        stderr.trim()
+    );
+    pool.gateway.wait_for_log(
+        "every VM tried refused the login or was not trusted",
+        Duration::from_secs(1),
+    );
+    let log = pool.gateway.log_text();
+    let refusals = log
+        .lines()
+        .filter(|l| l.contains("VM host key not trusted"))
+        .count();
+    assert_eq!(
+        refusals,
+        1,
+        "the VM was asked {refusals} times\n{}",
+        pool.log()
+    );
+    // The gateway never logged in there.
+    assert!(
+        !exec.vm.log_text().contains("Accepted"),
+        "{}",
+        exec.vm.log_text()
+    );
+    let metrics = pool.metrics();
+    assert_eq!(
+        sample(&metrics, "poolgate_sessions_waiting{protocol=\"ssh\"}"),
+        Some(0.0),
+        "{metrics}"
+    );
+}

@@ -100,7 +100,8 @@ pub(crate) async fn connect_vm(
     let user = who.user;
     let mut tried: Vec<String> = Vec::new();
     let mut last: Option<BackendError> = None;
-    // Whether every VM tried so far refused this user's login (and none failed otherwise).
+    // Whether every VM tried so far refused this user's login or showed a host key the gateway
+    // does not trust (and none failed otherwise): waiting for the pool changes neither.
     let mut only_refused = true;
     let started = Instant::now();
     // Sessions of this user through other gateway replicas (one bounded store lookup).
@@ -199,7 +200,10 @@ pub(crate) async fn connect_vm(
                 if e.is_outage() {
                     (gw.on_vm_failure)(&spec.name);
                 }
-                only_refused &= matches!(e, BackendError::AuthRefused { .. });
+                only_refused &= matches!(
+                    e,
+                    BackendError::AuthRefused { .. } | BackendError::HostKey { .. }
+                );
                 tried.push(spec.name.clone());
                 last = Some(e);
             }
@@ -221,6 +225,16 @@ fn no_vm_error(
             "{e}: the VMs have no account {user}, or do not trust the gateway's user CA (ask the \
              pool's administrators)"
         )),
+        // A VM that is full or still starting may yet take the session with a key the gateway
+        // trusts; otherwise the pool's VMs are not in ssh.backend_known_hosts (or not signed by
+        // its host CA), which no wait mends: one clear answer, not a held connection that
+        // retries a refused handshake every second until the wake gives up.
+        Some(e @ BackendError::HostKey { .. }) if no_vm.full == 0 && no_vm.starting == 0 => {
+            Some(format!(
+                "{e}: the gateway does not trust the key this VM showed, so it did not log in there \
+                 (ask the pool's administrators)"
+            ))
+        }
         _ => None,
     };
     if let Some(named) = who.vm {
@@ -241,7 +255,7 @@ fn no_vm_error(
         return OpenError::Final(message);
     }
     if let Some(message) = refused.filter(|_| only_refused) {
-        tracing::warn!(%message, "every VM tried refused the login; not holding the connection");
+        tracing::warn!(%message, "every VM tried refused the login or was not trusted; not holding the connection");
         return OpenError::Final(message);
     }
     OpenError::NoVm(match last {
