@@ -374,3 +374,71 @@ fn a_missing_host_key_is_named_beforehand_generated_with_a_warning_and_kept() {
     );
     assert_eq!(second.terminate(Duration::from_secs(20)).code(), Some(0));
 }
+
+/// A key file protected by a passphrase (as `ssh-keygen` makes one by default when asked for
+/// one) cannot be used by a service that nobody types into. Before, `check-config` said ok and
+/// `run` served an SSH port on which every handshake failed (the host key) or every VM login
+/// did (the user CA), with nothing in the log at its default level. Both now name the file and
+/// the command that removes the passphrase, and `run` binds nothing.
+#[test]
+fn a_key_encrypted_with_a_passphrase_is_refused_by_check_config_and_run() {
+    require_tools!("ssh-keygen");
+    for (setting, file) in [
+        ("ssh.host_keys", "keys/ssh_host_ed25519_key"),
+        ("ssh.user_ca_key", "keys/user_ca"),
+    ] {
+        let setup = Setup::new();
+        let key = setup.path().join(file);
+        let out = run_with_timeout(
+            Command::new(tool("ssh-keygen"))
+                .args(["-q", "-t", "ed25519", "-N", "a passphrase", "-f"])
+                .arg(&key),
+            Duration::from_secs(20),
+        );
+        assert_ok(&out, "ssh-keygen");
+        let config = setup.write_config(false, "");
+        let expected = format!(
+            "{setting}: {}: the key is encrypted with a passphrase",
+            key.display()
+        );
+        let fix = format!("ssh-keygen -p -N '' -f {}", key.display());
+
+        let (status, out) = check_config(&config);
+        assert_eq!(status.code(), Some(1), "check-config:\n{out}");
+        assert_contains(&out, &[&expected, &fix]);
+
+        let (status, stderr) = run_expecting_failure(&setup, &config);
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert_contains(&stderr, &[&expected, &fix]);
+        assert!(!stderr.contains("listener ready"), "{stderr}");
+
+        // With the passphrase removed as the message says, the same key serves.
+        let out = run_with_timeout(
+            Command::new(tool("ssh-keygen"))
+                .args(["-q", "-p", "-P", "a passphrase", "-N", "", "-f"])
+                .arg(&key),
+            Duration::from_secs(20),
+        );
+        assert_ok(&out, "ssh-keygen -p");
+        let (status, out) = check_config(&config);
+        assert!(status.success(), "{setting}: check-config:\n{out}");
+    }
+
+    // A file that is no key at all: named by check-config too, with advice that keeps the key.
+    let setup = Setup::new();
+    let key = setup.path().join("keys/ssh_host_ed25519_key");
+    std::fs::write(&key, "not a key\n").expect("write");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (status, out) = check_config(&setup.write_config(false, ""));
+    assert_eq!(status.code(), Some(1), "check-config:\n{out}");
+    assert_contains(
+        &out,
+        &[
+            &format!(
+                "ssh.host_keys: {}: not an OpenSSH private key",
+                key.display()
+            ),
+            "restore the key from a backup",
+        ],
+    );
+}

@@ -370,6 +370,25 @@ pub fn check_startup(config: &Config) -> Vec<String> {
     if let Err(e) = host_policy(config) {
         problems.push(format!("{e:#}"));
     }
+    // The key files that exist, loaded as `run` loads them (a missing one is generated then).
+    let mut files: Vec<(&str, &std::path::Path)> = Vec::new();
+    if config.listen.serves_ssh() {
+        files.extend(
+            config
+                .ssh
+                .host_keys
+                .iter()
+                .map(|p| ("ssh.host_keys", p.as_path())),
+        );
+    }
+    if config.logs_in_to_vms() {
+        files.push(("ssh.user_ca_key", config.ssh.user_ca_key.as_path()));
+    }
+    for (setting, path) in files.into_iter().filter(|(_, p)| p.exists()) {
+        if let Err(e) = keys::load(path) {
+            problems.push(format!("{setting}: {e}"));
+        }
+    }
     problems
 }
 

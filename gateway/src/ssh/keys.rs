@@ -18,13 +18,24 @@ pub enum KeyError {
     File(#[from] SecretFileError),
     /// A key file exists but is not an OpenSSH private key.
     #[error(
-        "{path}: not an OpenSSH private key ({message}); remove it to have a new one generated"
+        "{path}: not an OpenSSH private key ({message}); restore the key from a backup (without \
+         the file poolgate generates a new one, which users' ssh or the VMs must then be told to \
+         trust)"
     )]
     Parse {
         /// The file.
         path: String,
         /// The parser's message.
         message: String,
+    },
+    /// A key file is protected by a passphrase, which a service cannot type.
+    #[error(
+        "{path}: the key is encrypted with a passphrase, which poolgate cannot ask for; remove \
+         the passphrase (the key stays the same): ssh-keygen -p -N '' -f {path}"
+    )]
+    Encrypted {
+        /// The file.
+        path: String,
     },
     /// Signing a certificate failed.
     #[error("signing a certificate for {user}: {message}")]
@@ -36,16 +47,26 @@ pub enum KeyError {
     },
 }
 
+/// Loads an OpenSSH private key file that exists: readable by its owner only, not encrypted.
+pub fn load(path: &Path) -> Result<PrivateKey, KeyError> {
+    let text = secrets::read(path)?;
+    let key = PrivateKey::from_openssh(&text).map_err(|e| KeyError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    if key.is_encrypted() {
+        return Err(KeyError::Encrypted {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(key)
+}
+
 /// Loads an OpenSSH private key, or generates an Ed25519 one (mode 0600) when the file is missing.
 /// Returns the key and whether it was generated.
 pub fn load_or_generate(path: &Path, comment: &str) -> Result<(PrivateKey, bool), KeyError> {
     if path.exists() {
-        let text = secrets::read(path)?;
-        let key = PrivateKey::from_openssh(&text).map_err(|e| KeyError::Parse {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        return Ok((key, false));
+        return Ok((load(path)?, false));
     }
     let mut key =
         PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).map_err(|e| KeyError::Parse {
