@@ -27,7 +27,11 @@ impl Config {
         if let Some(https) = l.https {
             let _ = write!(out, ", https {https}");
         }
-        let _ = writeln!(out, ", admin {}", l.admin);
+        let _ = write!(out, ", admin {}", l.admin);
+        if l.proxy_protocol {
+            let _ = write!(out, " (PROXY protocol header required on ssh and http)");
+        }
+        let _ = writeln!(out);
         let _ = writeln!(out, "pool: {}", self.pool_summary());
         let redis = self
             .cluster

@@ -16,6 +16,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod placement;
+pub mod proxy_header;
 pub mod secrets;
 pub mod simulate;
 pub mod ssh;

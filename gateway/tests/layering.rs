@@ -14,9 +14,27 @@ use std::path::Path;
 const ALLOWED: &[(&str, &[&str])] = &[
     (
         "ssh",
-        &["metrics", "health", "wake", "placement", "secrets", "html"],
+        &[
+            "metrics",
+            "health",
+            "wake",
+            "placement",
+            "secrets",
+            "html",
+            "proxy_header",
+        ],
     ),
-    ("http", &["metrics", "health", "wake", "secrets", "html"]),
+    (
+        "http",
+        &[
+            "metrics",
+            "health",
+            "wake",
+            "secrets",
+            "html",
+            "proxy_header",
+        ],
+    ),
     (
         "admin",
         &["metrics", "health", "autoscale", "cluster", "html"],
@@ -30,6 +48,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("placement", &[]),
     ("secrets", &[]),
     ("html", &[]),
+    ("proxy_header", &[]),
     ("logging", &[]),
 ];
 const ANYTHING: &[&str] = &["app", "main", "cli", "simulate", "lib"];
@@ -46,6 +65,7 @@ const NO_CONFIG: &[&str] = &[
     "placement",
     "secrets",
     "html",
+    "proxy_header",
     "logging",
 ];
 

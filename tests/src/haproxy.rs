@@ -19,10 +19,12 @@ pub struct Haproxy {
 impl Haproxy {
     /// Balances a new free port over `backends`.
     pub fn tcp(backends: &[SocketAddr]) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("poolgate-haproxy-")
-            .tempdir()
-            .expect("create haproxy temp dir");
+        Self::tcp_with(backends, "")
+    }
+
+    /// As [`tcp`](Self::tcp), with `server_options` on each server line (e.g. `send-proxy-v2`:
+    /// each connection to a backend starts with a PROXY protocol header naming the client).
+    pub fn tcp_with(backends: &[SocketAddr], server_options: &str) -> Self {
         let port = free_port();
         let mut config = format!(
             "global\n  maxconn 4096\n\
@@ -31,8 +33,19 @@ impl Haproxy {
              backend replicas\n  balance roundrobin\n"
         );
         for (i, addr) in backends.iter().enumerate() {
-            config += &format!("  server r{i} {addr} check inter 300ms fall 2 rise 2\n");
+            config +=
+                &format!("  server r{i} {addr} check inter 300ms fall 2 rise 2 {server_options}\n");
         }
+        Self::with_config(&config, port, &[])
+    }
+
+    /// HAProxy with the configuration `config` (one whose frontends bind 127.0.0.1 ports),
+    /// once `port` and every one of `also` accept connections; [`port`](Self::port) is `port`.
+    pub fn with_config(config: &str, port: u16, also: &[u16]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("poolgate-haproxy-")
+            .tempdir()
+            .expect("create haproxy temp dir");
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, config).expect("write haproxy.cfg");
         let child = Command::new(tool("haproxy"))
@@ -49,7 +62,12 @@ impl Haproxy {
             port,
             _dir: dir,
         };
-        wait_for_port(proxy.addr(), Duration::from_secs(10));
+        for port in std::iter::once(port).chain(also.iter().copied()) {
+            wait_for_port(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                Duration::from_secs(10),
+            );
+        }
         proxy
     }
 

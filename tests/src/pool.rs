@@ -92,6 +92,7 @@ pub struct GatewayPoolBuilder {
     users: Option<usize>,
     health: Health,
     ssh_lines: Vec<String>,
+    listen_lines: Vec<String>,
     http_lines: Vec<String>,
     extra_toml: String,
     http_off: bool,
@@ -268,6 +269,12 @@ impl GatewayPoolBuilder {
     /// `admin.token_file` holding `token` (mode 0600); the pool's admin calls send it.
     pub fn admin_token(mut self, token: &str) -> Self {
         self.token = Some(token.into());
+        self
+    }
+
+    /// A line for the gateway's `[listen]` section, e.g. `proxy_protocol = true`.
+    pub fn listen_option(mut self, line: &str) -> Self {
+        self.listen_lines.push(line.into());
         self
     }
 
@@ -530,6 +537,7 @@ impl Config<'_> {
         };
         let mut text =
             format!("[listen]\nssh = \"{ssh}\"\nhttp = \"{http}\"\nadmin = \"{admin}\"\n");
+        text += &lines(&self.plan.listen_lines);
         if let Some(ca) = self.tls {
             text += &format!(
                 "https = \"{https}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
@@ -712,6 +720,7 @@ impl GatewayPool {
                 fall: None,
             },
             ssh_lines: Vec::new(),
+            listen_lines: Vec::new(),
             http_lines: Vec::new(),
             extra_toml: String::new(),
             http_off: false,

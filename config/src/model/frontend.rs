@@ -41,6 +41,13 @@ pub struct Listen {
     /// Admin API, `/metrics`, `/status`. Default `127.0.0.1:9090`.
     #[serde(deserialize_with = "socket_addr")]
     pub admin: SocketAddr,
+    /// The load balancer in front (HAProxy `send-proxy-v2`, an AWS NLB, an Azure Private Link
+    /// service) opens each connection with a PROXY protocol header (v1 or v2) that names the
+    /// client, which the SSH, HTTP and HTTPS listeners then require: logs, the login penalty
+    /// box, per-address limits and `X-Forwarded-For` see the client, not the balancer. A
+    /// connection without the header is closed. Default false; the admin listener never
+    /// expects it.
+    pub proxy_protocol: bool,
 }
 
 impl Default for Listen {
@@ -50,6 +57,7 @@ impl Default for Listen {
             http: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8080))),
             https: None,
             admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
+            proxy_protocol: false,
         }
     }
 }

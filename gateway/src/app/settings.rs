@@ -74,6 +74,7 @@ pub fn ssh_settings(config: &Config) -> SshSettings {
         connect_timeout: config.ssh.connect_timeout,
         login_grace: config.ssh.login_grace,
         max_unauthenticated: config.ssh.max_unauthenticated as usize,
+        proxy_protocol: config.listen.proxy_protocol,
         banner: config.ssh.banner.clone(),
         idle_timeout: config.ssh.idle_timeout,
         refused_users: if config.autoscale.busy_command.is_empty() {
@@ -174,6 +175,7 @@ pub fn http_settings(config: &Config) -> anyhow::Result<HttpSettings> {
         session_idle: http.session_idle,
         tentative_for: http.tentative_for,
         max_connections: http.max_connections,
+        proxy_protocol: config.listen.proxy_protocol,
         shutdown_grace: config.gateway.shutdown_grace,
         access_log: match &http.access_log {
             AccessLog::Stderr => AccessLogTo::Stderr,

@@ -79,6 +79,9 @@ pub(super) struct Served {
     pub(super) frontend: Frontend,
     pub(super) builders: Arc<Builders>,
     pub(super) idle_timeout: Duration,
+    /// Each connection starts with a PROXY protocol header naming the client
+    /// (`listen.proxy_protocol`).
+    pub(super) proxy_protocol: bool,
 }
 
 /// Accepts client connections on both listeners until `shutdown`, each served in a task of the
@@ -170,12 +173,15 @@ pub(super) async fn accept(
 /// [`TLS_HANDSHAKE_TIMEOUT`]), then its requests until it closes, in the HTTP version ALPN
 /// chose.
 pub(super) async fn tls_connection(
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
     info: ConnInfo,
     acceptor: TlsAcceptor,
     served: Served,
     shutdown: watch::Receiver<bool>,
 ) {
+    let Some(info) = client_of(&mut stream, info, &served).await else {
+        return;
+    };
     let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         // Boxed: the TLS state is 1.2 KiB, and each layer of the serving futures would
         // otherwise reserve room for it (an async call keeps its arguments' slots).
@@ -211,12 +217,15 @@ pub(super) async fn tls_connection(
 /// One client connection of the plain listener: its requests until it closes, in the HTTP
 /// version its first bytes tell ([`sniff`]).
 pub(super) async fn plain_connection(
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
     info: ConnInfo,
     plain: Plain,
     served: Served,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Some(info) = client_of(&mut stream, info, &served).await else {
+        return;
+    };
     // The first request's time counts from connecting: telling the version spends it too, so
     // a client that waits before it starts its headers gets no longer than one that does not.
     let within = first_request_within(served.idle_timeout);
@@ -259,6 +268,29 @@ pub(super) async fn plain_connection(
         shutdown,
     )
     .await;
+}
+
+/// The connection's client: the socket's peer, or with `listen.proxy_protocol` the one the
+/// balancer's header names. `None` (the connection is closed) when the header is missing or
+/// bad.
+async fn client_of(
+    stream: &mut tokio::net::TcpStream,
+    info: ConnInfo,
+    served: &Served,
+) -> Option<ConnInfo> {
+    if !served.proxy_protocol {
+        return Some(info);
+    }
+    match crate::proxy_header::read(stream).await {
+        Ok(client) => Some(ConnInfo {
+            client: client.unwrap_or(info.client),
+            ..info
+        }),
+        Err(e) => {
+            crate::proxy_header::refused("http", info.client, &e);
+            None
+        }
+    }
 }
 
 /// The HTTP version a connection speaks, known before hyper reads from it.
@@ -419,6 +451,7 @@ async fn serve_connection<I>(
         frontend,
         builders,
         idle_timeout,
+        proxy_protocol: _,
     } = served;
     let client = frontend.client(info);
     let tick = check_every(idle_timeout).min(check_every(frontend.response_header_timeout()));

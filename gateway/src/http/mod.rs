@@ -95,6 +95,9 @@ pub struct HttpSettings {
     pub tentative_for: Duration,
     /// Most client connections at once (`http.max_connections`).
     pub max_connections: usize,
+    /// `listen.proxy_protocol`: each connection starts with a PROXY protocol header naming
+    /// the client.
+    pub proxy_protocol: bool,
     /// How long open connections may finish at shutdown (`gateway.shutdown_grace`).
     pub shutdown_grace: Duration,
     /// Where the line per request goes (`http.access_log`).
@@ -264,6 +267,7 @@ pub struct HttpService {
     /// How often idle browser sessions and lapsed tentative browsers are dropped.
     expire_every: Duration,
     max_connections: usize,
+    proxy_protocol: bool,
     shutdown_grace: Duration,
 }
 
@@ -327,6 +331,7 @@ impl HttpService {
                 .min(settings.tentative_for / 2)
                 .clamp(Duration::from_secs(1), Duration::from_secs(30)),
             max_connections: settings.max_connections,
+            proxy_protocol: settings.proxy_protocol,
             shutdown_grace: settings.shutdown_grace,
         })
     }
@@ -349,6 +354,7 @@ pub async fn serve(
         idle_timeout,
         expire_every,
         max_connections,
+        proxy_protocol,
         shutdown_grace,
     } = service;
     let tls = tls.filter(|_| https.is_some());
@@ -380,6 +386,7 @@ pub async fn serve(
         frontend,
         builders,
         idle_timeout,
+        proxy_protocol,
     };
     let mut conns = accept(plain, secure, served, max_connections, shutdown).await;
     // Open connections were told to finish (see serve_connection); give them the grace time.

@@ -637,6 +637,7 @@ fn served(frontend: Frontend, config: &poolgate_config::Config, idle: Duration) 
         frontend,
         builders: Arc::new(connection_builders(config.http.max_header_bytes)),
         idle_timeout: idle,
+        proxy_protocol: config.listen.proxy_protocol,
     }
 }
 

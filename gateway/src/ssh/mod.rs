@@ -14,6 +14,7 @@ pub mod relay;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use router_core::Pool;
@@ -54,6 +55,9 @@ pub struct SshSettings {
     pub login_grace: Duration,
     /// `ssh.max_unauthenticated`.
     pub max_unauthenticated: usize,
+    /// `listen.proxy_protocol`: each connection starts with a PROXY protocol header naming
+    /// the client.
+    pub proxy_protocol: bool,
     /// `ssh.banner`.
     pub banner: Option<String>,
     /// `ssh.idle_timeout`.
@@ -270,7 +274,7 @@ impl SshGateway {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut count: u32 = 0;
-        let mut drops = DropReport::default();
+        let drops = Arc::new(DropReport::default());
         let mut report = tokio::time::interval(DROP_REPORT_EVERY);
         loop {
             let (stream, peer) = tokio::select! {
@@ -295,39 +299,88 @@ impl SshGateway {
                 }
             };
             count = count.wrapping_add(1);
-            let now = std::time::Instant::now();
             if count.is_multiple_of(256) {
-                self.penalties.expire(now);
+                self.penalties.expire(std::time::Instant::now());
             }
-            if let Some(left) = self.penalties.blocked_for(peer.ip(), now) {
-                tracing::debug!(client = %peer, left_s = left.as_secs(), "address in the login penalty box; dropped");
-                drops.penalty += 1;
+            let _ = stream.set_nodelay(true);
+            if !self.settings.proxy_protocol {
+                let Some(permit) = self.admit(peer, None, &drops) else {
+                    continue;
+                };
+                let span = connection_span(peer);
+                let connection = self
+                    .clone()
+                    .handle_connection(stream, peer, permit, span.clone());
+                tokio::spawn(connection.instrument(span));
                 continue;
             }
-            let permit = match self.unauthenticated.acquire(peer.ip()) {
-                Ok(permit) => permit,
+            // The client is known once the balancer's header is read, in the connection's own
+            // task; until then it holds a slot of the global limit, so connections stalled
+            // before their header are bounded like those stalled in the handshake.
+            let global = match self.unauthenticated.acquire_unnamed() {
+                Ok(global) => global,
                 Err(why) => {
-                    // Closed at once (no banner). Logged once a burst, then summed up every
-                    // DROP_REPORT_EVERY, so a flood cannot flood the log too.
-                    if drops.is_quiet() {
-                        tracing::warn!(client = %peer, limit = self.settings.max_unauthenticated,
-                            per_address = self.unauthenticated.share(), reason = ?why,
-                            "too many connections still authenticating (ssh.max_unauthenticated); dropping");
-                    }
-                    match why {
-                        penalty::NoSlot::Full => drops.full += 1,
-                        penalty::NoSlot::AddressShare => drops.per_address += 1,
-                    }
+                    self.dropped(peer, why, &drops);
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
-            let span = connection_span(peer);
-            let connection = self
-                .clone()
-                .handle_connection(stream, peer, permit, span.clone());
-            tokio::spawn(connection.instrument(span));
+            let (gateway, drops) = (self.clone(), drops.clone());
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let client = match crate::proxy_header::read(&mut stream).await {
+                    Ok(client) => client.unwrap_or(peer),
+                    Err(e) => {
+                        crate::proxy_header::refused("ssh", peer, &e);
+                        return;
+                    }
+                };
+                let Some(permit) = gateway.admit(client, Some(global), &drops) else {
+                    return;
+                };
+                let span = connection_span(client);
+                let connection = gateway.handle_connection(stream, client, permit, span.clone());
+                connection.instrument(span).await;
+            });
         }
+    }
+
+    /// Lets a connection from `client` in, or says why not: an address in the penalty box, the
+    /// limit of connections still authenticating, or the address's share of it (`global`: the
+    /// slot of the limit it holds already).
+    fn admit(
+        &self,
+        client: SocketAddr,
+        global: Option<tokio::sync::OwnedSemaphorePermit>,
+        drops: &DropReport,
+    ) -> Option<penalty::UnauthPermit> {
+        if let Some(left) = self
+            .penalties
+            .blocked_for(client.ip(), std::time::Instant::now())
+        {
+            tracing::debug!(client = %client, left_s = left.as_secs(), "address in the login penalty box; dropped");
+            drops.penalty.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let permit = match global {
+            Some(global) => self.unauthenticated.name(global, client.ip()),
+            None => self.unauthenticated.acquire(client.ip()),
+        };
+        permit.map_err(|why| self.dropped(client, why, drops)).ok()
+    }
+
+    /// A connection closed at once (no banner) for the limit of connections still
+    /// authenticating. Logged once a burst, then summed up every [`DROP_REPORT_EVERY`], so a
+    /// flood cannot flood the log too.
+    fn dropped(&self, client: SocketAddr, why: penalty::NoSlot, drops: &DropReport) {
+        if drops.is_quiet() {
+            tracing::warn!(client = %client, limit = self.settings.max_unauthenticated,
+                per_address = self.unauthenticated.share(), reason = ?why,
+                "too many connections still authenticating (ssh.max_unauthenticated); dropping");
+        }
+        match why {
+            penalty::NoSlot::Full => drops.full.fetch_add(1, Ordering::Relaxed),
+            penalty::NoSlot::AddressShare => drops.per_address.fetch_add(1, Ordering::Relaxed),
+        };
     }
 
     async fn handle_connection(
@@ -425,33 +478,36 @@ fn connection_span(peer: SocketAddr) -> tracing::Span {
 /// How often connections dropped at accept are summed up in the log.
 const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 
-/// Connections dropped at accept since the last report.
+/// Connections dropped at accept since the last report (counted by the accept loop, and by
+/// the tasks that read a PROXY protocol header first).
 #[derive(Debug, Default)]
 struct DropReport {
-    full: u64,
-    per_address: u64,
-    penalty: u64,
+    full: AtomicU64,
+    per_address: AtomicU64,
+    penalty: AtomicU64,
 }
 
 impl DropReport {
     /// Nothing dropped since the last report (the next drop is logged on its own).
     fn is_quiet(&self) -> bool {
-        self.full + self.per_address == 0
+        self.full.load(Ordering::Relaxed) + self.per_address.load(Ordering::Relaxed) == 0
     }
 
-    fn flush(&mut self, limit: usize, share: usize) {
-        if self.full + self.per_address + self.penalty > 0 {
+    fn flush(&self, limit: usize, share: usize) {
+        let full = self.full.swap(0, Ordering::Relaxed);
+        let per_address = self.per_address.swap(0, Ordering::Relaxed);
+        let penalty = self.penalty.swap(0, Ordering::Relaxed);
+        if full + per_address + penalty > 0 {
             tracing::warn!(
-                over_limit = self.full,
-                over_address_share = self.per_address,
-                penalty_box = self.penalty,
+                over_limit = full,
+                over_address_share = per_address,
+                penalty_box = penalty,
                 limit,
                 per_address = share,
                 "SSH connections dropped at accept in the last {} s",
                 DROP_REPORT_EVERY.as_secs()
             );
         }
-        *self = Self::default();
     }
 }
 

@@ -54,26 +54,41 @@ impl UnauthSlots {
 
     /// A slot for a connection from `ip`, released when the returned permit drops.
     pub fn acquire(&self, ip: IpAddr) -> Result<UnauthPermit, NoSlot> {
-        {
-            let mut held = self.per_address.entry(ip).or_insert(0);
-            if *held >= self.share {
-                return Err(NoSlot::AddressShare);
-            }
-            *held += 1;
-        }
-        // Taken before the global slot, so the count is given back on every path.
-        let address = AddressSlot {
-            map: self.per_address.clone(),
-            ip,
-        };
-        let global = self
-            .global
+        // The address's share first: an address over it is turned away without touching the
+        // global count (its slot is given back on every path, being taken first).
+        let address = self.take_share(ip)?;
+        Ok(UnauthPermit {
+            _global: self.acquire_unnamed()?,
+            _address: address,
+        })
+    }
+
+    /// A slot of the global limit alone, for a connection whose client is not known yet (its
+    /// PROXY protocol header is still to come); [`Self::name`] then takes the client's share.
+    pub fn acquire_unnamed(&self) -> Result<OwnedSemaphorePermit, NoSlot> {
+        self.global
             .clone()
             .try_acquire_owned()
-            .map_err(|_| NoSlot::Full)?;
+            .map_err(|_| NoSlot::Full)
+    }
+
+    /// Makes a global slot the permit of a connection from `ip`, within the address's share.
+    pub fn name(&self, global: OwnedSemaphorePermit, ip: IpAddr) -> Result<UnauthPermit, NoSlot> {
         Ok(UnauthPermit {
+            _address: self.take_share(ip)?,
             _global: global,
-            _address: address,
+        })
+    }
+
+    fn take_share(&self, ip: IpAddr) -> Result<AddressSlot, NoSlot> {
+        let mut held = self.per_address.entry(ip).or_insert(0);
+        if *held >= self.share {
+            return Err(NoSlot::AddressShare);
+        }
+        *held += 1;
+        Ok(AddressSlot {
+            map: self.per_address.clone(),
+            ip,
         })
     }
 }
