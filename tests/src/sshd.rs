@@ -53,7 +53,7 @@ impl SshdVmBuilder {
         self
     }
 
-    /// Another variable for the `SetEnv` line, next to `POOLGATE_VM=<name>`.
+    /// A variable sshd sets in every session (`SetEnv`).
     pub fn set_env(mut self, name: &str, value: &str) -> Self {
         self.env.push((name.to_string(), value.to_string()));
         self
@@ -122,10 +122,16 @@ impl SshdVmBuilder {
         for line in &self.lines {
             c += &format!("{line}\n");
         }
-        let mut env = format!("POOLGATE_VM={}", self.name);
-        for (name, value) in &self.env {
-            env += &format!(" {name}={value}");
-        }
+        // `$POOLGATE_VM` comes from the gateway, which sends it on every session channel (a
+        // VM's sshd accepts it as deploy/cloud-init configures it): not set here, so the tests
+        // see what a real VM shows.
+        // One line: sshd takes the first `SetEnv` line only.
+        let env = if self.env.is_empty() {
+            String::new()
+        } else {
+            let pairs: Vec<String> = self.env.iter().map(|(n, v)| format!("{n}={v}")).collect();
+            format!("SetEnv {}\n", pairs.join(" "))
+        };
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         c += &format!(
             "Port {port}\n\
@@ -143,8 +149,8 @@ impl SshdVmBuilder {
              AllowAgentForwarding yes\n\
              StrictModes no\n\
              Subsystem sftp internal-sftp\n\
-             SetEnv {env}\n\
-             AcceptEnv LANG LC_* PGTEST_*\n\
+             {env}\
+             AcceptEnv LANG LC_* PGTEST_* POOLGATE_VM\n\
              LogLevel VERBOSE\n\
              MaxSessions 64\n\
              MaxStartups 200\n\

@@ -1241,6 +1241,9 @@ fn cloud_init_files_parse_and_do_what_the_pool_needs() {
     }
     let sshd = content(&pool, "/etc/ssh/sshd_config.d/50-poolgate.conf");
     assert!(sshd.contains("TrustedUserCAKeys /etc/ssh/poolgate_user_ca.pub"));
+    // The VM's name the gateway sends with each session (the tests' sshd VMs accept it the same
+    // way, and show it only so).
+    assert!(sshd.lines().any(|l| l == "AcceptEnv POOLGATE_VM"), "{sshd}");
     assert_eq!(
         content(&pool, "/etc/ssh/poolgate_user_ca.pub"),
         "__USER_CA_PUBLIC_KEY__\n"

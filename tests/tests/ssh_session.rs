@@ -28,6 +28,16 @@ fn exec_shows_the_vm_and_exit_codes_match_a_direct_connection() {
     let out = via_gateway.run("echo $POOLGATE_VM; whoami");
     assert_ok(&out, "ssh echo through the gateway");
     assert_eq!(stdout(&out), format!("vm-a\n{}", pool.user(1)));
+    // The VM's name is the gateway's to say (the VM's sshd accepts it, `AcceptEnv POOLGATE_VM`,
+    // as deploy/cloud-init sets it): a client's own value for it is not passed on.
+    let out = via_gateway
+        .clone()
+        .option("SetEnv=POOLGATE_VM=elsewhere PGTEST_SENT=kept")
+        .run("echo $POOLGATE_VM $PGTEST_SENT");
+    assert_ok(&out, "ssh -o SetEnv=POOLGATE_VM=elsewhere");
+    assert_eq!(stdout(&out), "vm-a kept");
+    // Connected straight to the VM (no gateway), nobody names it.
+    assert_eq!(stdout(&direct.run("echo \"[$POOLGATE_VM]\"")), "[]");
 
     // Same command, direct and through the gateway: same exit code, same output streams.
     let cases = [

@@ -537,6 +537,23 @@ pub struct Link {
     pool_verbs: Option<String>,
 }
 
+impl Link {
+    /// Opens a session channel on the VM, with the VM's name in the session's environment
+    /// ([`VM_ENV`](super::relay::VM_ENV)), so that a user can come back with `user+VM`. The VM's sshd takes it when
+    /// it accepts the variable (`AcceptEnv POOLGATE_VM`, which deploy/cloud-init sets); one that
+    /// does not drops it silently (no reply is asked for).
+    pub(crate) async fn open_session(
+        &self,
+        backend: &russh::client::Handle<BackendHandler>,
+    ) -> Result<russh::Channel<russh::client::Msg>, russh::Error> {
+        let channel = backend.channel_open_session().await?;
+        channel
+            .set_env(false, super::relay::VM_ENV, self.guard.vm_name())
+            .await?;
+        Ok(channel)
+    }
+}
+
 impl UserSide for Link {
     async fn reply(&self, channel: ChannelId, success: bool) {
         let _ = if success {

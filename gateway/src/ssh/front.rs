@@ -402,7 +402,7 @@ impl server::Handler for Front {
             // Boxed: opening the VM's channel takes a russh client message on its way and the
             // wait for the answer (about 1.3 KiB), room this task would otherwise keep for the
             // life of the channel.
-            match Box::pin(ready.backend.channel_open_session()).await {
+            match Box::pin(ready.link.open_session(&ready.backend)).await {
                 Ok(vm) => {
                     reply.accept().await;
                     relay::relay(channel, vm, flow, ready.link.clone(), true, agent).await;
@@ -621,7 +621,7 @@ async fn held_session(
         )
         .await;
     match ready_or_failed(conn).await {
-        Ok(ready) => match ready.backend.channel_open_session().await {
+        Ok(ready) => match ready.link.open_session(&ready.backend).await {
             Ok(vm) => {
                 let _ = channel
                     .extended_data(1, &b"poolgate: your VM is ready.\r\n"[..])

@@ -37,6 +37,11 @@ use bytes::Bytes;
 use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
 use tokio::sync::Notify;
 
+/// The variable that names the VM in each session's environment, set by the gateway as it
+/// opens the VM's channel. The user's own value for it (`SendEnv`) is not relayed: the
+/// gateway's is the true one.
+pub(crate) const VM_ENV: &str = "POOLGATE_VM";
+
 /// Bytes buffered per channel (user → VM) before the gateway stops reading from the user.
 pub const HIGH_WATER: usize = 1 << 20;
 /// Past this, the reader only takes one packet per [`PACE`].
@@ -237,6 +242,8 @@ impl Up {
                 px_h: pix_height,
                 modes: terminal_modes,
             },
+            // The gateway sets the VM's name itself (`Link::open_session`).
+            ChannelMsg::SetEnv { variable_name, .. } if variable_name == VM_ENV => return None,
             ChannelMsg::SetEnv {
                 variable_name,
                 variable_value,
