@@ -238,9 +238,8 @@ impl Config {
                 .map(|dir| format!("mkdir -p {} && ", dir.display()))
                 .unwrap_or_default();
             let hint = format!(
-                "create it with: {mkdir}ssh-keyscan {} >> {}; or set ssh.backend_host_ca",
-                self.keyscan_targets(),
-                known.display()
+                "create it with: {mkdir}{}; or set ssh.backend_host_ca",
+                self.keyscan_commands(known)
             );
             if check(
                 r,
@@ -257,28 +256,42 @@ impl Config {
                 r.err(
                     "ssh.backend_known_hosts",
                     format!(
-                        "{0} has no host keys, so no VM could be verified (add them: ssh-keyscan {1} >> {0})",
+                        "{} has no host keys, so no VM could be verified (add them: {})",
                         known.display(),
-                        self.keyscan_targets()
+                        self.keyscan_commands(known)
                     ),
                 );
             }
         }
     }
 
-    /// `ssh-keyscan` arguments for the static backends, or a placeholder.
-    fn keyscan_targets(&self) -> String {
-        let backends = &self.pool.backends;
-        match backends.first() {
-            Some(first)
-                if self.pool.provider == Provider::Static
-                    && backends.iter().all(|b| b.ssh_port == first.ssh_port) =>
-            {
-                let hosts: Vec<&str> = backends.iter().map(|b| b.host.as_str()).collect();
-                format!("-p {} {}", first.ssh_port, hosts.join(" "))
+    /// The `ssh-keyscan` command(s) that fill `known` for the static backends: one per sshd
+    /// port, as `-p` applies to every host of a command; a placeholder for other providers.
+    fn keyscan_commands(&self, known: &Path) -> String {
+        let mut by_port: std::collections::BTreeMap<u16, Vec<&str>> = Default::default();
+        if self.pool.provider == Provider::Static {
+            // A port out of range has an error of its own.
+            for b in self.pool.backends.iter().filter(|b| b.ssh_port != 0) {
+                let hosts = by_port.entry(b.ssh_port).or_default();
+                if !hosts.contains(&b.host.as_str()) {
+                    hosts.push(b.host.as_str());
+                }
             }
-            _ => "-p 22 VM_HOST".to_owned(),
         }
+        if by_port.is_empty() {
+            by_port.insert(22, vec!["VM_HOST"]);
+        }
+        let commands: Vec<String> = by_port
+            .iter()
+            .map(|(port, hosts)| {
+                format!(
+                    "ssh-keyscan -p {port} {} >> {}",
+                    hosts.join(" "),
+                    known.display()
+                )
+            })
+            .collect();
+        commands.join(" && ")
     }
 }
 

@@ -127,7 +127,7 @@ max_vms = 3
         "pool.backends[2].name: duplicate VM name \"dsvm-1\" (also pool.backends[0])",
         "autoscale.min_vms: 5 is more than autoscale.max_vms (3) (lower min_vms or raise max_vms)",
         &format!(
-            "ssh.backend_known_hosts: {0} does not exist (create it with: ssh-keyscan -p 22 VM_HOST >> {0}; or set ssh.backend_host_ca)",
+            "ssh.backend_known_hosts: {0} does not exist (create it with: ssh-keyscan -p 22 10.0.0.4 10.0.0.6 >> {0}; or set ssh.backend_host_ca)",
             known_hosts.display()
         ),
     ] {

@@ -111,10 +111,10 @@ pub struct DemoArgs {
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, hide = true)]
     pub boot_delay: std::time::Duration,
     /// A demo VM idle this long is drained and stopped.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, hide = true)]
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub scale_in_after: std::time::Duration,
     /// The whole pool idle this long: down to --min-vms.
-    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration, hide = true)]
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
     pub scale_to_zero_after: std::time::Duration,
     /// Directory for the demo's keys [default: $XDG_STATE_HOME/poolgate-demo or
     /// ~/.local/state/poolgate-demo].

@@ -128,6 +128,7 @@ fn serve_upstream(conn: TcpStream, vm: &str, record: &Mutex<Vec<Seen>>) {
             r.read_exact(&mut body).unwrap();
         }
         let reply = format!("vm={vm} saw {method} {target}");
+        let http10 = target.starts_with("/http10");
         if target != HEALTH {
             record.lock().unwrap().push(Seen {
                 method,
@@ -136,9 +137,15 @@ fn serve_upstream(conn: TcpStream, vm: &str, record: &Mutex<Vec<Seen>>) {
                 body,
             });
         }
+        // `/http10…`: answered as an HTTP/1.0 server does (Python's http.server, old appliances).
+        let version = if http10 {
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive"
+        } else {
+            "HTTP/1.1 200 OK"
+        };
         let _ = write!(
             out,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{reply}",
+            "{version}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{reply}",
             reply.len()
         );
     }
@@ -974,6 +981,27 @@ async fn garbage_on_the_https_listener_is_closed_at_once() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("saw GET /after-garbage"), "{}", r.text());
     assert!(up.take().iter().all(|s| s.target == "/after-garbage"));
+    gw.assert_no_panic();
+}
+
+/// A VM whose web server answers in HTTP/1.0: an HTTP/1.1 client gets HTTP/1.1 from the
+/// gateway (which speaks its own version, RFC 9110 section 6.2) and keeps its connection.
+#[test]
+fn an_http_1_0_upstream_is_answered_to_clients_in_the_gateways_own_version() {
+    let up = Upstream::start("vm-a");
+    let gw = gateway(&[&up]);
+    let mut s = TcpStream::connect(gw.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    for i in 0..2 {
+        s.write_all(format!("GET /http10-{i} HTTP/1.1\r\nHost: pool.example\r\n\r\n").as_bytes())
+            .unwrap();
+        let text = read_one_response(&mut s);
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\n"),
+            "request {i}: {text}"
+        );
+        assert!(text.contains(&format!("saw GET /http10-{i}")), "{text}");
+    }
     gw.assert_no_panic();
 }
 

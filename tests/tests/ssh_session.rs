@@ -268,4 +268,21 @@ fn a_key_with_no_pty_or_restrict_gets_no_terminal_as_on_the_vm_itself() {
     .expect("write authorized_keys");
     let (_, text) = tty("restrict,pty");
     assert!(text.contains("/dev/pts/"), "{text}");
+
+    // A forced command the gateway cannot enforce refuses the key, and the log says which
+    // option of the user's line did it (at the default level), so the line can be fixed.
+    std::fs::write(
+        &keys_file,
+        format!("command=\"echo hi\" {}\n", key.public_key_line()),
+    )
+    .expect("write authorized_keys");
+    let out = pool.client(1).run("true");
+    assert_eq!(out.status.code(), Some(255), "{}", stderr(&out));
+    let line = pool
+        .gateway
+        .log_line("an option the gateway cannot", Duration::from_secs(5));
+    assert!(
+        line.contains("WARN") && has_field(&line, "option", "command") && line.contains(&user),
+        "{line}"
+    );
 }

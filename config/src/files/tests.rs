@@ -346,3 +346,33 @@ fn without_an_ssh_listener_no_vm_host_key_is_needed_unless_the_busy_check_runs()
     c.autoscale.busy_command = Vec::new();
     assert_eq!(messages(&c), Vec::<String>::new());
 }
+
+/// VMs on different sshd ports (several sshds on one host, a test bed) get one `ssh-keyscan`
+/// per port: `-p` applies to every host of one command.
+#[test]
+fn the_known_hosts_hint_scans_each_vms_own_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    c.pool.backends = [("vm-1", 41201), ("vm-2", 41202), ("vm-3", 41201)]
+        .into_iter()
+        .map(|(name, ssh_port)| Backend {
+            name: name.into(),
+            host: "127.0.0.1".into(),
+            ssh_port,
+            ..Backend::default()
+        })
+        .collect();
+    let known = dir.path().join("keys/backend_known_hosts");
+    std::fs::remove_file(&known).unwrap();
+    let errs = c.check_files();
+    assert_eq!(
+        errs.iter()
+            .find(|e| e.key == "ssh.backend_known_hosts")
+            .map(|e| e.message.clone()),
+        Some(format!(
+            "{0} does not exist (create it with: ssh-keyscan -p 41201 127.0.0.1 >> {0} && ssh-keyscan -p 41202 127.0.0.1 >> {0}; or set ssh.backend_host_ca)",
+            known.display()
+        )),
+        "{errs:#?}"
+    );
+}

@@ -121,7 +121,7 @@ impl Front {
                 match super::authorized_keys::check(template, user, key, self.peer.ip(), now) {
                     Ok(perms) => Some(perms),
                     Err(refusal) => {
-                        tracing::debug!(%user, ?refusal, "public key refused");
+                        log_refusal(user, &refusal);
                         None
                     }
                 }
@@ -596,6 +596,32 @@ fn reject(gw: &SshGateway) -> Auth {
     Auth::Reject {
         proceed_with_methods: Some(methods),
         partial_success: false,
+    }
+}
+
+/// Says why a key that the user's file lists was refused: an administrator moving existing
+/// keys behind the gateway must see which line needs changing. A key the file does not list
+/// (clients offer every key they have) is not news.
+fn log_refusal(user: &str, refusal: &super::authorized_keys::Refusal) {
+    use super::authorized_keys::Refusal;
+    match refusal {
+        Refusal::Unenforceable(option) => tracing::warn!(
+            %user,
+            option = %option,
+            "public key refused: its authorized_keys line has an option the gateway cannot \
+             enforce, so it refuses the key rather than drop the restriction (remove the option, \
+             or see docs/security.md)"
+        ),
+        Refusal::FromMismatch => tracing::info!(
+            %user,
+            "public key refused: its authorized_keys line has a from= that excludes this client's \
+             address"
+        ),
+        Refusal::Expired => tracing::info!(
+            %user,
+            "public key refused: its authorized_keys line's expiry-time has passed"
+        ),
+        other => tracing::debug!(%user, refusal = ?other, "public key refused"),
     }
 }
 

@@ -94,6 +94,10 @@ impl Frontend {
             now,
         } = sticky;
         let (mut parts, body) = resp.into_parts();
+        // The gateway answers in its own HTTP version (RFC 9110, section 6.2), not the VM's: a
+        // VM speaking HTTP/1.0 must not make the client's connection HTTP/1.0 and close it after
+        // each response. hyper still answers an HTTP/1.0 client in HTTP/1.0.
+        parts.version = Version::HTTP_11;
         if parts.status != StatusCode::SWITCHING_PROTOCOLS {
             strip_hop_by_hop(&mut parts.headers);
         }
