@@ -329,6 +329,27 @@ fn demo_wakes_a_vm_for_the_first_login_serves_ssh_and_stops_when_everyone_leaves
         demo.log().contains("demo VM stopped")
     });
     jobs.assert_ended("the demo VM's scale-in", &demo);
+
+    // A password login to the empty pool: only a VM can check the password, so the login waits
+    // while the pool wakes (within ssh.login_grace) rather than being refused as if the
+    // password were wrong.
+    let asked = Instant::now();
+    let mut cmd = SshClient::new("bob", demo.ssh, hosts.path())
+        .option("BatchMode=no")
+        .option("PubkeyAuthentication=no")
+        .option("PreferredAuthentications=password")
+        .option("NumberOfPasswordPrompts=1")
+        .command("echo pw=$POOLGATE_VM");
+    cmd.env("SSH_ASKPASS", askpass(dir.path()))
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .env("DISPLAY", "none");
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(40));
+    assert!(
+        out.status.success() && stdout(&out).contains("pw=demo-"),
+        "a password login to the empty pool: {out:?}\n{}",
+        demo.log()
+    );
+    eprintln!("password login woke the pool in {:?}", asked.elapsed());
     eprintln!("whole journey: {:?}", started.elapsed());
 }
 

@@ -234,7 +234,37 @@ impl server::Handler for Front {
             }
             // Boxed: the handler's futures live inline in russh's session task for the whole
             // connection, and connecting to a VM is by far the largest of them.
-            match Box::pin(connect_vm(&self.who(user), Some(password))).await {
+            let mut result = Box::pin(connect_vm(&self.who(user), Some(password))).await;
+            if let Err(OpenError::NoVm(message)) = &result
+                && let Some(waker) = self.gw.wake.clone().filter(|w| w.holds_connections())
+            {
+                // Only a VM can check the password, and none can take the login yet (an empty
+                // pool at night): the login waits while the pool wakes, as a key login's
+                // connection does, for as long as ssh.login_grace leaves it. A pool slower to
+                // boot than that still wakes for the user's next try.
+                tracing::info!(%user, %message, "no VM yet for a password login; waiting while the pool wakes (within ssh.login_grace)");
+                let deadline = self.accepted + self.gw.settings.login_grace;
+                let deadline = tokio::time::Instant::from_std(deadline)
+                    .checked_sub(PASSWORD_WAKE_MARGIN)
+                    .unwrap_or_else(tokio::time::Instant::now);
+                let who = self.who(user);
+                let held = waker.hold(Protocol::Ssh, || async {
+                    match connect_vm(&who, Some(password)).await {
+                        Err(OpenError::NoVm(why)) => ControlFlow::Continue(why),
+                        done => ControlFlow::Break(done),
+                    }
+                });
+                result = match tokio::time::timeout_at(deadline, Box::pin(held)).await {
+                    Ok(Ok(done)) => done,
+                    Ok(Err(why)) => Err(OpenError::NoVm(why)),
+                    Err(_) => Err(OpenError::NoVm(format!(
+                        "the pool is still starting a VM after ssh.login_grace ({}); it goes on, \
+                         and the user's next try will find it",
+                        humantime::format_duration(self.gw.settings.login_grace)
+                    ))),
+                };
+            }
+            match result {
                 Ok(connected) => {
                     self.pending = Some(connected);
                     self.authenticated(user);
@@ -598,6 +628,10 @@ fn reject(gw: &SshGateway) -> Auth {
         partial_success: false,
     }
 }
+
+/// How long before `ssh.login_grace` ends a password login that waits for the pool gives up
+/// (refused, so that the client gets an answer before the gateway closes the connection).
+const PASSWORD_WAKE_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Says why a key that the user's file lists was refused: an administrator moving existing
 /// keys behind the gateway must see which line needs changing. A key the file does not list
