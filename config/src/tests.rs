@@ -395,3 +395,26 @@ fn docs_list_exactly_the_known_keys() {
         "docs/configuration.md documents keys the crate does not know: {unknown:?}"
     );
 }
+
+/// A client silent for about ten minutes is kept (a laptop closed for a meeting), as sshd
+/// configured for idle users would: 20 keepalives, 30 s apart.
+#[test]
+fn a_silent_client_is_kept_about_ten_minutes_by_default() {
+    let c = crate::Config::default();
+    assert_eq!(
+        c.ssh.client_alive_interval,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(c.ssh.client_alive_count_max, 20);
+    let text = "[ssh]\nclient_alive_interval = \"0s\"\nclient_alive_count_max = 0\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("poolgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let errors = invalid(load(&path));
+    for key in [
+        "ssh.client_alive_interval: ",
+        "ssh.client_alive_count_max: ",
+    ] {
+        assert!(errors.iter().any(|e| e.starts_with(key)), "{errors:?}");
+    }
+}

@@ -6,8 +6,8 @@
 //! unanswered) would take. The user's next login goes to the VM that is left.
 //!
 //! The other way round, at the same time: a client that stops answering (its ssh process
-//! stopped, as a laptop put to sleep) is dropped by the gateway's keepalives to clients, with
-//! a line in the log that says why.
+//! stopped, as a laptop put to sleep) is dropped by the gateway's keepalives to clients
+//! (`ssh.client_alive_count_max`, 4 here), with a line in the log that says why.
 //!
 //! And a VM whose probes fail while its open connections are fine (sshd's listener gone, the
 //! sessions' own sshd processes still there) answers the ping, as does a VM paused for longer
@@ -69,6 +69,9 @@ fn the_sessions_on_a_vm_lost_without_a_word_end_soon_after_the_probes_mark_it_do
         .users(USERS)
         .ssh_vm_at("lost", &vm, &net.vm_addr.to_string())
         .vm("stays")
+        // A sleeping client is dropped after 4 unanswered keepalives 30 s apart here (the
+        // default, 20, keeps a session through a 10-minute sleep).
+        .ssh_option("client_alive_count_max = 4")
         .start();
     pool.gateway.wait_for_vm_up("lost", Duration::from_secs(30));
     pool.gateway
@@ -246,4 +249,43 @@ fn kept_after_the_check(pool: &GatewayPool, session: &mut SshSession) {
             .contains("did not answer this connection in time"),
         "a session on a VM that answered was ended"
     );
+}
+
+/// `ssh.client_alive_interval` and `ssh.client_alive_count_max`: a client that sleeps for
+/// less than their product (a laptop closed for a coffee) carries on with its session; one that
+/// sleeps longer is dropped with the log line that says why. Scaled down here to 1 s × 4; the
+/// default is 30 s × 20, about ten minutes.
+#[test]
+fn a_client_asleep_for_less_than_the_keepalives_allow_keeps_its_session() {
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let pool = GatewayPool::builder()
+        .vm("vm-a")
+        .users(2)
+        .ssh_option("client_alive_interval = \"1s\"")
+        .ssh_option("client_alive_count_max = 4")
+        .start();
+    let mut napping = SshSession::hold(&pool.client(1));
+    let mut sleeping = SshSession::hold(&pool.client(2));
+    send_signal(napping.pid(), Signal::SIGSTOP);
+    send_signal(sleeping.pid(), Signal::SIGSTOP);
+    let asleep = Instant::now();
+    // The nap itself: two keepalives go unanswered, fewer than the four allowed.
+    std::thread::sleep(Duration::from_secs(2));
+    send_signal(napping.pid(), Signal::SIGCONT);
+    napping.roundtrip("after a two-second nap", Duration::from_secs(10));
+    pool.gateway.wait_for_log(
+        "the client stopped answering keepalives",
+        Duration::from_secs(30),
+    );
+    let dropped = asleep.elapsed();
+    assert!(
+        dropped >= Duration::from_secs(3),
+        "dropped {dropped:?} after it fell asleep, before four keepalives went unanswered"
+    );
+    send_signal(sleeping.pid(), Signal::SIGCONT);
+    sleeping.wait_exit(Duration::from_secs(20));
+    // Still there after the other was dropped.
+    napping.roundtrip("after the other was dropped", Duration::from_secs(10));
+    eprintln!("the sleeping client was dropped {dropped:?} after it fell asleep");
 }

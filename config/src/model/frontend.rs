@@ -284,6 +284,14 @@ pub struct Ssh {
         skip_serializing_if = "Option::is_none"
     )]
     pub idle_timeout: Option<Duration>,
+    /// A client connection silent this long is asked whether it is still there (sshd's
+    /// `ClientAliveInterval`).
+    #[serde(with = "duration")]
+    pub client_alive_interval: Duration,
+    /// Unanswered asks after which a silent client (a laptop asleep, a cut network) is dropped
+    /// (sshd's `ClientAliveCountMax`): with the interval, how long a session survives its
+    /// client's sleep. Default 20 × 30 s, about 10 minutes.
+    pub client_alive_count_max: u32,
 }
 
 impl Default for Ssh {
@@ -303,6 +311,8 @@ impl Default for Ssh {
             connect_timeout: Duration::from_secs(10),
             banner: None,
             idle_timeout: None,
+            client_alive_interval: Duration::from_secs(30),
+            client_alive_count_max: 20,
         }
     }
 }

@@ -220,6 +220,12 @@ fn ssh(c: &Config, r: &mut Report) {
         );
     }
     r.positive("ssh.connect_timeout", s.connect_timeout);
+    r.positive("ssh.client_alive_interval", s.client_alive_interval);
+    r.at_least_one(
+        "ssh.client_alive_count_max",
+        s.client_alive_count_max.into(),
+        "unanswered keepalives before a silent client is dropped; the default is 20",
+    );
     if s.idle_timeout == Some(Duration::ZERO) {
         r.err(
             "ssh.idle_timeout",

@@ -73,6 +73,10 @@ pub fn ssh_settings(config: &Config) -> SshSettings {
         password_passthrough: config.ssh.password_auth == PasswordAuth::Passthrough,
         connect_timeout: config.ssh.connect_timeout,
         login_grace: config.ssh.login_grace,
+        client_alive: (
+            config.ssh.client_alive_interval,
+            config.ssh.client_alive_count_max as usize,
+        ),
         max_unauthenticated: config.ssh.max_unauthenticated as usize,
         proxy_protocol: config.listen.proxy_protocol,
         banner: config.ssh.banner.clone(),

@@ -53,6 +53,8 @@ pub struct SshSettings {
     pub connect_timeout: Duration,
     /// `ssh.login_grace`: time a user has to authenticate.
     pub login_grace: Duration,
+    /// `ssh.client_alive_interval` and `ssh.client_alive_count_max`: keepalives to clients.
+    pub client_alive: (Duration, usize),
     /// `ssh.max_unauthenticated`.
     pub max_unauthenticated: usize,
     /// `listen.proxy_protocol`: each connection starts with a PROXY protocol header naming
@@ -182,8 +184,8 @@ fn server_config(host_keys: Vec<PrivateKey>, settings: &SshSettings) -> server::
         preferred,
         max_auth_attempts: 6,
         inactivity_timeout: settings.idle_timeout,
-        keepalive_interval: Some(Duration::from_secs(30)),
-        keepalive_max: 4,
+        keepalive_interval: Some(settings.client_alive.0),
+        keepalive_max: settings.client_alive.1,
         nodelay: true,
         ..Default::default()
     }
