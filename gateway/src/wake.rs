@@ -29,6 +29,12 @@ pub trait Wake: Send + Sync {
     /// Registers someone waiting for a VM that takes `protocol`, for as long as the returned
     /// value lives.
     fn register(&self, protocol: Protocol) -> Waiting;
+    /// The sessions per VM the pool is sized for: held connections that wake together take
+    /// at most this many places on a VM while other VMs started for them are still booting
+    /// (see [`Waker::spread_below`]). `None`: no such spreading.
+    fn spread_below(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// A registration of [`Wake::register`]; dropping it ends the registration.
@@ -108,6 +114,21 @@ impl Waker {
     /// Typical time a VM takes to boot.
     pub fn boot_estimate(&self) -> Duration {
         self.owner.boot_estimate()
+    }
+
+    /// For a connection held since `held_since`: the sessions a VM may have for it to take a
+    /// place there while other VMs are still starting, or `None` once that no longer applies.
+    /// The autoscaler starts VMs for the waiting connections; were they all to take the first
+    /// VM that comes up, the VMs started for them would stand empty (and be scaled in again)
+    /// while one VM carries everyone. So for a while they spread: a held connection takes a
+    /// place only on a VM below `autoscale.sessions_per_vm`, unless no other VM is starting.
+    /// The while is two boot estimates from the start of the hold (about one after the first
+    /// VM is up), so a VM that never finishes booting costs the others that long at most.
+    pub fn spread_below(&self, held_since: std::time::Instant) -> Option<u32> {
+        let window = self.boot_estimate().saturating_mul(2);
+        (held_since.elapsed() < window)
+            .then(|| self.owner.spread_below())
+            .flatten()
     }
 
     /// Registers someone waiting for `protocol` (see [`Wake::register`]).

@@ -727,3 +727,15 @@ fn one_users_sessions_placed_at_once_share_one_vm() {
         assert_eq!(vms.len(), 1, "round {round}: {vms:?}");
     }
 }
+
+#[test]
+fn room_below_counts_a_vm_with_that_many_sessions_as_full_for_that_request() {
+    let (pool, _) = pool(&[("a", 1, 10)]);
+    let held = ssh().room_below(2);
+    assert_eq!(name(pool.acquire(&held)), "a");
+    assert_eq!(name(pool.acquire(&held)), "a");
+    let err = pool.acquire(&held).map(|_| ()).unwrap_err();
+    assert_eq!((err.full, err.starting), (1, 0), "{err}");
+    // Without it the VM's own limit stands.
+    assert_eq!(name(pool.acquire(&ssh())), "a");
+}

@@ -37,6 +37,10 @@ pub struct PickRequest<'a> {
     ///
     /// [`Snapshot::why_not`]: crate::Snapshot::why_not
     pub only: Option<&'a str>,
+    /// A VM with this many sessions (or more) counts as full for this request: a connection
+    /// held while the pool wakes takes a place on a VM started for it rather than crowd onto
+    /// the first one up (the caller sets it only while other VMs are still starting).
+    pub room_below: Option<u32>,
 }
 
 impl<'a> PickRequest<'a> {
@@ -50,7 +54,14 @@ impl<'a> PickRequest<'a> {
             keep_draining: false,
             affinity_hint: None,
             only: None,
+            room_below: None,
         }
+    }
+
+    /// Sets [`PickRequest::room_below`].
+    pub fn room_below(mut self, sessions: u32) -> Self {
+        self.room_below = Some(sessions);
+        self
     }
 
     /// Sets [`PickRequest::only`].
@@ -102,7 +113,11 @@ impl<'a> PickRequest<'a> {
         let status = vm.status();
         let state_ok = status.accepts_new(self.protocol)
             || (pinned && self.keep_draining && !status.leaving && status.serving(self.protocol));
-        state_ok && !self.excludes(vm.name())
+        state_ok
+            && !self.excludes(vm.name())
+            && self
+                .room_below
+                .is_none_or(|below| vm.total_sessions() < below)
     }
 }
 
@@ -148,7 +163,11 @@ impl NoVm {
                 VmState::Unhealthy => n.unhealthy += 1,
                 VmState::Starting => n.starting += 1,
                 VmState::Healthy if req.excludes(vm.name()) => n.excluded += 1,
-                VmState::Healthy if vm.is_full() => n.full += 1,
+                VmState::Healthy
+                    if vm.is_full() || req.room_below.is_some_and(|b| vm.total_sessions() >= b) =>
+                {
+                    n.full += 1
+                }
                 VmState::Healthy => {}
             }
         }
@@ -226,10 +245,11 @@ pub(crate) fn least_loaded<'s>(
     req: &PickRequest<'_>,
 ) -> Option<&'s Arc<Vm>> {
     let cands = snapshot.candidates(req.protocol);
+    let cap = |capacity: u32| req.room_below.map_or(capacity, |below| below.min(capacity));
     let mut best: Option<(usize, u64, u64)> = None; // (candidate, total, weight)
     for (i, c) in cands.iter().enumerate() {
         let total = c.shared.total();
-        if total >= c.capacity {
+        if total >= cap(c.capacity) {
             continue;
         }
         // Browsers just sent here count towards the order, not the cap.

@@ -227,6 +227,7 @@ proptest! {
                 keep_draining: r.keep_draining,
                 affinity_hint: None,
                 only: None,
+                room_below: None,
             };
             let affinity = user.and_then(|u| b.store.affinity(u, b.clock.now(), TTL));
             let want = expected(&b.pool, &req, affinity.as_deref());

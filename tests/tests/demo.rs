@@ -556,3 +556,50 @@ fn demo_says_which_flag_to_change_when_a_port_is_taken() {
         "{err}"
     );
 }
+
+/// The team at 9:00: twenty people log in at once to a pool at zero. The autoscaler starts the
+/// VMs it sizes the pool for (two sessions each in the demo, three VMs at most), and the held
+/// logins spread over them, rather than all taking the first VM up while the VMs started for
+/// them stand empty (and are scaled in again).
+#[test]
+fn twenty_logins_to_an_empty_pool_spread_over_the_vms_started_for_them() {
+    require_tools!("ssh", "ssh-keygen");
+    const TEAM: usize = 20;
+    let demo = Demo::start(&["--min-vms", "0", "--max-vms", "3"]);
+    let try_line = format!("ssh -p {} ", demo.ssh);
+    wait_until(Duration::from_secs(10), "what to try printed", || {
+        demo.log().contains(&try_line)
+    });
+    let key = UserKey::generate("team");
+    let hosts = demo.known_hosts();
+    let started = Instant::now();
+    let logins: Vec<_> = (0..TEAM)
+        .map(|i| {
+            SshClient::new(&format!("user{i}"), demo.ssh, hosts.path())
+                .identity(key.private_key_path())
+                .timeout(Duration::from_secs(60))
+                // Everyone stays a while: the places are taken at the same time.
+                .command("echo $POOLGATE_VM; sleep 4")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn ssh")
+        })
+        .collect();
+    let mut per_vm: std::collections::BTreeMap<String, usize> = Default::default();
+    for child in logins {
+        let out = child.wait_with_output().expect("ssh");
+        assert!(out.status.success(), "{out:?}\n{}", demo.log());
+        *per_vm.entry(stdout(&out).trim().to_owned()).or_default() += 1;
+    }
+    eprintln!(
+        "{TEAM} logins to an empty pool in {:?}: {per_vm:?}",
+        started.elapsed()
+    );
+    assert_eq!(per_vm.values().sum::<usize>(), TEAM);
+    assert_eq!(per_vm.len(), 3, "every VM started took some: {per_vm:?}");
+    assert!(
+        per_vm.values().all(|&n| n <= TEAM / 2),
+        "one VM took most of the team while the others stood by: {per_vm:?}"
+    );
+}

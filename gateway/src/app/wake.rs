@@ -24,4 +24,8 @@ impl Wake for std::sync::Arc<Driver> {
     fn register(&self, protocol: Protocol) -> Waiting {
         Waiting::new(self.wait_guard(protocol))
     }
+
+    fn spread_below(&self) -> Option<u32> {
+        Some(self.sessions_per_vm())
+    }
 }

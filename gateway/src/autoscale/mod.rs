@@ -535,6 +535,11 @@ impl Driver {
         self.settings.boot_estimate
     }
 
+    /// The sessions per VM the policy sizes the pool for (`autoscale.sessions_per_vm`).
+    pub fn sessions_per_vm(&self) -> u32 {
+        self.settings.policy.sessions_per_vm.max(1)
+    }
+
     /// How long connections are held.
     pub fn hold_for(&self) -> Duration {
         self.settings.hold_connect_for

@@ -75,6 +75,9 @@ pub(crate) struct Who<'a> {
     pub(crate) accepted: Instant,
     /// The connection's span (see `connection_span`).
     pub(crate) span: &'a Span,
+    /// Held while the pool wakes, since then: it spreads over the VMs started for the held
+    /// connections (`Waker::spread_below`).
+    pub(crate) held_since: Option<Instant>,
 }
 
 impl Who<'_> {
@@ -115,6 +118,9 @@ pub(crate) async fn connect_vm(
             request = request.only(vm);
         } else if let Some(vm) = shared.as_deref() {
             request = request.affinity_hint(vm);
+        }
+        if let Some(below) = spread_below(who) {
+            request = request.room_below(below);
         }
         let guard = match gw.pool.acquire(&request) {
             Ok(guard) => guard,
@@ -209,6 +215,18 @@ pub(crate) async fn connect_vm(
             }
         }
     }
+}
+
+/// For a connection held while the pool wakes: the sessions a VM may have for it to go there,
+/// while some other VM is still starting (see `Waker::spread_below`).
+fn spread_below(who: &Who<'_>) -> Option<u32> {
+    let below = who.gw.wake.as_ref()?.spread_below(who.held_since?)?;
+    let snapshot = who.gw.pool.snapshot();
+    snapshot
+        .vms()
+        .iter()
+        .any(|vm| vm.state() == router_core::VmState::Starting)
+        .then_some(below)
 }
 
 /// What the user is told when no VM took the session, and whether the connection may wait for

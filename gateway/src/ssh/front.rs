@@ -148,6 +148,7 @@ impl Front {
             pty: self.pty(),
             accepted: self.accepted,
             span: &self.span,
+            held_since: None,
         }
     }
 
@@ -339,6 +340,7 @@ impl server::Handler for Front {
                                 pty,
                                 accepted,
                                 span: &span,
+                                held_since: Some(Instant::now()),
                             };
                             // Another held connection may take the place this one woke for;
                             // then it waits on (see `Waker::hold`).
