@@ -278,6 +278,9 @@ fn with_hint(key: &str, message: String) -> String {
         format!("{message} (write the command as an argv array, e.g. [\"pool-vms\", \"list\"])")
     } else if key == "ssh.host_keys" {
         format!("{message} (e.g. [\"keys/ssh_host_ed25519_key\"])")
+    } else if message.contains("invalid type: map") {
+        // `[pool.backends]` where `[[pool.backends]]` was meant: one table, not an array.
+        format!("{message} (write [[{key}]], with two brackets, above each entry)")
     } else {
         message
     }
@@ -286,11 +289,31 @@ fn with_hint(key: &str, message: String) -> String {
 /// A [`ConfigError::Parse`] at the byte offset `span.start` of `text`.
 fn parse_error(file: &Path, text: &str, span: Option<Range<usize>>, message: &str) -> ConfigError {
     let (line, column) = span.map_or((1, 1), |s| line_column(text, s.start));
+    let mut message = message.trim().replace('\n', "; ");
+    // The line itself, so that "duplicate key" or "invalid float" say what they are about.
+    let source = text
+        .lines()
+        .nth(line - 1)
+        .map(str::trim)
+        .unwrap_or_default();
+    if !source.is_empty() && source.chars().count() <= 120 {
+        message.push_str(&format!(", in `{source}`"));
+        // An address or path written without quotes reads to TOML as a broken number.
+        if let Some((_, value)) = source.split_once('=')
+            && let value = value.trim()
+            && !value.starts_with(['"', '\'', '[', '{'])
+            && value.contains([':', '/', '.'])
+            && value.chars().any(|c| c.is_ascii_digit() || c == '/')
+            && value.parse::<f64>().is_err()
+        {
+            message.push_str(&format!(" (text values are quoted: \"{value}\")"));
+        }
+    }
     ConfigError::Parse {
         path: file.to_path_buf(),
         line,
         column,
-        message: message.trim().replace('\n', "; "),
+        message,
     }
 }
 
@@ -344,7 +367,8 @@ mod tests {
         let shown = err.to_string();
         assert_eq!(
             shown,
-            "/etc/pg.toml:5:12: string values must be quoted, expected literal string"
+            "/etc/pg.toml:5:12: string values must be quoted, expected literal string, in \
+             `interval = 5s`"
         );
         assert!(!shown.contains('\n'), "{shown}");
     }
@@ -354,6 +378,18 @@ mod tests {
         let err =
             deserialize("[ssh]\nbanner = \"a\"\nbanner = \"b\"\n", Path::new("x")).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { line: 3, .. }), "{err}");
+        assert!(err.to_string().ends_with(", in `banner = \"b\"`"), "{err}");
+    }
+
+    #[test]
+    fn an_unquoted_address_is_shown_quoted() {
+        let err = deserialize("[listen]\nssh = 127.0.0.1:2222\n", Path::new("x")).unwrap_err();
+        assert!(
+            err.to_string().ends_with(
+                "in `ssh = 127.0.0.1:2222` (text values are quoted: \"127.0.0.1:2222\")"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

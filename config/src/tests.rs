@@ -68,7 +68,10 @@ fn parse_error_names_file_line_and_column() {
     let err = load(&path).unwrap_err();
     assert_eq!(
         err.to_string(),
-        format!("{}:3:8: unclosed table, expected `]`", path.display())
+        format!(
+            "{}:3:8: unclosed table, expected `]`, in `[health`",
+            path.display()
+        )
     );
     let err = parse("a = [", Path::new("/")).unwrap_err();
     assert!(matches!(err, ConfigError::Parse { line: 1, .. }), "{err}");

@@ -240,8 +240,8 @@ fn no_vm_error(
     let user = who.user;
     let refused = match last {
         Some(e @ BackendError::AuthRefused { .. }) => Some(format!(
-            "{e}: the VMs have no account {user}, or do not trust the gateway's user CA (ask the \
-             pool's administrators)"
+            "{e}: the VMs have no account {user} (or it is locked there), or do not trust the \
+             gateway's user CA (ask the pool's administrators)"
         )),
         // A VM that is full or still starting may yet take the session with a key the gateway
         // trusts; otherwise the pool's VMs are not in ssh.backend_known_hosts (or not signed by
