@@ -260,6 +260,31 @@ fn a_start_that_takes_long_does_not_hold_up_the_next_decision() {
     pool.assert_no_panic();
 }
 
+/// `exec`'s VM as the pool's one VM, kept running (`min_vms = 1`, `hold_connect_for` at its
+/// default), healthy.
+fn one_vm_kept_running(builder: GatewayPoolBuilder, exec: &ExecSshdVm) -> GatewayPool {
+    let pool = builder
+        .users(1)
+        .config_toml(&exec.scripts.pool_toml(Duration::from_secs(10)))
+        .config_toml(
+            "[autoscale]\nenabled = true\nmin_vms = 1\nmax_vms = 1\nspare_vms = 0\n\
+             tick = \"1s\"\ncooldown = \"1s\"\nboot_estimate = \"2s\"\nbusy_command = []\n",
+        )
+        .start();
+    pool.wait_for_state("vm-a", "healthy", Duration::from_secs(20));
+    pool
+}
+
+/// No connection is left held.
+fn assert_nobody_waits(pool: &GatewayPool) {
+    let metrics = pool.metrics();
+    assert_eq!(
+        sample(&metrics, "poolgate_sessions_waiting{protocol=\"ssh\"}"),
+        Some(0.0),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn a_login_the_vms_refuse_is_told_at_once_not_held_while_the_pool_wakes() {
     // A user the gateway lets in whom the VMs refuse: no account there yet, or VMs that do not
@@ -270,18 +295,7 @@ fn a_login_the_vms_refuse_is_told_at_once_not_held_while_the_pool_wakes() {
     require_root!();
     let ca = UserCa::generate();
     let exec = ExecSshdVm::stopped("poolgate-exec-refused-", &ca);
-    // The VM kept running (min_vms = 1); hold_connect_for at its default.
-    let pool = GatewayPool::builder()
-        .users(1)
-        .user_ca(ca)
-        .known_vm(&exec.vm)
-        .config_toml(&exec.scripts.pool_toml(Duration::from_secs(10)))
-        .config_toml(
-            "[autoscale]\nenabled = true\nmin_vms = 1\nmax_vms = 1\nspare_vms = 0\n\
-             tick = \"1s\"\ncooldown = \"1s\"\nboot_estimate = \"2s\"\nbusy_command = []\n",
-        )
-        .start();
-    pool.wait_for_state("vm-a", "healthy", Duration::from_secs(20));
+    let pool = one_vm_kept_running(GatewayPool::builder().user_ca(ca).known_vm(&exec.vm), &exec);
 
     // Allowed in by the gateway (a key listed for the name), unknown on the VM.
     let stranger = "pgnoaccount";
@@ -323,12 +337,7 @@ fn a_login_the_vms_refuse_is_told_at_once_not_held_while_the_pool_wakes() {
         "the VM was asked {attempts} times\n{}",
         pool.log()
     );
-    let metrics = pool.metrics();
-    assert_eq!(
-        sample(&metrics, "poolgate_sessions_waiting{protocol=\"ssh\"}"),
-        Some(0.0),
-        "{metrics}"
-    );
+    assert_nobody_waits(&pool);
 
     // The users the VM knows still get in.
     let out = pool.client(1).run("echo on $POOLGATE_VM");
@@ -346,18 +355,13 @@ fn a_vm_whose_host_key_changed_is_told_at_once_not_held_while_the_pool_wakes() {
     let ca = UserCa::generate();
     let exec = ExecSshdVm::stopped("poolgate-exec-rekeyed-", &ca);
     let old_key = UserKey::generate("the VM's key before it was rebuilt");
-    let pool = GatewayPool::builder()
-        .users(1)
-        .user_ca(ca)
-        .known_hosts_entry(known_hosts_line(exec.vm.port(), &old_key.public_key_line()))
-        .config_toml(&exec.scripts.pool_toml(Duration::from_secs(10)))
-        .config_toml(
-            "[autoscale]\nenabled = true\nmin_vms = 1\nmax_vms = 1\nspare_vms = 0\n\
-             tick = \"1s\"\ncooldown = \"1s\"\nboot_estimate = \"2s\"\nbusy_command = []\n",
-        )
-        .start();
     // Its sshd answers, so the probe passes: the VM is eligible and picked.
-    pool.wait_for_state("vm-a", "healthy", Duration::from_secs(20));
+    let pool = one_vm_kept_running(
+        GatewayPool::builder()
+            .user_ca(ca)
+            .known_hosts_entry(known_hosts_line(exec.vm.port(), &old_key.public_key_line())),
+        &exec,
+    );
 
     let asked = Instant::now();
     let out = pool.client(1).timeout(Duration::from_secs(40)).run("true");
@@ -399,10 +403,5 @@ fn a_vm_whose_host_key_changed_is_told_at_once_not_held_while_the_pool_wakes() {
         "{}",
         exec.vm.log_text()
     );
-    let metrics = pool.metrics();
-    assert_eq!(
-        sample(&metrics, "poolgate_sessions_waiting{protocol=\"ssh\"}"),
-        Some(0.0),
-        "{metrics}"
-    );
+    assert_nobody_waits(&pool);
 }

@@ -31,6 +31,13 @@ fn config_in(dir: &Path) -> Config {
     c
 }
 
+/// The message for `ssh.backend_known_hosts` among `errs`.
+fn known_hosts_message(errs: &[crate::ValidationError]) -> Option<String> {
+    errs.iter()
+        .find(|e| e.key == "ssh.backend_known_hosts")
+        .map(|e| e.message.clone())
+}
+
 fn messages(c: &Config) -> Vec<String> {
     c.check_files().iter().map(ToString::to_string).collect()
 }
@@ -137,9 +144,7 @@ fn the_known_hosts_hint_makes_a_missing_keys_directory() {
     c.ssh.backend_known_hosts = Some(known.clone());
     let errs = c.check_files();
     assert_eq!(
-        errs.iter()
-            .find(|e| e.key == "ssh.backend_known_hosts")
-            .map(|e| e.message.clone()),
+        known_hosts_message(&errs),
         Some(format!(
             "{0} does not exist (create it with: mkdir -p {1} && ssh-keyscan -p 22 10.0.0.4 >> {0}; or set ssh.backend_host_ca)",
             known.display(),
@@ -366,9 +371,7 @@ fn the_known_hosts_hint_scans_each_vms_own_port() {
     std::fs::remove_file(&known).unwrap();
     let errs = c.check_files();
     assert_eq!(
-        errs.iter()
-            .find(|e| e.key == "ssh.backend_known_hosts")
-            .map(|e| e.message.clone()),
+        known_hosts_message(&errs),
         Some(format!(
             "{0} does not exist (create it with: ssh-keyscan -p 41201 127.0.0.1 >> {0} && ssh-keyscan -p 41202 127.0.0.1 >> {0}; or set ssh.backend_host_ca)",
             known.display()
