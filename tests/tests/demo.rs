@@ -151,6 +151,20 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `ssh bob@demo REMOTE` by password only (one prompt), answered by the program `askpass`.
+fn password_login(demo: &Demo, hosts: &KnownHosts, askpass: &Path, remote: &str) -> Command {
+    let mut cmd = SshClient::new("bob", demo.ssh, hosts.path())
+        .option("BatchMode=no")
+        .option("PubkeyAuthentication=no")
+        .option("PreferredAuthentications=password")
+        .option("NumberOfPasswordPrompts=1")
+        .command(remote);
+    cmd.env("SSH_ASKPASS", askpass)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .env("DISPLAY", "none");
+    cmd
+}
+
 /// An SSH_ASKPASS program that answers `demo`.
 fn askpass(dir: &Path) -> PathBuf {
     let path = dir.join("askpass");
@@ -239,29 +253,14 @@ fn demo_wakes_a_vm_for_the_first_login_serves_ssh_and_stops_when_everyone_leaves
 
     // Password `demo` through passthrough, with SSH_ASKPASS.
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut cmd = SshClient::new("bob", demo.ssh, hosts.path())
-        .option("BatchMode=no")
-        .option("PubkeyAuthentication=no")
-        .option("PreferredAuthentications=password")
-        .command("echo pw=$POOLGATE_VM");
-    cmd.env("SSH_ASKPASS", askpass(dir.path()))
-        .env("SSH_ASKPASS_REQUIRE", "force")
-        .env("DISPLAY", "none");
+    let mut cmd = password_login(&demo, &hosts, &askpass(dir.path()), "echo pw=$POOLGATE_VM");
     let out = run_with_timeout(&mut cmd, Duration::from_secs(20));
     assert!(out.status.success(), "password login: {out:?}");
     assert!(stdout(&out).contains("pw=demo-"), "{out:?}");
 
     // A wrong password is refused.
     std::fs::write(dir.path().join("askpass"), "#!/bin/sh\necho wrong\n").expect("write");
-    let mut cmd = SshClient::new("bob", demo.ssh, hosts.path())
-        .option("BatchMode=no")
-        .option("PubkeyAuthentication=no")
-        .option("PreferredAuthentications=password")
-        .option("NumberOfPasswordPrompts=1")
-        .command("true");
-    cmd.env("SSH_ASKPASS", dir.path().join("askpass"))
-        .env("SSH_ASKPASS_REQUIRE", "force")
-        .env("DISPLAY", "none");
+    let mut cmd = password_login(&demo, &hosts, &dir.path().join("askpass"), "true");
     let out = run_with_timeout(&mut cmd, Duration::from_secs(20));
     assert_eq!(
         out.status.code(),
@@ -334,15 +333,7 @@ fn demo_wakes_a_vm_for_the_first_login_serves_ssh_and_stops_when_everyone_leaves
     // while the pool wakes (within ssh.login_grace) rather than being refused as if the
     // password were wrong.
     let asked = Instant::now();
-    let mut cmd = SshClient::new("bob", demo.ssh, hosts.path())
-        .option("BatchMode=no")
-        .option("PubkeyAuthentication=no")
-        .option("PreferredAuthentications=password")
-        .option("NumberOfPasswordPrompts=1")
-        .command("echo pw=$POOLGATE_VM");
-    cmd.env("SSH_ASKPASS", askpass(dir.path()))
-        .env("SSH_ASKPASS_REQUIRE", "force")
-        .env("DISPLAY", "none");
+    let mut cmd = password_login(&demo, &hosts, &askpass(dir.path()), "echo pw=$POOLGATE_VM");
     let out = run_with_timeout(&mut cmd, Duration::from_secs(40));
     assert!(
         out.status.success() && stdout(&out).contains("pw=demo-"),
