@@ -646,3 +646,54 @@ fn a_stopped_vm_side_reader_keeps_gateway_memory_bounded_and_the_upload_intact()
         "the gateway buffered an upload nobody read: {report}"
     );
 }
+
+/// A command that never reads its stdin, given a big one on a multiplexed connection
+/// (`ssh -S ctl host 'sleep 2' < big.file`), ends with the gateway's buffer for it full. The
+/// connection must be whole again after it: an upload on another channel of the same
+/// ControlMaster then runs at full speed. Before, that channel's share of the connection's
+/// congestion count was left behind when the VM closed it, and every later upload on the
+/// connection crawled at two bytes per round trip (16 MiB would have taken half an hour).
+#[test]
+fn a_channel_that_ended_with_its_stdin_unread_leaves_the_connection_whole() {
+    require_tools!("sshd", "ssh", "ssh-keygen", "head");
+    require_root!();
+    let data = shared_temp_dir();
+    let file = data.path().join("unread.bin");
+    random_file(&file, 16 * MIB);
+    let pool = GatewayPool::builder().vm("vm-a").users(1).start();
+    let master = Multiplexed::start(&pool.client(1));
+    let mux = master.client().timeout(Duration::from_secs(120));
+
+    // More than the VM's window, the gateway's buffer and russh's queue take together.
+    let out = run_with_input(
+        &mut mux.command("sleep 2"),
+        &std::fs::read(&file).unwrap(),
+        Duration::from_secs(60),
+    );
+    // ssh may or may not manage to write all of stdin before the command ends; either way the
+    // command itself ran to its end.
+    assert!(
+        matches!(out.status.code(), Some(0 | 255)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The same connection, a new channel: 16 MiB up, counted on the VM.
+    let started = Instant::now();
+    let out = run_with_input(
+        &mut mux.command("wc -c"),
+        &std::fs::read(&file).unwrap(),
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (16 * MIB).to_string(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        pool.log()
+    );
+    eprintln!(
+        "16 MiB up after the unread channel: {:?}",
+        started.elapsed()
+    );
+}

@@ -72,17 +72,59 @@ impl FlowControl {
         }
     }
 
-    fn down_send_started(&self) {
+    /// A down pump inside a send to the user, until the returned guard drops.
+    fn down_send(&self) -> DownSend<'_> {
         self.sending_down.fetch_add(1, Ordering::AcqRel);
         self.notify.notify_waiters();
-    }
-
-    fn down_send_finished(&self) {
-        self.sending_down.fetch_sub(1, Ordering::AcqRel);
+        DownSend(self)
     }
 
     fn down_busy(&self) -> bool {
         self.sending_down.load(Ordering::Acquire) > 0
+    }
+}
+
+/// A down send in progress ([`FlowControl::down_send`]); counted until dropped, so a pump
+/// dropped in the middle of a send (its channel closed from the other side) is no longer counted.
+struct DownSend<'a>(&'a FlowControl);
+
+impl Drop for DownSend<'_> {
+    fn drop(&mut self) {
+        self.0.sending_down.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One channel's share of [`FlowControl`]'s congestion count, given back when dropped. The up
+/// reader's future is dropped, not finished, when the VM closes the channel first: a share
+/// left behind would hold the whole connection's window at [`TRICKLE_WINDOW`] for good, every
+/// other channel crawling at two bytes per round trip.
+struct CongestionShare<'a> {
+    flow: &'a FlowControl,
+    held: bool,
+}
+
+impl<'a> CongestionShare<'a> {
+    fn new(flow: &'a FlowControl) -> Self {
+        Self { flow, held: false }
+    }
+
+    /// Holds the share while `over`, gives it back otherwise.
+    fn set(&mut self, over: bool) {
+        if over == self.held {
+            return;
+        }
+        self.held = over;
+        if over {
+            self.flow.congested.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.flow.congested.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for CongestionShare<'_> {
+    fn drop(&mut self) {
+        self.set(false);
     }
 }
 
@@ -475,7 +517,7 @@ impl<U: UserSide> Relay<U> {
 
     /// Up reader: user channel -> byte-counted queue, admitting packets by [`Self::admit`].
     async fn up_reader(&self, mut user: impl Source) {
-        let mut congested = false;
+        let mut congested = CongestionShare::new(&self.flow);
         loop {
             self.admit(&mut congested).await;
             let Some(msg) = user.next().await else {
@@ -492,14 +534,11 @@ impl<U: UserSide> Relay<U> {
             }
         }
         self.queue.reader_finished();
-        if congested {
-            self.flow.congested.fetch_sub(1, Ordering::AcqRel);
-        }
     }
 
     /// Waits until the up reader may take another packet from the user (the rule in the module
     /// documentation), keeping this channel's share of [`FlowControl`]'s congestion count.
-    async fn admit(&self, congested: &mut bool) {
+    async fn admit(&self, congested: &mut CongestionShare<'_>) {
         loop {
             let notified = self.drained.notified();
             let woken_by_down = self.flow.notify.notified();
@@ -510,14 +549,7 @@ impl<U: UserSide> Relay<U> {
 
             let level = self.buffered.load(Ordering::Acquire);
             let over = level >= HIGH_WATER;
-            if over != *congested {
-                *congested = over;
-                if over {
-                    self.flow.congested.fetch_add(1, Ordering::AcqRel);
-                } else {
-                    self.flow.congested.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
+            congested.set(over);
             if !over {
                 return;
             }
@@ -604,9 +636,9 @@ impl<U: UserSide> Relay<U> {
                 // twice in this state machine (some 700 bytes more per channel).
                 ChannelMsg::Data { data } => {
                     let n = data.len() as u64;
-                    self.flow.down_send_started();
+                    let sending = self.flow.down_send();
                     let r = user.data(data).await;
-                    self.flow.down_send_finished();
+                    drop(sending);
                     if r.is_err() {
                         break;
                     }
@@ -614,9 +646,9 @@ impl<U: UserSide> Relay<U> {
                 }
                 ChannelMsg::ExtendedData { data, ext } => {
                     let n = data.len() as u64;
-                    self.flow.down_send_started();
+                    let sending = self.flow.down_send();
                     let r = user.extended_data(ext, data).await;
-                    self.flow.down_send_finished();
+                    drop(sending);
                     if r.is_err() {
                         break;
                     }

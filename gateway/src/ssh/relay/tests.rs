@@ -263,6 +263,38 @@ async fn a_channel_the_user_closes_while_congested_leaves_no_congestion_behind()
     assert_eq!(h.congested(), 0);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_channel_the_vm_closes_while_congested_leaves_no_congestion_behind() {
+    // A command that never reads its stdin while the user sends plenty (`ssh host 'sleep 10' <
+    // big.file`), then ends: the VM closes the channel with the buffer still full. Before, the
+    // reader's share of the congestion count was left behind, and every other channel of the
+    // connection crawled at the trickle window for good.
+    let h = Harness::start();
+    h.user_sends(HIGH_WATER / PACKET + 4);
+    settle().await;
+    assert_eq!(h.congested(), 1);
+
+    h.vm.send(ChannelMsg::Close).expect("the relay reads");
+    settle().await;
+    assert_eq!(h.congested(), 0);
+    assert_eq!(h.relay.flow.target_window(NORMAL_WINDOW), NORMAL_WINDOW);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_down_send_cut_short_by_the_channels_end_is_not_counted_on() {
+    // The VM's output waits for the user's window when the user closes the channel: after the
+    // drain's 5 s the down pump is dropped mid-send, and no longer counts as sending (which
+    // would let every congested channel of the connection read up to the hard limit).
+    let h = Harness::start();
+    h.vm_sends_one();
+    settle().await;
+    assert!(h.relay.flow.down_busy());
+    h.user.send(ChannelMsg::Close).expect("the relay reads");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    settle().await;
+    assert!(!h.relay.flow.down_busy());
+}
+
 fn data(n: u8) -> Up {
     Up::Data(Bytes::from(vec![n]))
 }
