@@ -37,30 +37,61 @@ pub enum HeaderError {
     /// The header is there but cannot be read.
     #[error("invalid PROXY protocol header: {0}")]
     Invalid(String),
-    /// The connection ended, or failed, before the header did.
+    /// The connection ended, or failed, in the middle of the header.
     #[error("the connection ended before its PROXY protocol header did: {0}")]
     Io(#[from] std::io::Error),
-    /// Nothing, or not all of it, came within [`HEADER_TIMEOUT`].
+    /// The header started but did not end within [`HEADER_TIMEOUT`].
     #[error("no complete PROXY protocol header within {HEADER_TIMEOUT:?}")]
     Timeout,
+    /// The connection closed before sending a byte (a balancer's TCP health check does that).
+    #[error("the connection closed before sending anything: {0}")]
+    Closed(std::io::Error),
+    /// Nothing came within [`HEADER_TIMEOUT`].
+    #[error("nothing sent within {HEADER_TIMEOUT:?}")]
+    Silent,
 }
 
-/// Reads the header at the start of `stream` within [`HEADER_TIMEOUT`] and returns the client
-/// it names: `None` when it names none (a balancer's own connection, `LOCAL`; `UNKNOWN`; a
-/// unix socket), in which case the socket's peer address stands.
-pub async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Option<SocketAddr>, HeaderError> {
-    tokio::time::timeout(HEADER_TIMEOUT, read_header(stream))
-        .await
-        .map_err(|_| HeaderError::Timeout)?
+impl HeaderError {
+    /// Whether the connection sent nothing at all: what TCP health checks and port scans do,
+    /// not a sign of a misconfigured balancer.
+    pub fn sent_nothing(&self) -> bool {
+        matches!(self, Self::Closed(_) | Self::Silent)
+    }
+}
+
+/// Whom a balancer's connection carries, as its header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proxied {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The address the client connected to: the balancer's (its port is the one users see).
+    pub destination: SocketAddr,
+}
+
+/// Reads the header at the start of `stream` within [`HEADER_TIMEOUT`] and returns whom it
+/// names: `None` when it names no one (a balancer's own connection, `LOCAL`; `UNKNOWN`; a
+/// unix socket), in which case the socket's own addresses stand.
+pub async fn read<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Option<Proxied>, HeaderError> {
+    let mut got_any = false;
+    match tokio::time::timeout(HEADER_TIMEOUT, read_header(stream, &mut got_any)).await {
+        Ok(Err(HeaderError::Io(e))) if !got_any => Err(HeaderError::Closed(e)),
+        Ok(result) => result,
+        Err(_) if !got_any => Err(HeaderError::Silent),
+        Err(_) => Err(HeaderError::Timeout),
+    }
 }
 
 async fn read_header<S: AsyncRead + Unpin>(
     stream: &mut S,
-) -> Result<Option<SocketAddr>, HeaderError> {
+    got_any: &mut bool,
+) -> Result<Option<Proxied>, HeaderError> {
     // Five bytes tell the versions apart ("PROXY" or the signature's start) and are never more
-    // than a header: the shortest, "PROXY UNKNOWN\r\n", has 15.
+    // than a header: the shortest, "PROXY UNKNOWN\r\n", has 15. The first is read on its own,
+    // so that a connection closed or silent before sending anything is told apart.
     let mut buf = vec![0u8; 5];
-    stream.read_exact(&mut buf).await?;
+    stream.read_exact(&mut buf[..1]).await?;
+    *got_any = true;
+    stream.read_exact(&mut buf[1..]).await?;
     if buf == b"PROXY" {
         // Byte by byte to the line's end, so that nothing after it is taken from the
         // connection; a line is about fifty bytes.
@@ -94,25 +125,37 @@ async fn read_header<S: AsyncRead + Unpin>(
     v2_client(&buf)
 }
 
-fn v1_client(line: &[u8]) -> Result<Option<SocketAddr>, HeaderError> {
+fn v1_client(line: &[u8]) -> Result<Option<Proxied>, HeaderError> {
     let header = ppp::v1::Header::try_from(line)
         .map_err(|e| HeaderError::Invalid(format!("{e} in {}", printable(line))))?;
     Ok(match header.addresses {
-        ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
-        ppp::v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v1::Addresses::Tcp4(a) => Some(Proxied {
+            client: SocketAddr::from((a.source_address, a.source_port)),
+            destination: SocketAddr::from((a.destination_address, a.destination_port)),
+        }),
+        ppp::v1::Addresses::Tcp6(a) => Some(Proxied {
+            client: SocketAddr::from((a.source_address, a.source_port)),
+            destination: SocketAddr::from((a.destination_address, a.destination_port)),
+        }),
         ppp::v1::Addresses::Unknown => None,
     })
 }
 
-fn v2_client(bytes: &[u8]) -> Result<Option<SocketAddr>, HeaderError> {
+fn v2_client(bytes: &[u8]) -> Result<Option<Proxied>, HeaderError> {
     let header =
         ppp::v2::Header::try_from(bytes).map_err(|e| HeaderError::Invalid(e.to_string()))?;
     if header.command == ppp::v2::Command::Local {
         return Ok(None);
     }
     Ok(match header.addresses {
-        ppp::v2::Addresses::IPv4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
-        ppp::v2::Addresses::IPv6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v2::Addresses::IPv4(a) => Some(Proxied {
+            client: SocketAddr::from((a.source_address, a.source_port)),
+            destination: SocketAddr::from((a.destination_address, a.destination_port)),
+        }),
+        ppp::v2::Addresses::IPv6(a) => Some(Proxied {
+            client: SocketAddr::from((a.source_address, a.source_port)),
+            destination: SocketAddr::from((a.destination_address, a.destination_port)),
+        }),
         ppp::v2::Addresses::Unix(_) | ppp::v2::Addresses::Unspecified => None,
     })
 }
@@ -122,16 +165,15 @@ fn v2_client(bytes: &[u8]) -> Result<Option<SocketAddr>, HeaderError> {
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Logs a connection closed for its header: a WARN at most every [`REFUSED_LOG_EVERY`] with
-/// how many went unlogged since, DEBUG otherwise. A connection that closed before sending a
-/// byte (a balancer's TCP health check) is only DEBUG: it is what such checks do.
+/// how many went unlogged since, DEBUG otherwise. A connection that sent nothing at all (a
+/// balancer's TCP health check, a port scan) is only DEBUG: it is what such checks do.
 pub fn refused(listener: &str, peer: SocketAddr, error: &HeaderError) {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Instant;
     static LAST: Mutex<Option<Instant>> = Mutex::new(None);
     static SINCE: AtomicU64 = AtomicU64::new(0);
-    let probe = matches!(error, HeaderError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof)
-        || matches!(error, HeaderError::Timeout);
+    let probe = error.sent_nothing();
     let due = !probe
         && LAST.lock().is_ok_and(|mut last| {
             let now = Instant::now();
@@ -169,10 +211,44 @@ fn printable(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// The client the header names, and what is left after it.
     async fn parse(input: &[u8]) -> (Result<Option<SocketAddr>, HeaderError>, Vec<u8>) {
         let mut stream = input;
-        let result = read(&mut stream).await;
+        let result = read(&mut stream).await.map(|p| p.map(|p| p.client));
         (result, stream.to_vec())
+    }
+
+    #[tokio::test]
+    async fn the_destination_is_the_balancers_address_users_reached() {
+        let mut stream = &b"PROXY TCP4 192.0.2.7 203.0.113.5 50412 443\r\n"[..];
+        let proxied = read(&mut stream).await.unwrap().unwrap();
+        assert_eq!(proxied.destination, "203.0.113.5:443".parse().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_told_apart_from_a_broken_header() {
+        // Closed at once (a TCP health check).
+        let (result, _) = parse(b"").await;
+        assert!(
+            result.as_ref().is_err_and(HeaderError::sent_nothing),
+            "{result:?}"
+        );
+        // Closed in the middle of a header.
+        let (result, _) = parse(b"PROX").await;
+        assert!(matches!(result, Err(HeaderError::Io(_))), "{result:?}");
+        assert!(!result.unwrap_err().sent_nothing());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_times_out_as_sending_nothing_and_a_stalled_header_does_not() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let silent = read(&mut server).await.unwrap_err();
+        assert!(silent.sent_nothing(), "{silent}");
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"PROXY TCP4 ")
+            .await
+            .unwrap();
+        let stalled = read(&mut server).await.unwrap_err();
+        assert!(matches!(stalled, HeaderError::Timeout), "{stalled}");
     }
 
     #[tokio::test]

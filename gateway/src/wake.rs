@@ -166,7 +166,13 @@ impl Waker {
                     // The next attempt waits for a change or a recheck below, so a VM that is
                     // up but refuses is not hammered.
                     ControlFlow::Continue(why) => {
-                        tracing::info!(reason = %why, "the VM was taken or failed; still holding the connection");
+                        // Once per reason: a connection that waits for its place (spreading
+                        // over VMs still booting) asks again every second.
+                        if last.as_deref() == Some(why.as_str()) {
+                            tracing::debug!(reason = %why, "still holding the connection");
+                        } else {
+                            tracing::info!(reason = %why, "the VM was taken or failed; still holding the connection");
+                        }
                         last = Some(why);
                     }
                 }

@@ -65,19 +65,22 @@ fn behind_haproxy_each_client_is_seen_and_one_clients_failed_logins_lock_out_onl
         .vm("vm-c")
         .web_probe("/")
         .users(BURST)
+        .tls()
         .listen_option("proxy_protocol = true")
         .start();
     // The example the project ships (deploy/haproxy/haproxy.cfg), as written but for its
-    // addresses: its "https" frontend is pointed at the plain HTTP listener here.
-    let (ssh_lb_port, web_lb_port) = (free_port(), free_port());
+    // addresses.
+    let (ssh_lb_port, http_lb_port, https_lb_port) = (free_port(), free_port(), free_port());
     let shipped = std::fs::read_to_string(workspace_dir().join("deploy/haproxy/haproxy.cfg"))
         .expect("read deploy/haproxy/haproxy.cfg");
     let config = shipped
         .replace("bind :22", &format!("bind 127.0.0.1:{ssh_lb_port}"))
-        .replace("bind :443", &format!("bind 127.0.0.1:{web_lb_port}"))
+        .replace("bind :80", &format!("bind 127.0.0.1:{http_lb_port}"))
+        .replace("bind :443", &format!("bind 127.0.0.1:{https_lb_port}"))
         .replace("port 9090", &format!("port {}", pool.admin.port()))
         .replace("10.0.0.10:2222", &format!("127.0.0.1:{}", pool.ssh_port))
-        .replace("10.0.0.10:8443", &pool.http.to_string())
+        .replace("10.0.0.10:8080", &pool.http.to_string())
+        .replace("10.0.0.10:8443", &pool.https.to_string())
         .lines()
         .filter(|l| !l.contains("10.0.0.11"))
         .map(|l| format!("{l}\n"))
@@ -86,9 +89,9 @@ fn behind_haproxy_each_client_is_seen_and_one_clients_failed_logins_lock_out_onl
         config, shipped,
         "the example's addresses moved: update this test"
     );
-    let ssh_lb = Haproxy::with_config(&config, ssh_lb_port, &[web_lb_port]);
-    // The text version of the header, in front of HTTP.
-    let http_lb_v1 = Haproxy::tcp_with(&[pool.http], "send-proxy");
+    let ssh_lb = Haproxy::with_config(&config, ssh_lb_port, &[http_lb_port, https_lb_port]);
+    // The text version of the header, in front of HTTPS.
+    let https_lb_v1 = Haproxy::tcp_with(&[pool.https], "send-proxy");
     // The gateway's host key, as users reach it: at the balancer's port.
     let known = std::fs::read_to_string(pool.known_hosts()).expect("read known_hosts");
     let key_line = known
@@ -144,6 +147,15 @@ fn behind_haproxy_each_client_is_seen_and_one_clients_failed_logins_lock_out_onl
     );
     eprintln!("{refused} refused logins put 127.0.0.3 in the penalty box");
 
+    // The boxed address does not get in now, even with a good key (checked at once, well
+    // within its 30 s in the box).
+    let out = through(&ssh_lb, &known_hosts, &alice)
+        .user_key(pool.key(1))
+        .ssh_command(&["-b", "127.0.0.3"], Some("true"))
+        .output()
+        .expect("ssh");
+    assert_eq!(out.status.code(), Some(255), "the boxed address got in");
+
     // Everyone else still gets in, twenty at once, through the same balancer.
     let logins: Vec<_> = (1..=BURST)
         .map(|i| {
@@ -166,33 +178,32 @@ fn behind_haproxy_each_client_is_seen_and_one_clients_failed_logins_lock_out_onl
             pool.log()
         );
     }
-    // And the boxed address still does not, even with a good key.
-    let out = through(&ssh_lb, &known_hosts, &alice)
-        .user_key(pool.key(1))
-        .ssh_command(&["-b", "127.0.0.3"], Some("true"))
-        .output()
-        .expect("ssh");
-    assert_eq!(out.status.code(), Some(255), "the boxed address got in");
-
-    // HTTP through the balancer, with either version of the header: the access log names
-    // the client, and the VM answers (its 404 for a file it does not have).
-    for (lb_port, path) in [
-        (web_lb_port, "/pg-proxied-v2"),
-        (http_lb_v1.port(), "/pg-proxied-v1"),
-    ] {
-        let out = run_with_timeout(
-            Command::new(tool("curl")).args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--interface",
-                "127.0.0.2",
-                &format!("http://127.0.0.1:{lb_port}{path}"),
-            ]),
+    // HTTPS through the balancer, with either version of the header: the access log names the
+    // client, and the VM answers (its 404 for a file it does not have).
+    let curl = |args: &[&str]| {
+        run_with_timeout(
+            Command::new(tool("curl"))
+                .args(["-sS", "--max-time", "20", "--interface", "127.0.0.2"])
+                .args(args),
             Duration::from_secs(30),
-        );
+        )
+    };
+    let ca = pool.tls_ca().ca_path();
+    for (lb_port, path) in [
+        (https_lb_port, "/pg-proxied-v2"),
+        (https_lb_v1.port(), "/pg-proxied-v1"),
+    ] {
+        let out = curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            &ca.display().to_string(),
+            "--resolve",
+            &format!("localhost:{lb_port}:127.0.0.1"),
+            &format!("https://localhost:{lb_port}{path}"),
+        ]);
         assert_eq!(
             stdout(&out).trim(),
             "404",
@@ -205,9 +216,26 @@ fn behind_haproxy_each_client_is_seen_and_one_clients_failed_logins_lock_out_onl
             "the access log names the balancer, not the client: {line}"
         );
     }
+    // Plain HTTP through the balancer is sent to HTTPS.
+    let out = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        &format!("http://localhost:{http_lb_port}/pg-plain"),
+    ]);
+    assert!(
+        stdout(&out).starts_with("308 https://localhost:"),
+        "{out:?}\n{}",
+        pool.log()
+    );
 
-    // The balancer's health checks (a TCP connect, no header) are not complaints; a client
-    // that bypasses the balancer is closed with one line that says what is wrong.
+    // A connection that sends nothing (a balancer's TCP health check, as the second HAProxy's
+    // on the HTTPS listener; here also one made by hand) is no complaint; a client that
+    // bypasses the balancer is closed with one line that says what is wrong: the warning
+    // names the client's own first bytes, so the silent connection before it did not take
+    // the warning's once-a-minute turn.
+    drop(std::net::TcpStream::connect(("127.0.0.1", pool.ssh_port)).expect("connect"));
     let log = pool.log();
     assert!(!log.contains("no PROXY protocol header"), "{log}");
     let direct = SshClient::new(&alice, pool.ssh_port, pool.known_hosts())
@@ -222,7 +250,9 @@ fn behind_haproxy_each_client_is_seen_and_one_clients_failed_logins_lock_out_onl
         .gateway
         .log_line("no PROXY protocol header", Duration::from_secs(5));
     assert!(
-        warned.contains("WARN") && warned.contains("send-proxy-v2"),
+        warned.contains("WARN")
+            && warned.contains("send-proxy-v2")
+            && warned.contains("starts with \"SSH-2\""),
         "{warned}"
     );
     pool.assert_no_panic();

@@ -385,8 +385,13 @@ pub fn check_startup(config: &Config) -> Vec<String> {
         files.push(("ssh.user_ca_key", config.ssh.user_ca_key.as_path()));
     }
     for (setting, path) in files.into_iter().filter(|(_, p)| p.exists()) {
-        if let Err(e) = keys::load(path) {
-            problems.push(format!("{setting}: {e}"));
+        match keys::load(path) {
+            // Not readable by whoever runs check-config (the keys are the service user's,
+            // mode 0600): `run`, as that user, checks it.
+            Err(keys::KeyError::File(crate::secrets::SecretFileError::Io { source, .. }))
+                if source.kind() == std::io::ErrorKind::PermissionDenied => {}
+            Err(e) => problems.push(format!("{setting}: {e}")),
+            Ok(_) => {}
         }
     }
     problems

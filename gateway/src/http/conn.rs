@@ -219,13 +219,19 @@ pub(super) async fn tls_connection(
 pub(super) async fn plain_connection(
     mut stream: tokio::net::TcpStream,
     info: ConnInfo,
-    plain: Plain,
+    mut plain: Plain,
     served: Served,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let listener_port = info.port;
     let Some(info) = client_of(&mut stream, info, &served).await else {
         return;
     };
+    // Behind a balancer users reach on port 80, the redirect goes to its HTTPS port, 443, not
+    // to the gateway's own HTTPS listener port behind it.
+    if info.port != listener_port && info.port == 80 {
+        plain.redirect_to = plain.redirect_to.map(|_| 443);
+    }
     // The first request's time counts from connecting: telling the version spends it too, so
     // a client that waits before it starts its headers gets no longer than one that does not.
     let within = first_request_within(served.idle_timeout);
@@ -270,9 +276,10 @@ pub(super) async fn plain_connection(
     .await;
 }
 
-/// The connection's client: the socket's peer, or with `listen.proxy_protocol` the one the
-/// balancer's header names. `None` (the connection is closed) when the header is missing or
-/// bad.
+/// The connection's client and the port it reached: the socket's, or with
+/// `listen.proxy_protocol` those the balancer's header names (the balancer's port, which users
+/// see, goes into `X-Forwarded-Port`). `None` (the connection is closed) when the header is
+/// missing or bad.
 async fn client_of(
     stream: &mut tokio::net::TcpStream,
     info: ConnInfo,
@@ -282,9 +289,13 @@ async fn client_of(
         return Some(info);
     }
     match crate::proxy_header::read(stream).await {
-        Ok(client) => Some(ConnInfo {
-            client: client.unwrap_or(info.client),
-            ..info
+        Ok(proxied) => Some(match proxied {
+            Some(p) => ConnInfo {
+                client: p.client,
+                port: p.destination.port(),
+                ..info
+            },
+            None => info,
         }),
         Err(e) => {
             crate::proxy_header::refused("http", info.client, &e);

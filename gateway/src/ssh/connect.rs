@@ -125,12 +125,16 @@ pub(crate) async fn connect_vm(
         let guard = match gw.pool.acquire(&request) {
             Ok(guard) => guard,
             Err(no_vm) => {
-                gw.metrics.session_started(
-                    Protocol::Ssh,
-                    "none",
-                    outcome::NO_VM,
-                    started.elapsed(),
-                );
+                // A held connection's attempts are one session's, counted when it was first
+                // refused (before it was held).
+                if who.held_since.is_none() {
+                    gw.metrics.session_started(
+                        Protocol::Ssh,
+                        "none",
+                        outcome::NO_VM,
+                        started.elapsed(),
+                    );
+                }
                 return Err(no_vm_error(who, &no_vm, last.as_ref(), only_refused));
             }
         };

@@ -236,9 +236,16 @@ impl server::Handler for Front {
             // Boxed: the handler's futures live inline in russh's session task for the whole
             // connection, and connecting to a VM is by far the largest of them.
             let mut result = Box::pin(connect_vm(&self.who(user), Some(password))).await;
+            let ip = self.peer.ip();
             if let Err(OpenError::NoVm(message)) = &result
                 && let Some(waker) = self.gw.wake.clone().filter(|w| w.holds_connections())
+                // One waiting password login per address: an unauthenticated client must not
+                // make the autoscaler size the pool for the many it could open.
+                && self.gw.password_waits.insert(ip)
             {
+                let _one_per_address = super::scopeguard(|| {
+                    self.gw.password_waits.remove(&ip);
+                });
                 // Only a VM can check the password, and none can take the login yet (an empty
                 // pool at night): the login waits while the pool wakes, as a key login's
                 // connection does, for as long as ssh.login_grace leaves it. A pool slower to
@@ -248,7 +255,10 @@ impl server::Handler for Front {
                 let deadline = tokio::time::Instant::from_std(deadline)
                     .checked_sub(PASSWORD_WAKE_MARGIN)
                     .unwrap_or_else(tokio::time::Instant::now);
-                let who = self.who(user);
+                let who = Who {
+                    held_since: Some(std::time::Instant::now()),
+                    ..self.who(user)
+                };
                 let held = waker.hold(Protocol::Ssh, || async {
                     match connect_vm(&who, Some(password)).await {
                         Err(OpenError::NoVm(why)) => ControlFlow::Continue(why),

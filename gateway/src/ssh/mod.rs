@@ -98,6 +98,9 @@ pub struct SshGateway {
     next_connection: std::sync::atomic::AtomicU64,
     /// Back-off for addresses that keep failing to log in.
     pub(crate) penalties: penalty::Penalties,
+    /// Addresses with a password login waiting for the pool to wake: one each, as the password
+    /// is not known to be right while it waits (`Front::auth_password`).
+    pub(crate) password_waits: dashmap::DashSet<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for SshGateway {
@@ -216,6 +219,7 @@ impl SshGateway {
             connections: dashmap::DashMap::new(),
             next_connection: std::sync::atomic::AtomicU64::new(1),
             penalties: penalty::Penalties::default(),
+            password_waits: dashmap::DashSet::new(),
         })
     }
 
@@ -326,16 +330,21 @@ impl SshGateway {
                     continue;
                 }
             };
-            let (gateway, drops) = (self.clone(), drops.clone());
+            let (gateway, drops, stopping) = (self.clone(), drops.clone(), shutdown.clone());
             tokio::spawn(async move {
                 let mut stream = stream;
                 let client = match crate::proxy_header::read(&mut stream).await {
-                    Ok(client) => client.unwrap_or(peer),
+                    Ok(proxied) => proxied.map_or(peer, |p| p.client),
                     Err(e) => {
                         crate::proxy_header::refused("ssh", peer, &e);
                         return;
                     }
                 };
+                // The gateway began to stop while the header came: as for a connection
+                // accepted after the listener closed, there is no session to start.
+                if *stopping.borrow() {
+                    return;
+                }
                 let Some(permit) = gateway.admit(client, Some(global), &drops) else {
                     return;
                 };
