@@ -37,7 +37,11 @@ fn ssh_reaches_each_vm_with_a_certificate_and_returns_exit_status() {
     ca.sign(&key, user, VALIDITY);
 
     for vm in [&vm_a, &vm_b] {
-        let ssh = SshClient::new(user, vm.port(), known_hosts.path()).user_key(&key);
+        // The VM's name arrives as the gateway sends it, in the session's environment
+        // (the VMs accept it: `AcceptEnv POOLGATE_VM`).
+        let ssh = SshClient::new(user, vm.port(), known_hosts.path())
+            .user_key(&key)
+            .option(&format!("SetEnv=POOLGATE_VM={}", vm.name()));
         let out = ssh.run("echo $POOLGATE_VM");
         assert!(
             out.status.success(),
@@ -134,7 +138,9 @@ fn stop_refuses_connections_and_restart_keeps_port_and_host_key() {
     ca.sign(&key, user, VALIDITY);
     let known_hosts = KnownHosts::new();
     known_hosts.add_vm(&vm);
-    let ssh = SshClient::new(user, vm.port(), known_hosts.path()).user_key(&key);
+    let ssh = SshClient::new(user, vm.port(), known_hosts.path())
+        .user_key(&key)
+        .option("SetEnv=POOLGATE_VM=vm-a");
     let (port, host_key) = (vm.port(), vm.host_public_key_line());
 
     vm.stop();
@@ -307,6 +313,7 @@ fn agent_holds_a_certificate_for_ssh() {
     let out = SshClient::new(user, vm.port(), known_hosts.path())
         .agent(agent.socket())
         .option("IdentitiesOnly=no")
+        .option("SetEnv=POOLGATE_VM=vm-a")
         .run("echo $POOLGATE_VM");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "vm-a");
