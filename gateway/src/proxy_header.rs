@@ -129,14 +129,8 @@ fn v1_client(line: &[u8]) -> Result<Option<Proxied>, HeaderError> {
     let header = ppp::v1::Header::try_from(line)
         .map_err(|e| HeaderError::Invalid(format!("{e} in {}", printable(line))))?;
     Ok(match header.addresses {
-        ppp::v1::Addresses::Tcp4(a) => Some(Proxied {
-            client: SocketAddr::from((a.source_address, a.source_port)),
-            destination: SocketAddr::from((a.destination_address, a.destination_port)),
-        }),
-        ppp::v1::Addresses::Tcp6(a) => Some(Proxied {
-            client: SocketAddr::from((a.source_address, a.source_port)),
-            destination: SocketAddr::from((a.destination_address, a.destination_port)),
-        }),
+        ppp::v1::Addresses::Tcp4(a) => Some(from_v4(&a)),
+        ppp::v1::Addresses::Tcp6(a) => Some(from_v6(&a)),
         ppp::v1::Addresses::Unknown => None,
     })
 }
@@ -148,14 +142,8 @@ fn v2_client(bytes: &[u8]) -> Result<Option<Proxied>, HeaderError> {
         return Ok(None);
     }
     Ok(match header.addresses {
-        ppp::v2::Addresses::IPv4(a) => Some(Proxied {
-            client: SocketAddr::from((a.source_address, a.source_port)),
-            destination: SocketAddr::from((a.destination_address, a.destination_port)),
-        }),
-        ppp::v2::Addresses::IPv6(a) => Some(Proxied {
-            client: SocketAddr::from((a.source_address, a.source_port)),
-            destination: SocketAddr::from((a.destination_address, a.destination_port)),
-        }),
+        ppp::v2::Addresses::IPv4(a) => Some(from_v4(&a)),
+        ppp::v2::Addresses::IPv6(a) => Some(from_v6(&a)),
         ppp::v2::Addresses::Unix(_) | ppp::v2::Addresses::Unspecified => None,
     })
 }
@@ -198,6 +186,22 @@ pub fn refused(listener: &str, peer: SocketAddr, error: &HeaderError) {
             SINCE.fetch_add(1, Ordering::Relaxed);
         }
         tracing::debug!(listener, peer = %peer, "{error}; connection closed");
+    }
+}
+
+/// The addresses of a TCP-over-IPv4 header (the same type in both versions).
+fn from_v4(a: &ppp::v1::IPv4) -> Proxied {
+    Proxied {
+        client: SocketAddr::from((a.source_address, a.source_port)),
+        destination: SocketAddr::from((a.destination_address, a.destination_port)),
+    }
+}
+
+/// The addresses of a TCP-over-IPv6 header (the same type in both versions).
+fn from_v6(a: &ppp::v1::IPv6) -> Proxied {
+    Proxied {
+        client: SocketAddr::from((a.source_address, a.source_port)),
+        destination: SocketAddr::from((a.destination_address, a.destination_port)),
     }
 }
 

@@ -259,12 +259,7 @@ impl server::Handler for Front {
                     held_since: Some(std::time::Instant::now()),
                     ..self.who(user)
                 };
-                let held = waker.hold(Protocol::Ssh, || async {
-                    match connect_vm(&who, Some(password)).await {
-                        Err(OpenError::NoVm(why)) => ControlFlow::Continue(why),
-                        done => ControlFlow::Break(done),
-                    }
-                });
+                let held = waker.hold(Protocol::Ssh, || held_attempt(&who, Some(password)));
                 result = match tokio::time::timeout_at(deadline, Box::pin(held)).await {
                     Ok(Ok(done)) => done,
                     Ok(Err(why)) => Err(OpenError::NoVm(why)),
@@ -355,13 +350,7 @@ impl server::Handler for Front {
                             // Another held connection may take the place this one woke for;
                             // then it waits on (see `Waker::hold`).
                             let held = waker
-                                .hold(Protocol::Ssh, move || async move {
-                                    match connect_vm(who, None).await {
-                                        Err(OpenError::NoVm(why)) => ControlFlow::Continue(why),
-                                        // The VM woken for this user refused them too.
-                                        done => ControlFlow::Break(done),
-                                    }
-                                })
+                                .hold(Protocol::Ssh, move || held_attempt(who, None))
                                 .await;
                             let state = match held {
                                 Ok(Ok(connected)) => {
@@ -638,6 +627,18 @@ fn reject(gw: &SshGateway) -> Auth {
     Auth::Reject {
         proceed_with_methods: Some(methods),
         partial_success: false,
+    }
+}
+
+/// One attempt of a connection held while the pool wakes ([`crate::wake::Waker::hold`]): no VM
+/// yet waits on; anything else (a session, or a VM that refused this user too) ends the wait.
+async fn held_attempt(
+    who: &Who<'_>,
+    password: Option<&str>,
+) -> ControlFlow<Result<Connected, OpenError>, String> {
+    match connect_vm(who, password).await {
+        Err(OpenError::NoVm(why)) => ControlFlow::Continue(why),
+        done => ControlFlow::Break(done),
     }
 }
 
