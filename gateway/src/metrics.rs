@@ -55,6 +55,9 @@ pub struct Metrics {
     pub autoscale_desired_vms: IntGauge,
     /// `poolgate_autoscale_max_vms`: the configured `autoscale.max_vms` (for "pool at max" alerts).
     pub autoscale_max_vms: IntGauge,
+    /// `poolgate_autoscale_provider_up`: 1 while the provider's last listing of the VMs worked,
+    /// 0 while listings fail (the autoscaler then starts, creates, stops and deletes nothing).
+    pub autoscale_provider_up: IntGauge,
     /// `poolgate_autoscale_actions_in_flight`: provider actions (start, stop, delete, create)
     /// still running.
     pub autoscale_actions_in_flight: IntGauge,
@@ -239,6 +242,10 @@ impl Metrics {
             autoscale_max_vms: reg!(IntGauge::new(
                 "autoscale_max_vms",
                 "The configured autoscale.max_vms (0 when autoscaling is off)."
+            )),
+            autoscale_provider_up: reg!(IntGauge::new(
+                "autoscale_provider_up",
+                "1 while the VM provider's last listing worked; 0 while listings fail, and the autoscaler starts, creates, stops and deletes nothing."
             )),
             autoscale_actions_in_flight: reg!(IntGauge::new(
                 "autoscale_actions_in_flight",
@@ -505,6 +512,7 @@ impl Metrics {
             self.batch_nodes_unregistered.desc(),
             self.batch_up.desc(),
             self.autoscale_actions_in_flight.desc(),
+            self.autoscale_provider_up.desc(),
             self.autoscale_actions_total.desc(),
             self.autoscale_leader.desc(),
             self.cluster_store_up.desc(),
@@ -670,6 +678,7 @@ mod tests {
             "poolgate_batch_jobs",
             "poolgate_batch_nodes_busy",
             "poolgate_state_file_failing",
+            "poolgate_autoscale_provider_up",
         ] {
             assert!(
                 text.contains(&format!("# HELP {name} ")),

@@ -405,3 +405,135 @@ fn a_vm_whose_host_key_changed_is_told_at_once_not_held_while_the_pool_wakes() {
     );
     assert_nobody_waits(&pool);
 }
+
+#[test]
+fn while_the_listing_fails_after_a_create_no_more_vms_are_created_and_the_status_says_why() {
+    // Writes go through, the listing fails (a cloud role that may create but not read, reads
+    // throttled by other tools): the VM a create made is never listed. Before, each decision
+    // found the pool short and created again (on Azure: sku.capacity raised past max_vms). Now
+    // the autoscaler acts on nothing until a listing works, and says so.
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let ca = UserCa::generate();
+    let exec = ExecSshdVm::stopped("poolgate-exec-blind-", &ca);
+    let dir = exec.dir.path();
+    let (created, refused, creates) = (
+        dir.join("created"),
+        dir.join("listing-refused"),
+        dir.join("creates.log"),
+    );
+    let (cfg, pid) = (
+        exec.vm.config_path().display().to_string(),
+        exec.vm.pid_file().display().to_string(),
+    );
+    let list = write_script(
+        dir,
+        "list-vms.sh",
+        &format!(
+            "if [ -f {refused} ]; then echo 'listing refused: 403 AuthorizationFailed' >&2; exit 1; fi\n\
+             if [ -f {created} ]; then\n\
+               printf '{{\"vms\":[{{\"name\":\"vm-a\",\"host\":\"127.0.0.1\",\"ssh_port\":{port},\"state\":\"running\"}}]}}\\n'\n\
+             else echo '{{\"vms\":[]}}'; fi",
+            refused = refused.display(),
+            created = created.display(),
+            port = exec.vm.port(),
+        ),
+    );
+    // The create makes the VM; from then on the listing is refused (until the test lifts it).
+    let create = write_script(
+        dir,
+        "create-vm.sh",
+        &format!(
+            "echo \"$1\" >> {creates}\n{sshd} -f {cfg}\ntouch {created} {refused}",
+            creates = creates.display(),
+            sshd = tool("sshd").display(),
+            created = created.display(),
+            refused = refused.display(),
+        ),
+    );
+    let delete = write_script(
+        dir,
+        "delete-vm.sh",
+        &format!(
+            "[ \"$1\" = vm-a ]\nkill \"$(cat {pid})\" || true\nrm -f {pid} {created}",
+            created = created.display()
+        ),
+    );
+    let pool = GatewayPool::builder()
+        .users(1)
+        .user_ca(ca)
+        .known_vm(&exec.vm)
+        .config_toml(&format!(
+            "[pool]\nprovider = \"exec\"\n[pool.exec]\nlist = [\"{list}\"]\ncreate = [\"{create}\"]\n\
+             delete = [\"{delete}\"]\npoll_interval = \"1s\"\ntimeout = \"20s\"\n\
+             [autoscale]\nenabled = true\nmax_vms = 3\nspare_vms = 0\ntick = \"1s\"\n\
+             cooldown = \"1s\"\nboot_estimate = \"2s\"\nhold_connect_for = \"90s\"\nbusy_command = []\n"
+        ))
+        .start();
+    let client = pool.client(1).timeout(Duration::from_secs(120));
+    let user = std::thread::spawn(move || client.run("echo on $POOLGATE_VM"));
+    assert!(
+        poll(Duration::from_secs(30), || creates.exists()),
+        "no create for the waiting user\n{}",
+        pool.log()
+    );
+    // Listings fail from here on; several decisions pass (one a second), each of which would
+    // have created again.
+    let failed_listings = || {
+        pool.log()
+            .matches("provider listing failed; keeping the last known pool, and starting, creating, stopping or deleting no VM")
+            .count()
+    };
+    assert!(
+        poll(Duration::from_secs(20), || failed_listings() >= 4),
+        "{}",
+        pool.log()
+    );
+    let log = pool.log();
+    let status = pool.api_get("/api/v1/autoscale");
+    let why = status["provider_error"].as_str().unwrap_or_default();
+    assert!(why.contains("listing refused"), "{status}");
+    assert_eq!(
+        sample(&pool.metrics(), "poolgate_autoscale_provider_up"),
+        Some(0.0)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&creates)
+            .expect("creates")
+            .lines()
+            .count(),
+        1,
+        "created again while the listing failed\n{log}"
+    );
+
+    // The listing works again: the VM is listed, the user lands there, nothing more is created.
+    std::fs::remove_file(&refused).expect("lift the refusal");
+    let out = user.join().expect("client");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        pool.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "on vm-a");
+    assert_eq!(
+        std::fs::read_to_string(&creates)
+            .expect("creates")
+            .lines()
+            .count(),
+        1,
+        "{}",
+        pool.log()
+    );
+    assert!(pool.log().contains("provider listing works again"));
+    assert_eq!(
+        pool.api_get("/api/v1/autoscale")["provider_error"],
+        serde_json::Value::Null
+    );
+    assert_eq!(
+        sample(&pool.metrics(), "poolgate_autoscale_provider_up"),
+        Some(1.0)
+    );
+    pool.assert_no_panic();
+}

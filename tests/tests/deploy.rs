@@ -1056,7 +1056,7 @@ const PROVIDER_ACTIONS: [(&str, &str); 8] = [
     ),
     (
         "Microsoft.Compute/virtualMachineScaleSets/write",
-        "long_running(\"create\", Method::PATCH, &path, Some(&body))",
+        ".call(\"create\", Method::PATCH, &path, Some(&body))",
     ),
     (
         "Microsoft.Compute/virtualMachineScaleSets/start/action",

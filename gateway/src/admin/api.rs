@@ -374,6 +374,10 @@ fn api(state: &AdminState, method: &str, path: &str) -> Reply {
         ("GET", ["api", "v1", "vms"]) => Reply::json(200, &vms(state)),
         ("GET", ["api", "v1", "sessions"]) => Reply::json(200, &sessions(state)),
         ("GET", ["api", "v1", "replicas"]) => Reply::json(200, &state.cluster.view()),
+        ("GET", ["api", "v1", "autoscale"]) => match &state.autoscale {
+            Some(autoscale) => Reply::json(200, &autoscale.view()),
+            None => Reply::json(200, &crate::autoscale::AutoscaleView::default()),
+        },
         ("GET", ["api", "v1", "vms", name]) => {
             match vms(state).into_iter().find(|v| v.name == *name) {
                 Some(vm) => Reply::json(200, &vm),
@@ -572,6 +576,7 @@ mod busy_tests {
                 busy: [("vm-a".to_string(), true), ("vm-b".to_string(), false)]
                     .into_iter()
                     .collect(),
+                provider_error: Some("the provider's listing has failed for 2m: 403".into()),
                 ..AutoscaleView::default()
             }
         }
@@ -612,6 +617,14 @@ mod busy_tests {
         );
         let page = handle(&s, "GET", "/status", None).body;
         assert_eq!(page.matches("kept: work running").count(), 1, "{page}");
+        assert!(page.contains("autoscaler waiting"), "{page}");
+        let autoscale: serde_json::Value =
+            serde_json::from_str(&handle(&s, "GET", "/api/v1/autoscale", None).body).unwrap();
+        assert_eq!(autoscale["enabled"], true);
+        assert_eq!(
+            autoscale["provider_error"],
+            "the provider's listing has failed for 2m: 403"
+        );
         // `poolgate status` too.
         let table = crate::admin::client::table(&vms(&s));
         let kept: Vec<&str> = table

@@ -100,6 +100,13 @@ pub fn render(
         );
     }
     html.push_str("</div>");
+    if let Some(why) = autoscale.as_ref().and_then(|a| a.provider_error.as_ref()) {
+        let _ = write!(
+            html,
+            "<p><span class=\"state unhealthy\">autoscaler waiting</span> {}</p>",
+            escape(why)
+        );
+    }
     if let Some(decision) = autoscale.as_ref().and_then(|a| a.last_decision.as_ref()) {
         let _ = write!(
             html,

@@ -108,6 +108,15 @@ pub struct Driver {
     /// The provider has listed the pool at least once (before that, a VM missing from the pool
     /// may just not be known yet).
     listed: std::sync::atomic::AtomicBool,
+    /// The last listing failed (with its error, and since when): the pool the driver knows may
+    /// be stale, so it starts, creates, stops and deletes nothing until a listing works again
+    /// (see [`Driver::sync`]).
+    listing_failed: Mutex<Option<(String, tokio::time::Instant)>>,
+    /// Held across one listing and its application to the pool, so that a listing that began
+    /// earlier is never applied over a later one (the loop's and an action's run side by side).
+    sync_lock: tokio::sync::Mutex<()>,
+    /// A task writing scale-in protection runs (one at a time).
+    protecting: std::sync::atomic::AtomicBool,
     /// Slurm nodes of VMs gone for good that Slurm would not delete (logged once each).
     unforgettable: Mutex<std::collections::HashSet<String>>,
     /// The schedule's floor last applied, and its window (logged when it changes).
@@ -176,6 +185,9 @@ impl Driver {
             register_within: std::sync::OnceLock::new(),
             unregistered: Mutex::new(std::collections::HashMap::new()),
             listed: std::sync::atomic::AtomicBool::new(false),
+            listing_failed: Mutex::new(None),
+            sync_lock: tokio::sync::Mutex::new(()),
+            protecting: std::sync::atomic::AtomicBool::new(false),
             unforgettable: Mutex::new(std::collections::HashSet::new()),
         })
     }
@@ -561,10 +573,35 @@ impl Driver {
         }
     }
 
-    /// Lists the provider's VMs into the pool.
+    /// Lists the provider's VMs into the pool. While listings fail, the driver acts on nothing:
+    /// a create that finished but whose instances were never listed would otherwise look
+    /// undone, and every decision would add capacity again (on Azure the scale set's
+    /// `sku.capacity` grew by the whole shortfall each time, past `max_vms`, while reads were
+    /// throttled or not permitted and writes went through).
     pub async fn sync(&self) -> Result<(), ProviderError> {
+        let _one_at_a_time = self.sync_lock.lock().await;
         let provider = self.provider();
-        let listed = provider.list().await?;
+        let listed = match provider.list().await {
+            Ok(listed) => listed,
+            Err(e) => {
+                self.metrics.autoscale_provider_up.set(0);
+                if let Ok(mut failed) = self.listing_failed.lock() {
+                    let since = failed
+                        .as_ref()
+                        .map_or_else(tokio::time::Instant::now, |f| f.1);
+                    *failed = Some((e.to_string(), since));
+                }
+                return Err(e);
+            }
+        };
+        self.metrics.autoscale_provider_up.set(1);
+        let was_failing = self.listing_failed.lock().ok().and_then(|mut f| f.take());
+        if let Some((_, since)) = was_failing {
+            tracing::info!(
+                failed_for = %humantime::format_duration(Duration::from_secs(since.elapsed().as_secs())),
+                "provider listing works again; the autoscaler acts again"
+            );
+        }
         let specs = listed.iter().map(|vm| vm.spec.clone()).collect();
         self.pool.set_vms(specs);
         self.listed.store(true, Ordering::Release);
@@ -609,11 +646,34 @@ impl Driver {
             .unwrap_or(false)
     }
 
+    /// Why the pool the driver knows may be stale: the last listing failed (how long ago it
+    /// began failing, and why). `None` while listings work.
+    fn stale_view(&self) -> Option<String> {
+        if !self.listed.load(Ordering::Acquire) {
+            return Some(
+                "the provider has not listed the pool yet; no VM is started or created before it has"
+                    .to_owned(),
+            );
+        }
+        let failed = self.listing_failed.lock().ok()?;
+        let (error, since) = failed.as_ref()?;
+        let failing_for = Duration::from_secs(since.elapsed().as_secs());
+        Some(format!(
+            "the provider's listing has failed for {}: {error}; no VM is started, created, \
+             stopped or deleted until it works again",
+            humantime::format_duration(failing_for)
+        ))
+    }
+
     /// One policy decision: drains and undrains applied at once, provider actions started on
     /// their own tasks (returned), so that a start or create that takes minutes never holds up
     /// the next decision. Actions still running are counted: their VMs are starting or
-    /// stopping, and instances being created count as starting until they are listed.
+    /// stopping, and instances being created count as starting until they are listed. While the
+    /// provider's listing fails nothing is decided ([`Driver::sync`]).
     async fn decide_and_dispatch(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        if self.stale_view().is_some() {
+            return Vec::new();
+        }
         let snapshot = self.pool.snapshot();
         let waiting_protocols: Vec<router_core::Protocol> = router_core::Protocol::ALL
             .into_iter()
@@ -669,8 +729,22 @@ impl Driver {
             self.sync_batch_drains(view, &snapshot).await;
         }
         // Platform scale-in protection follows what the VMs said, not checks still under way.
+        // Written on its own task: on Azure each change is a write followed to its end (5 s and
+        // more), and ten VMs getting their first session at 9:00 would otherwise hold up the
+        // scale-out their users wait for by a minute. One such task at a time.
         let kept = self.busy.get().map(BusyTracker::view).unwrap_or_default();
-        self.protect_busy(&vms, &kept).await;
+        let mut running = Vec::new();
+        if let Some(changes) = self.protection_changes(&vms, &kept)
+            && !self.protecting.swap(true, Ordering::AcqRel)
+        {
+            let driver = self.clone();
+            let listed: std::collections::HashSet<String> =
+                vms.iter().map(|v| v.name.clone()).collect();
+            running.push(tokio::spawn(async move {
+                driver.protect(changes, &listed).await;
+                driver.protecting.store(false, Ordering::Release);
+            }));
+        }
         // Instances asked for and not listed yet are on their way like starting VMs.
         let creating = self
             .in_flight
@@ -709,7 +783,6 @@ impl Driver {
             .autoscale_desired_vms
             .set(i64::from(decision.desired));
         let mut last = None;
-        let mut running = Vec::new();
         for (action, reason) in decision.actions {
             // A leader whose lease ran out while it decided does not act (another may lead now).
             if !self.leads() {
@@ -788,13 +861,14 @@ impl Driver {
             .collect()
     }
 
-    /// Tells the provider which VMs have sessions or work the busy check found (`kept`), so the
-    /// platform's own scale-in spares them (Azure `protectFromScaleIn`). Only changes are sent.
-    async fn protect_busy(
+    /// Which running VMs should be protected from the platform's own scale-in (Azure
+    /// `protectFromScaleIn`) or no longer, because they have sessions or work the busy check
+    /// found (`kept`): only changes from what was last set. `None`: no change.
+    fn protection_changes(
         &self,
         vms: &[VmObservation],
         kept: &std::collections::BTreeMap<String, bool>,
-    ) {
+    ) -> Option<Vec<(String, bool)>> {
         let changes: Vec<(String, bool)> = match self.protected.lock() {
             Ok(known) => vms
                 .iter()
@@ -805,15 +879,22 @@ impl Driver {
                 })
                 .filter(|(name, busy)| known.get(name).copied().unwrap_or(false) != *busy)
                 .collect(),
-            Err(_) => return,
+            Err(_) => return None,
         };
-        if changes.is_empty() {
-            return;
-        }
+        (!changes.is_empty()).then_some(changes)
+    }
+
+    /// Sends protection `changes` to the provider; remembers them once they went through
+    /// (forgetting VMs no longer `listed`).
+    async fn protect(
+        &self,
+        changes: Vec<(String, bool)>,
+        listed: &std::collections::HashSet<String>,
+    ) {
         match self.provider().protect(&changes).await {
             Ok(()) => {
                 if let Ok(mut known) = self.protected.lock() {
-                    known.retain(|name, _| vms.iter().any(|v| &v.name == name));
+                    known.retain(|name, _| listed.contains(name));
                     known.extend(changes);
                 }
             }
@@ -1042,7 +1123,7 @@ impl Driver {
                 match self.sync().await {
                     Ok(()) => last_sync = Some(tokio::time::Instant::now()),
                     Err(e) => {
-                        tracing::warn!(error = %e, "provider listing failed; keeping the last known pool");
+                        tracing::warn!(error = %e, "provider listing failed; keeping the last known pool, and starting, creating, stopping or deleting no VM until a listing works");
                         self.metrics
                             .autoscale_actions_total
                             .with_label_values(&["error"])
@@ -1078,6 +1159,9 @@ impl AutoscaleStatus for Driver {
             .sum();
         if let Some(tracker) = self.busy.get() {
             view.busy = tracker.view();
+        }
+        if view.enabled {
+            view.provider_error = self.stale_view();
         }
         view
     }

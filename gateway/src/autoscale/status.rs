@@ -21,6 +21,10 @@ pub struct AutoscaleView {
     pub schedule_min_vms: u32,
     /// The last decision, in words.
     pub last_decision: Option<String>,
+    /// Why the autoscaler does not act now: the provider's listing fails (since how long, and
+    /// its error). Absent while listings work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_error: Option<String>,
     /// Last busy-check verdict per VM (true = kept: work running or unknown); shown per VM.
     #[serde(skip)]
     pub busy: std::collections::BTreeMap<String, bool>,

@@ -252,7 +252,7 @@ impl AzureProvider {
             Ok(ids) => ids,
             Err(e) => return names.iter().map(|n| (n.clone(), Err(e.clone()))).collect(),
         };
-        match self.orchestration {
+        match self.orchestration() {
             Orchestration::Uniform => {
                 let body = json!({ "instanceIds": ids });
                 let path = format!(

@@ -38,6 +38,7 @@ mod tests_credentials;
 mod tests_failures;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -78,7 +79,14 @@ struct Known {
 pub struct AzureProvider {
     arm: Arm,
     api_version: String,
-    orchestration: Orchestration,
+    /// The scale set's orchestration mode: Flexible (else Uniform). Configured, then read from
+    /// the scale set itself before the first listing ([`AzureProvider::check_scale_set`]).
+    flexible: AtomicBool,
+    /// The scale set was read once (its orchestration mode and overprovisioning checked).
+    scale_set_checked: tokio::sync::OnceCell<()>,
+    /// Held from reading `sku.capacity` until the raised capacity is accepted, so that two
+    /// creates never write `capacity + n` from the same reading (or a late write an older one).
+    capacity_write: tokio::sync::Mutex<()>,
     deallocate_idle: bool,
     subscription: String,
     resource_group: String,
@@ -110,7 +118,7 @@ impl std::fmt::Debug for AzureProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AzureProvider")
             .field("scale_set", &self.scale_set_path())
-            .field("orchestration", &self.orchestration)
+            .field("orchestration", &self.orchestration())
             .finish_non_exhaustive()
     }
 }
@@ -160,7 +168,9 @@ impl AzureProvider {
         let provider = Self {
             arm: Arm::new(http, &tokens, config.resource_manager(), target, tuning),
             api_version: config.api_version.clone(),
-            orchestration: config.orchestration,
+            flexible: AtomicBool::new(config.orchestration == Orchestration::Flexible),
+            scale_set_checked: tokio::sync::OnceCell::new(),
+            capacity_write: tokio::sync::Mutex::new(()),
             deallocate_idle: config.deallocate_idle,
             subscription: config.subscription_id.clone(),
             resource_group: config.resource_group.clone(),
@@ -422,8 +432,58 @@ impl AzureProvider {
         }
     }
 
+    /// The scale set's orchestration mode.
+    pub(super) fn orchestration(&self) -> Orchestration {
+        if self.flexible.load(Ordering::Relaxed) {
+            Orchestration::Flexible
+        } else {
+            Orchestration::Uniform
+        }
+    }
+
+    /// Reads the scale set once: its `orchestrationMode` decides how instances are listed and
+    /// acted on, whatever `pool.azure.orchestration` says (a Flexible scale set — the default
+    /// for new scale sets since late 2023 — listed as Uniform fails every listing, and a Uniform
+    /// one listed as Flexible shows no VMs), and overprovisioning is reported.
+    async fn check_scale_set(&self) -> Result<(), ProviderError> {
+        let path = format!("{}?api-version={}", self.scale_set_path(), self.api_version);
+        let scale_set: ScaleSet = self.arm.get_json("list", &path).await?;
+        let configured = self.orchestration();
+        let actual = match scale_set.properties.orchestration_mode.as_deref() {
+            Some(mode) if mode.eq_ignore_ascii_case("flexible") => Orchestration::Flexible,
+            Some(mode) if mode.eq_ignore_ascii_case("uniform") => Orchestration::Uniform,
+            _ => configured,
+        };
+        if actual != configured {
+            tracing::warn!(
+                scale_set = %self.scale_set,
+                configured = %configured,
+                actual = %actual,
+                "pool.azure.orchestration does not match the scale set's orchestrationMode; following the scale set (set pool.azure.orchestration = \"{actual}\" to silence this)"
+            );
+            self.flexible
+                .store(actual == Orchestration::Flexible, Ordering::Relaxed);
+            if !self.can_protect() {
+                tracing::warn!(
+                    api_version = %self.api_version,
+                    "pool.azure.api_version is older than {FLEXIBLE_PROTECTION_API_VERSION}: VMs with sessions are not protected from the scale set's own scale-in (Flexible scale sets need {FLEXIBLE_PROTECTION_API_VERSION} or later for that)"
+                );
+            }
+        }
+        if scale_set.properties.overprovision == Some(true) && actual == Orchestration::Uniform {
+            tracing::warn!(
+                scale_set = %self.scale_set,
+                "the scale set has overprovision on: Azure creates extra VMs for each capacity raise and deletes some again, which come and go in the pool; set overprovision to false (az vmss update --set overprovision=false)"
+            );
+        }
+        Ok(())
+    }
+
     async fn list_any(&self) -> Result<Vec<ProviderVm>, ProviderError> {
-        match self.orchestration {
+        self.scale_set_checked
+            .get_or_try_init(|| self.check_scale_set())
+            .await?;
+        match self.orchestration() {
             Orchestration::Uniform => self.list_uniform().await,
             Orchestration::Flexible => self.list_flexible().await,
         }
@@ -434,13 +494,9 @@ impl AzureProvider {
             return Ok(());
         }
         let path = format!("{}?api-version={}", self.scale_set_path(), self.api_version);
+        // Read and raise under one lock; the operation is then followed without it.
+        let write = self.capacity_write.lock().await;
         let scale_set: ScaleSet = self.arm.get_json("create", &path).await?;
-        if scale_set.properties.overprovision == Some(true) {
-            tracing::warn!(
-                scale_set = %self.scale_set,
-                "the scale set has overprovision on: Azure creates extra VMs and deletes some; set overprovision to false"
-            );
-        }
         let current = scale_set.sku.and_then(|s| s.capacity).ok_or_else(|| {
             error(
                 "create",
@@ -450,9 +506,12 @@ impl AzureProvider {
         let target = current.saturating_add(u64::from(count));
         let body = json!({ "sku": { "capacity": target } });
         tracing::info!(scale_set = %self.scale_set, from = current, to = target, "raising scale set capacity");
-        self.arm
-            .long_running("create", Method::PATCH, &path, Some(&body))
-            .await
+        let accepted = self
+            .arm
+            .call("create", Method::PATCH, &path, Some(&body))
+            .await?;
+        drop(write);
+        self.arm.wait("create", &accepted).await
     }
 
     /// The lifecycle of a listed instance, with two corrections to its own state: provisioning
@@ -472,9 +531,15 @@ impl AzureProvider {
             }
             return (lifecycle, None);
         }
-        if properties.failed() {
+        if properties.failed() && !properties.has_power_state() {
             self.report_failed(name, "provisioning Failed");
             return (lifecycle, Some(FailReason::ProvisioningFailed));
+        }
+        if properties.failed() {
+            self.report_last_operation_failed(name, properties, lifecycle);
+        } else if let Ok(mut reported) = self.reported_failed.lock() {
+            // Reported again should a later operation fail too.
+            reported.remove(name);
         }
         let now = tokio::time::Instant::now();
         let Ok(mut seen) = self.without_power.lock() else {
@@ -523,6 +588,40 @@ impl AzureProvider {
         self.action_backoff
             .record(action, result.as_ref().err(), previous, now);
         result
+    }
+
+    /// Logs, once per instance, that its last operation failed although it has a power state:
+    /// it is used as that state says (see `VmProperties::lifecycle`).
+    fn report_last_operation_failed(
+        &self,
+        name: &str,
+        properties: &model::VmProperties,
+        lifecycle: Lifecycle,
+    ) {
+        let first = self
+            .reported_failed
+            .lock()
+            .map(|mut set| set.insert(name.to_owned()))
+            .unwrap_or(false);
+        if !first {
+            return;
+        }
+        let code = properties
+            .failure_code()
+            .unwrap_or_else(|| "no code".to_owned());
+        let power = properties.power().unwrap_or_default();
+        let what = if lifecycle == Lifecycle::Stopped {
+            "it may be started again (a start that fails backs off)"
+        } else {
+            "it serves while its health probes pass"
+        };
+        tracing::warn!(
+            vm = %name,
+            scale_set = %self.scale_set_path(),
+            %code,
+            %power,
+            "the last operation on this instance failed (provisioningState Failed), but it is {power}: {what}. Read the instance view's statuses for the cause"
+        );
     }
 
     /// Logs, once per instance, that it failed to come up and what to do.

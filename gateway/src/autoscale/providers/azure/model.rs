@@ -24,6 +24,8 @@ pub struct Sku {
 #[serde(default)]
 pub struct ScaleSetProperties {
     pub overprovision: Option<bool>,
+    #[serde(rename = "orchestrationMode")]
+    pub orchestration_mode: Option<String>,
 }
 
 /// One element of `GET {vmss}/virtualMachines?$expand=instanceView` (Uniform).
@@ -137,13 +139,25 @@ impl VmProperties {
         self.provisioning() == "failed"
     }
 
+    /// The instance view's error code of a failed provisioning (`ProvisioningState/failed/
+    /// AllocationFailed` gives `allocationfailed`), if it names one.
+    pub fn failure_code(&self) -> Option<String> {
+        self.status("ProvisioningState/failed/")
+    }
+
     /// The VM's lifecycle from `PowerState/*` (else `provisioningState`). A running VM without
-    /// a private IP yet counts as starting. A VM whose provisioning failed is neither healthy
-    /// nor stopped (starting it again fails the same way): it counts as on its way out, so no
-    /// session goes there, it is not started, and the autoscaler adds capacity instead.
+    /// a private IP yet counts as starting.
+    ///
+    /// `provisioningState` `Failed` says only that the last operation on the VM failed, which
+    /// is routine: a start refused for want of capacity (`AllocationFailed`) leaves the VM
+    /// deallocated, a failed VM extension (one Azure Policy pushes, say) leaves it running and
+    /// serving. So the power state decides: a failed VM that runs serves while its health
+    /// probes pass, one that is deallocated may be started again. Only a failed VM with no power
+    /// state at all (its creation failed) is on its way out: no session goes there, it is not
+    /// started, and the autoscaler adds capacity instead.
     pub fn lifecycle(&self, has_ip: bool) -> Lifecycle {
         let provisioning = self.provisioning();
-        if provisioning == "deleting" || provisioning == "failed" {
+        if provisioning == "deleting" || (provisioning == "failed" && !self.has_power_state()) {
             return Lifecycle::Stopping;
         }
         match self.status("PowerState/").as_deref() {
@@ -285,12 +299,24 @@ mod tests {
             props("Creating", None).lifecycle(false),
             Lifecycle::Starting
         );
-        // Provisioning failed: neither taking sessions nor a stopped VM to start.
-        for power in [Some("running"), Some("deallocated"), None] {
+        // Provisioning failed: the last operation failed; the power state says what the VM is.
+        // Only one that never got a power state (its creation failed) is on its way out.
+        for (power, lifecycle) in [
+            (Some("running"), Lifecycle::Running),
+            (Some("deallocated"), Lifecycle::Stopped),
+            (Some("stopped"), Lifecycle::Stopped),
+            (Some("starting"), Lifecycle::Starting),
+            (None, Lifecycle::Stopping),
+        ] {
             let failed = props("Failed", power);
             assert!(failed.failed());
-            assert_eq!(failed.lifecycle(true), Lifecycle::Stopping, "{power:?}");
+            assert_eq!(failed.lifecycle(true), lifecycle, "{power:?}");
         }
+        assert_eq!(
+            props("Failed", Some("running")).lifecycle(false),
+            Lifecycle::Starting,
+            "no address yet"
+        );
         assert_eq!(
             VmProperties::default().lifecycle(false),
             Lifecycle::Starting
@@ -314,7 +340,12 @@ mod tests {
         assert_eq!(properties.provisioning(), "failed");
         assert!(properties.failed());
         assert_eq!(properties.power().as_deref(), Some("running"));
-        assert_eq!(properties.lifecycle(true), Lifecycle::Stopping);
+        assert_eq!(
+            properties.failure_code().as_deref(),
+            Some("storageaccountsubscriptionmismatch")
+        );
+        // It runs: it serves while its health probes pass.
+        assert_eq!(properties.lifecycle(true), Lifecycle::Running);
         let creating: VmProperties = serde_json::from_str(
             r#"{"instanceView": {"statuses": [
                 {"code": "ProvisioningState/creating/osProvisioningInProgress"},

@@ -65,7 +65,7 @@ impl AzureProvider {
     /// Whether instance protection can be written: always on Uniform, from api-version
     /// 2023-09-01 on Flexible.
     pub(super) fn can_protect(&self) -> bool {
-        self.orchestration == Orchestration::Uniform
+        self.orchestration() == Orchestration::Uniform
             || self.api_version.get(..10).unwrap_or_default() >= FLEXIBLE_PROTECTION_API_VERSION
     }
 

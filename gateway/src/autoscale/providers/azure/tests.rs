@@ -103,14 +103,17 @@ async fn discovery_lists_instances_with_private_ips_and_power_states() {
     );
     let s = fake.state();
     let log = s.arm_log();
+    // The scale set itself is read once, before the first listing (its orchestration mode).
     assert_eq!(
         summary(&log),
         vec![
+            "GET {vmss}",
             "GET {vmss}/virtualMachines",
             "GET {vmss}/virtualMachines",
             "GET {vmss}/networkInterfaces"
         ]
     );
+    let log = &log[1..];
     assert_eq!(
         log[0].query.get("$expand").map(String::as_str),
         Some("instanceView")
@@ -251,7 +254,8 @@ async fn throttled_call_is_retried_after_retry_after() {
         assert_eq!(
             summary(&s.arm_log()),
             vec![
-                "GET {vmss}/virtualMachines",
+                "GET {vmss}",
+                "GET {vmss}",
                 "GET {vmss}/virtualMachines",
                 "GET {vmss}/networkInterfaces"
             ]
@@ -349,10 +353,14 @@ async fn tokens_are_cached_and_fetched_again_when_they_near_expiry() {
     let fake = FakeArm::start(1, |s| s.token_lifetime = 120).await;
     let p = provider(&fake);
     p.list().await.expect("list");
-    assert_eq!(fake.state().token_requests(), 2, "one per ARM call");
+    assert_eq!(
+        fake.state().token_requests(),
+        3,
+        "one per ARM call (the scale set, its instances, their NICs)"
+    );
     p.list().await.expect("list");
     let s = fake.state();
-    assert_eq!(s.token_requests(), 4);
+    assert_eq!(s.token_requests(), 5);
     let auths: Vec<String> = s.arm_log().iter().filter_map(|l| l.auth.clone()).collect();
     assert_eq!(
         auths,
@@ -360,7 +368,8 @@ async fn tokens_are_cached_and_fetched_again_when_they_near_expiry() {
             "Bearer tok-1",
             "Bearer tok-2",
             "Bearer tok-3",
-            "Bearer tok-4"
+            "Bearer tok-4",
+            "Bearer tok-5"
         ]
     );
     let token_queries: Vec<&Logged> = s.log.iter().filter(|l| l.path == TOKEN_PATH).collect();
@@ -816,7 +825,7 @@ async fn https_with_alpn_to_a_trusted_server() {
     let vms = p.list().await.expect("list over https");
     assert_eq!(vms.len(), 2);
     let s = fake.state();
-    assert_eq!(s.arm_log().len(), 2);
+    assert_eq!(s.arm_log().len(), 3);
     assert!(
         s.log.iter().all(|l| l.version == "HTTP/2.0"),
         "h2 negotiated by ALPN: {:?}",
@@ -987,15 +996,22 @@ async fn the_minimal_official_listing_is_read_without_error_and_nameless_instanc
 }
 
 #[tokio::test(start_paused = true)]
-async fn failed_instances_are_neither_healthy_nor_stopped() {
-    let fake = FakeArm::start(3, |s| {
+async fn a_failed_last_operation_leaves_the_instance_what_its_power_state_says() {
+    // `provisioningState` `Failed` is the state of the last operation only: a VM extension that
+    // failed on a running VM, a start refused for want of capacity (the VM stays deallocated).
+    // Only an instance whose creation failed (no power state at all) is on its way out.
+    let fake = FakeArm::start(4, |s| {
         if let Some(i) = s.instances.get_mut(&1) {
-            // An allocation that failed mid-create: power state says running, provisioning Failed.
             i.provisioning = "Failed".into();
         }
         if let Some(i) = s.instances.get_mut(&2) {
             i.provisioning = "Failed".into();
             i.power = "deallocated".into();
+        }
+        if let Some(i) = s.instances.get_mut(&3) {
+            i.provisioning = "Failed".into();
+            i.power = String::new();
+            i.ip = String::new();
         }
     })
     .await;
@@ -1004,15 +1020,21 @@ async fn failed_instances_are_neither_healthy_nor_stopped() {
     let states: Vec<Lifecycle> = vms.iter().map(|v| v.lifecycle).collect();
     assert_eq!(
         states,
-        vec![Lifecycle::Running, Lifecycle::Stopping, Lifecycle::Stopping]
+        vec![
+            Lifecycle::Running,
+            Lifecycle::Running,
+            Lifecycle::Stopped,
+            Lifecycle::Stopping
+        ]
     );
 }
 
 #[tokio::test(start_paused = true)]
-async fn driver_wakes_the_pool_by_creating_when_the_only_instance_failed_provisioning() {
+async fn driver_starts_a_deallocated_instance_whose_last_start_failed() {
     let fake = FakeArm::start(1, |s| {
         s.polls_per_op = 1;
         if let Some(i) = s.instances.get_mut(&0) {
+            // A start refused earlier (AllocationFailed): deallocated, provisioning Failed.
             i.provisioning = "Failed".into();
             i.power = "deallocated".into();
         }
@@ -1026,7 +1048,38 @@ async fn driver_wakes_the_pool_by_creating_when_the_only_instance_failed_provisi
         .into_iter()
         .filter(|l| !l.starts_with("GET"))
         .collect();
-    // Not a start of the failed instance (it would fail the same way): new capacity.
+    // Started again (not deleted with its disk, as it was before), plus the policy's spare VM.
+    assert_eq!(
+        writes.first().map(String::as_str),
+        Some("POST {vmss}/start")
+    );
+    assert!(!writes.iter().any(|w| w.ends_with("/delete")), "{writes:?}");
+    assert_eq!(
+        s.instances.get(&0).map(|i| i.power.as_str()),
+        Some("running")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn driver_wakes_the_pool_by_creating_when_the_only_instance_failed_to_be_created() {
+    let fake = FakeArm::start(1, |s| {
+        s.polls_per_op = 1;
+        if let Some(i) = s.instances.get_mut(&0) {
+            i.provisioning = "Failed".into();
+            i.power = String::new();
+            i.ip = String::new();
+        }
+    })
+    .await;
+    let (driver, _pool, _clock) = driver_over(&fake, true).await;
+    let _waiting = driver.wait_guard(router_core::Protocol::Ssh);
+    driver.tick().await;
+    let s = fake.state();
+    let writes: Vec<String> = summary(&s.arm_log())
+        .into_iter()
+        .filter(|l| !l.starts_with("GET"))
+        .collect();
+    // Not a start of the failed instance: new capacity.
     assert!(!writes.iter().any(|w| w.ends_with("/start")), "{writes:?}");
     assert_eq!(writes.first().map(String::as_str), Some("PATCH {vmss}"));
     // One for the waiting user, plus the policy's spare VM.

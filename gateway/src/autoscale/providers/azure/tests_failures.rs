@@ -230,11 +230,12 @@ async fn arm_requests_are_counted_by_operation_method_and_status_code() {
     assert_eq!(requests(&metrics, "list", "GET", "429"), 1);
     assert_eq!(
         requests(&metrics, "list", "GET", "200"),
-        2,
-        "instances, NICs"
+        3,
+        "the scale set (once), instances, NICs"
     );
-    // The policy the answers name, as the last one said: 100 less the two reads (the 429 said 0).
-    assert_eq!(budget(), 98);
+    // The policy the answers name, as the last one said: 100 less the three reads (the 429
+    // said 0).
+    assert_eq!(budget(), 97);
     p.create(1).await.expect("create");
     assert_eq!(
         requests(&metrics, "create", "GET", "200"),
@@ -373,10 +374,12 @@ async fn provisioning_failed_instances_are_deleted_unless_they_may_have_sessions
                 i.protect = protect;
             }
         };
-        set(s, 1, "deallocated", false); // never served: deleted
-        set(s, 2, "running", true); // protected (it had sessions): kept
-        set(s, 3, "running", false); // the driver wanted it protected: kept
-        set(s, 4, "running", false); // running, listed unprotected, never wanted: deleted
+        // Creations that failed (no power state): deleted unless they may have sessions.
+        set(s, 1, "", false); // never served: deleted
+        set(s, 2, "", true); // protected (it had sessions): kept
+        set(s, 3, "", false); // the driver wanted it protected: kept
+        // Running, its last operation failed (an extension, say): it serves; not deleted.
+        set(s, 4, "running", false);
     })
     .await;
     let metrics = Arc::new(Metrics::new());
@@ -395,7 +398,15 @@ async fn provisioning_failed_instances_are_deleted_unless_they_may_have_sessions
             .find(|v| v.spec.name == name)
             .map(|v| v.lifecycle)
     };
-    for vm in ["dsvm_1", "dsvm_2", "dsvm_3", "dsvm_4"] {
+    assert_eq!(lifecycle("dsvm_4"), Some(Lifecycle::Running));
+    assert_eq!(
+        metrics
+            .azure_instance_failed
+            .with_label_values(&["dsvm_4", "provisioning_failed"])
+            .get(),
+        0
+    );
+    for vm in ["dsvm_1", "dsvm_2", "dsvm_3"] {
         assert_eq!(lifecycle(vm), Some(Lifecycle::Stopping), "{vm}");
         assert_eq!(
             metrics
@@ -410,13 +421,13 @@ async fn provisioning_failed_instances_are_deleted_unless_they_may_have_sessions
     let log = fake.state().arm_log();
     let deletes = posts_to(&log, "/delete");
     assert_eq!(deletes.len(), 1, "{:?}", summary(&log));
-    assert_eq!(deletes[0].body, Some(json!({"instanceIds": ["1", "4"]})));
+    assert_eq!(deletes[0].body, Some(json!({"instanceIds": ["1"]})));
     assert_eq!(
         metrics
             .autoscale_actions_total
             .with_label_values(&["delete_failed"])
             .get(),
-        2
+        1
     );
 }
 
@@ -510,11 +521,13 @@ async fn flexible_lists_with_the_quoted_filter_and_deletes_failed_members_by_nam
         s.flexible = true;
         s.polls_per_op = 1;
         if let Some(i) = s.instances.get_mut(&1) {
+            // Its creation failed: no power state, no NIC.
             i.provisioning = "Failed".into();
-            i.power = "deallocated".into();
+            i.power = String::new();
+            i.ip = String::new();
         }
         if let Some(i) = s.instances.get_mut(&2) {
-            // Running: a Flexible listing shows no protection, so it may have sessions.
+            // Running, its last operation failed: it serves, and is not deleted.
             i.provisioning = "Failed".into();
         }
     })
@@ -631,4 +644,125 @@ async fn instance_writes_follow_both_answers_of_the_official_examples() {
         s.instances.get(&1).map(|i| i.power.as_str()),
         Some("running")
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_capacity_is_added_while_the_listing_fails_after_a_create() {
+    // Writes go through, reads are refused (a role scoped to the scale set cannot list the
+    // NICs; or the read budget is used up): the instances a create added are never listed.
+    // Before, every decision found the pool short and raised sku.capacity again, past max_vms.
+    let fake = FakeArm::start(0, |s| s.polls_per_op = 1).await;
+    let (driver, pool, _clock) = driver_over(&fake, true).await;
+    let _waiting = driver.wait_guard(router_core::Protocol::Ssh);
+    fake.state().fail_listing = Some((403, "AuthorizationFailed", "no read permission"));
+    driver.tick().await;
+    // One for the waiting user, plus the policy's spare VM.
+    assert_eq!(fake.state().capacity, 2);
+    let view = crate::autoscale::AutoscaleStatus::view(driver.as_ref());
+    let why = view
+        .provider_error
+        .expect("the status says why nothing happens");
+    assert!(why.contains("AuthorizationFailed"), "{why}");
+    for _ in 0..5 {
+        assert!(driver.sync().await.is_err());
+        driver.tick().await;
+    }
+    {
+        let s = fake.state();
+        assert_eq!(s.capacity, 2, "{:?}", summary(&s.arm_log()));
+        assert!(
+            !s.arm_log()
+                .iter()
+                .any(|l| l.method == "POST" || l.method == "DELETE"),
+            "nothing started, stopped or deleted on a stale view"
+        );
+    }
+    // Reads work again: the instances are listed, and the aim is met without more capacity.
+    fake.state().fail_listing = None;
+    driver.sync().await.expect("sync");
+    assert_eq!(pool.snapshot().vms().len(), 2);
+    driver.tick().await;
+    assert_eq!(fake.state().capacity, 2);
+    let view = crate::autoscale::AutoscaleStatus::view(driver.as_ref());
+    assert_eq!(view.provider_error, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flexible_scale_set_configured_as_uniform_is_listed_as_flexible() {
+    // New scale sets are Flexible by default, and `pool.azure.orchestration` defaults to
+    // "uniform": listed the Uniform way, every listing failed (the scale set has no instance
+    // routes). The scale set's own orchestrationMode decides.
+    let fake = FakeArm::start(2, |s| s.flexible = true).await;
+    let p = provider_with(&fake, Orchestration::Uniform);
+    let vms = p.list().await.expect("listed the Flexible way");
+    assert_eq!(vms.len(), 2);
+    assert_eq!(p.orchestration(), Orchestration::Flexible);
+    {
+        let s = fake.state();
+        assert!(
+            s.arm_log()
+                .iter()
+                .any(|l| l.path.ends_with("/Microsoft.Compute/virtualMachines")),
+            "{:?}",
+            summary(&s.arm_log())
+        );
+    }
+    // And the other way round.
+    let fake = FakeArm::start(2, |_| {}).await;
+    let p = provider_with(&fake, Orchestration::Flexible);
+    assert_eq!(p.list().await.expect("listed the Uniform way").len(), 2);
+    assert_eq!(p.orchestration(), Orchestration::Uniform);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_creates_at_once_each_add_their_instances() {
+    // Each reads sku.capacity and writes capacity + n: read and write under one lock, so the
+    // second reads what the first wrote.
+    let fake = FakeArm::start(2, |s| s.polls_per_op = 3).await;
+    let p = provider(&fake);
+    p.list().await.expect("list");
+    let (a, b) = tokio::join!(p.create(1), p.create(2));
+    a.expect("first create");
+    b.expect("second create");
+    let s = fake.state();
+    let capacities: Vec<u64> = s
+        .arm_log()
+        .iter()
+        .filter(|l| l.method == "PATCH")
+        .filter_map(|l| l.body.as_ref()?.pointer("/sku/capacity")?.as_u64())
+        .collect();
+    assert_eq!(capacities.len(), 2);
+    assert_eq!(s.capacity, 5, "2 + 1 + 2: {capacities:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_protection_write_does_not_hold_up_the_scale_out_users_wait_for() {
+    // Each protection write is followed to its end (here 6 polls, a second each): the capacity
+    // raise for the users waiting is sent meanwhile, not after it.
+    let fake = FakeArm::start(2, |s| s.polls_per_op = 6).await;
+    let (driver, pool, _clock) = driver_over(&fake, false).await;
+    for vm in ["dsvm_0", "dsvm_1"] {
+        pool.set_protocol_health(vm, router_core::Protocol::Ssh, router_core::Health::Up);
+    }
+    let _session = pool
+        .acquire(&router_core::PickRequest::new(router_core::Protocol::Ssh))
+        .expect("a VM");
+    let _waiting: Vec<_> = (0..8)
+        .map(|_| driver.wait_guard(router_core::Protocol::Ssh))
+        .collect();
+    driver.tick().await;
+    let log = summary(&fake.state().arm_log());
+    let put = log
+        .iter()
+        .position(|l| l.starts_with("PUT"))
+        .expect("a protection write");
+    let patch = log
+        .iter()
+        .position(|l| l == "PATCH {vmss}")
+        .expect("a capacity raise");
+    let polls_between = log[put..patch]
+        .iter()
+        .filter(|l| *l == "GET {operation}")
+        .count();
+    assert!(polls_between < 6, "{log:?}");
 }

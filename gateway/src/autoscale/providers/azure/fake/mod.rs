@@ -77,7 +77,11 @@ pub(super) struct Op {
 #[derive(Debug)]
 pub struct State {
     pub flexible: bool,
+    /// Instances the scale set has (as its operations finished).
     pub capacity: u32,
+    /// `sku.capacity` as last written, while an operation realising it runs: ARM's model
+    /// changes when a write is accepted, so a read right after shows it.
+    pub written_capacity: Option<u32>,
     pub next_id: u32,
     pub instances: BTreeMap<u32, Inst>,
     /// Polls an operation takes (it succeeds on this poll).
@@ -95,6 +99,10 @@ pub struct State {
     pub fail_next: Option<(u16, &'static str, &'static str)>,
     /// The next ARM request gets this answer of `examples/ArmErrors.json`, verbatim.
     pub fail_next_example: Option<&'static str>,
+    /// Every listing of the instances (and their NICs) fails with this status, code and message
+    /// while writes go through: reads and writes are separate permissions and separate
+    /// throttling budgets in ARM.
+    pub fail_listing: Option<(u16, &'static str, &'static str)>,
     /// Long operations end `Failed` with this code and message.
     pub op_failure: Option<(&'static str, &'static str)>,
     /// Long operations end with this status document of `examples/ArmErrors.json` instead.
@@ -133,6 +141,7 @@ impl State {
         Self {
             flexible: false,
             capacity: count,
+            written_capacity: None,
             next_id: count,
             instances,
             polls_per_op: 2,
@@ -142,6 +151,7 @@ impl State {
             throttle_until_date: None,
             fail_next: None,
             fail_next_example: None,
+            fail_listing: None,
             op_failure: None,
             op_failure_example: None,
             read_budget: None,
@@ -474,6 +484,12 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
         );
     }
     if let Some((status, code, message)) = s.fail_next.take() {
+        return arm_error(status, code, message);
+    }
+    let listing = path.ends_with("/virtualMachines")
+        || path.ends_with("/Microsoft.Compute/virtualMachines")
+        || path.ends_with("/networkInterfaces");
+    if let Some((status, code, message)) = s.fail_listing.filter(|_| method == "GET" && listing) {
         return arm_error(status, code, message);
     }
     if let Some(name) = s.fail_next_example.take() {

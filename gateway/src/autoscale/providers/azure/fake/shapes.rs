@@ -128,7 +128,7 @@ fn scale_set_json(s: &State) -> Value {
         "id": vmss_path(),
         "type": "Microsoft.Compute/virtualMachineScaleSets",
         "location": "westeurope",
-        "sku": {"name": "Standard_D4s_v5", "tier": "Standard", "capacity": s.capacity},
+        "sku": {"name": "Standard_D4s_v5", "tier": "Standard", "capacity": s.written_capacity.unwrap_or(s.capacity)},
         "properties": {
             "orchestrationMode": if s.flexible { "Flexible" } else { "Uniform" },
             "overprovision": false,
@@ -180,6 +180,8 @@ fn accepted(s: &mut State, status: u16, body: Value, effect: Effect) -> Response
 fn apply(s: &mut State, effect: Effect) {
     match effect {
         Effect::Capacity(target) => {
+            // Towards the capacity last written (a later write's operation may still run).
+            let target = s.written_capacity.unwrap_or(target);
             while s.capacity < target {
                 let id = s.next_id;
                 s.next_id += 1;
@@ -213,6 +215,26 @@ fn apply(s: &mut State, effect: Effect) {
     }
 }
 
+/// What a failed operation leaves behind, as Azure shows it: the instances of a failed start
+/// are deallocated again and of a failed deallocate still running, both with `provisioningState`
+/// `Failed` (the state of the last operation), not stuck in between; a capacity write that was
+/// refused leaves the capacity as it was.
+fn failed(s: &mut State, effect: Option<Effect>) {
+    match effect {
+        Some(Effect::Power(ids, target)) => {
+            let back = if target == "running" {
+                "deallocated"
+            } else {
+                "running"
+            };
+            set_power_now(s, &ids, back, "Failed");
+        }
+        // Refused (a quota): the scale set keeps the capacity it has.
+        Some(Effect::Capacity(_)) => s.written_capacity = None,
+        _ => {}
+    }
+}
+
 pub(super) fn poll(s: &mut State, path: &str) -> Response<Full<Bytes>> {
     let id = path.rsplit('/').next().unwrap_or_default().to_owned();
     let location_only = s.location_only;
@@ -231,7 +253,10 @@ pub(super) fn poll(s: &mut State, path: &str) -> Response<Full<Bytes>> {
             )
         };
     }
-    let effect = op.effect.take();
+    let mut effect = op.effect.take();
+    if s.op_failure_example.is_some() || s.op_failure.is_some() {
+        failed(s, effect.take());
+    }
     if let Some(name) = s.op_failure_example {
         let (status, mut body) = super::arm_example(name);
         body["name"] = json!(id);
@@ -319,6 +344,7 @@ pub(super) fn route(
                 let mut answer = scale_set_json(s);
                 answer["properties"]["provisioningState"] = json!("Updating");
                 answer["sku"]["capacity"] = json!(target);
+                s.written_capacity = Some(target);
                 accepted(s, 200, answer, Effect::Capacity(target))
             }
             _ => arm_error(405, "MethodNotAllowed", "no"),
