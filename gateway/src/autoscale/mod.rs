@@ -792,6 +792,9 @@ impl Driver {
             last = Some(format!("{action:?}: {reason}"));
             match self.prepare(&action, &vms) {
                 Prepared::Done(label) => self.applied(&action, &reason, label),
+                Prepared::Nothing => {
+                    tracing::debug!(action = ?action, %reason, "autoscaler: no VM to start (the stopped ones are drained by an operator) and the provider cannot create");
+                }
                 prepared => {
                     let driver = self.clone();
                     running.push(tokio::spawn(async move {
@@ -930,11 +933,15 @@ impl Driver {
             Action::Start(count) => {
                 let provider = self.provider();
                 // Stopped VMs the provider would start now first: one whose last start failed
-                // and is backing off is asked for only when no other is stopped.
+                // and is backing off is asked for only when no other is stopped. A VM an
+                // operator drained (stopped for patching, say) is never started: starting it
+                // would put it back into service behind the operator's back.
+                let ours = self.scale_in.lock().map(|s| s.clone()).unwrap_or_default();
                 let mut stopped: Vec<String> = if caps.start_stop {
                     let mut stopped: Vec<&VmObservation> = vms
                         .iter()
                         .filter(|v| v.lifecycle == Lifecycle::Stopped)
+                        .filter(|v| !v.draining || ours.contains(&v.name))
                         .collect();
                     stopped.sort_by_key(|v| !provider.can_start_now(&v.name));
                     stopped.into_iter().map(|v| v.name.clone()).collect()
@@ -942,6 +949,9 @@ impl Driver {
                     Vec::new()
                 };
                 stopped.truncate(*count as usize);
+                if stopped.is_empty() && !caps.create_delete {
+                    return Prepared::Nothing;
+                }
                 for vm in &stopped {
                     self.pool.undrain(vm);
                     self.pool.set_lifecycle(vm, Lifecycle::Starting);
@@ -976,6 +986,7 @@ impl Driver {
         let caps = provider.capabilities();
         let result = match prepared {
             Prepared::Done(label) => return label,
+            Prepared::Nothing => return "none",
             Prepared::Start {
                 stopped,
                 count,
@@ -1042,7 +1053,7 @@ impl Driver {
                             self.pool.set_lifecycle(vm, Lifecycle::Stopped);
                         }
                     }
-                    Prepared::Done(_) => {}
+                    Prepared::Done(_) | Prepared::Nothing => {}
                 }
                 "error"
             }
@@ -1052,7 +1063,7 @@ impl Driver {
     /// After a provider action: the provider's view of what changed is listed, then the action
     /// no longer counts as running (its instances are listed now, or it failed).
     async fn finish(&self, prepared: &Prepared) {
-        if !matches!(prepared, Prepared::Done(_))
+        if !matches!(prepared, Prepared::Done(_) | Prepared::Nothing)
             && let Err(e) = self.sync().await
         {
             tracing::warn!(error = %e, "provider listing after an action failed");
@@ -1070,7 +1081,7 @@ impl Driver {
                 Prepared::Remove(vm) => {
                     f.vms.remove(vm);
                 }
-                Prepared::Done(_) => {}
+                Prepared::Done(_) | Prepared::Nothing => {}
             }
             self.publish_in_flight(&f);
         }
@@ -1181,6 +1192,9 @@ enum Prepared {
     },
     /// Stop or delete this VM (after the busy check).
     Remove(String),
+    /// Nothing the provider can do: the only stopped VMs are drained by an operator, and it
+    /// cannot create.
+    Nothing,
 }
 
 /// A running VM whose Slurm node has not registered.
@@ -1469,6 +1483,30 @@ mod tests {
             metrics,
             driver,
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_vm_an_operator_drained_is_never_started_for_waiting_users() {
+        let BatchRig {
+            pool,
+            provider,
+            driver,
+            ..
+        } = batch_driver(600, 900);
+        driver.sync().await.expect("sync");
+        // Stopped for patching: the operator drained a.
+        pool.drain("a");
+        let _waiting = driver.wait_guard(Protocol::Ssh);
+        driver.tick().await;
+        assert_eq!(*provider.log.lock().expect("lock"), ["start b"]);
+        assert!(pool.snapshot().get("a").is_some_and(|vm| vm.status().draining));
+        // b is up and full; another user waits: a stays stopped and drained.
+        driver.sync().await.expect("sync");
+        let _more: Vec<_> = (0..8).map(|_| driver.wait_guard(Protocol::Ssh)).collect();
+        driver.tick().await;
+        driver.tick().await;
+        assert_eq!(*provider.log.lock().expect("lock"), ["start b"]);
+        assert!(pool.snapshot().get("a").is_some_and(|vm| vm.status().draining));
     }
 
     #[tokio::test(start_paused = true)]
