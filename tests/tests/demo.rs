@@ -143,6 +143,17 @@ fn http_get_with(port: u16, path: &str, extra: &str) -> (u16, String, String) {
     (status, head.to_string(), body.to_string())
 }
 
+/// The `name=value` of the first `Set-Cookie` in response `head`.
+fn set_cookie(head: &str) -> Option<String> {
+    head.lines()
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or(l.strip_prefix("Set-Cookie: "))
+        })
+        .and_then(|c| c.split(';').next())
+        .map(str::to_owned)
+}
+
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -408,12 +419,15 @@ fn demo_wakes_a_vm_for_a_browser_then_serves_its_page_and_websocket_echo() {
         "--scale-to-zero-after",
         "10s",
     ]);
-    let first = http_get(demo.http, "/");
+    // Like a browser, it keeps the cookie the "starting" page gives it: that wakes the pool.
+    let first = http_get_with(demo.http, "/", "");
     assert_eq!(first.0, 503, "{first:?}");
+    let wait = set_cookie(&first.1).unwrap_or_else(|| panic!("no wait cookie: {}", first.1));
+    assert!(wait.starts_with("poolgate_vm_wait="), "{wait}");
     let mut last = (0, String::new(), String::new());
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        last = http_get_with(demo.http, "/", "");
+        last = http_get_with(demo.http, "/", &format!("Cookie: {wait}\r\n"));
         if last.0 == 200 {
             break;
         }
@@ -423,16 +437,7 @@ fn demo_wakes_a_vm_for_a_browser_then_serves_its_page_and_websocket_echo() {
     assert!(last.2.contains("demo VM"), "{}", last.2);
     assert!(last.2.contains("demo-1"), "{}", last.2);
     // The browser comes back with its cookie, which makes it a session on demo-1.
-    let cookie = last
-        .1
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("set-cookie: ")
-                .or(l.strip_prefix("Set-Cookie: "))
-        })
-        .and_then(|c| c.split(';').next())
-        .unwrap_or_else(|| panic!("no cookie set: {}", last.1))
-        .to_owned();
+    let cookie = set_cookie(&last.1).unwrap_or_else(|| panic!("no cookie set: {}", last.1));
     let again = http_get_with(demo.http, "/", &format!("Cookie: {cookie}\r\n"));
     assert_eq!(again.0, 200, "{again:?}");
     wait_until(
@@ -593,4 +598,68 @@ fn twenty_logins_to_an_empty_pool_spread_over_the_vms_started_for_them() {
         per_vm.values().all(|&n| n <= TEAM / 2),
         "one VM took most of the team while the others stood by: {per_vm:?}"
     );
+}
+
+#[test]
+fn a_waiting_browser_wakes_one_vm_however_often_it_asks_and_a_cookieless_monitor_wakes_none() {
+    // Every request that found no VM used to wake another VM: a browser's page, its favicon and
+    // each refresh of the "starting" page counted as people (one browser started all three
+    // demo VMs), and an uptime check polling the URL kept the pool from ever reaching zero.
+    let demo = Demo::start(&[
+        "--min-vms",
+        "0",
+        "--max-vms",
+        "3",
+        "--boot-delay",
+        "3s",
+        "--scale-in-after",
+        "60s",
+        "--scale-to-zero-after",
+        "60s",
+    ]);
+    // A monitor without cookies: told the pool is starting, wakes nothing.
+    for _ in 0..8 {
+        let (status, head, _) = http_get_with(demo.http, "/", "");
+        assert_eq!(status, 503, "{head}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let log = demo.log();
+    assert!(!log.contains("action=Start"), "{log}");
+    assert!(
+        demo.lifecycles().iter().all(|(_, l)| l == "stopped"),
+        "{:?}",
+        demo.lifecycles()
+    );
+
+    // A browser: the page, its favicon, and the page again every half second until it is
+    // served (each with the cookie the first answer gave it).
+    let first = http_get_with(demo.http, "/", "");
+    assert_eq!(first.0, 503);
+    let wait = set_cookie(&first.1).unwrap_or_else(|| panic!("no wait cookie: {}", first.1));
+    let cookie = format!("Cookie: {wait}\r\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut served = false;
+    let mut asked = 0;
+    while Instant::now() < deadline && !served {
+        for path in ["/", "/favicon.ico"] {
+            asked += 1;
+            served |= path == "/" && http_get_with(demo.http, path, &cookie).0 == 200;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(served, "{}", demo.log());
+    assert!(asked >= 8, "the browser asked {asked} times");
+    let log = demo.log();
+    assert_eq!(
+        log.matches("action=Start(").count(),
+        1,
+        "one VM started for one browser:\n{log}"
+    );
+    let up = demo
+        .lifecycles()
+        .into_iter()
+        .filter(|(_, l)| l != "stopped")
+        .count();
+    assert_eq!(up, 1, "{:?}", demo.lifecycles());
 }

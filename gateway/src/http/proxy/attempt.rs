@@ -318,21 +318,47 @@ impl Frontend {
         out: &Outbound,
         no_vm: NoVm,
         last_failure: Option<GatewayError>,
+        https: bool,
     ) -> Response<Body> {
         let inner = &self.inner;
         self.forget_new(out.pin.as_deref(), &out.new_session);
-        let err = last_failure.unwrap_or_else(|| {
-            let waking = self.wake_pool();
-            inner
-                .metrics
-                .session_started(Protocol::Http, "none", outcome::NO_VM, Duration::ZERO);
+        let Some(err) = last_failure else {
+            let wake = self.wake_pool(out);
+            // A waiting browser counts once, not with every refresh of its page.
+            if matches!(wake, Wake::No | Wake::New) {
+                inner.metrics.session_started(
+                    Protocol::Http,
+                    "none",
+                    outcome::NO_VM,
+                    Duration::ZERO,
+                );
+            }
             inner.no_vm_log.refused(&no_vm);
-            GatewayError::NoVm {
+            let waking = !matches!(wake, Wake::No);
+            // A client given its wait cookie now is asked back at once: then it waits.
+            let retry_after = match wake {
+                Wake::AfterCookie(_) => Duration::from_secs(1).min(inner.settings.retry_after),
+                _ => inner.settings.retry_after,
+            };
+            let mut resp = GatewayError::NoVm {
                 cause: NoVmCause::of(&no_vm, waking),
                 reason: no_vm.to_string(),
-                retry_after: inner.settings.retry_after,
+                retry_after,
             }
-        });
+            .response_as(out.json());
+            if let Wake::AfterCookie(key) = wake {
+                let cookie = set_cookie_header(
+                    &format!("{}{WAIT_COOKIE_SUFFIX}", inner.settings.cookie_name),
+                    &key,
+                    WAIT_COOKIE_MAX_AGE,
+                    https,
+                );
+                if let Ok(v) = HeaderValue::from_str(&cookie) {
+                    resp.headers_mut().append(header::SET_COOKIE, v);
+                }
+            }
+            return resp;
+        };
         err.response_as(out.json())
     }
 }

@@ -2,6 +2,7 @@
 //! streamed bodies (or relay an upgrade), retry another VM when one cannot be reached, set or
 //! rewrite the cookie, count and log.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -258,7 +259,36 @@ struct Inner {
     access_log: Option<AccessLog>,
     /// The log's word on requests no VM could take, at most every [`NO_VM_LOG_EVERY`].
     no_vm_log: NoVmLog,
+    /// Finds the wait cookie (see [`Frontend::wake_pool`]).
+    wait_cookie: CookieFinder,
+    /// Browsers waiting for the pool to wake, by session or wait cookie, with when their wait
+    /// lapses unless renewed.
+    waiters: Mutex<HashMap<Box<str>, tokio::time::Instant>>,
 }
+
+/// Browsers waiting for the pool to wake that one gateway keeps count of (see
+/// `Frontend::wake_pool`).
+const MAX_WAITING_BROWSERS: usize = 10_000;
+
+/// What [`Frontend::wake_pool`] did for a request no VM could take.
+pub(super) enum Wake {
+    /// Nothing: no autoscaler wakes the pool on connect.
+    No,
+    /// The browser waits now (its first request to find no VM).
+    New,
+    /// The browser was waiting already: its wait is renewed.
+    Renewed,
+    /// A client without a cookie: given this wait cookie, it wakes the pool when it comes
+    /// back with it.
+    AfterCookie(String),
+}
+
+/// The cookie that names a browser waiting for the pool to wake, while it has no session
+/// cookie yet: the session cookie's name with this suffix.
+pub(super) const WAIT_COOKIE_SUFFIX: &str = "_wait";
+
+/// How long a browser keeps its wait cookie: the time a pool at zero takes to start, with room.
+pub(super) const WAIT_COOKIE_MAX_AGE: Duration = Duration::from_secs(15 * 60);
 
 /// At most one log line per this long on requests that found no VM (each one is in the access
 /// log); the line counts those since the last.
@@ -361,6 +391,8 @@ struct Outbound {
     has_host: bool,
     /// The request's valid cookie, if any.
     pin: Option<Arc<Pin>>,
+    /// Without one: its wait cookie's value, if well formed (see `Frontend::wake_pool`).
+    wait_key: Option<Box<str>>,
     /// The session id a new cookie gets when the request had none.
     new_session: String,
     /// Routing this request started the cookie's session on a VM (it moved there, its
@@ -446,6 +478,8 @@ impl Frontend {
             .connect_seconds
             .with_label_values(&[Protocol::Http.as_str()]);
         let cookie = CookieFinder::new(&settings.cookie_name);
+        let wait_cookie =
+            CookieFinder::new(&format!("{}{WAIT_COOKIE_SUFFIX}", settings.cookie_name));
         Self {
             inner: Arc::new(Inner {
                 cookie,
@@ -459,6 +493,8 @@ impl Frontend {
                 wake: None,
                 access_log: None,
                 no_vm_log: NoVmLog::default(),
+                wait_cookie,
+                waiters: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -481,21 +517,59 @@ impl Frontend {
         self
     }
 
-    /// No VM for a request: tell the autoscaler someone is waiting. The 503 page refreshes every
-    /// `retry_after`, so the registration is held a little longer than that; every refresh
-    /// renews it, and it lapses once browsers stop asking.
-    /// Whether the pool was woken (the autoscaler wakes it on connect).
-    fn wake_pool(&self) -> bool {
+    /// No VM for a request: tell the autoscaler that the browser behind `out` waits — once per
+    /// browser, however many requests it sends (a page, its favicon, the 503 page's refreshes):
+    /// a browser is known by its session cookie, or by the short-lived wait cookie the first 503
+    /// gives it. A client that keeps no cookie (a scanner, an uptime check, `curl` without a
+    /// jar) is told the pool is starting but wakes nothing: before, every such request woke
+    /// another VM, and any monitor polling the URL kept the pool from ever reaching zero.
+    /// The registration is held a little longer than the page's refresh; each refresh renews
+    /// it, and it lapses once the browser stops asking.
+    fn wake_pool(&self, out: &Outbound) -> Wake {
         let Some(waker) = self.inner.wake.as_ref().filter(|w| w.holds_connections()) else {
-            return false;
+            return Wake::No;
         };
-        let waiting = waker.register(Protocol::Http);
+        let key = match (&out.pin, &out.wait_key) {
+            (Some(pin), _) => pin.session.as_str(),
+            (None, Some(key)) => key,
+            (None, None) => return Wake::AfterCookie(CookieSigner::new_session_id()),
+        };
         let hold = self.inner.settings.retry_after * 2;
+        let deadline = tokio::time::Instant::now() + hold;
+        let Ok(mut waiters) = self.inner.waiters.lock() else {
+            return Wake::No;
+        };
+        if let Some(until) = waiters.get_mut(key) {
+            *until = deadline;
+            return Wake::Renewed;
+        }
+        if waiters.len() >= MAX_WAITING_BROWSERS {
+            // Enough to wake every VM many times over; a flood of fresh cookies adds nothing.
+            return Wake::Renewed;
+        }
+        waiters.insert(Box::from(key), deadline);
+        drop(waiters);
+        let waiting = waker.register(Protocol::Http);
+        let inner = self.inner.clone();
+        let key: Box<str> = Box::from(key);
         tokio::spawn(async move {
-            tokio::time::sleep(hold).await;
+            let mut until = deadline;
+            loop {
+                tokio::time::sleep_until(until).await;
+                let Ok(mut waiters) = inner.waiters.lock() else {
+                    break;
+                };
+                match waiters.get(&key) {
+                    Some(&renewed) if renewed > tokio::time::Instant::now() => until = renewed,
+                    _ => {
+                        waiters.remove(&key);
+                        break;
+                    }
+                }
+            }
             drop(waiting);
         });
-        true
+        Wake::New
     }
 
     /// Closes upstream keep-alive connections idle for longer than `upstream_idle` and those
@@ -787,7 +861,7 @@ impl Frontend {
                 } = match this.route(out.pin.as_deref(), &out.new_session, &tries.tried) {
                     Ok(routed) => routed,
                     Err(no_vm) => {
-                        let resp = this.no_vm(&out, no_vm, tries.last_failure);
+                        let resp = this.no_vm(&out, no_vm, tries.last_failure, conn.https);
                         return (out.active.attach(resp), None);
                     }
                 };
@@ -861,6 +935,18 @@ impl Frontend {
             .cookie
             .find(req.headers())
             .and_then(|v| client.pin(v, now, &inner.signer));
+        // Only a browser without a session cookie can be waiting under its wait cookie.
+        let wait_key = pin
+            .is_none()
+            .then(|| inner.wait_cookie.find(req.headers()))
+            .flatten()
+            .filter(|v| (16..=64).contains(&v.len()))
+            .filter(|v| {
+                v.iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+            })
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(Box::from);
         let (mut parts, body) = req.into_parts();
         // Most requests (GETs) have no body: then nothing is wrapped, counted or handed off.
         let (body, up_bytes) = if body.is_end_stream() {
@@ -919,6 +1005,7 @@ impl Frontend {
             upgrade_proto,
             has_host,
             pin,
+            wait_key,
             new_session,
             session_started: false,
             now,
