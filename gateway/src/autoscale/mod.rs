@@ -1499,14 +1499,22 @@ mod tests {
         let _waiting = driver.wait_guard(Protocol::Ssh);
         driver.tick().await;
         assert_eq!(*provider.log.lock().expect("lock"), ["start b"]);
-        assert!(pool.snapshot().get("a").is_some_and(|vm| vm.status().draining));
+        assert!(
+            pool.snapshot()
+                .get("a")
+                .is_some_and(|vm| vm.status().draining)
+        );
         // b is up and full; another user waits: a stays stopped and drained.
         driver.sync().await.expect("sync");
         let _more: Vec<_> = (0..8).map(|_| driver.wait_guard(Protocol::Ssh)).collect();
         driver.tick().await;
         driver.tick().await;
         assert_eq!(*provider.log.lock().expect("lock"), ["start b"]);
-        assert!(pool.snapshot().get("a").is_some_and(|vm| vm.status().draining));
+        assert!(
+            pool.snapshot()
+                .get("a")
+                .is_some_and(|vm| vm.status().draining)
+        );
     }
 
     #[tokio::test(start_paused = true)]

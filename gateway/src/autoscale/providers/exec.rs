@@ -9,6 +9,8 @@
 //! * Exit status 0 means done; anything else is an error whose stderr is logged. A command
 //!   running longer than `timeout` is killed. Commands run without a shell.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -40,17 +42,25 @@ pub struct ExecSettings {
 #[derive(Debug, Clone)]
 pub struct ExecProvider {
     settings: ExecSettings,
+    /// Fields of the `list` output poolgate does not read, already warned about (once each).
+    ignored: Arc<Mutex<BTreeSet<String>>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum ListOutput {
-    Wrapped { vms: Vec<ListedVm> },
-    Bare(Vec<ListedVm>),
-}
+/// The fields of one VM in the `list` output that poolgate reads.
+const LISTED_FIELDS: [&str; 7] = [
+    "name",
+    "host",
+    "state",
+    "ssh_port",
+    "http_port",
+    "weight",
+    "max_sessions",
+];
 
+/// One VM of the `list` output. Other fields (a zone, a size, the script's own notes) are
+/// ignored, with a warning once per field name: scripts grow, and one more field must not
+/// stop the whole listing.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ListedVm {
     name: String,
     host: String,
@@ -64,7 +74,65 @@ struct ListedVm {
 impl ExecProvider {
     /// A provider running the configured commands.
     pub fn new(settings: ExecSettings) -> Self {
-        Self { settings }
+        Self {
+            settings,
+            ignored: Arc::default(),
+        }
+    }
+
+    /// The VMs of the `list` output, `{"vms": [...]}` or the bare array, each checked on its
+    /// own so that an error names the VM (by position) and the field.
+    fn listed_vms(&self, text: &str) -> Result<Vec<ListedVm>, ProviderError> {
+        let expected = "expected {\"vms\": [{\"name\", \"host\", \"state\"}]}";
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Self::error("list", format!("output is not JSON ({e}); {expected}")))?;
+        let entries = match value {
+            serde_json::Value::Array(entries) => entries,
+            serde_json::Value::Object(mut object) => match object.remove("vms") {
+                Some(serde_json::Value::Array(entries)) => entries,
+                _ => {
+                    return Err(Self::error(
+                        "list",
+                        format!("output has no \"vms\" array; {expected}"),
+                    ));
+                }
+            },
+            _ => {
+                return Err(Self::error(
+                    "list",
+                    format!("output is neither an object nor an array; {expected}"),
+                ));
+            }
+        };
+        entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                if let Some(object) = entry.as_object() {
+                    self.warn_ignored(object.keys());
+                }
+                serde_json::from_value(entry).map_err(|e| {
+                    Self::error(
+                        "list",
+                        format!("VM {} of the output: {e}; {expected}", i + 1),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Warns once per field name of the `list` output that poolgate does not read.
+    fn warn_ignored<'a>(&self, keys: impl Iterator<Item = &'a String>) {
+        for key in keys.filter(|k| !LISTED_FIELDS.contains(&k.as_str())) {
+            let first = self
+                .ignored
+                .lock()
+                .map(|mut seen| seen.insert(key.clone()))
+                .unwrap_or(false);
+            if first {
+                tracing::warn!(field = %key, read = ?LISTED_FIELDS, "pool.exec list output has a field poolgate does not read; ignored (a misspelt field is ignored too)");
+            }
+        }
     }
 
     fn error(operation: &str, message: impl Into<String>) -> ProviderError {
@@ -95,15 +163,7 @@ impl ExecProvider {
 
     /// Parses the `list` command's output.
     pub fn parse_list(&self, text: &str) -> Result<Vec<ProviderVm>, ProviderError> {
-        let parsed: ListOutput = serde_json::from_str(text).map_err(|e| {
-            Self::error(
-                "list",
-                format!("output is not the documented JSON ({e}); expected {{\"vms\": [{{\"name\", \"host\", \"state\"}}]}}"),
-            )
-        })?;
-        let listed = match parsed {
-            ListOutput::Wrapped { vms } | ListOutput::Bare(vms) => vms,
-        };
+        let listed = self.listed_vms(text)?;
         let d = &self.settings.defaults;
         listed
             .into_iter()
@@ -227,7 +287,25 @@ mod tests {
                 .await
                 .unwrap_err()
                 .message
-                .contains("documented JSON")
+                .contains("output is not JSON")
+        );
+        // A field poolgate does not read is ignored (the VM is listed); a missing one is named,
+        // with the VM's place in the output.
+        let extra = provider(&[
+            "sh",
+            "-c",
+            r#"echo '{"vms":[{"name":"a","host":"h","state":"running","zone":"1"}]}'"#,
+        ]);
+        assert_eq!(extra.list().await.unwrap().len(), 1);
+        let missing = provider(&[
+            "sh",
+            "-c",
+            r#"echo '{"vms":[{"name":"a","host":"h","state":"running"},{"name":"b","state":"running"}]}'"#,
+        ]);
+        let err = missing.list().await.unwrap_err().message;
+        assert!(
+            err.contains("VM 2 of the output") && err.contains("missing field `host`"),
+            "{err}"
         );
         let bad_state = provider(&[
             "sh",
