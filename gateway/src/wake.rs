@@ -29,9 +29,10 @@ pub trait Wake: Send + Sync {
     /// Registers someone waiting for a VM that takes `protocol`, for as long as the returned
     /// value lives.
     fn register(&self, protocol: Protocol) -> Waiting;
-    /// The sessions per VM the pool is sized for: held connections that wake together take
-    /// at most this many places on a VM while other VMs started for them are still booting
-    /// (see [`Waker::spread_below`]). `None`: no such spreading.
+    /// While other VMs started for held connections are still on their way (starting, or up
+    /// but not yet through their health probes): the sessions per VM the pool is sized for,
+    /// the most places held connections that wake together take on one VM (see
+    /// [`Waker::spread_below`]). `None`: no VM is on its way, or no such spreading.
     fn spread_below(&self) -> Option<u32> {
         None
     }

@@ -146,6 +146,11 @@ pub fn driver_settings(config: &Config) -> DriverSettings {
         wake_on_connect: a.wake_on_connect,
         hold_connect_for: a.hold_connect_for,
         boot_estimate: a.boot_estimate,
+        probe_margin: config
+            .health
+            .interval
+            .saturating_mul(config.health.rise)
+            .saturating_add(config.health.timeout),
     }
 }
 

@@ -26,6 +26,6 @@ impl Wake for std::sync::Arc<Driver> {
     }
 
     fn spread_below(&self) -> Option<u32> {
-        Some(self.sessions_per_vm())
+        self.vms_on_their_way().then(|| self.sessions_per_vm())
     }
 }

@@ -39,6 +39,10 @@ pub struct DriverSettings {
     pub hold_connect_for: Duration,
     /// Typical VM boot time (shown to waiting users).
     pub boot_estimate: Duration,
+    /// What the health checks add after a VM's services are up before it serves: `health.rise`
+    /// probes `health.interval` apart, the last of which may take `health.timeout`. A VM
+    /// that came up counts as on its way for `boot_estimate` plus this.
+    pub probe_margin: Duration,
 }
 
 #[cfg(test)]
@@ -54,6 +58,7 @@ impl DriverSettings {
             wake_on_connect: false,
             hold_connect_for: Duration::from_secs(60),
             boot_estimate: Duration::from_secs(2),
+            probe_margin: Duration::ZERO,
         }
     }
 }
@@ -552,6 +557,22 @@ impl Driver {
         self.settings.policy.sessions_per_vm.max(1)
     }
 
+    /// Whether some VM is still on its way: starting, being created, or running but not yet
+    /// through its health probes within its boot time (on a real cloud the platform says
+    /// "running" before sshd listens, so such a VM is down, not starting, in the pool).
+    pub fn vms_on_their_way(&self) -> bool {
+        let snapshot = self.pool.snapshot();
+        snapshot
+            .vms()
+            .iter()
+            .any(|vm| vm.status().lifecycle == Lifecycle::Starting)
+            || !self.booting(&snapshot).is_empty()
+            || self
+                .in_flight
+                .lock()
+                .is_ok_and(|f| f.creating(&snapshot) > 0)
+    }
+
     /// How long connections are held.
     pub fn hold_for(&self) -> Duration {
         self.settings.hold_connect_for
@@ -836,8 +857,11 @@ impl Driver {
     }
 
     /// The running VMs still on their way: not probed yet, or came up less than `boot_estimate`
-    /// ago and not through a health probe since (sshd and JupyterHub start after the machine,
-    /// so their first probes may fail). A VM that stays down past its boot time is down.
+    /// (plus what the health checks take to pass it: `probe_margin`) ago and not through a
+    /// health probe since (sshd and JupyterHub start after the machine, so their first probes
+    /// may fail). A VM that stays down past that is down. Before the margin, a VM that needed
+    /// `health.rise` probes after a boot of about `boot_estimate` counted as down meanwhile,
+    /// and the autoscaler started another for the same user.
     fn booting(&self, snapshot: &router_core::Snapshot) -> std::collections::HashSet<String> {
         let now = tokio::time::Instant::now();
         let Ok(mut came_up) = self.came_up.lock() else {
@@ -848,7 +872,8 @@ impl Driver {
                 let status = vm.status();
                 status.lifecycle == Lifecycle::Running
                     && status.health() != router_core::Health::Up
-                    && now.saturating_duration_since(*at) < self.settings.boot_estimate
+                    && now.saturating_duration_since(*at)
+                        < self.settings.boot_estimate + self.settings.probe_margin
             })
         });
         snapshot

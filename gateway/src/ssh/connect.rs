@@ -222,15 +222,9 @@ pub(crate) async fn connect_vm(
 }
 
 /// For a connection held while the pool wakes: the sessions a VM may have for it to go there,
-/// while some other VM is still starting (see `Waker::spread_below`).
+/// while some other VM is still on its way (see `Waker::spread_below`).
 fn spread_below(who: &Who<'_>) -> Option<u32> {
-    let below = who.gw.wake.as_ref()?.spread_below(who.held_since?)?;
-    let snapshot = who.gw.pool.snapshot();
-    snapshot
-        .vms()
-        .iter()
-        .any(|vm| vm.state() == router_core::VmState::Starting)
-        .then_some(below)
+    who.gw.wake.as_ref()?.spread_below(who.held_since?)
 }
 
 /// What the user is told when no VM took the session, and whether the connection may wait for

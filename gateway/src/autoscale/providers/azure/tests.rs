@@ -698,6 +698,7 @@ pub(super) async fn driver_over(
         wake_on_connect: true,
         hold_connect_for: Duration::from_secs(300),
         boot_estimate: Duration::from_secs(60),
+        probe_margin: Duration::ZERO,
     };
     let driver = Driver::new(pool.clone(), provider, settings, Arc::new(Metrics::new()));
     driver.sync().await.expect("sync");
