@@ -537,3 +537,123 @@ fn while_the_listing_fails_after_a_create_no_more_vms_are_created_and_the_status
     );
     pool.assert_no_panic();
 }
+
+#[test]
+fn held_logins_spread_over_vms_the_platform_calls_running_before_their_sshd_is_up() {
+    // On a real cloud the platform says "running" as soon as the machine runs, seconds before
+    // sshd listens: such a VM is down in the pool, not starting. Eight users arrive at once at
+    // a pool at zero sized for four per VM: both VMs are started; vm-a's sshd comes up first.
+    // Before, every held login took vm-a (8/0) while vm-b stood empty and was scaled in again.
+    require_tools!("sshd", "ssh", "ssh-keygen");
+    require_root!();
+    let dir = tempfile::Builder::new()
+        .prefix("poolgate-exec-running-early-")
+        .tempdir()
+        .expect("temp dir");
+    let ca = UserCa::generate();
+    let mut vms: Vec<SshdVm> = ["vm-a", "vm-b"]
+        .iter()
+        .map(|name| {
+            SshdVm::builder(name)
+                .trusted_user_ca_keys(ca.public_key_path())
+                .start()
+        })
+        .collect();
+    for vm in &mut vms {
+        vm.stop();
+    }
+    let _cleanup: Vec<KillPidFile> = vms.iter().map(|vm| KillPidFile(vm.pid_file())).collect();
+    let marker = |vm: &SshdVm| dir.path().join(format!("{}.running", vm.name()));
+    // `list`: running from the moment start ran (the platform's word), whatever sshd does.
+    let entries: Vec<String> = vms
+        .iter()
+        .map(|vm| {
+            format!(
+                "if [ -f {m} ]; then s=running; else s=stopped; fi\n\
+                 printf '{{\"name\":\"{n}\",\"host\":\"127.0.0.1\",\"ssh_port\":{p},\"state\":\"%s\"}}' \"$s\"",
+                m = marker(vm).display(),
+                n = vm.name(),
+                p = vm.port(),
+            )
+        })
+        .collect();
+    let list = write_script(
+        dir.path(),
+        "list.sh",
+        &format!(
+            "printf '{{\"vms\":['\n{}\nprintf ']}}\\n'",
+            entries.join("\nprintf ','\n")
+        ),
+    );
+    // `start` returns at once; sshd follows 1 s (vm-a) or 4 s (vm-b) later.
+    let sshd = tool("sshd").display().to_string();
+    let start = write_script(
+        dir.path(),
+        "start.sh",
+        &format!(
+            "for vm in \"$@\"; do\n\
+               case \"$vm\" in\n\
+                 vm-a) touch {ma}; (sleep 1; {sshd} -f {ca}) >/dev/null 2>&1 & ;;\n\
+                 vm-b) touch {mb}; (sleep 4; {sshd} -f {cb}) >/dev/null 2>&1 & ;;\n\
+               esac\n\
+             done",
+            ma = marker(&vms[0]).display(),
+            mb = marker(&vms[1]).display(),
+            ca = vms[0].config_path().display(),
+            cb = vms[1].config_path().display(),
+        ),
+    );
+    let stop = write_script(
+        dir.path(),
+        "stop.sh",
+        &format!(
+            "for vm in \"$@\"; do\n\
+               case \"$vm\" in\n\
+                 vm-a) kill \"$(cat {pa})\" || true; rm -f {pa} {ma} ;;\n\
+                 vm-b) kill \"$(cat {pb})\" || true; rm -f {pb} {mb} ;;\n\
+               esac\n\
+             done",
+            pa = vms[0].pid_file().display(),
+            pb = vms[1].pid_file().display(),
+            ma = marker(&vms[0]).display(),
+            mb = marker(&vms[1]).display(),
+        ),
+    );
+    let mut builder = GatewayPool::builder().users(8).user_ca(ca);
+    for vm in &vms {
+        builder = builder.known_vm(vm);
+    }
+    let pool = builder
+        .config_toml(&format!(
+            "[pool]\nprovider = \"exec\"\n[pool.exec]\nlist = [\"{list}\"]\nstart = [\"{start}\"]\n\
+             stop = [\"{stop}\"]\npoll_interval = \"1s\"\ntimeout = \"20s\"\n\
+             [autoscale]\nenabled = true\nmax_vms = 2\nspare_vms = 0\nsessions_per_vm = 4\n\
+             scale_in_after = \"10m\"\ntick = \"1s\"\ncooldown = \"1s\"\nboot_estimate = \"8s\"\n\
+             hold_connect_for = \"60s\"\nbusy_command = []\n"
+        ))
+        .start();
+    pool.wait_for_state("vm-a", "stopped", Duration::from_secs(15));
+    let users: Vec<_> = (1..=8)
+        .map(|i| {
+            let client = pool.client(i).timeout(Duration::from_secs(90));
+            std::thread::spawn(move || client.run("echo on $POOLGATE_VM; sleep 3"))
+        })
+        .collect();
+    let mut landed: std::collections::BTreeMap<String, usize> = Default::default();
+    for user in users {
+        let out = user.join().expect("client");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            pool.log()
+        );
+        *landed
+            .entry(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .or_default() += 1;
+    }
+    let split: Vec<usize> = landed.values().copied().collect();
+    assert_eq!(split, [4, 4], "{landed:?}\n{}", pool.log());
+    pool.assert_no_panic();
+}
