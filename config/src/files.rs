@@ -84,6 +84,9 @@ impl Config {
         }
         self.check_ssh_files(&mut r);
         let secret = &self.http.cookie_secret_file;
+        if self.shared_secret_hint().is_none() && self.listen.serves_http() {
+            can_generate(&mut r, "http.cookie_secret_file", secret);
+        }
         if check(
             &mut r,
             "http.cookie_secret_file",
@@ -208,9 +211,16 @@ impl Config {
             let hint = self
                 .shared_secret_hint()
                 .filter(|_| self.listen.serves_ssh());
-            check(r, &format!("ssh.host_keys[{i}]"), key, hint, true);
+            let name = format!("ssh.host_keys[{i}]");
+            if hint.is_none() && self.listen.serves_ssh() {
+                can_generate(r, &name, key);
+            }
+            check(r, &name, key, hint, true);
         }
         let hint = self.shared_secret_hint().filter(|_| self.logs_in_to_vms());
+        if hint.is_none() && self.logs_in_to_vms() {
+            can_generate(r, "ssh.user_ca_key", &s.user_ca_key);
+        }
         check(r, "ssh.user_ca_key", &s.user_ca_key, hint, true);
         if let Some(ca) = &s.backend_host_ca {
             let hint = "point it at the public key of the CA that signs the VMs' host keys";
@@ -369,6 +379,49 @@ fn expect_pem(r: &mut Report, key: &str, path: &Path, block: &str) {
 
 /// Checks one file; true when it exists, is a file and could be opened (so its content may be
 /// checked further). Empty and `~` paths are reported by validation and skipped here.
+/// For a key file the gateway generates when it is missing: when it is missing, that it can be
+/// created — the nearest directory on its path that exists must be writable by this user on a
+/// writable filesystem. Under the shipped systemd unit the configuration directory is
+/// read-only to the gateway (`ProtectSystem=strict`): a key path relative to the file
+/// (`keys/cookie_secret`) passed `check-config`, and `run` then failed to write the key.
+fn can_generate(r: &mut Report, key: &str, path: &Path) {
+    use nix::unistd::{AccessFlags, access};
+    if path.as_os_str().is_empty() || starts_with_tilde(path) || path.exists() {
+        return;
+    }
+    let Some(dir) = path.ancestors().skip(1).find(|d| d.is_dir()) else {
+        return;
+    };
+    let Err(e) = access(dir, AccessFlags::W_OK | AccessFlags::X_OK) else {
+        return;
+    };
+    let why = if e == nix::errno::Errno::EROFS {
+        "is on a read-only filesystem".to_owned()
+    } else {
+        format!("is not writable by this user ({})", e.desc())
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let elsewhere = match crate::systemd_state_directory() {
+        Some(state) => format!(
+            "point {key} into the service's state directory, e.g. {}",
+            state.join("keys").join(&name).display()
+        ),
+        None => format!("point {key} at a writable place"),
+    };
+    r.err(
+        key,
+        format!(
+            "{} does not exist and cannot be generated: {} {why} (create the keys beforehand, e.g. `poolgate keys init {}` as the directory's owner, or {elsewhere})",
+            path.display(),
+            dir.display(),
+            path.parent().unwrap_or(dir).display(),
+        ),
+    );
+}
+
 fn check(r: &mut Report, key: &str, path: &Path, when_missing: WhenMissing, secret: bool) -> bool {
     if path.as_os_str().is_empty() || starts_with_tilde(path) {
         return false;

@@ -52,7 +52,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 }
 
 /// systemd's state directory for the service, from `$STATE_DIRECTORY`.
-fn systemd_state_directory() -> Option<PathBuf> {
+pub(crate) fn systemd_state_directory() -> Option<PathBuf> {
     first_state_directory(std::env::var_os("STATE_DIRECTORY")?.to_str()?)
 }
 

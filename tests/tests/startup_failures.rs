@@ -442,3 +442,52 @@ fn a_key_encrypted_with_a_passphrase_is_refused_by_check_config_and_run() {
         ],
     );
 }
+
+#[test]
+fn keys_to_generate_in_a_read_only_config_directory_are_refused_by_check_config_and_run() {
+    // The shipped systemd unit (ProtectSystem=strict) leaves /etc/poolgate read-only to the
+    // gateway. A key path beside the file (`keys/cookie_secret`, the defaults) passed
+    // check-config, and run then failed writing the key. The configuration directory is
+    // mounted read-only here, in a mount namespace of the test's own.
+    require_tools!("unshare", "mount");
+    require_root!();
+    let setup = Setup::new();
+    let config = setup.write_config(false, "");
+    let dir = setup.path().display().to_string();
+    let in_read_only = |command: &str| {
+        let script = format!(
+            "mount --bind -o ro {dir} {dir} && STATE_DIRECTORY=/var/lib/poolgate-test exec {} {command} {}",
+            poolgate_bin().display(),
+            config.display()
+        );
+        let out = run_with_timeout(
+            Command::new("unshare").args(["-m", "sh", "-c", &script]),
+            Duration::from_secs(30),
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, text)
+    };
+    let (status, text) = in_read_only("check-config");
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert_contains(
+        &text,
+        &[
+            "ssh.host_keys[0]",
+            "ssh.user_ca_key",
+            "http.cookie_secret_file",
+            "cannot be generated",
+            "read-only filesystem",
+            "/var/lib/poolgate-test/keys/cookie_secret",
+        ],
+    );
+    let (status, text) = in_read_only("run --config");
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert_contains(&text, &["http.cookie_secret_file", "cannot be generated"]);
+    // Writable, the same file is fine: the keys are generated where it says.
+    let (status, text) = check_config(&config);
+    assert!(status.success(), "{text}");
+}
