@@ -251,10 +251,18 @@ impl Pool {
                         // A leaving VM starts no session: the browser goes elsewhere.
                         Slot::Tentative(_) if status.leaving => {}
                         Slot::Tentative(_) => {
-                            if vm
+                            let reserved = vm
                                 .shared()
-                                .try_reserve(vm.spec().capacity(), Protocol::Http)
-                            {
+                                .try_reserve(vm.spec().capacity(), Protocol::Http);
+                            if !reserved && req.stay_pinned {
+                                return Err(NoVm {
+                                    total: snap.len(),
+                                    full: 1,
+                                    protocol: Some(Protocol::Http),
+                                    ..NoVm::default()
+                                });
+                            }
+                            if reserved {
                                 let guard =
                                     self.shared.guard(vm.clone(), Protocol::Http, None, now);
                                 let bytes = Some(guard.bytes_handle());
@@ -676,6 +684,25 @@ mod tests {
         assert_eq!(back.name(), "a");
         assert_eq!((tentative_load(&pool, "a"), http_load(&pool, "a")), (0, 1));
         assert_eq!(pool.http_session_vm("k1").as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_tentative_browser_that_must_stay_is_refused_not_moved_when_its_vm_filled() {
+        let (pool, _) = pool(&[("a", 1), ("b", 5)]);
+        let req = PickRequest::new(Protocol::Http);
+        assert_eq!(pool.http_route_new("k1", &req).unwrap().name(), "a");
+        // Another browser takes a's only place before k1's cookie comes back.
+        assert!(pool.http_touch("k2", "a", None));
+        // k1 posts its login form: not to b, whose JupyterHub never served it the form.
+        let err = pool
+            .http_route("k1", &req.pinned("a", true).staying_pinned(true))
+            .unwrap_err();
+        assert_eq!(err.full, 1);
+        assert_eq!(pool.http_session_vm("k1"), None);
+        // Its next page load may go elsewhere.
+        let moved = pool.http_route("k1", &req.pinned("a", true)).unwrap();
+        assert_eq!(moved.name(), "b");
+        assert_eq!(pool.http_session_vm("k1").as_deref(), Some("b"));
     }
 
     #[test]

@@ -41,6 +41,11 @@ pub struct PickRequest<'a> {
     /// held while the pool wakes takes a place on a VM started for it rather than crowd onto
     /// the first one up (the caller sets it only while other VMs are still starting).
     pub room_below: Option<u32>,
+    /// A browser sent to `pinned_vm` whose cookie comes back for the first time with a request
+    /// that must not go to another VM (a form posted to the VM that served the form: another
+    /// VM's JupyterHub refuses it, "XSRF cookie does not match"): when that VM has filled up
+    /// meanwhile, no VM rather than another one.
+    pub stay_pinned: bool,
 }
 
 impl<'a> PickRequest<'a> {
@@ -55,6 +60,7 @@ impl<'a> PickRequest<'a> {
             affinity_hint: None,
             only: None,
             room_below: None,
+            stay_pinned: false,
         }
     }
 
@@ -86,6 +92,12 @@ impl<'a> PickRequest<'a> {
     pub fn pinned(mut self, vm: &'a str, keep_draining: bool) -> Self {
         self.pinned_vm = Some(vm);
         self.keep_draining = keep_draining;
+        self
+    }
+
+    /// Sets [`PickRequest::stay_pinned`].
+    pub fn staying_pinned(mut self, stay: bool) -> Self {
+        self.stay_pinned = stay;
         self
     }
 

@@ -228,6 +228,7 @@ proptest! {
                 affinity_hint: None,
                 only: None,
                 room_below: None,
+                stay_pinned: false,
             };
             let affinity = user.and_then(|u| b.store.affinity(u, b.clock.now(), TTL));
             let want = expected(&b.pool, &req, affinity.as_deref());

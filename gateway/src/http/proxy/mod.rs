@@ -810,15 +810,33 @@ impl Frontend {
         pin: Option<&Pin>,
         new_session: &str,
         tried: &[String],
+        method: &Method,
     ) -> Result<HttpRouted, NoVm> {
         let req = PickRequest::new(Protocol::Http).excluding(tried);
         match pin {
             // A browser already pinned: keep it there (even while that VM drains), and count
-            // its session as load.
-            Some(p) => self
-                .inner
-                .pool
-                .http_route_session(&p.session, &req.pinned(&p.vm, true)),
+            // its session as load. One whose first pinned request posts something (its login
+            // form) is not moved to another VM because its own filled up meanwhile: another
+            // VM's JupyterHub would refuse the form ("XSRF cookie does not match POST
+            // argument"); it is told the VM is full, and its next page load goes elsewhere.
+            Some(p) => {
+                let routed = self.inner.pool.http_route_session(
+                    &p.session,
+                    &req.pinned(&p.vm, true)
+                        .staying_pinned(!matches!(*method, Method::GET | Method::HEAD)),
+                );
+                if let Ok(r) = &routed
+                    && r.vm.name() != p.vm
+                    && tried.is_empty()
+                {
+                    let snapshot = self.inner.pool.snapshot();
+                    let why = snapshot
+                        .why_not(&p.vm, Protocol::Http)
+                        .unwrap_or_else(|| format!("{} has no room for it", p.vm));
+                    tracing::info!(from = %p.vm, to = r.vm.name(), %why, "a browser moved to another VM");
+                }
+                routed
+            }
             // No (valid) cookie yet: the browser weighs on the VM as tentative load until its
             // cookie comes back (then it is a session) or `http.tentative_for` passes, so
             // browsers arriving together spread.
@@ -858,7 +876,12 @@ impl Frontend {
                     vm,
                     continued,
                     bytes,
-                } = match this.route(out.pin.as_deref(), &out.new_session, &tries.tried) {
+                } = match this.route(
+                    out.pin.as_deref(),
+                    &out.new_session,
+                    &tries.tried,
+                    &out.method,
+                ) {
                     Ok(routed) => routed,
                     Err(no_vm) => {
                         let resp = this.no_vm(&out, no_vm, tries.last_failure, conn.https);
