@@ -115,18 +115,7 @@ fn a_start_that_takes_long_does_not_hold_up_the_next_decision() {
         .tempdir()
         .expect("temp dir");
     let ca = UserCa::generate();
-    let mut vms: Vec<SshdVm> = ["vm-a", "vm-b"]
-        .iter()
-        .map(|name| {
-            SshdVm::builder(name)
-                .trusted_user_ca_keys(ca.public_key_path())
-                .start()
-        })
-        .collect();
-    for vm in &mut vms {
-        vm.stop();
-    }
-    let _cleanup: Vec<KillPidFile> = vms.iter().map(|vm| KillPidFile(vm.pid_file())).collect();
+    let (vms, _cleanup) = two_stopped_vms(&ca);
     let release = dir.path().join("release-vm-a");
     let started_a = dir.path().join("vm-a-start-began");
     let listed: Vec<(&str, u16, std::path::PathBuf)> = vms
@@ -154,20 +143,7 @@ fn a_start_that_takes_long_does_not_hold_up_the_next_decision() {
             cfg_b = vms[1].config_path().display(),
         ),
     );
-    let stop = write_script(
-        dir.path(),
-        "stop.sh",
-        &format!(
-            "for vm in \"$@\"; do\n\
-               case \"$vm\" in\n\
-                 vm-a) kill \"$(cat {pa})\"; rm -f {pa} ;;\n\
-                 vm-b) kill \"$(cat {pb})\"; rm -f {pb} ;;\n\
-               esac\n\
-             done",
-            pa = vms[0].pid_file().display(),
-            pb = vms[1].pid_file().display(),
-        ),
-    );
+    let stop = stop_script(dir.path(), &vms, |_| None);
     // One user per VM (sessions_per_vm = 1, max_sessions = 1, no spare): each arrival needs a
     // VM of its own, decided on its own.
     let mut builder = GatewayPool::builder().users(2).user_ca(ca);
@@ -258,6 +234,51 @@ fn a_start_that_takes_long_does_not_hold_up_the_next_decision() {
         "one start per VM:\n{log}"
     );
     pool.assert_no_panic();
+}
+
+/// VMs `vm-a` and `vm-b`, sshd trusting `ca`, stopped (the test's start script runs them), and
+/// what kills their sshd when the test ends.
+fn two_stopped_vms(ca: &UserCa) -> (Vec<SshdVm>, Vec<KillPidFile>) {
+    let mut vms: Vec<SshdVm> = ["vm-a", "vm-b"]
+        .iter()
+        .map(|name| {
+            SshdVm::builder(name)
+                .trusted_user_ca_keys(ca.public_key_path())
+                .start()
+        })
+        .collect();
+    for vm in &mut vms {
+        vm.stop();
+    }
+    let cleanup = vms.iter().map(|vm| KillPidFile(vm.pid_file())).collect();
+    (vms, cleanup)
+}
+
+/// `stop.sh VM…` for `vms`: kills each one's sshd and removes its pid file, and the file
+/// `also(vm)` names.
+fn stop_script(
+    dir: &std::path::Path,
+    vms: &[SshdVm],
+    also: impl Fn(&SshdVm) -> Option<std::path::PathBuf>,
+) -> String {
+    let cases: String = vms
+        .iter()
+        .map(|vm| {
+            let pid = vm.pid_file().display().to_string();
+            let extra = also(vm)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            format!(
+                "    {name}) kill \"$(cat {pid})\" || true; rm -f {pid} {extra} ;;\n",
+                name = vm.name()
+            )
+        })
+        .collect();
+    write_script(
+        dir,
+        "stop.sh",
+        &format!("for vm in \"$@\"; do\n  case \"$vm\" in\n{cases}  esac\ndone"),
+    )
 }
 
 /// `exec`'s VM as the pool's one VM, kept running (`min_vms = 1`, `hold_connect_for` at its
@@ -551,18 +572,7 @@ fn held_logins_spread_over_vms_the_platform_calls_running_before_their_sshd_is_u
         .tempdir()
         .expect("temp dir");
     let ca = UserCa::generate();
-    let mut vms: Vec<SshdVm> = ["vm-a", "vm-b"]
-        .iter()
-        .map(|name| {
-            SshdVm::builder(name)
-                .trusted_user_ca_keys(ca.public_key_path())
-                .start()
-        })
-        .collect();
-    for vm in &mut vms {
-        vm.stop();
-    }
-    let _cleanup: Vec<KillPidFile> = vms.iter().map(|vm| KillPidFile(vm.pid_file())).collect();
+    let (vms, _cleanup) = two_stopped_vms(&ca);
     let marker = |vm: &SshdVm| dir.path().join(format!("{}.running", vm.name()));
     // `list`: running from the moment start ran (the platform's word), whatever sshd does.
     let entries: Vec<String> = vms
@@ -603,22 +613,7 @@ fn held_logins_spread_over_vms_the_platform_calls_running_before_their_sshd_is_u
             cb = vms[1].config_path().display(),
         ),
     );
-    let stop = write_script(
-        dir.path(),
-        "stop.sh",
-        &format!(
-            "for vm in \"$@\"; do\n\
-               case \"$vm\" in\n\
-                 vm-a) kill \"$(cat {pa})\" || true; rm -f {pa} {ma} ;;\n\
-                 vm-b) kill \"$(cat {pb})\" || true; rm -f {pb} {mb} ;;\n\
-               esac\n\
-             done",
-            pa = vms[0].pid_file().display(),
-            pb = vms[1].pid_file().display(),
-            ma = marker(&vms[0]).display(),
-            mb = marker(&vms[1]).display(),
-        ),
-    );
+    let stop = stop_script(dir.path(), &vms, |vm| Some(marker(vm)));
     let mut builder = GatewayPool::builder().users(8).user_ca(ca);
     for vm in &vms {
         builder = builder.known_vm(vm);

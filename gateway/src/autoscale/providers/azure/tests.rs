@@ -1030,25 +1030,36 @@ async fn a_failed_last_operation_leaves_the_instance_what_its_power_state_says()
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn driver_starts_a_deallocated_instance_whose_last_start_failed() {
+/// A scale set of one instance, set up by `only`; one user waits; one decision. The fake, and
+/// the writes the decision sent (reads aside).
+async fn writes_for_one_waiting_user(
+    only: impl FnOnce(&mut super::fake::Inst),
+) -> (FakeArm, Vec<String>) {
     let fake = FakeArm::start(1, |s| {
         s.polls_per_op = 1;
         if let Some(i) = s.instances.get_mut(&0) {
-            // A start refused earlier (AllocationFailed): deallocated, provisioning Failed.
-            i.provisioning = "Failed".into();
-            i.power = "deallocated".into();
+            only(i);
         }
     })
     .await;
     let (driver, _pool, _clock) = driver_over(&fake, true).await;
     let _waiting = driver.wait_guard(router_core::Protocol::Ssh);
     driver.tick().await;
-    let s = fake.state();
-    let writes: Vec<String> = summary(&s.arm_log())
+    let writes = summary(&fake.state().arm_log())
         .into_iter()
         .filter(|l| !l.starts_with("GET"))
         .collect();
+    (fake, writes)
+}
+
+#[tokio::test(start_paused = true)]
+async fn driver_starts_a_deallocated_instance_whose_last_start_failed() {
+    // A start refused earlier (AllocationFailed): deallocated, provisioning Failed.
+    let (fake, writes) = writes_for_one_waiting_user(|i| {
+        i.provisioning = "Failed".into();
+        i.power = "deallocated".into();
+    })
+    .await;
     // Started again (not deleted with its disk, as it was before), plus the policy's spare VM.
     assert_eq!(
         writes.first().map(String::as_str),
@@ -1056,35 +1067,24 @@ async fn driver_starts_a_deallocated_instance_whose_last_start_failed() {
     );
     assert!(!writes.iter().any(|w| w.ends_with("/delete")), "{writes:?}");
     assert_eq!(
-        s.instances.get(&0).map(|i| i.power.as_str()),
+        fake.state().instances.get(&0).map(|i| i.power.as_str()),
         Some("running")
     );
 }
 
 #[tokio::test(start_paused = true)]
 async fn driver_wakes_the_pool_by_creating_when_the_only_instance_failed_to_be_created() {
-    let fake = FakeArm::start(1, |s| {
-        s.polls_per_op = 1;
-        if let Some(i) = s.instances.get_mut(&0) {
-            i.provisioning = "Failed".into();
-            i.power = String::new();
-            i.ip = String::new();
-        }
+    let (fake, writes) = writes_for_one_waiting_user(|i| {
+        i.provisioning = "Failed".into();
+        i.power = String::new();
+        i.ip = String::new();
     })
     .await;
-    let (driver, _pool, _clock) = driver_over(&fake, true).await;
-    let _waiting = driver.wait_guard(router_core::Protocol::Ssh);
-    driver.tick().await;
-    let s = fake.state();
-    let writes: Vec<String> = summary(&s.arm_log())
-        .into_iter()
-        .filter(|l| !l.starts_with("GET"))
-        .collect();
     // Not a start of the failed instance: new capacity.
     assert!(!writes.iter().any(|w| w.ends_with("/start")), "{writes:?}");
     assert_eq!(writes.first().map(String::as_str), Some("PATCH {vmss}"));
     // One for the waiting user, plus the policy's spare VM.
-    assert_eq!(s.capacity, 3);
+    assert_eq!(fake.state().capacity, 3);
 }
 
 #[tokio::test(start_paused = true)]
