@@ -380,26 +380,27 @@ fn expect_pem(r: &mut Report, key: &str, path: &Path, block: &str) {
 /// Checks one file; true when it exists, is a file and could be opened (so its content may be
 /// checked further). Empty and `~` paths are reported by validation and skipped here.
 /// For a key file the gateway generates when it is missing: when it is missing, that it can be
-/// created — the nearest directory on its path that exists must be writable by this user on a
-/// writable filesystem. Under the shipped systemd unit the configuration directory is
+/// created — the nearest directory on its path that exists must not be on a read-only
+/// filesystem. Under the shipped systemd unit the configuration directory is
 /// read-only to the gateway (`ProtectSystem=strict`): a key path relative to the file
 /// (`keys/cookie_secret`) passed `check-config`, and `run` then failed to write the key.
 fn can_generate(r: &mut Report, key: &str, path: &Path) {
     use nix::unistd::{AccessFlags, access};
-    if path.as_os_str().is_empty() || starts_with_tilde(path) || path.exists() {
+    // Only a path known not to exist (one that cannot be looked at is left to `check`).
+    if path.as_os_str().is_empty() || starts_with_tilde(path) || path.try_exists().unwrap_or(true) {
         return;
     }
     let Some(dir) = path.ancestors().skip(1).find(|d| d.is_dir()) else {
         return;
     };
-    let Err(e) = access(dir, AccessFlags::W_OK | AccessFlags::X_OK) else {
+    // Only a read-only filesystem is refused: that holds for every user (the shipped unit's
+    // `ProtectSystem=strict`, where its ExecStartPre check-config sees it). Whether a directory
+    // is writable depends on who asks, and check-config is often run by another user (root, an
+    // admin) than the service: `run` says so itself when it cannot write the key.
+    let Err(nix::errno::Errno::EROFS) = access(dir, AccessFlags::W_OK | AccessFlags::X_OK) else {
         return;
     };
-    let why = if e == nix::errno::Errno::EROFS {
-        "is on a read-only filesystem".to_owned()
-    } else {
-        format!("is not writable by this user ({})", e.desc())
-    };
+    let why = "is on a read-only filesystem";
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -663,3 +663,27 @@ fn a_waiting_browser_wakes_one_vm_however_often_it_asks_and_a_cookieless_monitor
         .count();
     assert_eq!(up, 1, "{:?}", demo.lifecycles());
 }
+
+#[test]
+fn an_api_client_with_a_token_and_no_cookies_wakes_the_pool() {
+    // JupyterHub's REST API clients and scripts send a token and keep no cookie: they wait
+    // under their credentials (hashed, never kept), and wake the pool like a browser.
+    let demo = Demo::start(&["--min-vms", "0", "--max-vms", "1", "--boot-delay", "1s"]);
+    let token = "Authorization: token 0123456789abcdef\r\nAccept: application/json\r\n";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = (0, String::new(), String::new());
+    while Instant::now() < deadline {
+        last = http_get_with(demo.http, "/hub/api/users", token);
+        if last.0 != 503 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_ne!(last.0, 503, "still waiting: {last:?}\n{}", demo.log());
+    assert_eq!(
+        demo.log().matches("action=Start(").count(),
+        1,
+        "{}",
+        demo.log()
+    );
+}

@@ -48,45 +48,46 @@ pub async fn run(
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .map(Pid::from_raw);
+    // Kills the group if this future is dropped (an action cancelled, the gateway stopping)
+    // or the command runs past its time; disarmed once the command has exited and been reaped,
+    // when its pid may belong to another process.
+    let mut guard = KillGroupOnDrop(group);
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(format!("{program}: no output pipes"));
     };
     let mut out = Vec::new();
     let mut err = Vec::new();
-    let ran = {
+    let status = {
         let outputs = async {
             let _ = tokio::join!(read_all(stdout, &mut out), read_all(stderr, &mut err));
         };
         tokio::pin!(outputs);
-        tokio::time::timeout(timeout, async {
-            let mut read = false;
-            let status = tokio::select! {
+        let mut read = false;
+        let exited = tokio::time::timeout(timeout, async {
+            tokio::select! {
                 status = child.wait() => status,
                 () = &mut outputs => {
                     read = true;
                     child.wait().await
                 }
-            };
-            // Output written before the exit, and what arrives shortly after; not what a
-            // daemon left behind holding the pipe writes later.
-            if !read {
-                let _ = tokio::time::timeout(OUTPUT_AFTER_EXIT, &mut outputs).await;
             }
-            status
         })
-        .await
-    };
-    let status = match ran {
-        Ok(status) => status.map_err(|e| format!("{program}: {e}"))?,
-        Err(_) => {
-            if let Some(group) = group {
-                let _ = killpg(group, Signal::SIGKILL);
-            }
+        .await;
+        let Ok(status) = exited else {
+            // Still running, so not reaped: the group is its own.
+            drop(guard);
             return Err(format!(
                 "{program} did not finish within {} ({timeout_key}); killed with what it started",
                 humantime::format_duration(timeout)
             ));
+        };
+        guard.0 = None;
+        // Output written before the exit, and what arrives shortly after; not what a daemon
+        // left behind holding the pipe writes later. Never an error: the command is done.
+        if !read {
+            let _ = tokio::time::timeout(OUTPUT_AFTER_EXIT, &mut outputs).await;
         }
+        status.map_err(|e| format!("{program}: {e}"))?
     };
     if !status.success() {
         let stderr = String::from_utf8_lossy(&err);
@@ -100,10 +101,23 @@ pub async fn run(
     String::from_utf8(out).map_err(|_| format!("{program}: output is not UTF-8"))
 }
 
-/// Reads `from` to its end into `into`, keeping at most [`MAX_OUTPUT`] bytes.
+/// Reads `from` to its end into `into`, keeping at most [`MAX_OUTPUT`] bytes and discarding
+/// the rest (a command is never left blocked on a full pipe).
 async fn read_all(from: impl AsyncRead + Unpin, into: &mut Vec<u8>) {
     let mut limited = from.take(MAX_OUTPUT);
     let _ = limited.read_to_end(into).await;
+    let _ = tokio::io::copy(&mut limited.into_inner(), &mut tokio::io::sink()).await;
+}
+
+/// Kills a process group when dropped, unless disarmed (`None`).
+struct KillGroupOnDrop(Option<Pid>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+    }
 }
 
 #[cfg(test)]

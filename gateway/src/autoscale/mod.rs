@@ -627,6 +627,8 @@ impl Driver {
         self.pool.set_vms(specs);
         self.listed.store(true, Ordering::Release);
         let snapshot = self.pool.snapshot();
+        // A VM listed for the first time while instances are being created is one of them.
+        let creating = self.in_flight.lock().is_ok_and(|f| !f.creates.is_empty());
         for vm in &listed {
             let current = snapshot.get(&vm.spec.name).map(|v| v.status().lifecycle);
             // A VM we asked to stop stays "stopping" until the provider says it stopped.
@@ -640,7 +642,7 @@ impl Driver {
             if current != Some(vm.lifecycle) && !keep_stopping && !keep_starting {
                 self.pool.set_lifecycle(&vm.spec.name, vm.lifecycle);
                 if vm.lifecycle == Lifecycle::Running
-                    && current.is_some()
+                    && (current.is_some() || creating)
                     && let Ok(mut came_up) = self.came_up.lock()
                 {
                     came_up.insert(vm.spec.name.clone(), tokio::time::Instant::now());
@@ -762,8 +764,9 @@ impl Driver {
             let listed: std::collections::HashSet<String> =
                 vms.iter().map(|v| v.name.clone()).collect();
             running.push(tokio::spawn(async move {
+                // Let go also if the write panics: else no protection would be written again.
+                let _done = ResetOnDrop(&driver.protecting);
                 driver.protect(changes, &listed).await;
-                driver.protecting.store(false, Ordering::Release);
             }));
         }
         // Instances asked for and not listed yet are on their way like starting VMs.
@@ -1200,6 +1203,15 @@ impl AutoscaleStatus for Driver {
             view.provider_error = self.stale_view();
         }
         view
+    }
+}
+
+/// Clears a flag when dropped.
+struct ResetOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for ResetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

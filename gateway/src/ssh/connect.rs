@@ -267,11 +267,11 @@ fn no_vm_error(
                 format!("{why}; log in as {user} (without +{named}) to land on any VM")
             }
         };
-        tracing::warn!(%message, "the VM the user named cannot take the session");
+        tracing::warn!(reason = %message, "the VM the user named cannot take the session");
         return OpenError::Final(message);
     }
     if let Some(message) = refused.filter(|_| only_refused) {
-        tracing::warn!(%message, "every VM tried refused the login or was not trusted; not holding the connection");
+        tracing::warn!(reason = %message, "every VM tried refused the login or was not trusted; not holding the connection");
         return OpenError::Final(message);
     }
     OpenError::NoVm(match last {

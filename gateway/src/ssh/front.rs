@@ -322,7 +322,7 @@ impl server::Handler for Front {
                     .filter(|w| w.holds_connections())
                 {
                     Some(waker) => {
-                        tracing::info!(%message, "no VM yet; holding the connection while the pool wakes");
+                        tracing::info!(reason = %message, "no VM yet; holding the connection while the pool wakes");
                         self.conn.send_replace(Conn::Waking);
                         let conn = self.conn.clone();
                         let gw = self.gw.clone();
@@ -371,7 +371,7 @@ impl server::Handler for Front {
                         tokio::spawn(woken.instrument(self.span.clone()));
                     }
                     None => {
-                        tracing::warn!(%message, "no VM for session");
+                        tracing::warn!(reason = %message, "no VM for session");
                         session.disconnect(
                             russh::Disconnect::ServiceNotAvailable,
                             &ascii(&format!(

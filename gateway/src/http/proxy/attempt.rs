@@ -325,7 +325,7 @@ impl Frontend {
         let Some(err) = last_failure else {
             let wake = self.wake_pool(out);
             // A waiting browser counts once, not with every refresh of its page.
-            if matches!(wake, Wake::No | Wake::New) {
+            if !matches!(wake, Wake::Renewed) {
                 inner.metrics.session_started(
                     Protocol::Http,
                     "none",

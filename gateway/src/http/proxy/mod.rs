@@ -270,6 +270,18 @@ struct Inner {
 /// `Frontend::wake_pool`).
 const MAX_WAITING_BROWSERS: usize = 10_000;
 
+/// A waiting API client's key: its `Authorization` value, hashed with this process's own
+/// random key (the credentials themselves are never kept).
+fn credentials_key(credentials: &[u8]) -> Box<str> {
+    use std::hash::BuildHasher;
+    static KEYED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let hash = KEYED
+        .get_or_init(std::collections::hash_map::RandomState::new)
+        .hash_one(credentials);
+    format!("authorization-{hash:016x}").into_boxed_str()
+}
+
 /// What [`Frontend::wake_pool`] did for a request no VM could take.
 pub(super) enum Wake {
     /// Nothing: no autoscaler wakes the pool on connect.
@@ -278,8 +290,8 @@ pub(super) enum Wake {
     New,
     /// The browser was waiting already: its wait is renewed.
     Renewed,
-    /// A client without a cookie: given this wait cookie, it wakes the pool when it comes
-    /// back with it.
+    /// A client without a cookie or credentials: given this wait cookie, it wakes the pool
+    /// when it comes back with it.
     AfterCookie(String),
 }
 
@@ -391,7 +403,8 @@ struct Outbound {
     has_host: bool,
     /// The request's valid cookie, if any.
     pin: Option<Arc<Pin>>,
-    /// Without one: its wait cookie's value, if well formed (see `Frontend::wake_pool`).
+    /// Without one: its wait cookie's value, if well formed, else its credentials' key (see
+    /// `Frontend::wake_pool`).
     wait_key: Option<Box<str>>,
     /// The session id a new cookie gets when the request had none.
     new_session: String,
@@ -958,18 +971,27 @@ impl Frontend {
             .cookie
             .find(req.headers())
             .and_then(|v| client.pin(v, now, &inner.signer));
-        // Only a browser without a session cookie can be waiting under its wait cookie.
-        let wait_key = pin
-            .is_none()
-            .then(|| inner.wait_cookie.find(req.headers()))
-            .flatten()
-            .filter(|v| (16..=64).contains(&v.len()))
-            .filter(|v| {
-                v.iter()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
-            })
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(Box::from);
+        // Only a client without a session cookie can be waiting under its wait cookie, or, an
+        // API client sending a token (JupyterHub's REST API, a script), under its credentials.
+        let wait_key = if pin.is_none() {
+            inner
+                .wait_cookie
+                .find(req.headers())
+                .filter(|v| (16..=64).contains(&v.len()))
+                .filter(|v| {
+                    v.iter()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+                })
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(Box::from)
+                .or_else(|| {
+                    req.headers()
+                        .get(header::AUTHORIZATION)
+                        .map(|credentials| credentials_key(credentials.as_bytes()))
+                })
+        } else {
+            None
+        };
         let (mut parts, body) = req.into_parts();
         // Most requests (GETs) have no body: then nothing is wrapped, counted or handed off.
         let (body, up_bytes) = if body.is_end_stream() {

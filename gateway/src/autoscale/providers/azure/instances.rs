@@ -86,6 +86,9 @@ impl AzureProvider {
         if let Ok(mut reported) = self.reported_failed.lock() {
             reported.retain(|name| listed.contains_key(name));
         }
+        if let Ok(mut reported) = self.reported_last_operation.lock() {
+            reported.retain(|name| listed.contains_key(name));
+        }
         self.instance_backoff
             .retain(|(_, name)| listed.contains_key(name));
         self.protect_backoff

@@ -100,6 +100,9 @@ pub struct AzureProvider {
     start_timeout: std::time::Duration,
     /// Instances already reported as provisioning `Failed` (reported once, not every listing).
     reported_failed: Mutex<std::collections::HashSet<String>>,
+    /// Instances whose last operation failed although they have a power state, already
+    /// reported (once; again after an operation that succeeded).
+    reported_last_operation: Mutex<std::collections::HashSet<String>>,
     /// Protection writes that failed, per VM: not tried again before the deadline.
     protect_backoff: Backoffs<String>,
     /// Start, deallocate and delete of one instance that failed, per (operation, VM): not sent
@@ -186,6 +189,7 @@ impl AzureProvider {
             known: Mutex::new(HashMap::new()),
             protect_backoff: Backoffs::new(),
             reported_failed: Mutex::new(std::collections::HashSet::new()),
+            reported_last_operation: Mutex::new(std::collections::HashSet::new()),
             without_power: Mutex::new(HashMap::new()),
             action_backoff: Backoffs::new(),
             start_timeout: config.start_timeout,
@@ -514,9 +518,11 @@ impl AzureProvider {
         self.arm.wait("create", &accepted).await
     }
 
-    /// The lifecycle of a listed instance, with two corrections to its own state: provisioning
-    /// `Failed`, or no power state for longer than `pool.azure.start_timeout`, is stopping (not
-    /// usable, not to be started), reported once, and returned with the reason.
+    /// The lifecycle of a listed instance, with two corrections to its own state: an instance
+    /// whose creation failed (`VmProperties::creation_failed`), or with no power state for longer
+    /// than `pool.azure.start_timeout`, is stopping (not usable, not to be started), reported
+    /// once, and returned with the reason. Provisioning `Failed` with a power state is only
+    /// warned about (once): the instance is what its power state says.
     fn settle(
         &self,
         name: &str,
@@ -531,13 +537,13 @@ impl AzureProvider {
             }
             return (lifecycle, None);
         }
-        if properties.failed() && !properties.has_power_state() {
+        if properties.creation_failed() {
             self.report_failed(name, "provisioning Failed");
             return (lifecycle, Some(FailReason::ProvisioningFailed));
         }
         if properties.failed() {
             self.report_last_operation_failed(name, properties, lifecycle);
-        } else if let Ok(mut reported) = self.reported_failed.lock() {
+        } else if let Ok(mut reported) = self.reported_last_operation.lock() {
             // Reported again should a later operation fail too.
             reported.remove(name);
         }
@@ -599,7 +605,7 @@ impl AzureProvider {
         lifecycle: Lifecycle,
     ) {
         let first = self
-            .reported_failed
+            .reported_last_operation
             .lock()
             .map(|mut set| set.insert(name.to_owned()))
             .unwrap_or(false);

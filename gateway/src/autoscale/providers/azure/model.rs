@@ -139,6 +139,18 @@ impl VmProperties {
         self.provisioning() == "failed"
     }
 
+    /// Whether the VM's creation failed, so that it will never serve: provisioning `Failed`
+    /// with no power state, or with an OS provisioning error (`OSProvisioningTimedOut`,
+    /// `OSProvisioningClientError`: the guest never finished its first boot, though Azure may
+    /// call it running).
+    pub fn creation_failed(&self) -> bool {
+        self.failed()
+            && (!self.has_power_state()
+                || self
+                    .failure_code()
+                    .is_some_and(|code| code.starts_with("osprovisioning")))
+    }
+
     /// The instance view's error code of a failed provisioning (`ProvisioningState/failed/
     /// AllocationFailed` gives `allocationfailed`), if it names one.
     pub fn failure_code(&self) -> Option<String> {
@@ -152,12 +164,12 @@ impl VmProperties {
     /// is routine: a start refused for want of capacity (`AllocationFailed`) leaves the VM
     /// deallocated, a failed VM extension (one Azure Policy pushes, say) leaves it running and
     /// serving. So the power state decides: a failed VM that runs serves while its health
-    /// probes pass, one that is deallocated may be started again. Only a failed VM with no power
-    /// state at all (its creation failed) is on its way out: no session goes there, it is not
-    /// started, and the autoscaler adds capacity instead.
+    /// probes pass, one that is deallocated may be started again. Only a VM whose creation
+    /// failed ([`VmProperties::creation_failed`]) is on its way out: no session goes there, it is
+    /// not started, and the autoscaler adds capacity instead.
     pub fn lifecycle(&self, has_ip: bool) -> Lifecycle {
         let provisioning = self.provisioning();
-        if provisioning == "deleting" || (provisioning == "failed" && !self.has_power_state()) {
+        if provisioning == "deleting" || self.creation_failed() {
             return Lifecycle::Stopping;
         }
         match self.status("PowerState/").as_deref() {
@@ -346,6 +358,16 @@ mod tests {
         );
         // It runs: it serves while its health probes pass.
         assert_eq!(properties.lifecycle(true), Lifecycle::Running);
+        assert!(!properties.creation_failed());
+        // The guest never finished its first boot: Azure may call it running, it never serves.
+        let never_booted: VmProperties = serde_json::from_str(
+            r#"{"instanceView": {"statuses": [
+                {"code": "ProvisioningState/failed/OSProvisioningTimedOut", "level": "Error"},
+                {"code": "PowerState/running"}]}}"#,
+        )
+        .unwrap_or_default();
+        assert!(never_booted.creation_failed());
+        assert_eq!(never_booted.lifecycle(true), Lifecycle::Stopping);
         let creating: VmProperties = serde_json::from_str(
             r#"{"instanceView": {"statuses": [
                 {"code": "ProvisioningState/creating/osProvisioningInProgress"},
