@@ -628,12 +628,37 @@ fn held_logins_spread_over_vms_the_platform_calls_running_before_their_sshd_is_u
         ))
         .start();
     pool.wait_for_state("vm-a", "stopped", Duration::from_secs(15));
+    // Each session lasts until all eight have landed (a file the users can see): the first
+    // VM's users are still there when the second VM comes up, however slow the machine.
+    let shared = tempfile::Builder::new()
+        .prefix("poolgate-running-early-")
+        .tempdir()
+        .expect("temp dir");
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let done = shared.path().join("done");
+    let command = format!(
+        "echo on $POOLGATE_VM; i=0; while [ ! -f {} ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done",
+        done.display()
+    );
     let users: Vec<_> = (1..=8)
         .map(|i| {
-            let client = pool.client(i).timeout(Duration::from_secs(90));
-            std::thread::spawn(move || client.run("echo on $POOLGATE_VM; sleep 3"))
+            let client = pool.client(i).timeout(Duration::from_secs(120));
+            let command = command.clone();
+            std::thread::spawn(move || client.run(&command))
         })
         .collect();
+    let landed_count = || {
+        ["vm-a", "vm-b"]
+            .iter()
+            .filter_map(|vm| ssh_active(&pool.metrics(), vm))
+            .sum::<f64>()
+    };
+    assert!(
+        poll(Duration::from_secs(60), || landed_count() >= 8.0),
+        "not all eight landed\n{}",
+        pool.log()
+    );
+    std::fs::write(&done, "").expect("end the sessions");
     let mut landed: std::collections::BTreeMap<String, usize> = Default::default();
     for user in users {
         let out = user.join().expect("client");
