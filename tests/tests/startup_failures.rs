@@ -73,10 +73,14 @@ impl Setup {
 }
 
 fn check_config(config: &Path) -> (ExitStatus, String) {
-    let out = run_with_timeout(
+    status_and_output(run_with_timeout(
         Command::new(poolgate_bin()).arg("check-config").arg(config),
         Duration::from_secs(30),
-    );
+    ))
+}
+
+/// A finished command's status, and its stdout followed by its stderr.
+fn status_and_output(out: std::process::Output) -> (ExitStatus, String) {
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -460,16 +464,10 @@ fn keys_to_generate_in_a_read_only_config_directory_are_refused_by_check_config_
             poolgate_bin().display(),
             config.display()
         );
-        let out = run_with_timeout(
+        status_and_output(run_with_timeout(
             Command::new("unshare").args(["-m", "sh", "-c", &script]),
             Duration::from_secs(30),
-        );
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status, text)
+        ))
     };
     let (status, text) = in_read_only("check-config");
     assert_eq!(status.code(), Some(1), "{text}");

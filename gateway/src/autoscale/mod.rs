@@ -1534,24 +1534,21 @@ mod tests {
         // Stopped for patching: the operator drained a.
         pool.drain("a");
         let _waiting = driver.wait_guard(Protocol::Ssh);
-        driver.tick().await;
-        assert_eq!(*provider.log.lock().expect("lock"), ["start b"]);
-        assert!(
+        let a_drained = || {
             pool.snapshot()
                 .get("a")
                 .is_some_and(|vm| vm.status().draining)
-        );
+        };
+        driver.tick().await;
+        assert_eq!(*provider.log.lock().expect("lock"), ["start b"]);
+        assert!(a_drained());
         // b is up and full; another user waits: a stays stopped and drained.
         driver.sync().await.expect("sync");
         let _more: Vec<_> = (0..8).map(|_| driver.wait_guard(Protocol::Ssh)).collect();
         driver.tick().await;
         driver.tick().await;
         assert_eq!(*provider.log.lock().expect("lock"), ["start b"]);
-        assert!(
-            pool.snapshot()
-                .get("a")
-                .is_some_and(|vm| vm.status().draining)
-        );
+        assert!(a_drained());
     }
 
     #[tokio::test(start_paused = true)]

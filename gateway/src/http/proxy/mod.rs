@@ -403,9 +403,6 @@ struct Outbound {
     has_host: bool,
     /// The request's valid cookie, if any.
     pin: Option<Arc<Pin>>,
-    /// Without one: its wait cookie's value, if well formed, else its credentials' key (see
-    /// `Frontend::wake_pool`).
-    wait_key: Option<Box<str>>,
     /// The session id a new cookie gets when the request had none.
     new_session: String,
     /// Routing this request started the cookie's session on a VM (it moved there, its
@@ -542,10 +539,16 @@ impl Frontend {
         let Some(waker) = self.inner.wake.as_ref().filter(|w| w.holds_connections()) else {
             return Wake::No;
         };
-        let key = match (&out.pin, &out.wait_key) {
-            (Some(pin), _) => pin.session.as_str(),
-            (None, Some(key)) => key,
-            (None, None) => return Wake::AfterCookie(CookieSigner::new_session_id()),
+        let unpinned;
+        let key = match &out.pin {
+            Some(pin) => pin.session.as_str(),
+            None => match self.unpinned_key(out) {
+                Some(key) => {
+                    unpinned = key;
+                    &*unpinned
+                }
+                None => return Wake::AfterCookie(CookieSigner::new_session_id()),
+            },
         };
         let hold = self.inner.settings.retry_after * 2;
         let deadline = tokio::time::Instant::now() + hold;
@@ -583,6 +586,29 @@ impl Frontend {
             drop(waiting);
         });
         Wake::New
+    }
+
+    /// What a client without a session cookie waits under: its wait cookie's value, if well
+    /// formed, else, for an API client sending a token (JupyterHub's REST API, a script), its
+    /// credentials' key. Looked up only for a request no VM took (never on the request path):
+    /// no attempt has taken its headers then.
+    fn unpinned_key(&self, out: &Outbound) -> Option<Box<str>> {
+        let headers = out.headers.as_ref()?;
+        self.inner
+            .wait_cookie
+            .find(headers)
+            .filter(|v| (16..=64).contains(&v.len()))
+            .filter(|v| {
+                v.iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+            })
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(Box::from)
+            .or_else(|| {
+                headers
+                    .get(header::AUTHORIZATION)
+                    .map(|credentials| credentials_key(credentials.as_bytes()))
+            })
     }
 
     /// Closes upstream keep-alive connections idle for longer than `upstream_idle` and those
@@ -971,27 +997,6 @@ impl Frontend {
             .cookie
             .find(req.headers())
             .and_then(|v| client.pin(v, now, &inner.signer));
-        // Only a client without a session cookie can be waiting under its wait cookie, or, an
-        // API client sending a token (JupyterHub's REST API, a script), under its credentials.
-        let wait_key = if pin.is_none() {
-            inner
-                .wait_cookie
-                .find(req.headers())
-                .filter(|v| (16..=64).contains(&v.len()))
-                .filter(|v| {
-                    v.iter()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
-                })
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .map(Box::from)
-                .or_else(|| {
-                    req.headers()
-                        .get(header::AUTHORIZATION)
-                        .map(|credentials| credentials_key(credentials.as_bytes()))
-                })
-        } else {
-            None
-        };
         let (mut parts, body) = req.into_parts();
         // Most requests (GETs) have no body: then nothing is wrapped, counted or handed off.
         let (body, up_bytes) = if body.is_end_stream() {
@@ -1050,7 +1055,6 @@ impl Frontend {
             upgrade_proto,
             has_host,
             pin,
-            wait_key,
             new_session,
             session_started: false,
             now,

@@ -126,6 +126,14 @@ impl std::fmt::Debug for AzureProvider {
     }
 }
 
+/// Records `name` in `reported`; whether it is new there (what is reported once per instance).
+fn first_time(reported: &Mutex<std::collections::HashSet<String>>, name: &str) -> bool {
+    reported
+        .lock()
+        .map(|mut set| set.insert(name.to_owned()))
+        .unwrap_or(false)
+}
+
 /// A name or id we put into an ARM path: letters, digits, `.`, `_`, `-`.
 fn path_safe(value: &str) -> bool {
     !value.is_empty()
@@ -604,11 +612,7 @@ impl AzureProvider {
         properties: &model::VmProperties,
         lifecycle: Lifecycle,
     ) {
-        let first = self
-            .reported_last_operation
-            .lock()
-            .map(|mut set| set.insert(name.to_owned()))
-            .unwrap_or(false);
+        let first = first_time(&self.reported_last_operation, name);
         if !first {
             return;
         }
@@ -632,11 +636,7 @@ impl AzureProvider {
 
     /// Logs, once per instance, that it failed to come up and what to do.
     fn report_failed(&self, name: &str, why: &str) {
-        let first = self
-            .reported_failed
-            .lock()
-            .map(|mut set| set.insert(name.to_owned()))
-            .unwrap_or(false);
+        let first = first_time(&self.reported_failed, name);
         if first {
             tracing::error!(
                 vm = %name,

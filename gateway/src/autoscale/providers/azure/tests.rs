@@ -705,6 +705,15 @@ pub(super) async fn driver_over(
     (driver, pool, clock)
 }
 
+/// Marks `dsvm_0` and `dsvm_1` up on their SSH side and places one session on one of them.
+pub(super) fn a_session_on_healthy_vms(pool: &Pool) -> router_core::SessionGuard {
+    for vm in ["dsvm_0", "dsvm_1"] {
+        pool.set_protocol_health(vm, router_core::Protocol::Ssh, router_core::Health::Up);
+    }
+    pool.acquire(&router_core::PickRequest::new(router_core::Protocol::Ssh))
+        .expect("a VM")
+}
+
 fn draining(pool: &Pool, name: &str) -> bool {
     pool.snapshot()
         .get(name)
@@ -1164,13 +1173,8 @@ async fn a_failed_create_is_not_sent_again_every_tick() {
 async fn a_failed_protection_counts_as_an_autoscaler_error() {
     let fake = FakeArm::start(2, |s| s.polls_per_op = 1).await;
     let (driver, pool, _clock) = driver_over(&fake, false).await;
-    for vm in ["dsvm_0", "dsvm_1"] {
-        pool.set_protocol_health(vm, router_core::Protocol::Ssh, router_core::Health::Up);
-    }
     // A session on one VM: the driver asks for its protection, and ARM refuses.
-    let _session = pool
-        .acquire(&router_core::PickRequest::new(router_core::Protocol::Ssh))
-        .expect("a VM");
+    let _session = a_session_on_healthy_vms(&pool);
     fake.state().fail_next = Some((
         403,
         "AuthorizationFailed",

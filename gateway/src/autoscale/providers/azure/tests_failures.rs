@@ -12,7 +12,9 @@ use serde_json::json;
 
 use super::arm::Tuning;
 use super::fake::{FakeArm, Logged, RG, SUB, vmss_path};
-use super::tests::{config, driver_over, provider, provider_with, summary};
+use super::tests::{
+    a_session_on_healthy_vms, config, driver_over, provider, provider_with, summary,
+};
 use super::{AzureProvider, Provider};
 use crate::metrics::Metrics;
 
@@ -30,6 +32,14 @@ fn deallocated(fake: &FakeArm, ids: &[u32]) {
             i.power = "deallocated".into();
         }
     }
+}
+
+/// The `sku.capacity` values the provider wrote, in order.
+fn written_capacities(log: &[Logged]) -> Vec<u64> {
+    log.iter()
+        .filter(|l| l.method == "PATCH")
+        .filter_map(|l| l.body.as_ref()?.pointer("/sku/capacity")?.as_u64())
+        .collect()
 }
 
 fn requests(metrics: &Metrics, operation: &str, method: &str, code: &str) -> u64 {
@@ -353,13 +363,7 @@ async fn an_instance_stuck_without_power_state_is_exported_and_deleted_when_the_
     }
     let vms = p.list().await.expect("list");
     assert!(vms.iter().all(|v| v.spec.name != "dsvm_1"));
-    let capacities: Vec<u64> = fake
-        .state()
-        .arm_log()
-        .iter()
-        .filter(|l| l.method == "PATCH")
-        .filter_map(|l| l.body.as_ref()?.pointer("/sku/capacity")?.as_u64())
-        .collect();
+    let capacities = written_capacities(&fake.state().arm_log());
     assert_eq!(capacities, [3, 4, 5], "capacity is only ever raised");
 }
 
@@ -725,12 +729,7 @@ async fn two_creates_at_once_each_add_their_instances() {
     a.expect("first create");
     b.expect("second create");
     let s = fake.state();
-    let capacities: Vec<u64> = s
-        .arm_log()
-        .iter()
-        .filter(|l| l.method == "PATCH")
-        .filter_map(|l| l.body.as_ref()?.pointer("/sku/capacity")?.as_u64())
-        .collect();
+    let capacities = written_capacities(&s.arm_log());
     assert_eq!(capacities.len(), 2);
     assert_eq!(s.capacity, 5, "2 + 1 + 2: {capacities:?}");
 }
@@ -741,12 +740,7 @@ async fn a_slow_protection_write_does_not_hold_up_the_scale_out_users_wait_for()
     // raise for the users waiting is sent meanwhile, not after it.
     let fake = FakeArm::start(2, |s| s.polls_per_op = 6).await;
     let (driver, pool, _clock) = driver_over(&fake, false).await;
-    for vm in ["dsvm_0", "dsvm_1"] {
-        pool.set_protocol_health(vm, router_core::Protocol::Ssh, router_core::Health::Up);
-    }
-    let _session = pool
-        .acquire(&router_core::PickRequest::new(router_core::Protocol::Ssh))
-        .expect("a VM");
+    let _session = a_session_on_healthy_vms(&pool);
     let _waiting: Vec<_> = (0..8)
         .map(|_| driver.wait_guard(router_core::Protocol::Ssh))
         .collect();
